@@ -1,0 +1,288 @@
+//! The configuration schema, with defaults. Every struct denies unknown keys.
+//! The reference for each key is `config/examples/shardline.toml` and the README.
+
+use crate::duration::serde_duration;
+use serde::{Deserialize, Deserializer};
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+/// The whole configuration, validated and immutable once loaded.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    #[serde(default)]
+    pub proxy: ProxyConfig,
+    #[serde(default)]
+    pub pool: PoolConfig,
+    #[serde(default)]
+    pub tls: TlsConfig,
+    #[serde(default)]
+    pub users: Vec<User>,
+    #[serde(default)]
+    pub shards: Vec<Shard>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ProxyConfig {
+    /// Address the proxy accepts clients on.
+    #[serde(default = "default_listen", deserialize_with = "socket_addr")]
+    pub listen: SocketAddr,
+    #[serde(default)]
+    pub pool_mode: PoolMode,
+    /// Largest protocol message accepted from a client, in bytes.
+    #[serde(default = "default_max_message_size")]
+    pub max_message_size: u32,
+    /// How long running transactions may take to finish after SIGINT/SIGTERM.
+    #[serde(default = "default_shutdown_timeout", with = "serde_duration")]
+    pub shutdown_timeout: Duration,
+    /// How long a client may take to complete startup and authentication.
+    #[serde(default = "default_auth_timeout", with = "serde_duration")]
+    pub auth_timeout: Duration,
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+impl Default for ProxyConfig {
+    fn default() -> Self {
+        ProxyConfig {
+            listen: default_listen(),
+            pool_mode: PoolMode::default(),
+            max_message_size: default_max_message_size(),
+            shutdown_timeout: default_shutdown_timeout(),
+            auth_timeout: default_auth_timeout(),
+            log_format: LogFormat::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PoolMode {
+    /// A server connection is lent to a client for one transaction.
+    #[default]
+    Transaction,
+    /// A server connection is lent to a client for its whole session.
+    Session,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+/// Server connection pool settings, shared by every (node, user, database) pool.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PoolConfig {
+    /// Server connections per node for each user, unless the user sets its own.
+    #[serde(default = "default_pool_size")]
+    pub size: usize,
+    /// How long a client waits for a free server connection before an error.
+    #[serde(default = "default_checkout_timeout", with = "serde_duration")]
+    pub checkout_timeout: Duration,
+    /// How long opening and authenticating a server connection may take.
+    #[serde(default = "default_connect_timeout", with = "serde_duration")]
+    pub connect_timeout: Duration,
+    /// A server connection unused this long is closed.
+    #[serde(default = "default_idle_timeout", with = "serde_duration")]
+    pub idle_timeout: Duration,
+    /// A server connection older than this is closed when next idle.
+    #[serde(default = "default_max_lifetime", with = "serde_duration")]
+    pub max_lifetime: Duration,
+    /// A connection idle longer than this is checked for a closed socket before reuse.
+    #[serde(default = "default_server_check_delay", with = "serde_duration")]
+    pub server_check_delay: Duration,
+    /// TLS towards servers.
+    #[serde(default)]
+    pub server_tls: ServerTlsMode,
+    /// CA bundle used to verify server certificates (verify-full when set).
+    #[serde(default)]
+    pub server_tls_ca: Option<PathBuf>,
+    /// Named prepared statements kept per server connection before the oldest is closed.
+    #[serde(default = "default_prepared_cache_size")]
+    pub prepared_statements_per_server: usize,
+}
+
+impl Default for PoolConfig {
+    fn default() -> Self {
+        PoolConfig {
+            size: default_pool_size(),
+            checkout_timeout: default_checkout_timeout(),
+            connect_timeout: default_connect_timeout(),
+            idle_timeout: default_idle_timeout(),
+            max_lifetime: default_max_lifetime(),
+            server_check_delay: default_server_check_delay(),
+            server_tls: ServerTlsMode::default(),
+            server_tls_ca: None,
+            prepared_statements_per_server: default_prepared_cache_size(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ServerTlsMode {
+    /// Plain TCP to servers.
+    #[default]
+    Disable,
+    /// TLS when the server offers it, plain otherwise.
+    Prefer,
+    /// TLS or no connection.
+    Require,
+}
+
+/// TLS towards clients: both files or neither.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub cert: Option<PathBuf>,
+    pub key: Option<PathBuf>,
+}
+
+/// Someone allowed to connect to the proxy.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct User {
+    pub name: String,
+    /// Plain text, an md5 hash (`md5` + 32 hex digits) or a SCRAM-SHA-256 verifier.
+    #[serde(default)]
+    pub password: Option<String>,
+    #[serde(default)]
+    pub auth: AuthMethod,
+    /// The database this user connects to, on the proxy and on the servers.
+    pub database: String,
+    /// Server connections per node for this user (default: `pool.size`).
+    #[serde(default)]
+    pub pool_size: Option<usize>,
+    #[serde(default)]
+    pub pool_mode: Option<PoolMode>,
+    /// The role used on the servers (default: `name`).
+    #[serde(default)]
+    pub server_user: Option<String>,
+    /// The password used on the servers (default: `password` when it is plain text).
+    #[serde(default)]
+    pub server_password: Option<String>,
+}
+
+impl User {
+    pub fn server_user(&self) -> &str {
+        self.server_user.as_deref().unwrap_or(&self.name)
+    }
+
+    /// The plain password to present to servers, if any.
+    pub fn server_password(&self) -> Option<&str> {
+        self.server_password.as_deref().or_else(|| {
+            self.password
+                .as_deref()
+                .filter(|p| password_kind(p) == PasswordKind::Plain)
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+pub enum AuthMethod {
+    #[default]
+    #[serde(rename = "scram-sha-256")]
+    ScramSha256,
+    #[serde(rename = "md5")]
+    Md5,
+    #[serde(rename = "trust")]
+    Trust,
+}
+
+/// How a configured password is stored.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum PasswordKind {
+    Plain,
+    Md5,
+    Scram,
+}
+
+pub fn password_kind(p: &str) -> PasswordKind {
+    if p.starts_with("SCRAM-SHA-256$") {
+        PasswordKind::Scram
+    } else if p.len() == 35 && p.starts_with("md5") && p[3..].bytes().all(|b| b.is_ascii_hexdigit())
+    {
+        PasswordKind::Md5
+    } else {
+        PasswordKind::Plain
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Shard {
+    pub name: String,
+    pub primary: Node,
+    #[serde(default)]
+    pub replicas: Vec<Node>,
+}
+
+/// One Postgres server.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Node {
+    pub host: String,
+    #[serde(default = "default_pg_port")]
+    pub port: u16,
+    /// Availability zone, for zone-preferring load balancing.
+    #[serde(default)]
+    pub zone: Option<String>,
+}
+
+impl Node {
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
+    let s = String::deserialize(d)?;
+    s.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "expected an IP address and port such as \"127.0.0.1:6432\", found \"{s}\""
+        ))
+    })
+}
+
+fn default_listen() -> SocketAddr {
+    SocketAddr::from(([127, 0, 0, 1], 6432))
+}
+fn default_max_message_size() -> u32 {
+    64 * 1024 * 1024
+}
+fn default_shutdown_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_auth_timeout() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_pool_size() -> usize {
+    20
+}
+fn default_checkout_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_connect_timeout() -> Duration {
+    Duration::from_secs(5)
+}
+fn default_idle_timeout() -> Duration {
+    Duration::from_secs(600)
+}
+fn default_max_lifetime() -> Duration {
+    Duration::from_secs(3600)
+}
+fn default_server_check_delay() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_prepared_cache_size() -> usize {
+    500
+}
+fn default_pg_port() -> u16 {
+    5432
+}

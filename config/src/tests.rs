@@ -1,0 +1,199 @@
+use super::*;
+
+const GOOD: &str = r#"
+[proxy]
+listen = "127.0.0.1:6432"
+pool_mode = "transaction"
+
+[pool]
+size = 10
+checkout_timeout = "2s"
+
+[[users]]
+name = "app"
+password = "secret"
+database = "app"
+
+[[shards]]
+name = "s0"
+primary = { host = "127.0.0.1", port = 5432 }
+replicas = [{ host = "127.0.0.1", port = 5433, zone = "a" }]
+"#;
+
+fn err(text: &str) -> ConfigError {
+    Config::from_toml(text, "test.toml").expect_err("config should be rejected")
+}
+
+#[test]
+fn parses_good_config_with_defaults() {
+    let c = Config::from_toml(GOOD, "test.toml").unwrap();
+    assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:6432");
+    assert_eq!(c.proxy.pool_mode, PoolMode::Transaction);
+    assert_eq!(c.pool.size, 10);
+    assert_eq!(c.pool.checkout_timeout, std::time::Duration::from_secs(2));
+    assert_eq!(c.users[0].auth, AuthMethod::ScramSha256);
+    assert_eq!(c.users[0].server_password(), Some("secret"));
+    assert_eq!(c.shards[0].replicas[0].zone.as_deref(), Some("a"));
+    assert_eq!(c.shards[0].primary.address(), "127.0.0.1:5432");
+}
+
+#[test]
+fn example_configs_are_valid() {
+    let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("examples");
+    let mut n = 0;
+    for entry in std::fs::read_dir(dir).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_some_and(|e| e == "toml") {
+            Config::load(&path).unwrap_or_else(|e| panic!("{e}"));
+            n += 1;
+        }
+    }
+    assert!(n > 0);
+}
+
+#[test]
+fn unknown_key_names_the_table_and_the_key() {
+    let e = err(&GOOD.replace("pool_mode =", "pool_mood ="));
+    assert_eq!(e.path, "proxy.pool_mood");
+    assert!(e.message.contains("unknown field `pool_mood`"), "{e}");
+    assert!(e.message.contains("listen"), "lists the expected keys: {e}");
+    assert_eq!(e.location.map(|l| l.0), Some(4));
+    assert!(
+        e.to_string()
+            .starts_with("test.toml: proxy.pool_mood: unknown field"),
+        "{e}"
+    );
+}
+
+#[test]
+fn wrong_type_names_the_key_path() {
+    let e = err(&GOOD.replace("port = 5433", "port = \"5433\""));
+    assert_eq!(e.path, "shards[0].replicas[0].port");
+    assert!(e.message.contains("invalid type"), "{e}");
+    let e = err(&GOOD.replace("size = 10", "size = -1"));
+    assert_eq!(e.path, "pool.size");
+}
+
+#[test]
+fn missing_field() {
+    let e = err(&GOOD.replace("database = \"app\"", ""));
+    assert_eq!(e.path, "users[0]");
+    assert!(e.message.contains("missing field `database`"), "{e}");
+}
+
+#[test]
+fn bad_address() {
+    let e = err(&GOOD.replace("\"127.0.0.1:6432\"", "\"localhost:port\""));
+    assert_eq!(e.path, "proxy.listen");
+    assert!(e.message.contains("expected an IP address and port"), "{e}");
+    let e = err(&GOOD.replace("port = 5432", "port = 70000"));
+    assert_eq!(e.path, "shards[0].primary.port");
+    let e = err(&GOOD.replace(
+        "host = \"127.0.0.1\", port = 5432",
+        "host = \"\", port = 5432",
+    ));
+    assert_eq!(e.path, "shards[0].primary.host");
+}
+
+#[test]
+fn bad_duration() {
+    let e = err(&GOOD.replace("\"2s\"", "\"2 fortnights\""));
+    assert_eq!(e.path, "pool.checkout_timeout");
+    assert!(e.message.contains("duration"), "{e}");
+}
+
+#[test]
+fn bad_enum_value() {
+    let e = err(&GOOD.replace("\"transaction\"", "\"statement\""));
+    assert_eq!(e.path, "proxy.pool_mode");
+    assert!(
+        e.message.contains("session"),
+        "names the allowed values: {e}"
+    );
+}
+
+#[test]
+fn duplicate_shard() {
+    let text = format!(
+        "{GOOD}\n[[shards]]\nname = \"s0\"\nprimary = {{ host = \"127.0.0.1\", port = 6000 }}\n"
+    );
+    let e = err(&text);
+    assert_eq!(e.path, "shards[1].name");
+    assert!(e.message.contains("duplicate shard \"s0\""), "{e}");
+}
+
+#[test]
+fn duplicate_node() {
+    let text = format!(
+        "{GOOD}\n[[shards]]\nname = \"s1\"\nprimary = {{ host = \"127.0.0.1\", port = 5433 }}\n"
+    );
+    let e = err(&text);
+    assert_eq!(e.path, "shards[1].primary");
+    assert!(e.message.contains("duplicate node 127.0.0.1:5433"), "{e}");
+}
+
+#[test]
+fn duplicate_user() {
+    let text = format!("{GOOD}\n[[users]]\nname = \"app\"\npassword = \"x\"\ndatabase = \"app\"\n");
+    let e = err(&text);
+    assert_eq!(e.path, "users[1].name");
+    assert!(e.message.contains("duplicate user \"app\""), "{e}");
+}
+
+#[test]
+fn no_shards_or_users() {
+    let e = err("[proxy]\nlisten = \"127.0.0.1:1\"\n[[users]]\nname=\"a\"\ndatabase=\"a\"\nauth=\"trust\"\n");
+    assert_eq!(e.path, "shards");
+    let e = err("");
+    assert_eq!(e.path, "users");
+}
+
+#[test]
+fn password_must_fit_auth_method() {
+    let md5 = "md5".to_string() + &"a".repeat(32);
+    let e = err(&GOOD.replace("password = \"secret\"", &format!("password = \"{md5}\"")));
+    assert_eq!(e.path, "users[0].password");
+    assert!(e.message.contains("cannot verify SCRAM"), "{e}");
+
+    let e = err(&GOOD.replace("password = \"secret\"", ""));
+    assert_eq!(e.path, "users[0].password");
+
+    let scram = "SCRAM-SHA-256$4096:c2FsdA==$c3RvcmVk:c2VydmVy";
+    let e = err(&GOOD.replace("password = \"secret\"", &format!("password = \"{scram}\"")));
+    assert_eq!(e.path, "users[0].server_password");
+
+    let ok = GOOD.replace(
+        "password = \"secret\"",
+        &format!("password = \"{scram}\"\nserver_password = \"pw\""),
+    );
+    Config::from_toml(&ok, "t").unwrap();
+
+    let e = err(&GOOD.replace("password = \"secret\"", "password = \"SCRAM-SHA-256$oops\""));
+    assert!(e.message.contains("malformed SCRAM"), "{e}");
+}
+
+#[test]
+fn tls_needs_both_files() {
+    let e = err(&format!("[tls]\ncert = \"a.pem\"\n{GOOD}"));
+    assert_eq!(e.path, "tls.key");
+}
+
+#[test]
+fn toml_syntax_error_has_a_location() {
+    let e = err("[proxy\nlisten = 1");
+    assert!(e.location.is_some(), "{e}");
+}
+
+#[test]
+fn password_kinds() {
+    assert_eq!(password_kind("hunter2"), PasswordKind::Plain);
+    assert_eq!(
+        password_kind(&("md5".to_string() + &"0f".repeat(16))),
+        PasswordKind::Md5
+    );
+    assert_eq!(password_kind("md5short"), PasswordKind::Plain);
+    assert_eq!(
+        password_kind("SCRAM-SHA-256$4096:a$b:c"),
+        PasswordKind::Scram
+    );
+}

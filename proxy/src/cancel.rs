@@ -1,0 +1,106 @@
+//! CancelRequest routing. Clients get the proxy's own key (BackendKeyData); a
+//! cancel with that key is sent to the server connection the client is using at
+//! that moment, with that server's key, and to nothing when it uses none. A
+//! client can only ever cancel its own query.
+
+use crate::protocol::startup::{code_packet, CANCEL_REQUEST};
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
+use tokio::io::AsyncWriteExt;
+
+#[derive(Clone)]
+struct Target {
+    addr: Arc<str>,
+    pid: i32,
+    secret: i32,
+}
+
+/// Where one client's cancel goes right now.
+#[derive(Default)]
+pub struct CancelSlot {
+    target: Mutex<Option<Target>>,
+}
+
+impl CancelSlot {
+    pub fn attach(&self, addr: Arc<str>, pid: i32, secret: i32) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(Target { addr, pid, secret });
+    }
+
+    pub fn detach(&self) {
+        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+    }
+}
+
+#[derive(Default)]
+pub struct CancelRegistry {
+    clients: Mutex<HashMap<i32, (i32, Arc<CancelSlot>)>>,
+}
+
+/// A client's key; removes itself from the registry when dropped.
+pub struct Registration {
+    pub pid: i32,
+    pub secret: i32,
+    pub slot: Arc<CancelSlot>,
+    registry: Arc<CancelRegistry>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.registry.clients.lock() {
+            m.remove(&self.pid);
+        }
+    }
+}
+
+impl CancelRegistry {
+    pub fn register(self: &Arc<Self>) -> Registration {
+        let slot = Arc::new(CancelSlot::default());
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let (pid, secret) = loop {
+            let pid = (rand::random::<u32>() & 0x7fff_ffff) as i32;
+            if pid != 0 && !clients.contains_key(&pid) {
+                break (pid, rand::random::<i32>());
+            }
+        };
+        clients.insert(pid, (secret, slot.clone()));
+        Registration {
+            pid,
+            secret,
+            slot,
+            registry: self.clone(),
+        }
+    }
+
+    /// Forwards a cancel for the client with this key, if it has a query running.
+    pub fn cancel(&self, pid: i32, secret: i32) {
+        let target = {
+            let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            match clients.get(&pid) {
+                Some((s, slot))
+                    if crate::auth::constant_time_eq(&s.to_be_bytes(), &secret.to_be_bytes()) =>
+                {
+                    slot.target
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                }
+                _ => None,
+            }
+        };
+        let Some(t) = target else {
+            tracing::debug!(pid, "cancel request matches no running query");
+            return;
+        };
+        tokio::spawn(async move {
+            let sent = async {
+                let mut s = tokio::net::TcpStream::connect(&*t.addr).await?;
+                s.write_all(&code_packet(CANCEL_REQUEST, &[t.pid, t.secret]))
+                    .await?;
+                s.shutdown().await
+            };
+            if let Err(e) = sent.await {
+                tracing::warn!(server = %t.addr, error = %e, "could not forward cancel request");
+            }
+        });
+    }
+}

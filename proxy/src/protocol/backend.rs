@@ -1,0 +1,259 @@
+//! Messages the proxy writes to clients itself (everything else is forwarded as
+//! the server sent it), and reading the server messages the proxy acts on.
+
+use super::Reader;
+use bytes::{BufMut, BytesMut};
+
+pub const PARSE_COMPLETE: u8 = b'1';
+pub const BIND_COMPLETE: u8 = b'2';
+pub const CLOSE_COMPLETE: u8 = b'3';
+pub const NOTIFICATION: u8 = b'A';
+pub const COMMAND_COMPLETE: u8 = b'C';
+pub const DATA_ROW: u8 = b'D';
+pub const ERROR_RESPONSE: u8 = b'E';
+pub const COPY_IN_RESPONSE: u8 = b'G';
+pub const COPY_OUT_RESPONSE: u8 = b'H';
+pub const EMPTY_QUERY: u8 = b'I';
+pub const BACKEND_KEY_DATA: u8 = b'K';
+pub const NOTICE_RESPONSE: u8 = b'N';
+pub const AUTHENTICATION: u8 = b'R';
+pub const PARAMETER_STATUS: u8 = b'S';
+pub const ROW_DESCRIPTION: u8 = b'T';
+pub const FUNCTION_CALL_RESPONSE: u8 = b'V';
+pub const COPY_BOTH_RESPONSE: u8 = b'W';
+pub const READY_FOR_QUERY: u8 = b'Z';
+pub const NO_DATA: u8 = b'n';
+pub const PORTAL_SUSPENDED: u8 = b's';
+pub const PARAMETER_DESCRIPTION: u8 = b't';
+pub const NEGOTIATE_PROTOCOL: u8 = b'v';
+
+/// Appends a message, letting `body` write its payload; the length is patched in.
+#[inline]
+pub fn put_message(buf: &mut BytesMut, tag: u8, body: impl FnOnce(&mut BytesMut)) {
+    let start = buf.len();
+    buf.put_u8(tag);
+    buf.put_i32(0);
+    body(buf);
+    let len = (buf.len() - start - 1) as i32;
+    buf[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+}
+
+pub fn put_cstr(buf: &mut BytesMut, s: &[u8]) {
+    buf.put_slice(s);
+    buf.put_u8(0);
+}
+
+/// ErrorResponse / NoticeResponse severity.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Severity {
+    Error,
+    Fatal,
+    Warning,
+    Notice,
+}
+
+impl Severity {
+    fn as_str(self) -> &'static str {
+        match self {
+            Severity::Error => "ERROR",
+            Severity::Fatal => "FATAL",
+            Severity::Warning => "WARNING",
+            Severity::Notice => "NOTICE",
+        }
+    }
+}
+
+/// An error (or notice) the proxy reports in Postgres's own format.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PgError {
+    pub severity: Severity,
+    pub code: &'static str,
+    pub message: String,
+    pub detail: Option<String>,
+    pub hint: Option<String>,
+}
+
+impl PgError {
+    pub fn new(severity: Severity, code: &'static str, message: impl Into<String>) -> Self {
+        PgError {
+            severity,
+            code,
+            message: message.into(),
+            detail: None,
+            hint: None,
+        }
+    }
+    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(Severity::Error, code, message)
+    }
+    pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+        Self::new(Severity::Fatal, code, message)
+    }
+    pub fn with_hint(mut self, hint: impl Into<String>) -> Self {
+        self.hint = Some(hint.into());
+        self
+    }
+    pub fn with_detail(mut self, detail: impl Into<String>) -> Self {
+        self.detail = Some(detail.into());
+        self
+    }
+
+    pub fn encode(&self, buf: &mut BytesMut) {
+        let tag = match self.severity {
+            Severity::Error | Severity::Fatal => ERROR_RESPONSE,
+            _ => NOTICE_RESPONSE,
+        };
+        put_message(buf, tag, |b| {
+            for field in [b'S', b'V'] {
+                b.put_u8(field);
+                put_cstr(b, self.severity.as_str().as_bytes());
+            }
+            b.put_u8(b'C');
+            put_cstr(b, self.code.as_bytes());
+            b.put_u8(b'M');
+            put_cstr(b, self.message.as_bytes());
+            if let Some(d) = &self.detail {
+                b.put_u8(b'D');
+                put_cstr(b, d.as_bytes());
+            }
+            if let Some(h) = &self.hint {
+                b.put_u8(b'H');
+                put_cstr(b, h.as_bytes());
+            }
+            b.put_u8(0);
+        });
+    }
+}
+
+impl std::fmt::Display for PgError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{} {}: {}",
+            self.severity.as_str(),
+            self.code,
+            self.message
+        )
+    }
+}
+
+/// SQLSTATE codes the proxy itself raises.
+pub mod sqlstate {
+    pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const CONNECTION_FAILURE: &str = "08006";
+    pub const CANNOT_CONNECT: &str = "08001";
+    pub const INVALID_AUTHORIZATION: &str = "28000";
+    pub const INVALID_PASSWORD: &str = "28P01";
+    pub const INVALID_CATALOG_NAME: &str = "3D000";
+    pub const TOO_MANY_CONNECTIONS: &str = "53300";
+    pub const FEATURE_NOT_SUPPORTED: &str = "0A000";
+    pub const ADMIN_SHUTDOWN: &str = "57P01";
+    pub const QUERY_CANCELED: &str = "57014";
+    pub const INTERNAL_ERROR: &str = "XX000";
+    pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+}
+
+pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
+    buf.put_slice(&[READY_FOR_QUERY, 0, 0, 0, 5, status]);
+}
+
+pub fn empty_message(buf: &mut BytesMut, tag: u8) {
+    buf.put_slice(&[tag, 0, 0, 0, 4]);
+}
+
+pub fn command_complete(buf: &mut BytesMut, tag: &str) {
+    put_message(buf, COMMAND_COMPLETE, |b| put_cstr(b, tag.as_bytes()));
+}
+
+pub fn parameter_status(buf: &mut BytesMut, name: &str, value: &str) {
+    put_message(buf, PARAMETER_STATUS, |b| {
+        put_cstr(b, name.as_bytes());
+        put_cstr(b, value.as_bytes());
+    });
+}
+
+pub fn backend_key_data(buf: &mut BytesMut, pid: i32, secret: i32) {
+    put_message(buf, BACKEND_KEY_DATA, |b| {
+        b.put_i32(pid);
+        b.put_i32(secret);
+    });
+}
+
+pub fn auth_request(buf: &mut BytesMut, code: i32, payload: &[u8]) {
+    put_message(buf, AUTHENTICATION, |b| {
+        b.put_i32(code);
+        b.put_slice(payload);
+    });
+}
+
+pub fn negotiate_protocol_version(buf: &mut BytesMut, minor: i32, unsupported: &[&str]) {
+    put_message(buf, NEGOTIATE_PROTOCOL, |b| {
+        b.put_i32(minor);
+        b.put_i32(unsupported.len() as i32);
+        for o in unsupported {
+            put_cstr(b, o.as_bytes());
+        }
+    });
+}
+
+/// The fields of a server's ErrorResponse or NoticeResponse that the proxy reads.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct ErrorFields {
+    pub severity: String,
+    pub code: String,
+    pub message: String,
+}
+
+pub fn parse_error_fields(body: &[u8]) -> ErrorFields {
+    let mut r = Reader::new(body);
+    let mut f = ErrorFields::default();
+    while let Some(kind) = r.u8() {
+        if kind == 0 {
+            break;
+        }
+        let Some(v) = r.cstr() else { break };
+        let v = String::from_utf8_lossy(v).into_owned();
+        match kind {
+            b'V' => f.severity = v,
+            b'S' if f.severity.is_empty() => f.severity = v,
+            b'C' => f.code = v,
+            b'M' => f.message = v,
+            _ => {}
+        }
+    }
+    f
+}
+
+/// The command tag of a CommandComplete body, e.g. `"SELECT 1"`.
+pub fn command_tag(body: &[u8]) -> &[u8] {
+    body.split(|&b| b == 0).next().unwrap_or_default()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn error_response_layout() {
+        let mut b = BytesMut::new();
+        PgError::error("08P01", "bad").with_hint("h").encode(&mut b);
+        assert_eq!(b[0], ERROR_RESPONSE);
+        let len = i32::from_be_bytes([b[1], b[2], b[3], b[4]]) as usize;
+        assert_eq!(len + 1, b.len());
+        let f = parse_error_fields(&b[5..]);
+        assert_eq!(
+            (f.severity.as_str(), f.code.as_str(), f.message.as_str()),
+            ("ERROR", "08P01", "bad")
+        );
+    }
+
+    #[test]
+    fn fixed_messages() {
+        let mut b = BytesMut::new();
+        ready_for_query(&mut b, b'T');
+        command_complete(&mut b, "SET");
+        assert_eq!(&b[..], b"Z\0\0\0\x05TC\0\0\0\x08SET\0");
+        assert_eq!(command_tag(b"SELECT 3\0"), b"SELECT 3");
+        assert_eq!(command_tag(b""), b"");
+    }
+}

@@ -1,0 +1,185 @@
+//! Reading the client messages the proxy must understand, and re-encoding the
+//! few it rewrites (prepared statement names). Borrowed views, no copies.
+
+use super::backend::{put_cstr, put_message};
+use super::Reader;
+use bytes::BytesMut;
+
+pub const BIND: u8 = b'B';
+pub const CLOSE: u8 = b'C';
+pub const COPY_DATA: u8 = b'd';
+pub const COPY_DONE: u8 = b'c';
+pub const COPY_FAIL: u8 = b'f';
+pub const DESCRIBE: u8 = b'D';
+pub const EXECUTE: u8 = b'E';
+pub const FLUSH: u8 = b'H';
+pub const FUNCTION_CALL: u8 = b'F';
+pub const PARSE: u8 = b'P';
+pub const PASSWORD: u8 = b'p';
+pub const QUERY: u8 = b'Q';
+pub const SYNC: u8 = b'S';
+pub const TERMINATE: u8 = b'X';
+
+/// Whether `tag` is a message a client may send after startup.
+pub fn is_known_tag(tag: u8) -> bool {
+    matches!(
+        tag,
+        BIND | CLOSE
+            | COPY_DATA
+            | COPY_DONE
+            | COPY_FAIL
+            | DESCRIBE
+            | EXECUTE
+            | FLUSH
+            | FUNCTION_CALL
+            | PARSE
+            | QUERY
+            | SYNC
+            | TERMINATE
+    )
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("malformed {0} message")]
+pub struct Malformed(pub &'static str);
+
+/// Parse: statement name, then the query and parameter types (`rest`).
+#[derive(Debug, PartialEq, Eq)]
+pub struct ParseMsg<'a> {
+    pub name: &'a [u8],
+    pub query: &'a [u8],
+    /// Query text, its NUL and the parameter type list: what defines the statement.
+    pub definition: &'a [u8],
+}
+
+pub fn parse(body: &[u8]) -> Result<ParseMsg<'_>, Malformed> {
+    let m = Malformed("Parse");
+    let mut r = Reader::new(body);
+    let name = r.cstr().ok_or(m)?;
+    let definition = r.rest();
+    let query = r.cstr().ok_or(m)?;
+    let n = r.i16().ok_or(m)?;
+    if n < 0 || r.rest().len() != n as usize * 4 {
+        return Err(m);
+    }
+    Ok(ParseMsg {
+        name,
+        query,
+        definition,
+    })
+}
+
+/// Bind: portal and statement names; `rest` is formats, values and result formats.
+#[derive(Debug, PartialEq, Eq)]
+pub struct BindMsg<'a> {
+    pub portal: &'a [u8],
+    pub statement: &'a [u8],
+    pub rest: &'a [u8],
+}
+
+pub fn bind(body: &[u8]) -> Result<BindMsg<'_>, Malformed> {
+    let m = Malformed("Bind");
+    let mut r = Reader::new(body);
+    let portal = r.cstr().ok_or(m)?;
+    let statement = r.cstr().ok_or(m)?;
+    Ok(BindMsg {
+        portal,
+        statement,
+        rest: r.rest(),
+    })
+}
+
+/// Describe or Close: `b'S'` statement or `b'P'` portal, and its name.
+pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), Malformed> {
+    let m = Malformed(what);
+    let mut r = Reader::new(body);
+    let kind = r.u8().ok_or(m)?;
+    let name = r.cstr().ok_or(m)?;
+    if !matches!(kind, b'S' | b'P') || !r.rest().is_empty() {
+        return Err(m);
+    }
+    Ok((kind, name))
+}
+
+/// Execute: portal name (the row limit is left in the raw frame).
+pub fn execute_portal(body: &[u8]) -> Result<&[u8], Malformed> {
+    let m = Malformed("Execute");
+    let mut r = Reader::new(body);
+    let portal = r.cstr().ok_or(m)?;
+    r.i32().ok_or(m)?;
+    Ok(portal)
+}
+
+/// Query: the SQL text.
+pub fn query(body: &[u8]) -> Result<&[u8], Malformed> {
+    let m = Malformed("Query");
+    let mut r = Reader::new(body);
+    let q = r.cstr().ok_or(m)?;
+    Ok(q)
+}
+
+pub fn write_parse(buf: &mut BytesMut, name: &[u8], definition: &[u8]) {
+    put_message(buf, PARSE, |b| {
+        put_cstr(b, name);
+        b.extend_from_slice(definition);
+    });
+}
+
+pub fn write_bind(buf: &mut BytesMut, portal: &[u8], statement: &[u8], rest: &[u8]) {
+    put_message(buf, BIND, |b| {
+        put_cstr(b, portal);
+        put_cstr(b, statement);
+        b.extend_from_slice(rest);
+    });
+}
+
+pub fn write_target(buf: &mut BytesMut, tag: u8, kind: u8, name: &[u8]) {
+    put_message(buf, tag, |b| {
+        b.extend_from_slice(&[kind]);
+        put_cstr(b, name);
+    });
+}
+
+pub fn write_query(buf: &mut BytesMut, sql: &str) {
+    put_message(buf, QUERY, |b| put_cstr(b, sql.as_bytes()));
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_and_rewrite() {
+        let mut b = BytesMut::new();
+        write_parse(&mut b, b"s1", b"SELECT $1\0\0\x01\0\0\0\x17");
+        let p = parse(&b[5..]).unwrap();
+        assert_eq!(p.name, b"s1");
+        assert_eq!(p.query, b"SELECT $1");
+        assert_eq!(p.definition, b"SELECT $1\0\0\x01\0\0\0\x17");
+        assert!(
+            parse(b"s1\0SELECT\0\0\x02\0\0\0\x17").is_err(),
+            "type list too short"
+        );
+        assert!(parse(b"s1").is_err());
+    }
+
+    #[test]
+    fn bind_and_targets() {
+        let mut b = BytesMut::new();
+        write_bind(&mut b, b"", b"stmt", b"\0\0\0\0\0\0");
+        let m = bind(&b[5..]).unwrap();
+        assert_eq!(
+            (m.portal, m.statement, m.rest),
+            (&b""[..], &b"stmt"[..], &b"\0\0\0\0\0\0"[..])
+        );
+        let mut b = BytesMut::new();
+        write_target(&mut b, CLOSE, b'S', b"x");
+        assert_eq!(target(&b[5..], "Close").unwrap(), (b'S', &b"x"[..]));
+        assert!(target(b"Qx\0", "Close").is_err());
+        assert!(target(b"S", "Close").is_err());
+        assert_eq!(execute_portal(b"p\0\0\0\0\0").unwrap(), b"p");
+        assert!(execute_portal(b"p\0\0").is_err());
+        assert_eq!(query(b"SELECT 1\0").unwrap(), b"SELECT 1");
+        assert!(query(b"SELECT 1").is_err());
+    }
+}

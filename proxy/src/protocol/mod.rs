@@ -1,0 +1,161 @@
+//! The PostgreSQL wire protocol, IO-free: splitting byte buffers into frames,
+//! reading the fields the proxy needs out of a frame without copying it, and
+//! building the few messages the proxy writes itself.
+//!
+//! A frame keeps its raw bytes (tag, length and body) so the data path forwards
+//! exactly what the peer sent; inspection borrows from those bytes.
+
+pub mod backend;
+pub mod frontend;
+pub mod startup;
+
+use bytes::{Bytes, BytesMut};
+
+/// One protocol message with its 5-byte header (tag + length).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Frame {
+    pub tag: u8,
+    pub bytes: Bytes,
+}
+
+impl Frame {
+    /// The message body, after the tag and length.
+    pub fn body(&self) -> &[u8] {
+        &self.bytes[5..]
+    }
+}
+
+/// Why a peer's bytes cannot be framed.
+#[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
+pub enum FrameError {
+    #[error("invalid message length {0}")]
+    BadLength(i32),
+    #[error("message of {len} bytes exceeds the maximum of {max} bytes")]
+    TooLarge { len: usize, max: usize },
+}
+
+/// Reads the header at the start of `buf`: `(tag, total length including tag)`.
+#[inline]
+pub fn peek_header(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, FrameError> {
+    if buf.len() < 5 {
+        return Ok(None);
+    }
+    let len = i32::from_be_bytes([buf[1], buf[2], buf[3], buf[4]]);
+    if len < 4 {
+        return Err(FrameError::BadLength(len));
+    }
+    let total = len as usize + 1;
+    if total > max {
+        return Err(FrameError::TooLarge { len: total, max });
+    }
+    Ok(Some((buf[0], total)))
+}
+
+/// Splits one complete frame off the front of `buf`, or returns `None` (and
+/// reserves room for the rest of a partly received frame).
+pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
+    match peek_header(buf, max)? {
+        Some((tag, total)) if buf.len() >= total => Ok(Some(Frame {
+            tag,
+            bytes: buf.split_to(total).freeze(),
+        })),
+        Some((_, total)) => {
+            buf.reserve(total - buf.len());
+            Ok(None)
+        }
+        None => Ok(None),
+    }
+}
+
+/// A cursor over a message body for reading C strings and integers.
+pub struct Reader<'a> {
+    buf: &'a [u8],
+}
+
+impl<'a> Reader<'a> {
+    pub fn new(buf: &'a [u8]) -> Self {
+        Reader { buf }
+    }
+
+    pub fn cstr(&mut self) -> Option<&'a [u8]> {
+        let end = self.buf.iter().position(|&b| b == 0)?;
+        let s = &self.buf[..end];
+        self.buf = &self.buf[end + 1..];
+        Some(s)
+    }
+
+    pub fn str(&mut self) -> Option<&'a str> {
+        std::str::from_utf8(self.cstr()?).ok()
+    }
+
+    pub fn u8(&mut self) -> Option<u8> {
+        let (&b, rest) = self.buf.split_first()?;
+        self.buf = rest;
+        Some(b)
+    }
+
+    pub fn i16(&mut self) -> Option<i16> {
+        let v = self.buf.get(..2)?;
+        let v = i16::from_be_bytes([v[0], v[1]]);
+        self.buf = &self.buf[2..];
+        Some(v)
+    }
+
+    pub fn i32(&mut self) -> Option<i32> {
+        let v = self.buf.get(..4)?;
+        let v = i32::from_be_bytes([v[0], v[1], v[2], v[3]]);
+        self.buf = &self.buf[4..];
+        Some(v)
+    }
+
+    pub fn bytes(&mut self, n: usize) -> Option<&'a [u8]> {
+        let v = self.buf.get(..n)?;
+        self.buf = &self.buf[n..];
+        Some(v)
+    }
+
+    pub fn rest(&self) -> &'a [u8] {
+        self.buf
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn frames_split_and_wait_for_more() {
+        let mut buf = BytesMut::from(&b"Q\0\0\0\x0bSELECT\0Z\0\0\0"[..]);
+        let f = next_frame(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!(f.tag, b'Q');
+        assert_eq!(f.body(), b"SELECT\0");
+        assert_eq!(next_frame(&mut buf, 1024), Ok(None));
+        buf.extend_from_slice(b"\x05I");
+        let f = next_frame(&mut buf, 1024).unwrap().unwrap();
+        assert_eq!((f.tag, f.body()), (b'Z', &b"I"[..]));
+        assert!(buf.is_empty());
+    }
+
+    #[test]
+    fn bad_lengths_are_errors_not_panics() {
+        let mut buf = BytesMut::from(&b"Q\0\0\0\x02"[..]);
+        assert_eq!(next_frame(&mut buf, 1024), Err(FrameError::BadLength(2)));
+        let mut buf = BytesMut::from(&b"Q\xff\xff\xff\xff"[..]);
+        assert_eq!(next_frame(&mut buf, 1024), Err(FrameError::BadLength(-1)));
+        let mut buf = BytesMut::from(&b"Q\0\x10\0\0"[..]);
+        assert!(matches!(
+            next_frame(&mut buf, 1024),
+            Err(FrameError::TooLarge { .. })
+        ));
+    }
+
+    #[test]
+    fn reader_never_reads_past_the_end() {
+        let mut r = Reader::new(b"ab\0\0\x01");
+        assert_eq!(r.str(), Some("ab"));
+        assert_eq!(r.i16(), Some(1));
+        assert_eq!(r.i32(), None);
+        assert_eq!(r.cstr(), None);
+        assert_eq!(r.u8(), None);
+    }
+}

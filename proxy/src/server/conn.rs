@@ -1,0 +1,344 @@
+//! A raw connection to one Postgres server: connect, optional TLS, startup and
+//! authentication (SCRAM-SHA-256, md5, cleartext, trust). After startup the
+//! session drives the socket directly; this type only carries the connection's
+//! state so the pool can tell a clean connection from a dirty one.
+
+use crate::protocol::backend::{parse_error_fields, ErrorFields};
+use crate::protocol::startup;
+use crate::session::prepared::ServerStatements;
+use crate::session::vars::SessionVars;
+use crate::stream::Stream;
+use bytes::BytesMut;
+use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
+use postgres_protocol::message::backend::{AuthenticationSaslBody, Message};
+use postgres_protocol::message::frontend;
+use shardline_config::ServerTlsMode;
+use std::sync::Arc;
+use std::time::Instant;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// Everything needed to open a connection to one server as one role.
+#[derive(Clone)]
+pub struct ServerTarget {
+    pub host: String,
+    pub port: u16,
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+    pub tls_mode: ServerTlsMode,
+    pub tls: Option<tokio_rustls::TlsConnector>,
+}
+
+impl ServerTarget {
+    pub fn address(&self) -> String {
+        format!("{}:{}", self.host, self.port)
+    }
+}
+
+impl std::fmt::Debug for ServerTarget {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(
+            f,
+            "{}@{}:{}/{}",
+            self.user, self.host, self.port, self.database
+        )
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServerError {
+    #[error("could not connect to server {addr}: {source}")]
+    Connect {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server {addr}: {source}")]
+    Io {
+        addr: String,
+        source: std::io::Error,
+    },
+    #[error("server {addr}: TLS: {message}")]
+    Tls { addr: String, message: String },
+    #[error("server {addr} refused the connection: {} {}", fields.code, fields.message)]
+    Refused { addr: String, fields: ErrorFields },
+    #[error("server {addr}: {message}")]
+    Protocol { addr: String, message: String },
+}
+
+/// One server connection and what the proxy knows of its state.
+pub struct ServerConnection {
+    pub stream: Stream,
+    /// Bytes read from the server not yet processed.
+    pub read_buf: BytesMut,
+    pub addr: Arc<str>,
+    pub pid: i32,
+    pub secret: i32,
+    /// ParameterStatus values the server reported at startup.
+    pub params: Vec<(String, String)>,
+    /// Transaction status from the last ReadyForQuery: `I`, `T` or `E`.
+    pub tx_status: u8,
+    /// Set when the connection's state is unknown (error mid-message, desync).
+    pub broken: bool,
+    /// Session variables in effect on this connection.
+    pub vars: Arc<SessionVars>,
+    /// Named statements prepared on this connection.
+    pub statements: ServerStatements,
+    /// Token of the client Parse that last set the unnamed statement.
+    pub unnamed_token: u64,
+    pub created: Instant,
+}
+
+impl ServerConnection {
+    /// Whether the connection may be handed to another client.
+    pub fn is_clean(&self) -> bool {
+        !self.broken && self.tx_status == b'I' && self.read_buf.is_empty()
+    }
+
+    pub async fn connect(
+        target: &ServerTarget,
+        max_prepared: usize,
+    ) -> Result<ServerConnection, ServerError> {
+        let addr = target.address();
+        let tcp = TcpStream::connect((target.host.as_str(), target.port))
+            .await
+            .map_err(|source| ServerError::Connect {
+                addr: addr.clone(),
+                source,
+            })?;
+        let _ = tcp.set_nodelay(true);
+        let io_err = |source| ServerError::Io {
+            addr: addr.clone(),
+            source,
+        };
+        let mut stream = match target.tls_mode {
+            ServerTlsMode::Disable => Stream::Plain(tcp),
+            mode => negotiate_tls(tcp, target, mode == ServerTlsMode::Require).await?,
+        };
+        let mut params = vec![
+            ("user", target.user.as_str()),
+            ("database", target.database.as_str()),
+        ];
+        params.push(("client_encoding", "UTF8"));
+        stream
+            .write_all(&startup::startup_message(&params))
+            .await
+            .map_err(io_err)?;
+
+        let mut conn = ServerConnection {
+            stream,
+            read_buf: BytesMut::with_capacity(16 * 1024),
+            addr: addr.clone().into(),
+            pid: 0,
+            secret: 0,
+            params: Vec::new(),
+            tx_status: b'I',
+            broken: false,
+            vars: Arc::default(),
+            statements: ServerStatements::new(max_prepared),
+            unnamed_token: 0,
+            created: Instant::now(),
+        };
+        conn.authenticate(target).await?;
+        Ok(conn)
+    }
+
+    async fn read_message(&mut self) -> Result<Message, ServerError> {
+        loop {
+            match Message::parse(&mut self.read_buf) {
+                Ok(Some(m)) => return Ok(m),
+                Ok(None) => {}
+                Err(e) => {
+                    return Err(self.protocol_error(format!("bad message during startup: {e}")))
+                }
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read_buf)
+                .await
+                .map_err(|source| ServerError::Io {
+                    addr: self.addr.to_string(),
+                    source,
+                })?;
+            if n == 0 {
+                return Err(
+                    self.protocol_error("server closed the connection during startup".into())
+                );
+            }
+        }
+    }
+
+    fn protocol_error(&self, message: String) -> ServerError {
+        ServerError::Protocol {
+            addr: self.addr.to_string(),
+            message,
+        }
+    }
+
+    async fn send(&mut self, buf: &BytesMut) -> Result<(), ServerError> {
+        self.stream
+            .write_all(buf)
+            .await
+            .map_err(|source| ServerError::Io {
+                addr: self.addr.to_string(),
+                source,
+            })
+    }
+
+    fn password<'a>(&self, target: &'a ServerTarget) -> Result<&'a str, ServerError> {
+        target.password.as_deref().ok_or_else(|| {
+            self.protocol_error(format!(
+                "server asks user {} for a password but none is configured (set password or server_password)",
+                target.user
+            ))
+        })
+    }
+
+    async fn authenticate(&mut self, target: &ServerTarget) -> Result<(), ServerError> {
+        let mut scram: Option<ScramSha256> = None;
+        loop {
+            let mut out = BytesMut::new();
+            match self.read_message().await? {
+                Message::AuthenticationOk => {}
+                Message::AuthenticationCleartextPassword => {
+                    let pw = self.password(target)?;
+                    frontend::password_message(pw.as_bytes(), &mut out)
+                        .map_err(|e| self.protocol_error(e.to_string()))?;
+                    self.send(&out).await?;
+                }
+                Message::AuthenticationMd5Password(body) => {
+                    let pw = self.password(target)?;
+                    let hash = postgres_protocol::authentication::md5_hash(
+                        target.user.as_bytes(),
+                        pw.as_bytes(),
+                        body.salt(),
+                    );
+                    frontend::password_message(hash.as_bytes(), &mut out)
+                        .map_err(|e| self.protocol_error(e.to_string()))?;
+                    self.send(&out).await?;
+                }
+                Message::AuthenticationSasl(body) => {
+                    if !sasl_offers_scram(&body) {
+                        return Err(self.protocol_error(
+                            "server offers no SASL mechanism the proxy supports".into(),
+                        ));
+                    }
+                    let pw = self.password(target)?;
+                    let s = ScramSha256::new(pw.as_bytes(), ChannelBinding::unsupported());
+                    frontend::sasl_initial_response("SCRAM-SHA-256", s.message(), &mut out)
+                        .map_err(|e| self.protocol_error(e.to_string()))?;
+                    scram = Some(s);
+                    self.send(&out).await?;
+                }
+                Message::AuthenticationSaslContinue(body) => {
+                    let s = scram
+                        .as_mut()
+                        .ok_or_else(|| self.protocol_error("unexpected SASL continue".into()))?;
+                    s.update(body.data())
+                        .map_err(|e| self.protocol_error(format!("SCRAM: {e}")))?;
+                    frontend::sasl_response(s.message(), &mut out)
+                        .map_err(|e| self.protocol_error(e.to_string()))?;
+                    self.send(&out).await?;
+                }
+                Message::AuthenticationSaslFinal(body) => {
+                    let mut s = scram
+                        .take()
+                        .ok_or_else(|| self.protocol_error("unexpected SASL final".into()))?;
+                    s.finish(body.data()).map_err(|e| {
+                        self.protocol_error(format!("server's SCRAM signature is invalid: {e}"))
+                    })?;
+                }
+                Message::ParameterStatus(body) => {
+                    let (Ok(k), Ok(v)) = (body.name(), body.value()) else {
+                        return Err(self.protocol_error("bad ParameterStatus".into()));
+                    };
+                    self.params.push((k.to_string(), v.to_string()));
+                }
+                Message::BackendKeyData(body) => {
+                    self.pid = body.process_id();
+                    self.secret = body.secret_key();
+                }
+                Message::ReadyForQuery(body) => {
+                    self.tx_status = body.status();
+                    return Ok(());
+                }
+                Message::ErrorResponse(body) => {
+                    let raw = body_bytes_of_error(&body);
+                    return Err(ServerError::Refused {
+                        addr: self.addr.to_string(),
+                        fields: parse_error_fields(&raw),
+                    });
+                }
+                Message::NoticeResponse(_) => {}
+                _ => return Err(self.protocol_error("unexpected message during startup".into())),
+            }
+        }
+    }
+}
+
+fn sasl_offers_scram(body: &AuthenticationSaslBody) -> bool {
+    use fallible_iterator::FallibleIterator;
+    let mut it = body.mechanisms();
+    while let Ok(Some(m)) = it.next() {
+        if m == "SCRAM-SHA-256" {
+            return true;
+        }
+    }
+    false
+}
+
+/// Re-encodes an ErrorResponse's fields so `parse_error_fields` can read them.
+fn body_bytes_of_error(body: &postgres_protocol::message::backend::ErrorResponseBody) -> Vec<u8> {
+    use fallible_iterator::FallibleIterator;
+    let mut out = Vec::new();
+    let mut fields = body.fields();
+    while let Ok(Some(f)) = fields.next() {
+        out.push(f.type_());
+        out.extend_from_slice(f.value_bytes());
+        out.push(0);
+    }
+    out.push(0);
+    out
+}
+
+async fn negotiate_tls(
+    mut tcp: TcpStream,
+    target: &ServerTarget,
+    required: bool,
+) -> Result<Stream, ServerError> {
+    let addr = target.address();
+    let io_err = |source| ServerError::Io {
+        addr: addr.clone(),
+        source,
+    };
+    tcp.write_all(&startup::code_packet(startup::SSL_REQUEST, &[]))
+        .await
+        .map_err(io_err)?;
+    let mut answer = [0u8; 1];
+    tcp.read_exact(&mut answer).await.map_err(io_err)?;
+    match (answer[0], &target.tls) {
+        (b'S', Some(connector)) => {
+            let name = crate::tls::server_name(&target.host).map_err(|e| ServerError::Tls {
+                addr: addr.clone(),
+                message: e.to_string(),
+            })?;
+            let tls = connector
+                .connect(name, tcp)
+                .await
+                .map_err(|e| ServerError::Tls {
+                    addr: addr.clone(),
+                    message: e.to_string(),
+                })?;
+            Ok(Stream::ClientTls(Box::new(tls)))
+        }
+        (b'N', _) if !required => Ok(Stream::Plain(tcp)),
+        (b'N', _) => Err(ServerError::Tls {
+            addr,
+            message: "server does not support TLS and server_tls = \"require\"".into(),
+        }),
+        _ => Err(ServerError::Tls {
+            addr,
+            message: "unexpected answer to SSLRequest".into(),
+        }),
+    }
+}

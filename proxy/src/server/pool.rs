@@ -1,0 +1,193 @@
+//! Pools of raw server connections, one per (node, user, database), on
+//! `deadpool::managed`. A connection goes back to a pool only when clean:
+//! sessions check before returning it, `recycle` checks again before lending it,
+//! and a reaper closes idle and old connections.
+
+use super::conn::{ServerConnection, ServerError, ServerTarget};
+use crate::protocol::backend::{sqlstate, PgError};
+use deadpool::managed::{
+    self, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult, TimeoutType,
+};
+use deadpool::Runtime;
+use shardline_config::PoolConfig;
+use std::sync::{Arc, OnceLock};
+use std::time::Duration;
+
+pub struct Manager {
+    target: ServerTarget,
+    max_prepared: usize,
+    check_delay: Duration,
+    max_lifetime: Duration,
+    /// ParameterStatus values from the first connection, reported to clients at login.
+    params: OnceLock<Arc<Vec<(String, String)>>>,
+}
+
+impl managed::Manager for Manager {
+    type Type = ServerConnection;
+    type Error = ServerError;
+
+    async fn create(&self) -> Result<ServerConnection, ServerError> {
+        let conn = ServerConnection::connect(&self.target, self.max_prepared).await?;
+        tracing::debug!(server = %conn.addr, pid = conn.pid, "opened server connection");
+        let _ = self.params.set(Arc::new(conn.params.clone()));
+        Ok(conn)
+    }
+
+    async fn recycle(
+        &self,
+        conn: &mut ServerConnection,
+        metrics: &Metrics,
+    ) -> RecycleResult<ServerError> {
+        if !conn.is_clean() {
+            return Err(RecycleError::message("connection is not clean"));
+        }
+        if metrics.age() > self.max_lifetime {
+            return Err(RecycleError::message("connection exceeded max_lifetime"));
+        }
+        if metrics.last_used() > self.check_delay && conn.stream.has_closed_or_unread() {
+            return Err(RecycleError::message(
+                "server closed the connection while idle",
+            ));
+        }
+        Ok(())
+    }
+}
+
+pub type Pool = managed::Pool<Manager>;
+pub type PooledConnection = Object<Manager>;
+
+/// The pool for one node and one (user, database).
+pub struct NodePool {
+    pub pool: Pool,
+    pub address: String,
+    checkout_timeout: Duration,
+}
+
+impl NodePool {
+    pub fn new(target: ServerTarget, size: usize, cfg: &PoolConfig) -> Arc<NodePool> {
+        let address = target.address();
+        let manager = Manager {
+            target,
+            max_prepared: cfg.prepared_statements_per_server,
+            check_delay: cfg.server_check_delay,
+            max_lifetime: cfg.max_lifetime,
+            params: OnceLock::new(),
+        };
+        let pool = Pool::builder(manager)
+            .max_size(size)
+            .queue_mode(QueueMode::Lifo)
+            .wait_timeout(Some(cfg.checkout_timeout))
+            .create_timeout(Some(cfg.connect_timeout))
+            .runtime(Runtime::Tokio1)
+            .build()
+            .expect("pool settings are valid and a runtime is set");
+        let node = Arc::new(NodePool {
+            pool,
+            address,
+            checkout_timeout: cfg.checkout_timeout,
+        });
+        spawn_reaper(&node, cfg.idle_timeout, cfg.max_lifetime);
+        node
+    }
+
+    /// Borrows a clean connection, opening one if the pool has room.
+    pub async fn checkout(&self) -> Result<PooledConnection, PgError> {
+        self.pool.get().await.map_err(|e| self.checkout_error(e))
+    }
+
+    fn checkout_error(&self, e: PoolError<ServerError>) -> PgError {
+        match e {
+            PoolError::Timeout(TimeoutType::Wait) => {
+                let s = self.pool.status();
+                PgError::error(
+                    sqlstate::TOO_MANY_CONNECTIONS,
+                    format!(
+                        "no server connection to {} became free within {:?} ({} of {} in use)",
+                        self.address,
+                        self.checkout_timeout,
+                        s.size - s.available.min(s.size),
+                        s.max_size
+                    ),
+                )
+                .with_hint("raise pool_size or pool.checkout_timeout, or shorten transactions")
+            }
+            PoolError::Timeout(_) => PgError::error(
+                sqlstate::CANNOT_CONNECT,
+                format!("timed out connecting to server {}", self.address),
+            ),
+            PoolError::Backend(ServerError::Refused { fields, addr }) => {
+                // The server's own verdict (bad password, no such database ...).
+                let code = static_code(&fields.code);
+                PgError::error(code, format!("server {addr}: {}", fields.message))
+            }
+            PoolError::Backend(e) => PgError::error(sqlstate::CANNOT_CONNECT, e.to_string()),
+            PoolError::Closed => PgError::error(sqlstate::ADMIN_SHUTDOWN, "the pool is closed"),
+            other => PgError::error(sqlstate::INTERNAL_ERROR, other.to_string()),
+        }
+    }
+
+    /// Startup parameters to report to clients, opening a connection if none is known yet.
+    pub async fn server_params(&self) -> Result<Arc<Vec<(String, String)>>, PgError> {
+        if let Some(p) = self.pool.manager().params.get() {
+            return Ok(p.clone());
+        }
+        let conn = self.checkout().await?;
+        drop(conn);
+        Ok(self
+            .pool
+            .manager()
+            .params
+            .get()
+            .cloned()
+            .unwrap_or_default())
+    }
+}
+
+/// Maps a server's SQLSTATE to one of ours (we need `'static` codes).
+fn static_code(code: &str) -> &'static str {
+    use sqlstate::*;
+    [
+        INVALID_PASSWORD,
+        INVALID_AUTHORIZATION,
+        INVALID_CATALOG_NAME,
+        TOO_MANY_CONNECTIONS,
+        ADMIN_SHUTDOWN,
+        "57P03",
+    ]
+    .into_iter()
+    .find(|c| *c == code)
+    .unwrap_or(CANNOT_CONNECT)
+}
+
+fn spawn_reaper(node: &Arc<NodePool>, idle: Duration, lifetime: Duration) {
+    let weak = Arc::downgrade(node);
+    let period =
+        (idle.min(lifetime) / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
+    tokio::spawn(async move {
+        let mut tick = tokio::time::interval(period);
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        loop {
+            tick.tick().await;
+            let Some(node) = weak.upgrade() else { return };
+            let removed = node
+                .pool
+                .retain(|_, m| m.last_used() < idle && m.age() < lifetime)
+                .removed
+                .len();
+            if removed > 0 {
+                tracing::debug!(server = %node.address, removed, "closed idle or expired server connections");
+            }
+        }
+    });
+}
+
+/// Every pool one (user, database) can use, by shard.
+pub struct PoolSet {
+    pub shards: Vec<ShardPools>,
+}
+
+pub struct ShardPools {
+    pub name: String,
+    pub primary: Arc<NodePool>,
+    pub replicas: Vec<Arc<NodePool>>,
+}

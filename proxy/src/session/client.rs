@@ -1,0 +1,369 @@
+//! Messages from the client: forwarded as they came, except prepared statement
+//! names (mapped to server names) and the few commands the proxy answers itself.
+
+use super::pending::{Answer, Kind, Pending, Synthetic};
+use super::sql::{self, Effect};
+use super::{End, Session};
+use crate::protocol::backend::{sqlstate, PgError};
+use crate::protocol::frontend::{self, Malformed};
+use crate::protocol::{next_frame, Frame};
+use bytes::Bytes;
+use shardline_config::PoolMode;
+use std::collections::VecDeque;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+fn violation(message: impl Into<String>) -> End {
+    End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, message))
+}
+
+impl From<Malformed> for End {
+    fn from(m: Malformed) -> End {
+        violation(m.to_string())
+    }
+}
+
+impl Session {
+    pub(super) async fn on_client_data(&mut self) -> Result<(), End> {
+        loop {
+            let frame = match next_frame(&mut self.client_in, self.shared.max_message_size) {
+                Ok(Some(f)) => f,
+                Ok(None) => return Ok(()),
+                Err(e) => return Err(violation(e.to_string())),
+            };
+            self.on_client_frame(frame).await?;
+        }
+    }
+
+    async fn on_client_frame(&mut self, f: Frame) -> Result<(), End> {
+        if self.skip_until_sync && f.tag != frontend::SYNC && f.tag != frontend::TERMINATE {
+            return Ok(());
+        }
+        match f.tag {
+            frontend::QUERY => self.on_query(f).await,
+            frontend::PARSE => self.on_parse(f).await,
+            frontend::BIND => self.on_bind(f).await,
+            frontend::DESCRIBE => self.on_describe(f).await,
+            frontend::EXECUTE => {
+                let portal = frontend::execute_portal(f.body())?;
+                let effect = self.portal_effects.get(portal).cloned();
+                self.forward(f, Kind::Execute { effect }).await;
+                Ok(())
+            }
+            frontend::CLOSE => self.on_close(f).await,
+            frontend::SYNC => {
+                self.skip_until_sync = false;
+                self.unit_open = false;
+                if self.server.is_none() {
+                    self.synthetic(Synthetic::ReadyForQuery);
+                } else {
+                    self.server_out.extend_from_slice(&f.bytes);
+                    self.pending.push_back(Pending::forward(Kind::Sync));
+                }
+                Ok(())
+            }
+            frontend::FLUSH => {
+                if self.server.is_some() {
+                    self.server_out.extend_from_slice(&f.bytes);
+                }
+                Ok(())
+            }
+            frontend::FUNCTION_CALL => {
+                if let Err(e) = self.ensure_server().await {
+                    self.fail_request(e, true);
+                    return Ok(());
+                }
+                self.server_out.extend_from_slice(&f.bytes);
+                self.pending.push_back(Pending::forward(Kind::FunctionCall));
+                Ok(())
+            }
+            frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
+                // Only meaningful during COPY FROM STDIN; a server ignores strays too.
+                if self.server.is_some() {
+                    self.server_out.extend_from_slice(&f.bytes);
+                }
+                Ok(())
+            }
+            frontend::TERMINATE => Err(End::ClientGone),
+            tag => Err(violation(format!(
+                "invalid frontend message type {}",
+                tag as char
+            ))),
+        }
+    }
+
+    /// Forwards an extended-protocol message that needs the server.
+    async fn forward(&mut self, f: Frame, kind: Kind) {
+        if let Err(e) = self.ensure_server().await {
+            self.fail_request(e, false);
+            return;
+        }
+        self.unit_open = true;
+        self.server_out.extend_from_slice(&f.bytes);
+        self.pending.push_back(Pending::forward(kind));
+    }
+
+    async fn on_query(&mut self, f: Frame) -> Result<(), End> {
+        let text = frontend::query(f.body())?;
+        let effects = std::str::from_utf8(text).ok().and_then(sql::effects);
+        if let Some(effects) = &effects {
+            if let [Some(Effect::Deallocate(name))] = effects.as_slice() {
+                // Client statement names exist only in the proxy.
+                let local = match name {
+                    None => {
+                        self.statements.clear();
+                        Some("DEALLOCATE ALL")
+                    }
+                    Some(n) => self.statements.remove(n.as_bytes()).map(|_| "DEALLOCATE"),
+                };
+                if let Some(tag) = local {
+                    self.synthetic(Synthetic::CommandComplete(tag));
+                    self.synthetic(Synthetic::ReadyForQuery);
+                    return Ok(());
+                }
+            }
+            if self.mode() == PoolMode::Transaction
+                && effects.iter().any(|e| matches!(e, Some(Effect::Listen)))
+            {
+                let e = PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "LISTEN is not supported in transaction pooling mode",
+                )
+                .with_hint("notifications need a dedicated server connection: connect as a user with pool_mode = \"session\"");
+                self.fail_request(e, true);
+                return Ok(());
+            }
+        }
+        if let Err(e) = self.ensure_server().await {
+            self.fail_request(e, true);
+            return Ok(());
+        }
+        self.server_out.extend_from_slice(&f.bytes);
+        let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
+        self.pending
+            .push_back(Pending::forward(Kind::Query { effects }));
+        Ok(())
+    }
+
+    async fn on_parse(&mut self, f: Frame) -> Result<(), End> {
+        let p = frontend::parse(f.body())?;
+        let effect = std::str::from_utf8(p.query)
+            .ok()
+            .and_then(sql::statement_effect);
+        if p.name.is_empty() {
+            if let Err(e) = self.ensure_server().await {
+                self.fail_request(e, false);
+                return Ok(());
+            }
+            let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
+            self.unnamed = Some((token, Bytes::copy_from_slice(p.definition), effect));
+            if let Some(server) = self.server.as_mut() {
+                server.unnamed_token = token;
+            }
+            self.unit_open = true;
+            self.server_out.extend_from_slice(&f.bytes);
+            self.pending
+                .push_back(Pending::forward(Kind::Parse { statement: None }));
+            return Ok(());
+        }
+        if self.statements.contains_key(p.name) {
+            let name = String::from_utf8_lossy(p.name);
+            let e = PgError::error(
+                "42P05",
+                format!("prepared statement \"{name}\" already exists"),
+            );
+            self.fail_request(e, false);
+            return Ok(());
+        }
+        let stmt = self.shared.statements.intern(p.definition, effect);
+        let client_name: Box<[u8]> = p.name.into();
+        self.statements.insert(client_name.clone(), stmt.clone());
+        if let Err(e) = self.ensure_server().await {
+            self.statements.remove(&client_name);
+            self.fail_request(e, false);
+            return Ok(());
+        }
+        self.unit_open = true;
+        let held = self
+            .server
+            .as_mut()
+            .is_some_and(|s| s.statements.contains(stmt.id));
+        if held {
+            self.synthetic(Synthetic::ParseComplete);
+        } else {
+            self.prepare_on_server(&stmt, Answer::Forward, Some(client_name));
+        }
+        Ok(())
+    }
+
+    /// Sends a Parse for `stmt` under its server name, closing the least recently
+    /// used statement if the connection holds too many.
+    fn prepare_on_server(
+        &mut self,
+        stmt: &Arc<super::prepared::Statement>,
+        answer: Answer,
+        client_name: Option<Box<[u8]>>,
+    ) {
+        let Some(server) = self.server.as_mut() else {
+            return;
+        };
+        if let Some(evicted) = server.statements.insert(stmt) {
+            frontend::write_target(
+                &mut self.server_out,
+                frontend::CLOSE,
+                b'S',
+                &evicted.server_name,
+            );
+            self.pending.push_back(Pending::swallow(Kind::Close));
+        }
+        frontend::write_parse(&mut self.server_out, &stmt.server_name, &stmt.definition);
+        let statement = Some((stmt.clone(), client_name.unwrap_or_default()));
+        self.pending.push_back(Pending {
+            kind: Kind::Parse { statement },
+            answer,
+        });
+    }
+
+    /// Looks up a client statement name, raising the server's error if unknown.
+    fn client_statement(&mut self, name: &[u8]) -> Option<Arc<super::prepared::Statement>> {
+        let found = self.statements.get(name).cloned();
+        if found.is_none() {
+            let name = String::from_utf8_lossy(name);
+            let e = PgError::error(
+                sqlstate::INVALID_SQL_STATEMENT_NAME,
+                format!("prepared statement \"{name}\" does not exist"),
+            );
+            self.fail_request(e, false);
+        }
+        found
+    }
+
+    /// Makes sure the attached server holds `stmt`, preparing it there if not.
+    fn ensure_prepared(&mut self, stmt: &Arc<super::prepared::Statement>) {
+        let held = self
+            .server
+            .as_mut()
+            .is_some_and(|s| s.statements.contains(stmt.id));
+        if !held {
+            self.prepare_on_server(stmt, Answer::Swallow, None);
+        }
+    }
+
+    /// Makes sure the attached server's unnamed statement is this client's.
+    fn ensure_unnamed(&mut self) {
+        let (Some((token, definition, _)), Some(server)) = (&self.unnamed, self.server.as_mut())
+        else {
+            return;
+        };
+        if server.unnamed_token != *token {
+            server.unnamed_token = *token;
+            frontend::write_parse(&mut self.server_out, b"", definition);
+            self.pending
+                .push_back(Pending::swallow(Kind::Parse { statement: None }));
+        }
+    }
+
+    async fn on_bind(&mut self, f: Frame) -> Result<(), End> {
+        let b = frontend::bind(f.body())?;
+        let stmt = if b.statement.is_empty() {
+            None
+        } else {
+            match self.client_statement(b.statement) {
+                Some(s) => Some(s),
+                None => return Ok(()),
+            }
+        };
+        if let Err(e) = self.ensure_server().await {
+            self.fail_request(e, false);
+            return Ok(());
+        }
+        self.unit_open = true;
+        let effect = match &stmt {
+            Some(s) => s.effect.clone(),
+            None => self.unnamed.as_ref().and_then(|u| u.2.clone()),
+        };
+        match effect {
+            Some(e) => {
+                self.portal_effects.insert(b.portal.into(), e);
+            }
+            None if !self.portal_effects.is_empty() => {
+                self.portal_effects.remove(b.portal);
+            }
+            None => {}
+        }
+        match stmt {
+            Some(stmt) => {
+                self.ensure_prepared(&stmt);
+                frontend::write_bind(&mut self.server_out, b.portal, &stmt.server_name, b.rest);
+            }
+            None => {
+                self.ensure_unnamed();
+                self.server_out.extend_from_slice(&f.bytes);
+            }
+        }
+        self.pending.push_back(Pending::forward(Kind::Bind));
+        Ok(())
+    }
+
+    async fn on_describe(&mut self, f: Frame) -> Result<(), End> {
+        let (kind, name) = frontend::target(f.body(), "Describe")?;
+        let stmt = if kind == b'S' && !name.is_empty() {
+            match self.client_statement(name) {
+                Some(s) => Some(s),
+                None => return Ok(()),
+            }
+        } else {
+            None
+        };
+        if let Err(e) = self.ensure_server().await {
+            self.fail_request(e, false);
+            return Ok(());
+        }
+        self.unit_open = true;
+        match (kind, stmt) {
+            (_, Some(stmt)) => {
+                self.ensure_prepared(&stmt);
+                frontend::write_target(
+                    &mut self.server_out,
+                    frontend::DESCRIBE,
+                    b'S',
+                    &stmt.server_name,
+                );
+            }
+            (b'S', None) => {
+                self.ensure_unnamed();
+                self.server_out.extend_from_slice(&f.bytes);
+            }
+            _ => self.server_out.extend_from_slice(&f.bytes),
+        }
+        let kind = if kind == b'S' {
+            Kind::DescribeStatement
+        } else {
+            Kind::DescribePortal
+        };
+        self.pending.push_back(Pending::forward(kind));
+        Ok(())
+    }
+
+    async fn on_close(&mut self, f: Frame) -> Result<(), End> {
+        let (kind, name) = frontend::target(f.body(), "Close")?;
+        if kind == b'S' && !name.is_empty() {
+            // The server keeps the statement for other clients; only this client's name goes.
+            self.statements.remove(name);
+            self.synthetic(Synthetic::CloseComplete);
+            return Ok(());
+        }
+        if kind == b'P' {
+            self.portal_effects.remove(name);
+        }
+        if self.server.is_none() {
+            // Nothing of this client's lives on a server between transactions.
+            self.synthetic(Synthetic::CloseComplete);
+            return Ok(());
+        }
+        self.unit_open = true;
+        self.server_out.extend_from_slice(&f.bytes);
+        self.pending.push_back(Pending::forward(Kind::Close));
+        Ok(())
+    }
+}

@@ -1,0 +1,135 @@
+//! The session's socket work: one poll function that writes what is buffered
+//! for each side and reads from whichever side has data, so a session never
+//! blocks writing to one peer while the other waits for it to read.
+
+use super::Session;
+use crate::protocol::backend::READY_FOR_QUERY;
+use crate::protocol::{frontend, peek_header};
+use crate::server::ServerConnection;
+use crate::stream::Stream;
+use bytes::{Buf, BytesMut};
+use std::io;
+use std::pin::Pin;
+use std::task::{ready, Context, Poll};
+use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+
+pub(super) enum Event {
+    ClientData,
+    ServerData,
+    ClientClosed,
+    ServerLost(io::Error),
+}
+
+impl Session {
+    pub(super) fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        // Writes first: they free buffer space that gates the reads below.
+        if let Some(server) = self.server.as_mut() {
+            if let Err(e) = poll_drain(&mut server.stream, &mut self.server_out, cx) {
+                return Poll::Ready(Event::ServerLost(e));
+            }
+        }
+        if poll_drain(&mut self.login.stream, &mut self.client_out, cx).is_err() {
+            return Poll::Ready(Event::ClientClosed);
+        }
+        if self.client_out.len() < super::BACKPRESSURE {
+            if let Some(server) = self.server.as_mut() {
+                let server: &mut ServerConnection = server;
+                match poll_read_into(&mut server.stream, &mut server.read_buf, cx) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Event::ServerLost(io::Error::new(
+                            io::ErrorKind::UnexpectedEof,
+                            "server closed the connection",
+                        )))
+                    }
+                    Poll::Ready(Ok(_)) => return Poll::Ready(Event::ServerData),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Event::ServerLost(e)),
+                    Poll::Pending => {}
+                }
+            }
+        }
+        if self.server_out.len() < super::BACKPRESSURE {
+            match poll_read_into(&mut self.login.stream, &mut self.client_in, cx) {
+                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
+                    return Poll::Ready(Event::ClientClosed)
+                }
+                Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
+                Poll::Pending => {}
+            }
+        }
+        Poll::Pending
+    }
+
+    /// Writes everything buffered for the client (used when ending a session).
+    pub(super) async fn flush_client(&mut self) {
+        let _ = self.login.stream.write_all(&self.client_out).await;
+        let _ = self.login.stream.flush().await;
+        self.client_out.clear();
+    }
+}
+
+/// Writes as much of `buf` as the socket takes without blocking.
+fn poll_drain(stream: &mut Stream, buf: &mut BytesMut, cx: &mut Context<'_>) -> io::Result<()> {
+    while !buf.is_empty() {
+        match Pin::new(&mut *stream).poll_write(cx, buf) {
+            Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
+            Poll::Ready(Ok(n)) => buf.advance(n),
+            Poll::Ready(Err(e)) => return Err(e),
+            Poll::Pending => return Ok(()),
+        }
+    }
+    if stream.is_tls() {
+        // rustls may hold ciphertext until flushed.
+        if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
+/// Reads into the spare capacity of `buf`, growing it when nearly full.
+fn poll_read_into(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+) -> Poll<io::Result<usize>> {
+    if buf.capacity() - buf.len() < 4096 {
+        buf.reserve(16 * 1024);
+    }
+    let spare = buf.spare_capacity_mut();
+    let mut rb = ReadBuf::uninit(spare);
+    ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
+    let n = rb.filled().len();
+    // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
+    unsafe { buf.set_len(buf.len() + n) };
+    Poll::Ready(Ok(n))
+}
+
+/// Clears everything a session left on a connection (session pooling).
+pub(super) async fn reset_connection(conn: &mut ServerConnection) -> io::Result<()> {
+    let mut out = BytesMut::new();
+    frontend::write_query(&mut out, "DISCARD ALL");
+    conn.stream.write_all(&out).await?;
+    loop {
+        while let Ok(Some((tag, len))) = peek_header(&conn.read_buf, usize::MAX) {
+            if conn.read_buf.len() < len {
+                break;
+            }
+            let status = conn.read_buf.get(5).copied();
+            conn.read_buf.advance(len);
+            if tag == READY_FOR_QUERY {
+                conn.tx_status = status.unwrap_or(b'E');
+                conn.statements.clear();
+                conn.vars = Default::default();
+                conn.unnamed_token = 0;
+                return if conn.read_buf.is_empty() && conn.tx_status == b'I' {
+                    Ok(())
+                } else {
+                    Err(io::Error::other("unexpected data after DISCARD ALL"))
+                };
+            }
+        }
+        if conn.stream.read_buf(&mut conn.read_buf).await? == 0 {
+            return Err(io::ErrorKind::UnexpectedEof.into());
+        }
+    }
+}

@@ -1,0 +1,320 @@
+//! One client connection after login: a state machine between the client's
+//! socket and (at most) one borrowed server connection.
+//!
+//! The session forwards the client's raw frames and the server's raw replies.
+//! It reads only what it must: message tags to know where units end, statement
+//! names to map prepared statements, and the few commands that change session
+//! state. It never decodes rows.
+//!
+//! Where the server connection comes from is decided in [`Session::ensure_server`]:
+//! the one place a per-statement or per-transaction routing decision plugs in.
+//! A connection is returned to its pool when the server is idle (`I`), nothing
+//! sent is unanswered and the client is not mid-unit (transaction pooling), or
+//! when the client leaves (session pooling).
+
+mod client;
+mod io;
+pub mod pending;
+pub mod prepared;
+mod server;
+pub mod sql;
+pub mod startup;
+pub mod vars;
+
+use crate::cancel::CancelSlot;
+use crate::protocol::backend::{self, sqlstate, PgError};
+use crate::server::pool::PooledConnection;
+use crate::Shared;
+use bytes::{Bytes, BytesMut};
+use pending::{Kind, Pending, Synthetic};
+use prepared::Statement;
+use shardline_config::PoolMode;
+use sql::Effect;
+use std::collections::{HashMap, VecDeque};
+use std::sync::Arc;
+use std::time::Duration;
+use tokio::sync::watch;
+use vars::SessionVars;
+
+pub use startup::LoggedIn;
+
+/// Stop reading a side while this much is waiting to be written to the other.
+const BACKPRESSURE: usize = 256 * 1024;
+
+/// Why a session ended.
+#[derive(Debug)]
+pub enum End {
+    /// The client closed the socket or sent Terminate.
+    ClientGone,
+    /// Reported to the client as FATAL, then closed.
+    Fatal(PgError),
+}
+
+pub struct Session {
+    shared: Arc<Shared>,
+    login: LoggedIn,
+    client_in: BytesMut,
+    client_out: BytesMut,
+    server: Option<PooledConnection>,
+    server_out: BytesMut,
+    pending: VecDeque<Pending>,
+    /// Session variables the client has set.
+    vars: Arc<SessionVars>,
+    /// Effects of the current transaction, applied when it commits.
+    txn_effects: Vec<Effect>,
+    /// An error occurred since the last ReadyForQuery.
+    unit_failed: bool,
+    statements: HashMap<Box<[u8]>, Arc<Statement>>,
+    /// Effects of portals bound to session-changing statements (rare).
+    portal_effects: HashMap<Box<[u8]>, Effect>,
+    /// The client's unnamed statement: token, definition and effect.
+    unnamed: Option<(u64, Bytes, Option<Effect>)>,
+    /// Extended-protocol messages were sent since the last Sync.
+    unit_open: bool,
+    /// A proxy-raised error: drop client messages until Sync, as a server would.
+    skip_until_sync: bool,
+    cancel: Arc<CancelSlot>,
+}
+
+impl Session {
+    pub fn new(shared: Arc<Shared>, login: LoggedIn, cancel: Arc<CancelSlot>) -> Session {
+        Session {
+            vars: Arc::new(SessionVars::from_startup(&login.params)),
+            shared,
+            login,
+            client_in: BytesMut::with_capacity(8 * 1024),
+            client_out: BytesMut::with_capacity(16 * 1024),
+            server: None,
+            server_out: BytesMut::with_capacity(8 * 1024),
+            pending: VecDeque::with_capacity(16),
+            txn_effects: Vec::new(),
+            unit_failed: false,
+            statements: HashMap::new(),
+            portal_effects: HashMap::new(),
+            unnamed: None,
+            unit_open: false,
+            skip_until_sync: false,
+            cancel,
+        }
+    }
+
+    fn mode(&self) -> PoolMode {
+        self.login.user.mode
+    }
+
+    /// Runs the session until the client leaves, then returns or discards the
+    /// server connection.
+    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
+        let end = self.event_loop(&mut shutdown).await;
+        if let End::Fatal(e) = &end {
+            tracing::debug!(user = %self.login.user.name, error = %e, "closing client");
+            e.encode(&mut self.client_out);
+        }
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.flush_client()).await;
+        self.finish_server().await;
+    }
+
+    async fn event_loop(&mut self, shutdown: &mut watch::Receiver<bool>) -> End {
+        loop {
+            if *shutdown.borrow() && self.is_idle() {
+                return End::Fatal(PgError::fatal(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "terminating connection because the proxy is shutting down",
+                ));
+            }
+            let event = tokio::select! {
+                biased;
+                _ = shutdown.changed(), if !*shutdown.borrow() => continue,
+                ev = std::future::poll_fn(|cx| self.poll_io(cx)) => ev,
+            };
+            let step = match event {
+                io::Event::ClientData => self.on_client_data().await,
+                io::Event::ServerData => self.on_server_data(),
+                io::Event::ClientClosed => Err(End::ClientGone),
+                io::Event::ServerLost(e) => self.on_server_lost(e),
+            };
+            if let Err(end) = step {
+                return end;
+            }
+        }
+    }
+
+    /// Nothing in flight: safe to close at shutdown.
+    fn is_idle(&self) -> bool {
+        self.pending.is_empty()
+            && !self.unit_open
+            && self.client_out.is_empty()
+            && self.server.as_ref().is_none_or(|s| s.tx_status == b'I')
+    }
+
+    /// Makes sure a server connection is attached, borrowing one if needed.
+    ///
+    /// Routing plugs in here: today every statement goes to the primary of the
+    /// first shard.
+    async fn ensure_server(&mut self) -> Result<(), PgError> {
+        if self.server.is_some() {
+            return Ok(());
+        }
+        let node = self.login.user.pools.shards[0].primary.clone();
+        let mut conn = node.checkout().await?;
+        if *conn.vars != *self.vars {
+            let sql = self.vars.replay_sql(&conn.vars);
+            if !sql.is_empty() {
+                crate::protocol::frontend::write_query(&mut self.server_out, &sql);
+                self.pending.push_back(Pending::swallow(Kind::Query {
+                    effects: VecDeque::new(),
+                }));
+            }
+            conn.vars = self.vars.clone();
+        }
+        self.cancel.attach(conn.addr.clone(), conn.pid, conn.secret);
+        self.server = Some(conn);
+        Ok(())
+    }
+
+    /// Returns the server connection to its pool when the client is between
+    /// transactions (transaction pooling only).
+    fn maybe_release(&mut self) {
+        let releasable = self.mode() == PoolMode::Transaction
+            && self.pending.is_empty()
+            && !self.unit_open
+            && self.server_out.is_empty()
+            && self.server.as_ref().is_some_and(|s| s.tx_status == b'I');
+        if releasable {
+            self.release_server();
+        }
+    }
+
+    fn release_server(&mut self) {
+        if let Some(conn) = self.server.take() {
+            self.cancel.detach();
+            if !conn.is_clean() {
+                drop(deadpool::managed::Object::take(conn));
+            }
+        }
+    }
+
+    /// Answers in place of the server, in order with the server's answers.
+    fn synthetic(&mut self, s: Synthetic) {
+        if self.pending.is_empty() {
+            self.emit(s);
+        } else {
+            self.pending.push_back(Pending::forward(Kind::Synthetic(s)));
+        }
+    }
+
+    fn emit(&mut self, s: Synthetic) {
+        let out = &mut self.client_out;
+        match s {
+            Synthetic::ParseComplete => backend::empty_message(out, backend::PARSE_COMPLETE),
+            Synthetic::CloseComplete => backend::empty_message(out, backend::CLOSE_COMPLETE),
+            Synthetic::CommandComplete(tag) => backend::command_complete(out, tag),
+            Synthetic::ReadyForQuery => {
+                let status = self.server.as_ref().map_or(b'I', |s| s.tx_status);
+                backend::ready_for_query(&mut self.client_out, status)
+            }
+            Synthetic::Error(e) => e.encode(out),
+        }
+    }
+
+    /// Emits synthetic answers that have reached the front of the queue.
+    fn drain_synthetic(&mut self) {
+        while let Some(Pending {
+            kind: Kind::Synthetic(_),
+            ..
+        }) = self.pending.front()
+        {
+            if let Some(Pending {
+                kind: Kind::Synthetic(s),
+                ..
+            }) = self.pending.pop_front()
+            {
+                self.emit(s);
+            }
+        }
+    }
+
+    /// Reports a proxy-side error for the current request, the way a server would.
+    fn fail_request(&mut self, e: PgError, simple: bool) {
+        self.synthetic(Synthetic::Error(e));
+        if simple {
+            self.synthetic(Synthetic::ReadyForQuery);
+        } else {
+            self.skip_until_sync = true;
+        }
+    }
+
+    /// Applies a committed session effect to the client and its server.
+    fn commit_effect(&mut self, effect: &Effect) {
+        if let Some(next) = self.vars.apply(effect) {
+            self.vars = next;
+        }
+        if matches!(effect, Effect::DiscardAll) {
+            self.statements.clear();
+            self.portal_effects.clear();
+            self.unnamed = None;
+        }
+        if let Some(server) = self.server.as_mut() {
+            server.vars = self.vars.clone();
+        }
+    }
+
+    /// The server connection is gone: tell the client and carry on if its
+    /// session state survived (it was not inside a transaction).
+    fn on_server_lost(&mut self, e: std::io::Error) -> Result<(), End> {
+        let Some(conn) = self.server.take() else {
+            return Ok(());
+        };
+        self.cancel.detach();
+        let addr = conn.addr.clone();
+        let in_txn = conn.tx_status != b'I';
+        drop(deadpool::managed::Object::take(conn));
+        tracing::warn!(server = %addr, error = %e, "server connection lost");
+        let msg = format!("server connection to {addr} was lost: {e}");
+        if in_txn || self.mode() == PoolMode::Session {
+            return Err(End::Fatal(PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                msg,
+            )));
+        }
+        let sync_points = self.pending.iter().filter(|p| p.is_sync_point()).count();
+        self.pending.clear();
+        self.server_out.clear();
+        self.txn_effects.clear();
+        let err = PgError::error(sqlstate::CONNECTION_FAILURE, msg);
+        if sync_points == 0 {
+            err.encode(&mut self.client_out);
+            self.skip_until_sync = self.unit_open;
+        }
+        for _ in 0..sync_points {
+            err.encode(&mut self.client_out);
+            backend::ready_for_query(&mut self.client_out, b'I');
+        }
+        self.unit_open = false;
+        Ok(())
+    }
+
+    /// At the end of a session: return a clean server connection, discard a dirty one.
+    async fn finish_server(&mut self) {
+        let Some(mut conn) = self.server.take() else {
+            return;
+        };
+        self.cancel.detach();
+        let clean = conn.is_clean()
+            && self.pending.is_empty()
+            && !self.unit_open
+            && self.server_out.is_empty();
+        if !clean {
+            drop(deadpool::managed::Object::take(conn));
+            return;
+        }
+        if self.mode() == PoolMode::Session {
+            // Leave nothing of this client's session behind for the next one.
+            let reset =
+                tokio::time::timeout(Duration::from_secs(5), io::reset_connection(&mut conn)).await;
+            if !matches!(reset, Ok(Ok(()))) {
+                drop(deadpool::managed::Object::take(conn));
+            }
+        }
+    }
+}

@@ -1,0 +1,156 @@
+//! What the session expects back from its server, in order.
+//!
+//! Every message forwarded to the server that the server answers gets an entry.
+//! Entries say whether the answer goes to the client (`Forward`) or is hidden
+//! because the proxy sent the message itself (`Swallow`), and `Synthetic`
+//! entries are answers the proxy gives in place of the server, written when they
+//! reach the front so the client sees answers in the order it asked.
+//! After an error the server skips to Sync; `skip_to_sync` does the same here.
+
+use super::prepared::Statement;
+use super::sql::Effect;
+use std::collections::VecDeque;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Answer {
+    Forward,
+    Swallow,
+}
+
+#[derive(Debug)]
+pub enum Kind {
+    /// A Parse; `statement` is set for named statements (forgotten if it fails).
+    Parse {
+        statement: Option<(Arc<Statement>, Box<[u8]>)>,
+    },
+    Bind,
+    Close,
+    DescribeStatement,
+    DescribePortal,
+    Execute {
+        effect: Option<Effect>,
+    },
+    Sync,
+    /// A simple query; one effect slot per statement, in order.
+    Query {
+        effects: VecDeque<Option<Effect>>,
+    },
+    FunctionCall,
+    /// Answered by the proxy.
+    Synthetic(Synthetic),
+}
+
+#[derive(Debug, Clone)]
+pub enum Synthetic {
+    ParseComplete,
+    CloseComplete,
+    CommandComplete(&'static str),
+    /// ReadyForQuery with the transaction status current when it is written.
+    ReadyForQuery,
+    Error(crate::protocol::backend::PgError),
+}
+
+#[derive(Debug)]
+pub struct Pending {
+    pub kind: Kind,
+    pub answer: Answer,
+}
+
+impl Pending {
+    pub fn forward(kind: Kind) -> Self {
+        Pending {
+            kind,
+            answer: Answer::Forward,
+        }
+    }
+    pub fn swallow(kind: Kind) -> Self {
+        Pending {
+            kind,
+            answer: Answer::Swallow,
+        }
+    }
+
+    /// Whether server message `tag` completes this entry.
+    pub fn ends_with(&self, tag: u8) -> bool {
+        use crate::protocol::backend::*;
+        match self.kind {
+            Kind::Parse { .. } => tag == PARSE_COMPLETE,
+            Kind::Bind => tag == BIND_COMPLETE,
+            Kind::Close => tag == CLOSE_COMPLETE,
+            Kind::DescribeStatement | Kind::DescribePortal => {
+                tag == ROW_DESCRIPTION || tag == NO_DATA
+            }
+            Kind::Execute { .. } => {
+                matches!(tag, COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED)
+            }
+            Kind::Sync | Kind::Query { .. } | Kind::FunctionCall => tag == READY_FOR_QUERY,
+            Kind::Synthetic(_) => false,
+        }
+    }
+
+    /// Whether this entry is answered by ReadyForQuery (the end of a unit).
+    pub fn is_sync_point(&self) -> bool {
+        matches!(
+            self.kind,
+            Kind::Sync | Kind::Query { .. } | Kind::FunctionCall
+        )
+    }
+
+    /// Simple-protocol entries absorb an error and end at ReadyForQuery;
+    /// extended-protocol entries end at the error.
+    pub fn ends_with_error(&self) -> bool {
+        !self.is_sync_point()
+    }
+}
+
+/// Removes the entries the server skips after an error: everything before the
+/// next Sync. Returns them so the caller can undo their bookkeeping.
+pub fn skip_to_sync(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
+    let mut skipped = Vec::new();
+    while let Some(front) = queue.front() {
+        if front.is_sync_point() {
+            break;
+        }
+        skipped.extend(queue.pop_front());
+    }
+    skipped
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::protocol::backend::*;
+
+    #[test]
+    fn endings() {
+        assert!(Pending::forward(Kind::Bind).ends_with(BIND_COMPLETE));
+        assert!(!Pending::forward(Kind::DescribeStatement).ends_with(PARAMETER_DESCRIPTION));
+        assert!(Pending::forward(Kind::DescribeStatement).ends_with(NO_DATA));
+        assert!(Pending::forward(Kind::Execute { effect: None }).ends_with(PORTAL_SUSPENDED));
+        assert!(!Pending::forward(Kind::Query {
+            effects: VecDeque::new()
+        })
+        .ends_with(COMMAND_COMPLETE));
+        assert!(Pending::forward(Kind::Query {
+            effects: VecDeque::new()
+        })
+        .ends_with(READY_FOR_QUERY));
+    }
+
+    #[test]
+    fn error_skips_to_sync() {
+        let mut q: VecDeque<Pending> = [
+            Pending::forward(Kind::Bind),
+            Pending::forward(Kind::Synthetic(Synthetic::ParseComplete)),
+            Pending::forward(Kind::Execute { effect: None }),
+            Pending::forward(Kind::Sync),
+            Pending::forward(Kind::Bind),
+        ]
+        .into();
+        let skipped = skip_to_sync(&mut q);
+        assert_eq!(skipped.len(), 3);
+        assert!(matches!(q.front().unwrap().kind, Kind::Sync));
+        assert_eq!(q.len(), 2);
+    }
+}

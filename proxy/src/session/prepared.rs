@@ -1,0 +1,152 @@
+//! Named prepared statements under transaction pooling.
+//!
+//! Clients name statements as they like; on servers every statement is named
+//! after its definition (`_sl_<n>`, one number per distinct query text and
+//! parameter types, shared by all clients). So names never collide, and a
+//! statement one client prepared on a connection is reused by the next client
+//! that prepares the same text. Each server connection remembers which
+//! statements it holds (bounded, least recently used closed first); a client's
+//! Bind or Describe on a connection that lacks the statement prepares it there
+//! first.
+
+use super::sql::Effect;
+use bytes::Bytes;
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+/// A statement definition and the name it has on every server.
+#[derive(Debug)]
+pub struct Statement {
+    pub id: u64,
+    pub server_name: Box<[u8]>,
+    /// Query, NUL, parameter count and types: the Parse body after the name.
+    pub definition: Bytes,
+    /// What executing it does to the session (SET, RESET ...), if anything.
+    pub effect: Option<Effect>,
+}
+
+/// Process-wide map from definitions to server-side names.
+#[derive(Default)]
+pub struct StatementRegistry {
+    by_definition: Mutex<HashMap<Bytes, Arc<Statement>>>,
+    next_id: AtomicU64,
+}
+
+impl StatementRegistry {
+    pub fn intern(&self, definition: &[u8], effect: Option<Effect>) -> Arc<Statement> {
+        let mut map = self.by_definition.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(s) = map.get(definition) {
+            return s.clone();
+        }
+        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let definition = Bytes::copy_from_slice(definition);
+        let stmt = Arc::new(Statement {
+            id,
+            server_name: format!("_sl_{id}").into_bytes().into_boxed_slice(),
+            definition: definition.clone(),
+            effect,
+        });
+        map.insert(definition, stmt.clone());
+        stmt
+    }
+
+    pub fn len(&self) -> usize {
+        self.by_definition.lock().map(|m| m.len()).unwrap_or(0)
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+}
+
+/// The statements one server connection holds, with least-recently-used eviction.
+pub struct ServerStatements {
+    held: HashMap<u64, (u64, Arc<Statement>)>,
+    tick: u64,
+    capacity: usize,
+}
+
+impl ServerStatements {
+    pub fn new(capacity: usize) -> Self {
+        ServerStatements {
+            held: HashMap::new(),
+            tick: 0,
+            capacity: capacity.max(1),
+        }
+    }
+
+    /// Whether the statement is prepared here (and marks it used).
+    pub fn contains(&mut self, id: u64) -> bool {
+        self.tick += 1;
+        match self.held.get_mut(&id) {
+            Some(e) => {
+                e.0 = self.tick;
+                true
+            }
+            None => false,
+        }
+    }
+
+    /// Records a statement as prepared; returns one to close if over capacity.
+    pub fn insert(&mut self, stmt: &Arc<Statement>) -> Option<Arc<Statement>> {
+        self.tick += 1;
+        self.held.insert(stmt.id, (self.tick, stmt.clone()));
+        if self.held.len() <= self.capacity {
+            return None;
+        }
+        let (&oldest, _) = self
+            .held
+            .iter()
+            .filter(|(id, _)| **id != stmt.id)
+            .min_by_key(|(_, (t, _))| *t)?;
+        self.held.remove(&oldest).map(|(_, s)| s)
+    }
+
+    pub fn remove(&mut self, id: u64) {
+        self.held.remove(&id);
+    }
+
+    pub fn clear(&mut self) {
+        self.held.clear();
+    }
+
+    pub fn len(&self) -> usize {
+        self.held.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.held.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn same_definition_same_name() {
+        let r = StatementRegistry::default();
+        let a = r.intern(b"SELECT 1\0\0\0", None);
+        let b = r.intern(b"SELECT 1\0\0\0", None);
+        let c = r.intern(b"SELECT 2\0\0\0", None);
+        assert!(Arc::ptr_eq(&a, &b));
+        assert_ne!(a.server_name, c.server_name);
+        assert_eq!(r.len(), 2);
+    }
+
+    #[test]
+    fn evicts_least_recently_used() {
+        let r = StatementRegistry::default();
+        let s: Vec<_> = (0..3)
+            .map(|i| r.intern(format!("SELECT {i}\0\0\0").as_bytes(), None))
+            .collect();
+        let mut held = ServerStatements::new(2);
+        assert!(held.insert(&s[0]).is_none());
+        assert!(held.insert(&s[1]).is_none());
+        assert!(held.contains(s[0].id));
+        let evicted = held.insert(&s[2]).unwrap();
+        assert_eq!(evicted.id, s[1].id);
+        assert!(held.contains(s[0].id) && held.contains(s[2].id) && !held.contains(s[1].id));
+    }
+}

@@ -1,0 +1,183 @@
+//! Messages from the server: copied to the client unless the proxy asked the
+//! question itself, with the bookkeeping that keeps the pending queue, the
+//! session variables and the prepared statements true.
+
+use super::pending::{skip_to_sync, Answer, Kind, Pending};
+use super::{End, Session};
+use crate::protocol::backend::{self, sqlstate, PgError};
+use crate::protocol::peek_header;
+use bytes::Buf;
+
+impl Session {
+    pub(super) fn on_server_data(&mut self) -> Result<(), End> {
+        let Some(server) = self.server.as_mut() else {
+            return Ok(());
+        };
+        let mut buf = std::mem::take(&mut server.read_buf);
+        let mut pos = 0;
+        let result = loop {
+            let (tag, len) = match peek_header(&buf[pos..], usize::MAX) {
+                Ok(Some(h)) => h,
+                Ok(None) => break Ok(()),
+                Err(e) => break Err(e.to_string()),
+            };
+            if buf.len() - pos < len {
+                break Ok(());
+            }
+            let msg = &buf[pos..pos + len];
+            pos += len;
+            if let Err(e) = self.on_server_message(tag, msg) {
+                break Err(e);
+            }
+        };
+        buf.advance(pos);
+        if let Some(server) = self.server.as_mut() {
+            server.read_buf = buf;
+        }
+        if let Err(message) = result {
+            return self.server_desync(message);
+        }
+        self.maybe_release();
+        Ok(())
+    }
+
+    fn on_server_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), String> {
+        use backend::*;
+        if matches!(tag, NOTICE_RESPONSE | PARAMETER_STATUS | NOTIFICATION) {
+            self.client_out.extend_from_slice(msg);
+            return Ok(());
+        }
+        let Some(front) = self.pending.front_mut() else {
+            if tag == ERROR_RESPONSE {
+                // A FATAL sent before the server closes (shutdown, timeouts).
+                self.client_out.extend_from_slice(msg);
+                return Ok(());
+            }
+            return Err(format!("unexpected message '{}' from server", tag as char));
+        };
+        if front.answer == Answer::Forward || tag == ERROR_RESPONSE {
+            self.client_out.extend_from_slice(msg);
+        }
+        let body = &msg[5..];
+        match tag {
+            ERROR_RESPONSE => {
+                self.unit_failed = true;
+                if let Kind::Query { effects } = &mut front.kind {
+                    effects.clear();
+                }
+                if front.ends_with_error() {
+                    let mut undone: Vec<Pending> = self.pending.pop_front().into_iter().collect();
+                    undone.extend(skip_to_sync(&mut self.pending));
+                    for p in undone {
+                        self.forget_failed(p);
+                    }
+                }
+            }
+            COMMAND_COMPLETE | EMPTY_QUERY => {
+                let effect = match &mut front.kind {
+                    Kind::Query { effects } => effects.pop_front().flatten(),
+                    Kind::Execute { effect } => effect.take(),
+                    _ => None,
+                };
+                if tag == COMMAND_COMPLETE {
+                    self.on_command_complete(command_tag(body), effect);
+                }
+                self.pop_if_ended(tag);
+            }
+            READY_FOR_QUERY => {
+                let status = *body.first().ok_or("empty ReadyForQuery")?;
+                if let Some(server) = self.server.as_mut() {
+                    server.tx_status = status;
+                }
+                self.on_ready(status);
+                self.pop_if_ended(tag);
+            }
+            _ => self.pop_if_ended(tag),
+        }
+        self.drain_synthetic();
+        Ok(())
+    }
+
+    fn pop_if_ended(&mut self, tag: u8) {
+        if self.pending.front().is_some_and(|p| p.ends_with(tag)) {
+            self.pending.pop_front();
+        }
+    }
+
+    /// A Parse the server did not carry out: its statement does not exist there.
+    fn forget_failed(&mut self, p: Pending) {
+        if let Kind::Parse {
+            statement: Some((stmt, client_name)),
+        } = p.kind
+        {
+            if let Some(server) = self.server.as_mut() {
+                server.statements.remove(stmt.id);
+            }
+            if !client_name.is_empty()
+                && self
+                    .statements
+                    .get(&client_name)
+                    .is_some_and(|s| s.id == stmt.id)
+            {
+                self.statements.remove(&client_name);
+            }
+        }
+    }
+
+    fn on_command_complete(&mut self, tag: &[u8], effect: Option<super::sql::Effect>) {
+        match tag {
+            b"COMMIT" => {
+                for e in std::mem::take(&mut self.txn_effects) {
+                    self.commit_effect(&e);
+                }
+            }
+            b"ROLLBACK" => self.txn_effects.clear(),
+            b"DISCARD ALL" | b"DEALLOCATE ALL" => {
+                // The server dropped every prepared statement it had.
+                if let Some(server) = self.server.as_mut() {
+                    server.statements.clear();
+                    server.unnamed_token = 0;
+                }
+            }
+            _ => {}
+        }
+        if let Some(e) = effect {
+            self.txn_effects.push(e);
+        }
+    }
+
+    /// End of a unit: effects of a committed implicit transaction take hold; an
+    /// implicit transaction that failed took them with it.
+    fn on_ready(&mut self, status: u8) {
+        if status == b'I' {
+            if self.unit_failed {
+                self.txn_effects.clear();
+            }
+            for e in std::mem::take(&mut self.txn_effects) {
+                self.commit_effect(&e);
+            }
+        }
+        self.unit_failed = false;
+    }
+
+    /// The server said something that does not fit the protocol: its state is
+    /// unknown, so it is discarded and the client told.
+    fn server_desync(&mut self, message: String) -> Result<(), End> {
+        let addr = self
+            .server
+            .as_ref()
+            .map(|s| s.addr.to_string())
+            .unwrap_or_default();
+        if let Some(server) = self.server.as_mut() {
+            server.broken = true;
+        }
+        self.release_server();
+        tracing::error!(server = %addr, %message, "protocol desynchronisation; connection discarded");
+        Err(End::Fatal(PgError::fatal(
+            sqlstate::PROTOCOL_VIOLATION,
+            format!(
+                "server {addr} sent an unexpected message ({message}); the connection was closed"
+            ),
+        )))
+    }
+}

@@ -1,0 +1,400 @@
+//! Just enough SQL lexing to see the commands that change session state (SET,
+//! RESET, DISCARD ALL, DEALLOCATE, LISTEN). This is session bookkeeping, not
+//! routing: the fast path looks at one leading keyword and returns.
+
+/// What a statement does to the session the proxy must keep across server connections.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Effect {
+    /// `SET name ...`: `statement` is replayed verbatim on other connections.
+    Set {
+        name: String,
+        statement: String,
+    },
+    Reset(String),
+    ResetAll,
+    DiscardAll,
+    /// `DEALLOCATE [PREPARE] name | ALL` (None = ALL).
+    Deallocate(Option<String>),
+    Listen,
+}
+
+/// Effects of each statement of a simple query, in order, or `None` when no
+/// statement has one (the common case, decided without allocating).
+pub fn effects(sql: &str) -> Option<Vec<Option<Effect>>> {
+    let first = first_keyword(sql);
+    let single = !has_inner_semicolon(sql);
+    if single && !is_effect_keyword(first) {
+        return None;
+    }
+    let stmts = split_statements(sql);
+    let out: Vec<Option<Effect>> = stmts.iter().map(|s| statement_effect(s)).collect();
+    out.iter().any(Option::is_some).then_some(out)
+}
+
+fn is_effect_keyword(k: &str) -> bool {
+    ["set", "reset", "discard", "deallocate", "listen"]
+        .iter()
+        .any(|w| k.eq_ignore_ascii_case(w))
+}
+
+fn has_inner_semicolon(sql: &str) -> bool {
+    match sql.find(';') {
+        None => false,
+        Some(i) => !sql[i..]
+            .bytes()
+            .all(|b| b == b';' || b.is_ascii_whitespace()),
+    }
+}
+
+/// The effect of one statement (no trailing semicolon).
+pub fn statement_effect(stmt: &str) -> Option<Effect> {
+    let words = Lexer::new(stmt).take(4).collect::<Vec<_>>();
+    let w = |i: usize| words.get(i).map(|t| t.lower()).unwrap_or_default();
+    match w(0).as_str() {
+        "set" => {
+            let (name_at, first) = match w(1).as_str() {
+                "local" => return None,
+                "session" if w(2) == "authorization" => {
+                    return Some(set("session_authorization", stmt))
+                }
+                "session" if w(2) == "characteristics" => {
+                    return Some(set("session_characteristics", stmt))
+                }
+                "session" => (2, w(2)),
+                _ => (1, w(1)),
+            };
+            if words.len() <= name_at {
+                return None;
+            }
+            match first.as_str() {
+                "transaction" | "constraints" => None,
+                "time" if w(name_at + 1) == "zone" => Some(set("timezone", stmt)),
+                "names" => Some(set("client_encoding", stmt)),
+                _ => {
+                    let name = dotted_name(stmt, name_at)?;
+                    Some(set(&name, stmt))
+                }
+            }
+        }
+        "reset" => match w(1).as_str() {
+            "all" => Some(Effect::ResetAll),
+            "session" if w(2) == "authorization" => {
+                Some(Effect::Reset("session_authorization".into()))
+            }
+            "time" if w(2) == "zone" => Some(Effect::Reset("timezone".into())),
+            "" => None,
+            _ => Some(Effect::Reset(dotted_name(stmt, 1)?)),
+        },
+        "discard" if w(1) == "all" => Some(Effect::DiscardAll),
+        "deallocate" => {
+            let at = if w(1) == "prepare" { 2 } else { 1 };
+            let t = words.get(at)?;
+            if t.lower() == "all" && !t.quoted {
+                Some(Effect::Deallocate(None))
+            } else {
+                Some(Effect::Deallocate(Some(t.ident())))
+            }
+        }
+        "listen" => Some(Effect::Listen),
+        _ => None,
+    }
+}
+
+fn set(name: &str, stmt: &str) -> Effect {
+    Effect::Set {
+        name: name.to_string(),
+        statement: stmt.trim().to_string(),
+    }
+}
+
+/// Reads `a.b.c` starting at token `at` (GUC names are case-insensitive).
+fn dotted_name(stmt: &str, at: usize) -> Option<String> {
+    let mut toks = Lexer::new(stmt).skip(at).peekable();
+    let mut name = toks.next()?.ident();
+    while toks.peek().is_some_and(|t| t.text == ".") {
+        toks.next();
+        name.push('.');
+        name.push_str(&toks.next()?.ident());
+    }
+    Some(name)
+}
+
+/// The first keyword of `sql`, after whitespace and comments.
+pub fn first_keyword(sql: &str) -> &str {
+    Lexer::new(sql).next().map(|t| t.text).unwrap_or("")
+}
+
+/// Splits a simple query into statements, ignoring semicolons inside quotes,
+/// dollar quotes and comments. Empty statements are dropped.
+pub fn split_statements(sql: &str) -> Vec<&str> {
+    let b = sql.as_bytes();
+    let mut out = Vec::new();
+    let mut start = 0;
+    let mut i = 0;
+    while i < b.len() {
+        match b[i] {
+            b';' => {
+                push_stmt(&mut out, &sql[start..i]);
+                start = i + 1;
+                i += 1;
+            }
+            _ => i = skip_token(b, i),
+        }
+    }
+    push_stmt(&mut out, &sql[start..]);
+    out
+}
+
+fn push_stmt<'a>(out: &mut Vec<&'a str>, s: &'a str) {
+    if Lexer::new(s).next().is_some() {
+        out.push(s.trim());
+    }
+}
+
+/// Skips one lexical unit starting at `i` (quote, comment, dollar quote or one byte).
+fn skip_token(b: &[u8], i: usize) -> usize {
+    match b[i] {
+        b'\'' => skip_quoted(b, i, b'\'', i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e')),
+        b'"' => skip_quoted(b, i, b'"', false),
+        b'-' if b.get(i + 1) == Some(&b'-') => b[i..]
+            .iter()
+            .position(|&c| c == b'\n')
+            .map_or(b.len(), |p| i + p + 1),
+        b'/' if b.get(i + 1) == Some(&b'*') => skip_block_comment(b, i),
+        b'$' => skip_dollar(b, i),
+        _ => i + 1,
+    }
+}
+
+fn skip_quoted(b: &[u8], i: usize, q: u8, backslash: bool) -> usize {
+    let mut j = i + 1;
+    while j < b.len() {
+        if backslash && b[j] == b'\\' {
+            j += 2;
+            continue;
+        }
+        if b[j] == q {
+            if b.get(j + 1) == Some(&q) {
+                j += 2;
+                continue;
+            }
+            return j + 1;
+        }
+        j += 1;
+    }
+    b.len()
+}
+
+fn skip_block_comment(b: &[u8], i: usize) -> usize {
+    let mut depth = 0;
+    let mut j = i;
+    while j + 1 < b.len() {
+        if b[j] == b'/' && b[j + 1] == b'*' {
+            depth += 1;
+            j += 2;
+        } else if b[j] == b'*' && b[j + 1] == b'/' {
+            depth -= 1;
+            j += 2;
+            if depth == 0 {
+                return j;
+            }
+        } else {
+            j += 1;
+        }
+    }
+    b.len()
+}
+
+fn skip_dollar(b: &[u8], i: usize) -> usize {
+    // $tag$ ... $tag$, where tag is empty or an identifier; `$1` is a parameter.
+    let mut j = i + 1;
+    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80) {
+        j += 1;
+    }
+    if j >= b.len() || b[j] != b'$' || (j > i + 1 && b[i + 1].is_ascii_digit()) {
+        return i + 1;
+    }
+    let tag = &b[i..=j];
+    let body = j + 1;
+    b[body..]
+        .windows(tag.len())
+        .position(|w| w == tag)
+        .map_or(b.len(), |p| body + p + tag.len())
+}
+
+/// A token: a word, a quoted identifier/string, or one punctuation byte.
+#[derive(Debug, Clone, Copy)]
+pub struct Token<'a> {
+    pub text: &'a str,
+    pub quoted: bool,
+}
+
+impl Token<'_> {
+    pub fn lower(&self) -> String {
+        if self.quoted {
+            String::new()
+        } else {
+            self.text.to_ascii_lowercase()
+        }
+    }
+
+    /// The identifier this token names: unquoted and case-folded, or as quoted.
+    pub fn ident(&self) -> String {
+        if self.quoted {
+            self.text.trim_matches('"').replace("\"\"", "\"")
+        } else {
+            self.text.to_ascii_lowercase()
+        }
+    }
+}
+
+pub struct Lexer<'a> {
+    s: &'a str,
+    i: usize,
+}
+
+impl<'a> Lexer<'a> {
+    pub fn new(s: &'a str) -> Self {
+        Lexer { s, i: 0 }
+    }
+}
+
+impl<'a> Iterator for Lexer<'a> {
+    type Item = Token<'a>;
+
+    fn next(&mut self) -> Option<Token<'a>> {
+        let b = self.s.as_bytes();
+        loop {
+            while self.i < b.len() && b[self.i].is_ascii_whitespace() {
+                self.i += 1;
+            }
+            if self.i >= b.len() {
+                return None;
+            }
+            let starts_comment = (b[self.i] == b'-' && b.get(self.i + 1) == Some(&b'-'))
+                || (b[self.i] == b'/' && b.get(self.i + 1) == Some(&b'*'));
+            if starts_comment {
+                self.i = skip_token(b, self.i);
+                continue;
+            }
+            break;
+        }
+        let start = self.i;
+        let c = b[start];
+        let (end, quoted) = if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 {
+            let mut j = start;
+            while j < b.len()
+                && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] == b'$' || b[j] >= 0x80)
+            {
+                j += 1;
+            }
+            (j, false)
+        } else if c == b'"' || c == b'\'' {
+            (skip_token(b, start), c == b'"')
+        } else {
+            // One byte, but never split a UTF-8 sequence.
+            let mut j = start + 1;
+            while j < b.len() && !self.s.is_char_boundary(j) {
+                j += 1;
+            }
+            (j, false)
+        };
+        self.i = end;
+        Some(Token {
+            text: &self.s[start..end],
+            quoted,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn one(s: &str) -> Option<Effect> {
+        statement_effect(s)
+    }
+
+    #[test]
+    fn fast_path_for_ordinary_queries() {
+        assert_eq!(
+            effects("SELECT abalance FROM pgbench_accounts WHERE aid = 5;"),
+            None
+        );
+        assert_eq!(effects("  /* c */ select 1"), None);
+        assert_eq!(effects("SELECT ';set x=1'"), None);
+    }
+
+    #[test]
+    fn set_forms() {
+        assert_eq!(
+            one("SET search_path TO app, public"),
+            Some(Effect::Set {
+                name: "search_path".into(),
+                statement: "SET search_path TO app, public".into()
+            })
+        );
+        assert!(
+            matches!(one("set SESSION DateStyle = 'ISO'"), Some(Effect::Set { name, .. }) if name == "datestyle")
+        );
+        assert!(
+            matches!(one("SET TIME ZONE 'UTC'"), Some(Effect::Set { name, .. }) if name == "timezone")
+        );
+        assert!(
+            matches!(one("SET NAMES 'UTF8'"), Some(Effect::Set { name, .. }) if name == "client_encoding")
+        );
+        assert!(
+            matches!(one("SET shardline.role = replica"), Some(Effect::Set { name, .. }) if name == "shardline.role")
+        );
+        assert!(
+            matches!(one("SET \"Foo\".bar = 1"), Some(Effect::Set { name, .. }) if name == "Foo.bar")
+        );
+        assert_eq!(one("SET LOCAL statement_timeout = 5"), None);
+        assert_eq!(one("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE"), None);
+        assert_eq!(one("SET CONSTRAINTS ALL DEFERRED"), None);
+    }
+
+    #[test]
+    fn reset_discard_deallocate_listen() {
+        assert_eq!(one("RESET ALL"), Some(Effect::ResetAll));
+        assert_eq!(
+            one("reset statement_timeout"),
+            Some(Effect::Reset("statement_timeout".into()))
+        );
+        assert_eq!(one("DISCARD ALL"), Some(Effect::DiscardAll));
+        assert_eq!(one("DISCARD PLANS"), None);
+        assert_eq!(one("DEALLOCATE ALL"), Some(Effect::Deallocate(None)));
+        assert_eq!(
+            one("deallocate prepare S_1"),
+            Some(Effect::Deallocate(Some("s_1".into())))
+        );
+        assert_eq!(
+            one("DEALLOCATE \"S_1\""),
+            Some(Effect::Deallocate(Some("S_1".into())))
+        );
+        assert_eq!(one("LISTEN chan"), Some(Effect::Listen));
+    }
+
+    #[test]
+    fn multi_statement_alignment() {
+        let e = effects("SELECT 1; SET a.b = 1; SELECT ';'; RESET ALL;").unwrap();
+        assert_eq!(e.len(), 4);
+        assert!(e[0].is_none() && e[2].is_none());
+        assert!(matches!(&e[1], Some(Effect::Set { name, .. }) if name == "a.b"));
+        assert_eq!(e[3], Some(Effect::ResetAll));
+    }
+
+    #[test]
+    fn splitting_respects_quotes_and_comments() {
+        let s = "SELECT 'a;b', \"c;d\", $$e;f$$, $x$g;$x$, E'\\';' -- h;\n; /* i; /* j; */ */ SELECT $1";
+        assert_eq!(split_statements(s).len(), 2);
+        assert_eq!(split_statements(";;  ;"), Vec::<&str>::new());
+        // Unterminated constructs never panic.
+        for s in [
+            "'abc", "\"abc", "$$abc", "/* abc", "-- abc", "$", "$a", "E'\\",
+        ] {
+            let _ = split_statements(s);
+            let _ = effects(s);
+        }
+    }
+}

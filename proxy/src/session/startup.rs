@@ -1,0 +1,333 @@
+//! A client's first moments: TLS negotiation, the StartupMessage, CancelRequest,
+//! authentication, and the ParameterStatus / BackendKeyData / ReadyForQuery a
+//! client expects before its first query.
+
+use crate::auth::{md5, scram, Secret};
+use crate::protocol::backend::{self, sqlstate, PgError};
+use crate::protocol::startup::{self, StartupPacket};
+use crate::protocol::{frontend, next_frame, Reader};
+use crate::stream::Stream;
+use crate::{Shared, UserEntry};
+use bytes::BytesMut;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio::net::TcpStream;
+
+/// A client that has logged in.
+pub struct LoggedIn {
+    pub stream: Stream,
+    pub user: Arc<UserEntry>,
+    /// Startup parameters the client sent (user and database included).
+    pub params: Vec<(String, String)>,
+    pub peer: SocketAddr,
+}
+
+/// How the startup phase ended, when not with a logged-in client.
+pub enum Outcome {
+    LoggedIn(LoggedIn, crate::cancel::Registration),
+    /// A CancelRequest was handled, or the client left.
+    Done,
+}
+
+/// Reads one untagged startup packet.
+async fn read_startup_packet(stream: &mut Stream) -> Result<Vec<u8>, PgError> {
+    let proto = |m: String| PgError::fatal(sqlstate::PROTOCOL_VIOLATION, m);
+    let mut len = [0u8; 4];
+    stream
+        .read_exact(&mut len)
+        .await
+        .map_err(|e| proto(format!("incomplete startup packet: {e}")))?;
+    let total = startup::packet_len(&len)
+        .map_err(|e| proto(e.to_string()))?
+        .unwrap_or(0);
+    let mut packet = vec![0u8; total];
+    packet[..4].copy_from_slice(&len);
+    stream
+        .read_exact(&mut packet[4..])
+        .await
+        .map_err(|e| proto(format!("incomplete startup packet: {e}")))?;
+    Ok(packet)
+}
+
+/// Runs startup and authentication. Errors are reported to the client as FATAL.
+pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Outcome {
+    let (stream, result) = handshake(shared, Stream::Plain(tcp)).await;
+    let Some(mut stream_ok) = stream else {
+        return Outcome::Done;
+    };
+    match result {
+        Ok(Some((user, params, minor))) => {
+            match login(shared, stream_ok, user, params, minor, peer).await {
+                Ok(outcome) => outcome,
+                Err((mut stream, e)) => {
+                    report(&mut stream, &e).await;
+                    Outcome::Done
+                }
+            }
+        }
+        Ok(None) => Outcome::Done,
+        Err(e) => {
+            if e.code != sqlstate::INVALID_CATALOG_NAME {
+                tracing::info!(%peer, error = %e, "client refused at startup");
+            }
+            report(&mut stream_ok, &e).await;
+            Outcome::Done
+        }
+    }
+}
+
+async fn report(stream: &mut Stream, e: &PgError) {
+    let mut out = BytesMut::new();
+    e.encode(&mut out);
+    let _ = stream.write_all(&out).await;
+    let _ = stream.flush().await;
+}
+
+type Params = Vec<(String, String)>;
+type Startup = (Arc<UserEntry>, Params, u16);
+
+/// Negotiates TLS and reads the StartupMessage; `Ok(None)` after a CancelRequest.
+/// Returns the stream unless a failed TLS handshake consumed it.
+async fn handshake(
+    shared: &Arc<Shared>,
+    mut stream: Stream,
+) -> (Option<Stream>, Result<Option<Startup>, PgError>) {
+    loop {
+        let packet = match read_startup_packet(&mut stream).await {
+            Ok(p) => p,
+            Err(e) => return (Some(stream), Err(e)),
+        };
+        let parsed = match startup::parse(&packet) {
+            Ok(p) => p,
+            Err(e) => {
+                return (
+                    Some(stream),
+                    Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+                )
+            }
+        };
+        let answer: &[u8] = match parsed {
+            StartupPacket::SslRequest if shared.tls.is_some() && !stream.is_tls() => b"S",
+            StartupPacket::SslRequest | StartupPacket::GssEncRequest => b"N",
+            StartupPacket::Cancel { pid, secret } => {
+                shared.cancel.cancel(pid, secret);
+                return (Some(stream), Ok(None));
+            }
+            StartupPacket::Startup { minor, params } => {
+                let result = find_user(shared, params).map(|(u, p)| Some((u, p, minor)));
+                return (Some(stream), result);
+            }
+        };
+        if let Err(e) = stream.write_all(answer).await {
+            return (Some(stream), Err(io_fatal(e)));
+        }
+        if answer == b"S" {
+            let (Some(acceptor), Stream::Plain(tcp)) = (&shared.tls, stream) else {
+                return (None, Ok(None));
+            };
+            match acceptor.accept(tcp).await {
+                Ok(tls) => stream = Stream::ServerTls(Box::new(tls)),
+                Err(e) => {
+                    tracing::info!(error = %e, "client TLS handshake failed");
+                    return (None, Ok(None));
+                }
+            }
+        }
+    }
+}
+
+fn find_user(
+    shared: &Shared,
+    params: Vec<(String, String)>,
+) -> Result<(Arc<UserEntry>, Params), PgError> {
+    let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
+    let user = get("user").ok_or_else(|| {
+        PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            "no user name specified in startup packet",
+        )
+    })?;
+    let database = get("database")
+        .filter(|d| !d.is_empty())
+        .unwrap_or_else(|| user.clone());
+    match shared.users.get(&(user.clone(), database.clone())) {
+        Some(e) => Ok((e.clone(), params)),
+        None if shared.users.keys().any(|(u, _)| *u == user) => Err(PgError::fatal(
+            sqlstate::INVALID_CATALOG_NAME,
+            format!("database \"{database}\" does not exist"),
+        )),
+        None => Err(PgError::fatal(
+            sqlstate::INVALID_AUTHORIZATION,
+            format!("role \"{user}\" does not exist"),
+        )),
+    }
+}
+
+fn io_fatal(e: std::io::Error) -> PgError {
+    PgError::fatal(
+        sqlstate::CONNECTION_FAILURE,
+        format!("client connection: {e}"),
+    )
+}
+
+async fn login(
+    shared: &Arc<Shared>,
+    mut stream: Stream,
+    user: Arc<UserEntry>,
+    params: Vec<(String, String)>,
+    minor: u16,
+    peer: SocketAddr,
+) -> Result<Outcome, (Stream, PgError)> {
+    let mut out = BytesMut::with_capacity(512);
+    if minor > 0 {
+        let unsupported: Vec<&str> = params
+            .iter()
+            .filter(|(k, _)| k.starts_with("_pq_."))
+            .map(|(k, _)| k.as_str())
+            .collect();
+        backend::negotiate_protocol_version(&mut out, 0, &unsupported);
+    }
+    if let Err(e) = authenticate(&mut stream, &user, &mut out).await {
+        tracing::info!(%peer, user = %user.name, "authentication failed");
+        return Err((stream, e));
+    }
+    backend::auth_request(&mut out, 0, &[]);
+    let server_params = match user.pools.shards[0].primary.server_params().await {
+        Ok(p) => p,
+        Err(e) => {
+            return Err((
+                stream,
+                PgError {
+                    severity: backend::Severity::Fatal,
+                    ..e
+                },
+            ))
+        }
+    };
+    for (k, v) in server_params.iter() {
+        let v = params
+            .iter()
+            .find(|(n, _)| n.eq_ignore_ascii_case(k))
+            .map_or(v, |(_, cv)| cv);
+        backend::parameter_status(&mut out, k, v);
+    }
+    let registration = shared.cancel.register();
+    backend::backend_key_data(&mut out, registration.pid, registration.secret);
+    backend::ready_for_query(&mut out, b'I');
+    if let Err(e) = stream.write_all(&out).await {
+        return Err((stream, io_fatal(e)));
+    }
+    tracing::debug!(%peer, user = %user.name, database = %user.database, "client logged in");
+    Ok(Outcome::LoggedIn(
+        LoggedIn {
+            stream,
+            user,
+            params,
+            peer,
+        },
+        registration,
+    ))
+}
+
+/// Reads the client's PasswordMessage / SASL response.
+async fn read_password(stream: &mut Stream) -> Result<bytes::Bytes, PgError> {
+    let mut buf = BytesMut::with_capacity(256);
+    loop {
+        match next_frame(&mut buf, 10_000) {
+            Ok(Some(f)) if f.tag == frontend::PASSWORD => return Ok(f.bytes.slice(5..)),
+            Ok(Some(f)) => {
+                return Err(PgError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    format!(
+                        "expected password response, got message type {}",
+                        f.tag as char
+                    ),
+                ))
+            }
+            Ok(None) => {}
+            Err(e) => return Err(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+        }
+        if stream.read_buf(&mut buf).await.map_err(io_fatal)? == 0 {
+            return Err(PgError::fatal(
+                sqlstate::CONNECTION_FAILURE,
+                "client closed the connection during authentication",
+            ));
+        }
+    }
+}
+
+fn auth_failed(user: &str) -> PgError {
+    PgError::fatal(
+        sqlstate::INVALID_PASSWORD,
+        format!("password authentication failed for user \"{user}\""),
+    )
+}
+
+async fn send(stream: &mut Stream, out: &mut BytesMut) -> Result<(), PgError> {
+    stream.write_all(out).await.map_err(io_fatal)?;
+    out.clear();
+    Ok(())
+}
+
+async fn authenticate(
+    stream: &mut Stream,
+    user: &UserEntry,
+    out: &mut BytesMut,
+) -> Result<(), PgError> {
+    match &user.secret {
+        Secret::Trust => Ok(()),
+        Secret::Md5 { hash } => {
+            let mut salt = [0u8; 4];
+            rand::fill(&mut salt);
+            backend::auth_request(out, 5, &salt);
+            send(stream, out).await?;
+            let response = read_password(stream).await?;
+            let response = response.strip_suffix(b"\0").unwrap_or(&response);
+            if md5::verify(hash, salt, response) {
+                Ok(())
+            } else {
+                Err(auth_failed(&user.name))
+            }
+        }
+        Secret::Scram(verifier) => {
+            let mut mechanisms = Vec::new();
+            mechanisms.extend_from_slice(scram::MECHANISM.as_bytes());
+            mechanisms.extend_from_slice(b"\0\0");
+            backend::auth_request(out, 10, &mechanisms);
+            send(stream, out).await?;
+            let initial = read_password(stream).await?;
+            let mut r = Reader::new(&initial);
+            let malformed = || {
+                PgError::fatal(
+                    sqlstate::PROTOCOL_VIOLATION,
+                    "malformed SASLInitialResponse",
+                )
+            };
+            let mechanism = r.str().ok_or_else(malformed)?;
+            let len = r.i32().ok_or_else(malformed)?;
+            let data = if len < 0 {
+                &[][..]
+            } else {
+                r.bytes(len as usize).ok_or_else(malformed)?
+            };
+            let (exchange, server_first) = scram::ServerExchange::start(verifier, mechanism, data)
+                .map_err(|e| match e {
+                    scram::ScramError::Mechanism(_)
+                    | scram::ScramError::Malformed(_)
+                    | scram::ScramError::ChannelBinding => {
+                        PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())
+                    }
+                    scram::ScramError::BadProof => auth_failed(&user.name),
+                })?;
+            backend::auth_request(out, 11, server_first.as_bytes());
+            send(stream, out).await?;
+            let client_final = read_password(stream).await?;
+            let server_final = exchange
+                .finish(&client_final)
+                .map_err(|_| auth_failed(&user.name))?;
+            backend::auth_request(out, 12, server_final.as_bytes());
+            Ok(())
+        }
+    }
+}
