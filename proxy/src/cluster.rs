@@ -327,6 +327,40 @@ impl LocalCluster {
         check(c.output()?, &format!("stopping {}", self.nodes[i].name)).map(|_| ())
     }
 
+    /// Gives a node a self-signed certificate and turns TLS on (`ssl = on`).
+    pub fn enable_tls(&self, i: usize) -> Result<()> {
+        let n = &self.nodes[i];
+        let mut c = Command::new("openssl");
+        c.args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(n.data_dir.join("server.key"))
+        .arg("-out")
+        .arg(n.data_dir.join("server.crt"));
+        self.as_server_user(&mut c);
+        check(
+            c.output().context("running openssl")?,
+            "generating a server certificate",
+        )?;
+        self.psql(
+            n,
+            "postgres",
+            "ALTER SYSTEM SET ssl = on; SELECT pg_reload_conf();",
+        )?;
+        Ok(())
+    }
+
     pub fn primary(&self, shard: usize) -> &NodeInfo {
         self.nodes
             .iter()
@@ -336,8 +370,10 @@ impl LocalCluster {
     }
 
     /// Runs SQL as the superuser over the node's Unix socket; returns unaligned rows.
+    /// Statements run one by one (not in one transaction), stopping at the first error.
     pub fn psql(&self, node: &NodeInfo, database: &str, sql: &str) -> Result<String> {
-        let out = Command::new(self.bin.bindir.join("psql"))
+        use std::io::Write;
+        let mut child = Command::new(self.bin.bindir.join("psql"))
             .args([
                 "-X",
                 "-q",
@@ -347,6 +383,8 @@ impl LocalCluster {
                 "ON_ERROR_STOP=1",
                 "-U",
                 "postgres",
+                "-f",
+                "-",
             ])
             .arg("-h")
             .arg(&node.socket_dir)
@@ -354,11 +392,15 @@ impl LocalCluster {
             .arg(node.port.to_string())
             .arg("-d")
             .arg(database)
-            .arg("-c")
-            .arg(sql)
-            .output()
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::piped())
+            .spawn()
             .context("running psql")?;
-        let out = check(out, &format!("psql on {}", node.name))?;
+        if let Some(mut stdin) = child.stdin.take() {
+            stdin.write_all(sql.as_bytes())?;
+        }
+        let out = check(child.wait_with_output()?, &format!("psql on {}", node.name))?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 

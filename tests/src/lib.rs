@@ -1,1 +1,320 @@
+//! Test harness: real Postgres topologies and a Shardline proxy in front of them.
+//!
+//! A [`Backend`] starts the servers; [`LocalProcesses`] runs local binaries (the
+//! only back end today; a container back end implements the same trait). An
+//! [`Env`] is one topology, its roles and data, and a proxy configured for it.
+//! Dropping an `Env` stops the proxy and every server, even when a test fails.
 
+use anyhow::{Context as _, Result};
+use shardline::cluster::{ClusterSpec, LocalCluster, NodeInfo};
+use shardline::Proxy;
+use shardline_config::Config;
+use std::time::Duration;
+use tokio_postgres::{Client, NoTls};
+
+/// Starts and controls the Postgres servers of one topology.
+pub trait Backend: Send + Sync {
+    fn nodes(&self) -> &[NodeInfo];
+    /// Runs SQL as the superuser on a node; returns unaligned rows.
+    fn psql(&self, node: &NodeInfo, database: &str, sql: &str) -> Result<String>;
+    fn stop_node(&self, index: usize, mode: &str) -> Result<()>;
+    fn start_node(&self, index: usize) -> Result<()>;
+    fn wait_replicas_caught_up(&self, timeout: Duration) -> Result<()>;
+    /// Turns TLS on for a node, with a self-signed certificate.
+    fn enable_tls(&self, index: usize) -> Result<()>;
+}
+
+/// Local Postgres processes (see `shardline::cluster`).
+pub struct LocalProcesses(pub LocalCluster);
+
+impl Backend for LocalProcesses {
+    fn nodes(&self) -> &[NodeInfo] {
+        &self.0.nodes
+    }
+    fn psql(&self, node: &NodeInfo, database: &str, sql: &str) -> Result<String> {
+        self.0.psql(node, database, sql)
+    }
+    fn stop_node(&self, index: usize, mode: &str) -> Result<()> {
+        self.0.stop_node(index, mode)
+    }
+    fn start_node(&self, index: usize) -> Result<()> {
+        self.0.start_node(index)
+    }
+    fn wait_replicas_caught_up(&self, timeout: Duration) -> Result<()> {
+        self.0.wait_replicas_caught_up(timeout)
+    }
+    fn enable_tls(&self, index: usize) -> Result<()> {
+        self.0.enable_tls(index)
+    }
+}
+
+/// A self-signed certificate and key in a fresh directory: (dir, cert, key).
+pub fn self_signed_cert() -> Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
+    let dir = std::env::temp_dir().join(format!("shardline-cert-{:08x}", rand::random::<u32>()));
+    std::fs::create_dir_all(&dir)?;
+    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+    let (ok, out) = run(std::process::Command::new("openssl")
+        .args([
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-days",
+            "2",
+            "-subj",
+            "/CN=127.0.0.1",
+        ])
+        .arg("-keyout")
+        .arg(&key)
+        .arg("-out")
+        .arg(&cert));
+    anyhow::ensure!(ok, "openssl failed: {out}");
+    Ok((dir, cert, key))
+}
+
+/// Runs psql (the real binary) with a connection string and SQL; returns (success, output).
+pub fn psql(conninfo: &str, args: &[&str]) -> (bool, String) {
+    let bin = shardline::cluster::PgBin::find()
+        .map(|b| b.bindir.join("psql"))
+        .unwrap_or_else(|_| "psql".into());
+    run(std::process::Command::new(bin)
+        .arg("-X")
+        .arg("-v")
+        .arg("ON_ERROR_STOP=1")
+        .arg(conninfo)
+        .args(args))
+}
+
+/// Roles created on the servers. `sl_md5`, `sl_password` and `sl_trust` are
+/// authenticated by the servers with md5, cleartext and trust (see the
+/// cluster's pg_hba.conf); every other role with SCRAM-SHA-256.
+const ROLES: &str = "
+CREATE ROLE app LOGIN PASSWORD 'app';
+SET password_encryption = 'md5';
+CREATE ROLE sl_md5 LOGIN PASSWORD 'md5pw';
+RESET password_encryption;
+CREATE ROLE sl_password LOGIN PASSWORD 'plainpw';
+CREATE ROLE sl_trust LOGIN;
+CREATE DATABASE app OWNER app;
+GRANT ALL ON DATABASE app TO sl_md5, sl_password, sl_trust;
+";
+
+/// Users the proxy accepts in tests, by what they exercise.
+pub const USERS_TOML: &str = r#"
+[[users]]
+name = "app"
+password = "app"
+database = "app"
+
+[[users]]
+name = "md5client"
+auth = "md5"
+password = "md5client-pw"
+database = "app"
+server_user = "app"
+server_password = "app"
+
+[[users]]
+name = "trustclient"
+auth = "trust"
+database = "app"
+server_user = "app"
+server_password = "app"
+
+[[users]]
+name = "sl_md5"
+password = "md5pw"
+database = "app"
+
+[[users]]
+name = "sl_password"
+password = "plainpw"
+database = "app"
+
+[[users]]
+name = "sl_trust"
+auth = "trust"
+database = "app"
+
+[[users]]
+name = "sessionuser"
+password = "session-pw"
+database = "app"
+pool_mode = "session"
+server_user = "app"
+server_password = "app"
+
+[[users]]
+name = "tinypool"
+password = "tiny-pw"
+database = "app"
+pool_size = 2
+server_user = "app"
+server_password = "app"
+"#;
+
+/// What to start.
+#[derive(Debug, Clone)]
+pub struct EnvOptions {
+    pub shards: usize,
+    pub replicas_per_shard: usize,
+    /// Extra TOML for `[proxy]` (after `listen`).
+    pub proxy_toml: String,
+    /// Extra TOML for `[pool]`.
+    pub pool_toml: String,
+    /// Extra top-level TOML (e.g. a `[tls]` table).
+    pub extra_toml: String,
+}
+
+impl Default for EnvOptions {
+    fn default() -> Self {
+        EnvOptions {
+            shards: 1,
+            replicas_per_shard: 1,
+            proxy_toml: String::new(),
+            pool_toml: "checkout_timeout = \"3s\"\n".into(),
+            extra_toml: String::new(),
+        }
+    }
+}
+
+/// One topology with its proxy.
+pub struct Env {
+    pub backend: Box<dyn Backend>,
+    pub proxy: Option<Proxy>,
+    pub port: u16,
+    pub config_text: String,
+}
+
+impl Env {
+    pub async fn start() -> Result<Env> {
+        Env::start_with(EnvOptions::default()).await
+    }
+
+    pub async fn start_with(opts: EnvOptions) -> Result<Env> {
+        let spec = ClusterSpec {
+            shards: opts.shards,
+            replicas_per_shard: opts.replicas_per_shard,
+        };
+        let cluster = tokio::task::spawn_blocking(move || -> Result<LocalCluster> {
+            let c = LocalCluster::start(&spec)?;
+            for p in c.nodes.iter().filter(|n| n.is_primary) {
+                c.psql(p, "postgres", ROLES)?;
+            }
+            Ok(c)
+        })
+        .await??;
+        let shards = shardline::demo::shards_toml(&cluster);
+        let backend: Box<dyn Backend> = Box::new(LocalProcesses(cluster));
+        let text = format!(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n{}\n[pool]\n{}\n{}\n{USERS_TOML}\n{shards}",
+            opts.proxy_toml, opts.pool_toml, opts.extra_toml
+        );
+        let config = Config::from_toml(&text, "test.toml").context("test config")?;
+        let proxy = Proxy::start(config).await?;
+        let port = proxy.local_addr.port();
+        Ok(Env {
+            backend,
+            proxy: Some(proxy),
+            port,
+            config_text: text,
+        })
+    }
+
+    pub fn primary(&self) -> &NodeInfo {
+        self.backend
+            .nodes()
+            .iter()
+            .find(|n| n.is_primary)
+            .expect("a primary")
+    }
+
+    /// Runs SQL directly on the first primary as the superuser, in database `app`.
+    pub fn sql(&self, sql: &str) -> String {
+        self.backend
+            .psql(self.primary(), "app", sql)
+            .expect("direct SQL on the primary")
+    }
+
+    pub fn conn_string(&self, user: &str, password: &str) -> String {
+        format!(
+            "host=127.0.0.1 port={} user={user} password={password} dbname=app connect_timeout=10",
+            self.port
+        )
+    }
+
+    pub fn url(&self, user: &str, password: &str) -> String {
+        format!("postgres://{user}:{password}@127.0.0.1:{}/app", self.port)
+    }
+
+    /// A tokio-postgres client through the proxy.
+    pub async fn connect_as(
+        &self,
+        user: &str,
+        password: &str,
+    ) -> Result<Client, tokio_postgres::Error> {
+        let (client, conn) =
+            tokio_postgres::connect(&self.conn_string(user, password), NoTls).await?;
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        Ok(client)
+    }
+
+    /// The default test user, `app`.
+    pub async fn connect(&self) -> Client {
+        self.connect_as("app", "app")
+            .await
+            .expect("connect through the proxy")
+    }
+
+    /// Server connections the proxy holds open to the first primary, by state.
+    pub fn server_backends(&self, state: Option<&str>) -> usize {
+        let filter = state
+            .map(|s| format!(" AND state = '{s}'"))
+            .unwrap_or_default();
+        let sql = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND usename <> 'postgres'{filter}"
+        );
+        self.sql(&sql).parse().expect("a count")
+    }
+
+    /// Stops the proxy, letting sessions finish.
+    pub async fn stop_proxy(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.shutdown();
+            let _ = tokio::time::timeout(Duration::from_secs(10), p.wait()).await;
+        }
+    }
+}
+
+impl Drop for Env {
+    fn drop(&mut self) {
+        if let Some(p) = self.proxy.take() {
+            p.shutdown();
+        }
+    }
+}
+
+/// The SQLSTATE of a tokio-postgres error, if the server (or proxy) sent one.
+pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
+    e.as_db_error().map(|d| d.code().code().to_string())
+}
+
+/// Runs a command and returns (success, stdout + stderr).
+pub fn run(cmd: &mut std::process::Command) -> (bool, String) {
+    match cmd.output() {
+        Ok(o) => (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        ),
+        Err(e) => (false, format!("could not run {cmd:?}: {e}")),
+    }
+}

@@ -51,6 +51,11 @@ impl Session {
                 Ok(())
             }
             frontend::CLOSE => self.on_close(f).await,
+            frontend::SYNC if self.copy_ignores_syncs => {
+                // The server ignores Sync during COPY FROM STDIN; so do we.
+                self.server_out.extend_from_slice(&f.bytes);
+                Ok(())
+            }
             frontend::SYNC => {
                 self.skip_until_sync = false;
                 self.unit_open = false;
@@ -81,6 +86,13 @@ impl Session {
                 // Only meaningful during COPY FROM STDIN; a server ignores strays too.
                 if self.server.is_some() {
                     self.server_out.extend_from_slice(&f.bytes);
+                    if f.tag != frontend::COPY_DATA {
+                        if self.copy_ignores_syncs {
+                            self.copy_ignores_syncs = false;
+                        } else {
+                            self.pending.push_back(Pending::forward(Kind::CopyEnd));
+                        }
+                    }
                 }
                 Ok(())
             }

@@ -73,6 +73,9 @@ pub struct Session {
     unit_open: bool,
     /// A proxy-raised error: drop client messages until Sync, as a server would.
     skip_until_sync: bool,
+    /// The server is in COPY FROM STDIN mode and ignores the client's Syncs
+    /// until its CopyDone/CopyFail.
+    copy_ignores_syncs: bool,
     cancel: Arc<CancelSlot>,
 }
 
@@ -94,6 +97,7 @@ impl Session {
             unnamed: None,
             unit_open: false,
             skip_until_sync: false,
+            copy_ignores_syncs: false,
             cancel,
         }
     }
@@ -281,6 +285,7 @@ impl Session {
         self.pending.clear();
         self.server_out.clear();
         self.txn_effects.clear();
+        self.copy_ignores_syncs = false;
         let err = PgError::error(sqlstate::CONNECTION_FAILURE, msg);
         if sync_points == 0 {
             err.encode(&mut self.client_out);

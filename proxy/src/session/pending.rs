@@ -37,6 +37,9 @@ pub enum Kind {
         effects: VecDeque<Option<Effect>>,
     },
     FunctionCall,
+    /// Where the client ended a COPY FROM STDIN (CopyDone/CopyFail); no answer.
+    /// Syncs between a COPY's Execute and this mark are ignored by the server.
+    CopyEnd,
     /// Answered by the proxy.
     Synthetic(Synthetic),
 }
@@ -85,7 +88,7 @@ impl Pending {
                 matches!(tag, COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED)
             }
             Kind::Sync | Kind::Query { .. } | Kind::FunctionCall => tag == READY_FOR_QUERY,
-            Kind::Synthetic(_) => false,
+            Kind::Synthetic(_) | Kind::CopyEnd => false,
         }
     }
 
@@ -102,6 +105,26 @@ impl Pending {
     pub fn ends_with_error(&self) -> bool {
         !self.is_sync_point()
     }
+}
+
+/// The server entered COPY FROM STDIN mode for the front entry: it ignores
+/// the Syncs the client sent after it, up to the client's CopyDone/CopyFail.
+/// Removes them; returns whether that end mark was already in the queue.
+pub fn enter_copy_in(queue: &mut VecDeque<Pending>) -> bool {
+    let mut i = 1;
+    while i < queue.len() {
+        match queue[i].kind {
+            Kind::CopyEnd => {
+                queue.remove(i);
+                return true;
+            }
+            Kind::Sync => {
+                queue.remove(i);
+            }
+            _ => i += 1,
+        }
+    }
+    false
 }
 
 /// Removes the entries the server skips after an error: everything before the
@@ -136,6 +159,27 @@ mod tests {
             effects: VecDeque::new()
         })
         .ends_with(READY_FOR_QUERY));
+    }
+
+    #[test]
+    fn copy_in_ignores_syncs_until_copy_end() {
+        let mut q: VecDeque<Pending> = [
+            Pending::forward(Kind::Execute { effect: None }),
+            Pending::forward(Kind::Sync),
+            Pending::forward(Kind::CopyEnd),
+            Pending::forward(Kind::Sync),
+        ]
+        .into();
+        assert!(enter_copy_in(&mut q));
+        assert_eq!(q.len(), 2);
+        assert!(matches!(q[1].kind, Kind::Sync));
+        let mut q: VecDeque<Pending> = [
+            Pending::forward(Kind::Execute { effect: None }),
+            Pending::forward(Kind::Sync),
+        ]
+        .into();
+        assert!(!enter_copy_in(&mut q));
+        assert_eq!(q.len(), 1);
     }
 
     #[test]

@@ -62,6 +62,8 @@ impl Session {
         match tag {
             ERROR_RESPONSE => {
                 self.unit_failed = true;
+                // An error ends COPY FROM STDIN mode on the server.
+                self.copy_ignores_syncs = false;
                 if let Kind::Query { effects } = &mut front.kind {
                     effects.clear();
                 }
@@ -83,6 +85,17 @@ impl Session {
                     self.on_command_complete(command_tag(body), effect);
                 }
                 self.pop_if_ended(tag);
+            }
+            COPY_IN_RESPONSE => {
+                let extended = matches!(front.kind, Kind::Execute { .. });
+                let ended = super::pending::enter_copy_in(&mut self.pending);
+                if !ended {
+                    self.copy_ignores_syncs = true;
+                    if extended {
+                        // The unit now ends at the Sync the client sends after CopyDone.
+                        self.unit_open = true;
+                    }
+                }
             }
             READY_FOR_QUERY => {
                 let status = *body.first().ok_or("empty ReadyForQuery")?;
