@@ -195,6 +195,12 @@ impl Env {
     }
 
     pub async fn start_with(opts: EnvOptions) -> Result<Env> {
+        if let Ok(filter) = std::env::var("SHARDLINE_TEST_LOG") {
+            let _ = tracing_subscriber::fmt()
+                .with_env_filter(filter)
+                .with_test_writer()
+                .try_init();
+        }
         let spec = ClusterSpec {
             shards: opts.shards,
             replicas_per_shard: opts.replicas_per_shard,
@@ -317,4 +323,109 @@ pub fn run(cmd: &mut std::process::Command) -> (bool, String) {
         ),
         Err(e) => (false, format!("could not run {cmd:?}: {e}")),
     }
+}
+
+/// A client speaking raw protocol bytes, for inputs no driver would send.
+pub struct RawClient {
+    pub stream: tokio::net::TcpStream,
+    buf: Vec<u8>,
+}
+
+/// A protocol message: tag and body.
+pub type RawMessage = (u8, Vec<u8>);
+
+impl RawClient {
+    /// Wraps a connected stream that has not logged in.
+    pub fn from_stream(stream: tokio::net::TcpStream) -> RawClient {
+        RawClient {
+            stream,
+            buf: Vec::new(),
+        }
+    }
+
+    /// Connects and logs in as `trustclient` (no password exchange).
+    pub async fn login(port: u16) -> Result<RawClient> {
+        let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+        let mut c = RawClient {
+            stream,
+            buf: Vec::new(),
+        };
+        let startup = shardline::protocol::startup::startup_message(&[
+            ("user", "trustclient"),
+            ("database", "app"),
+        ]);
+        c.send(&startup).await?;
+        loop {
+            match c.recv(Duration::from_secs(10)).await? {
+                Some((b'Z', _)) => return Ok(c),
+                Some((b'E', body)) => {
+                    anyhow::bail!("login failed: {}", String::from_utf8_lossy(&body))
+                }
+                Some(_) => {}
+                None => anyhow::bail!("closed during login"),
+            }
+        }
+    }
+
+    pub async fn send(&mut self, bytes: &[u8]) -> Result<()> {
+        use tokio::io::AsyncWriteExt;
+        self.stream.write_all(bytes).await?;
+        Ok(())
+    }
+
+    /// Next message, or `None` when the proxy closed the connection.
+    pub async fn recv(&mut self, timeout: Duration) -> Result<Option<RawMessage>> {
+        use tokio::io::AsyncReadExt;
+        loop {
+            if self.buf.len() >= 5 {
+                let len = i32::from_be_bytes([self.buf[1], self.buf[2], self.buf[3], self.buf[4]])
+                    as usize;
+                if self.buf.len() > len {
+                    let msg: Vec<u8> = self.buf.drain(..len + 1).collect();
+                    return Ok(Some((msg[0], msg[5..].to_vec())));
+                }
+            }
+            let mut chunk = [0u8; 8192];
+            let n = tokio::time::timeout(timeout, self.stream.read(&mut chunk)).await??;
+            if n == 0 {
+                return Ok(None);
+            }
+            self.buf.extend_from_slice(&chunk[..n]);
+        }
+    }
+
+    /// Every message until the proxy closes the connection.
+    pub async fn until_closed(&mut self) -> Result<Vec<RawMessage>> {
+        let mut out = Vec::new();
+        while let Some(m) = self.recv(Duration::from_secs(10)).await? {
+            out.push(m);
+        }
+        Ok(out)
+    }
+
+    /// Every message up to and including the next ReadyForQuery.
+    pub async fn until_ready(&mut self) -> Result<Vec<RawMessage>> {
+        let mut out = Vec::new();
+        while let Some(m) = self.recv(Duration::from_secs(10)).await? {
+            let done = m.0 == b'Z';
+            out.push(m);
+            if done {
+                return Ok(out);
+            }
+        }
+        anyhow::bail!("connection closed before ReadyForQuery: {out:?}")
+    }
+}
+
+/// The SQLSTATE in an ErrorResponse body.
+pub fn error_code(body: &[u8]) -> String {
+    shardline::protocol::backend::parse_error_fields(body).code
+}
+
+/// A frontend message: tag + length + body.
+pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
+    m.extend_from_slice(body);
+    m
 }

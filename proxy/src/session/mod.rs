@@ -76,6 +76,8 @@ pub struct Session {
     /// The server is in COPY FROM STDIN mode and ignores the client's Syncs
     /// until its CopyDone/CopyFail.
     copy_ignores_syncs: bool,
+    /// The server sent a FATAL error and is closing the connection.
+    server_fatal: Option<String>,
     cancel: Arc<CancelSlot>,
 }
 
@@ -98,6 +100,7 @@ impl Session {
             unit_open: false,
             skip_until_sync: false,
             copy_ignores_syncs: false,
+            server_fatal: None,
             cancel,
         }
     }
@@ -287,12 +290,19 @@ impl Session {
         self.txn_effects.clear();
         self.copy_ignores_syncs = false;
         let err = PgError::error(sqlstate::CONNECTION_FAILURE, msg);
+        // The server may have said why before closing (e.g. FATAL 57P01); one error per unit.
+        let mut reported = self.unit_failed;
+        self.unit_failed = false;
         if sync_points == 0 {
-            err.encode(&mut self.client_out);
+            if !reported {
+                err.encode(&mut self.client_out);
+            }
             self.skip_until_sync = self.unit_open;
         }
         for _ in 0..sync_points {
-            err.encode(&mut self.client_out);
+            if !std::mem::replace(&mut reported, false) {
+                err.encode(&mut self.client_out);
+            }
             backend::ready_for_query(&mut self.client_out, b'I');
         }
         self.unit_open = false;

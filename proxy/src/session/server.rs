@@ -37,6 +37,14 @@ impl Session {
         if let Err(message) = result {
             return self.server_desync(message);
         }
+        if let Some(reason) = self.server_fatal.take() {
+            // The server ends the connection after a FATAL; stop using it now so
+            // the client's next request goes to a live connection.
+            return self.on_server_lost(std::io::Error::new(
+                std::io::ErrorKind::ConnectionAborted,
+                reason,
+            ));
+        }
         self.maybe_release();
         Ok(())
     }
@@ -62,6 +70,10 @@ impl Session {
         match tag {
             ERROR_RESPONSE => {
                 self.unit_failed = true;
+                let fields = backend::parse_error_fields(body);
+                if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                    self.server_fatal = Some(format!("{} {}", fields.code, fields.message));
+                }
                 // An error ends COPY FROM STDIN mode on the server.
                 self.copy_ignores_syncs = false;
                 if let Kind::Query { effects } = &mut front.kind {

@@ -1,0 +1,239 @@
+//! Bad input never takes the proxy down: malformed and oversized messages get
+//! 08P01 and close only that client; a server dying mid-query gives an error
+//! for that query only.
+
+use shardline_tests::{error_code, message, sqlstate, Env, EnvOptions, RawClient};
+use std::time::Duration;
+use tokio::io::AsyncWriteExt;
+
+/// Asserts the proxy answered with a FATAL 08P01 and closed the connection.
+async fn expect_protocol_violation(mut c: RawClient) {
+    let msgs = c.until_closed().await.unwrap();
+    let err = msgs
+        .iter()
+        .find(|(t, _)| *t == b'E')
+        .expect("an ErrorResponse");
+    assert_eq!(error_code(&err.1), "08P01", "{msgs:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn malformed_messages_close_only_that_client() {
+    let env = Env::start_with(EnvOptions {
+        proxy_toml: "max_message_size = 1048576\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let good = env.connect().await;
+    let good_task = tokio::spawn(async move {
+        for i in 0..200 {
+            let v: i32 = good
+                .query_one("SELECT $1::int", &[&i])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(v, i);
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+    });
+
+    // Length shorter than the length field itself.
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(b"Q\0\0\0\x02").await.unwrap();
+    expect_protocol_violation(c).await;
+
+    // Negative length.
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(b"Q\xff\xff\xff\xf0").await.unwrap();
+    expect_protocol_violation(c).await;
+
+    // Longer than max_message_size (1 MiB): refused from the header alone.
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(b"Q\0\xa0\0\0SELECT").await.unwrap();
+    expect_protocol_violation(c).await;
+
+    // Unknown message type.
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(&message(b'z', b"hello")).await.unwrap();
+    expect_protocol_violation(c).await;
+
+    // A Query without its terminating NUL, and a Parse with a bad type count.
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(&message(b'Q', b"SELECT 1")).await.unwrap();
+    expect_protocol_violation(c).await;
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(&message(b'P', b"s\0SELECT 1\0\0\x05"))
+        .await
+        .unwrap();
+    expect_protocol_violation(c).await;
+
+    // Garbage instead of a startup packet.
+    let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+        .await
+        .unwrap();
+    s.write_all(b"GET / HTTP/1.1\r\nHost: x\r\n\r\n")
+        .await
+        .unwrap();
+    let mut c = RawClient::from_stream(s);
+    // The proxy answers with an error and closes; unread input may turn the
+    // close into a reset, so the error itself may or may not arrive.
+    if let Ok(msgs) = c.until_closed().await {
+        assert!(msgs.iter().all(|(t, _)| *t == b'E'), "{msgs:?}");
+    }
+
+    // Truncated frames: the client vanishes halfway through a message.
+    for _ in 0..10 {
+        let mut c = RawClient::login(env.port).await.unwrap();
+        c.send(b"Q\0\0\0\x40SELEC").await.unwrap();
+        drop(c);
+        let mut s = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+            .await
+            .unwrap();
+        s.write_all(b"\0\0\0\x50\0\x03\0\0user\0").await.unwrap();
+        drop(s);
+    }
+
+    // Random bytes after login, many clients at once.
+    let mut tasks = Vec::new();
+    for seed in 0..20u8 {
+        let port = env.port;
+        tasks.push(tokio::spawn(async move {
+            let mut c = RawClient::login(port).await.unwrap();
+            let junk: Vec<u8> = (0..300u32)
+                .map(|i| (i as u8).wrapping_mul(seed).wrapping_add(seed))
+                .collect();
+            let _ = c.send(&junk).await;
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.until_closed()).await;
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+
+    good_task.await.unwrap();
+    // Still serving.
+    let c = env.connect().await;
+    assert_eq!(
+        c.query_one("SELECT 1", &[]).await.unwrap().get::<_, i32>(0),
+        1
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unnamed_and_named_statements_over_raw_protocol() {
+    let env = Env::start().await.unwrap();
+    let mut c = RawClient::login(env.port).await.unwrap();
+    // Parse a named statement, then DEALLOCATE it by name over the simple protocol.
+    let mut batch = message(b'P', b"mystmt\0SELECT 42\0\0\0");
+    batch.extend(message(b'S', b""));
+    c.send(&batch).await.unwrap();
+    let msgs = c.until_ready().await.unwrap();
+    assert_eq!(msgs.iter().map(|m| m.0).collect::<Vec<_>>(), b"1Z");
+    c.send(&message(b'Q', b"DEALLOCATE mystmt\0"))
+        .await
+        .unwrap();
+    let msgs = c.until_ready().await.unwrap();
+    assert_eq!(msgs[0].0, b'C', "{msgs:?}");
+    // Binding it now fails as on a server, and the pipeline after the error is skipped.
+    let mut batch = message(b'B', b"\0mystmt\0\0\0\0\0\0\0");
+    batch.extend(message(b'E', b"\0\0\0\0\0"));
+    batch.extend(message(b'S', b""));
+    c.send(&batch).await.unwrap();
+    let msgs = c.until_ready().await.unwrap();
+    assert_eq!(
+        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
+        b"EZ",
+        "{msgs:?}"
+    );
+    assert_eq!(error_code(&msgs[0].1), "26000");
+    // Parse the same name twice: 42P05, as a server says.
+    let mut batch = message(b'P', b"dup\0SELECT 1\0\0\0");
+    batch.extend(message(b'P', b"dup\0SELECT 2\0\0\0"));
+    batch.extend(message(b'S', b""));
+    c.send(&batch).await.unwrap();
+    let msgs = c.until_ready().await.unwrap();
+    assert_eq!(
+        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
+        b"1EZ",
+        "{msgs:?}"
+    );
+    assert_eq!(error_code(&msgs[1].1), "42P05");
+    // Describe and execute it in a pipeline with Flush (no Sync until the end).
+    let mut batch = message(b'D', b"Sdup\0");
+    batch.extend(message(b'H', b""));
+    c.send(&batch).await.unwrap();
+    let (t1, _) = c.recv(Duration::from_secs(5)).await.unwrap().unwrap();
+    let (t2, _) = c.recv(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert_eq!(
+        (t1, t2),
+        (b't', b'T'),
+        "Flush delivers the Describe answer without Sync"
+    );
+    let mut batch = message(b'B', b"\0dup\0\0\0\0\0\0\0");
+    batch.extend(message(b'E', b"\0\0\0\0\0"));
+    batch.extend(message(b'S', b""));
+    c.send(&batch).await.unwrap();
+    let msgs = c.until_ready().await.unwrap();
+    assert_eq!(
+        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
+        b"2DCZ",
+        "{msgs:?}"
+    );
+    // Closing a statement the server never saw is answered by the proxy.
+    let mut batch = message(b'C', b"Sdup\0");
+    batch.extend(message(b'S', b""));
+    c.send(&batch).await.unwrap();
+    let msgs = c.until_ready().await.unwrap();
+    assert_eq!(msgs.iter().map(|m| m.0).collect::<Vec<_>>(), b"3Z");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_dying_mid_query() {
+    let env = Env::start().await.unwrap();
+    let c = env.connect().await;
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let q = tokio::spawn(async move {
+        let r = c.simple_query("SELECT pg_sleep(20)").await;
+        (c, r)
+    });
+    tokio::time::sleep(Duration::from_millis(400)).await;
+    env.sql(&format!("SELECT pg_terminate_backend({pid})"));
+    let (c, r) = tokio::time::timeout(Duration::from_secs(10), q)
+        .await
+        .unwrap()
+        .unwrap();
+    let e = r.unwrap_err();
+    let code = sqlstate(&e).unwrap_or_default();
+    assert!(code == "57P01" || code == "08006", "{e:?}");
+    // The connection was discarded; the client goes on with a new one.
+    let p2: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(p2, pid);
+    assert_eq!(
+        env.sql(&format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"
+        )),
+        "0"
+    );
+
+    // Inside a transaction the client's session cannot continue: FATAL and closed.
+    let mut c = env.connect().await;
+    let tx = c.transaction().await.unwrap();
+    let pid: i32 = tx
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    env.sql(&format!("SELECT pg_terminate_backend({pid})"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(tx.query_one("SELECT 1", &[]).await.is_err());
+    drop(tx);
+    assert!(c.is_closed() || c.query_one("SELECT 1", &[]).await.is_err());
+}

@@ -1,0 +1,164 @@
+//! Pool behaviour: more clients than connections, checkout timeouts, dirty
+//! connections never reused, idle and lifetime limits, dead idle connections.
+
+use shardline_tests::{sqlstate, Env, EnvOptions};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn more_clients_than_connections() {
+    let env = Env::start().await.unwrap();
+    env.sql("CREATE TABLE hits (client int, n int); GRANT ALL ON hits TO app;");
+    let mut tasks = Vec::new();
+    for i in 0..20 {
+        let mut c = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+        tasks.push(tokio::spawn(async move {
+            for n in 0..10 {
+                let tx = c.transaction().await.unwrap();
+                tx.execute("INSERT INTO hits VALUES ($1, $2)", &[&i, &n])
+                    .await
+                    .unwrap();
+                tx.commit().await.unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    assert_eq!(env.sql("SELECT count(*) FROM hits"), "200");
+    assert!(env.server_backends(None) <= 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn checkout_timeout_is_a_clear_error() {
+    let env = Env::start_with(EnvOptions {
+        pool_toml: "checkout_timeout = \"1s\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    // Two clients hold both connections of the pool in open transactions.
+    let a = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+    let b = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+    a.simple_query("BEGIN; SELECT 1").await.unwrap();
+    b.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let c = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+    let started = Instant::now();
+    let e = c.simple_query("SELECT 1").await.unwrap_err();
+    assert!(started.elapsed() >= Duration::from_millis(900));
+    assert_eq!(sqlstate(&e).as_deref(), Some("53300"), "{e}");
+    let msg = e.as_db_error().unwrap().message().to_string();
+    assert!(
+        msg.contains("no server connection") && msg.contains("1s"),
+        "{msg}"
+    );
+    // The waiting client is fine once a connection frees up.
+    a.simple_query("COMMIT").await.unwrap();
+    c.simple_query("SELECT 1").await.unwrap();
+    b.simple_query("COMMIT").await.unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn client_leaving_mid_transaction_leaves_nothing_dirty() {
+    let env = Env::start().await.unwrap();
+    env.sql("CREATE TABLE t (id int); GRANT ALL ON t TO app;");
+    for _ in 0..3 {
+        let c = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+        c.simple_query("BEGIN; INSERT INTO t VALUES (1)")
+            .await
+            .unwrap();
+        drop(c); // disconnect without COMMIT
+    }
+    // The half-done transactions were rolled back, not handed to someone else.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.sql("SELECT count(*) FROM t"), "0");
+    assert_eq!(env.server_backends(Some("idle in transaction")), 0);
+    let c = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+    for i in 0..4 {
+        let r = c.query_one("SELECT count(*) FROM t", &[]).await.unwrap();
+        assert_eq!(r.get::<_, i64>(0), i);
+        // Not inside anyone's transaction: BEGIN gives no warning and COMMIT commits.
+        c.simple_query("BEGIN; INSERT INTO t VALUES (2); COMMIT")
+            .await
+            .unwrap();
+    }
+    assert_eq!(env.sql("SELECT count(*) FROM t"), "4");
+
+    // Mid-query disconnect (the server is still sending rows).
+    let c = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+    let q = tokio::spawn(async move {
+        c.simple_query("SELECT pg_sleep(0.5), g FROM generate_series(1, 3) g")
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    q.abort();
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let c = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+    for _ in 0..4 {
+        assert_eq!(
+            c.query_one("SELECT 3", &[]).await.unwrap().get::<_, i32>(0),
+            3
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn idle_timeout_and_max_lifetime() {
+    let env = Env::start_with(EnvOptions {
+        pool_toml: "idle_timeout = \"1s\"\nmax_lifetime = \"2s\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = env.connect().await;
+    let pid1: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(env.server_backends(None), 1);
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    // The reaper closed the idle connection.
+    assert_eq!(env.server_backends(None), 0, "idle connection closed");
+    // Lifetime: keep a connection busy; it is replaced once older than 2s.
+    let mut pids = std::collections::HashSet::new();
+    let started = Instant::now();
+    while started.elapsed() < Duration::from_millis(4500) {
+        let p: i32 = c
+            .query_one("SELECT pg_backend_pid()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        pids.insert(p);
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(!pids.contains(&pid1));
+    assert!(
+        pids.len() >= 2,
+        "connection replaced after max_lifetime: {pids:?}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn dead_idle_connection_is_not_handed_out() {
+    let env = Env::start_with(EnvOptions {
+        pool_toml: "server_check_delay = \"0ms\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = env.connect().await;
+    let pid: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    // Kill the pooled (idle) server connection behind the proxy's back.
+    env.sql(&format!("SELECT pg_terminate_backend({pid})"));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let p2: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(p2, pid);
+}
