@@ -49,6 +49,14 @@ pub struct Shared {
 
 impl Shared {
     pub fn from_config(config: &Config) -> Result<Shared> {
+        if config.shards.len() > 1 {
+            // Routing by sharding key is not built yet; using only the first
+            // shard would silently return partial results.
+            anyhow::bail!(
+                "{} shards are configured, but this version routes to a single shard; configure exactly one [[shards]] entry",
+                config.shards.len()
+            );
+        }
         let server_tls = match config.pool.server_tls {
             shardline_config::ServerTlsMode::Disable => None,
             _ => Some(tls::connector(config.pool.server_tls_ca.as_deref())?),
@@ -213,4 +221,31 @@ pub fn init_logging(format: shardline_config::LogFormat) {
         shardline_config::LogFormat::Json => builder.json().try_init(),
         shardline_config::LogFormat::Text => builder.try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn several_shards_are_refused_until_routing_exists() {
+        let text = r#"
+            [[users]]
+            name = "a"
+            auth = "trust"
+            database = "a"
+            [[shards]]
+            name = "s0"
+            primary = { host = "127.0.0.1", port = 1 }
+            [[shards]]
+            name = "s1"
+            primary = { host = "127.0.0.1", port = 2 }
+        "#;
+        let config = Config::from_toml(text, "t.toml").unwrap();
+        let err = Shared::from_config(&config)
+            .err()
+            .expect("refused")
+            .to_string();
+        assert!(err.contains("2 shards are configured"), "{err}");
+    }
 }

@@ -325,6 +325,30 @@ pub fn run(cmd: &mut std::process::Command) -> (bool, String) {
     }
 }
 
+/// The `shardline` binary of the profile the tests were built with, building
+/// it first if needed (`cargo test` builds only this crate's test binaries).
+pub fn shardline_binary() -> Result<std::path::PathBuf> {
+    let exe = std::env::current_exe()?;
+    let profile_dir = exe
+        .parent()
+        .and_then(|d| d.parent())
+        .context("test binary location")?;
+    let bin = profile_dir.join("shardline");
+    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
+    let mut cmd = std::process::Command::new(cargo);
+    cmd.args(["build", "-q", "-p", "shardline-proxy", "--bin", "shardline"]);
+    if release {
+        cmd.arg("--release");
+    }
+    cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
+    // Always ask cargo: it is a no-op when the binary is up to date.
+    let (ok, out) = run(&mut cmd);
+    anyhow::ensure!(ok, "building shardline failed:\n{out}");
+    anyhow::ensure!(bin.exists(), "{} missing after build", bin.display());
+    Ok(bin)
+}
+
 /// A client speaking raw protocol bytes, for inputs no driver would send.
 pub struct RawClient {
     pub stream: tokio::net::TcpStream,

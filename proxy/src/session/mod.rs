@@ -150,7 +150,6 @@ impl Session {
     fn is_idle(&self) -> bool {
         self.pending.is_empty()
             && !self.unit_open
-            && self.client_out.is_empty()
             && self.server.as_ref().is_none_or(|s| s.tx_status == b'I')
     }
 

@@ -1,0 +1,39 @@
+#!/usr/bin/env bash
+# Installs what running and testing Shardline needs on Debian/Ubuntu, skipping
+# what is already there: PostgreSQL server binaries (pg_ctl, initdb, postgres),
+# psql and pgbench, openssl (test certificates), psycopg 3 (driver tests).
+# PgBouncer is optional (benchmarks compare against it): pass --with-pgbouncer.
+set -euo pipefail
+export DEBIAN_FRONTEND=noninteractive
+
+sudo=""
+[ "$(id -u)" = 0 ] || sudo="sudo"
+
+have_pg_server() {
+  command -v pg_ctl >/dev/null 2>&1 || compgen -G "/usr/lib/postgresql/*/bin/pg_ctl" >/dev/null
+}
+
+packages=()
+have_pg_server || packages+=(postgresql postgresql-contrib)
+command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
+command -v pgbench >/dev/null 2>&1 || packages+=(postgresql-contrib)
+command -v openssl >/dev/null 2>&1 || packages+=(openssl)
+python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
+if [ "${1:-}" = "--with-pgbouncer" ] && ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+  packages+=(pgbouncer)
+fi
+if [ "${#packages[@]}" -gt 0 ]; then
+  echo "setup: installing ${packages[*]}"
+  $sudo apt-get update -qq
+  $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
+fi
+# Postgres refuses to run as root; as root the servers run as 'postgres'.
+if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
+  useradd --system --create-home postgres
+fi
+if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
+  echo "setup: installing psycopg 3"
+  python3 -m pip install --quiet --disable-pip-version-check 'psycopg[binary]>=3.1' ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'psycopg[binary]>=3.1'
+fi
+echo "setup: ready"

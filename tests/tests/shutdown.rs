@@ -1,0 +1,90 @@
+//! SIGINT/SIGTERM behaviour: stop accepting, let open transactions finish (up
+//! to shutdown_timeout), close idle clients with 57P01, then exit. Tested on
+//! the real binary with a real signal.
+
+use shardline_tests::{sqlstate, Env, EnvOptions};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_lets_open_transactions_finish() {
+    let env = Env::start_with(EnvOptions {
+        proxy_toml: "shutdown_timeout = \"20s\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.sql("CREATE TABLE t (id int); GRANT ALL ON t TO app;");
+    // Run the real binary on its own port with the same servers.
+    let port = shardline::cluster::free_port().unwrap();
+    let text = env.config_text.replace(
+        "listen = \"127.0.0.1:0\"",
+        &format!("listen = \"127.0.0.1:{port}\""),
+    );
+    let cfg = std::env::temp_dir().join(format!("shardline-shutdown-{port}.toml"));
+    std::fs::write(&cfg, text).unwrap();
+    let bin = shardline_tests::shardline_binary().unwrap();
+    let mut child = Command::new(&bin)
+        .arg("--config")
+        .arg(&cfg)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
+    let mut client = None;
+    for _ in 0..100 {
+        if let Ok((c, conn)) = tokio_postgres::connect(&conn, tokio_postgres::NoTls).await {
+            tokio::spawn(conn);
+            client = Some(c);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let busy = client.expect("proxy started");
+    let (idle, c2) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(c2);
+
+    busy.simple_query("BEGIN; INSERT INTO t VALUES (1)")
+        .await
+        .unwrap();
+    let signalled = Instant::now();
+    assert!(Command::new("kill")
+        .arg("-TERM")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+
+    // No new clients.
+    assert!(tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+        .await
+        .is_err());
+    // The idle client was told why it is being closed.
+    let e = idle.simple_query("SELECT 1").await.unwrap_err();
+    assert!(
+        idle.is_closed() || sqlstate(&e).as_deref() == Some("57P01"),
+        "{e:?}"
+    );
+    // The open transaction finishes and commits.
+    busy.simple_query("INSERT INTO t VALUES (2); COMMIT")
+        .await
+        .unwrap();
+    assert_eq!(env.sql("SELECT count(*) FROM t"), "2");
+
+    // Then the proxy exits on its own, well before the 20s timeout.
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            signalled.elapsed() < Duration::from_secs(10),
+            "proxy did not exit"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(status.success());
+    let _ = std::fs::remove_file(cfg);
+}

@@ -1,0 +1,115 @@
+//! Real client programs through the proxy: psql, pgbench (simple, extended,
+//! prepared and read/write), and psycopg 3.
+
+use shardline_tests::{psql, run, Env};
+use std::process::Command;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psql_commands() {
+    let env = Env::start().await.unwrap();
+    let url = env.url("app", "app");
+    let (ok, out) = psql(
+        &url,
+        &[
+            "-c",
+            "CREATE TABLE items (id int PRIMARY KEY, name text)",
+            "-c",
+            "INSERT INTO items SELECT g, 'n' || g FROM generate_series(1, 100) g",
+            "-c",
+            "\\d items",
+            "-c",
+            "\\dt",
+            "-c",
+            "SELECT count(*) AS n FROM items",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("Table \"public.items\""), "{out}");
+    assert!(out.contains("items_pkey"), "{out}");
+    assert!(out.contains(" 100"), "{out}");
+    // \copy goes through COPY FROM STDIN / TO STDOUT.
+    let file = std::env::temp_dir().join(format!("shardline-copy-{}.csv", std::process::id()));
+    let copy_out = format!("\\copy items TO '{}' CSV", file.display());
+    let (ok, out) = psql(&url, &["-c", &copy_out, "-c", "TRUNCATE items"]);
+    assert!(ok, "{out}");
+    let copy_in = format!("\\copy items FROM '{}' CSV", file.display());
+    let (ok, out) = psql(
+        &url,
+        &[
+            "-c",
+            &copy_in,
+            "-A",
+            "-t",
+            "-c",
+            "SELECT count(*), sum(id) FROM items",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("100|5050"), "{out}");
+    let _ = std::fs::remove_file(file);
+    // An error is reported with its SQLSTATE (VERBOSITY verbose prints it).
+    let (ok, out) = psql(
+        &url,
+        &[
+            "-v",
+            "VERBOSITY=verbose",
+            "-c",
+            "SELECT * FROM missing_table",
+        ],
+    );
+    assert!(!ok && out.contains("42P01"), "{out}");
+}
+
+fn pgbench(env: &Env, args: &[&str]) -> String {
+    let (ok, out) = run(Command::new("pgbench")
+        .env("PGPASSWORD", "app")
+        .args(["-h", "127.0.0.1", "-p", &env.port.to_string(), "-U", "app"])
+        .args(args)
+        .arg("app"));
+    assert!(ok, "pgbench {args:?} failed:\n{out}");
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_all_modes_without_failures() {
+    let env = Env::start().await.unwrap();
+    pgbench(&env, &["-i", "-s", "1", "-q"]);
+    for mode in ["simple", "extended", "prepared"] {
+        for script in [&["-S"][..], &["-N"][..]] {
+            let mut args = vec!["-n", "-T", "3", "-c", "8", "-j", "2", "-M", mode];
+            args.extend_from_slice(script);
+            let out = pgbench(&env, &args);
+            assert!(
+                out.contains("number of failed transactions: 0 (0.000%)"),
+                "{mode} {script:?}:\n{out}"
+            );
+            let processed = out
+                .lines()
+                .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+                .and_then(|v| v.split('/').next()?.trim().parse::<u64>().ok())
+                .unwrap_or(0);
+            assert!(
+                processed > 100,
+                "{mode} {script:?} processed {processed}:\n{out}"
+            );
+        }
+    }
+    // The default read/write script keeps the books balanced.
+    pgbench(&env, &["-n", "-T", "3", "-c", "4", "-M", "prepared"]);
+    let sums = env.sql("SELECT (SELECT sum(abalance) FROM pgbench_accounts) = (SELECT sum(delta) FROM pgbench_history)");
+    assert_eq!(sums, "t");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg3() {
+    let env = Env::start().await.unwrap();
+    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/psycopg_check.py");
+    let (ok, out) = run(Command::new("python3")
+        .arg(script)
+        .arg(format!("postgresql://app:app@127.0.0.1:{}/app", env.port)));
+    assert!(
+        ok,
+        "psycopg checks failed (is psycopg installed? .ci/run installs it):\n{out}"
+    );
+    assert!(out.contains("all checks passed"), "{out}");
+}
