@@ -325,28 +325,51 @@ pub fn run(cmd: &mut std::process::Command) -> (bool, String) {
     }
 }
 
-/// The `shardline` binary of the profile the tests were built with, building
-/// it first if needed (`cargo test` builds only this crate's test binaries).
+/// The `shardline` binary of the profile the tests were built with.
+/// `cargo test --workspace` builds it (the proxy crate has integration tests);
+/// when it is missing or older than the sources, it is built here.
 pub fn shardline_binary() -> Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
-    let profile_dir = exe
-        .parent()
-        .and_then(|d| d.parent())
-        .context("test binary location")?;
+    // Test binaries live in <profile>/deps, other binaries in <profile>.
+    let mut profile_dir = exe.parent().context("binary location")?;
+    if profile_dir.file_name().is_some_and(|n| n == "deps") {
+        profile_dir = profile_dir.parent().context("binary location")?;
+    }
     let bin = profile_dir.join("shardline");
-    let release = profile_dir.file_name().is_some_and(|n| n == "release");
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
+    let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
+    let newest_source = ["proxy/src", "config/src"]
+        .iter()
+        .flat_map(|d| walk(&root.join(d)))
+        .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
+        .max();
+    if built.is_some() && built >= newest_source {
+        return Ok(bin);
+    }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "shardline-proxy", "--bin", "shardline"]);
-    if release {
+    cmd.args(["build", "-q", "-p", "shardline-proxy", "--bin", "shardline"])
+        .current_dir(&root);
+    if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
-    cmd.current_dir(concat!(env!("CARGO_MANIFEST_DIR"), "/.."));
-    // Always ask cargo: it is a no-op when the binary is up to date.
     let (ok, out) = run(&mut cmd);
     anyhow::ensure!(ok, "building shardline failed:\n{out}");
     anyhow::ensure!(bin.exists(), "{} missing after build", bin.display());
     Ok(bin)
+}
+
+fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = entry.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
 }
 
 /// A client speaking raw protocol bytes, for inputs no driver would send.

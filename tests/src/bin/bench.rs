@@ -1,0 +1,319 @@
+//! End-to-end benchmark: pgbench against direct Postgres, Shardline and (when
+//! installed) PgBouncer, interleaved in one run, on one local primary.
+//!
+//! cargo run --release -p shardline-tests --bin shardline-bench -- [--seconds N] [--clients N] [--rounds N]
+//!
+//! Prints TPS, average latency, the ratio to direct Postgres, and each proxy's
+//! CPU seconds per 10k transactions (from /proc, user + system).
+
+use anyhow::{bail, Context as _, Result};
+use shardline::cluster::{free_port, ClusterSpec, LocalCluster, PgBin};
+use std::collections::BTreeMap;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+struct Args {
+    seconds: u32,
+    clients: u32,
+    rounds: u32,
+    scale: u32,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        seconds: 10,
+        clients: 16,
+        rounds: 2,
+        scale: 10,
+    };
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        let mut value = || -> Result<u32> {
+            it.next()
+                .context("missing value")?
+                .parse()
+                .context("not a number")
+        };
+        match flag.as_str() {
+            "--seconds" => a.seconds = value()?,
+            "--clients" => a.clients = value()?,
+            "--rounds" => a.rounds = value()?,
+            "--scale" => a.scale = value()?,
+            "-h" | "--help" => {
+                println!("shardline-bench [--seconds 10] [--clients 16] [--rounds 2] [--scale 10]");
+                std::process::exit(0);
+            }
+            other => bail!("unknown argument {other}"),
+        }
+    }
+    Ok(a)
+}
+
+/// A benchmark target: where pgbench connects and which process to charge CPU to.
+struct Target {
+    name: &'static str,
+    port: u16,
+    pid: Option<u32>,
+}
+
+#[derive(Default, Clone)]
+struct Sample {
+    tps: Vec<f64>,
+    latency_ms: Vec<f64>,
+    cpu_per_10k: Vec<f64>,
+    failed: bool,
+    note: String,
+}
+
+fn cpu_seconds(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // Fields after the ")" of the command name; utime and stime are 14 and 15.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
+    Some(ticks / 100.0)
+}
+
+fn field(out: &str, prefix: &str) -> Option<f64> {
+    out.lines()
+        .find_map(|l| l.strip_prefix(prefix))
+        .and_then(|v| v.split_whitespace().next()?.split('/').next()?.parse().ok())
+}
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let bin = PgBin::find()?;
+    println!("starting a Postgres primary (scale {}) ...", args.scale);
+    let cluster = LocalCluster::start(&ClusterSpec {
+        shards: 1,
+        replicas_per_shard: 0,
+    })?;
+    let primary = cluster.primary(0).clone();
+    cluster.psql(
+        &primary,
+        "postgres",
+        "CREATE ROLE app LOGIN PASSWORD 'app'; CREATE DATABASE app OWNER app;",
+    )?;
+    let pgbench = |port: u16, extra: &[&str]| -> Result<String> {
+        let out = Command::new(bin.bindir.join("pgbench"))
+            .env("PGPASSWORD", "app")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
+            .args(extra)
+            .arg("app")
+            .output()?;
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        if !out.status.success() {
+            bail!("{text}");
+        }
+        Ok(text)
+    };
+    pgbench(primary.port, &["-i", "-q", "-s", &args.scale.to_string()])?;
+
+    let pool_size = args.clients;
+    let mut targets = vec![Target {
+        name: "direct",
+        port: primary.port,
+        pid: None,
+    }];
+    let mut children: Vec<Child> = Vec::new();
+
+    // Shardline, release build, as a separate process.
+    let shardline = shardline_tests::shardline_binary()?;
+    let sl_port = free_port()?;
+    let sl_cfg = cluster.root.join("bench-shardline.toml");
+    std::fs::write(
+        &sl_cfg,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{sl_port}\"\npool_mode = \"transaction\"\n[pool]\nsize = {pool_size}\n\
+             [[users]]\nname = \"app\"\npassword = \"app\"\nauth = \"md5\"\ndatabase = \"app\"\n\
+             [[shards]]\nname = \"s0\"\nprimary = {{ host = \"127.0.0.1\", port = {} }}\n",
+            primary.port
+        ),
+    )?;
+    let child = Command::new(&shardline)
+        .arg("--config")
+        .arg(&sl_cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit())
+        .spawn()?;
+    targets.push(Target {
+        name: "shardline",
+        port: sl_port,
+        pid: Some(child.id()),
+    });
+    children.push(child);
+
+    // PgBouncer, if installed, with the same pool size and mode.
+    let pgbouncer = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
+        .into_iter()
+        .find(|p| std::path::Path::new(p).exists());
+    match pgbouncer {
+        Some(pgb) => {
+            let port = free_port()?;
+            let dir = cluster.root.join("pgbouncer");
+            std::fs::create_dir_all(&dir)?;
+            std::fs::write(dir.join("userlist.txt"), "\"app\" \"app\"\n")?;
+            std::fs::write(
+                dir.join("pgbouncer.ini"),
+                format!(
+                    "[databases]\napp = host=127.0.0.1 port={} dbname=app\n[pgbouncer]\nlisten_addr = 127.0.0.1\nlisten_port = {port}\n\
+                     unix_socket_dir =\nauth_type = md5\nauth_file = {}/userlist.txt\npool_mode = transaction\n\
+                     default_pool_size = {pool_size}\nmax_client_conn = 1000\nlogfile = {}/pgbouncer.log\n",
+                    primary.port,
+                    dir.display(),
+                    dir.display()
+                ),
+            )?;
+            let mut cmd = Command::new(pgb);
+            cmd.arg(dir.join("pgbouncer.ini")).stdout(Stdio::null()).stderr(Stdio::null());
+            // PgBouncer refuses to run as root.
+            if let Some((uid, gid)) = postgres_ids() {
+                use std::os::unix::process::CommandExt;
+                let _ = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(&dir).status();
+                cmd.uid(uid).gid(gid);
+            }
+            let child = cmd.spawn()?;
+            targets.push(Target { name: "pgbouncer", port, pid: Some(child.id()) });
+            children.push(child);
+        }
+        None => println!("PgBouncer not installed (scripts/setup-debian.sh --with-pgbouncer); comparing with direct only"),
+    }
+    std::thread::sleep(Duration::from_millis(500));
+    for t in &targets {
+        pgbench(t.port, &["-n", "-S", "-T", "1", "-c", "2"])
+            .with_context(|| format!("warming up {}", t.name))?;
+    }
+
+    let modes: [(&str, &[&str]); 4] = [
+        ("select-only simple", &["-S", "-M", "simple"]),
+        ("select-only extended", &["-S", "-M", "extended"]),
+        ("select-only prepared", &["-S", "-M", "prepared"]),
+        ("read/write (tpcb-like)", &["-M", "simple"]),
+    ];
+    let mut results: BTreeMap<(usize, usize), Sample> = BTreeMap::new();
+    let secs = args.seconds.to_string();
+    let clients = args.clients.to_string();
+    for round in 1..=args.rounds {
+        for (mi, (mode, flags)) in modes.iter().enumerate() {
+            for (ti, t) in targets.iter().enumerate() {
+                let mut a = vec!["-n", "-T", secs.as_str(), "-c", clients.as_str(), "-j", "2"];
+                a.extend_from_slice(flags);
+                let cpu0 = t.pid.and_then(cpu_seconds);
+                let run = pgbench(t.port, &a);
+                let cpu1 = t.pid.and_then(cpu_seconds);
+                let s = results.entry((mi, ti)).or_default();
+                match run {
+                    Ok(out) => {
+                        let tps = field(&out, "tps = ").unwrap_or(0.0);
+                        let lat = field(&out, "latency average = ").unwrap_or(0.0);
+                        let txns = field(&out, "number of transactions actually processed: ")
+                            .unwrap_or(0.0);
+                        s.tps.push(tps);
+                        s.latency_ms.push(lat);
+                        if let (Some(a), Some(b)) = (cpu0, cpu1) {
+                            if txns > 0.0 {
+                                s.cpu_per_10k.push((b - a) / (txns / 10_000.0));
+                            }
+                        }
+                        println!("round {round} {mode:<24} {:<10} {tps:>10.0} tps", t.name);
+                    }
+                    Err(e) => {
+                        s.failed = true;
+                        s.note = e
+                            .to_string()
+                            .lines()
+                            .find(|l| l.contains("error") || l.contains("ERROR"))
+                            .unwrap_or("failed")
+                            .to_string();
+                        println!("round {round} {mode:<24} {:<10} failed: {}", t.name, s.note);
+                    }
+                }
+            }
+        }
+    }
+
+    let mean = |v: &[f64]| {
+        if v.is_empty() {
+            f64::NAN
+        } else {
+            v.iter().sum::<f64>() / v.len() as f64
+        }
+    };
+    println!();
+    println!(
+        "pgbench, {} clients, {} s x {} rounds interleaved, scale {}, pool size {pool_size}, {} cores",
+        args.clients,
+        args.seconds,
+        args.rounds,
+        args.scale,
+        std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
+    );
+    println!();
+    println!(
+        "| mode | target | TPS | avg latency (ms) | ratio to direct | proxy CPU s / 10k txn |"
+    );
+    println!("|---|---|---:|---:|---:|---:|");
+    for (mi, (mode, _)) in modes.iter().enumerate() {
+        let direct = results
+            .get(&(mi, 0))
+            .map(|s| mean(&s.tps))
+            .unwrap_or(f64::NAN);
+        for (ti, t) in targets.iter().enumerate() {
+            let s = results.get(&(mi, ti)).cloned().unwrap_or_default();
+            if s.failed {
+                println!(
+                    "| {mode} | {} | fails | | | ({}) |",
+                    t.name,
+                    s.note.replace('|', "/")
+                );
+                continue;
+            }
+            let tps = mean(&s.tps);
+            let cpu = if t.pid.is_some() {
+                format!("{:.3}", mean(&s.cpu_per_10k))
+            } else {
+                "-".into()
+            };
+            println!(
+                "| {mode} | {} | {tps:.0} | {:.3} | {:.2} | {cpu} |",
+                t.name,
+                mean(&s.latency_ms),
+                tps / direct
+            );
+        }
+    }
+    for mut c in children {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
+    drop(cluster);
+    Ok(())
+}
+
+fn postgres_ids() -> Option<(u32, u32)> {
+    let is_root = Command::new("id")
+        .arg("-u")
+        .output()
+        .ok()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")?;
+    if !is_root {
+        return None;
+    }
+    let id = |f: &str| -> Option<u32> {
+        String::from_utf8_lossy(
+            &Command::new("id")
+                .args([f, "postgres"])
+                .output()
+                .ok()?
+                .stdout,
+        )
+        .trim()
+        .parse()
+        .ok()
+    };
+    Some((id("-u")?, id("-g")?))
+}
