@@ -157,12 +157,21 @@ async fn accept_loop(
     grace: Duration,
 ) {
     let mut sessions = JoinSet::new();
+    // One stop signal per session; ended sessions' senders are pruned as it grows.
+    let mut stops: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+    let mut prune_at = 64;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    sessions.spawn(serve_client(shared.clone(), tcp, peer, shutdown.clone()));
+                    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
+                    stops.push(stop_tx);
+                    if stops.len() >= prune_at {
+                        stops.retain(|s| !s.is_closed());
+                        prune_at = (stops.len() * 2).max(64);
+                    }
+                    sessions.spawn(serve_client(shared.clone(), tcp, peer, stop_rx));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -174,6 +183,9 @@ async fn accept_loop(
         }
     }
     drop(listener);
+    for s in stops.drain(..) {
+        let _ = s.send(());
+    }
     let open = sessions.len();
     if open > 0 {
         tracing::info!(open, ?grace, "shutting down: waiting for open transactions");
@@ -195,7 +207,7 @@ async fn serve_client(
     shared: Arc<Shared>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    shutdown: watch::Receiver<bool>,
+    stop: tokio::sync::oneshot::Receiver<()>,
 ) {
     let started = tokio::time::timeout(
         shared.auth_timeout,
@@ -205,8 +217,8 @@ async fn serve_client(
     let Ok(session::startup::Outcome::LoggedIn(login, registration)) = started else {
         return;
     };
-    let s = session::Session::new(shared.clone(), login, registration.slot.clone());
-    s.run(shutdown).await;
+    let s = session::Session::new(shared.clone(), login, registration.slot.clone(), stop);
+    s.run().await;
     drop(registration);
 }
 

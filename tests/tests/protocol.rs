@@ -44,8 +44,13 @@ async fn simple_and_extended_queries() {
     assert_eq!(rows[1999].get::<_, String>(1).len(), 2000);
     // Empty query: EmptyQueryResponse, no rows, and the session carries on.
     let msgs = c.simple_query("").await.unwrap();
-    assert!(!msgs.iter().any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
-    assert_eq!(c.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0), 5);
+    assert!(!msgs
+        .iter()
+        .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_))));
+    assert_eq!(
+        c.query_one("SELECT 5", &[]).await.unwrap().get::<_, i32>(0),
+        5
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

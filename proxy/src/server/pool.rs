@@ -6,7 +6,7 @@
 use super::conn::{ServerConnection, ServerError, ServerTarget};
 use crate::protocol::backend::{sqlstate, PgError};
 use deadpool::managed::{
-    self, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult, TimeoutType,
+    self, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult, TimeoutType, Timeouts,
 };
 use deadpool::Runtime;
 use shardline_config::PoolConfig;
@@ -61,6 +61,7 @@ pub struct NodePool {
     pub pool: Pool,
     pub address: String,
     checkout_timeout: Duration,
+    connect_timeout: Duration,
 }
 
 impl NodePool {
@@ -85,14 +86,34 @@ impl NodePool {
             pool,
             address,
             checkout_timeout: cfg.checkout_timeout,
+            connect_timeout: cfg.connect_timeout,
         });
         spawn_reaper(&node, cfg.idle_timeout, cfg.max_lifetime);
         node
     }
 
-    /// Borrows a clean connection, opening one if the pool has room.
+    /// Borrows a clean connection, opening one if the pool has room, else
+    /// waiting up to `checkout_timeout`.
     pub async fn checkout(&self) -> Result<PooledConnection, PgError> {
-        self.pool.get().await.map_err(|e| self.checkout_error(e))
+        // Most checkouts find a free connection: try without arming a timer.
+        let now = Timeouts {
+            wait: Some(Duration::ZERO),
+            create: Some(self.connect_timeout),
+            recycle: None,
+        };
+        match self.pool.timeout_get(&now).await {
+            Err(PoolError::Timeout(TimeoutType::Wait)) => {}
+            other => return other.map_err(|e| self.checkout_error(e)),
+        }
+        let wait = Timeouts {
+            wait: Some(self.checkout_timeout),
+            create: Some(self.connect_timeout),
+            recycle: None,
+        };
+        self.pool
+            .timeout_get(&wait)
+            .await
+            .map_err(|e| self.checkout_error(e))
     }
 
     fn checkout_error(&self, e: PoolError<ServerError>) -> PgError {

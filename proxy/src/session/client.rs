@@ -6,7 +6,7 @@ use super::sql::{self, Effect};
 use super::{End, Session};
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::protocol::frontend::{self, Malformed};
-use crate::protocol::{next_frame, Frame};
+use crate::protocol::{next_frame, peek_header, Frame};
 use bytes::Bytes;
 use shardline_config::PoolMode;
 use std::collections::VecDeque;
@@ -23,34 +23,90 @@ impl From<Malformed> for End {
     }
 }
 
+/// What handling the client's buffered messages came to.
+pub(super) enum Flow {
+    /// Every complete message was handled.
+    Done,
+    /// The next message needs a server connection and none is attached.
+    NeedServer,
+}
+
+/// Messages that must reach a server (when not answered by the proxy).
+fn needs_server(tag: u8) -> bool {
+    matches!(
+        tag,
+        frontend::QUERY
+            | frontend::PARSE
+            | frontend::BIND
+            | frontend::DESCRIBE
+            | frontend::EXECUTE
+            | frontend::FUNCTION_CALL
+    )
+}
+
 impl Session {
-    pub(super) async fn on_client_data(&mut self) -> Result<(), End> {
+    /// Handles every complete client message, without waiting: when one needs
+    /// a server connection that is not attached, stops before it and says so.
+    pub(super) fn on_client_data(&mut self) -> Result<Flow, End> {
         loop {
+            match peek_header(&self.client_in, self.shared.max_message_size) {
+                Ok(Some((tag, _)))
+                    if needs_server(tag) && self.server.is_none() && !self.skip_until_sync =>
+                {
+                    return Ok(Flow::NeedServer)
+                }
+                Ok(_) => {}
+                Err(e) => return Err(violation(e.to_string())),
+            }
             let frame = match next_frame(&mut self.client_in, self.shared.max_message_size) {
                 Ok(Some(f)) => f,
-                Ok(None) => return Ok(()),
+                Ok(None) => return Ok(Flow::Done),
                 Err(e) => return Err(violation(e.to_string())),
             };
-            self.on_client_frame(frame).await?;
+            self.on_client_frame(frame)?;
         }
     }
 
-    async fn on_client_frame(&mut self, f: Frame) -> Result<(), End> {
+    /// The server connection for the next message could not be had: fail that
+    /// message (and, for the extended protocol, the rest of its unit).
+    pub(super) fn fail_next_message(&mut self, e: PgError) -> Result<(), End> {
+        let frame = match next_frame(&mut self.client_in, self.shared.max_message_size) {
+            Ok(Some(f)) => f,
+            Ok(None) => return Ok(()),
+            Err(e) => return Err(violation(e.to_string())),
+        };
+        if frame.tag == frontend::QUERY {
+            // Validate it as a server would before answering.
+            frontend::query(frame.body())?;
+        }
+        let simple = matches!(frame.tag, frontend::QUERY | frontend::FUNCTION_CALL);
+        self.fail_request(e, simple);
+        Ok(())
+    }
+
+    fn on_client_frame(&mut self, f: Frame) -> Result<(), End> {
         if self.skip_until_sync && f.tag != frontend::SYNC && f.tag != frontend::TERMINATE {
             return Ok(());
         }
         match f.tag {
-            frontend::QUERY => self.on_query(f).await,
-            frontend::PARSE => self.on_parse(f).await,
-            frontend::BIND => self.on_bind(f).await,
-            frontend::DESCRIBE => self.on_describe(f).await,
+            frontend::QUERY => self.on_query(f),
+            frontend::PARSE => self.on_parse(f),
+            frontend::BIND => self.on_bind(f),
+            frontend::DESCRIBE => self.on_describe(f),
             frontend::EXECUTE => {
                 let portal = frontend::execute_portal(f.body())?;
-                let effect = self.portal_effects.get(portal).cloned();
-                self.forward(f, Kind::Execute { effect }).await;
+                let effect = if self.portal_effects.is_empty() {
+                    None
+                } else {
+                    self.portal_effects.get(portal).cloned()
+                };
+                self.unit_open = true;
+                self.server_out.extend_from_slice(&f.bytes);
+                self.pending
+                    .push_back(Pending::forward(Kind::Execute { effect }));
                 Ok(())
             }
-            frontend::CLOSE => self.on_close(f).await,
+            frontend::CLOSE => self.on_close(f),
             frontend::SYNC if self.copy_ignores_syncs => {
                 // The server ignores Sync during COPY FROM STDIN; so do we.
                 self.server_out.extend_from_slice(&f.bytes);
@@ -74,10 +130,6 @@ impl Session {
                 Ok(())
             }
             frontend::FUNCTION_CALL => {
-                if let Err(e) = self.ensure_server().await {
-                    self.fail_request(e, true);
-                    return Ok(());
-                }
                 self.server_out.extend_from_slice(&f.bytes);
                 self.pending.push_back(Pending::forward(Kind::FunctionCall));
                 Ok(())
@@ -104,18 +156,7 @@ impl Session {
         }
     }
 
-    /// Forwards an extended-protocol message that needs the server.
-    async fn forward(&mut self, f: Frame, kind: Kind) {
-        if let Err(e) = self.ensure_server().await {
-            self.fail_request(e, false);
-            return;
-        }
-        self.unit_open = true;
-        self.server_out.extend_from_slice(&f.bytes);
-        self.pending.push_back(Pending::forward(kind));
-    }
-
-    async fn on_query(&mut self, f: Frame) -> Result<(), End> {
+    fn on_query(&mut self, f: Frame) -> Result<(), End> {
         let text = frontend::query(f.body())?;
         let effects = std::str::from_utf8(text).ok().and_then(sql::effects);
         if let Some(effects) = &effects {
@@ -146,10 +187,6 @@ impl Session {
                 return Ok(());
             }
         }
-        if let Err(e) = self.ensure_server().await {
-            self.fail_request(e, true);
-            return Ok(());
-        }
         self.server_out.extend_from_slice(&f.bytes);
         let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
         self.pending
@@ -157,16 +194,12 @@ impl Session {
         Ok(())
     }
 
-    async fn on_parse(&mut self, f: Frame) -> Result<(), End> {
+    fn on_parse(&mut self, f: Frame) -> Result<(), End> {
         let p = frontend::parse(f.body())?;
         let effect = std::str::from_utf8(p.query)
             .ok()
             .and_then(sql::statement_effect);
         if p.name.is_empty() {
-            if let Err(e) = self.ensure_server().await {
-                self.fail_request(e, false);
-                return Ok(());
-            }
             let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
             self.unnamed = Some((token, Bytes::copy_from_slice(p.definition), effect));
             if let Some(server) = self.server.as_mut() {
@@ -190,11 +223,6 @@ impl Session {
         let stmt = self.shared.statements.intern(p.definition, effect);
         let client_name: Box<[u8]> = p.name.into();
         self.statements.insert(client_name.clone(), stmt.clone());
-        if let Err(e) = self.ensure_server().await {
-            self.statements.remove(&client_name);
-            self.fail_request(e, false);
-            return Ok(());
-        }
         self.unit_open = true;
         let held = self
             .server
@@ -275,7 +303,7 @@ impl Session {
         }
     }
 
-    async fn on_bind(&mut self, f: Frame) -> Result<(), End> {
+    fn on_bind(&mut self, f: Frame) -> Result<(), End> {
         let b = frontend::bind(f.body())?;
         let stmt = if b.statement.is_empty() {
             None
@@ -285,10 +313,6 @@ impl Session {
                 None => return Ok(()),
             }
         };
-        if let Err(e) = self.ensure_server().await {
-            self.fail_request(e, false);
-            return Ok(());
-        }
         self.unit_open = true;
         let effect = match &stmt {
             Some(s) => s.effect.clone(),
@@ -317,7 +341,7 @@ impl Session {
         Ok(())
     }
 
-    async fn on_describe(&mut self, f: Frame) -> Result<(), End> {
+    fn on_describe(&mut self, f: Frame) -> Result<(), End> {
         let (kind, name) = frontend::target(f.body(), "Describe")?;
         let stmt = if kind == b'S' && !name.is_empty() {
             match self.client_statement(name) {
@@ -327,10 +351,6 @@ impl Session {
         } else {
             None
         };
-        if let Err(e) = self.ensure_server().await {
-            self.fail_request(e, false);
-            return Ok(());
-        }
         self.unit_open = true;
         match (kind, stmt) {
             (_, Some(stmt)) => {
@@ -357,7 +377,7 @@ impl Session {
         Ok(())
     }
 
-    async fn on_close(&mut self, f: Frame) -> Result<(), End> {
+    fn on_close(&mut self, f: Frame) -> Result<(), End> {
         let (kind, name) = frontend::target(f.body(), "Close")?;
         if kind == b'S' && !name.is_empty() {
             // The server keeps the statement for other clients; only this client's name goes.

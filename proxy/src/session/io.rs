@@ -8,12 +8,15 @@ use crate::protocol::{frontend, peek_header};
 use crate::server::ServerConnection;
 use crate::stream::Stream;
 use bytes::{Buf, BytesMut};
+use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 pub(super) enum Event {
+    /// The proxy is shutting down (reported once).
+    Stop,
     ClientData,
     ServerData,
     ClientClosed,
@@ -22,6 +25,10 @@ pub(super) enum Event {
 
 impl Session {
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if !self.stopping && Pin::new(&mut self.stop).poll(cx).is_ready() {
+            self.stopping = true;
+            return Poll::Ready(Event::Stop);
+        }
         // Writes first: they free buffer space that gates the reads below.
         if let Some(server) = self.server.as_mut() {
             if let Err(e) = poll_drain(&mut server.stream, &mut self.server_out, cx) {

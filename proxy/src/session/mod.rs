@@ -33,7 +33,7 @@ use sql::Effect;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::watch;
+use tokio::sync::oneshot;
 use vars::SessionVars;
 
 pub use startup::LoggedIn;
@@ -79,10 +79,18 @@ pub struct Session {
     /// The server sent a FATAL error and is closing the connection.
     server_fatal: Option<String>,
     cancel: Arc<CancelSlot>,
+    /// Fires when the proxy shuts down (polled in `poll_io`: atomics only).
+    stop: oneshot::Receiver<()>,
+    stopping: bool,
 }
 
 impl Session {
-    pub fn new(shared: Arc<Shared>, login: LoggedIn, cancel: Arc<CancelSlot>) -> Session {
+    pub fn new(
+        shared: Arc<Shared>,
+        login: LoggedIn,
+        cancel: Arc<CancelSlot>,
+        stop: oneshot::Receiver<()>,
+    ) -> Session {
         Session {
             vars: Arc::new(SessionVars::from_startup(&login.params)),
             shared,
@@ -102,6 +110,8 @@ impl Session {
             copy_ignores_syncs: false,
             server_fatal: None,
             cancel,
+            stop,
+            stopping: false,
         }
     }
 
@@ -111,8 +121,8 @@ impl Session {
 
     /// Runs the session until the client leaves, then returns or discards the
     /// server connection.
-    pub async fn run(mut self, mut shutdown: watch::Receiver<bool>) {
-        let end = self.event_loop(&mut shutdown).await;
+    pub async fn run(mut self) {
+        let end = self.event_loop().await;
         if let End::Fatal(e) = &end {
             tracing::debug!(user = %self.login.user.name, error = %e, "closing client");
             e.encode(&mut self.client_out);
@@ -121,29 +131,43 @@ impl Session {
         self.finish_server().await;
     }
 
-    async fn event_loop(&mut self, shutdown: &mut watch::Receiver<bool>) -> End {
+    async fn event_loop(&mut self) -> End {
         loop {
-            if *shutdown.borrow() && self.is_idle() {
+            if self.stopping && self.is_idle() {
                 return End::Fatal(PgError::fatal(
                     sqlstate::ADMIN_SHUTDOWN,
                     "terminating connection because the proxy is shutting down",
                 ));
             }
-            let event = tokio::select! {
-                biased;
-                _ = shutdown.changed(), if !*shutdown.borrow() => continue,
-                ev = std::future::poll_fn(|cx| self.poll_io(cx)) => ev,
-            };
-            let step = match event {
-                io::Event::ClientData => self.on_client_data().await,
+            let step = match std::future::poll_fn(|cx| self.poll_io(cx)).await {
+                io::Event::ClientData => self.client_data().await,
                 io::Event::ServerData => self.on_server_data(),
                 io::Event::ClientClosed => Err(End::ClientGone),
                 io::Event::ServerLost(e) => self.on_server_lost(e),
+                io::Event::Stop => Ok(()),
             };
             if let Err(end) = step {
                 return end;
             }
         }
+    }
+
+    /// Handles the client's messages, borrowing a server connection when one
+    /// is needed: the only wait on this path.
+    async fn client_data(&mut self) -> Result<(), End> {
+        loop {
+            match self.on_client_data()? {
+                client::Flow::Done => break,
+                client::Flow::NeedServer => {
+                    if let Err(e) = self.attach_server().await {
+                        self.fail_next_message(e)?;
+                    }
+                }
+            }
+        }
+        // Messages answered by the proxy alone may leave the connection idle.
+        self.maybe_release();
+        Ok(())
     }
 
     /// Nothing in flight: safe to close at shutdown.
@@ -153,14 +177,11 @@ impl Session {
             && self.server.as_ref().is_none_or(|s| s.tx_status == b'I')
     }
 
-    /// Makes sure a server connection is attached, borrowing one if needed.
+    /// Borrows a server connection for the client's next unit of work.
     ///
     /// Routing plugs in here: today every statement goes to the primary of the
     /// first shard.
-    async fn ensure_server(&mut self) -> Result<(), PgError> {
-        if self.server.is_some() {
-            return Ok(());
-        }
+    async fn attach_server(&mut self) -> Result<(), PgError> {
         let node = self.login.user.pools.shards[0].primary.clone();
         let mut conn = node.checkout().await?;
         if *conn.vars != *self.vars {
