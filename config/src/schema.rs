@@ -42,6 +42,24 @@ pub struct ProxyConfig {
     pub auth_timeout: Duration,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// Threads serving clients; 0 picks half the CPU cores (at least one),
+    /// leaving the rest to the Postgres servers and clients that often share
+    /// the machine.
+    #[serde(default)]
+    pub workers: usize,
+}
+
+impl ProxyConfig {
+    /// The number of worker threads to run.
+    pub fn worker_threads(&self) -> usize {
+        if self.workers > 0 {
+            return self.workers;
+        }
+        let cores = std::thread::available_parallelism()
+            .map(|n| n.get())
+            .unwrap_or(1);
+        cores.div_ceil(2).max(1)
+    }
 }
 
 impl Default for ProxyConfig {
@@ -53,6 +71,7 @@ impl Default for ProxyConfig {
             shutdown_timeout: default_shutdown_timeout(),
             auth_timeout: default_auth_timeout(),
             log_format: LogFormat::default(),
+            workers: 0,
         }
     }
 }

@@ -197,3 +197,22 @@ fn password_kinds() {
         PasswordKind::Scram
     );
 }
+
+#[test]
+fn workers_default_to_half_the_cores() {
+    let c = Config::from_toml(GOOD, "t").unwrap();
+    assert_eq!(c.proxy.workers, 0);
+    let cores = std::thread::available_parallelism()
+        .map(|n| n.get())
+        .unwrap_or(1);
+    assert_eq!(c.proxy.worker_threads(), cores.div_ceil(2).max(1));
+    let c = Config::from_toml(
+        &GOOD.replace(
+            "pool_mode = \"transaction\"",
+            "pool_mode = \"transaction\"\nworkers = 3",
+        ),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.proxy.worker_threads(), 3);
+}

@@ -35,10 +35,12 @@ enum Cmd {
 
 fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_multi_thread()
-        .enable_all()
-        .build()
-    {
+    // The proxy's config decides the thread count; other commands use the default.
+    let workers = match (&cli.command, Config::load(&cli.config)) {
+        (None, Ok(c)) => c.proxy.worker_threads(),
+        _ => shardline_config::ProxyConfig::default().worker_threads(),
+    };
+    let runtime = match build_runtime(workers) {
         Ok(r) => r,
         Err(e) => {
             eprintln!("shardline: cannot start the runtime: {e}");
@@ -51,6 +53,21 @@ fn main() -> ExitCode {
             eprintln!("shardline: {e:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// One worker: a current-thread runtime (no work stealing, no cross-thread
+/// wakeups). More: the multi-threaded runtime.
+fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
+    if workers <= 1 {
+        tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()
+    } else {
+        tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(workers)
+            .enable_all()
+            .build()
     }
 }
 

@@ -7,7 +7,6 @@ use super::{End, Session};
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::protocol::frontend::{self, Malformed};
 use crate::protocol::{next_frame, peek_header, Frame};
-use bytes::Bytes;
 use shardline_config::PoolMode;
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
@@ -201,7 +200,9 @@ impl Session {
             .and_then(sql::statement_effect);
         if p.name.is_empty() {
             let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
-            self.unnamed = Some((token, Bytes::copy_from_slice(p.definition), effect));
+            // The definition is a slice of the frame: no copy.
+            let start = f.bytes.len() - p.definition.len();
+            self.unnamed = Some((token, f.bytes.slice(start..), effect));
             if let Some(server) = self.server.as_mut() {
                 server.unnamed_token = token;
             }

@@ -48,6 +48,9 @@ fn has_inner_semicolon(sql: &str) -> bool {
 
 /// The effect of one statement (no trailing semicolon).
 pub fn statement_effect(stmt: &str) -> Option<Effect> {
+    if !is_effect_keyword(first_keyword(stmt)) {
+        return None;
+    }
     let words = Lexer::new(stmt).take(4).collect::<Vec<_>>();
     let w = |i: usize| words.get(i).map(|t| t.lower()).unwrap_or_default();
     match w(0).as_str() {
