@@ -51,8 +51,20 @@ impl Session {
 
     fn on_server_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), String> {
         use backend::*;
-        if matches!(tag, NOTICE_RESPONSE | PARAMETER_STATUS | NOTIFICATION) {
+        if matches!(tag, NOTICE_RESPONSE | NOTIFICATION) {
             self.client_out.extend_from_slice(msg);
+            return Ok(());
+        }
+        if tag == PARAMETER_STATUS {
+            // Reports caused by the proxy's own replay of the client's settings
+            // tell the client what it already knows.
+            if self
+                .pending
+                .front()
+                .is_none_or(|p| p.answer == Answer::Forward)
+            {
+                self.client_out.extend_from_slice(msg);
+            }
             return Ok(());
         }
         let Some(front) = self.pending.front_mut() else {
