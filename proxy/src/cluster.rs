@@ -133,6 +133,26 @@ pub struct LocalCluster {
     run_as: Option<RunAs>,
 }
 
+/// An `openssl` command writing a self-signed EC certificate for 127.0.0.1.
+pub fn self_signed_cert_command(cert: &Path, key: &Path) -> Command {
+    let mut c = Command::new("openssl");
+    c.args([
+        "req",
+        "-x509",
+        "-newkey",
+        "ec",
+        "-pkeyopt",
+        "ec_paramgen_curve:prime256v1",
+        "-nodes",
+    ])
+    .args(["-days", "2", "-subj", "/CN=127.0.0.1"])
+    .arg("-keyout")
+    .arg(key)
+    .arg("-out")
+    .arg(cert);
+    c
+}
+
 /// A free loopback port (the OS picks; we release it for Postgres to take).
 pub fn free_port() -> Result<u16> {
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
@@ -330,24 +350,10 @@ impl LocalCluster {
     /// Gives a node a self-signed certificate and turns TLS on (`ssl = on`).
     pub fn enable_tls(&self, i: usize) -> Result<()> {
         let n = &self.nodes[i];
-        let mut c = Command::new("openssl");
-        c.args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(n.data_dir.join("server.key"))
-        .arg("-out")
-        .arg(n.data_dir.join("server.crt"));
+        let mut c = self_signed_cert_command(
+            &n.data_dir.join("server.crt"),
+            &n.data_dir.join("server.key"),
+        );
         self.as_server_user(&mut c);
         check(
             c.output().context("running openssl")?,

@@ -53,24 +53,9 @@ pub fn self_signed_cert() -> Result<(std::path::PathBuf, std::path::PathBuf, std
     let dir = std::env::temp_dir().join(format!("shardline-cert-{:08x}", rand::random::<u32>()));
     std::fs::create_dir_all(&dir)?;
     let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
-    let (ok, out) = run(std::process::Command::new("openssl")
-        .args([
-            "req",
-            "-x509",
-            "-newkey",
-            "ec",
-            "-pkeyopt",
-            "ec_paramgen_curve:prime256v1",
-            "-nodes",
-            "-days",
-            "2",
-            "-subj",
-            "/CN=127.0.0.1",
-        ])
-        .arg("-keyout")
-        .arg(&key)
-        .arg("-out")
-        .arg(&cert));
+    let (ok, out) = run(&mut shardline::cluster::self_signed_cert_command(
+        &cert, &key,
+    ));
     anyhow::ensure!(ok, "openssl failed: {out}");
     Ok((dir, cert, key))
 }
@@ -441,6 +426,12 @@ impl RawClient {
         }
     }
 
+    /// Sends the messages in one write and returns the answers up to ReadyForQuery.
+    pub async fn exchange(&mut self, messages: &[Vec<u8>]) -> Result<Vec<RawMessage>> {
+        self.send(&messages.concat()).await?;
+        self.until_ready().await
+    }
+
     /// Every message until the proxy closes the connection.
     pub async fn until_closed(&mut self) -> Result<Vec<RawMessage>> {
         let mut out = Vec::new();
@@ -462,6 +453,11 @@ impl RawClient {
         }
         anyhow::bail!("connection closed before ReadyForQuery: {out:?}")
     }
+}
+
+/// The tags of a list of messages, for compact assertions (`b"1EZ"`).
+pub fn tags(messages: &[RawMessage]) -> Vec<u8> {
+    messages.iter().map(|m| m.0).collect()
 }
 
 /// The SQLSTATE in an ErrorResponse body.

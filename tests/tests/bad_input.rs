@@ -2,7 +2,7 @@
 //! 08P01 and close only that client; a server dying mid-query gives an error
 //! for that query only.
 
-use shardline_tests::{error_code, message, sqlstate, Env, EnvOptions, RawClient};
+use shardline_tests::{error_code, message, sqlstate, tags, Env, EnvOptions, RawClient};
 use std::time::Duration;
 use tokio::io::AsyncWriteExt;
 
@@ -123,45 +123,45 @@ async fn malformed_messages_close_only_that_client() {
 async fn unnamed_and_named_statements_over_raw_protocol() {
     let env = Env::start().await.unwrap();
     let mut c = RawClient::login(env.port).await.unwrap();
+    let sync = || message(b'S', b"");
+    let bind_execute = |stmt: &[u8]| {
+        let mut bind = vec![0u8];
+        bind.extend_from_slice(stmt);
+        bind.extend_from_slice(b"\0\0\0\0\0\0\0");
+        vec![
+            message(b'B', &bind),
+            message(b'E', b"\0\0\0\0\0"),
+            message(b'S', b""),
+        ]
+    };
     // Parse a named statement, then DEALLOCATE it by name over the simple protocol.
-    let mut batch = message(b'P', b"mystmt\0SELECT 42\0\0\0");
-    batch.extend(message(b'S', b""));
-    c.send(&batch).await.unwrap();
-    let msgs = c.until_ready().await.unwrap();
-    assert_eq!(msgs.iter().map(|m| m.0).collect::<Vec<_>>(), b"1Z");
-    c.send(&message(b'Q', b"DEALLOCATE mystmt\0"))
+    let msgs = c
+        .exchange(&[message(b'P', b"mystmt\0SELECT 42\0\0\0"), sync()])
         .await
         .unwrap();
-    let msgs = c.until_ready().await.unwrap();
-    assert_eq!(msgs[0].0, b'C', "{msgs:?}");
+    assert_eq!(tags(&msgs), b"1Z");
+    let msgs = c
+        .exchange(&[message(b'Q', b"DEALLOCATE mystmt\0")])
+        .await
+        .unwrap();
+    assert_eq!(tags(&msgs), b"CZ", "{msgs:?}");
     // Binding it now fails as on a server, and the pipeline after the error is skipped.
-    let mut batch = message(b'B', b"\0mystmt\0\0\0\0\0\0\0");
-    batch.extend(message(b'E', b"\0\0\0\0\0"));
-    batch.extend(message(b'S', b""));
-    c.send(&batch).await.unwrap();
-    let msgs = c.until_ready().await.unwrap();
-    assert_eq!(
-        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
-        b"EZ",
-        "{msgs:?}"
-    );
+    let msgs = c.exchange(&bind_execute(b"mystmt")).await.unwrap();
+    assert_eq!(tags(&msgs), b"EZ", "{msgs:?}");
     assert_eq!(error_code(&msgs[0].1), "26000");
     // Parse the same name twice: 42P05, as a server says.
-    let mut batch = message(b'P', b"dup\0SELECT 1\0\0\0");
-    batch.extend(message(b'P', b"dup\0SELECT 2\0\0\0"));
-    batch.extend(message(b'S', b""));
-    c.send(&batch).await.unwrap();
-    let msgs = c.until_ready().await.unwrap();
-    assert_eq!(
-        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
-        b"1EZ",
-        "{msgs:?}"
-    );
+    let parse_twice = [
+        message(b'P', b"dup\0SELECT 1\0\0\0"),
+        message(b'P', b"dup\0SELECT 2\0\0\0"),
+        sync(),
+    ];
+    let msgs = c.exchange(&parse_twice).await.unwrap();
+    assert_eq!(tags(&msgs), b"1EZ", "{msgs:?}");
     assert_eq!(error_code(&msgs[1].1), "42P05");
-    // Describe and execute it in a pipeline with Flush (no Sync until the end).
-    let mut batch = message(b'D', b"Sdup\0");
-    batch.extend(message(b'H', b""));
-    c.send(&batch).await.unwrap();
+    // Describe with Flush (no Sync): the answer arrives without waiting for a Sync.
+    c.send(&[message(b'D', b"Sdup\0"), message(b'H', b"")].concat())
+        .await
+        .unwrap();
     let (t1, _) = c.recv(Duration::from_secs(5)).await.unwrap().unwrap();
     let (t2, _) = c.recv(Duration::from_secs(5)).await.unwrap().unwrap();
     assert_eq!(
@@ -169,22 +169,14 @@ async fn unnamed_and_named_statements_over_raw_protocol() {
         (b't', b'T'),
         "Flush delivers the Describe answer without Sync"
     );
-    let mut batch = message(b'B', b"\0dup\0\0\0\0\0\0\0");
-    batch.extend(message(b'E', b"\0\0\0\0\0"));
-    batch.extend(message(b'S', b""));
-    c.send(&batch).await.unwrap();
-    let msgs = c.until_ready().await.unwrap();
-    assert_eq!(
-        msgs.iter().map(|m| m.0).collect::<Vec<_>>(),
-        b"2DCZ",
-        "{msgs:?}"
-    );
+    let msgs = c.exchange(&bind_execute(b"dup")).await.unwrap();
+    assert_eq!(tags(&msgs), b"2DCZ", "{msgs:?}");
     // Closing a statement the server never saw is answered by the proxy.
-    let mut batch = message(b'C', b"Sdup\0");
-    batch.extend(message(b'S', b""));
-    c.send(&batch).await.unwrap();
-    let msgs = c.until_ready().await.unwrap();
-    assert_eq!(msgs.iter().map(|m| m.0).collect::<Vec<_>>(), b"3Z");
+    let msgs = c
+        .exchange(&[message(b'C', b"Sdup\0"), sync()])
+        .await
+        .unwrap();
+    assert_eq!(tags(&msgs), b"3Z");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -209,6 +209,30 @@ async fn cancel_reaches_the_right_query() {
     assert!(busy_other.await.unwrap().is_ok());
 }
 
+/// Checks `a`'s settings several times while `b` keeps the pool's other
+/// connection busy, so `a` moves between server connections.
+async fn expect_settings(
+    a: &tokio_postgres::Client,
+    b: &tokio_postgres::Client,
+    names: &[&str],
+    values: &[&str],
+) {
+    let sql = format!(
+        "SELECT {}",
+        names
+            .iter()
+            .map(|n| format!("current_setting('{n}')"))
+            .collect::<Vec<_>>()
+            .join(", ")
+    );
+    for _ in 0..5 {
+        let r = a.query_one(&sql, &[]).await.unwrap();
+        let got: Vec<String> = (0..names.len()).map(|i| r.get(i)).collect();
+        assert_eq!(got, values, "{names:?}");
+        b.simple_query("SELECT 1").await.unwrap();
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn session_settings_survive_transaction_pooling() {
     let env = Env::start().await.unwrap();
@@ -256,37 +280,11 @@ async fn session_settings_survive_transaction_pooling() {
     a.simple_query("BEGIN; SET work_mem = '8MB'; COMMIT")
         .await
         .unwrap();
-    // RESET clears one, RESET ALL clears all.
+    // RESET clears one, RESET ALL clears all; each checked across connection switches.
     a.simple_query("RESET statement_timeout").await.unwrap();
-    for _ in 0..5 {
-        let r = a
-            .query_one(
-                "SELECT current_setting('statement_timeout'), current_setting('work_mem')",
-                &[],
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            (r.get::<_, String>(0), r.get::<_, String>(1)),
-            ("0".into(), "8MB".into())
-        );
-        b.simple_query("SELECT 1").await.unwrap();
-    }
+    expect_settings(&a, &b, &["statement_timeout", "work_mem"], &["0", "8MB"]).await;
     a.simple_query("RESET ALL").await.unwrap();
-    for _ in 0..5 {
-        let r = a
-            .query_one(
-                "SELECT current_setting('work_mem'), current_setting('application_name')",
-                &[],
-            )
-            .await
-            .unwrap();
-        assert_eq!(
-            (r.get::<_, String>(0), r.get::<_, String>(1)),
-            ("4MB".into(), "".into())
-        );
-        b.simple_query("SELECT 1").await.unwrap();
-    }
+    expect_settings(&a, &b, &["work_mem", "application_name"], &["4MB", ""]).await;
     // Startup parameters are session settings too.
     let (c, conn) = tokio_postgres::connect(
         &format!(
