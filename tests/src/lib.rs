@@ -110,6 +110,14 @@ server_user = "app"
 server_password = "app"
 
 [[users]]
+name = "trustsingle"
+auth = "trust"
+database = "app"
+pool_size = 1
+server_user = "app"
+server_password = "app"
+
+[[users]]
 name = "sl_md5"
 password = "md5pw"
 database = "app"
@@ -377,15 +385,18 @@ impl RawClient {
 
     /// Connects and logs in as `trustclient` (no password exchange).
     pub async fn login(port: u16) -> Result<RawClient> {
+        RawClient::login_as(port, "trustclient").await
+    }
+
+    /// Connects and logs in as a user the proxy trusts.
+    pub async fn login_as(port: u16, user: &str) -> Result<RawClient> {
         let stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
         let mut c = RawClient {
             stream,
             buf: Vec::new(),
         };
-        let startup = shardline::protocol::startup::startup_message(&[
-            ("user", "trustclient"),
-            ("database", "app"),
-        ]);
+        let startup =
+            shardline::protocol::startup::startup_message(&[("user", user), ("database", "app")]);
         c.send(&startup).await?;
         loop {
             match c.recv(Duration::from_secs(10)).await? {

@@ -229,3 +229,53 @@ async fn server_dying_mid_query() {
     drop(tx);
     assert!(c.is_closed() || c.query_one("SELECT 1", &[]).await.is_err());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_rejected_mid_stream_over_extended_protocol() {
+    let env = Env::start().await.unwrap();
+    env.sql("CREATE TABLE c (id int); GRANT ALL ON c TO app;");
+    // A pool of one connection: a session that keeps it pinned starves the next.
+    let mut c = RawClient::login_as(env.port, "trustsingle").await.unwrap();
+    // Parse/Bind/Execute/Sync for COPY FROM STDIN, as drivers send it.
+    let copy = [
+        message(b'P', b"\0COPY c FROM STDIN\0\0\0"),
+        message(b'B', b"\0\0\0\0\0\0\0\0"),
+        message(b'E', b"\0\0\0\0\0"),
+        message(b'S', b""),
+    ];
+    c.send(&copy.concat()).await.unwrap();
+    let (t1, _) = c.recv(Duration::from_secs(5)).await.unwrap().unwrap();
+    let (t2, _) = c.recv(Duration::from_secs(5)).await.unwrap().unwrap();
+    let (t3, _) = c.recv(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert_eq!([t1, t2, t3], *b"12G");
+    // A bad row: the server reports the error while the client is still sending.
+    c.send(&message(b'd', b"not-a-number\n")).await.unwrap();
+    let (t, body) = c.recv(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert_eq!(t, b'E');
+    assert_eq!(error_code(&body), "22P02");
+    // The client finishes its side, then syncs: exactly one ReadyForQuery.
+    let msgs = c
+        .exchange(&[
+            message(b'd', b"1\n"),
+            message(b'c', b""),
+            message(b'S', b""),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tags(&msgs), b"Z", "{msgs:?}");
+    // The session is in step: a query answers normally, twice.
+    for _ in 0..2 {
+        let msgs = c
+            .exchange(&[message(b'Q', b"SELECT count(*) FROM c\0")])
+            .await
+            .unwrap();
+        assert_eq!(tags(&msgs), b"TDCZ", "{msgs:?}");
+    }
+    // And it gave the connection back: another client of the same pool gets it.
+    let mut other = RawClient::login_as(env.port, "trustsingle").await.unwrap();
+    let msgs = other
+        .exchange(&[message(b'Q', b"SELECT 1\0")])
+        .await
+        .unwrap();
+    assert_eq!(tags(&msgs), b"TDCZ", "{msgs:?}");
+}

@@ -140,7 +140,9 @@ impl Session {
                     if f.tag != frontend::COPY_DATA {
                         if self.copy_ignores_syncs {
                             self.copy_ignores_syncs = false;
-                        } else {
+                        } else if !self.pending.is_empty() {
+                            // Marks where the copy data ended for a CopyInResponse
+                            // still on its way; with nothing pending, none can come.
                             self.pending.push_back(Pending::forward(Kind::CopyEnd));
                         }
                     }

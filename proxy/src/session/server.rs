@@ -67,6 +67,7 @@ impl Session {
             }
             return Ok(());
         }
+        self.drain_synthetic();
         let Some(front) = self.pending.front_mut() else {
             if tag == ERROR_RESPONSE {
                 // A FATAL sent before the server closes (shutdown, timeouts).
