@@ -6,7 +6,7 @@
 //! names to map prepared statements, and the few commands that change session
 //! state. It never decodes rows.
 //!
-//! Where the server connection comes from is decided in [`Session::ensure_server`]:
+//! Where the server connection comes from is decided in [`Session::attach_server`]:
 //! the one place a per-statement or per-transaction routing decision plugs in.
 //! A connection is returned to its pool when the server is idle (`I`), nothing
 //! sent is unanswered and the client is not mid-unit (transaction pooling), or
