@@ -134,12 +134,13 @@ fn main() -> Result<()> {
             primary.port
         ),
     )?;
-    let child = Command::new(&shardline)
-        .arg("--config")
+    let mut cmd = Command::new(&shardline);
+    cmd.arg("--config")
         .arg(&sl_cfg)
         .env("RUST_LOG", "warn")
-        .stderr(Stdio::inherit())
-        .spawn()?;
+        .stderr(Stdio::inherit());
+    own_session(&mut cmd);
+    let child = cmd.spawn()?;
     targets.push(Target {
         name: "shardline",
         port: sl_port,
@@ -176,6 +177,7 @@ fn main() -> Result<()> {
                 let _ = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(&dir).status();
                 cmd.uid(uid).gid(gid);
             }
+            own_session(&mut cmd);
             let child = cmd.spawn()?;
             targets.push(Target { name: "pgbouncer", port, pid: Some(child.id()) });
             children.push(child);
@@ -292,6 +294,21 @@ fn main() -> Result<()> {
     }
     drop(cluster);
     Ok(())
+}
+
+/// Starts the process in a session of its own, as a daemon runs. With the
+/// kernel's scheduler autogroups, a proxy left in the benchmark's session
+/// would share one CPU share with pgbench (the Postgres servers already have
+/// their own sessions), which skews the comparison.
+fn own_session(cmd: &mut Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
 }
 
 fn postgres_ids() -> Option<(u32, u32)> {
