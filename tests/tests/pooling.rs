@@ -162,3 +162,30 @@ async fn dead_idle_connection_is_not_handed_out() {
         .get(0);
     assert_ne!(p2, pid);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn server_restart_is_invisible_after_the_check_delay() {
+    // Default pool settings: idle connections are probed after 1s.
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = env.connect().await;
+    let before: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    env.backend.stop_node(0, "fast").unwrap();
+    env.backend.start_node(0).unwrap();
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // The pooled connection died with the server; the client never sees it.
+    let after: i32 = c
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_ne!(before, after);
+}
