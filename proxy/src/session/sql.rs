@@ -1,6 +1,9 @@
 //! Just enough SQL lexing to see the commands that change session state (SET,
 //! RESET, DISCARD ALL, DEALLOCATE, LISTEN). This is session bookkeeping, not
-//! routing: the fast path looks at one leading keyword and returns.
+//! routing: the fast path looks at one leading keyword and returns. The
+//! lexer is the router crate's.
+
+use shardline_router::lexer::{first_keyword, split_statements, Lexer};
 
 /// What a statement does to the session the proxy must keep across server connections.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -122,194 +125,6 @@ fn dotted_name(stmt: &str, at: usize) -> Option<String> {
     Some(name)
 }
 
-/// The first keyword of `sql`, after whitespace and comments.
-pub fn first_keyword(sql: &str) -> &str {
-    Lexer::new(sql).next().map(|t| t.text).unwrap_or("")
-}
-
-/// Splits a simple query into statements, ignoring semicolons inside quotes,
-/// dollar quotes and comments. Empty statements are dropped.
-pub fn split_statements(sql: &str) -> Vec<&str> {
-    let b = sql.as_bytes();
-    let mut out = Vec::new();
-    let mut start = 0;
-    let mut i = 0;
-    while i < b.len() {
-        match b[i] {
-            b';' => {
-                push_stmt(&mut out, &sql[start..i]);
-                start = i + 1;
-                i += 1;
-            }
-            _ => i = skip_token(b, i),
-        }
-    }
-    push_stmt(&mut out, &sql[start..]);
-    out
-}
-
-fn push_stmt<'a>(out: &mut Vec<&'a str>, s: &'a str) {
-    if Lexer::new(s).next().is_some() {
-        out.push(s.trim());
-    }
-}
-
-/// Skips one lexical unit starting at `i` (quote, comment, dollar quote or one byte).
-fn skip_token(b: &[u8], i: usize) -> usize {
-    match b[i] {
-        b'\'' => skip_quoted(b, i, b'\'', i > 0 && (b[i - 1] == b'E' || b[i - 1] == b'e')),
-        b'"' => skip_quoted(b, i, b'"', false),
-        b'-' if b.get(i + 1) == Some(&b'-') => b[i..]
-            .iter()
-            .position(|&c| c == b'\n')
-            .map_or(b.len(), |p| i + p + 1),
-        b'/' if b.get(i + 1) == Some(&b'*') => skip_block_comment(b, i),
-        b'$' => skip_dollar(b, i),
-        _ => i + 1,
-    }
-}
-
-fn skip_quoted(b: &[u8], i: usize, q: u8, backslash: bool) -> usize {
-    let mut j = i + 1;
-    while j < b.len() {
-        if backslash && b[j] == b'\\' {
-            j += 2;
-            continue;
-        }
-        if b[j] == q {
-            if b.get(j + 1) == Some(&q) {
-                j += 2;
-                continue;
-            }
-            return j + 1;
-        }
-        j += 1;
-    }
-    b.len()
-}
-
-fn skip_block_comment(b: &[u8], i: usize) -> usize {
-    let mut depth = 0;
-    let mut j = i;
-    while j + 1 < b.len() {
-        if b[j] == b'/' && b[j + 1] == b'*' {
-            depth += 1;
-            j += 2;
-        } else if b[j] == b'*' && b[j + 1] == b'/' {
-            depth -= 1;
-            j += 2;
-            if depth == 0 {
-                return j;
-            }
-        } else {
-            j += 1;
-        }
-    }
-    b.len()
-}
-
-fn skip_dollar(b: &[u8], i: usize) -> usize {
-    // $tag$ ... $tag$, where tag is empty or an identifier; `$1` is a parameter.
-    let mut j = i + 1;
-    while j < b.len() && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] >= 0x80) {
-        j += 1;
-    }
-    if j >= b.len() || b[j] != b'$' || (j > i + 1 && b[i + 1].is_ascii_digit()) {
-        return i + 1;
-    }
-    let tag = &b[i..=j];
-    let body = j + 1;
-    b[body..]
-        .windows(tag.len())
-        .position(|w| w == tag)
-        .map_or(b.len(), |p| body + p + tag.len())
-}
-
-/// A token: a word, a quoted identifier/string, or one punctuation byte.
-#[derive(Debug, Clone, Copy)]
-pub struct Token<'a> {
-    pub text: &'a str,
-    pub quoted: bool,
-}
-
-impl Token<'_> {
-    pub fn lower(&self) -> String {
-        if self.quoted {
-            String::new()
-        } else {
-            self.text.to_ascii_lowercase()
-        }
-    }
-
-    /// The identifier this token names: unquoted and case-folded, or as quoted.
-    pub fn ident(&self) -> String {
-        if self.quoted {
-            self.text.trim_matches('"').replace("\"\"", "\"")
-        } else {
-            self.text.to_ascii_lowercase()
-        }
-    }
-}
-
-pub struct Lexer<'a> {
-    s: &'a str,
-    i: usize,
-}
-
-impl<'a> Lexer<'a> {
-    pub fn new(s: &'a str) -> Self {
-        Lexer { s, i: 0 }
-    }
-}
-
-impl<'a> Iterator for Lexer<'a> {
-    type Item = Token<'a>;
-
-    fn next(&mut self) -> Option<Token<'a>> {
-        let b = self.s.as_bytes();
-        loop {
-            while self.i < b.len() && b[self.i].is_ascii_whitespace() {
-                self.i += 1;
-            }
-            if self.i >= b.len() {
-                return None;
-            }
-            let starts_comment = (b[self.i] == b'-' && b.get(self.i + 1) == Some(&b'-'))
-                || (b[self.i] == b'/' && b.get(self.i + 1) == Some(&b'*'));
-            if starts_comment {
-                self.i = skip_token(b, self.i);
-                continue;
-            }
-            break;
-        }
-        let start = self.i;
-        let c = b[start];
-        let (end, quoted) = if c.is_ascii_alphanumeric() || c == b'_' || c >= 0x80 {
-            let mut j = start;
-            while j < b.len()
-                && (b[j].is_ascii_alphanumeric() || b[j] == b'_' || b[j] == b'$' || b[j] >= 0x80)
-            {
-                j += 1;
-            }
-            (j, false)
-        } else if c == b'"' || c == b'\'' {
-            (skip_token(b, start), c == b'"')
-        } else {
-            // One byte, but never split a UTF-8 sequence.
-            let mut j = start + 1;
-            while j < b.len() && !self.s.is_char_boundary(j) {
-                j += 1;
-            }
-            (j, false)
-        };
-        self.i = end;
-        Some(Token {
-            text: &self.s[start..end],
-            quoted,
-        })
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -385,19 +200,5 @@ mod tests {
         assert!(e[0].is_none() && e[2].is_none());
         assert!(matches!(&e[1], Some(Effect::Set { name, .. }) if name == "a.b"));
         assert_eq!(e[3], Some(Effect::ResetAll));
-    }
-
-    #[test]
-    fn splitting_respects_quotes_and_comments() {
-        let s = "SELECT 'a;b', \"c;d\", $$e;f$$, $x$g;$x$, E'\\';' -- h;\n; /* i; /* j; */ */ SELECT $1";
-        assert_eq!(split_statements(s).len(), 2);
-        assert_eq!(split_statements(";;  ;"), Vec::<&str>::new());
-        // Unterminated constructs never panic.
-        for s in [
-            "'abc", "\"abc", "$$abc", "/* abc", "-- abc", "$", "$a", "E'\\",
-        ] {
-            let _ = split_statements(s);
-            let _ = effects(s);
-        }
     }
 }

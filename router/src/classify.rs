@@ -1,0 +1,334 @@
+//! Read or write? Every statement is parsed with sqlparser (PostgreSQL dialect)
+//! and classified by the rules in SPEC.md; statements it cannot parse are
+//! classified by their leading keywords. When unsure, it is a write.
+
+use sqlparser::ast::{
+    CopySource, Expr, Query, Select, Set, SetExpr, Statement, TransactionAccessMode,
+    TransactionMode, Visit, Visitor,
+};
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
+use std::collections::HashSet;
+use std::ops::ControlFlow;
+
+/// What a statement is, for routing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Class {
+    /// May run on a replica.
+    Read,
+    /// Must run on the primary.
+    Write,
+    /// BEGIN / START TRANSACTION; `read_only` when it says READ ONLY.
+    Begin { read_only: bool },
+    /// SET TRANSACTION ...; `read_only` when it sets READ ONLY.
+    SetTransaction { read_only: bool },
+    /// COMMIT, ROLLBACK, SAVEPOINT, RELEASE, PREPARE TRANSACTION ...
+    TransactionControl,
+    /// SET, RESET, DISCARD, DEALLOCATE: session state, replayed by the proxy.
+    Session,
+}
+
+/// How a classification was reached.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Source {
+    Parsed,
+    /// sqlparser could not parse it; the leading keywords decided.
+    Fallback,
+}
+
+/// Functions that write or take locks: a SELECT calling one is a write.
+pub const WRITING_FUNCTIONS: &[&str] = &[
+    "nextval",
+    "setval",
+    "set_config",
+    "pg_notify",
+    "pg_advisory_lock",
+    "pg_advisory_lock_shared",
+    "pg_advisory_xact_lock",
+    "pg_advisory_xact_lock_shared",
+    "pg_try_advisory_lock",
+    "pg_try_advisory_lock_shared",
+    "pg_try_advisory_xact_lock",
+    "pg_try_advisory_xact_lock_shared",
+    "pg_advisory_unlock",
+    "pg_advisory_unlock_shared",
+    "pg_advisory_unlock_all",
+    "txid_current",
+    "pg_current_xact_id",
+    "pg_create_restore_point",
+    "pg_switch_wal",
+    "pg_promote",
+    "pg_create_physical_replication_slot",
+    "pg_create_logical_replication_slot",
+    "pg_drop_replication_slot",
+    "pg_terminate_backend",
+    "pg_cancel_backend",
+    "pg_reload_conf",
+    "lo_create",
+    "lo_import",
+    "lo_unlink",
+    "dblink_exec",
+];
+
+/// What the classifier needs to know beyond the SQL text.
+#[derive(Debug, Clone, Default)]
+pub struct Options {
+    /// The user's own functions that write (lowercase, unqualified).
+    pub writing_functions: HashSet<String>,
+    /// The user's functions known not to write; consulted when
+    /// `unknown_functions_write` is set.
+    pub read_only_functions: HashSet<String>,
+    /// Treat calls to functions that are neither built-in readers nor in
+    /// `read_only_functions` as writes (strict mode). Off by default: a SELECT
+    /// calling an ordinary function is a read unless the function is listed as
+    /// writing.
+    pub unknown_functions_write: bool,
+}
+
+impl Options {
+    fn writes(&self, function: &str) -> bool {
+        WRITING_FUNCTIONS.contains(&function) || self.writing_functions.contains(function)
+    }
+}
+
+/// Classifies one statement's text (a simple query may hold several: the
+/// strongest class wins, a write over a read).
+pub fn classify(sql: &str, options: &Options) -> (Class, Source) {
+    match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
+        Ok(statements) if !statements.is_empty() => {
+            let class = statements
+                .iter()
+                .map(|s| classify_statement(s, options))
+                .reduce(combine)
+                .unwrap_or(Class::Read);
+            (class, Source::Parsed)
+        }
+        Ok(_) => (Class::Read, Source::Parsed),
+        Err(_) => (fallback(sql), Source::Fallback),
+    }
+}
+
+/// Several statements sent together run together: any write makes the whole a write.
+fn combine(a: Class, b: Class) -> Class {
+    match (a, b) {
+        (Class::Read, Class::Read) => Class::Read,
+        (Class::Session, other) | (other, Class::Session) if other != Class::Write => other,
+        _ => Class::Write,
+    }
+}
+
+fn read_only(modes: &[TransactionMode]) -> bool {
+    modes.iter().any(|m| {
+        matches!(
+            m,
+            TransactionMode::AccessMode(TransactionAccessMode::ReadOnly)
+        )
+    })
+}
+
+pub fn classify_statement(statement: &Statement, options: &Options) -> Class {
+    match statement {
+        Statement::Query(q) => query_class(q, options),
+        Statement::Explain {
+            analyze,
+            statement,
+            options: utility,
+            ..
+        } => {
+            let analyze = *analyze
+                || utility.as_ref().is_some_and(|opts| {
+                    opts.iter().any(|o| {
+                        o.name.value.eq_ignore_ascii_case("analyze")
+                            && o.arg.as_ref().is_none_or(|a| {
+                                !matches!(
+                                    a.to_string().to_ascii_lowercase().as_str(),
+                                    "false" | "off" | "0"
+                                )
+                            })
+                    })
+                });
+            // EXPLAIN alone does not run the statement; EXPLAIN ANALYZE does.
+            match (analyze, classify_statement(statement, options)) {
+                (true, Class::Write) => Class::Write,
+                _ => Class::Read,
+            }
+        }
+        Statement::ExplainTable { .. }
+        | Statement::ShowVariable { .. }
+        | Statement::ShowVariables { .. }
+        | Statement::ShowTables { .. }
+        | Statement::ShowColumns { .. }
+        | Statement::ShowFunctions { .. } => Class::Read,
+        Statement::Copy {
+            to: true, source, ..
+        } => match source {
+            CopySource::Query(q) => query_class(q, options),
+            CopySource::Table { .. } => Class::Read,
+        },
+        Statement::StartTransaction { modes, .. } => Class::Begin {
+            read_only: read_only(modes),
+        },
+        Statement::Set(Set::SetTransaction {
+            modes,
+            session: false,
+            ..
+        }) => Class::SetTransaction {
+            read_only: read_only(modes),
+        },
+        Statement::Commit { .. }
+        | Statement::Rollback { .. }
+        | Statement::Savepoint { .. }
+        | Statement::ReleaseSavepoint { .. } => Class::TransactionControl,
+        Statement::Set(_)
+        | Statement::Reset(_)
+        | Statement::Discard { .. }
+        | Statement::Deallocate { .. } => Class::Session,
+        // INSERT/UPDATE/DELETE/MERGE, DDL, COPY FROM, CALL, LOCK, PREPARE,
+        // EXECUTE, cursors, and anything else: the primary.
+        _ => Class::Write,
+    }
+}
+
+fn query_class(query: &Query, options: &Options) -> Class {
+    let mut v = WriteFinder {
+        options,
+        found: false,
+    };
+    let _ = query.visit(&mut v);
+    if v.found {
+        Class::Write
+    } else {
+        Class::Read
+    }
+}
+
+/// Looks through a query at any depth for what makes it a write.
+struct WriteFinder<'a> {
+    options: &'a Options,
+    found: bool,
+}
+
+impl Visitor for WriteFinder<'_> {
+    type Break = ();
+
+    fn pre_visit_query(&mut self, query: &Query) -> ControlFlow<()> {
+        // FOR UPDATE / FOR SHARE / FOR NO KEY UPDATE / FOR KEY SHARE.
+        if !query.locks.is_empty() {
+            return self.stop();
+        }
+        if matches!(
+            &*query.body,
+            SetExpr::Insert(_) | SetExpr::Update(_) | SetExpr::Delete(_) | SetExpr::Merge(_)
+        ) {
+            return self.stop();
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_select(&mut self, select: &Select) -> ControlFlow<()> {
+        // SELECT ... INTO new_table creates a table.
+        if select.into.is_some() {
+            return self.stop();
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {
+        // Data-modifying statements nested in WITH.
+        if !matches!(statement, Statement::Query(_)) {
+            return self.stop();
+        }
+        ControlFlow::Continue(())
+    }
+
+    fn pre_visit_expr(&mut self, expr: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = expr {
+            let name = function_name(&f.name.to_string());
+            let writes = self.options.writes(&name)
+                || (self.options.unknown_functions_write
+                    && !self.options.read_only_functions.contains(&name));
+            if writes {
+                return self.stop();
+            }
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+impl WriteFinder<'_> {
+    fn stop(&mut self) -> ControlFlow<()> {
+        self.found = true;
+        ControlFlow::Break(())
+    }
+}
+
+/// `pg_catalog."NextVal"` → `nextval`; quoted names keep their case.
+fn function_name(qualified: &str) -> String {
+    let last = qualified.rsplit('.').next().unwrap_or(qualified);
+    if last.starts_with('"') {
+        last.trim_matches('"').replace("\"\"", "\"")
+    } else {
+        last.to_ascii_lowercase()
+    }
+}
+
+/// Leading-keyword classification for statements sqlparser cannot read
+/// (DO blocks, VACUUM, REFRESH MATERIALIZED VIEW, newer syntax ...).
+pub fn fallback(sql: &str) -> Class {
+    let words = crate::lexer::leading_words(sql, 8);
+    let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
+    let has = |kw: &str| words.iter().any(|x| x == kw);
+    match w(0) {
+        // TABLE name is SELECT * FROM name.
+        "show" | "table" => Class::Read,
+        // EXPLAIN without ANALYZE runs nothing.
+        "explain" if !has("analyze") => Class::Read,
+        "begin" | "start" => Class::Begin {
+            read_only: has("only") && !has("write"),
+        },
+        "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" | "prepare"
+            if w(0) != "prepare" || w(1) == "transaction" =>
+        {
+            Class::TransactionControl
+        }
+        "set" if w(1) == "transaction" => Class::SetTransaction {
+            read_only: has("only"),
+        },
+        "set" | "reset" | "discard" | "deallocate" => Class::Session,
+        // SELECT that did not parse, DO, VACUUM, REFRESH, anything else.
+        _ => Class::Write,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn unparseable_statements_fall_back_to_keywords() {
+        let o = Options::default();
+        for (sql, class) in [
+            (
+                "IMPORT FOREIGN SCHEMA public FROM SERVER remote INTO local",
+                Class::Write,
+            ),
+            ("TABLE users", Class::Read),
+        ] {
+            assert_eq!(classify(sql, &o), (class, Source::Fallback), "{sql}");
+        }
+        assert_eq!(fallback("SHOW ALL THE THINGS ("), Class::Read);
+        assert_eq!(fallback("EXPLAIN SELECT ((("), Class::Read);
+        assert_eq!(fallback("EXPLAIN ANALYZE SELECT ((("), Class::Write);
+        assert_eq!(
+            fallback("BEGIN READ ONLY ((("),
+            Class::Begin { read_only: true }
+        );
+        assert_eq!(fallback("SELECT ((( FOR NO KEY UPDATE"), Class::Write);
+        assert_eq!(
+            fallback("PREPARE TRANSACTION 'x' ((("),
+            Class::TransactionControl
+        );
+        assert_eq!(fallback("PREPARE q AS ((("), Class::Write);
+        assert_eq!(fallback(""), Class::Write);
+    }
+}

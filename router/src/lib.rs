@@ -1,0 +1,16 @@
+//! Shardline's routing logic, pure: no sockets, no clock, no pools. Input is
+//! statement text (and, later, bound parameters and session facts); output is
+//! data the proxy acts on. Everything here is unit-tested and benchmarked alone.
+//!
+//! Today: read/write classification (`classify`), routing hints in leading
+//! comments (`hint`), a bounded cache of results keyed by statement text
+//! (`cache`), and the small SQL lexer shared with the proxy (`lexer`).
+
+pub mod cache;
+pub mod classify;
+pub mod hint;
+pub mod lexer;
+
+pub use cache::{Route, Router};
+pub use classify::{classify, Class, Options, Source};
+pub use hint::{Hint, RoleHint};
