@@ -99,7 +99,7 @@ pub async fn run(port: u16) -> Result<()> {
         "  shard s0: primary 127.0.0.1:{} and streaming replica 127.0.0.1:{r}",
         p.port
     );
-    if std::env::var("USER").as_deref() == Ok("root") || is_root() {
+    if is_root() {
         println!("  (running as root: the Postgres servers run as the 'postgres' user)");
     }
     println!("  data and config: {}", cluster.root.display());
