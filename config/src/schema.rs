@@ -18,6 +18,12 @@ pub struct Config {
     #[serde(default)]
     pub tls: TlsConfig,
     #[serde(default)]
+    pub health: HealthConfig,
+    #[serde(default)]
+    pub load_balancing: LoadBalancingConfig,
+    #[serde(default)]
+    pub routing: RoutingConfig,
+    #[serde(default)]
     pub users: Vec<User>,
     #[serde(default)]
     pub shards: Vec<Shard>,
@@ -153,6 +159,144 @@ pub enum ServerTlsMode {
     Prefer,
     /// TLS or no connection.
     Require,
+}
+
+/// The health and lag checker: every node is polled each `interval`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HealthConfig {
+    #[serde(default = "default_health_interval", with = "serde_duration")]
+    pub interval: Duration,
+    /// A check (connect + query) taking longer than this fails.
+    #[serde(default = "default_health_timeout", with = "serde_duration")]
+    pub timeout: Duration,
+    /// A replica further behind than this (in time) gets no reads.
+    #[serde(default = "default_max_replica_lag", with = "serde_duration")]
+    pub max_replica_lag: Duration,
+    /// A replica further behind than this many WAL bytes gets no reads.
+    #[serde(default = "default_max_replica_lag_bytes")]
+    pub max_replica_lag_bytes: u64,
+    /// A node that refused connections or failed a check is skipped this long.
+    #[serde(default = "default_ban_time", with = "serde_duration")]
+    pub ban_time: Duration,
+    /// Promote the most caught-up replica after the primary has been
+    /// unreachable for `auto_promote_after`. Off by default.
+    #[serde(default)]
+    pub auto_promote: bool,
+    #[serde(default = "default_auto_promote_after", with = "serde_duration")]
+    pub auto_promote_after: Duration,
+    /// Role used for checks (default: the first user's server role).
+    #[serde(default)]
+    pub user: Option<String>,
+    #[serde(default)]
+    pub password: Option<String>,
+    /// Database used for checks (default: the first user's database).
+    #[serde(default)]
+    pub database: Option<String>,
+}
+
+impl Default for HealthConfig {
+    fn default() -> Self {
+        HealthConfig {
+            interval: default_health_interval(),
+            timeout: default_health_timeout(),
+            max_replica_lag: default_max_replica_lag(),
+            max_replica_lag_bytes: default_max_replica_lag_bytes(),
+            ban_time: default_ban_time(),
+            auto_promote: false,
+            auto_promote_after: default_auto_promote_after(),
+            user: None,
+            password: None,
+            database: None,
+        }
+    }
+}
+
+/// How reads are spread over replicas.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LoadBalancingConfig {
+    #[serde(default)]
+    pub strategy: Strategy,
+    #[serde(default)]
+    pub read_your_writes: ReadYourWrites,
+    /// With `read_your_writes = "primary_window"`: how long after a write a
+    /// client's reads go to the primary.
+    #[serde(default = "default_primary_window", with = "serde_duration")]
+    pub primary_window: Duration,
+    /// The proxy's zone: replicas with the same `zone` are preferred.
+    #[serde(default)]
+    pub zone: Option<String>,
+    /// With no eligible replica, read from the primary (true) or fail the read (false).
+    #[serde(default = "default_true")]
+    pub replica_fallback_to_primary: bool,
+    /// Send reads to the primary too, as one more candidate (default: replicas only).
+    #[serde(default)]
+    pub primary_reads: bool,
+}
+
+impl Default for LoadBalancingConfig {
+    fn default() -> Self {
+        LoadBalancingConfig {
+            strategy: Strategy::default(),
+            read_your_writes: ReadYourWrites::default(),
+            primary_window: default_primary_window(),
+            zone: None,
+            replica_fallback_to_primary: true,
+            primary_reads: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Strategy {
+    #[default]
+    RoundRobin,
+    LeastConnections,
+    Random,
+    ClientHash,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReadYourWrites {
+    /// After a write commits, the client's reads go only to replicas that
+    /// replayed past the primary's WAL position at that commit.
+    #[default]
+    Lsn,
+    /// The client's reads go to the primary for `primary_window` after a write.
+    PrimaryWindow,
+    Off,
+}
+
+/// Read/write classification settings.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RoutingConfig {
+    /// Your functions that write: a SELECT calling one goes to the primary.
+    #[serde(default)]
+    pub writing_functions: Vec<String>,
+    /// Strict mode: a SELECT calling any function not built in and not
+    /// listed in `read_only_functions` goes to the primary.
+    #[serde(default)]
+    pub unknown_functions_write: bool,
+    #[serde(default)]
+    pub read_only_functions: Vec<String>,
+    /// Routing results cached by statement text.
+    #[serde(default = "default_route_cache")]
+    pub cache_size: usize,
+}
+
+impl Default for RoutingConfig {
+    fn default() -> Self {
+        RoutingConfig {
+            writing_functions: Vec::new(),
+            unknown_functions_write: false,
+            read_only_functions: Vec::new(),
+            cache_size: default_route_cache(),
+        }
+    }
 }
 
 /// TLS towards clients: both files or neither.
@@ -306,4 +450,31 @@ fn default_prepared_cache_size() -> usize {
 }
 fn default_pg_port() -> u16 {
     5432
+}
+fn default_health_interval() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_health_timeout() -> Duration {
+    Duration::from_secs(2)
+}
+fn default_max_replica_lag() -> Duration {
+    Duration::from_millis(500)
+}
+fn default_max_replica_lag_bytes() -> u64 {
+    16 * 1024 * 1024
+}
+fn default_ban_time() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_auto_promote_after() -> Duration {
+    Duration::from_secs(10)
+}
+fn default_primary_window() -> Duration {
+    Duration::from_secs(1)
+}
+fn default_route_cache() -> usize {
+    10_000
+}
+fn default_true() -> bool {
+    true
 }

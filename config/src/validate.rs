@@ -15,6 +15,18 @@ pub(crate) fn validate(c: &Config, file: &str) -> Result<(), ConfigError> {
             ),
         );
     }
+    if c.health.interval < std::time::Duration::from_millis(10) {
+        return err(
+            "health.interval".into(),
+            format!("expected at least 10ms, found {:?}", c.health.interval),
+        );
+    }
+    if c.health.timeout.is_zero() {
+        return err(
+            "health.timeout".into(),
+            "expected a positive duration".into(),
+        );
+    }
     if c.pool.size == 0 {
         return err("pool.size".into(), "expected at least 1".into());
     }

@@ -11,9 +11,8 @@ pub async fn run(config: &Config) -> Result<bool> {
     let mut ok = true;
     for entry in shared.users.values() {
         for shard in &entry.pools.shards {
-            for (role, node) in std::iter::once(("primary", &shard.primary))
-                .chain(shard.replicas.iter().map(|r| ("replica", r)))
-            {
+            for (i, node) in shard.nodes.iter().enumerate() {
+                let role = if i == 0 { "primary" } else { "replica" };
                 match node.checkout().await {
                     Ok(conn) => {
                         let conn: &ServerConnection = &conn;

@@ -7,6 +7,7 @@ pub mod cancel;
 pub mod check;
 pub mod cluster;
 pub mod demo;
+pub mod health;
 pub mod protocol;
 pub mod server;
 pub mod session;
@@ -45,6 +46,54 @@ pub struct Shared {
     pub next_token: AtomicU64,
     pub max_message_size: usize,
     pub auth_timeout: Duration,
+    /// Roles, bans and lag of every node.
+    pub topology: Arc<health::Topology>,
+    /// Read/write classification with its cache (shared by all sessions).
+    pub router: std::sync::Mutex<shardline_router::Router>,
+    pub balancing: Balancing,
+    pub ban_time: Duration,
+    /// Targets for the health checkers, by shard and node.
+    health_targets: Vec<Vec<ServerTarget>>,
+    health: shardline_config::HealthConfig,
+}
+
+/// Load-balancing settings in the form sessions use.
+pub struct Balancing {
+    pub strategy: shardline_router::balance::Strategy,
+    pub read_your_writes: shardline_config::ReadYourWrites,
+    pub primary_window: Duration,
+    pub zone: Option<String>,
+    pub fallback_to_primary: bool,
+    pub primary_reads: bool,
+}
+
+impl Balancing {
+    fn from_config(c: &shardline_config::LoadBalancingConfig) -> Balancing {
+        use shardline_config::Strategy as S;
+        use shardline_router::balance::Strategy;
+        Balancing {
+            strategy: match c.strategy {
+                S::RoundRobin => Strategy::RoundRobin,
+                S::LeastConnections => Strategy::LeastConnections,
+                S::Random => Strategy::Random,
+                S::ClientHash => Strategy::ClientHash,
+            },
+            read_your_writes: c.read_your_writes,
+            primary_window: c.primary_window,
+            zone: c.zone.clone(),
+            fallback_to_primary: c.replica_fallback_to_primary,
+            primary_reads: c.primary_reads,
+        }
+    }
+}
+
+fn router_options(c: &shardline_config::RoutingConfig) -> shardline_router::Options {
+    let lower = |v: &[String]| v.iter().map(|f| f.to_ascii_lowercase()).collect();
+    shardline_router::Options {
+        writing_functions: lower(&c.writing_functions),
+        read_only_functions: lower(&c.read_only_functions),
+        unknown_functions_write: c.unknown_functions_write,
+    }
 }
 
 impl Shared {
@@ -61,30 +110,66 @@ impl Shared {
             shardline_config::ServerTlsMode::Disable => None,
             _ => Some(tls::connector(config.pool.server_tls_ca.as_deref())?),
         };
+        let topology = Arc::new(health::Topology::new(config));
+        let target_for = |n: &shardline_config::Node,
+                          user: &str,
+                          password: Option<&str>,
+                          database: &str| ServerTarget {
+            host: n.host.clone(),
+            port: n.port,
+            user: user.to_string(),
+            password: password.map(str::to_string),
+            database: database.to_string(),
+            tls_mode: config.pool.server_tls,
+            tls: server_tls.clone(),
+            application_name: None,
+        };
+        let nodes_of = |s: &shardline_config::Shard| {
+            std::iter::once(&s.primary)
+                .chain(&s.replicas)
+                .cloned()
+                .collect::<Vec<_>>()
+        };
+        let health_targets = match config.users.first() {
+            Some(first) => {
+                let h = &config.health;
+                let user = h.user.as_deref().unwrap_or(first.server_user());
+                let password = h.password.as_deref().or(first.server_password());
+                let database = h.database.as_deref().unwrap_or(&first.database);
+                config
+                    .shards
+                    .iter()
+                    .map(|s| {
+                        nodes_of(s)
+                            .iter()
+                            .map(|n| ServerTarget {
+                                application_name: Some("shardline-health"),
+                                ..target_for(n, user, password, database)
+                            })
+                            .collect()
+                    })
+                    .collect()
+            }
+            None => Vec::new(),
+        };
         let mut users = HashMap::new();
         for u in &config.users {
             let size = u.pool_size.unwrap_or(config.pool.size);
             let shards = config
                 .shards
                 .iter()
-                .map(|s| {
-                    let pool = |n: &shardline_config::Node| {
-                        let target = ServerTarget {
-                            host: n.host.clone(),
-                            port: n.port,
-                            user: u.server_user().to_string(),
-                            password: u.server_password().map(str::to_string),
-                            database: u.database.clone(),
-                            tls_mode: config.pool.server_tls,
-                            tls: server_tls.clone(),
-                        };
-                        NodePool::new(target, size, &config.pool)
-                    };
-                    ShardPools {
-                        name: s.name.clone(),
-                        primary: pool(&s.primary),
-                        replicas: s.replicas.iter().map(pool).collect(),
-                    }
+                .zip(&topology.shards)
+                .map(|(s, health)| ShardPools {
+                    name: s.name.clone(),
+                    nodes: nodes_of(s)
+                        .iter()
+                        .zip(&health.nodes)
+                        .map(|(n, h)| {
+                            let target =
+                                target_for(n, u.server_user(), u.server_password(), &u.database);
+                            NodePool::new(target, h.clone(), size, &config.pool)
+                        })
+                        .collect(),
                 })
                 .collect();
             let secret = auth::Secret::for_user(u).map_err(anyhow::Error::msg)?;
@@ -109,15 +194,87 @@ impl Shared {
             next_token: AtomicU64::new(1),
             max_message_size: config.proxy.max_message_size as usize,
             auth_timeout: config.proxy.auth_timeout,
+            topology,
+            router: std::sync::Mutex::new(shardline_router::Router::new(
+                router_options(&config.routing),
+                config.routing.cache_size,
+            )),
+            balancing: Balancing::from_config(&config.load_balancing),
+            ban_time: config.health.ban_time,
+            health_targets,
+            health: config.health.clone(),
         })
+    }
+
+    /// Checks every node once, then keeps checking in the background.
+    async fn start_health_checks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        let mut checkers: Vec<_> = self
+            .topology
+            .shards
+            .iter()
+            .zip(&self.health_targets)
+            .map(|(shard, targets)| {
+                health::Checker::new(shard.clone(), targets.clone(), self.health.clone())
+            })
+            .collect();
+        futures_util::future::join_all(checkers.iter_mut().map(|c| c.round())).await;
+        checkers
+            .into_iter()
+            .map(|c| tokio::spawn(c.run()))
+            .collect()
+    }
+
+    /// ParameterStatus values for a new client: from the primary, or any
+    /// node that answers.
+    pub async fn server_params(
+        &self,
+        user: &UserEntry,
+    ) -> Result<Arc<Vec<(String, String)>>, protocol::backend::PgError> {
+        let shard = &self.topology.shards[0];
+        let pools = &user.pools.shards[0];
+        let mut last = None;
+        for i in shard.writer().ok().into_iter().chain(0..pools.nodes.len()) {
+            if shard.nodes[i].is_down() {
+                continue;
+            }
+            match pools.nodes[i].server_params().await {
+                Ok(p) => return Ok(p),
+                Err(e) => last = Some(e),
+            }
+        }
+        Err(last.unwrap_or_else(|| {
+            let why: Vec<String> = shard
+                .nodes
+                .iter()
+                .map(|n| format!("{}: {}", n.address, n.last_error()))
+                .collect();
+            protocol::backend::PgError::error(
+                protocol::backend::sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "shard {}: no node is reachable ({})",
+                    shard.name,
+                    why.join("; ")
+                ),
+            )
+        }))
     }
 }
 
 /// A running proxy.
 pub struct Proxy {
     pub local_addr: SocketAddr,
+    pub shared: Arc<Shared>,
     shutdown: watch::Sender<bool>,
-    task: tokio::task::JoinHandle<()>,
+    task: Option<tokio::task::JoinHandle<()>>,
+    checkers: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Drop for Proxy {
+    fn drop(&mut self) {
+        for c in &self.checkers {
+            c.abort();
+        }
+    }
 }
 
 impl Proxy {
@@ -128,14 +285,17 @@ impl Proxy {
             .await
             .with_context(|| format!("cannot listen on {}", config.proxy.listen))?;
         let local_addr = listener.local_addr()?;
+        let checkers = shared.start_health_checks().await;
         let (tx, rx) = watch::channel(false);
         let grace = config.proxy.shutdown_timeout;
-        let task = tokio::spawn(accept_loop(listener, shared, rx, grace));
+        let task = tokio::spawn(accept_loop(listener, shared.clone(), rx, grace));
         tracing::info!(%local_addr, "shardline listening");
         Ok(Proxy {
             local_addr,
+            shared,
             shutdown: tx,
-            task,
+            task: Some(task),
+            checkers,
         })
     }
 
@@ -145,8 +305,10 @@ impl Proxy {
     }
 
     /// Waits until every session has ended (after `shutdown`).
-    pub async fn wait(self) {
-        let _ = self.task.await;
+    pub async fn wait(mut self) {
+        if let Some(task) = self.task.take() {
+            let _ = task.await;
+        }
     }
 }
 

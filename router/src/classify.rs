@@ -18,9 +18,10 @@ pub enum Class {
     Read,
     /// Must run on the primary.
     Write,
-    /// BEGIN / START TRANSACTION; `read_only` when it says READ ONLY.
+    /// BEGIN / START TRANSACTION; `read_only` when it says READ ONLY (and
+    /// not SERIALIZABLE, which a hot standby refuses).
     Begin { read_only: bool },
-    /// SET TRANSACTION ...; `read_only` when it sets READ ONLY.
+    /// SET TRANSACTION ...; `read_only` as for `Begin`.
     SetTransaction { read_only: bool },
     /// COMMIT, ROLLBACK, SAVEPOINT, RELEASE, PREPARE TRANSACTION ...
     TransactionControl,
@@ -117,13 +118,23 @@ fn combine(a: Class, b: Class) -> Class {
     }
 }
 
+/// READ ONLY and able to run on a hot standby (which refuses SERIALIZABLE).
 fn read_only(modes: &[TransactionMode]) -> bool {
-    modes.iter().any(|m| {
+    let ro = modes.iter().any(|m| {
         matches!(
             m,
             TransactionMode::AccessMode(TransactionAccessMode::ReadOnly)
         )
-    })
+    });
+    let serializable = modes.iter().any(|m| {
+        matches!(
+            m,
+            TransactionMode::IsolationLevel(
+                sqlparser::ast::TransactionIsolationLevel::Serializable
+            )
+        )
+    });
+    ro && !serializable
 }
 
 pub fn classify_statement(statement: &Statement, options: &Options) -> Class {
@@ -284,7 +295,7 @@ pub fn fallback(sql: &str) -> Class {
         // EXPLAIN without ANALYZE runs nothing.
         "explain" if !has("analyze") => Class::Read,
         "begin" | "start" => Class::Begin {
-            read_only: has("only") && !has("write"),
+            read_only: has("only") && !has("write") && !has("serializable"),
         },
         "commit" | "end" | "rollback" | "abort" | "savepoint" | "release" | "prepare"
             if w(0) != "prepare" || w(1) == "transaction" =>
@@ -292,7 +303,7 @@ pub fn fallback(sql: &str) -> Class {
             Class::TransactionControl
         }
         "set" if w(1) == "transaction" => Class::SetTransaction {
-            read_only: has("only"),
+            read_only: has("only") && !has("write") && !has("serializable"),
         },
         "set" | "reset" | "discard" | "deallocate" => Class::Session,
         // SELECT that did not parse, DO, VACUUM, REFRESH, anything else.

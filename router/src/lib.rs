@@ -4,13 +4,18 @@
 //!
 //! Today: read/write classification (`classify`), routing hints in leading
 //! comments (`hint`), a bounded cache of results keyed by statement text
-//! (`cache`), and the small SQL lexer shared with the proxy (`lexer`).
+//! (`cache`), where a unit of work runs (`plan`), which replica serves a read
+//! (`balance`), and the small SQL lexer
+//! shared with the proxy (`lexer`).
 
+pub mod balance;
 pub mod cache;
 pub mod classify;
 pub mod hint;
 pub mod lexer;
+pub mod plan;
 
 pub use cache::{Route, Router};
 pub use classify::{classify, Class, Options, Source};
 pub use hint::{Hint, RoleHint};
+pub use plan::{lone_transaction_end, plan_unit, Target, UnitFacts, UnitPlan};

@@ -203,6 +203,7 @@ impl Env {
             for p in c.nodes.iter().filter(|n| n.is_primary) {
                 c.psql(p, "postgres", ROLES)?;
             }
+            c.wait_replicas_caught_up(Duration::from_secs(30))?;
             Ok(c)
         })
         .await??;
@@ -271,14 +272,51 @@ impl Env {
     }
 
     /// Server connections the proxy holds open to the first primary, by state.
+    /// The most server connections the proxy's pools hold open to any one
+    /// node, by state (health-check connections not counted).
     pub fn server_backends(&self, state: Option<&str>) -> usize {
         let filter = state
             .map(|s| format!(" AND state = '{s}'"))
             .unwrap_or_default();
         let sql = format!(
-            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND usename <> 'postgres'{filter}"
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend' AND pid <> pg_backend_pid() AND usename <> 'postgres' AND application_name <> 'shardline-health'{filter}"
         );
-        self.sql(&sql).parse().expect("a count")
+        (0..self.backend.nodes().len())
+            .map(|i| self.sql_on(i, &sql).parse::<usize>().expect("a count"))
+            .max()
+            .unwrap_or(0)
+    }
+
+    /// Runs SQL directly on node `index` (cluster order) as the superuser, in database `app`.
+    pub fn sql_on(&self, index: usize, sql: &str) -> String {
+        self.backend
+            .psql(&self.backend.nodes()[index], "app", sql)
+            .expect("direct SQL on a node")
+    }
+
+    /// Waits until every replica has replayed what its primary wrote and the
+    /// proxy's health checks see every node up and in rotation.
+    pub async fn wait_healthy(&self) {
+        let backend = &self.backend;
+        backend
+            .wait_replicas_caught_up(Duration::from_secs(30))
+            .expect("replicas catch up");
+        let shared = self.proxy.as_ref().expect("a running proxy").shared.clone();
+        let started = std::time::Instant::now();
+        loop {
+            let ok =
+                shared.topology.shards.iter().all(|s| {
+                    s.writer().is_ok() && s.nodes.iter().all(|n| !n.is_down() && n.lag_ok())
+                });
+            if ok {
+                return;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(30),
+                "the proxy never saw every node healthy"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
     }
 
     /// Stops the proxy, letting sessions finish.

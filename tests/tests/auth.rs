@@ -181,6 +181,8 @@ async fn tls_to_servers() {
         "{e:?}"
     );
     env.backend.enable_tls(0).unwrap();
+    // The proxy's next health check sees the server answer again.
+    env.wait_healthy().await;
     let c = env.connect_as("app", "app").await.unwrap();
     let ssl: bool = c
         .query_one(

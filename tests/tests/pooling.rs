@@ -181,6 +181,8 @@ async fn server_restart_is_invisible_after_the_check_delay() {
     env.backend.stop_node(0, "fast").unwrap();
     env.backend.start_node(0).unwrap();
     tokio::time::sleep(Duration::from_millis(1200)).await;
+    // A health check may have caught the restart; wait for the next good one.
+    env.wait_healthy().await;
     // The pooled connection died with the server; the client never sees it.
     let after: i32 = c
         .query_one("SELECT pg_backend_pid()", &[])

@@ -28,6 +28,8 @@ pub struct ServerTarget {
     pub database: String,
     pub tls_mode: ServerTlsMode,
     pub tls: Option<tokio_rustls::TlsConnector>,
+    /// Sent as `application_name` (set for the proxy's own connections).
+    pub application_name: Option<&'static str>,
 }
 
 impl ServerTarget {
@@ -68,6 +70,9 @@ pub enum ServerError {
 
 /// One server connection and what the proxy knows of its state.
 pub struct ServerConnection {
+    /// Listed in its node's registry so a failed node's connections can be
+    /// cut at once. Declared first: dropped (unlisted) before the socket closes.
+    pub listed: Option<crate::health::Listed>,
     pub stream: Stream,
     /// Bytes read from the server not yet processed.
     pub read_buf: BytesMut,
@@ -120,12 +125,16 @@ impl ServerConnection {
             ("database", target.database.as_str()),
         ];
         params.push(("client_encoding", "UTF8"));
+        if let Some(name) = target.application_name {
+            params.push(("application_name", name));
+        }
         stream
             .write_all(&startup::startup_message(&params))
             .await
             .map_err(io_err)?;
 
         let mut conn = ServerConnection {
+            listed: None,
             stream,
             read_buf: BytesMut::with_capacity(16 * 1024),
             addr: addr.clone().into(),
@@ -141,6 +150,62 @@ impl ServerConnection {
         };
         conn.authenticate(target).await?;
         Ok(conn)
+    }
+
+    /// Runs one simple query and returns its rows as text (NULL as `None`)
+    /// with the transaction status it ended in. For the proxy's own work
+    /// (health checks, resets), not for clients' queries. A server error
+    /// becomes `ServerError::Refused`.
+    pub async fn simple_query(
+        &mut self,
+        sql: &str,
+    ) -> Result<(Vec<Vec<Option<String>>>, u8), ServerError> {
+        use crate::protocol::backend::{DATA_ROW, ERROR_RESPONSE, READY_FOR_QUERY};
+        let mut out = BytesMut::new();
+        crate::protocol::frontend::write_query(&mut out, sql);
+        self.send(&out).await?;
+        let mut rows = Vec::new();
+        let mut error = None;
+        loop {
+            while let Ok(Some((tag, len))) =
+                crate::protocol::peek_header(&self.read_buf, usize::MAX)
+            {
+                if self.read_buf.len() < len {
+                    break;
+                }
+                let msg = self.read_buf.split_to(len);
+                let body = &msg[5..];
+                match tag {
+                    DATA_ROW => rows.push(
+                        data_row_text(body)
+                            .ok_or_else(|| self.protocol_error("malformed DataRow".into()))?,
+                    ),
+                    ERROR_RESPONSE => error = Some(parse_error_fields(body)),
+                    READY_FOR_QUERY => {
+                        self.tx_status = body.first().copied().unwrap_or(b'E');
+                        return match error {
+                            Some(fields) => Err(ServerError::Refused {
+                                addr: self.addr.to_string(),
+                                fields,
+                            }),
+                            None => Ok((rows, self.tx_status)),
+                        };
+                    }
+                    _ => {}
+                }
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read_buf)
+                .await
+                .map_err(|source| ServerError::Io {
+                    addr: self.addr.to_string(),
+                    source,
+                })?;
+            if n == 0 {
+                return Err(self.protocol_error("server closed the connection".into()));
+            }
+        }
     }
 
     async fn read_message(&mut self) -> Result<Message, ServerError> {
@@ -274,6 +339,21 @@ impl ServerConnection {
             }
         }
     }
+}
+
+/// The columns of a DataRow in text format.
+fn data_row_text(body: &[u8]) -> Option<Vec<Option<String>>> {
+    let mut r = crate::protocol::Reader::new(body);
+    let n = r.i16()?;
+    (0..n)
+        .map(|_| match r.i32()? {
+            -1 => Some(None),
+            len => {
+                let b = r.bytes(usize::try_from(len).ok()?)?;
+                Some(Some(String::from_utf8_lossy(b).into_owned()))
+            }
+        })
+        .collect()
 }
 
 fn sasl_offers_scram(body: &AuthenticationSaslBody) -> bool {

@@ -15,6 +15,7 @@ use std::time::Duration;
 
 pub struct Manager {
     target: ServerTarget,
+    node: Arc<crate::health::NodeHealth>,
     max_prepared: usize,
     check_delay: Duration,
     max_lifetime: Duration,
@@ -27,7 +28,8 @@ impl managed::Manager for Manager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConnection, ServerError> {
-        let conn = ServerConnection::connect(&self.target, self.max_prepared).await?;
+        let mut conn = ServerConnection::connect(&self.target, self.max_prepared).await?;
+        conn.listed = Some(self.node.list(&conn));
         tracing::debug!(server = %conn.addr, pid = conn.pid, "opened server connection");
         let _ = self.params.set(Arc::new(conn.params.clone()));
         Ok(conn)
@@ -65,10 +67,16 @@ pub struct NodePool {
 }
 
 impl NodePool {
-    pub fn new(target: ServerTarget, size: usize, cfg: &PoolConfig) -> Arc<NodePool> {
+    pub fn new(
+        target: ServerTarget,
+        node: Arc<crate::health::NodeHealth>,
+        size: usize,
+        cfg: &PoolConfig,
+    ) -> Arc<NodePool> {
         let address = target.address();
         let manager = Manager {
             target,
+            node,
             max_prepared: cfg.prepared_statements_per_server,
             check_delay: cfg.server_check_delay,
             max_lifetime: cfg.max_lifetime,
@@ -147,6 +155,12 @@ impl NodePool {
         }
     }
 
+    /// Connections lent out now.
+    pub fn in_use(&self) -> usize {
+        let s = self.pool.status();
+        s.size.saturating_sub(s.available)
+    }
+
     /// Startup parameters to report to clients, opening a connection if none is known yet.
     pub async fn server_params(&self) -> Result<Arc<Vec<(String, String)>>, PgError> {
         if let Some(p) = self.pool.manager().params.get() {
@@ -207,8 +221,9 @@ pub struct PoolSet {
     pub shards: Vec<ShardPools>,
 }
 
+/// One shard's pools, in the order of its `ShardHealth::nodes` (the
+/// configured primary first, then the replicas).
 pub struct ShardPools {
     pub name: String,
-    pub primary: Arc<NodePool>,
-    pub replicas: Vec<Arc<NodePool>>,
+    pub nodes: Vec<Arc<NodePool>>,
 }

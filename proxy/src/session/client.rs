@@ -28,6 +28,10 @@ pub(super) enum Flow {
     Done,
     /// The next message needs a server connection and none is attached.
     NeedServer,
+    /// The next message starts a unit that may not run where the attached
+    /// server is (a write behind a read on a replica): wait for that server
+    /// to finish, then route it.
+    Wait,
 }
 
 /// Messages that must reach a server (when not answered by the proxy).
@@ -49,10 +53,18 @@ impl Session {
     pub(super) fn on_client_data(&mut self) -> Result<Flow, End> {
         loop {
             match peek_header(&self.client_in, self.shared.max_message_size) {
-                Ok(Some((tag, _)))
-                    if needs_server(tag) && self.server.is_none() && !self.skip_until_sync =>
-                {
-                    return Ok(Flow::NeedServer)
+                Ok(Some((tag, _))) if needs_server(tag) && !self.skip_until_sync => {
+                    if self.server.is_none() {
+                        return Ok(Flow::NeedServer);
+                    }
+                    // A new unit behind one still in flight on a read server.
+                    if self.read_attach
+                        && !self.unit_open
+                        && !self.pending.is_empty()
+                        && !self.may_follow()
+                    {
+                        return Ok(Flow::Wait);
+                    }
                 }
                 Ok(_) => {}
                 Err(e) => return Err(violation(e.to_string())),
@@ -83,9 +95,48 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the unit at the front of the buffer may follow the one in
+    /// flight on the attached read server: only another read. (Once that one
+    /// is answered, the server is released, or kept for its transaction.)
+    fn may_follow(&self) -> bool {
+        matches!(
+            self.plan_unit(),
+            shardline_router::UnitPlan::Run {
+                target: shardline_router::Target::Replica,
+                ..
+            }
+        )
+    }
+
+    /// `SET shardline.role = ...` / `RESET shardline.role` as a query of its
+    /// own: the proxy's setting, answered here. Returns whether it was one.
+    pub(super) fn take_role_setting(&mut self) -> Result<bool, End> {
+        let Ok(Some((frontend::QUERY, len))) =
+            peek_header(&self.client_in, self.shared.max_message_size)
+        else {
+            return Ok(false);
+        };
+        if self.client_in.len() < len {
+            return Ok(false);
+        }
+        let text = frontend::query(&self.client_in[5..len])?;
+        let Some(role) = role_setting(text) else {
+            return Ok(false);
+        };
+        let _ = next_frame(&mut self.client_in, usize::MAX);
+        self.session_role = role;
+        let tag = if role.is_some() { "SET" } else { "RESET" };
+        self.synthetic(Synthetic::CommandComplete(tag));
+        self.synthetic(Synthetic::ReadyForQuery);
+        Ok(true)
+    }
+
     fn on_client_frame(&mut self, f: Frame) -> Result<(), End> {
         if self.skip_until_sync && f.tag != frontend::SYNC && f.tag != frontend::TERMINATE {
             return Ok(());
+        }
+        if let Some(sent) = self.retry.as_mut() {
+            sent.extend_from_slice(&f.bytes);
         }
         match f.tag {
             frontend::QUERY => self.on_query(f),
@@ -200,11 +251,12 @@ impl Session {
         let effect = std::str::from_utf8(p.query)
             .ok()
             .and_then(sql::statement_effect);
+        let route = self.route_text(p.query);
         if p.name.is_empty() {
             let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
             // The definition is a slice of the frame: no copy.
             let start = f.bytes.len() - p.definition.len();
-            self.unnamed = Some((token, f.bytes.slice(start..), effect));
+            self.unnamed = Some((token, f.bytes.slice(start..), effect, route));
             if let Some(server) = self.server.as_mut() {
                 server.unnamed_token = token;
             }
@@ -223,7 +275,9 @@ impl Session {
             self.fail_request(e, false);
             return Ok(());
         }
-        let stmt = self.shared.statements.intern(p.definition, effect);
+        // Re-running this unit elsewhere would prepare the name twice.
+        self.retry = None;
+        let stmt = self.shared.statements.intern(p.definition, effect, route);
         let client_name: Box<[u8]> = p.name.into();
         self.statements.insert(client_name.clone(), stmt.clone());
         self.unit_open = true;
@@ -294,7 +348,7 @@ impl Session {
 
     /// Makes sure the attached server's unnamed statement is this client's.
     fn ensure_unnamed(&mut self) {
-        let (Some((token, definition, _)), Some(server)) = (&self.unnamed, self.server.as_mut())
+        let (Some((token, definition, ..)), Some(server)) = (&self.unnamed, self.server.as_mut())
         else {
             return;
         };
@@ -401,4 +455,19 @@ impl Session {
         self.pending.push_back(Pending::forward(Kind::Close));
         Ok(())
     }
+}
+
+/// `SET [SESSION] shardline.role ...` or `RESET shardline.role` alone:
+/// `Some(new role)`. A cheap check first: most queries are not about it.
+fn role_setting(text: &[u8]) -> Option<Option<shardline_router::RoleHint>> {
+    let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
+    let word = text[start..].split(|b| b.is_ascii_whitespace()).next()?;
+    if !word.eq_ignore_ascii_case(b"set") && !word.eq_ignore_ascii_case(b"reset") {
+        return None;
+    }
+    let text = std::str::from_utf8(text).ok()?;
+    if shardline_router::lexer::split_statements(text).len() != 1 {
+        return None;
+    }
+    shardline_router::hint::session_role(text)
 }

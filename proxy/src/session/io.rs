@@ -3,8 +3,6 @@
 //! blocks writing to one peer while the other waits for it to read.
 
 use super::Session;
-use crate::protocol::backend::READY_FOR_QUERY;
-use crate::protocol::{frontend, peek_header};
 use crate::server::ServerConnection;
 use crate::stream::Stream;
 use bytes::{Buf, BytesMut};
@@ -12,7 +10,7 @@ use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
 
 pub(super) enum Event {
     /// The proxy is shutting down (reported once).
@@ -113,30 +111,16 @@ fn poll_read_into(
 
 /// Clears everything a session left on a connection (session pooling).
 pub(super) async fn reset_connection(conn: &mut ServerConnection) -> io::Result<()> {
-    let mut out = BytesMut::new();
-    frontend::write_query(&mut out, "DISCARD ALL");
-    conn.stream.write_all(&out).await?;
-    loop {
-        while let Ok(Some((tag, len))) = peek_header(&conn.read_buf, usize::MAX) {
-            if conn.read_buf.len() < len {
-                break;
-            }
-            let status = conn.read_buf.get(5).copied();
-            conn.read_buf.advance(len);
-            if tag == READY_FOR_QUERY {
-                conn.tx_status = status.unwrap_or(b'E');
-                conn.statements.clear();
-                conn.vars = Default::default();
-                conn.unnamed_token = 0;
-                return if conn.read_buf.is_empty() && conn.tx_status == b'I' {
-                    Ok(())
-                } else {
-                    Err(io::Error::other("unexpected data after DISCARD ALL"))
-                };
-            }
-        }
-        if conn.stream.read_buf(&mut conn.read_buf).await? == 0 {
-            return Err(io::ErrorKind::UnexpectedEof.into());
-        }
+    let (_, status) = conn
+        .simple_query("DISCARD ALL")
+        .await
+        .map_err(io::Error::other)?;
+    conn.statements.clear();
+    conn.vars = Default::default();
+    conn.unnamed_token = 0;
+    if conn.read_buf.is_empty() && status == b'I' {
+        Ok(())
+    } else {
+        Err(io::Error::other("unexpected data after DISCARD ALL"))
     }
 }

@@ -16,6 +16,7 @@ mod client;
 mod io;
 pub mod pending;
 pub mod prepared;
+mod route;
 mod server;
 pub mod sql;
 pub mod startup;
@@ -67,8 +68,33 @@ pub struct Session {
     statements: HashMap<Box<[u8]>, Arc<Statement>>,
     /// Effects of portals bound to session-changing statements (rare).
     portal_effects: HashMap<Box<[u8]>, Effect>,
-    /// The client's unnamed statement: token, definition and effect.
-    unnamed: Option<(u64, Bytes, Option<Effect>)>,
+    /// The client's unnamed statement: token, definition, effect and route.
+    unnamed: Option<(u64, Bytes, Option<Effect>, shardline_router::Route)>,
+    /// Index (in shard 0) of the node the attached server belongs to.
+    node: usize,
+    /// A lone BEGIN the proxy answered; sent with the transaction's first statement.
+    deferred_begin: Option<Bytes>,
+    /// `SET shardline.role`: every unit to the primary or to replicas.
+    session_role: Option<shardline_router::RoleHint>,
+    /// The attached unit may write: read-your-writes records its commit.
+    wrote: bool,
+    /// Read-your-writes: reads only from replicas replayed past this WAL position.
+    ryw_lsn: u64,
+    /// Reads go to the primary until this time (ms, `health::now_ms`).
+    primary_until: u64,
+    /// Hash of the client's address (client_hash balancing).
+    client_hash: u64,
+    /// The current read unit's client messages, while it can still be re-run
+    /// on another node (nothing answered yet).
+    retry: Option<BytesMut>,
+    /// Nodes that failed for the current unit (bit per node index).
+    tried: u64,
+    /// Client messages wait for the attached server to finish its unit
+    /// before they are routed.
+    waiting: bool,
+    /// The attached server was chosen for a read (a replica, or the primary
+    /// standing in): only reads and its own transaction may follow on it.
+    read_attach: bool,
     /// Extended-protocol messages were sent since the last Sync.
     unit_open: bool,
     /// A proxy-raised error: drop client messages until Sync, as a server would.
@@ -91,8 +117,23 @@ impl Session {
         cancel: Arc<CancelSlot>,
         stop: oneshot::Receiver<()>,
     ) -> Session {
+        let client_hash = {
+            use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
+            BuildHasherDefault::<DefaultHasher>::default().hash_one(login.peer.ip())
+        };
         Session {
             vars: Arc::new(SessionVars::from_startup(&login.params)),
+            node: 0,
+            deferred_begin: None,
+            session_role: None,
+            wrote: false,
+            ryw_lsn: 0,
+            primary_until: 0,
+            client_hash,
+            retry: None,
+            tried: 0,
+            waiting: false,
+            read_attach: false,
             shared,
             login,
             client_in: BytesMut::with_capacity(8 * 1024),
@@ -141,9 +182,16 @@ impl Session {
             }
             let step = match std::future::poll_fn(|cx| self.poll_io(cx)).await {
                 io::Event::ClientData => self.client_data().await,
-                io::Event::ServerData => self.on_server_data(),
+                io::Event::ServerData => match self.on_server_data() {
+                    Ok(()) if self.waiting && self.pending.is_empty() => self.client_data().await,
+                    other => other,
+                },
                 io::Event::ClientClosed => Err(End::ClientGone),
-                io::Event::ServerLost(e) => self.on_server_lost(e),
+                io::Event::ServerLost(e) => match self.on_server_lost(e) {
+                    Ok(true) => self.client_data().await,
+                    Ok(false) => Ok(()),
+                    Err(end) => Err(end),
+                },
                 io::Event::Stop => Ok(()),
             };
             if let Err(end) = step {
@@ -155,14 +203,25 @@ impl Session {
     /// Handles the client's messages, borrowing a server connection when one
     /// is needed: the only wait on this path.
     async fn client_data(&mut self) -> Result<(), End> {
+        self.waiting = false;
         loop {
             match self.on_client_data()? {
                 client::Flow::Done => break,
-                client::Flow::NeedServer => {
-                    if let Err(e) = self.attach_server().await {
-                        self.fail_next_message(e)?;
-                    }
+                client::Flow::Wait => {
+                    self.waiting = true;
+                    break;
                 }
+                client::Flow::NeedServer if self.take_role_setting()? => {}
+                client::Flow::NeedServer => match self.plan_unit() {
+                    shardline_router::UnitPlan::DeferBegin => self.defer_begin()?,
+                    shardline_router::UnitPlan::EndEmpty(tag) => self.end_empty(tag)?,
+                    shardline_router::UnitPlan::Run { target, writes } => {
+                        if let Err(e) = self.attach_server(target, writes).await {
+                            self.tried = 0;
+                            self.fail_next_message(e)?;
+                        }
+                    }
+                },
             }
         }
         // Messages answered by the proxy alone may leave the connection idle.
@@ -177,28 +236,6 @@ impl Session {
             && self.server.as_ref().is_none_or(|s| s.tx_status == b'I')
     }
 
-    /// Borrows a server connection for the client's next unit of work.
-    ///
-    /// Routing plugs in here: today every statement goes to the primary of the
-    /// first shard.
-    async fn attach_server(&mut self) -> Result<(), PgError> {
-        let node = self.login.user.pools.shards[0].primary.clone();
-        let mut conn = node.checkout().await?;
-        if *conn.vars != *self.vars {
-            let sql = self.vars.replay_sql(&conn.vars);
-            if !sql.is_empty() {
-                crate::protocol::frontend::write_query(&mut self.server_out, &sql);
-                self.pending.push_back(Pending::swallow(Kind::Query {
-                    effects: VecDeque::new(),
-                }));
-            }
-            conn.vars = self.vars.clone();
-        }
-        self.cancel.attach(conn.addr.clone(), conn.pid, conn.secret);
-        self.server = Some(conn);
-        Ok(())
-    }
-
     /// Returns the server connection to its pool when the client is between
     /// transactions (transaction pooling only).
     fn maybe_release(&mut self) {
@@ -207,12 +244,14 @@ impl Session {
             && !self.unit_open
             && self.server_out.is_empty()
             && self.server.as_ref().is_some_and(|s| s.tx_status == b'I');
-        if releasable {
+        if releasable && !self.after_write() {
             self.release_server();
         }
     }
 
     fn release_server(&mut self) {
+        self.retry = None;
+        self.tried = 0;
         if let Some(conn) = self.server.take() {
             self.cancel.detach();
             if !conn.is_clean() {
@@ -231,13 +270,20 @@ impl Session {
     }
 
     fn emit(&mut self, s: Synthetic) {
+        // Answered here: re-running the unit elsewhere would answer twice.
+        self.retry = None;
         let out = &mut self.client_out;
         match s {
             Synthetic::ParseComplete => backend::empty_message(out, backend::PARSE_COMPLETE),
             Synthetic::CloseComplete => backend::empty_message(out, backend::CLOSE_COMPLETE),
             Synthetic::CommandComplete(tag) => backend::command_complete(out, tag),
             Synthetic::ReadyForQuery => {
-                let status = self.server.as_ref().map_or(b'I', |s| s.tx_status);
+                let idle = if self.deferred_begin.is_some() {
+                    b'T'
+                } else {
+                    b'I'
+                };
+                let status = self.server.as_ref().map_or(idle, |s| s.tx_status);
                 backend::ready_for_query(&mut self.client_out, status)
             }
             Synthetic::Error(e) => e.encode(out),
@@ -286,18 +332,39 @@ impl Session {
         }
     }
 
-    /// The server connection is gone: tell the client and carry on if its
-    /// session state survived (it was not inside a transaction).
-    fn on_server_lost(&mut self, e: std::io::Error) -> Result<(), End> {
+    /// The server connection is gone: re-run a read that nothing was
+    /// answered for on another node (returns true), else tell the client and
+    /// carry on if its session state survived (it was not inside a transaction).
+    fn on_server_lost(&mut self, e: std::io::Error) -> Result<bool, End> {
         let Some(conn) = self.server.take() else {
-            return Ok(());
+            return Ok(false);
         };
         self.cancel.detach();
         let addr = conn.addr.clone();
         let in_txn = conn.tx_status != b'I';
         drop(deadpool::managed::Object::take(conn));
         tracing::warn!(server = %addr, error = %e, "server connection lost");
+        if let Some(sent) = self.retry.take().filter(|_| !in_txn) {
+            let shard = &self.shared.topology.shards[0];
+            shard.nodes[self.node].ban(self.shared.ban_time, &e.to_string());
+            self.tried |= 1u64 << self.node.min(63);
+            self.pending.clear();
+            self.server_out.clear();
+            self.txn_effects.clear();
+            self.copy_ignores_syncs = false;
+            self.unit_failed = false;
+            self.unit_open = false;
+            self.skip_until_sync = false;
+            self.wrote = false;
+            let mut again = sent;
+            again.extend_from_slice(&self.client_in);
+            self.client_in = again;
+            tracing::info!(server = %addr, "re-running the read on another node");
+            return Ok(true);
+        }
         let msg = format!("server connection to {addr} was lost: {e}");
+        self.retry = None;
+        self.tried = 0;
         if in_txn || self.mode() == PoolMode::Session {
             return Err(End::Fatal(PgError::fatal(
                 sqlstate::CONNECTION_FAILURE,
@@ -326,7 +393,7 @@ impl Session {
             backend::ready_for_query(&mut self.client_out, b'I');
         }
         self.unit_open = false;
-        Ok(())
+        Ok(false)
     }
 
     /// At the end of a session: return a clean server connection, discard a dirty one.

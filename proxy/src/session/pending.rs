@@ -42,6 +42,9 @@ pub enum Kind {
     CopyEnd,
     /// Answered by the proxy.
     Synthetic(Synthetic),
+    /// The proxy's own query for the primary's WAL position after a write
+    /// (read-your-writes); its row is kept, nothing reaches the client.
+    LsnProbe,
 }
 
 #[derive(Debug, Clone)]
@@ -87,7 +90,9 @@ impl Pending {
             Kind::Execute { .. } => {
                 matches!(tag, COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED)
             }
-            Kind::Sync | Kind::Query { .. } | Kind::FunctionCall => tag == READY_FOR_QUERY,
+            Kind::Sync | Kind::Query { .. } | Kind::FunctionCall | Kind::LsnProbe => {
+                tag == READY_FOR_QUERY
+            }
             Kind::Synthetic(_) | Kind::CopyEnd => false,
         }
     }
@@ -96,7 +101,7 @@ impl Pending {
     pub fn is_sync_point(&self) -> bool {
         matches!(
             self.kind,
-            Kind::Sync | Kind::Query { .. } | Kind::FunctionCall
+            Kind::Sync | Kind::Query { .. } | Kind::FunctionCall | Kind::LsnProbe
         )
     }
 

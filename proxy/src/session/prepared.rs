@@ -24,6 +24,8 @@ pub struct Statement {
     pub definition: Bytes,
     /// What executing it does to the session (SET, RESET ...), if anything.
     pub effect: Option<Effect>,
+    /// Read or write, decided once when it is first prepared.
+    pub route: shardline_router::Route,
 }
 
 /// Process-wide map from definitions to server-side names.
@@ -34,7 +36,12 @@ pub struct StatementRegistry {
 }
 
 impl StatementRegistry {
-    pub fn intern(&self, definition: &[u8], effect: Option<Effect>) -> Arc<Statement> {
+    pub fn intern(
+        &self,
+        definition: &[u8],
+        effect: Option<Effect>,
+        route: shardline_router::Route,
+    ) -> Arc<Statement> {
         let mut map = self.by_definition.lock().unwrap_or_else(|p| p.into_inner());
         if let Some(s) = map.get(definition) {
             return s.clone();
@@ -46,6 +53,7 @@ impl StatementRegistry {
             server_name: format!("_sl_{id}").into_bytes().into_boxed_slice(),
             definition: definition.clone(),
             effect,
+            route,
         });
         map.insert(definition, stmt.clone());
         stmt
@@ -124,12 +132,16 @@ impl ServerStatements {
 mod tests {
     use super::*;
 
+    fn read() -> shardline_router::Route {
+        shardline_router::cache::route_uncached("SELECT 1", &Default::default())
+    }
+
     #[test]
     fn same_definition_same_name() {
         let r = StatementRegistry::default();
-        let a = r.intern(b"SELECT 1\0\0\0", None);
-        let b = r.intern(b"SELECT 1\0\0\0", None);
-        let c = r.intern(b"SELECT 2\0\0\0", None);
+        let a = r.intern(b"SELECT 1\0\0\0", None, read());
+        let b = r.intern(b"SELECT 1\0\0\0", None, read());
+        let c = r.intern(b"SELECT 2\0\0\0", None, read());
         assert!(Arc::ptr_eq(&a, &b));
         assert_ne!(a.server_name, c.server_name);
         assert_eq!(r.len(), 2);
@@ -139,7 +151,7 @@ mod tests {
     fn evicts_least_recently_used() {
         let r = StatementRegistry::default();
         let s: Vec<_> = (0..3)
-            .map(|i| r.intern(format!("SELECT {i}\0\0\0").as_bytes(), None))
+            .map(|i| r.intern(format!("SELECT {i}\0\0\0").as_bytes(), None, read()))
             .collect();
         let mut held = ServerStatements::new(2);
         assert!(held.insert(&s[0]).is_none());

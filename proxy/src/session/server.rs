@@ -40,10 +40,13 @@ impl Session {
         if let Some(reason) = self.server_fatal.take() {
             // The server ends the connection after a FATAL; stop using it now so
             // the client's next request goes to a live connection.
-            return self.on_server_lost(std::io::Error::new(
+            let rerun = self.on_server_lost(std::io::Error::new(
                 std::io::ErrorKind::ConnectionAborted,
                 reason,
-            ));
+            ))?;
+            // The event loop routes the re-queued read once nothing is pending.
+            self.waiting |= rerun;
+            return Ok(());
         }
         self.maybe_release();
         Ok(())
@@ -53,6 +56,7 @@ impl Session {
         use backend::*;
         if matches!(tag, NOTICE_RESPONSE | NOTIFICATION) {
             self.client_out.extend_from_slice(msg);
+            self.retry = None;
             return Ok(());
         }
         if tag == PARAMETER_STATUS {
@@ -68,16 +72,32 @@ impl Session {
             return Ok(());
         }
         self.drain_synthetic();
-        let Some(front) = self.pending.front_mut() else {
+        if matches!(self.pending.front(), Some(p) if matches!(p.kind, Kind::LsnProbe)) {
+            return self.on_lsn_probe(tag, msg);
+        }
+        if self.pending.is_empty() {
             if tag == ERROR_RESPONSE {
                 // A FATAL sent before the server closes (shutdown, timeouts).
                 self.client_out.extend_from_slice(msg);
                 return Ok(());
             }
             return Err(format!("unexpected message '{}' from server", tag as char));
+        }
+        if tag == ERROR_RESPONSE && self.retry.is_some() {
+            let fields = backend::parse_error_fields(&msg[5..]);
+            if fields.severity == "FATAL" || fields.severity == "PANIC" {
+                // The node is going away before answering: the read runs elsewhere.
+                self.server_fatal = Some(format!("{} {}", fields.code, fields.message));
+                return Ok(());
+            }
+        }
+        let Some(front) = self.pending.front_mut() else {
+            return Err("no pending request".into());
         };
         if front.answer == Answer::Forward || tag == ERROR_RESPONSE {
             self.client_out.extend_from_slice(msg);
+            // An answer reached the client: the unit can no longer be re-run elsewhere.
+            self.retry = None;
         }
         let body = &msg[5..];
         match tag {
@@ -133,6 +153,44 @@ impl Session {
             _ => self.pop_if_ended(tag),
         }
         self.drain_synthetic();
+        Ok(())
+    }
+
+    /// The answer to the read-your-writes position query: hidden from the client.
+    fn on_lsn_probe(&mut self, tag: u8, msg: &[u8]) -> Result<(), String> {
+        use backend::*;
+        let body = &msg[5..];
+        match tag {
+            DATA_ROW => {
+                let mut r = crate::protocol::Reader::new(body);
+                let lsn = match (r.i16(), r.i32()) {
+                    (Some(1), Some(len)) if len > 0 => r
+                        .bytes(len as usize)
+                        .and_then(|b| std::str::from_utf8(b).ok())
+                        .and_then(|s| s.parse::<u64>().ok()),
+                    _ => None,
+                };
+                if let Some(lsn) = lsn {
+                    self.ryw_lsn = self.ryw_lsn.max(lsn);
+                }
+            }
+            ERROR_RESPONSE => {
+                // Not a primary any more (or an odd server): read from the
+                // primary until the checker has seen the cluster again.
+                let fields = backend::parse_error_fields(body);
+                tracing::debug!(code = %fields.code, message = %fields.message, "WAL position query failed");
+                self.primary_until =
+                    crate::health::now_ms() + self.shared.ban_time.as_millis() as u64;
+            }
+            READY_FOR_QUERY => {
+                let status = *body.first().ok_or("empty ReadyForQuery")?;
+                if let Some(server) = self.server.as_mut() {
+                    server.tx_status = status;
+                }
+                self.pending.pop_front();
+            }
+            _ => {}
+        }
         Ok(())
     }
 

@@ -193,7 +193,7 @@ async fn login(
         return Err((stream, e));
     }
     backend::auth_request(&mut out, 0, &[]);
-    let server_params = match user.pools.shards[0].primary.server_params().await {
+    let server_params = match shared.server_params(&user).await {
         Ok(p) => p,
         Err(e) => {
             return Err((

@@ -1,0 +1,519 @@
+//! What the proxy knows about each node: its role, whether it answers, how
+//! far a replica lags, and bans. A checker task per shard polls every node
+//! each `health.interval` over its own connections; sessions read the results
+//! (atomics only) when they choose where a unit runs.
+//!
+//! Lag is measured against the shard's primary: bytes of WAL not yet replayed,
+//! and time since the last replayed commit while anything is still to replay.
+//! A replica that has replayed everything the primary wrote has no lag, however
+//! long the primary has been idle.
+
+use crate::protocol::backend::{sqlstate, PgError};
+use crate::server::{ServerConnection, ServerTarget};
+use shardline_config::HealthConfig;
+use shardline_router::balance::{self, Candidate, Strategy};
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
+
+/// Milliseconds on the proxy's monotonic clock.
+pub fn now_ms() -> u64 {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[repr(u8)]
+pub enum Role {
+    Unknown = 0,
+    Primary = 1,
+    Replica = 2,
+}
+
+/// One node (server) of a shard.
+pub struct NodeHealth {
+    pub address: String,
+    pub zone: Option<String>,
+    role: AtomicU8,
+    /// The last check failed.
+    down: AtomicBool,
+    /// No reads before this time (ms); set by failed checks and refused connections.
+    banned_until: AtomicU64,
+    lag_ok: AtomicBool,
+    replay_lsn: AtomicU64,
+    lag_bytes: AtomicU64,
+    lag_ms: AtomicU64,
+    last_error: Mutex<String>,
+    conns: Mutex<HashMap<u64, RawFd>>,
+    next_conn: AtomicU64,
+}
+
+impl NodeHealth {
+    fn new(address: String, zone: Option<String>, role: Role) -> NodeHealth {
+        NodeHealth {
+            address,
+            zone,
+            role: AtomicU8::new(role as u8),
+            down: AtomicBool::new(false),
+            banned_until: AtomicU64::new(0),
+            lag_ok: AtomicBool::new(true),
+            replay_lsn: AtomicU64::new(0),
+            lag_bytes: AtomicU64::new(0),
+            lag_ms: AtomicU64::new(0),
+            last_error: Mutex::new(String::new()),
+            conns: Mutex::new(HashMap::new()),
+            next_conn: AtomicU64::new(1),
+        }
+    }
+
+    pub fn role(&self) -> Role {
+        match self.role.load(Relaxed) {
+            1 => Role::Primary,
+            2 => Role::Replica,
+            _ => Role::Unknown,
+        }
+    }
+
+    pub fn is_down(&self) -> bool {
+        self.down.load(Relaxed)
+    }
+
+    pub fn is_banned(&self, now: u64) -> bool {
+        self.banned_until.load(Relaxed) > now
+    }
+
+    /// Replay position (replicas) or WAL position (primaries) at the last check.
+    pub fn lsn(&self) -> u64 {
+        self.replay_lsn.load(Relaxed)
+    }
+
+    pub fn lag(&self) -> (u64, Duration) {
+        (
+            self.lag_bytes.load(Relaxed),
+            Duration::from_millis(self.lag_ms.load(Relaxed)),
+        )
+    }
+
+    pub fn lag_ok(&self) -> bool {
+        self.lag_ok.load(Relaxed)
+    }
+
+    pub fn last_error(&self) -> String {
+        self.last_error
+            .lock()
+            .map(|e| e.clone())
+            .unwrap_or_default()
+    }
+
+    /// Keeps reads away from this node for `time`.
+    pub fn ban(&self, time: Duration, reason: &str) {
+        let until = now_ms() + time.as_millis() as u64;
+        let before = self.banned_until.fetch_max(until, Relaxed);
+        if before <= now_ms() {
+            tracing::warn!(node = %self.address, ?time, reason, "node banned");
+        }
+        if let Ok(mut e) = self.last_error.lock() {
+            *e = reason.to_string();
+        }
+    }
+
+    /// Lists a server connection so it can be cut if the node fails.
+    pub fn list(self: &Arc<Self>, conn: &ServerConnection) -> Listed {
+        let id = self.next_conn.fetch_add(1, Relaxed);
+        let fd = conn.stream.tcp().as_raw_fd();
+        if let Ok(mut m) = self.conns.lock() {
+            m.insert(id, fd);
+        }
+        Listed {
+            node: self.clone(),
+            id,
+        }
+    }
+
+    /// Shuts down every connection to this node, so sessions waiting on a
+    /// node that stopped answering fail (and retry elsewhere) at once.
+    fn cut_connections(&self) -> usize {
+        let Ok(m) = self.conns.lock() else { return 0 };
+        for fd in m.values() {
+            // SAFETY: the fd is open: a connection unlists itself (under this
+            // lock) before its socket is closed. shutdown() does not close it.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+        m.len()
+    }
+}
+
+/// A connection's entry in its node's registry; removed on drop.
+pub struct Listed {
+    node: Arc<NodeHealth>,
+    id: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.node.conns.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
+const NO_WRITER: usize = usize::MAX;
+const DUAL: usize = usize::MAX - 1;
+
+/// One shard: its nodes (index 0 is the configured primary, then the
+/// replicas in config order) and where writes go now.
+pub struct ShardHealth {
+    pub name: String,
+    pub nodes: Vec<Arc<NodeHealth>>,
+    writer: AtomicUsize,
+    dual: Mutex<(usize, usize)>,
+    ticket: AtomicU64,
+}
+
+/// What a read may use.
+pub struct ReadRequest<'a> {
+    pub strategy: Strategy,
+    pub zone: Option<&'a str>,
+    pub client: u64,
+    /// Read-your-writes: only nodes that replayed at least this far.
+    pub min_lsn: u64,
+    /// Nodes already tried for this unit (bit per node index).
+    pub exclude: u64,
+    pub primary_reads: bool,
+    /// Server connections in use per node, for least_connections.
+    pub in_use: &'a dyn Fn(usize) -> usize,
+}
+
+impl ShardHealth {
+    pub fn new(shard: &shardline_config::Shard) -> ShardHealth {
+        let mut nodes = vec![Arc::new(NodeHealth::new(
+            shard.primary.address(),
+            shard.primary.zone.clone(),
+            Role::Primary,
+        ))];
+        for r in &shard.replicas {
+            nodes.push(Arc::new(NodeHealth::new(
+                r.address(),
+                r.zone.clone(),
+                Role::Replica,
+            )));
+        }
+        ShardHealth {
+            name: shard.name.clone(),
+            nodes,
+            writer: AtomicUsize::new(0),
+            dual: Mutex::new((0, 0)),
+            ticket: AtomicU64::new(0),
+        }
+    }
+
+    /// The node writes go to, or why there is none.
+    pub fn writer(&self) -> Result<usize, PgError> {
+        match self.writer.load(Relaxed) {
+            DUAL => {
+                let (a, b) = self.dual.lock().map(|d| *d).unwrap_or((0, 0));
+                Err(PgError::error(
+                    sqlstate::CANNOT_CONNECT_NOW,
+                    format!(
+                        "shard {}: both {} and {} report being the primary; writes are refused until one of them steps down",
+                        self.name, self.nodes[a].address, self.nodes[b].address
+                    ),
+                ))
+            }
+            NO_WRITER => Err(PgError::error(
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "shard {} has no primary: no node reports being one; writes fail until a replica is promoted",
+                    self.name
+                ),
+            )),
+            i if self.nodes[i].is_down() => Err(PgError::error(
+                sqlstate::CONNECTION_FAILURE,
+                format!(
+                    "shard {}: primary {} is unavailable ({}); writes fail until it is back or a replica is promoted",
+                    self.name,
+                    self.nodes[i].address,
+                    self.nodes[i].last_error()
+                ),
+            )),
+            i => Ok(i),
+        }
+    }
+
+    /// A node for a read: an eligible replica by the strategy, else `None`.
+    pub fn reader(&self, req: &ReadRequest) -> Option<usize> {
+        let now = now_ms();
+        let mut cands: Vec<Candidate> = Vec::with_capacity(self.nodes.len());
+        let writer = self.writer.load(Relaxed);
+        for (i, n) in self.nodes.iter().enumerate() {
+            let role_ok = match n.role() {
+                Role::Replica => n.lag_ok() && n.lsn() >= req.min_lsn,
+                Role::Primary => req.primary_reads && i == writer,
+                Role::Unknown => false,
+            };
+            if role_ok && req.exclude & (1 << i) == 0 && !n.is_down() && !n.is_banned(now) {
+                cands.push(Candidate {
+                    node: i,
+                    local: req.zone.is_some() && n.zone.as_deref() == req.zone,
+                    in_use: if req.strategy == Strategy::LeastConnections {
+                        (req.in_use)(i)
+                    } else {
+                        0
+                    },
+                });
+            }
+        }
+        let ticket = match req.strategy {
+            Strategy::Random => rand::random(),
+            _ => self.ticket.fetch_add(1, Relaxed),
+        };
+        balance::choose(&cands, req.strategy, ticket, req.client)
+    }
+}
+
+/// Every shard's health, shared by the sessions and the checkers.
+pub struct Topology {
+    pub shards: Vec<Arc<ShardHealth>>,
+}
+
+impl Topology {
+    pub fn new(config: &shardline_config::Config) -> Topology {
+        Topology {
+            shards: config
+                .shards
+                .iter()
+                .map(|s| Arc::new(ShardHealth::new(s)))
+                .collect(),
+        }
+    }
+}
+
+/// What one check of a node found.
+struct Observation {
+    in_recovery: bool,
+    /// Primary: current WAL position. Replica: last replayed position.
+    lsn: u64,
+    /// Replica: milliseconds since the last replayed commit.
+    replay_age_ms: u64,
+}
+
+const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
+    (CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') \
+     ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint, \
+    COALESCE(floor(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000), 0)::bigint";
+
+async fn check(
+    conn: &mut Option<ServerConnection>,
+    target: &ServerTarget,
+) -> Result<Observation, String> {
+    if conn.is_none() {
+        *conn = Some(
+            ServerConnection::connect(target, 0)
+                .await
+                .map_err(|e| e.to_string())?,
+        );
+    }
+    let c = conn.as_mut().expect("just connected");
+    let (rows, _) = c.simple_query(CHECK_SQL).await.map_err(|e| e.to_string())?;
+    let row = rows.first().ok_or("health check returned no row")?;
+    let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
+    Ok(Observation {
+        in_recovery: col(0) == "t",
+        lsn: col(1).parse().unwrap_or(0),
+        replay_age_ms: col(2).parse::<i64>().unwrap_or(0).max(0) as u64,
+    })
+}
+
+/// The checker of one shard.
+pub struct Checker {
+    shard: Arc<ShardHealth>,
+    targets: Vec<ServerTarget>,
+    conns: Vec<Option<ServerConnection>>,
+    cfg: HealthConfig,
+    /// Since when no usable primary has been seen (for auto_promote).
+    writer_lost_since: Option<Instant>,
+}
+
+impl Checker {
+    pub fn new(shard: Arc<ShardHealth>, targets: Vec<ServerTarget>, cfg: HealthConfig) -> Self {
+        let conns = targets.iter().map(|_| None).collect();
+        Checker {
+            shard,
+            targets,
+            conns,
+            cfg,
+            writer_lost_since: None,
+        }
+    }
+
+    /// Checks every node once, concurrently, and publishes the results.
+    /// Returns whether every node answered.
+    pub async fn round(&mut self) -> bool {
+        let timeout = self.cfg.timeout;
+        let checks = self
+            .conns
+            .iter_mut()
+            .zip(&self.targets)
+            .map(|(conn, target)| async move {
+                let r = match tokio::time::timeout(timeout, check(conn, target)).await {
+                    Ok(r) => r,
+                    Err(_) => Err(format!("health check timed out after {timeout:?}")),
+                };
+                if r.is_err() {
+                    *conn = None;
+                }
+                r
+            });
+        let results = futures_util::future::join_all(checks).await;
+        let all_up = results.iter().all(Result::is_ok);
+        self.publish(results).await;
+        all_up
+    }
+
+    async fn publish(&mut self, results: Vec<Result<Observation, String>>) {
+        let shard = &self.shard;
+        let mut primaries = Vec::new();
+        for (i, r) in results.iter().enumerate() {
+            let node = &shard.nodes[i];
+            match r {
+                Ok(o) => {
+                    if node.down.swap(false, Relaxed) {
+                        tracing::info!(shard = %shard.name, node = %node.address, "node is answering again");
+                    }
+                    let role = if o.in_recovery {
+                        Role::Replica
+                    } else {
+                        primaries.push(i);
+                        Role::Primary
+                    };
+                    node.role.store(role as u8, Relaxed);
+                    node.replay_lsn.store(o.lsn, Relaxed);
+                }
+                Err(e) => {
+                    if !node.down.swap(true, Relaxed) {
+                        tracing::warn!(shard = %shard.name, node = %node.address, error = %e, "health check failed");
+                    }
+                    node.ban(self.cfg.ban_time, e);
+                    let cut = node.cut_connections();
+                    if cut > 0 {
+                        tracing::warn!(node = %node.address, connections = cut, "closed connections to a failed node");
+                    }
+                }
+            }
+        }
+        let previous = shard.writer.load(Relaxed);
+        let writer = match primaries.as_slice() {
+            [one] => *one,
+            [a, b, ..] => {
+                if let Ok(mut d) = shard.dual.lock() {
+                    *d = (*a, *b);
+                }
+                if previous != DUAL {
+                    tracing::error!(shard = %shard.name, first = %shard.nodes[*a].address, second = %shard.nodes[*b].address,
+                        "two nodes report being the primary; refusing writes to this shard");
+                }
+                DUAL
+            }
+            // Keep pointing at a primary that stopped answering: writes then
+            // fail naming it. One that answers as a replica is no primary.
+            [] if previous < DUAL && shard.nodes[previous].is_down() => previous,
+            [] => NO_WRITER,
+        };
+        if writer != previous {
+            if writer < DUAL {
+                tracing::warn!(shard = %shard.name, primary = %shard.nodes[writer].address, "writes now go to this node");
+            } else if writer == NO_WRITER {
+                tracing::error!(shard = %shard.name, "no node reports being the primary");
+            }
+        }
+        shard.writer.store(writer, Relaxed);
+
+        // Lag, against the primary's WAL position when there is one primary.
+        let head = if writer < DUAL && results[writer].is_ok() {
+            shard.nodes[writer].lsn()
+        } else {
+            results.iter().flatten().map(|o| o.lsn).max().unwrap_or(0)
+        };
+        let max_ms = self.cfg.max_replica_lag.as_millis() as u64;
+        for (i, r) in results.iter().enumerate() {
+            let (Ok(o), node) = (r, &shard.nodes[i]) else {
+                continue;
+            };
+            if !o.in_recovery {
+                node.lag_bytes.store(0, Relaxed);
+                node.lag_ms.store(0, Relaxed);
+                continue;
+            }
+            let bytes = head.saturating_sub(o.lsn);
+            let ms = if bytes == 0 { 0 } else { o.replay_age_ms };
+            node.lag_bytes.store(bytes, Relaxed);
+            node.lag_ms.store(ms, Relaxed);
+            let ok = bytes <= self.cfg.max_replica_lag_bytes && ms <= max_ms;
+            if node.lag_ok.swap(ok, Relaxed) != ok {
+                if ok {
+                    tracing::info!(node = %node.address, lag_bytes = bytes, lag_ms = ms, "replica caught up; back in rotation");
+                } else {
+                    tracing::warn!(node = %node.address, lag_bytes = bytes, lag_ms = ms, "replica lags beyond the bound; out of rotation");
+                }
+            }
+        }
+        self.maybe_promote(writer, &results).await;
+    }
+
+    /// `auto_promote`: the primary has been gone for the grace time and no
+    /// node claims the role: promote the replica that replayed furthest.
+    async fn maybe_promote(&mut self, writer: usize, results: &[Result<Observation, String>]) {
+        let usable = writer < DUAL && results[writer].is_ok();
+        if usable || writer == DUAL {
+            self.writer_lost_since = None;
+            return;
+        }
+        let since = *self.writer_lost_since.get_or_insert_with(Instant::now);
+        if !self.cfg.auto_promote || since.elapsed() < self.cfg.auto_promote_after {
+            return;
+        }
+        let best = results
+            .iter()
+            .enumerate()
+            .filter_map(|(i, r)| {
+                r.as_ref()
+                    .ok()
+                    .filter(|o| o.in_recovery)
+                    .map(|o| (o.lsn, i))
+            })
+            .max();
+        let Some((lsn, i)) = best else { return };
+        let address = self.shard.nodes[i].address.clone();
+        tracing::warn!(shard = %self.shard.name, node = %address, lsn, "primary unreachable; promoting the most caught-up replica");
+        let Some(conn) = self.conns[i].as_mut() else {
+            return;
+        };
+        match conn.simple_query("SELECT pg_promote(true, 30)").await {
+            Ok(_) => {
+                self.writer_lost_since = None;
+                tracing::warn!(shard = %self.shard.name, node = %address, "replica promoted");
+            }
+            Err(e) => {
+                tracing::error!(shard = %self.shard.name, node = %address, error = %e, "promotion failed")
+            }
+        }
+    }
+
+    /// Checks forever, every `interval`; four times as often while a node
+    /// is down, so a restarted node is back in use quickly.
+    pub async fn run(mut self) {
+        let interval = self.cfg.interval;
+        let mut all_up = true;
+        loop {
+            let pause = if all_up {
+                interval
+            } else {
+                (interval / 4).max(Duration::from_millis(10))
+            };
+            tokio::time::sleep(pause).await;
+            all_up = self.round().await;
+        }
+    }
+}

@@ -1,0 +1,288 @@
+//! Where the client's next unit of work runs, and borrowing a connection
+//! there. The rules are the router's (`plan_unit`, `balance::choose`); this
+//! file gathers the facts (the unit's statements, the session's hints and
+//! read-your-writes position, the nodes' health) and acts on the answer.
+
+use super::pending::{Kind, Pending};
+use super::Session;
+use crate::health::{now_ms, ReadRequest};
+use crate::protocol::backend::{self, sqlstate, PgError};
+use crate::protocol::{frontend, peek_header};
+use shardline_config::{PoolMode, ReadYourWrites};
+use shardline_router::{
+    classify::{Class, Source},
+    lone_transaction_end, plan_unit, Route, Target, UnitFacts, UnitPlan,
+};
+
+/// FunctionCall messages run arbitrary functions: writes.
+const FUNCTION_CALL: Route = Route {
+    class: Class::Write,
+    source: Source::Parsed,
+    role_hint: None,
+};
+
+/// Checkout failures that mean the node is unreachable (not a busy pool or
+/// a refused login): the node is banned and the read tried elsewhere.
+fn unreachable(e: &PgError) -> bool {
+    matches!(
+        e.code,
+        sqlstate::CANNOT_CONNECT | sqlstate::CONNECTION_FAILURE | sqlstate::CANNOT_CONNECT_NOW
+    ) || e.code == sqlstate::ADMIN_SHUTDOWN
+}
+
+fn bit(node: usize) -> u64 {
+    1u64 << node.min(63)
+}
+
+impl Session {
+    /// Routes one statement text through the shared cache.
+    pub(super) fn route_text(&self, sql: &[u8]) -> Route {
+        let Ok(text) = std::str::from_utf8(sql) else {
+            return FUNCTION_CALL;
+        };
+        let mut router = self.shared.router.lock().unwrap_or_else(|p| p.into_inner());
+        router.route(text)
+    }
+
+    /// Decides where the unit at the front of `client_in` runs, from the
+    /// messages buffered so far (up to its Sync).
+    pub(super) fn plan_unit(&self) -> UnitPlan {
+        if self.mode() == PoolMode::Session {
+            // The connection is the client's for the whole session.
+            return UnitPlan::Run {
+                target: match self.session_role {
+                    Some(shardline_router::RoleHint::Replica) => Target::Replica,
+                    _ => Target::Primary,
+                },
+                writes: false,
+            };
+        }
+        let max = self.shared.max_message_size;
+        let buf = &self.client_in[..];
+        let mut routes: Vec<Route> = Vec::with_capacity(4);
+        let (mut complete, mut simple_single, mut lone_end) = (false, false, None);
+        let mut unnamed_parsed = false;
+        let mut pos = 0;
+        while let Ok(Some((tag, len))) = peek_header(&buf[pos..], max) {
+            if buf.len() - pos < len {
+                break;
+            }
+            let body = &buf[pos + 5..pos + len];
+            pos += len;
+            match tag {
+                frontend::QUERY => {
+                    let text = frontend::query(body).unwrap_or_default();
+                    let route = self.route_text(text);
+                    if matches!(route.class, Class::Begin { .. }) {
+                        let s = String::from_utf8_lossy(text);
+                        simple_single = shardline_router::lexer::split_statements(&s).len() == 1;
+                    }
+                    if self.deferred_begin.is_some() {
+                        lone_end = std::str::from_utf8(text)
+                            .ok()
+                            .and_then(lone_transaction_end);
+                    }
+                    routes.push(route);
+                    complete = true;
+                    break;
+                }
+                frontend::PARSE => {
+                    if let Ok(p) = frontend::parse(body) {
+                        unnamed_parsed |= p.name.is_empty();
+                        routes.push(self.route_text(p.query));
+                    }
+                }
+                frontend::BIND => {
+                    if let Ok(b) = frontend::bind(body) {
+                        let route = if b.statement.is_empty() {
+                            (!unnamed_parsed).then(|| self.unnamed.as_ref().map(|u| u.3))
+                        } else {
+                            Some(self.statements.get(b.statement).map(|s| s.route))
+                        };
+                        // An unknown statement fails on any node.
+                        routes.extend(route.flatten());
+                    }
+                }
+                frontend::FUNCTION_CALL => {
+                    routes.push(FUNCTION_CALL);
+                    complete = true;
+                    break;
+                }
+                frontend::SYNC => {
+                    complete = true;
+                    break;
+                }
+                _ => {}
+            }
+        }
+        plan_unit(&UnitFacts {
+            routes: &routes,
+            simple_single,
+            complete,
+            deferred_begin: self.deferred_begin.is_some(),
+            lone_end,
+            session_role: self.session_role,
+        })
+    }
+
+    /// Borrows a server connection for the next unit, on the node `target`
+    /// calls for. A read that cannot reach its node tries another.
+    pub(super) async fn attach_server(
+        &mut self,
+        target: Target,
+        writes: bool,
+    ) -> Result<(), PgError> {
+        let shared = self.shared.clone();
+        let user = self.login.user.clone();
+        let shard = &shared.topology.shards[0];
+        let pools = &user.pools.shards[0];
+        let lb = &shared.balancing;
+        let mut target = target;
+        if target == Target::Replica
+            && lb.read_your_writes != ReadYourWrites::Off
+            && self.primary_until > 0
+            && now_ms() < self.primary_until
+        {
+            target = Target::Primary;
+        }
+        let mut conn = loop {
+            let node = match target {
+                Target::Primary => {
+                    let w = shard.writer()?;
+                    if self.tried & bit(w) != 0 {
+                        return Err(PgError::error(
+                            sqlstate::CONNECTION_FAILURE,
+                            format!(
+                                "shard {}: no node could serve the query (last tried: {})",
+                                shard.name, shard.nodes[w].address
+                            ),
+                        ));
+                    }
+                    w
+                }
+                Target::Replica => {
+                    let in_use = |i: usize| pools.nodes[i].in_use();
+                    let req = ReadRequest {
+                        strategy: lb.strategy,
+                        zone: lb.zone.as_deref(),
+                        client: self.client_hash,
+                        min_lsn: if lb.read_your_writes == ReadYourWrites::Lsn {
+                            self.ryw_lsn
+                        } else {
+                            0
+                        },
+                        exclude: self.tried,
+                        primary_reads: lb.primary_reads,
+                        in_use: &in_use,
+                    };
+                    match shard.reader(&req) {
+                        Some(i) => i,
+                        None if lb.fallback_to_primary => {
+                            target = Target::Primary;
+                            continue;
+                        }
+                        None => {
+                            return Err(PgError::error(
+                                sqlstate::CANNOT_CONNECT_NOW,
+                                format!(
+                                    "shard {}: no replica is available for reads (down, banned or lagging) and replica_fallback_to_primary is off",
+                                    shard.name
+                                ),
+                            ))
+                        }
+                    }
+                }
+            };
+            match pools.nodes[node].checkout().await {
+                Ok(conn) => {
+                    self.node = node;
+                    break conn;
+                }
+                Err(e) if unreachable(&e) => {
+                    self.tried |= bit(node);
+                    shard.nodes[node].ban(shared.ban_time, &e.message);
+                    if target == Target::Primary {
+                        return Err(PgError {
+                            message: format!("shard {} primary: {}", shard.name, e.message),
+                            ..e
+                        });
+                    }
+                }
+                Err(e) => return Err(e),
+            }
+        };
+        if *conn.vars != *self.vars {
+            let sql = self.vars.replay_sql(&conn.vars);
+            if !sql.is_empty() {
+                frontend::write_query(&mut self.server_out, &sql);
+                self.pending.push_back(Pending::swallow(Kind::Query {
+                    effects: Default::default(),
+                }));
+            }
+            conn.vars = self.vars.clone();
+        }
+        if let Some(begin) = self.deferred_begin.take() {
+            self.server_out.extend_from_slice(&begin);
+            self.pending.push_back(Pending::swallow(Kind::Query {
+                effects: Default::default(),
+            }));
+        }
+        self.cancel.attach(conn.addr.clone(), conn.pid, conn.secret);
+        self.wrote = writes;
+        self.read_attach = target == Target::Replica && self.mode() == PoolMode::Transaction;
+        // A read may be sent again elsewhere until an answer reaches the client.
+        self.retry = (target == Target::Replica && conn.tx_status == b'I')
+            .then(|| bytes::BytesMut::with_capacity(256));
+        self.server = Some(conn);
+        Ok(())
+    }
+
+    /// A lone BEGIN: answered now, sent with the transaction's first statement.
+    pub(super) fn defer_begin(&mut self) -> Result<(), super::End> {
+        let Some(frame) =
+            crate::protocol::next_frame(&mut self.client_in, usize::MAX).map_err(|e| {
+                super::End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
+            })?
+        else {
+            return Ok(());
+        };
+        self.deferred_begin = Some(frame.bytes);
+        backend::command_complete(&mut self.client_out, "BEGIN");
+        backend::ready_for_query(&mut self.client_out, b'T');
+        Ok(())
+    }
+
+    /// COMMIT or ROLLBACK of a transaction that never reached a server.
+    pub(super) fn end_empty(&mut self, tag: &'static str) -> Result<(), super::End> {
+        let _ = crate::protocol::next_frame(&mut self.client_in, usize::MAX);
+        self.deferred_begin = None;
+        backend::command_complete(&mut self.client_out, tag);
+        backend::ready_for_query(&mut self.client_out, b'I');
+        Ok(())
+    }
+
+    /// After a unit that may have written: remember where the primary's WAL
+    /// was once it committed (`lsn`) or when it did (`primary_window`).
+    /// Returns true when a position query was queued (release waits for it).
+    pub(super) fn after_write(&mut self) -> bool {
+        if !std::mem::take(&mut self.wrote) {
+            return false;
+        }
+        match self.shared.balancing.read_your_writes {
+            ReadYourWrites::Off => false,
+            ReadYourWrites::PrimaryWindow => {
+                self.primary_until =
+                    now_ms() + self.shared.balancing.primary_window.as_millis() as u64;
+                false
+            }
+            ReadYourWrites::Lsn => {
+                frontend::write_query(
+                    &mut self.server_out,
+                    "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint",
+                );
+                self.pending.push_back(Pending::swallow(Kind::LsnProbe));
+                true
+            }
+        }
+    }
+}

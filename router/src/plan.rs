@@ -1,0 +1,236 @@
+//! Where one unit of work runs: the primary or a replica.
+//!
+//! A unit is what the proxy sends before it may change server connection: a
+//! simple query, or an extended-protocol batch up to Sync. Its statements'
+//! routes decide together; an explicit transaction then stays on the
+//! connection its first unit got.
+
+use crate::cache::Route;
+use crate::classify::Class;
+use crate::hint::RoleHint;
+use crate::lexer::leading_words;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Target {
+    Primary,
+    Replica,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum UnitPlan {
+    /// Run there. `writes` when the unit may write, so read-your-writes must
+    /// learn where the primary's WAL was when it committed.
+    Run { target: Target, writes: bool },
+    /// A lone `BEGIN` (not READ ONLY): answer it and decide at the next
+    /// statement, which may be `SET TRANSACTION READ ONLY`.
+    DeferBegin,
+    /// `COMMIT` or `ROLLBACK` right after a deferred `BEGIN`: nothing ran, so
+    /// answer with this tag.
+    EndEmpty(&'static str),
+}
+
+/// What the proxy knows about the unit it is about to send.
+#[derive(Debug, Clone, Copy)]
+pub struct UnitFacts<'a> {
+    /// Routes of the unit's statements, in order.
+    pub routes: &'a [Route],
+    /// The unit is one simple query holding one statement.
+    pub simple_single: bool,
+    /// Every message of the unit has arrived (a simple query, or up to Sync).
+    pub complete: bool,
+    /// A `BEGIN` was answered by the proxy and not yet sent.
+    pub deferred_begin: bool,
+    /// With `deferred_begin`: the statement is a lone COMMIT/ROLLBACK (its tag).
+    pub lone_end: Option<&'static str>,
+    /// `SET shardline.role` for the session.
+    pub session_role: Option<RoleHint>,
+}
+
+const PRIMARY: UnitPlan = UnitPlan::Run {
+    target: Target::Primary,
+    writes: true,
+};
+const REPLICA: UnitPlan = UnitPlan::Run {
+    target: Target::Replica,
+    writes: false,
+};
+
+pub fn plan_unit(f: &UnitFacts) -> UnitPlan {
+    let first = f.routes.first();
+    if let Some(role) = first.and_then(|r| r.role_hint).or(f.session_role) {
+        return match role {
+            RoleHint::Primary => UnitPlan::Run {
+                target: Target::Primary,
+                writes: !f.routes.iter().all(|r| is_read(r.class)),
+            },
+            RoleHint::Replica => REPLICA,
+        };
+    }
+    if f.deferred_begin {
+        if let Some(tag) = f.lone_end {
+            return UnitPlan::EndEmpty(tag);
+        }
+        return match first.map(|r| r.class) {
+            Some(Class::SetTransaction { read_only: true }) => REPLICA,
+            _ => PRIMARY,
+        };
+    }
+    if !f.complete {
+        // The rest of the unit may write: only the primary is safe.
+        return PRIMARY;
+    }
+    match first.map(|r| r.class) {
+        Some(Class::Begin { read_only: true }) => REPLICA,
+        Some(Class::Begin { read_only: false }) if f.simple_single => UnitPlan::DeferBegin,
+        Some(Class::Begin { read_only: false }) => match f.routes.get(1).map(|r| r.class) {
+            Some(Class::SetTransaction { read_only: true }) => REPLICA,
+            _ => PRIMARY,
+        },
+        _ if f.routes.iter().all(|r| is_read(r.class)) => REPLICA,
+        _ => PRIMARY,
+    }
+}
+
+/// Runs anywhere: reads, and session commands (replayed on every connection).
+fn is_read(class: Class) -> bool {
+    matches!(class, Class::Read | Class::Session)
+}
+
+/// A statement that only ends a transaction (`COMMIT`, `END`, `ROLLBACK`,
+/// `ABORT`, optionally with `WORK` or `TRANSACTION`): its command tag.
+pub fn lone_transaction_end(sql: &str) -> Option<&'static str> {
+    let words = leading_words(sql.trim_end_matches([';', ' ', '\n', '\t', '\r']), 3);
+    let tag = match words.first().map(String::as_str) {
+        Some("commit" | "end") => "COMMIT",
+        Some("rollback" | "abort") => "ROLLBACK",
+        _ => return None,
+    };
+    match words.get(1).map(String::as_str) {
+        None => Some(tag),
+        Some("work" | "transaction") if words.len() == 2 => Some(tag),
+        _ => None,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::cache::route_uncached;
+    use crate::classify::Options;
+
+    fn routes(sqls: &[&str]) -> Vec<Route> {
+        sqls.iter()
+            .map(|s| route_uncached(s, &Options::default()))
+            .collect()
+    }
+
+    fn plan(sqls: &[&str], simple_single: bool) -> UnitPlan {
+        plan_unit(&UnitFacts {
+            routes: &routes(sqls),
+            simple_single,
+            complete: true,
+            deferred_begin: false,
+            lone_end: None,
+            session_role: None,
+        })
+    }
+
+    fn after_begin(sql: &str) -> UnitPlan {
+        plan_unit(&UnitFacts {
+            routes: &routes(&[sql]),
+            simple_single: true,
+            complete: true,
+            deferred_begin: true,
+            lone_end: lone_transaction_end(sql),
+            session_role: None,
+        })
+    }
+
+    #[test]
+    fn reads_go_to_replicas_and_writes_to_the_primary() {
+        assert_eq!(plan(&["SELECT 1"], true), REPLICA);
+        assert_eq!(plan(&["SELECT 1", "SHOW work_mem"], false), REPLICA);
+        assert_eq!(plan(&["SET search_path TO app"], true), REPLICA);
+        assert_eq!(plan(&["SELECT 1", "UPDATE t SET a = 1"], false), PRIMARY);
+        assert_eq!(plan(&["SELECT * FROM t FOR UPDATE"], true), PRIMARY);
+        assert_eq!(plan(&["SELECT nextval('s')"], true), PRIMARY);
+        assert_eq!(plan(&["COMMIT"], true), PRIMARY);
+        // Nothing but Describe/Close of existing objects: anywhere.
+        assert_eq!(plan(&[], false), REPLICA);
+    }
+
+    #[test]
+    fn read_only_transactions_may_use_a_replica() {
+        assert_eq!(plan(&["BEGIN READ ONLY"], true), REPLICA);
+        assert_eq!(plan(&["START TRANSACTION READ ONLY"], true), REPLICA);
+        assert_eq!(
+            plan(&["BEGIN", "SET TRANSACTION READ ONLY"], false),
+            REPLICA
+        );
+        assert_eq!(plan(&["BEGIN", "SELECT 1"], false), PRIMARY);
+        assert_eq!(
+            plan(&["BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY"], true),
+            UnitPlan::DeferBegin
+        );
+        assert_eq!(plan(&["BEGIN"], true), UnitPlan::DeferBegin);
+        assert_eq!(after_begin("SET TRANSACTION READ ONLY"), REPLICA);
+        assert_eq!(after_begin("SELECT 1"), PRIMARY);
+        assert_eq!(after_begin("commit;"), UnitPlan::EndEmpty("COMMIT"));
+        assert_eq!(after_begin("ROLLBACK WORK"), UnitPlan::EndEmpty("ROLLBACK"));
+        assert_eq!(after_begin("COMMIT AND CHAIN"), PRIMARY);
+    }
+
+    #[test]
+    fn incomplete_units_go_to_the_primary() {
+        let r = routes(&["SELECT 1"]);
+        let f = UnitFacts {
+            routes: &r,
+            simple_single: false,
+            complete: false,
+            deferred_begin: false,
+            lone_end: None,
+            session_role: None,
+        };
+        assert_eq!(plan_unit(&f), PRIMARY);
+    }
+
+    #[test]
+    fn hints_override_the_class() {
+        assert_eq!(
+            plan(&["/* shardline: role=primary */ SELECT 1"], true),
+            UnitPlan::Run {
+                target: Target::Primary,
+                writes: false
+            }
+        );
+        assert_eq!(
+            plan(&["/* shardline: role=replica */ SELECT nextval('s')"], true),
+            REPLICA
+        );
+        let r = routes(&["SELECT 1"]);
+        let f = UnitFacts {
+            routes: &r,
+            simple_single: true,
+            complete: true,
+            deferred_begin: false,
+            lone_end: None,
+            session_role: Some(RoleHint::Primary),
+        };
+        assert_eq!(
+            plan_unit(&f),
+            UnitPlan::Run {
+                target: Target::Primary,
+                writes: false
+            }
+        );
+    }
+
+    #[test]
+    fn lone_transaction_ends() {
+        assert_eq!(lone_transaction_end("END"), Some("COMMIT"));
+        assert_eq!(lone_transaction_end(" abort ;"), Some("ROLLBACK"));
+        assert_eq!(lone_transaction_end("COMMIT PREPARED 'x'"), None);
+        assert_eq!(lone_transaction_end("ROLLBACK TO SAVEPOINT a"), None);
+        assert_eq!(lone_transaction_end("SELECT 1"), None);
+    }
+}
