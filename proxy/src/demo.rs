@@ -56,9 +56,16 @@ pub fn shards_toml(cluster: &LocalCluster) -> String {
     for shard in shards {
         let nodes = cluster.nodes.iter().filter(|n| n.shard == shard);
         let (primary, replicas): (Vec<_>, Vec<_>) = nodes.partition(|n| n.is_primary);
+        // Each replica in a zone of its own ("a", "b", ...), for zone preference.
         let replicas: Vec<String> = replicas
             .iter()
-            .map(|r| format!("{{ host = \"127.0.0.1\", port = {} }}", r.port))
+            .zip('a'..='z')
+            .map(|(r, zone)| {
+                format!(
+                    "{{ host = \"127.0.0.1\", port = {}, zone = \"{zone}\" }}",
+                    r.port
+                )
+            })
             .collect();
         toml.push_str(&format!(
             "[[shards]]\nname = \"{shard}\"\nprimary = {{ host = \"127.0.0.1\", port = {} }}\nreplicas = [{}]\n\n",

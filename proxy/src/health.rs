@@ -293,16 +293,17 @@ impl Topology {
 /// What one check of a node found.
 struct Observation {
     in_recovery: bool,
-    /// Primary: current WAL position. Replica: last replayed position.
+    /// Primary: current WAL insert position. Replica: last replayed position.
     lsn: u64,
-    /// Replica: milliseconds since the last replayed commit.
-    replay_age_ms: u64,
+    /// Replica: milliseconds since the last replayed commit (`None`: none
+    /// replayed since it started).
+    replay_age_ms: Option<u64>,
 }
 
 const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
     (CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') \
-     ELSE pg_current_wal_lsn() END - '0/0'::pg_lsn)::bigint, \
-    COALESCE(floor(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000), 0)::bigint";
+     ELSE pg_current_wal_insert_lsn() END - '0/0'::pg_lsn)::bigint, \
+    COALESCE(floor(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000), -1)::bigint";
 
 async fn check(
     conn: &mut Option<ServerConnection>,
@@ -322,7 +323,10 @@ async fn check(
     Ok(Observation {
         in_recovery: col(0) == "t",
         lsn: col(1).parse().unwrap_or(0),
-        replay_age_ms: col(2).parse::<i64>().unwrap_or(0).max(0) as u64,
+        replay_age_ms: col(2)
+            .parse::<i64>()
+            .ok()
+            .and_then(|v| u64::try_from(v).ok()),
     })
 }
 
@@ -447,7 +451,12 @@ impl Checker {
                 continue;
             }
             let bytes = head.saturating_sub(o.lsn);
-            let ms = if bytes == 0 { 0 } else { o.replay_age_ms };
+            // Behind, with no replayed commit to date it by: assume the worst.
+            let ms = if bytes == 0 {
+                0
+            } else {
+                o.replay_age_ms.unwrap_or(u64::MAX)
+            };
             node.lag_bytes.store(bytes, Relaxed);
             node.lag_ms.store(ms, Relaxed);
             let ok = bytes <= self.cfg.max_replica_lag_bytes && ms <= max_ms;

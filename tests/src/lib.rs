@@ -294,6 +294,65 @@ impl Env {
             .expect("direct SQL on a node")
     }
 
+    /// Runs pgbench (the real binary) through the proxy as `app`; returns
+    /// (success, output).
+    pub fn pgbench(&self, args: &[&str]) -> (bool, String) {
+        run(std::process::Command::new("pgbench")
+            .env("PGPASSWORD", "app")
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", "app"])
+            .args(args)
+            .arg("app"))
+    }
+
+    pub fn node_port(&self, index: usize) -> u16 {
+        self.backend.nodes()[index].port
+    }
+
+    /// Indexes (cluster order) of the first shard's replicas.
+    pub fn replicas(&self) -> Vec<usize> {
+        let nodes = self.backend.nodes();
+        (0..nodes.len())
+            .filter(|&i| !nodes[i].is_primary && nodes[i].shard == nodes[0].shard)
+            .collect()
+    }
+
+    /// The processes of a node: its postmaster and every child.
+    pub fn node_pids(&self, index: usize) -> Vec<i32> {
+        let node = &self.backend.nodes()[index];
+        let pidfile =
+            std::fs::read_to_string(node.data_dir.join("postmaster.pid")).expect("postmaster.pid");
+        let postmaster: i32 = pidfile
+            .lines()
+            .next()
+            .and_then(|l| l.trim().parse().ok())
+            .expect("a pid");
+        let mut pids = vec![postmaster];
+        for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+            let Ok(pid) = entry.file_name().to_string_lossy().parse::<i32>() else {
+                continue;
+            };
+            let Ok(stat) = std::fs::read_to_string(entry.path().join("stat")) else {
+                continue;
+            };
+            // pid (comm) state ppid ...: comm may hold spaces, so split after ')'.
+            let ppid = stat
+                .rsplit_once(')')
+                .and_then(|(_, rest)| rest.split_whitespace().nth(1)?.parse::<i32>().ok());
+            if ppid == Some(postmaster) {
+                pids.push(pid);
+            }
+        }
+        pids
+    }
+
+    /// Sends a signal to every process of a node (SIGKILL, SIGSTOP, SIGCONT ...).
+    pub fn signal_node(&self, index: usize, signal: i32) {
+        for pid in self.node_pids(index) {
+            // SAFETY: plain kill(2) on processes this test started.
+            unsafe { libc::kill(pid, signal) };
+        }
+    }
+
     /// Waits until every replica has replayed what its primary wrote and the
     /// proxy's health checks see every node up and in rotation.
     pub async fn wait_healthy(&self) {

@@ -61,11 +61,7 @@ async fn psql_commands() {
 }
 
 fn pgbench(env: &Env, args: &[&str]) -> String {
-    let (ok, out) = run(Command::new("pgbench")
-        .env("PGPASSWORD", "app")
-        .args(["-h", "127.0.0.1", "-p", &env.port.to_string(), "-U", "app"])
-        .args(args)
-        .arg("app"));
+    let (ok, out) = env.pgbench(args);
     assert!(ok, "pgbench {args:?} failed:\n{out}");
     out
 }

@@ -138,6 +138,14 @@ impl Session {
         if let Some(sent) = self.retry.as_mut() {
             sent.extend_from_slice(&f.bytes);
         }
+        if self.write_attach
+            && matches!(
+                f.tag,
+                frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
+            )
+        {
+            self.wrote = true;
+        }
         match f.tag {
             frontend::QUERY => self.on_query(f),
             frontend::PARSE => self.on_parse(f),

@@ -76,8 +76,12 @@ pub struct Session {
     deferred_begin: Option<Bytes>,
     /// `SET shardline.role`: every unit to the primary or to replicas.
     session_role: Option<shardline_router::RoleHint>,
-    /// The attached unit may write: read-your-writes records its commit.
+    /// Something that may write ran since the last WAL position was taken:
+    /// read-your-writes records the position when the connection is released.
     wrote: bool,
+    /// The attached server was chosen for a unit that may write; every later
+    /// statement on it may write too.
+    write_attach: bool,
     /// Read-your-writes: reads only from replicas replayed past this WAL position.
     ryw_lsn: u64,
     /// Reads go to the primary until this time (ms, `health::now_ms`).
@@ -127,6 +131,7 @@ impl Session {
             deferred_begin: None,
             session_role: None,
             wrote: false,
+            write_attach: false,
             ryw_lsn: 0,
             primary_until: 0,
             client_hash,

@@ -229,6 +229,7 @@ impl Session {
         }
         self.cancel.attach(conn.addr.clone(), conn.pid, conn.secret);
         self.wrote = writes;
+        self.write_attach = writes;
         self.read_attach = target == Target::Replica && self.mode() == PoolMode::Transaction;
         // A read may be sent again elsewhere until an answer reaches the client.
         self.retry = (target == Target::Replica && conn.tx_status == b'I')
@@ -276,9 +277,11 @@ impl Session {
                 false
             }
             ReadYourWrites::Lsn => {
+                // The insert position covers the commit record even when
+                // synchronous_commit = off has not written it yet.
                 frontend::write_query(
                     &mut self.server_out,
-                    "SELECT (pg_current_wal_lsn() - '0/0'::pg_lsn)::bigint",
+                    "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint",
                 );
                 self.pending.push_back(Pending::swallow(Kind::LsnProbe));
                 true

@@ -1,0 +1,385 @@
+//! Read/write splitting against a real primary and two streaming replicas:
+//! which node answers is told apart by `inet_server_port()`.
+
+use shardline_tests::{Env, EnvOptions};
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+async fn two_replicas(extra_toml: &str) -> Env {
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: 2,
+        extra_toml: extra_toml.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.wait_healthy().await;
+    env
+}
+
+/// The port of the server that ran `sql` (its first column), by the simple protocol.
+async fn port_of(c: &Client, sql: &str) -> u16 {
+    let msgs = c.simple_query(sql).await.unwrap();
+    let row = msgs
+        .iter()
+        .find_map(|m| match m {
+            SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+            _ => None,
+        })
+        .unwrap_or_else(|| panic!("{sql} returned no row"));
+    row.parse().unwrap()
+}
+
+/// Counts, per port, where `n` runs of `sql` landed.
+async fn spread(c: &Client, sql: &str, n: usize) -> HashMap<u16, usize> {
+    let mut counts = HashMap::new();
+    for _ in 0..n {
+        *counts.entry(port_of(c, sql).await).or_default() += 1;
+    }
+    counts
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_replicas_and_writes_to_the_primary() {
+    // Read-your-writes would (rightly) send reads after writes to the primary.
+    let env = two_replicas("[load_balancing]\nread_your_writes = \"off\"\n").await;
+    let primary = env.node_port(0);
+    let replicas: Vec<u16> = env.replicas().iter().map(|&i| env.node_port(i)).collect();
+    let mut c = env.connect().await;
+    c.batch_execute(
+        "CREATE TABLE t (id serial PRIMARY KEY, port int); CREATE SEQUENCE s;
+         CREATE FUNCTION my_writer() RETURNS int LANGUAGE sql AS 'SELECT 1';",
+    )
+    .await
+    .unwrap();
+    env.wait_healthy().await;
+
+    // Reads, by the simple and the extended protocol.
+    let read = port_of(&c, "SELECT inet_server_port()").await;
+    assert!(replicas.contains(&read), "{read} not in {replicas:?}");
+    let row = c
+        .query_one("SELECT inet_server_port(), pg_is_in_recovery()", &[])
+        .await
+        .unwrap();
+    assert!(replicas.contains(&(row.get::<_, i32>(0) as u16)));
+    assert!(row.get::<_, bool>(1), "answered by a replica");
+    assert!(replicas.contains(&port_of(&c, "SHOW port").await));
+    assert!(replicas
+        .contains(&port_of(&c, "WITH x AS (SELECT 1) SELECT inet_server_port() FROM x").await));
+
+    // Writes and what must count as one.
+    for sql in [
+        "INSERT INTO t (port) VALUES (inet_server_port()) RETURNING port",
+        "UPDATE t SET port = inet_server_port() RETURNING port",
+        "SELECT inet_server_port() FROM t FOR UPDATE",
+        "SELECT inet_server_port() FROM t FOR NO KEY UPDATE",
+        "SELECT inet_server_port() FROM t FOR SHARE",
+        "WITH w AS (INSERT INTO t (port) VALUES (0) RETURNING id) SELECT inet_server_port() FROM w",
+        "SELECT inet_server_port() FROM (SELECT nextval('s')) x",
+        "SELECT inet_server_port() FROM (SELECT pg_advisory_xact_lock(1)) x",
+        "SELECT inet_server_port() FROM (SELECT set_config('x.y', '1', false)) x",
+    ] {
+        assert_eq!(port_of(&c, sql).await, primary, "{sql}");
+    }
+    let row = c
+        .query_one(
+            "INSERT INTO t (port) VALUES (inet_server_port()) RETURNING port",
+            &[],
+        )
+        .await
+        .unwrap();
+    assert_eq!(
+        row.get::<_, i32>(0) as u16,
+        primary,
+        "extended-protocol write"
+    );
+
+    // READ ONLY transactions may run on a replica; others run on the primary.
+    for begin in [
+        "BEGIN READ ONLY",
+        "START TRANSACTION READ ONLY",
+        "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY",
+    ] {
+        c.simple_query(begin).await.unwrap();
+        let p = port_of(&c, "SELECT inet_server_port()").await;
+        let again = port_of(&c, "SELECT inet_server_port()").await;
+        c.simple_query("COMMIT").await.unwrap();
+        assert!(replicas.contains(&p), "{begin}: {p}");
+        assert_eq!(
+            p, again,
+            "{begin}: one connection for the whole transaction"
+        );
+    }
+    let tx = c.build_transaction().read_only(true).start().await.unwrap();
+    let p: i32 = tx
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+    assert!(
+        replicas.contains(&(p as u16)),
+        "tokio-postgres read-only transaction"
+    );
+
+    c.simple_query("BEGIN").await.unwrap();
+    c.simple_query("SET TRANSACTION READ ONLY").await.unwrap();
+    let p = port_of(&c, "SELECT inet_server_port()").await;
+    let e = c
+        .simple_query("INSERT INTO t (port) VALUES (1)")
+        .await
+        .unwrap_err();
+    assert_eq!(e.code().map(|c| c.code()), Some("25006"), "{e}");
+    c.simple_query("ROLLBACK").await.unwrap();
+    assert!(
+        replicas.contains(&p),
+        "BEGIN; SET TRANSACTION READ ONLY: {p}"
+    );
+
+    c.simple_query("BEGIN").await.unwrap();
+    assert_eq!(port_of(&c, "SELECT inet_server_port()").await, primary);
+    c.simple_query("COMMIT").await.unwrap();
+    let tx = c.transaction().await.unwrap();
+    let p: i32 = tx
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    tx.commit().await.unwrap();
+    assert_eq!(
+        p as u16, primary,
+        "a read-write transaction runs on the primary"
+    );
+    // A transaction that does nothing is answered without a server.
+    c.simple_query("BEGIN").await.unwrap();
+    c.simple_query("COMMIT").await.unwrap();
+    assert!(c.is_closed() || c.simple_query("SELECT 1").await.is_ok());
+
+    // Hints.
+    assert_eq!(
+        port_of(
+            &c,
+            "/* shardline: role=primary */ SELECT inet_server_port()"
+        )
+        .await,
+        primary
+    );
+    c.simple_query("SET shardline.role = primary")
+        .await
+        .unwrap();
+    assert_eq!(port_of(&c, "SELECT inet_server_port()").await, primary);
+    c.simple_query("RESET shardline.role").await.unwrap();
+    assert!(replicas.contains(&port_of(&c, "SELECT inet_server_port()").await));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn users_own_writing_functions_go_to_the_primary() {
+    let env = two_replicas("[routing]\nwriting_functions = [\"Bump\"]\n").await;
+    let primary = env.node_port(0);
+    let c = env.connect().await;
+    c.batch_execute(
+        "CREATE TABLE counter (n int); INSERT INTO counter VALUES (0);
+         CREATE FUNCTION bump() RETURNS int LANGUAGE sql AS 'UPDATE counter SET n = n + 1 RETURNING n';",
+    )
+    .await
+    .unwrap();
+    assert_eq!(
+        port_of(&c, "SELECT inet_server_port() FROM (SELECT bump()) x").await,
+        primary
+    );
+    let n: i32 = c.query_one("SELECT bump()", &[]).await.unwrap().get(0);
+    assert_eq!(n, 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn balancing_strategies() {
+    // Round robin: alternates between the two replicas.
+    let env = two_replicas("").await;
+    let replicas: Vec<u16> = env.replicas().iter().map(|&i| env.node_port(i)).collect();
+    let c = env.connect().await;
+    let counts = spread(&c, "SELECT inet_server_port()", 100).await;
+    for r in &replicas {
+        let n = counts.get(r).copied().unwrap_or(0);
+        assert!((45..=55).contains(&n), "round_robin {counts:?}");
+    }
+    drop(env);
+
+    // Random: both get a fair share.
+    let env = two_replicas("[load_balancing]\nstrategy = \"random\"\n").await;
+    let c = env.connect().await;
+    let counts = spread(&c, "SELECT inet_server_port()", 200).await;
+    assert_eq!(counts.len(), 2, "random {counts:?}");
+    assert!(
+        counts.values().all(|&n| (60..=140).contains(&n)),
+        "random {counts:?}"
+    );
+    drop(env);
+
+    // Least connections: a replica busy with an open transaction gets no new reads.
+    let env = two_replicas("[load_balancing]\nstrategy = \"least_connections\"\n").await;
+    let busy_client = env.connect().await;
+    busy_client.simple_query("BEGIN READ ONLY").await.unwrap();
+    let busy = port_of(&busy_client, "SELECT inet_server_port()").await;
+    let c = env.connect().await;
+    let counts = spread(&c, "SELECT inet_server_port()", 30).await;
+    assert_eq!(
+        counts.get(&busy),
+        None,
+        "least_connections {counts:?} (busy: {busy})"
+    );
+    busy_client.simple_query("COMMIT").await.unwrap();
+    let counts = spread(&c, "SELECT inet_server_port()", 30).await;
+    assert_eq!(counts.len(), 2, "both idle again: {counts:?}");
+    drop(env);
+
+    // Client hash: every connection from one address lands on one replica.
+    let env = two_replicas("[load_balancing]\nstrategy = \"client_hash\"\n").await;
+    let mut seen = HashMap::new();
+    for _ in 0..5 {
+        let c = env.connect().await;
+        for (port, n) in spread(&c, "SELECT inet_server_port()", 10).await {
+            *seen.entry(port).or_insert(0) += n;
+        }
+    }
+    assert_eq!(seen.len(), 1, "client_hash is sticky: {seen:?}");
+    drop(env);
+
+    // Zone preference: replicas in the proxy's zone first (the harness puts
+    // replica 1 in zone "a" and replica 2 in zone "b").
+    let env = two_replicas("[load_balancing]\nzone = \"b\"\n").await;
+    let second = env.node_port(env.replicas()[1]);
+    let c = env.connect().await;
+    let counts = spread(&c, "SELECT inet_server_port()", 20).await;
+    assert_eq!(counts.get(&second), Some(&20), "zone {counts:?}");
+}
+
+/// Pauses WAL replay on a replica, writes, and waits for the proxy to act.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lagging_replica_leaves_rotation_and_comes_back() {
+    let env = two_replicas("[health]\ninterval = \"200ms\"\nmax_replica_lag = \"500ms\"\n").await;
+    let [r1, r2] = env.replicas()[..] else {
+        panic!("two replicas")
+    };
+    let (p1, p2) = (env.node_port(r1), env.node_port(r2));
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE ticks (n int)").await.unwrap();
+    env.wait_healthy().await;
+
+    env.sql_on(r1, "SELECT pg_wal_replay_pause()");
+    // Keep writing so the paused replica falls further behind.
+    let writer = env.connect().await;
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = stop.clone();
+    let w = tokio::spawn(async move {
+        while !flag.load(std::sync::atomic::Ordering::Relaxed) {
+            writer
+                .execute("INSERT INTO ticks VALUES (1)", &[])
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    });
+    let shard = env.proxy.as_ref().unwrap().shared.topology.shards[0].clone();
+    let started = Instant::now();
+    while shard.nodes[1].lag_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "lag never noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let (bytes, time) = shard.nodes[1].lag();
+    assert!(
+        bytes > 0 && time > Duration::from_millis(500),
+        "{bytes} {time:?}"
+    );
+    let counts = spread(&c, "SELECT inet_server_port()", 20).await;
+    assert_eq!(
+        counts.get(&p2),
+        Some(&20),
+        "lagging replica out: {counts:?}"
+    );
+
+    env.sql_on(r1, "SELECT pg_wal_replay_resume()");
+    let started = Instant::now();
+    while !shard.nodes[1].lag_ok() {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "never came back"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let counts = spread(&c, "SELECT inet_server_port()", 20).await;
+    assert!(
+        counts.get(&p1).copied().unwrap_or(0) > 0,
+        "back in rotation: {counts:?}"
+    );
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    w.await.unwrap();
+
+    // Idle primary, caught-up replicas: no lag, however old the last commit.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    for n in &shard.nodes[1..] {
+        assert_eq!(n.lag(), (0, Duration::ZERO), "{}", n.address);
+        assert!(n.lag_ok());
+    }
+}
+
+/// Both replicas apply WAL 2s late; the lag bounds are loose so they stay in
+/// rotation. A write followed at once by a read must see the write, unless
+/// read-your-writes is off.
+async fn read_after_write(mode: &str) -> (usize, usize) {
+    let toml = format!(
+        "[health]\ninterval = \"200ms\"\nmax_replica_lag = \"1h\"\nmax_replica_lag_bytes = 1000000000\n\
+         [load_balancing]\nread_your_writes = \"{mode}\"\nprimary_window = \"5s\"\n"
+    );
+    let env = two_replicas(&toml).await;
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE kv (k int PRIMARY KEY, v int)")
+        .await
+        .unwrap();
+    env.wait_healthy().await;
+    for r in env.replicas() {
+        env.sql_on(
+            r,
+            "ALTER SYSTEM SET recovery_min_apply_delay = '2s'; SELECT pg_reload_conf();",
+        );
+    }
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (mut fresh, mut stale) = (0, 0);
+    for k in 0..10 {
+        c.execute("INSERT INTO kv VALUES ($1, $1)", &[&k])
+            .await
+            .unwrap();
+        let found = c
+            .query_opt("SELECT v FROM kv WHERE k = $1", &[&k])
+            .await
+            .unwrap();
+        if found.is_some() {
+            fresh += 1;
+        } else {
+            stale += 1;
+        }
+    }
+    (fresh, stale)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_lsn() {
+    assert_eq!(read_after_write("lsn").await, (10, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_primary_window() {
+    assert_eq!(read_after_write("primary_window").await, (10, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn read_your_writes_off_reads_stale_data() {
+    let (_, stale) = read_after_write("off").await;
+    assert!(
+        stale > 0,
+        "with read_your_writes off, a delayed replica serves stale reads"
+    );
+}
