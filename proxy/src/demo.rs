@@ -80,9 +80,11 @@ pub async fn run(port: u16) -> Result<()> {
     let cluster = tokio::task::spawn_blocking(|| -> Result<LocalCluster> {
         let c = LocalCluster::start(&ClusterSpec {
             shards: 1,
-            replicas_per_shard: 1,
+            replicas_per_shard: 2,
         })?;
         load_demo(&c)?;
+        // Start with every replica caught up, so reads spread at once.
+        c.wait_replicas_caught_up(Duration::from_secs(30))?;
         Ok(c)
     })
     .await??;
@@ -94,17 +96,18 @@ pub async fn run(port: u16) -> Result<()> {
         format!("starting the proxy on port {port} (use --port to pick another)")
     })?;
     let p = cluster.primary(0);
-    let r = cluster
+    let replicas: Vec<String> = cluster
         .nodes
         .iter()
-        .find(|n| !n.is_primary)
-        .map(|n| n.port)
-        .unwrap_or_default();
+        .filter(|n| !n.is_primary)
+        .map(|n| format!("127.0.0.1:{}", n.port))
+        .collect();
     println!();
     println!("Shardline demo is running.");
     println!(
-        "  shard s0: primary 127.0.0.1:{} and streaming replica 127.0.0.1:{r}",
-        p.port
+        "  shard s0: primary 127.0.0.1:{} and streaming replicas {}",
+        p.port,
+        replicas.join(", ")
     );
     if is_root() {
         println!("  (running as root: the Postgres servers run as the 'postgres' user)");
@@ -116,6 +119,10 @@ pub async fn run(port: u16) -> Result<()> {
         "  psql postgres://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{}/{DEMO_DATABASE}",
         proxy.local_addr.port()
     );
+    println!();
+    println!("See which node answers (reads rotate over the replicas; writes go to the primary):");
+    println!("  SELECT inet_server_port(), pg_is_in_recovery();");
+    println!("  INSERT INTO users (id, name) VALUES (1001, 'me') RETURNING inet_server_port();");
     println!();
     println!("Press Ctrl-C to stop and remove everything.");
     wait_for_signal().await;

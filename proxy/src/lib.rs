@@ -34,6 +34,18 @@ pub struct UserEntry {
     pub secret: auth::Secret,
     pub mode: PoolMode,
     pub pools: Arc<PoolSet>,
+    /// Read-your-writes, shared by all of this user's connections (an
+    /// application's pool writes on one connection and reads on another).
+    pub ryw: ReadYourWritesState,
+}
+
+/// Where the user's last write left the primary, for read-your-writes.
+#[derive(Default)]
+pub struct ReadYourWritesState {
+    /// Reads need replicas replayed at least this far (WAL position).
+    pub lsn: std::sync::atomic::AtomicU64,
+    /// Reads go to the primary until this time (`health::now_ms`).
+    pub primary_until: std::sync::atomic::AtomicU64,
 }
 
 /// State every session shares; built once from the configuration.
@@ -179,6 +191,7 @@ impl Shared {
                 secret,
                 mode: u.pool_mode.unwrap_or(config.proxy.pool_mode),
                 pools: Arc::new(PoolSet { shards }),
+                ryw: ReadYourWritesState::default(),
             };
             users.insert((u.name.clone(), u.database.clone()), Arc::new(entry));
         }

@@ -181,7 +181,13 @@ async fn unnamed_and_named_statements_over_raw_protocol() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_dying_mid_query() {
-    let env = Env::start().await.unwrap();
+    // One node: a read on a replica would be re-run elsewhere (routing.rs).
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let c = env.connect().await;
     let pid: i32 = c
         .query_one("SELECT pg_backend_pid()", &[])

@@ -1,5 +1,5 @@
 //! `shardline demo` as a user runs it: it prints a psql command that works,
-//! a streaming replica is attached, and Ctrl-C removes everything.
+//! two streaming replicas serve the reads, and Ctrl-C removes everything.
 
 use shardline_tests::{psql, shardline_binary};
 use std::io::{BufRead, BufReader};
@@ -44,11 +44,22 @@ fn demo_starts_serves_and_cleans_up() {
             "-c",
             "SELECT count(*) FROM users",
             "-c",
-            "SELECT count(*) FROM pg_stat_replication",
+            "/* shardline: role=primary */ SELECT count(*) FROM pg_stat_replication",
         ],
     );
     assert!(ok, "{out}");
-    assert_eq!(out.lines().collect::<Vec<_>>(), ["1000", "1"], "{out}");
+    assert_eq!(out.lines().collect::<Vec<_>>(), ["1000", "2"], "{out}");
+    // The query the demo prints: reads rotate over both replicas.
+    let shown = "SELECT inet_server_port(), pg_is_in_recovery();";
+    let mut args = vec!["-A", "-t"];
+    for _ in 0..4 {
+        args.extend(["-c", shown]);
+    }
+    let (ok, out) = psql(&url, &args);
+    assert!(ok, "{out}");
+    let answers: std::collections::HashSet<&str> = out.lines().collect();
+    assert_eq!(answers.len(), 2, "two replicas answered: {out}");
+    assert!(answers.iter().all(|l| l.ends_with("|t")), "{out}");
 
     assert!(Command::new("kill")
         .arg("-INT")
@@ -64,5 +75,6 @@ fn demo_starts_serves_and_cleans_up() {
             .any(|l| l.contains("removed the demo directory")),
         "{rest:?}"
     );
+    assert!(rest.iter().any(|l| l.trim() == shown), "{rest:?}");
     assert!(!dir.exists(), "{} still exists", dir.display());
 }

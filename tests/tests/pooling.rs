@@ -32,6 +32,8 @@ async fn more_clients_than_connections() {
 async fn checkout_timeout_is_a_clear_error() {
     let env = Env::start_with(EnvOptions {
         pool_toml: "checkout_timeout = \"1s\"\n".into(),
+        // One node, so the reads below need the primary's pool too.
+        replicas_per_shard: 0,
         ..Default::default()
     })
     .await
@@ -142,6 +144,7 @@ async fn idle_timeout_and_max_lifetime() {
 async fn dead_idle_connection_is_not_handed_out() {
     let env = Env::start_with(EnvOptions {
         pool_toml: "server_check_delay = \"0ms\"\n".into(),
+        replicas_per_shard: 0,
         ..Default::default()
     })
     .await

@@ -383,3 +383,30 @@ async fn read_your_writes_off_reads_stale_data() {
         "with read_your_writes off, a delayed replica serves stale reads"
     );
 }
+
+/// After a write the proxy asks the primary for its WAL position before
+/// releasing the connection; answers the proxy gives itself meanwhile
+/// (DEALLOCATE ALL of client-side statements) must still reach the client.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn local_answers_behind_the_wal_position_query() {
+    use shardline_tests::{message, tags, RawClient};
+    let env = two_replicas("").await;
+    env.sql("CREATE TABLE w (n int); GRANT ALL ON w TO app;");
+    env.wait_healthy().await;
+    let mut c = RawClient::login(env.port).await.unwrap();
+    for _ in 0..50 {
+        let msgs = c
+            .exchange(&[message(b'Q', b"INSERT INTO w VALUES (1)\0")])
+            .await
+            .unwrap();
+        assert_eq!(tags(&msgs), b"CZ");
+        let msgs = tokio::time::timeout(
+            Duration::from_secs(5),
+            c.exchange(&[message(b'Q', b"DEALLOCATE ALL\0")]),
+        )
+        .await
+        .expect("DEALLOCATE ALL answered")
+        .unwrap();
+        assert_eq!(tags(&msgs), b"CZ");
+    }
+}

@@ -82,10 +82,6 @@ pub struct Session {
     /// The attached server was chosen for a unit that may write; every later
     /// statement on it may write too.
     write_attach: bool,
-    /// Read-your-writes: reads only from replicas replayed past this WAL position.
-    ryw_lsn: u64,
-    /// Reads go to the primary until this time (ms, `health::now_ms`).
-    primary_until: u64,
     /// Hash of the client's address (client_hash balancing).
     client_hash: u64,
     /// The current read unit's client messages, while it can still be re-run
@@ -132,8 +128,6 @@ impl Session {
             session_role: None,
             wrote: false,
             write_attach: false,
-            ryw_lsn: 0,
-            primary_until: 0,
             client_hash,
             retry: None,
             tried: 0,
@@ -376,7 +370,12 @@ impl Session {
                 msg,
             )));
         }
-        let sync_points = self.pending.iter().filter(|p| p.is_sync_point()).count();
+        // Units the client is waiting on (the proxy's own queries owe it nothing).
+        let sync_points = self
+            .pending
+            .iter()
+            .filter(|p| p.is_sync_point() && p.answer == pending::Answer::Forward)
+            .count();
         self.pending.clear();
         self.server_out.clear();
         self.txn_effects.clear();

@@ -13,6 +13,7 @@ use shardline_router::{
     classify::{Class, Source},
     lone_transaction_end, plan_unit, Route, Target, UnitFacts, UnitPlan,
 };
+use std::sync::atomic::Ordering::Relaxed;
 
 /// FunctionCall messages run arbitrary functions: writes.
 const FUNCTION_CALL: Route = Route {
@@ -138,10 +139,12 @@ impl Session {
         let pools = &user.pools.shards[0];
         let lb = &shared.balancing;
         let mut target = target;
+        let ryw = &user.ryw;
+        let primary_until = ryw.primary_until.load(Relaxed);
         if target == Target::Replica
             && lb.read_your_writes != ReadYourWrites::Off
-            && self.primary_until > 0
-            && now_ms() < self.primary_until
+            && primary_until > 0
+            && now_ms() < primary_until
         {
             target = Target::Primary;
         }
@@ -167,7 +170,7 @@ impl Session {
                         zone: lb.zone.as_deref(),
                         client: self.client_hash,
                         min_lsn: if lb.read_your_writes == ReadYourWrites::Lsn {
-                            self.ryw_lsn
+                            ryw.lsn.load(Relaxed)
                         } else {
                             0
                         },
@@ -272,8 +275,8 @@ impl Session {
         match self.shared.balancing.read_your_writes {
             ReadYourWrites::Off => false,
             ReadYourWrites::PrimaryWindow => {
-                self.primary_until =
-                    now_ms() + self.shared.balancing.primary_window.as_millis() as u64;
+                let until = now_ms() + self.shared.balancing.primary_window.as_millis() as u64;
+                self.login.user.ryw.primary_until.fetch_max(until, Relaxed);
                 false
             }
             ReadYourWrites::Lsn => {

@@ -91,11 +91,18 @@ impl Session {
                 return Ok(());
             }
         }
+        let survives = tag == ERROR_RESPONSE && self.client_session_survives();
         let Some(front) = self.pending.front_mut() else {
             return Err("no pending request".into());
         };
         if front.answer == Answer::Forward || tag == ERROR_RESPONSE {
+            let start = self.client_out.len();
             self.client_out.extend_from_slice(msg);
+            if survives {
+                // The server's connection ends, not the client's session: a
+                // FATAL would make the client hang up.
+                downgrade_fatal(&mut self.client_out[start..]);
+            }
             // An answer reached the client: the unit can no longer be re-run elsewhere.
             self.retry = None;
         }
@@ -156,6 +163,13 @@ impl Session {
         Ok(())
     }
 
+    /// Whether losing the server now leaves the client's session intact
+    /// (no transaction lost, transaction pooling).
+    fn client_session_survives(&self) -> bool {
+        self.mode() == shardline_config::PoolMode::Transaction
+            && self.server.as_ref().is_some_and(|s| s.tx_status == b'I')
+    }
+
     /// The answer to the read-your-writes position query: hidden from the client.
     fn on_lsn_probe(&mut self, tag: u8, msg: &[u8]) -> Result<(), String> {
         use backend::*;
@@ -171,7 +185,8 @@ impl Session {
                     _ => None,
                 };
                 if let Some(lsn) = lsn {
-                    self.ryw_lsn = self.ryw_lsn.max(lsn);
+                    let ryw = &self.login.user.ryw;
+                    ryw.lsn.fetch_max(lsn, std::sync::atomic::Ordering::Relaxed);
                 }
             }
             ERROR_RESPONSE => {
@@ -179,8 +194,10 @@ impl Session {
                 // primary until the checker has seen the cluster again.
                 let fields = backend::parse_error_fields(body);
                 tracing::debug!(code = %fields.code, message = %fields.message, "WAL position query failed");
-                self.primary_until =
-                    crate::health::now_ms() + self.shared.ban_time.as_millis() as u64;
+                let until = crate::health::now_ms() + self.shared.ban_time.as_millis() as u64;
+                let ryw = &self.login.user.ryw;
+                ryw.primary_until
+                    .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
             }
             READY_FOR_QUERY => {
                 let status = *body.first().ok_or("empty ReadyForQuery")?;
@@ -188,6 +205,8 @@ impl Session {
                     server.tx_status = status;
                 }
                 self.pending.pop_front();
+                // Answers the proxy gave while the query ran come next.
+                self.drain_synthetic();
             }
             _ => {}
         }
@@ -275,5 +294,40 @@ impl Session {
                 "server {addr} sent an unexpected message ({message}); the connection was closed"
             ),
         )))
+    }
+}
+
+/// Rewrites an ErrorResponse's FATAL or PANIC severity to ERROR, in place
+/// (the words have the same length).
+fn downgrade_fatal(msg: &mut [u8]) {
+    let mut i = 5;
+    while i < msg.len() && msg[i] != 0 {
+        let field = msg[i];
+        let start = i + 1;
+        let end = msg[start..]
+            .iter()
+            .position(|&b| b == 0)
+            .map_or(msg.len(), |p| start + p);
+        if matches!(field, b'S' | b'V') && matches!(&msg[start..end], b"FATAL" | b"PANIC") {
+            msg[start..end].copy_from_slice(b"ERROR");
+        }
+        i = end + 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn fatal_becomes_error() {
+        let mut buf = bytes::BytesMut::new();
+        crate::protocol::backend::PgError::fatal("57P01", "terminating connection")
+            .encode(&mut buf);
+        super::downgrade_fatal(&mut buf);
+        let fields = crate::protocol::backend::parse_error_fields(&buf[5..]);
+        assert_eq!(
+            (fields.severity.as_str(), fields.code.as_str()),
+            ("ERROR", "57P01")
+        );
+        assert_eq!(fields.message, "terminating connection");
     }
 }

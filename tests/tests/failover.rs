@@ -1,0 +1,242 @@
+//! Node failures under load: a replica killed or frozen, the primary
+//! stopped, a replica promoted (by hand and by `auto_promote`), and two
+//! nodes claiming to be primary.
+
+use shardline_tests::{Env, EnvOptions};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+const FAST_HEALTH: &str =
+    "[health]\ninterval = \"200ms\"\ntimeout = \"500ms\"\nban_time = \"2s\"\n";
+
+async fn cluster(replicas: usize, extra_toml: &str) -> Env {
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: replicas,
+        extra_toml: format!("{FAST_HEALTH}{extra_toml}"),
+        pool_toml: "checkout_timeout = \"3s\"\nconnect_timeout = \"1s\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (ok, out) = env.pgbench(&["-i", "-s", "1", "-q"]);
+    assert!(ok, "{out}");
+    env.wait_healthy().await;
+    env
+}
+
+/// Runs pgbench select-only for `secs` in the background, logging each
+/// transaction's latency under `dir`.
+fn pgbench_reads(
+    env: &Env,
+    secs: u32,
+    dir: &std::path::Path,
+) -> std::thread::JoinHandle<(bool, String)> {
+    std::fs::create_dir_all(dir).unwrap();
+    let port = env.port;
+    let prefix = dir.join("tx").display().to_string();
+    std::thread::spawn(move || {
+        shardline_tests::run(
+            std::process::Command::new("pgbench")
+                .env("PGPASSWORD", "app")
+                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
+                .args(["-n", "-S", "-c", "8", "-j", "2", "-T", &secs.to_string()])
+                .args(["-l", &format!("--log-prefix={prefix}")])
+                .arg("app"),
+        )
+    })
+}
+
+/// The slowest transaction pgbench logged (the log's third field, in µs).
+fn max_latency(dir: &std::path::Path) -> Duration {
+    let mut max = 0u64;
+    for f in std::fs::read_dir(dir).unwrap().flatten() {
+        for line in std::fs::read_to_string(f.path()).unwrap().lines() {
+            if let Some(us) = line.split_whitespace().nth(2).and_then(|v| v.parse().ok()) {
+                max = max.max(us);
+            }
+        }
+    }
+    Duration::from_micros(max)
+}
+
+fn processed(out: &str) -> u64 {
+    out.lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|v| v.split('/').next()?.trim().parse().ok())
+        .unwrap_or(0)
+}
+
+fn scratch(name: &str) -> std::path::PathBuf {
+    std::env::temp_dir().join(format!("shardline-{name}-{:08x}", rand::random::<u32>()))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_under_read_load() {
+    let env = cluster(2, "").await;
+    let victim = env.replicas()[0];
+    let dir = scratch("kill");
+    let bench = pgbench_reads(&env, 5, &dir);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    env.signal_node(victim, libc::SIGKILL);
+    let (ok, out) = tokio::task::spawn_blocking(move || bench.join().unwrap())
+        .await
+        .unwrap();
+    // Reads in flight on the killed node ran again on the other replica.
+    assert!(ok && !out.contains("aborted"), "{out}");
+    assert!(processed(&out) > 500, "{out}");
+    eprintln!("killed replica: {} reads, none failed", processed(&out));
+    let shard = &env.proxy.as_ref().unwrap().shared.topology.shards[0];
+    assert!(shard.nodes[1].is_down(), "the checker noticed");
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_replica_delays_no_read_beyond_the_timeouts() {
+    let env = cluster(2, "").await;
+    let victim = env.replicas()[0];
+    let dir = scratch("stop");
+    let bench = pgbench_reads(&env, 5, &dir);
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    env.signal_node(victim, libc::SIGSTOP);
+    let (ok, out) = tokio::task::spawn_blocking(move || bench.join().unwrap())
+        .await
+        .unwrap();
+    env.signal_node(victim, libc::SIGCONT);
+    assert!(ok && !out.contains("aborted"), "{out}");
+    // A read waiting on the frozen node is cut when a check times out
+    // (interval 200ms + timeout 500ms) and runs elsewhere; a new connection
+    // to it gives up after connect_timeout (1s).
+    let worst = max_latency(&dir);
+    eprintln!(
+        "frozen replica: {} reads, slowest {worst:?}",
+        processed(&out)
+    );
+    assert!(
+        worst < Duration::from_millis(2500),
+        "slowest read took {worst:?}\n{out}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+async fn insert_port(c: &Client) -> Result<u16, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES (1, 1, 1, inet_server_port(), now()) RETURNING delta",
+            &[],
+        )
+        .await?;
+    Ok(row.get::<_, i32>(0) as u16)
+}
+
+/// Retries `insert_port` until it succeeds or `limit` passes.
+async fn write_succeeds_within(c: &Client, limit: Duration) -> (u16, Duration) {
+    let started = Instant::now();
+    loop {
+        match insert_port(c).await {
+            Ok(port) => return (port, started.elapsed()),
+            Err(e) => assert!(started.elapsed() < limit, "writes did not resume: {e}"),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn primary_down_then_promotion_then_two_primaries() {
+    let env = cluster(2, "[load_balancing]\nread_your_writes = \"off\"\n").await;
+    let [r1, _] = env.replicas()[..] else {
+        panic!("two replicas")
+    };
+    let c = env.connect().await;
+    assert_eq!(insert_port(&c).await.unwrap(), env.node_port(0));
+
+    let dir = scratch("primary");
+    let bench = pgbench_reads(&env, 6, &dir);
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    env.backend.stop_node(0, "immediate").unwrap();
+    tokio::time::sleep(Duration::from_millis(600)).await;
+
+    // Writes fail at once with a connection-class error naming the shard.
+    let started = Instant::now();
+    let e = insert_port(&c).await.unwrap_err();
+    let db = e.as_db_error().expect("a server-style error");
+    assert!(matches!(&db.code().code()[..2], "08" | "57"), "{db:?}");
+    assert!(db.message().contains("shard s0"), "{}", db.message());
+    assert!(started.elapsed() < Duration::from_millis(500), "fails fast");
+    // Reads keep working.
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM pgbench_branches", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+
+    // An operator promotes replica 1: writes follow within two intervals (plus slack).
+    env.sql_on(r1, "SELECT pg_promote()");
+    let (port, took) = write_succeeds_within(&c, Duration::from_secs(5)).await;
+    assert_eq!(port, env.node_port(r1), "writes go to the promoted node");
+    assert!(
+        took < Duration::from_millis(1500),
+        "promotion noticed after {took:?}"
+    );
+    eprintln!("writes resumed on the promoted replica {took:?} after pg_promote()");
+
+    let (ok, out) = tokio::task::spawn_blocking(move || bench.join().unwrap())
+        .await
+        .unwrap();
+    assert!(
+        ok && !out.contains("aborted"),
+        "reads survived the primary's loss:\n{out}"
+    );
+    let _ = std::fs::remove_dir_all(dir);
+
+    // The old primary comes back still believing it is primary.
+    env.backend.start_node(0).unwrap();
+    let started = Instant::now();
+    let message = loop {
+        match insert_port(&c).await {
+            Err(e)
+                if e.as_db_error()
+                    .is_some_and(|d| d.message().contains("both")) =>
+            {
+                break e.as_db_error().unwrap().message().to_string();
+            }
+            _ => assert!(
+                started.elapsed() < Duration::from_secs(5),
+                "two primaries not noticed"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    for i in [0, r1] {
+        let addr = format!("127.0.0.1:{}", env.node_port(i));
+        assert!(message.contains(&addr), "{message} names {addr}");
+    }
+    // Once the old primary is gone again, writes resume.
+    env.backend.stop_node(0, "fast").unwrap();
+    let (port, _) = write_succeeds_within(&c, Duration::from_secs(5)).await;
+    assert_eq!(port, env.node_port(r1));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn auto_promote_picks_a_replica_after_the_grace_time() {
+    let env = cluster(
+        2,
+        "auto_promote = true\nauto_promote_after = \"1s\"\n[load_balancing]\nread_your_writes = \"off\"\n",
+    )
+    .await;
+    // The health-check role (the first user, app) must be allowed to promote.
+    env.sql("GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO app");
+    env.wait_healthy().await;
+    let c = env.connect().await;
+    env.backend.stop_node(0, "immediate").unwrap();
+    let started = Instant::now();
+    let (port, took) = write_succeeds_within(&c, Duration::from_secs(10)).await;
+    let replicas: Vec<u16> = env.replicas().iter().map(|&i| env.node_port(i)).collect();
+    assert!(replicas.contains(&port), "{port} is one of {replicas:?}");
+    assert!(
+        took >= Duration::from_millis(900),
+        "waited for the grace time ({took:?})"
+    );
+    assert!(started.elapsed() < Duration::from_secs(10));
+    eprintln!("auto_promote: writes resumed {took:?} after the primary stopped");
+}
