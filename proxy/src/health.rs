@@ -293,7 +293,7 @@ impl Topology {
 /// What one check of a node found.
 struct Observation {
     in_recovery: bool,
-    /// Primary: current WAL insert position. Replica: last replayed position.
+    /// Primary: WAL flushed (what replicas can have). Replica: last replayed position.
     lsn: u64,
     /// Replica: milliseconds since the last replayed commit (`None`: none
     /// replayed since it started).
@@ -302,7 +302,7 @@ struct Observation {
 
 const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
     (CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') \
-     ELSE pg_current_wal_insert_lsn() END - '0/0'::pg_lsn)::bigint, \
+     ELSE pg_current_wal_flush_lsn() END - '0/0'::pg_lsn)::bigint, \
     COALESCE(floor(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000), -1)::bigint";
 
 async fn check(

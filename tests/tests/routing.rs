@@ -257,7 +257,11 @@ async fn balancing_strategies() {
 /// Pauses WAL replay on a replica, writes, and waits for the proxy to act.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn lagging_replica_leaves_rotation_and_comes_back() {
-    let env = two_replicas("[health]\ninterval = \"200ms\"\nmax_replica_lag = \"500ms\"\n").await;
+    // Read-your-writes off: the writer below is the same user as the reader.
+    let env = two_replicas(
+        "[health]\ninterval = \"200ms\"\nmax_replica_lag = \"500ms\"\n[load_balancing]\nread_your_writes = \"off\"\n",
+    )
+    .await;
     let [r1, r2] = env.replicas()[..] else {
         panic!("two replicas")
     };
@@ -295,10 +299,23 @@ async fn lagging_replica_leaves_rotation_and_comes_back() {
         "{bytes} {time:?}"
     );
     let counts = spread(&c, "SELECT inet_server_port()", 20).await;
+    let state: Vec<_> = shard
+        .nodes
+        .iter()
+        .map(|n| {
+            (
+                n.address.clone(),
+                n.role(),
+                n.lag(),
+                n.lag_ok(),
+                n.is_down(),
+            )
+        })
+        .collect();
     assert_eq!(
         counts.get(&p2),
         Some(&20),
-        "lagging replica out: {counts:?}"
+        "lagging replica out: {counts:?} {state:?}"
     );
 
     env.sql_on(r1, "SELECT pg_wal_replay_resume()");
