@@ -216,3 +216,37 @@ fn workers_default_to_half_the_cores() {
     .unwrap();
     assert_eq!(c.proxy.worker_threads(), 3);
 }
+
+#[test]
+fn routing_sections_have_defaults_and_are_checked() {
+    let c = Config::from_toml(GOOD, "test.toml").unwrap();
+    assert_eq!(c.health.interval, std::time::Duration::from_secs(1));
+    assert_eq!(
+        c.health.max_replica_lag,
+        std::time::Duration::from_millis(500)
+    );
+    assert_eq!(c.load_balancing.strategy, Strategy::RoundRobin);
+    assert_eq!(c.load_balancing.read_your_writes, ReadYourWrites::Lsn);
+    assert!(c.load_balancing.replica_fallback_to_primary);
+    assert!(!c.health.auto_promote);
+
+    let text = format!("{GOOD}\n[load_balancing]\nstrategy = \"least_connections\"\nread_your_writes = \"primary_window\"\nprimary_window = \"2s\"\n");
+    let c = Config::from_toml(&text, "test.toml").unwrap();
+    assert_eq!(c.load_balancing.strategy, Strategy::LeastConnections);
+    assert_eq!(
+        c.load_balancing.read_your_writes,
+        ReadYourWrites::PrimaryWindow
+    );
+
+    let e = err(&format!(
+        "{GOOD}\n[load_balancing]\nstrategy = \"fastest\"\n"
+    ));
+    assert!(e.to_string().contains("load_balancing.strategy"), "{e}");
+    let e = err(&format!("{GOOD}\n[health]\ninterval = \"1ms\"\n"));
+    assert!(
+        e.to_string().contains("health.interval") && e.to_string().contains("10ms"),
+        "{e}"
+    );
+    let e = err(&format!("{GOOD}\n[routing]\nwriting_function = [\"f\"]\n"));
+    assert!(e.to_string().contains("routing.writing_function"), "{e}");
+}

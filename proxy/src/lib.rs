@@ -62,6 +62,8 @@ pub struct Shared {
     pub topology: Arc<health::Topology>,
     /// Read/write classification with its cache (shared by all sessions).
     pub router: std::sync::Mutex<shardline_router::Router>,
+    /// Time spent routing statements (lookup, parse, classify), in ns.
+    pub route_nanos: AtomicU64,
     pub balancing: Balancing,
     pub ban_time: Duration,
     /// Targets for the health checkers, by shard and node.
@@ -212,11 +214,26 @@ impl Shared {
                 router_options(&config.routing),
                 config.routing.cache_size,
             )),
+            route_nanos: AtomicU64::new(0),
             balancing: Balancing::from_config(&config.load_balancing),
             ban_time: config.health.ban_time,
             health_targets,
             health: config.health.clone(),
         })
+    }
+
+    /// Logs the classification counters (at shutdown).
+    pub fn log_router_stats(&self) {
+        let stats = self.router.lock().map(|r| r.stats()).unwrap_or_default();
+        let routed = stats.hits + stats.misses;
+        let nanos = self.route_nanos.load(std::sync::atomic::Ordering::Relaxed);
+        tracing::info!(
+            routed,
+            cache_hits = stats.hits,
+            parser_fallbacks = stats.fallbacks,
+            avg_route_ns = nanos.checked_div(routed).unwrap_or(0),
+            "router statistics"
+        );
     }
 
     /// Checks every node once, then keeps checking in the background.
@@ -301,7 +318,13 @@ impl Proxy {
         let checkers = shared.start_health_checks().await;
         let (tx, rx) = watch::channel(false);
         let grace = config.proxy.shutdown_timeout;
-        let task = tokio::spawn(accept_loop(listener, shared.clone(), rx, grace));
+        let task = tokio::spawn({
+            let shared = shared.clone();
+            async move {
+                accept_loop(listener, shared.clone(), rx, grace).await;
+                shared.log_router_stats();
+            }
+        });
         tracing::info!(%local_addr, "shardline listening");
         Ok(Proxy {
             local_addr,
@@ -401,8 +424,11 @@ async fn serve_client(
 pub fn init_logging(format: shardline_config::LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    // Colours only on a terminal: log files and collectors get plain text.
+    let ansi = std::io::IsTerminal::is_terminal(&std::io::stderr());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(ansi)
         .with_writer(std::io::stderr);
     let _ = match format {
         shardline_config::LogFormat::Json => builder.json().try_init(),

@@ -41,8 +41,14 @@ impl Session {
         let Ok(text) = std::str::from_utf8(sql) else {
             return FUNCTION_CALL;
         };
-        let mut router = self.shared.router.lock().unwrap_or_else(|p| p.into_inner());
-        router.route(text)
+        let started = std::time::Instant::now();
+        let route = {
+            let mut router = self.shared.router.lock().unwrap_or_else(|p| p.into_inner());
+            router.route(text)
+        };
+        let nanos = started.elapsed().as_nanos() as u64;
+        self.shared.route_nanos.fetch_add(nanos, Relaxed);
+        route
     }
 
     /// Decides where the unit at the front of `client_in` runs, from the

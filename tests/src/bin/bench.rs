@@ -83,10 +83,13 @@ fn field(out: &str, prefix: &str) -> Option<f64> {
 fn main() -> Result<()> {
     let args = parse_args()?;
     let bin = PgBin::find()?;
-    println!("starting a Postgres primary (scale {}) ...", args.scale);
+    println!(
+        "starting a Postgres primary and two streaming replicas (scale {}) ...",
+        args.scale
+    );
     let cluster = LocalCluster::start(&ClusterSpec {
         shards: 1,
-        replicas_per_shard: 0,
+        replicas_per_shard: 2,
     })?;
     let primary = cluster.primary(0).clone();
     cluster.psql(
@@ -112,6 +115,13 @@ fn main() -> Result<()> {
         Ok(text)
     };
     pgbench(primary.port, &["-i", "-q", "-s", &args.scale.to_string()])?;
+    cluster.wait_replicas_caught_up(Duration::from_secs(120))?;
+    let replicas: Vec<_> = cluster
+        .nodes
+        .iter()
+        .filter(|n| !n.is_primary)
+        .cloned()
+        .collect();
 
     let pool_size = args.clients;
     let mut targets = vec![Target {
@@ -147,6 +157,37 @@ fn main() -> Result<()> {
         pid: Some(child.id()),
     });
     children.push(child);
+
+    // Shardline with the two replicas: reads go to them.
+    let rw_port = free_port()?;
+    let rw_cfg = cluster.root.join("bench-shardline-replicas.toml");
+    let replica_list: Vec<String> = replicas
+        .iter()
+        .map(|r| format!("{{ host = \"127.0.0.1\", port = {} }}", r.port))
+        .collect();
+    std::fs::write(
+        &rw_cfg,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{rw_port}\"\npool_mode = \"transaction\"\n[pool]\nsize = {pool_size}\n\
+             [[users]]\nname = \"app\"\npassword = \"app\"\nauth = \"md5\"\ndatabase = \"app\"\n\
+             [[shards]]\nname = \"s0\"\nprimary = {{ host = \"127.0.0.1\", port = {} }}\nreplicas = [{}]\n",
+            primary.port,
+            replica_list.join(", ")
+        ),
+    )?;
+    let rw_log = cluster.root.join("bench-shardline-replicas.log");
+    let mut cmd = Command::new(&shardline);
+    cmd.arg("--config")
+        .arg(&rw_cfg)
+        .env("RUST_LOG", "info")
+        .stderr(std::fs::File::create(&rw_log)?);
+    own_session(&mut cmd);
+    let rw_child = cmd.spawn()?;
+    targets.push(Target {
+        name: "shardline+replicas",
+        port: rw_port,
+        pid: Some(rw_child.id()),
+    });
 
     // PgBouncer, if installed, with the same pool size and mode.
     let pgbouncer = ["/usr/sbin/pgbouncer", "/usr/bin/pgbouncer"]
@@ -287,6 +328,64 @@ fn main() -> Result<()> {
                 tps / direct
             );
         }
+    }
+
+    // Where the reads went: transactions committed per node during one more
+    // select-only run through Shardline with replicas.
+    let commits = |n: &shardline::cluster::NodeInfo| -> f64 {
+        cluster
+            .psql(
+                n,
+                "postgres",
+                "SELECT sum(xact_commit) FROM pg_stat_database",
+            )
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    let nodes: Vec<_> = std::iter::once(primary.clone())
+        .chain(replicas.iter().cloned())
+        .collect();
+    let before: Vec<f64> = nodes.iter().map(&commits).collect();
+    let out = pgbench(
+        rw_port,
+        &[
+            "-n",
+            "-S",
+            "-M",
+            "simple",
+            "-T",
+            secs.as_str(),
+            "-c",
+            clients.as_str(),
+            "-j",
+            "2",
+        ],
+    )?;
+    let after: Vec<f64> = nodes.iter().map(&commits).collect();
+    println!();
+    println!(
+        "reads through shardline+replicas (select-only simple, {:.0} tps): transactions per node",
+        field(&out, "tps = ").unwrap_or(0.0)
+    );
+    for (i, n) in nodes.iter().enumerate() {
+        let role = if i == 0 { "primary" } else { "replica" };
+        println!("  {role} 127.0.0.1:{}: {:.0}", n.port, after[i] - before[i]);
+    }
+    // The router's own counters, logged by the proxy when it stops.
+    unsafe { libc::kill(rw_child.id() as i32, libc::SIGTERM) };
+    let mut rw_child = rw_child;
+    let _ = rw_child.wait();
+    let log = std::fs::read_to_string(&rw_log).unwrap_or_default();
+    match log.lines().find(|l| l.contains("router statistics")) {
+        Some(line) => println!(
+            "classification: {}",
+            line.split("router statistics")
+                .nth(1)
+                .unwrap_or(line)
+                .trim()
+        ),
+        None => println!("classification: no statistics logged"),
     }
     for mut c in children {
         let _ = c.kill();
