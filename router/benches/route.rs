@@ -22,6 +22,14 @@ fn bench(c: &mut Criterion) {
     c.bench_function("cache hit", |b| {
         b.iter(|| router.route(black_box(POINT_SELECT)))
     });
+    // The same shape with another constant: what pgbench -M simple sends.
+    c.bench_function("cache hit, other constant", |b| {
+        b.iter(|| {
+            router.route(black_box(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = 7",
+            ))
+        })
+    });
 }
 
 criterion_group!(benches, bench);
