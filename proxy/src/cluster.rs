@@ -202,8 +202,50 @@ host all sl_password 127.0.0.1/32 password
 host all all 127.0.0.1/32 scram-sha-256
 ";
 
+/// Removes clusters left behind by processes that died without cleaning up
+/// (a test killed by a signal never runs its destructors): for each
+/// `shardline-<pid>-*` directory whose process is gone, stops the servers
+/// listed in its nodes' `postmaster.pid` and deletes it.
+fn sweep_abandoned() {
+    let Ok(entries) = std::fs::read_dir(std::env::temp_dir()) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name().to_string_lossy().into_owned();
+        let Some(owner) = name
+            .strip_prefix("shardline-")
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|pid| pid.parse::<i32>().ok())
+        else {
+            continue;
+        };
+        // SAFETY: signal 0 only checks whether the process exists.
+        if unsafe { libc::kill(owner, 0) } == 0 {
+            continue;
+        }
+        let dir = entry.path();
+        for node in std::fs::read_dir(&dir).into_iter().flatten().flatten() {
+            let pidfile = node.path().join("postmaster.pid");
+            let Some(pid) = std::fs::read_to_string(&pidfile)
+                .ok()
+                .and_then(|t| t.lines().next()?.trim().parse::<i32>().ok())
+            else {
+                continue;
+            };
+            // Only a postmaster still serving this directory.
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            if String::from_utf8_lossy(&cmdline).contains(&*node.path().to_string_lossy()) {
+                // SAFETY: SIGQUIT (immediate shutdown) to a postmaster of ours.
+                unsafe { libc::kill(pid, libc::SIGQUIT) };
+            }
+        }
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
+
 impl LocalCluster {
     pub fn start(spec: &ClusterSpec) -> Result<LocalCluster> {
+        sweep_abandoned();
         let bin = PgBin::find()?;
         let run_as = run_as()?;
         let template = template(&bin, run_as)?;
