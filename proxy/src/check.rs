@@ -32,5 +32,34 @@ pub async fn run(config: &Config) -> Result<bool> {
             }
         }
     }
+    // What the health checker sees: roles come from the servers, not the config.
+    shared.check_health_once().await;
+    for shard in &shared.topology.shards {
+        let writer = shard.writer();
+        for node in &shard.nodes {
+            let (bytes, time) = node.lag();
+            let state = if node.is_down() {
+                ok = false;
+                format!("DOWN ({})", node.last_error())
+            } else {
+                match node.role() {
+                    crate::health::Role::Primary => "primary".to_string(),
+                    _ => format!(
+                        "replica, lag {bytes} bytes / {time:?}{}",
+                        if node.lag_ok() {
+                            ""
+                        } else {
+                            " (over the bound: no reads)"
+                        }
+                    ),
+                }
+            };
+            println!("health shard {} {}: {state}", shard.name, node.address);
+        }
+        if let Err(e) = writer {
+            ok = false;
+            println!("FAIL  shard {}: {}", shard.name, e.message);
+        }
+    }
     Ok(ok)
 }

@@ -236,8 +236,8 @@ impl Shared {
         );
     }
 
-    /// Checks every node once, then keeps checking in the background.
-    async fn start_health_checks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+    /// A checker per shard, each having checked every node once.
+    pub async fn check_health_once(&self) -> Vec<health::Checker> {
         let mut checkers: Vec<_> = self
             .topology
             .shards
@@ -249,6 +249,12 @@ impl Shared {
             .collect();
         futures_util::future::join_all(checkers.iter_mut().map(|c| c.round())).await;
         checkers
+    }
+
+    /// Checks every node once, then keeps checking in the background.
+    async fn start_health_checks(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        self.check_health_once()
+            .await
             .into_iter()
             .map(|c| tokio::spawn(c.run()))
             .collect()

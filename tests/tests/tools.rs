@@ -109,3 +109,37 @@ async fn psycopg3() {
     );
     assert!(out.contains("all checks passed"), "{out}");
 }
+
+/// `shardline check` against real servers: every user logs in everywhere,
+/// and the roles and lag come from the servers.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn check_reports_roles_and_lag() {
+    let env = shardline_tests::Env::start_with(shardline_tests::EnvOptions {
+        replicas_per_shard: 2,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let path = std::env::temp_dir().join(format!("shardline-check-{}.toml", std::process::id()));
+    std::fs::write(&path, &env.config_text).unwrap();
+    let bin = shardline_tests::shardline_binary().unwrap();
+    let (ok, out) = run(Command::new(bin).arg("check").arg("--config").arg(&path));
+    assert!(ok, "{out}");
+    let primary = format!("health shard s0 127.0.0.1:{}: primary", env.node_port(0));
+    assert!(out.contains(&primary), "{out}");
+    for r in env.replicas() {
+        let replica = format!(
+            "health shard s0 127.0.0.1:{}: replica, lag 0 bytes",
+            env.node_port(r)
+        );
+        assert!(out.contains(&replica), "{out}");
+    }
+    // A stopped replica makes the check fail and says why.
+    env.backend.stop_node(env.replicas()[0], "fast").unwrap();
+    let (ok, out) = run(Command::new(shardline_tests::shardline_binary().unwrap())
+        .arg("check")
+        .arg("--config")
+        .arg(&path));
+    assert!(!ok && out.contains("DOWN"), "{out}");
+    let _ = std::fs::remove_file(path);
+}
