@@ -427,3 +427,42 @@ async fn local_answers_behind_the_wal_position_query() {
         assert_eq!(tags(&msgs), b"CZ");
     }
 }
+
+/// A write pipelined behind a read waits until the read's server is done,
+/// and is still routed when that server fails mid-read.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn write_behind_a_read_whose_replica_fails() {
+    use shardline_tests::{message, tags, RawClient};
+    let env = two_replicas("[load_balancing]\nread_your_writes = \"off\"\n").await;
+    env.sql("CREATE TABLE p (port int); GRANT ALL ON p TO app;");
+    env.wait_healthy().await;
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let read = message(b'Q', b"SELECT inet_server_port() FROM pg_sleep(0.8)\0");
+    let write = message(b'Q', b"INSERT INTO p VALUES (inet_server_port())\0");
+    c.send(&[read, write].concat()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Kill (SIGKILL) the replica running the read: its socket just closes.
+    for r in env.replicas() {
+        let running = env.sql_on(
+            r,
+            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(0.8)%' AND pid <> pg_backend_pid()",
+        );
+        if running == "1" {
+            env.signal_node(r, libc::SIGKILL);
+        }
+    }
+    // Postgres sends the RowDescription before it sleeps: an answer reached
+    // the client, so the read is not re-run; it fails with the server's error.
+    let first = c.until_ready().await.unwrap();
+    eprintln!(
+        "read answered: {:?}",
+        String::from_utf8_lossy(&tags(&first))
+    );
+    assert!(
+        tags(&first) == b"TDCZ" || tags(&first) == b"TEZ",
+        "{first:?}"
+    );
+    let second = c.until_ready().await.unwrap();
+    assert_eq!(tags(&second), b"CZ", "{second:?}");
+    assert_eq!(env.sql("SELECT port FROM p"), env.node_port(0).to_string());
+}

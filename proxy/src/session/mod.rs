@@ -181,17 +181,18 @@ impl Session {
             }
             let step = match std::future::poll_fn(|cx| self.poll_io(cx)).await {
                 io::Event::ClientData => self.client_data().await,
-                io::Event::ServerData => match self.on_server_data() {
-                    Ok(()) if self.waiting && self.pending.is_empty() => self.client_data().await,
-                    other => other,
-                },
+                io::Event::ServerData => self.on_server_data(),
                 io::Event::ClientClosed => Err(End::ClientGone),
-                io::Event::ServerLost(e) => match self.on_server_lost(e) {
-                    Ok(true) => self.client_data().await,
-                    Ok(false) => Ok(()),
-                    Err(end) => Err(end),
-                },
+                io::Event::ServerLost(e) => self.on_server_lost(e).map(|rerun| {
+                    self.waiting |= rerun;
+                }),
                 io::Event::Stop => Ok(()),
+            };
+            // Client messages held back until the server finished (or a read
+            // to run again elsewhere) are routed now.
+            let step = match step {
+                Ok(()) if self.waiting && self.pending.is_empty() => self.client_data().await,
+                other => other,
             };
             if let Err(end) = step {
                 return end;
