@@ -240,3 +240,22 @@ async fn auto_promote_picks_a_replica_after_the_grace_time() {
     assert!(started.elapsed() < Duration::from_secs(10));
     eprintln!("auto_promote: writes resumed {took:?} after the primary stopped");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reads_go_to_the_primary_when_every_replica_is_down() {
+    let env = cluster(2, "[load_balancing]\nread_your_writes = \"off\"\n").await;
+    let c = env.connect().await;
+    for r in env.replicas() {
+        env.backend.stop_node(r, "immediate").unwrap();
+    }
+    // Reads in flight or on pooled connections to the dead replicas run again
+    // on the primary; none fails.
+    for _ in 0..20 {
+        let port: i32 = c
+            .query_one("SELECT inet_server_port()", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(port as u16, env.node_port(0));
+    }
+}
