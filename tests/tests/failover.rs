@@ -70,17 +70,24 @@ fn scratch(name: &str) -> std::path::PathBuf {
     std::env::temp_dir().join(format!("shardline-{name}-{:08x}", rand::random::<u32>()))
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn replica_killed_under_read_load() {
-    let env = cluster(2, "").await;
+/// Runs 5 s of pgbench reads and sends `signal` to the first replica 1.5 s
+/// in; returns pgbench's (success, output) and its log directory.
+async fn signal_replica_under_reads(env: &Env, signal: i32) -> (bool, String, std::path::PathBuf) {
     let victim = env.replicas()[0];
-    let dir = scratch("kill");
-    let bench = pgbench_reads(&env, 5, &dir);
+    let dir = scratch("signal");
+    let bench = pgbench_reads(env, 5, &dir);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    env.signal_node(victim, libc::SIGKILL);
+    env.signal_node(victim, signal);
     let (ok, out) = tokio::task::spawn_blocking(move || bench.join().unwrap())
         .await
         .unwrap();
+    (ok, out, dir)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_killed_under_read_load() {
+    let env = cluster(2, "").await;
+    let (ok, out, dir) = signal_replica_under_reads(&env, libc::SIGKILL).await;
     // Reads in flight on the killed node ran again on the other replica.
     assert!(ok && !out.contains("aborted"), "{out}");
     assert!(processed(&out) > 500, "{out}");
@@ -93,15 +100,8 @@ async fn replica_killed_under_read_load() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_replica_delays_no_read_beyond_the_timeouts() {
     let env = cluster(2, "").await;
-    let victim = env.replicas()[0];
-    let dir = scratch("stop");
-    let bench = pgbench_reads(&env, 5, &dir);
-    tokio::time::sleep(Duration::from_millis(1500)).await;
-    env.signal_node(victim, libc::SIGSTOP);
-    let (ok, out) = tokio::task::spawn_blocking(move || bench.join().unwrap())
-        .await
-        .unwrap();
-    env.signal_node(victim, libc::SIGCONT);
+    let (ok, out, dir) = signal_replica_under_reads(&env, libc::SIGSTOP).await;
+    env.signal_node(env.replicas()[0], libc::SIGCONT);
     assert!(ok && !out.contains("aborted"), "{out}");
     // A read waiting on the frozen node is cut when a check times out
     // (interval 200ms + timeout 500ms) and runs elsewhere; a new connection

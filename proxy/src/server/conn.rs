@@ -194,18 +194,24 @@ impl ServerConnection {
                     _ => {}
                 }
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.read_buf)
-                .await
-                .map_err(|source| ServerError::Io {
-                    addr: self.addr.to_string(),
-                    source,
-                })?;
-            if n == 0 {
-                return Err(self.protocol_error("server closed the connection".into()));
-            }
+            self.read_more("").await?;
         }
+    }
+
+    /// Reads more of the server's bytes into `read_buf`; end of stream is an error.
+    async fn read_more(&mut self, during: &str) -> Result<(), ServerError> {
+        let n = self
+            .stream
+            .read_buf(&mut self.read_buf)
+            .await
+            .map_err(|source| ServerError::Io {
+                addr: self.addr.to_string(),
+                source,
+            })?;
+        if n == 0 {
+            return Err(self.protocol_error(format!("server closed the connection{during}")));
+        }
+        Ok(())
     }
 
     async fn read_message(&mut self) -> Result<Message, ServerError> {
@@ -217,19 +223,7 @@ impl ServerConnection {
                     return Err(self.protocol_error(format!("bad message during startup: {e}")))
                 }
             }
-            let n = self
-                .stream
-                .read_buf(&mut self.read_buf)
-                .await
-                .map_err(|source| ServerError::Io {
-                    addr: self.addr.to_string(),
-                    source,
-                })?;
-            if n == 0 {
-                return Err(
-                    self.protocol_error("server closed the connection during startup".into())
-                );
-            }
+            self.read_more(" during startup").await?;
         }
     }
 
