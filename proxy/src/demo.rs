@@ -123,6 +123,7 @@ pub async fn run(port: u16) -> Result<()> {
     println!("See which node answers (reads rotate over the replicas; writes go to the primary):");
     println!("  SELECT inet_server_port(), pg_is_in_recovery();");
     println!("  INSERT INTO users (id, name) VALUES (1001, 'me') RETURNING inet_server_port();");
+    println!("(Right after a write, your reads go to the primary until the replicas have replayed it: read-your-writes.)");
     println!();
     println!("Press Ctrl-C to stop and remove everything.");
     wait_for_signal().await;
