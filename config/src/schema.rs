@@ -27,6 +27,11 @@ pub struct Config {
     pub users: Vec<User>,
     #[serde(default)]
     pub shards: Vec<Shard>,
+    #[serde(default)]
+    pub sharding: ShardingConfig,
+    /// Small tables copied whole to every shard.
+    #[serde(default)]
+    pub reference_tables: Vec<ReferenceTable>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -384,6 +389,170 @@ pub struct Shard {
     pub primary: Node,
     #[serde(default)]
     pub replicas: Vec<Node>,
+    /// Share of the key space under `consistent` hashing, relative to the
+    /// other shards (1.0 each by default).
+    #[serde(default = "default_weight")]
+    pub weight: f64,
+}
+
+/// How rows are spread over shards.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardingConfig {
+    /// The placement of tables that name no group (the default group).
+    #[serde(default)]
+    pub function: ShardingFunction,
+    #[serde(default = "default_vnodes")]
+    pub vnodes: u32,
+    #[serde(default)]
+    pub key_type: KeyType,
+    #[serde(default)]
+    pub ranges: Vec<RangeBound>,
+    #[serde(default)]
+    pub lists: Vec<ListEntry>,
+    #[serde(default)]
+    pub pinned: Vec<PinnedKey>,
+    /// Where unsharded tables live; the first shard when unset.
+    #[serde(default)]
+    pub default_shard: Option<String>,
+    /// UPDATE and DELETE without a sharding key run on every shard; when
+    /// false they are refused.
+    #[serde(default = "default_true")]
+    pub broadcast_writes: bool,
+    #[serde(default)]
+    pub tables: Vec<ShardedTable>,
+    /// Further placements, for tables sharded by a different key.
+    #[serde(default)]
+    pub groups: Vec<ShardGroup>,
+}
+
+impl Default for ShardingConfig {
+    fn default() -> Self {
+        ShardingConfig {
+            function: ShardingFunction::default(),
+            vnodes: default_vnodes(),
+            key_type: KeyType::default(),
+            ranges: Vec::new(),
+            lists: Vec::new(),
+            pinned: Vec::new(),
+            default_shard: None,
+            broadcast_writes: true,
+            tables: Vec::new(),
+            groups: Vec::new(),
+        }
+    }
+}
+
+impl ShardingConfig {
+    /// The default group, as a group.
+    pub fn default_group(&self) -> ShardGroup {
+        ShardGroup {
+            name: String::new(),
+            function: self.function,
+            vnodes: self.vnodes,
+            key_type: self.key_type,
+            ranges: self.ranges.clone(),
+            lists: self.lists.clone(),
+            pinned: self.pinned.clone(),
+        }
+    }
+}
+
+/// Tables placed alike: co-located by their keys.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardGroup {
+    pub name: String,
+    #[serde(default)]
+    pub function: ShardingFunction,
+    #[serde(default = "default_vnodes")]
+    pub vnodes: u32,
+    #[serde(default)]
+    pub key_type: KeyType,
+    #[serde(default)]
+    pub ranges: Vec<RangeBound>,
+    #[serde(default)]
+    pub lists: Vec<ListEntry>,
+    #[serde(default)]
+    pub pinned: Vec<PinnedKey>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ShardingFunction {
+    /// A ring of virtual nodes over the 64-bit key hash.
+    #[default]
+    Consistent,
+    /// Key hash modulo the shard count: native `PARTITION BY HASH` placement.
+    PgHash,
+    /// Ranges of integer keys.
+    Range,
+    /// Lists of key values.
+    List,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum KeyType {
+    #[default]
+    #[serde(alias = "int8", alias = "integer", alias = "int4", alias = "int", alias = "smallint", alias = "int2")]
+    Bigint,
+    #[serde(alias = "varchar")]
+    Text,
+    Uuid,
+}
+
+/// A key as written in the config: a number or a string.
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Deserialize)]
+#[serde(untagged)]
+pub enum KeyLiteral {
+    Int(i64),
+    Text(String),
+}
+
+/// Keys from `from` (inclusive) to `to` (exclusive) live on `shard`; an
+/// absent bound is open.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RangeBound {
+    pub shard: String,
+    #[serde(default)]
+    pub from: Option<i64>,
+    #[serde(default)]
+    pub to: Option<i64>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ListEntry {
+    pub shard: String,
+    pub values: Vec<KeyLiteral>,
+}
+
+/// A key placed on a named shard whatever the function says.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PinnedKey {
+    pub key: KeyLiteral,
+    pub shard: String,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ShardedTable {
+    /// `users` or `schema.users`.
+    pub name: String,
+    /// The sharding key column.
+    pub column: String,
+    /// A `[[sharding.groups]]` name; the default group when unset.
+    #[serde(default)]
+    pub group: Option<String>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReferenceTable {
+    pub name: String,
 }
 
 /// One Postgres server.
@@ -474,6 +643,12 @@ fn default_primary_window() -> Duration {
 }
 fn default_route_cache() -> usize {
     10_000
+}
+fn default_weight() -> f64 {
+    1.0
+}
+fn default_vnodes() -> u32 {
+    256
 }
 fn default_true() -> bool {
     true

@@ -1,6 +1,8 @@
 //! Checks that the types alone cannot express.
 
-use crate::{password_kind, AuthMethod, Config, ConfigError, PasswordKind};
+use crate::{
+    password_kind, AuthMethod, Config, ConfigError, KeyLiteral, KeyType, PasswordKind, ShardingFunction,
+};
 use std::collections::HashSet;
 
 pub(crate) fn validate(c: &Config, file: &str) -> Result<(), ConfigError> {
@@ -160,7 +162,180 @@ pub(crate) fn validate(c: &Config, file: &str) -> Result<(), ConfigError> {
             }
         }
     }
+    if c.shards.len() > 64 {
+        return err(
+            "shards".into(),
+            format!("at most 64 shards are supported, found {}", c.shards.len()),
+        );
+    }
+    for (i, s) in c.shards.iter().enumerate() {
+        if !(s.weight.is_finite() && s.weight > 0.0) {
+            return err(
+                format!("shards[{i}].weight"),
+                format!("expected a positive number, found {}", s.weight),
+            );
+        }
+    }
+    validate_sharding(c, file)
+}
+
+fn validate_sharding(c: &Config, file: &str) -> Result<(), ConfigError> {
+    let err = |path: String, msg: String| Err(ConfigError::new(file, path, msg));
+    let sh = &c.sharding;
+    let shard_exists = |name: &str| c.shards.iter().any(|s| s.name == name);
+    let no_shard = |name: &str| {
+        let known: Vec<&str> = c.shards.iter().map(|s| s.name.as_str()).collect();
+        format!("no shard is named \"{name}\" (shards: {})", known.join(", "))
+    };
+    if let Some(d) = &sh.default_shard {
+        if !shard_exists(d) {
+            return err("sharding.default_shard".into(), no_shard(d));
+        }
+    }
+    let mut groups = vec![("sharding".to_string(), sh.default_group())];
+    let mut group_names = HashSet::new();
+    for (i, g) in sh.groups.iter().enumerate() {
+        if g.name.is_empty() || !group_names.insert(g.name.as_str()) {
+            return err(
+                format!("sharding.groups[{i}].name"),
+                format!("expected a unique, non-empty group name, found \"{}\"", g.name),
+            );
+        }
+        groups.push((format!("sharding.groups[{i}]"), g.clone()));
+    }
+    for (path, g) in &groups {
+        if g.vnodes == 0 || g.vnodes > 65536 {
+            return err(
+                format!("{path}.vnodes"),
+                format!("expected 1 to 65536, found {}", g.vnodes),
+            );
+        }
+        let key_fits = |k: &KeyLiteral| match (g.key_type, k) {
+            (KeyType::Bigint, KeyLiteral::Int(_)) => true,
+            (KeyType::Text, KeyLiteral::Text(_)) => true,
+            (KeyType::Uuid, KeyLiteral::Text(t)) => is_uuid(t),
+            _ => false,
+        };
+        for (j, p) in g.pinned.iter().enumerate() {
+            if !shard_exists(&p.shard) {
+                return err(format!("{path}.pinned[{j}].shard"), no_shard(&p.shard));
+            }
+            if !key_fits(&p.key) {
+                return err(
+                    format!("{path}.pinned[{j}].key"),
+                    format!("expected a {:?} key, found {:?}", g.key_type, p.key),
+                );
+            }
+        }
+        match g.function {
+            ShardingFunction::Range => {
+                if g.key_type != KeyType::Bigint {
+                    return err(
+                        format!("{path}.key_type"),
+                        "function = \"range\" needs integer keys (key_type = \"bigint\")".into(),
+                    );
+                }
+                if g.ranges.is_empty() {
+                    return err(
+                        format!("{path}.ranges"),
+                        "function = \"range\" needs at least one range".into(),
+                    );
+                }
+                for (j, r) in g.ranges.iter().enumerate() {
+                    if !shard_exists(&r.shard) {
+                        return err(format!("{path}.ranges[{j}].shard"), no_shard(&r.shard));
+                    }
+                    if let (Some(f), Some(t)) = (r.from, r.to) {
+                        if f >= t {
+                            return err(
+                                format!("{path}.ranges[{j}]"),
+                                format!("from ({f}) must be below to ({t})"),
+                            );
+                        }
+                    }
+                    for (k, o) in g.ranges.iter().enumerate().take(j) {
+                        let lo = |x: Option<i64>| x.unwrap_or(i64::MIN);
+                        let hi = |x: Option<i64>| x.map_or(i128::MAX, |v| v as i128);
+                        if (lo(r.from) as i128) < hi(o.to) && (lo(o.from) as i128) < hi(r.to) {
+                            return err(
+                                format!("{path}.ranges[{j}]"),
+                                format!("overlaps ranges[{k}]"),
+                            );
+                        }
+                    }
+                }
+            }
+            ShardingFunction::List => {
+                if g.lists.is_empty() {
+                    return err(
+                        format!("{path}.lists"),
+                        "function = \"list\" needs at least one list".into(),
+                    );
+                }
+                let mut seen = HashSet::new();
+                for (j, l) in g.lists.iter().enumerate() {
+                    if !shard_exists(&l.shard) {
+                        return err(format!("{path}.lists[{j}].shard"), no_shard(&l.shard));
+                    }
+                    for v in &l.values {
+                        if !key_fits(v) {
+                            return err(
+                                format!("{path}.lists[{j}].values"),
+                                format!("expected {:?} keys, found {:?}", g.key_type, v),
+                            );
+                        }
+                        if !seen.insert(v) {
+                            return err(
+                                format!("{path}.lists[{j}].values"),
+                                format!("{v:?} is listed twice"),
+                            );
+                        }
+                    }
+                }
+            }
+            ShardingFunction::Consistent | ShardingFunction::PgHash => {}
+        }
+    }
+    let mut tables = HashSet::new();
+    for (i, t) in sh.tables.iter().enumerate() {
+        if t.name.is_empty() || t.column.is_empty() {
+            return err(
+                format!("sharding.tables[{i}]"),
+                "expected a table name and a key column".into(),
+            );
+        }
+        if !tables.insert(t.name.to_ascii_lowercase()) {
+            return err(
+                format!("sharding.tables[{i}].name"),
+                format!("table \"{}\" is listed twice", t.name),
+            );
+        }
+        if let Some(g) = &t.group {
+            if !group_names.contains(g.as_str()) {
+                return err(
+                    format!("sharding.tables[{i}].group"),
+                    format!("no [[sharding.groups]] entry is named \"{g}\""),
+                );
+            }
+        }
+    }
+    for (i, t) in c.reference_tables.iter().enumerate() {
+        if t.name.is_empty() || !tables.insert(t.name.to_ascii_lowercase()) {
+            return err(
+                format!("reference_tables[{i}].name"),
+                format!(
+                    "expected a table name not already listed (as sharded or reference), found \"{}\"",
+                    t.name
+                ),
+            );
+        }
+    }
     Ok(())
+}
+
+fn is_uuid(s: &str) -> bool {
+    let hex: String = s.chars().filter(|c| *c != '-' && *c != '{' && *c != '}').collect();
+    hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())
 }
 
 fn auth_name(a: AuthMethod) -> &'static str {

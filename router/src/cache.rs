@@ -1,18 +1,25 @@
 //! Parse once: routing results cached by statement text in a bounded LRU.
 //! Prepared statements are classified once, when they are parsed.
 
-use crate::classify::{classify, Class, Options, Source};
+use crate::classify::{classify_parsed, fallback, Class, Options, Source};
 use crate::hint::{leading_hint, RoleHint};
+use crate::sharding::Sharding;
+use crate::shards::{analyze, analyze_unparsed, Constants, Template};
 use lru::LruCache;
+use sqlparser::dialect::PostgreSqlDialect;
+use sqlparser::parser::Parser;
 use std::num::NonZeroUsize;
+use std::sync::Arc;
 
 /// What the router decided for one statement text.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Route {
     pub class: Class,
     pub source: Source,
     /// A leading-comment hint, which overrides the class for choosing a node.
     pub role_hint: Option<RoleHint>,
+    /// Where each statement's rows live (when there are several shards).
+    pub shards: Option<Arc<[Template]>>,
 }
 
 /// Counters for observability (parse-cache hit rate, parser fallbacks).
@@ -26,6 +33,7 @@ pub struct RouterStats {
 /// Classification with a cache in front.
 pub struct Router {
     options: Options,
+    sharding: Option<Arc<Sharding>>,
     cache: LruCache<Box<str>, Route>,
     stats: RouterStats,
     /// Reused buffer for cache keys.
@@ -33,10 +41,13 @@ pub struct Router {
 }
 
 impl Router {
-    pub fn new(options: Options, capacity: usize) -> Router {
+    /// `sharding`: set when there are several shards (statements are then
+    /// also analysed for their shards).
+    pub fn new(options: Options, capacity: usize, sharding: Option<Arc<Sharding>>) -> Router {
         let capacity = NonZeroUsize::new(capacity.max(1)).expect("at least one");
         Router {
             options,
+            sharding,
             cache: LruCache::new(capacity),
             stats: RouterStats::default(),
             key: String::new(),
@@ -49,14 +60,14 @@ impl Router {
         shape(sql, &mut self.key);
         if let Some(r) = self.cache.get(self.key.as_str()) {
             self.stats.hits += 1;
-            return *r;
+            return r.clone();
         }
         self.stats.misses += 1;
-        let route = route_uncached(sql, &self.options);
+        let route = route_uncached(sql, &self.options, self.sharding.as_deref());
         if route.source == Source::Fallback {
             self.stats.fallbacks += 1;
         }
-        self.cache.put(self.key.as_str().into(), route);
+        self.cache.put(self.key.as_str().into(), route.clone());
         route
     }
 
@@ -72,8 +83,24 @@ impl Router {
 /// carry hints, are kept.
 pub fn shape(sql: &str, out: &mut String) {
     out.clear();
-    let b = sql.as_bytes();
     let mut copied = 0;
+    scan_constants(sql, |start, end| {
+        out.push_str(&sql[copied..start]);
+        out.push_str(if sql.as_bytes()[start].is_ascii_digit() {
+            "0"
+        } else {
+            "''"
+        });
+        copied = end;
+    });
+    out.push_str(&sql[copied..]);
+}
+
+/// Calls `f(start, end)` for each constant of `sql` (number, string, dollar
+/// string), in order. The one scanner behind `shape` and the sharding key's
+/// constant ordinals, so both count constants alike.
+pub fn scan_constants(sql: &str, mut f: impl FnMut(usize, usize)) {
+    let b = sql.as_bytes();
     let mut i = 0;
     while i < b.len() {
         let c = b[i];
@@ -99,23 +126,40 @@ pub fn shape(sql: &str, out: &mut String) {
             b'"' | b'-' | b'/' => (crate::lexer::skip_token(b, i), None),
             _ => (i + 1, None),
         };
-        if let Some(p) = placeholder {
-            out.push_str(&sql[copied..i]);
-            out.push_str(p);
-            copied = end;
+        if placeholder.is_some() {
+            f(i, end);
         }
         i = end;
     }
-    out.push_str(&sql[copied..]);
 }
 
-/// Classifies without the cache.
-pub fn route_uncached(sql: &str, options: &Options) -> Route {
-    let (class, source) = classify(sql, options);
+/// Classifies (and, with `sharding`, analyses) without the cache: one parse.
+pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>) -> Route {
+    let hint = leading_hint(sql);
+    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, sql);
+    let (class, source) = match &parsed {
+        Ok(statements) => (classify_parsed(statements, options), Source::Parsed),
+        Err(_) => (fallback(sql), Source::Fallback),
+    };
+    let shards = sharding.map(|sh| {
+        let mut templates: Vec<Template> = match &parsed {
+            Ok(statements) if !statements.is_empty() => {
+                let consts = Constants::new(sql);
+                statements.iter().map(|s| analyze(s, sql, &consts, sh)).collect()
+            }
+            Ok(_) => vec![],
+            Err(e) => vec![analyze_unparsed(sql, &e.to_string())],
+        };
+        if let Some(first) = templates.first_mut() {
+            first.hint = hint.clone().filter(|h| h.shard.is_some() || h.key.is_some());
+        }
+        Arc::from(templates)
+    });
     Route {
         class,
         source,
-        role_hint: leading_hint(sql).and_then(|h| h.role),
+        role_hint: hint.and_then(|h| h.role),
+        shards,
     }
 }
 
@@ -149,7 +193,7 @@ mod tests {
 
     #[test]
     fn caches_and_counts() {
-        let mut r = Router::new(Options::default(), 2);
+        let mut r = Router::new(Options::default(), 2, None);
         assert_eq!(r.route("SELECT 1").class, Class::Read);
         assert_eq!(r.route("SELECT 1").class, Class::Read);
         assert_eq!(

@@ -96,17 +96,18 @@ impl Options {
 /// strongest class wins, a write over a read).
 pub fn classify(sql: &str, options: &Options) -> (Class, Source) {
     match Parser::parse_sql(&PostgreSqlDialect {}, sql) {
-        Ok(statements) if !statements.is_empty() => {
-            let class = statements
-                .iter()
-                .map(|s| classify_statement(s, options))
-                .reduce(combine)
-                .unwrap_or(Class::Read);
-            (class, Source::Parsed)
-        }
-        Ok(_) => (Class::Read, Source::Parsed),
+        Ok(statements) => (classify_parsed(&statements, options), Source::Parsed),
         Err(_) => (fallback(sql), Source::Fallback),
     }
+}
+
+/// The class of parsed statements sent together.
+pub fn classify_parsed(statements: &[Statement], options: &Options) -> Class {
+    statements
+        .iter()
+        .map(|s| classify_statement(s, options))
+        .reduce(combine)
+        .unwrap_or(Class::Read)
 }
 
 /// Several statements sent together run together: any write makes the whole a write.

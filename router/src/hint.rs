@@ -11,9 +11,13 @@ pub enum RoleHint {
 }
 
 /// What a leading hint comment asks for.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Hash)]
 pub struct Hint {
     pub role: Option<RoleHint>,
+    /// `shard=NAME`: run on that shard.
+    pub shard: Option<String>,
+    /// `key=VALUE`: run on the shard owning that key.
+    pub key: Option<String>,
 }
 
 fn role(value: &str) -> Option<RoleHint> {
@@ -42,10 +46,13 @@ pub fn leading_hint(sql: &str) -> Option<Hint> {
                 .split(|c: char| c == ',' || c.is_whitespace())
                 .filter(|p| !p.is_empty())
             {
-                if let Some(("role", v)) = pair.split_once('=') {
-                    hint.role = role(v);
-                    found = true;
+                match pair.split_once('=') {
+                    Some(("role", v)) => hint.role = role(v),
+                    Some(("shard", v)) => hint.shard = Some(unquote(v)),
+                    Some(("key", v)) => hint.key = Some(unquote(v)),
+                    _ => continue,
                 }
+                found = true;
             }
         }
         rest = body[end + 2..].trim_start();
@@ -53,32 +60,72 @@ pub fn leading_hint(sql: &str) -> Option<Hint> {
     found.then_some(hint)
 }
 
-/// `SET shardline.role = ...` / `RESET shardline.role`: `Some(new session
-/// role)` (`None` inside = back to automatic), or `None` if the statement is
-/// not about it.
-pub fn session_role(stmt: &str) -> Option<Option<RoleHint>> {
-    let words: Vec<_> = Lexer::new(stmt)
-        .take(8)
-        .map(|t| t.text.to_ascii_lowercase())
-        .collect();
-    let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
-    let (set, at) = match (w(0), w(1)) {
+fn unquote(v: &str) -> String {
+    let v = v.trim();
+    v.strip_prefix('\'')
+        .and_then(|x| x.strip_suffix('\''))
+        .map_or_else(|| v.to_string(), |x| x.replace("''", "'"))
+}
+
+/// A proxy setting of the session (`SET shardline.<name> = value`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionSetting {
+    /// `shardline.role`; `None` = automatic.
+    Role(Option<RoleHint>),
+    /// `shardline.shard`; `None` = automatic.
+    Shard(Option<String>),
+    /// `shardline.sharding_key`; `None` = automatic.
+    Key(Option<String>),
+}
+
+/// `SET [SESSION] shardline.role|shard|sharding_key = ...` or `RESET ...`:
+/// the setting, or `None` if the statement is not one of them.
+pub fn session_setting(stmt: &str) -> Option<SessionSetting> {
+    let tokens: Vec<_> = Lexer::new(stmt).take(10).collect();
+    let w = |i: usize| tokens.get(i).map(|t| t.text.to_ascii_lowercase()).unwrap_or_default();
+    let (set, at) = match (w(0).as_str(), w(1).as_str()) {
         ("set", "session") => (true, 2),
         ("set", _) => (true, 1),
         ("reset", _) => (false, 1),
         _ => return None,
     };
-    if w(at) != "shardline" || w(at + 1) != "." || w(at + 2) != "role" {
+    if w(at) != "shardline" || w(at + 1) != "." {
         return None;
     }
-    if !set {
-        return Some(None);
-    }
-    let value = match w(at + 3) {
-        "=" | "to" => w(at + 4),
-        _ => return None,
+    let name = w(at + 2);
+    let value = if set {
+        match w(at + 3).as_str() {
+            "=" | "to" => {}
+            _ => return None,
+        }
+        if tokens.len() > at + 5 {
+            return None;
+        }
+        let raw = tokens.get(at + 4)?.text;
+        let v = unquote(raw);
+        (!matches!(v.to_ascii_lowercase().as_str(), "auto" | "default")).then_some(v)
+    } else {
+        if tokens.len() > at + 3 {
+            return None;
+        }
+        None
     };
-    Some(role(value))
+    match name.as_str() {
+        "role" => Some(SessionSetting::Role(value.as_deref().and_then(role))),
+        "shard" => Some(SessionSetting::Shard(value)),
+        "sharding_key" => Some(SessionSetting::Key(value)),
+        _ => None,
+    }
+}
+
+/// `SET shardline.role = ...` / `RESET shardline.role`: `Some(new session
+/// role)` (`None` inside = back to automatic), or `None` if the statement is
+/// not about it.
+pub fn session_role(stmt: &str) -> Option<Option<RoleHint>> {
+    match session_setting(stmt)? {
+        SessionSetting::Role(r) => Some(r),
+        _ => None,
+    }
 }
 
 #[cfg(test)]
@@ -90,13 +137,15 @@ mod tests {
         assert_eq!(
             leading_hint("/* shardline: role=primary */ SELECT 1"),
             Some(Hint {
-                role: Some(RoleHint::Primary)
+                role: Some(RoleHint::Primary),
+                ..Hint::default()
             })
         );
         assert_eq!(
             leading_hint("  /* app */ /*shardline: role=replica*/SELECT 1"),
             Some(Hint {
-                role: Some(RoleHint::Replica)
+                role: Some(RoleHint::Replica),
+                ..Hint::default()
             })
         );
         assert_eq!(
@@ -104,11 +153,9 @@ mod tests {
             None,
             "only leading comments count"
         );
-        assert_eq!(
-            leading_hint("/* shardline: shard=s1 */ SELECT 1"),
-            None,
-            "other keys are for later"
-        );
+        let h = leading_hint("/* shardline: shard=s1, key='it''s' */ SELECT 1").unwrap();
+        assert_eq!((h.shard.as_deref(), h.key.as_deref()), (Some("s1"), Some("it's")));
+        assert_eq!(leading_hint("/* shardline: colour=red */ SELECT 1"), None);
         assert_eq!(leading_hint("/* unterminated"), None);
     }
 
@@ -126,5 +173,18 @@ mod tests {
         assert_eq!(session_role("RESET shardline.role"), Some(None));
         assert_eq!(session_role("SET search_path = a"), None);
         assert_eq!(session_role("SELECT 1"), None);
+    }
+
+    #[test]
+    fn session_settings() {
+        use SessionSetting::*;
+        assert_eq!(session_setting("SET shardline.shard = s1"), Some(Shard(Some("s1".into()))));
+        assert_eq!(session_setting("set shardline.shard to 'auto'"), Some(Shard(None)));
+        assert_eq!(session_setting("RESET shardline.sharding_key"), Some(Key(None)));
+        assert_eq!(session_setting("SET shardline.sharding_key = '42'"), Some(Key(Some("42".into()))));
+        assert_eq!(session_setting("SET shardline.sharding_key = 42"), Some(Key(Some("42".into()))));
+        assert_eq!(session_setting("SET shardline.role = replica"), Some(Role(Some(RoleHint::Replica))));
+        assert_eq!(session_setting("SET shardline.colour = red"), None);
+        assert_eq!(session_setting("SET shardline.shard = s1, s2"), None);
     }
 }

@@ -11,9 +11,12 @@
 pub mod balance;
 pub mod cache;
 pub mod classify;
+pub mod hash;
 pub mod hint;
 pub mod lexer;
 pub mod plan;
+pub mod sharding;
+pub mod shards;
 
 pub use cache::{Route, Router};
 pub use classify::{classify, Class, Options, Source};

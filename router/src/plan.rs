@@ -120,7 +120,7 @@ mod tests {
 
     fn routes(sqls: &[&str]) -> Vec<Route> {
         sqls.iter()
-            .map(|s| route_uncached(s, &Options::default()))
+            .map(|s| route_uncached(s, &Options::default(), None))
             .collect()
     }
 

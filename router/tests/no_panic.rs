@@ -2,7 +2,34 @@
 //! noise, and nesting deep enough to exhaust a recursive parser.
 
 use proptest::prelude::*;
+use shardline_router::shards::{resolve, KeyInput};
+use shardline_router::sharding::Sharding;
 use shardline_router::{classify, hint, lexer, Class, Options, Router};
+use std::sync::Arc;
+
+fn sharded_router() -> (Router, Arc<Sharding>) {
+    let c = shardline_config::Config::from_toml(
+        r#"
+        [[users]]
+        name = "a"
+        password = "a"
+        database = "a"
+        [[sharding.tables]]
+        name = "users"
+        column = "id"
+        [[shards]]
+        name = "s0"
+        primary = { host = "h", port = 1 }
+        [[shards]]
+        name = "s1"
+        primary = { host = "h", port = 2 }
+        "#,
+        "t",
+    )
+    .expect("config");
+    let sh = Arc::new(Sharding::from_config(&c));
+    (Router::new(Options::default(), 16, Some(sh.clone())), sh)
+}
 
 proptest! {
     #![proptest_config(ProptestConfig { cases: 1000, ..ProptestConfig::default() })]
@@ -18,9 +45,16 @@ proptest! {
     }
 
     #[test]
-    fn sql_shaped_noise(text in "(SELECT|WITH|INSERT|BEGIN|SET|EXPLAIN|FOR|UPDATE|\\(|\\)|'|\"|\\$\\$|;|,|/\\*|\\*/|--|a|1| )*") {
-        let mut r = Router::new(Options::default(), 16);
+    fn sql_shaped_noise(text in "(SELECT|WITH|INSERT|INTO|VALUES|BEGIN|SET|EXPLAIN|FOR|UPDATE|FROM|WHERE|users|id|IN|ANY|=|\\$1|E|\\(|\\)|'|\"|\\$\\$|;|,|/\\*|\\*/|--|\n|a|1|-| )*") {
+        let mut r = Router::new(Options::default(), 16, None);
         let _ = r.route(&text);
+        let (mut sharded, sh) = sharded_router();
+        let route = sharded.route(&text);
+        let params: &[(i16, Option<&[u8]>)] = &[(1, Some(b"\x01\x02")), (0, Some(b"{1,\"2"))];
+        let input = KeyInput { sql: &text, params, session_shard: None, session_key: None };
+        for t in route.shards.expect("sharded").iter() {
+            let _ = resolve(t, &sh, &input);
+        }
     }
 }
 

@@ -1,0 +1,410 @@
+//! Which shard owns a key: the sharding functions (consistent-hash ring,
+//! `pg_hash`, range, list), pinned keys, and the table map (sharded tables by
+//! group, reference tables), compiled once from the config.
+//!
+//! Everything here is deterministic from the config alone, so every proxy
+//! and `shardline-rebalance` compute the same placement.
+
+use crate::hash::{self, KeyValue};
+use shardline_config::{Config, KeyLiteral, KeyType, ShardGroup, ShardingFunction};
+use std::collections::HashMap;
+
+/// A set of shards, one bit per shard index (at most 64 shards).
+pub type ShardMask = u64;
+
+pub fn mask_of(shard: usize) -> ShardMask {
+    1u64 << shard
+}
+
+/// The indexes of the shards in a mask, ascending.
+pub fn shards_in(mask: ShardMask) -> impl Iterator<Item = usize> {
+    (0..64).filter(move |i| mask & (1u64 << i) != 0)
+}
+
+/// A ring of virtual nodes over the 64-bit key hash.
+///
+/// Shard `s` with weight `w` owns `round(vnodes × w)` points (at least one),
+/// at `hash_bytes("<name>#<i>")`. A key belongs to the first point at or
+/// after its hash, wrapping around. Adding a shard only adds points, so keys
+/// move only to the new shard; removing one moves only its keys.
+#[derive(Debug, Clone)]
+pub struct Ring {
+    points: Vec<(u64, u16)>,
+}
+
+impl Ring {
+    pub fn new<'a>(shards: impl IntoIterator<Item = (&'a str, f64)>, vnodes: u32) -> Ring {
+        let mut points = Vec::new();
+        for (index, (name, weight)) in shards.into_iter().enumerate() {
+            let count = ((vnodes as f64 * weight).round() as u64).max(1);
+            for i in 0..count {
+                let position = hash::hash_bytes(format!("{name}#{i}").as_bytes(), hash::SEED);
+                points.push((position, index as u16));
+            }
+        }
+        // Ties (vanishingly rare) resolve by shard index, deterministically.
+        points.sort_unstable();
+        Ring { points }
+    }
+
+    pub fn shard_of_hash(&self, h: u64) -> usize {
+        let i = self.points.partition_point(|&(p, _)| p < h);
+        let (_, shard) = self.points.get(i).unwrap_or(&self.points[0]);
+        *shard as usize
+    }
+
+    /// The ring as arcs: `(start, end, shard)` where hashes in `start..=end`
+    /// belong to `shard`; the first arc starts at 0 and the last ends at
+    /// `u64::MAX` (the wrap-around split in two). Adjacent arcs of one shard
+    /// are merged.
+    pub fn arcs(&self) -> Vec<(u64, u64, usize)> {
+        let mut out: Vec<(u64, u64, usize)> = Vec::new();
+        let mut start = 0u64;
+        for &(p, s) in &self.points {
+            push_arc(&mut out, start, p, s as usize);
+            if p == u64::MAX {
+                return out;
+            }
+            start = p + 1;
+        }
+        let first = self.points[0].1 as usize;
+        push_arc(&mut out, start, u64::MAX, first);
+        out
+    }
+}
+
+fn push_arc(out: &mut Vec<(u64, u64, usize)>, start: u64, end: u64, shard: usize) {
+    if start > end {
+        return;
+    }
+    match out.last_mut() {
+        Some(last) if last.2 == shard && last.1.wrapping_add(1) == start => last.1 = end,
+        _ => out.push((start, end, shard)),
+    }
+}
+
+#[derive(Debug, Clone)]
+pub enum Function {
+    Ring(Ring),
+    /// Row hash modulo the shard count.
+    PgHash { shards: usize },
+    /// `(from, to, shard)`: keys in `from..to`.
+    Range(Vec<(i64, i64, usize)>),
+    List(HashMap<KeyValue, usize>),
+}
+
+/// Tables placed alike (co-located by their keys).
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub name: String,
+    pub key_type: KeyType,
+    pub function: Function,
+    pub pinned: HashMap<KeyValue, usize>,
+}
+
+impl Group {
+    /// The shard owning `key` (`None`: a NULL key). Errors when a range or
+    /// list function has no entry for the key.
+    pub fn shard_of(&self, key: Option<&KeyValue>) -> Result<usize, String> {
+        if let Some(&s) = key.and_then(|k| self.pinned.get(k)) {
+            return Ok(s);
+        }
+        match &self.function {
+            // NULL hashes as 0, as native partitioning's row hash does.
+            Function::Ring(r) => Ok(r.shard_of_hash(key.map_or(0, KeyValue::hash))),
+            Function::PgHash { shards } => {
+                Ok((hash::row_hash([key]) % *shards as u64) as usize)
+            }
+            Function::Range(ranges) => {
+                let v = match key {
+                    Some(KeyValue::Int(v)) => *v,
+                    _ => return Err(format!("no range of group {} holds key {key:?}", self.label())),
+                };
+                ranges
+                    .iter()
+                    .find(|(lo, hi, _)| *lo <= v && v < *hi)
+                    .map(|r| r.2)
+                    .ok_or_else(|| format!("no range of group {} holds key {v}", self.label()))
+            }
+            Function::List(map) => key
+                .and_then(|k| map.get(k).copied())
+                .ok_or_else(|| format!("no list of group {} holds key {key:?}", self.label())),
+        }
+    }
+
+    fn label(&self) -> &str {
+        if self.name.is_empty() {
+            "default"
+        } else {
+            &self.name
+        }
+    }
+
+    /// A key as the column type reads it from text (a literal or a text
+    /// parameter). `None` when the server would reject it anyway.
+    pub fn key_from_text(&self, text: &str) -> Option<KeyValue> {
+        match self.key_type {
+            KeyType::Bigint => text.trim().parse().ok().map(KeyValue::Int),
+            KeyType::Text => Some(KeyValue::Text(text.to_string())),
+            KeyType::Uuid => hash::parse_uuid(text).map(KeyValue::Uuid),
+        }
+    }
+
+    /// A key from a binary-format parameter.
+    pub fn key_from_binary(&self, b: &[u8]) -> Option<KeyValue> {
+        match self.key_type {
+            KeyType::Bigint => match b.len() {
+                2 => Some(KeyValue::Int(i16::from_be_bytes([b[0], b[1]]) as i64)),
+                4 => Some(KeyValue::Int(i32::from_be_bytes(b.try_into().ok()?) as i64)),
+                8 => Some(KeyValue::Int(i64::from_be_bytes(b.try_into().ok()?))),
+                _ => None,
+            },
+            KeyType::Text => std::str::from_utf8(b).ok().map(|s| KeyValue::Text(s.into())),
+            KeyType::Uuid => b.try_into().ok().map(KeyValue::Uuid),
+        }
+    }
+
+    fn literal(&self, k: &KeyLiteral) -> Option<KeyValue> {
+        match k {
+            KeyLiteral::Int(v) => Some(KeyValue::Int(*v)),
+            KeyLiteral::Text(t) => self.key_from_text(t),
+        }
+    }
+}
+
+/// A sharded table: its group and key column (lowercase).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TableRule {
+    pub group: usize,
+    pub column: String,
+}
+
+/// What the router knows about tables and shards.
+#[derive(Debug, Clone)]
+pub struct Sharding {
+    pub shard_names: Vec<String>,
+    /// `[0]` is the default group.
+    pub groups: Vec<Group>,
+    /// Sharded tables by name (lowercase, unqualified and as configured).
+    pub tables: HashMap<String, TableRule>,
+    pub reference: std::collections::HashSet<String>,
+    pub default_shard: usize,
+    pub broadcast_writes: bool,
+}
+
+impl Sharding {
+    pub fn from_config(c: &Config) -> Sharding {
+        let shard_names: Vec<String> = c.shards.iter().map(|s| s.name.clone()).collect();
+        let index = |name: &str| shard_names.iter().position(|n| n == name).unwrap_or(0);
+        let build = |g: &ShardGroup| {
+            let mut group = Group {
+                name: g.name.clone(),
+                key_type: g.key_type,
+                function: Function::PgHash { shards: 1 },
+                pinned: HashMap::new(),
+            };
+            group.function = match g.function {
+                ShardingFunction::Consistent => Function::Ring(Ring::new(
+                    c.shards.iter().map(|s| (s.name.as_str(), s.weight)),
+                    g.vnodes,
+                )),
+                ShardingFunction::PgHash => Function::PgHash {
+                    shards: c.shards.len(),
+                },
+                ShardingFunction::Range => Function::Range(
+                    g.ranges
+                        .iter()
+                        .map(|r| {
+                            (
+                                r.from.unwrap_or(i64::MIN),
+                                r.to.unwrap_or(i64::MAX),
+                                index(&r.shard),
+                            )
+                        })
+                        .collect(),
+                ),
+                ShardingFunction::List => Function::List(
+                    g.lists
+                        .iter()
+                        .flat_map(|l| l.values.iter().map(move |v| (v, index(&l.shard))))
+                        .filter_map(|(v, s)| group.literal(v).map(|k| (k, s)))
+                        .collect(),
+                ),
+            };
+            group.pinned = g
+                .pinned
+                .iter()
+                .filter_map(|p| group.literal(&p.key).map(|k| (k, index(&p.shard))))
+                .collect();
+            group
+        };
+        let mut groups = vec![build(&c.sharding.default_group())];
+        groups.extend(c.sharding.groups.iter().map(build));
+        let mut tables = HashMap::new();
+        for t in &c.sharding.tables {
+            let group = t
+                .group
+                .as_ref()
+                .and_then(|g| c.sharding.groups.iter().position(|x| &x.name == g))
+                .map_or(0, |i| i + 1);
+            let rule = TableRule {
+                group,
+                column: t.column.to_ascii_lowercase(),
+            };
+            tables.insert(t.name.to_ascii_lowercase(), rule);
+        }
+        let reference = c
+            .reference_tables
+            .iter()
+            .map(|t| t.name.to_ascii_lowercase())
+            .collect();
+        Sharding {
+            default_shard: c
+                .sharding
+                .default_shard
+                .as_deref()
+                .map_or(0, index),
+            shard_names,
+            groups,
+            tables,
+            reference,
+            broadcast_writes: c.sharding.broadcast_writes,
+        }
+    }
+
+    pub fn shard_count(&self) -> usize {
+        self.shard_names.len()
+    }
+
+    pub fn all_shards(&self) -> ShardMask {
+        if self.shard_names.len() >= 64 {
+            u64::MAX
+        } else {
+            (1u64 << self.shard_names.len()) - 1
+        }
+    }
+
+    pub fn shard_index(&self, name: &str) -> Option<usize> {
+        self.shard_names.iter().position(|n| n == name)
+    }
+
+    /// How a table (`name` or `schema.name`, lowercase) is placed. A
+    /// configured `users` matches any schema's `users`; a configured
+    /// `app.users` only that spelling.
+    pub fn table(&self, name: &str) -> TableKind {
+        let short = name.rsplit('.').next().unwrap_or(name);
+        for n in [name, short] {
+            if let Some(rule) = self.tables.get(n) {
+                return TableKind::Sharded(rule.clone());
+            }
+            if self.reference.contains(n) {
+                return TableKind::Reference;
+            }
+        }
+        TableKind::Unsharded
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum TableKind {
+    Sharded(TableRule),
+    Reference,
+    Unsharded,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ring(n: usize, vnodes: u32) -> Ring {
+        let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
+        Ring::new(names.iter().map(|s| (s.as_str(), 1.0)), vnodes)
+    }
+
+    fn keys() -> impl Iterator<Item = u64> {
+        (0..100_000i64).map(|k| KeyValue::Int(k).hash())
+    }
+
+    #[test]
+    fn adding_a_shard_moves_about_one_in_n_plus_one_and_only_to_it() {
+        for n in 2..=8 {
+            let (before, after) = (ring(n, 256), ring(n + 1, 256));
+            let mut moved = 0;
+            for h in keys() {
+                let (a, b) = (before.shard_of_hash(h), after.shard_of_hash(h));
+                if a != b {
+                    assert_eq!(b, n, "a key moved between old shards");
+                    moved += 1;
+                }
+            }
+            let share = moved as f64 / 100_000.0;
+            let expected = 1.0 / (n + 1) as f64;
+            assert!(
+                (share - expected).abs() < 0.25 * expected,
+                "{n} → {}: moved {share:.3}, expected about {expected:.3}",
+                n + 1
+            );
+        }
+    }
+
+    #[test]
+    fn removing_a_shard_moves_only_its_keys() {
+        let before = ring(4, 256);
+        let after = Ring::new([("s0", 1.0), ("s1", 1.0), ("s3", 1.0)], 256);
+        let renumber = [0, 1, usize::MAX, 2];
+        for h in keys() {
+            let a = before.shard_of_hash(h);
+            if a != 2 {
+                assert_eq!(after.shard_of_hash(h), renumber[a]);
+            }
+        }
+    }
+
+    /// With 256 virtual nodes, each shard's share is within 20% of its
+    /// weight's share (the stated tolerance).
+    #[test]
+    fn weights_are_respected() {
+        for weights in [[1.0, 1.0, 1.0], [1.0, 2.0, 1.0], [0.5, 1.0, 3.0]] {
+            let r = Ring::new(
+                [("a", weights[0]), ("b", weights[1]), ("c", weights[2])],
+                256,
+            );
+            let mut counts = [0u32; 3];
+            for h in keys() {
+                counts[r.shard_of_hash(h)] += 1;
+            }
+            let total: f64 = weights.iter().sum();
+            for i in 0..3 {
+                let share = counts[i] as f64 / 100_000.0;
+                let expected = weights[i] / total;
+                assert!(
+                    (share - expected).abs() < 0.2 * expected,
+                    "weights {weights:?}: shard {i} has {share:.3}, expected {expected:.3}"
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn arcs_cover_the_ring_and_agree_with_lookup() {
+        let r = ring(3, 16);
+        let arcs = r.arcs();
+        assert_eq!(arcs[0].0, 0);
+        assert_eq!(arcs.last().unwrap().1, u64::MAX);
+        for w in arcs.windows(2) {
+            assert_eq!(w[0].1 + 1, w[1].0);
+        }
+        for h in keys().take(10_000) {
+            let arc = arcs.iter().find(|a| a.0 <= h && h <= a.1).unwrap();
+            assert_eq!(arc.2, r.shard_of_hash(h));
+        }
+    }
+
+    #[test]
+    fn same_names_same_ring() {
+        let (a, b) = (ring(5, 64), ring(5, 64));
+        for h in keys().take(1000) {
+            assert_eq!(a.shard_of_hash(h), b.shard_of_hash(h));
+        }
+    }
+}

@@ -1,0 +1,1340 @@
+//! Which shards a statement reaches.
+//!
+//! A statement is analysed once per shape (the parse cache's key) into a
+//! [`Template`]: the tables it touches, and where its sharding key comes
+//! from — the n-th constant of the text, or the n-th bound parameter — but
+//! not the key's value. [`resolve`] then reads the values from the
+//! statement's own constants or from a Bind's parameters and gives the
+//! [`Placement`], without parsing again.
+//!
+//! The rules (SPEC "Routing rules"): a key in `WHERE key = v`, `key IN
+//! (...)`, `key = ANY($n)`, AND/OR of those, joins of co-located tables on
+//! the key, INSERT column lists; no key → every shard; unsharded tables →
+//! the default shard; reference tables → any one shard for reads, every
+//! shard for writes; DDL → every shard. Whatever would give a wrong answer
+//! across shards is refused with SQLSTATE 0A000 saying why.
+
+use crate::hash::KeyValue;
+use crate::hint::Hint;
+use crate::sharding::{mask_of, ShardMask, Sharding, TableKind};
+use sqlparser::ast::{
+    BinaryOperator, CopySource, Expr, FromTable, GroupByExpr, ObjectName, ObjectNamePart,
+    OnConflictAction, OnInsert, Query, SelectItem, SetExpr, Statement, TableFactor,
+    TableObject, TableWithJoins, UnaryOperator, Value, Visit, Visitor,
+};
+use std::ops::ControlFlow;
+
+/// Where one key value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeySrc {
+    /// The n-th constant of the statement text (0-based, in the order the
+    /// parse cache's `shape` finds them); `negative` for `-5`.
+    Const { ordinal: u16, negative: bool },
+    /// Bound parameter `$n` (1-based).
+    Param(u16),
+    Null,
+    /// An expression the proxy does not evaluate.
+    Unknown,
+}
+
+/// Which keys a condition allows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeyExpr {
+    /// Any key: no restriction found.
+    All,
+    Keys(Vec<KeySrc>),
+    /// `key = ANY($n)`: an array parameter.
+    AnyParam(u16),
+    And(Vec<KeyExpr>),
+    Or(Vec<KeyExpr>),
+}
+
+/// Where a statement's rows live.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// No table (SELECT 1, SET, BEGIN ...) or only system catalogs: runs
+    /// anywhere (the transaction's shard, else the default shard).
+    Anywhere,
+    /// Unsharded tables (perhaps with reference tables): the default shard.
+    Default,
+    /// Only reference tables: a read on any one shard, a write on all.
+    Reference,
+    /// Sharded tables of one group.
+    Sharded {
+        group: usize,
+        key: KeyExpr,
+        /// A multi-row INSERT: `key` lists each row's key; rows of
+        /// different shards are split.
+        rows: bool,
+        /// An UPDATE (or ON CONFLICT DO UPDATE) assigns the key column.
+        key_change: Option<KeySrc>,
+    },
+    /// Every shard: DDL and utility statements.
+    AllShards,
+}
+
+/// A refusal: SQLSTATE and message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    fn unsupported(message: impl Into<String>) -> Refusal {
+        Refusal {
+            code: "0A000",
+            message: message.into(),
+        }
+    }
+}
+
+/// What a statement's shape says about its shards.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Template {
+    pub scope: Scope,
+    pub write: bool,
+    /// Reading from several shards would need this merge (a construct
+    /// name such as "ORDER BY"): refused until scatter-gather merges it.
+    pub needs_merge: Option<&'static str>,
+    /// Refused wherever it would run.
+    pub refusal: Option<Refusal>,
+    /// EXPLAIN: shows one shard's plan rather than running everywhere.
+    pub explain: bool,
+    /// COPY ... FROM STDIN into a sharded or reference table.
+    pub copy_in: Option<CopyIn>,
+    /// A leading `/* shardline: shard=... key=... */` comment.
+    pub hint: Option<Hint>,
+}
+
+/// COPY FROM STDIN into a table spread over shards.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CopyIn {
+    /// The key column's position among the copied columns (`None`: the
+    /// COPY names no columns; the table's own order decides).
+    pub key_column: Option<usize>,
+    /// The key column's name, and the table, to look its position up.
+    pub column: String,
+    pub table: String,
+    pub csv: bool,
+    pub binary: bool,
+    pub header: bool,
+    pub delimiter: u8,
+    pub null: String,
+    pub quote: u8,
+    pub escape: u8,
+}
+
+impl Template {
+    fn new(scope: Scope, write: bool) -> Template {
+        Template {
+            scope,
+            write,
+            needs_merge: None,
+            refusal: None,
+            explain: false,
+            copy_in: None,
+            hint: None,
+        }
+    }
+
+    fn refused(r: Refusal) -> Template {
+        Template {
+            refusal: Some(r),
+            ..Template::new(Scope::Anywhere, true)
+        }
+    }
+}
+
+/// Maps sqlparser's value positions (line, column) to constant ordinals.
+pub struct Constants {
+    /// Byte offsets where each line starts.
+    lines: Vec<usize>,
+    /// Start offsets of the constants, in order.
+    starts: Vec<usize>,
+    text_len: usize,
+}
+
+impl Constants {
+    pub fn new(sql: &str) -> Constants {
+        let mut lines = vec![0];
+        lines.extend(sql.match_indices('\n').map(|(i, _)| i + 1));
+        let mut starts = Vec::new();
+        crate::cache::scan_constants(sql, |s, _| starts.push(s));
+        Constants {
+            lines,
+            starts,
+            text_len: sql.len(),
+        }
+    }
+
+    fn ordinal(&self, sql: &str, span: sqlparser::tokenizer::Span) -> Option<u16> {
+        let offset = |l: sqlparser::tokenizer::Location| -> Option<usize> {
+            let line_start = *self.lines.get((l.line as usize).checked_sub(1)?)?;
+            let col = (l.column as usize).checked_sub(1)?;
+            Some(
+                sql[line_start..]
+                    .char_indices()
+                    .nth(col)
+                    .map_or(self.text_len, |(i, _)| line_start + i),
+            )
+        };
+        let (start, end) = (offset(span.start)?, offset(span.end)?);
+        let i = self.starts.partition_point(|&s| s < start);
+        let s = *self.starts.get(i)?;
+        (s <= end.max(start)).then_some(i as u16)
+    }
+}
+
+/// Analyses one parsed statement.
+pub fn analyze(stmt: &Statement, sql: &str, consts: &Constants, sh: &Sharding) -> Template {
+    let a = Analyzer { sql, consts, sh };
+    a.statement(stmt)
+}
+
+/// The template for a statement sqlparser could not read: utility commands
+/// recognised by their first keyword go to every shard; anything else can
+/// only run where a hint sends it.
+pub fn analyze_unparsed(sql: &str, error: &str) -> Template {
+    let first = crate::lexer::first_keyword(sql).to_ascii_lowercase();
+    match first.as_str() {
+        "do" | "vacuum" | "analyze" | "analyse" | "reindex" | "cluster" | "refresh"
+        | "checkpoint" | "create" | "alter" | "drop" | "comment" | "grant" | "revoke"
+        | "import" | "security" => Template::new(Scope::AllShards, true),
+        "begin" | "start" | "commit" | "end" | "rollback" | "abort" | "savepoint" | "release"
+        | "set" | "reset" | "discard" | "deallocate" | "show" | "listen" | "unlisten"
+        | "notify" | "prepare" | "execute" => Template::new(Scope::Anywhere, true),
+        _ => Template::refused(Refusal {
+            code: "42601",
+            message: format!(
+                "the proxy could not read this statement to find its shard ({error}); add a /* shardline: shard=NAME */ or /* shardline: key=VALUE */ comment"
+            ),
+        }),
+    }
+}
+
+struct Analyzer<'a> {
+    sql: &'a str,
+    consts: &'a Constants,
+    sh: &'a Sharding,
+}
+
+/// A table of the statement's top-level FROM (or the target of DML).
+struct Rel {
+    /// How the statement refers to it (alias or table name), lowercase.
+    alias: String,
+    name: String,
+    kind: TableKind,
+}
+
+fn lower_name(n: &ObjectName) -> String {
+    n.0.iter()
+        .map(|p| match p {
+            ObjectNamePart::Identifier(i) if i.quote_style.is_some() => i.value.clone(),
+            ObjectNamePart::Identifier(i) => i.value.to_ascii_lowercase(),
+            ObjectNamePart::Function(f) => f.name.value.to_ascii_lowercase(),
+        })
+        .collect::<Vec<_>>()
+        .join(".")
+}
+
+fn is_catalog(name: &str) -> bool {
+    name.starts_with("pg_") || name.starts_with("pg_catalog.") || name.starts_with("information_schema.")
+}
+
+/// Aggregate functions: a SELECT using one reads a global value.
+const AGGREGATES: &[&str] = &[
+    "count", "sum", "min", "max", "avg", "array_agg", "string_agg", "bool_and", "bool_or",
+    "every", "bit_and", "bit_or", "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg",
+    "stddev", "stddev_pop", "stddev_samp", "variance", "var_pop", "var_samp", "xmlagg",
+    "percentile_cont", "percentile_disc", "mode", "corr", "covar_pop", "covar_samp",
+    "regr_count", "range_agg",
+];
+
+/// Finds aggregates and window functions in a SELECT's projection.
+struct MergeFinder {
+    found: Option<&'static str>,
+}
+
+impl Visitor for MergeFinder {
+    type Break = ();
+    fn pre_visit_expr(&mut self, e: &Expr) -> ControlFlow<()> {
+        if let Expr::Function(f) = e {
+            if f.over.is_some() {
+                self.found = Some("window functions");
+                return ControlFlow::Break(());
+            }
+            let name = f.name.to_string().to_ascii_lowercase();
+            let name = name.rsplit('.').next().unwrap_or(&name);
+            if AGGREGATES.contains(&name) {
+                self.found = Some("aggregate functions");
+                return ControlFlow::Break(());
+            }
+        }
+        if matches!(e, Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. }) {
+            // Subqueries are judged by the tables they read, not here.
+            return ControlFlow::Continue(());
+        }
+        ControlFlow::Continue(())
+    }
+}
+
+/// Every relation name in a statement, at any depth, except CTE names.
+struct Relations {
+    names: Vec<String>,
+    ctes: Vec<String>,
+}
+
+impl Visitor for Relations {
+    type Break = ();
+    fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+        if let Some(with) = &q.with {
+            for cte in &with.cte_tables {
+                self.ctes.push(cte.alias.name.value.to_ascii_lowercase());
+            }
+        }
+        ControlFlow::Continue(())
+    }
+    fn pre_visit_relation(&mut self, r: &ObjectName) -> ControlFlow<()> {
+        self.names.push(lower_name(r));
+        ControlFlow::Continue(())
+    }
+}
+
+fn relations<V: Visit>(node: &V) -> Vec<String> {
+    let mut r = Relations {
+        names: Vec::new(),
+        ctes: Vec::new(),
+    };
+    let _ = node.visit(&mut r);
+    let ctes = r.ctes;
+    r.names
+        .into_iter()
+        .filter(|n| !ctes.contains(n))
+        .collect()
+}
+
+impl Analyzer<'_> {
+    fn statement(&self, stmt: &Statement) -> Template {
+        match stmt {
+            Statement::Query(q) => self.query(q, stmt),
+            Statement::Insert(ins) => self.insert(ins, stmt),
+            Statement::Update(u) => {
+                let mut rels = Vec::new();
+                self.from_item(&u.table, &mut rels);
+                if let Some(from) = &u.from {
+                    let tables = match from {
+                        sqlparser::ast::UpdateTableFromKind::BeforeSet(t)
+                        | sqlparser::ast::UpdateTableFromKind::AfterSet(t) => t,
+                    };
+                    for t in tables {
+                        self.from_item(t, &mut rels);
+                    }
+                }
+                let mut assigned = Vec::new();
+                for a in &u.assignments {
+                    match &a.target {
+                        sqlparser::ast::AssignmentTarget::ColumnName(n) => {
+                            assigned.push((lower_name(n), Some(&a.value)))
+                        }
+                        sqlparser::ast::AssignmentTarget::Tuple(names) => {
+                            assigned.extend(names.iter().map(|n| (lower_name(n), None)))
+                        }
+                    }
+                }
+                self.dml(stmt, &rels, u.selection.as_ref(), &assigned)
+            }
+            Statement::Delete(d) => {
+                let mut rels = Vec::new();
+                let from = match &d.from {
+                    FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
+                };
+                for t in from.iter().chain(d.using.iter().flatten()) {
+                    self.from_item(t, &mut rels);
+                }
+                self.dml(stmt, &rels, d.selection.as_ref(), &[])
+            }
+            Statement::Truncate(t) => {
+                let all_unsharded = t
+                    .table_names
+                    .iter()
+                    .all(|n| self.sh.table(&lower_name(&n.name)) == TableKind::Unsharded);
+                let scope = if all_unsharded {
+                    Scope::Default
+                } else {
+                    Scope::AllShards
+                };
+                Template::new(scope, true)
+            }
+            Statement::Copy {
+                source, to, options, legacy_options, ..
+            } => self.copy(stmt, source, *to, options, legacy_options),
+            Statement::Explain { statement, .. } => {
+                let mut t = self.statement(statement);
+                t.explain = true;
+                t.needs_merge = None;
+                t
+            }
+            Statement::CreateTable(c) if c.query.is_some() => Template::refused(
+                Refusal::unsupported("CREATE TABLE ... AS across shards: create the table, then fill it with INSERT"),
+            ),
+            Statement::StartTransaction { .. }
+            | Statement::Commit { .. }
+            | Statement::Rollback { .. }
+            | Statement::Savepoint { .. }
+            | Statement::ReleaseSavepoint { .. }
+            | Statement::Set(_)
+            | Statement::Reset(_)
+            | Statement::Discard { .. }
+            | Statement::Deallocate { .. }
+            | Statement::ShowVariable { .. }
+            | Statement::ShowVariables { .. }
+            | Statement::Prepare { .. }
+            | Statement::Execute { .. }
+            | Statement::Call(_)
+            | Statement::LISTEN { .. }
+            | Statement::UNLISTEN { .. }
+            | Statement::NOTIFY { .. } => Template::new(Scope::Anywhere, true),
+            // Schema changes, utility statements: every shard's primary.
+            _ => Template::new(Scope::AllShards, true),
+        }
+    }
+
+    /// Adds a FROM item's tables (and joins) to `rels`.
+    fn from_item(&self, t: &TableWithJoins, rels: &mut Vec<Rel>) {
+        let mut add = |f: &TableFactor| {
+            if let TableFactor::Table {
+                name, alias, args: None, ..
+            } = f
+            {
+                let n = lower_name(name);
+                let alias = alias
+                    .as_ref()
+                    .map(|a| a.name.value.to_ascii_lowercase())
+                    .unwrap_or_else(|| n.rsplit('.').next().unwrap_or(&n).to_string());
+                rels.push(Rel {
+                    alias,
+                    kind: self.sh.table(&n),
+                    name: n,
+                });
+            }
+        };
+        add(&t.relation);
+        for j in &t.joins {
+            add(&j.relation);
+        }
+    }
+
+    /// The key column this expression names, as `(alias index)`.
+    fn key_ref(&self, e: &Expr, rels: &[Rel]) -> Option<usize> {
+        let (qualifier, column) = match e {
+            Expr::Identifier(i) => (None, i.value.to_ascii_lowercase()),
+            Expr::CompoundIdentifier(parts) if parts.len() >= 2 => (
+                Some(parts[parts.len() - 2].value.to_ascii_lowercase()),
+                parts[parts.len() - 1].value.to_ascii_lowercase(),
+            ),
+            Expr::Nested(inner) => return self.key_ref(inner, rels),
+            Expr::Cast { expr, .. } => return self.key_ref(expr, rels),
+            _ => return None,
+        };
+        rels.iter().position(|r| match &r.kind {
+            TableKind::Sharded(rule) => {
+                rule.column == column && qualifier.as_ref().is_none_or(|q| *q == r.alias)
+            }
+            _ => false,
+        })
+    }
+
+    fn value_src(&self, e: &Expr) -> KeySrc {
+        match e {
+            Expr::Value(v) => match &v.value {
+                Value::Placeholder(p) => p
+                    .strip_prefix('$')
+                    .and_then(|n| n.parse().ok())
+                    .map_or(KeySrc::Unknown, KeySrc::Param),
+                Value::Null => KeySrc::Null,
+                Value::Number(..)
+                | Value::SingleQuotedString(_)
+                | Value::EscapedStringLiteral(_)
+                | Value::DollarQuotedString(_) => self
+                    .consts
+                    .ordinal(self.sql, v.span)
+                    .map_or(KeySrc::Unknown, |ordinal| KeySrc::Const {
+                        ordinal,
+                        negative: false,
+                    }),
+                _ => KeySrc::Unknown,
+            },
+            Expr::UnaryOp {
+                op: UnaryOperator::Minus,
+                expr,
+            } => match self.value_src(expr) {
+                KeySrc::Const { ordinal, negative } => KeySrc::Const {
+                    ordinal,
+                    negative: !negative,
+                },
+                _ => KeySrc::Unknown,
+            },
+            Expr::Cast { expr, .. } | Expr::Nested(expr) => self.value_src(expr),
+            _ => KeySrc::Unknown,
+        }
+    }
+
+    /// The keys a condition allows. `links` collects key = key equalities
+    /// between tables (join conditions).
+    fn key_expr(&self, e: &Expr, rels: &[Rel], links: &mut Vec<(usize, usize)>) -> KeyExpr {
+        match e {
+            Expr::Nested(inner) => self.key_expr(inner, rels, links),
+            Expr::BinaryOp { left, op, right } => match op {
+                BinaryOperator::And => KeyExpr::And(vec![
+                    self.key_expr(left, rels, links),
+                    self.key_expr(right, rels, links),
+                ]),
+                BinaryOperator::Or => {
+                    // Equalities under OR do not join tables.
+                    let mut ignored = Vec::new();
+                    KeyExpr::Or(vec![
+                        self.key_expr(left, rels, &mut ignored),
+                        self.key_expr(right, rels, &mut ignored),
+                    ])
+                }
+                BinaryOperator::Eq => {
+                    match (self.key_ref(left, rels), self.key_ref(right, rels)) {
+                        (Some(a), Some(b)) => {
+                            links.push((a, b));
+                            KeyExpr::All
+                        }
+                        (Some(_), None) => self.keys(&[right]),
+                        (None, Some(_)) => self.keys(&[left]),
+                        (None, None) => KeyExpr::All,
+                    }
+                }
+                _ => KeyExpr::All,
+            },
+            Expr::InList {
+                expr,
+                list,
+                negated: false,
+            } if self.key_ref(expr, rels).is_some() => {
+                let refs: Vec<&Expr> = list.iter().collect();
+                self.keys(&refs)
+            }
+            Expr::IsNull(inner) if self.key_ref(inner, rels).is_some() => {
+                KeyExpr::Keys(vec![KeySrc::Null])
+            }
+            Expr::AnyOp {
+                left,
+                compare_op: BinaryOperator::Eq,
+                right,
+                ..
+            } if self.key_ref(left, rels).is_some() => {
+                let mut r: &Expr = right;
+                while let Expr::Cast { expr, .. } | Expr::Nested(expr) = r {
+                    r = expr;
+                }
+                match r {
+                    Expr::Array(arr) => {
+                        let refs: Vec<&Expr> = arr.elem.iter().collect();
+                        self.keys(&refs)
+                    }
+                    _ => match self.value_src(r) {
+                        KeySrc::Param(n) => KeyExpr::AnyParam(n),
+                        _ => KeyExpr::All,
+                    },
+                }
+            }
+            _ => KeyExpr::All,
+        }
+    }
+
+    fn keys(&self, values: &[&Expr]) -> KeyExpr {
+        let srcs: Vec<KeySrc> = values.iter().map(|v| self.value_src(v)).collect();
+        if srcs.contains(&KeySrc::Unknown) {
+            KeyExpr::All
+        } else {
+            KeyExpr::Keys(srcs)
+        }
+    }
+
+    /// Scope of a statement reading or writing `rels` (its top-level
+    /// tables) filtered by `conditions`; `all` names every relation at any
+    /// depth.
+    fn scope(
+        &self,
+        rels: &[Rel],
+        conditions: &[(&Expr, bool)],
+        all: &[String],
+    ) -> Result<Scope, Refusal> {
+        let sharded: Vec<usize> = (0..rels.len())
+            .filter(|&i| matches!(rels[i].kind, TableKind::Sharded(_)))
+            .collect();
+        let kind_of = |n: &String| {
+            if is_catalog(n) {
+                None
+            } else {
+                Some(self.sh.table(n))
+            }
+        };
+        let unsharded = all
+            .iter()
+            .find(|n| kind_of(n) == Some(TableKind::Unsharded));
+        let any_sharded = all
+            .iter()
+            .find(|n| matches!(kind_of(n), Some(TableKind::Sharded(_))));
+        let any_reference = all.iter().any(|n| kind_of(n) == Some(TableKind::Reference));
+        if let (Some(u), Some(s)) = (unsharded, any_sharded) {
+            return Err(Refusal::unsupported(format!(
+                "the statement mixes table \"{u}\", which is not sharded (it lives on the default shard), with sharded table \"{s}\""
+            )));
+        }
+        if sharded.is_empty() {
+            if let Some(s) = any_sharded {
+                return Err(Refusal::unsupported(format!(
+                    "sharded table \"{s}\" is read in a subquery or CTE; the proxy routes only statements whose sharded tables are in the top-level FROM (or add a /* shardline: shard=NAME */ comment)"
+                )));
+            }
+            return Ok(if unsharded.is_some() {
+                Scope::Default
+            } else if any_reference {
+                Scope::Reference
+            } else {
+                Scope::Anywhere
+            });
+        }
+        let occurrences = all
+            .iter()
+            .filter(|n| matches!(kind_of(n), Some(TableKind::Sharded(_))))
+            .count();
+        if occurrences > sharded.len() {
+            return Err(Refusal::unsupported(format!(
+                "sharded table \"{}\" is read in a subquery or CTE; the proxy routes only statements whose sharded tables are in the top-level FROM (or add a /* shardline: shard=NAME */ comment)",
+                any_sharded.map(String::as_str).unwrap_or("?")
+            )));
+        }
+        let group_of = |i: usize| match &rels[i].kind {
+            TableKind::Sharded(r) => r.group,
+            _ => usize::MAX,
+        };
+        let group = group_of(sharded[0]);
+        if let Some(&other) = sharded.iter().find(|&&i| group_of(i) != group) {
+            return Err(Refusal::unsupported(format!(
+                "tables \"{}\" and \"{}\" are sharded in different groups, so their rows are not co-located",
+                rels[sharded[0]].name, rels[other].name
+            )));
+        }
+        let mut links = Vec::new();
+        let mut keys = Vec::new();
+        for (cond, restricts) in conditions {
+            let k = self.key_expr(cond, rels, &mut links);
+            if *restricts {
+                keys.push(k);
+            }
+        }
+        // Every sharded table must be joined to the others on the key.
+        let mut component: Vec<usize> = (0..rels.len()).collect();
+        fn root(c: &mut [usize], mut i: usize) -> usize {
+            while c[i] != i {
+                i = c[i];
+            }
+            i
+        }
+        for (a, b) in links {
+            let (ra, rb) = (root(&mut component, a), root(&mut component, b));
+            component[ra] = rb;
+        }
+        let first = root(&mut component, sharded[0]);
+        if let Some(&other) = sharded
+            .iter()
+            .find(|&&i| root(&mut component, i) != first)
+        {
+            return Err(Refusal::unsupported(format!(
+                "tables \"{}\" and \"{}\" are joined on something other than their sharding keys, so matching rows may be on different shards",
+                rels[sharded[0]].name, rels[other].name
+            )));
+        }
+        let key = match keys.len() {
+            0 => KeyExpr::All,
+            1 => keys.pop().unwrap_or(KeyExpr::All),
+            _ => KeyExpr::And(keys),
+        };
+        Ok(Scope::Sharded {
+            group,
+            key,
+            rows: false,
+            key_change: None,
+        })
+    }
+
+    fn query(&self, q: &Query, whole: &Statement) -> Template {
+        let class = crate::classify::classify_statement(whole, &Default::default());
+        let write = class != crate::classify::Class::Read;
+        let all = relations(whole);
+        let mut rels = Vec::new();
+        let mut conditions: Vec<(&Expr, bool)> = Vec::new();
+        let mut needs_merge = None;
+        match &*q.body {
+            SetExpr::Select(sel) => {
+                for t in &sel.from {
+                    self.from_item(t, &mut rels);
+                    for j in &t.joins {
+                        use sqlparser::ast::JoinOperator as J;
+                        let (c, inner) = match &j.join_operator {
+                            J::Join(c) | J::Inner(c) => (c, true),
+                            J::Left(c) | J::LeftOuter(c) | J::Right(c) | J::RightOuter(c)
+                            | J::FullOuter(c) | J::CrossJoin(c) | J::Semi(c) | J::LeftSemi(c)
+                            | J::RightSemi(c) | J::Anti(c) | J::LeftAnti(c) | J::RightAnti(c) => {
+                                (c, false)
+                            }
+                            _ => continue,
+                        };
+                        if let sqlparser::ast::JoinConstraint::On(e) = c {
+                            conditions.push((e, inner));
+                        }
+                    }
+                }
+                if let Some(w) = &sel.selection {
+                    conditions.push((w, true));
+                }
+                if sel.distinct.is_some() {
+                    needs_merge = Some("DISTINCT");
+                }
+                let grouped = match &sel.group_by {
+                    GroupByExpr::All(_) => true,
+                    GroupByExpr::Expressions(e, _) => !e.is_empty(),
+                };
+                if grouped {
+                    needs_merge = Some("GROUP BY");
+                } else if sel.having.is_some() {
+                    needs_merge = Some("HAVING");
+                }
+                let mut f = MergeFinder { found: None };
+                for item in &sel.projection {
+                    if let SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } =
+                        item
+                    {
+                        let _ = e.visit(&mut f);
+                    }
+                }
+                if let Some(found) = f.found {
+                    needs_merge = Some(found);
+                }
+            }
+            SetExpr::SetOperation { op, .. } => {
+                needs_merge = Some(match op {
+                    sqlparser::ast::SetOperator::Union => "UNION",
+                    sqlparser::ast::SetOperator::Intersect => "INTERSECT",
+                    _ => "EXCEPT",
+                });
+            }
+            _ => {}
+        }
+        if q.order_by.is_some() {
+            needs_merge = Some("ORDER BY");
+        }
+        if let Some(l) = &q.limit_clause {
+            needs_merge = Some(match l {
+                sqlparser::ast::LimitClause::LimitOffset { limit: None, .. } => "OFFSET",
+                _ => "LIMIT",
+            });
+        }
+        if q.fetch.is_some() {
+            needs_merge = Some("FETCH FIRST");
+        }
+        let mut t = match self.scope(&rels, &conditions, &all) {
+            Ok(scope) => Template::new(scope, write),
+            Err(r) => return Template::refused(r),
+        };
+        t.needs_merge = needs_merge;
+        t
+    }
+
+    fn insert(&self, ins: &sqlparser::ast::Insert, whole: &Statement) -> Template {
+        let TableObject::TableName(name) = &ins.table else {
+            return Template::new(Scope::AllShards, true);
+        };
+        let table = lower_name(name);
+        let all = relations(whole);
+        match self.sh.table(&table) {
+            TableKind::Sharded(rule) => {
+                let sources: Vec<&String> = all.iter().skip(1).collect();
+                if let Some(other) = sources.iter().find(|n| !is_catalog(n)) {
+                    return Template::refused(Refusal::unsupported(format!(
+                        "INSERT into sharded table \"{table}\" reads table \"{other}\"; the proxy splits only INSERT ... VALUES"
+                    )));
+                }
+                let Some(pos) = ins.columns.iter().position(|c| {
+                    lower_name(c).rsplit('.').next() == Some(rule.column.as_str())
+                }) else {
+                    let why = if ins.columns.is_empty() {
+                        "name its columns"
+                    } else {
+                        "give the key column a value"
+                    };
+                    return Template::refused(Refusal::unsupported(format!(
+                        "INSERT into sharded table \"{table}\" must {why}: the proxy places each row by its \"{}\"",
+                        rule.column
+                    )));
+                };
+                let rows = match ins.source.as_deref().map(|q| &*q.body) {
+                    Some(SetExpr::Values(v)) => &v.rows,
+                    _ => {
+                        return Template::refused(Refusal::unsupported(format!(
+                            "INSERT into sharded table \"{table}\" must use VALUES: the proxy places each row by its \"{}\"",
+                            rule.column
+                        )))
+                    }
+                };
+                let keys: Vec<KeySrc> = rows
+                    .iter()
+                    .map(|r| r.content.get(pos).map_or(KeySrc::Unknown, |e| self.value_src(e)))
+                    .collect();
+                if keys.contains(&KeySrc::Unknown) {
+                    return Template::refused(Refusal::unsupported(format!(
+                        "INSERT into sharded table \"{table}\": each row's \"{}\" must be a constant or a parameter",
+                        rule.column
+                    )));
+                }
+                let mut key_change = None;
+                if let Some(OnInsert::OnConflict(oc)) = &ins.on {
+                    if let OnConflictAction::DoUpdate(du) = &oc.action {
+                        for a in &du.assignments {
+                            if let sqlparser::ast::AssignmentTarget::ColumnName(n) = &a.target {
+                                let excluded_key = matches!(&a.value, Expr::CompoundIdentifier(p)
+                                    if p.len() == 2
+                                    && p[0].value.eq_ignore_ascii_case("excluded")
+                                    && p[1].value.eq_ignore_ascii_case(&rule.column));
+                                if lower_name(n) == rule.column && !excluded_key {
+                                    key_change = Some(self.value_src(&a.value));
+                                }
+                            }
+                        }
+                    }
+                }
+                Template::new(
+                    Scope::Sharded {
+                        group: rule.group,
+                        key: KeyExpr::Keys(keys),
+                        rows: true,
+                        key_change,
+                    },
+                    true,
+                )
+            }
+            TableKind::Reference => {
+                if let Some(other) = all.iter().skip(1).find(|n| {
+                    !is_catalog(n) && self.sh.table(n) != TableKind::Reference
+                }) {
+                    return Template::refused(Refusal::unsupported(format!(
+                        "INSERT into reference table \"{table}\" reads table \"{other}\", which is not on every shard"
+                    )));
+                }
+                Template::new(Scope::Reference, true)
+            }
+            TableKind::Unsharded => {
+                let rels = vec![Rel {
+                    alias: table.clone(),
+                    name: table.clone(),
+                    kind: TableKind::Unsharded,
+                }];
+                match self.scope(&rels, &[], &all) {
+                    Ok(scope) => Template::new(scope, true),
+                    Err(r) => Template::refused(r),
+                }
+            }
+        }
+    }
+
+    /// UPDATE and DELETE: key from WHERE; `assigned` columns (UPDATE SET).
+    fn dml(
+        &self,
+        whole: &Statement,
+        rels: &[Rel],
+        selection: Option<&Expr>,
+        assigned: &[(String, Option<&Expr>)],
+    ) -> Template {
+        let all = relations(whole);
+        let conditions: Vec<(&Expr, bool)> = selection.map(|s| (s, true)).into_iter().collect();
+        let mut scope = match self.scope(rels, &conditions, &all) {
+            Ok(s) => s,
+            Err(r) => return Template::refused(r),
+        };
+        if let Scope::Sharded { key_change, .. } = &mut scope {
+            let target = &rels[0];
+            if let TableKind::Sharded(rule) = &target.kind {
+                for (col, value) in assigned {
+                    if col.rsplit('.').next() == Some(rule.column.as_str()) {
+                        *key_change = Some(value.map_or(KeySrc::Unknown, |v| self.value_src(v)));
+                    }
+                }
+            }
+        }
+        let mut t = Template::new(scope, true);
+        if matches!(t.scope, Scope::Reference) {
+            t.scope = Scope::Reference;
+        }
+        t
+    }
+
+    fn copy(
+        &self,
+        whole: &Statement,
+        source: &CopySource,
+        to: bool,
+        options: &[sqlparser::ast::CopyOption],
+        legacy: &[sqlparser::ast::CopyLegacyOption],
+    ) -> Template {
+        let (table, columns) = match source {
+            CopySource::Query(q) => {
+                let mut t = self.query(q, whole);
+                t.write = false;
+                return t;
+            }
+            CopySource::Table {
+                table_name,
+                columns,
+            } => (lower_name(table_name), columns),
+        };
+        let kind = self.sh.table(&table);
+        if to {
+            let scope = match kind {
+                TableKind::Sharded(r) => Scope::Sharded {
+                    group: r.group,
+                    key: KeyExpr::All,
+                    rows: false,
+                    key_change: None,
+                },
+                TableKind::Reference => Scope::Reference,
+                TableKind::Unsharded if is_catalog(&table) => Scope::Anywhere,
+                TableKind::Unsharded => Scope::Default,
+            };
+            return Template::new(scope, false);
+        }
+        let (scope, column) = match kind {
+            TableKind::Sharded(r) => (
+                Scope::Sharded {
+                    group: r.group,
+                    key: KeyExpr::All,
+                    rows: true,
+                    key_change: None,
+                },
+                r.column,
+            ),
+            TableKind::Reference => (Scope::Reference, String::new()),
+            TableKind::Unsharded => return Template::new(Scope::Default, true),
+        };
+        let mut c = CopyIn {
+            key_column: columns
+                .iter()
+                .position(|i| i.value.to_ascii_lowercase() == column),
+            column,
+            table,
+            csv: false,
+            binary: false,
+            header: false,
+            delimiter: b'\t',
+            null: "\\N".into(),
+            quote: b'"',
+            escape: b'"',
+        };
+        if !columns.is_empty() && c.key_column.is_none() && matches!(scope, Scope::Sharded { .. }) {
+            return Template::refused(Refusal::unsupported(format!(
+                "COPY into sharded table \"{}\" must include the key column \"{}\"",
+                c.table, c.column
+            )));
+        }
+        use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption};
+        let mut explicit_null = false;
+        for o in options {
+            match o {
+                CopyOption::Format(f) => match f.value.to_ascii_lowercase().as_str() {
+                    "csv" => c.csv = true,
+                    "binary" => c.binary = true,
+                    _ => {}
+                },
+                CopyOption::Delimiter(d) => c.delimiter = *d as u8,
+                CopyOption::Header(h) => c.header = *h,
+                CopyOption::Null(n) => {
+                    c.null = n.clone();
+                    explicit_null = true;
+                }
+                CopyOption::Quote(q) => c.quote = *q as u8,
+                CopyOption::Escape(e) => c.escape = *e as u8,
+                _ => {}
+            }
+        }
+        for o in legacy {
+            match o {
+                CopyLegacyOption::Binary => c.binary = true,
+                CopyLegacyOption::Delimiter(d) => c.delimiter = *d as u8,
+                CopyLegacyOption::Null(n) => {
+                    c.null = n.clone();
+                    explicit_null = true;
+                }
+                CopyLegacyOption::Csv(opts) => {
+                    c.csv = true;
+                    for x in opts {
+                        match x {
+                            CopyLegacyCsvOption::Header => c.header = true,
+                            CopyLegacyCsvOption::Quote(q) => c.quote = *q as u8,
+                            CopyLegacyCsvOption::Escape(e) => c.escape = *e as u8,
+                            _ => {}
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        if c.csv {
+            if c.delimiter == b'\t' && !options.iter().any(|o| matches!(o, CopyOption::Delimiter(_))) && !legacy.iter().any(|o| matches!(o, CopyLegacyOption::Delimiter(_))) {
+                c.delimiter = b',';
+            }
+            if !explicit_null {
+                c.null = String::new();
+            }
+            if !options.iter().any(|o| matches!(o, CopyOption::Escape(_))) {
+                c.escape = c.quote;
+            }
+        }
+        let mut t = Template::new(scope, true);
+        t.copy_in = Some(c);
+        t
+    }
+}
+
+/// Where a statement runs, once its key values are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// No table: the transaction's shard, else the default shard.
+    Anywhere,
+    /// A reference-table read: any one shard (balanced).
+    Spread,
+    One(usize),
+    /// Several shards (every one: broadcast or a read without a key).
+    Many(ShardMask),
+    /// A multi-row INSERT whose rows belong to several shards: split it.
+    Split(ShardMask),
+    /// COPY FROM STDIN to split row by row over these shards.
+    CopySplit(ShardMask),
+    Refused(Refusal),
+}
+
+/// The values a statement's keys are read from.
+pub struct KeyInput<'a> {
+    /// The statement text (for constants).
+    pub sql: &'a str,
+    /// Bound parameters: `(format, value)`; format 1 is binary.
+    pub params: &'a [(i16, Option<&'a [u8]>)],
+    /// The session's `shardline.shard` / `shardline.sharding_key`.
+    pub session_shard: Option<&'a str>,
+    pub session_key: Option<&'a str>,
+}
+
+/// The placement of a statement from its template and key values.
+pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
+    let hint = t.hint.as_ref();
+    let shard_hint = hint.and_then(|h| h.shard.as_deref()).or(input.session_shard);
+    if let Some(name) = shard_hint {
+        return match sh.shard_index(name) {
+            Some(i) => Placement::One(i),
+            None => Placement::Refused(Refusal {
+                code: "22023",
+                message: format!(
+                    "no shard is named \"{name}\" (shards: {})",
+                    sh.shard_names.join(", ")
+                ),
+            }),
+        };
+    }
+    let key_hint = hint.and_then(|h| h.key.as_deref()).or(input.session_key);
+    if let Some(k) = key_hint {
+        if !matches!(t.scope, Scope::Anywhere) || hint.is_some_and(|h| h.key.is_some()) {
+            let group = match &t.scope {
+                Scope::Sharded { group, .. } => *group,
+                _ => 0,
+            };
+            let g = &sh.groups[group];
+            return match g.key_from_text(k).map(|v| g.shard_of(Some(&v))) {
+                Some(Ok(s)) => Placement::One(s),
+                Some(Err(e)) => Placement::Refused(Refusal {
+                    code: "22023",
+                    message: e,
+                }),
+                None => Placement::Refused(Refusal {
+                    code: "22P02",
+                    message: format!("sharding key hint \"{k}\" is not a valid {:?} key", g.key_type),
+                }),
+            };
+        }
+    }
+    if let Some(r) = &t.refusal {
+        return Placement::Refused(r.clone());
+    }
+    let placement = match &t.scope {
+        Scope::Anywhere => Placement::Anywhere,
+        Scope::Default => Placement::One(sh.default_shard),
+        Scope::Reference if t.write => Placement::Many(sh.all_shards()),
+        Scope::Reference => Placement::Spread,
+        Scope::AllShards => Placement::Many(sh.all_shards()),
+        Scope::Sharded {
+            group,
+            key,
+            rows,
+            key_change,
+        } => {
+            let g = &sh.groups[*group];
+            let mask = match key_mask(key, g, sh, input) {
+                Ok(m) => m,
+                Err(e) => {
+                    return Placement::Refused(Refusal {
+                        code: "22023",
+                        message: e,
+                    })
+                }
+            };
+            if let Some(change) = key_change {
+                let same = match key_value(change, g, input) {
+                    Ok(v) if mask.count_ones() == 1 => {
+                        g.shard_of(v.as_ref()).ok().map(mask_of) == Some(mask)
+                    }
+                    _ => false,
+                };
+                if !same {
+                    return Placement::Refused(Refusal::unsupported(
+                        "an UPDATE may not change a row's sharding key to a value owned by another shard: the row would have to move between shards; delete it and insert it again instead",
+                    ));
+                }
+            }
+            if t.copy_in.is_some() {
+                return Placement::CopySplit(sh.all_shards());
+            }
+            match mask.count_ones() {
+                0 => Placement::One(sh.default_shard),
+                1 => Placement::One(mask.trailing_zeros() as usize),
+                _ if *rows => Placement::Split(mask),
+                _ => Placement::Many(mask),
+            }
+        }
+    };
+    match placement {
+        Placement::Many(mask) if t.explain => Placement::One(mask.trailing_zeros() as usize),
+        Placement::Many(_) if t.copy_in.is_some() => Placement::CopySplit(sh.all_shards()),
+        Placement::Many(_) if !t.write => match t.needs_merge {
+            Some(construct) => Placement::Refused(Refusal::unsupported(format!(
+                "{construct} over rows from several shards needs a merge the proxy does not do yet; add the sharding key to the WHERE clause or a /* shardline: shard=NAME */ comment"
+            ))),
+            None => placement,
+        },
+        Placement::Many(_)
+            if !sh.broadcast_writes
+                && matches!(t.scope, Scope::Sharded { .. }) =>
+        {
+            Placement::Refused(Refusal::unsupported(
+                "UPDATE or DELETE without the sharding key would run on every shard, and sharding.broadcast_writes is off",
+            ))
+        }
+        other => other,
+    }
+}
+
+/// The value of one key source.
+fn key_value(
+    src: &KeySrc,
+    g: &crate::sharding::Group,
+    input: &KeyInput,
+) -> Result<Option<KeyValue>, ()> {
+    match *src {
+        KeySrc::Null => Ok(None),
+        KeySrc::Unknown => Err(()),
+        KeySrc::Param(n) => {
+            let (format, value) = *input.params.get((n as usize).wrapping_sub(1)).ok_or(())?;
+            let Some(v) = value else { return Ok(None) };
+            let key = if format == 1 {
+                g.key_from_binary(v)
+            } else {
+                std::str::from_utf8(v).ok().and_then(|s| g.key_from_text(s))
+            };
+            key.map(Some).ok_or(())
+        }
+        KeySrc::Const { ordinal, negative } => {
+            let text = constant_text(input.sql, ordinal as usize).ok_or(())?;
+            let text = if negative {
+                format!("-{text}")
+            } else {
+                text
+            };
+            g.key_from_text(&text).map(Some).ok_or(())
+        }
+    }
+}
+
+/// The value of the n-th constant of `sql`, unquoted.
+pub fn constant_text(sql: &str, n: usize) -> Option<String> {
+    let mut found = None;
+    let mut i = 0;
+    crate::cache::scan_constants(sql, |s, e| {
+        if i == n {
+            found = Some((s, e));
+        }
+        i += 1;
+    });
+    let (s, e) = found?;
+    let raw = &sql[s..e];
+    let escaped = s > 0 && matches!(sql.as_bytes()[s - 1], b'E' | b'e');
+    Some(if let Some(body) = raw.strip_prefix('\'') {
+        let body = body.strip_suffix('\'').unwrap_or(body);
+        if escaped {
+            unescape(body)
+        } else {
+            body.replace("''", "'")
+        }
+    } else if raw.starts_with('$') {
+        let tag_end = raw[1..].find('$').map_or(raw.len(), |p| p + 2);
+        let body_end = raw.len().saturating_sub(tag_end);
+        raw.get(tag_end..body_end).unwrap_or_default().to_string()
+    } else {
+        raw.replace('_', "")
+    })
+}
+
+fn unescape(body: &str) -> String {
+    let mut out = String::with_capacity(body.len());
+    let mut chars = body.chars();
+    while let Some(c) = chars.next() {
+        match c {
+            '\\' => match chars.next() {
+                Some('n') => out.push('\n'),
+                Some('t') => out.push('\t'),
+                Some('r') => out.push('\r'),
+                Some('b') => out.push('\u{8}'),
+                Some('f') => out.push('\u{c}'),
+                Some(other) => out.push(other),
+                None => {}
+            },
+            '\'' => {
+                // '' inside E'...'
+                if chars.clone().next() == Some('\'') {
+                    chars.next();
+                }
+                out.push('\'');
+            }
+            c => out.push(c),
+        }
+    }
+    out
+}
+
+fn key_mask(
+    key: &KeyExpr,
+    g: &crate::sharding::Group,
+    sh: &Sharding,
+    input: &KeyInput,
+) -> Result<ShardMask, String> {
+    Ok(match key {
+        KeyExpr::All => sh.all_shards(),
+        KeyExpr::Keys(srcs) => {
+            let mut m = 0;
+            for s in srcs {
+                match key_value(s, g, input) {
+                    Ok(v) => m |= mask_of(g.shard_of(v.as_ref())?),
+                    // A value the column type would reject: every shard
+                    // reports the server's own error.
+                    Err(()) => return Ok(sh.all_shards()),
+                }
+            }
+            m
+        }
+        KeyExpr::AnyParam(n) => {
+            let Some(&(format, Some(v))) = input.params.get((*n as usize).wrapping_sub(1)) else {
+                return Ok(sh.all_shards());
+            };
+            let Some(values) = array_elements(format, v, g) else {
+                return Ok(sh.all_shards());
+            };
+            let mut m = 0;
+            for v in values {
+                m |= mask_of(g.shard_of(v.as_ref())?);
+            }
+            m
+        }
+        KeyExpr::And(xs) => {
+            let mut m = sh.all_shards();
+            for x in xs {
+                m &= key_mask(x, g, sh, input)?;
+            }
+            m
+        }
+        KeyExpr::Or(xs) => {
+            let mut m = 0;
+            for x in xs {
+                m |= key_mask(x, g, sh, input)?;
+            }
+            m
+        }
+    })
+}
+
+/// Elements of an array parameter, text (`{1,2,"x"}`) or binary format.
+fn array_elements(format: i16, v: &[u8], g: &crate::sharding::Group) -> Option<Vec<Option<KeyValue>>> {
+    if format == 1 {
+        let int = |b: &[u8]| -> Option<i32> { Some(i32::from_be_bytes(b.get(..4)?.try_into().ok()?)) };
+        let ndim = int(v)?;
+        if ndim == 0 {
+            return Some(Vec::new());
+        }
+        if ndim != 1 {
+            return None;
+        }
+        let count = int(v.get(12..)?)?;
+        let mut pos = 20;
+        let mut out = Vec::new();
+        for _ in 0..count {
+            let len = int(v.get(pos..)?)?;
+            pos += 4;
+            if len < 0 {
+                out.push(None);
+                continue;
+            }
+            let e = v.get(pos..pos + len as usize)?;
+            pos += len as usize;
+            out.push(Some(g.key_from_binary(e)?));
+        }
+        return Some(out);
+    }
+    let s = std::str::from_utf8(v).ok()?.trim();
+    let inner = s.strip_prefix('{')?.strip_suffix('}')?;
+    if inner.trim().is_empty() {
+        return Some(Vec::new());
+    }
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut was_quoted = false;
+    let mut chars = inner.chars();
+    let mut push = |cur: &mut String, was_quoted: bool| -> Option<()> {
+        let item = if was_quoted { cur.clone() } else { cur.trim().to_string() };
+        if !was_quoted && item.eq_ignore_ascii_case("null") {
+            out.push(None);
+        } else {
+            out.push(Some(g.key_from_text(&item)?));
+        }
+        cur.clear();
+        Some(())
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                was_quoted = true;
+            }
+            '\\' if quoted => cur.push(chars.next()?),
+            ',' if !quoted => {
+                push(&mut cur, was_quoted)?;
+                was_quoted = false;
+            }
+            '{' | '}' if !quoted => return None,
+            c => cur.push(c),
+        }
+    }
+    push(&mut cur, was_quoted)?;
+    Some(out)
+}

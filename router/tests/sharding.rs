@@ -1,0 +1,346 @@
+//! Key extraction and placement: which shards a statement reaches.
+
+use shardline_config::Config;
+use shardline_router::hash::KeyValue;
+use shardline_router::sharding::{mask_of, Sharding};
+use shardline_router::shards::{resolve, KeyInput, Placement};
+use shardline_router::{classify::Options, Router};
+use std::sync::Arc;
+
+const CONFIG: &str = r#"
+[[users]]
+name = "app"
+password = "app"
+database = "app"
+
+[sharding]
+function = "pg_hash"
+pinned = [{ key = 1000000, shard = "s2" }]
+
+[[sharding.tables]]
+name = "users"
+column = "id"
+[[sharding.tables]]
+name = "orders"
+column = "user_id"
+[[sharding.tables]]
+name = "events"
+column = "device"
+group = "devices"
+
+[[sharding.groups]]
+name = "devices"
+function = "consistent"
+key_type = "uuid"
+
+[[reference_tables]]
+name = "countries"
+
+[[shards]]
+name = "s0"
+primary = { host = "127.0.0.1", port = 5432 }
+[[shards]]
+name = "s1"
+primary = { host = "127.0.0.1", port = 5433 }
+[[shards]]
+name = "s2"
+primary = { host = "127.0.0.1", port = 5434 }
+"#;
+
+struct T {
+    router: Router,
+    sh: Arc<Sharding>,
+}
+
+impl T {
+    fn new() -> T {
+        T::from(CONFIG)
+    }
+
+    fn from(toml: &str) -> T {
+        let c = Config::from_toml(toml, "test").expect("config");
+        let sh = Arc::new(Sharding::from_config(&c));
+        T {
+            router: Router::new(Options::default(), 100, Some(sh.clone())),
+            sh,
+        }
+    }
+
+    fn place_with(&mut self, sql: &str, params: &[(i16, Option<&[u8]>)]) -> Vec<Placement> {
+        let route = self.router.route(sql);
+        let input = KeyInput {
+            sql,
+            params,
+            session_shard: None,
+            session_key: None,
+        };
+        route
+            .shards
+            .expect("sharded")
+            .iter()
+            .map(|t| resolve(t, &self.sh, &input))
+            .collect()
+    }
+
+    fn place(&mut self, sql: &str) -> Placement {
+        let mut all = self.place_with(sql, &[]);
+        assert_eq!(all.len(), 1, "{sql}");
+        all.remove(0)
+    }
+
+    /// The shard `pg_hash` gives an int key of the default group.
+    fn of(&self, k: i64) -> usize {
+        self.sh.groups[0]
+            .shard_of(Some(&KeyValue::Int(k)))
+            .expect("shard")
+    }
+}
+
+fn refused(p: &Placement) -> &str {
+    match p {
+        Placement::Refused(r) => {
+            assert_eq!(r.code, "0A000", "{}", r.message);
+            &r.message
+        }
+        other => panic!("expected a refusal, got {other:?}"),
+    }
+}
+
+#[test]
+fn point_statements_reach_the_key_owner() {
+    let mut t = T::new();
+    for k in [0i64, 1, 7, -5, 42, 123456789] {
+        let want = Placement::One(t.of(k));
+        for sql in [
+            format!("SELECT * FROM users WHERE id = {k}"),
+            format!("SELECT name FROM users u WHERE u.id = {k} AND name <> 'x'"),
+            format!("select * from public.users where {k} = id"),
+            format!("UPDATE users SET name = 'n' WHERE id = {k}"),
+            format!("DELETE FROM users WHERE id = '{k}'"),
+            format!("INSERT INTO users (id, name) VALUES ({k}, 'a') RETURNING id"),
+            format!("INSERT INTO users (name, id) VALUES ('a', {k}) ON CONFLICT (id) DO UPDATE SET name = EXCLUDED.name"),
+            format!("SELECT * FROM orders WHERE user_id = {k}::bigint"),
+            format!("SELECT * FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = {k}"),
+            format!("SELECT * FROM users u, orders o WHERE o.user_id = u.id AND o.user_id = {k}"),
+            format!("SELECT * FROM users u LEFT JOIN countries c ON c.code = u.country WHERE id = {k}"),
+        ] {
+            assert_eq!(t.place(&sql), want, "{sql}");
+        }
+    }
+}
+
+#[test]
+fn in_lists_any_and_or_reach_the_owning_subset() {
+    let mut t = T::new();
+    let want = |t: &T, keys: &[i64]| keys.iter().fold(0, |m, k| m | mask_of(t.of(*k)));
+    let m = want(&t, &[1, 2]);
+    let expect = |m: u64| match m.count_ones() {
+        1 => Placement::One(m.trailing_zeros() as usize),
+        _ => Placement::Many(m),
+    };
+    assert_eq!(t.place("SELECT * FROM users WHERE id IN (1, 2)"), expect(m));
+    assert_eq!(t.place("SELECT * FROM users WHERE id = 1 OR id = 2"), expect(m));
+    assert_eq!(
+        t.place("SELECT * FROM users WHERE (id = 1 OR id = 2) AND id = 1"),
+        Placement::One(t.of(1))
+    );
+    assert_eq!(
+        t.place("SELECT * FROM users WHERE id = ANY('{1,2}')"),
+        Placement::Many(t.sh.all_shards()),
+        "a constant array is not read (only parameters and ARRAY[...])"
+    );
+    assert_eq!(t.place("SELECT * FROM users WHERE id = ANY(ARRAY[1, 2])"), expect(m));
+    let p = t.place_with("SELECT * FROM users WHERE id = ANY($1)", &[(0, Some(b"{1,2}"))]);
+    assert_eq!(p, vec![expect(m)]);
+    // Binary int8 array: ndim 1, no nulls, int8 oid 20, 2 elements, lbound 1.
+    let mut arr = Vec::new();
+    for x in [1i32, 0, 20, 2, 1] {
+        arr.extend_from_slice(&x.to_be_bytes());
+    }
+    for k in [1i64, 2] {
+        arr.extend_from_slice(&8i32.to_be_bytes());
+        arr.extend_from_slice(&k.to_be_bytes());
+    }
+    let p = t.place_with("SELECT * FROM users WHERE id = ANY($1::bigint[])", &[(1, Some(&arr))]);
+    assert_eq!(p, vec![expect(m)]);
+    // OR with a non-key condition: every shard.
+    assert_eq!(
+        t.place("SELECT * FROM users WHERE id = 1 OR name = 'x'"),
+        Placement::Many(t.sh.all_shards())
+    );
+}
+
+#[test]
+fn parameters_route_per_execution_in_text_and_binary() {
+    let mut t = T::new();
+    let sql = "SELECT * FROM users WHERE id = $1";
+    for k in [3i64, 4, 5, 6] {
+        let text = k.to_string();
+        let p = t.place_with(sql, &[(0, Some(text.as_bytes()))]);
+        assert_eq!(p, vec![Placement::One(t.of(k))]);
+        let bin = k.to_be_bytes();
+        let p = t.place_with(sql, &[(1, Some(&bin))]);
+        assert_eq!(p, vec![Placement::One(t.of(k))]);
+        let bin4 = (k as i32).to_be_bytes();
+        let p = t.place_with(sql, &[(1, Some(&bin4))]);
+        assert_eq!(p, vec![Placement::One(t.of(k))], "int4 hashes as int8");
+    }
+    // The cache served every execution after the first.
+    assert_eq!(t.router.stats().misses, 1);
+}
+
+#[test]
+fn constants_are_read_from_each_text_while_the_shape_is_cached() {
+    let mut t = T::new();
+    for k in 0..50i64 {
+        let sql = format!("SELECT abalance, 'it''s' FROM users WHERE name = E'a\\'b' AND id = {k}");
+        assert_eq!(t.place(&sql), Placement::One(t.of(k)), "{sql}");
+    }
+    assert_eq!(t.router.stats().misses, 1);
+}
+
+#[test]
+fn multi_row_inserts_split_by_shard() {
+    let mut t = T::new();
+    let (a, b) = (0..100).flat_map(|x| (0..100).map(move |y| (x, y)))
+        .find(|&(x, y)| t.of(x) != t.of(y))
+        .expect("two keys on different shards");
+    let sql = format!("INSERT INTO users (id, name) VALUES ({a}, 'a'), ({b}, 'b')");
+    assert_eq!(t.place(&sql), Placement::Split(mask_of(t.of(a)) | mask_of(t.of(b))));
+    let sql = format!("INSERT INTO users (id, name) VALUES ({a}, 'a'), ({a}, 'b')");
+    assert_eq!(t.place(&sql), Placement::One(t.of(a)));
+}
+
+#[test]
+fn pinned_keys_override_the_function() {
+    let mut t = T::new();
+    assert_eq!(t.place("SELECT * FROM users WHERE id = 1000000"), Placement::One(2));
+}
+
+#[test]
+fn groups_place_with_their_own_function_and_key_type() {
+    let mut t = T::new();
+    let u = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+    let g = &t.sh.groups[1];
+    let want = g
+        .shard_of(Some(&KeyValue::Uuid(
+            shardline_router::hash::parse_uuid(u).expect("uuid"),
+        )))
+        .expect("shard");
+    assert_eq!(
+        t.place(&format!("SELECT * FROM events WHERE device = '{u}'")),
+        Placement::One(want)
+    );
+    let msg = refused(&t.place("SELECT * FROM users u JOIN events e ON e.device = u.id::text::uuid WHERE u.id = 1")).to_string();
+    assert!(msg.contains("different groups"), "{msg}");
+}
+
+#[test]
+fn what_cannot_be_answered_exactly_is_refused() {
+    let mut t = T::new();
+    for (sql, says) in [
+        ("SELECT * FROM users ORDER BY id", "ORDER BY"),
+        ("SELECT * FROM users LIMIT 3", "LIMIT"),
+        ("SELECT count(*) FROM users", "aggregate"),
+        ("SELECT country, 1 FROM users GROUP BY country", "GROUP BY"),
+        ("SELECT DISTINCT country FROM users", "DISTINCT"),
+        ("SELECT id, row_number() OVER () FROM users", "window"),
+        ("SELECT * FROM users u JOIN orders o ON o.amount > 1", "joined on something other"),
+        ("SELECT * FROM users WHERE id IN (SELECT user_id FROM orders)", "subquery"),
+        ("SELECT * FROM users u JOIN pgbench_accounts a ON a.aid = u.id", "not sharded"),
+        ("UPDATE users SET id = 5 WHERE name = 'x'", "sharding key"),
+        ("INSERT INTO users VALUES (1, 'x')", "name its columns"),
+        ("INSERT INTO users (name) VALUES ('x')", "key column a value"),
+        ("INSERT INTO users (id) SELECT user_id FROM orders", "VALUES"),
+    ] {
+        let p = t.place(sql);
+        let msg = refused(&p);
+        assert!(msg.contains(says), "{sql}: {msg}");
+    }
+    // Keys on one shard: the same constructs are fine.
+    assert_eq!(t.place("SELECT count(*) FROM users WHERE id = 7"), Placement::One(t.of(7)));
+    assert_eq!(
+        t.place("SELECT * FROM users WHERE id = 7 ORDER BY name LIMIT 1"),
+        Placement::One(t.of(7))
+    );
+}
+
+#[test]
+fn a_key_may_change_within_its_shard() {
+    let mut t = T::new();
+    let a = 11i64;
+    let same = (0..1000).find(|&x| x != a && t.of(x) == t.of(a)).expect("same shard");
+    let other = (0..1000).find(|&x| t.of(x) != t.of(a)).expect("other shard");
+    assert_eq!(
+        t.place(&format!("UPDATE users SET id = {same} WHERE id = {a}")),
+        Placement::One(t.of(a))
+    );
+    refused(&t.place(&format!("UPDATE users SET id = {other} WHERE id = {a}")));
+    refused(&t.place(&format!("UPDATE users SET id = id + 1 WHERE id = {a}")));
+}
+
+#[test]
+fn tables_without_keys_unsharded_and_reference() {
+    let mut t = T::new();
+    let all = Placement::Many(t.sh.all_shards());
+    assert_eq!(t.place("SELECT * FROM users"), all);
+    assert_eq!(t.place("SELECT * FROM users WHERE name = 'x'"), all);
+    assert_eq!(t.place("UPDATE users SET name = 'x'"), all);
+    assert_eq!(t.place("DELETE FROM orders WHERE amount > 10"), all);
+    assert_eq!(t.place("CREATE TABLE t (a int)"), all);
+    assert_eq!(t.place("ALTER TABLE users ADD COLUMN x int"), all);
+    assert_eq!(t.place("VACUUM ANALYZE users"), all);
+    assert_eq!(t.place("TRUNCATE users"), all);
+    assert_eq!(t.place("TRUNCATE pgbench_history"), Placement::One(0));
+    assert_eq!(t.place("SELECT * FROM pgbench_accounts WHERE aid = 5"), Placement::One(0));
+    assert_eq!(t.place("UPDATE pgbench_accounts SET abalance = 1"), Placement::One(0));
+    assert_eq!(t.place("SELECT * FROM countries"), Placement::Spread);
+    assert_eq!(t.place("INSERT INTO countries VALUES ('fr', 'France')"), all);
+    assert_eq!(t.place("SELECT 1"), Placement::Anywhere);
+    assert_eq!(t.place("SELECT * FROM pg_catalog.pg_class"), Placement::Anywhere);
+    assert_eq!(t.place("BEGIN"), Placement::Anywhere);
+    assert_eq!(t.place("SET search_path = public"), Placement::Anywhere);
+    assert_eq!(t.place("EXPLAIN SELECT * FROM users"), Placement::One(0));
+    assert_eq!(t.place("DO $$ BEGIN PERFORM 1; END $$"), all);
+    let p = t.place("SELECT * FROM users FOR NO KEY UPDATE OF users SKIP LOCKED NOWAIT x");
+    assert!(matches!(p, Placement::Refused(ref r) if r.code == "42601"), "{p:?}");
+}
+
+#[test]
+fn hints_override_parsing() {
+    let mut t = T::new();
+    assert_eq!(t.place("/* shardline: shard=s1 */ SELECT * FROM users ORDER BY id"), Placement::One(1));
+    assert_eq!(t.place("/* shardline: shard=s2 */ SELECT ((( unparseable"), Placement::One(2));
+    assert_eq!(t.place("/* shardline: key=42 */ SELECT * FROM users"), Placement::One(t.of(42)));
+    let p = t.place("/* shardline: shard=nope */ SELECT 1");
+    assert!(matches!(p, Placement::Refused(ref r) if r.message.contains("no shard is named")));
+    let input = KeyInput {
+        sql: "SELECT * FROM users",
+        params: &[],
+        session_shard: None,
+        session_key: Some("42"),
+    };
+    let route = t.router.route("SELECT * FROM users");
+    assert_eq!(resolve(&route.shards.expect("s")[0], &t.sh, &input), Placement::One(t.of(42)));
+}
+
+#[test]
+fn copy_from_is_split_and_copy_to_reads_everywhere() {
+    let mut t = T::new();
+    assert_eq!(t.place("COPY users (id, name) FROM STDIN"), Placement::CopySplit(t.sh.all_shards()));
+    assert_eq!(t.place("COPY users FROM STDIN WITH (FORMAT csv)"), Placement::CopySplit(t.sh.all_shards()));
+    assert_eq!(t.place("COPY countries FROM STDIN"), Placement::CopySplit(t.sh.all_shards()));
+    assert_eq!(t.place("COPY pgbench_accounts FROM STDIN"), Placement::One(0));
+    assert_eq!(t.place("COPY users TO STDOUT"), Placement::Many(t.sh.all_shards()));
+    refused(&t.place("COPY users (name) FROM STDIN"));
+}
+
+#[test]
+fn consistent_hashing_by_default() {
+    let toml = CONFIG.replace("function = \"pg_hash\"\n", "");
+    let mut t = T::from(&toml);
+    for k in 0..200i64 {
+        let want = t.sh.groups[0].shard_of(Some(&KeyValue::Int(k))).expect("shard");
+        assert_eq!(t.place(&format!("SELECT * FROM users WHERE id = {k}")), Placement::One(want));
+    }
+}
