@@ -495,7 +495,14 @@ pub enum ShardingFunction {
 #[serde(rename_all = "lowercase")]
 pub enum KeyType {
     #[default]
-    #[serde(alias = "int8", alias = "integer", alias = "int4", alias = "int", alias = "smallint", alias = "int2")]
+    #[serde(
+        alias = "int8",
+        alias = "integer",
+        alias = "int4",
+        alias = "int",
+        alias = "smallint",
+        alias = "int2"
+    )]
     Bigint,
     #[serde(alias = "varchar")]
     Text,

@@ -1,7 +1,8 @@
 //! Checks that the types alone cannot express.
 
 use crate::{
-    password_kind, AuthMethod, Config, ConfigError, KeyLiteral, KeyType, PasswordKind, ShardingFunction,
+    password_kind, AuthMethod, Config, ConfigError, KeyLiteral, KeyType, PasswordKind,
+    ShardingFunction,
 };
 use std::collections::HashSet;
 
@@ -185,7 +186,10 @@ fn validate_sharding(c: &Config, file: &str) -> Result<(), ConfigError> {
     let shard_exists = |name: &str| c.shards.iter().any(|s| s.name == name);
     let no_shard = |name: &str| {
         let known: Vec<&str> = c.shards.iter().map(|s| s.name.as_str()).collect();
-        format!("no shard is named \"{name}\" (shards: {})", known.join(", "))
+        format!(
+            "no shard is named \"{name}\" (shards: {})",
+            known.join(", ")
+        )
     };
     if let Some(d) = &sh.default_shard {
         if !shard_exists(d) {
@@ -198,7 +202,10 @@ fn validate_sharding(c: &Config, file: &str) -> Result<(), ConfigError> {
         if g.name.is_empty() || !group_names.insert(g.name.as_str()) {
             return err(
                 format!("sharding.groups[{i}].name"),
-                format!("expected a unique, non-empty group name, found \"{}\"", g.name),
+                format!(
+                    "expected a unique, non-empty group name, found \"{}\"",
+                    g.name
+                ),
             );
         }
         groups.push((format!("sharding.groups[{i}]"), g.clone()));
@@ -334,7 +341,10 @@ fn validate_sharding(c: &Config, file: &str) -> Result<(), ConfigError> {
 }
 
 fn is_uuid(s: &str) -> bool {
-    let hex: String = s.chars().filter(|c| *c != '-' && *c != '{' && *c != '}').collect();
+    let hex: String = s
+        .chars()
+        .filter(|c| *c != '-' && *c != '{' && *c != '}')
+        .collect();
     hex.len() == 32 && hex.chars().all(|c| c.is_ascii_hexdigit())
 }
 

@@ -420,26 +420,22 @@ impl LocalCluster {
     /// Runs SQL as the superuser over the node's Unix socket; returns unaligned rows.
     /// Statements run one by one (not in one transaction), stopping at the first error.
     pub fn psql(&self, node: &NodeInfo, database: &str, sql: &str) -> Result<String> {
+        let socket = node.socket_dir.display().to_string();
+        let port = node.port.to_string();
+        let args = ["-U", "postgres", "-h", &socket, "-p", &port, "-d", database];
+        self.run_psql(&args, sql, &format!("psql on {}", node.name))
+    }
+
+    /// Runs SQL through psql with a connection URL (e.g. through the proxy).
+    pub fn psql_url(&self, url: &str, sql: &str) -> Result<String> {
+        self.run_psql(&["-d", url], sql, "psql through the proxy")
+    }
+
+    fn run_psql(&self, target: &[&str], sql: &str, what: &str) -> Result<String> {
         use std::io::Write;
         let mut child = Command::new(self.bin.bindir.join("psql"))
-            .args([
-                "-X",
-                "-q",
-                "-A",
-                "-t",
-                "-v",
-                "ON_ERROR_STOP=1",
-                "-U",
-                "postgres",
-                "-f",
-                "-",
-            ])
-            .arg("-h")
-            .arg(&node.socket_dir)
-            .arg("-p")
-            .arg(node.port.to_string())
-            .arg("-d")
-            .arg(database)
+            .args(["-X", "-q", "-A", "-t", "-v", "ON_ERROR_STOP=1", "-f", "-"])
+            .args(target)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())
@@ -448,7 +444,7 @@ impl LocalCluster {
         if let Some(mut stdin) = child.stdin.take() {
             stdin.write_all(sql.as_bytes())?;
         }
-        let out = check(child.wait_with_output()?, &format!("psql on {}", node.name))?;
+        let out = check(child.wait_with_output()?, what)?;
         Ok(String::from_utf8_lossy(&out.stdout).trim().to_string())
     }
 

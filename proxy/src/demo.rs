@@ -1,6 +1,7 @@
-//! `shardline demo`: a zero-setup start. One shard (a primary and a streaming
-//! replica) from the local Postgres binaries, a demo user and database with a
-//! little data, and the proxy in front, until Ctrl-C.
+//! `shardline demo`: a zero-setup start. Two shards (s0 and s1, each a
+//! primary and two streaming replicas) from the local Postgres binaries, a
+//! demo user and database, a sharded schema loaded through the proxy, and the
+//! proxy in front, until Ctrl-C.
 
 use crate::cluster::{ClusterSpec, LocalCluster};
 use crate::Proxy;
@@ -12,29 +13,80 @@ pub const DEMO_USER: &str = "app";
 pub const DEMO_PASSWORD: &str = "app";
 pub const DEMO_DATABASE: &str = "app";
 
-const DEMO_DATA: &str = "
+/// The demo's sharding: users by id, orders co-located by user_id,
+/// countries copied to every shard.
+pub const DEMO_SHARDING: &str = r#"
+[sharding]
+function = "consistent"
+
+[[sharding.tables]]
+name = "users"
+column = "id"
+
+[[sharding.tables]]
+name = "orders"
+column = "user_id"
+
+[[reference_tables]]
+name = "countries"
+"#;
+
+/// The schema, created through the proxy (DDL reaches every shard).
+const DEMO_SCHEMA: &str = "
 CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, country text, created_at timestamptz NOT NULL DEFAULT now());
 CREATE TABLE orders (id bigint, user_id bigint NOT NULL, amount numeric(12,2) NOT NULL, created_at timestamptz NOT NULL DEFAULT now(), PRIMARY KEY (user_id, id));
-INSERT INTO users SELECT i, 'user ' || i, (ARRAY['FR','DE','US','JP','BR'])[1 + i % 5], now() - i * interval '1 hour' FROM generate_series(1, 1000) i;
-INSERT INTO orders SELECT i, 1 + i % 1000, (i % 500) + 0.99, now() - i * interval '1 minute' FROM generate_series(1, 5000) i;
-ALTER TABLE users OWNER TO app;
-ALTER TABLE orders OWNER TO app;
+CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
 ";
 
-/// Creates the demo role, database and data on a cluster's first primary.
+/// Creates the demo role and database on every primary.
 pub fn load_demo(cluster: &LocalCluster) -> Result<()> {
-    let p = cluster.primary(0);
-    cluster.psql(
-        p,
-        "postgres",
-        &format!("CREATE ROLE {DEMO_USER} LOGIN PASSWORD '{DEMO_PASSWORD}'"),
+    for p in cluster.nodes.iter().filter(|n| n.is_primary) {
+        cluster.psql(
+            p,
+            "postgres",
+            &format!("CREATE ROLE {DEMO_USER} LOGIN PASSWORD '{DEMO_PASSWORD}'"),
+        )?;
+        cluster.psql(
+            p,
+            "postgres",
+            &format!("CREATE DATABASE {DEMO_DATABASE} OWNER {DEMO_USER}"),
+        )?;
+    }
+    Ok(())
+}
+
+/// Loads the demo schema and data through the proxy: the users in one
+/// multi-row INSERT (split by shard), the orders by COPY (split by row), the
+/// countries on every shard.
+pub fn load_through_proxy(cluster: &LocalCluster, port: u16) -> Result<()> {
+    let url = format!("postgres://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{port}/{DEMO_DATABASE}");
+    cluster.psql_url(&url, DEMO_SCHEMA)?;
+    cluster.psql_url(
+        &url,
+        "INSERT INTO countries (code, name) VALUES ('FR', 'France'), ('DE', 'Germany'), ('US', 'United States'), ('JP', 'Japan'), ('BR', 'Brazil');",
     )?;
-    cluster.psql(
-        p,
-        "postgres",
-        &format!("CREATE DATABASE {DEMO_DATABASE} OWNER {DEMO_USER}"),
+    let countries = ["FR", "DE", "US", "JP", "BR"];
+    let users: Vec<String> = (1..=1000)
+        .map(|i| {
+            format!(
+                "({i}, 'user {i}', '{}', now() - interval '{i} hours')",
+                countries[i % 5]
+            )
+        })
+        .collect();
+    cluster.psql_url(
+        &url,
+        &format!(
+            "INSERT INTO users (id, name, country, created_at) VALUES {};",
+            users.join(", ")
+        ),
     )?;
-    cluster.psql(p, DEMO_DATABASE, DEMO_DATA)?;
+    let mut copy = String::from("COPY orders (id, user_id, amount) FROM STDIN;\n");
+    for i in 1..=5000 {
+        copy.push_str(&format!("{i}\t{}\t{}.99\n", 1 + i % 1000, i % 500));
+    }
+    copy.push_str("\\.\n");
+    cluster.psql_url(&url, &copy)?;
     Ok(())
 }
 
@@ -45,6 +97,13 @@ pub fn config_for(cluster: &LocalCluster, listen_port: u16) -> String {
          [[users]]\nname = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\ndatabase = \"{DEMO_DATABASE}\"\n\n"
     );
     toml.push_str(&shards_toml(cluster));
+    if cluster
+        .nodes
+        .iter()
+        .any(|n| n.shard != cluster.nodes[0].shard)
+    {
+        toml.push_str(DEMO_SHARDING);
+    }
     toml
 }
 
@@ -79,7 +138,7 @@ pub fn shards_toml(cluster: &LocalCluster) -> String {
 pub async fn run(port: u16) -> Result<()> {
     let cluster = tokio::task::spawn_blocking(|| -> Result<LocalCluster> {
         let c = LocalCluster::start(&ClusterSpec {
-            shards: 1,
+            shards: 2,
             replicas_per_shard: 2,
         })?;
         load_demo(&c)?;
@@ -95,19 +154,31 @@ pub async fn run(port: u16) -> Result<()> {
     let proxy = Proxy::start(config).await.with_context(|| {
         format!("starting the proxy on port {port} (use --port to pick another)")
     })?;
-    let p = cluster.primary(0);
-    let replicas: Vec<String> = cluster
-        .nodes
-        .iter()
-        .filter(|n| !n.is_primary)
-        .map(|n| format!("127.0.0.1:{}", n.port))
-        .collect();
+    let listen = proxy.local_addr.port();
+    let cluster = tokio::task::spawn_blocking(move || -> Result<LocalCluster> {
+        load_through_proxy(&cluster, listen)?;
+        cluster.wait_replicas_caught_up(Duration::from_secs(30))?;
+        Ok(cluster)
+    })
+    .await??;
     println!();
     println!("Shardline demo is running.");
+    for p in cluster.nodes.iter().filter(|n| n.is_primary) {
+        let replicas: Vec<String> = cluster
+            .nodes
+            .iter()
+            .filter(|n| !n.is_primary && n.shard == p.shard)
+            .map(|n| format!("127.0.0.1:{}", n.port))
+            .collect();
+        println!(
+            "  shard {}: primary 127.0.0.1:{} and streaming replicas {}",
+            p.shard,
+            p.port,
+            replicas.join(", ")
+        );
+    }
     println!(
-        "  shard s0: primary 127.0.0.1:{} and streaming replicas {}",
-        p.port,
-        replicas.join(", ")
+        "  users are sharded by id, orders by user_id (co-located), countries is on every shard"
     );
     if is_root() {
         println!("  (running as root: the Postgres servers run as the 'postgres' user)");
@@ -120,9 +191,15 @@ pub async fn run(port: u16) -> Result<()> {
         proxy.local_addr.port()
     );
     println!();
-    println!("See which node answers (reads rotate over the replicas; writes go to the primary):");
-    println!("  SELECT inet_server_port(), pg_is_in_recovery();");
+    println!(
+        "See which shard and node answers (reads go to replicas, writes to the key's primary):"
+    );
+    println!("  SELECT inet_server_port(), pg_is_in_recovery(), * FROM users WHERE id = 42;");
+    println!(
+        "  SELECT u.name, o.amount FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = 42;"
+    );
     println!("  INSERT INTO users (id, name) VALUES (1001, 'me') RETURNING inet_server_port();");
+    println!("  SELECT inet_server_port(), count(*) FROM users WHERE id = 7 GROUP BY 1;");
     println!("(Right after a write, your reads go to the primary until the replicas have replayed it: read-your-writes.)");
     println!();
     println!("Press Ctrl-C to stop and remove everything.");

@@ -34,9 +34,9 @@ pub struct UserEntry {
     pub secret: auth::Secret,
     pub mode: PoolMode,
     pub pools: Arc<PoolSet>,
-    /// Read-your-writes, shared by all of this user's connections (an
-    /// application's pool writes on one connection and reads on another).
-    pub ryw: ReadYourWritesState,
+    /// Read-your-writes per shard, shared by all of this user's connections
+    /// (an application's pool writes on one connection and reads on another).
+    pub ryw: Vec<ReadYourWritesState>,
 }
 
 /// Where the user's last write left the primary, for read-your-writes.
@@ -62,6 +62,10 @@ pub struct Shared {
     pub topology: Arc<health::Topology>,
     /// Read/write classification with its cache (shared by all sessions).
     pub router: std::sync::Mutex<shardline_router::Router>,
+    /// Shard placement, when there are several shards.
+    pub sharding: Option<Arc<shardline_router::sharding::Sharding>>,
+    /// Turns for reference-table reads spread over shards.
+    pub spread: AtomicU64,
     /// Time spent routing statements (lookup, parse, classify), in ns.
     pub route_nanos: AtomicU64,
     pub balancing: Balancing,
@@ -112,14 +116,6 @@ fn router_options(c: &shardline_config::RoutingConfig) -> shardline_router::Opti
 
 impl Shared {
     pub fn from_config(config: &Config) -> Result<Shared> {
-        if config.shards.len() > 1 {
-            // Routing by sharding key is not built yet; using only the first
-            // shard would silently return partial results.
-            anyhow::bail!(
-                "{} shards are configured, but this version routes to a single shard; configure exactly one [[shards]] entry",
-                config.shards.len()
-            );
-        }
         let server_tls = match config.pool.server_tls {
             shardline_config::ServerTlsMode::Disable => None,
             _ => Some(tls::connector(config.pool.server_tls_ca.as_deref())?),
@@ -193,10 +189,12 @@ impl Shared {
                 secret,
                 mode: u.pool_mode.unwrap_or(config.proxy.pool_mode),
                 pools: Arc::new(PoolSet { shards }),
-                ryw: ReadYourWritesState::default(),
+                ryw: config.shards.iter().map(|_| Default::default()).collect(),
             };
             users.insert((u.name.clone(), u.database.clone()), Arc::new(entry));
         }
+        let sharding = (config.shards.len() > 1)
+            .then(|| Arc::new(shardline_router::sharding::Sharding::from_config(config)));
         let tls = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
@@ -213,7 +211,10 @@ impl Shared {
             router: std::sync::Mutex::new(shardline_router::Router::new(
                 router_options(&config.routing),
                 config.routing.cache_size,
+                sharding.clone(),
             )),
+            sharding,
+            spread: AtomicU64::new(0),
             route_nanos: AtomicU64::new(0),
             balancing: Balancing::from_config(&config.load_balancing),
             ban_time: config.health.ban_time,
@@ -440,31 +441,4 @@ pub fn init_logging(format: shardline_config::LogFormat) {
         shardline_config::LogFormat::Json => builder.json().try_init(),
         shardline_config::LogFormat::Text => builder.try_init(),
     };
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn several_shards_are_refused_until_routing_exists() {
-        let text = r#"
-            [[users]]
-            name = "a"
-            auth = "trust"
-            database = "a"
-            [[shards]]
-            name = "s0"
-            primary = { host = "127.0.0.1", port = 1 }
-            [[shards]]
-            name = "s1"
-            primary = { host = "127.0.0.1", port = 2 }
-        "#;
-        let config = Config::from_toml(text, "t.toml").unwrap();
-        let err = Shared::from_config(&config)
-            .err()
-            .expect("refused")
-            .to_string();
-        assert!(err.contains("2 shards are configured"), "{err}");
-    }
 }

@@ -145,13 +145,18 @@ pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>)
         let mut templates: Vec<Template> = match &parsed {
             Ok(statements) if !statements.is_empty() => {
                 let consts = Constants::new(sql);
-                statements.iter().map(|s| analyze(s, sql, &consts, sh)).collect()
+                statements
+                    .iter()
+                    .map(|s| analyze(s, sql, &consts, sh))
+                    .collect()
             }
             Ok(_) => vec![],
-            Err(e) => vec![analyze_unparsed(sql, &e.to_string())],
+            Err(e) => vec![analyze_unparsed(sql, &e.to_string(), sh)],
         };
         if let Some(first) = templates.first_mut() {
-            first.hint = hint.clone().filter(|h| h.shard.is_some() || h.key.is_some());
+            first.hint = hint
+                .clone()
+                .filter(|h| h.shard.is_some() || h.key.is_some());
         }
         Arc::from(templates)
     });

@@ -209,7 +209,12 @@ mod tests {
         ] {
             assert_eq!(parse_uuid(s), a, "{s}");
         }
-        for s in ["", "a0eebc99", "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1g", "-a0eebc999c0b4ef8bb6d6bb9bd380a11"] {
+        for s in [
+            "",
+            "a0eebc99",
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a1g",
+            "-a0eebc999c0b4ef8bb6d6bb9bd380a11",
+        ] {
             assert_eq!(parse_uuid(s), None, "{s}");
         }
     }

@@ -82,7 +82,12 @@ pub enum SessionSetting {
 /// the setting, or `None` if the statement is not one of them.
 pub fn session_setting(stmt: &str) -> Option<SessionSetting> {
     let tokens: Vec<_> = Lexer::new(stmt).take(10).collect();
-    let w = |i: usize| tokens.get(i).map(|t| t.text.to_ascii_lowercase()).unwrap_or_default();
+    let w = |i: usize| {
+        tokens
+            .get(i)
+            .map(|t| t.text.to_ascii_lowercase())
+            .unwrap_or_default()
+    };
     let (set, at) = match (w(0).as_str(), w(1).as_str()) {
         ("set", "session") => (true, 2),
         ("set", _) => (true, 1),
@@ -154,7 +159,10 @@ mod tests {
             "only leading comments count"
         );
         let h = leading_hint("/* shardline: shard=s1, key='it''s' */ SELECT 1").unwrap();
-        assert_eq!((h.shard.as_deref(), h.key.as_deref()), (Some("s1"), Some("it's")));
+        assert_eq!(
+            (h.shard.as_deref(), h.key.as_deref()),
+            (Some("s1"), Some("it's"))
+        );
         assert_eq!(leading_hint("/* shardline: colour=red */ SELECT 1"), None);
         assert_eq!(leading_hint("/* unterminated"), None);
     }
@@ -178,12 +186,30 @@ mod tests {
     #[test]
     fn session_settings() {
         use SessionSetting::*;
-        assert_eq!(session_setting("SET shardline.shard = s1"), Some(Shard(Some("s1".into()))));
-        assert_eq!(session_setting("set shardline.shard to 'auto'"), Some(Shard(None)));
-        assert_eq!(session_setting("RESET shardline.sharding_key"), Some(Key(None)));
-        assert_eq!(session_setting("SET shardline.sharding_key = '42'"), Some(Key(Some("42".into()))));
-        assert_eq!(session_setting("SET shardline.sharding_key = 42"), Some(Key(Some("42".into()))));
-        assert_eq!(session_setting("SET shardline.role = replica"), Some(Role(Some(RoleHint::Replica))));
+        assert_eq!(
+            session_setting("SET shardline.shard = s1"),
+            Some(Shard(Some("s1".into())))
+        );
+        assert_eq!(
+            session_setting("set shardline.shard to 'auto'"),
+            Some(Shard(None))
+        );
+        assert_eq!(
+            session_setting("RESET shardline.sharding_key"),
+            Some(Key(None))
+        );
+        assert_eq!(
+            session_setting("SET shardline.sharding_key = '42'"),
+            Some(Key(Some("42".into())))
+        );
+        assert_eq!(
+            session_setting("SET shardline.sharding_key = 42"),
+            Some(Key(Some("42".into())))
+        );
+        assert_eq!(
+            session_setting("SET shardline.role = replica"),
+            Some(Role(Some(RoleHint::Replica)))
+        );
         assert_eq!(session_setting("SET shardline.colour = red"), None);
         assert_eq!(session_setting("SET shardline.shard = s1, s2"), None);
     }

@@ -207,6 +207,20 @@ pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
         .collect()
 }
 
+/// Statements Postgres refuses inside a transaction block (VACUUM, CREATE
+/// DATABASE, ... CONCURRENTLY, ALTER SYSTEM): never wrapped in one.
+pub fn refuses_transaction_block(sql: &str) -> bool {
+    let words = leading_words(sql, 5);
+    let w = |i: usize| words.get(i).map(String::as_str).unwrap_or("");
+    match w(0) {
+        "vacuum" | "checkpoint" => true,
+        "create" | "drop" if w(1) == "database" || w(1) == "tablespace" => true,
+        "alter" if w(1) == "system" => true,
+        "create" | "drop" | "reindex" | "refresh" => words.iter().any(|x| x == "concurrently"),
+        _ => false,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -87,7 +87,9 @@ fn push_arc(out: &mut Vec<(u64, u64, usize)>, start: u64, end: u64, shard: usize
 pub enum Function {
     Ring(Ring),
     /// Row hash modulo the shard count.
-    PgHash { shards: usize },
+    PgHash {
+        shards: usize,
+    },
     /// `(from, to, shard)`: keys in `from..to`.
     Range(Vec<(i64, i64, usize)>),
     List(HashMap<KeyValue, usize>),
@@ -112,13 +114,16 @@ impl Group {
         match &self.function {
             // NULL hashes as 0, as native partitioning's row hash does.
             Function::Ring(r) => Ok(r.shard_of_hash(key.map_or(0, KeyValue::hash))),
-            Function::PgHash { shards } => {
-                Ok((hash::row_hash([key]) % *shards as u64) as usize)
-            }
+            Function::PgHash { shards } => Ok((hash::row_hash([key]) % *shards as u64) as usize),
             Function::Range(ranges) => {
                 let v = match key {
                     Some(KeyValue::Int(v)) => *v,
-                    _ => return Err(format!("no range of group {} holds key {key:?}", self.label())),
+                    _ => {
+                        return Err(format!(
+                            "no range of group {} holds key {key:?}",
+                            self.label()
+                        ))
+                    }
                 };
                 ranges
                     .iter()
@@ -159,7 +164,9 @@ impl Group {
                 8 => Some(KeyValue::Int(i64::from_be_bytes(b.try_into().ok()?))),
                 _ => None,
             },
-            KeyType::Text => std::str::from_utf8(b).ok().map(|s| KeyValue::Text(s.into())),
+            KeyType::Text => std::str::from_utf8(b)
+                .ok()
+                .map(|s| KeyValue::Text(s.into())),
             KeyType::Uuid => b.try_into().ok().map(KeyValue::Uuid),
         }
     }
@@ -259,11 +266,7 @@ impl Sharding {
             .map(|t| t.name.to_ascii_lowercase())
             .collect();
         Sharding {
-            default_shard: c
-                .sharding
-                .default_shard
-                .as_deref()
-                .map_or(0, index),
+            default_shard: c.sharding.default_shard.as_deref().map_or(0, index),
             shard_names,
             groups,
             tables,

@@ -19,8 +19,8 @@ use crate::hint::Hint;
 use crate::sharding::{mask_of, ShardMask, Sharding, TableKind};
 use sqlparser::ast::{
     BinaryOperator, CopySource, Expr, FromTable, GroupByExpr, ObjectName, ObjectNamePart,
-    OnConflictAction, OnInsert, Query, SelectItem, SetExpr, Statement, TableFactor,
-    TableObject, TableWithJoins, UnaryOperator, Value, Visit, Visitor,
+    OnConflictAction, OnInsert, Query, SelectItem, SetExpr, Statement, TableFactor, TableObject,
+    TableWithJoins, UnaryOperator, Value, Visit, Visitor,
 };
 use std::ops::ControlFlow;
 
@@ -29,7 +29,10 @@ use std::ops::ControlFlow;
 pub enum KeySrc {
     /// The n-th constant of the statement text (0-based, in the order the
     /// parse cache's `shape` finds them); `negative` for `-5`.
-    Const { ordinal: u16, negative: bool },
+    Const {
+        ordinal: u16,
+        negative: bool,
+    },
     /// Bound parameter `$n` (1-based).
     Param(u16),
     Null,
@@ -195,8 +198,20 @@ pub fn analyze(stmt: &Statement, sql: &str, consts: &Constants, sh: &Sharding) -
 /// The template for a statement sqlparser could not read: utility commands
 /// recognised by their first keyword go to every shard; anything else can
 /// only run where a hint sends it.
-pub fn analyze_unparsed(sql: &str, error: &str) -> Template {
+pub fn analyze_unparsed(sql: &str, error: &str, sh: &Sharding) -> Template {
     let first = crate::lexer::first_keyword(sql).to_ascii_lowercase();
+    if first == "copy" {
+        // COPY with options sqlparser does not know (FREEZE ...): placed by
+        // its table when that table lives on one shard.
+        let words = crate::lexer::leading_words(sql, 4);
+        let mut table = words.get(1).cloned().unwrap_or_default();
+        if words.get(2).map(String::as_str) == Some(".") {
+            table = format!("{table}.{}", words.get(3).cloned().unwrap_or_default());
+        }
+        if !table.is_empty() && table != "(" && sh.table(&table) == TableKind::Unsharded {
+            return Template::new(Scope::Default, true);
+        }
+    }
     match first.as_str() {
         "do" | "vacuum" | "analyze" | "analyse" | "reindex" | "cluster" | "refresh"
         | "checkpoint" | "create" | "alter" | "drop" | "comment" | "grant" | "revoke"
@@ -239,16 +254,44 @@ fn lower_name(n: &ObjectName) -> String {
 }
 
 fn is_catalog(name: &str) -> bool {
-    name.starts_with("pg_") || name.starts_with("pg_catalog.") || name.starts_with("information_schema.")
+    name.starts_with("pg_")
+        || name.starts_with("pg_catalog.")
+        || name.starts_with("information_schema.")
 }
 
 /// Aggregate functions: a SELECT using one reads a global value.
 const AGGREGATES: &[&str] = &[
-    "count", "sum", "min", "max", "avg", "array_agg", "string_agg", "bool_and", "bool_or",
-    "every", "bit_and", "bit_or", "json_agg", "jsonb_agg", "json_object_agg", "jsonb_object_agg",
-    "stddev", "stddev_pop", "stddev_samp", "variance", "var_pop", "var_samp", "xmlagg",
-    "percentile_cont", "percentile_disc", "mode", "corr", "covar_pop", "covar_samp",
-    "regr_count", "range_agg",
+    "count",
+    "sum",
+    "min",
+    "max",
+    "avg",
+    "array_agg",
+    "string_agg",
+    "bool_and",
+    "bool_or",
+    "every",
+    "bit_and",
+    "bit_or",
+    "json_agg",
+    "jsonb_agg",
+    "json_object_agg",
+    "jsonb_object_agg",
+    "stddev",
+    "stddev_pop",
+    "stddev_samp",
+    "variance",
+    "var_pop",
+    "var_samp",
+    "xmlagg",
+    "percentile_cont",
+    "percentile_disc",
+    "mode",
+    "corr",
+    "covar_pop",
+    "covar_samp",
+    "regr_count",
+    "range_agg",
 ];
 
 /// Finds aggregates and window functions in a SELECT's projection.
@@ -271,7 +314,10 @@ impl Visitor for MergeFinder {
                 return ControlFlow::Break(());
             }
         }
-        if matches!(e, Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. }) {
+        if matches!(
+            e,
+            Expr::Subquery(_) | Expr::Exists { .. } | Expr::InSubquery { .. }
+        ) {
             // Subqueries are judged by the tables they read, not here.
             return ControlFlow::Continue(());
         }
@@ -308,10 +354,7 @@ fn relations<V: Visit>(node: &V) -> Vec<String> {
     };
     let _ = node.visit(&mut r);
     let ctes = r.ctes;
-    r.names
-        .into_iter()
-        .filter(|n| !ctes.contains(n))
-        .collect()
+    r.names.into_iter().filter(|n| !ctes.contains(n)).collect()
 }
 
 impl Analyzer<'_> {
@@ -321,14 +364,14 @@ impl Analyzer<'_> {
             Statement::Insert(ins) => self.insert(ins, stmt),
             Statement::Update(u) => {
                 let mut rels = Vec::new();
-                self.from_item(&u.table, &mut rels);
+                self.add_from(&u.table, &mut rels);
                 if let Some(from) = &u.from {
                     let tables = match from {
                         sqlparser::ast::UpdateTableFromKind::BeforeSet(t)
                         | sqlparser::ast::UpdateTableFromKind::AfterSet(t) => t,
                     };
                     for t in tables {
-                        self.from_item(t, &mut rels);
+                        self.add_from(t, &mut rels);
                     }
                 }
                 let mut assigned = Vec::new();
@@ -350,7 +393,7 @@ impl Analyzer<'_> {
                     FromTable::WithFromKeyword(t) | FromTable::WithoutKeyword(t) => t,
                 };
                 for t in from.iter().chain(d.using.iter().flatten()) {
-                    self.from_item(t, &mut rels);
+                    self.add_from(t, &mut rels);
                 }
                 self.dml(stmt, &rels, d.selection.as_ref(), &[])
             }
@@ -367,7 +410,11 @@ impl Analyzer<'_> {
                 Template::new(scope, true)
             }
             Statement::Copy {
-                source, to, options, legacy_options, ..
+                source,
+                to,
+                options,
+                legacy_options,
+                ..
             } => self.copy(stmt, source, *to, options, legacy_options),
             Statement::Explain { statement, .. } => {
                 let mut t = self.statement(statement);
@@ -375,9 +422,11 @@ impl Analyzer<'_> {
                 t.needs_merge = None;
                 t
             }
-            Statement::CreateTable(c) if c.query.is_some() => Template::refused(
-                Refusal::unsupported("CREATE TABLE ... AS across shards: create the table, then fill it with INSERT"),
-            ),
+            Statement::CreateTable(c) if c.query.is_some() => {
+                Template::refused(Refusal::unsupported(
+                    "CREATE TABLE ... AS across shards: create the table, then fill it with INSERT",
+                ))
+            }
             Statement::StartTransaction { .. }
             | Statement::Commit { .. }
             | Statement::Rollback { .. }
@@ -401,10 +450,13 @@ impl Analyzer<'_> {
     }
 
     /// Adds a FROM item's tables (and joins) to `rels`.
-    fn from_item(&self, t: &TableWithJoins, rels: &mut Vec<Rel>) {
+    fn add_from(&self, t: &TableWithJoins, rels: &mut Vec<Rel>) {
         let mut add = |f: &TableFactor| {
             if let TableFactor::Table {
-                name, alias, args: None, ..
+                name,
+                alias,
+                args: None,
+                ..
             } = f
             {
                 let n = lower_name(name);
@@ -456,13 +508,14 @@ impl Analyzer<'_> {
                 Value::Number(..)
                 | Value::SingleQuotedString(_)
                 | Value::EscapedStringLiteral(_)
-                | Value::DollarQuotedString(_) => self
-                    .consts
-                    .ordinal(self.sql, v.span)
-                    .map_or(KeySrc::Unknown, |ordinal| KeySrc::Const {
-                        ordinal,
-                        negative: false,
-                    }),
+                | Value::DollarQuotedString(_) => {
+                    self.consts
+                        .ordinal(self.sql, v.span)
+                        .map_or(KeySrc::Unknown, |ordinal| KeySrc::Const {
+                            ordinal,
+                            negative: false,
+                        })
+                }
                 _ => KeySrc::Unknown,
             },
             Expr::UnaryOp {
@@ -498,17 +551,15 @@ impl Analyzer<'_> {
                         self.key_expr(right, rels, &mut ignored),
                     ])
                 }
-                BinaryOperator::Eq => {
-                    match (self.key_ref(left, rels), self.key_ref(right, rels)) {
-                        (Some(a), Some(b)) => {
-                            links.push((a, b));
-                            KeyExpr::All
-                        }
-                        (Some(_), None) => self.keys(&[right]),
-                        (None, Some(_)) => self.keys(&[left]),
-                        (None, None) => KeyExpr::All,
+                BinaryOperator::Eq => match (self.key_ref(left, rels), self.key_ref(right, rels)) {
+                    (Some(a), Some(b)) => {
+                        links.push((a, b));
+                        KeyExpr::All
                     }
-                }
+                    (Some(_), None) => self.keys(&[right]),
+                    (None, Some(_)) => self.keys(&[left]),
+                    (None, None) => KeyExpr::All,
+                },
                 _ => KeyExpr::All,
             },
             Expr::InList {
@@ -643,10 +694,7 @@ impl Analyzer<'_> {
             component[ra] = rb;
         }
         let first = root(&mut component, sharded[0]);
-        if let Some(&other) = sharded
-            .iter()
-            .find(|&&i| root(&mut component, i) != first)
-        {
+        if let Some(&other) = sharded.iter().find(|&&i| root(&mut component, i) != first) {
             return Err(Refusal::unsupported(format!(
                 "tables \"{}\" and \"{}\" are joined on something other than their sharding keys, so matching rows may be on different shards",
                 rels[sharded[0]].name, rels[other].name
@@ -675,16 +723,23 @@ impl Analyzer<'_> {
         match &*q.body {
             SetExpr::Select(sel) => {
                 for t in &sel.from {
-                    self.from_item(t, &mut rels);
+                    self.add_from(t, &mut rels);
                     for j in &t.joins {
                         use sqlparser::ast::JoinOperator as J;
                         let (c, inner) = match &j.join_operator {
                             J::Join(c) | J::Inner(c) => (c, true),
-                            J::Left(c) | J::LeftOuter(c) | J::Right(c) | J::RightOuter(c)
-                            | J::FullOuter(c) | J::CrossJoin(c) | J::Semi(c) | J::LeftSemi(c)
-                            | J::RightSemi(c) | J::Anti(c) | J::LeftAnti(c) | J::RightAnti(c) => {
-                                (c, false)
-                            }
+                            J::Left(c)
+                            | J::LeftOuter(c)
+                            | J::Right(c)
+                            | J::RightOuter(c)
+                            | J::FullOuter(c)
+                            | J::CrossJoin(c)
+                            | J::Semi(c)
+                            | J::LeftSemi(c)
+                            | J::RightSemi(c)
+                            | J::Anti(c)
+                            | J::LeftAnti(c)
+                            | J::RightAnti(c) => (c, false),
                             _ => continue,
                         };
                         if let sqlparser::ast::JoinConstraint::On(e) = c {
@@ -762,9 +817,11 @@ impl Analyzer<'_> {
                         "INSERT into sharded table \"{table}\" reads table \"{other}\"; the proxy splits only INSERT ... VALUES"
                     )));
                 }
-                let Some(pos) = ins.columns.iter().position(|c| {
-                    lower_name(c).rsplit('.').next() == Some(rule.column.as_str())
-                }) else {
+                let Some(pos) = ins
+                    .columns
+                    .iter()
+                    .position(|c| lower_name(c).rsplit('.').next() == Some(rule.column.as_str()))
+                else {
                     let why = if ins.columns.is_empty() {
                         "name its columns"
                     } else {
@@ -786,7 +843,11 @@ impl Analyzer<'_> {
                 };
                 let keys: Vec<KeySrc> = rows
                     .iter()
-                    .map(|r| r.content.get(pos).map_or(KeySrc::Unknown, |e| self.value_src(e)))
+                    .map(|r| {
+                        r.content
+                            .get(pos)
+                            .map_or(KeySrc::Unknown, |e| self.value_src(e))
+                    })
                     .collect();
                 if keys.contains(&KeySrc::Unknown) {
                     return Template::refused(Refusal::unsupported(format!(
@@ -821,9 +882,11 @@ impl Analyzer<'_> {
                 )
             }
             TableKind::Reference => {
-                if let Some(other) = all.iter().skip(1).find(|n| {
-                    !is_catalog(n) && self.sh.table(n) != TableKind::Reference
-                }) {
+                if let Some(other) = all
+                    .iter()
+                    .skip(1)
+                    .find(|n| !is_catalog(n) && self.sh.table(n) != TableKind::Reference)
+                {
                     return Template::refused(Refusal::unsupported(format!(
                         "INSERT into reference table \"{table}\" reads table \"{other}\", which is not on every shard"
                     )));
@@ -985,7 +1048,14 @@ impl Analyzer<'_> {
             }
         }
         if c.csv {
-            if c.delimiter == b'\t' && !options.iter().any(|o| matches!(o, CopyOption::Delimiter(_))) && !legacy.iter().any(|o| matches!(o, CopyLegacyOption::Delimiter(_))) {
+            if c.delimiter == b'\t'
+                && !options
+                    .iter()
+                    .any(|o| matches!(o, CopyOption::Delimiter(_)))
+                && !legacy
+                    .iter()
+                    .any(|o| matches!(o, CopyLegacyOption::Delimiter(_)))
+            {
                 c.delimiter = b',';
             }
             if !explicit_null {
@@ -1018,12 +1088,15 @@ pub enum Placement {
     Refused(Refusal),
 }
 
+/// A bound parameter: format (1 is binary) and value (`None` is NULL).
+pub type Param<'a> = (i16, Option<&'a [u8]>);
+
 /// The values a statement's keys are read from.
 pub struct KeyInput<'a> {
     /// The statement text (for constants).
     pub sql: &'a str,
     /// Bound parameters: `(format, value)`; format 1 is binary.
-    pub params: &'a [(i16, Option<&'a [u8]>)],
+    pub params: &'a [Param<'a>],
     /// The session's `shardline.shard` / `shardline.sharding_key`.
     pub session_shard: Option<&'a str>,
     pub session_key: Option<&'a str>,
@@ -1032,7 +1105,9 @@ pub struct KeyInput<'a> {
 /// The placement of a statement from its template and key values.
 pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
     let hint = t.hint.as_ref();
-    let shard_hint = hint.and_then(|h| h.shard.as_deref()).or(input.session_shard);
+    let shard_hint = hint
+        .and_then(|h| h.shard.as_deref())
+        .or(input.session_shard);
     if let Some(name) = shard_hint {
         return match sh.shard_index(name) {
             Some(i) => Placement::One(i),
@@ -1061,7 +1136,10 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
                 }),
                 None => Placement::Refused(Refusal {
                     code: "22P02",
-                    message: format!("sharding key hint \"{k}\" is not a valid {:?} key", g.key_type),
+                    message: format!(
+                        "sharding key hint \"{k}\" is not a valid {:?} key",
+                        g.key_type
+                    ),
                 }),
             };
         }
@@ -1120,7 +1198,7 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
         Placement::Many(_) if t.copy_in.is_some() => Placement::CopySplit(sh.all_shards()),
         Placement::Many(_) if !t.write => match t.needs_merge {
             Some(construct) => Placement::Refused(Refusal::unsupported(format!(
-                "{construct} over rows from several shards needs a merge the proxy does not do yet; add the sharding key to the WHERE clause or a /* shardline: shard=NAME */ comment"
+                "cannot merge {construct} across shards yet; add the sharding key to the WHERE clause, or a /* shardline: shard=NAME */ comment"
             ))),
             None => placement,
         },
@@ -1157,11 +1235,7 @@ fn key_value(
         }
         KeySrc::Const { ordinal, negative } => {
             let text = constant_text(input.sql, ordinal as usize).ok_or(())?;
-            let text = if negative {
-                format!("-{text}")
-            } else {
-                text
-            };
+            let text = if negative { format!("-{text}") } else { text };
             g.key_from_text(&text).map(Some).ok_or(())
         }
     }
@@ -1187,8 +1261,8 @@ pub fn constant_text(sql: &str, n: usize) -> Option<String> {
         } else {
             body.replace("''", "'")
         }
-    } else if raw.starts_with('$') {
-        let tag_end = raw[1..].find('$').map_or(raw.len(), |p| p + 2);
+    } else if let Some(after) = raw.strip_prefix('$') {
+        let tag_end = after.find('$').map_or(raw.len(), |p| p + 2);
         let body_end = raw.len().saturating_sub(tag_end);
         raw.get(tag_end..body_end).unwrap_or_default().to_string()
     } else {
@@ -1274,9 +1348,14 @@ fn key_mask(
 }
 
 /// Elements of an array parameter, text (`{1,2,"x"}`) or binary format.
-fn array_elements(format: i16, v: &[u8], g: &crate::sharding::Group) -> Option<Vec<Option<KeyValue>>> {
+fn array_elements(
+    format: i16,
+    v: &[u8],
+    g: &crate::sharding::Group,
+) -> Option<Vec<Option<KeyValue>>> {
     if format == 1 {
-        let int = |b: &[u8]| -> Option<i32> { Some(i32::from_be_bytes(b.get(..4)?.try_into().ok()?)) };
+        let int =
+            |b: &[u8]| -> Option<i32> { Some(i32::from_be_bytes(b.get(..4)?.try_into().ok()?)) };
         let ndim = int(v)?;
         if ndim == 0 {
             return Some(Vec::new());
@@ -1311,7 +1390,11 @@ fn array_elements(format: i16, v: &[u8], g: &crate::sharding::Group) -> Option<V
     let mut was_quoted = false;
     let mut chars = inner.chars();
     let mut push = |cur: &mut String, was_quoted: bool| -> Option<()> {
-        let item = if was_quoted { cur.clone() } else { cur.trim().to_string() };
+        let item = if was_quoted {
+            cur.clone()
+        } else {
+            cur.trim().to_string()
+        };
         if !was_quoted && item.eq_ignore_ascii_case("null") {
             out.push(None);
         } else {
@@ -1337,4 +1420,92 @@ fn array_elements(format: i16, v: &[u8], g: &crate::sharding::Group) -> Option<V
     }
     push(&mut cur, was_quoted)?;
     Some(out)
+}
+
+/// The placement of statements sent together (one simple query, or one
+/// extended-protocol unit): they must agree on their shards.
+pub fn combine(a: Placement, b: Placement) -> Placement {
+    use Placement::*;
+    match (a, b) {
+        (r @ Refused(_), _) | (_, r @ Refused(_)) => r,
+        (Anywhere, x) | (x, Anywhere) => x,
+        (Spread, Spread) => Spread,
+        (Spread, One(s)) | (One(s), Spread) => One(s),
+        (One(a), One(b)) if a == b => One(a),
+        (Many(a), Many(b)) if a == b => Many(a),
+        (Spread, Many(m)) | (Many(m), Spread) => Many(m),
+        _ => Refused(Refusal::unsupported(
+            "statements sent together (in one query string, or in one pipeline up to Sync) reach different shards; send them separately",
+        )),
+    }
+}
+
+/// Splits a multi-row `INSERT ... VALUES` by shard: one statement per
+/// shard holding that shard's rows, in their original order. Only for the
+/// text of a statement whose template is `Scope::Sharded { rows: true }`.
+pub fn split_insert(sql: &str, sh: &Sharding) -> Result<Vec<(usize, String)>, Refusal> {
+    let cannot = || Refusal::unsupported("this INSERT cannot be split by shard");
+    let statements =
+        sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
+            .map_err(|_| cannot())?;
+    let [Statement::Insert(ins)] = statements.as_slice() else {
+        return Err(Refusal::unsupported(
+            "a multi-row INSERT whose rows belong to several shards must be sent alone",
+        ));
+    };
+    let TableObject::TableName(name) = &ins.table else {
+        return Err(cannot());
+    };
+    let TableKind::Sharded(rule) = sh.table(&lower_name(name)) else {
+        return Err(cannot());
+    };
+    let pos = ins
+        .columns
+        .iter()
+        .position(|c| lower_name(c).rsplit('.').next() == Some(rule.column.as_str()))
+        .ok_or_else(cannot)?;
+    let Some(SetExpr::Values(values)) = ins.source.as_deref().map(|q| &*q.body) else {
+        return Err(cannot());
+    };
+    let consts = Constants::new(sql);
+    let a = Analyzer {
+        sql,
+        consts: &consts,
+        sh,
+    };
+    let g = &sh.groups[rule.group];
+    let input = KeyInput {
+        sql,
+        params: &[],
+        session_shard: None,
+        session_key: None,
+    };
+    let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, row) in values.rows.iter().enumerate() {
+        let src = row
+            .content
+            .get(pos)
+            .map_or(KeySrc::Unknown, |e| a.value_src(e));
+        let key = key_value(&src, g, &input).map_err(|_| cannot())?;
+        let shard = g.shard_of(key.as_ref()).map_err(|e| Refusal {
+            code: "22023",
+            message: e,
+        })?;
+        match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, rows)) => rows.push(i),
+            None => by_shard.push((shard, vec![i])),
+        }
+    }
+    by_shard.sort_by_key(|(s, _)| *s);
+    let mut out = Vec::new();
+    for (shard, rows) in by_shard {
+        let mut part = ins.clone();
+        if let Some(q) = part.source.as_mut() {
+            if let SetExpr::Values(v) = &mut *q.body {
+                v.rows = rows.iter().map(|&i| values.rows[i].clone()).collect();
+            }
+        }
+        out.push((shard, Statement::Insert(part).to_string()));
+    }
+    Ok(out)
 }

@@ -2,8 +2,8 @@
 //! noise, and nesting deep enough to exhaust a recursive parser.
 
 use proptest::prelude::*;
-use shardline_router::shards::{resolve, KeyInput};
 use shardline_router::sharding::Sharding;
+use shardline_router::shards::{resolve, KeyInput};
 use shardline_router::{classify, hint, lexer, Class, Options, Router};
 use std::sync::Arc;
 

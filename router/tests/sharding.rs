@@ -139,7 +139,10 @@ fn in_lists_any_and_or_reach_the_owning_subset() {
         _ => Placement::Many(m),
     };
     assert_eq!(t.place("SELECT * FROM users WHERE id IN (1, 2)"), expect(m));
-    assert_eq!(t.place("SELECT * FROM users WHERE id = 1 OR id = 2"), expect(m));
+    assert_eq!(
+        t.place("SELECT * FROM users WHERE id = 1 OR id = 2"),
+        expect(m)
+    );
     assert_eq!(
         t.place("SELECT * FROM users WHERE (id = 1 OR id = 2) AND id = 1"),
         Placement::One(t.of(1))
@@ -149,8 +152,14 @@ fn in_lists_any_and_or_reach_the_owning_subset() {
         Placement::Many(t.sh.all_shards()),
         "a constant array is not read (only parameters and ARRAY[...])"
     );
-    assert_eq!(t.place("SELECT * FROM users WHERE id = ANY(ARRAY[1, 2])"), expect(m));
-    let p = t.place_with("SELECT * FROM users WHERE id = ANY($1)", &[(0, Some(b"{1,2}"))]);
+    assert_eq!(
+        t.place("SELECT * FROM users WHERE id = ANY(ARRAY[1, 2])"),
+        expect(m)
+    );
+    let p = t.place_with(
+        "SELECT * FROM users WHERE id = ANY($1)",
+        &[(0, Some(b"{1,2}"))],
+    );
     assert_eq!(p, vec![expect(m)]);
     // Binary int8 array: ndim 1, no nulls, int8 oid 20, 2 elements, lbound 1.
     let mut arr = Vec::new();
@@ -161,7 +170,10 @@ fn in_lists_any_and_or_reach_the_owning_subset() {
         arr.extend_from_slice(&8i32.to_be_bytes());
         arr.extend_from_slice(&k.to_be_bytes());
     }
-    let p = t.place_with("SELECT * FROM users WHERE id = ANY($1::bigint[])", &[(1, Some(&arr))]);
+    let p = t.place_with(
+        "SELECT * FROM users WHERE id = ANY($1::bigint[])",
+        &[(1, Some(&arr))],
+    );
     assert_eq!(p, vec![expect(m)]);
     // OR with a non-key condition: every shard.
     assert_eq!(
@@ -202,11 +214,15 @@ fn constants_are_read_from_each_text_while_the_shape_is_cached() {
 #[test]
 fn multi_row_inserts_split_by_shard() {
     let mut t = T::new();
-    let (a, b) = (0..100).flat_map(|x| (0..100).map(move |y| (x, y)))
+    let (a, b) = (0..100)
+        .flat_map(|x| (0..100).map(move |y| (x, y)))
         .find(|&(x, y)| t.of(x) != t.of(y))
         .expect("two keys on different shards");
     let sql = format!("INSERT INTO users (id, name) VALUES ({a}, 'a'), ({b}, 'b')");
-    assert_eq!(t.place(&sql), Placement::Split(mask_of(t.of(a)) | mask_of(t.of(b))));
+    assert_eq!(
+        t.place(&sql),
+        Placement::Split(mask_of(t.of(a)) | mask_of(t.of(b)))
+    );
     let sql = format!("INSERT INTO users (id, name) VALUES ({a}, 'a'), ({a}, 'b')");
     assert_eq!(t.place(&sql), Placement::One(t.of(a)));
 }
@@ -214,7 +230,10 @@ fn multi_row_inserts_split_by_shard() {
 #[test]
 fn pinned_keys_override_the_function() {
     let mut t = T::new();
-    assert_eq!(t.place("SELECT * FROM users WHERE id = 1000000"), Placement::One(2));
+    assert_eq!(
+        t.place("SELECT * FROM users WHERE id = 1000000"),
+        Placement::One(2)
+    );
 }
 
 #[test]
@@ -231,7 +250,10 @@ fn groups_place_with_their_own_function_and_key_type() {
         t.place(&format!("SELECT * FROM events WHERE device = '{u}'")),
         Placement::One(want)
     );
-    let msg = refused(&t.place("SELECT * FROM users u JOIN events e ON e.device = u.id::text::uuid WHERE u.id = 1")).to_string();
+    let msg = refused(&t.place(
+        "SELECT * FROM users u JOIN events e ON e.device = u.id::text::uuid WHERE u.id = 1",
+    ))
+    .to_string();
     assert!(msg.contains("different groups"), "{msg}");
 }
 
@@ -245,20 +267,38 @@ fn what_cannot_be_answered_exactly_is_refused() {
         ("SELECT country, 1 FROM users GROUP BY country", "GROUP BY"),
         ("SELECT DISTINCT country FROM users", "DISTINCT"),
         ("SELECT id, row_number() OVER () FROM users", "window"),
-        ("SELECT * FROM users u JOIN orders o ON o.amount > 1", "joined on something other"),
-        ("SELECT * FROM users WHERE id IN (SELECT user_id FROM orders)", "subquery"),
-        ("SELECT * FROM users u JOIN pgbench_accounts a ON a.aid = u.id", "not sharded"),
+        (
+            "SELECT * FROM users u JOIN orders o ON o.amount > 1",
+            "joined on something other",
+        ),
+        (
+            "SELECT * FROM users WHERE id IN (SELECT user_id FROM orders)",
+            "subquery",
+        ),
+        (
+            "SELECT * FROM users u JOIN pgbench_accounts a ON a.aid = u.id",
+            "not sharded",
+        ),
         ("UPDATE users SET id = 5 WHERE name = 'x'", "sharding key"),
         ("INSERT INTO users VALUES (1, 'x')", "name its columns"),
-        ("INSERT INTO users (name) VALUES ('x')", "key column a value"),
-        ("INSERT INTO users (id) SELECT user_id FROM orders", "VALUES"),
+        (
+            "INSERT INTO users (name) VALUES ('x')",
+            "key column a value",
+        ),
+        (
+            "INSERT INTO users (id) SELECT user_id FROM orders",
+            "VALUES",
+        ),
     ] {
         let p = t.place(sql);
         let msg = refused(&p);
         assert!(msg.contains(says), "{sql}: {msg}");
     }
     // Keys on one shard: the same constructs are fine.
-    assert_eq!(t.place("SELECT count(*) FROM users WHERE id = 7"), Placement::One(t.of(7)));
+    assert_eq!(
+        t.place("SELECT count(*) FROM users WHERE id = 7"),
+        Placement::One(t.of(7))
+    );
     assert_eq!(
         t.place("SELECT * FROM users WHERE id = 7 ORDER BY name LIMIT 1"),
         Placement::One(t.of(7))
@@ -269,8 +309,12 @@ fn what_cannot_be_answered_exactly_is_refused() {
 fn a_key_may_change_within_its_shard() {
     let mut t = T::new();
     let a = 11i64;
-    let same = (0..1000).find(|&x| x != a && t.of(x) == t.of(a)).expect("same shard");
-    let other = (0..1000).find(|&x| t.of(x) != t.of(a)).expect("other shard");
+    let same = (0..1000)
+        .find(|&x| x != a && t.of(x) == t.of(a))
+        .expect("same shard");
+    let other = (0..1000)
+        .find(|&x| t.of(x) != t.of(a))
+        .expect("other shard");
     assert_eq!(
         t.place(&format!("UPDATE users SET id = {same} WHERE id = {a}")),
         Placement::One(t.of(a))
@@ -292,26 +336,50 @@ fn tables_without_keys_unsharded_and_reference() {
     assert_eq!(t.place("VACUUM ANALYZE users"), all);
     assert_eq!(t.place("TRUNCATE users"), all);
     assert_eq!(t.place("TRUNCATE pgbench_history"), Placement::One(0));
-    assert_eq!(t.place("SELECT * FROM pgbench_accounts WHERE aid = 5"), Placement::One(0));
-    assert_eq!(t.place("UPDATE pgbench_accounts SET abalance = 1"), Placement::One(0));
+    assert_eq!(
+        t.place("SELECT * FROM pgbench_accounts WHERE aid = 5"),
+        Placement::One(0)
+    );
+    assert_eq!(
+        t.place("UPDATE pgbench_accounts SET abalance = 1"),
+        Placement::One(0)
+    );
     assert_eq!(t.place("SELECT * FROM countries"), Placement::Spread);
-    assert_eq!(t.place("INSERT INTO countries VALUES ('fr', 'France')"), all);
+    assert_eq!(
+        t.place("INSERT INTO countries VALUES ('fr', 'France')"),
+        all
+    );
     assert_eq!(t.place("SELECT 1"), Placement::Anywhere);
-    assert_eq!(t.place("SELECT * FROM pg_catalog.pg_class"), Placement::Anywhere);
+    assert_eq!(
+        t.place("SELECT * FROM pg_catalog.pg_class"),
+        Placement::Anywhere
+    );
     assert_eq!(t.place("BEGIN"), Placement::Anywhere);
     assert_eq!(t.place("SET search_path = public"), Placement::Anywhere);
     assert_eq!(t.place("EXPLAIN SELECT * FROM users"), Placement::One(0));
     assert_eq!(t.place("DO $$ BEGIN PERFORM 1; END $$"), all);
     let p = t.place("SELECT * FROM users FOR NO KEY UPDATE OF users SKIP LOCKED NOWAIT x");
-    assert!(matches!(p, Placement::Refused(ref r) if r.code == "42601"), "{p:?}");
+    assert!(
+        matches!(p, Placement::Refused(ref r) if r.code == "42601"),
+        "{p:?}"
+    );
 }
 
 #[test]
 fn hints_override_parsing() {
     let mut t = T::new();
-    assert_eq!(t.place("/* shardline: shard=s1 */ SELECT * FROM users ORDER BY id"), Placement::One(1));
-    assert_eq!(t.place("/* shardline: shard=s2 */ SELECT ((( unparseable"), Placement::One(2));
-    assert_eq!(t.place("/* shardline: key=42 */ SELECT * FROM users"), Placement::One(t.of(42)));
+    assert_eq!(
+        t.place("/* shardline: shard=s1 */ SELECT * FROM users ORDER BY id"),
+        Placement::One(1)
+    );
+    assert_eq!(
+        t.place("/* shardline: shard=s2 */ SELECT ((( unparseable"),
+        Placement::One(2)
+    );
+    assert_eq!(
+        t.place("/* shardline: key=42 */ SELECT * FROM users"),
+        Placement::One(t.of(42))
+    );
     let p = t.place("/* shardline: shard=nope */ SELECT 1");
     assert!(matches!(p, Placement::Refused(ref r) if r.message.contains("no shard is named")));
     let input = KeyInput {
@@ -321,17 +389,35 @@ fn hints_override_parsing() {
         session_key: Some("42"),
     };
     let route = t.router.route("SELECT * FROM users");
-    assert_eq!(resolve(&route.shards.expect("s")[0], &t.sh, &input), Placement::One(t.of(42)));
+    assert_eq!(
+        resolve(&route.shards.expect("s")[0], &t.sh, &input),
+        Placement::One(t.of(42))
+    );
 }
 
 #[test]
 fn copy_from_is_split_and_copy_to_reads_everywhere() {
     let mut t = T::new();
-    assert_eq!(t.place("COPY users (id, name) FROM STDIN"), Placement::CopySplit(t.sh.all_shards()));
-    assert_eq!(t.place("COPY users FROM STDIN WITH (FORMAT csv)"), Placement::CopySplit(t.sh.all_shards()));
-    assert_eq!(t.place("COPY countries FROM STDIN"), Placement::CopySplit(t.sh.all_shards()));
-    assert_eq!(t.place("COPY pgbench_accounts FROM STDIN"), Placement::One(0));
-    assert_eq!(t.place("COPY users TO STDOUT"), Placement::Many(t.sh.all_shards()));
+    assert_eq!(
+        t.place("COPY users (id, name) FROM STDIN"),
+        Placement::CopySplit(t.sh.all_shards())
+    );
+    assert_eq!(
+        t.place("COPY users FROM STDIN WITH (FORMAT csv)"),
+        Placement::CopySplit(t.sh.all_shards())
+    );
+    assert_eq!(
+        t.place("COPY countries FROM STDIN"),
+        Placement::CopySplit(t.sh.all_shards())
+    );
+    assert_eq!(
+        t.place("COPY pgbench_accounts FROM STDIN"),
+        Placement::One(0)
+    );
+    assert_eq!(
+        t.place("COPY users TO STDOUT"),
+        Placement::Many(t.sh.all_shards())
+    );
     refused(&t.place("COPY users (name) FROM STDIN"));
 }
 
@@ -340,7 +426,41 @@ fn consistent_hashing_by_default() {
     let toml = CONFIG.replace("function = \"pg_hash\"\n", "");
     let mut t = T::from(&toml);
     for k in 0..200i64 {
-        let want = t.sh.groups[0].shard_of(Some(&KeyValue::Int(k))).expect("shard");
-        assert_eq!(t.place(&format!("SELECT * FROM users WHERE id = {k}")), Placement::One(want));
+        let want = t.sh.groups[0]
+            .shard_of(Some(&KeyValue::Int(k)))
+            .expect("shard");
+        assert_eq!(
+            t.place(&format!("SELECT * FROM users WHERE id = {k}")),
+            Placement::One(want)
+        );
     }
+}
+
+#[test]
+fn split_inserts_keep_every_row_once() {
+    let t = T::new();
+    let rows: Vec<String> = (0..20)
+        .map(|k| format!("({k}, 'n''{k}', -{k}.5)"))
+        .collect();
+    let sql = format!(
+        "INSERT INTO users (id, name, score) VALUES {} ON CONFLICT (id) DO NOTHING RETURNING id",
+        rows.join(", ")
+    );
+    let parts = shardline_router::shards::split_insert(&sql, &t.sh).expect("split");
+    assert!(parts.len() > 1);
+    let mut seen = Vec::new();
+    for (shard, text) in &parts {
+        assert!(
+            text.contains("RETURNING id") && text.contains("ON CONFLICT"),
+            "{text}"
+        );
+        for k in 0..20i64 {
+            if text.contains(&format!("({k}, 'n''{k}', -{k}.5)")) {
+                assert_eq!(*shard, t.of(k), "{text}");
+                seen.push(k);
+            }
+        }
+    }
+    seen.sort();
+    assert_eq!(seen, (0..20).collect::<Vec<_>>());
 }

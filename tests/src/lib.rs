@@ -304,6 +304,36 @@ impl Env {
             .arg("app"))
     }
 
+    /// Index (cluster order) of shard `shard`'s primary.
+    pub fn shard_primary(&self, shard: usize) -> usize {
+        let name = format!("s{shard}");
+        self.backend
+            .nodes()
+            .iter()
+            .position(|n| n.is_primary && n.shard == name)
+            .expect("the shard's primary")
+    }
+
+    /// Runs SQL directly on shard `shard`'s primary (superuser, database `app`).
+    pub fn sql_shard(&self, shard: usize, sql: &str) -> String {
+        self.sql_on(self.shard_primary(shard), sql)
+    }
+
+    /// A tokio-postgres client straight to shard `shard`'s primary, as `app`.
+    pub async fn connect_shard(&self, shard: usize) -> Client {
+        let port = self.node_port(self.shard_primary(shard));
+        let (client, conn) = tokio_postgres::connect(
+            &format!("host=127.0.0.1 port={port} user=app password=app dbname=app"),
+            NoTls,
+        )
+        .await
+        .expect("connect to a shard");
+        tokio::spawn(async move {
+            let _ = conn.await;
+        });
+        client
+    }
+
     pub fn node_port(&self, index: usize) -> u16 {
         self.backend.nodes()[index].port
     }

@@ -140,6 +140,8 @@ impl std::fmt::Display for PgError {
 /// SQLSTATE codes the proxy itself raises.
 pub mod sqlstate {
     pub const PROTOCOL_VIOLATION: &str = "08P01";
+    pub const IN_FAILED_SQL_TRANSACTION: &str = "25P02";
+    pub const INVALID_PARAMETER_VALUE: &str = "22023";
     pub const CONNECTION_FAILURE: &str = "08006";
     pub const CANNOT_CONNECT: &str = "08001";
     pub const CANNOT_CONNECT_NOW: &str = "57P03";

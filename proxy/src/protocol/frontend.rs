@@ -89,6 +89,34 @@ pub fn bind(body: &[u8]) -> Result<BindMsg<'_>, Malformed> {
     })
 }
 
+/// A Bind's parameters as `(format, value)` (format 1 is binary; `None`
+/// is NULL), from `BindMsg::rest`. `None` when malformed.
+pub fn bind_params(rest: &[u8]) -> Option<Vec<shardline_router::shards::Param<'_>>> {
+    let mut r = Reader::new(rest);
+    let nformats = r.i16()?.max(0) as usize;
+    let mut formats = Vec::with_capacity(nformats);
+    for _ in 0..nformats {
+        formats.push(r.i16()?);
+    }
+    let n = r.i16()?.max(0) as usize;
+    let mut out = Vec::with_capacity(n);
+    for i in 0..n {
+        let format = match nformats {
+            0 => 0,
+            1 => formats[0],
+            _ => *formats.get(i)?,
+        };
+        let len = r.i32()?;
+        let value = if len < 0 {
+            None
+        } else {
+            Some(r.bytes(len as usize)?)
+        };
+        out.push((format, value));
+    }
+    Some(out)
+}
+
 /// Describe or Close: `b'S'` statement or `b'P'` portal, and its name.
 pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), Malformed> {
     let m = Malformed(what);

@@ -34,6 +34,17 @@ pub(super) enum Flow {
     Wait,
 }
 
+/// Whether a unit may run on the attached server.
+enum Fit {
+    Yes,
+    /// Its Sync has not arrived: wait for more of it.
+    NotYet,
+    /// Not on this server: route it once the server is released.
+    Wait,
+    /// Refused (inside a transaction on another shard); answered.
+    Refused,
+}
+
 /// Messages that must reach a server (when not answered by the proxy).
 fn needs_server(tag: u8) -> bool {
     matches!(
@@ -56,6 +67,20 @@ impl Session {
                 Ok(Some((tag, _))) if needs_server(tag) && !self.skip_until_sync => {
                     if self.server.is_none() {
                         return Ok(Flow::NeedServer);
+                    }
+                    if self.shared.sharding.is_some() && !self.unit_open {
+                        if self.txn_refused {
+                            if self.in_refused_transaction()? {
+                                continue;
+                            }
+                        } else {
+                            match self.fits_attached()? {
+                                Fit::Yes => {}
+                                Fit::NotYet => return Ok(Flow::Done),
+                                Fit::Wait => return Ok(Flow::Wait),
+                                Fit::Refused => continue,
+                            }
+                        }
                     }
                     // A new unit behind one still in flight on a read server.
                     if self.read_attach
@@ -100,7 +125,7 @@ impl Session {
     /// is answered, the server is released, or kept for its transaction.)
     fn may_follow(&self) -> bool {
         matches!(
-            self.plan_unit(),
+            self.plan_unit().plan,
             shardline_router::UnitPlan::Run {
                 target: shardline_router::Target::Replica,
                 ..
@@ -108,9 +133,11 @@ impl Session {
         )
     }
 
-    /// `SET shardline.role = ...` / `RESET shardline.role` as a query of its
-    /// own: the proxy's setting, answered here. Returns whether it was one.
-    pub(super) fn take_role_setting(&mut self) -> Result<bool, End> {
+    /// `SET shardline.role|shard|sharding_key = ...` / `RESET ...` as a
+    /// query of its own: the proxy's settings, answered here. Returns
+    /// whether it was one.
+    pub(super) fn take_proxy_setting(&mut self) -> Result<bool, End> {
+        use shardline_router::hint::SessionSetting;
         let Ok(Some((frontend::QUERY, len))) =
             peek_header(&self.client_in, self.shared.max_message_size)
         else {
@@ -120,14 +147,130 @@ impl Session {
             return Ok(false);
         }
         let text = frontend::query(&self.client_in[5..len])?;
-        let Some(role) = role_setting(text) else {
+        let Some(setting) = proxy_setting(text) else {
             return Ok(false);
         };
         let _ = next_frame(&mut self.client_in, usize::MAX);
-        self.session_role = role;
-        let tag = if role.is_some() { "SET" } else { "RESET" };
+        let set = match setting {
+            SessionSetting::Role(role) => {
+                self.session_role = role;
+                role.is_some()
+            }
+            SessionSetting::Shard(shard) => {
+                if let (Some(name), Some(sh)) = (&shard, &self.shared.sharding) {
+                    if sh.shard_index(name).is_none() {
+                        let e = PgError::error(
+                            sqlstate::INVALID_PARAMETER_VALUE,
+                            format!(
+                                "no shard is named \"{name}\" (shards: {})",
+                                sh.shard_names.join(", ")
+                            ),
+                        );
+                        self.fail_request(e, true);
+                        return Ok(true);
+                    }
+                }
+                let set = shard.is_some();
+                self.session_shard = shard;
+                set
+            }
+            SessionSetting::Key(key) => {
+                let set = key.is_some();
+                self.session_key = key;
+                set
+            }
+        };
+        let tag = if set { "SET" } else { "RESET" };
         self.synthetic(Synthetic::CommandComplete(tag));
         self.synthetic(Synthetic::ReadyForQuery);
+        Ok(true)
+    }
+
+    /// With several shards, whether the unit at the front of `client_in`
+    /// may run on the attached server's shard.
+    fn fits_attached(&mut self) -> Result<Fit, End> {
+        use shardline_router::shards::Placement;
+        let planned = self.plan_unit();
+        if !planned.complete && !self.must_act() {
+            return Ok(Fit::NotYet);
+        }
+        let in_txn =
+            self.server.as_ref().is_some_and(|s| s.tx_status != b'I') && self.pending.is_empty();
+        let fits = match &planned.place {
+            Placement::Anywhere | Placement::Spread => true,
+            Placement::One(s) => *s == self.shard,
+            _ => false,
+        };
+        if fits {
+            return Ok(Fit::Yes);
+        }
+        if !self.pending.is_empty() {
+            // Not known yet whether a transaction is open: decide once the
+            // server has answered.
+            return Ok(Fit::Wait);
+        }
+        if !in_txn {
+            return Ok(Fit::Wait);
+        }
+        let e = match planned.place {
+            Placement::Refused(r) => PgError::error(r.code, r.message),
+            _ => {
+                let name = self
+                    .shared
+                    .sharding
+                    .as_ref()
+                    .and_then(|sh| sh.shard_names.get(self.shard).cloned());
+                super::cross_shard_transaction(name.as_deref())
+            }
+        };
+        self.txn_refused = true;
+        self.fail_next_message(e)?;
+        Ok(Fit::Refused)
+    }
+
+    /// In a transaction failed by a refused statement: COMMIT becomes
+    /// ROLLBACK, ROLLBACK (to a savepoint too) goes through, anything else
+    /// gets 25P02 as Postgres answers in a failed transaction. Returns
+    /// whether the message was handled here.
+    fn in_refused_transaction(&mut self) -> Result<bool, End> {
+        let Ok(Some((tag, len))) = peek_header(&self.client_in, self.shared.max_message_size)
+        else {
+            return Ok(false);
+        };
+        if tag == frontend::QUERY && self.client_in.len() >= len {
+            let text =
+                String::from_utf8_lossy(frontend::query(&self.client_in[5..len])?).into_owned();
+            let words = shardline_router::lexer::leading_words(&text, 2);
+            match words.first().map(String::as_str) {
+                Some("rollback" | "abort") => {
+                    // ROLLBACK TO SAVEPOINT recovers the transaction; a
+                    // plain ROLLBACK ends it (and the release clears the flag).
+                    if words.get(1).map(String::as_str) == Some("to") {
+                        self.txn_refused = false;
+                    }
+                    return Ok(false);
+                }
+                Some("commit" | "end")
+                    if shardline_router::lone_transaction_end(&text).is_some() =>
+                {
+                    let _ = next_frame(&mut self.client_in, usize::MAX);
+                    frontend::write_query(&mut self.server_out, "ROLLBACK");
+                    self.pending.push_back(Pending::forward(Kind::Query {
+                        effects: Default::default(),
+                    }));
+                    return Ok(true);
+                }
+                _ => {}
+            }
+        }
+        if !needs_server(tag) {
+            return Ok(false);
+        }
+        let e = PgError::error(
+            sqlstate::IN_FAILED_SQL_TRANSACTION,
+            "current transaction is aborted, commands ignored until end of transaction block",
+        );
+        self.fail_next_message(e)?;
         Ok(true)
     }
 
@@ -465,9 +608,9 @@ impl Session {
     }
 }
 
-/// `SET [SESSION] shardline.role ...` or `RESET shardline.role` alone:
-/// `Some(new role)`. A cheap check first: most queries are not about it.
-fn role_setting(text: &[u8]) -> Option<Option<shardline_router::RoleHint>> {
+/// `SET [SESSION] shardline.<name> ...` or `RESET shardline.<name>` alone.
+/// A cheap check first: most queries are not about it.
+fn proxy_setting(text: &[u8]) -> Option<shardline_router::hint::SessionSetting> {
     let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
     let word = text[start..].split(|b| b.is_ascii_whitespace()).next()?;
     if !word.eq_ignore_ascii_case(b"set") && !word.eq_ignore_ascii_case(b"reset") {
@@ -477,5 +620,5 @@ fn role_setting(text: &[u8]) -> Option<Option<shardline_router::RoleHint>> {
     if shardline_router::lexer::split_statements(text).len() != 1 {
         return None;
     }
-    shardline_router::hint::session_role(text)
+    shardline_router::hint::session_setting(text)
 }

@@ -13,6 +13,7 @@
 //! when the client leaves (session pooling).
 
 mod client;
+mod fanout;
 mod io;
 pub mod pending;
 pub mod prepared;
@@ -38,6 +39,18 @@ use tokio::sync::oneshot;
 use vars::SessionVars;
 
 pub use startup::LoggedIn;
+
+/// A transaction may use one shard until cross-shard transactions (two-phase
+/// commit) exist. `on`: the shard the transaction runs on, by name.
+fn cross_shard_transaction(on: Option<&str>) -> PgError {
+    let message = match on {
+        Some(name) => format!("this transaction runs on shard {name}, and the statement needs another shard: a transaction may use one shard only (cross-shard transactions need two-phase commit, which is not available yet)"),
+        None => "the statement needs several shards, which a transaction may not use: a transaction may use one shard only (cross-shard transactions need two-phase commit, which is not available yet)".into(),
+    };
+    PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(
+        "run it outside the transaction, or keep the transaction's statements on one sharding key",
+    )
+}
 
 /// Stop reading a side while this much is waiting to be written to the other.
 const BACKPRESSURE: usize = 256 * 1024;
@@ -70,8 +83,17 @@ pub struct Session {
     portal_effects: HashMap<Box<[u8]>, Effect>,
     /// The client's unnamed statement: token, definition, effect and route.
     unnamed: Option<(u64, Bytes, Option<Effect>, shardline_router::Route)>,
-    /// Index (in shard 0) of the node the attached server belongs to.
+    /// Index (in its shard) of the node the attached server belongs to.
     node: usize,
+    /// The shard the attached server belongs to.
+    shard: usize,
+    /// A statement of the open transaction was refused (it needed another
+    /// shard): the transaction is failed, as Postgres fails one after an
+    /// error, and its COMMIT becomes ROLLBACK.
+    txn_refused: bool,
+    /// `SET shardline.shard` / `SET shardline.sharding_key`.
+    session_shard: Option<String>,
+    session_key: Option<String>,
     /// A lone BEGIN the proxy answered; sent with the transaction's first statement.
     deferred_begin: Option<Bytes>,
     /// `SET shardline.role`: every unit to the primary or to replicas.
@@ -124,6 +146,10 @@ impl Session {
         Session {
             vars: Arc::new(SessionVars::from_startup(&login.params)),
             node: 0,
+            shard: 0,
+            txn_refused: false,
+            session_shard: None,
+            session_key: None,
             deferred_begin: None,
             session_role: None,
             wrote: false,
@@ -211,22 +237,66 @@ impl Session {
                     self.waiting = true;
                     break;
                 }
-                client::Flow::NeedServer if self.take_role_setting()? => {}
-                client::Flow::NeedServer => match self.plan_unit() {
-                    shardline_router::UnitPlan::DeferBegin => self.defer_begin()?,
-                    shardline_router::UnitPlan::EndEmpty(tag) => self.end_empty(tag)?,
-                    shardline_router::UnitPlan::Run { target, writes } => {
-                        if let Err(e) = self.attach_server(target, writes).await {
-                            self.tried = 0;
-                            self.fail_next_message(e)?;
-                        }
+                client::Flow::NeedServer if self.take_proxy_setting()? => {}
+                client::Flow::NeedServer => {
+                    let planned = self.plan_unit();
+                    if !planned.complete && self.shared.sharding.is_some() && !self.must_act() {
+                        // The shards depend on the whole unit: wait for its Sync.
+                        break;
                     }
-                },
+                    self.run_unit(planned).await?;
+                }
             }
         }
         // Messages answered by the proxy alone may leave the connection idle.
         self.maybe_release();
         Ok(())
+    }
+
+    /// Runs the unit at the front of `client_in` where `planned` says.
+    async fn run_unit(&mut self, planned: route::Planned) -> Result<(), End> {
+        use shardline_router::shards::Placement;
+        if let Placement::Refused(r) = &planned.place {
+            return self.fail_next_message(PgError::error(r.code, r.message.clone()));
+        }
+        let Some(shard) = self.shard_for(&planned.place) else {
+            if self.deferred_begin.is_some() {
+                return self.fail_next_message(cross_shard_transaction(None));
+            }
+            return self.run_fanout(planned).await;
+        };
+        match planned.plan {
+            shardline_router::UnitPlan::DeferBegin => self.defer_begin(),
+            shardline_router::UnitPlan::EndEmpty(tag) => self.end_empty(tag),
+            shardline_router::UnitPlan::Run { target, writes } => {
+                if let Err(e) = self.attach_server(target, writes, shard).await {
+                    self.tried = 0;
+                    self.fail_next_message(e)?;
+                }
+                Ok(())
+            }
+        }
+    }
+
+    /// An incomplete unit must be routed now anyway: the client asked for
+    /// answers (Flush) or sent more than we hold back.
+    fn must_act(&self) -> bool {
+        const HOLD: usize = 1024 * 1024;
+        if self.client_in.len() > HOLD {
+            return true;
+        }
+        let mut pos = 0;
+        let buf = &self.client_in[..];
+        while let Ok(Some((tag, len))) = crate::protocol::peek_header(&buf[pos..], usize::MAX) {
+            if buf.len() - pos < len {
+                return false;
+            }
+            if tag == crate::protocol::frontend::FLUSH {
+                return true;
+            }
+            pos += len;
+        }
+        false
     }
 
     /// Nothing in flight: safe to close at shutdown.
@@ -252,6 +322,7 @@ impl Session {
     fn release_server(&mut self) {
         self.retry = None;
         self.tried = 0;
+        self.txn_refused = false;
         if let Some(conn) = self.server.take() {
             self.cancel.detach();
             if !conn.is_clean() {
@@ -283,7 +354,10 @@ impl Session {
                 } else {
                     b'I'
                 };
-                let status = self.server.as_ref().map_or(idle, |s| s.tx_status);
+                let status = match self.server.as_ref().map_or(idle, |s| s.tx_status) {
+                    b'T' if self.txn_refused => b'E',
+                    other => other,
+                };
                 backend::ready_for_query(&mut self.client_out, status)
             }
             Synthetic::Error(e) => e.encode(out),
@@ -345,7 +419,7 @@ impl Session {
         drop(deadpool::managed::Object::take(conn));
         tracing::warn!(server = %addr, error = %e, "server connection lost");
         if let Some(sent) = self.retry.take().filter(|_| !in_txn) {
-            let shard = &self.shared.topology.shards[0];
+            let shard = &self.shared.topology.shards[self.shard];
             shard.nodes[self.node].ban(self.shared.ban_time, &e.to_string());
             self.tried |= 1u64 << self.node.min(63);
             self.pending.clear();

@@ -133,7 +133,7 @@ mod tests {
     use super::*;
 
     fn read() -> shardline_router::Route {
-        shardline_router::cache::route_uncached("SELECT 1", &Default::default())
+        shardline_router::cache::route_uncached("SELECT 1", &Default::default(), None)
     }
 
     #[test]

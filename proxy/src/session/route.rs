@@ -9,6 +9,7 @@ use crate::health::{now_ms, ReadRequest};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, peek_header};
 use shardline_config::{PoolMode, ReadYourWrites};
+use shardline_router::shards::{combine, resolve, KeyInput, Placement};
 use shardline_router::{
     classify::{Class, Source},
     lone_transaction_end, plan_unit, Route, Target, UnitFacts, UnitPlan,
@@ -20,7 +21,25 @@ const FUNCTION_CALL: Route = Route {
     class: Class::Write,
     source: Source::Parsed,
     role_hint: None,
+    shards: None,
 };
+
+/// Where the next unit runs: primary or replica, and which shards.
+pub(super) struct Planned {
+    pub plan: UnitPlan,
+    pub place: Placement,
+    /// Every message of the unit has arrived.
+    pub complete: bool,
+}
+
+/// The query text of a Parse definition (`query\0` then parameter types).
+pub(super) fn definition_query(definition: &[u8]) -> &[u8] {
+    let end = definition
+        .iter()
+        .position(|&b| b == 0)
+        .unwrap_or(definition.len());
+    &definition[..end]
+}
 
 /// Checkout failures that mean the node is unreachable (not a busy pool or
 /// a refused login): the node is banned and the read tried elsewhere.
@@ -51,24 +70,64 @@ impl Session {
         route
     }
 
+    /// The placement of statements of `route` whose text is `sql`, with
+    /// a Bind's parameters (empty for a simple query).
+    pub(super) fn place(
+        &self,
+        route: &Route,
+        sql: &[u8],
+        params: &[shardline_router::shards::Param<'_>],
+    ) -> Placement {
+        let (Some(sh), Some(templates)) = (&self.shared.sharding, &route.shards) else {
+            return Placement::Anywhere;
+        };
+        let sql = std::str::from_utf8(sql).unwrap_or("");
+        let input = KeyInput {
+            sql,
+            params,
+            session_shard: self.session_shard.as_deref(),
+            session_key: self.session_key.as_deref(),
+        };
+        templates
+            .iter()
+            .map(|t| resolve(t, sh, &input))
+            .reduce(combine)
+            .unwrap_or(Placement::Anywhere)
+    }
+
     /// Decides where the unit at the front of `client_in` runs, from the
     /// messages buffered so far (up to its Sync).
-    pub(super) fn plan_unit(&self) -> UnitPlan {
+    pub(super) fn plan_unit(&self) -> Planned {
+        let sharded = self.shared.sharding.is_some();
         if self.mode() == PoolMode::Session {
             // The connection is the client's for the whole session.
-            return UnitPlan::Run {
-                target: match self.session_role {
-                    Some(shardline_router::RoleHint::Replica) => Target::Replica,
-                    _ => Target::Primary,
+            return Planned {
+                plan: UnitPlan::Run {
+                    target: match self.session_role {
+                        Some(shardline_router::RoleHint::Replica) => Target::Replica,
+                        _ => Target::Primary,
+                    },
+                    writes: false,
                 },
-                writes: false,
+                place: match self.session_shard.as_deref().map(|s| {
+                    self.shared
+                        .sharding
+                        .as_ref()
+                        .and_then(|sh| sh.shard_index(s))
+                }) {
+                    Some(Some(i)) => Placement::One(i),
+                    _ => Placement::Anywhere,
+                },
+                complete: true,
             };
         }
         let max = self.shared.max_message_size;
         let buf = &self.client_in[..];
         let mut routes: Vec<Route> = Vec::with_capacity(4);
+        let mut place = Placement::Anywhere;
         let (mut complete, mut simple_single, mut lone_end) = (false, false, None);
-        let mut unnamed_parsed = false;
+        // The unit's own unnamed statement: route and query text.
+        let mut unnamed_parsed: Option<(Route, &[u8])> = None;
         let mut pos = 0;
         while let Ok(Some((tag, len))) = peek_header(&buf[pos..], max) {
             if buf.len() - pos < len {
@@ -89,25 +148,45 @@ impl Session {
                             .ok()
                             .and_then(lone_transaction_end);
                     }
+                    if sharded {
+                        place = combine(place, self.place(&route, text, &[]));
+                    }
                     routes.push(route);
                     complete = true;
                     break;
                 }
                 frontend::PARSE => {
                     if let Ok(p) = frontend::parse(body) {
-                        unnamed_parsed |= p.name.is_empty();
-                        routes.push(self.route_text(p.query));
+                        let route = self.route_text(p.query);
+                        if p.name.is_empty() {
+                            unnamed_parsed = Some((route.clone(), p.query));
+                        }
+                        routes.push(route);
                     }
                 }
                 frontend::BIND => {
                     if let Ok(b) = frontend::bind(body) {
-                        let route = if b.statement.is_empty() {
-                            (!unnamed_parsed).then(|| self.unnamed.as_ref().map(|u| u.3))
+                        let found = if b.statement.is_empty() {
+                            match &unnamed_parsed {
+                                Some((r, q)) => Some((r.clone(), *q)),
+                                None => self
+                                    .unnamed
+                                    .as_ref()
+                                    .map(|u| (u.3.clone(), definition_query(&u.1))),
+                            }
                         } else {
-                            Some(self.statements.get(b.statement).map(|s| s.route))
+                            self.statements
+                                .get(b.statement)
+                                .map(|s| (s.route.clone(), definition_query(&s.definition)))
                         };
                         // An unknown statement fails on any node.
-                        routes.extend(route.flatten());
+                        if let Some((route, query)) = found {
+                            if sharded {
+                                let params = frontend::bind_params(b.rest).unwrap_or_default();
+                                place = combine(place, self.place(&route, query, &params));
+                            }
+                            routes.push(route);
+                        }
                     }
                 }
                 frontend::FUNCTION_CALL => {
@@ -122,14 +201,33 @@ impl Session {
                 _ => {}
             }
         }
-        plan_unit(&UnitFacts {
+        let plan = plan_unit(&UnitFacts {
             routes: &routes,
             simple_single,
             complete,
             deferred_begin: self.deferred_begin.is_some(),
             lone_end,
             session_role: self.session_role,
-        })
+        });
+        Planned {
+            plan,
+            place,
+            complete,
+        }
+    }
+
+    /// The shard a single-shard placement runs on (`None`: several).
+    pub(super) fn shard_for(&self, place: &Placement) -> Option<usize> {
+        let default = self.shared.sharding.as_ref().map_or(0, |s| s.default_shard);
+        match place {
+            Placement::Anywhere => Some(default),
+            Placement::One(s) => Some(*s),
+            Placement::Spread => {
+                let n = self.shared.topology.shards.len() as u64;
+                Some((self.shared.spread.fetch_add(1, Relaxed) % n.max(1)) as usize)
+            }
+            _ => None,
+        }
     }
 
     /// Borrows a server connection for the next unit, on the node `target`
@@ -138,14 +236,35 @@ impl Session {
         &mut self,
         target: Target,
         writes: bool,
+        shard_index: usize,
     ) -> Result<(), PgError> {
+        let mut tried = self.tried;
+        let borrowed = self.borrow(shard_index, target, &mut tried).await;
+        self.tried = tried;
+        let (conn, node, target) = borrowed?;
+        self.node = node;
+        self.shard = shard_index;
+        self.finish_attach(target, writes, conn);
+        Ok(())
+    }
+
+    /// Borrows a connection on shard `shard_index` for `target`, banning
+    /// and skipping unreachable readers (`tried`: nodes that failed for
+    /// this unit). Returns the connection, its node and the target it
+    /// serves (a read may fall back to the primary).
+    pub(super) async fn borrow(
+        &self,
+        shard_index: usize,
+        target: Target,
+        tried: &mut u64,
+    ) -> Result<(crate::server::pool::PooledConnection, usize, Target), PgError> {
         let shared = self.shared.clone();
         let user = self.login.user.clone();
-        let shard = &shared.topology.shards[0];
-        let pools = &user.pools.shards[0];
+        let shard = &shared.topology.shards[shard_index];
+        let pools = &user.pools.shards[shard_index];
         let lb = &shared.balancing;
         let mut target = target;
-        let ryw = &user.ryw;
+        let ryw = &user.ryw[shard_index];
         let primary_until = ryw.primary_until.load(Relaxed);
         if target == Target::Replica
             && lb.read_your_writes != ReadYourWrites::Off
@@ -154,11 +273,11 @@ impl Session {
         {
             target = Target::Primary;
         }
-        let mut conn = loop {
+        loop {
             let node = match target {
                 Target::Primary => {
                     let w = shard.writer()?;
-                    if self.tried & bit(w) != 0 {
+                    if *tried & bit(w) != 0 {
                         return Err(PgError::error(
                             sqlstate::CONNECTION_FAILURE,
                             format!(
@@ -180,7 +299,7 @@ impl Session {
                         } else {
                             0
                         },
-                        exclude: self.tried,
+                        exclude: *tried,
                         primary_reads: lb.primary_reads,
                         in_use: &in_use,
                     };
@@ -203,12 +322,9 @@ impl Session {
                 }
             };
             match pools.nodes[node].checkout().await {
-                Ok(conn) => {
-                    self.node = node;
-                    break conn;
-                }
+                Ok(conn) => return Ok((conn, node, target)),
                 Err(e) if unreachable(&e) => {
-                    self.tried |= bit(node);
+                    *tried |= bit(node);
                     shard.nodes[node].ban(shared.ban_time, &e.message);
                     if target == Target::Primary {
                         return Err(PgError {
@@ -219,7 +335,17 @@ impl Session {
                 }
                 Err(e) => return Err(e),
             }
-        };
+        }
+    }
+
+    /// Queues the session's replay and deferred BEGIN on a newly borrowed
+    /// connection and attaches it.
+    fn finish_attach(
+        &mut self,
+        target: Target,
+        writes: bool,
+        mut conn: crate::server::pool::PooledConnection,
+    ) {
         if *conn.vars != *self.vars {
             let sql = self.vars.replay_sql(&conn.vars);
             if !sql.is_empty() {
@@ -244,7 +370,6 @@ impl Session {
         self.retry = (target == Target::Replica && conn.tx_status == b'I')
             .then(|| bytes::BytesMut::with_capacity(256));
         self.server = Some(conn);
-        Ok(())
     }
 
     /// A lone BEGIN: answered now, sent with the transaction's first statement.
@@ -282,7 +407,9 @@ impl Session {
             ReadYourWrites::Off => false,
             ReadYourWrites::PrimaryWindow => {
                 let until = now_ms() + self.shared.balancing.primary_window.as_millis() as u64;
-                self.login.user.ryw.primary_until.fetch_max(until, Relaxed);
+                self.login.user.ryw[self.shard]
+                    .primary_until
+                    .fetch_max(until, Relaxed);
                 false
             }
             ReadYourWrites::Lsn => {

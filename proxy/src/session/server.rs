@@ -185,7 +185,7 @@ impl Session {
                     _ => None,
                 };
                 if let Some(lsn) = lsn {
-                    let ryw = &self.login.user.ryw;
+                    let ryw = &self.login.user.ryw[self.shard];
                     ryw.lsn.fetch_max(lsn, std::sync::atomic::Ordering::Relaxed);
                 }
             }
@@ -195,7 +195,7 @@ impl Session {
                 let fields = backend::parse_error_fields(body);
                 tracing::debug!(code = %fields.code, message = %fields.message, "WAL position query failed");
                 let until = crate::health::now_ms() + self.shared.ban_time.as_millis() as u64;
-                let ryw = &self.login.user.ryw;
+                let ryw = &self.login.user.ryw[self.shard];
                 ryw.primary_until
                     .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
             }

@@ -1,0 +1,1114 @@
+//! Units that run on several shards: broadcast writes and DDL, reads
+//! without a sharding key, multi-row INSERTs split by shard, COPY FROM
+//! split row by row.
+//!
+//! Each shard gets the unit on a connection of its own (writes inside a
+//! BEGIN the proxy adds, so they commit only when every shard succeeded).
+//! Answers are merged in lockstep: every message other than a row is a step
+//! all shards take together; rows stream through as each shard sends them.
+//! The first shard's RowDescription, ParseComplete ... reaches the client
+//! once, CommandComplete counts are summed, the first error wins and ends
+//! the unit, and one ReadyForQuery closes it. Nothing is buffered beyond a
+//! message per shard, so memory stays bounded whatever the result size.
+
+use super::route::Planned;
+use super::{End, Session};
+use crate::protocol::backend::{self, sqlstate, PgError};
+use crate::protocol::{frontend, next_frame, peek_header};
+use crate::server::pool::PooledConnection;
+use bytes::{BufMut, Bytes, BytesMut};
+use shardline_router::sharding::shards_in;
+use shardline_router::shards::{split_insert, CopyIn, Placement};
+use shardline_router::{Target, UnitPlan};
+use std::sync::Arc;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+/// Client output is written out once this much is buffered.
+const FLUSH_AT: usize = 64 * 1024;
+
+/// How far a merge went.
+enum Merged {
+    /// The unit ended; whether it failed.
+    Done(bool),
+    /// Every shard is in COPY FROM STDIN mode.
+    CopyIn,
+}
+
+/// One shard's part of a fan-out.
+struct Leg {
+    shard: usize,
+    conn: PooledConnection,
+    /// Answers to the proxy's own messages still to skip: `Some(true)`
+    /// a whole query (up to ReadyForQuery), `Some(false)` one message.
+    skip: std::collections::VecDeque<bool>,
+    done: bool,
+}
+
+impl Leg {
+    /// The next message from this shard that the merge should see.
+    async fn next(&mut self) -> Result<BytesMut, String> {
+        loop {
+            let msg = read_message(&mut self.conn).await?;
+            let tag = msg[0];
+            match self.skip.front().copied() {
+                None => return Ok(msg),
+                Some(_) if tag == backend::ERROR_RESPONSE => {
+                    // The proxy's own message failed: report it as the unit's error.
+                    self.skip.pop_front();
+                    return Ok(msg);
+                }
+                Some(true) => {
+                    if tag == backend::READY_FOR_QUERY {
+                        self.skip.pop_front();
+                    }
+                }
+                Some(false) => {
+                    self.skip.pop_front();
+                }
+            }
+        }
+    }
+}
+
+async fn read_message(conn: &mut PooledConnection) -> Result<BytesMut, String> {
+    loop {
+        if let Ok(Some((_, len))) = peek_header(&conn.read_buf, usize::MAX) {
+            if conn.read_buf.len() >= len {
+                let msg = conn.read_buf.split_to(len);
+                if msg[0] == backend::READY_FOR_QUERY {
+                    conn.tx_status = msg.get(5).copied().unwrap_or(b'E');
+                }
+                return Ok(msg);
+            }
+        }
+        let conn: &mut crate::server::ServerConnection = conn;
+        let n = conn
+            .stream
+            .read_buf(&mut conn.read_buf)
+            .await
+            .map_err(|e| format!("server {}: {e}", conn.addr))?;
+        if n == 0 {
+            return Err(format!("server {} closed the connection", conn.addr));
+        }
+    }
+}
+
+/// The number ending a command tag (`UPDATE 3`, `INSERT 0 3`, `SELECT 3`),
+/// with the tag before it.
+fn tag_count(tag: &[u8]) -> Option<(&[u8], u64)> {
+    let s = std::str::from_utf8(tag).ok()?;
+    let (head, n) = s.rsplit_once(' ')?;
+    let n = n.parse().ok()?;
+    matches!(
+        head.split(' ').next(),
+        Some("SELECT" | "UPDATE" | "DELETE" | "INSERT" | "COPY" | "MERGE" | "FETCH" | "MOVE")
+    )
+    .then_some((&tag[..head.len()], n))
+}
+
+impl Session {
+    /// Runs the unit at the front of `client_in` on several shards.
+    pub(super) async fn run_fanout(&mut self, planned: Planned) -> Result<(), End> {
+        let UnitPlan::Run { target, writes } = planned.plan else {
+            return Ok(());
+        };
+        if !planned.complete {
+            return self.fail_next_message(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "a statement reaching several shards must end its unit with Sync before the proxy can run it",
+            ));
+        }
+        let sharding = self.shared.sharding.clone();
+        let Some(sh) = sharding else { return Ok(()) };
+        // The unit's frames, taken off the client buffer.
+        let mut frames = Vec::new();
+        loop {
+            let frame = match next_frame(&mut self.client_in, self.shared.max_message_size) {
+                Ok(Some(f)) => f,
+                Ok(None) => break,
+                Err(e) => {
+                    return Err(End::Fatal(PgError::fatal(
+                        sqlstate::PROTOCOL_VIOLATION,
+                        e.to_string(),
+                    )))
+                }
+            };
+            let tag = frame.tag;
+            frames.push(frame);
+            if matches!(
+                tag,
+                frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
+            ) {
+                break;
+            }
+        }
+        let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);
+        let writes =
+            writes || matches!(planned.place, Placement::Split(_) | Placement::CopySplit(_));
+        let target = if writes { Target::Primary } else { target };
+        // Per shard: the unit's bytes.
+        let mut parts: Vec<(usize, BytesMut)> = Vec::new();
+        // Shards whose part starts with a Parse the client did not send.
+        let mut leg_skips: Vec<usize> = Vec::new();
+        let mut copy_in: Option<CopyIn> = None;
+        match &planned.place {
+            Placement::Split(_) => {
+                // The INSERT's text: a simple query, or the statement a
+                // parameterless Bind executes.
+                let mut text: Option<Bytes> = None;
+                for f in &frames {
+                    match f.tag {
+                        frontend::QUERY => {
+                            text = frontend::query(f.body()).ok().map(Bytes::copy_from_slice)
+                        }
+                        frontend::PARSE => {
+                            text = frontend::parse(f.body())
+                                .ok()
+                                .map(|p| Bytes::copy_from_slice(p.query))
+                        }
+                        frontend::BIND => {
+                            if let Ok(b) = frontend::bind(f.body()) {
+                                if !b.statement.is_empty() {
+                                    text = self.statements.get(b.statement).map(|s| {
+                                        Bytes::copy_from_slice(super::route::definition_query(
+                                            &s.definition,
+                                        ))
+                                    });
+                                } else if text.is_none() {
+                                    text = self.unnamed.as_ref().map(|u| {
+                                        Bytes::copy_from_slice(super::route::definition_query(&u.1))
+                                    });
+                                }
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+                let no_params = frames.iter().all(|f| {
+                    f.tag != frontend::BIND
+                        || frontend::bind(f.body())
+                            .ok()
+                            .and_then(|b| frontend::bind_params(b.rest))
+                            .is_some_and(|p| p.is_empty())
+                });
+                let Some(text) = text.filter(|_| no_params) else {
+                    return self.fail_unit(PgError::error(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "a multi-row INSERT with parameters whose rows belong to several shards cannot be split; send one row per statement, or the rows as constants",
+                    ), simple);
+                };
+                let Ok(text) = std::str::from_utf8(&text) else {
+                    return self.fail_unit(PgError::error(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "a multi-row INSERT with parameters whose rows belong to several shards cannot be split; send one row per statement, or the rows as constants",
+                    ), simple);
+                };
+                match split_insert(text, &sh) {
+                    Ok(split) => {
+                        for (shard, sql) in split {
+                            let mut b = BytesMut::new();
+                            if simple {
+                                frontend::write_query(&mut b, &sql);
+                            } else {
+                                // The shard's rows as the unnamed statement; the
+                                // client's Parse (if any) answers alike.
+                                let mut definition = BytesMut::from(sql.as_bytes());
+                                definition.extend_from_slice(&[0, 0, 0]);
+                                for f in &frames {
+                                    match f.tag {
+                                        frontend::PARSE => {
+                                            frontend::write_parse(&mut b, b"", &definition)
+                                        }
+                                        frontend::BIND => {
+                                            if !frames.iter().any(|x| x.tag == frontend::PARSE) {
+                                                frontend::write_parse(&mut b, b"", &definition);
+                                                leg_skips.push(shard);
+                                            }
+                                            let rest = frontend::bind(f.body())
+                                                .map(|x| x.rest)
+                                                .unwrap_or_default();
+                                            frontend::write_bind(&mut b, b"", b"", rest);
+                                        }
+                                        _ => b.extend_from_slice(&f.bytes),
+                                    }
+                                }
+                            }
+                            parts.push((shard, b));
+                        }
+                    }
+                    Err(r) => return self.fail_unit(PgError::error(r.code, r.message), simple),
+                }
+            }
+            Placement::Many(mask) | Placement::CopySplit(mask) => {
+                if matches!(planned.place, Placement::CopySplit(_)) {
+                    copy_in = self.copy_template(&frames);
+                    if copy_in.is_none() {
+                        return self.fail_unit(
+                            PgError::error(
+                                sqlstate::FEATURE_NOT_SUPPORTED,
+                                "this COPY FROM STDIN cannot be split by shard",
+                            ),
+                            simple,
+                        );
+                    }
+                }
+                for shard in shards_in(*mask) {
+                    parts.push((shard, BytesMut::new()));
+                }
+            }
+            _ => return Ok(()),
+        }
+        // Writes run in a transaction the proxy commits when every shard
+        // succeeded, except statements Postgres refuses in one.
+        let wrap = writes
+            && !frames.iter().any(|f| {
+                f.tag == frontend::QUERY
+                    && frontend::query(f.body())
+                        .ok()
+                        .and_then(|q| std::str::from_utf8(q).ok())
+                        .is_some_and(shardline_router::lexer::refuses_transaction_block)
+            });
+        // Borrow a connection per shard.
+        let mut legs: Vec<Leg> = Vec::with_capacity(parts.len());
+        for (shard, _) in &parts {
+            let mut tried = 0;
+            match self.borrow(*shard, target, &mut tried).await {
+                Ok((conn, _, _)) => legs.push(Leg {
+                    shard: *shard,
+                    conn,
+                    skip: Default::default(),
+                    done: false,
+                }),
+                Err(e) => return self.fail_unit(e, simple),
+            }
+        }
+        // What each shard is sent: the session's settings, BEGIN for
+        // writes, then the unit (named statements under their server names).
+        let mut sends = Vec::with_capacity(legs.len());
+        for (leg, (_, part)) in legs.iter_mut().zip(parts) {
+            let mut out = BytesMut::new();
+            if *leg.conn.vars != *self.vars {
+                let sql = self.vars.replay_sql(&leg.conn.vars);
+                if !sql.is_empty() {
+                    frontend::write_query(&mut out, &sql);
+                    leg.skip.push_back(true);
+                }
+                leg.conn.vars = self.vars.clone();
+            }
+            if wrap {
+                frontend::write_query(&mut out, "BEGIN");
+                leg.skip.push_back(true);
+            }
+            if leg_skips.contains(&leg.shard) {
+                leg.skip.push_back(false);
+            }
+            if part.is_empty() {
+                self.translate(&frames, leg, &mut out)?;
+            } else {
+                out.extend_from_slice(&part);
+            }
+            sends.push(out);
+        }
+        for (leg, out) in legs.iter_mut().zip(&sends) {
+            if let Err(e) = leg.conn.stream.write_all(out).await {
+                return self
+                    .fail_legs(legs, format!("server {}: {e}", "?"), e.to_string(), simple)
+                    .await;
+            }
+        }
+        let result = match self.merge(&mut legs).await {
+            Ok(Merged::CopyIn) => match copy_in {
+                Some(c) => self.merge_copy(&mut legs, &sh, c, simple).await,
+                None => Err("COPY FROM STDIN reached several shards unexpectedly".into()),
+            },
+            Ok(Merged::Done(failed)) => Ok(failed),
+            Err(e) => Err(e),
+        };
+        let failed = match result {
+            Ok(failed) => failed,
+            Err(e) => {
+                return self.fail_legs(legs, e.clone(), e, simple).await;
+            }
+        };
+        if wrap {
+            self.finish_writes(&mut legs, failed).await;
+        }
+        backend::ready_for_query(&mut self.client_out, b'I');
+        for leg in legs {
+            if !leg.conn.is_clean() || !leg.done {
+                drop(deadpool::managed::Object::take(leg.conn));
+            }
+        }
+        Ok(())
+    }
+
+    /// The COPY options of the unit's single simple query.
+    fn copy_template(&self, frames: &[crate::protocol::Frame]) -> Option<CopyIn> {
+        let mut route = None;
+        for f in frames {
+            match f.tag {
+                frontend::QUERY => route = Some(self.route_text(frontend::query(f.body()).ok()?)),
+                frontend::PARSE => {
+                    route = Some(self.route_text(frontend::parse(f.body()).ok()?.query))
+                }
+                frontend::BIND => {
+                    let b = frontend::bind(f.body()).ok()?;
+                    if b.statement.is_empty() {
+                        if route.is_none() {
+                            route = self.unnamed.as_ref().map(|u| u.3.clone());
+                        }
+                    } else {
+                        route = self.statements.get(b.statement).map(|s| s.route.clone());
+                    }
+                }
+                _ => {}
+            }
+        }
+        route?.shards.as_ref()?.first()?.copy_in.clone()
+    }
+
+    /// Fails the unit that was taken off the buffer (or is at its front).
+    fn fail_unit(&mut self, e: PgError, simple: bool) -> Result<(), End> {
+        e.encode(&mut self.client_out);
+        if !simple {
+            // The rest of the unit, up to its Sync, was consumed already.
+        }
+        backend::ready_for_query(&mut self.client_out, b'I');
+        Ok(())
+    }
+
+    /// A server failed mid-unit: roll back what the others did, report it.
+    async fn fail_legs(
+        &mut self,
+        legs: Vec<Leg>,
+        log: String,
+        msg: String,
+        _simple: bool,
+    ) -> Result<(), End> {
+        tracing::warn!(error = %log, "multi-shard statement failed");
+        for mut leg in legs {
+            // Whatever state the connection is in, it is not reused.
+            let _ = leg.conn.stream.shutdown().await;
+            drop(deadpool::managed::Object::take(leg.conn));
+        }
+        PgError::error(sqlstate::CONNECTION_FAILURE, msg).encode(&mut self.client_out);
+        backend::ready_for_query(&mut self.client_out, b'I');
+        Ok(())
+    }
+
+    /// Writes the unit's client frames for one shard's connection: named
+    /// statements under their server names, prepared there when missing.
+    fn translate(
+        &mut self,
+        frames: &[crate::protocol::Frame],
+        leg: &mut Leg,
+        out: &mut BytesMut,
+    ) -> Result<(), End> {
+        for f in frames {
+            match f.tag {
+                frontend::PARSE => {
+                    let p = frontend::parse(f.body())?;
+                    let effect = std::str::from_utf8(p.query)
+                        .ok()
+                        .and_then(super::sql::statement_effect);
+                    let route = self.route_text(p.query);
+                    if p.name.is_empty() {
+                        let token = self
+                            .shared
+                            .next_token
+                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+                        let start = f.bytes.len() - p.definition.len();
+                        self.unnamed = Some((token, f.bytes.slice(start..), effect, route));
+                        leg.conn.unnamed_token = token;
+                        out.extend_from_slice(&f.bytes);
+                        continue;
+                    }
+                    let stmt = self.shared.statements.intern(p.definition, effect, route);
+                    self.statements.insert(p.name.into(), stmt.clone());
+                    // Close first (answer skipped) so that the Parse answers
+                    // on every shard alike, whether it held the statement or not.
+                    frontend::write_target(out, frontend::CLOSE, b'S', &stmt.server_name);
+                    leg.skip.push_back(false);
+                    if let Some(evicted) = leg.conn.statements.insert(&stmt) {
+                        frontend::write_target(out, frontend::CLOSE, b'S', &evicted.server_name);
+                        leg.skip.push_back(false);
+                    }
+                    frontend::write_parse(out, &stmt.server_name, &stmt.definition);
+                }
+                frontend::BIND => {
+                    let b = frontend::bind(f.body())?;
+                    if b.statement.is_empty() {
+                        self.unnamed_on(leg, out);
+                        out.extend_from_slice(&f.bytes);
+                        continue;
+                    }
+                    let Some(stmt) = self.statements.get(b.statement).cloned() else {
+                        // Unknown: the server reports it, as it would.
+                        out.extend_from_slice(&f.bytes);
+                        continue;
+                    };
+                    self.prepared_on(leg, &stmt, out);
+                    frontend::write_bind(out, b.portal, &stmt.server_name, b.rest);
+                }
+                frontend::DESCRIBE => {
+                    let (kind, name) = frontend::target(f.body(), "Describe")?;
+                    match (kind, self.statements.get(name).cloned()) {
+                        (b'S', Some(stmt)) if !name.is_empty() => {
+                            self.prepared_on(leg, &stmt, out);
+                            frontend::write_target(
+                                out,
+                                frontend::DESCRIBE,
+                                b'S',
+                                &stmt.server_name,
+                            );
+                        }
+                        (b'S', _) if name.is_empty() => {
+                            self.unnamed_on(leg, out);
+                            out.extend_from_slice(&f.bytes);
+                        }
+                        _ => out.extend_from_slice(&f.bytes),
+                    }
+                }
+                frontend::CLOSE => {
+                    let (kind, name) = frontend::target(f.body(), "Close")?;
+                    if kind == b'S' && !name.is_empty() {
+                        // Server statements stay for other clients; answer alike.
+                        self.statements.remove(name);
+                        frontend::write_target(out, frontend::CLOSE, b'S', b"_sl_never_prepared");
+                    } else {
+                        out.extend_from_slice(&f.bytes);
+                    }
+                }
+                _ => out.extend_from_slice(&f.bytes),
+            }
+        }
+        Ok(())
+    }
+
+    fn prepared_on(
+        &self,
+        leg: &mut Leg,
+        stmt: &Arc<super::prepared::Statement>,
+        out: &mut BytesMut,
+    ) {
+        if leg.conn.statements.contains(stmt.id) {
+            return;
+        }
+        if let Some(evicted) = leg.conn.statements.insert(stmt) {
+            frontend::write_target(out, frontend::CLOSE, b'S', &evicted.server_name);
+            leg.skip.push_back(false);
+        }
+        frontend::write_parse(out, &stmt.server_name, &stmt.definition);
+        leg.skip.push_back(false);
+    }
+
+    fn unnamed_on(&self, leg: &mut Leg, out: &mut BytesMut) {
+        if let Some((token, definition, ..)) = &self.unnamed {
+            if leg.conn.unnamed_token != *token {
+                leg.conn.unnamed_token = *token;
+                frontend::write_parse(out, b"", definition);
+                leg.skip.push_back(false);
+            }
+        }
+    }
+
+    /// Merges the shards' answers to one unit: up to its end (whether it
+    /// failed), or up to COPY FROM STDIN starting on every shard.
+    async fn merge(&mut self, legs: &mut [Leg]) -> Result<Merged, String> {
+        loop {
+            // One step: each shard's rows, then its next other message.
+            let mut ends: Vec<BytesMut> = Vec::with_capacity(legs.len());
+            for (i, leg) in legs.iter_mut().enumerate() {
+                loop {
+                    let msg = leg.next().await?;
+                    match msg[0] {
+                        backend::DATA_ROW | frontend::COPY_DATA => {
+                            self.client_out.extend_from_slice(&msg);
+                        }
+                        // Every shard says the same (e.g. "table does not
+                        // exist, skipping"): once is enough.
+                        backend::NOTICE_RESPONSE | backend::NOTIFICATION if i == 0 => {
+                            self.client_out.extend_from_slice(&msg);
+                        }
+                        backend::NOTICE_RESPONSE | backend::NOTIFICATION => {}
+                        backend::PARAMETER_STATUS => {}
+                        _ => {
+                            ends.push(msg);
+                            break;
+                        }
+                    }
+                }
+                if self.client_out.len() >= FLUSH_AT {
+                    self.write_client().await.map_err(|e| e.to_string())?;
+                }
+            }
+            let all_ready = ends.iter().all(|m| m[0] == backend::READY_FOR_QUERY);
+            if all_ready {
+                for leg in legs.iter_mut() {
+                    leg.done = true;
+                }
+                return Ok(Merged::Done(false));
+            }
+            if let Some(err) = ends.iter().find(|m| m[0] == backend::ERROR_RESPONSE) {
+                self.client_out.extend_from_slice(err);
+                // Every shard skips to its ReadyForQuery.
+                for (leg, end) in legs.iter_mut().zip(&ends) {
+                    if end[0] != backend::READY_FOR_QUERY {
+                        while leg.next().await?[0] != backend::READY_FOR_QUERY {}
+                    }
+                    leg.done = true;
+                }
+                return Ok(Merged::Done(true));
+            }
+            if ends.iter().any(|m| m[0] != ends[0][0]) {
+                return Err("shards answered the same statement differently".into());
+            }
+            let first = &ends[0];
+            if first[0] == backend::COMMAND_COMPLETE {
+                let counts: Option<Vec<(&[u8], u64)>> = ends
+                    .iter()
+                    .map(|m| tag_count(backend::command_tag(&m[5..])))
+                    .collect();
+                match counts {
+                    Some(c) => {
+                        let total: u64 = c.iter().map(|x| x.1).sum();
+                        let head = String::from_utf8_lossy(c[0].0);
+                        backend::command_complete(&mut self.client_out, &format!("{head} {total}"));
+                    }
+                    None => self.client_out.extend_from_slice(first),
+                }
+            } else if first[0] == backend::COPY_IN_RESPONSE {
+                self.client_out.extend_from_slice(first);
+                return Ok(Merged::CopyIn);
+            } else {
+                self.client_out.extend_from_slice(first);
+            }
+        }
+    }
+
+    /// Ends the proxy's BEGIN on every shard: COMMIT when the unit succeeded
+    /// everywhere, else ROLLBACK. A COMMIT failing after others succeeded
+    /// is reported (the one case where shards can disagree without
+    /// two-phase commit).
+    async fn finish_writes(&mut self, legs: &mut [Leg], failed: bool) {
+        let end = if failed { "ROLLBACK" } else { "COMMIT" };
+        let mut committed = Vec::new();
+        let mut errors = Vec::new();
+        for leg in legs.iter_mut() {
+            if !leg.done {
+                continue;
+            }
+            match leg.conn.simple_query(end).await {
+                Ok(_) => committed.push(leg.shard),
+                Err(e) => {
+                    leg.done = false;
+                    errors.push((leg.shard, e.to_string()));
+                }
+            }
+        }
+        if !failed && !errors.is_empty() {
+            let names = |v: &[usize]| {
+                v.iter()
+                    .map(|&s| self.shared.topology.shards[s].name.clone())
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            };
+            let failed_on: Vec<usize> = errors.iter().map(|e| e.0).collect();
+            let msg = format!(
+                "COMMIT failed on shard(s) {} ({}); it succeeded on shard(s) {}",
+                names(&failed_on),
+                errors
+                    .iter()
+                    .map(|e| e.1.as_str())
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                names(&committed)
+            );
+            tracing::error!(%msg, "multi-shard write partly committed");
+            PgError::error("40003", msg).encode(&mut self.client_out);
+        }
+    }
+
+    async fn write_client(&mut self) -> std::io::Result<()> {
+        self.login.stream.write_all(&self.client_out).await?;
+        self.login.stream.flush().await?;
+        self.client_out.clear();
+        Ok(())
+    }
+
+    /// COPY FROM STDIN split by row: the client's data is read here, each
+    /// row sent to the shard owning its key (every shard for a reference
+    /// table), streaming.
+    async fn merge_copy(
+        &mut self,
+        legs: &mut [Leg],
+        sh: &shardline_router::sharding::Sharding,
+        mut c: CopyIn,
+        simple: bool,
+    ) -> Result<bool, String> {
+        let group = match sh.table(&c.table) {
+            shardline_router::sharding::TableKind::Sharded(r) => Some(r.group),
+            _ => None,
+        };
+        let mut error: Option<String> = None;
+        if group.is_some() && c.key_column.is_none() {
+            c.key_column = self.key_position(&c).await;
+            if c.key_column.is_none() {
+                error = Some(format!(
+                    "cannot find the sharding key column \"{}\" of table \"{}\" for COPY; name the columns in the COPY",
+                    c.column, c.table
+                ));
+            }
+        }
+        if c.binary && group.is_some() {
+            error = Some(
+                "COPY in binary format into a sharded table is not supported; use text or CSV"
+                    .into(),
+            );
+        }
+        self.write_client().await.map_err(|e| e.to_string())?;
+        let mut splitter = RowSplitter::new(c.clone());
+        let mut outs: Vec<BytesMut> = legs.iter().map(|_| BytesMut::new()).collect();
+        let shard_list: Vec<usize> = legs.iter().map(|l| l.shard).collect();
+        let index_of = |shard: usize| shard_list.iter().position(|&l| l == shard);
+        loop {
+            let frame = loop {
+                match next_frame(&mut self.client_in, self.shared.max_message_size) {
+                    Ok(Some(f)) => break f,
+                    Ok(None) => {}
+                    Err(e) => return Err(e.to_string()),
+                }
+                let n = self
+                    .login
+                    .stream
+                    .read_buf(&mut self.client_in)
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if n == 0 {
+                    return Err("client closed the connection during COPY".into());
+                }
+            };
+            match frame.tag {
+                frontend::COPY_DATA => {
+                    if error.is_some() {
+                        continue;
+                    }
+                    let data = &frame.bytes[5..];
+                    if let Some(g) = group {
+                        let gr = &sh.groups[g];
+                        let r = splitter.push(data, |row, key| {
+                            let shard = match key {
+                                KeyField::Header => None,
+                                KeyField::Null => Some(gr.shard_of(None)),
+                                KeyField::Value(v) => match gr.key_from_text(&v) {
+                                    Some(k) => Some(gr.shard_of(Some(&k))),
+                                    None => {
+                                        return Err(format!(
+                                            "invalid sharding key \"{v}\" in COPY data"
+                                        ))
+                                    }
+                                },
+                            };
+                            match shard {
+                                None => {
+                                    for o in outs.iter_mut() {
+                                        put_copy_data(o, row);
+                                    }
+                                }
+                                Some(Ok(s)) => {
+                                    if let Some(i) = index_of(s) {
+                                        put_copy_data(&mut outs[i], row);
+                                    }
+                                }
+                                Some(Err(e)) => return Err(e),
+                            }
+                            Ok(())
+                        });
+                        if let Err(e) = r {
+                            error = Some(e);
+                            continue;
+                        }
+                    } else {
+                        for o in outs.iter_mut() {
+                            put_copy_data(o, data);
+                        }
+                    }
+                    for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
+                        if out.len() >= FLUSH_AT {
+                            leg.conn
+                                .stream
+                                .write_all(out)
+                                .await
+                                .map_err(|e| e.to_string())?;
+                            out.clear();
+                        }
+                    }
+                }
+                frontend::COPY_DONE | frontend::COPY_FAIL => {
+                    if group.is_some() && error.is_none() {
+                        if let Err(e) = splitter.finish(|row, key| {
+                            let gr = &sh.groups[group.unwrap_or(0)];
+                            let shard = match key {
+                                KeyField::Header => return Ok(()),
+                                KeyField::Null => gr.shard_of(None)?,
+                                KeyField::Value(v) => match gr.key_from_text(&v) {
+                                    Some(k) => gr.shard_of(Some(&k))?,
+                                    None => {
+                                        return Err(format!(
+                                            "invalid sharding key \"{v}\" in COPY data"
+                                        ))
+                                    }
+                                },
+                            };
+                            if let Some(i) = index_of(shard) {
+                                put_copy_data(&mut outs[i], row);
+                            }
+                            Ok(())
+                        }) {
+                            error = Some(e);
+                        }
+                    }
+                    let fail = frame.tag == frontend::COPY_FAIL || error.is_some();
+                    for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
+                        if fail {
+                            out.clear();
+                            backend::put_message(out, frontend::COPY_FAIL, |b| {
+                                backend::put_cstr(
+                                    b,
+                                    error
+                                        .as_deref()
+                                        .unwrap_or("COPY cancelled by the client")
+                                        .as_bytes(),
+                                )
+                            });
+                        } else {
+                            backend::put_message(out, frontend::COPY_DONE, |_| {});
+                        }
+                        leg.conn
+                            .stream
+                            .write_all(out)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                        out.clear();
+                    }
+                    if !simple {
+                        // The servers ignored the Sync sent with the COPY;
+                        // they answer the one after CopyDone.
+                        self.forward_next_sync(legs).await?;
+                    }
+                    break;
+                }
+                frontend::FLUSH | frontend::SYNC => {}
+                _ => return Err("unexpected message during COPY".into()),
+            }
+        }
+        if let Some(e) = &error {
+            // The shards report their own error for the CopyFail; ours is clearer.
+            self.merge_quiet(legs).await?;
+            let code = if e.starts_with("invalid sharding key") {
+                "22P04"
+            } else {
+                sqlstate::FEATURE_NOT_SUPPORTED
+            };
+            PgError::error(code, e.clone()).encode(&mut self.client_out);
+            return Ok(true);
+        }
+        match self.merge(legs).await? {
+            Merged::Done(failed) => Ok(failed),
+            Merged::CopyIn => Err("a second COPY in one unit".into()),
+        }
+    }
+
+    /// Waits for the client's next Sync and sends it to every shard.
+    async fn forward_next_sync(&mut self, legs: &mut [Leg]) -> Result<(), String> {
+        loop {
+            match next_frame(&mut self.client_in, self.shared.max_message_size) {
+                Ok(Some(f)) if f.tag == frontend::SYNC => {
+                    for leg in legs.iter_mut() {
+                        leg.conn
+                            .stream
+                            .write_all(&f.bytes)
+                            .await
+                            .map_err(|e| e.to_string())?;
+                    }
+                    return Ok(());
+                }
+                Ok(Some(_)) => continue,
+                Ok(None) => {}
+                Err(e) => return Err(e.to_string()),
+            }
+            let n = self
+                .login
+                .stream
+                .read_buf(&mut self.client_in)
+                .await
+                .map_err(|e| e.to_string())?;
+            if n == 0 {
+                return Err("client closed the connection during COPY".into());
+            }
+        }
+    }
+
+    /// Reads every shard to its ReadyForQuery, forwarding nothing.
+    async fn merge_quiet(&mut self, legs: &mut [Leg]) -> Result<bool, String> {
+        for leg in legs.iter_mut() {
+            while leg.next().await?[0] != backend::READY_FOR_QUERY {}
+            leg.done = true;
+        }
+        Ok(true)
+    }
+
+    /// The key column's position in the table (a COPY naming no columns).
+    async fn key_position(&self, c: &CopyIn) -> Option<usize> {
+        let sh = self.shared.sharding.clone()?;
+        let mut tried = 0;
+        let (mut conn, _, _) = self
+            .borrow(sh.default_shard, Target::Primary, &mut tried)
+            .await
+            .ok()?;
+        let sql = format!(
+            "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = '{}'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
+            c.table.replace('\'', "''")
+        );
+        let (rows, _) = conn.simple_query(&sql).await.ok()?;
+        rows.iter()
+            .position(|r| r.first().and_then(|x| x.as_deref()) == Some(c.column.as_str()))
+    }
+}
+
+fn put_copy_data(out: &mut BytesMut, row: &[u8]) {
+    out.put_u8(frontend::COPY_DATA);
+    out.put_i32(row.len() as i32 + 4);
+    out.extend_from_slice(row);
+}
+
+/// The key field of one COPY row.
+enum KeyField {
+    /// A CSV header line: goes to every shard.
+    Header,
+    Null,
+    Value(String),
+}
+
+/// Cuts COPY text/CSV data into rows (across CopyData boundaries) and
+/// reads each row's key field.
+struct RowSplitter {
+    c: CopyIn,
+    partial: BytesMut,
+    header_pending: bool,
+}
+
+impl RowSplitter {
+    fn new(c: CopyIn) -> RowSplitter {
+        RowSplitter {
+            header_pending: c.header,
+            c,
+            partial: BytesMut::new(),
+        }
+    }
+
+    fn push(
+        &mut self,
+        data: &[u8],
+        mut emit: impl FnMut(&[u8], KeyField) -> Result<(), String>,
+    ) -> Result<(), String> {
+        self.partial.extend_from_slice(data);
+        let mut start = 0;
+        let mut in_quotes = false;
+        let buf = std::mem::take(&mut self.partial);
+        let mut i = 0;
+        while i < buf.len() {
+            let b = buf[i];
+            if self.c.csv {
+                if b == self.c.quote {
+                    in_quotes = !in_quotes;
+                } else if in_quotes && b == self.c.escape && self.c.escape != self.c.quote {
+                    i += 1;
+                }
+            } else if b == b'\\' {
+                i += 2;
+                continue;
+            }
+            if b == b'\n' && !in_quotes {
+                let row = &buf[start..=i];
+                self.row(row, &mut emit)?;
+                start = i + 1;
+            }
+            i += 1;
+        }
+        self.partial = BytesMut::from(&buf[start..]);
+        Ok(())
+    }
+
+    fn finish(
+        &mut self,
+        mut emit: impl FnMut(&[u8], KeyField) -> Result<(), String>,
+    ) -> Result<(), String> {
+        if self.partial.is_empty() {
+            return Ok(());
+        }
+        let rest = std::mem::take(&mut self.partial);
+        self.row(&rest, &mut emit)
+    }
+
+    fn row(
+        &mut self,
+        row: &[u8],
+        emit: &mut impl FnMut(&[u8], KeyField) -> Result<(), String>,
+    ) -> Result<(), String> {
+        if std::mem::take(&mut self.header_pending) {
+            return emit(row, KeyField::Header);
+        }
+        let line = row.strip_suffix(b"\n").unwrap_or(row);
+        let line = line.strip_suffix(b"\r").unwrap_or(line);
+        if !self.c.csv && line == b"\\." {
+            return Ok(());
+        }
+        let field = self
+            .field(line)
+            .ok_or("a COPY row has fewer columns than the key's position")?;
+        emit(row, field)
+    }
+
+    fn field(&self, line: &[u8]) -> Option<KeyField> {
+        let want = self.c.key_column?;
+        let d = self.c.delimiter;
+        let mut col = 0;
+        let mut i = 0;
+        let mut cur: Vec<u8> = Vec::new();
+        let mut quoted_any = false;
+        let mut in_quotes = false;
+        while i <= line.len() {
+            let end = i == line.len();
+            let b = if end { d } else { line[i] };
+            if self.c.csv {
+                if in_quotes {
+                    if b == self.c.escape && line.get(i + 1) == Some(&self.c.quote) && !end {
+                        cur.push(self.c.quote);
+                        i += 2;
+                        continue;
+                    }
+                    if b == self.c.quote && !end {
+                        in_quotes = false;
+                        i += 1;
+                        continue;
+                    }
+                    if !end {
+                        cur.push(b);
+                        i += 1;
+                        continue;
+                    }
+                } else if b == self.c.quote && !end {
+                    in_quotes = true;
+                    quoted_any = true;
+                    i += 1;
+                    continue;
+                }
+            } else if b == b'\\' && !end {
+                let next = *line.get(i + 1)?;
+                cur.push(match next {
+                    b'n' => b'\n',
+                    b't' => b'\t',
+                    b'r' => b'\r',
+                    b'b' => 8,
+                    b'f' => 12,
+                    b'v' => 11,
+                    b'N' => {
+                        if col == want && cur.is_empty() {
+                            // \N alone is NULL.
+                            i += 2;
+                            if i == line.len() || line[i] == d {
+                                return Some(KeyField::Null);
+                            }
+                            continue;
+                        }
+                        b'N'
+                    }
+                    other => other,
+                });
+                i += 2;
+                continue;
+            }
+            if b == d {
+                if col == want {
+                    let text = String::from_utf8_lossy(&cur).into_owned();
+                    if self.c.csv && !quoted_any && text == self.c.null {
+                        return Some(KeyField::Null);
+                    }
+                    return Some(KeyField::Value(text));
+                }
+                col += 1;
+                cur.clear();
+                quoted_any = false;
+                i += 1;
+                continue;
+            }
+            cur.push(b);
+            i += 1;
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn copy(csv: bool, key: usize) -> CopyIn {
+        CopyIn {
+            key_column: Some(key),
+            column: "id".into(),
+            table: "t".into(),
+            csv,
+            binary: false,
+            header: false,
+            delimiter: if csv { b',' } else { b'\t' },
+            null: if csv { String::new() } else { "\\N".into() },
+            quote: b'"',
+            escape: b'"',
+        }
+    }
+
+    fn keys(c: CopyIn, chunks: &[&[u8]]) -> Vec<String> {
+        let mut s = RowSplitter::new(c);
+        let mut out = Vec::new();
+        let mut f = |row: &[u8], k: KeyField| {
+            out.push(match k {
+                KeyField::Header => "H".to_string(),
+                KeyField::Null => "NULL".to_string(),
+                KeyField::Value(v) => format!("{v}|{}", String::from_utf8_lossy(row).trim_end()),
+            });
+            Ok(())
+        };
+        for c in chunks {
+            s.push(c, &mut f).unwrap();
+        }
+        s.finish(&mut f).unwrap();
+        out
+    }
+
+    #[test]
+    fn text_rows_split_across_chunks() {
+        let got = keys(
+            copy(false, 1),
+            &[b"a\t1\tx\nb\\\tq\t2", b"2\ty\n\\N\t\\N\n", b"c\t3"],
+        );
+        assert_eq!(got, vec!["1|a\t1\tx", "22|b\\\tq\t22\ty", "NULL", "3|c\t3"]);
+    }
+
+    #[test]
+    fn csv_quotes_hold_newlines_and_delimiters() {
+        let got = keys(
+            copy(true, 0),
+            &[b"\"1\",\"a,\nb\"\n", b"2,\"x\"\"y\"\n,z\n"],
+        );
+        assert_eq!(got, vec!["1|\"1\",\"a,\nb\"", "2|2,\"x\"\"y\"", "NULL"]);
+    }
+
+    #[test]
+    fn command_tags_sum() {
+        assert_eq!(tag_count(b"INSERT 0 3"), Some((&b"INSERT 0"[..], 3)));
+        assert_eq!(tag_count(b"UPDATE 7"), Some((&b"UPDATE"[..], 7)));
+        assert_eq!(tag_count(b"CREATE TABLE"), None);
+    }
+}

@@ -1,0 +1,665 @@
+//! Sharding by key against real Postgres: two shards (each a primary), the
+//! proxy in front. Placement is checked by the servers themselves: native
+//! hash partitions that accept only their own rows, and direct queries on
+//! each shard compared with the router's ring.
+
+use shardline_config::Config;
+use shardline_router::hash::{self, KeyValue};
+use shardline_router::sharding::Sharding;
+use shardline_tests::{sqlstate, Env, EnvOptions};
+use std::collections::BTreeSet;
+
+const SHARDING: &str = r#"
+[sharding]
+function = "consistent"
+
+[[sharding.tables]]
+name = "users"
+column = "id"
+[[sharding.tables]]
+name = "orders"
+column = "user_id"
+[[sharding.tables]]
+name = "items"
+column = "id"
+group = "native"
+[[sharding.tables]]
+name = "tags"
+column = "name"
+group = "native_text"
+
+[[sharding.groups]]
+name = "native"
+function = "pg_hash"
+[[sharding.groups]]
+name = "native_text"
+function = "pg_hash"
+key_type = "text"
+
+[[reference_tables]]
+name = "countries"
+"#;
+
+/// The server's (or proxy's) error message.
+fn text(e: &tokio_postgres::Error) -> String {
+    e.as_db_error()
+        .map_or_else(|| e.to_string(), |d| d.message().to_string())
+}
+
+async fn env() -> Env {
+    Env::start_with(EnvOptions {
+        shards: 2,
+        replicas_per_shard: 0,
+        extra_toml: SHARDING.into(),
+        ..EnvOptions::default()
+    })
+    .await
+    .expect("two shards")
+}
+
+fn sharding(env: &Env) -> Sharding {
+    Sharding::from_config(&Config::from_toml(&env.config_text, "t").expect("config"))
+}
+
+/// The shard the config places an int key of `users` on.
+fn owner(sh: &Sharding, k: i64) -> usize {
+    sh.groups[0]
+        .shard_of(Some(&KeyValue::Int(k)))
+        .expect("shard")
+}
+
+async fn schema(env: &Env) {
+    let c = env.connect().await;
+    c.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text, country text);
+         CREATE TABLE orders (id bigint, user_id bigint, amount numeric(12,2), PRIMARY KEY (user_id, id));
+         CREATE TABLE countries (code text PRIMARY KEY, name text);",
+    )
+    .await
+    .expect("DDL through the proxy");
+}
+
+/// Postgres's own hash functions agree with the router's on thousands of
+/// values: integers at the extremes, unicode and empty text, uuids.
+#[tokio::test]
+async fn hashing_matches_the_servers_functions() {
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: 0,
+        ..EnvOptions::default()
+    })
+    .await
+    .expect("env");
+    let c = env.connect_shard(0).await;
+    let mut rng = 0x2545F4914F6CDD1Du64;
+    let mut next = || {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng
+    };
+    let mut ints: Vec<i64> = vec![
+        0,
+        1,
+        -1,
+        i64::MIN,
+        i64::MAX,
+        i32::MIN as i64,
+        i32::MAX as i64,
+    ];
+    ints.extend((0..3000).map(|_| next() as i64));
+    ints.extend((0..1000).map(|_| (next() % 2000) as i64 - 1000));
+    let rows = c
+        .query(
+            "SELECT k, hashint8extended(k, 8816678312871386365) FROM unnest($1::bigint[]) k",
+            &[&ints],
+        )
+        .await
+        .expect("server hashes");
+    for r in &rows {
+        let (k, h): (i64, i64) = (r.get(0), r.get(1));
+        assert_eq!(KeyValue::Int(k).hash(), h as u64, "int {k}");
+    }
+    let alphabet: Vec<char> = "aZ09 _-éü中文😀\u{7f}'\"\\ß".chars().collect();
+    let mut texts: Vec<String> = vec![String::new(), "a".into(), "😀".into()];
+    for _ in 0..2000 {
+        let len = (next() % 40) as usize;
+        texts.push(
+            (0..len)
+                .map(|_| alphabet[(next() % alphabet.len() as u64) as usize])
+                .collect(),
+        );
+    }
+    let rows = c
+        .query(
+            "SELECT k, hashtextextended(k, 8816678312871386365) FROM unnest($1::text[]) k",
+            &[&texts],
+        )
+        .await
+        .expect("server hashes");
+    assert_eq!(rows.len(), texts.len());
+    for r in &rows {
+        let (k, h): (String, i64) = (r.get(0), r.get(1));
+        assert_eq!(KeyValue::Text(k.clone()).hash(), h as u64, "text {k:?}");
+    }
+    let uuids: Vec<String> = (0..1000)
+        .map(|_| {
+            let (a, b) = (next(), next());
+            format!(
+                "{:08x}-{:04x}-{:04x}-{:04x}-{:012x}",
+                a >> 32,
+                (a >> 16) & 0xffff,
+                a & 0xffff,
+                b >> 48,
+                b & 0xffff_ffff_ffff
+            )
+        })
+        .collect();
+    let rows = c
+        .query(
+            "SELECT k, uuid_hash_extended(k::uuid, 8816678312871386365) FROM unnest($1::text[]) k",
+            &[&uuids],
+        )
+        .await
+        .expect("server hashes");
+    for r in &rows {
+        let (k, h): (String, i64) = (r.get(0), r.get(1));
+        let u = hash::parse_uuid(&k).expect("uuid");
+        assert_eq!(KeyValue::Uuid(u).hash(), h as u64, "uuid {k}");
+    }
+    // Two-column keys combine as native partitioning does.
+    c.batch_execute(
+        "CREATE TABLE mc (a bigint, b text) PARTITION BY HASH (a, b);
+         CREATE TABLE mc0 PARTITION OF mc FOR VALUES WITH (MODULUS 5, REMAINDER 0);
+         CREATE TABLE mc1 PARTITION OF mc FOR VALUES WITH (MODULUS 5, REMAINDER 1);
+         CREATE TABLE mc2 PARTITION OF mc FOR VALUES WITH (MODULUS 5, REMAINDER 2);
+         CREATE TABLE mc3 PARTITION OF mc FOR VALUES WITH (MODULUS 5, REMAINDER 3);
+         CREATE TABLE mc4 PARTITION OF mc FOR VALUES WITH (MODULUS 5, REMAINDER 4);
+         INSERT INTO mc SELECT g, 't' || g FROM generate_series(-500, 500) g;",
+    )
+    .await
+    .expect("partitioned table");
+    let rows = c
+        .query("SELECT a, b, tableoid::regclass::text FROM mc", &[])
+        .await
+        .expect("rows");
+    for r in &rows {
+        let (a, b, part): (i64, String, String) = (r.get(0), r.get(1), r.get(2));
+        let h = hash::row_hash([Some(&KeyValue::Int(a)), Some(&KeyValue::Text(b))]);
+        assert_eq!(format!("mc{}", h % 5), part, "({a}, ...)");
+    }
+}
+
+/// `pg_hash` places rows exactly as native hash partitioning: each shard
+/// holds only its own partition, so a misrouted row fails to insert.
+#[tokio::test]
+async fn pg_hash_placement_is_checked_by_native_partitions() {
+    let env = env().await;
+    for shard in 0..2 {
+        env.sql_shard(
+            shard,
+            &format!(
+                "CREATE TABLE items (id bigint, v text) PARTITION BY HASH (id);
+                 CREATE TABLE items_{shard} PARTITION OF items FOR VALUES WITH (MODULUS 2, REMAINDER {shard});
+                 CREATE TABLE tags (name text, n int) PARTITION BY HASH (name);
+                 CREATE TABLE tags_{shard} PARTITION OF tags FOR VALUES WITH (MODULUS 2, REMAINDER {shard});
+                 GRANT ALL ON items, tags TO app;"
+            ),
+        );
+    }
+    let c = env.connect().await;
+    // One row at a time, by the simple and extended protocols.
+    for k in -200i64..200 {
+        c.batch_execute(&format!("INSERT INTO items (id, v) VALUES ({k}, 'simple')"))
+            .await
+            .unwrap_or_else(|e| panic!("simple insert {k}: {e}"));
+        c.execute(
+            "INSERT INTO items (id, v) VALUES ($1, 'extended')",
+            &[&(k + 10_000)],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("extended insert {k}: {e}"));
+    }
+    // Multi-row INSERT split by shard, and COPY split by row.
+    let values: Vec<String> = (20_000..20_500)
+        .map(|k| format!("({k}, 'multi')"))
+        .collect();
+    let n = c
+        .execute(
+            &format!("INSERT INTO items (id, v) VALUES {}", values.join(",")),
+            &[],
+        )
+        .await
+        .expect("multi-row insert");
+    assert_eq!(n, 500);
+    let names: Vec<String> = (0..300).map(|i| format!("tag-{i}-ü")).collect();
+    for (i, name) in names.iter().enumerate() {
+        c.execute(
+            "INSERT INTO tags (name, n) VALUES ($1, $2)",
+            &[name, &(i as i32)],
+        )
+        .await
+        .unwrap_or_else(|e| panic!("tag {name}: {e}"));
+    }
+    let rows = c
+        .query(
+            "SELECT id FROM items WHERE id = ANY($1)",
+            &[&vec![1i64, 2, 3]],
+        )
+        .await
+        .expect("ANY over both shards");
+    assert_eq!(rows.len(), 3);
+    let mut per_shard = Vec::new();
+    for shard in 0..2 {
+        let n: i64 = env
+            .sql_shard(shard, "SELECT count(*) FROM items")
+            .parse()
+            .expect("count");
+        let t: i64 = env
+            .sql_shard(shard, "SELECT count(*) FROM tags")
+            .parse()
+            .expect("count");
+        per_shard.push((n, t));
+    }
+    assert_eq!(per_shard.iter().map(|p| p.0).sum::<i64>(), 1300);
+    assert_eq!(per_shard.iter().map(|p| p.1).sum::<i64>(), 300);
+    assert!(
+        per_shard.iter().all(|p| p.0 > 0 && p.1 > 0),
+        "{per_shard:?}"
+    );
+}
+
+/// Consistent hashing: 10k rows loaded through the proxy, each shard
+/// queried directly holds only the keys the ring gives it.
+#[tokio::test]
+async fn consistent_ring_places_every_row_where_the_ring_says() {
+    let env = env().await;
+    schema(&env).await;
+    let sh = sharding(&env);
+    let c = env.connect().await;
+    for chunk in (0..10_000i64).collect::<Vec<_>>().chunks(1000) {
+        let values: Vec<String> = chunk
+            .iter()
+            .map(|k| format!("({k}, 'u{k}', 'fr')"))
+            .collect();
+        c.batch_execute(&format!(
+            "INSERT INTO users (id, name, country) VALUES {}",
+            values.join(",")
+        ))
+        .await
+        .expect("insert");
+    }
+    let mut seen = 0;
+    for shard in 0..2 {
+        let ids = env.sql_shard(shard, "SELECT string_agg(id::text, ',') FROM users");
+        for id in ids.split(',').filter(|s| !s.is_empty()) {
+            let k: i64 = id.parse().expect("id");
+            assert_eq!(owner(&sh, k), shard, "key {k} on the wrong shard");
+            seen += 1;
+        }
+    }
+    assert_eq!(seen, 10_000);
+    // Reads without a key see every row once, concatenated.
+    let rows = c
+        .query("SELECT id FROM users WHERE country = 'fr'", &[])
+        .await
+        .expect("scatter");
+    assert_eq!(rows.len(), 10_000);
+    let n = c
+        .execute("UPDATE users SET country = 'de' WHERE name LIKE 'u1%'", &[])
+        .await
+        .expect("broadcast");
+    assert_eq!(
+        n,
+        1 + 10 + 100 + 1000,
+        "the command tag sums every shard's count"
+    );
+    let deleted = c
+        .execute("DELETE FROM users WHERE country = 'de'", &[])
+        .await
+        .expect("broadcast delete");
+    assert_eq!(deleted, 1111);
+    let err = c
+        .query("SELECT id FROM users ORDER BY id", &[])
+        .await
+        .expect_err("needs a merge");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    assert!(text(&err).contains("ORDER BY"), "{err}");
+    let err = c
+        .query("SELECT count(*) FROM users", &[])
+        .await
+        .expect_err("needs a merge");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
+}
+
+/// Point statements reach exactly the owning shard; IN lists and ANY($1)
+/// reach exactly the owning subset; prepared statements route per
+/// execution; co-located joins run on one shard.
+#[tokio::test]
+async fn keys_route_to_their_shards() {
+    let env = env().await;
+    schema(&env).await;
+    let sh = sharding(&env);
+    let ports: Vec<i32> = (0..2)
+        .map(|s| env.node_port(env.shard_primary(s)) as i32)
+        .collect();
+    let c = env.connect().await;
+    for k in 0..40i64 {
+        c.execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[&k])
+            .await
+            .expect("insert");
+        c.execute(
+            "INSERT INTO orders (id, user_id, amount) VALUES (1, $1, 9.5), (2, $1, 0.5)",
+            &[&k],
+        )
+        .await
+        .expect("co-located insert");
+    }
+    let stmt = c
+        .prepare("SELECT inet_server_port() FROM users WHERE id = $1")
+        .await
+        .expect("prepare");
+    for k in 0..40i64 {
+        let port: i32 = c.query_one(&stmt, &[&k]).await.expect("point read").get(0);
+        assert_eq!(port, ports[owner(&sh, k)], "prepared, key {k}");
+        let rows = c
+            .simple_query(&format!(
+                "SELECT inet_server_port() FROM users WHERE id = {k}"
+            ))
+            .await
+            .expect("simple");
+        let port: i32 = rows
+            .iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).and_then(|p| p.parse().ok()),
+                _ => None,
+            })
+            .expect("a row");
+        assert_eq!(port, ports[owner(&sh, k)], "simple, key {k}");
+        let r = c
+            .query_one(
+                "UPDATE users SET name = 'm' WHERE id = $1 RETURNING inet_server_port()",
+                &[&k],
+            )
+            .await
+            .expect("update");
+        assert_eq!(r.get::<_, i32>(0), ports[owner(&sh, k)]);
+        let rows = c
+            .query(
+                "SELECT u.id, o.amount, inet_server_port() FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = $1",
+                &[&k],
+            )
+            .await
+            .expect("co-located join");
+        assert_eq!(rows.len(), 2);
+    }
+    // IN and ANY reach exactly the shards owning their keys.
+    let same: Vec<i64> = (0..40).filter(|&k| owner(&sh, k) == 1).take(3).collect();
+    let rows = c
+        .query(
+            "SELECT DISTINCT inet_server_port() FROM users WHERE id = ANY($1)",
+            &[&same],
+        )
+        .await
+        .expect("one shard: DISTINCT is fine");
+    assert_eq!(rows.len(), 1);
+    assert_eq!(rows[0].get::<_, i32>(0), ports[1]);
+    let both = [
+        same[0],
+        (0..40).find(|&k| owner(&sh, k) == 0).expect("a key on s0"),
+    ];
+    let rows = c
+        .query(
+            "SELECT inet_server_port(), id FROM users WHERE id IN ($1, $2)",
+            &[&both[0], &both[1]],
+        )
+        .await
+        .expect("two shards");
+    let got: BTreeSet<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(got, ports.iter().copied().collect());
+    // Hints.
+    for (sql, port) in [
+        (
+            "/* shardline: shard=s1 */ SELECT inet_server_port()",
+            ports[1],
+        ),
+        (
+            "/* shardline: shard=s0 */ SELECT inet_server_port()",
+            ports[0],
+        ),
+    ] {
+        let r = c.query_one(sql, &[]).await.expect("hinted");
+        assert_eq!(r.get::<_, i32>(0), port, "{sql}");
+    }
+    let k = same[0];
+    let r = c
+        .query_one(
+            &format!("/* shardline: key={k} */ SELECT inet_server_port()"),
+            &[],
+        )
+        .await
+        .expect("key hint");
+    assert_eq!(r.get::<_, i32>(0), ports[1]);
+    c.batch_execute("SET shardline.shard = s1")
+        .await
+        .expect("set shard");
+    let r = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .expect("session shard");
+    assert_eq!(r.get::<_, i32>(0), ports[1]);
+    c.batch_execute("RESET shardline.shard")
+        .await
+        .expect("reset shard");
+    let err = c
+        .batch_execute("SET shardline.shard = nope")
+        .await
+        .expect_err("unknown shard");
+    assert_eq!(sqlstate(&err).as_deref(), Some("22023"));
+}
+
+/// What would be wrong across shards is refused, and a transaction that
+/// would write on two shards leaves nothing behind.
+#[tokio::test]
+async fn refusals_leave_nothing_half_done() {
+    let env = env().await;
+    schema(&env).await;
+    let sh = sharding(&env);
+    let a = (0..100).find(|&k| owner(&sh, k) == 0).expect("s0 key");
+    let b = (0..100).find(|&k| owner(&sh, k) == 1).expect("s1 key");
+    let c = env.connect().await;
+    c.execute("INSERT INTO users (id, name) VALUES ($1, 'a')", &[&a])
+        .await
+        .expect("insert");
+    let err = c
+        .execute(&format!("UPDATE users SET id = {b} WHERE id = {a}"), &[])
+        .await
+        .expect_err("key change across shards");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
+    assert!(text(&err).contains("sharding key"), "{err}");
+
+    // A transaction on s0 that then writes on s1: refused at that statement.
+    let k0 = (200..400).find(|&k| owner(&sh, k) == 0).expect("s0");
+    let k1 = (200..400).find(|&k| owner(&sh, k) == 1).expect("s1");
+    c.batch_execute("BEGIN").await.expect("begin");
+    c.execute("INSERT INTO users (id, name) VALUES ($1, 'tx')", &[&k0])
+        .await
+        .expect("first shard");
+    let err = c
+        .execute("INSERT INTO users (id, name) VALUES ($1, 'tx')", &[&k1])
+        .await
+        .expect_err("second shard");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    assert!(text(&err).contains("one shard"), "{err}");
+    let err = c
+        .execute("SELECT 1", &[])
+        .await
+        .expect_err("transaction is failed");
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"));
+    c.batch_execute("COMMIT")
+        .await
+        .expect("commit becomes rollback");
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(shard, "SELECT count(*) FROM users WHERE name = 'tx'"),
+            "0"
+        );
+    }
+    // A multi-row INSERT spanning shards inside a transaction: refused too.
+    c.batch_execute("BEGIN").await.expect("begin");
+    let err = c
+        .batch_execute(&format!(
+            "INSERT INTO users (id, name) VALUES ({k0}, 'tx'), ({k1}, 'tx')"
+        ))
+        .await
+        .expect_err("multi-shard write in a transaction");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
+    c.batch_execute("ROLLBACK").await.expect("rollback");
+    // The session goes on working.
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users WHERE id = $1", &[&a])
+        .await
+        .expect("alive")
+        .get(0);
+    assert_eq!(n, 1);
+    // Broadcast writes are all-or-nothing: a failure on one shard rolls
+    // back the others.
+    c.execute("INSERT INTO users (id, name) VALUES ($1, 'b')", &[&b])
+        .await
+        .expect("insert");
+    env.sql_shard(
+        1,
+        "ALTER TABLE users ADD CONSTRAINT no_z CHECK (name <> 'z')",
+    );
+    let err = c
+        .execute("UPDATE users SET name = 'z'", &[])
+        .await
+        .expect_err("fails on s1");
+    assert_eq!(sqlstate(&err).as_deref(), Some("23514"));
+    assert_eq!(
+        env.sql_shard(0, &format!("SELECT name FROM users WHERE id = {a}")),
+        "a"
+    );
+}
+
+/// DDL reaches every shard; reference tables stay identical everywhere;
+/// COPY splits rows by key in text and CSV.
+#[tokio::test]
+async fn broadcast_reference_tables_and_copy() {
+    let env = env().await;
+    schema(&env).await;
+    let sh = sharding(&env);
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(shard, "SELECT count(*) FROM pg_tables WHERE tablename IN ('users', 'orders', 'countries')"),
+            "3"
+        );
+    }
+    let c = env.connect().await;
+    c.execute(
+        "INSERT INTO countries VALUES ('fr', 'France'), ('de', 'Germany')",
+        &[],
+    )
+    .await
+    .expect("reference insert");
+    c.execute(
+        "UPDATE countries SET name = 'République française' WHERE code = 'fr'",
+        &[],
+    )
+    .await
+    .expect("reference update");
+    let dump = |shard| {
+        env.sql_shard(
+            shard,
+            "SELECT string_agg(code || '=' || name, ',' ORDER BY code) FROM countries",
+        )
+    };
+    assert_eq!(dump(0), dump(1));
+    assert!(dump(0).contains("République"));
+    for _ in 0..4 {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM countries", &[])
+            .await
+            .expect("read")
+            .get(0);
+        assert_eq!(n, 2);
+    }
+    // COPY FROM STDIN, text and CSV, split by key.
+    use futures_util::SinkExt;
+    let sink = c
+        .copy_in("COPY users (id, name, country) FROM STDIN")
+        .await
+        .expect("copy text");
+    let mut data = String::new();
+    for k in 0..3000 {
+        data.push_str(&format!("{k}\tname\\t{k}\t\\N\n"));
+    }
+    futures_util::pin_mut!(sink);
+    for chunk in data.as_bytes().chunks(777) {
+        sink.send(bytes::Bytes::copy_from_slice(chunk))
+            .await
+            .expect("send");
+    }
+    let n = sink.finish().await.expect("copy done");
+    assert_eq!(n, 3000);
+    let sink = c
+        .copy_in("COPY users FROM STDIN WITH (FORMAT csv, HEADER true)")
+        .await
+        .expect("copy csv");
+    futures_util::pin_mut!(sink);
+    let mut csv = String::from("id,name,country\n");
+    for k in 3000..4000 {
+        csv.push_str(&format!("{k},\"a, \"\"quoted\"\"\nname\",fr\n"));
+    }
+    sink.send(bytes::Bytes::from(csv)).await.expect("send");
+    assert_eq!(sink.finish().await.expect("csv done"), 1000);
+    let mut total = 0;
+    for shard in 0..2 {
+        let ids = env.sql_shard(shard, "SELECT string_agg(id::text, ',') FROM users");
+        for id in ids.split(',').filter(|s| !s.is_empty()) {
+            let k: i64 = id.parse().expect("id");
+            assert_eq!(owner(&sh, k), shard, "key {k}");
+            total += 1;
+        }
+    }
+    assert_eq!(total, 4000);
+    let name: String = c
+        .query_one("SELECT name FROM users WHERE id = 3001", &[])
+        .await
+        .expect("csv row")
+        .get(0);
+    assert_eq!(name, "a, \"quoted\"\nname");
+    // COPY TO STDOUT reads every shard.
+    let out = c.copy_out("COPY users TO STDOUT").await.expect("copy out");
+    futures_util::pin_mut!(out);
+    let mut lines = 0;
+    use futures_util::StreamExt;
+    while let Some(chunk) = out.next().await {
+        lines += chunk.expect("data").iter().filter(|&&b| b == b'\n').count();
+    }
+    assert_eq!(
+        lines, 4000,
+        "one line per row (newlines in values are escaped)"
+    );
+}
+
+/// pgbench's own schema is unsharded: it lives on the default shard and
+/// pgbench runs unchanged through a sharded proxy.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgbench_runs_unchanged_on_the_default_shard() {
+    let env = env().await;
+    let (ok, out) = env.pgbench(&["-i", "-s", "1", "-q"]);
+    assert!(ok, "pgbench -i: {out}");
+    for mode in ["simple", "extended", "prepared"] {
+        let (ok, out) = env.pgbench(&["-n", "-T", "2", "-c", "4", "-M", mode]);
+        assert!(ok, "pgbench -M {mode}: {out}");
+        assert!(out.contains("number of failed transactions: 0"), "{out}");
+    }
+    assert_eq!(
+        env.sql_shard(0, "SELECT count(*) FROM pgbench_accounts"),
+        "100000"
+    );
+    assert_eq!(
+        env.sql_shard(1, "SELECT count(*) FROM pgbench_accounts"),
+        "0"
+    );
+}
