@@ -249,4 +249,38 @@ fn routing_sections_have_defaults_and_are_checked() {
     );
     let e = err(&format!("{GOOD}\n[routing]\nwriting_function = [\"f\"]\n"));
     assert!(e.to_string().contains("routing.writing_function"), "{e}");
+
+    let e = err(&format!("{GOOD}\n[sharding]\ndefault_shard = \"nope\"\n"));
+    assert!(
+        e.to_string().contains("sharding.default_shard")
+            && e.to_string().contains("no shard is named"),
+        "{e}"
+    );
+}
+
+#[test]
+fn sharding_is_validated() {
+    let two =
+        format!("{GOOD}\n[[shards]]\nname = \"s1\"\nprimary = {{ host = \"h\", port = 9 }}\n");
+    let c = Config::from_toml(
+        &format!("{two}\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(c.sharding.function, ShardingFunction::Consistent);
+    assert_eq!(c.sharding.vnodes, 256);
+    for (extra, path, says) in [
+        ("[sharding]\nfunction = \"range\"\n", "sharding.ranges", "at least one range"),
+        ("[sharding]\nfunction = \"range\"\nranges = [{ shard = \"s0\", to = 10 }, { shard = \"s1\", from = 5 }]\n", "sharding.ranges[1]", "overlaps"),
+        ("[sharding]\nfunction = \"list\"\nlists = [{ shard = \"s9\", values = [1] }]\n", "sharding.lists[0].shard", "no shard is named"),
+        ("[sharding]\npinned = [{ key = \"x\", shard = \"s0\" }]\n", "sharding.pinned[0].key", "Bigint"),
+        ("[sharding]\nvnodes = 0\n", "sharding.vnodes", "1 to 65536"),
+        ("[[sharding.tables]]\nname = \"t\"\ncolumn = \"id\"\ngroup = \"g\"\n", "sharding.tables[0].group", "no [[sharding.groups]]"),
+        ("[[sharding.tables]]\nname = \"t\"\ncolumn = \"id\"\n[[reference_tables]]\nname = \"T\"\n", "reference_tables[0].name", "already listed"),
+    ] {
+        let e = err(&format!("{two}\n{extra}"));
+        assert!(e.path == path && e.message.contains(says), "{extra}: {e}");
+    }
+    let e = err(&GOOD.replace("[[shards]]", "[[shards]]\nweight = 0.0"));
+    assert!(e.path.ends_with("weight"), "{e}");
 }

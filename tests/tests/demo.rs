@@ -1,5 +1,6 @@
 //! `shardline demo` as a user runs it: it prints a psql command that works,
-//! two streaming replicas serve the reads, and Ctrl-C removes everything.
+//! two shards hold the demo data, each shard's two streaming replicas serve
+//! its reads, and Ctrl-C removes everything.
 
 use shardline_tests::{psql, shardline_binary};
 use std::io::{BufRead, BufReader};
@@ -42,24 +43,45 @@ fn demo_starts_serves_and_cleans_up() {
             "-A",
             "-t",
             "-c",
-            "SELECT count(*) FROM users",
+            "/* shardline: shard=s0 */ SELECT count(*) FROM users",
             "-c",
-            "/* shardline: role=primary */ SELECT count(*) FROM pg_stat_replication",
+            "/* shardline: shard=s1 */ SELECT count(*) FROM users",
+            "-c",
+            "/* shardline: shard=s0, role=primary */ SELECT count(*) FROM pg_stat_replication",
+            "-c",
+            "/* shardline: shard=s1, role=primary */ SELECT count(*) FROM pg_stat_replication",
+            "-c",
+            "SELECT id FROM users WHERE country = 'FR'",
         ],
     );
     assert!(ok, "{out}");
-    assert_eq!(out.lines().collect::<Vec<_>>(), ["1000", "2"], "{out}");
-    // The query the demo prints: reads rotate over both replicas.
-    let shown = "SELECT inet_server_port(), pg_is_in_recovery();";
+    let got: Vec<&str> = out.lines().collect();
+    let (a, b): (u32, u32) = (got[0].parse().unwrap(), got[1].parse().unwrap());
+    assert_eq!(a + b, 1000, "{out}");
+    assert!(a > 300 && b > 300, "both shards hold users: {out}");
+    assert_eq!(&got[2..4], ["2", "2"], "{out}");
+    assert_eq!(got.len() - 4, 200, "a keyless read sees every shard's rows");
+    // The queries the demo prints: the key's shard answers, from both of
+    // its replicas in turn; the co-located join runs there.
+    let shown = "SELECT inet_server_port(), pg_is_in_recovery(), * FROM users WHERE id = 42;";
     let mut args = vec!["-A", "-t"];
     for _ in 0..4 {
         args.extend(["-c", shown]);
     }
     let (ok, out) = psql(&url, &args);
     assert!(ok, "{out}");
-    let answers: std::collections::HashSet<&str> = out.lines().collect();
-    assert_eq!(answers.len(), 2, "two replicas answered: {out}");
-    assert!(answers.iter().all(|l| l.ends_with("|t")), "{out}");
+    let ports: std::collections::HashSet<&str> =
+        out.lines().map(|l| l.split('|').next().unwrap()).collect();
+    assert_eq!(ports.len(), 2, "two replicas answered: {out}");
+    assert!(
+        out.lines().all(|l| l.split('|').nth(1) == Some("t")),
+        "{out}"
+    );
+    let join =
+        "SELECT u.name, o.amount FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = 42;";
+    let (ok, out) = psql(&url, &["-A", "-t", "-c", join]);
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().count(), 5, "{out}");
 
     assert!(Command::new("kill")
         .arg("-INT")
