@@ -458,7 +458,7 @@ pub fn shardline_binary() -> Result<std::path::PathBuf> {
     let bin = profile_dir.join("shardline");
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let newest_source = ["proxy/src", "config/src"]
+    let newest_source = ["proxy/src", "config/src", "router/src"]
         .iter()
         .flat_map(|d| walk(&root.join(d)))
         .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
@@ -609,4 +609,40 @@ pub fn message(tag: u8, body: &[u8]) -> Vec<u8> {
     m.extend_from_slice(&((body.len() + 4) as i32).to_be_bytes());
     m.extend_from_slice(body);
     m
+}
+
+/// Starts the process in a session of its own, as a daemon runs. With the
+/// kernel's scheduler autogroups, a proxy left in the benchmark's session
+/// would share one CPU share with pgbench (the Postgres servers already have
+/// their own sessions), which skews the comparison.
+pub fn own_session(cmd: &mut std::process::Command) {
+    use std::os::unix::process::CommandExt;
+    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
+    unsafe {
+        cmd.pre_exec(|| {
+            libc::setsid();
+            Ok(())
+        });
+    }
+}
+
+/// Reads `--name N` flags of a benchmark's command line into `flags`
+/// (name, value with its default); `-h` prints `usage` and exits.
+pub fn numeric_flags(flags: &mut [(&str, &mut u32)], usage: &str) -> Result<()> {
+    let mut it = std::env::args().skip(1);
+    while let Some(flag) = it.next() {
+        if flag == "-h" || flag == "--help" {
+            println!("{usage}");
+            std::process::exit(0);
+        }
+        let Some((_, value)) = flags.iter_mut().find(|(name, _)| *name == flag) else {
+            anyhow::bail!("unknown argument {flag}\n{usage}");
+        };
+        **value = it
+            .next()
+            .context("missing value")?
+            .parse()
+            .with_context(|| format!("{flag}: not a number"))?;
+    }
+    Ok(())
 }

@@ -504,6 +504,42 @@ async fn refusals_leave_nothing_half_done() {
             "0"
         );
     }
+    // A transaction whose first statement needs every shard.
+    c.batch_execute("BEGIN").await.expect("begin");
+    let err = c
+        .batch_execute("UPDATE users SET name = 'all'")
+        .await
+        .expect_err("broadcast in a transaction");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    let err = c
+        .batch_execute("SELECT 1")
+        .await
+        .expect_err("failed transaction");
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"));
+    let end = c.simple_query("COMMIT").await.expect("commit");
+    assert!(
+        end.iter()
+            .any(|m| matches!(m, tokio_postgres::SimpleQueryMessage::CommandComplete(0))),
+        "COMMIT of a failed transaction rolls back"
+    );
+    assert_eq!(
+        env.sql_shard(0, "SELECT count(*) FROM users WHERE name = 'all'"),
+        "0"
+    );
+    // Session pooling: the session stays on the shard it started on.
+    let sc = env
+        .connect_as("sessionuser", "session-pw")
+        .await
+        .expect("session user");
+    sc.query_one("SELECT count(*) FROM users WHERE id = $1", &[&a])
+        .await
+        .expect("s0");
+    let err = sc
+        .query_one("SELECT count(*) FROM users WHERE id = $1", &[&b])
+        .await
+        .expect_err("another shard in a pinned session");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
+    assert!(text(&err).contains("session pooling"), "{err}");
     // A multi-row INSERT spanning shards inside a transaction: refused too.
     c.batch_execute("BEGIN").await.expect("begin");
     let err = c

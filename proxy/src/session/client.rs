@@ -194,8 +194,11 @@ impl Session {
         if !planned.complete && !self.must_act() {
             return Ok(Fit::NotYet);
         }
-        let in_txn =
-            self.server.as_ref().is_some_and(|s| s.tx_status != b'I') && self.pending.is_empty();
+        // A session-pooled client keeps its connection: like a transaction.
+        let session = self.mode() == PoolMode::Session;
+        let in_txn = session
+            || (self.server.as_ref().is_some_and(|s| s.tx_status != b'I')
+                && self.pending.is_empty());
         let fits = match &planned.place {
             Placement::Anywhere | Placement::Spread => true,
             Placement::One(s) => *s == self.shard,
@@ -208,6 +211,21 @@ impl Session {
             // Not known yet whether a transaction is open: decide once the
             // server has answered.
             return Ok(Fit::Wait);
+        }
+        if session && self.server.as_ref().is_some_and(|s| s.tx_status == b'I') {
+            let name = self
+                .shared
+                .sharding
+                .as_ref()
+                .and_then(|sh| sh.shard_names.get(self.shard).cloned())
+                .unwrap_or_default();
+            let e = PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("this session is bound to shard {name} (session pooling), and the statement needs another shard"),
+            )
+            .with_hint("use transaction pooling for sharded tables, or SET shardline.shard before the first statement");
+            self.fail_next_message(e)?;
+            return Ok(Fit::Refused);
         }
         if !in_txn {
             return Ok(Fit::Wait);

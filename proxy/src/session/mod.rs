@@ -238,6 +238,10 @@ impl Session {
                     break;
                 }
                 client::Flow::NeedServer if self.take_proxy_setting()? => {}
+                client::Flow::NeedServer if self.txn_refused && self.deferred_begin.is_some() => {
+                    // A transaction refused before it reached any server.
+                    self.in_unstarted_refused_transaction()?;
+                }
                 client::Flow::NeedServer => {
                     let planned = self.plan_unit();
                     if !planned.complete && self.shared.sharding.is_some() && !self.must_act() {
@@ -261,6 +265,7 @@ impl Session {
         }
         let Some(shard) = self.shard_for(&planned.place) else {
             if self.deferred_begin.is_some() {
+                self.txn_refused = true;
                 return self.fail_next_message(cross_shard_transaction(None));
             }
             return self.run_fanout(planned).await;
@@ -276,6 +281,29 @@ impl Session {
                 Ok(())
             }
         }
+    }
+
+    /// In a transaction refused before its BEGIN reached a server: COMMIT,
+    /// END, ROLLBACK or ABORT end it (as ROLLBACK); anything else gets 25P02.
+    fn in_unstarted_refused_transaction(&mut self) -> Result<(), End> {
+        if let Ok(Some((crate::protocol::frontend::QUERY, len))) =
+            crate::protocol::peek_header(&self.client_in, self.shared.max_message_size)
+        {
+            if self.client_in.len() >= len {
+                let text = String::from_utf8_lossy(crate::protocol::frontend::query(
+                    &self.client_in[5..len],
+                )?)
+                .into_owned();
+                if shardline_router::lone_transaction_end(&text).is_some() {
+                    self.txn_refused = false;
+                    return self.end_empty("ROLLBACK");
+                }
+            }
+        }
+        self.fail_next_message(PgError::error(
+            sqlstate::IN_FAILED_SQL_TRANSACTION,
+            "current transaction is aborted, commands ignored until end of transaction block",
+        ))
     }
 
     /// An incomplete unit must be routed now anyway: the client asked for
@@ -349,10 +377,10 @@ impl Session {
             Synthetic::CloseComplete => backend::empty_message(out, backend::CLOSE_COMPLETE),
             Synthetic::CommandComplete(tag) => backend::command_complete(out, tag),
             Synthetic::ReadyForQuery => {
-                let idle = if self.deferred_begin.is_some() {
-                    b'T'
-                } else {
-                    b'I'
+                let idle = match (self.deferred_begin.is_some(), self.txn_refused) {
+                    (true, true) => b'E',
+                    (true, false) => b'T',
+                    _ => b'I',
                 };
                 let status = match self.server.as_ref().map_or(idle, |s| s.tx_status) {
                     b'T' if self.txn_refused => b'E',

@@ -99,7 +99,7 @@ impl Session {
     /// messages buffered so far (up to its Sync).
     pub(super) fn plan_unit(&self) -> Planned {
         let sharded = self.shared.sharding.is_some();
-        if self.mode() == PoolMode::Session {
+        if self.mode() == PoolMode::Session && !sharded {
             // The connection is the client's for the whole session.
             return Planned {
                 plan: UnitPlan::Run {
@@ -200,6 +200,21 @@ impl Session {
                 }
                 _ => {}
             }
+        }
+        if self.mode() == PoolMode::Session {
+            // The connection is the client's for the whole session.
+            let plan = UnitPlan::Run {
+                target: match self.session_role {
+                    Some(shardline_router::RoleHint::Replica) => Target::Replica,
+                    _ => Target::Primary,
+                },
+                writes: false,
+            };
+            return Planned {
+                plan,
+                place,
+                complete,
+            };
         }
         let plan = plan_unit(&UnitFacts {
             routes: &routes,

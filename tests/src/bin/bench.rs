@@ -26,26 +26,15 @@ fn parse_args() -> Result<Args> {
         rounds: 2,
         scale: 10,
     };
-    let mut it = std::env::args().skip(1);
-    while let Some(flag) = it.next() {
-        let mut value = || -> Result<u32> {
-            it.next()
-                .context("missing value")?
-                .parse()
-                .context("not a number")
-        };
-        match flag.as_str() {
-            "--seconds" => a.seconds = value()?,
-            "--clients" => a.clients = value()?,
-            "--rounds" => a.rounds = value()?,
-            "--scale" => a.scale = value()?,
-            "-h" | "--help" => {
-                println!("shardline-bench [--seconds 10] [--clients 16] [--rounds 2] [--scale 10]");
-                std::process::exit(0);
-            }
-            other => bail!("unknown argument {other}"),
-        }
-    }
+    shardline_tests::numeric_flags(
+        &mut [
+            ("--seconds", &mut a.seconds),
+            ("--clients", &mut a.clients),
+            ("--rounds", &mut a.rounds),
+            ("--scale", &mut a.scale),
+        ],
+        "shardline-bench [--seconds 10] [--clients 16] [--rounds 2] [--scale 10]",
+    )?;
     Ok(a)
 }
 
@@ -149,7 +138,7 @@ fn main() -> Result<()> {
         .arg(&sl_cfg)
         .env("RUST_LOG", "warn")
         .stderr(Stdio::inherit());
-    own_session(&mut cmd);
+    shardline_tests::own_session(&mut cmd);
     let child = cmd.spawn()?;
     targets.push(Target {
         name: "shardline",
@@ -181,7 +170,7 @@ fn main() -> Result<()> {
         .arg(&rw_cfg)
         .env("RUST_LOG", "info")
         .stderr(std::fs::File::create(&rw_log)?);
-    own_session(&mut cmd);
+    shardline_tests::own_session(&mut cmd);
     let rw_child = cmd.spawn()?;
     targets.push(Target {
         name: "shardline+replicas",
@@ -218,7 +207,7 @@ fn main() -> Result<()> {
                 let _ = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(&dir).status();
                 cmd.uid(uid).gid(gid);
             }
-            own_session(&mut cmd);
+            shardline_tests::own_session(&mut cmd);
             let child = cmd.spawn()?;
             targets.push(Target { name: "pgbouncer", port, pid: Some(child.id()) });
             children.push(child);
@@ -393,21 +382,6 @@ fn main() -> Result<()> {
     }
     drop(cluster);
     Ok(())
-}
-
-/// Starts the process in a session of its own, as a daemon runs. With the
-/// kernel's scheduler autogroups, a proxy left in the benchmark's session
-/// would share one CPU share with pgbench (the Postgres servers already have
-/// their own sessions), which skews the comparison.
-fn own_session(cmd: &mut Command) {
-    use std::os::unix::process::CommandExt;
-    // SAFETY: setsid is async-signal-safe and touches no memory of ours.
-    unsafe {
-        cmd.pre_exec(|| {
-            libc::setsid();
-            Ok(())
-        });
-    }
 }
 
 fn postgres_ids() -> Option<(u32, u32)> {

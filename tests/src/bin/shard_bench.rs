@@ -1,0 +1,218 @@
+//! Sharding benchmark: two shards behind Shardline against one direct
+//! Postgres holding all the rows, in one run.
+//!
+//! cargo run --release -p shardline-tests --bin shardline-shard-bench -- [--seconds N] [--clients N] [--rows N]
+//!
+//! - point query by key (pgbench custom script, prepared and simple), TPS
+//!   and average latency, with the ratio to direct;
+//! - multi-row INSERT (1,000 rows per statement, split by shard) and COPY
+//!   (split row by row) in rows per second, against the same into the
+//!   direct server.
+
+use anyhow::{bail, Result};
+use shardline::cluster::{free_port, ClusterSpec, LocalCluster, PgBin};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+use tokio_postgres::NoTls;
+
+struct Args {
+    seconds: u32,
+    clients: u32,
+    rows: u32,
+}
+
+fn parse_args() -> Result<Args> {
+    let mut a = Args {
+        seconds: 10,
+        clients: 16,
+        rows: 200_000,
+    };
+    shardline_tests::numeric_flags(
+        &mut [
+            ("--seconds", &mut a.seconds),
+            ("--clients", &mut a.clients),
+            ("--rows", &mut a.rows),
+        ],
+        "shardline-shard-bench [--seconds 10] [--clients 16] [--rows 200000]",
+    )?;
+    Ok(a)
+}
+
+const SCHEMA: &str = "CREATE TABLE kv (id bigint PRIMARY KEY, v text NOT NULL);";
+
+fn main() -> Result<()> {
+    let args = parse_args()?;
+    let bin = PgBin::find()?;
+    println!("starting three Postgres servers: two shards and one direct ...");
+    // s0 and s1 are the shards; s2 is the direct server holding every row.
+    let cluster = LocalCluster::start(&ClusterSpec {
+        shards: 3,
+        replicas_per_shard: 0,
+    })?;
+    for s in 0..3 {
+        cluster.psql(
+            cluster.primary(s),
+            "postgres",
+            "CREATE ROLE app LOGIN PASSWORD 'app'; CREATE DATABASE app OWNER app;",
+        )?;
+    }
+    let direct = cluster.primary(2).port;
+    let port = free_port()?;
+    let cfg = cluster.root.join("shard-bench.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[pool]\nsize = {}\n\
+             [[users]]\nname = \"app\"\npassword = \"app\"\nauth = \"md5\"\ndatabase = \"app\"\n\
+             [[shards]]\nname = \"s0\"\nprimary = {{ host = \"127.0.0.1\", port = {} }}\n\
+             [[shards]]\nname = \"s1\"\nprimary = {{ host = \"127.0.0.1\", port = {} }}\n\
+             [[sharding.tables]]\nname = \"kv\"\ncolumn = \"id\"\n",
+            args.clients,
+            cluster.primary(0).port,
+            cluster.primary(1).port
+        ),
+    )?;
+    let mut cmd = Command::new(shardline_tests::shardline_binary()?);
+    cmd.arg("--config")
+        .arg(&cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(Stdio::inherit());
+    shardline_tests::own_session(&mut cmd);
+    let mut child = cmd.spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    let rt = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let result = rt.block_on(run(&args, &bin, port, direct));
+    let _ = child.kill();
+    let _ = child.wait();
+    result
+}
+
+async fn connect(port: u16) -> Result<tokio_postgres::Client> {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=app password=app dbname=app"),
+        NoTls,
+    )
+    .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// Rows per second for the multi-row INSERT and COPY loads of `rows` rows.
+async fn load(port: u16, rows: u32, first: u32) -> Result<(f64, f64)> {
+    let c = connect(port).await?;
+    let started = Instant::now();
+    let mut k = first;
+    while k < first + rows {
+        let end = (k + 1000).min(first + rows);
+        let values: Vec<String> = (k..end).map(|i| format!("({i}, 'value {i}')")).collect();
+        c.batch_execute(&format!(
+            "INSERT INTO kv (id, v) VALUES {}",
+            values.join(",")
+        ))
+        .await?;
+        k = end;
+    }
+    let insert = rows as f64 / started.elapsed().as_secs_f64();
+    use futures_util::SinkExt;
+    let started = Instant::now();
+    let sink = c.copy_in("COPY kv (id, v) FROM STDIN").await?;
+    futures_util::pin_mut!(sink);
+    let mut buf = String::new();
+    for i in first + rows..first + 2 * rows {
+        buf.push_str(&format!("{i}\tvalue {i}\n"));
+        if buf.len() > 64 * 1024 {
+            sink.send(bytes::Bytes::from(std::mem::take(&mut buf)))
+                .await?;
+        }
+    }
+    sink.send(bytes::Bytes::from(buf)).await?;
+    let n = sink.finish().await?;
+    anyhow::ensure!(n == rows as u64, "COPY reported {n} rows");
+    let copy = rows as f64 / started.elapsed().as_secs_f64();
+    Ok((insert, copy))
+}
+
+async fn run(args: &Args, bin: &PgBin, proxy: u16, direct: u16) -> Result<()> {
+    for port in [proxy, direct] {
+        connect(port).await?.batch_execute(SCHEMA).await?;
+    }
+    println!(
+        "loading {} rows by multi-row INSERT and {} by COPY into each target ...",
+        args.rows, args.rows
+    );
+    let mut loads = Vec::new();
+    for (name, port) in [("direct", direct), ("shardline, 2 shards", proxy)] {
+        let (insert, copy) = load(port, args.rows, 0).await?;
+        loads.push((name, insert, copy));
+    }
+    let script = std::env::temp_dir().join(format!("shardline-point-{}.sql", std::process::id()));
+    std::fs::write(
+        &script,
+        format!(
+            "\\set id random(0, {})\nSELECT v FROM kv WHERE id = :id;\n",
+            2 * args.rows - 1
+        ),
+    )?;
+    let pgbench = |port: u16, mode: &str| -> Result<(f64, f64)> {
+        let out = Command::new(bin.bindir.join("pgbench"))
+            .env("PGPASSWORD", "app")
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &port.to_string(),
+                "-U",
+                "app",
+                "-n",
+            ])
+            .args(["-M", mode, "-c", &args.clients.to_string(), "-j", "2"])
+            .args(["-T", &args.seconds.to_string(), "-f"])
+            .arg(&script)
+            .arg("app")
+            .output()?;
+        let text = String::from_utf8_lossy(&out.stdout).to_string();
+        if !out.status.success() {
+            bail!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
+        }
+        let field = |prefix: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(prefix))
+                .and_then(|v| v.split_whitespace().next()?.parse::<f64>().ok())
+                .unwrap_or(0.0)
+        };
+        Ok((field("tps = "), field("latency average = ")))
+    };
+    println!();
+    println!(
+        "point query by key, {} clients, {} s each (direct: one server holding every row)",
+        args.clients, args.seconds
+    );
+    println!("| mode | direct TPS | Shardline TPS (ratio) | latency ms direct / Shardline |");
+    println!("|---|---:|---:|---:|");
+    for mode in ["prepared", "simple", "extended"] {
+        let (d, dl) = pgbench(direct, mode)?;
+        let (s, sl) = pgbench(proxy, mode)?;
+        println!(
+            "| {mode} | {d:.0} | {s:.0} ({:.2}) | {dl:.3} / {sl:.3} |",
+            s / d.max(1.0)
+        );
+    }
+    let _ = std::fs::remove_file(&script);
+    println!();
+    println!("loading, rows per second ({} rows each)", args.rows);
+    println!("| target | multi-row INSERT (1,000 rows per statement) | COPY FROM STDIN |");
+    println!("|---|---:|---:|");
+    let base = loads[0];
+    for (name, insert, copy) in &loads {
+        println!(
+            "| {name} | {insert:.0} ({:.2}) | {copy:.0} ({:.2}) |",
+            insert / base.1,
+            copy / base.2
+        );
+    }
+    Ok(())
+}
