@@ -145,10 +145,7 @@ pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>)
         let mut templates: Vec<Template> = match &parsed {
             Ok(statements) if !statements.is_empty() => {
                 let consts = Constants::new(sql);
-                statements
-                    .iter()
-                    .map(|s| analyze(s, sql, &consts, sh))
-                    .collect()
+                statements.iter().map(|s| analyze(s, &consts, sh)).collect()
             }
             Ok(_) => vec![],
             Err(e) => vec![analyze_unparsed(sql, &e.to_string(), sh)],

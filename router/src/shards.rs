@@ -151,8 +151,8 @@ impl Template {
 
 /// Maps sqlparser's value positions (line, column) to constant ordinals.
 pub struct Constants {
-    /// Byte offsets where each line starts.
-    lines: Vec<usize>,
+    /// Per line: the byte offset of each character (columns count characters).
+    lines: Vec<Vec<usize>>,
     /// Start offsets of the constants, in order.
     starts: Vec<usize>,
     text_len: usize,
@@ -160,8 +160,15 @@ pub struct Constants {
 
 impl Constants {
     pub fn new(sql: &str) -> Constants {
-        let mut lines = vec![0];
-        lines.extend(sql.match_indices('\n').map(|(i, _)| i + 1));
+        let mut lines = vec![Vec::new()];
+        for (i, c) in sql.char_indices() {
+            if let Some(line) = lines.last_mut() {
+                line.push(i);
+            }
+            if c == '\n' {
+                lines.push(Vec::new());
+            }
+        }
         let mut starts = Vec::new();
         crate::cache::scan_constants(sql, |s, _| starts.push(s));
         Constants {
@@ -171,16 +178,11 @@ impl Constants {
         }
     }
 
-    fn ordinal(&self, sql: &str, span: sqlparser::tokenizer::Span) -> Option<u16> {
+    fn ordinal(&self, span: sqlparser::tokenizer::Span) -> Option<u16> {
         let offset = |l: sqlparser::tokenizer::Location| -> Option<usize> {
-            let line_start = *self.lines.get((l.line as usize).checked_sub(1)?)?;
+            let line = self.lines.get((l.line as usize).checked_sub(1)?)?;
             let col = (l.column as usize).checked_sub(1)?;
-            Some(
-                sql[line_start..]
-                    .char_indices()
-                    .nth(col)
-                    .map_or(self.text_len, |(i, _)| line_start + i),
-            )
+            Some(line.get(col).copied().unwrap_or(self.text_len))
         };
         let (start, end) = (offset(span.start)?, offset(span.end)?);
         let i = self.starts.partition_point(|&s| s < start);
@@ -190,8 +192,8 @@ impl Constants {
 }
 
 /// Analyses one parsed statement.
-pub fn analyze(stmt: &Statement, sql: &str, consts: &Constants, sh: &Sharding) -> Template {
-    let a = Analyzer { sql, consts, sh };
+pub fn analyze(stmt: &Statement, consts: &Constants, sh: &Sharding) -> Template {
+    let a = Analyzer { consts, sh };
     a.statement(stmt)
 }
 
@@ -229,7 +231,6 @@ pub fn analyze_unparsed(sql: &str, error: &str, sh: &Sharding) -> Template {
 }
 
 struct Analyzer<'a> {
-    sql: &'a str,
     consts: &'a Constants,
     sh: &'a Sharding,
 }
@@ -510,7 +511,7 @@ impl Analyzer<'_> {
                 | Value::EscapedStringLiteral(_)
                 | Value::DollarQuotedString(_) => {
                     self.consts
-                        .ordinal(self.sql, v.span)
+                        .ordinal(v.span)
                         .map_or(KeySrc::Unknown, |ordinal| KeySrc::Const {
                             ordinal,
                             negative: false,
@@ -1160,7 +1161,8 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
             key_change,
         } => {
             let g = &sh.groups[*group];
-            let mask = match key_mask(key, g, sh, input) {
+            let values = Values::new(input);
+            let mask = match key_mask(key, g, sh, &values) {
                 Ok(m) => m,
                 Err(e) => {
                     return Placement::Refused(Refusal {
@@ -1170,7 +1172,7 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
                 }
             };
             if let Some(change) = key_change {
-                let same = match key_value(change, g, input) {
+                let same = match key_value(change, g, &values) {
                     Ok(v) if mask.count_ones() == 1 => {
                         g.shard_of(v.as_ref()).ok().map(mask_of) == Some(mask)
                     }
@@ -1218,8 +1220,9 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
 fn key_value(
     src: &KeySrc,
     g: &crate::sharding::Group,
-    input: &KeyInput,
+    values: &Values,
 ) -> Result<Option<KeyValue>, ()> {
+    let input = values.input;
     match *src {
         KeySrc::Null => Ok(None),
         KeySrc::Unknown => Err(()),
@@ -1234,27 +1237,44 @@ fn key_value(
             key.map(Some).ok_or(())
         }
         KeySrc::Const { ordinal, negative } => {
-            let text = constant_text(input.sql, ordinal as usize).ok_or(())?;
+            let text = values.constant(ordinal as usize).ok_or(())?;
             let text = if negative { format!("-{text}") } else { text };
             g.key_from_text(&text).map(Some).ok_or(())
         }
     }
 }
 
-/// The value of the n-th constant of `sql`, unquoted.
-pub fn constant_text(sql: &str, n: usize) -> Option<String> {
-    let mut found = None;
-    let mut i = 0;
-    crate::cache::scan_constants(sql, |s, e| {
-        if i == n {
-            found = Some((s, e));
+/// Key values read from one statement: its constants (scanned once, when
+/// a key needs one) and its parameters.
+struct Values<'a, 'b> {
+    input: &'b KeyInput<'a>,
+    spans: std::cell::OnceCell<Vec<(usize, usize)>>,
+}
+
+impl<'a, 'b> Values<'a, 'b> {
+    fn new(input: &'b KeyInput<'a>) -> Self {
+        Values {
+            input,
+            spans: std::cell::OnceCell::new(),
         }
-        i += 1;
-    });
-    let (s, e) = found?;
+    }
+
+    fn constant(&self, n: usize) -> Option<String> {
+        let spans = self.spans.get_or_init(|| {
+            let mut v = Vec::new();
+            crate::cache::scan_constants(self.input.sql, |s, e| v.push((s, e)));
+            v
+        });
+        let (s, e) = *spans.get(n)?;
+        Some(constant_value(self.input.sql, s, e))
+    }
+}
+
+/// The value of the constant at `s..e` of `sql`, unquoted.
+fn constant_value(sql: &str, s: usize, e: usize) -> String {
     let raw = &sql[s..e];
     let escaped = s > 0 && matches!(sql.as_bytes()[s - 1], b'E' | b'e');
-    Some(if let Some(body) = raw.strip_prefix('\'') {
+    if let Some(body) = raw.strip_prefix('\'') {
         let body = body.strip_suffix('\'').unwrap_or(body);
         if escaped {
             unescape(body)
@@ -1267,7 +1287,7 @@ pub fn constant_text(sql: &str, n: usize) -> Option<String> {
         raw.get(tag_end..body_end).unwrap_or_default().to_string()
     } else {
         raw.replace('_', "")
-    })
+    }
 }
 
 fn unescape(body: &str) -> String {
@@ -1301,14 +1321,15 @@ fn key_mask(
     key: &KeyExpr,
     g: &crate::sharding::Group,
     sh: &Sharding,
-    input: &KeyInput,
+    values: &Values,
 ) -> Result<ShardMask, String> {
+    let input = values.input;
     Ok(match key {
         KeyExpr::All => sh.all_shards(),
         KeyExpr::Keys(srcs) => {
             let mut m = 0;
             for s in srcs {
-                match key_value(s, g, input) {
+                match key_value(s, g, values) {
                     Ok(v) => m |= mask_of(g.shard_of(v.as_ref())?),
                     // A value the column type would reject: every shard
                     // reports the server's own error.
@@ -1333,14 +1354,14 @@ fn key_mask(
         KeyExpr::And(xs) => {
             let mut m = sh.all_shards();
             for x in xs {
-                m &= key_mask(x, g, sh, input)?;
+                m &= key_mask(x, g, sh, values)?;
             }
             m
         }
         KeyExpr::Or(xs) => {
             let mut m = 0;
             for x in xs {
-                m |= key_mask(x, g, sh, input)?;
+                m |= key_mask(x, g, sh, values)?;
             }
             m
         }
@@ -1469,7 +1490,6 @@ pub fn split_insert(sql: &str, sh: &Sharding) -> Result<Vec<(usize, String)>, Re
     };
     let consts = Constants::new(sql);
     let a = Analyzer {
-        sql,
         consts: &consts,
         sh,
     };
@@ -1480,13 +1500,14 @@ pub fn split_insert(sql: &str, sh: &Sharding) -> Result<Vec<(usize, String)>, Re
         session_shard: None,
         session_key: None,
     };
+    let keys = Values::new(&input);
     let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
     for (i, row) in values.rows.iter().enumerate() {
         let src = row
             .content
             .get(pos)
             .map_or(KeySrc::Unknown, |e| a.value_src(e));
-        let key = key_value(&src, g, &input).map_err(|_| cannot())?;
+        let key = key_value(&src, g, &keys).map_err(|_| cannot())?;
         let shard = g.shard_of(key.as_ref()).map_err(|e| Refusal {
             code: "22023",
             message: e,
