@@ -90,8 +90,8 @@ pub enum Function {
     PgHash {
         shards: usize,
     },
-    /// `(from, to, shard)`: keys in `from..to`.
-    Range(Vec<(i64, i64, usize)>),
+    /// `(from, to, shard)`: keys in `from..to` (no `to`: no upper bound).
+    Range(Vec<(i64, Option<i64>, usize)>),
     List(HashMap<KeyValue, usize>),
 }
 
@@ -127,7 +127,7 @@ impl Group {
                 };
                 ranges
                     .iter()
-                    .find(|(lo, hi, _)| *lo <= v && v < *hi)
+                    .find(|(lo, hi, _)| *lo <= v && hi.is_none_or(|h| v < h))
                     .map(|r| r.2)
                     .ok_or_else(|| format!("no range of group {} holds key {v}", self.label()))
             }
@@ -221,13 +221,7 @@ impl Sharding {
                 ShardingFunction::Range => Function::Range(
                     g.ranges
                         .iter()
-                        .map(|r| {
-                            (
-                                r.from.unwrap_or(i64::MIN),
-                                r.to.unwrap_or(i64::MAX),
-                                index(&r.shard),
-                            )
-                        })
+                        .map(|r| (r.from.unwrap_or(i64::MIN), r.to, index(&r.shard)))
                         .collect(),
                 ),
                 ShardingFunction::List => Function::List(

@@ -464,3 +464,66 @@ fn split_inserts_keep_every_row_once() {
     seen.sort();
     assert_eq!(seen, (0..20).collect::<Vec<_>>());
 }
+
+#[test]
+fn broadcast_writes_can_be_refused() {
+    let toml = CONFIG.replace("[sharding]\n", "[sharding]\nbroadcast_writes = false\n");
+    let mut t = T::from(&toml);
+    let msg = refused(&t.place("UPDATE users SET name = 'x'")).to_string();
+    assert!(msg.contains("broadcast_writes"), "{msg}");
+    refused(&t.place("DELETE FROM orders WHERE amount > 1"));
+    // With the key, or DDL, or reference tables: unaffected.
+    assert_eq!(
+        t.place("UPDATE users SET name = 'x' WHERE id = 3"),
+        Placement::One(t.of(3))
+    );
+    assert_eq!(
+        t.place("CREATE INDEX ON users (name)"),
+        Placement::Many(t.sh.all_shards())
+    );
+    assert_eq!(
+        t.place("DELETE FROM countries"),
+        Placement::Many(t.sh.all_shards())
+    );
+}
+
+#[test]
+fn range_and_list_functions() {
+    let toml = CONFIG.replace(
+        "function = \"pg_hash\"\n",
+        "function = \"range\"\nranges = [{ shard = \"s0\", to = 100 }, { shard = \"s1\", from = 100, to = 200 }, { shard = \"s2\", from = 200 }]\n",
+    );
+    let mut t = T::from(&toml);
+    for (k, s) in [
+        (-5i64, 0usize),
+        (99, 0),
+        (100, 1),
+        (199, 1),
+        (200, 2),
+        (i64::MAX, 2),
+    ] {
+        assert_eq!(
+            t.place(&format!("SELECT * FROM users WHERE id = {k}")),
+            Placement::One(s),
+            "{k}"
+        );
+    }
+    let toml = CONFIG.replace(
+        "function = \"pg_hash\"\npinned = [{ key = 1000000, shard = \"s2\" }]\n",
+        "function = \"list\"\nlists = [{ shard = \"s1\", values = [1, 2] }, { shard = \"s0\", values = [3] }]\n",
+    );
+    let mut t = T::from(&toml);
+    assert_eq!(
+        t.place("SELECT * FROM users WHERE id = 2"),
+        Placement::One(1)
+    );
+    assert_eq!(
+        t.place("SELECT * FROM users WHERE id = 3"),
+        Placement::One(0)
+    );
+    let p = t.place("SELECT * FROM users WHERE id = 4");
+    assert!(
+        matches!(p, Placement::Refused(ref r) if r.code == "22023" && r.message.contains("no list")),
+        "{p:?}"
+    );
+}
