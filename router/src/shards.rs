@@ -1464,7 +1464,18 @@ pub fn combine(a: Placement, b: Placement) -> Placement {
 /// Splits a multi-row `INSERT ... VALUES` by shard: one statement per
 /// shard holding that shard's rows, in their original order. Only for the
 /// text of a statement whose template is `Scope::Sharded { rows: true }`.
-pub fn split_insert(sql: &str, sh: &Sharding) -> Result<Vec<(usize, String)>, Refusal> {
+///
+/// With the statement's `template`, the rows are cut out of the text with
+/// the lexer (no parse); otherwise, or when the text has a shape the lexer
+/// does not follow, the statement is parsed and printed again.
+pub fn split_insert(
+    sql: &str,
+    sh: &Sharding,
+    template: Option<&Template>,
+) -> Result<Vec<(usize, String)>, Refusal> {
+    if let Some(parts) = template.and_then(|t| split_by_text(sql, sh, t)) {
+        return parts;
+    }
     let cannot = || Refusal::unsupported("this INSERT cannot be split by shard");
     let statements =
         sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
@@ -1529,4 +1540,139 @@ pub fn split_insert(sql: &str, sh: &Sharding) -> Result<Vec<(usize, String)>, Re
         out.push((shard, Statement::Insert(part).to_string()));
     }
     Ok(out)
+}
+
+/// The lexer's split: `prefix VALUES (row), (row) ... suffix`, each row
+/// placed by the template's key source for it. `None`: not that shape.
+fn split_by_text(
+    sql: &str,
+    sh: &Sharding,
+    t: &Template,
+) -> Option<Result<Vec<(usize, String)>, Refusal>> {
+    let Scope::Sharded {
+        group,
+        key: KeyExpr::Keys(srcs),
+        rows: true,
+        ..
+    } = &t.scope
+    else {
+        return None;
+    };
+    let (prefix_end, rows, suffix_start) = values_rows(sql)?;
+    if rows.len() != srcs.len() {
+        return None;
+    }
+    let g = &sh.groups[*group];
+    let input = KeyInput {
+        sql,
+        params: &[],
+        session_shard: None,
+        session_key: None,
+    };
+    let values = Values::new(&input);
+    let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, src) in srcs.iter().enumerate() {
+        let key = key_value(src, g, &values).ok()?;
+        let shard = match g.shard_of(key.as_ref()) {
+            Ok(s) => s,
+            Err(e) => {
+                return Some(Err(Refusal {
+                    code: "22023",
+                    message: e,
+                }))
+            }
+        };
+        match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, r)) => r.push(i),
+            None => by_shard.push((shard, vec![i])),
+        }
+    }
+    by_shard.sort_by_key(|(s, _)| *s);
+    let (prefix, suffix) = (&sql[..prefix_end], &sql[suffix_start..]);
+    Some(Ok(by_shard
+        .into_iter()
+        .map(|(shard, idx)| {
+            let mut text = String::with_capacity(sql.len() / 2);
+            text.push_str(prefix);
+            for (n, &i) in idx.iter().enumerate() {
+                if n > 0 {
+                    text.push_str(", ");
+                }
+                text.push_str(&sql[rows[i].0..rows[i].1]);
+            }
+            text.push_str(suffix);
+            (shard, text)
+        })
+        .collect()))
+}
+
+/// Where the rows start, each row's span, where the rest starts.
+type ValuesRows = (usize, Vec<(usize, usize)>, usize);
+
+/// Finds the row list of `... VALUES (...), (...) ...` at the top level:
+/// where the rows start, each row's span (parentheses included), and where
+/// the text after the last row starts.
+fn values_rows(sql: &str) -> Option<ValuesRows> {
+    let b = sql.as_bytes();
+    let word_at = |i: usize, w: &str| {
+        b.len() >= i + w.len()
+            && b[i..i + w.len()].eq_ignore_ascii_case(w.as_bytes())
+            && (i == 0 || !is_word(b[i - 1]))
+            && b.get(i + w.len()).is_none_or(|c| !is_word(*c))
+    };
+    // The first top-level VALUES.
+    let (mut i, mut depth) = (0, 0i32);
+    let start = loop {
+        if i >= b.len() {
+            return None;
+        }
+        match b[i] {
+            b'(' => depth += 1,
+            b')' => depth -= 1,
+            _ if depth == 0 && word_at(i, "values") => break i + "values".len(),
+            _ => {}
+        }
+        i = crate::lexer::skip_token(b, i);
+    };
+    let mut rows = Vec::new();
+    let mut i = start;
+    loop {
+        while i < b.len() && (b[i].is_ascii_whitespace()) {
+            i += 1;
+        }
+        if b.get(i) != Some(&b'(') {
+            return None;
+        }
+        let row_start = i;
+        let mut depth = 0i32;
+        loop {
+            match b.get(i)? {
+                b'(' => depth += 1,
+                b')' => depth -= 1,
+                _ => {}
+            }
+            i = crate::lexer::skip_token(b, i);
+            if depth == 0 {
+                break;
+            }
+        }
+        rows.push((row_start, i));
+        let mut j = i;
+        while j < b.len() && b[j].is_ascii_whitespace() {
+            j += 1;
+        }
+        if b.get(j) == Some(&b',') {
+            i = j + 1;
+            continue;
+        }
+        // Comments between rows are not followed: parse instead.
+        if b.get(j..j + 2).is_some_and(|x| x == b"--" || x == b"/*") {
+            return None;
+        }
+        return Some((start, rows, i));
+    }
+}
+
+fn is_word(c: u8) -> bool {
+    c.is_ascii_alphanumeric() || c == b'_' || c == b'$' || c >= 0x80
 }

@@ -203,7 +203,9 @@ impl Session {
                         "a multi-row INSERT with parameters whose rows belong to several shards cannot be split; send one row per statement, or the rows as constants",
                     ), simple);
                 };
-                match split_insert(text, &sh) {
+                let route = self.route_text(text.as_bytes());
+                let template = route.shards.as_ref().and_then(|t| t.first());
+                match split_insert(text, &sh, template) {
                     Ok(split) => {
                         for (shard, sql) in split {
                             let mut b = BytesMut::new();
