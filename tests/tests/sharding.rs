@@ -699,3 +699,56 @@ async fn pgbench_runs_unchanged_on_the_default_shard() {
         "0"
     );
 }
+
+/// Read-your-writes after writes on several shards: rows written by a
+/// split INSERT or COPY are read back at once, although the replicas apply
+/// WAL two seconds late.
+#[tokio::test]
+async fn reads_after_multi_shard_writes_see_them() {
+    let env = Env::start_with(EnvOptions {
+        shards: 2,
+        replicas_per_shard: 1,
+        extra_toml: SHARDING.into(),
+        ..EnvOptions::default()
+    })
+    .await
+    .expect("two shards with replicas");
+    schema(&env).await;
+    env.wait_healthy().await;
+    for i in 0..env.backend.nodes().len() {
+        if !env.backend.nodes()[i].is_primary {
+            env.sql_on(
+                i,
+                "ALTER SYSTEM SET recovery_min_apply_delay = '2s'; SELECT pg_reload_conf();",
+            );
+        }
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let c = env.connect().await;
+    let values: Vec<String> = (0..20).map(|k| format!("({k}, 'split')")).collect();
+    c.batch_execute(&format!(
+        "INSERT INTO users (id, name) VALUES {}",
+        values.join(",")
+    ))
+    .await
+    .expect("split insert");
+    for k in 0..20i64 {
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM users WHERE id = $1", &[&k])
+            .await
+            .expect("read")
+            .get(0);
+        assert_eq!(n, 1, "key {k} read right after the split INSERT");
+    }
+    c.execute("UPDATE users SET name = 'broadcast'", &[])
+        .await
+        .expect("broadcast");
+    for k in 0..20i64 {
+        let name: String = c
+            .query_one("SELECT name FROM users WHERE id = $1", &[&k])
+            .await
+            .expect("read")
+            .get(0);
+        assert_eq!(name, "broadcast", "key {k} after the broadcast UPDATE");
+    }
+}

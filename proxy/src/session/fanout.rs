@@ -335,6 +335,9 @@ impl Session {
         if wrap {
             self.finish_writes(&mut legs, failed).await;
         }
+        if writes && !failed {
+            self.remember_writes(&mut legs).await;
+        }
         backend::ready_for_query(&mut self.client_out, b'I');
         for leg in legs {
             if !leg.conn.is_clean() || !leg.done {
@@ -628,6 +631,46 @@ impl Session {
             );
             tracing::error!(%msg, "multi-shard write partly committed");
             PgError::error("40003", msg).encode(&mut self.client_out);
+        }
+    }
+
+    /// Read-your-writes after a unit that wrote on several shards: each
+    /// shard's WAL position (or the primary window), before the client is
+    /// told the unit is done, so its next reads see the rows.
+    async fn remember_writes(&mut self, legs: &mut [Leg]) {
+        use shardline_config::ReadYourWrites;
+        use std::sync::atomic::Ordering::Relaxed;
+        let b = &self.shared.balancing;
+        let user = self.login.user.clone();
+        for leg in legs.iter_mut().filter(|l| l.done) {
+            let ryw = &user.ryw[leg.shard];
+            match b.read_your_writes {
+                ReadYourWrites::Off => {}
+                ReadYourWrites::PrimaryWindow => {
+                    let until = crate::health::now_ms() + b.primary_window.as_millis() as u64;
+                    ryw.primary_until.fetch_max(until, Relaxed);
+                }
+                ReadYourWrites::Lsn => {
+                    let lsn = match leg.conn.simple_query(super::route::WAL_POSITION_SQL).await {
+                        Ok((rows, _)) => rows
+                            .first()
+                            .and_then(|r| r.first().cloned().flatten())
+                            .and_then(|v| v.parse::<u64>().ok()),
+                        Err(_) => None,
+                    };
+                    match lsn {
+                        Some(lsn) => {
+                            ryw.lsn.fetch_max(lsn, Relaxed);
+                        }
+                        // Unknown: reads go to the primary for a while.
+                        None => {
+                            let until =
+                                crate::health::now_ms() + self.shared.ban_time.as_millis() as u64;
+                            ryw.primary_until.fetch_max(until, Relaxed);
+                        }
+                    }
+                }
+            }
         }
     }
 

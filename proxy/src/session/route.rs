@@ -24,6 +24,12 @@ const FUNCTION_CALL: Route = Route {
     shards: None,
 };
 
+/// The primary's WAL insert position, for read-your-writes. The insert
+/// position covers the commit record even when synchronous_commit = off has
+/// not written it yet.
+pub(super) const WAL_POSITION_SQL: &str =
+    "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
+
 /// Where the next unit runs: primary or replica, and which shards.
 pub(super) struct Planned {
     pub plan: UnitPlan,
@@ -430,10 +436,7 @@ impl Session {
             ReadYourWrites::Lsn => {
                 // The insert position covers the commit record even when
                 // synchronous_commit = off has not written it yet.
-                frontend::write_query(
-                    &mut self.server_out,
-                    "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint",
-                );
+                frontend::write_query(&mut self.server_out, WAL_POSITION_SQL);
                 self.pending.push_back(Pending::swallow(Kind::LsnProbe));
                 true
             }
