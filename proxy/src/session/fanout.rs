@@ -313,9 +313,8 @@ impl Session {
         }
         for (leg, out) in legs.iter_mut().zip(&sends) {
             if let Err(e) = leg.conn.stream.write_all(out).await {
-                return self
-                    .fail_legs(legs, format!("server {}: {e}", "?"), e.to_string(), simple)
-                    .await;
+                let msg = format!("server {}: {e}", leg.conn.addr);
+                return self.fail_legs(legs, msg).await;
             }
         }
         let result = match self.merge(&mut legs).await {
@@ -328,9 +327,7 @@ impl Session {
         };
         let failed = match result {
             Ok(failed) => failed,
-            Err(e) => {
-                return self.fail_legs(legs, e.clone(), e, simple).await;
-            }
+            Err(e) => return self.fail_legs(legs, e).await,
         };
         if wrap {
             self.finish_writes(&mut legs, failed).await;
@@ -383,14 +380,8 @@ impl Session {
     }
 
     /// A server failed mid-unit: roll back what the others did, report it.
-    async fn fail_legs(
-        &mut self,
-        legs: Vec<Leg>,
-        log: String,
-        msg: String,
-        _simple: bool,
-    ) -> Result<(), End> {
-        tracing::warn!(error = %log, "multi-shard statement failed");
+    async fn fail_legs(&mut self, legs: Vec<Leg>, msg: String) -> Result<(), End> {
+        tracing::warn!(error = %msg, "multi-shard statement failed");
         for mut leg in legs {
             // Whatever state the connection is in, it is not reused.
             let _ = leg.conn.stream.shutdown().await;
