@@ -68,8 +68,20 @@ fn demo_starts_serves_and_cleans_up() {
     for _ in 0..4 {
         args.extend(["-c", shown]);
     }
-    let (ok, out) = psql(&url, &args);
-    assert!(ok, "{out}");
+    // The data was just loaded through the proxy as this user: until the
+    // health checker has seen the replicas replay it (read-your-writes),
+    // reads come from the primary.
+    let started = Instant::now();
+    let out = loop {
+        let (ok, out) = psql(&url, &args);
+        assert!(ok, "{out}");
+        let ports: std::collections::HashSet<&str> =
+            out.lines().map(|l| l.split('|').next().unwrap()).collect();
+        if ports.len() == 2 || started.elapsed() > Duration::from_secs(20) {
+            break out;
+        }
+        std::thread::sleep(Duration::from_millis(250));
+    };
     let ports: std::collections::HashSet<&str> =
         out.lines().map(|l| l.split('|').next().unwrap()).collect();
     assert_eq!(ports.len(), 2, "two replicas answered: {out}");
