@@ -17,6 +17,8 @@ fn demo_starts_serves_and_cleans_up() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    // A failing assertion below must not leave the demo and its servers running.
+    let guard = StopOnDrop(child.id());
     let (mut url, mut dir) = (None, None);
     let started = Instant::now();
     while url.is_none() {
@@ -101,6 +103,7 @@ fn demo_starts_serves_and_cleans_up() {
         .status()
         .unwrap()
         .success());
+    std::mem::forget(guard);
     let rest: Vec<String> = lines.map_while(Result::ok).collect();
     let status = child.wait().unwrap();
     assert!(status.success(), "{rest:?}");
@@ -111,4 +114,17 @@ fn demo_starts_serves_and_cleans_up() {
     );
     assert!(rest.iter().any(|l| l.trim() == shown), "{rest:?}");
     assert!(!dir.exists(), "{} still exists", dir.display());
+}
+
+/// Sends SIGINT to the demo (which then stops its servers and removes its
+/// directory) when dropped.
+struct StopOnDrop(u32);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        let _ = Command::new("kill")
+            .arg("-INT")
+            .arg(self.0.to_string())
+            .status();
+    }
 }
