@@ -1504,31 +1504,17 @@ pub fn split_insert(
         consts: &consts,
         sh,
     };
-    let g = &sh.groups[rule.group];
-    let input = KeyInput {
-        sql,
-        params: &[],
-        session_shard: None,
-        session_key: None,
-    };
-    let keys = Values::new(&input);
-    let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
-    for (i, row) in values.rows.iter().enumerate() {
-        let src = row
-            .content
-            .get(pos)
-            .map_or(KeySrc::Unknown, |e| a.value_src(e));
-        let key = key_value(&src, g, &keys).map_err(|_| cannot())?;
-        let shard = g.shard_of(key.as_ref()).map_err(|e| Refusal {
-            code: "22023",
-            message: e,
-        })?;
-        match by_shard.iter_mut().find(|(s, _)| *s == shard) {
-            Some((_, rows)) => rows.push(i),
-            None => by_shard.push((shard, vec![i])),
-        }
-    }
-    by_shard.sort_by_key(|(s, _)| *s);
+    let srcs: Vec<KeySrc> = values
+        .rows
+        .iter()
+        .map(|row| {
+            row.content
+                .get(pos)
+                .map_or(KeySrc::Unknown, |e| a.value_src(e))
+        })
+        .collect();
+    let by_shard =
+        rows_by_shard(sql, &sh.groups[rule.group], &srcs).map_err(|r| r.unwrap_or_else(cannot))?;
     let mut out = Vec::new();
     for (shard, rows) in by_shard {
         let mut part = ins.clone();
@@ -1540,6 +1526,38 @@ pub fn split_insert(
         out.push((shard, Statement::Insert(part).to_string()));
     }
     Ok(out)
+}
+
+/// Row indexes grouped by the shard owning each row's key, shards in
+/// order. `Err(None)`: a key could not be read; `Err(Some)`: no shard holds it.
+fn rows_by_shard(
+    sql: &str,
+    g: &crate::sharding::Group,
+    srcs: &[KeySrc],
+) -> Result<Vec<(usize, Vec<usize>)>, Option<Refusal>> {
+    let input = KeyInput {
+        sql,
+        params: &[],
+        session_shard: None,
+        session_key: None,
+    };
+    let values = Values::new(&input);
+    let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
+    for (i, src) in srcs.iter().enumerate() {
+        let key = key_value(src, g, &values).map_err(|_| None)?;
+        let shard = g.shard_of(key.as_ref()).map_err(|e| {
+            Some(Refusal {
+                code: "22023",
+                message: e,
+            })
+        })?;
+        match by_shard.iter_mut().find(|(s, _)| *s == shard) {
+            Some((_, rows)) => rows.push(i),
+            None => by_shard.push((shard, vec![i])),
+        }
+    }
+    by_shard.sort_by_key(|(s, _)| *s);
+    Ok(by_shard)
 }
 
 /// The lexer's split: `prefix VALUES (row), (row) ... suffix`, each row
@@ -1562,32 +1580,11 @@ fn split_by_text(
     if rows.len() != srcs.len() {
         return None;
     }
-    let g = &sh.groups[*group];
-    let input = KeyInput {
-        sql,
-        params: &[],
-        session_shard: None,
-        session_key: None,
+    let by_shard = match rows_by_shard(sql, &sh.groups[*group], srcs) {
+        Ok(b) => b,
+        Err(None) => return None,
+        Err(Some(r)) => return Some(Err(r)),
     };
-    let values = Values::new(&input);
-    let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
-    for (i, src) in srcs.iter().enumerate() {
-        let key = key_value(src, g, &values).ok()?;
-        let shard = match g.shard_of(key.as_ref()) {
-            Ok(s) => s,
-            Err(e) => {
-                return Some(Err(Refusal {
-                    code: "22023",
-                    message: e,
-                }))
-            }
-        };
-        match by_shard.iter_mut().find(|(s, _)| *s == shard) {
-            Some((_, r)) => r.push(i),
-            None => by_shard.push((shard, vec![i])),
-        }
-    }
-    by_shard.sort_by_key(|(s, _)| *s);
     let (prefix, suffix) = (&sql[..prefix_end], &sql[suffix_start..]);
     Some(Ok(by_shard
         .into_iter()

@@ -284,11 +284,7 @@ impl Session {
         if !needs_server(tag) {
             return Ok(false);
         }
-        let e = PgError::error(
-            sqlstate::IN_FAILED_SQL_TRANSACTION,
-            "current transaction is aborted, commands ignored until end of transaction block",
-        );
-        self.fail_next_message(e)?;
+        self.fail_next_message(super::failed_transaction())?;
         Ok(true)
     }
 

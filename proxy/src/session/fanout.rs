@@ -706,24 +706,8 @@ impl Session {
         let mut splitter = RowSplitter::new(c.clone());
         let mut outs: Vec<BytesMut> = legs.iter().map(|_| BytesMut::new()).collect();
         let shard_list: Vec<usize> = legs.iter().map(|l| l.shard).collect();
-        let index_of = |shard: usize| shard_list.iter().position(|&l| l == shard);
         loop {
-            let frame = loop {
-                match next_frame(&mut self.client_in, self.shared.max_message_size) {
-                    Ok(Some(f)) => break f,
-                    Ok(None) => {}
-                    Err(e) => return Err(e.to_string()),
-                }
-                let n = self
-                    .login
-                    .stream
-                    .read_buf(&mut self.client_in)
-                    .await
-                    .map_err(|e| e.to_string())?;
-                if n == 0 {
-                    return Err("client closed the connection during COPY".into());
-                }
-            };
+            let frame = self.next_client_frame().await?;
             match frame.tag {
                 frontend::COPY_DATA => {
                     if error.is_some() {
@@ -733,32 +717,7 @@ impl Session {
                     if let Some(g) = group {
                         let gr = &sh.groups[g];
                         let r = splitter.push(data, |row, key| {
-                            let shard = match key {
-                                KeyField::Header => None,
-                                KeyField::Null => Some(gr.shard_of(None)),
-                                KeyField::Value(v) => match gr.key_from_text(&v) {
-                                    Some(k) => Some(gr.shard_of(Some(&k))),
-                                    None => {
-                                        return Err(format!(
-                                            "invalid sharding key \"{v}\" in COPY data"
-                                        ))
-                                    }
-                                },
-                            };
-                            match shard {
-                                None => {
-                                    for o in outs.iter_mut() {
-                                        put_copy_data(o, row);
-                                    }
-                                }
-                                Some(Ok(s)) => {
-                                    if let Some(i) = index_of(s) {
-                                        put_copy_data(&mut outs[i], row);
-                                    }
-                                }
-                                Some(Err(e)) => return Err(e),
-                            }
-                            Ok(())
+                            route_row(gr, &shard_list, &mut outs, row, key)
                         });
                         if let Err(e) = r {
                             error = Some(e);
@@ -782,25 +741,10 @@ impl Session {
                 }
                 frontend::COPY_DONE | frontend::COPY_FAIL => {
                     if group.is_some() && error.is_none() {
-                        if let Err(e) = splitter.finish(|row, key| {
-                            let gr = &sh.groups[group.unwrap_or(0)];
-                            let shard = match key {
-                                KeyField::Header => return Ok(()),
-                                KeyField::Null => gr.shard_of(None)?,
-                                KeyField::Value(v) => match gr.key_from_text(&v) {
-                                    Some(k) => gr.shard_of(Some(&k))?,
-                                    None => {
-                                        return Err(format!(
-                                            "invalid sharding key \"{v}\" in COPY data"
-                                        ))
-                                    }
-                                },
-                            };
-                            if let Some(i) = index_of(shard) {
-                                put_copy_data(&mut outs[i], row);
-                            }
-                            Ok(())
-                        }) {
+                        let gr = &sh.groups[group.unwrap_or(0)];
+                        if let Err(e) = splitter
+                            .finish(|row, key| route_row(gr, &shard_list, &mut outs, row, key))
+                        {
                             error = Some(e);
                         }
                     }
@@ -858,18 +802,26 @@ impl Session {
     /// Waits for the client's next Sync and sends it to every shard.
     async fn forward_next_sync(&mut self, legs: &mut [Leg]) -> Result<(), String> {
         loop {
-            match next_frame(&mut self.client_in, self.shared.max_message_size) {
-                Ok(Some(f)) if f.tag == frontend::SYNC => {
-                    for leg in legs.iter_mut() {
-                        leg.conn
-                            .stream
-                            .write_all(&f.bytes)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                    }
-                    return Ok(());
+            let f = self.next_client_frame().await?;
+            if f.tag == frontend::SYNC {
+                for leg in legs.iter_mut() {
+                    leg.conn
+                        .stream
+                        .write_all(&f.bytes)
+                        .await
+                        .map_err(|e| e.to_string())?;
                 }
-                Ok(Some(_)) => continue,
+                return Ok(());
+            }
+        }
+    }
+
+    /// The client's next message, read from its socket here (during COPY
+    /// the fan-out owns the session).
+    async fn next_client_frame(&mut self) -> Result<crate::protocol::Frame, String> {
+        loop {
+            match next_frame(&mut self.client_in, self.shared.max_message_size) {
+                Ok(Some(f)) => return Ok(f),
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
             }
@@ -910,6 +862,34 @@ impl Session {
         rows.iter()
             .position(|r| r.first().and_then(|x| x.as_deref()) == Some(c.column.as_str()))
     }
+}
+
+/// Appends one COPY row to the output of the shard owning its key (a header
+/// line to every shard's).
+fn route_row(
+    g: &shardline_router::sharding::Group,
+    shards: &[usize],
+    outs: &mut [BytesMut],
+    row: &[u8],
+    key: KeyField,
+) -> Result<(), String> {
+    let shard = match key {
+        KeyField::Header => {
+            for o in outs.iter_mut() {
+                put_copy_data(o, row);
+            }
+            return Ok(());
+        }
+        KeyField::Null => g.shard_of(None)?,
+        KeyField::Value(v) => match g.key_from_text(&v) {
+            Some(k) => g.shard_of(Some(&k))?,
+            None => return Err(format!("invalid sharding key \"{v}\" in COPY data")),
+        },
+    };
+    if let Some(i) = shards.iter().position(|&s| s == shard) {
+        put_copy_data(&mut outs[i], row);
+    }
+    Ok(())
 }
 
 fn put_copy_data(out: &mut BytesMut, row: &[u8]) {

@@ -40,6 +40,14 @@ use vars::SessionVars;
 
 pub use startup::LoggedIn;
 
+/// What Postgres answers in a failed transaction, for one the proxy failed.
+fn failed_transaction() -> PgError {
+    PgError::error(
+        sqlstate::IN_FAILED_SQL_TRANSACTION,
+        "current transaction is aborted, commands ignored until end of transaction block",
+    )
+}
+
 /// A transaction may use one shard until cross-shard transactions (two-phase
 /// commit) exist. `on`: the shard the transaction runs on, by name.
 fn cross_shard_transaction(on: Option<&str>) -> PgError {
@@ -300,10 +308,7 @@ impl Session {
                 }
             }
         }
-        self.fail_next_message(PgError::error(
-            sqlstate::IN_FAILED_SQL_TRANSACTION,
-            "current transaction is aborted, commands ignored until end of transaction block",
-        ))
+        self.fail_next_message(failed_transaction())
     }
 
     /// An incomplete unit must be routed now anyway: the client asked for
