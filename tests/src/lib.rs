@@ -449,16 +449,35 @@ pub fn run(cmd: &mut std::process::Command) -> (bool, String) {
 /// `cargo test --workspace` builds it (the proxy crate has integration tests);
 /// when it is missing or older than the sources, it is built here.
 pub fn shardline_binary() -> Result<std::path::PathBuf> {
+    workspace_binary(
+        "shardline",
+        "shardline-proxy",
+        &["proxy/src", "config/src", "router/src"],
+    )
+}
+
+/// The `shardline-rebalance` binary, built as [`shardline_binary`] is.
+pub fn rebalance_binary() -> Result<std::path::PathBuf> {
+    workspace_binary(
+        "shardline-rebalance",
+        "shardline-rebalance",
+        &["rebalance-tool/src", "config/src", "router/src"],
+    )
+}
+
+/// Binary `name` of workspace package `package`, rebuilt when any file
+/// under `sources` is newer.
+fn workspace_binary(name: &str, package: &str, sources: &[&str]) -> Result<std::path::PathBuf> {
     let exe = std::env::current_exe()?;
     // Test binaries live in <profile>/deps, other binaries in <profile>.
     let mut profile_dir = exe.parent().context("binary location")?;
     if profile_dir.file_name().is_some_and(|n| n == "deps") {
         profile_dir = profile_dir.parent().context("binary location")?;
     }
-    let bin = profile_dir.join("shardline");
+    let bin = profile_dir.join(name);
     let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("..");
     let built = std::fs::metadata(&bin).and_then(|m| m.modified()).ok();
-    let newest_source = ["proxy/src", "config/src", "router/src"]
+    let newest_source = sources
         .iter()
         .flat_map(|d| walk(&root.join(d)))
         .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
@@ -468,13 +487,13 @@ pub fn shardline_binary() -> Result<std::path::PathBuf> {
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-q", "-p", "shardline-proxy", "--bin", "shardline"])
+    cmd.args(["build", "-q", "-p", package, "--bin", name])
         .current_dir(&root);
     if profile_dir.file_name().is_some_and(|n| n == "release") {
         cmd.arg("--release");
     }
     let (ok, out) = run(&mut cmd);
-    anyhow::ensure!(ok, "building shardline failed:\n{out}");
+    anyhow::ensure!(ok, "building {name} failed:\n{out}");
     anyhow::ensure!(bin.exists(), "{} missing after build", bin.display());
     Ok(bin)
 }

@@ -1,0 +1,1007 @@
+//! `apply`: moves the rows, verified and resumable.
+//!
+//! Work is cut into *steps*: one table, one source shard, one target shard,
+//! one chunk of the hash space. Each step lives as a row of
+//! `shardline.rebalance_steps` on its **target** and goes
+//! `pending → copied → verified → done`:
+//!
+//! - copy: in one target transaction, the step's rows are streamed in with
+//!   COPY and the step marked `copied`; a crash rolls both back;
+//! - verify: row count and checksum of the step's rows on source and target
+//!   must agree; the step is marked `verified` (a mismatch stops the run,
+//!   nothing deleted);
+//! - delete (after every step is verified, children before parents): in one
+//!   source transaction the rows are deleted and a receipt is written to the
+//!   source's `shardline.rebalance_deletes`; then the target step is marked
+//!   `done`. A crash between the two finds the receipt and does not delete
+//!   twice.
+//!
+//! A step's rows are those of its chunk whose owner is the source under the
+//! old config and the target under the new one, so a rerun recomputes the
+//! same sets. Steps of a target are recorded in one transaction before any
+//! is copied; a rerun reads them back rather than re-cutting the work.
+
+use crate::copy::{self, CopyError, Format};
+use crate::db::{self, Column, Login, OnShard as _, Servers};
+use crate::layout::{chunk_bounds, quote_table, Rebalance};
+use anyhow::{bail, Context as _, Result};
+use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
+use std::collections::{BTreeMap, HashMap};
+use std::path::PathBuf;
+use std::time::Instant;
+
+pub struct ApplyOptions {
+    /// The operator says writes are stopped (required).
+    pub writes_stopped: bool,
+    /// Create missing tables on targets from the source's definition.
+    pub create_tables: bool,
+    /// Rows per step (a chunk of the hash space), roughly.
+    pub chunk_rows: u64,
+    pub format: Format,
+    /// Where the new config is written when everything is verified.
+    pub config_out: PathBuf,
+    /// The new config file's text, written as it is.
+    pub new_text: String,
+    /// Test hook: stop (sleep until killed) at `copy:N`, `verify` or `delete:N`.
+    pub stop_at: Option<String>,
+}
+
+const STATE_DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS shardline;
+CREATE TABLE IF NOT EXISTS shardline.rebalance_steps (
+    run text NOT NULL,
+    table_name text NOT NULL,
+    source text NOT NULL,
+    target text NOT NULL,
+    chunk int4 NOT NULL,
+    first_hash int8 NOT NULL,
+    last_hash int8 NOT NULL,
+    reference bool NOT NULL,
+    state text NOT NULL CHECK (state IN ('pending', 'copied', 'verified', 'done')),
+    rows int8,
+    checksum text,
+    updated timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run, table_name, source, target, chunk)
+);
+CREATE TABLE IF NOT EXISTS shardline.rebalance_deletes (
+    run text NOT NULL,
+    table_name text NOT NULL,
+    source text NOT NULL,
+    target text NOT NULL,
+    chunk int4 NOT NULL,
+    rows int8 NOT NULL,
+    deleted_at timestamptz NOT NULL DEFAULT now(),
+    PRIMARY KEY (run, table_name, source, target, chunk)
+);";
+
+const STEP_KEY: &str =
+    "run = $1 AND table_name = $2 AND source = $3 AND target = $4 AND chunk = $5";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+enum State {
+    Pending,
+    Copied,
+    Verified,
+    Done,
+}
+
+impl State {
+    fn parse(s: &str) -> State {
+        match s {
+            "copied" => State::Copied,
+            "verified" => State::Verified,
+            "done" => State::Done,
+            _ => State::Pending,
+        }
+    }
+}
+
+#[derive(Debug, Clone)]
+struct Step {
+    table: String,
+    source: usize,
+    target: usize,
+    chunk: i32,
+    first: i64,
+    last: i64,
+    reference: bool,
+    state: State,
+    rows: Option<i64>,
+}
+
+/// What a run did, for the summary.
+#[derive(Debug, Default)]
+pub struct Summary {
+    /// `(table, from, to) → rows`.
+    pub moved: BTreeMap<(String, String, String), u64>,
+    pub steps: usize,
+    pub copy_seconds: f64,
+    pub verify_seconds: f64,
+    pub delete_seconds: f64,
+    pub total_seconds: f64,
+    pub already_complete: bool,
+    pub config_written: Option<PathBuf>,
+}
+
+impl Summary {
+    pub fn rows(&self) -> u64 {
+        self.moved.values().sum()
+    }
+}
+
+/// Everything `apply` needs while it runs.
+struct Run<'a> {
+    r: &'a Rebalance,
+    servers: Servers,
+    opts: &'a ApplyOptions,
+    /// Columns per table (sharded and reference), from the default shard.
+    columns: HashMap<String, Vec<Column>>,
+    /// Sharded tables, then reference tables, parents before children.
+    order: Vec<String>,
+    /// Targets whose steps were recorded by an earlier run of this tool.
+    resumed_targets: Vec<usize>,
+    progress: MultiProgress,
+    /// Rows moving per `(table, source, target)`, as counted before copying.
+    estimates: HashMap<(String, usize, usize), u64>,
+    copies_started: u32,
+    deletes_done: u32,
+}
+
+pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<Summary> {
+    let started = Instant::now();
+    if !opts.writes_stopped {
+        bail!(
+            "writes must be stopped while rows move: stop the applications (or the proxy) writing to these shards, then run again with --writes-stopped. Nothing was changed."
+        );
+    }
+    let all: Vec<usize> = (0..r.names.len()).collect();
+    let servers = Servers::connect(&r.names, &r.primaries, &all, login).await?;
+    let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
+    let mut run = Run {
+        r,
+        servers,
+        opts,
+        columns: HashMap::new(),
+        order: Vec::new(),
+        resumed_targets: Vec::new(),
+        progress,
+        estimates: HashMap::new(),
+        copies_started: 0,
+        deletes_done: 0,
+    };
+    let mut summary = Summary::default();
+
+    for &id in &all {
+        let c = run.servers.get(id).await?;
+        if !has_state_tables(&c)
+            .await
+            .on(&run.servers, id, "reading recorded progress")?
+        {
+            continue;
+        }
+        let others = c
+            .query(
+                "SELECT DISTINCT run FROM shardline.rebalance_steps WHERE state <> 'done' AND run <> $1",
+                &[&r.run],
+            )
+            .await
+            .on(&run.servers, id, "reading recorded progress")?;
+        if let Some(other) = others.first() {
+            bail!(
+                "shard {} records an unfinished rebalance (run {}) between other configs. Finish it first by running apply with its configs; if it was abandoned, look at shardline.rebalance_steps there (rows of steps in state copied or verified exist on both shards) before deleting its entries. Nothing was changed.",
+                run.servers.label(id),
+                other.get::<_, String>(0)
+            );
+        }
+    }
+
+    let mut steps = run.load_steps().await?;
+    if !steps.is_empty() && steps.iter().all(|s| s.state == State::Done) {
+        run.log(&format!(
+            "rebalance {} is already complete on the servers",
+            r.run
+        ));
+        summary.already_complete = true;
+    } else {
+        run.check_tables().await?;
+        let new_steps = run.plan_steps().await?;
+        steps.extend(new_steps);
+        run.log(&format!(
+            "{} steps ({} to copy, {} to verify, {} to delete)",
+            steps.len(),
+            steps.iter().filter(|s| s.state == State::Pending).count(),
+            steps.iter().filter(|s| s.state <= State::Copied).count(),
+            steps
+                .iter()
+                .filter(|s| s.state < State::Done && !s.reference)
+                .count()
+        ));
+
+        let t = Instant::now();
+        run.copy_all(&mut steps).await?;
+        summary.copy_seconds = t.elapsed().as_secs_f64();
+        run.stop_point("verify");
+
+        let t = Instant::now();
+        run.verify_all(&mut steps).await?;
+        summary.verify_seconds = t.elapsed().as_secs_f64();
+
+        let t = Instant::now();
+        run.delete_all(&mut steps).await?;
+        summary.delete_seconds = t.elapsed().as_secs_f64();
+    }
+    for s in &steps {
+        let key = (
+            s.table.clone(),
+            r.names[s.source].clone(),
+            r.names[s.target].clone(),
+        );
+        *summary.moved.entry(key).or_default() += s.rows.unwrap_or(0).max(0) as u64;
+    }
+    summary.steps = steps.len();
+    write_config(&opts.config_out, &opts.new_text)?;
+    summary.config_written = Some(opts.config_out.clone());
+    summary.total_seconds = started.elapsed().as_secs_f64();
+    Ok(summary)
+}
+
+/// Writes `text` to `path` atomically: a temporary file beside it, synced,
+/// then renamed over it. The previous file is kept as
+/// `<path>.before-rebalance`.
+pub fn write_config(path: &std::path::Path, text: &str) -> Result<()> {
+    use std::io::Write as _;
+    if let Ok(old) = std::fs::read_to_string(path) {
+        if old == text {
+            return Ok(());
+        }
+        let mut backup = path.as_os_str().to_owned();
+        backup.push(".before-rebalance");
+        std::fs::write(&backup, old)
+            .with_context(|| format!("keeping the previous config as {backup:?}"))?;
+    }
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".tmp-{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let mut f = std::fs::File::create(&tmp)
+        .with_context(|| format!("writing the new config to {}", tmp.display()))?;
+    f.write_all(text.as_bytes())?;
+    f.sync_all()?;
+    drop(f);
+    std::fs::rename(&tmp, path)
+        .with_context(|| format!("renaming {} to {}", tmp.display(), path.display()))?;
+    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
+        if let Ok(d) = std::fs::File::open(dir) {
+            let _ = d.sync_all();
+        }
+    }
+    Ok(())
+}
+
+/// Whether a shard has the progress tables (created when a run first
+/// records its steps, so a refused run leaves nothing behind).
+async fn has_state_tables(c: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "SELECT to_regclass('shardline.rebalance_steps') IS NOT NULL AND to_regclass('shardline.rebalance_deletes') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
+impl Run<'_> {
+    fn log(&self, line: &str) {
+        if self.progress.is_hidden() {
+            eprintln!("{line}");
+        } else {
+            let _ = self.progress.println(line);
+        }
+    }
+
+    /// The test hook: prints where it stopped and sleeps until killed.
+    fn stop_point(&self, point: &str) {
+        if self.opts.stop_at.as_deref() == Some(point) {
+            eprintln!("shardline-rebalance: stopped at {point}");
+            loop {
+                std::thread::sleep(std::time::Duration::from_secs(3600));
+            }
+        }
+    }
+
+    async fn load_steps(&mut self) -> Result<Vec<Step>> {
+        let mut steps = Vec::new();
+        for &target in &self.r.new_ids {
+            let c = self.servers.get(target).await?;
+            if !has_state_tables(&c)
+                .await
+                .on(&self.servers, target, "reading recorded progress")?
+            {
+                continue;
+            }
+            let rows = c
+                .query(
+                    "SELECT table_name, source, chunk, first_hash, last_hash, reference, state, rows
+                       FROM shardline.rebalance_steps WHERE run = $1 AND target = $2
+                      ORDER BY table_name, source, chunk",
+                    &[&self.r.run, &self.r.names[target]],
+                )
+                .await
+                .on(&self.servers, target, "reading recorded progress")?;
+            if !rows.is_empty() {
+                self.resumed_targets.push(target);
+            }
+            for row in rows {
+                let source: String = row.get(1);
+                let Some(source) = self.r.names.iter().position(|n| *n == source) else {
+                    bail!(
+                        "shard {} records a step from unknown shard {source}",
+                        self.r.names[target]
+                    );
+                };
+                steps.push(Step {
+                    table: row.get(0),
+                    source,
+                    target,
+                    chunk: row.get(2),
+                    first: row.get(3),
+                    last: row.get(4),
+                    reference: row.get(5),
+                    state: State::parse(row.get(6)),
+                    rows: row.get(7),
+                });
+            }
+        }
+        Ok(steps)
+    }
+
+    /// Every table exists with the same columns on every shard of both
+    /// configs (created on targets with `--create-tables`); the order
+    /// tables are copied in (referenced tables first).
+    async fn check_tables(&mut self) -> Result<()> {
+        let r = self.r;
+        let home = r
+            .names
+            .iter()
+            .position(|n| *n == r.old.default_shard)
+            .unwrap_or(0);
+        let mut names: Vec<String> = r.old.reference.clone();
+        names.extend(r.tables().iter().map(|t| t.name.clone()));
+        let home_client = self.servers.get(home).await?;
+        let mut problems = Vec::new();
+        for name in &names {
+            match db::columns(&home_client, name).await.on(
+                &self.servers,
+                home,
+                "reading the catalog",
+            )? {
+                Some(cols) => {
+                    self.columns.insert(name.clone(), cols);
+                }
+                None => problems.push(format!(
+                    "table {name} does not exist on the default shard {}",
+                    self.servers.label(home)
+                )),
+            }
+        }
+        if !problems.is_empty() {
+            bail!("{}\nNothing was changed.", problems.join("\n"));
+        }
+        let edges = db::foreign_keys(&home_client, &names).await.on(
+            &self.servers,
+            home,
+            "reading foreign keys",
+        )?;
+        self.order = db::parents_first(names.len(), &edges)
+            .into_iter()
+            .map(|i| names[i].clone())
+            .collect();
+
+        let mut to_create: Vec<(usize, String)> = Vec::new();
+        for id in (0..r.names.len()).filter(|&i| i != home) {
+            let c = self.servers.get(id).await?;
+            for name in &self.order {
+                let want = &self.columns[name];
+                match db::columns(&c, name)
+                    .await
+                    .on(&self.servers, id, "reading the catalog")?
+                {
+                    Some(have) => {
+                        let diff = db::column_differences(want, &have);
+                        if !diff.is_empty() {
+                            problems.push(format!(
+                                "table {name} on shard {} differs from the default shard {}: {}",
+                                self.servers.label(id),
+                                r.names[home],
+                                diff.join("; ")
+                            ));
+                        }
+                    }
+                    None if r.new_ids.contains(&id) && self.opts.create_tables => {
+                        to_create.push((id, name.clone()))
+                    }
+                    None => problems.push(format!(
+                        "table {name} does not exist on shard {}{}",
+                        self.servers.label(id),
+                        if r.new_ids.contains(&id) {
+                            " (create it, or pass --create-tables to create it from the default shard's definition)"
+                        } else {
+                            ""
+                        }
+                    )),
+                }
+            }
+        }
+        if !problems.is_empty() {
+            bail!("{}\nNothing was changed.", problems.join("\n"));
+        }
+        for (id, name) in to_create {
+            let ddl = db::definition(&home_client, &name).await.on(
+                &self.servers,
+                home,
+                "reading a table definition",
+            )?;
+            let c = self.servers.get(id).await?;
+            c.batch_execute(&format!("BEGIN; {}; COMMIT", ddl.join(";\n")))
+                .await
+                .on(&self.servers, id, &format!("creating table {name}"))?;
+            self.log(&format!("created table {name} on shard {}", r.names[id]));
+        }
+        Ok(())
+    }
+
+    /// Counts what moves and records the steps of targets that have none
+    /// yet. Refuses when a shard without recorded steps holds rows the old
+    /// config places elsewhere (they would be duplicated or lost).
+    async fn plan_steps(&mut self) -> Result<Vec<Step>> {
+        let r = self.r;
+        let mut by_target: BTreeMap<usize, Vec<Step>> = BTreeMap::new();
+        let mut problems = Vec::new();
+        for t in r.tables() {
+            let (old, new) = (r.old_owner_sql(t), r.new_owner_sql(t));
+            for id in 0..r.names.len() {
+                let c = self.servers.get(id).await?;
+                let counts = db::owner_counts(&c, &t.name, &old, &new).await.on(
+                    &self.servers,
+                    id,
+                    &format!("counting rows of {}", t.name),
+                )?;
+                // A target of recorded steps holds rows copied there; others
+                // must hold only their own rows.
+                let misplaced: i64 = counts
+                    .iter()
+                    .filter(|c| c.0 != Some(id as i32))
+                    .map(|c| c.2)
+                    .sum();
+                if misplaced > 0 && !self.resumed_targets.contains(&id) {
+                    problems.push(format!(
+                        "shard {} holds {misplaced} rows of {} that the old config places on other shards (or nowhere): moving rows there could duplicate them. Check with `shardline-rebalance verify --config OLD`.",
+                        self.servers.label(id),
+                        t.name
+                    ));
+                    continue;
+                }
+                for (_, to, rows, _) in counts.into_iter().filter(|c| c.0 == Some(id as i32)) {
+                    let Some(to) = to.map(|v| v as usize) else {
+                        problems.push(format!(
+                            "{rows} rows of {} on shard {} have no shard under the new config (a range or list without their key)",
+                            t.name, r.names[id]
+                        ));
+                        continue;
+                    };
+                    if to == id {
+                        continue;
+                    }
+                    self.estimates
+                        .insert((t.name.clone(), id, to), rows.max(0) as u64);
+                    if self.resumed_targets.contains(&to) {
+                        continue;
+                    }
+                    let chunks = (rows as u64)
+                        .div_ceil(self.opts.chunk_rows.max(1))
+                        .clamp(1, 4096);
+                    for (chunk, (first, last)) in
+                        chunk_bounds(chunks as u32).into_iter().enumerate()
+                    {
+                        by_target.entry(to).or_default().push(Step {
+                            table: t.name.clone(),
+                            source: id,
+                            target: to,
+                            chunk: chunk as i32,
+                            first,
+                            last,
+                            reference: false,
+                            state: State::Pending,
+                            rows: None,
+                        });
+                    }
+                }
+            }
+        }
+        // Reference tables: copied whole from the default shard to added shards.
+        let home = r
+            .names
+            .iter()
+            .position(|n| *n == r.old.default_shard)
+            .unwrap_or(0);
+        for table in &r.old.reference {
+            let cols = &self.columns[table];
+            let donor = self.servers.get(home).await?;
+            let want = db::checksum(&donor, table, cols, "true").await.on(
+                &self.servers,
+                home,
+                &format!("checksumming {table}"),
+            )?;
+            for target in r.added() {
+                if self.resumed_targets.contains(&target) {
+                    continue;
+                }
+                let c = self.servers.get(target).await?;
+                let have = db::checksum(&c, table, cols, "true").await.on(
+                    &self.servers,
+                    target,
+                    &format!("checksumming {table}"),
+                )?;
+                if have == want && want.0 > 0 {
+                    continue;
+                }
+                self.estimates
+                    .insert((table.clone(), home, target), want.0.max(0) as u64);
+                if have.0 > 0 {
+                    problems.push(format!(
+                        "reference table {table} on new shard {} already holds {} rows that differ from the default shard's {}; empty it first",
+                        self.servers.label(target),
+                        have.0,
+                        want.0
+                    ));
+                    continue;
+                }
+                by_target.entry(target).or_default().push(Step {
+                    table: table.clone(),
+                    source: home,
+                    target,
+                    chunk: 0,
+                    first: i64::MIN,
+                    last: i64::MAX,
+                    reference: true,
+                    state: State::Pending,
+                    rows: None,
+                });
+            }
+        }
+        if !problems.is_empty() {
+            bail!("{}\nNothing was changed.", problems.join("\n"));
+        }
+        for id in 0..r.names.len() {
+            let c = self.servers.get(id).await?;
+            c.batch_execute(STATE_DDL).await.on(
+                &self.servers,
+                id,
+                "creating the progress tables (shardline.rebalance_steps)",
+            )?;
+        }
+        let mut created = Vec::new();
+        for (target, steps) in by_target {
+            let mut c = self.servers.get(target).await?;
+            let tx = c
+                .transaction()
+                .await
+                .on(&self.servers, target, "recording steps")?;
+            let insert = tx
+                .prepare(
+                    "INSERT INTO shardline.rebalance_steps
+                        (run, table_name, source, target, chunk, first_hash, last_hash, reference, state)
+                     VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 'pending')",
+                )
+                .await
+                .on(&self.servers, target, "recording steps")?;
+            for s in &steps {
+                tx.execute(
+                    &insert,
+                    &[
+                        &r.run,
+                        &s.table,
+                        &r.names[s.source],
+                        &r.names[s.target],
+                        &s.chunk,
+                        &s.first,
+                        &s.last,
+                        &s.reference,
+                    ],
+                )
+                .await
+                .on(&self.servers, target, "recording steps")?;
+            }
+            tx.commit()
+                .await
+                .on(&self.servers, target, "recording steps")?;
+            created.extend(steps);
+        }
+        Ok(created)
+    }
+
+    /// The rows a step moves, as a WHERE clause (the same on both servers).
+    fn filter(&self, s: &Step) -> String {
+        if s.reference {
+            return "true".into();
+        }
+        let r = self.r;
+        let t = r
+            .tables()
+            .iter()
+            .find(|t| t.name == s.table)
+            .expect("steps name configured tables");
+        format!(
+            "{} BETWEEN {} AND {} AND {} = {} AND {} = {}",
+            t.position_sql(),
+            s.first,
+            s.last,
+            r.old_owner_sql(t),
+            s.source,
+            r.new_owner_sql(t),
+            s.target
+        )
+    }
+
+    fn key_params<'s>(&'s self, s: &'s Step) -> [&'s (dyn tokio_postgres::types::ToSql + Sync); 5] {
+        [
+            &self.r.run,
+            &s.table,
+            &self.r.names[s.source],
+            &self.r.names[s.target],
+            &s.chunk,
+        ]
+    }
+
+    fn bar(&self, len: u64, prefix: String, unit: &str) -> ProgressBar {
+        let bar = self.progress.add(ProgressBar::new(len));
+        let template = format!(
+            "{{prefix:<28}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} {{per_sec}} ETA {{eta}} {{msg}}"
+        );
+        bar.set_style(
+            ProgressStyle::with_template(&template)
+                .expect("a valid template")
+                .progress_chars("=> "),
+        );
+        bar.set_prefix(prefix);
+        bar
+    }
+
+    async fn copy_all(&mut self, steps: &mut [Step]) -> Result<()> {
+        for table in self.order.clone() {
+            let mine: Vec<usize> = (0..steps.len())
+                .filter(|&i| steps[i].table == table)
+                .collect();
+            if mine.is_empty() {
+                continue;
+            }
+            let pending: Vec<usize> = mine
+                .iter()
+                .copied()
+                .filter(|&i| steps[i].state == State::Pending)
+                .collect();
+            let done_rows: i64 = mine.iter().filter_map(|&i| steps[i].rows).sum();
+            if pending.is_empty() {
+                continue;
+            }
+            let estimate = self.estimate(&table, &pending, steps).await? + done_rows.max(0) as u64;
+            let bar = self.bar(estimate, format!("copy {table}"), "rows");
+            bar.set_position(done_rows.max(0) as u64);
+            let started = Instant::now();
+            for i in pending {
+                let rows = self.copy_step(&steps[i], &bar).await?;
+                steps[i].rows = Some(rows as i64);
+                steps[i].state = State::Copied;
+                if self.progress.is_hidden() {
+                    let s = &steps[i];
+                    eprintln!(
+                        "copied {table} {} -> {} chunk {}: {rows} rows ({} of about {} rows of {table}, {:.0} rows/s)",
+                        self.r.names[s.source],
+                        self.r.names[s.target],
+                        s.chunk,
+                        bar.position(),
+                        bar.length().unwrap_or(0),
+                        bar.position() as f64 / started.elapsed().as_secs_f64().max(1e-3)
+                    );
+                }
+            }
+            bar.finish_with_message("copied");
+        }
+        Ok(())
+    }
+
+    /// Rows the pending steps of a table will copy, for the progress bar
+    /// (pairs counted before copying; others, when resuming, counted now).
+    async fn estimate(&self, table: &str, pending: &[usize], steps: &[Step]) -> Result<u64> {
+        let mut total = 0u64;
+        let mut pairs: Vec<(usize, usize)> = pending
+            .iter()
+            .map(|&i| (steps[i].source, steps[i].target))
+            .collect();
+        pairs.dedup();
+        for (source, target) in pairs {
+            let of_pair = |x: &&Step| x.table == table && x.source == source && x.target == target;
+            let all = steps.iter().filter(of_pair).count().max(1);
+            let left = pending.iter().map(|&i| &steps[i]).filter(of_pair).count();
+            let rows = match self.estimates.get(&(table.to_string(), source, target)) {
+                Some(&n) => n,
+                None => {
+                    let whole = Step {
+                        first: i64::MIN,
+                        last: i64::MAX,
+                        ..steps[pending[0]].clone()
+                    };
+                    let whole = Step {
+                        source,
+                        target,
+                        ..whole
+                    };
+                    let c = self.servers.get(source).await?;
+                    let n: i64 = c
+                        .query_one(
+                            &format!(
+                                "SELECT count(*) FROM {} WHERE {}",
+                                quote_table(table),
+                                self.filter(&whole)
+                            ),
+                            &[],
+                        )
+                        .await
+                        .on(&self.servers, source, &format!("counting rows of {table}"))?
+                        .get(0);
+                    n.max(0) as u64
+                }
+            };
+            total += rows * left as u64 / all as u64;
+        }
+        Ok(total)
+    }
+
+    async fn copy_step(&mut self, s: &Step, bar: &ProgressBar) -> Result<u64> {
+        let cols = &self.columns[&s.table];
+        let list = db::copy_list(cols);
+        let filter = self.filter(s);
+        let table = quote_table(&s.table);
+        let source = self.servers.get(s.source).await?;
+        let mut target = self.servers.get(s.target).await?;
+        let what = format!(
+            "copying {} {} -> {} chunk {}",
+            s.table, self.r.names[s.source], self.r.names[s.target], s.chunk
+        );
+        let tx = target
+            .transaction()
+            .await
+            .on(&self.servers, s.target, &what)?;
+        let state: String = tx
+            .query_one(
+                &format!("SELECT state FROM shardline.rebalance_steps WHERE {STEP_KEY} FOR UPDATE"),
+                &self.key_params(s),
+            )
+            .await
+            .on(&self.servers, s.target, &what)?
+            .get(0);
+        if State::parse(&state) != State::Pending {
+            bail!(
+                "{what}: the step is {state} on the target although it was pending when this run started; is another shardline-rebalance running?"
+            );
+        }
+        if self.resumed_targets.contains(&s.target) {
+            let present: i64 = tx
+                .query_one(&format!("SELECT count(*) FROM {table} WHERE {filter}"), &[])
+                .await
+                .on(&self.servers, s.target, &what)?
+                .get(0);
+            if present > 0 {
+                bail!(
+                    "{what}: the target already holds {present} rows of this chunk although the step was never copied; remove them or check who wrote them. Nothing was deleted."
+                );
+            }
+        }
+        self.copies_started += 1;
+        let point = format!("copy:{}", self.copies_started);
+        let stop_at = self.opts.stop_at.clone();
+        let rows = copy::stream(
+            &source,
+            &tx,
+            &format!("SELECT {list} FROM {table} WHERE {filter}"),
+            &format!("{table} ({list})"),
+            self.opts.format,
+            |n| bar.inc(n),
+            || {
+                if stop_at.as_deref() == Some(point.as_str()) {
+                    eprintln!("shardline-rebalance: stopped at {point}");
+                    loop {
+                        std::thread::sleep(std::time::Duration::from_secs(3600));
+                    }
+                }
+            },
+        )
+        .await
+        .map_err(|e| match e {
+            CopyError::Source(e) => anyhow::anyhow!(
+                "{what}: reading from shard {}: {}",
+                self.servers.label(s.source),
+                db::describe(&e)
+            ),
+            CopyError::Target(e) => anyhow::anyhow!(
+                "{what}: writing to shard {}: {}",
+                self.servers.label(s.target),
+                db::describe(&e)
+            ),
+        })?;
+        tx.execute(
+            &format!(
+                "UPDATE shardline.rebalance_steps SET state = 'copied', rows = $6, updated = now() WHERE {STEP_KEY}"
+            ),
+            &[
+                &self.r.run,
+                &s.table,
+                &self.r.names[s.source],
+                &self.r.names[s.target],
+                &s.chunk,
+                &(rows as i64),
+            ],
+        )
+        .await
+        .on(&self.servers, s.target, &what)?;
+        tx.commit().await.on(&self.servers, s.target, &what)?;
+        Ok(rows)
+    }
+
+    async fn verify_all(&mut self, steps: &mut [Step]) -> Result<()> {
+        let todo: Vec<usize> = (0..steps.len())
+            .filter(|&i| steps[i].state == State::Copied)
+            .collect();
+        if todo.is_empty() {
+            return Ok(());
+        }
+        let bar = self.bar(todo.len() as u64, "verify".into(), "steps");
+        for i in todo {
+            let s = &steps[i];
+            let cols = &self.columns[&s.table];
+            let filter = self.filter(s);
+            let source = self.servers.get(s.source).await?;
+            let target = self.servers.get(s.target).await?;
+            let (a, b) = tokio::join!(
+                db::checksum(&source, &s.table, cols, &filter),
+                db::checksum(&target, &s.table, cols, &filter)
+            );
+            let what = format!(
+                "verifying {} {} -> {} chunk {}",
+                s.table, self.r.names[s.source], self.r.names[s.target], s.chunk
+            );
+            let a = a.on(&self.servers, s.source, &what)?;
+            let b = b.on(&self.servers, s.target, &what)?;
+            if a != b || Some(a.0) != s.rows {
+                bail!(
+                    "verification failed for {} {} -> {} chunk {} (hashes {}..={}):\n  source {}: {} rows, checksum {}\n  target {}: {} rows, checksum {}\n  copied: {} rows\nNothing was deleted; the copied rows stay on the target. Find what changed (were writes stopped?), then run again.",
+                    s.table,
+                    self.r.names[s.source],
+                    self.r.names[s.target],
+                    s.chunk,
+                    s.first,
+                    s.last,
+                    self.servers.label(s.source),
+                    a.0,
+                    a.1,
+                    self.servers.label(s.target),
+                    b.0,
+                    b.1,
+                    s.rows.unwrap_or(0)
+                );
+            }
+            target
+                .execute(
+                    &format!(
+                        "UPDATE shardline.rebalance_steps SET state = 'verified', checksum = $6, updated = now() WHERE {STEP_KEY}"
+                    ),
+                    &[
+                        &self.r.run,
+                        &s.table,
+                        &self.r.names[s.source],
+                        &self.r.names[s.target],
+                        &s.chunk,
+                        &a.1,
+                    ],
+                )
+                .await
+                .on(&self.servers, s.target, &what)?;
+            steps[i].state = State::Verified;
+            bar.inc(1);
+        }
+        bar.finish_with_message("verified");
+        self.log("every copied range verified (row counts and checksums equal on both shards)");
+        Ok(())
+    }
+
+    async fn delete_all(&mut self, steps: &mut [Step]) -> Result<()> {
+        let todo = steps.iter().filter(|s| s.state == State::Verified).count();
+        if todo == 0 {
+            return Ok(());
+        }
+        let bar = self.bar(todo as u64, "delete moved rows".into(), "steps");
+        // Children before parents, so a cascading foreign key finds nothing.
+        for table in self.order.clone().iter().rev() {
+            for s in steps.iter_mut() {
+                if s.table != *table || s.state != State::Verified {
+                    continue;
+                }
+                if !s.reference {
+                    self.delete_step(s).await?;
+                }
+                let target = self.servers.get(s.target).await?;
+                target
+                    .execute(
+                        &format!(
+                            "UPDATE shardline.rebalance_steps SET state = 'done', updated = now() WHERE {STEP_KEY}"
+                        ),
+                        &self.key_params(s),
+                    )
+                    .await
+                    .on(&self.servers, s.target, "recording progress")?;
+                s.state = State::Done;
+                bar.inc(1);
+            }
+        }
+        bar.finish_with_message("done");
+        Ok(())
+    }
+
+    /// Deletes a verified step's rows from its source, once: the receipt
+    /// is written in the same transaction.
+    async fn delete_step(&mut self, s: &Step) -> Result<()> {
+        let what = format!(
+            "deleting moved rows of {} from {} (chunk {} -> {})",
+            s.table, self.r.names[s.source], s.chunk, self.r.names[s.target]
+        );
+        let mut source = self.servers.get(s.source).await?;
+        let tx = source
+            .transaction()
+            .await
+            .on(&self.servers, s.source, &what)?;
+        let receipt = tx
+            .query_opt(
+                &format!("SELECT rows FROM shardline.rebalance_deletes WHERE {STEP_KEY}"),
+                &self.key_params(s),
+            )
+            .await
+            .on(&self.servers, s.source, &what)?;
+        if receipt.is_some() {
+            return Ok(());
+        }
+        let deleted = tx
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE {}",
+                    quote_table(&s.table),
+                    self.filter(s)
+                ),
+                &[],
+            )
+            .await
+            .on(&self.servers, s.source, &what)?;
+        let expected = s.rows.unwrap_or(0);
+        if deleted as i64 != expected {
+            tx.rollback().await.ok();
+            bail!(
+                "{what}: {deleted} rows match on the source but {expected} were copied and verified; the source changed since (were writes stopped?). Nothing was deleted from this range."
+            );
+        }
+        tx.execute(
+            "INSERT INTO shardline.rebalance_deletes (run, table_name, source, target, chunk, rows) VALUES ($1, $2, $3, $4, $5, $6)",
+            &[
+                &self.r.run,
+                &s.table,
+                &self.r.names[s.source],
+                &self.r.names[s.target],
+                &s.chunk,
+                &expected,
+            ],
+        )
+        .await
+        .on(&self.servers, s.source, &what)?;
+        tx.commit().await.on(&self.servers, s.source, &what)?;
+        self.deletes_done += 1;
+        self.stop_point(&format!("delete:{}", self.deletes_done));
+        Ok(())
+    }
+}

@@ -1,0 +1,478 @@
+//! The servers: one small pool per shard primary, and the queries the
+//! commands share (catalog checks, counts, checksums, table definitions).
+
+use crate::layout::{quote_ident, quote_table};
+use anyhow::{anyhow, bail, Context as _, Result};
+use deadpool_postgres::{Manager, ManagerConfig, Object, Pool, RecyclingMethod};
+use shardline_config::{Config, Node};
+use std::time::Duration;
+use tokio_postgres::NoTls;
+
+/// Who the tool logs in as on every primary.
+#[derive(Debug, Clone)]
+pub struct Login {
+    pub user: String,
+    pub password: Option<String>,
+    pub database: String,
+}
+
+impl Login {
+    /// The overrides, else `[health]`'s login, else the first user's server
+    /// role and database (as the proxy's health checks do).
+    pub fn resolve(
+        config: &Config,
+        user: Option<String>,
+        password: Option<String>,
+        database: Option<String>,
+    ) -> Result<Login> {
+        let first = config.users.first();
+        let h = &config.health;
+        let user = user
+            .or_else(|| h.user.clone())
+            .or_else(|| first.map(|u| u.server_user().to_string()))
+            .context("no user to log in to the servers as: pass --user")?;
+        let password = password
+            .or_else(|| h.password.clone())
+            .or_else(|| first.and_then(|u| u.server_password().map(str::to_string)));
+        let database = database
+            .or_else(|| h.database.clone())
+            .or_else(|| first.map(|u| u.database.clone()))
+            .context("no database: pass --database")?;
+        Ok(Login {
+            user,
+            password,
+            database,
+        })
+    }
+}
+
+/// Settings that make row text identical on every server (checksums hash
+/// each row's text form).
+const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c statement_timeout=0 -c lock_timeout=0";
+
+/// A pool per shard primary, by shard id.
+pub struct Servers {
+    pub names: Vec<String>,
+    pub addresses: Vec<String>,
+    pools: Vec<Option<Pool>>,
+}
+
+impl Servers {
+    /// Connects to the primaries of `ids` (indexes into `names`) and checks
+    /// each answers; the error lists every one that does not.
+    pub async fn connect(
+        names: &[String],
+        primaries: &[Node],
+        ids: &[usize],
+        login: &Login,
+    ) -> Result<Servers> {
+        let mut pools = vec![None; names.len()];
+        let mut failures = Vec::new();
+        for &id in ids {
+            let node = &primaries[id];
+            let mut pg = tokio_postgres::Config::new();
+            pg.host(&node.host)
+                .port(node.port)
+                .user(&login.user)
+                .dbname(&login.database)
+                .application_name("shardline-rebalance")
+                .options(SESSION_OPTIONS)
+                .connect_timeout(Duration::from_secs(5));
+            if let Some(p) = &login.password {
+                pg.password(p);
+            }
+            let manager = Manager::from_config(
+                pg,
+                NoTls,
+                ManagerConfig {
+                    recycling_method: RecyclingMethod::Fast,
+                },
+            );
+            let pool = Pool::builder(manager).max_size(4).build()?;
+            match pool.get().await {
+                Ok(c) => match c.simple_query("SELECT 1").await {
+                    Ok(_) => pools[id] = Some(pool),
+                    Err(e) => failures.push(format!(
+                        "shard {} ({}): {}",
+                        names[id],
+                        node.address(),
+                        describe(&e)
+                    )),
+                },
+                Err(e) => failures.push(format!(
+                    "shard {} ({}) is unreachable: {}",
+                    names[id],
+                    node.address(),
+                    pool_error(&e)
+                )),
+            }
+        }
+        if !failures.is_empty() {
+            bail!("{}", failures.join("\n"));
+        }
+        Ok(Servers {
+            names: names.to_vec(),
+            addresses: primaries.iter().map(Node::address).collect(),
+            pools,
+        })
+    }
+
+    pub async fn get(&self, id: usize) -> Result<Object> {
+        let pool = self.pools[id]
+            .as_ref()
+            .ok_or_else(|| anyhow!("shard {} is not connected", self.names[id]))?;
+        pool.get()
+            .await
+            .map_err(|e| anyhow!("shard {}: {}", self.names[id], pool_error(&e)))
+    }
+
+    /// "shard NAME (host:port)", for messages.
+    pub fn label(&self, id: usize) -> String {
+        format!("{} ({})", self.names[id], self.addresses[id])
+    }
+}
+
+/// A server error with its SQLSTATE and detail, or the client error.
+pub fn describe(e: &tokio_postgres::Error) -> String {
+    match e.as_db_error() {
+        Some(db) => {
+            let mut s = format!("{} (SQLSTATE {})", db.message(), db.code().code());
+            if let Some(d) = db.detail() {
+                s.push_str(": ");
+                s.push_str(d);
+            }
+            s
+        }
+        None => {
+            let mut s = e.to_string();
+            let mut source = std::error::Error::source(e);
+            while let Some(inner) = source {
+                s.push_str(": ");
+                s.push_str(&inner.to_string());
+                source = inner.source();
+            }
+            s
+        }
+    }
+}
+
+fn pool_error(e: &deadpool_postgres::PoolError) -> String {
+    match e {
+        deadpool_postgres::PoolError::Backend(e) => describe(e),
+        other => other.to_string(),
+    }
+}
+
+/// Context for a query error: which shard, what was being done.
+pub trait OnShard<T> {
+    fn on(self, servers: &Servers, id: usize, what: &str) -> Result<T>;
+}
+
+impl<T> OnShard<T> for std::result::Result<T, tokio_postgres::Error> {
+    fn on(self, servers: &Servers, id: usize, what: &str) -> Result<T> {
+        self.map_err(|e| anyhow!("{what} on shard {}: {}", servers.label(id), describe(&e)))
+    }
+}
+
+/// A column as the catalog describes it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Column {
+    pub name: String,
+    pub type_name: String,
+    /// `GENERATED ... STORED`: not copied, the target computes it.
+    pub generated: bool,
+}
+
+/// A table's columns in order, or `None` when the table does not exist.
+pub async fn columns(
+    client: &Object,
+    table: &str,
+) -> Result<Option<Vec<Column>>, tokio_postgres::Error> {
+    let rows = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attgenerated <> ''
+               FROM pg_attribute a
+              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&quote_table(table)],
+        )
+        .await?;
+    if rows.is_empty() {
+        let exists: Option<u32> = client
+            .query_one("SELECT to_regclass($1)::oid", &[&quote_table(table)])
+            .await?
+            .get(0);
+        if exists.is_none() {
+            return Ok(None);
+        }
+    }
+    Ok(Some(
+        rows.iter()
+            .map(|r| Column {
+                name: r.get(0),
+                type_name: r.get(1),
+                generated: r.get(2),
+            })
+            .collect(),
+    ))
+}
+
+/// The columns COPY moves (every stored, non-generated column), quoted.
+pub fn copy_list(cols: &[Column]) -> String {
+    cols.iter()
+        .filter(|c| !c.generated)
+        .map(|c| quote_ident(&c.name))
+        .collect::<Vec<_>>()
+        .join(", ")
+}
+
+/// Differences between a table's columns on two servers, readable.
+pub fn column_differences(source: &[Column], target: &[Column]) -> Vec<String> {
+    let mut out = Vec::new();
+    for (i, c) in source.iter().enumerate() {
+        match target.get(i) {
+            None => out.push(format!("column {} ({}) is missing", c.name, c.type_name)),
+            Some(t) if t.name != c.name => out.push(format!(
+                "column {} is {} there (columns must be in the same order)",
+                i + 1,
+                t.name
+            )),
+            Some(t) if t.type_name != c.type_name => out.push(format!(
+                "column {} is {} there, {} here",
+                c.name, t.type_name, c.type_name
+            )),
+            Some(t) if t.generated != c.generated => {
+                out.push(format!("column {} is generated on one side only", c.name))
+            }
+            Some(_) => {}
+        }
+    }
+    for c in target.iter().skip(source.len()) {
+        out.push(format!(
+            "column {} ({}) is extra there",
+            c.name, c.type_name
+        ));
+    }
+    out
+}
+
+/// `(rows, checksum)` of the rows of `table` matching `filter`: a sum of
+/// each row's text hash, so the order rows are read in does not matter and
+/// a duplicated or changed row shows.
+pub fn checksum_sql(table: &str, cols: &[Column], filter: &str) -> String {
+    format!(
+        "SELECT count(*), coalesce(sum(hashtextextended(shardline_row::text, 0)), 0)::text FROM (SELECT {} FROM {} WHERE {filter}) shardline_row",
+        copy_list(cols),
+        quote_table(table)
+    )
+}
+
+pub async fn checksum(
+    client: &Object,
+    table: &str,
+    cols: &[Column],
+    filter: &str,
+) -> Result<(i64, String), tokio_postgres::Error> {
+    let row = client
+        .query_one(&checksum_sql(table, cols, filter), &[])
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
+/// Foreign keys between the given tables on one server: `(child, parent)`
+/// as indexes into `tables`.
+pub async fn foreign_keys(
+    client: &Object,
+    tables: &[String],
+) -> Result<Vec<(usize, usize)>, tokio_postgres::Error> {
+    let names: Vec<String> = tables.iter().map(|t| quote_table(t)).collect();
+    let rows = client
+        .query(
+            "SELECT c.i::int4, p.i::int4
+               FROM pg_constraint k
+               JOIN unnest($1::text[]) WITH ORDINALITY AS c(name, i) ON to_regclass(c.name) = k.conrelid
+               JOIN unnest($1::text[]) WITH ORDINALITY AS p(name, i) ON to_regclass(p.name) = k.confrelid
+              WHERE k.contype = 'f' AND k.conrelid <> k.confrelid",
+            &[&names],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            (
+                r.get::<_, i32>(0) as usize - 1,
+                r.get::<_, i32>(1) as usize - 1,
+            )
+        })
+        .collect())
+}
+
+/// Tables ordered so that a table comes after the tables it references
+/// (config order otherwise). Cycles keep config order.
+pub fn parents_first(count: usize, edges: &[(usize, usize)]) -> Vec<usize> {
+    let mut order = Vec::with_capacity(count);
+    let mut placed = vec![false; count];
+    while order.len() < count {
+        let next = (0..count)
+            .find(|&t| {
+                !placed[t]
+                    && edges
+                        .iter()
+                        .all(|&(child, parent)| child != t || parent == t || placed[parent])
+            })
+            .or_else(|| (0..count).find(|&t| !placed[t]));
+        let Some(t) = next else { break };
+        placed[t] = true;
+        order.push(t);
+    }
+    order
+}
+
+/// Statements recreating a table as the source has it: sequences its
+/// defaults use, columns, defaults, identity, constraints and indexes.
+/// Foreign keys are created too, so referenced tables must exist first.
+pub async fn definition(
+    client: &Object,
+    table: &str,
+) -> Result<Vec<String>, tokio_postgres::Error> {
+    let name = quote_table(table);
+    let mut out = Vec::new();
+    if let Some((schema, _)) = table.split_once('.') {
+        out.push(format!(
+            "CREATE SCHEMA IF NOT EXISTS {}",
+            quote_ident(schema)
+        ));
+    }
+    let sequences = client
+        .query(
+            "SELECT DISTINCT s.oid::regclass::text
+               FROM pg_attrdef ad
+               JOIN pg_depend d ON d.classid = 'pg_attrdef'::regclass AND d.objid = ad.oid
+               JOIN pg_class s ON s.oid = d.refobjid AND s.relkind = 'S'
+              WHERE ad.adrelid = to_regclass($1)",
+            &[&name],
+        )
+        .await?;
+    for s in &sequences {
+        out.push(format!(
+            "CREATE SEQUENCE IF NOT EXISTS {}",
+            s.get::<_, String>(0)
+        ));
+    }
+    let cols = client
+        .query(
+            "SELECT a.attname::text, format_type(a.atttypid, a.atttypmod), a.attnotnull,
+                    pg_get_expr(d.adbin, d.adrelid), a.attidentity::text, a.attgenerated::text
+               FROM pg_attribute a
+               LEFT JOIN pg_attrdef d ON d.adrelid = a.attrelid AND d.adnum = a.attnum
+              WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+              ORDER BY a.attnum",
+            &[&name],
+        )
+        .await?;
+    let mut defs: Vec<String> = Vec::new();
+    for c in &cols {
+        let mut d = format!("{} {}", quote_ident(c.get(0)), c.get::<_, String>(1));
+        let default: Option<String> = c.get(3);
+        let identity: String = c.get(4);
+        let generated: String = c.get(5);
+        match (identity.as_str(), generated.as_str(), default) {
+            ("a", _, _) => d.push_str(" GENERATED ALWAYS AS IDENTITY"),
+            ("d", _, _) => d.push_str(" GENERATED BY DEFAULT AS IDENTITY"),
+            (_, "s", Some(expr)) => d.push_str(&format!(" GENERATED ALWAYS AS ({expr}) STORED")),
+            (_, _, Some(expr)) => d.push_str(&format!(" DEFAULT {expr}")),
+            _ => {}
+        }
+        if c.get::<_, bool>(2) {
+            d.push_str(" NOT NULL");
+        }
+        defs.push(d);
+    }
+    let constraints = client
+        .query(
+            "SELECT conname::text, pg_get_constraintdef(oid)
+               FROM pg_constraint
+              WHERE conrelid = to_regclass($1) AND contype IN ('p', 'u', 'c', 'x', 'f')
+              ORDER BY contype = 'f', conname",
+            &[&name],
+        )
+        .await?;
+    for c in &constraints {
+        defs.push(format!(
+            "CONSTRAINT {} {}",
+            quote_ident(c.get(0)),
+            c.get::<_, String>(1)
+        ));
+    }
+    out.push(format!("CREATE TABLE {name} ({})", defs.join(", ")));
+    let indexes = client
+        .query(
+            "SELECT pg_get_indexdef(i.indexrelid)
+               FROM pg_index i
+              WHERE i.indrelid = to_regclass($1)
+                AND NOT EXISTS (SELECT 1 FROM pg_constraint k WHERE k.conindid = i.indexrelid)",
+            &[&name],
+        )
+        .await?;
+    out.extend(indexes.iter().map(|r| r.get::<_, String>(0)));
+    Ok(out)
+}
+
+/// Rows of `table` on one server grouped by their owner under two
+/// placements: `(old owner, new owner, rows, bytes)`.
+pub async fn owner_counts(
+    client: &Object,
+    table: &str,
+    old_owner: &str,
+    new_owner: &str,
+) -> Result<Vec<(Option<i32>, Option<i32>, i64, i64)>, tokio_postgres::Error> {
+    let sql = format!(
+        "SELECT {old_owner}, {new_owner}, count(*), coalesce(sum(pg_column_size(shardline_row.*)), 0)::int8
+           FROM {} shardline_row GROUP BY 1, 2",
+        quote_table(table)
+    );
+    Ok(client
+        .query(&sql, &[])
+        .await?
+        .iter()
+        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parents_come_first() {
+        // 0 references 2, 1 references 0; 3 is alone.
+        assert_eq!(parents_first(4, &[(0, 2), (1, 0)]), vec![2, 0, 1, 3]);
+        // A cycle keeps config order.
+        assert_eq!(parents_first(2, &[(0, 1), (1, 0)]), vec![0, 1]);
+        assert_eq!(parents_first(3, &[]), vec![0, 1, 2]);
+    }
+
+    #[test]
+    fn column_differences_are_named() {
+        let c = |n: &str, t: &str| Column {
+            name: n.into(),
+            type_name: t.into(),
+            generated: false,
+        };
+        let source = [c("id", "bigint"), c("name", "text")];
+        assert!(column_differences(&source, &source).is_empty());
+        let d = column_differences(&source, &[c("id", "integer")]);
+        assert_eq!(
+            d,
+            [
+                "column id is integer there, bigint here",
+                "column name (text) is missing"
+            ]
+        );
+        let d = column_differences(
+            &source,
+            &[c("id", "bigint"), c("name", "text"), c("x", "int")],
+        );
+        assert_eq!(d, ["column x (int) is extra there"]);
+    }
+}

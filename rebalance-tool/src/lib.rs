@@ -1,0 +1,14 @@
+//! `shardline-rebalance`: moves the rows whose shard changes between two
+//! configs, verified and resumable.
+//!
+//! - [`layout`]: the two configs compared, placement as SQL (pure);
+//! - [`db`]: connections, catalog checks, counts and checksums on the servers;
+//! - [`copy`]: streaming rows from one server to another;
+//! - [`apply`], [`plan`], [`verify`]: the three commands.
+
+pub mod apply;
+pub mod copy;
+pub mod db;
+pub mod layout;
+pub mod plan;
+pub mod verify;

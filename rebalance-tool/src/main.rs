@@ -1,0 +1,241 @@
+//! `shardline-rebalance`: plan, apply and verify moving rows between shards
+//! when shards are added or removed (or the placement changes).
+
+use anyhow::{Context as _, Result};
+use clap::{Args, Parser, Subcommand};
+use shardline_config::Config;
+use shardline_rebalance::apply::{self, ApplyOptions};
+use shardline_rebalance::copy::Format;
+use shardline_rebalance::db::Login;
+use shardline_rebalance::layout::{Placement, Rebalance};
+use shardline_rebalance::plan::{self, count};
+use shardline_rebalance::verify;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+#[derive(Parser)]
+#[command(
+    name = "shardline-rebalance",
+    version,
+    about = "Move rows between Shardline shards when shards are added or removed",
+    after_help = "Exit status: 0 success; 1 error (apply, plan) or misplaced rows found (verify); 2 usage error or verify could not check."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Show which hash ranges and how many rows (per table and shard pair)
+    /// would move from OLD to NEW. Changes nothing.
+    Plan {
+        #[arg(long, value_name = "OLD.toml")]
+        from: PathBuf,
+        #[arg(long, value_name = "NEW.toml")]
+        to: PathBuf,
+        /// Print the plan as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        login: LoginArgs,
+    },
+    /// Copy the moving rows to their new shards, verify them, delete them
+    /// from their old shards, then install NEW as the config. Resumable:
+    /// run it again after any interruption.
+    Apply {
+        #[arg(long, value_name = "OLD.toml")]
+        from: PathBuf,
+        #[arg(long, value_name = "NEW.toml")]
+        to: PathBuf,
+        /// Confirms that nothing writes to these shards while rows move.
+        #[arg(long)]
+        writes_stopped: bool,
+        /// Create tables missing on new shards from the default shard's definition.
+        #[arg(long)]
+        create_tables: bool,
+        /// Rows per resumable step (a chunk of the hash space), roughly.
+        #[arg(long, default_value_t = 250_000)]
+        chunk_rows: u64,
+        /// COPY format between servers.
+        #[arg(long, value_enum, default_value_t = Format::Binary)]
+        format: Format,
+        /// Where NEW is installed when every moved row is verified
+        /// (default: the --from file; the previous file is kept as
+        /// FILE.before-rebalance).
+        #[arg(long, value_name = "FILE")]
+        config_out: Option<PathBuf>,
+        #[command(flatten)]
+        login: LoginArgs,
+    },
+    /// Check that every row is on the shard CONFIG places it on, and that
+    /// reference tables are identical on every shard.
+    Verify {
+        #[arg(long, value_name = "FILE")]
+        config: PathBuf,
+        /// Print the report as JSON.
+        #[arg(long)]
+        json: bool,
+        #[command(flatten)]
+        login: LoginArgs,
+    },
+}
+
+/// How to log in to the primaries (default: the config's `[health]` login,
+/// else its first user's server role and database).
+#[derive(Args)]
+struct LoginArgs {
+    /// Role on the servers.
+    #[arg(long)]
+    user: Option<String>,
+    /// Password (or set PGPASSWORD).
+    #[arg(long)]
+    password: Option<String>,
+    /// Database on the servers.
+    #[arg(long)]
+    database: Option<String>,
+}
+
+impl LoginArgs {
+    fn resolve(self, config: &Config) -> Result<Login> {
+        let password = self.password.or_else(|| std::env::var("PGPASSWORD").ok());
+        Login::resolve(config, self.user, password, self.database)
+    }
+}
+
+fn load(path: &Path) -> Result<(Config, String)> {
+    let text =
+        std::fs::read_to_string(path).with_context(|| format!("reading {}", path.display()))?;
+    let config = Config::from_toml(&text, &path.display().to_string())
+        .map_err(|e| anyhow::anyhow!("{e}"))?;
+    Ok((config, text))
+}
+
+fn compare(from: &Path, to: &Path) -> Result<(Rebalance, Config, String)> {
+    let (old, _) = load(from)?;
+    let (new, text) = load(to)?;
+    let r = Rebalance::new(&old, &new).map_err(|problems| {
+        anyhow::anyhow!(
+            "{} and {} cannot be reconciled by moving rows:\n  {}",
+            from.display(),
+            to.display(),
+            problems.join("\n  ")
+        )
+    })?;
+    Ok((r, old, text))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()
+    {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("shardline-rebalance: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    let verifying = matches!(cli.command, Command::Verify { .. });
+    match runtime.block_on(run(cli)) {
+        Ok(code) => code,
+        Err(e) => {
+            eprintln!("shardline-rebalance: {e:#}");
+            ExitCode::from(if verifying { 2 } else { 1 })
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<ExitCode> {
+    match cli.command {
+        Command::Plan {
+            from,
+            to,
+            json,
+            login,
+        } => {
+            let (r, old, _) = compare(&from, &to)?;
+            let report = plan::plan(&r, &login.resolve(&old)?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Apply {
+            from,
+            to,
+            writes_stopped,
+            create_tables,
+            chunk_rows,
+            format,
+            config_out,
+            login,
+        } => {
+            let (r, old, new_text) = compare(&from, &to)?;
+            let config_out = config_out.unwrap_or_else(|| from.clone());
+            let opts = ApplyOptions {
+                writes_stopped,
+                create_tables,
+                chunk_rows,
+                format,
+                config_out,
+                new_text,
+                stop_at: std::env::var("SHARDLINE_REBALANCE_STOP_AT").ok(),
+            };
+            let s = apply::apply(&r, &login.resolve(&old)?, &opts).await?;
+            let rows = s.rows() as i64;
+            if s.already_complete {
+                println!("This rebalance had already completed: nothing left to move.");
+            } else {
+                println!(
+                    "Moved {} rows in {:.1} s ({} rows/s): copy {:.1} s, verify {:.1} s, delete {:.1} s.",
+                    count(rows),
+                    s.total_seconds,
+                    count((rows as f64 / s.total_seconds.max(1e-3)) as i64),
+                    s.copy_seconds,
+                    s.verify_seconds,
+                    s.delete_seconds
+                );
+            }
+            if !s.moved.is_empty() {
+                let table: Vec<Vec<String>> = s
+                    .moved
+                    .iter()
+                    .map(|((t, from, to), n)| {
+                        vec![t.clone(), from.clone(), to.clone(), count(*n as i64)]
+                    })
+                    .collect();
+                print!("{}", plan::table(&["table", "from", "to", " rows"], &table));
+            }
+            if let Some(path) = &s.config_written {
+                println!(
+                    "The new config is in {}. Restart or reload the proxies with it, then resume writes.",
+                    path.display()
+                );
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Verify {
+            config,
+            json,
+            login,
+        } => {
+            let (c, _) = load(&config)?;
+            let report = verify::verify(&Placement::new(&c), &login.resolve(&c)?).await?;
+            if json {
+                println!("{}", serde_json::to_string_pretty(&report)?);
+            } else {
+                print!("{}", report.render());
+            }
+            Ok(if report.clean() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::from(1)
+            })
+        }
+    }
+}

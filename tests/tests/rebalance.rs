@@ -1,0 +1,850 @@
+//! `shardline-rebalance` against real Postgres: three primaries; the old
+//! config uses two of them, the new one all three (and back). Data is
+//! loaded through a proxy running the old config; placement afterwards is
+//! checked row by row with the router, content with checksums computed
+//! independently of the tool, and answers through a proxy running the new
+//! config against the answers before the move.
+
+use shardline::Proxy;
+use shardline_config::Config;
+use shardline_router::sharding::Sharding;
+use shardline_tests::{rebalance_binary, Env, EnvOptions};
+use std::collections::BTreeMap;
+use std::io::{BufRead as _, BufReader};
+use std::path::{Path, PathBuf};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+const TABLES: &str = r#"
+[sharding]
+function = "consistent"
+
+[[sharding.tables]]
+name = "users"
+column = "id"
+[[sharding.tables]]
+name = "orders"
+column = "user_id"
+[[sharding.tables]]
+name = "accounts"
+column = "id"
+group = "by_uuid"
+[[sharding.tables]]
+name = "tags"
+column = "name"
+group = "by_text"
+
+[[sharding.groups]]
+name = "by_uuid"
+key_type = "uuid"
+[[sharding.groups]]
+name = "by_text"
+key_type = "text"
+
+[[reference_tables]]
+name = "countries"
+"#;
+
+const SCHEMA: &str = "
+CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, balance numeric(12,2), created timestamptz DEFAULT now());
+CREATE TABLE orders (id bigint NOT NULL, user_id bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE, amount numeric, note text, PRIMARY KEY (user_id, id));
+CREATE INDEX orders_note ON orders (note);
+CREATE TABLE accounts (id uuid PRIMARY KEY, owner text, data jsonb);
+CREATE TABLE tags (name text PRIMARY KEY, hits int4 NOT NULL DEFAULT 0);
+CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
+";
+
+/// (table, key column, key type as the router reads it).
+const SHARDED: [(&str, &str); 4] = [
+    ("users", "id"),
+    ("orders", "user_id"),
+    ("accounts", "id"),
+    ("tags", "name"),
+];
+
+const USERS: i64 = 50_000;
+const ORDERS: i64 = 50_000;
+const ACCOUNTS: i64 = 10_000;
+const TAGS: i64 = 10_000;
+
+fn user_id(i: i64) -> i64 {
+    // Spread over the key space, negatives included.
+    (i * 2_654_435_761) % 1_000_000_007 - 500_000_000
+}
+
+fn uuid(i: i64) -> String {
+    format!(
+        "{:08x}-{:04x}-4{:03x}-8{:03x}-{:012x}",
+        (i as u64).wrapping_mul(0x9E37_79B9) as u32,
+        i % 0xffff,
+        i % 0xfff,
+        (i * 7) % 0xfff,
+        i
+    )
+}
+
+/// A config listing the given shards (indexes) of the environment.
+fn config_text(env: &Env, shards: &[usize], tables: &str) -> String {
+    let mut text = String::from(
+        "[proxy]\nlisten = \"127.0.0.1:0\"\n[pool]\ncheckout_timeout = \"3s\"\n\n[[users]]\nname = \"app\"\npassword = \"app\"\ndatabase = \"app\"\n\n",
+    );
+    for &s in shards {
+        text.push_str(&format!(
+            "[[shards]]\nname = \"s{s}\"\nprimary = {{ host = \"127.0.0.1\", port = {} }}\n\n",
+            env.node_port(env.shard_primary(s))
+        ));
+    }
+    text.push_str(tables);
+    text
+}
+
+struct Files {
+    dir: PathBuf,
+}
+
+impl Files {
+    fn new(tag: &str) -> Files {
+        let dir = std::env::temp_dir().join(format!(
+            "shardline-rebalance-{tag}-{:08x}",
+            rand::random::<u32>()
+        ));
+        std::fs::create_dir_all(&dir).expect("temp dir");
+        Files { dir }
+    }
+    fn write(&self, name: &str, text: &str) -> PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).expect("write config");
+        p
+    }
+}
+
+impl Drop for Files {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+/// Runs the tool; returns (exit code, stdout, stderr).
+fn tool(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(rebalance_binary().expect("shardline-rebalance binary"))
+        .args(args)
+        .output()
+        .expect("run shardline-rebalance");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+fn path(p: &Path) -> &str {
+    p.to_str().expect("utf-8 path")
+}
+
+async fn proxy(text: &str) -> (Proxy, tokio_postgres::Client) {
+    let proxy = Proxy::start(Config::from_toml(text, "rebalance.toml").expect("config"))
+        .await
+        .expect("proxy starts");
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=app password=app dbname=app",
+            proxy.local_addr.port()
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .expect("connect to the proxy");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (proxy, client)
+}
+
+async fn copy_rows(
+    client: &tokio_postgres::Client,
+    copy: &str,
+    rows: impl Iterator<Item = String>,
+) {
+    use futures_util::SinkExt as _;
+    let sink = client.copy_in::<_, bytes::Bytes>(copy).await.expect(copy);
+    let mut sink = std::pin::pin!(sink);
+    let mut buf = String::new();
+    for row in rows {
+        buf.push_str(&row);
+        buf.push('\n');
+        if buf.len() > 64 * 1024 {
+            sink.send(bytes::Bytes::from(std::mem::take(&mut buf)))
+                .await
+                .expect(copy);
+        }
+    }
+    sink.send(bytes::Bytes::from(buf)).await.expect(copy);
+    sink.as_mut().finish().await.expect(copy);
+}
+
+/// Schema and data, through a proxy running `text` (the old config).
+async fn load(text: &str) {
+    let (_proxy, c) = proxy(text).await;
+    c.batch_execute(SCHEMA)
+        .await
+        .expect("schema through the proxy");
+    copy_rows(
+        &c,
+        "COPY countries (code, name) FROM STDIN",
+        (0..250).map(|i| format!("c{i:03}\tCountry {i} ü")),
+    )
+    .await;
+    copy_rows(
+        &c,
+        "COPY users (id, name, balance, created) FROM STDIN",
+        (0..USERS).map(|i| {
+            format!(
+                "{}\tuser {i}{}\t{}.{:02}\t2026-01-01 00:00:00+00",
+                user_id(i),
+                if i % 7 == 0 { " ñ" } else { "" },
+                i * 3,
+                i % 100
+            )
+        }),
+    )
+    .await;
+    copy_rows(
+        &c,
+        "COPY orders (id, user_id, amount, note) FROM STDIN",
+        (0..ORDERS).map(|i| {
+            let note = if i % 5 == 0 {
+                "\\N".to_string()
+            } else {
+                format!("note\\t{i}")
+            };
+            format!("{i}\t{}\t{}.5\t{note}", user_id(i % USERS), i % 1000)
+        }),
+    )
+    .await;
+    copy_rows(
+        &c,
+        "COPY accounts (id, owner, data) FROM STDIN",
+        (0..ACCOUNTS).map(|i| format!("{}\towner {i}\t{{\"n\": {i}}}", uuid(i))),
+    )
+    .await;
+    copy_rows(
+        &c,
+        "COPY tags (name, hits) FROM STDIN",
+        (0..TAGS).map(|i| format!("tag-é-{i}\t{}", i % 17)),
+    )
+    .await;
+}
+
+/// Per table, over all shards: (rows, sum of row hashes): content
+/// independent of placement, computed without the tool.
+fn content(env: &Env, shards: &[usize]) -> BTreeMap<String, (i64, i128)> {
+    let mut out = BTreeMap::new();
+    for (table, _) in SHARDED.iter().chain([&("countries", "code")]) {
+        let mut total = (0i64, 0i128);
+        for &s in shards {
+            if table == &"countries" && s != shards[0] {
+                continue;
+            }
+            let line = env.sql_shard(
+                s,
+                &format!("SELECT count(*) || ' ' || coalesce(sum(hashtext(t::text)::int8), 0) FROM {table} t"),
+            );
+            let mut parts = line.split_whitespace();
+            total.0 += parts.next().unwrap().parse::<i64>().unwrap();
+            total.1 += parts.next().unwrap().parse::<i128>().unwrap();
+        }
+        out.insert(table.to_string(), total);
+    }
+    out
+}
+
+/// Keys of a table on a shard, as text.
+fn keys_on(env: &Env, shard: usize, table: &str, column: &str) -> Vec<String> {
+    env.sql_shard(shard, &format!("SELECT {column}::text FROM {table}"))
+        .lines()
+        .map(str::to_string)
+        .collect()
+}
+
+/// For every table, per shard index: rows whose owner under `config`
+/// is another shard (by the router), and the row count.
+fn placement(
+    env: &Env,
+    shards: &[usize],
+    config: &str,
+) -> BTreeMap<(String, usize), (usize, usize)> {
+    let c = Config::from_toml(config, "t.toml").unwrap();
+    let sharding = Sharding::from_config(&c);
+    let mut out = BTreeMap::new();
+    for (table, column) in SHARDED {
+        let group = &sharding.groups[sharding.tables[table].group];
+        for &s in shards {
+            let keys = keys_on(env, s, table, column);
+            let wrong = keys
+                .iter()
+                .filter(|k| {
+                    let key = group.key_from_text(k).expect("key parses");
+                    let owner = group.shard_of(Some(&key)).unwrap();
+                    sharding.shard_names[owner] != format!("s{s}")
+                })
+                .count();
+            out.insert((table.to_string(), s), (wrong, keys.len()));
+        }
+    }
+    out
+}
+
+/// Answers through a proxy: point reads by each key type, a co-located
+/// join, a keyless read (sorted here) and the reference table.
+async fn answers(text: &str) -> Vec<String> {
+    let (_proxy, c) = proxy(text).await;
+    let mut out = Vec::new();
+    for i in (0..USERS).step_by(397) {
+        let row = c
+            .query_opt(
+                "SELECT u.name, u.balance::text, count(o.id) FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = $1 GROUP BY u.name, u.balance",
+                &[&user_id(i)],
+            )
+            .await
+            .expect("point read");
+        out.push(format!(
+            "{:?}",
+            row.map(|r| (
+                r.get::<_, String>(0),
+                r.get::<_, String>(1),
+                r.get::<_, i64>(2)
+            ))
+        ));
+    }
+    for i in (0..ACCOUNTS).step_by(211) {
+        let rows = c
+            .simple_query(&format!(
+                "SELECT owner, data::text FROM accounts WHERE id = '{}'",
+                uuid(i)
+            ))
+            .await
+            .expect("uuid read");
+        out.push(format!(
+            "{:?}",
+            rows.iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) =>
+                        Some((r.get(0).map(str::to_string), r.get(1).map(str::to_string))),
+                    _ => None,
+                })
+                .collect::<Vec<_>>()
+        ));
+    }
+    for i in (0..TAGS).step_by(173) {
+        let row = c
+            .query_opt(
+                "SELECT hits FROM tags WHERE name = $1",
+                &[&format!("tag-é-{i}")],
+            )
+            .await
+            .expect("text read");
+        out.push(format!("{:?}", row.map(|r| r.get::<_, i32>(0))));
+    }
+    let mut ids: Vec<i64> = c
+        .query("SELECT id FROM users", &[])
+        .await
+        .expect("keyless read")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    ids.sort_unstable();
+    out.push(format!(
+        "{} users, first {:?}, last {:?}",
+        ids.len(),
+        ids.first(),
+        ids.last()
+    ));
+    for _ in 0..6 {
+        // Reference reads go to any shard: each must have every row.
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM countries", &[])
+            .await
+            .expect("reference read")
+            .get(0);
+        out.push(format!("countries {n}"));
+    }
+    out
+}
+
+/// Rows per (table, from, to) that the router says move between configs.
+fn expected_moves(
+    env: &Env,
+    shards: &[usize],
+    old: &str,
+    new: &str,
+) -> BTreeMap<(String, String, String), i64> {
+    let old_c = Config::from_toml(old, "old.toml").unwrap();
+    let new_c = Config::from_toml(new, "new.toml").unwrap();
+    let (a, b) = (Sharding::from_config(&old_c), Sharding::from_config(&new_c));
+    let mut out = BTreeMap::new();
+    for (table, column) in SHARDED {
+        let (ga, gb) = (
+            &a.groups[a.tables[table].group],
+            &b.groups[b.tables[table].group],
+        );
+        for &s in shards {
+            for k in keys_on(env, s, table, column) {
+                let key = ga.key_from_text(&k).unwrap();
+                let from = &a.shard_names[ga.shard_of(Some(&key)).unwrap()];
+                let to = &b.shard_names[gb.shard_of(Some(&key)).unwrap()];
+                if from != to {
+                    *out.entry((table.to_string(), from.clone(), to.clone()))
+                        .or_default() += 1;
+                }
+            }
+        }
+    }
+    out
+}
+
+fn plan_moves(json: &str) -> BTreeMap<(String, String, String), i64> {
+    let v: serde_json::Value = serde_json::from_str(json).expect("plan --json is JSON");
+    v["tables"]
+        .as_array()
+        .expect("tables")
+        .iter()
+        .map(|t| {
+            (
+                (
+                    t["table"].as_str().unwrap().to_string(),
+                    t["from"].as_str().unwrap().to_string(),
+                    t["to"].as_str().unwrap().to_string(),
+                ),
+                t["rows"].as_i64().unwrap(),
+            )
+        })
+        .collect()
+}
+
+fn assert_placed(env: &Env, shards: &[usize], config: &str) {
+    for ((table, shard), (wrong, rows)) in placement(env, shards, config) {
+        assert_eq!(
+            wrong, 0,
+            "{wrong} of {rows} rows of {table} on s{shard} are not where the config places them"
+        );
+    }
+}
+
+fn left_steps(env: &Env, shard: usize) -> String {
+    env.sql_shard(
+        shard,
+        "SELECT count(*) FILTER (WHERE state <> 'done') || ' ' || count(*) FROM shardline.rebalance_steps",
+    )
+}
+
+async fn start() -> Env {
+    Env::start_with(EnvOptions {
+        shards: 3,
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("three shards")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn grow_to_three_shards_and_shrink_back() {
+    let env = start().await;
+    let files = Files::new("grow");
+    let two = config_text(&env, &[0, 1], TABLES);
+    let three = config_text(&env, &[0, 1, 2], TABLES);
+    load(&two).await;
+    // s2 has no tables yet: --create-tables makes them from s0's definition.
+    let before = content(&env, &[0, 1]);
+    assert_eq!(before["users"].0, USERS);
+    assert_placed(&env, &[0, 1], &two);
+    let answers_before = answers(&two).await;
+
+    let old_path = files.write("old.toml", &two);
+    let new_path = files.write("new.toml", &three);
+    let expected = expected_moves(&env, &[0, 1], &two, &three);
+    assert!(expected.keys().all(|(_, _, to)| to == "s2"), "{expected:?}");
+    let moving: i64 = expected.values().sum();
+    let total: i64 = before.values().map(|v| v.0).sum::<i64>() - 250;
+    let share = moving as f64 / total as f64;
+    assert!(
+        (0.2..0.45).contains(&share),
+        "consistent hashing moves about a third: {share}"
+    );
+
+    // plan: the same rows the router says, changing nothing.
+    let (code, out, err) = tool(&[
+        "plan",
+        "--from",
+        path(&old_path),
+        "--to",
+        path(&new_path),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(plan_moves(&out), expected);
+    let (code, out, err) = tool(&["plan", "--from", path(&old_path), "--to", path(&new_path)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("Shards added: s2") && out.contains("users") && out.contains("countries"),
+        "{out}"
+    );
+    println!("{out}");
+    assert_eq!(content(&env, &[0, 1]), before, "plan changed nothing");
+
+    // apply without --writes-stopped refuses.
+    let (code, _, err) = tool(&["apply", "--from", path(&old_path), "--to", path(&new_path)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("--writes-stopped"), "{err}");
+    // Without --create-tables: the missing tables are named.
+    let (code, _, err) = tool(&[
+        "apply",
+        "--from",
+        path(&old_path),
+        "--to",
+        path(&new_path),
+        "--writes-stopped",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("table users does not exist on shard s2") && err.contains("--create-tables"),
+        "{err}"
+    );
+
+    let (code, out, err) = tool(&[
+        "apply",
+        "--from",
+        path(&old_path),
+        "--to",
+        path(&new_path),
+        "--writes-stopped",
+        "--create-tables",
+        "--chunk-rows",
+        "7000",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    println!("{out}");
+    assert!(
+        out.contains(&format!(
+            "Moved {} rows",
+            shardline_rebalance_count(moving + 250)
+        )),
+        "{out}"
+    );
+    // The new config is installed where the old one was; the old one kept.
+    assert_eq!(std::fs::read_to_string(&old_path).unwrap(), three);
+    assert_eq!(
+        std::fs::read_to_string(files.dir.join("old.toml.before-rebalance")).unwrap(),
+        two
+    );
+
+    assert_eq!(content(&env, &[0, 1, 2]), before);
+    assert_placed(&env, &[0, 1, 2], &three);
+    let on_s2: i64 = SHARDED
+        .iter()
+        .map(|(t, c)| keys_on(&env, 2, t, c).len() as i64)
+        .sum();
+    assert_eq!(on_s2, moving, "only the reassigned rows moved");
+    assert_eq!(env.sql_shard(2, "SELECT count(*) FROM countries"), "250");
+    assert_eq!(
+        env.sql_shard(
+            2,
+            "SELECT count(*) FROM pg_indexes WHERE indexname = 'orders_note'"
+        ),
+        "1",
+        "indexes created"
+    );
+    assert_eq!(left_steps(&env, 2).split(' ').next(), Some("0"));
+
+    let (code, out, err) = tool(&["verify", "--config", path(&new_path)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("Every row is on its shard."), "{out}");
+    // Running apply again: the run is complete, nothing moves.
+    let (code, out, err) = tool(&[
+        "apply",
+        "--from",
+        path(&files.dir.join("old.toml.before-rebalance")),
+        "--to",
+        path(&new_path),
+        "--writes-stopped",
+        "--config-out",
+        path(&files.dir.join("again.toml")),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("already completed"), "{out}");
+
+    assert_eq!(
+        answers(&three).await,
+        answers_before,
+        "the same answers through the proxy after the move"
+    );
+
+    // Shrink back: every row of s2 returns; s2 ends empty.
+    let back_from = files.write("three.toml", &three);
+    let back_to = files.write("two.toml", &two);
+    let expected_back = expected_moves(&env, &[0, 1, 2], &three, &two);
+    assert!(expected_back.keys().all(|(_, from, _)| from == "s2"));
+    assert_eq!(expected_back.values().sum::<i64>(), moving);
+    let (code, out, err) = tool(&[
+        "plan",
+        "--from",
+        path(&back_from),
+        "--to",
+        path(&back_to),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    assert_eq!(plan_moves(&out), expected_back);
+    let (code, out, err) = tool(&[
+        "apply",
+        "--from",
+        path(&back_from),
+        "--to",
+        path(&back_to),
+        "--writes-stopped",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    for (t, c) in SHARDED {
+        assert!(
+            keys_on(&env, 2, t, c).is_empty(),
+            "{t} left on the removed shard"
+        );
+    }
+    assert_eq!(content(&env, &[0, 1]), before);
+    assert_placed(&env, &[0, 1], &two);
+    let (code, out, err) = tool(&["verify", "--config", path(&back_to)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(answers(&two).await, answers_before);
+}
+
+fn shardline_rebalance_count(n: i64) -> String {
+    shardline_rebalance::plan::count(n)
+}
+
+/// Runs apply until it prints that it stopped at `point`, then kills it
+/// with SIGKILL.
+fn apply_killed_at(point: &str, args: &[&str]) {
+    let mut child = Command::new(rebalance_binary().unwrap())
+        .args(args)
+        .env("SHARDLINE_REBALANCE_STOP_AT", point)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shardline-rebalance");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(200)) {
+            Ok(line) if line.contains(&format!("stopped at {point}")) => break,
+            Ok(line) => seen.push(line),
+            Err(_) => {}
+        }
+        if let Ok(Some(status)) = child.try_wait() {
+            panic!(
+                "apply ended ({status}) before reaching {point}:\n{}",
+                seen.join("\n")
+            );
+        }
+        assert!(
+            Instant::now() < deadline,
+            "apply never reached {point}:\n{}",
+            seen.join("\n")
+        );
+    }
+    // SIGKILL: no cleanup of any kind runs.
+    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+    let status = child.wait().unwrap();
+    assert!(!status.success());
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn killed_at_any_point_a_rerun_finishes_the_same() {
+    let env = start().await;
+    let files = Files::new("crash");
+    // s2 gets its tables up front here (created by hand, as an operator would).
+    for stmt in SCHEMA.split(';').filter(|s| !s.trim().is_empty()) {
+        env.sql_shard(2, stmt);
+    }
+    env.sql_shard(2, "GRANT ALL ON ALL TABLES IN SCHEMA public TO app");
+    let two = config_text(&env, &[0, 1], TABLES);
+    let three = config_text(&env, &[0, 1, 2], TABLES);
+    load(&two).await;
+    let before = content(&env, &[0, 1]);
+    let old_path = files.write("old.toml", &two);
+    let new_path = files.write("new.toml", &three);
+    let moving: i64 = expected_moves(&env, &[0, 1], &two, &three).values().sum();
+    let args = [
+        "apply",
+        "--from",
+        path(&old_path),
+        "--to",
+        path(&new_path),
+        "--writes-stopped",
+        "--chunk-rows",
+        "5000",
+    ];
+
+    // In the middle of the third chunk's COPY.
+    apply_killed_at("copy:3", &args);
+    let copied_once = left_steps(&env, 2);
+    // After every copy, before verifying.
+    apply_killed_at("verify", &args);
+    assert_eq!(
+        std::fs::read_to_string(&old_path).unwrap(),
+        two,
+        "config untouched until the end"
+    );
+    // Between deleting a range on its source and recording it on the target.
+    apply_killed_at("delete:2", &args);
+    // And once more a little later.
+    apply_killed_at("delete:5", &args);
+    let (code, out, err) = tool(&args);
+    assert_eq!(code, 0, "{out}\n{err}");
+
+    assert_eq!(
+        content(&env, &[0, 1, 2]),
+        before,
+        "every row exactly once (copied, steps {copied_once})"
+    );
+    assert_placed(&env, &[0, 1, 2], &three);
+    let on_s2: i64 = SHARDED
+        .iter()
+        .map(|(t, c)| keys_on(&env, 2, t, c).len() as i64)
+        .sum();
+    assert_eq!(on_s2, moving);
+    assert_eq!(std::fs::read_to_string(&old_path).unwrap(), three);
+    let (code, out, _) = tool(&["verify", "--config", path(&new_path)]);
+    assert_eq!(code, 0, "{out}");
+    assert_eq!(left_steps(&env, 2).split(' ').next(), Some("0"));
+    // Each deleted range was deleted once: one receipt per sharded step.
+    let receipts: i64 = [0, 1]
+        .iter()
+        .map(|&s| {
+            env.sql_shard(s, "SELECT count(*) FROM shardline.rebalance_deletes")
+                .parse::<i64>()
+                .unwrap()
+        })
+        .sum();
+    let steps: i64 = env
+        .sql_shard(
+            2,
+            "SELECT count(*) FROM shardline.rebalance_steps WHERE NOT reference",
+        )
+        .parse()
+        .unwrap();
+    assert_eq!(receipts, steps);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
+    let env = start().await;
+    let files = Files::new("bad");
+    let two = config_text(&env, &[0, 1], TABLES);
+    load(&two).await;
+    let before = content(&env, &[0, 1]);
+    let old_path = files.write("old.toml", &two);
+    let apply = |to: &Path| {
+        tool(&[
+            "apply",
+            "--from",
+            path(&old_path),
+            "--to",
+            path(to),
+            "--writes-stopped",
+        ])
+    };
+
+    // A config whose key column differs cannot be reached by moving rows.
+    let rekeyed = files.write(
+        "rekeyed.toml",
+        &config_text(
+            &env,
+            &[0, 1, 2],
+            &TABLES.replace("column = \"user_id\"", "column = \"id\""),
+        ),
+    );
+    let (code, _, err) = tool(&["plan", "--from", path(&old_path), "--to", path(&rekeyed)]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(
+            "table orders: its key column is user_id in the old config and id in the new one"
+        ),
+        "{err}"
+    );
+
+    // An unreachable node.
+    let closed = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let dead_port = closed.local_addr().unwrap().port();
+    drop(closed);
+    let unreachable = files.write(
+        "unreachable.toml",
+        &format!(
+            "{}[[shards]]\nname = \"s9\"\nprimary = {{ host = \"127.0.0.1\", port = {dead_port} }}\n{TABLES}",
+            config_text(&env, &[0, 1], "")
+        ),
+    );
+    let (code, _, err) = apply(&unreachable);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains(&format!("shard s9 (127.0.0.1:{dead_port}) is unreachable")),
+        "{err}"
+    );
+
+    let three = files.write("three.toml", &config_text(&env, &[0, 1, 2], TABLES));
+    // Missing target tables.
+    let (code, _, err) = apply(&three);
+    assert_eq!(code, 1);
+    assert!(err.contains("does not exist on shard s2"), "{err}");
+    // Mismatched columns.
+    for stmt in SCHEMA.split(';').filter(|s| !s.trim().is_empty()) {
+        env.sql_shard(2, &stmt.replace("hits int4", "hits int8"));
+    }
+    env.sql_shard(2, "GRANT ALL ON ALL TABLES IN SCHEMA public TO app");
+    let (code, _, err) = apply(&three);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("table tags on shard s2")
+            && err.contains("column hits is bigint there, integer here"),
+        "{err}"
+    );
+    env.sql_shard(2, "DROP TABLE tags; CREATE TABLE tags (name text PRIMARY KEY, hits int4 NOT NULL DEFAULT 0); GRANT ALL ON tags TO app");
+    // A target already holding a row the old config places elsewhere.
+    env.sql_shard(
+        2,
+        &format!(
+            "INSERT INTO users VALUES ({}, 'intruder', 0, now())",
+            user_id(1)
+        ),
+    );
+    let (code, _, err) = apply(&three);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("shard s2")
+            && err.contains("holds 1 rows of users that the old config places on other shards"),
+        "{err}"
+    );
+    // A reference table that differs on the new shard.
+    env.sql_shard(
+        2,
+        "DELETE FROM users; INSERT INTO countries VALUES ('zz', 'Elsewhere')",
+    );
+    let (code, _, err) = apply(&three);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("reference table countries on new shard s2"),
+        "{err}"
+    );
+
+    // Nothing was lost or moved by any of these, and the config is untouched.
+    assert_eq!(content(&env, &[0, 1]), before);
+    assert_placed(&env, &[0, 1], &two);
+    assert_eq!(std::fs::read_to_string(&old_path).unwrap(), two);
+    assert_eq!(env.sql_shard(2, "SELECT count(*) FROM users"), "0");
+}
