@@ -359,11 +359,7 @@ impl Run<'_> {
     /// tables are copied in (referenced tables first).
     async fn check_tables(&mut self) -> Result<()> {
         let r = self.r;
-        let home = r
-            .names
-            .iter()
-            .position(|n| *n == r.old.default_shard)
-            .unwrap_or(0);
+        let home = r.home();
         let mut names: Vec<String> = r.old.reference.clone();
         names.extend(r.tables().iter().map(|t| t.name.clone()));
         let home_client = self.servers.get(home).await?;
@@ -518,11 +514,7 @@ impl Run<'_> {
             }
         }
         // Reference tables: copied whole from the default shard to added shards.
-        let home = r
-            .names
-            .iter()
-            .position(|n| *n == r.old.default_shard)
-            .unwrap_or(0);
+        let home = r.home();
         for table in &r.old.reference {
             let cols = &self.columns[table];
             let donor = self.servers.get(home).await?;
@@ -655,11 +647,17 @@ impl Run<'_> {
     fn bar(&self, len: u64, prefix: String, unit: &str) -> ProgressBar {
         let bar = self.progress.add(ProgressBar::new(len));
         let template = format!(
-            "{{prefix:<28}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit} {{per_sec}} ETA {{eta}} {{msg}}"
+            "{{prefix:<28}} [{{bar:30}}] {{human_pos}}/{{human_len}} {unit}, {{rate}}, ETA {{eta}} {{msg}}"
         );
         bar.set_style(
             ProgressStyle::with_template(&template)
                 .expect("a valid template")
+                .with_key(
+                    "rate",
+                    |state: &indicatif::ProgressState, w: &mut dyn std::fmt::Write| {
+                        let _ = write!(w, "{:.0}/s", state.per_sec());
+                    },
+                )
                 .progress_chars("=> "),
         );
         bar.set_prefix(prefix);

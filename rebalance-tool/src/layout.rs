@@ -427,6 +427,15 @@ impl Rebalance {
         Ok(rebalance)
     }
 
+    /// The default shard's id: home of unsharded tables, and the shard
+    /// whose table definitions and reference rows are the model.
+    pub fn home(&self) -> usize {
+        self.names
+            .iter()
+            .position(|n| *n == self.old.default_shard)
+            .unwrap_or(0)
+    }
+
     /// A group's name for people: `default` for the default group.
     pub fn group_name(&self, group: usize) -> String {
         match &self.old.group_names[group] {

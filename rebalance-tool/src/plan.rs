@@ -144,11 +144,7 @@ pub async fn plan(r: &Rebalance, login: &Login) -> Result<PlanReport> {
             }
         }
     }
-    let home = r
-        .names
-        .iter()
-        .position(|n| *n == r.old.default_shard)
-        .unwrap_or(0);
+    let home = r.home();
     for table in &r.old.reference {
         let c = servers.get(home).await?;
         let rows: i64 = c
@@ -303,10 +299,16 @@ impl PlanReport {
                 .collect();
             out.push_str(&table(&["table", "to", " rows"], &rows));
         }
-        for (table, shard) in &self.missing {
+        if !self.missing.is_empty() {
+            let missing: Vec<String> = self
+                .missing
+                .iter()
+                .map(|(t, s)| format!("{t} on {s}"))
+                .collect();
             let _ = writeln!(
                 out,
-                "\nTable {table} does not exist on shard {shard}: create it, or apply with --create-tables."
+                "\nTables missing (create them, or apply with --create-tables): {}",
+                missing.join(", ")
             );
         }
         if !self.misplaced.is_empty() {

@@ -511,6 +511,23 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// `shards` primaries (no replicas) for a benchmark, each with role and
+/// database `app` (password `app`).
+pub fn bench_cluster(shards: usize) -> Result<LocalCluster> {
+    let cluster = LocalCluster::start(&ClusterSpec {
+        shards,
+        replicas_per_shard: 0,
+    })?;
+    for s in 0..shards {
+        cluster.psql(
+            cluster.primary(s),
+            "postgres",
+            "CREATE ROLE app LOGIN PASSWORD 'app'; CREATE DATABASE app OWNER app;",
+        )?;
+    }
+    Ok(cluster)
+}
+
 /// A client speaking raw protocol bytes, for inputs no driver would send.
 pub struct RawClient {
     pub stream: tokio::net::TcpStream,

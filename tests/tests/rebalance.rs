@@ -437,19 +437,20 @@ fn left_steps(env: &Env, shard: usize) -> String {
     )
 }
 
-async fn start() -> Env {
+/// `shards` primaries without replicas (the tool works on primaries).
+async fn start(shards: usize) -> Env {
     Env::start_with(EnvOptions {
-        shards: 3,
+        shards,
         replicas_per_shard: 0,
         ..Default::default()
     })
     .await
-    .expect("three shards")
+    .expect("the servers start")
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grow_to_three_shards_and_shrink_back() {
-    let env = start().await;
+    let env = start(3).await;
     let files = Files::new("grow");
     let two = config_text(&env, &[0, 1], TABLES);
     let three = config_text(&env, &[0, 1, 2], TABLES);
@@ -666,7 +667,7 @@ fn apply_killed_at(point: &str, args: &[&str]) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_any_point_a_rerun_finishes_the_same() {
-    let env = start().await;
+    let env = start(3).await;
     let files = Files::new("crash");
     // s2 gets its tables up front here (created by hand, as an operator would).
     for stmt in SCHEMA.split(';').filter(|s| !s.trim().is_empty()) {
@@ -744,7 +745,7 @@ async fn killed_at_any_point_a_rerun_finishes_the_same() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
-    let env = start().await;
+    let env = start(3).await;
     let files = Files::new("bad");
     let two = config_text(&env, &[0, 1], TABLES);
     load(&two).await;
@@ -854,13 +855,7 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
 /// extreme values, each key type.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn placement_sql_agrees_with_the_router_on_the_server() {
-    let env = Env::start_with(EnvOptions {
-        shards: 1,
-        replicas_per_shard: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("one server");
+    let env = start(1).await;
     env.sql_shard(
         0,
         "CREATE TABLE keys_int (k bigint);
@@ -941,13 +936,7 @@ async fn placement_sql_agrees_with_the_router_on_the_server() {
 /// shards: each is source and target at once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_change_swaps_rows_between_shards() {
-    let env = Env::start_with(EnvOptions {
-        shards: 2,
-        replicas_per_shard: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("two shards");
+    let env = start(2).await;
     let files = Files::new("swap");
     let ring = config_text(&env, &[0, 1], TABLES);
     let hashed = config_text(

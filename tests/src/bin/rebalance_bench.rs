@@ -7,7 +7,7 @@
 //! cargo run --release -p shardline-tests --bin shardline-rebalance-bench -- [--narrow-rows N] [--wide-rows N]
 
 use anyhow::{bail, Context as _, Result};
-use shardline::cluster::{ClusterSpec, LocalCluster, PgBin};
+use shardline::cluster::{LocalCluster, PgBin};
 use shardline_config::Config;
 use shardline_rebalance::layout::Placement;
 use std::process::{Command, Stdio};
@@ -51,16 +51,8 @@ fn main() -> Result<()> {
     )?;
     let bin = PgBin::find()?;
     println!("starting three Postgres servers ...");
-    let cluster = LocalCluster::start(&ClusterSpec {
-        shards: 3,
-        replicas_per_shard: 0,
-    })?;
+    let cluster = shardline_tests::bench_cluster(3)?;
     for s in 0..3 {
-        cluster.psql(
-            cluster.primary(s),
-            "postgres",
-            "CREATE ROLE app LOGIN PASSWORD 'app'; CREATE DATABASE app OWNER app;",
-        )?;
         let schema = format!(
             "SET ROLE app; {NARROW}; {WIDE}; {}; {};",
             NARROW.replace("narrow", "narrow_plain"),

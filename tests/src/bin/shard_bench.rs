@@ -10,7 +10,7 @@
 //!   direct server.
 
 use anyhow::{bail, Result};
-use shardline::cluster::{free_port, ClusterSpec, LocalCluster, PgBin};
+use shardline::cluster::{free_port, PgBin};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 use tokio_postgres::NoTls;
@@ -45,17 +45,7 @@ fn main() -> Result<()> {
     let bin = PgBin::find()?;
     println!("starting three Postgres servers: two shards and one direct ...");
     // s0 and s1 are the shards; s2 is the direct server holding every row.
-    let cluster = LocalCluster::start(&ClusterSpec {
-        shards: 3,
-        replicas_per_shard: 0,
-    })?;
-    for s in 0..3 {
-        cluster.psql(
-            cluster.primary(s),
-            "postgres",
-            "CREATE ROLE app LOGIN PASSWORD 'app'; CREATE DATABASE app OWNER app;",
-        )?;
-    }
+    let cluster = shardline_tests::bench_cluster(3)?;
     let direct = cluster.primary(2).port;
     let port = free_port()?;
     let cfg = cluster.root.join("shard-bench.toml");
