@@ -170,6 +170,11 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
         deletes_done: 0,
     };
     let mut summary = Summary::default();
+    for warning in db::unreachable_replicas(&r.new.shards, &r.new.replicas, login).await {
+        run.log(&format!(
+            "warning: {warning}; it will catch up from the primary's WAL when it returns"
+        ));
+    }
 
     for &id in &all {
         let c = run.servers.get(id).await?;
@@ -204,6 +209,7 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
         summary.already_complete = true;
     } else {
         run.check_tables().await?;
+        run.log("counting the rows to move on every shard ...");
         let new_steps = run.plan_steps().await?;
         steps.extend(new_steps);
         run.log(&format!(

@@ -132,6 +132,38 @@ impl Servers {
     }
 }
 
+/// Replicas (of the given shards) that do not answer: `shard (host:port):
+/// why`. The tool writes only to primaries, so these are warnings.
+pub async fn unreachable_replicas(
+    names: &[String],
+    replicas: &[Vec<Node>],
+    login: &Login,
+) -> Vec<String> {
+    let mut out = Vec::new();
+    for (name, nodes) in names.iter().zip(replicas) {
+        for node in nodes {
+            let mut pg = tokio_postgres::Config::new();
+            pg.host(&node.host)
+                .port(node.port)
+                .user(&login.user)
+                .dbname(&login.database)
+                .application_name("shardline-rebalance")
+                .connect_timeout(Duration::from_secs(3));
+            if let Some(p) = &login.password {
+                pg.password(p);
+            }
+            if let Err(e) = pg.connect(NoTls).await {
+                out.push(format!(
+                    "replica of shard {name} ({}): {}",
+                    node.address(),
+                    describe(&e)
+                ));
+            }
+        }
+    }
+    out
+}
+
 /// A server error with its SQLSTATE and detail, or the client error.
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {

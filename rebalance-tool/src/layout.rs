@@ -253,6 +253,7 @@ pub fn quote_table(name: &str) -> String {
 pub struct Placement {
     pub shards: Vec<String>,
     pub primaries: Vec<Node>,
+    pub replicas: Vec<Vec<Node>>,
     pub tables: Vec<TableSpec>,
     /// Per group of the router's `Sharding`.
     pub owners: Vec<Owner>,
@@ -282,6 +283,7 @@ impl Placement {
         Placement {
             shards: sharding.shard_names.clone(),
             primaries: config.shards.iter().map(|s| s.primary.clone()).collect(),
+            replicas: config.shards.iter().map(|s| s.replicas.clone()).collect(),
             tables,
             owners: sharding.groups.iter().map(Owner::of_group).collect(),
             group_names: sharding.groups.iter().map(|g| g.name.clone()).collect(),

@@ -213,7 +213,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             if let Some(path) = &s.config_written {
                 println!(
-                    "The new config is in {}. Restart or reload the proxies with it, then resume writes.",
+                    "The new config is in {}. Restart the proxies with it (Shardline has no config reload yet), then let traffic back.",
                     path.display()
                 );
             }
