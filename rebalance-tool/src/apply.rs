@@ -155,20 +155,7 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
         );
     }
     let all: Vec<usize> = (0..r.names.len()).collect();
-    let servers = Servers::connect(&r.names, &r.primaries, &all, login).await?;
-    let progress = MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4));
-    let mut run = Run {
-        r,
-        servers,
-        opts,
-        columns: HashMap::new(),
-        order: Vec::new(),
-        resumed_targets: Vec::new(),
-        progress,
-        estimates: HashMap::new(),
-        copies_started: 0,
-        deletes_done: 0,
-    };
+    let mut run = Run::open(r, login, opts).await?;
     let mut summary = Summary::default();
     for warning in db::unreachable_replicas(&r.new.shards, &r.new.replicas, login).await {
         run.log(&format!(
@@ -295,6 +282,116 @@ async fn has_state_tables(c: &tokio_postgres::Client) -> Result<bool, tokio_post
     Ok(row.get(0))
 }
 
+/// Undoes an unfinished run before any row was deleted from its old shard:
+/// the rows it copied are deleted from the new shards and its steps
+/// forgotten, leaving the old placement as it was. Returns the rows removed.
+pub async fn abort(r: &Rebalance, login: &Login) -> Result<u64> {
+    let opts = ApplyOptions {
+        writes_stopped: true,
+        create_tables: false,
+        chunk_rows: 1,
+        format: Format::Binary,
+        config_out: PathBuf::new(),
+        new_text: String::new(),
+        stop_at: None,
+    };
+    let mut run = Run::open(r, login, &opts).await?;
+    let steps = run.load_steps().await?;
+    if steps.is_empty() {
+        bail!(
+            "no step of this rebalance (run {}) is recorded on its target shards: nothing to abort",
+            r.run
+        );
+    }
+    for id in 0..r.names.len() {
+        let c = run.servers.get(id).await?;
+        if !has_state_tables(&c)
+            .await
+            .on(&run.servers, id, "reading recorded progress")?
+        {
+            continue;
+        }
+        let deleted: i64 = c
+            .query_one(
+                "SELECT count(*) FROM shardline.rebalance_deletes WHERE run = $1",
+                &[&r.run],
+            )
+            .await
+            .on(&run.servers, id, "reading recorded progress")?
+            .get(0);
+        if deleted > 0 {
+            bail!(
+                "rows of this rebalance were already deleted from shard {} ({deleted} steps): it cannot be undone, only finished. Run apply again with the same configs.",
+                run.servers.label(id)
+            );
+        }
+    }
+    run.order = run.table_order().await?;
+    let mut removed = 0;
+    for table in run.order.clone().iter().rev() {
+        for s in steps.iter().filter(|s| s.table == *table) {
+            let what = format!(
+                "removing the copied rows of {} {} -> {} chunk {}",
+                s.table, r.names[s.source], r.names[s.target], s.chunk
+            );
+            let mut target = run.servers.get(s.target).await?;
+            let tx = target
+                .transaction()
+                .await
+                .on(&run.servers, s.target, &what)?;
+            if s.state != State::Pending {
+                removed +=
+                    tx.execute(&run.delete_sql(s), &[])
+                        .await
+                        .on(&run.servers, s.target, &what)?;
+            }
+            tx.execute(
+                &format!("DELETE FROM shardline.rebalance_steps WHERE {STEP_KEY}"),
+                &run.key_params(s),
+            )
+            .await
+            .on(&run.servers, s.target, &what)?;
+            tx.commit().await.on(&run.servers, s.target, &what)?;
+        }
+    }
+    Ok(removed)
+}
+
+impl<'a> Run<'a> {
+    async fn open(r: &'a Rebalance, login: &Login, opts: &'a ApplyOptions) -> Result<Run<'a>> {
+        let all: Vec<usize> = (0..r.names.len()).collect();
+        Ok(Run {
+            r,
+            servers: Servers::connect(&r.names, &r.primaries, &all, login).await?,
+            opts,
+            columns: HashMap::new(),
+            order: Vec::new(),
+            resumed_targets: Vec::new(),
+            progress: MultiProgress::with_draw_target(ProgressDrawTarget::stderr_with_hz(4)),
+            estimates: HashMap::new(),
+            copies_started: 0,
+            deletes_done: 0,
+        })
+    }
+
+    /// Sharded and reference tables, tables referenced by foreign keys
+    /// (on the default shard) before the tables referencing them.
+    async fn table_order(&self) -> Result<Vec<String>> {
+        let home = self.r.home();
+        let mut names: Vec<String> = self.r.old.reference.clone();
+        names.extend(self.r.tables().iter().map(|t| t.name.clone()));
+        let c = self.servers.get(home).await?;
+        let edges =
+            db::foreign_keys(&c, &names)
+                .await
+                .on(&self.servers, home, "reading foreign keys")?;
+        Ok(db::parents_first(names.len(), &edges)
+            .into_iter()
+            .map(|i| names[i].clone())
+            .collect())
+    }
+}
+
 impl Run<'_> {
     fn log(&self, line: &str) {
         if self.progress.is_hidden() {
@@ -388,15 +485,7 @@ impl Run<'_> {
         if !problems.is_empty() {
             bail!("{}\nNothing was changed.", problems.join("\n"));
         }
-        let edges = db::foreign_keys(&home_client, &names).await.on(
-            &self.servers,
-            home,
-            "reading foreign keys",
-        )?;
-        self.order = db::parents_first(names.len(), &edges)
-            .into_iter()
-            .map(|i| names[i].clone())
-            .collect();
+        self.order = self.table_order().await?;
 
         let mut to_create: Vec<(usize, String)> = Vec::new();
         for id in (0..r.names.len()).filter(|&i| i != home) {
@@ -637,6 +726,15 @@ impl Run<'_> {
             s.source,
             r.new_owner_sql(t),
             s.target
+        )
+    }
+
+    /// Deletes a step's rows (from its source, or from its target on abort).
+    fn delete_sql(&self, s: &Step) -> String {
+        format!(
+            "DELETE FROM {} WHERE {}",
+            quote_table(&s.table),
+            self.filter(s)
         )
     }
 
@@ -972,17 +1070,10 @@ impl Run<'_> {
         if receipt.is_some() {
             return Ok(());
         }
-        let deleted = tx
-            .execute(
-                &format!(
-                    "DELETE FROM {} WHERE {}",
-                    quote_table(&s.table),
-                    self.filter(s)
-                ),
-                &[],
-            )
-            .await
-            .on(&self.servers, s.source, &what)?;
+        let deleted =
+            tx.execute(&self.delete_sql(s), &[])
+                .await
+                .on(&self.servers, s.source, &what)?;
         let expected = s.rows.unwrap_or(0);
         if deleted as i64 != expected {
             tx.rollback().await.ok();

@@ -68,6 +68,17 @@ enum Command {
         #[command(flatten)]
         login: LoginArgs,
     },
+    /// Undo an unfinished apply before any row was deleted from its old
+    /// shard: rows it copied to new shards are removed, the old placement
+    /// stays as it was. (Once deletes have started, only apply can finish.)
+    Abort {
+        #[arg(long, value_name = "OLD.toml")]
+        from: PathBuf,
+        #[arg(long, value_name = "NEW.toml")]
+        to: PathBuf,
+        #[command(flatten)]
+        login: LoginArgs,
+    },
     /// Check that every row is on the shard CONFIG places it on, and that
     /// reference tables are identical on every shard.
     Verify {
@@ -217,6 +228,17 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     path.display()
                 );
             }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Abort { from, to, login } => {
+            let (r, old, _) = compare(&from, &to)?;
+            let removed = apply::abort(&r, &login.resolve(&old)?).await?;
+            println!(
+                "Aborted rebalance {}: removed {} copied rows from their new shards. Every row is where {} places it.",
+                r.run,
+                count(removed as i64),
+                from.display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Verify {

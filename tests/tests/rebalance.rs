@@ -848,6 +848,78 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     assert_placed(&env, &[0, 1], &two);
     assert_eq!(std::fs::read_to_string(&old_path).unwrap(), two);
     assert_eq!(env.sql_shard(2, "SELECT count(*) FROM users"), "0");
+
+    // An interrupted run can be undone before anything was deleted.
+    env.sql_shard(2, "DELETE FROM countries");
+    let args = [
+        "apply",
+        "--from",
+        path(&old_path),
+        "--to",
+        path(&three),
+        "--writes-stopped",
+        "--chunk-rows",
+        "9000",
+    ];
+    apply_killed_at("verify", &args);
+    assert!(
+        env.sql_shard(2, "SELECT count(*) FROM users") != "0",
+        "copied before the kill"
+    );
+    let (code, out, err) = tool(&["abort", "--from", path(&old_path), "--to", path(&three)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("removed"), "{out}");
+    for (t, c) in SHARDED.iter().chain([&("countries", "code")]) {
+        assert!(
+            keys_on(&env, 2, t, c).is_empty(),
+            "{t} left on s2 after abort"
+        );
+    }
+    assert_eq!(
+        env.sql_shard(2, "SELECT count(*) FROM shardline.rebalance_steps"),
+        "0"
+    );
+    assert_eq!(
+        content(&env, &[0, 1]),
+        before,
+        "the old placement is intact after abort"
+    );
+    assert_placed(&env, &[0, 1], &two);
+    let (code, _, err) = tool(&["abort", "--from", path(&old_path), "--to", path(&three)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("nothing to abort"), "{err}");
+    // A copied row that differs from its source stops the run at
+    // verification, before anything is deleted.
+    apply_killed_at("verify", &args);
+    let id = env.sql_shard(2, "SELECT min(id) FROM users");
+    env.sql_shard(
+        2,
+        &format!("UPDATE users SET name = name || '!' WHERE id = {id}"),
+    );
+    let (code, _, err) = tool(&args);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("verification failed for users") && err.contains("Nothing was deleted"),
+        "{err}"
+    );
+    assert_eq!(
+        content(&env, &[0, 1]),
+        before,
+        "nothing deleted after a failed verification"
+    );
+    env.sql_shard(
+        2,
+        &format!("UPDATE users SET name = rtrim(name, '!') WHERE id = {id}"),
+    );
+    // Once deletes have started, abort refuses: only apply finishes.
+    apply_killed_at("delete:1", &args);
+    let (code, _, err) = tool(&["abort", "--from", path(&old_path), "--to", path(&three)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("cannot be undone, only finished"), "{err}");
+    let (code, out, err) = tool(&args);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_eq!(content(&env, &[0, 1, 2]), before);
+    assert_placed(&env, &[0, 1, 2], &config_text(&env, &[0, 1, 2], TABLES));
 }
 
 /// The placement SQL the tool runs on the servers gives, for every key, the
