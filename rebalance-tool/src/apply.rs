@@ -549,13 +549,9 @@ impl Run<'_> {
         let mut problems = Vec::new();
         for t in r.tables() {
             let (old, new) = (r.old_owner_sql(t), r.new_owner_sql(t));
-            for id in 0..r.names.len() {
-                let c = self.servers.get(id).await?;
-                let counts = db::owner_counts(&c, &t.name, &old, &new).await.on(
-                    &self.servers,
-                    id,
-                    &format!("counting rows of {}", t.name),
-                )?;
+            let all: Vec<usize> = (0..r.names.len()).collect();
+            let everywhere = db::owner_counts_on(&self.servers, &all, &t.name, &old, &new).await?;
+            for (id, counts) in everywhere.into_iter().enumerate() {
                 // A target of recorded steps holds rows copied there; others
                 // must hold only their own rows.
                 let misplaced: i64 = counts

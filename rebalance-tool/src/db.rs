@@ -471,6 +471,48 @@ pub async fn owner_counts(
         .collect())
 }
 
+/// Which of `ids` have `table`: `(present, missing)`.
+pub async fn present_on(
+    servers: &Servers,
+    ids: &[usize],
+    table: &str,
+) -> Result<(Vec<usize>, Vec<usize>)> {
+    let (mut present, mut missing) = (Vec::new(), Vec::new());
+    for &id in ids {
+        let c = servers.get(id).await?;
+        match columns(&c, table)
+            .await
+            .on(servers, id, "reading the catalog")?
+        {
+            Some(_) => present.push(id),
+            None => missing.push(id),
+        }
+    }
+    Ok((present, missing))
+}
+
+/// [`owner_counts`] of one table on several shards at once (one query per
+/// shard, concurrently): the results in the order of `ids`.
+pub async fn owner_counts_on(
+    servers: &Servers,
+    ids: &[usize],
+    table: &str,
+    old_owner: &str,
+    new_owner: &str,
+) -> Result<Vec<Vec<(Option<i32>, Option<i32>, i64, i64)>>> {
+    let what = format!("counting rows of {table}");
+    let work = ids.iter().map(|&id| {
+        let what = &what;
+        async move {
+            let c = servers.get(id).await?;
+            owner_counts(&c, table, old_owner, new_owner)
+                .await
+                .on(servers, id, what)
+        }
+    });
+    futures_util::future::try_join_all(work).await
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -105,21 +105,12 @@ pub async fn plan(r: &Rebalance, login: &Login) -> Result<PlanReport> {
 
     for t in r.tables() {
         let (old, new) = (r.old_owner_sql(t), r.new_owner_sql(t));
-        for id in all.iter().copied() {
-            let c = servers.get(id).await?;
-            if db::columns(&c, &t.name)
-                .await
-                .on(&servers, id, "reading the catalog")?
-                .is_none()
-            {
-                report.missing.push((t.name.clone(), r.names[id].clone()));
-                continue;
-            }
-            let counts = db::owner_counts(&c, &t.name, &old, &new).await.on(
-                &servers,
-                id,
-                &format!("counting rows of {}", t.name),
-            )?;
+        let (present, missing) = db::present_on(&servers, &all, &t.name).await?;
+        for id in missing {
+            report.missing.push((t.name.clone(), r.names[id].clone()));
+        }
+        let everywhere = db::owner_counts_on(&servers, &present, &t.name, &old, &new).await?;
+        for (id, counts) in present.into_iter().zip(everywhere) {
             for (from, to, rows, bytes) in counts {
                 if from != Some(id as i32) {
                     report.misplaced.push(Misplaced {

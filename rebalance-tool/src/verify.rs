@@ -119,19 +119,13 @@ pub async fn verify(p: &Placement, login: &Login) -> Result<VerifyReport> {
     };
     for t in &p.tables {
         let owner = p.owner_sql(t);
-        for &id in &all {
-            let c = servers.get(id).await?;
-            if db::columns(&c, &t.name)
-                .await
-                .on(&servers, id, "reading the catalog")?
-                .is_none()
-            {
-                report.missing.push((t.name.clone(), p.shards[id].clone()));
-                continue;
-            }
-            let counts = db::owner_counts(&c, &t.name, &owner, "NULL::int4")
-                .await
-                .on(&servers, id, &format!("checking {}", t.name))?;
+        let (present, missing) = db::present_on(&servers, &all, &t.name).await?;
+        for id in missing {
+            report.missing.push((t.name.clone(), p.shards[id].clone()));
+        }
+        let everywhere =
+            db::owner_counts_on(&servers, &present, &t.name, &owner, "NULL::int4").await?;
+        for (id, counts) in present.into_iter().zip(everywhere) {
             let mut check = TableCheck {
                 table: t.name.clone(),
                 shard: p.shards[id].clone(),
