@@ -334,6 +334,23 @@ impl Env {
         client
     }
 
+    /// A proxy config (any free port) whose shards are the primaries of the
+    /// given shards of this environment (named `s<i>`, without replicas),
+    /// with user `app` and `tables` (a `[sharding]` section ...) appended.
+    pub fn shards_config(&self, shards: &[usize], tables: &str) -> String {
+        let mut text = String::from(
+            "[proxy]\nlisten = \"127.0.0.1:0\"\n[pool]\ncheckout_timeout = \"3s\"\n\n[[users]]\nname = \"app\"\npassword = \"app\"\ndatabase = \"app\"\n\n",
+        );
+        for &s in shards {
+            text.push_str(&format!(
+                "[[shards]]\nname = \"s{s}\"\nprimary = {{ host = \"127.0.0.1\", port = {} }}\n\n",
+                self.node_port(self.shard_primary(s))
+            ));
+        }
+        text.push_str(tables);
+        text
+    }
+
     pub fn node_port(&self, index: usize) -> u16 {
         self.backend.nodes()[index].port
     }
@@ -426,6 +443,27 @@ impl Drop for Env {
 }
 
 /// The SQLSTATE of a tokio-postgres error, if the server (or proxy) sent one.
+/// Starts a proxy in-process from config text; returns it (stopped when
+/// dropped) and a client logged in through it as `app`.
+pub async fn start_proxy(text: &str) -> (Proxy, Client) {
+    let proxy = Proxy::start(Config::from_toml(text, "test.toml").expect("a valid config"))
+        .await
+        .expect("the proxy starts");
+    let (client, conn) = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=app password=app dbname=app",
+            proxy.local_addr.port()
+        ),
+        NoTls,
+    )
+    .await
+    .expect("connect through the proxy");
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    (proxy, client)
+}
+
 pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
 }

@@ -5,10 +5,9 @@
 //! independently of the tool, and answers through a proxy running the new
 //! config against the answers before the move.
 
-use shardline::Proxy;
 use shardline_config::Config;
 use shardline_router::sharding::Sharding;
-use shardline_tests::{rebalance_binary, Env, EnvOptions};
+use shardline_tests::{rebalance_binary, start_proxy, Env, EnvOptions};
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
 use std::path::{Path, PathBuf};
@@ -83,21 +82,6 @@ fn uuid(i: i64) -> String {
     )
 }
 
-/// A config listing the given shards (indexes) of the environment.
-fn config_text(env: &Env, shards: &[usize], tables: &str) -> String {
-    let mut text = String::from(
-        "[proxy]\nlisten = \"127.0.0.1:0\"\n[pool]\ncheckout_timeout = \"3s\"\n\n[[users]]\nname = \"app\"\npassword = \"app\"\ndatabase = \"app\"\n\n",
-    );
-    for &s in shards {
-        text.push_str(&format!(
-            "[[shards]]\nname = \"s{s}\"\nprimary = {{ host = \"127.0.0.1\", port = {} }}\n\n",
-            env.node_port(env.shard_primary(s))
-        ));
-    }
-    text.push_str(tables);
-    text
-}
-
 struct Files {
     dir: PathBuf,
 }
@@ -141,25 +125,6 @@ fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
 
-async fn proxy(text: &str) -> (Proxy, tokio_postgres::Client) {
-    let proxy = Proxy::start(Config::from_toml(text, "rebalance.toml").expect("config"))
-        .await
-        .expect("proxy starts");
-    let (client, conn) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=app password=app dbname=app",
-            proxy.local_addr.port()
-        ),
-        tokio_postgres::NoTls,
-    )
-    .await
-    .expect("connect to the proxy");
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    (proxy, client)
-}
-
 async fn copy_rows(
     client: &tokio_postgres::Client,
     copy: &str,
@@ -184,7 +149,7 @@ async fn copy_rows(
 
 /// Schema and data, through a proxy running `text` (the old config).
 async fn load(text: &str) {
-    let (_proxy, c) = proxy(text).await;
+    let (_proxy, c) = start_proxy(text).await;
     c.batch_execute(SCHEMA)
         .await
         .expect("schema through the proxy");
@@ -297,7 +262,7 @@ fn placement(
 /// Answers through a proxy: point reads by each key type, a co-located
 /// join, a keyless read (sorted here) and the reference table.
 async fn answers(text: &str) -> Vec<String> {
-    let (_proxy, c) = proxy(text).await;
+    let (_proxy, c) = start_proxy(text).await;
     let mut out = Vec::new();
     for i in (0..USERS).step_by(397) {
         let row = c
@@ -452,8 +417,8 @@ async fn start(shards: usize) -> Env {
 async fn grow_to_three_shards_and_shrink_back() {
     let env = start(3).await;
     let files = Files::new("grow");
-    let two = config_text(&env, &[0, 1], TABLES);
-    let three = config_text(&env, &[0, 1, 2], TABLES);
+    let two = env.shards_config(&[0, 1], TABLES);
+    let three = env.shards_config(&[0, 1, 2], TABLES);
     load(&two).await;
     // s2 has no tables yet: --create-tables makes them from s0's definition.
     let before = content(&env, &[0, 1]);
@@ -674,8 +639,8 @@ async fn killed_at_any_point_a_rerun_finishes_the_same() {
         env.sql_shard(2, stmt);
     }
     env.sql_shard(2, "GRANT ALL ON ALL TABLES IN SCHEMA public TO app");
-    let two = config_text(&env, &[0, 1], TABLES);
-    let three = config_text(&env, &[0, 1, 2], TABLES);
+    let two = env.shards_config(&[0, 1], TABLES);
+    let three = env.shards_config(&[0, 1, 2], TABLES);
     load(&two).await;
     let before = content(&env, &[0, 1]);
     let old_path = files.write("old.toml", &two);
@@ -747,7 +712,7 @@ async fn killed_at_any_point_a_rerun_finishes_the_same() {
 async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     let env = start(3).await;
     let files = Files::new("bad");
-    let two = config_text(&env, &[0, 1], TABLES);
+    let two = env.shards_config(&[0, 1], TABLES);
     load(&two).await;
     let before = content(&env, &[0, 1]);
     let old_path = files.write("old.toml", &two);
@@ -765,8 +730,7 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     // A config whose key column differs cannot be reached by moving rows.
     let rekeyed = files.write(
         "rekeyed.toml",
-        &config_text(
-            &env,
+        &env.shards_config(
             &[0, 1, 2],
             &TABLES.replace("column = \"user_id\"", "column = \"id\""),
         ),
@@ -788,7 +752,7 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
         "unreachable.toml",
         &format!(
             "{}[[shards]]\nname = \"s9\"\nprimary = {{ host = \"127.0.0.1\", port = {dead_port} }}\n{TABLES}",
-            config_text(&env, &[0, 1], "")
+            env.shards_config( &[0, 1], "")
         ),
     );
     let (code, _, err) = apply(&unreachable);
@@ -798,7 +762,7 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
         "{err}"
     );
 
-    let three = files.write("three.toml", &config_text(&env, &[0, 1, 2], TABLES));
+    let three = files.write("three.toml", &env.shards_config(&[0, 1, 2], TABLES));
     // Missing target tables.
     let (code, _, err) = apply(&three);
     assert_eq!(code, 1);
@@ -919,7 +883,7 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     let (code, out, err) = tool(&args);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(content(&env, &[0, 1, 2]), before);
-    assert_placed(&env, &[0, 1, 2], &config_text(&env, &[0, 1, 2], TABLES));
+    assert_placed(&env, &[0, 1, 2], &env.shards_config(&[0, 1, 2], TABLES));
 }
 
 /// The placement SQL the tool runs on the servers gives, for every key, the
@@ -1010,9 +974,8 @@ async fn placement_sql_agrees_with_the_router_on_the_server() {
 async fn a_function_change_swaps_rows_between_shards() {
     let env = start(2).await;
     let files = Files::new("swap");
-    let ring = config_text(&env, &[0, 1], TABLES);
-    let hashed = config_text(
-        &env,
+    let ring = env.shards_config(&[0, 1], TABLES);
+    let hashed = env.shards_config(
         &[0, 1],
         &TABLES.replace("function = \"consistent\"", "function = \"pg_hash\""),
     );

@@ -1,0 +1,214 @@
+-- Differential corpus: every query runs on the sharded cluster (through the
+-- proxy) and on one unsharded Postgres holding the same rows (the oracle),
+-- in text (simple protocol) and binary (extended protocol) result formats.
+-- The answers must be equal, or the proxy must refuse with 0A000.
+--
+-- One query per line. Prefixes:
+--   !            the proxy must answer (a 0A000 refusal fails the test)
+--   [ordered]    rows are compared in order (the ORDER BY is total)
+--   [ordered:N,M] rows are compared in the order of output columns N, M;
+--                rows tied on them are compared as multisets
+--   (none)       rows are compared as multisets
+--
+-- Tables: users (sharded by id), orders (by user_id, co-located), countries
+-- (reference). See tests/tests/differential.rs for the data.
+
+-- Point reads, IN lists, ANY, ranges, filters (one or several shards)
+! SELECT * FROM users WHERE id = 17
+! SELECT * FROM users WHERE id = -17
+! SELECT name, city FROM users WHERE id IN (1, 2, 3, 500, 1999)
+! SELECT id, score FROM users WHERE id = ANY('{5,6,7,8,9}')
+! SELECT id, name FROM users WHERE id BETWEEN 10 AND 40
+! SELECT id, name FROM users WHERE id > 1990
+! SELECT id FROM users WHERE id < -1990
+! SELECT * FROM users WHERE city = 'Zürich'
+! SELECT * FROM users WHERE city IS NULL
+! SELECT id, city FROM users WHERE city IS NOT NULL AND age > 60
+! SELECT id FROM users WHERE false
+! SELECT id FROM users WHERE id = 123456789
+! SELECT * FROM users WHERE id IN (3, 3, 3)
+! SELECT id, active FROM users WHERE active
+! SELECT id, active FROM users WHERE NOT active AND age < 25
+! SELECT id, name FROM users WHERE name LIKE 'É%'
+! SELECT id, name FROM users WHERE name ILIKE '%ø%'
+! SELECT id, born FROM users WHERE born > '1990-01-01'
+! SELECT id, created FROM users WHERE created >= '2024-06-01 00:00:00+00'
+! SELECT id, score FROM users WHERE score > 500.5
+! SELECT id, score FROM users WHERE score IS NULL
+! SELECT * FROM orders WHERE user_id = 42
+! SELECT * FROM orders WHERE user_id IN (42, 43, 44, 45)
+! SELECT user_id, id, amount FROM orders WHERE amount > 990
+! SELECT user_id, id FROM orders WHERE status = 'refunded' AND qty IS NULL
+! SELECT user_id, id, weight FROM orders WHERE weight < 1.5
+! SELECT user_id, id, placed FROM orders WHERE placed < '2024-01-03'
+! SELECT * FROM orders WHERE user_id = 42 AND id = 42000
+! SELECT * FROM orders WHERE false
+-- Expressions over rows (computed on each shard)
+! SELECT id, score * 2, score / 3, round(score, 1) FROM users WHERE id < 50
+! SELECT id, age + 1, age * age, -age FROM users WHERE id BETWEEN -20 AND 20
+! SELECT id, upper(name), lower(city), length(name) FROM users WHERE id < 30
+! SELECT id, coalesce(city, 'none'), nullif(age, 30) FROM users WHERE id < 100
+! SELECT id, created + interval '1 day', date_trunc('month', created) FROM users WHERE id < 30
+! SELECT id, extract(epoch FROM created), to_char(born, 'YYYY-MM') FROM users WHERE id < 30
+! SELECT user_id, id, amount * qty, amount::int8 FROM orders WHERE user_id < 10
+! SELECT user_id, id, extract(dow FROM placed), placed::date FROM orders WHERE user_id < 10
+! SELECT id, CASE WHEN age < 30 THEN 'young' ELSE 'not' END FROM users WHERE id < 60
+! SELECT id, name || ' from ' || coalesce(city, '?') FROM users WHERE id < 40
+! SELECT id, score::text, age::numeric / 7 FROM users WHERE id < 40
+! SELECT 1 AS one, id FROM users WHERE id = 5
+-- Co-located joins
+! SELECT u.name, o.amount FROM users u JOIN orders o ON o.user_id = u.id WHERE u.id = 42
+! SELECT u.id, o.id, o.amount FROM users u JOIN orders o ON o.user_id = u.id
+! SELECT u.id, o.id FROM users u JOIN orders o ON o.user_id = u.id WHERE o.status = 'shipped' AND u.age > 70
+! SELECT u.id, o.id FROM users u JOIN orders o ON u.id = o.user_id WHERE u.id IN (7, 8, 9)
+! SELECT u.id, u.city, o.amount FROM users u, orders o WHERE o.user_id = u.id AND o.amount < 20
+SELECT u.id, o.id FROM users u LEFT JOIN orders o ON o.user_id = u.id WHERE u.id < 0 AND u.id > -40
+SELECT u.id, count(o.id) FROM users u LEFT JOIN orders o ON o.user_id = u.id WHERE u.id = 11 GROUP BY u.id
+-- Reference tables (one copy per shard)
+! SELECT * FROM countries
+! SELECT code, name FROM countries WHERE population > 1000000
+! SELECT count(*) FROM countries
+! SELECT max(population), min(name) FROM countries
+[ordered] SELECT code FROM countries ORDER BY population DESC NULLS LAST, code
+SELECT u.id, c.name FROM users u JOIN countries c ON c.code = u.country WHERE u.id = 42
+SELECT u.id, c.name FROM users u JOIN countries c ON c.code = u.country
+SELECT c.name, count(*) FROM users u JOIN countries c ON c.code = u.country GROUP BY c.name
+-- ORDER BY across shards: k-way merge
+[ordered] SELECT id, name FROM users ORDER BY id
+[ordered] SELECT id, name FROM users ORDER BY id DESC
+[ordered] SELECT id FROM users ORDER BY id LIMIT 10
+[ordered] SELECT id FROM users ORDER BY id DESC LIMIT 10
+[ordered] SELECT id FROM users ORDER BY id LIMIT 10 OFFSET 5
+[ordered] SELECT id FROM users ORDER BY id OFFSET 1990
+[ordered] SELECT id FROM users ORDER BY id LIMIT 0
+[ordered] SELECT id FROM users ORDER BY id FETCH FIRST 7 ROWS ONLY
+[ordered] SELECT id, city FROM users ORDER BY city, id
+[ordered] SELECT id, city FROM users ORDER BY city NULLS FIRST, id
+[ordered] SELECT id, city FROM users ORDER BY city DESC, id
+[ordered] SELECT id, city FROM users ORDER BY city DESC NULLS LAST, id DESC
+[ordered] SELECT id, name FROM users ORDER BY name, id
+[ordered] SELECT id, name FROM users ORDER BY name COLLATE "C", id
+[ordered] SELECT id, name FROM users ORDER BY lower(name), id
+[ordered] SELECT id, score FROM users ORDER BY score, id
+[ordered] SELECT id, score FROM users ORDER BY score DESC NULLS LAST, id
+[ordered] SELECT id, age FROM users ORDER BY age, id
+[ordered] SELECT id, age, name FROM users ORDER BY age DESC, name, id
+[ordered] SELECT id, created FROM users ORDER BY created, id
+[ordered] SELECT id, born FROM users ORDER BY born DESC, id LIMIT 25
+[ordered] SELECT id, active FROM users ORDER BY active, id
+[ordered] SELECT name FROM users ORDER BY id
+[ordered] SELECT name FROM users ORDER BY id DESC LIMIT 20
+[ordered] SELECT id FROM users ORDER BY age + id % 7, id
+[ordered] SELECT id, age FROM users ORDER BY 2, 1
+[ordered] SELECT id, score * 2 AS double FROM users ORDER BY double NULLS FIRST, id
+[ordered] SELECT id FROM users WHERE city = 'Zürich' ORDER BY id
+[ordered] SELECT id FROM users WHERE id IN (1, 2, 3, 4, 5, 6, 7, 8) ORDER BY id DESC
+[ordered] SELECT id FROM users WHERE id = 5 ORDER BY id
+[ordered] SELECT id FROM users WHERE false ORDER BY id
+[ordered:1] SELECT age, name FROM users ORDER BY age
+[ordered:1] SELECT age, id FROM users ORDER BY age DESC LIMIT 500
+[ordered:1] SELECT city, id FROM users ORDER BY city NULLS FIRST
+[ordered:1] SELECT active, id FROM users ORDER BY active
+[ordered] SELECT user_id, id, amount FROM orders ORDER BY amount DESC, user_id, id LIMIT 20
+[ordered] SELECT user_id, id, placed FROM orders ORDER BY placed, user_id, id LIMIT 50
+[ordered] SELECT user_id, id FROM orders ORDER BY user_id, id
+[ordered] SELECT user_id, id, weight FROM orders ORDER BY weight DESC NULLS LAST, user_id, id LIMIT 30
+[ordered:1] SELECT status, amount FROM orders ORDER BY status
+[ordered] SELECT user_id, id FROM orders WHERE user_id = 42 ORDER BY id
+[ordered] SELECT u.id, o.id FROM users u JOIN orders o ON o.user_id = u.id ORDER BY o.amount, u.id, o.id LIMIT 40
+-- Aggregates without GROUP BY
+SELECT count(*) FROM users
+SELECT count(*) FROM orders
+SELECT count(city) FROM users
+SELECT count(DISTINCT city) FROM users
+SELECT count(DISTINCT age) FROM users
+SELECT sum(age) FROM users
+SELECT sum(id) FROM users
+SELECT sum(score) FROM users
+SELECT sum(amount) FROM orders
+SELECT sum(qty) FROM orders
+SELECT avg(age) FROM users
+SELECT avg(score) FROM users
+SELECT avg(amount) FROM orders
+SELECT min(id), max(id) FROM users
+SELECT min(name), max(name) FROM users
+SELECT min(city), max(city) FROM users
+SELECT min(score), max(score) FROM users
+SELECT min(created), max(created) FROM users
+SELECT min(born), max(born) FROM users
+SELECT min(placed), max(placed) FROM orders
+SELECT bool_and(active), bool_or(active) FROM users
+SELECT bool_and(age > 10), bool_or(age > 90) FROM users
+SELECT count(*), sum(age), min(age), max(age), avg(age) FROM users
+SELECT count(*) FROM users WHERE false
+SELECT sum(age), min(age), max(age), avg(age) FROM users WHERE false
+SELECT count(*) FROM users WHERE city IS NULL
+SELECT count(*) FILTER (WHERE active), sum(age) FILTER (WHERE city IS NULL) FROM users
+SELECT max(id) FILTER (WHERE active) FROM users
+SELECT sum(score) FROM users WHERE score IS NULL
+SELECT count(*) FROM users WHERE id IN (1, 2, 3, 4, 5, 6)
+SELECT sum(amount), count(*) FROM orders WHERE user_id IN (1, 2, 3, 4)
+SELECT count(*) FROM users u JOIN orders o ON o.user_id = u.id
+SELECT sum(o.amount) FROM users u JOIN orders o ON o.user_id = u.id WHERE u.active
+SELECT count(*) + 1, max(age) - min(age) FROM users
+-- GROUP BY and HAVING
+SELECT city, count(*) FROM users GROUP BY city
+SELECT active, count(*), sum(age), avg(score) FROM users GROUP BY active
+SELECT age, count(*) FROM users GROUP BY age
+SELECT city, active, count(*) FROM users GROUP BY city, active
+SELECT city, min(name), max(name), min(created) FROM users GROUP BY city
+SELECT city, bool_and(active), bool_or(active) FROM users GROUP BY city
+SELECT status, count(*), sum(amount), min(placed), max(placed) FROM orders GROUP BY status
+SELECT status, avg(amount), sum(qty), count(qty) FROM orders GROUP BY status
+SELECT user_id, sum(amount) FROM orders GROUP BY user_id
+SELECT user_id, count(*) FROM orders WHERE user_id < 50 GROUP BY user_id
+SELECT city, count(*) FROM users GROUP BY city HAVING count(*) > 100
+SELECT age, count(*) FROM users GROUP BY age HAVING sum(score) > 1000
+SELECT status, sum(amount) FROM orders GROUP BY status HAVING avg(amount) > 400
+SELECT city, count(*) FROM users WHERE false GROUP BY city
+SELECT date_trunc('month', created), count(*) FROM users GROUP BY 1
+SELECT extract(year FROM born), count(*), min(id) FROM users GROUP BY 1
+SELECT lower(city), count(*) FROM users GROUP BY lower(city)
+SELECT age % 10, sum(age) FROM users GROUP BY age % 10
+SELECT count(*), city FROM users GROUP BY city
+[ordered] SELECT city, count(*) FROM users GROUP BY city ORDER BY count(*) DESC, city NULLS LAST
+[ordered] SELECT age, count(*) FROM users GROUP BY age ORDER BY age
+[ordered] SELECT age, count(*) FROM users GROUP BY age ORDER BY age DESC LIMIT 5
+[ordered] SELECT status, sum(amount) FROM orders GROUP BY status ORDER BY sum(amount) DESC
+[ordered] SELECT city, count(*) FROM users GROUP BY city HAVING count(*) > 50 ORDER BY city
+[ordered] SELECT user_id, sum(amount) AS total FROM orders GROUP BY user_id ORDER BY total DESC, user_id LIMIT 10
+[ordered] SELECT user_id, count(*) FROM orders GROUP BY user_id ORDER BY user_id LIMIT 20 OFFSET 10
+-- DISTINCT and DISTINCT ON
+SELECT DISTINCT city FROM users
+SELECT DISTINCT age FROM users
+SELECT DISTINCT active, city FROM users
+SELECT DISTINCT status FROM orders
+SELECT DISTINCT user_id FROM orders WHERE amount > 900
+[ordered] SELECT DISTINCT city FROM users ORDER BY city NULLS FIRST
+[ordered] SELECT DISTINCT age FROM users ORDER BY age DESC LIMIT 10
+[ordered] SELECT DISTINCT ON (city) city, id FROM users ORDER BY city, id
+[ordered] SELECT DISTINCT ON (age) age, id, name FROM users ORDER BY age, id DESC
+[ordered] SELECT DISTINCT ON (status) status, user_id, id FROM orders ORDER BY status, amount DESC, user_id, id
+-- Unicode text
+! SELECT id, name FROM users WHERE city = '東京'
+! SELECT id, name FROM users WHERE city = 'São Paulo'
+! SELECT id FROM users WHERE name = 'Ørjan 10'
+[ordered] SELECT id, city FROM users WHERE city IN ('Zürich', 'zurich', 'Zurich', 'Ålesund', 'apple', 'Apple') ORDER BY city, id
+SELECT city, count(*) FROM users WHERE city > 'Z' GROUP BY city
+SELECT max(name), min(name) FROM users WHERE name LIKE 'É%'
+-- What a merge cannot answer exactly: refused, or (if merged) exact
+SELECT id, row_number() OVER (ORDER BY id) FROM users
+SELECT id, sum(age) OVER () FROM users WHERE id < 20
+SELECT o.id FROM orders o JOIN users u ON u.age = o.qty WHERE o.user_id < 5
+SELECT * FROM users WHERE id IN (SELECT user_id FROM orders WHERE amount > 990)
+SELECT id FROM users WHERE id < 5 UNION SELECT user_id FROM orders WHERE user_id < 5
+SELECT id FROM users WHERE id < 5 INTERSECT SELECT user_id FROM orders
+SELECT id FROM users WHERE id < 5 EXCEPT SELECT user_id FROM orders WHERE user_id < 3
+WITH big AS (SELECT user_id FROM orders WHERE amount > 950) SELECT count(*) FROM big
+SELECT (SELECT count(*) FROM orders), count(*) FROM users
+SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY age) FROM users
+SELECT string_agg(name, ',' ORDER BY id) FROM users WHERE id < 10
+SELECT array_agg(id ORDER BY id) FROM users WHERE id < 10
+SELECT stddev(age), variance(age) FROM users
+SELECT count(DISTINCT city), count(*) FROM users GROUP BY active
+SELECT mode() WITHIN GROUP (ORDER BY city) FROM users

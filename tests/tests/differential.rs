@@ -1,0 +1,368 @@
+//! Differential tests: the same data in a sharded cluster (two shards behind
+//! the proxy) and in one unsharded Postgres (the oracle). Every query of
+//! `tests/differential/corpus.sql` runs against both, in text (simple
+//! protocol) and binary (extended protocol) result formats; the answers must
+//! be equal (in order when the query orders its rows, as multisets
+//! otherwise), or the proxy must refuse with 0A000. A different answer, any
+//! other error, or a refusal of a query marked `!` fails the test.
+
+use shardline_tests::{start_proxy, Env, EnvOptions};
+use std::collections::BTreeMap;
+use tokio_postgres::types::{FromSql, Type};
+use tokio_postgres::{Client, SimpleQueryMessage};
+
+/// users by id, orders by user_id (co-located), countries on every shard:
+/// the demo's layout.
+const SHARDING: &str = shardline::demo::DEMO_SHARDING;
+
+const SCHEMA: &str = "
+CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, city text, country text,
+    score numeric(12,3), age int4 NOT NULL, active bool NOT NULL, created timestamptz NOT NULL, born date);
+CREATE TABLE orders (user_id bigint NOT NULL, id bigint NOT NULL, amount numeric(14,2) NOT NULL,
+    qty int4, status text NOT NULL, placed timestamp NOT NULL, weight float8, PRIMARY KEY (user_id, id));
+CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL, population bigint);
+";
+
+/// Generated on the oracle, then copied through the proxy as the oracle
+/// prints it, so both hold exactly the same values.
+const DATA: &str = "
+INSERT INTO users
+SELECT g,
+       (ARRAY['Émile','Ørjan','anna','Zoë','bob','Åsa','李','Bob','émile'])[1 + (abs(g) % 9)] || ' ' || g,
+       CASE WHEN h % 11 = 0 THEN NULL
+            ELSE (ARRAY['Zürich','zurich','Zurich','São Paulo','東京','Ålesund','apple','Apple','Berlin','berlin'])[1 + (h % 10)] END,
+       (ARRAY['ch','br','jp','no','de','us'])[1 + (h2 % 6)],
+       CASE WHEN h % 10 = 3 THEN NULL ELSE (h2 % 1000000) / 1000.0 END,
+       18 + (h % 70),
+       h % 3 <> 0,
+       timestamptz '2024-01-01 00:00:00+00' + (h2 % 31536000) * interval '1 second',
+       date '1950-01-01' + (h % 20000)::int4
+  FROM (SELECT g, hashint4(g)::int8 & 2147483647 AS h, hashint4(g + 7919)::int8 & 2147483647 AS h2
+          FROM generate_series(-2000, 2000) g WHERE g <> 0) s;
+INSERT INTO orders
+SELECT CASE WHEN x >= 0 THEN x + 1 ELSE x END, g,
+       (h % 100000) / 100.0,
+       CASE WHEN h % 20 = 0 THEN NULL ELSE 1 + h2 % 9 END,
+       (ARRAY['new','paid','shipped','refunded','cancelled'])[1 + (h2 % 5)],
+       timestamp '2024-01-01 00:00:00' + (h2 % 10000000) * interval '1 second',
+       CASE WHEN h % 17 = 0 THEN NULL ELSE (h % 1000) / 100.0 END
+  FROM (SELECT g, g % 4000 - 2000 AS x, hashint4(g * 3)::int8 & 2147483647 AS h,
+               hashint4(g * 5 + 1)::int8 & 2147483647 AS h2
+          FROM generate_series(1, 20000) g) s;
+INSERT INTO countries VALUES ('ch', 'Schweiz', 8700000), ('br', 'Brasil', 203000000), ('jp', '日本', 125000000),
+    ('no', 'Norge', NULL), ('de', 'Deutschland', 84000000), ('us', 'United States', 333000000), ('fr', 'France', 68000000);
+";
+
+#[derive(Debug, Clone, PartialEq)]
+enum Mode {
+    Multiset,
+    Ordered,
+    /// Ordered by these output columns (0-based); ties as multisets.
+    OrderedBy(Vec<usize>),
+}
+
+struct Query {
+    sql: String,
+    mode: Mode,
+    required: bool,
+}
+
+fn corpus() -> Vec<Query> {
+    include_str!("../differential/corpus.sql")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("--"))
+        .map(|line| {
+            let (required, rest) = match line.strip_prefix('!') {
+                Some(r) => (true, r.trim_start()),
+                None => (false, line),
+            };
+            let (mode, sql) = if let Some(r) = rest.strip_prefix("[ordered]") {
+                (Mode::Ordered, r)
+            } else if let Some(r) = rest.strip_prefix("[ordered:") {
+                let (cols, sql) = r.split_once(']').expect("[ordered:N,M]");
+                let cols = cols
+                    .split(',')
+                    .map(|c| c.trim().parse::<usize>().expect("column number") - 1)
+                    .collect();
+                (Mode::OrderedBy(cols), sql)
+            } else {
+                (Mode::Multiset, rest)
+            };
+            Query {
+                sql: sql.trim().to_string(),
+                mode,
+                required,
+            }
+        })
+        .collect()
+}
+
+type Rows = Vec<Vec<Option<String>>>;
+
+/// An answer: rows (and, in binary, the columns' names and types), or an error.
+#[derive(Debug)]
+enum Answer {
+    Rows(Vec<(String, Type)>, Rows),
+    Error(String, String),
+}
+
+fn error(e: tokio_postgres::Error) -> Answer {
+    match e.as_db_error() {
+        Some(db) => Answer::Error(db.code().code().to_string(), db.message().to_string()),
+        None => Answer::Error("client".into(), e.to_string()),
+    }
+}
+
+async fn text(c: &Client, sql: &str) -> Answer {
+    match c.simple_query(sql).await {
+        Ok(messages) => {
+            let rows = messages
+                .iter()
+                .filter_map(|m| match m {
+                    SimpleQueryMessage::Row(r) => {
+                        Some((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                    }
+                    _ => None,
+                })
+                .collect();
+            Answer::Rows(Vec::new(), rows)
+        }
+        Err(e) => error(e),
+    }
+}
+
+/// Any value's bytes as the server sent them.
+struct Raw(Option<Vec<u8>>);
+
+impl<'a> FromSql<'a> for Raw {
+    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(Some(raw.to_vec())))
+    }
+    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
+        Ok(Raw(None))
+    }
+    fn accepts(_: &Type) -> bool {
+        true
+    }
+}
+
+async fn binary(c: &Client, sql: &str) -> Answer {
+    let stmt = match c.prepare(sql).await {
+        Ok(s) => s,
+        Err(e) => return error(e),
+    };
+    let columns = stmt
+        .columns()
+        .iter()
+        .map(|c| (c.name().to_string(), c.type_().clone()))
+        .collect();
+    match c.query(&stmt, &[]).await {
+        Ok(rows) => Answer::Rows(
+            columns,
+            rows.iter()
+                .map(|r| {
+                    (0..r.len())
+                        .map(|i| {
+                            r.get::<_, Raw>(i)
+                                .0
+                                .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
+                        })
+                        .collect()
+                })
+                .collect(),
+        ),
+        Err(e) => error(e),
+    }
+}
+
+fn sorted(rows: &[Vec<Option<String>>]) -> Rows {
+    let mut r = rows.to_vec();
+    r.sort();
+    r
+}
+
+/// Where the proxy's rows differ from the oracle's, if they do.
+fn difference(mode: &Mode, oracle: &Rows, proxy: &Rows) -> Option<String> {
+    if oracle.len() != proxy.len() {
+        return Some(format!("{} rows, the oracle {}", proxy.len(), oracle.len()));
+    }
+    match mode {
+        Mode::Multiset => {
+            let (a, b) = (sorted(oracle), sorted(proxy));
+            let i = a.iter().zip(&b).position(|(x, y)| x != y)?;
+            Some(format!(
+                "(sorted) row {i}: {:?}, the oracle {:?}",
+                b[i], a[i]
+            ))
+        }
+        Mode::Ordered => {
+            let i = oracle.iter().zip(proxy).position(|(x, y)| x != y)?;
+            Some(format!(
+                "row {i}: {:?}, the oracle {:?}",
+                proxy[i], oracle[i]
+            ))
+        }
+        Mode::OrderedBy(cols) => {
+            let key =
+                |r: &Vec<Option<String>>| cols.iter().map(|&c| r[c].clone()).collect::<Vec<_>>();
+            let mut start = 0;
+            while start < oracle.len() {
+                let k = key(&oracle[start]);
+                let end = (start..oracle.len())
+                    .find(|&j| key(&oracle[j]) != k)
+                    .unwrap_or(oracle.len());
+                if let Some(j) = (start..end).find(|&j| key(&proxy[j]) != k) {
+                    return Some(format!(
+                        "row {j} sorts as {:?}, the oracle's as {k:?}",
+                        key(&proxy[j])
+                    ));
+                }
+                if sorted(&oracle[start..end]) != sorted(&proxy[start..end]) {
+                    return Some(format!("rows {start}..{end} (tied on {k:?}) differ"));
+                }
+                start = end;
+            }
+            None
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cross_shard_queries_answer_as_one_postgres_or_refuse() {
+    // s0 and s1 are the shards; s2 is the oracle, outside the proxy's config.
+    let env = Env::start_with(EnvOptions {
+        shards: 3,
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("three servers");
+    let oracle = env.connect_shard(2).await;
+    oracle
+        .batch_execute(SCHEMA)
+        .await
+        .expect("schema on the oracle");
+    oracle
+        .batch_execute(DATA)
+        .await
+        .expect("data on the oracle");
+    let (_proxy, proxy) = start_proxy(&env.shards_config(&[0, 1], SHARDING)).await;
+    proxy
+        .batch_execute(SCHEMA)
+        .await
+        .expect("schema through the proxy");
+    for table in ["countries", "users", "orders"] {
+        copy_through(&oracle, &proxy, table).await;
+    }
+    for table in ["users", "orders"] {
+        let sql = format!("SELECT count(*) FROM {table}");
+        let on_oracle: i64 = oracle.query_one(&sql, &[]).await.unwrap().get(0);
+        let on_shards: i64 = (0..2)
+            .map(|s| env.sql_shard(s, &sql).parse::<i64>().unwrap())
+            .sum();
+        assert_eq!(
+            on_oracle, on_shards,
+            "every row of {table} once on the shards"
+        );
+        assert!(on_oracle >= 4000);
+    }
+
+    let corpus = corpus();
+    assert!(corpus.len() >= 150, "{} queries", corpus.len());
+    let mut failures = Vec::new();
+    let mut tally: BTreeMap<&str, usize> = BTreeMap::new();
+    for q in &corpus {
+        for (format, run) in [("text", 0), ("binary", 1)] {
+            let (o, p) = if run == 0 {
+                (text(&oracle, &q.sql).await, text(&proxy, &q.sql).await)
+            } else {
+                (binary(&oracle, &q.sql).await, binary(&proxy, &q.sql).await)
+            };
+            let outcome = match (&o, &p) {
+                (Answer::Error(code, msg), _) => {
+                    failures.push(format!(
+                        "{format}: the oracle fails ({code} {msg}): {}",
+                        q.sql
+                    ));
+                    continue;
+                }
+                (_, Answer::Error(code, _)) if code == "0A000" && !q.required => "refused (0A000)",
+                (_, Answer::Error(code, msg)) => {
+                    failures.push(format!("{format}: {code} {msg}: {}", q.sql));
+                    continue;
+                }
+                (Answer::Rows(oc, or), Answer::Rows(pc, pr)) => {
+                    if oc != pc {
+                        failures.push(format!(
+                            "{format}: columns {pc:?}, the oracle {oc:?}: {}",
+                            q.sql
+                        ));
+                        continue;
+                    }
+                    if let Some(d) = difference(&q.mode, or, pr) {
+                        failures.push(format!("{format}: {d}: {}", q.sql));
+                        continue;
+                    }
+                    "answered exactly"
+                }
+            };
+            *tally.entry(outcome).or_default() += 1;
+        }
+    }
+    println!("{} queries, text and binary: {tally:?}", corpus.len());
+    // The comparison itself notices a wrong answer: a row changed behind the
+    // proxy's back on one shard shows in a keyless read.
+    env.sql_shard(
+        0,
+        "UPDATE users SET age = age + 1 WHERE id = (SELECT min(id) FROM users)",
+    );
+    let sql = "SELECT id, age FROM users";
+    for answers in [
+        (text(&oracle, sql).await, text(&proxy, sql).await),
+        (binary(&oracle, sql).await, binary(&proxy, sql).await),
+    ] {
+        let (Answer::Rows(_, o), Answer::Rows(_, p)) = answers else {
+            panic!("{sql} failed");
+        };
+        assert!(
+            difference(&Mode::Multiset, &o, &p).is_some(),
+            "a changed row goes unnoticed"
+        );
+    }
+    assert!(
+        failures.is_empty(),
+        "{} differences:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        tally.get("answered exactly").copied().unwrap_or(0)
+            >= 2 * corpus.iter().filter(|q| q.required).count(),
+        "{tally:?}"
+    );
+}
+
+/// Copies a table's rows from the oracle through the proxy, as text.
+async fn copy_through(from: &Client, to: &Client, table: &str) {
+    use futures_util::{SinkExt as _, StreamExt as _};
+    let out = from
+        .copy_out(&format!("COPY {table} TO STDOUT"))
+        .await
+        .expect("copy out of the oracle");
+    let mut out = std::pin::pin!(out);
+    let sink = to
+        .copy_in::<_, bytes::Bytes>(&format!("COPY {table} FROM STDIN"))
+        .await
+        .expect("copy in through the proxy");
+    let mut sink = std::pin::pin!(sink);
+    while let Some(chunk) = out.next().await {
+        sink.send(chunk.expect("copy data"))
+            .await
+            .expect("copy through the proxy");
+    }
+    sink.as_mut()
+        .finish()
+        .await
+        .expect("copy through the proxy");
+}
