@@ -14,6 +14,7 @@ pub mod classify;
 pub mod hash;
 pub mod hint;
 pub mod lexer;
+pub mod merge;
 pub mod plan;
 pub mod sharding;
 pub mod shards;

@@ -6,9 +6,9 @@
 //! otherwise), or the proxy must refuse with 0A000. A different answer, any
 //! other error, or a refusal of a query marked `!` fails the test.
 
-use shardline_tests::{start_proxy, Env, EnvOptions};
+use shardline_tests::{start_proxy, Env, EnvOptions, RawValue};
 use std::collections::BTreeMap;
-use tokio_postgres::types::{FromSql, Type};
+use tokio_postgres::types::Type;
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 /// users by id, orders by user_id (co-located), countries on every shard:
@@ -132,21 +132,6 @@ async fn text(c: &Client, sql: &str) -> Answer {
     }
 }
 
-/// Any value's bytes as the server sent them.
-struct Raw(Option<Vec<u8>>);
-
-impl<'a> FromSql<'a> for Raw {
-    fn from_sql(_: &Type, raw: &'a [u8]) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Raw(Some(raw.to_vec())))
-    }
-    fn from_sql_null(_: &Type) -> Result<Self, Box<dyn std::error::Error + Sync + Send>> {
-        Ok(Raw(None))
-    }
-    fn accepts(_: &Type) -> bool {
-        true
-    }
-}
-
 async fn binary(c: &Client, sql: &str) -> Answer {
     let stmt = match c.prepare(sql).await {
         Ok(s) => s,
@@ -164,7 +149,7 @@ async fn binary(c: &Client, sql: &str) -> Answer {
                 .map(|r| {
                     (0..r.len())
                         .map(|i| {
-                            r.get::<_, Raw>(i)
+                            r.get::<_, RawValue>(i)
                                 .0
                                 .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
                         })
