@@ -48,11 +48,11 @@ impl Backend for LocalProcesses {
     }
 }
 
-/// A self-signed certificate and key in a fresh directory: (dir, cert, key).
-pub fn self_signed_cert() -> Result<(std::path::PathBuf, std::path::PathBuf, std::path::PathBuf)> {
-    let dir = std::env::temp_dir().join(format!("shardline-cert-{:08x}", rand::random::<u32>()));
-    std::fs::create_dir_all(&dir)?;
-    let (cert, key) = (dir.join("cert.pem"), dir.join("key.pem"));
+/// A self-signed certificate and key in a fresh directory (removed when the
+/// `TempDir` drops): (dir, cert, key).
+pub fn self_signed_cert() -> Result<(TempDir, std::path::PathBuf, std::path::PathBuf)> {
+    let dir = TempDir::new("cert");
+    let (cert, key) = (dir.path("cert.pem"), dir.path("key.pem"));
     let (ok, out) = run(&mut shardline::cluster::self_signed_cert_command(
         &cert, &key,
     ));
@@ -568,6 +568,38 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
         }
     }
     out
+}
+
+/// A fresh directory under the system temp dir, removed with everything in
+/// it when dropped (also when a test fails).
+pub struct TempDir {
+    pub dir: std::path::PathBuf,
+}
+
+impl TempDir {
+    pub fn new(tag: &str) -> TempDir {
+        let dir =
+            std::env::temp_dir().join(format!("shardline-{tag}-{:08x}", rand::random::<u32>()));
+        std::fs::create_dir_all(&dir).expect("a temp dir");
+        TempDir { dir }
+    }
+
+    /// Writes `text` to `name` in the directory; returns its path.
+    pub fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
+        let p = self.dir.join(name);
+        std::fs::write(&p, text).expect("write a temp file");
+        p
+    }
+
+    pub fn path(&self, name: &str) -> std::path::PathBuf {
+        self.dir.join(name)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
 }
 
 /// `shards` primaries (no replicas) for a benchmark, each with role and

@@ -129,7 +129,7 @@ async fn server_auth_methods() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn tls_to_clients() {
-    let (dir, cert, key) = self_signed_cert().unwrap();
+    let (_certs, cert, key) = self_signed_cert().unwrap();
     let env = Env::start_with(EnvOptions {
         extra_toml: format!(
             "[tls]\ncert = \"{}\"\nkey = \"{}\"\n",
@@ -158,7 +158,6 @@ async fn tls_to_clients() {
         &["-c", "SELECT 1"],
     );
     assert!(!ok && out.contains("does not support SSL"), "{out}");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -2,7 +2,7 @@
 //! stopped, a replica promoted (by hand and by `auto_promote`), and two
 //! nodes claiming to be primary.
 
-use shardline_tests::{Env, EnvOptions};
+use shardline_tests::{Env, EnvOptions, TempDir};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -66,16 +66,12 @@ fn processed(out: &str) -> u64 {
         .unwrap_or(0)
 }
 
-fn scratch(name: &str) -> std::path::PathBuf {
-    std::env::temp_dir().join(format!("shardline-{name}-{:08x}", rand::random::<u32>()))
-}
-
 /// Runs 5 s of pgbench reads and sends `signal` to the first replica 1.5 s
 /// in; returns pgbench's (success, output) and its log directory.
-async fn signal_replica_under_reads(env: &Env, signal: i32) -> (bool, String, std::path::PathBuf) {
+async fn signal_replica_under_reads(env: &Env, signal: i32) -> (bool, String, TempDir) {
     let victim = env.replicas()[0];
-    let dir = scratch("signal");
-    let bench = pgbench_reads(env, 5, &dir);
+    let dir = TempDir::new("signal");
+    let bench = pgbench_reads(env, 5, &dir.dir);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     env.signal_node(victim, signal);
     let (ok, out) = tokio::task::spawn_blocking(move || bench.join().unwrap())
@@ -87,14 +83,13 @@ async fn signal_replica_under_reads(env: &Env, signal: i32) -> (bool, String, st
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_killed_under_read_load() {
     let env = cluster(2, "").await;
-    let (ok, out, dir) = signal_replica_under_reads(&env, libc::SIGKILL).await;
+    let (ok, out, _logs) = signal_replica_under_reads(&env, libc::SIGKILL).await;
     // Reads in flight on the killed node ran again on the other replica.
     assert!(ok && !out.contains("aborted"), "{out}");
     assert!(processed(&out) > 500, "{out}");
     eprintln!("killed replica: {} reads, none failed", processed(&out));
     let shard = &env.proxy.as_ref().unwrap().shared.topology.shards[0];
     assert!(shard.nodes[1].is_down(), "the checker noticed");
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -106,7 +101,7 @@ async fn frozen_replica_delays_no_read_beyond_the_timeouts() {
     // A read waiting on the frozen node is cut when a check times out
     // (interval 200ms + timeout 500ms) and runs elsewhere; a new connection
     // to it gives up after connect_timeout (1s).
-    let worst = max_latency(&dir);
+    let worst = max_latency(&dir.dir);
     eprintln!(
         "frozen replica: {} reads, slowest {worst:?}",
         processed(&out)
@@ -115,7 +110,6 @@ async fn frozen_replica_delays_no_read_beyond_the_timeouts() {
         worst < Duration::from_millis(2500),
         "slowest read took {worst:?}\n{out}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 }
 
 async fn insert_port(c: &Client) -> Result<u16, tokio_postgres::Error> {
@@ -149,8 +143,8 @@ async fn primary_down_then_promotion_then_two_primaries() {
     let c = env.connect().await;
     assert_eq!(insert_port(&c).await.unwrap(), env.node_port(0));
 
-    let dir = scratch("primary");
-    let bench = pgbench_reads(&env, 6, &dir);
+    let dir = TempDir::new("primary");
+    let bench = pgbench_reads(&env, 6, &dir.dir);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     env.backend.stop_node(0, "immediate").unwrap();
     tokio::time::sleep(Duration::from_millis(600)).await;
@@ -187,7 +181,6 @@ async fn primary_down_then_promotion_then_two_primaries() {
         ok && !out.contains("aborted"),
         "reads survived the primary's loss:\n{out}"
     );
-    let _ = std::fs::remove_dir_all(dir);
 
     // The old primary comes back still believing it is primary.
     env.backend.start_node(0).unwrap();

@@ -7,10 +7,10 @@
 
 use shardline_config::Config;
 use shardline_router::sharding::Sharding;
-use shardline_tests::{rebalance_binary, start_proxy, Env, EnvOptions};
+use shardline_tests::{rebalance_binary, start_proxy, Env, EnvOptions, TempDir};
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -81,32 +81,6 @@ fn uuid(i: i64) -> String {
         (i * 7) % 0xfff,
         i
     )
-}
-
-struct Files {
-    dir: PathBuf,
-}
-
-impl Files {
-    fn new(tag: &str) -> Files {
-        let dir = std::env::temp_dir().join(format!(
-            "shardline-rebalance-{tag}-{:08x}",
-            rand::random::<u32>()
-        ));
-        std::fs::create_dir_all(&dir).expect("temp dir");
-        Files { dir }
-    }
-    fn write(&self, name: &str, text: &str) -> PathBuf {
-        let p = self.dir.join(name);
-        std::fs::write(&p, text).expect("write config");
-        p
-    }
-}
-
-impl Drop for Files {
-    fn drop(&mut self) {
-        let _ = std::fs::remove_dir_all(&self.dir);
-    }
 }
 
 /// Runs the tool; returns (exit code, stdout, stderr).
@@ -417,7 +391,7 @@ async fn start(shards: usize) -> Env {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn grow_to_three_shards_and_shrink_back() {
     let env = start(3).await;
-    let files = Files::new("grow");
+    let files = TempDir::new("rebalance-grow");
     let two = env.shards_config(&[0, 1], TABLES);
     let three = env.shards_config(&[0, 1, 2], TABLES);
     load(&two).await;
@@ -634,7 +608,7 @@ fn apply_killed_at(point: &str, args: &[&str]) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn killed_at_any_point_a_rerun_finishes_the_same() {
     let env = start(3).await;
-    let files = Files::new("crash");
+    let files = TempDir::new("rebalance-crash");
     // s2 gets its tables up front here (created by hand, as an operator would).
     for stmt in SCHEMA.split(';').filter(|s| !s.trim().is_empty()) {
         env.sql_shard(2, stmt);
@@ -712,7 +686,7 @@ async fn killed_at_any_point_a_rerun_finishes_the_same() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     let env = start(3).await;
-    let files = Files::new("bad");
+    let files = TempDir::new("rebalance-bad");
     let two = env.shards_config(&[0, 1], TABLES);
     load(&two).await;
     let before = content(&env, &[0, 1]);
@@ -974,7 +948,7 @@ async fn placement_sql_agrees_with_the_router_on_the_server() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_function_change_swaps_rows_between_shards() {
     let env = start(2).await;
-    let files = Files::new("swap");
+    let files = TempDir::new("rebalance-swap");
     let ring = env.shards_config(&[0, 1], TABLES);
     let hashed = env.shards_config(
         &[0, 1],

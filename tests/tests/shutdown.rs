@@ -21,8 +21,8 @@ async fn sigterm_lets_open_transactions_finish() {
         "listen = \"127.0.0.1:0\"",
         &format!("listen = \"127.0.0.1:{port}\""),
     );
-    let cfg = std::env::temp_dir().join(format!("shardline-shutdown-{port}.toml"));
-    std::fs::write(&cfg, text).unwrap();
+    let tmp = shardline_tests::TempDir::new("shutdown");
+    let cfg = tmp.write("shardline.toml", &text);
     let bin = shardline_tests::shardline_binary().unwrap();
     let mut child = Command::new(&bin)
         .arg("--config")
@@ -86,5 +86,4 @@ async fn sigterm_lets_open_transactions_finish() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success());
-    let _ = std::fs::remove_file(cfg);
 }

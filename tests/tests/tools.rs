@@ -28,7 +28,8 @@ async fn psql_commands() {
     assert!(out.contains("items_pkey"), "{out}");
     assert!(out.contains(" 100"), "{out}");
     // \copy goes through COPY FROM STDIN / TO STDOUT.
-    let file = std::env::temp_dir().join(format!("shardline-copy-{}.csv", std::process::id()));
+    let tmp = shardline_tests::TempDir::new("copy");
+    let file = tmp.path("items.csv");
     let copy_out = format!("\\copy items TO '{}' CSV", file.display());
     let (ok, out) = psql(&url, &["-c", &copy_out, "-c", "TRUNCATE items"]);
     assert!(ok, "{out}");
@@ -46,7 +47,6 @@ async fn psql_commands() {
     );
     assert!(ok, "{out}");
     assert!(out.contains("100|5050"), "{out}");
-    let _ = std::fs::remove_file(file);
     // An error is reported with its SQLSTATE (VERBOSITY verbose prints it).
     let (ok, out) = psql(
         &url,
@@ -120,8 +120,8 @@ async fn check_reports_roles_and_lag() {
     })
     .await
     .unwrap();
-    let path = std::env::temp_dir().join(format!("shardline-check-{}.toml", std::process::id()));
-    std::fs::write(&path, &env.config_text).unwrap();
+    let tmp = shardline_tests::TempDir::new("check");
+    let path = tmp.write("shardline.toml", &env.config_text);
     let bin = shardline_tests::shardline_binary().unwrap();
     let (ok, out) = run(Command::new(bin).arg("check").arg("--config").arg(&path));
     assert!(ok, "{out}");
@@ -141,5 +141,4 @@ async fn check_reports_roles_and_lag() {
         .arg("--config")
         .arg(&path));
     assert!(!ok && out.contains("DOWN"), "{out}");
-    let _ = std::fs::remove_file(path);
 }
