@@ -107,6 +107,8 @@ struct Step {
     reference: bool,
     state: State,
     rows: Option<i64>,
+    /// Set when verified: the checksum both servers agreed on.
+    checksum: Option<String>,
 }
 
 /// What a run did, for the summary.
@@ -423,7 +425,7 @@ impl Run<'_> {
             }
             let rows = c
                 .query(
-                    "SELECT table_name, source, chunk, first_hash, last_hash, reference, state, rows
+                    "SELECT table_name, source, chunk, first_hash, last_hash, reference, state, rows, checksum
                        FROM shardline.rebalance_steps WHERE run = $1 AND target = $2
                       ORDER BY table_name, source, chunk",
                     &[&self.r.run, &self.r.names[target]],
@@ -451,6 +453,7 @@ impl Run<'_> {
                     reference: row.get(5),
                     state: State::parse(row.get(6)),
                     rows: row.get(7),
+                    checksum: row.get(8),
                 });
             }
         }
@@ -486,6 +489,24 @@ impl Run<'_> {
             bail!("{}\nNothing was changed.", problems.join("\n"));
         }
         self.order = self.table_order().await?;
+        let sharded: Vec<String> = r.tables().iter().map(|t| t.name.clone()).collect();
+        for &id in &r.old_ids {
+            let c = self.servers.get(id).await?;
+            let outside = db::outside_references(&c, &sharded, &names).await.on(
+                &self.servers,
+                id,
+                "reading foreign keys",
+            )?;
+            for (child, constraint, parent) in outside {
+                problems.push(format!(
+                    "on shard {}, table {child} references {parent} (foreign key {constraint}) but is not a sharded or reference table: deleting moved rows of {parent} would cascade into it or fail. Shard {child} with {parent} (same group), or drop the constraint for the move.",
+                    self.servers.label(id)
+                ));
+            }
+        }
+        if !problems.is_empty() {
+            bail!("{}\nNothing was changed.", problems.join("\n"));
+        }
 
         let mut to_create: Vec<(usize, String)> = Vec::new();
         for id in (0..r.names.len()).filter(|&i| i != home) {
@@ -599,6 +620,7 @@ impl Run<'_> {
                             reference: false,
                             state: State::Pending,
                             rows: None,
+                            checksum: None,
                         });
                     }
                 }
@@ -648,6 +670,7 @@ impl Run<'_> {
                     reference: true,
                     state: State::Pending,
                     rows: None,
+                    checksum: None,
                 });
             }
         }
@@ -1004,6 +1027,7 @@ impl Run<'_> {
                 .await
                 .on(&self.servers, s.target, &what)?;
             steps[i].state = State::Verified;
+            steps[i].checksum = Some(a.1);
             bar.inc(1);
         }
         bar.finish_with_message("verified");
@@ -1066,15 +1090,22 @@ impl Run<'_> {
         if receipt.is_some() {
             return Ok(());
         }
-        let deleted =
-            tx.execute(&self.delete_sql(s), &[])
-                .await
-                .on(&self.servers, s.source, &what)?;
+        let cols = &self.columns[&s.table];
+        let gone = tx
+            .query_one(
+                &db::delete_checksum_sql(&s.table, cols, &self.filter(s)),
+                &[],
+            )
+            .await
+            .on(&self.servers, s.source, &what)?;
+        let (deleted, sum): (i64, String) = (gone.get(0), gone.get(1));
         let expected = s.rows.unwrap_or(0);
-        if deleted as i64 != expected {
-            tx.rollback().await.ok();
+        if deleted != expected || s.checksum.as_ref().is_some_and(|c| *c != sum) {
+            tx.rollback().await.on(&self.servers, s.source, &what)?;
             bail!(
-                "{what}: {deleted} rows match on the source but {expected} were copied and verified; the source changed since (were writes stopped?). Nothing was deleted from this range."
+                "{what}: the rows changed on the source after they were copied and verified ({deleted} rows, checksum {sum}; verified: {expected} rows, checksum {}). Were writes stopped? Nothing was deleted from this range; the copy on shard {} is the verified version. Stop the writes and put those rows back as they were (or move them by hand), then run again.",
+                s.checksum.as_deref().unwrap_or("?"),
+                self.r.names[s.target]
             );
         }
         tx.execute(

@@ -293,9 +293,25 @@ pub fn column_differences(source: &[Column], target: &[Column]) -> Vec<String> {
 /// a duplicated or changed row shows.
 pub fn checksum_sql(table: &str, cols: &[Column], filter: &str) -> String {
     format!(
-        "SELECT count(*), coalesce(sum(hashtextextended(shardline_row::text, 0)), 0)::text FROM (SELECT {} FROM {} WHERE {filter}) shardline_row",
-        copy_list(cols),
+        "SELECT count(*), coalesce(sum({}), 0)::text FROM {} WHERE {filter}",
+        row_hash_sql(cols),
         quote_table(table)
+    )
+}
+
+/// One row's hash for checksums: its moved columns' text, hashed.
+pub fn row_hash_sql(cols: &[Column]) -> String {
+    format!("hashtextextended(ROW({})::text, 0)", copy_list(cols))
+}
+
+/// Deletes the rows of `table` matching `filter` and returns their
+/// `(rows, checksum)` as [`checksum_sql`] computes it, in one statement:
+/// what was deleted is exactly what was summed.
+pub fn delete_checksum_sql(table: &str, cols: &[Column], filter: &str) -> String {
+    format!(
+        "WITH shardline_deleted AS (DELETE FROM {} WHERE {filter} RETURNING {} AS h) SELECT count(*), coalesce(sum(h), 0)::text FROM shardline_deleted",
+        quote_table(table),
+        row_hash_sql(cols)
     )
 }
 
@@ -335,6 +351,35 @@ pub async fn foreign_keys(
                 r.get::<_, i32>(0) as usize - 1,
                 r.get::<_, i32>(1) as usize - 1,
             )
+        })
+        .collect())
+}
+
+/// Foreign keys from tables outside `known` into one of `sharded`:
+/// `(referencing table, constraint, referenced table)`. Deleting moved rows
+/// would cascade into such a table (or fail), so a rebalance refuses them.
+pub async fn outside_references(
+    client: &Object,
+    sharded: &[String],
+    known: &[String],
+) -> Result<Vec<(String, String, String)>, tokio_postgres::Error> {
+    let quoted = |v: &[String]| v.iter().map(|t| quote_table(t)).collect::<Vec<_>>();
+    let rows = client
+        .query(
+            "SELECT k.conrelid::regclass::text, k.conname::text, p.i::int4
+               FROM pg_constraint k
+               JOIN unnest($1::text[]) WITH ORDINALITY AS p(name, i) ON to_regclass(p.name) = k.confrelid
+              WHERE k.contype = 'f'
+                AND NOT EXISTS (SELECT 1 FROM unnest($2::text[]) AS c(name)
+                                 WHERE to_regclass(c.name) = k.conrelid)",
+            &[&quoted(sharded), &quoted(known)],
+        )
+        .await?;
+    Ok(rows
+        .iter()
+        .map(|r| {
+            let parent = sharded[r.get::<_, i32>(2) as usize - 1].clone();
+            (r.get(0), r.get(1), parent)
         })
         .collect())
 }

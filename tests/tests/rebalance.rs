@@ -738,6 +738,16 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     );
 
     let three = files.write("three.toml", &env.shards_config(&[0, 1, 2], TABLES));
+    // A table outside the config referencing a sharded one: deleting moved
+    // users would cascade into it.
+    env.sql_shard(0, "CREATE TABLE audit (user_id bigint REFERENCES users (id) ON DELETE CASCADE); INSERT INTO audit SELECT id FROM users");
+    let (code, _, err) = apply(&three);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("table audit references users (foreign key audit_user_id_fkey)"),
+        "{err}"
+    );
+    env.sql_shard(0, "DROP TABLE audit");
     // Missing target tables.
     let (code, _, err) = apply(&three);
     assert_eq!(code, 1);
@@ -855,6 +865,23 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     let (code, _, err) = tool(&["abort", "--from", path(&old_path), "--to", path(&three)]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot be undone, only finished"), "{err}");
+    // A write to a verified range before its delete (writes were not
+    // stopped) is caught by the delete itself: nothing is deleted from that
+    // range until the rows are as verified again.
+    for s in [0, 1] {
+        env.sql_shard(s, "UPDATE users SET name = name || '!'");
+    }
+    let (code, _, err) = tool(&args);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("the rows changed on the source after they were copied and verified"),
+        "{err}"
+    );
+    let (code, _, err) = tool(&args);
+    assert_eq!(code, 1, "still changed: {err}");
+    for s in [0, 1] {
+        env.sql_shard(s, "UPDATE users SET name = rtrim(name, '!')");
+    }
     let (code, out, err) = tool(&args);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(content(&env, &[0, 1, 2]), before);
