@@ -143,7 +143,8 @@ struct Run<'a> {
     /// Targets whose steps were recorded by an earlier run of this tool.
     resumed_targets: Vec<usize>,
     progress: MultiProgress,
-    /// Rows moving per `(table, source, target)`, as counted before copying.
+    /// Rows moving per `(table, source, target)`, counted on every run
+    /// before copying (a resumed run counts again).
     estimates: HashMap<(String, usize, usize), u64>,
     copies_started: u32,
     deletes_done: u32,
@@ -637,6 +638,8 @@ impl Run<'_> {
                 &format!("checksumming {table}"),
             )?;
             for target in r.added() {
+                self.estimates
+                    .insert((table.clone(), home, target), want.0.max(0) as u64);
                 if self.resumed_targets.contains(&target) {
                     continue;
                 }
@@ -649,8 +652,6 @@ impl Run<'_> {
                 if have == want && want.0 > 0 {
                     continue;
                 }
-                self.estimates
-                    .insert((table.clone(), home, target), want.0.max(0) as u64);
                 if have.0 > 0 {
                     problems.push(format!(
                         "reference table {table} on new shard {} already holds {} rows that differ from the default shard's {}; empty it first",
@@ -804,7 +805,7 @@ impl Run<'_> {
             if pending.is_empty() {
                 continue;
             }
-            let estimate = self.estimate(&table, &pending, steps).await? + done_rows.max(0) as u64;
+            let estimate = self.estimate(&table, &pending, steps) + done_rows.max(0) as u64;
             let bar = self.bar(estimate, format!("copy {table}"), "rows");
             bar.set_position(done_rows.max(0) as u64);
             let started = Instant::now();
@@ -830,51 +831,29 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Rows the pending steps of a table will copy, for the progress bar
-    /// (pairs counted before copying; others, when resuming, counted now).
-    async fn estimate(&self, table: &str, pending: &[usize], steps: &[Step]) -> Result<u64> {
-        let mut total = 0u64;
+    /// Rows the pending steps of a table will copy, for the progress bar:
+    /// each pair's rows as counted before copying, shared among its chunks.
+    fn estimate(&self, table: &str, pending: &[usize], steps: &[Step]) -> u64 {
         let mut pairs: Vec<(usize, usize)> = pending
             .iter()
             .map(|&i| (steps[i].source, steps[i].target))
             .collect();
         pairs.dedup();
-        for (source, target) in pairs {
-            let of_pair = |x: &&Step| x.table == table && x.source == source && x.target == target;
-            let all = steps.iter().filter(of_pair).count().max(1);
-            let left = pending.iter().map(|&i| &steps[i]).filter(of_pair).count();
-            let rows = match self.estimates.get(&(table.to_string(), source, target)) {
-                Some(&n) => n,
-                None => {
-                    let whole = Step {
-                        first: i64::MIN,
-                        last: i64::MAX,
-                        ..steps[pending[0]].clone()
-                    };
-                    let whole = Step {
-                        source,
-                        target,
-                        ..whole
-                    };
-                    let c = self.servers.get(source).await?;
-                    let n: i64 = c
-                        .query_one(
-                            &format!(
-                                "SELECT count(*) FROM {} WHERE {}",
-                                quote_table(table),
-                                self.filter(&whole)
-                            ),
-                            &[],
-                        )
-                        .await
-                        .on(&self.servers, source, &format!("counting rows of {table}"))?
-                        .get(0);
-                    n.max(0) as u64
-                }
-            };
-            total += rows * left as u64 / all as u64;
-        }
-        Ok(total)
+        pairs
+            .into_iter()
+            .map(|(source, target)| {
+                let of_pair =
+                    |x: &&Step| x.table == table && x.source == source && x.target == target;
+                let all = steps.iter().filter(of_pair).count().max(1) as u64;
+                let left = pending.iter().map(|&i| &steps[i]).filter(of_pair).count() as u64;
+                let rows = self
+                    .estimates
+                    .get(&(table.to_string(), source, target))
+                    .copied()
+                    .unwrap_or(0);
+                rows * left / all
+            })
+            .sum()
     }
 
     async fn copy_step(&mut self, s: &Step, bar: &ProgressBar) -> Result<u64> {

@@ -46,6 +46,23 @@ impl Login {
     }
 }
 
+impl Login {
+    /// Connection settings for one server.
+    fn config(&self, node: &Node, timeout: Duration) -> tokio_postgres::Config {
+        let mut pg = tokio_postgres::Config::new();
+        pg.host(&node.host)
+            .port(node.port)
+            .user(&self.user)
+            .dbname(&self.database)
+            .application_name("shardline-rebalance")
+            .connect_timeout(timeout);
+        if let Some(p) = &self.password {
+            pg.password(p);
+        }
+        pg
+    }
+}
+
 /// Settings that make row text identical on every server (checksums hash
 /// each row's text form).
 const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c statement_timeout=0 -c lock_timeout=0";
@@ -70,17 +87,8 @@ impl Servers {
         let mut failures = Vec::new();
         for &id in ids {
             let node = &primaries[id];
-            let mut pg = tokio_postgres::Config::new();
-            pg.host(&node.host)
-                .port(node.port)
-                .user(&login.user)
-                .dbname(&login.database)
-                .application_name("shardline-rebalance")
-                .options(SESSION_OPTIONS)
-                .connect_timeout(Duration::from_secs(5));
-            if let Some(p) = &login.password {
-                pg.password(p);
-            }
+            let mut pg = login.config(node, Duration::from_secs(5));
+            pg.options(SESSION_OPTIONS);
             let manager = Manager::from_config(
                 pg,
                 NoTls,
@@ -142,17 +150,11 @@ pub async fn unreachable_replicas(
     let mut out = Vec::new();
     for (name, nodes) in names.iter().zip(replicas) {
         for node in nodes {
-            let mut pg = tokio_postgres::Config::new();
-            pg.host(&node.host)
-                .port(node.port)
-                .user(&login.user)
-                .dbname(&login.database)
-                .application_name("shardline-rebalance")
-                .connect_timeout(Duration::from_secs(3));
-            if let Some(p) = &login.password {
-                pg.password(p);
-            }
-            if let Err(e) = pg.connect(NoTls).await {
+            if let Err(e) = login
+                .config(node, Duration::from_secs(3))
+                .connect(NoTls)
+                .await
+            {
                 out.push(format!(
                     "replica of shard {name} ({}): {}",
                     node.address(),

@@ -45,6 +45,17 @@ struct Leg {
 }
 
 impl Leg {
+    /// Writes out what is buffered for this shard, and empties the buffer.
+    async fn send(&mut self, out: &mut BytesMut) -> Result<(), String> {
+        self.conn
+            .stream
+            .write_all(out)
+            .await
+            .map_err(|e| e.to_string())?;
+        out.clear();
+        Ok(())
+    }
+
     /// The next message from this shard that the merge should see.
     async fn next(&mut self) -> Result<BytesMut, String> {
         loop {
@@ -730,12 +741,7 @@ impl Session {
                     }
                     for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
                         if out.len() >= FLUSH_AT {
-                            leg.conn
-                                .stream
-                                .write_all(out)
-                                .await
-                                .map_err(|e| e.to_string())?;
-                            out.clear();
+                            leg.send(out).await?;
                         }
                     }
                 }
@@ -764,12 +770,7 @@ impl Session {
                         } else {
                             backend::put_message(out, frontend::COPY_DONE, |_| {});
                         }
-                        leg.conn
-                            .stream
-                            .write_all(out)
-                            .await
-                            .map_err(|e| e.to_string())?;
-                        out.clear();
+                        leg.send(out).await?;
                     }
                     if !simple {
                         // The servers ignored the Sync sent with the COPY;
