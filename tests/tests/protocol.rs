@@ -197,7 +197,16 @@ async fn cancel_reaches_the_right_query() {
     let slow = tokio::spawn(async move { c.simple_query("SELECT pg_sleep(30)").await });
     let busy_other =
         tokio::spawn(async move { other.simple_query("SELECT pg_sleep(1), 'other'").await });
-    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Cancel once the query runs on a node (a cancel that arrives before
+    // is dropped, as PgBouncer drops it): a fixed sleep raced a busy machine.
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(30)' AND state = 'active'";
+    let nodes = env.backend.nodes().len();
+    for _ in 0..200 {
+        if (0..nodes).any(|i| env.sql_on(i, running) == "1") {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
     token.cancel_query(tokio_postgres::NoTls).await.unwrap();
     let e = tokio::time::timeout(Duration::from_secs(10), slow)
         .await
