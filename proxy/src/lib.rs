@@ -70,6 +70,11 @@ pub struct Shared {
     pub route_nanos: AtomicU64,
     pub balancing: Balancing,
     pub ban_time: Duration,
+    /// Per database: what its collations let cross-shard merges do with
+    /// text, and when that was asked.
+    pub collations: std::sync::Mutex<
+        HashMap<String, (std::time::Instant, shardline_router::gather::Collation)>,
+    >,
     /// Targets for the health checkers, by shard and node.
     health_targets: Vec<Vec<ServerTarget>>,
     health: shardline_config::HealthConfig,
@@ -216,6 +221,7 @@ impl Shared {
             sharding,
             spread: AtomicU64::new(0),
             route_nanos: AtomicU64::new(0),
+            collations: Default::default(),
             balancing: Balancing::from_config(&config.load_balancing),
             ban_time: config.health.ban_time,
             health_targets,

@@ -11,11 +11,14 @@
 pub mod balance;
 pub mod cache;
 pub mod classify;
+pub mod gather;
 pub mod hash;
 pub mod hint;
 pub mod lexer;
 pub mod merge;
+pub mod numeric;
 pub mod plan;
+pub mod scatter;
 pub mod sharding;
 pub mod shards;
 

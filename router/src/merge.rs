@@ -103,6 +103,12 @@ pub enum Value {
 #[derive(Debug, Clone, Copy)]
 pub struct FloatKey(f64);
 
+impl FloatKey {
+    pub fn new(v: f64) -> FloatKey {
+        FloatKey(v)
+    }
+}
+
 impl PartialEq for FloatKey {
     fn eq(&self, other: &Self) -> bool {
         self.cmp(other) == Ordering::Equal
@@ -155,7 +161,7 @@ impl Decimal {
     }
 
     /// From decimal text: `-12.340`, `NaN`, `Infinity`, `-Infinity`.
-    fn parse(s: &str) -> Option<Decimal> {
+    pub fn parse(s: &str) -> Option<Decimal> {
         match s {
             "NaN" => return Some(Decimal::NaN),
             "Infinity" => return Some(Decimal::Infinity),

@@ -97,8 +97,8 @@ impl Refusal {
 pub struct Template {
     pub scope: Scope,
     pub write: bool,
-    /// Reading from several shards would need this merge (a construct
-    /// name such as "ORDER BY"): refused until scatter-gather merges it.
+    /// Reading from several shards needs this merge (a construct name
+    /// such as "ORDER BY"): the proxy plans it with `scatter::plan`.
     pub needs_merge: Option<&'static str>,
     /// Refused wherever it would run.
     pub refusal: Option<Refusal>,
@@ -243,7 +243,7 @@ struct Rel {
     kind: TableKind,
 }
 
-fn lower_name(n: &ObjectName) -> String {
+pub(crate) fn lower_name(n: &ObjectName) -> String {
     n.0.iter()
         .map(|p| match p {
             ObjectNamePart::Identifier(i) if i.quote_style.is_some() => i.value.clone(),
@@ -261,7 +261,7 @@ fn is_catalog(name: &str) -> bool {
 }
 
 /// Aggregate functions: a SELECT using one reads a global value.
-const AGGREGATES: &[&str] = &[
+pub(crate) const AGGREGATES: &[&str] = &[
     "count",
     "sum",
     "min",
@@ -1082,6 +1082,9 @@ pub enum Placement {
     One(usize),
     /// Several shards (every one: broadcast or a read without a key).
     Many(ShardMask),
+    /// A read on several shards whose rows must be merged (ORDER BY,
+    /// LIMIT, aggregates, DISTINCT): planned by `scatter::plan`.
+    Merge(ShardMask),
     /// A multi-row INSERT whose rows belong to several shards: split it.
     Split(ShardMask),
     /// COPY FROM STDIN to split row by row over these shards.
@@ -1198,12 +1201,7 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
     match placement {
         Placement::Many(mask) if t.explain => Placement::One(mask.trailing_zeros() as usize),
         Placement::Many(_) if t.copy_in.is_some() => Placement::CopySplit(sh.all_shards()),
-        Placement::Many(_) if !t.write => match t.needs_merge {
-            Some(construct) => Placement::Refused(Refusal::unsupported(format!(
-                "cannot merge {construct} across shards yet; add the sharding key to the WHERE clause, or a /* shardline: shard=NAME */ comment"
-            ))),
-            None => placement,
-        },
+        Placement::Many(mask) if !t.write && t.needs_merge.is_some() => Placement::Merge(mask),
         Placement::Many(_)
             if !sh.broadcast_writes
                 && matches!(t.scope, Scope::Sharded { .. }) =>
@@ -1455,6 +1453,9 @@ pub fn combine(a: Placement, b: Placement) -> Placement {
         (One(a), One(b)) if a == b => One(a),
         (Many(a), Many(b)) if a == b => Many(a),
         (Spread, Many(m)) | (Many(m), Spread) => Many(m),
+        (Merge(_), _) | (_, Merge(_)) => Refused(Refusal::unsupported(
+            "a statement whose rows are merged across shards (ORDER BY, LIMIT, aggregates, DISTINCT) must be sent alone, not with other statements in one query string or pipeline",
+        )),
         _ => Refused(Refusal::unsupported(
             "statements sent together (in one query string, or in one pipeline up to Sync) reach different shards; send them separately",
         )),

@@ -62,141 +62,162 @@
 ! SELECT u.id, o.id FROM users u JOIN orders o ON o.user_id = u.id WHERE o.status = 'shipped' AND u.age > 70
 ! SELECT u.id, o.id FROM users u JOIN orders o ON u.id = o.user_id WHERE u.id IN (7, 8, 9)
 ! SELECT u.id, u.city, o.amount FROM users u, orders o WHERE o.user_id = u.id AND o.amount < 20
-SELECT u.id, o.id FROM users u LEFT JOIN orders o ON o.user_id = u.id WHERE u.id < 0 AND u.id > -40
-SELECT u.id, count(o.id) FROM users u LEFT JOIN orders o ON o.user_id = u.id WHERE u.id = 11 GROUP BY u.id
+! SELECT u.id, o.id FROM users u LEFT JOIN orders o ON o.user_id = u.id WHERE u.id < 0 AND u.id > -40
+! SELECT u.id, count(o.id) FROM users u LEFT JOIN orders o ON o.user_id = u.id WHERE u.id = 11 GROUP BY u.id
 -- Reference tables (one copy per shard)
 ! SELECT * FROM countries
 ! SELECT code, name FROM countries WHERE population > 1000000
 ! SELECT count(*) FROM countries
 ! SELECT max(population), min(name) FROM countries
-[ordered] SELECT code FROM countries ORDER BY population DESC NULLS LAST, code
-SELECT u.id, c.name FROM users u JOIN countries c ON c.code = u.country WHERE u.id = 42
-SELECT u.id, c.name FROM users u JOIN countries c ON c.code = u.country
-SELECT c.name, count(*) FROM users u JOIN countries c ON c.code = u.country GROUP BY c.name
+! [ordered] SELECT code FROM countries ORDER BY population DESC NULLS LAST, code
+! SELECT u.id, c.name FROM users u JOIN countries c ON c.code = u.country WHERE u.id = 42
+! SELECT u.id, c.name FROM users u JOIN countries c ON c.code = u.country
+! SELECT c.name, count(*) FROM users u JOIN countries c ON c.code = u.country GROUP BY c.name
 -- ORDER BY across shards: k-way merge
-[ordered] SELECT id, name FROM users ORDER BY id
-[ordered] SELECT id, name FROM users ORDER BY id DESC
-[ordered] SELECT id FROM users ORDER BY id LIMIT 10
-[ordered] SELECT id FROM users ORDER BY id DESC LIMIT 10
-[ordered] SELECT id FROM users ORDER BY id LIMIT 10 OFFSET 5
-[ordered] SELECT id FROM users ORDER BY id OFFSET 1990
-[ordered] SELECT id FROM users ORDER BY id LIMIT 0
-[ordered] SELECT id FROM users ORDER BY id FETCH FIRST 7 ROWS ONLY
-[ordered] SELECT id, city FROM users ORDER BY city, id
-[ordered] SELECT id, city FROM users ORDER BY city NULLS FIRST, id
-[ordered] SELECT id, city FROM users ORDER BY city DESC, id
-[ordered] SELECT id, city FROM users ORDER BY city DESC NULLS LAST, id DESC
-[ordered] SELECT id, name FROM users ORDER BY name, id
-[ordered] SELECT id, name FROM users ORDER BY name COLLATE "C", id
-[ordered] SELECT id, name FROM users ORDER BY lower(name), id
-[ordered] SELECT id, score FROM users ORDER BY score, id
-[ordered] SELECT id, score FROM users ORDER BY score DESC NULLS LAST, id
-[ordered] SELECT id, age FROM users ORDER BY age, id
-[ordered] SELECT id, age, name FROM users ORDER BY age DESC, name, id
-[ordered] SELECT id, created FROM users ORDER BY created, id
-[ordered] SELECT id, born FROM users ORDER BY born DESC, id LIMIT 25
-[ordered] SELECT id, active FROM users ORDER BY active, id
-[ordered] SELECT name FROM users ORDER BY id
-[ordered] SELECT name FROM users ORDER BY id DESC LIMIT 20
-[ordered] SELECT id FROM users ORDER BY age + id % 7, id
-[ordered] SELECT id, age FROM users ORDER BY 2, 1
-[ordered] SELECT id, score * 2 AS double FROM users ORDER BY double NULLS FIRST, id
-[ordered] SELECT id FROM users WHERE city = 'Zürich' ORDER BY id
-[ordered] SELECT id FROM users WHERE id IN (1, 2, 3, 4, 5, 6, 7, 8) ORDER BY id DESC
-[ordered] SELECT id FROM users WHERE id = 5 ORDER BY id
-[ordered] SELECT id FROM users WHERE false ORDER BY id
-[ordered:1] SELECT age, name FROM users ORDER BY age
-[ordered:1] SELECT age, id FROM users ORDER BY age DESC LIMIT 500
-[ordered:1] SELECT city, id FROM users ORDER BY city NULLS FIRST
-[ordered:1] SELECT active, id FROM users ORDER BY active
-[ordered] SELECT user_id, id, amount FROM orders ORDER BY amount DESC, user_id, id LIMIT 20
-[ordered] SELECT user_id, id, placed FROM orders ORDER BY placed, user_id, id LIMIT 50
-[ordered] SELECT user_id, id FROM orders ORDER BY user_id, id
-[ordered] SELECT user_id, id, weight FROM orders ORDER BY weight DESC NULLS LAST, user_id, id LIMIT 30
-[ordered:1] SELECT status, amount FROM orders ORDER BY status
-[ordered] SELECT user_id, id FROM orders WHERE user_id = 42 ORDER BY id
-[ordered] SELECT u.id, o.id FROM users u JOIN orders o ON o.user_id = u.id ORDER BY o.amount, u.id, o.id LIMIT 40
+! [ordered] SELECT id, name FROM users ORDER BY id
+! [ordered] SELECT id, name FROM users ORDER BY id DESC
+! [ordered] SELECT id FROM users ORDER BY id LIMIT 10
+! [ordered] SELECT id FROM users ORDER BY id DESC LIMIT 10
+! [ordered] SELECT id FROM users ORDER BY id LIMIT 10 OFFSET 5
+! [ordered] SELECT id FROM users ORDER BY id OFFSET 1990
+! [ordered] SELECT id FROM users ORDER BY id LIMIT 0
+! [ordered] SELECT id FROM users ORDER BY id FETCH FIRST 7 ROWS ONLY
+! [ordered] SELECT id, city FROM users ORDER BY city, id
+! [ordered] SELECT id, city FROM users ORDER BY city NULLS FIRST, id
+! [ordered] SELECT id, city FROM users ORDER BY city DESC, id
+! [ordered] SELECT id, city FROM users ORDER BY city DESC NULLS LAST, id DESC
+! [ordered] SELECT id, name FROM users ORDER BY name, id
+! [ordered] SELECT id, name FROM users ORDER BY name COLLATE "C", id
+! [ordered] SELECT id, name FROM users ORDER BY lower(name), id
+! [ordered] SELECT id, score FROM users ORDER BY score, id
+! [ordered] SELECT id, score FROM users ORDER BY score DESC NULLS LAST, id
+! [ordered] SELECT id, age FROM users ORDER BY age, id
+! [ordered] SELECT id, age, name FROM users ORDER BY age DESC, name, id
+! [ordered] SELECT id, created FROM users ORDER BY created, id
+! [ordered] SELECT id, born FROM users ORDER BY born DESC, id LIMIT 25
+! [ordered] SELECT id, active FROM users ORDER BY active, id
+! [ordered] SELECT name FROM users ORDER BY id
+! [ordered] SELECT name FROM users ORDER BY id DESC LIMIT 20
+! [ordered] SELECT id FROM users ORDER BY age + id % 7, id
+! [ordered] SELECT id, age FROM users ORDER BY 2, 1
+! [ordered] SELECT id, score * 2 AS double FROM users ORDER BY double NULLS FIRST, id
+! [ordered] SELECT id FROM users WHERE city = 'Zürich' ORDER BY id
+! [ordered] SELECT id FROM users WHERE id IN (1, 2, 3, 4, 5, 6, 7, 8) ORDER BY id DESC
+! [ordered] SELECT id FROM users WHERE id = 5 ORDER BY id
+! [ordered] SELECT id FROM users WHERE false ORDER BY id
+! [ordered:1] SELECT age, name FROM users ORDER BY age
+! [ordered:1] SELECT age, id FROM users ORDER BY age DESC LIMIT 500
+! [ordered:1] SELECT city, id FROM users ORDER BY city NULLS FIRST
+! [ordered:1] SELECT active, id FROM users ORDER BY active
+! [ordered] SELECT user_id, id, amount FROM orders ORDER BY amount DESC, user_id, id LIMIT 20
+! [ordered] SELECT user_id, id, placed FROM orders ORDER BY placed, user_id, id LIMIT 50
+! [ordered] SELECT user_id, id FROM orders ORDER BY user_id, id
+! [ordered] SELECT user_id, id, weight FROM orders ORDER BY weight DESC NULLS LAST, user_id, id LIMIT 30
+! [ordered:1] SELECT status, amount FROM orders ORDER BY status
+! [ordered] SELECT user_id, id FROM orders WHERE user_id = 42 ORDER BY id
+! [ordered] SELECT u.id, o.id FROM users u JOIN orders o ON o.user_id = u.id ORDER BY o.amount, u.id, o.id LIMIT 40
 -- Aggregates without GROUP BY
-SELECT count(*) FROM users
-SELECT count(*) FROM orders
-SELECT count(city) FROM users
+! SELECT count(*) FROM users
+! SELECT count(*) FROM orders
+! SELECT count(city) FROM users
 SELECT count(DISTINCT city) FROM users
 SELECT count(DISTINCT age) FROM users
-SELECT sum(age) FROM users
-SELECT sum(id) FROM users
-SELECT sum(score) FROM users
-SELECT sum(amount) FROM orders
-SELECT sum(qty) FROM orders
-SELECT avg(age) FROM users
-SELECT avg(score) FROM users
-SELECT avg(amount) FROM orders
-SELECT min(id), max(id) FROM users
-SELECT min(name), max(name) FROM users
-SELECT min(city), max(city) FROM users
-SELECT min(score), max(score) FROM users
-SELECT min(created), max(created) FROM users
-SELECT min(born), max(born) FROM users
-SELECT min(placed), max(placed) FROM orders
-SELECT bool_and(active), bool_or(active) FROM users
-SELECT bool_and(age > 10), bool_or(age > 90) FROM users
-SELECT count(*), sum(age), min(age), max(age), avg(age) FROM users
-SELECT count(*) FROM users WHERE false
-SELECT sum(age), min(age), max(age), avg(age) FROM users WHERE false
-SELECT count(*) FROM users WHERE city IS NULL
-SELECT count(*) FILTER (WHERE active), sum(age) FILTER (WHERE city IS NULL) FROM users
-SELECT max(id) FILTER (WHERE active) FROM users
-SELECT sum(score) FROM users WHERE score IS NULL
-SELECT count(*) FROM users WHERE id IN (1, 2, 3, 4, 5, 6)
-SELECT sum(amount), count(*) FROM orders WHERE user_id IN (1, 2, 3, 4)
-SELECT count(*) FROM users u JOIN orders o ON o.user_id = u.id
-SELECT sum(o.amount) FROM users u JOIN orders o ON o.user_id = u.id WHERE u.active
+! SELECT sum(age) FROM users
+! SELECT sum(id) FROM users
+! SELECT sum(score) FROM users
+! SELECT sum(amount) FROM orders
+! SELECT sum(qty) FROM orders
+! SELECT avg(age) FROM users
+! SELECT avg(score) FROM users
+! SELECT avg(amount) FROM orders
+! SELECT min(id), max(id) FROM users
+! SELECT min(name), max(name) FROM users
+! SELECT min(city), max(city) FROM users
+! SELECT min(score), max(score) FROM users
+! SELECT min(created), max(created) FROM users
+! SELECT min(born), max(born) FROM users
+! SELECT min(placed), max(placed) FROM orders
+! SELECT bool_and(active), bool_or(active) FROM users
+! SELECT bool_and(age > 10), bool_or(age > 90) FROM users
+! SELECT count(*), sum(age), min(age), max(age), avg(age) FROM users
+! SELECT count(*) FROM users WHERE false
+! SELECT sum(age), min(age), max(age), avg(age) FROM users WHERE false
+! SELECT count(*) FROM users WHERE city IS NULL
+! SELECT count(*) FILTER (WHERE active), sum(age) FILTER (WHERE city IS NULL) FROM users
+! SELECT max(id) FILTER (WHERE active) FROM users
+! SELECT sum(score) FROM users WHERE score IS NULL
+! SELECT count(*) FROM users WHERE id IN (1, 2, 3, 4, 5, 6)
+! SELECT sum(amount), count(*) FROM orders WHERE user_id IN (1, 2, 3, 4)
+! SELECT count(*) FROM users u JOIN orders o ON o.user_id = u.id
+! SELECT sum(o.amount) FROM users u JOIN orders o ON o.user_id = u.id WHERE u.active
 SELECT count(*) + 1, max(age) - min(age) FROM users
 -- GROUP BY and HAVING
-SELECT city, count(*) FROM users GROUP BY city
-SELECT active, count(*), sum(age), avg(score) FROM users GROUP BY active
-SELECT age, count(*) FROM users GROUP BY age
-SELECT city, active, count(*) FROM users GROUP BY city, active
-SELECT city, min(name), max(name), min(created) FROM users GROUP BY city
-SELECT city, bool_and(active), bool_or(active) FROM users GROUP BY city
-SELECT status, count(*), sum(amount), min(placed), max(placed) FROM orders GROUP BY status
-SELECT status, avg(amount), sum(qty), count(qty) FROM orders GROUP BY status
-SELECT user_id, sum(amount) FROM orders GROUP BY user_id
-SELECT user_id, count(*) FROM orders WHERE user_id < 50 GROUP BY user_id
-SELECT city, count(*) FROM users GROUP BY city HAVING count(*) > 100
-SELECT age, count(*) FROM users GROUP BY age HAVING sum(score) > 1000
-SELECT status, sum(amount) FROM orders GROUP BY status HAVING avg(amount) > 400
-SELECT city, count(*) FROM users WHERE false GROUP BY city
-SELECT date_trunc('month', created), count(*) FROM users GROUP BY 1
-SELECT extract(year FROM born), count(*), min(id) FROM users GROUP BY 1
-SELECT lower(city), count(*) FROM users GROUP BY lower(city)
-SELECT age % 10, sum(age) FROM users GROUP BY age % 10
-SELECT count(*), city FROM users GROUP BY city
-[ordered] SELECT city, count(*) FROM users GROUP BY city ORDER BY count(*) DESC, city NULLS LAST
-[ordered] SELECT age, count(*) FROM users GROUP BY age ORDER BY age
-[ordered] SELECT age, count(*) FROM users GROUP BY age ORDER BY age DESC LIMIT 5
-[ordered] SELECT status, sum(amount) FROM orders GROUP BY status ORDER BY sum(amount) DESC
-[ordered] SELECT city, count(*) FROM users GROUP BY city HAVING count(*) > 50 ORDER BY city
-[ordered] SELECT user_id, sum(amount) AS total FROM orders GROUP BY user_id ORDER BY total DESC, user_id LIMIT 10
-[ordered] SELECT user_id, count(*) FROM orders GROUP BY user_id ORDER BY user_id LIMIT 20 OFFSET 10
+! SELECT city, count(*) FROM users GROUP BY city
+! SELECT active, count(*), sum(age), avg(score) FROM users GROUP BY active
+! SELECT age, count(*) FROM users GROUP BY age
+! SELECT city, active, count(*) FROM users GROUP BY city, active
+! SELECT city, min(name), max(name), min(created) FROM users GROUP BY city
+! SELECT city, bool_and(active), bool_or(active) FROM users GROUP BY city
+! SELECT status, count(*), sum(amount), min(placed), max(placed) FROM orders GROUP BY status
+! SELECT status, avg(amount), sum(qty), count(qty) FROM orders GROUP BY status
+! SELECT user_id, sum(amount) FROM orders GROUP BY user_id
+! SELECT user_id, count(*) FROM orders WHERE user_id < 50 GROUP BY user_id
+! SELECT city, count(*) FROM users GROUP BY city HAVING count(*) > 100
+! SELECT age, count(*) FROM users GROUP BY age HAVING sum(score) > 1000
+! SELECT status, sum(amount) FROM orders GROUP BY status HAVING avg(amount) > 400
+! SELECT city, count(*) FROM users WHERE false GROUP BY city
+! SELECT date_trunc('month', created), count(*) FROM users GROUP BY 1
+! SELECT extract(year FROM born), count(*), min(id) FROM users GROUP BY 1
+! SELECT lower(city), count(*) FROM users GROUP BY lower(city)
+! SELECT age % 10, sum(age) FROM users GROUP BY age % 10
+! SELECT count(*), city FROM users GROUP BY city
+! [ordered] SELECT city, count(*) FROM users GROUP BY city ORDER BY count(*) DESC, city NULLS LAST
+! [ordered] SELECT age, count(*) FROM users GROUP BY age ORDER BY age
+! [ordered] SELECT age, count(*) FROM users GROUP BY age ORDER BY age DESC LIMIT 5
+! [ordered] SELECT status, sum(amount) FROM orders GROUP BY status ORDER BY sum(amount) DESC
+! [ordered] SELECT city, count(*) FROM users GROUP BY city HAVING count(*) > 50 ORDER BY city
+! [ordered] SELECT user_id, sum(amount) AS total FROM orders GROUP BY user_id ORDER BY total DESC, user_id LIMIT 10
+! [ordered] SELECT user_id, count(*) FROM orders GROUP BY user_id ORDER BY user_id LIMIT 20 OFFSET 10
 -- DISTINCT and DISTINCT ON
-SELECT DISTINCT city FROM users
-SELECT DISTINCT age FROM users
-SELECT DISTINCT active, city FROM users
-SELECT DISTINCT status FROM orders
-SELECT DISTINCT user_id FROM orders WHERE amount > 900
-[ordered] SELECT DISTINCT city FROM users ORDER BY city NULLS FIRST
-[ordered] SELECT DISTINCT age FROM users ORDER BY age DESC LIMIT 10
-[ordered] SELECT DISTINCT ON (city) city, id FROM users ORDER BY city, id
-[ordered] SELECT DISTINCT ON (age) age, id, name FROM users ORDER BY age, id DESC
-[ordered] SELECT DISTINCT ON (status) status, user_id, id FROM orders ORDER BY status, amount DESC, user_id, id
+! SELECT DISTINCT city FROM users
+! SELECT DISTINCT age FROM users
+! SELECT DISTINCT active, city FROM users
+! SELECT DISTINCT status FROM orders
+! SELECT DISTINCT user_id FROM orders WHERE amount > 900
+! [ordered] SELECT DISTINCT city FROM users ORDER BY city NULLS FIRST
+! [ordered] SELECT DISTINCT age FROM users ORDER BY age DESC LIMIT 10
+! [ordered] SELECT DISTINCT ON (city) city, id FROM users ORDER BY city, id
+! [ordered] SELECT DISTINCT ON (age) age, id, name FROM users ORDER BY age, id DESC
+! [ordered] SELECT DISTINCT ON (status) status, user_id, id FROM orders ORDER BY status, amount DESC, user_id, id
 -- Unicode text
 ! SELECT id, name FROM users WHERE city = '東京'
 ! SELECT id, name FROM users WHERE city = 'São Paulo'
 ! SELECT id FROM users WHERE name = 'Ørjan 10'
-[ordered] SELECT id, city FROM users WHERE city IN ('Zürich', 'zurich', 'Zurich', 'Ålesund', 'apple', 'Apple') ORDER BY city, id
-SELECT city, count(*) FROM users WHERE city > 'Z' GROUP BY city
-SELECT max(name), min(name) FROM users WHERE name LIKE 'É%'
+! [ordered] SELECT id, city FROM users WHERE city IN ('Zürich', 'zurich', 'Zurich', 'Ålesund', 'apple', 'Apple') ORDER BY city, id
+! SELECT city, count(*) FROM users WHERE city > 'Z' GROUP BY city
+! SELECT max(name), min(name) FROM users WHERE name LIKE 'É%'
+-- Hidden sort columns with *, key-grouped aggregates (any aggregate: each
+-- group lives on one shard), FILTER, HAVING with OR / NOT / IS NULL
+! [ordered] SELECT * FROM users ORDER BY id LIMIT 5
+! [ordered] SELECT name FROM users ORDER BY created DESC, id LIMIT 5
+! [ordered] SELECT id FROM users ORDER BY score DESC NULLS LAST, id OFFSET 10 LIMIT 5
+! [ordered] SELECT DISTINCT ON (country) country, name FROM users ORDER BY country, score DESC NULLS LAST, id
+! SELECT count(DISTINCT id), count(*) FROM users
+! SELECT user_id, string_agg(status, ',' ORDER BY id) FROM orders GROUP BY user_id
+! [ordered] SELECT user_id, count(*), array_agg(id ORDER BY id) FROM orders GROUP BY user_id HAVING count(*) > 5 ORDER BY count(*) DESC, user_id LIMIT 10
+! SELECT status, avg(qty), min(amount), max(weight) FROM orders GROUP BY status HAVING avg(qty) >= 5 OR max(weight) IS NULL
+! SELECT active, sum(id), count(born), max(born) FROM users GROUP BY active HAVING NOT bool_and(active)
+! SELECT min(id) FILTER (WHERE city IS NULL), avg(age) FILTER (WHERE active) FROM users
+! [ordered] SELECT city, avg(age) AS a FROM users GROUP BY city ORDER BY a DESC, city NULLS FIRST LIMIT 3
+! SELECT country, count(*), sum(score) FROM users WHERE id IN (1, 2, 3, 4, 5, 6, 7, 8, 9, 10) GROUP BY country
+! [ordered] SELECT born, count(*) FROM users GROUP BY born HAVING count(*) > 1 ORDER BY born DESC NULLS LAST LIMIT 5
+
+! SELECT avg(score), sum(score), avg(id), sum(id) FROM users WHERE city = 'Berlin'
 -- What a merge cannot answer exactly: refused, or (if merged) exact
+SELECT sum(weight) FROM orders
+SELECT max(created) - min(created) FROM users
+SELECT avg(weight), status FROM orders GROUP BY status
+SELECT extract(year FROM born) AS y, count(*) FROM users GROUP BY y
 SELECT id, row_number() OVER (ORDER BY id) FROM users
 SELECT id, sum(age) OVER () FROM users WHERE id < 20
 SELECT o.id FROM orders o JOIN users u ON u.age = o.qty WHERE o.user_id < 5

@@ -168,7 +168,10 @@ fn sorted(rows: &[Vec<Option<String>>]) -> Rows {
 }
 
 /// Where the proxy's rows differ from the oracle's, if they do.
-fn difference(mode: &Mode, oracle: &Rows, proxy: &Rows) -> Option<String> {
+/// `cut`: the query has LIMIT or OFFSET, so the first and last groups of
+/// rows tied on the sort key may be cut anywhere inside: there only the key
+/// must match, on any server.
+fn difference(mode: &Mode, oracle: &Rows, proxy: &Rows, cut: bool) -> Option<String> {
     if oracle.len() != proxy.len() {
         return Some(format!("{} rows, the oracle {}", proxy.len(), oracle.len()));
     }
@@ -203,7 +206,8 @@ fn difference(mode: &Mode, oracle: &Rows, proxy: &Rows) -> Option<String> {
                         key(&proxy[j])
                     ));
                 }
-                if sorted(&oracle[start..end]) != sorted(&proxy[start..end]) {
+                let edge = start == 0 || end == oracle.len();
+                if !(cut && edge) && sorted(&oracle[start..end]) != sorted(&proxy[start..end]) {
                     return Some(format!("rows {start}..{end} (tied on {k:?}) differ"));
                 }
                 start = end;
@@ -257,6 +261,7 @@ async fn cross_shard_queries_answer_as_one_postgres_or_refuse() {
     assert!(corpus.len() >= 150, "{} queries", corpus.len());
     let mut failures = Vec::new();
     let mut tally: BTreeMap<&str, usize> = BTreeMap::new();
+    let mut refusals = Vec::new();
     for q in &corpus {
         for (format, run) in [("text", 0), ("binary", 1)] {
             let (o, p) = if run == 0 {
@@ -272,7 +277,12 @@ async fn cross_shard_queries_answer_as_one_postgres_or_refuse() {
                     ));
                     continue;
                 }
-                (_, Answer::Error(code, _)) if code == "0A000" && !q.required => "refused (0A000)",
+                (_, Answer::Error(code, msg)) if code == "0A000" && !q.required => {
+                    if run == 0 {
+                        refusals.push(format!("{}\n    -> {msg}", q.sql));
+                    }
+                    "refused (0A000)"
+                }
                 (_, Answer::Error(code, msg)) => {
                     failures.push(format!("{format}: {code} {msg}: {}", q.sql));
                     continue;
@@ -285,7 +295,11 @@ async fn cross_shard_queries_answer_as_one_postgres_or_refuse() {
                         ));
                         continue;
                     }
-                    if let Some(d) = difference(&q.mode, or, pr) {
+                    let upper = q.sql.to_ascii_uppercase();
+                    let cut = ["LIMIT", "OFFSET", "FETCH"]
+                        .iter()
+                        .any(|w| upper.contains(w));
+                    if let Some(d) = difference(&q.mode, or, pr, cut) {
                         failures.push(format!("{format}: {d}: {}", q.sql));
                         continue;
                     }
@@ -296,6 +310,7 @@ async fn cross_shard_queries_answer_as_one_postgres_or_refuse() {
         }
     }
     println!("{} queries, text and binary: {tally:?}", corpus.len());
+    println!("refused:\n  {}", refusals.join("\n  "));
     // The comparison itself notices a wrong answer: a row changed behind the
     // proxy's back on one shard shows in a keyless read.
     env.sql_shard(
@@ -311,7 +326,7 @@ async fn cross_shard_queries_answer_as_one_postgres_or_refuse() {
             panic!("{sql} failed");
         };
         assert!(
-            difference(&Mode::Multiset, &o, &p).is_some(),
+            difference(&Mode::Multiset, &o, &p, false).is_some(),
             "a changed row goes unnoticed"
         );
     }

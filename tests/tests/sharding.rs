@@ -318,17 +318,34 @@ async fn consistent_ring_places_every_row_where_the_ring_says() {
         .await
         .expect("broadcast delete");
     assert_eq!(deleted, 1111);
-    let err = c
+    // Keyless reads that need a merge: every shard's rows, merged.
+    let ids: Vec<i64> = c
         .query("SELECT id FROM users ORDER BY id", &[])
         .await
-        .expect_err("needs a merge");
-    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
-    assert!(text(&err).contains("ORDER BY"), "{err}");
-    let err = c
-        .query("SELECT count(*) FROM users", &[])
+        .expect("merged ORDER BY")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    assert!(ids.windows(2).all(|w| w[0] < w[1]), "in order");
+    let count: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
         .await
-        .expect_err("needs a merge");
-    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
+        .expect("merged count")
+        .get(0);
+    let on_shards: i64 = (0..2)
+        .map(|s| {
+            env.sql_shard(s, "SELECT count(*) FROM users")
+                .parse::<i64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!((count, ids.len() as i64), (on_shards, on_shards));
+    let err = c
+        .query("SELECT id, row_number() OVER () FROM users", &[])
+        .await
+        .expect_err("window functions cannot be merged");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    assert!(text(&err).contains("window functions"), "{err}");
 }
 
 /// Point statements reach exactly the owning shard; IN lists and ANY($1)

@@ -24,7 +24,7 @@ use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// Client output is written out once this much is buffered.
-const FLUSH_AT: usize = 64 * 1024;
+pub(super) const FLUSH_AT: usize = 64 * 1024;
 
 /// How far a merge went.
 enum Merged {
@@ -35,13 +35,13 @@ enum Merged {
 }
 
 /// One shard's part of a fan-out.
-struct Leg {
+pub(super) struct Leg {
     shard: usize,
-    conn: PooledConnection,
+    pub(super) conn: PooledConnection,
     /// Answers to the proxy's own messages still to skip: `Some(true)`
     /// a whole query (up to ReadyForQuery), `Some(false)` one message.
-    skip: std::collections::VecDeque<bool>,
-    done: bool,
+    pub(super) skip: std::collections::VecDeque<bool>,
+    pub(super) done: bool,
 }
 
 impl Leg {
@@ -57,7 +57,7 @@ impl Leg {
     }
 
     /// The next message from this shard that the merge should see.
-    async fn next(&mut self) -> Result<BytesMut, String> {
+    pub(super) async fn next(&mut self) -> Result<BytesMut, String> {
         loop {
             let msg = read_message(&mut self.conn).await?;
             let tag = msg[0];
@@ -162,6 +162,17 @@ impl Session {
         // Shards whose part starts with a Parse the client did not send.
         let mut leg_skips: Vec<usize> = Vec::new();
         let mut copy_in: Option<CopyIn> = None;
+        // A read whose rows are merged: planned before anything is sent.
+        let mut merge = match &planned.place {
+            Placement::Merge(_) => match self.merge_unit(&frames) {
+                Ok(unit) => unit,
+                Err(e) => return self.fail_unit(e, simple),
+            },
+            _ => None,
+        };
+        if merge.is_some() {
+            self.register_parses(&frames)?;
+        }
         match &planned.place {
             Placement::Split(_) => {
                 // The INSERT's text: a simple query, or the statement a
@@ -252,7 +263,7 @@ impl Session {
                     Err(r) => return self.fail_unit(PgError::error(r.code, r.message), simple),
                 }
             }
-            Placement::Many(mask) | Placement::CopySplit(mask) => {
+            Placement::Many(mask) | Placement::CopySplit(mask) | Placement::Merge(mask) => {
                 if matches!(planned.place, Placement::CopySplit(_)) {
                     copy_in = self.copy_template(&frames);
                     if copy_in.is_none() {
@@ -315,12 +326,29 @@ impl Session {
             if leg_skips.contains(&leg.shard) {
                 leg.skip.push_back(false);
             }
-            if part.is_empty() {
+            if let Some(unit) = merge.as_mut() {
+                self.translate_merge(&frames, leg, unit, &mut out)?;
+            } else if part.is_empty() {
                 self.translate(&frames, leg, &mut out)?;
             } else {
                 out.extend_from_slice(&part);
             }
             sends.push(out);
+        }
+        let collation = match (&merge, legs.first_mut()) {
+            (Some(_), Some(leg)) => match self.collation(leg).await {
+                Ok(c) => Some(c),
+                Err(e) => return self.fail_legs(legs, e).await,
+            },
+            _ => None,
+        };
+        if writes {
+            // A schema change may give a column another collation.
+            self.shared
+                .collations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
         }
         for (leg, out) in legs.iter_mut().zip(&sends) {
             if let Err(e) = leg.conn.stream.write_all(out).await {
@@ -328,7 +356,15 @@ impl Session {
                 return self.fail_legs(legs, msg).await;
             }
         }
-        let result = match self.merge(&mut legs).await {
+        let merged = match (merge.as_mut(), collation) {
+            (Some(unit), Some(c)) => Some(self.gather(&mut legs, unit, c).await.map(Merged::Done)),
+            _ => None,
+        };
+        let merged = match merged {
+            Some(m) => m,
+            None => self.merge(&mut legs).await,
+        };
+        let result = match merged {
             Ok(Merged::CopyIn) => match copy_in {
                 Some(c) => self.merge_copy(&mut legs, &sh, c, simple).await,
                 None => Err("COPY FROM STDIN reached several shards unexpectedly".into()),
@@ -676,7 +712,7 @@ impl Session {
         }
     }
 
-    async fn write_client(&mut self) -> std::io::Result<()> {
+    pub(super) async fn write_client(&mut self) -> std::io::Result<()> {
         self.login.stream.write_all(&self.client_out).await?;
         self.login.stream.flush().await?;
         self.client_out.clear();

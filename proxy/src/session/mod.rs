@@ -14,6 +14,7 @@
 
 mod client;
 mod fanout;
+mod gather;
 mod io;
 pub mod pending;
 pub mod prepared;

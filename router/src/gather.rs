@@ -1,0 +1,892 @@
+//! Executing a [`MergePlan`] on the shards' rows: pure, bytes in and out.
+//!
+//! [`Compiled::new`] checks the plan against the shards' RowDescription
+//! (every sort key, group key and aggregate must have a type the proxy
+//! compares or adds exactly, and text order must be the C collation's) and
+//! resolves columns to field positions. The proxy then feeds it DataRow
+//! messages: [`Compiled::sort_key`] for the k-way merge, [`Grouper`] for
+//! combining partial aggregates, [`Compiled::client_row`] to strip the
+//! hidden columns.
+
+use crate::merge::{compare, decode, Decimal, FloatKey, Format, Kind, Value};
+use crate::numeric::Num;
+use crate::scatter::{Agg, CmpOp, Col, Cond, Count, GroupKeys, MergePlan, Operand};
+use crate::shards::Refusal;
+use std::cmp::Ordering;
+use std::collections::BTreeMap;
+
+const INT8: u32 = crate::merge::oid::INT8;
+const NUMERIC: u32 = crate::merge::oid::NUMERIC;
+const BOOL: u32 = crate::merge::oid::BOOL;
+const NAME: u32 = crate::merge::oid::NAME;
+
+/// What the database's collations allow the proxy to do with text.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Collation {
+    /// Text orders bytewise (C, POSIX, C.UTF-8 everywhere).
+    pub c_order: bool,
+    /// Equal text is equal bytes (no nondeterministic collation).
+    pub deterministic: bool,
+}
+
+fn error(code: &'static str, message: impl Into<String>) -> Refusal {
+    Refusal {
+        code,
+        message: message.into(),
+    }
+}
+
+fn unsupported(message: impl Into<String>) -> Refusal {
+    error("0A000", message)
+}
+
+fn bad_row() -> Refusal {
+    error("08P01", "a shard sent a malformed DataRow")
+}
+
+/// One field of a RowDescription: type and format.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct FieldType {
+    pub oid: u32,
+    pub format: Format,
+}
+
+/// The fields of a RowDescription message (tag and length included).
+pub fn row_description(msg: &[u8]) -> Result<Vec<FieldType>, Refusal> {
+    let bad = || error("08P01", "a shard sent a malformed RowDescription");
+    let n = i16::from_be_bytes([*msg.get(5).ok_or_else(bad)?, *msg.get(6).ok_or_else(bad)?]);
+    let mut pos = 7;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let end = msg[pos..].iter().position(|&b| b == 0).ok_or_else(bad)?;
+        pos += end + 1;
+        let f = msg.get(pos..pos + 18).ok_or_else(bad)?;
+        let oid = u32::from_be_bytes([f[6], f[7], f[8], f[9]]);
+        let format = if i16::from_be_bytes([f[16], f[17]]) == 1 {
+            Format::Binary
+        } else {
+            Format::Text
+        };
+        out.push(FieldType { oid, format });
+        pos += 18;
+    }
+    Ok(out)
+}
+
+/// The RowDescription the client sees: hidden columns dropped, AVG columns
+/// typed `numeric` as PostgreSQL types them.
+pub fn client_row_description(plan: &MergePlan, msg: &[u8]) -> Result<Vec<u8>, Refusal> {
+    let bad = || error("08P01", "a shard sent a malformed RowDescription");
+    let n = i16::from_be_bytes([*msg.get(5).ok_or_else(bad)?, *msg.get(6).ok_or_else(bad)?]);
+    let visible = (n as usize)
+        .checked_sub(plan.hidden)
+        .ok_or_else(|| error("XX000", "the shards' rows lack the merge's columns"))?;
+    let avg = avg_fields(plan, visible);
+    let mut out = Vec::with_capacity(msg.len());
+    out.extend_from_slice(&[b'T', 0, 0, 0, 0]);
+    out.extend_from_slice(&(visible as i16).to_be_bytes());
+    let mut pos = 7;
+    for i in 0..visible {
+        let end = msg[pos..].iter().position(|&b| b == 0).ok_or_else(bad)? + pos + 1;
+        let f = msg.get(end..end + 18).ok_or_else(bad)?;
+        out.extend_from_slice(&msg[pos..end]);
+        if avg.contains(&i) {
+            out.extend_from_slice(&[0; 6]); // no table column
+            out.extend_from_slice(&NUMERIC.to_be_bytes());
+            out.extend_from_slice(&(-1i16).to_be_bytes());
+            out.extend_from_slice(&(-1i32).to_be_bytes());
+            out.extend_from_slice(&f[16..18]);
+        } else {
+            out.extend_from_slice(f);
+        }
+        pos = end + 18;
+    }
+    let len = (out.len() - 1) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    Ok(out)
+}
+
+fn avg_fields(plan: &MergePlan, visible: usize) -> Vec<usize> {
+    plan.grouping
+        .iter()
+        .flat_map(|g| &g.aggs)
+        .filter(|(_, a)| matches!(a, Agg::Avg { .. }))
+        .filter_map(|(c, _)| c.index(visible))
+        .collect()
+}
+
+/// The values of a DataRow message (tag and length included).
+pub fn row_values(msg: &[u8]) -> Result<Vec<Option<&[u8]>>, Refusal> {
+    let n = i16::from_be_bytes([
+        *msg.get(5).ok_or_else(bad_row)?,
+        *msg.get(6).ok_or_else(bad_row)?,
+    ]);
+    let mut pos = 7;
+    let mut out = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        let len = msg.get(pos..pos + 4).ok_or_else(bad_row)?;
+        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
+        pos += 4;
+        if len < 0 {
+            out.push(None);
+        } else {
+            let v = msg.get(pos..pos + len as usize).ok_or_else(bad_row)?;
+            out.push(Some(v));
+            pos += len as usize;
+        }
+    }
+    Ok(out)
+}
+
+/// Encodes a DataRow from values.
+pub fn data_row<'a>(values: impl ExactSizeIterator<Item = Option<&'a [u8]>>, out: &mut Vec<u8>) {
+    let start = out.len();
+    out.extend_from_slice(&[b'D', 0, 0, 0, 0]);
+    out.extend_from_slice(&(values.len() as i16).to_be_bytes());
+    for v in values {
+        match v {
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+            Some(b) => {
+                out.extend_from_slice(&(b.len() as i32).to_be_bytes());
+                out.extend_from_slice(b);
+            }
+        }
+    }
+    let len = (out.len() - start - 1) as u32;
+    out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
+}
+
+#[derive(Debug, Clone, Copy)]
+struct SortCol {
+    field: usize,
+    kind: Kind,
+    format: Format,
+    descending: bool,
+    nulls_first: bool,
+}
+
+#[derive(Debug, Clone, Copy)]
+enum Combine {
+    Count,
+    SumInt,
+    SumNum,
+    Min(Kind),
+    Max(Kind),
+    BoolAnd,
+    BoolOr,
+    /// The partial sum (int8 or numeric) and the field of its count.
+    Avg {
+        int: bool,
+        count: usize,
+    },
+}
+
+#[derive(Debug, Clone)]
+enum COperand {
+    Field(usize, Kind),
+    Lit(Operand),
+}
+
+#[derive(Debug, Clone)]
+enum CCond {
+    And(Box<CCond>, Box<CCond>),
+    Or(Box<CCond>, Box<CCond>),
+    Not(Box<CCond>),
+    Cmp(COperand, CmpOp, COperand),
+    IsNull(COperand, bool),
+    Operand(COperand),
+}
+
+/// A plan checked against the shards' fields.
+#[derive(Debug, Clone)]
+pub struct Compiled {
+    visible: usize,
+    formats: Vec<Format>,
+    sort: Vec<SortCol>,
+    distinct_on: Vec<(usize, Kind, Format)>,
+    grouped: bool,
+    keys: Vec<(usize, Kind, Format)>,
+    aggs: Vec<(usize, Combine)>,
+    having: Option<CCond>,
+}
+
+fn type_name(oid: u32) -> String {
+    match oid {
+        crate::merge::oid::FLOAT4 => "real".into(),
+        crate::merge::oid::FLOAT8 => "double precision".into(),
+        1186 => "interval".into(),
+        790 => "money".into(),
+        114 | 3802 => "json".into(),
+        _ => format!("type oid {oid}"),
+    }
+}
+
+impl Compiled {
+    pub fn new(
+        plan: &MergePlan,
+        fields: &[FieldType],
+        coll: Collation,
+    ) -> Result<Compiled, Refusal> {
+        let visible = fields
+            .len()
+            .checked_sub(plan.hidden)
+            .ok_or_else(|| error("XX000", "the shards' rows lack the merge's columns"))?;
+        let field = |c: Col| {
+            c.index(visible)
+                .filter(|&i| i < fields.len())
+                .ok_or_else(|| {
+                    unsupported("ORDER BY or GROUP BY names a column the query does not return")
+                })
+        };
+        let is_text = |k: Kind| matches!(k, Kind::Text | Kind::Bpchar);
+        let mut kinds: Vec<Option<Kind>> = fields.iter().map(|f| Kind::of_type(f.oid)).collect();
+        for i in avg_fields(plan, visible) {
+            if let Some(k) = kinds.get_mut(i) {
+                *k = Some(Kind::Numeric);
+            }
+        }
+        let kind_of = |i: usize, what: &str| {
+            kinds[i].ok_or_else(|| {
+                unsupported(format!(
+                    "cannot merge {what} on a {} column across shards",
+                    type_name(fields[i].oid)
+                ))
+            })
+        };
+        let mut sort = Vec::new();
+        for k in &plan.sort {
+            let i = field(k.col)?;
+            let kind = kind_of(i, "ORDER BY")?;
+            if is_text(kind) && fields[i].oid != NAME && !k.collate_c && !coll.c_order {
+                return Err(unsupported(
+                    "cannot merge ORDER BY on text across shards: the database's collation is not C, and the proxy compares text only as C does; add COLLATE \"C\" or the sharding key",
+                ));
+            }
+            sort.push(SortCol {
+                field: i,
+                kind,
+                format: fields[i].format,
+                descending: k.descending,
+                nulls_first: k.nulls_first,
+            });
+        }
+        let equality = |i: usize, what: &str| -> Result<(usize, Kind, Format), Refusal> {
+            let kind = kind_of(i, what)?;
+            if is_text(kind) && !coll.deterministic {
+                return Err(unsupported(format!(
+                    "cannot merge {what} on text across shards under a nondeterministic collation"
+                )));
+            }
+            Ok((i, kind, fields[i].format))
+        };
+        let mut distinct_on = Vec::new();
+        for c in &plan.distinct_on {
+            distinct_on.push(equality(field(*c)?, "DISTINCT ON")?);
+        }
+        let mut keys = Vec::new();
+        let mut aggs = Vec::new();
+        let mut having = None;
+        if let Some(g) = &plan.grouping {
+            match &g.keys {
+                GroupKeys::AllVisible => {
+                    for i in 0..visible {
+                        keys.push(equality(i, "DISTINCT")?);
+                    }
+                }
+                GroupKeys::Cols(cols) => {
+                    for c in cols {
+                        keys.push(equality(field(*c)?, "GROUP BY")?);
+                    }
+                }
+            }
+            for (c, agg) in &g.aggs {
+                let i = field(*c)?;
+                let oid = fields[i].oid;
+                let want = |ok: bool, what: &str| {
+                    if ok {
+                        Ok(())
+                    } else {
+                        Err(unsupported(format!(
+                            "cannot merge {what} of {} values across shards{}",
+                            type_name(oid),
+                            if matches!(oid, 700 | 701) {
+                                ": floating-point sums depend on the order of additions; cast to numeric"
+                            } else {
+                                ""
+                            }
+                        )))
+                    }
+                };
+                let combine = match agg {
+                    Agg::Count => {
+                        want(oid == INT8, "count")?;
+                        Combine::Count
+                    }
+                    Agg::Sum => {
+                        want(oid == INT8 || oid == NUMERIC, "sum")?;
+                        if oid == INT8 {
+                            Combine::SumInt
+                        } else {
+                            Combine::SumNum
+                        }
+                    }
+                    Agg::Min | Agg::Max => {
+                        let kind = kind_of(i, "min/max")?;
+                        if is_text(kind) && oid != NAME && !coll.c_order {
+                            return Err(unsupported(
+                                "cannot merge min/max of text across shards: the database's collation is not C",
+                            ));
+                        }
+                        if matches!(agg, Agg::Min) {
+                            Combine::Min(kind)
+                        } else {
+                            Combine::Max(kind)
+                        }
+                    }
+                    Agg::BoolAnd | Agg::BoolOr => {
+                        want(oid == BOOL, "bool_and/bool_or")?;
+                        if matches!(agg, Agg::BoolAnd) {
+                            Combine::BoolAnd
+                        } else {
+                            Combine::BoolOr
+                        }
+                    }
+                    Agg::Avg { count } => {
+                        want(oid == INT8 || oid == NUMERIC, "avg")?;
+                        Combine::Avg {
+                            int: oid == INT8,
+                            count: field(*count)?,
+                        }
+                    }
+                };
+                aggs.push((i, combine));
+            }
+            if let Some(h) = &g.having {
+                having = Some(compile_cond(
+                    h,
+                    &|c| {
+                        let i = field(c)?;
+                        Ok((i, kind_of(i, "HAVING")?))
+                    },
+                    coll,
+                )?);
+            }
+        }
+        Ok(Compiled {
+            visible,
+            formats: fields.iter().map(|f| f.format).collect(),
+            sort,
+            distinct_on,
+            grouped: plan.grouping.is_some(),
+            keys,
+            aggs,
+            having,
+        })
+    }
+
+    pub fn grouped(&self) -> bool {
+        self.grouped
+    }
+
+    /// Whether merged rows need their values compared at all.
+    pub fn sorted(&self) -> bool {
+        !self.sort.is_empty()
+    }
+
+    /// The sort key of a shard's row.
+    pub fn sort_key(&self, row: &[u8]) -> Result<Vec<Option<Value>>, Refusal> {
+        let values = row_values(row)?;
+        self.sort
+            .iter()
+            .map(|s| decoded(&values, s.field, s.kind, s.format))
+            .collect()
+    }
+
+    pub fn compare(&self, a: &[Option<Value>], b: &[Option<Value>]) -> Ordering {
+        for (s, (x, y)) in self.sort.iter().zip(a.iter().zip(b)) {
+            let o = compare(x.as_ref(), y.as_ref(), s.descending, s.nulls_first);
+            if o != Ordering::Equal {
+                return o;
+            }
+        }
+        Ordering::Equal
+    }
+
+    /// The DISTINCT ON values of a row.
+    pub fn distinct_key(&self, row: &[u8]) -> Result<Option<Vec<Option<Value>>>, Refusal> {
+        if self.distinct_on.is_empty() {
+            return Ok(None);
+        }
+        let values = row_values(row)?;
+        self.distinct_on
+            .iter()
+            .map(|&(i, k, f)| decoded(&values, i, k, f))
+            .collect::<Result<_, _>>()
+            .map(Some)
+    }
+
+    /// A shard's row as the client sees it (hidden columns removed).
+    pub fn client_row<'a>(&self, row: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, Refusal> {
+        if self.visible == self.formats.len() {
+            return Ok(std::borrow::Cow::Borrowed(row));
+        }
+        let values = row_values(row)?;
+        let mut out = Vec::with_capacity(row.len());
+        data_row(values.into_iter().take(self.visible), &mut out);
+        Ok(std::borrow::Cow::Owned(out))
+    }
+
+    pub fn grouper(&self) -> Grouper<'_> {
+        Grouper {
+            c: self,
+            index: BTreeMap::new(),
+            groups: Vec::new(),
+        }
+    }
+}
+
+fn decoded(
+    values: &[Option<&[u8]>],
+    i: usize,
+    kind: Kind,
+    format: Format,
+) -> Result<Option<Value>, Refusal> {
+    match values.get(i).ok_or_else(bad_row)? {
+        None => Ok(None),
+        Some(b) => decode(kind, format, b)
+            .map(Some)
+            .map_err(|e| error("XX000", e)),
+    }
+}
+
+fn compile_cond(
+    c: &Cond,
+    field: &dyn Fn(Col) -> Result<(usize, Kind), Refusal>,
+    coll: Collation,
+) -> Result<CCond, Refusal> {
+    let op = |o: &Operand| -> Result<COperand, Refusal> {
+        Ok(match o {
+            Operand::Col(c) => {
+                let (i, k) = field(*c)?;
+                COperand::Field(i, k)
+            }
+            lit => COperand::Lit(lit.clone()),
+        })
+    };
+    Ok(match c {
+        Cond::And(a, b) => CCond::And(
+            Box::new(compile_cond(a, field, coll)?),
+            Box::new(compile_cond(b, field, coll)?),
+        ),
+        Cond::Or(a, b) => CCond::Or(
+            Box::new(compile_cond(a, field, coll)?),
+            Box::new(compile_cond(b, field, coll)?),
+        ),
+        Cond::Not(a) => CCond::Not(Box::new(compile_cond(a, field, coll)?)),
+        Cond::IsNull(o, negated) => CCond::IsNull(op(o)?, *negated),
+        Cond::Operand(o) => CCond::Operand(op(o)?),
+        Cond::Cmp(a, cmp, b) => {
+            let (a, b) = (op(a)?, op(b)?);
+            let kinds = [&a, &b].map(|x| match x {
+                COperand::Field(_, k) => Some(*k),
+                _ => None,
+            });
+            for k in kinds.iter().flatten() {
+                let text = matches!(k, Kind::Text | Kind::Bpchar);
+                if text && !matches!(cmp, CmpOp::Eq | CmpOp::NotEq) && !coll.c_order {
+                    return Err(unsupported(
+                        "cannot evaluate HAVING with a text ordering across shards: the database's collation is not C",
+                    ));
+                }
+            }
+            if let [Some(x), Some(y)] = kinds {
+                if domain(x) != domain(y) {
+                    return Err(unsupported("HAVING compares values of different types"));
+                }
+            }
+            CCond::Cmp(a, *cmp, b)
+        }
+    })
+}
+
+/// Values comparable with each other: integers and numerics compare as
+/// numbers.
+fn domain(k: Kind) -> u8 {
+    match k {
+        Kind::Int | Kind::Oid | Kind::Numeric => 0,
+        Kind::Float => 1,
+        Kind::Text | Kind::Bpchar => 2,
+        Kind::Bool => 3,
+        Kind::Date => 4,
+        Kind::Timestamp => 5,
+        Kind::TimestampTz => 6,
+        Kind::Uuid => 7,
+    }
+}
+
+fn as_number(v: Value) -> Value {
+    match v {
+        Value::Int(i) => Decimal::parse(&i.to_string()).map_or(Value::Int(i), Value::Numeric),
+        other => other,
+    }
+}
+
+/// A row's decoded sort key.
+pub type SortValues = Vec<Option<Value>>;
+
+/// One group's state: the first row's values and each aggregate's.
+struct Group {
+    first: Vec<Option<Vec<u8>>>,
+    accs: Vec<Acc>,
+}
+
+#[derive(Debug, Clone)]
+enum Acc {
+    Count(i64),
+    SumInt(Option<i128>),
+    SumNum(Option<Num>),
+    Best(Option<(Value, Vec<u8>)>),
+    Bool(Option<bool>),
+    Avg(Option<Num>, i64),
+}
+
+/// Combines partial rows into groups; `finish` gives the client's rows.
+pub struct Grouper<'c> {
+    c: &'c Compiled,
+    index: BTreeMap<Vec<Option<Value>>, usize>,
+    groups: Vec<Group>,
+}
+
+fn int8(v: &[u8], format: Format) -> Result<i64, Refusal> {
+    match format {
+        Format::Binary => v.try_into().map(i64::from_be_bytes).map_err(|_| bad_row()),
+        Format::Text => std::str::from_utf8(v)
+            .ok()
+            .and_then(|s| s.parse().ok())
+            .ok_or_else(bad_row),
+    }
+}
+
+fn numeric(v: &[u8], format: Format) -> Result<Num, Refusal> {
+    match format {
+        Format::Binary => Num::from_binary(v),
+        Format::Text => std::str::from_utf8(v).ok().and_then(Num::parse),
+    }
+    .ok_or_else(bad_row)
+}
+
+impl Grouper<'_> {
+    /// Adds one shard's partial row.
+    pub fn add(&mut self, row: &[u8]) -> Result<(), Refusal> {
+        let c = self.c;
+        let values = row_values(row)?;
+        if values.len() != c.formats.len() {
+            return Err(bad_row());
+        }
+        let key = c
+            .keys
+            .iter()
+            .map(|&(i, k, f)| decoded(&values, i, k, f))
+            .collect::<Result<Vec<_>, _>>()?;
+        let g = match self.index.get(&key) {
+            Some(&g) => g,
+            None => {
+                self.groups.push(Group {
+                    first: values.iter().map(|v| v.map(<[u8]>::to_vec)).collect(),
+                    accs: c
+                        .aggs
+                        .iter()
+                        .map(|(_, a)| match a {
+                            Combine::Count => Acc::Count(0),
+                            Combine::SumInt => Acc::SumInt(None),
+                            Combine::SumNum => Acc::SumNum(None),
+                            Combine::Min(_) | Combine::Max(_) => Acc::Best(None),
+                            Combine::BoolAnd | Combine::BoolOr => Acc::Bool(None),
+                            Combine::Avg { .. } => Acc::Avg(None, 0),
+                        })
+                        .collect(),
+                });
+                self.index.insert(key, self.groups.len() - 1);
+                self.groups.len() - 1
+            }
+        };
+        let group = &mut self.groups[g];
+        for ((i, combine), acc) in c.aggs.iter().zip(group.accs.iter_mut()) {
+            let (i, format) = (*i, c.formats[*i]);
+            let Some(v) = values[i] else {
+                continue;
+            };
+            match (combine, acc) {
+                (Combine::Count, Acc::Count(n)) => *n += int8(v, format)?,
+                (Combine::SumInt, Acc::SumInt(s)) => {
+                    *s = Some(s.unwrap_or(0) + int8(v, format)? as i128)
+                }
+                (Combine::SumNum, Acc::SumNum(s)) => {
+                    let x = numeric(v, format)?;
+                    *s = Some(match s.take() {
+                        Some(t) => t.add(&x),
+                        None => x,
+                    });
+                }
+                (Combine::Min(k) | Combine::Max(k), Acc::Best(best)) => {
+                    let x = decode(*k, format, v).map_err(|e| error("XX000", e))?;
+                    let better = match best {
+                        None => true,
+                        Some((b, _)) => {
+                            let o = x.cmp(b);
+                            if matches!(combine, Combine::Min(_)) {
+                                o == Ordering::Less
+                            } else {
+                                o == Ordering::Greater
+                            }
+                        }
+                    };
+                    if better {
+                        *best = Some((x, v.to_vec()));
+                    }
+                }
+                (Combine::BoolAnd | Combine::BoolOr, Acc::Bool(b)) => {
+                    let x = matches!(decode(Kind::Bool, format, v), Ok(Value::Bool(true)));
+                    *b = Some(match (b.take(), combine) {
+                        (None, _) => x,
+                        (Some(y), Combine::BoolAnd) => x && y,
+                        (Some(y), _) => x || y,
+                    });
+                }
+                (Combine::Avg { int, count }, Acc::Avg(s, n)) => {
+                    let x = if *int {
+                        Num::from_i128(int8(v, format)? as i128)
+                    } else {
+                        numeric(v, format)?
+                    };
+                    *s = Some(match s.take() {
+                        Some(t) => t.add(&x),
+                        None => x,
+                    });
+                    if let Some(cv) = values[*count] {
+                        *n += int8(cv, c.formats[*count])?;
+                    }
+                }
+                _ => {}
+            }
+        }
+        Ok(())
+    }
+
+    /// Number of groups held.
+    pub fn len(&self) -> usize {
+        self.groups.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.groups.is_empty()
+    }
+
+    /// The combined rows, filtered by HAVING, sorted, cut by OFFSET and
+    /// LIMIT, encoded as DataRow messages appended to `out`; the row count.
+    pub fn finish(
+        self,
+        limit: Option<u64>,
+        offset: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, Refusal> {
+        let c = self.c;
+        let mut rows: Vec<(SortValues, Vec<Option<Vec<u8>>>)> = Vec::new();
+        for mut g in self.groups {
+            for ((i, combine), acc) in c.aggs.iter().zip(g.accs) {
+                g.first[*i] = final_value(combine, acc, c.formats[*i])?;
+            }
+            let values: Vec<Option<&[u8]>> = g.first.iter().map(|v| v.as_deref()).collect();
+            if let Some(h) = &c.having {
+                if eval(h, &values, c)? != Some(true) {
+                    continue;
+                }
+            }
+            let key = c
+                .sort
+                .iter()
+                .map(|s| decoded(&values, s.field, s.kind, s.format))
+                .collect::<Result<Vec<_>, _>>()?;
+            rows.push((key, g.first));
+        }
+        if !c.sort.is_empty() {
+            rows.sort_by(|a, b| c.compare(&a.0, &b.0));
+        }
+        let mut n = 0;
+        for (_, row) in rows
+            .iter()
+            .skip(offset.min(usize::MAX as u64) as usize)
+            .take(limit.unwrap_or(u64::MAX).min(usize::MAX as u64) as usize)
+        {
+            data_row(row.iter().take(c.visible).map(|v| v.as_deref()), out);
+            n += 1;
+        }
+        Ok(n)
+    }
+}
+
+fn final_value(combine: &Combine, acc: Acc, format: Format) -> Result<Option<Vec<u8>>, Refusal> {
+    let int = |v: i64| match format {
+        Format::Binary => v.to_be_bytes().to_vec(),
+        Format::Text => v.to_string().into_bytes(),
+    };
+    let num = |v: Num| match format {
+        Format::Binary => {
+            let mut out = Vec::new();
+            v.to_binary(&mut out);
+            out
+        }
+        Format::Text => v.to_text().into_bytes(),
+    };
+    Ok(match acc {
+        Acc::Count(n) => Some(int(n)),
+        Acc::SumInt(None) | Acc::SumNum(None) | Acc::Best(None) | Acc::Bool(None) => None,
+        Acc::SumInt(Some(s)) => Some(int(
+            i64::try_from(s).map_err(|_| error("22003", "bigint out of range"))?
+        )),
+        Acc::SumNum(Some(s)) => Some(num(s)),
+        Acc::Best(Some((_, raw))) => Some(raw),
+        Acc::Bool(Some(b)) => Some(match format {
+            Format::Binary => vec![b as u8],
+            Format::Text => {
+                if b {
+                    b"t".to_vec()
+                } else {
+                    b"f".to_vec()
+                }
+            }
+        }),
+        Acc::Avg(_, 0) | Acc::Avg(None, _) => None,
+        Acc::Avg(Some(s), n) => {
+            let _ = combine;
+            Some(num(s.div_count(n as u64)))
+        }
+    })
+}
+
+/// Three-valued HAVING evaluation.
+fn eval(c: &CCond, values: &[Option<&[u8]>], comp: &Compiled) -> Result<Option<bool>, Refusal> {
+    Ok(match c {
+        CCond::And(a, b) => match (eval(a, values, comp)?, eval(b, values, comp)?) {
+            (Some(false), _) | (_, Some(false)) => Some(false),
+            (Some(true), Some(true)) => Some(true),
+            _ => None,
+        },
+        CCond::Or(a, b) => match (eval(a, values, comp)?, eval(b, values, comp)?) {
+            (Some(true), _) | (_, Some(true)) => Some(true),
+            (Some(false), Some(false)) => Some(false),
+            _ => None,
+        },
+        CCond::Not(a) => eval(a, values, comp)?.map(|b| !b),
+        CCond::IsNull(o, negated) => {
+            let null = match o {
+                COperand::Field(i, _) => values.get(*i).ok_or_else(bad_row)?.is_none(),
+                COperand::Lit(l) => *l == Operand::Null,
+            };
+            Some(null != *negated)
+        }
+        CCond::Operand(o) => match operand(o, None, values, comp)? {
+            None => None,
+            Some(Value::Bool(b)) => Some(b),
+            Some(_) => return Err(unsupported("HAVING with a non-boolean condition")),
+        },
+        CCond::Cmp(a, op, b) => {
+            let kind = |o: &COperand| match o {
+                COperand::Field(_, k) => Some(*k),
+                _ => None,
+            };
+            let (x, y) = (
+                operand(a, kind(b), values, comp)?,
+                operand(b, kind(a), values, comp)?,
+            );
+            match (x, y) {
+                (Some(x), Some(y)) => {
+                    if std::mem::discriminant(&x) != std::mem::discriminant(&y) {
+                        return Err(unsupported("HAVING compares values of different types"));
+                    }
+                    let o = x.cmp(&y);
+                    Some(match op {
+                        CmpOp::Eq => o == Ordering::Equal,
+                        CmpOp::NotEq => o != Ordering::Equal,
+                        CmpOp::Lt => o == Ordering::Less,
+                        CmpOp::LtEq => o != Ordering::Greater,
+                        CmpOp::Gt => o == Ordering::Greater,
+                        CmpOp::GtEq => o != Ordering::Less,
+                    })
+                }
+                _ => None,
+            }
+        }
+    })
+}
+
+/// An operand's value in its comparison domain; a literal takes the kind
+/// of the column it is compared with.
+fn operand(
+    o: &COperand,
+    other: Option<Kind>,
+    values: &[Option<&[u8]>],
+    comp: &Compiled,
+) -> Result<Option<Value>, Refusal> {
+    let v =
+        match o {
+            COperand::Field(i, k) => decoded(values, *i, *k, comp.formats[*i])?,
+            COperand::Lit(Operand::Null) => None,
+            COperand::Lit(Operand::Bool(b)) => Some(Value::Bool(*b)),
+            COperand::Lit(Operand::Number(n)) => Some(match other {
+                Some(Kind::Float) => Value::Float(FloatKey::new(
+                    n.parse()
+                        .map_err(|_| unsupported(format!("HAVING with {n}")))?,
+                )),
+                _ => Value::Numeric(
+                    Decimal::parse(n).ok_or_else(|| unsupported(format!("HAVING with {n}")))?,
+                ),
+            }),
+            COperand::Lit(Operand::Str(s)) => match other {
+                Some(k) => Some(decode(k, Format::Text, s.as_bytes()).map_err(|_| {
+                    unsupported(format!("HAVING compares a {k:?} value with '{s}'"))
+                })?),
+                None => Some(Value::Bytes(s.as_bytes().to_vec())),
+            },
+            COperand::Lit(Operand::Col(_)) => None,
+        };
+    Ok(v.map(as_number))
+}
+
+/// The LIMIT or OFFSET value, from a constant or a bound parameter.
+pub fn count_value(
+    c: Count,
+    params: &[crate::shards::Param<'_>],
+    what: &str,
+) -> Result<Option<u64>, Refusal> {
+    let v: i64 = match c {
+        Count::None => return Ok(None),
+        Count::Const(n) => return Ok(Some(n)),
+        Count::Param(n) => {
+            let Some(&(format, value)) = params.get((n as usize).wrapping_sub(1)) else {
+                return Err(error("08P01", format!("{what} parameter ${n} is missing")));
+            };
+            let Some(v) = value else { return Ok(None) };
+            if format == 1 {
+                match v.len() {
+                    2 => i16::from_be_bytes([v[0], v[1]]) as i64,
+                    4 => i32::from_be_bytes([v[0], v[1], v[2], v[3]]) as i64,
+                    8 => i64::from_be_bytes(v.try_into().map_err(|_| bad_row())?),
+                    _ => return Err(error("22P03", format!("invalid {what} parameter"))),
+                }
+            } else {
+                std::str::from_utf8(v)
+                    .ok()
+                    .and_then(|s| s.trim().parse().ok())
+                    .ok_or_else(|| error("22P02", format!("invalid {what} parameter")))?
+            }
+        }
+    };
+    if v < 0 {
+        return Err(error(
+            if what == "OFFSET" { "2201X" } else { "2201W" },
+            format!("{what} must not be negative"),
+        ));
+    }
+    Ok(Some(v as u64))
+}

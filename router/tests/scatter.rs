@@ -1,0 +1,477 @@
+//! Cross-shard merge planning (`scatter::plan`) and the pure merge steps
+//! (`gather`): what each shard runs, and how partial rows combine.
+
+use shardline_config::Config;
+use shardline_router::gather::{
+    client_row_description, data_row, row_values, Collation, Compiled, FieldType,
+};
+use shardline_router::merge::Format;
+use shardline_router::scatter::{plan, Agg, Col, Count, MergePlan};
+use shardline_router::sharding::Sharding;
+use shardline_router::shards::{resolve, KeyInput, Placement};
+use shardline_router::{classify::Options, Router};
+use std::sync::Arc;
+
+const CONFIG: &str = r#"
+[[users]]
+name = "app"
+password = "app"
+database = "app"
+
+[sharding]
+function = "pg_hash"
+
+[[sharding.tables]]
+name = "users"
+column = "id"
+[[sharding.tables]]
+name = "orders"
+column = "user_id"
+
+[[reference_tables]]
+name = "countries"
+
+[[shards]]
+name = "s0"
+primary = { host = "127.0.0.1", port = 5432 }
+[[shards]]
+name = "s1"
+primary = { host = "127.0.0.1", port = 5433 }
+"#;
+
+fn sharding() -> Arc<Sharding> {
+    let c = Config::from_toml(CONFIG, "test").expect("config");
+    Arc::new(Sharding::from_config(&c))
+}
+
+fn planned(sql: &str) -> MergePlan {
+    plan(sql, &sharding())
+        .unwrap_or_else(|r| panic!("{sql}: refused: {}", r.message))
+        .unwrap_or_else(|| panic!("{sql}: no merge planned"))
+}
+
+fn refusal(sql: &str) -> String {
+    match plan(sql, &sharding()) {
+        Err(r) => {
+            assert_eq!(r.code, "0A000");
+            r.message
+        }
+        Ok(p) => panic!("{sql}: planned {p:?}"),
+    }
+}
+
+#[test]
+fn reads_needing_a_merge_are_placed_for_merging() {
+    let sh = sharding();
+    let mut router = Router::new(Options::default(), 100, Some(sh.clone()));
+    for sql in [
+        "SELECT * FROM users ORDER BY id",
+        "SELECT * FROM users LIMIT 3",
+        "SELECT count(*) FROM users",
+        "SELECT country, count(*) FROM users GROUP BY country",
+        "SELECT DISTINCT country FROM users",
+        "SELECT id, row_number() OVER () FROM users",
+    ] {
+        let route = router.route(sql);
+        let input = KeyInput {
+            sql,
+            params: &[],
+            session_shard: None,
+            session_key: None,
+        };
+        let p = resolve(&route.shards.expect("sharded")[0], &sh, &input);
+        assert_eq!(p, Placement::Merge(sh.all_shards()), "{sql}");
+    }
+}
+
+#[test]
+fn order_by_stays_on_the_shards_and_hidden_keys_are_appended() {
+    let p = planned("SELECT id, name FROM users ORDER BY id");
+    assert_eq!((p.hidden, p.sort[0].col), (0, Col::Field(0)));
+    assert_eq!(p.sql, "SELECT id, name FROM users ORDER BY id");
+
+    let p = planned("SELECT name FROM users ORDER BY id DESC LIMIT 20");
+    assert_eq!(
+        p.sql,
+        "SELECT name, id FROM users ORDER BY id DESC LIMIT 20"
+    );
+    assert_eq!(p.hidden, 1);
+    assert!(p.sort[0].descending && p.sort[0].nulls_first);
+    assert_eq!(p.sort[0].col, Col::Hidden(0));
+
+    // Output names and positions are output columns; expressions are hidden.
+    let p = planned("SELECT id, score * 2 AS double FROM users ORDER BY double NULLS FIRST, 1");
+    assert_eq!(p.hidden, 0);
+    assert_eq!(
+        p.sort.iter().map(|k| k.col).collect::<Vec<_>>(),
+        [Col::Field(1), Col::Field(0)]
+    );
+    let p = planned("SELECT * FROM users ORDER BY lower(name), id");
+    assert_eq!(p.hidden, 2, "{}", p.sql);
+    assert!(
+        p.sql.starts_with("SELECT *, lower(name), id FROM users"),
+        "{}",
+        p.sql
+    );
+    assert!(planned("SELECT name FROM users ORDER BY name COLLATE \"C\"").sort[0].collate_c);
+}
+
+#[test]
+fn limit_and_offset_are_pushed_down_as_their_sum() {
+    let p = planned("SELECT id FROM users ORDER BY id LIMIT 10 OFFSET 5");
+    assert!(p.sql.ends_with("ORDER BY id LIMIT 15"), "{}", p.sql);
+    assert_eq!((p.limit, p.offset), (Count::Const(10), Count::Const(5)));
+    let p = planned("SELECT id FROM users ORDER BY id OFFSET 1990");
+    assert!(p.sql.ends_with("ORDER BY id"), "{}", p.sql);
+    let p = planned("SELECT id FROM users ORDER BY id LIMIT $1 OFFSET $2");
+    assert!(p.sql.ends_with("LIMIT ($1::INT8 + $2::INT8)"), "{}", p.sql);
+    assert_eq!((p.limit, p.offset), (Count::Param(1), Count::Param(2)));
+    let p = planned("SELECT id FROM users ORDER BY id FETCH FIRST 7 ROWS ONLY");
+    assert!(p.sql.ends_with("LIMIT 7"), "{}", p.sql);
+    // Without ORDER BY, LIMIT still needs the proxy to count.
+    assert_eq!(
+        planned("SELECT id FROM users LIMIT 3").limit,
+        Count::Const(3)
+    );
+}
+
+#[test]
+fn aggregates_are_combined_from_partials_and_avg_becomes_sum_and_count() {
+    let p = planned("SELECT avg(age), count(*), sum(score), min(name), bool_or(active) FROM users");
+    assert_eq!(
+        p.sql,
+        "SELECT sum(age) AS avg, count(*), sum(score), min(name), bool_or(active), count(age) FROM users"
+    );
+    let g = p.grouping.expect("grouped");
+    assert_eq!(
+        g.aggs,
+        [
+            (
+                Col::Field(0),
+                Agg::Avg {
+                    count: Col::Hidden(0)
+                }
+            ),
+            (Col::Field(1), Agg::Count),
+            (Col::Field(2), Agg::Sum),
+            (Col::Field(3), Agg::Min),
+            (Col::Field(4), Agg::BoolOr),
+        ]
+    );
+    let p = planned(
+        "SELECT city, count(*) FROM users GROUP BY city HAVING count(*) > 100 ORDER BY 2 DESC LIMIT 3",
+    );
+    // HAVING, ORDER BY and LIMIT run after the merge; the group key and
+    // HAVING's aggregate are hidden columns.
+    assert_eq!(
+        p.sql,
+        "SELECT city, count(*), city, count(*) FROM users GROUP BY city"
+    );
+    assert_eq!((p.hidden, p.limit), (2, Count::Const(3)));
+    assert!(p.grouping.unwrap().having.is_some());
+}
+
+#[test]
+fn groups_on_the_sharding_key_are_not_combined() {
+    // Every group lives on one shard: rows are only merged by order.
+    assert_eq!(
+        plan(
+            "SELECT user_id, sum(amount) FROM orders GROUP BY user_id",
+            &sharding()
+        )
+        .unwrap(),
+        None
+    );
+    let p = planned(
+        "SELECT user_id, string_agg(status, ',') FROM orders GROUP BY user_id ORDER BY 1 LIMIT 5",
+    );
+    assert!(p.grouping.is_none());
+    assert!(
+        p.sql.contains("GROUP BY user_id ORDER BY 1 LIMIT 5"),
+        "{}",
+        p.sql
+    );
+    assert_eq!(
+        plan(
+            "SELECT DISTINCT user_id FROM orders WHERE amount > 900",
+            &sharding()
+        )
+        .unwrap(),
+        None
+    );
+    // count(DISTINCT key): key values never repeat across shards.
+    assert!(planned("SELECT count(DISTINCT id) FROM users")
+        .grouping
+        .is_some());
+}
+
+#[test]
+fn what_cannot_be_merged_exactly_is_refused_naming_it() {
+    for (sql, says) in [
+        (
+            "SELECT id, row_number() OVER (ORDER BY id) FROM users",
+            "window functions",
+        ),
+        ("SELECT count(DISTINCT city) FROM users", "count(DISTINCT"),
+        ("SELECT string_agg(name, ',') FROM users", "string_agg"),
+        (
+            "SELECT count(*) + 1 FROM users",
+            "expression over aggregate",
+        ),
+        (
+            "SELECT id FROM users UNION SELECT user_id FROM orders",
+            "UNION",
+        ),
+        (
+            "WITH x AS (SELECT id FROM users) SELECT count(*) FROM x",
+            "WITH",
+        ),
+        (
+            "SELECT DISTINCT ON (city) city, id FROM users",
+            "DISTINCT ON without ORDER BY",
+        ),
+        (
+            "SELECT name FROM users ORDER BY name COLLATE \"de_DE\"",
+            "collation",
+        ),
+        (
+            "SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY age) FROM users",
+            "WITHIN GROUP",
+        ),
+        (
+            "SELECT DISTINCT city FROM users ORDER BY lower(city)",
+            "DISTINCT",
+        ),
+        ("SELECT id FROM users ORDER BY id LIMIT 1 + 1", "LIMIT"),
+        (
+            "SELECT lower(city) AS c, count(*) FROM users GROUP BY c",
+            "names an output column",
+        ),
+    ] {
+        let msg = refusal(sql);
+        assert!(msg.contains(says), "{sql}: {msg}");
+    }
+}
+
+/// A RowDescription with these (name, type oid, format) fields.
+fn description(fields: &[(&str, u32, i16)]) -> Vec<u8> {
+    let mut out = vec![b'T', 0, 0, 0, 0];
+    out.extend_from_slice(&(fields.len() as i16).to_be_bytes());
+    for (name, oid, format) in fields {
+        out.extend_from_slice(name.as_bytes());
+        out.push(0);
+        out.extend_from_slice(&[0; 6]);
+        out.extend_from_slice(&oid.to_be_bytes());
+        out.extend_from_slice(&[0xff, 0xff, 0xff, 0xff, 0xff, 0xff]);
+        out.extend_from_slice(&format.to_be_bytes());
+    }
+    let len = (out.len() - 1) as u32;
+    out[1..5].copy_from_slice(&len.to_be_bytes());
+    out
+}
+
+fn row(values: &[Option<&str>]) -> Vec<u8> {
+    let mut out = Vec::new();
+    data_row(values.iter().map(|v| v.map(str::as_bytes)), &mut out);
+    out
+}
+
+fn texts(rows: &[u8]) -> Vec<Vec<Option<String>>> {
+    let mut out = Vec::new();
+    let mut pos = 0;
+    while pos < rows.len() {
+        let len = u32::from_be_bytes(rows[pos + 1..pos + 5].try_into().unwrap()) as usize + 1;
+        let vals = row_values(&rows[pos..pos + len]).unwrap();
+        out.push(
+            vals.iter()
+                .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                .collect(),
+        );
+        pos += len;
+    }
+    out
+}
+
+const C: Collation = Collation {
+    c_order: true,
+    deterministic: true,
+};
+
+#[test]
+fn partial_rows_combine_as_one_server_would_answer() {
+    let p = planned(
+        "SELECT city, count(*), sum(age), avg(score), min(name), bool_and(active) FROM users GROUP BY city HAVING sum(age) > 10 ORDER BY city NULLS FIRST",
+    );
+    let fields = [
+        ("city", 25, 0),
+        ("count", 20, 0),
+        ("sum", 20, 0),
+        ("avg", 1700, 0),
+        ("min", 25, 0),
+        ("bool_and", 16, 0),
+        ("count", 20, 0), // avg's count
+        ("city", 25, 0),  // group key
+        ("sum", 20, 0),   // HAVING's sum
+    ];
+    let desc = description(&fields);
+    let ft: Vec<FieldType> = shardline_router::gather::row_description(&desc).unwrap();
+    let c = Compiled::new(&p, &ft, C).expect("compiles");
+    // The client sees six columns, avg typed numeric.
+    let client = client_row_description(&p, &desc).unwrap();
+    assert_eq!(
+        shardline_router::gather::row_description(&client)
+            .unwrap()
+            .len(),
+        6
+    );
+    let mut g = c.grouper();
+    // Shard 0 and shard 1's partials for "Bern" and NULL; "Chur" fails HAVING.
+    for r in [
+        [
+            Some("Bern"),
+            Some("2"),
+            Some("70"),
+            Some("3.50"),
+            Some("b"),
+            Some("t"),
+            Some("2"),
+            Some("Bern"),
+            Some("70"),
+        ],
+        [
+            None,
+            Some("1"),
+            Some("20"),
+            None,
+            Some("z"),
+            Some("f"),
+            Some("0"),
+            None,
+            Some("20"),
+        ],
+        [
+            Some("Chur"),
+            Some("1"),
+            Some("5"),
+            Some("1.0"),
+            Some("c"),
+            Some("t"),
+            Some("1"),
+            Some("Chur"),
+            Some("5"),
+        ],
+        [
+            Some("Bern"),
+            Some("1"),
+            Some("30"),
+            Some("1.255"),
+            Some("a"),
+            Some("f"),
+            Some("1"),
+            Some("Bern"),
+            Some("30"),
+        ],
+    ] {
+        g.add(&row(&r)).unwrap();
+    }
+    assert_eq!(g.len(), 3);
+    let mut out = Vec::new();
+    assert_eq!(g.finish(None, 0, &mut out).unwrap(), 2);
+    let s = |x: &str| Some(x.to_string());
+    assert_eq!(
+        texts(&out),
+        [
+            // NULL group first; avg of no values is NULL.
+            vec![None, s("1"), s("20"), None, s("z"), s("f")],
+            // 4.755 / 3 at numeric_div's scale.
+            vec![
+                s("Bern"),
+                s("3"),
+                s("100"),
+                s("1.5850000000000000"),
+                s("a"),
+                s("f")
+            ],
+        ]
+    );
+}
+
+#[test]
+fn types_and_collations_that_cannot_merge_exactly_are_refused() {
+    let sum = planned("SELECT sum(weight) FROM orders");
+    let desc = description(&[("sum", 701, 0)]);
+    let ft = shardline_router::gather::row_description(&desc).unwrap();
+    let r = Compiled::new(&sum, &ft, C).unwrap_err();
+    assert!(r.message.contains("floating-point"), "{}", r.message);
+
+    let by_name = planned("SELECT id, name FROM users ORDER BY name");
+    let desc = description(&[("id", 20, 0), ("name", 25, 0)]);
+    let ft = shardline_router::gather::row_description(&desc).unwrap();
+    let icu = Collation {
+        c_order: false,
+        deterministic: true,
+    };
+    assert!(Compiled::new(&by_name, &ft, C).is_ok());
+    let r = Compiled::new(&by_name, &ft, icu).unwrap_err();
+    assert!(r.message.contains("collation is not C"), "{}", r.message);
+    // COLLATE "C" is exact in any database; numbers need no collation.
+    let c_name = planned("SELECT id, name FROM users ORDER BY name COLLATE \"C\"");
+    assert!(Compiled::new(&c_name, &ft, icu).is_ok());
+    assert!(Compiled::new(&planned("SELECT id, name FROM users ORDER BY id"), &ft, icu).is_ok());
+    let by_interval = planned("SELECT id, name FROM users ORDER BY 2");
+    let desc = description(&[("id", 20, 0), ("name", 1186, 0)]);
+    let ft = shardline_router::gather::row_description(&desc).unwrap();
+    assert!(Compiled::new(&by_interval, &ft, C)
+        .unwrap_err()
+        .message
+        .contains("interval"));
+}
+
+#[test]
+fn a_bigint_sum_past_its_range_fails_as_on_the_server() {
+    let p = planned("SELECT sum(age) FROM users");
+    let desc = description(&[("sum", 20, 1)]);
+    let ft = shardline_router::gather::row_description(&desc).unwrap();
+    let c = Compiled::new(&p, &ft, C).unwrap();
+    let mut g = c.grouper();
+    for _ in 0..2 {
+        let mut r = Vec::new();
+        let v = i64::MAX.to_be_bytes();
+        data_row(std::iter::once(Some(&v[..])), &mut r);
+        g.add(&r).unwrap();
+    }
+    let e = g.finish(None, 0, &mut Vec::new()).unwrap_err();
+    assert_eq!(
+        (e.code, e.message.as_str()),
+        ("22003", "bigint out of range")
+    );
+}
+
+#[test]
+fn sorted_rows_lose_their_hidden_columns() {
+    let p = planned("SELECT name FROM users ORDER BY id");
+    let desc = description(&[("name", 25, 0), ("id", 20, 0)]);
+    let ft = shardline_router::gather::row_description(&desc).unwrap();
+    let c = Compiled::new(&p, &ft, C).unwrap();
+    let a = row(&[Some("x"), Some("10")]);
+    let b = row(&[Some("y"), Some("9")]);
+    let (ka, kb) = (c.sort_key(&a).unwrap(), c.sort_key(&b).unwrap());
+    assert_eq!(c.compare(&ka, &kb), std::cmp::Ordering::Greater);
+    assert_eq!(
+        texts(&c.client_row(&a).unwrap()),
+        [vec![Some("x".to_string())]]
+    );
+    let _ = Format::Text;
+}
+
+#[test]
+fn a_grouped_merge_keeps_its_limit_parameters_referenced() {
+    let p = planned("SELECT city, count(*) FROM users GROUP BY city ORDER BY 1 LIMIT $1 OFFSET $2");
+    assert!(
+        p.sql
+            .ends_with("GROUP BY city OFFSET 0 * $1::INT8 + 0 * $2::INT8"),
+        "{}",
+        p.sql
+    );
+    assert_eq!((p.limit, p.offset), (Count::Param(1), Count::Param(2)));
+}
