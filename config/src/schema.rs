@@ -419,6 +419,13 @@ pub struct ShardingConfig {
     /// false they are refused.
     #[serde(default = "default_true")]
     pub broadcast_writes: bool,
+    /// A transaction may write on several shards and commits with
+    /// two-phase commit (the servers need max_prepared_transactions > 0).
+    #[serde(default)]
+    pub two_phase_commit: bool,
+    /// How often prepared transactions left by a failure are resolved.
+    #[serde(default = "default_in_doubt_interval", with = "serde_duration")]
+    pub in_doubt_interval: Duration,
     #[serde(default)]
     pub tables: Vec<ShardedTable>,
     /// Further placements, for tables sharded by a different key.
@@ -437,6 +444,8 @@ impl Default for ShardingConfig {
             pinned: Vec::new(),
             default_shard: None,
             broadcast_writes: true,
+            two_phase_commit: false,
+            in_doubt_interval: default_in_doubt_interval(),
             tables: Vec::new(),
             groups: Vec::new(),
         }
@@ -656,6 +665,9 @@ fn default_weight() -> f64 {
 }
 fn default_vnodes() -> u32 {
     256
+}
+fn default_in_doubt_interval() -> Duration {
+    Duration::from_secs(10)
 }
 fn default_true() -> bool {
     true

@@ -13,6 +13,7 @@ pub mod server;
 pub mod session;
 pub mod stream;
 pub mod tls;
+pub mod twophase;
 
 use anyhow::{Context as _, Result};
 use server::pool::{NodePool, PoolSet, ShardPools};
@@ -75,6 +76,8 @@ pub struct Shared {
     pub collations: std::sync::Mutex<
         HashMap<String, (std::time::Instant, shardline_router::gather::Collation)>,
     >,
+    /// Two-phase commit of transactions on several shards, when enabled.
+    pub two_phase: Option<Arc<twophase::Coordinator>>,
     /// Targets for the health checkers, by shard and node.
     health_targets: Vec<Vec<ServerTarget>>,
     health: shardline_config::HealthConfig,
@@ -200,6 +203,42 @@ impl Shared {
         }
         let sharding = (config.shards.len() > 1)
             .then(|| Arc::new(shardline_router::sharding::Sharding::from_config(config)));
+        let two_phase = (sharding.is_some() && config.sharding.two_phase_commit).then(|| {
+            // One login per database: its first user's.
+            let mut databases: Vec<twophase::DatabaseTargets> = Vec::new();
+            for u in &config.users {
+                if databases.iter().any(|d| d.database == u.database) {
+                    continue;
+                }
+                databases.push(twophase::DatabaseTargets {
+                    database: u.database.clone(),
+                    shards: config
+                        .shards
+                        .iter()
+                        .map(|s| {
+                            nodes_of(s)
+                                .iter()
+                                .map(|n| ServerTarget {
+                                    application_name: Some("shardline-2pc"),
+                                    ..target_for(
+                                        n,
+                                        u.server_user(),
+                                        u.server_password(),
+                                        &u.database,
+                                    )
+                                })
+                                .collect()
+                        })
+                        .collect(),
+                });
+            }
+            Arc::new(twophase::Coordinator::new(
+                databases,
+                topology.clone(),
+                config.shards.iter().map(|s| s.name.clone()).collect(),
+                config.sharding.in_doubt_interval,
+            ))
+        });
         let tls = match (&config.tls.cert, &config.tls.key) {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
@@ -222,6 +261,7 @@ impl Shared {
             spread: AtomicU64::new(0),
             route_nanos: AtomicU64::new(0),
             collations: Default::default(),
+            two_phase,
             balancing: Balancing::from_config(&config.load_balancing),
             ban_time: config.health.ban_time,
             health_targets,
@@ -328,7 +368,17 @@ impl Proxy {
             .await
             .with_context(|| format!("cannot listen on {}", config.proxy.listen))?;
         let local_addr = listener.local_addr()?;
-        let checkers = shared.start_health_checks().await;
+        let mut checkers = shared.start_health_checks().await;
+        if let Some(tp) = &shared.two_phase {
+            // Refuse to start on servers that cannot prepare; settle what a
+            // crash left before taking clients.
+            tp.prepare_servers().await?;
+            let settled = tp.resolve_once().await;
+            if settled > 0 {
+                tracing::info!(settled, "in-doubt transactions resolved at startup");
+            }
+            checkers.push(tp.clone().spawn());
+        }
         let (tx, rx) = watch::channel(false);
         let grace = config.proxy.shutdown_timeout;
         let task = tokio::spawn({

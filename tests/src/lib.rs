@@ -464,6 +464,68 @@ pub async fn start_proxy(text: &str) -> (Proxy, Client) {
     (proxy, client)
 }
 
+/// The `shardline` binary running a config on a free port, with extra
+/// environment variables; killed (SIGKILL) when dropped or by `kill`.
+pub struct ProxyProcess {
+    pub child: std::process::Child,
+    pub port: u16,
+    _dir: TempDir,
+}
+
+impl ProxyProcess {
+    /// Starts the binary and returns it with a client logged in as `app`.
+    pub async fn start(config: &str, env: &[(&str, &str)]) -> (ProxyProcess, Client) {
+        let port = std::net::TcpListener::bind("127.0.0.1:0")
+            .and_then(|l| l.local_addr())
+            .expect("a free port")
+            .port();
+        let text = config.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{port}\""),
+        );
+        let dir = TempDir::new("proxy");
+        let cfg = dir.write("shardline.toml", &text);
+        let mut cmd = std::process::Command::new(shardline_binary().expect("the shardline binary"));
+        cmd.arg("--config")
+            .arg(&cfg)
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        for (k, v) in env {
+            cmd.env(k, v);
+        }
+        let proxy = ProxyProcess {
+            child: cmd.spawn().expect("start shardline"),
+            port,
+            _dir: dir,
+        };
+        let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
+        for _ in 0..300 {
+            if let Ok((c, conn)) = tokio_postgres::connect(&conn, NoTls).await {
+                tokio::spawn(conn);
+                return (proxy, c);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the proxy did not start listening on {port}");
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGKILL: the process ends wherever it is.
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+impl Drop for ProxyProcess {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
 /// Any column's value as the server sent it (`None`: NULL), in whatever
 /// format: for comparing answers byte for byte.
 pub struct RawValue(pub Option<Vec<u8>>);

@@ -3,8 +3,8 @@
 //! collation, and a million-row ORDER BY streamed through the proxy binary
 //! with its memory measured.
 
-use shardline_tests::{shardline_binary, sqlstate, start_proxy, Env, EnvOptions};
-use std::time::{Duration, Instant};
+use shardline_tests::{sqlstate, start_proxy, Env, EnvOptions, ProxyProcess};
+use std::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
 const SHARDING: &str = shardline::demo::DEMO_SHARDING;
@@ -239,44 +239,8 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_row_order_by_streams_in_bounded_memory() {
     let env = two_shards().await;
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
-    let text = env.shards_config(&[0, 1], SHARDING).replace(
-        "listen = \"127.0.0.1:0\"",
-        &format!("listen = \"127.0.0.1:{port}\""),
-    );
-    let tmp = shardline_tests::TempDir::new("scatter-memory");
-    let cfg = tmp.write("shardline.toml", &text);
-    struct Kill(std::process::Child);
-    impl Drop for Kill {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    let proxy = Kill(
-        std::process::Command::new(shardline_binary().unwrap())
-            .arg("--config")
-            .arg(&cfg)
-            .stderr(std::process::Stdio::null())
-            .spawn()
-            .unwrap(),
-    );
-    let pid = proxy.0.id();
-    let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
-    let mut client = None;
-    for _ in 0..200 {
-        if let Ok((c, conn)) = tokio_postgres::connect(&conn, NoTls).await {
-            tokio::spawn(conn);
-            client = Some(c);
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-    let c = client.expect("proxy started");
+    let (proxy, c) = ProxyProcess::start(&env.shards_config(&[0, 1], SHARDING), &[]).await;
+    let pid = proxy.pid();
     c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL)")
         .await
         .expect("schema");

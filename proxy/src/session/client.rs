@@ -26,6 +26,8 @@ impl From<Malformed> for End {
 pub(super) enum Flow {
     /// Every complete message was handled.
     Done,
+    /// COMMIT (true) or ROLLBACK of a transaction on several shards.
+    EndDistributed(bool),
     /// The next message needs a server connection and none is attached.
     NeedServer,
     /// The next message starts a unit that may not run where the attached
@@ -35,8 +37,10 @@ pub(super) enum Flow {
 }
 
 /// Whether a unit may run on the attached server.
-enum Fit {
+pub(super) enum Fit {
     Yes,
+    /// The transaction moves to another shard: a connection there joins it.
+    Join,
     /// Its Sync has not arrived: wait for more of it.
     NotYet,
     /// Not on this server: route it once the server is released.
@@ -65,6 +69,22 @@ impl Session {
         loop {
             match peek_header(&self.client_in, self.shared.max_message_size) {
                 Ok(Some((tag, _))) if needs_server(tag) && !self.skip_until_sync => {
+                    if !self.participants.is_empty() && !self.unit_open {
+                        match self.distributed_next()? {
+                            super::distributed::Next::End(_) if !self.pending.is_empty() => {
+                                return Ok(Flow::Wait)
+                            }
+                            super::distributed::Next::End(commit) => {
+                                return Ok(Flow::EndDistributed(commit))
+                            }
+                            super::distributed::Next::Refuse(e) => {
+                                self.txn_refused = true;
+                                self.fail_next_message(e)?;
+                                continue;
+                            }
+                            super::distributed::Next::Other => {}
+                        }
+                    }
                     if self.server.is_none() {
                         return Ok(Flow::NeedServer);
                     }
@@ -76,6 +96,7 @@ impl Session {
                         } else {
                             match self.fits_attached()? {
                                 Fit::Yes => {}
+                                Fit::Join => return Ok(Flow::NeedServer),
                                 Fit::NotYet => return Ok(Flow::Done),
                                 Fit::Wait => return Ok(Flow::Wait),
                                 Fit::Refused => continue,
@@ -229,6 +250,11 @@ impl Session {
         }
         if !in_txn {
             return Ok(Fit::Wait);
+        }
+        if let Placement::One(s) = planned.place {
+            if let Some(fit) = self.join_shard(s)? {
+                return Ok(fit);
+            }
         }
         let e = match planned.place {
             Placement::Refused(r) => PgError::error(r.code, r.message),

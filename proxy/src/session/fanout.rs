@@ -676,36 +676,40 @@ impl Session {
     /// shard's WAL position (or the primary window), before the client is
     /// told the unit is done, so its next reads see the rows.
     async fn remember_writes(&mut self, legs: &mut [Leg]) {
+        for leg in legs.iter_mut().filter(|l| l.done) {
+            self.remember_write(leg.shard, &mut leg.conn).await;
+        }
+    }
+
+    /// Read-your-writes after a write on `shard` through `conn`.
+    pub(super) async fn remember_write(&self, shard: usize, conn: &mut PooledConnection) {
         use shardline_config::ReadYourWrites;
         use std::sync::atomic::Ordering::Relaxed;
         let b = &self.shared.balancing;
-        let user = self.login.user.clone();
-        for leg in legs.iter_mut().filter(|l| l.done) {
-            let ryw = &user.ryw[leg.shard];
-            match b.read_your_writes {
-                ReadYourWrites::Off => {}
-                ReadYourWrites::PrimaryWindow => {
-                    let until = crate::health::now_ms() + b.primary_window.as_millis() as u64;
-                    ryw.primary_until.fetch_max(until, Relaxed);
-                }
-                ReadYourWrites::Lsn => {
-                    let lsn = match leg.conn.simple_query(super::route::WAL_POSITION_SQL).await {
-                        Ok((rows, _)) => rows
-                            .first()
-                            .and_then(|r| r.first().cloned().flatten())
-                            .and_then(|v| v.parse::<u64>().ok()),
-                        Err(_) => None,
-                    };
-                    match lsn {
-                        Some(lsn) => {
-                            ryw.lsn.fetch_max(lsn, Relaxed);
-                        }
-                        // Unknown: reads go to the primary for a while.
-                        None => {
-                            let until =
-                                crate::health::now_ms() + self.shared.ban_time.as_millis() as u64;
-                            ryw.primary_until.fetch_max(until, Relaxed);
-                        }
+        let ryw = &self.login.user.ryw[shard];
+        match b.read_your_writes {
+            ReadYourWrites::Off => {}
+            ReadYourWrites::PrimaryWindow => {
+                let until = crate::health::now_ms() + b.primary_window.as_millis() as u64;
+                ryw.primary_until.fetch_max(until, Relaxed);
+            }
+            ReadYourWrites::Lsn => {
+                let lsn = match conn.simple_query(super::route::WAL_POSITION_SQL).await {
+                    Ok((rows, _)) => rows
+                        .first()
+                        .and_then(|r| r.first().cloned().flatten())
+                        .and_then(|v| v.parse::<u64>().ok()),
+                    Err(_) => None,
+                };
+                match lsn {
+                    Some(lsn) => {
+                        ryw.lsn.fetch_max(lsn, Relaxed);
+                    }
+                    // Unknown: reads go to the primary for a while.
+                    None => {
+                        let until =
+                            crate::health::now_ms() + self.shared.ban_time.as_millis() as u64;
+                        ryw.primary_until.fetch_max(until, Relaxed);
                     }
                 }
             }

@@ -13,6 +13,7 @@
 //! when the client leaves (session pooling).
 
 mod client;
+mod distributed;
 mod fanout;
 mod gather;
 mod io;
@@ -53,11 +54,11 @@ fn failed_transaction() -> PgError {
 /// commit) exist. `on`: the shard the transaction runs on, by name.
 fn cross_shard_transaction(on: Option<&str>) -> PgError {
     let message = match on {
-        Some(name) => format!("this transaction runs on shard {name}, and the statement needs another shard: a transaction may use one shard only (cross-shard transactions need two-phase commit, which is not available yet)"),
-        None => "the statement needs several shards, which a transaction may not use: a transaction may use one shard only (cross-shard transactions need two-phase commit, which is not available yet)".into(),
+        Some(name) => format!("this transaction runs on shard {name}, and the statement needs another shard: without sharding.two_phase_commit a transaction may use one shard only"),
+        None => "the statement needs several shards at once, which a transaction may not use (a transaction may move between shards statement by statement only with sharding.two_phase_commit)".into(),
     };
     PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(
-        "run it outside the transaction, or keep the transaction's statements on one sharding key",
+        "run it outside the transaction, keep the transaction's statements on one sharding key, or turn on sharding.two_phase_commit",
     )
 }
 
@@ -100,6 +101,11 @@ pub struct Session {
     /// shard): the transaction is failed, as Postgres fails one after an
     /// error, and its COMMIT becomes ROLLBACK.
     txn_refused: bool,
+    /// Connections of the open transaction on other shards (two-phase
+    /// commit), the shard the transaction began on, and its BEGIN.
+    participants: Vec<distributed::Participant>,
+    coordinator: Option<usize>,
+    txn_begin: Option<Bytes>,
     /// `SET shardline.shard` / `SET shardline.sharding_key`.
     session_shard: Option<String>,
     session_key: Option<String>,
@@ -157,6 +163,9 @@ impl Session {
             node: 0,
             shard: 0,
             txn_refused: false,
+            participants: Vec::new(),
+            coordinator: None,
+            txn_begin: None,
             session_shard: None,
             session_key: None,
             deferred_begin: None,
@@ -246,6 +255,7 @@ impl Session {
                     self.waiting = true;
                     break;
                 }
+                client::Flow::EndDistributed(commit) => self.end_distributed(commit).await?,
                 client::Flow::NeedServer if self.take_proxy_setting()? => {}
                 client::Flow::NeedServer if self.txn_refused && self.deferred_begin.is_some() => {
                     // A transaction refused before it reached any server.
@@ -285,6 +295,8 @@ impl Session {
             shardline_router::UnitPlan::Run { target, writes } => {
                 if let Err(e) = self.attach_server(target, writes, shard).await {
                     self.tried = 0;
+                    // A shard that could not join fails the whole transaction.
+                    self.txn_refused |= !self.participants.is_empty();
                     self.fail_next_message(e)?;
                 }
                 Ok(())
@@ -357,6 +369,8 @@ impl Session {
         self.retry = None;
         self.tried = 0;
         self.txn_refused = false;
+        self.txn_begin = None;
+        self.coordinator = None;
         if let Some(conn) = self.server.take() {
             self.cancel.detach();
             if !conn.is_clean() {
@@ -511,6 +525,10 @@ impl Session {
 
     /// At the end of a session: return a clean server connection, discard a dirty one.
     async fn finish_server(&mut self) {
+        // Parked participants hold open transactions: closing them rolls back.
+        for p in self.participants.drain(..) {
+            drop(deadpool::managed::Object::take(p.conn));
+        }
         let Some(mut conn) = self.server.take() else {
             return;
         };

@@ -1,0 +1,332 @@
+//! Transactions that use several shards (`sharding.two_phase_commit`).
+//!
+//! The session keeps one attached connection, as for any transaction. When
+//! a statement of the open transaction needs another shard, the attached
+//! connection (idle inside its transaction) is *parked* and a connection on
+//! the other shard joins: it starts with the transaction's own BEGIN,
+//! swallowed like a deferred one. Going back to a shard already in the
+//! transaction swaps the parked connection in again. COMMIT then runs the
+//! two-phase protocol of `crate::twophase` over all of them; ROLLBACK
+//! rolls each back. Statements on several shards at once (fan-outs) and
+//! savepoints stay refused inside such a transaction.
+
+use super::client::Fit;
+use super::{End, Session};
+use crate::protocol::backend::{self, sqlstate, PgError};
+use crate::protocol::{frontend, next_frame, peek_header};
+use crate::server::pool::PooledConnection;
+use crate::server::ServerError;
+use crate::twophase::literal;
+use bytes::{Bytes, BytesMut};
+use shardline_router::classify::Class;
+
+/// A connection in the client's open transaction, not attached right now.
+pub(super) struct Participant {
+    pub shard: usize,
+    pub node: usize,
+    pub conn: PooledConnection,
+}
+
+/// What the front message means for a transaction on several shards.
+pub(super) enum Next {
+    /// A lone COMMIT (true) or ROLLBACK (false).
+    End(bool),
+    Refuse(PgError),
+    Other,
+}
+
+/// A server's SQLSTATE as the proxy's errors carry it (interned: the set of
+/// codes is small and fixed).
+fn static_code(code: &str) -> &'static str {
+    use std::collections::HashSet;
+    use std::sync::{Mutex, OnceLock};
+    static CODES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
+    if code.len() != 5 || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        return sqlstate::INTERNAL_ERROR;
+    }
+    let mut set = CODES
+        .get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if let Some(c) = set.get(code) {
+        return c;
+    }
+    let c: &'static str = Box::leak(code.to_string().into_boxed_str());
+    set.insert(c);
+    c
+}
+
+/// A server's error (or a lost connection) as the client's error.
+fn client_error(e: &ServerError, shard: &str) -> PgError {
+    match e {
+        ServerError::Refused { fields, .. } => {
+            PgError::error(static_code(&fields.code), fields.message.clone())
+        }
+        other => PgError::error(
+            sqlstate::CONNECTION_FAILURE,
+            format!("shard {shard}: {other}"),
+        ),
+    }
+}
+
+fn begin_frame() -> Bytes {
+    let mut b = BytesMut::new();
+    frontend::write_query(&mut b, "BEGIN");
+    b.freeze()
+}
+
+impl Session {
+    /// Called before routing a unit while the transaction has parked
+    /// participants.
+    pub(super) fn distributed_next(&self) -> Result<Next, End> {
+        let buf = &self.client_in[..];
+        let max = self.shared.max_message_size;
+        let refuse = || {
+            Next::Refuse(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "SAVEPOINT, RELEASE, ROLLBACK TO and PREPARE TRANSACTION are not supported in a transaction that spans shards, nor a COMMIT or ROLLBACK in the extended protocol; the transaction is failed: send ROLLBACK",
+            ))
+        };
+        let mut pos = 0;
+        while let Ok(Some((tag, len))) = peek_header(&buf[pos..], max) {
+            if buf.len() - pos < len {
+                break;
+            }
+            let body = &buf[pos + 5..pos + len];
+            pos += len;
+            let route = match tag {
+                frontend::QUERY => {
+                    let text = frontend::query(body)?;
+                    let sql = String::from_utf8_lossy(text);
+                    if let Some(tag) = shardline_router::lone_transaction_end(&sql) {
+                        return Ok(Next::End(tag == "COMMIT"));
+                    }
+                    Some(self.route_text(text))
+                }
+                frontend::PARSE => Some(self.route_text(frontend::parse(body)?.query)),
+                frontend::BIND => {
+                    let b = frontend::bind(body)?;
+                    if b.statement.is_empty() {
+                        self.unnamed.as_ref().map(|u| u.3.clone())
+                    } else {
+                        self.statements.get(b.statement).map(|s| s.route.clone())
+                    }
+                }
+                frontend::SYNC => break,
+                _ => None,
+            };
+            if route.is_some_and(|r| r.class == Class::TransactionControl) {
+                return Ok(refuse());
+            }
+            if tag == frontend::QUERY {
+                break;
+            }
+        }
+        Ok(Next::Other)
+    }
+
+    /// The open transaction needs shard `shard`: park the attached
+    /// connection and bring that shard's in. `None`: not allowed here (the
+    /// caller refuses as without two-phase commit).
+    pub(super) fn join_shard(&mut self, shard: usize) -> Result<Option<Fit>, End> {
+        let allowed = self.shared.two_phase.is_some()
+            && self.mode() == shardline_config::PoolMode::Transaction
+            && !self.read_attach
+            && self.pending.is_empty();
+        let Some(status) = self
+            .server
+            .as_ref()
+            .map(|s| s.tx_status)
+            .filter(|_| allowed)
+        else {
+            return Ok(None);
+        };
+        if status == b'E' {
+            self.fail_next_message(PgError::error(
+                sqlstate::IN_FAILED_SQL_TRANSACTION,
+                "current transaction is aborted, commands ignored until end of transaction block",
+            ))?;
+            return Ok(Some(Fit::Refused));
+        }
+        let Some(conn) = self.server.take() else {
+            return Ok(None);
+        };
+        self.cancel.detach();
+        self.coordinator.get_or_insert(self.shard);
+        self.participants.push(Participant {
+            shard: self.shard,
+            node: self.node,
+            conn,
+        });
+        if let Some(i) = self.participants.iter().position(|p| p.shard == shard) {
+            let p = self.participants.swap_remove(i);
+            self.shard = p.shard;
+            self.node = p.node;
+            self.cancel
+                .attach(p.conn.addr.clone(), p.conn.pid, p.conn.secret);
+            self.server = Some(p.conn);
+            return Ok(Some(Fit::Yes));
+        }
+        // A new participant: the transaction's BEGIN goes first.
+        self.deferred_begin = Some(self.txn_begin.clone().unwrap_or_else(begin_frame));
+        Ok(Some(Fit::Join))
+    }
+
+    /// COMMIT or ROLLBACK of a transaction that used several shards.
+    pub(super) async fn end_distributed(&mut self, commit: bool) -> Result<(), End> {
+        let _ = next_frame(&mut self.client_in, usize::MAX);
+        let mut conns = std::mem::take(&mut self.participants);
+        if let Some(conn) = self.server.take() {
+            self.cancel.detach();
+            conns.push(Participant {
+                shard: self.shard,
+                node: self.node,
+                conn,
+            });
+        }
+        if let Some(i) = conns.iter().position(|p| Some(p.shard) == self.coordinator) {
+            let c = conns.remove(i);
+            conns.insert(0, c);
+        }
+        // A refused statement or a join that failed leaves the transaction failed.
+        let failed = self.txn_refused
+            || self.deferred_begin.is_some()
+            || conns.iter().any(|p| p.conn.tx_status != b'T');
+        self.deferred_begin = None;
+        self.txn_refused = false;
+        self.coordinator = None;
+        self.txn_begin = None;
+        let effects = std::mem::take(&mut self.txn_effects);
+        let outcome = if commit && !failed {
+            self.commit_everywhere(&mut conns).await
+        } else {
+            rollback_all(&mut conns).await;
+            Ok("ROLLBACK")
+        };
+        match outcome {
+            Ok(tag) => {
+                if tag == "COMMIT" {
+                    for e in &effects {
+                        self.commit_effect(e);
+                    }
+                    for p in conns.iter_mut().filter(|p| p.conn.is_clean()) {
+                        self.remember_write(p.shard, &mut p.conn).await;
+                    }
+                }
+                backend::command_complete(&mut self.client_out, tag);
+            }
+            Err(e) => e.encode(&mut self.client_out),
+        }
+        for p in conns {
+            if !p.conn.is_clean() {
+                drop(deadpool::managed::Object::take(p.conn));
+            }
+        }
+        self.wrote = false;
+        self.write_attach = false;
+        self.retry = None;
+        self.tried = 0;
+        backend::ready_for_query(&mut self.client_out, b'I');
+        Ok(())
+    }
+
+    fn shard_name(&self, shard: usize) -> String {
+        self.shared.topology.shards[shard].name.clone()
+    }
+
+    /// The two-phase commit: decision row on the coordinator (first), PREPARE
+    /// on the others, the coordinator's COMMIT as the decision, then COMMIT
+    /// PREPARED. Fails (rolling back everywhere) until the decision.
+    async fn commit_everywhere(
+        &mut self,
+        conns: &mut [Participant],
+    ) -> Result<&'static str, PgError> {
+        let Some(tp) = self.shared.two_phase.clone() else {
+            return Err(PgError::error(
+                sqlstate::INTERNAL_ERROR,
+                "a transaction on several shards without two-phase commit",
+            ));
+        };
+        let gid = tp.new_gid(conns[0].shard);
+        let g = literal(&gid);
+        let (coordinator, others) = conns.split_at_mut(1);
+        let coord = &mut coordinator[0];
+        let record =
+            format!("INSERT INTO shardline.txn_decisions (gid, commit) VALUES ({g}, true)");
+        if let Err(e) = coord.conn.simple_query(&record).await {
+            let err = client_error(&e, &self.shard_name(coord.shard));
+            rollback_all(conns).await;
+            return Err(err.with_hint("two-phase commit records its decisions in shardline.txn_decisions on the transaction's first shard"));
+        }
+        let mut prepared = 0;
+        let mut failure = None;
+        for p in others.iter_mut() {
+            match p
+                .conn
+                .simple_query(&format!("PREPARE TRANSACTION {g}"))
+                .await
+            {
+                Ok(_) => prepared += 1,
+                Err(e) => {
+                    failure = Some(client_error(&e, &self.shard_name(p.shard)));
+                    break;
+                }
+            }
+        }
+        if let Some(err) = failure {
+            for p in others.iter_mut().take(prepared) {
+                let _ = p.conn.simple_query(&format!("ROLLBACK PREPARED {g}")).await;
+            }
+            for p in others.iter_mut().skip(prepared) {
+                let _ = p.conn.simple_query("ROLLBACK").await;
+            }
+            let _ = coord.conn.simple_query("ROLLBACK").await;
+            return Err(err);
+        }
+        tp.maybe_stop("prepared", &gid).await;
+        match coord.conn.simple_query("COMMIT").await {
+            Ok(_) => {}
+            Err(ServerError::Refused { fields, .. }) => {
+                // The coordinator refused to commit (a deferred constraint):
+                // nothing was decided; the others roll back.
+                for p in others.iter_mut() {
+                    let _ = p.conn.simple_query(&format!("ROLLBACK PREPARED {g}")).await;
+                }
+                return Err(PgError::error(static_code(&fields.code), fields.message));
+            }
+            Err(e) => {
+                coord.conn.broken = true;
+                tracing::error!(%gid, error = %e, "lost the coordinator shard while committing; the in-doubt check settles it");
+                return Err(PgError::error(
+                    "08007",
+                    format!(
+                        "the connection to shard {} was lost while committing ({e}); the transaction is committed everywhere or rolled back everywhere once the proxy's in-doubt check runs",
+                        self.shard_name(coord.shard)
+                    ),
+                ));
+            }
+        }
+        tp.maybe_stop("decided", &gid).await;
+        let mut finished = true;
+        for p in others.iter_mut() {
+            if let Err(e) = p.conn.simple_query(&format!("COMMIT PREPARED {g}")).await {
+                finished = false;
+                p.conn.broken = true;
+                tracing::warn!(%gid, shard = %self.shard_name(p.shard), error = %e, "COMMIT PREPARED failed; the in-doubt check finishes it");
+            }
+        }
+        if finished {
+            let forget = format!("DELETE FROM shardline.txn_decisions WHERE gid = {g}");
+            let _ = coord.conn.simple_query(&forget).await;
+        }
+        Ok("COMMIT")
+    }
+}
+
+async fn rollback_all(conns: &mut [Participant]) {
+    for p in conns.iter_mut() {
+        if p.conn.simple_query("ROLLBACK").await.is_err() {
+            p.conn.broken = true;
+        }
+    }
+}

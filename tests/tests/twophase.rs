@@ -1,0 +1,318 @@
+//! Transactions on several shards with two-phase commit: atomic COMMIT and
+//! ROLLBACK, failures before the decision rolling back everywhere, the
+//! proxy killed (SIGKILL) before and after the decision with every
+//! participant ending the same way once a proxy is back, and the startup
+//! check of max_prepared_transactions.
+
+use shardline_config::Config;
+use shardline_router::hash::KeyValue;
+use shardline_router::sharding::Sharding;
+use shardline_tests::{sqlstate, start_proxy, Env, EnvOptions, ProxyProcess};
+use std::time::{Duration, Instant};
+use tokio_postgres::Client;
+
+const SHARDING: &str = r#"
+[sharding]
+function = "pg_hash"
+two_phase_commit = true
+in_doubt_interval = "1s"
+
+[[sharding.tables]]
+name = "users"
+column = "id"
+"#;
+
+async fn two_shards() -> Env {
+    Env::start_with(EnvOptions {
+        shards: 2,
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("two shards")
+}
+
+/// A key of `users` on each shard: (on s0, on s1), counting from `from`.
+fn keys(config: &str, from: i64) -> (i64, i64) {
+    let sh = Sharding::from_config(&Config::from_toml(config, "t").expect("config"));
+    let on = |s: usize| {
+        (from..)
+            .find(|&k| sh.groups[0].shard_of(Some(&KeyValue::Int(k))).ok() == Some(s))
+            .expect("a key")
+    };
+    (on(0), on(1))
+}
+
+fn names(env: &Env, shard: usize) -> String {
+    env.sql_shard(
+        shard,
+        "SELECT coalesce(string_agg(id || '=' || name, ',' ORDER BY id), '') FROM users",
+    )
+}
+
+fn prepared(env: &Env, shard: usize) -> usize {
+    env.sql_shard(
+        shard,
+        "SELECT count(*) FROM pg_prepared_xacts WHERE gid LIKE 'sl:%'",
+    )
+    .parse()
+    .unwrap()
+}
+
+const SCHEMA: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL,
+    nick text, CONSTRAINT nick_once UNIQUE (nick) DEFERRABLE INITIALLY DEFERRED)";
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_on_two_shards_commits_or_rolls_back_everywhere() {
+    let env = two_shards().await;
+    let config = env.shards_config(&[0, 1], SHARDING);
+    let (_proxy, c) = start_proxy(&config).await;
+    c.batch_execute(SCHEMA).await.expect("schema");
+    let (a, b) = keys(&config, 1);
+
+    // COMMIT: both rows, on their shards; nothing left prepared.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("INSERT INTO users (id, name) VALUES ($1, 'a')", &[&a])
+        .await
+        .unwrap();
+    c.execute("INSERT INTO users (id, name) VALUES ($1, 'b')", &[&b])
+        .await
+        .unwrap();
+    // Back to the first shard: the same transaction sees its own row.
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users WHERE id = $1", &[&a])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 1);
+    assert_eq!(names(&env, 0), "", "not visible before COMMIT");
+    c.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(names(&env, 0), format!("{a}=a"));
+    assert_eq!(names(&env, 1), format!("{b}=b"));
+    assert_eq!((prepared(&env, 0), prepared(&env, 1)), (0, 0));
+    assert_eq!(
+        env.sql_shard(0, "SELECT count(*) FROM shardline.txn_decisions"),
+        "0"
+    );
+
+    // ROLLBACK: neither.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE users SET name = 'x' WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    c.execute("UPDATE users SET name = 'x' WHERE id = $1", &[&a])
+        .await
+        .unwrap();
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(
+        (names(&env, 0), names(&env, 1)),
+        (format!("{a}=a"), format!("{b}=b"))
+    );
+
+    // A failure at PREPARE (a deferred unique constraint on the second
+    // shard) rolls back the first shard's write too, with the server's error.
+    let (a2, b2) = keys(&config, 1000);
+    c.execute(
+        "INSERT INTO users (id, name, nick) VALUES ($1, 'n', 'taken')",
+        &[&b2],
+    )
+    .await
+    .unwrap();
+    let (_, b3) = keys(&config, b2 + 1);
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("INSERT INTO users (id, name) VALUES ($1, 'a2')", &[&a2])
+        .await
+        .unwrap();
+    c.execute(
+        "INSERT INTO users (id, name, nick) VALUES ($1, 'b3', 'taken')",
+        &[&b3],
+    )
+    .await
+    .expect("deferred: checked at commit");
+    let err = c.batch_execute("COMMIT").await.expect_err("duplicate nick");
+    assert_eq!(sqlstate(&err).as_deref(), Some("23505"), "{err:?}");
+    assert!(!names(&env, 0).contains("a2"), "{}", names(&env, 0));
+    assert!(!names(&env, 1).contains("b3"));
+    assert_eq!((prepared(&env, 0), prepared(&env, 1)), (0, 0));
+
+    // An error fails the whole transaction: another shard's statement gets
+    // 25P02, and COMMIT rolls back.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE users SET name = 'y' WHERE id = $1", &[&a])
+        .await
+        .unwrap();
+    c.execute("UPDATE users SET name = 'y' WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    let err = c
+        .execute("INSERT INTO users (id, name) VALUES ($1, 'dup')", &[&b])
+        .await
+        .expect_err("duplicate key");
+    assert_eq!(sqlstate(&err).as_deref(), Some("23505"));
+    let err = c
+        .execute("UPDATE users SET name = 'z' WHERE id = $1", &[&a])
+        .await
+        .expect_err("failed transaction");
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"), "{err:?}");
+    c.batch_execute("COMMIT")
+        .await
+        .expect("COMMIT of a failed transaction rolls back");
+    assert_eq!((names(&env, 0), names(&env, 1)).0, format!("{a}=a"));
+    assert!(names(&env, 1).starts_with(&format!("{b}=b")));
+
+    // Savepoints do not span shards: refused, and the transaction fails.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE users SET name = 's' WHERE id = $1", &[&a])
+        .await
+        .unwrap();
+    c.execute("UPDATE users SET name = 's' WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    let err = c.batch_execute("SAVEPOINT p").await.expect_err("savepoint");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err:?}");
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(names(&env, 0), format!("{a}=a"));
+
+    // Many transactions at once from several clients, all atomic.
+    let mut tasks = Vec::new();
+    for t in 0..4i64 {
+        let cfg = config.clone();
+        let (_p, c) = start_proxy(&cfg).await;
+        tasks.push(tokio::spawn(async move {
+            let _keep = _p;
+            for i in 0..25i64 {
+                let (x, y) = keys(&cfg, 10_000 + 1_000 * t + 10 * i);
+                c.batch_execute("BEGIN").await.unwrap();
+                c.execute("INSERT INTO users (id, name) VALUES ($1, 'm')", &[&x])
+                    .await
+                    .unwrap();
+                c.execute("INSERT INTO users (id, name) VALUES ($1, 'm')", &[&y])
+                    .await
+                    .unwrap();
+                c.batch_execute(if i % 5 == 4 { "ROLLBACK" } else { "COMMIT" })
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+    let count = |s| env.sql_shard(s, "SELECT count(*) FROM users WHERE name = 'm'");
+    assert_eq!((count(0), count(1)), ("80".to_string(), "80".to_string()));
+    assert_eq!((prepared(&env, 0), prepared(&env, 1)), (0, 0));
+}
+
+/// Runs BEGIN; a write on each shard; COMMIT through a proxy that stops at
+/// `point` of the commit, kills it there, and starts a proxy again.
+async fn crash_at(env: &Env, c0: &Client, point: &str, from: i64) -> (i64, i64) {
+    let config = env.shards_config(&[0, 1], SHARDING);
+    let (a, b) = keys(&config, from);
+    let (mut proxy, c) = ProxyProcess::start(&config, &[("SHARDLINE_2PC_STOP_AT", point)]).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("INSERT INTO users (id, name) VALUES ($1, 'crash')", &[&a])
+        .await
+        .unwrap();
+    c.execute("INSERT INTO users (id, name) VALUES ($1, 'crash')", &[&b])
+        .await
+        .unwrap();
+    let commit = tokio::spawn(async move { c.batch_execute("COMMIT").await });
+    // Wait for the second shard's PREPARE (and, past the decision, the
+    // first shard's decision row).
+    let started = Instant::now();
+    loop {
+        let decided = env.sql_shard(
+            0,
+            "SELECT count(*) FROM shardline.txn_decisions WHERE commit",
+        ) != "0";
+        if prepared(env, 1) == 1 && (point != "decided" || decided) {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "never reached {point}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    proxy.kill();
+    assert!(
+        commit.await.unwrap().is_err(),
+        "the client lost its connection"
+    );
+    assert_eq!(prepared(env, 1), 1, "left in doubt by the crash");
+    // Any proxy settles it: one started now resolves at startup or within
+    // in_doubt_interval.
+    let _ = c0;
+    let (_again, _c) = start_proxy(&config).await;
+    let started = Instant::now();
+    while prepared(env, 1) != 0 {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "still in doubt"
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    (a, b)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_killed_mid_commit_leaves_every_shard_the_same() {
+    let env = two_shards().await;
+    let config = env.shards_config(&[0, 1], SHARDING);
+    let (_proxy, c) = start_proxy(&config).await;
+    c.batch_execute(SCHEMA).await.expect("schema");
+    drop(_proxy);
+
+    // Killed after PREPARE, before the decision: rolled back everywhere.
+    let (a, b) = crash_at(&env, &c, "prepared", 1).await;
+    let has =
+        |s: usize, k: i64| env.sql_shard(s, &format!("SELECT count(*) FROM users WHERE id = {k}"));
+    assert_eq!((has(0, a), has(1, b)), ("0".into(), "0".into()));
+    assert_eq!(
+        env.sql_shard(
+            0,
+            "SELECT count(*) FROM shardline.txn_decisions WHERE NOT commit"
+        ),
+        "1",
+        "the rollback was recorded, so the coordinator can never commit it"
+    );
+
+    // Killed after the decision, before COMMIT PREPARED: committed everywhere.
+    let (a, b) = crash_at(&env, &c, "decided", 100).await;
+    assert_eq!((has(0, a), has(1, b)), ("1".into(), "1".into()));
+    assert_eq!((prepared(&env, 0), prepared(&env, 1)), (0, 0));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn servers_that_cannot_prepare_are_named_at_startup() {
+    let env = two_shards().await;
+    let node = env.shard_primary(1);
+    env.sql_shard(1, "ALTER SYSTEM SET max_prepared_transactions = 0");
+    env.backend.stop_node(node, "fast").unwrap();
+    env.backend.start_node(node).unwrap();
+    let config = env.shards_config(&[0, 1], SHARDING);
+    let err = match shardline::Proxy::start(Config::from_toml(&config, "t").unwrap()).await {
+        Ok(_) => panic!("started without prepared transactions"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        err.contains("shard s1") && err.contains("max_prepared_transactions = 0"),
+        "{err}"
+    );
+    // Without two-phase commit the proxy starts, and a transaction stays on one shard.
+    let plain = config.replace("two_phase_commit = true", "two_phase_commit = false");
+    let (_proxy, c) = start_proxy(&plain).await;
+    c.batch_execute(SCHEMA).await.unwrap();
+    let (a, b) = keys(&config, 1);
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("INSERT INTO users (id, name) VALUES ($1, 'a')", &[&a])
+        .await
+        .unwrap();
+    let err = c
+        .execute("INSERT INTO users (id, name) VALUES ($1, 'b')", &[&b])
+        .await
+        .expect_err("second shard");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
+    assert!(format!("{err:?}").contains("two_phase_commit"), "{err:?}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+}
