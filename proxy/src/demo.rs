@@ -102,7 +102,12 @@ pub fn config_for(cluster: &LocalCluster, listen_port: u16) -> String {
         .iter()
         .any(|n| n.shard != cluster.nodes[0].shard)
     {
-        toml.push_str(DEMO_SHARDING);
+        // The demo's servers allow prepared transactions: transactions may
+        // span both shards.
+        toml.push_str(&DEMO_SHARDING.replace(
+            "function = \"consistent\"",
+            "function = \"consistent\"\ntwo_phase_commit = true",
+        ));
     }
     toml
 }
@@ -200,6 +205,11 @@ pub async fn run(port: u16) -> Result<()> {
     );
     println!("  INSERT INTO users (id, name) VALUES (1001, 'me') RETURNING inet_server_port();");
     println!("  SELECT inet_server_port(), count(*) FROM users WHERE id = 7 GROUP BY 1;");
+    println!("Queries without a key run on both shards, their rows merged as one server would return them:");
+    println!("  SELECT country, count(*), min(created_at) FROM users GROUP BY country ORDER BY count(*) DESC;");
+    println!("  SELECT u.name, sum(o.amount) AS spent FROM users u JOIN orders o ON o.user_id = u.id GROUP BY u.name ORDER BY spent DESC LIMIT 5;");
+    println!("A transaction may write on both shards (two-phase commit):");
+    println!("  BEGIN; UPDATE users SET name = 'one' WHERE id = 1; UPDATE users SET name = 'two' WHERE id = 2; COMMIT;");
     println!("(Right after a write, your reads go to the primary until the replicas have replayed it: read-your-writes.)");
     println!();
     println!("Press Ctrl-C to stop and remove everything.");

@@ -148,25 +148,29 @@ impl Shared {
                 .cloned()
                 .collect::<Vec<_>>()
         };
+        // The proxy's own logins to every node, by shard.
+        let own_targets = |app: &'static str, user: &str, password: Option<&str>, db: &str| {
+            config
+                .shards
+                .iter()
+                .map(|s| {
+                    nodes_of(s)
+                        .iter()
+                        .map(|n| ServerTarget {
+                            application_name: Some(app),
+                            ..target_for(n, user, password, db)
+                        })
+                        .collect()
+                })
+                .collect::<Vec<Vec<ServerTarget>>>()
+        };
         let health_targets = match config.users.first() {
             Some(first) => {
                 let h = &config.health;
                 let user = h.user.as_deref().unwrap_or(first.server_user());
                 let password = h.password.as_deref().or(first.server_password());
                 let database = h.database.as_deref().unwrap_or(&first.database);
-                config
-                    .shards
-                    .iter()
-                    .map(|s| {
-                        nodes_of(s)
-                            .iter()
-                            .map(|n| ServerTarget {
-                                application_name: Some("shardline-health"),
-                                ..target_for(n, user, password, database)
-                            })
-                            .collect()
-                    })
-                    .collect()
+                own_targets("shardline-health", user, password, database)
             }
             None => Vec::new(),
         };
@@ -212,24 +216,12 @@ impl Shared {
                 }
                 databases.push(twophase::DatabaseTargets {
                     database: u.database.clone(),
-                    shards: config
-                        .shards
-                        .iter()
-                        .map(|s| {
-                            nodes_of(s)
-                                .iter()
-                                .map(|n| ServerTarget {
-                                    application_name: Some("shardline-2pc"),
-                                    ..target_for(
-                                        n,
-                                        u.server_user(),
-                                        u.server_password(),
-                                        &u.database,
-                                    )
-                                })
-                                .collect()
-                        })
-                        .collect(),
+                    shards: own_targets(
+                        "shardline-2pc",
+                        u.server_user(),
+                        u.server_password(),
+                        &u.database,
+                    ),
                 });
             }
             Arc::new(twophase::Coordinator::new(

@@ -174,13 +174,8 @@ impl Num {
     /// scale from `select_div_scale`, the exact quotient rounded half away
     /// from zero. `count` must not be zero.
     pub fn div_count(&self, count: u64) -> Num {
-        let (negative, digits, scale) = match self {
-            Num::Finite {
-                negative,
-                digits,
-                scale,
-            } => (*negative, digits, *scale),
-            special => return special.clone(),
+        let Some((negative, digits, scale)) = self.finite_parts() else {
+            return self.clone();
         };
         let (w1, f1) = weight_and_first(digits, scale);
         let count_digits: Vec<u8> = Num::from_i128(count as i128).digits_le();
@@ -206,6 +201,18 @@ impl Num {
             q = add_mag(&q, &[1]);
         }
         Num::finite(negative, q, rscale)
+    }
+
+    /// Sign, digits and scale of a finite value.
+    fn finite_parts(&self) -> Option<(bool, &[u8], u16)> {
+        match self {
+            Num::Finite {
+                negative,
+                digits,
+                scale,
+            } => Some((*negative, digits, *scale)),
+            _ => None,
+        }
     }
 
     fn digits_le(&self) -> Vec<u8> {
@@ -244,23 +251,16 @@ impl Num {
     /// `numeric_send`'s binary form.
     pub fn to_binary(&self, out: &mut Vec<u8>) {
         let put = |out: &mut Vec<u8>, v: i16| out.extend_from_slice(&v.to_be_bytes());
-        let (negative, digits, scale) = match self {
-            Num::Finite {
-                negative,
-                digits,
-                scale,
-            } => (*negative, digits, *scale),
-            special => {
-                let sign: u16 = match special {
-                    Num::NaN => 0xC000,
-                    Num::PosInf => 0xD000,
-                    _ => 0xF000,
-                };
-                for v in [0, 0, sign as i16, 0] {
-                    put(out, v);
-                }
-                return;
+        let Some((negative, digits, scale)) = self.finite_parts() else {
+            let sign: u16 = match self {
+                Num::NaN => 0xC000,
+                Num::PosInf => 0xD000,
+                _ => 0xF000,
+            };
+            for v in [0, 0, sign as i16, 0] {
+                put(out, v);
             }
+            return;
         };
         // Base-10000 groups aligned at the decimal point: group g covers
         // exponents 4g .. 4g+3 (g may be negative).

@@ -187,6 +187,18 @@ impl Env {
         Env::start_with(EnvOptions::default()).await
     }
 
+    /// `shards` primaries without replicas (the proxy's own config is not
+    /// sharded: tests start proxies with `shards_config`).
+    pub async fn primaries(shards: usize) -> Env {
+        Env::start_with(EnvOptions {
+            shards,
+            replicas_per_shard: 0,
+            ..Default::default()
+        })
+        .await
+        .expect("primaries")
+    }
+
     pub async fn start_with(opts: EnvOptions) -> Result<Env> {
         if let Ok(filter) = std::env::var("SHARDLINE_TEST_LOG") {
             let _ = tracing_subscriber::fmt()
@@ -662,6 +674,33 @@ impl Drop for TempDir {
     fn drop(&mut self) {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
+}
+
+/// A client of `app` (password `app`, database `app`) on a local port.
+pub async fn connect_app(port: u16) -> Result<Client> {
+    let (client, conn) = tokio_postgres::connect(
+        &format!("host=127.0.0.1 port={port} user=app password=app dbname=app"),
+        NoTls,
+    )
+    .await?;
+    tokio::spawn(async move {
+        let _ = conn.await;
+    });
+    Ok(client)
+}
+
+/// The `shardline` binary on a config file, in a session of its own as a
+/// daemon runs (benchmarks); give it time to listen.
+pub fn spawn_bench_proxy(cfg: &std::path::Path) -> Result<std::process::Child> {
+    let mut cmd = std::process::Command::new(shardline_binary()?);
+    cmd.arg("--config")
+        .arg(cfg)
+        .env("RUST_LOG", "warn")
+        .stderr(std::process::Stdio::inherit());
+    own_session(&mut cmd);
+    let child = cmd.spawn()?;
+    std::thread::sleep(Duration::from_millis(500));
+    Ok(child)
 }
 
 /// `shards` primaries (no replicas) for a benchmark, each with role and

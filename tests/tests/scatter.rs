@@ -3,21 +3,11 @@
 //! collation, and a million-row ORDER BY streamed through the proxy binary
 //! with its memory measured.
 
-use shardline_tests::{sqlstate, start_proxy, Env, EnvOptions, ProxyProcess};
+use shardline_tests::{sqlstate, start_proxy, Env, ProxyProcess};
 use std::time::Instant;
 use tokio_postgres::{Client, NoTls};
 
 const SHARDING: &str = shardline::demo::DEMO_SHARDING;
-
-async fn two_shards() -> Env {
-    Env::start_with(EnvOptions {
-        shards: 2,
-        replicas_per_shard: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("two shards")
-}
 
 const SCHEMA: &str =
     "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, city text, age int4 NOT NULL)";
@@ -59,7 +49,7 @@ async fn load(c: &Client) -> Vec<(i64, String, Option<String>, i32)> {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn limit_and_offset_bound_as_parameters() {
-    let env = two_shards().await;
+    let env = Env::primaries(2).await;
     let (_proxy, c) = start_proxy(&env.shards_config(&[0, 1], SHARDING)).await;
     let rows = load(&c).await;
     for s in 0..2 {
@@ -130,7 +120,7 @@ async fn limit_and_offset_bound_as_parameters() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn text_order_follows_the_collation_or_is_refused() {
-    let env = two_shards().await;
+    let env = Env::primaries(2).await;
     for s in 0..2 {
         env.sql_shard(
             s,
@@ -238,7 +228,7 @@ fn memory_kib(pid: u32) -> (u64, u64) {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_row_order_by_streams_in_bounded_memory() {
-    let env = two_shards().await;
+    let env = Env::primaries(2).await;
     let (proxy, c) = ProxyProcess::start(&env.shards_config(&[0, 1], SHARDING), &[]).await;
     let pid = proxy.pid();
     c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL)")

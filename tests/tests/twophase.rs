@@ -7,7 +7,7 @@
 use shardline_config::Config;
 use shardline_router::hash::KeyValue;
 use shardline_router::sharding::Sharding;
-use shardline_tests::{sqlstate, start_proxy, Env, EnvOptions, ProxyProcess};
+use shardline_tests::{sqlstate, start_proxy, Env, ProxyProcess};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -21,16 +21,6 @@ in_doubt_interval = "1s"
 name = "users"
 column = "id"
 "#;
-
-async fn two_shards() -> Env {
-    Env::start_with(EnvOptions {
-        shards: 2,
-        replicas_per_shard: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("two shards")
-}
 
 /// A key of `users` on each shard: (on s0, on s1), counting from `from`.
 fn keys(config: &str, from: i64) -> (i64, i64) {
@@ -64,7 +54,7 @@ const SCHEMA: &str = "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT N
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_on_two_shards_commits_or_rolls_back_everywhere() {
-    let env = two_shards().await;
+    let env = Env::primaries(2).await;
     let config = env.shards_config(&[0, 1], SHARDING);
     let (_proxy, c) = start_proxy(&config).await;
     c.batch_execute(SCHEMA).await.expect("schema");
@@ -257,7 +247,7 @@ async fn crash_at(env: &Env, c0: &Client, point: &str, from: i64) -> (i64, i64) 
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_proxy_killed_mid_commit_leaves_every_shard_the_same() {
-    let env = two_shards().await;
+    let env = Env::primaries(2).await;
     let config = env.shards_config(&[0, 1], SHARDING);
     let (_proxy, c) = start_proxy(&config).await;
     c.batch_execute(SCHEMA).await.expect("schema");
@@ -285,7 +275,7 @@ async fn a_proxy_killed_mid_commit_leaves_every_shard_the_same() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn servers_that_cannot_prepare_are_named_at_startup() {
-    let env = two_shards().await;
+    let env = Env::primaries(2).await;
     let node = env.shard_primary(1);
     env.sql_shard(1, "ALTER SYSTEM SET max_prepared_transactions = 0");
     env.backend.stop_node(node, "fast").unwrap();

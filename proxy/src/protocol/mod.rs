@@ -51,6 +51,21 @@ pub fn peek_header(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, FrameE
     Ok(Some((buf[0], total)))
 }
 
+/// The complete frames at the front of `buf`, as `(tag, body)`, without
+/// consuming them; stops at a partial or malformed one.
+pub fn complete_frames(buf: &[u8], max: usize) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut pos = 0;
+    std::iter::from_fn(move || {
+        let (tag, len) = peek_header(&buf[pos..], max).ok()??;
+        if buf.len() - pos < len {
+            return None;
+        }
+        let body = &buf[pos + 5..pos + len];
+        pos += len;
+        Some((tag, body))
+    })
+}
+
 /// Splits one complete frame off the front of `buf`, or returns `None` (and
 /// reserves room for the rest of a partly received frame).
 pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {

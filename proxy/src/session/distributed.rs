@@ -13,7 +13,7 @@
 use super::client::Fit;
 use super::{End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
-use crate::protocol::{frontend, next_frame, peek_header};
+use crate::protocol::{complete_frames, frontend, next_frame};
 use crate::server::pool::PooledConnection;
 use crate::server::ServerError;
 use crate::twophase::literal;
@@ -87,13 +87,7 @@ impl Session {
                 "SAVEPOINT, RELEASE, ROLLBACK TO and PREPARE TRANSACTION are not supported in a transaction that spans shards, nor a COMMIT or ROLLBACK in the extended protocol; the transaction is failed: send ROLLBACK",
             ))
         };
-        let mut pos = 0;
-        while let Ok(Some((tag, len))) = peek_header(&buf[pos..], max) {
-            if buf.len() - pos < len {
-                break;
-            }
-            let body = &buf[pos + 5..pos + len];
-            pos += len;
+        for (tag, body) in complete_frames(buf, max) {
             let route = match tag {
                 frontend::QUERY => {
                     let text = frontend::query(body)?;

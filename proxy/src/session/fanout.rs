@@ -26,6 +26,12 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 /// Client output is written out once this much is buffered.
 pub(super) const FLUSH_AT: usize = 64 * 1024;
 
+/// A client's Parse, recorded: the unnamed statement's token, or the named one.
+pub(super) enum Parsed {
+    Unnamed(u64),
+    Named(Arc<super::prepared::Statement>),
+}
+
 /// How far a merge went.
 enum Merged {
     /// The unit ended; whether it failed.
@@ -450,24 +456,14 @@ impl Session {
         for f in frames {
             match f.tag {
                 frontend::PARSE => {
-                    let p = frontend::parse(f.body())?;
-                    let effect = std::str::from_utf8(p.query)
-                        .ok()
-                        .and_then(super::sql::statement_effect);
-                    let route = self.route_text(p.query);
-                    if p.name.is_empty() {
-                        let token = self
-                            .shared
-                            .next_token
-                            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                        let start = f.bytes.len() - p.definition.len();
-                        self.unnamed = Some((token, f.bytes.slice(start..), effect, route));
-                        leg.conn.unnamed_token = token;
-                        out.extend_from_slice(&f.bytes);
-                        continue;
-                    }
-                    let stmt = self.shared.statements.intern(p.definition, effect, route);
-                    self.statements.insert(p.name.into(), stmt.clone());
+                    let stmt = match self.record_parse(f)? {
+                        Parsed::Unnamed(token) => {
+                            leg.conn.unnamed_token = token;
+                            out.extend_from_slice(&f.bytes);
+                            continue;
+                        }
+                        Parsed::Named(stmt) => stmt,
+                    };
                     // Close first (answer skipped) so that the Parse answers
                     // on every shard alike, whether it held the statement or not.
                     frontend::write_target(out, frontend::CLOSE, b'S', &stmt.server_name);
@@ -526,6 +522,28 @@ impl Session {
             }
         }
         Ok(())
+    }
+
+    /// Records a client's Parse as its statement (unnamed, or named under
+    /// the process-wide server name).
+    pub(super) fn record_parse(&mut self, f: &crate::protocol::Frame) -> Result<Parsed, End> {
+        let p = frontend::parse(f.body())?;
+        let effect = std::str::from_utf8(p.query)
+            .ok()
+            .and_then(super::sql::statement_effect);
+        let route = self.route_text(p.query);
+        if p.name.is_empty() {
+            let token = self
+                .shared
+                .next_token
+                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+            let start = f.bytes.len() - p.definition.len();
+            self.unnamed = Some((token, f.bytes.slice(start..), effect, route));
+            return Ok(Parsed::Unnamed(token));
+        }
+        let stmt = self.shared.statements.intern(p.definition, effect, route);
+        self.statements.insert(p.name.into(), stmt.clone());
+        Ok(Parsed::Named(stmt))
     }
 
     fn prepared_on(

@@ -160,22 +160,7 @@ impl Session {
     /// later Binds find them); the shards get the rewritten text instead.
     pub(super) fn register_parses(&mut self, frames: &[Frame]) -> Result<(), super::End> {
         for f in frames.iter().filter(|f| f.tag == frontend::PARSE) {
-            let p = frontend::parse(f.body())?;
-            let effect = std::str::from_utf8(p.query)
-                .ok()
-                .and_then(super::sql::statement_effect);
-            let route = self.route_text(p.query);
-            if p.name.is_empty() {
-                let token = self
-                    .shared
-                    .next_token
-                    .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-                let start = f.bytes.len() - p.definition.len();
-                self.unnamed = Some((token, f.bytes.slice(start..), effect, route));
-            } else {
-                let stmt = self.shared.statements.intern(p.definition, effect, route);
-                self.statements.insert(p.name.into(), stmt);
-            }
+            self.record_parse(f)?;
         }
         Ok(())
     }

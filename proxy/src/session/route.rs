@@ -7,7 +7,7 @@ use super::pending::{Kind, Pending};
 use super::Session;
 use crate::health::{now_ms, ReadRequest};
 use crate::protocol::backend::{self, sqlstate, PgError};
-use crate::protocol::{frontend, peek_header};
+use crate::protocol::frontend;
 use shardline_config::{PoolMode, ReadYourWrites};
 use shardline_router::shards::{combine, resolve, KeyInput, Placement};
 use shardline_router::{
@@ -134,13 +134,7 @@ impl Session {
         let (mut complete, mut simple_single, mut lone_end) = (false, false, None);
         // The unit's own unnamed statement: route and query text.
         let mut unnamed_parsed: Option<(Route, &[u8])> = None;
-        let mut pos = 0;
-        while let Ok(Some((tag, len))) = peek_header(&buf[pos..], max) {
-            if buf.len() - pos < len {
-                break;
-            }
-            let body = &buf[pos + 5..pos + len];
-            pos += len;
+        for (tag, body) in crate::protocol::complete_frames(buf, max) {
             match tag {
                 frontend::QUERY => {
                     let text = frontend::query(body).unwrap_or_default();

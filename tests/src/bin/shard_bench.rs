@@ -11,9 +11,8 @@
 
 use anyhow::{bail, Result};
 use shardline::cluster::{free_port, PgBin};
-use std::process::{Command, Stdio};
-use std::time::{Duration, Instant};
-use tokio_postgres::NoTls;
+use std::process::Command;
+use std::time::Instant;
 
 struct Args {
     seconds: u32,
@@ -62,14 +61,7 @@ fn main() -> Result<()> {
             cluster.primary(1).port
         ),
     )?;
-    let mut cmd = Command::new(shardline_tests::shardline_binary()?);
-    cmd.arg("--config")
-        .arg(&cfg)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::inherit());
-    shardline_tests::own_session(&mut cmd);
-    let mut child = cmd.spawn()?;
-    std::thread::sleep(Duration::from_millis(500));
+    let mut child = shardline_tests::spawn_bench_proxy(&cfg)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -79,21 +71,9 @@ fn main() -> Result<()> {
     result
 }
 
-async fn connect(port: u16) -> Result<tokio_postgres::Client> {
-    let (client, conn) = tokio_postgres::connect(
-        &format!("host=127.0.0.1 port={port} user=app password=app dbname=app"),
-        NoTls,
-    )
-    .await?;
-    tokio::spawn(async move {
-        let _ = conn.await;
-    });
-    Ok(client)
-}
-
 /// Rows per second for the multi-row INSERT and COPY loads of `rows` rows.
 async fn load(port: u16, rows: u32, first: u32) -> Result<(f64, f64)> {
-    let c = connect(port).await?;
+    let c = shardline_tests::connect_app(port).await?;
     let started = Instant::now();
     let mut k = first;
     while k < first + rows {
@@ -128,7 +108,10 @@ async fn load(port: u16, rows: u32, first: u32) -> Result<(f64, f64)> {
 
 async fn run(args: &Args, bin: &PgBin, proxy: u16, direct: u16) -> Result<()> {
     for port in [proxy, direct] {
-        connect(port).await?.batch_execute(SCHEMA).await?;
+        shardline_tests::connect_app(port)
+            .await?
+            .batch_execute(SCHEMA)
+            .await?;
     }
     println!(
         "loading {} rows by multi-row INSERT and {} by COPY into each target ...",
