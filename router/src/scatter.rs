@@ -175,8 +175,17 @@ fn refuse_because(what: impl Into<String>, why: &str) -> Refusal {
 pub fn plan(sql: &str, sh: &Sharding) -> Result<Option<MergePlan>, Refusal> {
     let statements = Parser::parse_sql(&PostgreSqlDialect {}, sql)
         .map_err(|e| refuse(format!("a statement the proxy cannot parse ({e})")))?;
-    let [Statement::Query(q)] = statements.as_slice() else {
-        return Err(refuse("several statements in one query"));
+    let q = match statements.as_slice() {
+        [Statement::Query(q)] => q,
+        [Statement::Copy { .. }] => return Err(refuse(
+            "COPY (SELECT ...) TO STDOUT of a query with ORDER BY, LIMIT, aggregates or DISTINCT",
+        )),
+        [other] => {
+            return Err(refuse(
+                format!("{}", other).chars().take(60).collect::<String>(),
+            ))
+        }
+        _ => return Err(refuse("several statements in one query")),
     };
     let mut q = (**q).clone();
     if q.with.is_some() {

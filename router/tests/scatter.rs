@@ -247,6 +247,14 @@ fn what_cannot_be_merged_exactly_is_refused_naming_it() {
             "SELECT lower(city) AS c, count(*) FROM users GROUP BY c",
             "names an output column",
         ),
+        (
+            "COPY (SELECT id FROM users ORDER BY id) TO STDOUT",
+            "COPY (SELECT ...)",
+        ),
+        (
+            "SELECT id FROM users ORDER BY id; SELECT 1",
+            "several statements",
+        ),
     ] {
         let msg = refusal(sql);
         assert!(msg.contains(says), "{sql}: {msg}");

@@ -280,3 +280,105 @@ async fn a_million_row_order_by_streams_in_bounded_memory() {
         "peak resident {peak} KiB, {before} KiB before"
     );
 }
+
+/// A RowDescription's fields as the client compares them: name, type, type
+/// size and modifier, format (the table OID differs between servers).
+fn fields(messages: &[shardline_tests::RawMessage]) -> Vec<(String, u32, i16, i32, i16)> {
+    let Some((_, body)) = messages.iter().find(|m| m.0 == b'T') else {
+        panic!("no RowDescription in {:?}", shardline_tests::tags(messages));
+    };
+    let n = i16::from_be_bytes([body[0], body[1]]) as usize;
+    let mut pos = 2;
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let end = pos + body[pos..].iter().position(|&b| b == 0).unwrap();
+        let name = String::from_utf8_lossy(&body[pos..end]).into_owned();
+        let f = &body[end + 1..end + 19];
+        out.push((
+            name,
+            u32::from_be_bytes(f[6..10].try_into().unwrap()),
+            i16::from_be_bytes(f[10..12].try_into().unwrap()),
+            i32::from_be_bytes(f[12..16].try_into().unwrap()),
+            i16::from_be_bytes(f[16..18].try_into().unwrap()),
+        ));
+        pos = end + 19;
+    }
+    out
+}
+
+/// The DataRows of an answer, as bytes.
+fn data_rows(messages: &[shardline_tests::RawMessage]) -> Vec<Vec<u8>> {
+    messages
+        .iter()
+        .filter(|m| m.0 == b'D')
+        .map(|m| m.1.clone())
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_descriptions_are_the_unsharded_servers() {
+    use shardline_tests::{message, RawClient};
+    let env = Env::primaries(3).await;
+    // s0 and s1 behind the proxy; s2 unsharded, holding the same rows.
+    let config = format!(
+        "{}\n[[users]]\nname = \"trustclient\"\nauth = \"trust\"\ndatabase = \"app\"\nserver_user = \"app\"\nserver_password = \"app\"\n",
+        env.shards_config(&[0, 1], SHARDING)
+    );
+    let (_proxy, c) = start_proxy(&config).await;
+    load(&c).await;
+    let oracle = env.connect_shard(2).await;
+    let rows = load(&oracle).await;
+    assert_eq!(rows.len(), 400);
+    env.sql_shard(2, "GRANT SELECT ON ALL TABLES IN SCHEMA public TO sl_trust");
+    let mut through = RawClient::login(_proxy.local_addr.port()).await.unwrap();
+    let mut direct = RawClient::login_as(env.node_port(env.shard_primary(2)), "sl_trust")
+        .await
+        .unwrap();
+    let cstr = |s: &str| {
+        let mut v = s.as_bytes().to_vec();
+        v.push(0);
+        v
+    };
+    for sql in [
+        "SELECT avg(age), count(*), sum(id), min(name), max(city) FROM users",
+        "SELECT city, avg(age) AS mean FROM users GROUP BY city ORDER BY mean DESC, city LIMIT 3",
+        "SELECT name FROM users ORDER BY age DESC, id LIMIT 5",
+        "SELECT * FROM users ORDER BY lower(name), id LIMIT 4",
+        "SELECT DISTINCT age FROM users ORDER BY age LIMIT 3",
+    ] {
+        // Simple protocol: text.
+        let q = message(b'Q', &cstr(sql));
+        let (p, o) = (
+            through.exchange(std::slice::from_ref(&q)).await.unwrap(),
+            direct.exchange(&[q]).await.unwrap(),
+        );
+        assert_eq!(fields(&p), fields(&o), "simple: {sql}");
+        assert_eq!(data_rows(&p), data_rows(&o), "simple: {sql}");
+        // Extended, one unit as psycopg sends it: Parse, Bind (binary
+        // results), Describe portal, Execute, Sync.
+        let mut parse = cstr("");
+        parse.extend_from_slice(&cstr(sql));
+        parse.extend_from_slice(&0i16.to_be_bytes());
+        let mut bind = cstr("");
+        bind.extend_from_slice(&cstr(""));
+        bind.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 1]);
+        let unit = [
+            message(b'P', &parse),
+            message(b'B', &bind),
+            message(b'D', b"P\0"),
+            message(b'E', &[0, 0, 0, 0, 0]),
+            message(b'S', b""),
+        ];
+        let (p, o) = (
+            through.exchange(&unit).await.unwrap(),
+            direct.exchange(&unit).await.unwrap(),
+        );
+        assert_eq!(
+            shardline_tests::tags(&p),
+            shardline_tests::tags(&o),
+            "extended: {sql}"
+        );
+        assert_eq!(fields(&p), fields(&o), "extended: {sql}");
+        assert_eq!(data_rows(&p), data_rows(&o), "extended: {sql}");
+    }
+}

@@ -163,6 +163,26 @@ async fn a_transaction_on_two_shards_commits_or_rolls_back_everywhere() {
     c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(names(&env, 0), format!("{a}=a"));
 
+    // A statement on several shards at once stays refused inside it.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.execute("UPDATE users SET name = 'm' WHERE id = $1", &[&a])
+        .await
+        .unwrap();
+    c.execute("UPDATE users SET name = 'm' WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    let err = c
+        .query("SELECT count(*) FROM users", &[])
+        .await
+        .expect_err("a merged read");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
+    assert!(
+        format!("{err:?}").contains("several shards at once"),
+        "{err:?}"
+    );
+    c.batch_execute("ROLLBACK").await.unwrap();
+    assert_eq!(names(&env, 0), format!("{a}=a"));
+
     // Many transactions at once from several clients, all atomic.
     let mut tasks = Vec::new();
     for t in 0..4i64 {

@@ -258,14 +258,20 @@ impl Session {
         }
         let e = match planned.place {
             Placement::Refused(r) => PgError::error(r.code, r.message),
-            _ => {
+            Placement::One(_) => {
                 let name = self
                     .shared
                     .sharding
                     .as_ref()
                     .and_then(|sh| sh.shard_names.get(self.shard).cloned());
-                super::cross_shard_transaction(name.as_deref())
+                let why = if self.shared.two_phase.is_none() {
+                    "without sharding.two_phase_commit a transaction may use one shard only"
+                } else {
+                    "a transaction reading from replicas (READ ONLY) may use one shard only"
+                };
+                super::cross_shard_transaction(name.as_deref(), why)
             }
+            _ => super::cross_shard_transaction(None, ""),
         };
         self.txn_refused = true;
         self.fail_next_message(e)?;

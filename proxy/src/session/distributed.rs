@@ -18,6 +18,7 @@ use crate::server::pool::PooledConnection;
 use crate::server::ServerError;
 use crate::twophase::literal;
 use bytes::{Bytes, BytesMut};
+use futures_util::future::join_all;
 use shardline_router::classify::Class;
 
 /// A connection in the client's open transaction, not attached right now.
@@ -203,9 +204,14 @@ impl Session {
                     for e in &effects {
                         self.commit_effect(e);
                     }
-                    for p in conns.iter_mut().filter(|p| p.conn.is_clean()) {
-                        self.remember_write(p.shard, &mut p.conn).await;
-                    }
+                    let this = &*self;
+                    join_all(
+                        conns
+                            .iter_mut()
+                            .filter(|p| p.conn.is_clean())
+                            .map(|p| this.remember_write(p.shard, &mut p.conn)),
+                    )
+                    .await;
                 }
                 backend::command_complete(&mut self.client_out, tag);
             }
@@ -245,35 +251,35 @@ impl Session {
         let g = literal(&gid);
         let (coordinator, others) = conns.split_at_mut(1);
         let coord = &mut coordinator[0];
+        // The decision row and the PREPAREs go out at once. Should a
+        // resolver see a participant prepared before the row exists, its
+        // rollback row takes the key, this insert fails, and all roll back.
         let record =
             format!("INSERT INTO shardline.txn_decisions (gid, commit) VALUES ({g}, true)");
-        if let Err(e) = coord.conn.simple_query(&record).await {
-            let err = client_error(&e, &self.shard_name(coord.shard));
-            rollback_all(conns).await;
-            return Err(err.with_hint("two-phase commit records its decisions in shardline.txn_decisions on the transaction's first shard"));
-        }
-        let mut prepared = 0;
-        let mut failure = None;
-        for p in others.iter_mut() {
-            match p
-                .conn
-                .simple_query(&format!("PREPARE TRANSACTION {g}"))
-                .await
-            {
-                Ok(_) => prepared += 1,
-                Err(e) => {
-                    failure = Some(client_error(&e, &self.shard_name(p.shard)));
-                    break;
-                }
+        let prepare = format!("PREPARE TRANSACTION {g}");
+        let (recorded, prepares) = futures_util::future::join(
+            coord.conn.simple_query(&record),
+            join_all(others.iter_mut().map(|p| p.conn.simple_query(&prepare))),
+        )
+        .await;
+        let mut failure = recorded.err().map(|e| {
+            client_error(&e, &self.shard_name(coord.shard)).with_hint(
+                "two-phase commit records its decisions in shardline.txn_decisions on the transaction's first shard",
+            )
+        });
+        let prepared: Vec<bool> = prepares.iter().map(|r| r.is_ok()).collect();
+        for (p, r) in others.iter().zip(prepares) {
+            if let (None, Err(e)) = (&failure, r) {
+                failure = Some(client_error(&e, &self.shard_name(p.shard)));
             }
         }
         if let Some(err) = failure {
-            for p in others.iter_mut().take(prepared) {
-                let _ = p.conn.simple_query(&format!("ROLLBACK PREPARED {g}")).await;
-            }
-            for p in others.iter_mut().skip(prepared) {
-                let _ = p.conn.simple_query("ROLLBACK").await;
-            }
+            let rollback = format!("ROLLBACK PREPARED {g}");
+            join_all(others.iter_mut().zip(&prepared).map(|(p, &done)| {
+                p.conn
+                    .simple_query(if done { rollback.as_str() } else { "ROLLBACK" })
+            }))
+            .await;
             let _ = coord.conn.simple_query("ROLLBACK").await;
             return Err(err);
         }
@@ -302,8 +308,10 @@ impl Session {
         }
         tp.maybe_stop("decided", &gid).await;
         let mut finished = true;
-        for p in others.iter_mut() {
-            if let Err(e) = p.conn.simple_query(&format!("COMMIT PREPARED {g}")).await {
+        let commit = format!("COMMIT PREPARED {g}");
+        let done = join_all(others.iter_mut().map(|p| p.conn.simple_query(&commit))).await;
+        for (p, r) in others.iter_mut().zip(done) {
+            if let Err(e) = r {
                 finished = false;
                 p.conn.broken = true;
                 tracing::warn!(%gid, shard = %self.shard_name(p.shard), error = %e, "COMMIT PREPARED failed; the in-doubt check finishes it");

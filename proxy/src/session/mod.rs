@@ -52,10 +52,12 @@ fn failed_transaction() -> PgError {
 
 /// A transaction may use one shard until cross-shard transactions (two-phase
 /// commit) exist. `on`: the shard the transaction runs on, by name.
-fn cross_shard_transaction(on: Option<&str>) -> PgError {
+fn cross_shard_transaction(on: Option<&str>, why: &str) -> PgError {
     let message = match on {
-        Some(name) => format!("this transaction runs on shard {name}, and the statement needs another shard: without sharding.two_phase_commit a transaction may use one shard only"),
-        None => "the statement needs several shards at once, which a transaction may not use (a transaction may move between shards statement by statement only with sharding.two_phase_commit)".into(),
+        Some(name) => format!(
+            "this transaction runs on shard {name}, and the statement needs another shard: {why}"
+        ),
+        None => "the statement needs several shards at once, which a statement inside a transaction may not (a transaction may move between shards statement by statement, with sharding.two_phase_commit)".into(),
     };
     PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(
         "run it outside the transaction, keep the transaction's statements on one sharding key, or turn on sharding.two_phase_commit",
@@ -285,7 +287,7 @@ impl Session {
         let Some(shard) = self.shard_for(&planned.place) else {
             if self.deferred_begin.is_some() {
                 self.txn_refused = true;
-                return self.fail_next_message(cross_shard_transaction(None));
+                return self.fail_next_message(cross_shard_transaction(None, ""));
             }
             return self.run_fanout(planned).await;
         };
