@@ -458,12 +458,17 @@ impl Drop for Env {
 /// Starts a proxy in-process from config text; returns it (stopped when
 /// dropped) and a client logged in through it as `app`.
 pub async fn start_proxy(text: &str) -> (Proxy, Client) {
+    start_proxy_for(text, "app").await
+}
+
+/// As [`start_proxy`], the client logged in to `database`.
+pub async fn start_proxy_for(text: &str, database: &str) -> (Proxy, Client) {
     let proxy = Proxy::start(Config::from_toml(text, "test.toml").expect("a valid config"))
         .await
         .expect("the proxy starts");
     let (client, conn) = tokio_postgres::connect(
         &format!(
-            "host=127.0.0.1 port={} user=app password=app dbname=app",
+            "host=127.0.0.1 port={} user=app password=app dbname={database}",
             proxy.local_addr.port()
         ),
         NoTls,

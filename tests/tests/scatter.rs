@@ -5,7 +5,7 @@
 
 use shardline_tests::{sqlstate, start_proxy, Env, ProxyProcess};
 use std::time::Instant;
-use tokio_postgres::{Client, NoTls};
+use tokio_postgres::Client;
 
 const SHARDING: &str = shardline::demo::DEMO_SHARDING;
 
@@ -130,21 +130,7 @@ async fn text_order_follows_the_collation_or_is_refused() {
     let config = env
         .shards_config(&[0, 1], SHARDING)
         .replace("database = \"app\"", "database = \"icu\"");
-    let proxy = shardline::Proxy::start(
-        shardline_config::Config::from_toml(&config, "icu.toml").expect("config"),
-    )
-    .await
-    .expect("proxy");
-    let (icu, conn) = tokio_postgres::connect(
-        &format!(
-            "host=127.0.0.1 port={} user=app password=app dbname=icu",
-            proxy.local_addr.port()
-        ),
-        NoTls,
-    )
-    .await
-    .expect("connect");
-    tokio::spawn(conn);
+    let (proxy, icu) = shardline_tests::start_proxy_for(&config, "icu").await;
     let rows = load(&icu).await;
 
     // en-US orders "apple" before "Apple" before "banana"; a bytewise merge

@@ -183,6 +183,55 @@ async fn a_transaction_on_two_shards_commits_or_rolls_back_everywhere() {
     c.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(names(&env, 0), format!("{a}=a"));
 
+    // COMMIT and ROLLBACK over the extended protocol (as drivers that
+    // prepare everything send them) end the transaction everywhere too.
+    for (end, name) in [("ROLLBACK", "a"), ("COMMIT", "e")] {
+        c.batch_execute("BEGIN").await.unwrap();
+        c.execute("UPDATE users SET name = $2 WHERE id = $1", &[&a, &"e"])
+            .await
+            .unwrap();
+        c.execute("UPDATE users SET name = $2 WHERE id = $1", &[&b, &"e"])
+            .await
+            .unwrap();
+        c.execute(end, &[]).await.expect(end);
+        assert_eq!(names(&env, 0), format!("{a}={name}"), "{end}");
+        assert!(
+            names(&env, 1).starts_with(&format!("{b}={}", if end == "COMMIT" { "e" } else { "b" }))
+        );
+    }
+    assert_eq!((prepared(&env, 0), prepared(&env, 1)), (0, 0));
+    // One unit, Parse + Bind + Execute + Sync, as pgjdbc sends COMMIT.
+    {
+        use shardline_tests::{message, tags, RawClient};
+        let trust = format!(
+            "{config}\n[[users]]\nname = \"trustclient\"\nauth = \"trust\"\ndatabase = \"app\"\nserver_user = \"app\"\nserver_password = \"app\"\n"
+        );
+        let (p, _c) = start_proxy(&trust).await;
+        let mut raw = RawClient::login(p.local_addr.port()).await.unwrap();
+        let q = |sql: &str| message(b'Q', format!("{sql}\0").as_bytes());
+        for sql in [
+            "BEGIN".to_string(),
+            format!("UPDATE users SET name = 'j' WHERE id = {a}"),
+            format!("UPDATE users SET name = 'j' WHERE id = {b}"),
+        ] {
+            let answer = raw.exchange(&[q(&sql)]).await.unwrap();
+            assert_eq!(tags(&answer), b"CZ", "{sql}");
+        }
+        let answer = raw
+            .exchange(&[
+                message(b'P', b"\0COMMIT\0\0\0"),
+                message(b'B', b"\0\0\0\0\0\0\0\0"),
+                message(b'E', b"\0\0\0\0\0"),
+                message(b'S', b""),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(tags(&answer), b"12CZ");
+        assert_eq!(answer[3].1, b"I");
+        assert_eq!(names(&env, 0), format!("{a}=j"));
+        assert!(names(&env, 1).starts_with(&format!("{b}=j")));
+    }
+
     // Many transactions at once from several clients, all atomic.
     let mut tasks = Vec::new();
     for t in 0..4i64 {

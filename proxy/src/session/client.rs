@@ -26,8 +26,9 @@ impl From<Malformed> for End {
 pub(super) enum Flow {
     /// Every complete message was handled.
     Done,
-    /// COMMIT (true) or ROLLBACK of a transaction on several shards.
-    EndDistributed(bool),
+    /// COMMIT (true) or ROLLBACK of a transaction on several shards, as a
+    /// simple query (true) or an extended-protocol unit.
+    EndDistributed(bool, bool),
     /// The next message needs a server connection and none is attached.
     NeedServer,
     /// The next message starts a unit that may not run where the attached
@@ -71,11 +72,11 @@ impl Session {
                 Ok(Some((tag, _))) if needs_server(tag) && !self.skip_until_sync => {
                     if !self.participants.is_empty() && !self.unit_open {
                         match self.distributed_next()? {
-                            super::distributed::Next::End(_) if !self.pending.is_empty() => {
+                            super::distributed::Next::End(..) if !self.pending.is_empty() => {
                                 return Ok(Flow::Wait)
                             }
-                            super::distributed::Next::End(commit) => {
-                                return Ok(Flow::EndDistributed(commit))
+                            super::distributed::Next::End(commit, simple) => {
+                                return Ok(Flow::EndDistributed(commit, simple))
                             }
                             super::distributed::Next::Refuse(e) => {
                                 self.txn_refused = true;

@@ -30,8 +30,9 @@ pub(super) struct Participant {
 
 /// What the front message means for a transaction on several shards.
 pub(super) enum Next {
-    /// A lone COMMIT (true) or ROLLBACK (false).
-    End(bool),
+    /// A lone COMMIT (true) or ROLLBACK (false), as a simple query (true)
+    /// or executed in an extended-protocol unit.
+    End(bool, bool),
     Refuse(PgError),
     Other,
 }
@@ -85,39 +86,56 @@ impl Session {
         let refuse = || {
             Next::Refuse(PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
-                "SAVEPOINT, RELEASE, ROLLBACK TO and PREPARE TRANSACTION are not supported in a transaction that spans shards, nor a COMMIT or ROLLBACK in the extended protocol; the transaction is failed: send ROLLBACK",
+                "SAVEPOINT, RELEASE, ROLLBACK TO and PREPARE TRANSACTION are not supported in a transaction that spans shards, nor a COMMIT or ROLLBACK sent with other statements; the transaction is failed: send ROLLBACK",
             ))
         };
+        // The text of what the unit executes; Parse alone executes nothing.
+        let mut parsed: Vec<(&[u8], &[u8])> = Vec::new();
+        let mut bound: Option<Vec<u8>> = None;
+        let mut executed: Vec<Vec<u8>> = Vec::new();
         for (tag, body) in complete_frames(buf, max) {
-            let route = match tag {
+            match tag {
                 frontend::QUERY => {
                     let text = frontend::query(body)?;
                     let sql = String::from_utf8_lossy(text);
                     if let Some(tag) = shardline_router::lone_transaction_end(&sql) {
-                        return Ok(Next::End(tag == "COMMIT"));
+                        return Ok(Next::End(tag == "COMMIT", true));
                     }
-                    Some(self.route_text(text))
+                    if self.route_text(text).class == Class::TransactionControl {
+                        return Ok(refuse());
+                    }
+                    return Ok(Next::Other);
                 }
-                frontend::PARSE => Some(self.route_text(frontend::parse(body)?.query)),
+                frontend::PARSE => {
+                    let p = frontend::parse(body)?;
+                    parsed.retain(|(name, _)| *name != p.name);
+                    parsed.push((p.name, p.query));
+                }
                 frontend::BIND => {
                     let b = frontend::bind(body)?;
-                    if b.statement.is_empty() {
-                        self.unnamed.as_ref().map(|u| u.3.clone())
-                    } else {
-                        self.statements.get(b.statement).map(|s| s.route.clone())
-                    }
+                    bound = match parsed.iter().find(|(name, _)| *name == b.statement) {
+                        Some((_, q)) => Some(q.to_vec()),
+                        None => self
+                            .bound_definition(b.statement)
+                            .map(|d| super::route::definition_query(&d).to_vec()),
+                    };
                 }
+                frontend::EXECUTE => executed.extend(bound.clone()),
                 frontend::SYNC => break,
-                _ => None,
-            };
-            if route.is_some_and(|r| r.class == Class::TransactionControl) {
-                return Ok(refuse());
-            }
-            if tag == frontend::QUERY {
-                break;
+                _ => {}
             }
         }
-        Ok(Next::Other)
+        let ends: Vec<Option<&'static str>> = executed
+            .iter()
+            .map(|q| shardline_router::lone_transaction_end(&String::from_utf8_lossy(q)))
+            .collect();
+        if let [Some(tag)] = ends.as_slice() {
+            return Ok(Next::End(*tag == "COMMIT", false));
+        }
+        let control = executed
+            .iter()
+            .any(|q| self.route_text(q).class == Class::TransactionControl);
+        Ok(if control { refuse() } else { Next::Other })
     }
 
     /// The open transaction needs shard `shard`: park the attached
@@ -168,8 +186,21 @@ impl Session {
     }
 
     /// COMMIT or ROLLBACK of a transaction that used several shards.
-    pub(super) async fn end_distributed(&mut self, commit: bool) -> Result<(), End> {
-        let _ = next_frame(&mut self.client_in, usize::MAX);
+    pub(super) async fn end_distributed(&mut self, commit: bool, simple: bool) -> Result<(), End> {
+        // The unit's messages: the one query, or everything up to Sync.
+        let mut frames = Vec::new();
+        while let Some(f) = next_frame(&mut self.client_in, usize::MAX)
+            .map_err(|e| End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())))?
+        {
+            let last = simple || f.tag == frontend::SYNC;
+            if f.tag == frontend::PARSE {
+                self.record_parse(&f)?;
+            }
+            frames.push(f);
+            if last {
+                break;
+            }
+        }
         let mut conns = std::mem::take(&mut self.participants);
         if let Some(conn) = self.server.take() {
             self.cancel.detach();
@@ -213,9 +244,9 @@ impl Session {
                     )
                     .await;
                 }
-                backend::command_complete(&mut self.client_out, tag);
+                answer_unit(&mut self.client_out, &frames, Ok(tag));
             }
-            Err(e) => e.encode(&mut self.client_out),
+            Err(e) => answer_unit(&mut self.client_out, &frames, Err(e)),
         }
         for p in conns {
             if !p.conn.is_clean() {
@@ -226,7 +257,6 @@ impl Session {
         self.write_attach = false;
         self.retry = None;
         self.tried = 0;
-        backend::ready_for_query(&mut self.client_out, b'I');
         Ok(())
     }
 
@@ -323,6 +353,44 @@ impl Session {
         }
         Ok("COMMIT")
     }
+}
+
+/// Answers the unit that ended the transaction as a server would: each
+/// message in order, the outcome at the Execute (or the query), after an
+/// error nothing until ReadyForQuery.
+fn answer_unit(
+    out: &mut BytesMut,
+    frames: &[crate::protocol::Frame],
+    outcome: Result<&str, PgError>,
+) {
+    let mut outcome = Some(outcome);
+    let mut failed = false;
+    for f in frames {
+        match f.tag {
+            frontend::QUERY | frontend::EXECUTE => match outcome.take() {
+                Some(Ok(tag)) => backend::command_complete(out, tag),
+                Some(Err(e)) => {
+                    e.encode(out);
+                    failed = true;
+                }
+                None => {}
+            },
+            _ if failed => {}
+            frontend::PARSE => backend::empty_message(out, backend::PARSE_COMPLETE),
+            frontend::BIND => backend::empty_message(out, backend::BIND_COMPLETE),
+            frontend::CLOSE => backend::empty_message(out, backend::CLOSE_COMPLETE),
+            frontend::DESCRIBE => {
+                if f.body().first() == Some(&b'S') {
+                    backend::put_message(out, backend::PARAMETER_DESCRIPTION, |b| {
+                        b.extend_from_slice(&0i16.to_be_bytes())
+                    });
+                }
+                backend::empty_message(out, backend::NO_DATA);
+            }
+            _ => {}
+        }
+    }
+    backend::ready_for_query(out, b'I');
 }
 
 async fn rollback_all(conns: &mut [Participant]) {

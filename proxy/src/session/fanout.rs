@@ -508,18 +508,27 @@ impl Session {
                         _ => out.extend_from_slice(&f.bytes),
                     }
                 }
-                frontend::CLOSE => {
-                    let (kind, name) = frontend::target(f.body(), "Close")?;
-                    if kind == b'S' && !name.is_empty() {
-                        // Server statements stay for other clients; answer alike.
-                        self.statements.remove(name);
-                        frontend::write_target(out, frontend::CLOSE, b'S', b"_sl_never_prepared");
-                    } else {
-                        out.extend_from_slice(&f.bytes);
-                    }
-                }
+                frontend::CLOSE => self.close_on_shard(f, out)?,
                 _ => out.extend_from_slice(&f.bytes),
             }
+        }
+        Ok(())
+    }
+
+    /// A client's Close on a shard's connection: a named statement is
+    /// forgotten by the client only (server statements stay for other
+    /// clients), answered alike by closing a name never prepared.
+    pub(super) fn close_on_shard(
+        &mut self,
+        f: &crate::protocol::Frame,
+        out: &mut BytesMut,
+    ) -> Result<(), End> {
+        let (kind, name) = frontend::target(f.body(), "Close")?;
+        if kind == b'S' && !name.is_empty() {
+            self.statements.remove(name);
+            frontend::write_target(out, frontend::CLOSE, b'S', b"_sl_never_prepared");
+        } else {
+            out.extend_from_slice(&f.bytes);
         }
         Ok(())
     }

@@ -148,7 +148,7 @@ impl Session {
         }))
     }
 
-    fn bound_definition(&self, name: &[u8]) -> Option<Bytes> {
+    pub(super) fn bound_definition(&self, name: &[u8]) -> Option<Bytes> {
         if name.is_empty() {
             self.unnamed.as_ref().map(|u| u.1.clone())
         } else {
@@ -218,15 +218,7 @@ impl Session {
                     describes.push_back(true);
                     out.extend_from_slice(&f.bytes);
                 }
-                frontend::CLOSE => {
-                    let (kind, name) = frontend::target(f.body(), "Close")?;
-                    if kind == b'S' && !name.is_empty() {
-                        self.statements.remove(name);
-                        frontend::write_target(out, frontend::CLOSE, b'S', b"_sl_never_prepared");
-                    } else {
-                        out.extend_from_slice(&f.bytes);
-                    }
-                }
+                frontend::CLOSE => self.close_on_shard(f, out)?,
                 _ => out.extend_from_slice(&f.bytes),
             }
         }

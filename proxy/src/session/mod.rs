@@ -257,7 +257,9 @@ impl Session {
                     self.waiting = true;
                     break;
                 }
-                client::Flow::EndDistributed(commit) => self.end_distributed(commit).await?,
+                client::Flow::EndDistributed(commit, simple) => {
+                    self.end_distributed(commit, simple).await?
+                }
                 client::Flow::NeedServer if self.take_proxy_setting()? => {}
                 client::Flow::NeedServer if self.txn_refused && self.deferred_begin.is_some() => {
                     // A transaction refused before it reached any server.
