@@ -179,6 +179,12 @@ enum Combine {
         int: bool,
         count: usize,
     },
+    /// Distinct values of field `value` among rows with a partial count.
+    CountDistinct {
+        value: usize,
+        kind: Kind,
+        format: Format,
+    },
 }
 
 #[derive(Debug, Clone)]
@@ -205,6 +211,7 @@ pub struct Compiled {
     sort: Vec<SortCol>,
     distinct_on: Vec<(usize, Kind, Format)>,
     grouped: bool,
+    plain: bool,
     keys: Vec<(usize, Kind, Format)>,
     aggs: Vec<(usize, Combine)>,
     having: Option<CCond>,
@@ -351,6 +358,15 @@ impl Compiled {
                             Combine::BoolOr
                         }
                     }
+                    Agg::CountDistinct { value } => {
+                        want(oid == INT8, "count(DISTINCT)")?;
+                        let (value, kind, format) = equality(field(*value)?, "count(DISTINCT)")?;
+                        Combine::CountDistinct {
+                            value,
+                            kind,
+                            format,
+                        }
+                    }
                     Agg::Avg { count } => {
                         want(oid == INT8 || oid == NUMERIC, "avg")?;
                         Combine::Avg {
@@ -378,6 +394,7 @@ impl Compiled {
             sort,
             distinct_on,
             grouped: plan.grouping.is_some(),
+            plain: plan.grouping.as_ref().is_some_and(|g| g.plain),
             keys,
             aggs,
             having,
@@ -548,6 +565,7 @@ enum Acc {
     Best(Option<(Value, Vec<u8>)>),
     Bool(Option<bool>),
     Avg(Option<Num>, i64),
+    Distinct(std::collections::BTreeSet<Value>),
 }
 
 /// Combines partial rows into groups; `finish` gives the client's rows.
@@ -593,18 +611,7 @@ impl Grouper<'_> {
             None => {
                 self.groups.push(Group {
                     first: values.iter().map(|v| v.map(<[u8]>::to_vec)).collect(),
-                    accs: c
-                        .aggs
-                        .iter()
-                        .map(|(_, a)| match a {
-                            Combine::Count => Acc::Count(0),
-                            Combine::SumInt => Acc::SumInt(None),
-                            Combine::SumNum => Acc::SumNum(None),
-                            Combine::Min(_) | Combine::Max(_) => Acc::Best(None),
-                            Combine::BoolAnd | Combine::BoolOr => Acc::Bool(None),
-                            Combine::Avg { .. } => Acc::Avg(None, 0),
-                        })
-                        .collect(),
+                    accs: c.aggs.iter().map(|(_, a)| empty_acc(a)).collect(),
                 });
                 self.index.insert(key, self.groups.len() - 1);
                 self.groups.len() - 1
@@ -653,6 +660,18 @@ impl Grouper<'_> {
                         (Some(y), _) => x || y,
                     });
                 }
+                (
+                    Combine::CountDistinct {
+                        value,
+                        kind,
+                        format: vf,
+                    },
+                    Acc::Distinct(set),
+                ) if int8(v, format)? > 0 => {
+                    if let Some(x) = decoded(&values, *value, *kind, *vf)? {
+                        set.insert(x);
+                    }
+                }
                 (Combine::Avg { int, count }, Acc::Avg(s, n)) => {
                     let x = if *int {
                         Num::from_i128(int8(v, format)? as i128)
@@ -691,8 +710,16 @@ impl Grouper<'_> {
         out: &mut Vec<u8>,
     ) -> Result<u64, Refusal> {
         let c = self.c;
+        let mut groups = self.groups;
+        if groups.is_empty() && c.plain {
+            // An aggregate without GROUP BY answers one row, even for no input.
+            groups.push(Group {
+                first: vec![None; c.formats.len()],
+                accs: c.aggs.iter().map(|(_, a)| empty_acc(a)).collect(),
+            });
+        }
         let mut rows: Vec<(SortValues, Vec<Option<Vec<u8>>>)> = Vec::new();
-        for mut g in self.groups {
+        for mut g in groups {
             for ((i, combine), acc) in c.aggs.iter().zip(g.accs) {
                 g.first[*i] = final_value(combine, acc, c.formats[*i])?;
             }
@@ -722,6 +749,19 @@ impl Grouper<'_> {
             n += 1;
         }
         Ok(n)
+    }
+}
+
+/// An aggregate's state before any partial row.
+fn empty_acc(a: &Combine) -> Acc {
+    match a {
+        Combine::Count => Acc::Count(0),
+        Combine::SumInt => Acc::SumInt(None),
+        Combine::SumNum => Acc::SumNum(None),
+        Combine::Min(_) | Combine::Max(_) => Acc::Best(None),
+        Combine::BoolAnd | Combine::BoolOr => Acc::Bool(None),
+        Combine::Avg { .. } => Acc::Avg(None, 0),
+        Combine::CountDistinct { .. } => Acc::Distinct(Default::default()),
     }
 }
 
@@ -756,6 +796,7 @@ fn final_value(combine: &Combine, acc: Acc, format: Format) -> Result<Option<Vec
                 }
             }
         }),
+        Acc::Distinct(set) => Some(int(set.len() as i64)),
         Acc::Avg(_, 0) | Acc::Avg(None, _) => None,
         Acc::Avg(Some(s), n) => {
             let _ = combine;

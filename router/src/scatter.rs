@@ -88,6 +88,13 @@ pub enum Agg {
     Avg {
         count: Col,
     },
+    /// `count(DISTINCT x)` off the sharding key: the shards also group by
+    /// `x` (in column `value`); this column's partial count says whether a
+    /// partial row holds a counted `x`. The result is the number of
+    /// distinct `x` among those rows.
+    CountDistinct {
+        value: Col,
+    },
 }
 
 /// A HAVING condition, evaluated on the combined groups.
@@ -130,6 +137,8 @@ pub enum GroupKeys {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Grouping {
     pub keys: GroupKeys,
+    /// No GROUP BY: one row even when the shards send none.
+    pub plain: bool,
     /// Aggregate columns; every other column keeps its group's first value.
     pub aggs: Vec<(Col, Agg)>,
     pub having: Option<Cond>,
@@ -437,6 +446,8 @@ struct Planner<'a> {
     hidden: Vec<SelectItem>,
     /// Aggregates added while resolving ORDER BY.
     pending_aggs: Vec<(Col, Agg)>,
+    /// Arguments of `count(DISTINCT ...)`: the shards group by them too.
+    distinct_groups: Vec<Expr>,
     aliases: Vec<Option<String>>,
     item_texts: Vec<Option<String>>,
 }
@@ -482,6 +493,7 @@ impl<'a> Planner<'a> {
                 .collect(),
             hidden: Vec::new(),
             pending_aggs: Vec::new(),
+            distinct_groups: Vec::new(),
             aliases: sel
                 .projection
                 .iter()
@@ -684,6 +696,7 @@ impl<'a> Planner<'a> {
             limit,
             offset,
             grouping: Some(Grouping {
+                plain: false,
                 keys: GroupKeys::AllVisible,
                 aggs: vec![],
                 having: None,
@@ -698,12 +711,7 @@ impl<'a> Planner<'a> {
         if aggregate_call(&e).is_some() {
             let (partial, extra, agg) = self.partial(&e)?;
             let col = self.add_hidden(partial);
-            let agg = match (agg, extra) {
-                (Agg::Avg { .. }, Some(c)) => Agg::Avg {
-                    count: self.add_hidden(c),
-                },
-                (a, _) => a,
-            };
+            let agg = self.finish_partial(agg, extra);
             aggs.push((col, agg));
             return Ok(col);
         }
@@ -713,6 +721,23 @@ impl<'a> Planner<'a> {
             )));
         }
         Ok(self.add_hidden(e))
+    }
+
+    /// The hidden columns an AVG or a `count(DISTINCT x)` needs besides its
+    /// own, and the shards' extra grouping by `x`.
+    fn finish_partial(&mut self, agg: Agg, extra: Option<Expr>) -> Agg {
+        match (agg, extra) {
+            (Agg::Avg { .. }, Some(count)) => Agg::Avg {
+                count: self.add_hidden(count),
+            },
+            (Agg::CountDistinct { .. }, Some(x)) => {
+                self.distinct_groups.push(x.clone());
+                Agg::CountDistinct {
+                    value: self.add_hidden(x),
+                }
+            }
+            (a, _) => a,
+        }
     }
 
     /// The partial aggregate each shard computes for aggregate call `e`,
@@ -737,10 +762,16 @@ impl<'a> Planner<'a> {
         };
         let agg = match name.as_str() {
             "count" if distinct && !arg_is_key => {
-                return Err(refuse_because(
-                    e.to_string(),
-                    "count(DISTINCT ...) is exact across shards only on the sharding key",
-                ))
+                let [FunctionArg::Unnamed(FunctionArgExpr::Expr(x))] = list.args.as_slice() else {
+                    return Err(refuse(e.to_string()));
+                };
+                return Ok((
+                    e.clone(),
+                    Some(x.clone()),
+                    Agg::CountDistinct {
+                        value: Col::Hidden(0),
+                    },
+                ));
             }
             "count" => Agg::Count,
             "sum" | "avg" if distinct => return Err(refuse(format!("{name}(DISTINCT ...)"))),
@@ -788,19 +819,14 @@ impl<'a> Planner<'a> {
                     return Err(refuse("aggregates after several * in the select list"));
                 };
                 let (partial, extra, agg) = self.partial(&expr)?;
-                let agg = match (agg, extra) {
-                    (Agg::Avg { .. }, Some(c)) => {
-                        // Named as PostgreSQL names it: the alias, or "avg".
-                        sel.projection[i] = SelectItem::ExprWithAlias {
-                            expr: partial,
-                            alias: alias.unwrap_or_else(|| Ident::new("avg")),
-                        };
-                        Agg::Avg {
-                            count: self.add_hidden(c),
-                        }
-                    }
-                    (a, _) => a,
-                };
+                if matches!(agg, Agg::Avg { .. }) {
+                    // Named as PostgreSQL names it: the alias, or "avg".
+                    sel.projection[i] = SelectItem::ExprWithAlias {
+                        expr: partial,
+                        alias: alias.unwrap_or_else(|| Ident::new("avg")),
+                    };
+                }
+                let agg = self.finish_partial(agg, extra);
                 aggs.push((col, agg));
             } else if has_aggregate(&expr) {
                 return Err(refuse(format!(
@@ -846,6 +872,21 @@ impl<'a> Planner<'a> {
             Ok(c)
         })?;
         aggs.append(&mut self.pending_aggs);
+        let plain = self.group_exprs.is_empty();
+        if !self.distinct_groups.is_empty() {
+            let constant = sel
+                .projection
+                .iter()
+                .any(|i| !item_expr(i).is_some_and(has_aggregate));
+            if plain && constant {
+                return Err(refuse(
+                    "count(DISTINCT ...) beside a column that is not an aggregate",
+                ));
+            }
+            let mut by = self.group_exprs.clone();
+            by.append(&mut self.distinct_groups);
+            sel.group_by = GroupByExpr::Expressions(by, vec![]);
+        }
         sel.projection.append(&mut self.hidden.clone());
         Ok(MergePlan {
             sql: String::new(),
@@ -854,6 +895,7 @@ impl<'a> Planner<'a> {
             limit,
             offset,
             grouping: Some(Grouping {
+                plain,
                 keys: GroupKeys::Cols(keys),
                 aggs,
                 having,

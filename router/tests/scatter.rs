@@ -212,7 +212,11 @@ fn what_cannot_be_merged_exactly_is_refused_naming_it() {
             "SELECT id, row_number() OVER (ORDER BY id) FROM users",
             "window functions",
         ),
-        ("SELECT count(DISTINCT city) FROM users", "count(DISTINCT"),
+        (
+            "SELECT 1, count(DISTINCT city) FROM users",
+            "not an aggregate",
+        ),
+        ("SELECT sum(DISTINCT age) FROM users", "sum(DISTINCT"),
         ("SELECT string_agg(name, ',') FROM users", "string_agg"),
         (
             "SELECT count(*) + 1 FROM users",
@@ -482,4 +486,66 @@ fn a_grouped_merge_keeps_its_limit_parameters_referenced() {
         p.sql
     );
     assert_eq!((p.limit, p.offset), (Count::Param(1), Count::Param(2)));
+}
+
+#[test]
+fn count_distinct_off_the_key_groups_the_shards_by_its_argument() {
+    let p = planned("SELECT active, count(DISTINCT city), count(*) FROM users GROUP BY active");
+    assert_eq!(
+        p.sql,
+        "SELECT active, count(DISTINCT city), count(*), city, active FROM users GROUP BY active, city"
+    );
+    let g = p.grouping.clone().expect("grouped");
+    assert_eq!(
+        g.aggs,
+        [
+            (
+                Col::Field(1),
+                Agg::CountDistinct {
+                    value: Col::Hidden(0)
+                }
+            ),
+            (Col::Field(2), Agg::Count),
+        ]
+    );
+    // Partial rows per (active, city); a city counts where its partial
+    // count(DISTINCT) is above 0 (not NULL, FILTER passed).
+    let desc = description(&[
+        ("active", 16, 0),
+        ("count", 20, 0),
+        ("count", 20, 0),
+        ("city", 25, 0),
+        ("active", 16, 0),
+    ]);
+    let ft = shardline_router::gather::row_description(&desc).unwrap();
+    let c = Compiled::new(&p, &ft, C).unwrap();
+    let mut groups = c.grouper();
+    for r in [
+        [Some("t"), Some("1"), Some("4"), Some("Bern"), Some("t")],
+        [Some("t"), Some("1"), Some("2"), Some("Bern"), Some("t")], // the other shard
+        [Some("t"), Some("1"), Some("1"), Some("Chur"), Some("t")],
+        [Some("t"), Some("0"), Some("3"), None, Some("t")],
+        [Some("f"), Some("0"), Some("5"), None, Some("f")],
+    ] {
+        groups.add(&row(&r)).unwrap();
+    }
+    let mut out = Vec::new();
+    groups.finish(None, 0, &mut out).unwrap();
+    let mut got = texts(&out);
+    got.sort();
+    let s = |x: &str| Some(x.to_string());
+    assert_eq!(
+        got,
+        [vec![s("f"), s("0"), s("5")], vec![s("t"), s("2"), s("10")]]
+    );
+
+    // Without GROUP BY and without rows, one row: 0, as the server answers.
+    let p = planned("SELECT count(DISTINCT city), sum(age) FROM users");
+    assert!(p.sql.ends_with("FROM users GROUP BY city"), "{}", p.sql);
+    let desc = description(&[("count", 20, 0), ("sum", 20, 0), ("city", 25, 0)]);
+    let ft = shardline_router::gather::row_description(&desc).unwrap();
+    let c = Compiled::new(&p, &ft, C).unwrap();
+    let mut out = Vec::new();
+    assert_eq!(c.grouper().finish(None, 0, &mut out).unwrap(), 1);
+    assert_eq!(texts(&out), [vec![s("0"), None]]);
 }

@@ -120,8 +120,8 @@
 ! SELECT count(*) FROM users
 ! SELECT count(*) FROM orders
 ! SELECT count(city) FROM users
-SELECT count(DISTINCT city) FROM users
-SELECT count(DISTINCT age) FROM users
+! SELECT count(DISTINCT city) FROM users
+! SELECT count(DISTINCT age) FROM users
 ! SELECT sum(age) FROM users
 ! SELECT sum(id) FROM users
 ! SELECT sum(score) FROM users
@@ -203,6 +203,12 @@ SELECT count(*) + 1, max(age) - min(age) FROM users
 ! [ordered] SELECT id FROM users ORDER BY score DESC NULLS LAST, id OFFSET 10 LIMIT 5
 ! [ordered] SELECT DISTINCT ON (country) country, name FROM users ORDER BY country, score DESC NULLS LAST, id
 ! SELECT count(DISTINCT id), count(*) FROM users
+! SELECT count(DISTINCT city) FROM users WHERE false
+! SELECT count(DISTINCT lower(city)), count(DISTINCT country), max(age) FROM users
+! SELECT active, count(DISTINCT country), count(DISTINCT city), sum(age) FROM users GROUP BY active HAVING count(DISTINCT city) > 3
+! SELECT status, count(DISTINCT qty) FILTER (WHERE amount > 500), avg(amount) FROM orders GROUP BY status
+! [ordered] SELECT country, count(DISTINCT city) AS cities FROM users GROUP BY country ORDER BY cities DESC, country
+! SELECT count(DISTINCT score) FROM users
 ! SELECT user_id, string_agg(status, ',' ORDER BY id) FROM orders GROUP BY user_id
 ! [ordered] SELECT user_id, count(*), array_agg(id ORDER BY id) FROM orders GROUP BY user_id HAVING count(*) > 5 ORDER BY count(*) DESC, user_id LIMIT 10
 ! SELECT status, avg(qty), min(amount), max(weight) FROM orders GROUP BY status HAVING avg(qty) >= 5 OR max(weight) IS NULL
@@ -231,5 +237,5 @@ SELECT percentile_cont(0.5) WITHIN GROUP (ORDER BY age) FROM users
 SELECT string_agg(name, ',' ORDER BY id) FROM users WHERE id < 10
 SELECT array_agg(id ORDER BY id) FROM users WHERE id < 10
 SELECT stddev(age), variance(age) FROM users
-SELECT count(DISTINCT city), count(*) FROM users GROUP BY active
+! SELECT count(DISTINCT city), count(*) FROM users GROUP BY active
 SELECT mode() WITHIN GROUP (ORDER BY city) FROM users
