@@ -7,6 +7,22 @@ use shardline_router::shards::{resolve, KeyInput};
 use shardline_router::{classify, hint, lexer, Class, Options, Router};
 use std::sync::Arc;
 
+/// The differential corpus's queries (without their prefixes).
+fn corpus() -> Vec<String> {
+    include_str!("../../tests/differential/corpus.sql")
+        .lines()
+        .map(str::trim)
+        .filter(|l| !l.is_empty() && !l.starts_with("--"))
+        .map(|l| {
+            let l = l.trim_start_matches('!').trim_start();
+            match l.strip_prefix('[') {
+                Some(r) => r.split_once(']').map_or(r, |x| x.1).trim().to_string(),
+                None => l.to_string(),
+            }
+        })
+        .collect()
+}
+
 fn sharded_router() -> (Router, Arc<Sharding>) {
     let c = shardline_config::Config::from_toml(
         r#"
@@ -54,6 +70,47 @@ proptest! {
         let input = KeyInput { sql: &text, params, session_shard: None, session_key: None };
         for t in route.shards.expect("sharded").iter() {
             let _ = resolve(t, &sh, &input);
+        }
+    }
+
+    /// Merge planning of SQL-shaped noise and of the differential corpus's
+    /// queries, and the planned merge fed arbitrary RowDescriptions and
+    /// rows: errors, never panics.
+    #[test]
+    fn merges_of_noise(
+        text in prop_oneof![
+            "(SELECT|DISTINCT|ON|count|sum|avg|min|max|\\(|\\)|\\*|id|name|users|FROM|GROUP|BY|ORDER|HAVING|LIMIT|OFFSET|DESC|NULLS|FIRST|COLLATE|\"C\"|FILTER|WHERE|\\$1|1|>|,| )*",
+            proptest::sample::select(corpus()),
+        ],
+        desc in proptest::collection::vec(any::<u8>(), 0..64),
+        rows in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..48), 0..6),
+        oids in proptest::collection::vec(prop_oneof![Just(16u32), Just(20), Just(23), Just(25), Just(701), Just(1700), Just(1184), Just(2950)], 0..6),
+    ) {
+        use shardline_router::gather::{client_row_description, row_description, Collation, Compiled, FieldType};
+        use shardline_router::merge::Format;
+        let (_, sh) = sharded_router();
+        let Ok(Some(plan)) = shardline_router::scatter::plan(&text, &sh) else {
+            return Ok(());
+        };
+        let _ = row_description(&desc);
+        let _ = client_row_description(&plan, &desc);
+        let fields: Vec<FieldType> = oids
+            .iter()
+            .enumerate()
+            .map(|(i, &oid)| FieldType { oid, format: if i % 2 == 0 { Format::Text } else { Format::Binary } })
+            .collect();
+        let coll = Collation { c_order: true, deterministic: true };
+        if let Ok(c) = Compiled::new(&plan, &fields, coll) {
+            let mut g = c.grouper();
+            for body in &rows {
+                let mut msg = vec![b'D', 0, 0, 0, 0];
+                msg.extend_from_slice(body);
+                let _ = c.sort_key(&msg);
+                let _ = c.client_row(&msg);
+                let _ = c.distinct_key(&msg);
+                let _ = g.add(&msg);
+            }
+            let _ = g.finish(Some(3), 1, &mut Vec::new());
         }
     }
 }
