@@ -1,7 +1,8 @@
 //! CancelRequest routing. Clients get the proxy's own key (BackendKeyData); a
-//! cancel with that key is sent to the server connection the client is using at
-//! that moment, with that server's key, and to nothing when it uses none. A
-//! client can only ever cancel its own query.
+//! cancel with that key is sent to the server connections the client is using
+//! at that moment (one, or every shard of a statement that runs on several),
+//! with each server's key, and to nothing when it uses none. A client can only
+//! ever cancel its own query.
 
 use crate::protocol::startup::{code_packet, CANCEL_REQUEST};
 use std::collections::HashMap;
@@ -18,16 +19,26 @@ struct Target {
 /// Where one client's cancel goes right now.
 #[derive(Default)]
 pub struct CancelSlot {
-    target: Mutex<Option<Target>>,
+    targets: Mutex<Vec<Target>>,
 }
 
 impl CancelSlot {
     pub fn attach(&self, addr: Arc<str>, pid: i32, secret: i32) {
-        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = Some(Target { addr, pid, secret });
+        self.attach_all(std::iter::once((addr, pid, secret)));
+    }
+
+    /// A statement running on several servers at once.
+    pub fn attach_all(&self, servers: impl Iterator<Item = (Arc<str>, i32, i32)>) {
+        let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        t.clear();
+        t.extend(servers.map(|(addr, pid, secret)| Target { addr, pid, secret }));
     }
 
     pub fn detach(&self) {
-        *self.target.lock().unwrap_or_else(|p| p.into_inner()) = None;
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
     }
 }
 
@@ -73,34 +84,36 @@ impl CancelRegistry {
 
     /// Forwards a cancel for the client with this key, if it has a query running.
     pub fn cancel(&self, pid: i32, secret: i32) {
-        let target = {
+        let targets = {
             let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
             match clients.get(&pid) {
                 Some((s, slot))
                     if crate::auth::constant_time_eq(&s.to_be_bytes(), &secret.to_be_bytes()) =>
                 {
-                    slot.target
+                    slot.targets
                         .lock()
                         .unwrap_or_else(|p| p.into_inner())
                         .clone()
                 }
-                _ => None,
+                _ => Vec::new(),
             }
         };
-        let Some(t) = target else {
+        if targets.is_empty() {
             tracing::debug!(pid, "cancel request matches no running query");
             return;
-        };
-        tokio::spawn(async move {
-            let sent = async {
-                let mut s = tokio::net::TcpStream::connect(&*t.addr).await?;
-                s.write_all(&code_packet(CANCEL_REQUEST, &[t.pid, t.secret]))
-                    .await?;
-                s.shutdown().await
-            };
-            if let Err(e) = sent.await {
-                tracing::warn!(server = %t.addr, error = %e, "could not forward cancel request");
-            }
-        });
+        }
+        for t in targets {
+            tokio::spawn(async move {
+                let sent = async {
+                    let mut s = tokio::net::TcpStream::connect(&*t.addr).await?;
+                    s.write_all(&code_packet(CANCEL_REQUEST, &[t.pid, t.secret]))
+                        .await?;
+                    s.shutdown().await
+                };
+                if let Err(e) = sent.await {
+                    tracing::warn!(server = %t.addr, error = %e, "could not forward cancel request");
+                }
+            });
+        }
     }
 }

@@ -4,7 +4,7 @@
 //! with its memory measured.
 
 use shardline_tests::{sqlstate, start_proxy, Env, ProxyProcess};
-use std::time::Instant;
+use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
 const SHARDING: &str = shardline::demo::DEMO_SHARDING;
@@ -366,5 +366,72 @@ async fn row_descriptions_are_the_unsharded_servers() {
         );
         assert_eq!(fields(&p), fields(&o), "extended: {sql}");
         assert_eq!(data_rows(&p), data_rows(&o), "extended: {sql}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_cross_shard_merge_can_be_cancelled() {
+    let env = Env::primaries(2).await;
+    let (_proxy, c) = start_proxy(&env.shards_config(&[0, 1], SHARDING)).await;
+    load(&c).await;
+    let token = c.cancel_token();
+    let started = Instant::now();
+    let slow = tokio::spawn(async move {
+        c.query(
+            "SELECT city, count(*) FROM users WHERE pg_sleep(30) IS NOT NULL GROUP BY city",
+            &[],
+        )
+        .await
+    });
+    // Cancel once the statement runs on both shards.
+    let active = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(30)%' AND state = 'active' AND pid <> pg_backend_pid()";
+    while (0..2).any(|s| env.sql_shard(s, active) == "0") {
+        assert!(started.elapsed() < Duration::from_secs(20), "never started");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    token
+        .cancel_query(tokio_postgres::NoTls)
+        .await
+        .expect("cancel sent");
+    let err = tokio::time::timeout(Duration::from_secs(20), slow)
+        .await
+        .expect("the cancel stopped it")
+        .unwrap()
+        .expect_err("cancelled");
+    assert_eq!(sqlstate(&err).as_deref(), Some("57014"), "{err:?}");
+    assert!(started.elapsed() < Duration::from_secs(25));
+    for s in 0..2 {
+        assert_eq!(env.sql_shard(s, active), "0", "still running on shard {s}");
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_shard_failing_mid_merge_fails_the_statement_not_the_session() {
+    let env = Env::primaries(2).await;
+    let (_proxy, c) = start_proxy(&env.shards_config(&[0, 1], SHARDING)).await;
+    load(&c).await;
+    for sql in [
+        // Division by zero at id 250, after rows of both shards were merged.
+        "SELECT id, 1 / (id - 250) FROM users ORDER BY id",
+        "SELECT city, sum(1 / (id - 250)) FROM users GROUP BY city",
+    ] {
+        // Bounded: a merge that missed the error would wait forever.
+        let within = Duration::from_secs(20);
+        let err = tokio::time::timeout(within, c.simple_query(sql))
+            .await
+            .expect("answered")
+            .expect_err(sql);
+        assert_eq!(sqlstate(&err).as_deref(), Some("22012"), "{sql}: {err:?}");
+        let err = tokio::time::timeout(within, c.query(sql, &[]))
+            .await
+            .expect("answered")
+            .expect_err(sql);
+        assert_eq!(sqlstate(&err).as_deref(), Some("22012"), "{sql}: {err:?}");
+        let n: i64 = c
+            .query_one("SELECT count(*) FROM users", &[])
+            .await
+            .expect("the session goes on")
+            .get(0);
+        assert_eq!(n, 400);
     }
 }

@@ -312,6 +312,11 @@ impl Session {
                 Err(e) => return self.fail_unit(e, simple),
             }
         }
+        // A CancelRequest now reaches every shard running the unit.
+        self.cancel.attach_all(
+            legs.iter()
+                .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
+        );
         // What each shard is sent: the session's settings, BEGIN for
         // writes, then the unit (named statements under their server names).
         let mut sends = Vec::with_capacity(legs.len());
@@ -378,6 +383,7 @@ impl Session {
             Ok(Merged::Done(failed)) => Ok(failed),
             Err(e) => Err(e),
         };
+        self.cancel.detach();
         let failed = match result {
             Ok(failed) => failed,
             Err(e) => return self.fail_legs(legs, e).await,
@@ -434,6 +440,7 @@ impl Session {
 
     /// A server failed mid-unit: roll back what the others did, report it.
     async fn fail_legs(&mut self, legs: Vec<Leg>, msg: String) -> Result<(), End> {
+        self.cancel.detach();
         tracing::warn!(error = %msg, "multi-shard statement failed");
         for mut leg in legs {
             // Whatever state the connection is in, it is not reused.

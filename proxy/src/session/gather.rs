@@ -273,7 +273,6 @@ impl Session {
         unit: &mut MergeUnit,
         coll: Collation,
     ) -> Result<bool, String> {
-        let mut failed = false;
         loop {
             let mut ends: Vec<BytesMut> = Vec::with_capacity(legs.len());
             for (i, leg) in legs.iter_mut().enumerate() {
@@ -283,7 +282,7 @@ impl Session {
                 for leg in legs.iter_mut() {
                     leg.done = true;
                 }
-                return Ok(failed);
+                return Ok(false);
             }
             if let Some(err) = ends.iter().find(|m| m[0] == backend::ERROR_RESPONSE) {
                 self.client_out.extend_from_slice(err);
@@ -326,7 +325,10 @@ impl Session {
                 }
                 Err(r) => return self.fail_merge(legs, &ends, r).await,
             };
-            failed |= self.merge_rows(legs, &compiled, unit).await?;
+            if self.merge_rows(legs, &compiled, unit).await? {
+                // Failed: every shard was read to its ReadyForQuery.
+                return Ok(true);
+            }
         }
     }
 
@@ -370,7 +372,8 @@ impl Session {
     }
 
     /// The rows of one execution, merged; then its CommandComplete.
-    /// Whether it failed (the error is already written).
+    /// Whether it failed (the error is already written, and every shard
+    /// read to its ReadyForQuery).
     async fn merge_rows(
         &mut self,
         legs: &mut [Leg],
