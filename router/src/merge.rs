@@ -14,8 +14,8 @@
 //! planner must refuse otherwise.
 //!
 //! `tests/tests/merge_order.rs` holds every kind, in both formats, to a
-//! server's own ranking (text under `C` and `C.utf8`). Not yet used by the
-//! proxy: it is the comparison the cross-shard ORDER BY merge will use.
+//! server's own ranking (text under `C` and `C.utf8`). The cross-shard merge
+//! (`gather`) compares sort keys, group keys and MIN/MAX with it.
 
 use std::cmp::Ordering;
 

@@ -299,10 +299,10 @@ async fn crash_at(env: &Env, c0: &Client, point: &str, from: i64) -> (i64, i64) 
         "the client lost its connection"
     );
     assert_eq!(prepared(env, 1), 1, "left in doubt by the crash");
-    // Any proxy settles it: one started now resolves at startup or within
-    // in_doubt_interval.
+    // The proxy started again settles it, at startup or within
+    // in_doubt_interval (any proxy with the config would).
     let _ = c0;
-    let (_again, _c) = start_proxy(&config).await;
+    let (_again, _c) = ProxyProcess::start(&config, &[]).await;
     let started = Instant::now();
     while prepared(env, 1) != 0 {
         assert!(
