@@ -232,6 +232,31 @@ async fn a_transaction_on_two_shards_commits_or_rolls_back_everywhere() {
         assert!(names(&env, 1).starts_with(&format!("{b}=j")));
     }
 
+    // Shards that join keep the transaction's isolation level, whether its
+    // BEGIN came alone or with a statement.
+    for begin in [
+        "BEGIN ISOLATION LEVEL REPEATABLE READ".to_string(),
+        format!("BEGIN ISOLATION LEVEL SERIALIZABLE; UPDATE users SET name = 'i' WHERE id = {a}"),
+    ] {
+        c.batch_execute(&begin).await.unwrap();
+        let level = |k: i64| {
+            let c = &c;
+            async move {
+                c.query_one(
+                    "SELECT current_setting('transaction_isolation') FROM users WHERE id = $1",
+                    &[&k],
+                )
+                .await
+                .unwrap()
+                .get::<_, String>(0)
+            }
+        };
+        let first = level(a).await;
+        assert_eq!(level(b).await, first, "{begin}");
+        assert_ne!(first, "read committed");
+        c.batch_execute("ROLLBACK").await.unwrap();
+    }
+
     // Many transactions at once from several clients, all atomic.
     let mut tasks = Vec::new();
     for t in 0..4i64 {

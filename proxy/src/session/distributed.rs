@@ -71,9 +71,16 @@ fn client_error(e: &ServerError, shard: &str) -> PgError {
     }
 }
 
-fn begin_frame() -> Bytes {
+/// The BEGIN for a shard joining a transaction of this isolation level.
+fn begin_frame(isolation: &str) -> Bytes {
+    let level = match isolation {
+        "serializable" => "SERIALIZABLE",
+        "repeatable read" => "REPEATABLE READ",
+        "read uncommitted" => "READ UNCOMMITTED",
+        _ => "READ COMMITTED",
+    };
     let mut b = BytesMut::new();
-    frontend::write_query(&mut b, "BEGIN");
+    frontend::write_query(&mut b, &format!("BEGIN ISOLATION LEVEL {level}"));
     b.freeze()
 }
 
@@ -180,9 +187,33 @@ impl Session {
             self.server = Some(p.conn);
             return Ok(Some(Fit::Yes));
         }
-        // A new participant: the transaction's BEGIN goes first.
-        self.deferred_begin = Some(self.txn_begin.clone().unwrap_or_else(begin_frame));
+        // A new participant: it begins with the transaction's isolation
+        // level (asked of the connection just parked, before it attaches).
+        self.join_begin = true;
         Ok(Some(Fit::Join))
+    }
+
+    /// Before a joining shard attaches: its BEGIN, at the isolation level
+    /// of the transaction (asked of the participant parked last).
+    pub(super) async fn prepare_join(&mut self) {
+        if !std::mem::take(&mut self.join_begin) {
+            return;
+        }
+        let level = match self.participants.last_mut() {
+            Some(p) => p
+                .conn
+                .simple_query("SELECT current_setting('transaction_isolation')")
+                .await
+                .ok()
+                .and_then(|(rows, _)| rows.into_iter().next())
+                .and_then(|r| r.into_iter().next().flatten()),
+            None => None,
+        };
+        match level {
+            Some(level) => self.deferred_begin = Some(begin_frame(&level)),
+            // The participant did not answer: the transaction is failed.
+            None => self.txn_refused = true,
+        }
     }
 
     /// COMMIT or ROLLBACK of a transaction that used several shards.
@@ -221,7 +252,6 @@ impl Session {
         self.deferred_begin = None;
         self.txn_refused = false;
         self.coordinator = None;
-        self.txn_begin = None;
         let effects = std::mem::take(&mut self.txn_effects);
         let outcome = if commit && !failed {
             self.commit_everywhere(&mut conns).await

@@ -104,10 +104,11 @@ pub struct Session {
     /// error, and its COMMIT becomes ROLLBACK.
     txn_refused: bool,
     /// Connections of the open transaction on other shards (two-phase
-    /// commit), the shard the transaction began on, and its BEGIN.
+    /// commit), and the shard the transaction began on.
     participants: Vec<distributed::Participant>,
     coordinator: Option<usize>,
-    txn_begin: Option<Bytes>,
+    /// A shard joins the transaction: its BEGIN is to be made.
+    join_begin: bool,
     /// `SET shardline.shard` / `SET shardline.sharding_key`.
     session_shard: Option<String>,
     session_key: Option<String>,
@@ -167,7 +168,7 @@ impl Session {
             txn_refused: false,
             participants: Vec::new(),
             coordinator: None,
-            txn_begin: None,
+            join_begin: false,
             session_shard: None,
             session_key: None,
             deferred_begin: None,
@@ -266,6 +267,18 @@ impl Session {
                     self.in_unstarted_refused_transaction()?;
                 }
                 client::Flow::NeedServer => {
+                    self.prepare_join().await;
+                    if self.txn_refused
+                        && self.deferred_begin.is_none()
+                        && !self.participants.is_empty()
+                    {
+                        // The joining shard could not begin: the unit fails.
+                        self.fail_next_message(PgError::error(
+                            sqlstate::CONNECTION_FAILURE,
+                            "a shard of the transaction did not answer; the transaction is failed: send ROLLBACK",
+                        ))?;
+                        continue;
+                    }
                     let planned = self.plan_unit();
                     if !planned.complete && self.shared.sharding.is_some() && !self.must_act() {
                         // The shards depend on the whole unit: wait for its Sync.
@@ -373,7 +386,6 @@ impl Session {
         self.retry = None;
         self.tried = 0;
         self.txn_refused = false;
-        self.txn_begin = None;
         self.coordinator = None;
         if let Some(conn) = self.server.take() {
             self.cancel.detach();

@@ -373,8 +373,6 @@ impl Session {
         }
         if let Some(begin) = self.deferred_begin.take() {
             self.server_out.extend_from_slice(&begin);
-            // Shards that join the transaction later begin it the same way.
-            self.txn_begin = Some(begin.clone());
             self.pending.push_back(Pending::swallow(Kind::Query {
                 effects: Default::default(),
             }));
