@@ -367,6 +367,33 @@ async fn row_descriptions_are_the_unsharded_servers() {
         assert_eq!(fields(&p), fields(&o), "extended: {sql}");
         assert_eq!(data_rows(&p), data_rows(&o), "extended: {sql}");
     }
+    // A result format per column (as pgjdbc binds): the hidden sort column
+    // gets one too.
+    let sql = "SELECT name, age FROM users ORDER BY id DESC LIMIT 5";
+    let mut parse = cstr("");
+    parse.extend_from_slice(&cstr(sql));
+    parse.extend_from_slice(&0i16.to_be_bytes());
+    let mut bind = cstr("");
+    bind.extend_from_slice(&cstr(""));
+    bind.extend_from_slice(&[0, 0, 0, 0, 0, 2, 0, 0, 0, 1]);
+    let unit = [
+        message(b'P', &parse),
+        message(b'B', &bind),
+        message(b'D', b"P\0"),
+        message(b'E', &[0, 0, 0, 0, 0]),
+        message(b'S', b""),
+    ];
+    let (p, o) = (
+        through.exchange(&unit).await.unwrap(),
+        direct.exchange(&unit).await.unwrap(),
+    );
+    assert_eq!(
+        shardline_tests::tags(&p),
+        shardline_tests::tags(&o),
+        "{p:?}"
+    );
+    assert_eq!(fields(&p), fields(&o));
+    assert_eq!(data_rows(&p), data_rows(&o));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

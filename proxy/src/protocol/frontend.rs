@@ -117,6 +117,40 @@ pub fn bind_params(rest: &[u8]) -> Option<Vec<shardline_router::shards::Param<'_
     Some(out)
 }
 
+/// A Bind's parameters and result formats (the part after the statement
+/// name) for a statement with `extra` more result columns than the client's:
+/// a list of one format per column gets text for the extra ones (one code,
+/// or none, already applies to every column).
+pub fn with_extra_result_columns(rest: &[u8], extra: usize) -> Option<Vec<u8>> {
+    let mut r = Reader::new(rest);
+    let nformats = r.i16()?.max(0) as usize;
+    for _ in 0..nformats {
+        r.i16()?;
+    }
+    let n = r.i16()?.max(0) as usize;
+    for _ in 0..n {
+        let len = r.i32()?;
+        if len > 0 {
+            r.bytes(len as usize)?;
+        }
+    }
+    let params_end = rest.len() - r.rest().len();
+    let nresults = r.i16()?.max(0) as usize;
+    let mut codes = Vec::with_capacity(nresults + extra);
+    for _ in 0..nresults {
+        codes.push(r.i16()?);
+    }
+    let mut out = rest[..params_end].to_vec();
+    if nresults > 1 && extra > 0 {
+        codes.resize(nresults + extra, 0);
+    }
+    out.extend_from_slice(&(codes.len() as i16).to_be_bytes());
+    for c in codes {
+        out.extend_from_slice(&c.to_be_bytes());
+    }
+    Some(out)
+}
+
 /// Describe or Close: `b'S'` statement or `b'P'` portal, and its name.
 pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), Malformed> {
     let m = Malformed(what);
@@ -175,6 +209,20 @@ pub fn write_query(buf: &mut BytesMut, sql: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bind_gets_result_formats_for_extra_columns() {
+        // One text parameter 'ab', then result formats [1, 0].
+        let mut rest = vec![0, 1, 0, 0, 0, 1, 0, 0, 0, 2, b'a', b'b', 0, 2, 0, 1, 0, 0];
+        let out = with_extra_result_columns(&rest, 2).unwrap();
+        assert_eq!(&out[..12], &rest[..12]);
+        assert_eq!(&out[12..], &[0, 4, 0, 1, 0, 0, 0, 0, 0, 0]);
+        // One code (or none) already covers every column.
+        rest.truncate(12);
+        rest.extend_from_slice(&[0, 1, 0, 1]);
+        assert_eq!(with_extra_result_columns(&rest, 2).unwrap(), rest);
+        assert!(with_extra_result_columns(&rest[..5], 2).is_none());
+    }
 
     #[test]
     fn parse_and_rewrite() {

@@ -198,7 +198,9 @@ impl Session {
                     }
                     let b = frontend::bind(f.body())?;
                     portal = b.portal;
-                    frontend::write_bind(out, b.portal, b"", b.rest);
+                    let rest = frontend::with_extra_result_columns(b.rest, unit.plan.hidden)
+                        .ok_or(frontend::Malformed("Bind"))?;
+                    frontend::write_bind(out, b.portal, b"", &rest);
                 }
                 frontend::DESCRIBE => {
                     let (kind, name) = frontend::target(f.body(), "Describe")?;
