@@ -462,3 +462,124 @@ async fn a_shard_failing_mid_merge_fails_the_statement_not_the_session() {
         assert_eq!(n, 400);
     }
 }
+
+/// psycopg 3, as applications use it: merged reads in text and binary,
+/// prepared or not, with parameters, equal to an unsharded server's; and a
+/// transaction on both shards committed and rolled back by the driver.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn psycopg_reads_merged_and_commits_across_shards() {
+    let env = Env::primaries(3).await;
+    let config = env.shards_config(&[0, 1], SHARDING).replace(
+        "function = \"consistent\"",
+        "function = \"consistent\"\ntwo_phase_commit = true",
+    );
+    let (proxy, c) = start_proxy(&config).await;
+    load(&c).await;
+    load(&env.connect_shard(2).await).await;
+    let sh = shardline_router::sharding::Sharding::from_config(
+        &shardline_config::Config::from_toml(&config, "t").unwrap(),
+    );
+    let key_on = |s: usize| {
+        (1..=400i64)
+            .find(|&k| {
+                sh.groups[0]
+                    .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
+                    .ok()
+                    == Some(s)
+            })
+            .unwrap()
+    };
+    let script =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("scripts/psycopg_sharded_check.py");
+    let (ok, out) = shardline_tests::run(
+        std::process::Command::new("python3")
+            .arg(script)
+            .arg(format!(
+                "postgresql://app:app@127.0.0.1:{}/app",
+                proxy.local_addr.port()
+            ))
+            .arg(format!(
+                "postgresql://app:app@127.0.0.1:{}/app",
+                env.node_port(env.shard_primary(2))
+            ))
+            .arg(key_on(0).to_string())
+            .arg(key_on(1).to_string()),
+    );
+    assert!(ok && out.contains("all checks passed"), "{out}");
+    assert!(out.contains("20 merged reads equal"), "{out}");
+}
+
+/// The shard holding user 1.
+fn shard_of_one(env: &Env) -> usize {
+    (0..2)
+        .find(|&s| env.sql_shard(s, "SELECT count(*) FROM users WHERE id = 1") == "1")
+        .expect("user 1 somewhere")
+}
+
+/// A read on several shards as a transaction's first statement (drivers
+/// such as psycopg open a transaction before every first statement): merged,
+/// and the transaction goes on; where the snapshot would differ, refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_may_begin_with_a_read_on_every_shard() {
+    let env = Env::primaries(2).await;
+    let (_proxy, c) = start_proxy(&env.shards_config(&[0, 1], SHARDING)).await;
+    let rows = load(&c).await;
+    c.batch_execute("BEGIN").await.unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("merged in a transaction")
+        .get(0);
+    assert_eq!(n, rows.len() as i64);
+    c.batch_execute("UPDATE users SET name = 'in txn' WHERE id = 1")
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(
+        env.sql_shard(shard_of_one(&env), "SELECT name FROM users WHERE id = 1"),
+        "in txn"
+    );
+
+    // After a write, the read would have to see it on one shard: refused.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("UPDATE users SET name = 'x' WHERE id = 1")
+        .await
+        .unwrap();
+    let err = c
+        .query("SELECT count(*) FROM users", &[])
+        .await
+        .expect_err("after a write");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
+    c.batch_execute("ROLLBACK").await.unwrap();
+
+    // REPEATABLE READ takes its snapshot at the first statement: refused.
+    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        .await
+        .unwrap();
+    let err = c
+        .query("SELECT count(*) FROM users", &[])
+        .await
+        .expect_err("repeatable read");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
+    c.batch_execute("ROLLBACK").await.unwrap();
+
+    // A read that fails fails the transaction, as on one server.
+    c.batch_execute("BEGIN").await.unwrap();
+    let err = c
+        .query("SELECT sum(1 / (id - 250)) FROM users", &[])
+        .await
+        .expect_err("division by zero");
+    assert_eq!(sqlstate(&err).as_deref(), Some("22012"));
+    let err = c
+        .query("SELECT 1", &[])
+        .await
+        .expect_err("failed transaction");
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"));
+    c.batch_execute("ROLLBACK").await.unwrap();
+    let n: i64 = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 400);
+}

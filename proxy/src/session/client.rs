@@ -89,6 +89,21 @@ impl Session {
                     if self.server.is_none() {
                         return Ok(Flow::NeedServer);
                     }
+                    if self.shared.sharding.is_some()
+                        && self.mode() == PoolMode::Transaction
+                        && !self.unit_open
+                        && !self.pending.is_empty()
+                        && self.server.as_ref().is_some_and(|s| s.tx_status == b'I')
+                        && matches!(
+                            self.plan_unit().plan,
+                            shardline_router::UnitPlan::DeferBegin
+                        )
+                    {
+                        // A lone BEGIN while the connection finishes the
+                        // proxy's own queries: it is deferred as always,
+                        // once the connection is released.
+                        return Ok(Flow::Wait);
+                    }
                     if self.shared.sharding.is_some() && !self.unit_open {
                         if self.txn_refused {
                             if self.in_refused_transaction()? {
@@ -111,6 +126,18 @@ impl Session {
                         && !self.may_follow()
                     {
                         return Ok(Flow::Wait);
+                    }
+                    if !self.unit_open && self.deferred_begin.is_some() && self.plan_unit().executes
+                    {
+                        if let Some(begin) = self.deferred_begin.take() {
+                            // The transaction's BEGIN waited (the connection
+                            // was attached to prepare a statement); this unit
+                            // runs on it, so the BEGIN goes first.
+                            self.server_out.extend_from_slice(&begin);
+                            self.pending.push_back(Pending::swallow(Kind::Query {
+                                effects: Default::default(),
+                            }));
+                        }
                     }
                 }
                 Ok(_) => {}

@@ -394,7 +394,7 @@ impl Session {
         if writes && !failed {
             self.remember_writes(&mut legs).await;
         }
-        backend::ready_for_query(&mut self.client_out, b'I');
+        self.fanout_ready(failed);
         for leg in legs {
             if !leg.conn.is_clean() || !leg.done {
                 drop(deadpool::managed::Object::take(leg.conn));
@@ -434,8 +434,23 @@ impl Session {
         if !simple {
             // The rest of the unit, up to its Sync, was consumed already.
         }
-        backend::ready_for_query(&mut self.client_out, b'I');
+        self.fanout_ready(true);
         Ok(())
+    }
+
+    /// ReadyForQuery after a fan-out: idle, or, for a read ahead of a
+    /// transaction's first shard, in the transaction (failed by an error,
+    /// as Postgres fails one).
+    fn fanout_ready(&mut self, failed: bool) {
+        let status = match (self.deferred_begin.is_some(), failed) {
+            (false, _) => b'I',
+            (true, false) => b'T',
+            (true, true) => {
+                self.txn_refused = true;
+                b'E'
+            }
+        };
+        backend::ready_for_query(&mut self.client_out, status);
     }
 
     /// A server failed mid-unit: roll back what the others did, report it.
@@ -448,7 +463,7 @@ impl Session {
             drop(deadpool::managed::Object::take(leg.conn));
         }
         PgError::error(sqlstate::CONNECTION_FAILURE, msg).encode(&mut self.client_out);
-        backend::ready_for_query(&mut self.client_out, b'I');
+        self.fanout_ready(true);
         Ok(())
     }
 

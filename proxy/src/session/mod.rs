@@ -301,6 +301,18 @@ impl Session {
         }
         let Some(shard) = self.shard_for(&planned.place) else {
             if self.deferred_begin.is_some() {
+                if self.read_ahead_of_transaction(&planned) {
+                    // Before the transaction has touched a shard, a READ
+                    // COMMITTED read sees what it would see inside it.
+                    let planned = route::Planned {
+                        plan: shardline_router::UnitPlan::Run {
+                            target: shardline_router::Target::Primary,
+                            writes: false,
+                        },
+                        ..planned
+                    };
+                    return self.run_fanout(planned).await;
+                }
                 self.txn_refused = true;
                 return self.fail_next_message(cross_shard_transaction(None, ""));
             }
@@ -310,7 +322,16 @@ impl Session {
             shardline_router::UnitPlan::DeferBegin => self.defer_begin(),
             shardline_router::UnitPlan::EndEmpty(tag) => self.end_empty(tag),
             shardline_router::UnitPlan::Run { target, writes } => {
-                if let Err(e) = self.attach_server(target, writes, shard).await {
+                // Preparing a statement starts no transaction: the BEGIN
+                // waits for a statement that runs.
+                let keep = (!planned.executes)
+                    .then(|| self.deferred_begin.take())
+                    .flatten();
+                let attached = self.attach_server(target, writes, shard).await;
+                if keep.is_some() {
+                    self.deferred_begin = keep;
+                }
+                if let Err(e) = attached {
                     self.tried = 0;
                     // A shard that could not join fails the whole transaction.
                     self.txn_refused |= !self.participants.is_empty();
@@ -319,6 +340,29 @@ impl Session {
                 Ok(())
             }
         }
+    }
+
+    /// A read on several shards while the transaction's BEGIN is still
+    /// deferred (no shard touched, nothing written) at READ COMMITTED: each
+    /// statement takes a new snapshot there, so running it outside the
+    /// transaction gives the same rows. Other isolation levels take the
+    /// transaction's snapshot at its first statement: not this way.
+    fn read_ahead_of_transaction(&self, planned: &route::Planned) -> bool {
+        use shardline_router::shards::Placement;
+        let Some(begin) = &self.deferred_begin else {
+            return false;
+        };
+        let text = String::from_utf8_lossy(&begin[5..]).to_ascii_lowercase();
+        let strict = |s: &str| s.contains("repeatable") || s.contains("serializable");
+        planned.reads_only
+            && self.participants.is_empty()
+            && self.server.is_none()
+            && matches!(planned.place, Placement::Many(_) | Placement::Merge(_))
+            && !strict(&text)
+            && !self
+                .vars
+                .get("default_transaction_isolation")
+                .is_some_and(|v| strict(&v.to_ascii_lowercase()))
     }
 
     /// In a transaction refused before its BEGIN reached a server: COMMIT,

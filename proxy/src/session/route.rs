@@ -36,6 +36,11 @@ pub(super) struct Planned {
     pub place: Placement,
     /// Every message of the unit has arrived.
     pub complete: bool,
+    /// Every statement of the unit is a read.
+    pub reads_only: bool,
+    /// The unit runs something (a query, an Execute, a function call), not
+    /// only Parse/Describe/Close.
+    pub executes: bool,
 }
 
 /// The query text of a Parse definition (`query\0` then parameter types).
@@ -125,6 +130,8 @@ impl Session {
                     _ => Placement::Anywhere,
                 },
                 complete: true,
+                reads_only: false,
+                executes: true,
             };
         }
         let max = self.shared.max_message_size;
@@ -134,7 +141,12 @@ impl Session {
         let (mut complete, mut simple_single, mut lone_end) = (false, false, None);
         // The unit's own unnamed statement: route and query text.
         let mut unnamed_parsed: Option<(Route, &[u8])> = None;
+        let mut executes = false;
         for (tag, body) in crate::protocol::complete_frames(buf, max) {
+            executes |= matches!(
+                tag,
+                frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
+            );
             match tag {
                 frontend::QUERY => {
                     let text = frontend::query(body).unwrap_or_default();
@@ -214,8 +226,11 @@ impl Session {
                 plan,
                 place,
                 complete,
+                reads_only: false,
+                executes: true,
             };
         }
+        let reads_only = !routes.is_empty() && routes.iter().all(|r| r.class == Class::Read);
         let plan = plan_unit(&UnitFacts {
             routes: &routes,
             simple_single,
@@ -228,6 +243,9 @@ impl Session {
             plan,
             place,
             complete,
+            reads_only,
+            // Until its Sync, the rest of the unit may still execute.
+            executes: executes || !complete,
         }
     }
 

@@ -98,6 +98,13 @@ impl Session {
         if front.answer == Answer::Forward || tag == ERROR_RESPONSE {
             let start = self.client_out.len();
             self.client_out.extend_from_slice(msg);
+            if tag == READY_FOR_QUERY && self.deferred_begin.is_some() {
+                // A statement prepared while the client's BEGIN waits: the
+                // client is in its transaction all the same.
+                if let Some(status) = self.client_out.last_mut().filter(|s| **s == b'I') {
+                    *status = if self.txn_refused { b'E' } else { b'T' };
+                }
+            }
             if survives {
                 // The server's connection ends, not the client's session: a
                 // FATAL would make the client hang up.
@@ -153,6 +160,11 @@ impl Session {
                 let status = *body.first().ok_or("empty ReadyForQuery")?;
                 if let Some(server) = self.server.as_mut() {
                     server.tx_status = status;
+                }
+                if status == b'I' && self.deferred_begin.is_none() {
+                    // The failed transaction is over (the connection may
+                    // still be busy with the proxy's own queries).
+                    self.txn_refused = false;
                 }
                 self.on_ready(status);
                 self.pop_if_ended(tag);
