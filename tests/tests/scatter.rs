@@ -301,6 +301,27 @@ fn data_rows(messages: &[shardline_tests::RawMessage]) -> Vec<Vec<u8>> {
         .collect()
 }
 
+/// Parse, Bind (with these result formats), Describe portal, Execute, Sync
+/// of one unnamed statement.
+fn extended_unit(sql: &str, result_formats: &[i16]) -> [Vec<u8>; 5] {
+    use shardline_tests::message;
+    let mut parse = vec![0];
+    parse.extend_from_slice(sql.as_bytes());
+    parse.extend_from_slice(&[0, 0, 0]);
+    let mut bind = vec![0, 0, 0, 0, 0, 0];
+    bind.extend_from_slice(&(result_formats.len() as i16).to_be_bytes());
+    for f in result_formats {
+        bind.extend_from_slice(&f.to_be_bytes());
+    }
+    [
+        message(b'P', &parse),
+        message(b'B', &bind),
+        message(b'D', b"P\0"),
+        message(b'E', &[0, 0, 0, 0, 0]),
+        message(b'S', b""),
+    ]
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn row_descriptions_are_the_unsharded_servers() {
     use shardline_tests::{message, RawClient};
@@ -342,19 +363,7 @@ async fn row_descriptions_are_the_unsharded_servers() {
         assert_eq!(data_rows(&p), data_rows(&o), "simple: {sql}");
         // Extended, one unit as psycopg sends it: Parse, Bind (binary
         // results), Describe portal, Execute, Sync.
-        let mut parse = cstr("");
-        parse.extend_from_slice(&cstr(sql));
-        parse.extend_from_slice(&0i16.to_be_bytes());
-        let mut bind = cstr("");
-        bind.extend_from_slice(&cstr(""));
-        bind.extend_from_slice(&[0, 0, 0, 0, 0, 1, 0, 1]);
-        let unit = [
-            message(b'P', &parse),
-            message(b'B', &bind),
-            message(b'D', b"P\0"),
-            message(b'E', &[0, 0, 0, 0, 0]),
-            message(b'S', b""),
-        ];
+        let unit = extended_unit(sql, &[1]);
         let (p, o) = (
             through.exchange(&unit).await.unwrap(),
             direct.exchange(&unit).await.unwrap(),
@@ -369,20 +378,10 @@ async fn row_descriptions_are_the_unsharded_servers() {
     }
     // A result format per column (as pgjdbc binds): the hidden sort column
     // gets one too.
-    let sql = "SELECT name, age FROM users ORDER BY id DESC LIMIT 5";
-    let mut parse = cstr("");
-    parse.extend_from_slice(&cstr(sql));
-    parse.extend_from_slice(&0i16.to_be_bytes());
-    let mut bind = cstr("");
-    bind.extend_from_slice(&cstr(""));
-    bind.extend_from_slice(&[0, 0, 0, 0, 0, 2, 0, 0, 0, 1]);
-    let unit = [
-        message(b'P', &parse),
-        message(b'B', &bind),
-        message(b'D', b"P\0"),
-        message(b'E', &[0, 0, 0, 0, 0]),
-        message(b'S', b""),
-    ];
+    let unit = extended_unit(
+        "SELECT name, age FROM users ORDER BY id DESC LIMIT 5",
+        &[0, 1],
+    );
     let (p, o) = (
         through.exchange(&unit).await.unwrap(),
         direct.exchange(&unit).await.unwrap(),
