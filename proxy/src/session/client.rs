@@ -130,9 +130,9 @@ impl Session {
                     if !self.unit_open && self.deferred_begin.is_some() && self.plan_unit().executes
                     {
                         if let Some(begin) = self.deferred_begin.take() {
-                            // The transaction's BEGIN waited (the connection
-                            // was attached to prepare a statement); this unit
-                            // runs on it, so the BEGIN goes first.
+                            // The transaction's BEGIN, deferred until a
+                            // statement runs: this unit runs here, so the
+                            // BEGIN goes first (preparing starts nothing).
                             self.server_out.extend_from_slice(&begin);
                             self.pending.push_back(Pending::swallow(Kind::Query {
                                 effects: Default::default(),

@@ -314,7 +314,16 @@ impl Session {
                     return self.run_fanout(planned).await;
                 }
                 self.txn_refused = true;
-                return self.fail_next_message(cross_shard_transaction(None, ""));
+                let e = if planned.reads_only && self.strict_isolation() {
+                    PgError::error(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "a read on several shards cannot begin a REPEATABLE READ or SERIALIZABLE transaction: its snapshot would not be the transaction's",
+                    )
+                    .with_hint("run the read outside the transaction, or begin it at READ COMMITTED")
+                } else {
+                    cross_shard_transaction(None, "")
+                };
+                return self.fail_next_message(e);
             }
             return self.run_fanout(planned).await;
         };
@@ -322,16 +331,7 @@ impl Session {
             shardline_router::UnitPlan::DeferBegin => self.defer_begin(),
             shardline_router::UnitPlan::EndEmpty(tag) => self.end_empty(tag),
             shardline_router::UnitPlan::Run { target, writes } => {
-                // Preparing a statement starts no transaction: the BEGIN
-                // waits for a statement that runs.
-                let keep = (!planned.executes)
-                    .then(|| self.deferred_begin.take())
-                    .flatten();
-                let attached = self.attach_server(target, writes, shard).await;
-                if keep.is_some() {
-                    self.deferred_begin = keep;
-                }
-                if let Err(e) = attached {
+                if let Err(e) = self.attach_server(target, writes, shard).await {
                     self.tried = 0;
                     // A shard that could not join fails the whole transaction.
                     self.txn_refused |= !self.participants.is_empty();
@@ -349,20 +349,28 @@ impl Session {
     /// transaction's snapshot at its first statement: not this way.
     fn read_ahead_of_transaction(&self, planned: &route::Planned) -> bool {
         use shardline_router::shards::Placement;
-        let Some(begin) = &self.deferred_begin else {
-            return false;
-        };
-        let text = String::from_utf8_lossy(&begin[5..]).to_ascii_lowercase();
-        let strict = |s: &str| s.contains("repeatable") || s.contains("serializable");
-        planned.reads_only
+        self.deferred_begin.is_some()
+            && planned.reads_only
             && self.participants.is_empty()
             && self.server.is_none()
             && matches!(planned.place, Placement::Many(_) | Placement::Merge(_))
-            && !strict(&text)
-            && !self
+            && !self.strict_isolation()
+    }
+
+    /// The deferred BEGIN (or the session's default) asks for REPEATABLE
+    /// READ or SERIALIZABLE.
+    fn strict_isolation(&self) -> bool {
+        let strict = |s: &str| {
+            let s = s.to_ascii_lowercase();
+            s.contains("repeatable") || s.contains("serializable")
+        };
+        self.deferred_begin
+            .as_ref()
+            .is_some_and(|b| strict(&String::from_utf8_lossy(&b[5..])))
+            || self
                 .vars
                 .get("default_transaction_isolation")
-                .is_some_and(|v| strict(&v.to_ascii_lowercase()))
+                .is_some_and(strict)
     }
 
     /// In a transaction refused before its BEGIN reached a server: COMMIT,

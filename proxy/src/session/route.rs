@@ -389,12 +389,8 @@ impl Session {
             }
             conn.vars = self.vars.clone();
         }
-        if let Some(begin) = self.deferred_begin.take() {
-            self.server_out.extend_from_slice(&begin);
-            self.pending.push_back(Pending::swallow(Kind::Query {
-                effects: Default::default(),
-            }));
-        }
+        // A deferred BEGIN goes out with the first unit that runs something
+        // (`client.rs`), not with one that only prepares a statement.
         self.cancel.attach(conn.addr.clone(), conn.pid, conn.secret);
         self.wrote = writes;
         self.write_attach = writes;
