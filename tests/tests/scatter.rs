@@ -515,6 +515,20 @@ fn shard_of_one(env: &Env) -> usize {
         .expect("user 1 somewhere")
 }
 
+/// Runs `statements` one by one, then a keyless read that must fail; rolls
+/// back and returns the read's error.
+async fn keyless_read_in(c: &Client, statements: &[&str]) -> tokio_postgres::Error {
+    for sql in statements {
+        c.batch_execute(sql).await.unwrap();
+    }
+    let err = c
+        .query("SELECT count(*) FROM users", &[])
+        .await
+        .expect_err("refused");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    err
+}
+
 /// A read on several shards as a transaction's first statement (drivers
 /// such as psycopg open a transaction before every first statement): merged,
 /// and the transaction goes on; where the snapshot would differ, refused.
@@ -540,27 +554,11 @@ async fn a_transaction_may_begin_with_a_read_on_every_shard() {
     );
 
     // After a write, the read would have to see it on one shard: refused.
-    c.batch_execute("BEGIN").await.unwrap();
-    c.batch_execute("UPDATE users SET name = 'x' WHERE id = 1")
-        .await
-        .unwrap();
-    let err = c
-        .query("SELECT count(*) FROM users", &[])
-        .await
-        .expect_err("after a write");
+    let err = keyless_read_in(&c, &["BEGIN", "UPDATE users SET name = 'x' WHERE id = 1"]).await;
     assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
-    c.batch_execute("ROLLBACK").await.unwrap();
-
     // REPEATABLE READ takes its snapshot at the first statement: refused.
-    c.batch_execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
-        .await
-        .unwrap();
-    let err = c
-        .query("SELECT count(*) FROM users", &[])
-        .await
-        .expect_err("repeatable read");
+    let err = keyless_read_in(&c, &["BEGIN ISOLATION LEVEL REPEATABLE READ"]).await;
     assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
-    c.batch_execute("ROLLBACK").await.unwrap();
 
     // A read that fails fails the transaction, as on one server.
     c.batch_execute("BEGIN").await.unwrap();

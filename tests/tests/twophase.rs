@@ -33,6 +33,17 @@ fn keys(config: &str, from: i64) -> (i64, i64) {
     (on(0), on(1))
 }
 
+/// BEGIN, then the names of users `first` and `second` (on their shards, in
+/// that order) set to `name`; the transaction is left open.
+async fn rename_in_one_transaction(c: &Client, first: i64, second: i64, name: &str) {
+    c.batch_execute("BEGIN").await.unwrap();
+    for id in [first, second] {
+        c.execute("UPDATE users SET name = $2 WHERE id = $1", &[&id, &name])
+            .await
+            .unwrap();
+    }
+}
+
 fn names(env: &Env, shard: usize) -> String {
     env.sql_shard(
         shard,
@@ -86,13 +97,7 @@ async fn a_transaction_on_two_shards_commits_or_rolls_back_everywhere() {
     );
 
     // ROLLBACK: neither.
-    c.batch_execute("BEGIN").await.unwrap();
-    c.execute("UPDATE users SET name = 'x' WHERE id = $1", &[&b])
-        .await
-        .unwrap();
-    c.execute("UPDATE users SET name = 'x' WHERE id = $1", &[&a])
-        .await
-        .unwrap();
+    rename_in_one_transaction(&c, b, a, "x").await;
     c.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(
         (names(&env, 0), names(&env, 1)),
@@ -127,13 +132,7 @@ async fn a_transaction_on_two_shards_commits_or_rolls_back_everywhere() {
 
     // An error fails the whole transaction: another shard's statement gets
     // 25P02, and COMMIT rolls back.
-    c.batch_execute("BEGIN").await.unwrap();
-    c.execute("UPDATE users SET name = 'y' WHERE id = $1", &[&a])
-        .await
-        .unwrap();
-    c.execute("UPDATE users SET name = 'y' WHERE id = $1", &[&b])
-        .await
-        .unwrap();
+    rename_in_one_transaction(&c, a, b, "y").await;
     let err = c
         .execute("INSERT INTO users (id, name) VALUES ($1, 'dup')", &[&b])
         .await
@@ -151,26 +150,14 @@ async fn a_transaction_on_two_shards_commits_or_rolls_back_everywhere() {
     assert!(names(&env, 1).starts_with(&format!("{b}=b")));
 
     // Savepoints do not span shards: refused, and the transaction fails.
-    c.batch_execute("BEGIN").await.unwrap();
-    c.execute("UPDATE users SET name = 's' WHERE id = $1", &[&a])
-        .await
-        .unwrap();
-    c.execute("UPDATE users SET name = 's' WHERE id = $1", &[&b])
-        .await
-        .unwrap();
+    rename_in_one_transaction(&c, a, b, "s").await;
     let err = c.batch_execute("SAVEPOINT p").await.expect_err("savepoint");
     assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err:?}");
     c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(names(&env, 0), format!("{a}=a"));
 
     // A statement on several shards at once stays refused inside it.
-    c.batch_execute("BEGIN").await.unwrap();
-    c.execute("UPDATE users SET name = 'm' WHERE id = $1", &[&a])
-        .await
-        .unwrap();
-    c.execute("UPDATE users SET name = 'm' WHERE id = $1", &[&b])
-        .await
-        .unwrap();
+    rename_in_one_transaction(&c, a, b, "m").await;
     let err = c
         .query("SELECT count(*) FROM users", &[])
         .await
@@ -186,13 +173,7 @@ async fn a_transaction_on_two_shards_commits_or_rolls_back_everywhere() {
     // COMMIT and ROLLBACK over the extended protocol (as drivers that
     // prepare everything send them) end the transaction everywhere too.
     for (end, name) in [("ROLLBACK", "a"), ("COMMIT", "e")] {
-        c.batch_execute("BEGIN").await.unwrap();
-        c.execute("UPDATE users SET name = $2 WHERE id = $1", &[&a, &"e"])
-            .await
-            .unwrap();
-        c.execute("UPDATE users SET name = $2 WHERE id = $1", &[&b, &"e"])
-            .await
-            .unwrap();
+        rename_in_one_transaction(&c, a, b, "e").await;
         c.execute(end, &[]).await.expect(end);
         assert_eq!(names(&env, 0), format!("{a}={name}"), "{end}");
         assert!(
