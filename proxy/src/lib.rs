@@ -47,6 +47,61 @@ pub struct ReadYourWritesState {
     pub lsn: std::sync::atomic::AtomicU64,
     /// Reads go to the primary until this time (`health::now_ms`).
     pub primary_until: std::sync::atomic::AtomicU64,
+    /// Commits whose reply may have reached the client while their WAL
+    /// position is not known yet: reads go to the primary meanwhile.
+    pub positions_pending: std::sync::atomic::AtomicU32,
+}
+
+/// A commit of this user's on one shard whose WAL position is not known
+/// yet. Counted in `positions_pending` from before the commit's reply is
+/// released to the client until the position is recorded; dropped without
+/// one (the connection was lost), reads go to the primary for `fallback`.
+pub struct PositionPending {
+    user: Arc<UserEntry>,
+    shard: usize,
+    fallback: Duration,
+    settled: bool,
+}
+
+impl PositionPending {
+    pub fn new(user: Arc<UserEntry>, shard: usize, fallback: Duration) -> PositionPending {
+        user.ryw[shard]
+            .positions_pending
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        PositionPending {
+            user,
+            shard,
+            fallback,
+            settled: false,
+        }
+    }
+
+    /// The primary's WAL position after the commit.
+    pub fn settle(&mut self, lsn: u64) {
+        self.user.ryw[self.shard]
+            .lsn
+            .fetch_max(lsn, std::sync::atomic::Ordering::SeqCst);
+        self.settled = true;
+    }
+}
+
+impl std::fmt::Debug for PositionPending {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "PositionPending(shard {})", self.shard)
+    }
+}
+
+impl Drop for PositionPending {
+    fn drop(&mut self) {
+        let ryw = &self.user.ryw[self.shard];
+        if !self.settled {
+            let until = health::now_ms() + self.fallback.as_millis() as u64;
+            ryw.primary_until
+                .fetch_max(until, std::sync::atomic::Ordering::SeqCst);
+        }
+        ryw.positions_pending
+            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+    }
 }
 
 /// State every session shares; built once from the configuration.

@@ -81,6 +81,7 @@ fn bench(c: &mut Criterion) {
                 let input = KeyInput {
                     sql,
                     params: &[],
+                    param_types: &[],
                     session_shard: None,
                     session_key: None,
                 };
@@ -98,6 +99,7 @@ fn bench(c: &mut Criterion) {
             let input = KeyInput {
                 sql: "SELECT name FROM users WHERE id = $1",
                 params: &params,
+                param_types: &[],
                 session_shard: None,
                 session_key: None,
             };

@@ -33,11 +33,58 @@ pub enum KeySrc {
         ordinal: u16,
         negative: bool,
     },
-    /// Bound parameter `$n` (1-based).
-    Param(u16),
+    /// Bound parameter `$n` (1-based), read as `ty` unless the statement
+    /// declares its type.
+    Param {
+        n: u16,
+        ty: ParamType,
+    },
     Null,
     /// An expression the proxy does not evaluate.
     Unknown,
+}
+
+/// The type a bound parameter has on the server, as far as the statement
+/// says (a cast on it or on the column it is compared with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamType {
+    /// The key column's own type (no cast).
+    Column,
+    Int,
+    Text,
+    Uuid,
+    Float,
+    /// Any other type: its value is not read as a key.
+    Other,
+}
+
+impl ParamType {
+    /// The class of a type named in a cast (`$1::int8`, `id::text`).
+    pub fn of_cast(data_type: &sqlparser::ast::DataType) -> ParamType {
+        let name = data_type.to_string().to_ascii_lowercase();
+        let base = name.split('(').next().unwrap_or("").trim();
+        match base {
+            "smallint" | "int" | "integer" | "bigint" | "int2" | "int4" | "int8" => ParamType::Int,
+            "text" | "varchar" | "character varying" | "char" | "character" | "bpchar" | "name" => {
+                ParamType::Text
+            }
+            "uuid" => ParamType::Uuid,
+            "real" | "float" | "float4" | "float8" | "double precision" => ParamType::Float,
+            _ => ParamType::Other,
+        }
+    }
+
+    /// The class of a parameter type OID a Parse declared (0: none).
+    pub fn of_oid(oid: u32) -> Option<ParamType> {
+        Some(match oid {
+            0 => return None,
+            20 | 21 | 23 => ParamType::Int,
+            25 | 1043 | 1042 | 19 | 705 => ParamType::Text,
+            2950 => ParamType::Uuid,
+            700 | 701 => ParamType::Float,
+            _ => ParamType::Other,
+        })
+    }
 }
 
 /// Which keys a condition allows.
@@ -487,7 +534,28 @@ impl Analyzer<'_> {
                 parts[parts.len() - 1].value.to_ascii_lowercase(),
             ),
             Expr::Nested(inner) => return self.key_ref(inner, rels),
-            Expr::Cast { expr, .. } => return self.key_ref(expr, rels),
+            Expr::Cast {
+                expr, data_type, ..
+            } => {
+                // `id::text = '5'` holds for one key at most, `name::int = 5`
+                // for many ('5', '05'): only casts to text or to the key's
+                // own kind keep the comparison a key.
+                let i = self.key_ref(expr, rels)?;
+                let TableKind::Sharded(rule) = &rels[i].kind else {
+                    return None;
+                };
+                use shardline_config::KeyType;
+                let keeps = matches!(
+                    (
+                        self.sh.groups[rule.group].key_type,
+                        ParamType::of_cast(data_type),
+                    ),
+                    (_, ParamType::Text)
+                        | (KeyType::Bigint, ParamType::Int)
+                        | (KeyType::Uuid, ParamType::Uuid)
+                );
+                return keeps.then_some(i);
+            }
             _ => return None,
         };
         rels.iter().position(|r| match &r.kind {
@@ -501,10 +569,14 @@ impl Analyzer<'_> {
     fn value_src(&self, e: &Expr) -> KeySrc {
         match e {
             Expr::Value(v) => match &v.value {
-                Value::Placeholder(p) => p
-                    .strip_prefix('$')
-                    .and_then(|n| n.parse().ok())
-                    .map_or(KeySrc::Unknown, KeySrc::Param),
+                Value::Placeholder(p) => {
+                    p.strip_prefix('$')
+                        .and_then(|n| n.parse().ok())
+                        .map_or(KeySrc::Unknown, |n| KeySrc::Param {
+                            n,
+                            ty: ParamType::Column,
+                        })
+                }
                 Value::Null => KeySrc::Null,
                 Value::Number(..)
                 | Value::SingleQuotedString(_)
@@ -529,8 +601,49 @@ impl Analyzer<'_> {
                 },
                 _ => KeySrc::Unknown,
             },
-            Expr::Cast { expr, .. } | Expr::Nested(expr) => self.value_src(expr),
+            Expr::Cast {
+                expr, data_type, ..
+            } => match self.value_src(expr) {
+                KeySrc::Param {
+                    n,
+                    ty: ParamType::Column,
+                } => KeySrc::Param {
+                    n,
+                    ty: ParamType::of_cast(data_type),
+                },
+                other => other,
+            },
+            Expr::Nested(expr) => self.value_src(expr),
             _ => KeySrc::Unknown,
+        }
+    }
+
+    /// The cast on the column side of `column = value`, which gives an
+    /// uncast parameter on the other side its type.
+    fn column_cast(e: &Expr) -> ParamType {
+        match e {
+            Expr::Nested(inner) => Self::column_cast(inner),
+            Expr::Cast { data_type, .. } => ParamType::of_cast(data_type),
+            _ => ParamType::Column,
+        }
+    }
+
+    /// `keys(values)` for values compared with `column`.
+    fn keys_compared(&self, column: &Expr, values: &[&Expr]) -> KeyExpr {
+        let cast = Self::column_cast(column);
+        match self.keys(values) {
+            KeyExpr::Keys(srcs) if cast != ParamType::Column => KeyExpr::Keys(
+                srcs.into_iter()
+                    .map(|s| match s {
+                        KeySrc::Param {
+                            n,
+                            ty: ParamType::Column,
+                        } => KeySrc::Param { n, ty: cast },
+                        other => other,
+                    })
+                    .collect(),
+            ),
+            other => other,
         }
     }
 
@@ -557,8 +670,8 @@ impl Analyzer<'_> {
                         links.push((a, b));
                         KeyExpr::All
                     }
-                    (Some(_), None) => self.keys(&[right]),
-                    (None, Some(_)) => self.keys(&[left]),
+                    (Some(_), None) => self.keys_compared(left, &[right]),
+                    (None, Some(_)) => self.keys_compared(right, &[left]),
                     (None, None) => KeyExpr::All,
                 },
                 _ => KeyExpr::All,
@@ -569,7 +682,7 @@ impl Analyzer<'_> {
                 negated: false,
             } if self.key_ref(expr, rels).is_some() => {
                 let refs: Vec<&Expr> = list.iter().collect();
-                self.keys(&refs)
+                self.keys_compared(expr, &refs)
             }
             Expr::IsNull(inner) if self.key_ref(inner, rels).is_some() => {
                 KeyExpr::Keys(vec![KeySrc::Null])
@@ -589,8 +702,9 @@ impl Analyzer<'_> {
                         let refs: Vec<&Expr> = arr.elem.iter().collect();
                         self.keys(&refs)
                     }
-                    _ => match self.value_src(r) {
-                        KeySrc::Param(n) => KeyExpr::AnyParam(n),
+                    // An array parameter compared with the column itself.
+                    _ => match (self.value_src(r), Self::column_cast(left)) {
+                        (KeySrc::Param { n, .. }, ParamType::Column) => KeyExpr::AnyParam(n),
                         _ => KeyExpr::All,
                     },
                 }
@@ -1101,6 +1215,8 @@ pub struct KeyInput<'a> {
     pub sql: &'a str,
     /// Bound parameters: `(format, value)`; format 1 is binary.
     pub params: &'a [Param<'a>],
+    /// The parameter type OIDs the statement's Parse declared (0: none).
+    pub param_types: &'a [u32],
     /// The session's `shardline.shard` / `shardline.sharding_key`.
     pub session_shard: Option<&'a str>,
     pub session_key: Option<&'a str>,
@@ -1224,21 +1340,64 @@ fn key_value(
     match *src {
         KeySrc::Null => Ok(None),
         KeySrc::Unknown => Err(()),
-        KeySrc::Param(n) => {
-            let (format, value) = *input.params.get((n as usize).wrapping_sub(1)).ok_or(())?;
+        KeySrc::Param { n, ty } => {
+            let i = (n as usize).wrapping_sub(1);
+            let (format, value) = *input.params.get(i).ok_or(())?;
             let Some(v) = value else { return Ok(None) };
-            let key = if format == 1 {
-                g.key_from_binary(v)
-            } else {
-                std::str::from_utf8(v).ok().and_then(|s| g.key_from_text(s))
-            };
-            key.map(Some).ok_or(())
+            // A type the Parse declared wins over what the text implies.
+            let declared = input
+                .param_types
+                .get(i)
+                .copied()
+                .and_then(ParamType::of_oid);
+            param_key(g, declared.unwrap_or(ty), format == 1, v)
+                .map(Some)
+                .ok_or(())
         }
         KeySrc::Const { ordinal, negative } => {
             let text = values.constant(ordinal as usize).ok_or(())?;
             let text = if negative { format!("-{text}") } else { text };
             g.key_from_text(&text).map(Some).ok_or(())
         }
+    }
+}
+
+/// The key a bound parameter of type `ty` holds; `None` when its value is
+/// not one key (a fraction, a type the proxy does not read): the statement
+/// then runs wherever the key could be.
+fn param_key(
+    g: &crate::sharding::Group,
+    ty: ParamType,
+    binary: bool,
+    v: &[u8],
+) -> Option<KeyValue> {
+    let integral = |f: f64| {
+        (f.fract() == 0.0 && f.abs() < 9.0e18).then(|| g.key_from_text(&(f as i64).to_string()))?
+    };
+    match (ty, binary) {
+        (ParamType::Column, true) => g.key_from_binary(v),
+        (ParamType::Other, _) => None,
+        (ParamType::Float, false) => integral(std::str::from_utf8(v).ok()?.trim().parse().ok()?),
+        (_, false) => g.key_from_text(std::str::from_utf8(v).ok()?),
+        (ParamType::Int, true) => {
+            let n = match v.len() {
+                2 => i16::from_be_bytes(v.try_into().ok()?) as i64,
+                4 => i32::from_be_bytes(v.try_into().ok()?) as i64,
+                8 => i64::from_be_bytes(v.try_into().ok()?),
+                _ => return None,
+            };
+            g.key_from_text(&n.to_string())
+        }
+        (ParamType::Text, true) => g.key_from_text(std::str::from_utf8(v).ok()?),
+        (ParamType::Uuid, true) => match g.key_type {
+            shardline_config::KeyType::Uuid => g.key_from_binary(v),
+            _ => None,
+        },
+        (ParamType::Float, true) => match v.len() {
+            4 => integral(f32::from_be_bytes(v.try_into().ok()?) as f64),
+            8 => integral(f64::from_be_bytes(v.try_into().ok()?)),
+            _ => None,
+        },
     }
 }
 
@@ -1539,6 +1698,7 @@ fn rows_by_shard(
     let input = KeyInput {
         sql,
         params: &[],
+        param_types: &[],
         session_shard: None,
         session_key: None,
     };

@@ -76,6 +76,7 @@ fn reads_needing_a_merge_are_placed_for_merging() {
         let input = KeyInput {
             sql,
             params: &[],
+            param_types: &[],
             session_shard: None,
             session_key: None,
         };

@@ -67,10 +67,21 @@ impl T {
     }
 
     fn place_with(&mut self, sql: &str, params: &[(i16, Option<&[u8]>)]) -> Vec<Placement> {
+        self.place_typed(sql, params, &[])
+    }
+
+    /// With the parameter types a Parse declared.
+    fn place_typed(
+        &mut self,
+        sql: &str,
+        params: &[(i16, Option<&[u8]>)],
+        param_types: &[u32],
+    ) -> Vec<Placement> {
         let route = self.router.route(sql);
         let input = KeyInput {
             sql,
             params,
+            param_types,
             session_shard: None,
             session_key: None,
         };
@@ -379,6 +390,7 @@ fn hints_override_parsing() {
     let input = KeyInput {
         sql: "SELECT * FROM users",
         params: &[],
+        param_types: &[],
         session_shard: None,
         session_key: Some("42"),
     };
@@ -530,4 +542,69 @@ fn range_and_list_functions() {
         matches!(p, Placement::Refused(ref r) if r.code == "22023" && r.message.contains("no list")),
         "{p:?}"
     );
+}
+
+/// A parameter is read as the type it has on the server: the declared type
+/// of the Parse, a cast on it, or a cast on the column compared with it.
+/// A value that is not one key reaches every shard instead of a wrong one.
+#[test]
+fn parameters_are_read_as_their_own_type() {
+    let mut t = T::new();
+    let all = Placement::Many(t.sh.all_shards());
+    for k in [5i64, 42, 1234, -7] {
+        let one = Placement::One(t.of(k));
+        let f8 = (k as f64).to_be_bytes();
+        let int8 = k.to_be_bytes();
+        let text = k.to_string();
+        let sql = "SELECT * FROM users WHERE id = $1";
+        // Declared float8, binary: 5.0 is key 5, not the int8 bit pattern.
+        assert_eq!(t.place_typed(sql, &[(1, Some(&f8))], &[701]), [one.clone()]);
+        // Declared int8 / none: the column's type.
+        assert_eq!(
+            t.place_typed(sql, &[(1, Some(&int8))], &[20]),
+            [one.clone()]
+        );
+        assert_eq!(t.place_typed(sql, &[(1, Some(&int8))], &[0]), [one.clone()]);
+        // Declared text or float8 in text format.
+        assert_eq!(
+            t.place_typed(sql, &[(0, Some(text.as_bytes()))], &[25]),
+            [one.clone()]
+        );
+        let fraction = format!("{k}.5");
+        assert_eq!(
+            t.place_typed(sql, &[(0, Some(fraction.as_bytes()))], &[701]),
+            [all.clone()]
+        );
+        // Numeric is not read: every shard.
+        assert_eq!(
+            t.place_typed(sql, &[(0, Some(text.as_bytes()))], &[1700]),
+            [all.clone()]
+        );
+        // A cast on the parameter gives its type.
+        assert_eq!(
+            t.place_with(
+                "SELECT * FROM users WHERE id = $1::float8",
+                &[(1, Some(&f8))]
+            ),
+            [one.clone()]
+        );
+        assert_eq!(
+            t.place_with(
+                "SELECT * FROM users WHERE id = $1::numeric",
+                &[(0, Some(text.as_bytes()))]
+            ),
+            [all.clone()]
+        );
+        // A cast on the column: `id::text = $1` binary is text, not an integer.
+        assert_eq!(
+            t.place_with(
+                "SELECT * FROM users WHERE id::text = $1",
+                &[(1, Some(text.as_bytes()))]
+            ),
+            [one.clone()]
+        );
+    }
+    // `id::float8 = 5` holds for one key but is not read as one; a text key
+    // cast to an integer holds for many ('5', '05'): every shard.
+    assert_eq!(t.place("SELECT * FROM users WHERE id::float8 = 5"), all);
 }

@@ -879,3 +879,76 @@ pub fn numeric_flags(flags: &mut [(&str, &mut u32)], usage: &str) -> Result<()> 
     }
     Ok(())
 }
+
+/// Extended-protocol messages as drivers send them, for tests that choose
+/// the batching themselves.
+pub mod wire {
+    use super::message;
+
+    /// Parse of `sql` as statement `name`, declaring `types` (OIDs; 0 for none).
+    pub fn parse(name: &str, sql: &str, types: &[u32]) -> Vec<u8> {
+        let mut b = Vec::new();
+        b.extend_from_slice(name.as_bytes());
+        b.push(0);
+        b.extend_from_slice(sql.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&(types.len() as i16).to_be_bytes());
+        for t in types {
+            b.extend_from_slice(&t.to_be_bytes());
+        }
+        message(b'P', &b)
+    }
+
+    /// Bind of statement `stmt` to the unnamed portal: parameters as
+    /// `(format, value)` (format 1 is binary), results in `result_format`.
+    pub fn bind(stmt: &str, params: &[(i16, Option<&[u8]>)], result_format: i16) -> Vec<u8> {
+        let mut b = vec![0];
+        b.extend_from_slice(stmt.as_bytes());
+        b.push(0);
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for (f, _) in params {
+            b.extend_from_slice(&f.to_be_bytes());
+        }
+        b.extend_from_slice(&(params.len() as i16).to_be_bytes());
+        for (_, v) in params {
+            match v {
+                Some(v) => {
+                    b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    b.extend_from_slice(v);
+                }
+                None => b.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+        }
+        b.extend_from_slice(&1i16.to_be_bytes());
+        b.extend_from_slice(&result_format.to_be_bytes());
+        message(b'B', &b)
+    }
+
+    /// Describe of a statement (`b'S'`) or portal (`b'P'`).
+    pub fn describe(kind: u8, name: &str) -> Vec<u8> {
+        let mut b = vec![kind];
+        b.extend_from_slice(name.as_bytes());
+        b.push(0);
+        message(b'D', &b)
+    }
+
+    /// Execute of the unnamed portal, every row.
+    pub fn execute() -> Vec<u8> {
+        message(b'E', &[0, 0, 0, 0, 0])
+    }
+
+    pub fn sync() -> Vec<u8> {
+        message(b'S', b"")
+    }
+
+    pub fn flush() -> Vec<u8> {
+        message(b'H', b"")
+    }
+
+    /// A simple query.
+    pub fn query(sql: &str) -> Vec<u8> {
+        let mut b = sql.as_bytes().to_vec();
+        b.push(0);
+        message(b'Q', &b)
+    }
+}

@@ -180,6 +180,26 @@ pub fn query(body: &[u8]) -> Result<&[u8], Malformed> {
     Ok(q)
 }
 
+/// The parameter type OIDs a Parse definition (`query\0`, count, OIDs)
+/// declares; empty when it declares none or is cut short.
+pub fn definition_param_types(definition: &[u8]) -> Vec<u32> {
+    let mut r = Reader::new(definition);
+    let Some(_query) = r.cstr() else {
+        return Vec::new();
+    };
+    let Some(n) = r.i16() else {
+        return Vec::new();
+    };
+    let mut types = Vec::with_capacity(n.max(0) as usize);
+    for _ in 0..n {
+        match r.i32() {
+            Some(oid) => types.push(oid as u32),
+            None => return Vec::new(),
+        }
+    }
+    types
+}
+
 pub fn write_parse(buf: &mut BytesMut, name: &[u8], definition: &[u8]) {
     put_message(buf, PARSE, |b| {
         put_cstr(b, name);
@@ -200,6 +220,10 @@ pub fn write_target(buf: &mut BytesMut, tag: u8, kind: u8, name: &[u8]) {
         b.extend_from_slice(&[kind]);
         put_cstr(b, name);
     });
+}
+
+pub fn write_sync(buf: &mut BytesMut) {
+    put_message(buf, SYNC, |_| {});
 }
 
 pub fn write_query(buf: &mut BytesMut, sql: &str) {

@@ -161,6 +161,8 @@ impl ServerConnection {
         sql: &str,
     ) -> Result<(Vec<Vec<Option<String>>>, u8), ServerError> {
         use crate::protocol::backend::{DATA_ROW, ERROR_RESPONSE, READY_FOR_QUERY};
+        // A simple query drops the connection's unnamed statement.
+        self.unnamed_token = 0;
         let mut out = BytesMut::new();
         crate::protocol::frontend::write_query(&mut out, sql);
         self.send(&out).await?;

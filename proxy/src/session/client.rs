@@ -68,6 +68,11 @@ impl Session {
     /// a server connection that is not attached, stops before it and says so.
     pub(super) fn on_client_data(&mut self) -> Result<Flow, End> {
         loop {
+            if self.segment_pending && !self.client_in.is_empty() {
+                // Whether the rest of the unit is skipped (a failed Parse)
+                // is known once the proxy's Sync is answered.
+                return Ok(Flow::Wait);
+            }
             match peek_header(&self.client_in, self.shared.max_message_size) {
                 Ok(Some((tag, _))) if needs_server(tag) && !self.skip_until_sync => {
                     if !self.participants.is_empty() && !self.unit_open {
@@ -105,6 +110,13 @@ impl Session {
                         return Ok(Flow::Wait);
                     }
                     if self.shared.sharding.is_some() && !self.unit_open {
+                        if self.txn_refused && self.unit_ends_transaction()? {
+                            if !self.pending.is_empty() {
+                                return Ok(Flow::Wait);
+                            }
+                            self.end_refused_unit()?;
+                            continue;
+                        }
                         if self.txn_refused {
                             if self.in_refused_transaction()? {
                                 continue;
@@ -133,7 +145,7 @@ impl Session {
                             // The transaction's BEGIN, deferred until a
                             // statement runs: this unit runs here, so the
                             // BEGIN goes first (preparing starts nothing).
-                            self.server_out.extend_from_slice(&begin);
+                            self.send_query(None, &begin);
                             self.pending.push_back(Pending::swallow(Kind::Query {
                                 effects: Default::default(),
                             }));
@@ -332,7 +344,7 @@ impl Session {
                     if shardline_router::lone_transaction_end(&text).is_some() =>
                 {
                     let _ = next_frame(&mut self.client_in, usize::MAX);
-                    frontend::write_query(&mut self.server_out, "ROLLBACK");
+                    self.send_query(Some("ROLLBACK"), &[]);
                     self.pending.push_back(Pending::forward(Kind::Query {
                         effects: Default::default(),
                     }));
@@ -376,6 +388,7 @@ impl Session {
                     self.portal_effects.get(portal).cloned()
                 };
                 self.unit_open = true;
+                self.unit_binds = true;
                 self.server_out.extend_from_slice(&f.bytes);
                 self.pending
                     .push_back(Pending::forward(Kind::Execute { effect }));
@@ -390,12 +403,23 @@ impl Session {
             frontend::SYNC => {
                 self.skip_until_sync = false;
                 self.unit_open = false;
+                self.unit_binds = false;
                 if self.server.is_none() {
                     self.synthetic(Synthetic::ReadyForQuery);
                 } else {
                     self.server_out.extend_from_slice(&f.bytes);
                     self.pending.push_back(Pending::forward(Kind::Sync));
                 }
+                Ok(())
+            }
+            frontend::FLUSH if self.prepare_only_segment() => {
+                // Parse/Describe answered now, the Binds to come: close the
+                // server's unit here so the connection can be released and
+                // the rest of the client's unit placed by its own keys.
+                frontend::write_sync(&mut self.server_out);
+                self.pending.push_back(Pending::swallow(Kind::Sync));
+                self.unit_open = false;
+                self.segment_pending = true;
                 Ok(())
             }
             frontend::FLUSH => {
@@ -433,6 +457,22 @@ impl Session {
         }
     }
 
+    /// A Flush ends a part of the unit that only prepares statements
+    /// (Parse, Describe, Close; nothing bound yet), with several shards
+    /// under transaction pooling: where the Binds run is not known yet.
+    fn prepare_only_segment(&self) -> bool {
+        self.unit_open
+            && !self.unit_binds
+            && !self.copy_ignores_syncs
+            && self.server.is_some()
+            && self.mode() == PoolMode::Transaction
+            && self
+                .shared
+                .sharding
+                .as_ref()
+                .is_some_and(|sh| sh.shard_names.len() > 1)
+    }
+
     fn on_query(&mut self, f: Frame) -> Result<(), End> {
         let text = frontend::query(f.body())?;
         let effects = std::str::from_utf8(text).ok().and_then(sql::effects);
@@ -464,7 +504,7 @@ impl Session {
                 return Ok(());
             }
         }
-        self.server_out.extend_from_slice(&f.bytes);
+        self.send_query(None, &f.bytes);
         let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
         self.pending
             .push_back(Pending::forward(Kind::Query { effects }));
@@ -596,6 +636,7 @@ impl Session {
             }
         };
         self.unit_open = true;
+        self.unit_binds = true;
         let effect = match &stmt {
             Some(s) => s.effect.clone(),
             None => self.unnamed.as_ref().and_then(|u| u.2.clone()),

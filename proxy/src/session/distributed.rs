@@ -96,23 +96,40 @@ impl Session {
                 "SAVEPOINT, RELEASE, ROLLBACK TO and PREPARE TRANSACTION are not supported in a transaction that spans shards, nor a COMMIT or ROLLBACK sent with other statements; the transaction is failed: send ROLLBACK",
             ))
         };
-        // The text of what the unit executes; Parse alone executes nothing.
+        if let Some((frontend::QUERY, body)) = complete_frames(buf, max).next() {
+            let text = frontend::query(body)?;
+            let sql = String::from_utf8_lossy(text);
+            if let Some(tag) = shardline_router::lone_transaction_end(&sql) {
+                return Ok(Next::End(tag == "COMMIT", true));
+            }
+            if self.route_text(text).class == Class::TransactionControl {
+                return Ok(refuse());
+            }
+            return Ok(Next::Other);
+        }
+        let executed = self.unit_executions()?;
+        let ends: Vec<Option<&'static str>> = executed
+            .iter()
+            .map(|q| shardline_router::lone_transaction_end(&String::from_utf8_lossy(q)))
+            .collect();
+        if let [Some(tag)] = ends.as_slice() {
+            return Ok(Next::End(*tag == "COMMIT", false));
+        }
+        let control = executed
+            .iter()
+            .any(|q| self.route_text(q).class == Class::TransactionControl);
+        Ok(if control { refuse() } else { Next::Other })
+    }
+
+    /// The statement texts an extended-protocol unit at the front of
+    /// `client_in` executes, one per Execute, up to its Sync (a Parse alone
+    /// executes nothing).
+    pub(super) fn unit_executions(&self) -> Result<Vec<Vec<u8>>, End> {
         let mut parsed: Vec<(&[u8], &[u8])> = Vec::new();
         let mut bound: Option<Vec<u8>> = None;
         let mut executed: Vec<Vec<u8>> = Vec::new();
-        for (tag, body) in complete_frames(buf, max) {
+        for (tag, body) in complete_frames(&self.client_in, self.shared.max_message_size) {
             match tag {
-                frontend::QUERY => {
-                    let text = frontend::query(body)?;
-                    let sql = String::from_utf8_lossy(text);
-                    if let Some(tag) = shardline_router::lone_transaction_end(&sql) {
-                        return Ok(Next::End(tag == "COMMIT", true));
-                    }
-                    if self.route_text(text).class == Class::TransactionControl {
-                        return Ok(refuse());
-                    }
-                    return Ok(Next::Other);
-                }
                 frontend::PARSE => {
                     let p = frontend::parse(body)?;
                     parsed.retain(|(name, _)| *name != p.name);
@@ -128,21 +145,60 @@ impl Session {
                     };
                 }
                 frontend::EXECUTE => executed.extend(bound.clone()),
-                frontend::SYNC => break,
+                frontend::SYNC | frontend::QUERY => break,
                 _ => {}
             }
         }
-        let ends: Vec<Option<&'static str>> = executed
-            .iter()
-            .map(|q| shardline_router::lone_transaction_end(&String::from_utf8_lossy(q)))
-            .collect();
-        if let [Some(tag)] = ends.as_slice() {
-            return Ok(Next::End(*tag == "COMMIT", false));
+        Ok(executed)
+    }
+
+    /// The extended-protocol unit at the front (complete up to its Sync)
+    /// executes one lone COMMIT, END, ROLLBACK or ABORT.
+    pub(super) fn unit_ends_transaction(&self) -> Result<bool, End> {
+        let complete = complete_frames(&self.client_in, self.shared.max_message_size)
+            .any(|(tag, _)| tag == frontend::SYNC);
+        if !complete {
+            return Ok(false);
         }
-        let control = executed
-            .iter()
-            .any(|q| self.route_text(q).class == Class::TransactionControl);
-        Ok(if control { refuse() } else { Next::Other })
+        Ok(match self.unit_executions()?.as_slice() {
+            [q] => shardline_router::lone_transaction_end(&String::from_utf8_lossy(q)).is_some(),
+            _ => false,
+        })
+    }
+
+    /// In a transaction the proxy failed (a refused statement): an
+    /// extended-protocol COMMIT or ROLLBACK ends it as ROLLBACK, answered
+    /// message by message as the server would (PgJDBC's `rollback()`).
+    pub(super) fn end_refused_unit(&mut self) -> Result<(), End> {
+        let mut frames = Vec::new();
+        while let Some(f) = next_frame(&mut self.client_in, usize::MAX)
+            .map_err(|e| End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())))?
+        {
+            let last = f.tag == frontend::SYNC;
+            if f.tag == frontend::PARSE {
+                self.record_parse(&f)?;
+            }
+            frames.push(f);
+            if last {
+                break;
+            }
+        }
+        if self.server.is_some() {
+            // Answered before the server's ROLLBACK completes; the next unit
+            // waits for it on this connection (the flag clears at its `I`).
+            self.send_query(Some("ROLLBACK"), &[]);
+            self.pending.push_back(super::pending::Pending::swallow(
+                super::pending::Kind::Query {
+                    effects: Default::default(),
+                },
+            ));
+        } else {
+            self.deferred_begin = None;
+            self.txn_refused = false;
+        }
+        self.txn_effects.clear();
+        answer_unit(&mut self.client_out, &frames, Ok("ROLLBACK"));
+        Ok(())
     }
 
     /// The open transaction needs shard `shard`: park the attached

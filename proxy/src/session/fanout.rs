@@ -87,7 +87,7 @@ impl Leg {
     }
 }
 
-async fn read_message(conn: &mut PooledConnection) -> Result<BytesMut, String> {
+pub(super) async fn read_message(conn: &mut PooledConnection) -> Result<BytesMut, String> {
     loop {
         if let Ok(Some((_, len))) = peek_header(&conn.read_buf, usize::MAX) {
             if conn.read_buf.len() >= len {
@@ -196,16 +196,13 @@ impl Session {
                         }
                         frontend::BIND => {
                             if let Ok(b) = frontend::bind(f.body()) {
-                                if !b.statement.is_empty() {
-                                    text = self.statements.get(b.statement).map(|s| {
-                                        Bytes::copy_from_slice(super::route::definition_query(
-                                            &s.definition,
-                                        ))
-                                    });
-                                } else if text.is_none() {
-                                    text = self.unnamed.as_ref().map(|u| {
-                                        Bytes::copy_from_slice(super::route::definition_query(&u.1))
-                                    });
+                                // A statement parsed in this unit is the text
+                                // already; else the session's.
+                                if text.is_none() || !b.statement.is_empty() {
+                                    if let Some((_, d)) = self.session_statement(b.statement) {
+                                        let q = super::route::definition_query(d);
+                                        text = Some(Bytes::copy_from_slice(q));
+                                    }
                                 }
                             }
                         }
@@ -414,12 +411,10 @@ impl Session {
                 }
                 frontend::BIND => {
                     let b = frontend::bind(f.body()).ok()?;
-                    if b.statement.is_empty() {
-                        if route.is_none() {
-                            route = self.unnamed.as_ref().map(|u| u.3.clone());
+                    if route.is_none() || !b.statement.is_empty() {
+                        if let Some((r, _)) = self.session_statement(b.statement) {
+                            route = Some(r);
                         }
-                    } else {
-                        route = self.statements.get(b.statement).map(|s| s.route.clone());
                     }
                 }
                 _ => {}

@@ -119,6 +119,9 @@ pub struct Session {
     /// Something that may write ran since the last WAL position was taken:
     /// read-your-writes records the position when the connection is released.
     wrote: bool,
+    /// A commit ended on the attached server whose WAL position is not
+    /// known yet (taken with the position query at release).
+    position_pending: Option<crate::PositionPending>,
     /// The attached server was chosen for a unit that may write; every later
     /// statement on it may write too.
     write_attach: bool,
@@ -137,6 +140,11 @@ pub struct Session {
     read_attach: bool,
     /// Extended-protocol messages were sent since the last Sync.
     unit_open: bool,
+    /// A Bind or Execute was sent since the last Sync (the unit is placed).
+    unit_binds: bool,
+    /// The proxy ended a prepare-only part of the client's unit with a Sync
+    /// of its own, not answered yet.
+    segment_pending: bool,
     /// A proxy-raised error: drop client messages until Sync, as a server would.
     skip_until_sync: bool,
     /// The server is in COPY FROM STDIN mode and ignores the client's Syncs
@@ -174,6 +182,7 @@ impl Session {
             deferred_begin: None,
             session_role: None,
             wrote: false,
+            position_pending: None,
             write_attach: false,
             client_hash,
             retry: None,
@@ -193,6 +202,8 @@ impl Session {
             portal_effects: HashMap::new(),
             unnamed: None,
             unit_open: false,
+            unit_binds: false,
+            segment_pending: false,
             skip_until_sync: false,
             copy_ignores_syncs: false,
             server_fatal: None,
@@ -215,6 +226,9 @@ impl Session {
             e.encode(&mut self.client_out);
         }
         let _ = tokio::time::timeout(Duration::from_secs(5), self.flush_client()).await;
+        // A client that leaves right after its commit: the position is
+        // still learned, for the user's other connections.
+        let _ = tokio::time::timeout(Duration::from_secs(5), self.finish_positions()).await;
         self.finish_server().await;
     }
 
@@ -376,6 +390,9 @@ impl Session {
     /// In a transaction refused before its BEGIN reached a server: COMMIT,
     /// END, ROLLBACK or ABORT end it (as ROLLBACK); anything else gets 25P02.
     fn in_unstarted_refused_transaction(&mut self) -> Result<(), End> {
+        if self.unit_ends_transaction()? {
+            return self.end_refused_unit();
+        }
         if let Ok(Some((crate::protocol::frontend::QUERY, len))) =
             crate::protocol::peek_header(&self.client_in, self.shared.max_message_size)
         {
@@ -444,6 +461,19 @@ impl Session {
             if !conn.is_clean() {
                 drop(deadpool::managed::Object::take(conn));
             }
+        }
+    }
+
+    /// Queues a simple query of the proxy's own (`sql`) or the client's
+    /// (`frame`) for the attached server. A simple query drops the
+    /// server's unnamed statement: a later Bind of the client's re-Parses it.
+    fn send_query(&mut self, sql: Option<&str>, frame: &[u8]) {
+        match sql {
+            Some(sql) => crate::protocol::frontend::write_query(&mut self.server_out, sql),
+            None => self.server_out.extend_from_slice(frame),
+        }
+        if let Some(server) = self.server.as_mut() {
+            server.unnamed_token = 0;
         }
     }
 
@@ -541,6 +571,7 @@ impl Session {
             self.pending.clear();
             self.server_out.clear();
             self.txn_effects.clear();
+            self.segment_pending = false;
             self.copy_ignores_syncs = false;
             self.unit_failed = false;
             self.unit_open = false;
@@ -570,6 +601,7 @@ impl Session {
         self.pending.clear();
         self.server_out.clear();
         self.txn_effects.clear();
+        self.segment_pending = false;
         self.copy_ignores_syncs = false;
         let err = PgError::error(sqlstate::CONNECTION_FAILURE, msg);
         // The server may have said why before closing (e.g. FATAL 57P01); one error per unit.

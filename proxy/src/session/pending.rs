@@ -44,7 +44,7 @@ pub enum Kind {
     Synthetic(Synthetic),
     /// The proxy's own query for the primary's WAL position after a write
     /// (read-your-writes); its row is kept, nothing reaches the client.
-    LsnProbe,
+    LsnProbe(crate::PositionPending),
 }
 
 #[derive(Debug, Clone)]
@@ -90,7 +90,7 @@ impl Pending {
             Kind::Execute { .. } => {
                 matches!(tag, COMMAND_COMPLETE | EMPTY_QUERY | PORTAL_SUSPENDED)
             }
-            Kind::Sync | Kind::Query { .. } | Kind::FunctionCall | Kind::LsnProbe => {
+            Kind::Sync | Kind::Query { .. } | Kind::FunctionCall | Kind::LsnProbe(_) => {
                 tag == READY_FOR_QUERY
             }
             Kind::Synthetic(_) | Kind::CopyEnd => false,
@@ -101,7 +101,7 @@ impl Pending {
     pub fn is_sync_point(&self) -> bool {
         matches!(
             self.kind,
-            Kind::Sync | Kind::Query { .. } | Kind::FunctionCall | Kind::LsnProbe
+            Kind::Sync | Kind::Query { .. } | Kind::FunctionCall | Kind::LsnProbe(_)
         )
     }
 

@@ -81,21 +81,25 @@ impl Session {
         route
     }
 
-    /// The placement of statements of `route` whose text is `sql`, with
-    /// a Bind's parameters (empty for a simple query).
+    /// The placement of statements of `route` whose Parse definition (or
+    /// simple query text) is `definition`, with a Bind's parameters (empty
+    /// for a simple query).
     pub(super) fn place(
         &self,
         route: &Route,
-        sql: &[u8],
+        definition: &[u8],
         params: &[shardline_router::shards::Param<'_>],
     ) -> Placement {
         let (Some(sh), Some(templates)) = (&self.shared.sharding, &route.shards) else {
             return Placement::Anywhere;
         };
-        let sql = std::str::from_utf8(sql).unwrap_or("");
+        let query = definition_query(definition);
+        let param_types = frontend::definition_param_types(definition);
+        let sql = std::str::from_utf8(query).unwrap_or("");
         let input = KeyInput {
             sql,
             params,
+            param_types: &param_types,
             session_shard: self.session_shard.as_deref(),
             session_key: self.session_key.as_deref(),
         };
@@ -104,6 +108,18 @@ impl Session {
             .map(|t| resolve(t, sh, &input))
             .reduce(combine)
             .unwrap_or(Placement::Anywhere)
+    }
+
+    /// The route and Parse definition of a statement the session holds
+    /// (the unnamed one for an empty name).
+    pub(super) fn session_statement(&self, name: &[u8]) -> Option<(Route, &[u8])> {
+        if name.is_empty() {
+            self.unnamed.as_ref().map(|u| (u.3.clone(), &u.1[..]))
+        } else {
+            self.statements
+                .get(name)
+                .map(|s| (s.route.clone(), &s.definition[..]))
+        }
     }
 
     /// Decides where the unit at the front of `client_in` runs, from the
@@ -139,8 +155,9 @@ impl Session {
         let mut routes: Vec<Route> = Vec::with_capacity(4);
         let mut place = Placement::Anywhere;
         let (mut complete, mut simple_single, mut lone_end) = (false, false, None);
-        // The unit's own unnamed statement: route and query text.
-        let mut unnamed_parsed: Option<(Route, &[u8])> = None;
+        // The unit's own statements (a driver may send Parse and its Bind
+        // together): name, route and definition.
+        let mut parsed: Vec<(&[u8], Route, &[u8])> = Vec::new();
         let mut executes = false;
         for (tag, body) in crate::protocol::complete_frames(buf, max) {
             executes |= matches!(
@@ -170,32 +187,22 @@ impl Session {
                 frontend::PARSE => {
                     if let Ok(p) = frontend::parse(body) {
                         let route = self.route_text(p.query);
-                        if p.name.is_empty() {
-                            unnamed_parsed = Some((route.clone(), p.query));
-                        }
+                        parsed.retain(|(name, ..)| *name != p.name);
+                        parsed.push((p.name, route.clone(), p.definition));
                         routes.push(route);
                     }
                 }
                 frontend::BIND => {
                     if let Ok(b) = frontend::bind(body) {
-                        let found = if b.statement.is_empty() {
-                            match &unnamed_parsed {
-                                Some((r, q)) => Some((r.clone(), *q)),
-                                None => self
-                                    .unnamed
-                                    .as_ref()
-                                    .map(|u| (u.3.clone(), definition_query(&u.1))),
-                            }
-                        } else {
-                            self.statements
-                                .get(b.statement)
-                                .map(|s| (s.route.clone(), definition_query(&s.definition)))
+                        let found = match parsed.iter().find(|(n, ..)| *n == b.statement) {
+                            Some((_, r, d)) => Some((r.clone(), *d)),
+                            None => self.session_statement(b.statement),
                         };
                         // An unknown statement fails on any node.
-                        if let Some((route, query)) = found {
+                        if let Some((route, definition)) = found {
                             if sharded {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
-                                place = combine(place, self.place(&route, query, &params));
+                                place = combine(place, self.place(&route, definition, &params));
                             }
                             routes.push(route);
                         }
@@ -301,8 +308,11 @@ impl Session {
         let primary_until = ryw.primary_until.load(Relaxed);
         if target == Target::Replica
             && lb.read_your_writes != ReadYourWrites::Off
-            && primary_until > 0
-            && now_ms() < primary_until
+            && ((primary_until > 0 && now_ms() < primary_until)
+                || ryw
+                    .positions_pending
+                    .load(std::sync::atomic::Ordering::SeqCst)
+                    > 0)
         {
             target = Target::Primary;
         }
@@ -383,6 +393,8 @@ impl Session {
             let sql = self.vars.replay_sql(&conn.vars);
             if !sql.is_empty() {
                 frontend::write_query(&mut self.server_out, &sql);
+                // The replay drops the connection's unnamed statement.
+                conn.unnamed_token = 0;
                 self.pending.push_back(Pending::swallow(Kind::Query {
                     effects: Default::default(),
                 }));
@@ -442,11 +454,57 @@ impl Session {
                 false
             }
             ReadYourWrites::Lsn => {
+                let Some(probe) = self
+                    .position_pending
+                    .take()
+                    .or_else(|| self.position_guard())
+                else {
+                    return false;
+                };
                 // The insert position covers the commit record even when
                 // synchronous_commit = off has not written it yet.
-                frontend::write_query(&mut self.server_out, WAL_POSITION_SQL);
-                self.pending.push_back(Pending::swallow(Kind::LsnProbe));
+                self.send_query(Some(WAL_POSITION_SQL), &[]);
+                self.pending
+                    .push_back(Pending::swallow(Kind::LsnProbe(probe)));
                 true
+            }
+        }
+    }
+
+    /// Marks a commit on the attached shard whose position is to be learned
+    /// (`lsn` read-your-writes only).
+    pub(super) fn position_guard(&self) -> Option<crate::PositionPending> {
+        (self.shared.balancing.read_your_writes == ReadYourWrites::Lsn).then(|| {
+            crate::PositionPending::new(self.login.user.clone(), self.shard, self.shared.ban_time)
+        })
+    }
+
+    /// At the end of a session: waits for the answers to position queries
+    /// still in flight (the client had its reply and left), so the user's
+    /// other connections read past the commit from replicas again.
+    pub(super) async fn finish_positions(&mut self) {
+        use tokio::io::AsyncWriteExt;
+        if self.wrote && self.pending.is_empty() && self.server.is_some() && !self.unit_open {
+            // Left before the connection was released.
+            if self.server.as_ref().is_some_and(|s| s.tx_status == b'I') {
+                self.after_write();
+            }
+        }
+        while matches!(self.pending.front(), Some(p) if matches!(p.kind, Kind::LsnProbe(_))) {
+            let Some(conn) = self.server.as_mut() else {
+                return;
+            };
+            if !self.server_out.is_empty() {
+                if conn.stream.write_all(&self.server_out).await.is_err() {
+                    return;
+                }
+                self.server_out.clear();
+            }
+            let Ok(msg) = super::fanout::read_message(conn).await else {
+                return;
+            };
+            if self.on_server_message(msg[0], &msg).is_err() {
+                return;
             }
         }
     }

@@ -52,7 +52,7 @@ impl Session {
         Ok(())
     }
 
-    fn on_server_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), String> {
+    pub(super) fn on_server_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), String> {
         use backend::*;
         if matches!(tag, NOTICE_RESPONSE | NOTIFICATION) {
             self.client_out.extend_from_slice(msg);
@@ -72,7 +72,7 @@ impl Session {
             return Ok(());
         }
         self.drain_synthetic();
-        if matches!(self.pending.front(), Some(p) if matches!(p.kind, Kind::LsnProbe)) {
+        if matches!(self.pending.front(), Some(p) if matches!(p.kind, Kind::LsnProbe(_))) {
             return self.on_lsn_probe(tag, msg);
         }
         if self.pending.is_empty() {
@@ -161,6 +161,17 @@ impl Session {
                 if let Some(server) = self.server.as_mut() {
                     server.tx_status = status;
                 }
+                if matches!(front.kind, Kind::Sync) && front.answer == Answer::Swallow {
+                    self.segment_pending = false;
+                    // The proxy's Sync after a Parse that failed: the client
+                    // is still in its unit, whose rest a server would skip.
+                    self.skip_until_sync |= self.unit_failed;
+                }
+                if status == b'I' && self.wrote && self.position_pending.is_none() {
+                    // A commit whose reply the client is about to get: until
+                    // its position is known, the user's reads go to the primary.
+                    self.position_pending = self.position_guard();
+                }
                 if status == b'I' && self.deferred_begin.is_none() {
                     // The failed transaction is over (the connection may
                     // still be busy with the proxy's own queries).
@@ -196,20 +207,18 @@ impl Session {
                         .and_then(|s| s.parse::<u64>().ok()),
                     _ => None,
                 };
-                if let Some(lsn) = lsn {
-                    let ryw = &self.login.user.ryw[self.shard];
-                    ryw.lsn.fetch_max(lsn, std::sync::atomic::Ordering::Relaxed);
+                if let (Some(lsn), Some(Kind::LsnProbe(probe))) =
+                    (lsn, self.pending.front_mut().map(|p| &mut p.kind))
+                {
+                    probe.settle(lsn);
                 }
             }
             ERROR_RESPONSE => {
-                // Not a primary any more (or an odd server): read from the
-                // primary until the checker has seen the cluster again.
+                // Not a primary any more (or an odd server): the probe ends
+                // unsettled, and reads go to the primary until the checker
+                // has seen the cluster again.
                 let fields = backend::parse_error_fields(body);
                 tracing::debug!(code = %fields.code, message = %fields.message, "WAL position query failed");
-                let until = crate::health::now_ms() + self.shared.ban_time.as_millis() as u64;
-                let ryw = &self.login.user.ryw[self.shard];
-                ryw.primary_until
-                    .fetch_max(until, std::sync::atomic::Ordering::Relaxed);
             }
             READY_FOR_QUERY => {
                 let status = *body.first().ok_or("empty ReadyForQuery")?;

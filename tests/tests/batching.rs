@@ -1,0 +1,330 @@
+//! Every way drivers batch the extended protocol, against two shards: each
+//! unit is placed by the key it really carries, whatever arrives together.
+//! Rows are audited on the servers themselves (each row on the shard that
+//! owns its key), and reads by key must find every row.
+//!
+//! The batchings are the ones real drivers send: a named Parse with its
+//! Bind in one unit (PgJDBC past prepareThreshold, node-postgres named
+//! queries, psycopg pipelines), Parse+Describe+Flush and the Bind in the
+//! next unit (asyncpg), the unnamed statement the same way (asyncpg with
+//! `statement_cache_size=0`), binary parameters, and parameters whose type
+//! is not the key's.
+
+use shardline_config::Config;
+use shardline_router::hash::KeyValue;
+use shardline_router::sharding::Sharding;
+use shardline_tests::wire::{bind, describe, execute, flush, parse, query, sync};
+use shardline_tests::{error_code, tags, Env, EnvOptions, RawClient, RawMessage};
+use std::time::Duration;
+
+const SHARDING: &str = r#"
+[sharding]
+function = "consistent"
+
+[[sharding.tables]]
+name = "users"
+column = "id"
+"#;
+
+async fn two_shards() -> (Env, Sharding) {
+    let env = Env::start_with(EnvOptions {
+        shards: 2,
+        replicas_per_shard: 0,
+        extra_toml: SHARDING.into(),
+        ..EnvOptions::default()
+    })
+    .await
+    .expect("two shards");
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .expect("DDL through the proxy");
+    let sh = Sharding::from_config(&Config::from_toml(&env.config_text, "t").expect("config"));
+    (env, sh)
+}
+
+fn owner(sh: &Sharding, k: i64) -> usize {
+    sh.groups[0]
+        .shard_of(Some(&KeyValue::Int(k)))
+        .expect("shard")
+}
+
+/// Every row of `users`, read on each shard's server directly: each must be
+/// on the shard owning its key. Returns how many rows there are.
+fn audit(env: &Env, sh: &Sharding) -> usize {
+    let mut total = 0;
+    for s in 0..2 {
+        let ids = env.sql_shard(
+            s,
+            "SELECT coalesce(string_agg(id::text, ','), '') FROM users",
+        );
+        for id in ids.split(',').filter(|x| !x.is_empty()) {
+            let k: i64 = id.parse().expect("an id");
+            assert_eq!(
+                owner(sh, k),
+                s,
+                "user {k} is on shard {s}, owned by another"
+            );
+            total += 1;
+        }
+    }
+    total
+}
+
+/// Reads messages until one with tag `until` (inclusive).
+async fn until_tag(c: &mut RawClient, until: u8) -> Vec<RawMessage> {
+    let mut out = Vec::new();
+    loop {
+        let m = c
+            .recv(Duration::from_secs(10))
+            .await
+            .expect("an answer")
+            .expect("connection open");
+        let done = m.0 == until;
+        out.push(m);
+        if done {
+            return out;
+        }
+    }
+}
+
+/// A bound parameter: format and value.
+type Param<'a> = (i16, Option<&'a [u8]>);
+
+const INSERT: &str = "INSERT INTO users (id, name) VALUES ($1, $2)";
+
+fn text(k: i64) -> Vec<u8> {
+    k.to_string().into_bytes()
+}
+
+/// A named Parse with its Bind, Parse+Describe+Flush then Bind, the unnamed
+/// statement the same way, a statement prepared once and bound in later
+/// units, binary parameters: every row lands on its key's shard, and a read
+/// by key (batched the same ways) finds each.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_batching_places_rows_by_key() {
+    let (env, sh) = two_shards().await;
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let name = |k: i64| format!("user {k}").into_bytes();
+    // Named Parse, Bind, Execute, Sync in one write (JDBC, node-postgres).
+    for k in 1..=20i64 {
+        let stmt = format!("ins{k}");
+        let r = c
+            .exchange(&[
+                parse(&stmt, INSERT, &[]),
+                bind(&stmt, &[(0, Some(&text(k))), (0, Some(&name(k)))], 0),
+                execute(),
+                sync(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(tags(&r), b"12CZ", "key {k}: {r:?}");
+    }
+    // Parse + Describe + Flush, answers read, then Bind + Execute + Sync
+    // (asyncpg's first execution of every statement).
+    for k in 21..=40 {
+        let stmt = format!("flush{k}");
+        c.send(&[parse(&stmt, INSERT, &[]), describe(b'S', &stmt), flush()].concat())
+            .await
+            .unwrap();
+        let r = until_tag(&mut c, b'n').await;
+        assert_eq!(tags(&r), b"1tn", "key {k}: {r:?}");
+        let r = c
+            .exchange(&[
+                bind(&stmt, &[(0, Some(&text(k))), (0, Some(&name(k)))], 0),
+                execute(),
+                sync(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(tags(&r), b"2CZ", "key {k}: {r:?}");
+    }
+    // The unnamed statement the same way (asyncpg, statement_cache_size=0).
+    for k in 41..=60 {
+        c.send(&[parse("", INSERT, &[]), describe(b'S', ""), flush()].concat())
+            .await
+            .unwrap();
+        until_tag(&mut c, b'n').await;
+        let r = c
+            .exchange(&[
+                bind("", &[(0, Some(&text(k))), (0, Some(&name(k)))], 0),
+                execute(),
+                sync(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(tags(&r), b"2CZ", "key {k}: {r:?}");
+    }
+    // Prepared once with its first Bind, bound alone afterwards.
+    for k in 61..=80 {
+        let mut unit = Vec::new();
+        if k == 61 {
+            unit.push(parse("again", INSERT, &[]));
+        }
+        unit.extend([
+            bind("again", &[(0, Some(&text(k))), (0, Some(&name(k)))], 0),
+            execute(),
+            sync(),
+        ]);
+        let r = c.exchange(&unit).await.unwrap();
+        assert!(tags(&r).ends_with(b"2CZ"), "key {k}: {r:?}");
+    }
+    // Binary int8 parameters, declared, with the Parse.
+    for k in 81..=100i64 {
+        let stmt = format!("bin{k}");
+        let r = c
+            .exchange(&[
+                parse(&stmt, INSERT, &[20, 25]),
+                bind(
+                    &stmt,
+                    &[(1, Some(&k.to_be_bytes())), (0, Some(&name(k)))],
+                    0,
+                ),
+                execute(),
+                sync(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(tags(&r), b"12CZ", "key {k}: {r:?}");
+    }
+    assert_eq!(audit(&env, &sh), 100, "every row, each on its shard");
+    // Reads by key, batched the same ways, find every row.
+    let select = "SELECT name FROM users WHERE id = $1";
+    for k in 1..=100i64 {
+        let units: Vec<Vec<Vec<u8>>> = vec![
+            vec![
+                parse(&format!("sel{k}"), select, &[]),
+                bind(&format!("sel{k}"), &[(0, Some(&text(k)))], 0),
+                execute(),
+                sync(),
+            ],
+            vec![
+                parse("", select, &[20]),
+                bind("", &[(1, Some(&k.to_be_bytes()))], 0),
+                execute(),
+                sync(),
+            ],
+        ];
+        for unit in units {
+            let r = c.exchange(&unit).await.unwrap();
+            let rows: Vec<_> = r.iter().filter(|m| m.0 == b'D').collect();
+            assert_eq!(rows.len(), 1, "key {k}: {r:?}");
+        }
+        c.send(&[parse("", select, &[]), describe(b'S', ""), flush()].concat())
+            .await
+            .unwrap();
+        until_tag(&mut c, b'T').await;
+        let r = c
+            .exchange(&[bind("", &[(0, Some(&text(k)))], 0), execute(), sync()])
+            .await
+            .unwrap();
+        assert_eq!(tags(&r), b"2DCZ", "key {k} after Flush: {r:?}");
+    }
+}
+
+/// A Parse that fails before a Flush: the rest of the client's unit is
+/// skipped up to its Sync, as a server skips it, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_failed_parse_before_flush_skips_to_sync() {
+    let (env, _sh) = two_shards().await;
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(
+        &[
+            parse("bad", "SELECT * FROM no_such_table WHERE id = $1", &[]),
+            describe(b'S', "bad"),
+            flush(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    let r = until_tag(&mut c, b'E').await;
+    assert_eq!(error_code(&r[0].1), "42P01", "{r:?}");
+    let r = c
+        .exchange(&[bind("bad", &[(0, Some(b"1"))], 0), execute(), sync()])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"Z", "skipped to Sync: {r:?}");
+    let r = c.exchange(&[query("SELECT 1")]).await.unwrap();
+    assert_eq!(tags(&r), b"TDCZ", "{r:?}");
+}
+
+/// A parameter whose type is not the key's is read as what it is: a
+/// binary float8 `5.0`, a binary text compared with `id::text`, a numeric.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn parameters_are_read_as_their_own_type() {
+    let (env, sh) = two_shards().await;
+    let c = env.connect().await;
+    for k in 1..=40i64 {
+        c.execute("INSERT INTO users (id, name) VALUES ($1, 'x')", &[&k])
+            .await
+            .unwrap();
+    }
+    assert_eq!(audit(&env, &sh), 40);
+    let mut raw = RawClient::login(env.port).await.unwrap();
+    for k in 1..=40i64 {
+        let f = (k as f64).to_be_bytes();
+        let t = text(k);
+        let numeric_text = format!("{k}.0").into_bytes();
+        let cases: Vec<(&str, &[u32], Param)> = vec![
+            ("SELECT id FROM users WHERE id = $1", &[701], (1, Some(&f))),
+            (
+                "SELECT id FROM users WHERE id = $1::float8",
+                &[],
+                (1, Some(&f)),
+            ),
+            (
+                "SELECT id FROM users WHERE id::text = $1",
+                &[],
+                (1, Some(&t)),
+            ),
+            (
+                "SELECT id FROM users WHERE id::text = $1",
+                &[25],
+                (1, Some(&t)),
+            ),
+            (
+                "SELECT id FROM users WHERE id = $1",
+                &[1700],
+                (0, Some(&numeric_text)),
+            ),
+            (
+                "SELECT id FROM users WHERE id = $1",
+                &[701],
+                (0, Some(&numeric_text)),
+            ),
+        ];
+        for (sql, types, p) in cases {
+            let r = raw
+                .exchange(&[parse("", sql, types), bind("", &[p], 0), execute(), sync()])
+                .await
+                .unwrap();
+            let rows: Vec<_> = r.iter().filter(|m| m.0 == b'D').collect();
+            assert_eq!(rows.len(), 1, "{sql} {types:?} key {k}: {r:?}");
+        }
+    }
+}
+
+/// Statements for different shards in one pipeline (up to Sync) are
+/// refused before anything runs, whatever the batching; nothing is written.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_spanning_shards_is_refused_whole() {
+    let (env, sh) = two_shards().await;
+    let a = (1..).find(|&k| owner(&sh, k) == 0).unwrap();
+    let b = (1..).find(|&k| owner(&sh, k) == 1).unwrap();
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let r = c
+        .exchange(&[
+            parse("p", INSERT, &[]),
+            bind("p", &[(0, Some(&text(a))), (0, Some(b"a"))], 0),
+            execute(),
+            bind("p", &[(0, Some(&text(b))), (0, Some(b"b"))], 0),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"EZ", "{r:?}");
+    assert_eq!(error_code(&r[0].1), "0A000");
+    assert_eq!(audit(&env, &sh), 0, "nothing written");
+}
