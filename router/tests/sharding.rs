@@ -93,6 +93,17 @@ impl T {
             .collect()
     }
 
+    /// The one placement of `sql` with typed parameters.
+    fn typed(&mut self, sql: &str, params: &[(i16, Option<&[u8]>)], types: &[u32]) -> Placement {
+        let mut all = self.place_typed(sql, params, types);
+        assert_eq!(all.len(), 1, "{sql}");
+        all.remove(0)
+    }
+
+    fn with_params(&mut self, sql: &str, params: &[(i16, Option<&[u8]>)]) -> Placement {
+        self.typed(sql, params, &[])
+    }
+
     fn place(&mut self, sql: &str) -> Placement {
         let mut all = self.place_with(sql, &[]);
         assert_eq!(all.len(), 1, "{sql}");
@@ -558,50 +569,38 @@ fn parameters_are_read_as_their_own_type() {
         let text = k.to_string();
         let sql = "SELECT * FROM users WHERE id = $1";
         // Declared float8, binary: 5.0 is key 5, not the int8 bit pattern.
-        assert_eq!(t.place_typed(sql, &[(1, Some(&f8))], &[701]), [one.clone()]);
+        assert_eq!(t.typed(sql, &[(1, Some(&f8))], &[701]), one);
         // Declared int8 / none: the column's type.
-        assert_eq!(
-            t.place_typed(sql, &[(1, Some(&int8))], &[20]),
-            [one.clone()]
-        );
-        assert_eq!(t.place_typed(sql, &[(1, Some(&int8))], &[0]), [one.clone()]);
+        assert_eq!(t.typed(sql, &[(1, Some(&int8))], &[20]), one);
+        assert_eq!(t.typed(sql, &[(1, Some(&int8))], &[0]), one);
         // Declared text or float8 in text format.
-        assert_eq!(
-            t.place_typed(sql, &[(0, Some(text.as_bytes()))], &[25]),
-            [one.clone()]
-        );
+        assert_eq!(t.typed(sql, &[(0, Some(text.as_bytes()))], &[25]), one);
         let fraction = format!("{k}.5");
-        assert_eq!(
-            t.place_typed(sql, &[(0, Some(fraction.as_bytes()))], &[701]),
-            [all.clone()]
-        );
+        assert_eq!(t.typed(sql, &[(0, Some(fraction.as_bytes()))], &[701]), all);
         // Numeric is not read: every shard.
-        assert_eq!(
-            t.place_typed(sql, &[(0, Some(text.as_bytes()))], &[1700]),
-            [all.clone()]
-        );
+        assert_eq!(t.typed(sql, &[(0, Some(text.as_bytes()))], &[1700]), all);
         // A cast on the parameter gives its type.
         assert_eq!(
-            t.place_with(
+            t.with_params(
                 "SELECT * FROM users WHERE id = $1::float8",
                 &[(1, Some(&f8))]
             ),
-            [one.clone()]
+            one
         );
         assert_eq!(
-            t.place_with(
+            t.with_params(
                 "SELECT * FROM users WHERE id = $1::numeric",
                 &[(0, Some(text.as_bytes()))]
             ),
-            [all.clone()]
+            all
         );
         // A cast on the column: `id::text = $1` binary is text, not an integer.
         assert_eq!(
-            t.place_with(
+            t.with_params(
                 "SELECT * FROM users WHERE id::text = $1",
                 &[(1, Some(text.as_bytes()))]
             ),
-            [one.clone()]
+            one
         );
     }
     // `id::float8 = 5` holds for one key but is not read as one; a text key
