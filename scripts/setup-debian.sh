@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Installs what running and testing Shardline needs on Debian/Ubuntu, skipping
 # what is already there: PostgreSQL server binaries (pg_ctl, initdb, postgres),
-# psql and pgbench, openssl (test certificates), psycopg 3 (driver tests).
+# psql and pgbench, openssl (test certificates), Node.js, the Python and Node
+# drivers of the driver matrix.
 # PgBouncer is optional (benchmarks compare against it): pass --with-pgbouncer.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -19,6 +20,7 @@ command -v psql >/dev/null 2>&1 || packages+=(postgresql-client)
 command -v pgbench >/dev/null 2>&1 || packages+=(postgresql-contrib)
 command -v openssl >/dev/null 2>&1 || packages+=(openssl)
 python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
+command -v npm >/dev/null 2>&1 || packages+=(npm)
 if [ "${1:-}" = "--with-pgbouncer" ] && ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   packages+=(pgbouncer)
 fi
@@ -31,9 +33,17 @@ fi
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --create-home postgres
 fi
-if ! python3 -c 'import psycopg' >/dev/null 2>&1; then
-  echo "setup: installing psycopg 3"
-  python3 -m pip install --quiet --disable-pip-version-check 'psycopg[binary]>=3.1' ||
-    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages 'psycopg[binary]>=3.1'
+# Python drivers for the driver matrix (tests/tests/drivers.rs).
+if ! python3 -c 'import psycopg, asyncpg, sqlalchemy' >/dev/null 2>&1; then
+  echo "setup: installing psycopg 3, asyncpg, SQLAlchemy"
+  py_drivers=('psycopg[binary]>=3.1' 'asyncpg>=0.29' 'sqlalchemy>=2.0')
+  python3 -m pip install --quiet --disable-pip-version-check "${py_drivers[@]}" ||
+    python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "${py_drivers[@]}"
+fi
+# node-postgres for the driver matrix, into tests/drivers/node/node_modules.
+node_dir="$(dirname "$0")/../tests/drivers/node"
+if [ ! -d "$node_dir/node_modules/pg" ]; then
+  echo "setup: installing node-postgres"
+  (cd "$node_dir" && npm install --silent --no-audit --no-fund >/dev/null)
 fi
 echo "setup: ready"

@@ -222,6 +222,13 @@ pub fn write_target(buf: &mut BytesMut, tag: u8, kind: u8, name: &[u8]) {
     });
 }
 
+pub fn write_execute(buf: &mut BytesMut, portal: &[u8], max_rows: i32) {
+    put_message(buf, EXECUTE, |b| {
+        put_cstr(b, portal);
+        b.extend_from_slice(&max_rows.to_be_bytes());
+    });
+}
+
 pub fn write_sync(buf: &mut BytesMut) {
     put_message(buf, SYNC, |_| {});
 }

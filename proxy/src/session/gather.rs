@@ -52,6 +52,9 @@ pub(super) struct MergeUnit {
     definition: Bytes,
     limit: Option<u64>,
     offset: u64,
+    /// The Execute's row limit (asyncpg's `fetchrow`/`fetchval` ask for 1):
+    /// at most this many rows, then PortalSuspended, as a server answers.
+    max_rows: Option<u64>,
     simple: bool,
     /// For each RowDescription/NoData the shards will send: whether it
     /// answers the proxy's own Describe (the rows' columns follow).
@@ -60,6 +63,17 @@ pub(super) struct MergeUnit {
 
 fn refusal(r: Refusal) -> PgError {
     PgError::error(r.code, r.message)
+}
+
+impl MergeUnit {
+    /// The most rows the client gets: the statement's LIMIT or the
+    /// Execute's row limit, whichever is smaller.
+    fn cap(&self) -> Option<u64> {
+        match (self.limit, self.max_rows) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
 }
 
 impl Session {
@@ -77,6 +91,7 @@ impl Session {
         let mut definition: Option<Bytes> = None;
         let mut params = Vec::new();
         let mut executes = 0;
+        let mut max_rows = None;
         for f in frames {
             match f.tag {
                 frontend::QUERY => {
@@ -105,14 +120,21 @@ impl Session {
                 frontend::EXECUTE => {
                     executes += 1;
                     let body = f.body();
-                    let max_rows = body.len().checked_sub(4).map(|i| {
+                    let row_limit = body.len().checked_sub(4).map(|i| {
                         i32::from_be_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]])
                     });
-                    if max_rows.is_some_and(|n| n != 0) {
+                    let limit = row_limit.filter(|&n| n > 0);
+                    let portal = frontend::execute_portal(body).map_err(malformed)?;
+                    if limit.is_some() && !portal.is_empty() {
+                        // A cursor fetched in batches would need the merge
+                        // kept open between units.
                         return Err(unsupported(
-                            "fetching a cross-shard merged result in batches (Execute with a row limit) is not supported; fetch it whole",
+                            "fetching a cross-shard merged result in batches from a named portal (a cursor) is not supported; fetch it whole",
                         ));
                     }
+                    // The unnamed portal ends with the unit: its first rows
+                    // are all the client can fetch.
+                    max_rows = limit.map(|n| n as u64);
                 }
                 _ => {}
             }
@@ -143,6 +165,7 @@ impl Session {
             definition: d.into(),
             limit,
             offset,
+            max_rows,
             simple,
             describes: VecDeque::new(),
         }))
@@ -218,7 +241,9 @@ impl Session {
                 frontend::EXECUTE => {
                     frontend::write_target(out, frontend::DESCRIBE, b'P', portal);
                     describes.push_back(true);
-                    out.extend_from_slice(&f.bytes);
+                    // Every shard runs to the end: the row limit applies
+                    // to the merged rows.
+                    frontend::write_execute(out, portal, 0);
                 }
                 frontend::CLOSE => self.close_on_shard(f, out)?,
                 _ => out.extend_from_slice(&f.bytes),
@@ -409,7 +434,7 @@ impl Session {
                     .all(|m| m[0] == backend::COMMAND_COMPLETE)
             {
                 let mut out = Vec::new();
-                match groups.finish(unit.limit, unit.offset, &mut out) {
+                match groups.finish(unit.cap(), unit.offset, &mut out) {
                     Ok(rows) => {
                         emitted = rows;
                         self.client_out.extend_from_slice(&out);
@@ -426,7 +451,7 @@ impl Session {
             }
             let mut skip = unit.offset;
             let mut last: Option<Vec<Option<Value>>> = None;
-            while error.is_none() && unit.limit.is_none_or(|l| emitted < l) {
+            while error.is_none() && unit.cap().is_none_or(|l| emitted < l) {
                 let mut best: Option<usize> = None;
                 for i in 0..n {
                     let Some((_, key)) = &heads[i] else { continue };
@@ -500,7 +525,12 @@ impl Session {
         if ends.iter().any(|m| m[0] != backend::COMMAND_COMPLETE) {
             return Err("shards ended a merged result differently".into());
         }
-        backend::command_complete(&mut self.client_out, &format!("SELECT {emitted}"));
+        if unit.max_rows == Some(emitted) {
+            // The server stops at the row limit without looking further.
+            backend::empty_message(&mut self.client_out, backend::PORTAL_SUSPENDED);
+        } else {
+            backend::command_complete(&mut self.client_out, &format!("SELECT {emitted}"));
+        }
         Ok(false)
     }
 

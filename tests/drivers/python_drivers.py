@@ -1,0 +1,235 @@
+"""Drives a two-shard Shardline with the Python drivers applications use, in
+each batching the driver has: psycopg 3 (plain, prepared, pipeline,
+executemany, transactions), asyncpg (statement cache on and off, cursors,
+executemany, binary COPY), SQLAlchemy's ORM. Every key this writes is read
+back by key and compared; the caller audits each row's physical shard.
+
+Usage: python3 python_drivers.py URL BASE
+  URL   postgresql://user:password@127.0.0.1:PORT/db of the proxy
+  BASE  first key to use; keys BASE .. BASE+999 must be free in `users`
+
+Exits non-zero on the first mismatch; prints one line per check and
+"all checks passed" at the end.
+"""
+import asyncio
+import sys
+
+import asyncpg
+import psycopg
+from psycopg import errors
+
+
+def check(name, cond, detail=""):
+    if not cond:
+        raise AssertionError(f"{name}: {detail}")
+    print(f"ok {name}")
+
+
+class Keys:
+    """The keys written so far, with the name each must read back."""
+
+    def __init__(self):
+        self.names = {}
+
+    def add(self, k, name):
+        self.names[k] = name
+
+
+def psycopg_checks(url, base, keys):
+    # Plain extended protocol in autocommit: unnamed Parse/Bind per statement.
+    with psycopg.connect(url, autocommit=True) as conn:
+        for k in range(base, base + 30):
+            conn.execute("INSERT INTO users (id, name) VALUES (%s, %s)", (k, f"plain {k}"))
+            keys.add(k, f"plain {k}")
+        check("psycopg plain inserts", True)
+        # prepare=True: a named Parse and its Bind in one unit, then Binds alone.
+        for k in range(base + 30, base + 60):
+            conn.execute(
+                "INSERT INTO users (id, name) VALUES (%s, %s)", (k, f"prepared {k}"), prepare=True
+            )
+            keys.add(k, f"prepared {k}")
+        check("psycopg prepared inserts", True)
+        # Pipeline mode, a Sync after each statement.
+        with conn.pipeline() as p:
+            for k in range(base + 60, base + 90):
+                conn.execute("INSERT INTO users (id, name) VALUES (%s, %s)", (k, f"pipeline {k}"))
+                p.sync()
+                keys.add(k, f"pipeline {k}")
+        check("psycopg pipeline with a sync per statement", True)
+        # Binary parameters and results, prepared from the first execution.
+        conn.prepare_threshold = 0
+        with conn.cursor(binary=True) as cur:
+            for k in range(base, base + 90):
+                cur.execute("SELECT name FROM users WHERE id = %b", (k,))
+                row = cur.fetchone()
+                check_quiet(row and row[0] == keys.names[k], f"binary read of {k}: {row}")
+        check("psycopg binary prepared reads by key", True)
+        # Statements for two shards in one pipeline up to one Sync: refused
+        # whole (0A000), nothing written.
+        try:
+            with conn.pipeline():
+                conn.execute("INSERT INTO users (id, name) VALUES (%s, 'x')", (base + 90,))
+                conn.execute("INSERT INTO users (id, name) VALUES (%s, 'x')", (base + 91,))
+                conn.execute("INSERT INTO users (id, name) VALUES (%s, 'x')", (base + 92,))
+                conn.execute("INSERT INTO users (id, name) VALUES (%s, 'x')", (base + 93,))
+            spanned = False
+        except errors.FeatureNotSupported:
+            spanned = True
+        except psycopg.errors.PipelineAborted:
+            spanned = True
+        if spanned:
+            n = conn.execute(
+                "SELECT count(*) FROM users WHERE id BETWEEN %s AND %s", (base + 90, base + 93)
+            ).fetchone()[0]
+            check("psycopg pipeline spanning shards refused, nothing written", n == 0, n)
+        else:
+            for k in range(base + 90, base + 94):
+                keys.add(k, "x")
+            check("psycopg pipeline on one shard", True)
+
+    # Transactions (psycopg's default): a write and a read on one key,
+    # committed; another rolled back.
+    with psycopg.connect(url) as conn:
+        for k in range(base + 100, base + 120):
+            conn.execute("INSERT INTO users (id, name) VALUES (%s, %s)", (k, f"txn {k}"))
+            row = conn.execute("SELECT name FROM users WHERE id = %s", (k,)).fetchone()
+            check_quiet(row == (f"txn {k}",), f"read in transaction {k}: {row}")
+            conn.commit()
+            keys.add(k, f"txn {k}")
+        conn.execute("INSERT INTO users (id, name) VALUES (%s, 'rolled back')", (base + 120,))
+        conn.rollback()
+        row = conn.execute("SELECT name FROM users WHERE id = %s", (base + 120,)).fetchone()
+        check("psycopg transactions commit and roll back", row is None, row)
+        conn.rollback()
+        # A statement refused inside a transaction fails it; ROLLBACK recovers.
+        conn.execute("SELECT name FROM users WHERE id = %s", (base,)).fetchone()
+        try:
+            conn.execute("SELECT count(*) FROM users WHERE id IN (%s, %s)", (base, base + 1))
+            conn.execute("SELECT 1 FROM users u, orders o LIMIT 1")
+        except psycopg.Error:
+            pass
+        conn.rollback()
+        row = conn.execute("SELECT name FROM users WHERE id = %s", (base,)).fetchone()
+        check("psycopg rollback after an error", row == (keys.names[base],), row)
+        conn.commit()
+
+
+def check_quiet(cond, detail):
+    if not cond:
+        raise AssertionError(detail)
+
+
+async def asyncpg_checks(url, base, keys):
+    for cache, start in ((100, base + 200), (0, base + 260)):
+        conn = await asyncpg.connect(url, statement_cache_size=cache)
+        # First execution: Parse+Describe+Flush, then Bind+Execute+Sync.
+        for k in range(start, start + 30):
+            await conn.execute("INSERT INTO users (id, name) VALUES ($1, $2)", k, f"asyncpg {k}")
+            keys.add(k, f"asyncpg {k}")
+        for k in range(start, start + 30):
+            name = await conn.fetchval("SELECT name FROM users WHERE id = $1", k)
+            check_quiet(name == f"asyncpg {k}", f"asyncpg read of {k}: {name}")
+        # A keyless aggregate merged across shards.
+        n = await conn.fetchval(
+            "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", start, start + 29
+        )
+        check(f"asyncpg statement_cache_size={cache}: writes, reads, merged count", n == 30, n)
+        # A cursor inside a transaction, on one key.
+        async with conn.transaction():
+            rows = [r async for r in conn.cursor("SELECT id FROM users WHERE id = $1", start)]
+        check(f"asyncpg cursor (cache {cache})", [r[0] for r in rows] == [start], rows)
+        await conn.close()
+
+    conn = await asyncpg.connect(url)
+    # executemany: one Sync for every row. Rows on two shards are refused
+    # whole (nothing written) rather than placed on one.
+    rows = [(k, f"many {k}") for k in range(base + 300, base + 320)]
+    try:
+        await conn.executemany("INSERT INTO users (id, name) VALUES ($1, $2)", rows)
+        for k, name in rows:
+            keys.add(k, name)
+        check("asyncpg executemany", True)
+    except asyncpg.exceptions.FeatureNotSupportedError:
+        n = await conn.fetchval(
+            "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", base + 300, base + 319
+        )
+        check("asyncpg executemany spanning shards refused, nothing written", n == 0, n)
+    # Binary COPY (copy_records_to_table): split by shard, or refused.
+    records = [(k, f"copy {k}") for k in range(base + 400, base + 420)]
+    try:
+        await conn.copy_records_to_table("users", records=records, columns=["id", "name"])
+        for k, name in records:
+            keys.add(k, name)
+        check("asyncpg binary COPY", True)
+    except asyncpg.exceptions.FeatureNotSupportedError:
+        n = await conn.fetchval(
+            "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", base + 400, base + 419
+        )
+        check("asyncpg binary COPY refused, nothing written", n == 0, n)
+    await conn.close()
+
+
+def sqlalchemy_checks(url, base, keys):
+    import sqlalchemy as sa
+    from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
+        name: Mapped[str]
+
+    engine = sa.create_engine("postgresql+psycopg://" + url.split("://", 1)[1])
+    # One object per flush and commit.
+    with Session(engine) as s:
+        for k in range(base + 500, base + 520):
+            s.add(User(id=k, name=f"orm {k}"))
+            s.commit()
+            keys.add(k, f"orm {k}")
+    with Session(engine) as s:
+        for k in range(base + 500, base + 520):
+            u = s.get(User, k)
+            check_quiet(u is not None and u.name == f"orm {k}", f"ORM get {k}: {u}")
+    check("SQLAlchemy ORM one object per commit, get by key", True)
+    # Several objects in one flush: a multi-row INSERT with parameters.
+    # Across shards it is refused whole, never written to one shard.
+    try:
+        with Session(engine) as s:
+            s.add_all([User(id=k, name=f"flush {k}") for k in range(base + 600, base + 610)])
+            s.commit()
+        for k in range(base + 600, base + 610):
+            keys.add(k, f"flush {k}")
+        check("SQLAlchemy multi-object flush", True)
+    except sa.exc.DBAPIError as e:
+        check_quiet(getattr(e.orig, "sqlstate", None) == "0A000", f"flush error: {e}")
+        with Session(engine) as s:
+            n = s.scalar(
+                sa.select(sa.func.count()).where(User.id.between(base + 600, base + 609))
+            )
+        check("SQLAlchemy multi-object flush across shards refused, nothing written", n == 0, n)
+    engine.dispose()
+
+
+def final_reads(url, keys):
+    with psycopg.connect(url, autocommit=True) as conn:
+        for k, name in keys.names.items():
+            row = conn.execute("SELECT name FROM users WHERE id = %s", (k,)).fetchone()
+            check_quiet(row == (name,), f"final read of {k}: {row}")
+    check(f"every key read back ({len(keys.names)})", True)
+    print("keys " + ",".join(str(k) for k in sorted(keys.names)))
+
+
+def main():
+    url, base = sys.argv[1], int(sys.argv[2])
+    keys = Keys()
+    psycopg_checks(url, base, keys)
+    asyncio.run(asyncpg_checks(url, base, keys))
+    sqlalchemy_checks(url, base, keys)
+    final_reads(url, keys)
+    print("all checks passed")
+
+
+if __name__ == "__main__":
+    main()
