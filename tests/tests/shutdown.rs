@@ -46,6 +46,15 @@ async fn sigterm_lets_open_transactions_finish() {
         .unwrap();
     tokio::spawn(c2);
 
+    // SIGHUP does not end the proxy (no reload yet): logged and ignored.
+    assert!(Command::new("kill")
+        .arg("-HUP")
+        .arg(child.id().to_string())
+        .status()
+        .unwrap()
+        .success());
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(child.try_wait().unwrap().is_none(), "SIGHUP ended the proxy");
     busy.simple_query("BEGIN; INSERT INTO t VALUES (1)")
         .await
         .unwrap();
