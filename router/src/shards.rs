@@ -155,6 +155,9 @@ pub struct Template {
     pub copy_in: Option<CopyIn>,
     /// A leading `/* shardline: shard=... key=... */` comment.
     pub hint: Option<Hint>,
+    /// `DECLARE ... CURSOR FOR` this query: the cursor lives on one
+    /// connection, so its rows must come from one shard.
+    pub cursor: bool,
 }
 
 /// COPY FROM STDIN into a table spread over shards.
@@ -185,6 +188,7 @@ impl Template {
             explain: false,
             copy_in: None,
             hint: None,
+            cursor: false,
         }
     }
 
@@ -267,7 +271,9 @@ pub fn analyze_unparsed(sql: &str, error: &str, sh: &Sharding) -> Template {
         | "import" | "security" => Template::new(Scope::AllShards, true),
         "begin" | "start" | "commit" | "end" | "rollback" | "abort" | "savepoint" | "release"
         | "set" | "reset" | "discard" | "deallocate" | "show" | "listen" | "unlisten"
-        | "notify" | "prepare" | "execute" => Template::new(Scope::Anywhere, true),
+        | "notify" | "prepare" | "execute" | "fetch" | "move" | "close" => {
+            Template::new(Scope::Anywhere, true)
+        }
         _ => Template::refused(Refusal {
             code: "42601",
             message: format!(
@@ -469,6 +475,22 @@ impl Analyzer<'_> {
                 t.explain = true;
                 t.needs_merge = None;
                 t
+            }
+            Statement::Declare { stmts } => match stmts.as_slice() {
+                [sqlparser::ast::Declare {
+                    for_query: Some(q), ..
+                }] => {
+                    // Placed as its query, read where its rows are.
+                    let mut t = self.query(q, &Statement::Query(q.clone()));
+                    t.cursor = true;
+                    t.needs_merge = None;
+                    t
+                }
+                _ => Template::new(Scope::Anywhere, true),
+            },
+            // On the connection that holds the cursor (its transaction's).
+            Statement::Fetch { .. } | Statement::Close { .. } => {
+                Template::new(Scope::Anywhere, true)
             }
             Statement::CreateTable(c) if c.query.is_some() => {
                 Template::refused(Refusal::unsupported(
@@ -1315,6 +1337,9 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
         }
     };
     match placement {
+        Placement::Many(_) | Placement::Split(_) if t.cursor => Placement::Refused(Refusal::unsupported(
+            "a cursor over rows of several shards is not supported: declare it with the sharding key in its WHERE clause (or a /* shardline: shard=NAME */ comment)",
+        )),
         Placement::Many(mask) if t.explain => Placement::One(mask.trailing_zeros() as usize),
         Placement::Many(_) if t.copy_in.is_some() => Placement::CopySplit(sh.all_shards()),
         Placement::Many(mask) if !t.write && t.needs_merge.is_some() => Placement::Merge(mask),

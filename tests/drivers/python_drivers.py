@@ -87,6 +87,18 @@ def psycopg_checks(url, base, keys):
                 keys.add(k, "x")
             check("psycopg pipeline on one shard", True)
 
+    # Settings from the startup packet reach the driver in ParameterStatus:
+    # psycopg parses dates by the DateStyle the session reports.
+    import datetime
+
+    with psycopg.connect(url, autocommit=True, options="-c TimeZone=UTC -c DateStyle=SQL,DMY") as conn:
+        d = conn.execute("SELECT '2026-01-03'::date").fetchone()[0]
+        check("psycopg date under DateStyle SQL,DMY from options", d == datetime.date(2026, 1, 3), d)
+    # psycopg attaches the session's TimeZone (from ParameterStatus).
+    with psycopg.connect(url, autocommit=True, options="-c TimeZone=Asia/Tokyo") as conn:
+        tz = conn.execute("SELECT '2026-01-03 10:00:00+00'::timestamptz").fetchone()[0]
+        check("psycopg time zone from options", tz.utcoffset() == datetime.timedelta(hours=9), tz)
+
     # Transactions (psycopg's default): a write and a read on one key,
     # committed; another rolled back.
     with psycopg.connect(url) as conn:
@@ -96,6 +108,12 @@ def psycopg_checks(url, base, keys):
             check_quiet(row == (f"txn {k}",), f"read in transaction {k}: {row}")
             conn.commit()
             keys.add(k, f"txn {k}")
+        # A named (server-side) cursor on one key, in the transaction.
+        with conn.cursor(name="by_key") as cur:
+            cur.execute("SELECT id, name FROM users WHERE id = %s", (base + 105,))
+            rows = cur.fetchall()
+        check("psycopg named cursor", rows == [(base + 105, f"txn {base + 105}")], rows)
+        conn.commit()
         conn.execute("INSERT INTO users (id, name) VALUES (%s, 'rolled back')", (base + 120,))
         conn.rollback()
         row = conn.execute("SELECT name FROM users WHERE id = %s", (base + 120,)).fetchone()

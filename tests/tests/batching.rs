@@ -328,3 +328,107 @@ async fn a_pipeline_spanning_shards_is_refused_whole() {
     assert_eq!(error_code(&r[0].1), "0A000");
     assert_eq!(audit(&env, &sh), 0, "nothing written");
 }
+
+/// Cursors live on one connection: inside a transaction, a cursor over one
+/// key (or a shard hint) runs on that shard and FETCH/MOVE/CLOSE follow it;
+/// a cursor over several shards is refused; WITH HOLD (and LISTEN) are
+/// refused under transaction pooling (they would outlive the transaction on
+/// a shared connection), over the simple and the extended protocol.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_follow_their_transaction() {
+    let (env, sh) = two_shards().await;
+    let c = env.connect().await;
+    for k in 1..=20i64 {
+        c.execute("INSERT INTO users (id, name) VALUES ($1, 'c')", &[&k])
+            .await
+            .unwrap();
+    }
+    for k in [3i64, 4, 17] {
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute(&format!(
+            "DECLARE c CURSOR FOR SELECT id FROM users WHERE id = {k}"
+        ))
+        .await
+        .unwrap();
+        let rows = c.simple_query("FETCH 10 FROM c").await.unwrap();
+        let ids: Vec<String> = rows
+            .iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+                _ => None,
+            })
+            .collect();
+        assert_eq!(ids, [k.to_string()]);
+        c.batch_execute("MOVE ABSOLUTE 0 IN c; CLOSE c; COMMIT")
+            .await
+            .unwrap();
+    }
+    // A shard hint places a keyless cursor on one shard.
+    let shard = owner(&sh, 5);
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(&format!(
+        "/* shardline: shard=s{shard} */ DECLARE h CURSOR FOR SELECT id FROM users ORDER BY id"
+    ))
+    .await
+    .unwrap();
+    let n = c
+        .simple_query("FETCH ALL FROM h")
+        .await
+        .unwrap()
+        .iter()
+        .filter(|m| matches!(m, tokio_postgres::SimpleQueryMessage::Row(_)))
+        .count();
+    let on_shard = (1..=20).filter(|&k| owner(&sh, k) == shard).count();
+    assert_eq!(n, on_shard);
+    c.batch_execute("COMMIT").await.unwrap();
+    // Over several shards: refused, and the transaction can be rolled back.
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c
+        .batch_execute("DECLARE a CURSOR FOR SELECT id FROM users")
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        shardline_tests::sqlstate(&e).as_deref(),
+        Some("0A000"),
+        "{e}"
+    );
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // WITH HOLD under transaction pooling: refused, nothing left behind.
+    let e = c
+        .batch_execute("DECLARE held CURSOR WITH HOLD FOR SELECT id FROM users WHERE id = 1")
+        .await
+        .expect_err("refused");
+    assert_eq!(
+        shardline_tests::sqlstate(&e).as_deref(),
+        Some("0A000"),
+        "{e}"
+    );
+    let mut raw = RawClient::login(env.port).await.unwrap();
+    let r = raw
+        .exchange(&[
+            parse("", "DECLARE held CURSOR WITH HOLD FOR SELECT 1", &[]),
+            bind("", &[], 0),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"EZ", "{r:?}");
+    assert_eq!(error_code(&r[0].1), "0A000");
+    for s in 0..2 {
+        assert_eq!(env.sql_shard(s, "SELECT count(*) FROM pg_cursors"), "0");
+    }
+    // LISTEN over the extended protocol is refused as over the simple one
+    // (its notifications would never reach this client).
+    let r = raw
+        .exchange(&[
+            parse("", "LISTEN chan", &[]),
+            bind("", &[], 0),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"EZ", "{r:?}");
+    assert_eq!(error_code(&r[0].1), "0A000");
+}

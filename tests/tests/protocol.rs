@@ -441,3 +441,49 @@ async fn parameter_status_and_notices_reach_the_client() {
         .unwrap();
     assert_eq!(got, "hello from plpgsql");
 }
+
+/// Settings from the startup packet (`options=-c TimeZone=... -c
+/// DateStyle=...`) are what the session reports in ParameterStatus, not the
+/// servers' defaults; the server's own spelling follows with the first
+/// statement, and the last report matches what the server runs with.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn startup_options_are_reported_in_parameter_status() {
+    use shardline_tests::RawClient;
+    let env = Env::start_with(EnvOptions::default()).await.unwrap();
+    let stream = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+        .await
+        .unwrap();
+    let mut c = RawClient::from_stream(stream);
+    let startup = shardline::protocol::startup::startup_message(&[
+        ("user", "trustclient"),
+        ("database", "app"),
+        ("options", "-c TimeZone=Asia/Tokyo -c DateStyle=SQL,DMY"),
+    ]);
+    c.send(&startup).await.unwrap();
+    let login = c.until_ready().await.unwrap();
+    let reported = |msgs: &[shardline_tests::RawMessage], name: &str| -> Option<String> {
+        msgs.iter()
+            .filter(|m| m.0 == b'S')
+            .filter_map(|m| {
+                let mut parts = m.1.split(|&b| b == 0);
+                let k = String::from_utf8_lossy(parts.next()?).into_owned();
+                let v = String::from_utf8_lossy(parts.next()?).into_owned();
+                (k == name).then_some(v)
+            })
+            .next_back()
+    };
+    assert_eq!(reported(&login, "TimeZone").as_deref(), Some("Asia/Tokyo"));
+    assert_eq!(reported(&login, "DateStyle").as_deref(), Some("SQL,DMY"));
+    let answers = c
+        .exchange(&[shardline_tests::wire::query("SHOW DateStyle")])
+        .await
+        .unwrap();
+    let shown = answers
+        .iter()
+        .find(|m| m.0 == b'D')
+        .map(|m| String::from_utf8_lossy(&m.1[6..]).into_owned())
+        .unwrap();
+    assert_eq!(shown, "SQL, DMY");
+    let last = reported(&answers, "DateStyle").or(reported(&login, "DateStyle"));
+    assert_eq!(last.as_deref(), Some("SQL, DMY"), "{answers:?}");
+}

@@ -54,7 +54,10 @@ async fn sigterm_lets_open_transactions_finish() {
         .unwrap()
         .success());
     tokio::time::sleep(Duration::from_millis(300)).await;
-    assert!(child.try_wait().unwrap().is_none(), "SIGHUP ended the proxy");
+    assert!(
+        child.try_wait().unwrap().is_none(),
+        "SIGHUP ended the proxy"
+    );
     busy.simple_query("BEGIN; INSERT INTO t VALUES (1)")
         .await
         .unwrap();

@@ -492,14 +492,9 @@ impl Session {
                     return Ok(());
                 }
             }
-            if self.mode() == PoolMode::Transaction
-                && effects.iter().any(|e| matches!(e, Some(Effect::Listen)))
-            {
-                let e = PgError::error(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
-                    "LISTEN is not supported in transaction pooling mode",
-                )
-                .with_hint("notifications need a dedicated server connection: connect as a user with pool_mode = \"session\"");
+            let refusal = effects.iter().flatten().find_map(Effect::pooling_refusal);
+            if let (PoolMode::Transaction, Some((message, hint))) = (self.mode(), refusal) {
+                let e = PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(hint);
                 self.fail_request(e, true);
                 return Ok(());
             }
@@ -516,6 +511,13 @@ impl Session {
         let effect = std::str::from_utf8(p.query)
             .ok()
             .and_then(sql::statement_effect);
+        let refusal = effect.as_ref().and_then(Effect::pooling_refusal);
+        if let (PoolMode::Transaction, Some((message, hint))) = (self.mode(), refusal) {
+            // The same over the extended protocol.
+            let e = PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(hint);
+            self.fail_request(e, false);
+            return Ok(());
+        }
         let route = self.route_text(p.query);
         if p.name.is_empty() {
             let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);

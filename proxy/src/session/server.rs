@@ -60,15 +60,11 @@ impl Session {
             return Ok(());
         }
         if tag == PARAMETER_STATUS {
-            // Reports caused by the proxy's own replay of the client's settings
-            // tell the client what it already knows.
-            if self
-                .pending
-                .front()
-                .is_none_or(|p| p.answer == Answer::Forward)
-            {
-                self.client_out.extend_from_slice(msg);
-            }
+            // Reports caused by the proxy's replay of the client's settings
+            // reach the client too: they carry the server's own spelling of
+            // the values (`SQL, DMY` for `SQL,DMY`), and the replay ends in
+            // the client's settings, so the last report is the true one.
+            self.client_out.extend_from_slice(msg);
             return Ok(());
         }
         self.drain_synthetic();

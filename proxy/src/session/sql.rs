@@ -19,6 +19,27 @@ pub enum Effect {
     /// `DEALLOCATE [PREPARE] name | ALL` (None = ALL).
     Deallocate(Option<String>),
     Listen,
+    /// `DECLARE ... WITH HOLD CURSOR`: the cursor outlives the transaction
+    /// on the server connection.
+    HoldCursor,
+}
+
+impl Effect {
+    /// Under transaction pooling, why this statement is refused: what it
+    /// leaves on the server connection would reach the next client.
+    pub fn pooling_refusal(&self) -> Option<(&'static str, &'static str)> {
+        match self {
+            Effect::Listen => Some((
+                "LISTEN is not supported in transaction pooling mode",
+                "notifications need a dedicated server connection: connect as a user with pool_mode = \"session\"",
+            )),
+            Effect::HoldCursor => Some((
+                "DECLARE ... WITH HOLD is not supported in transaction pooling mode: the cursor would outlive the transaction on a connection other clients share",
+                "use a cursor without HOLD inside a transaction, or connect as a user with pool_mode = \"session\"",
+            )),
+            _ => None,
+        }
+    }
 }
 
 /// Effects of each statement of a simple query, in order, or `None` when no
@@ -35,7 +56,7 @@ pub fn effects(sql: &str) -> Option<Vec<Option<Effect>>> {
 }
 
 fn is_effect_keyword(k: &str) -> bool {
-    ["set", "reset", "discard", "deallocate", "listen"]
+    ["set", "reset", "discard", "deallocate", "listen", "declare"]
         .iter()
         .any(|w| k.eq_ignore_ascii_case(w))
 }
@@ -102,6 +123,17 @@ pub fn statement_effect(stmt: &str) -> Option<Effect> {
             }
         }
         "listen" => Some(Effect::Listen),
+        "declare" => {
+            // `WITH HOLD` before `CURSOR ... FOR`.
+            let words: Vec<String> = Lexer::new(stmt)
+                .take_while(|t| t.quoted || t.lower() != "for")
+                .map(|t| t.lower())
+                .collect();
+            words
+                .windows(2)
+                .any(|w| w[0] == "with" && w[1] == "hold")
+                .then_some(Effect::HoldCursor)
+        }
         _ => None,
     }
 }
@@ -191,6 +223,16 @@ mod tests {
             Some(Effect::Deallocate(Some("S_1".into())))
         );
         assert_eq!(one("LISTEN chan"), Some(Effect::Listen));
+        assert_eq!(
+            one("DECLARE c NO SCROLL CURSOR WITH HOLD FOR SELECT 1"),
+            Some(Effect::HoldCursor)
+        );
+        assert_eq!(
+            one("declare c cursor with hold for select 'with hold'"),
+            Some(Effect::HoldCursor)
+        );
+        assert_eq!(one("DECLARE c CURSOR WITHOUT HOLD FOR SELECT 1"), None);
+        assert_eq!(one("DECLARE c CURSOR FOR SELECT 'with hold'"), None);
     }
 
     #[test]

@@ -205,11 +205,16 @@ async fn login(
             ))
         }
     };
+    // What the session runs with: the client's settings (parameters or
+    // `options=-c ...`, the last one winning) over the servers' defaults.
+    // The servers' own reports of them follow with the first statement.
+    let settings = super::vars::startup_settings(&params);
     for (k, v) in server_params.iter() {
-        let v = params
+        let v = settings
             .iter()
+            .rev()
             .find(|(n, _)| n.eq_ignore_ascii_case(k))
-            .map_or(v, |(_, cv)| cv);
+            .map_or(v.as_str(), |(_, cv)| cv.as_str());
         backend::parameter_status(&mut out, k, v);
     }
     let registration = shared.cancel.register();

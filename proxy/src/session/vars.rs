@@ -19,14 +19,8 @@ impl SessionVars {
     /// Variables from a client's StartupMessage, including `options=-c k=v`.
     pub fn from_startup(params: &[(String, String)]) -> SessionVars {
         let mut vars = SessionVars::default();
-        for (k, v) in params {
-            if k == "options" {
-                for (name, value) in parse_options(v) {
-                    vars.set_value(&name, &value);
-                }
-            } else if !NOT_VARIABLES.contains(&k.as_str()) && !k.starts_with("_pq_.") {
-                vars.set_value(k, v);
-            }
+        for (name, value) in startup_settings(params) {
+            vars.set_value(&name, &value);
         }
         vars
     }
@@ -68,7 +62,7 @@ impl SessionVars {
             Effect::Set { name, statement } => next.put(name, statement.clone()),
             Effect::Reset(name) => next.entries.retain(|(k, _)| k != name),
             Effect::ResetAll | Effect::DiscardAll => next.entries.clear(),
-            Effect::Deallocate(_) | Effect::Listen => return None,
+            Effect::Deallocate(_) | Effect::Listen | Effect::HoldCursor => return None,
         }
         (next != **self).then(|| Arc::new(next))
     }
@@ -85,6 +79,20 @@ impl SessionVars {
         }
         sql
     }
+}
+
+/// The settings a StartupMessage makes, in order: its parameters that are
+/// settings, and `options=-c name=value ...` where it stands.
+pub fn startup_settings(params: &[(String, String)]) -> Vec<(String, String)> {
+    let mut out = Vec::new();
+    for (k, v) in params {
+        if k == "options" {
+            out.extend(parse_options(v));
+        } else if !NOT_VARIABLES.contains(&k.as_str()) && !k.starts_with("_pq_.") {
+            out.push((k.clone(), v.clone()));
+        }
+    }
+    out
 }
 
 fn quote_literal(v: &str) -> String {
