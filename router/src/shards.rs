@@ -1225,7 +1225,25 @@ pub enum Placement {
     Split(ShardMask),
     /// COPY FROM STDIN to split row by row over these shards.
     CopySplit(ShardMask),
+    /// A pipeline (several executions before one Sync) whose executions
+    /// each run on one shard, not all the same: each runs on its own.
+    Pipeline(ShardMask),
     Refused(Refusal),
+}
+
+/// The shards of a pipeline whose executions (`parts`, one placement per
+/// Bind) each need one shard, but not all the same one; `None` when they
+/// share a shard, or when one needs several shards or is refused.
+pub fn pipeline_shards(parts: &[Placement]) -> Option<ShardMask> {
+    let mut mask: ShardMask = 0;
+    for p in parts {
+        match p {
+            Placement::One(s) => mask |= mask_of(*s),
+            Placement::Anywhere | Placement::Spread => {}
+            _ => return None,
+        }
+    }
+    (mask.count_ones() > 1).then_some(mask)
 }
 
 /// A bound parameter: format (1 is binary) and value (`None` is NULL).

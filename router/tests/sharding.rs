@@ -607,3 +607,22 @@ fn parameters_are_read_as_their_own_type() {
     // cast to an integer holds for many ('5', '05'): every shard.
     assert_eq!(t.place("SELECT * FROM users WHERE id::float8 = 5"), all);
 }
+
+/// A pipeline whose executions each run on one shard, on several shards in
+/// all, is run execution by execution; anything else is not.
+#[test]
+fn pipelines_of_single_shard_executions() {
+    use shardline_router::shards::pipeline_shards;
+    let one = |s| Placement::One(s);
+    assert_eq!(pipeline_shards(&[one(0), one(1), one(0)]), Some(0b11));
+    assert_eq!(
+        pipeline_shards(&[one(2), Placement::Anywhere, one(0)]),
+        Some(0b101)
+    );
+    assert_eq!(pipeline_shards(&[one(1), one(1)]), None);
+    assert_eq!(pipeline_shards(&[one(0), Placement::Many(0b11)]), None);
+    assert_eq!(
+        pipeline_shards(&[one(0), Placement::Merge(0b11), one(1)]),
+        None
+    );
+}

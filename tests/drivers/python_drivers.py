@@ -64,28 +64,33 @@ def psycopg_checks(url, base, keys):
                 row = cur.fetchone()
                 check_quiet(row and row[0] == keys.names[k], f"binary read of {k}: {row}")
         check("psycopg binary prepared reads by key", True)
-        # Statements for two shards in one pipeline up to one Sync: refused
-        # whole (0A000), nothing written.
-        try:
-            with conn.pipeline():
-                conn.execute("INSERT INTO users (id, name) VALUES (%s, 'x')", (base + 90,))
-                conn.execute("INSERT INTO users (id, name) VALUES (%s, 'x')", (base + 91,))
-                conn.execute("INSERT INTO users (id, name) VALUES (%s, 'x')", (base + 92,))
-                conn.execute("INSERT INTO users (id, name) VALUES (%s, 'x')", (base + 93,))
-            spanned = False
-        except errors.FeatureNotSupported:
-            spanned = True
-        except psycopg.errors.PipelineAborted:
-            spanned = True
-        if spanned:
-            n = conn.execute(
-                "SELECT count(*) FROM users WHERE id BETWEEN %s AND %s", (base + 90, base + 93)
-            ).fetchone()[0]
-            check("psycopg pipeline spanning shards refused, nothing written", n == 0, n)
-        else:
+        # Executions for several shards in one pipeline up to one Sync, and
+        # executemany (a pipeline): each row on its key's shard.
+        with conn.pipeline():
             for k in range(base + 90, base + 94):
-                keys.add(k, "x")
-            check("psycopg pipeline on one shard", True)
+                conn.execute("INSERT INTO users (id, name) VALUES (%s, %s)", (k, f"pipe {k}"))
+                keys.add(k, f"pipe {k}")
+        check("psycopg pipeline spanning shards", True)
+        with conn.cursor() as cur:
+            rows = [(k, f"many {k}") for k in range(base + 130, base + 150)]
+            cur.executemany("INSERT INTO users (id, name) VALUES (%s, %s)", rows)
+            for k, name in rows:
+                keys.add(k, name)
+        check("psycopg executemany spanning shards", True)
+        # A failing row rolls the whole executemany back, on every shard.
+        try:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO users (id, name) VALUES (%s, 'dup')",
+                    [(base + 150,), (base + 151,), (base + 130,)],
+                )
+            raise AssertionError("expected a unique violation")
+        except errors.UniqueViolation:
+            pass
+        n = conn.execute(
+            "SELECT count(*) FROM users WHERE id IN (%s, %s)", (base + 150, base + 151)
+        ).fetchone()[0]
+        check("psycopg executemany with a failing row leaves nothing", n == 0, n)
 
     # Settings from the startup packet reach the driver in ParameterStatus:
     # psycopg parses dates by the DateStyle the session reports.
@@ -159,19 +164,12 @@ async def asyncpg_checks(url, base, keys):
         await conn.close()
 
     conn = await asyncpg.connect(url)
-    # executemany: one Sync for every row. Rows on two shards are refused
-    # whole (nothing written) rather than placed on one.
+    # executemany: one Sync for every row, rows on both shards.
     rows = [(k, f"many {k}") for k in range(base + 300, base + 320)]
-    try:
-        await conn.executemany("INSERT INTO users (id, name) VALUES ($1, $2)", rows)
-        for k, name in rows:
-            keys.add(k, name)
-        check("asyncpg executemany", True)
-    except asyncpg.exceptions.FeatureNotSupportedError:
-        n = await conn.fetchval(
-            "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", base + 300, base + 319
-        )
-        check("asyncpg executemany spanning shards refused, nothing written", n == 0, n)
+    await conn.executemany("INSERT INTO users (id, name) VALUES ($1, $2)", rows)
+    for k, name in rows:
+        keys.add(k, name)
+    check("asyncpg executemany spanning shards", True)
     # Binary COPY (copy_records_to_table): split by shard, or refused.
     records = [(k, f"copy {k}") for k in range(base + 400, base + 420)]
     try:

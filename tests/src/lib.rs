@@ -880,6 +880,33 @@ pub fn numeric_flags(flags: &mut [(&str, &mut u32)], usage: &str) -> Result<()> 
     Ok(())
 }
 
+/// The ids in table `users` (bigint key `id`, first sharding group) on each
+/// of the first `shards` shards' primaries, read on the servers directly;
+/// panics on a row that is not on the shard owning its key. Sorted.
+pub fn audit_users(
+    env: &Env,
+    sh: &shardline_router::sharding::Sharding,
+    shards: usize,
+) -> Vec<i64> {
+    let mut ids = Vec::new();
+    for s in 0..shards {
+        let list = env.sql_shard(
+            s,
+            "SELECT coalesce(string_agg(id::text, ','), '') FROM users",
+        );
+        for id in list.split(',').filter(|x| !x.is_empty()) {
+            let k: i64 = id.parse().expect("an id");
+            let owner = sh.groups[0]
+                .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
+                .expect("owner");
+            assert_eq!(owner, s, "user {k} is on shard {s}, owned by shard {owner}");
+            ids.push(k);
+        }
+    }
+    ids.sort();
+    ids
+}
+
 /// Extended-protocol messages as drivers send them, for tests that choose
 /// the batching themselves.
 pub mod wire {

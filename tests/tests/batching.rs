@@ -49,26 +49,19 @@ fn owner(sh: &Sharding, k: i64) -> usize {
         .expect("shard")
 }
 
-/// Every row of `users`, read on each shard's server directly: each must be
-/// on the shard owning its key. Returns how many rows there are.
+/// Every row of `users` on the shard owning its key; how many there are.
 fn audit(env: &Env, sh: &Sharding) -> usize {
-    let mut total = 0;
-    for s in 0..2 {
-        let ids = env.sql_shard(
-            s,
-            "SELECT coalesce(string_agg(id::text, ','), '') FROM users",
-        );
-        for id in ids.split(',').filter(|x| !x.is_empty()) {
-            let k: i64 = id.parse().expect("an id");
-            assert_eq!(
-                owner(sh, k),
-                s,
-                "user {k} is on shard {s}, owned by another"
-            );
-            total += 1;
-        }
+    shardline_tests::audit_users(env, sh, 2).len()
+}
+
+/// Inserts users `keys` through the proxy.
+async fn insert_users(env: &Env, keys: std::ops::RangeInclusive<i64>) {
+    let c = env.connect().await;
+    for k in keys {
+        c.execute("INSERT INTO users (id, name) VALUES ($1, 'x')", &[&k])
+            .await
+            .unwrap();
     }
-    total
 }
 
 /// Reads messages until one with tag `until` (inclusive).
@@ -120,10 +113,15 @@ async fn every_batching_places_rows_by_key() {
             .unwrap();
         assert_eq!(tags(&r), b"12CZ", "key {k}: {r:?}");
     }
-    // Parse + Describe + Flush, answers read, then Bind + Execute + Sync
-    // (asyncpg's first execution of every statement).
-    for k in 21..=40 {
-        let stmt = format!("flush{k}");
+    // Parse + Describe + Flush, answers read, then Bind + Execute + Sync:
+    // asyncpg's first execution of every statement (named), and every
+    // execution with statement_cache_size=0 (unnamed).
+    for k in 21..=60i64 {
+        let stmt = if k <= 40 {
+            format!("flush{k}")
+        } else {
+            String::new()
+        };
         c.send(&[parse(&stmt, INSERT, &[]), describe(b'S', &stmt), flush()].concat())
             .await
             .unwrap();
@@ -132,22 +130,6 @@ async fn every_batching_places_rows_by_key() {
         let r = c
             .exchange(&[
                 bind(&stmt, &[(0, Some(&text(k))), (0, Some(&name(k)))], 0),
-                execute(),
-                sync(),
-            ])
-            .await
-            .unwrap();
-        assert_eq!(tags(&r), b"2CZ", "key {k}: {r:?}");
-    }
-    // The unnamed statement the same way (asyncpg, statement_cache_size=0).
-    for k in 41..=60 {
-        c.send(&[parse("", INSERT, &[]), describe(b'S', ""), flush()].concat())
-            .await
-            .unwrap();
-        until_tag(&mut c, b'n').await;
-        let r = c
-            .exchange(&[
-                bind("", &[(0, Some(&text(k))), (0, Some(&name(k)))], 0),
                 execute(),
                 sync(),
             ])
@@ -254,12 +236,7 @@ async fn a_failed_parse_before_flush_skips_to_sync() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn parameters_are_read_as_their_own_type() {
     let (env, sh) = two_shards().await;
-    let c = env.connect().await;
-    for k in 1..=40i64 {
-        c.execute("INSERT INTO users (id, name) VALUES ($1, 'x')", &[&k])
-            .await
-            .unwrap();
-    }
+    insert_users(&env, 1..=40).await;
     assert_eq!(audit(&env, &sh), 40);
     let mut raw = RawClient::login(env.port).await.unwrap();
     for k in 1..=40i64 {
@@ -305,28 +282,59 @@ async fn parameters_are_read_as_their_own_type() {
     }
 }
 
-/// Statements for different shards in one pipeline (up to Sync) are
-/// refused before anything runs, whatever the batching; nothing is written.
+/// Executions for different shards in one pipeline (up to Sync), as
+/// executemany and JDBC batches send them: each runs on its key's shard,
+/// answers in the client's order; an error anywhere rolls back every
+/// shard's part (the pipeline is one implicit transaction), and nothing is
+/// forwarded after it. Reads too, rows in order.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipeline_spanning_shards_is_refused_whole() {
+async fn a_pipeline_spanning_shards_runs_each_execution_on_its_shard() {
     let (env, sh) = two_shards().await;
-    let a = (1..).find(|&k| owner(&sh, k) == 0).unwrap();
-    let b = (1..).find(|&k| owner(&sh, k) == 1).unwrap();
+    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let (a, b) = (on(0), on(1));
     let mut c = RawClient::login(env.port).await.unwrap();
+    let keys = [a[0], b[0], a[1], b[1]];
+    let mut unit = vec![parse("p", INSERT, &[])];
+    for k in keys {
+        unit.push(bind("p", &[(0, Some(&text(k))), (0, Some(b"x"))], 0));
+        unit.push(execute());
+    }
+    unit.push(sync());
+    let r = c.exchange(&unit).await.unwrap();
+    assert_eq!(tags(&r), b"12C2C2C2CZ", "{r:?}");
+    assert_eq!(audit(&env, &sh), 4, "every row on its shard");
+    // Reads by key in one pipeline: each row in the order asked.
+    let mut unit = vec![parse("q", "SELECT id FROM users WHERE id = $1", &[])];
+    for k in [b[1], a[0], b[0], a[1]] {
+        unit.push(bind("q", &[(0, Some(&text(k)))], 0));
+        unit.push(execute());
+    }
+    unit.push(sync());
+    let r = c.exchange(&unit).await.unwrap();
+    let ids: Vec<String> = r
+        .iter()
+        .filter(|m| m.0 == b'D')
+        .map(|m| String::from_utf8_lossy(&m.1[6..]).into_owned())
+        .collect();
+    assert_eq!(ids, [b[1], a[0], b[0], a[1]].map(|k| k.to_string()));
+    // A duplicate key in the third execution: the first two are rolled
+    // back on both shards, nothing after the error is answered.
+    let mut unit = vec![];
+    for k in [a[2], b[2], a[0], b[1]] {
+        unit.push(bind("p", &[(0, Some(&text(k))), (0, Some(b"y"))], 0));
+        unit.push(execute());
+    }
+    unit.push(sync());
+    let r = c.exchange(&unit).await.unwrap();
+    assert_eq!(tags(&r), b"2C2C2EZ", "{r:?}");
+    assert_eq!(error_code(&r[5].1), "23505");
+    assert_eq!(audit(&env, &sh), 4, "the failed pipeline left nothing");
+    // The session goes on.
     let r = c
-        .exchange(&[
-            parse("p", INSERT, &[]),
-            bind("p", &[(0, Some(&text(a))), (0, Some(b"a"))], 0),
-            execute(),
-            bind("p", &[(0, Some(&text(b))), (0, Some(b"b"))], 0),
-            execute(),
-            sync(),
-        ])
+        .exchange(&[query("SELECT count(*) FROM users")])
         .await
         .unwrap();
-    assert_eq!(tags(&r), b"EZ", "{r:?}");
-    assert_eq!(error_code(&r[0].1), "0A000");
-    assert_eq!(audit(&env, &sh), 0, "nothing written");
+    assert_eq!(tags(&r), b"TDCZ", "{r:?}");
 }
 
 /// Cursors live on one connection: inside a transaction, a cursor over one
@@ -337,12 +345,8 @@ async fn a_pipeline_spanning_shards_is_refused_whole() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cursors_follow_their_transaction() {
     let (env, sh) = two_shards().await;
+    insert_users(&env, 1..=20).await;
     let c = env.connect().await;
-    for k in 1..=20i64 {
-        c.execute("INSERT INTO users (id, name) VALUES ($1, 'c')", &[&k])
-            .await
-            .unwrap();
-    }
     for k in [3i64, 4, 17] {
         c.batch_execute("BEGIN").await.unwrap();
         c.batch_execute(&format!(

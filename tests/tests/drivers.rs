@@ -8,7 +8,6 @@
 //! SQLAlchemy from PyPI).
 
 use shardline_config::Config;
-use shardline_router::hash::KeyValue;
 use shardline_router::sharding::Sharding;
 use shardline_tests::{Env, EnvOptions};
 
@@ -46,28 +45,6 @@ async fn demo_topology() -> (Env, Sharding) {
     (env, sh)
 }
 
-/// Every row of `users` on each shard's primary belongs to that shard.
-/// Returns the ids found.
-fn audit(env: &Env, sh: &Sharding) -> Vec<i64> {
-    let mut ids = Vec::new();
-    for s in 0..2 {
-        let list = env.sql_shard(
-            s,
-            "SELECT coalesce(string_agg(id::text, ','), '') FROM users",
-        );
-        for id in list.split(',').filter(|x| !x.is_empty()) {
-            let k: i64 = id.parse().expect("an id");
-            let owner = sh.groups[0]
-                .shard_of(Some(&KeyValue::Int(k)))
-                .expect("owner");
-            assert_eq!(owner, s, "user {k} is on shard {s}, owned by shard {owner}");
-            ids.push(k);
-        }
-    }
-    ids.sort();
-    ids
-}
-
 /// Runs a driver script (`program script URL BASE`) and checks that every
 /// key it reports is on the servers, each on its shard, and nothing else.
 async fn run_driver(env: &Env, sh: &Sharding, program: &str, script: &str) -> String {
@@ -95,7 +72,7 @@ async fn run_driver(env: &Env, sh: &Sharding, program: &str, script: &str) -> St
         .split(',')
         .map(|k| k.parse().unwrap())
         .collect();
-    assert_eq!(audit(env, sh), written, "{out}");
+    assert_eq!(shardline_tests::audit_users(env, sh, 2), written, "{out}");
     out
 }
 

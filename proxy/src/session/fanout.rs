@@ -42,7 +42,7 @@ enum Merged {
 
 /// One shard's part of a fan-out.
 pub(super) struct Leg {
-    shard: usize,
+    pub(super) shard: usize,
     pub(super) conn: PooledConnection,
     /// Answers to the proxy's own messages still to skip: `Some(true)`
     /// a whole query (up to ReadyForQuery), `Some(false)` one message.
@@ -106,6 +106,33 @@ pub(super) async fn read_message(conn: &mut PooledConnection) -> Result<BytesMut
             .map_err(|e| format!("server {}: {e}", conn.addr))?;
         if n == 0 {
             return Err(format!("server {} closed the connection", conn.addr));
+        }
+    }
+}
+
+/// Writes a client's Parse (recorded as `parsed`) for one leg: the unnamed
+/// statement as sent, a named one under its server name, closed first
+/// (answer skipped) so the Parse answers on every shard alike, whether the
+/// connection held the statement or not.
+pub(super) fn parse_on(
+    leg: &mut Leg,
+    parsed: &Parsed,
+    f: &crate::protocol::Frame,
+    out: &mut BytesMut,
+) {
+    match parsed {
+        Parsed::Unnamed(token) => {
+            leg.conn.unnamed_token = *token;
+            out.extend_from_slice(&f.bytes);
+        }
+        Parsed::Named(stmt) => {
+            frontend::write_target(out, frontend::CLOSE, b'S', &stmt.server_name);
+            leg.skip.push_back(false);
+            if let Some(evicted) = leg.conn.statements.insert(stmt) {
+                frontend::write_target(out, frontend::CLOSE, b'S', &evicted.server_name);
+                leg.skip.push_back(false);
+            }
+            frontend::write_parse(out, &stmt.server_name, &stmt.definition);
         }
     }
 }
@@ -283,6 +310,9 @@ impl Session {
                     parts.push((shard, BytesMut::new()));
                 }
             }
+            Placement::Pipeline(mask) => {
+                return self.run_pipeline(frames, *mask, target, writes).await
+            }
             _ => return Ok(()),
         }
         // Writes run in a transaction the proxy commits when every shard
@@ -295,42 +325,17 @@ impl Session {
                         .and_then(|q| std::str::from_utf8(q).ok())
                         .is_some_and(shardline_router::lexer::refuses_transaction_block)
             });
-        // Borrow a connection per shard.
-        let mut legs: Vec<Leg> = Vec::with_capacity(parts.len());
-        for (shard, _) in &parts {
-            let mut tried = 0;
-            match self.borrow(*shard, target, &mut tried).await {
-                Ok((conn, _, _)) => legs.push(Leg {
-                    shard: *shard,
-                    conn,
-                    skip: Default::default(),
-                    done: false,
-                }),
-                Err(e) => return self.fail_unit(e, simple),
-            }
-        }
-        // A CancelRequest now reaches every shard running the unit.
-        self.cancel.attach_all(
-            legs.iter()
-                .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
-        );
+        let shards: Vec<usize> = parts.iter().map(|(s, _)| *s).collect();
+        let mut legs = match self.borrow_legs(&shards, target).await {
+            Ok(legs) => legs,
+            Err(e) => return self.fail_unit(e, simple),
+        };
         // What each shard is sent: the session's settings, BEGIN for
         // writes, then the unit (named statements under their server names).
         let mut sends = Vec::with_capacity(legs.len());
         for (leg, (_, part)) in legs.iter_mut().zip(parts) {
             let mut out = BytesMut::new();
-            if *leg.conn.vars != *self.vars {
-                let sql = self.vars.replay_sql(&leg.conn.vars);
-                if !sql.is_empty() {
-                    frontend::write_query(&mut out, &sql);
-                    leg.skip.push_back(true);
-                }
-                leg.conn.vars = self.vars.clone();
-            }
-            if wrap {
-                frontend::write_query(&mut out, "BEGIN");
-                leg.skip.push_back(true);
-            }
+            self.leg_prelude(leg, wrap, &mut out);
             if leg_skips.contains(&leg.shard) {
                 leg.skip.push_back(false);
             }
@@ -380,11 +385,72 @@ impl Session {
             Ok(Merged::Done(failed)) => Ok(failed),
             Err(e) => Err(e),
         };
+        match result {
+            Ok(failed) => {
+                self.end_fanout(legs, wrap, writes, failed).await;
+                Ok(())
+            }
+            Err(e) => self.fail_legs(legs, e).await,
+        }
+    }
+
+    /// A connection on each of `shards` for `target`, the CancelRequest
+    /// routed to all of them.
+    pub(super) async fn borrow_legs(
+        &mut self,
+        shards: &[usize],
+        target: Target,
+    ) -> Result<Vec<Leg>, PgError> {
+        let mut legs: Vec<Leg> = Vec::with_capacity(shards.len());
+        for &shard in shards {
+            let mut tried = 0;
+            let (conn, _, _) = self.borrow(shard, target, &mut tried).await?;
+            legs.push(Leg {
+                shard,
+                conn,
+                skip: Default::default(),
+                done: false,
+            });
+        }
+        self.cancel.attach_all(
+            legs.iter()
+                .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
+        );
+        Ok(legs)
+    }
+
+    /// What a leg is sent before the unit: the session's settings when the
+    /// connection's differ, and the proxy's BEGIN for writes (`wrap`); both
+    /// answers skipped. Both are simple queries: the connection's unnamed
+    /// statement is gone after them.
+    pub(super) fn leg_prelude(&self, leg: &mut Leg, wrap: bool, out: &mut BytesMut) {
+        if *leg.conn.vars != *self.vars {
+            let sql = self.vars.replay_sql(&leg.conn.vars);
+            if !sql.is_empty() {
+                frontend::write_query(out, &sql);
+                leg.skip.push_back(true);
+                leg.conn.unnamed_token = 0;
+            }
+            leg.conn.vars = self.vars.clone();
+        }
+        if wrap {
+            frontend::write_query(out, "BEGIN");
+            leg.skip.push_back(true);
+            leg.conn.unnamed_token = 0;
+        }
+    }
+
+    /// After a unit on several shards: the proxy's BEGIN ended (COMMIT only
+    /// if nothing failed), read-your-writes positions taken, one
+    /// ReadyForQuery for the client, connections not clean discarded.
+    pub(super) async fn end_fanout(
+        &mut self,
+        mut legs: Vec<Leg>,
+        wrap: bool,
+        writes: bool,
+        failed: bool,
+    ) {
         self.cancel.detach();
-        let failed = match result {
-            Ok(failed) => failed,
-            Err(e) => return self.fail_legs(legs, e).await,
-        };
         if wrap {
             self.finish_writes(&mut legs, failed).await;
         }
@@ -397,7 +463,6 @@ impl Session {
                 drop(deadpool::managed::Object::take(leg.conn));
             }
         }
-        Ok(())
     }
 
     /// The COPY options of the unit's single simple query.
@@ -449,7 +514,7 @@ impl Session {
     }
 
     /// A server failed mid-unit: roll back what the others did, report it.
-    async fn fail_legs(&mut self, legs: Vec<Leg>, msg: String) -> Result<(), End> {
+    pub(super) async fn fail_legs(&mut self, legs: Vec<Leg>, msg: String) -> Result<(), End> {
         self.cancel.detach();
         tracing::warn!(error = %msg, "multi-shard statement failed");
         for mut leg in legs {
@@ -464,7 +529,7 @@ impl Session {
 
     /// Writes the unit's client frames for one shard's connection: named
     /// statements under their server names, prepared there when missing.
-    fn translate(
+    pub(super) fn translate(
         &mut self,
         frames: &[crate::protocol::Frame],
         leg: &mut Leg,
@@ -473,23 +538,8 @@ impl Session {
         for f in frames {
             match f.tag {
                 frontend::PARSE => {
-                    let stmt = match self.record_parse(f)? {
-                        Parsed::Unnamed(token) => {
-                            leg.conn.unnamed_token = token;
-                            out.extend_from_slice(&f.bytes);
-                            continue;
-                        }
-                        Parsed::Named(stmt) => stmt,
-                    };
-                    // Close first (answer skipped) so that the Parse answers
-                    // on every shard alike, whether it held the statement or not.
-                    frontend::write_target(out, frontend::CLOSE, b'S', &stmt.server_name);
-                    leg.skip.push_back(false);
-                    if let Some(evicted) = leg.conn.statements.insert(&stmt) {
-                        frontend::write_target(out, frontend::CLOSE, b'S', &evicted.server_name);
-                        leg.skip.push_back(false);
-                    }
-                    frontend::write_parse(out, &stmt.server_name, &stmt.definition);
+                    let parsed = self.record_parse(f)?;
+                    parse_on(leg, &parsed, f, out);
                 }
                 frontend::BIND => {
                     let b = frontend::bind(f.body())?;

@@ -18,6 +18,7 @@ mod fanout;
 mod gather;
 mod io;
 pub mod pending;
+mod pipeline;
 pub mod prepared;
 mod route;
 mod server;

@@ -159,6 +159,8 @@ impl Session {
         // together): name, route and definition.
         let mut parsed: Vec<(&[u8], Route, &[u8])> = Vec::new();
         let mut executes = false;
+        // Each Bind's own placement, for a pipeline over several shards.
+        let mut binds: Vec<Placement> = Vec::new();
         for (tag, body) in crate::protocol::complete_frames(buf, max) {
             executes |= matches!(
                 tag,
@@ -202,7 +204,9 @@ impl Session {
                         if let Some((route, definition)) = found {
                             if sharded {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
-                                place = combine(place, self.place(&route, definition, &params));
+                                let here = self.place(&route, definition, &params);
+                                binds.push(here.clone());
+                                place = combine(place, here);
                             }
                             routes.push(route);
                         }
@@ -218,6 +222,12 @@ impl Session {
                     break;
                 }
                 _ => {}
+            }
+        }
+        if complete && matches!(place, Placement::Refused(_)) {
+            // Executions of one pipeline on different shards, each on one.
+            if let Some(mask) = shardline_router::shards::pipeline_shards(&binds) {
+                place = Placement::Pipeline(mask);
             }
         }
         if self.mode() == PoolMode::Session {
