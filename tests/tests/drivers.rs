@@ -45,22 +45,14 @@ async fn demo_topology() -> (Env, Sharding) {
     (env, sh)
 }
 
-/// Runs a driver script (`program script URL BASE`) and checks that every
-/// key it reports is on the servers, each on its shard, and nothing else.
-async fn run_driver(env: &Env, sh: &Sharding, program: &str, script: &str) -> String {
-    let script = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script);
-    let url = env.url("app", "app");
-    let program = program.to_string();
-    let (ok, out) = tokio::task::spawn_blocking(move || {
-        shardline_tests::run(
-            std::process::Command::new(program)
-                .arg(script)
-                .arg(url)
-                .arg("1000"),
-        )
-    })
-    .await
-    .unwrap();
+/// Runs a driver program (its arguments: the proxy's URL, then the first
+/// key to use) and checks that every key it reports is on the servers, each
+/// on its shard, and nothing else.
+async fn run_driver(env: &Env, sh: &Sharding, mut cmd: std::process::Command) -> String {
+    cmd.arg("1000");
+    let (ok, out) = tokio::task::spawn_blocking(move || shardline_tests::run(&mut cmd))
+        .await
+        .unwrap();
     assert!(
         ok && out.contains("all checks passed"),
         "drivers are installed by scripts/setup-debian.sh:\n{out}"
@@ -76,13 +68,26 @@ async fn run_driver(env: &Env, sh: &Sharding, program: &str, script: &str) -> St
     out
 }
 
+/// `program script URL`, the script under `tests/`.
+fn script(program: &str, script: &str, url: String) -> std::process::Command {
+    let mut cmd = std::process::Command::new(program);
+    cmd.arg(std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(script))
+        .arg(url);
+    cmd
+}
+
 /// psycopg 3 (plain, prepared, pipeline, binary, transactions, a pipeline
 /// spanning shards), asyncpg (statement cache on and off, cursors,
 /// executemany, binary COPY), SQLAlchemy's ORM.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_drivers() {
     let (env, sh) = demo_topology().await;
-    let out = run_driver(&env, &sh, "python3", "drivers/python_drivers.py").await;
+    let cmd = script(
+        "python3",
+        "drivers/python_drivers.py",
+        env.url("app", "app"),
+    );
+    let out = run_driver(&env, &sh, cmd).await;
     println!("{out}");
 }
 
@@ -90,6 +95,40 @@ async fn python_drivers() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn node_postgres() {
     let (env, sh) = demo_topology().await;
-    let out = run_driver(&env, &sh, "node", "drivers/node/node_drivers.js").await;
+    let cmd = script(
+        "node",
+        "drivers/node/node_drivers.js",
+        env.url("app", "app"),
+    );
+    let out = run_driver(&env, &sh, cmd).await;
+    println!("{out}");
+}
+
+/// PgJDBC (Debian's package): prepared statements past prepareThreshold,
+/// a batch across shards in autocommit, a transaction with a fetch-size
+/// cursor, rollback() after a refused statement, CopyManager.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgjdbc() {
+    let (env, sh) = demo_topology().await;
+    let jar = "/usr/share/java/postgresql.jar";
+    let classes = shardline_tests::TempDir::new("jdbc");
+    let source =
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("drivers/jdbc/JdbcDrivers.java");
+    let (ok, out) = shardline_tests::run(
+        std::process::Command::new("javac")
+            .args(["-cp", jar, "-d"])
+            .arg(classes.path(""))
+            .arg(source),
+    );
+    assert!(ok, "javac (installed by scripts/setup-debian.sh):\n{out}");
+    let mut cmd = std::process::Command::new("java");
+    cmd.arg("-cp")
+        .arg(format!("{}:{jar}", classes.path("").display()))
+        .arg("JdbcDrivers")
+        .arg(format!(
+            "jdbc:postgresql://127.0.0.1:{}/app?user=app&password=app",
+            env.port
+        ));
+    let out = run_driver(&env, &sh, cmd).await;
     println!("{out}");
 }

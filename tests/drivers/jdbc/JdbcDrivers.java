@@ -1,0 +1,116 @@
+// PgJDBC against a two-shard Shardline: prepared statements past
+// prepareThreshold (a named Parse and its Bind in one unit), batches in
+// autocommit (a pipeline spanning shards), a transaction on one key with a
+// fetch-size cursor, rollback() after a refused statement, CopyManager.
+// Every key written is read back; the caller audits each row's shard.
+//
+// Usage: java -cp DIR:postgresql.jar JdbcDrivers URL BASE
+//   URL   jdbc:postgresql://127.0.0.1:PORT/db?user=..&password=..
+import java.io.StringReader;
+import java.sql.*;
+import java.util.*;
+import org.postgresql.PGConnection;
+import org.postgresql.copy.CopyManager;
+
+public class JdbcDrivers {
+    static void check(String name, boolean ok, Object detail) {
+        if (!ok) throw new AssertionError(name + ": " + detail);
+        System.out.println("ok " + name);
+    }
+
+    public static void main(String[] args) throws Exception {
+        String url = args[0];
+        long base = Long.parseLong(args[1]);
+        TreeMap<Long, String> names = new TreeMap<>();
+        try (Connection c = DriverManager.getConnection(url)) {
+            // Past prepareThreshold (5): server-side named statements.
+            try (PreparedStatement ins = c.prepareStatement("INSERT INTO users (id, name) VALUES (?, ?)");
+                 PreparedStatement sel = c.prepareStatement("SELECT name FROM users WHERE id = ?")) {
+                for (long k = base; k < base + 30; k++) {
+                    ins.setLong(1, k);
+                    ins.setString(2, "jdbc " + k);
+                    ins.executeUpdate();
+                    names.put(k, "jdbc " + k);
+                }
+                for (long k = base; k < base + 30; k++) {
+                    sel.setLong(1, k);
+                    try (ResultSet rs = sel.executeQuery()) {
+                        if (!rs.next() || !rs.getString(1).equals(names.get(k)))
+                            throw new AssertionError("read of " + k);
+                    }
+                }
+            }
+            check("prepared statements past prepareThreshold", true, "");
+            // A batch in autocommit: one pipeline, rows on both shards.
+            try (PreparedStatement ins = c.prepareStatement("INSERT INTO users (id, name) VALUES (?, ?)")) {
+                for (long k = base + 100; k < base + 140; k++) {
+                    ins.setLong(1, k);
+                    ins.setString(2, "batch " + k);
+                    ins.addBatch();
+                    names.put(k, "batch " + k);
+                }
+                int[] counts = ins.executeBatch();
+                check("batch across shards", counts.length == 40 && Arrays.stream(counts).allMatch(n -> n == 1), Arrays.toString(counts));
+            }
+            // A transaction on one key: write, read with a fetch-size cursor.
+            c.setAutoCommit(false);
+            try (PreparedStatement ins = c.prepareStatement("INSERT INTO users (id, name) VALUES (?, ?)");
+                 PreparedStatement sel = c.prepareStatement("SELECT id, name FROM users WHERE id = ?")) {
+                ins.setLong(1, base + 200);
+                ins.setString(2, "txn");
+                ins.executeUpdate();
+                sel.setFetchSize(1);
+                sel.setLong(1, base + 200);
+                try (ResultSet rs = sel.executeQuery()) {
+                    check("fetch-size cursor in a transaction", rs.next() && rs.getLong(1) == base + 200, "");
+                }
+            }
+            c.commit();
+            names.put(base + 200, "txn");
+            // A statement refused inside the transaction: rollback() ends it.
+            try (Statement st = c.createStatement()) {
+                st.executeUpdate("INSERT INTO users (id, name) VALUES (" + (base + 201) + ", 'gone')");
+                try {
+                    st.executeQuery("SELECT u.id FROM users u JOIN users v ON v.name = u.name");
+                    throw new AssertionError("expected a refusal");
+                } catch (SQLException e) {
+                    check("refused in a transaction", "0A000".equals(e.getSQLState()), e.getSQLState() + " " + e.getMessage());
+                }
+            }
+            c.rollback();
+            try (PreparedStatement sel = c.prepareStatement("SELECT count(*) FROM users WHERE id = ?")) {
+                sel.setLong(1, base + 201);
+                try (ResultSet rs = sel.executeQuery()) {
+                    rs.next();
+                    check("rollback() after the refusal", rs.getLong(1) == 0, rs.getLong(1));
+                }
+            }
+            c.commit();
+            c.setAutoCommit(true);
+            // CopyManager: text COPY split by key.
+            StringBuilder rows = new StringBuilder();
+            for (long k = base + 300; k < base + 320; k++) {
+                rows.append(k).append('\t').append("copy ").append(k).append('\n');
+                names.put(k, "copy " + k);
+            }
+            CopyManager copy = c.unwrap(PGConnection.class).getCopyAPI();
+            long copied = copy.copyIn("COPY users (id, name) FROM STDIN", new StringReader(rows.toString()));
+            check("CopyManager COPY FROM STDIN", copied == 20, copied);
+            // Everything reads back by key.
+            try (PreparedStatement sel = c.prepareStatement("SELECT name FROM users WHERE id = ?")) {
+                for (Map.Entry<Long, String> e : names.entrySet()) {
+                    sel.setLong(1, e.getKey());
+                    try (ResultSet rs = sel.executeQuery()) {
+                        if (!rs.next() || !rs.getString(1).equals(e.getValue()))
+                            throw new AssertionError("final read of " + e.getKey());
+                    }
+                }
+            }
+            check("every key read back (" + names.size() + ")", true, "");
+        }
+        StringJoiner keys = new StringJoiner(",");
+        for (Long k : names.keySet()) keys.add(k.toString());
+        System.out.println("keys " + keys);
+        System.out.println("all checks passed");
+    }
+}
