@@ -21,7 +21,7 @@ pub use schema::*;
 
 /// A configuration problem, reported once, with enough context to fix it.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
-#[error("{file}: {path}: {message}{}", location.as_ref().map(|l| format!(" (line {}, column {})", l.0, l.1)).unwrap_or_default())]
+#[error("{file}: {}{message}{}", if path == "." { String::new() } else { format!("{path}: ") }, location.as_ref().map(|l| format!(" (line {}, column {})", l.0, l.1)).unwrap_or_default())]
 pub struct ConfigError {
     /// The file the configuration came from (or `<string>`).
     pub file: String,

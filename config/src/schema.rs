@@ -591,11 +591,22 @@ impl Node {
 
 fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> {
     let s = String::deserialize(d)?;
-    s.parse().map_err(|_| {
+    let fail = || {
         serde::de::Error::custom(format!(
-            "expected an IP address and port such as \"127.0.0.1:6432\", found \"{s}\""
+            "expected an IP address or `localhost` and a port, such as \"127.0.0.1:6432\", found \"{s}\""
         ))
-    })
+    };
+    if let Ok(addr) = s.parse() {
+        return Ok(addr);
+    }
+    // `localhost` is the loopback address (no resolver needed).
+    match s.rsplit_once(':') {
+        Some((host, port)) if host.eq_ignore_ascii_case("localhost") => {
+            let port: u16 = port.parse().map_err(|_| fail())?;
+            Ok(SocketAddr::from(([127, 0, 0, 1], port)))
+        }
+        _ => Err(fail()),
+    }
 }
 
 fn default_listen() -> SocketAddr {

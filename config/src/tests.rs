@@ -85,7 +85,11 @@ fn missing_field() {
 fn bad_address() {
     let e = err(&GOOD.replace("\"127.0.0.1:6432\"", "\"localhost:port\""));
     assert_eq!(e.path, "proxy.listen");
-    assert!(e.message.contains("expected an IP address and port"), "{e}");
+    assert!(
+        e.message
+            .contains("expected an IP address or `localhost` and a port"),
+        "{e}"
+    );
     let e = err(&GOOD.replace("port = 5432", "port = 70000"));
     assert_eq!(e.path, "shards[0].primary.port");
     let e = err(&GOOD.replace(
@@ -283,4 +287,31 @@ fn sharding_is_validated() {
     }
     let e = err(&GOOD.replace("[[shards]]", "[[shards]]\nweight = 0.0"));
     assert!(e.path.ends_with("weight"), "{e}");
+}
+
+#[test]
+fn listen_takes_localhost() {
+    let c = Config::from_toml(&GOOD.replace("127.0.0.1:6432", "localhost:7000"), "t").unwrap();
+    assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:7000");
+    let e = err(&GOOD.replace("127.0.0.1:6432", "example.com:7000"));
+    assert!(e.to_string().contains("localhost"), "{e}");
+}
+
+#[test]
+fn a_server_ca_without_server_tls_is_refused() {
+    let text = GOOD.replace("size = 10", "size = 10\nserver_tls_ca = \"/ca.pem\"");
+    let e = err(&text);
+    assert_eq!(e.path, "pool.server_tls_ca", "{e}");
+    let ok = text.replace("size = 10", "size = 10\nserver_tls = \"require\"");
+    Config::from_toml(&ok, "t").unwrap();
+}
+
+#[test]
+fn errors_about_the_whole_file_name_no_key_path() {
+    let e = Config::load(std::path::Path::new("/nonexistent/shardline.toml")).unwrap_err();
+    assert!(
+        e.to_string()
+            .starts_with("/nonexistent/shardline.toml: cannot read file"),
+        "{e}"
+    );
 }

@@ -33,6 +33,12 @@ pub(crate) fn validate(c: &Config, file: &str) -> Result<(), ConfigError> {
     if c.pool.size == 0 {
         return err("pool.size".into(), "expected at least 1".into());
     }
+    if c.pool.server_tls_ca.is_some() && c.pool.server_tls == crate::ServerTlsMode::Disable {
+        return err(
+            "pool.server_tls_ca".into(),
+            "set, but pool.server_tls = \"disable\" sends nothing over TLS: set server_tls to \"require\" (or \"prefer\") to verify servers with this CA, or remove server_tls_ca".into(),
+        );
+    }
     match (&c.tls.cert, &c.tls.key) {
         (Some(_), None) => {
             return err(

@@ -14,9 +14,9 @@ use std::process::ExitCode;
     about = "PostgreSQL sharding and read/write-splitting proxy"
 )]
 struct Cli {
-    /// Configuration file.
-    #[arg(short, long, global = true, default_value = "shardline.toml")]
-    config: PathBuf,
+    /// Configuration file [default: shardline.toml].
+    #[arg(short, long)]
+    config: Option<PathBuf>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -24,8 +24,14 @@ struct Cli {
 #[derive(Subcommand)]
 enum Cmd {
     /// Validate the configuration and connect to every node.
-    Check,
-    /// Start a local Postgres shard (primary + replica) and the proxy in front of it.
+    Check {
+        /// Configuration file [default: shardline.toml].
+        #[arg(short, long)]
+        config: Option<PathBuf>,
+    },
+    /// Zero-setup start: two local shards (each a Postgres primary with two
+    /// streaming replicas) loaded with demo data, and the proxy in front of
+    /// them. Ctrl-C removes everything.
     Demo {
         /// Port the proxy listens on.
         #[arg(long, default_value_t = 6432)]
@@ -33,11 +39,39 @@ enum Cmd {
     },
 }
 
+/// The configuration file named on the command line, or `shardline.toml`.
+fn config_path(given: Option<PathBuf>) -> PathBuf {
+    given.unwrap_or_else(|| PathBuf::from("shardline.toml"))
+}
+
+/// Loads the configuration; a missing default file says how to start.
+fn load_config(path: &std::path::Path, named: bool) -> Result<Config> {
+    if !named && !path.exists() {
+        anyhow::bail!(
+            "no configuration file: {} not found in this directory.\n  Run `shardline --config FILE` with your configuration (see config/examples/shardline.toml),\n  or `shardline demo` to start a local two-shard cluster with the proxy in front.",
+            path.display()
+        );
+    }
+    Ok(Config::load(path)?)
+}
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
+    if matches!(cli.command, Some(Cmd::Check { .. })) {
+        // `shardline check | head`: a closed pipe ends the command quietly,
+        // as for any command-line tool (sockets are unaffected: they send
+        // with MSG_NOSIGNAL).
+        // SAFETY: called before any thread starts; restores the default action.
+        unsafe {
+            libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+        }
+    }
     // The proxy's config decides the thread count; other commands use the default.
-    let workers = match (&cli.command, Config::load(&cli.config)) {
-        (None, Ok(c)) => c.proxy.worker_threads(),
+    let workers = match (&cli.command, &cli.config) {
+        (None, path) => Config::load(&config_path(path.clone())).map_or_else(
+            |_| shardline_config::ProxyConfig::default().worker_threads(),
+            |c| c.proxy.worker_threads(),
+        ),
         _ => shardline_config::ProxyConfig::default().worker_threads(),
     };
     let runtime = match build_runtime(workers) {
@@ -74,14 +108,18 @@ fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
         Some(Cmd::Demo { port }) => {
+            if cli.config.is_some() {
+                anyhow::bail!("`demo` starts its own servers and writes its own configuration: --config does not apply (use `shardline --config FILE` to run with yours)");
+            }
             shardline::init_logging(Default::default());
             demo::run(port).await?;
             Ok(ExitCode::SUCCESS)
         }
-        Some(Cmd::Check) => {
-            let config = Config::load(&cli.config)?;
-            println!("{}: configuration is valid", cli.config.display());
-            let ok = shardline::check::run(&config).await?;
+        Some(Cmd::Check { config }) => {
+            let named = config.is_some() || cli.config.is_some();
+            let path = config_path(config.or(cli.config));
+            let config = load_config(&path, named)?;
+            let ok = shardline::check::run(&config, &path).await?;
             Ok(if ok {
                 ExitCode::SUCCESS
             } else {
@@ -89,7 +127,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
         None => {
-            let config = Config::load(&cli.config)?;
+            let named = cli.config.is_some();
+            let config = load_config(&config_path(cli.config), named)?;
             shardline::init_logging(config.proxy.log_format);
             let proxy = Proxy::start(config).await?;
             demo::wait_for_signal().await;

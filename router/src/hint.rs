@@ -76,6 +76,8 @@ pub enum SessionSetting {
     Shard(Option<String>),
     /// `shardline.sharding_key`; `None` = automatic.
     Key(Option<String>),
+    /// `SHOW shardline.<name>`: the setting's name.
+    Show(&'static str),
 }
 
 /// `SET [SESSION] shardline.role|shard|sharding_key = ...` or `RESET ...`:
@@ -91,13 +93,22 @@ pub fn session_setting(stmt: &str) -> Option<SessionSetting> {
     let (set, at) = match (w(0).as_str(), w(1).as_str()) {
         ("set", "session") => (true, 2),
         ("set", _) => (true, 1),
-        ("reset", _) => (false, 1),
+        ("reset", _) | ("show", _) => (false, 1),
         _ => return None,
     };
     if w(at) != "shardline" || w(at + 1) != "." {
         return None;
     }
     let name = w(at + 2);
+    if w(0) == "show" {
+        if tokens.len() > at + 3 {
+            return None;
+        }
+        return ["role", "shard", "sharding_key"]
+            .into_iter()
+            .find(|n| *n == name)
+            .map(SessionSetting::Show);
+    }
     let value = if set {
         match w(at + 3).as_str() {
             "=" | "to" => {}
@@ -211,6 +222,12 @@ mod tests {
             Some(Role(Some(RoleHint::Replica)))
         );
         assert_eq!(session_setting("SET shardline.colour = red"), None);
+        assert_eq!(
+            session_setting("SHOW shardline.shard"),
+            Some(SessionSetting::Show("shard"))
+        );
+        assert_eq!(session_setting("show shardline.colour"), None);
+        assert_eq!(session_setting("SHOW shardline.role extra"), None);
         assert_eq!(session_setting("SET shardline.shard = s1, s2"), None);
     }
 }

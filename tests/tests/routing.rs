@@ -552,3 +552,60 @@ async fn read_your_writes_holds_when_the_writer_leaves_at_once() {
         assert!(found.is_some(), "stale read of {k} on another connection");
     }
 }
+
+/// The proxy's own settings: `shardline.role` from the startup options
+/// sends a session-pooled client to a replica; SET after its first
+/// statement is refused (its connection is chosen), not silently ignored;
+/// SHOW answers what is in force.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn proxy_settings_from_startup_options_and_show() {
+    let env = two_replicas("").await;
+    let replica_ports: Vec<u16> = env.replicas().iter().map(|&r| env.node_port(r)).collect();
+    let conninfo = format!(
+        "{} options='-c shardline.role=replica'",
+        env.conn_string("sessionuser", "session-pw")
+    );
+    let (c, conn) = tokio_postgres::connect(&conninfo, tokio_postgres::NoTls)
+        .await
+        .unwrap();
+    tokio::spawn(conn);
+    let show = |msgs: Vec<SimpleQueryMessage>| {
+        msgs.iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) => Some(r.get(0).unwrap().to_string()),
+                _ => None,
+            })
+            .unwrap()
+    };
+    assert_eq!(
+        show(c.simple_query("SHOW shardline.role").await.unwrap()),
+        "replica"
+    );
+    assert!(replica_ports.contains(&port_of(&c, "SELECT inet_server_port()").await));
+    let e = c
+        .simple_query("SET shardline.role = primary")
+        .await
+        .expect_err("refused once the session has its connection");
+    assert_eq!(
+        shardline_tests::sqlstate(&e).as_deref(),
+        Some("0A000"),
+        "{e}"
+    );
+    // Transaction pooling: SET and SHOW answered by the proxy.
+    let t = env.connect().await;
+    assert_eq!(
+        show(t.simple_query("SHOW shardline.role").await.unwrap()),
+        "auto"
+    );
+    t.batch_execute("SET shardline.role = primary")
+        .await
+        .unwrap();
+    assert_eq!(
+        show(t.simple_query("SHOW shardline.role").await.unwrap()),
+        "primary"
+    );
+    assert_eq!(
+        port_of(&t, "SELECT inet_server_port()").await,
+        env.node_port(0)
+    );
+}

@@ -123,7 +123,7 @@ async fn check_reports_roles_and_lag() {
     let tmp = shardline_tests::TempDir::new("check");
     let path = tmp.write("shardline.toml", &env.config_text);
     let bin = shardline_tests::shardline_binary().unwrap();
-    let (ok, out) = run(Command::new(bin).arg("check").arg("--config").arg(&path));
+    let (ok, out) = run(Command::new(&bin).arg("check").arg("--config").arg(&path));
     assert!(ok, "{out}");
     let primary = format!("health shard s0 127.0.0.1:{}: primary", env.node_port(0));
     assert!(out.contains(&primary), "{out}");
@@ -134,6 +134,21 @@ async fn check_reports_roles_and_lag() {
         );
         assert!(out.contains(&replica), "{out}");
     }
+    // Piped into `head`, the output ends quietly, without a panic.
+    let (_, piped) = run(Command::new("sh").arg("-c").arg(format!(
+        "{} check --config {} | head -1",
+        bin.display(),
+        path.display()
+    )));
+    assert!(!piped.contains("panicked"), "{piped}");
+    // Started where there is no configuration, it says how to start.
+    let empty = shardline_tests::TempDir::new("noconfig");
+    std::fs::create_dir_all(empty.path("")).unwrap();
+    let (ok, out) = run(Command::new(&bin).current_dir(empty.path("")));
+    assert!(!ok && out.contains("shardline demo"), "{out}");
+    // The demo writes its own configuration: --config is refused.
+    let (ok, out) = run(Command::new(&bin).args(["demo", "--config", "x.toml"]));
+    assert!(!ok && out.contains("--config"), "{out}");
     // A stopped replica makes the check fail and says why.
     env.backend.stop_node(env.replicas()[0], "fast").unwrap();
     let (ok, out) = run(Command::new(shardline_tests::shardline_binary().unwrap())

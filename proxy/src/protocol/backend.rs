@@ -156,6 +156,27 @@ pub mod sqlstate {
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
 }
 
+/// A RowDescription of one text column `name`, and a row per value.
+pub fn text_rows(buf: &mut BytesMut, name: &str, values: &[&str]) {
+    put_message(buf, ROW_DESCRIPTION, |b| {
+        b.extend_from_slice(&1i16.to_be_bytes());
+        put_cstr(b, name.as_bytes());
+        b.extend_from_slice(&0i32.to_be_bytes()); // table
+        b.extend_from_slice(&0i16.to_be_bytes()); // column
+        b.extend_from_slice(&25i32.to_be_bytes()); // text
+        b.extend_from_slice(&(-1i16).to_be_bytes());
+        b.extend_from_slice(&(-1i32).to_be_bytes());
+        b.extend_from_slice(&0i16.to_be_bytes()); // text format
+    });
+    for v in values {
+        put_message(buf, DATA_ROW, |b| {
+            b.extend_from_slice(&1i16.to_be_bytes());
+            b.extend_from_slice(&(v.len() as i32).to_be_bytes());
+            b.extend_from_slice(v.as_bytes());
+        });
+    }
+}
+
 pub fn ready_for_query(buf: &mut BytesMut, status: u8) {
     buf.put_slice(&[READY_FOR_QUERY, 0, 0, 0, 5, status]);
 }

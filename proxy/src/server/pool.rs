@@ -146,6 +146,7 @@ impl NodePool {
             ),
             PoolError::Backend(ServerError::Refused { fields, addr }) => {
                 // The server's own verdict (bad password, no such database ...).
+                tracing::warn!(server = %addr, code = %fields.code, message = %fields.message, "server refused the proxy's login");
                 let code = static_code(&fields.code);
                 PgError::error(code, format!("server {addr}: {}", fields.message))
             }

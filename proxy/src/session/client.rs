@@ -198,7 +198,6 @@ impl Session {
     /// query of its own: the proxy's settings, answered here. Returns
     /// whether it was one.
     pub(super) fn take_proxy_setting(&mut self) -> Result<bool, End> {
-        use shardline_router::hint::SessionSetting;
         let Ok(Some((frontend::QUERY, len))) =
             peek_header(&self.client_in, self.shared.max_message_size)
         else {
@@ -212,6 +211,13 @@ impl Session {
             return Ok(false);
         };
         let _ = next_frame(&mut self.client_in, usize::MAX);
+        self.apply_proxy_setting(setting);
+        Ok(true)
+    }
+
+    /// Applies (or shows) a proxy setting of the session, answered here.
+    pub(super) fn apply_proxy_setting(&mut self, setting: shardline_router::hint::SessionSetting) {
+        use shardline_router::hint::SessionSetting;
         let set = match setting {
             SessionSetting::Role(role) => {
                 self.session_role = role;
@@ -228,7 +234,7 @@ impl Session {
                             ),
                         );
                         self.fail_request(e, true);
-                        return Ok(true);
+                        return;
                     }
                 }
                 let set = shard.is_some();
@@ -240,11 +246,30 @@ impl Session {
                 self.session_key = key;
                 set
             }
+            SessionSetting::Show(name) => {
+                let value = match name {
+                    "role" => self.session_role.map(|r| match r {
+                        shardline_router::RoleHint::Primary => "primary".to_string(),
+                        shardline_router::RoleHint::Replica => "replica".to_string(),
+                    }),
+                    "shard" => self.session_shard.clone(),
+                    _ => self.session_key.clone(),
+                };
+                let mut rows = bytes::BytesMut::new();
+                crate::protocol::backend::text_rows(
+                    &mut rows,
+                    &format!("shardline.{name}"),
+                    &[value.as_deref().unwrap_or("auto")],
+                );
+                self.synthetic(Synthetic::Rows(rows.freeze()));
+                self.synthetic(Synthetic::CommandComplete("SHOW"));
+                self.synthetic(Synthetic::ReadyForQuery);
+                return;
+            }
         };
         let tag = if set { "SET" } else { "RESET" };
         self.synthetic(Synthetic::CommandComplete(tag));
         self.synthetic(Synthetic::ReadyForQuery);
-        Ok(true)
     }
 
     /// With several shards, whether the unit at the front of `client_in`
@@ -475,6 +500,23 @@ impl Session {
 
     fn on_query(&mut self, f: Frame) -> Result<(), End> {
         let text = frontend::query(f.body())?;
+        if let Some(setting) = proxy_setting(text) {
+            // With a connection attached: a session-pooled client's is
+            // chosen for good; in a transaction the setting applies to the
+            // statements routed after it ends.
+            let show = matches!(setting, shardline_router::hint::SessionSetting::Show(_));
+            if self.mode() == PoolMode::Session && !show {
+                let e = PgError::error(
+                    sqlstate::FEATURE_NOT_SUPPORTED,
+                    "under session pooling the session's connection is chosen at its first statement: shardline.role, shardline.shard and shardline.sharding_key can be set only before it",
+                )
+                .with_hint("set them in the startup options (options=-c shardline.role=replica) or before the first statement");
+                self.fail_request(e, true);
+            } else {
+                self.apply_proxy_setting(setting);
+            }
+            return Ok(());
+        }
         let effects = std::str::from_utf8(text).ok().and_then(sql::effects);
         if let Some(effects) = &effects {
             if let [Some(Effect::Deallocate(name))] = effects.as_slice() {
@@ -730,7 +772,10 @@ impl Session {
 fn proxy_setting(text: &[u8]) -> Option<shardline_router::hint::SessionSetting> {
     let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
     let word = text[start..].split(|b| b.is_ascii_whitespace()).next()?;
-    if !word.eq_ignore_ascii_case(b"set") && !word.eq_ignore_ascii_case(b"reset") {
+    if !word.eq_ignore_ascii_case(b"set")
+        && !word.eq_ignore_ascii_case(b"reset")
+        && !word.eq_ignore_ascii_case(b"show")
+    {
         return None;
     }
     let text = std::str::from_utf8(text).ok()?;

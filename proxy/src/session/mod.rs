@@ -170,6 +170,25 @@ impl Session {
             use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
             BuildHasherDefault::<DefaultHasher>::default().hash_one(login.peer.ip())
         };
+        // `options=-c shardline.role=replica` and the like: the proxy's own.
+        let mut startup = Vec::new();
+        for (name, value) in vars::startup_settings(&login.params) {
+            let sql = format!("SET {name} = '{}'", value.replace('\'', "''"));
+            if name.to_ascii_lowercase().starts_with("shardline.") {
+                startup.extend(shardline_router::hint::session_setting(&sql));
+            }
+        }
+        let mut session_role = None;
+        let (mut session_shard, mut session_key) = (None, None);
+        for setting in startup {
+            use shardline_router::hint::SessionSetting;
+            match setting {
+                SessionSetting::Role(r) => session_role = r,
+                SessionSetting::Shard(s) => session_shard = s,
+                SessionSetting::Key(k) => session_key = k,
+                SessionSetting::Show(_) => {}
+            }
+        }
         Session {
             vars: Arc::new(SessionVars::from_startup(&login.params)),
             node: 0,
@@ -178,10 +197,10 @@ impl Session {
             participants: Vec::new(),
             coordinator: None,
             join_begin: false,
-            session_shard: None,
-            session_key: None,
+            session_shard,
+            session_key,
             deferred_begin: None,
-            session_role: None,
+            session_role,
             wrote: false,
             position_pending: None,
             write_attach: false,
@@ -495,6 +514,7 @@ impl Session {
             Synthetic::ParseComplete => backend::empty_message(out, backend::PARSE_COMPLETE),
             Synthetic::CloseComplete => backend::empty_message(out, backend::CLOSE_COMPLETE),
             Synthetic::CommandComplete(tag) => backend::command_complete(out, tag),
+            Synthetic::Rows(messages) => out.extend_from_slice(&messages),
             Synthetic::ReadyForQuery => {
                 let idle = match (self.deferred_begin.is_some(), self.txn_refused) {
                     (true, true) => b'E',

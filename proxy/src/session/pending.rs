@@ -52,6 +52,8 @@ pub enum Synthetic {
     ParseComplete,
     CloseComplete,
     CommandComplete(&'static str),
+    /// Messages written as they are (a RowDescription and its rows).
+    Rows(bytes::Bytes),
     /// ReadyForQuery with the transaction status current when it is written.
     ReadyForQuery,
     Error(crate::protocol::backend::PgError),

@@ -386,6 +386,11 @@ impl Session {
                         });
                     }
                 }
+                Err(e) if e.code == sqlstate::TOO_MANY_CONNECTIONS && self.mode() == PoolMode::Session => {
+                    return Err(e.with_hint(
+                        "each session-pooled client holds a server connection for its whole session: raise pool_size, close idle clients, or use transaction pooling",
+                    ))
+                }
                 Err(e) => return Err(e),
             }
         }

@@ -20,7 +20,10 @@ impl SessionVars {
     pub fn from_startup(params: &[(String, String)]) -> SessionVars {
         let mut vars = SessionVars::default();
         for (name, value) in startup_settings(params) {
-            vars.set_value(&name, &value);
+            // The proxy's own settings are not the servers'.
+            if !name.to_ascii_lowercase().starts_with("shardline.") {
+                vars.set_value(&name, &value);
+            }
         }
         vars
     }
