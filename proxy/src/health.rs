@@ -338,17 +338,26 @@ pub struct Checker {
     cfg: HealthConfig,
     /// Since when no usable primary has been seen (for auto_promote).
     writer_lost_since: Option<Instant>,
+    /// Per node: since when it has lagged beyond the bound, and whether
+    /// that was warned about (a burst of writes makes replicas lag for a
+    /// moment; that is logged at info, a lag that lasts at warn).
+    lagging_since: Vec<Option<(Instant, bool)>>,
 }
+
+/// A replica out of rotation for this long is warned about.
+const LAG_WARN_AFTER: std::time::Duration = std::time::Duration::from_secs(30);
 
 impl Checker {
     pub fn new(shard: Arc<ShardHealth>, targets: Vec<ServerTarget>, cfg: HealthConfig) -> Self {
         let conns = targets.iter().map(|_| None).collect();
+        let lagging_since = targets.iter().map(|_| None).collect();
         Checker {
             shard,
             targets,
             conns,
             cfg,
             writer_lost_since: None,
+            lagging_since,
         }
     }
 
@@ -464,8 +473,18 @@ impl Checker {
                 if ok {
                     tracing::info!(node = %node.address, lag_bytes = bytes, lag_ms = ms, "replica caught up; back in rotation");
                 } else {
-                    tracing::warn!(node = %node.address, lag_bytes = bytes, lag_ms = ms, "replica lags beyond the bound; out of rotation");
+                    tracing::info!(node = %node.address, lag_bytes = bytes, lag_ms = ms, "replica lags beyond the bound; out of rotation until it catches up");
                 }
+            }
+            let since = &mut self.lagging_since[i];
+            match (ok, since.as_mut()) {
+                (true, _) => *since = None,
+                (false, None) => *since = Some((Instant::now(), false)),
+                (false, Some((start, warned))) if !*warned && start.elapsed() >= LAG_WARN_AFTER => {
+                    *warned = true;
+                    tracing::warn!(node = %node.address, lag_bytes = bytes, lag_ms = ms, for_s = start.elapsed().as_secs(), "replica has lagged beyond the bound for a while; still out of rotation");
+                }
+                (false, Some(_)) => {}
             }
         }
         self.maybe_promote(writer, &results).await;

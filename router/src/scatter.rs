@@ -255,7 +255,9 @@ pub fn plan(sql: &str, sh: &Sharding) -> Result<Option<MergePlan>, Refusal> {
         q.fetch = None;
     } else {
         q.fetch = None;
-        q.limit_clause = pushed_limit(limit, offset);
+        // Without a LIMIT nothing is pushed down; an OFFSET parameter must
+        // still be referenced (the Bind supplies it).
+        q.limit_clause = pushed_limit(limit, offset).or_else(|| unused_params(limit, offset));
     }
     Ok(Some(MergePlan {
         sql: q.to_string(),

@@ -127,6 +127,14 @@ fn limit_and_offset_are_pushed_down_as_their_sum() {
     let p = planned("SELECT id FROM users ORDER BY id LIMIT $1 OFFSET $2");
     assert!(p.sql.ends_with("LIMIT ($1::INT8 + $2::INT8)"), "{}", p.sql);
     assert_eq!((p.limit, p.offset), (Count::Param(1), Count::Param(2)));
+    // OFFSET $1 alone: nothing to push down, but $1 stays referenced.
+    let p = planned("SELECT id FROM users ORDER BY id OFFSET $1");
+    assert!(
+        p.sql.ends_with("ORDER BY id OFFSET 0 * $1::INT8"),
+        "{}",
+        p.sql
+    );
+    assert_eq!((p.limit, p.offset), (Count::None, Count::Param(1)));
     let p = planned("SELECT id FROM users ORDER BY id FETCH FIRST 7 ROWS ONLY");
     assert!(p.sql.ends_with("LIMIT 7"), "{}", p.sql);
     // Without ORDER BY, LIMIT still needs the proxy to count.

@@ -826,6 +826,20 @@ impl RawClient {
     }
 }
 
+/// The value of parameter `name` as the client knows it after `msgs`: the
+/// last ParameterStatus that reports it.
+pub fn parameter_status(msgs: &[RawMessage], name: &str) -> Option<String> {
+    msgs.iter()
+        .filter(|(t, _)| *t == b'S')
+        .filter_map(|(_, body)| {
+            let mut parts = body.split(|&b| b == 0);
+            let k = parts.next()?;
+            let v = parts.next()?;
+            (k == name.as_bytes()).then(|| String::from_utf8_lossy(v).into_owned())
+        })
+        .next_back()
+}
+
 /// The tags of a list of messages, for compact assertions (`b"1EZ"`).
 pub fn tags(messages: &[RawMessage]) -> Vec<u8> {
     messages.iter().map(|m| m.0).collect()

@@ -461,17 +461,7 @@ async fn startup_options_are_reported_in_parameter_status() {
     ]);
     c.send(&startup).await.unwrap();
     let login = c.until_ready().await.unwrap();
-    let reported = |msgs: &[shardline_tests::RawMessage], name: &str| -> Option<String> {
-        msgs.iter()
-            .filter(|m| m.0 == b'S')
-            .filter_map(|m| {
-                let mut parts = m.1.split(|&b| b == 0);
-                let k = String::from_utf8_lossy(parts.next()?).into_owned();
-                let v = String::from_utf8_lossy(parts.next()?).into_owned();
-                (k == name).then_some(v)
-            })
-            .next_back()
-    };
+    let reported = shardline_tests::parameter_status;
     assert_eq!(reported(&login, "TimeZone").as_deref(), Some("Asia/Tokyo"));
     assert_eq!(reported(&login, "DateStyle").as_deref(), Some("SQL,DMY"));
     let answers = c

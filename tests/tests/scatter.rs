@@ -80,6 +80,19 @@ async fn limit_and_offset_bound_as_parameters() {
             .collect();
         assert_eq!(got, want, "LIMIT {limit} OFFSET {offset}");
     }
+    // OFFSET alone, bound as a parameter (nothing to push down).
+    let got: Vec<i64> = c
+        .query(
+            "SELECT id FROM users ORDER BY id DESC OFFSET $1",
+            &[&390i64],
+        )
+        .await
+        .expect("OFFSET $1 alone")
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let want: Vec<i64> = rows.iter().rev().map(|r| r.0).skip(390).collect();
+    assert_eq!(got, want);
     // NULL means no limit; a negative one fails as on the server.
     let all = c
         .query(&stmt, &[&None::<i64>, &0i64])

@@ -6,15 +6,10 @@ use shardline_tests::{message, Env, RawClient};
 use std::time::Duration;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
+/// The value the client knows after `msgs` (the last report: the proxy
+/// forwards the servers' reports when it replays the client's settings).
 fn parameter(msgs: &[(u8, Vec<u8>)], name: &str) -> Option<String> {
-    msgs.iter()
-        .filter(|(t, _)| *t == b'S')
-        .find_map(|(_, body)| {
-            let mut parts = body.split(|&b| b == 0);
-            let k = parts.next()?;
-            let v = parts.next()?;
-            (k == name.as_bytes()).then(|| String::from_utf8_lossy(v).into_owned())
-        })
+    shardline_tests::parameter_status(msgs, name)
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
