@@ -36,9 +36,9 @@ if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then
   useradd --system --create-home postgres
 fi
 # Python drivers for the driver matrix (tests/tests/drivers.rs).
-if ! python3 -c 'import psycopg, asyncpg, sqlalchemy' >/dev/null 2>&1; then
-  echo "setup: installing psycopg 3, asyncpg, SQLAlchemy"
-  py_drivers=('psycopg[binary]>=3.1' 'asyncpg>=0.29' 'sqlalchemy>=2.0')
+if ! python3 -c 'import psycopg, asyncpg, sqlalchemy, psycopg2' >/dev/null 2>&1; then
+  echo "setup: installing psycopg 3, asyncpg, SQLAlchemy, psycopg2"
+  py_drivers=('psycopg[binary]>=3.1' 'asyncpg>=0.29' 'sqlalchemy>=2.0' 'psycopg2-binary>=2.9')
   python3 -m pip install --quiet --disable-pip-version-check "${py_drivers[@]}" ||
     python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "${py_drivers[@]}"
 fi

@@ -1,7 +1,8 @@
 """Drives a two-shard Shardline with the Python drivers applications use, in
 each batching the driver has: psycopg 3 (plain, prepared, pipeline,
 executemany, transactions), asyncpg (statement cache on and off, cursors,
-executemany, binary COPY), SQLAlchemy's ORM. Every key this writes is read
+executemany, binary COPY), SQLAlchemy's ORM, psycopg2 (client-side
+parameters, executemany, execute_values). Every key this writes is read
 back by key and compared; the caller audits each row's physical shard.
 
 Usage: python3 python_drivers.py URL BASE
@@ -228,6 +229,45 @@ def sqlalchemy_checks(url, base, keys):
     engine.dispose()
 
 
+def psycopg2_checks(url, base, keys):
+    """psycopg2: client-side parameters (simple protocol), executemany and
+    execute_values (one multi-row INSERT with constants, split by shard)."""
+    import psycopg2
+    import psycopg2.extras
+
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    cur = conn.cursor()
+    for k in range(base + 700, base + 720):
+        cur.execute("INSERT INTO users (id, name) VALUES (%s, %s)", (k, f"pg2 {k}"))
+        keys.add(k, f"pg2 {k}")
+    cur.executemany(
+        "INSERT INTO users (id, name) VALUES (%s, %s)",
+        [(k, f"pg2 many {k}") for k in range(base + 720, base + 740)],
+    )
+    for k in range(base + 720, base + 740):
+        keys.add(k, f"pg2 many {k}")
+    psycopg2.extras.execute_values(
+        cur,
+        "INSERT INTO users (id, name) VALUES %s",
+        [(k, f"pg2 values {k}") for k in range(base + 740, base + 760)],
+    )
+    for k in range(base + 740, base + 760):
+        keys.add(k, f"pg2 values {k}")
+    cur.execute("SELECT count(*) FROM users WHERE id BETWEEN %s AND %s", (base + 700, base + 759))
+    n = cur.fetchone()[0]
+    check("psycopg2 inserts, executemany, execute_values across shards", n == 60, n)
+    # In a transaction (psycopg2's default): one key, then rollback.
+    conn.autocommit = False
+    cur.execute("UPDATE users SET name = 'changed' WHERE id = %s", (base + 700,))
+    conn.rollback()
+    cur.execute("SELECT name FROM users WHERE id = %s", (base + 700,))
+    row = cur.fetchone()
+    check("psycopg2 rollback", row == (keys.names[base + 700],), row)
+    conn.rollback()
+    conn.close()
+
+
 def final_reads(url, keys):
     with psycopg.connect(url, autocommit=True) as conn:
         for k, name in keys.names.items():
@@ -243,6 +283,7 @@ def main():
     psycopg_checks(url, base, keys)
     asyncio.run(asyncpg_checks(url, base, keys))
     sqlalchemy_checks(url, base, keys)
+    psycopg2_checks(url, base, keys)
     final_reads(url, keys)
     print("all checks passed")
 

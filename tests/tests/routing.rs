@@ -343,6 +343,27 @@ async fn lagging_replica_leaves_rotation_and_comes_back() {
     }
 }
 
+/// Two replicas applying WAL `delay` late (lag bounds in `toml` keep them
+/// in rotation), and a table `kv` created through the proxy.
+async fn delayed_replicas(toml: &str, delay: &str) -> Env {
+    let env = two_replicas(toml).await;
+    env.connect()
+        .await
+        .batch_execute("CREATE TABLE kv (k int PRIMARY KEY, v int)")
+        .await
+        .unwrap();
+    env.wait_healthy().await;
+    for r in env.replicas() {
+        env.sql_on(
+            r,
+            &format!(
+                "ALTER SYSTEM SET recovery_min_apply_delay = '{delay}'; SELECT pg_reload_conf();"
+            ),
+        );
+    }
+    env
+}
+
 /// Both replicas apply WAL 2s late; the lag bounds are loose so they stay in
 /// rotation. A write followed at once by a read must see the write, unless
 /// read-your-writes is off.
@@ -351,18 +372,8 @@ async fn read_after_write(mode: &str) -> (usize, usize) {
         "[health]\ninterval = \"200ms\"\nmax_replica_lag = \"1h\"\nmax_replica_lag_bytes = 1000000000\n\
          [load_balancing]\nread_your_writes = \"{mode}\"\nprimary_window = \"5s\"\n"
     );
-    let env = two_replicas(&toml).await;
+    let env = delayed_replicas(&toml, "2s").await;
     let c = env.connect().await;
-    c.batch_execute("CREATE TABLE kv (k int PRIMARY KEY, v int)")
-        .await
-        .unwrap();
-    env.wait_healthy().await;
-    for r in env.replicas() {
-        env.sql_on(
-            r,
-            "ALTER SYSTEM SET recovery_min_apply_delay = '2s'; SELECT pg_reload_conf();",
-        );
-    }
     tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut fresh, mut stale) = (0, 0);
     for k in 0..10 {
@@ -476,21 +487,11 @@ async fn write_behind_a_read_whose_replica_fails() {
 /// write's position can keep the read off them.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_holds_when_the_writer_leaves_at_once() {
-    let env = two_replicas(
+    let env = delayed_replicas(
         "[health]\ninterval = \"100ms\"\nmax_replica_lag = \"1h\"\nmax_replica_lag_bytes = 100000000000\n",
+        "300ms",
     )
     .await;
-    let c = env.connect().await;
-    c.batch_execute("CREATE TABLE kv (k int PRIMARY KEY, v int)")
-        .await
-        .unwrap();
-    env.wait_healthy().await;
-    for r in env.replicas() {
-        env.sql_on(
-            r,
-            "ALTER SYSTEM SET recovery_min_apply_delay = '300ms'; SELECT pg_reload_conf();",
-        );
-    }
     let connect = || env.connect_as("trustclient", "unused");
     let replica_ports: Vec<u16> = env.replicas().iter().map(|&r| env.node_port(r)).collect();
     let mut stale = Vec::new();
