@@ -158,6 +158,17 @@ async def asyncpg_checks(url, base, keys):
             "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", start, start + 29
         )
         check(f"asyncpg statement_cache_size={cache}: writes, reads, merged count", n == 30, n)
+        # A merged GROUP BY with a parameter in HAVING, bound in binary.
+        rows = await conn.fetch(
+            "SELECT length(name) AS l, count(*) AS n FROM users WHERE id BETWEEN $1 AND $2 "
+            "GROUP BY length(name) HAVING count(*) > $3 ORDER BY l",
+            start, start + 29, 0,
+        )
+        want = {}
+        for k in range(start, start + 30):
+            want[len(f"asyncpg {k}")] = want.get(len(f"asyncpg {k}"), 0) + 1
+        got = {r["l"]: r["n"] for r in rows}
+        check(f"asyncpg merged HAVING with a parameter (cache {cache})", got == want, (got, want))
         # A cursor inside a transaction, on one key.
         async with conn.transaction():
             rows = [r async for r in conn.cursor("SELECT id FROM users WHERE id = $1", start)]

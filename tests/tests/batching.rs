@@ -436,3 +436,41 @@ async fn cursors_follow_their_transaction() {
     assert_eq!(tags(&r), b"EZ", "{r:?}");
     assert_eq!(error_code(&r[0].1), "0A000");
 }
+
+/// A merged read whose parameter the client did not type, bound in binary
+/// after a Describe in its own batch (asyncpg): the shards type it as the
+/// server typed it for the client, so HAVING compares it as a count.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn untyped_binary_parameters_in_merged_reads() {
+    let (env, _sh) = two_shards().await;
+    insert_users(&env, 1..=40).await;
+    let c = env.connect().await;
+    c.batch_execute("UPDATE users SET name = 'n' || (id % 4)")
+        .await
+        .unwrap();
+    let mut raw = RawClient::login(env.port).await.unwrap();
+    let sql = "SELECT name, count(*) FROM users GROUP BY name HAVING count(*) > $1 ORDER BY name";
+    for (stmt, limit) in [("", 9i64), ("having", 9), ("", 10)] {
+        raw.send(&[parse(stmt, sql, &[]), describe(b'S', stmt), flush()].concat())
+            .await
+            .unwrap();
+        let r = until_tag(&mut raw, b'T').await;
+        // The client is told int8, as from one server.
+        assert_eq!(r[1].1, [0, 1, 0, 0, 0, 20], "{r:?}");
+        let r = raw
+            .exchange(&[
+                bind(stmt, &[(1, Some(&limit.to_be_bytes()))], 0),
+                execute(),
+                sync(),
+            ])
+            .await
+            .unwrap();
+        let rows = r.iter().filter(|m| m.0 == b'D').count();
+        assert_eq!(rows, if limit == 9 { 4 } else { 0 }, "{r:?}");
+        if !stmt.is_empty() {
+            raw.exchange(&[shardline_tests::message(b'C', b"Shaving\0"), sync()])
+                .await
+                .unwrap();
+        }
+    }
+}

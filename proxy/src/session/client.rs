@@ -736,7 +736,7 @@ impl Session {
             _ => self.server_out.extend_from_slice(&f.bytes),
         }
         let kind = if kind == b'S' {
-            Kind::DescribeStatement
+            Kind::DescribeStatement(name.into())
         } else {
             Kind::DescribePortal
         };

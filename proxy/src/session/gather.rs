@@ -159,7 +159,21 @@ impl Session {
             .map_err(refusal)?
             .unwrap_or(0);
         let mut d = plan.sql.as_bytes().to_vec();
-        d.extend_from_slice(types);
+        // No types declared (asyncpg): declare those the server inferred
+        // for the client's own statement, which the client binds with; the
+        // rewritten text could infer others (a HAVING parameter becomes a
+        // select-list column, typed text).
+        let declared = frontend::definition_param_types(&definition).len();
+        match self.described.get(&definition) {
+            Some(oids) if declared == 0 && !oids.is_empty() => {
+                d.push(0);
+                d.extend_from_slice(&(oids.len() as i16).to_be_bytes());
+                for oid in oids {
+                    d.extend_from_slice(&oid.to_be_bytes());
+                }
+            }
+            _ => d.extend_from_slice(types),
+        }
         Ok(Some(MergeUnit {
             plan,
             definition: d.into(),

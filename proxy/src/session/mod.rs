@@ -92,6 +92,11 @@ pub struct Session {
     /// An error occurred since the last ReadyForQuery.
     unit_failed: bool,
     statements: HashMap<Box<[u8]>, Arc<Statement>>,
+    /// Parameter types the servers reported for the client's statements
+    /// (ParameterDescription of its Describe), by Parse definition: a
+    /// merged read declares them in the statement it rewrites, so the
+    /// shards type the parameters as they did for the client.
+    described: HashMap<Bytes, Vec<u32>>,
     /// Effects of portals bound to session-changing statements (rare).
     portal_effects: HashMap<Box<[u8]>, Effect>,
     /// The client's unnamed statement: token, definition, effect and route.
@@ -219,6 +224,7 @@ impl Session {
             txn_effects: Vec::new(),
             unit_failed: false,
             statements: HashMap::new(),
+            described: HashMap::new(),
             portal_effects: HashMap::new(),
             unnamed: None,
             unit_open: false,
@@ -565,6 +571,7 @@ impl Session {
         }
         if matches!(effect, Effect::DiscardAll) {
             self.statements.clear();
+            self.described.clear();
             self.portal_effects.clear();
             self.unnamed = None;
         }

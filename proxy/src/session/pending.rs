@@ -26,7 +26,8 @@ pub enum Kind {
     },
     Bind,
     Close,
-    DescribeStatement,
+    /// A Describe of the client's statement of this name ("" unnamed).
+    DescribeStatement(Box<[u8]>),
     DescribePortal,
     Execute {
         effect: Option<Effect>,
@@ -86,7 +87,7 @@ impl Pending {
             Kind::Parse { .. } => tag == PARSE_COMPLETE,
             Kind::Bind => tag == BIND_COMPLETE,
             Kind::Close => tag == CLOSE_COMPLETE,
-            Kind::DescribeStatement | Kind::DescribePortal => {
+            Kind::DescribeStatement(_) | Kind::DescribePortal => {
                 tag == ROW_DESCRIPTION || tag == NO_DATA
             }
             Kind::Execute { .. } => {
@@ -155,8 +156,9 @@ mod tests {
     #[test]
     fn endings() {
         assert!(Pending::forward(Kind::Bind).ends_with(BIND_COMPLETE));
-        assert!(!Pending::forward(Kind::DescribeStatement).ends_with(PARAMETER_DESCRIPTION));
-        assert!(Pending::forward(Kind::DescribeStatement).ends_with(NO_DATA));
+        assert!(!Pending::forward(Kind::DescribeStatement(Box::default()))
+            .ends_with(PARAMETER_DESCRIPTION));
+        assert!(Pending::forward(Kind::DescribeStatement(Box::default())).ends_with(NO_DATA));
         assert!(Pending::forward(Kind::Execute { effect: None }).ends_with(PORTAL_SUSPENDED));
         assert!(!Pending::forward(Kind::Query {
             effects: VecDeque::new()

@@ -87,6 +87,22 @@ impl Session {
                 return Ok(());
             }
         }
+        if tag == PARAMETER_DESCRIPTION {
+            if let Some(Pending {
+                kind: Kind::DescribeStatement(name),
+                ..
+            }) = self.pending.front()
+            {
+                if let Some(definition) = self.bound_definition(&name.clone()) {
+                    // Bounded: a client preparing ever new texts starts over.
+                    if self.described.len() >= 256 {
+                        self.described.clear();
+                    }
+                    self.described
+                        .insert(definition, parameter_types(&msg[5..]));
+                }
+            }
+        }
         let survives = tag == ERROR_RESPONSE && self.client_session_survives();
         let Some(front) = self.pending.front_mut() else {
             return Err("no pending request".into());
@@ -312,6 +328,13 @@ impl Session {
             ),
         )))
     }
+}
+
+/// The type OIDs of a ParameterDescription body (count, then OIDs).
+fn parameter_types(body: &[u8]) -> Vec<u32> {
+    let mut r = crate::protocol::Reader::new(body);
+    let n = r.i16().unwrap_or(0).max(0);
+    (0..n).map_while(|_| r.i32().map(|t| t as u32)).collect()
 }
 
 /// Rewrites an ErrorResponse's FATAL or PANIC severity to ERROR, in place
