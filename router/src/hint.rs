@@ -117,16 +117,22 @@ pub fn session_setting(stmt: &str) -> Option<SessionSetting> {
         if tokens.len() > at + 5 {
             return None;
         }
-        let raw = tokens.get(at + 4)?.text;
-        let v = unquote(raw);
-        (!matches!(v.to_ascii_lowercase().as_str(), "auto" | "default")).then_some(v)
+        Some(unquote(tokens.get(at + 4)?.text))
     } else {
         if tokens.len() > at + 3 {
             return None;
         }
         None
     };
-    match name.as_str() {
+    setting(&name, value)
+}
+
+/// The proxy setting `shardline.<name>` given `value` (`None`, `auto` or
+/// `default`: automatic), as SET or the startup options give it; `None`
+/// for a name that is not one.
+pub fn setting(name: &str, value: Option<String>) -> Option<SessionSetting> {
+    let value = value.filter(|v| !matches!(v.to_ascii_lowercase().as_str(), "auto" | "default"));
+    match name.to_ascii_lowercase().as_str() {
         "role" => Some(SessionSetting::Role(value.as_deref().and_then(role))),
         "shard" => Some(SessionSetting::Shard(value)),
         "sharding_key" => Some(SessionSetting::Key(value)),

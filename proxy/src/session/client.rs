@@ -145,7 +145,7 @@ impl Session {
                             // The transaction's BEGIN, deferred until a
                             // statement runs: this unit runs here, so the
                             // BEGIN goes first (preparing starts nothing).
-                            self.send_query(None, &begin);
+                            self.send_query_frame(&begin);
                             self.pending.push_back(Pending::swallow(Kind::Query {
                                 effects: Default::default(),
                             }));
@@ -369,7 +369,7 @@ impl Session {
                     if shardline_router::lone_transaction_end(&text).is_some() =>
                 {
                     let _ = next_frame(&mut self.client_in, usize::MAX);
-                    self.send_query(Some("ROLLBACK"), &[]);
+                    self.send_own_query("ROLLBACK");
                     self.pending.push_back(Pending::forward(Kind::Query {
                         effects: Default::default(),
                     }));
@@ -541,7 +541,7 @@ impl Session {
                 return Ok(());
             }
         }
-        self.send_query(None, &f.bytes);
+        self.send_query_frame(&f.bytes);
         let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
         self.pending
             .push_back(Pending::forward(Kind::Query { effects }));

@@ -186,7 +186,7 @@ impl Session {
         if self.server.is_some() {
             // Answered before the server's ROLLBACK completes; the next unit
             // waits for it on this connection (the flag clears at its `I`).
-            self.send_query(Some("ROLLBACK"), &[]);
+            self.send_own_query("ROLLBACK");
             self.pending.push_back(super::pending::Pending::swallow(
                 super::pending::Kind::Query {
                     effects: Default::default(),

@@ -780,30 +780,28 @@ impl Session {
         use shardline_config::ReadYourWrites;
         use std::sync::atomic::Ordering::Relaxed;
         let b = &self.shared.balancing;
-        let ryw = &self.login.user.ryw[shard];
         match b.read_your_writes {
             ReadYourWrites::Off => {}
             ReadYourWrites::PrimaryWindow => {
                 let until = crate::health::now_ms() + b.primary_window.as_millis() as u64;
-                ryw.primary_until.fetch_max(until, Relaxed);
+                self.login.user.ryw[shard]
+                    .primary_until
+                    .fetch_max(until, Relaxed);
             }
             ReadYourWrites::Lsn => {
-                let lsn = match conn.simple_query(super::route::WAL_POSITION_SQL).await {
-                    Ok((rows, _)) => rows
+                // Unsettled (the query failed), reads go to the primary for a while.
+                let mut pending = crate::PositionPending::new(
+                    self.login.user.clone(),
+                    shard,
+                    self.shared.ban_time,
+                );
+                if let Ok((rows, _)) = conn.simple_query(super::route::WAL_POSITION_SQL).await {
+                    let lsn = rows
                         .first()
                         .and_then(|r| r.first().cloned().flatten())
-                        .and_then(|v| v.parse::<u64>().ok()),
-                    Err(_) => None,
-                };
-                match lsn {
-                    Some(lsn) => {
-                        ryw.lsn.fetch_max(lsn, Relaxed);
-                    }
-                    // Unknown: reads go to the primary for a while.
-                    None => {
-                        let until =
-                            crate::health::now_ms() + self.shared.ban_time.as_millis() as u64;
-                        ryw.primary_until.fetch_max(until, Relaxed);
+                        .and_then(|v| v.parse::<u64>().ok());
+                    if let Some(lsn) = lsn {
+                        pending.settle(lsn);
                     }
                 }
             }

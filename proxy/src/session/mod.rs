@@ -176,22 +176,21 @@ impl Session {
             BuildHasherDefault::<DefaultHasher>::default().hash_one(login.peer.ip())
         };
         // `options=-c shardline.role=replica` and the like: the proxy's own.
-        let mut startup = Vec::new();
-        for (name, value) in vars::startup_settings(&login.params) {
-            let sql = format!("SET {name} = '{}'", value.replace('\'', "''"));
-            if name.to_ascii_lowercase().starts_with("shardline.") {
-                startup.extend(shardline_router::hint::session_setting(&sql));
-            }
-        }
         let mut session_role = None;
         let (mut session_shard, mut session_key) = (None, None);
-        for setting in startup {
+        for (name, value) in vars::startup_settings(&login.params) {
             use shardline_router::hint::SessionSetting;
-            match setting {
-                SessionSetting::Role(r) => session_role = r,
-                SessionSetting::Shard(s) => session_shard = s,
-                SessionSetting::Key(k) => session_key = k,
-                SessionSetting::Show(_) => {}
+            let Some((prefix, name)) = name.split_once('.') else {
+                continue;
+            };
+            if !prefix.eq_ignore_ascii_case("shardline") {
+                continue;
+            }
+            match shardline_router::hint::setting(name, Some(value)) {
+                Some(SessionSetting::Role(r)) => session_role = r,
+                Some(SessionSetting::Shard(s)) => session_shard = s,
+                Some(SessionSetting::Key(k)) => session_key = k,
+                Some(SessionSetting::Show(_)) | None => {}
             }
         }
         Session {
@@ -490,14 +489,21 @@ impl Session {
         }
     }
 
-    /// Queues a simple query of the proxy's own (`sql`) or the client's
-    /// (`frame`) for the attached server. A simple query drops the
-    /// server's unnamed statement: a later Bind of the client's re-Parses it.
-    fn send_query(&mut self, sql: Option<&str>, frame: &[u8]) {
-        match sql {
-            Some(sql) => crate::protocol::frontend::write_query(&mut self.server_out, sql),
-            None => self.server_out.extend_from_slice(frame),
-        }
+    /// Queues a simple query of the proxy's own for the attached server.
+    fn send_own_query(&mut self, sql: &str) {
+        crate::protocol::frontend::write_query(&mut self.server_out, sql);
+        self.forget_unnamed();
+    }
+
+    /// Queues a Query message as the client sent it.
+    fn send_query_frame(&mut self, frame: &[u8]) {
+        self.server_out.extend_from_slice(frame);
+        self.forget_unnamed();
+    }
+
+    /// A simple query drops the server's unnamed statement: a later Bind of
+    /// the client's re-Parses it.
+    fn forget_unnamed(&mut self) {
         if let Some(server) = self.server.as_mut() {
             server.unnamed_token = 0;
         }

@@ -118,25 +118,19 @@ impl Session {
     fn pipeline_legs(&self, frames: &[Frame], shards: &[usize]) -> Result<Vec<To>, PgError> {
         let malformed =
             |m: frontend::Malformed| PgError::error(sqlstate::PROTOCOL_VIOLATION, m.to_string());
-        let mut parsed: Vec<(&[u8], shardline_router::Route, &[u8])> = Vec::new();
+        let mut statements = super::route::UnitStatements::default();
         let mut current = 0;
         let mut to = Vec::with_capacity(frames.len());
         for f in frames {
             to.push(match f.tag {
                 frontend::PARSE => {
                     let p = frontend::parse(f.body()).map_err(malformed)?;
-                    let route = self.route_text(p.query);
-                    parsed.retain(|(n, ..)| *n != p.name);
-                    parsed.push((p.name, route, p.definition));
+                    statements.parse(self, &p);
                     To::All
                 }
                 frontend::BIND => {
                     let b = frontend::bind(f.body()).map_err(malformed)?;
-                    let found = match parsed.iter().find(|(n, ..)| *n == b.statement) {
-                        Some((_, r, d)) => Some((r.clone(), *d)),
-                        None => self.session_statement(b.statement),
-                    };
-                    if let Some((route, definition)) = found {
+                    if let Some((route, definition)) = statements.bound(self, b.statement) {
                         let params = frontend::bind_params(b.rest).unwrap_or_default();
                         if let Placement::One(s) = self.place(&route, definition, &params) {
                             current = shards.iter().position(|&x| x == s).unwrap_or(current);

@@ -30,6 +30,32 @@ const FUNCTION_CALL: Route = Route {
 pub(super) const WAL_POSITION_SQL: &str =
     "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
 
+/// The statements a unit's Binds refer to: the unit's own Parses first (a
+/// driver may send Parse and its Bind together), then the session's.
+#[derive(Default)]
+pub(super) struct UnitStatements<'a> {
+    /// Name, route and Parse definition of each statement parsed so far.
+    parsed: Vec<(&'a [u8], Route, &'a [u8])>,
+}
+
+impl<'a> UnitStatements<'a> {
+    /// Records a Parse of the unit; returns its route.
+    pub fn parse(&mut self, session: &Session, p: &frontend::ParseMsg<'a>) -> Route {
+        let route = session.route_text(p.query);
+        self.parsed.retain(|(name, ..)| *name != p.name);
+        self.parsed.push((p.name, route.clone(), p.definition));
+        route
+    }
+
+    /// Route and Parse definition of the statement `name` a Bind names.
+    pub fn bound<'s>(&'s self, session: &'s Session, name: &[u8]) -> Option<(Route, &'s [u8])> {
+        match self.parsed.iter().find(|(n, ..)| *n == name) {
+            Some((_, r, d)) => Some((r.clone(), *d)),
+            None => session.session_statement(name),
+        }
+    }
+}
+
 /// Where the next unit runs: primary or replica, and which shards.
 pub(super) struct Planned {
     pub plan: UnitPlan,
@@ -155,9 +181,7 @@ impl Session {
         let mut routes: Vec<Route> = Vec::with_capacity(4);
         let mut place = Placement::Anywhere;
         let (mut complete, mut simple_single, mut lone_end) = (false, false, None);
-        // The unit's own statements (a driver may send Parse and its Bind
-        // together): name, route and definition.
-        let mut parsed: Vec<(&[u8], Route, &[u8])> = Vec::new();
+        let mut statements = UnitStatements::default();
         let mut executes = false;
         // Each Bind's own placement, for a pipeline over several shards.
         let mut binds: Vec<Placement> = Vec::new();
@@ -188,20 +212,13 @@ impl Session {
                 }
                 frontend::PARSE => {
                     if let Ok(p) = frontend::parse(body) {
-                        let route = self.route_text(p.query);
-                        parsed.retain(|(name, ..)| *name != p.name);
-                        parsed.push((p.name, route.clone(), p.definition));
-                        routes.push(route);
+                        routes.push(statements.parse(self, &p));
                     }
                 }
                 frontend::BIND => {
                     if let Ok(b) = frontend::bind(body) {
-                        let found = match parsed.iter().find(|(n, ..)| *n == b.statement) {
-                            Some((_, r, d)) => Some((r.clone(), *d)),
-                            None => self.session_statement(b.statement),
-                        };
                         // An unknown statement fails on any node.
-                        if let Some((route, definition)) = found {
+                        if let Some((route, definition)) = statements.bound(self, b.statement) {
                             if sharded {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
                                 let here = self.place(&route, definition, &params);
@@ -478,7 +495,7 @@ impl Session {
                 };
                 // The insert position covers the commit record even when
                 // synchronous_commit = off has not written it yet.
-                self.send_query(Some(WAL_POSITION_SQL), &[]);
+                self.send_own_query(WAL_POSITION_SQL);
                 self.pending
                     .push_back(Pending::swallow(Kind::LsnProbe(probe)));
                 true
