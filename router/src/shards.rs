@@ -1664,9 +1664,26 @@ pub fn combine(a: Placement, b: Placement) -> Placement {
     }
 }
 
+/// One shard's part of a split multi-row INSERT.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InsertPart {
+    pub shard: usize,
+    /// The statement for that shard: its rows only, and its bound
+    /// parameters numbered `$1..` in the order of `params`.
+    pub sql: String,
+    /// The client's parameters (0-based) the part binds, in its numbering.
+    /// Empty for a statement without parameters.
+    pub params: Vec<usize>,
+    /// The INSERT's rows (0-based) the part holds, in their order.
+    pub rows: Vec<usize>,
+}
+
 /// Splits a multi-row `INSERT ... VALUES` by shard: one statement per
 /// shard holding that shard's rows, in their original order. Only for the
 /// text of a statement whose template is `Scope::Sharded { rows: true }`.
+/// Keys bound as parameters are read from `params` (typed by the Parse's
+/// `param_types`); each part then binds only the parameters its text
+/// references, renumbered from `$1`.
 ///
 /// With the statement's `template`, the rows are cut out of the text with
 /// the lexer (no parse); otherwise, or when the text has a shape the lexer
@@ -1675,10 +1692,44 @@ pub fn split_insert(
     sql: &str,
     sh: &Sharding,
     template: Option<&Template>,
-) -> Result<Vec<(usize, String)>, Refusal> {
-    if let Some(parts) = template.and_then(|t| split_by_text(sql, sh, t)) {
-        return parts;
-    }
+    params: &[Param],
+    param_types: &[u32],
+) -> Result<Vec<InsertPart>, Refusal> {
+    let input = KeyInput {
+        sql,
+        params,
+        param_types,
+        session_shard: None,
+        session_key: None,
+    };
+    let parts = match template.and_then(|t| split_by_text(sh, t, &input)) {
+        Some(parts) => parts?,
+        None => split_by_parse(sh, &input)?,
+    };
+    Ok(parts
+        .into_iter()
+        .map(|(shard, text, rows)| {
+            let (sql, params) = if params.is_empty() {
+                (text, Vec::new())
+            } else {
+                renumber_params(&text)
+            };
+            InsertPart {
+                shard,
+                sql,
+                params,
+                rows,
+            }
+        })
+        .collect())
+}
+
+/// A shard, its statement text, the rows it holds.
+type SplitPart = (usize, String, Vec<usize>);
+
+/// The parse-and-print split.
+fn split_by_parse(sh: &Sharding, input: &KeyInput) -> Result<Vec<SplitPart>, Refusal> {
+    let sql = input.sql;
     let cannot = || Refusal::unsupported("this INSERT cannot be split by shard");
     let statements =
         sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
@@ -1716,8 +1767,8 @@ pub fn split_insert(
                 .map_or(KeySrc::Unknown, |e| a.value_src(e))
         })
         .collect();
-    let by_shard =
-        rows_by_shard(sql, &sh.groups[rule.group], &srcs).map_err(|r| r.unwrap_or_else(cannot))?;
+    let by_shard = rows_by_shard(&sh.groups[rule.group], &srcs, input)
+        .map_err(|r| r.unwrap_or_else(cannot))?;
     let mut out = Vec::new();
     for (shard, rows) in by_shard {
         let mut part = ins.clone();
@@ -1726,7 +1777,7 @@ pub fn split_insert(
                 v.rows = rows.iter().map(|&i| values.rows[i].clone()).collect();
             }
         }
-        out.push((shard, Statement::Insert(part).to_string()));
+        out.push((shard, Statement::Insert(part).to_string(), rows));
     }
     Ok(out)
 }
@@ -1734,18 +1785,11 @@ pub fn split_insert(
 /// Row indexes grouped by the shard owning each row's key, shards in
 /// order. `Err(None)`: a key could not be read; `Err(Some)`: no shard holds it.
 fn rows_by_shard(
-    sql: &str,
     g: &crate::sharding::Group,
     srcs: &[KeySrc],
+    input: &KeyInput,
 ) -> Result<Vec<(usize, Vec<usize>)>, Option<Refusal>> {
-    let input = KeyInput {
-        sql,
-        params: &[],
-        param_types: &[],
-        session_shard: None,
-        session_key: None,
-    };
-    let values = Values::new(&input);
+    let values = Values::new(input);
     let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
     for (i, src) in srcs.iter().enumerate() {
         let key = key_value(src, g, &values).map_err(|_| None)?;
@@ -1767,10 +1811,11 @@ fn rows_by_shard(
 /// The lexer's split: `prefix VALUES (row), (row) ... suffix`, each row
 /// placed by the template's key source for it. `None`: not that shape.
 fn split_by_text(
-    sql: &str,
     sh: &Sharding,
     t: &Template,
-) -> Option<Result<Vec<(usize, String)>, Refusal>> {
+    input: &KeyInput,
+) -> Option<Result<Vec<SplitPart>, Refusal>> {
+    let sql = input.sql;
     let Scope::Sharded {
         group,
         key: KeyExpr::Keys(srcs),
@@ -1784,7 +1829,7 @@ fn split_by_text(
     if rows.len() != srcs.len() {
         return None;
     }
-    let by_shard = match rows_by_shard(sql, &sh.groups[*group], srcs) {
+    let by_shard = match rows_by_shard(&sh.groups[*group], srcs, input) {
         Ok(b) => b,
         Err(None) => return None,
         Err(Some(r)) => return Some(Err(r)),
@@ -1802,9 +1847,57 @@ fn split_by_text(
                 text.push_str(&sql[rows[i].0..rows[i].1]);
             }
             text.push_str(suffix);
-            (shard, text)
+            (shard, text, idx)
         })
         .collect()))
+}
+
+/// Renumbers the bound parameters a statement references (`$n` outside
+/// strings, quoted names and comments) as `$1, $2, ...` in the order they
+/// first appear; returns the new text and, per new number, the old
+/// parameter (0-based).
+pub fn renumber_params(sql: &str) -> (String, Vec<usize>) {
+    let b = sql.as_bytes();
+    // Bytes, not chars: tokens are cut at ASCII bytes only, so the text
+    // stays valid UTF-8 as a whole.
+    let mut out: Vec<u8> = Vec::with_capacity(sql.len());
+    let mut order: Vec<usize> = Vec::new();
+    let mut i = 0;
+    while i < b.len() {
+        if b[i] == b'$'
+            && b.get(i + 1).is_some_and(u8::is_ascii_digit)
+            && (i == 0 || !is_word(b[i - 1]))
+        {
+            let mut j = i + 1;
+            while j < b.len() && b[j].is_ascii_digit() {
+                j += 1;
+            }
+            match sql[i + 1..j].parse::<usize>() {
+                Ok(n) if n > 0 => {
+                    let new = match order.iter().position(|&o| o == n - 1) {
+                        Some(p) => p + 1,
+                        None => {
+                            order.push(n - 1);
+                            order.len()
+                        }
+                    };
+                    out.push(b'$');
+                    out.extend_from_slice(new.to_string().as_bytes());
+                }
+                _ => out.extend_from_slice(&b[i..j]),
+            }
+            i = j;
+            continue;
+        }
+        let j = crate::lexer::skip_token(b, i);
+        out.extend_from_slice(&b[i..j]);
+        i = j;
+    }
+    (
+        String::from_utf8(out)
+            .unwrap_or_else(|e| String::from_utf8_lossy(e.as_bytes()).into_owned()),
+        order,
+    )
 }
 
 /// Where the rows start, each row's span, where the rest starts.

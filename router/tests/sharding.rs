@@ -465,10 +465,13 @@ fn split_inserts_keep_every_row_once() {
     let template = t.router.route(&sql).shards.expect("sharded")[0].clone();
     // By the lexer (with the template), and by parsing (without).
     for template in [Some(&template), None] {
-        let parts = shardline_router::shards::split_insert(&sql, &t.sh, template).expect("split");
+        let parts =
+            shardline_router::shards::split_insert(&sql, &t.sh, template, &[], &[]).expect("split");
         assert!(parts.len() > 1);
         let mut seen = Vec::new();
-        for (shard, text) in &parts {
+        for part in &parts {
+            let (shard, text) = (&part.shard, &part.sql);
+            assert!(part.params.is_empty());
             let lower = text.to_ascii_lowercase();
             assert!(
                 lower.contains("returning id") && lower.contains("on conflict"),
@@ -487,9 +490,77 @@ fn split_inserts_keep_every_row_once() {
                 }
             }
         }
+        let mut rows: Vec<usize> = parts.iter().flat_map(|p| p.rows.clone()).collect();
+        rows.sort();
+        assert_eq!(rows, (0..20).collect::<Vec<_>>());
         seen.sort();
         assert_eq!(seen, (0..20).collect::<Vec<_>>(), "{parts:?}");
     }
+}
+
+/// Rows whose keys are bound parameters (SQLAlchemy's insertmanyvalues,
+/// JDBC's reWriteBatchedInserts): each part holds its rows, binds only the
+/// parameters its text references, renumbered from `$1`, including those
+/// outside the rows (ON CONFLICT ... SET name = $7).
+#[test]
+fn split_inserts_with_parameters_renumber_them() {
+    let mut t = T::new();
+    let keys: Vec<i64> = (0..12).collect();
+    let rows: Vec<String> = (0..keys.len())
+        .map(|i| format!("(${}::BIGINT, ${})", 2 * i + 1, 2 * i + 2))
+        .collect();
+    let last = 2 * keys.len() + 1;
+    let sql = format!(
+        "INSERT INTO users (id, name) VALUES {} ON CONFLICT (id) DO UPDATE SET name = ${last} RETURNING id, '$1'",
+        rows.join(", ")
+    );
+    let values: Vec<Vec<u8>> = keys
+        .iter()
+        .flat_map(|k| [k.to_string().into_bytes(), format!("n{k}").into_bytes()])
+        .chain([b"upd".to_vec()])
+        .collect();
+    let params: Vec<(i16, Option<&[u8]>)> = values.iter().map(|v| (0, Some(&v[..]))).collect();
+    let template = t.router.route(&sql).shards.expect("sharded")[0].clone();
+    for template in [Some(&template), None] {
+        let parts = shardline_router::shards::split_insert(&sql, &t.sh, template, &params, &[])
+            .expect("split");
+        assert!(parts.len() > 1, "{parts:?}");
+        let mut seen = Vec::new();
+        for part in &parts {
+            // Two parameters per row, then the one after the rows.
+            let mut want = Vec::new();
+            for &r in &part.rows {
+                assert_eq!(part.shard, t.of(keys[r]), "{part:?}");
+                want.extend([2 * r, 2 * r + 1]);
+                seen.push(r);
+            }
+            want.push(last - 1);
+            assert_eq!(part.params, want, "{part:?}");
+            let n = part.params.len();
+            assert!(
+                part.sql.contains(&format!("SET name = ${n}")),
+                "{}",
+                part.sql
+            );
+            assert!(!part.sql.contains(&format!("${}", n + 1)), "{}", part.sql);
+            assert!(part.sql.contains("'$1'"), "strings untouched: {}", part.sql);
+        }
+        seen.sort();
+        assert_eq!(seen, (0..keys.len()).collect::<Vec<_>>());
+    }
+}
+
+#[test]
+fn renumbering_skips_strings_names_and_comments() {
+    use shardline_router::shards::renumber_params;
+    let (sql, order) = renumber_params(
+        "SELECT $3, '$1', \"a$1\", b$1, $$ $2 $$, /* $2 */ $5 -- $1\n, $3, é$4, $4",
+    );
+    assert_eq!(
+        sql,
+        "SELECT $1, '$1', \"a$1\", b$1, $$ $2 $$, /* $2 */ $2 -- $1\n, $1, é$4, $3"
+    );
+    assert_eq!(order, vec![2, 4, 3]);
 }
 
 #[test]

@@ -136,6 +136,41 @@ def psycopg_checks(url, base, keys):
         row = conn.execute("SELECT name FROM users WHERE id = %s", (base,)).fetchone()
         check("psycopg rollback after an error", row == (keys.names[base],), row)
         conn.commit()
+        # executemany inside a transaction (psycopg's default): a pipeline
+        # whose rows join the transaction on their shards; committed with
+        # the statements around it, rolled back, and failed by a row.
+        cur = conn.cursor()
+        rows = [(k, f"txn many {k}") for k in range(base + 160, base + 170)]
+        cur.executemany("INSERT INTO users (id, name) VALUES (%s, %s)", rows)
+        cur.execute("UPDATE users SET name = %s WHERE id = %s", (f"txn many {base + 160}!", base + 160))
+        conn.commit()
+        for k, name in rows:
+            keys.add(k, name)
+        keys.add(base + 160, f"txn many {base + 160}!")
+        cur.executemany(
+            "INSERT INTO users (id, name) VALUES (%s, 'rolled back')",
+            [(k,) for k in range(base + 170, base + 180)],
+        )
+        conn.rollback()
+        try:
+            cur.executemany(
+                "INSERT INTO users (id, name) VALUES (%s, 'dup')",
+                [(base + 180,), (base + 181,), (base + 161,), (base + 182,)],
+            )
+            raise AssertionError("expected a unique violation")
+        except errors.UniqueViolation:
+            pass
+        try:
+            cur.execute("SELECT 1")
+            raise AssertionError("expected the transaction to be failed")
+        except errors.InFailedSqlTransaction:
+            pass
+        conn.rollback()
+        n = conn.execute(
+            "SELECT count(*) FROM users WHERE id BETWEEN %s AND %s", (base + 170, base + 189)
+        ).fetchone()[0]
+        check("psycopg executemany in transactions: commit, rollback, failed row", n == 0, n)
+        conn.commit()
 
 
 def check_quiet(cond, detail):
@@ -182,6 +217,25 @@ async def asyncpg_checks(url, base, keys):
     for k, name in rows:
         keys.add(k, name)
     check("asyncpg executemany spanning shards", True)
+    # The same inside a transaction, committed and rolled back.
+    rows = [(k, f"txn many {k}") for k in range(base + 430, base + 450)]
+    async with conn.transaction():
+        await conn.executemany("INSERT INTO users (id, name) VALUES ($1, $2)", rows)
+    for k, name in rows:
+        keys.add(k, name)
+    try:
+        async with conn.transaction():
+            await conn.executemany(
+                "INSERT INTO users (id, name) VALUES ($1, 'gone')",
+                [(k,) for k in range(base + 450, base + 460)],
+            )
+            raise RuntimeError("roll back")
+    except RuntimeError:
+        pass
+    n = await conn.fetchval(
+        "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", base + 430, base + 459
+    )
+    check("asyncpg executemany in a transaction, committed and rolled back", n == 20, n)
     # Binary COPY (copy_records_to_table): split by shard, or refused.
     records = [(k, f"copy {k}") for k in range(base + 400, base + 420)]
     try:
@@ -198,8 +252,17 @@ async def asyncpg_checks(url, base, keys):
 
 
 def sqlalchemy_checks(url, base, keys):
+    import datetime
+
     import sqlalchemy as sa
-    from sqlalchemy.orm import DeclarativeBase, Mapped, Session, mapped_column
+    from sqlalchemy.orm import (
+        DeclarativeBase,
+        Mapped,
+        Session,
+        mapped_column,
+        relationship,
+        selectinload,
+    )
 
     class Base(DeclarativeBase):
         pass
@@ -208,6 +271,24 @@ def sqlalchemy_checks(url, base, keys):
         __tablename__ = "users"
         id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
         name: Mapped[str]
+        # A server default: SQLAlchemy fetches it with RETURNING, so a
+        # flush of several users is one multi-row INSERT with parameters
+        # (insertmanyvalues), split by shard.
+        created_at: Mapped[datetime.datetime] = mapped_column(
+            sa.DateTime(timezone=True), server_default=sa.func.now()
+        )
+        orders: Mapped[list["Order"]] = relationship(
+            back_populates="user", cascade="all, delete-orphan", order_by="Order.id"
+        )
+
+    class Order(Base):
+        __tablename__ = "orders"
+        user_id: Mapped[int] = mapped_column(
+            sa.BigInteger, sa.ForeignKey("users.id"), primary_key=True
+        )
+        id: Mapped[int] = mapped_column(sa.BigInteger, primary_key=True)
+        amount: Mapped[float] = mapped_column(sa.Numeric(12, 2))
+        user: Mapped[User] = relationship(back_populates="orders")
 
     engine = sa.create_engine("postgresql+psycopg://" + url.split("://", 1)[1])
     # One object per flush and commit.
@@ -221,22 +302,70 @@ def sqlalchemy_checks(url, base, keys):
             u = s.get(User, k)
             check_quiet(u is not None and u.name == f"orm {k}", f"ORM get {k}: {u}")
     check("SQLAlchemy ORM one object per commit, get by key", True)
-    # Several objects in one flush: a multi-row INSERT with parameters.
-    # Across shards it is refused whole, never written to one shard.
-    try:
-        with Session(engine) as s:
-            s.add_all([User(id=k, name=f"flush {k}") for k in range(base + 600, base + 610)])
-            s.commit()
-        for k in range(base + 600, base + 610):
-            keys.add(k, f"flush {k}")
-        check("SQLAlchemy multi-object flush", True)
-    except sa.exc.DBAPIError as e:
-        check_quiet(getattr(e.orig, "sqlstate", None) == "0A000", f"flush error: {e}")
-        with Session(engine) as s:
-            n = s.scalar(
-                sa.select(sa.func.count()).where(User.id.between(base + 600, base + 609))
+    # Several objects in one flush, in SQLAlchemy's transaction: one
+    # INSERT ... VALUES (...), (...) RETURNING created_at, id with bound
+    # parameters, split by shard inside the transaction; each object gets
+    # its own row's server default back.
+    with Session(engine) as s:
+        users = [User(id=k, name=f"flush {k}") for k in range(base + 600, base + 610)]
+        s.add_all(users)
+        s.flush()
+        stamps = {u.id: u.created_at for u in users}
+        s.commit()
+    with Session(engine) as s:
+        for k, stamp in stamps.items():
+            check_quiet(s.get(User, k).created_at == stamp, f"created_at of {k}")
+    for k in range(base + 600, base + 610):
+        keys.add(k, f"flush {k}")
+    check("SQLAlchemy multi-object flush across shards", True)
+    # Relationships: users with their orders (co-located by user_id) in
+    # one flush, loaded lazily and with selectinload, changed, deleted.
+    with Session(engine) as s:
+        for k in range(base + 800, base + 810):
+            s.add(
+                User(
+                    id=k,
+                    name=f"rel {k}",
+                    orders=[Order(id=k * 10 + j, amount=j + 1) for j in range(3)],
+                )
             )
-        check("SQLAlchemy multi-object flush across shards refused, nothing written", n == 0, n)
+        s.commit()
+    for k in range(base + 800, base + 810):
+        keys.add(k, f"rel {k}")
+    with Session(engine) as s:
+        for k in range(base + 800, base + 810):
+            u = s.get(User, k)
+            got = [(o.id, int(o.amount)) for o in u.orders]
+            check_quiet(got == [(k * 10 + j, j + 1) for j in range(3)], f"orders of {k}: {got}")
+        users = s.scalars(
+            sa.select(User)
+            .where(User.id.between(base + 800, base + 809))
+            .options(selectinload(User.orders))
+            .order_by(User.id)
+        ).all()
+        check_quiet(len(users) == 10 and all(len(u.orders) == 3 for u in users), users)
+        # Change one order of each user, delete another, in one flush.
+        for u in users:
+            u.orders[0].amount = 100
+            u.orders.pop()
+        s.commit()
+    with Session(engine) as s:
+        total = s.scalar(
+            sa.select(sa.func.sum(Order.amount)).where(Order.user_id.between(base + 800, base + 809))
+        )
+        n = s.scalar(
+            sa.select(sa.func.count()).select_from(Order).where(
+                Order.user_id.between(base + 800, base + 809)
+            )
+        )
+        check("SQLAlchemy relationships: flush, lazy and selectin loads, update, delete",
+              (n, int(total)) == (20, 10 * 102), (n, total))
+        # Deleting a user cascades to its orders, on its shard.
+        s.delete(s.get(User, base + 809))
+        s.commit()
+        n = s.scalar(sa.select(sa.func.count()).select_from(Order).where(Order.user_id == base + 809))
+        check("SQLAlchemy cascade delete", n == 0 and s.get(User, base + 809) is None, n)
+    del keys.names[base + 809]
     engine.dispose()
 
 

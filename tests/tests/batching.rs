@@ -27,10 +27,14 @@ column = "id"
 "#;
 
 async fn two_shards() -> (Env, Sharding) {
+    two_shards_with(SHARDING).await
+}
+
+async fn two_shards_with(sharding: &str) -> (Env, Sharding) {
     let env = Env::start_with(EnvOptions {
         shards: 2,
         replicas_per_shard: 0,
-        extra_toml: SHARDING.into(),
+        extra_toml: sharding.into(),
         ..EnvOptions::default()
     })
     .await
@@ -335,6 +339,272 @@ async fn a_pipeline_spanning_shards_runs_each_execution_on_its_shard() {
         .await
         .unwrap();
     assert_eq!(tags(&r), b"TDCZ", "{r:?}");
+}
+
+/// The ReadyForQuery status of an answer's last message.
+fn status(r: &[RawMessage]) -> u8 {
+    let z = r.last().expect("an answer");
+    assert_eq!(z.0, b'Z', "{r:?}");
+    z.1[0]
+}
+
+/// Inside a client's transaction (two-phase commit on), a pipeline whose
+/// executions need both shards runs each on its shard within the
+/// transaction: nothing is visible before COMMIT, COMMIT makes all of it
+/// visible, an error fails the whole transaction. PgJDBC's shape with
+/// autocommit off, BEGIN in the same unit as the batch (or as a merged
+/// read), begins the transaction on every shard the unit needs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_and_merged_reads_join_the_client_transaction() {
+    let (env, sh) = two_shards_with(&SHARDING.replace(
+        "function = \"consistent\"",
+        "function = \"consistent\"\ntwo_phase_commit = true",
+    ))
+    .await;
+    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(4).collect() };
+    let (a, b) = (on(0), on(1));
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let batch = |keys: &[i64], name: &[u8]| {
+        let mut unit = vec![];
+        for &k in keys {
+            unit.push(bind("p", &[(0, Some(&text(k))), (0, Some(name))], 0));
+            unit.push(execute());
+        }
+        unit
+    };
+    // BEGIN alone, then the pipeline: in the transaction, not yet visible.
+    let r = c.exchange(&[query("BEGIN")]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"CZ".to_vec(), b'T'));
+    let mut unit = vec![parse("p", INSERT, &[])];
+    unit.extend(batch(&[a[0], b[0]], b"t"));
+    unit.push(sync());
+    let r = c.exchange(&unit).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"12C2CZ".to_vec(), b'T'), "{r:?}");
+    assert_eq!(audit(&env, &sh), 0, "not visible before COMMIT");
+    // The transaction's merged read sees its own rows on both shards.
+    let r = c
+        .exchange(&[query("SELECT count(*) FROM users")])
+        .await
+        .unwrap();
+    assert_eq!(r[1].1[6..].to_vec(), b"2".to_vec(), "{r:?}");
+    let r = c.exchange(&[query("COMMIT")]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"CZ".to_vec(), b'I'), "{r:?}");
+    assert_eq!(audit(&env, &sh), 2);
+
+    // PgJDBC with autocommit off: BEGIN, then the batch, one unit.
+    let mut unit = vec![parse("", "BEGIN", &[]), bind("", &[], 0), execute()];
+    unit.extend(batch(&[a[1], b[1], a[2]], b"j"));
+    unit.push(sync());
+    let r = c.exchange(&unit).await.unwrap();
+    assert_eq!(
+        (tags(&r), status(&r)),
+        (b"12C2C2C2CZ".to_vec(), b'T'),
+        "{r:?}"
+    );
+    let r = c.exchange(&[query("ROLLBACK")]).await.unwrap();
+    assert_eq!(status(&r), b'I');
+    assert_eq!(audit(&env, &sh), 2, "rolled back on both shards");
+    // The same, then COMMIT over the extended protocol.
+    let r = c.exchange(&unit).await.unwrap();
+    assert_eq!(status(&r), b'T', "{r:?}");
+    let r = c
+        .exchange(&[
+            parse("", "COMMIT", &[]),
+            bind("", &[], 0),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"12CZ".to_vec(), b'I'), "{r:?}");
+    assert_eq!(audit(&env, &sh), 5);
+
+    // BEGIN with a merged read in one unit: the read runs, the
+    // transaction is open.
+    let r = c
+        .exchange(&[
+            parse("", "BEGIN", &[]),
+            bind("", &[], 0),
+            execute(),
+            parse("", "SELECT count(*) FROM users", &[]),
+            bind("", &[], 0),
+            describe(b'P', ""),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        (tags(&r), status(&r)),
+        (b"12C12TDCZ".to_vec(), b'T'),
+        "{r:?}"
+    );
+    assert_eq!(r[6].1[6..].to_vec(), b"5".to_vec());
+
+    // An error in the pipeline fails the transaction everywhere: the next
+    // statement gets 25P02, COMMIT rolls back the rows of the read's
+    // transaction and of the pipeline alike.
+    let r = c
+        .exchange(&[query(&format!(
+            "INSERT INTO users VALUES ({}, 'gone')",
+            b[3]
+        ))])
+        .await
+        .unwrap();
+    assert_eq!(status(&r), b'T', "{r:?}");
+    let mut unit = batch(&[a[3], b[2], a[0]], b"dup");
+    unit.push(sync());
+    let r = c.exchange(&unit).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"2C2C2EZ".to_vec(), b'E'), "{r:?}");
+    assert_eq!(error_code(&r[5].1), "23505");
+    let r = c.exchange(&[query("SELECT 1")]).await.unwrap();
+    assert_eq!(error_code(&r[0].1), "25P02", "{r:?}");
+    let r = c.exchange(&[query("COMMIT")]).await.unwrap();
+    assert_eq!(status(&r), b'I', "{r:?}");
+    assert_eq!(audit(&env, &sh), 5, "nothing of the failed transaction");
+
+    // COMMIT inside a pipeline spanning shards cannot be split: refused
+    // before anything runs.
+    let mut unit = batch(&[a[3], b[3]], b"c");
+    unit.extend([parse("", "COMMIT", &[]), bind("", &[], 0), execute()]);
+    unit.push(sync());
+    let r = c.exchange(&[query("BEGIN")]).await.unwrap();
+    assert_eq!(status(&r), b'T');
+    let r = c.exchange(&unit).await.unwrap();
+    assert_eq!(error_code(&r[0].1), "0A000", "{r:?}");
+    assert_eq!(status(&r), b'E');
+    c.exchange(&[query("ROLLBACK")]).await.unwrap();
+    assert_eq!(audit(&env, &sh), 5);
+}
+
+/// The ids of an answer's DataRows (first column, text).
+fn ids(r: &[RawMessage]) -> Vec<i64> {
+    r.iter()
+        .filter(|m| m.0 == b'D')
+        .map(|m| String::from_utf8_lossy(&m.1[6..]).parse().unwrap())
+        .collect()
+}
+
+/// A multi-row INSERT whose rows belong to both shards and whose values
+/// are bound parameters (SQLAlchemy's insertmanyvalues flush): split by
+/// shard, each part binding its own rows' parameters; RETURNING rows come
+/// back in the order of the INSERT's rows; the parameter after the rows
+/// (ON CONFLICT ... SET) reaches every part. In autocommit, prepared
+/// earlier and bound alone, in binary, and inside a transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn multi_row_inserts_with_parameters_are_split_by_shard() {
+    let (env, sh) = two_shards_with(&SHARDING.replace(
+        "function = \"consistent\"",
+        "function = \"consistent\"\ntwo_phase_commit = true",
+    ))
+    .await;
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let statement = |n: usize| {
+        let rows: Vec<String> = (0..n)
+            .map(|i| format!("(${}::BIGINT, ${}::TEXT)", 2 * i + 1, 2 * i + 2))
+            .collect();
+        format!(
+            "INSERT INTO users (id, name) VALUES {} ON CONFLICT (id) DO UPDATE SET name = ${} RETURNING id",
+            rows.join(", "),
+            2 * n + 1
+        )
+    };
+    let values = |keys: &[i64], fmt: i16| -> Vec<Vec<u8>> {
+        let mut v = Vec::new();
+        for k in keys {
+            v.push(if fmt == 1 {
+                k.to_be_bytes().to_vec()
+            } else {
+                text(*k)
+            });
+            v.push(format!("n{k}").into_bytes());
+        }
+        v.push(b"again".to_vec());
+        v
+    };
+    let bound = |name: &str, vals: &[Vec<u8>], fmt: i16| {
+        let params: Vec<Param> = vals
+            .iter()
+            .enumerate()
+            .map(|(i, v)| {
+                (
+                    if i % 2 == 0 && i + 1 < vals.len() {
+                        fmt
+                    } else {
+                        0
+                    },
+                    Some(&v[..]),
+                )
+            })
+            .collect();
+        bind(name, &params, 0)
+    };
+    // Unnamed, text parameters, keys alternating between the shards.
+    let keys: Vec<i64> = (1..=10).collect();
+    assert!(keys.iter().any(|&k| owner(&sh, k) == 0) && keys.iter().any(|&k| owner(&sh, k) == 1));
+    let r = c
+        .exchange(&[
+            parse("", &statement(10), &[]),
+            bound("", &values(&keys, 0), 0),
+            describe(b'P', ""),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r)[..3], *b"12T", "{r:?}");
+    assert_eq!(ids(&r), keys, "RETURNING in the INSERT's order");
+    assert_eq!(&r[r.len() - 2].1[..], b"INSERT 0 10\0");
+    assert_eq!(audit(&env, &sh), 10);
+    // Prepared once (typed int8 and text), then bound alone in binary:
+    // existing keys take the ON CONFLICT branch with the last parameter.
+    let r = c
+        .exchange(&[parse("many", &statement(4), &[20, 25]), sync()])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"1Z");
+    let keys = [12, 3, 11, 4];
+    let r = c
+        .exchange(&[bound("many", &values(&keys, 1), 1), execute(), sync()])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"2DDDDCZ", "{r:?}");
+    assert_eq!(ids(&r), keys);
+    assert_eq!(audit(&env, &sh), 12);
+    assert_eq!(
+        env.sql_shard(owner(&sh, 3), "SELECT name FROM users WHERE id = 3"),
+        "again"
+    );
+    // Inside a transaction: the parts join it; ROLLBACK leaves nothing.
+    let r = c.exchange(&[query("BEGIN")]).await.unwrap();
+    assert_eq!(status(&r), b'T');
+    let keys: Vec<i64> = (20..26).collect();
+    let r = c
+        .exchange(&[
+            parse("", &statement(6), &[]),
+            bound("", &values(&keys, 0), 0),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!((ids(&r), status(&r)), (keys.clone(), b'T'), "{r:?}");
+    let r = c
+        .exchange(&[query("SELECT count(*) FROM users WHERE id >= 20")])
+        .await
+        .unwrap();
+    assert_eq!(r[1].1[6..].to_vec(), b"6".to_vec(), "{r:?}");
+    c.exchange(&[query("ROLLBACK")]).await.unwrap();
+    assert_eq!(audit(&env, &sh), 12);
+    // Constants, over the simple protocol: RETURNING in order too.
+    let r = c
+        .exchange(&[query(
+            "INSERT INTO users (id, name) VALUES (30, 'a'), (31, 'b'), (32, 'c'), (33, 'd'), (34, 'e') RETURNING id",
+        )])
+        .await
+        .unwrap();
+    assert_eq!(ids(&r), vec![30, 31, 32, 33, 34], "{r:?}");
+    assert_eq!(audit(&env, &sh), 17);
 }
 
 /// Cursors live on one connection: inside a transaction, a cursor over one

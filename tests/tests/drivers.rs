@@ -36,7 +36,7 @@ async fn demo_topology() -> (Env, Sharding) {
     env.wait_healthy().await;
     let c = env.connect().await;
     c.batch_execute(
-        "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL);
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());
          CREATE TABLE orders (id bigint, user_id bigint NOT NULL, amount numeric(12,2), PRIMARY KEY (user_id, id));",
     )
     .await

@@ -156,19 +156,69 @@ async fn a_transaction_on_two_shards_commits_or_rolls_back_everywhere() {
     c.batch_execute("COMMIT").await.unwrap();
     assert_eq!(names(&env, 0), format!("{a}=a"));
 
-    // A statement on several shards at once stays refused inside it.
+    // Statements on several shards at once run inside the transaction, on
+    // its connections: a merged read sees the transaction's own writes on
+    // both shards (outside it, neither), a keyless UPDATE and a multi-row
+    // INSERT reach both shards, and ROLLBACK undoes all of it.
     rename_in_one_transaction(&c, a, b, "m").await;
-    let err = c
-        .query("SELECT count(*) FROM users", &[])
+    let seen: i64 = c
+        .query_one("SELECT count(*) FROM users WHERE name = 'm'", &[])
         .await
-        .expect_err("a merged read");
-    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"));
-    assert!(
-        format!("{err:?}").contains("several shards at once"),
-        "{err:?}"
+        .expect("a merged read in the transaction")
+        .get(0);
+    assert_eq!(seen, 2);
+    let updated = c
+        .execute("UPDATE users SET nick = name || id WHERE name = 'm'", &[])
+        .await
+        .expect("a write on every shard in the transaction");
+    assert_eq!(updated, 2);
+    let (a4, b4) = keys(&config, b3 + 1);
+    c.batch_execute(&format!(
+        "INSERT INTO users (id, name) VALUES ({a4}, 'm'), ({b4}, 'm')"
+    ))
+    .await
+    .expect("a multi-row INSERT split in the transaction");
+    let rows = c
+        .query("SELECT id FROM users WHERE name = 'm' ORDER BY id", &[])
+        .await
+        .unwrap();
+    assert_eq!(rows.len(), 4);
+    assert_eq!(
+        names(&env, 0),
+        format!("{a}=a"),
+        "not visible before COMMIT"
     );
     c.batch_execute("ROLLBACK").await.unwrap();
     assert_eq!(names(&env, 0), format!("{a}=a"));
+    assert!(names(&env, 1).starts_with(&format!("{b}=b")));
+    // Committed, the same reach both shards at once, in two phases.
+    rename_in_one_transaction(&c, a, b, "m").await;
+    c.execute("UPDATE users SET name = 'all' WHERE name = 'm'", &[])
+        .await
+        .unwrap();
+    c.batch_execute("COMMIT").await.expect("commit");
+    assert_eq!(names(&env, 0), format!("{a}=all"));
+    assert!(names(&env, 1).starts_with(&format!("{b}=all")));
+    assert_eq!((prepared(&env, 0), prepared(&env, 1)), (0, 0));
+    // An error on one shard fails the transaction on all of them.
+    rename_in_one_transaction(&c, a, b, "m").await;
+    let err = c
+        .query("SELECT 1 / (id - $1) FROM users", &[&a])
+        .await
+        .expect_err("division by zero on one shard");
+    assert_eq!(sqlstate(&err).as_deref(), Some("22012"), "{err:?}");
+    let err = c
+        .execute("UPDATE users SET name = 'z' WHERE id = $1", &[&b])
+        .await
+        .expect_err("failed transaction");
+    assert_eq!(sqlstate(&err).as_deref(), Some("25P02"), "{err:?}");
+    c.batch_execute("COMMIT").await.expect("rolls back");
+    assert_eq!(names(&env, 0), format!("{a}=all"));
+    for (id, name) in [(a, "a"), (b, "b")] {
+        c.execute("UPDATE users SET name = $2 WHERE id = $1", &[&id, &name])
+            .await
+            .unwrap();
+    }
 
     // COMMIT and ROLLBACK over the extended protocol (as drivers that
     // prepare everything send them) end the transaction everywhere too.

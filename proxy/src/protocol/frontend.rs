@@ -182,6 +182,54 @@ pub fn query(body: &[u8]) -> Result<&[u8], Malformed> {
 
 /// The parameter type OIDs a Parse definition (`query\0`, count, OIDs)
 /// declares; empty when it declares none or is cut short.
+/// A Bind's `rest` that binds only the parameters `picks` (0-based, in
+/// that order; each with its own format code), with the original result
+/// formats. `None` when `rest` is malformed or a pick is out of range.
+pub fn bind_rest_subset(rest: &[u8], picks: &[usize]) -> Option<Vec<u8>> {
+    let params = bind_params(rest)?;
+    // The result formats follow the parameters.
+    let mut r = Reader::new(rest);
+    let nformats = r.i16()?.max(0) as usize;
+    r.bytes(2 * nformats)?;
+    let n = r.i16()?.max(0);
+    for _ in 0..n {
+        let len = r.i32()?;
+        if len > 0 {
+            r.bytes(len as usize)?;
+        }
+    }
+    let results = r.rest();
+    let mut out = Vec::with_capacity(rest.len());
+    out.extend_from_slice(&(picks.len() as i16).to_be_bytes());
+    for &i in picks {
+        out.extend_from_slice(&params.get(i)?.0.to_be_bytes());
+    }
+    out.extend_from_slice(&(picks.len() as i16).to_be_bytes());
+    for &i in picks {
+        match params[i].1 {
+            Some(v) => {
+                out.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                out.extend_from_slice(v);
+            }
+            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
+        }
+    }
+    out.extend_from_slice(results);
+    Some(out)
+}
+
+/// A Parse definition: the query, its NUL, and the parameter types.
+pub fn definition(query: &str, types: &[u32]) -> Vec<u8> {
+    let mut out = Vec::with_capacity(query.len() + 3 + 4 * types.len());
+    out.extend_from_slice(query.as_bytes());
+    out.push(0);
+    out.extend_from_slice(&(types.len() as i16).to_be_bytes());
+    for t in types {
+        out.extend_from_slice(&t.to_be_bytes());
+    }
+    out
+}
+
 pub fn definition_param_types(definition: &[u8]) -> Vec<u32> {
     let mut r = Reader::new(definition);
     let Some(_query) = r.cstr() else {
@@ -240,6 +288,28 @@ pub fn write_query(buf: &mut BytesMut, sql: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_bind_subset_keeps_each_parameter_with_its_format() {
+        // Formats [0, 1, 0]; values 'a', x'0102', NULL; result formats [1].
+        let rest = [
+            0, 3, 0, 0, 0, 1, 0, 0, // formats
+            0, 3, 0, 0, 0, 1, b'a', 0, 0, 0, 2, 1, 2, 255, 255, 255, 255, // values
+            0, 1, 0, 1, // result formats
+        ];
+        let out = bind_rest_subset(&rest, &[2, 1]).unwrap();
+        assert_eq!(
+            bind_params(&out).unwrap(),
+            vec![(0, None), (1, Some(&[1u8, 2][..]))]
+        );
+        assert_eq!(&out[out.len() - 4..], &[0, 1, 0, 1]);
+        // One format code for all: each picked parameter keeps it.
+        let rest = [0, 1, 0, 1, 0, 2, 0, 0, 0, 1, 7, 0, 0, 0, 1, 8, 0, 0];
+        let out = bind_rest_subset(&rest, &[1]).unwrap();
+        assert_eq!(bind_params(&out).unwrap(), vec![(1, Some(&[8u8][..]))]);
+        assert!(bind_rest_subset(&rest, &[2]).is_none());
+        assert!(bind_rest_subset(&rest[..9], &[0]).is_none());
+    }
 
     #[test]
     fn a_bind_gets_result_formats_for_extra_columns() {

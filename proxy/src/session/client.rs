@@ -31,6 +31,9 @@ pub(super) enum Flow {
     EndDistributed(bool, bool),
     /// The next message needs a server connection and none is attached.
     NeedServer,
+    /// The next unit needs several shards, inside the open transaction
+    /// (two-phase commit): it runs on the transaction's connections there.
+    Fanout,
     /// The next message starts a unit that may not run where the attached
     /// server is (a write behind a read on a replica): wait for that server
     /// to finish, then route it.
@@ -48,6 +51,8 @@ pub(super) enum Fit {
     Wait,
     /// Refused (inside a transaction on another shard); answered.
     Refused,
+    /// Needs several shards: run on the transaction's connections there.
+    Fanout,
 }
 
 /// Messages that must reach a server (when not answered by the proxy).
@@ -128,6 +133,7 @@ impl Session {
                                 Fit::NotYet => return Ok(Flow::Done),
                                 Fit::Wait => return Ok(Flow::Wait),
                                 Fit::Refused => continue,
+                                Fit::Fanout => return Ok(Flow::Fanout),
                             }
                         }
                     }
@@ -321,6 +327,21 @@ impl Session {
                 return Ok(fit);
             }
         }
+        let several = matches!(
+            planned.place,
+            Placement::Many(_)
+                | Placement::Merge(_)
+                | Placement::Split(_)
+                | Placement::CopySplit(_)
+                | Placement::Pipeline(_)
+        );
+        if several && !session && self.may_join() {
+            if self.server.as_ref().is_some_and(|s| s.tx_status == b'E') {
+                self.fail_next_message(super::failed_transaction())?;
+                return Ok(Fit::Refused);
+            }
+            return Ok(Fit::Fanout);
+        }
         let e = match planned.place {
             Placement::Refused(r) => PgError::error(r.code, r.message),
             Placement::One(_) => {
@@ -329,14 +350,9 @@ impl Session {
                     .sharding
                     .as_ref()
                     .and_then(|sh| sh.shard_names.get(self.shard).cloned());
-                let why = if self.shared.two_phase.is_none() {
-                    "without sharding.two_phase_commit a transaction may use one shard only"
-                } else {
-                    "a transaction reading from replicas (READ ONLY) may use one shard only"
-                };
-                super::cross_shard_transaction(name.as_deref(), why)
+                super::cross_shard_transaction(name.as_deref(), self.shared.two_phase.is_some())
             }
-            _ => super::cross_shard_transaction(None, ""),
+            _ => super::cross_shard_transaction(None, self.shared.two_phase.is_some()),
         };
         self.txn_refused = true;
         self.fail_next_message(e)?;

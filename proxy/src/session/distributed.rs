@@ -72,7 +72,7 @@ fn client_error(e: &ServerError, shard: &str) -> PgError {
 }
 
 /// The BEGIN for a shard joining a transaction of this isolation level.
-fn begin_frame(isolation: &str) -> Bytes {
+pub(super) fn begin_frame(isolation: &str) -> Bytes {
     let level = match isolation {
         "serializable" => "SERIALIZABLE",
         "repeatable read" => "REPEATABLE READ",
@@ -152,6 +152,72 @@ impl Session {
         Ok(executed)
     }
 
+    /// A unit that opens with a lone BEGIN and goes on with statements for
+    /// several shards (PgJDBC with autocommit off sends the BEGIN in the
+    /// unit of the transaction's first statement): the BEGIN's messages
+    /// are answered here and the BEGIN deferred as if it had come alone,
+    /// so the rest is placed as the transaction's first statement. Only
+    /// `[Parse] Bind [Describe] Execute` of the BEGIN, outside any
+    /// transaction. Returns whether it did.
+    pub(super) fn peel_begin(&mut self) -> Result<bool, End> {
+        use shardline_router::classify::Class;
+        if self.mode() != shardline_config::PoolMode::Transaction
+            || self.server.is_some()
+            || self.deferred_begin.is_some()
+            || !self.participants.is_empty()
+            || !self.pending.is_empty()
+        {
+            return Ok(false);
+        }
+        let mut taken = 0;
+        let mut parsed: Option<(&[u8], &[u8])> = None;
+        let mut text: Option<Vec<u8>> = None;
+        for (tag, body) in complete_frames(&self.client_in, self.shared.max_message_size) {
+            taken += 1;
+            match tag {
+                frontend::PARSE if taken == 1 => {
+                    let p = frontend::parse(body)?;
+                    parsed = Some((p.name, p.query));
+                }
+                frontend::BIND if text.is_none() => {
+                    let b = frontend::bind(body)?;
+                    text = match parsed {
+                        Some((name, query)) if name == b.statement => Some(query.to_vec()),
+                        Some(_) => return Ok(false),
+                        None => self
+                            .bound_definition(b.statement)
+                            .map(|d| super::route::definition_query(&d).to_vec()),
+                    };
+                }
+                frontend::DESCRIBE if text.is_some() && body.first() == Some(&b'P') => {}
+                frontend::EXECUTE if text.is_some() => break,
+                _ => return Ok(false),
+            }
+        }
+        let Some(text) = text else { return Ok(false) };
+        if self.route_text(&text).class != (Class::Begin { read_only: false }) {
+            return Ok(false);
+        }
+        let mut frames = Vec::with_capacity(taken);
+        for _ in 0..taken {
+            let Some(f) = next_frame(&mut self.client_in, usize::MAX).map_err(|e| {
+                End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
+            })?
+            else {
+                break;
+            };
+            if f.tag == frontend::PARSE {
+                self.record_parse(&f)?;
+            }
+            frames.push(f);
+        }
+        answer_frames(&mut self.client_out, &frames, Ok("BEGIN"));
+        let mut begin = BytesMut::new();
+        frontend::write_query(&mut begin, &String::from_utf8_lossy(&text));
+        self.deferred_begin = Some(begin.freeze());
+        Ok(true)
+    }
+
     /// The extended-protocol unit at the front (complete up to its Sync)
     /// executes one lone COMMIT, END, ROLLBACK or ABORT.
     pub(super) fn unit_ends_transaction(&self) -> Result<bool, End> {
@@ -201,14 +267,21 @@ impl Session {
         Ok(())
     }
 
+    /// Whether the transaction may take in other shards now: two-phase
+    /// commit on, transaction pooling, not reading from replicas, and
+    /// nothing in flight.
+    pub(super) fn may_join(&self) -> bool {
+        self.shared.two_phase.is_some()
+            && self.mode() == shardline_config::PoolMode::Transaction
+            && !self.read_attach
+            && self.pending.is_empty()
+    }
+
     /// The open transaction needs shard `shard`: park the attached
     /// connection and bring that shard's in. `None`: not allowed here (the
     /// caller refuses as without two-phase commit).
     pub(super) fn join_shard(&mut self, shard: usize) -> Result<Option<Fit>, End> {
-        let allowed = self.shared.two_phase.is_some()
-            && self.mode() == shardline_config::PoolMode::Transaction
-            && !self.read_attach
-            && self.pending.is_empty();
+        let allowed = self.may_join();
         let Some(status) = self
             .server
             .as_ref()
@@ -255,16 +328,7 @@ impl Session {
         if !std::mem::take(&mut self.join_begin) {
             return;
         }
-        let level = match self.participants.last_mut() {
-            Some(p) => p
-                .conn
-                .simple_query("SELECT current_setting('transaction_isolation')")
-                .await
-                .ok()
-                .and_then(|(rows, _)| rows.into_iter().next())
-                .and_then(|r| r.into_iter().next().flatten()),
-            None => None,
-        };
+        let level = self.transaction_isolation().await;
         match level {
             Some(level) => self.deferred_begin = Some(begin_frame(&level)),
             // The participant did not answer: the transaction is failed.
@@ -449,6 +513,17 @@ fn answer_unit(
     frames: &[crate::protocol::Frame],
     outcome: Result<&str, PgError>,
 ) {
+    answer_frames(out, frames, outcome);
+    backend::ready_for_query(out, b'I');
+}
+
+/// Answers messages as a server would, the outcome at the Execute (or the
+/// query), after an error nothing.
+fn answer_frames(
+    out: &mut BytesMut,
+    frames: &[crate::protocol::Frame],
+    outcome: Result<&str, PgError>,
+) {
     let mut outcome = Some(outcome);
     let mut failed = false;
     for f in frames {
@@ -476,7 +551,6 @@ fn answer_unit(
             _ => {}
         }
     }
-    backend::ready_for_query(out, b'I');
 }
 
 async fn rollback_all(conns: &mut [Participant]) {

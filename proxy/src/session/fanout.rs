@@ -18,7 +18,7 @@ use crate::protocol::{frontend, next_frame, peek_header};
 use crate::server::pool::PooledConnection;
 use bytes::{BufMut, Bytes, BytesMut};
 use shardline_router::sharding::shards_in;
-use shardline_router::shards::{split_insert, CopyIn, Placement};
+use shardline_router::shards::{CopyIn, Placement};
 use shardline_router::{Target, UnitPlan};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -43,14 +43,30 @@ enum Merged {
 /// One shard's part of a fan-out.
 pub(super) struct Leg {
     pub(super) shard: usize,
+    /// The node (in its shard) the connection belongs to.
+    pub(super) node: usize,
     pub(super) conn: PooledConnection,
     /// Answers to the proxy's own messages still to skip: `Some(true)`
     /// a whole query (up to ReadyForQuery), `Some(false)` one message.
     pub(super) skip: std::collections::VecDeque<bool>,
     pub(super) done: bool,
+    /// Joins the client's transaction with this unit: its BEGIN, sent first.
+    pub(super) joins: Option<Bytes>,
 }
 
 impl Leg {
+    /// A connection with nothing in flight.
+    pub(super) fn parked(shard: usize, node: usize, conn: PooledConnection) -> Leg {
+        Leg {
+            shard,
+            node,
+            conn,
+            skip: Default::default(),
+            done: true,
+            joins: None,
+        }
+    }
+
     /// Writes out what is buffered for this shard, and empties the buffer.
     async fn send(&mut self, out: &mut BytesMut) -> Result<(), String> {
         self.conn
@@ -137,6 +153,31 @@ pub(super) fn parse_on(
     }
 }
 
+/// Rows held per leg, released in the order of a split INSERT's rows
+/// (`order`: the leg of each) when each row returned exactly one; else
+/// leg by leg.
+fn release_in_order(
+    held: &mut [std::collections::VecDeque<BytesMut>],
+    order: &[usize],
+    out: &mut BytesMut,
+) {
+    let total: usize = held.iter().map(|h| h.len()).sum();
+    if total == order.len()
+        && (0..held.len()).all(|l| held[l].len() == order.iter().filter(|&&x| x == l).count())
+    {
+        for &l in order {
+            if let Some(row) = held[l].pop_front() {
+                out.extend_from_slice(&row);
+            }
+        }
+    }
+    for h in held.iter_mut() {
+        for row in h.drain(..) {
+            out.extend_from_slice(&row);
+        }
+    }
+}
+
 /// The number ending a command tag (`UPDATE 3`, `INSERT 0 3`, `SELECT 3`),
 /// with the tag before it.
 fn tag_count(tag: &[u8]) -> Option<(&[u8], u64)> {
@@ -151,8 +192,9 @@ fn tag_count(tag: &[u8]) -> Option<(&[u8], u64)> {
 }
 
 impl Session {
-    /// Runs the unit at the front of `client_in` on several shards.
-    pub(super) async fn run_fanout(&mut self, planned: Planned) -> Result<(), End> {
+    /// Runs the unit at the front of `client_in` on several shards; inside
+    /// the client's open transaction (two-phase commit) when `in_txn`.
+    pub(super) async fn run_fanout(&mut self, planned: Planned, in_txn: bool) -> Result<(), End> {
         let UnitPlan::Run { target, writes } = planned.plan else {
             return Ok(());
         };
@@ -195,6 +237,8 @@ impl Session {
         // Shards whose part starts with a Parse the client did not send.
         let mut leg_skips: Vec<usize> = Vec::new();
         let mut copy_in: Option<CopyIn> = None;
+        // A split INSERT's rows: the part (leg) holding each, in order.
+        let mut row_order: Option<Vec<usize>> = None;
         // A read whose rows are merged: planned before anything is sent.
         let mut merge = match &planned.place {
             Placement::Merge(_) => match self.merge_unit(&frames) {
@@ -208,90 +252,13 @@ impl Session {
         }
         match &planned.place {
             Placement::Split(_) => {
-                // The INSERT's text: a simple query, or the statement a
-                // parameterless Bind executes.
-                let mut text: Option<Bytes> = None;
-                for f in &frames {
-                    match f.tag {
-                        frontend::QUERY => {
-                            text = frontend::query(f.body()).ok().map(Bytes::copy_from_slice)
-                        }
-                        frontend::PARSE => {
-                            text = frontend::parse(f.body())
-                                .ok()
-                                .map(|p| Bytes::copy_from_slice(p.query))
-                        }
-                        frontend::BIND => {
-                            if let Ok(b) = frontend::bind(f.body()) {
-                                // A statement parsed in this unit is the text
-                                // already; else the session's.
-                                if text.is_none() || !b.statement.is_empty() {
-                                    if let Some((_, d)) = self.session_statement(b.statement) {
-                                        let q = super::route::definition_query(d);
-                                        text = Some(Bytes::copy_from_slice(q));
-                                    }
-                                }
-                            }
-                        }
-                        _ => {}
-                    }
-                }
-                let no_params = frames.iter().all(|f| {
-                    f.tag != frontend::BIND
-                        || frontend::bind(f.body())
-                            .ok()
-                            .and_then(|b| frontend::bind_params(b.rest))
-                            .is_some_and(|p| p.is_empty())
-                });
-                let Some(text) = text.filter(|_| no_params) else {
-                    return self.fail_unit(PgError::error(
-                        sqlstate::FEATURE_NOT_SUPPORTED,
-                        "a multi-row INSERT with parameters whose rows belong to several shards cannot be split; send one row per statement, or the rows as constants",
-                    ), simple);
+                let split = match self.split_unit(&frames, &sh, simple) {
+                    Ok(split) => split,
+                    Err(e) => return self.fail_unit(e, simple),
                 };
-                let Ok(text) = std::str::from_utf8(&text) else {
-                    return self.fail_unit(PgError::error(
-                        sqlstate::FEATURE_NOT_SUPPORTED,
-                        "a multi-row INSERT with parameters whose rows belong to several shards cannot be split; send one row per statement, or the rows as constants",
-                    ), simple);
-                };
-                let route = self.route_text(text.as_bytes());
-                let template = route.shards.as_ref().and_then(|t| t.first());
-                match split_insert(text, &sh, template) {
-                    Ok(split) => {
-                        for (shard, sql) in split {
-                            let mut b = BytesMut::new();
-                            if simple {
-                                frontend::write_query(&mut b, &sql);
-                            } else {
-                                // The shard's rows as the unnamed statement; the
-                                // client's Parse (if any) answers alike.
-                                let mut definition = BytesMut::from(sql.as_bytes());
-                                definition.extend_from_slice(&[0, 0, 0]);
-                                for f in &frames {
-                                    match f.tag {
-                                        frontend::PARSE => {
-                                            frontend::write_parse(&mut b, b"", &definition)
-                                        }
-                                        frontend::BIND => {
-                                            if !frames.iter().any(|x| x.tag == frontend::PARSE) {
-                                                frontend::write_parse(&mut b, b"", &definition);
-                                                leg_skips.push(shard);
-                                            }
-                                            let rest = frontend::bind(f.body())
-                                                .map(|x| x.rest)
-                                                .unwrap_or_default();
-                                            frontend::write_bind(&mut b, b"", b"", rest);
-                                        }
-                                        _ => b.extend_from_slice(&f.bytes),
-                                    }
-                                }
-                            }
-                            parts.push((shard, b));
-                        }
-                    }
-                    Err(r) => return self.fail_unit(PgError::error(r.code, r.message), simple),
-                }
+                parts = split.parts;
+                leg_skips = split.leg_skips;
+                row_order = split.row_order;
             }
             Placement::Many(mask) | Placement::CopySplit(mask) | Placement::Merge(mask) => {
                 if matches!(planned.place, Placement::CopySplit(_)) {
@@ -311,13 +278,16 @@ impl Session {
                 }
             }
             Placement::Pipeline(mask) => {
-                return self.run_pipeline(frames, *mask, target, writes).await
+                return self
+                    .run_pipeline(frames, *mask, target, writes, in_txn)
+                    .await;
             }
             _ => return Ok(()),
         }
         // Writes run in a transaction the proxy commits when every shard
         // succeeded, except statements Postgres refuses in one.
         let wrap = writes
+            && !in_txn
             && !frames.iter().any(|f| {
                 f.tag == frontend::QUERY
                     && frontend::query(f.body())
@@ -326,8 +296,8 @@ impl Session {
                         .is_some_and(shardline_router::lexer::refuses_transaction_block)
             });
         let shards: Vec<usize> = parts.iter().map(|(s, _)| *s).collect();
-        let mut legs = match self.borrow_legs(&shards, target).await {
-            Ok(legs) => legs,
+        let (mut legs, begin) = match self.take_legs(&shards, target, in_txn).await {
+            Ok(x) => x,
             Err(e) => return self.fail_unit(e, simple),
         };
         // What each shard is sent: the session's settings, BEGIN for
@@ -351,7 +321,7 @@ impl Session {
         let collation = match (&merge, legs.first_mut()) {
             (Some(_), Some(leg)) => match self.collation(leg).await {
                 Ok(c) => Some(c),
-                Err(e) => return self.fail_legs(legs, e).await,
+                Err(e) => return self.finish_legs(legs, begin, wrap, writes, Err(e)).await,
             },
             _ => None,
         };
@@ -366,7 +336,7 @@ impl Session {
         for (leg, out) in legs.iter_mut().zip(&sends) {
             if let Err(e) = leg.conn.stream.write_all(out).await {
                 let msg = format!("server {}: {e}", leg.conn.addr);
-                return self.fail_legs(legs, msg).await;
+                return self.finish_legs(legs, begin, wrap, writes, Err(msg)).await;
             }
         }
         let merged = match (merge.as_mut(), collation) {
@@ -375,7 +345,7 @@ impl Session {
         };
         let merged = match merged {
             Some(m) => m,
-            None => self.merge(&mut legs).await,
+            None => self.merge(&mut legs, row_order.as_deref()).await,
         };
         let result = match merged {
             Ok(Merged::CopyIn) => match copy_in {
@@ -385,12 +355,54 @@ impl Session {
             Ok(Merged::Done(failed)) => Ok(failed),
             Err(e) => Err(e),
         };
-        match result {
-            Ok(failed) => {
+        self.finish_legs(legs, begin, wrap, writes, result).await
+    }
+
+    /// A connection on each of `shards`: borrowed for this unit, or (inside
+    /// the client's transaction) the transaction's own, with the BEGIN of
+    /// the transaction for the shards that join it.
+    pub(super) async fn take_legs(
+        &mut self,
+        shards: &[usize],
+        target: Target,
+        in_txn: bool,
+    ) -> Result<(Vec<Leg>, Option<Bytes>), PgError> {
+        if in_txn {
+            let (legs, begin) = self.transaction_legs(shards).await?;
+            Ok((legs, Some(begin)))
+        } else {
+            Ok((self.borrow_legs(shards, target).await?, None))
+        }
+    }
+
+    /// After a unit on several shards (`result`: whether it failed, or what
+    /// broke): borrowed legs end as `end_fanout` or `fail_legs` says; the
+    /// transaction's legs stay in it.
+    pub(super) async fn finish_legs(
+        &mut self,
+        legs: Vec<Leg>,
+        begin: Option<Bytes>,
+        wrap: bool,
+        writes: bool,
+        result: Result<bool, String>,
+    ) -> Result<(), End> {
+        match (result, begin) {
+            (Ok(failed), None) => {
                 self.end_fanout(legs, wrap, writes, failed).await;
                 Ok(())
             }
-            Err(e) => self.fail_legs(legs, e).await,
+            (Err(e), None) => self.fail_legs(legs, e).await,
+            (Ok(failed), Some(begin)) => {
+                self.keep_in_transaction(legs, begin, writes, failed);
+                Ok(())
+            }
+            (Err(e), Some(begin)) => {
+                // The shards that did not answer lose their part: closed.
+                tracing::warn!(error = %e, "statement in a transaction on several shards failed");
+                PgError::error(sqlstate::CONNECTION_FAILURE, e).encode(&mut self.client_out);
+                self.keep_in_transaction(legs, begin, writes, true);
+                Ok(())
+            }
         }
     }
 
@@ -404,13 +416,10 @@ impl Session {
         let mut legs: Vec<Leg> = Vec::with_capacity(shards.len());
         for &shard in shards {
             let mut tried = 0;
-            let (conn, _, _) = self.borrow(shard, target, &mut tried).await?;
-            legs.push(Leg {
-                shard,
-                conn,
-                skip: Default::default(),
-                done: false,
-            });
+            let (conn, node, _) = self.borrow(shard, target, &mut tried).await?;
+            let mut leg = Leg::parked(shard, node, conn);
+            leg.done = false;
+            legs.push(leg);
         }
         self.cancel.attach_all(
             legs.iter()
@@ -420,8 +429,8 @@ impl Session {
     }
 
     /// What a leg is sent before the unit: the session's settings when the
-    /// connection's differ, and the proxy's BEGIN for writes (`wrap`); both
-    /// answers skipped. Both are simple queries: the connection's unnamed
+    /// connection's differ, the proxy's BEGIN for writes (`wrap`), or the
+    /// BEGIN of the client's transaction it joins; answers skipped. Both are simple queries: the connection's unnamed
     /// statement is gone after them.
     pub(super) fn leg_prelude(&self, leg: &mut Leg, wrap: bool, out: &mut BytesMut) {
         if *leg.conn.vars != *self.vars {
@@ -435,6 +444,11 @@ impl Session {
         }
         if wrap {
             frontend::write_query(out, "BEGIN");
+            leg.skip.push_back(true);
+            leg.conn.unnamed_token = 0;
+        }
+        if let Some(begin) = leg.joins.take() {
+            out.extend_from_slice(&begin);
             leg.skip.push_back(true);
             leg.conn.unnamed_token = 0;
         }
@@ -498,11 +512,13 @@ impl Session {
         Ok(())
     }
 
-    /// ReadyForQuery after a fan-out: idle, or, for a read ahead of a
-    /// transaction's first shard, in the transaction (failed by an error,
-    /// as Postgres fails one).
+    /// ReadyForQuery after a fan-out: idle, or in the client's transaction
+    /// (failed by an error, as Postgres fails one).
     fn fanout_ready(&mut self, failed: bool) {
-        let status = match (self.deferred_begin.is_some(), failed) {
+        let in_txn = self.deferred_begin.is_some()
+            || !self.participants.is_empty()
+            || self.server.as_ref().is_some_and(|s| s.tx_status != b'I');
+        let status = match (in_txn, failed) {
             (false, _) => b'I',
             (true, false) => b'T',
             (true, true) => {
@@ -650,8 +666,19 @@ impl Session {
     }
 
     /// Merges the shards' answers to one unit: up to its end (whether it
-    /// failed), or up to COPY FROM STDIN starting on every shard.
-    async fn merge(&mut self, legs: &mut [Leg]) -> Result<Merged, String> {
+    /// failed), or up to COPY FROM STDIN starting on every shard. With
+    /// `row_order` (a split INSERT: the leg of each of its rows), rows
+    /// (RETURNING) come back in the order of the INSERT's rows, as one
+    /// server returns them, when every row returned one.
+    async fn merge(
+        &mut self,
+        legs: &mut [Leg],
+        row_order: Option<&[usize]>,
+    ) -> Result<Merged, String> {
+        let mut held: Vec<std::collections::VecDeque<BytesMut>> = match row_order {
+            Some(_) => vec![Default::default(); legs.len()],
+            None => Vec::new(),
+        };
         loop {
             // One step: each shard's rows, then its next other message.
             let mut ends: Vec<BytesMut> = Vec::with_capacity(legs.len());
@@ -659,6 +686,7 @@ impl Session {
                 loop {
                     let msg = leg.next().await?;
                     match msg[0] {
+                        backend::DATA_ROW if !held.is_empty() => held[i].push_back(msg),
                         backend::DATA_ROW | frontend::COPY_DATA => {
                             self.client_out.extend_from_slice(&msg);
                         }
@@ -678,6 +706,9 @@ impl Session {
                 if self.client_out.len() >= FLUSH_AT {
                     self.write_client().await.map_err(|e| e.to_string())?;
                 }
+            }
+            if let Some(order) = row_order {
+                release_in_order(&mut held, order, &mut self.client_out);
             }
             let all_ready = ends.iter().all(|m| m[0] == backend::READY_FOR_QUERY);
             if all_ready {
@@ -926,7 +957,7 @@ impl Session {
             PgError::error(code, e.clone()).encode(&mut self.client_out);
             return Ok(true);
         }
-        match self.merge(legs).await? {
+        match self.merge(legs, None).await? {
             Merged::Done(failed) => Ok(failed),
             Merged::CopyIn => Err("a second COPY in one unit".into()),
         }

@@ -22,6 +22,7 @@ mod pipeline;
 pub mod prepared;
 mod route;
 mod server;
+mod split;
 pub mod sql;
 pub mod startup;
 pub mod vars;
@@ -51,18 +52,28 @@ fn failed_transaction() -> PgError {
     )
 }
 
-/// A transaction may use one shard until cross-shard transactions (two-phase
-/// commit) exist. `on`: the shard the transaction runs on, by name.
-fn cross_shard_transaction(on: Option<&str>, why: &str) -> PgError {
+/// A statement of an open transaction needs another shard, or several at
+/// once, and the transaction may not take them in: without two-phase
+/// commit, or (with it) a transaction reading from replicas or pooled by
+/// session. `on`: the shard the transaction runs on, by name.
+fn cross_shard_transaction(on: Option<&str>, two_phase: bool) -> PgError {
+    let why = if two_phase {
+        "a transaction reading from replicas (READ ONLY) or under session pooling may use one shard only"
+    } else {
+        "without sharding.two_phase_commit a transaction may use one shard only"
+    };
     let message = match on {
         Some(name) => format!(
             "this transaction runs on shard {name}, and the statement needs another shard: {why}"
         ),
-        None => "the statement needs several shards at once, which a statement inside a transaction may not (a transaction may move between shards statement by statement, with sharding.two_phase_commit)".into(),
+        None => format!("the statement needs several shards at once: {why}"),
     };
-    PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(
-        "run it outside the transaction, keep the transaction's statements on one sharding key, or turn on sharding.two_phase_commit",
-    )
+    let hint = if two_phase {
+        "run it outside the transaction, or in a read-write transaction under transaction pooling"
+    } else {
+        "run it outside the transaction, keep the transaction's statements on one sharding key, or turn on sharding.two_phase_commit"
+    };
+    PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(hint)
 }
 
 /// Stop reading a side while this much is waiting to be written to the other.
@@ -300,6 +311,10 @@ impl Session {
                 client::Flow::EndDistributed(commit, simple) => {
                     self.end_distributed(commit, simple).await?
                 }
+                client::Flow::Fanout => {
+                    let planned = self.plan_unit();
+                    self.run_fanout(planned, true).await?
+                }
                 client::Flow::NeedServer if self.take_proxy_setting()? => {}
                 client::Flow::NeedServer if self.txn_refused && self.deferred_begin.is_some() => {
                     // A transaction refused before it reached any server.
@@ -339,6 +354,11 @@ impl Session {
             return self.fail_next_message(PgError::error(r.code, r.message.clone()));
         }
         let Some(shard) = self.shard_for(&planned.place) else {
+            if self.shared.sharding.is_some() && planned.complete && self.peel_begin()? {
+                // The rest of the unit is placed as the transaction's first
+                // statement.
+                return Ok(());
+            }
             if self.deferred_begin.is_some() {
                 if self.read_ahead_of_transaction(&planned) {
                     // Before the transaction has touched a shard, a READ
@@ -350,7 +370,12 @@ impl Session {
                         },
                         ..planned
                     };
-                    return self.run_fanout(planned).await;
+                    return self.run_fanout(planned, false).await;
+                }
+                if self.may_join() {
+                    // The transaction's first statement needs several
+                    // shards: each begins the transaction there.
+                    return self.run_fanout(planned, true).await;
                 }
                 self.txn_refused = true;
                 let e = if planned.reads_only && self.strict_isolation() {
@@ -360,11 +385,11 @@ impl Session {
                     )
                     .with_hint("run the read outside the transaction, or begin it at READ COMMITTED")
                 } else {
-                    cross_shard_transaction(None, "")
+                    cross_shard_transaction(None, self.shared.two_phase.is_some())
                 };
                 return self.fail_next_message(e);
             }
-            return self.run_fanout(planned).await;
+            return self.run_fanout(planned, false).await;
         };
         match planned.plan {
             shardline_router::UnitPlan::DeferBegin => self.defer_begin(),

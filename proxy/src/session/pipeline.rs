@@ -10,12 +10,19 @@
 //! runs the message: a Parse is answered once, rows stream through. After
 //! an error nothing more is forwarded (a server skips to Sync), every
 //! shard is read to its ReadyForQuery, and the writes are rolled back.
+//!
+//! Inside a client's transaction (with two-phase commit) the shards'
+//! parts run on the transaction's own connections instead: a shard already
+//! in the transaction runs its part there, another joins it (its BEGIN at
+//! the transaction's isolation level) and is parked with the others, so
+//! the client's COMMIT commits them all in two phases. An error fails the
+//! whole transaction, as one server would.
 
 use super::fanout::{parse_on, Leg, FLUSH_AT};
 use super::{End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, Frame};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use shardline_router::sharding::{shards_in, ShardMask};
 use shardline_router::shards::Placement;
 use shardline_router::Target;
@@ -37,26 +44,51 @@ enum To {
 }
 
 impl Session {
+    /// Runs a pipeline whose executions need the shards of `mask`; inside
+    /// the client's transaction when `in_txn`.
     pub(super) async fn run_pipeline(
         &mut self,
         frames: Vec<Frame>,
         mask: ShardMask,
         target: Target,
         writes: bool,
+        in_txn: bool,
     ) -> Result<(), End> {
         let shards: Vec<usize> = shards_in(mask).collect();
         let to = match self.pipeline_legs(&frames, &shards) {
             Ok(to) => to,
-            Err(e) => return self.fail_pipeline(e),
+            Err(e) => return self.fail_pipeline(e, in_txn),
         };
-        let target = if writes { Target::Primary } else { target };
-        let mut legs = match self.borrow_legs(&shards, target).await {
-            Ok(legs) => legs,
-            Err(e) => return self.fail_pipeline(e),
+        // Every shard's part is sized before anything is translated or
+        // borrowed (its statements' bookkeeping would say they were sent).
+        let mut sizes = vec![0usize; shards.len()];
+        for (f, to) in frames.iter().zip(&to) {
+            match *to {
+                To::All => sizes.iter_mut().for_each(|s| *s += f.bytes.len()),
+                To::First => sizes[0] += f.bytes.len(),
+                To::One(i) => sizes[i] += f.bytes.len(),
+                To::Nowhere => {}
+            }
+        }
+        if sizes.iter().any(|&s| s > MAX_PART) {
+            return self.fail_pipeline(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("a pipeline whose statements need different shards may carry at most {} KiB per shard before its Sync; send a Sync more often", MAX_PART / 1024),
+            ), in_txn);
+        }
+        let target = if writes || in_txn {
+            Target::Primary
+        } else {
+            target
         };
+        let (mut legs, begin) = match self.take_legs(&shards, target, in_txn).await {
+            Ok(x) => x,
+            Err(e) => return self.fail_pipeline(e, in_txn),
+        };
+        let wrap = writes && !in_txn;
         let mut outs: Vec<BytesMut> = vec![BytesMut::new(); legs.len()];
         for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
-            self.leg_prelude(leg, writes, out);
+            self.leg_prelude(leg, wrap, out);
         }
         for (f, to) in frames.iter().zip(&to) {
             match (*to, f.tag) {
@@ -85,41 +117,179 @@ impl Session {
                 (To::Nowhere, _) => {}
             }
         }
-        if outs.iter().any(|o| o.len() > MAX_PART) {
-            // Nothing was sent, but the connections' bookkeeping (settings,
-            // statements) says it was: they are closed, not returned.
-            self.cancel.detach();
-            for leg in legs {
-                drop(deadpool::managed::Object::take(leg.conn));
-            }
-            return self.fail_pipeline(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("a pipeline whose statements need different shards may carry at most {} KiB per shard before its Sync; send a Sync more often", MAX_PART / 1024),
-            ));
-        }
+        let mut sent = Ok(());
         for (leg, out) in legs.iter_mut().zip(&outs) {
             if let Err(e) = leg.conn.stream.write_all(out).await {
-                let msg = format!("server {}: {e}", leg.conn.addr);
-                return self.fail_legs(legs, msg).await;
+                sent = Err(format!("server {}: {e}", leg.conn.addr));
+                break;
             }
         }
-        match self.pipeline_answers(&frames, &to, &mut legs).await {
-            Ok(failed) => {
-                self.end_fanout(legs, writes, writes, failed).await;
-                Ok(())
-            }
-            Err(e) => self.fail_legs(legs, e).await,
+        let answered = match sent {
+            Ok(()) => self.pipeline_answers(&frames, &to, &mut legs).await,
+            Err(e) => Err(e),
+        };
+        self.finish_legs(legs, begin, wrap, writes, answered).await
+    }
+
+    /// A connection on each of `shards` inside the client's transaction:
+    /// the attached one and parked participants where the transaction has
+    /// one, new ones (joining) elsewhere. Also the BEGIN the joining ones
+    /// are sent: the client's deferred BEGIN, or one at the isolation level
+    /// of the transaction.
+    pub(super) async fn transaction_legs(
+        &mut self,
+        shards: &[usize],
+    ) -> Result<(Vec<Leg>, Bytes), PgError> {
+        let deferred = self.deferred_begin.take();
+        let begin = match &deferred {
+            Some(b) => b.clone(),
+            None => match self.transaction_isolation().await {
+                Some(level) => super::distributed::begin_frame(&level),
+                None => {
+                    return Err(PgError::error(
+                        sqlstate::CONNECTION_FAILURE,
+                        "a shard of the transaction did not answer; the transaction is failed: send ROLLBACK",
+                    ))
+                }
+            },
+        };
+        self.cancel.detach();
+        let mut held: Vec<Leg> = self
+            .participants
+            .extract_if(.., |p| shards.contains(&p.shard))
+            .map(|p| Leg::parked(p.shard, p.node, p.conn))
+            .collect();
+        if let Some(conn) = self.server.take() {
+            held.push(Leg::parked(self.shard, self.node, conn));
         }
+        let mut legs = Vec::with_capacity(shards.len());
+        for &shard in shards {
+            if let Some(i) = held.iter().position(|h| h.shard == shard) {
+                legs.push(held.swap_remove(i));
+                continue;
+            }
+            let mut tried = 0;
+            match self.borrow(shard, Target::Primary, &mut tried).await {
+                Ok((conn, node, _)) => {
+                    let mut leg = Leg::parked(shard, node, conn);
+                    leg.joins = Some(begin.clone());
+                    legs.push(leg);
+                }
+                Err(e) => {
+                    // Nothing was sent: the transaction keeps what it had.
+                    legs.extend(held);
+                    self.deferred_begin = deferred;
+                    self.park_legs(legs.into_iter().filter(|l| l.joins.is_none()).collect());
+                    return Err(e);
+                }
+            }
+        }
+        // The attached connection, when its shard is not one of these.
+        self.park_legs(held);
+        // In use from here: a leg not read back to its ReadyForQuery (the
+        // unit failed before or while it ran) leaves the transaction.
+        for leg in &mut legs {
+            leg.done = false;
+        }
+        self.cancel.attach_all(
+            legs.iter()
+                .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
+        );
+        Ok((legs, begin))
+    }
+
+    /// The transaction's isolation level, asked of its attached connection,
+    /// else of the participant parked last.
+    pub(super) async fn transaction_isolation(&mut self) -> Option<String> {
+        let conn = match self.server.as_mut() {
+            Some(c) => c,
+            None => &mut self.participants.last_mut()?.conn,
+        };
+        conn.simple_query("SELECT current_setting('transaction_isolation')")
+            .await
+            .ok()
+            .and_then(|(rows, _)| rows.into_iter().next())
+            .and_then(|r| r.into_iter().next().flatten())
+    }
+
+    /// Legs back into the client's transaction: the one on the shard that
+    /// was attached (else the first) attached again, the others parked.
+    /// Legs not read to their ReadyForQuery or broken are closed (their
+    /// part of the transaction rolls back); returns whether every leg
+    /// survived.
+    fn park_legs(&mut self, legs: Vec<Leg>) -> bool {
+        let mut whole = true;
+        let attached = self.server.is_some();
+        let prefer = self.shard;
+        let mut kept = Vec::with_capacity(legs.len());
+        for l in legs {
+            if l.done && !l.conn.broken && l.conn.tx_status != b'I' {
+                kept.push(l);
+            } else {
+                whole = false;
+                drop(deadpool::managed::Object::take(l.conn));
+            }
+        }
+        let mut legs = kept;
+        if !attached && !legs.is_empty() {
+            let i = legs.iter().position(|l| l.shard == prefer).unwrap_or(0);
+            let leg = legs.swap_remove(i);
+            self.shard = leg.shard;
+            self.node = leg.node;
+            self.cancel
+                .attach(leg.conn.addr.clone(), leg.conn.pid, leg.conn.secret);
+            self.server = Some(leg.conn);
+        }
+        for l in legs {
+            self.participants.push(super::distributed::Participant {
+                shard: l.shard,
+                node: l.node,
+                conn: l.conn,
+            });
+        }
+        whole
+    }
+
+    /// After a pipeline inside the client's transaction: its connections
+    /// stay in the transaction (a shard that lost its part fails it), the
+    /// client is told the transaction's state.
+    pub(super) fn keep_in_transaction(
+        &mut self,
+        legs: Vec<Leg>,
+        begin: Bytes,
+        writes: bool,
+        failed: bool,
+    ) {
+        self.cancel.detach();
+        let whole = self.park_legs(legs);
+        if let Some(s) = self.server.as_ref() {
+            self.cancel.attach(s.addr.clone(), s.pid, s.secret);
+        } else {
+            // No shard holds the transaction now: it is failed before any
+            // server, as a refused first statement leaves one.
+            self.deferred_begin = Some(begin);
+        }
+        self.coordinator.get_or_insert(self.shard);
+        self.read_attach = false;
+        self.retry = None;
+        self.wrote |= writes;
+        self.write_attach |= writes;
+        let failed = failed || !whole;
+        self.txn_refused |= failed;
+        backend::ready_for_query(&mut self.client_out, if failed { b'E' } else { b'T' });
     }
 
     /// Where each message of the unit goes: Parse, Close and Sync to every
     /// leg, a Describe of a statement to the first, a Bind and the Describe
-    /// and Execute after it to the leg of the Bind's key.
+    /// and Execute after it to the leg of the Bind's key; SET TRANSACTION to
+    /// every leg, answered once. (A BEGIN opening the unit was taken off it
+    /// before: `peel_begin`.) Other transaction control cannot be split.
     fn pipeline_legs(&self, frames: &[Frame], shards: &[usize]) -> Result<Vec<To>, PgError> {
+        use shardline_router::classify::Class;
         let malformed =
             |m: frontend::Malformed| PgError::error(sqlstate::PROTOCOL_VIOLATION, m.to_string());
         let mut statements = super::route::UnitStatements::default();
-        let mut current = 0;
+        let mut current = To::One(0);
         let mut to = Vec::with_capacity(frames.len());
         for f in frames {
             to.push(match f.tag {
@@ -131,15 +301,30 @@ impl Session {
                 frontend::BIND => {
                     let b = frontend::bind(f.body()).map_err(malformed)?;
                     if let Some((route, definition)) = statements.bound(self, b.statement) {
-                        let params = frontend::bind_params(b.rest).unwrap_or_default();
-                        if let Placement::One(s) = self.place(&route, definition, &params) {
-                            current = shards.iter().position(|&x| x == s).unwrap_or(current);
+                        match route.class {
+                            Class::SetTransaction { .. } => current = To::All,
+                            Class::Begin { .. } | Class::TransactionControl => {
+                                return Err(PgError::error(
+                                    sqlstate::FEATURE_NOT_SUPPORTED,
+                                    "a pipeline whose statements need different shards may not hold BEGIN (after its first statement), COMMIT, ROLLBACK or savepoints; send those with a Sync of their own",
+                                ))
+                            }
+                            _ => {
+                                let params = frontend::bind_params(b.rest).unwrap_or_default();
+                                if let Placement::One(s) = self.place(&route, definition, &params) {
+                                    if let Some(i) = shards.iter().position(|&x| x == s) {
+                                        current = To::One(i);
+                                    }
+                                } else if matches!(current, To::All) {
+                                    current = To::One(0);
+                                }
+                            }
                         }
                     }
-                    To::One(current)
+                    current
                 }
                 frontend::DESCRIBE if f.body().first() == Some(&b'S') => To::First,
-                frontend::DESCRIBE | frontend::EXECUTE => To::One(current),
+                frontend::DESCRIBE | frontend::EXECUTE => current,
                 frontend::CLOSE | frontend::SYNC => To::All,
                 _ => To::Nowhere,
             });
@@ -212,10 +397,12 @@ impl Session {
         Ok(failed)
     }
 
-    /// The pipeline failed before anything was sent.
-    fn fail_pipeline(&mut self, e: PgError) -> Result<(), End> {
+    /// The pipeline failed before anything was sent (inside the client's
+    /// transaction: which is failed, as by any error).
+    fn fail_pipeline(&mut self, e: PgError, in_txn: bool) -> Result<(), End> {
         e.encode(&mut self.client_out);
-        backend::ready_for_query(&mut self.client_out, b'I');
+        self.txn_refused |= in_txn;
+        backend::ready_for_query(&mut self.client_out, if in_txn { b'E' } else { b'I' });
         Ok(())
     }
 }

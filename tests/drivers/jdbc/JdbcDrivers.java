@@ -86,6 +86,51 @@ public class JdbcDrivers {
                 }
             }
             c.commit();
+            // Batches inside a transaction (autocommit off: PgJDBC sends
+            // BEGIN in the batch's unit): committed, rolled back, failed.
+            try (PreparedStatement ins = c.prepareStatement("INSERT INTO users (id, name) VALUES (?, ?)")) {
+                for (long k = base + 400; k < base + 420; k++) {
+                    ins.setLong(1, k);
+                    ins.setString(2, "txn batch " + k);
+                    ins.addBatch();
+                }
+                int[] counts = ins.executeBatch();
+                check("batch across shards in a transaction", counts.length == 20, Arrays.toString(counts));
+                // The same transaction goes on with a single-key statement.
+                ins.setLong(1, base + 420);
+                ins.setString(2, "txn batch " + (base + 420));
+                ins.executeUpdate();
+                c.commit();
+                for (long k = base + 400; k <= base + 420; k++) names.put(k, "txn batch " + k);
+                for (long k = base + 430; k < base + 440; k++) {
+                    ins.setLong(1, k);
+                    ins.setString(2, "rolled back");
+                    ins.addBatch();
+                }
+                ins.executeBatch();
+                c.rollback();
+                for (long k : new long[] {base + 440, base + 441, base + 400, base + 442}) {
+                    ins.setLong(1, k);
+                    ins.setString(2, "dup");
+                    ins.addBatch();
+                }
+                try {
+                    ins.executeBatch();
+                    throw new AssertionError("expected a unique violation");
+                } catch (SQLException e) {
+                    check("failing batch in a transaction", "23505".equals(e.getSQLState()), e.getSQLState());
+                }
+                c.rollback();
+            }
+            try (PreparedStatement sel = c.prepareStatement("SELECT count(*) FROM users WHERE id BETWEEN ? AND ?")) {
+                sel.setLong(1, base + 430);
+                sel.setLong(2, base + 449);
+                try (ResultSet rs = sel.executeQuery()) {
+                    rs.next();
+                    check("rolled-back batches leave nothing", rs.getLong(1) == 0, rs.getLong(1));
+                }
+            }
+            c.commit();
             c.setAutoCommit(true);
             // CopyManager: text COPY split by key.
             StringBuilder rows = new StringBuilder();
