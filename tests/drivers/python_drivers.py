@@ -1,7 +1,7 @@
 """Drives a two-shard Shardline with the Python drivers applications use, in
 each batching the driver has: psycopg 3 (plain, prepared, pipeline,
 executemany, transactions), asyncpg (statement cache on and off, cursors,
-executemany, binary COPY), SQLAlchemy's ORM, psycopg2 (client-side
+executemany, binary COPY split by shard), SQLAlchemy's ORM, psycopg2 (client-side
 parameters, executemany, execute_values). Every key this writes is read
 back by key and compared; the caller audits each row's physical shard.
 
@@ -236,18 +236,32 @@ async def asyncpg_checks(url, base, keys):
         "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", base + 430, base + 459
     )
     check("asyncpg executemany in a transaction, committed and rolled back", n == 20, n)
-    # Binary COPY (copy_records_to_table): split by shard, or refused.
+    # Binary COPY (copy_records_to_table): tuples split by shard.
     records = [(k, f"copy {k}") for k in range(base + 400, base + 420)]
+    await conn.copy_records_to_table("users", records=records, columns=["id", "name"])
+    for k, name in records:
+        keys.add(k, name)
+    n = await conn.fetchval(
+        "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", base + 400, base + 419
+    )
+    check("asyncpg binary COPY split by shard", n == 20, n)
+    # Inside a transaction: the COPY's shards join it; rolled back, then
+    # committed.
+    records = [(k, f"copy txn {k}") for k in range(base + 460, base + 480)]
     try:
+        async with conn.transaction():
+            await conn.copy_records_to_table("users", records=records, columns=["id", "name"])
+            raise RuntimeError("roll back")
+    except RuntimeError:
+        pass
+    async with conn.transaction():
         await conn.copy_records_to_table("users", records=records, columns=["id", "name"])
-        for k, name in records:
-            keys.add(k, name)
-        check("asyncpg binary COPY", True)
-    except asyncpg.exceptions.FeatureNotSupportedError:
         n = await conn.fetchval(
-            "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", base + 400, base + 419
+            "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", base + 460, base + 479
         )
-        check("asyncpg binary COPY refused, nothing written", n == 0, n)
+    for k, name in records:
+        keys.add(k, name)
+    check("asyncpg binary COPY in transactions, rolled back then committed", n == 20, n)
     await conn.close()
 
 

@@ -78,7 +78,8 @@ fn script(program: &str, script: &str, url: String) -> std::process::Command {
 
 /// psycopg 3 (plain, prepared, pipeline, binary, transactions, a pipeline
 /// spanning shards), asyncpg (statement cache on and off, cursors,
-/// executemany, binary COPY), SQLAlchemy's ORM.
+/// executemany, binary COPY), SQLAlchemy's ORM (flushes, relationships),
+/// psycopg2.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn python_drivers() {
     let (env, sh) = demo_topology().await;

@@ -16,7 +16,7 @@ use super::{End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, next_frame, peek_header};
 use crate::server::pool::PooledConnection;
-use bytes::{BufMut, Bytes, BytesMut};
+use bytes::{Bytes, BytesMut};
 use shardline_router::sharding::shards_in;
 use shardline_router::shards::{CopyIn, Placement};
 use shardline_router::{Target, UnitPlan};
@@ -870,14 +870,8 @@ impl Session {
                 ));
             }
         }
-        if c.binary && group.is_some() {
-            error = Some(
-                "COPY in binary format into a sharded table is not supported; use text or CSV"
-                    .into(),
-            );
-        }
         self.write_client().await.map_err(|e| e.to_string())?;
-        let mut splitter = RowSplitter::new(c.clone());
+        let mut splitter = super::copy::RowSplitter::new(c.clone());
         let mut outs: Vec<BytesMut> = legs.iter().map(|_| BytesMut::new()).collect();
         let shard_list: Vec<usize> = legs.iter().map(|l| l.shard).collect();
         loop {
@@ -891,7 +885,7 @@ impl Session {
                     if let Some(g) = group {
                         let gr = &sh.groups[g];
                         let r = splitter.push(data, |row, key| {
-                            route_row(gr, &shard_list, &mut outs, row, key)
+                            super::copy::route_row(gr, &shard_list, &mut outs, row, key)
                         });
                         if let Err(e) = r {
                             error = Some(e);
@@ -899,7 +893,7 @@ impl Session {
                         }
                     } else {
                         for o in outs.iter_mut() {
-                            put_copy_data(o, data);
+                            super::copy::put_copy_data(o, data);
                         }
                     }
                     for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
@@ -911,9 +905,9 @@ impl Session {
                 frontend::COPY_DONE | frontend::COPY_FAIL => {
                     if group.is_some() && error.is_none() {
                         let gr = &sh.groups[group.unwrap_or(0)];
-                        if let Err(e) = splitter
-                            .finish(|row, key| route_row(gr, &shard_list, &mut outs, row, key))
-                        {
+                        if let Err(e) = splitter.finish(|row, key| {
+                            super::copy::route_row(gr, &shard_list, &mut outs, row, key)
+                        }) {
                             error = Some(e);
                         }
                     }
@@ -1028,262 +1022,9 @@ impl Session {
     }
 }
 
-/// Appends one COPY row to the output of the shard owning its key (a header
-/// line to every shard's).
-fn route_row(
-    g: &shardline_router::sharding::Group,
-    shards: &[usize],
-    outs: &mut [BytesMut],
-    row: &[u8],
-    key: KeyField,
-) -> Result<(), String> {
-    let shard = match key {
-        KeyField::Header => {
-            for o in outs.iter_mut() {
-                put_copy_data(o, row);
-            }
-            return Ok(());
-        }
-        KeyField::Null => g.shard_of(None)?,
-        KeyField::Value(v) => match g.key_from_text(&v) {
-            Some(k) => g.shard_of(Some(&k))?,
-            None => return Err(format!("invalid sharding key \"{v}\" in COPY data")),
-        },
-    };
-    if let Some(i) = shards.iter().position(|&s| s == shard) {
-        put_copy_data(&mut outs[i], row);
-    }
-    Ok(())
-}
-
-fn put_copy_data(out: &mut BytesMut, row: &[u8]) {
-    out.put_u8(frontend::COPY_DATA);
-    out.put_i32(row.len() as i32 + 4);
-    out.extend_from_slice(row);
-}
-
-/// The key field of one COPY row.
-enum KeyField {
-    /// A CSV header line: goes to every shard.
-    Header,
-    Null,
-    Value(String),
-}
-
-/// Cuts COPY text/CSV data into rows (across CopyData boundaries) and
-/// reads each row's key field.
-struct RowSplitter {
-    c: CopyIn,
-    partial: BytesMut,
-    header_pending: bool,
-}
-
-impl RowSplitter {
-    fn new(c: CopyIn) -> RowSplitter {
-        RowSplitter {
-            header_pending: c.header,
-            c,
-            partial: BytesMut::new(),
-        }
-    }
-
-    fn push(
-        &mut self,
-        data: &[u8],
-        mut emit: impl FnMut(&[u8], KeyField) -> Result<(), String>,
-    ) -> Result<(), String> {
-        self.partial.extend_from_slice(data);
-        let mut start = 0;
-        let mut in_quotes = false;
-        let buf = std::mem::take(&mut self.partial);
-        let mut i = 0;
-        while i < buf.len() {
-            let b = buf[i];
-            if self.c.csv {
-                if b == self.c.quote {
-                    in_quotes = !in_quotes;
-                } else if in_quotes && b == self.c.escape && self.c.escape != self.c.quote {
-                    i += 1;
-                }
-            } else if b == b'\\' {
-                i += 2;
-                continue;
-            }
-            if b == b'\n' && !in_quotes {
-                let row = &buf[start..=i];
-                self.row(row, &mut emit)?;
-                start = i + 1;
-            }
-            i += 1;
-        }
-        self.partial = BytesMut::from(&buf[start..]);
-        Ok(())
-    }
-
-    fn finish(
-        &mut self,
-        mut emit: impl FnMut(&[u8], KeyField) -> Result<(), String>,
-    ) -> Result<(), String> {
-        if self.partial.is_empty() {
-            return Ok(());
-        }
-        let rest = std::mem::take(&mut self.partial);
-        self.row(&rest, &mut emit)
-    }
-
-    fn row(
-        &mut self,
-        row: &[u8],
-        emit: &mut impl FnMut(&[u8], KeyField) -> Result<(), String>,
-    ) -> Result<(), String> {
-        if std::mem::take(&mut self.header_pending) {
-            return emit(row, KeyField::Header);
-        }
-        let line = row.strip_suffix(b"\n").unwrap_or(row);
-        let line = line.strip_suffix(b"\r").unwrap_or(line);
-        if !self.c.csv && line == b"\\." {
-            return Ok(());
-        }
-        let field = self
-            .field(line)
-            .ok_or("a COPY row has fewer columns than the key's position")?;
-        emit(row, field)
-    }
-
-    fn field(&self, line: &[u8]) -> Option<KeyField> {
-        let want = self.c.key_column?;
-        let d = self.c.delimiter;
-        let mut col = 0;
-        let mut i = 0;
-        let mut cur: Vec<u8> = Vec::new();
-        let mut quoted_any = false;
-        let mut in_quotes = false;
-        while i <= line.len() {
-            let end = i == line.len();
-            let b = if end { d } else { line[i] };
-            if self.c.csv {
-                if in_quotes {
-                    if b == self.c.escape && line.get(i + 1) == Some(&self.c.quote) && !end {
-                        cur.push(self.c.quote);
-                        i += 2;
-                        continue;
-                    }
-                    if b == self.c.quote && !end {
-                        in_quotes = false;
-                        i += 1;
-                        continue;
-                    }
-                    if !end {
-                        cur.push(b);
-                        i += 1;
-                        continue;
-                    }
-                } else if b == self.c.quote && !end {
-                    in_quotes = true;
-                    quoted_any = true;
-                    i += 1;
-                    continue;
-                }
-            } else if b == b'\\' && !end {
-                let next = *line.get(i + 1)?;
-                cur.push(match next {
-                    b'n' => b'\n',
-                    b't' => b'\t',
-                    b'r' => b'\r',
-                    b'b' => 8,
-                    b'f' => 12,
-                    b'v' => 11,
-                    b'N' => {
-                        if col == want && cur.is_empty() {
-                            // \N alone is NULL.
-                            i += 2;
-                            if i == line.len() || line[i] == d {
-                                return Some(KeyField::Null);
-                            }
-                            continue;
-                        }
-                        b'N'
-                    }
-                    other => other,
-                });
-                i += 2;
-                continue;
-            }
-            if b == d {
-                if col == want {
-                    let text = String::from_utf8_lossy(&cur).into_owned();
-                    if self.c.csv && !quoted_any && text == self.c.null {
-                        return Some(KeyField::Null);
-                    }
-                    return Some(KeyField::Value(text));
-                }
-                col += 1;
-                cur.clear();
-                quoted_any = false;
-                i += 1;
-                continue;
-            }
-            cur.push(b);
-            i += 1;
-        }
-        None
-    }
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn copy(csv: bool, key: usize) -> CopyIn {
-        CopyIn {
-            key_column: Some(key),
-            column: "id".into(),
-            table: "t".into(),
-            csv,
-            binary: false,
-            header: false,
-            delimiter: if csv { b',' } else { b'\t' },
-            null: if csv { String::new() } else { "\\N".into() },
-            quote: b'"',
-            escape: b'"',
-        }
-    }
-
-    fn keys(c: CopyIn, chunks: &[&[u8]]) -> Vec<String> {
-        let mut s = RowSplitter::new(c);
-        let mut out = Vec::new();
-        let mut f = |row: &[u8], k: KeyField| {
-            out.push(match k {
-                KeyField::Header => "H".to_string(),
-                KeyField::Null => "NULL".to_string(),
-                KeyField::Value(v) => format!("{v}|{}", String::from_utf8_lossy(row).trim_end()),
-            });
-            Ok(())
-        };
-        for c in chunks {
-            s.push(c, &mut f).unwrap();
-        }
-        s.finish(&mut f).unwrap();
-        out
-    }
-
-    #[test]
-    fn text_rows_split_across_chunks() {
-        let got = keys(
-            copy(false, 1),
-            &[b"a\t1\tx\nb\\\tq\t2", b"2\ty\n\\N\t\\N\n", b"c\t3"],
-        );
-        assert_eq!(got, vec!["1|a\t1\tx", "22|b\\\tq\t22\ty", "NULL", "3|c\t3"]);
-    }
-
-    #[test]
-    fn csv_quotes_hold_newlines_and_delimiters() {
-        let got = keys(
-            copy(true, 0),
-            &[b"\"1\",\"a,\nb\"\n", b"2,\"x\"\"y\"\n,z\n"],
-        );
-        assert_eq!(got, vec!["1|\"1\",\"a,\nb\"", "2|2,\"x\"\"y\"", "NULL"]);
-    }
 
     #[test]
     fn command_tags_sum() {

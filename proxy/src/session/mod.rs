@@ -13,6 +13,7 @@
 //! when the client leaves (session pooling).
 
 mod client;
+mod copy;
 mod distributed;
 mod fanout;
 mod gather;
