@@ -131,7 +131,8 @@ pub struct Refusal {
 }
 
 impl Refusal {
-    fn unsupported(message: impl Into<String>) -> Refusal {
+    /// A 0A000 refusal: the proxy cannot run this exactly.
+    pub fn unsupported(message: impl Into<String>) -> Refusal {
         Refusal {
             code: "0A000",
             message: message.into(),

@@ -339,6 +339,44 @@ async fn a_pipeline_spanning_shards_runs_each_execution_on_its_shard() {
         .await
         .unwrap();
     assert_eq!(tags(&r), b"TDCZ", "{r:?}");
+    // A long pipeline (about 900 kB each way, as a big executemany sends;
+    // over 400 kB per shard): written while the shards' answers are taken
+    // in, so neither side blocks the other; every row lands, every answer
+    // in order.
+    let name = "n".repeat(400);
+    let keys: Vec<i64> = (1000..3000).collect();
+    let mut unit = vec![parse(
+        "big",
+        "INSERT INTO users (id, name) VALUES ($1, $2) RETURNING id, name",
+        &[],
+    )];
+    for &k in &keys {
+        unit.push(bind(
+            "big",
+            &[(0, Some(&text(k))), (0, Some(name.as_bytes()))],
+            0,
+        ));
+        unit.push(execute());
+    }
+    unit.push(sync());
+    c.send(&unit.concat()).await.unwrap();
+    let r = until_tag(&mut c, b'Z').await;
+    assert_eq!(status(&r), b'I', "{:?}", &r[r.len().saturating_sub(3)..]);
+    let got: Vec<i64> = r
+        .iter()
+        .filter(|m| m.0 == b'D')
+        .map(|m| {
+            let len = u32::from_be_bytes(m.1[2..6].try_into().unwrap()) as usize;
+            String::from_utf8_lossy(&m.1[6..6 + len]).parse().unwrap()
+        })
+        .collect();
+    assert!(
+        got == keys,
+        "{} rows; first answers {:?}",
+        got.len(),
+        &r[..r.len().min(4)]
+    );
+    assert_eq!(audit(&env, &sh), 4 + keys.len());
 }
 
 /// The ReadyForQuery status of an answer's last message.

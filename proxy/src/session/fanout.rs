@@ -67,6 +67,58 @@ impl Leg {
         }
     }
 
+    /// Writes `out` whole while taking in what the server answers
+    /// meanwhile (kept in the connection's read buffer, up to `limit`
+    /// bytes): a server blocked on sending its answers to a long pipeline
+    /// would otherwise stop reading it, and both sides would wait forever.
+    pub(super) async fn send_draining(&mut self, out: &[u8], limit: usize) -> Result<(), String> {
+        use std::pin::Pin;
+        use std::task::Poll;
+        use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+        let conn: &mut crate::server::ServerConnection = &mut self.conn;
+        let addr = conn.addr.clone();
+        let mut written = 0;
+        let mut chunk = [0u8; 16 * 1024];
+        std::future::poll_fn(|cx| {
+            while written < out.len() {
+                match Pin::new(&mut conn.stream).poll_write(cx, &out[written..]) {
+                    Poll::Ready(Ok(0)) => {
+                        return Poll::Ready(Err(format!("server {addr} closed the connection")))
+                    }
+                    Poll::Ready(Ok(n)) => written += n,
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("server {addr}: {e}"))),
+                    Poll::Pending => break,
+                }
+            }
+            if written == out.len() {
+                return match Pin::new(&mut conn.stream).poll_flush(cx) {
+                    Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
+                    Poll::Ready(Err(e)) => Poll::Ready(Err(format!("server {addr}: {e}"))),
+                    Poll::Pending => Poll::Pending,
+                };
+            }
+            // Blocked on writing: take in answers so the server goes on.
+            loop {
+                if conn.read_buf.len() > limit {
+                    return Poll::Ready(Err(format!(
+                        "the answers of server {addr} to one pipeline passed {} MiB before the pipeline was sent; send a Sync more often",
+                        limit >> 20
+                    )));
+                }
+                let mut buf = ReadBuf::new(&mut chunk);
+                match Pin::new(&mut conn.stream).poll_read(cx, &mut buf) {
+                    Poll::Ready(Ok(())) if buf.filled().is_empty() => {
+                        return Poll::Ready(Err(format!("server {addr} closed the connection")))
+                    }
+                    Poll::Ready(Ok(())) => conn.read_buf.extend_from_slice(buf.filled()),
+                    Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("server {addr}: {e}"))),
+                    Poll::Pending => return Poll::Pending,
+                }
+            }
+        })
+        .await
+    }
+
     /// Writes out what is buffered for this shard, and empties the buffer.
     async fn send(&mut self, out: &mut BytesMut) -> Result<(), String> {
         self.conn

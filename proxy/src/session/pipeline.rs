@@ -26,12 +26,10 @@ use bytes::{Bytes, BytesMut};
 use shardline_router::sharding::{shards_in, ShardMask};
 use shardline_router::shards::Placement;
 use shardline_router::Target;
-use tokio::io::AsyncWriteExt;
 
-/// A shard's part of a pipeline is written whole before any answer is
-/// read; kept small enough that the server can take it in while its
-/// answers wait.
-const MAX_PART: usize = 64 * 1024;
+/// A shard's part of a pipeline is written whole before its answers are
+/// forwarded; what the server answers meanwhile is held, up to this.
+const MAX_DRAINED: usize = 16 << 20;
 
 /// Which legs a client message goes to.
 #[derive(Clone, Copy)]
@@ -59,23 +57,6 @@ impl Session {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
-        // Every shard's part is sized before anything is translated or
-        // borrowed (its statements' bookkeeping would say they were sent).
-        let mut sizes = vec![0usize; shards.len()];
-        for (f, to) in frames.iter().zip(&to) {
-            match *to {
-                To::All => sizes.iter_mut().for_each(|s| *s += f.bytes.len()),
-                To::First => sizes[0] += f.bytes.len(),
-                To::One(i) => sizes[i] += f.bytes.len(),
-                To::Nowhere => {}
-            }
-        }
-        if sizes.iter().any(|&s| s > MAX_PART) {
-            return self.fail_pipeline(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
-                format!("a pipeline whose statements need different shards may carry at most {} KiB per shard before its Sync; send a Sync more often", MAX_PART / 1024),
-            ), in_txn);
-        }
         let target = if writes || in_txn {
             Target::Primary
         } else {
@@ -119,8 +100,8 @@ impl Session {
         }
         let mut sent = Ok(());
         for (leg, out) in legs.iter_mut().zip(&outs) {
-            if let Err(e) = leg.conn.stream.write_all(out).await {
-                sent = Err(format!("server {}: {e}", leg.conn.addr));
+            if let Err(e) = leg.send_draining(out, MAX_DRAINED).await {
+                sent = Err(e);
                 break;
             }
         }

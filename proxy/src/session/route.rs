@@ -241,10 +241,17 @@ impl Session {
                 _ => {}
             }
         }
-        if complete && matches!(place, Placement::Refused(_)) {
-            // Executions of one pipeline on different shards, each on one.
+        if matches!(place, Placement::Refused(_)) {
+            // Executions of one pipeline on different shards, each on one:
+            // run once the Sync is here.
             if let Some(mask) = shardline_router::shards::pipeline_shards(&binds) {
-                place = Placement::Pipeline(mask);
+                place = if complete {
+                    Placement::Pipeline(mask)
+                } else {
+                    Placement::Refused(shardline_router::shards::Refusal::unsupported(
+                        "a pipeline whose executions need different shards runs once its Sync arrives: send the Sync before asking for results (Flush), within 1 MiB of messages",
+                    ))
+                };
             }
         }
         if self.mode() == PoolMode::Session {
