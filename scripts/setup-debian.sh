@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # Installs what running and testing Shardline needs on Debian/Ubuntu, skipping
 # what is already there: PostgreSQL server binaries (pg_ctl, initdb, postgres),
-# psql and pgbench, openssl (test certificates), Node.js and a JDK, and the
-# Python, Node and Java (PgJDBC) drivers of the driver matrix.
+# psql and pgbench, openssl (test certificates), Node.js, a JDK and Go, and the
+# Python, Node, Java (PgJDBC) and Go (pgx) drivers of the driver matrix.
 # PgBouncer is optional (benchmarks compare against it): pass --with-pgbouncer.
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
@@ -23,6 +23,9 @@ python3 -m pip --version >/dev/null 2>&1 || packages+=(python3-pip)
 command -v npm >/dev/null 2>&1 || packages+=(npm)
 command -v javac >/dev/null 2>&1 || packages+=(default-jdk-headless)
 [ -f /usr/share/java/postgresql.jar ] || packages+=(libpostgresql-jdbc-java)
+# pgx (Go), from Debian's packages: built in GOPATH mode, no module download.
+command -v go >/dev/null 2>&1 || packages+=(golang-go)
+[ -d /usr/share/gocode/src/github.com/jackc/pgx/v4 ] || packages+=(golang-github-jackc-pgx-v4-dev)
 if [ "${1:-}" = "--with-pgbouncer" ] && ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
   packages+=(pgbouncer)
 fi

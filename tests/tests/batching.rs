@@ -379,6 +379,49 @@ async fn a_pipeline_spanning_shards_runs_each_execution_on_its_shard() {
     assert_eq!(audit(&env, &sh), 4 + keys.len());
 }
 
+/// A query string whose statements need different shards (psql -c "...;
+/// ...", pgx's batches over the simple protocol): each statement runs on
+/// its key's shard, answers in order; the string is one transaction, as on
+/// one server: an error rolls back every shard's part; SET or COMMIT in
+/// such a string is refused before anything runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_strings_spanning_shards_run_each_statement_on_its_shard() {
+    let (env, sh) = two_shards().await;
+    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let (a, b) = (on(0), on(1));
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let sql = format!(
+        "INSERT INTO users (id, name) VALUES ({}, 'a'); INSERT INTO users (id, name) VALUES ({}, 'b'); \
+         SELECT id FROM users WHERE id = {}; INSERT INTO users (id, name) VALUES ({}, 'c'); \
+         SELECT id FROM users WHERE id = {}",
+        a[0], b[0], b[0], a[1], a[0]
+    );
+    let r = c.exchange(&[query(&sql)]).await.unwrap();
+    assert_eq!(tags(&r), b"CCTDCCTDCZ", "{r:?}");
+    assert_eq!(ids(&r), vec![b[0], a[0]]);
+    assert_eq!(audit(&env, &sh), 3);
+    // The third statement fails on one shard: the others' rows are rolled
+    // back on both, nothing after the error is answered.
+    let sql = format!(
+        "INSERT INTO users (id, name) VALUES ({}, 'x'); INSERT INTO users (id, name) VALUES ({}, 'y'); \
+         INSERT INTO users (id, name) VALUES ({}, 'dup'); INSERT INTO users (id, name) VALUES ({}, 'z')",
+        b[1], a[2], b[0], b[2]
+    );
+    let r = c.exchange(&[query(&sql)]).await.unwrap();
+    assert_eq!(tags(&r), b"CCEZ", "{r:?}");
+    assert_eq!(error_code(&r[2].1), "23505");
+    assert_eq!(audit(&env, &sh), 3, "the failed string left nothing");
+    // Session settings cannot be split: refused, nothing runs.
+    let sql = format!(
+        "SET application_name = 'x'; INSERT INTO users (id, name) VALUES ({}, 'x'); INSERT INTO users (id, name) VALUES ({}, 'y')",
+        a[2], b[2]
+    );
+    let r = c.exchange(&[query(&sql)]).await.unwrap();
+    assert_eq!(tags(&r), b"EZ", "{r:?}");
+    assert_eq!(error_code(&r[0].1), "0A000");
+    assert_eq!(audit(&env, &sh), 3);
+}
+
 /// The ReadyForQuery status of an answer's last message.
 fn status(r: &[RawMessage]) -> u8 {
     let z = r.last().expect("an answer");
@@ -484,7 +527,7 @@ async fn pipelines_and_merged_reads_join_the_client_transaction() {
     // transaction and of the pipeline alike.
     let r = c
         .exchange(&[query(&format!(
-            "INSERT INTO users VALUES ({}, 'gone')",
+            "INSERT INTO users (id, name) VALUES ({}, 'gone')",
             b[3]
         ))])
         .await

@@ -5,7 +5,8 @@
 //! against the owner of its key on the servers themselves.
 //!
 //! Drivers are installed by `scripts/setup-debian.sh` (psycopg 3, asyncpg,
-//! SQLAlchemy from PyPI).
+//! SQLAlchemy and psycopg2 from PyPI, node-postgres from npm, PgJDBC and
+//! pgx from Debian's packages).
 
 use shardline_config::Config;
 use shardline_router::sharding::Sharding;
@@ -130,6 +131,37 @@ async fn pgjdbc() {
             "jdbc:postgresql://127.0.0.1:{}/app?user=app&password=app",
             env.port
         ));
+    let out = run_driver(&env, &sh, cmd).await;
+    println!("{out}");
+}
+
+/// pgx (Debian's v4, built in GOPATH mode): the statement cache preparing
+/// named statements, "describe" mode, no cache, the simple protocol; in
+/// each, batches across shards (in autocommit and in transactions) and
+/// CopyFrom (binary COPY); a pool of goroutines.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pgx() {
+    let (env, sh) = demo_topology().await;
+    let build = shardline_tests::TempDir::new("pgx");
+    let source = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("drivers/pgx");
+    let binary = build.path("pgx-drivers");
+    let (ok, out) = shardline_tests::run(
+        std::process::Command::new("go")
+            .args(["build", "-o"])
+            .arg(&binary)
+            .arg(".")
+            .current_dir(&source)
+            .env("GO111MODULE", "off")
+            .env("GOPATH", "/usr/share/gocode")
+            .env("GOCACHE", build.path("cache"))
+            .env("GOFLAGS", ""),
+    );
+    assert!(
+        ok,
+        "go build of the pgx driver program (Go and pgx installed by scripts/setup-debian.sh):\n{out}"
+    );
+    let mut cmd = std::process::Command::new(&binary);
+    cmd.arg(env.url("app", "app"));
     let out = run_driver(&env, &sh, cmd).await;
     println!("{out}");
 }

@@ -53,6 +53,11 @@ impl Session {
         in_txn: bool,
     ) -> Result<(), End> {
         let shards: Vec<usize> = shards_in(mask).collect();
+        if frames.first().is_some_and(|f| f.tag == frontend::QUERY) {
+            return self
+                .run_query_pipeline(&frames[0], &shards, target, writes, in_txn)
+                .await;
+        }
         let to = match self.pipeline_legs(&frames, &shards) {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
@@ -110,6 +115,145 @@ impl Session {
             Err(e) => Err(e),
         };
         self.finish_legs(legs, begin, wrap, writes, answered).await
+    }
+
+    /// A query string whose statements need different shards (psql -c
+    /// "INSERT ...; INSERT ...", pgx's batches over the simple protocol):
+    /// each shard is sent its own statements as one query string, in their
+    /// order, and the answers are read statement by statement from the
+    /// shard that runs each. As one server runs a query string, the
+    /// statements are one transaction: writes inside a proxy BEGIN
+    /// committed on every shard only when all succeeded (or the client's
+    /// own transaction), nothing answered after an error.
+    async fn run_query_pipeline(
+        &mut self,
+        frame: &Frame,
+        shards: &[usize],
+        target: Target,
+        writes: bool,
+        in_txn: bool,
+    ) -> Result<(), End> {
+        let text = frontend::query(frame.body())?;
+        let sql = String::from_utf8_lossy(text).into_owned();
+        let statements = shardline_router::lexer::split_statements(&sql);
+        let route = self.route_text(text);
+        let placements = self.place_each(&route, text, &[]);
+        let to = match self.statement_legs(&statements, &placements, shards) {
+            Ok(to) => to,
+            Err(e) => return self.fail_pipeline(e, in_txn),
+        };
+        let target = if writes || in_txn {
+            Target::Primary
+        } else {
+            target
+        };
+        let (mut legs, begin) = match self.take_legs(shards, target, in_txn).await {
+            Ok(x) => x,
+            Err(e) => return self.fail_pipeline(e, in_txn),
+        };
+        let wrap = writes && !in_txn;
+        let mut sent = Ok(());
+        for (i, leg) in legs.iter_mut().enumerate() {
+            let mut out = BytesMut::new();
+            self.leg_prelude(leg, wrap, &mut out);
+            let mine: Vec<&str> = statements
+                .iter()
+                .zip(&to)
+                .filter(|(_, &l)| l == i)
+                .map(|(s, _)| *s)
+                .collect();
+            frontend::write_query(&mut out, &mine.join(";\n"));
+            leg.conn.unnamed_token = 0;
+            if let Err(e) = leg.send_draining(&out, MAX_DRAINED).await {
+                sent = Err(e);
+                break;
+            }
+        }
+        let answered = match sent {
+            Ok(()) => self.statement_answers(&to, &mut legs).await,
+            Err(e) => Err(e),
+        };
+        self.finish_legs(legs, begin, wrap, writes, answered).await
+    }
+
+    /// The leg of each statement of a query string: its key's shard, or
+    /// the previous statement's (one without a key). Transaction control
+    /// and session settings cannot be split.
+    fn statement_legs(
+        &self,
+        statements: &[&str],
+        placements: &[Placement],
+        shards: &[usize],
+    ) -> Result<Vec<usize>, PgError> {
+        use shardline_router::classify::Class;
+        if statements.len() != placements.len() {
+            return Err(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "statements sent together in one query string reach different shards, and the proxy could not tell them apart; send them separately",
+            ));
+        }
+        let mut current = 0;
+        let mut to = Vec::with_capacity(statements.len());
+        for (sql, place) in statements.iter().zip(placements) {
+            match self.route_text(sql.as_bytes()).class {
+                Class::Begin { .. } | Class::TransactionControl | Class::SetTransaction { .. } | Class::Session => {
+                    return Err(PgError::error(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        "a query string whose statements need different shards may not hold BEGIN, COMMIT, ROLLBACK, savepoints or SET; send those on their own",
+                    ))
+                }
+                _ => {}
+            }
+            if let Placement::One(s) = place {
+                if let Some(i) = shards.iter().position(|x| x == s) {
+                    current = i;
+                }
+            }
+            to.push(current);
+        }
+        Ok(to)
+    }
+
+    /// Reads the answers of a split query string statement by statement,
+    /// each from its leg, and every leg to its ReadyForQuery; returns
+    /// whether a statement failed.
+    async fn statement_answers(&mut self, to: &[usize], legs: &mut [Leg]) -> Result<bool, String> {
+        let mut failed = false;
+        'statements: for &i in to {
+            loop {
+                let msg = legs[i].next().await?;
+                match msg[0] {
+                    backend::PARAMETER_STATUS => {}
+                    backend::COMMAND_COMPLETE | backend::EMPTY_QUERY => {
+                        self.client_out.extend_from_slice(&msg);
+                        break;
+                    }
+                    backend::ERROR_RESPONSE => {
+                        self.client_out.extend_from_slice(&msg);
+                        failed = true;
+                        break 'statements;
+                    }
+                    backend::READY_FOR_QUERY
+                    | backend::COPY_IN_RESPONSE
+                    | backend::COPY_OUT_RESPONSE => {
+                        return Err(format!(
+                            "shard {} answered a query string unexpectedly ('{}'); COPY cannot run in a query string spanning shards",
+                            self.shared.topology.shards[legs[i].shard].name,
+                            msg[0] as char
+                        ));
+                    }
+                    _ => self.client_out.extend_from_slice(&msg),
+                }
+                if self.client_out.len() >= FLUSH_AT {
+                    self.write_client().await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        for leg in legs.iter_mut() {
+            while leg.next().await?[0] != backend::READY_FOR_QUERY {}
+            leg.done = true;
+        }
+        Ok(failed)
     }
 
     /// A connection on each of `shards` inside the client's transaction:
@@ -284,10 +428,10 @@ impl Session {
                     if let Some((route, definition)) = statements.bound(self, b.statement) {
                         match route.class {
                             Class::SetTransaction { .. } => current = To::All,
-                            Class::Begin { .. } | Class::TransactionControl => {
+                            Class::Begin { .. } | Class::TransactionControl | Class::Session => {
                                 return Err(PgError::error(
                                     sqlstate::FEATURE_NOT_SUPPORTED,
-                                    "a pipeline whose statements need different shards may not hold BEGIN (after its first statement), COMMIT, ROLLBACK or savepoints; send those with a Sync of their own",
+                                    "a pipeline whose statements need different shards may not hold BEGIN, COMMIT, ROLLBACK, savepoints or SET; send those with a Sync of their own",
                                 ))
                             }
                             _ => {

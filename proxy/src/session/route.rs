@@ -116,8 +116,22 @@ impl Session {
         definition: &[u8],
         params: &[shardline_router::shards::Param<'_>],
     ) -> Placement {
+        self.place_each(route, definition, params)
+            .into_iter()
+            .reduce(combine)
+            .unwrap_or(Placement::Anywhere)
+    }
+
+    /// The placement of each statement of a query string (one per
+    /// statement the router parsed; none without sharding).
+    pub(super) fn place_each(
+        &self,
+        route: &Route,
+        definition: &[u8],
+        params: &[shardline_router::shards::Param<'_>],
+    ) -> Vec<Placement> {
         let (Some(sh), Some(templates)) = (&self.shared.sharding, &route.shards) else {
-            return Placement::Anywhere;
+            return Vec::new();
         };
         let query = definition_query(definition);
         let param_types = frontend::definition_param_types(definition);
@@ -129,11 +143,7 @@ impl Session {
             session_shard: self.session_shard.as_deref(),
             session_key: self.session_key.as_deref(),
         };
-        templates
-            .iter()
-            .map(|t| resolve(t, sh, &input))
-            .reduce(combine)
-            .unwrap_or(Placement::Anywhere)
+        templates.iter().map(|t| resolve(t, sh, &input)).collect()
     }
 
     /// The route and Parse definition of a statement the session holds
@@ -204,7 +214,11 @@ impl Session {
                             .and_then(lone_transaction_end);
                     }
                     if sharded {
-                        place = combine(place, self.place(&route, text, &[]));
+                        let each = self.place_each(&route, text, &[]);
+                        place = each.iter().cloned().fold(place, combine);
+                        // Statements of one query string on different
+                        // shards, each on one.
+                        binds = each;
                     }
                     routes.push(route);
                     complete = true;
