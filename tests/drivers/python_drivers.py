@@ -13,6 +13,7 @@ Exits non-zero on the first mismatch; prints one line per check and
 "all checks passed" at the end.
 """
 import asyncio
+import re
 import sys
 
 import asyncpg
@@ -431,6 +432,73 @@ def final_reads(url, keys):
     print("keys " + ",".join(str(k) for k in sorted(keys.names)))
 
 
+def replay_reads(url, base):
+    """The same reads in every batching the drivers use, compared with the
+    answers to the statements sent one at a time (psycopg, autocommit, the
+    unnamed statement): in a transaction, prepared (named statements),
+    binary, in a pipeline with a sync after each, and through asyncpg with
+    its statement cache on and off (Parse+Describe+Flush, then Bind)."""
+    lo, hi = base, base + 999
+    reads = [
+        ("SELECT id, name FROM users WHERE id = %s", (base + 5,)),
+        ("SELECT name FROM users WHERE id = %s AND name LIKE %s", (base + 131, "%many%")),
+        ("SELECT count(*) FROM users WHERE id BETWEEN %s AND %s", (lo, hi)),
+        ("SELECT id FROM users WHERE id BETWEEN %s AND %s ORDER BY id DESC LIMIT 7", (lo, hi)),
+        ("SELECT length(name), count(*), min(id), max(id) FROM users WHERE id BETWEEN %s AND %s "
+         "GROUP BY length(name) ORDER BY 1", (lo, hi)),
+        ("SELECT DISTINCT length(name) AS l FROM users WHERE id BETWEEN %s AND %s ORDER BY l",
+         (lo, hi)),
+        ("SELECT u.id, sum(o.amount) FROM users u JOIN orders o ON o.user_id = u.id "
+         "WHERE u.id = %s GROUP BY u.id", (base + 800,)),
+        ("SELECT count(*), sum(amount), avg(amount) FROM orders WHERE user_id BETWEEN %s AND %s",
+         (lo, hi)),
+        ("SELECT id FROM users WHERE id BETWEEN %s AND %s ORDER BY id OFFSET %s LIMIT %s",
+         (lo, hi, 10, 5)),
+    ]
+
+    def rows(r):
+        return [tuple(x) for x in r]
+
+    with psycopg.connect(url, autocommit=True) as conn:
+        baseline = [rows(conn.execute(q, p).fetchall()) for q, p in reads]
+    check_quiet(all(b for b in baseline[:6]), f"baseline reads found rows: {baseline}")
+    variants = {}
+    with psycopg.connect(url) as conn:
+        variants["in a transaction"] = [rows(conn.execute(q, p).fetchall()) for q, p in reads]
+        conn.rollback()
+    with psycopg.connect(url, autocommit=True) as conn:
+        variants["prepared"] = [rows(conn.execute(q, p, prepare=True).fetchall()) for q, p in reads]
+        variants["prepared again"] = [
+            rows(conn.execute(q, p, prepare=True).fetchall()) for q, p in reads
+        ]
+        with conn.cursor(binary=True) as cur:
+            variants["binary"] = [rows(cur.execute(q, p).fetchall()) for q, p in reads]
+        out = []
+        with conn.pipeline() as pipe:
+            for q, p in reads:
+                cur = conn.execute(q, p)
+                pipe.sync()
+                out.append(rows(cur.fetchall()))
+        variants["pipeline, a sync after each"] = out
+
+    async def with_asyncpg(cache):
+        conn = await asyncpg.connect(url, statement_cache_size=cache)
+        out = []
+        for q, p in reads:
+            n = iter(range(1, 10))
+            dollar = "".join(f"${next(n)}" if part == "%s" else part for part in re.split(r"(%s)", q))
+            out.append([tuple(r) for r in await conn.fetch(dollar, *p)])
+        await conn.close()
+        return out
+
+    variants["asyncpg, statement cache"] = asyncio.run(with_asyncpg(100))
+    variants["asyncpg, no statement cache"] = asyncio.run(with_asyncpg(0))
+    for name, got in variants.items():
+        for (q, _), want, have in zip(reads, baseline, got):
+            check_quiet(have == want, f"{name}: {q}: {have} != {want} (one at a time)")
+        check(f"replayed reads equal one at a time: {name}", True)
+
+
 def main():
     url, base = sys.argv[1], int(sys.argv[2])
     keys = Keys()
@@ -438,6 +506,7 @@ def main():
     asyncio.run(asyncpg_checks(url, base, keys))
     sqlalchemy_checks(url, base, keys)
     psycopg2_checks(url, base, keys)
+    replay_reads(url, base)
     final_reads(url, keys)
     print("all checks passed")
 

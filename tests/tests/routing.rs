@@ -478,71 +478,95 @@ async fn write_behind_a_read_whose_replica_fails() {
     assert_eq!(env.sql("SELECT port FROM p"), env.node_port(0).to_string());
 }
 
-/// Read-your-writes on every connection path, with replicas that apply
-/// WAL 300 ms late but stay in rotation: a write on a connection closed
-/// right after its COMMIT reply (scripts, `psql -c`, serverless handlers),
-/// then a read on a new connection, never misses the row; nor does a read
-/// at once on another connection of a kept pool. Each round waits until the
-/// replicas have applied the previous round's write, so only the new
-/// write's position can keep the read off them.
+/// Read-your-writes when the writer leaves at once: a write on a new
+/// connection that closes right after its commit (`psql -c`, a script, a
+/// serverless handler), then a read on a new connection, never misses the
+/// row; nor does a read at once on another connection of a kept pool.
+/// Each round waits until the replicas have applied the previous round's
+/// write, so only the new write's position can keep the read off them.
+/// Eight users (read-your-writes is per user) run their rounds at once:
+/// 1,200 rounds in all, half of the writers `psql -c` processes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_holds_when_the_writer_leaves_at_once() {
-    let env = delayed_replicas(
+    const USERS: i32 = 8;
+    const ROUNDS: i32 = 150;
+    let mut toml = String::from(
         "[health]\ninterval = \"100ms\"\nmax_replica_lag = \"1h\"\nmax_replica_lag_bytes = 100000000000\n",
-        "300ms",
-    )
-    .await;
-    let connect = || env.connect_as("trustclient", "unused");
+    );
+    for u in 0..USERS {
+        toml.push_str(&format!(
+            "[[users]]\nname = \"writer{u}\"\nauth = \"trust\"\ndatabase = \"app\"\nserver_user = \"app\"\nserver_password = \"app\"\n"
+        ));
+    }
+    let env = std::sync::Arc::new(delayed_replicas(&toml, "300ms").await);
     let replica_ports: Vec<u16> = env.replicas().iter().map(|&r| env.node_port(r)).collect();
-    let mut stale = Vec::new();
-    let mut replica_reads = 0;
-    for k in 0..120 {
-        tokio::time::sleep(Duration::from_millis(400)).await;
-        // The replicas serve this user again once past its last write.
-        let probe = connect().await.unwrap();
-        if replica_ports.contains(&port_of(&probe, "SELECT inet_server_port()").await) {
-            replica_reads += 1;
-        }
-        drop(probe);
-        // Half the writers are psql processes (`psql -c`), half in-process
-        // clients dropped at once.
-        if k % 2 == 0 {
-            let conninfo = env.conn_string("trustclient", "unused");
-            let sql = format!("INSERT INTO kv VALUES ({k}, {k})");
-            let (ok, out) = tokio::task::spawn_blocking(move || {
-                shardline_tests::psql(&conninfo, &["-c", &sql])
-            })
-            .await
-            .unwrap();
-            assert!(ok, "{out}");
-        } else {
-            let writer = connect().await.unwrap();
-            writer
-                .execute("INSERT INTO kv VALUES ($1, $1)", &[&k])
-                .await
-                .unwrap();
-            drop(writer);
-        }
-        let reader = connect().await.unwrap();
-        let found = reader
-            .query_opt("SELECT v FROM kv WHERE k = $1", &[&k])
-            .await
-            .unwrap();
-        if found.is_none() {
-            stale.push(k);
-        }
+    let mut workers = Vec::new();
+    for u in 0..USERS {
+        let env = env.clone();
+        let replica_ports = replica_ports.clone();
+        workers.push(tokio::spawn(async move {
+            let user = format!("writer{u}");
+            let connect = || env.connect_as(&user, "unused");
+            let (mut stale, mut replica_reads) = (Vec::new(), 0);
+            for r in 0..ROUNDS {
+                let k = u * ROUNDS + r;
+                tokio::time::sleep(Duration::from_millis(450)).await;
+                // The replicas serve this user again once past its last write.
+                let probe = connect().await.unwrap();
+                if replica_ports.contains(&port_of(&probe, "SELECT inet_server_port()").await) {
+                    replica_reads += 1;
+                }
+                drop(probe);
+                // Half the writers are psql processes (`psql -c`), half
+                // in-process clients dropped at once.
+                if r % 2 == 0 {
+                    let conninfo = env.conn_string(&user, "unused");
+                    let sql = format!("INSERT INTO kv VALUES ({k}, {k})");
+                    let (ok, out) = tokio::task::spawn_blocking(move || {
+                        shardline_tests::psql(&conninfo, &["-c", &sql])
+                    })
+                    .await
+                    .unwrap();
+                    assert!(ok, "{out}");
+                } else {
+                    let writer = connect().await.unwrap();
+                    writer
+                        .execute("INSERT INTO kv VALUES ($1, $1)", &[&k])
+                        .await
+                        .unwrap();
+                    drop(writer);
+                }
+                let reader = connect().await.unwrap();
+                let found = reader
+                    .query_opt("SELECT v FROM kv WHERE k = $1", &[&k])
+                    .await
+                    .unwrap();
+                if found.is_none() {
+                    stale.push(k);
+                }
+            }
+            (stale, replica_reads)
+        }));
+    }
+    let (mut stale, mut replica_reads) = (Vec::new(), 0);
+    for w in workers {
+        let (s, r) = w.await.unwrap();
+        stale.extend(s);
+        replica_reads += r;
     }
     assert!(
         stale.is_empty(),
         "stale reads after the writer left: {stale:?}"
     );
+    let rounds = USERS * ROUNDS;
     assert!(
-        replica_reads > 60,
-        "the replicas served {replica_reads} of 120 reads between writes"
+        replica_reads > rounds / 2,
+        "the replicas served {replica_reads} of {rounds} reads between writes"
     );
     // A kept pool: write on one connection, read at once on another.
+    let connect = || env.connect_as("trustclient", "unused");
     let (a, b) = (connect().await.unwrap(), connect().await.unwrap());
-    for k in 1000..1300 {
+    for k in 10_000..10_300 {
         a.execute("INSERT INTO kv VALUES ($1, $1)", &[&k])
             .await
             .unwrap();

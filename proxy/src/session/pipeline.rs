@@ -219,40 +219,14 @@ impl Session {
     /// whether a statement failed.
     async fn statement_answers(&mut self, to: &[usize], legs: &mut [Leg]) -> Result<bool, String> {
         let mut failed = false;
-        'statements: for &i in to {
-            loop {
-                let msg = legs[i].next().await?;
-                match msg[0] {
-                    backend::PARAMETER_STATUS => {}
-                    backend::COMMAND_COMPLETE | backend::EMPTY_QUERY => {
-                        self.client_out.extend_from_slice(&msg);
-                        break;
-                    }
-                    backend::ERROR_RESPONSE => {
-                        self.client_out.extend_from_slice(&msg);
-                        failed = true;
-                        break 'statements;
-                    }
-                    backend::READY_FOR_QUERY
-                    | backend::COPY_IN_RESPONSE
-                    | backend::COPY_OUT_RESPONSE => {
-                        return Err(format!(
-                            "shard {} answered a query string unexpectedly ('{}'); COPY cannot run in a query string spanning shards",
-                            self.shared.topology.shards[legs[i].shard].name,
-                            msg[0] as char
-                        ));
-                    }
-                    _ => self.client_out.extend_from_slice(&msg),
-                }
-                if self.client_out.len() >= FLUSH_AT {
-                    self.write_client().await.map_err(|e| e.to_string())?;
-                }
+        for &i in to {
+            let ends = |t: u8| t == backend::COMMAND_COMPLETE || t == backend::EMPTY_QUERY;
+            if !self.relay_answer(&mut legs[i], ends, true).await? {
+                failed = true;
+                break;
             }
         }
-        for leg in legs.iter_mut() {
-            while leg.next().await?[0] != backend::READY_FOR_QUERY {}
-            leg.done = true;
-        }
+        drain_to_ready(legs).await?;
         Ok(failed)
     }
 
@@ -477,49 +451,66 @@ impl Session {
                 To::Nowhere => continue,
             };
             for (n, &i) in from.iter().enumerate() {
-                loop {
-                    let msg = legs[i].next().await?;
-                    match msg[0] {
-                        backend::DATA_ROW | backend::PARAMETER_DESCRIPTION => {
-                            self.client_out.extend_from_slice(&msg);
-                        }
-                        backend::NOTICE_RESPONSE | backend::NOTIFICATION => {
-                            self.client_out.extend_from_slice(&msg);
-                        }
-                        backend::PARAMETER_STATUS => {}
-                        backend::ERROR_RESPONSE => {
-                            self.client_out.extend_from_slice(&msg);
-                            failed = true;
-                            break 'frames;
-                        }
-                        backend::READY_FOR_QUERY
-                        | backend::COPY_IN_RESPONSE
-                        | backend::COPY_OUT_RESPONSE => {
-                            return Err(format!(
-                                "shard {} answered a pipeline unexpectedly ('{}'); COPY cannot run in a pipeline spanning shards",
-                                self.shared.topology.shards[legs[i].shard].name,
-                                msg[0] as char
-                            ));
-                        }
-                        _ => {
-                            // The message's answer: once for all legs.
-                            if n == 0 {
-                                self.client_out.extend_from_slice(&msg);
-                            }
-                            break;
-                        }
-                    }
-                    if self.client_out.len() >= FLUSH_AT {
-                        self.write_client().await.map_err(|e| e.to_string())?;
-                    }
+                // The message's answer: forwarded once for all legs.
+                let ends = |t: u8| {
+                    !matches!(
+                        t,
+                        backend::DATA_ROW
+                            | backend::PARAMETER_DESCRIPTION
+                            | backend::NOTICE_RESPONSE
+                            | backend::NOTIFICATION
+                    )
+                };
+                if !self.relay_answer(&mut legs[i], ends, n == 0).await? {
+                    failed = true;
+                    break 'frames;
                 }
             }
         }
-        for leg in legs.iter_mut() {
-            while leg.next().await?[0] != backend::READY_FOR_QUERY {}
-            leg.done = true;
-        }
+        drain_to_ready(legs).await?;
         Ok(failed)
+    }
+
+    /// Forwards one leg's answer to one client message or statement: every
+    /// message but ParameterStatus, up to the one `ends` accepts (forwarded
+    /// when `forward_end`). An error is forwarded and ends the unit:
+    /// `Ok(false)`. ReadyForQuery or COPY here means the shard ran
+    /// something the proxy did not split: an error.
+    async fn relay_answer(
+        &mut self,
+        leg: &mut Leg,
+        ends: impl Fn(u8) -> bool,
+        forward_end: bool,
+    ) -> Result<bool, String> {
+        loop {
+            let msg = leg.next().await?;
+            match msg[0] {
+                backend::PARAMETER_STATUS => {}
+                backend::ERROR_RESPONSE => {
+                    self.client_out.extend_from_slice(&msg);
+                    return Ok(false);
+                }
+                backend::READY_FOR_QUERY
+                | backend::COPY_IN_RESPONSE
+                | backend::COPY_OUT_RESPONSE => {
+                    return Err(format!(
+                        "shard {} answered statements sent together unexpectedly ('{}'); COPY cannot run among statements spanning shards",
+                        self.shared.topology.shards[leg.shard].name,
+                        msg[0] as char
+                    ));
+                }
+                tag if ends(tag) => {
+                    if forward_end {
+                        self.client_out.extend_from_slice(&msg);
+                    }
+                    return Ok(true);
+                }
+                _ => self.client_out.extend_from_slice(&msg),
+            }
+            if self.client_out.len() >= FLUSH_AT {
+                self.write_client().await.map_err(|e| e.to_string())?;
+            }
+        }
     }
 
     /// The pipeline failed before anything was sent (inside the client's
@@ -530,4 +521,14 @@ impl Session {
         backend::ready_for_query(&mut self.client_out, if in_txn { b'E' } else { b'I' });
         Ok(())
     }
+}
+
+/// Reads every leg to its ReadyForQuery (after a unit's last answer, or
+/// after an error the shards skip to it).
+async fn drain_to_ready(legs: &mut [Leg]) -> Result<(), String> {
+    for leg in legs.iter_mut() {
+        while leg.next().await?[0] != backend::READY_FOR_QUERY {}
+        leg.done = true;
+    }
+    Ok(())
 }
