@@ -323,15 +323,25 @@ fn count(e: &Expr, what: &str) -> Result<Count, Refusal> {
 
 /// The LIMIT each shard runs: enough rows for OFFSET + LIMIT.
 fn pushed_limit(limit: Count, offset: Count) -> Option<LimitClause> {
+    // LIMIT n + m saturates at bigint's largest value, as the shards' LIMIT
+    // takes a bigint (and a larger limit is no limit anyway). Negative
+    // parameters are refused before the statement runs.
+    const MAX: u64 = i64::MAX as u64;
     let param = |n: u16| format!("${n}::int8");
+    let capped = |l: &str, o: &str| format!("(LEAST({l}, {MAX} - {o}) + {o})");
     let text = match (limit, offset) {
         (Count::None, _) => return None,
-        (Count::Const(l), Count::None) => l.to_string(),
-        (Count::Const(l), Count::Const(o)) => l.saturating_add(o).to_string(),
+        (Count::Const(l), Count::None) => l.min(MAX).to_string(),
+        (Count::Const(l), Count::Const(o)) => l.saturating_add(o).min(MAX).to_string(),
         (Count::Param(l), Count::None | Count::Const(0)) => param(l),
-        (Count::Param(l), Count::Const(o)) => format!("({} + {o})", param(l)),
-        (Count::Const(l), Count::Param(o)) => format!("({l} + {})", param(o)),
-        (Count::Param(l), Count::Param(o)) => format!("({} + {})", param(l), param(o)),
+        (Count::Param(l), Count::Const(o)) => capped(&param(l), &o.min(MAX).to_string()),
+        (Count::Const(l), Count::Param(o)) => capped(
+            &l.min(MAX).to_string(),
+            &format!("GREATEST({}, 0)", param(o)),
+        ),
+        (Count::Param(l), Count::Param(o)) => {
+            capped(&param(l), &format!("GREATEST({}, 0)", param(o)))
+        }
     };
     let expr = Parser::new(&PostgreSqlDialect {})
         .try_with_sql(&text)
@@ -452,6 +462,10 @@ struct Planner<'a> {
     distinct_groups: Vec<Expr>,
     aliases: Vec<Option<String>>,
     item_texts: Vec<Option<String>>,
+    /// A `count(DISTINCT x)` off the key makes the shards group by `x` as
+    /// well: a `count(DISTINCT key)` beside it is then counted over those
+    /// finer groups, no longer summed.
+    sub_grouped: bool,
 }
 
 impl<'a> Planner<'a> {
@@ -459,7 +473,7 @@ impl<'a> Planner<'a> {
         let mut keys = Vec::new();
         let mut plain_from = true;
         for t in &sel.from {
-            for f in std::iter::once(&t.relation).chain(t.joins.iter().map(|j| &j.relation)) {
+            for (f, nullable) in crate::shards::from_item(t, sh).0 {
                 match f {
                     TableFactor::Table {
                         name,
@@ -468,7 +482,10 @@ impl<'a> Planner<'a> {
                         ..
                     } => {
                         let n = lower_name(name);
-                        if let TableKind::Sharded(rule) = sh.table(&n) {
+                        // A key on the nullable side of an outer join is NULL
+                        // in rows without a match, on every shard: grouping
+                        // by it does not keep groups on one shard.
+                        if let (TableKind::Sharded(rule), false) = (sh.table(&n), nullable) {
                             let q = alias
                                 .as_ref()
                                 .map(|a| a.name.value.to_ascii_lowercase())
@@ -496,6 +513,7 @@ impl<'a> Planner<'a> {
             hidden: Vec::new(),
             pending_aggs: Vec::new(),
             distinct_groups: Vec::new(),
+            sub_grouped: false,
             aliases: sel
                 .projection
                 .iter()
@@ -763,7 +781,7 @@ impl<'a> Planner<'a> {
             _ => false,
         };
         let agg = match name.as_str() {
-            "count" if distinct && !arg_is_key => {
+            "count" if distinct && (!arg_is_key || self.sub_grouped) => {
                 let [FunctionArg::Unnamed(FunctionArgExpr::Expr(x))] = list.args.as_slice() else {
                     return Err(refuse(e.to_string()));
                 };
@@ -809,6 +827,22 @@ impl<'a> Planner<'a> {
         offset: Count,
     ) -> Result<MergePlan, Refusal> {
         let mut aggs = Vec::new();
+        let off_key_distinct = |e: &Expr| {
+            aggregate_call(e).is_some_and(|(f, name)| {
+                let FunctionArguments::List(list) = &f.args else {
+                    return false;
+                };
+                name == "count"
+                    && matches!(list.duplicate_treatment, Some(DuplicateTreatment::Distinct))
+                    && !matches!(list.args.as_slice(),
+                        [FunctionArg::Unnamed(FunctionArgExpr::Expr(a))] if self.is_key(a))
+            })
+        };
+        self.sub_grouped = sel.projection.iter().any(|i| contains(i, off_key_distinct))
+            || sel
+                .having
+                .as_ref()
+                .is_some_and(|h| contains(h, off_key_distinct));
         // Items: aggregates stay (AVG becomes SUM), others are group values.
         for i in 0..sel.projection.len() {
             let (expr, alias) = match &sel.projection[i] {

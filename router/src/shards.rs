@@ -159,6 +159,10 @@ pub struct Template {
     /// `DECLARE ... CURSOR FOR` this query: the cursor lives on one
     /// connection, so its rows must come from one shard.
     pub cursor: bool,
+    /// Exact on one shard, wrong on several: refused when it would run on
+    /// more than one (an outer join keeping the rows of a reference table
+    /// or VALUES list, which every shard would return).
+    pub spread_refusal: Option<Refusal>,
 }
 
 /// COPY FROM STDIN into a table spread over shards.
@@ -190,6 +194,7 @@ impl Template {
             copy_in: None,
             hint: None,
             cursor: false,
+            spread_refusal: None,
         }
     }
 
@@ -295,6 +300,99 @@ struct Rel {
     alias: String,
     name: String,
     kind: TableKind,
+    /// On the nullable side of an outer join: its columns may be NULL in
+    /// rows it has no part in.
+    nullable: bool,
+}
+
+/// How a join keeps the rows of its sides.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Outer {
+    No,
+    /// The left side's rows are kept; the right side may be NULL.
+    Left,
+    Right,
+    Full,
+}
+
+fn outer(op: &sqlparser::ast::JoinOperator) -> Outer {
+    use sqlparser::ast::JoinOperator as J;
+    match op {
+        J::Left(_)
+        | J::LeftOuter(_)
+        | J::Semi(_)
+        | J::LeftSemi(_)
+        | J::Anti(_)
+        | J::LeftAnti(_)
+        | J::OuterApply => Outer::Left,
+        J::Right(_) | J::RightOuter(_) | J::RightSemi(_) | J::RightAnti(_) => Outer::Right,
+        J::FullOuter(_) => Outer::Full,
+        _ => Outer::No,
+    }
+}
+
+/// The relations of one FROM item (its first, then each join's), each
+/// with whether an outer join may extend it with NULLs; and, when an outer
+/// join keeps the rows of a side without a sharded table (a reference
+/// table, a VALUES list, a function, a subquery) against a side with one,
+/// that side's description: every shard holds those rows, so each shard
+/// would return the ones without a match.
+pub(crate) fn from_item<'a>(
+    t: &'a TableWithJoins,
+    sh: &Sharding,
+) -> (Vec<(&'a TableFactor, bool)>, Option<String>) {
+    let sharded = |f: &TableFactor| match f {
+        TableFactor::Table {
+            name, args: None, ..
+        } => matches!(sh.table(&lower_name(name)), TableKind::Sharded(_)),
+        _ => false,
+    };
+    let describe = |f: &TableFactor| match f {
+        TableFactor::Table { name, .. } => format!("table \"{}\"", lower_name(name)),
+        TableFactor::Derived { subquery, .. } if matches!(&*subquery.body, SetExpr::Values(_)) => {
+            "a VALUES list".to_string()
+        }
+        TableFactor::Derived { .. } => "a subquery".to_string(),
+        TableFactor::Function { .. } | TableFactor::TableFunction { .. } => {
+            "a function".to_string()
+        }
+        _ => "a relation".to_string(),
+    };
+    let mut factors: Vec<(&TableFactor, bool)> = vec![(&t.relation, false)];
+    let mut keeps = None;
+    for j in &t.joins {
+        let left_sharded = factors.iter().any(|(f, _)| sharded(f));
+        let right_sharded = sharded(&j.relation);
+        match outer(&j.join_operator) {
+            Outer::No => factors.push((&j.relation, false)),
+            Outer::Left => {
+                if !left_sharded && right_sharded {
+                    keeps.get_or_insert_with(|| describe(factors[0].0));
+                }
+                factors.push((&j.relation, true));
+            }
+            Outer::Right => {
+                if left_sharded && !right_sharded {
+                    keeps.get_or_insert_with(|| describe(&j.relation));
+                }
+                factors.iter_mut().for_each(|f| f.1 = true);
+                factors.push((&j.relation, false));
+            }
+            Outer::Full => {
+                if left_sharded != right_sharded {
+                    let side = if left_sharded {
+                        &j.relation
+                    } else {
+                        factors[0].0
+                    };
+                    keeps.get_or_insert_with(|| describe(side));
+                }
+                factors.iter_mut().for_each(|f| f.1 = true);
+                factors.push((&j.relation, true));
+            }
+        }
+    }
+    (factors, keeps)
 }
 
 pub(crate) fn lower_name(n: &ObjectName) -> String {
@@ -521,8 +619,11 @@ impl Analyzer<'_> {
     }
 
     /// Adds a FROM item's tables (and joins) to `rels`.
-    fn add_from(&self, t: &TableWithJoins, rels: &mut Vec<Rel>) {
-        let mut add = |f: &TableFactor| {
+    /// Adds the tables of one FROM item; returns what an outer join of it
+    /// keeps that every shard holds (see `from_item`).
+    fn add_from(&self, t: &TableWithJoins, rels: &mut Vec<Rel>) -> Option<String> {
+        let (factors, keeps) = from_item(t, self.sh);
+        for (f, nullable) in factors {
             if let TableFactor::Table {
                 name,
                 alias,
@@ -539,13 +640,11 @@ impl Analyzer<'_> {
                     alias,
                     kind: self.sh.table(&n),
                     name: n,
+                    nullable,
                 });
             }
-        };
-        add(&t.relation);
-        for j in &t.joins {
-            add(&j.relation);
         }
+        keeps
     }
 
     /// The key column this expression names, as `(alias index)`.
@@ -707,9 +806,12 @@ impl Analyzer<'_> {
                 let refs: Vec<&Expr> = list.iter().collect();
                 self.keys_compared(expr, &refs)
             }
-            Expr::IsNull(inner) if self.key_ref(inner, rels).is_some() => {
-                KeyExpr::Keys(vec![KeySrc::Null])
-            }
+            // On the nullable side of an outer join, `key IS NULL` holds
+            // for the rows without a match, on every shard.
+            Expr::IsNull(inner) => match self.key_ref(inner, rels) {
+                Some(i) if !rels[i].nullable => KeyExpr::Keys(vec![KeySrc::Null]),
+                _ => KeyExpr::All,
+            },
             Expr::AnyOp {
                 left,
                 compare_op: BinaryOperator::Eq,
@@ -858,10 +960,13 @@ impl Analyzer<'_> {
         let mut rels = Vec::new();
         let mut conditions: Vec<(&Expr, bool)> = Vec::new();
         let mut needs_merge = None;
+        let mut keeps = None;
         match &*q.body {
             SetExpr::Select(sel) => {
                 for t in &sel.from {
-                    self.add_from(t, &mut rels);
+                    if let Some(k) = self.add_from(t, &mut rels) {
+                        keeps.get_or_insert(k);
+                    }
                     for j in &t.joins {
                         use sqlparser::ast::JoinOperator as J;
                         let (c, inner) = match &j.join_operator {
@@ -938,6 +1043,11 @@ impl Analyzer<'_> {
             Err(r) => return Template::refused(r),
         };
         t.needs_merge = needs_merge;
+        t.spread_refusal = keeps.map(|side| {
+            Refusal::unsupported(format!(
+                "an outer join keeps the rows of {side}, which every shard holds: on several shards each row without a match would come back once per shard; add the sharding key to the WHERE clause (or a /* shardline: shard=NAME */ comment), or join the other way round"
+            ))
+        });
         t
     }
 
@@ -1036,6 +1146,7 @@ impl Analyzer<'_> {
                     alias: table.clone(),
                     name: table.clone(),
                     kind: TableKind::Unsharded,
+                    nullable: false,
                 }];
                 match self.scope(&rels, &[], &all) {
                     Ok(scope) => Template::new(scope, true),
@@ -1356,6 +1467,9 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
         }
     };
     match placement {
+        Placement::Many(_) | Placement::Split(_) if t.spread_refusal.is_some() => {
+            Placement::Refused(t.spread_refusal.clone().unwrap_or_else(|| Refusal::unsupported("")))
+        }
         Placement::Many(_) | Placement::Split(_) if t.cursor => Placement::Refused(Refusal::unsupported(
             "a cursor over rows of several shards is not supported: declare it with the sharding key in its WHERE clause (or a /* shardline: shard=NAME */ comment)",
         )),

@@ -125,8 +125,25 @@ fn limit_and_offset_are_pushed_down_as_their_sum() {
     let p = planned("SELECT id FROM users ORDER BY id OFFSET 1990");
     assert!(p.sql.ends_with("ORDER BY id"), "{}", p.sql);
     let p = planned("SELECT id FROM users ORDER BY id LIMIT $1 OFFSET $2");
-    assert!(p.sql.ends_with("LIMIT ($1::INT8 + $2::INT8)"), "{}", p.sql);
+    assert!(
+        p.sql.ends_with(
+            "LIMIT (LEAST($1::INT8, 9223372036854775807 - GREATEST($2::INT8, 0)) + GREATEST($2::INT8, 0))"
+        ),
+        "{}",
+        p.sql
+    );
     assert_eq!((p.limit, p.offset), (Count::Param(1), Count::Param(2)));
+    // The sum saturates at bigint's largest value (the shards' LIMIT is a
+    // bigint; Postgres answers such a query).
+    let p = planned("SELECT id FROM users ORDER BY id LIMIT 9223372036854775807 OFFSET 1");
+    assert!(p.sql.ends_with("LIMIT 9223372036854775807"), "{}", p.sql);
+    let p = planned("SELECT id FROM users ORDER BY id LIMIT $1 OFFSET 3");
+    assert!(
+        p.sql
+            .ends_with("LIMIT (LEAST($1::INT8, 9223372036854775807 - 3) + 3)"),
+        "{}",
+        p.sql
+    );
     // OFFSET $1 alone: nothing to push down, but $1 stays referenced.
     let p = planned("SELECT id FROM users ORDER BY id OFFSET $1");
     assert!(
@@ -212,6 +229,50 @@ fn groups_on_the_sharding_key_are_not_combined() {
     assert!(planned("SELECT count(DISTINCT id) FROM users")
         .grouping
         .is_some());
+}
+
+/// A key from the nullable side of an outer join is NULL in the rows
+/// without a match, on every shard: grouping or DISTINCT by it is merged
+/// across shards (one NULL group), not left to each shard.
+#[test]
+fn keys_on_the_nullable_side_of_outer_joins_are_not_group_keys() {
+    for sql in [
+        "SELECT o.user_id, count(*) FROM users u LEFT JOIN orders o ON o.user_id = u.id GROUP BY o.user_id",
+        "SELECT o.user_id, count(*) FROM orders o RIGHT JOIN users u ON o.user_id = u.id GROUP BY o.user_id",
+        "SELECT o.user_id, count(*) FROM users u FULL JOIN orders o ON o.user_id = u.id GROUP BY o.user_id",
+    ] {
+        let p = planned(sql);
+        assert!(p.grouping.is_some(), "{sql}: {p:?}");
+    }
+    let p =
+        planned("SELECT DISTINCT o.user_id FROM users u LEFT JOIN orders o ON o.user_id = u.id");
+    assert!(p.grouping.is_some() || !p.sort.is_empty(), "{p:?}");
+    // The preserved side's key still keeps every group on one shard.
+    assert_eq!(
+        plan(
+            "SELECT u.id, count(o.id) FROM users u LEFT JOIN orders o ON o.user_id = u.id GROUP BY u.id",
+            &sharding()
+        )
+        .unwrap(),
+        None
+    );
+}
+
+/// `count(DISTINCT key)` is a sum of the shards' counts only while the
+/// shards group by the query's groups alone: beside a `count(DISTINCT x)`
+/// (the shards then group by x too) it is counted like any other.
+#[test]
+fn count_distinct_key_beside_another_count_distinct_is_counted() {
+    let p = planned("SELECT count(DISTINCT user_id), count(DISTINCT status) FROM orders");
+    let aggs = &p.grouping.expect("grouped").aggs;
+    assert!(
+        aggs.iter()
+            .all(|(_, a)| matches!(a, Agg::CountDistinct { .. })),
+        "{aggs:?}"
+    );
+    let p = planned("SELECT count(DISTINCT user_id), count(*) FROM orders");
+    let aggs = &p.grouping.expect("grouped").aggs;
+    assert!(aggs.iter().all(|(_, a)| *a == Agg::Count), "{aggs:?}");
 }
 
 #[test]

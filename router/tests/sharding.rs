@@ -563,6 +563,64 @@ fn renumbering_skips_strings_names_and_comments() {
     assert_eq!(order, vec![2, 4, 3]);
 }
 
+/// An outer join that keeps the rows of a reference table or a VALUES
+/// list (every shard holds them) is exact on one shard only: on several,
+/// each unmatched row would come back once per shard. Refused there,
+/// whichever way the join is written; fine when the key pins one shard,
+/// or when the kept side is sharded.
+#[test]
+fn outer_joins_keeping_replicated_rows_are_refused_on_several_shards() {
+    let mut t = T::new();
+    for sql in [
+        "SELECT c.code, count(u.id) FROM countries c LEFT JOIN users u ON u.country = c.code GROUP BY c.code",
+        "SELECT c.code, u.id FROM countries c LEFT JOIN users u ON u.country = c.code",
+        "SELECT c.code, u.id FROM users u RIGHT JOIN countries c ON u.country = c.code",
+        "SELECT c.code, u.id FROM countries c FULL JOIN users u ON u.country = c.code",
+        "SELECT v.x, u.name FROM (VALUES (1), (2)) v(x) LEFT JOIN users u ON u.id = v.x",
+        "SELECT c.code FROM countries c LEFT JOIN users u ON u.country = c.code WHERE u.id IS NULL",
+    ] {
+        let msg = refused(&t.place(sql)).to_string();
+        assert!(msg.contains("outer join keeps the rows of"), "{sql}: {msg}");
+    }
+    // One shard: exact.
+    assert_eq!(
+        t.place("SELECT c.code, u.id FROM countries c LEFT JOIN users u ON u.country = c.code WHERE u.id = 7"),
+        Placement::One(t.of(7))
+    );
+    // The kept side sharded: every shard keeps its own rows.
+    assert!(matches!(
+        t.place("SELECT u.id, c.name FROM users u LEFT JOIN countries c ON u.country = c.code"),
+        Placement::Many(_)
+    ));
+    assert!(matches!(
+        t.place("SELECT u.id, o.id FROM users u LEFT JOIN orders o ON o.user_id = u.id"),
+        Placement::Many(_)
+    ));
+}
+
+/// `key IS NULL` on the nullable side of an outer join holds for the rows
+/// without a match, on every shard: it does not name the NULL key's shard.
+#[test]
+fn key_is_null_on_the_nullable_side_is_not_a_key() {
+    let mut t = T::new();
+    assert!(matches!(
+        t.place(
+            "SELECT o.id FROM orders o LEFT JOIN users u ON u.id = o.user_id WHERE u.id IS NULL"
+        ),
+        Placement::Many(_)
+    ));
+    assert!(matches!(
+        t.place("SELECT u.id FROM orders o RIGHT JOIN users u ON u.id = o.user_id WHERE o.user_id IS NULL"),
+        Placement::Many(_)
+    ));
+    // On the preserved side (or without a join) it still names the NULL
+    // key's shard, as before.
+    assert!(matches!(
+        t.place("SELECT id FROM users WHERE id IS NULL"),
+        Placement::One(_)
+    ));
+}
+
 #[test]
 fn broadcast_writes_can_be_refused() {
     let toml = CONFIG.replace("[sharding]\n", "[sharding]\nbroadcast_writes = false\n");

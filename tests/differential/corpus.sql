@@ -239,3 +239,30 @@ SELECT array_agg(id ORDER BY id) FROM users WHERE id < 10
 SELECT stddev(age), variance(age) FROM users
 ! SELECT count(DISTINCT city), count(*) FROM users GROUP BY active
 SELECT mode() WITHIN GROUP (ORDER BY city) FROM users
+
+-- Outer joins that keep a reference table's or a VALUES list's rows: every
+-- shard holds those rows, so on several shards each unmatched row would come
+-- back once per shard. Refused there; exact on one shard.
+SELECT c.code, count(u.id) FROM countries c LEFT JOIN users u ON u.country = c.code GROUP BY c.code
+SELECT c.code, u.id FROM countries c LEFT JOIN users u ON u.country = c.code AND u.age > 200
+SELECT c.code, u.id FROM users u RIGHT JOIN countries c ON u.country = c.code AND u.age > 200
+SELECT c.code, u.id FROM countries c FULL JOIN users u ON u.country = c.code AND u.age > 200 WHERE u.id IS NULL OR u.id < -1995
+SELECT v.x, u.name FROM (VALUES (1), (2), (999999)) v(x) LEFT JOIN users u ON u.id = v.x
+SELECT c.code FROM countries c LEFT JOIN users u ON u.country = c.code WHERE u.id IS NULL
+! SELECT c.code, u.id FROM countries c LEFT JOIN users u ON u.country = c.code WHERE u.id = 7
+! SELECT u.id, c.name FROM users u LEFT JOIN countries c ON c.code = u.country WHERE u.id < -1990
+! SELECT u.id, c.name FROM countries c RIGHT JOIN users u ON c.code = u.country WHERE u.id > 1990
+-- Keys on the nullable side of an outer join: NULL in the unmatched rows on
+-- every shard (one NULL group, orphan orders found on every shard)
+! SELECT o.user_id, count(*) FROM users u LEFT JOIN orders o ON o.user_id = u.id AND o.amount > 990 GROUP BY o.user_id
+! SELECT DISTINCT o.user_id FROM users u LEFT JOIN orders o ON o.user_id = u.id AND o.amount > 995
+! SELECT count(*) FROM orders o LEFT JOIN users u ON u.id = o.user_id WHERE u.id IS NULL
+! SELECT o.id, o.user_id FROM orders o LEFT JOIN users u ON u.id = o.user_id WHERE u.id IS NULL
+! SELECT o.user_id, count(*) FROM orders o LEFT JOIN users u ON u.id = o.user_id WHERE u.id IS NULL GROUP BY o.user_id
+-- count(DISTINCT key) beside another count(DISTINCT ...)
+! SELECT count(DISTINCT user_id), count(DISTINCT status) FROM orders
+! SELECT status, count(DISTINCT user_id), count(DISTINCT qty) FROM orders GROUP BY status
+! SELECT count(DISTINCT o.user_id), count(DISTINCT o.status) FROM orders o WHERE amount > 500
+-- LIMIT + OFFSET past bigint's range: saturated, as one server answers
+! [ordered] SELECT id FROM users ORDER BY id LIMIT 9223372036854775807 OFFSET 3990
+! [ordered] SELECT id FROM users ORDER BY id DESC LIMIT 9223372036854775806 OFFSET 3995

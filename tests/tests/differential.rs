@@ -49,6 +49,8 @@ SELECT CASE WHEN x >= 0 THEN x + 1 ELSE x END, g,
   FROM (SELECT g, g % 4000 - 2000 AS x, hashint4(g * 3)::int8 & 2147483647 AS h,
                hashint4(g * 5 + 1)::int8 & 2147483647 AS h2
           FROM generate_series(1, 20000) g) s;
+INSERT INTO orders SELECT 5000 + g, g, g, 1, 'orphan', timestamp '2024-02-01', NULL
+  FROM generate_series(1, 7) g;
 INSERT INTO countries VALUES ('ch', 'Schweiz', 8700000), ('br', 'Brasil', 203000000), ('jp', '日本', 125000000),
     ('no', 'Norge', NULL), ('de', 'Deutschland', 84000000), ('us', 'United States', 333000000), ('fr', 'France', 68000000);
 ";

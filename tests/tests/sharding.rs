@@ -608,18 +608,73 @@ async fn broadcast_reference_tables_and_copy() {
         );
     }
     let c = env.connect().await;
-    c.execute(
-        "INSERT INTO countries VALUES ('fr', 'France'), ('de', 'Germany')",
-        &[],
-    )
-    .await
-    .expect("reference insert");
-    c.execute(
-        "UPDATE countries SET name = 'République française' WHERE code = 'fr'",
-        &[],
-    )
-    .await
-    .expect("reference update");
+    // Writes to a reference table run on every shard but answer as one
+    // server: the tag and RETURNING rows of one shard, not one per shard.
+    let n = c
+        .execute(
+            "INSERT INTO countries VALUES ('fr', 'France'), ('de', 'Germany')",
+            &[],
+        )
+        .await
+        .expect("reference insert");
+    assert_eq!(n, 2, "one server's row count");
+    let n = c
+        .execute(
+            "UPDATE countries SET name = 'République française' WHERE code = 'fr'",
+            &[],
+        )
+        .await
+        .expect("reference update");
+    assert_eq!(n, 1);
+    let rows = c
+        .query(
+            "UPDATE countries SET name = name WHERE code IN ('fr', 'de') RETURNING code",
+            &[],
+        )
+        .await
+        .expect("reference update returning");
+    assert_eq!(rows.len(), 2, "RETURNING rows once");
+    let msgs = c
+        .simple_query("INSERT INTO countries VALUES ('it', 'Italia') RETURNING code; DELETE FROM countries WHERE code = 'it'")
+        .await
+        .expect("simple protocol");
+    let counts: Vec<u64> = msgs
+        .iter()
+        .filter_map(|m| match m {
+            tokio_postgres::SimpleQueryMessage::CommandComplete(n) => Some(*n),
+            _ => None,
+        })
+        .collect();
+    assert_eq!(counts, vec![1, 1]);
+    use futures_util::SinkExt;
+    let sink = c
+        .copy_in("COPY countries (code, name) FROM STDIN")
+        .await
+        .expect("copy into a reference table");
+    futures_util::pin_mut!(sink);
+    sink.send(bytes::Bytes::from_static(b"es\tEspana\npt\tPortugal\n"))
+        .await
+        .unwrap();
+    assert_eq!(sink.finish().await.expect("copy done"), 2);
+    c.execute("DELETE FROM countries WHERE code IN ('es', 'pt')", &[])
+        .await
+        .unwrap();
+    // Copies that differ (written behind the proxy's back): the write
+    // that finds them so fails (XX001) and changes nothing anywhere.
+    env.sql_shard(1, "INSERT INTO countries VALUES ('xx', 'only on s1')");
+    let err = c
+        .execute(
+            "UPDATE countries SET name = 'x' WHERE code IN ('fr', 'xx')",
+            &[],
+        )
+        .await
+        .expect_err("the shards disagree");
+    assert_eq!(
+        shardline_tests::sqlstate(&err).as_deref(),
+        Some("XX001"),
+        "{err:?}"
+    );
+    env.sql_shard(1, "DELETE FROM countries WHERE code = 'xx'");
     let dump = |shard| {
         env.sql_shard(
             shard,
@@ -637,7 +692,6 @@ async fn broadcast_reference_tables_and_copy() {
         assert_eq!(n, 2);
     }
     // COPY FROM STDIN, text and CSV, split by key.
-    use futures_util::SinkExt;
     let sink = c
         .copy_in("COPY users (id, name, country) FROM STDIN")
         .await

@@ -283,6 +283,8 @@ impl Session {
         let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);
         let writes =
             writes || matches!(planned.place, Placement::Split(_) | Placement::CopySplit(_));
+        // A write to reference tables only: every shard does the same.
+        let replicated = writes && self.writes_reference_tables(&frames);
         let target = if writes { Target::Primary } else { target };
         // Per shard: the unit's bytes.
         let mut parts: Vec<(usize, BytesMut)> = Vec::new();
@@ -397,11 +399,14 @@ impl Session {
         };
         let merged = match merged {
             Some(m) => m,
-            None => self.merge(&mut legs, row_order.as_deref()).await,
+            None => {
+                self.merge(&mut legs, row_order.as_deref(), replicated)
+                    .await
+            }
         };
         let result = match merged {
             Ok(Merged::CopyIn) => match copy_in {
-                Some(c) => self.merge_copy(&mut legs, &sh, c, simple).await,
+                Some(c) => self.merge_copy(&mut legs, &sh, c, simple, replicated).await,
                 None => Err("COPY FROM STDIN reached several shards unexpectedly".into()),
             },
             Ok(Merged::Done(failed)) => Ok(failed),
@@ -717,15 +722,61 @@ impl Session {
         }
     }
 
+    /// Whether the unit's statements write reference tables only (every
+    /// shard holds the same rows and does the same).
+    fn writes_reference_tables(&self, frames: &[crate::protocol::Frame]) -> bool {
+        use shardline_router::shards::Scope;
+        let replicated = |route: &shardline_router::Route| {
+            route.shards.as_ref().is_some_and(|t| {
+                !t.is_empty()
+                    && t.iter()
+                        .all(|t| t.write && matches!(t.scope, Scope::Reference))
+            })
+        };
+        let mut statements = super::route::UnitStatements::default();
+        let mut any = false;
+        for f in frames {
+            let route = match f.tag {
+                frontend::QUERY => match frontend::query(f.body()) {
+                    Ok(q) => self.route_text(q),
+                    Err(_) => return false,
+                },
+                frontend::PARSE => {
+                    if let Ok(p) = frontend::parse(f.body()) {
+                        statements.parse(self, &p);
+                    }
+                    continue;
+                }
+                frontend::BIND => match frontend::bind(f.body())
+                    .ok()
+                    .and_then(|b| statements.bound(self, b.statement))
+                {
+                    Some((route, _)) => route,
+                    None => return false,
+                },
+                _ => continue,
+            };
+            if !replicated(&route) {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
+
     /// Merges the shards' answers to one unit: up to its end (whether it
     /// failed), or up to COPY FROM STDIN starting on every shard. With
     /// `row_order` (a split INSERT: the leg of each of its rows), rows
     /// (RETURNING) come back in the order of the INSERT's rows, as one
-    /// server returns them, when every row returned one.
+    /// server returns them, when every row returned one. A `replicated`
+    /// write (reference tables only) is answered as one server would: the
+    /// first shard's rows and tag, once every shard's tag agrees; shards
+    /// that disagree fail the statement.
     async fn merge(
         &mut self,
         legs: &mut [Leg],
         row_order: Option<&[usize]>,
+        replicated: bool,
     ) -> Result<Merged, String> {
         let mut held: Vec<std::collections::VecDeque<BytesMut>> = match row_order {
             Some(_) => vec![Default::default(); legs.len()],
@@ -738,6 +789,7 @@ impl Session {
                 loop {
                     let msg = leg.next().await?;
                     match msg[0] {
+                        backend::DATA_ROW if replicated && i > 0 => {}
                         backend::DATA_ROW if !held.is_empty() => held[i].push_back(msg),
                         backend::DATA_ROW | frontend::COPY_DATA => {
                             self.client_out.extend_from_slice(&msg);
@@ -790,6 +842,39 @@ impl Session {
                     .map(|m| tag_count(backend::command_tag(&m[5..])))
                     .collect();
                 match counts {
+                    Some(c) if replicated => {
+                        if c.iter().any(|x| x.1 != c[0].1) {
+                            let tags: Vec<String> = legs
+                                .iter()
+                                .zip(&c)
+                                .map(|(l, x)| {
+                                    format!(
+                                        "{} {} on shard {}",
+                                        String::from_utf8_lossy(x.0),
+                                        x.1,
+                                        self.shared.topology.shards[l.shard].name
+                                    )
+                                })
+                                .collect();
+                            tracing::error!(tags = %tags.join(", "), "a reference-table write did different things on different shards");
+                            PgError::error(
+                                "XX001",
+                                format!(
+                                    "the copies of a reference table differ between shards: the same write gave {}; it is rolled back",
+                                    tags.join(", ")
+                                ),
+                            )
+                            .encode(&mut self.client_out);
+                            for (leg, end) in legs.iter_mut().zip(&ends) {
+                                if end[0] != backend::READY_FOR_QUERY {
+                                    while leg.next().await?[0] != backend::READY_FOR_QUERY {}
+                                }
+                                leg.done = true;
+                            }
+                            return Ok(Merged::Done(true));
+                        }
+                        self.client_out.extend_from_slice(first);
+                    }
                     Some(c) => {
                         let total: u64 = c.iter().map(|x| x.1).sum();
                         let head = String::from_utf8_lossy(c[0].0);
@@ -907,6 +992,7 @@ impl Session {
         sh: &shardline_router::sharding::Sharding,
         mut c: CopyIn,
         simple: bool,
+        replicated: bool,
     ) -> Result<bool, String> {
         let group = match sh.table(&c.table) {
             shardline_router::sharding::TableKind::Sharded(r) => Some(r.group),
@@ -1003,7 +1089,7 @@ impl Session {
             PgError::error(code, e.clone()).encode(&mut self.client_out);
             return Ok(true);
         }
-        match self.merge(legs, None).await? {
+        match self.merge(legs, None, replicated).await? {
             Merged::Done(failed) => Ok(failed),
             Merged::CopyIn => Err("a second COPY in one unit".into()),
         }
