@@ -317,6 +317,18 @@ fn count(e: &Expr, what: &str) -> Result<Count, Refusal> {
         },
         Expr::Identifier(i) if i.value.eq_ignore_ascii_case("all") => Ok(Count::None),
         Expr::Nested(inner) => count(inner, what),
+        // A negative constant: Postgres's own error, wherever it runs.
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } if matches!(&**expr, Expr::Value(v) if matches!(&v.value, Value::Number(n, _) if n.parse::<u64>().is_ok_and(|n| n > 0))) =>
+        {
+            let what = if what == "FETCH FIRST" { "LIMIT" } else { what };
+            Err(Refusal {
+                code: if what == "OFFSET" { "2201X" } else { "2201W" },
+                message: format!("{what} must not be negative"),
+            })
+        }
         _ => Err(refuse(format!("{what} with an expression ({e})"))),
     }
 }

@@ -255,8 +255,9 @@ pub fn analyze(stmt: &Statement, consts: &Constants, sh: &Sharding) -> Template 
 }
 
 /// The template for a statement sqlparser could not read: utility commands
-/// recognised by their first keyword go to every shard; anything else can
-/// only run where a hint sends it.
+/// recognised by their first keyword go to every shard; a statement naming
+/// no sharded or reference table goes to the default shard; anything else
+/// can only run where a hint sends it.
 pub fn analyze_unparsed(sql: &str, error: &str, sh: &Sharding) -> Template {
     let first = crate::lexer::first_keyword(sql).to_ascii_lowercase();
     if first == "copy" {
@@ -280,12 +281,25 @@ pub fn analyze_unparsed(sql: &str, error: &str, sh: &Sharding) -> Template {
         | "notify" | "prepare" | "execute" | "fetch" | "move" | "close" => {
             Template::new(Scope::Anywhere, true)
         }
-        _ => Template::refused(Refusal {
-            code: "42601",
-            message: format!(
-                "the proxy could not read this statement to find its shard ({error}); add a /* shardline: shard=NAME */ or /* shardline: key=VALUE */ comment"
-            ),
-        }),
+        // Postgres may read what the proxy's parser does not. Naming only
+        // unsharded tables (or none), it runs where those live, and the
+        // server answers (a syntax error too); naming a sharded or
+        // reference table, the proxy cannot place it.
+        _ => {
+            let spread = crate::lexer::Lexer::new(sql).find_map(|t| {
+                let name = t.ident();
+                (!name.is_empty()
+                    && !name.starts_with('\'')
+                    && sh.table(&name) != TableKind::Unsharded)
+                    .then_some(name)
+            });
+            match spread {
+                Some(table) => Template::refused(Refusal::unsupported(format!(
+                    "the proxy could not read this statement to find its shard ({error}), and it names table \"{table}\", which is not on one shard; add a /* shardline: shard=NAME */ or /* shardline: key=VALUE */ comment"
+                ))),
+                None => Template::new(Scope::Default, true),
+            }
+        }
     }
 }
 
@@ -1443,16 +1457,20 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
                 }
             };
             if let Some(change) = key_change {
-                let same = match key_value(change, g, &values) {
-                    Ok(v) if mask.count_ones() == 1 => {
-                        g.shard_of(v.as_ref()).ok().map(mask_of) == Some(mask)
-                    }
-                    _ => false,
-                };
-                if !same {
-                    return Placement::Refused(Refusal::unsupported(
+                let refusal = match key_value(change, g, &values) {
+                    _ if mask.count_ones() != 1 => Some(
+                        "an UPDATE that sets the sharding key must name the row's key in its WHERE clause, so the proxy can check the new key stays on the row's shard",
+                    ),
+                    Ok(v) if g.shard_of(v.as_ref()).ok().map(mask_of) == Some(mask) => None,
+                    Ok(_) => Some(
                         "an UPDATE may not change a row's sharding key to a value owned by another shard: the row would have to move between shards; delete it and insert it again instead",
-                    ));
+                    ),
+                    Err(_) => Some(
+                        "an UPDATE may set the sharding key only to a constant or a parameter (the proxy checks the new key stays on the row's shard)",
+                    ),
+                };
+                if let Some(message) = refusal {
+                    return Placement::Refused(Refusal::unsupported(message));
                 }
             }
             if t.copy_in.is_some() {

@@ -275,6 +275,20 @@ fn count_distinct_key_beside_another_count_distinct_is_counted() {
     assert!(aggs.iter().all(|(_, a)| *a == Agg::Count), "{aggs:?}");
 }
 
+/// Negative LIMIT and OFFSET constants get Postgres's own errors.
+#[test]
+fn negative_limits_are_postgres_errors() {
+    for (sql, code) in [
+        ("SELECT id FROM users ORDER BY id LIMIT -1", "2201W"),
+        ("SELECT id FROM users ORDER BY id OFFSET -1", "2201X"),
+    ] {
+        match plan(sql, &sharding()) {
+            Err(r) => assert_eq!(r.code, code, "{sql}: {}", r.message),
+            Ok(p) => panic!("{sql}: planned {p:?}"),
+        }
+    }
+}
+
 #[test]
 fn what_cannot_be_merged_exactly_is_refused_naming_it() {
     for (sql, says) in [

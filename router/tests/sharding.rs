@@ -335,8 +335,21 @@ fn a_key_may_change_within_its_shard() {
         t.place(&format!("UPDATE users SET id = {same} WHERE id = {a}")),
         Placement::One(t.of(a))
     );
-    refused(&t.place(&format!("UPDATE users SET id = {other} WHERE id = {a}")));
-    refused(&t.place(&format!("UPDATE users SET id = id + 1 WHERE id = {a}")));
+    // Each refusal says why.
+    let other_shard =
+        refused(&t.place(&format!("UPDATE users SET id = {other} WHERE id = {a}"))).to_string();
+    assert!(
+        other_shard.contains("owned by another shard"),
+        "{other_shard}"
+    );
+    let expression =
+        refused(&t.place(&format!("UPDATE users SET id = id + 1 WHERE id = {a}"))).to_string();
+    assert!(
+        expression.contains("only to a constant or a parameter"),
+        "{expression}"
+    );
+    let no_key = refused(&t.place("UPDATE users SET id = 5 WHERE name = 'x'")).to_string();
+    assert!(no_key.contains("must name the row's key"), "{no_key}");
 }
 
 #[test]
@@ -374,10 +387,23 @@ fn tables_without_keys_unsharded_and_reference() {
     assert_eq!(t.place("SET search_path = public"), Placement::Anywhere);
     assert_eq!(t.place("EXPLAIN SELECT * FROM users"), Placement::One(0));
     assert_eq!(t.place("DO $$ BEGIN PERFORM 1; END $$"), all);
+    // Unreadable by the proxy's parser: refused (0A000, not a syntax error
+    // Postgres might not raise) when it names a sharded or reference
+    // table; else run where unsharded tables live, for the server to answer.
     let p = t.place("SELECT * FROM users FOR NO KEY UPDATE OF users SKIP LOCKED NOWAIT x");
     assert!(
-        matches!(p, Placement::Refused(ref r) if r.code == "42601"),
+        matches!(p, Placement::Refused(ref r) if r.code == "0A000" && r.message.contains("\"users\"")),
         "{p:?}"
+    );
+    let p = t.place("SELECT id FROM users WHERE id = 5 ORDER BY id::text COLLATE \"C\"");
+    assert!(
+        matches!(p, Placement::Refused(ref r) if r.code == "0A000"),
+        "{p:?}"
+    );
+    assert_eq!(t.place("SELEC 1"), Placement::One(t.sh.default_shard));
+    assert_eq!(
+        t.place("SELECT x::text COLLATE \"C\" FROM audit_log ORDER BY 1"),
+        Placement::One(t.sh.default_shard)
     );
 }
 
