@@ -362,7 +362,10 @@ pub(crate) fn from_item<'a>(
         _ => false,
     };
     let describe = |f: &TableFactor| match f {
-        TableFactor::Table { name, .. } => format!("table \"{}\"", lower_name(name)),
+        TableFactor::Table {
+            name, args: None, ..
+        } => format!("table \"{}\"", lower_name(name)),
+        TableFactor::Table { .. } => "a function".to_string(),
         TableFactor::Derived { subquery, .. } if matches!(&*subquery.body, SetExpr::Values(_)) => {
             "a VALUES list".to_string()
         }
@@ -496,6 +499,9 @@ impl Visitor for MergeFinder {
 struct Relations {
     names: Vec<String>,
     ctes: Vec<String>,
+    /// Set-returning functions in FROM (`generate_series(1, 3)`): named
+    /// like relations, but no table.
+    functions: Vec<String>,
 }
 
 impl Visitor for Relations {
@@ -512,16 +518,38 @@ impl Visitor for Relations {
         self.names.push(lower_name(r));
         ControlFlow::Continue(())
     }
+    fn pre_visit_table_factor(&mut self, f: &TableFactor) -> ControlFlow<()> {
+        if let TableFactor::Table {
+            name,
+            args: Some(_),
+            ..
+        } = f
+        {
+            self.functions.push(lower_name(name));
+        }
+        ControlFlow::Continue(())
+    }
 }
 
 fn relations<V: Visit>(node: &V) -> Vec<String> {
     let mut r = Relations {
         names: Vec::new(),
         ctes: Vec::new(),
+        functions: Vec::new(),
     };
     let _ = node.visit(&mut r);
     let ctes = r.ctes;
-    r.names.into_iter().filter(|n| !ctes.contains(n)).collect()
+    let mut functions = r.functions;
+    r.names
+        .into_iter()
+        .filter(|n| {
+            if let Some(i) = functions.iter().position(|f| f == n) {
+                functions.swap_remove(i);
+                return false;
+            }
+            !ctes.contains(n)
+        })
+        .collect()
 }
 
 impl Analyzer<'_> {
@@ -1051,6 +1079,16 @@ impl Analyzer<'_> {
         }
         if q.fetch.is_some() {
             needs_merge = Some("FETCH FIRST");
+        }
+        if let SetExpr::SetOperation { op, .. } = &*q.body {
+            if let Some(table) = all
+                .iter()
+                .find(|n| !is_catalog(n) && matches!(self.sh.table(n), TableKind::Sharded(_)))
+            {
+                return Template::refused(Refusal::unsupported(format!(
+                    "{op} over sharded table \"{table}\" is not supported: each branch would see one shard's rows; run the branches separately, or add a /* shardline: shard=NAME */ comment"
+                )));
+            }
         }
         let mut t = match self.scope(&rels, &conditions, &all) {
             Ok(scope) => Template::new(scope, write),

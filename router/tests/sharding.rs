@@ -624,6 +624,40 @@ fn outer_joins_keeping_replicated_rows_are_refused_on_several_shards() {
     ));
 }
 
+/// A set-returning function in FROM is no table: joined to a sharded table
+/// (inner) it runs on every shard; keeping its rows in an outer join is
+/// refused like a reference table's. Set operations over sharded tables
+/// are refused by their own name.
+#[test]
+fn functions_in_from_and_set_operations() {
+    let mut t = T::new();
+    assert!(matches!(
+        t.place("SELECT g, u.name FROM generate_series(1, 3) g JOIN users u ON u.id = g"),
+        Placement::Many(_)
+    ));
+    assert_eq!(
+        t.place(
+            "SELECT g, u.name FROM generate_series(1, 3) g JOIN users u ON u.id = g WHERE u.id = 2"
+        ),
+        Placement::One(t.of(2))
+    );
+    let msg = refused(
+        &t.place("SELECT g, u.name FROM generate_series(1, 3) g LEFT JOIN users u ON u.id = g"),
+    )
+    .to_string();
+    assert!(msg.contains("a function"), "{msg}");
+    let msg =
+        refused(&t.place("SELECT id FROM users UNION ALL SELECT user_id FROM orders")).to_string();
+    assert!(msg.starts_with("UNION over sharded table"), "{msg}");
+    let msg =
+        refused(&t.place("SELECT id FROM users EXCEPT SELECT user_id FROM orders")).to_string();
+    assert!(msg.starts_with("EXCEPT"), "{msg}");
+    assert_eq!(
+        t.place("SELECT code FROM countries UNION SELECT code FROM countries"),
+        Placement::Spread
+    );
+}
+
 /// `key IS NULL` on the nullable side of an outer join holds for the rows
 /// without a match, on every shard: it does not name the NULL key's shard.
 #[test]

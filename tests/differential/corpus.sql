@@ -266,3 +266,8 @@ SELECT c.code FROM countries c LEFT JOIN users u ON u.country = c.code WHERE u.i
 -- LIMIT + OFFSET past bigint's range: saturated, as one server answers
 ! [ordered] SELECT id FROM users ORDER BY id LIMIT 9223372036854775807 OFFSET 3990
 ! [ordered] SELECT id FROM users ORDER BY id DESC LIMIT 9223372036854775806 OFFSET 3995
+-- A set-returning function in FROM beside a sharded table
+! SELECT g, u.name FROM generate_series(1, 30) g JOIN users u ON u.id = g
+! SELECT g, count(o.id) FROM generate_series(-5, 5) g JOIN orders o ON o.user_id = g GROUP BY g
+SELECT g, u.name FROM generate_series(1, 3) g LEFT JOIN users u ON u.id = g
+SELECT id FROM users UNION ALL SELECT user_id FROM orders
