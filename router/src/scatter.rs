@@ -227,7 +227,15 @@ pub fn plan(sql: &str, sh: &Sharding) -> Result<Option<MergePlan>, Refusal> {
     {
         return Err(refuse("ROLLUP, CUBE or GROUPING SETS"));
     }
-    let key_grouped = p.group_exprs.iter().any(|e| p.is_key(e));
+    // GROUP BY the key, by name or by the position of a select item.
+    let key_grouped = p.group_exprs.iter().any(|e| {
+        p.is_key(e)
+            || matches!(e, Expr::Value(v) if matches!(&v.value, Value::Number(n, _)
+                if n.parse::<usize>().ok().and_then(|i| i.checked_sub(1))
+                    .and_then(|i| sel.projection.get(i))
+                    .and_then(item_expr)
+                    .is_some_and(|x| p.is_key(x))))
+    });
     let distinct = matches!(sel.distinct, Some(sqlparser::ast::Distinct::Distinct));
     let distinct_key = distinct
         && sel
@@ -300,13 +308,54 @@ fn limits(q: &Query) -> Result<(Count, Count), Refusal> {
     Ok((limit, offset))
 }
 
+/// The value of an integer constant expression: numbers, parentheses,
+/// unary minus, `+ - *` (exact; `None` past i128 or for anything else).
+fn const_int(e: &Expr) -> Option<i128> {
+    match e {
+        Expr::Value(v) => match &v.value {
+            Value::Number(n, _) => n.parse().ok(),
+            _ => None,
+        },
+        Expr::Nested(inner) => const_int(inner),
+        Expr::UnaryOp {
+            op: UnaryOperator::Minus,
+            expr,
+        } => const_int(expr)?.checked_neg(),
+        Expr::UnaryOp {
+            op: UnaryOperator::Plus,
+            expr,
+        } => const_int(expr),
+        Expr::BinaryOp { left, op, right } => {
+            let (a, b) = (const_int(left)?, const_int(right)?);
+            match op {
+                BinaryOperator::Plus => a.checked_add(b),
+                BinaryOperator::Minus => a.checked_sub(b),
+                BinaryOperator::Multiply => a.checked_mul(b),
+                _ => None,
+            }
+        }
+        _ => None,
+    }
+}
+
+/// A LIMIT or OFFSET value: Postgres takes a bigint.
+fn bigint(v: i128) -> Result<Count, Refusal> {
+    match u64::try_from(v) {
+        Ok(n) if n <= i64::MAX as u64 => Ok(Count::Const(n)),
+        _ => Err(Refusal {
+            code: "22003",
+            message: "bigint out of range".into(),
+        }),
+    }
+}
+
 fn count(e: &Expr, what: &str) -> Result<Count, Refusal> {
     match e {
         Expr::Value(v) => match &v.value {
-            Value::Number(n, _) => n
-                .parse::<u64>()
-                .map(Count::Const)
-                .map_err(|_| refuse(format!("{what} {n}"))),
+            Value::Number(n, _) => match n.parse::<i128>() {
+                Ok(v) => bigint(v),
+                Err(_) => Err(refuse(format!("{what} {n}"))),
+            },
             Value::Null => Ok(Count::None),
             Value::Placeholder(p) => p
                 .strip_prefix('$')
@@ -317,17 +366,18 @@ fn count(e: &Expr, what: &str) -> Result<Count, Refusal> {
         },
         Expr::Identifier(i) if i.value.eq_ignore_ascii_case("all") => Ok(Count::None),
         Expr::Nested(inner) => count(inner, what),
-        // A negative constant: Postgres's own error, wherever it runs.
-        Expr::UnaryOp {
-            op: UnaryOperator::Minus,
-            expr,
-        } if matches!(&**expr, Expr::Value(v) if matches!(&v.value, Value::Number(n, _) if n.parse::<u64>().is_ok_and(|n| n > 0))) =>
-        {
-            let what = if what == "FETCH FIRST" { "LIMIT" } else { what };
-            Err(Refusal {
-                code: if what == "OFFSET" { "2201X" } else { "2201W" },
-                message: format!("{what} must not be negative"),
-            })
+        // A constant expression (`(2 + 1)`, `-1`): its value; a negative
+        // one gets Postgres's own error, wherever it runs.
+        _ if const_int(e).is_some() => {
+            let v = const_int(e).unwrap_or(0);
+            if v < 0 {
+                let what = if what == "FETCH FIRST" { "LIMIT" } else { what };
+                return Err(Refusal {
+                    code: if what == "OFFSET" { "2201X" } else { "2201W" },
+                    message: format!("{what} must not be negative"),
+                });
+            }
+            bigint(v)
         }
         _ => Err(refuse(format!("{what} with an expression ({e})"))),
     }
@@ -985,6 +1035,47 @@ impl<'a> Planner<'a> {
             } => Cond::Not(Box::new(self.condition(expr, aggs)?)),
             Expr::IsNull(x) => Cond::IsNull(self.operand(x, aggs)?, false),
             Expr::IsNotNull(x) => Cond::IsNull(self.operand(x, aggs)?, true),
+            // x BETWEEN a AND b is x >= a AND x <= b (NULLs alike); NOT
+            // BETWEEN its negation.
+            Expr::Between {
+                expr,
+                negated,
+                low,
+                high,
+            } => {
+                let x = self.operand(expr, aggs)?;
+                let both = Cond::And(
+                    Box::new(Cond::Cmp(x.clone(), CmpOp::GtEq, self.operand(low, aggs)?)),
+                    Box::new(Cond::Cmp(x, CmpOp::LtEq, self.operand(high, aggs)?)),
+                );
+                if *negated {
+                    Cond::Not(Box::new(both))
+                } else {
+                    both
+                }
+            }
+            // x IN (a, b) is x = a OR x = b; NOT IN its negation.
+            Expr::InList {
+                expr,
+                list,
+                negated,
+            } if !list.is_empty() => {
+                let x = self.operand(expr, aggs)?;
+                let mut any: Option<Cond> = None;
+                for v in list {
+                    let eq = Cond::Cmp(x.clone(), CmpOp::Eq, self.operand(v, aggs)?);
+                    any = Some(match any {
+                        Some(prev) => Cond::Or(Box::new(prev), Box::new(eq)),
+                        None => eq,
+                    });
+                }
+                let any = any.unwrap_or(Cond::Operand(Operand::Null));
+                if *negated {
+                    Cond::Not(Box::new(any))
+                } else {
+                    any
+                }
+            }
             other => Cond::Operand(self.operand(other, aggs)?),
         })
     }

@@ -275,6 +275,39 @@ fn count_distinct_key_beside_another_count_distinct_is_counted() {
     assert!(aggs.iter().all(|(_, a)| *a == Agg::Count), "{aggs:?}");
 }
 
+/// HAVING with BETWEEN and IN lists, LIMIT/OFFSET as constant expressions,
+/// GROUP BY the key's position: merged (or left to the shards) exactly.
+#[test]
+fn having_between_constant_limits_and_key_positions() {
+    let p = planned(
+        "SELECT country, count(*) FROM users GROUP BY country HAVING count(*) BETWEEN 2 AND 5",
+    );
+    assert!(p.grouping.expect("grouped").having.is_some());
+    let p = planned(
+        "SELECT country, count(*) FROM users GROUP BY country HAVING count(*) NOT IN (1, 2)",
+    );
+    assert!(p.grouping.expect("grouped").having.is_some());
+    let p = planned("SELECT id FROM users ORDER BY id LIMIT (2 + 1) OFFSET 2 * 3");
+    assert_eq!((p.limit, p.offset), (Count::Const(3), Count::Const(6)));
+    assert!(p.sql.ends_with("LIMIT 9"), "{}", p.sql);
+    match plan(
+        "SELECT id FROM users ORDER BY id LIMIT 9223372036854775808",
+        &sharding(),
+    ) {
+        Err(r) => assert_eq!(r.code, "22003"),
+        Ok(p) => panic!("planned {p:?}"),
+    }
+    // GROUP BY 1 naming the key: every group on one shard, any aggregate.
+    assert_eq!(
+        plan(
+            "SELECT user_id, avg(amount), sum(DISTINCT qty) FROM orders GROUP BY 1",
+            &sharding()
+        )
+        .unwrap(),
+        None
+    );
+}
+
 /// Negative LIMIT and OFFSET constants get Postgres's own errors.
 #[test]
 fn negative_limits_are_postgres_errors() {
@@ -330,7 +363,10 @@ fn what_cannot_be_merged_exactly_is_refused_naming_it() {
             "SELECT DISTINCT city FROM users ORDER BY lower(city)",
             "DISTINCT",
         ),
-        ("SELECT id FROM users ORDER BY id LIMIT 1 + 1", "LIMIT"),
+        (
+            "SELECT id FROM users ORDER BY id LIMIT random()::int",
+            "LIMIT",
+        ),
         (
             "SELECT lower(city) AS c, count(*) FROM users GROUP BY c",
             "names an output column",

@@ -271,3 +271,12 @@ SELECT c.code FROM countries c LEFT JOIN users u ON u.country = c.code WHERE u.i
 ! SELECT g, count(o.id) FROM generate_series(-5, 5) g JOIN orders o ON o.user_id = g GROUP BY g
 SELECT g, u.name FROM generate_series(1, 3) g LEFT JOIN users u ON u.id = g
 SELECT id FROM users UNION ALL SELECT user_id FROM orders
+-- HAVING with BETWEEN and IN; constant LIMIT expressions; GROUP BY the
+-- key's position (then any aggregate is exact)
+! SELECT country, count(*) FROM users GROUP BY country HAVING count(*) BETWEEN 600 AND 700
+! SELECT status, count(*), sum(amount) FROM orders GROUP BY status HAVING count(*) NOT BETWEEN 1 AND 10
+! SELECT country, count(*), max(age) FROM users GROUP BY country HAVING count(*) IN (1, 2, 3) OR max(age) NOT IN (87)
+! [ordered] SELECT id FROM users ORDER BY id LIMIT (2 + 1) OFFSET 2 * 3
+! [ordered] SELECT id, name FROM users ORDER BY id DESC LIMIT 10 - 4
+! SELECT user_id, avg(amount), sum(DISTINCT qty), count(*) FROM orders GROUP BY 1
+! [ordered:1] SELECT user_id, avg(amount) FROM orders GROUP BY 1 ORDER BY 1 LIMIT 10
