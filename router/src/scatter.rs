@@ -209,7 +209,6 @@ pub fn plan(sql: &str, sh: &Sharding) -> Result<Option<MergePlan>, Refusal> {
     let mut sel = (**sel).clone();
     let (limit, offset) = limits(&q)?;
     let mut p = Planner::new(&sel, sh);
-    p.check_windows(&q)?;
     let aggregated = !p.group_exprs.is_empty()
         || sel.having.is_some()
         || sel
@@ -236,6 +235,7 @@ pub fn plan(sql: &str, sh: &Sharding) -> Result<Option<MergePlan>, Refusal> {
                     .and_then(item_expr)
                     .is_some_and(|x| p.is_key(x))))
     });
+    p.check_windows(&q, aggregated && !key_grouped)?;
     let distinct = matches!(sel.distinct, Some(sqlparser::ast::Distinct::Distinct));
     let distinct_key = distinct
         && sel
@@ -594,9 +594,28 @@ impl<'a> Planner<'a> {
         }
     }
 
-    fn check_windows(&self, q: &Query) -> Result<(), Refusal> {
-        if contains(q, |e| matches!(e, Expr::Function(f) if f.over.is_some())) {
-            return Err(refuse("window functions"));
+    /// Window functions are exact on the shards when every one is
+    /// partitioned by the sharding key (each partition lives on one shard)
+    /// over rows the shards hold whole: not over groups the proxy combines.
+    fn check_windows(&self, q: &Query, combined_groups: bool) -> Result<(), Refusal> {
+        use sqlparser::ast::WindowType;
+        let by_key = |w: &WindowType| match w {
+            WindowType::WindowSpec(spec) => spec.partition_by.iter().any(|e| self.is_key(e)),
+            WindowType::NamedWindow(_) => false,
+        };
+        let other = contains(
+            q,
+            |e| matches!(e, Expr::Function(f) if f.over.as_ref().is_some_and(|w| !by_key(w))),
+        );
+        if other {
+            return Err(refuse(
+                "window functions not partitioned by the sharding key",
+            ));
+        }
+        if combined_groups && contains(q, |e| matches!(e, Expr::Function(f) if f.over.is_some())) {
+            return Err(refuse(
+                "window functions over groups combined across shards",
+            ));
         }
         Ok(())
     }

@@ -661,6 +661,149 @@ impl Analyzer<'_> {
     }
 
     /// Adds a FROM item's tables (and joins) to `rels`.
+    /// The sharded tables read by subqueries in the AND-chain of a WHERE
+    /// clause that are co-located with the outer rows: `EXISTS` / `NOT
+    /// EXISTS` correlated on the key (`o.user_id = u.id`, the outer side
+    /// qualified), and `outer_key IN (SELECT key FROM t ...)`. For each
+    /// outer row, the rows such a subquery can match live on that row's
+    /// shard, so each shard answers it for its own rows. (NOT IN is left
+    /// out: a NULL key on another shard would change its answer.)
+    fn colocated_subqueries(&self, e: &Expr, rels: &[Rel], out: &mut Vec<String>) {
+        match e {
+            Expr::Nested(inner) => self.colocated_subqueries(inner, rels, out),
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::And,
+                right,
+            } => {
+                self.colocated_subqueries(left, rels, out);
+                self.colocated_subqueries(right, rels, out);
+            }
+            Expr::Exists { subquery, .. } => {
+                out.extend(self.colocated(subquery, rels, None));
+            }
+            Expr::InSubquery {
+                expr,
+                subquery,
+                negated: false,
+            } => {
+                if let Some(i) = self.key_ref(expr, rels) {
+                    out.extend(self.colocated(subquery, rels, Some(i)));
+                }
+            }
+            _ => {}
+        }
+    }
+
+    /// The one sharded table a subquery reads, when its rows for an outer
+    /// row live on that row's shard (see `colocated_subqueries`); `in_key`:
+    /// the outer key an IN compares with the subquery's single column.
+    fn colocated(&self, q: &Query, rels: &[Rel], in_key: Option<usize>) -> Option<String> {
+        if q.with.is_some() {
+            return None;
+        }
+        let SetExpr::Select(sel) = &*q.body else {
+            return None;
+        };
+        let [t] = sel.from.as_slice() else {
+            return None;
+        };
+        let TableFactor::Table {
+            name,
+            alias,
+            args: None,
+            ..
+        } = &t.relation
+        else {
+            return None;
+        };
+        if !t.joins.is_empty() {
+            return None;
+        }
+        let n = lower_name(name);
+        let TableKind::Sharded(rule) = self.sh.table(&n) else {
+            return None;
+        };
+        let sharded_inside = relations(q)
+            .iter()
+            .filter(|x| matches!(self.sh.table(x), TableKind::Sharded(_)))
+            .count();
+        if sharded_inside != 1 {
+            return None;
+        }
+        let inner = Rel {
+            alias: alias
+                .as_ref()
+                .map(|a| a.name.value.to_ascii_lowercase())
+                .unwrap_or_else(|| n.rsplit('.').next().unwrap_or(&n).to_string()),
+            name: n.clone(),
+            kind: TableKind::Sharded(rule.clone()),
+            nullable: false,
+        };
+        let same_group =
+            |i: usize| matches!(&rels[i].kind, TableKind::Sharded(r) if r.group == rule.group);
+        match in_key {
+            Some(i) => {
+                let [item] = sel.projection.as_slice() else {
+                    return None;
+                };
+                let (SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. }) = item
+                else {
+                    return None;
+                };
+                (same_group(i) && self.key_ref(e, std::slice::from_ref(&inner)).is_some())
+                    .then_some(n)
+            }
+            None => {
+                let w = sel.selection.as_ref()?;
+                self.correlates_keys(w, &inner, rels, &same_group)
+                    .then_some(n)
+            }
+        }
+    }
+
+    /// Whether the AND-chain of `w` equates the inner table's key with an
+    /// outer table's key, the outer one qualified by an outer alias (an
+    /// unqualified name resolves to the inner table first).
+    fn correlates_keys(
+        &self,
+        w: &Expr,
+        inner: &Rel,
+        rels: &[Rel],
+        same_group: &dyn Fn(usize) -> bool,
+    ) -> bool {
+        match w {
+            Expr::Nested(e) => self.correlates_keys(e, inner, rels, same_group),
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::And,
+                right,
+            } => {
+                self.correlates_keys(left, inner, rels, same_group)
+                    || self.correlates_keys(right, inner, rels, same_group)
+            }
+            Expr::BinaryOp {
+                left,
+                op: BinaryOperator::Eq,
+                right,
+            } => {
+                let outer = |e: &Expr| match e {
+                    Expr::CompoundIdentifier(ids)
+                        if ids.len() >= 2
+                            && ids[ids.len() - 2].value.to_ascii_lowercase() != inner.alias =>
+                    {
+                        self.key_ref(e, rels).filter(|&i| same_group(i))
+                    }
+                    _ => None,
+                };
+                let is_inner = |e: &Expr| self.key_ref(e, std::slice::from_ref(inner)).is_some();
+                (is_inner(left) && outer(right).is_some())
+                    || (is_inner(right) && outer(left).is_some())
+            }
+            _ => false,
+        }
+    }
+
     /// Adds the tables of one FROM item; returns what an outer join of it
     /// keeps that every shard holds (see `from_item`).
     fn add_from(&self, t: &TableWithJoins, rels: &mut Vec<Rel>) -> Option<String> {
@@ -998,7 +1141,7 @@ impl Analyzer<'_> {
     fn query(&self, q: &Query, whole: &Statement) -> Template {
         let class = crate::classify::classify_statement(whole, &Default::default());
         let write = class != crate::classify::Class::Read;
-        let all = relations(whole);
+        let mut all = relations(whole);
         let mut rels = Vec::new();
         let mut conditions: Vec<(&Expr, bool)> = Vec::new();
         let mut needs_merge = None;
@@ -1034,6 +1177,16 @@ impl Analyzer<'_> {
                 }
                 if let Some(w) = &sel.selection {
                     conditions.push((w, true));
+                    // Subqueries whose rows for each outer row live on that
+                    // row's shard are answered there: not counted as
+                    // sharded tables read elsewhere.
+                    let mut colocated = Vec::new();
+                    self.colocated_subqueries(w, &rels, &mut colocated);
+                    for name in colocated {
+                        if let Some(i) = all.iter().position(|n| *n == name) {
+                            all.remove(i);
+                        }
+                    }
                 }
                 if sel.distinct.is_some() {
                     needs_merge = Some("DISTINCT");

@@ -308,6 +308,41 @@ fn having_between_constant_limits_and_key_positions() {
     );
 }
 
+/// Window functions partitioned by the sharding key are computed whole on
+/// each shard: concatenated, or merged by order; others are refused.
+#[test]
+fn windows_partitioned_by_the_key_run_on_the_shards() {
+    assert_eq!(
+        plan(
+            "SELECT user_id, id, rank() OVER (PARTITION BY user_id ORDER BY amount DESC) FROM orders",
+            &sharding()
+        )
+        .unwrap(),
+        None
+    );
+    let p = planned(
+        "SELECT user_id, id, sum(amount) OVER (PARTITION BY o.user_id, status ORDER BY id) FROM orders o ORDER BY 1, 2 LIMIT 5",
+    );
+    assert!(p.grouping.is_none() && !p.sort.is_empty(), "{p:?}");
+    // Grouped by the key: every group and partition on one shard.
+    assert_eq!(
+        plan(
+            "SELECT user_id, count(*), rank() OVER (PARTITION BY user_id ORDER BY count(*)) FROM orders GROUP BY user_id",
+            &sharding()
+        )
+        .unwrap(),
+        None
+    );
+    for sql in [
+        "SELECT id, row_number() OVER (ORDER BY id) FROM users",
+        "SELECT status, rank() OVER (PARTITION BY status ORDER BY amount) FROM orders",
+        "SELECT status, count(*), rank() OVER (PARTITION BY status ORDER BY count(*)) FROM orders GROUP BY status",
+        "SELECT id, rank() OVER w FROM users WINDOW w AS (PARTITION BY id)",
+    ] {
+        assert!(refusal(sql).contains("window functions"), "{sql}");
+    }
+}
+
 /// Negative LIMIT and OFFSET constants get Postgres's own errors.
 #[test]
 fn negative_limits_are_postgres_errors() {

@@ -288,7 +288,7 @@ fn what_cannot_be_answered_exactly_is_refused() {
             "joined on something other",
         ),
         (
-            "SELECT * FROM users WHERE id IN (SELECT user_id FROM orders)",
+            "SELECT * FROM users WHERE id IN (SELECT id FROM orders)",
             "subquery",
         ),
         (
@@ -656,6 +656,42 @@ fn functions_in_from_and_set_operations() {
         t.place("SELECT code FROM countries UNION SELECT code FROM countries"),
         Placement::Spread
     );
+}
+
+/// EXISTS / NOT EXISTS correlated on the co-located key, and `key IN
+/// (SELECT key FROM ...)`: each outer row's matches live on its shard, so
+/// every shard answers for its own rows. Uncorrelated subqueries, NOT IN,
+/// and an unqualified outer reference (Postgres resolves it to the inner
+/// table) stay refused.
+#[test]
+fn subqueries_on_the_colocated_key() {
+    let mut t = T::new();
+    for sql in [
+        "SELECT u.id FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id AND o.amount > 900)",
+        "SELECT u.id FROM users u WHERE u.age > 3 AND NOT EXISTS (SELECT 1 FROM orders o WHERE u.id = o.user_id)",
+        "SELECT id FROM users WHERE id IN (SELECT user_id FROM orders WHERE amount > 900)",
+        "SELECT o.id FROM orders o WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = o.user_id AND u.age > 80)",
+    ] {
+        assert!(matches!(t.place(sql), Placement::Many(_)), "{sql}");
+    }
+    assert_eq!(
+        t.place("SELECT u.id FROM users u WHERE u.id = 5 AND EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id)"),
+        Placement::One(t.of(5))
+    );
+    assert!(matches!(
+        t.place("SELECT count(*) FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id)"),
+        Placement::Merge(_)
+    ));
+    for sql in [
+        "SELECT u.id FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.amount > 900)",
+        "SELECT id FROM users WHERE id NOT IN (SELECT user_id FROM orders)",
+        "SELECT id FROM users WHERE EXISTS (SELECT 1 FROM orders WHERE user_id = id)",
+        "SELECT id FROM users WHERE country IN (SELECT country FROM users WHERE age > 80)",
+        "SELECT u.id FROM users u WHERE EXISTS (SELECT 1 FROM orders o JOIN users v ON v.id = o.user_id WHERE o.user_id = u.id)",
+        "SELECT u.id FROM users u WHERE u.age > 3 OR EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id)",
+    ] {
+        refused(&t.place(sql));
+    }
 }
 
 /// `key IS NULL` on the nullable side of an outer join holds for the rows

@@ -280,3 +280,19 @@ SELECT id FROM users UNION ALL SELECT user_id FROM orders
 ! [ordered] SELECT id, name FROM users ORDER BY id DESC LIMIT 10 - 4
 ! SELECT user_id, avg(amount), sum(DISTINCT qty), count(*) FROM orders GROUP BY 1
 ! [ordered:1] SELECT user_id, avg(amount) FROM orders GROUP BY 1 ORDER BY 1 LIMIT 10
+-- Window functions partitioned by the sharding key: whole on each shard
+! SELECT user_id, id, rank() OVER (PARTITION BY user_id ORDER BY amount DESC, id) FROM orders WHERE user_id BETWEEN -60 AND 60
+! [ordered] SELECT user_id, id, sum(amount) OVER (PARTITION BY user_id ORDER BY id) FROM orders ORDER BY 1, 2 LIMIT 40
+! SELECT user_id, count(*), rank() OVER (PARTITION BY user_id ORDER BY count(*)) FROM orders GROUP BY user_id
+! [ordered] SELECT u.id, o.id, row_number() OVER (PARTITION BY u.id ORDER BY o.placed, o.id) FROM users u JOIN orders o ON o.user_id = u.id WHERE u.age > 80 ORDER BY 1, 2
+SELECT status, rank() OVER (PARTITION BY status ORDER BY amount) FROM orders
+-- Subqueries co-located on the key: EXISTS / NOT EXISTS correlated on it,
+-- key IN (SELECT key ...)
+! SELECT u.id, u.name FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id AND o.amount > 990)
+! SELECT count(*) FROM users u WHERE NOT EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id AND o.status = 'paid')
+! SELECT id FROM users WHERE id IN (SELECT user_id FROM orders WHERE amount > 995)
+! SELECT o.id, o.user_id FROM orders o WHERE EXISTS (SELECT 1 FROM users u WHERE u.id = o.user_id AND u.age > 86)
+! SELECT count(*) FROM orders o WHERE NOT EXISTS (SELECT 1 FROM users u WHERE u.id = o.user_id)
+! [ordered] SELECT u.id FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id AND o.qty = 9) ORDER BY u.id LIMIT 25
+SELECT id FROM users WHERE id NOT IN (SELECT user_id FROM orders)
+SELECT u.id FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.amount > 999)
