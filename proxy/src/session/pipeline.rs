@@ -43,7 +43,8 @@ enum To {
 
 impl Session {
     /// Runs a pipeline whose executions need the shards of `mask`; inside
-    /// the client's transaction when `in_txn`.
+    /// the client's transaction when `in_txn` (its connections are on the
+    /// primaries). `target` is the primary already when the unit writes.
     pub(super) async fn run_pipeline(
         &mut self,
         frames: Vec<Frame>,
@@ -61,11 +62,6 @@ impl Session {
         let to = match self.pipeline_legs(&frames, &shards) {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
-        };
-        let target = if writes || in_txn {
-            Target::Primary
-        } else {
-            target
         };
         let (mut legs, begin) = match self.take_legs(&shards, target, in_txn).await {
             Ok(x) => x,
@@ -141,11 +137,6 @@ impl Session {
         let to = match self.statement_legs(&statements, &placements, shards) {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
-        };
-        let target = if writes || in_txn {
-            Target::Primary
-        } else {
-            target
         };
         let (mut legs, begin) = match self.take_legs(shards, target, in_txn).await {
             Ok(x) => x,
