@@ -197,8 +197,18 @@ pub fn plan(sql: &str, sh: &Sharding) -> Result<Option<MergePlan>, Refusal> {
         _ => return Err(refuse("several statements in one query")),
     };
     let mut q = (**q).clone();
-    if q.with.is_some() {
-        return Err(refuse("WITH"));
+    // A CTE over reference tables (or none) holds the same rows on every
+    // shard, like a reference table; one over a sharded table would see
+    // one shard's rows.
+    if let Some(with) = &q.with {
+        let sharded = with.cte_tables.iter().any(|cte| {
+            crate::shards::relations(&*cte.query)
+                .iter()
+                .any(|n| matches!(sh.table(n), TableKind::Sharded(_)))
+        });
+        if with.recursive || sharded {
+            return Err(refuse("WITH"));
+        }
     }
     let SetExpr::Select(sel) = &*q.body else {
         return Err(refuse(match &*q.body {

@@ -531,7 +531,7 @@ impl Visitor for Relations {
     }
 }
 
-fn relations<V: Visit>(node: &V) -> Vec<String> {
+pub(crate) fn relations<V: Visit>(node: &V) -> Vec<String> {
     let mut r = Relations {
         names: Vec::new(),
         ctes: Vec::new(),

@@ -343,6 +343,25 @@ fn windows_partitioned_by_the_key_run_on_the_shards() {
     }
 }
 
+/// A CTE over reference tables holds the same rows on every shard: merged
+/// reads keep it in the shards' statement. Over a sharded table, or
+/// recursive, it stays refused.
+#[test]
+fn ctes_over_reference_tables_merge() {
+    let p = planned(
+        "WITH big AS (SELECT code FROM countries WHERE population > 100) \
+         SELECT u.country, count(*) FROM users u JOIN big ON big.code = u.country GROUP BY u.country",
+    );
+    assert!(p.grouping.is_some());
+    assert!(p.sql.starts_with("WITH big AS"), "{}", p.sql);
+    for sql in [
+        "WITH o AS (SELECT * FROM orders) SELECT count(*) FROM o",
+        "WITH RECURSIVE r(n) AS (SELECT 1 UNION ALL SELECT n + 1 FROM r WHERE n < 3) SELECT count(*) FROM users, r",
+    ] {
+        assert!(refusal(sql).contains("WITH"), "{sql}");
+    }
+}
+
 /// Negative LIMIT and OFFSET constants get Postgres's own errors.
 #[test]
 fn negative_limits_are_postgres_errors() {

@@ -296,3 +296,9 @@ SELECT status, rank() OVER (PARTITION BY status ORDER BY amount) FROM orders
 ! [ordered] SELECT u.id FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.user_id = u.id AND o.qty = 9) ORDER BY u.id LIMIT 25
 SELECT id FROM users WHERE id NOT IN (SELECT user_id FROM orders)
 SELECT u.id FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.amount > 999)
+-- CTEs over reference tables alone: the same rows on every shard
+! WITH big AS (SELECT code FROM countries WHERE population > 100000000) SELECT u.country, count(*) FROM users u JOIN big ON big.code = u.country GROUP BY u.country
+! [ordered] WITH c AS (SELECT code, name FROM countries) SELECT u.id, c.name FROM users u JOIN c ON c.code = u.country ORDER BY u.id LIMIT 20
+! WITH big AS (SELECT code FROM countries WHERE population > 100000000) SELECT count(*) FROM users u WHERE u.country IN (SELECT code FROM big)
+! WITH c AS (SELECT code, name FROM countries) SELECT u.id, c.name FROM users u JOIN c ON c.code = u.country WHERE u.id < -1990
+WITH o AS (SELECT user_id FROM orders WHERE amount > 990) SELECT count(*) FROM o
