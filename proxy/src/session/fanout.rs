@@ -178,6 +178,28 @@ pub(super) async fn read_message(conn: &mut PooledConnection) -> Result<BytesMut
     }
 }
 
+/// Reads every leg to its ReadyForQuery (after a unit's last answer, or
+/// after an error, when the shards skip to it).
+pub(super) async fn drain_to_ready(legs: &mut [Leg]) -> Result<(), String> {
+    for leg in legs.iter_mut() {
+        while leg.next().await?[0] != backend::READY_FOR_QUERY {}
+        leg.done = true;
+    }
+    Ok(())
+}
+
+/// Reads every leg to its ReadyForQuery, `ends` holding each leg's last
+/// message read (a ReadyForQuery there ends it already).
+pub(super) async fn drain_after(legs: &mut [Leg], ends: &[BytesMut]) -> Result<(), String> {
+    for (leg, end) in legs.iter_mut().zip(ends) {
+        if end[0] != backend::READY_FOR_QUERY {
+            while leg.next().await?[0] != backend::READY_FOR_QUERY {}
+        }
+        leg.done = true;
+    }
+    Ok(())
+}
+
 /// Writes a client's Parse (recorded as `parsed`) for one leg: the unnamed
 /// statement as sent, a named one under its server name, closed first
 /// (answer skipped) so the Parse answers on every shard alike, whether the
@@ -824,12 +846,7 @@ impl Session {
             if let Some(err) = ends.iter().find(|m| m[0] == backend::ERROR_RESPONSE) {
                 self.client_out.extend_from_slice(err);
                 // Every shard skips to its ReadyForQuery.
-                for (leg, end) in legs.iter_mut().zip(&ends) {
-                    if end[0] != backend::READY_FOR_QUERY {
-                        while leg.next().await?[0] != backend::READY_FOR_QUERY {}
-                    }
-                    leg.done = true;
-                }
+                drain_after(legs, &ends).await?;
                 return Ok(Merged::Done(true));
             }
             if ends.iter().any(|m| m[0] != ends[0][0]) {
@@ -865,12 +882,7 @@ impl Session {
                                 ),
                             )
                             .encode(&mut self.client_out);
-                            for (leg, end) in legs.iter_mut().zip(&ends) {
-                                if end[0] != backend::READY_FOR_QUERY {
-                                    while leg.next().await?[0] != backend::READY_FOR_QUERY {}
-                                }
-                                leg.done = true;
-                            }
+                            drain_after(legs, &ends).await?;
                             return Ok(Merged::Done(true));
                         }
                         self.client_out.extend_from_slice(first);
@@ -1080,7 +1092,7 @@ impl Session {
         }
         if let Some(e) = &error {
             // The shards report their own error for the CopyFail; ours is clearer.
-            self.merge_quiet(legs).await?;
+            drain_to_ready(legs).await?;
             let code = if e.starts_with("invalid sharding key") {
                 "22P04"
             } else {
@@ -1131,15 +1143,6 @@ impl Session {
                 return Err("client closed the connection during COPY".into());
             }
         }
-    }
-
-    /// Reads every shard to its ReadyForQuery, forwarding nothing.
-    async fn merge_quiet(&mut self, legs: &mut [Leg]) -> Result<bool, String> {
-        for leg in legs.iter_mut() {
-            while leg.next().await?[0] != backend::READY_FOR_QUERY {}
-            leg.done = true;
-        }
-        Ok(true)
     }
 
     /// The key column's position in the table (a COPY naming no columns).

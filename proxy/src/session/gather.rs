@@ -327,7 +327,7 @@ impl Session {
             }
             if let Some(err) = ends.iter().find(|m| m[0] == backend::ERROR_RESPONSE) {
                 self.client_out.extend_from_slice(err);
-                self.drain(legs, &ends).await?;
+                super::fanout::drain_after(legs, &ends).await?;
                 return Ok(true);
             }
             if ends.iter().any(|m| m[0] != ends[0][0]) {
@@ -390,17 +390,6 @@ impl Session {
         }
     }
 
-    /// Reads every leg to its ReadyForQuery (`ends`: each leg's last message).
-    async fn drain(&mut self, legs: &mut [Leg], ends: &[BytesMut]) -> Result<(), String> {
-        for (leg, end) in legs.iter_mut().zip(ends) {
-            if end[0] != backend::READY_FOR_QUERY {
-                while leg.next().await?[0] != backend::READY_FOR_QUERY {}
-            }
-            leg.done = true;
-        }
-        Ok(())
-    }
-
     async fn fail_merge(
         &mut self,
         legs: &mut [Leg],
@@ -408,7 +397,7 @@ impl Session {
         r: Refusal,
     ) -> Result<bool, String> {
         refusal(r).encode(&mut self.client_out);
-        self.drain(legs, ends).await?;
+        super::fanout::drain_after(legs, ends).await?;
         Ok(true)
     }
 
@@ -528,12 +517,12 @@ impl Session {
         let ends: Vec<BytesMut> = ends.into_iter().flatten().collect();
         if let Some(err) = ends.iter().find(|m| m[0] == backend::ERROR_RESPONSE) {
             self.client_out.extend_from_slice(err);
-            self.drain(legs, &ends).await?;
+            super::fanout::drain_after(legs, &ends).await?;
             return Ok(true);
         }
         if let Some(r) = error {
             refusal(r).encode(&mut self.client_out);
-            self.drain(legs, &ends).await?;
+            super::fanout::drain_after(legs, &ends).await?;
             return Ok(true);
         }
         if ends.iter().any(|m| m[0] != backend::COMMAND_COMPLETE) {

@@ -12,17 +12,16 @@
 //! shard is read to its ReadyForQuery, and the writes are rolled back.
 //!
 //! Inside a client's transaction (with two-phase commit) the shards'
-//! parts run on the transaction's own connections instead: a shard already
-//! in the transaction runs its part there, another joins it (its BEGIN at
-//! the transaction's isolation level) and is parked with the others, so
-//! the client's COMMIT commits them all in two phases. An error fails the
+//! parts run on the transaction's own connections instead
+//! (`distributed.rs`: `transaction_legs`, `keep_in_transaction`), so the
+//! client's COMMIT commits them all in two phases. An error fails the
 //! whole transaction, as one server would.
 
-use super::fanout::{parse_on, Leg, FLUSH_AT};
+use super::fanout::{drain_to_ready, parse_on, Leg, FLUSH_AT};
 use super::{End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, Frame};
-use bytes::{Bytes, BytesMut};
+use bytes::BytesMut;
 use shardline_router::sharding::{shards_in, ShardMask};
 use shardline_router::shards::Placement;
 use shardline_router::Target;
@@ -99,14 +98,7 @@ impl Session {
                 (To::Nowhere, _) => {}
             }
         }
-        let mut sent = Ok(());
-        for (leg, out) in legs.iter_mut().zip(&outs) {
-            if let Err(e) = leg.send_draining(out, MAX_DRAINED).await {
-                sent = Err(e);
-                break;
-            }
-        }
-        let answered = match sent {
+        let answered = match send_parts(&mut legs, &outs).await {
             Ok(()) => self.pipeline_answers(&frames, &to, &mut legs).await,
             Err(e) => Err(e),
         };
@@ -143,7 +135,7 @@ impl Session {
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
         let wrap = writes && !in_txn;
-        let mut sent = Ok(());
+        let mut outs = Vec::with_capacity(legs.len());
         for (i, leg) in legs.iter_mut().enumerate() {
             let mut out = BytesMut::new();
             self.leg_prelude(leg, wrap, &mut out);
@@ -155,12 +147,9 @@ impl Session {
                 .collect();
             frontend::write_query(&mut out, &mine.join(";\n"));
             leg.conn.unnamed_token = 0;
-            if let Err(e) = leg.send_draining(&out, MAX_DRAINED).await {
-                sent = Err(e);
-                break;
-            }
+            outs.push(out);
         }
-        let answered = match sent {
+        let answered = match send_parts(&mut legs, &outs).await {
             Ok(()) => self.statement_answers(&to, &mut legs).await,
             Err(e) => Err(e),
         };
@@ -219,154 +208,6 @@ impl Session {
         }
         drain_to_ready(legs).await?;
         Ok(failed)
-    }
-
-    /// A connection on each of `shards` inside the client's transaction:
-    /// the attached one and parked participants where the transaction has
-    /// one, new ones (joining) elsewhere. Also the BEGIN the joining ones
-    /// are sent: the client's deferred BEGIN, or one at the isolation level
-    /// of the transaction.
-    pub(super) async fn transaction_legs(
-        &mut self,
-        shards: &[usize],
-    ) -> Result<(Vec<Leg>, Bytes), PgError> {
-        let deferred = self.deferred_begin.take();
-        let begin = match &deferred {
-            Some(b) => b.clone(),
-            None => match self.transaction_isolation().await {
-                Some(level) => super::distributed::begin_frame(&level),
-                None => {
-                    return Err(PgError::error(
-                        sqlstate::CONNECTION_FAILURE,
-                        "a shard of the transaction did not answer; the transaction is failed: send ROLLBACK",
-                    ))
-                }
-            },
-        };
-        self.cancel.detach();
-        let mut held: Vec<Leg> = self
-            .participants
-            .extract_if(.., |p| shards.contains(&p.shard))
-            .map(|p| Leg::parked(p.shard, p.node, p.conn))
-            .collect();
-        if let Some(conn) = self.server.take() {
-            held.push(Leg::parked(self.shard, self.node, conn));
-        }
-        let mut legs = Vec::with_capacity(shards.len());
-        for &shard in shards {
-            if let Some(i) = held.iter().position(|h| h.shard == shard) {
-                legs.push(held.swap_remove(i));
-                continue;
-            }
-            let mut tried = 0;
-            match self.borrow(shard, Target::Primary, &mut tried).await {
-                Ok((conn, node, _)) => {
-                    let mut leg = Leg::parked(shard, node, conn);
-                    leg.joins = Some(begin.clone());
-                    legs.push(leg);
-                }
-                Err(e) => {
-                    // Nothing was sent: the transaction keeps what it had.
-                    legs.extend(held);
-                    self.deferred_begin = deferred;
-                    self.park_legs(legs.into_iter().filter(|l| l.joins.is_none()).collect());
-                    return Err(e);
-                }
-            }
-        }
-        // The attached connection, when its shard is not one of these.
-        self.park_legs(held);
-        // In use from here: a leg not read back to its ReadyForQuery (the
-        // unit failed before or while it ran) leaves the transaction.
-        for leg in &mut legs {
-            leg.done = false;
-        }
-        self.cancel.attach_all(
-            legs.iter()
-                .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
-        );
-        Ok((legs, begin))
-    }
-
-    /// The transaction's isolation level, asked of its attached connection,
-    /// else of the participant parked last.
-    pub(super) async fn transaction_isolation(&mut self) -> Option<String> {
-        let conn = match self.server.as_mut() {
-            Some(c) => c,
-            None => &mut self.participants.last_mut()?.conn,
-        };
-        conn.simple_query("SELECT current_setting('transaction_isolation')")
-            .await
-            .ok()
-            .and_then(|(rows, _)| rows.into_iter().next())
-            .and_then(|r| r.into_iter().next().flatten())
-    }
-
-    /// Legs back into the client's transaction: the one on the shard that
-    /// was attached (else the first) attached again, the others parked.
-    /// Legs not read to their ReadyForQuery or broken are closed (their
-    /// part of the transaction rolls back); returns whether every leg
-    /// survived.
-    fn park_legs(&mut self, legs: Vec<Leg>) -> bool {
-        let mut whole = true;
-        let attached = self.server.is_some();
-        let prefer = self.shard;
-        let mut kept = Vec::with_capacity(legs.len());
-        for l in legs {
-            if l.done && !l.conn.broken && l.conn.tx_status != b'I' {
-                kept.push(l);
-            } else {
-                whole = false;
-                drop(deadpool::managed::Object::take(l.conn));
-            }
-        }
-        let mut legs = kept;
-        if !attached && !legs.is_empty() {
-            let i = legs.iter().position(|l| l.shard == prefer).unwrap_or(0);
-            let leg = legs.swap_remove(i);
-            self.shard = leg.shard;
-            self.node = leg.node;
-            self.cancel
-                .attach(leg.conn.addr.clone(), leg.conn.pid, leg.conn.secret);
-            self.server = Some(leg.conn);
-        }
-        for l in legs {
-            self.participants.push(super::distributed::Participant {
-                shard: l.shard,
-                node: l.node,
-                conn: l.conn,
-            });
-        }
-        whole
-    }
-
-    /// After a pipeline inside the client's transaction: its connections
-    /// stay in the transaction (a shard that lost its part fails it), the
-    /// client is told the transaction's state.
-    pub(super) fn keep_in_transaction(
-        &mut self,
-        legs: Vec<Leg>,
-        begin: Bytes,
-        writes: bool,
-        failed: bool,
-    ) {
-        self.cancel.detach();
-        let whole = self.park_legs(legs);
-        if let Some(s) = self.server.as_ref() {
-            self.cancel.attach(s.addr.clone(), s.pid, s.secret);
-        } else {
-            // No shard holds the transaction now: it is failed before any
-            // server, as a refused first statement leaves one.
-            self.deferred_begin = Some(begin);
-        }
-        self.coordinator.get_or_insert(self.shard);
-        self.read_attach = false;
-        self.retry = None;
-        self.wrote |= writes;
-        self.write_attach |= writes;
-        let failed = failed || !whole;
-        self.txn_refused |= failed;
-        backend::ready_for_query(&mut self.client_out, if failed { b'E' } else { b'T' });
     }
 
     /// Where each message of the unit goes: Parse, Close and Sync to every
@@ -514,12 +355,10 @@ impl Session {
     }
 }
 
-/// Reads every leg to its ReadyForQuery (after a unit's last answer, or
-/// after an error the shards skip to it).
-async fn drain_to_ready(legs: &mut [Leg]) -> Result<(), String> {
-    for leg in legs.iter_mut() {
-        while leg.next().await?[0] != backend::READY_FOR_QUERY {}
-        leg.done = true;
+/// Writes each leg its part of the unit (taking in the answers meanwhile).
+async fn send_parts(legs: &mut [Leg], outs: &[BytesMut]) -> Result<(), String> {
+    for (leg, out) in legs.iter_mut().zip(outs) {
+        leg.send_draining(out, MAX_DRAINED).await?;
     }
     Ok(())
 }
