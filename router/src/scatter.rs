@@ -157,6 +157,9 @@ pub struct MergePlan {
     pub grouping: Option<Grouping>,
     /// DISTINCT ON: keep the first row of each run of equal values.
     pub distinct_on: Vec<Col>,
+    /// FETCH FIRST ... WITH TIES: past the limit, rows sorting equal to the
+    /// last one still come.
+    pub with_ties: bool,
 }
 
 fn refuse(what: impl Into<String>) -> Refusal {
@@ -218,6 +221,7 @@ pub fn plan(sql: &str, sh: &Sharding) -> Result<Option<MergePlan>, Refusal> {
     };
     let mut sel = (**sel).clone();
     let (limit, offset) = limits(&q)?;
+    let with_ties = q.fetch.as_ref().is_some_and(|f| f.with_ties);
     let mut p = Planner::new(&sel, sh);
     let aggregated = !p.group_exprs.is_empty()
         || sel.having.is_some()
@@ -266,8 +270,25 @@ pub fn plan(sql: &str, sh: &Sharding) -> Result<Option<MergePlan>, Refusal> {
         }
     };
     let grouped = plan.grouping.is_some() && !distinct;
+    if with_ties && (plan.grouping.is_some() || !plan.distinct_on.is_empty() || distinct) {
+        return Err(refuse(
+            "FETCH FIRST ... WITH TIES over groups or DISTINCT rows",
+        ));
+    }
     *q.body = SetExpr::Select(Box::new(sel));
-    if grouped {
+    if with_ties {
+        // Each shard sends its first LIMIT + OFFSET rows and their ties:
+        // every row sorting before the merged answer's last is among them.
+        q.limit_clause = unused_params(limit, offset);
+        if let Some(LimitClause::LimitOffset { limit: Some(n), .. }) = pushed_limit(limit, offset) {
+            q.fetch = Some(sqlparser::ast::Fetch {
+                with_ties: true,
+                percent: false,
+                quantity: Some(Expr::Nested(Box::new(n))),
+            });
+            q.limit_clause = None;
+        }
+    } else if grouped {
         q.order_by = None;
         q.limit_clause = unused_params(limit, offset);
         q.fetch = None;
@@ -279,6 +300,7 @@ pub fn plan(sql: &str, sh: &Sharding) -> Result<Option<MergePlan>, Refusal> {
     }
     Ok(Some(MergePlan {
         sql: q.to_string(),
+        with_ties,
         ..plan
     }))
 }
@@ -307,8 +329,8 @@ fn limits(q: &Query) -> Result<(Count, Count), Refusal> {
         Some(LimitClause::OffsetCommaLimit { .. }) => return Err(refuse("LIMIT m, n")),
     }
     if let Some(f) = &q.fetch {
-        if f.with_ties || f.percent {
-            return Err(refuse("FETCH FIRST ... WITH TIES or PERCENT"));
+        if f.percent {
+            return Err(refuse("FETCH FIRST ... PERCENT"));
         }
         limit = match &f.quantity {
             Some(e) => count(e, "FETCH FIRST")?,
@@ -792,6 +814,7 @@ impl<'a> Planner<'a> {
             offset,
             grouping: None,
             distinct_on,
+            with_ties: false,
         }))
     }
 
@@ -813,6 +836,7 @@ impl<'a> Planner<'a> {
                 having: None,
             }),
             distinct_on: vec![],
+            with_ties: false,
         })
     }
 
@@ -1028,6 +1052,7 @@ impl<'a> Planner<'a> {
                 having,
             }),
             distinct_on: vec![],
+            with_ties: false,
         })
     }
 

@@ -163,6 +163,10 @@ pub struct Template {
     /// more than one (an outer join keeping the rows of a reference table
     /// or VALUES list, which every shard would return).
     pub spread_refusal: Option<Refusal>,
+    /// Keys of the subqueries, CTEs and set-operation branches that read
+    /// sharded tables below the top level, each with its group: every one
+    /// must name one shard, the same one, and the statement runs there.
+    pub pinned: Vec<(usize, KeyExpr)>,
 }
 
 /// COPY FROM STDIN into a table spread over shards.
@@ -195,6 +199,7 @@ impl Template {
             hint: None,
             cursor: false,
             spread_refusal: None,
+            pinned: Vec::new(),
         }
     }
 
@@ -1034,13 +1039,17 @@ impl Analyzer<'_> {
 
     /// Scope of a statement reading or writing `rels` (its top-level
     /// tables) filtered by `conditions`; `all` names every relation at any
-    /// depth.
+    /// depth. Sharded tables read below the top level are allowed when
+    /// `inner` (the statement, and the top-level SELECT) shows each is
+    /// pinned to keys (see `pins`): they come back with their keys.
+    #[allow(clippy::type_complexity)]
     fn scope(
         &self,
         rels: &[Rel],
         conditions: &[(&Expr, bool)],
         all: &[String],
-    ) -> Result<Scope, Refusal> {
+        inner: Option<(&Statement, Option<&sqlparser::ast::Select>)>,
+    ) -> Result<(Scope, Vec<(usize, KeyExpr)>), Refusal> {
         let sharded: Vec<usize> = (0..rels.len())
             .filter(|&i| matches!(rels[i].kind, TableKind::Sharded(_)))
             .collect();
@@ -1063,30 +1072,49 @@ impl Analyzer<'_> {
                 "the statement mixes table \"{u}\", which is not sharded (it lives on the default shard), with sharded table \"{s}\""
             )));
         }
-        if sharded.is_empty() {
-            if let Some(s) = any_sharded {
-                return Err(Refusal::unsupported(format!(
-                    "sharded table \"{s}\" is read in a subquery or CTE; the proxy routes only statements whose sharded tables are in the top-level FROM (or add a /* shardline: shard=NAME */ comment)"
-                )));
+        let below = || {
+            let refusal = Refusal::unsupported(format!(
+                "sharded table \"{}\" is read in a subquery or CTE; the proxy routes only statements whose sharded tables are in the top-level FROM, or whose subqueries and CTEs name keys of one shard (or add a /* shardline: shard=NAME */ comment)",
+                any_sharded.map(String::as_str).unwrap_or("?")
+            ));
+            match inner {
+                Some((whole, top)) => match self.pins(whole, top) {
+                    Ok(pins) if !pins.is_empty() => Ok(pins),
+                    Ok(_) => Err(refusal),
+                    Err(r) => Err(r),
+                },
+                None => Err(refusal),
             }
-            return Ok(if unsharded.is_some() {
+        };
+        if sharded.is_empty() {
+            if any_sharded.is_some() {
+                let pins = below()?;
+                let scope = Scope::Sharded {
+                    group: pins[0].0,
+                    key: pins[0].1.clone(),
+                    rows: false,
+                    key_change: None,
+                };
+                return Ok((scope, pins));
+            }
+            let scope = if unsharded.is_some() {
                 Scope::Default
             } else if any_reference {
                 Scope::Reference
             } else {
                 Scope::Anywhere
-            });
+            };
+            return Ok((scope, Vec::new()));
         }
         let occurrences = all
             .iter()
             .filter(|n| matches!(kind_of(n), Some(TableKind::Sharded(_))))
             .count();
-        if occurrences > sharded.len() {
-            return Err(Refusal::unsupported(format!(
-                "sharded table \"{}\" is read in a subquery or CTE; the proxy routes only statements whose sharded tables are in the top-level FROM (or add a /* shardline: shard=NAME */ comment)",
-                any_sharded.map(String::as_str).unwrap_or("?")
-            )));
-        }
+        let pins = if occurrences > sharded.len() {
+            below()?
+        } else {
+            Vec::new()
+        };
         let group_of = |i: usize| match &rels[i].kind {
             TableKind::Sharded(r) => r.group,
             _ => usize::MAX,
@@ -1130,12 +1158,217 @@ impl Analyzer<'_> {
             1 => keys.pop().unwrap_or(KeyExpr::All),
             _ => KeyExpr::And(keys),
         };
-        Ok(Scope::Sharded {
+        let scope = Scope::Sharded {
             group,
             key,
             rows: false,
             key_change: None,
-        })
+        };
+        Ok((scope, pins))
+    }
+
+    /// The tables of one SELECT's FROM, the conditions that decide its
+    /// key (`true`: the condition restricts the rows: WHERE and inner joins'
+    /// ON), and what an outer join in it keeps that every shard holds.
+    fn select_parts<'s>(
+        &self,
+        sel: &'s sqlparser::ast::Select,
+    ) -> (Vec<Rel>, Vec<(&'s Expr, bool)>, Option<String>) {
+        let mut rels = Vec::new();
+        let mut conditions: Vec<(&Expr, bool)> = Vec::new();
+        let mut keeps = None;
+        for t in &sel.from {
+            if let Some(k) = self.add_from(t, &mut rels) {
+                keeps.get_or_insert(k);
+            }
+            for j in &t.joins {
+                use sqlparser::ast::JoinOperator as J;
+                let (c, inner) = match &j.join_operator {
+                    J::Join(c) | J::Inner(c) => (c, true),
+                    J::Left(c)
+                    | J::LeftOuter(c)
+                    | J::Right(c)
+                    | J::RightOuter(c)
+                    | J::FullOuter(c)
+                    | J::CrossJoin(c)
+                    | J::Semi(c)
+                    | J::LeftSemi(c)
+                    | J::RightSemi(c)
+                    | J::Anti(c)
+                    | J::LeftAnti(c)
+                    | J::RightAnti(c) => (c, false),
+                    _ => continue,
+                };
+                if let sqlparser::ast::JoinConstraint::On(e) = c {
+                    conditions.push((e, inner));
+                }
+            }
+        }
+        if let Some(w) = &sel.selection {
+            conditions.push((w, true));
+        }
+        (rels, conditions, keeps)
+    }
+
+    /// What a SELECT's rows from several shards need before they are the
+    /// answer one Postgres gives (DISTINCT, GROUP BY, aggregates ...).
+    fn select_merge(sel: &sqlparser::ast::Select) -> Option<&'static str> {
+        let mut needs_merge = None;
+        if sel.distinct.is_some() {
+            needs_merge = Some("DISTINCT");
+        }
+        let grouped = match &sel.group_by {
+            GroupByExpr::All(_) => true,
+            GroupByExpr::Expressions(e, _) => !e.is_empty(),
+        };
+        if grouped {
+            needs_merge = Some("GROUP BY");
+        } else if sel.having.is_some() {
+            needs_merge = Some("HAVING");
+        }
+        let mut f = MergeFinder { found: None };
+        for item in &sel.projection {
+            if let SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } = item {
+                let _ = e.visit(&mut f);
+            }
+        }
+        f.found.or(needs_merge)
+    }
+
+    /// The keys of the SELECTs below the top level that read sharded tables
+    /// (subqueries, CTEs, set-operation branches; `top` is the one the
+    /// caller analysed): each must be pinned by its own WHERE to keys, so
+    /// the statement can run whole on their shard.
+    fn pins(
+        &self,
+        whole: &Statement,
+        top: Option<&sqlparser::ast::Select>,
+    ) -> Result<Vec<(usize, KeyExpr)>, Refusal> {
+        struct Inner<'a, 'b> {
+            an: &'a Analyzer<'b>,
+            top: Option<*const sqlparser::ast::Select>,
+            pins: Vec<(usize, KeyExpr)>,
+            refusal: Option<Refusal>,
+        }
+        impl Inner<'_, '_> {
+            fn body(&mut self, body: &SetExpr) -> Result<(), Refusal> {
+                match body {
+                    SetExpr::Select(sel) if Some(&**sel as *const _) != self.top => {
+                        if let Some(pin) = self.an.pinned_select(sel)? {
+                            self.pins.push(pin);
+                        }
+                        Ok(())
+                    }
+                    SetExpr::SetOperation { left, right, .. } => {
+                        self.body(left)?;
+                        self.body(right)
+                    }
+                    // Nested queries are visited on their own.
+                    _ => Ok(()),
+                }
+            }
+        }
+        impl Visitor for Inner<'_, '_> {
+            type Break = ();
+            fn pre_visit_query(&mut self, q: &Query) -> ControlFlow<()> {
+                match self.body(&q.body) {
+                    Ok(()) => ControlFlow::Continue(()),
+                    Err(r) => {
+                        self.refusal = Some(r);
+                        ControlFlow::Break(())
+                    }
+                }
+            }
+        }
+        let mut v = Inner {
+            an: self,
+            top: top.map(|t| t as *const _),
+            pins: Vec::new(),
+            refusal: None,
+        };
+        let _ = whole.visit(&mut v);
+        match v.refusal {
+            Some(r) => Err(r),
+            None => Ok(v.pins),
+        }
+    }
+
+    /// A SELECT below the top level: `None` when it reads no sharded table,
+    /// else its group and key, refused when no key pins it.
+    fn pinned_select(
+        &self,
+        sel: &sqlparser::ast::Select,
+    ) -> Result<Option<(usize, KeyExpr)>, Refusal> {
+        let (rels, conditions, _) = self.select_parts(sel);
+        let names: Vec<String> = rels.iter().map(|r| r.name.clone()).collect();
+        let Some(table) = rels
+            .iter()
+            .find(|r| matches!(r.kind, TableKind::Sharded(_)))
+        else {
+            return Ok(None);
+        };
+        match self.scope(&rels, &conditions, &names, None)? {
+            (Scope::Sharded { group, key, .. }, _) if key != KeyExpr::All => {
+                Ok(Some((group, key)))
+            }
+            _ => Err(Refusal::unsupported(format!(
+                "sharded table \"{}\" is read in a subquery, CTE or set operation without its sharding key: the proxy runs such a statement only when every one of them names keys of one shard in its WHERE clause (or add a /* shardline: shard=NAME */ comment)",
+                table.name
+            ))),
+        }
+    }
+
+    /// UNION ALL of plain SELECTs each reading sharded tables (no DISTINCT,
+    /// grouping or aggregate in a branch, no ORDER BY/LIMIT over the whole):
+    /// every row comes from one shard, so the shards' answers concatenated
+    /// are the answer. Its shards: every branch's.
+    fn union_all(&self, q: &Query) -> Option<(usize, KeyExpr)> {
+        fn leaves<'q>(e: &'q SetExpr, out: &mut Vec<&'q sqlparser::ast::Select>) -> bool {
+            match e {
+                SetExpr::Select(s) => {
+                    out.push(s);
+                    true
+                }
+                SetExpr::SetOperation {
+                    op: sqlparser::ast::SetOperator::Union,
+                    set_quantifier: sqlparser::ast::SetQuantifier::All,
+                    left,
+                    right,
+                } => leaves(left, out) && leaves(right, out),
+                _ => false,
+            }
+        }
+        if q.order_by.is_some() || q.limit_clause.is_some() || q.fetch.is_some() {
+            return None;
+        }
+        let mut selects = Vec::new();
+        if !leaves(&q.body, &mut selects) {
+            return None;
+        }
+        let mut group = None;
+        let mut keys = Vec::new();
+        for sel in selects {
+            if Self::select_merge(sel).is_some() {
+                return None;
+            }
+            let (rels, conditions, keeps) = self.select_parts(sel);
+            if keeps.is_some() {
+                return None;
+            }
+            let names: Vec<String> = relations(sel);
+            match self.scope(&rels, &conditions, &names, None) {
+                Ok((Scope::Sharded { group: g, key, .. }, _)) => {
+                    if *group.get_or_insert(g) != g {
+                        // Keys of different groups do not combine: every
+                        // shard (each row is still on one).
+                        keys.push(KeyExpr::All);
+                    }
+                    keys.push(key)
+                }
+                _ => return None,
+            }
+        }
+        Some((group?, KeyExpr::Or(keys)))
     }
 
     fn query(&self, q: &Query, whole: &Statement) -> Template {
@@ -1146,37 +1379,12 @@ impl Analyzer<'_> {
         let mut conditions: Vec<(&Expr, bool)> = Vec::new();
         let mut needs_merge = None;
         let mut keeps = None;
+        let mut top = None;
         match &*q.body {
             SetExpr::Select(sel) => {
-                for t in &sel.from {
-                    if let Some(k) = self.add_from(t, &mut rels) {
-                        keeps.get_or_insert(k);
-                    }
-                    for j in &t.joins {
-                        use sqlparser::ast::JoinOperator as J;
-                        let (c, inner) = match &j.join_operator {
-                            J::Join(c) | J::Inner(c) => (c, true),
-                            J::Left(c)
-                            | J::LeftOuter(c)
-                            | J::Right(c)
-                            | J::RightOuter(c)
-                            | J::FullOuter(c)
-                            | J::CrossJoin(c)
-                            | J::Semi(c)
-                            | J::LeftSemi(c)
-                            | J::RightSemi(c)
-                            | J::Anti(c)
-                            | J::LeftAnti(c)
-                            | J::RightAnti(c) => (c, false),
-                            _ => continue,
-                        };
-                        if let sqlparser::ast::JoinConstraint::On(e) = c {
-                            conditions.push((e, inner));
-                        }
-                    }
-                }
+                top = Some(&**sel);
+                (rels, conditions, keeps) = self.select_parts(sel);
                 if let Some(w) = &sel.selection {
-                    conditions.push((w, true));
                     // Subqueries whose rows for each outer row live on that
                     // row's shard are answered there: not counted as
                     // sharded tables read elsewhere.
@@ -1188,29 +1396,7 @@ impl Analyzer<'_> {
                         }
                     }
                 }
-                if sel.distinct.is_some() {
-                    needs_merge = Some("DISTINCT");
-                }
-                let grouped = match &sel.group_by {
-                    GroupByExpr::All(_) => true,
-                    GroupByExpr::Expressions(e, _) => !e.is_empty(),
-                };
-                if grouped {
-                    needs_merge = Some("GROUP BY");
-                } else if sel.having.is_some() {
-                    needs_merge = Some("HAVING");
-                }
-                let mut f = MergeFinder { found: None };
-                for item in &sel.projection {
-                    if let SelectItem::UnnamedExpr(e) | SelectItem::ExprWithAlias { expr: e, .. } =
-                        item
-                    {
-                        let _ = e.visit(&mut f);
-                    }
-                }
-                if let Some(found) = f.found {
-                    needs_merge = Some(found);
-                }
+                needs_merge = Self::select_merge(sel);
             }
             SetExpr::SetOperation { op, .. } => {
                 needs_merge = Some(match op {
@@ -1234,17 +1420,54 @@ impl Analyzer<'_> {
             needs_merge = Some("FETCH FIRST");
         }
         if let SetExpr::SetOperation { op, .. } = &*q.body {
-            if let Some(table) = all
+            let sharded = all
                 .iter()
-                .find(|n| !is_catalog(n) && matches!(self.sh.table(n), TableKind::Sharded(_)))
-            {
-                return Template::refused(Refusal::unsupported(format!(
-                    "{op} over sharded table \"{table}\" is not supported: each branch would see one shard's rows; run the branches separately, or add a /* shardline: shard=NAME */ comment"
-                )));
+                .find(|n| !is_catalog(n) && matches!(self.sh.table(n), TableKind::Sharded(_)));
+            if let Some(table) = sharded {
+                let refusal = Refusal::unsupported(format!(
+                    "{op} over sharded table \"{table}\" is not supported: each branch would see one shard's rows; pin every branch to keys of one shard, run the branches separately, or add a /* shardline: shard=NAME */ comment"
+                ));
+                if let Some(u) = all
+                    .iter()
+                    .find(|n| !is_catalog(n) && self.sh.table(n) == TableKind::Unsharded)
+                {
+                    return Template::refused(Refusal::unsupported(format!(
+                        "the statement mixes table \"{u}\", which is not sharded (it lives on the default shard), with sharded table \"{table}\""
+                    )));
+                }
+                return match (self.pins(whole, None), self.union_all(q)) {
+                    (Ok(pins), _) if !pins.is_empty() => {
+                        let mut t = Template::new(
+                            Scope::Sharded {
+                                group: pins[0].0,
+                                key: pins[0].1.clone(),
+                                rows: false,
+                                key_change: None,
+                            },
+                            write,
+                        );
+                        t.pinned = pins;
+                        t
+                    }
+                    (_, Some((group, key))) if q.with.is_none() => Template::new(
+                        Scope::Sharded {
+                            group,
+                            key,
+                            rows: false,
+                            key_change: None,
+                        },
+                        write,
+                    ),
+                    _ => Template::refused(refusal),
+                };
             }
         }
-        let mut t = match self.scope(&rels, &conditions, &all) {
-            Ok(scope) => Template::new(scope, write),
+        let mut t = match self.scope(&rels, &conditions, &all, Some((whole, top))) {
+            Ok((scope, pinned)) => {
+                let mut t = Template::new(scope, write);
+                t.pinned = pinned;
+                t
+            }
             Err(r) => return Template::refused(r),
         };
         t.needs_merge = needs_merge;
@@ -1353,8 +1576,8 @@ impl Analyzer<'_> {
                     kind: TableKind::Unsharded,
                     nullable: false,
                 }];
-                match self.scope(&rels, &[], &all) {
-                    Ok(scope) => Template::new(scope, true),
+                match self.scope(&rels, &[], &all, None) {
+                    Ok((scope, _)) => Template::new(scope, true),
                     Err(r) => Template::refused(r),
                 }
             }
@@ -1371,7 +1594,7 @@ impl Analyzer<'_> {
     ) -> Template {
         let all = relations(whole);
         let conditions: Vec<(&Expr, bool)> = selection.map(|s| (s, true)).into_iter().collect();
-        let mut scope = match self.scope(rels, &conditions, &all) {
+        let (mut scope, pinned) = match self.scope(rels, &conditions, &all, Some((whole, None))) {
             Ok(s) => s,
             Err(r) => return Template::refused(r),
         };
@@ -1386,9 +1609,7 @@ impl Analyzer<'_> {
             }
         }
         let mut t = Template::new(scope, true);
-        if matches!(t.scope, Scope::Reference) {
-            t.scope = Scope::Reference;
-        }
+        t.pinned = pinned;
         t
     }
 
@@ -1647,6 +1868,10 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
                     })
                 }
             };
+            let mask = match pinned_mask(t, mask, sh, &values) {
+                Ok(m) => m,
+                Err(r) => return Placement::Refused(r),
+            };
             if let Some(change) = key_change {
                 let refusal = match key_value(change, g, &values) {
                     _ if mask.count_ones() != 1 => Some(
@@ -1695,6 +1920,43 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
         }
         other => other,
     }
+}
+
+/// The one shard a statement with pinned subqueries, CTEs or branches
+/// runs on (`Template::pinned`): every restricted part names the same
+/// single shard, the top level's `mask` included. A part whose keys
+/// contradict themselves (`id = 1 AND id = 2`) reads no rows anywhere and
+/// does not count.
+fn pinned_mask(
+    t: &Template,
+    mask: ShardMask,
+    sh: &Sharding,
+    values: &Values,
+) -> Result<ShardMask, Refusal> {
+    if t.pinned.is_empty() {
+        return Ok(mask);
+    }
+    let mut one: ShardMask = 0;
+    for m in std::iter::once(Ok(mask)).chain(
+        t.pinned
+            .iter()
+            .map(|(group, key)| key_mask(key, &sh.groups[*group], sh, values)),
+    ) {
+        let m = m.map_err(|e| Refusal {
+            code: "22023",
+            message: e,
+        })?;
+        if m == 0 {
+            continue;
+        }
+        if m.count_ones() > 1 || (one != 0 && one != m) {
+            return Err(Refusal::unsupported(
+                "the statement's subqueries, CTEs or set-operation branches read rows of different shards (or the statement reads several shards): it runs whole only on one shard; name keys of one shard in each, or add a /* shardline: shard=NAME */ comment",
+            ));
+        }
+        one = m;
+    }
+    Ok(one)
 }
 
 /// The value of one key source.

@@ -723,3 +723,33 @@ fn count_distinct_off_the_key_groups_the_shards_by_its_argument() {
     assert_eq!(c.grouper().finish(None, 0, &mut out).unwrap(), 1);
     assert_eq!(texts(&out), [vec![s("0"), None]]);
 }
+
+/// FETCH FIRST n ROWS WITH TIES: each shard sends its first LIMIT + OFFSET
+/// rows with their ties (every row sorting before the answer's last is
+/// among them); the merge keeps the ties past the limit. Over groups or
+/// DISTINCT rows it is refused.
+#[test]
+fn fetch_first_with_ties_is_pushed_down_and_merged() {
+    let p =
+        planned("SELECT id, age FROM users ORDER BY age OFFSET 3 FETCH FIRST 10 ROWS WITH TIES");
+    assert!(p.with_ties);
+    assert!(
+        p.sql
+            .ends_with("ORDER BY age FETCH FIRST (13) ROWS WITH TIES"),
+        "{}",
+        p.sql
+    );
+    let p = planned("SELECT id, age FROM users ORDER BY age FETCH FIRST $1 ROWS WITH TIES");
+    assert!(
+        p.sql.ends_with("FETCH FIRST ($1::INT8) ROWS WITH TIES"),
+        "{}",
+        p.sql
+    );
+    assert!(!planned("SELECT id FROM users ORDER BY id FETCH FIRST 3 ROWS ONLY").with_ties);
+    for sql in [
+        "SELECT DISTINCT age FROM users ORDER BY age FETCH FIRST 3 ROWS WITH TIES",
+        "SELECT age, count(*) FROM users GROUP BY age ORDER BY 2 FETCH FIRST 2 ROWS WITH TIES",
+    ] {
+        assert!(refusal(sql).contains("WITH TIES"), "{sql}");
+    }
+}

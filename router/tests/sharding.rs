@@ -627,7 +627,7 @@ fn outer_joins_keeping_replicated_rows_are_refused_on_several_shards() {
 /// A set-returning function in FROM is no table: joined to a sharded table
 /// (inner) it runs on every shard; keeping its rows in an outer join is
 /// refused like a reference table's. Set operations over sharded tables
-/// are refused by their own name.
+/// that are not answered are refused by their own name.
 #[test]
 fn functions_in_from_and_set_operations() {
     let mut t = T::new();
@@ -647,7 +647,7 @@ fn functions_in_from_and_set_operations() {
     .to_string();
     assert!(msg.contains("a function"), "{msg}");
     let msg =
-        refused(&t.place("SELECT id FROM users UNION ALL SELECT user_id FROM orders")).to_string();
+        refused(&t.place("SELECT id FROM users UNION SELECT user_id FROM orders")).to_string();
     assert!(msg.starts_with("UNION over sharded table"), "{msg}");
     let msg =
         refused(&t.place("SELECT id FROM users EXCEPT SELECT user_id FROM orders")).to_string();
@@ -850,4 +850,77 @@ fn pipelines_of_single_shard_executions() {
         pipeline_shards(&[one(0), Placement::Merge(0b11), one(1)]),
         None
     );
+}
+
+/// Subqueries, CTEs and set-operation branches whose every sharded read is
+/// pinned by its own WHERE to keys of one shard: the statement runs whole
+/// there. Keys of different shards, an unpinned part, or a top level
+/// spanning shards stay refused.
+#[test]
+fn subqueries_ctes_and_branches_pinned_to_one_shard() {
+    let mut t = T::new();
+    let a = 11i64;
+    let same = (0..1000)
+        .find(|&x| x != a && t.of(x) == t.of(a))
+        .expect("same shard");
+    let other = (0..1000).find(|&x| t.of(x) != t.of(a)).expect("other");
+    for sql in [
+        format!("SELECT * FROM (SELECT id, name FROM users WHERE id = {a}) s"),
+        format!("WITH mine AS (SELECT * FROM orders WHERE user_id = {a}) SELECT count(*) FROM mine"),
+        format!("SELECT name FROM users WHERE id = {a} AND age > (SELECT avg(age) FROM users WHERE id IN ({a}, {same}))"),
+        format!("SELECT c.name, (SELECT count(*) FROM orders o WHERE o.user_id = {a}) FROM countries c"),
+        format!("SELECT id FROM users WHERE id = {a} UNION SELECT user_id FROM orders WHERE user_id = {same} ORDER BY 1 LIMIT 3"),
+        format!("SELECT id FROM users WHERE id = {a} UNION ALL SELECT 0 FROM countries"),
+        format!("UPDATE users SET age = (SELECT count(*) FROM orders WHERE user_id = {a}) WHERE id = {a}"),
+        format!("DELETE FROM orders WHERE user_id = {a} AND amount < (SELECT avg(amount) FROM orders WHERE user_id = {a})"),
+    ] {
+        assert_eq!(t.place(&sql), Placement::One(t.of(a)), "{sql}");
+    }
+    // A bound parameter pins as well as a constant.
+    let key = a.to_string();
+    assert_eq!(
+        t.with_params(
+            "WITH m AS (SELECT * FROM users WHERE id = $1) SELECT * FROM m",
+            &[(0, Some(key.as_bytes()))]
+        ),
+        Placement::One(t.of(a))
+    );
+    for sql in [
+        format!("SELECT * FROM (SELECT id FROM users WHERE id IN ({a}, {other})) s"),
+        format!("SELECT id FROM users WHERE id = {a} UNION SELECT user_id FROM orders WHERE user_id = {other}"),
+        format!("SELECT * FROM users WHERE age > (SELECT avg(age) FROM users WHERE id = {a})"),
+        "SELECT * FROM (SELECT id FROM users) s".to_string(),
+        format!("WITH m AS (SELECT * FROM users WHERE id = {a}) SELECT * FROM m JOIN orders o ON o.user_id = m.id"),
+        format!("SELECT id FROM users WHERE id = {a} UNION SELECT user_id FROM orders"),
+        format!("SELECT id FROM users WHERE id = {a} UNION SELECT aid FROM pgbench_accounts"),
+    ] {
+        refused(&t.place(&sql));
+    }
+}
+
+/// UNION ALL of plain SELECTs over sharded tables: each row comes from one
+/// shard, so the shards' answers concatenate. With a branch every shard
+/// would repeat (a reference table), DISTINCT or grouping inside, or
+/// ORDER BY/LIMIT over the whole, it is refused instead.
+#[test]
+fn union_all_of_sharded_reads_concatenates() {
+    let mut t = T::new();
+    for sql in [
+        "SELECT id FROM users UNION ALL SELECT user_id FROM orders",
+        "SELECT id FROM users WHERE age > 3 UNION ALL SELECT u.id FROM users u JOIN orders o ON o.user_id = u.id UNION ALL SELECT id FROM users",
+        "SELECT id::text FROM users UNION ALL SELECT device::text FROM events",
+    ] {
+        assert!(matches!(t.place(sql), Placement::Many(_)), "{sql}");
+    }
+    for sql in [
+        "SELECT id FROM users UNION SELECT user_id FROM orders",
+        "SELECT id FROM users UNION ALL SELECT 1 FROM countries",
+        "SELECT id FROM users UNION ALL SELECT 1",
+        "SELECT count(*) FROM users UNION ALL SELECT user_id FROM orders",
+        "SELECT DISTINCT id FROM users UNION ALL SELECT user_id FROM orders",
+        "SELECT id FROM users UNION ALL SELECT user_id FROM orders ORDER BY 1",
+        "SELECT id FROM users UNION ALL SELECT user_id FROM orders LIMIT 5",
+    ] {
+        refused(&t.place(sql));
+    }
 }

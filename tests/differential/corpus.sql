@@ -270,7 +270,6 @@ SELECT c.code FROM countries c LEFT JOIN users u ON u.country = c.code WHERE u.i
 ! SELECT g, u.name FROM generate_series(1, 30) g JOIN users u ON u.id = g
 ! SELECT g, count(o.id) FROM generate_series(-5, 5) g JOIN orders o ON o.user_id = g GROUP BY g
 SELECT g, u.name FROM generate_series(1, 3) g LEFT JOIN users u ON u.id = g
-SELECT id FROM users UNION ALL SELECT user_id FROM orders
 -- HAVING with BETWEEN and IN; constant LIMIT expressions; GROUP BY the
 -- key's position (then any aggregate is exact)
 ! SELECT country, count(*) FROM users GROUP BY country HAVING count(*) BETWEEN 600 AND 700
@@ -302,3 +301,33 @@ SELECT u.id FROM users u WHERE EXISTS (SELECT 1 FROM orders o WHERE o.amount > 9
 ! WITH big AS (SELECT code FROM countries WHERE population > 100000000) SELECT count(*) FROM users u WHERE u.country IN (SELECT code FROM big)
 ! WITH c AS (SELECT code, name FROM countries) SELECT u.id, c.name FROM users u JOIN c ON c.code = u.country WHERE u.id < -1990
 WITH o AS (SELECT user_id FROM orders WHERE amount > 990) SELECT count(*) FROM o
+-- Subqueries, CTEs and set-operation branches pinned to keys of one shard:
+-- the statement runs whole there (5 and 1005 share a shard or not; either
+-- way the answer is exact or refused)
+! SELECT * FROM (SELECT id, name, age FROM users WHERE id = 17) s WHERE s.age > 0
+! WITH mine AS (SELECT * FROM orders WHERE user_id = 17) SELECT count(*), sum(amount) FROM mine
+! SELECT u.name, (SELECT count(*) FROM orders o WHERE o.user_id = 17) FROM users u WHERE u.id = 17
+! SELECT c.name, (SELECT max(amount) FROM orders o WHERE o.user_id = 42) FROM countries c
+! SELECT id FROM users WHERE id = 42 AND age >= (SELECT min(age) FROM users WHERE id = 42)
+! [ordered] SELECT id FROM users WHERE id = 42 UNION SELECT user_id FROM orders WHERE user_id = 42 UNION SELECT 7 ORDER BY 1
+! SELECT id, name FROM users WHERE id = 42 UNION ALL SELECT 0, name FROM countries
+! SELECT user_id FROM orders WHERE user_id = 9 INTERSECT SELECT id FROM users WHERE id = 9
+! SELECT id FROM users WHERE id = 9 EXCEPT SELECT user_id FROM orders WHERE user_id = 9 AND amount > 1000
+! WITH a AS (SELECT * FROM users WHERE id = 42), b AS (SELECT * FROM orders WHERE user_id = 42) SELECT a.name, count(b.id) FROM a LEFT JOIN b ON b.user_id = a.id GROUP BY a.name
+SELECT * FROM (SELECT id FROM users WHERE id IN (5, 1005)) s
+SELECT id FROM users WHERE id = 5 UNION SELECT user_id FROM orders WHERE user_id = 1005
+SELECT * FROM users WHERE age > (SELECT avg(age) FROM users WHERE id = 5)
+-- UNION ALL of plain reads of sharded tables: the shards' rows concatenated
+! SELECT id FROM users UNION ALL SELECT user_id FROM orders
+! SELECT id, name FROM users WHERE age > 85 UNION ALL SELECT u.id, c.name FROM users u JOIN countries c ON c.code = u.country WHERE u.age < 3
+! SELECT o.user_id, o.amount FROM orders o WHERE o.amount > 990 UNION ALL SELECT id, score FROM users WHERE id < -1990 UNION ALL SELECT id, score FROM users WHERE id = 3
+SELECT id FROM users UNION ALL SELECT 1 FROM countries
+SELECT id FROM users UNION ALL SELECT user_id FROM orders ORDER BY 1 LIMIT 5
+-- FETCH FIRST ... WITH TIES: the ties of the last row come from every shard
+! [ordered:1] SELECT age, id, name FROM users ORDER BY age FETCH FIRST 10 ROWS WITH TIES
+! [ordered:1] SELECT age, id FROM users WHERE active ORDER BY age DESC OFFSET 5 FETCH FIRST 3 ROWS WITH TIES
+! [ordered:1,2] SELECT o.qty, o.amount, o.id FROM orders o WHERE o.qty IS NOT NULL ORDER BY 1, 2 FETCH NEXT 1 ROW WITH TIES
+! [ordered] SELECT id FROM users ORDER BY id FETCH FIRST 5 ROWS WITH TIES
+! [ordered:1] SELECT u.country, u.id FROM users u JOIN orders o ON o.user_id = u.id WHERE o.amount > 990 ORDER BY u.country FETCH FIRST 2 ROWS WITH TIES
+SELECT DISTINCT age FROM users ORDER BY age FETCH FIRST 3 ROWS WITH TIES
+SELECT age, count(*) FROM users GROUP BY age ORDER BY 2 FETCH FIRST 2 ROWS WITH TIES

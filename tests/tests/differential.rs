@@ -67,6 +67,9 @@ struct Query {
     sql: String,
     mode: Mode,
     required: bool,
+    /// The same query with its key constants as bound parameters `$1..`,
+    /// and their values.
+    bound: Option<(String, Vec<i64>)>,
 }
 
 fn corpus() -> Vec<Query> {
@@ -95,6 +98,7 @@ fn corpus() -> Vec<Query> {
                 sql: sql.trim().to_string(),
                 mode,
                 required,
+                bound: None,
             }
         })
         .collect()
@@ -189,9 +193,9 @@ fn generated(seed: u64, n: usize) -> Vec<Query> {
         let k = r.below(4000) as i64 - 2000;
         match t {
             'u' => match r.below(9) {
-                0 => format!("u.id = {k}"),
-                1 => format!("u.id IN ({k}, {}, {})", k + 1, -k),
-                2 => format!("u.id BETWEEN {k} AND {}", k + 60),
+                0 => format!("u.id = ${k}$"),
+                1 => format!("u.id IN (${k}$, ${}$, ${}$)", k + 1, -k),
+                2 => format!("u.id BETWEEN ${k}$ AND ${}$", k + 60),
                 3 => format!("u.age > {}", 18 + r.below(70)),
                 4 => "u.city IS NULL".into(),
                 5 => format!(
@@ -203,8 +207,8 @@ fn generated(seed: u64, n: usize) -> Vec<Query> {
                 _ => format!("u.score > {}", r.below(1000)),
             },
             'o' => match r.below(7) {
-                0 => format!("o.user_id = {k}"),
-                1 => format!("o.user_id IN ({k}, {})", k + 7),
+                0 => format!("o.user_id = ${k}$"),
+                1 => format!("o.user_id IN (${k}$, ${}$)", k + 7),
                 2 => format!("o.amount > {}", r.below(1000)),
                 3 => format!(
                     "o.status = '{}'",
@@ -329,10 +333,27 @@ fn generated(seed: u64, n: usize) -> Vec<Query> {
                 }
             }
         }
+        // Key constants are written `$k$`: inlined in `sql`, bound as
+        // parameters in the other form.
+        let parts: Vec<&str> = sql.split('$').collect();
+        let mut inline = String::new();
+        let mut bound = String::new();
+        let mut params = Vec::new();
+        for (i, part) in parts.iter().enumerate() {
+            if i % 2 == 0 {
+                inline.push_str(part);
+                bound.push_str(part);
+            } else {
+                inline.push_str(part);
+                params.push(part.parse::<i64>().expect("a key constant"));
+                bound.push_str(&format!("${}", params.len()));
+            }
+        }
         out.push(Query {
-            sql,
+            sql: inline,
             mode,
             required: false,
+            bound: (!params.is_empty()).then_some((bound, params)),
         });
     }
     out
@@ -373,16 +394,33 @@ async fn text(c: &Client, sql: &str) -> Answer {
 }
 
 async fn binary(c: &Client, sql: &str) -> Answer {
-    let stmt = match c.prepare(sql).await {
+    bound(c, sql, &[], None).await
+}
+
+/// Through the extended protocol with binary results and `params` bound
+/// in binary: as `types` declares them in the Parse, or (`None`) as the
+/// server infers them.
+async fn bound(c: &Client, sql: &str, params: &[i64], types: Option<Type>) -> Answer {
+    let prepared = match &types {
+        Some(t) => c.prepare_typed(sql, &vec![t.clone(); params.len()]).await,
+        None => c.prepare(sql).await,
+    };
+    let stmt = match prepared {
         Ok(s) => s,
         Err(e) => return error(e),
+    };
+    let narrow: Vec<i32> = params.iter().map(|&p| p as i32).collect();
+    let values: Vec<&(dyn tokio_postgres::types::ToSql + Sync)> = if types == Some(Type::INT4) {
+        narrow.iter().map(|p| p as _).collect()
+    } else {
+        params.iter().map(|p| p as _).collect()
     };
     let columns = stmt
         .columns()
         .iter()
         .map(|c| (c.name().to_string(), c.type_().clone()))
         .collect();
-    match c.query(&stmt, &[]).await {
+    match c.query(&stmt, &values).await {
         Ok(rows) => Answer::Rows(
             columns,
             rows.iter()
@@ -399,6 +437,61 @@ async fn binary(c: &Client, sql: &str) -> Answer {
         ),
         Err(e) => error(e),
     }
+}
+
+/// Each runs on the oracle and through the proxy (which writes every
+/// shard); alternately through the simple and the extended protocol. They
+/// leave the table as they found it.
+const REFERENCE_WRITES: &[&str] = &[
+    "INSERT INTO countries VALUES ('it', 'Italia', 59000000) RETURNING *",
+    "INSERT INTO countries VALUES ('es', 'España', NULL), ('pt', 'Portugal', 10000000)",
+    "INSERT INTO countries VALUES ('ch', 'x', 1) ON CONFLICT (code) DO NOTHING",
+    "INSERT INTO countries VALUES ('ch', 'x', 1) ON CONFLICT (code) DO NOTHING RETURNING code",
+    "UPDATE countries SET population = population + 1 WHERE population > 100000000 RETURNING code, population",
+    "UPDATE countries SET population = population - 1 WHERE population > 100000000",
+    "UPDATE countries SET name = name WHERE code IN ('it', 'xx')",
+    "UPDATE countries SET name = name WHERE code = 'zz' RETURNING code",
+    "DELETE FROM countries WHERE code IN ('es', 'pt') RETURNING name, population",
+    "DELETE FROM countries WHERE code = 'it'",
+];
+
+/// A write's rows (as a multiset) and affected-row count.
+async fn write(c: &Client, sql: &str, extended: bool) -> Result<(Rows, u64), String> {
+    use futures_util::StreamExt as _;
+    let fail = |e: tokio_postgres::Error| e.to_string();
+    if !extended {
+        let mut rows = Vec::new();
+        let mut n = 0;
+        for m in c.simple_query(sql).await.map_err(fail)? {
+            match m {
+                SimpleQueryMessage::Row(r) => {
+                    rows.push((0..r.len()).map(|i| r.get(i).map(str::to_string)).collect())
+                }
+                SimpleQueryMessage::CommandComplete(k) => n = k,
+                _ => {}
+            }
+        }
+        return Ok((sorted(&rows), n));
+    }
+    let stream = c
+        .query_raw(sql, std::iter::empty::<i32>())
+        .await
+        .map_err(fail)?;
+    futures_util::pin_mut!(stream);
+    let mut rows = Vec::new();
+    while let Some(r) = stream.next().await {
+        let r = r.map_err(fail)?;
+        rows.push(
+            (0..r.len())
+                .map(|i| {
+                    r.get::<_, RawValue>(i)
+                        .0
+                        .map(|b| b.iter().map(|x| format!("{x:02x}")).collect())
+                })
+                .collect(),
+        );
+    }
+    Ok((sorted(&rows), stream.rows_affected().unwrap_or(0)))
 }
 
 fn sorted(rows: &[Vec<Option<String>>]) -> Rows {
@@ -541,11 +634,27 @@ async fn run_corpus(env: &Env, database: &str, c_collation: bool) {
     let mut tally: BTreeMap<&str, usize> = BTreeMap::new();
     let mut refusals = Vec::new();
     for q in &corpus {
-        for (format, run) in [("text", 0), ("binary", 1)] {
-            let (o, p) = if run == 0 {
-                (text(&oracle, &q.sql).await, text(&proxy, &q.sql).await)
-            } else {
-                (binary(&oracle, &q.sql).await, binary(&proxy, &q.sql).await)
+        let runs: &[(&str, usize)] = if q.bound.is_some() {
+            &[
+                ("text", 0),
+                ("binary", 1),
+                ("bound int8 (inferred)", 2),
+                ("bound int4 (declared)", 3),
+            ]
+        } else {
+            &[("text", 0), ("binary", 1)]
+        };
+        for &(format, run) in runs {
+            let (o, p) = match (run, &q.bound) {
+                (0, _) => (text(&oracle, &q.sql).await, text(&proxy, &q.sql).await),
+                (2 | 3, Some((sql, params))) => {
+                    let ty = (run == 3).then_some(Type::INT4);
+                    (
+                        bound(&oracle, sql, params, ty.clone()).await,
+                        bound(&proxy, sql, params, ty).await,
+                    )
+                }
+                _ => (binary(&oracle, &q.sql).await, binary(&proxy, &q.sql).await),
             };
             let outcome = match (&o, &p) {
                 (Answer::Error(code, msg), _) => {
@@ -590,8 +699,22 @@ async fn run_corpus(env: &Env, database: &str, c_collation: bool) {
             *tally.entry(outcome).or_default() += 1;
         }
     }
+    // Writes to the reference table: the command tag and RETURNING rows one
+    // Postgres gives, through the simple and the extended protocol.
+    for (i, sql) in REFERENCE_WRITES.iter().enumerate() {
+        let extended = i % 2 == 1;
+        let o = write(&oracle, sql, extended).await;
+        let p = write(&proxy, sql, extended).await;
+        if o != p {
+            failures.push(format!("{p:?}, the oracle {o:?}: {sql}"));
+        } else {
+            *tally
+                .entry("reference writes answered exactly")
+                .or_default() += 1;
+        }
+    }
     println!(
-        "{database}: {} queries ({written} written, {} generated), text and binary: {tally:?}",
+        "{database}: {} queries ({written} written, {} generated), text, binary and bound: {tally:?}",
         corpus.len(),
         corpus.len() - written
     );

@@ -454,7 +454,14 @@ impl Session {
             }
             let mut skip = unit.offset;
             let mut last: Option<Vec<Option<Value>>> = None;
-            while error.is_none() && unit.cap().is_none_or(|l| emitted < l) {
+            // The sort key of the last row sent (FETCH FIRST ... WITH TIES).
+            let mut last_sent: Option<Vec<Option<Value>>> = None;
+            while error.is_none() {
+                let full = unit.cap().is_some_and(|l| emitted >= l);
+                let ties = unit.plan.with_ties && unit.max_rows.is_none_or(|m| emitted < m);
+                if full && !ties {
+                    break;
+                }
                 let mut best: Option<usize> = None;
                 for i in 0..n {
                     let Some((_, key)) = &heads[i] else { continue };
@@ -470,7 +477,14 @@ impl Session {
                     }
                 }
                 let Some(i) = best else { break };
-                let Some((row, _)) = heads[i].take() else {
+                if full {
+                    let tied = matches!((&heads[i], &last_sent), (Some((_, key)), Some(sent))
+                        if c.compare(key, sent) == std::cmp::Ordering::Equal);
+                    if !tied {
+                        break;
+                    }
+                }
+                let Some((row, key)) = heads[i].take() else {
                     break;
                 };
                 self.refill(&mut legs[i], i, c, &mut heads[i], &mut ends[i], &mut error)
@@ -498,6 +512,9 @@ impl Session {
                         error = Some(r);
                         break;
                     }
+                }
+                if unit.plan.with_ties {
+                    last_sent = Some(key);
                 }
                 emitted += 1;
                 if self.client_out.len() >= FLUSH_AT {
