@@ -55,12 +55,15 @@ pub struct ReadYourWritesState {
 /// A commit of this user's on one shard whose WAL position is not known
 /// yet. Counted in `positions_pending` from before the commit's reply is
 /// released to the client until the position is recorded; dropped without
-/// one (the connection was lost), reads go to the primary for `fallback`.
+/// one (the connection was lost) after the reply was released, reads go to
+/// the primary for `fallback`. A reply held until the position is known
+/// (`held`) never reached the client: dropped, it leaves nothing behind.
 pub struct PositionPending {
     user: Arc<UserEntry>,
     shard: usize,
     fallback: Duration,
     settled: bool,
+    released: bool,
 }
 
 impl PositionPending {
@@ -73,7 +76,14 @@ impl PositionPending {
             shard,
             fallback,
             settled: false,
+            released: true,
         }
+    }
+
+    /// The commit's reply waits for the position.
+    pub fn held(mut self) -> PositionPending {
+        self.released = false;
+        self
     }
 
     /// The primary's WAL position after the commit.
@@ -94,7 +104,7 @@ impl std::fmt::Debug for PositionPending {
 impl Drop for PositionPending {
     fn drop(&mut self) {
         let ryw = &self.user.ryw[self.shard];
-        if !self.settled {
+        if !self.settled && self.released {
             let until = health::now_ms() + self.fallback.as_millis() as u64;
             ryw.primary_until
                 .fetch_max(until, std::sync::atomic::Ordering::SeqCst);

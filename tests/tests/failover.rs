@@ -255,3 +255,163 @@ async fn reads_go_to_the_primary_when_every_replica_is_down() {
         assert_eq!(port as u16, env.node_port(0));
     }
 }
+
+/// What a writing user's readers saw while the primary was out.
+#[derive(Default, Debug)]
+struct OutageReads {
+    during: u64,
+    failed: Vec<String>,
+    stale: u64,
+}
+
+/// One user writing (an increasing number per commit) and four of its
+/// connections reading the newest number, under read-your-writes `lsn`;
+/// `outage` takes the primary out 1 s in and `recover` brings it back 3 s
+/// later. Every read must succeed and see every write acknowledged before
+/// it started.
+async fn reads_through_a_primary_outage(
+    env: &Env,
+    outage: impl FnOnce(),
+    recover: impl FnOnce(),
+) -> OutageReads {
+    use std::sync::atomic::{AtomicBool, AtomicI64, AtomicU64, Ordering::SeqCst};
+    use std::sync::Arc;
+    let acked = Arc::new(AtomicI64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let out = Arc::new(AtomicBool::new(false));
+    let during = Arc::new(AtomicU64::new(0));
+    let writer = {
+        let (c, acked, stop) = (env.connect().await, acked.clone(), stop.clone());
+        let start: i64 = c
+            .query_one("SELECT coalesce(max(v), 0) FROM marks", &[])
+            .await
+            .unwrap()
+            .get(0);
+        acked.store(start, SeqCst);
+        tokio::spawn(async move {
+            let mut n = start;
+            while !stop.load(SeqCst) {
+                n += 1;
+                match c.execute("INSERT INTO marks VALUES ($1)", &[&n]).await {
+                    Ok(_) => acked.store(n, SeqCst),
+                    Err(_) => tokio::time::sleep(Duration::from_millis(20)).await,
+                }
+            }
+        })
+    };
+    let mut readers = Vec::new();
+    for _ in 0..4 {
+        let c = env.connect().await;
+        let (acked, stop, out, during) = (acked.clone(), stop.clone(), out.clone(), during.clone());
+        // Prepared once, as drivers do (a unit preparing a new named
+        // statement is not run again elsewhere).
+        let newest = c
+            .prepare("SELECT coalesce(max(v), 0) FROM marks")
+            .await
+            .unwrap();
+        readers.push(tokio::spawn(async move {
+            let (mut failed, mut stale) = (Vec::new(), 0);
+            while !stop.load(SeqCst) {
+                let want = acked.load(SeqCst);
+                let in_outage = out.load(SeqCst);
+                match c.query_one(&newest, &[]).await {
+                    Ok(row) => {
+                        if row.get::<_, i64>(0) < want {
+                            stale += 1;
+                        }
+                        if in_outage && out.load(SeqCst) {
+                            during.fetch_add(1, SeqCst);
+                        }
+                    }
+                    Err(e) => {
+                        failed.push(format!(
+                            "{}: {}",
+                            shardline_tests::sqlstate(&e).unwrap_or_default(),
+                            e.as_db_error().map_or(e.to_string(), |d| d.message().into())
+                        ));
+                        if c.is_closed() {
+                            break;
+                        }
+                    }
+                }
+            }
+            (failed, stale)
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    outage();
+    out.store(true, SeqCst);
+    tokio::time::sleep(Duration::from_millis(3000)).await;
+    out.store(false, SeqCst);
+    stop.store(true, SeqCst);
+    let mut result = OutageReads::default();
+    for r in readers {
+        let (failed, stale) = tokio::time::timeout(Duration::from_secs(30), r)
+            .await
+            .expect("a reader hung")
+            .unwrap();
+        result.failed.extend(failed);
+        result.stale += stale;
+    }
+    result.during = during.load(SeqCst);
+    recover();
+    tokio::time::timeout(Duration::from_secs(30), writer)
+        .await
+        .expect("the writer hung")
+        .unwrap();
+    result
+}
+
+/// Reads of a user who was writing go on while the primary is stopped:
+/// each goes to a replica that has replayed the user's last write (asked
+/// directly; a commit's reply waits for its WAL position, so none is
+/// acknowledged with its position unknown), none is stale, none fails
+/// with the primary's write error.
+/// With the primary frozen (SIGSTOP, which stops its processes one by one:
+/// a commit can be acknowledged after its WAL sender stopped, so no replica
+/// may ever get it) a read may fail, but only with the read error 57P03
+/// naming read-your-writes, never stale and never with the write error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_writing_users_reads_go_on_while_the_primary_is_out() {
+    let env = cluster(1, "").await;
+    env.connect()
+        .await
+        .batch_execute("CREATE TABLE marks (v bigint)")
+        .await
+        .unwrap();
+    env.wait_healthy().await;
+    let frozen = reads_through_a_primary_outage(
+        &env,
+        || env.signal_node(0, libc::SIGSTOP),
+        || env.signal_node(0, libc::SIGCONT),
+    )
+    .await;
+    eprintln!("primary frozen: {frozen:?}");
+    env.wait_healthy().await;
+    let stopped = reads_through_a_primary_outage(
+        &env,
+        || env.backend.stop_node(0, "fast").unwrap(),
+        || env.backend.start_node(0).unwrap(),
+    )
+    .await;
+    eprintln!("primary stopped: {stopped:?}");
+    assert_eq!(frozen.stale, 0, "primary frozen: stale reads");
+    assert!(
+        frozen
+            .failed
+            .iter()
+            .all(|f| f.starts_with("57P03") && f.contains("read-your-writes")),
+        "primary frozen: {:?}",
+        frozen.failed
+    );
+    // The write error ("... writes fail until ...") is what reads pinned
+    // to the primary got before. A reader whose connection the stop ended
+    // stops reading (at most one failure per reader).
+    assert!(
+        stopped.failed.len() <= 4 && stopped.failed.iter().all(|f| !f.contains("writes fail")),
+        "primary stopped: {:?}",
+        stopped.failed
+    );
+    assert_eq!(stopped.stale, 0, "primary stopped: stale reads");
+    assert!(stopped.during > 20, "primary stopped: reads went on ({stopped:?})");
+}

@@ -652,11 +652,18 @@ impl Session {
                 msg,
             )));
         }
-        // Units the client is waiting on (the proxy's own queries owe it nothing).
+        // Units the client is waiting on (the proxy's own queries owe it
+        // nothing), including a commit's reply held for its WAL position:
+        // the client learns the connection was lost before its commit was
+        // confirmed.
         let sync_points = self
             .pending
             .iter()
-            .filter(|p| p.is_sync_point() && p.answer == pending::Answer::Forward)
+            .filter(|p| {
+                p.answer == pending::Answer::Forward
+                    && (p.is_sync_point()
+                        || matches!(p.kind, Kind::Synthetic(Synthetic::ReadyForQuery)))
+            })
             .count();
         self.pending.clear();
         self.server_out.clear();

@@ -24,11 +24,13 @@ const FUNCTION_CALL: Route = Route {
     shards: None,
 };
 
-/// The primary's WAL insert position, for read-your-writes. The insert
-/// position covers the commit record even when synchronous_commit = off has
-/// not written it yet.
-pub(super) const WAL_POSITION_SQL: &str =
-    "SELECT (pg_current_wal_insert_lsn() - '0/0'::pg_lsn)::bigint";
+/// The primary's WAL position after a commit, for read-your-writes: the
+/// flush position, which a commit reaches before it is acknowledged, and
+/// which replicas can have (WAL inserted but not flushed may never reach
+/// them if the primary is lost); with synchronous_commit = off, the insert
+/// position, which covers the commit record before it is written.
+pub(super) const WAL_POSITION_SQL: &str = "SELECT (CASE WHEN current_setting('synchronous_commit') = 'off' \
+     THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END - '0/0'::pg_lsn)::bigint";
 
 /// The statements a unit's Binds refer to: the unit's own Parses first (a
 /// driver may send Parse and its Bind together), then the session's.
@@ -329,10 +331,19 @@ impl Session {
         let mut tried = self.tried;
         let borrowed = self.borrow(shard_index, target, &mut tried).await;
         self.tried = tried;
-        let (conn, node, target) = borrowed?;
+        let (conn, node, placed) = borrowed?;
         self.node = node;
         self.shard = shard_index;
-        self.finish_attach(target, writes, conn);
+        self.finish_attach(placed, writes, conn);
+        if target == Target::Replica && self.retry.is_none() {
+            // A read that read-your-writes placed on the primary may run
+            // again elsewhere too (a replica that has the user's writes).
+            self.retry = self
+                .server
+                .as_ref()
+                .is_some_and(|s| s.tx_status == b'I')
+                .then(|| bytes::BytesMut::with_capacity(256));
+        }
         Ok(())
     }
 
@@ -351,6 +362,7 @@ impl Session {
         let shard = &shared.topology.shards[shard_index];
         let pools = &user.pools.shards[shard_index];
         let lb = &shared.balancing;
+        let read = target == Target::Replica;
         let mut target = target;
         let ryw = &user.ryw[shard_index];
         let primary_until = ryw.primary_until.load(Relaxed);
@@ -367,7 +379,17 @@ impl Session {
         loop {
             let node = match target {
                 Target::Primary => {
-                    let w = shard.writer()?;
+                    let w = match shard.writer() {
+                        Ok(w) if read && *tried & bit(w) != 0 => {
+                            // The read failed on the primary: a replica.
+                            return self.replica_past_writes(shard_index, tried).await;
+                        }
+                        Ok(w) => w,
+                        Err(e) if read && e.code == sqlstate::CONNECTION_FAILURE => {
+                            return self.replica_past_writes(shard_index, tried).await;
+                        }
+                        Err(e) => return Err(e),
+                    };
                     if *tried & bit(w) != 0 {
                         return Err(PgError::error(
                             sqlstate::CONNECTION_FAILURE,
@@ -417,6 +439,9 @@ impl Session {
                 Err(e) if unreachable(&e) => {
                     *tried |= bit(node);
                     shard.nodes[node].ban(shared.ban_time, &e.message);
+                    if target == Target::Primary && read {
+                        return self.replica_past_writes(shard_index, tried).await;
+                    }
                     if target == Target::Primary {
                         return Err(PgError {
                             message: format!("shard {} primary: {}", shard.name, e.message),
@@ -431,6 +456,111 @@ impl Session {
                 }
                 Err(e) => return Err(e),
             }
+        }
+    }
+
+    /// A read whose primary is unavailable (down, unreachable, or it failed
+    /// there): a replica that has replayed past the user's writes on this
+    /// shard. Replicas' positions as of the last health check may be stale,
+    /// so each is asked its replay position directly; commits of the user's
+    /// whose position is still being asked (`positions_pending`) are waited
+    /// for. Gives up after `health.interval + 2 × health.timeout` (the
+    /// time a lost primary takes to be noticed and its connections cut)
+    /// with `57P03`, a read error naming the shard.
+    async fn replica_past_writes(
+        &self,
+        shard_index: usize,
+        tried: &mut u64,
+    ) -> Result<(crate::server::pool::PooledConnection, usize, Target), PgError> {
+        let shared = self.shared.clone();
+        let user = self.login.user.clone();
+        let shard = &shared.topology.shards[shard_index];
+        let pools = &user.pools.shards[shard_index];
+        let lb = &shared.balancing;
+        let ryw = &user.ryw[shard_index];
+        let wait = shared.health.interval + 2 * shared.health.timeout;
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut why = "no replica is up";
+        loop {
+            let pending = ryw.positions_pending.load(std::sync::atomic::Ordering::SeqCst) > 0;
+            let unknown = match lb.read_your_writes {
+                ReadYourWrites::Off => false,
+                _ => now_ms() < ryw.primary_until.load(Relaxed),
+            };
+            let need = match lb.read_your_writes {
+                ReadYourWrites::Lsn => ryw.lsn.load(Relaxed),
+                _ => 0,
+            };
+            if pending {
+                why = "a commit's position is still being asked";
+            } else if unknown {
+                why = "the position of the user's last write is unknown";
+            } else {
+                // Known to be far enough: the balancing strategy's choice;
+                // else every replica up, asked.
+                let mut candidates: Vec<usize> = {
+                    let in_use = |i: usize| pools.nodes[i].in_use();
+                    let req = ReadRequest {
+                        strategy: lb.strategy,
+                        zone: lb.zone.as_deref(),
+                        client: self.client_hash,
+                        min_lsn: need,
+                        exclude: *tried,
+                        primary_reads: false,
+                        in_use: &in_use,
+                    };
+                    shard.reader(&req).into_iter().collect()
+                };
+                let now = now_ms();
+                let chosen = candidates.first().copied();
+                candidates.extend((0..shard.nodes.len()).filter(|&i| {
+                    let n = &shard.nodes[i];
+                    Some(i) != chosen
+                        && n.role() == crate::health::Role::Replica
+                        && *tried & bit(i) == 0
+                        && !n.is_down()
+                        && !n.is_banned(now)
+                }));
+                if !candidates.is_empty() {
+                    why = "no replica has replayed the user's last write yet";
+                }
+                for (k, i) in candidates.into_iter().enumerate() {
+                    let mut conn = match pools.nodes[i].checkout().await {
+                        Ok(c) => c,
+                        Err(e) if unreachable(&e) => {
+                            *tried |= bit(i);
+                            shard.nodes[i].ban(shared.ban_time, &e.message);
+                            continue;
+                        }
+                        Err(e) => return Err(e),
+                    };
+                    if k == 0 && shard.nodes[i].lsn() >= need {
+                        return Ok((conn, i, Target::Replica));
+                    }
+                    let replayed = conn
+                        .simple_query(
+                            "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
+                        )
+                        .await
+                        .ok()
+                        .and_then(|(rows, _)| rows.first().cloned())
+                        .and_then(|r| r.first().cloned().flatten())
+                        .and_then(|v| v.parse::<u64>().ok());
+                    if replayed.is_some_and(|lsn| lsn >= need) {
+                        return Ok((conn, i, Target::Replica));
+                    }
+                }
+            }
+            if tokio::time::Instant::now() >= deadline {
+                return Err(PgError::error(
+                    sqlstate::CANNOT_CONNECT_NOW,
+                    format!(
+                        "shard {}: the primary is unavailable and no replica can serve this read ({why}) after {wait:?}; read-your-writes keeps the user's reads on nodes that have their writes",
+                        shard.name
+                    ),
+                ));
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 

@@ -104,10 +104,11 @@ impl Session {
             }
         }
         let survives = tag == ERROR_RESPONSE && self.client_session_survives();
+        let hold = tag == READY_FOR_QUERY && self.holds_reply(&msg[5..]);
         let Some(front) = self.pending.front_mut() else {
             return Err("no pending request".into());
         };
-        if front.answer == Answer::Forward || tag == ERROR_RESPONSE {
+        if (front.answer == Answer::Forward && !hold) || tag == ERROR_RESPONSE {
             let start = self.client_out.len();
             self.client_out.extend_from_slice(msg);
             if tag == READY_FOR_QUERY && self.deferred_begin.is_some() {
@@ -179,7 +180,7 @@ impl Session {
                     // is still in its unit, whose rest a server would skip.
                     self.skip_until_sync |= self.unit_failed;
                 }
-                if status == b'I' && self.wrote && self.position_pending.is_none() {
+                if status == b'I' && self.wrote && self.position_pending.is_none() && !hold {
                     // A commit whose reply the client is about to get: until
                     // its position is known, the user's reads go to the primary.
                     self.position_pending = self.position_guard();
@@ -191,11 +192,53 @@ impl Session {
                 }
                 self.on_ready(status);
                 self.pop_if_ended(tag);
+                if hold {
+                    self.hold_reply();
+                }
             }
             _ => self.pop_if_ended(tag),
         }
         self.drain_synthetic();
         Ok(())
+    }
+
+    /// Whether the ReadyForQuery (`body`) ending the client's last unit
+    /// waits for the commit's WAL position (read-your-writes `lsn`, under
+    /// transaction pooling): the position query goes out right away, and
+    /// the client gets its ReadyForQuery with the answer. Until then the
+    /// commit is not done for the client, so a primary lost meanwhile
+    /// leaves no write whose position is unknown: a read on another
+    /// connection can always be served by a replica that replayed past the
+    /// user's writes. A client that sent more units behind this one gets
+    /// its reply at once (the position query follows them).
+    fn holds_reply(&self, body: &[u8]) -> bool {
+        body.first() == Some(&b'I')
+            && self.wrote
+            && self.deferred_begin.is_none()
+            && self.pending.len() == 1
+            && self.pending.front().is_some_and(|p| {
+                p.answer == Answer::Forward && matches!(p.kind, Kind::Sync | Kind::Query { .. })
+            })
+            && self.mode() == shardline_config::PoolMode::Transaction
+            && self.shared.balancing.read_your_writes == shardline_config::ReadYourWrites::Lsn
+    }
+
+    /// Sends the position query for the commit just answered, with the
+    /// client's ReadyForQuery queued behind its answer.
+    fn hold_reply(&mut self) {
+        self.wrote = false;
+        let Some(probe) = self
+            .position_pending
+            .take()
+            .or_else(|| self.position_guard().map(crate::PositionPending::held))
+        else {
+            return;
+        };
+        self.send_own_query(super::route::WAL_POSITION_SQL);
+        self.pending
+            .push_back(Pending::swallow(Kind::LsnProbe(probe)));
+        self.pending
+            .push_back(Pending::forward(Kind::Synthetic(super::Synthetic::ReadyForQuery)));
     }
 
     /// Whether losing the server now leaves the client's session intact
