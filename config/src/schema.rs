@@ -136,6 +136,23 @@ pub struct PoolConfig {
     /// Named prepared statements kept per server connection before the oldest is closed.
     #[serde(default = "default_prepared_cache_size")]
     pub prepared_statements_per_server: usize,
+    /// Under transaction pooling, a statement that leaves state on its server
+    /// connection (temporary tables, session advisory locks, SQL PREPARE).
+    #[serde(default)]
+    pub session_state: SessionStatePolicy,
+}
+
+/// What transaction pooling does with a statement that leaves state on the
+/// server connection after its transaction.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatePolicy {
+    /// The client keeps that server connection until it leaves (or runs
+    /// DISCARD ALL); it is reset before anyone else gets it.
+    #[default]
+    Pin,
+    /// The statement is refused with 0A000.
+    Refuse,
 }
 
 impl Default for PoolConfig {
@@ -150,6 +167,7 @@ impl Default for PoolConfig {
             server_tls: ServerTlsMode::default(),
             server_tls_ca: None,
             prepared_statements_per_server: default_prepared_cache_size(),
+            session_state: SessionStatePolicy::default(),
         }
     }
 }

@@ -136,6 +136,8 @@ pub struct Shared {
     pub route_nanos: AtomicU64,
     pub balancing: Balancing,
     pub ban_time: Duration,
+    /// Transaction pooling and statements leaving state on the connection.
+    pub session_state: shardline_config::SessionStatePolicy,
     /// Per database: what its collations let cross-shard merges do with
     /// text, and when that was asked.
     pub collations: std::sync::Mutex<
@@ -321,6 +323,7 @@ impl Shared {
             two_phase,
             balancing: Balancing::from_config(&config.load_balancing),
             ban_time: config.health.ban_time,
+            session_state: config.pool.session_state,
             health_targets,
             health: config.health.clone(),
         })

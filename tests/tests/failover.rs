@@ -327,7 +327,8 @@ async fn reads_through_a_primary_outage(
                         failed.push(format!(
                             "{}: {}",
                             shardline_tests::sqlstate(&e).unwrap_or_default(),
-                            e.as_db_error().map_or(e.to_string(), |d| d.message().into())
+                            e.as_db_error()
+                                .map_or(e.to_string(), |d| d.message().into())
                         ));
                         if c.is_closed() {
                             break;
@@ -413,5 +414,8 @@ async fn a_writing_users_reads_go_on_while_the_primary_is_out() {
         stopped.failed
     );
     assert_eq!(stopped.stale, 0, "primary stopped: stale reads");
-    assert!(stopped.during > 20, "primary stopped: reads went on ({stopped:?})");
+    assert!(
+        stopped.during > 20,
+        "primary stopped: reads went on ({stopped:?})"
+    );
 }

@@ -194,3 +194,94 @@ async fn server_restart_is_invisible_after_the_check_delay() {
         .get(0);
     assert_ne!(before, after);
 }
+
+/// The temp table, session advisory lock and SQL prepared statement a
+/// client leaves on its server connection under transaction pooling: that
+/// client keeps the connection (`pool.session_state = "pin"`, the default),
+/// nobody else ever sees them, and the connection is reset when it leaves.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_stays_with_its_client() {
+    let env = Env::start().await.unwrap();
+    // tinypool: two server connections per node.
+    let a = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+    a.simple_query("CREATE TEMP TABLE mine (x int); INSERT INTO mine VALUES (41)")
+        .await
+        .unwrap();
+    a.simple_query("SELECT pg_advisory_lock(7)").await.unwrap();
+    a.simple_query("PREPARE q AS SELECT 1").await.unwrap();
+    let b = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+    for round in 0..10 {
+        // The client that made them still has them, on every statement.
+        let x: i32 = a
+            .query_one("SELECT x + 1 FROM mine", &[])
+            .await
+            .unwrap()
+            .get(0);
+        assert_eq!(x, 42);
+        a.simple_query("EXECUTE q").await.unwrap();
+        // Nobody else does, and the lock excludes them.
+        assert_eq!(others_see(&b).await, (false, false, false), "round {round}");
+    }
+    drop(a);
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Reset before anyone else got the connection: lock free, nothing left.
+    for _ in 0..4 {
+        let c = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+        assert_eq!(others_see(&c).await, (false, true, false));
+    }
+}
+
+/// `pool.session_state = "refuse"`: such statements fail with 0A000 naming
+/// what they would leave behind, over the simple and the extended
+/// protocol; their transaction-level forms run.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn session_state_can_be_refused() {
+    let env = Env::start_with(EnvOptions {
+        pool_toml: "session_state = \"refuse\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = env.connect().await;
+    for (sql, says) in [
+        ("CREATE TEMP TABLE t (x int)", "temporary"),
+        ("SELECT pg_advisory_lock(1)", "advisory"),
+        ("PREPARE q AS SELECT 1", "PREPARE"),
+    ] {
+        let e = c.simple_query(sql).await.unwrap_err();
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{sql}: {e}");
+        let msg = e.as_db_error().unwrap().message().to_string();
+        assert!(msg.contains(says) && msg.contains("refuse"), "{msg}");
+    }
+    let e = c
+        .query("SELECT pg_try_advisory_lock($1)", &[&1i64])
+        .await
+        .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    c.batch_execute(
+        "BEGIN; SELECT pg_advisory_xact_lock(1); CREATE TEMP TABLE t (x int) ON COMMIT DROP; COMMIT",
+    )
+    .await
+    .unwrap();
+}
+
+/// What another client sees of the state left by `session_state_stays_with_its_client`'s
+/// first client: its temp table, whether it gets lock 7 (released at once),
+/// its prepared statement.
+async fn others_see(c: &tokio_postgres::Client) -> (bool, bool, bool) {
+    let row = c
+        .query_one(
+            "SELECT to_regclass('pg_temp.mine') IS NOT NULL, pg_try_advisory_lock(7), \
+             EXISTS (SELECT 1 FROM pg_prepared_statements WHERE name = 'q')",
+            &[],
+        )
+        .await
+        .unwrap();
+    let seen: (bool, bool, bool) = (row.get(0), row.get(1), row.get(2));
+    if seen.1 {
+        c.simple_query("SELECT pg_advisory_unlock(7)")
+            .await
+            .unwrap();
+    }
+    seen
+}

@@ -286,8 +286,9 @@ impl Session {
         if !planned.complete && !self.must_act() {
             return Ok(Fit::NotYet);
         }
-        // A session-pooled client keeps its connection: like a transaction.
-        let session = self.mode() == PoolMode::Session;
+        // A session-pooled client keeps its connection (as does one whose
+        // connection holds its session state): like a transaction.
+        let session = self.keeps_connection();
         let in_txn = session
             || (self.server.as_ref().is_some_and(|s| s.tx_status != b'I')
                 && self.pending.is_empty());
@@ -514,6 +515,34 @@ impl Session {
                 .is_some_and(|sh| sh.shard_names.len() > 1)
     }
 
+    /// Under transaction pooling, a statement that leaves state on the
+    /// server connection (`sql::session_state`): by `pool.session_state`,
+    /// the client keeps this connection until it leaves or runs DISCARD ALL
+    /// (it is reset before anyone else gets it), or the statement is
+    /// refused with 0A000 naming it.
+    fn keep_session_state(&mut self, sql: &str) -> Result<(), PgError> {
+        if self.mode() != PoolMode::Transaction || self.pinned.is_some() {
+            return Ok(());
+        }
+        let Some(what) = sql::session_state(sql) else {
+            return Ok(());
+        };
+        match self.shared.session_state {
+            shardline_config::SessionStatePolicy::Refuse => Err(PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!(
+                    "{what} would outlive the transaction on a server connection other clients share, and pool.session_state is \"refuse\""
+                ),
+            )
+            .with_hint("use a transaction-level form (pg_advisory_xact_lock, CREATE TEMP ... ON COMMIT DROP inside a transaction, protocol-level prepared statements), set pool.session_state = \"pin\", or connect as a user with pool_mode = \"session\"")),
+            shardline_config::SessionStatePolicy::Pin => {
+                tracing::info!(user = %self.login.user.name, state = what, "client keeps its server connection until it leaves");
+                self.pinned = Some(what);
+                Ok(())
+            }
+        }
+    }
+
     fn on_query(&mut self, f: Frame) -> Result<(), End> {
         let text = frontend::query(f.body())?;
         if let Some(setting) = proxy_setting(text) {
@@ -557,6 +586,10 @@ impl Session {
                 return Ok(());
             }
         }
+        if let Err(e) = self.keep_session_state(std::str::from_utf8(text).unwrap_or("")) {
+            self.fail_request(e, true);
+            return Ok(());
+        }
         self.send_query_frame(&f.bytes);
         let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
         self.pending
@@ -573,6 +606,10 @@ impl Session {
         if let (PoolMode::Transaction, Some((message, hint))) = (self.mode(), refusal) {
             // The same over the extended protocol.
             let e = PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(hint);
+            self.fail_request(e, false);
+            return Ok(());
+        }
+        if let Err(e) = self.keep_session_state(std::str::from_utf8(p.query).unwrap_or("")) {
             self.fail_request(e, false);
             return Ok(());
         }

@@ -303,6 +303,28 @@ impl Session {
             }
         }
         let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);
+        if self.mode() == shardline_config::PoolMode::Transaction {
+            // Session state on several shards' connections would be left
+            // behind on each: not kept, refused.
+            let state = frames.iter().find_map(|f| {
+                let text = match f.tag {
+                    frontend::QUERY => frontend::query(f.body()).ok()?,
+                    frontend::PARSE => frontend::parse(f.body()).ok()?.query,
+                    _ => return None,
+                };
+                super::sql::session_state(std::str::from_utf8(text).ok()?)
+            });
+            if let Some(what) = state {
+                return self.fail_unit(
+                    PgError::error(
+                        sqlstate::FEATURE_NOT_SUPPORTED,
+                        format!("{what} on several shards is not supported under transaction pooling: it would outlive the transaction on connections other clients share"),
+                    )
+                    .with_hint("name the shard (a key, or a /* shardline: shard=NAME */ comment), or connect as a user with pool_mode = \"session\""),
+                    simple,
+                );
+            }
+        }
         let writes =
             writes || matches!(planned.place, Placement::Split(_) | Placement::CopySplit(_));
         // A write to reference tables only: every shard does the same.

@@ -140,6 +140,9 @@ pub struct Session {
     /// A commit ended on the attached server whose WAL position is not
     /// known yet (taken with the position query at release).
     position_pending: Option<crate::PositionPending>,
+    /// Under transaction pooling, why the client keeps its server
+    /// connection: a statement left state on it (`sql::session_state`).
+    pinned: Option<&'static str>,
     /// The attached server was chosen for a unit that may write; every later
     /// statement on it may write too.
     write_attach: bool,
@@ -219,6 +222,7 @@ impl Session {
             session_role,
             wrote: false,
             position_pending: None,
+            pinned: None,
             write_attach: false,
             client_hash,
             retry: None,
@@ -252,6 +256,12 @@ impl Session {
 
     fn mode(&self) -> PoolMode {
         self.login.user.mode
+    }
+
+    /// Whether the client keeps its server connection between transactions:
+    /// session pooling, or a connection holding the client's session state.
+    fn keeps_connection(&self) -> bool {
+        self.mode() == PoolMode::Session || self.pinned.is_some()
     }
 
     /// Runs the session until the client leaves, then returns or discards the
@@ -492,7 +502,7 @@ impl Session {
     /// Returns the server connection to its pool when the client is between
     /// transactions (transaction pooling only).
     fn maybe_release(&mut self) {
-        let releasable = self.mode() == PoolMode::Transaction
+        let releasable = !self.keeps_connection()
             && self.pending.is_empty()
             && !self.unit_open
             && self.server_out.is_empty()
@@ -646,7 +656,7 @@ impl Session {
         let msg = format!("server connection to {addr} was lost: {e}");
         self.retry = None;
         self.tried = 0;
-        if in_txn || self.mode() == PoolMode::Session {
+        if in_txn || self.keeps_connection() {
             return Err(End::Fatal(PgError::fatal(
                 sqlstate::CONNECTION_FAILURE,
                 msg,
@@ -708,7 +718,7 @@ impl Session {
             drop(deadpool::managed::Object::take(conn));
             return;
         }
-        if self.mode() == PoolMode::Session {
+        if self.keeps_connection() {
             // Leave nothing of this client's session behind for the next one.
             let reset =
                 tokio::time::timeout(Duration::from_secs(5), io::reset_connection(&mut conn)).await;

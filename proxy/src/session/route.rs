@@ -29,7 +29,8 @@ const FUNCTION_CALL: Route = Route {
 /// which replicas can have (WAL inserted but not flushed may never reach
 /// them if the primary is lost); with synchronous_commit = off, the insert
 /// position, which covers the commit record before it is written.
-pub(super) const WAL_POSITION_SQL: &str = "SELECT (CASE WHEN current_setting('synchronous_commit') = 'off' \
+pub(super) const WAL_POSITION_SQL: &str =
+    "SELECT (CASE WHEN current_setting('synchronous_commit') = 'off' \
      THEN pg_current_wal_insert_lsn() ELSE pg_current_wal_flush_lsn() END - '0/0'::pg_lsn)::bigint";
 
 /// The statements a unit's Binds refer to: the unit's own Parses first (a
@@ -482,7 +483,10 @@ impl Session {
         let deadline = tokio::time::Instant::now() + wait;
         let mut why = "no replica is up";
         loop {
-            let pending = ryw.positions_pending.load(std::sync::atomic::Ordering::SeqCst) > 0;
+            let pending = ryw
+                .positions_pending
+                .load(std::sync::atomic::Ordering::SeqCst)
+                > 0;
             let unknown = match lb.read_your_writes {
                 ReadYourWrites::Off => false,
                 _ => now_ms() < ryw.primary_until.load(Relaxed),
@@ -538,9 +542,7 @@ impl Session {
                         return Ok((conn, i, Target::Replica));
                     }
                     let replayed = conn
-                        .simple_query(
-                            "SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint",
-                        )
+                        .simple_query("SELECT (pg_last_wal_replay_lsn() - '0/0'::pg_lsn)::bigint")
                         .await
                         .ok()
                         .and_then(|(rows, _)| rows.first().cloned())

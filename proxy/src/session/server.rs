@@ -237,8 +237,9 @@ impl Session {
         self.send_own_query(super::route::WAL_POSITION_SQL);
         self.pending
             .push_back(Pending::swallow(Kind::LsnProbe(probe)));
-        self.pending
-            .push_back(Pending::forward(Kind::Synthetic(super::Synthetic::ReadyForQuery)));
+        self.pending.push_back(Pending::forward(Kind::Synthetic(
+            super::Synthetic::ReadyForQuery,
+        )));
     }
 
     /// Whether losing the server now leaves the client's session intact
@@ -324,6 +325,10 @@ impl Session {
             }
             b"ROLLBACK" => self.txn_effects.clear(),
             b"DISCARD ALL" | b"DEALLOCATE ALL" => {
+                if tag == b"DISCARD ALL" {
+                    // The client's session state is gone with it.
+                    self.pinned = None;
+                }
                 // The server dropped every prepared statement it had.
                 if let Some(server) = self.server.as_mut() {
                     server.statements.clear();
