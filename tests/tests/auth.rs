@@ -64,9 +64,26 @@ async fn client_auth_methods_and_errors() {
             .message()
             .contains("password authentication failed"));
     }
-    // Unknown user: 28000. Unknown database: 3D000.
+    // Unknown role: answered as Postgres answers, after a (mock) SCRAM
+    // exchange and as a wrong password, so a stranger cannot tell which
+    // roles exist. Unknown database: 3D000 only after a right password.
     let e = current_user(&env, "nobody", "x").await.unwrap_err();
-    assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e}");
+    assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
+    assert_eq!(
+        e.as_db_error().unwrap().message(),
+        "password authentication failed for user \"nobody\""
+    );
+    let e = tokio_postgres::connect(
+        &format!(
+            "host=127.0.0.1 port={} user=app password=wrong dbname=nodb",
+            env.port
+        ),
+        tokio_postgres::NoTls,
+    )
+    .await
+    .map(|_| ())
+    .unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("28P01"), "{e}");
     let (c, conn) = tokio_postgres::connect(
         &format!(
             "host=127.0.0.1 port={} user=app password=app dbname=nodb",

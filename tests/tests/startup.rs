@@ -128,6 +128,19 @@ async fn startup_without_user_and_wrong_protocol() {
         .unwrap();
     let msgs = c.until_closed().await.unwrap();
     assert_eq!(shardline_tests::error_code(&msgs[0].1), "28000");
+    // A role that does not exist is asked for a password like any other
+    // (SCRAM), not told at once that it does not exist.
+    let s = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
+        .await
+        .unwrap();
+    let mut c = RawClient::from_stream(s);
+    c.send(&startup_message(&[("user", "nobody"), ("database", "app")]))
+        .await
+        .unwrap();
+    let first = c.recv(Duration::from_secs(5)).await.unwrap().unwrap();
+    assert_eq!(first.0, b'R', "an authentication request");
+    assert_eq!(&first.1[..4], &10i32.to_be_bytes(), "SASL");
+    assert!(first.1[4..].starts_with(b"SCRAM-SHA-256\0"));
     // Protocol 2.0 is refused with 08P01.
     let s = tokio::net::TcpStream::connect(("127.0.0.1", env.port))
         .await

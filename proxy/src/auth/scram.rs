@@ -39,6 +39,29 @@ impl Verifier {
             server_key,
         })
     }
+
+    /// A verifier no password matches, for a role that does not exist: the
+    /// exchange runs as for a real one, then fails as a wrong password
+    /// does, so a stranger cannot tell which roles exist. The salt depends
+    /// only on the name and a secret of this process, so a role's salt does
+    /// not change between attempts (as a real one's would not).
+    pub fn mock(user: &str) -> Verifier {
+        static SECRET: std::sync::OnceLock<[u8; 32]> = std::sync::OnceLock::new();
+        let secret = SECRET.get_or_init(|| {
+            let mut s = [0u8; 32];
+            rand::fill(&mut s);
+            s
+        });
+        let salt = &hmac(secret, user.as_bytes())[..16];
+        let mut stored_key = vec![0u8; 32];
+        rand::fill(&mut stored_key[..]);
+        Verifier {
+            iterations: 4096,
+            salt_b64: B64.encode(salt),
+            server_key: stored_key.clone(),
+            stored_key,
+        }
+    }
 }
 
 fn hmac(key: &[u8], data: &[u8]) -> Vec<u8> {

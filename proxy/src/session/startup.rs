@@ -57,7 +57,7 @@ pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> O
         return Outcome::Done;
     };
     match result {
-        Ok(Some((user, params, minor))) => {
+        Ok(Some((Login::Known(user), params, minor))) => {
             match login(shared, stream_ok, user, params, minor, peer).await {
                 Ok(outcome) => outcome,
                 Err((mut stream, e)) => {
@@ -65,6 +65,34 @@ pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> O
                     Outcome::Done
                 }
             }
+        }
+        Ok(Some((unknown, _, _))) => {
+            // As Postgres answers: authentication first (a mock exchange for
+            // a role that does not exist, so its absence looks like a wrong
+            // password), then, for a known role, the missing database.
+            let mut out = BytesMut::new();
+            let e = match &unknown {
+                Login::UnknownRole(name) => {
+                    let mock = Secret::Scram(scram::Verifier::mock(name));
+                    authenticate(&mut stream_ok, &mock, name, &mut out)
+                        .await
+                        .err()
+                        .unwrap_or_else(|| auth_failed(name))
+                }
+                Login::UnknownDatabase(user, database) => {
+                    match authenticate(&mut stream_ok, &user.secret, &user.name, &mut out).await {
+                        Ok(()) => PgError::fatal(
+                            sqlstate::INVALID_CATALOG_NAME,
+                            format!("database \"{database}\" does not exist"),
+                        ),
+                        Err(e) => e,
+                    }
+                }
+                Login::Known(_) => auth_failed(""),
+            };
+            tracing::info!(%peer, error = %e, "client refused at login");
+            report(&mut stream_ok, &e).await;
+            Outcome::Done
         }
         Ok(None) => Outcome::Done,
         Err(e) => {
@@ -85,7 +113,17 @@ async fn report(stream: &mut Stream, e: &PgError) {
 }
 
 type Params = Vec<(String, String)>;
-type Startup = (Arc<UserEntry>, Params, u16);
+type Startup = (Login, Params, u16);
+
+/// Whom a StartupMessage names.
+enum Login {
+    Known(Arc<UserEntry>),
+    /// No such role: answered as a wrong password after a mock exchange.
+    UnknownRole(String),
+    /// A known role (one of its entries, for its secret) and a database it
+    /// has none for: answered after authentication.
+    UnknownDatabase(Arc<UserEntry>, String),
+}
 
 /// Negotiates TLS and reads the StartupMessage; `Ok(None)` after a CancelRequest.
 /// Returns the stream unless a failed TLS handshake consumed it.
@@ -137,10 +175,7 @@ async fn handshake(
     }
 }
 
-fn find_user(
-    shared: &Shared,
-    params: Vec<(String, String)>,
-) -> Result<(Arc<UserEntry>, Params), PgError> {
+fn find_user(shared: &Shared, params: Vec<(String, String)>) -> Result<(Login, Params), PgError> {
     let get = |k: &str| params.iter().find(|(n, _)| n == k).map(|(_, v)| v.clone());
     let user = get("user").ok_or_else(|| {
         PgError::fatal(
@@ -151,17 +186,19 @@ fn find_user(
     let database = get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
-    match shared.users.get(&(user.clone(), database.clone())) {
-        Some(e) => Ok((e.clone(), params)),
-        None if shared.users.keys().any(|(u, _)| *u == user) => Err(PgError::fatal(
-            sqlstate::INVALID_CATALOG_NAME,
-            format!("database \"{database}\" does not exist"),
-        )),
-        None => Err(PgError::fatal(
-            sqlstate::INVALID_AUTHORIZATION,
-            format!("role \"{user}\" does not exist"),
-        )),
+    if let Some(e) = shared.users.get(&(user.clone(), database.clone())) {
+        return Ok((Login::Known(e.clone()), params));
     }
+    let same_role = shared
+        .users
+        .iter()
+        .filter(|((u, _), _)| *u == user)
+        .min_by(|a, b| a.0 .1.cmp(&b.0 .1))
+        .map(|(_, e)| e.clone());
+    Ok(match same_role {
+        Some(e) => (Login::UnknownDatabase(e, database), params),
+        None => (Login::UnknownRole(user), params),
+    })
 }
 
 fn io_fatal(e: std::io::Error) -> PgError {
@@ -188,7 +225,7 @@ async fn login(
             .collect();
         backend::negotiate_protocol_version(&mut out, 0, &unsupported);
     }
-    if let Err(e) = authenticate(&mut stream, &user, &mut out).await {
+    if let Err(e) = authenticate(&mut stream, &user.secret, &user.name, &mut out).await {
         tracing::info!(%peer, user = %user.name, "authentication failed");
         return Err((stream, e));
     }
@@ -277,10 +314,11 @@ async fn send(stream: &mut Stream, out: &mut BytesMut) -> Result<(), PgError> {
 
 async fn authenticate(
     stream: &mut Stream,
-    user: &UserEntry,
+    secret: &Secret,
+    name: &str,
     out: &mut BytesMut,
 ) -> Result<(), PgError> {
-    match &user.secret {
+    match secret {
         Secret::Trust => Ok(()),
         Secret::Md5 { hash } => {
             let mut salt = [0u8; 4];
@@ -292,7 +330,7 @@ async fn authenticate(
             if md5::verify(hash, salt, response) {
                 Ok(())
             } else {
-                Err(auth_failed(&user.name))
+                Err(auth_failed(name))
             }
         }
         Secret::Scram(verifier) => {
@@ -323,14 +361,14 @@ async fn authenticate(
                     | scram::ScramError::ChannelBinding => {
                         PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())
                     }
-                    scram::ScramError::BadProof => auth_failed(&user.name),
+                    scram::ScramError::BadProof => auth_failed(name),
                 })?;
             backend::auth_request(out, 11, server_first.as_bytes());
             send(stream, out).await?;
             let client_final = read_password(stream).await?;
             let server_final = exchange
                 .finish(&client_final)
-                .map_err(|_| auth_failed(&user.name))?;
+                .map_err(|_| auth_failed(name))?;
             backend::auth_request(out, 12, server_final.as_bytes());
             Ok(())
         }
