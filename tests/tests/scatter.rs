@@ -3,7 +3,7 @@
 //! collation, and a million-row ORDER BY streamed through the proxy binary
 //! with its memory measured.
 
-use shardline_tests::{sqlstate, start_proxy, Env, ProxyProcess};
+use shardline_tests::{memory_kib, sqlstate, start_proxy, Env, ProxyProcess};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
@@ -209,20 +209,6 @@ async fn text_order_follows_the_collation_or_is_refused() {
         .await
         .expect_err("a non-C column exists now");
     assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
-}
-
-/// VmHWM (peak resident set) and VmRSS of a process, in KiB.
-fn memory_kib(pid: u32) -> (u64, u64) {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
-    let field = |name: &str| {
-        status
-            .lines()
-            .find_map(|l| l.strip_prefix(name))
-            .and_then(|v| v.split_whitespace().next())
-            .and_then(|v| v.parse().ok())
-            .unwrap_or(0)
-    };
-    (field("VmHWM:"), field("VmRSS:"))
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
