@@ -309,6 +309,13 @@ pub struct RoutingConfig {
     /// Routing results cached by statement text.
     #[serde(default = "default_route_cache")]
     pub cache_size: usize,
+    /// The routing cache's bound in bytes (its keys are statement texts).
+    #[serde(default = "default_route_cache_bytes")]
+    pub cache_bytes: usize,
+}
+
+fn default_route_cache_bytes() -> usize {
+    64 * 1024 * 1024
 }
 
 impl Default for RoutingConfig {
@@ -318,6 +325,7 @@ impl Default for RoutingConfig {
             unknown_functions_write: false,
             read_only_functions: Vec::new(),
             cache_size: default_route_cache(),
+            cache_bytes: default_route_cache_bytes(),
         }
     }
 }

@@ -311,11 +311,14 @@ impl Shared {
             max_message_size: config.proxy.max_message_size as usize,
             auth_timeout: config.proxy.auth_timeout,
             topology,
-            router: std::sync::Mutex::new(shardline_router::Router::new(
-                router_options(&config.routing),
-                config.routing.cache_size,
-                sharding.clone(),
-            )),
+            router: std::sync::Mutex::new(
+                shardline_router::Router::new(
+                    router_options(&config.routing),
+                    config.routing.cache_size,
+                    sharding.clone(),
+                )
+                .with_max_bytes(config.routing.cache_bytes),
+            ),
             sharding,
             spread: AtomicU64::new(0),
             route_nanos: AtomicU64::new(0),

@@ -30,7 +30,7 @@ pub struct RouterStats {
     pub fallbacks: u64,
 }
 
-/// Classification with a cache in front.
+/// Classification with a cache in front, bounded in entries and in bytes.
 pub struct Router {
     options: Options,
     sharding: Option<Arc<Sharding>>,
@@ -38,6 +38,23 @@ pub struct Router {
     stats: RouterStats,
     /// Reused buffer for cache keys.
     key: String,
+    /// The cache's size estimate (`entry_bytes` of each entry), and its bound.
+    bytes: usize,
+    max_bytes: usize,
+}
+
+/// Statements whose shape is longer than this are routed without being
+/// cached (parsed each time): one would take the room of many.
+pub const MAX_CACHED_STATEMENT: usize = 64 * 1024;
+
+/// The default bound on the cache's bytes.
+pub const DEFAULT_CACHE_BYTES: usize = 64 * 1024 * 1024;
+
+/// What one cache entry costs, roughly: its key, the route and its
+/// templates, the LRU's bookkeeping.
+fn entry_bytes(key: &str, route: &Route) -> usize {
+    let templates = route.shards.as_ref().map_or(0, |t| t.len());
+    key.len() + 160 + 256 * templates
 }
 
 impl Router {
@@ -51,7 +68,20 @@ impl Router {
             cache: LruCache::new(capacity),
             stats: RouterStats::default(),
             key: String::new(),
+            bytes: 0,
+            max_bytes: DEFAULT_CACHE_BYTES,
         }
+    }
+
+    /// Bounds the cache's bytes (least recently used entries go first).
+    pub fn with_max_bytes(mut self, max_bytes: usize) -> Router {
+        self.max_bytes = max_bytes.max(1);
+        self
+    }
+
+    /// The cache's entries and estimated bytes.
+    pub fn cache_usage(&self) -> (usize, usize) {
+        (self.cache.len(), self.bytes)
     }
 
     /// Routes a statement, from the cache when one of the same shape was
@@ -67,7 +97,19 @@ impl Router {
         if route.source == Source::Fallback {
             self.stats.fallbacks += 1;
         }
-        self.cache.put(self.key.as_str().into(), route.clone());
+        if self.key.len() <= MAX_CACHED_STATEMENT {
+            let size = entry_bytes(&self.key, &route);
+            if let Some((k, old)) = self.cache.push(self.key.as_str().into(), route.clone()) {
+                self.bytes -= entry_bytes(&k, &old);
+            }
+            self.bytes += size;
+            while self.bytes > self.max_bytes {
+                match self.cache.pop_lru() {
+                    Some((k, old)) => self.bytes -= entry_bytes(&k, &old),
+                    None => break,
+                }
+            }
+        }
         route
     }
 
@@ -168,6 +210,30 @@ pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// Distinct large statements fill the cache up to its byte bound, not
+    /// its entry count; statements above `MAX_CACHED_STATEMENT` are not
+    /// kept at all; the routes stay right either way.
+    #[test]
+    fn the_cache_is_bounded_in_bytes() {
+        let mut r = Router::new(Options::default(), 10_000, None).with_max_bytes(1 << 20);
+        let pad = "x".repeat(20_000);
+        for i in 0..500 {
+            let route = r.route(&format!("SELECT col_{pad}_{i} FROM t"));
+            assert_eq!(route.class, Class::Read);
+        }
+        let (entries, bytes) = r.cache_usage();
+        assert!(bytes <= 1 << 20, "{bytes} bytes");
+        assert!((40..=60).contains(&entries), "{entries} entries");
+        let huge = format!("UPDATE t SET a = 1 WHERE b_{} = 2", "y".repeat(100_000));
+        assert_eq!(r.route(&huge).class, Class::Write);
+        assert_eq!(r.route(&huge).class, Class::Write);
+        assert_eq!(
+            r.stats().hits,
+            0,
+            "a statement above the limit is not cached"
+        );
+    }
 
     fn key(sql: &str) -> String {
         let mut k = String::new();
