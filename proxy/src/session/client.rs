@@ -543,6 +543,32 @@ impl Session {
         }
     }
 
+    /// The WAL position query to send right behind this simple query,
+    /// when the query commits this client's writes (read-your-writes `lsn`
+    /// under transaction pooling, nothing else in flight): a COMMIT/END of
+    /// a transaction that wrote, or one writing statement outside a
+    /// transaction.
+    fn position_query_with(&mut self, text: &str) -> Option<crate::PositionPending> {
+        let server = self.server.as_ref()?;
+        let commits = match shardline_router::lone_transaction_end(text) {
+            Some("COMMIT") => server.tx_status == b'T',
+            Some(_) => false,
+            None => server.tx_status == b'I' && sql::lone_autocommit_statement(text),
+        };
+        let eligible = commits
+            && self.wrote
+            && self.pending.is_empty()
+            && self.pinned.is_none()
+            && self.deferred_begin.is_none()
+            && self.mode() == PoolMode::Transaction;
+        if !eligible {
+            return None;
+        }
+        let guard = self.position_guard()?.held();
+        self.wrote = false;
+        Some(guard)
+    }
+
     fn on_query(&mut self, f: Frame) -> Result<(), End> {
         let text = frontend::query(f.body())?;
         if let Some(setting) = proxy_setting(text) {
@@ -586,14 +612,26 @@ impl Session {
                 return Ok(());
             }
         }
-        if let Err(e) = self.keep_session_state(std::str::from_utf8(text).unwrap_or("")) {
+        let text = std::str::from_utf8(text).unwrap_or("");
+        if let Err(e) = self.keep_session_state(text) {
             self.fail_request(e, true);
             return Ok(());
         }
+        let probe = self.position_query_with(text);
         self.send_query_frame(&f.bytes);
         let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
         self.pending
             .push_back(Pending::forward(Kind::Query { effects }));
+        if let Some(probe) = probe {
+            // Sent with the commit, answered with it: the client's
+            // ReadyForQuery waits for the position without a round trip
+            // of its own (see `server.rs::holds_reply`).
+            self.send_own_query(super::route::WAL_POSITION_SQL);
+            self.pending
+                .push_back(Pending::swallow(Kind::LsnProbe(probe)));
+            self.pending
+                .push_back(Pending::forward(Kind::Synthetic(Synthetic::ReadyForQuery)));
+        }
         Ok(())
     }
 

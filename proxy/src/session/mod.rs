@@ -666,15 +666,18 @@ impl Session {
         // nothing), including a commit's reply held for its WAL position:
         // the client learns the connection was lost before its commit was
         // confirmed.
-        let sync_points = self
+        let units = self
             .pending
             .iter()
-            .filter(|p| {
-                p.answer == pending::Answer::Forward
-                    && (p.is_sync_point()
-                        || matches!(p.kind, Kind::Synthetic(Synthetic::ReadyForQuery)))
-            })
+            .filter(|p| p.is_sync_point() && p.answer == pending::Answer::Forward)
             .count();
+        let held = self
+            .pending
+            .iter()
+            .any(|p| matches!(p.kind, Kind::Synthetic(Synthetic::ReadyForQuery)));
+        // A held reply is its unit's, whether that unit's entry is still
+        // queued (the position query went with it) or not.
+        let sync_points = if units == 0 && held { 1 } else { units };
         self.pending.clear();
         self.server_out.clear();
         self.txn_effects.clear();

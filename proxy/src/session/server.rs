@@ -192,7 +192,9 @@ impl Session {
                 }
                 self.on_ready(status);
                 self.pop_if_ended(tag);
-                if hold {
+                if hold
+                    && !matches!(self.pending.front(), Some(p) if matches!(p.kind, Kind::LsnProbe(_)))
+                {
                     self.hold_reply();
                 }
             }
@@ -212,6 +214,17 @@ impl Session {
     /// user's writes. A client that sent more units behind this one gets
     /// its reply at once (the position query follows them).
     fn holds_reply(&self, body: &[u8]) -> bool {
+        if self.pending.len() >= 2
+            && matches!(self.pending.get(1), Some(p) if matches!(p.kind, Kind::LsnProbe(_)))
+            && self
+                .pending
+                .front()
+                .is_some_and(|p| p.answer == Answer::Forward && p.is_sync_point())
+        {
+            // The position query went with the unit (`client.rs::
+            // position_query_with`); the reply is queued behind it.
+            return true;
+        }
         body.first() == Some(&b'I')
             && self.wrote
             && self.deferred_begin.is_none()

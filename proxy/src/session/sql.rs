@@ -61,6 +61,19 @@ fn is_effect_keyword(k: &str) -> bool {
         .any(|w| k.eq_ignore_ascii_case(w))
 }
 
+/// One statement that runs in a transaction of its own when sent outside
+/// one (a write, or a SELECT calling a writing function): its commit ends
+/// the query.
+pub fn lone_autocommit_statement(sql: &str) -> bool {
+    let first = first_keyword(sql);
+    !has_inner_semicolon(sql)
+        && [
+            "insert", "update", "delete", "merge", "select", "with", "call",
+        ]
+        .iter()
+        .any(|w| first.eq_ignore_ascii_case(w))
+}
+
 fn has_inner_semicolon(sql: &str) -> bool {
     match sql.find(';') {
         None => false,
