@@ -336,6 +336,20 @@ impl Default for RoutingConfig {
 pub struct TlsConfig {
     pub cert: Option<PathBuf>,
     pub key: Option<PathBuf>,
+    /// Whether clients may (`allow`) or must (`require`) use TLS.
+    #[serde(default)]
+    pub mode: ClientTlsMode,
+}
+
+/// TLS towards clients, when a certificate is configured.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum ClientTlsMode {
+    /// Clients that ask for TLS get it; others connect in plain text.
+    #[default]
+    Allow,
+    /// Plain-text clients are refused (28000) before they authenticate.
+    Require,
 }
 
 /// Someone allowed to connect to the proxy.

@@ -52,6 +52,13 @@ pub(crate) fn validate(c: &Config, file: &str) -> Result<(), ConfigError> {
                 "missing: tls.key is set, so tls.cert must be set too".into(),
             )
         }
+        (None, None) if c.tls.mode == crate::ClientTlsMode::Require => {
+            return err(
+                "tls.mode".into(),
+                "\"require\" needs tls.cert and tls.key: without them no client could connect"
+                    .into(),
+            )
+        }
         _ => {}
     }
 

@@ -118,6 +118,8 @@ impl Drop for PositionPending {
 pub struct Shared {
     pub users: HashMap<(String, String), Arc<UserEntry>>,
     pub tls: Option<tokio_rustls::TlsAcceptor>,
+    /// Plain-text clients are refused (`tls.mode = "require"`).
+    pub tls_required: bool,
     pub cancel: Arc<cancel::CancelRegistry>,
     pub statements: session::prepared::StatementRegistry,
     /// Source of unique tokens (unnamed statement ownership).
@@ -304,6 +306,7 @@ impl Shared {
         };
         Ok(Shared {
             users,
+            tls_required: config.tls.mode == shardline_config::ClientTlsMode::Require,
             tls,
             cancel: Arc::default(),
             statements: Default::default(),

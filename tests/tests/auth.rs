@@ -168,6 +168,12 @@ async fn tls_to_clients() {
         out.contains("SSL connection (protocol: TLSv1.3"),
         "psql reports TLS: {out}"
     );
+    // A plain-text client is served here (tls.mode = "allow", the default).
+    let (ok, out) = psql(
+        &format!("{}?sslmode=disable", env.url("app", "app")),
+        &["-A", "-t", "-c", "SELECT 'plain'"],
+    );
+    assert!(ok && out.contains("plain"), "{out}");
     // Without TLS configured, a client that requires it is refused.
     let plain = Env::start().await.unwrap();
     let (ok, out) = psql(
@@ -175,6 +181,35 @@ async fn tls_to_clients() {
         &["-c", "SELECT 1"],
     );
     assert!(!ok && out.contains("does not support SSL"), "{out}");
+}
+
+/// `tls.mode = "require"`: plain-text clients are refused before they
+/// authenticate, with 28000 saying why; TLS clients are served.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tls_can_be_required_of_clients() {
+    let (_certs, cert, key) = self_signed_cert().unwrap();
+    let env = Env::start_with(EnvOptions {
+        extra_toml: format!(
+            "[tls]\ncert = \"{}\"\nkey = \"{}\"\nmode = \"require\"\n",
+            cert.display(),
+            key.display()
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let (ok, out) = psql(
+        &format!("{}?sslmode=require", env.url("app", "app")),
+        &["-A", "-t", "-c", "SELECT 'over tls'"],
+    );
+    assert!(ok && out.contains("over tls"), "{out}");
+    let (ok, out) = psql(
+        &format!("{}?sslmode=disable", env.url("app", "app")),
+        &["-A", "-t", "-c", "SELECT 'plain'"],
+    );
+    assert!(!ok && out.contains("accepts only TLS connections"), "{out}");
+    let e = env.connect_as("app", "app").await.map(|_| ()).unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("28000"), "{e}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

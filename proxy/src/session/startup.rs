@@ -152,6 +152,15 @@ async fn handshake(
                 shared.cancel.cancel(pid, secret);
                 return (Some(stream), Ok(None));
             }
+            StartupPacket::Startup { .. } if shared.tls_required && !stream.is_tls() => {
+                return (
+                    Some(stream),
+                    Err(PgError::fatal(
+                        sqlstate::INVALID_AUTHORIZATION,
+                        "this proxy accepts only TLS connections (tls.mode = \"require\"): connect with sslmode=require",
+                    )),
+                );
+            }
             StartupPacket::Startup { minor, params } => {
                 let result = find_user(shared, params).map(|(u, p)| Some((u, p, minor)));
                 return (Some(stream), result);
