@@ -315,3 +315,17 @@ fn errors_about_the_whole_file_name_no_key_path() {
         "{e}"
     );
 }
+
+#[test]
+fn required_client_tls_needs_a_certificate() {
+    let text = format!("{GOOD}\n[tls]\nmode = \"require\"\n");
+    let e = err(&text);
+    assert_eq!(e.path, "tls.mode", "{e}");
+    let ok = format!("{GOOD}\n[tls]\nmode = \"require\"\ncert = \"/c.pem\"\nkey = \"/k.pem\"\n");
+    let c = Config::from_toml(&ok, "t").unwrap();
+    assert_eq!(c.tls.mode, crate::ClientTlsMode::Require);
+    assert_eq!(
+        Config::from_toml(GOOD, "t").unwrap().tls.mode,
+        crate::ClientTlsMode::Allow
+    );
+}
