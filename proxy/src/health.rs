@@ -134,14 +134,22 @@ impl NodeHealth {
 
     /// Shuts down every connection to this node, so sessions waiting on a
     /// node that stopped answering fail (and retry elsewhere) at once.
+    /// Shuts down every listed connection and forgets them (a shut-down
+    /// socket stays shut: the next failed check cuts, and counts, only
+    /// connections opened since). Returns how many it cut.
     fn cut_connections(&self) -> usize {
-        let Ok(m) = self.conns.lock() else { return 0 };
+        let Ok(mut m) = self.conns.lock() else {
+            return 0;
+        };
         for fd in m.values() {
             // SAFETY: the fd is open: a connection unlists itself (under this
-            // lock) before its socket is closed. shutdown() does not close it.
+            // lock) before its socket is closed, and one unlisted here is
+            // never touched again. shutdown() does not close it.
             unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
         }
-        m.len()
+        let cut = m.len();
+        m.clear();
+        cut
     }
 }
 
@@ -543,5 +551,31 @@ impl Checker {
             tokio::time::sleep(pause).await;
             all_up = self.round().await;
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+
+    /// A failed check cuts the node's connections once: the next failed
+    /// check finds (and logs) none of them again, while the sockets stay
+    /// shut down.
+    #[test]
+    fn connections_are_cut_once() {
+        let node = NodeHealth::new("127.0.0.1:1".into(), None, Role::Primary);
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+        node.conns.lock().expect("lock").insert(1, ours.as_raw_fd());
+        assert_eq!(node.cut_connections(), 1);
+        assert_eq!(node.cut_connections(), 0, "counted once");
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            theirs.read(&mut buf).expect("read"),
+            0,
+            "the peer sees the end"
+        );
+        drop(ours);
     }
 }

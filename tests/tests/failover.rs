@@ -150,14 +150,29 @@ async fn primary_down_then_promotion_then_two_primaries() {
     let bench = pgbench_reads(&env, 6, &dir.dir);
     tokio::time::sleep(Duration::from_millis(1000)).await;
     env.backend.stop_node(0, "immediate").unwrap();
-    tokio::time::sleep(Duration::from_millis(600)).await;
+    // From the moment it stops, before and after the checker notices,
+    // writes fail with one code, 08006 (a refused connection was 08001).
+    let stopped = Instant::now();
+    let mut codes = std::collections::BTreeSet::new();
+    while stopped.elapsed() < Duration::from_millis(600) {
+        if let Err(e) = insert_port(&c).await {
+            codes.insert(shardline_tests::sqlstate(&e).unwrap_or_default());
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    assert_eq!(codes.into_iter().collect::<Vec<_>>(), ["08006"]);
 
     // Writes fail at once with a connection-class error naming the shard.
     let started = Instant::now();
     let e = insert_port(&c).await.unwrap_err();
     let db = e.as_db_error().expect("a server-style error");
-    assert!(matches!(&db.code().code()[..2], "08" | "57"), "{db:?}");
-    assert!(db.message().contains("shard s0"), "{}", db.message());
+    // 08006 however the primary failed (refused, shutting down, marked down).
+    assert_eq!(db.code().code(), "08006", "{db:?}");
+    assert!(
+        db.message().contains("shard s0") && db.message().contains("writes fail"),
+        "{}",
+        db.message()
+    );
     assert!(started.elapsed() < Duration::from_millis(500), "fails fast");
     // Reads keep working.
     let n: i64 = c

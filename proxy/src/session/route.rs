@@ -444,8 +444,15 @@ impl Session {
                         return self.replica_past_writes(shard_index, tried).await;
                     }
                     if target == Target::Primary {
+                        // One code for a primary that cannot be used, however
+                        // it failed (refused, shutting down, lost): 08006,
+                        // as when the checker has already marked it down.
                         return Err(PgError {
-                            message: format!("shard {} primary: {}", shard.name, e.message),
+                            code: sqlstate::CONNECTION_FAILURE,
+                            message: format!(
+                                "shard {}: primary {} is unavailable ({}); writes fail until it is back or a replica is promoted",
+                                shard.name, shard.nodes[node].address, e.message
+                            ),
                             ..e
                         });
                     }
