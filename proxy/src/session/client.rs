@@ -549,19 +549,20 @@ impl Session {
     /// a transaction that wrote, or one writing statement outside a
     /// transaction.
     fn position_query_with(&mut self, text: &str) -> Option<crate::PositionPending> {
-        let server = self.server.as_ref()?;
+        // The session's state first: reads and units with others in flight
+        // never look at the text.
+        let eligible = self.wrote
+            && self.pending.is_empty()
+            && self.pinned.is_none()
+            && self.deferred_begin.is_none()
+            && self.mode() == PoolMode::Transaction;
+        let server = self.server.as_ref().filter(|_| eligible)?;
         let commits = match shardline_router::lone_transaction_end(text) {
             Some("COMMIT") => server.tx_status == b'T',
             Some(_) => false,
             None => server.tx_status == b'I' && sql::lone_autocommit_statement(text),
         };
-        let eligible = commits
-            && self.wrote
-            && self.pending.is_empty()
-            && self.pinned.is_none()
-            && self.deferred_begin.is_none()
-            && self.mode() == PoolMode::Transaction;
-        if !eligible {
+        if !commits {
             return None;
         }
         let guard = self.position_guard()?.held();
