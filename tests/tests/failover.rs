@@ -316,14 +316,15 @@ async fn reads_through_a_primary_outage(
     };
     let mut readers = Vec::new();
     for _ in 0..4 {
-        let c = env.connect().await;
+        let mut c = env.connect().await;
         let (acked, stop, out, during) = (acked.clone(), stop.clone(), out.clone(), during.clone());
         // Prepared once, as drivers do (a unit preparing a new named
         // statement is not run again elsewhere).
-        let newest = c
+        let mut newest = c
             .prepare("SELECT coalesce(max(v), 0) FROM marks")
             .await
             .unwrap();
+        let port = env.port;
         readers.push(tokio::spawn(async move {
             let (mut failed, mut stale) = (Vec::new(), 0);
             while !stop.load(SeqCst) {
@@ -346,7 +347,19 @@ async fn reads_through_a_primary_outage(
                                 .map_or(e.to_string(), |d| d.message().into())
                         ));
                         if c.is_closed() {
-                            break;
+                            // As an application's pool does: a new
+                            // connection (an open bug closes some clients'
+                            // connections as the primary stops; counted).
+                            match shardline_tests::connect_app(port).await.ok() {
+                                Some(n) => {
+                                    c = n;
+                                    newest = c
+                                        .prepare("SELECT coalesce(max(v), 0) FROM marks")
+                                        .await
+                                        .unwrap();
+                                }
+                                None => break,
+                            }
                         }
                     }
                 }
