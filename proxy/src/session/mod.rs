@@ -662,22 +662,10 @@ impl Session {
                 msg,
             )));
         }
-        // Units the client is waiting on (the proxy's own queries owe it
-        // nothing), including a commit's reply held for its WAL position:
-        // the client learns the connection was lost before its commit was
-        // confirmed.
-        let units = self
-            .pending
-            .iter()
-            .filter(|p| p.is_sync_point() && p.answer == pending::Answer::Forward)
-            .count();
-        let held = self
-            .pending
-            .iter()
-            .any(|p| matches!(p.kind, Kind::Synthetic(Synthetic::ReadyForQuery)));
-        // A held reply is its unit's, whether that unit's entry is still
-        // queued (the position query went with it) or not.
-        let sync_points = if units == 0 && held { 1 } else { units };
+        // Units the client is waiting on, including a commit's reply held
+        // for its WAL position and units sent behind it: the client learns
+        // the connection was lost before its commit was confirmed.
+        let sync_points = pending::owed_replies(&self.pending);
         self.pending.clear();
         self.server_out.clear();
         self.txn_effects.clear();
@@ -687,11 +675,13 @@ impl Session {
         // The server may have said why before closing (e.g. FATAL 57P01); one error per unit.
         let mut reported = self.unit_failed;
         self.unit_failed = false;
-        if sync_points == 0 {
+        if sync_points == 0 && self.unit_open {
+            // Mid-unit (answers read up to a Flush): the error ends the
+            // unit, as the server's would; the rest is skipped to its Sync.
             if !reported {
                 err.encode(&mut self.client_out);
             }
-            self.skip_until_sync = self.unit_open;
+            self.skip_until_sync = true;
         }
         for _ in 0..sync_points {
             if !std::mem::replace(&mut reported, false) {

@@ -135,6 +135,50 @@ pub fn enter_copy_in(queue: &mut VecDeque<Pending>) -> bool {
     false
 }
 
+/// How many ReadyForQuery the client still waits for among `queue`: one
+/// per unit forwarded to the server (a Sync, a simple query, a function
+/// call) and one per reply the proxy writes itself. A commit's reply held
+/// for its WAL position (its unit's entry, the position query, then the
+/// proxy's ReadyForQuery) is one reply, not two; units the client sent
+/// behind a held reply are counted too.
+pub fn owed_replies(queue: &VecDeque<Pending>) -> usize {
+    let roles: Vec<Role> = queue
+        .iter()
+        .map(|p| match (&p.kind, p.answer) {
+            (Kind::Synthetic(Synthetic::ReadyForQuery), _) => Role::ProxyReady,
+            (Kind::LsnProbe(_), _) => Role::Probe,
+            (_, Answer::Forward) if p.is_sync_point() => Role::Unit,
+            _ => Role::Other,
+        })
+        .collect();
+    owed(&roles)
+}
+
+/// What an entry means for the replies a client waits for.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum Role {
+    /// The end of a unit forwarded to the server.
+    Unit,
+    /// The position query.
+    Probe,
+    /// A ReadyForQuery the proxy writes.
+    ProxyReady,
+    Other,
+}
+
+fn owed(roles: &[Role]) -> usize {
+    roles
+        .iter()
+        .enumerate()
+        .filter(|&(i, r)| match r {
+            Role::ProxyReady => true,
+            // Held: its reply is the proxy's one after the position query.
+            Role::Unit => roles.get(i + 1..i + 3) != Some(&[Role::Probe, Role::ProxyReady]),
+            _ => false,
+        })
+        .count()
+}
+
 /// Removes the entries the server skips after an error: everything before the
 /// next Sync. Returns them so the caller can undo their bookkeeping.
 pub fn skip_to_sync(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
@@ -168,6 +212,24 @@ mod tests {
             effects: VecDeque::new()
         })
         .ends_with(READY_FOR_QUERY));
+    }
+
+    #[test]
+    fn replies_owed_when_the_server_is_lost() {
+        use Role::*;
+        assert_eq!(owed(&[]), 0);
+        // A unit in flight (Bind, Execute, Sync); the proxy's own queries
+        // owe the client nothing.
+        assert_eq!(owed(&[Other, Other, Unit]), 1);
+        assert_eq!(owed(&[Other, Probe]), 0);
+        // A commit's reply held after its unit was answered.
+        assert_eq!(owed(&[Probe, ProxyReady]), 1);
+        // The position query sent with the commit: one reply.
+        assert_eq!(owed(&[Unit, Probe, ProxyReady]), 1);
+        // Units sent behind a held reply wait for their own.
+        assert_eq!(owed(&[Probe, ProxyReady, Other, Other, Unit]), 2);
+        assert_eq!(owed(&[Unit, Probe, ProxyReady, Unit]), 2);
+        assert_eq!(owed(&[Unit, Unit, Probe, ProxyReady]), 2);
     }
 
     #[test]
