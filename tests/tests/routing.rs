@@ -439,6 +439,34 @@ async fn local_answers_behind_the_wal_position_query() {
     }
 }
 
+/// Preparing a writing statement runs nothing: no WAL position query
+/// follows it (it would cost the prepare a round trip, and pin the user's
+/// reads to the primary until answered).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn preparing_a_write_asks_no_position() {
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: 1,
+        pool_toml: "size = 1".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.sql("CREATE TABLE w (n int); GRANT ALL ON w TO app;");
+    let c = env.connect().await;
+    for i in 0..5 {
+        // A write first: the position query follows it.
+        c.execute("INSERT INTO w VALUES (1)", &[]).await.unwrap();
+        let text = format!("INSERT INTO w VALUES ($1) /* prepared {i} */");
+        c.prepare(&text).await.unwrap();
+        // The proxy's one connection to the primary ran the Parse last.
+        let last = env.sql(
+            "SELECT query FROM pg_stat_activity WHERE usename = 'app' \
+             AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        );
+        assert!(last.contains(&text), "last statements: {last}");
+    }
+}
+
 /// A write pipelined behind a read waits until the read's server is done,
 /// and is still routed when that server fails mid-read.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -596,7 +596,9 @@ impl Session {
         // A deferred BEGIN goes out with the first unit that runs something
         // (`client.rs`), not with one that only prepares a statement.
         self.cancel.attach(conn.addr.clone(), conn.pid, conn.secret);
-        self.wrote = writes;
+        // Set by the first statement the unit runs (`client.rs`): a unit
+        // that only prepares writes nothing, and waits for no position.
+        self.wrote = false;
         self.write_attach = writes;
         self.read_attach = target == Target::Replica && self.mode() == PoolMode::Transaction;
         // A read may be sent again elsewhere until an answer reaches the client.
