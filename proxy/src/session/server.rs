@@ -73,8 +73,20 @@ impl Session {
         }
         if self.pending.is_empty() {
             if tag == ERROR_RESPONSE {
-                // A FATAL sent before the server closes (shutdown, timeouts).
-                self.client_out.extend_from_slice(msg);
+                // A FATAL sent before the server closes (shutdown,
+                // pg_terminate_backend, timeouts) with nothing asked of it.
+                let fields = backend::parse_error_fields(&msg[5..]);
+                let fatal = fields.severity == "FATAL" || fields.severity == "PANIC";
+                if fatal {
+                    self.server_fatal = Some(format!("{} {}", fields.code, fields.message));
+                }
+                if !(fatal && self.client_session_survives() && !self.keeps_connection()) {
+                    // The client's transaction or session ends with the
+                    // connection: it hears why, as from the server.
+                    self.client_out.extend_from_slice(msg);
+                }
+                // Else only the connection ends: the client, idle or
+                // between answers, goes on with its next unit elsewhere.
                 return Ok(());
             }
             return Err(format!("unexpected message '{}' from server", tag as char));
