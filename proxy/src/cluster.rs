@@ -153,8 +153,18 @@ pub fn self_signed_cert_command(cert: &Path, key: &Path) -> Command {
     c
 }
 
-/// A free loopback port (the OS picks; we release it for Postgres to take).
+/// A free loopback port for a server to take once we release it. Picked
+/// below the OS's ephemeral range (32768 and up on Linux), where the ports
+/// of outgoing connections and of listeners on port 0 come from: a port
+/// released there can be taken by any connection before the server binds
+/// it, which made node starts fail under load.
 pub fn free_port() -> Result<u16> {
+    for _ in 0..100 {
+        let port = 20_000 + rand::random::<u16>() % 12_000;
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
     let l = std::net::TcpListener::bind("127.0.0.1:0")?;
     Ok(l.local_addr()?.port())
 }

@@ -492,10 +492,7 @@ pub struct ProxyProcess {
 impl ProxyProcess {
     /// Starts the binary and returns it with a client logged in as `app`.
     pub async fn start(config: &str, env: &[(&str, &str)]) -> (ProxyProcess, Client) {
-        let port = std::net::TcpListener::bind("127.0.0.1:0")
-            .and_then(|l| l.local_addr())
-            .expect("a free port")
-            .port();
+        let port = shardline::cluster::free_port().expect("a free port");
         let text = config.replace(
             "listen = \"127.0.0.1:0\"",
             &format!("listen = \"127.0.0.1:{port}\""),
