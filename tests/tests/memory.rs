@@ -2,6 +2,7 @@
 //! Each test measures the proxy process's resident memory.
 
 use shardline_tests::{memory_kib, Env, ProxyProcess};
+use std::time::Duration;
 
 /// Prepared statements the clients closed (or left with) are forgotten:
 /// 10,000 distinct 2 KB statements prepared and closed (20 MB of text,
@@ -66,5 +67,96 @@ async fn the_routing_cache_is_bounded_in_bytes() {
     assert!(
         after < before + 16 * 1024,
         "RSS grew from {before} to {after} KiB"
+    );
+}
+
+/// Buffers grown for one large message shrink back: a 32 MB query and a
+/// 32 MB result leave the proxy's resident memory within 16 MB of where it
+/// started (before, about 160 MB stayed).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn buffers_shrink_after_a_large_message() {
+    let env = Env::primaries(1).await;
+    let (proxy, c) = ProxyProcess::start(&env.shards_config(&[0], ""), &[]).await;
+    let pid = proxy.pid();
+    c.simple_query("SELECT 1").await.unwrap();
+    let (_, before) = memory_kib(pid);
+    let big = "x".repeat(32 << 20);
+    let query = format!("SELECT length('{big}')");
+    drop(big);
+    {
+        let rows = c.simple_query(&query).await.unwrap();
+        assert!(
+            matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("33554432"))
+        );
+        let rows = c
+            .simple_query("SELECT repeat('x', 32 << 20)")
+            .await
+            .unwrap();
+        assert!(
+            matches!(&rows[1], tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0).map(str::len) == Some(32 << 20))
+        );
+    }
+    let (peak, after) = memory_kib(pid);
+    eprintln!("proxy RSS {before} KiB before 32 MB messages, {after} KiB after (peak {peak} KiB)");
+    assert!(
+        after < before + 16 * 1024,
+        "RSS grew from {before} to {after} KiB"
+    );
+}
+
+/// What a client sends while its session waits is not buffered without
+/// bound: statements streamed behind a read that takes 3 s on a replica
+/// (a write waits for the read's server to finish) leave the proxy's
+/// resident memory within 16 MB of where it started; the client's writes
+/// are slowed by TCP instead (before, all 200 MB sent were read in 0.2 s
+/// and held).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_streaming_while_its_session_waits_is_slowed_not_buffered() {
+    use shardline_tests::{message, RawClient};
+    let env = Env::start().await.unwrap();
+    let mut config = env.shards_config(&[0], "").replace(
+        "[[shards]]",
+        "[[users]]\nname = \"trustclient\"\nauth = \"trust\"\ndatabase = \"app\"\nserver_user = \"app\"\nserver_password = \"app\"\n\n[[shards]]",
+    );
+    // The shard's replica: a write behind a read served there waits for it.
+    config.push_str(&format!(
+        "replicas = [{{ host = \"127.0.0.1\", port = {} }}]\n",
+        env.node_port(env.replicas()[0])
+    ));
+    let (proxy, c) = ProxyProcess::start(&config, &[]).await;
+    c.batch_execute("CREATE TABLE held (n int)").await.unwrap();
+    // The replica's first health check.
+    tokio::time::sleep(Duration::from_millis(1500)).await;
+    let pid = proxy.pid();
+    let (_, before) = memory_kib(pid);
+    let mut raw = RawClient::login(proxy.port).await.unwrap();
+    raw.send(&message(
+        b'Q',
+        b"/* shardline: role=replica */ SELECT pg_sleep(3)\0",
+    ))
+    .await
+    .unwrap();
+    let chunk: Vec<u8> = (0..20_000)
+        .flat_map(|_| message(b'Q', b"DELETE FROM held WHERE n = 1\0"))
+        .collect();
+    let (mut sent, mut most) = (0, before);
+    // Sends for up to 2 s (while the read runs), 200 MB at most.
+    let until = std::time::Instant::now() + Duration::from_secs(2);
+    while sent < 200 << 20 {
+        let left = until.saturating_duration_since(std::time::Instant::now());
+        let Ok(Ok(())) = tokio::time::timeout(left, raw.send(&chunk)).await else {
+            break;
+        };
+        sent += chunk.len();
+        most = most.max(memory_kib(pid).1);
+    }
+    most = most.max(memory_kib(pid).1);
+    eprintln!(
+        "proxy RSS {before} KiB before, up to {most} KiB while {} MB were sent behind a waiting read",
+        sent >> 20
+    );
+    assert!(
+        most < before + 16 * 1024,
+        "RSS grew from {before} to {most} KiB"
     );
 }

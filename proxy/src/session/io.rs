@@ -52,7 +52,7 @@ impl Session {
                 }
             }
         }
-        if self.server_out.len() < super::BACKPRESSURE {
+        if self.server_out.len() < super::BACKPRESSURE && self.reads_client() {
             match poll_read_into(&mut self.login.stream, &mut self.client_in, cx) {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     return Poll::Ready(Event::ClientClosed)
@@ -62,6 +62,23 @@ impl Session {
             }
         }
         Poll::Pending
+    }
+
+    /// Whether to read more from the client: while what it sent waits
+    /// (for a server, or behind a unit in flight) at most
+    /// `CLIENT_IN_LIMIT` bytes are held, beyond the one message still
+    /// arriving, so a client streaming while its session waits is slowed
+    /// by TCP, not buffered.
+    fn reads_client(&self) -> bool {
+        if self.client_in.len() < super::CLIENT_IN_LIMIT {
+            return true;
+        }
+        // The front message still arriving (its size is bounded by
+        // `max_message_size` when its header is read).
+        match crate::protocol::peek_header(&self.client_in, usize::MAX) {
+            Ok(Some((_, len))) => self.client_in.len() < len,
+            _ => true,
+        }
     }
 
     /// Writes everything buffered for the client (used when ending a session).
@@ -82,6 +99,9 @@ fn poll_drain(stream: &mut Stream, buf: &mut BytesMut, cx: &mut Context<'_>) -> 
             Poll::Pending => return Ok(()),
         }
     }
+    // Written out: a buffer grown for a large message is given back now,
+    // not at the session's next event.
+    shrink(buf);
     if stream.is_tls() {
         // rustls may hold ciphertext until flushed.
         if let Poll::Ready(Err(e)) = Pin::new(&mut *stream).poll_flush(cx) {
@@ -107,6 +127,33 @@ fn poll_read_into(
     // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
     unsafe { buf.set_len(buf.len() + n) };
     Poll::Ready(Ok(n))
+}
+
+/// Buffers above this capacity are given back once mostly empty: one
+/// large message must not leave its size allocated for the session's (or
+/// the pooled connection's) lifetime.
+const SHRINK_ABOVE: usize = 1 << 20;
+
+/// Gives a grown buffer's memory back when what it holds is a small part
+/// of it (the bytes kept are copied into a buffer of their own size).
+pub(super) fn shrink(buf: &mut BytesMut) {
+    if buf.capacity() > SHRINK_ABOVE && buf.len() < buf.capacity() / 4 {
+        let mut small = BytesMut::with_capacity(buf.len().max(16 * 1024));
+        small.extend_from_slice(buf);
+        *buf = small;
+    }
+}
+
+impl Session {
+    /// After each event: buffers grown for a large message shrink back.
+    pub(super) fn shrink_buffers(&mut self) {
+        shrink(&mut self.client_in);
+        shrink(&mut self.client_out);
+        shrink(&mut self.server_out);
+        if let Some(server) = self.server.as_mut() {
+            shrink(&mut server.read_buf);
+        }
+    }
 }
 
 /// Clears everything a session left on a connection (session pooling).

@@ -79,6 +79,13 @@ fn cross_shard_transaction(on: Option<&str>, two_phase: bool) -> PgError {
 
 /// Stop reading a side while this much is waiting to be written to the other.
 const BACKPRESSURE: usize = 256 * 1024;
+/// How much of an unfinished unit the session holds before acting on it
+/// (`must_act`): a unit waiting for its Sync is routed past this.
+const UNIT_HOLD: usize = 1024 * 1024;
+/// The client's bytes held while its session waits, beyond the message
+/// still arriving (`io.rs::reads_client`); above `UNIT_HOLD`, so a unit
+/// being gathered can always reach the point where it is acted on.
+const CLIENT_IN_LIMIT: usize = 2 * UNIT_HOLD;
 
 /// Why a session ended.
 #[derive(Debug)]
@@ -305,6 +312,7 @@ impl Session {
             if let Err(end) = step {
                 return end;
             }
+            self.shrink_buffers();
         }
     }
 
@@ -474,8 +482,7 @@ impl Session {
     /// An incomplete unit must be routed now anyway: the client asked for
     /// answers (Flush) or sent more than we hold back.
     fn must_act(&self) -> bool {
-        const HOLD: usize = 1024 * 1024;
-        if self.client_in.len() > HOLD {
+        if self.client_in.len() > UNIT_HOLD {
             return true;
         }
         let mut pos = 0;
@@ -517,10 +524,12 @@ impl Session {
         self.tried = 0;
         self.txn_refused = false;
         self.coordinator = None;
-        if let Some(conn) = self.server.take() {
+        if let Some(mut conn) = self.server.take() {
             self.cancel.detach();
             if !conn.is_clean() {
                 drop(deadpool::managed::Object::take(conn));
+            } else {
+                io::shrink(&mut conn.read_buf);
             }
         }
     }
