@@ -312,10 +312,25 @@ pub struct RoutingConfig {
     /// The routing cache's bound in bytes (its keys are statement texts).
     #[serde(default = "default_route_cache_bytes")]
     pub cache_bytes: usize,
+    /// What one cross-shard merge may hold (groups, DISTINCT values), in
+    /// estimated bytes; past it the query fails with 53200.
+    #[serde(default = "default_merge_memory")]
+    pub merge_memory: usize,
+    /// What all merges running at once may hold together, in bytes.
+    #[serde(default = "default_merge_memory_total")]
+    pub merge_memory_total: usize,
 }
 
 fn default_route_cache_bytes() -> usize {
     64 * 1024 * 1024
+}
+
+fn default_merge_memory() -> usize {
+    256 * 1024 * 1024
+}
+
+fn default_merge_memory_total() -> usize {
+    1024 * 1024 * 1024
 }
 
 impl Default for RoutingConfig {
@@ -326,6 +341,8 @@ impl Default for RoutingConfig {
             read_only_functions: Vec::new(),
             cache_size: default_route_cache(),
             cache_bytes: default_route_cache_bytes(),
+            merge_memory: default_merge_memory(),
+            merge_memory_total: default_merge_memory_total(),
         }
     }
 }

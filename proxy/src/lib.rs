@@ -147,9 +147,95 @@ pub struct Shared {
     >,
     /// Two-phase commit of transactions on several shards, when enabled.
     pub two_phase: Option<Arc<twophase::Coordinator>>,
+    /// What cross-shard merges hold (`routing.merge_memory`, `_total`).
+    pub merge_memory: MergeMemory,
     /// Targets for the health checkers, by shard and node.
     health_targets: Vec<Vec<ServerTarget>>,
     health: shardline_config::HealthConfig,
+}
+
+/// The memory cross-shard merges hold (groups, DISTINCT values): at most
+/// `per_query` for one, `total` for all at once. Merges reserve in steps
+/// of `MERGE_STEP`, so the shared counter is touched once a MiB, not once
+/// a row.
+pub struct MergeMemory {
+    per_query: usize,
+    total: usize,
+    used: std::sync::atomic::AtomicUsize,
+}
+
+const MERGE_STEP: usize = 1 << 20;
+
+impl MergeMemory {
+    pub fn new(per_query: usize, total: usize) -> MergeMemory {
+        MergeMemory {
+            per_query,
+            total,
+            used: Default::default(),
+        }
+    }
+
+    /// Bytes reserved by merges running now.
+    pub fn used(&self) -> usize {
+        self.used.load(std::sync::atomic::Ordering::Relaxed)
+    }
+
+    /// An empty reservation for one merge; released when dropped.
+    pub fn reserve(&self) -> MergeReservation<'_> {
+        MergeReservation {
+            memory: self,
+            held: 0,
+        }
+    }
+}
+
+/// One merge's share of `MergeMemory`.
+pub struct MergeReservation<'a> {
+    memory: &'a MergeMemory,
+    held: usize,
+}
+
+impl MergeReservation<'_> {
+    /// Grows the reservation to cover `bytes`, or says which bound it
+    /// would pass (SQLSTATE 53200, the setting named).
+    pub fn cover(&mut self, bytes: usize) -> Result<(), (&'static str, String)> {
+        use std::sync::atomic::Ordering::Relaxed;
+        if bytes <= self.held {
+            return Ok(());
+        }
+        let m = self.memory;
+        if bytes > m.per_query {
+            return Err((
+                "53200",
+                format!(
+                    "this query's cross-shard merge needs more than routing.merge_memory ({} bytes) for its groups; group by the sharding key (each shard then answers whole groups), narrow the query, or raise routing.merge_memory",
+                    m.per_query
+                ),
+            ));
+        }
+        let grow = (bytes + MERGE_STEP).min(m.per_query) - self.held;
+        let before = m.used.fetch_add(grow, Relaxed);
+        if before + grow > m.total {
+            m.used.fetch_sub(grow, Relaxed);
+            return Err((
+                "53200",
+                format!(
+                    "cross-shard merges running now hold routing.merge_memory_total ({} bytes) between them: this query's merge cannot grow; try again, or raise routing.merge_memory_total",
+                    m.total
+                ),
+            ));
+        }
+        self.held += grow;
+        Ok(())
+    }
+}
+
+impl Drop for MergeReservation<'_> {
+    fn drop(&mut self) {
+        self.memory
+            .used
+            .fetch_sub(self.held, std::sync::atomic::Ordering::Relaxed);
+    }
 }
 
 /// Load-balancing settings in the form sessions use.
@@ -327,6 +413,10 @@ impl Shared {
             route_nanos: AtomicU64::new(0),
             collations: Default::default(),
             two_phase,
+            merge_memory: MergeMemory::new(
+                config.routing.merge_memory,
+                config.routing.merge_memory_total,
+            ),
             balancing: Balancing::from_config(&config.load_balancing),
             ban_time: config.health.ban_time,
             session_state: config.pool.session_state,
@@ -563,4 +653,36 @@ pub fn init_logging(format: shardline_config::LogFormat) {
         shardline_config::LogFormat::Json => builder.json().try_init(),
         shardline_config::LogFormat::Text => builder.try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    use super::{MergeMemory, MERGE_STEP};
+
+    #[test]
+    fn merges_reserve_within_their_bounds() {
+        let m = MergeMemory::new(4 * MERGE_STEP, 6 * MERGE_STEP);
+        let mut a = m.reserve();
+        a.cover(10).unwrap();
+        // Reserved a step ahead: the shared counter is not touched per row.
+        assert_eq!(m.used(), MERGE_STEP + 10);
+        a.cover(MERGE_STEP).unwrap();
+        assert_eq!(m.used(), MERGE_STEP + 10);
+        // One merge: at most `per_query`.
+        let (code, message) = a.cover(4 * MERGE_STEP + 1).unwrap_err();
+        assert_eq!(code, "53200");
+        assert!(message.contains("routing.merge_memory ("), "{message}");
+        a.cover(3 * MERGE_STEP).unwrap();
+        assert_eq!(m.used(), 4 * MERGE_STEP);
+        // All merges: at most `total`.
+        let mut b = m.reserve();
+        b.cover(MERGE_STEP / 2).unwrap();
+        let (_, message) = b.cover(3 * MERGE_STEP).unwrap_err();
+        assert!(message.contains("routing.merge_memory_total"), "{message}");
+        assert_eq!(m.used(), 4 * MERGE_STEP + MERGE_STEP + MERGE_STEP / 2);
+        drop(a);
+        b.cover(3 * MERGE_STEP).unwrap();
+        drop(b);
+        assert_eq!(m.used(), 0);
+    }
 }

@@ -458,6 +458,7 @@ impl Compiled {
             c: self,
             index: BTreeMap::new(),
             groups: Vec::new(),
+            bytes: 0,
         }
     }
 }
@@ -573,7 +574,16 @@ pub struct Grouper<'c> {
     c: &'c Compiled,
     index: BTreeMap<Vec<Option<Value>>, usize>,
     groups: Vec<Group>,
+    /// Estimated bytes held (`bytes`).
+    bytes: usize,
 }
+
+/// Estimated heap bytes of one group besides its values: the map entry,
+/// the group's vectors, per column a value slot in the key and the row.
+const GROUP_OVERHEAD: usize = 160;
+const COLUMN_OVERHEAD: usize = 56;
+/// Per value kept for a count(DISTINCT): the set's node share and the value.
+const DISTINCT_OVERHEAD: usize = 64;
 
 fn int8(v: &[u8], format: Format) -> Result<i64, Refusal> {
     match format {
@@ -609,6 +619,9 @@ impl Grouper<'_> {
         let g = match self.index.get(&key) {
             Some(&g) => g,
             None => {
+                // The key decoded and the row's values copied: about twice
+                // the row's bytes.
+                self.bytes += GROUP_OVERHEAD + c.formats.len() * COLUMN_OVERHEAD + 2 * row.len();
                 self.groups.push(Group {
                     first: values.iter().map(|v| v.map(<[u8]>::to_vec)).collect(),
                     accs: c.aggs.iter().map(|(_, a)| empty_acc(a)).collect(),
@@ -669,7 +682,10 @@ impl Grouper<'_> {
                     Acc::Distinct(set),
                 ) if int8(v, format)? > 0 => {
                     if let Some(x) = decoded(&values, *value, *kind, *vf)? {
-                        set.insert(x);
+                        let len = values[*value].map_or(0, <[u8]>::len);
+                        if set.insert(x) {
+                            self.bytes += DISTINCT_OVERHEAD + len;
+                        }
                     }
                 }
                 (Combine::Avg { int, count }, Acc::Avg(s, n)) => {
@@ -690,6 +706,12 @@ impl Grouper<'_> {
             }
         }
         Ok(())
+    }
+
+    /// An estimate of the memory the groups hold, in bytes (what
+    /// `routing.merge_memory` bounds).
+    pub fn bytes(&self) -> usize {
+        self.bytes
     }
 
     /// Number of groups held.

@@ -211,6 +211,59 @@ async fn text_order_follows_the_collation_or_is_refused() {
     assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
 }
 
+/// A merge that would hold more than `routing.merge_memory` (here 16 MiB)
+/// fails with 53200 naming the setting, and the proxy's resident memory
+/// stays within 64 MB of where it started: 500,000 groups from two
+/// shards (about 300 MB held before, with no limit). The session goes on,
+/// and a merge of few groups runs.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_merge_past_its_memory_budget_fails_with_53200() {
+    let env = Env::primaries(2).await;
+    let config = env
+        .shards_config(&[0, 1], SHARDING)
+        .replace("[pool]\n", "[routing]\nmerge_memory = 16777216\n[pool]\n");
+    let (proxy, c) = ProxyProcess::start(&config, &[]).await;
+    let pid = proxy.pid();
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL)")
+        .await
+        .expect("schema");
+    for s in 0..2 {
+        env.sql_shard(
+            s,
+            &format!("INSERT INTO users SELECT g, md5(g::text) FROM generate_series(1, 500000) g WHERE g % 2 = {s}"),
+        );
+    }
+    c.simple_query("SELECT 1").await.expect("warm");
+    let (_, before) = memory_kib(pid);
+    for sql in [
+        "SELECT name, count(*) FROM users GROUP BY name",
+        "SELECT DISTINCT name FROM users",
+        "SELECT count(DISTINCT name) FROM users",
+    ] {
+        let e = c.simple_query(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("53200"), "{sql}: {e}");
+        let message = e.as_db_error().unwrap().message().to_string();
+        assert!(
+            message.contains("routing.merge_memory (16777216 bytes)"),
+            "{message}"
+        );
+    }
+    let (peak, after) = memory_kib(pid);
+    println!("500,000 groups refused: proxy resident {before} KiB before, {after} KiB after, peak {peak} KiB");
+    assert!(
+        peak < before + 64 * 1024,
+        "peak {peak} KiB from {before} KiB"
+    );
+    let few: Vec<(i32, i64)> = c
+        .query("SELECT length(name), count(*) FROM users GROUP BY 1", &[])
+        .await
+        .expect("few groups")
+        .iter()
+        .map(|r| (r.get(0), r.get(1)))
+        .collect();
+    assert_eq!(few, vec![(32, 500_000)]);
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_row_order_by_streams_in_bounded_memory() {
     let env = Env::primaries(2).await;

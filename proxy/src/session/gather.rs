@@ -416,6 +416,8 @@ impl Session {
         let mut emitted = 0u64;
         if c.grouped() {
             let mut groups = c.grouper();
+            let shared = self.shared.clone();
+            let mut budget = shared.merge_memory.reserve();
             for (i, leg) in legs.iter_mut().enumerate() {
                 loop {
                     let msg = self.next_end(leg, i == 0).await?;
@@ -424,8 +426,17 @@ impl Session {
                         break;
                     }
                     if error.is_none() {
-                        if let Err(r) = groups.add(&msg) {
+                        // Past the budget the groups are dropped and the
+                        // rest of the rows only read.
+                        let added = groups.add(&msg).and_then(|()| {
+                            budget
+                                .cover(groups.bytes())
+                                .map_err(|(code, message)| Refusal { code, message })
+                        });
+                        if let Err(r) = added {
                             error = Some(r);
+                            groups = c.grouper();
+                            budget = shared.merge_memory.reserve();
                         }
                     }
                 }
