@@ -732,7 +732,40 @@ impl Grouper<'_> {
         out: &mut Vec<u8>,
     ) -> Result<u64, Refusal> {
         let c = self.c;
-        let mut groups = self.groups;
+        c.finish_groups(self.into_groups(), limit, offset, out)
+    }
+
+    /// The groups without the plan, to finish elsewhere
+    /// (`Compiled::finish_groups`, e.g. on another thread).
+    pub fn into_groups(self) -> Groups {
+        Groups(self.groups)
+    }
+}
+
+/// A grouper's groups, apart from its plan.
+pub struct Groups(Vec<Group>);
+
+impl Groups {
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+impl Compiled {
+    /// `Grouper::finish` for groups taken out of their grouper.
+    pub fn finish_groups(
+        &self,
+        groups: Groups,
+        limit: Option<u64>,
+        offset: u64,
+        out: &mut Vec<u8>,
+    ) -> Result<u64, Refusal> {
+        let c = self;
+        let mut groups = groups.0;
         if groups.is_empty() && c.plain {
             // An aggregate without GROUP BY answers one row, even for no input.
             groups.push(Group {

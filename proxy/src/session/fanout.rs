@@ -156,6 +156,11 @@ impl Leg {
 }
 
 pub(super) async fn read_message(conn: &mut PooledConnection) -> Result<BytesMut, String> {
+    // Messages already buffered are returned without awaiting anything:
+    // a merge reading millions of rows would otherwise keep the worker
+    // thread from every other client. Each message takes a unit of the
+    // task's budget, which yields to the runtime when spent.
+    tokio::task::consume_budget().await;
     loop {
         if let Ok(Some((_, len))) = peek_header(&conn.read_buf, usize::MAX) {
             if conn.read_buf.len() >= len {

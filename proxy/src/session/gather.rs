@@ -61,6 +61,10 @@ pub(super) struct MergeUnit {
     describes: VecDeque<bool>,
 }
 
+/// Merges with at least this many groups are finished (sorted, encoded)
+/// on the blocking pool.
+const FINISH_ELSEWHERE: usize = 16 * 1024;
+
 fn refusal(r: Refusal) -> PgError {
     PgError::error(r.code, r.message)
 }
@@ -447,9 +451,26 @@ impl Session {
                     .flatten()
                     .all(|m| m[0] == backend::COMMAND_COMPLETE)
             {
-                let mut out = Vec::new();
-                match groups.finish(unit.cap(), unit.offset, &mut out) {
-                    Ok(rows) => {
+                let (cap, offset) = (unit.cap(), unit.offset);
+                let groups = groups.into_groups();
+                let finished = if groups.len() < FINISH_ELSEWHERE {
+                    let mut out = Vec::new();
+                    c.finish_groups(groups, cap, offset, &mut out)
+                        .map(|n| (n, out))
+                } else {
+                    // Sorting and encoding many groups takes a while: not
+                    // on the thread serving other clients.
+                    let c = c.clone();
+                    tokio::task::spawn_blocking(move || {
+                        let mut out = Vec::new();
+                        c.finish_groups(groups, cap, offset, &mut out)
+                            .map(|n| (n, out))
+                    })
+                    .await
+                    .map_err(|e| format!("merge: {e}"))?
+                };
+                match finished {
+                    Ok((rows, out)) => {
                         emitted = rows;
                         self.client_out.extend_from_slice(&out);
                     }
