@@ -48,6 +48,9 @@ pub struct NodeHealth {
     last_error: Mutex<String>,
     conns: Mutex<HashMap<u64, RawFd>>,
     next_conn: AtomicU64,
+    /// Woken when a failed check cuts the node's connections: connections
+    /// still being opened give up too.
+    failed: tokio::sync::Notify,
 }
 
 impl NodeHealth {
@@ -64,6 +67,7 @@ impl NodeHealth {
             lag_ms: AtomicU64::new(0),
             last_error: Mutex::new(String::new()),
             conns: Mutex::new(HashMap::new()),
+            failed: tokio::sync::Notify::new(),
             next_conn: AtomicU64::new(1),
         }
     }
@@ -119,6 +123,12 @@ impl NodeHealth {
         }
     }
 
+    /// Resolves when a failed check next cuts this node's connections
+    /// (created before the check: a check failing meanwhile is not missed).
+    pub fn failure(&self) -> tokio::sync::futures::Notified<'_> {
+        self.failed.notified()
+    }
+
     /// Lists a server connection so it can be cut if the node fails.
     pub fn list(self: &Arc<Self>, conn: &ServerConnection) -> Listed {
         let id = self.next_conn.fetch_add(1, Relaxed);
@@ -138,6 +148,7 @@ impl NodeHealth {
     /// socket stays shut: the next failed check cuts, and counts, only
     /// connections opened since). Returns how many it cut.
     fn cut_connections(&self) -> usize {
+        self.failed.notify_waiters();
         let Ok(mut m) = self.conns.lock() else {
             return 0;
         };

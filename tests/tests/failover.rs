@@ -102,8 +102,8 @@ async fn frozen_replica_delays_no_read_beyond_the_timeouts() {
     env.signal_node(env.replicas()[0], libc::SIGCONT);
     assert!(ok && !out.contains("aborted"), "{out}");
     // A read waiting on the frozen node is cut when a check times out
-    // (interval 200ms + timeout 800ms) and runs elsewhere; a new connection
-    // to it gives up after connect_timeout (1s).
+    // (interval 200ms + timeout 800ms) and runs elsewhere; a connection
+    // being opened to it gives up then too.
     let worst = max_latency(&dir.dir);
     eprintln!(
         "frozen replica: {} reads, slowest {worst:?}",
@@ -479,4 +479,37 @@ async fn a_server_ended_between_answers_leaves_the_client_connected() {
     }
     let msgs = c.exchange(&[query("SELECT 1")]).await.unwrap();
     assert_eq!(tags(&msgs), b"TDCZ", "{msgs:?}");
+}
+
+/// A read that opens a new connection to a replica that has frozen (the
+/// kernel completes the TCP handshake, the startup is never answered)
+/// gives up when the node fails its health check (interval 200ms +
+/// timeout 800ms), not at connect_timeout (10s here), and runs on the
+/// primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_being_opened_to_a_frozen_replica_gives_up_at_the_failed_check() {
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: 1,
+        extra_toml: format!("{FAST_HEALTH}[load_balancing]\nread_your_writes = \"off\"\n"),
+        pool_toml: "connect_timeout = \"10s\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.wait_healthy().await;
+    // Logging in opens a connection to the primary only.
+    let c = env.connect().await;
+    let replica = env.replicas()[0];
+    env.signal_node(replica, libc::SIGSTOP);
+    let started = Instant::now();
+    let port: i32 = c
+        .query_one("SELECT inet_server_port()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let took = started.elapsed();
+    env.signal_node(replica, libc::SIGCONT);
+    eprintln!("read with a frozen replica: {took:?} on port {port}");
+    assert_eq!(port as u16, env.node_port(0), "ran on the primary");
+    assert!(took < Duration::from_millis(2500), "took {took:?}");
 }

@@ -28,7 +28,23 @@ impl managed::Manager for Manager {
     type Error = ServerError;
 
     async fn create(&self) -> Result<ServerConnection, ServerError> {
-        let mut conn = ServerConnection::connect(&self.target, self.max_prepared).await?;
+        // A node that stops answering while the connection is opened (its
+        // TCP handshake done by the kernel, its startup never answered)
+        // fails its health check within interval + timeout: give up then,
+        // not at connect_timeout, so a read goes elsewhere.
+        let failure = self.node.failure();
+        let mut conn = tokio::select! {
+            conn = ServerConnection::connect(&self.target, self.max_prepared) => conn?,
+            () = failure => {
+                return Err(ServerError::Io {
+                    addr: self.node.address.clone(),
+                    source: std::io::Error::new(
+                        std::io::ErrorKind::TimedOut,
+                        "the node failed its health check while the connection was opened",
+                    ),
+                })
+            }
+        };
         conn.listed = Some(self.node.list(&conn));
         tracing::debug!(server = %conn.addr, pid = conn.pid, "opened server connection");
         let _ = self.params.set(Arc::new(conn.params.clone()));
