@@ -57,6 +57,9 @@ async fn simple_and_extended_queries() {
 async fn prepared_statements_survive_transaction_pooling() {
     let env = Env::start().await.unwrap();
     env.sql("CREATE TABLE kv (k int PRIMARY KEY, v text); GRANT ALL ON kv TO app;");
+    // Created on the primary directly (not through the proxy, so no
+    // read-your-writes position): the replicas have it before it is read.
+    env.wait_healthy().await;
     // Many clients share a small pool; each prepares once and executes across
     // many transactions, landing on whatever server connection is free.
     let mut tasks = Vec::new();
