@@ -256,6 +256,22 @@ pub struct LoadBalancingConfig {
     /// Send reads to the primary too, as one more candidate (default: replicas only).
     #[serde(default)]
     pub primary_reads: bool,
+    /// With `read_your_writes = "lsn"`: how long a read waits for a replica
+    /// to replay the user's last write (replicas' positions are then asked
+    /// every `position_interval`) before it goes to the primary. 0: at once.
+    #[serde(default = "default_replica_wait", with = "serde_duration")]
+    pub replica_wait: Duration,
+    /// How often replicas' replay positions are asked while a read waits.
+    #[serde(default = "default_position_interval", with = "serde_duration")]
+    pub position_interval: Duration,
+}
+
+fn default_replica_wait() -> Duration {
+    Duration::from_millis(20)
+}
+
+fn default_position_interval() -> Duration {
+    Duration::from_millis(1)
 }
 
 impl Default for LoadBalancingConfig {
@@ -267,6 +283,8 @@ impl Default for LoadBalancingConfig {
             zone: None,
             replica_fallback_to_primary: true,
             primary_reads: false,
+            replica_wait: default_replica_wait(),
+            position_interval: default_position_interval(),
         }
     }
 }

@@ -189,9 +189,27 @@ pub struct ShardHealth {
     writer: AtomicUsize,
     dual: Mutex<(usize, usize)>,
     ticket: AtomicU64,
+    /// Reads waiting for a replica to replay their user's writes; while
+    /// any wait, the shard's `PositionPoller` asks the replicas.
+    waiting: AtomicUsize,
+    /// Wakes the poller when a read starts waiting.
+    wanted: tokio::sync::Notify,
+    /// Woken when the poller has learned new replay positions.
+    advanced: tokio::sync::Notify,
+}
+
+/// A read waiting for replay positions (`ShardHealth::wait_for_position`);
+/// counted while it lives.
+struct Waiting<'a>(&'a ShardHealth);
+
+impl Drop for Waiting<'_> {
+    fn drop(&mut self) {
+        self.0.waiting.fetch_sub(1, Relaxed);
+    }
 }
 
 /// What a read may use.
+#[derive(Clone, Copy)]
 pub struct ReadRequest<'a> {
     pub strategy: Strategy,
     pub zone: Option<&'a str>,
@@ -202,7 +220,7 @@ pub struct ReadRequest<'a> {
     pub exclude: u64,
     pub primary_reads: bool,
     /// Server connections in use per node, for least_connections.
-    pub in_use: &'a dyn Fn(usize) -> usize,
+    pub in_use: &'a (dyn Fn(usize) -> usize + Sync),
 }
 
 impl ShardHealth {
@@ -225,6 +243,9 @@ impl ShardHealth {
             writer: AtomicUsize::new(0),
             dual: Mutex::new((0, 0)),
             ticket: AtomicU64::new(0),
+            waiting: AtomicUsize::new(0),
+            wanted: tokio::sync::Notify::new(),
+            advanced: tokio::sync::Notify::new(),
         }
     }
 
@@ -262,6 +283,32 @@ impl ShardHealth {
     }
 
     /// A node for a read: an eligible replica by the strategy, else `None`.
+    /// A replica for a read that needs one replayed past `req.min_lsn`,
+    /// waiting up to `wait` for one to get there (the shard's replicas are
+    /// asked their position every poll meanwhile). `None` when none did,
+    /// or none could even without the position.
+    pub async fn wait_for_position(&self, req: &ReadRequest<'_>, wait: Duration) -> Option<usize> {
+        if wait.is_zero() || req.min_lsn == 0 {
+            return None;
+        }
+        // Only worth waiting if a replica would serve the read but for
+        // the position.
+        self.reader(&ReadRequest { min_lsn: 0, ..*req })?;
+        self.waiting.fetch_add(1, Relaxed);
+        let _waiting = Waiting(self);
+        self.wanted.notify_one();
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let advanced = self.advanced.notified();
+            if let Some(i) = self.reader(req) {
+                return Some(i);
+            }
+            if tokio::time::timeout_at(deadline, advanced).await.is_err() {
+                return self.reader(req);
+            }
+        }
+    }
+
     pub fn reader(&self, req: &ReadRequest) -> Option<usize> {
         let now = now_ms();
         let mut cands: Vec<Candidate> = Vec::with_capacity(self.nodes.len());
@@ -347,6 +394,96 @@ async fn check(
             .ok()
             .and_then(|v| u64::try_from(v).ok()),
     })
+}
+
+/// A replica's replay position, as the poller asks it.
+const POSITION_SQL: &str =
+    "SELECT (COALESCE(pg_last_wal_replay_lsn(), '0/0') - '0/0'::pg_lsn)::bigint";
+
+/// Asks a shard's replicas their replay position every `interval`, only
+/// while reads wait for one to replay their user's writes
+/// (`ShardHealth::wait_for_position`): the health check's positions are up
+/// to `health.interval` old, far behind a user writing steadily, whose
+/// reads would all go to the primary. Idle, it sends nothing.
+pub struct PositionPoller {
+    shard: Arc<ShardHealth>,
+    targets: Vec<ServerTarget>,
+    conns: Vec<Option<ServerConnection>>,
+    interval: Duration,
+    timeout: Duration,
+}
+
+impl PositionPoller {
+    pub fn new(
+        shard: Arc<ShardHealth>,
+        targets: Vec<ServerTarget>,
+        interval: Duration,
+        timeout: Duration,
+    ) -> Self {
+        let conns = targets.iter().map(|_| None).collect();
+        PositionPoller {
+            shard,
+            targets,
+            conns,
+            interval,
+            timeout,
+        }
+    }
+
+    pub async fn run(mut self) {
+        loop {
+            if self.shard.waiting.load(Relaxed) == 0 {
+                // A permit is stored if a read started waiting meanwhile.
+                self.shard.wanted.notified().await;
+            }
+            self.poll().await;
+            self.shard.advanced.notify_waiters();
+            tokio::time::sleep(self.interval).await;
+        }
+    }
+
+    /// Asks every replica that is up, concurrently.
+    async fn poll(&mut self) {
+        let (shard, timeout) = (&self.shard, self.timeout);
+        let asks = self
+            .conns
+            .iter_mut()
+            .zip(&self.targets)
+            .enumerate()
+            .filter(|(i, _)| {
+                let n = &shard.nodes[*i];
+                n.role() == Role::Replica && !n.is_down()
+            })
+            .map(|(i, (conn, target))| async move {
+                let asked = tokio::time::timeout(timeout, async {
+                    if conn.is_none() {
+                        *conn = Some(
+                            ServerConnection::connect(target, 0)
+                                .await
+                                .map_err(|e| e.to_string())?,
+                        );
+                    }
+                    let c = conn.as_mut().expect("just connected");
+                    let (rows, _) = c
+                        .simple_query(POSITION_SQL)
+                        .await
+                        .map_err(|e| e.to_string())?;
+                    rows.first()
+                        .and_then(|r| r.first().cloned().flatten())
+                        .and_then(|v| v.parse::<u64>().ok())
+                        .ok_or_else(|| "no position".to_string())
+                })
+                .await;
+                match asked {
+                    Ok(Ok(lsn)) => {
+                        shard.nodes[i].replay_lsn.fetch_max(lsn, Relaxed);
+                    }
+                    // The health check judges the node; this only stops asking.
+                    _ => *conn = None,
+                }
+            });
+        futures_util::future::join_all(asks).await;
+    }
 }
 
 /// The checker of one shard.

@@ -53,17 +53,22 @@ pub struct ReadYourWritesState {
 }
 
 /// A commit of this user's on one shard whose WAL position is not known
-/// yet. Counted in `positions_pending` from before the commit's reply is
-/// released to the client until the position is recorded; dropped without
-/// one (the connection was lost) after the reply was released, reads go to
-/// the primary for `fallback`. A reply held until the position is known
-/// (`held`) never reached the client: dropped, it leaves nothing behind.
+/// yet. Unless held, its reply reaches the client before the position is
+/// known: it is counted in `positions_pending` until the position is
+/// recorded (the user's reads go to the primary meanwhile), and dropped
+/// without one (the connection was lost) it sends the user's reads to the
+/// primary for `fallback`. A reply held until the position is known
+/// (`held`) needs neither: no read can depend on a commit its client has not
+/// been told of, and the position is recorded before the reply is
+/// released. If the position query fails the reply goes out all the same
+/// (`released_unknown`), as an unheld one.
 pub struct PositionPending {
     user: Arc<UserEntry>,
     shard: usize,
     fallback: Duration,
     settled: bool,
     released: bool,
+    counted: bool,
 }
 
 impl PositionPending {
@@ -77,13 +82,21 @@ impl PositionPending {
             fallback,
             settled: false,
             released: true,
+            counted: true,
         }
     }
 
     /// The commit's reply waits for the position.
     pub fn held(mut self) -> PositionPending {
+        self.uncount();
         self.released = false;
         self
+    }
+
+    /// The position query failed and the held reply is released: the
+    /// user's reads go to the primary for `fallback`.
+    pub fn released_unknown(&mut self) {
+        self.released = true;
     }
 
     /// The primary's WAL position after the commit.
@@ -92,6 +105,14 @@ impl PositionPending {
             .lsn
             .fetch_max(lsn, std::sync::atomic::Ordering::SeqCst);
         self.settled = true;
+    }
+
+    fn uncount(&mut self) {
+        if std::mem::replace(&mut self.counted, false) {
+            self.user.ryw[self.shard]
+                .positions_pending
+                .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        }
     }
 }
 
@@ -103,14 +124,13 @@ impl std::fmt::Debug for PositionPending {
 
 impl Drop for PositionPending {
     fn drop(&mut self) {
-        let ryw = &self.user.ryw[self.shard];
         if !self.settled && self.released {
             let until = health::now_ms() + self.fallback.as_millis() as u64;
-            ryw.primary_until
+            self.user.ryw[self.shard]
+                .primary_until
                 .fetch_max(until, std::sync::atomic::Ordering::SeqCst);
         }
-        ryw.positions_pending
-            .fetch_sub(1, std::sync::atomic::Ordering::SeqCst);
+        self.uncount();
     }
 }
 
@@ -246,6 +266,8 @@ pub struct Balancing {
     pub zone: Option<String>,
     pub fallback_to_primary: bool,
     pub primary_reads: bool,
+    pub replica_wait: Duration,
+    pub position_interval: Duration,
 }
 
 impl Balancing {
@@ -264,6 +286,8 @@ impl Balancing {
             zone: c.zone.clone(),
             fallback_to_primary: c.replica_fallback_to_primary,
             primary_reads: c.primary_reads,
+            replica_wait: c.replica_wait,
+            position_interval: c.position_interval.max(Duration::from_micros(100)),
         }
     }
 }
@@ -455,12 +479,30 @@ impl Shared {
     }
 
     /// Checks every node once, then keeps checking in the background.
+    /// With read-your-writes `lsn`, a position poller per shard too
+    /// (asking only while reads wait for a replica).
     async fn start_health_checks(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        self.check_health_once()
+        let mut tasks: Vec<_> = self
+            .check_health_once()
             .await
             .into_iter()
             .map(|c| tokio::spawn(c.run()))
-            .collect()
+            .collect();
+        let lb = &self.balancing;
+        if lb.read_your_writes == shardline_config::ReadYourWrites::Lsn
+            && !lb.replica_wait.is_zero()
+        {
+            for (shard, targets) in self.topology.shards.iter().zip(&self.health_targets) {
+                let poller = health::PositionPoller::new(
+                    shard.clone(),
+                    targets.clone(),
+                    lb.position_interval,
+                    self.health.timeout,
+                );
+                tasks.push(tokio::spawn(poller.run()));
+            }
+        }
+        tasks
     }
 
     /// ParameterStatus values for a new client: from the primary, or any

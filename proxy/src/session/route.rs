@@ -417,7 +417,13 @@ impl Session {
                         primary_reads: lb.primary_reads,
                         in_use: &in_use,
                     };
-                    match shard.reader(&req) {
+                    let chosen = match shard.reader(&req) {
+                        Some(i) => Some(i),
+                        // Behind the user's last write as last seen: wait
+                        // briefly for a replica to replay it.
+                        None => shard.wait_for_position(&req, lb.replica_wait).await,
+                    };
+                    match chosen {
                         Some(i) => i,
                         None if lb.fallback_to_primary => {
                             target = Target::Primary;

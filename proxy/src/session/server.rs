@@ -300,6 +300,9 @@ impl Session {
                 // has seen the cluster again.
                 let fields = backend::parse_error_fields(body);
                 tracing::debug!(code = %fields.code, message = %fields.message, "WAL position query failed");
+                if let Some(Kind::LsnProbe(probe)) = self.pending.front_mut().map(|p| &mut p.kind) {
+                    probe.released_unknown();
+                }
             }
             READY_FOR_QUERY => {
                 let status = *body.first().ok_or("empty ReadyForQuery")?;
