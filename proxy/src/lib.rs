@@ -7,6 +7,7 @@ pub mod cancel;
 pub mod check;
 pub mod cluster;
 pub mod demo;
+pub mod fuzz;
 pub mod health;
 pub mod protocol;
 pub mod server;
