@@ -522,6 +522,8 @@ impl Session {
     fn release_server(&mut self) {
         self.retry = None;
         self.tried = 0;
+        // Nothing is attached: a later unit is not one behind a read.
+        self.read_attach = false;
         self.txn_refused = false;
         self.coordinator = None;
         if let Some(mut conn) = self.server.take() {
@@ -638,6 +640,7 @@ impl Session {
         let Some(conn) = self.server.take() else {
             return Ok(false);
         };
+        self.read_attach = false;
         self.cancel.detach();
         let addr = conn.addr.clone();
         let in_txn = conn.tx_status != b'I';
