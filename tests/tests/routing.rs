@@ -664,7 +664,7 @@ async fn proxy_settings_from_startup_options_and_show() {
 }
 
 /// One user writing steadily on some connections and reading on others
-/// (read-your-writes `lsn`, 10% writes over 8 connections): reads wait
+/// (read-your-writes `lsn`, 10% writes over 16 connections): reads wait
 /// briefly for a replica to replay the user's last write instead of going
 /// to the primary, so the replicas serve most of them, and none is stale
 /// (each sees every write acknowledged before it started). Before, with
@@ -691,7 +691,7 @@ async fn a_writing_users_reads_stay_on_replicas() {
         Arc::new(AtomicU64::new(0)),
     );
     let mut tasks = Vec::new();
-    for client in 0..8u64 {
+    for client in 0..16u64 {
         let c = env.connect().await;
         let (next, acked, stop) = (next.clone(), acked.clone(), stop.clone());
         let (on_replicas, on_primary, stale) =

@@ -211,6 +211,29 @@ async fn text_order_follows_the_collation_or_is_refused() {
     assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
 }
 
+/// Two shards' primaries behind the proxy binary (its config edited by
+/// `config`), with `users (id, name)` holding keys 1..=`rows`, half on each
+/// shard (written there directly: a merge does not care which shard holds
+/// which key), `name` computed by `name` from `g`.
+async fn users_behind_a_proxy_process(
+    config: impl FnOnce(String) -> String,
+    rows: i64,
+    name: &str,
+) -> (Env, ProxyProcess, Client) {
+    let env = Env::primaries(2).await;
+    let (proxy, c) = ProxyProcess::start(&config(env.shards_config(&[0, 1], SHARDING)), &[]).await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL)")
+        .await
+        .expect("schema");
+    for s in 0..2 {
+        env.sql_shard(
+            s,
+            &format!("INSERT INTO users SELECT g, {name} FROM generate_series(1, {rows}) g WHERE g % 2 = {s}"),
+        );
+    }
+    (env, proxy, c)
+}
+
 /// A merge that would hold more than `routing.merge_memory` (here 16 MiB)
 /// fails with 53200 naming the setting, and the proxy's resident memory
 /// stays within 64 MB of where it started: 500,000 groups from two
@@ -218,21 +241,13 @@ async fn text_order_follows_the_collation_or_is_refused() {
 /// and a merge of few groups runs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_merge_past_its_memory_budget_fails_with_53200() {
-    let env = Env::primaries(2).await;
-    let config = env
-        .shards_config(&[0, 1], SHARDING)
-        .replace("[pool]\n", "[routing]\nmerge_memory = 16777216\n[pool]\n");
-    let (proxy, c) = ProxyProcess::start(&config, &[]).await;
+    let (_env, proxy, c) = users_behind_a_proxy_process(
+        |c| c.replace("[pool]\n", "[routing]\nmerge_memory = 16777216\n[pool]\n"),
+        500_000,
+        "md5(g::text)",
+    )
+    .await;
     let pid = proxy.pid();
-    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL)")
-        .await
-        .expect("schema");
-    for s in 0..2 {
-        env.sql_shard(
-            s,
-            &format!("INSERT INTO users SELECT g, md5(g::text) FROM generate_series(1, 500000) g WHERE g % 2 = {s}"),
-        );
-    }
     c.simple_query("SELECT 1").await.expect("warm");
     let (_, before) = memory_kib(pid);
     for sql in [
@@ -271,24 +286,17 @@ async fn a_merge_past_its_memory_budget_fails_with_53200() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_large_merge_does_not_stall_other_clients() {
     const ROWS: i64 = 1_000_000;
-    let env = Env::primaries(2).await;
-    let config = env
-        .shards_config(&[0, 1], SHARDING)
-        .replace("[proxy]\n", "[proxy]\nworkers = 1\n")
-        .replace(
-            "[pool]\n",
-            "[routing]\nmerge_memory = 2147483648\nmerge_memory_total = 2147483648\n[pool]\n",
-        );
-    let (proxy, c) = ProxyProcess::start(&config, &[]).await;
-    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL)")
-        .await
-        .expect("schema");
-    for s in 0..2 {
-        env.sql_shard(
-            s,
-            &format!("INSERT INTO users SELECT g, md5(g::text) FROM generate_series(1, {ROWS}) g WHERE g % 2 = {s}"),
-        );
-    }
+    let (_env, proxy, c) = users_behind_a_proxy_process(
+        |c| {
+            c.replace("[proxy]\n", "[proxy]\nworkers = 1\n").replace(
+                "[pool]\n",
+                "[routing]\nmerge_memory = 2147483648\nmerge_memory_total = 2147483648\n[pool]\n",
+            )
+        },
+        ROWS,
+        "md5(g::text)",
+    )
+    .await;
     let canary = shardline_tests::connect_app(proxy.port).await.unwrap();
     canary.simple_query("SELECT 1").await.unwrap();
     let merge = tokio::spawn(async move {
@@ -331,20 +339,10 @@ async fn a_large_merge_does_not_stall_other_clients() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_million_row_order_by_streams_in_bounded_memory() {
-    let env = Env::primaries(2).await;
-    let (proxy, c) = ProxyProcess::start(&env.shards_config(&[0, 1], SHARDING), &[]).await;
+    // 500,000 rows on each shard, ~120 bytes a row.
+    let (_env, proxy, c) =
+        users_behind_a_proxy_process(|c| c, 1_000_000, "repeat(md5(g::text), 3)").await;
     let pid = proxy.pid();
-    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL)")
-        .await
-        .expect("schema");
-    // 500,000 rows on each shard, written there directly (the merge does not
-    // care which shard holds which key), ~120 bytes a row.
-    for s in 0..2 {
-        env.sql_shard(
-            s,
-            &format!("INSERT INTO users SELECT g, repeat(md5(g::text), 3) FROM generate_series(1, 1000000) g WHERE g % 2 = {s}"),
-        );
-    }
     c.simple_query("SELECT 1").await.expect("warm");
     let (_, before) = memory_kib(pid);
     let started = Instant::now();
