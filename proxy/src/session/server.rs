@@ -75,11 +75,7 @@ impl Session {
             if tag == ERROR_RESPONSE {
                 // A FATAL sent before the server closes (shutdown,
                 // pg_terminate_backend, timeouts) with nothing asked of it.
-                let fields = backend::parse_error_fields(&msg[5..]);
-                let fatal = fields.severity == "FATAL" || fields.severity == "PANIC";
-                if fatal {
-                    self.server_fatal = Some(format!("{} {}", fields.code, fields.message));
-                }
+                let fatal = self.note_fatal(&msg[5..]);
                 if !(fatal && self.client_session_survives() && !self.keeps_connection()) {
                     // The client's transaction or session ends with the
                     // connection: it hears why, as from the server.
@@ -91,13 +87,9 @@ impl Session {
             }
             return Err(format!("unexpected message '{}' from server", tag as char));
         }
-        if tag == ERROR_RESPONSE && self.retry.is_some() {
-            let fields = backend::parse_error_fields(&msg[5..]);
-            if fields.severity == "FATAL" || fields.severity == "PANIC" {
-                // The node is going away before answering: the read runs elsewhere.
-                self.server_fatal = Some(format!("{} {}", fields.code, fields.message));
-                return Ok(());
-            }
+        if tag == ERROR_RESPONSE && self.retry.is_some() && self.note_fatal(&msg[5..]) {
+            // The node is going away before answering: the read runs elsewhere.
+            return Ok(());
         }
         if tag == PARAMETER_DESCRIPTION {
             if let Some(Pending {
@@ -142,9 +134,8 @@ impl Session {
         match tag {
             ERROR_RESPONSE => {
                 self.unit_failed = true;
-                let fields = backend::parse_error_fields(body);
-                if fields.severity == "FATAL" || fields.severity == "PANIC" {
-                    self.server_fatal = Some(format!("{} {}", fields.code, fields.message));
+                if let Some(reason) = fatal_reason(body) {
+                    self.server_fatal = Some(reason);
                 }
                 // An error ends COPY FROM STDIN mode on the server.
                 self.copy_ignores_syncs = false;
@@ -267,6 +258,18 @@ impl Session {
         )));
     }
 
+    /// Whether an ErrorResponse (`body`) is FATAL or PANIC: the server
+    /// closes the connection after it, which is then given up
+    /// (`server_fatal`, with the reason).
+    fn note_fatal(&mut self, body: &[u8]) -> bool {
+        let reason = fatal_reason(body);
+        let fatal = reason.is_some();
+        if fatal {
+            self.server_fatal = reason;
+        }
+        fatal
+    }
+
     /// Whether losing the server now leaves the client's session intact
     /// (no transaction lost, transaction pooling).
     fn client_session_survives(&self) -> bool {
@@ -300,7 +303,14 @@ impl Session {
                 // has seen the cluster again.
                 let fields = backend::parse_error_fields(body);
                 tracing::debug!(code = %fields.code, message = %fields.message, "WAL position query failed");
-                if let Some(Kind::LsnProbe(probe)) = self.pending.front_mut().map(|p| &mut p.kind) {
+                if self.note_fatal(body) {
+                    // The connection ends (a primary stopping): a held
+                    // reply becomes the connection's error, never a
+                    // confirmation, so it leaves nothing behind.
+                } else if let Some(Kind::LsnProbe(probe)) =
+                    self.pending.front_mut().map(|p| &mut p.kind)
+                {
+                    // The held reply goes out with its position unknown.
                     probe.released_unknown();
                 }
             }
@@ -411,6 +421,13 @@ fn parameter_types(body: &[u8]) -> Vec<u32> {
     let mut r = crate::protocol::Reader::new(body);
     let n = r.i16().unwrap_or(0).max(0);
     (0..n).map_while(|_| r.i32().map(|t| t as u32)).collect()
+}
+
+/// For a FATAL or PANIC ErrorResponse (`body`): its code and message.
+fn fatal_reason(body: &[u8]) -> Option<String> {
+    let fields = backend::parse_error_fields(body);
+    (fields.severity == "FATAL" || fields.severity == "PANIC")
+        .then(|| format!("{} {}", fields.code, fields.message))
 }
 
 /// Rewrites an ErrorResponse's FATAL or PANIC severity to ERROR, in place
