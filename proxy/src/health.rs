@@ -282,7 +282,6 @@ impl ShardHealth {
         }
     }
 
-    /// A node for a read: an eligible replica by the strategy, else `None`.
     /// A replica for a read that needs one replayed past `req.min_lsn`,
     /// waiting up to `wait` for one to get there (the shard's replicas are
     /// asked their position every poll meanwhile). `None` when none did,
@@ -309,6 +308,7 @@ impl ShardHealth {
         }
     }
 
+    /// A node for a read: an eligible replica by the strategy, else `None`.
     pub fn reader(&self, req: &ReadRequest) -> Option<usize> {
         let now = now_ms();
         let mut cands: Vec<Candidate> = Vec::with_capacity(self.nodes.len());
@@ -371,10 +371,13 @@ const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
      ELSE pg_current_wal_flush_lsn() END - '0/0'::pg_lsn)::bigint, \
     COALESCE(floor(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000), -1)::bigint";
 
-async fn check(
+/// Runs `sql` on the node's connection of the checker's (or poller's),
+/// opening it first if there is none.
+async fn ask(
     conn: &mut Option<ServerConnection>,
     target: &ServerTarget,
-) -> Result<Observation, String> {
+    sql: &str,
+) -> Result<Vec<Vec<Option<String>>>, String> {
     if conn.is_none() {
         *conn = Some(
             ServerConnection::connect(target, 0)
@@ -383,7 +386,15 @@ async fn check(
         );
     }
     let c = conn.as_mut().expect("just connected");
-    let (rows, _) = c.simple_query(CHECK_SQL).await.map_err(|e| e.to_string())?;
+    let (rows, _) = c.simple_query(sql).await.map_err(|e| e.to_string())?;
+    Ok(rows)
+}
+
+async fn check(
+    conn: &mut Option<ServerConnection>,
+    target: &ServerTarget,
+) -> Result<Observation, String> {
+    let rows = ask(conn, target, CHECK_SQL).await?;
     let row = rows.first().ok_or("health check returned no row")?;
     let col = |i: usize| row.get(i).cloned().flatten().unwrap_or_default();
     Ok(Observation {
@@ -456,19 +467,9 @@ impl PositionPoller {
             })
             .map(|(i, (conn, target))| async move {
                 let asked = tokio::time::timeout(timeout, async {
-                    if conn.is_none() {
-                        *conn = Some(
-                            ServerConnection::connect(target, 0)
-                                .await
-                                .map_err(|e| e.to_string())?,
-                        );
-                    }
-                    let c = conn.as_mut().expect("just connected");
-                    let (rows, _) = c
-                        .simple_query(POSITION_SQL)
-                        .await
-                        .map_err(|e| e.to_string())?;
-                    rows.first()
+                    ask(conn, target, POSITION_SQL)
+                        .await?
+                        .first()
                         .and_then(|r| r.first().cloned().flatten())
                         .and_then(|v| v.parse::<u64>().ok())
                         .ok_or_else(|| "no position".to_string())

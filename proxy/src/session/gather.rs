@@ -453,21 +453,20 @@ impl Session {
             {
                 let (cap, offset) = (unit.cap(), unit.offset);
                 let groups = groups.into_groups();
-                let finished = if groups.len() < FINISH_ELSEWHERE {
+                let finish = move |c: &Compiled, groups| {
                     let mut out = Vec::new();
                     c.finish_groups(groups, cap, offset, &mut out)
                         .map(|n| (n, out))
+                };
+                let finished = if groups.len() < FINISH_ELSEWHERE {
+                    finish(c, groups)
                 } else {
                     // Sorting and encoding many groups takes a while: not
                     // on the thread serving other clients.
                     let c = c.clone();
-                    tokio::task::spawn_blocking(move || {
-                        let mut out = Vec::new();
-                        c.finish_groups(groups, cap, offset, &mut out)
-                            .map(|n| (n, out))
-                    })
-                    .await
-                    .map_err(|e| format!("merge: {e}"))?
+                    tokio::task::spawn_blocking(move || finish(&c, groups))
+                        .await
+                        .map_err(|e| format!("merge: {e}"))?
                 };
                 match finished {
                     Ok((rows, out)) => {
