@@ -151,6 +151,9 @@ pub struct Shared {
     pub topology: Arc<health::Topology>,
     /// Read/write classification with its cache (shared by all sessions).
     pub router: std::sync::Mutex<shardline_router::Router>,
+    /// The router's parsing without its cache: for very large statements,
+    /// routed on the blocking pool.
+    pub uncached: shardline_router::cache::Uncached,
     /// Shard placement, when there are several shards.
     pub sharding: Option<Arc<shardline_router::sharding::Sharding>>,
     /// Turns for reference-table reads spread over shards.
@@ -415,6 +418,12 @@ impl Shared {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
+        let router = shardline_router::Router::new(
+            router_options(&config.routing),
+            config.routing.cache_size,
+            sharding.clone(),
+        )
+        .with_max_bytes(config.routing.cache_bytes);
         Ok(Shared {
             users,
             tls_required: config.tls.mode == shardline_config::ClientTlsMode::Require,
@@ -425,14 +434,8 @@ impl Shared {
             max_message_size: config.proxy.max_message_size as usize,
             auth_timeout: config.proxy.auth_timeout,
             topology,
-            router: std::sync::Mutex::new(
-                shardline_router::Router::new(
-                    router_options(&config.routing),
-                    config.routing.cache_size,
-                    sharding.clone(),
-                )
-                .with_max_bytes(config.routing.cache_bytes),
-            ),
+            uncached: router.uncached(),
+            router: std::sync::Mutex::new(router),
             sharding,
             spread: AtomicU64::new(0),
             route_nanos: AtomicU64::new(0),

@@ -20,6 +20,10 @@ pub struct Route {
     pub role_hint: Option<RoleHint>,
     /// Where each statement's rows live (when there are several shards).
     pub shards: Option<Arc<[Template]>>,
+    /// State the statements leave on their server connection after the
+    /// transaction (`classify::session_state`), which pooling must keep
+    /// from other clients.
+    pub session_state: Option<&'static str>,
 }
 
 /// Counters for observability (parse-cache hit rate, parser fallbacks).
@@ -87,19 +91,41 @@ impl Router {
     /// Routes a statement, from the cache when one of the same shape was
     /// seen before (`shape`: the same text up to constant values).
     pub fn route(&mut self, sql: &str) -> Route {
-        shape(sql, &mut self.key);
-        if let Some(r) = self.cache.get(self.key.as_str()) {
+        let mut key = std::mem::take(&mut self.key);
+        shape(sql, &mut key);
+        let route = match self.lookup(&key) {
+            Some(route) => route,
+            None => {
+                let route = route_uncached(sql, &self.options, self.sharding.as_deref());
+                self.store(&key, &route);
+                route
+            }
+        };
+        self.key = key;
+        route
+    }
+
+    /// The cached route of statements of this shape (`shape`'s key), if
+    /// any: the half of `route` that needs the cache, for a caller that
+    /// shapes and parses without holding it.
+    pub fn lookup(&mut self, key: &str) -> Option<Route> {
+        let route = self.cache.get(key).cloned();
+        if route.is_some() {
             self.stats.hits += 1;
-            return r.clone();
         }
+        route
+    }
+
+    /// Records a statement routed after a `lookup` missed, and caches its
+    /// route unless its shape is too long.
+    pub fn store(&mut self, key: &str, route: &Route) {
         self.stats.misses += 1;
-        let route = route_uncached(sql, &self.options, self.sharding.as_deref());
         if route.source == Source::Fallback {
             self.stats.fallbacks += 1;
         }
-        if self.key.len() <= MAX_CACHED_STATEMENT {
-            let size = entry_bytes(&self.key, &route);
-            if let Some((k, old)) = self.cache.push(self.key.as_str().into(), route.clone()) {
+        if key.len() <= MAX_CACHED_STATEMENT {
+            let size = entry_bytes(key, route);
+            if let Some((k, old)) = self.cache.push(key.into(), route.clone()) {
                 self.bytes -= entry_bytes(&k, &old);
             }
             self.bytes += size;
@@ -110,11 +136,33 @@ impl Router {
                 }
             }
         }
-        route
     }
 
     pub fn stats(&self) -> RouterStats {
         self.stats
+    }
+
+    /// Routing without the cache (nor its lock), for statements routed
+    /// elsewhere: very large ones, on a blocking thread.
+    pub fn uncached(&self) -> Uncached {
+        Uncached {
+            options: self.options.clone(),
+            sharding: self.sharding.clone(),
+        }
+    }
+}
+
+/// What routing a statement needs, without the cache: owned, so it can be
+/// sent to another thread.
+#[derive(Debug, Clone)]
+pub struct Uncached {
+    options: Options,
+    sharding: Option<Arc<Sharding>>,
+}
+
+impl Uncached {
+    pub fn route(&self, sql: &str) -> Route {
+        route_uncached(sql, &self.options, self.sharding.as_deref())
     }
 }
 
@@ -204,6 +252,7 @@ pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>)
         source,
         role_hint: hint.and_then(|h| h.role),
         shards,
+        session_state: crate::classify::session_state(sql),
     }
 }
 

@@ -2,6 +2,7 @@
 //! and classified by the rules in SPEC.md; statements it cannot parse are
 //! classified by their leading keywords. When unsure, it is a write.
 
+use crate::lexer::Lexer;
 use sqlparser::ast::{
     CopySource, Expr, Query, Select, Set, SetExpr, Statement, TransactionAccessMode,
     TransactionMode, Visit, Visitor,
@@ -312,8 +313,112 @@ pub fn fallback(sql: &str) -> Class {
     }
 }
 
+/// What a query string leaves on its server connection after the
+/// transaction, which the next client of a pooled connection would see:
+/// a temporary table (or view, sequence), a session-level advisory lock,
+/// a prepared statement made with SQL `PREPARE`. `None` for everything
+/// else (decided without lexing unless a telling word appears).
+pub fn session_state(sql: &str) -> Option<&'static str> {
+    let has = |word: &str| {
+        sql.as_bytes()
+            .windows(word.len())
+            .any(|w| w.eq_ignore_ascii_case(word.as_bytes()))
+    };
+    if !(has("advisory") || has("temp") || has("prepare")) {
+        return None;
+    }
+    let mut start = true;
+    let mut prev: Vec<String> = Vec::new();
+    // A CREATE TEMP seen in this statement, unless ON COMMIT DROP follows.
+    let mut temp = false;
+    let mut last3: [String; 3] = Default::default();
+    for t in Lexer::new(sql) {
+        if t.text == ";" {
+            if temp {
+                return Some(TEMP);
+            }
+            start = true;
+            prev.clear();
+            continue;
+        }
+        let w = t.lower();
+        last3.rotate_left(1);
+        last3[2] = w.clone();
+        if temp && last3 == ["on", "commit", "drop"] {
+            temp = false;
+            start = false;
+            continue;
+        }
+        if matches!(
+            w.as_str(),
+            "pg_advisory_lock"
+                | "pg_advisory_lock_shared"
+                | "pg_try_advisory_lock"
+                | "pg_try_advisory_lock_shared"
+        ) {
+            return Some("a session-level advisory lock (pg_advisory_lock)");
+        }
+        if start {
+            match (prev.first().map(String::as_str), prev.len(), w.as_str()) {
+                (Some("create"), 1 | 2, "temp" | "temporary") => {
+                    temp = true;
+                    start = false;
+                }
+                (Some("prepare"), 1, "transaction") => start = false,
+                (Some("prepare"), 1, _) => {
+                    return Some("a prepared statement made with SQL PREPARE")
+                }
+                (Some("create"), 1, "local" | "global") => {}
+                (Some(_), _, _) => start = false,
+                (None, _, _) => {}
+            }
+            if start {
+                prev.push(w);
+            }
+        }
+    }
+    temp.then_some(TEMP)
+}
+
+const TEMP: &str = "a temporary table, view or sequence (CREATE TEMP)";
+
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn session_state_is_recognised() {
+        for (sql, what) in [
+            ("CREATE TEMP TABLE t (x int)", "CREATE TEMP"),
+            ("create temporary table t as select 1", "CREATE TEMP"),
+            ("CREATE LOCAL TEMP VIEW v AS SELECT 1", "CREATE TEMP"),
+            ("SELECT 1; CREATE TEMP SEQUENCE s", "CREATE TEMP"),
+            ("SELECT pg_advisory_lock(42)", "advisory"),
+            ("select PG_TRY_ADVISORY_LOCK(1, 2), 1", "advisory"),
+            ("SELECT pg_advisory_lock_shared($1)", "advisory"),
+            ("PREPARE q (int) AS SELECT $1", "PREPARE"),
+            (
+                "CREATE TEMP TABLE a (x int) ON COMMIT DROP; CREATE TEMP TABLE b (x int)",
+                "CREATE TEMP",
+            ),
+        ] {
+            let found = session_state(sql).unwrap_or_else(|| panic!("{sql}"));
+            assert!(found.contains(what), "{sql}: {found}");
+        }
+        for sql in [
+            "SELECT pg_advisory_xact_lock(42)",
+            "SELECT 'pg_advisory_lock(1)'",
+            "SELECT temperature FROM weather",
+            "CREATE TABLE temp (x int)",
+            "PREPARE TRANSACTION 'x'",
+            "SELECT * FROM t WHERE note = 'create temp table'",
+            "-- pg_advisory_lock\nSELECT 1",
+            "INSERT INTO prepared (x) VALUES (1)",
+            "CREATE TEMP TABLE t (x int) ON COMMIT DROP",
+            "BEGIN; create temporary table t on commit drop as select 1; COMMIT",
+        ] {
+            assert_eq!(session_state(sql), None, "{sql}");
+        }
+    }
+
     use super::*;
 
     #[test]

@@ -233,6 +233,23 @@ fn constants_are_read_from_each_text_while_the_shape_is_cached() {
     assert_eq!(t.router.stats().misses, 1);
 }
 
+/// A key constant is found by its position whatever characters come
+/// before it: multi-byte ones on earlier lines and on its own line.
+#[test]
+fn key_constants_are_found_after_multibyte_text() {
+    let mut t = T::new();
+    for k in [1i64, 42, 777] {
+        let want = Placement::One(t.of(k));
+        for sql in [
+            format!("SELECT 'é', 'ü'\n FROM users\n WHERE name <> 'ø日' AND id = {k}"),
+            format!("SELECT 'é'\r\n, 1 FROM users WHERE\n\nid = {k} -- ü\n"),
+            format!("SELECT '{}' FROM users WHERE id = {k}", "x".repeat(100_000)),
+        ] {
+            assert_eq!(t.place(&sql), want, "{sql}");
+        }
+    }
+}
+
 #[test]
 fn multi_row_inserts_split_by_shard() {
     let mut t = T::new();

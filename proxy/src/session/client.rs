@@ -516,15 +516,15 @@ impl Session {
     }
 
     /// Under transaction pooling, a statement that leaves state on the
-    /// server connection (`sql::session_state`): by `pool.session_state`,
+    /// server connection (the route's `session_state`): by `pool.session_state`,
     /// the client keeps this connection until it leaves or runs DISCARD ALL
     /// (it is reset before anyone else gets it), or the statement is
     /// refused with 0A000 naming it.
-    fn keep_session_state(&mut self, sql: &str) -> Result<(), PgError> {
+    fn keep_session_state(&mut self, sql: &[u8]) -> Result<(), PgError> {
         if self.mode() != PoolMode::Transaction || self.pinned.is_some() {
             return Ok(());
         }
-        let Some(what) = sql::session_state(sql) else {
+        let Some(what) = self.route_text(sql).session_state else {
             return Ok(());
         };
         match self.shared.session_state {
@@ -613,11 +613,11 @@ impl Session {
                 return Ok(());
             }
         }
-        let text = std::str::from_utf8(text).unwrap_or("");
         if let Err(e) = self.keep_session_state(text) {
             self.fail_request(e, true);
             return Ok(());
         }
+        let text = std::str::from_utf8(text).unwrap_or("");
         let probe = self.position_query_with(text);
         self.send_query_frame(&f.bytes);
         let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
@@ -648,7 +648,7 @@ impl Session {
             self.fail_request(e, false);
             return Ok(());
         }
-        if let Err(e) = self.keep_session_state(std::str::from_utf8(p.query).unwrap_or("")) {
+        if let Err(e) = self.keep_session_state(p.query) {
             self.fail_request(e, false);
             return Ok(());
         }

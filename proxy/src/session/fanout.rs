@@ -317,7 +317,7 @@ impl Session {
                     frontend::PARSE => frontend::parse(f.body()).ok()?.query,
                     _ => return None,
                 };
-                super::sql::session_state(std::str::from_utf8(text).ok()?)
+                self.route_text(text).session_state
             });
             if let Some(what) = state {
                 return self.fail_unit(

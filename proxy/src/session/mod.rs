@@ -118,6 +118,9 @@ pub struct Session {
     described: HashMap<Bytes, Vec<u32>>,
     /// Effects of portals bound to session-changing statements (rare).
     portal_effects: HashMap<Box<[u8]>, Effect>,
+    /// Routes of the very large statement texts of the client's next unit,
+    /// made on the blocking pool (`route_large_ahead`).
+    large_routes: Vec<(Bytes, shardline_router::Route)>,
     /// The client's unnamed statement: token, definition, effect and route.
     unnamed: Option<(u64, Bytes, Option<Effect>, shardline_router::Route)>,
     /// Index (in its shard) of the node the attached server belongs to.
@@ -148,7 +151,7 @@ pub struct Session {
     /// known yet (taken with the position query at release).
     position_pending: Option<crate::PositionPending>,
     /// Under transaction pooling, why the client keeps its server
-    /// connection: a statement left state on it (`sql::session_state`).
+    /// connection: a statement left state on it (`Route::session_state`).
     pinned: Option<&'static str>,
     /// The attached server was chosen for a unit that may write; every later
     /// statement on it may write too.
@@ -248,6 +251,7 @@ impl Session {
             statements: HashMap::new(),
             described: HashMap::new(),
             portal_effects: HashMap::new(),
+            large_routes: Vec::new(),
             unnamed: None,
             unit_open: false,
             unit_binds: false,
@@ -321,6 +325,7 @@ impl Session {
     async fn client_data(&mut self) -> Result<(), End> {
         self.waiting = false;
         loop {
+            self.route_large_ahead().await;
             match self.on_client_data()? {
                 client::Flow::Done => break,
                 client::Flow::Wait => {

@@ -22,6 +22,7 @@ const FUNCTION_CALL: Route = Route {
     source: Source::Parsed,
     role_hint: None,
     shards: None,
+    session_state: None,
 };
 
 /// The primary's WAL position after a commit, for read-your-writes: the
@@ -74,10 +75,7 @@ pub(super) struct Planned {
 
 /// The query text of a Parse definition (`query\0` then parameter types).
 pub(super) fn definition_query(definition: &[u8]) -> &[u8] {
-    let end = definition
-        .iter()
-        .position(|&b| b == 0)
-        .unwrap_or(definition.len());
+    let end = memchr::memchr(0, definition).unwrap_or(definition.len());
     &definition[..end]
 }
 
@@ -94,20 +92,103 @@ fn bit(node: usize) -> u64 {
     1u64 << node.min(63)
 }
 
+/// Statement texts at least this long are routed on the blocking pool
+/// before their unit is planned (`route_large_ahead`): lexing and parsing
+/// them would hold the worker thread, and every other session on it.
+pub(super) const LARGE_STATEMENT: usize = 64 * 1024;
+
+/// Routes a statement without holding the router's lock while its text is
+/// scanned and parsed: the lock is taken only to look up and store.
+fn route_detached(shared: &crate::Shared, text: &str) -> Route {
+    let mut key = String::new();
+    shardline_router::cache::shape(text, &mut key);
+    let router = || shared.router.lock().unwrap_or_else(|p| p.into_inner());
+    if let Some(route) = router().lookup(&key) {
+        return route;
+    }
+    let route = shared.uncached.route(text);
+    router().store(&key, &route);
+    route
+}
+
 impl Session {
-    /// Routes one statement text through the shared cache.
+    /// Routes one statement text through the shared cache (a large one
+    /// from the routes `route_large_ahead` made).
     pub(super) fn route_text(&self, sql: &[u8]) -> Route {
+        if sql.len() >= LARGE_STATEMENT {
+            if let Some((_, route)) = self.large_routes.iter().find(|(t, _)| t[..] == *sql) {
+                return route.clone();
+            }
+        }
         let Ok(text) = std::str::from_utf8(sql) else {
             return FUNCTION_CALL;
         };
         let started = std::time::Instant::now();
-        let route = {
+        let route = if sql.len() >= LARGE_STATEMENT {
+            route_detached(&self.shared, text)
+        } else {
             let mut router = self.shared.router.lock().unwrap_or_else(|p| p.into_inner());
             router.route(text)
         };
         let nanos = started.elapsed().as_nanos() as u64;
         self.shared.route_nanos.fetch_add(nanos, Relaxed);
         route
+    }
+
+    /// Routes the large statement texts (Query, Parse) of the unit at the
+    /// front of `client_in` on the blocking pool, for `route_text` to find;
+    /// routes made for texts no longer there are dropped.
+    pub(super) async fn route_large_ahead(&mut self) {
+        if self.client_in.len() < LARGE_STATEMENT && self.large_routes.is_empty() {
+            return;
+        }
+        let mut texts: Vec<(usize, usize)> = Vec::new();
+        let base = self.client_in.as_ptr() as usize;
+        for (tag, body) in
+            crate::protocol::complete_frames(&self.client_in, self.shared.max_message_size)
+        {
+            let text = match tag {
+                frontend::QUERY => frontend::query(body).ok(),
+                frontend::PARSE => frontend::parse(body).ok().map(|p| p.query),
+                _ => None,
+            };
+            if let Some(t) = text.filter(|t| t.len() >= LARGE_STATEMENT) {
+                let start = t.as_ptr() as usize - base;
+                texts.push((start, start + t.len()));
+            }
+            if matches!(tag, frontend::QUERY | frontend::SYNC) {
+                break;
+            }
+        }
+        let buf = &self.client_in;
+        self.large_routes
+            .retain(|(t, _)| texts.iter().any(|&(s, e)| buf[s..e] == t[..]));
+        for (s, e) in texts {
+            if self
+                .large_routes
+                .iter()
+                .any(|(t, _)| self.client_in[s..e] == t[..])
+            {
+                continue;
+            }
+            let text = bytes::Bytes::copy_from_slice(&self.client_in[s..e]);
+            let shared = self.shared.clone();
+            let routed = text.clone();
+            let route = tokio::task::spawn_blocking(move || {
+                let started = std::time::Instant::now();
+                let route = match std::str::from_utf8(&routed) {
+                    Ok(sql) => route_detached(&shared, sql),
+                    Err(_) => FUNCTION_CALL,
+                };
+                let nanos = started.elapsed().as_nanos() as u64;
+                shared.route_nanos.fetch_add(nanos, Relaxed);
+                route
+            })
+            .await;
+            if let Ok(route) = route {
+                self.large_routes.push((text, route));
+            }
+        }
     }
 
     /// The placement of statements of `route` whose Parse definition (or
