@@ -48,6 +48,12 @@ pub struct ApplyOptions {
 
 const STATE_DDL: &str = "
 CREATE SCHEMA IF NOT EXISTS shardline;
+CREATE TABLE IF NOT EXISTS shardline.rebalance_runs (
+    run text PRIMARY KEY,
+    placement text NOT NULL,
+    state text NOT NULL CHECK (state IN ('running', 'finishing', 'aborting')),
+    started timestamptz NOT NULL DEFAULT now()
+);
 CREATE TABLE IF NOT EXISTS shardline.rebalance_steps (
     run text NOT NULL,
     table_name text NOT NULL,
@@ -73,6 +79,9 @@ CREATE TABLE IF NOT EXISTS shardline.rebalance_deletes (
     deleted_at timestamptz NOT NULL DEFAULT now(),
     PRIMARY KEY (run, table_name, source, target, chunk)
 );";
+
+/// The advisory lock key every run holds on every shard it touches.
+const RUN_LOCK: i64 = 0x5368_6172_646c_696e; // "Shardlin"
 
 const STEP_KEY: &str =
     "run = $1 AND table_name = $2 AND source = $3 AND target = $4 AND chunk = $5";
@@ -121,7 +130,10 @@ pub struct Summary {
     pub verify_seconds: f64,
     pub delete_seconds: f64,
     pub total_seconds: f64,
+    /// A run interrupted after every row moved was finished.
     pub already_complete: bool,
+    /// Every row was already where the new config places it.
+    pub nothing_to_move: bool,
     pub config_written: Option<PathBuf>,
 }
 
@@ -134,6 +146,11 @@ impl Summary {
 /// Everything `apply` needs while it runs.
 struct Run<'a> {
     r: &'a Rebalance,
+    /// This run's id: chosen when it starts (`new_run_id`) and recorded in
+    /// `shardline.rebalance_runs` on every shard, or read back from there
+    /// to resume it. Steps and delete receipts carry it, so records of an
+    /// earlier move between the same configs never stand for this one.
+    id: String,
     servers: Servers,
     opts: &'a ApplyOptions,
     /// Columns per table (sharded and reference), from the default shard.
@@ -148,6 +165,9 @@ struct Run<'a> {
     estimates: HashMap<(String, usize, usize), u64>,
     copies_started: u32,
     deletes_done: u32,
+    /// A connection per shard holding the tool's advisory lock: one run at
+    /// a time on these servers.
+    _locks: Vec<deadpool_postgres::Object>,
 }
 
 pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<Summary> {
@@ -157,7 +177,6 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
             "writes must be stopped while rows move: stop the applications (or the proxy) writing to these shards, then run again with --writes-stopped. Nothing was changed."
         );
     }
-    let all: Vec<usize> = (0..r.names.len()).collect();
     let mut run = Run::open(r, login, opts).await?;
     let mut summary = Summary::default();
     for warning in db::unreachable_replicas(&r.new.shards, &r.new.replicas, login).await {
@@ -166,65 +185,75 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
         ));
     }
 
-    for &id in &all {
-        let c = run.servers.get(id).await?;
-        if !has_state_tables(&c)
-            .await
-            .on(&run.servers, id, "reading recorded progress")?
-        {
-            continue;
+    let mut recorded = match run.recorded().await? {
+        Some((_, RunState::Aborting)) => bail!(
+            "an abort of this rebalance was interrupted: run `shardline-rebalance abort` with the same configs to finish it (it removes the copies it made), then apply again. Nothing was changed."
+        ),
+        other => other,
+    };
+    let resumed = recorded.is_some();
+    let mut steps: Vec<Step> = Vec::new();
+    let finishing = match recorded.take() {
+        Some((id, state)) => {
+            run.log(&format!(
+                "resuming rebalance run {id} recorded on the servers"
+            ));
+            run.id = id;
+            state == RunState::Finishing
         }
-        let others = c
-            .query(
-                "SELECT DISTINCT run FROM shardline.rebalance_steps WHERE state <> 'done' AND run <> $1",
-                &[&r.run],
-            )
-            .await
-            .on(&run.servers, id, "reading recorded progress")?;
-        if let Some(other) = others.first() {
-            bail!(
-                "shard {} records an unfinished rebalance (run {}) between other configs. Finish it first by running apply with its configs; if it was abandoned, look at shardline.rebalance_steps there (rows of steps in state copied or verified exist on both shards) before deleting its entries. Nothing was changed.",
-                run.servers.label(id),
-                other.get::<_, String>(0)
-            );
+        None => {
+            run.id = new_run_id(&r.run);
+            false
         }
-    }
-
-    let mut steps = run.load_steps().await?;
-    if !steps.is_empty() && steps.iter().all(|s| s.state == State::Done) {
-        run.log(&format!(
-            "rebalance {} is already complete on the servers",
-            r.run
-        ));
+    };
+    if finishing {
         summary.already_complete = true;
     } else {
+        if resumed {
+            steps = run.load_steps().await?;
+        }
         run.check_tables().await?;
         run.log("counting the rows to move on every shard ...");
-        let new_steps = run.plan_steps().await?;
-        steps.extend(new_steps);
-        run.log(&format!(
-            "{} steps ({} to copy, {} to verify, {} to delete)",
-            steps.len(),
-            steps.iter().filter(|s| s.state == State::Pending).count(),
-            steps.iter().filter(|s| s.state <= State::Copied).count(),
-            steps
-                .iter()
-                .filter(|s| s.state < State::Done && !s.reference)
-                .count()
-        ));
-
-        let t = Instant::now();
-        run.copy_all(&mut steps).await?;
-        summary.copy_seconds = t.elapsed().as_secs_f64();
-        run.stop_point("verify");
-
-        let t = Instant::now();
-        run.verify_all(&mut steps).await?;
-        summary.verify_seconds = t.elapsed().as_secs_f64();
-
-        let t = Instant::now();
-        run.delete_all(&mut steps).await?;
-        summary.delete_seconds = t.elapsed().as_secs_f64();
+        let planned = run.plan_steps().await?;
+        steps.extend(planned);
+        if !steps.is_empty() {
+            run.log(&format!(
+                "{} steps ({} to copy, {} to verify, {} to delete)",
+                steps.len(),
+                steps.iter().filter(|s| s.state == State::Pending).count(),
+                steps.iter().filter(|s| s.state <= State::Copied).count(),
+                steps
+                    .iter()
+                    .filter(|s| s.state < State::Done && !s.reference)
+                    .count()
+            ));
+            let t = Instant::now();
+            run.copy_all(&mut steps).await?;
+            summary.copy_seconds = t.elapsed().as_secs_f64();
+            run.stop_point("verify");
+            let t = Instant::now();
+            run.verify_all(&mut steps).await?;
+            summary.verify_seconds = t.elapsed().as_secs_f64();
+            let t = Instant::now();
+            run.delete_all(&mut steps).await?;
+            summary.delete_seconds = t.elapsed().as_secs_f64();
+        }
+    }
+    if resumed || !steps.is_empty() {
+        // Every row of the run is moved: only its records remain.
+        run.set_state(RunState::Finishing).await?;
+        run.stop_point("finish");
+        run.forget().await?;
+    }
+    summary.nothing_to_move = !resumed && steps.is_empty();
+    // Rows on a shard the new config removes would be lost with it: they
+    // were written after their range moved (writes were not stopped).
+    let left = run.rows_on(&r.removed()).await?;
+    if !left.is_empty() {
+        bail!(
+            "{}: written after their rows moved (writes were not stopped), they would be lost with the shard. Every other row is moved and verified; the new config was not installed. Stop the writes, move those rows to the shards the new config gives them (INSERT them through a proxy running the new config, then DELETE them from the removed shard), and run apply again: it moves nothing more and installs the config.",
+            left.join("; ")
+        );
     }
     for s in &steps {
         let key = (
@@ -235,10 +264,57 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
         *summary.moved.entry(key).or_default() += s.rows.unwrap_or(0).max(0) as u64;
     }
     summary.steps = steps.len();
-    write_config(&opts.config_out, &opts.new_text)?;
+    write_config(&opts.config_out, &opts.new_text).with_context(|| {
+        format!(
+            "every row is moved and verified, but the new config could not be written to {}; fix that and run apply again with the same configs (it moves nothing more and writes the config)",
+            opts.config_out.display()
+        )
+    })?;
     summary.config_written = Some(opts.config_out.clone());
     summary.total_seconds = started.elapsed().as_secs_f64();
     Ok(summary)
+}
+
+/// Where a recorded run stands (`shardline.rebalance_runs.state`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum RunState {
+    /// Steps are being recorded, copied, verified or deleted.
+    Running,
+    /// Every row moved; its records are being removed.
+    Finishing,
+    /// `abort` is removing the copies; only abort may go on.
+    Aborting,
+}
+
+impl RunState {
+    fn as_str(self) -> &'static str {
+        match self {
+            RunState::Running => "running",
+            RunState::Finishing => "finishing",
+            RunState::Aborting => "aborting",
+        }
+    }
+
+    fn parse(s: &str) -> RunState {
+        match s {
+            "finishing" => RunState::Finishing,
+            "aborting" => RunState::Aborting,
+            _ => RunState::Running,
+        }
+    }
+}
+
+/// A run id: the configs' fingerprint (for people reading the records)
+/// and when and by which process the run started (so it is never reused).
+fn new_run_id(fingerprint: &str) -> String {
+    let nanos = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_nanos());
+    format!(
+        "{}-{nanos:x}-{:x}",
+        &fingerprint[..fingerprint.len().min(12)],
+        std::process::id()
+    )
 }
 
 /// Writes `text` to `path` atomically: a temporary file beside it, synced,
@@ -278,7 +354,7 @@ pub fn write_config(path: &std::path::Path, text: &str) -> Result<()> {
 async fn has_state_tables(c: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
     let row = c
         .query_one(
-            "SELECT to_regclass('shardline.rebalance_steps') IS NOT NULL AND to_regclass('shardline.rebalance_deletes') IS NOT NULL",
+            "SELECT to_regclass('shardline.rebalance_steps') IS NOT NULL AND to_regclass('shardline.rebalance_deletes') IS NOT NULL AND to_regclass('shardline.rebalance_runs') IS NOT NULL",
             &[],
         )
         .await?;
@@ -288,7 +364,7 @@ async fn has_state_tables(c: &tokio_postgres::Client) -> Result<bool, tokio_post
 /// Undoes an unfinished run before any row was deleted from its old shard:
 /// the rows it copied are deleted from the new shards and its steps
 /// forgotten, leaving the old placement as it was. Returns the rows removed.
-pub async fn abort(r: &Rebalance, login: &Login) -> Result<u64> {
+pub async fn abort(r: &Rebalance, login: &Login, stop_at: Option<String>) -> Result<u64> {
     let opts = ApplyOptions {
         writes_stopped: true,
         create_tables: false,
@@ -296,16 +372,21 @@ pub async fn abort(r: &Rebalance, login: &Login) -> Result<u64> {
         format: Format::Binary,
         config_out: PathBuf::new(),
         new_text: String::new(),
-        stop_at: None,
+        stop_at,
     };
     let mut run = Run::open(r, login, &opts).await?;
-    let steps = run.load_steps().await?;
-    if steps.is_empty() {
+    let Some((id, state)) = run.recorded().await? else {
         bail!(
-            "no step of this rebalance (run {}) is recorded on its target shards: nothing to abort",
+            "no run of this rebalance (configs {}) is recorded on the servers: nothing to abort",
             r.run
         );
+    };
+    if state == RunState::Finishing {
+        bail!(
+            "rebalance run {id} had moved every row; only its records remain. Run apply again with the same configs to finish it."
+        );
     }
+    run.id = id;
     for id in 0..r.names.len() {
         let c = run.servers.get(id).await?;
         if !has_state_tables(&c)
@@ -317,7 +398,7 @@ pub async fn abort(r: &Rebalance, login: &Login) -> Result<u64> {
         let deleted: i64 = c
             .query_one(
                 "SELECT count(*) FROM shardline.rebalance_deletes WHERE run = $1",
-                &[&r.run],
+                &[&run.id],
             )
             .await
             .on(&run.servers, id, "reading recorded progress")?
@@ -329,8 +410,12 @@ pub async fn abort(r: &Rebalance, login: &Login) -> Result<u64> {
             );
         }
     }
+    // From here apply refuses until abort has finished (rerun abort).
+    run.set_state(RunState::Aborting).await?;
+    let steps = run.load_steps().await?;
     run.order = run.table_order().await?;
     let mut removed = 0;
+    let mut done = 0;
     for table in run.order.clone().iter().rev() {
         for s in steps.iter().filter(|s| s.table == *table) {
             let what = format!(
@@ -355,17 +440,38 @@ pub async fn abort(r: &Rebalance, login: &Login) -> Result<u64> {
             .await
             .on(&run.servers, s.target, &what)?;
             tx.commit().await.on(&run.servers, s.target, &what)?;
+            done += 1;
+            run.stop_point(&format!("abort:{done}"));
         }
     }
+    run.forget().await?;
     Ok(removed)
 }
 
 impl<'a> Run<'a> {
     async fn open(r: &'a Rebalance, login: &Login, opts: &'a ApplyOptions) -> Result<Run<'a>> {
         let all: Vec<usize> = (0..r.names.len()).collect();
+        let servers = Servers::connect(&r.names, &r.primaries, &all, login).await?;
+        let mut locks = Vec::new();
+        for &id in &all {
+            let c = servers.get(id).await?;
+            let held: bool = c
+                .query_one("SELECT pg_try_advisory_lock($1)", &[&RUN_LOCK])
+                .await
+                .on(&servers, id, "taking the tool's lock")?
+                .get(0);
+            if !held {
+                bail!(
+                    "another shardline-rebalance is running against shard {} (it holds the tool's advisory lock): wait for it to end. Nothing was changed.",
+                    servers.label(id)
+                );
+            }
+            locks.push(c);
+        }
         Ok(Run {
             r,
-            servers: Servers::connect(&r.names, &r.primaries, &all, login).await?,
+            id: String::new(),
+            servers,
             opts,
             columns: HashMap::new(),
             order: Vec::new(),
@@ -374,6 +480,7 @@ impl<'a> Run<'a> {
             estimates: HashMap::new(),
             copies_started: 0,
             deletes_done: 0,
+            _locks: locks,
         })
     }
 
@@ -429,7 +536,7 @@ impl Run<'_> {
                     "SELECT table_name, source, chunk, first_hash, last_hash, reference, state, rows, checksum
                        FROM shardline.rebalance_steps WHERE run = $1 AND target = $2
                       ORDER BY table_name, source, chunk",
-                    &[&self.r.run, &self.r.names[target]],
+                    &[&self.id, &self.r.names[target]],
                 )
                 .await
                 .on(&self.servers, target, "reading recorded progress")?;
@@ -491,6 +598,14 @@ impl Run<'_> {
         }
         self.order = self.table_order().await?;
         let sharded: Vec<String> = r.tables().iter().map(|t| t.name.clone()).collect();
+        for id in 0..r.names.len() {
+            let c = self.servers.get(id).await?;
+            problems.extend(self.unsafe_to_move(&c, id, &sharded, &names).await.on(
+                &self.servers,
+                id,
+                "reading the catalog",
+            )?);
+        }
         for &id in &r.old_ids {
             let c = self.servers.get(id).await?;
             let outside = db::outside_references(&c, &sharded, &names).await.on(
@@ -562,6 +677,72 @@ impl Run<'_> {
         Ok(())
     }
 
+    /// What would make the tool's copy or delete change rows that do not
+    /// move, or move rows the proxy places elsewhere, on shard `id`: a
+    /// foreign key from a sharded table to itself (its ON DELETE action
+    /// would reach rows that stay), triggers on the moved tables (copying
+    /// and deleting would fire them), and tables of the same name in
+    /// another schema (the proxy shards every schema's table under an
+    /// unqualified entry; the tool moves the one `search_path` finds).
+    async fn unsafe_to_move(
+        &self,
+        c: &deadpool_postgres::Object,
+        id: usize,
+        sharded: &[String],
+        all: &[String],
+    ) -> Result<Vec<String>, tokio_postgres::Error> {
+        let label = self.servers.label(id);
+        let mut problems = Vec::new();
+        for name in sharded {
+            for row in c
+                .query(
+                    "SELECT conname::text FROM pg_constraint WHERE contype = 'f' AND conrelid = to_regclass($1) AND confrelid = conrelid",
+                    &[&quote_table(name)],
+                )
+                .await?
+            {
+                problems.push(format!(
+                    "on shard {label}, table {name} has a foreign key to itself ({}): deleting the moved rows would reach rows that stay (ON DELETE CASCADE deletes them, SET NULL changes them, NO ACTION stops the run halfway). Drop it for the move and create it again after.",
+                    row.get::<_, String>(0)
+                ));
+            }
+            if !name.contains('.') {
+                let others: Vec<String> = c
+                    .query(
+                        "SELECT n.nspname::text FROM pg_class t JOIN pg_namespace n ON n.oid = t.relnamespace
+                          WHERE t.relname = $1 AND t.relkind IN ('r', 'p') AND t.oid IS DISTINCT FROM to_regclass($2)
+                          ORDER BY 1",
+                        &[name, &quote_table(name)],
+                    )
+                    .await?
+                    .iter()
+                    .map(|r| r.get(0))
+                    .collect();
+                if !others.is_empty() {
+                    problems.push(format!(
+                        "on shard {label}, a table {name} exists in schema(s) {} besides the one the tool moves: the proxy shards every schema's {name} under this entry, and this tool moves only the one search_path finds. Move those schemas' rows by hand, or rename the tables.",
+                        others.join(", ")
+                    ));
+                }
+            }
+        }
+        for name in all {
+            for row in c
+                .query(
+                    "SELECT tgname::text FROM pg_trigger WHERE tgrelid = to_regclass($1) AND NOT tgisinternal AND tgenabled <> 'D' ORDER BY 1",
+                    &[&quote_table(name)],
+                )
+                .await?
+            {
+                problems.push(format!(
+                    "on shard {label}, table {name} has trigger {}: copying and deleting moved rows would fire it, changing rows that do not move. Disable it for the move (ALTER TABLE {name} DISABLE TRIGGER {0}) and enable it after.",
+                    row.get::<_, String>(0)
+                ));
+            }
+        }
+        Ok(problems)
+    }
+
     /// Counts what moves and records the steps of targets that have none
     /// yet. Refuses when a shard without recorded steps holds rows the old
     /// config places elsewhere (they would be duplicated or lost).
@@ -573,12 +754,32 @@ impl Run<'_> {
             let (old, new) = (r.old_owner_sql(t), r.new_owner_sql(t));
             let all: Vec<usize> = (0..r.names.len()).collect();
             let everywhere = db::owner_counts_on(&self.servers, &all, &t.name, &old, &new).await?;
+            // (source, target) pairs with rows still to move.
+            let moving: Vec<(i32, i32)> = everywhere
+                .iter()
+                .enumerate()
+                .flat_map(|(id, counts)| {
+                    counts.iter().filter_map(move |c| match (c.0, c.1) {
+                        (Some(from), Some(to)) if from == id as i32 && to != from && c.2 > 0 => {
+                            Some((from, to))
+                        }
+                        _ => None,
+                    })
+                })
+                .collect();
             for (id, counts) in everywhere.into_iter().enumerate() {
                 // A target of recorded steps holds rows copied there; others
-                // must hold only their own rows.
+                // must hold only their own rows, or rows already moved there
+                // (by an earlier run) when nothing more moves to them from
+                // the same shard.
                 let misplaced: i64 = counts
                     .iter()
                     .filter(|c| c.0 != Some(id as i32))
+                    .filter(|c| {
+                        let moved_here = c.1 == Some(id as i32)
+                            && c.0.is_some_and(|from| !moving.contains(&(from, id as i32)));
+                        !moved_here
+                    })
                     .map(|c| c.2)
                     .sum();
                 if misplaced > 0 && !self.resumed_targets.contains(&id) {
@@ -678,13 +879,23 @@ impl Run<'_> {
         if !problems.is_empty() {
             bail!("{}\nNothing was changed.", problems.join("\n"));
         }
+        if by_target.is_empty() {
+            return Ok(Vec::new());
+        }
+        // The run is recorded on every shard before its first step.
         for id in 0..r.names.len() {
             let c = self.servers.get(id).await?;
             c.batch_execute(STATE_DDL).await.on(
                 &self.servers,
                 id,
-                "creating the progress tables (shardline.rebalance_steps)",
+                "creating the progress tables (shardline.rebalance_runs)",
             )?;
+            c.execute(
+                "INSERT INTO shardline.rebalance_runs (run, placement, state) VALUES ($1, $2, 'running') ON CONFLICT (run) DO NOTHING",
+                &[&self.id, &r.run],
+            )
+            .await
+            .on(&self.servers, id, "recording the run")?;
         }
         let mut created = Vec::new();
         for (target, steps) in by_target {
@@ -705,7 +916,7 @@ impl Run<'_> {
                 tx.execute(
                     &insert,
                     &[
-                        &r.run,
+                        &self.id,
                         &s.table,
                         &r.names[s.source],
                         &r.names[s.target],
@@ -724,6 +935,170 @@ impl Run<'_> {
             created.extend(steps);
         }
         Ok(created)
+    }
+
+    /// The run of these configs recorded on the servers, if any, and its
+    /// state. Refuses when a shard records an unfinished run between other
+    /// configs (recorded by this version or, in its steps only, by an
+    /// earlier one).
+    async fn recorded(&self) -> Result<Option<(String, RunState)>> {
+        let mut found: Option<(String, RunState)> = None;
+        for id in 0..self.r.names.len() {
+            let c = self.servers.get(id).await?;
+            let tables: (bool, bool) = {
+                let row = c
+                    .query_one(
+                        "SELECT to_regclass('shardline.rebalance_runs') IS NOT NULL, to_regclass('shardline.rebalance_steps') IS NOT NULL",
+                        &[],
+                    )
+                    .await
+                    .on(&self.servers, id, "reading recorded progress")?;
+                (row.get(0), row.get(1))
+            };
+            if tables.0 {
+                let rows = c
+                    .query(
+                        "SELECT run, placement, state, started::text FROM shardline.rebalance_runs ORDER BY started",
+                        &[],
+                    )
+                    .await
+                    .on(&self.servers, id, "reading recorded progress")?;
+                for row in rows {
+                    let (run, placement, state, started): (String, String, String, String) =
+                        (row.get(0), row.get(1), row.get(2), row.get(3));
+                    if placement != self.r.run {
+                        bail!(
+                            "shard {} records an unfinished rebalance between other configs (run {run}, started {started}, {state}). Finish it by running apply with its configs, or undo it with abort and its configs. Nothing was changed.",
+                            self.servers.label(id)
+                        );
+                    }
+                    match &found {
+                        Some((other, _)) if *other != run => bail!(
+                            "shards record two runs of this rebalance ({other} and {run}): look at shardline.rebalance_runs on every shard. Nothing was changed."
+                        ),
+                        _ => found = Some((run, RunState::parse(&state))),
+                    }
+                }
+            }
+            if tables.1 && !tables.0 {
+                // Steps recorded by an earlier version of the tool.
+                let old = c
+                    .query(
+                        "SELECT DISTINCT run FROM shardline.rebalance_steps WHERE state <> 'done'",
+                        &[],
+                    )
+                    .await
+                    .on(&self.servers, id, "reading recorded progress")?;
+                if let Some(other) = old.first() {
+                    bail!(
+                        "shard {} records an unfinished rebalance (run {}) of an earlier shardline-rebalance: finish it with that version. Nothing was changed.",
+                        self.servers.label(id),
+                        other.get::<_, String>(0)
+                    );
+                }
+            }
+        }
+        Ok(found)
+    }
+
+    /// Records the run's state on every shard that records the run.
+    async fn set_state(&self, state: RunState) -> Result<()> {
+        for id in 0..self.r.names.len() {
+            let c = self.servers.get(id).await?;
+            if !has_state_tables(&c)
+                .await
+                .on(&self.servers, id, "recording progress")?
+            {
+                continue;
+            }
+            c.execute(
+                "UPDATE shardline.rebalance_runs SET state = $2 WHERE run = $1",
+                &[&self.id, &state.as_str()],
+            )
+            .await
+            .on(&self.servers, id, "recording progress")?;
+        }
+        Ok(())
+    }
+
+    /// Removes the run's records from every shard, and the progress tables
+    /// (and the `shardline` schema) where no other run is recorded.
+    async fn forget(&self) -> Result<()> {
+        for id in 0..self.r.names.len() {
+            let mut c = self.servers.get(id).await?;
+            if !has_state_tables(&c)
+                .await
+                .on(&self.servers, id, "removing the run's records")?
+            {
+                continue;
+            }
+            let what = "removing the run's records";
+            let tx = c.transaction().await.on(&self.servers, id, what)?;
+            for table in ["rebalance_steps", "rebalance_deletes", "rebalance_runs"] {
+                tx.execute(
+                    &format!("DELETE FROM shardline.{table} WHERE run = $1"),
+                    &[&self.id],
+                )
+                .await
+                .on(&self.servers, id, what)?;
+            }
+            let left: i64 = tx
+                .query_one(
+                    "SELECT (SELECT count(*) FROM shardline.rebalance_steps) + (SELECT count(*) FROM shardline.rebalance_deletes) + (SELECT count(*) FROM shardline.rebalance_runs)",
+                    &[],
+                )
+                .await
+                .on(&self.servers, id, what)?
+                .get(0);
+            if left == 0 {
+                tx.batch_execute(
+                    "DROP TABLE shardline.rebalance_steps, shardline.rebalance_deletes, shardline.rebalance_runs",
+                )
+                .await
+                .on(&self.servers, id, what)?;
+                let others: i64 = tx
+                    .query_one(
+                        "SELECT count(*) FROM pg_class c JOIN pg_namespace n ON n.oid = c.relnamespace WHERE n.nspname = 'shardline'",
+                        &[],
+                    )
+                    .await
+                    .on(&self.servers, id, what)?
+                    .get(0);
+                if others == 0 {
+                    tx.batch_execute("DROP SCHEMA IF EXISTS shardline")
+                        .await
+                        .on(&self.servers, id, what)?;
+                }
+            }
+            tx.commit().await.on(&self.servers, id, what)?;
+        }
+        Ok(())
+    }
+
+    /// Sharded rows left on `shards` (named, by table), e.g. on shards the
+    /// new config removes.
+    async fn rows_on(&self, shards: &[usize]) -> Result<Vec<String>> {
+        let mut left = Vec::new();
+        for &id in shards {
+            let c = self.servers.get(id).await?;
+            for t in self.r.tables() {
+                let n: i64 = c
+                    .query_one(
+                        &format!("SELECT count(*) FROM {}", quote_table(&t.name)),
+                        &[],
+                    )
+                    .await
+                    .on(&self.servers, id, &format!("counting rows of {}", t.name))?
+                    .get(0);
+                if n > 0 {
+                    left.push(format!(
+                        "shard {} (removed by the new config) holds {n} rows of {}",
+                        self.r.names[id], t.name
+                    ));
+                }
+            }
+        }
+        Ok(left)
     }
 
     /// The rows a step moves, as a WHERE clause (the same on both servers).
@@ -760,7 +1135,7 @@ impl Run<'_> {
 
     fn key_params<'s>(&'s self, s: &'s Step) -> [&'s (dyn tokio_postgres::types::ToSql + Sync); 5] {
         [
-            &self.r.run,
+            &self.id,
             &s.table,
             &self.r.names[s.source],
             &self.r.names[s.target],
@@ -933,7 +1308,7 @@ impl Run<'_> {
                 "UPDATE shardline.rebalance_steps SET state = 'copied', rows = $6, updated = now() WHERE {STEP_KEY}"
             ),
             &[
-                &self.r.run,
+                &self.id,
                 &s.table,
                 &self.r.names[s.source],
                 &self.r.names[s.target],
@@ -995,7 +1370,7 @@ impl Run<'_> {
                         "UPDATE shardline.rebalance_steps SET state = 'verified', checksum = $6, updated = now() WHERE {STEP_KEY}"
                     ),
                     &[
-                        &self.r.run,
+                        &self.id,
                         &s.table,
                         &self.r.names[s.source],
                         &self.r.names[s.target],
@@ -1090,7 +1465,7 @@ impl Run<'_> {
         tx.execute(
             "INSERT INTO shardline.rebalance_deletes (run, table_name, source, target, chunk, rows) VALUES ($1, $2, $3, $4, $5, $6)",
             &[
-                &self.r.run,
+                &self.id,
                 &s.table,
                 &self.r.names[s.source],
                 &self.r.names[s.target],

@@ -65,7 +65,14 @@ impl Login {
 
 /// Settings that make row text identical on every server (checksums hash
 /// each row's text form).
-const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c statement_timeout=0 -c lock_timeout=0";
+/// `synchronous_commit = on`: a delete receipt the tool saw committed is on
+/// disk, whatever the server's default (a receipt lost in a crash would
+/// leave rows on two shards). A lock held by someone else fails the
+/// statement after `LOCK_TIMEOUT` instead of stalling the run unseen.
+const SESSION_OPTIONS: &str = "-c TimeZone=UTC -c DateStyle=ISO -c IntervalStyle=postgres -c extra_float_digits=3 -c bytea_output=hex -c statement_timeout=0 -c lock_timeout=30s -c synchronous_commit=on";
+
+/// How long a statement of the tool waits for a lock (as in `SESSION_OPTIONS`).
+const LOCK_TIMEOUT: &str = "30s";
 
 /// A pool per shard primary, by shard id.
 pub struct Servers {
@@ -174,6 +181,11 @@ pub fn describe(e: &tokio_postgres::Error) -> String {
             if let Some(d) = db.detail() {
                 s.push_str(": ");
                 s.push_str(d);
+            }
+            if db.code() == &tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE {
+                s.push_str(&format!(
+                    ". Another session held a lock the tool waited {LOCK_TIMEOUT} for (were writes stopped?); see who with: SELECT pid, usename, application_name, state, query FROM pg_stat_activity WHERE cardinality(pg_blocking_pids(pid)) > 0 OR pid IN (SELECT unnest(pg_blocking_pids(pid)) FROM pg_stat_activity)"
+                ));
             }
             s
         }

@@ -199,8 +199,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             };
             let s = apply::apply(&r, &login.resolve(&old)?, &opts).await?;
             let rows = s.rows() as i64;
-            if s.already_complete {
-                println!("This rebalance had already completed: nothing left to move.");
+            if s.nothing_to_move {
+                println!("Nothing to move: every row is already where the new config places it.");
+            } else if s.already_complete && s.rows() == 0 {
+                println!(
+                    "This rebalance had already moved every row: its records are removed now."
+                );
             } else {
                 println!(
                     "Moved {} rows in {:.1} s ({} rows/s): copy {:.1} s, verify {:.1} s, delete {:.1} s.",
@@ -232,7 +236,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Abort { from, to, login } => {
             let (r, old, _) = compare(&from, &to)?;
-            let removed = apply::abort(&r, &login.resolve(&old)?).await?;
+            let removed = apply::abort(
+                &r,
+                &login.resolve(&old)?,
+                std::env::var("SHARDLINE_REBALANCE_STOP_AT").ok(),
+            )
+            .await?;
             println!(
                 "Aborted rebalance {}: removed {} copied rows from their new shards. Every row is where {} places it.",
                 r.run,

@@ -377,6 +377,21 @@ fn left_steps(env: &Env, shard: usize) -> String {
     )
 }
 
+/// A finished (or aborted) run leaves nothing on the servers: its records
+/// and the `shardline` schema are gone.
+fn assert_no_records(env: &Env, shards: &[usize]) {
+    for &s in shards {
+        assert_eq!(
+            env.sql_shard(
+                s,
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'shardline'"
+            ),
+            "0",
+            "the run's records are left on s{s}"
+        );
+    }
+}
+
 /// `shards` primaries without replicas (the tool works on primaries).
 async fn start(shards: usize) -> Env {
     Env::start_with(EnvOptions {
@@ -495,12 +510,13 @@ async fn grow_to_three_shards_and_shrink_back() {
         "1",
         "indexes created"
     );
-    assert_eq!(left_steps(&env, 2).split(' ').next(), Some("0"));
+    assert_no_records(&env, &[0, 1, 2]);
 
     let (code, out, err) = tool(&["verify", "--config", path(&new_path)]);
     assert_eq!(code, 0, "{out}{err}");
     assert!(out.contains("Every row is on its shard."), "{out}");
-    // Running apply again: the run is complete, nothing moves.
+    // Running apply again: every row is in place, nothing moves, nothing
+    // is left behind.
     let (code, out, err) = tool(&[
         "apply",
         "--from",
@@ -512,7 +528,8 @@ async fn grow_to_three_shards_and_shrink_back() {
         path(&files.dir.join("again.toml")),
     ]);
     assert_eq!(code, 0, "{err}");
-    assert!(out.contains("already completed"), "{out}");
+    assert!(out.contains("Nothing to move"), "{out}");
+    assert_no_records(&env, &[0, 1, 2]);
 
     assert_eq!(
         answers(&three).await,
@@ -536,15 +553,50 @@ async fn grow_to_three_shards_and_shrink_back() {
     ]);
     assert_eq!(code, 0, "{err}");
     assert_eq!(plan_moves(&out), expected_back);
-    let (code, out, err) = tool(&[
+    let back = [
         "apply",
         "--from",
         path(&back_from),
         "--to",
         path(&back_to),
         "--writes-stopped",
-    ]);
+    ];
+    // Killed once every row left s2; then a late write lands on s2 (writes
+    // were not stopped everywhere). Before, apply reported success and the
+    // row was lost with the removed shard; now apply refuses to install the
+    // config until the row is moved.
+    apply_killed_at("finish", &back);
+    let late = {
+        let c = Config::from_toml(&three, "t.toml").unwrap();
+        let sharding = Sharding::from_config(&c);
+        let group = &sharding.groups[sharding.tables["users"].group];
+        (USERS + 1..)
+            .map(user_id)
+            .find(|&k| {
+                let key = group.key_from_text(&k.to_string()).expect("key parses");
+                sharding.shard_names[group.shard_of(Some(&key)).unwrap()] == "s2"
+            })
+            .unwrap()
+    };
+    env.sql_shard(
+        2,
+        &format!("INSERT INTO users VALUES ({late}, 'late', 0, now())"),
+    );
+    let (code, out, err) = tool(&back);
+    assert_eq!(code, 1, "{out}\n{err}");
+    assert!(
+        err.contains("shard s2 (removed by the new config) holds 1 rows of users")
+            && err.contains("the new config was not installed"),
+        "{err}"
+    );
+    assert_eq!(std::fs::read_to_string(&back_from).unwrap(), three);
+    // The operator takes the late row off s2 (here: it is dropped); the
+    // rerun installs the config.
+    env.sql_shard(2, &format!("DELETE FROM users WHERE id = {late}"));
+    let (code, out, err) = tool(&back);
     assert_eq!(code, 0, "{out}\n{err}");
+    assert!(out.contains("Nothing to move"), "{out}");
+    assert_eq!(std::fs::read_to_string(&back_from).unwrap(), two);
     for (t, c) in SHARDED {
         assert!(
             keys_on(&env, 2, t, c).is_empty(),
@@ -556,6 +608,32 @@ async fn grow_to_three_shards_and_shrink_back() {
     let (code, out, err) = tool(&["verify", "--config", path(&back_to)]);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(answers(&two).await, answers_before);
+    assert_no_records(&env, &[0, 1, 2]);
+
+    // The same move again, with the same configs (s2 kept, empty): the rows
+    // move again. Before, the first run's records made this one report
+    // "already completed" and leave a third of the users unreachable.
+    let again_from = files.write("two-again.toml", &two);
+    let again_to = files.write("three-again.toml", &three);
+    let (code, out, err) = tool(&[
+        "apply",
+        "--from",
+        path(&again_from),
+        "--to",
+        path(&again_to),
+        "--writes-stopped",
+        "--chunk-rows",
+        "7000",
+    ]);
+    assert_eq!(code, 0, "{out}\n{err}");
+    assert!(
+        out.contains(&format!("Moved {} rows", shardline_rebalance_count(moving))),
+        "{out}"
+    );
+    assert_eq!(content(&env, &[0, 1, 2]), before);
+    assert_placed(&env, &[0, 1, 2], &three);
+    assert_eq!(answers(&three).await, answers_before);
+    assert_no_records(&env, &[0, 1, 2]);
 }
 
 fn shardline_rebalance_count(n: i64) -> String {
@@ -646,6 +724,8 @@ async fn killed_at_any_point_a_rerun_finishes_the_same() {
     apply_killed_at("delete:2", &args);
     // And once more a little later.
     apply_killed_at("delete:5", &args);
+    // After every delete, while the run's records are removed.
+    apply_killed_at("finish", &args);
     let (code, out, err) = tool(&args);
     assert_eq!(code, 0, "{out}\n{err}");
 
@@ -663,24 +743,7 @@ async fn killed_at_any_point_a_rerun_finishes_the_same() {
     assert_eq!(std::fs::read_to_string(&old_path).unwrap(), three);
     let (code, out, _) = tool(&["verify", "--config", path(&new_path)]);
     assert_eq!(code, 0, "{out}");
-    assert_eq!(left_steps(&env, 2).split(' ').next(), Some("0"));
-    // Each deleted range was deleted once: one receipt per sharded step.
-    let receipts: i64 = [0, 1]
-        .iter()
-        .map(|&s| {
-            env.sql_shard(s, "SELECT count(*) FROM shardline.rebalance_deletes")
-                .parse::<i64>()
-                .unwrap()
-        })
-        .sum();
-    let steps: i64 = env
-        .sql_shard(
-            2,
-            "SELECT count(*) FROM shardline.rebalance_steps WHERE NOT reference",
-        )
-        .parse()
-        .unwrap();
-    assert_eq!(receipts, steps);
+    assert_no_records(&env, &[0, 1, 2]);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -765,6 +828,48 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
         "{err}"
     );
     env.sql_shard(2, "DROP TABLE tags; CREATE TABLE tags (name text PRIMARY KEY, hits int4 NOT NULL DEFAULT 0); GRANT ALL ON tags TO app");
+    // Refused up front, each naming what to do (before, each ran: the
+    // other schema's rows stayed unreachable, the cascade deleted rows that
+    // stay, the trigger fired on copied and deleted rows).
+    env.sql_shard(
+        0,
+        "CREATE SCHEMA tenant2; CREATE TABLE tenant2.users (id bigint PRIMARY KEY)",
+    );
+    let (code, _, err) = apply(&three);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("a table users exists in schema(s) tenant2")
+            && err.contains("Nothing was changed"),
+        "{err}"
+    );
+    env.sql_shard(0, "DROP SCHEMA tenant2 CASCADE");
+    env.sql_shard(
+        1,
+        "ALTER TABLE users ADD CONSTRAINT users_self FOREIGN KEY (id) REFERENCES users (id) ON DELETE CASCADE",
+    );
+    let (code, _, err) = apply(&three);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("table users has a foreign key to itself (users_self)"),
+        "{err}"
+    );
+    env.sql_shard(1, "ALTER TABLE users DROP CONSTRAINT users_self");
+    env.sql_shard(
+        2,
+        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$; \
+         CREATE TRIGGER orders_touch BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION touch()",
+    );
+    let (code, _, err) = apply(&three);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("on shard s2") && err.contains("table orders has trigger orders_touch"),
+        "{err}"
+    );
+    env.sql_shard(
+        2,
+        "DROP TRIGGER orders_touch ON orders; DROP FUNCTION touch()",
+    );
+    assert_no_records(&env, &[0, 1, 2]);
     // A target already holding a row the old config places elsewhere.
     env.sql_shard(
         2,
@@ -824,15 +929,29 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
             "{t} left on s2 after abort"
         );
     }
-    assert_eq!(
-        env.sql_shard(2, "SELECT count(*) FROM shardline.rebalance_steps"),
-        "0"
-    );
+    assert_no_records(&env, &[0, 1, 2]);
     assert_eq!(
         content(&env, &[0, 1]),
         before,
         "the old placement is intact after abort"
     );
+    // An abort killed halfway: apply refuses until abort has finished (it
+    // used to plan only targets without steps, and leave moved rows'
+    // children on the old shards).
+    apply_killed_at("verify", &args);
+    let abort = ["abort", "--from", path(&old_path), "--to", path(&three)];
+    apply_killed_at("abort:3", &abort);
+    let (code, _, err) = tool(&args);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("an abort of this rebalance was interrupted"),
+        "{err}"
+    );
+    let (code, out, err) = tool(&abort);
+    assert_eq!(code, 0, "{out}{err}");
+    assert_no_records(&env, &[0, 1, 2]);
+    assert_eq!(content(&env, &[0, 1]), before);
+    assert_eq!(env.sql_shard(2, "SELECT count(*) FROM users"), "0");
     assert_placed(&env, &[0, 1], &two);
     let (code, _, err) = tool(&["abort", "--from", path(&old_path), "--to", path(&three)]);
     assert_eq!(code, 1);
