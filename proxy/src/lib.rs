@@ -126,6 +126,12 @@ impl std::fmt::Debug for PositionPending {
 impl Drop for PositionPending {
     fn drop(&mut self) {
         if !self.settled && self.released {
+            tracing::debug!(
+                user = %self.user.name,
+                shard = self.shard,
+                for_ms = self.fallback.as_millis() as u64,
+                "a commit's WAL position is unknown: the user's reads go to the primary meanwhile"
+            );
             let until = health::now_ms() + self.fallback.as_millis() as u64;
             self.user.ryw[self.shard]
                 .primary_until

@@ -565,9 +565,13 @@ impl Session {
         if !commits {
             return None;
         }
-        let guard = self.position_guard()?.held();
+        // A guard taken earlier for this session's writes is the one.
+        let guard = match self.position_pending.take() {
+            Some(earlier) => earlier,
+            None => self.position_guard()?,
+        };
         self.wrote = false;
-        Some(guard)
+        Some(guard.held())
     }
 
     fn on_query(&mut self, f: Frame) -> Result<(), End> {

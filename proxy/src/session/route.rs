@@ -456,6 +456,11 @@ impl Session {
                     .load(std::sync::atomic::Ordering::SeqCst)
                     > 0)
         {
+            tracing::trace!(
+                primary_until,
+                pending = ryw.positions_pending.load(Relaxed),
+                "read to the primary: a write's position is pending"
+            );
             target = Target::Primary;
         }
         loop {
@@ -507,6 +512,7 @@ impl Session {
                     match chosen {
                         Some(i) => i,
                         None if lb.fallback_to_primary => {
+                            tracing::trace!(min_lsn = req.min_lsn, "read to the primary: no replica past the user's position");
                             target = Target::Primary;
                             continue;
                         }

@@ -183,9 +183,17 @@ impl Session {
                     // is still in its unit, whose rest a server would skip.
                     self.skip_until_sync |= self.unit_failed;
                 }
-                if status == b'I' && self.wrote && self.position_pending.is_none() && !hold {
+                if status == b'I'
+                    && self.wrote
+                    && front.answer == Answer::Forward
+                    && self.position_pending.is_none()
+                    && !hold
+                {
                     // A commit whose reply the client is about to get: until
-                    // its position is known, the user's reads go to the primary.
+                    // its position is known, the user's reads go to the
+                    // primary. (Not the end of the proxy's own query ahead
+                    // of the client's unit, e.g. a replayed SET: the
+                    // client's writes have not run yet.)
                     self.position_pending = self.position_guard();
                 }
                 if status == b'I' && self.deferred_begin.is_none() {
