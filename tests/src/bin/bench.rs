@@ -376,11 +376,197 @@ fn main() -> Result<()> {
         ),
         None => println!("classification: no statistics logged"),
     }
+    read_your_writes_mix(&cluster, &pgbench, &rw_cfg, &replicas, &args)?;
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();
     }
     drop(cluster);
+    Ok(())
+}
+
+/// One user reading and writing (90% select-only, 10% simple-update
+/// transactions, read-your-writes `lsn`) through a fresh Shardline with the
+/// replicas, while a checker of the same user writes a counter and reads
+/// it back on the next transaction: which share of the reads the replicas
+/// serve, and whether any read missed the user's own write (the checker's
+/// read divides by zero then, and pgbench aborts that client).
+fn read_your_writes_mix(
+    cluster: &LocalCluster,
+    pgbench: &(dyn Fn(u16, &[&str]) -> Result<String> + Sync),
+    rw_cfg: &std::path::Path,
+    replicas: &[shardline::cluster::NodeInfo],
+    args: &Args,
+) -> Result<()> {
+    let primary = cluster.primary(0).clone();
+    cluster.psql(
+        &primary,
+        "app",
+        "DROP TABLE IF EXISTS ryw_check; CREATE TABLE ryw_check (id int PRIMARY KEY, v bigint NOT NULL); \
+         INSERT INTO ryw_check SELECT g, 0 FROM generate_series(0, 63) g; ALTER TABLE ryw_check OWNER TO app;",
+    )?;
+    cluster.wait_replicas_caught_up(Duration::from_secs(60))?;
+    let checker = cluster.root.join("ryw-checker.sql");
+    std::fs::write(
+        &checker,
+        "UPDATE ryw_check SET v = v + 1 WHERE id = :client_id RETURNING v AS expected \\gset\n\
+         SELECT 1 / (v >= :expected)::int FROM ryw_check WHERE id = :client_id;\n",
+    )?;
+    // Reads of pgbench_accounts by its key, per replica (statistics are
+    // flushed when a server connection ends: read with no proxy running).
+    let index_scans = |n: &shardline::cluster::NodeInfo| -> f64 {
+        cluster
+            .psql(
+                n,
+                "app",
+                "SELECT idx_scan FROM pg_stat_user_indexes WHERE indexrelname = 'pgbench_accounts_pkey'",
+            )
+            .ok()
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or(f64::NAN)
+    };
+    std::thread::sleep(Duration::from_millis(500));
+    let before: Vec<f64> = replicas.iter().map(index_scans).collect();
+    let port = free_port()?;
+    let cfg = cluster.root.join("bench-shardline-ryw.toml");
+    let text = std::fs::read_to_string(rw_cfg)?;
+    let listen = text
+        .lines()
+        .find(|l| l.starts_with("listen"))
+        .context("listen line")?;
+    std::fs::write(
+        &cfg,
+        text.replace(listen, &format!("listen = \"127.0.0.1:{port}\"")),
+    )?;
+    let mut cmd = Command::new(shardline_tests::shardline_binary()?);
+    cmd.arg("--config")
+        .arg(&cfg)
+        .env(
+            "RUST_LOG",
+            std::env::var("SHARDLINE_BENCH_LOG").unwrap_or("warn".into()),
+        )
+        .stderr(Stdio::inherit());
+    shardline_tests::own_session(&mut cmd);
+    let mut proxy = cmd.spawn()?;
+    std::thread::sleep(Duration::from_millis(1500));
+    let secs = args.seconds.to_string();
+    let clients = args.clients.to_string();
+    let checker_arg = checker.display().to_string();
+    let sampling = std::sync::atomic::AtomicBool::new(true);
+    let (mix, check, lags) = std::thread::scope(|s| {
+        // The replicas' replay lag meanwhile, from the primary, every 100 ms.
+        let lags = s.spawn(|| {
+            let mut ms: Vec<f64> = Vec::new();
+            while sampling.load(std::sync::atomic::Ordering::Relaxed) {
+                if let Ok(v) = cluster.psql(
+                    &primary,
+                    "postgres",
+                    "SELECT coalesce(max(extract(epoch FROM replay_lag) * 1000), 0) FROM pg_stat_replication",
+                ) {
+                    if let Ok(v) = v.trim().parse() {
+                        ms.push(v);
+                    }
+                }
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            ms
+        });
+        let check = s.spawn(|| {
+            pgbench(
+                port,
+                &[
+                    "-n",
+                    "-f",
+                    &checker_arg,
+                    "-M",
+                    "simple",
+                    "-T",
+                    &secs,
+                    "-c",
+                    "2",
+                ],
+            )
+        });
+        let mix = pgbench(
+            port,
+            &[
+                "-n",
+                "-b",
+                "select-only@9",
+                "-b",
+                "simple-update@1",
+                "-M",
+                "simple",
+                "-T",
+                &secs,
+                "-c",
+                &clients,
+                "-j",
+                "2",
+            ],
+        );
+        let check = check.join().expect("checker thread");
+        sampling.store(false, std::sync::atomic::Ordering::Relaxed);
+        (mix, check, lags.join().expect("sampler thread"))
+    });
+    unsafe { libc::kill(proxy.id() as i32, libc::SIGTERM) };
+    let _ = proxy.wait();
+    std::thread::sleep(Duration::from_millis(500));
+    let after: Vec<f64> = replicas.iter().map(index_scans).collect();
+    let mix = mix?;
+    // Per script: "SQL script 1: <builtin: select only>", then a line
+    // " - 12345 transactions (90.1% of total, tps = ...)".
+    let lines: Vec<&str> = mix.lines().collect();
+    let per_script: Vec<f64> = lines
+        .iter()
+        .enumerate()
+        .filter(|(_, l)| l.starts_with("SQL script"))
+        .filter_map(|(i, _)| {
+            let line = lines[i + 1..]
+                .iter()
+                .find(|l| l.contains(" transactions ("))?;
+            line.trim_start_matches([' ', '-'])
+                .split_whitespace()
+                .next()?
+                .parse()
+                .ok()
+        })
+        .collect();
+    let reads = per_script.first().copied().unwrap_or(f64::NAN);
+    let writes = per_script.get(1).copied().unwrap_or(f64::NAN);
+    let on_replicas: f64 = after.iter().zip(&before).map(|(a, b)| a - b).sum();
+    println!();
+    println!(
+        "read-your-writes mix through shardline+replicas (one user, {} clients, 90% select-only, 10% simple-update, {} s):",
+        args.clients, args.seconds
+    );
+    println!(
+        "  {:.0} tps; {reads:.0} reads, {writes:.0} writes; replicas served {on_replicas:.0} reads ({:.1}%)",
+        field(&mix, "tps = ").unwrap_or(0.0),
+        100.0 * on_replicas / reads
+    );
+    let mut lags = lags;
+    lags.sort_by(f64::total_cmp);
+    if !lags.is_empty() {
+        println!(
+            "  replicas' replay lag meanwhile (pg_stat_replication, every 100 ms): median {:.1} ms, max {:.1} ms",
+            lags[lags.len() / 2],
+            lags[lags.len() - 1]
+        );
+    }
+    match check {
+        Ok(out) => println!(
+            "  checker (2 clients writing then reading their counter): {:.0} transactions, 0 stale reads",
+            field(&out, "number of transactions actually processed: ").unwrap_or(0.0)
+        ),
+        Err(e) => println!(
+            "  checker FAILED (a read missed its user's write, or an error): {}",
+            e.to_string()
+                .lines()
+                .find(|l| l.contains("aborted") || l.contains("ERROR"))
+                .unwrap_or("failed")
+        ),
+    }
     Ok(())
 }
 
