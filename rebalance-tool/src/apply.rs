@@ -1348,7 +1348,7 @@ impl Run<'_> {
             let b = b.on(&self.servers, s.target, &what)?;
             if a != b || Some(a.0) != s.rows {
                 bail!(
-                    "verification failed for {} {} -> {} chunk {} (hashes {}..={}):\n  source {}: {} rows, checksum {}\n  target {}: {} rows, checksum {}\n  copied: {} rows\nNothing was deleted; the copied rows stay on the target. Find what changed (were writes stopped?), then run again.",
+                    "verification failed for {} {} -> {} chunk {} (hashes {}..={}):\n  source {}: {} rows, checksum {}\n  target {}: {} rows, checksum {}\n  copied: {} rows\nNothing was deleted; the copied rows stay on the target. Find what changed (were writes stopped?) and put it right, then run again; or undo the whole run with `shardline-rebalance abort` and the same configs (it removes the copies), then apply again.",
                     s.table,
                     self.r.names[s.source],
                     self.r.names[s.target],

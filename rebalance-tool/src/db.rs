@@ -114,12 +114,22 @@ impl Servers {
                         describe(&e)
                     )),
                 },
-                Err(e) => failures.push(format!(
-                    "shard {} ({}) is unreachable: {}",
-                    names[id],
-                    node.address(),
-                    pool_error(&e)
-                )),
+                Err(e) => {
+                    // The server answered (a refused login, an unknown
+                    // database) or did not (down, wrong address).
+                    let answered = matches!(&e, deadpool_postgres::PoolError::Backend(b) if b.as_db_error().is_some());
+                    failures.push(format!(
+                        "shard {} ({}) {}: {}",
+                        names[id],
+                        node.address(),
+                        if answered {
+                            "refused the tool's login"
+                        } else {
+                            "is unreachable"
+                        },
+                        pool_error(&e)
+                    ))
+                }
             }
         }
         if !failures.is_empty() {

@@ -801,6 +801,24 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     );
 
     let three = files.write("three.toml", &env.shards_config(&[0, 1, 2], TABLES));
+    // A wrong password is a refused login, not an unreachable server.
+    let (code, _, err) = tool(&[
+        "plan",
+        "--from",
+        path(&old_path),
+        "--to",
+        path(&three),
+        "--password",
+        "wrong",
+    ]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("refused the tool's login")
+            && err.contains("28P01")
+            && !err.contains("unreachable"),
+        "{err}"
+    );
+
     // A table outside the config referencing a sharded one: deleting moved
     // users would cascade into it.
     env.sql_shard(0, "CREATE TABLE audit (user_id bigint REFERENCES users (id) ON DELETE CASCADE); INSERT INTO audit SELECT id FROM users");
