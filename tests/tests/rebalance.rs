@@ -1169,3 +1169,222 @@ async fn a_function_change_swaps_rows_between_shards() {
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("misplaced rows"), "{out}");
 }
+
+/// How a run under a kill point ended.
+enum Killed {
+    /// It reached the point and was killed there (SIGKILL).
+    There,
+    /// It ended by itself first, with this exit code and stderr.
+    Ended(i32, String),
+}
+
+/// Runs the tool until it prints that it stopped at `point` and kills it;
+/// unlike `apply_killed_at`, a run that ends before the point (fewer steps
+/// than the point's number) is a result, not a failure.
+fn killed_at_if_reached(point: &str, args: &[&str]) -> Killed {
+    let mut child = Command::new(rebalance_binary().unwrap())
+        .args(args)
+        .env("SHARDLINE_REBALANCE_STOP_AT", point)
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("spawn shardline-rebalance");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = Instant::now() + Duration::from_secs(180);
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) if line.contains(&format!("stopped at {point}")) => {
+                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+                let _ = child.wait();
+                return Killed::There;
+            }
+            Ok(line) => seen.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().unwrap();
+                return Killed::Ended(status.code().unwrap_or(-1), seen.join("\n"));
+            }
+            Err(_) => {}
+        }
+        assert!(
+            Instant::now() < deadline,
+            "the tool never reached {point}:\n{}",
+            seen.join("\n")
+        );
+    }
+}
+
+/// A small deterministic generator (xorshift64*) for the move sequence.
+struct Rng(u64);
+
+impl Rng {
+    fn below(&mut self, n: usize) -> usize {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1) as u64) as usize
+    }
+}
+
+/// A seeded sequence of moves between four placements (two shards; three;
+/// three with another sharding function; two with a different second
+/// shard), each interrupted at random points before it is run to the end:
+/// the tool killed while it copies, verifies, deletes or removes its
+/// records, or an abort killed halfway and then finished (refused once
+/// rows were deleted). After every move each row exists exactly once over
+/// all shards, on its owner under the new config; shards outside the
+/// config hold no sharded row; reference tables are identical on the
+/// config's shards; no record is left; `verify` is clean.
+/// `SHARDLINE_REBALANCE_SEED` and `SHARDLINE_REBALANCE_MOVES` (default 7
+/// and 4) make a longer run, e.g. `SHARDLINE_REBALANCE_MOVES=30`.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn random_moves_killed_at_random_points_lose_nothing() {
+    let var = |name: &str, default: u64| {
+        std::env::var(name)
+            .ok()
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(default)
+    };
+    let seed = var("SHARDLINE_REBALANCE_SEED", 7);
+    let moves = var("SHARDLINE_REBALANCE_MOVES", 4);
+    let env = start(3).await;
+    let files = TempDir::new("rebalance-random");
+    // s2 is outside the first placement: its tables exist up front.
+    for stmt in SCHEMA.split(';').filter(|s| !s.trim().is_empty()) {
+        env.sql_shard(2, stmt);
+    }
+    env.sql_shard(2, "GRANT ALL ON ALL TABLES IN SCHEMA public TO app");
+    let hashed = TABLES.replace("function = \"consistent\"", "function = \"pg_hash\"");
+    let placements: Vec<(&str, Vec<usize>, String)> = vec![
+        ("s0+s1", vec![0, 1], env.shards_config(&[0, 1], TABLES)),
+        (
+            "s0+s1+s2",
+            vec![0, 1, 2],
+            env.shards_config(&[0, 1, 2], TABLES),
+        ),
+        (
+            "s0+s1+s2 pg_hash",
+            vec![0, 1, 2],
+            env.shards_config(&[0, 1, 2], &hashed),
+        ),
+        ("s0+s2", vec![0, 2], env.shards_config(&[0, 2], TABLES)),
+    ];
+    load(&placements[0].2).await;
+    let before = content(&env, &[0, 1, 2]);
+    let mut rng = Rng(seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1);
+    let mut current = 0;
+    for m in 0..moves {
+        let next = loop {
+            let n = rng.below(placements.len());
+            if n != current {
+                break n;
+            }
+        };
+        let from = files.write(&format!("move{m}.toml"), &placements[current].2);
+        let to = files.write(&format!("move{m}-to.toml"), &placements[next].2);
+        let apply = [
+            "apply",
+            "--from",
+            path(&from),
+            "--to",
+            path(&to),
+            "--writes-stopped",
+            "--chunk-rows",
+            "6000",
+        ];
+        let abort = ["abort", "--from", path(&from), "--to", path(&to)];
+        let mut story = vec![format!(
+            "move {m}: {} -> {}",
+            placements[current].0, placements[next].0
+        )];
+        let mut done = false;
+        for _ in 0..rng.below(4) {
+            let point = match rng.below(6) {
+                0 => format!("copy:{}", 1 + rng.below(8)),
+                1 => "verify".to_string(),
+                2 => format!("delete:{}", 1 + rng.below(10)),
+                3 => "finish".to_string(),
+                _ => "abort".to_string(),
+            };
+            story.push(point.clone());
+            if point != "abort" {
+                if let Killed::Ended(code, err) = killed_at_if_reached(&point, &apply) {
+                    assert_eq!(code, 0, "{}: {err}", story.join(", "));
+                    done = true;
+                    break;
+                }
+                continue;
+            }
+            // Copies made, then an abort killed halfway, then finished.
+            if let Killed::Ended(code, err) = killed_at_if_reached("verify", &apply) {
+                assert_eq!(code, 0, "{}: {err}", story.join(", "));
+                done = true;
+                break;
+            }
+            let halfway = format!("abort:{}", 1 + rng.below(6));
+            let refused = match killed_at_if_reached(&halfway, &abort) {
+                Killed::There => {
+                    let (code, out, err) = tool(&abort);
+                    assert_eq!(code, 0, "{}: {out}{err}", story.join(", "));
+                    false
+                }
+                Killed::Ended(0, _) => false,
+                Killed::Ended(_, err) => {
+                    assert!(
+                        err.contains("cannot be undone, only finished"),
+                        "{}: {err}",
+                        story.join(", ")
+                    );
+                    true
+                }
+            };
+            if !refused {
+                // Undone: the old placement is intact, nothing recorded.
+                assert_eq!(content(&env, &[0, 1, 2]), before, "{}", story.join(", "));
+                assert_placed(&env, &placements[current].1, &placements[current].2);
+                assert_no_records(&env, &[0, 1, 2]);
+            }
+        }
+        if !done {
+            let (code, out, err) = tool(&apply);
+            assert_eq!(code, 0, "{}: {out}\n{err}", story.join(", "));
+        }
+        println!("{}", story.join(", "));
+        let what = story.join(", ");
+        assert_eq!(content(&env, &[0, 1, 2]), before, "{what}");
+        let (shards, config) = (&placements[next].1, &placements[next].2);
+        assert_placed(&env, shards, config);
+        for s in (0..3).filter(|s| !shards.contains(s)) {
+            for (t, c) in SHARDED {
+                assert!(
+                    keys_on(&env, s, t, c).is_empty(),
+                    "{what}: {t} left on s{s}"
+                );
+            }
+        }
+        let countries: Vec<String> = shards
+            .iter()
+            .map(|&s| {
+                env.sql_shard(
+                    s,
+                    "SELECT count(*) || ' ' || sum(hashtext(c::text)::int8) FROM countries c",
+                )
+            })
+            .collect();
+        assert!(
+            countries.windows(2).all(|w| w[0] == w[1]),
+            "{what}: {countries:?}"
+        );
+        assert_no_records(&env, &[0, 1, 2]);
+        assert_eq!(std::fs::read_to_string(&from).unwrap(), *config, "{what}");
+        let (code, out, err) = tool(&["verify", "--config", path(&to)]);
+        assert_eq!(code, 0, "{what}: {out}{err}");
+        current = next;
+    }
+}
