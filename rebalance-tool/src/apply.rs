@@ -165,6 +165,8 @@ struct Run<'a> {
     estimates: HashMap<(String, usize, usize), u64>,
     copies_started: u32,
     deletes_done: u32,
+    /// Tables `--create-tables` made ("users on s2").
+    created: Vec<String>,
     /// A connection per shard holding the tool's advisory lock: one run at
     /// a time on these servers.
     _locks: Vec<deadpool_postgres::Object>,
@@ -480,6 +482,7 @@ impl<'a> Run<'a> {
             estimates: HashMap::new(),
             copies_started: 0,
             deletes_done: 0,
+            created: Vec::new(),
             _locks: locks,
         })
     }
@@ -662,19 +665,70 @@ impl Run<'_> {
         if !problems.is_empty() {
             bail!("{}\nNothing was changed.", problems.join("\n"));
         }
+        // Per shard, every missing table in one transaction: a failure
+        // creates none there.
+        let mut by_shard: BTreeMap<usize, Vec<String>> = BTreeMap::new();
         for (id, name) in to_create {
-            let ddl = db::definition(&home_client, &name).await.on(
-                &self.servers,
-                home,
-                "reading a table definition",
-            )?;
+            by_shard.entry(id).or_default().push(name);
+        }
+        for (id, tables) in by_shard {
+            let mut ddl = Vec::new();
+            let mut notes = Vec::new();
+            for name in &tables {
+                ddl.extend(db::definition(&home_client, name).await.on(
+                    &self.servers,
+                    home,
+                    "reading a table definition",
+                )?);
+                let missing = db::not_copied(&home_client, name).await.on(
+                    &self.servers,
+                    home,
+                    "reading a table definition",
+                )?;
+                notes.push(if missing.is_empty() {
+                    format!("created table {name} on shard {}", r.names[id])
+                } else {
+                    format!(
+                        "created table {name} on shard {} (not copied from {}: {}; add them by hand if the table needs them)",
+                        r.names[id],
+                        r.names[home],
+                        missing.join(", ")
+                    )
+                });
+            }
             let c = self.servers.get(id).await?;
-            c.batch_execute(&format!("BEGIN; {}; COMMIT", ddl.join(";\n")))
+            if let Err(e) = c
+                .batch_execute(&format!("BEGIN; {}; COMMIT", ddl.join(";\n")))
                 .await
-                .on(&self.servers, id, &format!("creating table {name}"))?;
-            self.log(&format!("created table {name} on shard {}", r.names[id]));
+            {
+                let _ = c.batch_execute("ROLLBACK").await;
+                bail!(
+                    "creating tables {} on shard {} from the default shard's definitions failed, and none was created there: {} (a foreign key to a table that is not on that shard?). Create them by hand, then run again without --create-tables. {}",
+                    tables.join(", "),
+                    self.servers.label(id),
+                    db::describe(&e),
+                    self.nothing_changed()
+                );
+            }
+            for note in notes {
+                self.log(&note);
+            }
+            self.created
+                .extend(tables.iter().map(|t| format!("{t} on {}", r.names[id])));
         }
         Ok(())
+    }
+
+    /// "Nothing was changed", or what was: tables `--create-tables` made.
+    fn nothing_changed(&self) -> String {
+        if self.created.is_empty() {
+            "Nothing was changed.".into()
+        } else {
+            format!(
+                "Nothing else was changed (tables created: {}).",
+                self.created.join(", ")
+            )
+        }
     }
 
     /// What would make the tool's copy or delete change rows that do not
@@ -722,6 +776,59 @@ impl Run<'_> {
                     problems.push(format!(
                         "on shard {label}, a table {name} exists in schema(s) {} besides the one the tool moves: the proxy shards every schema's {name} under this entry, and this tool moves only the one search_path finds. Move those schemas' rows by hand, or rename the tables.",
                         others.join(", ")
+                    ));
+                }
+            }
+        }
+        // Foreign keys between sharded tables must follow the key: the
+        // child's key column referencing the parent's, in one group, so a
+        // parent row and its children always move together.
+        for child in self.r.tables() {
+            for row in c
+                .query(
+                    "SELECT k.conname::text, p.relname::text,
+                            array(SELECT a.attname::text FROM unnest(k.conkey) WITH ORDINALITY u(n, i)
+                                  JOIN pg_attribute a ON a.attrelid = k.conrelid AND a.attnum = u.n ORDER BY u.i),
+                            array(SELECT a.attname::text FROM unnest(k.confkey) WITH ORDINALITY u(n, i)
+                                  JOIN pg_attribute a ON a.attrelid = k.confrelid AND a.attnum = u.n ORDER BY u.i),
+                            k.confrelid
+                       FROM pg_constraint k JOIN pg_class p ON p.oid = k.confrelid
+                      WHERE k.contype = 'f' AND k.conrelid = to_regclass($1) AND k.confrelid <> k.conrelid",
+                    &[&quote_table(&child.name)],
+                )
+                .await?
+            {
+                let (constraint, parent_rel, cols, pcols): (String, String, Vec<String>, Vec<String>) =
+                    (row.get(0), row.get(1), row.get(2), row.get(3));
+                let parent_oid: u32 = row.get(4);
+                let mut parent = None;
+                for t in self.r.tables() {
+                    let oid: Option<u32> = c
+                        .query_one("SELECT to_regclass($1)::oid", &[&quote_table(&t.name)])
+                        .await?
+                        .get(0);
+                    if oid == Some(parent_oid) {
+                        parent = Some(t);
+                    }
+                }
+                let Some(parent) = parent else {
+                    continue; // Reference or unsharded parents: checked elsewhere.
+                };
+                let follows = parent.group == child.group
+                    && cols == [child.column.clone()]
+                    && pcols == [parent.column.clone()];
+                if !follows {
+                    problems.push(format!(
+                        "on shard {label}, foreign key {constraint} from {} ({}) to {parent_rel} ({}) does not follow the sharding key ({} of {}, {} of {}, in one group): deleting moved rows of {} could reach rows of {} that stay. Drop it for the move and create it again after.",
+                        child.name,
+                        cols.join(", "),
+                        pcols.join(", "),
+                        child.column,
+                        child.name,
+                        parent.column,
+                        parent.name,
+                        parent.name,
+                        child.name
                     ));
                 }
             }
@@ -877,7 +984,7 @@ impl Run<'_> {
             }
         }
         if !problems.is_empty() {
-            bail!("{}\nNothing was changed.", problems.join("\n"));
+            bail!("{}\n{}", problems.join("\n"), self.nothing_changed());
         }
         if by_target.is_empty() {
             return Ok(Vec::new());
@@ -942,60 +1049,53 @@ impl Run<'_> {
     /// configs (recorded by this version or, in its steps only, by an
     /// earlier one).
     async fn recorded(&self) -> Result<Option<(String, RunState)>> {
+        let all: Vec<usize> = (0..self.r.names.len()).collect();
         let mut found: Option<(String, RunState)> = None;
-        for id in 0..self.r.names.len() {
-            let c = self.servers.get(id).await?;
-            let tables: (bool, bool) = {
-                let row = c
-                    .query_one(
-                        "SELECT to_regclass('shardline.rebalance_runs') IS NOT NULL, to_regclass('shardline.rebalance_steps') IS NOT NULL",
-                        &[],
-                    )
-                    .await
-                    .on(&self.servers, id, "reading recorded progress")?;
-                (row.get(0), row.get(1))
-            };
-            if tables.0 {
-                let rows = c
-                    .query(
-                        "SELECT run, placement, state, started::text FROM shardline.rebalance_runs ORDER BY started",
-                        &[],
-                    )
-                    .await
-                    .on(&self.servers, id, "reading recorded progress")?;
-                for row in rows {
-                    let (run, placement, state, started): (String, String, String, String) =
-                        (row.get(0), row.get(1), row.get(2), row.get(3));
-                    if placement != self.r.run {
-                        bail!(
-                            "shard {} records an unfinished rebalance between other configs (run {run}, started {started}, {state}). Finish it by running apply with its configs, or undo it with abort and its configs. Nothing was changed.",
-                            self.servers.label(id)
-                        );
-                    }
-                    match &found {
-                        Some((other, _)) if *other != run => bail!(
-                            "shards record two runs of this rebalance ({other} and {run}): look at shardline.rebalance_runs on every shard. Nothing was changed."
-                        ),
-                        _ => found = Some((run, RunState::parse(&state))),
-                    }
-                }
+        for rec in db::recorded_runs(&self.servers, &all).await? {
+            if rec.placement != self.r.run {
+                bail!(
+                    "shard {} records an unfinished rebalance between other configs (run {}, started {}, {}). Finish it by running apply with its configs, or undo it with abort and its configs. Nothing was changed.",
+                    rec.shard,
+                    rec.run,
+                    rec.started,
+                    rec.state
+                );
             }
-            if tables.1 && !tables.0 {
-                // Steps recorded by an earlier version of the tool.
-                let old = c
-                    .query(
-                        "SELECT DISTINCT run FROM shardline.rebalance_steps WHERE state <> 'done'",
-                        &[],
-                    )
-                    .await
-                    .on(&self.servers, id, "reading recorded progress")?;
-                if let Some(other) = old.first() {
-                    bail!(
-                        "shard {} records an unfinished rebalance (run {}) of an earlier shardline-rebalance: finish it with that version. Nothing was changed.",
-                        self.servers.label(id),
-                        other.get::<_, String>(0)
-                    );
-                }
+            match &found {
+                Some((other, _)) if *other != rec.run => bail!(
+                    "shards record two runs of this rebalance ({other} and {}): look at shardline.rebalance_runs on every shard. Nothing was changed.",
+                    rec.run
+                ),
+                _ => found = Some((rec.run, RunState::parse(&rec.state))),
+            }
+        }
+        for id in all {
+            let c = self.servers.get(id).await?;
+            let legacy: bool = c
+                .query_one(
+                    "SELECT to_regclass('shardline.rebalance_steps') IS NOT NULL AND to_regclass('shardline.rebalance_runs') IS NULL",
+                    &[],
+                )
+                .await
+                .on(&self.servers, id, "reading recorded progress")?
+                .get(0);
+            if !legacy {
+                continue;
+            }
+            // Steps recorded by an earlier version of the tool.
+            let old = c
+                .query(
+                    "SELECT DISTINCT run FROM shardline.rebalance_steps WHERE state <> 'done'",
+                    &[],
+                )
+                .await
+                .on(&self.servers, id, "reading recorded progress")?;
+            if let Some(other) = old.first() {
+                bail!(
+                    "shard {} records an unfinished rebalance (run {}) of an earlier shardline-rebalance: finish it with that version. Nothing was changed.",
+                    self.servers.label(id),
+                    other.get::<_, String>(0)
+                );
             }
         }
         Ok(found)

@@ -619,3 +619,81 @@ mod tests {
         assert_eq!(d, ["column x (int) is extra there"]);
     }
 }
+
+/// A run recorded in `shardline.rebalance_runs` on a shard.
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct RecordedRun {
+    pub shard: String,
+    pub run: String,
+    /// The fingerprint of the configs it moves between (`Rebalance::run`).
+    pub placement: String,
+    pub state: String,
+    pub started: String,
+}
+
+/// The runs recorded on the shards `ids` (none where the table is absent).
+pub async fn recorded_runs(servers: &Servers, ids: &[usize]) -> Result<Vec<RecordedRun>> {
+    let mut out = Vec::new();
+    for &id in ids {
+        let c = servers.get(id).await?;
+        let what = "reading recorded progress";
+        let exists: bool = c
+            .query_one(
+                "SELECT to_regclass('shardline.rebalance_runs') IS NOT NULL",
+                &[],
+            )
+            .await
+            .on(servers, id, what)?
+            .get(0);
+        if !exists {
+            continue;
+        }
+        for row in c
+            .query(
+                "SELECT run, placement, state, started::text FROM shardline.rebalance_runs ORDER BY started",
+                &[],
+            )
+            .await
+            .on(servers, id, what)?
+        {
+            out.push(RecordedRun {
+                shard: servers.names[id].clone(),
+                run: row.get(0),
+                placement: row.get(1),
+                state: row.get(2),
+                started: row.get(3),
+            });
+        }
+    }
+    Ok(out)
+}
+
+/// What `definition` does not carry over for `table`: grants, row-level
+/// security, partitioning, column collations other than the default, and
+/// triggers (named as a person would look for them).
+pub async fn not_copied(
+    client: &Object,
+    table: &str,
+) -> Result<Vec<&'static str>, tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT c.relacl IS NOT NULL, c.relrowsecurity, c.relkind = 'p',
+                    EXISTS (SELECT 1 FROM pg_attribute a WHERE a.attrelid = c.oid AND a.attnum > 0
+                             AND NOT a.attisdropped AND a.attcollation NOT IN (0, 100)),
+                    EXISTS (SELECT 1 FROM pg_trigger t WHERE t.tgrelid = c.oid AND NOT t.tgisinternal)
+               FROM pg_class c WHERE c.oid = to_regclass($1)",
+            &[&quote_table(table)],
+        )
+        .await?;
+    let names = [
+        "grants",
+        "row-level security",
+        "partitioning",
+        "column collations",
+        "triggers",
+    ];
+    Ok((0..names.len())
+        .filter(|&i| row.get::<_, bool>(i))
+        .map(|i| names[i])
+        .collect())
+}

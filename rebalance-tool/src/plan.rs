@@ -19,6 +19,8 @@ pub struct PlanReport {
     pub reference: Vec<ReferenceCopy>,
     /// Rows not where the old config places them (moving them is refused).
     pub misplaced: Vec<Misplaced>,
+    /// Runs recorded on the servers (an unfinished move).
+    pub recorded: Vec<db::RecordedRun>,
     /// Tables missing on a shard: `(table, shard)` (apply creates them on
     /// new shards with `--create-tables`).
     pub missing: Vec<(String, String)>,
@@ -74,6 +76,7 @@ pub async fn plan(r: &Rebalance, login: &Login) -> Result<PlanReport> {
         tables: Vec::new(),
         reference: Vec::new(),
         misplaced: Vec::new(),
+        recorded: db::recorded_runs(&servers, &all).await?,
         missing: Vec::new(),
         total_rows: 0,
         total_bytes: 0,
@@ -110,14 +113,35 @@ pub async fn plan(r: &Rebalance, login: &Login) -> Result<PlanReport> {
             report.missing.push((t.name.clone(), r.names[id].clone()));
         }
         let everywhere = db::owner_counts_on(&servers, &present, &t.name, &old, &new).await?;
+        // (source, target) pairs with rows still to move.
+        let moving: Vec<(i32, i32)> = present
+            .iter()
+            .zip(&everywhere)
+            .flat_map(|(&id, counts)| {
+                counts.iter().filter_map(move |c| match (c.0, c.1) {
+                    (Some(from), Some(to)) if from == id as i32 && to != from && c.2 > 0 => {
+                        Some((from, to))
+                    }
+                    _ => None,
+                })
+            })
+            .collect();
         for (id, counts) in present.into_iter().zip(everywhere) {
             for (from, to, rows, bytes) in counts {
-                if from != Some(id as i32) {
+                // Already where the new config places them (an earlier
+                // run moved them), with nothing more to move there from
+                // their old shard: not misplaced, as apply sees them.
+                let moved_here = to == Some(id as i32)
+                    && from.is_some_and(|f| !moving.contains(&(f, id as i32)));
+                if from != Some(id as i32) && !moved_here {
                     report.misplaced.push(Misplaced {
                         table: t.name.clone(),
                         shard: r.names[id].clone(),
                         rows,
                     });
+                    continue;
+                }
+                if moved_here {
                     continue;
                 }
                 let Some(to) = to.map(|v| v as usize).filter(|&to| to != id) else {
@@ -302,10 +326,38 @@ impl PlanReport {
                 missing.join(", ")
             );
         }
-        if !self.misplaced.is_empty() {
-            out.push_str(
-                "\nRows not where the old config places them (apply refuses until they are fixed):\n",
+        let this_run: Vec<&db::RecordedRun> = self
+            .recorded
+            .iter()
+            .filter(|r| r.placement == self.run)
+            .collect();
+        if let Some(r) = this_run.first() {
+            let _ = writeln!(
+                out,
+                "\nA run of this rebalance is recorded on the servers (run {}, started {}, {}): apply with these configs resumes it{}.",
+                r.run,
+                r.started,
+                r.state,
+                if r.state == "running" {
+                    "; abort with them undoes it if no row was deleted yet"
+                } else {
+                    ""
+                }
             );
+        }
+        for r in self.recorded.iter().filter(|r| r.placement != self.run) {
+            let _ = writeln!(
+                out,
+                "\nShard {} records an unfinished rebalance between other configs (run {}, started {}, {}): apply refuses until it is finished or aborted with its configs.",
+                r.shard, r.run, r.started, r.state
+            );
+        }
+        if !self.misplaced.is_empty() {
+            out.push_str(if this_run.is_empty() {
+                "\nRows not where the old config places them (apply refuses until they are fixed):\n"
+            } else {
+                "\nRows not where the old config places them (the recorded run's copies, or rows to fix):\n"
+            });
             let rows: Vec<Vec<String>> = self
                 .misplaced
                 .iter()

@@ -713,6 +713,37 @@ async fn killed_at_any_point_a_rerun_finishes_the_same() {
     // In the middle of the third chunk's COPY.
     apply_killed_at("copy:3", &args);
     let copied_once = left_steps(&env, 2);
+    // plan names the unfinished run instead of saying apply refuses.
+    let (code, out, err) = tool(&["plan", "--from", path(&old_path), "--to", path(&new_path)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("A run of this rebalance is recorded on the servers")
+            && !out.contains("apply refuses"),
+        "{out}"
+    );
+    // While one apply runs, another stops at once (before, it failed on a
+    // duplicate key in the progress tables).
+    let mut first = Command::new(rebalance_binary().unwrap())
+        .args(args)
+        .env("SHARDLINE_REBALANCE_STOP_AT", "verify")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stderr = first.stderr.take().unwrap();
+    for line in BufReader::new(stderr).lines().map_while(Result::ok) {
+        if line.contains("stopped at verify") {
+            break;
+        }
+    }
+    let (code, _, err) = tool(&args);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("another shardline-rebalance is running"),
+        "{err}"
+    );
+    unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
+    first.wait().unwrap();
     // After every copy, before verifying.
     apply_killed_at("verify", &args);
     assert_eq!(
@@ -726,6 +757,17 @@ async fn killed_at_any_point_a_rerun_finishes_the_same() {
     apply_killed_at("delete:5", &args);
     // After every delete, while the run's records are removed.
     apply_killed_at("finish", &args);
+    // The config cannot be written: the message says the rows are moved,
+    // and the next run writes it.
+    let nowhere = files.dir.join("missing-dir").join("new.toml");
+    let mut unwritable = args.to_vec();
+    unwritable.extend(["--config-out", path(&nowhere)]);
+    let (code, _, err) = tool(&unwritable);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("every row is moved and verified, but the new config could not be written"),
+        "{err}"
+    );
     let (code, out, err) = tool(&args);
     assert_eq!(code, 0, "{out}\n{err}");
 
@@ -872,6 +914,17 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
         "{err}"
     );
     env.sql_shard(1, "ALTER TABLE users DROP CONSTRAINT users_self");
+    env.sql_shard(
+        0,
+        "ALTER TABLE orders ADD CONSTRAINT orders_by_id FOREIGN KEY (id) REFERENCES users (id) NOT VALID",
+    );
+    let (code, _, err) = apply(&three);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("foreign key orders_by_id from orders (id) to users (id) does not follow the sharding key"),
+        "{err}"
+    );
+    env.sql_shard(0, "ALTER TABLE orders DROP CONSTRAINT orders_by_id");
     env.sql_shard(
         2,
         "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$; \
