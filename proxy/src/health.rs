@@ -499,6 +499,45 @@ pub struct Checker {
     /// that was warned about (a burst of writes makes replicas lag for a
     /// moment; that is logged at info, a lag that lasts at warn).
     lagging_since: Vec<Option<(Instant, bool)>>,
+    /// The primary's WAL position at recent checks, oldest first: when the
+    /// primary was where a replica is now (`lag_ms`).
+    heads: std::collections::VecDeque<(Instant, u64)>,
+}
+
+/// Checks whose primary position is kept for dating replicas' positions.
+const HEAD_SAMPLES: usize = 64;
+
+/// How far behind in time a replica at `lsn` is, at `now`: since when the
+/// primary has been past `lsn`, from the primary's positions at recent
+/// checks (`heads`, oldest first, the last one taken with `lsn`),
+/// interpolated between the two checks around it. A replica older than
+/// every sample is dated by its last replayed commit (`replay_age_ms`)
+/// or the oldest sample, whichever is older. Unlike the last replayed
+/// commit alone, this does not age a caught-up replica while the primary
+/// writes WAL without committing (a long load, a vacuum).
+pub fn lag_ms(
+    heads: &std::collections::VecDeque<(Instant, u64)>,
+    now: Instant,
+    lsn: u64,
+    replay_age_ms: Option<u64>,
+) -> u64 {
+    let Some(&(_, head)) = heads.back() else {
+        return replay_age_ms.unwrap_or(u64::MAX);
+    };
+    if lsn >= head {
+        return 0;
+    }
+    // The last check at which the primary was not yet past `lsn`.
+    let Some(i) = heads.iter().rposition(|&(_, h)| h <= lsn) else {
+        let oldest = now.saturating_duration_since(heads[0].0).as_millis() as u64;
+        return replay_age_ms.unwrap_or(u64::MAX).max(oldest);
+    };
+    let (t0, h0) = heads[i];
+    let (t1, h1) = heads[i + 1];
+    let span = t1.saturating_duration_since(t0).as_secs_f64();
+    let part = (lsn - h0) as f64 / (h1 - h0).max(1) as f64;
+    let at = t0 + std::time::Duration::from_secs_f64(span * part);
+    now.saturating_duration_since(at).as_millis() as u64
 }
 
 /// A replica out of rotation for this long is warned about.
@@ -515,6 +554,7 @@ impl Checker {
             cfg,
             writer_lost_since: None,
             lagging_since,
+            heads: std::collections::VecDeque::new(),
         }
     }
 
@@ -607,6 +647,15 @@ impl Checker {
             results.iter().flatten().map(|o| o.lsn).max().unwrap_or(0)
         };
         let max_ms = self.cfg.max_replica_lag.as_millis() as u64;
+        let now = Instant::now();
+        if self.heads.back().is_some_and(|&(_, h)| head < h) {
+            // Another primary (a promotion): its positions start afresh.
+            self.heads.clear();
+        }
+        self.heads.push_back((now, head));
+        if self.heads.len() > HEAD_SAMPLES {
+            self.heads.pop_front();
+        }
         for (i, r) in results.iter().enumerate() {
             let (Ok(o), node) = (r, &shard.nodes[i]) else {
                 continue;
@@ -621,7 +670,7 @@ impl Checker {
             let ms = if bytes == 0 {
                 0
             } else {
-                o.replay_age_ms.unwrap_or(u64::MAX)
+                lag_ms(&self.heads, now, o.lsn, o.replay_age_ms)
             };
             node.lag_bytes.store(bytes, Relaxed);
             node.lag_ms.store(ms, Relaxed);
@@ -706,6 +755,31 @@ impl Checker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn replica_lag_is_dated_by_the_primarys_positions() {
+        use std::collections::VecDeque;
+        use std::time::Duration;
+        let t0 = Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        // The primary wrote 1,000 bytes a second for 3 s, with no commit.
+        let heads: VecDeque<(Instant, u64)> =
+            (0..=3).map(|s| (at(s * 1000), 10_000 + s * 1000)).collect();
+        let now = at(3000);
+        // Caught up with the last check: no lag, whatever the last commit.
+        assert_eq!(lag_ms(&heads, now, 13_000, Some(60_000)), 0);
+        // 100 bytes behind: the primary was there 100 ms ago.
+        assert_eq!(lag_ms(&heads, now, 12_900, Some(60_000)), 100);
+        // 1.5 s behind.
+        assert_eq!(lag_ms(&heads, now, 11_500, None), 1500);
+        // Older than every sample: the last replayed commit, or the oldest
+        // sample's age, whichever is older.
+        assert_eq!(lag_ms(&heads, now, 9_000, Some(60_000)), 60_000);
+        assert_eq!(lag_ms(&heads, now, 9_000, Some(10)), 3000);
+        assert_eq!(lag_ms(&heads, now, 9_000, None), u64::MAX);
+        // No sample yet: the last replayed commit.
+        assert_eq!(lag_ms(&VecDeque::new(), now, 1, Some(7)), 7);
+    }
     use std::io::Read;
     use std::os::fd::AsRawFd;
 

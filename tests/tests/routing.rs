@@ -771,3 +771,46 @@ async fn writing_user_reads(transactions: bool) {
     assert_eq!(s, 0, "stale reads");
     assert!(r >= 4 * p, "replicas served {r} reads, the primary {p}");
 }
+
+/// Caught-up replicas stay in rotation while the primary writes WAL
+/// without committing (a long load in one transaction, on a direct
+/// connection): reads keep going to them. Before, a replica any bytes
+/// behind was dated by its last replayed commit, so half a second into
+/// such a load (`max_replica_lag`) both left rotation and every read went
+/// to the primary; now it is dated by when the primary passed its position.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replicas_stay_in_rotation_during_a_long_uncommitted_load() {
+    let env = two_replicas("[load_balancing]\nread_your_writes = \"off\"\n").await;
+    let primary = env.node_port(0);
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE load (v int)").await.unwrap();
+    env.wait_healthy().await;
+    let direct = env.connect_shard(0).await;
+    let loading = tokio::spawn(async move {
+        direct.batch_execute("BEGIN").await.unwrap();
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(5) {
+            direct
+                .batch_execute("INSERT INTO load SELECT generate_series(1, 5000)")
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(5)).await;
+        }
+        direct.batch_execute("ROLLBACK").await.unwrap();
+    });
+    // Past max_replica_lag and more than one health check into the load.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    let mut on_primary = 0;
+    for _ in 0..40 {
+        if port_of(&c, "SELECT inet_server_port()").await == primary {
+            on_primary += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(!loading.is_finished(), "the load ended before the reads");
+    loading.await.unwrap();
+    assert_eq!(
+        on_primary, 0,
+        "{on_primary} of 40 reads went to the primary during the load"
+    );
+}
