@@ -15,6 +15,34 @@ use shardline_router::shards::{resolve, split_insert, KeyInput, Param};
 use shardline_router::{Options, Router};
 use std::sync::{Arc, OnceLock};
 
+/// A small deterministic generator (xorshift64*) for seeded tests and
+/// mutation runs: the same sequence for a seed, so a failure reproduces.
+/// The seed must not be 0.
+pub struct Rng(pub u64);
+
+impl Rng {
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 ^= self.0 >> 12;
+        self.0 ^= self.0 << 25;
+        self.0 ^= self.0 >> 27;
+        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
+    }
+
+    /// A number below `n` (0 for `n` = 0).
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
+    }
+
+    pub fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
+        &items[self.below(items.len())]
+    }
+
+    /// True `percent` times in 100.
+    pub fn chance(&mut self, percent: u64) -> bool {
+        self.next_u64() % 100 < percent
+    }
+}
+
 /// A stream of client messages after login: framed as the session frames
 /// them (bounded by a message size), each read as its handler reads it.
 pub fn client_messages(data: &[u8]) {

@@ -5,6 +5,7 @@
 //! splices of two inputs): none may panic. This is the fuzzing every test
 //! run does; the coverage-guided search runs with `scripts/fuzz.sh`.
 
+use shardline::fuzz::Rng;
 use std::path::Path;
 use std::time::{Duration, Instant};
 
@@ -30,23 +31,6 @@ fn replay(target: &str, run: fn(&[u8])) {
     assert!(!inputs.is_empty(), "no inputs in {}", dir.display());
     inputs.sort();
     mutate(target, &inputs, run);
-}
-
-/// A small deterministic generator (xorshift64*): the same mutations on
-/// every run, so a failure reproduces.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_f491_4f6c_dd1d)
-    }
-
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
 }
 
 /// Runs `MUTATIONS` mutated corpus inputs through `run` (fewer if they take

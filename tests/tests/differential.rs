@@ -6,6 +6,7 @@
 //! otherwise), or the proxy must refuse with 0A000. A different answer, any
 //! other error, or a refusal of a query marked `!` fails the test.
 
+use shardline::fuzz::Rng;
 use shardline_tests::{Env, RawValue};
 use std::collections::BTreeMap;
 use tokio_postgres::types::Type;
@@ -102,28 +103,6 @@ fn corpus() -> Vec<Query> {
             }
         })
         .collect()
-}
-
-/// A small deterministic generator (xorshift64*): the same queries on
-/// every run for a seed.
-struct Rng(u64);
-
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        self.0.wrapping_mul(0x2545_F491_4F6C_DD1D)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n as u64) as usize
-    }
-    fn pick<'a, T>(&mut self, items: &'a [T]) -> &'a T {
-        &items[self.below(items.len())]
-    }
-    fn chance(&mut self, percent: u64) -> bool {
-        self.next() % 100 < percent
-    }
 }
 
 /// Random SELECTs over the corpus's tables: joins (inner and outer in

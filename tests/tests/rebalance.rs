@@ -5,6 +5,7 @@
 //! independently of the tool, and answers through a proxy running the new
 //! config against the answers before the move.
 
+use shardline::fuzz::Rng;
 use shardline_config::Config;
 use shardline_router::sharding::Sharding;
 use shardline_tests::{rebalance_binary, start_proxy, Env, EnvOptions, TempDir};
@@ -641,46 +642,11 @@ fn shardline_rebalance_count(n: i64) -> String {
 }
 
 /// Runs apply until it prints that it stopped at `point`, then kills it
-/// with SIGKILL.
+/// with SIGKILL; it must get there.
 fn apply_killed_at(point: &str, args: &[&str]) {
-    let mut child = Command::new(rebalance_binary().unwrap())
-        .args(args)
-        .env("SHARDLINE_REBALANCE_STOP_AT", point)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shardline-rebalance");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(120);
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(200)) {
-            Ok(line) if line.contains(&format!("stopped at {point}")) => break,
-            Ok(line) => seen.push(line),
-            Err(_) => {}
-        }
-        if let Ok(Some(status)) = child.try_wait() {
-            panic!(
-                "apply ended ({status}) before reaching {point}:\n{}",
-                seen.join("\n")
-            );
-        }
-        assert!(
-            Instant::now() < deadline,
-            "apply never reached {point}:\n{}",
-            seen.join("\n")
-        );
+    if let Killed::Ended(code, err) = killed_at_if_reached(point, args) {
+        panic!("apply ended ({code}) before reaching {point}:\n{err}");
     }
-    // SIGKILL: no cleanup of any kind runs.
-    unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-    let status = child.wait().unwrap();
-    assert!(!status.success());
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -890,56 +856,47 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     env.sql_shard(2, "DROP TABLE tags; CREATE TABLE tags (name text PRIMARY KEY, hits int4 NOT NULL DEFAULT 0); GRANT ALL ON tags TO app");
     // Refused up front, each naming what to do (before, each ran: the
     // other schema's rows stayed unreachable, the cascade deleted rows that
-    // stay, the trigger fired on copied and deleted rows).
-    env.sql_shard(
-        0,
-        "CREATE SCHEMA tenant2; CREATE TABLE tenant2.users (id bigint PRIMARY KEY)",
-    );
-    let (code, _, err) = apply(&three);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("a table users exists in schema(s) tenant2")
-            && err.contains("Nothing was changed"),
-        "{err}"
-    );
-    env.sql_shard(0, "DROP SCHEMA tenant2 CASCADE");
-    env.sql_shard(
-        1,
-        "ALTER TABLE users ADD CONSTRAINT users_self FOREIGN KEY (id) REFERENCES users (id) ON DELETE CASCADE",
-    );
-    let (code, _, err) = apply(&three);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("table users has a foreign key to itself (users_self)"),
-        "{err}"
-    );
-    env.sql_shard(1, "ALTER TABLE users DROP CONSTRAINT users_self");
-    env.sql_shard(
-        0,
-        "ALTER TABLE orders ADD CONSTRAINT orders_by_id FOREIGN KEY (id) REFERENCES users (id) NOT VALID",
-    );
-    let (code, _, err) = apply(&three);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("foreign key orders_by_id from orders (id) to users (id) does not follow the sharding key"),
-        "{err}"
-    );
-    env.sql_shard(0, "ALTER TABLE orders DROP CONSTRAINT orders_by_id");
-    env.sql_shard(
-        2,
-        "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$; \
-         CREATE TRIGGER orders_touch BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION touch()",
-    );
-    let (code, _, err) = apply(&three);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("on shard s2") && err.contains("table orders has trigger orders_touch"),
-        "{err}"
-    );
-    env.sql_shard(
-        2,
-        "DROP TRIGGER orders_touch ON orders; DROP FUNCTION touch()",
-    );
+    // stay, the trigger fired on copied and deleted rows). Per case: the
+    // shard, what makes it, what the message says, what undoes it.
+    let cases: [(usize, &str, &str, &str); 4] = [
+        (
+            0,
+            "CREATE SCHEMA tenant2; CREATE TABLE tenant2.users (id bigint PRIMARY KEY)",
+            "a table users exists in schema(s) tenant2",
+            "DROP SCHEMA tenant2 CASCADE",
+        ),
+        (
+            1,
+            "ALTER TABLE users ADD CONSTRAINT users_self FOREIGN KEY (id) REFERENCES users (id) ON DELETE CASCADE",
+            "table users has a foreign key to itself (users_self)",
+            "ALTER TABLE users DROP CONSTRAINT users_self",
+        ),
+        (
+            0,
+            "ALTER TABLE orders ADD CONSTRAINT orders_by_id FOREIGN KEY (id) REFERENCES users (id) NOT VALID",
+            "foreign key orders_by_id from orders (id) to users (id) does not follow the sharding key",
+            "ALTER TABLE orders DROP CONSTRAINT orders_by_id",
+        ),
+        (
+            2,
+            "CREATE FUNCTION touch() RETURNS trigger LANGUAGE plpgsql AS $$BEGIN RETURN NEW; END$$; \
+             CREATE TRIGGER orders_touch BEFORE INSERT ON orders FOR EACH ROW EXECUTE FUNCTION touch()",
+            "table orders has trigger orders_touch",
+            "DROP TRIGGER orders_touch ON orders; DROP FUNCTION touch()",
+        ),
+    ];
+    for (shard, make, says, undo) in cases {
+        env.sql_shard(shard, make);
+        let (code, _, err) = apply(&three);
+        assert_eq!(code, 1, "{make}");
+        assert!(
+            err.contains(&format!("on shard s{shard}"))
+                && err.contains(says)
+                && err.contains("Nothing was changed"),
+            "{make}: {err}"
+        );
+        env.sql_shard(shard, undo);
+    }
     assert_no_records(&env, &[0, 1, 2]);
     // A target already holding a row the old config places elsewhere.
     env.sql_shard(
@@ -1270,18 +1227,6 @@ fn killed_at_if_reached(point: &str, args: &[&str]) -> Killed {
             "the tool never reached {point}:\n{}",
             seen.join("\n")
         );
-    }
-}
-
-/// A small deterministic generator (xorshift64*) for the move sequence.
-struct Rng(u64);
-
-impl Rng {
-    fn below(&mut self, n: usize) -> usize {
-        self.0 ^= self.0 >> 12;
-        self.0 ^= self.0 << 25;
-        self.0 ^= self.0 >> 27;
-        (self.0.wrapping_mul(0x2545_f491_4f6c_dd1d) % n.max(1) as u64) as usize
     }
 }
 
