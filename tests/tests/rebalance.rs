@@ -97,6 +97,13 @@ fn tool(args: &[&str]) -> (i32, String, String) {
     )
 }
 
+/// Runs the tool, which must fail (exit code 1) saying `says`.
+fn refused(args: &[&str], says: &str) {
+    let (code, out, err) = tool(args);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains(says), "{err}");
+}
+
 fn path(p: &Path) -> &str {
     p.to_str().expect("utf-8 path")
 }
@@ -702,12 +709,7 @@ async fn killed_at_any_point_a_rerun_finishes_the_same() {
             break;
         }
     }
-    let (code, _, err) = tool(&args);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("another shardline-rebalance is running"),
-        "{err}"
-    );
+    refused(&args, "another shardline-rebalance is running");
     unsafe { libc::kill(first.id() as i32, libc::SIGKILL) };
     first.wait().unwrap();
     // After every copy, before verifying.
@@ -728,11 +730,9 @@ async fn killed_at_any_point_a_rerun_finishes_the_same() {
     let nowhere = files.dir.join("missing-dir").join("new.toml");
     let mut unwritable = args.to_vec();
     unwritable.extend(["--config-out", path(&nowhere)]);
-    let (code, _, err) = tool(&unwritable);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("every row is moved and verified, but the new config could not be written"),
-        "{err}"
+    refused(
+        &unwritable,
+        "every row is moved and verified, but the new config could not be written",
     );
     let (code, out, err) = tool(&args);
     assert_eq!(code, 0, "{out}\n{err}");
@@ -969,12 +969,7 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     apply_killed_at("verify", &args);
     let abort = ["abort", "--from", path(&old_path), "--to", path(&three)];
     apply_killed_at("abort:3", &abort);
-    let (code, _, err) = tool(&args);
-    assert_eq!(code, 1);
-    assert!(
-        err.contains("an abort of this rebalance was interrupted"),
-        "{err}"
-    );
+    refused(&args, "an abort of this rebalance was interrupted");
     let (code, out, err) = tool(&abort);
     assert_eq!(code, 0, "{out}{err}");
     assert_no_records(&env, &[0, 1, 2]);
