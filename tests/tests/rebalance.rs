@@ -1381,3 +1381,44 @@ async fn random_moves_killed_at_random_points_lose_nothing() {
         current = next;
     }
 }
+
+/// The tool's sessions commit synchronously and give up on a held lock,
+/// whatever the server's defaults: a delete receipt it saw committed must
+/// survive a crash (with `synchronous_commit = off` a source lost its
+/// delete and rows were duplicated), and a lock held elsewhere must not
+/// stall a run unseen.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_sessions_commit_synchronously_and_time_out_on_locks() {
+    use shardline_rebalance::db::{Login, Servers};
+    let env = start(1).await;
+    env.sql_shard(
+        0,
+        "ALTER SYSTEM SET synchronous_commit = off; ALTER SYSTEM SET lock_timeout = 0; SELECT pg_reload_conf()",
+    );
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert_eq!(env.sql_shard(0, "SHOW synchronous_commit"), "off");
+    let node = shardline_config::Node {
+        host: "127.0.0.1".into(),
+        port: env.node_port(0),
+        zone: None,
+    };
+    let login = Login {
+        user: "app".into(),
+        password: Some("app".into()),
+        database: "app".into(),
+    };
+    let servers = Servers::connect(&["s0".into()], &[node], &[0], &login)
+        .await
+        .expect("connect");
+    let c = servers.get(0).await.unwrap();
+    let show = |name: &'static str| {
+        let c = &c;
+        async move {
+            let row = c.query_one(&format!("SHOW {name}"), &[]).await.unwrap();
+            row.get::<_, String>(0)
+        }
+    };
+    assert_eq!(show("synchronous_commit").await, "on");
+    assert_eq!(show("lock_timeout").await, "30s");
+    env.sql_shard(0, "ALTER SYSTEM RESET ALL; SELECT pg_reload_conf()");
+}
