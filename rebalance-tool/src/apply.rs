@@ -1545,6 +1545,21 @@ impl Run<'_> {
             return Ok(());
         }
         let cols = &self.columns[&s.table];
+        // Rows this transaction inserted, updated and deleted per table,
+        // before and after the delete: what the delete did, cascades and
+        // rules included, not only what it returned.
+        const CHANGES: &str =
+            "SELECT relid, n_tup_ins, n_tup_upd, n_tup_del FROM pg_stat_xact_user_tables";
+        let changes = |rows: Vec<tokio_postgres::Row>| -> HashMap<u32, (i64, i64, i64)> {
+            rows.iter()
+                .map(|r| (r.get::<_, u32>(0), (r.get(1), r.get(2), r.get(3))))
+                .collect()
+        };
+        let before = changes(
+            tx.query(CHANGES, &[])
+                .await
+                .on(&self.servers, s.source, &what)?,
+        );
         let gone = tx
             .query_one(
                 &db::delete_checksum_sql(&s.table, cols, &self.filter(s)),
@@ -1552,7 +1567,42 @@ impl Run<'_> {
             )
             .await
             .on(&self.servers, s.source, &what)?;
+        let after = changes(
+            tx.query(CHANGES, &[])
+                .await
+                .on(&self.servers, s.source, &what)?,
+        );
         let (deleted, sum): (i64, String) = (gone.get(0), gone.get(1));
+        let table_oid: Option<u32> = tx
+            .query_one("SELECT to_regclass($1)::oid", &[&quote_table(&s.table)])
+            .await
+            .on(&self.servers, s.source, &what)?
+            .get(0);
+        let mut elsewhere = Vec::new();
+        for (rel, now) in &after {
+            let was = before.get(rel).copied().unwrap_or_default();
+            let (ins, upd, del) = (now.0 - was.0, now.1 - was.1, now.2 - was.2);
+            let expected_del = if Some(*rel) == table_oid { deleted } else { 0 };
+            if ins != 0 || upd != 0 || del != expected_del {
+                let name: String = tx
+                    .query_one("SELECT $1::oid::regclass::text", &[rel])
+                    .await
+                    .on(&self.servers, s.source, &what)?
+                    .get(0);
+                elsewhere.push(format!(
+                    "{name}: {} inserted, {upd} updated, {} deleted",
+                    ins,
+                    del - expected_del
+                ));
+            }
+        }
+        if !elsewhere.is_empty() {
+            tx.rollback().await.on(&self.servers, s.source, &what)?;
+            bail!(
+                "{what}: the delete changed rows that do not move ({}): a cascade, rule or trigger the checks did not catch. Nothing was deleted from this range. Remove what does it for the move, then run again.",
+                elsewhere.join("; ")
+            );
+        }
         let expected = s.rows.unwrap_or(0);
         if deleted != expected || s.checksum.as_ref().is_some_and(|c| *c != sum) {
             tx.rollback().await.on(&self.servers, s.source, &what)?;

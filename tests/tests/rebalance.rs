@@ -1024,6 +1024,42 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     for s in [0, 1] {
         env.sql_shard(s, "UPDATE users SET name = rtrim(name, '!')");
     }
+    // A foreign key from a reference table into a moving table (the
+    // up-front checks look at sharded tables and tables outside the
+    // config): the delete's own count catches the row its SET NULL changed
+    // (before, only the rows the delete returned were counted, and a
+    // reference row changed on one shard only).
+    let moving_user = {
+        let c = Config::from_toml(&env.shards_config(&[0, 1, 2], TABLES), "t.toml").unwrap();
+        let sharding = Sharding::from_config(&c);
+        let group = &sharding.groups[sharding.tables["users"].group];
+        keys_on(&env, 0, "users", "id")
+            .into_iter()
+            .find(|k| {
+                let key = group.key_from_text(k).expect("key parses");
+                sharding.shard_names[group.shard_of(Some(&key)).unwrap()] == "s2"
+            })
+            .expect("a user moving from s0")
+    };
+    for s in [0, 1, 2] {
+        env.sql_shard(s, "ALTER TABLE countries ADD COLUMN owner bigint");
+    }
+    env.sql_shard(
+        0,
+        &format!(
+            "ALTER TABLE countries ADD CONSTRAINT countries_owner FOREIGN KEY (owner) REFERENCES users (id) ON DELETE SET NULL; \
+             UPDATE countries SET owner = {moving_user} WHERE code = 'c001'"
+        ),
+    );
+    refused(&args, "countries: 0 inserted, 1 updated, 0 deleted");
+    assert_eq!(
+        env.sql_shard(0, "SELECT owner FROM countries WHERE code = 'c001'"),
+        moving_user,
+        "rolled back"
+    );
+    for s in [0, 1, 2] {
+        env.sql_shard(s, "ALTER TABLE countries DROP COLUMN owner");
+    }
     let (code, out, err) = tool(&args);
     assert_eq!(code, 0, "{out}{err}");
     assert_eq!(content(&env, &[0, 1, 2]), before);
