@@ -783,6 +783,19 @@ impl Run<'_> {
         // Foreign keys between sharded tables must follow the key: the
         // child's key column referencing the parent's, in one group, so a
         // parent row and its children always move together.
+        let names: Vec<String> = self
+            .r
+            .tables()
+            .iter()
+            .map(|t| quote_table(&t.name))
+            .collect();
+        let oids: Vec<Option<u32>> = c
+            .query_one(
+                "SELECT array(SELECT to_regclass(n)::oid FROM unnest($1::text[]) WITH ORDINALITY u(n, i) ORDER BY i)",
+                &[&names],
+            )
+            .await?
+            .get(0);
         for child in self.r.tables() {
             for row in c
                 .query(
@@ -801,16 +814,11 @@ impl Run<'_> {
                 let (constraint, parent_rel, cols, pcols): (String, String, Vec<String>, Vec<String>) =
                     (row.get(0), row.get(1), row.get(2), row.get(3));
                 let parent_oid: u32 = row.get(4);
-                let mut parent = None;
-                for t in self.r.tables() {
-                    let oid: Option<u32> = c
-                        .query_one("SELECT to_regclass($1)::oid", &[&quote_table(&t.name)])
-                        .await?
-                        .get(0);
-                    if oid == Some(parent_oid) {
-                        parent = Some(t);
-                    }
-                }
+                let parent = oids
+                    .iter()
+                    .zip(self.r.tables())
+                    .find(|(oid, _)| **oid == Some(parent_oid))
+                    .map(|(_, t)| t);
                 let Some(parent) = parent else {
                     continue; // Reference or unsharded parents: checked elsewhere.
                 };

@@ -111,6 +111,25 @@ fn route_detached(shared: &crate::Shared, text: &str) -> Route {
     route
 }
 
+/// Routes one statement text through the shared cache, timed into
+/// `route_nanos`; a large one without holding the cache's lock while it
+/// is parsed.
+fn route_timed(shared: &crate::Shared, sql: &[u8]) -> Route {
+    let Ok(text) = std::str::from_utf8(sql) else {
+        return FUNCTION_CALL;
+    };
+    let started = std::time::Instant::now();
+    let route = if sql.len() >= LARGE_STATEMENT {
+        route_detached(shared, text)
+    } else {
+        let mut router = shared.router.lock().unwrap_or_else(|p| p.into_inner());
+        router.route(text)
+    };
+    let nanos = started.elapsed().as_nanos() as u64;
+    shared.route_nanos.fetch_add(nanos, Relaxed);
+    route
+}
+
 impl Session {
     /// Routes one statement text through the shared cache (a large one
     /// from the routes `route_large_ahead` made).
@@ -120,19 +139,7 @@ impl Session {
                 return route.clone();
             }
         }
-        let Ok(text) = std::str::from_utf8(sql) else {
-            return FUNCTION_CALL;
-        };
-        let started = std::time::Instant::now();
-        let route = if sql.len() >= LARGE_STATEMENT {
-            route_detached(&self.shared, text)
-        } else {
-            let mut router = self.shared.router.lock().unwrap_or_else(|p| p.into_inner());
-            router.route(text)
-        };
-        let nanos = started.elapsed().as_nanos() as u64;
-        self.shared.route_nanos.fetch_add(nanos, Relaxed);
-        route
+        route_timed(&self.shared, sql)
     }
 
     /// Routes the large statement texts (Query, Parse) of the unit at the
@@ -174,17 +181,7 @@ impl Session {
             let text = bytes::Bytes::copy_from_slice(&self.client_in[s..e]);
             let shared = self.shared.clone();
             let routed = text.clone();
-            let route = tokio::task::spawn_blocking(move || {
-                let started = std::time::Instant::now();
-                let route = match std::str::from_utf8(&routed) {
-                    Ok(sql) => route_detached(&shared, sql),
-                    Err(_) => FUNCTION_CALL,
-                };
-                let nanos = started.elapsed().as_nanos() as u64;
-                shared.route_nanos.fetch_add(nanos, Relaxed);
-                route
-            })
-            .await;
+            let route = tokio::task::spawn_blocking(move || route_timed(&shared, &routed)).await;
             if let Ok(route) = route {
                 self.large_routes.push((text, route));
             }

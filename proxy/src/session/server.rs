@@ -134,6 +134,7 @@ impl Session {
         match tag {
             ERROR_RESPONSE => {
                 self.unit_failed = true;
+                // (`note_fatal` would borrow the session `front` holds.)
                 if let Some(reason) = fatal_reason(body) {
                     self.server_fatal = Some(reason);
                 }
