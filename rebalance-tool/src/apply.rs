@@ -23,7 +23,7 @@
 
 use crate::copy::{self, CopyError, Format};
 use crate::db::{self, Column, Login, OnShard as _, Servers};
-use crate::layout::{chunk_bounds, quote_table, Rebalance};
+use crate::layout::{chunk_bounds, quote_ident, quote_table, Rebalance};
 use anyhow::{bail, Context as _, Result};
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, HashMap};
@@ -35,6 +35,9 @@ pub struct ApplyOptions {
     pub writes_stopped: bool,
     /// Create missing tables on targets from the source's definition.
     pub create_tables: bool,
+    /// A range whose copy no longer matches its source is copied again
+    /// (the rows that differ), verified, and the run goes on.
+    pub recopy_changed: bool,
     /// Rows per step (a chunk of the hash space), roughly.
     pub chunk_rows: u64,
     pub format: Format,
@@ -370,6 +373,7 @@ pub async fn abort(r: &Rebalance, login: &Login, stop_at: Option<String>) -> Res
     let opts = ApplyOptions {
         writes_stopped: true,
         create_tables: false,
+        recopy_changed: false,
         chunk_rows: 1,
         format: Format::Binary,
         config_out: PathBuf::new(),
@@ -1399,18 +1403,7 @@ impl Run<'_> {
             },
         )
         .await
-        .map_err(|e| match e {
-            CopyError::Source(e) => anyhow::anyhow!(
-                "{what}: reading from shard {}: {}",
-                self.servers.label(s.source),
-                db::describe(&e)
-            ),
-            CopyError::Target(e) => anyhow::anyhow!(
-                "{what}: writing to shard {}: {}",
-                self.servers.label(s.target),
-                db::describe(&e)
-            ),
-        })?;
+        .map_err(|e| self.copy_error(&what, s, e))?;
         tx.execute(
             &format!(
                 "UPDATE shardline.rebalance_steps SET state = 'copied', rows = $6, updated = now() WHERE {STEP_KEY}"
@@ -1430,33 +1423,51 @@ impl Run<'_> {
         Ok(rows)
     }
 
+    fn copy_error(&self, what: &str, s: &Step, e: CopyError) -> anyhow::Error {
+        match e {
+            CopyError::Source(e) => anyhow::anyhow!(
+                "{what}: reading from shard {}: {}",
+                self.servers.label(s.source),
+                db::describe(&e)
+            ),
+            CopyError::Target(e) => anyhow::anyhow!(
+                "{what}: writing to shard {}: {}",
+                self.servers.label(s.target),
+                db::describe(&e)
+            ),
+        }
+    }
+
+    /// Verifies the copied steps and, with --recopy-changed, the steps an
+    /// earlier run verified, against the source as it is now; with that
+    /// option the ranges that differ are copied again ([`Run::recopy`]).
     async fn verify_all(&mut self, steps: &mut [Step]) -> Result<()> {
+        let again = self.opts.recopy_changed;
         let todo: Vec<usize> = (0..steps.len())
-            .filter(|&i| steps[i].state == State::Copied)
+            .filter(|&i| {
+                steps[i].state == State::Copied || (again && steps[i].state == State::Verified)
+            })
             .collect();
         if todo.is_empty() {
             return Ok(());
         }
         let bar = self.bar(todo.len() as u64, "verify".into(), "steps");
+        let mut changed = Vec::new();
         for i in todo {
             let s = &steps[i];
-            let cols = &self.columns[&s.table];
-            let filter = self.filter(s);
-            let source = self.servers.get(s.source).await?;
-            let target = self.servers.get(s.target).await?;
-            let (a, b) = tokio::join!(
-                db::checksum(&source, &s.table, cols, &filter),
-                db::checksum(&target, &s.table, cols, &filter)
-            );
             let what = format!(
                 "verifying {} {} -> {} chunk {}",
                 s.table, self.r.names[s.source], self.r.names[s.target], s.chunk
             );
-            let a = a.on(&self.servers, s.source, &what)?;
-            let b = b.on(&self.servers, s.target, &what)?;
+            let (a, b) = self.checksums(s, &what).await?;
+            bar.inc(1);
             if a != b || Some(a.0) != s.rows {
+                if again {
+                    changed.push(i);
+                    continue;
+                }
                 bail!(
-                    "verification failed for {} {} -> {} chunk {} (hashes {}..={}):\n  source {}: {} rows, checksum {}\n  target {}: {} rows, checksum {}\n  copied: {} rows\nNothing was deleted; the copied rows stay on the target. Find what changed (were writes stopped?) and put it right, then run again; or undo the whole run with `shardline-rebalance abort` and the same configs (it removes the copies), then apply again.",
+                    "verification failed for {} {} -> {} chunk {} (hashes {}..={}):\n  source {}: {} rows, checksum {}\n  target {}: {} rows, checksum {}\n  copied: {} rows\nNothing was deleted; the copied rows stay on the target. Find what changed (were writes stopped?). Once writes are stopped, run again with --recopy-changed to copy the rows that differ again from the source, verify and go on; or undo the whole run with `shardline-rebalance abort` and the same configs (it removes the copies), then apply again.",
                     s.table,
                     self.r.names[s.source],
                     self.r.names[s.target],
@@ -1472,29 +1483,292 @@ impl Run<'_> {
                     s.rows.unwrap_or(0)
                 );
             }
-            target
-                .execute(
-                    &format!(
-                        "UPDATE shardline.rebalance_steps SET state = 'verified', checksum = $6, updated = now() WHERE {STEP_KEY}"
-                    ),
-                    &[
-                        &self.id,
-                        &s.table,
-                        &self.r.names[s.source],
-                        &self.r.names[s.target],
-                        &s.chunk,
-                        &a.1,
-                    ],
-                )
-                .await
-                .on(&self.servers, s.target, &what)?;
+            if s.state == State::Copied || s.checksum.as_ref() != Some(&a.1) {
+                self.mark_verified(s, &a, &what).await?;
+            }
             steps[i].state = State::Verified;
             steps[i].checksum = Some(a.1);
-            bar.inc(1);
         }
         bar.finish_with_message("verified");
+        if !changed.is_empty() {
+            self.recopy(steps, &changed).await?;
+        }
         self.log("every copied range verified (row counts and checksums equal on both shards)");
         Ok(())
+    }
+
+    /// `(rows, checksum)` of a step's rows on its source and on its target.
+    async fn checksums(&self, s: &Step, what: &str) -> Result<((i64, String), (i64, String))> {
+        let cols = &self.columns[&s.table];
+        let filter = self.filter(s);
+        let source = self.servers.get(s.source).await?;
+        let target = self.servers.get(s.target).await?;
+        let (a, b) = tokio::join!(
+            db::checksum(&source, &s.table, cols, &filter),
+            db::checksum(&target, &s.table, cols, &filter)
+        );
+        Ok((
+            a.on(&self.servers, s.source, what)?,
+            b.on(&self.servers, s.target, what)?,
+        ))
+    }
+
+    /// Records a step as verified with the rows and checksum both servers
+    /// agree on.
+    async fn mark_verified(&self, s: &Step, sum: &(i64, String), what: &str) -> Result<()> {
+        let target = self.servers.get(s.target).await?;
+        target
+            .execute(
+                &format!(
+                    "UPDATE shardline.rebalance_steps SET state = 'verified', rows = $6, checksum = $7, updated = now() WHERE {STEP_KEY}"
+                ),
+                &[
+                    &self.id,
+                    &s.table,
+                    &self.r.names[s.source],
+                    &self.r.names[s.target],
+                    &s.chunk,
+                    &sum.0,
+                    &sum.1,
+                ],
+            )
+            .await
+            .on(&self.servers, s.target, what)?;
+        Ok(())
+    }
+
+    /// --recopy-changed: makes the changed steps' rows on their targets what
+    /// they are on their sources now. Rows that differ or are missing are
+    /// written again from the source, parents first so that a new row finds
+    /// the row it references (matched by primary key and updated in place,
+    /// so foreign keys into them are untouched). Rows the source no longer
+    /// has are then removed from the copy, children first (their ON DELETE
+    /// actions do on the target what they did on the source). A table
+    /// without a primary key that nothing references is copied again whole.
+    /// Each range is then verified again and recorded with its new count
+    /// and checksum. Every part can be repeated: a rerun compares again.
+    async fn recopy(&self, steps: &mut [Step], changed: &[usize]) -> Result<()> {
+        let mut tally: HashMap<usize, (u64, u64)> = HashMap::new();
+        for table in &self.order {
+            for &i in changed.iter().filter(|&&i| steps[i].table == *table) {
+                tally.entry(i).or_default().0 = self.rewrite(&steps[i]).await?;
+            }
+        }
+        for table in self.order.iter().rev() {
+            for &i in changed.iter().filter(|&&i| steps[i].table == *table) {
+                tally.entry(i).or_default().1 = self.remove_gone(&steps[i]).await?;
+            }
+        }
+        for &i in changed {
+            let s = &steps[i];
+            let what = format!(
+                "verifying {} {} -> {} chunk {} after copying its changed rows again",
+                s.table, self.r.names[s.source], self.r.names[s.target], s.chunk
+            );
+            let (now, copied) = self.checksums(s, &what).await?;
+            if now != copied {
+                bail!(
+                    "{what}: the range still differs ({} rows, checksum {} on shard {}; {} rows, checksum {} on shard {}): something keeps writing to it. Nothing was deleted from this range. Stop the writes, then run again.",
+                    now.0,
+                    now.1,
+                    self.servers.label(s.source),
+                    copied.0,
+                    copied.1,
+                    self.servers.label(s.target)
+                );
+            }
+            self.mark_verified(s, &now, &what).await?;
+            let (written, removed) = tally[&i];
+            self.log(&format!(
+                "{} {} -> {} chunk {} had changed since it was copied: {written} rows written again and {removed} removed from the copy on {}; verified, {} rows",
+                s.table,
+                self.r.names[s.source],
+                self.r.names[s.target],
+                s.chunk,
+                self.r.names[s.target],
+                now.0
+            ));
+            let s = &mut steps[i];
+            s.rows = Some(now.0);
+            s.checksum = Some(now.1);
+            s.state = State::Verified;
+        }
+        Ok(())
+    }
+
+    /// Each row of a step on its source and on its target, by primary key:
+    /// `ROW(key)::text → row hash`.
+    async fn row_hashes(
+        &self,
+        s: &Step,
+        key_text: &str,
+        what: &str,
+    ) -> Result<(HashMap<String, i64>, HashMap<String, i64>)> {
+        let sql = format!(
+            "SELECT {key_text}, {} FROM {} WHERE {}",
+            db::row_hash_sql(&self.columns[&s.table]),
+            quote_table(&s.table),
+            self.filter(s)
+        );
+        let source = self.servers.get(s.source).await?;
+        let target = self.servers.get(s.target).await?;
+        let (a, b) = tokio::join!(source.query(&sql, &[]), target.query(&sql, &[]));
+        let by_key = |rows: Vec<tokio_postgres::Row>| -> HashMap<String, i64> {
+            rows.iter().map(|r| (r.get(0), r.get(1))).collect()
+        };
+        Ok((
+            by_key(a.on(&self.servers, s.source, what)?),
+            by_key(b.on(&self.servers, s.target, what)?),
+        ))
+    }
+
+    /// A step's primary key as `ROW(columns)::text`, or `None` without one
+    /// (when something references the table, the rows cannot be matched
+    /// up and the run stops).
+    async fn key_text(&self, s: &Step, what: &str) -> Result<Option<String>> {
+        let target = self.servers.get(s.target).await?;
+        let (key, referenced) =
+            db::key_and_referenced(&target, &s.table)
+                .await
+                .on(&self.servers, s.target, what)?;
+        if key.is_empty() && referenced {
+            bail!(
+                "{what}: {} has no primary key and foreign keys reference it, so its changed rows cannot be matched up without touching the rows that reference them. Nothing was deleted from this range. Put the rows back as they were verified, then run again.",
+                s.table
+            );
+        }
+        Ok((!key.is_empty()).then(|| {
+            let list: Vec<String> = key.iter().map(|c| quote_ident(c)).collect();
+            format!("ROW({})::text", list.join(", "))
+        }))
+    }
+
+    /// Writes the rows of a step that differ on its target, or are missing
+    /// there, again from its source. Returns how many.
+    async fn rewrite(&self, s: &Step) -> Result<u64> {
+        let what = format!(
+            "copying the changed rows of {} {} -> {} chunk {} again",
+            s.table, self.r.names[s.source], self.r.names[s.target], s.chunk
+        );
+        let cols = &self.columns[&s.table];
+        let list = db::copy_list(cols);
+        let filter = self.filter(s);
+        let table = quote_table(&s.table);
+        let source = self.servers.get(s.source).await?;
+        let mut target = self.servers.get(s.target).await?;
+        let Some(key_text) = self.key_text(s, &what).await? else {
+            // Nothing references it: the whole range is copied again.
+            let tx = target
+                .transaction()
+                .await
+                .on(&self.servers, s.target, &what)?;
+            tx.execute(&format!("DELETE FROM {table} WHERE {filter}"), &[])
+                .await
+                .on(&self.servers, s.target, &what)?;
+            let n = copy::stream(
+                &source,
+                &tx,
+                &format!("SELECT {list} FROM {table} WHERE {filter}"),
+                &format!("{table} ({list})"),
+                self.opts.format,
+                |_| {},
+                || {},
+            )
+            .await
+            .map_err(|e| self.copy_error(&what, s, e))?;
+            tx.commit().await.on(&self.servers, s.target, &what)?;
+            return Ok(n);
+        };
+        let (now, copied) = self.row_hashes(s, &key_text, &what).await?;
+        let write: Vec<&String> = now
+            .iter()
+            .filter(|(k, h)| copied.get(*k) != Some(*h))
+            .map(|(k, _)| k)
+            .collect();
+        if write.is_empty() {
+            return Ok(0);
+        }
+        // Only rows of this range are overwritten: a key that a row outside
+        // it holds on the target stops the run.
+        let taken: i64 = target
+            .query_one(
+                &format!(
+                    "SELECT count(*) FROM {table} WHERE {key_text} = ANY($1) AND NOT ({filter})"
+                ),
+                &[&write],
+            )
+            .await
+            .on(&self.servers, s.target, &what)?
+            .get(0);
+        if taken > 0 {
+            bail!(
+                "{what}: {taken} changed rows have keys that rows outside this range hold on shard {}. Nothing was deleted from this range.",
+                self.servers.label(s.target)
+            );
+        }
+        let rows: String = source
+            .query_one(
+                &format!(
+                    "SELECT coalesce(json_agg(x), '[]')::text FROM (SELECT {list} FROM {table} WHERE {filter} AND {key_text} = ANY($1)) x"
+                ),
+                &[&write],
+            )
+            .await
+            .on(&self.servers, s.source, &what)?
+            .get(0);
+        let set: Vec<String> = cols
+            .iter()
+            .filter(|c| !c.generated && !key_text.contains(&quote_ident(&c.name)))
+            .map(|c| {
+                let c = quote_ident(&c.name);
+                format!("{c} = EXCLUDED.{c}")
+            })
+            .collect();
+        let key_list = &key_text["ROW(".len()..key_text.len() - ")::text".len()];
+        let on_conflict = if set.is_empty() {
+            "DO NOTHING".to_string()
+        } else {
+            format!("DO UPDATE SET {}", set.join(", "))
+        };
+        target
+            .execute(
+                &format!(
+                    "INSERT INTO {table} ({list}) SELECT {list} FROM json_populate_recordset(NULL::{table}, $1::text::json) ON CONFLICT ({key_list}) {on_conflict}"
+                ),
+                &[&rows],
+            )
+            .await
+            .on(&self.servers, s.target, &what)?;
+        Ok(write.len() as u64)
+    }
+
+    /// Removes from a step's target the rows its source no longer has.
+    /// Returns how many.
+    async fn remove_gone(&self, s: &Step) -> Result<u64> {
+        let what = format!(
+            "removing rows of {} {} -> {} chunk {} that its source no longer has",
+            s.table, self.r.names[s.source], self.r.names[s.target], s.chunk
+        );
+        let Some(key_text) = self.key_text(s, &what).await? else {
+            return Ok(0);
+        };
+        let (now, copied) = self.row_hashes(s, &key_text, &what).await?;
+        let gone: Vec<&String> = copied.keys().filter(|k| !now.contains_key(*k)).collect();
+        if gone.is_empty() {
+            return Ok(0);
+        }
+        let target = self.servers.get(s.target).await?;
+        target
+            .execute(
+                &format!(
+                    "DELETE FROM {} WHERE {} AND {key_text} = ANY($1)",
+                    quote_table(&s.table),
+                    self.filter(s)
+                ),
+                &[&gone],
+            )
+            .await
+            .on(&self.servers, s.target, &what)
     }
 
     async fn delete_all(&mut self, steps: &mut [Step]) -> Result<()> {
@@ -1530,27 +1804,41 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Deletes a verified step's rows from its source, once: the receipt
-    /// is written in the same transaction.
+    /// Deletes a verified step's rows from its source, or stops the run
+    /// when they are no longer the rows verified.
     async fn delete_step(&mut self, s: &Step) -> Result<()> {
         let what = format!(
             "deleting moved rows of {} from {} (chunk {} -> {})",
             s.table, self.r.names[s.source], s.chunk, self.r.names[s.target]
         );
+        if let Some(now) = self.delete_rows(s, &what).await? {
+            bail!(
+                "{what}: the rows changed on the source after they were copied and verified ({now}). Were writes stopped? Nothing was deleted from this range; the copy on shard {} is the verified version. Stop the writes, then run again with --recopy-changed: the ranges that differ are copied again from their sources, verified, and the move goes on (or put those rows back as they were verified).",
+                self.r.names[s.target],
+            );
+        }
+        Ok(())
+    }
+
+    /// Deletes a verified step's rows from its source, once: the receipt
+    /// is written in the same transaction. When the source's rows are no
+    /// longer the verified ones, nothing is deleted and what they are now
+    /// is returned.
+    async fn delete_rows(&mut self, s: &Step, what: &str) -> Result<Option<String>> {
         let mut source = self.servers.get(s.source).await?;
         let tx = source
             .transaction()
             .await
-            .on(&self.servers, s.source, &what)?;
+            .on(&self.servers, s.source, what)?;
         let receipt = tx
             .query_opt(
                 &format!("SELECT rows FROM shardline.rebalance_deletes WHERE {STEP_KEY}"),
                 &self.key_params(s),
             )
             .await
-            .on(&self.servers, s.source, &what)?;
+            .on(&self.servers, s.source, what)?;
         if receipt.is_some() {
-            return Ok(());
+            return Ok(None);
         }
         let cols = &self.columns[&s.table];
         // Rows this transaction inserted, updated and deleted per table,
@@ -1566,7 +1854,7 @@ impl Run<'_> {
         let before = changes(
             tx.query(CHANGES, &[])
                 .await
-                .on(&self.servers, s.source, &what)?,
+                .on(&self.servers, s.source, what)?,
         );
         let gone = tx
             .query_one(
@@ -1574,17 +1862,17 @@ impl Run<'_> {
                 &[],
             )
             .await
-            .on(&self.servers, s.source, &what)?;
+            .on(&self.servers, s.source, what)?;
         let after = changes(
             tx.query(CHANGES, &[])
                 .await
-                .on(&self.servers, s.source, &what)?,
+                .on(&self.servers, s.source, what)?,
         );
         let (deleted, sum): (i64, String) = (gone.get(0), gone.get(1));
         let table_oid: Option<u32> = tx
             .query_one("SELECT to_regclass($1)::oid", &[&quote_table(&s.table)])
             .await
-            .on(&self.servers, s.source, &what)?
+            .on(&self.servers, s.source, what)?
             .get(0);
         let mut elsewhere = Vec::new();
         for (rel, now) in &after {
@@ -1595,7 +1883,7 @@ impl Run<'_> {
                 let name: String = tx
                     .query_one("SELECT $1::oid::regclass::text", &[rel])
                     .await
-                    .on(&self.servers, s.source, &what)?
+                    .on(&self.servers, s.source, what)?
                     .get(0);
                 elsewhere.push(format!(
                     "{name}: {} inserted, {upd} updated, {} deleted",
@@ -1605,7 +1893,7 @@ impl Run<'_> {
             }
         }
         if !elsewhere.is_empty() {
-            tx.rollback().await.on(&self.servers, s.source, &what)?;
+            tx.rollback().await.on(&self.servers, s.source, what)?;
             bail!(
                 "{what}: the delete changed rows that do not move ({}): a cascade, rule or trigger the checks did not catch. Nothing was deleted from this range. Remove what does it for the move, then run again.",
                 elsewhere.join("; ")
@@ -1613,12 +1901,11 @@ impl Run<'_> {
         }
         let expected = s.rows.unwrap_or(0);
         if deleted != expected || s.checksum.as_ref().is_some_and(|c| *c != sum) {
-            tx.rollback().await.on(&self.servers, s.source, &what)?;
-            bail!(
-                "{what}: the rows changed on the source after they were copied and verified ({deleted} rows, checksum {sum}; verified: {expected} rows, checksum {}). Were writes stopped? Nothing was deleted from this range; the copy on shard {} is the verified version. Stop the writes and put those rows back as they were (or move them by hand), then run again.",
-                s.checksum.as_deref().unwrap_or("?"),
-                self.r.names[s.target]
-            );
+            tx.rollback().await.on(&self.servers, s.source, what)?;
+            return Ok(Some(format!(
+                "{deleted} rows, checksum {sum}; verified: {expected} rows, checksum {}",
+                s.checksum.as_deref().unwrap_or("?")
+            )));
         }
         tx.execute(
             "INSERT INTO shardline.rebalance_deletes (run, table_name, source, target, chunk, rows) VALUES ($1, $2, $3, $4, $5, $6)",
@@ -1632,10 +1919,10 @@ impl Run<'_> {
             ],
         )
         .await
-        .on(&self.servers, s.source, &what)?;
-        tx.commit().await.on(&self.servers, s.source, &what)?;
+        .on(&self.servers, s.source, what)?;
+        tx.commit().await.on(&self.servers, s.source, what)?;
         self.deletes_done += 1;
         self.stop_point(&format!("delete:{}", self.deletes_done));
-        Ok(())
+        Ok(None)
     }
 }

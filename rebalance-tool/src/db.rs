@@ -351,6 +351,27 @@ pub async fn checksum(
     Ok((row.get(0), row.get(1)))
 }
 
+/// A table's primary key columns in key order (empty without one), and
+/// whether any foreign key references the table.
+pub async fn key_and_referenced(
+    client: &Object,
+    table: &str,
+) -> Result<(Vec<String>, bool), tokio_postgres::Error> {
+    let row = client
+        .query_one(
+            "SELECT coalesce((SELECT array_agg(a.attname::text ORDER BY k.n)
+                                FROM pg_index i
+                                CROSS JOIN unnest(i.indkey::int2[]) WITH ORDINALITY AS k(attnum, n)
+                                JOIN pg_attribute a ON a.attrelid = i.indrelid AND a.attnum = k.attnum
+                               WHERE i.indrelid = to_regclass($1) AND i.indisprimary), '{}'),
+                    EXISTS (SELECT 1 FROM pg_constraint
+                             WHERE contype = 'f' AND confrelid = to_regclass($1))",
+            &[&quote_table(table)],
+        )
+        .await?;
+    Ok((row.get(0), row.get(1)))
+}
+
 /// Foreign keys between the given tables on one server: `(child, parent)`
 /// as indexes into `tables`.
 pub async fn foreign_keys(

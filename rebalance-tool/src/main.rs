@@ -54,6 +54,11 @@ enum Command {
         /// Create tables missing on new shards from the default shard's definition.
         #[arg(long)]
         create_tables: bool,
+        /// When a copied range no longer matches its source (a write got
+        /// through after it was copied), copy the differing rows again from
+        /// the source, verify the range and go on, instead of stopping.
+        #[arg(long)]
+        recopy_changed: bool,
         /// Rows per resumable step (a chunk of the hash space), roughly.
         #[arg(long, default_value_t = 250_000)]
         chunk_rows: u64,
@@ -181,6 +186,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             to,
             writes_stopped,
             create_tables,
+            recopy_changed,
             chunk_rows,
             format,
             config_out,
@@ -191,6 +197,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let opts = ApplyOptions {
                 writes_stopped,
                 create_tables,
+                recopy_changed,
                 chunk_rows,
                 format,
                 config_out,

@@ -26,6 +26,9 @@ column = "id"
 name = "orders"
 column = "user_id"
 [[sharding.tables]]
+name = "events"
+column = "user_id"
+[[sharding.tables]]
 name = "accounts"
 column = "id"
 group = "by_uuid"
@@ -50,15 +53,17 @@ CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, balance numeric(1
     name_length int4 GENERATED ALWAYS AS (length(name)) STORED);
 CREATE TABLE orders (id bigint NOT NULL, user_id bigint NOT NULL REFERENCES users (id) ON DELETE CASCADE, amount numeric, note text, PRIMARY KEY (user_id, id));
 CREATE INDEX orders_note ON orders (note);
+CREATE TABLE events (user_id bigint NOT NULL, what text NOT NULL);
 CREATE TABLE accounts (id uuid PRIMARY KEY, owner text, data jsonb);
 CREATE TABLE tags (name text PRIMARY KEY, hits int4 NOT NULL DEFAULT 0);
 CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
 ";
 
 /// (table, key column, key type as the router reads it).
-const SHARDED: [(&str, &str); 4] = [
+const SHARDED: [(&str, &str); 5] = [
     ("users", "id"),
     ("orders", "user_id"),
+    ("events", "user_id"),
     ("accounts", "id"),
     ("tags", "name"),
 ];
@@ -67,6 +72,8 @@ const USERS: i64 = 50_000;
 const ORDERS: i64 = 50_000;
 const ACCOUNTS: i64 = 10_000;
 const TAGS: i64 = 10_000;
+/// Rows of `events`, a table without a primary key.
+const EVENTS: i64 = 5_000;
 
 fn user_id(i: i64) -> i64 {
     // Spread over the key space, negatives included.
@@ -167,6 +174,12 @@ async fn load(text: &str) {
             };
             format!("{i}\t{}\t{}.5\t{note}", user_id(i % USERS), i % 1000)
         }),
+    )
+    .await;
+    copy_rows(
+        &c,
+        "COPY events (user_id, what) FROM STDIN",
+        (0..EVENTS).map(|i| format!("{}\tevent {}", user_id(i % 1_000), i % 2)),
     )
     .await;
     copy_rows(
@@ -980,17 +993,20 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     assert_eq!(code, 1);
     assert!(err.contains("nothing to abort"), "{err}");
     // A copied row that differs from its source stops the run at
-    // verification, before anything is deleted.
+    // verification, before anything is deleted; --recopy-changed copies it
+    // again from the source, verifies and goes on.
     apply_killed_at("verify", &args);
     let id = env.sql_shard(2, "SELECT min(id) FROM users");
     env.sql_shard(
         2,
-        &format!("UPDATE users SET name = name || '!' WHERE id = {id}"),
+        &format!("UPDATE users SET balance = balance + 1 WHERE id = {id}"),
     );
     let (code, _, err) = tool(&args);
     assert_eq!(code, 1);
     assert!(
-        err.contains("verification failed for users") && err.contains("Nothing was deleted"),
+        err.contains("verification failed for users")
+            && err.contains("Nothing was deleted")
+            && err.contains("--recopy-changed"),
         "{err}"
     );
     assert_eq!(
@@ -998,49 +1014,77 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
         before,
         "nothing deleted after a failed verification"
     );
-    env.sql_shard(
-        2,
-        &format!("UPDATE users SET name = rtrim(name, '!') WHERE id = {id}"),
+    let recopy: Vec<&str> = args.iter().copied().chain(["--recopy-changed"]).collect();
+    apply_killed_at("delete:1", &recopy);
+    let balance = format!("SELECT balance FROM users WHERE id = {id}");
+    assert_eq!(
+        env.sql_shard(2, &balance),
+        env.sql_shard(user_owner(&two, &id), &balance),
+        "the copy is the source's row again"
     );
     // Once deletes have started, abort refuses: only apply finishes.
-    apply_killed_at("delete:1", &args);
     let (code, _, err) = tool(&["abort", "--from", path(&old_path), "--to", path(&three)]);
     assert_eq!(code, 1);
     assert!(err.contains("cannot be undone, only finished"), "{err}");
-    // A write to a verified range before its delete (writes were not
-    // stopped) is caught by the delete itself: nothing is deleted from that
-    // range until the rows are as verified again.
-    for s in [0, 1] {
-        env.sql_shard(s, "UPDATE users SET name = name || '!'");
+    // Writes to verified ranges before their delete (writes were not
+    // stopped): every user renamed, a moving user deleted with its orders
+    // (ON DELETE CASCADE), a new moving user with an order. The delete
+    // catches them and deletes nothing from those ranges ...
+    let three_text = env.shards_config(&[0, 1, 2], TABLES);
+    let moving = |shard: usize| {
+        keys_on(&env, shard, "users", "id")
+            .into_iter()
+            .find(|k| user_owner(&three_text, k) == 2)
+            .expect("a user moving to s2")
+    };
+    let deleted_user = moving(1);
+    let saved_user = env.sql_shard(
+        1,
+        &format!("SELECT format('(%s, %L, %L, %L)', id, name, balance, created) FROM users WHERE id = {deleted_user}"),
+    );
+    let mut saved_orders = std::collections::BTreeSet::new();
+    for s in [1, 2] {
+        let rows = env.sql_shard(
+            s,
+            &format!("SELECT format('(%s, %s, %L, %L)', id, user_id, amount, note) FROM orders WHERE user_id = {deleted_user}"),
+        );
+        saved_orders.extend(rows.lines().filter(|l| !l.is_empty()).map(String::from));
     }
+    assert!(!saved_orders.is_empty(), "the deleted user has orders");
+    let late_user = (9_000_000_000i64..)
+        .map(|k| k.to_string())
+        .find(|k| user_owner(&three_text, k) == 2)
+        .unwrap();
+    let late_home = user_owner(&two, &late_user);
+    for s in [0, 1] {
+        env.sql_shard(
+            s,
+            "UPDATE users SET name = name || '!'; UPDATE events SET what = what || '!'",
+        );
+    }
+    env.sql_shard(1, &format!("DELETE FROM users WHERE id = {deleted_user}"));
+    env.sql_shard(
+        late_home,
+        &format!(
+            "INSERT INTO users (id, name, balance) VALUES ({late_user}, 'late user!', 1); \
+             INSERT INTO orders (id, user_id, amount) VALUES (1, {late_user}, 2)"
+        ),
+    );
     let (code, _, err) = tool(&args);
     assert_eq!(code, 1);
     assert!(
-        err.contains("the rows changed on the source after they were copied and verified"),
+        err.contains("the rows changed on the source after they were copied and verified")
+            && err.contains("--recopy-changed"),
         "{err}"
     );
     let (code, _, err) = tool(&args);
     assert_eq!(code, 1, "still changed: {err}");
-    for s in [0, 1] {
-        env.sql_shard(s, "UPDATE users SET name = rtrim(name, '!')");
-    }
     // A foreign key from a reference table into a moving table (the
     // up-front checks look at sharded tables and tables outside the
     // config): the delete's own count catches the row its SET NULL changed
     // (before, only the rows the delete returned were counted, and a
     // reference row changed on one shard only).
-    let moving_user = {
-        let c = Config::from_toml(&env.shards_config(&[0, 1, 2], TABLES), "t.toml").unwrap();
-        let sharding = Sharding::from_config(&c);
-        let group = &sharding.groups[sharding.tables["users"].group];
-        keys_on(&env, 0, "users", "id")
-            .into_iter()
-            .find(|k| {
-                let key = group.key_from_text(k).expect("key parses");
-                sharding.shard_names[group.shard_of(Some(&key)).unwrap()] == "s2"
-            })
-            .expect("a user moving from s0")
-    };
+    let moving_user = moving(0);
     for s in [0, 1, 2] {
         env.sql_shard(s, "ALTER TABLE countries ADD COLUMN owner bigint");
     }
@@ -1051,7 +1095,21 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
              UPDATE countries SET owner = {moving_user} WHERE code = 'c001'"
         ),
     );
-    refused(&args, "countries: 0 inserted, 1 updated, 0 deleted");
+    // (--recopy-changed copies the changed ranges again first; the users
+    // delete then finds the reference row it would change.)
+    let (code, _, err) = tool(&recopy);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("countries: 0 inserted, 1 updated, 0 deleted"),
+        "{err}"
+    );
+    for table in ["users", "orders", "events"] {
+        assert!(
+            err.lines().any(|l| l.starts_with(&format!("{table} "))
+                && l.contains("had changed since it was copied")),
+            "{table} copied again: {err}"
+        );
+    }
     assert_eq!(
         env.sql_shard(0, "SELECT owner FROM countries WHERE code = 'c001'"),
         moving_user,
@@ -1060,10 +1118,68 @@ async fn bad_input_stops_with_a_clear_message_and_loses_nothing() {
     for s in [0, 1, 2] {
         env.sql_shard(s, "ALTER TABLE countries DROP COLUMN owner");
     }
-    let (code, out, err) = tool(&args);
+    // ... and --recopy-changed moves them as they are now.
+    let (code, out, err) = tool(&recopy);
     assert_eq!(code, 0, "{out}{err}");
+    assert_placed(&env, &[0, 1, 2], &three_text);
+    for s in [0, 1, 2] {
+        assert_eq!(
+            env.sql_shard(
+                s,
+                "SELECT (SELECT count(*) FROM users WHERE name NOT LIKE '%!') + (SELECT count(*) FROM events WHERE what NOT LIKE '%!')"
+            ),
+            "0",
+            "every rename moved (s{s})"
+        );
+        let expected = if s == 2 { "1 1" } else { "0 0" };
+        assert_eq!(
+            env.sql_shard(
+                s,
+                &format!(
+                    "SELECT (SELECT count(*) FROM users WHERE id = {late_user}) || ' ' || (SELECT count(*) FROM orders WHERE user_id = {late_user})"
+                )
+            ),
+            expected,
+            "the late user and order on s{s}"
+        );
+        assert_eq!(
+            env.sql_shard(
+                s,
+                &format!(
+                    "SELECT (SELECT count(*) FROM users WHERE id = {deleted_user}) + (SELECT count(*) FROM orders WHERE user_id = {deleted_user})"
+                )
+            ),
+            "0",
+            "the deleted user and its orders stay deleted (s{s})"
+        );
+    }
+    // Undo the writes: the content is then exactly what was loaded.
+    env.sql_shard(
+        2,
+        &format!(
+            "DELETE FROM users WHERE id = {late_user}; \
+             INSERT INTO users (id, name, balance, created) VALUES {saved_user}; \
+             INSERT INTO orders (id, user_id, amount, note) VALUES {}",
+            saved_orders.into_iter().collect::<Vec<_>>().join(", ")
+        ),
+    );
+    for s in [0, 1, 2] {
+        env.sql_shard(
+            s,
+            "UPDATE users SET name = rtrim(name, '!'); UPDATE events SET what = rtrim(what, '!')",
+        );
+    }
     assert_eq!(content(&env, &[0, 1, 2]), before);
-    assert_placed(&env, &[0, 1, 2], &env.shards_config(&[0, 1, 2], TABLES));
+    assert_placed(&env, &[0, 1, 2], &three_text);
+}
+
+/// The index (in `config`'s shards) of the shard `config` gives user `key`.
+fn user_owner(config: &str, key: &str) -> usize {
+    let c = Config::from_toml(config, "t.toml").unwrap();
+    let sharding = Sharding::from_config(&c);
+    let group = &sharding.groups[sharding.tables["users"].group];
+    let key = group.key_from_text(key).expect("key parses");
+    group.shard_of(Some(&key)).unwrap()
 }
 
 /// The placement SQL the tool runs on the servers gives, for every key, the
