@@ -56,6 +56,9 @@ fn load_config(path: &std::path::Path, named: bool) -> Result<Config> {
 }
 
 fn main() -> ExitCode {
+    // Read (or refused) before anything else, so that even `--version`
+    // says whether this build has the crash tests' stop points.
+    shardline::twophase::crash_hook();
     let cli = Cli::parse();
     if matches!(cli.command, Some(Cmd::Check { .. })) {
         // `shardline check | head`: a closed pipe ends the command quietly,

@@ -51,7 +51,7 @@ pub struct Coordinator {
     pub interval: Duration,
     /// Test hook: `SHARDLINE_2PC_STOP_AT=prepared|decided` stops a commit
     /// there (until the process is killed).
-    stop_at: Option<String>,
+    stop_at: Option<&'static str>,
     node_id: u64,
     counter: AtomicU64,
 }
@@ -67,6 +67,24 @@ pub fn coordinator_of(gid: &str) -> Option<&str> {
     rest.rsplit_once(':').map(|(name, _)| name)
 }
 
+/// The crash tests' stop point for two-phase commits, from
+/// `SHARDLINE_2PC_STOP_AT`. Only builds with the `crash-hooks` feature (the
+/// tests') read it; others say once that they ignore it.
+pub fn crash_hook() -> Option<&'static str> {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    POINT
+        .get_or_init(|| {
+            let point = std::env::var("SHARDLINE_2PC_STOP_AT").ok()?;
+            if cfg!(feature = "crash-hooks") {
+                Some(point)
+            } else {
+                eprintln!("shardline: SHARDLINE_2PC_STOP_AT is ignored: this build has no crash-test hooks (cargo feature crash-hooks)");
+                None
+            }
+        })
+        .as_deref()
+}
+
 impl Coordinator {
     pub fn new(
         databases: Vec<DatabaseTargets>,
@@ -79,7 +97,7 @@ impl Coordinator {
             topology,
             shard_names,
             interval,
-            stop_at: std::env::var("SHARDLINE_2PC_STOP_AT").ok(),
+            stop_at: crash_hook(),
             node_id: rand::random(),
             counter: AtomicU64::new(0),
         }
@@ -96,7 +114,7 @@ impl Coordinator {
 
     /// The test hook: waits forever at `point` when asked to.
     pub async fn maybe_stop(&self, point: &str, gid: &str) {
-        if self.stop_at.as_deref() == Some(point) {
+        if self.stop_at == Some(point) {
             eprintln!("shardline: two-phase commit of {gid} stopped at {point}");
             std::future::pending::<()>().await;
         }

@@ -142,6 +142,9 @@ fn compare(from: &Path, to: &Path) -> Result<(Rebalance, Config, String)> {
 }
 
 fn main() -> ExitCode {
+    // Read (or refused) before anything else, so that even `--version`
+    // says whether this build has the crash tests' stop points.
+    crash_hook();
     let cli = Cli::parse();
     let runtime = match tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
@@ -202,7 +205,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 format,
                 config_out,
                 new_text,
-                stop_at: std::env::var("SHARDLINE_REBALANCE_STOP_AT").ok(),
+                stop_at: crash_hook(),
             };
             let s = apply::apply(&r, &login.resolve(&old)?, &opts).await?;
             let rows = s.rows() as i64;
@@ -243,12 +246,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Abort { from, to, login } => {
             let (r, old, _) = compare(&from, &to)?;
-            let removed = apply::abort(
-                &r,
-                &login.resolve(&old)?,
-                std::env::var("SHARDLINE_REBALANCE_STOP_AT").ok(),
-            )
-            .await?;
+            let removed = apply::abort(&r, &login.resolve(&old)?, crash_hook()).await?;
             println!(
                 "Aborted rebalance {}: removed {} copied rows from their new shards. Every row is where {} places it.",
                 r.run,
@@ -276,4 +274,22 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             })
         }
     }
+}
+
+/// The crash tests' stop point (`SHARDLINE_REBALANCE_STOP_AT`). Only builds
+/// with the `crash-hooks` feature (the tests') read it; others say once that
+/// they ignore it.
+fn crash_hook() -> Option<String> {
+    static POINT: std::sync::OnceLock<Option<String>> = std::sync::OnceLock::new();
+    POINT
+        .get_or_init(|| {
+            let point = std::env::var("SHARDLINE_REBALANCE_STOP_AT").ok()?;
+            if cfg!(feature = "crash-hooks") {
+                Some(point)
+            } else {
+                eprintln!("shardline-rebalance: SHARDLINE_REBALANCE_STOP_AT is ignored: this build has no crash-test hooks (cargo feature crash-hooks)");
+                None
+            }
+        })
+        .clone()
 }

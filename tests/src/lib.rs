@@ -617,20 +617,41 @@ fn workspace_binary(name: &str, package: &str, sources: &[&str]) -> Result<std::
         .flat_map(|d| walk(&root.join(d)))
         .filter_map(|p| std::fs::metadata(p).and_then(|m| m.modified()).ok())
         .max();
-    if built.is_some() && built >= newest_source {
+    // A debug binary must carry the crash tests' stop points: one built by
+    // a plain `cargo build` says it ignores them, and is built again here.
+    let debug = profile_dir.file_name().is_some_and(|n| n != "release");
+    let without_hooks = || {
+        std::process::Command::new(&bin)
+            .arg("--version")
+            .env(hook_variable(name), "probe")
+            .output()
+            .is_ok_and(|o| String::from_utf8_lossy(&o.stderr).contains("is ignored"))
+    };
+    if built.is_some() && built >= newest_source && !(debug && without_hooks()) {
         return Ok(bin);
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
     cmd.args(["build", "-q", "-p", package, "--bin", name])
         .current_dir(&root);
-    if profile_dir.file_name().is_some_and(|n| n == "release") {
+    if debug {
+        cmd.args(["--features", "crash-hooks"]);
+    } else {
         cmd.arg("--release");
     }
     let (ok, out) = run(&mut cmd);
     anyhow::ensure!(ok, "building {name} failed:\n{out}");
     anyhow::ensure!(bin.exists(), "{} missing after build", bin.display());
     Ok(bin)
+}
+
+/// The environment variable of a binary's crash-test stop points.
+fn hook_variable(binary: &str) -> &'static str {
+    if binary == "shardline-rebalance" {
+        "SHARDLINE_REBALANCE_STOP_AT"
+    } else {
+        "SHARDLINE_2PC_STOP_AT"
+    }
 }
 
 fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
