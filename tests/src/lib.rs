@@ -251,6 +251,16 @@ impl Env {
             .expect("direct SQL on the primary")
     }
 
+    /// Waits until `sql` on node `index` (cluster order) answers `expected`.
+    pub async fn wait_sql_on(&self, index: usize, sql: &str, expected: &str) {
+        wait_answer(sql, expected, || self.sql_on(index, sql)).await
+    }
+
+    /// Waits until `sql` on the first primary answers `expected`.
+    pub async fn wait_sql(&self, sql: &str, expected: &str) {
+        wait_answer(sql, expected, || self.sql(sql)).await
+    }
+
     pub fn conn_string(&self, user: &str, password: &str) -> String {
         format!(
             "host=127.0.0.1 port={} user={user} password={password} dbname=app connect_timeout=10",
@@ -558,6 +568,41 @@ impl<'a> tokio_postgres::types::FromSql<'a> for RawValue {
     }
     fn accepts(_: &tokio_postgres::types::Type) -> bool {
         true
+    }
+}
+
+/// Waits for something the test cannot be told about (a backend gone, a
+/// setting reloaded, a query running): polls `check` every 20 ms and panics
+/// naming `what` when it does not hold within 30 s. Tests wait for the
+/// condition itself, never for a fixed time.
+pub async fn wait_for<F, Fut>(what: &str, mut check: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let started = std::time::Instant::now();
+    while !check().await {
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "waited 30 s for {what}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// [`wait_for`] an SQL answer; the panic names the last one.
+async fn wait_answer(sql: &str, expected: &str, mut ask: impl FnMut() -> String) {
+    let started = std::time::Instant::now();
+    loop {
+        let last = ask();
+        if last == expected {
+            return;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "waited 30 s for {sql:?} to answer {expected:?}; it answers {last:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
 

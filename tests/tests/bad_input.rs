@@ -198,7 +198,11 @@ async fn server_dying_mid_query() {
         let r = c.simple_query("SELECT pg_sleep(20)").await;
         (c, r)
     });
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    env.wait_sql(
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid} AND query = 'SELECT pg_sleep(20)' AND state = 'active'"),
+        "1",
+    )
+    .await;
     env.sql(&format!("SELECT pg_terminate_backend({pid})"));
     let (c, r) = tokio::time::timeout(Duration::from_secs(10), q)
         .await
@@ -230,7 +234,11 @@ async fn server_dying_mid_query() {
         .unwrap()
         .get(0);
     env.sql(&format!("SELECT pg_terminate_backend({pid})"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.wait_sql(
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+        "0",
+    )
+    .await;
     assert!(tx.query_one("SELECT 1", &[]).await.is_err());
     drop(tx);
     assert!(c.is_closed() || c.query_one("SELECT 1", &[]).await.is_err());

@@ -468,7 +468,11 @@ async fn a_server_ended_between_answers_leaves_the_client_connected() {
     }
     let ended = env.sql(&format!("SELECT pg_terminate_backend({pid})"));
     assert!(ended.contains('t'), "{ended}");
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.wait_sql(
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+        "0",
+    )
+    .await;
     c.send(&sync()).await.unwrap();
     let msgs = c.until_ready().await.unwrap();
     for (tag, body) in &msgs {

@@ -125,8 +125,19 @@ async fn a_client_streaming_while_its_session_waits_is_slowed_not_buffered() {
     ));
     let (proxy, c) = ProxyProcess::start(&config, &[]).await;
     c.batch_execute("CREATE TABLE held (n int)").await.unwrap();
-    // The replica's first health check.
-    tokio::time::sleep(Duration::from_millis(1500)).await;
+    // The replica's first health check puts it in rotation.
+    shardline_tests::wait_for("the replica to serve reads", || {
+        let c = &c;
+        async move {
+            c.query_one(
+                "/* shardline: role=replica */ SELECT pg_is_in_recovery()",
+                &[],
+            )
+            .await
+            .is_ok_and(|r| r.get::<_, bool>(0))
+        }
+    })
+    .await;
     let pid = proxy.pid();
     let (_, before) = memory_kib(pid);
     let mut raw = RawClient::login(proxy.port).await.unwrap();

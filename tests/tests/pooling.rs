@@ -71,9 +71,12 @@ async fn client_leaving_mid_transaction_leaves_nothing_dirty() {
         drop(c); // disconnect without COMMIT
     }
     // The half-done transactions were rolled back, not handed to someone else.
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    shardline_tests::wait_for("the abandoned transactions to end", || {
+        let done = env.server_backends(Some("idle in transaction")) == 0;
+        async move { done }
+    })
+    .await;
     assert_eq!(env.sql("SELECT count(*) FROM t"), "0");
-    assert_eq!(env.server_backends(Some("idle in transaction")), 0);
     let c = env.connect_as("tinypool", "tiny-pw").await.unwrap();
     for i in 0..4 {
         let r = c.query_one("SELECT count(*) FROM t", &[]).await.unwrap();
@@ -91,9 +94,19 @@ async fn client_leaving_mid_transaction_leaves_nothing_dirty() {
         c.simple_query("SELECT pg_sleep(0.5), g FROM generate_series(1, 3) g")
             .await
     });
-    tokio::time::sleep(Duration::from_millis(100)).await;
+    // (on whichever node serves the read)
+    let running = |n: usize| {
+        let on = |i| {
+            env.sql_on(i, "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_sleep(0.5)%' AND state = 'active'")
+        };
+        let count: usize = (0..env.backend.nodes().len())
+            .map(|i| on(i).parse::<usize>().unwrap())
+            .sum();
+        async move { count == n }
+    };
+    shardline_tests::wait_for("the query to run", || running(1)).await;
     q.abort();
-    tokio::time::sleep(Duration::from_millis(800)).await;
+    shardline_tests::wait_for("the query to end", || running(0)).await;
     let c = env.connect_as("tinypool", "tiny-pw").await.unwrap();
     for _ in 0..4 {
         assert_eq!(
@@ -118,9 +131,12 @@ async fn idle_timeout_and_max_lifetime() {
         .unwrap()
         .get(0);
     assert_eq!(env.server_backends(None), 1);
-    tokio::time::sleep(Duration::from_millis(2500)).await;
-    // The reaper closed the idle connection.
-    assert_eq!(env.server_backends(None), 0, "idle connection closed");
+    // The reaper closes the idle connection.
+    shardline_tests::wait_for("the idle connection to be closed", || {
+        let done = env.server_backends(None) == 0;
+        async move { done }
+    })
+    .await;
     // Lifetime: keep a connection busy; it is replaced once older than 2s.
     let mut pids = std::collections::HashSet::new();
     let started = Instant::now();
@@ -157,7 +173,11 @@ async fn dead_idle_connection_is_not_handed_out() {
         .get(0);
     // Kill the pooled (idle) server connection behind the proxy's back.
     env.sql(&format!("SELECT pg_terminate_backend({pid})"));
-    tokio::time::sleep(Duration::from_millis(200)).await;
+    env.wait_sql(
+        &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
+        "0",
+    )
+    .await;
     let p2: i32 = c
         .query_one("SELECT pg_backend_pid()", &[])
         .await
@@ -223,7 +243,11 @@ async fn session_state_stays_with_its_client() {
         assert_eq!(others_see(&b).await, (false, false, false), "round {round}");
     }
     drop(a);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.wait_sql(
+        "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory'",
+        "0",
+    )
+    .await;
     // Reset before anyone else got the connection: lock free, nothing left.
     for _ in 0..4 {
         let c = env.connect_as("tinypool", "tiny-pw").await.unwrap();

@@ -405,7 +405,11 @@ async fn session_pooling_keeps_one_connection() {
         assert_eq!(p, pid);
     }
     drop(s);
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    env.wait_sql(
+        "SELECT count(*) FROM pg_class WHERE relname = 'tmp' AND relpersistence = 't'",
+        "0",
+    )
+    .await;
     // The next session gets a reset connection: no temp table left behind.
     let s2 = env.connect_as("sessionuser", "session-pw").await.unwrap();
     let n: i64 = s2

@@ -1547,8 +1547,8 @@ async fn the_tools_sessions_commit_synchronously_and_time_out_on_locks() {
         0,
         "ALTER SYSTEM SET synchronous_commit = off; ALTER SYSTEM SET lock_timeout = 0; SELECT pg_reload_conf()",
     );
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    assert_eq!(env.sql_shard(0, "SHOW synchronous_commit"), "off");
+    env.wait_sql_on(env.shard_primary(0), "SHOW synchronous_commit", "off")
+        .await;
     let node = shardline_config::Node {
         host: "127.0.0.1".into(),
         port: env.node_port(0),

@@ -335,7 +335,8 @@ async fn lagging_replica_leaves_rotation_and_comes_back() {
     stop.store(true, std::sync::atomic::Ordering::Relaxed);
     w.await.unwrap();
 
-    // Idle primary, caught-up replicas: no lag, however old the last commit.
+    // Idle primary, caught-up replicas: no lag, however old the last commit
+    // (a time in the scenario, not a wait for a condition).
     tokio::time::sleep(Duration::from_millis(1500)).await;
     for n in &shard.nodes[1..] {
         assert_eq!(n.lag(), (0, Duration::ZERO), "{}", n.address);
@@ -360,6 +361,8 @@ async fn delayed_replicas(toml: &str, delay: &str) -> Env {
                 "ALTER SYSTEM SET recovery_min_apply_delay = '{delay}'; SELECT pg_reload_conf();"
             ),
         );
+        env.wait_sql_on(r, "SHOW recovery_min_apply_delay", delay)
+            .await;
     }
     env
 }
@@ -374,7 +377,6 @@ async fn read_after_write(mode: &str) -> (usize, usize) {
     );
     let env = delayed_replicas(&toml, "2s").await;
     let c = env.connect().await;
-    tokio::time::sleep(Duration::from_millis(300)).await;
     let (mut fresh, mut stale) = (0, 0);
     for k in 0..10 {
         c.execute("INSERT INTO kv VALUES ($1, $1)", &[&k])
@@ -479,17 +481,19 @@ async fn write_behind_a_read_whose_replica_fails() {
     let read = message(b'Q', b"SELECT inet_server_port() FROM pg_sleep(0.8)\0");
     let write = message(b'Q', b"INSERT INTO p VALUES (inet_server_port())\0");
     c.send(&[read, write].concat()).await.unwrap();
-    tokio::time::sleep(Duration::from_millis(300)).await;
     // Kill (SIGKILL) the replica running the read: its socket just closes.
-    for r in env.replicas() {
-        let running = env.sql_on(
-            r,
-            "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(0.8)%' AND pid <> pg_backend_pid()",
-        );
-        if running == "1" {
-            env.signal_node(r, libc::SIGKILL);
-        }
-    }
+    let running = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(0.8)%' AND pid <> pg_backend_pid()";
+    let mut reader = None;
+    shardline_tests::wait_for("the read to run on a replica", || {
+        reader = env
+            .replicas()
+            .into_iter()
+            .find(|&r| env.sql_on(r, running) == "1");
+        let found = reader.is_some();
+        async move { found }
+    })
+    .await;
+    env.signal_node(reader.unwrap(), libc::SIGKILL);
     // Postgres sends the RowDescription before it sleeps: an answer reached
     // the client, so the read is not re-run; it fails with the server's error.
     let first = c.until_ready().await.unwrap();

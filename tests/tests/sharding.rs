@@ -838,9 +838,10 @@ async fn reads_after_multi_shard_writes_see_them() {
                 i,
                 "ALTER SYSTEM SET recovery_min_apply_delay = '2s'; SELECT pg_reload_conf();",
             );
+            env.wait_sql_on(i, "SHOW recovery_min_apply_delay", "2s")
+                .await;
         }
     }
-    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
     let c = env.connect().await;
     let values: Vec<String> = (0..20).map(|k| format!("({k}, 'split')")).collect();
     c.batch_execute(&format!(

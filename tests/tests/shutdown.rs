@@ -30,6 +30,32 @@ async fn sigterm_lets_open_transactions_finish() {
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();
+    // Its log, line by line, for the waits below.
+    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
+    let stderr = child.stderr.take().unwrap();
+    let sink = log.clone();
+    std::thread::spawn(move || {
+        use std::io::BufRead as _;
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            eprintln!("{line}");
+            let mut log = sink.lock().unwrap();
+            log.push_str(&line);
+            log.push('\n');
+        }
+    });
+    let logged = |what: &'static str| {
+        let log = log.clone();
+        async move {
+            shardline_tests::wait_for(what, || {
+                let found = log.lock().unwrap().contains(what);
+                async move { found }
+            })
+            .await
+        }
+    };
     let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
     let mut client = None;
     for _ in 0..100 {
@@ -53,7 +79,7 @@ async fn sigterm_lets_open_transactions_finish() {
         .status()
         .unwrap()
         .success());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    logged("SIGHUP received and ignored").await;
     assert!(
         child.try_wait().unwrap().is_none(),
         "SIGHUP ended the proxy"
@@ -68,7 +94,12 @@ async fn sigterm_lets_open_transactions_finish() {
         .status()
         .unwrap()
         .success());
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    logged("shutting down").await;
+    shardline_tests::wait_for("the idle client to be closed", || {
+        let closed = idle.is_closed();
+        async move { closed }
+    })
+    .await;
 
     // No new clients.
     assert!(tokio_postgres::connect(&conn, tokio_postgres::NoTls)
