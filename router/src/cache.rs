@@ -174,7 +174,7 @@ impl Uncached {
 pub fn shape(sql: &str, out: &mut String) {
     out.clear();
     let mut copied = 0;
-    scan_constants(sql, |start, end| {
+    crate::lexer::scan_constants(sql, |start, end| {
         out.push_str(&sql[copied..start]);
         out.push_str(if sql.as_bytes()[start].is_ascii_digit() {
             "0"
@@ -184,43 +184,6 @@ pub fn shape(sql: &str, out: &mut String) {
         copied = end;
     });
     out.push_str(&sql[copied..]);
-}
-
-/// Calls `f(start, end)` for each constant of `sql` (number, string, dollar
-/// string), in order. The one scanner behind `shape` and the sharding key's
-/// constant ordinals, so both count constants alike.
-pub fn scan_constants(sql: &str, mut f: impl FnMut(usize, usize)) {
-    let b = sql.as_bytes();
-    let mut i = 0;
-    while i < b.len() {
-        let c = b[i];
-        let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_' || x == b'$' || x >= 0x80;
-        let (end, placeholder) = match c {
-            b'\'' => (crate::lexer::skip_token(b, i), Some("''")),
-            b'$' => match crate::lexer::skip_token(b, i) {
-                j if j > i + 1 => (j, Some("''")),
-                _ => (i + 1, None),
-            },
-            b'0'..=b'9' if i == 0 || !word(b[i - 1]) => {
-                // A number: digits, '.', exponent (with sign), hex/underscores.
-                let mut j = i + 1;
-                while j < b.len()
-                    && (word(b[j])
-                        || b[j] == b'.'
-                        || ((b[j] == b'+' || b[j] == b'-') && matches!(b[j - 1], b'e' | b'E')))
-                {
-                    j += 1;
-                }
-                (j, Some("0"))
-            }
-            b'"' | b'-' | b'/' => (crate::lexer::skip_token(b, i), None),
-            _ => (i + 1, None),
-        };
-        if placeholder.is_some() {
-            f(i, end);
-        }
-        i = end;
-    }
 }
 
 /// Classifies (and, with `sharding`, analyses) without the cache: one parse.

@@ -106,6 +106,43 @@ fn skip_dollar(b: &[u8], i: usize) -> usize {
         .map_or(b.len(), |p| body + p + tag.len())
 }
 
+/// Calls `f(start, end)` for each constant of `sql` (number, string, dollar
+/// string), in order. The one scanner behind `shape` and the sharding key's
+/// constant ordinals, so both count constants alike.
+pub fn scan_constants(sql: &str, mut f: impl FnMut(usize, usize)) {
+    let b = sql.as_bytes();
+    let mut i = 0;
+    while i < b.len() {
+        let c = b[i];
+        let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_' || x == b'$' || x >= 0x80;
+        let (end, placeholder) = match c {
+            b'\'' => (skip_token(b, i), Some("''")),
+            b'$' => match skip_token(b, i) {
+                j if j > i + 1 => (j, Some("''")),
+                _ => (i + 1, None),
+            },
+            b'0'..=b'9' if i == 0 || !word(b[i - 1]) => {
+                // A number: digits, '.', exponent (with sign), hex/underscores.
+                let mut j = i + 1;
+                while j < b.len()
+                    && (word(b[j])
+                        || b[j] == b'.'
+                        || ((b[j] == b'+' || b[j] == b'-') && matches!(b[j - 1], b'e' | b'E')))
+                {
+                    j += 1;
+                }
+                (j, Some("0"))
+            }
+            b'"' | b'-' | b'/' => (skip_token(b, i), None),
+            _ => (i + 1, None),
+        };
+        if placeholder.is_some() {
+            f(i, end);
+        }
+        i = end;
+    }
+}
+
 /// A token: a word, a quoted identifier/string, or one punctuation byte.
 #[derive(Debug, Clone, Copy)]
 pub struct Token<'a> {

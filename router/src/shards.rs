@@ -254,7 +254,7 @@ impl Constants {
             lines.push(Line::Ascii { start, end: start });
         }
         let mut starts = Vec::new();
-        crate::cache::scan_constants(sql, |s, _| starts.push(s));
+        crate::lexer::scan_constants(sql, |s, _| starts.push(s));
         Constants {
             lines,
             starts,
@@ -2070,7 +2070,7 @@ impl<'a, 'b> Values<'a, 'b> {
     fn constant(&self, n: usize) -> Option<String> {
         let spans = self.spans.get_or_init(|| {
             let mut v = Vec::new();
-            crate::cache::scan_constants(self.input.sql, |s, e| v.push((s, e)));
+            crate::lexer::scan_constants(self.input.sql, |s, e| v.push((s, e)));
             v
         });
         let (s, e) = *spans.get(n)?;

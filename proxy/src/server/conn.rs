@@ -216,6 +216,35 @@ impl ServerConnection {
         Ok(())
     }
 
+    /// The server's next whole message as it came (tag, length, body),
+    /// noting the transaction status a ReadyForQuery carries. Messages
+    /// already buffered are returned without awaiting anything but a unit
+    /// of the task's budget (which yields to the runtime when spent): a
+    /// merge reading millions of rows would otherwise keep the worker
+    /// thread from every other client.
+    pub async fn raw_message(&mut self) -> Result<BytesMut, String> {
+        tokio::task::consume_budget().await;
+        loop {
+            if let Ok(Some((_, len))) = crate::protocol::peek_header(&self.read_buf, usize::MAX) {
+                if self.read_buf.len() >= len {
+                    let msg = self.read_buf.split_to(len);
+                    if msg[0] == crate::protocol::backend::READY_FOR_QUERY {
+                        self.tx_status = msg.get(5).copied().unwrap_or(b'E');
+                    }
+                    return Ok(msg);
+                }
+            }
+            let n = self
+                .stream
+                .read_buf(&mut self.read_buf)
+                .await
+                .map_err(|e| format!("server {}: {e}", self.addr))?;
+            if n == 0 {
+                return Err(format!("server {} closed the connection", self.addr));
+            }
+        }
+    }
+
     async fn read_message(&mut self) -> Result<Message, ServerError> {
         loop {
             match Message::parse(&mut self.read_buf) {

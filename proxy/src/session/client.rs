@@ -3,7 +3,7 @@
 
 use super::pending::{Answer, Kind, Pending, Synthetic};
 use super::sql::{self, Effect};
-use super::{End, Session};
+use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::protocol::frontend::{self, Malformed};
 use crate::protocol::{next_frame, peek_header, Frame};
@@ -26,9 +26,8 @@ impl From<Malformed> for End {
 pub(super) enum Flow {
     /// Every complete message was handled.
     Done,
-    /// COMMIT (true) or ROLLBACK of a transaction on several shards, as a
-    /// simple query (true) or an extended-protocol unit.
-    EndDistributed(bool, bool),
+    /// COMMIT or ROLLBACK of a transaction on several shards.
+    EndDistributed(TxnEnd),
     /// The next message needs a server connection and none is attached.
     NeedServer,
     /// The next unit needs several shards, inside the open transaction
@@ -38,21 +37,6 @@ pub(super) enum Flow {
     /// server is (a write behind a read on a replica): wait for that server
     /// to finish, then route it.
     Wait,
-}
-
-/// Whether a unit may run on the attached server.
-pub(super) enum Fit {
-    Yes,
-    /// The transaction moves to another shard: a connection there joins it.
-    Join,
-    /// Its Sync has not arrived: wait for more of it.
-    NotYet,
-    /// Not on this server: route it once the server is released.
-    Wait,
-    /// Refused (inside a transaction on another shard); answered.
-    Refused,
-    /// Needs several shards: run on the transaction's connections there.
-    Fanout,
 }
 
 /// Messages that must reach a server (when not answered by the proxy).
@@ -82,18 +66,14 @@ impl Session {
                 Ok(Some((tag, _))) if needs_server(tag) && !self.skip_until_sync => {
                     if !self.participants.is_empty() && !self.unit_open {
                         match self.distributed_next()? {
-                            super::distributed::Next::End(..) if !self.pending.is_empty() => {
-                                return Ok(Flow::Wait)
-                            }
-                            super::distributed::Next::End(commit, simple) => {
-                                return Ok(Flow::EndDistributed(commit, simple))
-                            }
-                            super::distributed::Next::Refuse(e) => {
+                            Next::End(..) if !self.pending.is_empty() => return Ok(Flow::Wait),
+                            Next::End(end) => return Ok(Flow::EndDistributed(end)),
+                            Next::Refuse(e) => {
                                 self.txn_refused = true;
                                 self.fail_next_message(e)?;
                                 continue;
                             }
-                            super::distributed::Next::Other => {}
+                            Next::Other => {}
                         }
                     }
                     if self.server.is_none() {

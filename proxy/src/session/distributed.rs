@@ -13,9 +13,8 @@
 //! into the transaction afterwards (`keep_in_transaction`). Savepoints stay
 //! refused inside such a transaction.
 
-use super::client::Fit;
 use super::fanout::Leg;
-use super::{End, Session};
+use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{complete_frames, frontend, next_frame};
 use crate::server::pool::PooledConnection;
@@ -30,15 +29,6 @@ pub(super) struct Participant {
     pub shard: usize,
     pub node: usize,
     pub conn: PooledConnection,
-}
-
-/// What the front message means for a transaction on several shards.
-pub(super) enum Next {
-    /// A lone COMMIT (true) or ROLLBACK (false), as a simple query (true)
-    /// or executed in an extended-protocol unit.
-    End(bool, bool),
-    Refuse(PgError),
-    Other,
 }
 
 /// A server's SQLSTATE as the proxy's errors carry it (interned: the set of
@@ -104,7 +94,10 @@ impl Session {
             let text = frontend::query(body)?;
             let sql = String::from_utf8_lossy(text);
             if let Some(tag) = shardline_router::lone_transaction_end(&sql) {
-                return Ok(Next::End(tag == "COMMIT", true));
+                return Ok(Next::End(TxnEnd {
+                    commit: tag == "COMMIT",
+                    simple: true,
+                }));
             }
             if self.route_text(text).class == Class::TransactionControl {
                 return Ok(refuse());
@@ -117,7 +110,10 @@ impl Session {
             .map(|q| shardline_router::lone_transaction_end(&String::from_utf8_lossy(q)))
             .collect();
         if let [Some(tag)] = ends.as_slice() {
-            return Ok(Next::End(*tag == "COMMIT", false));
+            return Ok(Next::End(TxnEnd {
+                commit: *tag == "COMMIT",
+                simple: false,
+            }));
         }
         let control = executed
             .iter()
@@ -341,7 +337,8 @@ impl Session {
     }
 
     /// COMMIT or ROLLBACK of a transaction that used several shards.
-    pub(super) async fn end_distributed(&mut self, commit: bool, simple: bool) -> Result<(), End> {
+    pub(super) async fn end_distributed(&mut self, end: TxnEnd) -> Result<(), End> {
+        let TxnEnd { commit, simple } = end;
         // The unit's messages: the one query, or everything up to Sync.
         let mut frames = Vec::new();
         while let Some(f) = next_frame(&mut self.client_in, usize::MAX)

@@ -14,7 +14,7 @@
 use super::route::Planned;
 use super::{End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
-use crate::protocol::{frontend, next_frame, peek_header};
+use crate::protocol::{frontend, next_frame};
 use crate::server::pool::PooledConnection;
 use bytes::{Bytes, BytesMut};
 use shardline_router::sharding::shards_in;
@@ -133,7 +133,7 @@ impl Leg {
     /// The next message from this shard that the merge should see.
     pub(super) async fn next(&mut self) -> Result<BytesMut, String> {
         loop {
-            let msg = read_message(&mut self.conn).await?;
+            let msg = self.conn.raw_message().await?;
             let tag = msg[0];
             match self.skip.front().copied() {
                 None => return Ok(msg),
@@ -155,33 +155,6 @@ impl Leg {
     }
 }
 
-pub(super) async fn read_message(conn: &mut PooledConnection) -> Result<BytesMut, String> {
-    // Messages already buffered are returned without awaiting anything:
-    // a merge reading millions of rows would otherwise keep the worker
-    // thread from every other client. Each message takes a unit of the
-    // task's budget, which yields to the runtime when spent.
-    tokio::task::consume_budget().await;
-    loop {
-        if let Ok(Some((_, len))) = peek_header(&conn.read_buf, usize::MAX) {
-            if conn.read_buf.len() >= len {
-                let msg = conn.read_buf.split_to(len);
-                if msg[0] == backend::READY_FOR_QUERY {
-                    conn.tx_status = msg.get(5).copied().unwrap_or(b'E');
-                }
-                return Ok(msg);
-            }
-        }
-        let conn: &mut crate::server::ServerConnection = conn;
-        let n = conn
-            .stream
-            .read_buf(&mut conn.read_buf)
-            .await
-            .map_err(|e| format!("server {}: {e}", conn.addr))?;
-        if n == 0 {
-            return Err(format!("server {} closed the connection", conn.addr));
-        }
-    }
-}
 
 /// Reads every leg to its ReadyForQuery (after a unit's last answer, or
 /// after an error, when the shards skip to it).

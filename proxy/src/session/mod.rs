@@ -87,6 +87,38 @@ const UNIT_HOLD: usize = 1024 * 1024;
 /// being gathered can always reach the point where it is acted on.
 const CLIENT_IN_LIMIT: usize = 2 * UNIT_HOLD;
 
+/// Whether a unit may run on the attached server.
+pub(super) enum Fit {
+    Yes,
+    /// The transaction moves to another shard: a connection there joins it.
+    Join,
+    /// Its Sync has not arrived: wait for more of it.
+    NotYet,
+    /// Not on this server: route it once the server is released.
+    Wait,
+    /// Refused (inside a transaction on another shard); answered.
+    Refused,
+    /// Needs several shards: run on the transaction's connections there.
+    Fanout,
+}
+
+/// What the front message means for a transaction on several shards.
+pub(super) enum Next {
+    /// A lone COMMIT or ROLLBACK.
+    End(TxnEnd),
+    Refuse(PgError),
+    Other,
+}
+
+/// How the client ends a transaction on several shards.
+#[derive(Debug, Clone, Copy)]
+pub(super) struct TxnEnd {
+    /// COMMIT (else ROLLBACK).
+    pub commit: bool,
+    /// Sent as a simple query (else executed in an extended-protocol unit).
+    pub simple: bool,
+}
+
 /// Why a session ended.
 #[derive(Debug)]
 pub enum End {
@@ -332,9 +364,7 @@ impl Session {
                     self.waiting = true;
                     break;
                 }
-                client::Flow::EndDistributed(commit, simple) => {
-                    self.end_distributed(commit, simple).await?
-                }
+                client::Flow::EndDistributed(end) => self.end_distributed(end).await?,
                 client::Flow::Fanout => {
                     let planned = self.plan_unit();
                     self.run_fanout(planned, true).await?

@@ -784,7 +784,7 @@ impl Session {
                 }
                 self.server_out.clear();
             }
-            let Ok(msg) = super::fanout::read_message(conn).await else {
+            let Ok(msg) = conn.raw_message().await else {
                 return;
             };
             if self.on_server_message(msg[0], &msg).is_err() {
