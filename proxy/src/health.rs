@@ -9,11 +9,10 @@
 //! long the primary has been idle.
 
 use crate::protocol::backend::{sqlstate, PgError};
-use crate::server::{ServerConnection, ServerTarget};
+use crate::server::conn::{Connections, Listed};
+use crate::server::conn::{ServerConnection, ServerTarget};
 use shardline_config::HealthConfig;
 use shardline_router::balance::{self, Candidate, Strategy};
-use std::collections::HashMap;
-use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
@@ -46,8 +45,7 @@ pub struct NodeHealth {
     lag_bytes: AtomicU64,
     lag_ms: AtomicU64,
     last_error: Mutex<String>,
-    conns: Mutex<HashMap<u64, RawFd>>,
-    next_conn: AtomicU64,
+    conns: Arc<Connections>,
     /// Woken when a failed check cuts the node's connections: connections
     /// still being opened give up too.
     failed: tokio::sync::Notify,
@@ -66,9 +64,8 @@ impl NodeHealth {
             lag_bytes: AtomicU64::new(0),
             lag_ms: AtomicU64::new(0),
             last_error: Mutex::new(String::new()),
-            conns: Mutex::new(HashMap::new()),
+            conns: Arc::default(),
             failed: tokio::sync::Notify::new(),
-            next_conn: AtomicU64::new(1),
         }
     }
 
@@ -130,51 +127,16 @@ impl NodeHealth {
     }
 
     /// Lists a server connection so it can be cut if the node fails.
-    pub fn list(self: &Arc<Self>, conn: &ServerConnection) -> Listed {
-        let id = self.next_conn.fetch_add(1, Relaxed);
-        let fd = conn.stream.tcp().as_raw_fd();
-        if let Ok(mut m) = self.conns.lock() {
-            m.insert(id, fd);
-        }
-        Listed {
-            node: self.clone(),
-            id,
-        }
+    pub fn list(&self, conn: &ServerConnection) -> Listed {
+        self.conns.list(conn)
     }
 
     /// Shuts down every connection to this node, so sessions waiting on a
     /// node that stopped answering fail (and retry elsewhere) at once.
-    /// Shuts down every listed connection and forgets them (a shut-down
-    /// socket stays shut: the next failed check cuts, and counts, only
-    /// connections opened since). Returns how many it cut.
+    /// Returns how many it cut.
     fn cut_connections(&self) -> usize {
         self.failed.notify_waiters();
-        let Ok(mut m) = self.conns.lock() else {
-            return 0;
-        };
-        for fd in m.values() {
-            // SAFETY: the fd is open: a connection unlists itself (under this
-            // lock) before its socket is closed, and one unlisted here is
-            // never touched again. shutdown() does not close it.
-            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
-        }
-        let cut = m.len();
-        m.clear();
-        cut
-    }
-}
-
-/// A connection's entry in its node's registry; removed on drop.
-pub struct Listed {
-    node: Arc<NodeHealth>,
-    id: u64,
-}
-
-impl Drop for Listed {
-    fn drop(&mut self) {
-        if let Ok(mut m) = self.node.conns.lock() {
-            m.remove(&self.id);
-        }
+        self.conns.cut()
     }
 }
 
@@ -779,26 +741,5 @@ mod tests {
         assert_eq!(lag_ms(&heads, now, 9_000, None), u64::MAX);
         // No sample yet: the last replayed commit.
         assert_eq!(lag_ms(&VecDeque::new(), now, 1, Some(7)), 7);
-    }
-    use std::io::Read;
-    use std::os::fd::AsRawFd;
-
-    /// A failed check cuts the node's connections once: the next failed
-    /// check finds (and logs) none of them again, while the sockets stay
-    /// shut down.
-    #[test]
-    fn connections_are_cut_once() {
-        let node = NodeHealth::new("127.0.0.1:1".into(), None, Role::Primary);
-        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
-        node.conns.lock().expect("lock").insert(1, ours.as_raw_fd());
-        assert_eq!(node.cut_connections(), 1);
-        assert_eq!(node.cut_connections(), 0, "counted once");
-        let mut buf = [0u8; 1];
-        assert_eq!(
-            theirs.read(&mut buf).expect("read"),
-            0,
-            "the peer sees the end"
-        );
-        drop(ours);
     }
 }

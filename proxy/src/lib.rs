@@ -9,6 +9,7 @@ pub mod cluster;
 pub mod demo;
 pub mod fuzz;
 pub mod health;
+pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod session;
@@ -17,7 +18,7 @@ pub mod tls;
 pub mod twophase;
 
 use anyhow::{Context as _, Result};
-use server::pool::{NodePool, PoolSet, ShardPools};
+use pool::{NodePool, PoolSet, ShardPools};
 use server::ServerTarget;
 use shardline_config::{Config, PoolMode};
 use std::collections::HashMap;
@@ -148,7 +149,7 @@ pub struct Shared {
     /// Plain-text clients are refused (`tls.mode = "require"`).
     pub tls_required: bool,
     pub cancel: Arc<cancel::CancelRegistry>,
-    pub statements: session::prepared::StatementRegistry,
+    pub statements: server::statements::StatementRegistry,
     /// Source of unique tokens (unnamed statement ownership).
     pub next_token: AtomicU64,
     pub max_message_size: usize,

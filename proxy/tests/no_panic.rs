@@ -5,7 +5,7 @@ use bytes::BytesMut;
 use proptest::prelude::*;
 use shardline::auth::scram::{ServerExchange, Verifier, MECHANISM};
 use shardline::protocol::{backend, frontend, next_frame, startup};
-use shardline::session::sql;
+use shardline_router::effect as sql;
 
 fn config() -> ProptestConfig {
     ProptestConfig {

@@ -11,6 +11,7 @@
 pub mod balance;
 pub mod cache;
 pub mod classify;
+pub mod effect;
 pub mod gather;
 pub mod hash;
 pub mod hint;

@@ -5,15 +5,18 @@
 
 use crate::protocol::backend::{parse_error_fields, ErrorFields};
 use crate::protocol::startup;
-use crate::session::prepared::ServerStatements;
-use crate::session::vars::SessionVars;
+use crate::server::statements::ServerStatements;
+use crate::server::vars::SessionVars;
 use crate::stream::Stream;
 use bytes::BytesMut;
 use postgres_protocol::authentication::sasl::{ChannelBinding, ScramSha256};
 use postgres_protocol::message::backend::{AuthenticationSaslBody, Message};
 use postgres_protocol::message::frontend;
 use shardline_config::ServerTlsMode;
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd, RawFd};
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -72,7 +75,7 @@ pub enum ServerError {
 pub struct ServerConnection {
     /// Listed in its node's registry so a failed node's connections can be
     /// cut at once. Declared first: dropped (unlisted) before the socket closes.
-    pub listed: Option<crate::health::Listed>,
+    pub listed: Option<Listed>,
     pub stream: Stream,
     /// Bytes read from the server not yet processed.
     pub read_buf: BytesMut,
@@ -445,5 +448,88 @@ async fn negotiate_tls(
             addr,
             message: "unexpected answer to SSLRequest".into(),
         }),
+    }
+}
+
+/// The open connections to one node, by socket, so that they can all be
+/// cut at once when the node stops answering.
+#[derive(Default)]
+pub struct Connections {
+    open: Mutex<HashMap<u64, RawFd>>,
+    next: AtomicU64,
+}
+
+impl Connections {
+    /// Lists a connection until the returned entry is dropped.
+    pub fn list(self: &Arc<Self>, conn: &ServerConnection) -> Listed {
+        let id = self.next.fetch_add(1, Relaxed);
+        let fd = conn.stream.tcp().as_raw_fd();
+        if let Ok(mut m) = self.open.lock() {
+            m.insert(id, fd);
+        }
+        Listed {
+            registry: self.clone(),
+            id,
+        }
+    }
+
+    /// Shuts down every listed connection and forgets them (a shut-down
+    /// socket stays shut: the next cut counts only connections opened
+    /// since). Returns how many it cut.
+    pub fn cut(&self) -> usize {
+        let Ok(mut m) = self.open.lock() else {
+            return 0;
+        };
+        for fd in m.values() {
+            // SAFETY: the fd is open: a connection unlists itself (under this
+            // lock) before its socket is closed, and one unlisted here is
+            // never touched again. shutdown() does not close it.
+            unsafe { libc::shutdown(*fd, libc::SHUT_RDWR) };
+        }
+        let cut = m.len();
+        m.clear();
+        cut
+    }
+}
+
+/// A connection's entry in its node's [`Connections`]; removed on drop.
+pub struct Listed {
+    registry: Arc<Connections>,
+    id: u64,
+}
+
+impl Drop for Listed {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.registry.open.lock() {
+            m.remove(&self.id);
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+
+    /// A cut shuts the listed sockets once: the next cut finds (and
+    /// counts) none of them again, while the sockets stay shut down.
+    #[test]
+    fn connections_are_cut_once() {
+        let registry = Arc::new(Connections::default());
+        let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+        registry
+            .open
+            .lock()
+            .expect("lock")
+            .insert(1, ours.as_raw_fd());
+        assert_eq!(registry.cut(), 1);
+        assert_eq!(registry.cut(), 0, "counted once");
+        let mut buf = [0u8; 1];
+        assert_eq!(
+            theirs.read(&mut buf).expect("read"),
+            0,
+            "the peer sees the end"
+        );
+        drop(ours);
     }
 }

@@ -1,7 +1,9 @@
-//! Server side: raw connections to Postgres nodes and the pools that hold them.
+//! Server side: one connection to a Postgres node (startup, authentication,
+//! raw messages) and what it holds (statements, session variables). The
+//! pools that keep them are `crate::pool`.
 
 pub mod conn;
-pub mod pool;
+pub mod statements;
+pub mod vars;
 
 pub use conn::{ServerConnection, ServerError, ServerTarget};
-pub use pool::{NodePool, PoolSet};

@@ -2,12 +2,12 @@
 //! names (mapped to server names) and the few commands the proxy answers itself.
 
 use super::pending::{Answer, Kind, Pending, Synthetic};
-use super::sql::{self, Effect};
 use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::protocol::frontend::{self, Malformed};
 use crate::protocol::{next_frame, peek_header, Frame};
 use shardline_config::PoolMode;
+use shardline_router::effect::{self, Effect};
 use std::collections::VecDeque;
 use std::sync::atomic::Ordering;
 use std::sync::Arc;
@@ -540,7 +540,7 @@ impl Session {
         let commits = match shardline_router::lone_transaction_end(text) {
             Some("COMMIT") => server.tx_status == b'T',
             Some(_) => false,
-            None => server.tx_status == b'I' && sql::lone_autocommit_statement(text),
+            None => server.tx_status == b'I' && effect::lone_autocommit_statement(text),
         };
         if !commits {
             return None;
@@ -573,7 +573,7 @@ impl Session {
             }
             return Ok(());
         }
-        let effects = std::str::from_utf8(text).ok().and_then(sql::effects);
+        let effects = std::str::from_utf8(text).ok().and_then(effect::effects);
         if let Some(effects) = &effects {
             if let [Some(Effect::Deallocate(name))] = effects.as_slice() {
                 // Client statement names exist only in the proxy.
@@ -624,7 +624,7 @@ impl Session {
         let p = frontend::parse(f.body())?;
         let effect = std::str::from_utf8(p.query)
             .ok()
-            .and_then(sql::statement_effect);
+            .and_then(effect::statement_effect);
         let refusal = effect.as_ref().and_then(Effect::pooling_refusal);
         if let (PoolMode::Transaction, Some((message, hint))) = (self.mode(), refusal) {
             // The same over the extended protocol.
@@ -682,7 +682,7 @@ impl Session {
     /// used statement if the connection holds too many.
     fn prepare_on_server(
         &mut self,
-        stmt: &Arc<super::prepared::Statement>,
+        stmt: &Arc<crate::server::statements::Statement>,
         answer: Answer,
         client_name: Option<Box<[u8]>>,
     ) {
@@ -707,7 +707,10 @@ impl Session {
     }
 
     /// Looks up a client statement name, raising the server's error if unknown.
-    fn client_statement(&mut self, name: &[u8]) -> Option<Arc<super::prepared::Statement>> {
+    fn client_statement(
+        &mut self,
+        name: &[u8],
+    ) -> Option<Arc<crate::server::statements::Statement>> {
         let found = self.statements.get(name).cloned();
         if found.is_none() {
             let name = String::from_utf8_lossy(name);
@@ -721,7 +724,7 @@ impl Session {
     }
 
     /// Makes sure the attached server holds `stmt`, preparing it there if not.
-    fn ensure_prepared(&mut self, stmt: &Arc<super::prepared::Statement>) {
+    fn ensure_prepared(&mut self, stmt: &Arc<crate::server::statements::Statement>) {
         let held = self
             .server
             .as_mut()

@@ -15,9 +15,9 @@
 
 use super::fanout::Leg;
 use super::{End, Fit, Next, Session, TxnEnd};
+use crate::pool::PooledConnection;
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{complete_frames, frontend, next_frame};
-use crate::server::pool::PooledConnection;
 use crate::server::ServerError;
 use crate::twophase::literal;
 use bytes::{Bytes, BytesMut};

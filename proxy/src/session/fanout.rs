@@ -13,9 +13,9 @@
 
 use super::route::Planned;
 use super::{End, Session};
+use crate::pool::PooledConnection;
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, next_frame};
-use crate::server::pool::PooledConnection;
 use bytes::{Bytes, BytesMut};
 use shardline_router::sharding::shards_in;
 use shardline_router::shards::{CopyIn, Placement};
@@ -29,7 +29,7 @@ pub(super) const FLUSH_AT: usize = 64 * 1024;
 /// A client's Parse, recorded: the unnamed statement's token, or the named one.
 pub(super) enum Parsed {
     Unnamed(u64),
-    Named(Arc<super::prepared::Statement>),
+    Named(Arc<crate::server::statements::Statement>),
 }
 
 /// How far a merge went.
@@ -154,7 +154,6 @@ impl Leg {
         }
     }
 }
-
 
 /// Reads every leg to its ReadyForQuery (after a unit's last answer, or
 /// after an error, when the shards skip to it).
@@ -701,7 +700,7 @@ impl Session {
         let p = frontend::parse(f.body())?;
         let effect = std::str::from_utf8(p.query)
             .ok()
-            .and_then(super::sql::statement_effect);
+            .and_then(shardline_router::effect::statement_effect);
         let route = self.route_text(p.query);
         if p.name.is_empty() {
             let token = self
@@ -720,7 +719,7 @@ impl Session {
     fn prepared_on(
         &self,
         leg: &mut Leg,
-        stmt: &Arc<super::prepared::Statement>,
+        stmt: &Arc<crate::server::statements::Statement>,
         out: &mut BytesMut,
     ) {
         if leg.conn.statements.contains(stmt.id) {

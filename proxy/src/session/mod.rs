@@ -20,28 +20,25 @@ mod gather;
 mod io;
 pub mod pending;
 mod pipeline;
-pub mod prepared;
 mod route;
 mod server;
 mod split;
-pub mod sql;
 pub mod startup;
-pub mod vars;
 
 use crate::cancel::CancelSlot;
+use crate::pool::PooledConnection;
 use crate::protocol::backend::{self, sqlstate, PgError};
-use crate::server::pool::PooledConnection;
+use crate::server::statements::Statement;
+use crate::server::vars::{self, SessionVars};
 use crate::Shared;
 use bytes::{Bytes, BytesMut};
 use pending::{Kind, Pending, Synthetic};
-use prepared::Statement;
 use shardline_config::PoolMode;
-use sql::Effect;
+use shardline_router::effect::Effect;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
-use vars::SessionVars;
 
 pub use startup::LoggedIn;
 

@@ -7,8 +7,8 @@
 //! reach the front so the client sees answers in the order it asked.
 //! After an error the server skips to Sync; `skip_to_sync` does the same here.
 
-use super::prepared::Statement;
-use super::sql::Effect;
+use crate::server::statements::Statement;
+use shardline_router::effect::Effect;
 use std::collections::VecDeque;
 use std::sync::Arc;
 

@@ -435,7 +435,7 @@ impl Session {
         shard_index: usize,
         target: Target,
         tried: &mut u64,
-    ) -> Result<(crate::server::pool::PooledConnection, usize, Target), PgError> {
+    ) -> Result<(crate::pool::PooledConnection, usize, Target), PgError> {
         let shared = self.shared.clone();
         let user = self.login.user.clone();
         let shard = &shared.topology.shards[shard_index];
@@ -569,7 +569,7 @@ impl Session {
         &self,
         shard_index: usize,
         tried: &mut u64,
-    ) -> Result<(crate::server::pool::PooledConnection, usize, Target), PgError> {
+    ) -> Result<(crate::pool::PooledConnection, usize, Target), PgError> {
         let shared = self.shared.clone();
         let user = self.login.user.clone();
         let shard = &shared.topology.shards[shard_index];
@@ -669,7 +669,7 @@ impl Session {
         &mut self,
         target: Target,
         writes: bool,
-        mut conn: crate::server::pool::PooledConnection,
+        mut conn: crate::pool::PooledConnection,
     ) {
         if *conn.vars != *self.vars {
             let sql = self.vars.replay_sql(&conn.vars);

@@ -363,7 +363,11 @@ impl Session {
         }
     }
 
-    fn on_command_complete(&mut self, tag: &[u8], effect: Option<super::sql::Effect>) {
+    fn on_command_complete(
+        &mut self,
+        tag: &[u8],
+        effect: Option<shardline_router::effect::Effect>,
+    ) {
         match tag {
             b"COMMIT" => {
                 for e in std::mem::take(&mut self.txn_effects) {

@@ -254,7 +254,7 @@ async fn login(
     // What the session runs with: the client's settings (parameters or
     // `options=-c ...`, the last one winning) over the servers' defaults.
     // The servers' own reports of them follow with the first statement.
-    let settings = super::vars::startup_settings(&params);
+    let settings = crate::server::vars::startup_settings(&params);
     for (k, v) in server_params.iter() {
         let v = settings
             .iter()

@@ -9,8 +9,8 @@
 //! Bind or Describe on a connection that lacks the statement prepares it there
 //! first.
 
-use super::sql::Effect;
 use bytes::Bytes;
+use shardline_router::effect::Effect;
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};

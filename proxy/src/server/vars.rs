@@ -3,7 +3,7 @@
 //! on another server connection, so each connection records the variables in
 //! effect on it, and the session replays the client's set when they differ.
 
-use super::sql::Effect;
+use shardline_router::effect::Effect;
 use std::sync::Arc;
 
 /// Sorted by name; compared whole. Values are the statements that set them.

@@ -3,7 +3,7 @@
 //! routing: the fast path looks at one leading keyword and returns. The
 //! lexer is the router crate's.
 
-use shardline_router::lexer::{first_keyword, split_statements, Lexer};
+use crate::lexer::{first_keyword, split_statements, Lexer};
 
 /// What a statement does to the session the proxy must keep across server connections.
 #[derive(Debug, Clone, PartialEq, Eq)]

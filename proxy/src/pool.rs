@@ -3,8 +3,8 @@
 //! sessions check before returning it, `recycle` checks again before lending it,
 //! and a reaper closes idle and old connections.
 
-use super::conn::{ServerConnection, ServerError, ServerTarget};
 use crate::protocol::backend::{sqlstate, PgError};
+use crate::server::conn::{ServerConnection, ServerError, ServerTarget};
 use deadpool::managed::{
     self, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult, TimeoutType, Timeouts,
 };
