@@ -163,7 +163,7 @@ impl NodePool {
             PoolError::Backend(ServerError::Refused { fields, addr }) => {
                 // The server's own verdict (bad password, no such database ...).
                 tracing::warn!(server = %addr, code = %fields.code, message = %fields.message, "server refused the proxy's login");
-                let code = static_code(&fields.code);
+                let code = login_code(&fields.code);
                 PgError::error(code, format!("server {addr}: {}", fields.message))
             }
             PoolError::Backend(e) => PgError::error(sqlstate::CANNOT_CONNECT, e.to_string()),
@@ -195,8 +195,9 @@ impl NodePool {
     }
 }
 
-/// Maps a server's SQLSTATE to one of ours (we need `'static` codes).
-fn static_code(code: &str) -> &'static str {
+/// A login refused by a server, as the client sees it: the server's code
+/// when it is one a client can act on, else 08001 (cannot connect).
+fn login_code(code: &str) -> &'static str {
     use sqlstate::*;
     [
         INVALID_PASSWORD,

@@ -67,26 +67,37 @@ impl Severity {
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PgError {
     pub severity: Severity,
-    pub code: &'static str,
+    /// SQLSTATE: one of ours (`sqlstate`) or a server's, passed on.
+    pub code: std::borrow::Cow<'static, str>,
     pub message: String,
     pub detail: Option<String>,
     pub hint: Option<String>,
 }
 
 impl PgError {
-    pub fn new(severity: Severity, code: &'static str, message: impl Into<String>) -> Self {
+    pub fn new(
+        severity: Severity,
+        code: impl Into<std::borrow::Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         PgError {
             severity,
-            code,
+            code: code.into(),
             message: message.into(),
             detail: None,
             hint: None,
         }
     }
-    pub fn error(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn error(
+        code: impl Into<std::borrow::Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         Self::new(Severity::Error, code, message)
     }
-    pub fn fatal(code: &'static str, message: impl Into<String>) -> Self {
+    pub fn fatal(
+        code: impl Into<std::borrow::Cow<'static, str>>,
+        message: impl Into<String>,
+    ) -> Self {
         Self::new(Severity::Fatal, code, message)
     }
     pub fn with_hint(mut self, hint: impl Into<String>) -> Self {

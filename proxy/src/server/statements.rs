@@ -98,51 +98,38 @@ impl StatementRegistry {
     }
 }
 
-/// The statements one server connection holds, with least-recently-used eviction.
+/// The statements one server connection holds, with least-recently-used
+/// eviction (constant time per use).
 pub struct ServerStatements {
-    held: HashMap<u64, (u64, Arc<Statement>)>,
-    tick: u64,
-    capacity: usize,
+    held: lru::LruCache<u64, Arc<Statement>>,
 }
 
 impl ServerStatements {
+    /// Nothing is allocated until statements are held (a connection that
+    /// never prepares one costs nothing).
     pub fn new(capacity: usize) -> Self {
         ServerStatements {
-            held: HashMap::new(),
-            tick: 0,
-            capacity: capacity.max(1),
+            held: lru::LruCache::sparse(
+                std::num::NonZeroUsize::new(capacity.max(1)).expect("at least one"),
+            ),
         }
     }
 
     /// Whether the statement is prepared here (and marks it used).
     pub fn contains(&mut self, id: u64) -> bool {
-        self.tick += 1;
-        match self.held.get_mut(&id) {
-            Some(e) => {
-                e.0 = self.tick;
-                true
-            }
-            None => false,
-        }
+        self.held.get(&id).is_some()
     }
 
     /// Records a statement as prepared; returns one to close if over capacity.
     pub fn insert(&mut self, stmt: &Arc<Statement>) -> Option<Arc<Statement>> {
-        self.tick += 1;
-        self.held.insert(stmt.id, (self.tick, stmt.clone()));
-        if self.held.len() <= self.capacity {
-            return None;
+        match self.held.push(stmt.id, stmt.clone()) {
+            Some((id, evicted)) if id != stmt.id => Some(evicted),
+            _ => None,
         }
-        let (&oldest, _) = self
-            .held
-            .iter()
-            .filter(|(id, _)| **id != stmt.id)
-            .min_by_key(|(_, (t, _))| *t)?;
-        self.held.remove(&oldest).map(|(_, s)| s)
     }
 
     pub fn remove(&mut self, id: u64) {
-        self.held.remove(&id);
+        self.held.pop(&id);
     }
 
     pub fn clear(&mut self) {

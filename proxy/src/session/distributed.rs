@@ -31,32 +31,20 @@ pub(super) struct Participant {
     pub conn: PooledConnection,
 }
 
-/// A server's SQLSTATE as the proxy's errors carry it (interned: the set of
-/// codes is small and fixed).
-fn static_code(code: &str) -> &'static str {
-    use std::collections::HashSet;
-    use std::sync::{Mutex, OnceLock};
-    static CODES: OnceLock<Mutex<HashSet<&'static str>>> = OnceLock::new();
-    if code.len() != 5 || !code.bytes().all(|b| b.is_ascii_alphanumeric()) {
-        return sqlstate::INTERNAL_ERROR;
+/// A server's SQLSTATE, passed on when it is one (five letters or digits).
+fn server_code(code: &str) -> std::borrow::Cow<'static, str> {
+    if code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric()) {
+        code.to_string().into()
+    } else {
+        sqlstate::INTERNAL_ERROR.into()
     }
-    let mut set = CODES
-        .get_or_init(Default::default)
-        .lock()
-        .unwrap_or_else(|p| p.into_inner());
-    if let Some(c) = set.get(code) {
-        return c;
-    }
-    let c: &'static str = Box::leak(code.to_string().into_boxed_str());
-    set.insert(c);
-    c
 }
 
 /// A server's error (or a lost connection) as the client's error.
 fn client_error(e: &ServerError, shard: &str) -> PgError {
     match e {
         ServerError::Refused { fields, .. } => {
-            PgError::error(static_code(&fields.code), fields.message.clone())
+            PgError::error(server_code(&fields.code), fields.message.clone())
         }
         other => PgError::error(
             sqlstate::CONNECTION_FAILURE,
@@ -624,7 +612,7 @@ impl Session {
                 for p in others.iter_mut() {
                     let _ = p.conn.simple_query(&format!("ROLLBACK PREPARED {g}")).await;
                 }
-                return Err(PgError::error(static_code(&fields.code), fields.message));
+                return Err(PgError::error(server_code(&fields.code), fields.message));
             }
             Err(e) => {
                 coord.conn.broken = true;

@@ -9,8 +9,8 @@ use bytes::{Buf, BytesMut};
 use std::future::Future;
 use std::io;
 use std::pin::Pin;
-use std::task::{ready, Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, AsyncWriteExt, ReadBuf};
+use std::task::{Context, Poll};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
 
 pub(super) enum Event {
     /// The proxy is shutting down (reported once).
@@ -120,13 +120,7 @@ fn poll_read_into(
     if buf.capacity() - buf.len() < 4096 {
         buf.reserve(16 * 1024);
     }
-    let spare = buf.spare_capacity_mut();
-    let mut rb = ReadBuf::uninit(spare);
-    ready!(Pin::new(stream).poll_read(cx, &mut rb))?;
-    let n = rb.filled().len();
-    // SAFETY: `poll_read` initialised the first `n` bytes of the spare capacity.
-    unsafe { buf.set_len(buf.len() + n) };
-    Poll::Ready(Ok(n))
+    tokio_util::io::poll_read_buf(Pin::new(stream), cx, buf)
 }
 
 /// Buffers above this capacity are given back once mostly empty: one

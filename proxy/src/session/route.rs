@@ -83,7 +83,7 @@ pub(super) fn definition_query(definition: &[u8]) -> &[u8] {
 /// a refused login): the node is banned and the read tried elsewhere.
 fn unreachable(e: &PgError) -> bool {
     matches!(
-        e.code,
+        e.code.as_ref(),
         sqlstate::CANNOT_CONNECT | sqlstate::CONNECTION_FAILURE | sqlstate::CANNOT_CONNECT_NOW
     ) || e.code == sqlstate::ADMIN_SHUTDOWN
 }
@@ -538,7 +538,7 @@ impl Session {
                         // it failed (refused, shutting down, lost): 08006,
                         // as when the checker has already marked it down.
                         return Err(PgError {
-                            code: sqlstate::CONNECTION_FAILURE,
+                            code: sqlstate::CONNECTION_FAILURE.into(),
                             message: format!(
                                 "shard {}: primary {} is unavailable ({}); writes fail until it is back or a replica is promoted",
                                 shard.name, shard.nodes[node].address, e.message
