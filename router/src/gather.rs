@@ -8,7 +8,7 @@
 //! combining partial aggregates, [`Compiled::client_row`] to strip the
 //! hidden columns.
 
-use crate::merge::{compare, decode, Decimal, FloatKey, Format, Kind, Value};
+use crate::merge::{compare, decode, FloatKey, Format, Kind, NumKey, Value};
 use crate::numeric::Num;
 use crate::scatter::{Agg, CmpOp, Col, Cond, Count, GroupKeys, MergePlan, Operand};
 use crate::shards::Refusal;
@@ -544,7 +544,7 @@ fn domain(k: Kind) -> u8 {
 
 fn as_number(v: Value) -> Value {
     match v {
-        Value::Int(i) => Decimal::parse(&i.to_string()).map_or(Value::Int(i), Value::Numeric),
+        Value::Int(i) => NumKey::parse(&i.to_string()).map_or(Value::Int(i), Value::Numeric),
         other => other,
     }
 }
@@ -935,7 +935,7 @@ fn operand(
                         .map_err(|_| unsupported(format!("HAVING with {n}")))?,
                 )),
                 _ => Value::Numeric(
-                    Decimal::parse(n).ok_or_else(|| unsupported(format!("HAVING with {n}")))?,
+                    NumKey::parse(n).ok_or_else(|| unsupported(format!("HAVING with {n}")))?,
                 ),
             }),
             COperand::Lit(Operand::Str(s)) => match other {

@@ -17,6 +17,8 @@
 //! server's own ranking (text under `C` and `C.utf8`). The cross-shard merge
 //! (`gather`) compares sort keys, group keys and MIN/MAX with it.
 
+use crate::numeric::Num;
+use postgres_protocol::types;
 use std::cmp::Ordering;
 
 /// Type OIDs (`pg_type.oid`).
@@ -94,7 +96,7 @@ pub enum Value {
     /// 2000-01-01 (UTC for timestamptz), infinities at the ends.
     Int(i64),
     Float(FloatKey),
-    Numeric(Decimal),
+    Numeric(NumKey),
     Bytes(Vec<u8>),
 }
 
@@ -135,145 +137,35 @@ impl Ord for FloatKey {
     }
 }
 
-/// A numeric value by its digits, so any precision compares exactly.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum Decimal {
-    NegInfinity,
-    /// `negative`, integer digits without leading zeros, fraction digits
-    /// without trailing zeros (zero: both empty, not negative).
-    Finite {
-        negative: bool,
-        int: Vec<u8>,
-        frac: Vec<u8>,
-    },
-    Infinity,
-    NaN,
-}
+/// A numeric sort value: equal and ordered by value, whatever its display
+/// scale (`1.0 = 1.00`), any precision.
+#[derive(Debug, Clone)]
+pub struct NumKey(pub Num);
 
-impl Decimal {
-    fn rank(&self) -> u8 {
-        match self {
-            Decimal::NegInfinity => 0,
-            Decimal::Finite { .. } => 1,
-            Decimal::Infinity => 2,
-            Decimal::NaN => 3,
-        }
-    }
-
+impl NumKey {
     /// From decimal text: `-12.340`, `NaN`, `Infinity`, `-Infinity`.
-    pub fn parse(s: &str) -> Option<Decimal> {
-        match s {
-            "NaN" => return Some(Decimal::NaN),
-            "Infinity" => return Some(Decimal::Infinity),
-            "-Infinity" => return Some(Decimal::NegInfinity),
-            _ => {}
-        }
-        let (negative, digits) = match s.strip_prefix('-') {
-            Some(rest) => (true, rest),
-            None => (false, s.strip_prefix('+').unwrap_or(s)),
-        };
-        let (int, frac) = digits.split_once('.').unwrap_or((digits, ""));
-        if int.is_empty() && frac.is_empty()
-            || !int.bytes().chain(frac.bytes()).all(|b| b.is_ascii_digit())
-        {
-            return None;
-        }
-        Some(Decimal::finite(negative, int.as_bytes(), frac.as_bytes()))
-    }
-
-    fn finite(negative: bool, int: &[u8], frac: &[u8]) -> Decimal {
-        let int: Vec<u8> = int.iter().skip_while(|&&d| d == b'0').copied().collect();
-        let mut frac = frac.to_vec();
-        while frac.last() == Some(&b'0') {
-            frac.pop();
-        }
-        let zero = int.is_empty() && frac.is_empty();
-        Decimal::Finite {
-            negative: negative && !zero,
-            int,
-            frac,
-        }
-    }
-
-    /// From the binary format: digit count, weight, sign, display scale,
-    /// then base-10000 digits.
-    fn from_binary(b: &[u8]) -> Option<Decimal> {
-        let word =
-            |i: usize| -> Option<u16> { Some(u16::from_be_bytes([*b.get(i)?, *b.get(i + 1)?])) };
-        let ndigits = word(0)? as usize;
-        let weight = word(2)? as i16 as i64;
-        let sign = word(4)?;
-        match sign {
-            0xC000 => return Some(Decimal::NaN),
-            0xD000 => return Some(Decimal::Infinity),
-            0xF000 => return Some(Decimal::NegInfinity),
-            0x0000 | 0x4000 => {}
-            _ => return None,
-        }
-        let mut int = Vec::new();
-        let mut frac = Vec::new();
-        for i in 0..ndigits {
-            let d = word(8 + 2 * i)?;
-            if d > 9999 {
-                return None;
-            }
-            let text = format!("{d:04}");
-            let power = weight - i as i64; // this digit is d × 10000^power
-            if power >= 0 {
-                int.extend_from_slice(text.as_bytes());
-            } else {
-                // Fraction digit groups missing between the point and this one.
-                let gap = (-power - 1) as usize * 4;
-                if frac.len() < gap {
-                    frac.resize(gap, b'0');
-                }
-                frac.extend_from_slice(text.as_bytes());
-            }
-        }
-        // Integer digit groups implied by the weight after the last digit.
-        if weight >= ndigits as i64 {
-            let missing = (weight - ndigits as i64 + 1) as usize * 4;
-            int.resize(int.len() + missing, b'0');
-        }
-        Some(Decimal::finite(sign == 0x4000, &int, &frac))
+    pub fn parse(s: &str) -> Option<NumKey> {
+        Num::parse(s).map(NumKey)
     }
 }
 
-impl PartialOrd for Decimal {
+impl PartialEq for NumKey {
+    fn eq(&self, other: &Self) -> bool {
+        self.0.cmp_value(&other.0) == Ordering::Equal
+    }
+}
+
+impl Eq for NumKey {}
+
+impl PartialOrd for NumKey {
     fn partial_cmp(&self, other: &Self) -> Option<Ordering> {
         Some(self.cmp(other))
     }
 }
 
-impl Ord for Decimal {
+impl Ord for NumKey {
     fn cmp(&self, other: &Self) -> Ordering {
-        match (self, other) {
-            (
-                Decimal::Finite {
-                    negative: na,
-                    int: ia,
-                    frac: fa,
-                },
-                Decimal::Finite {
-                    negative: nb,
-                    int: ib,
-                    frac: fb,
-                },
-            ) => {
-                let magnitude = ia
-                    .len()
-                    .cmp(&ib.len())
-                    .then_with(|| ia.cmp(ib))
-                    .then_with(|| fa.cmp(fb));
-                match (na, nb) {
-                    (false, false) => magnitude,
-                    (true, true) => magnitude.reverse(),
-                    (true, false) => Ordering::Less,
-                    (false, true) => Ordering::Greater,
-                }
-            }
-            _ => self.rank().cmp(&other.rank()),
-        }
+        self.0.cmp_value(&other.0)
     }
 }
 
@@ -292,20 +184,13 @@ pub fn decode(kind: Kind, format: Format, b: &[u8]) -> Result<Value, String> {
             b"f" => Some(Value::Bool(false)),
             _ => None,
         },
-        (Kind::Bool, Format::Binary) => match b {
-            [v] => Some(Value::Bool(*v != 0)),
-            _ => None,
-        },
+        (Kind::Bool, Format::Binary) => types::bool_from_sql(b).ok().map(Value::Bool),
         (Kind::Int | Kind::Oid, Format::Text) => text()?.parse().ok().map(Value::Int),
-        (Kind::Oid, Format::Binary) => b
-            .try_into()
-            .ok()
-            .map(|x| Value::Int(u32::from_be_bytes(x) as i64)),
+        (Kind::Oid, Format::Binary) => types::oid_from_sql(b).ok().map(|x| Value::Int(x as i64)),
         (Kind::Int, Format::Binary) => match b.len() {
-            2 => Some(i16::from_be_bytes([b[0], b[1]]) as i64),
-            4 => Some(i32::from_be_bytes([b[0], b[1], b[2], b[3]]) as i64),
-            8 => b.try_into().ok().map(i64::from_be_bytes),
-            _ => None,
+            2 => types::int2_from_sql(b).ok().map(i64::from),
+            4 => types::int4_from_sql(b).ok().map(i64::from),
+            _ => types::int8_from_sql(b).ok(),
         }
         .map(Value::Int),
         (Kind::Float, Format::Text) => match text()? {
@@ -316,26 +201,25 @@ pub fn decode(kind: Kind, format: Format, b: &[u8]) -> Result<Value, String> {
         }
         .map(|f| Value::Float(FloatKey(f))),
         (Kind::Float, Format::Binary) => match b.len() {
-            4 => Some(f32::from_be_bytes([b[0], b[1], b[2], b[3]]) as f64),
-            8 => b.try_into().ok().map(f64::from_be_bytes),
-            _ => None,
+            4 => types::float4_from_sql(b).ok().map(f64::from),
+            _ => types::float8_from_sql(b).ok(),
         }
         .map(|f| Value::Float(FloatKey(f))),
-        (Kind::Numeric, Format::Text) => Decimal::parse(text()?).map(Value::Numeric),
-        (Kind::Numeric, Format::Binary) => Decimal::from_binary(b).map(Value::Numeric),
+        (Kind::Numeric, Format::Text) => NumKey::parse(text()?).map(Value::Numeric),
+        (Kind::Numeric, Format::Binary) => Num::from_binary(b).map(|n| Value::Numeric(NumKey(n))),
         (Kind::Text | Kind::Uuid, _) => Some(Value::Bytes(b.to_vec())),
         (Kind::Bpchar, _) => {
             let end = b.iter().rposition(|&c| c != b' ').map_or(0, |i| i + 1);
             Some(Value::Bytes(b[..end].to_vec()))
         }
-        (Kind::Date, Format::Binary) => match b.try_into().ok().map(i32::from_be_bytes) {
+        (Kind::Date, Format::Binary) => match types::date_from_sql(b).ok() {
             Some(i32::MAX) => Some(i64::MAX),
             Some(i32::MIN) => Some(i64::MIN),
             d => d.map(i64::from),
         }
         .map(Value::Int),
         (Kind::Timestamp | Kind::TimestampTz, Format::Binary) => {
-            b.try_into().ok().map(i64::from_be_bytes).map(Value::Int)
+            types::timestamp_from_sql(b).ok().map(Value::Int)
         }
         (Kind::Date, Format::Text) => parse_date(text()?).map(Value::Int),
         (Kind::Timestamp, Format::Text) => parse_timestamp(text()?, false).map(Value::Int),

@@ -136,6 +136,42 @@ impl Num {
         }
     }
 
+    /// Order by value whatever the display scale (`1.0 = 1.00`), with
+    /// the server's place for special values: `-Infinity` < numbers <
+    /// `Infinity` < `NaN`.
+    pub fn cmp_value(&self, other: &Num) -> Ordering {
+        let rank = |n: &Num| match n {
+            Num::NegInf => 0,
+            Num::Finite { .. } => 1,
+            Num::PosInf => 2,
+            Num::NaN => 3,
+        };
+        match (self, other) {
+            (
+                Num::Finite {
+                    negative: na,
+                    digits: da,
+                    scale: sa,
+                },
+                Num::Finite {
+                    negative: nb,
+                    digits: db,
+                    scale: sb,
+                },
+            ) => {
+                let s = (*sa).max(*sb);
+                let magnitude = cmp_mag(&rescaled(da, s - sa), &rescaled(db, s - sb));
+                match (na, nb) {
+                    (false, false) => magnitude,
+                    (true, true) => magnitude.reverse(),
+                    (true, false) => Ordering::Less,
+                    (false, true) => Ordering::Greater,
+                }
+            }
+            _ => rank(self).cmp(&rank(other)),
+        }
+    }
+
     /// The exact sum; the display scale is the larger of the two.
     pub fn add(&self, other: &Num) -> Num {
         use Num::*;
