@@ -156,11 +156,9 @@ pub struct Shared {
     pub auth_timeout: Duration,
     /// Roles, bans and lag of every node.
     pub topology: Arc<health::Topology>,
-    /// Read/write classification with its cache (shared by all sessions).
-    pub router: std::sync::Mutex<shardline_router::Router>,
-    /// The router's parsing without its cache: for very large statements,
-    /// routed on the blocking pool.
-    pub uncached: shardline_router::cache::Uncached,
+    /// Read/write classification with its cache (shared by all sessions;
+    /// no lock is held while a statement is parsed).
+    pub router: shardline_router::SharedRouter,
     /// Shard placement, when there are several shards.
     pub sharding: Option<Arc<shardline_router::sharding::Sharding>>,
     /// Turns for reference-table reads spread over shards.
@@ -425,12 +423,12 @@ impl Shared {
             (Some(cert), Some(key)) => Some(tls::acceptor(cert, key)?),
             _ => None,
         };
-        let router = shardline_router::Router::new(
+        let router = shardline_router::SharedRouter::new(
             router_options(&config.routing),
             config.routing.cache_size,
+            config.routing.cache_bytes,
             sharding.clone(),
-        )
-        .with_max_bytes(config.routing.cache_bytes);
+        );
         Ok(Shared {
             users,
             tls_required: config.tls.mode == shardline_config::ClientTlsMode::Require,
@@ -441,8 +439,7 @@ impl Shared {
             max_message_size: config.proxy.max_message_size as usize,
             auth_timeout: config.proxy.auth_timeout,
             topology,
-            uncached: router.uncached(),
-            router: std::sync::Mutex::new(router),
+            router,
             sharding,
             spread: AtomicU64::new(0),
             route_nanos: AtomicU64::new(0),
@@ -462,7 +459,7 @@ impl Shared {
 
     /// Logs the classification counters (at shutdown).
     pub fn log_router_stats(&self) {
-        let stats = self.router.lock().map(|r| r.stats()).unwrap_or_default();
+        let stats = self.router.stats();
         let routed = stats.hits + stats.misses;
         let nanos = self.route_nanos.load(std::sync::atomic::Ordering::Relaxed);
         tracing::info!(

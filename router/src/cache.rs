@@ -9,6 +9,7 @@ use lru::LruCache;
 use sqlparser::dialect::PostgreSqlDialect;
 use sqlparser::parser::Parser;
 use std::num::NonZeroUsize;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Arc;
 
 /// What the router decided for one statement text.
@@ -34,17 +35,15 @@ pub struct RouterStats {
     pub fallbacks: u64,
 }
 
-/// Classification with a cache in front, bounded in entries and in bytes.
+/// Classification with a cache in front, bounded in entries and in bytes,
+/// for one thread (tests, benchmarks); the proxy's sessions share a
+/// [`SharedRouter`].
 pub struct Router {
-    options: Options,
-    sharding: Option<Arc<Sharding>>,
-    cache: LruCache<Box<str>, Route>,
+    uncached: Uncached,
+    cache: Segment,
     stats: RouterStats,
     /// Reused buffer for cache keys.
     key: String,
-    /// The cache's size estimate (`entry_bytes` of each entry), and its bound.
-    bytes: usize,
-    max_bytes: usize,
 }
 
 /// Statements whose shape is longer than this are routed without being
@@ -61,31 +60,76 @@ fn entry_bytes(key: &str, route: &Route) -> usize {
     key.len() + 160 + 256 * templates
 }
 
+/// A cache of routes by shape, bounded in entries and in estimated bytes
+/// (least recently used entries go first).
+struct Segment {
+    cache: LruCache<Box<str>, Route>,
+    bytes: usize,
+    max_bytes: usize,
+}
+
+impl Segment {
+    fn new(capacity: usize, max_bytes: usize) -> Segment {
+        Segment {
+            cache: LruCache::new(NonZeroUsize::new(capacity.max(1)).expect("at least one")),
+            bytes: 0,
+            max_bytes: max_bytes.max(1),
+        }
+    }
+
+    fn get(&mut self, key: &str) -> Option<Route> {
+        self.cache.get(key).cloned()
+    }
+
+    /// Caches a route unless its shape is too long.
+    fn put(&mut self, key: &str, route: &Route) {
+        if key.len() > MAX_CACHED_STATEMENT {
+            return;
+        }
+        let size = entry_bytes(key, route);
+        if let Some((k, old)) = self.cache.push(key.into(), route.clone()) {
+            self.bytes -= entry_bytes(&k, &old);
+        }
+        self.bytes += size;
+        while self.bytes > self.max_bytes {
+            match self.cache.pop_lru() {
+                Some((k, old)) => self.bytes -= entry_bytes(&k, &old),
+                None => break,
+            }
+        }
+    }
+}
+
+impl RouterStats {
+    fn count_miss(&mut self, route: &Route) {
+        self.misses += 1;
+        if route.source == Source::Fallback {
+            self.fallbacks += 1;
+        }
+    }
+}
+
 impl Router {
     /// `sharding`: set when there are several shards (statements are then
     /// also analysed for their shards).
     pub fn new(options: Options, capacity: usize, sharding: Option<Arc<Sharding>>) -> Router {
-        let capacity = NonZeroUsize::new(capacity.max(1)).expect("at least one");
         Router {
-            options,
-            sharding,
-            cache: LruCache::new(capacity),
+            uncached: Uncached { options, sharding },
+            cache: Segment::new(capacity, DEFAULT_CACHE_BYTES),
             stats: RouterStats::default(),
             key: String::new(),
-            bytes: 0,
-            max_bytes: DEFAULT_CACHE_BYTES,
         }
     }
 
     /// Bounds the cache's bytes (least recently used entries go first).
     pub fn with_max_bytes(mut self, max_bytes: usize) -> Router {
-        self.max_bytes = max_bytes.max(1);
+        self.cache.max_bytes = max_bytes.max(1);
         self
     }
 
     /// The cache's entries and estimated bytes.
     pub fn cache_usage(&self) -> (usize, usize) {
-        (self.cache.len(), self.bytes)
+        (self.cache.cache.len(), self.cache.bytes)
     }
 
     /// Routes a statement, from the cache when one of the same shape was
@@ -93,11 +137,15 @@ impl Router {
     pub fn route(&mut self, sql: &str) -> Route {
         let mut key = std::mem::take(&mut self.key);
         shape(sql, &mut key);
-        let route = match self.lookup(&key) {
-            Some(route) => route,
+        let route = match self.cache.get(&key) {
+            Some(route) => {
+                self.stats.hits += 1;
+                route
+            }
             None => {
-                let route = route_uncached(sql, &self.options, self.sharding.as_deref());
-                self.store(&key, &route);
+                let route = self.uncached.route(sql);
+                self.stats.count_miss(&route);
+                self.cache.put(&key, &route);
                 route
             }
         };
@@ -105,63 +153,113 @@ impl Router {
         route
     }
 
-    /// The cached route of statements of this shape (`shape`'s key), if
-    /// any: the half of `route` that needs the cache, for a caller that
-    /// shapes and parses without holding it.
-    pub fn lookup(&mut self, key: &str) -> Option<Route> {
-        let route = self.cache.get(key).cloned();
-        if route.is_some() {
-            self.stats.hits += 1;
-        }
-        route
-    }
-
-    /// Records a statement routed after a `lookup` missed, and caches its
-    /// route unless its shape is too long.
-    pub fn store(&mut self, key: &str, route: &Route) {
-        self.stats.misses += 1;
-        if route.source == Source::Fallback {
-            self.stats.fallbacks += 1;
-        }
-        if key.len() <= MAX_CACHED_STATEMENT {
-            let size = entry_bytes(key, route);
-            if let Some((k, old)) = self.cache.push(key.into(), route.clone()) {
-                self.bytes -= entry_bytes(&k, &old);
-            }
-            self.bytes += size;
-            while self.bytes > self.max_bytes {
-                match self.cache.pop_lru() {
-                    Some((k, old)) => self.bytes -= entry_bytes(&k, &old),
-                    None => break,
-                }
-            }
-        }
-    }
-
     pub fn stats(&self) -> RouterStats {
         self.stats
     }
+}
 
-    /// Routing without the cache (nor its lock), for statements routed
-    /// elsewhere: very large ones, on a blocking thread.
-    pub fn uncached(&self) -> Uncached {
-        Uncached {
-            options: self.options.clone(),
-            sharding: self.sharding.clone(),
+/// The router as the proxy's sessions share it: the cache is cut into
+/// segments by the shape's hash, each behind its own lock, taken only to
+/// look up or to store. A statement is shaped and parsed with no lock
+/// held, so a cache miss (a parse, milliseconds for a long statement) on
+/// one client never holds up another client's hit.
+pub struct SharedRouter {
+    uncached: Uncached,
+    segments: Box<[std::sync::Mutex<Segment>]>,
+    hits: AtomicU64,
+    misses: AtomicU64,
+    fallbacks: AtomicU64,
+}
+
+/// Segments of a [`SharedRouter`]'s cache.
+const SEGMENTS: usize = 16;
+
+impl SharedRouter {
+    /// As [`Router::new`] with [`Router::with_max_bytes`]: `capacity`
+    /// entries and `max_bytes` in all, shared evenly by the segments.
+    pub fn new(
+        options: Options,
+        capacity: usize,
+        max_bytes: usize,
+        sharding: Option<Arc<Sharding>>,
+    ) -> SharedRouter {
+        let segments = (0..SEGMENTS)
+            .map(|_| {
+                std::sync::Mutex::new(Segment::new(
+                    capacity.div_ceil(SEGMENTS),
+                    max_bytes.div_ceil(SEGMENTS),
+                ))
+            })
+            .collect();
+        SharedRouter {
+            uncached: Uncached { options, sharding },
+            segments,
+            hits: AtomicU64::new(0),
+            misses: AtomicU64::new(0),
+            fallbacks: AtomicU64::new(0),
         }
     }
+
+    /// Routes a statement, from the cache when one of the same shape was
+    /// seen before.
+    pub fn route(&self, sql: &str) -> Route {
+        thread_local! {
+            static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
+        }
+        KEY.with(|key| {
+            let mut key = key.borrow_mut();
+            shape(sql, &mut key);
+            let segment = &self.segments[segment_of(&key)];
+            let lock = || segment.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(route) = lock().get(&key) {
+                self.hits.fetch_add(1, Relaxed);
+                return route;
+            }
+            let route = self.uncached.route(sql);
+            self.misses.fetch_add(1, Relaxed);
+            if route.source == Source::Fallback {
+                self.fallbacks.fetch_add(1, Relaxed);
+            }
+            lock().put(&key, &route);
+            route
+        })
+    }
+
+    pub fn stats(&self) -> RouterStats {
+        RouterStats {
+            hits: self.hits.load(Relaxed),
+            misses: self.misses.load(Relaxed),
+            fallbacks: self.fallbacks.load(Relaxed),
+        }
+    }
+
+    /// The cache's entries and estimated bytes, over all segments.
+    pub fn cache_usage(&self) -> (usize, usize) {
+        self.segments.iter().fold((0, 0), |(n, b), s| {
+            let s = s.lock().unwrap_or_else(|p| p.into_inner());
+            (n + s.cache.len(), b + s.bytes)
+        })
+    }
+}
+
+/// The segment a shape's entry lives in.
+fn segment_of(key: &str) -> usize {
+    use std::hash::{Hash as _, Hasher as _};
+    let mut h = std::hash::DefaultHasher::new();
+    key.hash(&mut h);
+    h.finish() as usize % SEGMENTS
 }
 
 /// What routing a statement needs, without the cache: owned, so it can be
 /// sent to another thread.
 #[derive(Debug, Clone)]
-pub struct Uncached {
+struct Uncached {
     options: Options,
     sharding: Option<Arc<Sharding>>,
 }
 
 impl Uncached {
-    pub fn route(&self, sql: &str) -> Route {
+    fn route(&self, sql: &str) -> Route {
         route_uncached(sql, &self.options, self.sharding.as_deref())
     }
 }
@@ -296,5 +394,42 @@ mod tests {
             (hinted.class, hinted.role_hint),
             (Class::Read, Some(RoleHint::Primary))
         );
+    }
+
+    /// The shared router routes as the single-threaded one does, counts
+    /// alike, keeps its bounds over all segments, and serves many threads
+    /// at once (a miss parses with no lock held).
+    #[test]
+    fn the_shared_router_routes_and_bounds_as_one() {
+        let shared = SharedRouter::new(Options::default(), 10_000, 1 << 20, None);
+        let mut one = Router::new(Options::default(), 10_000, None).with_max_bytes(1 << 20);
+        let texts = [
+            "SELECT 1",
+            "SELECT 2",
+            "UPDATE t SET a = 1",
+            "/* shardline: role=primary */ SELECT 1",
+            "IMPORT FOREIGN SCHEMA public FROM SERVER remote INTO local",
+        ];
+        for t in texts.iter().chain(texts.iter()) {
+            assert_eq!(shared.route(t), one.route(t), "{t}");
+        }
+        assert_eq!(shared.stats(), one.stats());
+        let pad = "x".repeat(20_000);
+        std::thread::scope(|s| {
+            for thread in 0..4 {
+                let (shared, pad) = (&shared, &pad);
+                s.spawn(move || {
+                    for i in 0..200 {
+                        let route = shared.route(&format!("SELECT col_{pad}_{thread}_{i} FROM t"));
+                        assert_eq!(route.class, Class::Read);
+                    }
+                });
+            }
+        });
+        let (entries, bytes) = shared.cache_usage();
+        assert!(bytes <= (1 << 20) + SEGMENTS * 21_000, "{bytes} bytes");
+        assert!(entries < 100, "{entries} entries");
+        let stats = shared.stats();
+        assert_eq!(stats.hits + stats.misses, 10 + 800);
     }
 }

@@ -23,7 +23,7 @@ pub mod scatter;
 pub mod sharding;
 pub mod shards;
 
-pub use cache::{Route, Router};
+pub use cache::{Route, Router, SharedRouter};
 pub use classify::{classify, Class, Options, Source};
 pub use hint::{Hint, RoleHint};
 pub use plan::{lone_transaction_end, plan_unit, Target, UnitFacts, UnitPlan};

@@ -97,34 +97,15 @@ fn bit(node: usize) -> u64 {
 /// them would hold the worker thread, and every other session on it.
 pub(super) const LARGE_STATEMENT: usize = 64 * 1024;
 
-/// Routes a statement without holding the router's lock while its text is
-/// scanned and parsed: the lock is taken only to look up and store.
-fn route_detached(shared: &crate::Shared, text: &str) -> Route {
-    let mut key = String::new();
-    shardline_router::cache::shape(text, &mut key);
-    let router = || shared.router.lock().unwrap_or_else(|p| p.into_inner());
-    if let Some(route) = router().lookup(&key) {
-        return route;
-    }
-    let route = shared.uncached.route(text);
-    router().store(&key, &route);
-    route
-}
-
 /// Routes one statement text through the shared cache, timed into
-/// `route_nanos`; a large one without holding the cache's lock while it
-/// is parsed.
+/// `route_nanos`. No lock is held while the text is shaped or parsed
+/// (`SharedRouter::route`).
 fn route_timed(shared: &crate::Shared, sql: &[u8]) -> Route {
     let Ok(text) = std::str::from_utf8(sql) else {
         return FUNCTION_CALL;
     };
     let started = std::time::Instant::now();
-    let route = if sql.len() >= LARGE_STATEMENT {
-        route_detached(shared, text)
-    } else {
-        let mut router = shared.router.lock().unwrap_or_else(|p| p.into_inner());
-        router.route(text)
-    };
+    let route = shared.router.route(text);
     let nanos = started.elapsed().as_nanos() as u64;
     shared.route_nanos.fetch_add(nanos, Relaxed);
     route
