@@ -1,0 +1,224 @@
+//! Which shards a statement reaches.
+//!
+//! A statement is analysed once per shape (the parse cache's key) into a
+//! [`Template`]: the tables it touches, and where its sharding key comes
+//! from — the n-th constant of the text, or the n-th bound parameter — but
+//! not the key's value. [`resolve`] then reads the values from the
+//! statement's own constants or from a Bind's parameters and gives the
+//! [`Placement`], without parsing again.
+//!
+//! The rules (SPEC "Routing rules"): a key in `WHERE key = v`, `key IN
+//! (...)`, `key = ANY($n)`, AND/OR of those, joins of co-located tables on
+//! the key, INSERT column lists; no key → every shard; unsharded tables →
+//! the default shard; reference tables → any one shard for reads, every
+//! shard for writes; DDL → every shard. Whatever would give a wrong answer
+//! across shards is refused with SQLSTATE 0A000 saying why.
+
+use crate::hash::KeyValue;
+use crate::hint::Hint;
+use crate::sharding::{mask_of, ShardMask, Sharding, TableKind};
+use sqlparser::ast::{
+    BinaryOperator, CopySource, Expr, FromTable, GroupByExpr, ObjectName, ObjectNamePart,
+    OnConflictAction, OnInsert, Query, SelectItem, SetExpr, Statement, TableFactor, TableObject,
+    TableWithJoins, UnaryOperator, Value, Visit, Visitor,
+};
+use std::ops::ControlFlow;
+
+mod analyze;
+mod constants;
+mod literals;
+mod resolve;
+mod split;
+
+pub use analyze::*;
+pub use constants::*;
+use literals::*;
+pub use resolve::*;
+pub use split::*;
+
+/// Where one key value comes from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum KeySrc {
+    /// The n-th constant of the statement text (0-based, in the order the
+    /// parse cache's `shape` finds them); `negative` for `-5`.
+    Const {
+        ordinal: u16,
+        negative: bool,
+    },
+    /// Bound parameter `$n` (1-based), read as `ty` unless the statement
+    /// declares its type.
+    Param {
+        n: u16,
+        ty: ParamType,
+    },
+    Null,
+    /// An expression the proxy does not evaluate.
+    Unknown,
+}
+
+/// The type a bound parameter has on the server, as far as the statement
+/// says (a cast on it or on the column it is compared with).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum ParamType {
+    /// The key column's own type (no cast).
+    Column,
+    Int,
+    Text,
+    Uuid,
+    Float,
+    /// Any other type: its value is not read as a key.
+    Other,
+}
+
+impl ParamType {
+    /// The class of a type named in a cast (`$1::int8`, `id::text`).
+    pub fn of_cast(data_type: &sqlparser::ast::DataType) -> ParamType {
+        let name = data_type.to_string().to_ascii_lowercase();
+        let base = name.split('(').next().unwrap_or("").trim();
+        match base {
+            "smallint" | "int" | "integer" | "bigint" | "int2" | "int4" | "int8" => ParamType::Int,
+            "text" | "varchar" | "character varying" | "char" | "character" | "bpchar" | "name" => {
+                ParamType::Text
+            }
+            "uuid" => ParamType::Uuid,
+            "real" | "float" | "float4" | "float8" | "double precision" => ParamType::Float,
+            _ => ParamType::Other,
+        }
+    }
+
+    /// The class of a parameter type OID a Parse declared (0: none).
+    pub fn of_oid(oid: u32) -> Option<ParamType> {
+        Some(match oid {
+            0 => return None,
+            20 | 21 | 23 => ParamType::Int,
+            25 | 1043 | 1042 | 19 | 705 => ParamType::Text,
+            2950 => ParamType::Uuid,
+            700 | 701 => ParamType::Float,
+            _ => ParamType::Other,
+        })
+    }
+}
+
+/// Which keys a condition allows.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum KeyExpr {
+    /// Any key: no restriction found.
+    All,
+    Keys(Vec<KeySrc>),
+    /// `key = ANY($n)`: an array parameter.
+    AnyParam(u16),
+    And(Vec<KeyExpr>),
+    Or(Vec<KeyExpr>),
+}
+
+/// Where a statement's rows live.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum Scope {
+    /// No table (SELECT 1, SET, BEGIN ...) or only system catalogs: runs
+    /// anywhere (the transaction's shard, else the default shard).
+    Anywhere,
+    /// Unsharded tables (perhaps with reference tables): the default shard.
+    Default,
+    /// Only reference tables: a read on any one shard, a write on all.
+    Reference,
+    /// Sharded tables of one group.
+    Sharded {
+        group: usize,
+        key: KeyExpr,
+        /// A multi-row INSERT: `key` lists each row's key; rows of
+        /// different shards are split.
+        rows: bool,
+        /// An UPDATE (or ON CONFLICT DO UPDATE) assigns the key column.
+        key_change: Option<KeySrc>,
+    },
+    /// Every shard: DDL and utility statements.
+    AllShards,
+}
+
+/// A refusal: SQLSTATE and message.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Refusal {
+    pub code: &'static str,
+    pub message: String,
+}
+
+impl Refusal {
+    /// A 0A000 refusal: the proxy cannot run this exactly.
+    pub fn unsupported(message: impl Into<String>) -> Refusal {
+        Refusal {
+            code: "0A000",
+            message: message.into(),
+        }
+    }
+}
+
+/// What a statement's shape says about its shards.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct Template {
+    pub scope: Scope,
+    pub write: bool,
+    /// Reading from several shards needs this merge (a construct name
+    /// such as "ORDER BY"): the proxy plans it with `scatter::plan`.
+    pub needs_merge: Option<&'static str>,
+    /// Refused wherever it would run.
+    pub refusal: Option<Refusal>,
+    /// EXPLAIN: shows one shard's plan rather than running everywhere.
+    pub explain: bool,
+    /// COPY ... FROM STDIN into a sharded or reference table.
+    pub copy_in: Option<CopyIn>,
+    /// A leading `/* shardline: shard=... key=... */` comment.
+    pub hint: Option<Hint>,
+    /// `DECLARE ... CURSOR FOR` this query: the cursor lives on one
+    /// connection, so its rows must come from one shard.
+    pub cursor: bool,
+    /// Exact on one shard, wrong on several: refused when it would run on
+    /// more than one (an outer join keeping the rows of a reference table
+    /// or VALUES list, which every shard would return).
+    pub spread_refusal: Option<Refusal>,
+    /// Keys of the subqueries, CTEs and set-operation branches that read
+    /// sharded tables below the top level, each with its group: every one
+    /// must name one shard, the same one, and the statement runs there.
+    pub pinned: Vec<(usize, KeyExpr)>,
+}
+
+/// COPY FROM STDIN into a table spread over shards.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub struct CopyIn {
+    /// The key column's position among the copied columns (`None`: the
+    /// COPY names no columns; the table's own order decides).
+    pub key_column: Option<usize>,
+    /// The key column's name, and the table, to look its position up.
+    pub column: String,
+    pub table: String,
+    pub csv: bool,
+    pub binary: bool,
+    pub header: bool,
+    pub delimiter: u8,
+    pub null: String,
+    pub quote: u8,
+    pub escape: u8,
+}
+
+impl Template {
+    fn new(scope: Scope, write: bool) -> Template {
+        Template {
+            scope,
+            write,
+            needs_merge: None,
+            refusal: None,
+            explain: false,
+            copy_in: None,
+            hint: None,
+            cursor: false,
+            spread_refusal: None,
+            pinned: Vec::new(),
+        }
+    }
+
+    fn refused(r: Refusal) -> Template {
+        Template {
+            refusal: Some(r),
+            ..Template::new(Scope::Anywhere, true)
+        }
+    }
+}

@@ -1,0 +1,461 @@
+//! From a [`Template`] and the statement's constants or a Bind's
+//! parameters to its [`Placement`], without parsing again.
+
+use super::*;
+
+/// Where a statement runs, once its key values are known.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Placement {
+    /// No table: the transaction's shard, else the default shard.
+    Anywhere,
+    /// A reference-table read: any one shard (balanced).
+    Spread,
+    One(usize),
+    /// Several shards (every one: broadcast or a read without a key).
+    Many(ShardMask),
+    /// A read on several shards whose rows must be merged (ORDER BY,
+    /// LIMIT, aggregates, DISTINCT): planned by `scatter::plan`.
+    Merge(ShardMask),
+    /// A multi-row INSERT whose rows belong to several shards: split it.
+    Split(ShardMask),
+    /// COPY FROM STDIN to split row by row over these shards.
+    CopySplit(ShardMask),
+    /// A pipeline (several executions before one Sync) whose executions
+    /// each run on one shard, not all the same: each runs on its own.
+    Pipeline(ShardMask),
+    Refused(Refusal),
+}
+
+/// The shards of a pipeline whose executions (`parts`, one placement per
+/// Bind) each need one shard, but not all the same one; `None` when they
+/// share a shard, or when one needs several shards or is refused.
+pub fn pipeline_shards(parts: &[Placement]) -> Option<ShardMask> {
+    let mut mask: ShardMask = 0;
+    for p in parts {
+        match p {
+            Placement::One(s) => mask |= mask_of(*s),
+            Placement::Anywhere | Placement::Spread => {}
+            _ => return None,
+        }
+    }
+    (mask.count_ones() > 1).then_some(mask)
+}
+
+/// A bound parameter: format (1 is binary) and value (`None` is NULL).
+pub type Param<'a> = (i16, Option<&'a [u8]>);
+
+/// The values a statement's keys are read from.
+pub struct KeyInput<'a> {
+    /// The statement text (for constants).
+    pub sql: &'a str,
+    /// Bound parameters: `(format, value)`; format 1 is binary.
+    pub params: &'a [Param<'a>],
+    /// The parameter type OIDs the statement's Parse declared (0: none).
+    pub param_types: &'a [u32],
+    /// The session's `shardline.shard` / `shardline.sharding_key`.
+    pub session_shard: Option<&'a str>,
+    pub session_key: Option<&'a str>,
+}
+
+/// The placement of a statement from its template and key values.
+pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
+    let hint = t.hint.as_ref();
+    let shard_hint = hint
+        .and_then(|h| h.shard.as_deref())
+        .or(input.session_shard);
+    if let Some(name) = shard_hint {
+        return match sh.shard_index(name) {
+            Some(i) => Placement::One(i),
+            None => Placement::Refused(Refusal {
+                code: "22023",
+                message: format!(
+                    "no shard is named \"{name}\" (shards: {})",
+                    sh.shard_names.join(", ")
+                ),
+            }),
+        };
+    }
+    let key_hint = hint.and_then(|h| h.key.as_deref()).or(input.session_key);
+    if let Some(k) = key_hint {
+        if !matches!(t.scope, Scope::Anywhere) || hint.is_some_and(|h| h.key.is_some()) {
+            let group = match &t.scope {
+                Scope::Sharded { group, .. } => *group,
+                _ => 0,
+            };
+            let g = &sh.groups[group];
+            return match g.key_from_text(k).map(|v| g.shard_of(Some(&v))) {
+                Some(Ok(s)) => Placement::One(s),
+                Some(Err(e)) => Placement::Refused(Refusal {
+                    code: "22023",
+                    message: e,
+                }),
+                None => Placement::Refused(Refusal {
+                    code: "22P02",
+                    message: format!(
+                        "sharding key hint \"{k}\" is not a valid {:?} key",
+                        g.key_type
+                    ),
+                }),
+            };
+        }
+    }
+    if let Some(r) = &t.refusal {
+        return Placement::Refused(r.clone());
+    }
+    let placement = match &t.scope {
+        Scope::Anywhere => Placement::Anywhere,
+        Scope::Default => Placement::One(sh.default_shard),
+        Scope::Reference if t.write => Placement::Many(sh.all_shards()),
+        Scope::Reference => Placement::Spread,
+        Scope::AllShards => Placement::Many(sh.all_shards()),
+        Scope::Sharded {
+            group,
+            key,
+            rows,
+            key_change,
+        } => {
+            let g = &sh.groups[*group];
+            let values = Values::new(input);
+            let mask = match key_mask(key, g, sh, &values) {
+                Ok(m) => m,
+                Err(e) => {
+                    return Placement::Refused(Refusal {
+                        code: "22023",
+                        message: e,
+                    })
+                }
+            };
+            let mask = match pinned_mask(t, mask, sh, &values) {
+                Ok(m) => m,
+                Err(r) => return Placement::Refused(r),
+            };
+            if let Some(change) = key_change {
+                let refusal = match key_value(change, g, &values) {
+                    _ if mask.count_ones() != 1 => Some(
+                        "an UPDATE that sets the sharding key must name the row's key in its WHERE clause, so the proxy can check the new key stays on the row's shard",
+                    ),
+                    Ok(v) if g.shard_of(v.as_ref()).ok().map(mask_of) == Some(mask) => None,
+                    Ok(_) => Some(
+                        "an UPDATE may not change a row's sharding key to a value owned by another shard: the row would have to move between shards; delete it and insert it again instead",
+                    ),
+                    Err(_) => Some(
+                        "an UPDATE may set the sharding key only to a constant or a parameter (the proxy checks the new key stays on the row's shard)",
+                    ),
+                };
+                if let Some(message) = refusal {
+                    return Placement::Refused(Refusal::unsupported(message));
+                }
+            }
+            if t.copy_in.is_some() {
+                return Placement::CopySplit(sh.all_shards());
+            }
+            match mask.count_ones() {
+                0 => Placement::One(sh.default_shard),
+                1 => Placement::One(mask.trailing_zeros() as usize),
+                _ if *rows => Placement::Split(mask),
+                _ => Placement::Many(mask),
+            }
+        }
+    };
+    match placement {
+        Placement::Many(_) | Placement::Split(_) if t.spread_refusal.is_some() => {
+            Placement::Refused(t.spread_refusal.clone().unwrap_or_else(|| Refusal::unsupported("")))
+        }
+        Placement::Many(_) | Placement::Split(_) if t.cursor => Placement::Refused(Refusal::unsupported(
+            "a cursor over rows of several shards is not supported: declare it with the sharding key in its WHERE clause (or a /* shardline: shard=NAME */ comment)",
+        )),
+        Placement::Many(mask) if t.explain => Placement::One(mask.trailing_zeros() as usize),
+        Placement::Many(_) if t.copy_in.is_some() => Placement::CopySplit(sh.all_shards()),
+        Placement::Many(mask) if !t.write && t.needs_merge.is_some() => Placement::Merge(mask),
+        Placement::Many(_)
+            if !sh.broadcast_writes
+                && matches!(t.scope, Scope::Sharded { .. }) =>
+        {
+            Placement::Refused(Refusal::unsupported(
+                "UPDATE or DELETE without the sharding key would run on every shard, and sharding.broadcast_writes is off",
+            ))
+        }
+        other => other,
+    }
+}
+
+/// The one shard a statement with pinned subqueries, CTEs or branches
+/// runs on (`Template::pinned`): every restricted part names the same
+/// single shard, the top level's `mask` included. A part whose keys
+/// contradict themselves (`id = 1 AND id = 2`) reads no rows anywhere and
+/// does not count.
+pub(super) fn pinned_mask(
+    t: &Template,
+    mask: ShardMask,
+    sh: &Sharding,
+    values: &Values,
+) -> Result<ShardMask, Refusal> {
+    if t.pinned.is_empty() {
+        return Ok(mask);
+    }
+    let mut one: ShardMask = 0;
+    for m in std::iter::once(Ok(mask)).chain(
+        t.pinned
+            .iter()
+            .map(|(group, key)| key_mask(key, &sh.groups[*group], sh, values)),
+    ) {
+        let m = m.map_err(|e| Refusal {
+            code: "22023",
+            message: e,
+        })?;
+        if m == 0 {
+            continue;
+        }
+        if m.count_ones() > 1 || (one != 0 && one != m) {
+            return Err(Refusal::unsupported(
+                "the statement's subqueries, CTEs or set-operation branches read rows of different shards (or the statement reads several shards): it runs whole only on one shard; name keys of one shard in each, or add a /* shardline: shard=NAME */ comment",
+            ));
+        }
+        one = m;
+    }
+    Ok(one)
+}
+
+/// The value of one key source.
+pub(super) fn key_value(
+    src: &KeySrc,
+    g: &crate::sharding::Group,
+    values: &Values,
+) -> Result<Option<KeyValue>, ()> {
+    let input = values.input;
+    match *src {
+        KeySrc::Null => Ok(None),
+        KeySrc::Unknown => Err(()),
+        KeySrc::Param { n, ty } => {
+            let i = (n as usize).wrapping_sub(1);
+            let (format, value) = *input.params.get(i).ok_or(())?;
+            let Some(v) = value else { return Ok(None) };
+            // A type the Parse declared wins over what the text implies.
+            let declared = input
+                .param_types
+                .get(i)
+                .copied()
+                .and_then(ParamType::of_oid);
+            param_key(g, declared.unwrap_or(ty), format == 1, v)
+                .map(Some)
+                .ok_or(())
+        }
+        KeySrc::Const { ordinal, negative } => {
+            let text = values.constant(ordinal as usize).ok_or(())?;
+            let text = if negative { format!("-{text}") } else { text };
+            g.key_from_text(&text).map(Some).ok_or(())
+        }
+    }
+}
+
+/// The key a bound parameter of type `ty` holds; `None` when its value is
+/// not one key (a fraction, a type the proxy does not read): the statement
+/// then runs wherever the key could be.
+pub(super) fn param_key(
+    g: &crate::sharding::Group,
+    ty: ParamType,
+    binary: bool,
+    v: &[u8],
+) -> Option<KeyValue> {
+    let integral = |f: f64| {
+        (f.fract() == 0.0 && f.abs() < 9.0e18).then(|| g.key_from_text(&(f as i64).to_string()))?
+    };
+    match (ty, binary) {
+        (ParamType::Column, true) => g.key_from_binary(v),
+        (ParamType::Other, _) => None,
+        (ParamType::Float, false) => integral(std::str::from_utf8(v).ok()?.trim().parse().ok()?),
+        (_, false) => g.key_from_text(std::str::from_utf8(v).ok()?),
+        (ParamType::Int, true) => {
+            let n = match v.len() {
+                2 => i16::from_be_bytes(v.try_into().ok()?) as i64,
+                4 => i32::from_be_bytes(v.try_into().ok()?) as i64,
+                8 => i64::from_be_bytes(v.try_into().ok()?),
+                _ => return None,
+            };
+            g.key_from_text(&n.to_string())
+        }
+        (ParamType::Text, true) => g.key_from_text(std::str::from_utf8(v).ok()?),
+        (ParamType::Uuid, true) => match g.key_type {
+            shardline_config::KeyType::Uuid => g.key_from_binary(v),
+            _ => None,
+        },
+        (ParamType::Float, true) => match v.len() {
+            4 => integral(f32::from_be_bytes(v.try_into().ok()?) as f64),
+            8 => integral(f64::from_be_bytes(v.try_into().ok()?)),
+            _ => None,
+        },
+    }
+}
+
+/// Key values read from one statement: its constants (scanned once, when
+/// a key needs one) and its parameters.
+pub(super) struct Values<'a, 'b> {
+    input: &'b KeyInput<'a>,
+    spans: std::cell::OnceCell<Vec<(usize, usize)>>,
+}
+
+impl<'a, 'b> Values<'a, 'b> {
+    pub(super) fn new(input: &'b KeyInput<'a>) -> Self {
+        Values {
+            input,
+            spans: std::cell::OnceCell::new(),
+        }
+    }
+
+    fn constant(&self, n: usize) -> Option<String> {
+        let spans = self.spans.get_or_init(|| {
+            let mut v = Vec::new();
+            crate::lexer::scan_constants(self.input.sql, |s, e| v.push((s, e)));
+            v
+        });
+        let (s, e) = *spans.get(n)?;
+        Some(constant_value(self.input.sql, s, e))
+    }
+}
+
+pub(super) fn key_mask(
+    key: &KeyExpr,
+    g: &crate::sharding::Group,
+    sh: &Sharding,
+    values: &Values,
+) -> Result<ShardMask, String> {
+    let input = values.input;
+    Ok(match key {
+        KeyExpr::All => sh.all_shards(),
+        KeyExpr::Keys(srcs) => {
+            let mut m = 0;
+            for s in srcs {
+                match key_value(s, g, values) {
+                    Ok(v) => m |= mask_of(g.shard_of(v.as_ref())?),
+                    // A value the column type would reject: every shard
+                    // reports the server's own error.
+                    Err(()) => return Ok(sh.all_shards()),
+                }
+            }
+            m
+        }
+        KeyExpr::AnyParam(n) => {
+            let Some(&(format, Some(v))) = input.params.get((*n as usize).wrapping_sub(1)) else {
+                return Ok(sh.all_shards());
+            };
+            let Some(values) = array_elements(format, v, g) else {
+                return Ok(sh.all_shards());
+            };
+            let mut m = 0;
+            for v in values {
+                m |= mask_of(g.shard_of(v.as_ref())?);
+            }
+            m
+        }
+        KeyExpr::And(xs) => {
+            let mut m = sh.all_shards();
+            for x in xs {
+                m &= key_mask(x, g, sh, values)?;
+            }
+            m
+        }
+        KeyExpr::Or(xs) => {
+            let mut m = 0;
+            for x in xs {
+                m |= key_mask(x, g, sh, values)?;
+            }
+            m
+        }
+    })
+}
+
+/// Elements of an array parameter, text (`{1,2,"x"}`) or binary format.
+pub(super) fn array_elements(
+    format: i16,
+    v: &[u8],
+    g: &crate::sharding::Group,
+) -> Option<Vec<Option<KeyValue>>> {
+    if format == 1 {
+        let int =
+            |b: &[u8]| -> Option<i32> { Some(i32::from_be_bytes(b.get(..4)?.try_into().ok()?)) };
+        let ndim = int(v)?;
+        if ndim == 0 {
+            return Some(Vec::new());
+        }
+        if ndim != 1 {
+            return None;
+        }
+        let count = int(v.get(12..)?)?;
+        let mut pos = 20;
+        let mut out = Vec::new();
+        for _ in 0..count {
+            let len = int(v.get(pos..)?)?;
+            pos += 4;
+            if len < 0 {
+                out.push(None);
+                continue;
+            }
+            let e = v.get(pos..pos + len as usize)?;
+            pos += len as usize;
+            out.push(Some(g.key_from_binary(e)?));
+        }
+        return Some(out);
+    }
+    let s = std::str::from_utf8(v).ok()?.trim();
+    let inner = s.strip_prefix('{')?.strip_suffix('}')?;
+    if inner.trim().is_empty() {
+        return Some(Vec::new());
+    }
+    let mut out = Vec::new();
+    let mut cur = String::new();
+    let mut quoted = false;
+    let mut was_quoted = false;
+    let mut chars = inner.chars();
+    let mut push = |cur: &mut String, was_quoted: bool| -> Option<()> {
+        let item = if was_quoted {
+            cur.clone()
+        } else {
+            cur.trim().to_string()
+        };
+        if !was_quoted && item.eq_ignore_ascii_case("null") {
+            out.push(None);
+        } else {
+            out.push(Some(g.key_from_text(&item)?));
+        }
+        cur.clear();
+        Some(())
+    };
+    while let Some(c) = chars.next() {
+        match c {
+            '"' => {
+                quoted = !quoted;
+                was_quoted = true;
+            }
+            '\\' if quoted => cur.push(chars.next()?),
+            ',' if !quoted => {
+                push(&mut cur, was_quoted)?;
+                was_quoted = false;
+            }
+            '{' | '}' if !quoted => return None,
+            c => cur.push(c),
+        }
+    }
+    push(&mut cur, was_quoted)?;
+    Some(out)
+}
+
+/// The placement of statements sent together (one simple query, or one
+/// extended-protocol unit): they must agree on their shards.
+pub fn combine(a: Placement, b: Placement) -> Placement {
+    use Placement::*;
+    match (a, b) {
+        (r @ Refused(_), _) | (_, r @ Refused(_)) => r,
+        (Anywhere, x) | (x, Anywhere) => x,
+        (Spread, Spread) => Spread,
+        (Spread, One(s)) | (One(s), Spread) => One(s),
+        (One(a), One(b)) if a == b => One(a),
+        (Many(a), Many(b)) if a == b => Many(a),
+        (Spread, Many(m)) | (Many(m), Spread) => Many(m),
+        (Merge(_), _) | (_, Merge(_)) => Refused(Refusal::unsupported(
+            "a statement whose rows are merged across shards (ORDER BY, LIMIT, aggregates, DISTINCT) must be sent alone, not with other statements in one query string or pipeline",
+        )),
+        _ => Refused(Refusal::unsupported(
+            "statements sent together (in one query string, or in one pipeline up to Sync) reach different shards; send them separately",
+        )),
+    }
+}
