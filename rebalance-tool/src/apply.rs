@@ -1245,6 +1245,17 @@ impl Run<'_> {
         )
     }
 
+    /// The step's key (`$1`..`$5` of `STEP_KEY`) followed by `more`.
+    fn step_params<'s>(
+        &'s self,
+        s: &'s Step,
+        more: &[&'s (dyn tokio_postgres::types::ToSql + Sync)],
+    ) -> Vec<&'s (dyn tokio_postgres::types::ToSql + Sync)> {
+        let mut params = self.key_params(s).to_vec();
+        params.extend_from_slice(more);
+        params
+    }
+
     fn key_params<'s>(&'s self, s: &'s Step) -> [&'s (dyn tokio_postgres::types::ToSql + Sync); 5] {
         [
             &self.id,
@@ -1408,14 +1419,7 @@ impl Run<'_> {
             &format!(
                 "UPDATE shardline.rebalance_steps SET state = 'copied', rows = $6, updated = now() WHERE {STEP_KEY}"
             ),
-            &[
-                &self.id,
-                &s.table,
-                &self.r.names[s.source],
-                &self.r.names[s.target],
-                &s.chunk,
-                &(rows as i64),
-            ],
+            &self.step_params(s, &[&(rows as i64)]),
         )
         .await
         .on(&self.servers, s.target, &what)?;
@@ -1522,15 +1526,7 @@ impl Run<'_> {
                 &format!(
                     "UPDATE shardline.rebalance_steps SET state = 'verified', rows = $6, checksum = $7, updated = now() WHERE {STEP_KEY}"
                 ),
-                &[
-                    &self.id,
-                    &s.table,
-                    &self.r.names[s.source],
-                    &self.r.names[s.target],
-                    &s.chunk,
-                    &sum.0,
-                    &sum.1,
-                ],
+                &self.step_params(s, &[&sum.0, &sum.1]),
             )
             .await
             .on(&self.servers, s.target, what)?;
@@ -1909,14 +1905,7 @@ impl Run<'_> {
         }
         tx.execute(
             "INSERT INTO shardline.rebalance_deletes (run, table_name, source, target, chunk, rows) VALUES ($1, $2, $3, $4, $5, $6)",
-            &[
-                &self.id,
-                &s.table,
-                &self.r.names[s.source],
-                &self.r.names[s.target],
-                &s.chunk,
-                &expected,
-            ],
+            &self.step_params(s, &[&expected]),
         )
         .await
         .on(&self.servers, s.source, what)?;
