@@ -251,12 +251,13 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
         run.forget().await?;
     }
     summary.nothing_to_move = !resumed && steps.is_empty();
-    // Rows on a shard the new config removes would be lost with it: they
-    // were written after their range moved (writes were not stopped).
-    let left = run.rows_on(&r.removed()).await?;
+    // Rows written after their range moved (writes were not stopped) are on
+    // the wrong shard: lost with a removed shard, not found by key on a kept
+    // one. The config is installed only when there are none.
+    let left = run.left_behind().await?;
     if !left.is_empty() {
         bail!(
-            "{}: written after their rows moved (writes were not stopped), they would be lost with the shard. Every other row is moved and verified; the new config was not installed. Stop the writes, move those rows to the shards the new config gives them (INSERT them through a proxy running the new config, then DELETE them from the removed shard), and run apply again: it moves nothing more and installs the config.",
+            "{}: written after their rows moved (writes were not stopped), they are not where the new config looks for them (on a removed shard they would be lost with it). Every other row is moved and verified; the new config was not installed. Stop the writes, move those rows to the shards the new config gives them (INSERT them through a proxy running the new config, then DELETE them from the shard named), and run apply again: it moves nothing more and installs the config.",
             left.join("; ")
         );
     }
@@ -1187,26 +1188,49 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Sharded rows left on `shards` (named, by table), e.g. on shards the
-    /// new config removes.
-    async fn rows_on(&self, shards: &[usize]) -> Result<Vec<String>> {
+    /// Sharded rows the new config places on another shard than the one
+    /// holding them (named, by table): every row of a shard it removes, and
+    /// rows of a kept shard whose key it places elsewhere. After a move,
+    /// only rows written during it (writes were not stopped) can be there.
+    async fn left_behind(&self) -> Result<Vec<String>> {
+        let removed = self.r.removed();
         let mut left = Vec::new();
-        for &id in shards {
+        for id in removed
+            .iter()
+            .copied()
+            .chain(self.r.new_ids.iter().copied())
+        {
             let c = self.servers.get(id).await?;
+            let gone = removed.contains(&id);
             for t in self.r.tables() {
+                let filter = if gone {
+                    "true".to_string()
+                } else {
+                    format!("({}) <> {id}", self.r.new_owner_sql(t))
+                };
                 let n: i64 = c
                     .query_one(
-                        &format!("SELECT count(*) FROM {}", quote_table(&t.name)),
+                        &format!(
+                            "SELECT count(*) FROM {} WHERE {filter}",
+                            quote_table(&t.name)
+                        ),
                         &[],
                     )
                     .await
                     .on(&self.servers, id, &format!("counting rows of {}", t.name))?
                     .get(0);
                 if n > 0 {
-                    left.push(format!(
-                        "shard {} (removed by the new config) holds {n} rows of {}",
-                        self.r.names[id], t.name
-                    ));
+                    left.push(if gone {
+                        format!(
+                            "shard {} (removed by the new config) holds {n} rows of {}",
+                            self.r.names[id], t.name
+                        )
+                    } else {
+                        format!(
+                            "shard {} holds {n} rows of {} that the new config places on other shards",
+                            self.r.names[id], t.name
+                        )
+                    });
                 }
             }
         }

@@ -603,17 +603,31 @@ async fn grow_to_three_shards_and_shrink_back() {
         2,
         &format!("INSERT INTO users VALUES ({late}, 'late', 0, now())"),
     );
+    // And one on a kept shard that the new config places on the other one
+    // (before, apply exited 0 and the row was not found by key).
+    let stray = (USERS + 1..)
+        .map(|i| user_id(i).to_string())
+        .find(|k| user_owner(&two, k) == 1)
+        .unwrap();
+    env.sql_shard(
+        0,
+        &format!("INSERT INTO users VALUES ({stray}, 'stray', 0, now())"),
+    );
     let (code, out, err) = tool(&back);
     assert_eq!(code, 1, "{out}\n{err}");
     assert!(
         err.contains("shard s2 (removed by the new config) holds 1 rows of users")
+            && err.contains(
+                "shard s0 holds 1 rows of users that the new config places on other shards"
+            )
             && err.contains("the new config was not installed"),
         "{err}"
     );
     assert_eq!(std::fs::read_to_string(&back_from).unwrap(), three);
-    // The operator takes the late row off s2 (here: it is dropped); the
+    // The operator takes the late rows off (here: they are dropped); the
     // rerun installs the config.
     env.sql_shard(2, &format!("DELETE FROM users WHERE id = {late}"));
+    env.sql_shard(0, &format!("DELETE FROM users WHERE id = {stray}"));
     let (code, out, err) = tool(&back);
     assert_eq!(code, 0, "{out}\n{err}");
     assert!(out.contains("Nothing to move"), "{out}");
