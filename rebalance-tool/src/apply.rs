@@ -874,19 +874,7 @@ impl Run<'_> {
             let (old, new) = (r.old_owner_sql(t), r.new_owner_sql(t));
             let all: Vec<usize> = (0..r.names.len()).collect();
             let everywhere = db::owner_counts_on(&self.servers, &all, &t.name, &old, &new).await?;
-            // (source, target) pairs with rows still to move.
-            let moving: Vec<(i32, i32)> = everywhere
-                .iter()
-                .enumerate()
-                .flat_map(|(id, counts)| {
-                    counts.iter().filter_map(move |c| match (c.0, c.1) {
-                        (Some(from), Some(to)) if from == id as i32 && to != from && c.2 > 0 => {
-                            Some((from, to))
-                        }
-                        _ => None,
-                    })
-                })
-                .collect();
+            let moving = db::moving_pairs(&all, &everywhere);
             for (id, counts) in everywhere.into_iter().enumerate() {
                 // A target of recorded steps holds rows copied there; others
                 // must hold only their own rows, or rows already moved there
@@ -894,13 +882,8 @@ impl Run<'_> {
                 // the same shard.
                 let misplaced: i64 = counts
                     .iter()
-                    .filter(|c| c.0 != Some(id as i32))
-                    .filter(|c| {
-                        let moved_here = c.1 == Some(id as i32)
-                            && c.0.is_some_and(|from| !moving.contains(&(from, id as i32)));
-                        !moved_here
-                    })
-                    .map(|c| c.2)
+                    .filter(|c| c.old != Some(id as i32) && !c.moved_to(id, &moving))
+                    .map(|c| c.rows)
                     .sum();
                 if misplaced > 0 && !self.resumed_targets.contains(&id) {
                     problems.push(format!(
@@ -910,7 +893,9 @@ impl Run<'_> {
                     ));
                     continue;
                 }
-                for (_, to, rows, _) in counts.into_iter().filter(|c| c.0 == Some(id as i32)) {
+                for db::OwnerCount { new: to, rows, .. } in
+                    counts.into_iter().filter(|c| c.old == Some(id as i32))
+                {
                     let Some(to) = to.map(|v| v as usize) else {
                         problems.push(format!(
                             "{rows} rows of {} on shard {} have no shard under the new config (a range or list without their key)",

@@ -540,14 +540,53 @@ pub async fn definition(
     Ok(out)
 }
 
+/// Rows of a table on one server that have the same owners under two
+/// placements (`None`: placed nowhere).
+#[derive(Debug, Clone, Copy)]
+pub struct OwnerCount {
+    pub old: Option<i32>,
+    pub new: Option<i32>,
+    pub rows: i64,
+    pub bytes: i64,
+}
+
+impl OwnerCount {
+    /// Rows on shard `id` that an earlier run moved there: the new config
+    /// places them on `id`, and nothing more moves there from their old
+    /// shard (`moving`, from [`moving_pairs`]).
+    pub fn moved_to(&self, id: usize, moving: &[(i32, i32)]) -> bool {
+        self.new == Some(id as i32)
+            && self
+                .old
+                .is_some_and(|from| !moving.contains(&(from, id as i32)))
+    }
+}
+
+/// The (old owner, new owner) pairs with rows still to move: rows on their
+/// old owner (`ids[i]` holds `counts[i]`) that the new config places on
+/// another shard.
+pub fn moving_pairs(ids: &[usize], counts: &[Vec<OwnerCount>]) -> Vec<(i32, i32)> {
+    ids.iter()
+        .zip(counts)
+        .flat_map(|(&id, counts)| {
+            counts.iter().filter_map(move |c| match (c.old, c.new) {
+                (Some(from), Some(to)) if from == id as i32 && to != from && c.rows > 0 => {
+                    Some((from, to))
+                }
+                _ => None,
+            })
+        })
+        .collect()
+}
+
 /// Rows of `table` on one server grouped by their owner under two
-/// placements: `(old owner, new owner, rows, bytes)`.
+/// placements.
 pub async fn owner_counts(
     client: &Object,
     table: &str,
     old_owner: &str,
     new_owner: &str,
-) -> Result<Vec<(Option<i32>, Option<i32>, i64, i64)>, tokio_postgres::Error> {
+) -> Result<Vec<OwnerCount>, tokio_postgres::Error> {
     let sql = format!(
         "SELECT {old_owner}, {new_owner}, count(*), coalesce(sum(pg_column_size(shardline_row.*)), 0)::int8
            FROM {} shardline_row GROUP BY 1, 2",
@@ -557,7 +596,12 @@ pub async fn owner_counts(
         .query(&sql, &[])
         .await?
         .iter()
-        .map(|r| (r.get(0), r.get(1), r.get(2), r.get(3)))
+        .map(|r| OwnerCount {
+            old: r.get(0),
+            new: r.get(1),
+            rows: r.get(2),
+            bytes: r.get(3),
+        })
         .collect())
 }
 
@@ -589,7 +633,7 @@ pub async fn owner_counts_on(
     table: &str,
     old_owner: &str,
     new_owner: &str,
-) -> Result<Vec<Vec<(Option<i32>, Option<i32>, i64, i64)>>> {
+) -> Result<Vec<Vec<OwnerCount>>> {
     let what = format!("counting rows of {table}");
     let work = ids.iter().map(|&id| {
         let what = &what;

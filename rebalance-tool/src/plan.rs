@@ -113,26 +113,19 @@ pub async fn plan(r: &Rebalance, login: &Login) -> Result<PlanReport> {
             report.missing.push((t.name.clone(), r.names[id].clone()));
         }
         let everywhere = db::owner_counts_on(&servers, &present, &t.name, &old, &new).await?;
-        // (source, target) pairs with rows still to move.
-        let moving: Vec<(i32, i32)> = present
-            .iter()
-            .zip(&everywhere)
-            .flat_map(|(&id, counts)| {
-                counts.iter().filter_map(move |c| match (c.0, c.1) {
-                    (Some(from), Some(to)) if from == id as i32 && to != from && c.2 > 0 => {
-                        Some((from, to))
-                    }
-                    _ => None,
-                })
-            })
-            .collect();
+        let moving = db::moving_pairs(&present, &everywhere);
         for (id, counts) in present.into_iter().zip(everywhere) {
-            for (from, to, rows, bytes) in counts {
+            for c in counts {
+                let db::OwnerCount {
+                    old: from,
+                    new: to,
+                    rows,
+                    bytes,
+                } = c;
                 // Already where the new config places them (an earlier
                 // run moved them), with nothing more to move there from
                 // their old shard: not misplaced, as apply sees them.
-                let moved_here = to == Some(id as i32)
-                    && from.is_some_and(|f| !moving.contains(&(f, id as i32)));
+                let moved_here = c.moved_to(id, &moving);
                 if from != Some(id as i32) && !moved_here {
                     report.misplaced.push(Misplaced {
                         table: t.name.clone(),

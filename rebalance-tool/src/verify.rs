@@ -129,11 +129,14 @@ pub async fn verify(p: &Placement, login: &Login) -> Result<VerifyReport> {
             let mut check = TableCheck {
                 table: t.name.clone(),
                 shard: p.shards[id].clone(),
-                rows: counts.iter().map(|c| c.2).sum(),
+                rows: counts.iter().map(|c| c.rows).sum(),
                 misplaced: 0,
                 belong: Vec::new(),
             };
-            for (owner, _, rows, _) in counts {
+            for db::OwnerCount {
+                old: owner, rows, ..
+            } in counts
+            {
                 if owner != Some(id as i32) {
                     check.misplaced += rows;
                     let shard =
