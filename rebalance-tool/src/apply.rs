@@ -123,6 +123,15 @@ struct Step {
     checksum: Option<String>,
 }
 
+/// A table's primary key, as [`Run::recopy`] matches rows by it.
+struct Key {
+    columns: Vec<String>,
+    /// The columns quoted, comma-separated.
+    list: String,
+    /// `ROW(list)::text`: one row's key as text, the same on every server.
+    text: String,
+}
+
 /// What a run did, for the summary.
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -1627,10 +1636,10 @@ impl Run<'_> {
         ))
     }
 
-    /// A step's primary key as `ROW(columns)::text`, or `None` without one
-    /// (when something references the table, the rows cannot be matched
-    /// up and the run stops).
-    async fn key_text(&self, s: &Step, what: &str) -> Result<Option<String>> {
+    /// A step's primary key, or `None` without one (when something
+    /// references the table, the rows cannot be matched up and the run
+    /// stops).
+    async fn primary_key(&self, s: &Step, what: &str) -> Result<Option<Key>> {
         let target = self.servers.get(s.target).await?;
         let (key, referenced) =
             db::key_and_referenced(&target, &s.table)
@@ -1643,8 +1652,16 @@ impl Run<'_> {
             );
         }
         Ok((!key.is_empty()).then(|| {
-            let list: Vec<String> = key.iter().map(|c| quote_ident(c)).collect();
-            format!("ROW({})::text", list.join(", "))
+            let list = key
+                .iter()
+                .map(|c| quote_ident(c))
+                .collect::<Vec<_>>()
+                .join(", ");
+            Key {
+                text: format!("ROW({list})::text"),
+                list,
+                columns: key,
+            }
         }))
     }
 
@@ -1661,7 +1678,7 @@ impl Run<'_> {
         let table = quote_table(&s.table);
         let source = self.servers.get(s.source).await?;
         let mut target = self.servers.get(s.target).await?;
-        let Some(key_text) = self.key_text(s, &what).await? else {
+        let Some(key) = self.primary_key(s, &what).await? else {
             // Nothing references it: the whole range is copied again.
             let tx = target
                 .transaction()
@@ -1684,7 +1701,7 @@ impl Run<'_> {
             tx.commit().await.on(&self.servers, s.target, &what)?;
             return Ok(n);
         };
-        let (now, copied) = self.row_hashes(s, &key_text, &what).await?;
+        let (now, copied) = self.row_hashes(s, &key.text, &what).await?;
         let write: Vec<&String> = now
             .iter()
             .filter(|(k, h)| copied.get(*k) != Some(*h))
@@ -1698,7 +1715,8 @@ impl Run<'_> {
         let taken: i64 = target
             .query_one(
                 &format!(
-                    "SELECT count(*) FROM {table} WHERE {key_text} = ANY($1) AND NOT ({filter})"
+                    "SELECT count(*) FROM {table} WHERE {} = ANY($1) AND NOT ({filter})",
+                    key.text
                 ),
                 &[&write],
             )
@@ -1714,7 +1732,8 @@ impl Run<'_> {
         let rows: String = source
             .query_one(
                 &format!(
-                    "SELECT coalesce(json_agg(x), '[]')::text FROM (SELECT {list} FROM {table} WHERE {filter} AND {key_text} = ANY($1)) x"
+                    "SELECT coalesce(json_agg(x), '[]')::text FROM (SELECT {list} FROM {table} WHERE {filter} AND {} = ANY($1)) x",
+                    key.text
                 ),
                 &[&write],
             )
@@ -1723,13 +1742,12 @@ impl Run<'_> {
             .get(0);
         let set: Vec<String> = cols
             .iter()
-            .filter(|c| !c.generated && !key_text.contains(&quote_ident(&c.name)))
+            .filter(|c| !c.generated && !key.columns.contains(&c.name))
             .map(|c| {
                 let c = quote_ident(&c.name);
                 format!("{c} = EXCLUDED.{c}")
             })
             .collect();
-        let key_list = &key_text["ROW(".len()..key_text.len() - ")::text".len()];
         let on_conflict = if set.is_empty() {
             "DO NOTHING".to_string()
         } else {
@@ -1738,7 +1756,8 @@ impl Run<'_> {
         target
             .execute(
                 &format!(
-                    "INSERT INTO {table} ({list}) SELECT {list} FROM json_populate_recordset(NULL::{table}, $1::text::json) ON CONFLICT ({key_list}) {on_conflict}"
+                    "INSERT INTO {table} ({list}) SELECT {list} FROM json_populate_recordset(NULL::{table}, $1::text::json) ON CONFLICT ({}) {on_conflict}",
+                    key.list
                 ),
                 &[&rows],
             )
@@ -1754,10 +1773,10 @@ impl Run<'_> {
             "removing rows of {} {} -> {} chunk {} that its source no longer has",
             s.table, self.r.names[s.source], self.r.names[s.target], s.chunk
         );
-        let Some(key_text) = self.key_text(s, &what).await? else {
+        let Some(key) = self.primary_key(s, &what).await? else {
             return Ok(0);
         };
-        let (now, copied) = self.row_hashes(s, &key_text, &what).await?;
+        let (now, copied) = self.row_hashes(s, &key.text, &what).await?;
         let gone: Vec<&String> = copied.keys().filter(|k| !now.contains_key(*k)).collect();
         if gone.is_empty() {
             return Ok(0);
@@ -1766,9 +1785,10 @@ impl Run<'_> {
         target
             .execute(
                 &format!(
-                    "DELETE FROM {} WHERE {} AND {key_text} = ANY($1)",
+                    "DELETE FROM {} WHERE {} AND {} = ANY($1)",
                     quote_table(&s.table),
-                    self.filter(s)
+                    self.filter(s),
+                    key.text
                 ),
                 &[&gone],
             )
