@@ -132,6 +132,14 @@ struct Key {
     text: String,
 }
 
+/// How a step's copy differs from its source: keys (`Key::text`) of the
+/// rows to write again and of the rows to remove from the copy.
+struct Diff {
+    key: Key,
+    write: Vec<String>,
+    gone: Vec<String>,
+}
+
 /// What a run did, for the summary.
 #[derive(Debug, Default)]
 pub struct Summary {
@@ -1562,15 +1570,21 @@ impl Run<'_> {
     /// Each range is then verified again and recorded with its new count
     /// and checksum. Every part can be repeated: a rerun compares again.
     async fn recopy(&self, steps: &mut [Step], changed: &[usize]) -> Result<()> {
+        let mut diffs: HashMap<usize, Option<Diff>> = HashMap::new();
+        for &i in changed {
+            diffs.insert(i, self.diff(&steps[i]).await?);
+        }
         let mut tally: HashMap<usize, (u64, u64)> = HashMap::new();
         for table in &self.order {
             for &i in changed.iter().filter(|&&i| steps[i].table == *table) {
-                tally.entry(i).or_default().0 = self.rewrite(&steps[i]).await?;
+                tally.entry(i).or_default().0 = self.rewrite(&steps[i], diffs[&i].as_ref()).await?;
             }
         }
         for table in self.order.iter().rev() {
             for &i in changed.iter().filter(|&&i| steps[i].table == *table) {
-                tally.entry(i).or_default().1 = self.remove_gone(&steps[i]).await?;
+                if let Some(diff) = &diffs[&i] {
+                    tally.entry(i).or_default().1 = self.remove_gone(&steps[i], diff).await?;
+                }
             }
         }
         for &i in changed {
@@ -1610,16 +1624,19 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// Each row of a step on its source and on its target, by primary key:
-    /// `ROW(key)::text → row hash`.
-    async fn row_hashes(
-        &self,
-        s: &Step,
-        key_text: &str,
-        what: &str,
-    ) -> Result<(HashMap<String, i64>, HashMap<String, i64>)> {
+    /// How a step's rows on its target differ from its source now, by
+    /// primary key (`None` for a table without one, copied again whole).
+    async fn diff(&self, s: &Step) -> Result<Option<Diff>> {
+        let what = format!(
+            "comparing the rows of {} {} -> {} chunk {}",
+            s.table, self.r.names[s.source], self.r.names[s.target], s.chunk
+        );
+        let Some(key) = self.primary_key(s, &what).await? else {
+            return Ok(None);
+        };
         let sql = format!(
-            "SELECT {key_text}, {} FROM {} WHERE {}",
+            "SELECT {}, {} FROM {} WHERE {}",
+            key.text,
             db::row_hash_sql(&self.columns[&s.table]),
             quote_table(&s.table),
             self.filter(s)
@@ -1630,10 +1647,19 @@ impl Run<'_> {
         let by_key = |rows: Vec<tokio_postgres::Row>| -> HashMap<String, i64> {
             rows.iter().map(|r| (r.get(0), r.get(1))).collect()
         };
-        Ok((
-            by_key(a.on(&self.servers, s.source, what)?),
-            by_key(b.on(&self.servers, s.target, what)?),
-        ))
+        let now = by_key(a.on(&self.servers, s.source, &what)?);
+        let copied = by_key(b.on(&self.servers, s.target, &what)?);
+        let gone = copied
+            .keys()
+            .filter(|k| !now.contains_key(*k))
+            .cloned()
+            .collect();
+        let write = now
+            .into_iter()
+            .filter(|(k, h)| copied.get(k) != Some(h))
+            .map(|(k, _)| k)
+            .collect();
+        Ok(Some(Diff { key, write, gone }))
     }
 
     /// A step's primary key, or `None` without one (when something
@@ -1666,8 +1692,9 @@ impl Run<'_> {
     }
 
     /// Writes the rows of a step that differ on its target, or are missing
-    /// there, again from its source. Returns how many.
-    async fn rewrite(&self, s: &Step) -> Result<u64> {
+    /// there, again from its source (the whole range without a `diff`).
+    /// Returns how many.
+    async fn rewrite(&self, s: &Step, diff: Option<&Diff>) -> Result<u64> {
         let what = format!(
             "copying the changed rows of {} {} -> {} chunk {} again",
             s.table, self.r.names[s.source], self.r.names[s.target], s.chunk
@@ -1678,7 +1705,7 @@ impl Run<'_> {
         let table = quote_table(&s.table);
         let source = self.servers.get(s.source).await?;
         let mut target = self.servers.get(s.target).await?;
-        let Some(key) = self.primary_key(s, &what).await? else {
+        let Some(Diff { key, write, .. }) = diff else {
             // Nothing references it: the whole range is copied again.
             let tx = target
                 .transaction()
@@ -1701,12 +1728,6 @@ impl Run<'_> {
             tx.commit().await.on(&self.servers, s.target, &what)?;
             return Ok(n);
         };
-        let (now, copied) = self.row_hashes(s, &key.text, &what).await?;
-        let write: Vec<&String> = now
-            .iter()
-            .filter(|(k, h)| copied.get(*k) != Some(*h))
-            .map(|(k, _)| k)
-            .collect();
         if write.is_empty() {
             return Ok(0);
         }
@@ -1718,7 +1739,7 @@ impl Run<'_> {
                     "SELECT count(*) FROM {table} WHERE {} = ANY($1) AND NOT ({filter})",
                     key.text
                 ),
-                &[&write],
+                &[write],
             )
             .await
             .on(&self.servers, s.target, &what)?
@@ -1735,7 +1756,7 @@ impl Run<'_> {
                     "SELECT coalesce(json_agg(x), '[]')::text FROM (SELECT {list} FROM {table} WHERE {filter} AND {} = ANY($1)) x",
                     key.text
                 ),
-                &[&write],
+                &[write],
             )
             .await
             .on(&self.servers, s.source, &what)?
@@ -1768,16 +1789,12 @@ impl Run<'_> {
 
     /// Removes from a step's target the rows its source no longer has.
     /// Returns how many.
-    async fn remove_gone(&self, s: &Step) -> Result<u64> {
+    async fn remove_gone(&self, s: &Step, diff: &Diff) -> Result<u64> {
         let what = format!(
             "removing rows of {} {} -> {} chunk {} that its source no longer has",
             s.table, self.r.names[s.source], self.r.names[s.target], s.chunk
         );
-        let Some(key) = self.primary_key(s, &what).await? else {
-            return Ok(0);
-        };
-        let (now, copied) = self.row_hashes(s, &key.text, &what).await?;
-        let gone: Vec<&String> = copied.keys().filter(|k| !now.contains_key(*k)).collect();
+        let Diff { key, gone, .. } = diff;
         if gone.is_empty() {
             return Ok(0);
         }
@@ -1790,7 +1807,7 @@ impl Run<'_> {
                     self.filter(s),
                     key.text
                 ),
-                &[&gone],
+                &[gone],
             )
             .await
             .on(&self.servers, s.target, &what)
