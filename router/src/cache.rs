@@ -39,11 +39,9 @@ pub struct RouterStats {
 /// for one thread (tests, benchmarks); the proxy's sessions share a
 /// [`SharedRouter`].
 pub struct Router {
-    uncached: Uncached,
-    cache: Segment,
-    stats: RouterStats,
-    /// Reused buffer for cache keys.
-    key: String,
+    /// The shared router with a single segment: one LRU, as the proxy's
+    /// is per segment.
+    shared: SharedRouter,
 }
 
 /// Statements whose shape is longer than this are routed without being
@@ -100,61 +98,42 @@ impl Segment {
     }
 }
 
-impl RouterStats {
-    fn count_miss(&mut self, route: &Route) {
-        self.misses += 1;
-        if route.source == Source::Fallback {
-            self.fallbacks += 1;
-        }
-    }
-}
-
 impl Router {
     /// `sharding`: set when there are several shards (statements are then
     /// also analysed for their shards).
     pub fn new(options: Options, capacity: usize, sharding: Option<Arc<Sharding>>) -> Router {
         Router {
-            uncached: Uncached { options, sharding },
-            cache: Segment::new(capacity, DEFAULT_CACHE_BYTES),
-            stats: RouterStats::default(),
-            key: String::new(),
+            shared: SharedRouter::with_segments(
+                options,
+                capacity,
+                DEFAULT_CACHE_BYTES,
+                sharding,
+                1,
+            ),
         }
     }
 
     /// Bounds the cache's bytes (least recently used entries go first).
-    pub fn with_max_bytes(mut self, max_bytes: usize) -> Router {
-        self.cache.max_bytes = max_bytes.max(1);
+    pub fn with_max_bytes(self, max_bytes: usize) -> Router {
+        for segment in self.shared.segments.iter() {
+            segment.lock().unwrap_or_else(|p| p.into_inner()).max_bytes = max_bytes.max(1);
+        }
         self
     }
 
     /// The cache's entries and estimated bytes.
     pub fn cache_usage(&self) -> (usize, usize) {
-        (self.cache.cache.len(), self.cache.bytes)
+        self.shared.cache_usage()
     }
 
     /// Routes a statement, from the cache when one of the same shape was
     /// seen before (`shape`: the same text up to constant values).
     pub fn route(&mut self, sql: &str) -> Route {
-        let mut key = std::mem::take(&mut self.key);
-        shape(sql, &mut key);
-        let route = match self.cache.get(&key) {
-            Some(route) => {
-                self.stats.hits += 1;
-                route
-            }
-            None => {
-                let route = self.uncached.route(sql);
-                self.stats.count_miss(&route);
-                self.cache.put(&key, &route);
-                route
-            }
-        };
-        self.key = key;
-        route
+        self.shared.route(sql)
     }
 
     pub fn stats(&self) -> RouterStats {
-        self.stats
+        self.shared.stats()
     }
 }
 
@@ -183,11 +162,21 @@ impl SharedRouter {
         max_bytes: usize,
         sharding: Option<Arc<Sharding>>,
     ) -> SharedRouter {
-        let segments = (0..SEGMENTS)
+        SharedRouter::with_segments(options, capacity, max_bytes, sharding, SEGMENTS)
+    }
+
+    fn with_segments(
+        options: Options,
+        capacity: usize,
+        max_bytes: usize,
+        sharding: Option<Arc<Sharding>>,
+        segments: usize,
+    ) -> SharedRouter {
+        let segments = (0..segments)
             .map(|_| {
                 std::sync::Mutex::new(Segment::new(
-                    capacity.div_ceil(SEGMENTS),
-                    max_bytes.div_ceil(SEGMENTS),
+                    capacity.div_ceil(segments),
+                    max_bytes.div_ceil(segments),
                 ))
             })
             .collect();
@@ -209,7 +198,7 @@ impl SharedRouter {
         KEY.with(|key| {
             let mut key = key.borrow_mut();
             shape(sql, &mut key);
-            let segment = &self.segments[segment_of(&key)];
+            let segment = &self.segments[segment_of(&key) % self.segments.len()];
             let lock = || segment.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(route) = lock().get(&key) {
                 self.hits.fetch_add(1, Relaxed);
@@ -242,7 +231,7 @@ impl SharedRouter {
     }
 }
 
-/// The segment a shape's entry lives in: a multiply per 8 bytes of the key
+/// A shape's hash, which picks its segment: a multiply per 8 bytes of the key
 /// (segments need spread, not resistance to chosen keys).
 fn segment_of(key: &str) -> usize {
     let mut h: u64 = key.len() as u64;
@@ -251,7 +240,7 @@ fn segment_of(key: &str) -> usize {
         word[..chunk.len()].copy_from_slice(chunk);
         h = (h.rotate_left(5) ^ u64::from_le_bytes(word)).wrapping_mul(0x517c_c1b7_2722_0a95);
     }
-    (h >> 32) as usize % SEGMENTS
+    (h >> 32) as usize
 }
 
 /// What routing a statement needs, without the cache: owned, so it can be
@@ -442,7 +431,7 @@ mod tests {
     fn shapes_spread_over_the_segments() {
         let mut used = [0usize; SEGMENTS];
         for i in 0..1600 {
-            used[segment_of(&format!("SELECT c{i} FROM t WHERE id = $1"))] += 1;
+            used[segment_of(&format!("SELECT c{i} FROM t WHERE id = $1")) % SEGMENTS] += 1;
         }
         assert!(used.iter().all(|&n| (50..=150).contains(&n)), "{used:?}");
     }
