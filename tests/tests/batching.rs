@@ -556,6 +556,68 @@ async fn pipelines_and_merged_reads_join_the_client_transaction() {
     assert_eq!(status(&r), b'E');
     c.exchange(&[query("ROLLBACK")]).await.unwrap();
     assert_eq!(audit(&env, &sh), 5);
+
+    // PgJDBC's rollback() after a refused statement, with the next unit
+    // right behind it: the ROLLBACK is answered at once, and the next unit
+    // runs after the transaction, not refused as part of it (25P02).
+    let k = (9000..).find(|&k| owner(&sh, k) == 0).unwrap();
+    c.exchange(&[query("BEGIN")]).await.unwrap();
+    let r = c
+        .exchange(&[query(&format!(
+            "INSERT INTO users (id, name) VALUES ({k}, 'gone')"
+        ))])
+        .await
+        .unwrap();
+    assert_eq!(status(&r), b'T', "{r:?}");
+    let r = c
+        .exchange(&[
+            parse(
+                "",
+                "SELECT u.id FROM users u JOIN users v ON v.name = u.name",
+                &[],
+            ),
+            bind("", &[], 0),
+            describe(b'P', ""),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(
+        (error_code(&r[0].1), status(&r)),
+        ("0A000".into(), b'E'),
+        "{r:?}"
+    );
+    // Messages that arrive in pieces are judged once whole: a query cut in
+    // two, then the ROLLBACK's messages ahead of their Sync.
+    let q = query("SELECT 1");
+    c.send(&q[..7]).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    c.send(&q[7..]).await.unwrap();
+    let r = c.until_ready().await.unwrap();
+    assert_eq!(
+        (error_code(&r[0].1), status(&r)),
+        ("25P02".into(), b'E'),
+        "{r:?}"
+    );
+    c.send(&[parse("", "ROLLBACK", &[]), bind("", &[], 0), execute()].concat())
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let unit = [
+        sync(),
+        parse("", "SELECT count(*) FROM users WHERE id = $1", &[]),
+        bind("", &[(0, Some(&text(k)))], 0),
+        describe(b'P', ""),
+        execute(),
+        sync(),
+    ];
+    c.send(&unit.concat()).await.unwrap();
+    let r = c.until_ready().await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"12CZ".to_vec(), b'I'), "{r:?}");
+    let r = c.until_ready().await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"12TDCZ".to_vec(), b'I'), "{r:?}");
+    assert_eq!(r[3].1[6..].to_vec(), b"0".to_vec(), "{r:?}");
 }
 
 /// The ids of an answer's DataRows (first column, text).

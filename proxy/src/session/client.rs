@@ -5,7 +5,7 @@ use super::pending::{Answer, Kind, Pending, Synthetic};
 use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::protocol::frontend::{self, Malformed};
-use crate::protocol::{next_frame, peek_header, Frame};
+use crate::protocol::{complete_frames, next_frame, peek_header, Frame};
 use shardline_config::PoolMode;
 use shardline_router::effect::{self, Effect};
 use std::collections::VecDeque;
@@ -64,6 +64,18 @@ impl Session {
             }
             match peek_header(&self.client_in, self.shared.max_message_size) {
                 Ok(Some((tag, _))) if needs_server(tag) && !self.skip_until_sync => {
+                    if self.txn_refused && !self.unit_open {
+                        // In a failed transaction, a unit is judged whole,
+                        // and once the server owes nothing: a ROLLBACK the
+                        // proxy answered at once ends the transaction only
+                        // when the server has done it.
+                        if !self.pending.is_empty() {
+                            return Ok(Flow::Wait);
+                        }
+                        if !self.unit_arrived() {
+                            return Ok(Flow::Done);
+                        }
+                    }
                     if !self.participants.is_empty() && !self.unit_open {
                         match self.distributed_next()? {
                             Next::End(..) if !self.pending.is_empty() => return Ok(Flow::Wait),
@@ -96,9 +108,6 @@ impl Session {
                     }
                     if self.shared.sharding.is_some() && !self.unit_open {
                         if self.txn_refused && self.unit_ends_transaction()? {
-                            if !self.pending.is_empty() {
-                                return Ok(Flow::Wait);
-                            }
                             self.end_refused_unit()?;
                             continue;
                         }
@@ -165,6 +174,18 @@ impl Session {
         let simple = matches!(frame.tag, frontend::QUERY | frontend::FUNCTION_CALL);
         self.fail_request(e, simple);
         Ok(())
+    }
+
+    /// Whether the unit at the front of `client_in` has arrived whole (a
+    /// simple query or function call, or extended messages up to Sync), or
+    /// must be acted on anyway (`must_act`: a Flush, or more than is held).
+    fn unit_arrived(&self) -> bool {
+        let mut frames = complete_frames(&self.client_in, self.shared.max_message_size);
+        match frames.next() {
+            None => false,
+            Some((frontend::QUERY | frontend::FUNCTION_CALL | frontend::SYNC, _)) => true,
+            Some(_) => frames.any(|(tag, _)| tag == frontend::SYNC) || self.must_act(),
+        }
     }
 
     /// Whether the unit at the front of the buffer may follow the one in

@@ -607,18 +607,22 @@ impl Session {
             Synthetic::CommandComplete(tag) => backend::command_complete(out, tag),
             Synthetic::Rows(messages) => out.extend_from_slice(&messages),
             Synthetic::ReadyForQuery => {
-                let idle = match (self.deferred_begin.is_some(), self.txn_refused) {
-                    (true, true) => b'E',
-                    (true, false) => b'T',
-                    _ => b'I',
-                };
-                let status = match self.server.as_ref().map_or(idle, |s| s.tx_status) {
-                    b'T' if self.txn_refused => b'E',
-                    other => other,
-                };
+                let status = self.client_status(self.server.as_ref().map_or(b'I', |s| s.tx_status));
                 backend::ready_for_query(&mut self.client_out, status)
             }
             Synthetic::Error(e) => e.encode(out),
+        }
+    }
+
+    /// The transaction status the client is told, given the server's: in
+    /// its transaction while the BEGIN is deferred, and failed after a
+    /// statement the proxy refused (the server's transaction is still fine).
+    fn client_status(&self, server: u8) -> u8 {
+        match server {
+            b'I' if self.deferred_begin.is_some() && self.txn_refused => b'E',
+            b'I' if self.deferred_begin.is_some() => b'T',
+            b'T' if self.txn_refused => b'E',
+            other => other,
         }
     }
 

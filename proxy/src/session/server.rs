@@ -109,17 +109,21 @@ impl Session {
         }
         let survives = tag == ERROR_RESPONSE && self.client_session_survives();
         let hold = tag == READY_FOR_QUERY && self.holds_reply(&msg[5..]);
+        let client_status = match msg.get(5) {
+            Some(&status) if tag == READY_FOR_QUERY => Some(self.client_status(status)),
+            _ => None,
+        };
         let Some(front) = self.pending.front_mut() else {
             return Err("no pending request".into());
         };
         if (front.answer == Answer::Forward && !hold) || tag == ERROR_RESPONSE {
             let start = self.client_out.len();
             self.client_out.extend_from_slice(msg);
-            if tag == READY_FOR_QUERY && self.deferred_begin.is_some() {
-                // A statement prepared while the client's BEGIN waits: the
-                // client is in its transaction all the same.
-                if let Some(status) = self.client_out.last_mut().filter(|s| **s == b'I') {
-                    *status = if self.txn_refused { b'E' } else { b'T' };
+            if let Some(status) = client_status {
+                // A statement prepared while the client's BEGIN waits, or a
+                // transaction the proxy failed: `client_status`.
+                if let Some(last) = self.client_out.last_mut() {
+                    *last = status;
                 }
             }
             if survives {
