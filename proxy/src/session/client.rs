@@ -64,7 +64,7 @@ impl Session {
             }
             match peek_header(&self.client_in, self.shared.max_message_size) {
                 Ok(Some((tag, _))) if needs_server(tag) && !self.skip_until_sync => {
-                    if self.txn_refused && !self.unit_open {
+                    if self.txn.failed() && !self.unit_open {
                         // In a failed transaction, a unit is judged whole,
                         // and once the server owes nothing: a ROLLBACK the
                         // proxy answered at once ends the transaction only
@@ -81,7 +81,7 @@ impl Session {
                             Next::End(..) if !self.pending.is_empty() => return Ok(Flow::Wait),
                             Next::End(end) => return Ok(Flow::EndDistributed(end)),
                             Next::Refuse(e) => {
-                                self.txn_refused = true;
+                                self.txn.fail();
                                 self.fail_next_message(e)?;
                                 continue;
                             }
@@ -107,11 +107,11 @@ impl Session {
                         return Ok(Flow::Wait);
                     }
                     if self.shared.sharding.is_some() && !self.unit_open {
-                        if self.txn_refused && self.unit_ends_transaction()? {
+                        if self.txn.failed() && self.unit_ends_transaction()? {
                             self.end_refused_unit()?;
                             continue;
                         }
-                        if self.txn_refused {
+                        if self.txn.failed() {
                             if self.in_refused_transaction()? {
                                 continue;
                             }
@@ -134,9 +134,8 @@ impl Session {
                     {
                         return Ok(Flow::Wait);
                     }
-                    if !self.unit_open && self.deferred_begin.is_some() && self.plan_unit().executes
-                    {
-                        if let Some(begin) = self.deferred_begin.take() {
+                    if !self.unit_open && self.txn.has_begin() && self.plan_unit().executes {
+                        if let Some(begin) = self.txn.take_begin() {
                             // The transaction's BEGIN, deferred until a
                             // statement runs: this unit runs here, so the
                             // BEGIN goes first (preparing starts nothing).
@@ -356,7 +355,7 @@ impl Session {
             }
             _ => super::cross_shard_transaction(None, self.shared.two_phase.is_some()),
         };
-        self.txn_refused = true;
+        self.txn.fail();
         self.fail_next_message(e)?;
         Ok(Fit::Refused)
     }
@@ -379,7 +378,7 @@ impl Session {
                     // ROLLBACK TO SAVEPOINT recovers the transaction; a
                     // plain ROLLBACK ends it (and the release clears the flag).
                     if words.get(1).map(String::as_str) == Some("to") {
-                        self.txn_refused = false;
+                        self.txn.recover();
                     }
                     return Ok(false);
                 }
@@ -555,7 +554,7 @@ impl Session {
         let eligible = self.wrote
             && self.pending.is_empty()
             && self.pinned.is_none()
-            && self.deferred_begin.is_none()
+            && !self.txn.has_begin()
             && self.mode() == PoolMode::Transaction;
         let server = self.server.as_ref().filter(|_| eligible)?;
         let commits = match shardline_router::lone_transaction_end(text) {

@@ -14,6 +14,7 @@
 //! refused inside such a transaction.
 
 use super::fanout::Leg;
+use super::txn::Txn;
 use super::{End, Fit, Next, Session, TxnEnd};
 use crate::pool::PooledConnection;
 use crate::protocol::backend::{self, sqlstate, PgError};
@@ -151,7 +152,7 @@ impl Session {
         use shardline_router::classify::Class;
         if self.mode() != shardline_config::PoolMode::Transaction
             || self.server.is_some()
-            || self.deferred_begin.is_some()
+            || self.txn.has_begin()
             || !self.participants.is_empty()
             || !self.pending.is_empty()
         {
@@ -202,7 +203,7 @@ impl Session {
         answer_frames(&mut self.client_out, &frames, Ok("BEGIN"));
         let mut begin = BytesMut::new();
         frontend::write_query(&mut begin, &String::from_utf8_lossy(&text));
-        self.deferred_begin = Some(begin.freeze());
+        self.txn.set_begin(begin.freeze());
         Ok(true)
     }
 
@@ -247,8 +248,7 @@ impl Session {
                 },
             ));
         } else {
-            self.deferred_begin = None;
-            self.txn_refused = false;
+            self.txn = Txn::Plain;
         }
         self.txn_effects.clear();
         answer_unit(&mut self.client_out, &frames, Ok("ROLLBACK"));
@@ -318,9 +318,9 @@ impl Session {
         }
         let level = self.transaction_isolation().await;
         match level {
-            Some(level) => self.deferred_begin = Some(begin_frame(&level)),
+            Some(level) => self.txn.set_begin(begin_frame(&level)),
             // The participant did not answer: the transaction is failed.
-            None => self.txn_refused = true,
+            None => self.txn.fail(),
         }
     }
 
@@ -355,11 +355,10 @@ impl Session {
             conns.insert(0, c);
         }
         // A refused statement or a join that failed leaves the transaction failed.
-        let failed = self.txn_refused
-            || self.deferred_begin.is_some()
+        let failed = self.txn.failed()
+            || self.txn.has_begin()
             || conns.iter().any(|p| p.conn.tx_status != b'T');
-        self.deferred_begin = None;
-        self.txn_refused = false;
+        self.txn = Txn::Plain;
         self.coordinator = None;
         let effects = std::mem::take(&mut self.txn_effects);
         let outcome = if commit && !failed {
@@ -408,7 +407,7 @@ impl Session {
         &mut self,
         shards: &[usize],
     ) -> Result<(Vec<Leg>, Bytes), PgError> {
-        let deferred = self.deferred_begin.take();
+        let deferred = self.txn.take_begin();
         let begin = match &deferred {
             Some(b) => b.clone(),
             None => match self.transaction_isolation().await {
@@ -449,7 +448,9 @@ impl Session {
                 Err(e) => {
                     // Nothing was sent: the transaction keeps what it had.
                     legs.extend(held);
-                    self.deferred_begin = deferred;
+                    if let Some(begin) = deferred {
+                        self.txn.set_begin(begin);
+                    }
                     self.park_legs(legs.into_iter().filter(|l| l.joins.is_none()).collect());
                     return Err(e);
                 }
@@ -538,7 +539,7 @@ impl Session {
         } else {
             // No shard holds the transaction now: it is failed before any
             // server, as a refused first statement leaves one.
-            self.deferred_begin = Some(begin);
+            self.txn.set_begin(begin);
         }
         self.coordinator.get_or_insert(self.shard);
         self.read_attach = false;
@@ -546,7 +547,9 @@ impl Session {
         self.wrote |= writes;
         self.write_attach |= writes;
         let failed = failed || !whole;
-        self.txn_refused |= failed;
+        if failed {
+            self.txn.fail();
+        }
         backend::ready_for_query(&mut self.client_out, if failed { b'E' } else { b'T' });
     }
 

@@ -593,14 +593,14 @@ impl Session {
     /// ReadyForQuery after a fan-out: idle, or in the client's transaction
     /// (failed by an error, as Postgres fails one).
     fn fanout_ready(&mut self, failed: bool) {
-        let in_txn = self.deferred_begin.is_some()
+        let in_txn = self.txn.has_begin()
             || !self.participants.is_empty()
             || self.server.as_ref().is_some_and(|s| s.tx_status != b'I');
         let status = match (in_txn, failed) {
             (false, _) => b'I',
             (true, false) => b'T',
             (true, true) => {
-                self.txn_refused = true;
+                self.txn.fail();
                 b'E'
             }
         };

@@ -24,6 +24,7 @@ mod route;
 mod server;
 mod split;
 pub mod startup;
+mod txn;
 
 use crate::cancel::CancelSlot;
 use crate::pool::PooledConnection;
@@ -39,6 +40,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use tokio::sync::oneshot;
+use txn::Txn;
 
 pub use startup::LoggedIn;
 
@@ -156,10 +158,9 @@ pub struct Session {
     node: usize,
     /// The shard the attached server belongs to.
     shard: usize,
-    /// A statement of the open transaction was refused (it needed another
-    /// shard): the transaction is failed, as Postgres fails one after an
-    /// error, and its COMMIT becomes ROLLBACK.
-    txn_refused: bool,
+    /// What the proxy holds of the client's transaction: a BEGIN not sent
+    /// yet, a failure of its own (`txn.rs`).
+    txn: Txn,
     /// Connections of the open transaction on other shards (two-phase
     /// commit), and the shard the transaction began on.
     participants: Vec<distributed::Participant>,
@@ -169,8 +170,6 @@ pub struct Session {
     /// `SET shardline.shard` / `SET shardline.sharding_key`.
     session_shard: Option<String>,
     session_key: Option<String>,
-    /// A lone BEGIN the proxy answered; sent with the transaction's first statement.
-    deferred_begin: Option<Bytes>,
     /// `SET shardline.role`: every unit to the primary or to replicas.
     session_role: Option<shardline_router::RoleHint>,
     /// Something that may write ran since the last WAL position was taken:
@@ -251,13 +250,12 @@ impl Session {
             vars: Arc::new(SessionVars::from_startup(&login.params)),
             node: 0,
             shard: 0,
-            txn_refused: false,
+            txn: Txn::Plain,
             participants: Vec::new(),
             coordinator: None,
             join_begin: false,
             session_shard,
             session_key,
-            deferred_begin: None,
             session_role,
             wrote: false,
             position_pending: None,
@@ -367,16 +365,13 @@ impl Session {
                     self.run_fanout(planned, true).await?
                 }
                 client::Flow::NeedServer if self.take_proxy_setting()? => {}
-                client::Flow::NeedServer if self.txn_refused && self.deferred_begin.is_some() => {
+                client::Flow::NeedServer if matches!(self.txn, Txn::Failed { unsent: Some(_) }) => {
                     // A transaction refused before it reached any server.
                     self.in_unstarted_refused_transaction()?;
                 }
                 client::Flow::NeedServer => {
                     self.prepare_join().await;
-                    if self.txn_refused
-                        && self.deferred_begin.is_none()
-                        && !self.participants.is_empty()
-                    {
+                    if self.txn == (Txn::Failed { unsent: None }) && !self.participants.is_empty() {
                         // The joining shard could not begin: the unit fails.
                         self.fail_next_message(PgError::error(
                             sqlstate::CONNECTION_FAILURE,
@@ -410,7 +405,7 @@ impl Session {
                 // statement.
                 return Ok(());
             }
-            if self.deferred_begin.is_some() {
+            if self.txn.has_begin() {
                 if self.read_ahead_of_transaction(&planned) {
                     // Before the transaction has touched a shard, a READ
                     // COMMITTED read sees what it would see inside it.
@@ -428,7 +423,7 @@ impl Session {
                     // shards: each begins the transaction there.
                     return self.run_fanout(planned, true).await;
                 }
-                self.txn_refused = true;
+                self.txn.fail();
                 let e = if planned.reads_only && self.strict_isolation() {
                     PgError::error(
                         sqlstate::FEATURE_NOT_SUPPORTED,
@@ -449,7 +444,9 @@ impl Session {
                 if let Err(e) = self.attach_server(target, writes, shard).await {
                     self.tried = 0;
                     // A shard that could not join fails the whole transaction.
-                    self.txn_refused |= !self.participants.is_empty();
+                    if !self.participants.is_empty() {
+                        self.txn.fail();
+                    }
                     self.fail_next_message(e)?;
                 }
                 Ok(())
@@ -464,7 +461,7 @@ impl Session {
     /// transaction's snapshot at its first statement: not this way.
     fn read_ahead_of_transaction(&self, planned: &route::Planned) -> bool {
         use shardline_router::shards::Placement;
-        self.deferred_begin.is_some()
+        self.txn.has_begin()
             && planned.reads_only
             && self.participants.is_empty()
             && self.server.is_none()
@@ -479,8 +476,8 @@ impl Session {
             let s = s.to_ascii_lowercase();
             s.contains("repeatable") || s.contains("serializable")
         };
-        self.deferred_begin
-            .as_ref()
+        self.txn
+            .begin()
             .is_some_and(|b| strict(&String::from_utf8_lossy(&b[5..])))
             || self
                 .vars
@@ -503,7 +500,6 @@ impl Session {
                 )?)
                 .into_owned();
                 if shardline_router::lone_transaction_end(&text).is_some() {
-                    self.txn_refused = false;
                     return self.end_empty("ROLLBACK");
                 }
             }
@@ -556,7 +552,7 @@ impl Session {
         self.tried = 0;
         // Nothing is attached: a later unit is not one behind a read.
         self.read_attach = false;
-        self.txn_refused = false;
+        self.txn.recover();
         self.coordinator = None;
         if let Some(mut conn) = self.server.take() {
             self.cancel.detach();
@@ -607,22 +603,12 @@ impl Session {
             Synthetic::CommandComplete(tag) => backend::command_complete(out, tag),
             Synthetic::Rows(messages) => out.extend_from_slice(&messages),
             Synthetic::ReadyForQuery => {
-                let status = self.client_status(self.server.as_ref().map_or(b'I', |s| s.tx_status));
+                let status = self
+                    .txn
+                    .client_status(self.server.as_ref().map_or(b'I', |s| s.tx_status));
                 backend::ready_for_query(&mut self.client_out, status)
             }
             Synthetic::Error(e) => e.encode(out),
-        }
-    }
-
-    /// The transaction status the client is told, given the server's: in
-    /// its transaction while the BEGIN is deferred, and failed after a
-    /// statement the proxy refused (the server's transaction is still fine).
-    fn client_status(&self, server: u8) -> u8 {
-        match server {
-            b'I' if self.deferred_begin.is_some() && self.txn_refused => b'E',
-            b'I' if self.deferred_begin.is_some() => b'T',
-            b'T' if self.txn_refused => b'E',
-            other => other,
         }
     }
 

@@ -349,7 +349,9 @@ impl Session {
     /// transaction: which is failed, as by any error).
     fn fail_pipeline(&mut self, e: PgError, in_txn: bool) -> Result<(), End> {
         e.encode(&mut self.client_out);
-        self.txn_refused |= in_txn;
+        if in_txn {
+            self.txn.fail();
+        }
         backend::ready_for_query(&mut self.client_out, if in_txn { b'E' } else { b'I' });
         Ok(())
     }

@@ -270,7 +270,7 @@ impl Session {
                         let s = String::from_utf8_lossy(text);
                         simple_single = shardline_router::lexer::split_statements(&s).len() == 1;
                     }
-                    if self.deferred_begin.is_some() {
+                    if self.txn.has_begin() {
                         lone_end = std::str::from_utf8(text)
                             .ok()
                             .and_then(lone_transaction_end);
@@ -352,7 +352,7 @@ impl Session {
             routes: &routes,
             simple_single,
             complete,
-            deferred_begin: self.deferred_begin.is_some(),
+            deferred_begin: self.txn.has_begin(),
             lone_end,
             session_role: self.session_role,
         });
@@ -687,7 +687,7 @@ impl Session {
         else {
             return Ok(());
         };
-        self.deferred_begin = Some(frame.bytes);
+        self.txn.set_begin(frame.bytes);
         backend::command_complete(&mut self.client_out, "BEGIN");
         backend::ready_for_query(&mut self.client_out, b'T');
         Ok(())
@@ -696,7 +696,7 @@ impl Session {
     /// COMMIT or ROLLBACK of a transaction that never reached a server.
     pub(super) fn end_empty(&mut self, tag: &'static str) -> Result<(), super::End> {
         let _ = crate::protocol::next_frame(&mut self.client_in, usize::MAX);
-        self.deferred_begin = None;
+        self.txn = super::txn::Txn::Plain;
         backend::command_complete(&mut self.client_out, tag);
         backend::ready_for_query(&mut self.client_out, b'I');
         Ok(())

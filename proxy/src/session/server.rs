@@ -110,7 +110,7 @@ impl Session {
         let survives = tag == ERROR_RESPONSE && self.client_session_survives();
         let hold = tag == READY_FOR_QUERY && self.holds_reply(&msg[5..]);
         let client_status = match msg.get(5) {
-            Some(&status) if tag == READY_FOR_QUERY => Some(self.client_status(status)),
+            Some(&status) if tag == READY_FOR_QUERY => Some(self.txn.client_status(status)),
             _ => None,
         };
         let Some(front) = self.pending.front_mut() else {
@@ -201,10 +201,10 @@ impl Session {
                     // client's writes have not run yet.)
                     self.position_pending = self.position_guard();
                 }
-                if status == b'I' && self.deferred_begin.is_none() {
+                if status == b'I' && !self.txn.has_begin() {
                     // The failed transaction is over (the connection may
                     // still be busy with the proxy's own queries).
-                    self.txn_refused = false;
+                    self.txn.recover();
                 }
                 self.on_ready(status);
                 self.pop_if_ended(tag);
@@ -243,7 +243,7 @@ impl Session {
         }
         body.first() == Some(&b'I')
             && self.wrote
-            && self.deferred_begin.is_none()
+            && !self.txn.has_begin()
             && self.pending.len() == 1
             && self.pending.front().is_some_and(|p| {
                 p.answer == Answer::Forward && matches!(p.kind, Kind::Sync | Kind::Query { .. })
