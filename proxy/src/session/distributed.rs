@@ -85,7 +85,6 @@ impl Session {
             if let Some(tag) = shardline_router::lone_transaction_end(&sql) {
                 return Ok(Next::End(TxnEnd {
                     commit: tag == "COMMIT",
-                    simple: true,
                 }));
             }
             if self.route_text(text).class == Class::TransactionControl {
@@ -101,7 +100,6 @@ impl Session {
         if let [Some(tag)] = ends.as_slice() {
             return Ok(Next::End(TxnEnd {
                 commit: *tag == "COMMIT",
-                simple: false,
             }));
         }
         let control = executed
@@ -225,19 +223,8 @@ impl Session {
     /// extended-protocol COMMIT or ROLLBACK ends it as ROLLBACK, answered
     /// message by message as the server would (PgJDBC's `rollback()`).
     pub(super) fn end_refused_unit(&mut self) -> Result<(), End> {
-        let mut frames = Vec::new();
-        while let Some(f) = next_frame(&mut self.client_in, usize::MAX)
-            .map_err(|e| End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())))?
-        {
-            let last = f.tag == frontend::SYNC;
-            if f.tag == frontend::PARSE {
-                self.record_parse(&f)?;
-            }
-            frames.push(f);
-            if last {
-                break;
-            }
-        }
+        let frames = self.take_unit()?;
+        self.register_parses(&frames)?;
         if self.server.is_some() {
             // Answered before the server's ROLLBACK completes; the next unit
             // waits for it on this connection (the flag clears at its `I`).
@@ -326,21 +313,10 @@ impl Session {
 
     /// COMMIT or ROLLBACK of a transaction that used several shards.
     pub(super) async fn end_distributed(&mut self, end: TxnEnd) -> Result<(), End> {
-        let TxnEnd { commit, simple } = end;
+        let TxnEnd { commit } = end;
         // The unit's messages: the one query, or everything up to Sync.
-        let mut frames = Vec::new();
-        while let Some(f) = next_frame(&mut self.client_in, usize::MAX)
-            .map_err(|e| End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())))?
-        {
-            let last = simple || f.tag == frontend::SYNC;
-            if f.tag == frontend::PARSE {
-                self.record_parse(&f)?;
-            }
-            frames.push(f);
-            if last {
-                break;
-            }
-        }
+        let frames = self.take_unit()?;
+        self.register_parses(&frames)?;
         let mut conns = std::mem::take(&mut self.participants);
         if let Some(conn) = self.server.take() {
             self.cancel.detach();

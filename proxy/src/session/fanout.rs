@@ -15,9 +15,9 @@ use super::route::Planned;
 use super::{End, Session};
 use crate::pool::PooledConnection;
 use crate::protocol::backend::{self, sqlstate, PgError};
-use crate::protocol::{frontend, next_frame};
+use crate::protocol::{frontend, next_frame, Frame};
 use bytes::{Bytes, BytesMut};
-use shardline_router::sharding::shards_in;
+use shardline_router::sharding::{shards_in, Sharding};
 use shardline_router::shards::{CopyIn, Placement};
 use shardline_router::{Target, UnitPlan};
 use std::sync::Arc;
@@ -38,6 +38,40 @@ enum Merged {
     Done(bool),
     /// Every shard is in COPY FROM STDIN mode.
     CopyIn,
+}
+
+/// What a unit on several shards sends, decided before any connection is
+/// taken (`Session::fanout_unit`).
+struct FanoutUnit {
+    /// The client's messages of the unit.
+    frames: Vec<Frame>,
+    /// It may write (on the primaries).
+    writes: bool,
+    /// A write to reference tables only: every shard does the same.
+    replicated: bool,
+    /// Writes run inside a BEGIN the proxy commits when every shard succeeded.
+    wrap: bool,
+    /// Per shard, the unit's bytes; empty: the client's messages translated
+    /// for the leg's connection.
+    parts: Vec<(usize, BytesMut)>,
+    /// Shards whose part starts with a Parse the client did not send.
+    leg_skips: Vec<usize>,
+    /// A split INSERT's rows: the part (leg) holding each, in order.
+    row_order: Option<Vec<usize>>,
+    /// A COPY FROM STDIN split row by row.
+    copy_in: Option<CopyIn>,
+    /// A read whose rows are merged.
+    merge: Option<super::gather::MergeUnit>,
+}
+
+/// A simple query Postgres refuses inside a transaction block (VACUUM,
+/// CREATE DATABASE, ...): not wrapped in the proxy's BEGIN.
+fn refuses_transaction_block(f: &Frame) -> bool {
+    f.tag == frontend::QUERY
+        && frontend::query(f.body())
+            .ok()
+            .and_then(|q| std::str::from_utf8(q).ok())
+            .is_some_and(shardline_router::lexer::refuses_transaction_block)
 }
 
 /// One shard's part of a fan-out.
@@ -244,7 +278,10 @@ fn tag_count(tag: &[u8]) -> Option<(&[u8], u64)> {
 
 impl Session {
     /// Runs the unit at the front of `client_in` on several shards; inside
-    /// the client's open transaction (two-phase commit) when `in_txn`.
+    /// the client's open transaction (two-phase commit) when `in_txn`:
+    /// what each shard is sent is built first (`fanout_unit`), then the
+    /// connections are taken (`take_legs`), the unit runs
+    /// (`execute_fanout`), and the legs end (`finish_legs`).
     pub(super) async fn run_fanout(&mut self, planned: Planned, in_txn: bool) -> Result<(), End> {
         let UnitPlan::Run { target, writes } = planned.plan else {
             return Ok(());
@@ -255,152 +292,147 @@ impl Session {
                 "a statement reaching several shards must end its unit with Sync before the proxy can run it",
             ));
         }
-        let sharding = self.shared.sharding.clone();
-        let Some(sh) = sharding else { return Ok(()) };
-        // The unit's frames, taken off the client buffer.
-        let mut frames = Vec::new();
-        loop {
-            let frame = match next_frame(&mut self.client_in, self.shared.max_message_size) {
-                Ok(Some(f)) => f,
-                Ok(None) => break,
-                Err(e) => {
-                    return Err(End::Fatal(PgError::fatal(
-                        sqlstate::PROTOCOL_VIOLATION,
-                        e.to_string(),
-                    )))
-                }
-            };
-            let tag = frame.tag;
-            frames.push(frame);
-            if matches!(
-                tag,
-                frontend::QUERY | frontend::SYNC | frontend::FUNCTION_CALL
-            ) {
-                break;
-            }
-        }
+        let Some(sh) = self.shared.sharding.clone() else {
+            return Ok(());
+        };
+        let frames = self.take_unit()?;
         let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);
-        if self.mode() == shardline_config::PoolMode::Transaction {
-            // Session state on several shards' connections would be left
-            // behind on each: not kept, refused.
-            let state = frames.iter().find_map(|f| {
-                let text = match f.tag {
-                    frontend::QUERY => frontend::query(f.body()).ok()?,
-                    frontend::PARSE => frontend::parse(f.body()).ok()?.query,
-                    _ => return None,
-                };
-                self.route_text(text).session_state
-            });
-            if let Some(what) = state {
-                return self.fail_unit(
-                    PgError::error(
-                        sqlstate::FEATURE_NOT_SUPPORTED,
-                        format!("{what} on several shards is not supported under transaction pooling: it would outlive the transaction on connections other clients share"),
-                    )
-                    .with_hint("name the shard (a key, or a /* shardline: shard=NAME */ comment), or connect as a user with pool_mode = \"session\""),
-                    simple,
-                );
-            }
+        if let Some(e) = self.session_state_refusal(&frames) {
+            return self.fail_unit(e, simple);
         }
         let writes =
             writes || matches!(planned.place, Placement::Split(_) | Placement::CopySplit(_));
-        // A write to reference tables only: every shard does the same.
-        let replicated = writes && self.writes_reference_tables(&frames);
         let target = if writes { Target::Primary } else { target };
-        // Per shard: the unit's bytes.
-        let mut parts: Vec<(usize, BytesMut)> = Vec::new();
-        // Shards whose part starts with a Parse the client did not send.
-        let mut leg_skips: Vec<usize> = Vec::new();
-        let mut copy_in: Option<CopyIn> = None;
-        // A split INSERT's rows: the part (leg) holding each, in order.
-        let mut row_order: Option<Vec<usize>> = None;
-        // A read whose rows are merged: planned before anything is sent.
-        let mut merge = match &planned.place {
-            Placement::Merge(_) => match self.merge_unit(&frames) {
-                Ok(unit) => unit,
-                Err(e) => return self.fail_unit(e, simple),
-            },
-            _ => None,
+        if let Placement::Pipeline(mask) = planned.place {
+            return self
+                .run_pipeline(frames, mask, target, writes, in_txn)
+                .await;
+        }
+        let mut unit = match self.fanout_unit(&planned.place, frames, &sh, writes, in_txn) {
+            Ok(Some(unit)) => unit,
+            Ok(None) => return Ok(()),
+            Err(e) => return self.fail_unit(e, simple),
         };
-        if merge.is_some() {
-            self.register_parses(&frames)?;
+        if unit.merge.is_some() {
+            self.register_parses(&unit.frames)?;
         }
-        match &planned.place {
-            Placement::Split(_) => {
-                let split = match self.split_unit(&frames, &sh, simple) {
-                    Ok(split) => split,
-                    Err(e) => return self.fail_unit(e, simple),
-                };
-                parts = split.parts;
-                leg_skips = split.leg_skips;
-                row_order = split.row_order;
-            }
-            Placement::Many(mask) | Placement::CopySplit(mask) | Placement::Merge(mask) => {
-                if matches!(planned.place, Placement::CopySplit(_)) {
-                    copy_in = self.copy_template(&frames);
-                    if copy_in.is_none() {
-                        return self.fail_unit(
-                            PgError::error(
-                                sqlstate::FEATURE_NOT_SUPPORTED,
-                                "this COPY FROM STDIN cannot be split by shard",
-                            ),
-                            simple,
-                        );
-                    }
-                }
-                for shard in shards_in(*mask) {
-                    parts.push((shard, BytesMut::new()));
-                }
-            }
-            Placement::Pipeline(mask) => {
-                return self
-                    .run_pipeline(frames, *mask, target, writes, in_txn)
-                    .await;
-            }
-            _ => return Ok(()),
-        }
-        // Writes run in a transaction the proxy commits when every shard
-        // succeeded, except statements Postgres refuses in one.
-        let wrap = writes
-            && !in_txn
-            && !frames.iter().any(|f| {
-                f.tag == frontend::QUERY
-                    && frontend::query(f.body())
-                        .ok()
-                        .and_then(|q| std::str::from_utf8(q).ok())
-                        .is_some_and(shardline_router::lexer::refuses_transaction_block)
-            });
-        let shards: Vec<usize> = parts.iter().map(|(s, _)| *s).collect();
+        let shards: Vec<usize> = unit.parts.iter().map(|(s, _)| *s).collect();
         let (mut legs, begin) = match self.take_legs(&shards, target, in_txn).await {
             Ok(x) => x,
             Err(e) => return self.fail_unit(e, simple),
         };
+        let result = self.execute_fanout(&mut legs, &mut unit, &sh).await?;
+        self.finish_legs(legs, begin, unit.wrap, unit.writes, result)
+            .await
+    }
+
+    /// Under transaction pooling, session state the unit would leave on
+    /// several shards' connections (each would keep it): refused.
+    fn session_state_refusal(&self, frames: &[Frame]) -> Option<PgError> {
+        if self.mode() != shardline_config::PoolMode::Transaction {
+            return None;
+        }
+        let what = frames.iter().find_map(|f| {
+            let text = match f.tag {
+                frontend::QUERY => frontend::query(f.body()).ok()?,
+                frontend::PARSE => frontend::parse(f.body()).ok()?.query,
+                _ => return None,
+            };
+            self.route_text(text).session_state
+        })?;
+        Some(
+            PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                format!("{what} on several shards is not supported under transaction pooling: it would outlive the transaction on connections other clients share"),
+            )
+            .with_hint("name the shard (a key, or a /* shardline: shard=NAME */ comment), or connect as a user with pool_mode = \"session\""),
+        )
+    }
+
+    /// What each shard of `place` is sent for the unit, decided before any
+    /// connection is taken; `None` for a placement that is not a fan-out.
+    fn fanout_unit(
+        &self,
+        place: &Placement,
+        frames: Vec<Frame>,
+        sh: &Sharding,
+        writes: bool,
+        in_txn: bool,
+    ) -> Result<Option<FanoutUnit>, PgError> {
+        let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);
+        let mut unit = FanoutUnit {
+            writes,
+            replicated: writes && self.writes_reference_tables(&frames),
+            // Writes run in a transaction the proxy commits when every
+            // shard succeeded, except statements Postgres refuses in one.
+            wrap: writes && !in_txn && !frames.iter().any(refuses_transaction_block),
+            parts: Vec::new(),
+            leg_skips: Vec::new(),
+            row_order: None,
+            copy_in: None,
+            merge: None,
+            frames,
+        };
+        match place {
+            Placement::Split(_) => {
+                let split = self.split_unit(&unit.frames, sh, simple)?;
+                unit.parts = split.parts;
+                unit.leg_skips = split.leg_skips;
+                unit.row_order = split.row_order;
+            }
+            Placement::Many(mask) | Placement::CopySplit(mask) | Placement::Merge(mask) => {
+                if let Placement::Merge(_) = place {
+                    unit.merge = self.merge_unit(&unit.frames)?;
+                }
+                if let Placement::CopySplit(_) = place {
+                    unit.copy_in = Some(self.copy_template(&unit.frames).ok_or_else(|| {
+                        PgError::error(
+                            sqlstate::FEATURE_NOT_SUPPORTED,
+                            "this COPY FROM STDIN cannot be split by shard",
+                        )
+                    })?);
+                }
+                unit.parts = shards_in(*mask).map(|s| (s, BytesMut::new())).collect();
+            }
+            _ => return Ok(None),
+        }
+        Ok(Some(unit))
+    }
+
+    /// Sends each leg its part of `unit` and merges the answers: whether
+    /// the unit failed, or what broke.
+    async fn execute_fanout(
+        &mut self,
+        legs: &mut [Leg],
+        unit: &mut FanoutUnit,
+        sh: &Sharding,
+    ) -> Result<Result<bool, String>, End> {
         // What each shard is sent: the session's settings, BEGIN for
         // writes, then the unit (named statements under their server names).
         let mut sends = Vec::with_capacity(legs.len());
-        for (leg, (_, part)) in legs.iter_mut().zip(parts) {
+        for (leg, (_, part)) in legs.iter_mut().zip(std::mem::take(&mut unit.parts)) {
             let mut out = BytesMut::new();
-            self.leg_prelude(leg, wrap, &mut out);
-            if leg_skips.contains(&leg.shard) {
+            self.leg_prelude(leg, unit.wrap, &mut out);
+            if unit.leg_skips.contains(&leg.shard) {
                 leg.skip.push_back(false);
             }
-            if let Some(unit) = merge.as_mut() {
-                self.translate_merge(&frames, leg, unit, &mut out)?;
+            if let Some(merge) = unit.merge.as_mut() {
+                self.translate_merge(&unit.frames, leg, merge, &mut out)?;
             } else if part.is_empty() {
-                self.translate(&frames, leg, &mut out)?;
+                self.translate(&unit.frames, leg, &mut out)?;
             } else {
                 out.extend_from_slice(&part);
             }
             sends.push(out);
         }
-        let collation = match (&merge, legs.first_mut()) {
+        let collation = match (&unit.merge, legs.first_mut()) {
             (Some(_), Some(leg)) => match self.collation(leg).await {
                 Ok(c) => Some(c),
-                Err(e) => return self.finish_legs(legs, begin, wrap, writes, Err(e)).await,
+                Err(e) => return Ok(Err(e)),
             },
             _ => None,
         };
-        if writes {
+        if unit.writes {
             // A schema change may give a column another collation.
             self.shared
                 .collations
@@ -410,30 +442,30 @@ impl Session {
         }
         for (leg, out) in legs.iter_mut().zip(&sends) {
             if let Err(e) = leg.conn.stream.write_all(out).await {
-                let msg = format!("server {}: {e}", leg.conn.addr);
-                return self.finish_legs(legs, begin, wrap, writes, Err(msg)).await;
+                return Ok(Err(format!("server {}: {e}", leg.conn.addr)));
             }
         }
-        let merged = match (merge.as_mut(), collation) {
-            (Some(unit), Some(c)) => Some(self.gather(&mut legs, unit, c).await.map(Merged::Done)),
-            _ => None,
-        };
-        let merged = match merged {
-            Some(m) => m,
-            None => {
-                self.merge(&mut legs, row_order.as_deref(), replicated)
+        let merged = match (unit.merge.as_mut(), collation) {
+            (Some(merge), Some(c)) => self.gather(legs, merge, c).await.map(Merged::Done),
+            _ => {
+                self.merge(legs, unit.row_order.as_deref(), unit.replicated)
                     .await
             }
         };
-        let result = match merged {
-            Ok(Merged::CopyIn) => match copy_in {
-                Some(c) => self.merge_copy(&mut legs, &sh, c, simple, replicated).await,
+        Ok(match merged {
+            Ok(Merged::CopyIn) => match unit.copy_in.take() {
+                Some(c) => {
+                    let simple = unit
+                        .frames
+                        .first()
+                        .is_some_and(|f| f.tag == frontend::QUERY);
+                    self.merge_copy(legs, sh, c, simple, unit.replicated).await
+                }
                 None => Err("COPY FROM STDIN reached several shards unexpectedly".into()),
             },
             Ok(Merged::Done(failed)) => Ok(failed),
             Err(e) => Err(e),
-        };
-        self.finish_legs(legs, begin, wrap, writes, result).await
+        })
     }
 
     /// A connection on each of `shards`: borrowed for this unit, or (inside

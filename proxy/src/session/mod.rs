@@ -114,8 +114,6 @@ pub(super) enum Next {
 pub(super) struct TxnEnd {
     /// COMMIT (else ROLLBACK).
     pub commit: bool,
-    /// Sent as a simple query (else executed in an extended-protocol unit).
-    pub simple: bool,
 }
 
 /// Why a session ended.
@@ -505,6 +503,25 @@ impl Session {
             }
         }
         self.fail_next_message(failed_transaction())
+    }
+
+    /// Takes the unit at the front of `client_in` off the buffer: one
+    /// simple query or function call, or extended messages up to Sync.
+    fn take_unit(&mut self) -> Result<Vec<crate::protocol::Frame>, End> {
+        use crate::protocol::frontend::{FUNCTION_CALL, QUERY, SYNC};
+        let mut frames = Vec::new();
+        while let Some(f) =
+            crate::protocol::next_frame(&mut self.client_in, self.shared.max_message_size).map_err(
+                |e| End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
+            )?
+        {
+            let last = matches!(f.tag, QUERY | SYNC | FUNCTION_CALL);
+            frames.push(f);
+            if last {
+                break;
+            }
+        }
+        Ok(frames)
     }
 
     /// An incomplete unit must be routed now anyway: the client asked for
