@@ -10,7 +10,7 @@
 
 use crate::merge::{compare, decode, FloatKey, Format, Kind, NumKey, Value};
 use crate::numeric::Num;
-use crate::scatter::{Agg, CmpOp, Col, Cond, Count, GroupKeys, MergePlan, Operand};
+use crate::scatter::{Agg, CmpOp, Col, Cond, Count, GroupKeys, MergePlan, Operand, SortKey};
 use crate::shards::Refusal;
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
@@ -156,6 +156,163 @@ pub fn data_row<'a>(values: impl ExactSizeIterator<Item = Option<&'a [u8]>>, out
     out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
 }
 
+/// The shards' columns as a merge plan reads them: where each plan column
+/// is, and what the proxy can do with its type under the database's
+/// collations (`Compiled::new`).
+struct Columns<'a> {
+    fields: &'a [FieldType],
+    /// Each field's kind of value (AVG's sum read as numeric), if the
+    /// proxy can compare it.
+    kinds: Vec<Option<Kind>>,
+    /// Fields the client sees (the rest are the plan's hidden columns).
+    visible: usize,
+    coll: Collation,
+}
+
+fn is_text(k: Kind) -> bool {
+    matches!(k, Kind::Text | Kind::Bpchar)
+}
+
+impl<'a> Columns<'a> {
+    fn new(plan: &MergePlan, fields: &'a [FieldType], coll: Collation) -> Result<Self, Refusal> {
+        let visible = fields
+            .len()
+            .checked_sub(plan.hidden)
+            .ok_or_else(|| error("XX000", "the shards' rows lack the merge's columns"))?;
+        let mut kinds: Vec<Option<Kind>> = fields.iter().map(|f| Kind::of_type(f.oid)).collect();
+        for i in avg_fields(plan, visible) {
+            if let Some(k) = kinds.get_mut(i) {
+                *k = Some(Kind::Numeric);
+            }
+        }
+        Ok(Columns {
+            fields,
+            kinds,
+            visible,
+            coll,
+        })
+    }
+
+    /// The field a plan column names.
+    fn field(&self, c: Col) -> Result<usize, Refusal> {
+        c.index(self.visible)
+            .filter(|&i| i < self.fields.len())
+            .ok_or_else(|| {
+                unsupported("ORDER BY or GROUP BY names a column the query does not return")
+            })
+    }
+
+    /// The kind of field `i`, or why `what` cannot be merged on it.
+    fn kind_of(&self, i: usize, what: &str) -> Result<Kind, Refusal> {
+        self.kinds[i].ok_or_else(|| {
+            unsupported(format!(
+                "cannot merge {what} on a {} column across shards",
+                type_name(self.fields[i].oid)
+            ))
+        })
+    }
+
+    /// Field `i` compared for equality (grouping, DISTINCT).
+    fn equality(&self, i: usize, what: &str) -> Result<(usize, Kind, Format), Refusal> {
+        let kind = self.kind_of(i, what)?;
+        if is_text(kind) && !self.coll.deterministic {
+            return Err(unsupported(format!(
+                "cannot merge {what} on text across shards under a nondeterministic collation"
+            )));
+        }
+        Ok((i, kind, self.fields[i].format))
+    }
+
+    /// An ORDER BY key: text only in C order.
+    fn sort_col(&self, k: &SortKey) -> Result<SortCol, Refusal> {
+        let i = self.field(k.col)?;
+        let kind = self.kind_of(i, "ORDER BY")?;
+        if is_text(kind) && self.fields[i].oid != NAME && !k.collate_c && !self.coll.c_order {
+            return Err(unsupported(
+                "cannot merge ORDER BY on text across shards: the database's collation is not C, and the proxy compares text only as C does; add COLLATE \"C\" or the sharding key",
+            ));
+        }
+        Ok(SortCol {
+            field: i,
+            kind,
+            format: self.fields[i].format,
+            descending: k.descending,
+            nulls_first: k.nulls_first,
+        })
+    }
+
+    /// How the partial values of aggregate `agg` in field `i` combine.
+    fn combine(&self, agg: &Agg, i: usize) -> Result<Combine, Refusal> {
+        let oid = self.fields[i].oid;
+        let want = |ok: bool, what: &str| {
+            if ok {
+                return Ok(());
+            }
+            Err(unsupported(format!(
+                "cannot merge {what} of {} values across shards{}",
+                type_name(oid),
+                if matches!(oid, 700 | 701) {
+                    ": floating-point sums depend on the order of additions; cast to numeric"
+                } else {
+                    ""
+                }
+            )))
+        };
+        Ok(match agg {
+            Agg::Count => {
+                want(oid == INT8, "count")?;
+                Combine::Count
+            }
+            Agg::Sum => {
+                want(oid == INT8 || oid == NUMERIC, "sum")?;
+                if oid == INT8 {
+                    Combine::SumInt
+                } else {
+                    Combine::SumNum
+                }
+            }
+            Agg::Min | Agg::Max => {
+                let kind = self.kind_of(i, "min/max")?;
+                if is_text(kind) && oid != NAME && !self.coll.c_order {
+                    return Err(unsupported(
+                        "cannot merge min/max of text across shards: the database's collation is not C",
+                    ));
+                }
+                if matches!(agg, Agg::Min) {
+                    Combine::Min(kind)
+                } else {
+                    Combine::Max(kind)
+                }
+            }
+            Agg::BoolAnd | Agg::BoolOr => {
+                want(oid == BOOL, "bool_and/bool_or")?;
+                if matches!(agg, Agg::BoolAnd) {
+                    Combine::BoolAnd
+                } else {
+                    Combine::BoolOr
+                }
+            }
+            Agg::CountDistinct { value } => {
+                want(oid == INT8, "count(DISTINCT)")?;
+                let (value, kind, format) =
+                    self.equality(self.field(*value)?, "count(DISTINCT)")?;
+                Combine::CountDistinct {
+                    value,
+                    kind,
+                    format,
+                }
+            }
+            Agg::Avg { count } => {
+                want(oid == INT8 || oid == NUMERIC, "avg")?;
+                Combine::Avg {
+                    int: oid == INT8,
+                    count: self.field(*count)?,
+                }
+            }
+        })
+    }
+}
+
 #[derive(Debug, Clone, Copy)]
 struct SortCol {
     field: usize,
@@ -234,162 +391,46 @@ impl Compiled {
         fields: &[FieldType],
         coll: Collation,
     ) -> Result<Compiled, Refusal> {
-        let visible = fields
-            .len()
-            .checked_sub(plan.hidden)
-            .ok_or_else(|| error("XX000", "the shards' rows lack the merge's columns"))?;
-        let field = |c: Col| {
-            c.index(visible)
-                .filter(|&i| i < fields.len())
-                .ok_or_else(|| {
-                    unsupported("ORDER BY or GROUP BY names a column the query does not return")
-                })
-        };
-        let is_text = |k: Kind| matches!(k, Kind::Text | Kind::Bpchar);
-        let mut kinds: Vec<Option<Kind>> = fields.iter().map(|f| Kind::of_type(f.oid)).collect();
-        for i in avg_fields(plan, visible) {
-            if let Some(k) = kinds.get_mut(i) {
-                *k = Some(Kind::Numeric);
-            }
-        }
-        let kind_of = |i: usize, what: &str| {
-            kinds[i].ok_or_else(|| {
-                unsupported(format!(
-                    "cannot merge {what} on a {} column across shards",
-                    type_name(fields[i].oid)
-                ))
-            })
-        };
-        let mut sort = Vec::new();
-        for k in &plan.sort {
-            let i = field(k.col)?;
-            let kind = kind_of(i, "ORDER BY")?;
-            if is_text(kind) && fields[i].oid != NAME && !k.collate_c && !coll.c_order {
-                return Err(unsupported(
-                    "cannot merge ORDER BY on text across shards: the database's collation is not C, and the proxy compares text only as C does; add COLLATE \"C\" or the sharding key",
-                ));
-            }
-            sort.push(SortCol {
-                field: i,
-                kind,
-                format: fields[i].format,
-                descending: k.descending,
-                nulls_first: k.nulls_first,
-            });
-        }
-        let equality = |i: usize, what: &str| -> Result<(usize, Kind, Format), Refusal> {
-            let kind = kind_of(i, what)?;
-            if is_text(kind) && !coll.deterministic {
-                return Err(unsupported(format!(
-                    "cannot merge {what} on text across shards under a nondeterministic collation"
-                )));
-            }
-            Ok((i, kind, fields[i].format))
-        };
-        let mut distinct_on = Vec::new();
-        for c in &plan.distinct_on {
-            distinct_on.push(equality(field(*c)?, "DISTINCT ON")?);
-        }
-        let mut keys = Vec::new();
-        let mut aggs = Vec::new();
-        let mut having = None;
+        let cols = Columns::new(plan, fields, coll)?;
+        let sort = plan
+            .sort
+            .iter()
+            .map(|k| cols.sort_col(k))
+            .collect::<Result<_, _>>()?;
+        let distinct_on = plan
+            .distinct_on
+            .iter()
+            .map(|c| cols.equality(cols.field(*c)?, "DISTINCT ON"))
+            .collect::<Result<_, _>>()?;
+        let (mut keys, mut aggs, mut having) = (Vec::new(), Vec::new(), None);
         if let Some(g) = &plan.grouping {
-            match &g.keys {
-                GroupKeys::AllVisible => {
-                    for i in 0..visible {
-                        keys.push(equality(i, "DISTINCT")?);
-                    }
-                }
-                GroupKeys::Cols(cols) => {
-                    for c in cols {
-                        keys.push(equality(field(*c)?, "GROUP BY")?);
-                    }
-                }
-            }
-            for (c, agg) in &g.aggs {
-                let i = field(*c)?;
-                let oid = fields[i].oid;
-                let want = |ok: bool, what: &str| {
-                    if ok {
-                        Ok(())
-                    } else {
-                        Err(unsupported(format!(
-                            "cannot merge {what} of {} values across shards{}",
-                            type_name(oid),
-                            if matches!(oid, 700 | 701) {
-                                ": floating-point sums depend on the order of additions; cast to numeric"
-                            } else {
-                                ""
-                            }
-                        )))
-                    }
-                };
-                let combine = match agg {
-                    Agg::Count => {
-                        want(oid == INT8, "count")?;
-                        Combine::Count
-                    }
-                    Agg::Sum => {
-                        want(oid == INT8 || oid == NUMERIC, "sum")?;
-                        if oid == INT8 {
-                            Combine::SumInt
-                        } else {
-                            Combine::SumNum
-                        }
-                    }
-                    Agg::Min | Agg::Max => {
-                        let kind = kind_of(i, "min/max")?;
-                        if is_text(kind) && oid != NAME && !coll.c_order {
-                            return Err(unsupported(
-                                "cannot merge min/max of text across shards: the database's collation is not C",
-                            ));
-                        }
-                        if matches!(agg, Agg::Min) {
-                            Combine::Min(kind)
-                        } else {
-                            Combine::Max(kind)
-                        }
-                    }
-                    Agg::BoolAnd | Agg::BoolOr => {
-                        want(oid == BOOL, "bool_and/bool_or")?;
-                        if matches!(agg, Agg::BoolAnd) {
-                            Combine::BoolAnd
-                        } else {
-                            Combine::BoolOr
-                        }
-                    }
-                    Agg::CountDistinct { value } => {
-                        want(oid == INT8, "count(DISTINCT)")?;
-                        let (value, kind, format) = equality(field(*value)?, "count(DISTINCT)")?;
-                        Combine::CountDistinct {
-                            value,
-                            kind,
-                            format,
-                        }
-                    }
-                    Agg::Avg { count } => {
-                        want(oid == INT8 || oid == NUMERIC, "avg")?;
-                        Combine::Avg {
-                            int: oid == INT8,
-                            count: field(*count)?,
-                        }
-                    }
-                };
-                aggs.push((i, combine));
-            }
+            keys = match &g.keys {
+                GroupKeys::AllVisible => (0..cols.visible)
+                    .map(|i| cols.equality(i, "DISTINCT"))
+                    .collect::<Result<_, _>>()?,
+                GroupKeys::Cols(c) => c
+                    .iter()
+                    .map(|c| cols.equality(cols.field(*c)?, "GROUP BY"))
+                    .collect::<Result<_, _>>()?,
+            };
+            aggs = g
+                .aggs
+                .iter()
+                .map(|(c, agg)| {
+                    let i = cols.field(*c)?;
+                    Ok((i, cols.combine(agg, i)?))
+                })
+                .collect::<Result<_, Refusal>>()?;
             if let Some(h) = &g.having {
-                having = Some(compile_cond(
-                    h,
-                    &|c| {
-                        let i = field(c)?;
-                        Ok((i, kind_of(i, "HAVING")?))
-                    },
-                    coll,
-                )?);
+                let field = |c| {
+                    let i = cols.field(c)?;
+                    Ok((i, cols.kind_of(i, "HAVING")?))
+                };
+                having = Some(compile_cond(h, &field, coll)?);
             }
         }
         Ok(Compiled {
-            visible,
+            visible: cols.visible,
             formats: fields.iter().map(|f| f.format).collect(),
             sort,
             distinct_on,
