@@ -163,8 +163,10 @@ pub struct Shared {
     pub sharding: Option<Arc<shardline_router::sharding::Sharding>>,
     /// Turns for reference-table reads spread over shards.
     pub spread: AtomicU64,
-    /// Time spent routing statements (lookup, parse, classify), in ns.
+    /// Time spent routing the statements timed (lookup, parse, classify), in ns.
     pub route_nanos: AtomicU64,
+    /// Routes timed into `route_nanos` (a sample of them).
+    pub routes_timed: AtomicU64,
     pub balancing: Balancing,
     pub ban_time: Duration,
     /// Transaction pooling and statements leaving state on the connection.
@@ -443,6 +445,7 @@ impl Shared {
             sharding,
             spread: AtomicU64::new(0),
             route_nanos: AtomicU64::new(0),
+            routes_timed: AtomicU64::new(0),
             collations: Default::default(),
             two_phase,
             merge_memory: MergeMemory::new(
@@ -462,11 +465,12 @@ impl Shared {
         let stats = self.router.stats();
         let routed = stats.hits + stats.misses;
         let nanos = self.route_nanos.load(std::sync::atomic::Ordering::Relaxed);
+        let timed = self.routes_timed.load(std::sync::atomic::Ordering::Relaxed);
         tracing::info!(
             routed,
             cache_hits = stats.hits,
             parser_fallbacks = stats.fallbacks,
-            avg_route_ns = nanos.checked_div(routed).unwrap_or(0),
+            avg_route_ns = nanos.checked_div(timed).unwrap_or(0),
             "router statistics"
         );
     }

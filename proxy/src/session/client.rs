@@ -190,7 +190,7 @@ impl Session {
     /// Whether the unit at the front of the buffer may follow the one in
     /// flight on the attached read server: only another read. (Once that one
     /// is answered, the server is released, or kept for its transaction.)
-    fn may_follow(&self) -> bool {
+    fn may_follow(&mut self) -> bool {
         matches!(
             self.plan_unit().plan,
             shardline_router::UnitPlan::Run {

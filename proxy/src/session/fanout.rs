@@ -1164,6 +1164,7 @@ impl Session {
                 Ok(None) => {}
                 Err(e) => return Err(e.to_string()),
             }
+            self.forget_plan();
             let n = self
                 .login
                 .stream

@@ -129,6 +129,10 @@ pub struct Session {
     shared: Arc<Shared>,
     login: LoggedIn,
     client_in: BytesMut,
+    /// The plan of the unit at the front of `client_in` (`plan_unit`);
+    /// cleared by `forget_plan` wherever the buffer or the session's
+    /// state changes other than by taking messages off its front.
+    plan_memo: Option<(route::PlanKey, route::Planned)>,
     client_out: BytesMut,
     server: Option<PooledConnection>,
     server_out: BytesMut,
@@ -267,6 +271,7 @@ impl Session {
             shared,
             login,
             client_in: BytesMut::with_capacity(8 * 1024),
+            plan_memo: None,
             client_out: BytesMut::with_capacity(16 * 1024),
             server: None,
             server_out: BytesMut::with_capacity(8 * 1024),
@@ -317,6 +322,7 @@ impl Session {
 
     async fn event_loop(&mut self) -> End {
         loop {
+            self.forget_plan();
             if self.stopping && self.is_idle() {
                 return End::Fatal(PgError::fatal(
                     sqlstate::ADMIN_SHUTDOWN,
@@ -656,8 +662,14 @@ impl Session {
         }
     }
 
+    /// The unit's plan is made again when next asked (`plan_unit`).
+    fn forget_plan(&mut self) {
+        self.plan_memo = None;
+    }
+
     /// Applies a committed session effect to the client and its server.
     fn commit_effect(&mut self, effect: &Effect) {
+        self.forget_plan();
         if let Some(next) = self.vars.apply(effect) {
             self.vars = next;
         }
@@ -701,6 +713,7 @@ impl Session {
             let mut again = sent;
             again.extend_from_slice(&self.client_in);
             self.client_in = again;
+            self.forget_plan();
             tracing::info!(server = %addr, "re-running the read on another node");
             return Ok(true);
         }

@@ -10,6 +10,9 @@ use bytes::Buf;
 
 impl Session {
     pub(super) fn on_server_data(&mut self) -> Result<(), End> {
+        // Answers change what a unit's plan reads (a failed Parse's
+        // statement is forgotten, a session effect commits).
+        self.forget_plan();
         let Some(server) = self.server.as_mut() else {
             return Ok(());
         };
