@@ -227,6 +227,11 @@ fn main() -> Result<()> {
         ("read/write (tpcb-like)", &["-M", "simple"]),
     ];
     let mut results: BTreeMap<(usize, usize), Sample> = BTreeMap::new();
+    // Each proxy's resident memory before any run (KiB).
+    let rss_start: Vec<Option<u64>> = targets
+        .iter()
+        .map(|t| t.pid.map(|p| shardline_tests::memory_kib(p).1))
+        .collect();
     let secs = args.seconds.to_string();
     let clients = args.clients.to_string();
     for round in 1..=args.rounds {
@@ -268,11 +273,20 @@ fn main() -> Result<()> {
         }
     }
 
-    let mean = |v: &[f64]| {
-        if v.is_empty() {
-            f64::NAN
-        } else {
-            v.iter().sum::<f64>() / v.len() as f64
+    // Idle again: what each proxy keeps after the load.
+    std::thread::sleep(Duration::from_secs(3));
+    let rss_after: Vec<Option<(u64, u64)>> = targets
+        .iter()
+        .map(|t| t.pid.map(shardline_tests::memory_kib))
+        .collect();
+    // The median of the rounds (the mean of the middle two when even).
+    let median = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => f64::NAN,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
         }
     };
     println!();
@@ -285,6 +299,8 @@ fn main() -> Result<()> {
         std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0)
     );
     println!();
+    println!("Medians of the rounds.");
+    println!();
     println!(
         "| mode | target | TPS | avg latency (ms) | ratio to direct | proxy CPU s / 10k txn |"
     );
@@ -292,7 +308,7 @@ fn main() -> Result<()> {
     for (mi, (mode, _)) in modes.iter().enumerate() {
         let direct = results
             .get(&(mi, 0))
-            .map(|s| mean(&s.tps))
+            .map(|s| median(&s.tps))
             .unwrap_or(f64::NAN);
         for (ti, t) in targets.iter().enumerate() {
             let s = results.get(&(mi, ti)).cloned().unwrap_or_default();
@@ -304,17 +320,33 @@ fn main() -> Result<()> {
                 );
                 continue;
             }
-            let tps = mean(&s.tps);
+            let tps = median(&s.tps);
             let cpu = if t.pid.is_some() {
-                format!("{:.3}", mean(&s.cpu_per_10k))
+                format!("{:.3}", median(&s.cpu_per_10k))
             } else {
                 "-".into()
             };
             println!(
                 "| {mode} | {} | {tps:.0} | {:.3} | {:.2} | {cpu} |",
                 t.name,
-                mean(&s.latency_ms),
+                median(&s.latency_ms),
                 tps / direct
+            );
+        }
+    }
+
+    println!();
+    println!("| proxy | RSS at start (MiB) | peak RSS (MiB) | RSS idle after the runs (MiB) |");
+    println!("|---|---:|---:|---:|");
+    let mib = |kib: u64| kib as f64 / 1024.0;
+    for ((t, start), after) in targets.iter().zip(&rss_start).zip(&rss_after) {
+        if let (Some(start), Some((peak, idle))) = (start, after) {
+            println!(
+                "| {} | {:.1} | {:.1} | {:.1} |",
+                t.name,
+                mib(*start),
+                mib(*peak),
+                mib(*idle)
             );
         }
     }
