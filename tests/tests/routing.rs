@@ -818,3 +818,41 @@ async fn replicas_stay_in_rotation_during_a_long_uncommitted_load() {
         "{on_primary} of 40 reads went to the primary during the load"
     );
 }
+
+/// With `lsn` read-your-writes (the default), a write's WAL position is
+/// asked only where replicas could serve the user's next read: a shard
+/// that is its primary alone answers every read, so its writes cost no
+/// position query. Seen on the server: the last query of the pool's
+/// connection after a committed write.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn positions_are_asked_only_where_replicas_read() {
+    let asked = |env: &Env| {
+        env.sql_on(
+            0,
+            "SELECT count(*) FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend' \
+             AND usename = 'app' AND application_name <> 'shardline-health' AND query LIKE '%pg_current_wal%'",
+        )
+    };
+    for (replicas, expected) in [(0, "0"), (1, "1")] {
+        let env = Env::start_with(EnvOptions {
+            replicas_per_shard: replicas,
+            pool_toml: "size = 1\ncheckout_timeout = \"3s\"\n".into(),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        env.wait_healthy().await;
+        let c = env.connect().await;
+        c.batch_execute("CREATE TABLE IF NOT EXISTS positions (id int)")
+            .await
+            .unwrap();
+        c.batch_execute("BEGIN; INSERT INTO positions VALUES (1); COMMIT")
+            .await
+            .unwrap();
+        c.batch_execute("INSERT INTO positions VALUES (2)")
+            .await
+            .unwrap();
+        assert_eq!(asked(&env), expected, "{replicas} replicas");
+        assert_eq!(env.sql("SELECT count(*) FROM positions"), "2");
+    }
+}

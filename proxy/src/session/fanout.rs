@@ -999,6 +999,7 @@ impl Session {
                     .primary_until
                     .fetch_max(until, Relaxed);
             }
+            ReadYourWrites::Lsn if !self.learns_positions(shard) => {}
             ReadYourWrites::Lsn => {
                 // Unsettled (the query failed), reads go to the primary for a while.
                 let mut pending = crate::PositionPending::new(

@@ -781,10 +781,19 @@ impl Session {
         }
     }
 
+    /// Whether a write on `shard` has its WAL position learned: `lsn`
+    /// read-your-writes, and the shard has replicas to read from (a shard
+    /// that is its primary alone serves every read from it: nothing to wait
+    /// for, no position query).
+    pub(super) fn learns_positions(&self, shard: usize) -> bool {
+        self.shared.balancing.read_your_writes == ReadYourWrites::Lsn
+            && self.shared.topology.shards[shard].nodes.len() > 1
+    }
+
     /// Marks a commit on the attached shard whose position is to be learned
     /// (`lsn` read-your-writes only).
     pub(super) fn position_guard(&self) -> Option<crate::PositionPending> {
-        (self.shared.balancing.read_your_writes == ReadYourWrites::Lsn).then(|| {
+        self.learns_positions(self.shard).then(|| {
             crate::PositionPending::new(self.login.user.clone(), self.shard, self.shared.ban_time)
         })
     }

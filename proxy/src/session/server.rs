@@ -252,7 +252,7 @@ impl Session {
                 p.answer == Answer::Forward && matches!(p.kind, Kind::Sync | Kind::Query { .. })
             })
             && self.mode() == shardline_config::PoolMode::Transaction
-            && self.shared.balancing.read_your_writes == shardline_config::ReadYourWrites::Lsn
+            && self.learns_positions(self.shard)
     }
 
     /// Sends the position query for the commit just answered, with the
@@ -264,6 +264,8 @@ impl Session {
             .take()
             .or_else(|| self.position_guard().map(crate::PositionPending::held))
         else {
+            // No position to learn: the reply goes out as it is.
+            self.synthetic(super::Synthetic::ReadyForQuery);
             return;
         };
         self.send_own_query(super::route::WAL_POSITION_SQL);
