@@ -1041,6 +1041,18 @@ pub mod wire {
         message(b'E', &[0, 0, 0, 0, 0])
     }
 
+    /// One statement as a unit of its own, the unnamed way drivers send
+    /// it: Parse, Bind (no parameters), Describe of the portal, Execute, Sync.
+    pub fn unit(sql: &str) -> Vec<Vec<u8>> {
+        vec![
+            parse("", sql, &[]),
+            bind("", &[], 0),
+            describe(b'P', ""),
+            execute(),
+            sync(),
+        ]
+    }
+
     pub fn sync() -> Vec<u8> {
         message(b'S', b"")
     }

@@ -13,7 +13,7 @@
 use shardline_config::Config;
 use shardline_router::hash::KeyValue;
 use shardline_router::sharding::Sharding;
-use shardline_tests::wire::{bind, describe, execute, flush, parse, query, sync};
+use shardline_tests::wire::{self, bind, describe, execute, flush, parse, query, sync};
 use shardline_tests::{error_code, tags, Env, EnvOptions, RawClient, RawMessage};
 use std::time::Duration;
 
@@ -570,17 +570,9 @@ async fn pipelines_and_merged_reads_join_the_client_transaction() {
         .unwrap();
     assert_eq!(status(&r), b'T', "{r:?}");
     let r = c
-        .exchange(&[
-            parse(
-                "",
-                "SELECT u.id FROM users u JOIN users v ON v.name = u.name",
-                &[],
-            ),
-            bind("", &[], 0),
-            describe(b'P', ""),
-            execute(),
-            sync(),
-        ])
+        .exchange(&wire::unit(
+            "SELECT u.id FROM users u JOIN users v ON v.name = u.name",
+        ))
         .await
         .unwrap();
     assert_eq!(
