@@ -54,15 +54,6 @@ struct Sample {
     note: String,
 }
 
-fn cpu_seconds(pid: u32) -> Option<f64> {
-    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
-    // Fields after the ")" of the command name; utime and stime are 14 and 15.
-    let rest = &stat[stat.rfind(')')? + 2..];
-    let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
-}
-
 fn field(out: &str, prefix: &str) -> Option<f64> {
     out.lines()
         .find_map(|l| l.strip_prefix(prefix))
@@ -239,9 +230,9 @@ fn main() -> Result<()> {
             for (ti, t) in targets.iter().enumerate() {
                 let mut a = vec!["-n", "-T", secs.as_str(), "-c", clients.as_str(), "-j", "2"];
                 a.extend_from_slice(flags);
-                let cpu0 = t.pid.and_then(cpu_seconds);
+                let cpu0 = t.pid.and_then(shardline_tests::cpu_seconds);
                 let run = pgbench(t.port, &a);
-                let cpu1 = t.pid.and_then(cpu_seconds);
+                let cpu1 = t.pid.and_then(shardline_tests::cpu_seconds);
                 let s = results.entry((mi, ti)).or_default();
                 match run {
                     Ok(out) => {

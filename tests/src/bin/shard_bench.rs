@@ -3,8 +3,10 @@
 //!
 //! cargo run --release -p shardline-tests --bin shardline-shard-bench -- [--seconds N] [--clients N] [--rows N]
 //!
-//! - point query by key (pgbench custom script, prepared and simple), TPS
-//!   and average latency, with the ratio to direct;
+//! - point query by key (pgbench custom script, prepared, simple and
+//!   extended), TPS and average latency, with the ratio to direct, and the
+//!   proxy's CPU per 10k transactions against the same proxy with a
+//!   one-shard config in front of the direct server;
 //! - multi-row INSERT (1,000 rows per statement, split by shard) and COPY
 //!   (split row by row) in rows per second, against the same into the
 //!   direct server.
@@ -62,13 +64,39 @@ fn main() -> Result<()> {
         ),
     )?;
     let mut child = shardline_tests::spawn_bench_proxy(&cfg)?;
+    // The same proxy with a one-shard config, in front of the direct
+    // server: what sharding itself costs on a point query.
+    let one_port = free_port()?;
+    let one_cfg = cluster.root.join("shard-bench-one.toml");
+    std::fs::write(
+        &one_cfg,
+        format!(
+            "[proxy]\nlisten = \"127.0.0.1:{one_port}\"\n[pool]\nsize = {}\n\
+             [[users]]\nname = \"app\"\npassword = \"app\"\nauth = \"md5\"\ndatabase = \"app\"\n\
+             [[shards]]\nname = \"s0\"\nprimary = {{ host = \"127.0.0.1\", port = {direct} }}\n",
+            args.clients,
+        ),
+    )?;
+    let mut one = shardline_tests::spawn_bench_proxy(&one_cfg)?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
-    let result = rt.block_on(run(&args, &bin, port, direct));
-    let _ = child.kill();
-    let _ = child.wait();
+    let proxies = Proxies {
+        sharded: (port, child.id()),
+        one_shard: (one_port, one.id()),
+    };
+    let result = rt.block_on(run(&args, &bin, &proxies, direct));
+    for c in [&mut child, &mut one] {
+        let _ = c.kill();
+        let _ = c.wait();
+    }
     result
+}
+
+/// The two Shardline processes measured: port and pid.
+struct Proxies {
+    sharded: (u16, u32),
+    one_shard: (u16, u32),
 }
 
 /// Rows per second for the multi-row INSERT and COPY loads of `rows` rows.
@@ -106,7 +134,8 @@ async fn load(port: u16, rows: u32, first: u32) -> Result<(f64, f64)> {
     Ok((insert, copy))
 }
 
-async fn run(args: &Args, bin: &PgBin, proxy: u16, direct: u16) -> Result<()> {
+async fn run(args: &Args, bin: &PgBin, proxies: &Proxies, direct: u16) -> Result<()> {
+    let proxy = proxies.sharded.0;
     for port in [proxy, direct] {
         shardline_tests::connect_app(port)
             .await?
@@ -164,14 +193,24 @@ async fn run(args: &Args, bin: &PgBin, proxy: u16, direct: u16) -> Result<()> {
         "point query by key, {} clients, {} s each (direct: one server holding every row)",
         args.clients, args.seconds
     );
-    println!("| mode | direct TPS | Shardline TPS (ratio) | latency ms direct / Shardline |");
-    println!("|---|---:|---:|---:|");
+    println!("| mode | direct TPS | Shardline TPS (ratio) | latency ms direct / Shardline | Shardline one-shard config TPS | proxy CPU s / 10k txn, 2 shards / one shard |");
+    println!("|---|---:|---:|---:|---:|---:|");
+    // Proxy CPU seconds per 10k transactions of one run through `proxy`.
+    let through = |(port, pid): (u16, u32), mode: &str| -> Result<(f64, f64, f64)> {
+        let before = shardline_tests::cpu_seconds(pid).unwrap_or(0.0);
+        let (tps, latency) = pgbench(port, mode)?;
+        let used = shardline_tests::cpu_seconds(pid).unwrap_or(0.0) - before;
+        let txns = tps * args.seconds as f64;
+        Ok((tps, latency, used / (txns / 10_000.0).max(1e-9)))
+    };
     for mode in ["prepared", "simple", "extended"] {
         let (d, dl) = pgbench(direct, mode)?;
-        let (s, sl) = pgbench(proxy, mode)?;
+        let (s, sl, s_cpu) = through(proxies.sharded, mode)?;
+        let (o, _, o_cpu) = through(proxies.one_shard, mode)?;
         println!(
-            "| {mode} | {d:.0} | {s:.0} ({:.2}) | {dl:.3} / {sl:.3} |",
-            s / d.max(1.0)
+            "| {mode} | {d:.0} | {s:.0} ({:.2}) | {dl:.3} / {sl:.3} | {o:.0} | {s_cpu:.3} / {o_cpu:.3} ({:.2}) |",
+            s / d.max(1.0),
+            s_cpu / o_cpu.max(1e-9)
         );
     }
     let _ = std::fs::remove_file(&script);
