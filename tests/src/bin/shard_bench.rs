@@ -48,36 +48,17 @@ fn main() -> Result<()> {
     // s0 and s1 are the shards; s2 is the direct server holding every row.
     let cluster = shardline_tests::bench_cluster(3)?;
     let direct = cluster.primary(2).port;
-    let port = free_port()?;
-    let cfg = cluster.root.join("shard-bench.toml");
-    std::fs::write(
-        &cfg,
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[pool]\nsize = {}\n\
-             [[users]]\nname = \"app\"\npassword = \"app\"\nauth = \"md5\"\ndatabase = \"app\"\n\
-             [[shards]]\nname = \"s0\"\nprimary = {{ host = \"127.0.0.1\", port = {} }}\n\
-             [[shards]]\nname = \"s1\"\nprimary = {{ host = \"127.0.0.1\", port = {} }}\n\
-             [[sharding.tables]]\nname = \"kv\"\ncolumn = \"id\"\n",
-            args.clients,
-            cluster.primary(0).port,
-            cluster.primary(1).port
-        ),
+    let (port, mut child) = start_proxy(
+        &cluster,
+        "shard-bench",
+        args.clients,
+        &[cluster.primary(0).port, cluster.primary(1).port],
+        "[[sharding.tables]]\nname = \"kv\"\ncolumn = \"id\"\n",
     )?;
-    let mut child = shardline_tests::spawn_bench_proxy(&cfg)?;
     // The same proxy with a one-shard config, in front of the direct
     // server: what sharding itself costs on a point query.
-    let one_port = free_port()?;
-    let one_cfg = cluster.root.join("shard-bench-one.toml");
-    std::fs::write(
-        &one_cfg,
-        format!(
-            "[proxy]\nlisten = \"127.0.0.1:{one_port}\"\n[pool]\nsize = {}\n\
-             [[users]]\nname = \"app\"\npassword = \"app\"\nauth = \"md5\"\ndatabase = \"app\"\n\
-             [[shards]]\nname = \"s0\"\nprimary = {{ host = \"127.0.0.1\", port = {direct} }}\n",
-            args.clients,
-        ),
-    )?;
-    let mut one = shardline_tests::spawn_bench_proxy(&one_cfg)?;
+    let (one_port, mut one) =
+        start_proxy(&cluster, "shard-bench-one", args.clients, &[direct], "")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()?;
@@ -91,6 +72,31 @@ fn main() -> Result<()> {
         let _ = c.wait();
     }
     result
+}
+
+/// A Shardline process (its port and child) in front of `primaries`, one
+/// shard each (s0, s1, ...), with `extra` TOML appended.
+fn start_proxy(
+    cluster: &shardline::cluster::LocalCluster,
+    name: &str,
+    pool: u32,
+    primaries: &[u16],
+    extra: &str,
+) -> Result<(u16, std::process::Child)> {
+    let port = free_port()?;
+    let mut text = format!(
+        "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[pool]\nsize = {pool}\n\
+         [[users]]\nname = \"app\"\npassword = \"app\"\nauth = \"md5\"\ndatabase = \"app\"\n"
+    );
+    for (i, p) in primaries.iter().enumerate() {
+        text.push_str(&format!(
+            "[[shards]]\nname = \"s{i}\"\nprimary = {{ host = \"127.0.0.1\", port = {p} }}\n"
+        ));
+    }
+    text.push_str(extra);
+    let cfg = cluster.root.join(format!("{name}.toml"));
+    std::fs::write(&cfg, text)?;
+    Ok((port, shardline_tests::spawn_bench_proxy(&cfg)?))
 }
 
 /// The two Shardline processes measured: port and pid.
