@@ -1,6 +1,7 @@
 //! Messages from the client: forwarded as they came, except prepared statement
 //! names (mapped to server names) and the few commands the proxy answers itself.
 
+use super::attach::Purpose;
 use super::pending::{Answer, Kind, Pending, Synthetic};
 use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{sqlstate, PgError};
@@ -9,7 +10,6 @@ use crate::protocol::{complete_frames, next_frame, peek_header, Frame};
 use shardline_config::PoolMode;
 use shardline_router::effect::{self, Effect};
 use std::collections::VecDeque;
-use std::sync::atomic::Ordering;
 use std::sync::Arc;
 
 fn violation(message: impl Into<String>) -> End {
@@ -64,7 +64,7 @@ impl Session {
             }
             match peek_header(&self.client_in, self.shared.max_message_size) {
                 Ok(Some((tag, _))) if needs_server(tag) && !self.skip_until_sync => {
-                    if self.txn.failed() && !self.unit_open {
+                    if self.txn.failed() && !self.unit.is_open() {
                         // In a failed transaction, a unit is judged whole,
                         // and once the server owes nothing: a ROLLBACK the
                         // proxy answered at once ends the transaction only
@@ -76,7 +76,7 @@ impl Session {
                             return Ok(Flow::Done);
                         }
                     }
-                    if !self.participants.is_empty() && !self.unit_open {
+                    if !self.participants.is_empty() && !self.unit.is_open() {
                         match self.distributed_next()? {
                             Next::End(..) if !self.pending.is_empty() => return Ok(Flow::Wait),
                             Next::End(end) => return Ok(Flow::EndDistributed(end)),
@@ -93,7 +93,7 @@ impl Session {
                     }
                     if self.shared.sharding.is_some()
                         && self.mode() == PoolMode::Transaction
-                        && !self.unit_open
+                        && !self.unit.is_open()
                         && !self.pending.is_empty()
                         && self.server.as_ref().is_some_and(|s| s.tx_status == b'I')
                         && matches!(
@@ -106,7 +106,7 @@ impl Session {
                         // once the connection is released.
                         return Ok(Flow::Wait);
                     }
-                    if self.shared.sharding.is_some() && !self.unit_open {
+                    if self.shared.sharding.is_some() && !self.unit.is_open() {
                         if self.txn.failed() && self.unit_ends_transaction()? {
                             self.end_refused_unit()?;
                             continue;
@@ -127,14 +127,14 @@ impl Session {
                         }
                     }
                     // A new unit behind one still in flight on a read server.
-                    if self.read_attach
-                        && !self.unit_open
+                    if self.purpose == Purpose::Read
+                        && !self.unit.is_open()
                         && !self.pending.is_empty()
                         && !self.may_follow()
                     {
                         return Ok(Flow::Wait);
                     }
-                    if !self.unit_open && self.txn.has_begin() && self.plan_unit().executes {
+                    if !self.unit.is_open() && self.txn.has_begin() && self.plan_unit().executes {
                         if let Some(begin) = self.txn.take_begin() {
                             // The transaction's BEGIN, deferred until a
                             // statement runs: this unit runs here, so the
@@ -294,7 +294,7 @@ impl Session {
                 && self.pending.is_empty());
         let fits = match &planned.place {
             Placement::Anywhere | Placement::Spread => true,
-            Placement::One(s) => *s == self.shard,
+            Placement::One(s) => Some(*s) == self.attached_shard(),
             _ => false,
         };
         if fits {
@@ -310,7 +310,7 @@ impl Session {
                 .shared
                 .sharding
                 .as_ref()
-                .and_then(|sh| sh.shard_names.get(self.shard).cloned())
+                .and_then(|sh| sh.shard_names.get(self.attached_shard()?).cloned())
                 .unwrap_or_default();
             let e = PgError::error(
                 sqlstate::FEATURE_NOT_SUPPORTED,
@@ -350,7 +350,7 @@ impl Session {
                     .shared
                     .sharding
                     .as_ref()
-                    .and_then(|sh| sh.shard_names.get(self.shard).cloned());
+                    .and_then(|sh| sh.shard_names.get(self.attached_shard()?).cloned());
                 super::cross_shard_transaction(name.as_deref(), self.shared.two_phase.is_some())
             }
             _ => super::cross_shard_transaction(None, self.shared.two_phase.is_some()),
@@ -406,10 +406,10 @@ impl Session {
         if self.skip_until_sync && f.tag != frontend::SYNC && f.tag != frontend::TERMINATE {
             return Ok(());
         }
-        if let Some(sent) = self.retry.as_mut() {
+        if let Some(sent) = self.rerun.sent.as_mut() {
             sent.extend_from_slice(&f.bytes);
         }
-        if self.write_attach
+        if self.purpose == Purpose::Write
             && matches!(
                 f.tag,
                 frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
@@ -429,8 +429,7 @@ impl Session {
                 } else {
                     self.portal_effects.get(portal).cloned()
                 };
-                self.unit_open = true;
-                self.unit_binds = true;
+                self.unit.bind();
                 self.server_out.extend_from_slice(&f.bytes);
                 self.pending
                     .push_back(Pending::forward(Kind::Execute { effect }));
@@ -444,8 +443,7 @@ impl Session {
             }
             frontend::SYNC => {
                 self.skip_until_sync = false;
-                self.unit_open = false;
-                self.unit_binds = false;
+                self.unit.close();
                 if self.server.is_none() {
                     self.synthetic(Synthetic::ReadyForQuery);
                 } else {
@@ -460,7 +458,7 @@ impl Session {
                 // the rest of the client's unit placed by its own keys.
                 frontend::write_sync(&mut self.server_out);
                 self.pending.push_back(Pending::swallow(Kind::Sync));
-                self.unit_open = false;
+                self.unit.close();
                 self.segment_pending = true;
                 Ok(())
             }
@@ -503,8 +501,7 @@ impl Session {
     /// (Parse, Describe, Close; nothing bound yet), with several shards
     /// under transaction pooling: where the Binds run is not known yet.
     fn prepare_only_segment(&self) -> bool {
-        self.unit_open
-            && !self.unit_binds
+        self.unit == super::unit::Unit::Preparing
             && !self.copy_ignores_syncs
             && self.server.is_some()
             && self.mode() == PoolMode::Transaction
@@ -658,14 +655,11 @@ impl Session {
         }
         let route = self.route_text(p.query);
         if p.name.is_empty() {
-            let token = self.shared.next_token.fetch_add(1, Ordering::Relaxed);
-            // The definition is a slice of the frame: no copy.
-            let start = f.bytes.len() - p.definition.len();
-            self.unnamed = Some((token, f.bytes.slice(start..), effect, route));
+            let token = self.remember_unnamed(&f, p.definition.len(), effect, route);
             if let Some(server) = self.server.as_mut() {
                 server.unnamed_token = token;
             }
-            self.unit_open = true;
+            self.unit.prepare();
             self.server_out.extend_from_slice(&f.bytes);
             self.pending
                 .push_back(Pending::forward(Kind::Parse { statement: None }));
@@ -681,11 +675,11 @@ impl Session {
             return Ok(());
         }
         // Re-running this unit elsewhere would prepare the name twice.
-        self.retry = None;
+        self.rerun.answered();
         let stmt = self.shared.statements.intern(p.definition, effect, route);
         let client_name: Box<[u8]> = p.name.into();
         self.statements.insert(client_name.clone(), stmt.clone());
-        self.unit_open = true;
+        self.unit.prepare();
         let held = self
             .server
             .as_mut()
@@ -756,7 +750,12 @@ impl Session {
 
     /// Makes sure the attached server's unnamed statement is this client's.
     fn ensure_unnamed(&mut self) {
-        let (Some((token, definition, ..)), Some(server)) = (&self.unnamed, self.server.as_mut())
+        let (
+            Some(super::Unnamed {
+                token, definition, ..
+            }),
+            Some(server),
+        ) = (&self.unnamed, self.server.as_mut())
         else {
             return;
         };
@@ -778,11 +777,10 @@ impl Session {
                 None => return Ok(()),
             }
         };
-        self.unit_open = true;
-        self.unit_binds = true;
+        self.unit.bind();
         let effect = match &stmt {
             Some(s) => s.effect.clone(),
-            None => self.unnamed.as_ref().and_then(|u| u.2.clone()),
+            None => self.unnamed.as_ref().and_then(|u| u.effect.clone()),
         };
         match effect {
             Some(e) => {
@@ -817,7 +815,7 @@ impl Session {
         } else {
             None
         };
-        self.unit_open = true;
+        self.unit.prepare();
         match (kind, stmt) {
             (_, Some(stmt)) => {
                 self.ensure_prepared(&stmt);
@@ -859,7 +857,7 @@ impl Session {
             self.synthetic(Synthetic::CloseComplete);
             return Ok(());
         }
-        self.unit_open = true;
+        self.unit.prepare();
         self.server_out.extend_from_slice(&f.bytes);
         self.pending.push_back(Pending::forward(Kind::Close));
         Ok(())

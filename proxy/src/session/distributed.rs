@@ -13,10 +13,10 @@
 //! into the transaction afterwards (`keep_in_transaction`). Savepoints stay
 //! refused inside such a transaction.
 
+use super::attach::{Placed, Purpose};
 use super::fanout::Leg;
 use super::txn::Txn;
 use super::{End, Fit, Next, Session, TxnEnd};
-use crate::pool::PooledConnection;
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{complete_frames, frontend, next_frame};
 use crate::server::ServerError;
@@ -24,13 +24,6 @@ use crate::twophase::literal;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use shardline_router::classify::Class;
-
-/// A connection in the client's open transaction, not attached right now.
-pub(super) struct Participant {
-    pub shard: usize,
-    pub node: usize,
-    pub conn: PooledConnection,
-}
 
 /// A server's SQLSTATE, passed on when it is one (five letters or digits).
 fn server_code(code: &str) -> std::borrow::Cow<'static, str> {
@@ -248,7 +241,7 @@ impl Session {
     pub(super) fn may_join(&self) -> bool {
         self.shared.two_phase.is_some()
             && self.mode() == shardline_config::PoolMode::Transaction
-            && !self.read_attach
+            && self.purpose != Purpose::Read
             && self.pending.is_empty()
     }
 
@@ -272,23 +265,17 @@ impl Session {
             ))?;
             return Ok(Some(Fit::Refused));
         }
-        let Some(conn) = self.server.take() else {
+        let Some(parked) = self.server.take() else {
             return Ok(None);
         };
         self.cancel.detach();
-        self.coordinator.get_or_insert(self.shard);
-        self.participants.push(Participant {
-            shard: self.shard,
-            node: self.node,
-            conn,
-        });
+        self.coordinator.get_or_insert(parked.shard);
+        self.participants.push(parked);
         if let Some(i) = self.participants.iter().position(|p| p.shard == shard) {
             let p = self.participants.swap_remove(i);
-            self.shard = p.shard;
-            self.node = p.node;
             self.cancel
                 .attach(p.conn.addr.clone(), p.conn.pid, p.conn.secret);
-            self.server = Some(p.conn);
+            self.server = Some(p);
             return Ok(Some(Fit::Yes));
         }
         // A new participant: it begins with the transaction's isolation
@@ -318,14 +305,10 @@ impl Session {
         let frames = self.take_unit()?;
         self.register_parses(&frames)?;
         let mut conns = std::mem::take(&mut self.participants);
-        if let Some(conn) = self.server.take() {
-            self.cancel.detach();
-            conns.push(Participant {
-                shard: self.shard,
-                node: self.node,
-                conn,
-            });
+        if let Some(attached) = self.server.take() {
+            conns.push(attached);
         }
+        self.detach();
         if let Some(i) = conns.iter().position(|p| Some(p.shard) == self.coordinator) {
             let c = conns.remove(i);
             conns.insert(0, c);
@@ -368,9 +351,6 @@ impl Session {
             }
         }
         self.wrote = false;
-        self.write_attach = false;
-        self.retry = None;
-        self.tried = 0;
         Ok(())
     }
 
@@ -402,8 +382,10 @@ impl Session {
             .extract_if(.., |p| shards.contains(&p.shard))
             .map(|p| Leg::parked(p.shard, p.node, p.conn))
             .collect();
-        if let Some(conn) = self.server.take() {
-            held.push(Leg::parked(self.shard, self.node, conn));
+        if let Some(attached) = self.server.take() {
+            let mut leg = Leg::parked(attached.shard, attached.node, attached.conn);
+            leg.attached = true;
+            held.push(leg);
         }
         let mut legs = Vec::with_capacity(shards.len());
         for &shard in shards {
@@ -468,7 +450,6 @@ impl Session {
     fn park_legs(&mut self, legs: Vec<Leg>) -> bool {
         let mut whole = true;
         let attached = self.server.is_some();
-        let prefer = self.shard;
         let mut kept = Vec::with_capacity(legs.len());
         for l in legs {
             if l.done && !l.conn.broken && l.conn.tx_status != b'I' {
@@ -480,21 +461,14 @@ impl Session {
         }
         let mut legs = kept;
         if !attached && !legs.is_empty() {
-            let i = legs.iter().position(|l| l.shard == prefer).unwrap_or(0);
+            let i = legs.iter().position(|l| l.attached).unwrap_or(0);
             let leg = legs.swap_remove(i);
-            self.shard = leg.shard;
-            self.node = leg.node;
             self.cancel
                 .attach(leg.conn.addr.clone(), leg.conn.pid, leg.conn.secret);
-            self.server = Some(leg.conn);
+            self.server = Some(leg.into_placed());
         }
-        for l in legs {
-            self.participants.push(Participant {
-                shard: l.shard,
-                node: l.node,
-                conn: l.conn,
-            });
-        }
+        self.participants
+            .extend(legs.into_iter().map(Leg::into_placed));
         whole
     }
 
@@ -517,11 +491,12 @@ impl Session {
             // server, as a refused first statement leaves one.
             self.txn.set_begin(begin);
         }
-        self.coordinator.get_or_insert(self.shard);
-        self.read_attach = false;
-        self.retry = None;
+        if let Some(shard) = self.attached_shard() {
+            self.coordinator.get_or_insert(shard);
+        }
+        self.purpose = self.purpose.in_transaction(writes);
+        self.rerun.answered();
         self.wrote |= writes;
-        self.write_attach |= writes;
         let failed = failed || !whole;
         if failed {
             self.txn.fail();
@@ -536,10 +511,7 @@ impl Session {
     /// The two-phase commit: decision row on the coordinator (first), PREPARE
     /// on the others, the coordinator's COMMIT as the decision, then COMMIT
     /// PREPARED. Fails (rolling back everywhere) until the decision.
-    async fn commit_everywhere(
-        &mut self,
-        conns: &mut [Participant],
-    ) -> Result<&'static str, PgError> {
+    async fn commit_everywhere(&mut self, conns: &mut [Placed]) -> Result<&'static str, PgError> {
         let Some(tp) = self.shared.two_phase.clone() else {
             return Err(PgError::error(
                 sqlstate::INTERNAL_ERROR,
@@ -672,7 +644,7 @@ fn answer_frames(
     }
 }
 
-async fn rollback_all(conns: &mut [Participant]) {
+async fn rollback_all(conns: &mut [Placed]) {
     for p in conns.iter_mut() {
         if p.conn.simple_query("ROLLBACK").await.is_err() {
             p.conn.broken = true;

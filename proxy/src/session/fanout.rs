@@ -86,6 +86,9 @@ pub(super) struct Leg {
     pub(super) done: bool,
     /// Joins the client's transaction with this unit: its BEGIN, sent first.
     pub(super) joins: Option<Bytes>,
+    /// The session's attached connection before the unit: attached again
+    /// after it (`Session::park_legs`).
+    pub(super) attached: bool,
 }
 
 impl Leg {
@@ -98,6 +101,16 @@ impl Leg {
             skip: Default::default(),
             done: true,
             joins: None,
+            attached: false,
+        }
+    }
+
+    /// The connection, out of the unit.
+    pub(super) fn into_placed(self) -> super::attach::Placed {
+        super::attach::Placed {
+            shard: self.shard,
+            node: self.node,
+            conn: self.conn,
         }
     }
 
@@ -735,12 +748,7 @@ impl Session {
             .and_then(shardline_router::effect::statement_effect);
         let route = self.route_text(p.query);
         if p.name.is_empty() {
-            let token = self
-                .shared
-                .next_token
-                .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let start = f.bytes.len() - p.definition.len();
-            self.unnamed = Some((token, f.bytes.slice(start..), effect, route));
+            let token = self.remember_unnamed(f, p.definition.len(), effect, route);
             return Ok(Parsed::Unnamed(token));
         }
         let stmt = self.shared.statements.intern(p.definition, effect, route);
@@ -766,7 +774,10 @@ impl Session {
     }
 
     fn unnamed_on(&self, leg: &mut Leg, out: &mut BytesMut) {
-        if let Some((token, definition, ..)) = &self.unnamed {
+        if let Some(super::Unnamed {
+            token, definition, ..
+        }) = &self.unnamed
+        {
             if leg.conn.unnamed_token != *token {
                 leg.conn.unnamed_token = *token;
                 frontend::write_parse(out, b"", definition);

@@ -191,7 +191,7 @@ impl Session {
 
     pub(super) fn bound_definition(&self, name: &[u8]) -> Option<Bytes> {
         if name.is_empty() {
-            self.unnamed.as_ref().map(|u| u.1.clone())
+            self.unnamed.as_ref().map(|u| u.definition.clone())
         } else {
             self.statements.get(name).map(|s| s.definition.clone())
         }

@@ -12,6 +12,7 @@
 //! sent is unanswered and the client is not mid-unit (transaction pooling), or
 //! when the client leaves (session pooling).
 
+mod attach;
 mod client;
 mod copy;
 mod distributed;
@@ -25,13 +26,14 @@ mod server;
 mod split;
 pub mod startup;
 mod txn;
+mod unit;
 
 use crate::cancel::CancelSlot;
-use crate::pool::PooledConnection;
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::server::statements::Statement;
 use crate::server::vars::{self, SessionVars};
 use crate::Shared;
+use attach::{Placed, Purpose, Rerun};
 use bytes::{Bytes, BytesMut};
 use pending::{Kind, Pending, Synthetic};
 use shardline_config::PoolMode;
@@ -125,6 +127,19 @@ pub enum End {
     Fatal(PgError),
 }
 
+/// The client's unnamed statement, kept so that a later Bind prepares it
+/// again on whichever connection runs it.
+struct Unnamed {
+    /// Which Parse it was (unique in the process); a server connection
+    /// records the token of the unnamed statement it holds.
+    token: u64,
+    /// The Parse body after the name: query text and parameter types (a
+    /// slice of the client's frame, not a copy).
+    definition: Bytes,
+    effect: Option<Effect>,
+    route: shardline_router::Route,
+}
+
 pub struct Session {
     shared: Arc<Shared>,
     login: LoggedIn,
@@ -134,7 +149,8 @@ pub struct Session {
     /// state changes other than by taking messages off its front.
     plan_memo: Option<(route::PlanKey, route::Planned)>,
     client_out: BytesMut,
-    server: Option<PooledConnection>,
+    /// The attached server connection and where it belongs (`attach.rs`).
+    server: Option<Placed>,
     server_out: BytesMut,
     pending: VecDeque<Pending>,
     /// Session variables the client has set.
@@ -154,18 +170,14 @@ pub struct Session {
     /// Routes of the very large statement texts of the client's next unit,
     /// made on the blocking pool (`route_large_ahead`).
     large_routes: Vec<(Bytes, shardline_router::Route)>,
-    /// The client's unnamed statement: token, definition, effect and route.
-    unnamed: Option<(u64, Bytes, Option<Effect>, shardline_router::Route)>,
-    /// Index (in its shard) of the node the attached server belongs to.
-    node: usize,
-    /// The shard the attached server belongs to.
-    shard: usize,
+    /// The client's unnamed statement.
+    unnamed: Option<Unnamed>,
     /// What the proxy holds of the client's transaction: a BEGIN not sent
     /// yet, a failure of its own (`txn.rs`).
     txn: Txn,
     /// Connections of the open transaction on other shards (two-phase
     /// commit), and the shard the transaction began on.
-    participants: Vec<distributed::Participant>,
+    participants: Vec<Placed>,
     coordinator: Option<usize>,
     /// A shard joins the transaction: its BEGIN is to be made.
     join_begin: bool,
@@ -183,26 +195,17 @@ pub struct Session {
     /// Under transaction pooling, why the client keeps its server
     /// connection: a statement left state on it (`Route::session_state`).
     pinned: Option<&'static str>,
-    /// The attached server was chosen for a unit that may write; every later
-    /// statement on it may write too.
-    write_attach: bool,
+    /// What the attached server was chosen for (`attach.rs`).
+    purpose: Purpose,
     /// Hash of the client's address (client_hash balancing).
     client_hash: u64,
-    /// The current read unit's client messages, while it can still be re-run
-    /// on another node (nothing answered yet).
-    retry: Option<BytesMut>,
-    /// Nodes that failed for the current unit (bit per node index).
-    tried: u64,
+    /// The current read unit, while it can still run on another node.
+    rerun: Rerun,
     /// Client messages wait for the attached server to finish its unit
     /// before they are routed.
     waiting: bool,
-    /// The attached server was chosen for a read (a replica, or the primary
-    /// standing in): only reads and its own transaction may follow on it.
-    read_attach: bool,
-    /// Extended-protocol messages were sent since the last Sync.
-    unit_open: bool,
-    /// A Bind or Execute was sent since the last Sync (the unit is placed).
-    unit_binds: bool,
+    /// How far the client's extended-protocol unit has reached (`unit.rs`).
+    unit: unit::Unit,
     /// The proxy ended a prepare-only part of the client's unit with a Sync
     /// of its own, not answered yet.
     segment_pending: bool,
@@ -250,8 +253,6 @@ impl Session {
         }
         Session {
             vars: Arc::new(SessionVars::from_startup(&login.params)),
-            node: 0,
-            shard: 0,
             txn: Txn::Plain,
             participants: Vec::new(),
             coordinator: None,
@@ -262,12 +263,10 @@ impl Session {
             wrote: false,
             position_pending: None,
             pinned: None,
-            write_attach: false,
+            purpose: Purpose::Any,
             client_hash,
-            retry: None,
-            tried: 0,
+            rerun: Rerun::default(),
             waiting: false,
-            read_attach: false,
             shared,
             login,
             client_in: BytesMut::with_capacity(8 * 1024),
@@ -283,8 +282,7 @@ impl Session {
             portal_effects: HashMap::new(),
             large_routes: Vec::new(),
             unnamed: None,
-            unit_open: false,
-            unit_binds: false,
+            unit: unit::Unit::Closed,
             segment_pending: false,
             skip_until_sync: false,
             copy_ignores_syncs: false,
@@ -446,7 +444,7 @@ impl Session {
             shardline_router::UnitPlan::EndEmpty(tag) => self.end_empty(tag),
             shardline_router::UnitPlan::Run { target, writes } => {
                 if let Err(e) = self.attach_server(target, writes, shard).await {
-                    self.tried = 0;
+                    self.rerun.reset();
                     // A shard that could not join fails the whole transaction.
                     if !self.participants.is_empty() {
                         self.txn.fail();
@@ -553,7 +551,7 @@ impl Session {
     /// Nothing in flight: safe to close at shutdown.
     fn is_idle(&self) -> bool {
         self.pending.is_empty()
-            && !self.unit_open
+            && !self.unit.is_open()
             && self.server.as_ref().is_none_or(|s| s.tx_status == b'I')
     }
 
@@ -562,7 +560,7 @@ impl Session {
     fn maybe_release(&mut self) {
         let releasable = !self.keeps_connection()
             && self.pending.is_empty()
-            && !self.unit_open
+            && !self.unit.is_open()
             && self.server_out.is_empty()
             && self.server.as_ref().is_some_and(|s| s.tx_status == b'I');
         if releasable && !self.after_write() {
@@ -571,20 +569,24 @@ impl Session {
     }
 
     fn release_server(&mut self) {
-        self.retry = None;
-        self.tried = 0;
-        // Nothing is attached: a later unit is not one behind a read.
-        self.read_attach = false;
+        self.detach();
         self.txn.recover();
         self.coordinator = None;
-        if let Some(mut conn) = self.server.take() {
-            self.cancel.detach();
+        if let Some(Placed { mut conn, .. }) = self.server.take() {
             if !conn.is_clean() {
                 drop(deadpool::managed::Object::take(conn));
             } else {
                 io::shrink(&mut conn.read_buf);
             }
         }
+    }
+
+    /// What describes the attachment starts over (`attach.rs`): the
+    /// connection is going back to its pool, lost, or parked.
+    fn detach(&mut self) {
+        self.rerun.reset();
+        self.purpose = Purpose::Any;
+        self.cancel.detach();
     }
 
     /// Queues a simple query of the proxy's own for the attached server.
@@ -597,6 +599,28 @@ impl Session {
     fn send_query_frame(&mut self, frame: &[u8]) {
         self.server_out.extend_from_slice(frame);
         self.forget_unnamed();
+    }
+
+    /// Records the client's Parse `f` of the unnamed statement (whose
+    /// definition is the frame's last `definition_len` bytes); returns its token.
+    fn remember_unnamed(
+        &mut self,
+        f: &crate::protocol::Frame,
+        definition_len: usize,
+        effect: Option<Effect>,
+        route: shardline_router::Route,
+    ) -> u64 {
+        let token = self
+            .shared
+            .next_token
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        self.unnamed = Some(Unnamed {
+            token,
+            definition: f.bytes.slice(f.bytes.len() - definition_len..),
+            effect,
+            route,
+        });
+        token
     }
 
     /// A simple query drops the server's unnamed statement: a later Bind of
@@ -618,7 +642,7 @@ impl Session {
 
     fn emit(&mut self, s: Synthetic) {
         // Answered here: re-running the unit elsewhere would answer twice.
-        self.retry = None;
+        self.rerun.answered();
         let out = &mut self.client_out;
         match s {
             Synthetic::ParseComplete => backend::empty_message(out, backend::PARSE_COMPLETE),
@@ -688,26 +712,29 @@ impl Session {
     /// answered for on another node (returns true), else tell the client and
     /// carry on if its session state survived (it was not inside a transaction).
     fn on_server_lost(&mut self, e: std::io::Error) -> Result<bool, End> {
-        let Some(conn) = self.server.take() else {
+        let Some(Placed { shard, node, conn }) = self.server.take() else {
             return Ok(false);
         };
-        self.read_attach = false;
-        self.cancel.detach();
+        // The unit's messages and the nodes it tried outlive the
+        // connection: the read may run again elsewhere.
+        let rerun = std::mem::take(&mut self.rerun);
+        self.detach();
         let addr = conn.addr.clone();
         let in_txn = conn.tx_status != b'I';
         drop(deadpool::managed::Object::take(conn));
         tracing::warn!(server = %addr, error = %e, "server connection lost");
-        if let Some(sent) = self.retry.take().filter(|_| !in_txn) {
-            let shard = &self.shared.topology.shards[self.shard];
-            shard.nodes[self.node].ban(self.shared.ban_time, &e.to_string());
-            self.tried |= 1u64 << self.node.min(63);
+        if let Some(sent) = rerun.sent.filter(|_| !in_txn) {
+            let nodes = &self.shared.topology.shards[shard].nodes;
+            nodes[node].ban(self.shared.ban_time, &e.to_string());
+            self.rerun.tried = rerun.tried;
+            self.rerun.tried_node(node);
             self.pending.clear();
             self.server_out.clear();
             self.txn_effects.clear();
             self.segment_pending = false;
             self.copy_ignores_syncs = false;
             self.unit_failed = false;
-            self.unit_open = false;
+            self.unit.close();
             self.skip_until_sync = false;
             self.wrote = false;
             let mut again = sent;
@@ -718,8 +745,6 @@ impl Session {
             return Ok(true);
         }
         let msg = format!("server connection to {addr} was lost: {e}");
-        self.retry = None;
-        self.tried = 0;
         if in_txn || self.keeps_connection() {
             return Err(End::Fatal(PgError::fatal(
                 sqlstate::CONNECTION_FAILURE,
@@ -739,7 +764,7 @@ impl Session {
         // The server may have said why before closing (e.g. FATAL 57P01); one error per unit.
         let mut reported = self.unit_failed;
         self.unit_failed = false;
-        if sync_points == 0 && self.unit_open {
+        if sync_points == 0 && self.unit.is_open() {
             // Mid-unit (answers read up to a Flush): the error ends the
             // unit, as the server's would; the rest is skipped to its Sync.
             if !reported {
@@ -753,7 +778,7 @@ impl Session {
             }
             backend::ready_for_query(&mut self.client_out, b'I');
         }
-        self.unit_open = false;
+        self.unit.close();
         Ok(false)
     }
 
@@ -763,13 +788,13 @@ impl Session {
         for p in self.participants.drain(..) {
             drop(deadpool::managed::Object::take(p.conn));
         }
-        let Some(mut conn) = self.server.take() else {
+        let Some(Placed { mut conn, .. }) = self.server.take() else {
             return;
         };
         self.cancel.detach();
         let clean = conn.is_clean()
             && self.pending.is_empty()
-            && !self.unit_open
+            && !self.unit.is_open()
             && self.server_out.is_empty();
         if !clean {
             drop(deadpool::managed::Object::take(conn));

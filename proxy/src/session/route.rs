@@ -3,6 +3,7 @@
 //! file gathers the facts (the unit's statements, the session's hints and
 //! read-your-writes position, the nodes' health) and acts on the answer.
 
+use super::attach::{Placed, Purpose};
 use super::pending::{Kind, Pending};
 use super::Session;
 use crate::health::{now_ms, ReadRequest};
@@ -236,7 +237,9 @@ impl Session {
     /// (the unnamed one for an empty name).
     pub(super) fn session_statement(&self, name: &[u8]) -> Option<(Route, &[u8])> {
         if name.is_empty() {
-            self.unnamed.as_ref().map(|u| (u.3.clone(), &u.1[..]))
+            self.unnamed
+                .as_ref()
+                .map(|u| (u.route.clone(), &u.definition[..]))
         } else {
             self.statements
                 .get(name)
@@ -433,22 +436,25 @@ impl Session {
         writes: bool,
         shard_index: usize,
     ) -> Result<(), PgError> {
-        let mut tried = self.tried;
+        let mut tried = self.rerun.tried;
         let borrowed = self.borrow(shard_index, target, &mut tried).await;
-        self.tried = tried;
+        self.rerun.tried = tried;
         let (conn, node, placed) = borrowed?;
-        self.node = node;
-        self.shard = shard_index;
-        self.finish_attach(placed, writes, conn);
-        if target == Target::Replica && self.retry.is_none() {
-            // A read that read-your-writes placed on the primary may run
-            // again elsewhere too (a replica that has the user's writes).
-            self.retry = self
-                .server
-                .as_ref()
-                .is_some_and(|s| s.tx_status == b'I')
-                .then(|| bytes::BytesMut::with_capacity(256));
+        // A read may be sent again elsewhere until an answer reaches the
+        // client; so may one that read-your-writes placed on the primary
+        // (a replica that has the user's writes can serve it).
+        if target == Target::Replica && conn.tx_status == b'I' {
+            self.rerun.keep();
         }
+        self.finish_attach(
+            placed,
+            writes,
+            Placed {
+                shard: shard_index,
+                node,
+                conn,
+            },
+        );
         Ok(())
     }
 
@@ -691,12 +697,7 @@ impl Session {
 
     /// Queues the session's replay and deferred BEGIN on a newly borrowed
     /// connection and attaches it.
-    fn finish_attach(
-        &mut self,
-        target: Target,
-        writes: bool,
-        mut conn: crate::pool::PooledConnection,
-    ) {
+    fn finish_attach(&mut self, target: Target, writes: bool, mut conn: Placed) {
         if *conn.vars != *self.vars {
             let sql = self.vars.replay_sql(&conn.vars);
             if !sql.is_empty() {
@@ -715,11 +716,10 @@ impl Session {
         // Set by the first statement the unit runs (`client.rs`): a unit
         // that only prepares writes nothing, and waits for no position.
         self.wrote = false;
-        self.write_attach = writes;
-        self.read_attach = target == Target::Replica && self.mode() == PoolMode::Transaction;
-        // A read may be sent again elsewhere until an answer reaches the client.
-        self.retry = (target == Target::Replica && conn.tx_status == b'I')
-            .then(|| bytes::BytesMut::with_capacity(256));
+        self.purpose = Purpose::of(
+            target == Target::Replica && self.mode() == PoolMode::Transaction,
+            writes,
+        );
         self.server = Some(conn);
     }
 
@@ -754,11 +754,14 @@ impl Session {
         if !std::mem::take(&mut self.wrote) {
             return false;
         }
+        let Some(shard) = self.attached_shard() else {
+            return false;
+        };
         match self.shared.balancing.read_your_writes {
             ReadYourWrites::Off => false,
             ReadYourWrites::PrimaryWindow => {
                 let until = now_ms() + self.shared.balancing.primary_window.as_millis() as u64;
-                self.login.user.ryw[self.shard]
+                self.login.user.ryw[shard]
                     .primary_until
                     .fetch_max(until, Relaxed);
                 false
@@ -793,9 +796,15 @@ impl Session {
     /// Marks a commit on the attached shard whose position is to be learned
     /// (`lsn` read-your-writes only).
     pub(super) fn position_guard(&self) -> Option<crate::PositionPending> {
-        self.learns_positions(self.shard).then(|| {
-            crate::PositionPending::new(self.login.user.clone(), self.shard, self.shared.ban_time)
+        let shard = self.attached_shard()?;
+        self.learns_positions(shard).then(|| {
+            crate::PositionPending::new(self.login.user.clone(), shard, self.shared.ban_time)
         })
+    }
+
+    /// The shard of the attached server.
+    pub(super) fn attached_shard(&self) -> Option<usize> {
+        self.server.as_ref().map(|s| s.shard)
     }
 
     /// At the end of a session: waits for the answers to position queries
@@ -803,7 +812,7 @@ impl Session {
     /// other connections read past the commit from replicas again.
     pub(super) async fn finish_positions(&mut self) {
         use tokio::io::AsyncWriteExt;
-        if self.wrote && self.pending.is_empty() && self.server.is_some() && !self.unit_open {
+        if self.wrote && self.pending.is_empty() && self.server.is_some() && !self.unit.is_open() {
             // Left before the connection was released.
             if self.server.as_ref().is_some_and(|s| s.tx_status == b'I') {
                 self.after_write();

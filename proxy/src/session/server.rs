@@ -59,7 +59,7 @@ impl Session {
         use backend::*;
         if matches!(tag, NOTICE_RESPONSE | NOTIFICATION) {
             self.client_out.extend_from_slice(msg);
-            self.retry = None;
+            self.rerun.answered();
             return Ok(());
         }
         if tag == PARAMETER_STATUS {
@@ -90,7 +90,7 @@ impl Session {
             }
             return Err(format!("unexpected message '{}' from server", tag as char));
         }
-        if tag == ERROR_RESPONSE && self.retry.is_some() && self.note_fatal(&msg[5..]) {
+        if tag == ERROR_RESPONSE && self.rerun.sent.is_some() && self.note_fatal(&msg[5..]) {
             // The node is going away before answering: the read runs elsewhere.
             return Ok(());
         }
@@ -135,7 +135,7 @@ impl Session {
                 downgrade_fatal(&mut self.client_out[start..]);
             }
             // An answer reached the client: the unit can no longer be re-run elsewhere.
-            self.retry = None;
+            self.rerun.answered();
         }
         let body = &msg[5..];
         match tag {
@@ -175,8 +175,9 @@ impl Session {
                 if !ended {
                     self.copy_ignores_syncs = true;
                     if extended {
-                        // The unit now ends at the Sync the client sends after CopyDone.
-                        self.unit_open = true;
+                        // The unit (its Execute runs the COPY) now ends at
+                        // the Sync the client sends after CopyDone.
+                        self.unit.bind();
                     }
                 }
             }
@@ -252,7 +253,9 @@ impl Session {
                 p.answer == Answer::Forward && matches!(p.kind, Kind::Sync | Kind::Query { .. })
             })
             && self.mode() == shardline_config::PoolMode::Transaction
-            && self.learns_positions(self.shard)
+            && self
+                .attached_shard()
+                .is_some_and(|shard| self.learns_positions(shard))
     }
 
     /// Sends the position query for the commit just answered, with the

@@ -1,0 +1,140 @@
+//! The server connection a session holds: where it belongs, what it was
+//! chosen for, and what the current unit may still do elsewhere.
+//!
+//! Reset rule: everything here describes one attachment. When the
+//! connection goes back to its pool (`Session::release_server`) or is lost,
+//! `Purpose` and `Rerun` start over; the next unit sets them again when it
+//! attaches (`finish_attach`).
+
+use crate::pool::PooledConnection;
+use bytes::BytesMut;
+
+/// A server connection and the node it belongs to: the session's attached
+/// one, a participant parked in a transaction on several shards.
+pub(super) struct Placed {
+    pub shard: usize,
+    /// Index of the node in its shard.
+    pub node: usize,
+    pub conn: PooledConnection,
+}
+
+impl std::ops::Deref for Placed {
+    type Target = PooledConnection;
+
+    fn deref(&self) -> &PooledConnection {
+        &self.conn
+    }
+}
+
+impl std::ops::DerefMut for Placed {
+    fn deref_mut(&mut self) -> &mut PooledConnection {
+        &mut self.conn
+    }
+}
+
+/// What the attached connection was chosen for, which decides what may
+/// follow on it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum Purpose {
+    /// Nothing that limits what follows (a read under session pooling, a
+    /// statement that only prepares).
+    #[default]
+    Any,
+    /// A read under transaction pooling (a replica, or the primary
+    /// standing in): only reads and its own transaction may follow on it.
+    Read,
+    /// A unit that may write: every later statement on it may write too,
+    /// so read-your-writes learns where the primary's WAL is afterwards.
+    Write,
+}
+
+impl Purpose {
+    /// The purpose a unit gives a connection it attaches: `read` when it
+    /// serves a read under transaction pooling, `writes` when it may write.
+    pub(super) fn of(read: bool, writes: bool) -> Purpose {
+        match (writes, read) {
+            (true, _) => Purpose::Write,
+            (false, true) => Purpose::Read,
+            (false, false) => Purpose::Any,
+        }
+    }
+
+    /// After a pipeline inside a transaction on several shards: a read
+    /// purpose no longer holds (the transaction spans shards); writes add.
+    pub(super) fn in_transaction(self, writes: bool) -> Purpose {
+        if writes || self == Purpose::Write {
+            Purpose::Write
+        } else {
+            Purpose::Any
+        }
+    }
+}
+
+/// A read that may run again on another node while nothing of it has
+/// reached the client.
+#[derive(Debug, Default)]
+pub(super) struct Rerun {
+    /// The unit's client messages as sent, while it can still run elsewhere.
+    pub sent: Option<BytesMut>,
+    /// Nodes that failed for the current unit (bit per node index).
+    pub tried: u64,
+}
+
+impl Rerun {
+    /// Starts keeping the unit's messages (a read on an idle connection).
+    pub(super) fn keep(&mut self) {
+        self.sent = Some(BytesMut::with_capacity(256));
+    }
+
+    /// Something reached the client: running the unit elsewhere would answer twice.
+    pub(super) fn answered(&mut self) {
+        self.sent = None;
+    }
+
+    /// The unit is over: the next starts with every node untried.
+    pub(super) fn reset(&mut self) {
+        *self = Rerun::default();
+    }
+
+    /// Marks `node` failed for this unit.
+    pub(super) fn tried_node(&mut self, node: usize) {
+        self.tried |= 1u64 << node.min(63);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn purpose_of_an_attachment() {
+        assert_eq!(Purpose::of(false, false), Purpose::Any);
+        assert_eq!(Purpose::of(true, false), Purpose::Read);
+        assert_eq!(Purpose::of(false, true), Purpose::Write);
+        // A write never counts as a read, whatever served it.
+        assert_eq!(Purpose::of(true, true), Purpose::Write);
+    }
+
+    #[test]
+    fn purpose_inside_a_transaction_on_several_shards() {
+        assert_eq!(Purpose::Read.in_transaction(false), Purpose::Any);
+        assert_eq!(Purpose::Read.in_transaction(true), Purpose::Write);
+        assert_eq!(Purpose::Write.in_transaction(false), Purpose::Write);
+        assert_eq!(Purpose::Any.in_transaction(false), Purpose::Any);
+    }
+
+    #[test]
+    fn rerun_forgets_on_answer_and_reset() {
+        let mut r = Rerun::default();
+        r.keep();
+        r.tried_node(2);
+        r.tried_node(200);
+        assert!(r.sent.is_some());
+        assert_eq!(r.tried, (1 << 2) | (1 << 63));
+        r.answered();
+        assert!(r.sent.is_none());
+        assert_eq!(r.tried, (1 << 2) | (1 << 63));
+        r.reset();
+        assert_eq!(r.tried, 0);
+    }
+}
