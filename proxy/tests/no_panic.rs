@@ -4,7 +4,7 @@
 use bytes::BytesMut;
 use proptest::prelude::*;
 use shardline::auth::scram::{ServerExchange, Verifier, MECHANISM};
-use shardline::protocol::{backend, frontend, next_frame, startup};
+use shardline::protocol::{backend, frontend, next_frame, rows, startup};
 use shardline_router::effect as sql;
 
 fn config() -> ProptestConfig {
@@ -38,6 +38,12 @@ proptest! {
         let _ = backend::command_tag(&body);
         let _ = startup::packet_len(&body);
         let _ = startup::parse(&body);
+        // Shards' RowDescription and DataRow messages, read for merges.
+        let _ = rows::row_description(&body);
+        let _ = rows::row_values(&body);
+        let visible = body.first().map_or(0, |&b| b as usize % 8);
+        let numeric = vec![visible / 2];
+        let _ = rows::client_row_description(&body, &shardline_router::gather::ClientColumns { visible, numeric });
     }
 
     #[test]

@@ -1,12 +1,13 @@
-//! Executing a [`MergePlan`] on the shards' rows: pure, bytes in and out.
+//! Executing a [`MergePlan`] on the shards' rows: pure, values in and out.
 //!
 //! [`Compiled::new`] checks the plan against the shards' RowDescription
 //! (every sort key, group key and aggregate must have a type the proxy
 //! compares or adds exactly, and text order must be the C collation's) and
-//! resolves columns to field positions. The proxy then feeds it DataRow
-//! messages: [`Compiled::sort_key`] for the k-way merge, [`Grouper`] for
-//! combining partial aggregates, [`Compiled::client_row`] to strip the
-//! hidden columns.
+//! resolves columns to field positions. The proxy then feeds it each
+//! row's values, decoded from the wire once (`proxy/src/protocol/rows.rs`):
+//! [`Compiled::sort_key`] for the k-way merge, [`Grouper`] for combining
+//! partial aggregates; the client sees the first [`Compiled::visible`]
+//! values of a row. The router reads no protocol message.
 
 use crate::merge::{compare, decode, FloatKey, Format, Kind, NumKey, Value};
 use crate::numeric::Num;
@@ -51,59 +52,25 @@ pub struct FieldType {
     pub format: Format,
 }
 
-/// The fields of a RowDescription message (tag and length included).
-pub fn row_description(msg: &[u8]) -> Result<Vec<FieldType>, Refusal> {
-    let bad = || error("08P01", "a shard sent a malformed RowDescription");
-    let n = i16::from_be_bytes([*msg.get(5).ok_or_else(bad)?, *msg.get(6).ok_or_else(bad)?]);
-    let mut pos = 7;
-    let mut out = Vec::with_capacity(n.max(0) as usize);
-    for _ in 0..n {
-        let end = msg[pos..].iter().position(|&b| b == 0).ok_or_else(bad)?;
-        pos += end + 1;
-        let f = msg.get(pos..pos + 18).ok_or_else(bad)?;
-        let oid = u32::from_be_bytes([f[6], f[7], f[8], f[9]]);
-        let format = if i16::from_be_bytes([f[16], f[17]]) == 1 {
-            Format::Binary
-        } else {
-            Format::Text
-        };
-        out.push(FieldType { oid, format });
-        pos += 18;
-    }
-    Ok(out)
+/// What the client's RowDescription keeps of the shards': the first
+/// `visible` fields (the rest are the plan's hidden columns), with the AVG
+/// columns among them typed `numeric`, as PostgreSQL types them.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ClientColumns {
+    pub visible: usize,
+    /// Positions of the AVG columns.
+    pub numeric: Vec<usize>,
 }
 
-/// The RowDescription the client sees: hidden columns dropped, AVG columns
-/// typed `numeric` as PostgreSQL types them.
-pub fn client_row_description(plan: &MergePlan, msg: &[u8]) -> Result<Vec<u8>, Refusal> {
-    let bad = || error("08P01", "a shard sent a malformed RowDescription");
-    let n = i16::from_be_bytes([*msg.get(5).ok_or_else(bad)?, *msg.get(6).ok_or_else(bad)?]);
-    let visible = (n as usize)
+/// The client's columns of a merge whose shards answer `fields` columns.
+pub fn client_columns(plan: &MergePlan, fields: usize) -> Result<ClientColumns, Refusal> {
+    let visible = fields
         .checked_sub(plan.hidden)
         .ok_or_else(|| error("XX000", "the shards' rows lack the merge's columns"))?;
-    let avg = avg_fields(plan, visible);
-    let mut out = Vec::with_capacity(msg.len());
-    out.extend_from_slice(&[b'T', 0, 0, 0, 0]);
-    out.extend_from_slice(&(visible as i16).to_be_bytes());
-    let mut pos = 7;
-    for i in 0..visible {
-        let end = msg[pos..].iter().position(|&b| b == 0).ok_or_else(bad)? + pos + 1;
-        let f = msg.get(end..end + 18).ok_or_else(bad)?;
-        out.extend_from_slice(&msg[pos..end]);
-        if avg.contains(&i) {
-            out.extend_from_slice(&[0; 6]); // no table column
-            out.extend_from_slice(&NUMERIC.to_be_bytes());
-            out.extend_from_slice(&(-1i16).to_be_bytes());
-            out.extend_from_slice(&(-1i32).to_be_bytes());
-            out.extend_from_slice(&f[16..18]);
-        } else {
-            out.extend_from_slice(f);
-        }
-        pos = end + 18;
-    }
-    let len = (out.len() - 1) as u32;
-    out[1..5].copy_from_slice(&len.to_be_bytes());
-    Ok(out)
+    Ok(ClientColumns {
+        visible,
+        numeric: avg_fields(plan, visible),
+    })
 }
 
 fn avg_fields(plan: &MergePlan, visible: usize) -> Vec<usize> {
@@ -113,47 +80,6 @@ fn avg_fields(plan: &MergePlan, visible: usize) -> Vec<usize> {
         .filter(|(_, a)| matches!(a, Agg::Avg { .. }))
         .filter_map(|(c, _)| c.index(visible))
         .collect()
-}
-
-/// The values of a DataRow message (tag and length included).
-pub fn row_values(msg: &[u8]) -> Result<Vec<Option<&[u8]>>, Refusal> {
-    let n = i16::from_be_bytes([
-        *msg.get(5).ok_or_else(bad_row)?,
-        *msg.get(6).ok_or_else(bad_row)?,
-    ]);
-    let mut pos = 7;
-    let mut out = Vec::with_capacity(n.max(0) as usize);
-    for _ in 0..n {
-        let len = msg.get(pos..pos + 4).ok_or_else(bad_row)?;
-        let len = i32::from_be_bytes([len[0], len[1], len[2], len[3]]);
-        pos += 4;
-        if len < 0 {
-            out.push(None);
-        } else {
-            let v = msg.get(pos..pos + len as usize).ok_or_else(bad_row)?;
-            out.push(Some(v));
-            pos += len as usize;
-        }
-    }
-    Ok(out)
-}
-
-/// Encodes a DataRow from values.
-pub fn data_row<'a>(values: impl ExactSizeIterator<Item = Option<&'a [u8]>>, out: &mut Vec<u8>) {
-    let start = out.len();
-    out.extend_from_slice(&[b'D', 0, 0, 0, 0]);
-    out.extend_from_slice(&(values.len() as i16).to_be_bytes());
-    for v in values {
-        match v {
-            None => out.extend_from_slice(&(-1i32).to_be_bytes()),
-            Some(b) => {
-                out.extend_from_slice(&(b.len() as i32).to_be_bytes());
-                out.extend_from_slice(b);
-            }
-        }
-    }
-    let len = (out.len() - start - 1) as u32;
-    out[start + 1..start + 5].copy_from_slice(&len.to_be_bytes());
 }
 
 /// The shards' columns as a merge plan reads them: where each plan column
@@ -451,12 +377,26 @@ impl Compiled {
         !self.sort.is_empty()
     }
 
+    /// Columns of the shards' rows.
+    pub fn width(&self) -> usize {
+        self.formats.len()
+    }
+
+    /// Columns the client sees: the first of each row (the rest are hidden).
+    pub fn visible(&self) -> usize {
+        self.visible
+    }
+
+    /// Whether rows are compared for DISTINCT ON (`distinct_key`).
+    pub fn distinct(&self) -> bool {
+        !self.distinct_on.is_empty()
+    }
+
     /// The sort key of a shard's row.
-    pub fn sort_key(&self, row: &[u8]) -> Result<Vec<Option<Value>>, Refusal> {
-        let values = row_values(row)?;
+    pub fn sort_key(&self, values: &[Option<&[u8]>]) -> Result<Vec<Option<Value>>, Refusal> {
         self.sort
             .iter()
-            .map(|s| decoded(&values, s.field, s.kind, s.format))
+            .map(|s| decoded(values, s.field, s.kind, s.format))
             .collect()
     }
 
@@ -471,27 +411,18 @@ impl Compiled {
     }
 
     /// The DISTINCT ON values of a row.
-    pub fn distinct_key(&self, row: &[u8]) -> Result<Option<Vec<Option<Value>>>, Refusal> {
+    pub fn distinct_key(
+        &self,
+        values: &[Option<&[u8]>],
+    ) -> Result<Option<Vec<Option<Value>>>, Refusal> {
         if self.distinct_on.is_empty() {
             return Ok(None);
         }
-        let values = row_values(row)?;
         self.distinct_on
             .iter()
-            .map(|&(i, k, f)| decoded(&values, i, k, f))
+            .map(|&(i, k, f)| decoded(values, i, k, f))
             .collect::<Result<_, _>>()
             .map(Some)
-    }
-
-    /// A shard's row as the client sees it (hidden columns removed).
-    pub fn client_row<'a>(&self, row: &'a [u8]) -> Result<std::borrow::Cow<'a, [u8]>, Refusal> {
-        if self.visible == self.formats.len() {
-            return Ok(std::borrow::Cow::Borrowed(row));
-        }
-        let values = row_values(row)?;
-        let mut out = Vec::with_capacity(row.len());
-        data_row(values.into_iter().take(self.visible), &mut out);
-        Ok(std::borrow::Cow::Owned(out))
     }
 
     pub fn grouper(&self) -> Grouper<'_> {
@@ -646,23 +577,23 @@ fn numeric(v: &[u8], format: Format) -> Result<Num, Refusal> {
 
 impl Grouper<'_> {
     /// Adds one shard's partial row.
-    pub fn add(&mut self, row: &[u8]) -> Result<(), Refusal> {
+    pub fn add(&mut self, values: &[Option<&[u8]>]) -> Result<(), Refusal> {
         let c = self.c;
-        let values = row_values(row)?;
         if values.len() != c.formats.len() {
             return Err(bad_row());
         }
         let key = c
             .keys
             .iter()
-            .map(|&(i, k, f)| decoded(&values, i, k, f))
+            .map(|&(i, k, f)| decoded(values, i, k, f))
             .collect::<Result<Vec<_>, _>>()?;
         let g = match self.index.get(&key) {
             Some(&g) => g,
             None => {
                 // The key decoded and the row's values copied: about twice
                 // the row's bytes.
-                self.bytes += GROUP_OVERHEAD + c.formats.len() * COLUMN_OVERHEAD + 2 * row.len();
+                let row_bytes: usize = values.iter().map(|v| 4 + v.map_or(0, <[u8]>::len)).sum();
+                self.bytes += GROUP_OVERHEAD + c.formats.len() * COLUMN_OVERHEAD + 2 * row_bytes;
                 self.groups.push(Group {
                     first: values.iter().map(|v| v.map(<[u8]>::to_vec)).collect(),
                     accs: c.aggs.iter().map(|(_, a)| empty_acc(a)).collect(),
@@ -722,7 +653,7 @@ impl Grouper<'_> {
                     },
                     Acc::Distinct(set),
                 ) if int8(v, format)? > 0 => {
-                    if let Some(x) = decoded(&values, *value, *kind, *vf)? {
+                    if let Some(x) = decoded(values, *value, *kind, *vf)? {
                         let len = values[*value].map_or(0, <[u8]>::len);
                         if set.insert(x) {
                             self.bytes += DISTINCT_OVERHEAD + len;
@@ -765,15 +696,15 @@ impl Grouper<'_> {
     }
 
     /// The combined rows, filtered by HAVING, sorted, cut by OFFSET and
-    /// LIMIT, encoded as DataRow messages appended to `out`; the row count.
+    /// LIMIT, each given to `row` (the values the client sees); the row count.
     pub fn finish(
         self,
         limit: Option<u64>,
         offset: u64,
-        out: &mut Vec<u8>,
+        row: impl FnMut(&[Option<Vec<u8>>]),
     ) -> Result<u64, Refusal> {
         let c = self.c;
-        c.finish_groups(self.into_groups(), limit, offset, out)
+        c.finish_groups(self.into_groups(), limit, offset, row)
     }
 
     /// The groups without the plan, to finish elsewhere
@@ -803,7 +734,7 @@ impl Compiled {
         groups: Groups,
         limit: Option<u64>,
         offset: u64,
-        out: &mut Vec<u8>,
+        mut row: impl FnMut(&[Option<Vec<u8>>]),
     ) -> Result<u64, Refusal> {
         let c = self;
         let mut groups = groups.0;
@@ -836,12 +767,12 @@ impl Compiled {
             rows.sort_by(|a, b| c.compare(&a.0, &b.0));
         }
         let mut n = 0;
-        for (_, row) in rows
+        for (_, values) in rows
             .iter()
             .skip(offset.min(usize::MAX as u64) as usize)
             .take(limit.unwrap_or(u64::MAX).min(usize::MAX as u64) as usize)
         {
-            data_row(row.iter().take(c.visible).map(|v| v.as_deref()), out);
+            row(&values[..c.visible]);
             n += 1;
         }
         Ok(n)

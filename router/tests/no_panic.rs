@@ -82,18 +82,20 @@ proptest! {
             "(SELECT|DISTINCT|ON|count|sum|avg|min|max|\\(|\\)|\\*|id|name|users|FROM|GROUP|BY|ORDER|HAVING|LIMIT|OFFSET|DESC|NULLS|FIRST|COLLATE|\"C\"|FILTER|WHERE|\\$1|1|>|,| )*",
             proptest::sample::select(corpus()),
         ],
-        desc in proptest::collection::vec(any::<u8>(), 0..64),
-        rows in proptest::collection::vec(proptest::collection::vec(any::<u8>(), 0..48), 0..6),
+        width in 0usize..12,
+        rows in proptest::collection::vec(
+            proptest::collection::vec(proptest::option::of(proptest::collection::vec(any::<u8>(), 0..12)), 0..8),
+            0..6,
+        ),
         oids in proptest::collection::vec(prop_oneof![Just(16u32), Just(20), Just(23), Just(25), Just(701), Just(1700), Just(1184), Just(2950)], 0..6),
     ) {
-        use shardline_router::gather::{client_row_description, row_description, Collation, Compiled, FieldType};
+        use shardline_router::gather::{client_columns, Collation, Compiled, FieldType};
         use shardline_router::merge::Format;
         let (_, sh) = sharded_router();
         let Ok(Some(plan)) = shardline_router::scatter::plan(&text, &sh) else {
             return Ok(());
         };
-        let _ = row_description(&desc);
-        let _ = client_row_description(&plan, &desc);
+        let _ = client_columns(&plan, width);
         let fields: Vec<FieldType> = oids
             .iter()
             .enumerate()
@@ -102,15 +104,13 @@ proptest! {
         let coll = Collation { c_order: true, deterministic: true };
         if let Ok(c) = Compiled::new(&plan, &fields, coll) {
             let mut g = c.grouper();
-            for body in &rows {
-                let mut msg = vec![b'D', 0, 0, 0, 0];
-                msg.extend_from_slice(body);
-                let _ = c.sort_key(&msg);
-                let _ = c.client_row(&msg);
-                let _ = c.distinct_key(&msg);
-                let _ = g.add(&msg);
+            for row in &rows {
+                let values: Vec<Option<&[u8]>> = row.iter().map(|v| v.as_deref()).collect();
+                let _ = c.sort_key(&values);
+                let _ = c.distinct_key(&values);
+                let _ = g.add(&values);
             }
-            let _ = g.finish(Some(3), 1, &mut Vec::new());
+            let _ = g.finish(Some(3), 1, |_| {});
         }
     }
 }

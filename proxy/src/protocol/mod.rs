@@ -7,6 +7,7 @@
 
 pub mod backend;
 pub mod frontend;
+pub mod rows;
 pub mod startup;
 
 use bytes::{Bytes, BytesMut};

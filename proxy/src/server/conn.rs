@@ -182,8 +182,11 @@ impl ServerConnection {
                 let body = &msg[5..];
                 match tag {
                     DATA_ROW => rows.push(
-                        data_row_text(body)
-                            .ok_or_else(|| self.protocol_error("malformed DataRow".into()))?,
+                        crate::protocol::rows::row_values(&msg)
+                            .ok_or_else(|| self.protocol_error("malformed DataRow".into()))?
+                            .into_iter()
+                            .map(|v| v.map(|b| String::from_utf8_lossy(b).into_owned()))
+                            .collect(),
                     ),
                     ERROR_RESPONSE => error = Some(parse_error_fields(body)),
                     READY_FOR_QUERY => {
@@ -367,21 +370,6 @@ impl ServerConnection {
             }
         }
     }
-}
-
-/// The columns of a DataRow in text format.
-fn data_row_text(body: &[u8]) -> Option<Vec<Option<String>>> {
-    let mut r = crate::protocol::Reader::new(body);
-    let n = r.i16()?;
-    (0..n)
-        .map(|_| match r.i32()? {
-            -1 => Some(None),
-            len => {
-                let b = r.bytes(usize::try_from(len).ok()?)?;
-                Some(Some(String::from_utf8_lossy(b).into_owned()))
-            }
-        })
-        .collect()
 }
 
 fn sasl_offers_scram(body: &AuthenticationSaslBody) -> bool {

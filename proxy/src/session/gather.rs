@@ -15,11 +15,10 @@
 use super::fanout::{Leg, FLUSH_AT};
 use super::Session;
 use crate::protocol::backend::{self, sqlstate, PgError};
+use crate::protocol::rows::{client_row_description, data_row, row_description, row_values};
 use crate::protocol::{frontend, Frame};
 use bytes::{Bytes, BytesMut};
-use shardline_router::gather::{
-    client_row_description, count_value, row_description, Collation, Compiled,
-};
+use shardline_router::gather::{client_columns, count_value, Collation, Compiled};
 use shardline_router::merge::Value;
 use shardline_router::scatter::MergePlan;
 use shardline_router::shards::Refusal;
@@ -67,6 +66,25 @@ const FINISH_ELSEWHERE: usize = 16 * 1024;
 
 fn refusal(r: Refusal) -> PgError {
     PgError::error(r.code, r.message)
+}
+
+fn malformed(what: &str) -> Refusal {
+    Refusal {
+        code: sqlstate::PROTOCOL_VIOLATION,
+        message: format!("a shard sent a malformed {what}"),
+    }
+}
+
+/// The client's RowDescription of a merge, from a shard's.
+fn client_description(plan: &MergePlan, msg: &[u8]) -> Result<Vec<u8>, Refusal> {
+    let fields = row_description(msg).ok_or_else(|| malformed("RowDescription"))?;
+    let cols = client_columns(plan, fields.len())?;
+    client_row_description(msg, &cols).ok_or_else(|| malformed("RowDescription"))
+}
+
+/// The values of a shard's DataRow.
+fn values(msg: &[u8]) -> Result<Vec<Option<&[u8]>>, Refusal> {
+    row_values(msg).ok_or_else(|| malformed("DataRow"))
 }
 
 impl MergeUnit {
@@ -351,7 +369,7 @@ impl Session {
                         self.client_out.extend_from_slice(&ends[0]);
                     }
                 } else {
-                    match client_row_description(&unit.plan, &ends[0]) {
+                    match client_description(&unit.plan, &ends[0]) {
                         Ok(d) => self.client_out.extend_from_slice(&d),
                         Err(r) => return self.fail_merge(legs, &ends, r).await,
                     }
@@ -359,8 +377,9 @@ impl Session {
                 continue;
             }
             let compiled = row_description(&ends[0])
+                .ok_or_else(|| malformed("RowDescription"))
                 .and_then(|fields| Compiled::new(&unit.plan, &fields, coll))
-                .and_then(|c| Ok((c, client_row_description(&unit.plan, &ends[0])?)));
+                .and_then(|c| Ok((c, client_description(&unit.plan, &ends[0])?)));
             let compiled = match compiled {
                 Ok((c, description)) => {
                     if unit.simple {
@@ -432,7 +451,7 @@ impl Session {
                     if error.is_none() {
                         // Past the budget the groups are dropped and the
                         // rest of the rows only read.
-                        let added = groups.add(&msg).and_then(|()| {
+                        let added = values(&msg).and_then(|v| groups.add(&v)).and_then(|()| {
                             budget
                                 .cover(groups.bytes())
                                 .map_err(|(code, message)| Refusal { code, message })
@@ -455,8 +474,10 @@ impl Session {
                 let groups = groups.into_groups();
                 let finish = move |c: &Compiled, groups| {
                     let mut out = Vec::new();
-                    c.finish_groups(groups, cap, offset, &mut out)
-                        .map(|n| (n, out))
+                    c.finish_groups(groups, cap, offset, |row| {
+                        data_row(row.iter().map(|v| v.as_deref()), &mut out)
+                    })
+                    .map(|n| (n, out))
                 };
                 let finished = if groups.len() < FINISH_ELSEWHERE {
                     finish(c, groups)
@@ -520,7 +541,21 @@ impl Session {
                 };
                 self.refill(&mut legs[i], i, c, &mut heads[i], &mut ends[i], &mut error)
                     .await?;
-                match c.distinct_key(&row) {
+                // A row goes out as the shard sent it unless it loses
+                // hidden columns or is compared for DISTINCT ON.
+                let whole = c.visible() == c.width();
+                let vals = if whole && !c.distinct() {
+                    Vec::new()
+                } else {
+                    match values(&row) {
+                        Ok(v) => v,
+                        Err(r) => {
+                            error = Some(r);
+                            break;
+                        }
+                    }
+                };
+                match c.distinct_key(&vals) {
                     Ok(Some(k)) => {
                         if last.as_ref() == Some(&k) {
                             continue;
@@ -537,12 +572,12 @@ impl Session {
                     skip -= 1;
                     continue;
                 }
-                match c.client_row(&row) {
-                    Ok(r) => self.client_out.extend_from_slice(&r),
-                    Err(r) => {
-                        error = Some(r);
-                        break;
-                    }
+                if whole {
+                    self.client_out.extend_from_slice(&row);
+                } else {
+                    let mut out = Vec::with_capacity(row.len());
+                    data_row(vals.iter().take(c.visible()).copied(), &mut out);
+                    self.client_out.extend_from_slice(&out);
                 }
                 if unit.plan.with_ties {
                     last_sent = Some(key);
@@ -604,7 +639,7 @@ impl Session {
             return Ok(());
         }
         let key = if c.sorted() {
-            match c.sort_key(&msg) {
+            match values(&msg).and_then(|v| c.sort_key(&v)) {
                 Ok(k) => k,
                 Err(r) => {
                     *error = Some(r);
