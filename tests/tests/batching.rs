@@ -879,3 +879,84 @@ async fn untyped_binary_parameters_in_merged_reads() {
         }
     }
 }
+
+/// Statements a client prepared in earlier units (psycopg's and PgJDBC's
+/// prepared statements, asyncpg's cache), bound in a unit on several
+/// shards after other messages were answered: a shard's connection that
+/// lacks one is sent a Parse of the proxy's own in the middle of the
+/// unit, and its answer is hidden at that place, not at the unit's start
+/// (which cost the client its first answer and showed the proxy's).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn statements_prepared_earlier_answer_in_place_on_every_shard() {
+    let (env, sh) = two_shards().await;
+    insert_users(&env, 1..=6).await;
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let mut prepare = async |name: &str, sql: &str| {
+        let r = c.exchange(&[parse(name, sql, &[]), sync()]).await.unwrap();
+        assert_eq!(tags(&r), b"1Z", "{name}: {r:?}");
+    };
+    prepare("r", "SELECT id FROM users WHERE name = $1").await;
+    prepare("w", "UPDATE users SET name = name WHERE name = $1").await;
+    prepare("k1", "SELECT name FROM users WHERE id = $1 /* one */").await;
+    prepare("k2", "SELECT name FROM users WHERE id = $1 /* two */").await;
+    prepare("r2", "SELECT id FROM users WHERE name = $1 /* again */").await;
+    let x = (0, Some(&b"x"[..]));
+    let six_rows = |r: &[RawMessage]| r.iter().filter(|m| m.0 == b'D').count();
+    // The unnamed statement described and run on every shard, then a
+    // prepared one.
+    let r = c
+        .exchange(&[
+            parse("", "SELECT id FROM users WHERE id > $1", &[]),
+            describe(b'S', ""),
+            bind("", &[(0, Some(b"0"))], 0),
+            execute(),
+            bind("r", &[x], 0),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    let t: Vec<u8> = tags(&r).into_iter().filter(|&t| t != b'D').collect();
+    assert_eq!(t, b"1tT2C2CZ", "{r:?}");
+    assert_eq!(six_rows(&r), 12);
+    // Two prepared statements, a read and a write, on every shard
+    // (psycopg's pipeline mode).
+    let r = c
+        .exchange(&[
+            bind("r2", &[x], 0),
+            execute(),
+            bind("w", &[x], 0),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    let t: Vec<u8> = tags(&r).into_iter().filter(|&t| t != b'D').collect();
+    assert_eq!(t, b"2C2CZ", "{r:?}");
+    assert_eq!(six_rows(&r), 6);
+    let last_tag = r.iter().rev().find(|m| m.0 == b'C').map(|m| m.1.clone());
+    assert_eq!(last_tag.as_deref(), Some(&b"UPDATE 6\0"[..]), "{r:?}");
+    // Executions by key on each shard, each shard binding both
+    // statements: on the shard whose connection lacks them, the second
+    // is prepared after the first one's answers.
+    let on = |s: usize| -> i64 { (1..=6).find(|&k| owner(&sh, k) == s).unwrap() };
+    let (a, b) = (on(0), on(1));
+    let r = c
+        .exchange(&[
+            bind("k1", &[(0, Some(&text(a)))], 0),
+            execute(),
+            bind("k2", &[(0, Some(&text(b)))], 0),
+            execute(),
+            bind("k1", &[(0, Some(&text(b)))], 0),
+            execute(),
+            bind("k2", &[(0, Some(&text(a)))], 0),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"2DC2DC2DC2DCZ", "{r:?}");
+    // The session goes on.
+    let r = c.exchange(&[query("SELECT 1")]).await.unwrap();
+    assert_eq!(tags(&r), b"TDCZ", "{r:?}");
+}

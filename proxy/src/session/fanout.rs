@@ -11,6 +11,7 @@
 //! the unit, and one ReadyForQuery closes it. Nothing is buffered beyond a
 //! message per shard, so memory stays bounded whatever the result size.
 
+use super::pending::{self, Answer, Kind, Pending};
 use super::route::Planned;
 use super::{End, Session};
 use crate::pool::PooledConnection;
@@ -54,8 +55,9 @@ struct FanoutUnit {
     /// Per shard, the unit's bytes; empty: the client's messages translated
     /// for the leg's connection.
     parts: Vec<(usize, BytesMut)>,
-    /// Shards whose part starts with a Parse the client did not send.
-    leg_skips: Vec<usize>,
+    /// The proxy's own messages in `parts`: shard, and where the message
+    /// ends in that shard's part.
+    own_ends: Vec<(usize, usize)>,
     /// A split INSERT's rows: the part (leg) holding each, in order.
     row_order: Option<Vec<usize>>,
     /// A COPY FROM STDIN split row by row.
@@ -80,9 +82,13 @@ pub(super) struct Leg {
     /// The node (in its shard) the connection belongs to.
     pub(super) node: usize,
     pub(super) conn: PooledConnection,
-    /// Answers to the proxy's own messages still to skip: `Some(true)`
-    /// a whole query (up to ReadyForQuery), `Some(false)` one message.
-    pub(super) skip: std::collections::VecDeque<bool>,
+    /// Where the proxy's own messages end in the bytes being written for
+    /// this leg (`own`), until they are sent (`owe`).
+    own_ends: Vec<usize>,
+    /// What the server owes for the messages sent, in order: the same
+    /// entries as a session's pending queue, the proxy's own answers
+    /// swallowed (`next`).
+    owed: std::collections::VecDeque<Pending>,
     pub(super) done: bool,
     /// Joins the client's transaction with this unit: its BEGIN, sent first.
     pub(super) joins: Option<Bytes>,
@@ -98,7 +104,8 @@ impl Leg {
             shard,
             node,
             conn,
-            skip: Default::default(),
+            own_ends: Vec::new(),
+            owed: Default::default(),
             done: true,
             joins: None,
             attached: false,
@@ -114,12 +121,48 @@ impl Leg {
         }
     }
 
+    /// The message just written at the end of `out` is the proxy's own:
+    /// its answer is hidden from the client.
+    pub(super) fn own(&mut self, out: &[u8]) {
+        self.own_ends.push(out.len());
+    }
+
+    /// `out` is about to be sent: what the server will owe for each of its
+    /// messages, in order, the proxy's own (`own`) marked to be swallowed.
+    fn owe(&mut self, out: &[u8]) {
+        let mut own = std::mem::take(&mut self.own_ends).into_iter().peekable();
+        let mut end = 0;
+        for (tag, body) in crate::protocol::complete_frames(out, usize::MAX) {
+            end += 5 + body.len();
+            let mine = own.next_if(|&e| e == end).is_some();
+            let Some(kind) = owed_kind(tag, body) else {
+                continue;
+            };
+            self.owed.push_back(if mine {
+                Pending::swallow(kind)
+            } else {
+                Pending::forward(kind)
+            });
+        }
+    }
+
+    /// Writes `out` and empties it.
+    pub(super) async fn write(&mut self, out: &mut BytesMut) -> Result<(), String> {
+        self.owe(out);
+        if let Err(e) = self.conn.stream.write_all(out).await {
+            return Err(format!("server {}: {e}", self.conn.addr));
+        }
+        out.clear();
+        Ok(())
+    }
+
     /// Writes `out` whole while taking in what the server answers
     /// meanwhile (kept in the connection's read buffer, up to `limit`
     /// bytes): a server blocked on sending its answers to a long pipeline
     /// would otherwise stop reading it, and both sides would wait forever.
     pub(super) async fn send_draining(&mut self, out: &[u8], limit: usize) -> Result<(), String> {
         use std::pin::Pin;
+        self.owe(out);
         use std::task::Poll;
         use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
         let conn: &mut crate::server::ServerConnection = &mut self.conn;
@@ -168,6 +211,7 @@ impl Leg {
 
     /// Writes out what is buffered for this shard, and empties the buffer.
     async fn send(&mut self, out: &mut BytesMut) -> Result<(), String> {
+        self.owe(out);
         self.conn
             .stream
             .write_all(out)
@@ -177,29 +221,65 @@ impl Leg {
         Ok(())
     }
 
-    /// The next message from this shard that the merge should see.
+    /// The next message from this shard that the client's unit should see:
+    /// the answers to the proxy's own messages are swallowed, by position
+    /// (`owed`), as a session swallows them on one connection. An error
+    /// answering one of the proxy's own messages is returned: the unit
+    /// fails with it.
     pub(super) async fn next(&mut self) -> Result<BytesMut, String> {
         loop {
             let msg = self.conn.raw_message().await?;
             let tag = msg[0];
-            match self.skip.front().copied() {
-                None => return Ok(msg),
-                Some(_) if tag == backend::ERROR_RESPONSE => {
-                    // The proxy's own message failed: report it as the unit's error.
-                    self.skip.pop_front();
+            let Some(front) = self.owed.front() else {
+                return Ok(msg);
+            };
+            let own = front.answer == Answer::Swallow;
+            match tag {
+                backend::NOTICE_RESPONSE | backend::NOTIFICATION | backend::PARAMETER_STATUS => {}
+                backend::ERROR_RESPONSE => {
+                    if front.ends_with_error() {
+                        self.owed.pop_front();
+                        // The server skips to the next Sync.
+                        pending::skip_to_sync(&mut self.owed);
+                    }
                     return Ok(msg);
                 }
-                Some(true) => {
-                    if tag == backend::READY_FOR_QUERY {
-                        self.skip.pop_front();
+                backend::COPY_IN_RESPONSE => {
+                    // The server ignores the Syncs sent after the COPY
+                    // until the client's CopyDone or CopyFail.
+                    pending::enter_copy_in(&mut self.owed);
+                }
+                _ => {
+                    if front.ends_with(tag) {
+                        self.owed.pop_front();
                     }
                 }
-                Some(false) => {
-                    self.skip.pop_front();
-                }
+            }
+            if !own {
+                return Ok(msg);
             }
         }
     }
+}
+
+/// What the server owes for a message sent to it (tag and body), if it answers.
+fn owed_kind(tag: u8, body: &[u8]) -> Option<Kind> {
+    Some(match tag {
+        frontend::PARSE => Kind::Parse { statement: None },
+        frontend::BIND => Kind::Bind,
+        frontend::CLOSE => Kind::Close,
+        frontend::DESCRIBE if body.first() == Some(&b'S') => {
+            Kind::DescribeStatement(Box::default())
+        }
+        frontend::DESCRIBE => Kind::DescribePortal,
+        frontend::EXECUTE => Kind::Execute { effect: None },
+        frontend::SYNC => Kind::Sync,
+        frontend::QUERY => Kind::Query {
+            effects: Default::default(),
+        },
+        frontend::FUNCTION_CALL => Kind::FunctionCall,
+        _ => return None,
+    })
 }
 
 /// Reads every leg to its ReadyForQuery (after a unit's last answer, or
@@ -241,10 +321,10 @@ pub(super) fn parse_on(
         }
         Parsed::Named(stmt) => {
             frontend::write_target(out, frontend::CLOSE, b'S', &stmt.server_name);
-            leg.skip.push_back(false);
+            leg.own(out);
             if let Some(evicted) = leg.conn.statements.insert(stmt) {
                 frontend::write_target(out, frontend::CLOSE, b'S', &evicted.server_name);
-                leg.skip.push_back(false);
+                leg.own(out);
             }
             frontend::write_parse(out, &stmt.server_name, &stmt.definition);
         }
@@ -380,7 +460,7 @@ impl Session {
             // shard succeeded, except statements Postgres refuses in one.
             wrap: writes && !in_txn && !frames.iter().any(refuses_transaction_block),
             parts: Vec::new(),
-            leg_skips: Vec::new(),
+            own_ends: Vec::new(),
             row_order: None,
             copy_in: None,
             merge: None,
@@ -390,7 +470,7 @@ impl Session {
             Placement::Split(_) => {
                 let split = self.split_unit(&unit.frames, sh, simple)?;
                 unit.parts = split.parts;
-                unit.leg_skips = split.leg_skips;
+                unit.own_ends = split.own_ends;
                 unit.row_order = split.row_order;
             }
             Placement::Many(mask) | Placement::CopySplit(mask) | Placement::Merge(mask) => {
@@ -426,14 +506,18 @@ impl Session {
         for (leg, (_, part)) in legs.iter_mut().zip(std::mem::take(&mut unit.parts)) {
             let mut out = BytesMut::new();
             self.leg_prelude(leg, unit.wrap, &mut out);
-            if unit.leg_skips.contains(&leg.shard) {
-                leg.skip.push_back(false);
-            }
             if let Some(merge) = unit.merge.as_mut() {
                 self.translate_merge(&unit.frames, leg, merge, &mut out)?;
             } else if part.is_empty() {
                 self.translate(&unit.frames, leg, &mut out)?;
             } else {
+                // The part's own messages (a Parse the client did not send).
+                let base = out.len();
+                for &(shard, end) in &unit.own_ends {
+                    if shard == leg.shard {
+                        leg.own_ends.push(base + end);
+                    }
+                }
                 out.extend_from_slice(&part);
             }
             sends.push(out);
@@ -453,9 +537,9 @@ impl Session {
                 .unwrap_or_else(|p| p.into_inner())
                 .clear();
         }
-        for (leg, out) in legs.iter_mut().zip(&sends) {
-            if let Err(e) = leg.conn.stream.write_all(out).await {
-                return Ok(Err(format!("server {}: {e}", leg.conn.addr)));
+        for (leg, out) in legs.iter_mut().zip(sends.iter_mut()) {
+            if let Err(e) = leg.write(out).await {
+                return Ok(Err(e));
             }
         }
         let merged = match (unit.merge.as_mut(), collation) {
@@ -560,19 +644,19 @@ impl Session {
             let sql = self.vars.replay_sql(&leg.conn.vars);
             if !sql.is_empty() {
                 frontend::write_query(out, &sql);
-                leg.skip.push_back(true);
+                leg.own(out);
                 leg.conn.unnamed_token = 0;
             }
             leg.conn.vars = self.vars.clone();
         }
         if wrap {
             frontend::write_query(out, "BEGIN");
-            leg.skip.push_back(true);
+            leg.own(out);
             leg.conn.unnamed_token = 0;
         }
         if let Some(begin) = leg.joins.take() {
             out.extend_from_slice(&begin);
-            leg.skip.push_back(true);
+            leg.own(out);
             leg.conn.unnamed_token = 0;
         }
     }
@@ -767,10 +851,10 @@ impl Session {
         }
         if let Some(evicted) = leg.conn.statements.insert(stmt) {
             frontend::write_target(out, frontend::CLOSE, b'S', &evicted.server_name);
-            leg.skip.push_back(false);
+            leg.own(out);
         }
         frontend::write_parse(out, &stmt.server_name, &stmt.definition);
-        leg.skip.push_back(false);
+        leg.own(out);
     }
 
     fn unnamed_on(&self, leg: &mut Leg, out: &mut BytesMut) {
@@ -781,7 +865,7 @@ impl Session {
             if leg.conn.unnamed_token != *token {
                 leg.conn.unnamed_token = *token;
                 frontend::write_parse(out, b"", definition);
-                leg.skip.push_back(false);
+                leg.own(out);
             }
         }
     }
@@ -1156,11 +1240,7 @@ impl Session {
             let f = self.next_client_frame().await?;
             if f.tag == frontend::SYNC {
                 for leg in legs.iter_mut() {
-                    leg.conn
-                        .stream
-                        .write_all(&f.bytes)
-                        .await
-                        .map_err(|e| e.to_string())?;
+                    leg.write(&mut BytesMut::from(&f.bytes[..])).await?;
                 }
                 return Ok(());
             }

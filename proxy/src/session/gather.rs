@@ -240,7 +240,7 @@ impl Session {
         let parse = |out: &mut BytesMut, leg: &mut Leg, injected: bool| {
             frontend::write_parse(out, b"", &unit.definition);
             if injected {
-                leg.skip.push_back(false);
+                leg.own(out);
             }
         };
         for f in frames {

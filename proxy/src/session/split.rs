@@ -16,9 +16,10 @@ use shardline_router::shards::split_insert;
 pub(super) struct SplitUnit {
     /// Per shard, the unit's messages rewritten for its rows.
     pub parts: Vec<(usize, BytesMut)>,
-    /// Shards whose part starts with a Parse the client did not send (the
-    /// Bind named a statement prepared earlier): its answer is skipped.
-    pub leg_skips: Vec<usize>,
+    /// The Parses the client did not send (the Bind named a statement
+    /// prepared earlier): shard, and where the Parse ends in its part;
+    /// their answers are hidden.
+    pub own_ends: Vec<(usize, usize)>,
     /// For each of the INSERT's rows, the part holding it: RETURNING rows
     /// come back in this order.
     pub row_order: Option<Vec<usize>>,
@@ -79,7 +80,7 @@ impl Session {
             .map_err(|r| PgError::error(r.code, r.message))?;
         let mut unit = SplitUnit {
             parts: Vec::with_capacity(split.len()),
-            leg_skips: Vec::new(),
+            own_ends: Vec::new(),
             row_order: None,
         };
         let rows: usize = split.iter().map(|p| p.rows.len()).sum();
@@ -116,7 +117,7 @@ impl Session {
                     frontend::BIND => {
                         if !parsed_here {
                             frontend::write_parse(&mut b, b"", &definition);
-                            unit.leg_skips.push(part.shard);
+                            unit.own_ends.push((part.shard, b.len()));
                         }
                         let rest = frontend::bind(f.body()).map_err(malformed)?.rest;
                         let subset;
