@@ -960,3 +960,35 @@ async fn statements_prepared_earlier_answer_in_place_on_every_shard() {
     let r = c.exchange(&[query("SELECT 1")]).await.unwrap();
     assert_eq!(tags(&r), b"TDCZ", "{r:?}");
 }
+
+/// A statement prepared by the proxy on a shard where its Parse fails
+/// (the table is missing there) is not taken as prepared: once the table
+/// exists, the next unit prepares it again instead of failing with 26000.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_parse_that_failed_on_a_shard_is_prepared_again() {
+    let (env, _) = two_shards_with(&format!(
+        "{SHARDING}\n[[sharding.tables]]\nname = \"items\"\ncolumn = \"id\"\n"
+    ))
+    .await;
+    env.sql_on(
+        env.shard_primary(0),
+        "CREATE TABLE items (id bigint); ALTER TABLE items OWNER TO app",
+    );
+    // One server connection per shard: the next unit gets the same one.
+    let mut c = RawClient::login_as(env.port, "trustsingle").await.unwrap();
+    let r = c
+        .exchange(&[parse("p", "SELECT id FROM items", &[]), sync()])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"1Z", "{r:?}");
+    let unit = [bind("p", &[], 0), execute(), sync()];
+    let r = c.exchange(&unit).await.unwrap();
+    assert_eq!(tags(&r), b"EZ", "{r:?}");
+    assert_eq!(error_code(&r[0].1), "42P01", "{r:?}");
+    env.sql_on(
+        env.shard_primary(1),
+        "CREATE TABLE items (id bigint); ALTER TABLE items OWNER TO app",
+    );
+    let r = c.exchange(&unit).await.unwrap();
+    assert_eq!(tags(&r), b"2CZ", "{r:?}");
+}

@@ -76,15 +76,24 @@ fn refuses_transaction_block(f: &Frame) -> bool {
             .is_some_and(shardline_router::lexer::refuses_transaction_block)
 }
 
+/// A message in the bytes written for a leg, by where it ends: the
+/// proxy's own (its answer hidden), and the server statement a Parse
+/// prepares (forgotten by the connection if the Parse fails).
+struct Mark {
+    end: usize,
+    own: bool,
+    statement: Option<Arc<crate::server::statements::Statement>>,
+}
+
 /// One shard's part of a fan-out.
 pub(super) struct Leg {
     pub(super) shard: usize,
     /// The node (in its shard) the connection belongs to.
     pub(super) node: usize,
     pub(super) conn: PooledConnection,
-    /// Where the proxy's own messages end in the bytes being written for
-    /// this leg (`own`), until they are sent (`owe`).
-    own_ends: Vec<usize>,
+    /// Messages marked in the bytes being written for this leg (`own`,
+    /// `prepares`), until they are sent (`owe`).
+    marks: Vec<Mark>,
     /// What the server owes for the messages sent, in order: the same
     /// entries as a session's pending queue, the proxy's own answers
     /// swallowed (`next`).
@@ -104,7 +113,7 @@ impl Leg {
             shard,
             node,
             conn,
-            own_ends: Vec::new(),
+            marks: Vec::new(),
             owed: Default::default(),
             done: true,
             joins: None,
@@ -124,21 +133,49 @@ impl Leg {
     /// The message just written at the end of `out` is the proxy's own:
     /// its answer is hidden from the client.
     pub(super) fn own(&mut self, out: &[u8]) {
-        self.own_ends.push(out.len());
+        self.mark(out.len(), true, None);
+    }
+
+    /// The Parse just written at the end of `out` prepares `statement`
+    /// (the proxy's own Parse when `own`).
+    fn prepares(
+        &mut self,
+        out: &[u8],
+        statement: &Arc<crate::server::statements::Statement>,
+        own: bool,
+    ) {
+        self.mark(out.len(), own, Some(statement.clone()));
+    }
+
+    fn mark(
+        &mut self,
+        end: usize,
+        own: bool,
+        statement: Option<Arc<crate::server::statements::Statement>>,
+    ) {
+        self.marks.push(Mark {
+            end,
+            own,
+            statement,
+        });
     }
 
     /// `out` is about to be sent: what the server will owe for each of its
     /// messages, in order, the proxy's own (`own`) marked to be swallowed.
     fn owe(&mut self, out: &[u8]) {
-        let mut own = std::mem::take(&mut self.own_ends).into_iter().peekable();
+        let mut marks = std::mem::take(&mut self.marks).into_iter().peekable();
         let mut end = 0;
         for (tag, body) in crate::protocol::complete_frames(out, usize::MAX) {
             end += 5 + body.len();
-            let mine = own.next_if(|&e| e == end).is_some();
-            let Some(kind) = owed_kind(tag, body) else {
+            let mark = marks.next_if(|m| m.end == end);
+            let Some(mut kind) = owed_kind(tag, body) else {
                 continue;
             };
-            self.owed.push_back(if mine {
+            let (own, statement) = mark.map_or((false, None), |m| (m.own, m.statement));
+            if let (Kind::Parse { statement: s }, Some(stmt)) = (&mut kind, statement) {
+                *s = Some((stmt, Box::default()));
+            }
+            self.owed.push_back(if own {
                 Pending::swallow(kind)
             } else {
                 Pending::forward(kind)
@@ -238,7 +275,17 @@ impl Leg {
                 backend::NOTICE_RESPONSE | backend::NOTIFICATION | backend::PARAMETER_STATUS => {}
                 backend::ERROR_RESPONSE => {
                     if front.ends_with_error() {
-                        self.owed.pop_front();
+                        if let Some(Pending {
+                            kind:
+                                Kind::Parse {
+                                    statement: Some((stmt, _)),
+                                },
+                            ..
+                        }) = self.owed.pop_front()
+                        {
+                            // Not prepared there after all.
+                            self.conn.statements.remove(stmt.id);
+                        }
                         // The server skips to the next Sync.
                         pending::skip_to_sync(&mut self.owed);
                     }
@@ -327,6 +374,7 @@ pub(super) fn parse_on(
                 leg.own(out);
             }
             frontend::write_parse(out, &stmt.server_name, &stmt.definition);
+            leg.prepares(out, stmt, false);
         }
     }
 }
@@ -515,7 +563,7 @@ impl Session {
                 let base = out.len();
                 for &(shard, end) in &unit.own_ends {
                     if shard == leg.shard {
-                        leg.own_ends.push(base + end);
+                        leg.mark(base + end, true, None);
                     }
                 }
                 out.extend_from_slice(&part);
@@ -854,7 +902,7 @@ impl Session {
             leg.own(out);
         }
         frontend::write_parse(out, &stmt.server_name, &stmt.definition);
-        leg.own(out);
+        leg.prepares(out, stmt, true);
     }
 
     fn unnamed_on(&self, leg: &mut Leg, out: &mut BytesMut) {
