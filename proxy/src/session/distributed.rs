@@ -14,7 +14,7 @@
 //! refused inside such a transaction.
 
 use super::attach::{Placed, Purpose};
-use super::fanout::Leg;
+use super::leg::Leg;
 use super::txn::Txn;
 use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{self, sqlstate, PgError};

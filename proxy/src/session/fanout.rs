@@ -11,9 +11,9 @@
 //! the unit, and one ReadyForQuery closes it. Nothing is buffered beyond a
 //! message per shard, so memory stays bounded whatever the result size.
 
-use super::pending::{self, Answer, Kind, Pending};
+use super::leg::{drain_after, drain_to_ready, parse_on, Leg, Parsed};
 use super::route::Planned;
-use super::{End, Session};
+use super::{End, Session, FLUSH_AT};
 use crate::pool::PooledConnection;
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, next_frame, Frame};
@@ -23,15 +23,6 @@ use shardline_router::shards::{CopyIn, Placement};
 use shardline_router::{Target, UnitPlan};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-
-/// Client output is written out once this much is buffered.
-pub(super) const FLUSH_AT: usize = 64 * 1024;
-
-/// A client's Parse, recorded: the unnamed statement's token, or the named one.
-pub(super) enum Parsed {
-    Unnamed(u64),
-    Named(Arc<crate::server::statements::Statement>),
-}
 
 /// How far a merge went.
 enum Merged {
@@ -74,309 +65,6 @@ fn refuses_transaction_block(f: &Frame) -> bool {
             .ok()
             .and_then(|q| std::str::from_utf8(q).ok())
             .is_some_and(shardline_router::lexer::refuses_transaction_block)
-}
-
-/// A message in the bytes written for a leg, by where it ends: the
-/// proxy's own (its answer hidden), and the server statement a Parse
-/// prepares (forgotten by the connection if the Parse fails).
-struct Mark {
-    end: usize,
-    own: bool,
-    statement: Option<Arc<crate::server::statements::Statement>>,
-}
-
-/// One shard's part of a fan-out.
-pub(super) struct Leg {
-    pub(super) shard: usize,
-    /// The node (in its shard) the connection belongs to.
-    pub(super) node: usize,
-    pub(super) conn: PooledConnection,
-    /// Messages marked in the bytes being written for this leg (`own`,
-    /// `prepares`), until they are sent (`owe`).
-    marks: Vec<Mark>,
-    /// What the server owes for the messages sent, in order: the same
-    /// entries as a session's pending queue, the proxy's own answers
-    /// swallowed (`next`).
-    owed: std::collections::VecDeque<Pending>,
-    pub(super) done: bool,
-    /// Joins the client's transaction with this unit: its BEGIN, sent first.
-    pub(super) joins: Option<Bytes>,
-    /// The session's attached connection before the unit: attached again
-    /// after it (`Session::park_legs`).
-    pub(super) attached: bool,
-}
-
-impl Leg {
-    /// A connection with nothing in flight.
-    pub(super) fn parked(shard: usize, node: usize, conn: PooledConnection) -> Leg {
-        Leg {
-            shard,
-            node,
-            conn,
-            marks: Vec::new(),
-            owed: Default::default(),
-            done: true,
-            joins: None,
-            attached: false,
-        }
-    }
-
-    /// The connection, out of the unit.
-    pub(super) fn into_placed(self) -> super::attach::Placed {
-        super::attach::Placed {
-            shard: self.shard,
-            node: self.node,
-            conn: self.conn,
-        }
-    }
-
-    /// The message just written at the end of `out` is the proxy's own:
-    /// its answer is hidden from the client.
-    pub(super) fn own(&mut self, out: &[u8]) {
-        self.mark(out.len(), true, None);
-    }
-
-    /// The Parse just written at the end of `out` prepares `statement`
-    /// (the proxy's own Parse when `own`).
-    fn prepares(
-        &mut self,
-        out: &[u8],
-        statement: &Arc<crate::server::statements::Statement>,
-        own: bool,
-    ) {
-        self.mark(out.len(), own, Some(statement.clone()));
-    }
-
-    fn mark(
-        &mut self,
-        end: usize,
-        own: bool,
-        statement: Option<Arc<crate::server::statements::Statement>>,
-    ) {
-        self.marks.push(Mark {
-            end,
-            own,
-            statement,
-        });
-    }
-
-    /// `out` is about to be sent: what the server will owe for each of its
-    /// messages, in order, the proxy's own (`own`) marked to be swallowed.
-    fn owe(&mut self, out: &[u8]) {
-        let mut marks = std::mem::take(&mut self.marks).into_iter().peekable();
-        let mut end = 0;
-        for (tag, body) in crate::protocol::complete_frames(out, usize::MAX) {
-            end += 5 + body.len();
-            let mark = marks.next_if(|m| m.end == end);
-            let Some(mut kind) = owed_kind(tag, body) else {
-                continue;
-            };
-            let (own, statement) = mark.map_or((false, None), |m| (m.own, m.statement));
-            if let (Kind::Parse { statement: s }, Some(stmt)) = (&mut kind, statement) {
-                *s = Some((stmt, Box::default()));
-            }
-            self.owed.push_back(if own {
-                Pending::swallow(kind)
-            } else {
-                Pending::forward(kind)
-            });
-        }
-    }
-
-    /// Writes `out` and empties it.
-    pub(super) async fn write(&mut self, out: &mut BytesMut) -> Result<(), String> {
-        self.owe(out);
-        if let Err(e) = self.conn.stream.write_all(out).await {
-            return Err(format!("server {}: {e}", self.conn.addr));
-        }
-        out.clear();
-        Ok(())
-    }
-
-    /// Writes `out` whole while taking in what the server answers
-    /// meanwhile (kept in the connection's read buffer, up to `limit`
-    /// bytes): a server blocked on sending its answers to a long pipeline
-    /// would otherwise stop reading it, and both sides would wait forever.
-    pub(super) async fn send_draining(&mut self, out: &[u8], limit: usize) -> Result<(), String> {
-        use std::pin::Pin;
-        self.owe(out);
-        use std::task::Poll;
-        use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
-        let conn: &mut crate::server::ServerConnection = &mut self.conn;
-        let addr = conn.addr.clone();
-        let mut written = 0;
-        let mut chunk = [0u8; 16 * 1024];
-        std::future::poll_fn(|cx| {
-            while written < out.len() {
-                match Pin::new(&mut conn.stream).poll_write(cx, &out[written..]) {
-                    Poll::Ready(Ok(0)) => {
-                        return Poll::Ready(Err(format!("server {addr} closed the connection")))
-                    }
-                    Poll::Ready(Ok(n)) => written += n,
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("server {addr}: {e}"))),
-                    Poll::Pending => break,
-                }
-            }
-            if written == out.len() {
-                return match Pin::new(&mut conn.stream).poll_flush(cx) {
-                    Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
-                    Poll::Ready(Err(e)) => Poll::Ready(Err(format!("server {addr}: {e}"))),
-                    Poll::Pending => Poll::Pending,
-                };
-            }
-            // Blocked on writing: take in answers so the server goes on.
-            loop {
-                if conn.read_buf.len() > limit {
-                    return Poll::Ready(Err(format!(
-                        "the answers of server {addr} to one pipeline passed {} MiB before the pipeline was sent; send a Sync more often",
-                        limit >> 20
-                    )));
-                }
-                let mut buf = ReadBuf::new(&mut chunk);
-                match Pin::new(&mut conn.stream).poll_read(cx, &mut buf) {
-                    Poll::Ready(Ok(())) if buf.filled().is_empty() => {
-                        return Poll::Ready(Err(format!("server {addr} closed the connection")))
-                    }
-                    Poll::Ready(Ok(())) => conn.read_buf.extend_from_slice(buf.filled()),
-                    Poll::Ready(Err(e)) => return Poll::Ready(Err(format!("server {addr}: {e}"))),
-                    Poll::Pending => return Poll::Pending,
-                }
-            }
-        })
-        .await
-    }
-
-    /// Writes out what is buffered for this shard, and empties the buffer.
-    async fn send(&mut self, out: &mut BytesMut) -> Result<(), String> {
-        self.owe(out);
-        self.conn
-            .stream
-            .write_all(out)
-            .await
-            .map_err(|e| e.to_string())?;
-        out.clear();
-        Ok(())
-    }
-
-    /// The next message from this shard that the client's unit should see:
-    /// the answers to the proxy's own messages are swallowed, by position
-    /// (`owed`), as a session swallows them on one connection. An error
-    /// answering one of the proxy's own messages is returned: the unit
-    /// fails with it.
-    pub(super) async fn next(&mut self) -> Result<BytesMut, String> {
-        loop {
-            let msg = self.conn.raw_message().await?;
-            let tag = msg[0];
-            let Some(front) = self.owed.front() else {
-                return Ok(msg);
-            };
-            let own = front.answer == Answer::Swallow;
-            match tag {
-                backend::NOTICE_RESPONSE | backend::NOTIFICATION | backend::PARAMETER_STATUS => {}
-                backend::ERROR_RESPONSE => {
-                    if front.ends_with_error() {
-                        if let Some(Pending {
-                            kind:
-                                Kind::Parse {
-                                    statement: Some((stmt, _)),
-                                },
-                            ..
-                        }) = self.owed.pop_front()
-                        {
-                            // Not prepared there after all.
-                            self.conn.statements.remove(stmt.id);
-                        }
-                        // The server skips to the next Sync.
-                        pending::skip_to_sync(&mut self.owed);
-                    }
-                    return Ok(msg);
-                }
-                backend::COPY_IN_RESPONSE => {
-                    // The server ignores the Syncs sent after the COPY
-                    // until the client's CopyDone or CopyFail.
-                    pending::enter_copy_in(&mut self.owed);
-                }
-                _ => {
-                    if front.ends_with(tag) {
-                        self.owed.pop_front();
-                    }
-                }
-            }
-            if !own {
-                return Ok(msg);
-            }
-        }
-    }
-}
-
-/// What the server owes for a message sent to it (tag and body), if it answers.
-fn owed_kind(tag: u8, body: &[u8]) -> Option<Kind> {
-    Some(match tag {
-        frontend::PARSE => Kind::Parse { statement: None },
-        frontend::BIND => Kind::Bind,
-        frontend::CLOSE => Kind::Close,
-        frontend::DESCRIBE if body.first() == Some(&b'S') => {
-            Kind::DescribeStatement(Box::default())
-        }
-        frontend::DESCRIBE => Kind::DescribePortal,
-        frontend::EXECUTE => Kind::Execute { effect: None },
-        frontend::SYNC => Kind::Sync,
-        frontend::QUERY => Kind::Query {
-            effects: Default::default(),
-        },
-        frontend::FUNCTION_CALL => Kind::FunctionCall,
-        _ => return None,
-    })
-}
-
-/// Reads every leg to its ReadyForQuery (after a unit's last answer, or
-/// after an error, when the shards skip to it).
-pub(super) async fn drain_to_ready(legs: &mut [Leg]) -> Result<(), String> {
-    for leg in legs.iter_mut() {
-        while leg.next().await?[0] != backend::READY_FOR_QUERY {}
-        leg.done = true;
-    }
-    Ok(())
-}
-
-/// Reads every leg to its ReadyForQuery, `ends` holding each leg's last
-/// message read (a ReadyForQuery there ends it already).
-pub(super) async fn drain_after(legs: &mut [Leg], ends: &[BytesMut]) -> Result<(), String> {
-    for (leg, end) in legs.iter_mut().zip(ends) {
-        if end[0] != backend::READY_FOR_QUERY {
-            while leg.next().await?[0] != backend::READY_FOR_QUERY {}
-        }
-        leg.done = true;
-    }
-    Ok(())
-}
-
-/// Writes a client's Parse (recorded as `parsed`) for one leg: the unnamed
-/// statement as sent, a named one under its server name, closed first
-/// (answer skipped) so the Parse answers on every shard alike, whether the
-/// connection held the statement or not.
-pub(super) fn parse_on(
-    leg: &mut Leg,
-    parsed: &Parsed,
-    f: &crate::protocol::Frame,
-    out: &mut BytesMut,
-) {
-    match parsed {
-        Parsed::Unnamed(token) => {
-            leg.conn.unnamed_token = *token;
-            out.extend_from_slice(&f.bytes);
-        }
-        Parsed::Named(stmt) => {
-            frontend::write_target(out, frontend::CLOSE, b'S', &stmt.server_name);
-            leg.own(out);
-            if let Some(evicted) = leg.conn.statements.insert(stmt) {
-                frontend::write_target(out, frontend::CLOSE, b'S', &evicted.server_name);
-                leg.own(out);
-            }
-            frontend::write_parse(out, &stmt.server_name, &stmt.definition);
-            leg.prepares(out, stmt, false);
-        }
-    }
 }
 
 /// Rows held per leg, released in the order of a split INSERT's rows
@@ -1223,7 +911,7 @@ impl Session {
                     }
                     for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
                         if out.len() >= FLUSH_AT {
-                            leg.send(out).await?;
+                            leg.write(out).await?;
                         }
                     }
                 }
@@ -1252,7 +940,7 @@ impl Session {
                         } else {
                             backend::put_message(out, frontend::COPY_DONE, |_| {});
                         }
-                        leg.send(out).await?;
+                        leg.write(out).await?;
                     }
                     if !simple {
                         // The servers ignored the Sync sent with the COPY;

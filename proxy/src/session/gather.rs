@@ -12,8 +12,9 @@
 //! a row per shard however many rows there are. Grouped plans hold one
 //! entry per group (not per row) until every shard has answered.
 
-use super::fanout::{Leg, FLUSH_AT};
+use super::leg::{drain_after, Leg};
 use super::Session;
+use super::FLUSH_AT;
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::rows::{client_row_description, data_row, row_description, row_values};
 use crate::protocol::{frontend, Frame};
@@ -349,7 +350,7 @@ impl Session {
             }
             if let Some(err) = ends.iter().find(|m| m[0] == backend::ERROR_RESPONSE) {
                 self.client_out.extend_from_slice(err);
-                super::fanout::drain_after(legs, &ends).await?;
+                drain_after(legs, &ends).await?;
                 return Ok(true);
             }
             if ends.iter().any(|m| m[0] != ends[0][0]) {
@@ -420,7 +421,7 @@ impl Session {
         r: Refusal,
     ) -> Result<bool, String> {
         refusal(r).encode(&mut self.client_out);
-        super::fanout::drain_after(legs, ends).await?;
+        drain_after(legs, ends).await?;
         Ok(true)
     }
 
@@ -600,12 +601,12 @@ impl Session {
         let ends: Vec<BytesMut> = ends.into_iter().flatten().collect();
         if let Some(err) = ends.iter().find(|m| m[0] == backend::ERROR_RESPONSE) {
             self.client_out.extend_from_slice(err);
-            super::fanout::drain_after(legs, &ends).await?;
+            drain_after(legs, &ends).await?;
             return Ok(true);
         }
         if let Some(r) = error {
             refusal(r).encode(&mut self.client_out);
-            super::fanout::drain_after(legs, &ends).await?;
+            drain_after(legs, &ends).await?;
             return Ok(true);
         }
         if ends.iter().any(|m| m[0] != backend::COMMAND_COMPLETE) {

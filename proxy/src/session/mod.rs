@@ -19,6 +19,7 @@ mod distributed;
 mod fanout;
 mod gather;
 mod io;
+mod leg;
 pub mod pending;
 mod pipeline;
 mod route;
@@ -45,6 +46,9 @@ use tokio::sync::oneshot;
 use txn::Txn;
 
 pub use startup::LoggedIn;
+
+/// Client output is written out once this much is buffered.
+const FLUSH_AT: usize = 64 * 1024;
 
 /// What Postgres answers in a failed transaction, for one the proxy failed.
 fn failed_transaction() -> PgError {

@@ -17,7 +17,8 @@
 //! client's COMMIT commits them all in two phases. An error fails the
 //! whole transaction, as one server would.
 
-use super::fanout::{drain_to_ready, parse_on, Leg, FLUSH_AT};
+use super::leg::{drain_to_ready, parse_on, Leg};
+use super::FLUSH_AT;
 use super::{End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, Frame};
