@@ -76,7 +76,7 @@ impl Session {
                             return Ok(Flow::Done);
                         }
                     }
-                    if !self.participants.is_empty() && !self.unit.is_open() {
+                    if self.spanning.spans() && !self.unit.is_open() {
                         match self.distributed_next()? {
                             Next::End(..) if !self.pending.is_empty() => return Ok(Flow::Wait),
                             Next::End(end) => return Ok(Flow::EndDistributed(end)),

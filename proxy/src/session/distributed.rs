@@ -25,6 +25,27 @@ use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use shardline_router::classify::Class;
 
+/// What the session holds of a transaction on several shards (two-phase
+/// commit), besides its attached connection.
+#[derive(Default)]
+pub(super) struct Spanning {
+    /// The transaction's connections on other shards, parked.
+    pub parked: Vec<Placed>,
+    /// The shard the transaction began on: its decision row is written
+    /// there, and it commits first.
+    pub coordinator: Option<usize>,
+    /// A shard joins the transaction: its BEGIN is to be made
+    /// (`prepare_join`).
+    pub join_begin: bool,
+}
+
+impl Spanning {
+    /// Whether the transaction holds connections on other shards.
+    pub fn spans(&self) -> bool {
+        !self.parked.is_empty()
+    }
+}
+
 /// A server's SQLSTATE, passed on when it is one (five letters or digits).
 fn server_code(code: &str) -> std::borrow::Cow<'static, str> {
     if code.len() == 5 && code.bytes().all(|b| b.is_ascii_alphanumeric()) {
@@ -144,7 +165,7 @@ impl Session {
         if self.mode() != shardline_config::PoolMode::Transaction
             || self.server.is_some()
             || self.txn.has_begin()
-            || !self.participants.is_empty()
+            || self.spanning.spans()
             || !self.pending.is_empty()
         {
             return Ok(false);
@@ -269,10 +290,10 @@ impl Session {
             return Ok(None);
         };
         self.cancel.detach();
-        self.coordinator.get_or_insert(parked.shard);
-        self.participants.push(parked);
-        if let Some(i) = self.participants.iter().position(|p| p.shard == shard) {
-            let p = self.participants.swap_remove(i);
+        self.spanning.coordinator.get_or_insert(parked.shard);
+        self.spanning.parked.push(parked);
+        if let Some(i) = self.spanning.parked.iter().position(|p| p.shard == shard) {
+            let p = self.spanning.parked.swap_remove(i);
             self.cancel
                 .attach(p.conn.addr.clone(), p.conn.pid, p.conn.secret);
             self.server = Some(p);
@@ -280,14 +301,14 @@ impl Session {
         }
         // A new participant: it begins with the transaction's isolation
         // level (asked of the connection just parked, before it attaches).
-        self.join_begin = true;
+        self.spanning.join_begin = true;
         Ok(Some(Fit::Join))
     }
 
     /// Before a joining shard attaches: its BEGIN, at the isolation level
     /// of the transaction (asked of the participant parked last).
     pub(super) async fn prepare_join(&mut self) {
-        if !std::mem::take(&mut self.join_begin) {
+        if !std::mem::take(&mut self.spanning.join_begin) {
             return;
         }
         let level = self.transaction_isolation().await;
@@ -304,12 +325,15 @@ impl Session {
         // The unit's messages: the one query, or everything up to Sync.
         let frames = self.take_unit()?;
         self.register_parses(&frames)?;
-        let mut conns = std::mem::take(&mut self.participants);
+        let mut conns = std::mem::take(&mut self.spanning.parked);
         if let Some(attached) = self.server.take() {
             conns.push(attached);
         }
         self.detach();
-        if let Some(i) = conns.iter().position(|p| Some(p.shard) == self.coordinator) {
+        if let Some(i) = conns
+            .iter()
+            .position(|p| Some(p.shard) == self.spanning.coordinator)
+        {
             let c = conns.remove(i);
             conns.insert(0, c);
         }
@@ -318,7 +342,7 @@ impl Session {
             || self.txn.has_begin()
             || conns.iter().any(|p| p.conn.tx_status != b'T');
         self.txn = Txn::Plain;
-        self.coordinator = None;
+        self.spanning.coordinator = None;
         let effects = std::mem::take(&mut self.txn_effects);
         let outcome = if commit && !failed {
             self.commit_everywhere(&mut conns).await
@@ -378,7 +402,8 @@ impl Session {
         };
         self.cancel.detach();
         let mut held: Vec<Leg> = self
-            .participants
+            .spanning
+            .parked
             .extract_if(.., |p| shards.contains(&p.shard))
             .map(|p| Leg::parked(p.shard, p.node, p.conn))
             .collect();
@@ -433,7 +458,7 @@ impl Session {
     pub(super) async fn transaction_isolation(&mut self) -> Option<String> {
         let conn = match self.server.as_mut() {
             Some(c) => c,
-            None => &mut self.participants.last_mut()?.conn,
+            None => &mut self.spanning.parked.last_mut()?.conn,
         };
         conn.simple_query("SELECT current_setting('transaction_isolation')")
             .await
@@ -467,7 +492,8 @@ impl Session {
                 .attach(leg.conn.addr.clone(), leg.conn.pid, leg.conn.secret);
             self.server = Some(leg.into_placed());
         }
-        self.participants
+        self.spanning
+            .parked
             .extend(legs.into_iter().map(Leg::into_placed));
         whole
     }
@@ -492,7 +518,7 @@ impl Session {
             self.txn.set_begin(begin);
         }
         if let Some(shard) = self.attached_shard() {
-            self.coordinator.get_or_insert(shard);
+            self.spanning.coordinator.get_or_insert(shard);
         }
         self.purpose = self.purpose.in_transaction(writes);
         self.rerun.answered();

@@ -459,7 +459,7 @@ impl Session {
     /// (failed by an error, as Postgres fails one).
     fn fanout_ready(&mut self, failed: bool) {
         let in_txn = self.txn.has_begin()
-            || !self.participants.is_empty()
+            || self.spanning.spans()
             || self.server.as_ref().is_some_and(|s| s.tx_status != b'I');
         let status = match (in_txn, failed) {
             (false, _) => b'I',

@@ -179,12 +179,8 @@ pub struct Session {
     /// What the proxy holds of the client's transaction: a BEGIN not sent
     /// yet, a failure of its own (`txn.rs`).
     txn: Txn,
-    /// Connections of the open transaction on other shards (two-phase
-    /// commit), and the shard the transaction began on.
-    participants: Vec<Placed>,
-    coordinator: Option<usize>,
-    /// A shard joins the transaction: its BEGIN is to be made.
-    join_begin: bool,
+    /// The client's transaction on several shards (`distributed.rs`).
+    spanning: distributed::Spanning,
     /// `SET shardline.shard` / `SET shardline.sharding_key`.
     session_shard: Option<String>,
     session_key: Option<String>,
@@ -258,9 +254,7 @@ impl Session {
         Session {
             vars: Arc::new(SessionVars::from_startup(&login.params)),
             txn: Txn::Plain,
-            participants: Vec::new(),
-            coordinator: None,
-            join_begin: false,
+            spanning: Default::default(),
             session_shard,
             session_key,
             session_role,
@@ -377,7 +371,7 @@ impl Session {
                 }
                 client::Flow::NeedServer => {
                     self.prepare_join().await;
-                    if self.txn == (Txn::Failed { unsent: None }) && !self.participants.is_empty() {
+                    if self.txn == (Txn::Failed { unsent: None }) && self.spanning.spans() {
                         // The joining shard could not begin: the unit fails.
                         self.fail_next_message(PgError::error(
                             sqlstate::CONNECTION_FAILURE,
@@ -450,7 +444,7 @@ impl Session {
                 if let Err(e) = self.attach_server(target, writes, shard).await {
                     self.rerun.reset();
                     // A shard that could not join fails the whole transaction.
-                    if !self.participants.is_empty() {
+                    if self.spanning.spans() {
                         self.txn.fail();
                     }
                     self.fail_next_message(e)?;
@@ -469,7 +463,7 @@ impl Session {
         use shardline_router::shards::Placement;
         self.txn.has_begin()
             && planned.reads_only
-            && self.participants.is_empty()
+            && !self.spanning.spans()
             && self.server.is_none()
             && matches!(planned.place, Placement::Many(_) | Placement::Merge(_))
             && !self.strict_isolation()
@@ -575,7 +569,7 @@ impl Session {
     fn release_server(&mut self) {
         self.detach();
         self.txn.recover();
-        self.coordinator = None;
+        self.spanning.coordinator = None;
         if let Some(Placed { mut conn, .. }) = self.server.take() {
             if !conn.is_clean() {
                 drop(deadpool::managed::Object::take(conn));
@@ -789,7 +783,7 @@ impl Session {
     /// At the end of a session: return a clean server connection, discard a dirty one.
     async fn finish_server(&mut self) {
         // Parked participants hold open transactions: closing them rolls back.
-        for p in self.participants.drain(..) {
+        for p in self.spanning.parked.drain(..) {
             drop(deadpool::managed::Object::take(p.conn));
         }
         let Some(Placed { mut conn, .. }) = self.server.take() else {
