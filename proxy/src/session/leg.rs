@@ -15,6 +15,7 @@ use crate::pool::PooledConnection;
 use crate::protocol::backend;
 use crate::protocol::frontend;
 use bytes::{Bytes, BytesMut};
+use std::collections::VecDeque;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
@@ -45,7 +46,7 @@ pub(super) struct Leg {
     /// What the server owes for the messages sent, in order: the same
     /// entries as a session's pending queue, the proxy's own answers
     /// swallowed (`next`).
-    owed: std::collections::VecDeque<Pending>,
+    owed: VecDeque<Pending>,
     pub(super) done: bool,
     /// Joins the client's transaction with this unit: its BEGIN, sent first.
     pub(super) joins: Option<Bytes>,
@@ -111,24 +112,8 @@ impl Leg {
     /// `out` is about to be sent: what the server will owe for each of its
     /// messages, in order, the proxy's own (`own`) marked to be swallowed.
     fn owe(&mut self, out: &[u8]) {
-        let mut marks = std::mem::take(&mut self.marks).into_iter().peekable();
-        let mut end = 0;
-        for (tag, body) in crate::protocol::complete_frames(out, usize::MAX) {
-            end += 5 + body.len();
-            let mark = marks.next_if(|m| m.end == end);
-            let Some(mut kind) = owed_kind(tag, body) else {
-                continue;
-            };
-            let (own, statement) = mark.map_or((false, None), |m| (m.own, m.statement));
-            if let (Kind::Parse { statement: s }, Some(stmt)) = (&mut kind, statement) {
-                *s = Some((stmt, Box::default()));
-            }
-            self.owed.push_back(if own {
-                Pending::swallow(kind)
-            } else {
-                Pending::forward(kind)
-            });
-        }
+        let marks = std::mem::take(&mut self.marks);
+        self.owed.extend(owed_for(out, marks));
     }
 
     /// Writes `out` and empties it.
@@ -202,47 +187,84 @@ impl Leg {
     pub(super) async fn next(&mut self) -> Result<BytesMut, String> {
         loop {
             let msg = self.conn.raw_message().await?;
-            let tag = msg[0];
-            let Some(front) = self.owed.front() else {
-                return Ok(msg);
-            };
-            let own = front.answer == Answer::Swallow;
-            match tag {
-                backend::NOTICE_RESPONSE | backend::NOTIFICATION | backend::PARAMETER_STATUS => {}
-                backend::ERROR_RESPONSE => {
-                    if front.ends_with_error() {
-                        if let Some(Pending {
-                            kind:
-                                Kind::Parse {
-                                    statement: Some((stmt, _)),
-                                },
-                            ..
-                        }) = self.owed.pop_front()
-                        {
-                            // Not prepared there after all.
-                            self.conn.statements.remove(stmt.id);
-                        }
-                        // The server skips to the next Sync.
-                        pending::skip_to_sync(&mut self.owed);
-                    }
-                    return Ok(msg);
-                }
-                backend::COPY_IN_RESPONSE => {
-                    // The server ignores the Syncs sent after the COPY
-                    // until the client's CopyDone or CopyFail.
-                    pending::enter_copy_in(&mut self.owed);
-                }
-                _ => {
-                    if front.ends_with(tag) {
-                        self.owed.pop_front();
-                    }
-                }
+            let (deliver, failed) = answer(&mut self.owed, msg[0]);
+            if let Some(Pending {
+                kind:
+                    Kind::Parse {
+                        statement: Some((stmt, _)),
+                    },
+                ..
+            }) = failed
+            {
+                // Not prepared there after all.
+                self.conn.statements.remove(stmt.id);
             }
-            if !own {
+            if deliver {
                 return Ok(msg);
             }
         }
     }
+}
+
+/// What the server will owe for the messages of `out`, in order; `marks`
+/// (in the order written) say which are the proxy's own and which Parse
+/// prepares which statement.
+fn owed_for(out: &[u8], marks: Vec<Mark>) -> Vec<Pending> {
+    let mut marks = marks.into_iter().peekable();
+    let mut owed = Vec::new();
+    let mut end = 0;
+    for (tag, body) in crate::protocol::complete_frames(out, usize::MAX) {
+        end += 5 + body.len();
+        let mark = marks.next_if(|m| m.end == end);
+        let Some(mut kind) = owed_kind(tag, body) else {
+            continue;
+        };
+        let (own, statement) = mark.map_or((false, None), |m| (m.own, m.statement));
+        if let (Kind::Parse { statement: s }, Some(stmt)) = (&mut kind, statement) {
+            *s = Some((stmt, Box::default()));
+        }
+        owed.push(if own {
+            Pending::swallow(kind)
+        } else {
+            Pending::forward(kind)
+        });
+    }
+    owed
+}
+
+/// Where server message `tag` falls in what the connection owes (`owed`,
+/// updated): whether it reaches the unit (answers to the proxy's own
+/// messages do not, except an error, which fails the unit), and the entry
+/// an error ended, if any.
+fn answer(owed: &mut VecDeque<Pending>, tag: u8) -> (bool, Option<Pending>) {
+    let Some(front) = owed.front() else {
+        // Nothing known to be owed: everything goes to the unit.
+        return (true, None);
+    };
+    let own = front.answer == Answer::Swallow;
+    match tag {
+        backend::NOTICE_RESPONSE | backend::NOTIFICATION | backend::PARAMETER_STATUS => {}
+        backend::ERROR_RESPONSE => {
+            let mut failed = None;
+            if front.ends_with_error() {
+                failed = owed.pop_front();
+                // The server skips to the next Sync.
+                pending::skip_to_sync(owed);
+            }
+            return (true, failed);
+        }
+        backend::COPY_IN_RESPONSE => {
+            // The server ignores the Syncs sent after the COPY until the
+            // client's CopyDone or CopyFail.
+            pending::enter_copy_in(owed);
+        }
+        _ => {
+            if front.ends_with(tag) {
+                owed.pop_front();
+            }
+        }
+    }
+    (!own, None)
 }
 
 /// What the server owes for a message sent to it (tag and body), if it answers.
@@ -312,5 +334,122 @@ pub(super) fn parse_on(
             frontend::write_parse(out, &stmt.server_name, &stmt.definition);
             leg.prepares(out, stmt, false);
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Messages for a leg: (tag, the proxy's own) each, with its marks.
+    fn written(messages: &[(u8, bool)]) -> (BytesMut, Vec<Mark>) {
+        let mut out = BytesMut::new();
+        let mut marks = Vec::new();
+        for &(tag, own) in messages {
+            let body: &[u8] = if tag == frontend::DESCRIBE {
+                b"S\0"
+            } else {
+                b""
+            };
+            backend::put_message(&mut out, tag, |b| b.extend_from_slice(body));
+            if own {
+                marks.push(Mark {
+                    end: out.len(),
+                    own: true,
+                    statement: None,
+                });
+            }
+        }
+        (out, marks)
+    }
+
+    /// The tags of `replies` that reach the unit.
+    fn delivered(owed: &mut VecDeque<Pending>, replies: &[u8]) -> Vec<u8> {
+        replies
+            .iter()
+            .copied()
+            .filter(|&t| answer(owed, t).0)
+            .collect()
+    }
+
+    const P: u8 = frontend::PARSE;
+    const B: u8 = frontend::BIND;
+    const E: u8 = frontend::EXECUTE;
+    const S: u8 = frontend::SYNC;
+    const Q: u8 = frontend::QUERY;
+
+    #[test]
+    fn own_answers_are_hidden_where_they_are_owed() {
+        // A statement prepared by the proxy after the client's first
+        // execution: its ParseComplete is the fifth answer, not the first.
+        let (out, marks) = written(&[
+            (P, false),
+            (B, false),
+            (E, false),
+            (P, true),
+            (B, false),
+            (E, false),
+            (S, false),
+        ]);
+        let mut owed: VecDeque<Pending> = owed_for(&out, marks).into();
+        assert_eq!(delivered(&mut owed, b"12DC12DCZ"), b"12DC2DCZ".to_vec());
+        assert!(owed.is_empty());
+    }
+
+    #[test]
+    fn own_queries_first_are_hidden_to_their_ready() {
+        // The session's settings and BEGIN, then the client's unit.
+        let (out, marks) = written(&[
+            (Q, true),
+            (Q, true),
+            (P, false),
+            (frontend::DESCRIBE, false),
+            (B, false),
+            (E, false),
+            (S, false),
+        ]);
+        let mut owed: VecDeque<Pending> = owed_for(&out, marks).into();
+        assert_eq!(delivered(&mut owed, b"SCZCZ1tT2DCZ"), b"1tT2DCZ".to_vec());
+        assert!(owed.is_empty());
+    }
+
+    #[test]
+    fn errors_skip_to_the_sync_and_own_errors_fail_the_unit() {
+        // The client's Bind fails: the server skips the proxy's Parse and
+        // the rest to the Sync.
+        let (out, marks) = written(&[(P, false), (B, false), (P, true), (B, false), (S, false)]);
+        let mut owed: VecDeque<Pending> = owed_for(&out, marks).into();
+        assert_eq!(delivered(&mut owed, b"1EZ"), b"1EZ".to_vec());
+        assert!(owed.is_empty());
+        // The proxy's own Parse fails: the error reaches the unit and names
+        // the entry it ended.
+        let (out, marks) = written(&[(P, true), (B, false), (E, false), (S, false)]);
+        let mut owed: VecDeque<Pending> = owed_for(&out, marks).into();
+        let (deliver, failed) = answer(&mut owed, backend::ERROR_RESPONSE);
+        assert!(deliver);
+        assert!(matches!(failed.map(|p| p.kind), Some(Kind::Parse { .. })));
+        assert_eq!(delivered(&mut owed, b"Z"), b"Z".to_vec());
+        // An own query's error reaches the unit; its ReadyForQuery does not.
+        let (out, marks) = written(&[(Q, true), (Q, false)]);
+        let mut owed: VecDeque<Pending> = owed_for(&out, marks).into();
+        assert_eq!(delivered(&mut owed, b"EZCZ"), b"ECZ".to_vec());
+    }
+
+    #[test]
+    fn copy_in_drops_the_syncs_the_server_ignores() {
+        let (out, marks) = written(&[(P, false), (B, false), (E, false), (S, false)]);
+        let mut owed: VecDeque<Pending> = owed_for(&out, marks).into();
+        assert_eq!(delivered(&mut owed, b"12G"), b"12G".to_vec());
+        // The Sync after CopyDone is the one answered.
+        let (out, marks) = written(&[(frontend::COPY_DONE, false), (S, false)]);
+        owed.extend(owed_for(&out, marks));
+        assert_eq!(delivered(&mut owed, b"CZ"), b"CZ".to_vec());
+        assert!(owed.is_empty());
+    }
+
+    #[test]
+    fn nothing_owed_delivers_everything() {
+        let mut owed = VecDeque::new();
+        assert_eq!(delivered(&mut owed, b"DCZ"), b"DCZ".to_vec());
     }
 }
