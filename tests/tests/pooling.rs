@@ -203,6 +203,8 @@ async fn server_restart_is_invisible_after_the_check_delay() {
         .get(0);
     env.backend.stop_node(0, "fast").unwrap();
     env.backend.start_node(0).unwrap();
+    // Past the check delay (1 s): the pooled connection is probed before
+    // reuse (a time in the scenario, not a wait for a condition).
     tokio::time::sleep(Duration::from_millis(1200)).await;
     // A health check may have caught the restart; wait for the next good one.
     env.wait_healthy().await;
