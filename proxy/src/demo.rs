@@ -141,6 +141,12 @@ pub fn shards_toml(cluster: &LocalCluster) -> String {
 }
 
 pub async fn run(port: u16) -> Result<()> {
+    // The port is taken only once the data is in: checked now, so a busy
+    // port fails before the servers start.
+    drop(
+        std::net::TcpListener::bind(("127.0.0.1", port))
+            .with_context(|| format!("port {port} is not free (use --port to pick another)"))?,
+    );
     let cluster = tokio::task::spawn_blocking(|| -> Result<LocalCluster> {
         let c = LocalCluster::start(&ClusterSpec {
             shards: 2,
@@ -152,6 +158,19 @@ pub async fn run(port: u16) -> Result<()> {
         Ok(c)
     })
     .await??;
+    // The data goes in through a proxy of its own on a port no client
+    // knows, and every replica replays it, before the demo's port accepts
+    // anyone: a client never sees a half-loaded demo.
+    let loader = Proxy::start(Config::from_toml(&config_for(&cluster, 0), "demo loader")?).await?;
+    let listen = loader.local_addr.port();
+    let cluster = tokio::task::spawn_blocking(move || -> Result<LocalCluster> {
+        load_through_proxy(&cluster, listen)?;
+        cluster.wait_replicas_caught_up(Duration::from_secs(30))?;
+        Ok(cluster)
+    })
+    .await??;
+    loader.shutdown();
+    let _ = tokio::time::timeout(Duration::from_secs(5), loader.wait()).await;
     let text = config_for(&cluster, port);
     let path = cluster.root.join("shardline.toml");
     std::fs::write(&path, &text)?;
@@ -159,13 +178,6 @@ pub async fn run(port: u16) -> Result<()> {
     let proxy = Proxy::start(config).await.with_context(|| {
         format!("starting the proxy on port {port} (use --port to pick another)")
     })?;
-    let listen = proxy.local_addr.port();
-    let cluster = tokio::task::spawn_blocking(move || -> Result<LocalCluster> {
-        load_through_proxy(&cluster, listen)?;
-        cluster.wait_replicas_caught_up(Duration::from_secs(30))?;
-        Ok(cluster)
-    })
-    .await??;
     println!();
     println!("Shardline demo is running.");
     for p in cluster.nodes.iter().filter(|n| n.is_primary) {

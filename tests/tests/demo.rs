@@ -16,6 +16,22 @@ fn demo_starts_serves_and_cleans_up() {
         .stderr(Stdio::null())
         .spawn()
         .unwrap();
+    // A client that connects as soon as the demo's port accepts sees the
+    // whole demo: the data is loaded before the port is taken.
+    let early = std::thread::spawn(move || {
+        let started = Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            if started.elapsed() > Duration::from_secs(120) {
+                return None;
+            }
+            std::thread::sleep(Duration::from_millis(10));
+        }
+        let url = format!("postgres://app:app@127.0.0.1:{port}/app");
+        Some(psql(
+            &url,
+            &["-A", "-t", "-c", "SELECT count(*) FROM users"],
+        ))
+    });
     let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
     // A failing assertion below must not leave the demo and its servers running.
     let guard = StopOnDrop(child.id());
@@ -37,6 +53,8 @@ fn demo_starts_serves_and_cleans_up() {
     let url = url.unwrap();
     assert_eq!(url, format!("postgres://app:app@127.0.0.1:{port}/app"));
     let dir = dir.expect("the demo names its directory");
+    let (ok, out) = early.join().unwrap().expect("the demo's port accepted");
+    assert!(ok && out.trim() == "1000", "the first client saw: {out}");
     assert!(dir.join("shardline.toml").exists());
 
     let (ok, out) = psql(
@@ -70,9 +88,9 @@ fn demo_starts_serves_and_cleans_up() {
     for _ in 0..4 {
         args.extend(["-c", shown]);
     }
-    // The data was just loaded through the proxy as this user: until the
-    // health checker has seen the replicas replay it (read-your-writes),
-    // reads come from the primary.
+    // Every replica replayed the data before the port opened; until the
+    // health checker has checked them, reads may still come from the
+    // primary.
     let started = Instant::now();
     let out = loop {
         let (ok, out) = psql(&url, &args);
