@@ -3,6 +3,7 @@
 //! queries on a server connection. Everywhere else they pass as bytes.
 
 use super::Reader;
+use bytes::BytesMut;
 use shardline_router::gather::{ClientColumns, FieldType};
 use shardline_router::merge::{oid, Format};
 
@@ -83,7 +84,7 @@ pub fn row_values(msg: &[u8]) -> Option<Vec<Option<&[u8]>>> {
 }
 
 /// Appends a DataRow of `values`.
-pub fn data_row<'a>(values: impl ExactSizeIterator<Item = Option<&'a [u8]>>, out: &mut Vec<u8>) {
+pub fn data_row<'a>(values: impl ExactSizeIterator<Item = Option<&'a [u8]>>, out: &mut BytesMut) {
     let start = out.len();
     out.extend_from_slice(&[super::backend::DATA_ROW, 0, 0, 0, 0]);
     out.extend_from_slice(&(values.len() as i16).to_be_bytes());
@@ -168,7 +169,7 @@ mod tests {
 
     #[test]
     fn rows_round_trip_and_refuse_short_input() {
-        let mut out = Vec::new();
+        let mut out = BytesMut::new();
         let values = [Some(&b"ab"[..]), None, Some(&b""[..])];
         data_row(values.iter().copied(), &mut out);
         assert_eq!(row_values(&out).unwrap(), values);

@@ -474,7 +474,7 @@ impl Session {
                 let (cap, offset) = (unit.cap(), unit.offset);
                 let groups = groups.into_groups();
                 let finish = move |c: &Compiled, groups| {
-                    let mut out = Vec::new();
+                    let mut out = BytesMut::new();
                     c.finish_groups(groups, cap, offset, |row| {
                         data_row(row.iter().map(|v| v.as_deref()), &mut out)
                     })
@@ -576,9 +576,7 @@ impl Session {
                 if whole {
                     self.client_out.extend_from_slice(&row);
                 } else {
-                    let mut out = Vec::with_capacity(row.len());
-                    data_row(vals.iter().take(c.visible()).copied(), &mut out);
-                    self.client_out.extend_from_slice(&out);
+                    data_row(vals.iter().take(c.visible()).copied(), &mut self.client_out);
                 }
                 if unit.plan.with_ties {
                     last_sent = Some(key);

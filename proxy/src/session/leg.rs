@@ -132,9 +132,9 @@ impl Leg {
     /// would otherwise stop reading it, and both sides would wait forever.
     pub(super) async fn send_draining(&mut self, out: &[u8], limit: usize) -> Result<(), String> {
         use std::pin::Pin;
-        self.owe(out);
         use std::task::Poll;
         use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+        self.owe(out);
         let conn: &mut crate::server::ServerConnection = &mut self.conn;
         let addr = conn.addr.clone();
         let mut written = 0;
