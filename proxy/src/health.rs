@@ -81,8 +81,21 @@ impl NodeHealth {
         self.down.load(Relaxed)
     }
 
-    pub fn is_banned(&self, now: u64) -> bool {
-        self.banned_until.load(Relaxed) > now
+    /// Banned now. Reads the clock only while a ban is set; an expired
+    /// ban is cleared, so a node never banned, or no longer, costs a load.
+    pub fn is_banned(&self) -> bool {
+        let until = self.banned_until.load(Relaxed);
+        if until == 0 {
+            return false;
+        }
+        if until > now_ms() {
+            return true;
+        }
+        // A ban set meanwhile (a larger value) stays.
+        let _ = self
+            .banned_until
+            .compare_exchange(until, 0, Relaxed, Relaxed);
+        false
     }
 
     /// Replay position (replicas) or WAL position (primaries) at the last check.
@@ -272,7 +285,6 @@ impl ShardHealth {
 
     /// A node for a read: an eligible replica by the strategy, else `None`.
     pub fn reader(&self, req: &ReadRequest) -> Option<usize> {
-        let now = now_ms();
         let mut cands: Vec<Candidate> = Vec::with_capacity(self.nodes.len());
         let writer = self.writer.load(Relaxed);
         for (i, n) in self.nodes.iter().enumerate() {
@@ -281,7 +293,7 @@ impl ShardHealth {
                 Role::Primary => req.primary_reads && i == writer,
                 Role::Unknown => false,
             };
-            if role_ok && req.exclude & (1 << i) == 0 && !n.is_down() && !n.is_banned(now) {
+            if role_ok && req.exclude & (1 << i) == 0 && !n.is_down() && !n.is_banned() {
                 cands.push(Candidate {
                     node: i,
                     local: req.zone.is_some() && n.zone.as_deref() == req.zone,
@@ -717,6 +729,22 @@ impl Checker {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A ban holds for its time and then clears itself (a node once banned
+    /// costs no clock read per look-up afterwards); a longer ban set
+    /// meanwhile is kept.
+    #[test]
+    fn a_ban_ends_on_time_and_clears() {
+        let n = NodeHealth::new("n:1".into(), None, Role::Replica);
+        assert!(!n.is_banned());
+        n.ban(std::time::Duration::from_millis(40), "test");
+        assert!(n.is_banned());
+        std::thread::sleep(std::time::Duration::from_millis(60));
+        assert!(!n.is_banned());
+        assert_eq!(n.banned_until.load(Relaxed), 0, "an expired ban is cleared");
+        n.ban(std::time::Duration::from_secs(60), "test");
+        assert!(n.is_banned());
+    }
 
     #[test]
     fn replica_lag_is_dated_by_the_primarys_positions() {

@@ -75,7 +75,7 @@ pub fn lone_autocommit_statement(sql: &str) -> bool {
 }
 
 fn has_inner_semicolon(sql: &str) -> bool {
-    match sql.find(';') {
+    match memchr::memchr(b';', sql.as_bytes()) {
         None => false,
         Some(i) => !sql[i..]
             .bytes()

@@ -590,7 +590,10 @@ impl Session {
             }
             return Ok(());
         }
-        let effects = std::str::from_utf8(text).ok().and_then(effect::effects);
+        // Validated once here for the steps below (a text that is not
+        // UTF-8 has no effects and is no COMMIT).
+        let utf8 = std::str::from_utf8(text).ok();
+        let effects = utf8.and_then(effect::effects);
         if let Some(effects) = &effects {
             if let [Some(Effect::Deallocate(name))] = effects.as_slice() {
                 // Client statement names exist only in the proxy.
@@ -618,8 +621,7 @@ impl Session {
             self.fail_request(e, true);
             return Ok(());
         }
-        let text = std::str::from_utf8(text).unwrap_or("");
-        let probe = self.position_query_with(text);
+        let probe = self.position_query_with(utf8.unwrap_or(""));
         self.send_query_frame(&f.bytes);
         let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
         self.pending

@@ -152,6 +152,10 @@ pub struct Session {
     /// cleared by `forget_plan` wherever the buffer or the session's
     /// state changes other than by taking messages off its front.
     plan_memo: Option<(route::PlanKey, route::Planned)>,
+    /// The routes of that unit's statement texts (`route_text` looks here first).
+    unit_routes: route::UnitRoutes,
+    /// The other buffer `plan_unit` fills, swapped with `unit_routes`.
+    spare_routes: route::UnitRoutes,
     client_out: BytesMut,
     /// The attached server connection and where it belongs (`attach.rs`).
     server: Option<Placed>,
@@ -269,6 +273,8 @@ impl Session {
             login,
             client_in: BytesMut::with_capacity(8 * 1024),
             plan_memo: None,
+            unit_routes: Default::default(),
+            spare_routes: Default::default(),
             client_out: BytesMut::with_capacity(16 * 1024),
             server: None,
             server_out: BytesMut::with_capacity(8 * 1024),

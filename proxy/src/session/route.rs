@@ -75,6 +75,43 @@ pub(super) struct Planned {
     pub executes: bool,
 }
 
+/// The routes of the statement texts of the unit last planned, by text
+/// (a copy): the later steps of the same unit (`on_query`, `on_parse`, the
+/// fan-out) find a statement's route here instead of shaping its text
+/// again. Keyed by content, so a hit is right whatever happened to the
+/// buffer since; `plan_unit` refills it for each unit.
+#[derive(Default)]
+pub(super) struct UnitRoutes {
+    texts: Vec<u8>,
+    routes: Vec<(std::ops::Range<usize>, Route)>,
+}
+
+impl UnitRoutes {
+    /// Statements kept per unit; a longer unit's later statements are
+    /// routed again (through the shared cache) when looked up.
+    const MAX: usize = 32;
+
+    fn clear(&mut self) {
+        self.texts.clear();
+        self.routes.clear();
+    }
+
+    fn push(&mut self, text: &[u8], route: &Route) {
+        if self.routes.len() < Self::MAX {
+            let start = self.texts.len();
+            self.texts.extend_from_slice(text);
+            self.routes.push((start..self.texts.len(), route.clone()));
+        }
+    }
+
+    fn get(&self, text: &[u8]) -> Option<&Route> {
+        self.routes
+            .iter()
+            .find(|(r, _)| r.len() == text.len() && self.texts[r.clone()] == *text)
+            .map(|(_, route)| route)
+    }
+}
+
 /// What `plan_unit`'s memo is valid for (`Session::plan_memo`).
 #[derive(Clone, Copy, PartialEq, Eq)]
 pub(super) struct PlanKey {
@@ -140,6 +177,9 @@ impl Session {
     /// Routes one statement text through the shared cache (a large one
     /// from the routes `route_large_ahead` made).
     pub(super) fn route_text(&self, sql: &[u8]) -> Route {
+        if let Some(route) = self.unit_routes.get(sql) {
+            return route.clone();
+        }
         if sql.len() >= LARGE_STATEMENT {
             if let Some((_, route)) = self.large_routes.iter().find(|(t, _)| t[..] == *sql) {
                 return route.clone();
@@ -265,12 +305,20 @@ impl Session {
                 return planned.clone();
             }
         }
-        let planned = self.plan_unit_now();
+        // Filled while planning (the previous plan's routes still answer
+        // meanwhile: a unit is planned again after each event), then kept
+        // for the unit's later steps; the two buffers swap.
+        let mut routed = std::mem::take(&mut self.spare_routes);
+        routed.clear();
+        let planned = self.plan_unit_now(&mut routed);
+        self.spare_routes = std::mem::replace(&mut self.unit_routes, routed);
         self.plan_memo = Some((key, planned.clone()));
         planned
     }
 
-    fn plan_unit_now(&self) -> Planned {
+    /// Plans the unit at the front of `client_in`; `routed` gets each
+    /// statement text routed, with its route.
+    fn plan_unit_now(&self, routed: &mut UnitRoutes) -> Planned {
         let sharded = self.shared.sharding.is_some();
         if self.mode() == PoolMode::Session && !sharded {
             // The connection is the client's for the whole session.
@@ -314,6 +362,7 @@ impl Session {
                 frontend::QUERY => {
                     let text = frontend::query(body).unwrap_or_default();
                     let route = self.route_text(text);
+                    routed.push(text, &route);
                     if matches!(route.class, Class::Begin { .. }) {
                         let s = String::from_utf8_lossy(text);
                         simple_single = shardline_router::lexer::split_statements(&s).len() == 1;
@@ -336,7 +385,9 @@ impl Session {
                 }
                 frontend::PARSE => {
                     if let Ok(p) = frontend::parse(body) {
-                        routes.push(statements.parse(self, &p));
+                        let route = statements.parse(self, &p);
+                        routed.push(p.query, &route);
+                        routes.push(route);
                     }
                 }
                 frontend::BIND => {
@@ -644,7 +695,6 @@ impl Session {
                     };
                     shard.reader(&req).into_iter().collect()
                 };
-                let now = now_ms();
                 let chosen = candidates.first().copied();
                 candidates.extend((0..shard.nodes.len()).filter(|&i| {
                     let n = &shard.nodes[i];
@@ -652,7 +702,7 @@ impl Session {
                         && n.role() == crate::health::Role::Replica
                         && *tried & bit(i) == 0
                         && !n.is_down()
-                        && !n.is_banned(now)
+                        && !n.is_banned()
                 }));
                 if !candidates.is_empty() {
                     why = "no replica has replayed the user's last write yet";
@@ -835,5 +885,46 @@ impl Session {
                 return;
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn route(class: Class) -> Route {
+        Route {
+            class,
+            ..FUNCTION_CALL
+        }
+    }
+
+    /// A unit's routes are found by text (not by where the text was), a
+    /// text not routed in the unit is not found, and a long unit keeps its
+    /// first `MAX` statements only.
+    #[test]
+    fn unit_routes_answer_by_text() {
+        let mut u = UnitRoutes::default();
+        u.push(b"SELECT 1", &route(Class::Read));
+        u.push(b"UPDATE t SET a = 1", &route(Class::Write));
+        let copy = b"SELECT 1".to_vec();
+        assert_eq!(u.get(&copy).map(|r| r.class), Some(Class::Read));
+        assert_eq!(
+            u.get(b"UPDATE t SET a = 1").map(|r| r.class),
+            Some(Class::Write)
+        );
+        assert!(u.get(b"SELECT 2").is_none());
+        assert!(u.get(b"SELECT").is_none());
+        u.clear();
+        assert!(u.get(b"SELECT 1").is_none());
+        for i in 0..UnitRoutes::MAX + 5 {
+            u.push(format!("SELECT {i}").as_bytes(), &route(Class::Read));
+        }
+        assert!(u
+            .get(format!("SELECT {}", UnitRoutes::MAX - 1).as_bytes())
+            .is_some());
+        assert!(u
+            .get(format!("SELECT {}", UnitRoutes::MAX).as_bytes())
+            .is_none());
     }
 }
