@@ -90,6 +90,10 @@ impl UnitRoutes {
     /// Statements kept per unit; a longer unit's later statements are
     /// routed again (through the shared cache) when looked up.
     const MAX: usize = 32;
+    /// Bytes of text kept per unit: every session holds two of these
+    /// buffers for its lifetime, so a long statement (a 32 MB query) is
+    /// not copied here; it is routed again when looked up.
+    const MAX_BYTES: usize = 4096;
 
     fn clear(&mut self) {
         self.texts.clear();
@@ -97,8 +101,10 @@ impl UnitRoutes {
     }
 
     fn push(&mut self, text: &[u8], route: &Route) {
-        if self.routes.len() < Self::MAX {
+        if self.routes.len() < Self::MAX && self.texts.len() + text.len() <= Self::MAX_BYTES {
             let start = self.texts.len();
+            // Exact: the buffer never holds more than MAX_BYTES.
+            self.texts.reserve_exact(text.len());
             self.texts.extend_from_slice(text);
             self.routes.push((start..self.texts.len(), route.clone()));
         }
@@ -926,5 +932,11 @@ mod tests {
         assert!(u
             .get(format!("SELECT {}", UnitRoutes::MAX).as_bytes())
             .is_none());
+        // Long texts are not kept: the buffer stays small for the session.
+        u.clear();
+        let long = vec![b'x'; UnitRoutes::MAX_BYTES + 1];
+        u.push(&long, &route(Class::Read));
+        assert!(u.get(&long).is_none());
+        assert!(u.texts.capacity() <= UnitRoutes::MAX_BYTES);
     }
 }
