@@ -250,9 +250,9 @@ impl<'a> Iterator for Lexer<'a> {
     }
 }
 
-/// The first `n` words (identifiers and keywords, lowercased), skipping
-/// punctuation, quoted strings and comments.
-pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
+/// The words of `sql` (identifiers and keywords, as written), skipping
+/// punctuation, quoted strings and comments; nothing is allocated.
+pub fn words(sql: &str) -> impl Iterator<Item = &str> {
     Lexer::new(sql)
         .filter(|t| {
             !t.quoted
@@ -261,9 +261,13 @@ pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
                     .first()
                     .is_some_and(|b| b.is_ascii_alphanumeric() || *b == b'_')
         })
-        .take(n)
-        .map(|t| t.text.to_ascii_lowercase())
-        .collect()
+        .map(|t| t.text)
+}
+
+/// The first `n` words (identifiers and keywords, lowercased), skipping
+/// punctuation, quoted strings and comments.
+pub fn leading_words(sql: &str, n: usize) -> Vec<String> {
+    words(sql).take(n).map(str::to_ascii_lowercase).collect()
 }
 
 /// Statements Postgres refuses inside a transaction block (VACUUM, CREATE

@@ -8,7 +8,7 @@
 use crate::cache::Route;
 use crate::classify::Class;
 use crate::hint::RoleHint;
-use crate::lexer::leading_words;
+use crate::lexer::words;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Target {
@@ -99,15 +99,21 @@ fn is_read(class: Class) -> bool {
 /// A statement that only ends a transaction (`COMMIT`, `END`, `ROLLBACK`,
 /// `ABORT`, optionally with `WORK` or `TRANSACTION`): its command tag.
 pub fn lone_transaction_end(sql: &str) -> Option<&'static str> {
-    let words = leading_words(sql.trim_end_matches([';', ' ', '\n', '\t', '\r']), 3);
-    let tag = match words.first().map(String::as_str) {
-        Some("commit" | "end") => "COMMIT",
-        Some("rollback" | "abort") => "ROLLBACK",
-        _ => return None,
+    // Asked of every statement a writing client sends: the first word
+    // decides most, without allocating.
+    let mut words = words(sql.trim_end_matches([';', ' ', '\n', '\t', '\r']));
+    let is = |w: &str, of: &[&str]| of.iter().any(|k| w.eq_ignore_ascii_case(k));
+    let first = words.next()?;
+    let tag = if is(first, &["commit", "end"]) {
+        "COMMIT"
+    } else if is(first, &["rollback", "abort"]) {
+        "ROLLBACK"
+    } else {
+        return None;
     };
-    match words.get(1).map(String::as_str) {
-        None => Some(tag),
-        Some("work" | "transaction") if words.len() == 2 => Some(tag),
+    match (words.next(), words.next()) {
+        (None, _) => Some(tag),
+        (Some(w), None) if is(w, &["work", "transaction"]) => Some(tag),
         _ => None,
     }
 }
