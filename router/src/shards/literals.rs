@@ -1,22 +1,29 @@
 //! Constants read as the server reads them (quoted strings, escapes).
 
+use std::borrow::Cow;
+
 /// The value of the constant at `s..e` of `sql`, unquoted.
-pub(super) fn constant_value(sql: &str, s: usize, e: usize) -> String {
+pub(super) fn constant_value(sql: &str, s: usize, e: usize) -> Cow<'_, str> {
     let raw = &sql[s..e];
     let escaped = s > 0 && matches!(sql.as_bytes()[s - 1], b'E' | b'e');
     if let Some(body) = raw.strip_prefix('\'') {
         let body = body.strip_suffix('\'').unwrap_or(body);
         if escaped {
-            unescape(body)
+            Cow::Owned(unescape(body))
+        } else if body.contains("''") {
+            Cow::Owned(body.replace("''", "'"))
         } else {
-            body.replace("''", "'")
+            Cow::Borrowed(body)
         }
     } else if let Some(after) = raw.strip_prefix('$') {
         let tag_end = after.find('$').map_or(raw.len(), |p| p + 2);
         let body_end = raw.len().saturating_sub(tag_end);
-        raw.get(tag_end..body_end).unwrap_or_default().to_string()
+        Cow::Borrowed(raw.get(tag_end..body_end).unwrap_or_default())
+    } else if raw.contains('_') {
+        Cow::Owned(raw.replace('_', ""))
     } else {
-        raw.replace('_', "")
+        // A plain number, the usual key: no copy.
+        Cow::Borrowed(raw)
     }
 }
 

@@ -242,8 +242,12 @@ pub(super) fn key_value(
         }
         KeySrc::Const { ordinal, negative } => {
             let text = values.constant(ordinal as usize).ok_or(())?;
-            let text = if negative { format!("-{text}") } else { text };
-            g.key_from_text(&text).map(Some).ok_or(())
+            let key = if negative {
+                g.key_from_text(&format!("-{text}"))
+            } else {
+                g.key_from_text(&text)
+            };
+            key.map(Some).ok_or(())
         }
     }
 }
@@ -302,7 +306,7 @@ impl<'a, 'b> Values<'a, 'b> {
         }
     }
 
-    fn constant(&self, n: usize) -> Option<String> {
+    fn constant(&self, n: usize) -> Option<std::borrow::Cow<'a, str>> {
         let spans = self.spans.get_or_init(|| {
             let mut v = Vec::new();
             crate::lexer::scan_constants(self.input.sql, |s, e| v.push((s, e)));
