@@ -270,16 +270,7 @@ fn main() -> Result<()> {
         .iter()
         .map(|t| t.pid.map(shardline_tests::memory_kib))
         .collect();
-    // The median of the rounds (the mean of the middle two when even).
-    let median = |v: &[f64]| {
-        let mut v = v.to_vec();
-        v.sort_by(f64::total_cmp);
-        match v.len() {
-            0 => f64::NAN,
-            n if n % 2 == 1 => v[n / 2],
-            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
-        }
-    };
+    use shardline_tests::median;
     println!();
     println!(
         "pgbench, {} clients, {} s x {} rounds interleaved, scale {}, pool size {pool_size}, {} cores",

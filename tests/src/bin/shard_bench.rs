@@ -1,12 +1,15 @@
 //! Sharding benchmark: two shards behind Shardline against one direct
 //! Postgres holding all the rows, in one run.
 //!
-//! cargo run --release -p shardline-tests --bin shardline-shard-bench -- [--seconds N] [--clients N] [--rows N]
+//! cargo run --release -p shardline-tests --bin shardline-shard-bench -- [--seconds N] [--clients N] [--rows N] [--rounds N]
 //!
 //! - point query by key (pgbench custom script, prepared, simple and
 //!   extended), TPS and average latency, with the ratio to direct, and the
 //!   proxy's CPU per 10k transactions against the same proxy with a
-//!   one-shard config in front of the direct server;
+//!   one-shard config in front of the direct server; each mode runs
+//!   `--rounds` times, the three targets interleaved, and the medians are
+//!   shown (the proxy's CPU per transaction moves with throughput and with
+//!   what else the machine runs: one run is not enough to tell 5%);
 //! - multi-row INSERT (1,000 rows per statement, split by shard) and COPY
 //!   (split row by row) in rows per second, against the same into the
 //!   direct server.
@@ -20,6 +23,7 @@ struct Args {
     seconds: u32,
     clients: u32,
     rows: u32,
+    rounds: u32,
 }
 
 fn parse_args() -> Result<Args> {
@@ -27,15 +31,18 @@ fn parse_args() -> Result<Args> {
         seconds: 10,
         clients: 16,
         rows: 200_000,
+        rounds: 3,
     };
     shardline_tests::numeric_flags(
         &mut [
             ("--seconds", &mut a.seconds),
             ("--clients", &mut a.clients),
             ("--rows", &mut a.rows),
+            ("--rounds", &mut a.rounds),
         ],
-        "shardline-shard-bench [--seconds 10] [--clients 16] [--rows 200000]",
+        "shardline-shard-bench [--seconds 10] [--clients 16] [--rows 200000] [--rounds 3]",
     )?;
+    a.rounds = a.rounds.max(1);
     Ok(a)
 }
 
@@ -196,8 +203,8 @@ async fn run(args: &Args, bin: &PgBin, proxies: &Proxies, direct: u16) -> Result
     };
     println!();
     println!(
-        "point query by key, {} clients, {} s each (direct: one server holding every row)",
-        args.clients, args.seconds
+        "point query by key, {} clients, {} s x {} rounds interleaved, medians (direct: one server holding every row)",
+        args.clients, args.seconds, args.rounds
     );
     println!("| mode | direct TPS | Shardline TPS (ratio) | latency ms direct / Shardline | Shardline one-shard config TPS | proxy CPU s / 10k txn, 2 shards / one shard |");
     println!("|---|---:|---:|---:|---:|---:|");
@@ -209,10 +216,20 @@ async fn run(args: &Args, bin: &PgBin, proxies: &Proxies, direct: u16) -> Result
         let txns = tps * args.seconds as f64;
         Ok((tps, latency, used / (txns / 10_000.0).max(1e-9)))
     };
+    use shardline_tests::median;
     for mode in ["prepared", "simple", "extended"] {
-        let (d, dl) = pgbench(direct, mode)?;
-        let (s, sl, s_cpu) = through(proxies.sharded, mode)?;
-        let (o, _, o_cpu) = through(proxies.one_shard, mode)?;
+        // Per round: direct TPS and latency, sharded TPS, latency and CPU,
+        // one-shard TPS and CPU.
+        let mut runs: [Vec<f64>; 7] = Default::default();
+        for _ in 0..args.rounds {
+            let (d, dl) = pgbench(direct, mode)?;
+            let (s, sl, s_cpu) = through(proxies.sharded, mode)?;
+            let (o, _, o_cpu) = through(proxies.one_shard, mode)?;
+            for (v, x) in runs.iter_mut().zip([d, dl, s, sl, s_cpu, o, o_cpu]) {
+                v.push(x);
+            }
+        }
+        let [d, dl, s, sl, s_cpu, o, o_cpu] = runs.map(|v| median(&v));
         println!(
             "| {mode} | {d:.0} | {s:.0} ({:.2}) | {dl:.3} / {sl:.3} | {o:.0} | {s_cpu:.3} / {o_cpu:.3} ({:.2}) |",
             s / d.max(1.0),
