@@ -856,3 +856,49 @@ async fn positions_are_asked_only_where_replicas_read() {
         assert_eq!(env.sql("SELECT count(*) FROM positions"), "2");
     }
 }
+
+/// Each statement text is routed (shaped and looked up in the router's
+/// cache) once, however many steps of its unit read it: the router's
+/// counters grow by one per statement sent, by the simple protocol, by a
+/// driver's prepare-then-execute, and inside a transaction. Before, the
+/// steps after the unit's plan (`on_query`, `on_parse`) routed the text
+/// again.
+#[tokio::test]
+async fn each_statement_is_routed_once() {
+    let env = two_replicas("").await;
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS routed_once (id int)")
+        .await
+        .unwrap();
+    let routed = || {
+        let s = env.proxy.as_ref().unwrap().shared.router.stats();
+        s.hits + s.misses
+    };
+    let before = routed();
+    for i in 0..10 {
+        c.simple_query(&format!("SELECT {i} FROM routed_once"))
+            .await
+            .unwrap();
+    }
+    assert_eq!(routed() - before, 10, "simple queries");
+    let before = routed();
+    for i in 0..10 {
+        // tokio-postgres: Parse + Describe + Sync, then Bind + Execute + Sync.
+        c.query("SELECT $1::int FROM routed_once", &[&i])
+            .await
+            .unwrap();
+    }
+    assert_eq!(routed() - before, 10, "prepared and executed");
+    let before = routed();
+    for i in 0..5 {
+        c.simple_query("BEGIN").await.unwrap();
+        c.simple_query(&format!("INSERT INTO routed_once VALUES ({i})"))
+            .await
+            .unwrap();
+        c.simple_query("SELECT count(*) FROM routed_once")
+            .await
+            .unwrap();
+        c.simple_query("COMMIT").await.unwrap();
+    }
+    assert_eq!(routed() - before, 20, "transactions");
+}
