@@ -3,7 +3,8 @@
 # what is already there: PostgreSQL server binaries (pg_ctl, initdb, postgres),
 # psql and pgbench, openssl (test certificates), Node.js, a JDK and Go, and the
 # Python, Node, Java (PgJDBC) and Go (pgx) drivers of the driver matrix.
-# PgBouncer is optional (benchmarks compare against it): pass --with-pgbouncer.
+# The benchmarks' comparison tools are optional: --with-pgbouncer installs
+# PgBouncer and valgrind (shardline-bench --instructions counts with callgrind).
 set -euo pipefail
 export DEBIAN_FRONTEND=noninteractive
 
@@ -26,8 +27,11 @@ command -v javac >/dev/null 2>&1 || packages+=(default-jdk-headless)
 # pgx (Go), from Debian's packages: built in GOPATH mode, no module download.
 command -v go >/dev/null 2>&1 || packages+=(golang-go)
 [ -d /usr/share/gocode/src/github.com/jackc/pgx/v4 ] || packages+=(golang-github-jackc-pgx-v4-dev)
-if [ "${1:-}" = "--with-pgbouncer" ] && ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
-  packages+=(pgbouncer)
+if [ "${1:-}" = "--with-pgbouncer" ]; then
+  if ! command -v pgbouncer >/dev/null 2>&1 && [ ! -x /usr/sbin/pgbouncer ]; then
+    packages+=(pgbouncer)
+  fi
+  command -v valgrind >/dev/null 2>&1 || packages+=(valgrind)
 fi
 if [ "${#packages[@]}" -gt 0 ]; then
   echo "setup: installing ${packages[*]}"

@@ -5,6 +5,12 @@
 //!
 //! Prints TPS, average latency, the ratio to direct Postgres, and each proxy's
 //! CPU seconds per 10k transactions (from /proc, user + system).
+//!
+//! `--instructions N` also counts each proxy's user-space instructions per
+//! transaction under callgrind (valgrind), N transactions per client and
+//! mode: a count that does not move with the machine's load, where CPU
+//! seconds move by several percent between runs. The kernel's share (the
+//! sockets, most of a proxy's CPU) is not in it.
 
 use anyhow::{bail, Context as _, Result};
 use shardline::cluster::{free_port, ClusterSpec, LocalCluster, PgBin};
@@ -17,6 +23,7 @@ struct Args {
     clients: u32,
     rounds: u32,
     scale: u32,
+    instructions: u32,
 }
 
 fn parse_args() -> Result<Args> {
@@ -25,6 +32,7 @@ fn parse_args() -> Result<Args> {
         clients: 16,
         rounds: 2,
         scale: 10,
+        instructions: 0,
     };
     shardline_tests::numeric_flags(
         &mut [
@@ -32,8 +40,9 @@ fn parse_args() -> Result<Args> {
             ("--clients", &mut a.clients),
             ("--rounds", &mut a.rounds),
             ("--scale", &mut a.scale),
+            ("--instructions", &mut a.instructions),
         ],
-        "shardline-bench [--seconds 10] [--clients 16] [--rounds 2] [--scale 10]",
+        "shardline-bench [--seconds 10] [--clients 16] [--rounds 2] [--scale 10] [--instructions 0]",
     )?;
     Ok(a)
 }
@@ -43,6 +52,21 @@ struct Target {
     name: &'static str,
     port: u16,
     pid: Option<u32>,
+    /// How to start another instance of the proxy (for `--instructions`).
+    launch: Option<Launch>,
+}
+
+/// A proxy's program and config, to start another instance on another port.
+struct Launch {
+    program: std::path::PathBuf,
+    /// The flag ahead of the config's path, if the program wants one.
+    config_flag: Option<&'static str>,
+    config: std::path::PathBuf,
+    /// The config's line naming the port, and how to write it for another.
+    port_line: String,
+    port_text: fn(u16) -> String,
+    /// Run as this user (PgBouncer refuses root).
+    ids: Option<(u32, u32)>,
 }
 
 #[derive(Default, Clone)]
@@ -108,6 +132,7 @@ fn main() -> Result<()> {
         name: "direct",
         port: primary.port,
         pid: None,
+        launch: None,
     }];
     let mut children: Vec<Child> = Vec::new();
 
@@ -131,10 +156,19 @@ fn main() -> Result<()> {
         .stderr(Stdio::inherit());
     shardline_tests::own_session(&mut cmd);
     let child = cmd.spawn()?;
+    let listen = |port: u16| format!("listen = \"127.0.0.1:{port}\"");
     targets.push(Target {
         name: "shardline",
         port: sl_port,
         pid: Some(child.id()),
+        launch: Some(Launch {
+            program: shardline.clone(),
+            config_flag: Some("--config"),
+            config: sl_cfg.clone(),
+            port_line: listen(sl_port),
+            port_text: listen,
+            ids: None,
+        }),
     });
     children.push(child);
 
@@ -167,6 +201,14 @@ fn main() -> Result<()> {
         name: "shardline+replicas",
         port: rw_port,
         pid: Some(rw_child.id()),
+        launch: Some(Launch {
+            program: shardline.clone(),
+            config_flag: Some("--config"),
+            config: rw_cfg.clone(),
+            port_line: listen(rw_port),
+            port_text: listen,
+            ids: None,
+        }),
     });
 
     // PgBouncer, if installed, with the same pool size and mode.
@@ -193,14 +235,28 @@ fn main() -> Result<()> {
             let mut cmd = Command::new(pgb);
             cmd.arg(dir.join("pgbouncer.ini")).stdout(Stdio::null()).stderr(Stdio::null());
             // PgBouncer refuses to run as root.
-            if let Some((uid, gid)) = postgres_ids() {
+            let ids = postgres_ids();
+            if let Some((uid, gid)) = ids {
                 use std::os::unix::process::CommandExt;
                 let _ = Command::new("chown").arg("-R").arg(format!("{uid}:{gid}")).arg(&dir).status();
                 cmd.uid(uid).gid(gid);
             }
             shardline_tests::own_session(&mut cmd);
             let child = cmd.spawn()?;
-            targets.push(Target { name: "pgbouncer", port, pid: Some(child.id()) });
+            let listen_port = |port: u16| format!("listen_port = {port}");
+            targets.push(Target {
+                name: "pgbouncer",
+                port,
+                pid: Some(child.id()),
+                launch: Some(Launch {
+                    program: pgb.into(),
+                    config_flag: None,
+                    config: dir.join("pgbouncer.ini"),
+                    port_line: listen_port(port),
+                    port_text: listen_port,
+                    ids,
+                }),
+            });
             children.push(child);
         }
         None => println!("PgBouncer not installed (scripts/setup-debian.sh --with-pgbouncer); comparing with direct only"),
@@ -391,6 +447,9 @@ fn main() -> Result<()> {
         None => println!("classification: no statistics logged"),
     }
     read_your_writes_mix(&cluster, &pgbench, &rw_cfg, &replicas, &args)?;
+    if args.instructions > 0 {
+        instruction_counts(&cluster, &pgbench, &targets, &modes, &args)?;
+    }
     for mut c in children {
         let _ = c.kill();
         let _ = c.wait();
@@ -580,6 +639,132 @@ fn read_your_writes_mix(
                 .find(|l| l.contains("aborted") || l.contains("ERROR"))
                 .unwrap_or("failed")
         ),
+    }
+    Ok(())
+}
+
+/// User-space instructions per transaction of each proxy in each mode,
+/// counted by callgrind on an instance of its own (started on another
+/// port, warmed up, its counters zeroed, `--instructions` transactions per
+/// client, then dumped).
+fn instruction_counts(
+    cluster: &LocalCluster,
+    pgbench: &dyn Fn(u16, &[&str]) -> Result<String>,
+    targets: &[Target],
+    modes: &[(&str, &[&str])],
+    args: &Args,
+) -> Result<()> {
+    use std::os::unix::process::CommandExt;
+    if Command::new("valgrind").arg("--version").output().is_err() {
+        println!("\nvalgrind not installed (apt-get install valgrind): no instruction counts");
+        return Ok(());
+    }
+    let per_client = args.instructions.to_string();
+    let clients = args.clients.to_string();
+    let txns = f64::from(args.instructions) * f64::from(args.clients);
+    // (mode, target) -> instructions per transaction.
+    let mut counts: BTreeMap<(usize, usize), f64> = BTreeMap::new();
+    for (ti, t) in targets.iter().enumerate() {
+        let Some(l) = &t.launch else { continue };
+        let port = free_port()?;
+        let dir = cluster.root.join(format!("callgrind-{ti}"));
+        std::fs::create_dir_all(&dir)?;
+        let text = std::fs::read_to_string(&l.config)?;
+        let config = dir.join(l.config.file_name().context("config name")?);
+        std::fs::write(&config, text.replace(&l.port_line, &(l.port_text)(port)))?;
+        let as_user = |cmd: &mut Command| {
+            if let Some((uid, gid)) = l.ids {
+                let _ = Command::new("chown")
+                    .arg("-R")
+                    .arg(format!("{uid}:{gid}"))
+                    .arg(&dir)
+                    .status();
+                cmd.uid(uid).gid(gid);
+            }
+        };
+        let mut cmd = Command::new("valgrind");
+        cmd.arg("--tool=callgrind")
+            .arg(format!("--callgrind-out-file={}/out.%p", dir.display()))
+            .arg(&l.program)
+            .args(l.config_flag)
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(dir.join("valgrind.log"))?);
+        as_user(&mut cmd);
+        shardline_tests::own_session(&mut cmd);
+        let mut child = cmd.spawn()?;
+        let pid = child.id().to_string();
+        let control = |what: &str| -> Result<()> {
+            let mut c = Command::new("callgrind_control");
+            c.arg(what).arg(&pid).stdout(Stdio::null());
+            as_user(&mut c);
+            anyhow::ensure!(c.status()?.success(), "callgrind_control {what} {pid}");
+            Ok(())
+        };
+        let started = std::time::Instant::now();
+        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
+            anyhow::ensure!(
+                started.elapsed() < Duration::from_secs(60),
+                "{} did not start under valgrind (see {})",
+                t.name,
+                dir.join("valgrind.log").display()
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+        for (mi, (mode, flags)) in modes.iter().enumerate() {
+            let mut a = vec!["-n", "-c", clients.as_str(), "-j", "2"];
+            a.extend_from_slice(flags);
+            // Connections, caches and pools warmed; then only the run counts.
+            pgbench(port, &[a.as_slice(), &["-t", "20"]].concat())?;
+            control("-z")?;
+            let run = pgbench(port, &[a.as_slice(), &["-t", per_client.as_str()]].concat());
+            control("-d")?;
+            std::thread::sleep(Duration::from_millis(500));
+            let newest = std::fs::read_dir(&dir)?
+                .filter_map(|e| e.ok())
+                .filter(|e| e.file_name().to_string_lossy().starts_with("out."))
+                .max_by_key(|e| e.metadata().and_then(|m| m.modified()).ok())
+                .context("no callgrind dump")?;
+            let dump = std::fs::read_to_string(newest.path())?;
+            let total: f64 = dump
+                .lines()
+                .find_map(|l| l.strip_prefix("summary: "))
+                .and_then(|v| v.trim().parse().ok())
+                .context("no summary in the callgrind dump")?;
+            match run {
+                Ok(_) => {
+                    counts.insert((mi, ti), total / txns);
+                }
+                Err(e) => println!("instructions: {mode} through {} failed: {e}", t.name),
+            }
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    println!();
+    println!(
+        "user-space instructions per transaction (callgrind, {} transactions per client, {} clients)",
+        args.instructions, args.clients
+    );
+    let measured: Vec<(usize, &Target)> = targets
+        .iter()
+        .enumerate()
+        .filter(|(_, t)| t.launch.is_some())
+        .collect();
+    let names: Vec<&str> = measured.iter().map(|(_, t)| t.name).collect();
+    println!("| mode | {} |", names.join(" | "));
+    println!("|---|{}", "---:|".repeat(names.len()));
+    for (mi, (mode, _)) in modes.iter().enumerate() {
+        let cells: Vec<String> = measured
+            .iter()
+            .map(|(ti, _)| {
+                counts
+                    .get(&(mi, *ti))
+                    .map_or("fails".into(), |n| format!("{n:.0}"))
+            })
+            .collect();
+        println!("| {mode} | {} |", cells.join(" | "));
     }
     Ok(())
 }
