@@ -115,6 +115,7 @@ pub fn route(data: &[u8]) {
         param_types: &[20, 25],
         session_shard: None,
         session_key: None,
+        constants: None,
     };
     if let Some(templates) = &route.shards {
         for t in templates.iter() {

@@ -84,6 +84,7 @@ fn bench(c: &mut Criterion) {
                     param_types: &[],
                     session_shard: None,
                     session_key: None,
+                    constants: None,
                 };
                 resolve(&route.shards.expect("sharded")[0], &sh, &input)
             })
@@ -102,6 +103,7 @@ fn bench(c: &mut Criterion) {
                 param_types: &[],
                 session_shard: None,
                 session_key: None,
+                constants: None,
             };
             resolve(black_box(&template), &sh, &input)
         })

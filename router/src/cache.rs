@@ -193,11 +193,20 @@ impl SharedRouter {
     /// seen before.
     pub fn route(&self, sql: &str) -> Route {
         thread_local! {
+            static CONSTANTS: std::cell::RefCell<Vec<(usize, usize)>> = const { std::cell::RefCell::new(Vec::new()) };
+        }
+        CONSTANTS.with(|c| self.route_noting(sql, &mut c.borrow_mut()))
+    }
+
+    /// [`route`](Self::route), also noting where each constant of `sql`
+    /// is (see [`shape_noting`]).
+    pub fn route_noting(&self, sql: &str, constants: &mut Vec<(usize, usize)>) -> Route {
+        thread_local! {
             static KEY: std::cell::RefCell<String> = const { std::cell::RefCell::new(String::new()) };
         }
         KEY.with(|key| {
             let mut key = key.borrow_mut();
-            shape(sql, &mut key);
+            shape_noting(sql, &mut key, constants);
             let segment = &self.segments[segment_of(&key) % self.segments.len()];
             let lock = || segment.lock().unwrap_or_else(|p| p.into_inner());
             if let Some(route) = lock().get(&key) {
@@ -263,9 +272,18 @@ impl Uncached {
 /// one entry. A constant's value never changes the class; comments, which
 /// carry hints, are kept.
 pub fn shape(sql: &str, out: &mut String) {
+    shape_noting(sql, out, &mut Vec::new());
+}
+
+/// [`shape`], also noting where each constant of `sql` is (`constants`,
+/// cleared first): the key of a statement is read from them
+/// (`KeyInput::constants`) without scanning the text again.
+pub fn shape_noting(sql: &str, out: &mut String, constants: &mut Vec<(usize, usize)>) {
     out.clear();
+    constants.clear();
     let mut copied = 0;
     crate::lexer::scan_constants(sql, |start, end| {
+        constants.push((start, end));
         out.push_str(&sql[copied..start]);
         out.push_str(if sql.as_bytes()[start].is_ascii_digit() {
             "0"

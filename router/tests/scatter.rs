@@ -77,6 +77,7 @@ fn reads_needing_a_merge_are_placed_for_merging() {
             param_types: &[],
             session_shard: None,
             session_key: None,
+            constants: None,
         };
         let p = resolve(&route.shards.expect("sharded")[0], &sh, &input);
         assert_eq!(p, Placement::Merge(sh.all_shards()), "{sql}");

@@ -84,13 +84,27 @@ impl T {
             param_types,
             session_shard: None,
             session_key: None,
+            constants: None,
         };
-        route
-            .shards
-            .expect("sharded")
+        let templates = route.shards.expect("sharded");
+        let placed: Vec<Placement> = templates
             .iter()
             .map(|t| resolve(t, &self.sh, &input))
-            .collect()
+            .collect();
+        // The same with the constants the shape found (as the proxy
+        // resolves a routed text): every case here places alike.
+        let mut constants = Vec::new();
+        shardline_router::cache::shape_noting(sql, &mut String::new(), &mut constants);
+        let noted = KeyInput {
+            constants: Some(&constants),
+            ..input
+        };
+        let again: Vec<Placement> = templates
+            .iter()
+            .map(|t| resolve(t, &self.sh, &noted))
+            .collect();
+        assert_eq!(placed, again, "constants from the shape: {sql}");
+        placed
     }
 
     /// The one placement of `sql` with typed parameters.
@@ -447,6 +461,7 @@ fn hints_override_parsing() {
         param_types: &[],
         session_shard: None,
         session_key: Some("42"),
+        constants: None,
     };
     let route = t.router.route("SELECT * FROM users");
     assert_eq!(

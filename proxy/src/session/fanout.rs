@@ -627,7 +627,7 @@ impl Session {
                 },
                 frontend::PARSE => {
                     if let Ok(p) = frontend::parse(f.body()) {
-                        statements.parse(self, &p);
+                        statements.parse(&p, self.route_text(p.query));
                     }
                     continue;
                 }

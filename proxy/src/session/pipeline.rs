@@ -227,7 +227,7 @@ impl Session {
             to.push(match f.tag {
                 frontend::PARSE => {
                     let p = frontend::parse(f.body()).map_err(malformed)?;
-                    statements.parse(self, &p);
+                    statements.parse(&p, self.route_text(p.query));
                     To::All
                 }
                 frontend::BIND => {

@@ -44,12 +44,10 @@ pub(super) struct UnitStatements<'a> {
 }
 
 impl<'a> UnitStatements<'a> {
-    /// Records a Parse of the unit; returns its route.
-    pub fn parse(&mut self, session: &Session, p: &frontend::ParseMsg<'a>) -> Route {
-        let route = session.route_text(p.query);
+    /// Records a Parse of the unit, routed `route`.
+    pub fn parse(&mut self, p: &frontend::ParseMsg<'a>, route: Route) {
         self.parsed.retain(|(name, ..)| *name != p.name);
-        self.parsed.push((p.name, route.clone(), p.definition));
-        route
+        self.parsed.push((p.name, route, p.definition));
     }
 
     /// Route and Parse definition of the statement `name` a Bind names.
@@ -80,10 +78,25 @@ pub(super) struct Planned {
 /// fan-out) find a statement's route here instead of shaping its text
 /// again. Keyed by content, so a hit is right whatever happened to the
 /// buffer since; `plan_unit` refills it for each unit.
+///
+/// With each text, where its constants are when the shape found them
+/// (`SharedRouter::route_noting`): `place_each` reads a key from them
+/// instead of scanning the text again.
+/// Where a constant is in a statement text: start and end offsets.
+type Span = (usize, usize);
+
 #[derive(Default)]
 pub(super) struct UnitRoutes {
     texts: Vec<u8>,
-    routes: Vec<(std::ops::Range<usize>, Route)>,
+    constants: Vec<Span>,
+    /// Text, route, constants (none: not known).
+    routes: Vec<(
+        std::ops::Range<usize>,
+        Route,
+        Option<std::ops::Range<usize>>,
+    )>,
+    /// Where `Session::route_into` has the shape note a text's constants.
+    scratch: Vec<Span>,
 }
 
 impl UnitRoutes {
@@ -97,24 +110,39 @@ impl UnitRoutes {
 
     fn clear(&mut self) {
         self.texts.clear();
+        self.constants.clear();
         self.routes.clear();
     }
 
-    fn push(&mut self, text: &[u8], route: &Route) {
-        if self.routes.len() < Self::MAX && self.texts.len() + text.len() <= Self::MAX_BYTES {
+    fn push(&mut self, text: &[u8], route: &Route, constants: Option<&[Span]>) {
+        let fits = self.texts.len() + text.len() <= Self::MAX_BYTES
+            && self.constants.len() + constants.map_or(0, <[_]>::len) <= Self::MAX_BYTES / 8;
+        if self.routes.len() < Self::MAX && fits {
             let start = self.texts.len();
-            // Exact: the buffer never holds more than MAX_BYTES.
+            // Exact: the buffers never hold more than their bounds.
             self.texts.reserve_exact(text.len());
             self.texts.extend_from_slice(text);
-            self.routes.push((start..self.texts.len(), route.clone()));
+            let constants = constants.map(|c| {
+                let first = self.constants.len();
+                self.constants.reserve_exact(c.len());
+                self.constants.extend_from_slice(c);
+                first..self.constants.len()
+            });
+            self.routes
+                .push((start..self.texts.len(), route.clone(), constants));
         }
     }
 
-    fn get(&self, text: &[u8]) -> Option<&Route> {
+    /// The route of `text` and where its constants are (when known).
+    fn entry(&self, text: &[u8]) -> Option<(&Route, Option<&[Span]>)> {
         self.routes
             .iter()
-            .find(|(r, _)| r.len() == text.len() && self.texts[r.clone()] == *text)
-            .map(|(_, route)| route)
+            .find(|(r, ..)| r.len() == text.len() && self.texts[r.clone()] == *text)
+            .map(|(_, route, c)| (route, c.clone().map(|c| &self.constants[c])))
+    }
+
+    fn get(&self, text: &[u8]) -> Option<&Route> {
+        self.entry(text).map(|(route, _)| route)
     }
 }
 
@@ -158,7 +186,13 @@ const ROUTE_TIMING_SAMPLE: u32 = 64;
 /// Routes one statement text through the shared cache; one in
 /// `ROUTE_TIMING_SAMPLE` is timed into `route_nanos`/`routes_timed`. No
 /// lock is held while the text is shaped or parsed (`SharedRouter::route`).
-fn route_timed(shared: &crate::Shared, sql: &[u8]) -> Route {
+/// With `constants`, the shape notes where the text's constants are
+/// (`None` returned for a text that is not UTF-8: it has none to read).
+fn route_timed(
+    shared: &crate::Shared,
+    sql: &[u8],
+    constants: Option<&mut Vec<(usize, usize)>>,
+) -> Route {
     thread_local!(static ROUTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) });
     let Ok(text) = std::str::from_utf8(sql) else {
         return FUNCTION_CALL;
@@ -168,11 +202,15 @@ fn route_timed(shared: &crate::Shared, sql: &[u8]) -> Route {
         c.set(n);
         n
     });
+    let route = |constants: Option<&mut Vec<(usize, usize)>>| match constants {
+        Some(c) => shared.router.route_noting(text, c),
+        None => shared.router.route(text),
+    };
     if !n.is_multiple_of(ROUTE_TIMING_SAMPLE) {
-        return shared.router.route(text);
+        return route(constants);
     }
     let started = std::time::Instant::now();
-    let route = shared.router.route(text);
+    let route = route(constants);
     let nanos = started.elapsed().as_nanos() as u64;
     shared.route_nanos.fetch_add(nanos, Relaxed);
     shared.routes_timed.fetch_add(1, Relaxed);
@@ -191,7 +229,30 @@ impl Session {
                 return route.clone();
             }
         }
-        route_timed(&self.shared, sql)
+        route_timed(&self.shared, sql, None)
+    }
+
+    /// Routes `sql` as `route_text` does and records it, with where its
+    /// constants are when known, in `routed` (the unit's routes being
+    /// planned).
+    fn route_into(&self, routed: &mut UnitRoutes, sql: &[u8]) -> Route {
+        let mut scratch = std::mem::take(&mut routed.scratch);
+        let (route, known) = match self.unit_routes.entry(sql) {
+            Some((route, Some(c))) => {
+                scratch.clear();
+                scratch.extend_from_slice(c);
+                (route.clone(), true)
+            }
+            Some((route, None)) => (route.clone(), false),
+            None if sql.len() >= LARGE_STATEMENT => (self.route_text(sql), false),
+            None => match std::str::from_utf8(sql) {
+                Ok(_) => (route_timed(&self.shared, sql, Some(&mut scratch)), true),
+                Err(_) => (FUNCTION_CALL, false),
+            },
+        };
+        routed.push(sql, &route, known.then_some(&scratch[..]));
+        routed.scratch = scratch;
+        route
     }
 
     /// Routes the large statement texts (Query, Parse) of the unit at the
@@ -233,7 +294,8 @@ impl Session {
             let text = bytes::Bytes::copy_from_slice(&self.client_in[s..e]);
             let shared = self.shared.clone();
             let routed = text.clone();
-            let route = tokio::task::spawn_blocking(move || route_timed(&shared, &routed)).await;
+            let route =
+                tokio::task::spawn_blocking(move || route_timed(&shared, &routed, None)).await;
             if let Ok(route) = route {
                 self.large_routes.push((text, route));
             }
@@ -263,6 +325,17 @@ impl Session {
         definition: &[u8],
         params: &[shardline_router::shards::Param<'_>],
     ) -> Vec<Placement> {
+        self.place_each_in(&self.unit_routes, route, definition, params)
+    }
+
+    /// `place_each`, reading constants `routes` noted for the text.
+    fn place_each_in(
+        &self,
+        routes: &UnitRoutes,
+        route: &Route,
+        definition: &[u8],
+        params: &[shardline_router::shards::Param<'_>],
+    ) -> Vec<Placement> {
         let (Some(sh), Some(templates)) = (&self.shared.sharding, &route.shards) else {
             return Vec::new();
         };
@@ -275,6 +348,8 @@ impl Session {
             param_types: &param_types,
             session_shard: self.session_shard.as_deref(),
             session_key: self.session_key.as_deref(),
+            // Found by the shape when the unit's plan routed this text.
+            constants: routes.entry(query).and_then(|(_, c)| c),
         };
         templates.iter().map(|t| resolve(t, sh, &input)).collect()
     }
@@ -367,8 +442,7 @@ impl Session {
             match tag {
                 frontend::QUERY => {
                     let text = frontend::query(body).unwrap_or_default();
-                    let route = self.route_text(text);
-                    routed.push(text, &route);
+                    let route = self.route_into(routed, text);
                     if matches!(route.class, Class::Begin { .. }) {
                         let s = String::from_utf8_lossy(text);
                         simple_single = shardline_router::lexer::split_statements(&s).len() == 1;
@@ -379,7 +453,7 @@ impl Session {
                             .and_then(lone_transaction_end);
                     }
                     if sharded {
-                        let each = self.place_each(&route, text, &[]);
+                        let each = self.place_each_in(routed, &route, text, &[]);
                         place = each.iter().cloned().fold(place, combine);
                         // Statements of one query string on different
                         // shards, each on one.
@@ -391,8 +465,8 @@ impl Session {
                 }
                 frontend::PARSE => {
                     if let Ok(p) = frontend::parse(body) {
-                        let route = statements.parse(self, &p);
-                        routed.push(p.query, &route);
+                        let route = self.route_into(routed, p.query);
+                        statements.parse(&p, route.clone());
                         routes.push(route);
                     }
                 }
@@ -402,7 +476,11 @@ impl Session {
                         if let Some((route, definition)) = statements.bound(self, b.statement) {
                             if sharded {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
-                                let here = self.place(&route, definition, &params);
+                                let here = self
+                                    .place_each_in(routed, &route, definition, &params)
+                                    .into_iter()
+                                    .reduce(combine)
+                                    .unwrap_or(Placement::Anywhere);
                                 binds.push(here.clone());
                                 place = combine(place, here);
                             }
@@ -911,8 +989,8 @@ mod tests {
     #[test]
     fn unit_routes_answer_by_text() {
         let mut u = UnitRoutes::default();
-        u.push(b"SELECT 1", &route(Class::Read));
-        u.push(b"UPDATE t SET a = 1", &route(Class::Write));
+        u.push(b"SELECT 1", &route(Class::Read), Some(&[(7, 8)]));
+        u.push(b"UPDATE t SET a = 1", &route(Class::Write), None);
         let copy = b"SELECT 1".to_vec();
         assert_eq!(u.get(&copy).map(|r| r.class), Some(Class::Read));
         assert_eq!(
@@ -924,7 +1002,7 @@ mod tests {
         u.clear();
         assert!(u.get(b"SELECT 1").is_none());
         for i in 0..UnitRoutes::MAX + 5 {
-            u.push(format!("SELECT {i}").as_bytes(), &route(Class::Read));
+            u.push(format!("SELECT {i}").as_bytes(), &route(Class::Read), None);
         }
         assert!(u
             .get(format!("SELECT {}", UnitRoutes::MAX - 1).as_bytes())
@@ -935,7 +1013,7 @@ mod tests {
         // Long texts are not kept: the buffer stays small for the session.
         u.clear();
         let long = vec![b'x'; UnitRoutes::MAX_BYTES + 1];
-        u.push(&long, &route(Class::Read));
+        u.push(&long, &route(Class::Read), None);
         assert!(u.get(&long).is_none());
         assert!(u.texts.capacity() <= UnitRoutes::MAX_BYTES);
     }

@@ -50,7 +50,7 @@ impl Session {
                 }
                 frontend::PARSE => {
                     let p = frontend::parse(f.body()).map_err(malformed)?;
-                    statements.parse(self, &p);
+                    statements.parse(&p, self.route_text(p.query));
                     parsed_here = true;
                 }
                 frontend::BIND => {

@@ -55,6 +55,9 @@ pub struct KeyInput<'a> {
     /// The session's `shardline.shard` / `shardline.sharding_key`.
     pub session_shard: Option<&'a str>,
     pub session_key: Option<&'a str>,
+    /// Where each constant of `sql` is, when known (`shape_noting` found
+    /// them while routing the text); `None`: scanned when a key needs one.
+    pub constants: Option<&'a [(usize, usize)]>,
 }
 
 /// The placement of a statement from its template and key values.
@@ -307,6 +310,10 @@ impl<'a, 'b> Values<'a, 'b> {
     }
 
     fn constant(&self, n: usize) -> Option<std::borrow::Cow<'a, str>> {
+        if let Some(known) = self.input.constants {
+            let (s, e) = *known.get(n)?;
+            return Some(constant_value(self.input.sql, s, e));
+        }
         let spans = self.spans.get_or_init(|| {
             let mut v = Vec::new();
             crate::lexer::scan_constants(self.input.sql, |s, e| v.push((s, e)));

@@ -39,6 +39,7 @@ pub fn split_insert(
         param_types,
         session_shard: None,
         session_key: None,
+        constants: None,
     };
     let parts = match template.and_then(|t| split_by_text(sh, t, &input)) {
         Some(parts) => parts?,
