@@ -47,6 +47,17 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
+/// A child process killed (and reaped) when dropped, so an error that
+/// ends the benchmark early leaves no proxy running.
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A benchmark target: where pgbench connects and which process to charge CPU to.
 struct Target {
     name: &'static str,
@@ -134,7 +145,7 @@ fn main() -> Result<()> {
         pid: None,
         launch: None,
     }];
-    let mut children: Vec<Child> = Vec::new();
+    let mut children: Vec<Reaped> = Vec::new();
 
     // Shardline, release build, as a separate process.
     let shardline = shardline_tests::shardline_binary()?;
@@ -170,7 +181,7 @@ fn main() -> Result<()> {
             ids: None,
         }),
     });
-    children.push(child);
+    children.push(Reaped(child));
 
     // Shardline with the two replicas: reads go to them.
     let rw_port = free_port()?;
@@ -196,11 +207,11 @@ fn main() -> Result<()> {
         .env("RUST_LOG", "info")
         .stderr(std::fs::File::create(&rw_log)?);
     shardline_tests::own_session(&mut cmd);
-    let rw_child = cmd.spawn()?;
+    let mut rw_child = Reaped(cmd.spawn()?);
     targets.push(Target {
         name: "shardline+replicas",
         port: rw_port,
-        pid: Some(rw_child.id()),
+        pid: Some(rw_child.0.id()),
         launch: Some(Launch {
             program: shardline.clone(),
             config_flag: Some("--config"),
@@ -257,7 +268,7 @@ fn main() -> Result<()> {
                     ids,
                 }),
             });
-            children.push(child);
+            children.push(Reaped(child));
         }
         None => println!("PgBouncer not installed (scripts/setup-debian.sh --with-pgbouncer); comparing with direct only"),
     }
@@ -432,9 +443,8 @@ fn main() -> Result<()> {
         println!("  {role} 127.0.0.1:{}: {:.0}", n.port, after[i] - before[i]);
     }
     // The router's own counters, logged by the proxy when it stops.
-    unsafe { libc::kill(rw_child.id() as i32, libc::SIGTERM) };
-    let mut rw_child = rw_child;
-    let _ = rw_child.wait();
+    unsafe { libc::kill(rw_child.0.id() as i32, libc::SIGTERM) };
+    let _ = rw_child.0.wait();
     let log = std::fs::read_to_string(&rw_log).unwrap_or_default();
     match log.lines().find(|l| l.contains("router statistics")) {
         Some(line) => println!(
@@ -450,10 +460,7 @@ fn main() -> Result<()> {
     if args.instructions > 0 {
         instruction_counts(&cluster, &pgbench, &targets, &modes, &args)?;
     }
-    for mut c in children {
-        let _ = c.kill();
-        let _ = c.wait();
-    }
+    drop(children);
     drop(cluster);
     Ok(())
 }
@@ -520,7 +527,7 @@ fn read_your_writes_mix(
         )
         .stderr(Stdio::inherit());
     shardline_tests::own_session(&mut cmd);
-    let mut proxy = cmd.spawn()?;
+    let mut proxy = Reaped(cmd.spawn()?);
     std::thread::sleep(Duration::from_millis(1500));
     let secs = args.seconds.to_string();
     let clients = args.clients.to_string();
@@ -582,8 +589,8 @@ fn read_your_writes_mix(
         sampling.store(false, std::sync::atomic::Ordering::Relaxed);
         (mix, check, lags.join().expect("sampler thread"))
     });
-    unsafe { libc::kill(proxy.id() as i32, libc::SIGTERM) };
-    let _ = proxy.wait();
+    unsafe { libc::kill(proxy.0.id() as i32, libc::SIGTERM) };
+    let _ = proxy.0.wait();
     std::thread::sleep(Duration::from_millis(500));
     let after: Vec<f64> = replicas.iter().map(index_scans).collect();
     let mix = mix?;
@@ -693,8 +700,8 @@ fn instruction_counts(
             .stderr(std::fs::File::create(dir.join("valgrind.log"))?);
         as_user(&mut cmd);
         shardline_tests::own_session(&mut cmd);
-        let mut child = cmd.spawn()?;
-        let pid = child.id().to_string();
+        let child = Reaped(cmd.spawn()?);
+        let pid = child.0.id().to_string();
         let control = |what: &str| -> Result<()> {
             let mut c = Command::new("callgrind_control");
             c.arg(what)
@@ -790,8 +797,7 @@ fn instruction_counts(
                 counts.insert((mi, ti), total / txns);
             }
         }
-        let _ = child.kill();
-        let _ = child.wait();
+        drop(child);
     }
     println!();
     println!(
