@@ -722,22 +722,31 @@ fn instruction_counts(
             );
             std::thread::sleep(Duration::from_millis(200));
         }
-        // The first command reaching a program just started under valgrind
-        // can be lost (PgBouncer's first zeroing was): one that counts for
-        // nothing first.
-        std::thread::sleep(Duration::from_secs(1));
-        control("-z")?;
+        // A run that fails (PgBouncer's prepared mode) is reported, not counted.
+        let fails = |mode: &str, e: anyhow::Error| {
+            let why = e.to_string();
+            let why = why
+                .lines()
+                .find(|l| l.contains("ERROR"))
+                .unwrap_or("failed");
+            println!("instructions: {mode} through {} fails: {why}", t.name);
+        };
+        let dumps = || -> Result<Vec<std::path::PathBuf>> {
+            Ok(std::fs::read_dir(&dir)?
+                .filter_map(|e| e.ok())
+                .map(|e| e.path())
+                .filter(|p| {
+                    p.file_name()
+                        .is_some_and(|n| n.to_string_lossy().starts_with("out."))
+                })
+                .collect())
+        };
         for (mi, (mode, flags)) in modes.iter().enumerate() {
             let mut a = vec!["-n", "-c", clients.as_str(), "-j", "2"];
             a.extend_from_slice(flags);
             // Connections, caches and pools warmed; then only the run counts.
             if let Err(e) = pgbench(port, &[a.as_slice(), &["-t", "20"]].concat()) {
-                let why = e.to_string();
-                let why = why
-                    .lines()
-                    .find(|l| l.contains("ERROR"))
-                    .unwrap_or("failed");
-                println!("instructions: {mode} through {} fails: {why}", t.name);
+                fails(mode, e);
                 continue;
             }
             // Counted twice, the lower kept: a count can only be inflated
@@ -748,22 +757,12 @@ fn instruction_counts(
             for _ in 0..2 {
                 control("-z")?;
                 let run = pgbench(port, &[a.as_slice(), &["-t", per_client.as_str()]].concat());
-                let dumps = |dir: &std::path::Path| -> Result<Vec<std::path::PathBuf>> {
-                    Ok(std::fs::read_dir(dir)?
-                        .filter_map(|e| e.ok())
-                        .map(|e| e.path())
-                        .filter(|p| {
-                            p.file_name()
-                                .is_some_and(|n| n.to_string_lossy().starts_with("out."))
-                        })
-                        .collect())
-                };
-                let before = dumps(&dir)?;
+                let before = dumps()?;
                 control("-d")?;
                 // The dump this command wrote: the file that was not there.
                 let waited = std::time::Instant::now();
                 let dump = loop {
-                    if let Some(p) = dumps(&dir)?.into_iter().find(|p| !before.contains(p)) {
+                    if let Some(p) = dumps()?.into_iter().find(|p| !before.contains(p)) {
                         break p;
                     }
                     anyhow::ensure!(
@@ -782,12 +781,7 @@ fn instruction_counts(
                 match run {
                     Ok(_) => best = Some(best.map_or(total, |b: f64| b.min(total))),
                     Err(e) => {
-                        let why = e.to_string();
-                        let why = why
-                            .lines()
-                            .find(|l| l.contains("ERROR"))
-                            .unwrap_or("failed");
-                        println!("instructions: {mode} through {} fails: {why}", t.name);
+                        fails(mode, e);
                         best = None;
                         break;
                     }
