@@ -55,38 +55,38 @@ pub fn load_demo(cluster: &LocalCluster) -> Result<()> {
     Ok(())
 }
 
-/// Loads the demo schema and data through the proxy: the users in one
-/// multi-row INSERT (split by shard), the orders by COPY (split by row), the
-/// countries on every shard.
+/// The demo's schema and data as one psql script, meant to be run through
+/// the proxy: the users in one multi-row INSERT (split by shard), the orders
+/// by COPY (split by row), the countries on every shard. `shardline demo
+/// --print-sql` prints it (the container cluster loads it with psql).
+pub fn demo_sql() -> String {
+    use std::fmt::Write as _;
+    let mut sql = String::from(DEMO_SCHEMA.trim_start());
+    sql.push_str(
+        "INSERT INTO countries (code, name) VALUES ('FR', 'France'), ('DE', 'Germany'), ('US', 'United States'), ('JP', 'Japan'), ('BR', 'Brazil');\n",
+    );
+    let countries = ["FR", "DE", "US", "JP", "BR"];
+    sql.push_str("INSERT INTO users (id, name, country, created_at) VALUES ");
+    for i in 1..=1000 {
+        let sep = if i == 1 { "" } else { ", " };
+        let _ = write!(
+            sql,
+            "{sep}({i}, 'user {i}', '{}', now() - interval '{i} hours')",
+            countries[i % 5]
+        );
+    }
+    sql.push_str(";\nCOPY orders (id, user_id, amount) FROM STDIN;\n");
+    for i in 1..=5000 {
+        let _ = writeln!(sql, "{i}\t{}\t{}.99", 1 + i % 1000, i % 500);
+    }
+    sql.push_str("\\.\n");
+    sql
+}
+
+/// Loads [`demo_sql`] through the proxy listening on `port`.
 pub fn load_through_proxy(cluster: &LocalCluster, port: u16) -> Result<()> {
     let url = format!("postgres://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{port}/{DEMO_DATABASE}");
-    cluster.psql_url(&url, DEMO_SCHEMA)?;
-    cluster.psql_url(
-        &url,
-        "INSERT INTO countries (code, name) VALUES ('FR', 'France'), ('DE', 'Germany'), ('US', 'United States'), ('JP', 'Japan'), ('BR', 'Brazil');",
-    )?;
-    let countries = ["FR", "DE", "US", "JP", "BR"];
-    let users: Vec<String> = (1..=1000)
-        .map(|i| {
-            format!(
-                "({i}, 'user {i}', '{}', now() - interval '{i} hours')",
-                countries[i % 5]
-            )
-        })
-        .collect();
-    cluster.psql_url(
-        &url,
-        &format!(
-            "INSERT INTO users (id, name, country, created_at) VALUES {};",
-            users.join(", ")
-        ),
-    )?;
-    let mut copy = String::from("COPY orders (id, user_id, amount) FROM STDIN;\n");
-    for i in 1..=5000 {
-        copy.push_str(&format!("{i}\t{}\t{}.99\n", 1 + i % 1000, i % 500));
-    }
-    copy.push_str("\\.\n");
-    cluster.psql_url(&url, &copy)?;
+    cluster.psql_url(&url, &demo_sql())?;
     Ok(())
 }
 

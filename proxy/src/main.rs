@@ -36,6 +36,10 @@ enum Cmd {
         /// Port the proxy listens on.
         #[arg(long, default_value_t = 6432)]
         port: u16,
+        /// Print the demo's schema and data as a psql script (to load
+        /// through a proxy of your own) and exit; starts nothing.
+        #[arg(long)]
+        print_sql: bool,
     },
 }
 
@@ -60,8 +64,15 @@ fn main() -> ExitCode {
     // says whether this build has the crash tests' stop points.
     shardline::twophase::crash_hook();
     let cli = Cli::parse();
-    if matches!(cli.command, Some(Cmd::Check { .. })) {
-        // `shardline check | head`: a closed pipe ends the command quietly,
+    if matches!(
+        cli.command,
+        Some(Cmd::Check { .. })
+            | Some(Cmd::Demo {
+                print_sql: true,
+                ..
+            })
+    ) {
+        // `shardline check | head`, `shardline demo --print-sql | head`: a closed pipe ends the command quietly,
         // as for any command-line tool (sockets are unaffected: they send
         // with MSG_NOSIGNAL).
         // SAFETY: called before any thread starts; restores the default action.
@@ -110,7 +121,13 @@ fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
 
 async fn run(cli: Cli) -> Result<ExitCode> {
     match cli.command {
-        Some(Cmd::Demo { port }) => {
+        Some(Cmd::Demo {
+            print_sql: true, ..
+        }) => {
+            print!("{}", demo::demo_sql());
+            Ok(ExitCode::SUCCESS)
+        }
+        Some(Cmd::Demo { port, .. }) => {
             if cli.config.is_some() {
                 anyhow::bail!("`demo` starts its own servers and writes its own configuration: --config does not apply (use `shardline --config FILE` to run with yours)");
             }

@@ -90,7 +90,11 @@ pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> O
                 }
                 Login::Known(_) => auth_failed(""),
             };
-            tracing::info!(%peer, error = %e, "client refused at login");
+            if left_during_auth(&e) {
+                tracing::debug!(%peer, error = %e, "client refused at login");
+            } else {
+                tracing::info!(%peer, error = %e, "client refused at login");
+            }
             report(&mut stream_ok, &e).await;
             Outcome::Done
         }
@@ -217,6 +221,15 @@ fn io_fatal(e: std::io::Error) -> PgError {
     )
 }
 
+const LEFT_DURING_AUTH: &str = "client closed the connection during authentication";
+
+/// A client that closes the connection when asked for a password is not
+/// refused: psql does it to prompt for one, and `pg_isready` (a container's
+/// health check) does it every few seconds. Logged at debug, not info.
+fn left_during_auth(e: &PgError) -> bool {
+    e.code == sqlstate::CONNECTION_FAILURE && e.message == LEFT_DURING_AUTH
+}
+
 async fn login(
     shared: &Arc<Shared>,
     mut stream: Stream,
@@ -235,7 +248,11 @@ async fn login(
         backend::negotiate_protocol_version(&mut out, 0, &unsupported);
     }
     if let Err(e) = authenticate(&mut stream, &user.secret, &user.name, &mut out).await {
-        tracing::info!(%peer, user = %user.name, "authentication failed");
+        if left_during_auth(&e) {
+            tracing::debug!(%peer, user = %user.name, "client left during authentication");
+        } else {
+            tracing::info!(%peer, user = %user.name, "authentication failed");
+        }
         return Err((stream, e));
     }
     backend::auth_request(&mut out, 0, &[]);
@@ -302,7 +319,7 @@ async fn read_password(stream: &mut Stream) -> Result<bytes::Bytes, PgError> {
         if stream.read_buf(&mut buf).await.map_err(io_fatal)? == 0 {
             return Err(PgError::fatal(
                 sqlstate::CONNECTION_FAILURE,
-                "client closed the connection during authentication",
+                LEFT_DURING_AUTH,
             ));
         }
     }
