@@ -33,6 +33,7 @@ fn pgbench_reads(
     env: &Env,
     secs: u32,
     dir: &std::path::Path,
+    mode: &'static str,
 ) -> std::thread::JoinHandle<(bool, String)> {
     std::fs::create_dir_all(dir).unwrap();
     let port = env.port;
@@ -42,7 +43,18 @@ fn pgbench_reads(
             std::process::Command::new("pgbench")
                 .env("PGPASSWORD", "app")
                 .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
-                .args(["-n", "-S", "-c", "8", "-j", "2", "-T", &secs.to_string()])
+                .args([
+                    "-n",
+                    "-S",
+                    "-M",
+                    mode,
+                    "-c",
+                    "8",
+                    "-j",
+                    "2",
+                    "-T",
+                    &secs.to_string(),
+                ])
                 .args(["-l", &format!("--log-prefix={prefix}")])
                 .arg("app"),
         )
@@ -71,10 +83,14 @@ fn processed(out: &str) -> u64 {
 
 /// Runs 5 s of pgbench reads and sends `signal` to the first replica 1.5 s
 /// in; returns pgbench's (success, output) and its log directory.
-async fn signal_replica_under_reads(env: &Env, signal: i32) -> (bool, String, TempDir) {
+async fn signal_replica_under_reads(
+    env: &Env,
+    signal: i32,
+    mode: &'static str,
+) -> (bool, String, TempDir) {
     let victim = env.replicas()[0];
     let dir = TempDir::new("signal");
-    let bench = pgbench_reads(env, 5, &dir.dir);
+    let bench = pgbench_reads(env, 5, &dir.dir, mode);
     tokio::time::sleep(Duration::from_millis(1500)).await;
     env.signal_node(victim, signal);
     let (ok, out) = tokio::task::spawn_blocking(move || bench.join().unwrap())
@@ -86,7 +102,7 @@ async fn signal_replica_under_reads(env: &Env, signal: i32) -> (bool, String, Te
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn replica_killed_under_read_load() {
     let env = cluster(2, "").await;
-    let (ok, out, _logs) = signal_replica_under_reads(&env, libc::SIGKILL).await;
+    let (ok, out, _logs) = signal_replica_under_reads(&env, libc::SIGKILL, "simple").await;
     // Reads in flight on the killed node ran again on the other replica.
     assert!(ok && !out.contains("aborted"), "{out}");
     assert!(processed(&out) > 500, "{out}");
@@ -97,8 +113,21 @@ async fn replica_killed_under_read_load() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_replica_delays_no_read_beyond_the_timeouts() {
+    frozen_replica_under("simple").await;
+}
+
+/// The same with each read in the extended protocol (Parse, Bind, Describe,
+/// Execute, Sync: one unit), and with prepared statements (the Parse in a
+/// unit of its own first, then Bind/Execute/Sync units).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_replica_delays_no_extended_or_prepared_read() {
+    frozen_replica_under("extended").await;
+    frozen_replica_under("prepared").await;
+}
+
+async fn frozen_replica_under(mode: &'static str) {
     let env = cluster(2, "").await;
-    let (ok, out, dir) = signal_replica_under_reads(&env, libc::SIGSTOP).await;
+    let (ok, out, dir) = signal_replica_under_reads(&env, libc::SIGSTOP, mode).await;
     env.signal_node(env.replicas()[0], libc::SIGCONT);
     assert!(ok && !out.contains("aborted"), "{out}");
     // A read waiting on the frozen node is cut when a check times out
@@ -106,7 +135,7 @@ async fn frozen_replica_delays_no_read_beyond_the_timeouts() {
     // being opened to it gives up then too.
     let worst = max_latency(&dir.dir);
     eprintln!(
-        "frozen replica: {} reads, slowest {worst:?}",
+        "frozen replica ({mode}): {} reads, slowest {worst:?}",
         processed(&out)
     );
     assert!(
@@ -147,7 +176,7 @@ async fn primary_down_then_promotion_then_two_primaries() {
     assert_eq!(insert_port(&c).await.unwrap(), env.node_port(0));
 
     let dir = TempDir::new("primary");
-    let bench = pgbench_reads(&env, 6, &dir.dir);
+    let bench = pgbench_reads(&env, 6, &dir.dir, "simple");
     tokio::time::sleep(Duration::from_millis(1000)).await;
     env.backend.stop_node(0, "immediate").unwrap();
     // From the moment it stops, before and after the checker notices,
@@ -516,4 +545,41 @@ async fn a_connection_being_opened_to_a_frozen_replica_gives_up_at_the_failed_ch
     eprintln!("read with a frozen replica: {took:?} on port {port}");
     assert_eq!(port as u16, env.node_port(0), "ran on the primary");
     assert!(took < Duration::from_millis(2500), "took {took:?}");
+}
+
+/// A driver that prepares each statement before running it (tokio-postgres'
+/// `query` with a text: Parse/Describe/Sync, then Bind/Execute/Sync, then
+/// Close/Sync) loses no read to a frozen replica: whichever unit is waiting
+/// on it when the checker cuts it runs again elsewhere.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn frozen_replica_loses_no_read_of_a_preparing_driver() {
+    let env = cluster(1, "").await;
+    let victim = env.replicas()[0];
+    let reader = env.connect().await;
+    let stop = Instant::now() + Duration::from_secs(4);
+    let mut reads = 0;
+    let mut slowest = Duration::ZERO;
+    let mut frozen = false;
+    while Instant::now() < stop {
+        if !frozen && stop - Instant::now() < Duration::from_secs(3) {
+            env.signal_node(victim, libc::SIGSTOP);
+            frozen = true;
+        }
+        let t = Instant::now();
+        let row = reader
+            .query_one(
+                "SELECT abalance FROM pgbench_accounts WHERE aid = $1",
+                &[&7i32],
+            )
+            .await;
+        if let Err(e) = row {
+            env.signal_node(victim, libc::SIGCONT);
+            panic!("read {reads} failed: {e:?}");
+        }
+        slowest = slowest.max(t.elapsed());
+        reads += 1;
+    }
+    env.signal_node(victim, libc::SIGCONT);
+    eprintln!("frozen replica, preparing driver: {reads} reads, slowest {slowest:?}");
+    assert!(slowest < Duration::from_millis(2500), "{slowest:?}");
 }

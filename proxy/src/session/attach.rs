@@ -78,6 +78,9 @@ pub(super) struct Rerun {
     pub sent: Option<BytesMut>,
     /// Nodes that failed for the current unit (bit per node index).
     pub tried: u64,
+    /// Client statement names the kept messages prepared: a re-run
+    /// prepares them again, so they are forgotten first.
+    pub prepared: Vec<Box<[u8]>>,
 }
 
 impl Rerun {
@@ -89,6 +92,19 @@ impl Rerun {
     /// Something reached the client: running the unit elsewhere would answer twice.
     pub(super) fn answered(&mut self) {
         self.sent = None;
+        self.prepared.clear();
+    }
+
+    /// Whether the unit may still run elsewhere.
+    pub(super) fn possible(&self) -> bool {
+        self.sent.is_some()
+    }
+
+    /// The kept messages prepared client statement `name`.
+    pub(super) fn prepares(&mut self, name: &[u8]) {
+        if self.sent.is_some() {
+            self.prepared.push(name.into());
+        }
     }
 
     /// The unit is over: the next starts with every node untried.

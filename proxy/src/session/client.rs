@@ -676,8 +676,8 @@ impl Session {
             self.fail_request(e, false);
             return Ok(());
         }
-        // Re-running this unit elsewhere would prepare the name twice.
-        self.rerun.answered();
+        // A re-run elsewhere forgets the name before preparing it again.
+        self.rerun.prepares(p.name);
         let stmt = self.shared.statements.intern(p.definition, effect, route);
         let client_name: Box<[u8]> = p.name.into();
         self.statements.insert(client_name.clone(), stmt.clone());

@@ -394,6 +394,7 @@ impl Session {
                 }
             }
         }
+        self.emit_unowed_synthetic();
         // Messages answered by the proxy alone may leave the connection idle.
         self.maybe_release();
         Ok(())
@@ -636,8 +637,13 @@ impl Session {
     }
 
     /// Answers in place of the server, in order with the server's answers.
+    /// While the unit may still run elsewhere, the answer waits in the queue
+    /// even with nothing ahead of it: it goes out with the server's first
+    /// answer (or when the client's messages are all handled and the server
+    /// owes nothing), so a unit whose server is lost before answering has
+    /// told the client nothing and can run again.
     fn synthetic(&mut self, s: Synthetic) {
-        if self.pending.is_empty() {
+        if self.pending.is_empty() && !self.rerun.possible() {
             self.emit(s);
         } else {
             self.pending.push_back(Pending::forward(Kind::Synthetic(s)));
@@ -660,6 +666,18 @@ impl Session {
                 backend::ready_for_query(&mut self.client_out, status)
             }
             Synthetic::Error(e) => e.encode(out),
+        }
+    }
+
+    /// Emits the queue's answers when they are all the proxy's own: no
+    /// server answer will come to send them.
+    fn emit_unowed_synthetic(&mut self) {
+        if self
+            .pending
+            .iter()
+            .all(|p| matches!(p.kind, Kind::Synthetic(_)))
+        {
+            self.drain_synthetic();
         }
     }
 
@@ -732,6 +750,9 @@ impl Session {
             nodes[node].ban(self.shared.ban_time, &e.to_string());
             self.rerun.tried = rerun.tried;
             self.rerun.tried_node(node);
+            for name in &rerun.prepared {
+                self.statements.remove(name);
+            }
             self.pending.clear();
             self.server_out.clear();
             self.txn_effects.clear();
