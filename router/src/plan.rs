@@ -44,6 +44,9 @@ pub struct UnitFacts<'a> {
     pub lone_end: Option<&'static str>,
     /// `SET shardline.role` for the session.
     pub session_role: Option<RoleHint>,
+    /// The unit runs something (a simple query, an Execute, a function
+    /// call), as opposed to only preparing and describing statements.
+    pub executes: bool,
 }
 
 const PRIMARY: UnitPlan = UnitPlan::Run {
@@ -78,6 +81,12 @@ pub fn plan_unit(f: &UnitFacts) -> UnitPlan {
     if !f.complete {
         // The rest of the unit may write: only the primary is safe.
         return PRIMARY;
+    }
+    if !f.executes {
+        // Parse and Describe need only the schema, the same on every node:
+        // a driver preparing a write is not stopped by a primary that is
+        // down (the statement is prepared again where it runs).
+        return REPLICA;
     }
     match first.map(|r| r.class) {
         Some(Class::Begin { read_only: true }) => REPLICA,
@@ -138,6 +147,7 @@ mod tests {
             deferred_begin: false,
             lone_end: None,
             session_role: None,
+            executes: true,
         })
     }
 
@@ -149,6 +159,7 @@ mod tests {
             deferred_begin: true,
             lone_end: lone_transaction_end(sql),
             session_role: None,
+            executes: true,
         })
     }
 
@@ -196,7 +207,29 @@ mod tests {
             deferred_begin: false,
             lone_end: None,
             session_role: None,
+            executes: true,
         };
+        assert_eq!(plan_unit(&f), PRIMARY);
+    }
+
+    #[test]
+    fn preparing_a_write_runs_on_any_node() {
+        let r = routes(&["INSERT INTO t VALUES ($1)"]);
+        let mut f = UnitFacts {
+            routes: &r,
+            simple_single: false,
+            complete: true,
+            deferred_begin: false,
+            lone_end: None,
+            session_role: None,
+            executes: false,
+        };
+        assert_eq!(plan_unit(&f), REPLICA);
+        f.executes = true;
+        assert_eq!(plan_unit(&f), PRIMARY);
+        // Not before its Sync: the rest may execute.
+        f.executes = false;
+        f.complete = false;
         assert_eq!(plan_unit(&f), PRIMARY);
     }
 
@@ -221,6 +254,7 @@ mod tests {
             deferred_begin: false,
             lone_end: None,
             session_role: Some(RoleHint::Primary),
+            executes: true,
         };
         assert_eq!(
             plan_unit(&f),

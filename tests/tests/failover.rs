@@ -583,3 +583,58 @@ async fn frozen_replica_loses_no_read_of_a_preparing_driver() {
     eprintln!("frozen replica, preparing driver: {reads} reads, slowest {slowest:?}");
     assert!(slowest < Duration::from_millis(2500), "{slowest:?}");
 }
+
+/// With one shard's primary down, a driver that prepares each statement
+/// (Parse/Describe/Sync first) still writes to the other shard: a unit that
+/// only prepares runs on any node, not on the default shard's primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_preparing_driver_writes_to_a_shard_whose_primary_is_up() {
+    let env = Env::start_with(EnvOptions {
+        shards: 2,
+        replicas_per_shard: 1,
+        extra_toml: format!(
+            "{FAST_HEALTH}[sharding]\nfunction = \"consistent\"\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n"
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    env.wait_healthy().await;
+    let sh = shardline_router::sharding::Sharding::from_config(
+        &shardline_config::Config::from_toml(&env.config_text, "t").unwrap(),
+    );
+    let on = |shard: usize| {
+        (1i64..)
+            .find(|&k| {
+                sh.groups[0].shard_of(Some(&shardline_router::hash::KeyValue::Int(k))) == Ok(shard)
+            })
+            .unwrap()
+    };
+    let (default, other) = (sh.default_shard, 1 - sh.default_shard);
+    env.backend
+        .stop_node(env.shard_primary(default), "immediate")
+        .unwrap();
+    // A statement text this connection has not prepared yet.
+    c.execute(
+        "INSERT INTO users (id, name) VALUES ($1, 'while the other shard is down')",
+        &[&on(other)],
+    )
+    .await
+    .expect("a write to the shard whose primary is up");
+    let err = c
+        .execute(
+            "INSERT INTO users (id, name) VALUES ($1, 'on the shard that is down')",
+            &[&on(default)],
+        )
+        .await
+        .expect_err("the shard whose primary is down refuses writes");
+    assert_eq!(
+        err.code(),
+        Some(&tokio_postgres::error::SqlState::CONNECTION_FAILURE),
+        "{err:?}"
+    );
+}

@@ -538,6 +538,7 @@ impl Session {
             deferred_begin: self.txn.has_begin(),
             lone_end,
             session_role: self.session_role,
+            executes,
         });
         Planned {
             plan,
