@@ -1,9 +1,13 @@
 //! Test harness: real Postgres topologies and a Shardline proxy in front of them.
 //!
-//! A [`Backend`] starts the servers; [`LocalProcesses`] runs local binaries (the
-//! only back end today; a container back end implements the same trait). An
+//! A [`Backend`] starts the servers; [`LocalProcesses`] runs local binaries,
+//! `containers::ContainerCluster` (feature `containers`) the project's images. An
 //! [`Env`] is one topology, its roles and data, and a proxy configured for it.
 //! Dropping an `Env` stops the proxy and every server, even when a test fails.
+
+#[cfg(feature = "containers")]
+pub mod containers;
+pub mod drivers;
 
 use anyhow::{Context as _, Result};
 use shardline::cluster::{ClusterSpec, LocalCluster, NodeInfo};
@@ -14,6 +18,9 @@ use tokio_postgres::{Client, NoTls};
 
 /// Starts and controls the Postgres servers of one topology.
 pub trait Backend: Send + Sync {
+    /// The back end itself, for what only one kind offers (a container's
+    /// network cut: `containers::cluster`).
+    fn as_any(&self) -> &dyn std::any::Any;
     fn nodes(&self) -> &[NodeInfo];
     /// Runs SQL as the superuser on a node; returns unaligned rows.
     fn psql(&self, node: &NodeInfo, database: &str, sql: &str) -> Result<String>;
@@ -28,6 +35,9 @@ pub trait Backend: Send + Sync {
 pub struct LocalProcesses(pub LocalCluster);
 
 impl Backend for LocalProcesses {
+    fn as_any(&self) -> &dyn std::any::Any {
+        self
+    }
     fn nodes(&self) -> &[NodeInfo] {
         &self.0.nodes
     }

@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Runs every test on a fresh Debian machine, installing what they need first
+# (scripts/setup-debian.sh --with-docker: Postgres, the drivers, a Docker
+# engine):
+#
+#   1. the process tier: `cargo test --workspace` (unit tests, and the
+#      integration tests against local Postgres processes);
+#   2. the container tier: `cargo test -p shardline-tests --features
+#      containers --test containers` (the project's images, built here, the
+#      compose cluster, faults only containers can make).
+#
+# SHARDLINE_CONTAINERS=0 skips the container tier (e.g. where no Docker
+# engine can run); it is reported as skipped, never as passed.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+containers="${SHARDLINE_CONTAINERS:-1}"
+if [ "$containers" = 0 ]; then
+  scripts/setup-debian.sh
+else
+  scripts/setup-debian.sh --with-docker
+fi
+echo "== $(cargo --version); postgres binaries: $(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | tail -1)"
+
+start=$SECONDS
+cargo test --workspace
+echo "== process tier passed in $((SECONDS - start)) s"
+
+if [ "$containers" = 0 ]; then
+  echo "== container tier SKIPPED (SHARDLINE_CONTAINERS=0)"
+  exit 0
+fi
+start=$SECONDS
+cargo test -p shardline-tests --features containers --test containers -- --nocapture
+echo "== container tier passed in $((SECONDS - start)) s"
