@@ -460,29 +460,32 @@ impl LocalCluster {
 
     /// Waits until every replica of the cluster has replayed what its primary has written.
     pub fn wait_replicas_caught_up(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        for p in self.nodes.iter().filter(|n| n.is_primary) {
-            let lsn = self.psql(p, "postgres", "SELECT pg_current_wal_lsn()")?;
-            for r in self
-                .nodes
-                .iter()
-                .filter(|n| !n.is_primary && n.shard == p.shard)
-            {
-                loop {
-                    let sql =
-                        format!("SELECT coalesce(pg_last_wal_replay_lsn() >= '{lsn}', false)");
-                    if self.psql(r, "postgres", &sql)? == "t" {
-                        break;
-                    }
-                    if Instant::now() > deadline {
-                        bail!("replica {} did not catch up with {lsn}", r.name);
-                    }
-                    std::thread::sleep(Duration::from_millis(20));
+        wait_caught_up(&self.nodes, |n, sql| self.psql(n, "postgres", sql), timeout)
+    }
+}
+
+/// Waits until each replica among `nodes` has replayed what its shard's
+/// primary had written when asked; `psql` runs SQL on a node as the
+/// superuser (local processes and containers reach their nodes differently).
+pub fn wait_caught_up(
+    nodes: &[NodeInfo],
+    psql: impl Fn(&NodeInfo, &str) -> Result<String>,
+    timeout: Duration,
+) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    for p in nodes.iter().filter(|n| n.is_primary) {
+        let lsn = psql(p, "SELECT pg_current_wal_lsn()")?;
+        let sql = format!("SELECT coalesce(pg_last_wal_replay_lsn() >= '{lsn}', false)");
+        for r in nodes.iter().filter(|n| !n.is_primary && n.shard == p.shard) {
+            while psql(r, &sql)? != "t" {
+                if Instant::now() > deadline {
+                    bail!("replica {} did not catch up with {lsn}", r.name);
                 }
+                std::thread::sleep(Duration::from_millis(20));
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 impl Drop for LocalCluster {

@@ -90,6 +90,14 @@ pub fn load_through_proxy(cluster: &LocalCluster, port: u16) -> Result<()> {
     Ok(())
 }
 
+/// [`DEMO_SHARDING`] with two-phase commit on, as the demo runs it.
+pub fn demo_sharding_two_phase() -> String {
+    DEMO_SHARDING.replace(
+        "function = \"consistent\"",
+        "function = \"consistent\"\ntwo_phase_commit = true",
+    )
+}
+
 /// A proxy configuration for a local cluster, one `[[shards]]` entry per shard.
 pub fn config_for(cluster: &LocalCluster, listen_port: u16) -> String {
     let mut toml = format!(
@@ -104,10 +112,7 @@ pub fn config_for(cluster: &LocalCluster, listen_port: u16) -> String {
     {
         // The demo's servers allow prepared transactions: transactions may
         // span both shards.
-        toml.push_str(&DEMO_SHARDING.replace(
-            "function = \"consistent\"",
-            "function = \"consistent\"\ntwo_phase_commit = true",
-        ));
+        toml.push_str(&demo_sharding_two_phase());
     }
     toml
 }

@@ -82,10 +82,12 @@ pub fn plan_unit(f: &UnitFacts) -> UnitPlan {
         // The rest of the unit may write: only the primary is safe.
         return PRIMARY;
     }
-    if !f.executes {
+    if !f.executes && f.routes.iter().all(|r| r.session_state.is_none()) {
         // Parse and Describe need only the schema, the same on every node:
         // a driver preparing a write is not stopped by a primary that is
-        // down (the statement is prepared again where it runs).
+        // down (the statement is prepared again where it runs). Not a
+        // statement that leaves session state: preparing it pins the client
+        // to the connection it runs on.
         return REPLICA;
     }
     match first.map(|r| r.class) {
@@ -230,6 +232,11 @@ mod tests {
         // Not before its Sync: the rest may execute.
         f.executes = false;
         f.complete = false;
+        assert_eq!(plan_unit(&f), PRIMARY);
+        // Nor a statement that pins its client to the connection.
+        let r = routes(&["SELECT pg_try_advisory_lock(7)"]);
+        f.routes = &r;
+        f.complete = true;
         assert_eq!(plan_unit(&f), PRIMARY);
     }
 

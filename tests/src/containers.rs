@@ -96,7 +96,7 @@ fn unique_prefix() -> String {
 enum Owner {
     Testcontainers {
         _nodes: Vec<ContainerAsync<GenericImage>>,
-        proxy: Option<ContainerAsync<GenericImage>>,
+        proxy: Option<Box<ContainerAsync<GenericImage>>>,
     },
     Compose {
         _project: ComposeProject,
@@ -238,7 +238,7 @@ impl ContainerCluster {
             .context("starting the Shardline image")?;
         let port = container.get_host_port_ipv4(6432).await?;
         self.proxy_id = Some(container.id().to_string());
-        *proxy = Some(container);
+        *proxy = Some(Box::new(container));
         Ok(Env {
             backend: Box::new(self),
             proxy: None,
@@ -400,27 +400,11 @@ impl Backend for ContainerCluster {
     }
 
     fn wait_replicas_caught_up(&self, timeout: Duration) -> Result<()> {
-        let deadline = Instant::now() + timeout;
-        for p in self.nodes.iter().filter(|n| n.is_primary) {
-            let lsn = self.psql(p, "postgres", "SELECT pg_current_wal_lsn()")?;
-            for r in self
-                .nodes
-                .iter()
-                .filter(|n| !n.is_primary && n.shard == p.shard)
-            {
-                let sql = format!("SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn");
-                while self.psql(r, "postgres", &sql)? != "t" {
-                    if Instant::now() > deadline {
-                        bail!(
-                            "replica {} has not replayed {lsn} after {timeout:?}",
-                            r.name
-                        );
-                    }
-                    std::thread::sleep(Duration::from_millis(100));
-                }
-            }
-        }
-        Ok(())
+        shardline::cluster::wait_caught_up(
+            &self.nodes,
+            |n, sql| self.psql(n, "postgres", sql),
+            timeout,
+        )
     }
 
     fn enable_tls(&self, _index: usize) -> Result<()> {

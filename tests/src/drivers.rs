@@ -10,6 +10,7 @@
 //! from Debian's packages).
 
 use crate::{Env, TempDir};
+
 use shardline_router::sharding::Sharding;
 use std::path::Path;
 use std::process::Command;

@@ -346,6 +346,16 @@ impl Env {
             .expect("the shard's primary")
     }
 
+    /// Index (cluster order) of shard `shard`'s first replica.
+    pub fn shard_replica(&self, shard: usize) -> usize {
+        let name = format!("s{shard}");
+        self.backend
+            .nodes()
+            .iter()
+            .position(|n| !n.is_primary && n.shard == name)
+            .expect("a replica of the shard")
+    }
+
     /// Runs SQL directly on shard `shard`'s primary (superuser, database `app`).
     pub fn sql_shard(&self, shard: usize, sql: &str) -> String {
         self.sql_on(self.shard_primary(shard), sql)

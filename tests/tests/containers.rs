@@ -17,19 +17,6 @@ use shardline_tests::{audit_users, Env};
 use std::time::{Duration, Instant};
 use tokio_postgres::Client;
 
-const SHARDING: &str = r#"
-[sharding]
-function = "consistent"
-two_phase_commit = true
-
-[[sharding.tables]]
-name = "users"
-column = "id"
-[[sharding.tables]]
-name = "orders"
-column = "user_id"
-"#;
-
 /// Checks every 200 ms, a failed check after 800 ms; a failed node is
 /// skipped for 2 s.
 const FAST_HEALTH: &str =
@@ -42,8 +29,9 @@ async fn topology(extra_toml: &str) -> (Env, Sharding) {
     let config = format!(
         "[proxy]\nlisten = \"0.0.0.0:6432\"\npool_mode = \"transaction\"\nshutdown_timeout = \"20s\"\n\
          [pool]\ncheckout_timeout = \"3s\"\nconnect_timeout = \"1s\"\n\
-         [[users]]\nname = \"app\"\npassword = \"app\"\ndatabase = \"app\"\n\n{}{SHARDING}{extra_toml}",
-        nodes.shards_toml()
+         [[users]]\nname = \"app\"\npassword = \"app\"\ndatabase = \"app\"\n\n{}{}{extra_toml}",
+        nodes.shards_toml(),
+        shardline::demo::demo_sharding_two_phase()
     );
     let env = nodes.with_proxy(config).await.expect("the Shardline image");
     let c = env.connect().await;
@@ -247,11 +235,7 @@ async fn a_replica_cut_off_from_the_network() {
     // A reader that never wrote: read-your-writes does not pin it.
     let reader = env.connect().await;
     reads_move(&reader, key, true, Duration::from_secs(30)).await;
-    let replica = env
-        .replicas()
-        .into_iter()
-        .find(|&i| env.backend.nodes()[i].shard == "s0")
-        .unwrap();
+    let replica = env.shard_replica(0);
     cluster(&env).disconnect(replica).unwrap();
     let away = reads_move(&reader, key, false, Duration::from_secs(10)).await;
     cluster(&env).reconnect(replica).unwrap();
@@ -272,12 +256,7 @@ async fn a_frozen_replica() {
         .unwrap();
     let reader = env.connect().await;
     reads_move(&reader, key, true, Duration::from_secs(30)).await;
-    let replica = env
-        .backend
-        .nodes()
-        .iter()
-        .position(|n| n.shard == "s1" && !n.is_primary)
-        .unwrap();
+    let replica = env.shard_replica(1);
     cluster(&env).pause(replica).unwrap();
     let away = reads_move(&reader, key, false, Duration::from_secs(10)).await;
     // Every read while it stays frozen is answered, none waiting on it.
@@ -310,7 +289,7 @@ async fn failover_with_the_primary_container_stopped() {
             "GRANT EXECUTE ON FUNCTION pg_promote(boolean, integer) TO app",
         );
     }
-    let (k0, k1) = (key_on(&sh, 0, 1), key_on(&sh, 1, 1));
+    let k1 = key_on(&sh, 1, 1);
     let c = env.connect().await;
     let primary = env.shard_primary(0);
     env.backend.stop_node(primary, "fast").unwrap();
@@ -318,9 +297,8 @@ async fn failover_with_the_primary_container_stopped() {
     let mut errors = 0;
     let mut next = 1_000_000;
     let took = loop {
-        next += 1;
-        let k = key_on(&sh, 0, next);
-        next = k;
+        next = key_on(&sh, 0, next + 1);
+        let k = next;
         let attempt = tokio::time::timeout(
             Duration::from_secs(10),
             c.execute("INSERT INTO users (id, name) VALUES ($1, 'after')", &[&k]),
@@ -344,13 +322,12 @@ async fn failover_with_the_primary_container_stopped() {
         .expect("the other shard takes writes");
         tokio::time::sleep(Duration::from_millis(100)).await;
     };
+    assert!(
+        errors > 0,
+        "the primary's writes failed until the promotion"
+    );
     // The write went to the promoted replica.
-    let replica = env
-        .backend
-        .nodes()
-        .iter()
-        .position(|n| n.shard == "s0" && !n.is_primary)
-        .unwrap();
+    let replica = env.shard_replica(0);
     assert_eq!(env.sql_on(replica, "SELECT pg_is_in_recovery()"), "f");
     assert_eq!(
         env.sql_on(
@@ -359,7 +336,6 @@ async fn failover_with_the_primary_container_stopped() {
         ),
         "1"
     );
-    let _ = k0;
     eprintln!("primary container stopped: {errors} writes refused, then writes resumed on the promoted replica after {took:?}");
 }
 

@@ -12,24 +12,11 @@ use shardline_router::sharding::Sharding;
 use shardline_tests::drivers::{self, run_driver};
 use shardline_tests::{Env, EnvOptions};
 
-const SHARDING: &str = r#"
-[sharding]
-function = "consistent"
-two_phase_commit = true
-
-[[sharding.tables]]
-name = "users"
-column = "id"
-[[sharding.tables]]
-name = "orders"
-column = "user_id"
-"#;
-
 async fn demo_topology() -> (Env, Sharding) {
     let env = Env::start_with(EnvOptions {
         shards: 2,
         replicas_per_shard: 1,
-        extra_toml: SHARDING.into(),
+        extra_toml: shardline::demo::demo_sharding_two_phase(),
         ..EnvOptions::default()
     })
     .await
