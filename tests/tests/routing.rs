@@ -441,11 +441,12 @@ async fn local_answers_behind_the_wal_position_query() {
     }
 }
 
-/// Preparing a writing statement runs nothing: no WAL position query
-/// follows it (it would cost the prepare a round trip, and pin the user's
-/// reads to the primary until answered).
+/// Preparing a writing statement runs nothing: it is prepared on a replica
+/// (only the schema is needed), and no WAL position query follows it (it
+/// would cost the prepare a round trip, and pin the user's reads to the
+/// primary until answered).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn preparing_a_write_asks_no_position() {
+async fn preparing_a_write_runs_on_a_replica_and_asks_no_position() {
     let env = Env::start_with(EnvOptions {
         replicas_per_shard: 1,
         pool_toml: "size = 1".into(),
@@ -454,18 +455,27 @@ async fn preparing_a_write_asks_no_position() {
     .await
     .unwrap();
     env.sql("CREATE TABLE w (n int); GRANT ALL ON w TO app;");
+    env.wait_healthy().await;
     let c = env.connect().await;
+    let replica = env.replicas()[0];
+    let last = |node: usize| {
+        env.sql_on(
+            node,
+            "SELECT query FROM pg_stat_activity WHERE usename = 'app' \
+             AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
+        )
+    };
     for i in 0..5 {
         // A write first: the position query follows it.
         c.execute("INSERT INTO w VALUES (1)", &[]).await.unwrap();
         let text = format!("INSERT INTO w VALUES ($1) /* prepared {i} */");
         c.prepare(&text).await.unwrap();
-        // The proxy's one connection to the primary ran the Parse last.
-        let last = env.sql(
-            "SELECT query FROM pg_stat_activity WHERE usename = 'app' \
-             AND backend_type = 'client backend' AND pid <> pg_backend_pid()",
-        );
-        assert!(last.contains(&text), "last statements: {last}");
+        // The proxy's one connection to the replica ran the Parse last ...
+        let on_replica = last(replica);
+        assert!(on_replica.contains(&text), "last statements: {on_replica}");
+        // ... and the primary's ran no statement of the prepare.
+        let on_primary = last(0);
+        assert!(!on_primary.contains(&text), "last statements: {on_primary}");
     }
 }
 
