@@ -72,9 +72,9 @@ fn main() -> ExitCode {
                 ..
             })
     ) {
-        // `shardline check | head`, `shardline demo --print-sql | head`: a closed pipe ends the command quietly,
-        // as for any command-line tool (sockets are unaffected: they send
-        // with MSG_NOSIGNAL).
+        // `shardline check | head`, `shardline demo --print-sql | head`: a
+        // closed pipe ends the command quietly, as for any command-line tool
+        // (sockets are unaffected: they send with MSG_NOSIGNAL).
         // SAFETY: called before any thread starts; restores the default action.
         unsafe {
             libc::signal(libc::SIGPIPE, libc::SIG_DFL);

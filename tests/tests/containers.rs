@@ -221,21 +221,30 @@ async fn compose_cluster_end_to_end() {
     );
 }
 
+/// The fault tests' start: the topology with fast health checks, a user on
+/// shard `shard`, and a client reading it from the shard's replica (one
+/// that never wrote: read-your-writes does not pin it). Returns the
+/// client, the key and the replica's index.
+async fn reading_a_replica(shard: usize) -> (Env, Client, i64, usize) {
+    let (env, sh) = topology(FAST_HEALTH).await;
+    let key = key_on(&sh, shard, 1);
+    env.connect()
+        .await
+        .execute("INSERT INTO users (id, name) VALUES ($1, 'k')", &[&key])
+        .await
+        .unwrap();
+    let reader = env.connect().await;
+    reads_move(&reader, key, true, Duration::from_secs(30)).await;
+    let replica = env.shard_replica(shard);
+    (env, reader, key, replica)
+}
+
 /// A replica cut off from the network keeps running; its reads move to the
 /// primary within the health timeout (a read waiting on it is cut and run
 /// again), and come back once it is reconnected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_replica_cut_off_from_the_network() {
-    let (env, sh) = topology(FAST_HEALTH).await;
-    let key = key_on(&sh, 0, 1);
-    let c = env.connect().await;
-    c.execute("INSERT INTO users (id, name) VALUES ($1, 'k')", &[&key])
-        .await
-        .unwrap();
-    // A reader that never wrote: read-your-writes does not pin it.
-    let reader = env.connect().await;
-    reads_move(&reader, key, true, Duration::from_secs(30)).await;
-    let replica = env.shard_replica(0);
+    let (env, reader, key, replica) = reading_a_replica(0).await;
     cluster(&env).disconnect(replica).unwrap();
     let away = reads_move(&reader, key, false, Duration::from_secs(10)).await;
     cluster(&env).reconnect(replica).unwrap();
@@ -247,16 +256,7 @@ async fn a_replica_cut_off_from_the_network() {
 /// reads move away within the timeouts, and come back when it thaws.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_frozen_replica() {
-    let (env, sh) = topology(FAST_HEALTH).await;
-    let key = key_on(&sh, 1, 1);
-    env.connect()
-        .await
-        .execute("INSERT INTO users (id, name) VALUES ($1, 'k')", &[&key])
-        .await
-        .unwrap();
-    let reader = env.connect().await;
-    reads_move(&reader, key, true, Duration::from_secs(30)).await;
-    let replica = env.shard_replica(1);
+    let (env, reader, key, replica) = reading_a_replica(1).await;
     cluster(&env).pause(replica).unwrap();
     let away = reads_move(&reader, key, false, Duration::from_secs(10)).await;
     // Every read while it stays frozen is answered, none waiting on it.
