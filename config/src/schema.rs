@@ -32,6 +32,58 @@ pub struct Config {
     /// Small tables copied whole to every shard.
     #[serde(default)]
     pub reference_tables: Vec<ReferenceTable>,
+    #[serde(default)]
+    pub admin: AdminConfig,
+}
+
+/// The admin console: a virtual database on the proxy's own port, for the
+/// users listed here (off while the list is empty).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AdminConfig {
+    /// Users (names from `[[users]]`, authenticated with their secret) who
+    /// may connect to the console.
+    #[serde(default)]
+    pub users: Vec<String>,
+    /// The console's database name.
+    #[serde(default = "default_admin_database")]
+    pub database: String,
+    /// How long PAUSE waits for open transactions to end before it fails
+    /// (naming the clients that still hold one) and resumes.
+    #[serde(default = "default_pause_timeout", with = "serde_duration")]
+    pub pause_timeout: Duration,
+    /// How long a client's unit may be held by a pause before it gets an
+    /// error (57P03) instead of waiting on.
+    #[serde(default = "default_max_hold", with = "serde_duration")]
+    pub max_hold: Duration,
+    /// The period SHOW STATS_AVERAGES averages over (PgBouncer's stats_period).
+    #[serde(default = "default_stats_period", with = "serde_duration")]
+    pub stats_period: Duration,
+}
+
+impl Default for AdminConfig {
+    fn default() -> Self {
+        AdminConfig {
+            users: Vec::new(),
+            database: default_admin_database(),
+            pause_timeout: default_pause_timeout(),
+            max_hold: default_max_hold(),
+            stats_period: default_stats_period(),
+        }
+    }
+}
+
+fn default_admin_database() -> String {
+    "shardline".into()
+}
+fn default_pause_timeout() -> Duration {
+    Duration::from_secs(30)
+}
+fn default_max_hold() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_stats_period() -> Duration {
+    Duration::from_secs(60)
 }
 
 #[derive(Debug, Clone, Deserialize)]

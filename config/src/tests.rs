@@ -329,3 +329,29 @@ fn required_client_tls_needs_a_certificate() {
         crate::ClientTlsMode::Allow
     );
 }
+
+#[test]
+fn admin_console_is_off_by_default_and_its_users_must_exist() {
+    let c = Config::from_toml(GOOD, "test.toml").unwrap();
+    assert!(c.admin.users.is_empty());
+    assert_eq!(c.admin.database, "shardline");
+    let on = format!("{GOOD}\n[admin]\nusers = [\"app\"]\nmax_hold = \"5s\"\n");
+    let c = Config::from_toml(&on, "test.toml").unwrap();
+    assert_eq!(c.admin.users, ["app"]);
+    assert_eq!(c.admin.max_hold, std::time::Duration::from_secs(5));
+
+    let e = err(&format!("{GOOD}\n[admin]\nusers = [\"ops\"]\n"));
+    assert_eq!(e.path, "admin.users[0]");
+    assert!(
+        e.message.contains("no [[users]] entry is named \"ops\""),
+        "{e}"
+    );
+    let e = err(&format!("{GOOD}\n[admin]\ndatabase = \"app\"\n"));
+    assert_eq!(e.path, "admin.database");
+    assert!(
+        e.message.contains("also the database of user \"app\""),
+        "{e}"
+    );
+    let e = err(&format!("{GOOD}\n[admin]\npause_timeout = \"0s\"\n"));
+    assert_eq!(e.path, "admin.pause_timeout");
+}

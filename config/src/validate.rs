@@ -190,7 +190,53 @@ pub(crate) fn validate(c: &Config, file: &str) -> Result<(), ConfigError> {
             );
         }
     }
+    validate_admin(c, file)?;
     validate_sharding(c, file)
+}
+
+fn validate_admin(c: &Config, file: &str) -> Result<(), ConfigError> {
+    let err = |path: String, msg: String| Err(ConfigError::new(file, path, msg));
+    let a = &c.admin;
+    if a.database.is_empty() {
+        return err(
+            "admin.database".into(),
+            "expected a non-empty database name".into(),
+        );
+    }
+    if let Some(u) = c.users.iter().find(|u| u.database == a.database) {
+        return err(
+            "admin.database".into(),
+            format!(
+                "\"{}\" is also the database of user \"{}\": the console would hide it; name the console's database otherwise",
+                a.database, u.name
+            ),
+        );
+    }
+    for (i, name) in a.users.iter().enumerate() {
+        if !c.users.iter().any(|u| &u.name == name) {
+            let known: Vec<&str> = c.users.iter().map(|u| u.name.as_str()).collect();
+            return err(
+                format!("admin.users[{i}]"),
+                format!(
+                    "no [[users]] entry is named \"{name}\" (users: {}): an admin logs in with a user's secret",
+                    known.join(", ")
+                ),
+            );
+        }
+    }
+    for (key, d) in [
+        ("pause_timeout", a.pause_timeout),
+        ("max_hold", a.max_hold),
+        ("stats_period", a.stats_period),
+    ] {
+        if d.is_zero() {
+            return err(
+                format!("admin.{key}"),
+                "expected a positive duration".into(),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn validate_sharding(c: &Config, file: &str) -> Result<(), ConfigError> {

@@ -17,7 +17,7 @@ pub async fn run(config: &Config, file: &std::path::Path) -> Result<bool> {
         for shard in &entry.pools.shards {
             for (i, node) in shard.nodes.iter().enumerate() {
                 let role = if i == 0 { "primary" } else { "replica" };
-                match node.checkout().await {
+                match node.checkout(None).await {
                     Ok(mut conn) => {
                         let conn: &mut ServerConnection = &mut conn;
                         println!(

@@ -102,7 +102,8 @@ pub fn demo_sharding_two_phase() -> String {
 pub fn config_for(cluster: &LocalCluster, listen_port: u16) -> String {
     let mut toml = format!(
         "[proxy]\nlisten = \"127.0.0.1:{listen_port}\"\npool_mode = \"transaction\"\n\n\
-         [[users]]\nname = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\ndatabase = \"{DEMO_DATABASE}\"\n\n"
+         [[users]]\nname = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\ndatabase = \"{DEMO_DATABASE}\"\n\n\
+         [admin]\nusers = [\"{DEMO_USER}\"]\n\n"
     );
     toml.push_str(&shards_toml(cluster));
     if cluster
@@ -210,6 +211,11 @@ pub async fn run(port: u16) -> Result<()> {
     println!("Connect with:");
     println!(
         "  psql postgres://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{}/{DEMO_DATABASE}",
+        proxy.local_addr.port()
+    );
+    println!("Admin console (SHOW HELP lists its commands):");
+    println!(
+        "  psql postgres://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{}/shardline -c 'SHOW POOLS'",
         proxy.local_addr.port()
     );
     println!();

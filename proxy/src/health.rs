@@ -98,6 +98,13 @@ impl NodeHealth {
         false
     }
 
+    /// How much longer the node is banned, if it is.
+    pub fn banned_for(&self) -> Option<Duration> {
+        let until = self.banned_until.load(Relaxed);
+        let now = now_ms();
+        (until > now).then(|| Duration::from_millis(until - now))
+    }
+
     /// Replay position (replicas) or WAL position (primaries) at the last check.
     pub fn lsn(&self) -> u64 {
         self.replay_lsn.load(Relaxed)
@@ -140,8 +147,13 @@ impl NodeHealth {
     }
 
     /// Lists a server connection so it can be cut if the node fails.
-    pub fn list(&self, conn: &ServerConnection) -> Listed {
-        self.conns.list(conn)
+    pub fn list(&self, conn: &ServerConnection, target: &crate::server::ServerTarget) -> Listed {
+        self.conns.list(conn, target)
+    }
+
+    /// The open connections to this node (SHOW SERVERS).
+    pub fn connections(&self) -> Vec<crate::server::conn::Listing> {
+        self.conns.listings()
     }
 
     /// Shuts down every connection to this node, so sessions waiting on a

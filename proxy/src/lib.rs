@@ -2,9 +2,10 @@
 //! listener, client sessions, the wire protocol, authentication, server
 //! connection pools, and the `demo` and `check` commands. See ARCHITECTURE.md.
 
+pub mod admin;
 pub mod auth;
-pub mod cancel;
 pub mod check;
+pub mod clients;
 pub mod cluster;
 pub mod demo;
 pub mod fuzz;
@@ -13,6 +14,7 @@ pub mod pool;
 pub mod protocol;
 pub mod server;
 pub mod session;
+pub mod stats;
 pub mod stream;
 pub mod tls;
 pub mod twophase;
@@ -40,6 +42,8 @@ pub struct UserEntry {
     /// Read-your-writes per shard, shared by all of this user's connections
     /// (an application's pool writes on one connection and reads on another).
     pub ryw: Vec<ReadYourWritesState>,
+    /// Traffic of all this user's clients (SHOW STATS).
+    pub stats: stats::Stats,
 }
 
 /// Where the user's last write left the primary, for read-your-writes.
@@ -148,7 +152,14 @@ pub struct Shared {
     pub tls: Option<tokio_rustls::TlsAcceptor>,
     /// Plain-text clients are refused (`tls.mode = "require"`).
     pub tls_required: bool,
-    pub cancel: Arc<cancel::CancelRegistry>,
+    /// Every client logged in: cancel keys, and what the console shows.
+    pub clients: Arc<clients::Clients>,
+    /// The admin console's settings and state (PAUSE, SHUTDOWN, averages).
+    pub admin: admin::Admin,
+    /// The configuration running (SHOW CONFIG).
+    pub config: Arc<Config>,
+    /// Units run, by placement (SHOW ROUTING).
+    pub placements: stats::Placements,
     pub statements: server::statements::StatementRegistry,
     /// Source of unique tokens (unnamed statement ownership).
     pub next_token: AtomicU64,
@@ -392,6 +403,7 @@ impl Shared {
                 mode: u.pool_mode.unwrap_or(config.proxy.pool_mode),
                 pools: Arc::new(PoolSet { shards }),
                 ryw: config.shards.iter().map(|_| Default::default()).collect(),
+                stats: Default::default(),
             };
             users.insert((u.name.clone(), u.database.clone()), Arc::new(entry));
         }
@@ -435,7 +447,10 @@ impl Shared {
             users,
             tls_required: config.tls.mode == shardline_config::ClientTlsMode::Require,
             tls,
-            cancel: Arc::default(),
+            clients: Arc::default(),
+            admin: admin::Admin::new(&config.admin),
+            config: Arc::new(config.clone()),
+            placements: Default::default(),
             statements: Default::default(),
             next_token: AtomicU64::new(1),
             max_message_size: config.proxy.max_message_size as usize,
@@ -589,6 +604,12 @@ impl Proxy {
             }
             checkers.push(tp.clone().spawn());
         }
+        if shared.admin.enabled() {
+            checkers.push(tokio::spawn(admin::run_averages(
+                Arc::downgrade(&shared),
+                shared.admin.stats_period,
+            )));
+        }
         let (tx, rx) = watch::channel(false);
         let grace = config.proxy.shutdown_timeout;
         let task = tokio::spawn({
@@ -613,6 +634,13 @@ impl Proxy {
         let _ = self.shutdown.send(true);
     }
 
+    /// Resolves when the admin console's SHUTDOWN asks the proxy to stop
+    /// (the proxy is already stopping: `wait` for it).
+    pub async fn shutdown_requested(&self) {
+        let mut rx = self.shared.admin.shutdown_requests();
+        let _ = rx.wait_for(Option::is_some).await;
+    }
+
     /// Waits until every session has ended (after `shutdown`).
     pub async fn wait(mut self) {
         if let Some(task) = self.task.take() {
@@ -631,6 +659,8 @@ async fn accept_loop(
     // One stop signal per session; ended sessions' senders are pruned as it grows.
     let mut stops: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     let mut prune_at = 64;
+    let mut admin_shutdown = shared.admin.shutdown_requests();
+    let mut grace = grace;
     loop {
         tokio::select! {
             accepted = listener.accept() => match accepted {
@@ -651,6 +681,14 @@ async fn accept_loop(
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
             _ = shutdown.changed() => break,
+            Ok(()) = admin_shutdown.changed() => {
+                if *admin_shutdown.borrow() == Some(admin::Shutdown::Now) {
+                    // SHUTDOWN: clients are closed now, not after their
+                    // transactions (idle ones are told why first).
+                    grace = Duration::from_millis(100);
+                }
+                break;
+            }
         }
     }
     drop(listener);
@@ -685,12 +723,19 @@ async fn serve_client(
         session::startup::accept(&shared, tcp, peer),
     )
     .await;
-    let Ok(session::startup::Outcome::LoggedIn(login, registration)) = started else {
-        return;
-    };
-    let s = session::Session::new(shared.clone(), login, registration.slot.clone(), stop);
-    s.run().await;
-    drop(registration);
+    match started {
+        Ok(session::startup::Outcome::LoggedIn(login, mut registration)) => {
+            let kill = registration.kill.take();
+            let s =
+                session::Session::new(shared.clone(), login, registration.slot.clone(), stop, kill);
+            s.run().await;
+            drop(registration);
+        }
+        Ok(session::startup::Outcome::Console(stream, registration)) => {
+            admin::console::serve(shared, stream, registration).await;
+        }
+        Ok(session::startup::Outcome::Done) | Err(_) => {}
+    }
 }
 
 /// Sets up logging: `RUST_LOG` filters (default `info`), text or JSON.

@@ -151,8 +151,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let config = load_config(&config_path(cli.config), named)?;
             shardline::init_logging(config.proxy.log_format);
             let proxy = Proxy::start(config).await?;
-            demo::wait_for_signal().await;
-            tracing::info!("signal received: no new clients; waiting for open transactions");
+            tokio::select! {
+                () = demo::wait_for_signal() => {
+                    tracing::info!("signal received: no new clients; waiting for open transactions");
+                }
+                () = proxy.shutdown_requested() => {}
+            }
             proxy.shutdown();
             proxy.wait().await;
             tracing::info!("stopped");

@@ -10,6 +10,7 @@ use deadpool::managed::{
 };
 use deadpool::Runtime;
 use shardline_config::PoolConfig;
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
@@ -21,6 +22,9 @@ pub struct Manager {
     max_lifetime: Duration,
     /// ParameterStatus values from the first connection, reported to clients at login.
     params: OnceLock<Arc<Vec<(String, String)>>>,
+    /// Raised by the console's RECONNECT: connections opened before are
+    /// closed instead of lent again.
+    generation: AtomicU64,
 }
 
 impl managed::Manager for Manager {
@@ -48,7 +52,8 @@ impl managed::Manager for Manager {
                 })
             }
         };
-        conn.listed = Some(self.node.list(&conn));
+        conn.listed = Some(self.node.list(&conn, &self.target));
+        conn.generation = self.generation.load(Relaxed);
         tracing::debug!(server = %conn.addr, pid = conn.pid, "opened server connection");
         let _ = self.params.set(Arc::new(conn.params.clone()));
         Ok(Box::new(conn))
@@ -61,6 +66,9 @@ impl managed::Manager for Manager {
     ) -> RecycleResult<ServerError> {
         if !conn.is_clean() {
             return Err(RecycleError::message("connection is not clean"));
+        }
+        if conn.generation < self.generation.load(Relaxed) {
+            return Err(RecycleError::message("closed by RECONNECT"));
         }
         // One clock read for both ages (it shows in a profile of short reads).
         let now = std::time::Instant::now();
@@ -88,6 +96,10 @@ pub struct NodePool {
     pub address: String,
     checkout_timeout: Duration,
     connect_timeout: Duration,
+    /// Checkouts (PgBouncer's server assignments).
+    pub assignments: AtomicU64,
+    /// Time clients spent waiting for a connection, µs.
+    pub wait_us: AtomicU64,
 }
 
 impl NodePool {
@@ -105,6 +117,7 @@ impl NodePool {
             check_delay: cfg.server_check_delay,
             max_lifetime: cfg.max_lifetime,
             params: OnceLock::new(),
+            generation: AtomicU64::new(0),
         };
         let pool = Pool::builder(manager)
             .max_size(size)
@@ -119,14 +132,21 @@ impl NodePool {
             address,
             checkout_timeout: cfg.checkout_timeout,
             connect_timeout: cfg.connect_timeout,
+            assignments: AtomicU64::new(0),
+            wait_us: AtomicU64::new(0),
         });
         spawn_reaper(&node, cfg.idle_timeout, cfg.max_lifetime);
         node
     }
 
     /// Borrows a clean connection, opening one if the pool has room, else
-    /// waiting up to `checkout_timeout`.
-    pub async fn checkout(&self) -> Result<PooledConnection, PgError> {
+    /// waiting up to `checkout_timeout` (`waiter`, the client, is shown
+    /// waiting meanwhile).
+    pub async fn checkout(
+        &self,
+        waiter: Option<&crate::clients::ClientSlot>,
+    ) -> Result<PooledConnection, PgError> {
+        self.assignments.fetch_add(1, Relaxed);
         // Most checkouts find a free connection: try without arming a timer.
         let now = Timeouts {
             wait: Some(Duration::ZERO),
@@ -142,10 +162,40 @@ impl NodePool {
             create: Some(self.connect_timeout),
             recycle: None,
         };
-        self.pool
-            .timeout_get(&wait)
-            .await
-            .map_err(|e| self.checkout_error(e))
+        let started = std::time::Instant::now();
+        if let Some(w) = waiter {
+            w.waiting(true);
+        }
+        let got = self.pool.timeout_get(&wait).await;
+        if let Some(w) = waiter {
+            w.waiting(false);
+        }
+        self.wait_us
+            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        got.map_err(|e| self.checkout_error(e))
+    }
+
+    /// Closes the idle connections now and the lent ones when they come
+    /// back (the console's RECONNECT); returns how many closed now.
+    pub fn reconnect(&self) -> usize {
+        self.pool.manager().generation.fetch_add(1, Relaxed);
+        self.pool.retain(|_, _| false).removed.len()
+    }
+
+    /// The backend pids of the connections idle in the pool now.
+    pub fn idle_pids(&self) -> Vec<i32> {
+        let mut pids = Vec::new();
+        self.pool.retain(|conn, _| {
+            pids.push(conn.pid);
+            true
+        });
+        pids
+    }
+
+    /// Connections open (lent and idle) and idle, and clients waiting.
+    pub fn counts(&self) -> (usize, usize, usize) {
+        let s = self.pool.status();
+        (s.size, s.available.min(s.size), s.waiting)
     }
 
     fn checkout_error(&self, e: PoolError<ServerError>) -> PgError {
@@ -186,12 +236,21 @@ impl NodePool {
         s.size.saturating_sub(s.available)
     }
 
+    /// A startup parameter of this pool's servers, if one was opened yet.
+    pub fn known_param(&self, name: &str) -> Option<String> {
+        let params = self.pool.manager().params.get()?;
+        params
+            .iter()
+            .find(|(k, _)| k == name)
+            .map(|(_, v)| v.clone())
+    }
+
     /// Startup parameters to report to clients, opening a connection if none is known yet.
     pub async fn server_params(&self) -> Result<Arc<Vec<(String, String)>>, PgError> {
         if let Some(p) = self.pool.manager().params.get() {
             return Ok(p.clone());
         }
-        let conn = self.checkout().await?;
+        let conn = self.checkout(None).await?;
         drop(conn);
         Ok(self
             .pool

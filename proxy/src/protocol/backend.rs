@@ -165,6 +165,9 @@ pub mod sqlstate {
     pub const QUERY_CANCELED: &str = "57014";
     pub const INTERNAL_ERROR: &str = "XX000";
     pub const INVALID_SQL_STATEMENT_NAME: &str = "26000";
+    pub const SYNTAX_ERROR: &str = "42601";
+    pub const UNDEFINED_OBJECT: &str = "42704";
+    pub const OBJECT_NOT_IN_PREREQUISITE_STATE: &str = "55000";
 }
 
 /// A RowDescription of one text column `name`, and a row per value.

@@ -95,6 +95,8 @@ pub struct ServerConnection {
     /// Token of the client Parse that last set the unnamed statement.
     pub unnamed_token: u64,
     pub created: Instant,
+    /// The pool's generation when it was opened (`pool.rs`, RECONNECT).
+    pub generation: u64,
 }
 
 impl ServerConnection {
@@ -150,6 +152,7 @@ impl ServerConnection {
             statements: ServerStatements::new(max_prepared),
             unnamed_token: 0,
             created: Instant::now(),
+            generation: 0,
         };
         conn.authenticate(target).await?;
         Ok(conn)
@@ -440,25 +443,55 @@ async fn negotiate_tls(
 }
 
 /// The open connections to one node, by socket, so that they can all be
-/// cut at once when the node stops answering.
+/// cut at once when the node stops answering, and listed by the console.
 #[derive(Default)]
 pub struct Connections {
-    open: Mutex<HashMap<u64, RawFd>>,
+    open: Mutex<HashMap<u64, (RawFd, Listing)>>,
     next: AtomicU64,
+}
+
+/// What the console shows of a server connection (SHOW SERVERS).
+#[derive(Debug, Clone)]
+pub struct Listing {
+    pub pid: i32,
+    pub user: String,
+    pub database: String,
+    pub local: Option<std::net::SocketAddr>,
+    pub connected: std::time::SystemTime,
+    /// The proxy's own (health checks, 2PC) rather than a pool's.
+    pub application_name: Option<&'static str>,
 }
 
 impl Connections {
     /// Lists a connection until the returned entry is dropped.
-    pub fn list(self: &Arc<Self>, conn: &ServerConnection) -> Listed {
+    pub fn list(self: &Arc<Self>, conn: &ServerConnection, target: &ServerTarget) -> Listed {
         let id = self.next.fetch_add(1, Relaxed);
-        let fd = conn.stream.tcp().as_raw_fd();
+        let tcp = conn.stream.tcp();
+        let listing = Listing {
+            pid: conn.pid,
+            user: target.user.clone(),
+            database: target.database.clone(),
+            local: tcp.local_addr().ok(),
+            connected: std::time::SystemTime::now(),
+            application_name: target.application_name,
+        };
         if let Ok(mut m) = self.open.lock() {
-            m.insert(id, fd);
+            m.insert(id, (tcp.as_raw_fd(), listing));
         }
         Listed {
             registry: self.clone(),
             id,
         }
+    }
+
+    /// Every listed connection, oldest first.
+    pub fn listings(&self) -> Vec<Listing> {
+        let Ok(m) = self.open.lock() else {
+            return Vec::new();
+        };
+        let mut all: Vec<(u64, Listing)> = m.iter().map(|(id, (_, l))| (*id, l.clone())).collect();
+        all.sort_by_key(|(id, _)| *id);
+        all.into_iter().map(|(_, l)| l).collect()
     }
 
     /// Shuts down every listed connection and forgets them (a shut-down
@@ -468,7 +501,7 @@ impl Connections {
         let Ok(mut m) = self.open.lock() else {
             return 0;
         };
-        for fd in m.values() {
+        for (fd, _) in m.values() {
             // SAFETY: the fd is open: a connection unlists itself (under this
             // lock) before its socket is closed, and one unlisted here is
             // never touched again. shutdown() does not close it.
@@ -505,11 +538,19 @@ mod tests {
     fn connections_are_cut_once() {
         let registry = Arc::new(Connections::default());
         let (ours, mut theirs) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+        let listing = Listing {
+            pid: 1,
+            user: "u".into(),
+            database: "d".into(),
+            local: None,
+            connected: std::time::SystemTime::now(),
+            application_name: None,
+        };
         registry
             .open
             .lock()
             .expect("lock")
-            .insert(1, ours.as_raw_fd());
+            .insert(1, (ours.as_raw_fd(), listing));
         assert_eq!(registry.cut(), 1);
         assert_eq!(registry.cut(), 0, "counted once");
         let mut buf = [0u8; 1];

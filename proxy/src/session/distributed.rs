@@ -289,12 +289,12 @@ impl Session {
         let Some(parked) = self.server.take() else {
             return Ok(None);
         };
-        self.cancel.detach();
+        self.client.detach();
         self.spanning.coordinator.get_or_insert(parked.shard);
         self.spanning.parked.push(parked);
         if let Some(i) = self.spanning.parked.iter().position(|p| p.shard == shard) {
             let p = self.spanning.parked.swap_remove(i);
-            self.cancel
+            self.client
                 .attach(p.conn.addr.clone(), p.conn.pid, p.conn.secret);
             self.server = Some(p);
             return Ok(Some(Fit::Yes));
@@ -400,7 +400,7 @@ impl Session {
                 }
             },
         };
-        self.cancel.detach();
+        self.client.detach();
         let mut held: Vec<Leg> = self
             .spanning
             .parked
@@ -446,7 +446,7 @@ impl Session {
         for leg in &mut legs {
             leg.done = false;
         }
-        self.cancel.attach_all(
+        self.client.attach_all(
             legs.iter()
                 .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
         );
@@ -488,7 +488,7 @@ impl Session {
         if !attached && !legs.is_empty() {
             let i = legs.iter().position(|l| l.attached).unwrap_or(0);
             let leg = legs.swap_remove(i);
-            self.cancel
+            self.client
                 .attach(leg.conn.addr.clone(), leg.conn.pid, leg.conn.secret);
             self.server = Some(leg.into_placed());
         }
@@ -508,10 +508,10 @@ impl Session {
         writes: bool,
         failed: bool,
     ) {
-        self.cancel.detach();
+        self.client.detach();
         let whole = self.park_legs(legs);
         if let Some(s) = self.server.as_ref() {
-            self.cancel.attach(s.addr.clone(), s.pid, s.secret);
+            self.client.attach(s.addr.clone(), s.pid, s.secret);
         } else {
             // No shard holds the transaction now: it is failed before any
             // server, as a refused first statement leaves one.

@@ -124,6 +124,7 @@ impl Session {
         let Some(sh) = self.shared.sharding.clone() else {
             return Ok(());
         };
+        self.shared.placements.count(&planned.place);
         let frames = self.take_unit()?;
         let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);
         if let Some(e) = self.session_state_refusal(&frames) {
@@ -364,7 +365,7 @@ impl Session {
             leg.done = false;
             legs.push(leg);
         }
-        self.cancel.attach_all(
+        self.client.attach_all(
             legs.iter()
                 .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
         );
@@ -407,7 +408,7 @@ impl Session {
         writes: bool,
         failed: bool,
     ) {
-        self.cancel.detach();
+        self.client.detach();
         if wrap {
             self.finish_writes(&mut legs, failed).await;
         }
@@ -474,7 +475,7 @@ impl Session {
 
     /// A server failed mid-unit: roll back what the others did, report it.
     pub(super) async fn fail_legs(&mut self, legs: Vec<Leg>, msg: String) -> Result<(), End> {
-        self.cancel.detach();
+        self.client.detach();
         tracing::warn!(error = %msg, "multi-shard statement failed");
         for mut leg in legs {
             // Whatever state the connection is in, it is not reused.
@@ -849,13 +850,6 @@ impl Session {
                 }
             }
         }
-    }
-
-    pub(super) async fn write_client(&mut self) -> std::io::Result<()> {
-        self.login.stream.write_all(&self.client_out).await?;
-        self.login.stream.flush().await?;
-        self.client_out.clear();
-        Ok(())
     }
 
     /// COPY FROM STDIN split by row: the client's data is read here, each

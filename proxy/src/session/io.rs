@@ -15,6 +15,8 @@ use tokio::io::{AsyncWrite, AsyncWriteExt};
 pub(super) enum Event {
     /// The proxy is shutting down (reported once).
     Stop,
+    /// The console killed the client.
+    Killed,
     ClientData,
     ServerData,
     ClientClosed,
@@ -27,13 +29,24 @@ impl Session {
             self.stopping = true;
             return Poll::Ready(Event::Stop);
         }
+        if let Some(kill) = self.kill.as_mut() {
+            if Pin::new(kill).poll(cx).is_ready() {
+                self.kill = None;
+                return Poll::Ready(Event::Killed);
+            }
+        }
         // Writes first: they free buffer space that gates the reads below.
         if let Some(server) = self.server.as_mut() {
-            if let Err(e) = poll_drain(&mut server.stream, &mut self.server_out, cx) {
+            if let Err(e) = poll_drain(&mut server.stream, &mut self.server_out, cx, |_| {}) {
                 return Poll::Ready(Event::ServerLost(e));
             }
         }
-        if poll_drain(&mut self.login.stream, &mut self.client_out, cx).is_err() {
+        let (meter, stats) = (&mut self.meter, &self.login.user.stats);
+        let more = !self.client_in.is_empty();
+        let drained = poll_drain(&mut self.login.stream, &mut self.client_out, cx, |w| {
+            meter.sent(w, more, stats)
+        });
+        if drained.is_err() {
             return Poll::Ready(Event::ClientClosed);
         }
         if self.client_out.len() < super::BACKPRESSURE {
@@ -57,7 +70,12 @@ impl Session {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     return Poll::Ready(Event::ClientClosed)
                 }
-                Poll::Ready(Ok(_)) => return Poll::Ready(Event::ClientData),
+                Poll::Ready(Ok(n)) => {
+                    if self.meter.received(n) {
+                        self.client.request();
+                    }
+                    return Poll::Ready(Event::ClientData);
+                }
                 Poll::Pending => {}
             }
         }
@@ -83,18 +101,36 @@ impl Session {
 
     /// Writes everything buffered for the client (used when ending a session).
     pub(super) async fn flush_client(&mut self) {
-        let _ = self.login.stream.write_all(&self.client_out).await;
-        let _ = self.login.stream.flush().await;
+        let _ = self.write_client().await;
+    }
+
+    /// Writes everything buffered for the client, waiting as long as it takes.
+    pub(super) async fn write_client(&mut self) -> io::Result<()> {
+        self.login.stream.write_all(&self.client_out).await?;
+        self.login.stream.flush().await?;
+        let more = !self.client_in.is_empty();
+        self.meter
+            .sent(&self.client_out, more, &self.login.user.stats);
         self.client_out.clear();
+        Ok(())
     }
 }
 
-/// Writes as much of `buf` as the socket takes without blocking.
-fn poll_drain(stream: &mut Stream, buf: &mut BytesMut, cx: &mut Context<'_>) -> io::Result<()> {
+/// Writes as much of `buf` as the socket takes without blocking, showing
+/// what was written to `written` first.
+fn poll_drain(
+    stream: &mut Stream,
+    buf: &mut BytesMut,
+    cx: &mut Context<'_>,
+    mut written: impl FnMut(&[u8]),
+) -> io::Result<()> {
     while !buf.is_empty() {
         match Pin::new(&mut *stream).poll_write(cx, buf) {
             Poll::Ready(Ok(0)) => return Err(io::ErrorKind::WriteZero.into()),
-            Poll::Ready(Ok(n)) => buf.advance(n),
+            Poll::Ready(Ok(n)) => {
+                written(&buf[..n]);
+                buf.advance(n);
+            }
             Poll::Ready(Err(e)) => return Err(e),
             Poll::Pending => return Ok(()),
         }

@@ -29,7 +29,7 @@ pub mod startup;
 mod txn;
 mod unit;
 
-use crate::cancel::CancelSlot;
+use crate::clients::ClientSlot;
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::server::statements::Statement;
 use crate::server::vars::{self, SessionVars};
@@ -55,6 +55,14 @@ fn failed_transaction() -> PgError {
     PgError::error(
         sqlstate::IN_FAILED_SQL_TRANSACTION,
         "current transaction is aborted, commands ignored until end of transaction block",
+    )
+}
+
+/// The console ended the client's session (KILL_CLIENT).
+fn killed() -> PgError {
+    PgError::fatal(
+        sqlstate::ADMIN_SHUTDOWN,
+        "terminating connection due to administrator command",
     )
 }
 
@@ -220,18 +228,25 @@ pub struct Session {
     copy_ignores_syncs: bool,
     /// The server sent a FATAL error and is closing the connection.
     server_fatal: Option<String>,
-    cancel: Arc<CancelSlot>,
+    /// The client's entry in the registry: where its cancel goes, what the
+    /// console shows of it.
+    client: Arc<ClientSlot>,
     /// Fires when the proxy shuts down (polled in `poll_io`: atomics only).
     stop: oneshot::Receiver<()>,
     stopping: bool,
+    /// Fires when the console kills the client (KILL_CLIENT).
+    kill: Option<oneshot::Receiver<()>>,
+    /// The client's traffic, added to its user's stats per answered unit.
+    meter: crate::stats::Meter,
 }
 
 impl Session {
     pub fn new(
         shared: Arc<Shared>,
         login: LoggedIn,
-        cancel: Arc<CancelSlot>,
+        client: Arc<ClientSlot>,
         stop: oneshot::Receiver<()>,
+        kill: Option<oneshot::Receiver<()>>,
     ) -> Session {
         let client_hash = {
             use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
@@ -291,9 +306,11 @@ impl Session {
             skip_until_sync: false,
             copy_ignores_syncs: false,
             server_fatal: None,
-            cancel,
+            client,
             stop,
             stopping: false,
+            kill,
+            meter: Default::default(),
         }
     }
 
@@ -320,6 +337,7 @@ impl Session {
         // still learned, for the user's other connections.
         let _ = tokio::time::timeout(Duration::from_secs(5), self.finish_positions()).await;
         self.finish_server().await;
+        self.meter.finish(&self.login.user.stats);
     }
 
     async fn event_loop(&mut self) -> End {
@@ -339,6 +357,7 @@ impl Session {
                     self.waiting |= rerun;
                 }),
                 io::Event::Stop => Ok(()),
+                io::Event::Killed => Err(End::Fatal(killed())),
             };
             // Client messages held back until the server finished (or a read
             // to run again elsewhere) are routed now.
@@ -349,6 +368,7 @@ impl Session {
             if let Err(end) = step {
                 return end;
             }
+            self.publish_spanning();
             self.shrink_buffers();
         }
     }
@@ -390,6 +410,10 @@ impl Session {
                         // The shards depend on the whole unit: wait for its Sync.
                         break;
                     }
+                    if self.held_by_pause(&planned).await? {
+                        // Held past admin.max_hold: answered with an error.
+                        continue;
+                    }
                     self.run_unit(planned).await?;
                 }
             }
@@ -400,10 +424,93 @@ impl Session {
         Ok(())
     }
 
+    /// A unit that would begin a transaction on a paused shard waits here
+    /// until the shard resumes (admin PAUSE). Units of a transaction
+    /// already open on a server run on, so it can end. Returns true when
+    /// the hold outlasted `admin.max_hold` and the unit was failed (57P03).
+    async fn held_by_pause(&mut self, planned: &route::Planned) -> Result<bool, End> {
+        let paused = self.shared.admin.pause.mask();
+        if paused == 0 || self.server.is_some() || self.spanning.spans() {
+            return Ok(false);
+        }
+        let shards = self.unit_shards(&planned.place);
+        if paused & shards == 0 {
+            return Ok(false);
+        }
+        let admin = &self.shared.admin;
+        self.client.waiting(true);
+        let kill = async {
+            match self.kill.as_mut() {
+                Some(k) => {
+                    let _ = k.await;
+                }
+                None => std::future::pending().await,
+            }
+        };
+        let held = tokio::select! {
+            held = admin.pause.hold(shards, admin.max_hold) => Some(held),
+            () = kill => None,
+        };
+        self.client.waiting(false);
+        match held {
+            None => Err(End::Fatal(killed())),
+            Some(Ok(())) => Ok(false),
+            Some(Err(_)) => {
+                self.fail_next_message(
+                    PgError::error(
+                        sqlstate::CANNOT_CONNECT_NOW,
+                        format!(
+                            "the proxy is paused by its operator (admin PAUSE) and the statement waited admin.max_hold ({:?})",
+                            admin.max_hold
+                        ),
+                    )
+                    .with_hint("retry once the proxy is resumed (admin RESUME)"),
+                )?;
+                Ok(true)
+            }
+        }
+    }
+
+    /// The shards a placement may touch (every shard when it could be any).
+    fn unit_shards(&self, place: &shardline_router::shards::Placement) -> u64 {
+        use shardline_router::sharding::mask_of;
+        use shardline_router::shards::Placement as P;
+        let all = match self.shared.topology.shards.len() {
+            n if n >= 64 => u64::MAX,
+            n => (1u64 << n) - 1,
+        };
+        match place {
+            P::One(s) => mask_of(*s),
+            P::Anywhere => self.shard_for(place).map_or(all, mask_of),
+            P::Many(m) | P::Merge(m) | P::Split(m) | P::CopySplit(m) | P::Pipeline(m) => *m,
+            P::Spread => all,
+            P::Refused(_) => 0,
+        }
+    }
+
+    /// Shows the console the shards of a transaction spanning several
+    /// (SHOW TRANSACTIONS); costs a load while there is none.
+    fn publish_spanning(&self) {
+        if !self.spanning.spans() && self.client.spanning() == 0 {
+            return;
+        }
+        let mut mask = 0u64;
+        if self.spanning.spans() {
+            for p in &self.spanning.parked {
+                mask |= shardline_router::sharding::mask_of(p.shard);
+            }
+            if let Some(s) = self.attached_shard() {
+                mask |= shardline_router::sharding::mask_of(s);
+            }
+        }
+        self.client.set_spanning(mask);
+    }
+
     /// Runs the unit at the front of `client_in` where `planned` says.
     async fn run_unit(&mut self, planned: route::Planned) -> Result<(), End> {
         use shardline_router::shards::Placement;
         if let Placement::Refused(r) = &planned.place {
+            self.shared.placements.count(&planned.place);
             return self.fail_next_message(PgError::error(r.code, r.message.clone()));
         }
         let Some(shard) = self.shard_for(&planned.place) else {
@@ -448,6 +555,7 @@ impl Session {
             shardline_router::UnitPlan::DeferBegin => self.defer_begin(),
             shardline_router::UnitPlan::EndEmpty(tag) => self.end_empty(tag),
             shardline_router::UnitPlan::Run { target, writes } => {
+                self.shared.placements.count(&planned.place);
                 if let Err(e) = self.attach_server(target, writes, shard).await {
                     self.rerun.reset();
                     // A shard that could not join fails the whole transaction.
@@ -591,7 +699,7 @@ impl Session {
     fn detach(&mut self) {
         self.rerun.reset();
         self.purpose = Purpose::Any;
-        self.cancel.detach();
+        self.client.detach();
     }
 
     /// Queues a simple query of the proxy's own for the attached server.
@@ -816,7 +924,7 @@ impl Session {
         let Some(Placed { mut conn, .. }) = self.server.take() else {
             return;
         };
-        self.cancel.detach();
+        self.client.detach();
         let clean = conn.is_clean()
             && self.pending.is_empty()
             && !self.unit.is_open()

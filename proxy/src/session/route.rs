@@ -693,7 +693,7 @@ impl Session {
                     }
                 }
             };
-            match pools.nodes[node].checkout().await {
+            match pools.nodes[node].checkout(Some(&self.client)).await {
                 Ok(conn) => return Ok((conn, node, target)),
                 Err(e) if unreachable(&e) => {
                     *tried |= bit(node);
@@ -793,7 +793,7 @@ impl Session {
                     why = "no replica has replayed the user's last write yet";
                 }
                 for (k, i) in candidates.into_iter().enumerate() {
-                    let mut conn = match pools.nodes[i].checkout().await {
+                    let mut conn = match pools.nodes[i].checkout(Some(&self.client)).await {
                         Ok(c) => c,
                         Err(e) if unreachable(&e) => {
                             *tried |= bit(i);
@@ -847,7 +847,7 @@ impl Session {
         }
         // A deferred BEGIN goes out with the first unit that runs something
         // (`client.rs`), not with one that only prepares a statement.
-        self.cancel.attach(conn.addr.clone(), conn.pid, conn.secret);
+        self.client.attach(conn.addr.clone(), conn.pid, conn.secret);
         // Set by the first statement the unit runs (`client.rs`): a unit
         // that only prepares writes nothing, and waits for no position.
         self.wrote = false;

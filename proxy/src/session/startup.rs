@@ -25,7 +25,9 @@ pub struct LoggedIn {
 
 /// How the startup phase ended, when not with a logged-in client.
 pub enum Outcome {
-    LoggedIn(LoggedIn, crate::cancel::Registration),
+    LoggedIn(LoggedIn, crate::clients::Registration),
+    /// An admin logged in to the console (`admin::console`).
+    Console(Stream, crate::clients::Registration),
     /// A CancelRequest was handled, or the client left.
     Done,
 }
@@ -57,6 +59,15 @@ pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> O
         return Outcome::Done;
     };
     match result {
+        Ok(Some((Login::Console(user), params, _))) => {
+            match console_login(shared, stream_ok, user, params, peer).await {
+                Ok(outcome) => outcome,
+                Err((mut stream, e)) => {
+                    report(&mut stream, &e).await;
+                    Outcome::Done
+                }
+            }
+        }
         Ok(Some((Login::Known(user), params, minor))) => {
             match login(shared, stream_ok, user, params, minor, peer).await {
                 Ok(outcome) => outcome,
@@ -88,7 +99,19 @@ pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> O
                         Err(e) => e,
                     }
                 }
-                Login::Known(_) => auth_failed(""),
+                Login::NotAdmin(user) => {
+                    match authenticate(&mut stream_ok, &user.secret, &user.name, &mut out).await {
+                        Ok(()) => PgError::fatal(
+                            sqlstate::INVALID_AUTHORIZATION,
+                            format!(
+                                "user \"{}\" may not use the admin console (database \"{}\"): it is not in admin.users",
+                                user.name, shared.admin.database
+                            ),
+                        ),
+                        Err(e) => e,
+                    }
+                }
+                Login::Known(_) | Login::Console(_) => auth_failed(""),
             };
             if left_during_auth(&e) {
                 tracing::debug!(%peer, error = %e, "client refused at login");
@@ -127,6 +150,12 @@ enum Login {
     /// A known role (one of its entries, for its secret) and a database it
     /// has none for: answered after authentication.
     UnknownDatabase(Arc<UserEntry>, String),
+    /// An admin user asking for the console database (one of its entries,
+    /// for its secret).
+    Console(Arc<UserEntry>),
+    /// A known user asking for the console database who is no admin:
+    /// refused (28000) after authentication.
+    NotAdmin(Arc<UserEntry>),
 }
 
 /// Negotiates TLS and reads the StartupMessage; `Ok(None)` after a CancelRequest.
@@ -153,7 +182,7 @@ async fn handshake(
             StartupPacket::SslRequest if shared.tls.is_some() && !stream.is_tls() => b"S",
             StartupPacket::SslRequest | StartupPacket::GssEncRequest => b"N",
             StartupPacket::Cancel { pid, secret } => {
-                shared.cancel.cancel(pid, secret);
+                shared.clients.cancel(pid, secret);
                 return (Some(stream), Ok(None));
             }
             StartupPacket::Startup { .. } if shared.tls_required && !stream.is_tls() => {
@@ -199,9 +228,14 @@ fn find_user(shared: &Shared, params: Vec<(String, String)>) -> Result<(Login, P
     let database = get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
-    if let Some(e) = shared.users.get(&(user.clone(), database.clone())) {
-        return Ok((Login::Known(e.clone()), params));
+    let console = shared.admin.enabled() && database == shared.admin.database;
+    if !console {
+        if let Some(e) = shared.users.get(&(user.clone(), database.clone())) {
+            return Ok((Login::Known(e.clone()), params));
+        }
     }
+    // A role's first entry (by database name) holds its secret for the
+    // console and for a database it has no entry for.
     let same_role = shared
         .users
         .iter()
@@ -209,6 +243,8 @@ fn find_user(shared: &Shared, params: Vec<(String, String)>) -> Result<(Login, P
         .min_by(|a, b| a.0 .1.cmp(&b.0 .1))
         .map(|(_, e)| e.clone());
     Ok(match same_role {
+        Some(e) if console && shared.admin.is_admin(&user) => (Login::Console(e), params),
+        Some(e) if console => (Login::NotAdmin(e), params),
         Some(e) => (Login::UnknownDatabase(e, database), params),
         None => (Login::UnknownRole(user), params),
     })
@@ -280,7 +316,9 @@ async fn login(
             .map_or(v.as_str(), |(_, cv)| cv.as_str());
         backend::parameter_status(&mut out, k, v);
     }
-    let registration = shared.cancel.register();
+    let registration = shared
+        .clients
+        .register(client_info(&stream, &user, &params, peer, false));
     backend::backend_key_data(&mut out, registration.pid, registration.secret);
     backend::ready_for_query(&mut out, b'I');
     if let Err(e) = stream.write_all(&out).await {
@@ -296,6 +334,82 @@ async fn login(
         },
         registration,
     ))
+}
+
+fn client_info(
+    stream: &Stream,
+    user: &UserEntry,
+    params: &[(String, String)],
+    peer: SocketAddr,
+    console: bool,
+) -> crate::clients::ClientInfo {
+    let application_name = params
+        .iter()
+        .find(|(k, _)| k == "application_name")
+        .map(|(_, v)| v.clone())
+        .unwrap_or_default();
+    crate::clients::ClientInfo {
+        user: user.name.clone(),
+        database: if console {
+            String::new()
+        } else {
+            user.database.clone()
+        },
+        peer,
+        local: stream.tcp().local_addr().ok(),
+        application_name,
+        tls: stream.is_tls(),
+        console,
+    }
+}
+
+/// Logs an admin in to the console: authentication as for any client,
+/// then the parameters psql and drivers expect, with the version of the
+/// servers behind (when a pool has learned it) so clients pick their
+/// dialect right.
+async fn console_login(
+    shared: &Arc<Shared>,
+    mut stream: Stream,
+    user: Arc<UserEntry>,
+    params: Vec<(String, String)>,
+    peer: SocketAddr,
+) -> Result<Outcome, (Stream, PgError)> {
+    let mut out = BytesMut::with_capacity(512);
+    if let Err(e) = authenticate(&mut stream, &user.secret, &user.name, &mut out).await {
+        if !left_during_auth(&e) {
+            tracing::info!(%peer, user = %user.name, "admin console: authentication failed");
+        }
+        return Err((stream, e));
+    }
+    backend::auth_request(&mut out, 0, &[]);
+    let version = user
+        .pools
+        .shards
+        .iter()
+        .flat_map(|s| s.nodes.iter())
+        .find_map(|p| p.known_param("server_version"))
+        .unwrap_or_else(|| "15".into());
+    for (k, v) in [
+        ("server_version", version.as_str()),
+        ("server_encoding", "UTF8"),
+        ("client_encoding", "UTF8"),
+        ("DateStyle", "ISO, MDY"),
+        ("integer_datetimes", "on"),
+        ("standard_conforming_strings", "on"),
+        ("application_name", "shardline"),
+    ] {
+        backend::parameter_status(&mut out, k, v);
+    }
+    let mut info = client_info(&stream, &user, &params, peer, true);
+    info.database = shared.admin.database.clone();
+    let registration = shared.clients.register(info);
+    backend::backend_key_data(&mut out, registration.pid, registration.secret);
+    backend::ready_for_query(&mut out, b'I');
+    if let Err(e) = stream.write_all(&out).await {
+        return Err((stream, io_fatal(e)));
+    }
+    tracing::info!(%peer, user = %user.name, "admin console login");
+    Ok(Outcome::Console(stream, registration))
 }
 
 /// Reads the client's PasswordMessage / SASL response.

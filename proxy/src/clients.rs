@@ -1,0 +1,251 @@
+//! The clients logged in, and where each one's CancelRequest goes.
+//!
+//! Every client gets the proxy's own key (BackendKeyData) and a slot here,
+//! listed until it leaves. A cancel with that key is sent to the server
+//! connections the client is using at that moment (one, or every shard of a
+//! statement that runs on several), with each server's key, and to nothing
+//! when it uses none: a client can only ever cancel its own query. The admin
+//! console reads the same slots (SHOW CLIENTS, the links of SHOW SERVERS),
+//! ends one (KILL_CLIENT), and names the clients a PAUSE waits for.
+
+use crate::protocol::startup::{code_packet, CANCEL_REQUEST};
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+use tokio::io::AsyncWriteExt;
+use tokio::sync::oneshot;
+
+#[derive(Clone)]
+struct Target {
+    addr: Arc<str>,
+    pid: i32,
+    secret: i32,
+}
+
+/// Who a client is, as the console shows it.
+#[derive(Debug, Clone)]
+pub struct ClientInfo {
+    pub user: String,
+    pub database: String,
+    pub peer: SocketAddr,
+    pub local: Option<SocketAddr>,
+    pub application_name: String,
+    pub tls: bool,
+    /// A connection to the admin console.
+    pub console: bool,
+}
+
+/// One client: who it is, the servers it uses now (where its cancel goes),
+/// and how the console ends it.
+pub struct ClientSlot {
+    targets: Mutex<Vec<Target>>,
+    pub info: ClientInfo,
+    pub connected: SystemTime,
+    /// When it began waiting (a server connection, a PAUSE), in
+    /// `health::now_ms`; 0 while not waiting.
+    wait_since: AtomicU64,
+    /// When the client last sent a request (unix seconds).
+    requested: AtomicU64,
+    /// The shards of its transaction when it spans several (a mask).
+    spanning: AtomicU64,
+    killed: AtomicBool,
+    kill: Mutex<Option<oneshot::Sender<()>>>,
+}
+
+impl ClientSlot {
+    fn new(info: ClientInfo) -> (ClientSlot, oneshot::Receiver<()>) {
+        let (tx, rx) = oneshot::channel();
+        let slot = ClientSlot {
+            targets: Mutex::new(Vec::new()),
+            info,
+            connected: SystemTime::now(),
+            wait_since: AtomicU64::new(0),
+            requested: AtomicU64::new(unix_secs(SystemTime::now())),
+            spanning: AtomicU64::new(0),
+            killed: AtomicBool::new(false),
+            kill: Mutex::new(Some(tx)),
+        };
+        (slot, rx)
+    }
+
+    /// The servers the client uses now: (address, backend pid).
+    pub fn servers(&self) -> Vec<(Arc<str>, i32)> {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|t| (t.addr.clone(), t.pid))
+            .collect()
+    }
+
+    /// The client sent a request now.
+    pub fn request(&self) {
+        self.requested.store(unix_secs(SystemTime::now()), Relaxed);
+    }
+
+    pub fn requested(&self) -> SystemTime {
+        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(self.requested.load(Relaxed))
+    }
+
+    /// The shards of the client's transaction on several shards (0 when it has none).
+    pub fn set_spanning(&self, shards: u64) {
+        self.spanning.store(shards, Relaxed);
+    }
+
+    pub fn spanning(&self) -> u64 {
+        self.spanning.load(Relaxed)
+    }
+
+    /// The client waits (for a server connection, or a pause to end).
+    pub fn waiting(&self, yes: bool) {
+        let since = if yes { crate::health::now_ms() } else { 0 };
+        self.wait_since.store(since, Relaxed);
+    }
+
+    /// How long the client has been waiting, if it is.
+    pub fn waited(&self) -> Option<std::time::Duration> {
+        match self.wait_since.load(Relaxed) {
+            0 => None,
+            since => Some(std::time::Duration::from_millis(
+                crate::health::now_ms().saturating_sub(since),
+            )),
+        }
+    }
+
+    /// Ends the client's session (KILL_CLIENT): its session sees the kill
+    /// at once and closes with 57P01.
+    pub fn kill(&self) {
+        self.killed.store(true, Relaxed);
+        if let Some(tx) = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take() {
+            let _ = tx.send(());
+        }
+    }
+
+    pub fn killed(&self) -> bool {
+        self.killed.load(Relaxed)
+    }
+
+    pub fn attach(&self, addr: Arc<str>, pid: i32, secret: i32) {
+        self.attach_all(std::iter::once((addr, pid, secret)));
+    }
+
+    /// A statement running on several servers at once.
+    pub fn attach_all(&self, servers: impl Iterator<Item = (Arc<str>, i32, i32)>) {
+        let mut t = self.targets.lock().unwrap_or_else(|p| p.into_inner());
+        t.clear();
+        t.extend(servers.map(|(addr, pid, secret)| Target { addr, pid, secret }));
+    }
+
+    pub fn detach(&self) {
+        self.targets
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .clear();
+    }
+}
+
+fn unix_secs(t: SystemTime) -> u64 {
+    t.duration_since(SystemTime::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Every client logged in, by the key the proxy gave it (its id in the
+/// console).
+#[derive(Default)]
+pub struct Clients {
+    clients: Mutex<HashMap<i32, (i32, Arc<ClientSlot>)>>,
+}
+
+/// A client's key and slot; removes itself from the registry when dropped.
+pub struct Registration {
+    pub pid: i32,
+    pub secret: i32,
+    pub slot: Arc<ClientSlot>,
+    /// Fires when the console kills the client (taken by its session).
+    pub kill: Option<oneshot::Receiver<()>>,
+    registry: Arc<Clients>,
+}
+
+impl Drop for Registration {
+    fn drop(&mut self) {
+        if let Ok(mut m) = self.registry.clients.lock() {
+            m.remove(&self.pid);
+        }
+    }
+}
+
+impl Clients {
+    pub fn register(self: &Arc<Self>, info: ClientInfo) -> Registration {
+        let (slot, kill) = ClientSlot::new(info);
+        let slot = Arc::new(slot);
+        let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let (pid, secret) = loop {
+            let pid = (rand::random::<u32>() & 0x7fff_ffff) as i32;
+            if pid != 0 && !clients.contains_key(&pid) {
+                break (pid, rand::random::<i32>());
+            }
+        };
+        clients.insert(pid, (secret, slot.clone()));
+        Registration {
+            pid,
+            secret,
+            slot,
+            kill: Some(kill),
+            registry: self.clone(),
+        }
+    }
+
+    /// Every client, by id, in id order.
+    pub fn list(&self) -> Vec<(i32, Arc<ClientSlot>)> {
+        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        let mut all: Vec<_> = clients
+            .iter()
+            .map(|(id, (_, slot))| (*id, slot.clone()))
+            .collect();
+        all.sort_by_key(|(id, _)| *id);
+        all
+    }
+
+    /// The client with this id.
+    pub fn get(&self, id: i32) -> Option<Arc<ClientSlot>> {
+        let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+        clients.get(&id).map(|(_, slot)| slot.clone())
+    }
+
+    /// Forwards a cancel for the client with this key, if it has a query running.
+    pub fn cancel(&self, pid: i32, secret: i32) {
+        let targets = {
+            let clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
+            match clients.get(&pid) {
+                Some((s, slot))
+                    if crate::auth::constant_time_eq(&s.to_be_bytes(), &secret.to_be_bytes()) =>
+                {
+                    slot.targets
+                        .lock()
+                        .unwrap_or_else(|p| p.into_inner())
+                        .clone()
+                }
+                _ => Vec::new(),
+            }
+        };
+        if targets.is_empty() {
+            tracing::debug!(pid, "cancel request matches no running query");
+            return;
+        }
+        for t in targets {
+            tokio::spawn(async move {
+                let sent = async {
+                    let mut s = tokio::net::TcpStream::connect(&*t.addr).await?;
+                    s.write_all(&code_packet(CANCEL_REQUEST, &[t.pid, t.secret]))
+                        .await?;
+                    s.shutdown().await
+                };
+                if let Err(e) = sent.await {
+                    tracing::warn!(server = %t.addr, error = %e, "could not forward cancel request");
+                }
+            });
+        }
+    }
+}
