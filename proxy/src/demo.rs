@@ -270,7 +270,7 @@ pub async fn wait_for_signal() {
             _ = int.recv() => return,
             _ = term.recv() => return,
             _ = hup.recv() => tracing::warn!(
-                "SIGHUP received and ignored: configuration reload is not supported yet; restart the proxy to apply a new configuration"
+                "SIGHUP received and ignored: the demo has no config file to reread"
             ),
         }
     }

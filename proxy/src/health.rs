@@ -332,13 +332,56 @@ pub struct Topology {
 
 impl Topology {
     pub fn new(config: &shardline_config::Config) -> Topology {
-        Topology {
-            shards: config
-                .shards
-                .iter()
-                .map(|s| Arc::new(ShardHealth::new(s)))
-                .collect(),
-        }
+        Topology::reusing(config, None)
+    }
+
+    /// The topology of a reloaded configuration: a shard whose nodes are
+    /// unchanged is kept as it is (its primary, after a failover too), and
+    /// a node still configured keeps its state (role, ban, lag, its listed
+    /// connections) wherever it now is.
+    pub fn reusing(config: &shardline_config::Config, old: Option<&Topology>) -> Topology {
+        let old_nodes: Vec<&Arc<NodeHealth>> = old
+            .map(|t| t.shards.iter().flat_map(|s| s.nodes.iter()).collect())
+            .unwrap_or_default();
+        let shards = config
+            .shards
+            .iter()
+            .map(|s| {
+                let addresses: Vec<String> = std::iter::once(&s.primary)
+                    .chain(&s.replicas)
+                    .map(|n| n.address())
+                    .collect();
+                let previous = old.and_then(|t| t.shards.iter().find(|o| o.name == s.name));
+                if let Some(p) = previous {
+                    let same = p.nodes.len() == addresses.len()
+                        && p.nodes.iter().zip(&addresses).all(|(n, a)| n.address == *a)
+                        && p.nodes
+                            .iter()
+                            .zip(std::iter::once(&s.primary).chain(&s.replicas))
+                            .all(|(n, c)| n.zone == c.zone);
+                    if same {
+                        return p.clone();
+                    }
+                }
+                let mut fresh = ShardHealth::new(s);
+                for node in fresh.nodes.iter_mut() {
+                    if let Some(kept) = old_nodes
+                        .iter()
+                        .find(|o| o.address == node.address && o.zone == node.zone)
+                    {
+                        *node = (*kept).clone();
+                    }
+                }
+                if let Some(writer) = previous
+                    .and_then(|p| p.writer().ok().map(|w| p.nodes[w].address.clone()))
+                    .and_then(|a| fresh.nodes.iter().position(|n| n.address == a))
+                {
+                    fresh.writer.store(writer, Relaxed);
+                }
+                Arc::new(fresh)
+            })
+            .collect();
+        Topology { shards }
     }
 }
 

@@ -41,9 +41,9 @@ pub struct UserEntry {
     pub pools: Arc<PoolSet>,
     /// Read-your-writes per shard, shared by all of this user's connections
     /// (an application's pool writes on one connection and reads on another).
-    pub ryw: Vec<ReadYourWritesState>,
-    /// Traffic of all this user's clients (SHOW STATS).
-    pub stats: stats::Stats,
+    pub ryw: Vec<Arc<ReadYourWritesState>>,
+    /// Traffic of all this user's clients (SHOW STATS); kept across reloads.
+    pub stats: Arc<stats::Stats>,
 }
 
 /// Where the user's last write left the primary, for read-your-writes.
@@ -154,15 +154,20 @@ pub struct Shared {
     pub tls_required: bool,
     /// Every client logged in: cancel keys, and what the console shows.
     pub clients: Arc<clients::Clients>,
-    /// The admin console's settings and state (PAUSE, SHUTDOWN, averages).
-    pub admin: admin::Admin,
+    /// The admin console's settings and state (PAUSE, SHUTDOWN, averages,
+    /// reloads); the same across reloads.
+    pub admin: Arc<admin::Admin>,
+    /// Which configuration this is: 0 at start, one more per reload. A
+    /// session moves to the latest at its next transaction boundary.
+    pub generation: u64,
     /// The configuration running (SHOW CONFIG).
     pub config: Arc<Config>,
-    /// Units run, by placement (SHOW ROUTING).
-    pub placements: stats::Placements,
+    /// Units run, by placement (SHOW ROUTING); kept across reloads.
+    pub placements: Arc<stats::Placements>,
     pub statements: server::statements::StatementRegistry,
-    /// Source of unique tokens (unnamed statement ownership).
-    pub next_token: AtomicU64,
+    /// Source of unique tokens (unnamed statement ownership); one for the
+    /// process, as server connections outlive a reload.
+    pub next_token: Arc<AtomicU64>,
     pub max_message_size: usize,
     pub auth_timeout: Duration,
     /// Roles, bans and lag of every node.
@@ -325,11 +330,21 @@ fn router_options(c: &shardline_config::RoutingConfig) -> shardline_router::Opti
 
 impl Shared {
     pub fn from_config(config: &Config) -> Result<Shared> {
+        Shared::build(config, None)
+    }
+
+    /// The state for `config`; at a reload, `previous` lends what lasts:
+    /// the clients, the console's state and counters, every node's health,
+    /// and the pools (with their connections) whose logins are unchanged.
+    pub fn build(config: &Config, previous: Option<&Shared>) -> Result<Shared> {
         let server_tls = match config.pool.server_tls {
             shardline_config::ServerTlsMode::Disable => None,
             _ => Some(tls::connector(config.pool.server_tls_ca.as_deref())?),
         };
-        let topology = Arc::new(health::Topology::new(config));
+        let topology = Arc::new(health::Topology::reusing(
+            config,
+            previous.map(|p| &*p.topology),
+        ));
         let target_for = |n: &shardline_config::Node,
                           user: &str,
                           password: Option<&str>,
@@ -378,6 +393,16 @@ impl Shared {
         let mut users = HashMap::new();
         for u in &config.users {
             let size = u.pool_size.unwrap_or(config.pool.size);
+            let before = previous.and_then(|p| p.users.get(&(u.name.clone(), u.database.clone())));
+            let pool_before = |address: &str| {
+                before.and_then(|b| {
+                    b.pools
+                        .shards
+                        .iter()
+                        .flat_map(|s| s.nodes.iter())
+                        .find(|p| p.address == address)
+                })
+            };
             let shards = config
                 .shards
                 .iter()
@@ -390,20 +415,33 @@ impl Shared {
                         .map(|(n, h)| {
                             let target =
                                 target_for(n, u.server_user(), u.server_password(), &u.database);
-                            NodePool::new(target, h.clone(), size, &config.pool)
+                            pool_before(&target.address())
+                                .and_then(|p| p.reused(&target, h, size, &config.pool))
+                                .unwrap_or_else(|| {
+                                    NodePool::new(target, h.clone(), size, &config.pool)
+                                })
                         })
                         .collect(),
                 })
                 .collect();
             let secret = auth::Secret::for_user(u).map_err(anyhow::Error::msg)?;
+            let ryw_before = |name: &str| {
+                let b = before?;
+                let i = b.pools.shards.iter().position(|s| s.name == name)?;
+                b.ryw.get(i).cloned()
+            };
             let entry = UserEntry {
                 name: u.name.clone(),
                 database: u.database.clone(),
                 secret,
                 mode: u.pool_mode.unwrap_or(config.proxy.pool_mode),
                 pools: Arc::new(PoolSet { shards }),
-                ryw: config.shards.iter().map(|_| Default::default()).collect(),
-                stats: Default::default(),
+                ryw: config
+                    .shards
+                    .iter()
+                    .map(|s| ryw_before(&s.name).unwrap_or_default())
+                    .collect(),
+                stats: before.map(|b| b.stats.clone()).unwrap_or_default(),
             };
             users.insert((u.name.clone(), u.database.clone()), Arc::new(entry));
         }
@@ -447,12 +485,20 @@ impl Shared {
             users,
             tls_required: config.tls.mode == shardline_config::ClientTlsMode::Require,
             tls,
-            clients: Arc::default(),
-            admin: admin::Admin::new(&config.admin),
+            clients: previous.map(|p| p.clients.clone()).unwrap_or_default(),
+            // The console's settings of a reloaded config apply when it
+            // takes over (`Live::reload`).
+            admin: match previous {
+                Some(p) => p.admin.clone(),
+                None => Arc::new(admin::Admin::new(&config.admin)),
+            },
+            generation: previous.map_or(0, |p| p.generation + 1),
             config: Arc::new(config.clone()),
-            placements: Default::default(),
+            placements: previous.map(|p| p.placements.clone()).unwrap_or_default(),
             statements: Default::default(),
-            next_token: AtomicU64::new(1),
+            next_token: previous
+                .map(|p| p.next_token.clone())
+                .unwrap_or_else(|| Arc::new(AtomicU64::new(1))),
             max_message_size: config.proxy.max_message_size as usize,
             auth_timeout: config.proxy.auth_timeout,
             topology,
@@ -568,64 +614,177 @@ impl Shared {
     }
 }
 
+/// The running configuration, replaced whole by a reload (RELOAD, SIGHUP):
+/// new clients get the latest, and a session moves to it at its next
+/// transaction boundary.
+pub struct Live {
+    current: std::sync::RwLock<Arc<Shared>>,
+    /// The file the configuration came from (`None`: given in code).
+    path: Option<std::path::PathBuf>,
+    /// The current configuration's background work (health checks, 2PC
+    /// resolution); held through a reload, so reloads run one at a time.
+    tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
+}
+
+impl Live {
+    pub fn current(&self) -> Arc<Shared> {
+        self.current
+            .read()
+            .unwrap_or_else(|p| p.into_inner())
+            .clone()
+    }
+
+    /// Rereads the config file, validates all of it, and applies it whole,
+    /// or keeps the running configuration and says why. Returns what
+    /// changed, and the settings that wait for a restart.
+    pub async fn reload(&self) -> std::result::Result<Vec<String>, String> {
+        let mut tasks = self.tasks.lock().await;
+        let Some(path) = &self.path else {
+            return Err(
+                "the proxy was started without a config file: there is nothing to reread".into(),
+            );
+        };
+        let mut config = Config::load(path).map_err(|e| e.to_string())?;
+        let old = self.current();
+        let mut notes = Vec::new();
+        let running = &old.config.proxy;
+        if config.proxy.listen != running.listen {
+            notes.push(format!(
+                "proxy.listen stays {} until a restart (the file says {})",
+                running.listen, config.proxy.listen
+            ));
+            config.proxy.listen = running.listen;
+        }
+        if config.proxy.workers != running.workers {
+            notes.push(format!(
+                "proxy.workers stays {} until a restart (the file says {})",
+                running.workers, config.proxy.workers
+            ));
+            config.proxy.workers = running.workers;
+        }
+        if config.proxy.log_format != running.log_format {
+            notes.push("proxy.log_format stays as it is until a restart".into());
+            config.proxy.log_format = running.log_format;
+        }
+        let next = Arc::new(Shared::build(&config, Some(&old)).map_err(|e| format!("{e:#}"))?);
+        let started = next
+            .start_tasks(false)
+            .await
+            .map_err(|e| format!("{e:#}"))?;
+        let mut changes = admin::changes(&old.config, &next.config);
+        if changes.is_empty() {
+            changes.push("nothing changed".into());
+        }
+        changes.extend(notes);
+        // From here nothing fails: the new configuration takes over whole.
+        next.admin.configure(&config.admin);
+        for pool in next
+            .users
+            .values()
+            .flat_map(|u| u.pools.shards.iter().flat_map(|s| s.nodes.iter()))
+        {
+            pool.apply_size();
+        }
+        *self.current.write().unwrap_or_else(|p| p.into_inner()) = next.clone();
+        next.admin.set_latest(next.generation);
+        for t in tasks.drain(..) {
+            t.abort();
+        }
+        *tasks = started;
+        tracing::info!(generation = next.generation, changes = %changes.join("; "), "configuration reloaded");
+        Ok(changes)
+    }
+}
+
 /// A running proxy.
 pub struct Proxy {
     pub local_addr: SocketAddr,
+    /// The configuration it started with (`live` has the current one).
     pub shared: Arc<Shared>,
+    pub live: Arc<Live>,
     shutdown: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
-    checkers: Vec<tokio::task::JoinHandle<()>>,
+    averages: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Proxy {
     fn drop(&mut self) {
-        for c in &self.checkers {
-            c.abort();
+        if let Ok(mut tasks) = self.live.tasks.try_lock() {
+            for t in tasks.drain(..) {
+                t.abort();
+            }
         }
+        if let Some(a) = &self.averages {
+            a.abort();
+        }
+    }
+}
+
+impl Shared {
+    /// The background work of this configuration: health checks (one
+    /// round done before it returns, so its nodes' states are known), and
+    /// two-phase commit's resolution of in-doubt transactions (refusing
+    /// servers that cannot prepare; at `start`, settling what a crash left).
+    async fn start_tasks(&self, start: bool) -> Result<Vec<tokio::task::JoinHandle<()>>> {
+        let mut tasks = self.start_health_checks().await;
+        if let Some(tp) = &self.two_phase {
+            if let Err(e) = tp.prepare_servers().await {
+                for t in &tasks {
+                    t.abort();
+                }
+                return Err(e);
+            }
+            if start {
+                let settled = tp.resolve_once().await;
+                if settled > 0 {
+                    tracing::info!(settled, "in-doubt transactions resolved at startup");
+                }
+            }
+            tasks.push(tp.clone().spawn());
+        }
+        Ok(tasks)
     }
 }
 
 impl Proxy {
     /// Binds the listener and starts accepting clients.
     pub async fn start(config: Config) -> Result<Proxy> {
+        Proxy::start_from(config, None).await
+    }
+
+    /// As `start`, with the file `config` was read from: RELOAD and SIGHUP
+    /// reread it.
+    pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Result<Proxy> {
         let shared = Arc::new(Shared::from_config(&config)?);
         let listener = TcpListener::bind(config.proxy.listen)
             .await
             .with_context(|| format!("cannot listen on {}", config.proxy.listen))?;
         let local_addr = listener.local_addr()?;
-        let mut checkers = shared.start_health_checks().await;
-        if let Some(tp) = &shared.two_phase {
-            // Refuse to start on servers that cannot prepare; settle what a
-            // crash left before taking clients.
-            tp.prepare_servers().await?;
-            let settled = tp.resolve_once().await;
-            if settled > 0 {
-                tracing::info!(settled, "in-doubt transactions resolved at startup");
-            }
-            checkers.push(tp.clone().spawn());
-        }
-        if shared.admin.enabled() {
-            checkers.push(tokio::spawn(admin::run_averages(
-                Arc::downgrade(&shared),
-                shared.admin.stats_period,
-            )));
-        }
+        let tasks = shared.start_tasks(true).await?;
+        let live = Arc::new(Live {
+            current: std::sync::RwLock::new(shared.clone()),
+            path,
+            tasks: tokio::sync::Mutex::new(tasks),
+        });
+        shared.admin.set_live(&live);
+        let averages = Some(tokio::spawn(admin::run_averages(Arc::downgrade(&live))));
         let (tx, rx) = watch::channel(false);
         let grace = config.proxy.shutdown_timeout;
         let task = tokio::spawn({
-            let shared = shared.clone();
+            let live = live.clone();
             async move {
-                accept_loop(listener, shared.clone(), rx, grace).await;
-                shared.log_router_stats();
+                accept_loop(listener, &live, rx, grace).await;
+                live.current().log_router_stats();
             }
         });
         tracing::info!(%local_addr, "shardline listening");
         Ok(Proxy {
             local_addr,
             shared,
+            live,
             shutdown: tx,
             task: Some(task),
-            checkers,
+            averages,
         })
     }
 
@@ -641,6 +800,14 @@ impl Proxy {
         let _ = rx.wait_for(Option::is_some).await;
     }
 
+    /// Rereads the config file and applies it (SIGHUP); logs the outcome.
+    pub async fn reload(&self) {
+        match self.live.reload().await {
+            Ok(_) => {}
+            Err(why) => tracing::error!(%why, "reload refused: the running configuration stays"),
+        }
+    }
+
     /// Waits until every session has ended (after `shutdown`).
     pub async fn wait(mut self) {
         if let Some(task) = self.task.take() {
@@ -651,7 +818,7 @@ impl Proxy {
 
 async fn accept_loop(
     listener: TcpListener,
-    shared: Arc<Shared>,
+    live: &Live,
     mut shutdown: watch::Receiver<bool>,
     grace: Duration,
 ) {
@@ -659,7 +826,7 @@ async fn accept_loop(
     // One stop signal per session; ended sessions' senders are pruned as it grows.
     let mut stops: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
     let mut prune_at = 64;
-    let mut admin_shutdown = shared.admin.shutdown_requests();
+    let mut admin_shutdown = live.current().admin.shutdown_requests();
     let mut grace = grace;
     loop {
         tokio::select! {
@@ -672,7 +839,7 @@ async fn accept_loop(
                         stops.retain(|s| !s.is_closed());
                         prune_at = (stops.len() * 2).max(64);
                     }
-                    sessions.spawn(serve_client(shared.clone(), tcp, peer, stop_rx));
+                    sessions.spawn(serve_client(live.current(), tcp, peer, stop_rx));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");

@@ -59,6 +59,32 @@ fn load_config(path: &std::path::Path, named: bool) -> Result<Config> {
     Ok(Config::load(path)?)
 }
 
+/// Serves until SIGINT/SIGTERM or the console's SHUTDOWN; SIGHUP rereads
+/// the config file (as the console's RELOAD does).
+async fn run_until_stopped(proxy: &Proxy) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+        signal(SignalKind::hangup()),
+    ) else {
+        let _ = tokio::signal::ctrl_c().await;
+        return;
+    };
+    loop {
+        tokio::select! {
+            _ = int.recv() => break,
+            _ = term.recv() => break,
+            _ = hup.recv() => {
+                tracing::info!("SIGHUP: rereading the configuration");
+                proxy.reload().await;
+            }
+            () = proxy.shutdown_requested() => return,
+        }
+    }
+    tracing::info!("signal received: no new clients; waiting for open transactions");
+}
+
 fn main() -> ExitCode {
     // Read (or refused) before anything else, so that even `--version`
     // says whether this build has the crash tests' stop points.
@@ -148,15 +174,11 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         None => {
             let named = cli.config.is_some();
-            let config = load_config(&config_path(cli.config), named)?;
+            let path = config_path(cli.config);
+            let config = load_config(&path, named)?;
             shardline::init_logging(config.proxy.log_format);
-            let proxy = Proxy::start(config).await?;
-            tokio::select! {
-                () = demo::wait_for_signal() => {
-                    tracing::info!("signal received: no new clients; waiting for open transactions");
-                }
-                () = proxy.shutdown_requested() => {}
-            }
+            let proxy = Proxy::start_from(config, Some(path)).await?;
+            run_until_stopped(&proxy).await;
             proxy.shutdown();
             proxy.wait().await;
             tracing::info!("stopped");

@@ -96,6 +96,15 @@ pub struct NodePool {
     pub address: String,
     checkout_timeout: Duration,
     connect_timeout: Duration,
+    /// The configured size (`apply_size` makes it the pool's).
+    size: usize,
+    /// Kept by the pool that replaces this one at a reload.
+    pub counters: Arc<PoolCounters>,
+}
+
+/// What a pool counts for SHOW STATS.
+#[derive(Default)]
+pub struct PoolCounters {
     /// Checkouts (PgBouncer's server assignments).
     pub assignments: AtomicU64,
     /// Time clients spent waiting for a connection, µs.
@@ -132,11 +141,43 @@ impl NodePool {
             address,
             checkout_timeout: cfg.checkout_timeout,
             connect_timeout: cfg.connect_timeout,
-            assignments: AtomicU64::new(0),
-            wait_us: AtomicU64::new(0),
+            size,
+            counters: Arc::default(),
         });
         spawn_reaper(&node, cfg.idle_timeout, cfg.max_lifetime);
         node
+    }
+
+    /// The pool for `target` under a reloaded configuration: this one's
+    /// connections and counters, resized, with the new timeouts; `None`
+    /// when what its connections were opened with has changed (the
+    /// target, or what its manager checks), and a new pool is needed.
+    pub fn reused(
+        self: &Arc<Self>,
+        target: &ServerTarget,
+        node: &Arc<crate::health::NodeHealth>,
+        size: usize,
+        cfg: &PoolConfig,
+    ) -> Option<Arc<NodePool>> {
+        let m = self.pool.manager();
+        let same = Arc::ptr_eq(&m.node, node)
+            && m.target.same_login(target)
+            && m.max_prepared == cfg.prepared_statements_per_server
+            && m.check_delay == cfg.server_check_delay
+            && m.max_lifetime == cfg.max_lifetime;
+        if !same {
+            return None;
+        }
+        let node = Arc::new(NodePool {
+            pool: self.pool.clone(),
+            address: self.address.clone(),
+            checkout_timeout: cfg.checkout_timeout,
+            connect_timeout: cfg.connect_timeout,
+            size,
+            counters: self.counters.clone(),
+        });
+        spawn_reaper(&node, cfg.idle_timeout, cfg.max_lifetime);
+        Some(node)
     }
 
     /// Borrows a clean connection, opening one if the pool has room, else
@@ -146,7 +187,7 @@ impl NodePool {
         &self,
         waiter: Option<&crate::clients::ClientSlot>,
     ) -> Result<PooledConnection, PgError> {
-        self.assignments.fetch_add(1, Relaxed);
+        self.counters.assignments.fetch_add(1, Relaxed);
         // Most checkouts find a free connection: try without arming a timer.
         let now = Timeouts {
             wait: Some(Duration::ZERO),
@@ -170,9 +211,18 @@ impl NodePool {
         if let Some(w) = waiter {
             w.waiting(false);
         }
-        self.wait_us
+        self.counters
+            .wait_us
             .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
         got.map_err(|e| self.checkout_error(e))
+    }
+
+    /// Gives the pool its configured size (when a reload takes over; a
+    /// smaller size closes connections as they come back).
+    pub fn apply_size(&self) {
+        if self.pool.status().max_size != self.size {
+            self.pool.resize(self.size);
+        }
     }
 
     /// Closes the idle connections now and the lent ones when they come

@@ -557,6 +557,29 @@ impl ProxyProcess {
         self.child.id()
     }
 
+    /// Writes a new config file where the process reads it (the same
+    /// port), for a RELOAD or SIGHUP.
+    pub fn rewrite_config(&self, config: &str) {
+        let text = config.replace(
+            "listen = \"127.0.0.1:0\"",
+            &format!("listen = \"127.0.0.1:{}\"", self.port),
+        );
+        self._dir.write("shardline.toml", &text);
+    }
+
+    /// A client of the admin console (user `app`, an admin in the config).
+    pub async fn console(&self) -> Client {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=app password=app dbname=shardline",
+            self.port
+        );
+        let (client, connection) = tokio_postgres::connect(&conn, NoTls)
+            .await
+            .expect("the admin console");
+        tokio::spawn(connection);
+        client
+    }
+
     /// SIGKILL: the process ends wherever it is.
     pub fn kill(&mut self) {
         let _ = self.child.kill();

@@ -112,6 +112,9 @@ pub async fn serve(shared: Arc<Shared>, mut stream: Stream, mut registration: Re
 /// Runs each statement of a simple query; an error ends the query there,
 /// as Postgres does.
 async fn run_query(shared: &Arc<Shared>, text: &str, out: &mut BytesMut) {
+    // The console shows (and acts on) the running configuration, reloaded or not.
+    let current = shared.admin.live().map(|l| l.current());
+    let shared = current.as_ref().unwrap_or(shared);
     let statements = command::statements(text);
     if statements.is_empty() {
         // EmptyQueryResponse: a tag and no body.
@@ -130,6 +133,20 @@ async fn run_query(shared: &Arc<Shared>, text: &str, out: &mut BytesMut) {
                 complete(out, tag);
             }
             Ok(Reply::Done(tag)) => complete(out, tag),
+            Ok(Reply::Notices(lines, tag)) => {
+                for line in lines {
+                    encode(
+                        out,
+                        &pgwire::messages::response::NoticeResponse::new(vec![
+                            (b'S', "NOTICE".into()),
+                            (b'V', "NOTICE".into()),
+                            (b'C', "00000".into()),
+                            (b'M', line),
+                        ]),
+                    );
+                }
+                complete(out, tag);
+            }
             Err(Failure(code, message)) => {
                 tracing::info!(statement = statement.trim(), code, %message, "admin command failed");
                 error(out, "ERROR", code, &message);
@@ -142,7 +159,12 @@ async fn run_query(shared: &Arc<Shared>, text: &str, out: &mut BytesMut) {
 enum Reply {
     Table(Table, &'static str),
     Done(&'static str),
+    /// Done, with a notice per line (what a RELOAD changed).
+    Notices(Vec<String>, &'static str),
 }
+
+/// SQLSTATE config_file_error.
+const CONFIG_FILE_ERROR: &str = "F0000";
 
 async fn run(shared: &Arc<Shared>, c: Command) -> Result<Reply, Failure> {
     match c {
@@ -202,10 +224,24 @@ async fn run(shared: &Arc<Shared>, c: Command) -> Result<Reply, Failure> {
             shared.admin.request_shutdown(how);
             Ok(Reply::Done("SHUTDOWN"))
         }
-        Command::Reload => Err(Failure(
-            sqlstate::FEATURE_NOT_SUPPORTED,
-            "RELOAD is not available yet: restart the proxy to apply a new configuration".into(),
-        )),
+        Command::Reload => {
+            let Some(live) = shared.admin.live() else {
+                return Err(Failure(
+                    sqlstate::ADMIN_SHUTDOWN,
+                    "the proxy is stopping".into(),
+                ));
+            };
+            match live.reload().await {
+                Ok(changes) => Ok(Reply::Notices(changes, "RELOAD")),
+                Err(why) => {
+                    tracing::error!(%why, "reload refused: the running configuration stays");
+                    Err(Failure(
+                        CONFIG_FILE_ERROR,
+                        format!("reload refused, the running configuration stays: {why}"),
+                    ))
+                }
+            }
+        }
     }
 }
 
@@ -272,7 +308,8 @@ async fn pause(shared: &Arc<Shared>, mask: ShardMask) -> Result<(), Failure> {
         shards = format!("{mask:b}"),
         "paused by the admin console: waiting for open transactions"
     );
-    let deadline = tokio::time::Instant::now() + shared.admin.pause_timeout;
+    let timeout = shared.admin.settings().pause_timeout;
+    let deadline = tokio::time::Instant::now() + timeout;
     while lent(shared, mask) > 0 {
         if tokio::time::Instant::now() >= deadline {
             shared.admin.pause.resume(mask & !before);
@@ -281,7 +318,7 @@ async fn pause(shared: &Arc<Shared>, mask: ShardMask) -> Result<(), Failure> {
                 sqlstate::QUERY_CANCELED,
                 format!(
                     "PAUSE gave up after admin.pause_timeout ({:?}) and is lifted: clients still in a transaction: {}",
-                    shared.admin.pause_timeout,
+                    timeout,
                     if holders.is_empty() { "none listed (the proxy's own queries)".into() } else { holders.join("; ") }
                 ),
             ));

@@ -169,13 +169,18 @@ fn config(shared: &Shared) -> Table {
         .into_iter()
         .zip(settings(&defaults))
     {
-        // Nothing changes while the proxy runs: RELOAD is not available yet.
-        table.push(vec![t(key), t(value), t(default), t("no")]);
+        let changeable = super::RESTART_ONLY.contains(&key);
+        table.push(vec![
+            t(key),
+            t(value),
+            t(default),
+            t(if changeable { "no" } else { "yes" }),
+        ]);
     }
     table
 }
 
-fn settings(c: &shardline_config::Config) -> Vec<(&'static str, String)> {
+pub(super) fn settings(c: &shardline_config::Config) -> Vec<(&'static str, String)> {
     let opt = |v: &Option<String>| v.clone().unwrap_or_default();
     let list = |v: &[String]| v.join(",");
     vec![
@@ -561,8 +566,8 @@ pub fn totals_by_database(shared: &Shared) -> Vec<(String, Totals)> {
         t.add_stats(&u.stats);
         for shard in &u.pools.shards {
             for pool in &shard.nodes {
-                t.assignments += pool.assignments.load(Relaxed);
-                t.wait_us += pool.wait_us.load(Relaxed);
+                t.assignments += pool.counters.assignments.load(Relaxed);
+                t.wait_us += pool.counters.wait_us.load(Relaxed);
             }
         }
     }

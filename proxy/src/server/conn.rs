@@ -39,6 +39,17 @@ impl ServerTarget {
     pub fn address(&self) -> String {
         format!("{}:{}", self.host, self.port)
     }
+
+    /// Whether connections opened for `other` would be the same logins.
+    pub fn same_login(&self, other: &ServerTarget) -> bool {
+        self.host == other.host
+            && self.port == other.port
+            && self.user == other.user
+            && self.password == other.password
+            && self.database == other.database
+            && self.tls_mode == other.tls_mode
+            && self.application_name == other.application_name
+    }
 }
 
 impl std::fmt::Debug for ServerTarget {

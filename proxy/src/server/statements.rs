@@ -36,8 +36,12 @@ pub struct Statement {
 #[derive(Default)]
 pub struct StatementRegistry {
     map: Mutex<Registry>,
-    next_id: AtomicU64,
 }
+
+/// Statement ids (and so server-side names) are unique in the process, not
+/// per registry: a reload builds a new registry while server connections
+/// keep what the old one's statements prepared on them.
+static NEXT_ID: AtomicU64 = AtomicU64::new(0);
 
 #[derive(Default)]
 struct Registry {
@@ -57,7 +61,7 @@ impl StatementRegistry {
         if let Some(s) = reg.by_definition.get(definition).and_then(Weak::upgrade) {
             return s;
         }
-        let id = self.next_id.fetch_add(1, Ordering::Relaxed) + 1;
+        let id = NEXT_ID.fetch_add(1, Ordering::Relaxed) + 1;
         let definition = Bytes::copy_from_slice(definition);
         let stmt = Arc::new(Statement {
             id,

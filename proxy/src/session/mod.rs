@@ -396,6 +396,7 @@ impl Session {
                     self.in_unstarted_refused_transaction()?;
                 }
                 client::Flow::NeedServer => {
+                    self.adopt_latest()?;
                     self.prepare_join().await;
                     if self.txn == (Txn::Failed { unsent: None }) && self.spanning.spans() {
                         // The joining shard could not begin: the unit fails.
@@ -438,6 +439,7 @@ impl Session {
             return Ok(false);
         }
         let admin = &self.shared.admin;
+        let max_hold = admin.settings().max_hold;
         self.client.waiting(true);
         let kill = async {
             match self.kill.as_mut() {
@@ -448,7 +450,7 @@ impl Session {
             }
         };
         let held = tokio::select! {
-            held = admin.pause.hold(shards, admin.max_hold) => Some(held),
+            held = admin.pause.hold(shards, max_hold) => Some(held),
             () = kill => None,
         };
         self.client.waiting(false);
@@ -461,7 +463,7 @@ impl Session {
                         sqlstate::CANNOT_CONNECT_NOW,
                         format!(
                             "the proxy is paused by its operator (admin PAUSE) and the statement waited admin.max_hold ({:?})",
-                            admin.max_hold
+                            max_hold
                         ),
                     )
                     .with_hint("retry once the proxy is resumed (admin RESUME)"),
@@ -486,6 +488,63 @@ impl Session {
             P::Spread => all,
             P::Refused(_) => 0,
         }
+    }
+
+    /// Between transactions (no server connection held, nothing the
+    /// proxy keeps for an open transaction), the session moves to a
+    /// reloaded configuration: its user's new entry (the session ends if
+    /// the user was removed), the new router and topology, and its
+    /// prepared statements routed again by the new placement.
+    fn adopt_latest(&mut self) -> Result<(), End> {
+        if self.shared.admin.latest() == self.shared.generation {
+            return Ok(());
+        }
+        if self.server.is_some() || self.spanning.spans() || self.txn != Txn::Plain {
+            return Ok(());
+        }
+        let Some(next) = self.shared.admin.live().map(|l| l.current()) else {
+            return Ok(());
+        };
+        let key = (
+            self.login.user.name.clone(),
+            self.login.user.database.clone(),
+        );
+        let Some(user) = next.users.get(&key).cloned() else {
+            return Err(End::Fatal(PgError::fatal(
+                sqlstate::ADMIN_SHUTDOWN,
+                format!(
+                    "user \"{}\" was removed from the proxy's configuration (reload): this session ends",
+                    key.0
+                ),
+            )));
+        };
+        self.shared = next;
+        self.login.user = user;
+        self.forget_plan();
+        self.rerun.reset();
+        self.large_routes.clear();
+        let names: Vec<Box<[u8]>> = self.statements.keys().cloned().collect();
+        for name in names {
+            let Some(old) = self.statements.get(&name).cloned() else {
+                continue;
+            };
+            let text = old.definition.split(|b| *b == 0).next().unwrap_or_default();
+            let route = self.route_text(text);
+            let stmt = self
+                .shared
+                .statements
+                .intern(&old.definition, old.effect.clone(), route);
+            self.statements.insert(name, stmt);
+        }
+        let unnamed = self.unnamed.as_ref().map(|u| u.definition.clone());
+        if let Some(definition) = unnamed {
+            let text = definition.split(|b| *b == 0).next().unwrap_or_default();
+            let route = self.route_text(text);
+            if let Some(u) = self.unnamed.as_mut() {
+                u.route = route;
+            }
+        }
+        Ok(())
     }
 
     /// Shows the console the shards of a transaction spanning several

@@ -105,7 +105,8 @@ pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> O
                             sqlstate::INVALID_AUTHORIZATION,
                             format!(
                                 "user \"{}\" may not use the admin console (database \"{}\"): it is not in admin.users",
-                                user.name, shared.admin.database
+                                user.name,
+                                shared.admin.settings().database
                             ),
                         ),
                         Err(e) => e,
@@ -228,7 +229,7 @@ fn find_user(shared: &Shared, params: Vec<(String, String)>) -> Result<(Login, P
     let database = get("database")
         .filter(|d| !d.is_empty())
         .unwrap_or_else(|| user.clone());
-    let console = shared.admin.enabled() && database == shared.admin.database;
+    let console = shared.admin.console_database().as_deref() == Some(database.as_str());
     if !console {
         if let Some(e) = shared.users.get(&(user.clone(), database.clone())) {
             return Ok((Login::Known(e.clone()), params));
@@ -401,7 +402,7 @@ async fn console_login(
         backend::parameter_status(&mut out, k, v);
     }
     let mut info = client_info(&stream, &user, &params, peer, true);
-    info.database = shared.admin.database.clone();
+    info.database = shared.admin.settings().database;
     let registration = shared.clients.register(info);
     backend::backend_key_data(&mut out, registration.pid, registration.secret);
     backend::ready_for_query(&mut out, b'I');
