@@ -238,7 +238,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             }
             if let Some(path) = &s.config_written {
                 println!(
-                    "The new config is in {}. Restart the proxies with it (Shardline has no config reload yet), then let traffic back.",
+                    "The new config is in {}. Reload every proxy with it (RELOAD in its admin console, or SIGHUP), then let traffic back (RESUME).",
                     path.display()
                 );
             }

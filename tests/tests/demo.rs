@@ -114,6 +114,11 @@ fn demo_starts_serves_and_cleans_up() {
     let (ok, out) = psql(&url, &["-A", "-t", "-c", join]);
     assert!(ok, "{out}");
     assert_eq!(out.lines().count(), 5, "{out}");
+    // The demo's user is an admin: the console line it prints works.
+    let console = format!("{}/shardline", url.rsplit_once('/').unwrap().0);
+    let (ok, out) = psql(&console, &["-A", "-t", "-c", "SHOW SHARDS"]);
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().count(), 6, "two shards of three nodes: {out}");
 
     assert!(Command::new("kill")
         .arg("-INT")
@@ -131,6 +136,10 @@ fn demo_starts_serves_and_cleans_up() {
         "{rest:?}"
     );
     assert!(rest.iter().any(|l| l.trim() == shown), "{rest:?}");
+    assert!(
+        rest.iter().any(|l| l.contains("/shardline -c 'SHOW POOLS'")),
+        "{rest:?}"
+    );
     assert!(!dir.exists(), "{} still exists", dir.display());
 }
 
