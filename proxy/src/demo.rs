@@ -255,23 +255,48 @@ fn is_root() -> bool {
 
 /// Resolves on SIGINT or SIGTERM. SIGHUP (which would otherwise end the
 /// process) is logged and ignored until configuration reload exists.
+/// What the process was signalled to do.
+pub enum Signal {
+    /// SIGINT or SIGTERM.
+    Stop,
+    /// SIGHUP.
+    Reload,
+}
+
+/// The signals a running proxy answers.
+pub struct Signals {
+    int: tokio::signal::unix::Signal,
+    term: tokio::signal::unix::Signal,
+    hup: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub fn new() -> std::io::Result<Signals> {
+        use tokio::signal::unix::{signal, SignalKind};
+        Ok(Signals {
+            int: signal(SignalKind::interrupt())?,
+            term: signal(SignalKind::terminate())?,
+            hup: signal(SignalKind::hangup())?,
+        })
+    }
+
+    pub async fn next(&mut self) -> Signal {
+        tokio::select! {
+            _ = self.int.recv() => Signal::Stop,
+            _ = self.term.recv() => Signal::Stop,
+            _ = self.hup.recv() => Signal::Reload,
+        }
+    }
+}
+
+/// Waits for SIGINT or SIGTERM (the demo has no config file: SIGHUP is
+/// ignored).
 pub async fn wait_for_signal() {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let Ok(mut signals) = Signals::new() else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
-    loop {
-        tokio::select! {
-            _ = int.recv() => return,
-            _ = term.recv() => return,
-            _ = hup.recv() => tracing::warn!(
-                "SIGHUP received and ignored: the demo has no config file to reread"
-            ),
-        }
+    while let Signal::Reload = signals.next().await {
+        tracing::warn!("SIGHUP received and ignored: the demo has no config file to reread");
     }
 }

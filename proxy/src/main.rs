@@ -62,23 +62,19 @@ fn load_config(path: &std::path::Path, named: bool) -> Result<Config> {
 /// Serves until SIGINT/SIGTERM or the console's SHUTDOWN; SIGHUP rereads
 /// the config file (as the console's RELOAD does).
 async fn run_until_stopped(proxy: &Proxy) {
-    use tokio::signal::unix::{signal, SignalKind};
-    let (Ok(mut int), Ok(mut term), Ok(mut hup)) = (
-        signal(SignalKind::interrupt()),
-        signal(SignalKind::terminate()),
-        signal(SignalKind::hangup()),
-    ) else {
+    let Ok(mut signals) = demo::Signals::new() else {
         let _ = tokio::signal::ctrl_c().await;
         return;
     };
     loop {
         tokio::select! {
-            _ = int.recv() => break,
-            _ = term.recv() => break,
-            _ = hup.recv() => {
-                tracing::info!("SIGHUP: rereading the configuration");
-                proxy.reload().await;
-            }
+            signal = signals.next() => match signal {
+                demo::Signal::Stop => break,
+                demo::Signal::Reload => {
+                    tracing::info!("SIGHUP: rereading the configuration");
+                    proxy.reload().await;
+                }
+            },
             () = proxy.shutdown_requested() => return,
         }
     }

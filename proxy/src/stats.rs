@@ -208,12 +208,7 @@ impl Meter {
             stats.xacts.fetch_add(xacts, Relaxed);
             stats.xact_us.fetch_add(xact_us, Relaxed);
         }
-        stats
-            .received
-            .fetch_add(std::mem::take(&mut self.received), Relaxed);
-        stats
-            .sent
-            .fetch_add(std::mem::take(&mut self.sent), Relaxed);
+        self.finish(stats);
     }
 
     /// Bytes counted but not yet added (at the end of the session).

@@ -246,6 +246,21 @@ impl Env {
         })
     }
 
+    /// Two shards, each a primary and a replica, with the demo's sharding
+    /// (and `extra` TOML after it), every node healthy.
+    pub async fn demo_sharded(extra: &str) -> Env {
+        let env = Env::start_with(EnvOptions {
+            shards: 2,
+            replicas_per_shard: 1,
+            extra_toml: format!("{}\n{extra}", shardline::demo::demo_sharding_two_phase()),
+            ..EnvOptions::default()
+        })
+        .await
+        .expect("two shards with replicas");
+        env.wait_healthy().await;
+        env
+    }
+
     pub fn primary(&self) -> &NodeInfo {
         self.backend
             .nodes()

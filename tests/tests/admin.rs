@@ -12,18 +12,7 @@ const ADMIN: &str = "[admin]\nusers = [\"app\"]\n";
 /// Two shards with a replica each, the demo's sharding, `app` an admin,
 /// and `extra` appended (more `[admin]` settings).
 async fn two_shards(admin_extra: &str) -> Env {
-    let env = Env::start_with(EnvOptions {
-        shards: 2,
-        replicas_per_shard: 1,
-        extra_toml: format!(
-            "{}\n{ADMIN}{admin_extra}",
-            shardline::demo::demo_sharding_two_phase()
-        ),
-        ..EnvOptions::default()
-    })
-    .await
-    .expect("two shards with replicas");
-    env.wait_healthy().await;
+    let env = Env::demo_sharded(&format!("{ADMIN}{admin_extra}")).await;
     let c = env.connect().await;
     c.batch_execute(
         "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());

@@ -137,7 +137,8 @@ fn demo_starts_serves_and_cleans_up() {
     );
     assert!(rest.iter().any(|l| l.trim() == shown), "{rest:?}");
     assert!(
-        rest.iter().any(|l| l.contains("/shardline -c 'SHOW POOLS'")),
+        rest.iter()
+            .any(|l| l.contains("/shardline -c 'SHOW POOLS'")),
         "{rest:?}"
     );
     assert!(!dir.exists(), "{} still exists", dir.display());

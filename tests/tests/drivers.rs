@@ -10,18 +10,10 @@
 use shardline_config::Config;
 use shardline_router::sharding::Sharding;
 use shardline_tests::drivers::{self, run_driver};
-use shardline_tests::{Env, EnvOptions};
+use shardline_tests::Env;
 
 async fn demo_topology() -> (Env, Sharding) {
-    let env = Env::start_with(EnvOptions {
-        shards: 2,
-        replicas_per_shard: 1,
-        extra_toml: shardline::demo::demo_sharding_two_phase(),
-        ..EnvOptions::default()
-    })
-    .await
-    .expect("two shards with replicas");
-    env.wait_healthy().await;
+    let env = Env::demo_sharded("").await;
     let c = env.connect().await;
     c.batch_execute(
         "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now());

@@ -426,28 +426,30 @@ fn pools(shared: &Shared) -> Table {
     table
 }
 
+/// PgBouncer's columns of SHOW CLIENTS and SHOW SERVERS.
+const CONNECTION_COLUMNS: [(&str, Type); 18] = [
+    ("type", T),
+    ("user", T),
+    ("database", T),
+    ("state", T),
+    ("addr", T),
+    ("port", I),
+    ("local_addr", T),
+    ("local_port", I),
+    ("connect_time", T),
+    ("request_time", T),
+    ("wait", I),
+    ("wait_us", I),
+    ("close_needed", I),
+    ("ptr", T),
+    ("link", T),
+    ("remote_pid", I),
+    ("tls", T),
+    ("application_name", T),
+];
+
 fn clients(shared: &Shared) -> Table {
-    let mut table = Table::new(&[
-        ("type", T),
-        ("user", T),
-        ("database", T),
-        ("state", T),
-        ("addr", T),
-        ("port", I),
-        ("local_addr", T),
-        ("local_port", I),
-        ("connect_time", T),
-        ("request_time", T),
-        ("wait", I),
-        ("wait_us", I),
-        ("close_needed", I),
-        ("ptr", T),
-        ("link", T),
-        ("remote_pid", I),
-        ("tls", T),
-        ("application_name", T),
-        ("id", I),
-    ]);
+    let mut table = Table::new(&[&CONNECTION_COLUMNS[..], &[("id", I)]].concat());
     for (id, c) in shared.clients.list() {
         let servers = c.servers();
         let waited = c.waited();
@@ -488,28 +490,7 @@ fn clients(shared: &Shared) -> Table {
 }
 
 fn servers(shared: &Shared) -> Table {
-    let mut table = Table::new(&[
-        ("type", T),
-        ("user", T),
-        ("database", T),
-        ("state", T),
-        ("addr", T),
-        ("port", I),
-        ("local_addr", T),
-        ("local_port", I),
-        ("connect_time", T),
-        ("request_time", T),
-        ("wait", I),
-        ("wait_us", I),
-        ("close_needed", I),
-        ("ptr", T),
-        ("link", T),
-        ("remote_pid", I),
-        ("tls", T),
-        ("application_name", T),
-        ("shard", T),
-        ("role", T),
-    ]);
+    let mut table = Table::new(&[&CONNECTION_COLUMNS[..], &[("shard", T), ("role", T)]].concat());
     let clients = shared.clients.list();
     for (s, shard) in shared.topology.shards.iter().enumerate() {
         for (i, node) in shard.nodes.iter().enumerate() {
