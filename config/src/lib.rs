@@ -45,6 +45,21 @@ impl ConfigError {
 }
 
 impl Config {
+    /// A fingerprint of where rows live: the shards' names in order, the
+    /// sharding section and the reference tables. Two configs with the
+    /// same fingerprint place every row alike (the proxy shows it as
+    /// `sharding.placement` in SHOW CONFIG; `shardline-rebalance --admin`
+    /// checks each proxy reports the new one after its RELOAD).
+    pub fn placement_fingerprint(&self) -> String {
+        let names: Vec<&str> = self.shards.iter().map(|s| s.name.as_str()).collect();
+        let text = format!("{names:?}{:?}{:?}", self.sharding, self.reference_tables);
+        // FNV-1a, 64 bits: the same in every build, unlike std's hasher.
+        let hash = text.bytes().fold(0xcbf2_9ce4_8422_2325u64, |h, b| {
+            (h ^ u64::from(b)).wrapping_mul(0x0000_0100_0000_01b3)
+        });
+        format!("{hash:016x}")
+    }
+
     /// Reads and validates a configuration file.
     pub fn load(path: &Path) -> Result<Config, ConfigError> {
         let name = path.display().to_string();

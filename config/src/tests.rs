@@ -355,3 +355,16 @@ fn admin_console_is_off_by_default_and_its_users_must_exist() {
     let e = err(&format!("{GOOD}\n[admin]\npause_timeout = \"0s\"\n"));
     assert_eq!(e.path, "admin.pause_timeout");
 }
+
+#[test]
+fn the_placement_fingerprint_changes_with_the_placement_only() {
+    let a = Config::from_toml(GOOD, "a.toml").unwrap();
+    let pool = Config::from_toml(&GOOD.replace("size = 10", "size = 11"), "b.toml").unwrap();
+    assert_eq!(a.placement_fingerprint(), pool.placement_fingerprint());
+    assert_eq!(a.placement_fingerprint().len(), 16);
+    let more = format!(
+        "{GOOD}\n[[shards]]\nname = \"s1\"\nprimary = {{ host = \"127.0.0.1\", port = 6000 }}\n"
+    );
+    let b = Config::from_toml(&more, "c.toml").unwrap();
+    assert_ne!(a.placement_fingerprint(), b.placement_fingerprint());
+}

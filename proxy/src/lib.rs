@@ -621,6 +621,9 @@ pub struct Live {
     current: std::sync::RwLock<Arc<Shared>>,
     /// The file the configuration came from (`None`: given in code).
     path: Option<std::path::PathBuf>,
+    /// The listen address came from the command line: a reload keeps it
+    /// without a word.
+    listen_fixed: bool,
     /// The current configuration's background work (health checks, 2PC
     /// resolution); held through a reload, so reloads run one at a time.
     tasks: tokio::sync::Mutex<Vec<tokio::task::JoinHandle<()>>>,
@@ -648,6 +651,9 @@ impl Live {
         let old = self.current();
         let mut notes = Vec::new();
         let running = &old.config.proxy;
+        if self.listen_fixed {
+            config.proxy.listen = running.listen;
+        }
         if config.proxy.listen != running.listen {
             notes.push(format!(
                 "proxy.listen stays {} until a restart (the file says {})",
@@ -749,12 +755,17 @@ impl Shared {
 impl Proxy {
     /// Binds the listener and starts accepting clients.
     pub async fn start(config: Config) -> Result<Proxy> {
-        Proxy::start_from(config, None).await
+        Proxy::start_from(config, None, false).await
     }
 
     /// As `start`, with the file `config` was read from: RELOAD and SIGHUP
-    /// reread it.
-    pub async fn start_from(config: Config, path: Option<std::path::PathBuf>) -> Result<Proxy> {
+    /// reread it (keeping the listen address when `listen_fixed`: it was
+    /// given on the command line).
+    pub async fn start_from(
+        config: Config,
+        path: Option<std::path::PathBuf>,
+        listen_fixed: bool,
+    ) -> Result<Proxy> {
         let shared = Arc::new(Shared::from_config(&config)?);
         let listener = TcpListener::bind(config.proxy.listen)
             .await
@@ -764,6 +775,7 @@ impl Proxy {
         let live = Arc::new(Live {
             current: std::sync::RwLock::new(shared.clone()),
             path,
+            listen_fixed,
             tasks: tokio::sync::Mutex::new(tasks),
         });
         shared.admin.set_live(&live);

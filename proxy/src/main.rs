@@ -17,6 +17,10 @@ struct Cli {
     /// Configuration file [default: shardline.toml].
     #[arg(short, long)]
     config: Option<PathBuf>,
+    /// Listen here instead of the config's proxy.listen (several proxies
+    /// on one host reading one config file; a reload keeps it).
+    #[arg(long, value_name = "HOST:PORT")]
+    listen: Option<std::net::SocketAddr>,
     #[command(subcommand)]
     command: Option<Cmd>,
 }
@@ -171,9 +175,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         None => {
             let named = cli.config.is_some();
             let path = config_path(cli.config);
-            let config = load_config(&path, named)?;
+            let mut config = load_config(&path, named)?;
             shardline::init_logging(config.proxy.log_format);
-            let proxy = Proxy::start_from(config, Some(path)).await?;
+            if let Some(listen) = cli.listen {
+                config.proxy.listen = listen;
+            }
+            let proxy = Proxy::start_from(config, Some(path), cli.listen.is_some()).await?;
             run_until_stopped(&proxy).await;
             proxy.shutdown();
             proxy.wait().await;

@@ -384,11 +384,9 @@ async fn has_state_tables(c: &tokio_postgres::Client) -> Result<bool, tokio_post
     Ok(row.get(0))
 }
 
-/// Undoes an unfinished run before any row was deleted from its old shard:
-/// the rows it copied are deleted from the new shards and its steps
-/// forgotten, leaving the old placement as it was. Returns the rows removed.
-pub async fn abort(r: &Rebalance, login: &Login, stop_at: Option<String>) -> Result<u64> {
-    let opts = ApplyOptions {
+/// Options for opening a run only to look at (or undo) it.
+fn inspecting(stop_at: Option<String>) -> ApplyOptions {
+    ApplyOptions {
         writes_stopped: true,
         create_tables: false,
         recopy_changed: false,
@@ -397,7 +395,30 @@ pub async fn abort(r: &Rebalance, login: &Login, stop_at: Option<String>) -> Res
         config_out: PathBuf::new(),
         new_text: String::new(),
         stop_at,
+    }
+}
+
+/// Whether a run of this rebalance has deleted rows from an old shard (or
+/// moved them all): from then on it can only be finished, never undone,
+/// and proxies must not go back to the old placement.
+pub async fn deletes_started(r: &Rebalance, login: &Login) -> Result<bool> {
+    let opts = inspecting(None);
+    let mut run = Run::open(r, login, &opts).await?;
+    let Some((id, state)) = run.recorded().await? else {
+        return Ok(false);
     };
+    if state == RunState::Finishing {
+        return Ok(true);
+    }
+    run.id = id;
+    Ok(run.first_deletes().await?.is_some())
+}
+
+/// Undoes an unfinished run before any row was deleted from its old shard:
+/// the rows it copied are deleted from the new shards and its steps
+/// forgotten, leaving the old placement as it was. Returns the rows removed.
+pub async fn abort(r: &Rebalance, login: &Login, stop_at: Option<String>) -> Result<u64> {
+    let opts = inspecting(stop_at);
     let mut run = Run::open(r, login, &opts).await?;
     let Some((id, state)) = run.recorded().await? else {
         bail!(
@@ -411,28 +432,10 @@ pub async fn abort(r: &Rebalance, login: &Login, stop_at: Option<String>) -> Res
         );
     }
     run.id = id;
-    for id in 0..r.names.len() {
-        let c = run.servers.get(id).await?;
-        if !has_state_tables(&c)
-            .await
-            .on(&run.servers, id, "reading recorded progress")?
-        {
-            continue;
-        }
-        let deleted: i64 = c
-            .query_one(
-                "SELECT count(*) FROM shardline.rebalance_deletes WHERE run = $1",
-                &[&run.id],
-            )
-            .await
-            .on(&run.servers, id, "reading recorded progress")?
-            .get(0);
-        if deleted > 0 {
-            bail!(
-                "rows of this rebalance were already deleted from shard {} ({deleted} steps): it cannot be undone, only finished. Run apply again with the same configs.",
-                run.servers.label(id)
-            );
-        }
+    if let Some((shard, deleted)) = run.first_deletes().await? {
+        bail!(
+            "rows of this rebalance were already deleted from shard {shard} ({deleted} steps): it cannot be undone, only finished. Run apply again with the same configs."
+        );
     }
     // From here apply refuses until abort has finished (rerun abort).
     run.set_state(RunState::Aborting).await?;
@@ -528,6 +531,32 @@ impl<'a> Run<'a> {
 }
 
 impl Run<'_> {
+    /// The first shard (label, and its count) holding delete receipts of
+    /// this run, if any.
+    async fn first_deletes(&mut self) -> Result<Option<(String, i64)>> {
+        for id in 0..self.r.names.len() {
+            let c = self.servers.get(id).await?;
+            if !has_state_tables(&c)
+                .await
+                .on(&self.servers, id, "reading recorded progress")?
+            {
+                continue;
+            }
+            let deleted: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM shardline.rebalance_deletes WHERE run = $1",
+                    &[&self.id],
+                )
+                .await
+                .on(&self.servers, id, "reading recorded progress")?
+                .get(0);
+            if deleted > 0 {
+                return Ok(Some((self.servers.label(id), deleted)));
+            }
+        }
+        Ok(None)
+    }
+
     fn log(&self, line: &str) {
         if self.progress.is_hidden() {
             eprintln!("{line}");

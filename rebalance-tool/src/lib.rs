@@ -4,11 +4,13 @@
 //! - [`layout`]: the two configs compared, placement as SQL (pure);
 //! - [`db`]: connections, catalog checks, counts and checksums on the servers;
 //! - [`copy`]: streaming rows from one server to another;
-//! - [`apply`], [`plan`], [`verify`]: the three commands.
+//! - [`apply`], [`plan`], [`verify`]: the three commands;
+//! - [`proxies`]: the proxies' admin consoles around a move (`--admin`).
 
 pub mod apply;
 pub mod copy;
 pub mod db;
 pub mod layout;
 pub mod plan;
+pub mod proxies;
 pub mod verify;

@@ -9,6 +9,7 @@ use shardline_rebalance::copy::Format;
 use shardline_rebalance::db::Login;
 use shardline_rebalance::layout::{Placement, Rebalance};
 use shardline_rebalance::plan::{self, count};
+use shardline_rebalance::proxies::Proxies;
 use shardline_rebalance::verify;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -51,6 +52,12 @@ enum Command {
         /// Confirms that nothing writes to these shards while rows move.
         #[arg(long)]
         writes_stopped: bool,
+        /// A proxy's admin console (postgres://USER:PASSWORD@HOST:PORT/shardline),
+        /// once per proxy: each is PAUSEd for the move (its clients wait),
+        /// RELOADed with the new config and checked, then RESUMEd. Implies
+        /// --writes-stopped.
+        #[arg(long, value_name = "URL")]
+        admin: Vec<String>,
         /// Create tables missing on new shards from the default shard's definition.
         #[arg(long)]
         create_tables: bool,
@@ -194,11 +201,24 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             format,
             config_out,
             login,
+            admin,
         } => {
             let (r, old, new_text) = compare(&from, &to)?;
+            let placement = Config::from_toml(&new_text, &to.display().to_string())
+                .map_err(|e| anyhow::anyhow!("{e}"))?
+                .placement_fingerprint();
             let config_out = config_out.unwrap_or_else(|| from.clone());
+            let login = login.resolve(&old)?;
+            let mut proxies = Proxies::connect(&admin).await?;
+            if !proxies.is_empty() {
+                proxies.pause().await?;
+                println!(
+                    "paused {} proxies: their clients wait while rows move",
+                    proxies.len()
+                );
+            }
             let opts = ApplyOptions {
-                writes_stopped,
+                writes_stopped: writes_stopped || !proxies.is_empty(),
                 create_tables,
                 recopy_changed,
                 chunk_rows,
@@ -207,7 +227,19 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 new_text,
                 stop_at: crash_hook(),
             };
-            let s = apply::apply(&r, &login.resolve(&old)?, &opts).await?;
+            let s = match apply::apply(&r, &login, &opts).await {
+                Ok(s) => s,
+                Err(e) if proxies.is_empty() => return Err(e),
+                Err(e) => {
+                    return Err(match apply::deletes_started(&r, &login).await {
+                        Ok(false) => match proxies.resume().await {
+                            Ok(_) => e.context("nothing was deleted: the proxies are resumed on the old config"),
+                            Err(r) => e.context(format!("nothing was deleted, but resuming failed ({r:#}): run RESUME in each proxy's console")),
+                        },
+                        _ => e.context("rows may already be deleted from their old shards, so the proxies stay paused (the old placement would miss them). Run the same apply again (with its --admin options) to finish: it reloads and resumes them"),
+                    });
+                }
+            };
             let rows = s.rows() as i64;
             if s.nothing_to_move {
                 println!("Nothing to move: every row is already where the new config places it.");
@@ -236,12 +268,31 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                     .collect();
                 print!("{}", plan::table(&["table", "from", "to", " rows"], &table));
             }
-            if let Some(path) = &s.config_written {
-                println!(
-                    "The new config is in {}. Reload every proxy with it (RELOAD in its admin console, or SIGHUP), then let traffic back (RESUME).",
-                    path.display()
-                );
+            if proxies.is_empty() {
+                if let Some(path) = &s.config_written {
+                    println!(
+                        "The new config is in {}. Reload every proxy with it (RELOAD in its admin console, or SIGHUP), then let traffic back (RESUME).",
+                        path.display()
+                    );
+                }
+                return Ok(ExitCode::SUCCESS);
             }
+            if s.config_written.is_none() {
+                let held = proxies.resume().await?;
+                println!("No config was written: the proxies are resumed as they were (held {held:.2} s).");
+                return Ok(ExitCode::SUCCESS);
+            }
+            if let Err(e) = proxies.reload(&placement).await {
+                return Err(e.context(format!(
+                    "every row is moved and the new config is in {}; the proxies stay paused. Make each proxy read that file, then run RELOAD and RESUME in each console",
+                    opts.config_out.display()
+                )));
+            }
+            let held = proxies.resume().await?;
+            println!(
+                "{} proxies reloaded with the new placement ({placement}) and resumed; their clients were held for {held:.2} s.",
+                proxies.len()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Abort { from, to, login } => {

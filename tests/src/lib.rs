@@ -568,6 +568,34 @@ impl ProxyProcess {
         panic!("the proxy did not start listening on {port}");
     }
 
+    /// Starts the binary on the config file `path` as it is (shared by
+    /// several proxies: each gets its own port with `--listen`), and
+    /// returns it with a client logged in as `app`.
+    pub async fn start_file(path: &std::path::Path) -> (ProxyProcess, Client) {
+        let port = shardline::cluster::free_port().expect("a free port");
+        let mut cmd = std::process::Command::new(shardline_binary().expect("the shardline binary"));
+        cmd.arg("--config")
+            .arg(path)
+            .arg("--listen")
+            .arg(format!("127.0.0.1:{port}"))
+            .stdout(std::process::Stdio::null())
+            .stderr(std::process::Stdio::null());
+        let proxy = ProxyProcess {
+            child: cmd.spawn().expect("start shardline"),
+            port,
+            _dir: TempDir::new("proxy"),
+        };
+        let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
+        for _ in 0..300 {
+            if let Ok((c, conn)) = tokio_postgres::connect(&conn, NoTls).await {
+                tokio::spawn(conn);
+                return (proxy, c);
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        panic!("the proxy did not start listening on {port}");
+    }
+
     pub fn pid(&self) -> u32 {
         self.child.id()
     }

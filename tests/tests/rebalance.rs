@@ -1588,3 +1588,164 @@ async fn the_tools_sessions_commit_synchronously_and_time_out_on_locks() {
     assert_eq!(show("lock_timeout").await, "30s");
     env.sql_shard(0, "ALTER SYSTEM RESET ALL; SELECT pg_reload_conf()");
 }
+
+/// What one client of the load saw.
+#[derive(Default)]
+struct ClientLog {
+    /// Increments acknowledged, by key.
+    acked: BTreeMap<i64, i64>,
+    failed: Vec<String>,
+    /// The longest a transaction took (a client held by PAUSE waits).
+    longest: Duration,
+}
+
+/// `clients` clients on `port` incrementing random keys of `accts` in
+/// transactions (and reading one now and then) until `stop` is set.
+fn run_load(
+    port: u16,
+    clients: usize,
+    rows: i64,
+    seed: u64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> Vec<tokio::task::JoinHandle<ClientLog>> {
+    (0..clients)
+        .map(|i| {
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let mut log = ClientLog::default();
+                let mut rng = Rng(seed + i as u64);
+                let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
+                let (c, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                    .await
+                    .expect("a load client");
+                tokio::spawn(connection);
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                    let key = 1 + rng.below(rows as usize) as i64;
+                    let started = Instant::now();
+                    let sql = if rng.chance(20) {
+                        format!("SELECT n FROM accts WHERE id = {key}")
+                    } else {
+                        format!("BEGIN; UPDATE accts SET n = n + 1 WHERE id = {key}; COMMIT")
+                    };
+                    match c.batch_execute(&sql).await {
+                        Ok(()) if sql.starts_with("BEGIN") => {
+                            *log.acked.entry(key).or_default() += 1;
+                        }
+                        Ok(()) => {}
+                        Err(e) => log.failed.push(format!("{sql}: {e}")),
+                    }
+                    log.longest = log.longest.max(started.elapsed());
+                }
+                log
+            })
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_with_admin_holds_two_proxies_clients_instead_of_failing_them() {
+    const ROWS: i64 = 20_000;
+    let env = start(3).await;
+    let files = TempDir::new("rebalance-admin");
+    let tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"accts\"\ncolumn = \"id\"\n\n[admin]\nusers = [\"app\"]\n";
+    let two = env.shards_config(&[0, 1], tables);
+    let three = env.shards_config(&[0, 1, 2], tables);
+    let config = files.write("shardline.toml", &two);
+    let new = files.write("new.toml", &three);
+    for s in 0..3 {
+        env.sql_shard(
+            s,
+            "CREATE TABLE accts (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0); GRANT ALL ON accts TO app;",
+        );
+    }
+    // Two proxies on the one config file (each on its own port).
+    let (a, client) = shardline_tests::ProxyProcess::start_file(&config).await;
+    let (b, _) = shardline_tests::ProxyProcess::start_file(&config).await;
+    for chunk in (1..=ROWS).collect::<Vec<_>>().chunks(2_000) {
+        let values: Vec<String> = chunk.iter().map(|k| format!("({k})")).collect();
+        client
+            .batch_execute(&format!(
+                "INSERT INTO accts (id) VALUES {}",
+                values.join(",")
+            ))
+            .await
+            .expect("rows on both shards");
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut load = run_load(a.port, 8, ROWS, 1, stop.clone());
+    load.extend(run_load(b.port, 8, ROWS, 100, stop.clone()));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let admin = |p: u16| format!("postgres://app:app@127.0.0.1:{p}/shardline");
+    let args = [
+        "apply".to_string(),
+        "--from".into(),
+        path(&config).into(),
+        "--to".into(),
+        path(&new).into(),
+        "--admin".into(),
+        admin(a.port),
+        "--admin".into(),
+        admin(b.port),
+    ];
+    let (code, out, err) = tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        tool(&args)
+    })
+    .await
+    .unwrap();
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("paused 2 proxies"), "{out}");
+    assert!(
+        out.contains("2 proxies reloaded with the new placement"),
+        "{out}"
+    );
+    // Traffic goes on through the new placement, then stops.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut acked: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut longest = Vec::new();
+    for task in load {
+        let log = task.await.unwrap();
+        assert!(
+            log.failed.is_empty(),
+            "a client saw errors: {:?}",
+            log.failed
+        );
+        for (k, n) in log.acked {
+            *acked.entry(k).or_default() += n;
+        }
+        longest.push(log.longest);
+    }
+    // Every row once, on the shard the new config places it, with every
+    // acknowledged increment.
+    let sharding = Sharding::from_config(&Config::from_toml(&three, "new.toml").unwrap());
+    let group = &sharding.groups[sharding.tables["accts"].group];
+    let mut stored: BTreeMap<i64, i64> = BTreeMap::new();
+    let mut on_s2 = 0;
+    for s in 0..3 {
+        let rows = env.sql_shard(s, "SELECT id || ':' || n FROM accts");
+        for line in rows.lines().filter(|l| !l.is_empty()) {
+            let (id, n) = line.split_once(':').unwrap();
+            let previous = stored.insert(id.parse().unwrap(), n.parse().unwrap());
+            assert!(previous.is_none(), "row {id} is on two shards");
+            let key = group.key_from_text(id).expect("key parses");
+            let owner = group.shard_of(Some(&key)).unwrap();
+            assert_eq!(sharding.shard_names[owner], format!("s{s}"), "row {id}");
+            on_s2 += usize::from(s == 2);
+        }
+    }
+    assert_eq!(stored.len() as i64, ROWS);
+    assert!(on_s2 > 0, "rows moved to the new shard");
+    for (k, n) in &stored {
+        assert_eq!(*n, acked.get(k).copied().unwrap_or(0), "key {k}");
+    }
+    longest.sort();
+    let writes: i64 = acked.values().sum();
+    eprintln!(
+        "apply --admin under load: {writes} increments acknowledged, none failed; longest transaction per client: median {:?}, max {:?}; {}",
+        longest[longest.len() / 2],
+        longest[longest.len() - 1],
+        out.lines().last().unwrap_or("")
+    );
+}

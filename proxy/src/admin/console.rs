@@ -310,7 +310,9 @@ async fn pause(shared: &Arc<Shared>, mask: ShardMask) -> Result<(), Failure> {
     );
     let timeout = shared.admin.settings().pause_timeout;
     let deadline = tokio::time::Instant::now() + timeout;
-    while lent(shared, mask) > 0 {
+    // Units that looked at the mask before it was set hold their
+    // connection, or are held, once `entering` is back to 0.
+    while shared.admin.pause.entering() > 0 || lent(shared, mask) > 0 {
         if tokio::time::Instant::now() >= deadline {
             shared.admin.pause.resume(mask & !before);
             let holders = holders(shared, mask);

@@ -6,7 +6,7 @@
 //! gets 57P03 instead of waiting on.
 
 use shardline_router::sharding::ShardMask;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::SeqCst};
 use std::time::Duration;
 use tokio::sync::watch;
 
@@ -16,6 +16,20 @@ pub struct Pause {
     mask: AtomicU64,
     /// The same, for the units held to wait on.
     changed: watch::Sender<ShardMask>,
+    /// Units between their look at the mask and their connection's
+    /// checkout: a PAUSE waits for them too, or one could look before the
+    /// pause began and check out after it was done.
+    entering: AtomicUsize,
+}
+
+/// A unit beginning a transaction, from its look at the mask until it
+/// holds its connection (dropped then, or before it waits in a hold).
+pub struct Entry(std::sync::Arc<super::Admin>);
+
+impl Drop for Entry {
+    fn drop(&mut self) {
+        self.0.pause.entering.fetch_sub(1, SeqCst);
+    }
 }
 
 impl Default for Pause {
@@ -23,6 +37,7 @@ impl Default for Pause {
         Pause {
             mask: AtomicU64::new(0),
             changed: watch::channel(0).0,
+            entering: AtomicUsize::new(0),
         }
     }
 }
@@ -35,20 +50,34 @@ impl Pause {
     /// The paused shards.
     #[inline]
     pub fn mask(&self) -> ShardMask {
-        self.mask.load(Relaxed)
+        self.mask.load(SeqCst)
+    }
+
+    /// A unit begins a transaction: counted until the entry is dropped;
+    /// then it reads the mask.
+    pub fn enter(admin: &std::sync::Arc<super::Admin>) -> (Entry, ShardMask) {
+        admin.pause.entering.fetch_add(1, SeqCst);
+        let entry = Entry(admin.clone());
+        let mask = admin.pause.mask();
+        (entry, mask)
+    }
+
+    /// Units between their look at the mask and their checkout.
+    pub fn entering(&self) -> usize {
+        self.entering.load(SeqCst)
     }
 
     pub fn pause(&self, shards: ShardMask) {
         self.changed.send_modify(|m| {
             *m |= shards;
-            self.mask.store(*m, Relaxed);
+            self.mask.store(*m, SeqCst);
         });
     }
 
     pub fn resume(&self, shards: ShardMask) {
         self.changed.send_modify(|m| {
             *m &= !shards;
-            self.mask.store(*m, Relaxed);
+            self.mask.store(*m, SeqCst);
         });
     }
 

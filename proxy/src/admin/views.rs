@@ -264,6 +264,7 @@ pub(super) fn settings(c: &shardline_config::Config) -> Vec<(&'static str, Strin
             "routing.merge_memory_total",
             c.routing.merge_memory_total.to_string(),
         ),
+        ("sharding.placement", c.placement_fingerprint()),
         ("sharding.function", snake(c.sharding.function)),
         ("sharding.vnodes", c.sharding.vnodes.to_string()),
         ("sharding.key_type", snake(c.sharding.key_type)),

@@ -411,11 +411,16 @@ impl Session {
                         // The shards depend on the whole unit: wait for its Sync.
                         break;
                     }
-                    if self.held_by_pause(&planned).await? {
-                        // Held past admin.max_hold: answered with an error.
+                    let Some(entry) = self.held_by_pause(&planned).await? else {
+                        // Held (then run afresh: a RELOAD during the pause
+                        // may have moved its rows, so it is placed again
+                        // on the configuration it now finds), or held past
+                        // admin.max_hold and answered with an error.
                         continue;
-                    }
+                    };
                     self.run_unit(planned).await?;
+                    // Its connection is lent now (a PAUSE sees it there).
+                    drop(entry);
                 }
             }
         }
@@ -427,17 +432,27 @@ impl Session {
 
     /// A unit that would begin a transaction on a paused shard waits here
     /// until the shard resumes (admin PAUSE). Units of a transaction
-    /// already open on a server run on, so it can end. Returns true when
-    /// the hold outlasted `admin.max_hold` and the unit was failed (57P03).
-    async fn held_by_pause(&mut self, planned: &route::Planned) -> Result<bool, End> {
-        let paused = self.shared.admin.pause.mask();
-        if paused == 0 || self.server.is_some() || self.spanning.spans() {
-            return Ok(false);
+    /// already open on a server run on, so it can end. `Some` when the unit
+    /// runs now, with the pause entry to drop once its connection is lent
+    /// (a unit that begins a transaction); `None` when it was held: it is
+    /// to be planned again (on the configuration found after the pause),
+    /// or it outlasted `admin.max_hold` and was failed (57P03).
+    async fn held_by_pause(
+        &mut self,
+        planned: &route::Planned,
+    ) -> Result<Option<Option<crate::admin::pause::Entry>>, End> {
+        if self.server.is_some() || self.spanning.spans() {
+            return Ok(Some(None));
+        }
+        let (entry, paused) = crate::admin::pause::Pause::enter(&self.shared.admin);
+        if paused == 0 {
+            return Ok(Some(Some(entry)));
         }
         let shards = self.unit_shards(&planned.place);
         if paused & shards == 0 {
-            return Ok(false);
+            return Ok(Some(Some(entry)));
         }
+        drop(entry);
         let admin = &self.shared.admin;
         let max_hold = admin.settings().max_hold;
         self.client.waiting(true);
@@ -456,7 +471,10 @@ impl Session {
         self.client.waiting(false);
         match held {
             None => Err(End::Fatal(killed())),
-            Some(Ok(())) => Ok(false),
+            Some(Ok(())) => {
+                self.forget_plan();
+                Ok(None)
+            }
             Some(Err(_)) => {
                 self.fail_next_message(
                     PgError::error(
@@ -468,7 +486,7 @@ impl Session {
                     )
                     .with_hint("retry once the proxy is resumed (admin RESUME)"),
                 )?;
-                Ok(true)
+                Ok(None)
             }
         }
     }
