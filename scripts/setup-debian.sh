@@ -43,6 +43,8 @@ if [ "$demo" = 0 ]; then
   # pgx (Go), from Debian's packages: built in GOPATH mode, no module download.
   command -v go >/dev/null 2>&1 || packages+=(golang-go)
   [ -d /usr/share/gocode/src/github.com/jackc/pgx/v4 ] || packages+=(golang-github-jackc-pgx-v4-dev)
+  # A PgBouncer exporter, scraping the admin console in the tests.
+  command -v prometheus-pgbouncer-exporter >/dev/null 2>&1 || packages+=(prometheus-pgbouncer-exporter)
 fi
 if [ "$docker" = 1 ]; then
   command -v dockerd >/dev/null 2>&1 || packages+=(docker.io)

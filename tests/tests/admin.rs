@@ -132,7 +132,8 @@ async fn the_console_answers_in_pgbouncer_layouts_with_live_figures() {
     let env = two_shards("").await;
     let admin = console(&env).await;
 
-    // SHOW POOLS: PgBouncer's columns first, in its order; a row per user and node.
+    // SHOW POOLS: PgBouncer's columns first, in its order; a row per user
+    // (its pools on every node summed: tools label by database and user).
     let (columns, pools) = show(&admin, "SHOW POOLS").await;
     let pgbouncer = [
         "database",
@@ -154,7 +155,8 @@ async fn the_console_answers_in_pgbouncer_layouts_with_live_figures() {
     ];
     assert_eq!(columns[..pgbouncer.len()], pgbouncer);
     let users = 9;
-    assert_eq!(pools.len(), users * 4, "{pools:?}");
+    assert_eq!(pools.len(), users, "{pools:?}");
+    assert!(pools.iter().all(|r| int(r, "nodes") == 4), "{pools:?}");
 
     // A client in an open transaction on one shard: active on that shard's
     // primary, linked to the server connection SHOW SERVERS lists.
@@ -190,12 +192,12 @@ async fn the_console_answers_in_pgbouncer_layouts_with_live_figures() {
         "the server links to its client"
     );
     let (_, pools) = show(&admin, "SHOW POOLS").await;
-    let primary0 = pools
-        .iter()
-        .find(|r| get(r, "user") == "app" && get(r, "shard") == "s0" && get(r, "role") == "primary")
-        .unwrap();
-    assert_eq!(int(primary0, "cl_active"), 1);
-    assert!(int(primary0, "sv_active") >= 1, "{primary0:?}");
+    let app = pools.iter().find(|r| get(r, "user") == "app").unwrap();
+    assert_eq!(int(app, "cl_active"), 1, "{app:?}");
+    assert!(int(app, "sv_active") >= 1, "{app:?}");
+    let (_, databases) = show(&admin, "SHOW DATABASES").await;
+    assert_eq!(databases.len(), 1, "one client database: {databases:?}");
+    assert!(int(&databases[0], "current_connections") >= 1);
     holder.batch_execute("COMMIT").await.unwrap();
 
     // SHOW STATS counts transactions and queries as they are answered.
@@ -621,4 +623,82 @@ async fn shutdown_from_the_console_stops_the_process() {
     };
     assert!(status.success(), "{status:?}");
     assert!(client.batch_execute("SELECT 1").await.is_err());
+}
+
+/// GET `path` from an HTTP server on 127.0.0.1 (the body, if it answered 200).
+fn http_get(port: u16, path: &str) -> Option<String> {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(("127.0.0.1", port)).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    write!(s, "GET {path} HTTP/1.0\r\nHost: 127.0.0.1\r\n\r\n").ok()?;
+    let mut out = String::new();
+    s.read_to_string(&mut out).ok()?;
+    let (head, body) = out.split_once("\r\n\r\n")?;
+    head.starts_with("HTTP/1.0 200").then(|| body.to_string())
+}
+
+/// Debian's PgBouncer exporter (prometheus-pgbouncer-exporter) scrapes the
+/// console, named `pgbouncer` here, as it scrapes PgBouncer's: SHOW LISTS,
+/// STATS, POOLS and DATABASES by column name.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pgbouncer_exporter_scrapes_the_console() {
+    let env = Env::start_with(EnvOptions {
+        extra_toml: "[admin]\nusers = [\"app\"]\ndatabase = \"pgbouncer\"\n".into(),
+        ..EnvOptions::default()
+    })
+    .await
+    .unwrap();
+    let c = env.connect().await;
+    for _ in 0..3 {
+        c.batch_execute("SELECT 1").await.unwrap();
+    }
+    let port = shardline::cluster::free_port().unwrap();
+    let mut exporter = std::process::Command::new("prometheus-pgbouncer-exporter")
+        .args(["--host", "127.0.0.1", "--port", &port.to_string()])
+        .args([
+            "--pgbouncer-host",
+            "127.0.0.1",
+            "--pgbouncer-port",
+            &env.port.to_string(),
+        ])
+        .args(["--pgbouncer-user", "app"])
+        .env("PGPASSWORD", "app")
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("prometheus-pgbouncer-exporter (installed by scripts/setup-debian.sh)");
+    let mut metrics = None;
+    wait_for("the exporter's metrics", || {
+        metrics = http_get(port, "/metrics").filter(|m| m.contains("pgbouncer_requests_total{"));
+        let ok = metrics.is_some() || exporter.try_wait().ok().flatten().is_some();
+        async move { ok }
+    })
+    .await;
+    let _ = exporter.kill();
+    let output = exporter.wait_with_output().unwrap();
+    let metrics = metrics.unwrap_or_else(|| {
+        panic!(
+            "the exporter ended: {}",
+            String::from_utf8_lossy(&output.stderr)
+        )
+    });
+    let value = |series: &str| -> f64 {
+        metrics
+            .lines()
+            .find_map(|l| l.strip_prefix(series))
+            .and_then(|v| v.trim().parse().ok())
+            .unwrap_or_else(|| panic!("no {series} in:\n{metrics}"))
+    };
+    assert!(value("pgbouncer_requests_total{database=\"app\"}") >= 3.0);
+    assert!(value("pgbouncer_received_bytes_total{database=\"app\"}") > 0.0);
+    assert_eq!(
+        value("pgbouncer_active_clients{database=\"app\",user=\"app\"}"),
+        0.0
+    );
+    assert_eq!(value("pgbouncer_pool_size{database=\"app\"}"), 20.0);
+    assert_eq!(value("pgbouncer_users"), 9.0);
+    assert!(
+        value("pgbouncer_used_clients") >= 2.0,
+        "the client and the exporter"
+    );
 }

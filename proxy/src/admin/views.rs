@@ -285,8 +285,9 @@ pub(super) fn settings(c: &shardline_config::Config) -> Vec<(&'static str, Strin
     ]
 }
 
-/// One row per node and client database: where the pools of that
-/// database connect.
+/// One row per client database, as PgBouncer has one per database entry
+/// (tools label by `database`): its pools summed over every node of every
+/// shard; `host` and `port` are NULL (SHOW SHARDS lists the nodes).
 fn databases(shared: &Shared) -> Table {
     let mut table = Table::new(&[
         ("name", T),
@@ -302,43 +303,45 @@ fn databases(shared: &Shared) -> Table {
         ("current_connections", I),
         ("paused", I),
         ("disabled", I),
-        ("shard", T),
-        ("role", T),
+        ("shards", I),
+        ("nodes", I),
     ]);
-    let paused = shared.admin.pause.mask();
+    let all = match shared.topology.shards.len() {
+        n if n >= 64 => u64::MAX,
+        n => (1u64 << n) - 1,
+    };
+    let paused = shared.admin.pause.mask() & all == all;
     let mut by_db: BTreeMap<&str, Vec<&crate::UserEntry>> = BTreeMap::new();
     for u in shared.users.values() {
         by_db.entry(&u.database).or_default().push(u);
     }
+    let nodes: usize = shared.topology.shards.iter().map(|s| s.nodes.len()).sum();
     for (db, users) in by_db {
-        for (s, shard) in shared.topology.shards.iter().enumerate() {
-            for (i, node) in shard.nodes.iter().enumerate() {
-                let (host, port) = host_port(&node.address);
-                let (mut open, mut size) = (0, 0);
-                for u in &users {
-                    let pool = &u.pools.shards[s].nodes[i];
-                    open += pool.counts().0;
-                    size = size.max(pool.pool.status().max_size);
-                }
-                table.push(vec![
-                    t(db),
-                    t(host),
-                    t(port),
-                    t(db),
-                    None,
-                    n(size as u64),
-                    n(0u8),
-                    n(0u8),
-                    t(snake(shared.config.proxy.pool_mode)),
-                    n(0u8),
-                    n(open as u64),
-                    n(u8::from(paused & (1 << s) != 0)),
-                    n(0u8),
-                    t(&shard.name),
-                    t(snake(node.role())),
-                ]);
-            }
+        let (mut open, mut size) = (0, 0);
+        for pool in users
+            .iter()
+            .flat_map(|u| u.pools.shards.iter().flat_map(|s| s.nodes.iter()))
+        {
+            open += pool.counts().0;
+            size = size.max(pool.pool.status().max_size);
         }
+        table.push(vec![
+            t(db),
+            None,
+            None,
+            t(db),
+            None,
+            n(size as u64),
+            n(0u8),
+            n(0u8),
+            t(snake(shared.config.proxy.pool_mode)),
+            n(0u8),
+            n(open as u64),
+            n(u8::from(paused)),
+            n(0u8),
+            n(shared.topology.shards.len() as u64),
+            n(nodes as u64),
+        ]);
     }
     table
 }
@@ -350,10 +353,12 @@ fn users_sorted(shared: &Shared) -> Vec<&std::sync::Arc<crate::UserEntry>> {
     users
 }
 
-/// One row per user and node. `cl_active`: the user's clients using a
-/// connection of this node now; `cl_waiting`: clients waiting for one of
-/// this pool's connections; `maxwait`: the longest wait among the user's
-/// waiting clients. Connections being opened count in `sv_active`.
+/// One row per user, as PgBouncer has one per pool (tools label by
+/// database and user): the user's pools on every node summed. `cl_active`:
+/// the user's clients using a server connection now; `cl_waiting`: clients
+/// waiting for one of its pools' connections; `maxwait`: the longest wait
+/// among the user's waiting clients (a PAUSE's hold included). Connections
+/// being opened count in `sv_active`.
 fn pools(shared: &Shared) -> Table {
     let mut table = Table::new(&[
         ("database", T),
@@ -372,10 +377,7 @@ fn pools(shared: &Shared) -> Table {
         ("maxwait", I),
         ("maxwait_us", I),
         ("pool_mode", T),
-        ("shard", T),
-        ("host", T),
-        ("port", I),
-        ("role", T),
+        ("nodes", I),
     ]);
     let clients = shared.clients.list();
     for u in users_sorted(shared) {
@@ -390,39 +392,34 @@ fn pools(shared: &Shared) -> Table {
             .filter_map(|(_, c)| c.waited())
             .max()
             .unwrap_or_default();
-        for (s, shard) in shared.topology.shards.iter().enumerate() {
-            for (i, node) in shard.nodes.iter().enumerate() {
-                let pool = &u.pools.shards[s].nodes[i];
-                let (open, idle, waiting) = pool.counts();
-                let active = mine
-                    .iter()
-                    .filter(|(_, c)| c.servers().iter().any(|(a, _)| **a == *pool.address))
-                    .count();
-                let (host, port) = host_port(&node.address);
-                table.push(vec![
-                    t(&u.database),
-                    t(&u.name),
-                    n(active as u64),
-                    n(waiting as u64),
-                    n(0u8),
-                    n(0u8),
-                    n((open - idle) as u64),
-                    n(0u8),
-                    n(0u8),
-                    n(idle as u64),
-                    n(0u8),
-                    n(0u8),
-                    n(0u8),
-                    n(maxwait.as_secs()),
-                    n(maxwait.subsec_micros()),
-                    t(snake(u.mode)),
-                    t(&shard.name),
-                    t(host),
-                    t(port),
-                    t(snake(node.role())),
-                ]);
-            }
+        let active = mine.iter().filter(|(_, c)| !c.servers().is_empty()).count();
+        let (mut open, mut idle, mut waiting, mut nodes) = (0, 0, 0, 0);
+        for pool in u.pools.shards.iter().flat_map(|s| s.nodes.iter()) {
+            let (o, i, w) = pool.counts();
+            open += o;
+            idle += i;
+            waiting += w;
+            nodes += 1;
         }
+        table.push(vec![
+            t(&u.database),
+            t(&u.name),
+            n(active as u64),
+            n(waiting as u64),
+            n(0u8),
+            n(0u8),
+            n((open - idle) as u64),
+            n(0u8),
+            n(0u8),
+            n(idle as u64),
+            n(0u8),
+            n(0u8),
+            n(0u8),
+            n(maxwait.as_secs()),
+            n(maxwait.subsec_micros()),
+            t(snake(u.mode)),
+            n(nodes as u64),
+        ]);
     }
     table
 }
@@ -589,11 +586,14 @@ fn stats(shared: &Shared) -> Table {
         ("avg_xact_time", I),
         ("avg_query_time", I),
         ("avg_wait_time", I),
+        // PgBouncer before 1.8 (exporters written then still read it).
+        ("total_requests", I),
     ]);
     for (db, totals) in totals_by_database(shared) {
         let mut row = totals_row(&db, &totals);
         let avg = shared.admin.averages.of(&db);
         row.extend(totals_row(&db, &avg).into_iter().skip(1));
+        row.push(n(totals.queries));
         table.push(row);
     }
     table
