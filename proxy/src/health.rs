@@ -183,6 +183,8 @@ pub struct ShardHealth {
     wanted: tokio::sync::Notify,
     /// Woken when the poller has learned new replay positions.
     advanced: tokio::sync::Notify,
+    /// The placement its primary records (`placement_hash`; 0: none).
+    pub recorded_placement: AtomicU64,
 }
 
 /// A read waiting for replay positions (`ShardHealth::wait_for_position`);
@@ -233,6 +235,7 @@ impl ShardHealth {
             waiting: AtomicUsize::new(0),
             wanted: tokio::sync::Notify::new(),
             advanced: tokio::sync::Notify::new(),
+            recorded_placement: AtomicU64::new(0),
         }
     }
 
@@ -393,12 +396,23 @@ struct Observation {
     /// Replica: milliseconds since the last replayed commit (`None`: none
     /// replayed since it started).
     replay_age_ms: Option<u64>,
+    /// The node holds a placement record (`shardline_placement.current`).
+    placement_recorded: bool,
 }
 
 const CHECK_SQL: &str = "SELECT pg_is_in_recovery(), \
     (CASE WHEN pg_is_in_recovery() THEN COALESCE(pg_last_wal_replay_lsn(), '0/0') \
      ELSE pg_current_wal_flush_lsn() END - '0/0'::pg_lsn)::bigint, \
-    COALESCE(floor(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000), -1)::bigint";
+    COALESCE(floor(extract(epoch FROM clock_timestamp() - pg_last_xact_replay_timestamp()) * 1000), -1)::bigint, \
+    to_regclass('shardline_placement.current') IS NOT NULL";
+
+/// The placement `shardline-rebalance` recorded on a shard (when it has).
+const PLACEMENT_SQL: &str = "SELECT fingerprint FROM shardline_placement.current LIMIT 1";
+
+/// A placement fingerprint (16 hex digits) as a number; 0 when none.
+pub fn placement_hash(fingerprint: &str) -> u64 {
+    u64::from_str_radix(fingerprint, 16).unwrap_or(0)
+}
 
 /// Runs `sql` on the node's connection of the checker's (or poller's),
 /// opening it first if there is none.
@@ -433,6 +447,7 @@ async fn check(
             .parse::<i64>()
             .ok()
             .and_then(|v| u64::try_from(v).ok()),
+        placement_recorded: col(3) == "t",
     })
 }
 
@@ -607,6 +622,32 @@ impl Checker {
             });
         let results = futures_util::future::join_all(checks).await;
         let all_up = results.iter().all(Result::is_ok);
+        // The placement the primary records (after a rebalance), read only
+        // where the record exists.
+        let primary = results
+            .iter()
+            .position(|r| r.as_ref().is_ok_and(|o| !o.in_recovery));
+        if let Some(i) = primary {
+            let recorded = match &results[i] {
+                Ok(o) if o.placement_recorded => {
+                    let asked = tokio::time::timeout(
+                        timeout,
+                        ask(&mut self.conns[i], &self.targets[i], PLACEMENT_SQL),
+                    )
+                    .await;
+                    match asked {
+                        Ok(Ok(rows)) => rows
+                            .first()
+                            .and_then(|r| r.first().cloned().flatten())
+                            .map_or(0, |f| placement_hash(&f)),
+                        // Unknown this round: keep what was known.
+                        _ => self.shard.recorded_placement.load(Relaxed),
+                    }
+                }
+                _ => 0,
+            };
+            self.shard.recorded_placement.store(recorded, Relaxed);
+        }
         self.publish(results).await;
         all_up
     }

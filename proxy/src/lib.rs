@@ -162,6 +162,10 @@ pub struct Shared {
     pub generation: u64,
     /// The configuration running (SHOW CONFIG).
     pub config: Arc<Config>,
+    /// This config's placement (`Config::placement_fingerprint`, as a
+    /// number): a shard recording another one (`shardline-rebalance` moved
+    /// rows since) makes the sessions on this config refuse statements.
+    pub placement: u64,
     /// Units run, by placement (SHOW ROUTING); kept across reloads.
     pub placements: Arc<stats::Placements>,
     pub statements: server::statements::StatementRegistry,
@@ -495,6 +499,7 @@ impl Shared {
             generation: previous.map_or(0, |p| p.generation + 1),
             config: Arc::new(config.clone()),
             placements: previous.map(|p| p.placements.clone()).unwrap_or_default(),
+            placement: health::placement_hash(&config.placement_fingerprint()),
             statements: Default::default(),
             next_token: previous
                 .map(|p| p.next_token.clone())

@@ -45,6 +45,9 @@ pub struct ApplyOptions {
     pub config_out: PathBuf,
     /// The new config file's text, written as it is.
     pub new_text: String,
+    /// The new config's placement fingerprint (`Config::placement_fingerprint`),
+    /// recorded on every shard before the first delete (`record_placement`).
+    pub placement: String,
     /// Test hook: stop (sleep until killed) at `copy:N`, `verify` or `delete:N`.
     pub stop_at: Option<String>,
 }
@@ -256,6 +259,10 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
             let t = Instant::now();
             run.verify_all(&mut steps).await?;
             summary.verify_seconds = t.elapsed().as_secs_f64();
+            // From the first delete on, a proxy still on the old placement
+            // misses rows: the shards say which placement is current, and
+            // such a proxy refuses statements until it is reloaded.
+            run.record_placement().await?;
             let t = Instant::now();
             run.delete_all(&mut steps).await?;
             summary.delete_seconds = t.elapsed().as_secs_f64();
@@ -287,6 +294,7 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
         *summary.moved.entry(key).or_default() += s.rows.unwrap_or(0).max(0) as u64;
     }
     summary.steps = steps.len();
+    run.record_placement().await?;
     write_config(&opts.config_out, &opts.new_text).with_context(|| {
         format!(
             "every row is moved and verified, but the new config could not be written to {}; fix that and run apply again with the same configs (it moves nothing more and writes the config)",
@@ -394,6 +402,7 @@ fn inspecting(stop_at: Option<String>) -> ApplyOptions {
         format: Format::Binary,
         config_out: PathBuf::new(),
         new_text: String::new(),
+        placement: String::new(),
         stop_at,
     }
 }
@@ -417,7 +426,12 @@ pub async fn deletes_started(r: &Rebalance, login: &Login) -> Result<bool> {
 /// Undoes an unfinished run before any row was deleted from its old shard:
 /// the rows it copied are deleted from the new shards and its steps
 /// forgotten, leaving the old placement as it was. Returns the rows removed.
-pub async fn abort(r: &Rebalance, login: &Login, stop_at: Option<String>) -> Result<u64> {
+pub async fn abort(
+    r: &Rebalance,
+    login: &Login,
+    stop_at: Option<String>,
+    restore: (&str, &str),
+) -> Result<u64> {
     let opts = inspecting(stop_at);
     let mut run = Run::open(r, login, &opts).await?;
     let Some((id, state)) = run.recorded().await? else {
@@ -471,6 +485,9 @@ pub async fn abort(r: &Rebalance, login: &Login, stop_at: Option<String>) -> Res
             run.stop_point(&format!("abort:{done}"));
         }
     }
+    // The new placement may have been recorded just before the first
+    // delete would have run: the old one is current again.
+    run.restore_placement(restore).await?;
     run.forget().await?;
     Ok(removed)
 }
@@ -530,7 +547,70 @@ impl<'a> Run<'a> {
     }
 }
 
+/// Where the shards record the placement rows are in (one row), read by
+/// every proxy's health check.
+pub const PLACEMENT_DDL: &str = "
+CREATE SCHEMA IF NOT EXISTS shardline_placement;
+CREATE TABLE IF NOT EXISTS shardline_placement.current (fingerprint text NOT NULL, recorded timestamptz NOT NULL DEFAULT now());
+GRANT USAGE ON SCHEMA shardline_placement TO PUBLIC;
+GRANT SELECT ON shardline_placement.current TO PUBLIC;
+";
+
 impl Run<'_> {
+    /// Records the new placement on every shard of both configs (once
+    /// rows are about to leave their old shards, and again when the run
+    /// ends): a proxy whose config says otherwise refuses statements.
+    async fn record_placement(&mut self) -> Result<()> {
+        if self.opts.placement.is_empty() {
+            return Ok(());
+        }
+        let what = "recording the new placement";
+        for id in 0..self.r.names.len() {
+            let mut c = self.servers.get(id).await?;
+            let tx = c.transaction().await.on(&self.servers, id, what)?;
+            tx.batch_execute(PLACEMENT_DDL)
+                .await
+                .on(&self.servers, id, what)?;
+            tx.execute("DELETE FROM shardline_placement.current", &[])
+                .await
+                .on(&self.servers, id, what)?;
+            tx.execute(
+                "INSERT INTO shardline_placement.current (fingerprint) VALUES ($1)",
+                &[&self.opts.placement],
+            )
+            .await
+            .on(&self.servers, id, what)?;
+            tx.commit().await.on(&self.servers, id, what)?;
+        }
+        Ok(())
+    }
+
+    /// Where a shard records `restore.1` (the new placement), records
+    /// `restore.0` (the old one) instead.
+    async fn restore_placement(&mut self, restore: (&str, &str)) -> Result<()> {
+        let what = "restoring the old placement's record";
+        for id in 0..self.r.names.len() {
+            let c = self.servers.get(id).await?;
+            let recorded: bool = c
+                .query_one(
+                    "SELECT to_regclass('shardline_placement.current') IS NOT NULL",
+                    &[],
+                )
+                .await
+                .on(&self.servers, id, what)?
+                .get(0);
+            if recorded {
+                c.execute(
+                    "UPDATE shardline_placement.current SET fingerprint = $1, recorded = now() WHERE fingerprint = $2",
+                    &[&restore.0, &restore.1],
+                )
+                .await
+                .on(&self.servers, id, what)?;
+            }
+        }
+        Ok(())
+    }
+
     /// The first shard (label, and its count) holding delete receipts of
     /// this run, if any.
     async fn first_deletes(&mut self) -> Result<Option<(String, i64)>> {

@@ -225,6 +225,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 format,
                 config_out,
                 new_text,
+                placement: placement.clone(),
                 stop_at: crash_hook(),
             };
             let s = match apply::apply(&r, &login, &opts).await {
@@ -297,7 +298,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Abort { from, to, login } => {
             let (r, old, _) = compare(&from, &to)?;
-            let removed = apply::abort(&r, &login.resolve(&old)?, crash_hook()).await?;
+            let (new, _) = load(&to)?;
+            let fingerprints = (old.placement_fingerprint(), new.placement_fingerprint());
+            let removed = apply::abort(
+                &r,
+                &login.resolve(&old)?,
+                crash_hook(),
+                (&fingerprints.0, &fingerprints.1),
+            )
+            .await?;
             println!(
                 "Aborted rebalance {}: removed {} copied rows from their new shards. Every row is where {} places it.",
                 r.run,

@@ -1658,9 +1658,13 @@ async fn apply_with_admin_holds_two_proxies_clients_instead_of_failing_them() {
             "CREATE TABLE accts (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0); GRANT ALL ON accts TO app;",
         );
     }
-    // Two proxies on the one config file (each on its own port).
+    // Two proxies on the one config file (each on its own port), and a
+    // third on a file of its own that the move leaves out.
     let (a, client) = shardline_tests::ProxyProcess::start_file(&config).await;
     let (b, _) = shardline_tests::ProxyProcess::start_file(&config).await;
+    let left_out_config = files.write("left-out.toml", &two);
+    let (left_out, left_out_client) =
+        shardline_tests::ProxyProcess::start_file(&left_out_config).await;
     for chunk in (1..=ROWS).collect::<Vec<_>>().chunks(2_000) {
         let values: Vec<String> = chunk.iter().map(|k| format!("({k})")).collect();
         client
@@ -1740,6 +1744,42 @@ async fn apply_with_admin_holds_two_proxies_clients_instead_of_failing_them() {
     for (k, n) in &stored {
         assert_eq!(*n, acked.get(k).copied().unwrap_or(0), "key {k}");
     }
+    // The proxy left out of --admin runs the old placement: it refuses
+    // instead of answering from it (its health check reads the placement
+    // the shards record), until it is reloaded with the new config.
+    let probe = "SELECT n FROM accts WHERE id = 1";
+    let started = Instant::now();
+    let e = loop {
+        if let Err(e) = left_out_client.simple_query(probe).await {
+            break e;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(30),
+            "the left-out proxy still answers from the old placement"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert_eq!(
+        shardline_tests::sqlstate(&e).as_deref(),
+        Some("55000"),
+        "{e}"
+    );
+    let msg = e.as_db_error().unwrap();
+    assert!(
+        msg.message().contains("was not reloaded"),
+        "{}",
+        msg.message()
+    );
+    assert!(msg.hint().unwrap_or("").contains("RELOAD"), "{e}");
+    std::fs::write(&left_out_config, &three).unwrap();
+    let (ok, reload) = shardline_tests::psql(&admin(left_out.port), &["-c", "RELOAD"]);
+    assert!(ok, "{reload}");
+    let rows = left_out_client
+        .simple_query(probe)
+        .await
+        .expect("reloaded, it answers");
+    assert!(rows.len() >= 2, "{rows:?}");
+
     longest.sort();
     let writes: i64 = acked.values().sum();
     eprintln!(

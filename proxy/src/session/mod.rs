@@ -418,6 +418,12 @@ impl Session {
                         // admin.max_hold and answered with an error.
                         continue;
                     };
+                    if entry.is_some() {
+                        if let Some(e) = self.placement_behind() {
+                            self.fail_next_message(e)?;
+                            continue;
+                        }
+                    }
                     self.run_unit(planned).await?;
                     // Its connection is lent now (a PAUSE sees it there).
                     drop(entry);
@@ -489,6 +495,33 @@ impl Session {
                 Ok(None)
             }
         }
+    }
+
+    /// A shard records a placement other than this config's: rows were
+    /// moved (`shardline-rebalance`) and this proxy was not reloaded, so it
+    /// would miss rows or write where they no longer are. Every transaction
+    /// is refused until it is reloaded; those already open run on.
+    fn placement_behind(&self) -> Option<PgError> {
+        let own = self.shared.placement;
+        let shard = self.shared.topology.shards.iter().find(|s| {
+            let recorded = s
+                .recorded_placement
+                .load(std::sync::atomic::Ordering::Relaxed);
+            recorded != 0 && recorded != own
+        })?;
+        let recorded = shard
+            .recorded_placement
+            .load(std::sync::atomic::Ordering::Relaxed);
+        Some(
+            PgError::error(
+                sqlstate::OBJECT_NOT_IN_PREREQUISITE_STATE,
+                format!(
+                    "shard {} has rows placed by configuration {recorded:016x}, but this proxy runs {own:016x}: it was not reloaded after shardline-rebalance moved rows, and would miss them",
+                    shard.name
+                ),
+            )
+            .with_hint("reload this proxy with the new config (RELOAD in its admin console, or SIGHUP)"),
+        )
     }
 
     /// The shards a placement may touch (every shard when it could be any).
