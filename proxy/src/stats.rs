@@ -144,11 +144,15 @@ impl Placements {
 }
 
 /// One session's count of its client's traffic, added to its user's
-/// [`Stats`] when a unit is answered (a ReadyForQuery written to the
-/// client: the one place every executor's answers pass).
+/// [`Stats`] when a unit is answered (a ReadyForQuery about to be written
+/// to the client: the one place every executor's answers pass). Counted
+/// before the write, so a client that reads its answer and then asks the
+/// console finds it counted.
 #[derive(Default)]
 pub struct Meter {
     scan: Scan,
+    /// Bytes at the front of the client's output buffer already counted.
+    counted: usize,
     /// When the unit being answered began (the client's bytes arrived).
     unit_since: Option<Instant>,
     /// When the client's transaction began.
@@ -172,9 +176,21 @@ impl Meter {
         true
     }
 
-    /// `written` went out to the client; `more` says whether the client has
-    /// sent more than what is answered (its next unit starts at once).
-    pub fn sent(&mut self, written: &[u8], more: bool, stats: &Stats) {
+    /// The client's output buffer is about to be written: counts what was
+    /// added to it since (`more`: the client has sent more than what is
+    /// answered, so its next unit starts at once).
+    pub fn queued(&mut self, out: &[u8], more: bool, stats: &Stats) {
+        let counted = self.counted.min(out.len());
+        self.counted = out.len();
+        self.sent(&out[counted..], more, stats);
+    }
+
+    /// `n` bytes left the front of the output buffer.
+    pub fn drained(&mut self, n: usize) {
+        self.counted = self.counted.saturating_sub(n);
+    }
+
+    fn sent(&mut self, written: &[u8], more: bool, stats: &Stats) {
         self.sent += written.len() as u64;
         let mut ended = [0u8; 8];
         let n = self.scan.ready_statuses(written, &mut ended);
@@ -312,11 +328,19 @@ mod tests {
         let stats = Stats::default();
         let mut m = Meter::default();
         m.received(20);
-        m.sent(&message(b'Z', b"T"), false, &stats);
+        let mut out = message(b'Z', b"T");
+        m.queued(&out, false, &stats);
+        // Half of it written: nothing is counted twice.
+        m.drained(3);
+        out.drain(..3);
+        m.queued(&out, false, &stats);
+        assert_eq!(stats.queries.load(Relaxed), 1);
+        m.drained(3);
+        out.clear();
         m.received(10);
         let mut end = message(b'C', b"COMMIT\0");
         end.extend(message(b'Z', b"I"));
-        m.sent(&end, false, &stats);
+        m.queued(&end, false, &stats);
         assert_eq!(stats.queries.load(Relaxed), 2);
         assert_eq!(stats.xacts.load(Relaxed), 1);
         assert_eq!(stats.received.load(Relaxed), 30);

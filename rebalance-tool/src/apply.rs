@@ -392,6 +392,17 @@ async fn has_state_tables(c: &tokio_postgres::Client) -> Result<bool, tokio_post
     Ok(row.get(0))
 }
 
+/// Whether the shard holds a placement record (`record_placement`).
+async fn has_placement_record(c: &tokio_postgres::Client) -> Result<bool, tokio_postgres::Error> {
+    let row = c
+        .query_one(
+            "SELECT to_regclass('shardline_placement.current') IS NOT NULL",
+            &[],
+        )
+        .await?;
+    Ok(row.get(0))
+}
+
 /// Options for opening a run only to look at (or undo) it.
 fn inspecting(stop_at: Option<String>) -> ApplyOptions {
     ApplyOptions {
@@ -407,12 +418,33 @@ fn inspecting(stop_at: Option<String>) -> ApplyOptions {
     }
 }
 
-/// Whether a run of this rebalance has deleted rows from an old shard (or
-/// moved them all): from then on it can only be finished, never undone,
-/// and proxies must not go back to the old placement.
-pub async fn deletes_started(r: &Rebalance, login: &Login) -> Result<bool> {
+/// Whether a run of this rebalance may have deleted rows from an old
+/// shard: the new placement (`placement`) is recorded on a shard (that
+/// happens right before the first delete, and stays once the run's own
+/// records are gone), or the run's records say so. From then on proxies
+/// must not go back to the old placement.
+pub async fn deletes_started(r: &Rebalance, login: &Login, placement: &str) -> Result<bool> {
     let opts = inspecting(None);
     let mut run = Run::open(r, login, &opts).await?;
+    for id in 0..r.names.len() {
+        let c = run.servers.get(id).await?;
+        if has_placement_record(&c)
+            .await
+            .on(&run.servers, id, "reading the recorded placement")?
+        {
+            let n: i64 = c
+                .query_one(
+                    "SELECT count(*) FROM shardline_placement.current WHERE fingerprint = $1",
+                    &[&placement],
+                )
+                .await
+                .on(&run.servers, id, "reading the recorded placement")?
+                .get(0);
+            if n > 0 {
+                return Ok(true);
+            }
+        }
+    }
     let Some((id, state)) = run.recorded().await? else {
         return Ok(false);
     };
@@ -591,15 +623,7 @@ impl Run<'_> {
         let what = "restoring the old placement's record";
         for id in 0..self.r.names.len() {
             let c = self.servers.get(id).await?;
-            let recorded: bool = c
-                .query_one(
-                    "SELECT to_regclass('shardline_placement.current') IS NOT NULL",
-                    &[],
-                )
-                .await
-                .on(&self.servers, id, what)?
-                .get(0);
-            if recorded {
+            if has_placement_record(&c).await.on(&self.servers, id, what)? {
                 c.execute(
                     "UPDATE shardline_placement.current SET fingerprint = $1, recorded = now() WHERE fingerprint = $2",
                     &[&restore.0, &restore.1],

@@ -232,7 +232,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(s) => s,
                 Err(e) if proxies.is_empty() => return Err(e),
                 Err(e) => {
-                    return Err(match apply::deletes_started(&r, &login).await {
+                    return Err(match apply::deletes_started(&r, &login, &placement).await {
                         Ok(false) => match proxies.resume().await {
                             Ok(_) => e.context("nothing was deleted: the proxies are resumed on the old config"),
                             Err(r) => e.context(format!("nothing was deleted, but resuming failed ({r:#}): run RESUME in each proxy's console")),

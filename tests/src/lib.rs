@@ -557,15 +557,7 @@ impl ProxyProcess {
             port,
             _dir: dir,
         };
-        let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
-        for _ in 0..300 {
-            if let Ok((c, conn)) = tokio_postgres::connect(&conn, NoTls).await {
-                tokio::spawn(conn);
-                return (proxy, c);
-            }
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
-        panic!("the proxy did not start listening on {port}");
+        proxy.listening().await
     }
 
     /// Starts the binary on the config file `path` as it is (shared by
@@ -585,15 +577,24 @@ impl ProxyProcess {
             port,
             _dir: TempDir::new("proxy"),
         };
-        let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
+        proxy.listening().await
+    }
+
+    /// Waits until the process takes clients; returns it with a client
+    /// logged in as `app`.
+    async fn listening(self) -> (ProxyProcess, Client) {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=app password=app dbname=app",
+            self.port
+        );
         for _ in 0..300 {
             if let Ok((c, conn)) = tokio_postgres::connect(&conn, NoTls).await {
                 tokio::spawn(conn);
-                return (proxy, c);
+                return (self, c);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("the proxy did not start listening on {port}");
+        panic!("the proxy did not start listening on {}", self.port);
     }
 
     pub fn pid(&self) -> u32 {

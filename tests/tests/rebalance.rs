@@ -1789,3 +1789,98 @@ async fn apply_with_admin_holds_two_proxies_clients_instead_of_failing_them() {
         out.lines().last().unwrap_or("")
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_with_admin_that_fails_before_deleting_resumes_the_proxies() {
+    let env = start(3).await;
+    let files = TempDir::new("rebalance-admin-fails");
+    let tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"accts\"\ncolumn = \"id\"\n\n[admin]\nusers = [\"app\"]\n";
+    let two = env.shards_config(&[0, 1], tables);
+    let config = files.write("shardline.toml", &two);
+    let new = files.write("new.toml", &env.shards_config(&[0, 1, 2], tables));
+    // The new shard has no table and --create-tables is not given: the
+    // run stops before it copies anything.
+    for s in 0..2 {
+        env.sql_shard(
+            s,
+            "CREATE TABLE accts (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0); GRANT ALL ON accts TO app;",
+        );
+    }
+    let (proxy, client) = shardline_tests::ProxyProcess::start_file(&config).await;
+    client
+        .batch_execute("INSERT INTO accts (id) VALUES (1), (2), (3), (4)")
+        .await
+        .unwrap();
+    let admin = format!("postgres://app:app@127.0.0.1:{}/shardline", proxy.port);
+    let args = [
+        "apply",
+        "--from",
+        path(&config),
+        "--to",
+        path(&new),
+        "--admin",
+        &admin,
+    ];
+    let (code, out, err) = tool(&args);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(out.contains("paused 1 proxies"), "{out}");
+    assert!(
+        err.contains("--create-tables")
+            && err.contains("the proxies are resumed on the old config"),
+        "{err}"
+    );
+    // Not paused: a write runs at once, on the old placement, which the
+    // shards still hold (nothing recorded a new one).
+    let started = Instant::now();
+    client
+        .batch_execute("UPDATE accts SET n = n + 1 WHERE id = 1")
+        .await
+        .expect("the proxy is resumed");
+    assert!(started.elapsed() < Duration::from_secs(5));
+    assert_eq!(
+        env.sql_shard(
+            0,
+            "SELECT to_regclass('shardline_placement.current') IS NULL"
+        ),
+        "t"
+    );
+    // The rows are where they were.
+    let held: i64 = (0..2)
+        .map(|s| {
+            env.sql_shard(s, "SELECT count(*) FROM accts")
+                .parse::<i64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(held, 4);
+
+    // A failure after rows were deleted (here: the new config cannot be
+    // written): the proxies stay paused, and the tool says what to run.
+    env.sql_shard(
+        2,
+        "CREATE TABLE accts (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0); GRANT ALL ON accts TO app;",
+    );
+    let nowhere = files.path("missing-dir").join("shardline.toml");
+    let mut args = args.to_vec();
+    args.extend(["--config-out", path(&nowhere)]);
+    let (code, out, err) = tool(&args);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("the proxies stay paused") && err.contains("Run the same apply again"),
+        "{err}"
+    );
+    let (ok, shards) = shardline_tests::psql(&admin, &["-Atc", "SHOW SHARDS"]);
+    assert!(ok, "{shards}");
+    assert!(
+        shards.lines().all(|l| l.split('|').nth(10) == Some("1")),
+        "every shard paused: {shards}"
+    );
+    // Run again as told: it finishes (the config written), reloads and resumes.
+    let (code, out, err) = tool(&args[..args.len() - 2]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("1 proxies reloaded"), "{out}");
+    client
+        .batch_execute("UPDATE accts SET n = n + 1 WHERE id = 2")
+        .await
+        .expect("resumed on the new placement");
+}

@@ -41,10 +41,12 @@ impl Session {
                 return Poll::Ready(Event::ServerLost(e));
             }
         }
-        let (meter, stats) = (&mut self.meter, &self.login.user.stats);
         let more = !self.client_in.is_empty();
+        self.meter
+            .queued(&self.client_out, more, &self.login.user.stats);
+        let meter = &mut self.meter;
         let drained = poll_drain(&mut self.login.stream, &mut self.client_out, cx, |w| {
-            meter.sent(w, more, stats)
+            meter.drained(w.len())
         });
         if drained.is_err() {
             return Poll::Ready(Event::ClientClosed);
@@ -106,11 +108,12 @@ impl Session {
 
     /// Writes everything buffered for the client, waiting as long as it takes.
     pub(super) async fn write_client(&mut self) -> io::Result<()> {
-        self.login.stream.write_all(&self.client_out).await?;
-        self.login.stream.flush().await?;
         let more = !self.client_in.is_empty();
         self.meter
-            .sent(&self.client_out, more, &self.login.user.stats);
+            .queued(&self.client_out, more, &self.login.user.stats);
+        self.login.stream.write_all(&self.client_out).await?;
+        self.login.stream.flush().await?;
+        self.meter.drained(self.client_out.len());
         self.client_out.clear();
         Ok(())
     }
