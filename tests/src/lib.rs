@@ -697,6 +697,33 @@ pub fn sqlstate(e: &tokio_postgres::Error) -> Option<String> {
     e.as_db_error().map(|d| d.code().code().to_string())
 }
 
+/// Starts pgbench (the real binary) on a thread: `clients` clients for
+/// `seconds` running `script` through the proxy on `port` as `app`;
+/// joining gives (success, output).
+pub fn pgbench_script(
+    port: u16,
+    clients: u32,
+    seconds: u32,
+    script: &std::path::Path,
+) -> std::thread::JoinHandle<(bool, String)> {
+    let script = script.to_path_buf();
+    std::thread::spawn(move || {
+        run(std::process::Command::new("pgbench")
+            .env("PGPASSWORD", "app")
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
+            .args([
+                "-n",
+                "-c",
+                &clients.to_string(),
+                "-T",
+                &seconds.to_string(),
+                "-f",
+            ])
+            .arg(&script)
+            .arg("app"))
+    })
+}
+
 /// Runs a command and returns (success, stdout + stderr).
 pub fn run(cmd: &mut std::process::Command) -> (bool, String) {
     match cmd.output() {

@@ -488,20 +488,7 @@ async fn pgbench_through_pause_and_resume_fails_nothing() {
         "rw.sql",
         "\\set id random(1, 40)\nBEGIN;\nUPDATE users SET name = name WHERE id = :id;\nSELECT * FROM users WHERE id = :id;\nCOMMIT;\n",
     );
-    let bench = {
-        let port = env.port;
-        let script = script.clone();
-        std::thread::spawn(move || {
-            shardline_tests::run(
-                std::process::Command::new("pgbench")
-                    .env("PGPASSWORD", "app")
-                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
-                    .args(["-n", "-c", "16", "-T", "6", "-f"])
-                    .arg(&script)
-                    .arg("app"),
-            )
-        })
-    };
+    let bench = shardline_tests::pgbench_script(env.port, 16, 6, &script);
     let admin = console(&env).await;
     let mut holds = Vec::new();
     let mut done = 0;

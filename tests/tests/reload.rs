@@ -89,19 +89,7 @@ async fn reloads_under_pgbench_fail_no_transaction() {
         "rw.sql",
         "\\set id random(1, 100)\nBEGIN;\nUPDATE acct SET n = n + 1 WHERE id = :id;\nCOMMIT;\nSELECT n FROM acct WHERE id = :id;\n",
     );
-    let bench = {
-        let port = proxy.port;
-        std::thread::spawn(move || {
-            shardline_tests::run(
-                std::process::Command::new("pgbench")
-                    .env("PGPASSWORD", "app")
-                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
-                    .args(["-n", "-c", "16", "-T", "8", "-f"])
-                    .arg(&script)
-                    .arg("app"),
-            )
-        })
-    };
+    let bench = shardline_tests::pgbench_script(proxy.port, 16, 8, &script);
     wait_for("the load to run", || async { xacts(&admin).await > 300 }).await;
 
     // 1. The pools grow (RELOAD).

@@ -571,7 +571,10 @@ impl Session {
         };
         self.shared = next;
         self.login.user = user;
+        // Routes made by the old router are not looked at again.
         self.forget_plan();
+        self.unit_routes.clear();
+        self.spare_routes.clear();
         self.rerun.reset();
         self.large_routes.clear();
         let names: Vec<Box<[u8]>> = self.statements.keys().cloned().collect();

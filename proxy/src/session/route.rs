@@ -108,7 +108,7 @@ impl UnitRoutes {
     /// not copied here; it is routed again when looked up.
     const MAX_BYTES: usize = 4096;
 
-    fn clear(&mut self) {
+    pub(super) fn clear(&mut self) {
         self.texts.clear();
         self.constants.clear();
         self.routes.clear();
