@@ -45,6 +45,8 @@ if [ "$demo" = 0 ]; then
   [ -d /usr/share/gocode/src/github.com/jackc/pgx/v4 ] || packages+=(golang-github-jackc-pgx-v4-dev)
   # A PgBouncer exporter, scraping the admin console in the tests.
   command -v prometheus-pgbouncer-exporter >/dev/null 2>&1 || packages+=(prometheus-pgbouncer-exporter)
+  # promtool checks the proxy's /metrics output in the tests.
+  command -v promtool >/dev/null 2>&1 || packages+=(prometheus)
 fi
 if [ "$docker" = 1 ]; then
   command -v dockerd >/dev/null 2>&1 || packages+=(docker.io)
@@ -62,7 +64,18 @@ fi
 if [ "${#packages[@]}" -gt 0 ]; then
   echo "setup: installing ${packages[*]}"
   $sudo apt-get update -qq
+  # Packages that ship a service (prometheus, the exporter) must not start
+  # one on a shared port: the tests run what they need themselves.
+  no_services=0
+  if [ ! -e /usr/sbin/policy-rc.d ]; then
+    printf '#!/bin/sh\nexit 101\n' | $sudo tee /usr/sbin/policy-rc.d >/dev/null
+    $sudo chmod +x /usr/sbin/policy-rc.d
+    no_services=1
+  fi
   $sudo apt-get install -y -qq "${packages[@]}" >/dev/null
+  if [ "$no_services" = 1 ]; then
+    $sudo rm -f /usr/sbin/policy-rc.d
+  fi
 fi
 # Postgres refuses to run as root; as root the servers run as 'postgres'.
 if [ "$(id -u)" = 0 ] && ! id postgres >/dev/null 2>&1; then

@@ -34,6 +34,18 @@ pub struct Config {
     pub reference_tables: Vec<ReferenceTable>,
     #[serde(default)]
     pub admin: AdminConfig,
+    #[serde(default)]
+    pub metrics: MetricsConfig,
+}
+
+/// The HTTP endpoints for monitoring: `/metrics` (Prometheus text format),
+/// `/health` and `/ready`. Off while `listen` is unset.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricsConfig {
+    /// Address the HTTP endpoints are served on (e.g. "127.0.0.1:9930").
+    #[serde(default, deserialize_with = "optional_socket_addr")]
+    pub listen: Option<SocketAddr>,
 }
 
 /// The admin console: a virtual database on the proxy's own port, for the
@@ -734,6 +746,10 @@ fn socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<SocketAddr, D::Error> 
         }
         _ => Err(fail()),
     }
+}
+
+fn optional_socket_addr<'de, D: Deserializer<'de>>(d: D) -> Result<Option<SocketAddr>, D::Error> {
+    socket_addr(d).map(Some)
 }
 
 fn default_listen() -> SocketAddr {

@@ -290,6 +290,25 @@ fn sharding_is_validated() {
 }
 
 #[test]
+fn metrics_are_off_unless_listen_is_set() {
+    let c = Config::from_toml(GOOD, "t").unwrap();
+    assert_eq!(c.metrics.listen, None);
+    let c = Config::from_toml(
+        &format!("{GOOD}\n[metrics]\nlisten = \"localhost:9930\"\n"),
+        "t",
+    )
+    .unwrap();
+    assert_eq!(
+        c.metrics.listen.map(|a| a.to_string()).as_deref(),
+        Some("127.0.0.1:9930")
+    );
+    let e = err(&format!("{GOOD}\n[metrics]\nlisten = \"9930\"\n"));
+    assert_eq!(e.path, "metrics.listen", "{e}");
+    let e = err(&format!("{GOOD}\n[metrics]\nport = 9930\n"));
+    assert!(e.message.contains("listen"), "{e}");
+}
+
+#[test]
 fn listen_takes_localhost() {
     let c = Config::from_toml(&GOOD.replace("127.0.0.1:6432", "localhost:7000"), "t").unwrap();
     assert_eq!(c.proxy.listen.to_string(), "127.0.0.1:7000");

@@ -146,7 +146,9 @@ pub fn shards_toml(cluster: &LocalCluster) -> String {
     toml
 }
 
-pub async fn run(port: u16) -> Result<()> {
+/// Runs the demo: the proxy on `port`, its metrics on `metrics_port`
+/// (0: a free port).
+pub async fn run(port: u16, metrics_port: u16) -> Result<()> {
     // The port is taken only once the data is in: checked now, so a busy
     // port fails before the servers start.
     drop(
@@ -177,12 +179,15 @@ pub async fn run(port: u16) -> Result<()> {
     .await??;
     loader.shutdown();
     let _ = tokio::time::timeout(Duration::from_secs(5), loader.wait()).await;
-    let text = config_for(&cluster, port);
+    let text = format!(
+        "{}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
+        config_for(&cluster, port)
+    );
     let path = cluster.root.join("shardline.toml");
     std::fs::write(&path, &text)?;
     let config = Config::from_toml(&text, &path.display().to_string())?;
     let proxy = Proxy::start(config).await.with_context(|| {
-        format!("starting the proxy on port {port} (use --port to pick another)")
+        format!("starting the proxy on port {port} (use --port to pick another, and --metrics-port for its metrics)")
     })?;
     println!();
     println!("Shardline demo is running.");
@@ -218,6 +223,10 @@ pub async fn run(port: u16) -> Result<()> {
         "  psql postgres://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{}/shardline -c 'SHOW POOLS'",
         proxy.local_addr.port()
     );
+    if let Some(m) = proxy.metrics_addr {
+        println!("Metrics (Prometheus), health and readiness:");
+        println!("  curl http://{m}/metrics   (also /health and /ready)");
+    }
     println!();
     println!(
         "See which shard and node answers (reads go to replicas, writes to the key's primary):"

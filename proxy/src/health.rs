@@ -185,6 +185,11 @@ pub struct ShardHealth {
     advanced: tokio::sync::Notify,
     /// The placement its primary records (`placement_hash`; 0: none).
     pub recorded_placement: AtomicU64,
+    /// Latency of units run on this shard alone, on its primary and on a
+    /// replica (`/metrics`); kept with the shard across reloads.
+    pub latency: [crate::stats::Histogram; 2],
+    /// Times writes moved from one node to another (failovers, switchovers).
+    pub primary_changes: AtomicU64,
 }
 
 /// A read waiting for replay positions (`ShardHealth::wait_for_position`);
@@ -236,6 +241,8 @@ impl ShardHealth {
             wanted: tokio::sync::Notify::new(),
             advanced: tokio::sync::Notify::new(),
             recorded_placement: AtomicU64::new(0),
+            latency: Default::default(),
+            primary_changes: AtomicU64::new(0),
         }
     }
 
@@ -702,6 +709,9 @@ impl Checker {
             [] => NO_WRITER,
         };
         if writer != previous {
+            if writer < DUAL && previous < DUAL {
+                shard.primary_changes.fetch_add(1, Relaxed);
+            }
             if writer < DUAL {
                 tracing::warn!(shard = %shard.name, primary = %shard.nodes[writer].address, "writes now go to this node");
             } else if writer == NO_WRITER {

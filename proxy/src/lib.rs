@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod demo;
 pub mod fuzz;
 pub mod health;
+pub mod metrics;
 pub mod pool;
 pub mod protocol;
 pub mod server;
@@ -168,6 +169,9 @@ pub struct Shared {
     pub placement: u64,
     /// Units run, by placement (SHOW ROUTING); kept across reloads.
     pub placements: Arc<stats::Placements>,
+    /// Latency by placement kind, errors by class, reloads (`/metrics`);
+    /// kept across reloads.
+    pub events: Arc<stats::Events>,
     pub statements: server::statements::StatementRegistry,
     /// Source of unique tokens (unnamed statement ownership); one for the
     /// process, as server connections outlive a reload.
@@ -499,6 +503,7 @@ impl Shared {
             generation: previous.map_or(0, |p| p.generation + 1),
             config: Arc::new(config.clone()),
             placements: previous.map(|p| p.placements.clone()).unwrap_or_default(),
+            events: previous.map(|p| p.events.clone()).unwrap_or_default(),
             placement: health::placement_hash(&config.placement_fingerprint()),
             statements: Default::default(),
             next_token: previous
@@ -646,6 +651,17 @@ impl Live {
     /// or keeps the running configuration and says why. Returns what
     /// changed, and the settings that wait for a restart.
     pub async fn reload(&self) -> std::result::Result<Vec<String>, String> {
+        let outcome = self.reload_file().await;
+        let events = &self.current().events;
+        let counter = match outcome {
+            Ok(_) => &events.reloads_ok,
+            Err(_) => &events.reloads_failed,
+        };
+        counter.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        outcome
+    }
+
+    async fn reload_file(&self) -> std::result::Result<Vec<String>, String> {
         let mut tasks = self.tasks.lock().await;
         let Some(path) = &self.path else {
             return Err(
@@ -676,6 +692,16 @@ impl Live {
         if config.proxy.log_format != running.log_format {
             notes.push("proxy.log_format stays as it is until a restart".into());
             config.proxy.log_format = running.log_format;
+        }
+        let metrics = old.config.metrics.listen;
+        if config.metrics.listen != metrics {
+            let show = |a: Option<SocketAddr>| a.map_or("unset".to_string(), |a| a.to_string());
+            notes.push(format!(
+                "metrics.listen stays {} until a restart (the file says {})",
+                show(metrics),
+                show(config.metrics.listen)
+            ));
+            config.metrics.listen = metrics;
         }
         let next = Arc::new(Shared::build(&config, Some(&old)).map_err(|e| format!("{e:#}"))?);
         let started = next
@@ -710,12 +736,15 @@ impl Live {
 /// A running proxy.
 pub struct Proxy {
     pub local_addr: SocketAddr,
+    /// Where `/metrics`, `/health` and `/ready` are served (`metrics.listen`).
+    pub metrics_addr: Option<SocketAddr>,
     /// The configuration it started with (`live` has the current one).
     pub shared: Arc<Shared>,
     pub live: Arc<Live>,
     shutdown: watch::Sender<bool>,
     task: Option<tokio::task::JoinHandle<()>>,
     averages: Option<tokio::task::JoinHandle<()>>,
+    metrics: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Proxy {
@@ -725,8 +754,8 @@ impl Drop for Proxy {
                 t.abort();
             }
         }
-        if let Some(a) = &self.averages {
-            a.abort();
+        for t in [&self.averages, &self.metrics].into_iter().flatten() {
+            t.abort();
         }
     }
 }
@@ -776,6 +805,15 @@ impl Proxy {
             .await
             .with_context(|| format!("cannot listen on {}", config.proxy.listen))?;
         let local_addr = listener.local_addr()?;
+        let metrics_listener = match config.metrics.listen {
+            Some(addr) => Some(
+                TcpListener::bind(addr)
+                    .await
+                    .with_context(|| format!("cannot listen on {addr} (metrics.listen)"))?,
+            ),
+            None => None,
+        };
+        let metrics_addr = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
         let tasks = shared.start_tasks(true).await?;
         let live = Arc::new(Live {
             current: std::sync::RwLock::new(shared.clone()),
@@ -785,6 +823,10 @@ impl Proxy {
         });
         shared.admin.set_live(&live);
         let averages = Some(tokio::spawn(admin::run_averages(Arc::downgrade(&live))));
+        let metrics = metrics_listener.map(|l| {
+            tracing::info!(address = %metrics_addr.expect("bound"), "metrics at /metrics, /health, /ready");
+            tokio::spawn(metrics::http::serve(l, Arc::downgrade(&live)))
+        });
         let (tx, rx) = watch::channel(false);
         let grace = config.proxy.shutdown_timeout;
         let task = tokio::spawn({
@@ -797,11 +839,13 @@ impl Proxy {
         tracing::info!(%local_addr, "shardline listening");
         Ok(Proxy {
             local_addr,
+            metrics_addr,
             shared,
             live,
             shutdown: tx,
             task: Some(task),
             averages,
+            metrics,
         })
     }
 

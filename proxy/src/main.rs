@@ -40,6 +40,10 @@ enum Cmd {
         /// Port the proxy listens on.
         #[arg(long, default_value_t = 6432)]
         port: u16,
+        /// Port of the metrics endpoints (/metrics, /health, /ready); 0
+        /// picks a free one.
+        #[arg(long, default_value_t = 0)]
+        metrics_port: u16,
         /// Print the demo's schema and data as a psql script (to load
         /// through a proxy of your own) and exit; starts nothing.
         #[arg(long)]
@@ -153,12 +157,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             print!("{}", demo::demo_sql());
             Ok(ExitCode::SUCCESS)
         }
-        Some(Cmd::Demo { port, .. }) => {
+        Some(Cmd::Demo {
+            port, metrics_port, ..
+        }) => {
             if cli.config.is_some() {
                 anyhow::bail!("`demo` starts its own servers and writes its own configuration: --config does not apply (use `shardline --config FILE` to run with yours)");
             }
             shardline::init_logging(Default::default());
-            demo::run(port).await?;
+            demo::run(port, metrics_port).await?;
             Ok(ExitCode::SUCCESS)
         }
         Some(Cmd::Check { config }) => {

@@ -109,6 +109,10 @@ pub struct PoolCounters {
     pub assignments: AtomicU64,
     /// Time clients spent waiting for a connection, µs.
     pub wait_us: AtomicU64,
+    /// Each checkout's wait (0 when a connection was free at once).
+    pub wait: crate::stats::Histogram,
+    /// Checkouts that found no free connection within `checkout_timeout`.
+    pub timeouts: AtomicU64,
 }
 
 impl NodePool {
@@ -196,7 +200,10 @@ impl NodePool {
         };
         match self.pool.timeout_get(&now).await {
             Err(PoolError::Timeout(TimeoutType::Wait)) => {}
-            other => return other.map_err(|e| self.checkout_error(e)),
+            other => {
+                self.counters.wait.observe_us(0);
+                return other.map_err(|e| self.checkout_error(e));
+            }
         }
         let wait = Timeouts {
             wait: Some(self.checkout_timeout),
@@ -211,9 +218,12 @@ impl NodePool {
         if let Some(w) = waiter {
             w.waiting(false);
         }
-        self.counters
-            .wait_us
-            .fetch_add(started.elapsed().as_micros() as u64, Relaxed);
+        let waited = started.elapsed().as_micros() as u64;
+        self.counters.wait_us.fetch_add(waited, Relaxed);
+        self.counters.wait.observe_us(waited);
+        if matches!(got, Err(PoolError::Timeout(TimeoutType::Wait))) {
+            self.counters.timeouts.fetch_add(1, Relaxed);
+        }
         got.map_err(|e| self.checkout_error(e))
     }
 

@@ -22,6 +22,205 @@ pub struct Stats {
     pub sent: AtomicU64,
     pub xact_us: AtomicU64,
     pub query_us: AtomicU64,
+    /// Time from a unit's first byte to its ReadyForQuery.
+    pub query_time: Histogram,
+    /// Time from a transaction's first byte to its ReadyForQuery `I`.
+    pub xact_time: Histogram,
+}
+
+/// Upper bounds of the latency histograms' buckets, in µs (the `le`
+/// labels of `/metrics`, in seconds).
+pub const BUCKETS_US: [u64; 17] = [
+    100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
+    1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000,
+];
+
+/// A latency histogram recorded with relaxed atomic additions (one per
+/// observation, two when it is not zero): no lock, nothing allocated.
+#[derive(Default)]
+pub struct Histogram {
+    /// Observations per bucket (not cumulative); the last is past every bound.
+    counts: [AtomicU64; BUCKETS_US.len() + 1],
+    sum_us: AtomicU64,
+}
+
+/// A histogram as read: cumulative counts per bound of [`BUCKETS_US`],
+/// the number of observations and their sum in µs.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct HistogramReading {
+    pub cumulative: [u64; BUCKETS_US.len()],
+    pub count: u64,
+    pub sum_us: u64,
+}
+
+impl Histogram {
+    #[inline]
+    pub fn observe_us(&self, us: u64) {
+        let i = BUCKETS_US.partition_point(|&bound| bound < us);
+        self.counts[i].fetch_add(1, Relaxed);
+        if us > 0 {
+            self.sum_us.fetch_add(us, Relaxed);
+        }
+    }
+
+    pub fn read(&self) -> HistogramReading {
+        let mut cumulative = [0u64; BUCKETS_US.len()];
+        let mut running = 0u64;
+        for (slot, count) in cumulative.iter_mut().zip(&self.counts) {
+            running += count.load(Relaxed);
+            *slot = running;
+        }
+        HistogramReading {
+            cumulative,
+            count: running + self.counts[BUCKETS_US.len()].load(Relaxed),
+            sum_us: self.sum_us.load(Relaxed),
+        }
+    }
+}
+
+/// How a unit was placed, for the latency histograms by placement kind.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum Kind {
+    /// Not placed on a server (answered by the proxy), or not known.
+    #[default]
+    None,
+    /// One shard, on the given node role.
+    One {
+        shard: u16,
+        replica: bool,
+    },
+    FanOut,
+    Merge,
+    Split,
+    Pipeline,
+}
+
+impl Kind {
+    /// The placement kinds with a histogram of their own, by `index`.
+    pub const NAMES: [&'static str; 5] = ["one_shard", "fan_out", "merge", "split", "pipeline"];
+
+    fn index(self) -> Option<usize> {
+        Some(match self {
+            Kind::None => return None,
+            Kind::One { .. } => 0,
+            Kind::FanOut => 1,
+            Kind::Merge => 2,
+            Kind::Split => 3,
+            Kind::Pipeline => 4,
+        })
+    }
+
+    /// The kind of a multi-shard placement (`None` for one shard or none).
+    pub fn of(place: &shardline_router::shards::Placement) -> Kind {
+        use shardline_router::shards::Placement as P;
+        match place {
+            P::Many(_) => Kind::FanOut,
+            P::Merge(_) => Kind::Merge,
+            P::Split(_) | P::CopySplit(_) => Kind::Split,
+            P::Pipeline(_) => Kind::Pipeline,
+            P::Anywhere | P::Spread | P::One(_) | P::Refused(_) => Kind::None,
+        }
+    }
+}
+
+/// Process-wide counters and histograms for `/metrics` that no other
+/// structure holds; kept across reloads.
+pub struct Events {
+    pub started: Instant,
+    /// Unit latency by placement kind (`Kind::NAMES`).
+    pub by_kind: [Histogram; 5],
+    /// Errors sent to clients, by SQLSTATE class.
+    pub errors: ErrorClasses,
+    /// Reads sent to a primary because no replica had replayed the user's
+    /// last write in time (read-your-writes).
+    pub ryw_primary_reads: AtomicU64,
+    pub reloads_ok: AtomicU64,
+    pub reloads_failed: AtomicU64,
+}
+
+impl Default for Events {
+    fn default() -> Self {
+        Events {
+            started: Instant::now(),
+            by_kind: Default::default(),
+            errors: ErrorClasses::default(),
+            ryw_primary_reads: AtomicU64::new(0),
+            reloads_ok: AtomicU64::new(0),
+            reloads_failed: AtomicU64::new(0),
+        }
+    }
+}
+
+/// ErrorResponses by SQLSTATE class (its first two characters, digits or
+/// capital letters), plus one slot for a code that could not be read.
+pub struct ErrorClasses(Box<[AtomicU64]>);
+
+const CLASS_DIGITS: usize = 36;
+
+impl Default for ErrorClasses {
+    fn default() -> Self {
+        ErrorClasses(
+            (0..CLASS_DIGITS * CLASS_DIGITS + 1)
+                .map(|_| AtomicU64::new(0))
+                .collect(),
+        )
+    }
+}
+
+impl ErrorClasses {
+    fn digit(c: u8) -> Option<usize> {
+        match c {
+            b'0'..=b'9' => Some((c - b'0') as usize),
+            b'A'..=b'Z' => Some((c - b'A') as usize + 10),
+            _ => None,
+        }
+    }
+
+    /// Counts an error of `code` (a SQLSTATE; anything else counts as unknown).
+    pub fn count(&self, code: &[u8]) {
+        let slot = match code {
+            [a, b, ..] => Self::digit(*a)
+                .zip(Self::digit(*b))
+                .map(|(a, b)| a * CLASS_DIGITS + b),
+            _ => None,
+        };
+        self.0[slot.unwrap_or(CLASS_DIGITS * CLASS_DIGITS)].fetch_add(1, Relaxed);
+    }
+
+    /// The classes counted so far (`"??"`: a code that could not be read).
+    pub fn read(&self) -> Vec<(String, u64)> {
+        let name = |d: usize| {
+            if d < 10 {
+                (b'0' + d as u8) as char
+            } else {
+                (b'A' + (d - 10) as u8) as char
+            }
+        };
+        self.0
+            .iter()
+            .enumerate()
+            .filter_map(|(i, c)| {
+                let n = c.load(Relaxed);
+                (n > 0).then(|| {
+                    let class = if i == CLASS_DIGITS * CLASS_DIGITS {
+                        "??".to_string()
+                    } else {
+                        format!("{}{}", name(i / CLASS_DIGITS), name(i % CLASS_DIGITS))
+                    };
+                    (class, n)
+                })
+            })
+            .collect()
+    }
+}
+
+/// Where a session's [`Meter`] records what it counts.
+#[derive(Clone, Copy)]
+pub struct Sinks<'a> {
+    pub user: &'a Stats,
+    pub events: &'a Events,
+    /// The shards of the session's configuration (`Topology::shards`).
+    pub shards: &'a [std::sync::Arc<crate::health::ShardHealth>],
 }
 
 /// Totals for a database (or one user), as SHOW STATS_TOTALS lists them.
@@ -159,9 +358,17 @@ pub struct Meter {
     xact_since: Option<Instant>,
     received: u64,
     sent: u64,
+    /// Where the unit being answered runs.
+    place: Kind,
 }
 
 impl Meter {
+    /// The unit being answered runs as `kind` (kept until changed).
+    #[inline]
+    pub fn place(&mut self, kind: Kind) {
+        self.place = kind;
+    }
+
     /// The client sent `n` bytes; returns true when they begin a request
     /// (nothing was being answered).
     #[inline]
@@ -179,10 +386,13 @@ impl Meter {
     /// The client's output buffer is about to be written: counts what was
     /// added to it since (`more`: the client has sent more than what is
     /// answered, so its next unit starts at once).
-    pub fn queued(&mut self, out: &[u8], more: bool, stats: &Stats) {
+    pub fn queued(&mut self, out: &[u8], more: bool, to: Sinks<'_>) {
         let counted = self.counted.min(out.len());
+        if counted == out.len() {
+            return;
+        }
         self.counted = out.len();
-        self.sent(&out[counted..], more, stats);
+        self.sent(&out[counted..], more, to);
     }
 
     /// `n` bytes left the front of the output buffer.
@@ -190,24 +400,45 @@ impl Meter {
         self.counted = self.counted.saturating_sub(n);
     }
 
-    fn sent(&mut self, written: &[u8], more: bool, stats: &Stats) {
+    fn sent(&mut self, written: &[u8], more: bool, to: Sinks<'_>) {
+        let stats = to.user;
         self.sent += written.len() as u64;
         let mut ended = [0u8; 8];
-        let n = self.scan.ready_statuses(written, &mut ended);
+        let n = self
+            .scan
+            .ready_statuses(written, &mut ended, &to.events.errors);
         if n == 0 {
             return;
         }
         let now = Instant::now();
+        let by_kind = self.place.index().map(|i| &to.events.by_kind[i]);
+        let by_shard = match self.place {
+            Kind::One { shard, replica } => to
+                .shards
+                .get(shard as usize)
+                .map(|s| &s.latency[usize::from(replica)]),
+            _ => None,
+        };
         let (mut queries, mut xacts, mut query_us, mut xact_us) = (0u64, 0u64, 0u64, 0u64);
         for &status in &ended[..n.min(ended.len())] {
             queries += 1;
             if let Some(t) = self.unit_since.take() {
-                query_us += now.saturating_duration_since(t).as_micros() as u64;
+                let us = now.saturating_duration_since(t).as_micros() as u64;
+                query_us += us;
+                stats.query_time.observe_us(us);
+                if let Some(h) = by_kind {
+                    h.observe_us(us);
+                }
+                if let Some(h) = by_shard {
+                    h.observe_us(us);
+                }
             }
             if status == b'I' {
                 xacts += 1;
                 if let Some(t) = self.xact_since.take() {
-                    xact_us += now.saturating_duration_since(t).as_micros() as u64;
+                    let us = now.saturating_duration_since(t).as_micros() as u64;
+                    xact_us += us;
+                    stats.xact_time.observe_us(us);
                 }
             }
         }
@@ -249,12 +480,35 @@ struct Scan {
     left: usize,
     /// The current message is a ReadyForQuery (its one body byte is the status).
     ready: bool,
+    /// The current message is an ErrorResponse: its first body bytes, where
+    /// the SQLSTATE is (servers send the severity fields, then the code).
+    error: Option<([u8; ERROR_HEAD], usize)>,
+}
+
+/// Body bytes of an ErrorResponse kept to find its code.
+const ERROR_HEAD: usize = 48;
+
+/// The SQLSTATE field (`C`) among an ErrorResponse's first fields.
+fn error_code(head: &[u8]) -> Option<&[u8]> {
+    let mut rest = head;
+    while let [kind, tail @ ..] = rest {
+        if *kind == 0 {
+            return None;
+        }
+        let end = memchr::memchr(0, tail)?;
+        if *kind == b'C' {
+            return Some(&tail[..end]);
+        }
+        rest = &tail[end + 1..];
+    }
+    None
 }
 
 impl Scan {
     /// Writes the statuses of the ReadyForQuery messages that end in
     /// `bytes` into `out` (as many as fit); returns how many there were.
-    fn ready_statuses(&mut self, mut bytes: &[u8], out: &mut [u8]) -> usize {
+    /// ErrorResponses that end in `bytes` are counted in `errors`.
+    fn ready_statuses(&mut self, mut bytes: &[u8], out: &mut [u8], errors: &ErrorClasses) -> usize {
         let mut n = 0;
         while !bytes.is_empty() {
             if self.left > 0 {
@@ -266,8 +520,18 @@ impl Scan {
                     self.ready = false;
                 }
                 let k = self.left.min(bytes.len());
+                if let Some((head, got)) = self.error.as_mut() {
+                    let take = k.min(ERROR_HEAD - *got);
+                    head[*got..*got + take].copy_from_slice(&bytes[..take]);
+                    *got += take;
+                }
                 self.left -= k;
                 bytes = &bytes[k..];
+                if self.left == 0 {
+                    if let Some((head, got)) = self.error.take() {
+                        errors.count(error_code(&head[..got]).unwrap_or_default());
+                    }
+                }
                 continue;
             }
             let k = (5 - self.got).min(bytes.len());
@@ -284,6 +548,13 @@ impl Scan {
                 ]) as usize;
                 self.left = len.saturating_sub(4);
                 self.ready = self.header[0] == b'Z' && self.left == 1;
+                if self.header[0] == b'E' {
+                    if self.left == 0 {
+                        errors.count(b"");
+                    } else {
+                        self.error = Some(([0; ERROR_HEAD], 0));
+                    }
+                }
             }
         }
         n
@@ -309,13 +580,14 @@ mod tests {
         stream.extend(message(b'D', b"ZZZZZ"));
         stream.extend(message(b'C', b"SELECT 1\0"));
         stream.extend(message(b'Z', b"I"));
+        let errors = ErrorClasses::default();
         for cut in 0..stream.len() {
             for cut2 in cut..stream.len() {
                 let mut scan = Scan::default();
                 let mut seen = Vec::new();
                 for part in [&stream[..cut], &stream[cut..cut2], &stream[cut2..]] {
                     let mut out = [0u8; 8];
-                    let n = scan.ready_statuses(part, &mut out);
+                    let n = scan.ready_statuses(part, &mut out, &errors);
                     seen.extend_from_slice(&out[..n]);
                 }
                 assert_eq!(seen, b"TI", "cut at {cut} and {cut2}");
@@ -326,25 +598,82 @@ mod tests {
     #[test]
     fn a_session_counts_queries_transactions_and_bytes() {
         let stats = Stats::default();
+        let events = Events::default();
+        let sinks = Sinks {
+            user: &stats,
+            events: &events,
+            shards: &[],
+        };
         let mut m = Meter::default();
+        m.place(Kind::FanOut);
         m.received(20);
         let mut out = message(b'Z', b"T");
-        m.queued(&out, false, &stats);
+        m.queued(&out, false, sinks);
         // Half of it written: nothing is counted twice.
         m.drained(3);
         out.drain(..3);
-        m.queued(&out, false, &stats);
+        m.queued(&out, false, sinks);
         assert_eq!(stats.queries.load(Relaxed), 1);
         m.drained(3);
         out.clear();
         m.received(10);
         let mut end = message(b'C', b"COMMIT\0");
         end.extend(message(b'Z', b"I"));
-        m.queued(&end, false, &stats);
+        m.queued(&end, false, sinks);
         assert_eq!(stats.queries.load(Relaxed), 2);
         assert_eq!(stats.xacts.load(Relaxed), 1);
         assert_eq!(stats.received.load(Relaxed), 30);
         assert_eq!(stats.sent.load(Relaxed), 6 + end.len() as u64);
+        assert_eq!(stats.query_time.read().count, 2);
+        assert_eq!(stats.xact_time.read().count, 1);
+        assert_eq!(events.by_kind[1].read().count, 2, "fan_out");
+        assert_eq!(events.by_kind[0].read().count, 0);
+    }
+
+    #[test]
+    fn errors_are_counted_by_class_however_the_writes_split() {
+        let mut stream = Vec::new();
+        stream.extend(message(b'E', b"SERROR\0VERROR\0C42P01\0Mno such table\0\0"));
+        stream.extend(message(b'Z', b"I"));
+        stream.extend(message(b'E', b"SFATAL\0C57P01\0Mbye\0\0"));
+        // A code too far in to be read, and a message with no body.
+        let far = [&b"M"[..], &[b'x'; 60], b"\0C22012\0\0"].concat();
+        stream.extend(message(b'E', &far));
+        stream.extend(message(b'E', b""));
+        for cut in 0..stream.len() {
+            let errors = ErrorClasses::default();
+            let mut scan = Scan::default();
+            let mut out = [0u8; 8];
+            let mut n = scan.ready_statuses(&stream[..cut], &mut out, &errors);
+            n += scan.ready_statuses(&stream[cut..], &mut out, &errors);
+            assert_eq!(n, 1);
+            let mut read = errors.read();
+            read.sort();
+            assert_eq!(
+                read,
+                vec![("42".into(), 1), ("57".into(), 1), ("??".into(), 2)],
+                "cut at {cut}"
+            );
+        }
+    }
+
+    #[test]
+    fn histogram_buckets_are_cumulative_with_le_bounds() {
+        let h = Histogram::default();
+        for us in [0, 100, 101, 1_000, 40_000_000] {
+            h.observe_us(us);
+        }
+        let r = h.read();
+        assert_eq!(r.count, 5);
+        assert_eq!(r.sum_us, 100 + 101 + 1_000 + 40_000_000);
+        assert_eq!(r.cumulative[0], 2, "0 and 100 are <= 100 µs");
+        assert_eq!(r.cumulative[1], 3, "101 is <= 250 µs");
+        assert_eq!(r.cumulative[3], 4, "1000 is <= 1 ms");
+        assert_eq!(
+            r.cumulative[BUCKETS_US.len() - 1],
+            4,
+            "40 s is past every bound"
+        );
     }
 
     #[test]

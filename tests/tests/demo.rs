@@ -52,6 +52,16 @@ fn demo_starts_serves_and_cleans_up() {
     }
     let url = url.unwrap();
     assert_eq!(url, format!("postgres://app:app@127.0.0.1:{port}/app"));
+    // The metrics line follows the console's (the lines read on the way
+    // are checked with the rest at the end).
+    let mut read = Vec::new();
+    let metrics = loop {
+        let line = lines.next().expect("demo output").unwrap();
+        if let Some(rest) = line.trim().strip_prefix("curl http://") {
+            break rest.split_whitespace().next().unwrap().to_string();
+        }
+        read.push(line);
+    };
     let dir = dir.expect("the demo names its directory");
     let (ok, out) = early.join().unwrap().expect("the demo's port accepted");
     assert!(ok && out.trim() == "1000", "the first client saw: {out}");
@@ -119,6 +129,18 @@ fn demo_starts_serves_and_cleans_up() {
     let (ok, out) = psql(&console, &["-A", "-t", "-c", "SHOW SHARDS"]);
     assert!(ok, "{out}");
     assert_eq!(out.lines().count(), 6, "two shards of three nodes: {out}");
+    // So does the metrics URL it prints.
+    let (addr, path) = metrics.split_once('/').expect("host:port/path");
+    assert_eq!(path, "metrics");
+    let mut http = std::net::TcpStream::connect(addr).expect("the metrics port");
+    std::io::Write::write_all(&mut http, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut answer = String::new();
+    std::io::Read::read_to_string(&mut http, &mut answer).unwrap();
+    assert_eq!(answer.split_whitespace().nth(1), Some("200"), "{answer}");
+    assert!(
+        answer.contains("shardline_node_up{shard=\"s1\""),
+        "{answer}"
+    );
 
     assert!(Command::new("kill")
         .arg("-INT")
@@ -127,7 +149,10 @@ fn demo_starts_serves_and_cleans_up() {
         .unwrap()
         .success());
     std::mem::forget(guard);
-    let rest: Vec<String> = lines.map_while(Result::ok).collect();
+    let rest: Vec<String> = read
+        .into_iter()
+        .chain(lines.map_while(Result::ok))
+        .collect();
     let status = child.wait().unwrap();
     assert!(status.success(), "{rest:?}");
     assert!(

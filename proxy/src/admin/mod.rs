@@ -12,7 +12,7 @@
 mod command;
 pub mod console;
 pub mod pause;
-mod views;
+pub(crate) mod views;
 
 use std::time::{Duration, SystemTime};
 use tokio::sync::watch;
@@ -137,7 +137,12 @@ impl Admin {
 
 /// Settings a reload cannot change: they keep their running value until
 /// a restart (the reload says so, and applies the rest).
-pub const RESTART_ONLY: [&str; 3] = ["proxy.listen", "proxy.workers", "proxy.log_format"];
+pub const RESTART_ONLY: [&str; 4] = [
+    "proxy.listen",
+    "proxy.workers",
+    "proxy.log_format",
+    "metrics.listen",
+];
 
 /// What a reload from `old` to `new` changes, one line each (passwords
 /// are never shown: a changed user says only that it changed).

@@ -98,7 +98,7 @@ fn duration(d: Duration) -> String {
 }
 
 /// An enum value as the config file spells it (`RoundRobin` → `round_robin`).
-fn snake(v: impl std::fmt::Debug) -> String {
+pub(crate) fn snake(v: impl std::fmt::Debug) -> String {
     let mut out = String::new();
     for (i, c) in format!("{v:?}").chars().enumerate() {
         if c.is_ascii_uppercase() {
@@ -282,6 +282,10 @@ pub(super) fn settings(c: &shardline_config::Config) -> Vec<(&'static str, Strin
         ("admin.pause_timeout", duration(c.admin.pause_timeout)),
         ("admin.max_hold", duration(c.admin.max_hold)),
         ("admin.stats_period", duration(c.admin.stats_period)),
+        (
+            "metrics.listen",
+            c.metrics.listen.map(|a| a.to_string()).unwrap_or_default(),
+        ),
     ]
 }
 
@@ -676,7 +680,7 @@ fn lists(shared: &Shared) -> Table {
 }
 
 /// The process's resident memory, bytes (Linux: /proc/self/statm).
-fn resident_bytes() -> Option<u64> {
+pub(crate) fn resident_bytes() -> Option<u64> {
     let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
     let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
     // SAFETY: sysconf has no preconditions.

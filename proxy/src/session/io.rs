@@ -41,9 +41,7 @@ impl Session {
                 return Poll::Ready(Event::ServerLost(e));
             }
         }
-        let more = !self.client_in.is_empty();
-        self.meter
-            .queued(&self.client_out, more, &self.login.user.stats);
+        self.count_queued();
         let meter = &mut self.meter;
         let drained = poll_drain(&mut self.login.stream, &mut self.client_out, cx, |w| {
             meter.drained(w.len())
@@ -101,6 +99,18 @@ impl Session {
         }
     }
 
+    /// Counts what was added to the client's output buffer before it is
+    /// written (`more`: the client has sent more than what is answered).
+    fn count_queued(&mut self) {
+        let more = !self.client_in.is_empty();
+        let sinks = crate::stats::Sinks {
+            user: &self.login.user.stats,
+            events: &self.shared.events,
+            shards: &self.shared.topology.shards,
+        };
+        self.meter.queued(&self.client_out, more, sinks);
+    }
+
     /// Writes everything buffered for the client (used when ending a session).
     pub(super) async fn flush_client(&mut self) {
         let _ = self.write_client().await;
@@ -108,9 +118,7 @@ impl Session {
 
     /// Writes everything buffered for the client, waiting as long as it takes.
     pub(super) async fn write_client(&mut self) -> io::Result<()> {
-        let more = !self.client_in.is_empty();
-        self.meter
-            .queued(&self.client_out, more, &self.login.user.stats);
+        self.count_queued();
         self.login.stream.write_all(&self.client_out).await?;
         self.login.stream.flush().await?;
         self.meter.drained(self.client_out.len());

@@ -665,8 +665,14 @@ impl Session {
             return self.run_fanout(planned, false).await;
         };
         match planned.plan {
-            shardline_router::UnitPlan::DeferBegin => self.defer_begin(),
-            shardline_router::UnitPlan::EndEmpty(tag) => self.end_empty(tag),
+            shardline_router::UnitPlan::DeferBegin => {
+                self.meter.place(crate::stats::Kind::None);
+                self.defer_begin()
+            }
+            shardline_router::UnitPlan::EndEmpty(tag) => {
+                self.meter.place(crate::stats::Kind::None);
+                self.end_empty(tag)
+            }
             shardline_router::UnitPlan::Run { target, writes } => {
                 self.shared.placements.count(&planned.place);
                 if let Err(e) = self.attach_server(target, writes, shard).await {

@@ -576,6 +576,10 @@ impl Session {
         let borrowed = self.borrow(shard_index, target, &mut tried).await;
         self.rerun.tried = tried;
         let (conn, node, placed) = borrowed?;
+        self.meter.place(crate::stats::Kind::One {
+            shard: shard_index as u16,
+            replica: placed == Target::Replica,
+        });
         // A read may be sent again elsewhere until an answer reaches the
         // client; so may one that read-your-writes placed on the primary
         // (a replica that has the user's writes can serve it).
@@ -677,6 +681,11 @@ impl Session {
                     match chosen {
                         Some(i) => i,
                         None if lb.fallback_to_primary => {
+                            if req.min_lsn > 0
+                                && shard.reader(&ReadRequest { min_lsn: 0, ..req }).is_some()
+                            {
+                                shared.events.ryw_primary_reads.fetch_add(1, Relaxed);
+                            }
                             tracing::trace!(min_lsn = req.min_lsn, "read to the primary: no replica past the user's position");
                             target = Target::Primary;
                             continue;

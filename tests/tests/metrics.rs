@@ -1,0 +1,263 @@
+//! The monitoring endpoints over real HTTP: `/metrics` scraped during a
+//! pgbench load on two shards (counters move, histograms fill, and
+//! Debian's `promtool check metrics` accepts the output), `/health`, and
+//! `/ready` going to 503 naming the shard whose primary is stopped.
+
+use shardline_tests::{wait_for, Env, TempDir};
+use std::collections::HashMap;
+use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+const METRICS: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
+
+/// One HTTP/1.0 request (the connection closes after the answer): the
+/// status code, the headers (lower-case names) and the body.
+async fn http(
+    addr: std::net::SocketAddr,
+    method: &str,
+    path: &str,
+) -> (u16, HashMap<String, String>, String) {
+    let mut tcp = tokio::net::TcpStream::connect(addr)
+        .await
+        .expect("the metrics port");
+    tcp.write_all(format!("{method} {path} HTTP/1.0\r\nHost: localhost\r\n\r\n").as_bytes())
+        .await
+        .expect("request sent");
+    let mut raw = Vec::new();
+    tcp.read_to_end(&mut raw).await.expect("response read");
+    let text = String::from_utf8(raw).expect("a UTF-8 response");
+    let (head, body) = text.split_once("\r\n\r\n").expect("headers end");
+    let mut lines = head.lines();
+    let status = lines
+        .next()
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|s| s.parse().ok())
+        .expect("a status line");
+    let headers = lines
+        .filter_map(|l| l.split_once(':'))
+        .map(|(k, v)| (k.trim().to_ascii_lowercase(), v.trim().to_string()))
+        .collect();
+    (status, headers, body.to_string())
+}
+
+/// A sample's value: `name` with exactly these labels (in the order the
+/// proxy writes them), or 0 when there is no such sample yet.
+fn sample(body: &str, name: &str, labels: &[(&str, &str)]) -> f64 {
+    let want = if labels.is_empty() {
+        name.to_string()
+    } else {
+        let inner: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        format!("{name}{{{}}}", inner.join(","))
+    };
+    body.lines()
+        .filter(|l| !l.starts_with('#'))
+        .find_map(|l| {
+            let (key, value) = l.rsplit_once(' ')?;
+            (key == want).then(|| value.parse().expect("a number"))
+        })
+        .unwrap_or(0.0)
+}
+
+/// The sum of every sample of `name` (whatever its labels).
+fn total(body: &str, name: &str) -> f64 {
+    body.lines()
+        .filter(|l| l.starts_with(name) && l[name.len()..].starts_with(['{', ' ']))
+        .filter_map(|l| l.rsplit_once(' ')?.1.parse::<f64>().ok())
+        .sum()
+}
+
+async fn two_shards() -> (Env, std::net::SocketAddr) {
+    let env = Env::demo_sharded(METRICS).await;
+    let addr = env
+        .proxy
+        .as_ref()
+        .and_then(|p| p.metrics_addr)
+        .expect("the proxy serves metrics");
+    (env, addr)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_move_under_load_and_pass_promtool() {
+    let (env, addr) = two_shards().await;
+    let c = env.connect().await;
+    c.batch_execute(
+        "CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, created_at timestamptz NOT NULL DEFAULT now())",
+    )
+    .await
+    .expect("a table on both shards");
+    let rows: Vec<String> = (1..=200).map(|i| format!("({i}, 'u{i}')")).collect();
+    c.batch_execute(&format!(
+        "INSERT INTO users (id, name) VALUES {}",
+        rows.join(", ")
+    ))
+    .await
+    .expect("rows on both shards");
+
+    let (status, headers, before) = http(addr, "GET", "/metrics").await;
+    assert_eq!(status, 200, "{before}");
+    assert_eq!(
+        headers["content-type"],
+        "text/plain; version=0.0.4; charset=utf-8"
+    );
+    let app = [("user", "app"), ("database", "app")];
+    let queries_before = sample(&before, "shardline_queries_total", &app);
+
+    // Reads by key (one shard, a replica), writes by key (a primary), and
+    // a keyless count (merged by the proxy), over 8 clients.
+    let dir = TempDir::new("metrics-bench");
+    let script = dir.write(
+        "mix.sql",
+        "\\set id random(1, 200)\nSELECT name FROM users WHERE id = :id;\nBEGIN;\nUPDATE users SET name = 'v' || :id WHERE id = :id;\nCOMMIT;\nSELECT count(*) FROM users;\n",
+    );
+    let bench = shardline_tests::pgbench_script(env.port, 8, 3, &script);
+    // Errors reach clients: a missing table (class 42) and a division by
+    // zero (class 22).
+    for sql in ["SELECT * FROM no_such_table", "SELECT 1 / 0"] {
+        let e = c.simple_query(sql).await.expect_err(sql);
+        assert!(e.as_db_error().is_some(), "{sql}: {e}");
+    }
+    // Scraped during the load: the counters already move.
+    wait_for("queries counted during the load", || async {
+        let (_, _, body) = http(addr, "GET", "/metrics").await;
+        sample(&body, "shardline_queries_total", &app) > queries_before + 100.0
+    })
+    .await;
+    let (ok, out) = bench.join().expect("pgbench thread");
+    assert!(ok, "pgbench: {out}");
+    assert!(out.contains("number of failed transactions: 0"), "{out}");
+    let done: f64 = out
+        .lines()
+        .find_map(|l| l.strip_prefix("number of transactions actually processed: "))
+        .and_then(|l| l.split('/').next())
+        .and_then(|n| n.trim().parse().ok())
+        .expect("pgbench's count");
+
+    let (_, _, after) = http(addr, "GET", "/metrics").await;
+    // Each pgbench transaction is five units (three statements alone,
+    // BEGIN-UPDATE-COMMIT as three more in one transaction: 5 queries, 3
+    // transactions).
+    let queries = sample(&after, "shardline_queries_total", &app) - queries_before;
+    assert!(
+        queries >= done * 5.0,
+        "{queries} units for {done} pgbench transactions"
+    );
+    let xacts = sample(&after, "shardline_transactions_total", &app);
+    assert!(xacts >= done * 3.0, "{xacts} transactions for {done}");
+    let hist =
+        |name: &str, labels: &[(&str, &str)]| sample(&after, &format!("{name}_count"), labels);
+    assert!(hist("shardline_transaction_duration_seconds", &app) >= done * 3.0);
+    assert_eq!(
+        hist("shardline_query_duration_seconds", &app),
+        sample(&after, "shardline_queries_total", &app),
+        "every unit counted is in the histogram"
+    );
+    // Buckets are cumulative and end at the count.
+    let inf = sample(
+        &after,
+        "shardline_query_duration_seconds_bucket",
+        &[("user", "app"), ("database", "app"), ("le", "+Inf")],
+    );
+    let ms = sample(
+        &after,
+        "shardline_query_duration_seconds_bucket",
+        &[("user", "app"), ("database", "app"), ("le", "0.001")],
+    );
+    assert_eq!(inf, hist("shardline_query_duration_seconds", &app));
+    assert!(ms <= inf);
+    for (shard, role) in [
+        ("s0", "primary"),
+        ("s0", "replica"),
+        ("s1", "primary"),
+        ("s1", "replica"),
+    ] {
+        let n = hist(
+            "shardline_shard_query_duration_seconds",
+            &[("shard", shard), ("role", role)],
+        );
+        assert!(n > 0.0, "units on {shard} {role}: {n}");
+    }
+    let merged = hist(
+        "shardline_placement_query_duration_seconds",
+        &[("placement", "merge")],
+    );
+    assert!(merged >= done, "merged units {merged} for {done}");
+    assert!(
+        sample(
+            &after,
+            "shardline_units_placed_total",
+            &[("placement", "merge")]
+        ) >= done
+    );
+    assert!(sample(&after, "shardline_errors_total", &[("class", "42")]) >= 1.0);
+    assert!(sample(&after, "shardline_errors_total", &[("class", "22")]) >= 1.0);
+    assert!(total(&after, "shardline_pool_checkouts_total") >= done);
+    assert!(total(&after, "shardline_pool_checkout_wait_seconds_count") >= done);
+    assert!(sample(&after, "shardline_router_statements_total", &[]) > 0.0);
+    assert!(sample(&after, "shardline_router_cache_hits_total", &[]) > 0.0);
+    assert!(sample(&after, "shardline_resident_memory_bytes", &[]) > 1e6);
+    assert_eq!(total(&after, "shardline_node_up"), 4.0, "{after}");
+    assert_eq!(total(&after, "shardline_node_banned"), 0.0);
+    assert!(after.contains("shardline_node_replay_lag_bytes{shard=\"s0\""));
+    // pgbench's clients leave; only `c` stays logged in.
+    wait_for("one client left", || async {
+        let (_, _, body) = http(addr, "GET", "/metrics").await;
+        sample(&body, "shardline_client_connections", &app) == 1.0
+    })
+    .await;
+
+    // Prometheus's own checker reads it as valid exposition with no lint.
+    let file = dir.write("metrics.txt", &after);
+    let (ok, out) = shardline_tests::run(
+        std::process::Command::new("promtool")
+            .args(["check", "metrics"])
+            .stdin(std::fs::File::open(&file).expect("the scrape")),
+    );
+    assert!(ok, "promtool check metrics: {out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn health_and_ready_say_what_is_missing() {
+    let (env, addr) = two_shards().await;
+    let (status, _, body) = http(addr, "GET", "/health").await;
+    assert_eq!((status, body.as_str()), (200, "ok\n"));
+    let (status, headers, body) = http(addr, "GET", "/ready").await;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(headers["content-type"], "application/json");
+    assert_eq!(body, r#"{"ready":true}"#);
+    let (status, _, _) = http(addr, "GET", "/nothing").await;
+    assert_eq!(status, 404);
+    let (status, headers, _) = http(addr, "POST", "/metrics").await;
+    assert_eq!((status, headers["allow"].as_str()), (405, "GET, HEAD"));
+
+    // s1's primary stops: the proxy still serves (/health) but is not
+    // ready, and says which shard lacks what.
+    let nodes = env.backend.nodes();
+    let s1 = nodes
+        .iter()
+        .position(|n| n.shard == "s1" && n.is_primary)
+        .expect("s1's primary");
+    env.backend.stop_node(s1, "immediate").expect("stopped");
+    wait_for("/ready to answer 503", || async {
+        http(addr, "GET", "/ready").await.0 == 503
+    })
+    .await;
+    let (_, _, body) = http(addr, "GET", "/ready").await;
+    let json: serde_json::Value = serde_json::from_str(&body).expect("JSON");
+    assert_eq!(json["ready"], false, "{body}");
+    let missing = json["shards_without_primary"].as_array().expect("a list");
+    assert_eq!(missing.len(), 1, "{body}");
+    assert_eq!(missing[0]["shard"], "s1", "{body}");
+    let port = nodes[s1].port.to_string();
+    assert!(
+        missing[0]["problem"].as_str().unwrap_or("").contains(&port),
+        "names the primary: {body}"
+    );
+    assert_eq!(http(addr, "GET", "/health").await.0, 200);
+    let (_, _, metrics) = http(addr, "GET", "/metrics").await;
+    assert_eq!(total(&metrics, "shardline_node_up"), 3.0, "{metrics}");
+
+    env.backend.start_node(s1).expect("started again");
+    wait_for("/ready to answer 200 again", || async {
+        http(addr, "GET", "/ready").await.0 == 200
+    })
+    .await;
+}
