@@ -36,6 +36,31 @@ pub struct Config {
     pub admin: AdminConfig,
     #[serde(default)]
     pub metrics: MetricsConfig,
+    #[serde(default)]
+    pub log: LogConfig,
+}
+
+/// What the proxy logs beyond its events.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LogConfig {
+    /// A unit (a simple query, or an extended batch up to Sync) slower than
+    /// this is logged once, with the shapes of its statements (constants
+    /// blanked); off while unset.
+    #[serde(default, with = "serde_opt_duration")]
+    pub slow_statement: Option<Duration>,
+}
+
+mod serde_opt_duration {
+    use serde::{Deserialize, Deserializer};
+    use std::time::Duration;
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Duration>, D::Error> {
+        let s = String::deserialize(d)?;
+        crate::parse_duration(&s)
+            .map(Some)
+            .map_err(serde::de::Error::custom)
+    }
 }
 
 /// The HTTP endpoints for monitoring: `/metrics` (Prometheus text format),

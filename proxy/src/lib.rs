@@ -172,6 +172,8 @@ pub struct Shared {
     /// Latency by placement kind, errors by class, reloads (`/metrics`);
     /// kept across reloads.
     pub events: Arc<stats::Events>,
+    /// `log.slow_statement` in µs (`u64::MAX`: off).
+    pub slow_us: u64,
     pub statements: server::statements::StatementRegistry,
     /// Source of unique tokens (unnamed statement ownership); one for the
     /// process, as server connections outlive a reload.
@@ -453,6 +455,7 @@ impl Shared {
             };
             users.insert((u.name.clone(), u.database.clone()), Arc::new(entry));
         }
+        let events: Arc<stats::Events> = previous.map(|p| p.events.clone()).unwrap_or_default();
         let sharding = (config.shards.len() > 1)
             .then(|| Arc::new(shardline_router::sharding::Sharding::from_config(config)));
         let two_phase = (sharding.is_some() && config.sharding.two_phase_commit).then(|| {
@@ -477,6 +480,7 @@ impl Shared {
                 topology.clone(),
                 config.shards.iter().map(|s| s.name.clone()).collect(),
                 config.sharding.in_doubt_interval,
+                events.clone(),
             ))
         });
         let tls = match (&config.tls.cert, &config.tls.key) {
@@ -503,7 +507,11 @@ impl Shared {
             generation: previous.map_or(0, |p| p.generation + 1),
             config: Arc::new(config.clone()),
             placements: previous.map(|p| p.placements.clone()).unwrap_or_default(),
-            events: previous.map(|p| p.events.clone()).unwrap_or_default(),
+            events,
+            slow_us: config
+                .log
+                .slow_statement
+                .map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128) as u64),
             placement: health::placement_hash(&config.placement_fingerprint()),
             statements: Default::default(),
             next_token: previous

@@ -201,7 +201,7 @@ impl NodePool {
         match self.pool.timeout_get(&now).await {
             Err(PoolError::Timeout(TimeoutType::Wait)) => {}
             other => {
-                self.counters.wait.observe_us(0);
+                self.counters.wait.observe(0);
                 return other.map_err(|e| self.checkout_error(e));
             }
         }
@@ -220,7 +220,7 @@ impl NodePool {
         }
         let waited = started.elapsed().as_micros() as u64;
         self.counters.wait_us.fetch_add(waited, Relaxed);
-        self.counters.wait.observe_us(waited);
+        self.counters.wait.observe(waited);
         if matches!(got, Err(PoolError::Timeout(TimeoutType::Wait))) {
             self.counters.timeouts.fetch_add(1, Relaxed);
         }

@@ -28,54 +28,109 @@ pub struct Stats {
     pub xact_time: Histogram,
 }
 
+/// Buckets per histogram (each has one more slot past its last bound).
+pub const BUCKETS: usize = 17;
+
 /// Upper bounds of the latency histograms' buckets, in µs (the `le`
 /// labels of `/metrics`, in seconds).
-pub const BUCKETS_US: [u64; 17] = [
+pub const LATENCY_US: [u64; BUCKETS] = [
     100, 250, 500, 1_000, 2_500, 5_000, 10_000, 25_000, 50_000, 100_000, 250_000, 500_000,
     1_000_000, 2_500_000, 5_000_000, 10_000_000, 30_000_000,
 ];
 
-/// A latency histogram recorded with relaxed atomic additions (one per
+/// Upper bounds of the routing-time histogram's buckets, in ns: a cache
+/// hit takes a few µs, a parse tens of µs, a long statement milliseconds.
+pub const ROUTING_NS: [u64; BUCKETS] = [
+    500, 1_000, 2_000, 4_000, 8_000, 16_000, 32_000, 64_000, 128_000, 256_000, 512_000, 1_000_000,
+    2_000_000, 4_000_000, 8_000_000, 16_000_000, 64_000_000,
+];
+
+/// A histogram recorded with relaxed atomic additions (one per
 /// observation, two when it is not zero): no lock, nothing allocated.
-#[derive(Default)]
 pub struct Histogram {
+    bounds: &'static [u64; BUCKETS],
+    /// Units of the bounds in a second (1e6 for µs).
+    per_second: u64,
     /// Observations per bucket (not cumulative); the last is past every bound.
-    counts: [AtomicU64; BUCKETS_US.len() + 1],
-    sum_us: AtomicU64,
+    counts: [AtomicU64; BUCKETS + 1],
+    sum: AtomicU64,
 }
 
-/// A histogram as read: cumulative counts per bound of [`BUCKETS_US`],
-/// the number of observations and their sum in µs.
+/// A latency histogram in µs.
+impl Default for Histogram {
+    fn default() -> Self {
+        Histogram::with_bounds(&LATENCY_US, 1_000_000)
+    }
+}
+
+/// A histogram as read: cumulative counts per bound, the number of
+/// observations and their sum, in the histogram's unit.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct HistogramReading {
-    pub cumulative: [u64; BUCKETS_US.len()],
+    pub bounds: &'static [u64; BUCKETS],
+    pub per_second: u64,
+    pub cumulative: [u64; BUCKETS],
     pub count: u64,
-    pub sum_us: u64,
+    pub sum: u64,
 }
 
 impl Histogram {
+    pub fn with_bounds(bounds: &'static [u64; BUCKETS], per_second: u64) -> Histogram {
+        Histogram {
+            bounds,
+            per_second,
+            counts: Default::default(),
+            sum: AtomicU64::new(0),
+        }
+    }
+
+    /// Routing times, in ns.
+    pub fn routing() -> Histogram {
+        Histogram::with_bounds(&ROUTING_NS, 1_000_000_000)
+    }
+
+    /// Records `value`, in the histogram's unit (µs for latencies).
     #[inline]
-    pub fn observe_us(&self, us: u64) {
-        let i = BUCKETS_US.partition_point(|&bound| bound < us);
+    pub fn observe(&self, value: u64) {
+        let i = self.bounds.partition_point(|&bound| bound < value);
         self.counts[i].fetch_add(1, Relaxed);
-        if us > 0 {
-            self.sum_us.fetch_add(us, Relaxed);
+        if value > 0 {
+            self.sum.fetch_add(value, Relaxed);
         }
     }
 
     pub fn read(&self) -> HistogramReading {
-        let mut cumulative = [0u64; BUCKETS_US.len()];
+        let mut cumulative = [0u64; BUCKETS];
         let mut running = 0u64;
         for (slot, count) in cumulative.iter_mut().zip(&self.counts) {
             running += count.load(Relaxed);
             *slot = running;
         }
         HistogramReading {
+            bounds: self.bounds,
+            per_second: self.per_second,
             cumulative,
-            count: running + self.counts[BUCKETS_US.len()].load(Relaxed),
-            sum_us: self.sum_us.load(Relaxed),
+            count: running + self.counts[BUCKETS].load(Relaxed),
+            sum: self.sum.load(Relaxed),
         }
     }
+}
+
+/// Two-phase commits of transactions on several shards.
+#[derive(Default)]
+pub struct TwoPhase {
+    /// Transactions whose participants all prepared.
+    pub prepared: AtomicU64,
+    pub committed: AtomicU64,
+    /// Rolled back after some participant prepared (a PREPARE or the
+    /// coordinator's COMMIT failed).
+    pub rolled_back: AtomicU64,
+    /// Left for the in-doubt check: the coordinator lost while committing,
+    /// or a COMMIT PREPARED that failed.
+    pub in_doubt: AtomicU64,
+    /// Prepared transactions the in-doubt check finished (after a crash or
+    /// a lost connection).
+    pub resolved: AtomicU64,
 }
 
 /// How a unit was placed, for the latency histograms by placement kind.
@@ -84,9 +139,10 @@ pub enum Kind {
     /// Not placed on a server (answered by the proxy), or not known.
     #[default]
     None,
-    /// One shard, on the given node role.
+    /// One shard, on the node (index in its shard) of the given role.
     One {
         shard: u16,
+        node: u8,
         replica: bool,
     },
     FanOut,
@@ -136,6 +192,9 @@ pub struct Events {
     pub ryw_primary_reads: AtomicU64,
     pub reloads_ok: AtomicU64,
     pub reloads_failed: AtomicU64,
+    /// Time to route a statement (one in 64 is timed), ns.
+    pub routing: Histogram,
+    pub two_phase: TwoPhase,
 }
 
 impl Default for Events {
@@ -147,6 +206,8 @@ impl Default for Events {
             ryw_primary_reads: AtomicU64::new(0),
             reloads_ok: AtomicU64::new(0),
             reloads_failed: AtomicU64::new(0),
+            routing: Histogram::routing(),
+            two_phase: TwoPhase::default(),
         }
     }
 }
@@ -221,6 +282,9 @@ pub struct Sinks<'a> {
     pub events: &'a Events,
     /// The shards of the session's configuration (`Topology::shards`).
     pub shards: &'a [std::sync::Arc<crate::health::ShardHealth>],
+    /// Units at least this slow (µs) are noted for the slow-statement log
+    /// (`u64::MAX`: off).
+    pub slow_us: u64,
 }
 
 /// Totals for a database (or one user), as SHOW STATS_TOTALS lists them.
@@ -360,6 +424,9 @@ pub struct Meter {
     sent: u64,
     /// Where the unit being answered runs.
     place: Kind,
+    /// The slowest unit answered since the last look that was at least
+    /// `Sinks::slow_us` slow (µs).
+    slow: Option<u64>,
 }
 
 impl Meter {
@@ -367,6 +434,18 @@ impl Meter {
     #[inline]
     pub fn place(&mut self, kind: Kind) {
         self.place = kind;
+    }
+
+    /// Where the units answered last ran.
+    pub fn placed(&self) -> Kind {
+        self.place
+    }
+
+    /// The slowest unit past the slow-statement bound answered since the
+    /// last call, µs.
+    #[inline]
+    pub fn take_slow(&mut self) -> Option<u64> {
+        self.slow.take()
     }
 
     /// The client sent `n` bytes; returns true when they begin a request
@@ -413,7 +492,7 @@ impl Meter {
         let now = Instant::now();
         let by_kind = self.place.index().map(|i| &to.events.by_kind[i]);
         let by_shard = match self.place {
-            Kind::One { shard, replica } => to
+            Kind::One { shard, replica, .. } => to
                 .shards
                 .get(shard as usize)
                 .map(|s| &s.latency[usize::from(replica)]),
@@ -425,12 +504,15 @@ impl Meter {
             if let Some(t) = self.unit_since.take() {
                 let us = now.saturating_duration_since(t).as_micros() as u64;
                 query_us += us;
-                stats.query_time.observe_us(us);
+                stats.query_time.observe(us);
+                if us >= to.slow_us {
+                    self.slow = Some(self.slow.map_or(us, |s| s.max(us)));
+                }
                 if let Some(h) = by_kind {
-                    h.observe_us(us);
+                    h.observe(us);
                 }
                 if let Some(h) = by_shard {
-                    h.observe_us(us);
+                    h.observe(us);
                 }
             }
             if status == b'I' {
@@ -438,7 +520,7 @@ impl Meter {
                 if let Some(t) = self.xact_since.take() {
                     let us = now.saturating_duration_since(t).as_micros() as u64;
                     xact_us += us;
-                    stats.xact_time.observe_us(us);
+                    stats.xact_time.observe(us);
                 }
             }
         }
@@ -603,6 +685,7 @@ mod tests {
             user: &stats,
             events: &events,
             shards: &[],
+            slow_us: 1_000_000,
         };
         let mut m = Meter::default();
         m.place(Kind::FanOut);
@@ -661,19 +744,15 @@ mod tests {
     fn histogram_buckets_are_cumulative_with_le_bounds() {
         let h = Histogram::default();
         for us in [0, 100, 101, 1_000, 40_000_000] {
-            h.observe_us(us);
+            h.observe(us);
         }
         let r = h.read();
         assert_eq!(r.count, 5);
-        assert_eq!(r.sum_us, 100 + 101 + 1_000 + 40_000_000);
+        assert_eq!(r.sum, 100 + 101 + 1_000 + 40_000_000);
         assert_eq!(r.cumulative[0], 2, "0 and 100 are <= 100 µs");
         assert_eq!(r.cumulative[1], 3, "101 is <= 250 µs");
         assert_eq!(r.cumulative[3], 4, "1000 is <= 1 ms");
-        assert_eq!(
-            r.cumulative[BUCKETS_US.len() - 1],
-            4,
-            "40 s is past every bound"
-        );
+        assert_eq!(r.cumulative[BUCKETS - 1], 4, "40 s is past every bound");
     }
 
     #[test]

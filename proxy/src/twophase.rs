@@ -54,6 +54,8 @@ pub struct Coordinator {
     stop_at: Option<&'static str>,
     node_id: u64,
     counter: AtomicU64,
+    /// Where commits and resolutions are counted (`/metrics`).
+    pub events: Arc<crate::stats::Events>,
 }
 
 /// A SQL string literal.
@@ -91,8 +93,10 @@ impl Coordinator {
         topology: Arc<Topology>,
         shard_names: Vec<String>,
         interval: Duration,
+        events: Arc<crate::stats::Events>,
     ) -> Coordinator {
         Coordinator {
+            events,
             databases,
             topology,
             shard_names,
@@ -263,6 +267,10 @@ impl Coordinator {
                 match c.simple_query(&sql).await {
                     Ok(_) => {
                         settled += 1;
+                        self.events
+                            .two_phase
+                            .resolved
+                            .fetch_add(1, Ordering::Relaxed);
                         tracing::info!(%gid, shard = %self.shard_names[*shard], committed = commit, "in-doubt transaction resolved");
                     }
                     Err(e) => {

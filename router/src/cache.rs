@@ -278,19 +278,39 @@ pub fn shape(sql: &str, out: &mut String) {
 /// [`shape`], also noting where each constant of `sql` is (`constants`,
 /// cleared first): the key of a statement is read from them
 /// (`KeyInput::constants`) without scanning the text again.
+///
+/// Block comments other than routing hints (`/* shardline: ... */`) are
+/// blanked too (`/**/`): tracing tags such as sqlcommenter's
+/// `/*traceparent='00-...'*/` differ on every statement and would
+/// otherwise make each one a cache miss.
 pub fn shape_noting(sql: &str, out: &mut String, constants: &mut Vec<(usize, usize)>) {
     out.clear();
     constants.clear();
     let mut copied = 0;
-    crate::lexer::scan_constants(sql, |start, end| {
-        constants.push((start, end));
-        out.push_str(&sql[copied..start]);
-        out.push_str(if sql.as_bytes()[start].is_ascii_digit() {
-            "0"
-        } else {
-            "''"
-        });
-        copied = end;
+    crate::lexer::scan_tokens(sql, |spot| match spot {
+        crate::lexer::Spot::Constant(start, end) => {
+            constants.push((start, end));
+            out.push_str(&sql[copied..start]);
+            out.push_str(if sql.as_bytes()[start].is_ascii_digit() {
+                "0"
+            } else {
+                "''"
+            });
+            copied = end;
+        }
+        crate::lexer::Spot::Comment(start, end) => {
+            let text = &sql[start..end];
+            let closed = text.len() >= 4 && text.ends_with("*/");
+            if closed
+                && !text[2..text.len() - 2]
+                    .trim_start()
+                    .starts_with("shardline:")
+            {
+                out.push_str(&sql[copied..start]);
+                out.push_str("/**/");
+                copied = end;
+            }
+        }
     });
     out.push_str(&sql[copied..]);
 }
@@ -331,6 +351,35 @@ pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>)
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// sqlcommenter's tags (a new traceparent per statement) share one
+    /// cache entry; routing hints keep theirs, and constants are still
+    /// found where they are in the text.
+    #[test]
+    fn comments_other_than_hints_do_not_split_the_cache() {
+        let shaped = |sql: &str| {
+            let (mut out, mut constants) = (String::new(), Vec::new());
+            shape_noting(sql, &mut out, &mut constants);
+            (out, constants)
+        };
+        let a = "SELECT * FROM t WHERE id = 7 /*traceparent='00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'*/";
+        let b = "SELECT * FROM t WHERE id = 8 /*traceparent='00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01'*/";
+        let (sa, ca) = shaped(a);
+        assert_eq!(sa, shaped(b).0);
+        assert_eq!(sa, "SELECT * FROM t WHERE id = 0 /**/");
+        assert_eq!(ca, vec![(27, 28)], "the quoted trace id is no constant");
+        let leading = "/* controller='index',traceparent='00-a-b-01' */ SELECT 1";
+        assert_eq!(shaped(leading).0, "/**/ SELECT 0");
+        let hinted = shaped("/* shardline: shard=s1 */ SELECT 1").0;
+        assert_eq!(hinted, "/* shardline: shard=s1 */ SELECT 0");
+        assert_ne!(hinted, shaped("/* shardline: shard=s0 */ SELECT 1").0);
+        // An unterminated comment stays as written.
+        assert_eq!(shaped("SELECT 1 /* open").0, "SELECT 0 /* open");
+        let mut r = Router::new(Options::default(), 100, None);
+        r.route(a);
+        r.route(b);
+        assert_eq!((r.stats().hits, r.stats().misses), (1, 1));
+    }
 
     /// Distinct large statements fill the cache up to its byte bound, not
     /// its entry count; statements above `MAX_CACHED_STATEMENT` are not

@@ -150,9 +150,60 @@ pub fn session_role(stmt: &str) -> Option<Option<RoleHint>> {
     }
 }
 
+/// The W3C trace context a statement carries in a comment, as
+/// sqlcommenter writes it (`/*traceparent='00-<32 hex>-<16 hex>-<2 hex>'*/`,
+/// at the end or the start of the statement; the value may be URL-encoded
+/// or unquoted): `version-trace_id-parent_id-flags`, checked for shape.
+pub fn traceparent(sql: &str) -> Option<&str> {
+    let mut found = None;
+    crate::lexer::scan_tokens(sql, |spot| {
+        if let (None, crate::lexer::Spot::Comment(start, end)) = (found, spot) {
+            found = trace_in(&sql[start..end]);
+        }
+    });
+    found
+}
+
+fn trace_in(comment: &str) -> Option<&str> {
+    let at = comment.find("traceparent=")?;
+    let value = comment[at + "traceparent=".len()..].trim_start_matches(['\'', '"']);
+    let value = &value[..value.len().min(55)];
+    let b = value.as_bytes();
+    let hex = |r: std::ops::Range<usize>| b[r].iter().all(u8::is_ascii_hexdigit);
+    (b.len() == 55
+        && hex(0..2)
+        && b[2] == b'-'
+        && hex(3..35)
+        && b[35] == b'-'
+        && hex(36..52)
+        && b[52] == b'-'
+        && hex(53..55))
+    .then_some(value)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn traceparent_is_read_from_sqlcommenter_comments() {
+        let id = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+        for sql in [
+            format!("SELECT 1 /*controller='index',traceparent='{id}'*/"),
+            format!("/*traceparent='{id}'*/ SELECT 1"),
+            format!("SELECT 1 /* traceparent={id} */"),
+        ] {
+            assert_eq!(traceparent(&sql), Some(id), "{sql}");
+        }
+        for sql in [
+            "SELECT 'traceparent=00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01'"
+                .to_string(),
+            "SELECT 1 /*traceparent='00-short-01'*/".to_string(),
+            "SELECT 1".to_string(),
+        ] {
+            assert_eq!(traceparent(&sql), None, "{sql}");
+        }
+    }
 
     #[test]
     fn comment_hints() {

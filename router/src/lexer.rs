@@ -123,10 +123,27 @@ static MAY_START_TOKEN: [bool; 256] = {
     t
 };
 
+/// What [`scan_tokens`] reports: a constant (number, string, dollar
+/// string) or a block comment, with its start and end offsets.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Spot {
+    Constant(usize, usize),
+    Comment(usize, usize),
+}
+
 /// Calls `f(start, end)` for each constant of `sql` (number, string, dollar
 /// string), in order. The one scanner behind `shape` and the sharding key's
 /// constant ordinals, so both count constants alike.
 pub fn scan_constants(sql: &str, mut f: impl FnMut(usize, usize)) {
+    scan_tokens(sql, |spot| {
+        if let Spot::Constant(start, end) = spot {
+            f(start, end)
+        }
+    })
+}
+
+/// [`scan_constants`], also reporting each block comment (`/* ... */`).
+pub fn scan_tokens(sql: &str, mut f: impl FnMut(Spot)) {
     let b = sql.as_bytes();
     let mut i = 0;
     while i < b.len() {
@@ -137,11 +154,11 @@ pub fn scan_constants(sql: &str, mut f: impl FnMut(usize, usize)) {
             continue;
         }
         let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_' || x == b'$' || x >= 0x80;
-        let (end, placeholder) = match c {
-            b'\'' => (skip_token(b, i), Some("''")),
+        let (end, constant) = match c {
+            b'\'' => (skip_token(b, i), true),
             b'$' => match skip_token(b, i) {
-                j if j > i + 1 => (j, Some("''")),
-                _ => (i + 1, None),
+                j if j > i + 1 => (j, true),
+                _ => (i + 1, false),
             },
             b'0'..=b'9' if i == 0 || !word(b[i - 1]) => {
                 // A number: digits, '.', exponent (with sign), hex/underscores.
@@ -153,13 +170,19 @@ pub fn scan_constants(sql: &str, mut f: impl FnMut(usize, usize)) {
                 {
                     j += 1;
                 }
-                (j, Some("0"))
+                (j, true)
             }
-            b'"' | b'-' | b'/' => (skip_token(b, i), None),
-            _ => (i + 1, None),
+            b'"' | b'-' | b'/' => {
+                let end = skip_token(b, i);
+                if c == b'/' && end > i + 1 {
+                    f(Spot::Comment(i, end));
+                }
+                (end, false)
+            }
+            _ => (i + 1, false),
         };
-        if placeholder.is_some() {
-            f(i, end);
+        if constant {
+            f(Spot::Constant(i, end));
         }
         i = end;
     }

@@ -531,7 +531,47 @@ pub async fn start_proxy_for(text: &str, database: &str) -> (Proxy, Client) {
 pub struct ProxyProcess {
     pub child: std::process::Child,
     pub port: u16,
+    /// What the process logs (its stderr).
+    pub log: Log,
     _dir: TempDir,
+}
+
+/// A child's stderr, kept (and echoed to the test's own) line by line, for
+/// tests that wait for a log line.
+#[derive(Clone, Default)]
+pub struct Log(std::sync::Arc<std::sync::Mutex<String>>);
+
+impl Log {
+    pub fn capture(stderr: std::process::ChildStderr) -> Log {
+        let log = Log::default();
+        let sink = log.0.clone();
+        std::thread::spawn(move || {
+            use std::io::BufRead as _;
+            for line in std::io::BufReader::new(stderr)
+                .lines()
+                .map_while(Result::ok)
+            {
+                eprintln!("{line}");
+                let mut log = sink.lock().unwrap_or_else(|p| p.into_inner());
+                log.push_str(&line);
+                log.push('\n');
+            }
+        });
+        log
+    }
+
+    pub fn text(&self) -> String {
+        self.0.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// [`wait_for`] a line containing `what`.
+    pub async fn wait_for(&self, what: &str) {
+        wait_for(what, || {
+            let found = self.text().contains(what);
+            async move { found }
+        })
+        .await
+    }
 }
 
 impl ProxyProcess {
@@ -545,19 +585,11 @@ impl ProxyProcess {
         let dir = TempDir::new("proxy");
         let cfg = dir.write("shardline.toml", &text);
         let mut cmd = std::process::Command::new(shardline_binary().expect("the shardline binary"));
-        cmd.arg("--config")
-            .arg(&cfg)
-            .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
+        cmd.arg("--config").arg(&cfg);
         for (k, v) in env {
             cmd.env(k, v);
         }
-        let proxy = ProxyProcess {
-            child: cmd.spawn().expect("start shardline"),
-            port,
-            _dir: dir,
-        };
-        proxy.listening().await
+        ProxyProcess::spawn(cmd, port, dir).listening().await
     }
 
     /// Starts the binary on the config file `path` as it is (shared by
@@ -569,15 +601,25 @@ impl ProxyProcess {
         cmd.arg("--config")
             .arg(path)
             .arg("--listen")
-            .arg(format!("127.0.0.1:{port}"))
+            .arg(format!("127.0.0.1:{port}"));
+        ProxyProcess::spawn(cmd, port, TempDir::new("proxy"))
+            .listening()
+            .await
+    }
+
+    fn spawn(mut cmd: std::process::Command, port: u16, dir: TempDir) -> ProxyProcess {
+        let mut child = cmd
             .stdout(std::process::Stdio::null())
-            .stderr(std::process::Stdio::null());
-        let proxy = ProxyProcess {
-            child: cmd.spawn().expect("start shardline"),
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("start shardline");
+        let log = Log::capture(child.stderr.take().expect("stderr piped"));
+        ProxyProcess {
+            child,
             port,
-            _dir: TempDir::new("proxy"),
-        };
-        proxy.listening().await
+            log,
+            _dir: dir,
+        }
     }
 
     /// Waits until the process takes clients; returns it with a client

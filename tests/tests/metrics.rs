@@ -1,9 +1,10 @@
 //! The monitoring endpoints over real HTTP: `/metrics` scraped during a
 //! pgbench load on two shards (counters move, histograms fill, and
 //! Debian's `promtool check metrics` accepts the output), `/health`, and
-//! `/ready` going to 503 naming the shard whose primary is stopped.
+//! `/ready` going to 503 naming the shard whose primary is stopped; the
+//! slow-statement log of the proxy binary.
 
-use shardline_tests::{wait_for, Env, TempDir};
+use shardline_tests::{wait_for, Env, EnvOptions, ProxyProcess, TempDir};
 use std::collections::HashMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -91,6 +92,17 @@ async fn metrics_move_under_load_and_pass_promtool() {
     ))
     .await
     .expect("rows on both shards");
+
+    // A transaction writing on both shards commits in two phases.
+    c.batch_execute("BEGIN").await.expect("BEGIN");
+    for id in 1..=20 {
+        c.batch_execute(&format!("UPDATE users SET name = 'w' WHERE id = {id}"))
+            .await
+            .expect("an update in the transaction");
+    }
+    c.batch_execute("COMMIT")
+        .await
+        .expect("a transaction on both shards");
 
     let (status, headers, before) = http(addr, "GET", "/metrics").await;
     assert_eq!(status, 200, "{before}");
@@ -193,6 +205,22 @@ async fn metrics_move_under_load_and_pass_promtool() {
     assert!(total(&after, "shardline_pool_checkout_wait_seconds_count") >= done);
     assert!(sample(&after, "shardline_router_statements_total", &[]) > 0.0);
     assert!(sample(&after, "shardline_router_cache_hits_total", &[]) > 0.0);
+    assert!(sample(&after, "shardline_router_route_duration_seconds_count", &[]) > 0.0);
+    for outcome in ["prepared", "committed"] {
+        assert_eq!(
+            sample(&after, "shardline_two_phase_total", &[("outcome", outcome)]),
+            1.0,
+            "{outcome}"
+        );
+    }
+    assert_eq!(
+        sample(
+            &after,
+            "shardline_two_phase_total",
+            &[("outcome", "in_doubt")]
+        ),
+        0.0
+    );
     assert!(sample(&after, "shardline_resident_memory_bytes", &[]) > 1e6);
     assert_eq!(total(&after, "shardline_node_up"), 4.0, "{after}");
     assert_eq!(total(&after, "shardline_node_banned"), 0.0);
@@ -260,4 +288,65 @@ async fn health_and_ready_say_what_is_missing() {
         http(addr, "GET", "/ready").await.0 == 200
     })
     .await;
+}
+
+/// A statement over `log.slow_statement` is logged once with its shape
+/// (no constant), where it ran and the trace context its sqlcommenter
+/// comment carried; statements under the bound are not logged.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn slow_statements_are_logged_with_shape_place_and_trace() {
+    let env = Env::start_with(EnvOptions {
+        shards: 2,
+        replicas_per_shard: 0,
+        ..EnvOptions::default()
+    })
+    .await
+    .expect("two shards");
+    let config = env.shards_config(
+        &[0, 1],
+        "[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n\n[log]\nslow_statement = \"300ms\"\n",
+    );
+    let (proxy, c) = ProxyProcess::start(&config, &[]).await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .expect("a table on both shards");
+    c.batch_execute("INSERT INTO users (id, name) VALUES (42, 'a'), (7, 'b')")
+        .await
+        .expect("rows (pg_sleep runs once per row read)");
+    let trace = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
+    c.batch_execute(&format!(
+        "SELECT pg_sleep(0.4), name FROM users WHERE id = 42 AND name <> 'secret-value' /*controller='orders',traceparent='{trace}'*/"
+    ))
+    .await
+    .expect("a slow read");
+    c.batch_execute("SELECT name FROM users WHERE id = 7")
+        .await
+        .expect("a fast read");
+    proxy.log.wait_for("slow statement").await;
+    // The fast read's ReadyForQuery went out after the slow one's line.
+    let log = proxy.log.text();
+    let lines: Vec<&str> = log
+        .lines()
+        .filter(|l| l.contains("slow statement"))
+        .collect();
+    assert_eq!(lines.len(), 1, "{log}");
+    let line = lines[0];
+    for want in [
+        "SELECT pg_sleep(0), name FROM users WHERE id = 0 AND name <> '' /**/",
+        &format!("traceparent=\"{trace}\""),
+        "placement=\"one_shard\"",
+        "role=\"primary\"",
+        "node=\"127.0.0.1:",
+        "user=app",
+    ] {
+        assert!(line.contains(want), "{want} in {line}");
+    }
+    assert!(
+        !line.contains("secret-value") && !line.contains("id = 42"),
+        "{line}"
+    );
+    assert!(
+        line.contains("shard=\"s0\"") || line.contains("shard=\"s1\""),
+        "{line}"
+    );
 }

@@ -31,30 +31,10 @@ async fn sigterm_lets_open_transactions_finish() {
         .spawn()
         .unwrap();
     // Its log, line by line, for the waits below.
-    let log = std::sync::Arc::new(std::sync::Mutex::new(String::new()));
-    let stderr = child.stderr.take().unwrap();
-    let sink = log.clone();
-    std::thread::spawn(move || {
-        use std::io::BufRead as _;
-        for line in std::io::BufReader::new(stderr)
-            .lines()
-            .map_while(Result::ok)
-        {
-            eprintln!("{line}");
-            let mut log = sink.lock().unwrap();
-            log.push_str(&line);
-            log.push('\n');
-        }
-    });
+    let log = shardline_tests::Log::capture(child.stderr.take().unwrap());
     let logged = |what: &'static str| {
         let log = log.clone();
-        async move {
-            shardline_tests::wait_for(what, || {
-                let found = log.lock().unwrap().contains(what);
-                async move { found }
-            })
-            .await
-        }
+        async move { log.wait_for(what).await }
     };
     let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
     let mut client = None;

@@ -286,6 +286,10 @@ pub(super) fn settings(c: &shardline_config::Config) -> Vec<(&'static str, Strin
             "metrics.listen",
             c.metrics.listen.map(|a| a.to_string()).unwrap_or_default(),
         ),
+        (
+            "log.slow_statement",
+            c.log.slow_statement.map(duration).unwrap_or_default(),
+        ),
     ]
 }
 

@@ -13,7 +13,7 @@ use std::sync::atomic::Ordering::Relaxed;
 use prometheus::proto::{self, MetricFamily, MetricType};
 
 use crate::admin::views::{resident_bytes, snake};
-use crate::stats::{HistogramReading, Kind, BUCKETS_US};
+use crate::stats::{HistogramReading, Kind};
 use crate::Shared;
 
 type Labels = Vec<(&'static str, String)>;
@@ -70,7 +70,7 @@ impl Families {
         }
     }
 
-    /// Latency histograms (recorded in µs, written in seconds).
+    /// Histograms, written in seconds.
     fn histogram(
         &mut self,
         name: &str,
@@ -81,14 +81,15 @@ impl Families {
         for (labels, r) in rows {
             let mut h = proto::Histogram::default();
             h.set_sample_count(r.count);
-            h.set_sample_sum(r.sum_us as f64 / 1e6);
+            let unit = r.per_second as f64;
+            h.set_sample_sum(r.sum as f64 / unit);
             h.set_bucket(
-                BUCKETS_US
+                r.bounds
                     .iter()
                     .zip(r.cumulative)
                     .map(|(bound, count)| {
                         let mut b = proto::Bucket::default();
-                        b.set_upper_bound(*bound as f64 / 1e6);
+                        b.set_upper_bound(*bound as f64 / unit);
                         b.set_cumulative_count(count);
                         b
                     })
@@ -272,6 +273,24 @@ fn traffic(f: &mut Families, shared: &Shared) {
         "Reads sent to a primary because no replica had replayed the user's last write within load_balancing.replica_wait.",
         [(vec![], shared.events.ryw_primary_reads.load(Relaxed))],
     );
+    let tp = &shared.events.two_phase;
+    f.counter(
+        "two_phase_total",
+        "Transactions on several shards by how their two-phase commit went: prepared (every participant), committed, rolled_back (after a failed PREPARE or a refused commit), in_doubt (left to the in-doubt check: the coordinator or a participant lost while committing).",
+        [
+            ("prepared", &tp.prepared),
+            ("committed", &tp.committed),
+            ("rolled_back", &tp.rolled_back),
+            ("in_doubt", &tp.in_doubt),
+        ]
+        .into_iter()
+        .map(|(outcome, n)| (vec![("outcome", outcome.to_string())], n.load(Relaxed))),
+    );
+    f.counter(
+        "two_phase_resolved_total",
+        "Prepared transactions the in-doubt check committed or rolled back (after a crash or a lost connection).",
+        [(vec![], tp.resolved.load(Relaxed))],
+    );
     f.gauge(
         "distributed_transactions",
         "Client transactions open on several shards now.",
@@ -447,17 +466,11 @@ fn routing(f: &mut Families, shared: &Shared) {
         "Estimated bytes the cache holds (bounded by routing.cache_bytes).",
         [(vec![], bytes as f64)],
     );
-    let timed = shared.routes_timed.load(Relaxed);
-    if timed > 0 {
-        f.gauge(
-            "router_route_seconds_average",
-            "Average time to route a statement (a sample of one in 64: cache look-up, and parse on a miss).",
-            [(
-                vec![],
-                shared.route_nanos.load(Relaxed) as f64 / timed as f64 / 1e9,
-            )],
-        );
-    }
+    f.histogram(
+        "router_route_duration_seconds",
+        "Time to route a statement text: cache look-up, and a parse on a miss (one statement in 64 is timed).",
+        [(vec![], shared.events.routing.read())],
+    );
     let p = &shared.placements;
     f.counter(
         "units_placed_total",
@@ -538,8 +551,8 @@ column = "id"
             .unwrap()
             .stats
             .query_time
-            .observe_us(1_500);
-        shared.topology.shards[0].latency[1].observe_us(700);
+            .observe(1_500);
+        shared.topology.shards[0].latency[1].observe(700);
         shared.events.errors.count(b"42P01");
         let text = render(&shared);
         let mut typed = std::collections::HashMap::new();

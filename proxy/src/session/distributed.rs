@@ -24,6 +24,7 @@ use crate::twophase::literal;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use shardline_router::classify::Class;
+use std::sync::atomic::Ordering::Relaxed;
 
 /// What the session holds of a transaction on several shards (two-phase
 /// commit), besides its attached connection.
@@ -570,7 +571,9 @@ impl Session {
                 failure = Some(client_error(&e, &self.shard_name(p.shard)));
             }
         }
+        let counts = &tp.events.two_phase;
         if let Some(err) = failure {
+            counts.rolled_back.fetch_add(1, Relaxed);
             let rollback = format!("ROLLBACK PREPARED {g}");
             join_all(others.iter_mut().zip(&prepared).map(|(p, &done)| {
                 p.conn
@@ -580,10 +583,12 @@ impl Session {
             let _ = coord.conn.simple_query("ROLLBACK").await;
             return Err(err);
         }
+        counts.prepared.fetch_add(1, Relaxed);
         tp.maybe_stop("prepared", &gid).await;
         match coord.conn.simple_query("COMMIT").await {
             Ok(_) => {}
             Err(ServerError::Refused { fields, .. }) => {
+                counts.rolled_back.fetch_add(1, Relaxed);
                 // The coordinator refused to commit (a deferred constraint):
                 // nothing was decided; the others roll back.
                 for p in others.iter_mut() {
@@ -592,6 +597,7 @@ impl Session {
                 return Err(PgError::error(server_code(&fields.code), fields.message));
             }
             Err(e) => {
+                counts.in_doubt.fetch_add(1, Relaxed);
                 coord.conn.broken = true;
                 tracing::error!(%gid, error = %e, "lost the coordinator shard while committing; the in-doubt check settles it");
                 return Err(PgError::error(
@@ -613,6 +619,10 @@ impl Session {
                 p.conn.broken = true;
                 tracing::warn!(%gid, shard = %self.shard_name(p.shard), error = %e, "COMMIT PREPARED failed; the in-doubt check finishes it");
             }
+        }
+        counts.committed.fetch_add(1, Relaxed);
+        if !finished {
+            counts.in_doubt.fetch_add(1, Relaxed);
         }
         if finished {
             let forget = format!("DELETE FROM shardline.txn_decisions WHERE gid = {g}");

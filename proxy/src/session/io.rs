@@ -107,8 +107,12 @@ impl Session {
             user: &self.login.user.stats,
             events: &self.shared.events,
             shards: &self.shared.topology.shards,
+            slow_us: self.shared.slow_us,
         };
         self.meter.queued(&self.client_out, more, sinks);
+        if let Some(us) = self.meter.take_slow() {
+            self.log_slow(us);
+        }
     }
 
     /// Writes everything buffered for the client (used when ending a session).

@@ -24,6 +24,7 @@ pub mod pending;
 mod pipeline;
 mod route;
 mod server;
+mod slow;
 mod split;
 pub mod startup;
 mod txn;

@@ -144,6 +144,11 @@ impl UnitRoutes {
     fn get(&self, text: &[u8]) -> Option<&Route> {
         self.entry(text).map(|(route, _)| route)
     }
+
+    /// The statement texts kept, in order.
+    pub(super) fn texts(&self) -> impl Iterator<Item = &[u8]> {
+        self.routes.iter().map(|(r, ..)| &self.texts[r.clone()])
+    }
 }
 
 /// What `plan_unit`'s memo is valid for (`Session::plan_memo`).
@@ -214,6 +219,7 @@ fn route_timed(
     let nanos = started.elapsed().as_nanos() as u64;
     shared.route_nanos.fetch_add(nanos, Relaxed);
     shared.routes_timed.fetch_add(1, Relaxed);
+    shared.events.routing.observe(nanos);
     route
 }
 
@@ -578,6 +584,7 @@ impl Session {
         let (conn, node, placed) = borrowed?;
         self.meter.place(crate::stats::Kind::One {
             shard: shard_index as u16,
+            node: node.min(u8::MAX as usize) as u8,
             replica: placed == Target::Replica,
         });
         // A read may be sent again elsewhere until an answer reaches the
