@@ -355,7 +355,7 @@ fn databases(shared: &Shared) -> Table {
 }
 
 /// The users in database order, then name order.
-fn users_sorted(shared: &Shared) -> Vec<&std::sync::Arc<crate::UserEntry>> {
+pub(crate) fn users_sorted(shared: &Shared) -> Vec<&std::sync::Arc<crate::UserEntry>> {
     let mut users: Vec<_> = shared.users.values().collect();
     users.sort_by(|a, b| (&a.database, &a.name).cmp(&(&b.database, &b.name)));
     users

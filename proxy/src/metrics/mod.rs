@@ -12,7 +12,7 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use prometheus::proto::{self, MetricFamily, MetricType};
 
-use crate::admin::views::{resident_bytes, snake};
+use crate::admin::views::{resident_bytes, snake, users_sorted};
 use crate::stats::{HistogramReading, Kind};
 use crate::Shared;
 
@@ -161,8 +161,7 @@ fn process(f: &mut Families, shared: &Shared) {
 }
 
 fn traffic(f: &mut Families, shared: &Shared) {
-    let mut users: Vec<_> = shared.users.values().collect();
-    users.sort_by(|a, b| (&a.database, &a.name).cmp(&(&b.database, &b.name)));
+    let users = users_sorted(shared);
     let clients = shared.clients.list();
     let per_user = |pick: &dyn Fn(&crate::clients::ClientSlot) -> bool| {
         users
@@ -314,8 +313,7 @@ fn pool_labels(u: &crate::UserEntry, shard: &str, node: &crate::health::NodeHeal
 }
 
 fn pools(f: &mut Families, shared: &Shared) {
-    let mut users: Vec<_> = shared.users.values().collect();
-    users.sort_by(|a, b| (&a.database, &a.name).cmp(&(&b.database, &b.name)));
+    let users = users_sorted(shared);
     let mut active = Vec::new();
     let mut idle = Vec::new();
     let mut checkouts = Vec::new();
