@@ -498,35 +498,46 @@ impl Meter {
                 .map(|s| &s.latency[usize::from(replica)]),
             _ => None,
         };
-        let (mut queries, mut xacts, mut query_us, mut xact_us) = (0u64, 0u64, 0u64, 0u64);
+        let (mut xacts, mut query_us, mut xact_us) = (0u64, 0u64, 0u64);
+        // Every unit answered goes into the histograms, as into the
+        // counters: one whose start was not seen apart (it arrived while
+        // another was answered, or is past the few statuses read from one
+        // write) counts as answered at once.
+        let observe_unit = |us: u64| {
+            stats.query_time.observe(us);
+            if let Some(h) = by_kind {
+                h.observe(us);
+            }
+            if let Some(h) = by_shard {
+                h.observe(us);
+            }
+        };
         for &status in &ended[..n.min(ended.len())] {
-            queries += 1;
-            if let Some(t) = self.unit_since.take() {
-                let us = now.saturating_duration_since(t).as_micros() as u64;
-                query_us += us;
-                stats.query_time.observe(us);
-                if us >= to.slow_us {
-                    self.slow = Some(self.slow.map_or(us, |s| s.max(us)));
-                }
-                if let Some(h) = by_kind {
-                    h.observe(us);
-                }
-                if let Some(h) = by_shard {
-                    h.observe(us);
-                }
+            let us = self
+                .unit_since
+                .take()
+                .map_or(0, |t| now.saturating_duration_since(t).as_micros() as u64);
+            query_us += us;
+            observe_unit(us);
+            if us >= to.slow_us {
+                self.slow = Some(self.slow.map_or(us, |s| s.max(us)));
             }
             if status == b'I' {
                 xacts += 1;
-                if let Some(t) = self.xact_since.take() {
-                    let us = now.saturating_duration_since(t).as_micros() as u64;
-                    xact_us += us;
-                    stats.xact_time.observe(us);
-                }
+                let us = self
+                    .xact_since
+                    .take()
+                    .map_or(0, |t| now.saturating_duration_since(t).as_micros() as u64);
+                xact_us += us;
+                stats.xact_time.observe(us);
             }
         }
-        // Units beyond the few counted here (a long pipeline answered in
-        // one write) count as queries without time.
-        queries += n.saturating_sub(ended.len()) as u64;
+        // Units beyond the statuses read here (a long pipeline answered in
+        // one write) count without time, and so do their transactions.
+        for _ in ended.len()..n {
+            observe_unit(0);
+        }
+        let queries = n as u64;
         if more {
             self.unit_since = Some(now);
             self.xact_since.get_or_insert(now);
@@ -711,6 +722,32 @@ mod tests {
         assert_eq!(stats.xact_time.read().count, 1);
         assert_eq!(events.by_kind[1].read().count, 2, "fan_out");
         assert_eq!(events.by_kind[0].read().count, 0);
+    }
+
+    #[test]
+    fn every_unit_counted_is_in_the_histograms() {
+        let stats = Stats::default();
+        let events = Events::default();
+        let sinks = Sinks {
+            user: &stats,
+            events: &events,
+            shards: &[],
+            slow_us: u64::MAX,
+        };
+        let mut m = Meter::default();
+        m.place(Kind::Merge);
+        // Two units sent together, and a long pipeline, each answered in
+        // one write: only the first unit's start is seen apart.
+        m.received(30);
+        let two = [message(b'Z', b"T"), message(b'Z', b"I")].concat();
+        m.queued(&two, false, sinks);
+        m.drained(two.len());
+        m.received(300);
+        let many: Vec<u8> = (0..20).flat_map(|_| message(b'Z', b"I")).collect();
+        m.queued(&many, false, sinks);
+        assert_eq!(stats.queries.load(Relaxed), 22);
+        assert_eq!(stats.query_time.read().count, 22);
+        assert_eq!(events.by_kind[2].read().count, 22);
     }
 
     #[test]
