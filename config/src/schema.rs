@@ -38,6 +38,37 @@ pub struct Config {
     pub metrics: MetricsConfig,
     #[serde(default)]
     pub log: LogConfig,
+    #[serde(default)]
+    pub hot_keys: HotKeysConfig,
+}
+
+/// The hot-key report (SHOW HOT_KEYS, `/metrics`): the sharding keys routed
+/// by, counted per table group over a sliding window.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HotKeysConfig {
+    /// How far back the report looks; 0 turns counting off.
+    #[serde(default = "default_hot_keys_window", with = "serde_duration")]
+    pub window: Duration,
+    /// Keys per table group the report and the metrics list.
+    #[serde(default = "default_hot_keys_top")]
+    pub top: usize,
+}
+
+impl Default for HotKeysConfig {
+    fn default() -> Self {
+        HotKeysConfig {
+            window: default_hot_keys_window(),
+            top: default_hot_keys_top(),
+        }
+    }
+}
+
+fn default_hot_keys_window() -> Duration {
+    Duration::from_secs(60)
+}
+fn default_hot_keys_top() -> usize {
+    10
 }
 
 /// What the proxy logs beyond its events.

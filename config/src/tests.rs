@@ -287,6 +287,40 @@ fn sharding_is_validated() {
     }
     let e = err(&GOOD.replace("[[shards]]", "[[shards]]\nweight = 0.0"));
     assert!(e.path.ends_with("weight"), "{e}");
+    let e = err(&two.replace("name = \"s1\"", "name = \"s1\"\nweight = -1"));
+    assert!(
+        e.path == "shards[1].weight" && e.message.contains("0 or more"),
+        "{e}"
+    );
+    // Weight 0: a shard for pinned keys only, on the ring; pg_hash would
+    // place keys on it anyway.
+    let pinned_only = two.replace("name = \"s1\"", "name = \"s1\"\nweight = 0");
+    let c = Config::from_toml(&pinned_only, "t").unwrap();
+    assert_eq!(c.shards[1].weight, 0.0);
+    let e = err(&format!(
+        "{pinned_only}\n[sharding]\nfunction = \"pg_hash\"\n"
+    ));
+    assert!(
+        e.path == "shards[1].weight" && e.message.contains("pg_hash"),
+        "{e}"
+    );
+}
+
+#[test]
+fn hot_keys_count_a_minute_by_default() {
+    let c = Config::from_toml(GOOD, "t").unwrap();
+    assert_eq!(c.hot_keys.window, std::time::Duration::from_secs(60));
+    assert_eq!(c.hot_keys.top, 10);
+    let c = Config::from_toml(&format!("{GOOD}\n[hot_keys]\nwindow = \"0s\"\n"), "t").unwrap();
+    assert!(c.hot_keys.window.is_zero());
+    for (extra, path) in [
+        ("window = \"10ms\"", "hot_keys.window"),
+        ("top = 0", "hot_keys.top"),
+        ("top = 101", "hot_keys.top"),
+    ] {
+        let e = err(&format!("{GOOD}\n[hot_keys]\n{extra}\n"));
+        assert_eq!(e.path, path, "{e}");
+    }
 }
 
 #[test]

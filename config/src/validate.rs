@@ -183,12 +183,31 @@ pub(crate) fn validate(c: &Config, file: &str) -> Result<(), ConfigError> {
         );
     }
     for (i, s) in c.shards.iter().enumerate() {
-        if !(s.weight.is_finite() && s.weight > 0.0) {
+        if !(s.weight.is_finite() && s.weight >= 0.0) {
             return err(
                 format!("shards[{i}].weight"),
-                format!("expected a positive number, found {}", s.weight),
+                format!("expected a number of 0 or more, found {}", s.weight),
             );
         }
+    }
+    if !c.shards.is_empty() && c.shards.iter().all(|s| s.weight == 0.0) {
+        return err(
+            "shards[0].weight".into(),
+            "every shard has weight 0: at least one must own part of the key space".into(),
+        );
+    }
+    let hk = &c.hot_keys;
+    if !hk.window.is_zero() && hk.window < std::time::Duration::from_secs(1) {
+        return err(
+            "hot_keys.window".into(),
+            format!("expected 0 (off) or at least 1s, found {:?}", hk.window),
+        );
+    }
+    if !(1..=100).contains(&hk.top) {
+        return err(
+            "hot_keys.top".into(),
+            format!("expected 1 to 100, found {}", hk.top),
+        );
     }
     validate_admin(c, file)?;
     validate_sharding(c, file)
@@ -269,7 +288,16 @@ fn validate_sharding(c: &Config, file: &str) -> Result<(), ConfigError> {
         }
         groups.push((format!("sharding.groups[{i}]"), g.clone()));
     }
+    let pinned_only = c.shards.iter().position(|s| s.weight == 0.0);
     for (path, g) in &groups {
+        if let (Some(i), ShardingFunction::PgHash) = (pinned_only, g.function) {
+            return err(
+                format!("shards[{i}].weight"),
+                format!(
+                    "weight 0 (a shard for pinned keys only) needs the consistent function, and {path}.function is pg_hash, which places keys on every shard"
+                ),
+            );
+        }
         if g.vnodes == 0 || g.vnodes > 65536 {
             return err(
                 format!("{path}.vnodes"),

@@ -220,7 +220,7 @@ pub async fn run(port: u16, metrics_port: u16) -> Result<()> {
     );
     println!("Admin console (SHOW HELP lists its commands):");
     println!(
-        "  psql postgres://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{}/shardline -c 'SHOW POOLS'",
+        "  psql postgres://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{}/shardline -c 'SHOW POOLS' -c 'SHOW HOT_KEYS'",
         proxy.local_addr.port()
     );
     if let Some(m) = proxy.metrics_addr {

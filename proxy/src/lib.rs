@@ -10,6 +10,7 @@ pub mod cluster;
 pub mod demo;
 pub mod fuzz;
 pub mod health;
+pub mod hotkeys;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
@@ -167,6 +168,10 @@ pub struct Shared {
     /// number): a shard recording another one (`shardline-rebalance` moved
     /// rows since) makes the sessions on this config refuse statements.
     pub placement: u64,
+    /// The sharding keys routed by (SHOW HOT_KEYS), when there are several
+    /// shards and `hot_keys.window` is not 0; kept across a reload that
+    /// keeps the placement and the window.
+    pub hot_keys: Option<Arc<hotkeys::HotKeys>>,
     /// Units run, by placement (SHOW ROUTING); kept across reloads.
     pub placements: Arc<stats::Placements>,
     /// Latency by placement kind, errors by class, reloads (`/metrics`);
@@ -209,6 +214,28 @@ pub struct Shared {
     /// Targets for the health checkers, by shard and node.
     health_targets: Vec<Vec<ServerTarget>>,
     health: shardline_config::HealthConfig,
+}
+
+/// The hot-key counts for `config`: the previous config's, when it places
+/// keys alike and counts over the same window.
+fn hot_keys(
+    config: &Config,
+    sharding: Option<&shardline_router::sharding::Sharding>,
+    previous: Option<&Shared>,
+) -> Option<Arc<hotkeys::HotKeys>> {
+    let sh = sharding?;
+    if let Some(p) = previous {
+        let same = p.config.hot_keys.window == config.hot_keys.window
+            && p.config.placement_fingerprint() == config.placement_fingerprint();
+        if let Some(kept) = p
+            .hot_keys
+            .as_ref()
+            .filter(|h| same && h.fits(sh.groups.len(), sh.shard_count()))
+        {
+            return Some(kept.clone());
+        }
+    }
+    hotkeys::HotKeys::new(config.hot_keys.window, sh.groups.len(), sh.shard_count()).map(Arc::new)
 }
 
 /// The memory cross-shard merges hold (groups, DISTINCT values): at most
@@ -513,6 +540,7 @@ impl Shared {
                 .slow_statement
                 .map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128) as u64),
             placement: health::placement_hash(&config.placement_fingerprint()),
+            hot_keys: hot_keys(config, sharding.as_deref(), previous),
             statements: Default::default(),
             next_token: previous
                 .map(|p| p.next_token.clone())

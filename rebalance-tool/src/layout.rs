@@ -200,17 +200,7 @@ pub fn literal(k: &KeyValue) -> String {
     match k {
         KeyValue::Int(v) => v.to_string(),
         KeyValue::Text(t) => format!("'{}'", t.replace('\'', "''")),
-        KeyValue::Uuid(u) => {
-            let hex: String = u.iter().map(|b| format!("{b:02x}")).collect();
-            format!(
-                "'{}-{}-{}-{}-{}'::uuid",
-                &hex[0..8],
-                &hex[8..12],
-                &hex[12..16],
-                &hex[16..20],
-                &hex[20..32]
-            )
-        }
+        KeyValue::Uuid(_) => format!("'{k}'::uuid"),
     }
 }
 

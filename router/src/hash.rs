@@ -9,7 +9,7 @@
 pub const SEED: u64 = 0x7A5B_2236_7996_DCFD;
 
 /// A sharding key value, typed as the key column is.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord, Hash)]
 pub enum KeyValue {
     /// smallint, integer and bigint hash alike.
     Int(i64),
@@ -27,6 +27,26 @@ impl KeyValue {
             KeyValue::Int(v) => hash_int8(*v, SEED),
             KeyValue::Text(s) => hash_bytes(s.as_bytes(), SEED),
             KeyValue::Uuid(u) => hash_bytes(u, SEED),
+        }
+    }
+}
+
+/// The key as its column's text output (`42`, `abc`,
+/// `a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11`).
+impl std::fmt::Display for KeyValue {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            KeyValue::Int(v) => write!(f, "{v}"),
+            KeyValue::Text(s) => f.write_str(s),
+            KeyValue::Uuid(u) => {
+                for (i, b) in u.iter().enumerate() {
+                    if matches!(i, 4 | 6 | 8 | 10) {
+                        f.write_str("-")?;
+                    }
+                    write!(f, "{b:02x}")?;
+                }
+                Ok(())
+            }
         }
     }
 }
@@ -209,6 +229,12 @@ mod tests {
         ] {
             assert_eq!(parse_uuid(s), a, "{s}");
         }
+        // Shown as the server writes it.
+        assert_eq!(
+            KeyValue::Uuid(a.unwrap()).to_string(),
+            "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11"
+        );
+        assert_eq!(KeyValue::Int(-7).to_string(), "-7");
         for s in [
             "",
             "a0eebc99",

@@ -23,7 +23,8 @@ pub fn shards_in(mask: ShardMask) -> impl Iterator<Item = usize> {
 
 /// A ring of virtual nodes over the 64-bit key hash.
 ///
-/// Shard `s` with weight `w` owns `round(vnodes × w)` points (at least one),
+/// Shard `s` with weight `w` owns `round(vnodes × w)` points (at least one;
+/// none at weight 0: a shard that holds pinned keys only),
 /// at `hash_bytes("<name>#<i>")`. A key belongs to the first point at or
 /// after its hash, wrapping around. Adding a shard only adds points, so keys
 /// move only to the new shard; removing one moves only its keys.
@@ -36,7 +37,11 @@ impl Ring {
     pub fn new<'a>(shards: impl IntoIterator<Item = (&'a str, f64)>, vnodes: u32) -> Ring {
         let mut points = Vec::new();
         for (index, (name, weight)) in shards.into_iter().enumerate() {
-            let count = ((vnodes as f64 * weight).round() as u64).max(1);
+            let count = if weight == 0.0 {
+                0
+            } else {
+                ((vnodes as f64 * weight).round() as u64).max(1)
+            };
             for i in 0..count {
                 let position = hash::hash_bytes(format!("{name}#{i}").as_bytes(), hash::SEED);
                 points.push((position, index as u16));
@@ -49,8 +54,11 @@ impl Ring {
 
     pub fn shard_of_hash(&self, h: u64) -> usize {
         let i = self.points.partition_point(|&(p, _)| p < h);
-        let (_, shard) = self.points.get(i).unwrap_or(&self.points[0]);
-        *shard as usize
+        // (No points at all: every weight 0, which the config refuses.)
+        self.points
+            .get(i)
+            .or(self.points.first())
+            .map_or(0, |&(_, shard)| shard as usize)
     }
 
     /// The ring as arcs: `(start, end, shard)` where hashes in `start..=end`
@@ -67,7 +75,10 @@ impl Ring {
             }
             start = p + 1;
         }
-        let first = self.points[0].1 as usize;
+        let Some(&(_, first)) = self.points.first() else {
+            return vec![(0, u64::MAX, 0)];
+        };
+        let first = first as usize;
         push_arc(&mut out, start, u64::MAX, first);
         out
     }
@@ -98,6 +109,8 @@ pub enum Function {
 /// Tables placed alike (co-located by their keys).
 #[derive(Debug, Clone)]
 pub struct Group {
+    /// Its place in `Sharding::groups` (0: the default group).
+    pub index: usize,
     pub name: String,
     pub key_type: KeyType,
     pub function: Function,
@@ -141,7 +154,8 @@ impl Group {
         }
     }
 
-    fn label(&self) -> &str {
+    /// The group's name as shown (`default` for the default group).
+    pub fn label(&self) -> &str {
         if self.name.is_empty() {
             "default"
         } else {
@@ -209,6 +223,7 @@ impl Sharding {
         let index = |name: &str| shard_names.iter().position(|n| n == name).unwrap_or(0);
         let build = |g: &ShardGroup| {
             let mut group = Group {
+                index: 0,
                 name: g.name.clone(),
                 key_type: g.key_type,
                 function: Function::PgHash { shards: 1 },
@@ -245,6 +260,9 @@ impl Sharding {
         };
         let mut groups = vec![build(&c.sharding.default_group())];
         groups.extend(c.sharding.groups.iter().map(build));
+        for (i, g) in groups.iter_mut().enumerate() {
+            g.index = i;
+        }
         let mut tables = HashMap::new();
         for t in &c.sharding.tables {
             let group = t
@@ -384,6 +402,28 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// A shard of weight 0 owns no point: adding it moves no key, and it
+    /// holds only the keys pinned to it.
+    #[test]
+    fn a_shard_of_weight_zero_holds_only_pinned_keys() {
+        let before = ring(2, 64);
+        let after = Ring::new([("s0", 1.0), ("s1", 1.0), ("hot", 0.0)], 64);
+        for h in keys() {
+            assert_eq!(after.shard_of_hash(h), before.shard_of_hash(h));
+        }
+        assert!(after.arcs().iter().all(|a| a.2 != 2));
+        let mut group = Group {
+            index: 0,
+            name: String::new(),
+            key_type: KeyType::Bigint,
+            function: Function::Ring(after),
+            pinned: HashMap::new(),
+        };
+        group.pinned.insert(KeyValue::Int(42), 2);
+        assert_eq!(group.shard_of(Some(&KeyValue::Int(42))), Ok(2));
+        assert_ne!(group.shard_of(Some(&KeyValue::Int(43))), Ok(2));
     }
 
     #[test]

@@ -3,7 +3,7 @@
 use shardline_config::Config;
 use shardline_router::hash::KeyValue;
 use shardline_router::sharding::{mask_of, Sharding};
-use shardline_router::shards::{resolve, KeyInput, Placement};
+use shardline_router::shards::{resolve, resolve_noting, KeyInput, KeySeen, Placement};
 use shardline_router::{classify::Options, Router};
 use std::sync::Arc;
 
@@ -50,6 +50,8 @@ primary = { host = "127.0.0.1", port = 5434 }
 struct T {
     router: Router,
     sh: Arc<Sharding>,
+    /// The keys the last statement placed was placed by.
+    seen: Vec<KeySeen>,
 }
 
 impl T {
@@ -63,6 +65,7 @@ impl T {
         T {
             router: Router::new(Options::default(), 100, Some(sh.clone())),
             sh,
+            seen: Vec::new(),
         }
     }
 
@@ -104,7 +107,22 @@ impl T {
             .map(|t| resolve(t, &self.sh, &noted))
             .collect();
         assert_eq!(placed, again, "constants from the shape: {sql}");
+        // Noting the keys places alike.
+        self.seen.clear();
+        let noting: Vec<Placement> = templates
+            .iter()
+            .map(|t| resolve_noting(t, &self.sh, &noted, &mut self.seen))
+            .collect();
+        assert_eq!(placed, noting, "noting keys: {sql}");
         placed
+    }
+
+    /// `(group, key, shard)` of each key the last statement was placed by.
+    fn seen(&self) -> Vec<(usize, KeyValue, usize)> {
+        self.seen
+            .iter()
+            .map(|k| (k.group, k.key.clone(), k.shard))
+            .collect()
     }
 
     /// The one placement of `sql` with typed parameters.
@@ -163,6 +181,56 @@ fn point_statements_reach_the_key_owner() {
             assert_eq!(t.place(&sql), want, "{sql}");
         }
     }
+}
+
+/// The keys a placement was decided by are noted with their group and
+/// owner (the hot-key report counts them); NULL keys, reads without a key
+/// and reference tables note none.
+#[test]
+fn the_keys_a_statement_is_placed_by_are_noted() {
+    let mut t = T::new();
+    let int = |k: i64, t: &T| (0, KeyValue::Int(k), t.of(k));
+    t.place("SELECT * FROM users WHERE id = 42");
+    assert_eq!(t.seen(), vec![int(42, &t)]);
+    t.place("SELECT * FROM users WHERE id IN (7, 1000000)");
+    assert_eq!(t.seen(), vec![int(7, &t), (0, KeyValue::Int(1000000), 2)]);
+    t.with_params(
+        "SELECT * FROM orders WHERE user_id = $1",
+        &[(0, Some(b"5"))],
+    );
+    assert_eq!(t.seen(), vec![int(5, &t)]);
+    t.with_params(
+        "SELECT * FROM users WHERE id = ANY($1)",
+        &[(0, Some(b"{3,4}"))],
+    );
+    assert_eq!(t.seen(), vec![int(3, &t), int(4, &t)]);
+    t.place("INSERT INTO users (id) VALUES (1), (2)");
+    assert_eq!(t.seen(), vec![int(1, &t), int(2, &t)]);
+    t.place("/* shardline: key=9 */ SELECT * FROM users");
+    assert_eq!(t.seen(), vec![int(9, &t)]);
+    let device = "a0eebc99-9c0b-4ef8-bb6d-6bb9bd380a11";
+    t.place(&format!("SELECT * FROM events WHERE device = '{device}'"));
+    let seen = t.seen();
+    assert_eq!(seen.len(), 1);
+    assert_eq!(
+        (seen[0].0, &seen[0].1),
+        (1, &t.sh.groups[1].key_from_text(device).unwrap())
+    );
+    for none in [
+        "SELECT * FROM users",
+        "SELECT * FROM users WHERE id IS NULL",
+        "SELECT * FROM countries",
+        "SELECT 1",
+    ] {
+        t.place(none);
+        assert_eq!(t.seen(), vec![], "{none}");
+    }
+    let many: Vec<String> = (0..200).map(|k| k.to_string()).collect();
+    t.place(&format!(
+        "SELECT * FROM users WHERE id IN ({})",
+        many.join(",")
+    ));
+    assert_eq!(t.seen.len(), shardline_router::shards::MAX_KEYS_NOTED);
 }
 
 #[test]

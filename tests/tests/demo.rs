@@ -129,6 +129,10 @@ fn demo_starts_serves_and_cleans_up() {
     let (ok, out) = psql(&console, &["-A", "-t", "-c", "SHOW SHARDS"]);
     assert!(ok, "{out}");
     assert_eq!(out.lines().count(), 6, "two shards of three nodes: {out}");
+    // Key 42, read most above, leads the hot-key report.
+    let (ok, out) = psql(&console, &["-A", "-t", "-c", "SHOW HOT_KEYS"]);
+    assert!(ok, "{out}");
+    assert!(out.starts_with("default|42|"), "{out}");
     // So does the metrics URL it prints.
     let (addr, path) = metrics.split_once('/').expect("host:port/path");
     assert_eq!(path, "metrics");

@@ -221,6 +221,31 @@ async fn metrics_move_under_load_and_pass_promtool() {
         ),
         0.0
     );
+    // The hot-key report: the top keys of the default group (keys of 1 to
+    // 200, each read and updated), and each shard's share of keyed traffic.
+    let top: Vec<&str> = after
+        .lines()
+        .filter(|l| l.starts_with("shardline_hot_key_statements{"))
+        .collect();
+    assert_eq!(top.len(), 10, "hot_keys.top keys: {top:?}");
+    assert!(
+        top.iter().all(|l| l.contains("table_group=\"default\"")),
+        "{top:?}"
+    );
+    let keyed = total(&after, "shardline_shard_keyed_statements");
+    assert!(keyed >= done * 2.0, "{keyed} keyed statements for {done}");
+    for shard in ["s0", "s1"] {
+        assert!(
+            sample(
+                &after,
+                "shardline_shard_keyed_statements",
+                &[("shard", shard)]
+            ) > 0.0
+        );
+    }
+    let shares = total(&after, "shardline_shard_traffic_share");
+    assert!((shares - 1.0).abs() < 1e-9, "shares add up to 1: {shares}");
+    assert!(sample(&after, "shardline_hot_keys_window_seconds", &[]) > 0.0);
     assert!(sample(&after, "shardline_resident_memory_bytes", &[]) > 1e6);
     assert_eq!(total(&after, "shardline_node_up"), 4.0, "{after}");
     assert_eq!(total(&after, "shardline_node_banned"), 0.0);

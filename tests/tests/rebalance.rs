@@ -7,6 +7,7 @@
 
 use shardline::fuzz::Rng;
 use shardline_config::Config;
+use shardline_router::hash::KeyValue;
 use shardline_router::sharding::Sharding;
 use shardline_tests::{rebalance_binary, start_proxy, Env, EnvOptions, TempDir};
 use std::collections::BTreeMap;
@@ -1883,4 +1884,223 @@ async fn apply_with_admin_that_fails_before_deleting_resumes_the_proxies() {
         .batch_execute("UPDATE accts SET n = n + 1 WHERE id = 2")
         .await
         .expect("resumed on the new placement");
+}
+
+/// `clients` clients each sending `each` reads of `orders` through the
+/// proxy on `port`, a `hot_percent` share of them for key 42 and the rest
+/// for keys spread over 1..=`keys`; half prepared (a Bind's parameter),
+/// half simple queries (a constant).
+async fn skewed_reads(port: u16, clients: u64, each: usize, keys: usize, hot_percent: u64) {
+    let mut tasks = Vec::new();
+    for i in 0..clients {
+        tasks.push(tokio::spawn(async move {
+            let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
+            let (c, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+                .await
+                .expect("a load client");
+            tokio::spawn(connection);
+            let by_key = c
+                .prepare("SELECT count(*) FROM orders WHERE user_id = $1")
+                .await
+                .unwrap();
+            let mut rng = Rng(1000 + i);
+            for n in 0..each {
+                let key = if rng.chance(hot_percent) {
+                    42
+                } else {
+                    1 + rng.below(keys) as i64
+                };
+                if n % 2 == 0 {
+                    c.query_one(&by_key, &[&key])
+                        .await
+                        .expect("a prepared read");
+                } else {
+                    c.simple_query(&format!(
+                        "SELECT count(*) FROM orders WHERE user_id = {key}"
+                    ))
+                    .await
+                    .expect("a simple read");
+                }
+            }
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap();
+    }
+}
+
+/// SHOW HOT_KEYS through the console at `admin`: rows of
+/// (group, key, shard, statements, group_percent).
+fn show_hot_keys(admin: &str) -> Vec<(String, String, String, i64, f64)> {
+    let (ok, out) = shardline_tests::psql(admin, &["-Atc", "SHOW HOT_KEYS"]);
+    assert!(ok, "{out}");
+    out.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| {
+            let f: Vec<&str> = l.split('|').collect();
+            (
+                f[0].to_string(),
+                f[1].to_string(),
+                f[2].to_string(),
+                f[3].parse().unwrap(),
+                f[5].parse().unwrap(),
+            )
+        })
+        .collect()
+}
+
+/// The celebrity-key fix end to end: under a load where one key takes
+/// 40% of the statements, SHOW HOT_KEYS names it; pinning it to a shard of
+/// its own (weight 0: no other key goes there) and `apply --admin` moves
+/// that key's rows and nothing else; the reloaded proxy serves the key
+/// from its new shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hot_key_the_report_names_moves_to_a_shard_of_its_own() {
+    const KEYS: i64 = 500;
+    let env = start(3).await;
+    let files = TempDir::new("rebalance-hot-key");
+    let tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"orders\"\ncolumn = \"user_id\"\n\n[admin]\nusers = [\"app\"]\n";
+    let two = env.shards_config(&[0, 1], tables);
+    let pinned_tables = tables.replace(
+        "function = \"consistent\"\n",
+        "function = \"consistent\"\npinned = [{ key = 42, shard = \"s2\" }]\n",
+    );
+    let three = env
+        .shards_config(&[0, 1, 2], &pinned_tables)
+        .replace("name = \"s2\"\n", "name = \"s2\"\nweight = 0\n");
+    let config = files.write("shardline.toml", &two);
+    let new = files.write("new.toml", &three);
+    for s in 0..3 {
+        env.sql_shard(
+            s,
+            "CREATE TABLE orders (user_id bigint NOT NULL, id bigint NOT NULL, PRIMARY KEY (user_id, id)); GRANT ALL ON orders TO app;",
+        );
+    }
+    let (proxy, client) = shardline_tests::ProxyProcess::start_file(&config).await;
+    // Key 42 has 50 orders; every other key 3.
+    let rows: Vec<String> = (1..=KEYS)
+        .flat_map(|k| (0..if k == 42 { 50 } else { 3 }).map(move |i| format!("({k}, {i})")))
+        .collect();
+    client
+        .batch_execute(&format!(
+            "INSERT INTO orders (user_id, id) VALUES {}",
+            rows.join(",")
+        ))
+        .await
+        .expect("rows on both shards");
+    let admin = format!("postgres://app:app@127.0.0.1:{}/shardline", proxy.port);
+    let sharding = |text: &str| Sharding::from_config(&Config::from_toml(text, "t").unwrap());
+    let (old, pinned) = (sharding(&two), sharding(&three));
+    let owner = |sh: &Sharding, k: i64| {
+        sh.shard_names[sh.groups[0].shard_of(Some(&KeyValue::Int(k))).unwrap()].clone()
+    };
+    let hot_home = owner(&old, 42);
+
+    skewed_reads(proxy.port, 8, 300, KEYS as usize, 40).await;
+    let report = show_hot_keys(&admin);
+    println!("SHOW HOT_KEYS under the skewed load: {report:?}");
+    let top = &report[0];
+    assert_eq!(
+        (top.0.as_str(), top.1.as_str()),
+        ("default", "42"),
+        "{report:?}"
+    );
+    assert_eq!(top.2, hot_home);
+    assert!(top.4 >= 30.0, "key 42 takes at least 30%: {report:?}");
+    assert!(
+        report[1..].iter().all(|r| r.4 < 5.0),
+        "no other key is hot: {report:?}"
+    );
+    let (ok, skew) = shardline_tests::psql(&admin, &["-Atc", "SHOW SKEW"]);
+    assert!(ok, "{skew}");
+    let share = |shard: &str| -> f64 {
+        let line = skew
+            .lines()
+            .find(|l| l.starts_with(&format!("{shard}|")))
+            .expect(shard);
+        line.split('|').nth(2).unwrap().parse().unwrap()
+    };
+    let other = if hot_home == "s0" { "s1" } else { "s0" };
+    assert!(share(&hot_home) > share(other) + 20.0, "{skew}");
+
+    // The plan moves key 42's 50 rows to s2, and nothing else.
+    let (code, out, err) = tool(&[
+        "plan",
+        "--from",
+        path(&config),
+        "--to",
+        path(&new),
+        "--json",
+    ]);
+    assert_eq!(code, 0, "{err}");
+    let moves = plan_moves(&out);
+    assert_eq!(
+        moves,
+        BTreeMap::from([(
+            ("orders".to_string(), hot_home.clone(), "s2".to_string()),
+            50
+        )]),
+        "{out}"
+    );
+    for k in (1..=KEYS).filter(|k| *k != 42) {
+        assert_eq!(owner(&pinned, k), owner(&old, k), "key {k} stays");
+    }
+    let (code, out, err) = tool(&[
+        "apply",
+        "--from",
+        path(&config),
+        "--to",
+        path(&new),
+        "--admin",
+        &admin,
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(
+        out.contains("1 proxies reloaded with the new placement"),
+        "{out}"
+    );
+
+    // Only key 42's rows are on s2; every row is still there once.
+    assert_eq!(
+        env.sql_shard(
+            2,
+            "SELECT count(*) || ' ' || count(DISTINCT user_id) || ' ' || min(user_id) FROM orders"
+        ),
+        "50 1 42"
+    );
+    let total: i64 = (0..3)
+        .map(|s| {
+            env.sql_shard(s, "SELECT count(*) FROM orders")
+                .parse::<i64>()
+                .unwrap()
+        })
+        .sum();
+    assert_eq!(total, (KEYS - 1) * 3 + 50);
+    // Through the reloaded proxy the key is read and written on s2.
+    let n: i64 = client
+        .query_one("SELECT count(*) FROM orders WHERE user_id = $1", &[&42i64])
+        .await
+        .unwrap()
+        .get(0);
+    assert_eq!(n, 50);
+    client
+        .batch_execute("INSERT INTO orders (user_id, id) VALUES (42, 1000)")
+        .await
+        .unwrap();
+    assert_eq!(
+        env.sql_shard(
+            2,
+            "SELECT count(*) FROM orders WHERE user_id = 42 AND id = 1000"
+        ),
+        "1"
+    );
+    // The report starts again on the new placement, and names the key's
+    // new shard.
+    skewed_reads(proxy.port, 2, 100, KEYS as usize, 40).await;
+    let report = show_hot_keys(&admin);
+    assert_eq!(
+        (report[0].1.as_str(), report[0].2.as_str()),
+        ("42", "s2"),
+        "{report:?}"
+    );
 }

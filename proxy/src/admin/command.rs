@@ -33,10 +33,12 @@ pub enum Show {
     Routing,
     Transactions,
     ReadYourWrites,
+    HotKeys,
+    Skew,
 }
 
 impl Show {
-    pub const ALL: [(&'static str, Show); 17] = [
+    pub const ALL: [(&'static str, Show); 19] = [
         ("HELP", Show::Help),
         ("VERSION", Show::Version),
         ("CONFIG", Show::Config),
@@ -54,6 +56,8 @@ impl Show {
         ("ROUTING", Show::Routing),
         ("TRANSACTIONS", Show::Transactions),
         ("READ_YOUR_WRITES", Show::ReadYourWrites),
+        ("HOT_KEYS", Show::HotKeys),
+        ("SKEW", Show::Skew),
     ];
 }
 
@@ -61,7 +65,7 @@ impl Show {
 pub const HELP: &[&str] = &[
     "SHOW HELP|VERSION|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|LISTS|MEM",
     "SHOW STATS|STATS_TOTALS|STATS_AVERAGES",
-    "SHOW SHARDS|ROUTING|TRANSACTIONS|READ_YOUR_WRITES",
+    "SHOW SHARDS|ROUTING|TRANSACTIONS|READ_YOUR_WRITES|HOT_KEYS|SKEW",
     "PAUSE [<shard>]",
     "RESUME [<shard>]",
     "RECONNECT [<shard>]",

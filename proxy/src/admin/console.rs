@@ -182,7 +182,10 @@ async fn run(shared: &Arc<Shared>, c: Command) -> Result<Reply, Failure> {
                 ));
             }
             shared.admin.pause.resume(mask);
-            tracing::info!(shards = %what(shard.as_deref()), "resumed by the admin console");
+            tracing::info!(
+                shards = shard.as_deref().unwrap_or("all"),
+                "resumed by the admin console"
+            );
             Ok(Reply::Done("RESUME"))
         }
         Command::Reconnect(shard) => {
@@ -301,11 +304,24 @@ fn lent(shared: &Shared, mask: ShardMask) -> usize {
 /// the open ones have ended (no connection of theirs is lent). After
 /// `admin.pause_timeout` it fails naming the clients still holding one,
 /// and lifts the pause it set.
+/// The names of the shards in `mask`, comma-separated.
+fn shard_names(shared: &Shared, mask: ShardMask) -> String {
+    shared
+        .topology
+        .shards
+        .iter()
+        .enumerate()
+        .filter(|(i, _)| mask & (1 << i) != 0)
+        .map(|(_, s)| s.name.as_str())
+        .collect::<Vec<_>>()
+        .join(",")
+}
+
 async fn pause(shared: &Arc<Shared>, mask: ShardMask) -> Result<(), Failure> {
     let before = shared.admin.pause.mask();
     shared.admin.pause.pause(mask);
     tracing::info!(
-        shards = format!("{mask:b}"),
+        shards = shard_names(shared, mask),
         "paused by the admin console: waiting for open transactions"
     );
     let timeout = shared.admin.settings().pause_timeout;
@@ -398,7 +414,7 @@ fn write_table(out: &mut BytesMut, table: &Table) {
         .map(|(name, ty)| {
             let size = match ty {
                 views::Type::Int8 => 8,
-                views::Type::Text => -1,
+                views::Type::Text | views::Type::Numeric => -1,
             };
             FieldDescription::new(name.to_string(), 0, 0, ty.oid(), size, -1, FORMAT_CODE_TEXT)
         })

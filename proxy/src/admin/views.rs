@@ -14,6 +14,7 @@ use std::time::{Duration, SystemTime};
 pub enum Type {
     Text,
     Int8,
+    Numeric,
 }
 
 impl Type {
@@ -21,6 +22,7 @@ impl Type {
         match self {
             Type::Text => 25,
             Type::Int8 => 20,
+            Type::Numeric => 1700,
         }
     }
 }
@@ -45,7 +47,7 @@ impl Table {
     }
 }
 
-use Type::{Int8 as I, Text as T};
+use Type::{Int8 as I, Numeric as N, Text as T};
 
 fn t(s: impl Into<String>) -> Option<String> {
     Some(s.into())
@@ -139,6 +141,8 @@ pub fn show(shared: &Shared, what: Show) -> Table {
         Show::Routing => routing(shared),
         Show::Transactions => transactions(shared),
         Show::ReadYourWrites => read_your_writes(shared),
+        Show::HotKeys => hot_keys(shared),
+        Show::Skew => skew(shared),
     }
 }
 
@@ -163,6 +167,9 @@ fn config(shared: &Shared) -> Table {
         routing: Default::default(),
         sharding: Default::default(),
         admin: Default::default(),
+        metrics: Default::default(),
+        log: Default::default(),
+        hot_keys: Default::default(),
         ..(*shared.config).clone()
     };
     for ((key, value), (_, default)) in settings(&shared.config)
@@ -290,6 +297,8 @@ pub(super) fn settings(c: &shardline_config::Config) -> Vec<(&'static str, Strin
             "log.slow_statement",
             c.log.slow_statement.map(duration).unwrap_or_default(),
         ),
+        ("hot_keys.window", duration(c.hot_keys.window)),
+        ("hot_keys.top", c.hot_keys.top.to_string()),
     ]
 }
 
@@ -805,6 +814,78 @@ fn routing(shared: &Shared) -> Table {
     ];
     for (name, value) in rows {
         table.push(vec![t(name), n(value)]);
+    }
+    table
+}
+
+/// `part` of `whole` in percent, two decimals (0 of nothing).
+fn percent(part: u64, whole: u64) -> Option<String> {
+    Some(format!("{:.2}", part as f64 * 100.0 / whole.max(1) as f64))
+}
+
+/// The keys routed by the most in the window, per table group (the top
+/// `hot_keys.top`): their share of the group's keyed traffic and of their
+/// shard's, and their shard's share of all keyed traffic.
+fn hot_keys(shared: &Shared) -> Table {
+    let mut table = Table::new(&[
+        ("table_group", T),
+        ("key", T),
+        ("shard", T),
+        ("statements", I),
+        ("error", I),
+        ("group_percent", N),
+        ("shard_percent", N),
+        ("shard_traffic_percent", N),
+        ("window_seconds", I),
+    ]);
+    let (Some(hot), Some(sh)) = (&shared.hot_keys, &shared.sharding) else {
+        return table;
+    };
+    let report = hot.report();
+    let total = report.total();
+    for (g, (group_total, keys)) in report.groups.iter().enumerate() {
+        for k in keys.iter().take(shared.config.hot_keys.top) {
+            let on_shard = report.shards.get(k.shard).copied().unwrap_or(0);
+            table.push(vec![
+                t(sh.groups[g].label()),
+                t(k.key.to_string()),
+                t(sh.shard_names.get(k.shard).cloned().unwrap_or_default()),
+                n(k.count),
+                n(k.error),
+                percent(k.count, *group_total),
+                percent(k.count, on_shard),
+                percent(on_shard, total),
+                n(report.covered.as_secs()),
+            ]);
+        }
+    }
+    table
+}
+
+/// Each shard's share of the keyed traffic in the hot-key window: 100 / the
+/// shard count each when even.
+fn skew(shared: &Shared) -> Table {
+    let mut table = Table::new(&[
+        ("shard", T),
+        ("statements", I),
+        ("percent", N),
+        ("even_percent", N),
+        ("window_seconds", I),
+    ]);
+    let (Some(hot), Some(sh)) = (&shared.hot_keys, &shared.sharding) else {
+        return table;
+    };
+    let report = hot.report();
+    let total = report.total();
+    let even = percent(1, sh.shard_count() as u64);
+    for (s, count) in report.shards.iter().enumerate() {
+        table.push(vec![
+            t(sh.shard_names[s].clone()),
+            n(*count),
+            percent(*count, total),
+            even.clone(),
+            n(report.covered.as_secs()),
+        ]);
     }
     table
 }

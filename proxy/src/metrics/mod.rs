@@ -117,6 +117,7 @@ pub fn render(shared: &Shared) -> String {
     pools(&mut f, shared);
     nodes(&mut f, shared);
     routing(&mut f, shared);
+    hot_keys(&mut f, shared);
     // A family with no sample (no user, no error yet) is left out: the
     // format has no way to say "none".
     f.0.retain(|family| !family.get_metric().is_empty());
@@ -484,6 +485,70 @@ fn routing(f: &mut Families, shared: &Shared) {
         ]
         .into_iter()
         .map(|(kind, n)| (vec![("placement", kind.to_string())], n.load(Relaxed))),
+    );
+}
+
+/// The hot-key report (SHOW HOT_KEYS, SHOW SKEW): the top keys of each
+/// table group and each shard's share of the keyed traffic, over the
+/// window. The key labels change as keys come and go.
+fn hot_keys(f: &mut Families, shared: &Shared) {
+    let (Some(hot), Some(sh)) = (&shared.hot_keys, &shared.sharding) else {
+        return;
+    };
+    let report = hot.report();
+    let total = report.total();
+    let share = |part: u64, whole: u64| part as f64 / whole.max(1) as f64;
+    f.gauge(
+        "hot_keys_window_seconds",
+        "Seconds of traffic the hot-key figures cover (hot_keys.window, filling after a start or a placement change).",
+        [(vec![], report.covered.as_secs_f64())],
+    );
+    let top: Vec<(Labels, u64, u64)> = report
+        .groups
+        .iter()
+        .enumerate()
+        .flat_map(|(g, (group_total, keys))| {
+            keys.iter().take(shared.config.hot_keys.top).map(move |k| {
+                let labels = vec![
+                    ("table_group", sh.groups[g].label().to_string()),
+                    ("key", k.key.to_string()),
+                    (
+                        "shard",
+                        sh.shard_names.get(k.shard).cloned().unwrap_or_default(),
+                    ),
+                ];
+                (labels, k.count, *group_total)
+            })
+        })
+        .collect();
+    f.gauge(
+        "hot_key_statements",
+        "Statements placed by the key in the window (an estimate within SHOW HOT_KEYS' error), for the top hot_keys.top keys of each table group.",
+        top.iter().map(|(l, count, _)| (l.clone(), *count as f64)),
+    );
+    f.gauge(
+        "hot_key_group_share",
+        "The key's share (0 to 1) of its table group's keyed statements in the window.",
+        top.iter()
+            .map(|(l, count, of)| (l.clone(), share(*count, *of))),
+    );
+    f.gauge(
+        "shard_keyed_statements",
+        "Statements placed on the shard by a sharding key in the hot-key window (one per key).",
+        report
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(s, n)| (vec![("shard", sh.shard_names[s].clone())], *n as f64)),
+    );
+    f.gauge(
+        "shard_traffic_share",
+        "The shard's share (0 to 1) of all keyed statements in the window: 1 / shards each when even.",
+        report
+            .shards
+            .iter()
+            .enumerate()
+            .map(|(s, n)| (vec![("shard", sh.shard_names[s].clone())], share(*n, total))),
     );
 }
 

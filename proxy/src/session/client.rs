@@ -298,6 +298,8 @@ impl Session {
             _ => false,
         };
         if fits {
+            // The unit runs on the attached server.
+            self.count_keys();
             return Ok(Fit::Yes);
         }
         if !self.pending.is_empty() {

@@ -125,6 +125,7 @@ impl Session {
             return Ok(());
         };
         self.shared.placements.count(&planned.place);
+        self.count_keys();
         self.meter.place(crate::stats::Kind::of(&planned.place));
         let frames = self.take_unit()?;
         let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);

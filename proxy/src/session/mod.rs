@@ -676,6 +676,7 @@ impl Session {
             }
             shardline_router::UnitPlan::Run { target, writes } => {
                 self.shared.placements.count(&planned.place);
+                self.count_keys();
                 if let Err(e) = self.attach_server(target, writes, shard).await {
                     self.rerun.reset();
                     // A shard that could not join fails the whole transaction.

@@ -10,7 +10,7 @@ use crate::health::{now_ms, ReadRequest};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::frontend;
 use shardline_config::{PoolMode, ReadYourWrites};
-use shardline_router::shards::{combine, resolve, KeyInput, Placement};
+use shardline_router::shards::{combine, resolve, resolve_noting, KeyInput, Placement};
 use shardline_router::{
     classify::{Class, Source},
     lone_transaction_end, plan_unit, Route, Target, UnitFacts, UnitPlan,
@@ -97,6 +97,9 @@ pub(super) struct UnitRoutes {
     )>,
     /// Where `Session::route_into` has the shape note a text's constants.
     scratch: Vec<Span>,
+    /// The sharding keys the unit is placed by (at most
+    /// `MAX_KEYS_NOTED`), until the unit runs and they are counted.
+    pub(super) keys: Vec<shardline_router::shards::KeySeen>,
 }
 
 impl UnitRoutes {
@@ -112,6 +115,7 @@ impl UnitRoutes {
         self.texts.clear();
         self.constants.clear();
         self.routes.clear();
+        self.keys.clear();
     }
 
     fn push(&mut self, text: &[u8], route: &Route, constants: Option<&[Span]>) {
@@ -331,16 +335,47 @@ impl Session {
         definition: &[u8],
         params: &[shardline_router::shards::Param<'_>],
     ) -> Vec<Placement> {
-        self.place_each_in(&self.unit_routes, route, definition, params)
+        self.place_each_in(&self.unit_routes, route, definition, params, None)
     }
 
-    /// `place_each`, reading constants `routes` noted for the text.
+    /// `place_each`, reading constants `routes` noted for the text, and
+    /// noting in `routes` the keys the statements are placed by.
+    fn place_noting(
+        &self,
+        routes: &mut UnitRoutes,
+        route: &Route,
+        definition: &[u8],
+        params: &[shardline_router::shards::Param<'_>],
+    ) -> Vec<Placement> {
+        let mut keys = std::mem::take(&mut routes.keys);
+        let placed = self.place_each_in(routes, route, definition, params, Some(&mut keys));
+        routes.keys = keys;
+        placed
+    }
+
+    /// The unit planned last runs now: the keys it was placed by count in
+    /// the hot-key report (once: they are let go).
+    pub(super) fn count_keys(&mut self) {
+        if let Some(hot) = &self.shared.hot_keys {
+            if !self.unit_routes.keys.is_empty() {
+                hot.record(
+                    u64::from(self.client.info.peer.port()),
+                    &self.unit_routes.keys,
+                );
+                self.unit_routes.keys.clear();
+            }
+        }
+    }
+
+    /// `place_each`, reading constants `routes` noted for the text (and
+    /// noting keys in `seen`).
     fn place_each_in(
         &self,
         routes: &UnitRoutes,
         route: &Route,
         definition: &[u8],
         params: &[shardline_router::shards::Param<'_>],
+        seen: Option<&mut Vec<shardline_router::shards::KeySeen>>,
     ) -> Vec<Placement> {
         let (Some(sh), Some(templates)) = (&self.shared.sharding, &route.shards) else {
             return Vec::new();
@@ -357,7 +392,13 @@ impl Session {
             // Found by the shape when the unit's plan routed this text.
             constants: routes.entry(query).and_then(|(_, c)| c),
         };
-        templates.iter().map(|t| resolve(t, sh, &input)).collect()
+        match seen {
+            Some(seen) => templates
+                .iter()
+                .map(|t| resolve_noting(t, sh, &input, seen))
+                .collect(),
+            None => templates.iter().map(|t| resolve(t, sh, &input)).collect(),
+        }
     }
 
     /// The route and Parse definition of a statement the session holds
@@ -459,7 +500,7 @@ impl Session {
                             .and_then(lone_transaction_end);
                     }
                     if sharded {
-                        let each = self.place_each_in(routed, &route, text, &[]);
+                        let each = self.place_noting(routed, &route, text, &[]);
                         place = each.iter().cloned().fold(place, combine);
                         // Statements of one query string on different
                         // shards, each on one.
@@ -483,7 +524,7 @@ impl Session {
                             if sharded {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
                                 let here = self
-                                    .place_each_in(routed, &route, definition, &params)
+                                    .place_noting(routed, &route, definition, &params)
                                     .into_iter()
                                     .reduce(combine)
                                     .unwrap_or(Placement::Anywhere);

@@ -60,8 +60,41 @@ pub struct KeyInput<'a> {
     pub constants: Option<&'a [(usize, usize)]>,
 }
 
+/// A sharding key a statement was placed by: its table group, its value,
+/// and the shard that owns it (what the hot-key report counts).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct KeySeen {
+    pub group: usize,
+    pub shard: usize,
+    pub key: KeyValue,
+}
+
+/// At most this many keys are noted for one statement (a long IN list or a
+/// multi-row INSERT notes its first ones).
+pub const MAX_KEYS_NOTED: usize = 64;
+
 /// The placement of a statement from its template and key values.
 pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
+    resolve_in(t, sh, input, None)
+}
+
+/// [`resolve`], adding to `seen` the keys (not NULL) the placement was
+/// decided by: from the statement's key columns, or a key hint.
+pub fn resolve_noting(
+    t: &Template,
+    sh: &Sharding,
+    input: &KeyInput,
+    seen: &mut Vec<KeySeen>,
+) -> Placement {
+    resolve_in(t, sh, input, Some(std::cell::RefCell::new(seen)))
+}
+
+fn resolve_in(
+    t: &Template,
+    sh: &Sharding,
+    input: &KeyInput,
+    seen: Option<std::cell::RefCell<&mut Vec<KeySeen>>>,
+) -> Placement {
     let hint = t.hint.as_ref();
     let shard_hint = hint
         .and_then(|h| h.shard.as_deref())
@@ -86,9 +119,15 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
                 _ => 0,
             };
             let g = &sh.groups[group];
-            return match g.key_from_text(k).map(|v| g.shard_of(Some(&v))) {
-                Some(Ok(s)) => Placement::One(s),
-                Some(Err(e)) => Placement::Refused(Refusal {
+            let key = g.key_from_text(k);
+            return match key.as_ref().map(|v| (v, g.shard_of(Some(v)))) {
+                Some((v, Ok(s))) => {
+                    if let Some(seen) = &seen {
+                        note(&mut seen.borrow_mut(), g, v, s);
+                    }
+                    Placement::One(s)
+                }
+                Some((_, Err(e))) => Placement::Refused(Refusal {
                     code: "22023",
                     message: e,
                 }),
@@ -118,7 +157,10 @@ pub fn resolve(t: &Template, sh: &Sharding, input: &KeyInput) -> Placement {
             key_change,
         } => {
             let g = &sh.groups[*group];
-            let values = Values::new(input);
+            let values = Values {
+                seen,
+                ..Values::new(input)
+            };
             let mask = match key_mask(key, g, sh, &values) {
                 Ok(m) => m,
                 Err(e) => {
@@ -296,16 +338,36 @@ pub(super) fn param_key(
 
 /// Key values read from one statement: its constants (scanned once, when
 /// a key needs one) and its parameters.
-pub(super) struct Values<'a, 'b> {
+pub(super) struct Values<'a, 'b, 'c> {
     input: &'b KeyInput<'a>,
     spans: std::cell::OnceCell<Vec<(usize, usize)>>,
+    /// Where the keys read are noted, when asked (`resolve_noting`).
+    seen: Option<std::cell::RefCell<&'c mut Vec<KeySeen>>>,
 }
 
-impl<'a, 'b> Values<'a, 'b> {
+fn note(seen: &mut Vec<KeySeen>, g: &crate::sharding::Group, key: &KeyValue, shard: usize) {
+    if seen.len() < MAX_KEYS_NOTED {
+        seen.push(KeySeen {
+            group: g.index,
+            shard,
+            key: key.clone(),
+        });
+    }
+}
+
+impl<'a, 'b> Values<'a, 'b, '_> {
     pub(super) fn new(input: &'b KeyInput<'a>) -> Self {
         Values {
             input,
             spans: std::cell::OnceCell::new(),
+            seen: None,
+        }
+    }
+
+    /// `key` of group `g`, owned by `shard`, decided where a statement runs.
+    fn noted(&self, g: &crate::sharding::Group, key: Option<&KeyValue>, shard: usize) {
+        if let (Some(seen), Some(key)) = (&self.seen, key) {
+            note(&mut seen.borrow_mut(), g, key, shard);
         }
     }
 
@@ -337,7 +399,11 @@ pub(super) fn key_mask(
             let mut m = 0;
             for s in srcs {
                 match key_value(s, g, values) {
-                    Ok(v) => m |= mask_of(g.shard_of(v.as_ref())?),
+                    Ok(v) => {
+                        let shard = g.shard_of(v.as_ref())?;
+                        values.noted(g, v.as_ref(), shard);
+                        m |= mask_of(shard);
+                    }
                     // A value the column type would reject: every shard
                     // reports the server's own error.
                     Err(()) => return Ok(sh.all_shards()),
@@ -349,12 +415,14 @@ pub(super) fn key_mask(
             let Some(&(format, Some(v))) = input.params.get((*n as usize).wrapping_sub(1)) else {
                 return Ok(sh.all_shards());
             };
-            let Some(values) = array_elements(format, v, g) else {
+            let Some(elements) = array_elements(format, v, g) else {
                 return Ok(sh.all_shards());
             };
             let mut m = 0;
-            for v in values {
-                m |= mask_of(g.shard_of(v.as_ref())?);
+            for v in elements {
+                let shard = g.shard_of(v.as_ref())?;
+                values.noted(g, v.as_ref(), shard);
+                m |= mask_of(shard);
             }
             m
         }
