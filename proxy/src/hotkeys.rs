@@ -1,16 +1,24 @@
 //! The hot-key report: which sharding keys take the most traffic, per table
 //! group, over a sliding window, in fixed memory whatever the key space.
 //!
-//! Each table group's keys go into a Space-Saving sketch (Metwally, Agrawal
-//! and El Abbadi, 2005): [`CAPACITY`] counters; a key not counted takes the
-//! smallest counter's place and inherits its count as its error. A key with
-//! more than 1/[`CAPACITY`] of a group's traffic is always among those
-//! counted, and its count is over by at most its error.
+//! Each table group's keys go into a count-min sketch with conservative
+//! update (Cormode and Muthukrishnan, 2005; Estan and Varghese, 2002):
+//! [`DEPTH`] rows of [`WIDTH`] counters, a key adding to one counter per row
+//! (only those at the key's current estimate, the smallest of its
+//! counters). An estimate is never under the key's true count, and over it
+//! by at most e/[`WIDTH`] of the keys counted with probability 1 - e^-[`DEPTH`]
+//! (98%). Beside it, the [`CANDIDATES`] keys with the largest estimates are
+//! kept by name: a key whose new estimate does not pass the smallest of
+//! theirs costs a hash and [`DEPTH`] counter updates, nothing else, so a key
+//! space far larger than the sketch does not make every statement evict
+//! something.
 //!
 //! The window is cut into [`SLICES`] slices, and every slice has its own
 //! sketches in each of a few stripes; a session records into its client's
 //! stripe (a lock other sessions seldom want: no global lock per
-//! statement). A report merges the window's slices of every stripe.
+//! statement). Count-min sketches add up: a report sums the window's
+//! slices of every stripe, counter by counter, and estimates every
+//! candidate from the sum.
 
 use shardline_router::hash::KeyValue;
 use shardline_router::shards::KeySeen;
@@ -18,128 +26,140 @@ use std::collections::HashMap;
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
 
-/// Counters per table group, slice and stripe.
-pub const CAPACITY: usize = 128;
+/// Counters per row.
+pub const WIDTH: usize = 1024;
+/// Rows (each key's counters: one per row, from 16 bits of its hash each).
+pub const DEPTH: usize = 4;
+/// Keys kept by name per table group, slice and stripe.
+pub const CANDIDATES: usize = 64;
 /// Slices of the window; the report covers the last `SLICES - 1` whole ones
 /// and the current one.
 pub const SLICES: u64 = 6;
 
-type Index = HashMap<KeyValue, u16, foldhash::fast::FixedState>;
-
-/// One counted key.
-#[derive(Debug, Clone)]
-struct Counter {
-    key: KeyValue,
-    shard: u16,
-    count: u64,
-    /// How much of `count` may belong to the keys it replaced.
-    error: u64,
-    /// Where the counter is in `Sketch::heap`.
-    at: u16,
+/// A key's 64-bit hash (the candidates' index, and the counters' places;
+/// two keys with one hash would count as one).
+fn hash_of(key: &KeyValue) -> u64 {
+    use std::hash::BuildHasher as _;
+    foldhash::fast::FixedState::with_seed(0x5eed_4b65_7973).hash_one(key)
 }
 
-/// A Space-Saving sketch: counters in stable slots, a min-heap of slot
-/// numbers by count, and an index from key to slot.
+/// A key's counter in each row.
+fn cells(hash: u64) -> [usize; DEPTH] {
+    std::array::from_fn(|row| row * WIDTH + ((hash >> (16 * row)) as usize & (WIDTH - 1)))
+}
+
+/// The index's hasher: its keys are hashes already.
+#[derive(Default)]
+struct Passthrough(u64);
+
+impl std::hash::Hasher for Passthrough {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for b in bytes {
+            self.0 = self.0.rotate_left(8) ^ u64::from(*b);
+        }
+    }
+
+    fn write_u64(&mut self, v: u64) {
+        self.0 = v;
+    }
+}
+
+type Index = HashMap<u64, u16, std::hash::BuildHasherDefault<Passthrough>>;
+
+/// A key kept by name, with its estimate when last seen.
+#[derive(Debug, Clone)]
+struct Candidate {
+    key: KeyValue,
+    hash: u64,
+    shard: u16,
+    estimate: u32,
+}
+
+/// One count-min sketch (`rows`, allocated at the first key) and its
+/// candidates, with where the smallest estimate among them is once they
+/// are [`CANDIDATES`].
 #[derive(Default)]
 struct Sketch {
-    slots: Vec<Counter>,
-    heap: Vec<u16>,
+    rows: Vec<u32>,
+    candidates: Vec<Candidate>,
     index: Index,
+    /// The smallest candidate estimate (0 while there is room).
+    least: u32,
+    least_at: usize,
 }
 
 impl Sketch {
     fn clear(&mut self) {
-        self.slots.clear();
-        self.heap.clear();
+        self.rows.iter_mut().for_each(|c| *c = 0);
+        self.candidates.clear();
         self.index.clear();
+        self.least = 0;
+        self.least_at = 0;
     }
 
-    fn is_full(&self) -> bool {
-        self.slots.len() >= CAPACITY
-    }
-
-    /// The smallest count (0 while a counter is free): at most what a key
-    /// not counted has had.
-    fn floor(&self) -> u64 {
-        match self.heap.first() {
-            Some(&slot) if self.is_full() => self.slots[slot as usize].count,
-            _ => 0,
+    fn add(&mut self, key: &KeyValue, hash: u64, shard: usize) {
+        if self.rows.is_empty() {
+            self.rows = vec![0; DEPTH * WIDTH];
         }
-    }
-
-    fn add(&mut self, key: &KeyValue, shard: usize) {
-        let shard = shard.min(u16::MAX as usize) as u16;
-        if let Some(&slot) = self.index.get(key) {
-            let c = &mut self.slots[slot as usize];
-            c.count += 1;
-            let at = c.at as usize;
-            self.sift_down(at);
+        let cells = cells(hash);
+        let estimate = cells
+            .iter()
+            .map(|&c| self.rows[c])
+            .min()
+            .unwrap_or(0)
+            .saturating_add(1);
+        for c in cells {
+            let counter = &mut self.rows[c];
+            *counter = (*counter).max(estimate);
+        }
+        if estimate <= self.least {
             return;
         }
-        if !self.is_full() {
-            let slot = self.slots.len() as u16;
-            let at = self.heap.len();
-            self.slots.push(Counter {
-                key: key.clone(),
-                shard,
-                count: 1,
-                error: 0,
-                at: at as u16,
-            });
-            self.heap.push(slot);
-            self.index.insert(key.clone(), slot);
-            self.sift_up(at);
+        if let Some(&at) = self.index.get(&hash) {
+            let at = at as usize;
+            self.candidates[at].estimate = estimate;
+            if at == self.least_at {
+                self.find_least();
+            }
             return;
         }
-        // The least counted key gives its counter up.
-        let slot = self.heap[0];
-        let c = &mut self.slots[slot as usize];
-        let old = std::mem::replace(&mut c.key, key.clone());
-        c.shard = shard;
-        c.error = c.count;
-        c.count += 1;
-        self.index.remove(&old);
-        self.index.insert(key.clone(), slot);
-        self.sift_down(0);
-    }
-
-    fn count_at(&self, at: usize) -> u64 {
-        self.slots[self.heap[at] as usize].count
-    }
-
-    fn swap(&mut self, a: usize, b: usize) {
-        self.heap.swap(a, b);
-        self.slots[self.heap[a] as usize].at = a as u16;
-        self.slots[self.heap[b] as usize].at = b as u16;
-    }
-
-    fn sift_up(&mut self, mut at: usize) {
-        while at > 0 {
-            let parent = (at - 1) / 2;
-            if self.count_at(parent) <= self.count_at(at) {
-                break;
-            }
-            self.swap(parent, at);
-            at = parent;
+        let candidate = Candidate {
+            key: key.clone(),
+            hash,
+            shard: shard.min(u16::MAX as usize) as u16,
+            estimate,
+        };
+        if self.candidates.len() < CANDIDATES {
+            self.index.insert(hash, self.candidates.len() as u16);
+            self.candidates.push(candidate);
+        } else {
+            // The candidate with the smallest estimate gives its place up.
+            let at = self.least_at;
+            let old = std::mem::replace(&mut self.candidates[at], candidate);
+            self.index.remove(&old.hash);
+            self.index.insert(hash, at as u16);
         }
+        self.find_least();
     }
 
-    fn sift_down(&mut self, mut at: usize) {
-        loop {
-            let (l, r) = (2 * at + 1, 2 * at + 2);
-            let mut least = at;
-            if l < self.heap.len() && self.count_at(l) < self.count_at(least) {
-                least = l;
-            }
-            if r < self.heap.len() && self.count_at(r) < self.count_at(least) {
-                least = r;
-            }
-            if least == at {
-                return;
-            }
-            self.swap(at, least);
-            at = least;
+    fn find_least(&mut self) {
+        if self.candidates.len() < CANDIDATES {
+            self.least = 0;
+            return;
         }
+        let (at, least) = self
+            .candidates
+            .iter()
+            .enumerate()
+            .map(|(i, c)| (i, c.estimate))
+            .min_by_key(|&(_, e)| e)
+            .unwrap_or((0, 0));
+        self.least = least;
+        self.least_at = at;
     }
 }
 
@@ -170,6 +190,7 @@ impl Slice {
 pub struct HotKeys {
     start: Instant,
     slice: Duration,
+    slice_ns: u64,
     groups: usize,
     shards: usize,
     stripes: Box<[Mutex<Vec<Slice>>]>,
@@ -180,9 +201,9 @@ pub struct HotKeys {
 pub struct HotKey {
     pub key: KeyValue,
     pub shard: usize,
-    /// Statements placed by the key in the window (an estimate: the true
-    /// number is within `error` below it, or above it by as much when the
-    /// key was not always counted).
+    /// Statements placed by the key in the window: an estimate never under
+    /// the true number, and over it by at most `error` (with probability
+    /// 98%: the count-min bound).
     pub count: u64,
     pub error: u64,
 }
@@ -214,10 +235,13 @@ impl HotKeys {
         }
         let stripes = std::thread::available_parallelism()
             .map_or(2, |n| n.get() * 2)
-            .clamp(2, 16);
+            .clamp(2, 16)
+            .next_power_of_two();
+        let slice = (window / SLICES as u32).max(Duration::from_millis(1));
         Some(HotKeys {
             start: Instant::now(),
-            slice: (window / SLICES as u32).max(Duration::from_millis(1)),
+            slice,
+            slice_ns: slice.as_nanos() as u64,
             groups,
             shards,
             stripes: (0..stripes)
@@ -233,19 +257,18 @@ impl HotKeys {
     }
 
     fn epoch(&self, at: Instant) -> u64 {
-        (at.saturating_duration_since(self.start).as_nanos() / self.slice.as_nanos()) as u64
+        let d = at.saturating_duration_since(self.start);
+        (d.as_secs() * 1_000_000_000 + u64::from(d.subsec_nanos())) / self.slice_ns
     }
 
-    /// Counts `keys`, noted by a session of client `client`.
-    pub fn record(&self, client: u64, keys: &[KeySeen]) {
-        if !keys.is_empty() {
-            self.record_at(Instant::now(), client, keys);
+    /// Counts `keys`, noted at `at` by a session of client `client`.
+    pub fn record(&self, at: Instant, client: u64, keys: &[KeySeen]) {
+        if keys.is_empty() {
+            return;
         }
-    }
-
-    fn record_at(&self, at: Instant, client: u64, keys: &[KeySeen]) {
         let epoch = self.epoch(at);
-        let stripe = &self.stripes[client as usize % self.stripes.len()];
+        // (A power of two.)
+        let stripe = &self.stripes[client as usize & (self.stripes.len() - 1)];
         let mut slices = stripe.lock().unwrap_or_else(|p| p.into_inner());
         let slice = &mut slices[(epoch % SLICES) as usize];
         if slice.epoch != epoch || slice.groups.len() != self.groups {
@@ -260,7 +283,7 @@ impl HotKeys {
             if k.group >= self.groups || k.shard >= self.shards {
                 continue;
             }
-            slice.groups[k.group].add(&k.key, k.shard);
+            slice.groups[k.group].add(&k.key, hash_of(&k.key), k.shard);
             slice.totals[k.group] += 1;
             slice.shards[k.shard] += 1;
         }
@@ -280,11 +303,9 @@ impl HotKeys {
             groups: vec![(0, Vec::new()); self.groups],
             shards: vec![0; self.shards],
         };
-        // Per group: key → (shard, count, error, floors of full sketches
-        // that counted it), and the floors of every full sketch.
-        type Merged = HashMap<KeyValue, (usize, u64, u64, u64)>;
-        let mut merged: Vec<Merged> = vec![HashMap::new(); self.groups];
-        let mut floors = vec![0u64; self.groups];
+        // Per group: the window's counters summed, and every candidate.
+        let mut sums: Vec<Vec<u64>> = vec![Vec::new(); self.groups];
+        let mut named: Vec<HashMap<u64, (KeyValue, usize)>> = vec![HashMap::new(); self.groups];
         for stripe in self.stripes.iter() {
             let slices = stripe.lock().unwrap_or_else(|p| p.into_inner());
             for slice in slices.iter() {
@@ -296,30 +317,35 @@ impl HotKeys {
                 }
                 for (g, sketch) in slice.groups.iter().enumerate() {
                     report.groups[g].0 += slice.totals[g];
-                    let floor = sketch.floor();
-                    floors[g] += floor;
-                    for c in &sketch.slots {
-                        let e =
-                            merged[g]
-                                .entry(c.key.clone())
-                                .or_insert((c.shard as usize, 0, 0, 0));
-                        e.1 += c.count;
-                        e.2 += c.error;
-                        e.3 += floor;
+                    if sketch.rows.is_empty() {
+                        continue;
+                    }
+                    let sum = &mut sums[g];
+                    sum.resize(DEPTH * WIDTH, 0);
+                    for (total, n) in sum.iter_mut().zip(&sketch.rows) {
+                        *total += u64::from(*n);
+                    }
+                    for c in &sketch.candidates {
+                        named[g]
+                            .entry(c.hash)
+                            .or_insert_with(|| (c.key.clone(), c.shard as usize));
                     }
                 }
             }
         }
-        for (g, keys) in merged.into_iter().enumerate() {
+        for (g, keys) in named.into_iter().enumerate() {
+            let sum = &sums[g];
+            // The count-min bound: over by at most e/WIDTH of the keys
+            // counted, with probability 1 - e^-DEPTH.
+            let error =
+                (std::f64::consts::E * report.groups[g].0 as f64 / WIDTH as f64).ceil() as u64;
             let mut list: Vec<HotKey> = keys
                 .into_iter()
-                .map(|(key, (shard, count, error, counted_floors))| HotKey {
+                .map(|(hash, (key, shard))| HotKey {
                     key,
                     shard,
-                    count,
-                    // A full sketch that did not count the key may have
-                    // seen it up to its floor times.
-                    error: error + (floors[g] - counted_floors),
+                    count: cells(hash).iter().map(|&c| sum[c]).min().unwrap_or(0),
+                    error,
                 })
                 .collect();
             list.sort_by(|a, b| b.count.cmp(&a.count).then_with(|| a.key.cmp(&b.key)));
@@ -341,36 +367,48 @@ mod tests {
         }
     }
 
-    /// A sketch keeps its heap ordered and its index true whatever comes.
+    /// A sketch's index names its candidates, and the smallest estimate
+    /// among them is known.
     fn check(s: &Sketch) {
-        for at in 1..s.heap.len() {
-            assert!(s.count_at((at - 1) / 2) <= s.count_at(at));
+        for (at, c) in s.candidates.iter().enumerate() {
+            assert_eq!(s.index[&c.hash] as usize, at);
         }
-        for (slot, c) in s.slots.iter().enumerate() {
-            assert_eq!(s.heap[c.at as usize] as usize, slot);
-            assert_eq!(s.index[&c.key] as usize, slot);
+        assert_eq!(s.index.len(), s.candidates.len());
+        if s.candidates.len() == CANDIDATES {
+            let least = s.candidates.iter().map(|c| c.estimate).min().unwrap();
+            assert_eq!((s.least, s.candidates[s.least_at].estimate), (least, least));
         }
-        assert_eq!(s.index.len(), s.slots.len());
+    }
+
+    fn estimate(s: &Sketch, key: i64) -> u64 {
+        let cells = cells(hash_of(&KeyValue::Int(key)));
+        cells.iter().map(|&c| u64::from(s.rows[c])).min().unwrap()
     }
 
     #[test]
-    fn counts_are_exact_while_the_keys_fit() {
+    fn counts_are_exact_while_the_keys_are_few() {
         let mut s = Sketch::default();
         for i in 0..1000u64 {
-            s.add(&KeyValue::Int((i % 10) as i64), 0);
+            let key = KeyValue::Int((i % 10) as i64);
+            s.add(&key, hash_of(&key), 0);
         }
         check(&s);
-        assert_eq!(s.slots.len(), 10);
-        assert!(s.slots.iter().all(|c| c.count == 100 && c.error == 0));
-        assert_eq!(s.floor(), 0, "not full: a key not counted was never seen");
+        assert_eq!(s.candidates.len(), 10);
+        assert!((0..10).all(|k| estimate(&s, k) == 100));
     }
 
-    /// Space-Saving's guarantees, against exact counts of a skewed stream
-    /// over far more keys than counters: every key above 1/CAPACITY of the
-    /// stream is counted, and each count is over by at most its error.
+    /// Against exact counts of skewed streams over far more keys than the
+    /// sketch holds: the heavy keys are candidates, estimates are never
+    /// under the truth, and the heavy keys' within the count-min bound.
     #[test]
     fn heavy_keys_are_found_within_their_error() {
-        let mut rng = crate::fuzz::Rng(7);
+        for seed in [7, 8, 9] {
+            heavy_keys_of(seed);
+        }
+    }
+
+    fn heavy_keys_of(seed: u64) {
+        let mut rng = crate::fuzz::Rng(seed);
         let mut s = Sketch::default();
         let mut exact: HashMap<i64, u64> = HashMap::new();
         let n = 200_000u64;
@@ -382,30 +420,29 @@ mod tests {
                 _ => rng.below(100_000) as i64 + 1_000,
             };
             *exact.entry(key).or_default() += 1;
-            s.add(&KeyValue::Int(key), 0);
+            let key = KeyValue::Int(key);
+            s.add(&key, hash_of(&key), 0);
         }
         check(&s);
-        assert_eq!(s.slots.len(), CAPACITY);
-        for c in &s.slots {
-            let KeyValue::Int(k) = c.key else { panic!() };
-            let truth = exact.get(&k).copied().unwrap_or(0);
-            assert!(
-                truth <= c.count && c.count - c.error <= truth,
-                "{k}: {c:?} vs {truth}"
-            );
-        }
+        assert_eq!(s.candidates.len(), CANDIDATES);
+        let bound = (std::f64::consts::E * n as f64 / WIDTH as f64).ceil() as u64;
         for (k, truth) in &exact {
-            if *truth > n / CAPACITY as u64 {
+            let e = estimate(&s, *k);
+            assert!(*truth <= e, "{k}: estimate {e} under {truth}");
+            if *truth > n / 200 {
                 assert!(
-                    s.index.contains_key(&KeyValue::Int(*k)),
-                    "{k} ({truth}) not counted"
+                    s.index.contains_key(&hash_of(&KeyValue::Int(*k))),
+                    "{k} ({truth}) not a candidate"
                 );
+                assert!(e - truth <= bound, "{k}: {e} for {truth}");
             }
         }
-        let mut top: Vec<&Counter> = s.slots.iter().collect();
-        top.sort_by_key(|c| std::cmp::Reverse(c.count));
-        assert_eq!(top[0].key, KeyValue::Int(42));
-        assert_eq!(top[1].key, KeyValue::Int(7));
+        let mut top: Vec<&Candidate> = s.candidates.iter().collect();
+        top.sort_by_key(|c| std::cmp::Reverse(c.estimate));
+        assert_eq!(
+            (&top[0].key, &top[1].key),
+            (&KeyValue::Int(42), &KeyValue::Int(7))
+        );
     }
 
     #[test]
@@ -415,9 +452,9 @@ mod tests {
             let mut keys = vec![seen(0, 42, 1); 3];
             keys.push(seen(0, client as i64 + 1000, 0));
             keys.push(seen(1, 5, 2));
-            hk.record(client, &keys);
+            hk.record(Instant::now(), client, &keys);
         }
-        hk.record(0, &[seen(9, 1, 0), seen(0, 1, 9)]);
+        hk.record(Instant::now(), 0, &[seen(9, 1, 0), seen(0, 1, 9)]);
         let r = hk.report();
         assert_eq!(r.groups[0].0, 160);
         assert_eq!(r.groups[1].0, 40);
@@ -426,7 +463,8 @@ mod tests {
         let top = &r.groups[0].1[0];
         assert_eq!(
             (&top.key, top.shard, top.count, top.error),
-            (&KeyValue::Int(42), 1, 120, 0)
+            (&KeyValue::Int(42), 1, 120, 1),
+            "e × 160 / 1024, rounded up"
         );
         assert_eq!(r.groups[0].1.len(), 41);
         assert_eq!(r.groups[1].1[0].count, 40);
@@ -437,8 +475,8 @@ mod tests {
     fn counts_leave_the_window() {
         let hk = HotKeys::new(Duration::from_secs(60), 1, 1).unwrap();
         let at = |s: u64| hk.start + Duration::from_millis(s * 1000 + 1);
-        hk.record_at(at(0), 0, &[seen(0, 1, 0)]);
-        hk.record_at(at(30), 0, &[seen(0, 2, 0)]);
+        hk.record(at(0), 0, &[seen(0, 1, 0)]);
+        hk.record(at(30), 0, &[seen(0, 2, 0)]);
         let r = hk.report_at(at(45));
         assert_eq!(r.groups[0].0, 2);
         assert_eq!(r.covered, Duration::from_millis(45_001));
@@ -448,7 +486,7 @@ mod tests {
         assert_eq!(r.groups[0].1[0].key, KeyValue::Int(2));
         assert_eq!(r.covered, Duration::from_millis(55_001));
         // A slice's place is taken by a later one: its counts go.
-        hk.record_at(at(60), 0, &[seen(0, 3, 0)]);
+        hk.record(at(60), 0, &[seen(0, 3, 0)]);
         let r = hk.report_at(at(61));
         assert_eq!(r.groups[0].1.len(), 2);
         assert_eq!(hk.report_at(at(200)).total(), 0);

@@ -436,6 +436,12 @@ impl Meter {
         self.place = kind;
     }
 
+    /// When the unit being answered began (its first bytes arrived).
+    #[inline]
+    pub fn unit_started(&self) -> Option<Instant> {
+        self.unit_since
+    }
+
     /// Where the units answered last ran.
     pub fn placed(&self) -> Kind {
         self.place

@@ -358,10 +358,14 @@ impl Session {
     pub(super) fn count_keys(&mut self) {
         if let Some(hot) = &self.shared.hot_keys {
             if !self.unit_routes.keys.is_empty() {
-                hot.record(
-                    u64::from(self.client.info.peer.port()),
-                    &self.unit_routes.keys,
-                );
+                // When the unit arrived (the meter's clock read, not
+                // another).
+                let at = self
+                    .meter
+                    .unit_started()
+                    .unwrap_or_else(std::time::Instant::now);
+                let client = u64::from(self.client.info.peer.port());
+                hot.record(at, client, &self.unit_routes.keys);
                 self.unit_routes.keys.clear();
             }
         }
