@@ -49,6 +49,8 @@ pub struct NodeHealth {
     /// Woken when a failed check cuts the node's connections: connections
     /// still being opened give up too.
     failed: tokio::sync::Notify,
+    /// How long each health check took (µs; a timed-out one: the timeout).
+    pub check_time: crate::stats::Histogram,
 }
 
 impl NodeHealth {
@@ -66,6 +68,7 @@ impl NodeHealth {
             last_error: Mutex::new(String::new()),
             conns: Arc::default(),
             failed: tokio::sync::Notify::new(),
+            check_time: Default::default(),
         }
     }
 
@@ -618,6 +621,7 @@ impl Checker {
             .iter_mut()
             .zip(&self.targets)
             .map(|(conn, target)| async move {
+                let started = std::time::Instant::now();
                 let r = match tokio::time::timeout(timeout, check(conn, target)).await {
                     Ok(r) => r,
                     Err(_) => Err(format!("health check timed out after {timeout:?}")),
@@ -625,9 +629,14 @@ impl Checker {
                 if r.is_err() {
                     *conn = None;
                 }
-                r
+                (r, started.elapsed())
             });
-        let results = futures_util::future::join_all(checks).await;
+        let timed = futures_util::future::join_all(checks).await;
+        let mut results = Vec::with_capacity(timed.len());
+        for (node, (r, took)) in self.shard.nodes.iter().zip(timed) {
+            node.check_time.observe(took.as_micros() as u64);
+            results.push(r);
+        }
         let all_up = results.iter().all(Result::is_ok);
         // The placement the primary records (after a rebalance), read only
         // where the record exists.

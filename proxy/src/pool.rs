@@ -25,6 +25,8 @@ pub struct Manager {
     /// Raised by the console's RECONNECT: connections opened before are
     /// closed instead of lent again.
     generation: AtomicU64,
+    /// The pool's counters (connections being opened, opened, failed).
+    counters: Arc<PoolCounters>,
 }
 
 impl managed::Manager for Manager {
@@ -40,9 +42,14 @@ impl managed::Manager for Manager {
         // fails its health check within interval + timeout: give up then,
         // not at connect_timeout, so a read goes elsewhere.
         let failure = self.node.failure();
+        let _opening = Opening::start(&self.counters);
+        let failed = || {
+            self.counters.open_failures.fetch_add(1, Relaxed);
+        };
         let mut conn = tokio::select! {
-            conn = ServerConnection::connect(&self.target, self.max_prepared) => conn?,
+            conn = ServerConnection::connect(&self.target, self.max_prepared) => conn.inspect_err(|_| failed())?,
             () = failure => {
+                failed();
                 return Err(ServerError::Io {
                     addr: self.node.address.clone(),
                     source: std::io::Error::new(
@@ -54,6 +61,7 @@ impl managed::Manager for Manager {
         };
         conn.listed = Some(self.node.list(&conn, &self.target));
         conn.generation = self.generation.load(Relaxed);
+        self.counters.opened.fetch_add(1, Relaxed);
         tracing::debug!(server = %conn.addr, pid = conn.pid, "opened server connection");
         let _ = self.params.set(Arc::new(conn.params.clone()));
         Ok(Box::new(conn))
@@ -113,6 +121,27 @@ pub struct PoolCounters {
     pub wait: crate::stats::Histogram,
     /// Checkouts that found no free connection within `checkout_timeout`.
     pub timeouts: AtomicU64,
+    /// Server connections being opened now.
+    pub opening: AtomicU64,
+    /// Server connections opened, and attempts that failed.
+    pub opened: AtomicU64,
+    pub open_failures: AtomicU64,
+}
+
+/// Counts a connection being opened until it is dropped.
+struct Opening<'a>(&'a PoolCounters);
+
+impl<'a> Opening<'a> {
+    fn start(c: &'a PoolCounters) -> Opening<'a> {
+        c.opening.fetch_add(1, Relaxed);
+        Opening(c)
+    }
+}
+
+impl Drop for Opening<'_> {
+    fn drop(&mut self) {
+        self.0.opening.fetch_sub(1, Relaxed);
+    }
 }
 
 impl NodePool {
@@ -131,7 +160,9 @@ impl NodePool {
             max_lifetime: cfg.max_lifetime,
             params: OnceLock::new(),
             generation: AtomicU64::new(0),
+            counters: Arc::default(),
         };
+        let counters = manager.counters.clone();
         let pool = Pool::builder(manager)
             .max_size(size)
             .queue_mode(QueueMode::Lifo)
@@ -146,7 +177,7 @@ impl NodePool {
             checkout_timeout: cfg.checkout_timeout,
             connect_timeout: cfg.connect_timeout,
             size,
-            counters: Arc::default(),
+            counters,
         });
         spawn_reaper(&node, cfg.idle_timeout, cfg.max_lifetime);
         node

@@ -203,6 +203,25 @@ async fn metrics_move_under_load_and_pass_promtool() {
     assert!(sample(&after, "shardline_errors_total", &[("class", "22")]) >= 1.0);
     assert!(total(&after, "shardline_pool_checkouts_total") >= done);
     assert!(total(&after, "shardline_pool_checkout_wait_seconds_count") >= done);
+    // The pools opened their connections (none failed, none opening now),
+    // and every node's health checks are timed.
+    assert!(total(&after, "shardline_pool_server_connections_opened_total") >= 4.0);
+    assert_eq!(
+        total(&after, "shardline_pool_server_connect_failures_total"),
+        0.0
+    );
+    assert!(after.contains("shardline_pool_server_connections_opening{"));
+    for line in after
+        .lines()
+        .filter(|l| l.starts_with("shardline_node_up{"))
+    {
+        let labels = &line[line.find('{').unwrap() + 1..line.find('}').unwrap()];
+        let count = format!("shardline_node_health_check_duration_seconds_count{{{labels}}}");
+        assert!(
+            sample(&after, &count, &[]) > 0.0,
+            "no health check timed for {labels}"
+        );
+    }
     assert!(sample(&after, "shardline_router_statements_total", &[]) > 0.0);
     assert!(sample(&after, "shardline_router_cache_hits_total", &[]) > 0.0);
     assert!(sample(&after, "shardline_router_route_duration_seconds_count", &[]) > 0.0);

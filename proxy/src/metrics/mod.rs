@@ -320,6 +320,9 @@ fn pools(f: &mut Families, shared: &Shared) {
     let mut checkouts = Vec::new();
     let mut timeouts = Vec::new();
     let mut waits = Vec::new();
+    let mut opening = Vec::new();
+    let mut opened = Vec::new();
+    let mut failed = Vec::new();
     for u in &users {
         for (pools, health) in u.pools.shards.iter().zip(&shared.topology.shards) {
             for (pool, node) in pools.nodes.iter().zip(&health.nodes) {
@@ -329,6 +332,10 @@ fn pools(f: &mut Families, shared: &Shared) {
                 idle.push((labels.clone(), free as f64));
                 checkouts.push((labels.clone(), pool.counters.assignments.load(Relaxed)));
                 timeouts.push((labels.clone(), pool.counters.timeouts.load(Relaxed)));
+                let c = &pool.counters;
+                opening.push((labels.clone(), c.opening.load(Relaxed) as f64));
+                opened.push((labels.clone(), c.opened.load(Relaxed)));
+                failed.push((labels.clone(), c.open_failures.load(Relaxed)));
                 waits.push((labels, pool.counters.wait.read()));
             }
         }
@@ -342,6 +349,21 @@ fn pools(f: &mut Families, shared: &Shared) {
         "pool_server_connections_idle",
         "Server connections idle in the pool.",
         idle,
+    );
+    f.gauge(
+        "pool_server_connections_opening",
+        "Server connections being opened now (also counted as active).",
+        opening,
+    );
+    f.counter(
+        "pool_server_connections_opened_total",
+        "Server connections the pool opened.",
+        opened,
+    );
+    f.counter(
+        "pool_server_connect_failures_total",
+        "Attempts to open a server connection that failed (refused, unreachable, login failed, timed out).",
+        failed,
     );
     f.counter(
         "pool_checkouts_total",
@@ -367,6 +389,7 @@ fn nodes(f: &mut Families, shared: &Shared) {
     let mut lag_bytes = Vec::new();
     let mut lag_seconds = Vec::new();
     let mut connections = Vec::new();
+    let mut checks = Vec::new();
     for shard in &shared.topology.shards {
         for node in &shard.nodes {
             let role = node.role();
@@ -378,6 +401,7 @@ fn nodes(f: &mut Families, shared: &Shared) {
             up.push((labels.clone(), f64::from(u8::from(!node.is_down()))));
             banned.push((labels.clone(), f64::from(u8::from(node.is_banned()))));
             connections.push((labels.clone(), node.connections().len() as f64));
+            checks.push((labels.clone(), node.check_time.read()));
             if role == crate::health::Role::Replica {
                 let (bytes, time) = node.lag();
                 lag_bytes.push((labels.clone(), bytes as f64));
@@ -409,6 +433,11 @@ fn nodes(f: &mut Families, shared: &Shared) {
         "node_server_connections",
         "Server connections open to the node (every pool, and the proxy's own).",
         connections,
+    );
+    f.histogram(
+        "node_health_check_duration_seconds",
+        "How long each health check of the node took (a timed-out one counts as health.timeout).",
+        checks,
     );
     f.counter(
         "shard_primary_changes_total",
