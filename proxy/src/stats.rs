@@ -9,6 +9,8 @@
 //! (`pool::NodePool::checkout`). A background task turns the totals into
 //! per-second averages every `admin.stats_period` ([`Averages`]).
 
+use crate::protocol::backend::{sqlstate, PgError};
+use shardline_router::shards::{Construct, Refusal};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::Mutex;
 use std::time::{Duration, Instant};
@@ -195,6 +197,8 @@ pub struct Events {
     /// Time to route a statement (one in 64 is timed), ns.
     pub routing: Histogram,
     pub two_phase: TwoPhase,
+    /// 0A000 refusals the proxy made, by construct.
+    pub refusals: Refusals,
 }
 
 impl Default for Events {
@@ -208,7 +212,39 @@ impl Default for Events {
             reloads_failed: AtomicU64::new(0),
             routing: Histogram::routing(),
             two_phase: TwoPhase::default(),
+            refusals: Refusals::default(),
         }
+    }
+}
+
+/// The proxy's own 0A000 refusals, by construct ([`Construct::ALL`]).
+#[derive(Default)]
+pub struct Refusals([AtomicU64; Construct::ALL.len()]);
+
+impl Refusals {
+    /// Counts `r` when it refuses a construct; returns it as the client's error.
+    pub fn error(&self, r: Refusal) -> PgError {
+        if let Some(c) = r.construct {
+            self.count(c);
+        }
+        PgError::error(r.code, r.message)
+    }
+
+    /// Counts a refusal of `c` made by the session; returns its 0A000.
+    pub fn refuse(&self, c: Construct, message: impl Into<String>) -> PgError {
+        self.count(c);
+        PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message.into())
+    }
+
+    fn count(&self, c: Construct) {
+        self.0[c.index()].fetch_add(1, Relaxed);
+    }
+
+    /// Each construct with its count.
+    pub fn read(&self) -> impl Iterator<Item = (&'static str, u64)> + '_ {
+        Construct::ALL
+            .iter()
+            .map(|c| (c.label(), self.0[c.index()].load(Relaxed)))
     }
 }
 

@@ -12,7 +12,7 @@
 use crate::merge::{compare, decode, FloatKey, Format, Kind, NumKey, Value};
 use crate::numeric::Num;
 use crate::scatter::{Agg, CmpOp, Col, Cond, Count, GroupKeys, MergePlan, Operand, SortKey};
-use crate::shards::Refusal;
+use crate::shards::{Construct, Refusal};
 use std::cmp::Ordering;
 use std::collections::BTreeMap;
 
@@ -30,19 +30,12 @@ pub struct Collation {
     pub deterministic: bool,
 }
 
-fn error(code: &'static str, message: impl Into<String>) -> Refusal {
-    Refusal {
-        code,
-        message: message.into(),
-    }
-}
-
 fn unsupported(message: impl Into<String>) -> Refusal {
-    error("0A000", message)
+    Refusal::unsupported(Construct::Merge, message)
 }
 
 fn bad_row() -> Refusal {
-    error("08P01", "a shard sent a malformed DataRow")
+    Refusal::invalid("08P01", "a shard sent a malformed DataRow")
 }
 
 /// One field of a RowDescription: type and format.
@@ -66,7 +59,7 @@ pub struct ClientColumns {
 pub fn client_columns(plan: &MergePlan, fields: usize) -> Result<ClientColumns, Refusal> {
     let visible = fields
         .checked_sub(plan.hidden)
-        .ok_or_else(|| error("XX000", "the shards' rows lack the merge's columns"))?;
+        .ok_or_else(|| Refusal::invalid("XX000", "the shards' rows lack the merge's columns"))?;
     Ok(ClientColumns {
         visible,
         numeric: avg_fields(plan, visible),
@@ -101,10 +94,9 @@ fn is_text(k: Kind) -> bool {
 
 impl<'a> Columns<'a> {
     fn new(plan: &MergePlan, fields: &'a [FieldType], coll: Collation) -> Result<Self, Refusal> {
-        let visible = fields
-            .len()
-            .checked_sub(plan.hidden)
-            .ok_or_else(|| error("XX000", "the shards' rows lack the merge's columns"))?;
+        let visible = fields.len().checked_sub(plan.hidden).ok_or_else(|| {
+            Refusal::invalid("XX000", "the shards' rows lack the merge's columns")
+        })?;
         let mut kinds: Vec<Option<Kind>> = fields.iter().map(|f| Kind::of_type(f.oid)).collect();
         for i in avg_fields(plan, visible) {
             if let Some(k) = kinds.get_mut(i) {
@@ -445,7 +437,7 @@ fn decoded(
         None => Ok(None),
         Some(b) => decode(kind, format, b)
             .map(Some)
-            .map_err(|e| error("XX000", e)),
+            .map_err(|e| Refusal::invalid("XX000", e)),
     }
 }
 
@@ -621,7 +613,7 @@ impl Grouper<'_> {
                     });
                 }
                 (Combine::Min(k) | Combine::Max(k), Acc::Best(best)) => {
-                    let x = decode(*k, format, v).map_err(|e| error("XX000", e))?;
+                    let x = decode(*k, format, v).map_err(|e| Refusal::invalid("XX000", e))?;
                     let better = match best {
                         None => true,
                         Some((b, _)) => {
@@ -808,9 +800,11 @@ fn final_value(combine: &Combine, acc: Acc, format: Format) -> Result<Option<Vec
     Ok(match acc {
         Acc::Count(n) => Some(int(n)),
         Acc::SumInt(None) | Acc::SumNum(None) | Acc::Best(None) | Acc::Bool(None) => None,
-        Acc::SumInt(Some(s)) => Some(int(
-            i64::try_from(s).map_err(|_| error("22003", "bigint out of range"))?
-        )),
+        Acc::SumInt(Some(s)) => {
+            Some(int(i64::try_from(s).map_err(|_| {
+                Refusal::invalid("22003", "bigint out of range")
+            })?))
+        }
         Acc::SumNum(Some(s)) => Some(num(s)),
         Acc::Best(Some((_, raw))) => Some(raw),
         Acc::Bool(Some(b)) => Some(match format {
@@ -932,7 +926,10 @@ pub fn count_value(
         Count::Const(n) => return Ok(Some(n)),
         Count::Param(n) => {
             let Some(&(format, value)) = params.get((n as usize).wrapping_sub(1)) else {
-                return Err(error("08P01", format!("{what} parameter ${n} is missing")));
+                return Err(Refusal::invalid(
+                    "08P01",
+                    format!("{what} parameter ${n} is missing"),
+                ));
             };
             let Some(v) = value else { return Ok(None) };
             if format == 1 {
@@ -940,18 +937,23 @@ pub fn count_value(
                     2 => i16::from_be_bytes([v[0], v[1]]) as i64,
                     4 => i32::from_be_bytes([v[0], v[1], v[2], v[3]]) as i64,
                     8 => i64::from_be_bytes(v.try_into().map_err(|_| bad_row())?),
-                    _ => return Err(error("22P03", format!("invalid {what} parameter"))),
+                    _ => {
+                        return Err(Refusal::invalid(
+                            "22P03",
+                            format!("invalid {what} parameter"),
+                        ))
+                    }
                 }
             } else {
                 std::str::from_utf8(v)
                     .ok()
                     .and_then(|s| s.trim().parse().ok())
-                    .ok_or_else(|| error("22P02", format!("invalid {what} parameter")))?
+                    .ok_or_else(|| Refusal::invalid("22P02", format!("invalid {what} parameter")))?
             }
         }
     };
     if v < 0 {
-        return Err(error(
+        return Err(Refusal::invalid(
             if what == "OFFSET" { "2201X" } else { "2201W" },
             format!("{what} must not be negative"),
         ));

@@ -24,7 +24,7 @@
 //! shards' RowDescription before any row reaches the client.
 
 use crate::sharding::{Sharding, TableKind};
-use crate::shards::{lower_name, Refusal, AGGREGATES};
+use crate::shards::{lower_name, Construct, Refusal, AGGREGATES};
 use sqlparser::ast::{
     BinaryOperator, DuplicateTreatment, Expr, FunctionArg, FunctionArgExpr, FunctionArguments,
     GroupByExpr, Ident, LimitClause, ObjectNamePart, OrderByKind, Query, Select, SelectItem,
@@ -173,13 +173,13 @@ fn refuse_because(what: impl Into<String>, why: &str) -> Refusal {
     } else {
         format!(" ({why})")
     };
-    Refusal {
-        code: "0A000",
-        message: format!(
+    Refusal::unsupported(
+        Construct::Merge,
+        format!(
             "cannot merge {} across shards{why}; add the sharding key to the WHERE clause, or a /* shardline: shard=NAME */ comment",
             what.into()
         ),
-    }
+    )
 }
 
 /// Plans the merge of `sql` read from several shards: `Ok(None)` when the
@@ -374,10 +374,7 @@ fn const_int(e: &Expr) -> Option<i128> {
 fn bigint(v: i128) -> Result<Count, Refusal> {
     match u64::try_from(v) {
         Ok(n) if n <= i64::MAX as u64 => Ok(Count::Const(n)),
-        _ => Err(Refusal {
-            code: "22003",
-            message: "bigint out of range".into(),
-        }),
+        _ => Err(Refusal::invalid("22003", "bigint out of range")),
     }
 }
 
@@ -404,10 +401,10 @@ fn count(e: &Expr, what: &str) -> Result<Count, Refusal> {
             let v = const_int(e).unwrap_or(0);
             if v < 0 {
                 let what = if what == "FETCH FIRST" { "LIMIT" } else { what };
-                return Err(Refusal {
-                    code: if what == "OFFSET" { "2201X" } else { "2201W" },
-                    message: format!("{what} must not be negative"),
-                });
+                return Err(Refusal::invalid(
+                    if what == "OFFSET" { "2201X" } else { "2201W" },
+                    format!("{what} must not be negative"),
+                ));
             }
             bigint(v)
         }

@@ -6,7 +6,7 @@ use shardline_router::gather::{client_columns, ClientColumns, Collation, Compile
 use shardline_router::merge::Format;
 use shardline_router::scatter::{plan, Agg, Col, Count, MergePlan};
 use shardline_router::sharding::Sharding;
-use shardline_router::shards::{resolve, KeyInput, Placement};
+use shardline_router::shards::{resolve, Construct, KeyInput, Placement};
 use shardline_router::{classify::Options, Router};
 use std::sync::Arc;
 
@@ -52,6 +52,7 @@ fn refusal(sql: &str) -> String {
     match plan(sql, &sharding()) {
         Err(r) => {
             assert_eq!(r.code, "0A000");
+            assert_eq!(r.construct, Some(Construct::Merge), "{sql}");
             r.message
         }
         Ok(p) => panic!("{sql}: planned {p:?}"),

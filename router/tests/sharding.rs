@@ -3,7 +3,7 @@
 use shardline_config::Config;
 use shardline_router::hash::KeyValue;
 use shardline_router::sharding::{mask_of, Sharding};
-use shardline_router::shards::{resolve, resolve_noting, KeyInput, KeySeen, Placement};
+use shardline_router::shards::{resolve, resolve_noting, Construct, KeyInput, KeySeen, Placement};
 use shardline_router::{classify::Options, Router};
 use std::sync::Arc;
 
@@ -381,33 +381,65 @@ fn groups_place_with_their_own_function_and_key_type() {
 #[test]
 fn what_cannot_be_answered_exactly_is_refused() {
     let mut t = T::new();
-    for (sql, says) in [
+    for (sql, says, construct) in [
         (
             "SELECT * FROM users u JOIN orders o ON o.amount > 1",
             "joined on something other",
+            Construct::JoinOffKey,
         ),
         (
             "SELECT * FROM users WHERE id IN (SELECT id FROM orders)",
             "subquery",
+            Construct::Subquery,
         ),
         (
             "SELECT * FROM users u JOIN pgbench_accounts a ON a.aid = u.id",
             "not sharded",
+            Construct::MixedTables,
         ),
-        ("UPDATE users SET id = 5 WHERE name = 'x'", "sharding key"),
-        ("INSERT INTO users VALUES (1, 'x')", "name its columns"),
+        (
+            "UPDATE users SET id = 5 WHERE name = 'x'",
+            "sharding key",
+            Construct::KeyChange,
+        ),
+        (
+            "INSERT INTO users VALUES (1, 'x')",
+            "name its columns",
+            Construct::Insert,
+        ),
         (
             "INSERT INTO users (name) VALUES ('x')",
             "key column a value",
+            Construct::Insert,
         ),
         (
             "INSERT INTO users (id) SELECT user_id FROM orders",
             "VALUES",
+            Construct::Insert,
+        ),
+        (
+            "SELECT id FROM users UNION SELECT user_id FROM orders",
+            "UNION",
+            Construct::SetOperation,
+        ),
+        (
+            "COPY users (name) FROM STDIN",
+            "key column",
+            Construct::Copy,
+        ),
+        (
+            "CREATE TABLE big AS SELECT * FROM users",
+            "CREATE TABLE ... AS",
+            Construct::CreateTableAs,
         ),
     ] {
         let p = t.place(sql);
         let msg = refused(&p);
         assert!(msg.contains(says), "{sql}: {msg}");
+        let Placement::Refused(r) = &p else {
+            unreachable!()
+        };
+        assert_eq!(r.construct, Some(construct), "{sql}");
     }
     // Keys on one shard: the same constructs are fine.
     assert_eq!(

@@ -7,6 +7,7 @@
 use shardline_tests::{wait_for, Env, EnvOptions, ProxyProcess, TempDir};
 use std::collections::HashMap;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
+use tokio_postgres::error::SqlState;
 
 const METRICS: &str = "[metrics]\nlisten = \"127.0.0.1:0\"\n";
 
@@ -104,6 +105,29 @@ async fn metrics_move_under_load_and_pass_promtool() {
         .await
         .expect("a transaction on both shards");
 
+    // Refusals (0A000) by construct: one the router makes (a UNION over
+    // a sharded table), one the session makes (a READ ONLY transaction
+    // reaching a second shard).
+    let e = c
+        .simple_query("SELECT id FROM users UNION SELECT id FROM users")
+        .await
+        .expect_err("a UNION across shards is refused");
+    assert_eq!(e.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{e}");
+    c.batch_execute("BEGIN READ ONLY").await.expect("BEGIN");
+    let mut refused = None;
+    for id in 1..=20 {
+        if let Err(e) = c
+            .simple_query(&format!("SELECT name FROM users WHERE id = {id}"))
+            .await
+        {
+            refused = Some(e);
+            break;
+        }
+    }
+    let e = refused.expect("a read-only transaction keeps to one shard");
+    assert_eq!(e.code(), Some(&SqlState::FEATURE_NOT_SUPPORTED), "{e}");
+    c.batch_execute("ROLLBACK").await.expect("ROLLBACK");
+
     let (status, headers, before) = http(addr, "GET", "/metrics").await;
     assert_eq!(status, 200, "{before}");
     assert_eq!(
@@ -200,6 +224,16 @@ async fn metrics_move_under_load_and_pass_promtool() {
         ) >= done
     );
     assert!(sample(&after, "shardline_errors_total", &[("class", "42")]) >= 1.0);
+    for construct in ["set_operation", "transaction"] {
+        let n = sample(
+            &after,
+            "shardline_refusals_total",
+            &[("construct", construct)],
+        );
+        assert_eq!(n, 1.0, "{construct} refusals");
+    }
+    assert_eq!(total(&after, "shardline_refusals_total"), 2.0);
+    assert!(sample(&after, "shardline_errors_total", &[("class", "0A")]) >= 2.0);
     assert!(sample(&after, "shardline_errors_total", &[("class", "22")]) >= 1.0);
     assert!(total(&after, "shardline_pool_checkouts_total") >= done);
     assert!(total(&after, "shardline_pool_checkout_wait_seconds_count") >= done);

@@ -269,6 +269,15 @@ fn traffic(f: &mut Families, shared: &Shared) {
             .map(|(class, n)| (vec![("class", class)], n)),
     );
     f.counter(
+        "refusals_total",
+        "Statements the proxy refused with 0A000 (it cannot run them exactly across shards, or under the pooling mode), by the construct refused.",
+        shared
+            .events
+            .refusals
+            .read()
+            .map(|(construct, n)| (vec![("construct", construct.to_string())], n)),
+    );
+    f.counter(
         "read_your_writes_primary_reads_total",
         "Reads sent to a primary because no replica had replayed the user's last write within load_balancing.replica_wait.",
         [(vec![], shared.events.ryw_primary_reads.load(Relaxed))],

@@ -9,6 +9,7 @@ use crate::protocol::frontend::{self, Malformed};
 use crate::protocol::{complete_frames, next_frame, peek_header, Frame};
 use shardline_config::PoolMode;
 use shardline_router::effect::{self, Effect};
+use shardline_router::shards::Construct;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -314,8 +315,8 @@ impl Session {
                 .as_ref()
                 .and_then(|sh| sh.shard_names.get(self.attached_shard()?).cloned())
                 .unwrap_or_default();
-            let e = PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
+            let e = self.shared.events.refusals.refuse(
+                Construct::SessionPooling,
                 format!("this session is bound to shard {name} (session pooling), and the statement needs another shard"),
             )
             .with_hint("use transaction pooling for sharded tables, or SET shardline.shard before the first statement");
@@ -346,16 +347,16 @@ impl Session {
             return Ok(Fit::Fanout);
         }
         let e = match planned.place {
-            Placement::Refused(r) => PgError::error(r.code, r.message),
+            Placement::Refused(r) => self.shared.events.refusals.error(r),
             Placement::One(_) => {
                 let name = self
                     .shared
                     .sharding
                     .as_ref()
                     .and_then(|sh| sh.shard_names.get(self.attached_shard()?).cloned());
-                super::cross_shard_transaction(name.as_deref(), self.shared.two_phase.is_some())
+                super::cross_shard_transaction(&self.shared, name.as_deref())
             }
-            _ => super::cross_shard_transaction(None, self.shared.two_phase.is_some()),
+            _ => super::cross_shard_transaction(&self.shared, None),
         };
         self.txn.fail();
         self.fail_next_message(e)?;
@@ -527,8 +528,8 @@ impl Session {
             return Ok(());
         };
         match self.shared.session_state {
-            shardline_config::SessionStatePolicy::Refuse => Err(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
+            shardline_config::SessionStatePolicy::Refuse => Err(self.shared.events.refusals.refuse(
+                Construct::SessionState,
                 format!(
                     "{what} would outlive the transaction on a server connection other clients share, and pool.session_state is \"refuse\""
                 ),
@@ -581,8 +582,8 @@ impl Session {
             // statements routed after it ends.
             let show = matches!(setting, shardline_router::hint::SessionSetting::Show(_));
             if self.mode() == PoolMode::Session && !show {
-                let e = PgError::error(
-                    sqlstate::FEATURE_NOT_SUPPORTED,
+                let e = self.shared.events.refusals.refuse(
+                    Construct::SessionPooling,
                     "under session pooling the session's connection is chosen at its first statement: shardline.role, shardline.shard and shardline.sharding_key can be set only before it",
                 )
                 .with_hint("set them in the startup options (options=-c shardline.role=replica) or before the first statement");
@@ -614,7 +615,12 @@ impl Session {
             }
             let refusal = effects.iter().flatten().find_map(Effect::pooling_refusal);
             if let (PoolMode::Transaction, Some((message, hint))) = (self.mode(), refusal) {
-                let e = PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(hint);
+                let e = self
+                    .shared
+                    .events
+                    .refusals
+                    .refuse(Construct::SessionState, message)
+                    .with_hint(hint);
                 self.fail_request(e, true);
                 return Ok(());
             }
@@ -649,7 +655,12 @@ impl Session {
         let refusal = effect.as_ref().and_then(Effect::pooling_refusal);
         if let (PoolMode::Transaction, Some((message, hint))) = (self.mode(), refusal) {
             // The same over the extended protocol.
-            let e = PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(hint);
+            let e = self
+                .shared
+                .events
+                .refusals
+                .refuse(Construct::SessionState, message)
+                .with_hint(hint);
             self.fail_request(e, false);
             return Ok(());
         }

@@ -24,6 +24,7 @@ use crate::twophase::literal;
 use bytes::{Bytes, BytesMut};
 use futures_util::future::join_all;
 use shardline_router::classify::Class;
+use shardline_router::shards::Construct;
 use std::sync::atomic::Ordering::Relaxed;
 
 /// What the session holds of a transaction on several shards (two-phase
@@ -89,8 +90,8 @@ impl Session {
         let buf = &self.client_in[..];
         let max = self.shared.max_message_size;
         let refuse = || {
-            Next::Refuse(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
+            Next::Refuse(self.shared.events.refusals.refuse(
+                Construct::Transaction,
                 "SAVEPOINT, RELEASE, ROLLBACK TO and PREPARE TRANSACTION are not supported in a transaction that spans shards, nor a COMMIT or ROLLBACK sent with other statements; the transaction is failed: send ROLLBACK",
             ))
         };

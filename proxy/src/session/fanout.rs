@@ -19,7 +19,7 @@ use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, next_frame, Frame};
 use bytes::{Bytes, BytesMut};
 use shardline_router::sharding::{shards_in, Sharding};
-use shardline_router::shards::{CopyIn, Placement};
+use shardline_router::shards::{Construct, CopyIn, Placement};
 use shardline_router::{Target, UnitPlan};
 use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
@@ -116,8 +116,8 @@ impl Session {
             return Ok(());
         };
         if !planned.complete {
-            return self.fail_next_message(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
+            return self.fail_next_message(self.shared.events.refusals.refuse(
+                Construct::Batch,
                 "a statement reaching several shards must end its unit with Sync before the proxy can run it",
             ));
         }
@@ -173,8 +173,8 @@ impl Session {
             self.route_text(text).session_state
         })?;
         Some(
-            PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
+            self.shared.events.refusals.refuse(
+                Construct::SessionState,
                 format!("{what} on several shards is not supported under transaction pooling: it would outlive the transaction on connections other clients share"),
             )
             .with_hint("name the shard (a key, or a /* shardline: shard=NAME */ comment), or connect as a user with pool_mode = \"session\""),
@@ -218,8 +218,8 @@ impl Session {
                 }
                 if let Placement::CopySplit(_) = place {
                     unit.copy_in = Some(self.copy_template(&unit.frames).ok_or_else(|| {
-                        PgError::error(
-                            sqlstate::FEATURE_NOT_SUPPORTED,
+                        self.shared.events.refusals.refuse(
+                            Construct::Copy,
                             "this COPY FROM STDIN cannot be split by shard",
                         )
                     })?);
@@ -952,12 +952,15 @@ impl Session {
         if let Some(e) = &error {
             // The shards report their own error for the CopyFail; ours is clearer.
             drain_to_ready(legs).await?;
-            let code = if e.starts_with("invalid sharding key") {
-                "22P04"
+            let e = if e.starts_with("invalid sharding key") {
+                PgError::error("22P04", e.clone())
             } else {
-                sqlstate::FEATURE_NOT_SUPPORTED
+                self.shared
+                    .events
+                    .refusals
+                    .refuse(Construct::Copy, e.clone())
             };
-            PgError::error(code, e.clone()).encode(&mut self.client_out);
+            e.encode(&mut self.client_out);
             return Ok(true);
         }
         match self.merge(legs, None, replicated).await? {

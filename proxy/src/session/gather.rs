@@ -22,7 +22,7 @@ use bytes::{Bytes, BytesMut};
 use shardline_router::gather::{client_columns, count_value, Collation, Compiled};
 use shardline_router::merge::Value;
 use shardline_router::scatter::MergePlan;
-use shardline_router::shards::Refusal;
+use shardline_router::shards::{Construct, Refusal};
 use std::collections::VecDeque;
 use std::time::{Duration, Instant};
 
@@ -65,15 +65,11 @@ pub(super) struct MergeUnit {
 /// on the blocking pool.
 const FINISH_ELSEWHERE: usize = 16 * 1024;
 
-fn refusal(r: Refusal) -> PgError {
-    PgError::error(r.code, r.message)
-}
-
 fn malformed(what: &str) -> Refusal {
-    Refusal {
-        code: sqlstate::PROTOCOL_VIOLATION,
-        message: format!("a shard sent a malformed {what}"),
-    }
+    Refusal::invalid(
+        sqlstate::PROTOCOL_VIOLATION,
+        format!("a shard sent a malformed {what}"),
+    )
 }
 
 /// The client's RowDescription of a merge, from a shard's.
@@ -106,7 +102,7 @@ impl Session {
         let Some(sh) = self.shared.sharding.clone() else {
             return Ok(None);
         };
-        let unsupported = |m: &str| PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, m.to_string());
+        let unsupported = |c, m: &str| self.shared.events.refusals.refuse(c, m);
         let malformed =
             |m: frontend::Malformed| PgError::error(sqlstate::PROTOCOL_VIOLATION, m.to_string());
         let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);
@@ -152,6 +148,7 @@ impl Session {
                         // A cursor fetched in batches would need the merge
                         // kept open between units.
                         return Err(unsupported(
+                            Construct::Cursor,
                             "fetching a cross-shard merged result in batches from a named portal (a cursor) is not supported; fetch it whole",
                         ));
                     }
@@ -164,6 +161,7 @@ impl Session {
         }
         if executes > 1 {
             return Err(unsupported(
+                Construct::Batch,
                 "several executions of cross-shard merged statements in one pipeline are not supported; send a Sync after each",
             ));
         }
@@ -172,14 +170,17 @@ impl Session {
         };
         let query = super::route::definition_query(&definition);
         let types = &definition[query.len()..];
-        let sql =
-            std::str::from_utf8(query).map_err(|_| unsupported("statement text is not UTF-8"))?;
-        let Some(plan) = shardline_router::scatter::plan(sql, &sh).map_err(refusal)? else {
+        let sql = std::str::from_utf8(query)
+            .map_err(|_| unsupported(Construct::Merge, "statement text is not UTF-8"))?;
+        let Some(plan) = shardline_router::scatter::plan(sql, &sh)
+            .map_err(|r| self.shared.events.refusals.error(r))?
+        else {
             return Ok(None);
         };
-        let limit = count_value(plan.limit, &params, "LIMIT").map_err(refusal)?;
+        let limit = count_value(plan.limit, &params, "LIMIT")
+            .map_err(|r| self.shared.events.refusals.error(r))?;
         let offset = count_value(plan.offset, &params, "OFFSET")
-            .map_err(refusal)?
+            .map_err(|r| self.shared.events.refusals.error(r))?
             .unwrap_or(0);
         let mut d = plan.sql.as_bytes().to_vec();
         // No types declared (asyncpg): declare those the server inferred
@@ -420,7 +421,11 @@ impl Session {
         ends: &[BytesMut],
         r: Refusal,
     ) -> Result<bool, String> {
-        refusal(r).encode(&mut self.client_out);
+        self.shared
+            .events
+            .refusals
+            .error(r)
+            .encode(&mut self.client_out);
         drain_after(legs, ends).await?;
         Ok(true)
     }
@@ -455,7 +460,7 @@ impl Session {
                         let added = values(&msg).and_then(|v| groups.add(&v)).and_then(|()| {
                             budget
                                 .cover(groups.bytes())
-                                .map_err(|(code, message)| Refusal { code, message })
+                                .map_err(|(code, message)| Refusal::invalid(code, message))
                         });
                         if let Err(r) = added {
                             error = Some(r);
@@ -603,7 +608,11 @@ impl Session {
             return Ok(true);
         }
         if let Some(r) = error {
-            refusal(r).encode(&mut self.client_out);
+            self.shared
+                .events
+                .refusals
+                .error(r)
+                .encode(&mut self.client_out);
             drain_after(legs, &ends).await?;
             return Ok(true);
         }

@@ -40,6 +40,7 @@ use bytes::{Bytes, BytesMut};
 use pending::{Kind, Pending, Synthetic};
 use shardline_config::PoolMode;
 use shardline_router::effect::Effect;
+use shardline_router::shards::Construct;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
@@ -71,7 +72,8 @@ fn killed() -> PgError {
 /// once, and the transaction may not take them in: without two-phase
 /// commit, or (with it) a transaction reading from replicas or pooled by
 /// session. `on`: the shard the transaction runs on, by name.
-fn cross_shard_transaction(on: Option<&str>, two_phase: bool) -> PgError {
+fn cross_shard_transaction(shared: &Shared, on: Option<&str>) -> PgError {
+    let two_phase = shared.two_phase.is_some();
     let why = if two_phase {
         "a transaction reading from replicas (READ ONLY) or under session pooling may use one shard only"
     } else {
@@ -88,7 +90,11 @@ fn cross_shard_transaction(on: Option<&str>, two_phase: bool) -> PgError {
     } else {
         "run it outside the transaction, keep the transaction's statements on one sharding key, or turn on sharding.two_phase_commit"
     };
-    PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, message).with_hint(hint)
+    shared
+        .events
+        .refusals
+        .refuse(Construct::Transaction, message)
+        .with_hint(hint)
 }
 
 /// Stop reading a side while this much is waiting to be written to the other.
@@ -625,7 +631,7 @@ impl Session {
         use shardline_router::shards::Placement;
         if let Placement::Refused(r) = &planned.place {
             self.shared.placements.count(&planned.place);
-            return self.fail_next_message(PgError::error(r.code, r.message.clone()));
+            return self.fail_next_message(self.shared.events.refusals.error(r.clone()));
         }
         let Some(shard) = self.shard_for(&planned.place) else {
             if self.shared.sharding.is_some() && planned.complete && self.peel_begin()? {
@@ -653,13 +659,13 @@ impl Session {
                 }
                 self.txn.fail();
                 let e = if planned.reads_only && self.strict_isolation() {
-                    PgError::error(
-                        sqlstate::FEATURE_NOT_SUPPORTED,
+                    self.shared.events.refusals.refuse(
+                        Construct::Transaction,
                         "a read on several shards cannot begin a REPEATABLE READ or SERIALIZABLE transaction: its snapshot would not be the transaction's",
                     )
                     .with_hint("run the read outside the transaction, or begin it at READ COMMITTED")
                 } else {
-                    cross_shard_transaction(None, self.shared.two_phase.is_some())
+                    cross_shard_transaction(&self.shared, None)
                 };
                 return self.fail_next_message(e);
             }

@@ -24,7 +24,7 @@ use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, Frame};
 use bytes::BytesMut;
 use shardline_router::sharding::{shards_in, ShardMask};
-use shardline_router::shards::Placement;
+use shardline_router::shards::{Construct, Placement};
 use shardline_router::Target;
 
 /// A shard's part of a pipeline is written whole before its answers are
@@ -168,8 +168,8 @@ impl Session {
     ) -> Result<Vec<usize>, PgError> {
         use shardline_router::classify::Class;
         if statements.len() != placements.len() {
-            return Err(PgError::error(
-                sqlstate::FEATURE_NOT_SUPPORTED,
+            return Err(self.shared.events.refusals.refuse(
+                Construct::Batch,
                 "statements sent together in one query string reach different shards, and the proxy could not tell them apart; send them separately",
             ));
         }
@@ -178,8 +178,8 @@ impl Session {
         for (sql, place) in statements.iter().zip(placements) {
             match self.route_text(sql.as_bytes()).class {
                 Class::Begin { .. } | Class::TransactionControl | Class::SetTransaction { .. } | Class::Session => {
-                    return Err(PgError::error(
-                        sqlstate::FEATURE_NOT_SUPPORTED,
+                    return Err(self.shared.events.refusals.refuse(
+                        Construct::Batch,
                         "a query string whose statements need different shards may not hold BEGIN, COMMIT, ROLLBACK, savepoints or SET; send those on their own",
                     ))
                 }
@@ -236,8 +236,8 @@ impl Session {
                         match route.class {
                             Class::SetTransaction { .. } => current = To::All,
                             Class::Begin { .. } | Class::TransactionControl | Class::Session => {
-                                return Err(PgError::error(
-                                    sqlstate::FEATURE_NOT_SUPPORTED,
+                                return Err(self.shared.events.refusals.refuse(
+                                    Construct::Batch,
                                     "a pipeline whose statements need different shards may not hold BEGIN, COMMIT, ROLLBACK, savepoints or SET; send those with a Sync of their own",
                                 ))
                             }

@@ -559,6 +559,7 @@ impl Session {
                     Placement::Pipeline(mask)
                 } else {
                     Placement::Refused(shardline_router::shards::Refusal::unsupported(
+                        shardline_router::shards::Construct::Batch,
                         "a pipeline whose executions need different shards runs once its Sync arrives: send the Sync before asking for results (Flush), within 1 MiB of messages",
                     ))
                 };

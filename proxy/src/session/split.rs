@@ -10,7 +10,7 @@ use crate::protocol::backend::{sqlstate, PgError};
 use crate::protocol::{frontend, Frame};
 use bytes::BytesMut;
 use shardline_router::sharding::Sharding;
-use shardline_router::shards::split_insert;
+use shardline_router::shards::{split_insert, Construct};
 
 /// What each shard is sent for a split INSERT.
 pub(super) struct SplitUnit {
@@ -34,7 +34,7 @@ impl Session {
         sh: &Sharding,
         simple: bool,
     ) -> Result<SplitUnit, PgError> {
-        let unsupported = |m: &str| PgError::error(sqlstate::FEATURE_NOT_SUPPORTED, m.to_string());
+        let unsupported = |m: &str| self.shared.events.refusals.refuse(Construct::Insert, m);
         let malformed =
             |m: frontend::Malformed| PgError::error(sqlstate::PROTOCOL_VIOLATION, m.to_string());
         let mut statements = super::route::UnitStatements::default();
@@ -77,7 +77,7 @@ impl Session {
         let route = self.route_text(text.as_bytes());
         let template = route.shards.as_ref().and_then(|t| t.first());
         let split = split_insert(&text, sh, template, &params, &types)
-            .map_err(|r| PgError::error(r.code, r.message))?;
+            .map_err(|r| self.shared.events.refusals.error(r))?;
         let mut unit = SplitUnit {
             parts: Vec::with_capacity(split.len()),
             own_ends: Vec::new(),

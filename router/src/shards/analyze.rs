@@ -49,7 +49,7 @@ pub fn analyze_unparsed(sql: &str, error: &str, sh: &Sharding) -> Template {
                     .then_some(name)
             });
             match spread {
-                Some(table) => Template::refused(Refusal::unsupported(format!(
+                Some(table) => Template::refused(Refusal::unsupported(Construct::Unparsed, format!(
                     "the proxy could not read this statement to find its shard ({error}), and it names table \"{table}\", which is not on one shard; add a /* shardline: shard=NAME */ or /* shardline: key=VALUE */ comment"
                 ))),
                 None => Template::new(Scope::Default, true),
@@ -390,6 +390,7 @@ impl Analyzer<'_> {
             }
             Statement::CreateTable(c) if c.query.is_some() => {
                 Template::refused(Refusal::unsupported(
+                    Construct::CreateTableAs,
                     "CREATE TABLE ... AS across shards: create the table, then fill it with INSERT",
                 ))
             }
@@ -818,12 +819,12 @@ impl Analyzer<'_> {
             .find(|n| matches!(kind_of(n), Some(TableKind::Sharded(_))));
         let any_reference = all.iter().any(|n| kind_of(n) == Some(TableKind::Reference));
         if let (Some(u), Some(s)) = (unsharded, any_sharded) {
-            return Err(Refusal::unsupported(format!(
+            return Err(Refusal::unsupported(Construct::MixedTables, format!(
                 "the statement mixes table \"{u}\", which is not sharded (it lives on the default shard), with sharded table \"{s}\""
             )));
         }
         let below = || {
-            let refusal = Refusal::unsupported(format!(
+            let refusal = Refusal::unsupported(Construct::Subquery, format!(
                 "sharded table \"{}\" is read in a subquery or CTE; the proxy routes only statements whose sharded tables are in the top-level FROM, or whose subqueries and CTEs name keys of one shard (or add a /* shardline: shard=NAME */ comment)",
                 any_sharded.map(String::as_str).unwrap_or("?")
             ));
@@ -871,7 +872,7 @@ impl Analyzer<'_> {
         };
         let group = group_of(sharded[0]);
         if let Some(&other) = sharded.iter().find(|&&i| group_of(i) != group) {
-            return Err(Refusal::unsupported(format!(
+            return Err(Refusal::unsupported(Construct::CrossGroupJoin, format!(
                 "tables \"{}\" and \"{}\" are sharded in different groups, so their rows are not co-located",
                 rels[sharded[0]].name, rels[other].name
             )));
@@ -898,7 +899,7 @@ impl Analyzer<'_> {
         }
         let first = root(&mut component, sharded[0]);
         if let Some(&other) = sharded.iter().find(|&&i| root(&mut component, i) != first) {
-            return Err(Refusal::unsupported(format!(
+            return Err(Refusal::unsupported(Construct::JoinOffKey, format!(
                 "tables \"{}\" and \"{}\" are joined on something other than their sharding keys, so matching rows may be on different shards",
                 rels[sharded[0]].name, rels[other].name
             )));
@@ -1061,7 +1062,7 @@ impl Analyzer<'_> {
             (Scope::Sharded { group, key, .. }, _) if key != KeyExpr::All => {
                 Ok(Some((group, key)))
             }
-            _ => Err(Refusal::unsupported(format!(
+            _ => Err(Refusal::unsupported(Construct::Subquery, format!(
                 "sharded table \"{}\" is read in a subquery, CTE or set operation without its sharding key: the proxy runs such a statement only when every one of them names keys of one shard in its WHERE clause (or add a /* shardline: shard=NAME */ comment)",
                 table.name
             ))),
@@ -1174,14 +1175,14 @@ impl Analyzer<'_> {
                 .iter()
                 .find(|n| !is_catalog(n) && matches!(self.sh.table(n), TableKind::Sharded(_)));
             if let Some(table) = sharded {
-                let refusal = Refusal::unsupported(format!(
+                let refusal = Refusal::unsupported(Construct::SetOperation, format!(
                     "{op} over sharded table \"{table}\" is not supported: each branch would see one shard's rows; pin every branch to keys of one shard, run the branches separately, or add a /* shardline: shard=NAME */ comment"
                 ));
                 if let Some(u) = all
                     .iter()
                     .find(|n| !is_catalog(n) && self.sh.table(n) == TableKind::Unsharded)
                 {
-                    return Template::refused(Refusal::unsupported(format!(
+                    return Template::refused(Refusal::unsupported(Construct::MixedTables, format!(
                         "the statement mixes table \"{u}\", which is not sharded (it lives on the default shard), with sharded table \"{table}\""
                     )));
                 }
@@ -1222,7 +1223,7 @@ impl Analyzer<'_> {
         };
         t.needs_merge = needs_merge;
         t.spread_refusal = keeps.map(|side| {
-            Refusal::unsupported(format!(
+            Refusal::unsupported(Construct::OuterJoin, format!(
                 "an outer join keeps the rows of {side}, which every shard holds: on several shards each row without a match would come back once per shard; add the sharding key to the WHERE clause (or a /* shardline: shard=NAME */ comment), or join the other way round"
             ))
         });
@@ -1239,7 +1240,7 @@ impl Analyzer<'_> {
             TableKind::Sharded(rule) => {
                 let sources: Vec<&String> = all.iter().skip(1).collect();
                 if let Some(other) = sources.iter().find(|n| !is_catalog(n)) {
-                    return Template::refused(Refusal::unsupported(format!(
+                    return Template::refused(Refusal::unsupported(Construct::Insert, format!(
                         "INSERT into sharded table \"{table}\" reads table \"{other}\"; the proxy splits only INSERT ... VALUES"
                     )));
                 }
@@ -1253,7 +1254,7 @@ impl Analyzer<'_> {
                     } else {
                         "give the key column a value"
                     };
-                    return Template::refused(Refusal::unsupported(format!(
+                    return Template::refused(Refusal::unsupported(Construct::Insert, format!(
                         "INSERT into sharded table \"{table}\" must {why}: the proxy places each row by its \"{}\"",
                         rule.column
                     )));
@@ -1261,7 +1262,7 @@ impl Analyzer<'_> {
                 let rows = match ins.source.as_deref().map(|q| &*q.body) {
                     Some(SetExpr::Values(v)) => &v.rows,
                     _ => {
-                        return Template::refused(Refusal::unsupported(format!(
+                        return Template::refused(Refusal::unsupported(Construct::Insert, format!(
                             "INSERT into sharded table \"{table}\" must use VALUES: the proxy places each row by its \"{}\"",
                             rule.column
                         )))
@@ -1276,7 +1277,7 @@ impl Analyzer<'_> {
                     })
                     .collect();
                 if keys.contains(&KeySrc::Unknown) {
-                    return Template::refused(Refusal::unsupported(format!(
+                    return Template::refused(Refusal::unsupported(Construct::Insert, format!(
                         "INSERT into sharded table \"{table}\": each row's \"{}\" must be a constant or a parameter",
                         rule.column
                     )));
@@ -1313,7 +1314,7 @@ impl Analyzer<'_> {
                     .skip(1)
                     .find(|n| !is_catalog(n) && self.sh.table(n) != TableKind::Reference)
                 {
-                    return Template::refused(Refusal::unsupported(format!(
+                    return Template::refused(Refusal::unsupported(Construct::Insert, format!(
                         "INSERT into reference table \"{table}\" reads table \"{other}\", which is not on every shard"
                     )));
                 }
@@ -1425,10 +1426,13 @@ impl Analyzer<'_> {
             escape: b'"',
         };
         if !columns.is_empty() && c.key_column.is_none() && matches!(scope, Scope::Sharded { .. }) {
-            return Template::refused(Refusal::unsupported(format!(
-                "COPY into sharded table \"{}\" must include the key column \"{}\"",
-                c.table, c.column
-            )));
+            return Template::refused(Refusal::unsupported(
+                Construct::Copy,
+                format!(
+                    "COPY into sharded table \"{}\" must include the key column \"{}\"",
+                    c.table, c.column
+                ),
+            ));
         }
         use sqlparser::ast::{CopyLegacyCsvOption, CopyLegacyOption, CopyOption};
         let mut explicit_null = false;

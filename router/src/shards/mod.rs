@@ -135,20 +135,130 @@ pub enum Scope {
     AllShards,
 }
 
-/// A refusal: SQLSTATE and message.
+/// A refusal: SQLSTATE and message, and for a 0A000 the construct refused.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub struct Refusal {
     pub code: &'static str,
     pub message: String,
+    /// What was refused, for a 0A000 (`None`: a bad value, not a construct).
+    pub construct: Option<Construct>,
 }
 
 impl Refusal {
-    /// A 0A000 refusal: the proxy cannot run this exactly.
-    pub fn unsupported(message: impl Into<String>) -> Refusal {
+    /// A 0A000 refusal: the proxy cannot run this construct exactly.
+    pub fn unsupported(construct: Construct, message: impl Into<String>) -> Refusal {
         Refusal {
             code: "0A000",
             message: message.into(),
+            construct: Some(construct),
         }
+    }
+
+    /// A refusal of a value (a key, a count, a shard's name), not a construct.
+    pub fn invalid(code: &'static str, message: impl Into<String>) -> Refusal {
+        Refusal {
+            code,
+            message: message.into(),
+            construct: None,
+        }
+    }
+}
+
+/// The constructs the proxy refuses with 0A000 (counted by the metric
+/// `refusals_total`, labelled by [`Construct::label`]). The router's own
+/// refusals and the session's (transactions, pooling, batches) share it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Construct {
+    /// A statement the parser could not read that names a table spread over shards.
+    Unparsed,
+    /// CREATE TABLE ... AS across shards.
+    CreateTableAs,
+    /// An unsharded table with a sharded one.
+    MixedTables,
+    /// A sharded table read in a subquery, CTE or set-operation branch
+    /// without a key of one shard.
+    Subquery,
+    /// Tables of different table groups in one statement.
+    CrossGroupJoin,
+    /// Sharded tables joined on something other than their keys.
+    JoinOffKey,
+    /// UNION, INTERSECT or EXCEPT over a sharded table.
+    SetOperation,
+    /// An outer join keeping rows of a table every shard holds, on several shards.
+    OuterJoin,
+    /// An INSERT whose rows cannot be placed (not VALUES, a key that is not a constant).
+    Insert,
+    /// A COPY that cannot be split by shard.
+    Copy,
+    /// A cursor over several shards.
+    Cursor,
+    /// An UPDATE that sets the sharding key in a way the proxy cannot check.
+    KeyChange,
+    /// UPDATE or DELETE without a key while `sharding.broadcast_writes` is off.
+    BroadcastWrite,
+    /// Statements sent together (one query string, one pipeline) that
+    /// reach different shards in a way the proxy cannot run.
+    Batch,
+    /// A result the proxy cannot merge exactly across shards.
+    Merge,
+    /// A statement that needs another shard than its transaction's, or a
+    /// transaction on several shards that cannot be run as one.
+    Transaction,
+    /// Session state (SET, LISTEN, temporary tables...) under transaction pooling.
+    SessionState,
+    /// A session-pooled client's connection is already chosen.
+    SessionPooling,
+}
+
+impl Construct {
+    pub const ALL: [Construct; 18] = [
+        Construct::Unparsed,
+        Construct::CreateTableAs,
+        Construct::MixedTables,
+        Construct::Subquery,
+        Construct::CrossGroupJoin,
+        Construct::JoinOffKey,
+        Construct::SetOperation,
+        Construct::OuterJoin,
+        Construct::Insert,
+        Construct::Copy,
+        Construct::Cursor,
+        Construct::KeyChange,
+        Construct::BroadcastWrite,
+        Construct::Batch,
+        Construct::Merge,
+        Construct::Transaction,
+        Construct::SessionState,
+        Construct::SessionPooling,
+    ];
+
+    /// The metric's label.
+    pub fn label(self) -> &'static str {
+        match self {
+            Construct::Unparsed => "unparsed",
+            Construct::CreateTableAs => "create_table_as",
+            Construct::MixedTables => "mixed_tables",
+            Construct::Subquery => "subquery",
+            Construct::CrossGroupJoin => "cross_group_join",
+            Construct::JoinOffKey => "join_off_key",
+            Construct::SetOperation => "set_operation",
+            Construct::OuterJoin => "outer_join",
+            Construct::Insert => "insert",
+            Construct::Copy => "copy",
+            Construct::Cursor => "cursor",
+            Construct::KeyChange => "key_change",
+            Construct::BroadcastWrite => "broadcast_write",
+            Construct::Batch => "batch",
+            Construct::Merge => "merge",
+            Construct::Transaction => "transaction",
+            Construct::SessionState => "session_state",
+            Construct::SessionPooling => "session_pooling",
+        }
+    }
+
+    /// Its position in [`Construct::ALL`].
+    pub fn index(self) -> usize {
+        self as usize
     }
 }
 

@@ -102,13 +102,13 @@ fn resolve_in(
     if let Some(name) = shard_hint {
         return match sh.shard_index(name) {
             Some(i) => Placement::One(i),
-            None => Placement::Refused(Refusal {
-                code: "22023",
-                message: format!(
+            None => Placement::Refused(Refusal::invalid(
+                "22023",
+                format!(
                     "no shard is named \"{name}\" (shards: {})",
                     sh.shard_names.join(", ")
                 ),
-            }),
+            )),
         };
     }
     let key_hint = hint.and_then(|h| h.key.as_deref()).or(input.session_key);
@@ -127,17 +127,14 @@ fn resolve_in(
                     }
                     Placement::One(s)
                 }
-                Some((_, Err(e))) => Placement::Refused(Refusal {
-                    code: "22023",
-                    message: e,
-                }),
-                None => Placement::Refused(Refusal {
-                    code: "22P02",
-                    message: format!(
+                Some((_, Err(e))) => Placement::Refused(Refusal::invalid("22023", e)),
+                None => Placement::Refused(Refusal::invalid(
+                    "22P02",
+                    format!(
                         "sharding key hint \"{k}\" is not a valid {:?} key",
                         g.key_type
                     ),
-                }),
+                )),
             };
         }
     }
@@ -163,12 +160,7 @@ fn resolve_in(
             };
             let mask = match key_mask(key, g, sh, &values) {
                 Ok(m) => m,
-                Err(e) => {
-                    return Placement::Refused(Refusal {
-                        code: "22023",
-                        message: e,
-                    })
-                }
+                Err(e) => return Placement::Refused(Refusal::invalid("22023", e)),
             };
             let mask = match pinned_mask(t, mask, sh, &values) {
                 Ok(m) => m,
@@ -188,7 +180,7 @@ fn resolve_in(
                     ),
                 };
                 if let Some(message) = refusal {
-                    return Placement::Refused(Refusal::unsupported(message));
+                    return Placement::Refused(Refusal::unsupported(Construct::KeyChange, message));
                 }
             }
             if t.copy_in.is_some() {
@@ -204,9 +196,10 @@ fn resolve_in(
     };
     match placement {
         Placement::Many(_) | Placement::Split(_) if t.spread_refusal.is_some() => {
-            Placement::Refused(t.spread_refusal.clone().unwrap_or_else(|| Refusal::unsupported("")))
+            Placement::Refused(t.spread_refusal.clone().unwrap_or_else(|| Refusal::unsupported(Construct::OuterJoin, "")))
         }
         Placement::Many(_) | Placement::Split(_) if t.cursor => Placement::Refused(Refusal::unsupported(
+            Construct::Cursor,
             "a cursor over rows of several shards is not supported: declare it with the sharding key in its WHERE clause (or a /* shardline: shard=NAME */ comment)",
         )),
         Placement::Many(mask) if t.explain => Placement::One(mask.trailing_zeros() as usize),
@@ -217,6 +210,7 @@ fn resolve_in(
                 && matches!(t.scope, Scope::Sharded { .. }) =>
         {
             Placement::Refused(Refusal::unsupported(
+                Construct::BroadcastWrite,
                 "UPDATE or DELETE without the sharding key would run on every shard, and sharding.broadcast_writes is off",
             ))
         }
@@ -244,15 +238,13 @@ pub(super) fn pinned_mask(
             .iter()
             .map(|(group, key)| key_mask(key, &sh.groups[*group], sh, values)),
     ) {
-        let m = m.map_err(|e| Refusal {
-            code: "22023",
-            message: e,
-        })?;
+        let m = m.map_err(|e| Refusal::invalid("22023", e))?;
         if m == 0 {
             continue;
         }
         if m.count_ones() > 1 || (one != 0 && one != m) {
             return Err(Refusal::unsupported(
+                Construct::Subquery,
                 "the statement's subqueries, CTEs or set-operation branches read rows of different shards (or the statement reads several shards): it runs whole only on one shard; name keys of one shard in each, or add a /* shardline: shard=NAME */ comment",
             ));
         }
@@ -531,9 +523,11 @@ pub fn combine(a: Placement, b: Placement) -> Placement {
         (Many(a), Many(b)) if a == b => Many(a),
         (Spread, Many(m)) | (Many(m), Spread) => Many(m),
         (Merge(_), _) | (_, Merge(_)) => Refused(Refusal::unsupported(
+            Construct::Batch,
             "a statement whose rows are merged across shards (ORDER BY, LIMIT, aggregates, DISTINCT) must be sent alone, not with other statements in one query string or pipeline",
         )),
         _ => Refused(Refusal::unsupported(
+            Construct::Batch,
             "statements sent together (in one query string, or in one pipeline up to Sync) reach different shards; send them separately",
         )),
     }

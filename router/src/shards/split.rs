@@ -69,12 +69,13 @@ pub(super) type SplitPart = (usize, String, Vec<usize>);
 /// The parse-and-print split.
 pub(super) fn split_by_parse(sh: &Sharding, input: &KeyInput) -> Result<Vec<SplitPart>, Refusal> {
     let sql = input.sql;
-    let cannot = || Refusal::unsupported("this INSERT cannot be split by shard");
+    let cannot = || Refusal::unsupported(Construct::Insert, "this INSERT cannot be split by shard");
     let statements =
         sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
             .map_err(|_| cannot())?;
     let [Statement::Insert(ins)] = statements.as_slice() else {
         return Err(Refusal::unsupported(
+            Construct::Batch,
             "a multi-row INSERT whose rows belong to several shards must be sent alone",
         ));
     };
@@ -132,12 +133,9 @@ pub(super) fn rows_by_shard(
     let mut by_shard: Vec<(usize, Vec<usize>)> = Vec::new();
     for (i, src) in srcs.iter().enumerate() {
         let key = key_value(src, g, &values).map_err(|_| None)?;
-        let shard = g.shard_of(key.as_ref()).map_err(|e| {
-            Some(Refusal {
-                code: "22023",
-                message: e,
-            })
-        })?;
+        let shard = g
+            .shard_of(key.as_ref())
+            .map_err(|e| Some(Refusal::invalid("22023", e)))?;
         match by_shard.iter_mut().find(|(s, _)| *s == shard) {
             Some((_, rows)) => rows.push(i),
             None => by_shard.push((shard, vec![i])),
