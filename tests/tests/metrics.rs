@@ -318,6 +318,60 @@ async fn metrics_move_under_load_and_pass_promtool() {
             .stdin(std::fs::File::open(&file).expect("the scrape")),
     );
     assert!(ok, "promtool check metrics: {out}");
+    dashboard_queries_exist(&after);
+}
+
+/// Every metric the Grafana dashboard (docker/grafana/shardline.json)
+/// queries is one the proxy exposes: a renamed metric breaks this test,
+/// not the operators' charts.
+fn dashboard_queries_exist(scrape: &str) {
+    let path = concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../docker/grafana/shardline.json"
+    );
+    let text = std::fs::read_to_string(path).expect("the dashboard");
+    let dashboard: serde_json::Value = serde_json::from_str(&text).expect("the dashboard is JSON");
+    fn exprs<'a>(v: &'a serde_json::Value, out: &mut Vec<&'a str>) {
+        match v {
+            serde_json::Value::Object(m) => {
+                for (k, v) in m {
+                    match (k.as_str(), v) {
+                        ("expr", serde_json::Value::String(e)) => out.push(e),
+                        _ => exprs(v, out),
+                    }
+                }
+            }
+            serde_json::Value::Array(a) => a.iter().for_each(|v| exprs(v, out)),
+            _ => {}
+        }
+    }
+    let mut all = Vec::new();
+    exprs(&dashboard, &mut all);
+    assert!(all.len() >= 20, "{} queries", all.len());
+    let mut names = std::collections::BTreeSet::new();
+    for e in &all {
+        let mut rest = *e;
+        while let Some(at) = rest.find("shardline_") {
+            let name: String = rest[at..]
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_')
+                .collect();
+            rest = &rest[at + name.len()..];
+            let family = ["_bucket", "_count", "_sum"]
+                .iter()
+                .find_map(|s| name.strip_suffix(s))
+                .unwrap_or(&name)
+                .to_string();
+            names.insert(family);
+        }
+    }
+    for name in &names {
+        assert!(
+            scrape.contains(&format!("# TYPE {name} ")),
+            "the dashboard queries {name}, which the proxy does not expose"
+        );
+    }
+    assert!(names.len() >= 30, "{names:?}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
