@@ -481,4 +481,19 @@ async fn slow_statements_are_logged_with_shape_place_and_trace() {
         line.contains("shard=\"s0\"") || line.contains("shard=\"s1\""),
         "{line}"
     );
+    // Other lines about a statement carry its trace too: here the one
+    // saying a temporary table keeps the client's server connection.
+    let other = "00-0af7651916cd43dd8448eb211c80319c-b7ad6b7169203331-01";
+    c.batch_execute(&format!(
+        "/* shardline: shard=s0 */ CREATE TEMP TABLE scratch (x int) /*traceparent='{other}'*/"
+    ))
+    .await
+    .expect("a temporary table");
+    proxy.log.wait_for("keeps its server connection").await;
+    let log = proxy.log.text();
+    let line = log
+        .lines()
+        .find(|l| l.contains("keeps its server connection"))
+        .expect("the line");
+    assert!(line.contains(&format!("traceparent=\"{other}\"")), "{line}");
 }

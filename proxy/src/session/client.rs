@@ -536,7 +536,7 @@ impl Session {
             )
             .with_hint("use a transaction-level form (pg_advisory_xact_lock, CREATE TEMP ... ON COMMIT DROP inside a transaction, protocol-level prepared statements), set pool.session_state = \"pin\", or connect as a user with pool_mode = \"session\"")),
             shardline_config::SessionStatePolicy::Pin => {
-                tracing::info!(user = %self.login.user.name, state = what, "client keeps its server connection until it leaves");
+                tracing::info!(user = %self.login.user.name, state = what, traceparent = self.unit_trace().as_deref(), "client keeps its server connection until it leaves");
                 self.pinned = Some(what);
                 Ok(())
             }

@@ -600,7 +600,7 @@ impl Session {
             Err(e) => {
                 counts.in_doubt.fetch_add(1, Relaxed);
                 coord.conn.broken = true;
-                tracing::error!(%gid, error = %e, "lost the coordinator shard while committing; the in-doubt check settles it");
+                tracing::error!(%gid, error = %e, traceparent = self.unit_trace().as_deref(), "lost the coordinator shard while committing; the in-doubt check settles it");
                 return Err(PgError::error(
                     "08007",
                     format!(
@@ -618,7 +618,7 @@ impl Session {
             if let Err(e) = r {
                 finished = false;
                 p.conn.broken = true;
-                tracing::warn!(%gid, shard = %self.shard_name(p.shard), error = %e, "COMMIT PREPARED failed; the in-doubt check finishes it");
+                tracing::warn!(%gid, shard = %self.shard_name(p.shard), error = %e, traceparent = self.unit_trace().as_deref(), "COMMIT PREPARED failed; the in-doubt check finishes it");
             }
         }
         counts.committed.fetch_add(1, Relaxed);

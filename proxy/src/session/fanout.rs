@@ -344,7 +344,7 @@ impl Session {
             }
             (Err(e), Some(begin)) => {
                 // The shards that did not answer lose their part: closed.
-                tracing::warn!(error = %e, "statement in a transaction on several shards failed");
+                tracing::warn!(error = %e, traceparent = self.unit_trace().as_deref(), "statement in a transaction on several shards failed");
                 PgError::error(sqlstate::CONNECTION_FAILURE, e).encode(&mut self.client_out);
                 self.keep_in_transaction(legs, begin, writes, true);
                 Ok(())
@@ -478,7 +478,7 @@ impl Session {
     /// A server failed mid-unit: roll back what the others did, report it.
     pub(super) async fn fail_legs(&mut self, legs: Vec<Leg>, msg: String) -> Result<(), End> {
         self.client.detach();
-        tracing::warn!(error = %msg, "multi-shard statement failed");
+        tracing::warn!(error = %msg, traceparent = self.unit_trace().as_deref(), "multi-shard statement failed");
         for mut leg in legs {
             // Whatever state the connection is in, it is not reused.
             let _ = leg.conn.stream.shutdown().await;
@@ -738,7 +738,7 @@ impl Session {
                                     )
                                 })
                                 .collect();
-                            tracing::error!(tags = %tags.join(", "), "a reference-table write did different things on different shards");
+                            tracing::error!(tags = %tags.join(", "), traceparent = self.unit_trace().as_deref(), "a reference-table write did different things on different shards");
                             PgError::error(
                                 "XX001",
                                 format!(
@@ -806,7 +806,7 @@ impl Session {
                     .join("; "),
                 names(&committed)
             );
-            tracing::error!(%msg, "multi-shard write partly committed");
+            tracing::error!(%msg, traceparent = self.unit_trace().as_deref(), "multi-shard write partly committed");
             PgError::error("40003", msg).encode(&mut self.client_out);
         }
     }

@@ -979,7 +979,7 @@ impl Session {
         let addr = conn.addr.clone();
         let in_txn = conn.tx_status != b'I';
         drop(deadpool::managed::Object::take(conn));
-        tracing::warn!(server = %addr, error = %e, "server connection lost");
+        tracing::warn!(server = %addr, error = %e, traceparent = self.unit_trace().as_deref(), "server connection lost");
         if let Some(sent) = rerun.sent.filter(|_| !in_txn) {
             let nodes = &self.shared.topology.shards[shard].nodes;
             nodes[node].ban(self.shared.ban_time, &e.to_string());
@@ -1001,7 +1001,7 @@ impl Session {
             again.extend_from_slice(&self.client_in);
             self.client_in = again;
             self.forget_plan();
-            tracing::info!(server = %addr, "re-running the read on another node");
+            tracing::info!(server = %addr, traceparent = self.unit_trace().as_deref(), "re-running the read on another node");
             return Ok(true);
         }
         let msg = format!("server connection to {addr} was lost: {e}");

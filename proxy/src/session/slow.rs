@@ -14,13 +14,11 @@ impl Session {
     #[cold]
     pub(super) fn log_slow(&self, us: u64) {
         let mut shapes = String::new();
-        let mut trace = None;
         let mut shape = String::new();
         for text in self.unit_routes.texts() {
             let Ok(text) = std::str::from_utf8(text) else {
                 continue;
             };
-            trace = trace.or_else(|| shardline_router::hint::traceparent(text).map(str::to_string));
             shardline_router::cache::shape(text, &mut shape);
             if !shapes.is_empty() {
                 shapes.push_str("; ");
@@ -36,6 +34,7 @@ impl Session {
                 break;
             }
         }
+        let trace = self.unit_trace();
         let shards = &self.shared.topology.shards;
         let several = ("several", "", "");
         let (placement, (shard, role, node)) = match self.meter.placed() {
@@ -72,5 +71,16 @@ impl Session {
             statement = %if shapes.is_empty() { "(not kept: a statement over 4 KiB)" } else { &shapes },
             "slow statement"
         );
+    }
+
+    /// The W3C trace context the unit's first traced statement carries in
+    /// a sqlcommenter comment, for the log lines about the unit. Looked
+    /// for only when a line is written: the data path never scans for it.
+    #[cold]
+    pub(super) fn unit_trace(&self) -> Option<String> {
+        self.unit_routes.texts().find_map(|text| {
+            let text = std::str::from_utf8(text).ok()?;
+            shardline_router::hint::traceparent(text).map(str::to_string)
+        })
     }
 }
