@@ -6,6 +6,10 @@
 //! Prints TPS, average latency, the ratio to direct Postgres, and each proxy's
 //! CPU seconds per 10k transactions (from /proc, user + system).
 //!
+//! `SHARDLINE_BENCH_BASELINE=path/to/shardline` adds another build of the
+//! proxy on the same config as target `baseline`, interleaved with this
+//! one: what a change costs, in one run.
+//!
 //! `--instructions N` also counts each proxy's user-space instructions per
 //! transaction under callgrind (valgrind), N transactions per client and
 //! mode: a count that does not move with the machine's load, where CPU
@@ -182,6 +186,39 @@ fn main() -> Result<()> {
         }),
     });
     children.push(Reaped(child));
+
+    // Another build of Shardline on the same config, interleaved with this
+    // one (SHARDLINE_BENCH_BASELINE=path/to/shardline): what a change
+    // costs, measured in the same run.
+    if let Some(baseline) = std::env::var_os("SHARDLINE_BENCH_BASELINE") {
+        let port = free_port()?;
+        let cfg = cluster.root.join("bench-baseline.toml");
+        std::fs::write(
+            &cfg,
+            std::fs::read_to_string(&sl_cfg)?.replace(&listen(sl_port), &listen(port)),
+        )?;
+        let mut cmd = Command::new(&baseline);
+        cmd.arg("--config")
+            .arg(&cfg)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit());
+        shardline_tests::own_session(&mut cmd);
+        let child = cmd.spawn()?;
+        targets.push(Target {
+            name: "baseline",
+            port,
+            pid: Some(child.id()),
+            launch: Some(Launch {
+                program: baseline.into(),
+                config_flag: Some("--config"),
+                config: cfg,
+                port_line: listen(port),
+                port_text: listen,
+                ids: None,
+            }),
+        });
+        children.push(Reaped(child));
+    }
 
     // Shardline with the two replicas: reads go to them.
     let rw_port = free_port()?;
