@@ -614,14 +614,7 @@ impl Session {
                 }
             }
             let refusal = effects.iter().flatten().find_map(Effect::pooling_refusal);
-            if let (PoolMode::Transaction, Some((message, hint))) = (self.mode(), refusal) {
-                let e = self
-                    .shared
-                    .events
-                    .refusals
-                    .refuse(Construct::SessionState, message)
-                    .with_hint(hint);
-                self.fail_request(e, true);
+            if self.refused_under_pooling(refusal, true) {
                 return Ok(());
             }
         }
@@ -647,21 +640,34 @@ impl Session {
         Ok(())
     }
 
+    /// Under transaction pooling, fails the request a statement with
+    /// session-wide effect (LISTEN, ...) came in: its `refusal`.
+    fn refused_under_pooling(
+        &mut self,
+        refusal: Option<(&'static str, &'static str)>,
+        simple: bool,
+    ) -> bool {
+        let (PoolMode::Transaction, Some((message, hint))) = (self.mode(), refusal) else {
+            return false;
+        };
+        let e = self
+            .shared
+            .events
+            .refusals
+            .refuse(Construct::SessionState, message)
+            .with_hint(hint);
+        self.fail_request(e, simple);
+        true
+    }
+
     fn on_parse(&mut self, f: Frame) -> Result<(), End> {
         let p = frontend::parse(f.body())?;
         let effect = std::str::from_utf8(p.query)
             .ok()
             .and_then(effect::statement_effect);
         let refusal = effect.as_ref().and_then(Effect::pooling_refusal);
-        if let (PoolMode::Transaction, Some((message, hint))) = (self.mode(), refusal) {
+        if self.refused_under_pooling(refusal, false) {
             // The same over the extended protocol.
-            let e = self
-                .shared
-                .events
-                .refusals
-                .refuse(Construct::SessionState, message)
-                .with_hint(hint);
-            self.fail_request(e, false);
             return Ok(());
         }
         if let Err(e) = self.keep_session_state(p.query) {

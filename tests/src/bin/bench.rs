@@ -164,28 +164,37 @@ fn main() -> Result<()> {
             primary.port
         ),
     )?;
-    let mut cmd = Command::new(&shardline);
-    cmd.arg("--config")
-        .arg(&sl_cfg)
-        .env("RUST_LOG", "warn")
-        .stderr(Stdio::inherit());
-    shardline_tests::own_session(&mut cmd);
-    let child = cmd.spawn()?;
     let listen = |port: u16| format!("listen = \"127.0.0.1:{port}\"");
-    targets.push(Target {
-        name: "shardline",
-        port: sl_port,
-        pid: Some(child.id()),
-        launch: Some(Launch {
-            program: shardline.clone(),
-            config_flag: Some("--config"),
-            config: sl_cfg.clone(),
-            port_line: listen(sl_port),
-            port_text: listen,
-            ids: None,
-        }),
-    });
-    children.push(Reaped(child));
+    // A proxy on `config` (listening on `port`), started and added.
+    let mut start = |name: &'static str,
+                     program: &std::path::Path,
+                     config: std::path::PathBuf,
+                     port: u16|
+     -> Result<()> {
+        let mut cmd = Command::new(program);
+        cmd.arg("--config")
+            .arg(&config)
+            .env("RUST_LOG", "warn")
+            .stderr(Stdio::inherit());
+        shardline_tests::own_session(&mut cmd);
+        let child = cmd.spawn()?;
+        targets.push(Target {
+            name,
+            port,
+            pid: Some(child.id()),
+            launch: Some(Launch {
+                program: program.to_path_buf(),
+                config_flag: Some("--config"),
+                config,
+                port_line: listen(port),
+                port_text: listen,
+                ids: None,
+            }),
+        });
+        children.push(Reaped(child));
+        Ok(())
+    };
+    start("shardline", &shardline, sl_cfg.clone(), sl_port)?;
 
     // Another build of Shardline on the same config, interleaved with this
     // one (SHARDLINE_BENCH_BASELINE=path/to/shardline): what a change
@@ -197,27 +206,7 @@ fn main() -> Result<()> {
             &cfg,
             std::fs::read_to_string(&sl_cfg)?.replace(&listen(sl_port), &listen(port)),
         )?;
-        let mut cmd = Command::new(&baseline);
-        cmd.arg("--config")
-            .arg(&cfg)
-            .env("RUST_LOG", "warn")
-            .stderr(Stdio::inherit());
-        shardline_tests::own_session(&mut cmd);
-        let child = cmd.spawn()?;
-        targets.push(Target {
-            name: "baseline",
-            port,
-            pid: Some(child.id()),
-            launch: Some(Launch {
-                program: baseline.into(),
-                config_flag: Some("--config"),
-                config: cfg,
-                port_line: listen(port),
-                port_text: listen,
-                ids: None,
-            }),
-        });
-        children.push(Reaped(child));
+        start("baseline", std::path::Path::new(&baseline), cfg, port)?;
     }
 
     // Shardline with the two replicas: reads go to them.
