@@ -9,13 +9,13 @@
 //! ends one (KILL_CLIENT), and names the clients a PAUSE waits for.
 
 use crate::protocol::startup::{code_packet, CANCEL_REQUEST};
+use futures_util::task::AtomicWaker;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering::Relaxed};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::io::AsyncWriteExt;
-use tokio::sync::oneshot;
 
 #[derive(Clone)]
 struct Target {
@@ -51,13 +51,54 @@ pub struct ClientSlot {
     /// The shards of its transaction when it spans several (a mask).
     spanning: AtomicU64,
     killed: AtomicBool,
-    kill: Mutex<Option<oneshot::Sender<()>>>,
+    /// How its session is ended from outside (shutdown, KILL_CLIENT).
+    pub ending: Arc<Ending>,
+}
+
+/// What ends a session from outside: the proxy shutting down
+/// ([`Ending::STOP`]) and the console's KILL_CLIENT ([`Ending::KILL`]). One
+/// word and one waker, polled by the session at every wake-up: when
+/// nothing fired that is a waker check and a load.
+#[derive(Default)]
+pub struct Ending {
+    fired: AtomicU8,
+    waker: AtomicWaker,
+}
+
+impl Ending {
+    pub const STOP: u8 = 1;
+    pub const KILL: u8 = 2;
+
+    pub fn fire(&self, what: u8) {
+        self.fired.fetch_or(what, Ordering::Release);
+        self.waker.wake();
+    }
+
+    /// What has fired (a mask of `STOP`, `KILL`); the task is woken when
+    /// more fires.
+    pub fn poll(&self, cx: &mut std::task::Context<'_>) -> u8 {
+        // Registered before the load: a fire in between is seen here or
+        // wakes the task.
+        self.waker.register(cx.waker());
+        self.fired.load(Ordering::Acquire)
+    }
+
+    /// Resolves when `what` fires.
+    pub async fn fired(&self, what: u8) {
+        std::future::poll_fn(|cx| {
+            if self.poll(cx) & what != 0 {
+                std::task::Poll::Ready(())
+            } else {
+                std::task::Poll::Pending
+            }
+        })
+        .await
+    }
 }
 
 impl ClientSlot {
-    fn new(info: ClientInfo) -> (ClientSlot, oneshot::Receiver<()>) {
-        let (tx, rx) = oneshot::channel();
-        let slot = ClientSlot {
+    fn new(info: ClientInfo, ending: Arc<Ending>) -> ClientSlot {
+        ClientSlot {
             targets: Mutex::new(Vec::new()),
             info,
             connected: SystemTime::now(),
@@ -65,9 +106,8 @@ impl ClientSlot {
             requested: AtomicU64::new(unix_secs(SystemTime::now())),
             spanning: AtomicU64::new(0),
             killed: AtomicBool::new(false),
-            kill: Mutex::new(Some(tx)),
-        };
-        (slot, rx)
+            ending,
+        }
     }
 
     /// The servers the client uses now: (address, backend pid).
@@ -118,9 +158,7 @@ impl ClientSlot {
     /// at once and closes with 57P01.
     pub fn kill(&self) {
         self.killed.store(true, Relaxed);
-        if let Some(tx) = self.kill.lock().unwrap_or_else(|p| p.into_inner()).take() {
-            let _ = tx.send(());
-        }
+        self.ending.fire(Ending::KILL);
     }
 
     pub fn killed(&self) -> bool {
@@ -163,8 +201,6 @@ pub struct Registration {
     pub pid: i32,
     pub secret: i32,
     pub slot: Arc<ClientSlot>,
-    /// Fires when the console kills the client (taken by its session).
-    pub kill: Option<oneshot::Receiver<()>>,
     registry: Arc<Clients>,
 }
 
@@ -177,9 +213,8 @@ impl Drop for Registration {
 }
 
 impl Clients {
-    pub fn register(self: &Arc<Self>, info: ClientInfo) -> Registration {
-        let (slot, kill) = ClientSlot::new(info);
-        let slot = Arc::new(slot);
+    pub fn register(self: &Arc<Self>, info: ClientInfo, ending: Arc<Ending>) -> Registration {
+        let slot = Arc::new(ClientSlot::new(info, ending));
         let mut clients = self.clients.lock().unwrap_or_else(|p| p.into_inner());
         let (pid, secret) = loop {
             let pid = (rand::random::<u32>() & 0x7fff_ffff) as i32;
@@ -192,7 +227,6 @@ impl Clients {
             pid,
             secret,
             slot,
-            kill: Some(kill),
             registry: self.clone(),
         }
     }
@@ -247,5 +281,32 @@ impl Clients {
                 }
             });
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::Ending;
+    use std::sync::Arc;
+    use std::time::Duration;
+
+    #[tokio::test]
+    async fn a_fired_ending_wakes_its_waiting_session_and_stays_fired() {
+        let ending = Arc::new(Ending::default());
+        let waiting = tokio::spawn({
+            let ending = ending.clone();
+            async move { ending.fired(Ending::KILL).await }
+        });
+        // A STOP does not end a wait for KILL.
+        ending.fire(Ending::STOP);
+        tokio::time::sleep(Duration::from_millis(20)).await;
+        assert!(!waiting.is_finished());
+        ending.fire(Ending::KILL);
+        tokio::time::timeout(Duration::from_secs(5), waiting)
+            .await
+            .expect("woken by the kill")
+            .unwrap();
+        let seen = std::future::poll_fn(|cx| std::task::Poll::Ready(ending.poll(cx))).await;
+        assert_eq!(seen, Ending::STOP | Ending::KILL);
     }
 }

@@ -920,8 +920,8 @@ async fn accept_loop(
     grace: Duration,
 ) {
     let mut sessions = JoinSet::new();
-    // One stop signal per session; ended sessions' senders are pruned as it grows.
-    let mut stops: Vec<tokio::sync::oneshot::Sender<()>> = Vec::new();
+    // Each session's ending, to stop it; ended sessions' are pruned as it grows.
+    let mut stops: Vec<Arc<clients::Ending>> = Vec::new();
     let mut prune_at = 64;
     let mut admin_shutdown = live.current().admin.shutdown_requests();
     let mut grace = grace;
@@ -930,13 +930,13 @@ async fn accept_loop(
             accepted = listener.accept() => match accepted {
                 Ok((tcp, peer)) => {
                     let _ = tcp.set_nodelay(true);
-                    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel();
-                    stops.push(stop_tx);
+                    let ending = Arc::new(clients::Ending::default());
+                    stops.push(ending.clone());
                     if stops.len() >= prune_at {
-                        stops.retain(|s| !s.is_closed());
+                        stops.retain(|s| Arc::strong_count(s) > 1);
                         prune_at = (stops.len() * 2).max(64);
                     }
-                    sessions.spawn(serve_client(live.current(), tcp, peer, stop_rx));
+                    sessions.spawn(serve_client(live.current(), tcp, peer, ending));
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
@@ -957,7 +957,7 @@ async fn accept_loop(
     }
     drop(listener);
     for s in stops.drain(..) {
-        let _ = s.send(());
+        s.fire(clients::Ending::STOP);
     }
     let open = sessions.len();
     if open > 0 {
@@ -980,18 +980,16 @@ async fn serve_client(
     shared: Arc<Shared>,
     tcp: tokio::net::TcpStream,
     peer: SocketAddr,
-    stop: tokio::sync::oneshot::Receiver<()>,
+    ending: Arc<clients::Ending>,
 ) {
     let started = tokio::time::timeout(
         shared.auth_timeout,
-        session::startup::accept(&shared, tcp, peer),
+        session::startup::accept(&shared, tcp, peer, ending),
     )
     .await;
     match started {
-        Ok(session::startup::Outcome::LoggedIn(login, mut registration)) => {
-            let kill = registration.kill.take();
-            let s =
-                session::Session::new(shared.clone(), login, registration.slot.clone(), stop, kill);
+        Ok(session::startup::Outcome::LoggedIn(login, registration)) => {
+            let s = session::Session::new(shared.clone(), login, registration.slot.clone());
             s.run().await;
             drop(registration);
         }

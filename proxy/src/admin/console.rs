@@ -25,8 +25,7 @@ use tokio::io::{AsyncReadExt, AsyncWriteExt};
 struct Failure(&'static str, String);
 
 /// Runs the console for a logged-in admin until it leaves.
-pub async fn serve(shared: Arc<Shared>, mut stream: Stream, mut registration: Registration) {
-    let mut kill = registration.kill.take();
+pub async fn serve(shared: Arc<Shared>, mut stream: Stream, registration: Registration) {
     let mut shutdown = shared.admin.shutdown_requests();
     let mut input = BytesMut::with_capacity(1024);
     let mut out = BytesMut::with_capacity(4096);
@@ -82,14 +81,7 @@ pub async fn serve(shared: Arc<Shared>, mut stream: Stream, mut registration: Re
             }
             out.clear();
         }
-        let killed = async {
-            match kill.as_mut() {
-                Some(k) => {
-                    let _ = k.await;
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let killed = registration.slot.ending.fired(crate::clients::Ending::KILL);
         tokio::select! {
             read = stream.read_buf(&mut input) => match read {
                 Ok(0) | Err(_) => return,

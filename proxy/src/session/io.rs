@@ -6,7 +6,6 @@ use super::Session;
 use crate::server::ServerConnection;
 use crate::stream::Stream;
 use bytes::{Buf, BytesMut};
-use std::future::Future;
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
@@ -25,14 +24,15 @@ pub(super) enum Event {
 
 impl Session {
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        if !self.stopping && Pin::new(&mut self.stop).poll(cx).is_ready() {
-            self.stopping = true;
-            return Poll::Ready(Event::Stop);
-        }
-        if let Some(kill) = self.kill.as_mut() {
-            if Pin::new(kill).poll(cx).is_ready() {
-                self.kill = None;
+        let fired = self.client.ending.poll(cx);
+        if fired != 0 {
+            use crate::clients::Ending;
+            if fired & Ending::KILL != 0 {
                 return Poll::Ready(Event::Killed);
+            }
+            if !self.stopping {
+                self.stopping = true;
+                return Poll::Ready(Event::Stop);
             }
         }
         // Writes first: they free buffer space that gates the reads below.

@@ -44,7 +44,6 @@ use shardline_router::shards::Construct;
 use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
-use tokio::sync::oneshot;
 use txn::Txn;
 
 pub use startup::LoggedIn;
@@ -238,23 +237,15 @@ pub struct Session {
     /// The client's entry in the registry: where its cancel goes, what the
     /// console shows of it.
     client: Arc<ClientSlot>,
-    /// Fires when the proxy shuts down (polled in `poll_io`: atomics only).
-    stop: oneshot::Receiver<()>,
+    /// The proxy is shutting down (`client.ending` fired STOP, seen in
+    /// `poll_io`).
     stopping: bool,
-    /// Fires when the console kills the client (KILL_CLIENT).
-    kill: Option<oneshot::Receiver<()>>,
     /// The client's traffic, added to its user's stats per answered unit.
     meter: crate::stats::Meter,
 }
 
 impl Session {
-    pub fn new(
-        shared: Arc<Shared>,
-        login: LoggedIn,
-        client: Arc<ClientSlot>,
-        stop: oneshot::Receiver<()>,
-        kill: Option<oneshot::Receiver<()>>,
-    ) -> Session {
+    pub fn new(shared: Arc<Shared>, login: LoggedIn, client: Arc<ClientSlot>) -> Session {
         let client_hash = {
             use std::hash::{BuildHasher, BuildHasherDefault, DefaultHasher};
             BuildHasherDefault::<DefaultHasher>::default().hash_one(login.peer.ip())
@@ -314,9 +305,7 @@ impl Session {
             copy_ignores_syncs: false,
             server_fatal: None,
             client,
-            stop,
             stopping: false,
-            kill,
             meter: Default::default(),
         }
     }
@@ -469,14 +458,7 @@ impl Session {
         let admin = &self.shared.admin;
         let max_hold = admin.settings().max_hold;
         self.client.waiting(true);
-        let kill = async {
-            match self.kill.as_mut() {
-                Some(k) => {
-                    let _ = k.await;
-                }
-                None => std::future::pending().await,
-            }
-        };
+        let kill = self.client.ending.fired(crate::clients::Ending::KILL);
         let held = tokio::select! {
             held = admin.pause.hold(shards, max_hold) => Some(held),
             () = kill => None,

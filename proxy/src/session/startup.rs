@@ -53,14 +53,21 @@ async fn read_startup_packet(stream: &mut Stream) -> Result<Vec<u8>, PgError> {
 }
 
 /// Runs startup and authentication. Errors are reported to the client as FATAL.
-pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> Outcome {
+/// `ending` is how the session will be ended from outside (shutdown,
+/// KILL_CLIENT): the client's slot keeps it.
+pub async fn accept(
+    shared: &Arc<Shared>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    ending: Arc<crate::clients::Ending>,
+) -> Outcome {
     let (stream, result) = handshake(shared, Stream::Plain(tcp)).await;
     let Some(mut stream_ok) = stream else {
         return Outcome::Done;
     };
     match result {
         Ok(Some((Login::Console(user), params, _))) => {
-            match console_login(shared, stream_ok, user, params, peer).await {
+            match console_login(shared, stream_ok, user, params, peer, ending).await {
                 Ok(outcome) => outcome,
                 Err((mut stream, e)) => {
                     report(&mut stream, &e).await;
@@ -69,7 +76,7 @@ pub async fn accept(shared: &Arc<Shared>, tcp: TcpStream, peer: SocketAddr) -> O
             }
         }
         Ok(Some((Login::Known(user), params, minor))) => {
-            match login(shared, stream_ok, user, params, minor, peer).await {
+            match login(shared, stream_ok, user, params, minor, peer, ending).await {
                 Ok(outcome) => outcome,
                 Err((mut stream, e)) => {
                     report(&mut stream, &e).await;
@@ -274,6 +281,7 @@ async fn login(
     params: Vec<(String, String)>,
     minor: u16,
     peer: SocketAddr,
+    ending: Arc<crate::clients::Ending>,
 ) -> Result<Outcome, (Stream, PgError)> {
     let mut out = BytesMut::with_capacity(512);
     if minor > 0 {
@@ -319,7 +327,7 @@ async fn login(
     }
     let registration = shared
         .clients
-        .register(client_info(&stream, &user, &params, peer, false));
+        .register(client_info(&stream, &user, &params, peer, false), ending);
     backend::backend_key_data(&mut out, registration.pid, registration.secret);
     backend::ready_for_query(&mut out, b'I');
     if let Err(e) = stream.write_all(&out).await {
@@ -374,6 +382,7 @@ async fn console_login(
     user: Arc<UserEntry>,
     params: Vec<(String, String)>,
     peer: SocketAddr,
+    ending: Arc<crate::clients::Ending>,
 ) -> Result<Outcome, (Stream, PgError)> {
     let mut out = BytesMut::with_capacity(512);
     if let Err(e) = authenticate(&mut stream, &user.secret, &user.name, &mut out).await {
@@ -403,7 +412,7 @@ async fn console_login(
     }
     let mut info = client_info(&stream, &user, &params, peer, true);
     info.database = shared.admin.settings().database;
-    let registration = shared.clients.register(info);
+    let registration = shared.clients.register(info, ending);
     backend::backend_key_data(&mut out, registration.pid, registration.secret);
     backend::ready_for_query(&mut out, b'I');
     if let Err(e) = stream.write_all(&out).await {
