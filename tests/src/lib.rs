@@ -1248,6 +1248,41 @@ pub fn median(v: &[f64]) -> f64 {
 }
 
 /// VmHWM (peak resident set) and VmRSS of a process, in KiB.
+/// Where a process's resident memory is (KiB), from `/proc/PID/smaps`:
+/// anonymous (heap, stacks, written data), the program's own file pages
+/// (its code and read-only data, clean and shared with the page cache),
+/// and shared libraries' pages.
+pub fn memory_split_kib(pid: u32) -> (u64, u64, u64) {
+    let smaps = std::fs::read_to_string(format!("/proc/{pid}/smaps")).unwrap_or_default();
+    let exe = std::fs::read_link(format!("/proc/{pid}/exe")).unwrap_or_default();
+    let exe = exe.to_string_lossy();
+    let (mut anon, mut program, mut libs) = (0, 0, 0);
+    let mut path = String::new();
+    for line in smaps.lines() {
+        if let Some(kib) = line.strip_prefix("Rss:") {
+            let kib: u64 = kib
+                .trim()
+                .trim_end_matches("kB")
+                .trim()
+                .parse()
+                .unwrap_or(0);
+            if path == exe {
+                program += kib;
+            } else if path.starts_with('/') {
+                libs += kib;
+            } else {
+                anon += kib;
+            }
+        } else if line.split_whitespace().next().is_some_and(|w| {
+            w.contains('-') && w.bytes().all(|b| b.is_ascii_hexdigit() || b == b'-')
+        }) {
+            // A mapping's header: address range, perms, offset, dev, inode, path.
+            path = line.split_whitespace().nth(5).unwrap_or("").to_string();
+        }
+    }
+    (anon, program, libs)
+}
+
 pub fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let field = |name: &str| {

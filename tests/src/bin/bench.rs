@@ -363,6 +363,10 @@ fn main() -> Result<()> {
         .iter()
         .map(|t| t.pid.map(shardline_tests::memory_kib))
         .collect();
+    let rss_split: Vec<Option<(u64, u64, u64)>> = targets
+        .iter()
+        .map(|t| t.pid.map(shardline_tests::memory_split_kib))
+        .collect();
     use shardline_tests::median;
     println!();
     println!(
@@ -422,6 +426,23 @@ fn main() -> Result<()> {
                 mib(*start),
                 mib(*peak),
                 mib(*idle)
+            );
+        }
+    }
+    println!();
+    println!("Where the idle RSS is (MiB): anonymous memory (heap, stacks), the program's own");
+    println!("file pages (code, read-only data: clean, shared with the page cache) and shared libraries.");
+    println!();
+    println!("| proxy | anonymous | program file pages | shared libraries |");
+    println!("|---|---:|---:|---:|");
+    for (t, split) in targets.iter().zip(&rss_split) {
+        if let Some((anon, program, libs)) = split {
+            println!(
+                "| {} | {:.1} | {:.1} | {:.1} |",
+                t.name,
+                mib(*anon),
+                mib(*program),
+                mib(*libs)
             );
         }
     }
