@@ -10,6 +10,7 @@ demangled). Prints KiB resident per crate (a page shared by several crates
 is split between them by bytes), then the read-only data and unwind tables
 that are resident outside any function.
 """
+import bisect
 import collections
 import os
 import re
@@ -60,7 +61,6 @@ def main():
     by_crate = collections.Counter()
     other = collections.Counter()
     starts = [s[0] for s in syms]
-    import bisect
     for lo, hi, off, perms in mappings(pid, exe):
         for page in resident_pages(pid, lo, hi):
             a, b = page - base, page - base + PAGE

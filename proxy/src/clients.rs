@@ -12,7 +12,7 @@ use crate::protocol::startup::{code_packet, CANCEL_REQUEST};
 use futures_util::task::AtomicWaker;
 use std::collections::HashMap;
 use std::net::SocketAddr;
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, Ordering, Ordering::Relaxed};
+use std::sync::atomic::{AtomicU64, AtomicU8, Ordering, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 use tokio::io::AsyncWriteExt;
@@ -50,7 +50,6 @@ pub struct ClientSlot {
     requested: AtomicU64,
     /// The shards of its transaction when it spans several (a mask).
     spanning: AtomicU64,
-    killed: AtomicBool,
     /// How its session is ended from outside (shutdown, KILL_CLIENT).
     pub ending: Arc<Ending>,
 }
@@ -105,7 +104,6 @@ impl ClientSlot {
             wait_since: AtomicU64::new(0),
             requested: AtomicU64::new(unix_secs(SystemTime::now())),
             spanning: AtomicU64::new(0),
-            killed: AtomicBool::new(false),
             ending,
         }
     }
@@ -157,12 +155,7 @@ impl ClientSlot {
     /// Ends the client's session (KILL_CLIENT): its session sees the kill
     /// at once and closes with 57P01.
     pub fn kill(&self) {
-        self.killed.store(true, Relaxed);
         self.ending.fire(Ending::KILL);
-    }
-
-    pub fn killed(&self) -> bool {
-        self.killed.load(Relaxed)
     }
 
     pub fn attach(&self, addr: Arc<str>, pid: i32, secret: i32) {
