@@ -5,6 +5,7 @@
 //! [`Env`] is one topology, its roles and data, and a proxy configured for it.
 //! Dropping an `Env` stops the proxy and every server, even when a test fails.
 
+pub mod callgrind;
 #[cfg(feature = "containers")]
 pub mod containers;
 pub mod drivers;

@@ -18,8 +18,9 @@
 
 use anyhow::{bail, Context as _, Result};
 use shardline::cluster::{free_port, ClusterSpec, LocalCluster, PgBin};
+use shardline_tests::callgrind::{self, Launch, Reaped};
 use std::collections::BTreeMap;
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::time::Duration;
 
 struct Args {
@@ -51,17 +52,6 @@ fn parse_args() -> Result<Args> {
     Ok(a)
 }
 
-/// A child process killed (and reaped) when dropped, so an error that
-/// ends the benchmark early leaves no proxy running.
-struct Reaped(Child);
-
-impl Drop for Reaped {
-    fn drop(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
 /// A benchmark target: where pgbench connects and which process to charge CPU to.
 struct Target {
     name: &'static str,
@@ -69,19 +59,6 @@ struct Target {
     pid: Option<u32>,
     /// How to start another instance of the proxy (for `--instructions`).
     launch: Option<Launch>,
-}
-
-/// A proxy's program and config, to start another instance on another port.
-struct Launch {
-    program: std::path::PathBuf,
-    /// The flag ahead of the config's path, if the program wants one.
-    config_flag: Option<&'static str>,
-    config: std::path::PathBuf,
-    /// The config's line naming the port, and how to write it for another.
-    port_line: String,
-    port_text: fn(u16) -> String,
-    /// Run as this user (PgBouncer refuses root).
-    ids: Option<(u32, u32)>,
 }
 
 #[derive(Default, Clone)]
@@ -189,6 +166,7 @@ fn main() -> Result<()> {
                 port_line: listen(port),
                 port_text: listen,
                 ids: None,
+                connect_fn: Some(callgrind::SHARDLINE_CONNECT),
             }),
         });
         children.push(Reaped(child));
@@ -245,6 +223,7 @@ fn main() -> Result<()> {
             port_line: listen(rw_port),
             port_text: listen,
             ids: None,
+            connect_fn: Some(callgrind::SHARDLINE_CONNECT),
         }),
     });
 
@@ -292,6 +271,8 @@ fn main() -> Result<()> {
                     port_line: listen_port(port),
                     port_text: listen_port,
                     ids,
+                    // Stripped: its login is in the count when its pool grows.
+                    connect_fn: None,
                 }),
             });
             children.push(Reaped(child));
@@ -698,9 +679,8 @@ fn read_your_writes_mix(
 }
 
 /// User-space instructions per transaction of each proxy in each mode,
-/// counted by callgrind on an instance of its own (started on another
-/// port, warmed up, its counters zeroed, `--instructions` transactions per
-/// client, then dumped).
+/// each counted on an instance of its own under callgrind
+/// (`callgrind::per_transaction`).
 fn instruction_counts(
     cluster: &LocalCluster,
     pgbench: &dyn Fn(u16, &[&str]) -> Result<String>,
@@ -708,159 +688,38 @@ fn instruction_counts(
     modes: &[(&str, &[&str])],
     args: &Args,
 ) -> Result<()> {
-    use std::os::unix::process::CommandExt;
-    if Command::new("valgrind").arg("--version").output().is_err() {
-        println!("\nvalgrind not installed (apt-get install valgrind): no instruction counts");
+    if !callgrind::available() {
         return Ok(());
     }
-    let per_client = args.instructions.to_string();
-    let clients = args.clients.to_string();
-    let txns = f64::from(args.instructions) * f64::from(args.clients);
-    // (mode, target) -> instructions per transaction.
-    let mut counts: BTreeMap<(usize, usize), f64> = BTreeMap::new();
+    let runs: Vec<(&str, Vec<&str>)> = modes.iter().map(|(m, f)| (*m, f.to_vec())).collect();
+    // Per measured target: its name and each mode's count.
+    let mut counts: Vec<(&str, Vec<Option<f64>>)> = Vec::new();
     for (ti, t) in targets.iter().enumerate() {
         let Some(l) = &t.launch else { continue };
-        let port = free_port()?;
         let dir = cluster.root.join(format!("callgrind-{ti}"));
-        std::fs::create_dir_all(&dir)?;
-        let text = std::fs::read_to_string(&l.config)?;
-        let config = dir.join(l.config.file_name().context("config name")?);
-        std::fs::write(&config, text.replace(&l.port_line, &(l.port_text)(port)))?;
-        let as_user = |cmd: &mut Command| {
-            if let Some((uid, gid)) = l.ids {
-                let _ = Command::new("chown")
-                    .arg("-R")
-                    .arg(format!("{uid}:{gid}"))
-                    .arg(&dir)
-                    .status();
-                cmd.uid(uid).gid(gid);
-            }
-        };
-        let mut cmd = Command::new("valgrind");
-        cmd.arg("--tool=callgrind")
-            .arg(format!("--callgrind-out-file={}/out.%p", dir.display()))
-            .arg(&l.program)
-            .args(l.config_flag)
-            .arg(&config)
-            .env("RUST_LOG", "warn")
-            .stdout(Stdio::null())
-            .stderr(std::fs::File::create(dir.join("valgrind.log"))?);
-        as_user(&mut cmd);
-        shardline_tests::own_session(&mut cmd);
-        let child = Reaped(cmd.spawn()?);
-        let pid = child.0.id().to_string();
-        let control = |what: &str| -> Result<()> {
-            let mut c = Command::new("callgrind_control");
-            c.arg(what)
-                .arg(&pid)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null());
-            as_user(&mut c);
-            anyhow::ensure!(c.status()?.success(), "callgrind_control {what} {pid}");
-            Ok(())
-        };
-        let started = std::time::Instant::now();
-        while std::net::TcpStream::connect(("127.0.0.1", port)).is_err() {
-            anyhow::ensure!(
-                started.elapsed() < Duration::from_secs(60),
-                "{} did not start under valgrind (see {})",
-                t.name,
-                dir.join("valgrind.log").display()
-            );
-            std::thread::sleep(Duration::from_millis(200));
-        }
-        // A run that fails (PgBouncer's prepared mode) is reported, not counted.
-        let fails = |mode: &str, e: anyhow::Error| {
-            let why = e.to_string();
-            let why = why
-                .lines()
-                .find(|l| l.contains("ERROR"))
-                .unwrap_or("failed");
-            println!("instructions: {mode} through {} fails: {why}", t.name);
-        };
-        let dumps = || -> Result<Vec<std::path::PathBuf>> {
-            Ok(std::fs::read_dir(&dir)?
-                .filter_map(|e| e.ok())
-                .map(|e| e.path())
-                .filter(|p| {
-                    p.file_name()
-                        .is_some_and(|n| n.to_string_lossy().starts_with("out."))
-                })
-                .collect())
-        };
-        for (mi, (mode, flags)) in modes.iter().enumerate() {
-            let mut a = vec!["-n", "-c", clients.as_str(), "-j", "2"];
-            a.extend_from_slice(flags);
-            // Connections, caches and pools warmed; then only the run counts.
-            if let Err(e) = pgbench(port, &[a.as_slice(), &["-t", "20"]].concat()) {
-                fails(mode, e);
-                continue;
-            }
-            // Counted twice, the lower kept: a count can only be inflated
-            // (a zeroing command that reaches the program late, or not at
-            // all, leaves earlier work in the dump), and one run in a few
-            // dozen was, through PgBouncer and Shardline alike.
-            let mut best: Option<f64> = None;
-            for _ in 0..2 {
-                control("-z")?;
-                let run = pgbench(port, &[a.as_slice(), &["-t", per_client.as_str()]].concat());
-                let before = dumps()?;
-                control("-d")?;
-                // The dump this command wrote: the file that was not there.
-                let waited = std::time::Instant::now();
-                let dump = loop {
-                    if let Some(p) = dumps()?.into_iter().find(|p| !before.contains(p)) {
-                        break p;
-                    }
-                    anyhow::ensure!(
-                        waited.elapsed() < Duration::from_secs(30),
-                        "no callgrind dump from {}",
-                        t.name
-                    );
-                    std::thread::sleep(Duration::from_millis(100));
-                };
-                std::thread::sleep(Duration::from_millis(300));
-                let total: f64 = std::fs::read_to_string(&dump)?
-                    .lines()
-                    .find_map(|l| l.strip_prefix("summary: "))
-                    .and_then(|v| v.trim().parse().ok())
-                    .context("no summary in the callgrind dump")?;
-                match run {
-                    Ok(_) => best = Some(best.map_or(total, |b: f64| b.min(total))),
-                    Err(e) => {
-                        fails(mode, e);
-                        best = None;
-                        break;
-                    }
-                }
-            }
-            if let Some(total) = best {
-                counts.insert((mi, ti), total / txns);
-            }
-        }
-        drop(child);
+        let each = callgrind::per_transaction(
+            &dir,
+            t.name,
+            l,
+            &runs,
+            pgbench,
+            args.clients,
+            args.instructions,
+        )?;
+        counts.push((t.name, each));
     }
     println!();
     println!(
         "user-space instructions per transaction (callgrind, {} transactions per client, {} clients)",
         args.instructions, args.clients
     );
-    let measured: Vec<(usize, &Target)> = targets
-        .iter()
-        .enumerate()
-        .filter(|(_, t)| t.launch.is_some())
-        .collect();
-    let names: Vec<&str> = measured.iter().map(|(_, t)| t.name).collect();
+    let names: Vec<&str> = counts.iter().map(|(n, _)| *n).collect();
     println!("| mode | {} |", names.join(" | "));
     println!("|---|{}", "---:|".repeat(names.len()));
     for (mi, (mode, _)) in modes.iter().enumerate() {
-        let cells: Vec<String> = measured
+        let cells: Vec<String> = counts
             .iter()
-            .map(|(ti, _)| {
-                counts
-                    .get(&(mi, *ti))
-                    .map_or("fails".into(), |n| format!("{n:.0}"))
-            })
+            .map(|(_, each)| each[mi].map_or("fails".into(), |n| format!("{n:.0}")))
             .collect();
         println!("| {mode} | {} |", cells.join(" | "));
     }

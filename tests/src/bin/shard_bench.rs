@@ -10,6 +10,10 @@
 //!   `--rounds` times, the three targets interleaved, and the medians are
 //!   shown (the proxy's CPU per transaction moves with throughput and with
 //!   what else the machine runs: one run is not enough to tell 5%);
+//! - with `--instructions N`, each proxy's user-space instructions per
+//!   transaction under callgrind (N transactions per client and mode): the
+//!   figure that tells what sharding costs the proxy without the
+//!   machine's noise;
 //! - multi-row INSERT (1,000 rows per statement, split by shard) and COPY
 //!   (split row by row) in rows per second, against the same into the
 //!   direct server.
@@ -24,6 +28,7 @@ struct Args {
     clients: u32,
     rows: u32,
     rounds: u32,
+    instructions: u32,
 }
 
 fn parse_args() -> Result<Args> {
@@ -32,6 +37,7 @@ fn parse_args() -> Result<Args> {
         clients: 16,
         rows: 200_000,
         rounds: 3,
+        instructions: 0,
     };
     shardline_tests::numeric_flags(
         &mut [
@@ -39,8 +45,9 @@ fn parse_args() -> Result<Args> {
             ("--clients", &mut a.clients),
             ("--rows", &mut a.rows),
             ("--rounds", &mut a.rounds),
+            ("--instructions", &mut a.instructions),
         ],
-        "shardline-shard-bench [--seconds 10] [--clients 16] [--rows 200000] [--rounds 3]",
+        "shardline-shard-bench [--seconds 10] [--clients 16] [--rows 200000] [--rounds 3] [--instructions 0]",
     )?;
     a.rounds = a.rounds.max(1);
     Ok(a)
@@ -55,7 +62,7 @@ fn main() -> Result<()> {
     // s0 and s1 are the shards; s2 is the direct server holding every row.
     let cluster = shardline_tests::bench_cluster(3)?;
     let direct = cluster.primary(2).port;
-    let (port, mut child) = start_proxy(
+    let (port, mut child, sharded_cfg) = start_proxy(
         &cluster,
         "shard-bench",
         args.clients,
@@ -64,7 +71,7 @@ fn main() -> Result<()> {
     )?;
     // The same proxy with a one-shard config, in front of the direct
     // server: what sharding itself costs on a point query.
-    let (one_port, mut one) =
+    let (one_port, mut one, one_cfg) =
         start_proxy(&cluster, "shard-bench-one", args.clients, &[direct], "")?;
     let rt = tokio::runtime::Builder::new_current_thread()
         .enable_all()
@@ -72,8 +79,9 @@ fn main() -> Result<()> {
     let proxies = Proxies {
         sharded: (port, child.id()),
         one_shard: (one_port, one.id()),
+        configs: [(port, sharded_cfg), (one_port, one_cfg)],
     };
-    let result = rt.block_on(run(&args, &bin, &proxies, direct));
+    let result = rt.block_on(run(&args, &bin, &cluster, &proxies, direct));
     for c in [&mut child, &mut one] {
         let _ = c.kill();
         let _ = c.wait();
@@ -89,7 +97,7 @@ fn start_proxy(
     pool: u32,
     primaries: &[u16],
     extra: &str,
-) -> Result<(u16, std::process::Child)> {
+) -> Result<(u16, std::process::Child, std::path::PathBuf)> {
     let port = free_port()?;
     let mut text = format!(
         "[proxy]\nlisten = \"127.0.0.1:{port}\"\n[pool]\nsize = {pool}\n\
@@ -103,13 +111,20 @@ fn start_proxy(
     text.push_str(extra);
     let cfg = cluster.root.join(format!("{name}.toml"));
     std::fs::write(&cfg, text)?;
-    Ok((port, shardline_tests::spawn_bench_proxy(&cfg)?))
+    Ok((port, shardline_tests::spawn_bench_proxy(&cfg)?, cfg))
 }
 
 /// The two Shardline processes measured: port and pid.
 struct Proxies {
     sharded: (u16, u32),
     one_shard: (u16, u32),
+    /// Each one's port and config (sharded first), to start another
+    /// instance under callgrind.
+    configs: [(u16, std::path::PathBuf); 2],
+}
+
+fn listen(port: u16) -> String {
+    format!("listen = \"127.0.0.1:{port}\"")
 }
 
 /// Rows per second for the multi-row INSERT and COPY loads of `rows` rows.
@@ -147,7 +162,13 @@ async fn load(port: u16, rows: u32, first: u32) -> Result<(f64, f64)> {
     Ok((insert, copy))
 }
 
-async fn run(args: &Args, bin: &PgBin, proxies: &Proxies, direct: u16) -> Result<()> {
+async fn run(
+    args: &Args,
+    bin: &PgBin,
+    cluster: &shardline::cluster::LocalCluster,
+    proxies: &Proxies,
+    direct: u16,
+) -> Result<()> {
     let proxy = proxies.sharded.0;
     for port in [proxy, direct] {
         shardline_tests::connect_app(port)
@@ -172,27 +193,39 @@ async fn run(args: &Args, bin: &PgBin, proxies: &Proxies, direct: u16) -> Result
             2 * args.rows - 1
         ),
     )?;
-    let pgbench = |port: u16, mode: &str| -> Result<(f64, f64)> {
+    // pgbench's output, run against `port` with `extra` arguments.
+    let run_pgbench = |port: u16, extra: &[&str]| -> Result<String> {
         let out = Command::new(bin.bindir.join("pgbench"))
             .env("PGPASSWORD", "app")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "app",
-                "-n",
-            ])
-            .args(["-M", mode, "-c", &args.clients.to_string(), "-j", "2"])
-            .args(["-T", &args.seconds.to_string(), "-f"])
-            .arg(&script)
+            .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
+            .args(extra)
             .arg("app")
             .output()?;
         let text = String::from_utf8_lossy(&out.stdout).to_string();
         if !out.status.success() {
             bail!("pgbench: {text}{}", String::from_utf8_lossy(&out.stderr));
         }
+        Ok(text)
+    };
+    let script_arg = script.to_string_lossy().to_string();
+    let (clients, seconds) = (args.clients.to_string(), args.seconds.to_string());
+    let pgbench = |port: u16, mode: &str| -> Result<(f64, f64)> {
+        let text = run_pgbench(
+            port,
+            &[
+                "-n",
+                "-M",
+                mode,
+                "-c",
+                &clients,
+                "-j",
+                "2",
+                "-T",
+                &seconds,
+                "-f",
+                &script_arg,
+            ],
+        )?;
         let field = |prefix: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(prefix))
@@ -236,6 +269,9 @@ async fn run(args: &Args, bin: &PgBin, proxies: &Proxies, direct: u16) -> Result
             s_cpu / o_cpu.max(1e-9)
         );
     }
+    if args.instructions > 0 && shardline_tests::callgrind::available() {
+        instructions(args, cluster, proxies, &run_pgbench, &script_arg)?;
+    }
     let _ = std::fs::remove_file(&script);
     println!();
     println!("loading, rows per second ({} rows each)", args.rows);
@@ -248,6 +284,60 @@ async fn run(args: &Args, bin: &PgBin, proxies: &Proxies, direct: u16) -> Result
             insert / base.1,
             copy / base.2
         );
+    }
+    Ok(())
+}
+
+/// The point query's user-space instructions per transaction through the
+/// two-shard and the one-shard proxy, each mode.
+fn instructions(
+    args: &Args,
+    cluster: &shardline::cluster::LocalCluster,
+    proxies: &Proxies,
+    pgbench: &dyn Fn(u16, &[&str]) -> Result<String>,
+    script: &str,
+) -> Result<()> {
+    let modes = ["prepared", "simple", "extended"];
+    let runs: Vec<(&str, Vec<&str>)> = modes
+        .iter()
+        .map(|m| (*m, vec!["-M", *m, "-f", script]))
+        .collect();
+    let mut counts = Vec::new();
+    for (i, (port, config)) in proxies.configs.iter().enumerate() {
+        let launch = shardline_tests::callgrind::Launch {
+            program: shardline_tests::shardline_binary()?,
+            config_flag: Some("--config"),
+            config: config.clone(),
+            port_line: listen(*port),
+            port_text: listen,
+            ids: None,
+            connect_fn: Some(shardline_tests::callgrind::SHARDLINE_CONNECT),
+        };
+        counts.push(shardline_tests::callgrind::per_transaction(
+            &cluster.root.join(format!("callgrind-{i}")),
+            if i == 0 { "two shards" } else { "one shard" },
+            &launch,
+            &runs,
+            pgbench,
+            args.clients,
+            args.instructions,
+        )?);
+    }
+    println!();
+    println!(
+        "point query, user-space instructions per transaction (callgrind, {} transactions per client, {} clients)",
+        args.instructions, args.clients
+    );
+    println!("| mode | two shards | one shard | ratio |");
+    println!("|---|---:|---:|---:|");
+    for (mi, mode) in modes.iter().enumerate() {
+        let cell = |c: Option<f64>| c.map_or("fails".to_string(), |n| format!("{n:.0}"));
+        let (two, one) = (counts[0][mi], counts[1][mi]);
+        let ratio = match (two, one) {
+            (Some(t), Some(o)) => format!("{:.3}", t / o),
+            _ => "-".into(),
+        };
+        println!("| {mode} | {} | {} | {ratio} |", cell(two), cell(one));
     }
     Ok(())
 }
