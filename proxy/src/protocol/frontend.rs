@@ -230,22 +230,29 @@ pub fn definition(query: &str, types: &[u32]) -> Vec<u8> {
     out
 }
 
-pub fn definition_param_types(definition: &[u8]) -> Vec<u32> {
-    let mut r = Reader::new(definition);
-    let Some(_query) = r.cstr() else {
-        return Vec::new();
+/// A Parse definition's query text and declared parameter types, in one
+/// scan. A simple query's text (no NUL) is all query and declares none.
+pub fn definition_parts(definition: &[u8]) -> (&[u8], Vec<u32>) {
+    let Some(end) = memchr::memchr(0, definition) else {
+        return (definition, Vec::new());
     };
+    let query = &definition[..end];
+    let mut r = Reader::new(&definition[end + 1..]);
     let Some(n) = r.i16() else {
-        return Vec::new();
+        return (query, Vec::new());
     };
     let mut types = Vec::with_capacity(n.max(0) as usize);
     for _ in 0..n {
         match r.i32() {
             Some(oid) => types.push(oid as u32),
-            None => return Vec::new(),
+            None => return (query, Vec::new()),
         }
     }
-    types
+    (query, types)
+}
+
+pub fn definition_param_types(definition: &[u8]) -> Vec<u32> {
+    definition_parts(definition).1
 }
 
 pub fn write_parse(buf: &mut BytesMut, name: &[u8], definition: &[u8]) {
@@ -288,6 +295,21 @@ pub fn write_query(buf: &mut BytesMut, sql: &str) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_definition_splits_into_its_query_and_declared_types() {
+        let d = definition("SELECT $1, $2", &[20, 25]);
+        assert_eq!(definition_parts(&d), (&b"SELECT $1, $2"[..], vec![20, 25]));
+        assert_eq!(definition_param_types(&d), vec![20, 25]);
+        // A simple query's text: all query, no types.
+        assert_eq!(definition_parts(b"SELECT 1"), (&b"SELECT 1"[..], vec![]));
+        // Types cut short: none read.
+        assert_eq!(
+            definition_parts(b"SELECT $1\0\0\x02\0\0\0\x14"),
+            (&b"SELECT $1"[..], vec![])
+        );
+        assert_eq!(definition_parts(b"SELECT 1\0"), (&b"SELECT 1"[..], vec![]));
+    }
 
     #[test]
     fn a_bind_subset_keeps_each_parameter_with_its_format() {

@@ -384,8 +384,7 @@ impl Session {
         let (Some(sh), Some(templates)) = (&self.shared.sharding, &route.shards) else {
             return Vec::new();
         };
-        let query = definition_query(definition);
-        let param_types = frontend::definition_param_types(definition);
+        let (query, param_types) = frontend::definition_parts(definition);
         let sql = std::str::from_utf8(query).unwrap_or("");
         let input = KeyInput {
             sql,
