@@ -6,7 +6,8 @@
 //! - point query by key (pgbench custom script, prepared, simple and
 //!   extended), TPS and average latency, with the ratio to direct, and the
 //!   proxy's CPU per 10k transactions against the same proxy with a
-//!   one-shard config in front of the direct server; each mode runs
+//!   one-shard config in front of the direct server, at full speed and
+//!   again with both proxies at one rate (pgbench -R); each mode runs
 //!   `--rounds` times, the three targets interleaved, and the medians are
 //!   shown (the proxy's CPU per transaction moves with throughput and with
 //!   what else the machine runs: one run is not enough to tell 5%);
@@ -209,23 +210,23 @@ async fn run(
     };
     let script_arg = script.to_string_lossy().to_string();
     let (clients, seconds) = (args.clients.to_string(), args.seconds.to_string());
-    let pgbench = |port: u16, mode: &str| -> Result<(f64, f64)> {
-        let text = run_pgbench(
-            port,
-            &[
-                "-n",
-                "-M",
-                mode,
-                "-c",
-                &clients,
-                "-j",
-                "2",
-                "-T",
-                &seconds,
-                "-f",
-                &script_arg,
-            ],
-        )?;
+    // TPS and average latency of one timed run (`extra`: e.g. a rate).
+    let pgbench_with = |port: u16, mode: &str, extra: &[&str]| -> Result<(f64, f64)> {
+        let mut a = vec![
+            "-n",
+            "-M",
+            mode,
+            "-c",
+            &clients,
+            "-j",
+            "2",
+            "-T",
+            &seconds,
+            "-f",
+            &script_arg,
+        ];
+        a.extend_from_slice(extra);
+        let text = run_pgbench(port, &a)?;
         let field = |prefix: &str| {
             text.lines()
                 .find_map(|l| l.strip_prefix(prefix))
@@ -234,6 +235,7 @@ async fn run(
         };
         Ok((field("tps = "), field("latency average = ")))
     };
+    let pgbench = |port: u16, mode: &str| pgbench_with(port, mode, &[]);
     println!();
     println!(
         "point query by key, {} clients, {} s x {} rounds interleaved, medians (direct: one server holding every row)",
@@ -242,13 +244,17 @@ async fn run(
     println!("| mode | direct TPS | Shardline TPS (ratio) | latency ms direct / Shardline | Shardline one-shard config TPS | proxy CPU s / 10k txn, 2 shards / one shard |");
     println!("|---|---:|---:|---:|---:|---:|");
     // Proxy CPU seconds per 10k transactions of one run through `proxy`.
-    let through = |(port, pid): (u16, u32), mode: &str| -> Result<(f64, f64, f64)> {
-        let before = shardline_tests::cpu_seconds(pid).unwrap_or(0.0);
-        let (tps, latency) = pgbench(port, mode)?;
-        let used = shardline_tests::cpu_seconds(pid).unwrap_or(0.0) - before;
-        let txns = tps * args.seconds as f64;
-        Ok((tps, latency, used / (txns / 10_000.0).max(1e-9)))
-    };
+    let through_with =
+        |(port, pid): (u16, u32), mode: &str, extra: &[&str]| -> Result<(f64, f64, f64)> {
+            let before = shardline_tests::cpu_seconds(pid).unwrap_or(0.0);
+            let (tps, latency) = pgbench_with(port, mode, extra)?;
+            let used = shardline_tests::cpu_seconds(pid).unwrap_or(0.0) - before;
+            let txns = tps * args.seconds as f64;
+            Ok((tps, latency, used / (txns / 10_000.0).max(1e-9)))
+        };
+    let through = |proxy: (u16, u32), mode: &str| through_with(proxy, mode, &[]);
+    // Per mode: the rate both proxies ran at, and each one's CPU there.
+    let mut same_rate: Vec<(&str, f64, f64, f64)> = Vec::new();
     use shardline_tests::median;
     for mode in ["prepared", "simple", "extended"] {
         // Per round: direct TPS and latency, sharded TPS, latency and CPU,
@@ -267,6 +273,29 @@ async fn run(
             "| {mode} | {d:.0} | {s:.0} ({:.2}) | {dl:.3} / {sl:.3} | {o:.0} | {s_cpu:.3} / {o_cpu:.3} ({:.2}) |",
             s / d.max(1.0),
             s_cpu / o_cpu.max(1e-9)
+        );
+        // At full speed the two-shard proxy runs at another throughput
+        // than the one-shard one (two servers share the cores), and a
+        // proxy's CPU per transaction moves with throughput (fewer events
+        // per wake-up when slower): both again at one rate, below either's
+        // full speed, tell what sharding itself costs.
+        let rate = (0.8 * s.min(o)).round().max(1.0);
+        let rate_text = format!("{rate:.0}");
+        let (mut two, mut one) = (Vec::new(), Vec::new());
+        for _ in 0..args.rounds {
+            two.push(through_with(proxies.sharded, mode, &["-R", &rate_text])?.2);
+            one.push(through_with(proxies.one_shard, mode, &["-R", &rate_text])?.2);
+        }
+        same_rate.push((mode, rate, median(&two), median(&one)));
+    }
+    println!();
+    println!("the same at one rate (80% of the slower proxy's TPS above), proxy CPU s / 10k txn, medians");
+    println!("| mode | rate (TPS) | 2 shards | one shard | ratio |");
+    println!("|---|---:|---:|---:|---:|");
+    for (mode, rate, two, one) in &same_rate {
+        println!(
+            "| {mode} | {rate:.0} | {two:.3} | {one:.3} | {:.2} |",
+            two / one.max(1e-9)
         );
     }
     if args.instructions > 0 && shardline_tests::callgrind::available() {
