@@ -1,18 +1,20 @@
-//! Pools of raw server connections, one per (node, user, database), on
-//! `deadpool::managed`. A connection goes back to a pool only when clean:
-//! sessions check before returning it, `recycle` checks again before lending it,
-//! and a reaper closes idle and old connections.
+//! Pools of raw server connections, one per (node, user, database). A
+//! connection goes back to a pool only when clean: sessions check before
+//! returning it, `recycle` checks again before lending it, and a reaper
+//! closes idle and old connections.
+//!
+//! The pool is this crate's own (a mutex over a stack of idle connections
+//! and a semaphore of lendable slots): a checkout that finds a connection
+//! idle takes one uncontended lock and a permit, and returning it the
+//! same, which a general-purpose pool's hooks, metrics and timeout layers
+//! made several times dearer on every transaction.
 
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::server::conn::{ServerConnection, ServerError, ServerTarget};
-use deadpool::managed::{
-    self, Metrics, Object, PoolError, QueueMode, RecycleError, RecycleResult, TimeoutType, Timeouts,
-};
-use deadpool::Runtime;
 use shardline_config::PoolConfig;
-use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
-use std::sync::{Arc, OnceLock};
-use std::time::Duration;
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
+use std::sync::{Arc, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 pub struct Manager {
     target: ServerTarget,
@@ -29,13 +31,7 @@ pub struct Manager {
     counters: Arc<PoolCounters>,
 }
 
-impl managed::Manager for Manager {
-    /// Boxed: the pool and the session move a lent connection several
-    /// times per checkout, and a pointer moves cheaply where the
-    /// connection's few hundred bytes would be copied each time.
-    type Type = Box<ServerConnection>;
-    type Error = ServerError;
-
+impl Manager {
     async fn create(&self) -> Result<Box<ServerConnection>, ServerError> {
         // A node that stops answering while the connection is opened (its
         // TCP handshake done by the kernel, its startup never answered)
@@ -67,36 +63,343 @@ impl managed::Manager for Manager {
         Ok(Box::new(conn))
     }
 
-    async fn recycle(
-        &self,
-        conn: &mut Box<ServerConnection>,
-        metrics: &Metrics,
-    ) -> RecycleResult<ServerError> {
+    /// Whether an idle connection may be lent again (why not, else).
+    fn recycle(&self, idle: &Idle, now: Instant) -> Result<(), &'static str> {
+        let conn = &idle.conn;
         if !conn.is_clean() {
-            return Err(RecycleError::message("connection is not clean"));
+            return Err("connection is not clean");
         }
         if conn.generation < self.generation.load(Relaxed) {
-            return Err(RecycleError::message("closed by RECONNECT"));
+            return Err("closed by RECONNECT");
         }
-        // One clock read for both ages (it shows in a profile of short reads).
-        let now = std::time::Instant::now();
-        if now.saturating_duration_since(metrics.created) > self.max_lifetime {
-            return Err(RecycleError::message("connection exceeded max_lifetime"));
+        if now.saturating_duration_since(idle.created) > self.max_lifetime {
+            return Err("connection exceeded max_lifetime");
         }
-        let last_used = metrics.recycled.unwrap_or(metrics.created);
-        if now.saturating_duration_since(last_used) > self.check_delay
+        if now.saturating_duration_since(idle.last_used) > self.check_delay
             && conn.stream.has_closed_or_unread()
         {
-            return Err(RecycleError::message(
-                "server closed the connection while idle",
-            ));
+            return Err("server closed the connection while idle");
         }
         Ok(())
     }
 }
 
-pub type Pool = managed::Pool<Manager>;
-pub type PooledConnection = Object<Manager>;
+/// A connection waiting in its pool, with when it was opened and last
+/// came back.
+struct Idle {
+    /// Boxed: a lent connection moves several times per checkout, and a
+    /// pointer moves cheaply where its few hundred bytes would be copied.
+    conn: Box<ServerConnection>,
+    created: Instant,
+    last_used: Instant,
+}
+
+/// What the pool's lock guards.
+struct Slots {
+    /// Idle connections, the one returned last on top (lent first: the
+    /// others age out and the reaper closes them when traffic falls).
+    idle: Vec<Idle>,
+    /// Connections open (idle and lent) and being opened.
+    size: usize,
+    max_size: usize,
+    /// Permits still to take out of the semaphore after a shrink: as many
+    /// connections are closed as they come back instead of being kept.
+    shrinking: usize,
+}
+
+struct Inner {
+    manager: Manager,
+    slots: Mutex<Slots>,
+    /// One permit per connection that may be lent now (`max_size` less
+    /// those lent): a checkout takes one, waiting in line when none is
+    /// free, and a connection coming back gives it back.
+    permits: tokio::sync::Semaphore,
+    /// Checkouts waiting for a permit.
+    waiting: AtomicUsize,
+}
+
+/// A bounded pool of connections to one server.
+#[derive(Clone)]
+pub struct Pool(Arc<Inner>);
+
+/// The pool's sizes now (SHOW POOLS).
+pub struct Status {
+    pub max_size: usize,
+    /// Connections open (idle and lent) and being opened.
+    pub size: usize,
+    pub available: usize,
+    pub waiting: usize,
+}
+
+/// Why a checkout failed.
+#[derive(Debug)]
+pub enum CheckoutError {
+    /// No connection became free in the time allowed.
+    Wait,
+    /// Opening a connection took longer than `connect_timeout`.
+    Connect,
+    /// Opening a connection failed.
+    Backend(ServerError),
+}
+
+impl Pool {
+    fn new(manager: Manager, max_size: usize) -> Pool {
+        Pool(Arc::new(Inner {
+            manager,
+            slots: Mutex::new(Slots {
+                idle: Vec::new(),
+                size: 0,
+                max_size,
+                shrinking: 0,
+            }),
+            permits: tokio::sync::Semaphore::new(max_size),
+            waiting: AtomicUsize::new(0),
+        }))
+    }
+
+    fn slots(&self) -> std::sync::MutexGuard<'_, Slots> {
+        self.0.slots.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn manager(&self) -> &Manager {
+        &self.0.manager
+    }
+
+    pub fn status(&self) -> Status {
+        let s = self.slots();
+        Status {
+            max_size: s.max_size,
+            size: s.size,
+            available: s.idle.len(),
+            waiting: self.0.waiting.load(Relaxed),
+        }
+    }
+
+    /// A connection: an idle one that passes `recycle`, else a new one
+    /// (opened within `connect_timeout`); waiting up to `wait` for a free
+    /// slot (`Duration::ZERO`: not at all).
+    async fn get(
+        &self,
+        wait: Duration,
+        connect_timeout: Duration,
+    ) -> Result<PooledConnection, CheckoutError> {
+        match self.0.permits.try_acquire() {
+            Ok(p) => p.forget(),
+            Err(_) if wait.is_zero() => return Err(CheckoutError::Wait),
+            Err(_) => {
+                self.0.waiting.fetch_add(1, Relaxed);
+                let got = tokio::time::timeout(wait, self.0.permits.acquire()).await;
+                self.0.waiting.fetch_sub(1, Relaxed);
+                match got {
+                    Ok(Ok(p)) => p.forget(),
+                    // (The semaphore is never closed.)
+                    Ok(Err(_)) | Err(_) => return Err(CheckoutError::Wait),
+                }
+            }
+        }
+        // The permit is this checkout's until the connection comes back
+        // (`PooledConnection::drop`) or the checkout fails (`Slot::drop`).
+        let mut slot = Slot {
+            pool: self,
+            opening: false,
+        };
+        let now = Instant::now();
+        loop {
+            let popped = {
+                let mut s = self.slots();
+                let idle = s.idle.pop();
+                if idle.is_none() {
+                    s.size += 1;
+                    slot.opening = true;
+                }
+                idle
+            };
+            let Some(idle) = popped else { break };
+            match self.0.manager.recycle(&idle, now) {
+                Ok(()) => {
+                    std::mem::forget(slot);
+                    return Ok(PooledConnection {
+                        conn: Some(idle.conn),
+                        created: idle.created,
+                        pool: self.clone(),
+                    });
+                }
+                Err(why) => {
+                    tracing::debug!(server = %idle.conn.addr, why, "closed a pooled connection");
+                    self.slots().size -= 1;
+                }
+            }
+        }
+        // Counted in `size` above (and uncounted by `slot` if it fails).
+        match tokio::time::timeout(connect_timeout, self.0.manager.create()).await {
+            Ok(Ok(conn)) => {
+                std::mem::forget(slot);
+                Ok(PooledConnection {
+                    conn: Some(conn),
+                    created: Instant::now(),
+                    pool: self.clone(),
+                })
+            }
+            Ok(Err(e)) => Err(CheckoutError::Backend(e)),
+            Err(_) => Err(CheckoutError::Connect),
+        }
+    }
+
+    /// Gives a lent connection's permit back (one a shrink still owes is
+    /// kept instead).
+    fn give_back_permit(&self, s: &mut Slots) {
+        if s.shrinking > 0 {
+            s.shrinking -= 1;
+        } else {
+            self.0.permits.add_permits(1);
+        }
+    }
+
+    /// A lent connection comes back: kept idle, or closed when the pool
+    /// is over its size.
+    fn put(&self, conn: Box<ServerConnection>, created: Instant) {
+        let mut s = self.slots();
+        let closed = if s.size > s.max_size {
+            s.size -= 1;
+            Some(conn)
+        } else {
+            s.idle.push(Idle {
+                conn,
+                created,
+                last_used: Instant::now(),
+            });
+            None
+        };
+        self.give_back_permit(&mut s);
+        drop(s);
+        // Closed outside the lock.
+        drop(closed);
+    }
+
+    /// A lent connection is closed instead of coming back.
+    fn discard(&self) {
+        let mut s = self.slots();
+        s.size -= 1;
+        self.give_back_permit(&mut s);
+    }
+
+    /// Changes the pool's size: a larger one lends more at once; a smaller
+    /// one closes idle connections over it now and lent ones as they come
+    /// back.
+    pub fn resize(&self, max_size: usize) {
+        let mut s = self.slots();
+        let old = s.max_size;
+        s.max_size = max_size;
+        if max_size > old {
+            // Owed permits are forgiven first.
+            let mut more = max_size - old;
+            let forgiven = more.min(s.shrinking);
+            s.shrinking -= forgiven;
+            more -= forgiven;
+            self.0.permits.add_permits(more);
+        } else {
+            let fewer = old - max_size;
+            let taken = self.0.permits.forget_permits(fewer);
+            s.shrinking += fewer - taken;
+        }
+        // The idle ones returned longest ago (the stack's bottom) go first.
+        let over = s.size.saturating_sub(max_size).min(s.idle.len());
+        let closed: Vec<Idle> = s.idle.drain(..over).collect();
+        s.size -= closed.len();
+        drop(s);
+        drop(closed);
+    }
+
+    /// Keeps the idle connections `keep` accepts (given the connection,
+    /// its age and how long it has been idle) and closes the others;
+    /// returns how many closed.
+    pub fn retain(
+        &self,
+        mut keep: impl FnMut(&ServerConnection, Duration, Duration) -> bool,
+    ) -> usize {
+        let now = Instant::now();
+        let mut closed = Vec::new();
+        {
+            let mut s = self.slots();
+            let mut i = 0;
+            while i < s.idle.len() {
+                let idle = &s.idle[i];
+                let age = now.saturating_duration_since(idle.created);
+                let unused = now.saturating_duration_since(idle.last_used);
+                if keep(&idle.conn, age, unused) {
+                    i += 1;
+                } else {
+                    closed.push(s.idle.remove(i));
+                }
+            }
+            s.size -= closed.len();
+        }
+        closed.len()
+    }
+}
+
+/// A checkout's permit, and the connection it counts as being opened,
+/// given back if the checkout fails (or is dropped while it waits for the
+/// connection to open).
+struct Slot<'a> {
+    pool: &'a Pool,
+    opening: bool,
+}
+
+impl Drop for Slot<'_> {
+    fn drop(&mut self) {
+        let mut s = self.pool.slots();
+        if self.opening {
+            s.size -= 1;
+        }
+        self.pool.give_back_permit(&mut s);
+    }
+}
+
+/// A connection lent by a pool; dropping it gives it back (the session has
+/// made sure it is clean), `discard` closes it.
+pub struct PooledConnection {
+    conn: Option<Box<ServerConnection>>,
+    created: Instant,
+    pool: Pool,
+}
+
+impl PooledConnection {
+    /// Closes the connection instead of returning it to its pool (it is
+    /// not clean, or lost).
+    pub fn discard(mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.discard();
+            drop(conn);
+        }
+    }
+}
+
+impl std::ops::Deref for PooledConnection {
+    type Target = Box<ServerConnection>;
+
+    fn deref(&self) -> &Box<ServerConnection> {
+        self.conn
+            .as_ref()
+            .expect("a lent connection is there until dropped")
+    }
+}
+
+impl std::ops::DerefMut for PooledConnection {
+    fn deref_mut(&mut self) -> &mut Box<ServerConnection> {
+        self.conn
+            .as_mut()
+            .expect("a lent connection is there until dropped")
+    }
+}
+
+impl Drop for PooledConnection {
+    fn drop(&mut self) {
+        if let Some(conn) = self.conn.take() {
+            self.pool.put(conn, self.created);
+        }
+    }
+}
 
 /// The pool for one node and one (user, database).
 pub struct NodePool {
@@ -163,14 +466,7 @@ impl NodePool {
             counters: Arc::default(),
         };
         let counters = manager.counters.clone();
-        let pool = Pool::builder(manager)
-            .max_size(size)
-            .queue_mode(QueueMode::Lifo)
-            .wait_timeout(Some(cfg.checkout_timeout))
-            .create_timeout(Some(cfg.connect_timeout))
-            .runtime(Runtime::Tokio1)
-            .build()
-            .expect("pool settings are valid and a runtime is set");
+        let pool = Pool::new(manager, size);
         let node = Arc::new(NodePool {
             pool,
             address,
@@ -224,35 +520,28 @@ impl NodePool {
     ) -> Result<PooledConnection, PgError> {
         self.counters.assignments.fetch_add(1, Relaxed);
         // Most checkouts find a free connection: try without arming a timer.
-        let now = Timeouts {
-            wait: Some(Duration::ZERO),
-            create: Some(self.connect_timeout),
-            recycle: None,
-        };
-        match self.pool.timeout_get(&now).await {
-            Err(PoolError::Timeout(TimeoutType::Wait)) => {}
+        match self.pool.get(Duration::ZERO, self.connect_timeout).await {
+            Err(CheckoutError::Wait) => {}
             other => {
                 self.counters.wait.observe(0);
                 return other.map_err(|e| self.checkout_error(e));
             }
         }
-        let wait = Timeouts {
-            wait: Some(self.checkout_timeout),
-            create: Some(self.connect_timeout),
-            recycle: None,
-        };
         let started = std::time::Instant::now();
         if let Some(w) = waiter {
             w.waiting(true);
         }
-        let got = self.pool.timeout_get(&wait).await;
+        let got = self
+            .pool
+            .get(self.checkout_timeout, self.connect_timeout)
+            .await;
         if let Some(w) = waiter {
             w.waiting(false);
         }
         let waited = started.elapsed().as_micros() as u64;
         self.counters.wait_us.fetch_add(waited, Relaxed);
         self.counters.wait.observe(waited);
-        if matches!(got, Err(PoolError::Timeout(TimeoutType::Wait))) {
+        if matches!(got, Err(CheckoutError::Wait)) {
             self.counters.timeouts.fetch_add(1, Relaxed);
         }
         got.map_err(|e| self.checkout_error(e))
@@ -270,13 +559,13 @@ impl NodePool {
     /// back (the console's RECONNECT); returns how many closed now.
     pub fn reconnect(&self) -> usize {
         self.pool.manager().generation.fetch_add(1, Relaxed);
-        self.pool.retain(|_, _| false).removed.len()
+        self.pool.retain(|_, _, _| false)
     }
 
     /// The backend pids of the connections idle in the pool now.
     pub fn idle_pids(&self) -> Vec<i32> {
         let mut pids = Vec::new();
-        self.pool.retain(|conn, _| {
+        self.pool.retain(|conn, _, _| {
             pids.push(conn.pid);
             true
         });
@@ -289,9 +578,9 @@ impl NodePool {
         (s.size, s.available.min(s.size), s.waiting)
     }
 
-    fn checkout_error(&self, e: PoolError<ServerError>) -> PgError {
+    fn checkout_error(&self, e: CheckoutError) -> PgError {
         match e {
-            PoolError::Timeout(TimeoutType::Wait) => {
+            CheckoutError::Wait => {
                 let s = self.pool.status();
                 PgError::error(
                     sqlstate::TOO_MANY_CONNECTIONS,
@@ -305,19 +594,17 @@ impl NodePool {
                 )
                 .with_hint("raise pool_size or pool.checkout_timeout, or shorten transactions")
             }
-            PoolError::Timeout(_) => PgError::error(
+            CheckoutError::Connect => PgError::error(
                 sqlstate::CANNOT_CONNECT,
                 format!("timed out connecting to server {}", self.address),
             ),
-            PoolError::Backend(ServerError::Refused { fields, addr }) => {
+            CheckoutError::Backend(ServerError::Refused { fields, addr }) => {
                 // The server's own verdict (bad password, no such database ...).
                 tracing::warn!(server = %addr, code = %fields.code, message = %fields.message, "server refused the proxy's login");
                 let code = login_code(&fields.code);
                 PgError::error(code, format!("server {addr}: {}", fields.message))
             }
-            PoolError::Backend(e) => PgError::error(sqlstate::CANNOT_CONNECT, e.to_string()),
-            PoolError::Closed => PgError::error(sqlstate::ADMIN_SHUTDOWN, "the pool is closed"),
-            other => PgError::error(sqlstate::INTERNAL_ERROR, other.to_string()),
+            CheckoutError::Backend(e) => PgError::error(sqlstate::CANNOT_CONNECT, e.to_string()),
         }
     }
 
@@ -382,9 +669,7 @@ fn spawn_reaper(node: &Arc<NodePool>, idle: Duration, lifetime: Duration) {
             let Some(node) = weak.upgrade() else { return };
             let removed = node
                 .pool
-                .retain(|_, m| m.last_used() < idle && m.age() < lifetime)
-                .removed
-                .len();
+                .retain(|_, age, unused| unused < idle && age < lifetime);
             if removed > 0 {
                 tracing::debug!(server = %node.address, removed, "closed idle or expired server connections");
             }

@@ -215,3 +215,67 @@ async fn settings_that_need_a_restart_are_named_and_the_rest_applies() {
         .await
         .expect("clients carry on");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_smaller_pool_closes_connections_down_to_its_size() {
+    let env = env_with_accounts().await;
+    let (proxy, _client) = ProxyProcess::start(&config(&env, 4, &[], false), &[]).await;
+    let admin = proxy.console().await;
+    let conn = format!(
+        "host=127.0.0.1 port={} user=app password=app dbname=app",
+        proxy.port
+    );
+    let mut clients = Vec::new();
+    for _ in 0..4 {
+        let (c, connection) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
+        tokio::spawn(connection);
+        clients.push(c);
+    }
+    // Four transactions at once: four server connections.
+    for c in &clients {
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    }
+    assert_eq!(env.server_backends(None), 4);
+    // Two of them are lent when the pool shrinks to two, two idle after.
+    for c in &clients[..2] {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    proxy.rewrite_config(&config(&env, 2, &[], false));
+    admin.simple_query("RELOAD").await.expect("RELOAD applies");
+    assert_eq!(setting(&admin, "pool.size").await, "2");
+    // The idle ones over the size are closed at once, the lent ones as
+    // they come back.
+    wait_for("idle connections closed", || async {
+        env.server_backends(None) == 2
+    })
+    .await;
+    for c in &clients[2..] {
+        c.batch_execute("COMMIT").await.unwrap();
+    }
+    // (Both lent ones came back to a pool of two: kept.)
+    assert_eq!(env.server_backends(None), 2);
+    // Two transactions hold the pool; a third waits for one of them.
+    clients[0].batch_execute("BEGIN; SELECT 1").await.unwrap();
+    clients[1].batch_execute("BEGIN; SELECT 1").await.unwrap();
+    let third = clients.pop().unwrap();
+    let waiting = tokio::spawn(async move { third.simple_query("SELECT 1").await.map(|_| third) });
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "a third connection was lent by a pool of two"
+    );
+    assert_eq!(env.server_backends(None), 2);
+    clients[0].batch_execute("COMMIT").await.unwrap();
+    waiting
+        .await
+        .unwrap()
+        .expect("the waiting client runs once one is free");
+    clients[1].batch_execute("COMMIT").await.unwrap();
+    // And it grows again.
+    proxy.rewrite_config(&config(&env, 3, &[], false));
+    admin.simple_query("RELOAD").await.expect("RELOAD applies");
+    for c in &clients[..3] {
+        c.batch_execute("BEGIN; SELECT 1").await.unwrap();
+    }
+    assert_eq!(env.server_backends(None), 3);
+}

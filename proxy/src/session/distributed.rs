@@ -373,7 +373,7 @@ impl Session {
         }
         for p in conns {
             if !p.conn.is_clean() {
-                drop(deadpool::managed::Object::take(p.conn));
+                p.conn.discard();
             }
         }
         self.wrote = false;
@@ -483,7 +483,7 @@ impl Session {
                 kept.push(l);
             } else {
                 whole = false;
-                drop(deadpool::managed::Object::take(l.conn));
+                l.conn.discard();
             }
         }
         let mut legs = kept;

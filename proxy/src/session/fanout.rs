@@ -420,7 +420,7 @@ impl Session {
         self.fanout_ready(failed);
         for leg in legs {
             if !leg.conn.is_clean() || !leg.done {
-                drop(deadpool::managed::Object::take(leg.conn));
+                leg.conn.discard();
             }
         }
     }
@@ -482,7 +482,7 @@ impl Session {
         for mut leg in legs {
             // Whatever state the connection is in, it is not reused.
             let _ = leg.conn.stream.shutdown().await;
-            drop(deadpool::managed::Object::take(leg.conn));
+            leg.conn.discard();
         }
         PgError::error(sqlstate::CONNECTION_FAILURE, msg).encode(&mut self.client_out);
         self.fanout_ready(true);

@@ -796,7 +796,7 @@ impl Session {
         self.spanning.coordinator = None;
         if let Some(Placed { mut conn, .. }) = self.server.take() {
             if !conn.is_clean() {
-                drop(deadpool::managed::Object::take(conn));
+                conn.discard();
             } else {
                 io::shrink(&mut conn.read_buf);
             }
@@ -960,7 +960,7 @@ impl Session {
         self.detach();
         let addr = conn.addr.clone();
         let in_txn = conn.tx_status != b'I';
-        drop(deadpool::managed::Object::take(conn));
+        conn.discard();
         tracing::warn!(server = %addr, error = %e, traceparent = self.unit_trace().as_deref(), "server connection lost");
         if let Some(sent) = rerun.sent.filter(|_| !in_txn) {
             let nodes = &self.shared.topology.shards[shard].nodes;
@@ -1028,7 +1028,7 @@ impl Session {
     async fn finish_server(&mut self) {
         // Parked participants hold open transactions: closing them rolls back.
         for p in self.spanning.parked.drain(..) {
-            drop(deadpool::managed::Object::take(p.conn));
+            p.conn.discard();
         }
         let Some(Placed { mut conn, .. }) = self.server.take() else {
             return;
@@ -1039,7 +1039,7 @@ impl Session {
             && !self.unit.is_open()
             && self.server_out.is_empty();
         if !clean {
-            drop(deadpool::managed::Object::take(conn));
+            conn.discard();
             return;
         }
         if self.keeps_connection() {
@@ -1047,7 +1047,7 @@ impl Session {
             let reset =
                 tokio::time::timeout(Duration::from_secs(5), io::reset_connection(&mut conn)).await;
             if !matches!(reset, Ok(Ok(()))) {
-                drop(deadpool::managed::Object::take(conn));
+                conn.discard();
             }
         }
     }
