@@ -187,9 +187,17 @@ impl Pool {
             Ok(p) => p.forget(),
             Err(_) if wait.is_zero() => return Err(CheckoutError::Wait),
             Err(_) => {
+                // Counted while it waits, however the wait ends (a client
+                // that leaves drops this future mid-wait).
+                struct Waiting<'a>(&'a AtomicUsize);
+                impl Drop for Waiting<'_> {
+                    fn drop(&mut self) {
+                        self.0.fetch_sub(1, Relaxed);
+                    }
+                }
                 self.0.waiting.fetch_add(1, Relaxed);
+                let _waiting = Waiting(&self.0.waiting);
                 let got = tokio::time::timeout(wait, self.0.permits.acquire()).await;
-                self.0.waiting.fetch_sub(1, Relaxed);
                 match got {
                     Ok(Ok(p)) => p.forget(),
                     // (The semaphore is never closed.)
