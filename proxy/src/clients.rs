@@ -82,6 +82,11 @@ impl Ending {
         self.fired.load(Ordering::Acquire)
     }
 
+    /// Whether `what` has fired.
+    pub fn has(&self, what: u8) -> bool {
+        self.fired.load(Ordering::Acquire) & what != 0
+    }
+
     /// Resolves when `what` fires.
     pub async fn fired(&self, what: u8) {
         std::future::poll_fn(|cx| {
@@ -294,7 +299,9 @@ mod tests {
         ending.fire(Ending::STOP);
         tokio::time::sleep(Duration::from_millis(20)).await;
         assert!(!waiting.is_finished());
+        assert!(ending.has(Ending::STOP) && !ending.has(Ending::KILL));
         ending.fire(Ending::KILL);
+        assert!(ending.has(Ending::KILL));
         tokio::time::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("woken by the kill")

@@ -140,6 +140,8 @@ pub enum CheckoutError {
     Connect,
     /// Opening a connection failed.
     Backend(ServerError),
+    /// The waiting client was ended (the console's KILL_CLIENT).
+    Ended,
 }
 
 impl Pool {
@@ -539,10 +541,21 @@ impl NodePool {
         if let Some(w) = waiter {
             w.waiting(true);
         }
-        let got = self
-            .pool
-            .get(self.checkout_timeout, self.connect_timeout)
-            .await;
+        // A client ended while it waits (KILL_CLIENT) stops waiting at once.
+        let got = match waiter {
+            Some(w) => {
+                let ended = w.ending.fired(crate::clients::Ending::KILL);
+                tokio::select! {
+                    got = self.pool.get(self.checkout_timeout, self.connect_timeout) => got,
+                    () = ended => Err(CheckoutError::Ended),
+                }
+            }
+            None => {
+                self.pool
+                    .get(self.checkout_timeout, self.connect_timeout)
+                    .await
+            }
+        };
         if let Some(w) = waiter {
             w.waiting(false);
         }
@@ -613,6 +626,11 @@ impl NodePool {
                 PgError::error(code, format!("server {addr}: {}", fields.message))
             }
             CheckoutError::Backend(e) => PgError::error(sqlstate::CANNOT_CONNECT, e.to_string()),
+            // (Not a node's failure: the session ends the client.)
+            CheckoutError::Ended => PgError::error(
+                sqlstate::QUERY_CANCELED,
+                "the client was ended while it waited for a server connection",
+            ),
         }
     }
 

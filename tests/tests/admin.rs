@@ -575,6 +575,68 @@ async fn kill_client_ends_that_client_and_reconnect_replaces_connections() {
     .await;
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_client_ends_a_client_waiting_for_a_server_connection() {
+    let env = Env::start_with(EnvOptions {
+        extra_toml: ADMIN.into(),
+        pool_toml: "checkout_timeout = \"20s\"\n".into(),
+        replicas_per_shard: 0,
+        ..EnvOptions::default()
+    })
+    .await
+    .unwrap();
+    let admin = console(&env).await;
+    // Both of tinypool's connections held in open transactions.
+    let a = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+    let b = env.connect_as("tinypool", "tiny-pw").await.unwrap();
+    a.simple_query("BEGIN; SELECT 1").await.unwrap();
+    b.simple_query("BEGIN; SELECT 1").await.unwrap();
+    let conn = format!(
+        "host=127.0.0.1 port={} user=tinypool password=tiny-pw dbname=app application_name=waiter",
+        env.port
+    );
+    let (waiter, connection) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
+    tokio::spawn(connection);
+    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    wait_for("the client to wait for a connection", || {
+        let admin = &admin;
+        async move {
+            let (_, clients) = show(admin, "SHOW CLIENTS").await;
+            clients
+                .iter()
+                .any(|r| get(r, "application_name") == "waiter" && get(r, "state") == "waiting")
+        }
+    })
+    .await;
+    let id = client_id(&admin, "waiter").await;
+    let killed_at = Instant::now();
+    admin
+        .simple_query(&format!("KILL_CLIENT {id}"))
+        .await
+        .unwrap();
+    // Ended at once, not when a connection frees up or the 20 s checkout
+    // timeout passes.
+    let ended = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the waiting client ended")
+        .unwrap();
+    assert!(killed_at.elapsed() < Duration::from_secs(5));
+    let e = ended.unwrap_err();
+    assert!(
+        e.is_closed() || sqlstate(&e).as_deref() == Some("57P01"),
+        "{e}"
+    );
+    let (_, pools) = show(&admin, "SHOW POOLS").await;
+    let tiny = pools
+        .iter()
+        .find(|r| get(r, "user") == "tinypool")
+        .expect("tinypool's pools");
+    assert_eq!(int(tiny, "cl_waiting"), 0, "{tiny:?}");
+    // The holders' transactions are theirs still.
+    a.simple_query("COMMIT").await.unwrap();
+    b.simple_query("COMMIT").await.unwrap();
+}
+
 async fn backend_pid(c: &Client) -> i32 {
     c.query_one("SELECT pg_backend_pid()", &[])
         .await

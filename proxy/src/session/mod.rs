@@ -666,6 +666,10 @@ impl Session {
                 self.shared.placements.count(&planned.place);
                 self.count_keys();
                 if let Err(e) = self.attach_server(target, writes, shard).await {
+                    if self.client.ending.has(crate::clients::Ending::KILL) {
+                        // Ended while it waited for a connection.
+                        return Err(End::Fatal(killed()));
+                    }
                     self.rerun.reset();
                     // A shard that could not join fails the whole transaction.
                     if self.spanning.spans() {
