@@ -192,20 +192,25 @@ pub(super) const LARGE_STATEMENT: usize = 64 * 1024;
 /// average needs.
 const ROUTE_TIMING_SAMPLE: u32 = 64;
 
+/// Routes one statement text's bytes as `route_timed` does (a text that
+/// is not UTF-8 routes as a function call: to the primary, unparsed).
+fn route_bytes(shared: &crate::Shared, sql: &[u8]) -> Route {
+    match std::str::from_utf8(sql) {
+        Ok(text) => route_timed(shared, text, None),
+        Err(_) => FUNCTION_CALL,
+    }
+}
+
 /// Routes one statement text through the shared cache; one in
 /// `ROUTE_TIMING_SAMPLE` is timed into `route_nanos`/`routes_timed`. No
 /// lock is held while the text is shaped or parsed (`SharedRouter::route`).
-/// With `constants`, the shape notes where the text's constants are
-/// (`None` returned for a text that is not UTF-8: it has none to read).
+/// With `constants`, the shape notes where the text's constants are.
 fn route_timed(
     shared: &crate::Shared,
-    sql: &[u8],
+    text: &str,
     constants: Option<&mut Vec<(usize, usize)>>,
 ) -> Route {
     thread_local!(static ROUTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) });
-    let Ok(text) = std::str::from_utf8(sql) else {
-        return FUNCTION_CALL;
-    };
     let n = ROUTED.with(|c| {
         let n = c.get().wrapping_add(1);
         c.set(n);
@@ -239,7 +244,7 @@ impl Session {
                 return route.clone();
             }
         }
-        route_timed(&self.shared, sql, None)
+        route_bytes(&self.shared, sql)
     }
 
     /// Routes `sql` as `route_text` does and records it, with where its
@@ -256,7 +261,7 @@ impl Session {
             Some((route, None)) => (route.clone(), false),
             None if sql.len() >= LARGE_STATEMENT => (self.route_text(sql), false),
             None => match std::str::from_utf8(sql) {
-                Ok(_) => (route_timed(&self.shared, sql, Some(&mut scratch)), true),
+                Ok(text) => (route_timed(&self.shared, text, Some(&mut scratch)), true),
                 Err(_) => (FUNCTION_CALL, false),
             },
         };
@@ -304,8 +309,7 @@ impl Session {
             let text = bytes::Bytes::copy_from_slice(&self.client_in[s..e]);
             let shared = self.shared.clone();
             let routed = text.clone();
-            let route =
-                tokio::task::spawn_blocking(move || route_timed(&shared, &routed, None)).await;
+            let route = tokio::task::spawn_blocking(move || route_bytes(&shared, &routed)).await;
             if let Ok(route) = route {
                 self.large_routes.push((text, route));
             }
