@@ -106,12 +106,29 @@ async fn client_id(admin: &Client, name: &str) -> String {
         .unwrap_or_else(|| panic!("no client named {name} in {clients:?}"))
 }
 
+/// Waits until SHOW CLIENTS shows the client named `name` waiting (for a
+/// connection, or held by PAUSE).
+async fn wait_until_waiting(admin: &Client, name: &str, what: &str) {
+    wait_for(what, || async move {
+        let (_, clients) = show(admin, "SHOW CLIENTS").await;
+        clients
+            .iter()
+            .any(|r| get(r, "application_name") == name && get(r, "state") == "waiting")
+    })
+    .await;
+}
+
 async fn connect_named(env: &Env, name: &str) -> Client {
-    let conn = format!(
+    connect_to(&format!(
         "host=127.0.0.1 port={} user=app password=app dbname=app application_name={name}",
         env.port
-    );
-    let (client, connection) = tokio_postgres::connect(&conn, NoTls)
+    ))
+    .await
+}
+
+/// A client connected with `conninfo`, its connection driven in a task.
+async fn connect_to(conninfo: &str) -> Client {
+    let (client, connection) = tokio_postgres::connect(conninfo, NoTls)
         .await
         .expect("connect");
     tokio::spawn(async move {
@@ -362,16 +379,7 @@ async fn pause_waits_for_open_transactions_then_holds_new_ones_until_resume() {
             .await;
         (r, Instant::now())
     });
-    wait_for("the new transaction to be held", || {
-        let admin = &admin;
-        async move {
-            let (_, clients) = show(admin, "SHOW CLIENTS").await;
-            clients
-                .iter()
-                .any(|r| get(r, "application_name") == "held" && get(r, "state") == "waiting")
-        }
-    })
-    .await;
+    wait_until_waiting(&admin, "held", "the new transaction to be held").await;
     assert!(
         !pausing.is_finished(),
         "PAUSE returned while a transaction was open"
@@ -591,23 +599,13 @@ async fn kill_client_ends_a_client_waiting_for_a_server_connection() {
     let b = env.connect_as("tinypool", "tiny-pw").await.unwrap();
     a.simple_query("BEGIN; SELECT 1").await.unwrap();
     b.simple_query("BEGIN; SELECT 1").await.unwrap();
-    let conn = format!(
+    let waiter = connect_to(&format!(
         "host=127.0.0.1 port={} user=tinypool password=tiny-pw dbname=app application_name=waiter",
         env.port
-    );
-    let (waiter, connection) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
-    tokio::spawn(connection);
-    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
-    wait_for("the client to wait for a connection", || {
-        let admin = &admin;
-        async move {
-            let (_, clients) = show(admin, "SHOW CLIENTS").await;
-            clients
-                .iter()
-                .any(|r| get(r, "application_name") == "waiter" && get(r, "state") == "waiting")
-        }
-    })
+    ))
     .await;
+    let waiting = tokio::spawn(async move { waiter.simple_query("SELECT 1").await.map(|_| ()) });
+    wait_until_waiting(&admin, "waiter", "the client to wait for a connection").await;
     let id = client_id(&admin, "waiter").await;
     let killed_at = Instant::now();
     admin
@@ -655,12 +653,11 @@ async fn shutdown_from_the_console_stops_the_process() {
     let config = format!("{}\n{ADMIN}", env.shards_config(&[0], ""));
     let (mut proxy, client) = ProxyProcess::start(&config, &[]).await;
     client.batch_execute("SELECT 1").await.unwrap();
-    let conn = format!(
+    let admin = connect_to(&format!(
         "host=127.0.0.1 port={} user=app password=app dbname=shardline",
         proxy.port
-    );
-    let (admin, connection) = tokio_postgres::connect(&conn, NoTls).await.unwrap();
-    tokio::spawn(connection);
+    ))
+    .await;
     admin.simple_query("SHUTDOWN").await.unwrap();
     let started = Instant::now();
     let status = loop {
