@@ -38,6 +38,11 @@ pub struct Launch {
     pub connect_fn: Option<&'static str>,
 }
 
+/// A Shardline config's listen line for `port` (a `Launch::port_text`).
+pub fn shardline_listen(port: u16) -> String {
+    format!("listen = \"127.0.0.1:{port}\"")
+}
+
 /// The proxy's function that opens a server connection.
 pub const SHARDLINE_CONNECT: &str =
     "shardline::server::conn::ServerConnection::connect::{{closure}}";

@@ -141,7 +141,7 @@ fn main() -> Result<()> {
             primary.port
         ),
     )?;
-    let listen = |port: u16| format!("listen = \"127.0.0.1:{port}\"");
+    let listen = callgrind::shardline_listen;
     // A proxy on `config` (listening on `port`), started and added.
     let mut start = |name: &'static str,
                      program: &std::path::Path,

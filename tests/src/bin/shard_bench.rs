@@ -124,10 +124,6 @@ struct Proxies {
     configs: [(u16, std::path::PathBuf); 2],
 }
 
-fn listen(port: u16) -> String {
-    format!("listen = \"127.0.0.1:{port}\"")
-}
-
 /// Rows per second for the multi-row INSERT and COPY loads of `rows` rows.
 async fn load(port: u16, rows: u32, first: u32) -> Result<(f64, f64)> {
     let c = shardline_tests::connect_app(port).await?;
@@ -235,7 +231,6 @@ async fn run(
         };
         Ok((field("tps = "), field("latency average = ")))
     };
-    let pgbench = |port: u16, mode: &str| pgbench_with(port, mode, &[]);
     println!();
     println!(
         "point query by key, {} clients, {} s x {} rounds interleaved, medians (direct: one server holding every row)",
@@ -252,7 +247,6 @@ async fn run(
             let txns = tps * args.seconds as f64;
             Ok((tps, latency, used / (txns / 10_000.0).max(1e-9)))
         };
-    let through = |proxy: (u16, u32), mode: &str| through_with(proxy, mode, &[]);
     // Per mode: the rate both proxies ran at, and each one's CPU there.
     let mut same_rate: Vec<(&str, f64, f64, f64)> = Vec::new();
     use shardline_tests::median;
@@ -261,9 +255,9 @@ async fn run(
         // one-shard TPS and CPU.
         let mut runs: [Vec<f64>; 7] = Default::default();
         for _ in 0..args.rounds {
-            let (d, dl) = pgbench(direct, mode)?;
-            let (s, sl, s_cpu) = through(proxies.sharded, mode)?;
-            let (o, _, o_cpu) = through(proxies.one_shard, mode)?;
+            let (d, dl) = pgbench_with(direct, mode, &[])?;
+            let (s, sl, s_cpu) = through_with(proxies.sharded, mode, &[])?;
+            let (o, _, o_cpu) = through_with(proxies.one_shard, mode, &[])?;
             for (v, x) in runs.iter_mut().zip([d, dl, s, sl, s_cpu, o, o_cpu]) {
                 v.push(x);
             }
@@ -337,8 +331,8 @@ fn instructions(
             program: shardline_tests::shardline_binary()?,
             config_flag: Some("--config"),
             config: config.clone(),
-            port_line: listen(*port),
-            port_text: listen,
+            port_line: shardline_tests::callgrind::shardline_listen(*port),
+            port_text: shardline_tests::callgrind::shardline_listen,
             ids: None,
             connect_fn: Some(shardline_tests::callgrind::SHARDLINE_CONNECT),
         };
