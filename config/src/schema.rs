@@ -40,6 +40,75 @@ pub struct Config {
     pub log: LogConfig,
     #[serde(default)]
     pub hot_keys: HotKeysConfig,
+    #[serde(default)]
+    pub cache: CacheConfig,
+}
+
+/// The result cache: opt-in per table (`[[cache.tables]]`), or per
+/// statement with a `/* shardline: cache=30s */` hint. Off while no table
+/// is listed and no statement carries the hint.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CacheConfig {
+    /// What all cached results may hold together, in bytes.
+    #[serde(default = "default_cache_max_bytes")]
+    pub max_bytes: usize,
+    /// How many results are kept at most.
+    #[serde(default = "default_cache_max_entries")]
+    pub max_entries: usize,
+    /// A result larger than this (in bytes, as the client receives it) is
+    /// not cached.
+    #[serde(default = "default_cache_max_result_bytes")]
+    pub max_result_bytes: usize,
+    /// Tables whose reads may be cached, each with how long a result lives.
+    #[serde(default)]
+    pub tables: Vec<CachedTable>,
+    /// Let a `/* shardline: cache=30s */` hint cache a statement whose
+    /// tables are not listed (writes to every table are then tracked).
+    #[serde(default)]
+    pub hints: bool,
+}
+
+impl CacheConfig {
+    /// Whether any result may be cached.
+    pub fn enabled(&self) -> bool {
+        self.hints || !self.tables.is_empty()
+    }
+}
+
+/// One table whose reads may be cached.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CachedTable {
+    /// The table's name as statements write it, unqualified or
+    /// `schema.table` (matched without regard to case, as Postgres folds
+    /// unquoted names).
+    pub name: String,
+    /// How long a cached result of this table is served at most.
+    #[serde(with = "serde_duration")]
+    pub ttl: Duration,
+}
+
+impl Default for CacheConfig {
+    fn default() -> Self {
+        CacheConfig {
+            max_bytes: default_cache_max_bytes(),
+            max_entries: default_cache_max_entries(),
+            max_result_bytes: default_cache_max_result_bytes(),
+            tables: Vec::new(),
+            hints: false,
+        }
+    }
+}
+
+fn default_cache_max_bytes() -> usize {
+    64 * 1024 * 1024
+}
+fn default_cache_max_entries() -> usize {
+    100_000
+}
+fn default_cache_max_result_bytes() -> usize {
+    1024 * 1024
 }
 
 /// The hot-key report (SHOW HOT_KEYS, `/metrics`): the sharding keys routed

@@ -209,8 +209,52 @@ pub(crate) fn validate(c: &Config, file: &str) -> Result<(), ConfigError> {
             format!("expected 1 to 100, found {}", hk.top),
         );
     }
+    validate_cache(c, file)?;
     validate_admin(c, file)?;
     validate_sharding(c, file)
+}
+
+fn validate_cache(c: &Config, file: &str) -> Result<(), ConfigError> {
+    let err = |path: String, msg: String| Err(ConfigError::new(file, path, msg));
+    let cache = &c.cache;
+    if cache.max_entries == 0 {
+        return err("cache.max_entries".into(), "expected at least 1".into());
+    }
+    if cache.max_result_bytes > cache.max_bytes {
+        return err(
+            "cache.max_result_bytes".into(),
+            format!(
+                "{} is more than cache.max_bytes ({}): no such result could be kept",
+                cache.max_result_bytes, cache.max_bytes
+            ),
+        );
+    }
+    let mut seen = std::collections::HashSet::new();
+    for (i, t) in cache.tables.iter().enumerate() {
+        let name = t.name.trim().to_ascii_lowercase();
+        if name.is_empty() || name.split('.').count() > 2 || name.split('.').any(str::is_empty) {
+            return err(
+                format!("cache.tables[{i}].name"),
+                format!(
+                    "expected a table name (\"t\" or \"schema.t\"), found \"{}\"",
+                    t.name
+                ),
+            );
+        }
+        if t.ttl.is_zero() {
+            return err(
+                format!("cache.tables[{i}].ttl"),
+                "expected a duration above 0 (remove the table to stop caching it)".into(),
+            );
+        }
+        if !seen.insert(name) {
+            return err(
+                format!("cache.tables[{i}].name"),
+                format!("\"{}\" is listed twice", t.name),
+            );
+        }
+    }
+    Ok(())
 }
 
 fn validate_admin(c: &Config, file: &str) -> Result<(), ConfigError> {

@@ -4,6 +4,7 @@
 
 pub mod admin;
 pub mod auth;
+pub mod cache;
 pub mod check;
 pub mod clients;
 pub mod cluster;
@@ -172,6 +173,12 @@ pub struct Shared {
     /// shards and `hot_keys.window` is not 0; kept across a reload that
     /// keeps the placement and the window.
     pub hot_keys: Option<Arc<hotkeys::HotKeys>>,
+    /// The result cache (`[cache]`): one for the process, kept across
+    /// reloads (each clears it), so a write by a session still on an
+    /// older configuration drops what newer sessions cached.
+    pub result_cache: Arc<cache::ResultCache>,
+    /// Whether this configuration caches anything.
+    pub caching: bool,
     /// Units run, by placement (SHOW ROUTING); kept across reloads.
     pub placements: Arc<stats::Placements>,
     /// Latency by placement kind, errors by class, reloads (`/metrics`);
@@ -356,12 +363,25 @@ impl Balancing {
     }
 }
 
-fn router_options(c: &shardline_config::RoutingConfig) -> shardline_router::Options {
+fn router_options(config: &Config) -> shardline_router::Options {
+    let c = &config.routing;
     let lower = |v: &[String]| v.iter().map(|f| f.to_ascii_lowercase()).collect();
+    let cache = config.cache.enabled().then(|| {
+        Arc::new(shardline_router::cacheable::CacheTables {
+            tables: config
+                .cache
+                .tables
+                .iter()
+                .map(|t| shardline_router::cacheable::configured_id(&t.name))
+                .collect(),
+            hints: config.cache.hints,
+        })
+    });
     shardline_router::Options {
         writing_functions: lower(&c.writing_functions),
         read_only_functions: lower(&c.read_only_functions),
         unknown_functions_write: c.unknown_functions_write,
+        cache,
     }
 }
 
@@ -515,7 +535,7 @@ impl Shared {
             _ => None,
         };
         let router = shardline_router::SharedRouter::new(
-            router_options(&config.routing),
+            router_options(config),
             config.routing.cache_size,
             config.routing.cache_bytes,
             sharding.clone(),
@@ -541,6 +561,14 @@ impl Shared {
                 .map_or(u64::MAX, |d| d.as_micros().min(u64::MAX as u128) as u64),
             placement: health::placement_hash(&config.placement_fingerprint()),
             hot_keys: hot_keys(config, sharding.as_deref(), previous),
+            result_cache: match previous {
+                Some(p) => {
+                    p.result_cache.configure(&config.cache);
+                    p.result_cache.clone()
+                }
+                None => Arc::new(cache::ResultCache::new(&config.cache)),
+            },
+            caching: config.cache.enabled(),
             statements: Default::default(),
             next_token: previous
                 .map(|p| p.next_token.clone())

@@ -506,14 +506,23 @@ impl Meter {
 
     /// The client's output buffer is about to be written: counts what was
     /// added to it since (`more`: the client has sent more than what is
-    /// answered, so its next unit starts at once).
-    pub fn queued(&mut self, out: &[u8], more: bool, to: Sinks<'_>) {
+    /// answered, so its next unit starts at once). Returns the status of
+    /// the last ReadyForQuery among them (0 when there were more than the
+    /// scan keeps: a status not known).
+    #[inline]
+    pub fn queued(&mut self, out: &[u8], more: bool, to: Sinks<'_>) -> Option<u8> {
         let counted = self.counted.min(out.len());
         if counted == out.len() {
-            return;
+            return None;
         }
         self.counted = out.len();
-        self.sent(&out[counted..], more, to);
+        self.sent(&out[counted..], more, to)
+    }
+
+    /// Bytes at the front of `out` counted already (the rest is new).
+    #[inline]
+    pub fn counted(&self, out: &[u8]) -> usize {
+        self.counted.min(out.len())
     }
 
     /// `n` bytes left the front of the output buffer.
@@ -521,7 +530,7 @@ impl Meter {
         self.counted = self.counted.saturating_sub(n);
     }
 
-    fn sent(&mut self, written: &[u8], more: bool, to: Sinks<'_>) {
+    fn sent(&mut self, written: &[u8], more: bool, to: Sinks<'_>) -> Option<u8> {
         let stats = to.user;
         self.sent += written.len() as u64;
         let mut ended = [0u8; 8];
@@ -529,7 +538,7 @@ impl Meter {
             .scan
             .ready_statuses(written, &mut ended, &to.events.errors);
         if n == 0 {
-            return;
+            return None;
         }
         let now = Instant::now();
         let by_kind = self.place.index().map(|i| &to.events.by_kind[i]);
@@ -591,6 +600,7 @@ impl Meter {
             stats.xact_us.fetch_add(xact_us, Relaxed);
         }
         self.finish(stats);
+        Some(if n > ended.len() { 0 } else { ended[n - 1] })
     }
 
     /// Bytes counted but not yet added (at the end of the session).

@@ -25,6 +25,9 @@ pub struct Route {
     /// transaction (`classify::session_state`), which pooling must keep
     /// from other clients.
     pub session_state: Option<&'static str>,
+    /// What the statements mean to the result cache (`cacheable.rs`);
+    /// `CacheUse::None` while it is off.
+    pub cache: crate::cacheable::CacheUse,
 }
 
 /// Counters for observability (parse-cache hit rate, parser fallbacks).
@@ -339,12 +342,24 @@ pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>)
         }
         Arc::from(templates)
     });
+    let cache = match (&options.cache, &parsed) {
+        (None, _) => crate::cacheable::CacheUse::None,
+        (Some(tables), Ok(statements)) => crate::cacheable::cache_use(
+            statements,
+            class,
+            options,
+            hint.as_ref().and_then(|h| h.cache),
+            tables,
+        ),
+        (Some(_), Err(_)) => crate::cacheable::unparsed_use(class),
+    };
     Route {
         class,
         source,
         role_hint: hint.and_then(|h| h.role),
         shards,
         session_state: crate::classify::session_state(sql),
+        cache,
     }
 }
 

@@ -85,6 +85,9 @@ pub struct Options {
     /// calling an ordinary function is a read unless the function is listed as
     /// writing.
     pub unknown_functions_write: bool,
+    /// The result cache's tables, when it is on: routes then say what each
+    /// statement means to it (`Route::cache`).
+    pub cache: Option<std::sync::Arc<crate::cacheable::CacheTables>>,
 }
 
 impl Options {

@@ -18,6 +18,20 @@ pub struct Hint {
     pub shard: Option<String>,
     /// `key=VALUE`: run on the shard owning that key.
     pub key: Option<String>,
+    /// `cache=30s`: the result cache keeps the statement's result this long
+    /// (ms); `cache=off` is 0: the statement bypasses the cache.
+    pub cache: Option<u64>,
+}
+
+/// `cache=30s`, `cache=500ms`, `cache=off`.
+fn cache_ttl(value: &str) -> Option<u64> {
+    let v = value.trim().trim_matches('\'');
+    if v.eq_ignore_ascii_case("off") || v == "0" {
+        return Some(0);
+    }
+    shardline_config::parse_duration(v)
+        .ok()
+        .map(|d| d.as_millis().min(u128::from(u64::MAX)) as u64)
 }
 
 fn role(value: &str) -> Option<RoleHint> {
@@ -50,6 +64,10 @@ pub fn leading_hint(sql: &str) -> Option<Hint> {
                     Some(("role", v)) => hint.role = role(v),
                     Some(("shard", v)) => hint.shard = Some(unquote(v)),
                     Some(("key", v)) => hint.key = Some(unquote(v)),
+                    Some(("cache", v)) => match cache_ttl(v) {
+                        Some(ms) => hint.cache = Some(ms),
+                        None => continue,
+                    },
                     _ => continue,
                 }
                 found = true;
@@ -232,6 +250,14 @@ mod tests {
             (Some("s1"), Some("it's"))
         );
         assert_eq!(leading_hint("/* shardline: colour=red */ SELECT 1"), None);
+        let cache = |sql: &str| leading_hint(sql).and_then(|h| h.cache);
+        assert_eq!(cache("/* shardline: cache=30s */ SELECT 1"), Some(30_000));
+        assert_eq!(
+            cache("/* shardline: cache=250ms, role=replica */ SELECT 1"),
+            Some(250)
+        );
+        assert_eq!(cache("/* shardline: cache=off */ SELECT 1"), Some(0));
+        assert_eq!(leading_hint("/* shardline: cache=soon */ SELECT 1"), None);
         assert_eq!(leading_hint("/* unterminated"), None);
     }
 

@@ -10,6 +10,7 @@
 
 pub mod balance;
 pub mod cache;
+pub mod cacheable;
 pub mod classify;
 pub mod effect;
 pub mod gather;

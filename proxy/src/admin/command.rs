@@ -9,8 +9,12 @@ pub enum Command {
     Resume(Option<String>),
     Reconnect(Option<String>),
     KillClient(i32),
-    Shutdown { wait_for_servers: bool },
+    Shutdown {
+        wait_for_servers: bool,
+    },
     Reload,
+    /// CACHE CLEAR [table]: drops cached results (of one table).
+    CacheClear(Option<String>),
 }
 
 /// What SHOW lists.
@@ -35,10 +39,11 @@ pub enum Show {
     ReadYourWrites,
     HotKeys,
     Skew,
+    Cache,
 }
 
 impl Show {
-    pub const ALL: [(&'static str, Show); 19] = [
+    pub const ALL: [(&'static str, Show); 20] = [
         ("HELP", Show::Help),
         ("VERSION", Show::Version),
         ("CONFIG", Show::Config),
@@ -58,6 +63,7 @@ impl Show {
         ("READ_YOUR_WRITES", Show::ReadYourWrites),
         ("HOT_KEYS", Show::HotKeys),
         ("SKEW", Show::Skew),
+        ("CACHE", Show::Cache),
     ];
 }
 
@@ -65,12 +71,13 @@ impl Show {
 pub const HELP: &[&str] = &[
     "SHOW HELP|VERSION|CONFIG|DATABASES|POOLS|CLIENTS|SERVERS|USERS|LISTS|MEM",
     "SHOW STATS|STATS_TOTALS|STATS_AVERAGES",
-    "SHOW SHARDS|ROUTING|TRANSACTIONS|READ_YOUR_WRITES|HOT_KEYS|SKEW",
+    "SHOW SHARDS|ROUTING|TRANSACTIONS|READ_YOUR_WRITES|HOT_KEYS|SKEW|CACHE",
     "PAUSE [<shard>]",
     "RESUME [<shard>]",
     "RECONNECT [<shard>]",
     "KILL_CLIENT <id>",
     "RELOAD",
+    "CACHE CLEAR [<table>]",
     "SHUTDOWN [WAIT_FOR_SERVERS]",
 ];
 
@@ -129,11 +136,17 @@ pub fn parse(text: &str) -> Result<Command, String> {
             )),
         },
         "RELOAD" => at_most(1).map(|()| Command::Reload),
+        "CACHE" => match upper.get(1).map(String::as_str) {
+            Some("CLEAR") => at_most(3).map(|()| {
+                Command::CacheClear(words.get(2).map(|s| s.to_string()))
+            }),
+            _ => Err("CACHE what? CACHE CLEAR [<table>]".into()),
+        },
         "" => Err("empty statement".into()),
         _ => Err(format!(
             "unknown command \"{}\": the console runs {}",
             words[0],
-            "SHOW, PAUSE, RESUME, RECONNECT, KILL_CLIENT, RELOAD and SHUTDOWN (SHOW HELP lists them)"
+            "SHOW, PAUSE, RESUME, RECONNECT, KILL_CLIENT, RELOAD, CACHE CLEAR and SHUTDOWN (SHOW HELP lists them)"
         )),
     }
 }
@@ -183,6 +196,14 @@ mod tests {
             })
         );
         assert_eq!(parse("reload"), Ok(Command::Reload));
+        assert_eq!(parse("cache clear"), Ok(Command::CacheClear(None)));
+        assert_eq!(
+            parse("CACHE CLEAR Countries;"),
+            Ok(Command::CacheClear(Some("Countries".into())))
+        );
+        assert!(parse("CACHE").is_err());
+        assert!(parse("CACHE CLEAR a b").is_err());
+        assert_eq!(parse("show cache"), Ok(Command::Show(Show::Cache)));
     }
 
     #[test]

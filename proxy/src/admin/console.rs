@@ -219,6 +219,15 @@ async fn run(shared: &Arc<Shared>, c: Command) -> Result<Reply, Failure> {
             shared.admin.request_shutdown(how);
             Ok(Reply::Done("SHUTDOWN"))
         }
+        Command::CacheClear(table) => {
+            let dropped = shared.result_cache.clear(table.as_deref());
+            tracing::info!(
+                table = table.as_deref().unwrap_or("(all)"),
+                dropped,
+                "result cache cleared (CACHE CLEAR)"
+            );
+            Ok(Reply::Done("CACHE CLEAR"))
+        }
         Command::Reload => {
             let Some(live) = shared.admin.live() else {
                 return Err(Failure(

@@ -143,6 +143,7 @@ pub fn show(shared: &Shared, what: Show) -> Table {
         Show::ReadYourWrites => read_your_writes(shared),
         Show::HotKeys => hot_keys(shared),
         Show::Skew => skew(shared),
+        Show::Cache => cache(shared),
     }
 }
 
@@ -720,6 +721,15 @@ fn mem(shared: &Shared) -> Table {
         n(c.cache_size.saturating_sub(entries) as u64),
         n(bytes as u64),
     ]);
+    let (entries, bytes) = shared.result_cache.usage();
+    let cache = &shared.config.cache;
+    table.push(vec![
+        t("result_cache"),
+        n(cache.max_bytes as u64),
+        n(entries as u64),
+        n(cache.max_entries.saturating_sub(entries) as u64),
+        n(bytes as u64),
+    ]);
     let merge = shared.merge_memory.used();
     table.push(vec![
         t("merge_memory"),
@@ -826,6 +836,38 @@ fn percent(part: u64, whole: u64) -> Option<String> {
 /// The keys routed by the most in the window, per table group (the top
 /// `hot_keys.top`): their share of the group's keyed traffic and of their
 /// shard's, and their shard's share of all keyed traffic.
+/// The result cache per table (the listed ones, then those cached by a
+/// hint), and the whole cache's totals (table `*`).
+fn cache(shared: &Shared) -> Table {
+    let mut table = Table::new(&[
+        ("table", T),
+        ("ttl_ms", I),
+        ("entries", I),
+        ("bytes", I),
+        ("hits", I),
+        ("misses", I),
+        ("evictions", I),
+        ("invalidations", I),
+    ]);
+    let counters =
+        |c: crate::cache::Counters| [n(c.hits), n(c.misses), n(c.evictions), n(c.invalidations)];
+    for r in shared.result_cache.report() {
+        let mut row = vec![
+            t(r.table),
+            r.ttl.map(|d| d.as_millis().to_string()),
+            n(r.entries as u64),
+            n(r.bytes as u64),
+        ];
+        row.extend(counters(r.counters));
+        table.push(row);
+    }
+    let (entries, bytes) = shared.result_cache.usage();
+    let mut row = vec![t("*"), None, n(entries as u64), n(bytes as u64)];
+    row.extend(counters(shared.result_cache.totals()));
+    table.push(row);
+    table
+}
+
 fn hot_keys(shared: &Shared) -> Table {
     let mut table = Table::new(&[
         ("table_group", T),

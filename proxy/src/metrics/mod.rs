@@ -117,6 +117,7 @@ pub fn render(shared: &Shared) -> String {
     pools(&mut f, shared);
     nodes(&mut f, shared);
     routing(&mut f, shared);
+    result_cache(&mut f, shared);
     hot_keys(&mut f, shared);
     // A family with no sample (no user, no error yet) is left out: the
     // format has no way to say "none".
@@ -467,6 +468,61 @@ fn nodes(f: &mut Families, shared: &Shared) {
                 f64::from(u8::from(paused & (1 << i) != 0)),
             )
         }),
+    );
+}
+
+/// The result cache, per table and in total (`table="*"`); nothing while
+/// the configuration caches nothing.
+fn result_cache(f: &mut Families, shared: &Shared) {
+    if !shared.caching {
+        return;
+    }
+    let cache = &shared.result_cache;
+    let tables = cache.report();
+    let totals = cache.totals();
+    let (entries, bytes) = cache.usage();
+    let rows = |pick: fn(&crate::cache::Counters) -> u64| {
+        let mut rows: Vec<(Labels, u64)> = tables
+            .iter()
+            .map(|r| (vec![("table", r.table.clone())], pick(&r.counters)))
+            .collect();
+        rows.push((vec![("table", "*".to_string())], pick(&totals)));
+        rows
+    };
+    f.counter(
+        "result_cache_hits_total",
+        "Reads answered from the result cache, per table read (and in total: table=\"*\").",
+        rows(|c| c.hits),
+    );
+    f.counter(
+        "result_cache_misses_total",
+        "Cacheable reads not in the cache (read on the primary and kept).",
+        rows(|c| c.misses),
+    );
+    f.counter(
+        "result_cache_evictions_total",
+        "Cached results removed for room or past their lifetime.",
+        rows(|c| c.evictions),
+    );
+    f.counter(
+        "result_cache_invalidations_total",
+        "Writes through the proxy that dropped a table's cached results.",
+        rows(|c| c.invalidations),
+    );
+    let mut sizes: Vec<(Labels, f64)> = tables
+        .iter()
+        .map(|r| (vec![("table", r.table.clone())], r.bytes as f64))
+        .collect();
+    sizes.push((vec![("table", "*".to_string())], bytes as f64));
+    f.gauge(
+        "result_cache_bytes",
+        "Bytes the cached results hold (bounded by cache.max_bytes; a result over several tables counts in each).",
+        sizes,
+    );
+    f.gauge(
+        "result_cache_entries",
+        "Results in the cache.",
+        [(vec![], entries as f64)],
     );
 }
 

@@ -47,6 +47,18 @@ impl SessionVars {
         }
     }
 
+    /// The variables written out whole, for a key that must tell every
+    /// two different sets apart (the result cache's).
+    pub fn write_key(&self, out: &mut Vec<u8>) {
+        for (name, value) in &self.entries {
+            for part in [name, value] {
+                out.extend_from_slice(&(part.len() as u32).to_le_bytes());
+                out.extend_from_slice(part.as_bytes());
+            }
+        }
+        out.push(0xff);
+    }
+
     pub fn is_empty(&self) -> bool {
         self.entries.is_empty()
     }

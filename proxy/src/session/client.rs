@@ -8,6 +8,7 @@ use crate::protocol::backend::{sqlstate, PgError};
 use crate::protocol::frontend::{self, Malformed};
 use crate::protocol::{complete_frames, next_frame, peek_header, Frame};
 use shardline_config::PoolMode;
+use shardline_router::cacheable::CacheUse;
 use shardline_router::effect::{self, Effect};
 use shardline_router::shards::Construct;
 use std::collections::VecDeque;
@@ -472,6 +473,10 @@ impl Session {
                 Ok(())
             }
             frontend::FUNCTION_CALL => {
+                if self.shared.caching {
+                    // A function may write any table.
+                    self.note_cache_use(&CacheUse::WritesAny);
+                }
                 self.server_out.extend_from_slice(&f.bytes);
                 self.pending.push_back(Pending::forward(Kind::FunctionCall));
                 Ok(())
@@ -621,6 +626,10 @@ impl Session {
         if let Err(e) = self.keep_session_state(text) {
             self.fail_request(e, true);
             return Ok(());
+        }
+        if self.shared.caching {
+            let route = self.route_text(text);
+            self.note_cache_use(&route.cache);
         }
         let probe = self.position_query_with(utf8.unwrap_or(""));
         self.send_query_frame(&f.bytes);
@@ -799,6 +808,16 @@ impl Session {
             }
         };
         self.unit.bind();
+        if self.shared.caching {
+            let cache = match &stmt {
+                Some(s) => s.route.cache.clone(),
+                None => self
+                    .unnamed
+                    .as_ref()
+                    .map_or(CacheUse::WritesAny, |u| u.route.cache.clone()),
+            };
+            self.note_cache_use(&cache);
+        }
         let effect = match &stmt {
             Some(s) => s.effect.clone(),
             None => self.unnamed.as_ref().and_then(|u| u.effect.clone()),

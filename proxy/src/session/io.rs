@@ -109,7 +109,11 @@ impl Session {
             shards: &self.shared.topology.shards,
             slow_us: self.shared.slow_us,
         };
-        self.meter.queued(&self.client_out, more, sinks);
+        let from = self.meter.counted(&self.client_out);
+        let ready = self.meter.queued(&self.client_out, more, sinks);
+        if self.shared.caching {
+            self.cache_queued(from, ready);
+        }
         if let Some(us) = self.meter.take_slow() {
             self.log_slow(us);
         }

@@ -13,6 +13,7 @@
 //! when the client leaves (session pooling).
 
 mod attach;
+mod cached;
 mod client;
 mod copy;
 mod distributed;
@@ -242,6 +243,11 @@ pub struct Session {
     stopping: bool,
     /// The client's traffic, added to its user's stats per answered unit.
     meter: crate::stats::Meter,
+    /// A cacheable unit read on a server: its reply, kept when it ends.
+    fill: Option<Box<cached::Fill>>,
+    /// Tables the client wrote, dropped from the result cache at each
+    /// ReadyForQuery it is sent until it is idle.
+    cache_writes: cached::Written,
 }
 
 impl Session {
@@ -307,6 +313,8 @@ impl Session {
             client,
             stopping: false,
             meter: Default::default(),
+            fill: None,
+            cache_writes: Default::default(),
         }
     }
 
@@ -402,10 +410,13 @@ impl Session {
                         ))?;
                         continue;
                     }
-                    let planned = self.plan_unit();
+                    let mut planned = self.plan_unit();
                     if !planned.complete && self.shared.sharding.is_some() && !self.must_act() {
                         // The shards depend on the whole unit: wait for its Sync.
                         break;
+                    }
+                    if let cached::Cached::Hit = self.cache_lookup(&mut planned)? {
+                        continue;
                     }
                     let Some(entry) = self.held_by_pause(&planned).await? else {
                         // Held (then run afresh: a RELOAD during the pause

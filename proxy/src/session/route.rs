@@ -24,6 +24,7 @@ const FUNCTION_CALL: Route = Route {
     role_hint: None,
     shards: None,
     session_state: None,
+    cache: shardline_router::cacheable::CacheUse::None,
 };
 
 /// The primary's WAL position after a commit, for read-your-writes: the
@@ -100,6 +101,8 @@ pub(super) struct UnitRoutes {
     /// The sharding keys the unit is placed by (at most
     /// `MAX_KEYS_NOTED`), until the unit runs and they are counted.
     pub(super) keys: Vec<shardline_router::shards::KeySeen>,
+    /// The tables the unit's statements write (with the result cache on).
+    pub(super) cache_writes: super::cached::Written,
 }
 
 impl UnitRoutes {
@@ -116,6 +119,7 @@ impl UnitRoutes {
         self.constants.clear();
         self.routes.clear();
         self.keys.clear();
+        self.cache_writes = Default::default();
     }
 
     fn push(&mut self, text: &[u8], route: &Route, constants: Option<&[Span]>) {
@@ -446,6 +450,11 @@ impl Session {
         let mut routed = std::mem::take(&mut self.spare_routes);
         routed.clear();
         let planned = self.plan_unit_now(&mut routed);
+        if let super::cached::Written::Tables(_) | super::cached::Written::Any = routed.cache_writes
+        {
+            self.cache_writes
+                .merge(std::mem::take(&mut routed.cache_writes));
+        }
         self.spare_routes = std::mem::replace(&mut self.unit_routes, routed);
         self.plan_memo = Some((key, planned.clone()));
         planned
@@ -585,6 +594,11 @@ impl Session {
                 executes: true,
             };
         }
+        if self.shared.caching {
+            for r in &routes {
+                routed.cache_writes.note(&r.cache);
+            }
+        }
         let reads_only = !routes.is_empty() && routes.iter().all(|r| r.class == Class::Read);
         let plan = plan_unit(&UnitFacts {
             routes: &routes,
@@ -631,6 +645,7 @@ impl Session {
         let borrowed = self.borrow(shard_index, target, &mut tried).await;
         self.rerun.tried = tried;
         let (conn, node, placed) = borrowed?;
+        self.fill_on(placed);
         self.meter.place(crate::stats::Kind::One {
             shard: shard_index as u16,
             node: node.min(u8::MAX as usize) as u8,
