@@ -437,7 +437,10 @@ const REFERENCE_WRITES: &[&str] = &[
 /// A write's rows (as a multiset) and affected-row count.
 async fn write(c: &Client, sql: &str, extended: bool) -> Result<(Rows, u64), String> {
     use futures_util::StreamExt as _;
-    let fail = |e: tokio_postgres::Error| e.to_string();
+    let fail = |e: tokio_postgres::Error| match e.as_db_error() {
+        Some(d) => format!("{} {}", d.code().code(), d.message()),
+        None => e.to_string(),
+    };
     if !extended {
         let mut rows = Vec::new();
         let mut n = 0;
@@ -546,9 +549,91 @@ async fn cross_shard_queries_answer_as_one_postgres_or_refuse() {
     run_corpus(&env, "icu", false).await;
 }
 
-/// Loads the tables into `database` on the oracle and through a proxy over
-/// the three shards, then runs the corpus on both.
-async fn run_corpus(env: &Env, database: &str, c_collation: bool) {
+/// Every table cached: the corpus runs twice with writes through the proxy
+/// (and the same on the oracle) between its queries, to the reference
+/// table (broadcast), to one user's rows and to one user's orders. The
+/// second pass is mostly answered from the cache; every answer, cached or
+/// not, must still be the oracle's: a result a write made stale and the
+/// cache kept shows as a difference.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cached_answers_are_the_servers_across_writes() {
+    let env = Env::primaries(4).await;
+    let cache: String = ["users", "orders", "countries"]
+        .iter()
+        .map(|t| format!("\n[[cache.tables]]\nname = \"{t}\"\nttl = \"10m\"\n"))
+        .collect();
+    let (oracle, handle, proxy) = load(&env, "app", &format!("\n[cache]\n{cache}")).await;
+    let mut corpus = corpus();
+    corpus.extend(generated(0x5eed_2027, 250));
+    let (mut tally, mut failures, mut refusals) = (BTreeMap::new(), Vec::new(), Vec::new());
+    let mut writes = 0usize;
+    for (i, q) in corpus.iter().enumerate() {
+        // Filled (or found), then, after a write to one of the tables
+        // every third query, found again or read afresh.
+        compare(
+            &oracle,
+            &proxy,
+            q,
+            true,
+            &mut tally,
+            &mut failures,
+            &mut refusals,
+        )
+        .await;
+        if i.is_multiple_of(3) {
+            let k = match (i as i64 * 37) % 3999 - 1999 {
+                0 => 1,
+                k => k,
+            };
+            let sql = match writes % 4 {
+                0 => "UPDATE countries SET population = coalesce(population, 0) + 1 WHERE code = 'ch'".to_string(),
+                1 => format!("UPDATE users SET age = age + 1, score = score + 1 WHERE id = {k}"),
+                2 => format!("UPDATE orders SET qty = coalesce(qty, 0) + 1 WHERE user_id = {k}"),
+                _ => format!(
+                    "INSERT INTO orders (user_id, id, amount, qty, status, placed) VALUES ({k}, {}, 1.5, 2, 'new', timestamp '2024-03-01')",
+                    100_000 + writes
+                ),
+            };
+            let extended = writes.is_multiple_of(3);
+            let (o, p) = (
+                write(&oracle, &sql, extended).await,
+                write(&proxy, &sql, extended).await,
+            );
+            assert_eq!(o, p, "{sql}");
+            writes += 1;
+        }
+        compare(
+            &oracle,
+            &proxy,
+            q,
+            true,
+            &mut tally,
+            &mut failures,
+            &mut refusals,
+        )
+        .await;
+    }
+    let totals = handle.shared.result_cache.totals();
+    println!(
+        "cached: {} queries twice, {writes} writes: {tally:?}, {totals:?}",
+        corpus.len()
+    );
+    assert!(
+        failures.is_empty(),
+        "{} differences:\n{}",
+        failures.len(),
+        failures.join("\n")
+    );
+    assert!(
+        totals.hits >= 200 && totals.invalidations >= writes as u64,
+        "{totals:?}"
+    );
+}
+
+/// The tables in `database` on the oracle (shard 3) and through a proxy
+/// over shards 0 to 2 (its config with `extra` appended): the oracle, the
+/// proxy, a client of the proxy.
+async fn load(env: &Env, database: &str, extra: &str) -> (Client, shardline::Proxy, Client) {
     let oracle_port = env.node_port(env.shard_primary(3));
     let (oracle, conn) = tokio_postgres::connect(
         &format!("host=127.0.0.1 port={oracle_port} user=app password=app dbname={database}"),
@@ -566,9 +651,9 @@ async fn run_corpus(env: &Env, database: &str, c_collation: bool) {
         .await
         .expect("data on the oracle");
     let config = env
-        .shards_config(&[0, 1, 2], SHARDING)
+        .shards_config(&[0, 1, 2], &format!("{SHARDING}{extra}"))
         .replace("database = \"app\"", &format!("database = \"{database}\""));
-    let (_proxy, proxy) = shardline_tests::start_proxy_for(&config, database).await;
+    let (handle, proxy) = shardline_tests::start_proxy_for(&config, database).await;
     proxy
         .batch_execute(SCHEMA)
         .await
@@ -597,7 +682,13 @@ async fn run_corpus(env: &Env, database: &str, c_collation: bool) {
         );
         assert!(on_oracle >= 4000);
     }
+    (oracle, handle, proxy)
+}
 
+/// Loads the tables into `database` on the oracle and through a proxy over
+/// the three shards, then runs the corpus on both.
+async fn run_corpus(env: &Env, database: &str, c_collation: bool) {
+    let (oracle, _proxy, proxy) = load(env, database, "").await;
     let mut corpus = corpus();
     assert!(corpus.len() >= 150, "{} queries", corpus.len());
     let written = corpus.len();
@@ -613,70 +704,16 @@ async fn run_corpus(env: &Env, database: &str, c_collation: bool) {
     let mut tally: BTreeMap<&str, usize> = BTreeMap::new();
     let mut refusals = Vec::new();
     for q in &corpus {
-        let runs: &[(&str, usize)] = if q.bound.is_some() {
-            &[
-                ("text", 0),
-                ("binary", 1),
-                ("bound int8 (inferred)", 2),
-                ("bound int4 (declared)", 3),
-            ]
-        } else {
-            &[("text", 0), ("binary", 1)]
-        };
-        for &(format, run) in runs {
-            let (o, p) = match (run, &q.bound) {
-                (0, _) => (text(&oracle, &q.sql).await, text(&proxy, &q.sql).await),
-                (2 | 3, Some((sql, params))) => {
-                    let ty = (run == 3).then_some(Type::INT4);
-                    (
-                        bound(&oracle, sql, params, ty.clone()).await,
-                        bound(&proxy, sql, params, ty).await,
-                    )
-                }
-                _ => (binary(&oracle, &q.sql).await, binary(&proxy, &q.sql).await),
-            };
-            let outcome = match (&o, &p) {
-                (Answer::Error(code, msg), _) => {
-                    failures.push(format!(
-                        "{format}: the oracle fails ({code} {msg}): {}",
-                        q.sql
-                    ));
-                    continue;
-                }
-                (_, Answer::Error(code, msg))
-                    if code == "0A000"
-                        && (!q.required || (!c_collation && msg.contains("collation"))) =>
-                {
-                    if run == 0 {
-                        refusals.push(format!("{}\n    -> {msg}", q.sql));
-                    }
-                    "refused (0A000)"
-                }
-                (_, Answer::Error(code, msg)) => {
-                    failures.push(format!("{format}: {code} {msg}: {}", q.sql));
-                    continue;
-                }
-                (Answer::Rows(oc, or), Answer::Rows(pc, pr)) => {
-                    if oc != pc {
-                        failures.push(format!(
-                            "{format}: columns {pc:?}, the oracle {oc:?}: {}",
-                            q.sql
-                        ));
-                        continue;
-                    }
-                    let upper = q.sql.to_ascii_uppercase();
-                    let cut = ["LIMIT", "OFFSET", "FETCH"]
-                        .iter()
-                        .any(|w| upper.contains(w));
-                    if let Some(d) = difference(&q.mode, or, pr, cut) {
-                        failures.push(format!("{format}: {d}: {}", q.sql));
-                        continue;
-                    }
-                    "answered exactly"
-                }
-            };
-            *tally.entry(outcome).or_default() += 1;
-        }
+        compare(
+            &oracle,
+            &proxy,
+            q,
+            c_collation,
+            &mut tally,
+            &mut failures,
+            &mut refusals,
+        )
+        .await;
     }
     // Writes to the reference table: the command tag and RETURNING rows one
     // Postgres gives, through the simple and the extended protocol.
@@ -738,6 +775,84 @@ async fn run_corpus(env: &Env, database: &str, c_collation: bool) {
             answered < required,
             "text order refused under ICU: {tally:?}"
         );
+    }
+}
+
+/// Runs one query of the corpus on the oracle and the proxy in every
+/// form (text, binary, bound), counting each outcome in `tally`; a
+/// difference goes to `failures`, a refusal's message to `refusals`.
+async fn compare(
+    oracle: &Client,
+    proxy: &Client,
+    q: &Query,
+    c_collation: bool,
+    tally: &mut BTreeMap<&'static str, usize>,
+    failures: &mut Vec<String>,
+    refusals: &mut Vec<String>,
+) {
+    let runs: &[(&str, usize)] = if q.bound.is_some() {
+        &[
+            ("text", 0),
+            ("binary", 1),
+            ("bound int8 (inferred)", 2),
+            ("bound int4 (declared)", 3),
+        ]
+    } else {
+        &[("text", 0), ("binary", 1)]
+    };
+    for &(format, run) in runs {
+        let (o, p) = match (run, &q.bound) {
+            (0, _) => (text(oracle, &q.sql).await, text(proxy, &q.sql).await),
+            (2 | 3, Some((sql, params))) => {
+                let ty = (run == 3).then_some(Type::INT4);
+                (
+                    bound(oracle, sql, params, ty.clone()).await,
+                    bound(proxy, sql, params, ty).await,
+                )
+            }
+            _ => (binary(oracle, &q.sql).await, binary(proxy, &q.sql).await),
+        };
+        let outcome = match (&o, &p) {
+            (Answer::Error(code, msg), _) => {
+                failures.push(format!(
+                    "{format}: the oracle fails ({code} {msg}): {}",
+                    q.sql
+                ));
+                continue;
+            }
+            (_, Answer::Error(code, msg))
+                if code == "0A000"
+                    && (!q.required || (!c_collation && msg.contains("collation"))) =>
+            {
+                if run == 0 {
+                    refusals.push(format!("{}\n    -> {msg}", q.sql));
+                }
+                "refused (0A000)"
+            }
+            (_, Answer::Error(code, msg)) => {
+                failures.push(format!("{format}: {code} {msg}: {}", q.sql));
+                continue;
+            }
+            (Answer::Rows(oc, or), Answer::Rows(pc, pr)) => {
+                if oc != pc {
+                    failures.push(format!(
+                        "{format}: columns {pc:?}, the oracle {oc:?}: {}",
+                        q.sql
+                    ));
+                    continue;
+                }
+                let upper = q.sql.to_ascii_uppercase();
+                let cut = ["LIMIT", "OFFSET", "FETCH"]
+                    .iter()
+                    .any(|w| upper.contains(w));
+                if let Some(d) = difference(&q.mode, or, pr, cut) {
+                    failures.push(format!("{format}: {d}: {}", q.sql));
+                    continue;
+                }
+                "answered exactly"
+            }
+        };
+        *tally.entry(outcome).or_default() += 1;
     }
 }
 
