@@ -468,6 +468,29 @@ mod tests {
         ));
     }
 
+    /// A reload's configuration empties the cache, and a fill sent before
+    /// it is not kept (its tables' lifetimes may have changed).
+    #[test]
+    fn a_new_configuration_empties_the_cache() {
+        let c = ResultCache::new(&config(&[("a", 60)], 1 << 20));
+        let a = names(&["a"]);
+        assert!(fill(&c, "q", &a, "r"));
+        let Lookup::Miss(ticket) = c.lookup(b"q2", &a, Instant::now()) else {
+            panic!()
+        };
+        c.configure(&config(&[("a", 5)], 1 << 20));
+        assert_eq!(c.usage(), (0, 0));
+        let later = Instant::now() + Duration::from_secs(5);
+        assert!(!c.store(
+            Bytes::from_static(b"q2"),
+            &a,
+            ticket,
+            Bytes::from_static(b"r"),
+            later
+        ));
+        assert_eq!(c.ttl(&a, None), Some(Duration::from_secs(5)));
+    }
+
     #[test]
     fn bounded_in_bytes_entries_and_result_size_and_aged() {
         let per = 1 + 2 + ENTRY_OVERHEAD + 16;

@@ -103,7 +103,8 @@ pub fn config_for(cluster: &LocalCluster, listen_port: u16) -> String {
     let mut toml = format!(
         "[proxy]\nlisten = \"127.0.0.1:{listen_port}\"\npool_mode = \"transaction\"\n\n\
          [[users]]\nname = \"{DEMO_USER}\"\npassword = \"{DEMO_PASSWORD}\"\ndatabase = \"{DEMO_DATABASE}\"\n\n\
-         [admin]\nusers = [\"{DEMO_USER}\"]\n\n"
+         [admin]\nusers = [\"{DEMO_USER}\"]\n\n\
+         [cache]\n[[cache.tables]]\nname = \"countries\"\nttl = \"60s\"\n\n"
     );
     toml.push_str(&shards_toml(cluster));
     if cluster
@@ -243,6 +244,9 @@ pub async fn run(port: u16, metrics_port: u16) -> Result<()> {
     println!("A transaction may write on both shards (two-phase commit):");
     println!("  BEGIN; UPDATE users SET name = 'one' WHERE id = 1; UPDATE users SET name = 'two' WHERE id = 2; COMMIT;");
     println!("(Right after a write, your reads go to the primary until the replicas have replayed it: read-your-writes.)");
+    println!("Reads of countries are cached for 60 s (a write through the proxy drops them at once); run this twice,");
+    println!("then SHOW CACHE in the console shows the hit:");
+    println!("  SELECT code, name FROM countries ORDER BY code;");
     println!();
     println!("Press Ctrl-C to stop and remove everything.");
     wait_for_signal().await;

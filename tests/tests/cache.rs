@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use tokio_postgres::{Client, SimpleQueryMessage};
 
 const CACHE: &str = "
+[metrics]
+listen = \"127.0.0.1:0\"
 [cache]
 hints = true
 [[cache.tables]]
@@ -137,6 +139,20 @@ async fn reads_are_cached_until_a_write_through_the_proxy() {
     );
     assert_eq!(countries.ttl, Some(Duration::from_secs(60)));
     assert!(report.iter().any(|r| r.table == "plain" && r.ttl.is_none()));
+    // The metrics.
+    let addr = env.proxy.as_ref().unwrap().metrics_addr.unwrap();
+    let mut http = std::net::TcpStream::connect(addr).unwrap();
+    std::io::Write::write_all(&mut http, b"GET /metrics HTTP/1.0\r\n\r\n").unwrap();
+    let mut body = String::new();
+    std::io::Read::read_to_string(&mut http, &mut body).unwrap();
+    let hits: f64 = body
+        .lines()
+        .find_map(|l| l.strip_prefix("shardline_result_cache_hits_total{table=\"countries\"} "))
+        .unwrap_or_else(|| panic!("{body}"))
+        .parse()
+        .unwrap();
+    assert!(hits >= 4.0, "{hits}");
+    assert!(body.contains("shardline_result_cache_bytes{table=\"*\"}"));
     assert!(shared.result_cache.clear(Some("countries")) >= 2);
     assert_eq!(one(&c, sql).await, "Again");
 }

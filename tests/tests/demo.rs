@@ -133,6 +133,23 @@ fn demo_starts_serves_and_cleans_up() {
     let (ok, out) = psql(&console, &["-A", "-t", "-c", "SHOW HOT_KEYS"]);
     assert!(ok, "{out}");
     assert!(out.starts_with("default|42|"), "{out}");
+    // The cached read it prints: answered twice, the second from the cache.
+    let cached = "SELECT code, name FROM countries ORDER BY code;";
+    let (ok, out) = psql(&url, &["-A", "-t", "-c", cached, "-c", cached]);
+    assert!(ok, "{out}");
+    assert_eq!(out.lines().count(), 10, "{out}");
+    assert!(out.starts_with("BR|Brazil"), "{out}");
+    let (ok, out) = psql(&console, &["-A", "-t", "-c", "SHOW CACHE"]);
+    assert!(ok, "{out}");
+    let countries: Vec<&str> = out
+        .lines()
+        .find(|l| l.starts_with("countries|"))
+        .unwrap_or_else(|| panic!("{out}"))
+        .split('|')
+        .collect();
+    // table, ttl_ms, entries, bytes, hits, misses, ...
+    assert_eq!(&countries[1..3], ["60000", "1"], "{out}");
+    assert_eq!(&countries[4..6], ["1", "1"], "one hit, one miss: {out}");
     // So does the metrics URL it prints.
     let (addr, path) = metrics.split_once('/').expect("host:port/path");
     assert_eq!(path, "metrics");

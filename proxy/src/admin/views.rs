@@ -171,6 +171,7 @@ fn config(shared: &Shared) -> Table {
         metrics: Default::default(),
         log: Default::default(),
         hot_keys: Default::default(),
+        cache: Default::default(),
         ..(*shared.config).clone()
     };
     for ((key, value), (_, default)) in settings(&shared.config)
@@ -300,6 +301,22 @@ pub(super) fn settings(c: &shardline_config::Config) -> Vec<(&'static str, Strin
         ),
         ("hot_keys.window", duration(c.hot_keys.window)),
         ("hot_keys.top", c.hot_keys.top.to_string()),
+        ("cache.max_bytes", c.cache.max_bytes.to_string()),
+        ("cache.max_entries", c.cache.max_entries.to_string()),
+        (
+            "cache.max_result_bytes",
+            c.cache.max_result_bytes.to_string(),
+        ),
+        ("cache.hints", c.cache.hints.to_string()),
+        (
+            "cache.tables",
+            c.cache
+                .tables
+                .iter()
+                .map(|t| format!("{}={}", t.name, duration(t.ttl)))
+                .collect::<Vec<_>>()
+                .join(","),
+        ),
     ]
 }
 

@@ -207,6 +207,9 @@ impl Session {
                 Ok(Cached::Hit)
             }
             Lookup::Miss(ticket) => {
+                // What is queued for the client already is not this
+                // unit's: counted now, so the capture starts after it.
+                self.count_queued();
                 self.fill = Some(Box::new(Fill {
                     key: key.into(),
                     tables: tables.clone(),
@@ -250,19 +253,27 @@ impl Session {
             )
             && matches!(
                 planned.place,
-                Placement::One(_) | Placement::Anywhere | Placement::Many(_) | Placement::Merge(_)
+                Placement::One(_)
+                    | Placement::Anywhere
+                    | Placement::Spread
+                    | Placement::Many(_)
+                    | Placement::Merge(_)
             )
     }
 
     /// The unit's key and its statement's route, when the client's buffer
     /// holds exactly one cacheable unit; with the definition length of the
-    /// unnamed Parse it opens with, if any.
+    /// unnamed Parse it opens with, if any. The key is built only once the
+    /// statement is known to be a cacheable read.
     fn cache_key(
         &self,
         planned: &Planned,
     ) -> Option<(Vec<u8>, shardline_router::Route, Option<usize>)> {
-        let buf = &self.client_in[..];
-        let mut key = Vec::with_capacity(buf.len() + 64);
+        let unit = self.cache_unit()?;
+        let CacheUse::Read { .. } = unit.route.cache else {
+            return None;
+        };
+        let mut key = Vec::with_capacity(self.client_in.len() + 64);
         let user = &self.login.user;
         for part in [user.name.as_bytes(), user.database.as_bytes()] {
             key.extend_from_slice(&(part.len() as u32).to_le_bytes());
@@ -273,23 +284,52 @@ impl Session {
             Placement::One(s) => (1u8, shardline_router::sharding::mask_of(*s)),
             Placement::Many(m) => (2, *m),
             Placement::Merge(m) => (3, *m),
-            _ => (0, self.unit_shards(&planned.place)),
+            // Any shard answers alike (a reference table, one shard).
+            _ => (0, 0),
         };
         key.push(kind);
         key.extend_from_slice(&mask.to_le_bytes());
-        let mut messages = Messages(buf);
-        let (tag, body) = messages.next()?;
-        if tag == frontend::QUERY {
-            if messages.0.is_empty() {
-                let text = frontend::query(body).ok()?;
+        match unit.form {
+            Form::Simple(text) => {
                 key.push(b'Q');
                 key.extend_from_slice(text);
-                return Some((key, self.route_text(text), None));
             }
-            return None;
+            Form::Extended {
+                parse,
+                definition,
+                bind,
+                describe,
+            } => {
+                key.push(b'X');
+                key.push(u8::from(parse.is_some()));
+                for part in [definition, bind] {
+                    key.extend_from_slice(&(part.len() as u32).to_le_bytes());
+                    key.extend_from_slice(part);
+                }
+                key.push(describe.unwrap_or(0));
+            }
         }
-        // Extended: [Parse ""] Bind "" [Describe] Execute "" 0, Sync.
-        key.push(b'X');
+        let parse_len = match unit.form {
+            Form::Extended {
+                parse: Some(len), ..
+            } => Some(len),
+            _ => None,
+        };
+        Some((key, unit.route, parse_len))
+    }
+
+    /// The one unit in the client's buffer, when it has a cacheable form:
+    /// a simple query, or [Parse ""] Bind "" [Describe] Execute "" 0 Sync.
+    fn cache_unit(&self) -> Option<Unit<'_>> {
+        let mut messages = Messages(&self.client_in[..]);
+        let (tag, body) = messages.next()?;
+        if tag == frontend::QUERY {
+            let text = frontend::query(body).ok()?;
+            return messages.0.is_empty().then(|| Unit {
+                route: self.route_text(text),
+                form: Form::Simple(text),
+            });
+        }
         let (mut tag, mut body) = (tag, body);
         let mut parsed: Option<(&[u8], &[u8])> = None;
         if tag == frontend::PARSE {
@@ -319,18 +359,14 @@ impl Session {
             }
             (Some(_), _) => return None,
         };
-        key.push(u8::from(parsed.is_some()));
-        key.extend_from_slice(&(definition.len() as u32).to_le_bytes());
-        key.extend_from_slice(definition);
-        key.extend_from_slice(&(b.rest.len() as u32).to_le_bytes());
-        key.extend_from_slice(b.rest);
         (tag, body) = messages.next()?;
+        let mut describe = None;
         if tag == frontend::DESCRIBE {
             let (kind, name) = frontend::target(body, "Describe").ok()?;
             if name != b.statement && !(kind == b'P' && name.is_empty()) {
                 return None;
             }
-            key.push(kind);
+            describe = Some(kind);
             (tag, body) = messages.next()?;
         }
         if tag != frontend::EXECUTE || body != b"\0\0\0\0\0" {
@@ -340,8 +376,37 @@ impl Session {
         if tag != frontend::SYNC || !messages.0.is_empty() {
             return None;
         }
-        Some((key, route, parsed.map(|(_, d)| d.len())))
+        Some(Unit {
+            route,
+            form: Form::Extended {
+                parse: parsed.map(|(_, d)| d.len()),
+                definition,
+                bind: b.rest,
+                describe,
+            },
+        })
     }
+}
+
+/// A unit the cache may answer: its statement's route and its parts.
+struct Unit<'a> {
+    route: shardline_router::Route,
+    form: Form<'a>,
+}
+
+enum Form<'a> {
+    Simple(&'a [u8]),
+    Extended {
+        /// An unnamed Parse opens the unit: its definition's length.
+        parse: Option<usize>,
+        /// The statement's text and parameter types.
+        definition: &'a [u8],
+        /// The Bind after its names: parameter formats and values, result
+        /// formats.
+        bind: &'a [u8],
+        /// Describe's kind (`S` or `P`).
+        describe: Option<u8>,
+    },
 }
 
 /// The whole messages at the front of a buffer, in order.

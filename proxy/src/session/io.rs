@@ -101,7 +101,7 @@ impl Session {
 
     /// Counts what was added to the client's output buffer before it is
     /// written (`more`: the client has sent more than what is answered).
-    fn count_queued(&mut self) {
+    pub(super) fn count_queued(&mut self) {
         let more = !self.client_in.is_empty();
         let sinks = crate::stats::Sinks {
             user: &self.login.user.stats,
