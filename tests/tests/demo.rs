@@ -150,6 +150,19 @@ fn demo_starts_serves_and_cleans_up() {
     // table, ttl_ms, entries, bytes, hits, misses, ...
     assert_eq!(&countries[1..3], ["60000", "1"], "{out}");
     assert_eq!(&countries[4..6], ["1", "1"], "one hit, one miss: {out}");
+    let (ok, out) = psql(
+        &console,
+        &[
+            "-A",
+            "-t",
+            "-c",
+            "CACHE CLEAR countries",
+            "-c",
+            "SHOW CACHE",
+        ],
+    );
+    assert!(ok, "{out}");
+    assert!(out.contains("countries|60000|0|0|1|1|"), "{out}");
     // So does the metrics URL it prints.
     let (addr, path) = metrics.split_once('/').expect("host:port/path");
     assert_eq!(path, "metrics");

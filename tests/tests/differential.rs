@@ -549,12 +549,13 @@ async fn cross_shard_queries_answer_as_one_postgres_or_refuse() {
     run_corpus(&env, "icu", false).await;
 }
 
-/// Every table cached: the corpus runs twice with writes through the proxy
-/// (and the same on the oracle) between its queries, to the reference
-/// table (broadcast), to one user's rows and to one user's orders. The
-/// second pass is mostly answered from the cache; every answer, cached or
-/// not, must still be the oracle's: a result a write made stale and the
-/// cache kept shows as a difference.
+/// Every table cached: each query runs twice with a write through the
+/// proxy (and the same on the oracle) between them every third query: to
+/// the reference table (broadcast), to one user's rows, to one user's
+/// orders, a split INSERT of orders for several users, an INSERT. The
+/// second run is answered from the cache unless the write dropped one of
+/// its tables; every answer, cached or not, must be the oracle's: a result
+/// a write made stale and the cache kept shows as a difference.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cached_answers_are_the_servers_across_writes() {
     let env = Env::primaries(4).await;
@@ -585,10 +586,19 @@ async fn cached_answers_are_the_servers_across_writes() {
                 0 => 1,
                 k => k,
             };
-            let sql = match writes % 4 {
+            let sql = match writes % 5 {
                 0 => "UPDATE countries SET population = coalesce(population, 0) + 1 WHERE code = 'ch'".to_string(),
                 1 => format!("UPDATE users SET age = age + 1, score = score + 1 WHERE id = {k}"),
                 2 => format!("UPDATE orders SET qty = coalesce(qty, 0) + 1 WHERE user_id = {k}"),
+                // Rows for several shards: a split INSERT.
+                3 => format!(
+                    "INSERT INTO orders (user_id, id, amount, status, placed) VALUES ({k}, {}, 2.5, 'new', timestamp '2024-03-02'), ({}, {}, 3.5, 'new', timestamp '2024-03-02'), ({}, {}, 4.5, 'paid', timestamp '2024-03-02')",
+                    200_000 + 3 * writes,
+                    -k,
+                    200_001 + 3 * writes,
+                    (k + 977) % 1999 + 1,
+                    200_002 + 3 * writes
+                ),
                 _ => format!(
                     "INSERT INTO orders (user_id, id, amount, qty, status, placed) VALUES ({k}, {}, 1.5, 2, 'new', timestamp '2024-03-01')",
                     100_000 + writes
