@@ -388,17 +388,36 @@ mod tests {
         t.iter().map(|n| Box::from(*n)).collect()
     }
 
-    fn fill(c: &ResultCache, key: &str, tables: &[Box<str>], reply: &str) -> bool {
-        let Lookup::Miss(ticket) = c.lookup(key.as_bytes(), tables, Instant::now()) else {
-            panic!("expected a miss for {key}");
-        };
+    /// A miss's ticket for `key` (panics on a hit).
+    fn miss(c: &ResultCache, key: &str, tables: &[Box<str>]) -> Ticket {
+        match c.lookup(key.as_bytes(), tables, Instant::now()) {
+            Lookup::Miss(t) => t,
+            Lookup::Hit(_) => panic!("expected a miss for {key}"),
+        }
+    }
+
+    /// Stores `reply` for `key` with `ticket`, living `ttl`.
+    fn keep(
+        c: &ResultCache,
+        key: &str,
+        tables: &[Box<str>],
+        ticket: Ticket,
+        reply: &str,
+        ttl: Duration,
+    ) -> bool {
         c.store(
             Bytes::copy_from_slice(key.as_bytes()),
             tables,
             ticket,
             Bytes::copy_from_slice(reply.as_bytes()),
-            Instant::now() + Duration::from_secs(60),
+            Instant::now() + ttl,
         )
+    }
+
+    /// A miss filled at once, living a minute.
+    fn fill(c: &ResultCache, key: &str, tables: &[Box<str>], reply: &str) -> bool {
+        let ticket = miss(c, key, tables);
+        keep(c, key, tables, ticket, reply, Duration::from_secs(60))
     }
 
     fn hit(c: &ResultCache, key: &str, tables: &[Box<str>]) -> Option<Bytes> {
@@ -439,33 +458,17 @@ mod tests {
     fn a_fill_raced_by_a_write_is_not_kept() {
         let c = ResultCache::new(&config(&[("a", 60)], 1 << 20));
         let a = names(&["a"]);
-        let Lookup::Miss(ticket) = c.lookup(b"q", &a, Instant::now()) else {
-            panic!()
-        };
+        let ticket = miss(&c, "q", &a);
         c.invalidate(&a);
-        let later = Instant::now() + Duration::from_secs(60);
-        assert!(!c.store(
-            Bytes::from_static(b"q"),
-            &a,
-            ticket,
-            Bytes::from_static(b"old"),
-            later
-        ));
+        let minute = Duration::from_secs(60);
+        assert!(!keep(&c, "q", &a, ticket, "old", minute));
         assert!(hit(&c, "q", &a).is_none());
         // The same for a table never seen before the write, and for a
         // write to any table.
         let n = names(&["new"]);
-        let Lookup::Miss(ticket) = c.lookup(b"q2", &n, Instant::now()) else {
-            panic!()
-        };
+        let ticket = miss(&c, "q2", &n);
         c.invalidate_all();
-        assert!(!c.store(
-            Bytes::from_static(b"q2"),
-            &n,
-            ticket,
-            Bytes::from_static(b"x"),
-            later
-        ));
+        assert!(!keep(&c, "q2", &n, ticket, "x", minute));
     }
 
     /// A reload's configuration empties the cache, and a fill sent before
@@ -475,19 +478,10 @@ mod tests {
         let c = ResultCache::new(&config(&[("a", 60)], 1 << 20));
         let a = names(&["a"]);
         assert!(fill(&c, "q", &a, "r"));
-        let Lookup::Miss(ticket) = c.lookup(b"q2", &a, Instant::now()) else {
-            panic!()
-        };
+        let ticket = miss(&c, "q2", &a);
         c.configure(&config(&[("a", 5)], 1 << 20));
         assert_eq!(c.usage(), (0, 0));
-        let later = Instant::now() + Duration::from_secs(5);
-        assert!(!c.store(
-            Bytes::from_static(b"q2"),
-            &a,
-            ticket,
-            Bytes::from_static(b"r"),
-            later
-        ));
+        assert!(!keep(&c, "q2", &a, ticket, "r", Duration::from_secs(5)));
         assert_eq!(c.ttl(&a, None), Some(Duration::from_secs(5)));
     }
 
@@ -507,16 +501,8 @@ mod tests {
         assert_eq!(c.totals().evictions, 1);
         assert!(!fill(&c, "big", &a, &"x".repeat(2000)));
         // Past its lifetime an entry is gone.
-        let Lookup::Miss(t) = c.lookup(b"old", &a, Instant::now()) else {
-            panic!()
-        };
-        assert!(c.store(
-            Bytes::from_static(b"old"),
-            &a,
-            t,
-            Bytes::from_static(b"r"),
-            Instant::now()
-        ));
+        let ticket = miss(&c, "old", &a);
+        assert!(keep(&c, "old", &a, ticket, "r", Duration::ZERO));
         assert!(hit(&c, "old", &a).is_none());
         // Its room (one byte more than an entry of the others) cost two.
         assert_eq!(c.clear(None), 1);

@@ -241,19 +241,24 @@ fn statement_writes(statement: &Statement) -> Option<Vec<Box<str>>> {
     (found.is_continue() && !tables.is_empty()).then_some(tables)
 }
 
+/// Notes a relation's table, or stops at a name that is not one.
+fn push_table(tables: &mut Vec<Box<str>>, relation: &ObjectName) -> ControlFlow<()> {
+    match table_id(relation) {
+        Some(t) => {
+            tables.push(t);
+            ControlFlow::Continue(())
+        }
+        None => ControlFlow::Break(()),
+    }
+}
+
 struct Relations<'a>(&'a mut Vec<Box<str>>);
 
 impl Visitor for Relations<'_> {
     type Break = ();
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        match table_id(relation) {
-            Some(t) => {
-                self.0.push(t);
-                ControlFlow::Continue(())
-            }
-            None => ControlFlow::Break(()),
-        }
+        push_table(self.0, relation)
     }
 }
 
@@ -270,13 +275,7 @@ impl Visitor for ReadFinder {
     type Break = ();
 
     fn pre_visit_relation(&mut self, relation: &ObjectName) -> ControlFlow<()> {
-        match table_id(relation) {
-            Some(t) => {
-                self.tables.push(t);
-                ControlFlow::Continue(())
-            }
-            None => ControlFlow::Break(()),
-        }
+        push_table(&mut self.tables, relation)
     }
 
     fn pre_visit_statement(&mut self, statement: &Statement) -> ControlFlow<()> {

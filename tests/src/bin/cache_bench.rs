@@ -92,18 +92,22 @@ fn main() -> Result<()> {
             "\\set id random(1, {ROWS})\nSELECT name, population FROM countries WHERE id = :id;\n"
         ),
     )?;
+    // A client program of the Postgres install, logged in as app on `port`.
+    let client = |program: &str, port: u16| {
+        let mut cmd = Command::new(bin.bindir.join(program));
+        cmd.env("PGPASSWORD", "app").args([
+            "-h",
+            "127.0.0.1",
+            "-p",
+            &port.to_string(),
+            "-U",
+            "app",
+        ]);
+        cmd
+    };
     let pgbench = |port: u16, mode: &str| -> Result<(f64, f64)> {
-        let out = Command::new(bin.bindir.join("pgbench"))
-            .env("PGPASSWORD", "app")
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &port.to_string(),
-                "-U",
-                "app",
-                "-n",
-            ])
+        let out = client("pgbench", port)
+            .arg("-n")
             .args([
                 "-c",
                 &clients.to_string(),
@@ -174,18 +178,8 @@ fn main() -> Result<()> {
         }
     }
     let port = targets[2].1;
-    let out = Command::new(bin.bindir.join("psql"))
-        .env("PGPASSWORD", "app")
-        .args([
-            "-h",
-            "127.0.0.1",
-            "-p",
-            &port.to_string(),
-            "-U",
-            "app",
-            "-d",
-            "shardline",
-        ])
+    let out = client("psql", port)
+        .args(["-d", "shardline"])
         .args(["-c", "SHOW CACHE"])
         .output()?;
     println!(
