@@ -16,7 +16,7 @@ use super::{End, Session};
 use crate::cache::{Lookup, Ticket};
 use crate::protocol::frontend;
 use bytes::{Bytes, BytesMut};
-use shardline_router::cacheable::CacheUse;
+use shardline_router::cacheable::{CacheUse, CachedRead};
 use shardline_router::shards::Placement;
 use shardline_router::{Target, UnitPlan};
 use std::sync::Arc;
@@ -37,25 +37,29 @@ impl Written {
         match other {
             Written::Nothing => {}
             Written::Any => *self = Written::Any,
-            Written::Tables(t) => self.note(&CacheUse::Writes(t.into())),
+            Written::Tables(t) => self.note_tables(&t),
         }
     }
 
     pub(super) fn note(&mut self, cache: &CacheUse) {
         match cache {
-            CacheUse::Writes(tables) => match self {
-                Written::Nothing => *self = Written::Tables(tables.to_vec()),
-                Written::Tables(v) => {
-                    for t in tables.iter() {
-                        if !v.contains(t) {
-                            v.push(t.clone());
-                        }
+            CacheUse::Writes(tables) => self.note_tables(tables),
+            CacheUse::WritesAny => *self = Written::Any,
+            CacheUse::None | CacheUse::Read(_) => {}
+        }
+    }
+
+    fn note_tables(&mut self, tables: &[Box<str>]) {
+        match self {
+            Written::Nothing => *self = Written::Tables(tables.to_vec()),
+            Written::Tables(v) => {
+                for t in tables {
+                    if !v.contains(t) {
+                        v.push(t.clone());
                     }
                 }
-                Written::Any => {}
-            },
-            CacheUse::WritesAny => *self = Written::Any,
-            CacheUse::None | CacheUse::Read { .. } => {}
+            }
+            Written::Any => {}
         }
     }
 }
@@ -63,7 +67,7 @@ impl Written {
 /// A miss being read: its reply as queued to the client.
 pub(super) struct Fill {
     key: Bytes,
-    tables: Arc<[Box<str>]>,
+    read: Arc<CachedRead>,
     ticket: Ticket,
     expires: Instant,
     reply: BytesMut,
@@ -154,9 +158,13 @@ impl Session {
         }
         let kept = body.len();
         let body = fill.reply.freeze().slice(..kept);
-        self.shared
-            .result_cache
-            .store(fill.key, &fill.tables, fill.ticket, body, fill.expires);
+        self.shared.result_cache.store(
+            fill.key,
+            &fill.read.tables,
+            fill.ticket,
+            body,
+            fill.expires,
+        );
     }
 
     /// A server chosen for the unit is a replica: a fill there could miss
@@ -179,11 +187,12 @@ impl Session {
         let Some((key, route, parse_len)) = self.cache_key(planned) else {
             return Ok(Cached::Bypass);
         };
-        let CacheUse::Read { tables, ttl_ms } = &route.cache else {
+        let CacheUse::Read(read) = &route.cache else {
             return Ok(Cached::Bypass);
         };
+        let tables = &read.tables;
         let cache = self.shared.result_cache.clone();
-        let Some(ttl) = cache.ttl(tables, *ttl_ms) else {
+        let Some(ttl) = cache.ttl(tables, read.ttl_ms) else {
             return Ok(Cached::Bypass);
         };
         let now = Instant::now();
@@ -212,7 +221,7 @@ impl Session {
                 self.count_queued();
                 self.fill = Some(Box::new(Fill {
                     key: key.into(),
-                    tables: tables.clone(),
+                    read: read.clone(),
                     ticket,
                     expires: now + ttl,
                     reply: BytesMut::new(),
@@ -270,7 +279,7 @@ impl Session {
         planned: &Planned,
     ) -> Option<(Vec<u8>, shardline_router::Route, Option<usize>)> {
         let unit = self.cache_unit()?;
-        let CacheUse::Read { .. } = unit.route.cache else {
+        let CacheUse::Read(_) = unit.route.cache else {
             return None;
         };
         let mut key = Vec::with_capacity(self.client_in.len() + 64);

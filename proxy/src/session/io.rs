@@ -109,10 +109,12 @@ impl Session {
             shards: &self.shared.topology.shards,
             slow_us: self.shared.slow_us,
         };
-        let from = self.meter.counted(&self.client_out);
-        let ready = self.meter.queued(&self.client_out, more, sinks);
         if self.shared.caching {
+            let from = self.meter.counted(&self.client_out);
+            let ready = self.meter.queued(&self.client_out, more, sinks);
             self.cache_queued(from, ready);
+        } else {
+            self.meter.queued(&self.client_out, more, sinks);
         }
         if let Some(us) = self.meter.take_slow() {
             self.log_slow(us);

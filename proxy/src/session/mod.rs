@@ -415,8 +415,10 @@ impl Session {
                         // The shards depend on the whole unit: wait for its Sync.
                         break;
                     }
-                    if let cached::Cached::Hit = self.cache_lookup(&mut planned)? {
-                        continue;
+                    if self.shared.caching {
+                        if let cached::Cached::Hit = self.cache_lookup(&mut planned)? {
+                            continue;
+                        }
                     }
                     let Some(entry) = self.held_by_pause(&planned).await? else {
                         // Held (then run afresh: a RELOAD during the pause
