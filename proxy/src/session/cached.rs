@@ -33,14 +33,6 @@ pub(super) enum Written {
 }
 
 impl Written {
-    pub(super) fn merge(&mut self, other: Written) {
-        match other {
-            Written::Nothing => {}
-            Written::Any => *self = Written::Any,
-            Written::Tables(t) => self.note_tables(&t),
-        }
-    }
-
     pub(super) fn note(&mut self, cache: &CacheUse) {
         match cache {
             CacheUse::Writes(tables) => self.note_tables(tables),
@@ -117,16 +109,10 @@ impl Session {
             return;
         };
         // Before the write's ReadyForQuery leaves: its tables' results go.
-        match std::mem::take(&mut self.cache_writes) {
+        match &self.cache_writes {
             Written::Nothing => {}
-            Written::Tables(t) => {
-                self.shared.result_cache.invalidate(&t);
-                self.cache_writes = Written::Tables(t);
-            }
-            Written::Any => {
-                self.shared.result_cache.invalidate_all();
-                self.cache_writes = Written::Any;
-            }
+            Written::Tables(t) => self.shared.result_cache.invalidate(t),
+            Written::Any => self.shared.result_cache.invalidate_all(),
         }
         if status == b'I' && self.pending.is_empty() && self.client_in.is_empty() {
             // Idle, nothing in flight: every write noted has ended.

@@ -101,6 +101,7 @@ impl Session {
 
     /// Counts what was added to the client's output buffer before it is
     /// written (`more`: the client has sent more than what is answered).
+    #[inline(always)]
     pub(super) fn count_queued(&mut self) {
         let more = !self.client_in.is_empty();
         let sinks = crate::stats::Sinks {

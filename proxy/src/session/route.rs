@@ -101,8 +101,6 @@ pub(super) struct UnitRoutes {
     /// The sharding keys the unit is placed by (at most
     /// `MAX_KEYS_NOTED`), until the unit runs and they are counted.
     pub(super) keys: Vec<shardline_router::shards::KeySeen>,
-    /// The tables the unit's statements write (with the result cache on).
-    pub(super) cache_writes: super::cached::Written,
 }
 
 impl UnitRoutes {
@@ -119,7 +117,6 @@ impl UnitRoutes {
         self.constants.clear();
         self.routes.clear();
         self.keys.clear();
-        self.cache_writes = Default::default();
     }
 
     fn push(&mut self, text: &[u8], route: &Route, constants: Option<&[Span]>) {
@@ -449,12 +446,14 @@ impl Session {
         // for the unit's later steps; the two buffers swap.
         let mut routed = std::mem::take(&mut self.spare_routes);
         routed.clear();
-        let planned = self.plan_unit_now(&mut routed);
-        if let super::cached::Written::Tables(_) | super::cached::Written::Any = routed.cache_writes
-        {
-            self.cache_writes
-                .merge(std::mem::take(&mut routed.cache_writes));
-        }
+        let planned = if self.shared.caching {
+            let mut written = std::mem::take(&mut self.cache_writes);
+            let planned = self.plan_unit_now(&mut routed, Some(&mut written));
+            self.cache_writes = written;
+            planned
+        } else {
+            self.plan_unit_now(&mut routed, None)
+        };
         self.spare_routes = std::mem::replace(&mut self.unit_routes, routed);
         self.plan_memo = Some((key, planned.clone()));
         planned
@@ -462,7 +461,13 @@ impl Session {
 
     /// Plans the unit at the front of `client_in`; `routed` gets each
     /// statement text routed, with its route.
-    fn plan_unit_now(&self, routed: &mut UnitRoutes) -> Planned {
+    /// With the result cache on, `written` gathers the tables the unit's
+    /// statements write.
+    fn plan_unit_now(
+        &self,
+        routed: &mut UnitRoutes,
+        written: Option<&mut super::cached::Written>,
+    ) -> Planned {
         let sharded = self.shared.sharding.is_some();
         if self.mode() == PoolMode::Session && !sharded {
             // The connection is the client's for the whole session.
@@ -577,6 +582,11 @@ impl Session {
                 };
             }
         }
+        if let Some(written) = written {
+            for r in &routes {
+                written.note(&r.cache);
+            }
+        }
         if self.mode() == PoolMode::Session {
             // The connection is the client's for the whole session.
             let plan = UnitPlan::Run {
@@ -593,11 +603,6 @@ impl Session {
                 reads_only: false,
                 executes: true,
             };
-        }
-        if self.shared.caching {
-            for r in &routes {
-                routed.cache_writes.note(&r.cache);
-            }
         }
         let reads_only = !routes.is_empty() && routes.iter().all(|r| r.class == Class::Read);
         let plan = plan_unit(&UnitFacts {
