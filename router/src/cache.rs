@@ -25,9 +25,19 @@ pub struct Route {
     /// transaction (`classify::session_state`), which pooling must keep
     /// from other clients.
     pub session_state: Option<&'static str>,
-    /// What the statements mean to the result cache (`cacheable.rs`);
-    /// `CacheUse::None` while it is off.
-    pub cache: crate::cacheable::CacheUse,
+    /// What the statements mean to the result cache (`cacheable.rs`),
+    /// read with [`Route::cache_use`]; `None` while it is off or when they
+    /// mean nothing to it (one word: every statement's route carries it).
+    pub cache: Option<Arc<crate::cacheable::CacheUse>>,
+}
+
+impl Route {
+    /// What the statements mean to the result cache.
+    pub fn cache_use(&self) -> &crate::cacheable::CacheUse {
+        self.cache
+            .as_deref()
+            .unwrap_or(&crate::cacheable::CacheUse::None)
+    }
 }
 
 /// Counters for observability (parse-cache hit rate, parser fallbacks).
@@ -353,6 +363,7 @@ pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>)
         ),
         (Some(_), Err(_)) => crate::cacheable::unparsed_use(class),
     };
+    let cache = (cache != crate::cacheable::CacheUse::None).then(|| Arc::new(cache));
     Route {
         class,
         source,

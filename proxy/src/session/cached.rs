@@ -173,7 +173,7 @@ impl Session {
         let Some((key, route, parse_len)) = self.cache_key(planned) else {
             return Ok(Cached::Bypass);
         };
-        let CacheUse::Read(read) = &route.cache else {
+        let CacheUse::Read(read) = route.cache_use() else {
             return Ok(Cached::Bypass);
         };
         let tables = &read.tables;
@@ -265,7 +265,7 @@ impl Session {
         planned: &Planned,
     ) -> Option<(Vec<u8>, shardline_router::Route, Option<usize>)> {
         let unit = self.cache_unit()?;
-        let CacheUse::Read(_) = unit.route.cache else {
+        let CacheUse::Read(_) = unit.route.cache_use() else {
             return None;
         };
         let mut key = Vec::with_capacity(self.client_in.len() + 64);

@@ -629,7 +629,7 @@ impl Session {
         }
         if self.shared.caching {
             let route = self.route_text(text);
-            self.note_cache_use(&route.cache);
+            self.note_cache_use(route.cache_use());
         }
         let probe = self.position_query_with(utf8.unwrap_or(""));
         self.send_query_frame(&f.bytes);
@@ -811,12 +811,14 @@ impl Session {
         if self.shared.caching {
             let cache = match &stmt {
                 Some(s) => s.route.cache.clone(),
-                None => self
-                    .unnamed
-                    .as_ref()
-                    .map_or(CacheUse::WritesAny, |u| u.route.cache.clone()),
+                None => match &self.unnamed {
+                    Some(u) => u.route.cache.clone(),
+                    None => Some(std::sync::Arc::new(CacheUse::WritesAny)),
+                },
             };
-            self.note_cache_use(&cache);
+            if let Some(cache) = cache {
+                self.note_cache_use(&cache);
+            }
         }
         let effect = match &stmt {
             Some(s) => s.effect.clone(),

@@ -24,7 +24,7 @@ const FUNCTION_CALL: Route = Route {
     role_hint: None,
     shards: None,
     session_state: None,
-    cache: shardline_router::cacheable::CacheUse::None,
+    cache: None,
 };
 
 /// The primary's WAL position after a commit, for read-your-writes: the
@@ -584,7 +584,7 @@ impl Session {
         }
         if let Some(written) = written {
             for r in &routes {
-                written.note(&r.cache);
+                written.note(r.cache_use());
             }
         }
         if self.mode() == PoolMode::Session {
