@@ -220,6 +220,18 @@ async fn a_hit_answers_the_servers_exact_bytes() {
         .unwrap();
     assert_eq!(shardline_tests::tags(&again), b"2DCZ".to_vec());
     assert!(String::from_utf8_lossy(&again[1].1).contains("France"));
+
+    // A lone Sync (answered by the proxy) in the same write as a miss: its
+    // ReadyForQuery is not taken for the miss's reply.
+    let mut raw = RawClient::login(env.port).await.unwrap();
+    let mut both = vec![fe::sync()];
+    both.extend(unit("de"));
+    let lone = raw.exchange(&both).await.unwrap();
+    assert_eq!(shardline_tests::tags(&lone), b"Z".to_vec());
+    let filled = raw.until_ready().await.unwrap();
+    assert_eq!(shardline_tests::tags(&filled), b"12TDCZ".to_vec());
+    let hit = raw.exchange(&unit("de")).await.unwrap();
+    assert_eq!(hit, filled);
 }
 
 /// Many clients write their own row on one connection and read it on
