@@ -43,6 +43,13 @@ async fn env() -> Env {
     .await
     .unwrap();
     for i in env.replicas() {
+        // The table first (a query on it fails until it is replayed).
+        env.wait_sql_on(
+            i,
+            "SELECT count(*) FROM pg_tables WHERE tablename = 'plain'",
+            "1",
+        )
+        .await;
         env.wait_sql_on(i, "SELECT count(*) FROM plain", "1").await;
     }
     env
@@ -328,4 +335,26 @@ async fn a_fill_is_never_older_than_a_write_through_the_proxy() {
         assert_eq!(one(&other, sql).await, "Paris");
     }
     env.sql_on(replica, "SELECT pg_wal_replay_resume()");
+}
+
+/// With the primary stopped, a miss is still answered (by the replica, as
+/// any read would be), and it is not kept: only the primary's reads are.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_miss_with_the_primary_down_is_read_on_a_replica_and_not_kept() {
+    let env = env().await;
+    let c = env.connect().await;
+    let primary = (0..=env.replicas().len())
+        .find(|i| !env.replicas().contains(i))
+        .unwrap();
+    env.signal_node(primary, libc::SIGINT);
+    let sql = "SELECT name FROM countries WHERE code = 'jp'";
+    let before = totals(&env);
+    for _ in 0..2 {
+        assert_eq!(one(&c, sql).await, "Nihon");
+    }
+    let after = totals(&env);
+    // (A read sent again after the lost primary is looked up again.)
+    assert_eq!(after.hits, before.hits);
+    assert!(after.misses >= before.misses + 2, "{after:?}");
+    assert_eq!(env.proxy.as_ref().unwrap().shared.result_cache.usage().0, 0);
 }

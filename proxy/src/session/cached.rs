@@ -163,9 +163,9 @@ impl Session {
 
     /// Looks the unit at the front of the client's buffer up in the cache
     /// (`planned`: where it would run). On a hit the unit is answered and
-    /// taken off the buffer; on a miss `Fill` is noted and `planned`
-    /// turned to the primary.
-    pub(super) fn cache_lookup(&mut self, planned: &mut Planned) -> Result<Cached, End> {
+    /// taken off the buffer; on a miss `Fill` is noted, and `borrow` sends
+    /// the read to the primary.
+    pub(super) fn cache_lookup(&mut self, planned: &Planned) -> Result<Cached, End> {
         self.fill = None;
         if !self.cacheable_now(planned) {
             return Ok(Cached::Bypass);
@@ -213,10 +213,7 @@ impl Session {
                     reply: BytesMut::new(),
                     spoiled: false,
                 }));
-                planned.plan = UnitPlan::Run {
-                    target: Target::Primary,
-                    writes: false,
-                };
+                // `borrow` sends a fill to the primary.
                 Ok(Cached::Fill)
             }
         }

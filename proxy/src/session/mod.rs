@@ -410,13 +410,13 @@ impl Session {
                         ))?;
                         continue;
                     }
-                    let mut planned = self.plan_unit();
+                    let planned = self.plan_unit();
                     if !planned.complete && self.shared.sharding.is_some() && !self.must_act() {
                         // The shards depend on the whole unit: wait for its Sync.
                         break;
                     }
                     if self.shared.caching {
-                        if let cached::Cached::Hit = self.cache_lookup(&mut planned)? {
+                        if let cached::Cached::Hit = self.cache_lookup(&planned)? {
                             continue;
                         }
                     }

@@ -691,6 +691,11 @@ impl Session {
         let lb = &shared.balancing;
         let read = target == Target::Replica;
         let mut target = target;
+        if read && self.fill.is_some() {
+            // A result cache fill reads the primary; still a read, so an
+            // unavailable primary sends it to a replica (and it is not kept).
+            target = Target::Primary;
+        }
         let ryw = &user.ryw[shard_index];
         let primary_until = ryw.primary_until.load(Relaxed);
         if target == Target::Replica
