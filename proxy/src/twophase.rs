@@ -20,6 +20,12 @@
 //! wins and the coordinator can never commit (rollback); while the
 //! coordinator's transaction is still open, the insert waits on its
 //! uncommitted key and gives up after `lock_timeout` (decided later).
+//!
+//! The decision row is inserted before any participant prepares, so a
+//! resolver that sees a prepared participant always finds the row (held or
+//! committed) and never takes the key from a healthy commit. The resolver
+//! leaves transactions prepared less than `SETTLE_AFTER` ago to the commit
+//! that is finishing them.
 
 use crate::health::Topology;
 use crate::server::{ServerConnection, ServerError, ServerTarget};
@@ -33,6 +39,10 @@ decided_at timestamptz NOT NULL DEFAULT clock_timestamp())";
 
 /// Prepared transactions of this proxy have gids `sl:<coordinator shard>:<id>`.
 pub const GID_PREFIX: &str = "sl:";
+
+/// How old a prepared transaction must be before the resolver settles it:
+/// younger ones belong to commits still running, which finish them.
+const SETTLE_AFTER: &str = "2 seconds";
 
 /// How long the proxy keeps decision rows of finished transactions whose
 /// participants it could not all reach.
@@ -227,7 +237,7 @@ impl Coordinator {
                 continue;
             };
             let sql = format!(
-                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE '{GID_PREFIX}%' ORDER BY prepared"
+                "SELECT gid FROM pg_prepared_xacts WHERE database = current_database() AND gid LIKE '{GID_PREFIX}%' AND prepared < now() - interval '{SETTLE_AFTER}' ORDER BY prepared"
             );
             match c.simple_query(&sql).await {
                 Ok((rows, _)) => prepared.extend(

@@ -431,3 +431,64 @@ async fn servers_that_cannot_prepare_are_named_at_startup() {
     assert!(format!("{err:?}").contains("two_phase_commit"), "{err:?}");
     c.batch_execute("ROLLBACK").await.unwrap();
 }
+
+/// The decision row is held before any participant prepares: a resolver
+/// that sees a prepared participant then always finds the row (and waits on
+/// it) instead of recording a rollback under a healthy commit. Here the row's
+/// insert is held back by a lock; the other shard must not be prepared
+/// meanwhile, and the commit succeeds once the lock goes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn participants_prepare_only_after_the_decision_row_is_held() {
+    let env = Env::primaries(2).await;
+    let config = env.shards_config(&[0, 1], SHARDING);
+    let (_proxy, c) = start_proxy(&config).await;
+    c.batch_execute(SCHEMA).await.expect("schema");
+    let (a, b) = keys(&config, 1);
+
+    let holder = env.connect_shard(0).await;
+    holder
+        .batch_execute("BEGIN; LOCK TABLE shardline.txn_decisions IN SHARE ROW EXCLUSIVE MODE")
+        .await
+        .unwrap();
+    c.batch_execute("BEGIN").await.unwrap();
+    for k in [a, b] {
+        c.execute("INSERT INTO users (id, name) VALUES ($1, 'held')", &[&k])
+            .await
+            .unwrap();
+    }
+    let commit = tokio::spawn(async move {
+        let r = c.batch_execute("COMMIT").await;
+        (c, r)
+    });
+    let started = Instant::now();
+    while env.sql_shard(
+        0,
+        "SELECT count(*) FROM pg_stat_activity WHERE wait_event_type = 'Lock' \
+         AND query LIKE 'INSERT INTO shardline.txn_decisions%'",
+    ) != "1"
+    {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the decision row's insert never waited on the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    // Sent together with the insert, a PREPARE would be done in a few
+    // milliseconds; give it ample time to show.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        prepared(&env, 1),
+        0,
+        "a participant prepared before the decision row"
+    );
+    holder.batch_execute("COMMIT").await.unwrap();
+    let (c, r) = commit.await.unwrap();
+    r.expect("the commit succeeds once the decision row is written");
+    let n = c
+        .query_one("SELECT count(*) FROM users WHERE name = 'held'", &[])
+        .await
+        .unwrap()
+        .get::<_, i64>(0);
+    assert_eq!(n, 2);
+    assert_eq!((prepared(&env, 0), prepared(&env, 1)), (0, 0));
+}

@@ -550,23 +550,26 @@ impl Session {
         let g = literal(&gid);
         let (coordinator, others) = conns.split_at_mut(1);
         let coord = &mut coordinator[0];
-        // The decision row and the PREPAREs go out at once. Should a
-        // resolver see a participant prepared before the row exists, its
-        // rollback row takes the key, this insert fails, and all roll back.
+        // The decision row first, then the PREPAREs: once a participant is
+        // prepared, a resolver (of any proxy) may look for its decision, and
+        // it must find the row held by this open transaction and wait on
+        // it. Sent together, a resolver could insert its rollback row in
+        // between and fail a healthy commit.
         let record =
             format!("INSERT INTO shardline.txn_decisions (gid, commit) VALUES ({g}, true)");
         let prepare = format!("PREPARE TRANSACTION {g}");
-        let (recorded, prepares) = futures_util::future::join(
-            coord.conn.simple_query(&record),
-            join_all(others.iter_mut().map(|p| p.conn.simple_query(&prepare))),
-        )
-        .await;
-        let mut failure = recorded.err().map(|e| {
+        let mut failure = coord.conn.simple_query(&record).await.err().map(|e| {
             client_error(&e, &self.shard_name(coord.shard)).with_hint(
                 "two-phase commit records its decisions in shardline.txn_decisions on the transaction's first shard",
             )
         });
-        let prepared: Vec<bool> = prepares.iter().map(|r| r.is_ok()).collect();
+        let prepares = if failure.is_none() {
+            join_all(others.iter_mut().map(|p| p.conn.simple_query(&prepare))).await
+        } else {
+            Vec::new()
+        };
+        let mut prepared: Vec<bool> = prepares.iter().map(|r| r.is_ok()).collect();
+        prepared.resize(others.len(), false);
         for (p, r) in others.iter().zip(prepares) {
             if let (None, Err(e)) = (&failure, r) {
                 failure = Some(client_error(&e, &self.shard_name(p.shard)));
