@@ -123,30 +123,71 @@ impl Owner {
         let col = quote_ident(&table.column);
         let function = match &self.function {
             OwnerFn::Ring(segments) => {
-                let mut starts = String::from("{");
-                let mut owners = String::from("{");
-                for (i, (start, shard)) in segments.iter().enumerate() {
-                    if i > 0 {
-                        starts.push(',');
-                        owners.push(',');
-                    }
-                    let _ = write!(starts, "{start}");
-                    let _ = write!(owners, "{}", ids[*shard]);
-                }
+                let owners: Vec<String> =
+                    segments.iter().map(|(_, s)| ids[*s].to_string()).collect();
                 format!(
-                    "('{owners}}}'::int4[])[width_bucket({}, '{starts}}}'::int8[])]",
-                    table.position_sql()
+                    "('{{{}}}'::int4[])[{}]",
+                    owners.join(","),
+                    ring_bucket(table, segments)
                 )
             }
             OwnerFn::PgHash(n) => {
-                // The row hash as an unsigned 64-bit number, modulo n; a
-                // NULL key's row hash is 0.
                 format!(
-                    "('{{{}}}'::int4[])[1 + CASE WHEN {col} IS NULL THEN 0 ELSE ((({}::numeric + 18446744073709551616 + {ROW_HASH_ADD}) % 18446744073709551616) % {n})::int4 END]",
+                    "('{{{}}}'::int4[])[1 + {}]",
                     join_ids(ids, *n),
-                    table.hash_sql()
+                    hash_modulo(table, *n)
                 )
             }
+            OwnerFn::Range(_) | OwnerFn::List(_) => self.case_sql(table, ids),
+        };
+        if self.pinned.is_empty() {
+            function
+        } else {
+            case_of(&col, &self.pinned, ids, &function)
+        }
+    }
+
+    /// An SQL condition on a row of `table`: its owner is `id` (NULL where
+    /// the config places the key nowhere), the same answer as
+    /// `(sql) = id`, written without array subscripts so that a
+    /// publication's row filter accepts it.
+    pub fn is_sql(&self, table: &TableSpec, ids: &[usize], id: usize) -> String {
+        let col = quote_ident(&table.column);
+        let one_of = |expr: String, locals: Vec<usize>| {
+            let list: Vec<String> = locals.iter().map(usize::to_string).collect();
+            format!("{expr} = ANY ('{{{}}}'::int4[])", list.join(","))
+        };
+        let function = match &self.function {
+            OwnerFn::Ring(segments) => one_of(
+                ring_bucket(table, segments),
+                (0..segments.len())
+                    .filter(|&i| ids[segments[i].1] == id)
+                    .map(|i| i + 1)
+                    .collect(),
+            ),
+            OwnerFn::PgHash(n) => one_of(
+                hash_modulo(table, *n),
+                (0..*n).filter(|&k| ids[k] == id).collect(),
+            ),
+            OwnerFn::Range(_) | OwnerFn::List(_) => {
+                format!("({}) = {id}", self.case_sql(table, ids))
+            }
+        };
+        if self.pinned.is_empty() {
+            return function;
+        }
+        let mut s = format!("CASE {col}");
+        for (v, shard) in &self.pinned {
+            let _ = write!(s, " WHEN {} THEN {}", literal(v), ids[*shard] == id);
+        }
+        let _ = write!(s, " ELSE {function} END");
+        s
+    }
+
+    /// Range and list placements as a CASE giving the owner's id.
+    fn case_sql(&self, table: &TableSpec, ids: &[usize]) -> String {
+        let col = quote_ident(&table.column);
+        match &self.function {
             OwnerFn::Range(ranges) => {
                 let mut s = String::from("CASE");
                 for (lo, hi, shard) in ranges {
@@ -160,13 +201,32 @@ impl Owner {
                 s
             }
             OwnerFn::List(values) => case_of(&col, values, ids, "NULL"),
-        };
-        if self.pinned.is_empty() {
-            function
-        } else {
-            case_of(&col, &self.pinned, ids, &function)
+            OwnerFn::Ring(_) | OwnerFn::PgHash(_) => unreachable!("only range and list are CASEs"),
         }
     }
+}
+
+/// The 1-based ring segment a row of `table` falls in.
+fn ring_bucket(table: &TableSpec, segments: &[(i64, usize)]) -> String {
+    let starts: Vec<String> = segments
+        .iter()
+        .map(|(start, _)| start.to_string())
+        .collect();
+    format!(
+        "width_bucket({}, '{{{}}}'::int8[])",
+        table.position_sql(),
+        starts.join(",")
+    )
+}
+
+/// `pg_hash`'s local shard index of a row of `table`: the row hash as an
+/// unsigned 64-bit number, modulo n; a NULL key's row hash is 0.
+fn hash_modulo(table: &TableSpec, n: usize) -> String {
+    format!(
+        "CASE WHEN {} IS NULL THEN 0 ELSE ((({}::numeric + 18446744073709551616 + {ROW_HASH_ADD}) % 18446744073709551616) % {n})::int4 END",
+        quote_ident(&table.column),
+        table.hash_sql()
+    )
 }
 
 fn join_ids(ids: &[usize], n: usize) -> String {
@@ -290,6 +350,12 @@ impl Placement {
     pub fn owner_sql(&self, table: &TableSpec) -> String {
         let ids: Vec<usize> = (0..self.shards.len()).collect();
         self.owners[table.group].sql(table, &ids)
+    }
+
+    /// `Owner::is_sql` of a table for this config's shard index `shard`.
+    pub fn owner_is_sql(&self, table: &TableSpec, shard: usize) -> String {
+        let ids: Vec<usize> = (0..self.shards.len()).collect();
+        self.owners[table.group].is_sql(table, &ids, shard)
     }
 }
 
@@ -446,23 +512,33 @@ impl Rebalance {
     }
 
     pub fn new_owner_sql(&self, t: &TableSpec) -> String {
-        let spec = self
-            .new
+        let spec = self.new_spec(t);
+        self.new.owners[spec.group].sql(spec, &self.new_ids)
+    }
+
+    /// The new config's entry for a table of the old one.
+    fn new_spec<'t>(&'t self, t: &'t TableSpec) -> &'t TableSpec {
+        self.new
             .tables
             .iter()
             .find(|n| n.name == t.name)
-            .unwrap_or(t);
-        self.new.owners[spec.group].sql(spec, &self.new_ids)
+            .unwrap_or(t)
+    }
+
+    /// A condition (publication row filters accept it): the row of `t` is
+    /// owned by `source` under the old config and by `target` under the new.
+    pub fn moves_sql(&self, t: &TableSpec, source: usize, target: usize) -> String {
+        let spec = self.new_spec(t);
+        format!(
+            "({}) AND ({})",
+            self.old.owners[t.group].is_sql(t, &self.old_ids, source),
+            self.new.owners[spec.group].is_sql(spec, &self.new_ids, target)
+        )
     }
 
     /// The new config's owner of a key, as an id into `names`.
     pub fn new_owner(&self, t: &TableSpec, key: Option<&KeyValue>) -> Option<usize> {
-        let spec = self
-            .new
-            .tables
-            .iter()
-            .find(|n| n.name == t.name)
-            .unwrap_or(t);
+        let spec = self.new_spec(t);
         self.new.owners[spec.group]
             .shard_of(key)
             .map(|s| self.new_ids[s])
@@ -490,6 +566,28 @@ impl Rebalance {
             .copied()
             .filter(|i| !self.new_ids.contains(i))
             .collect()
+    }
+
+    /// Whether [`Rebalance::moving_ranges`] names every pair of shards rows
+    /// move between: every group is on the ring in both configs, with the
+    /// same pinned keys.
+    pub fn ranges_name_every_move(&self) -> bool {
+        self.old.owners.iter().enumerate().all(|(g, old)| {
+            let name = &self.old.group_names[g];
+            let Some(new) = self
+                .new
+                .group_names
+                .iter()
+                .position(|n| n == name)
+                .map(|i| &self.new.owners[i])
+            else {
+                return false;
+            };
+            matches!(
+                (&old.function, &new.function),
+                (OwnerFn::Ring(_), OwnerFn::Ring(_))
+            ) && old.pinned == new.pinned
+        })
     }
 
     /// Hash ranges that change owner, for groups on the ring in both
