@@ -13,7 +13,7 @@
 #   APP_DATABASE               a database owned by APP_USER [app]
 #   REPLICATION_PASSWORD       password of role `replicator` [replicator]
 #   PRIMARY_HOST, PRIMARY_PORT the primary a replica follows [-, 5432]
-#   WAL_LEVEL                  [replica]
+#   WAL_LEVEL                  [logical] (logical replication, for online moves)
 #   MAX_PREPARED_TRANSACTIONS  [64] (Shardline's two-phase commit needs > 0)
 #   POSTGRES_ARGS              extra `-c name=value` arguments for postgres
 #
@@ -39,7 +39,7 @@ if [ ! -s "$data/PG_VERSION" ]; then
         rm -f "$pwfile"
         cat >>"$data/postgresql.conf" <<CONF
 listen_addresses = '*'
-wal_level = ${WAL_LEVEL:-replica}
+wal_level = ${WAL_LEVEL:-logical}
 max_wal_senders = 16
 wal_keep_size = '256MB'
 hot_standby = on

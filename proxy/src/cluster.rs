@@ -184,7 +184,7 @@ fn check(out: Output, what: &str) -> Result<Output> {
 
 const SERVER_CONF: &str = "
 listen_addresses = '127.0.0.1'
-wal_level = replica
+wal_level = logical
 max_wal_senders = 16
 max_replication_slots = 16
 wal_keep_size = '256MB'
