@@ -5,12 +5,14 @@
 //! - [`db`]: connections, catalog checks, counts and checksums on the servers;
 //! - [`copy`]: streaming rows from one server to another;
 //! - [`apply`], [`plan`], [`verify`]: the three commands;
+//! - [`online`]: moving rows with logical replication while traffic flows;
 //! - [`proxies`]: the proxies' admin consoles around a move (`--admin`).
 
 pub mod apply;
 pub mod copy;
 pub mod db;
 pub mod layout;
+pub mod online;
 pub mod plan;
 pub mod proxies;
 pub mod verify;

@@ -1,0 +1,372 @@
+//! Online moves' streams against real Postgres (three primaries, logical
+//! replication between them): a stream copies exactly the rows its pair of
+//! shards moves and keeps them current while clients write through a proxy
+//! on the old config; stopped, it applies nothing more; removed (or swept
+//! after a run that died), it leaves no subscription, slot or publication.
+
+use shardline_config::Config;
+use shardline_rebalance::db::{self, Login, Servers};
+use shardline_rebalance::layout::Rebalance;
+use shardline_rebalance::online::{self, Stream};
+use shardline_tests::{start_proxy, Env, EnvOptions};
+use std::time::{Duration, Instant};
+
+const TABLES: &str = r#"
+[sharding]
+function = "consistent"
+
+[[sharding.tables]]
+name = "users"
+column = "id"
+[[sharding.tables]]
+name = "orders"
+column = "user_id"
+
+[[reference_tables]]
+name = "countries"
+"#;
+
+const SCHEMA: &str = "
+CREATE TABLE users (id bigint PRIMARY KEY, name text NOT NULL, balance numeric(12,2));
+CREATE TABLE orders (id bigint NOT NULL, user_id bigint NOT NULL, amount numeric, PRIMARY KEY (user_id, id));
+CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
+";
+
+const USERS: i64 = 3_000;
+
+fn rebalance(old: &str, new: &str) -> Rebalance {
+    Rebalance::new(
+        &Config::from_toml(old, "old").unwrap(),
+        &Config::from_toml(new, "new").unwrap(),
+    )
+    .expect("a move")
+}
+
+/// The superuser: Postgres 15 lets only superusers create subscriptions.
+fn login() -> Login {
+    Login {
+        user: "postgres".into(),
+        password: None,
+        database: "app".into(),
+    }
+}
+
+async fn servers(r: &Rebalance) -> Servers {
+    let ids: Vec<usize> = (0..r.names.len()).collect();
+    Servers::connect(&r.names, &r.primaries, &ids, &login())
+        .await
+        .expect("the primaries")
+}
+
+/// `(rows, checksum)` of what `s` moves of `table`, on its source and on
+/// its target.
+async fn both_sides(servers: &Servers, s: &Stream, table: &str) -> ((i64, String), (i64, String)) {
+    let filter = s.filter(table).expect("the stream moves the table");
+    let src = servers.get(s.source).await.unwrap();
+    let cols = db::columns(&src, table).await.unwrap().expect("the table");
+    let tgt = servers.get(s.target).await.unwrap();
+    (
+        db::checksum(&src, table, &cols, filter).await.unwrap(),
+        db::checksum(&tgt, table, &cols, filter).await.unwrap(),
+    )
+}
+
+fn slots(env: &Env, shard: usize) -> String {
+    env.sql_shard(shard, "SELECT count(*) FROM pg_replication_slots")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn streams_copy_the_moving_rows_follow_writes_and_leave_nothing() {
+    let env = Env::start_with(EnvOptions {
+        shards: 3,
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("the servers start");
+    let old = env.shards_config(&[0, 1], TABLES);
+    let new = env.shards_config(&[0, 1, 2], TABLES);
+    for s in 0..3 {
+        env.sql_shard(s, &format!("SET ROLE app; {SCHEMA}"));
+    }
+    let (_proxy, c) = start_proxy(&old).await;
+    for first in (1..=USERS).step_by(500) {
+        let ids = first..(first + 500).min(USERS + 1);
+        let users: Vec<String> = ids.clone().map(|i| format!("({i}, 'u{i}', {i})")).collect();
+        let orders: Vec<String> = ids
+            .flat_map(|i| [format!("(1, {i}, 1)"), format!("(2, {i}, 2)")])
+            .collect();
+        for sql in [
+            format!(
+                "INSERT INTO users (id, name, balance) VALUES {}",
+                users.join(",")
+            ),
+            format!(
+                "INSERT INTO orders (id, user_id, amount) VALUES {}",
+                orders.join(",")
+            ),
+        ] {
+            c.batch_execute(&sql).await.expect("the data");
+        }
+    }
+    c.batch_execute(
+        "INSERT INTO countries (code, name) VALUES ('fr', 'France'), ('de', 'Germany'), ('jp', 'Japan')",
+    )
+    .await
+    .expect("the reference rows");
+
+    let r = rebalance(&old, &new);
+    let servers = servers(&r).await;
+    let streams = online::streams(&r, "run-1");
+    // Consistent hashing: rows go from s0 and s1 to the new s2 only; the
+    // reference table goes along from the default shard.
+    let pairs: Vec<(usize, usize)> = streams.iter().map(|s| (s.source, s.target)).collect();
+    assert_eq!(pairs, vec![(0, 2), (1, 2)]);
+    assert_eq!(streams[0].filter("countries"), Some("true"));
+    assert_eq!(streams[1].filter("countries"), None);
+    online::requirements(&servers, &r, &streams)
+        .await
+        .expect("the servers allow online moves");
+    for s in &streams {
+        online::start(&servers, s, &login(), &r.primaries[s.source])
+            .await
+            .expect("the stream starts");
+    }
+    // Starting again keeps what exists (a rerun continues).
+    online::start(&servers, &streams[0], &login(), &r.primaries[0])
+        .await
+        .unwrap();
+
+    // Clients write through the proxy on the old config while rows copy:
+    // updates, inserts and deletes, on moving keys and on staying keys.
+    let writer = {
+        let (proxy, c) = start_proxy(&old).await;
+        tokio::spawn(async move {
+            let _keep = proxy;
+            let mut writes = 0u32;
+            for i in 0..600i64 {
+                let id = 1 + (i * 7919) % USERS;
+                c.execute(
+                    "UPDATE users SET balance = balance + 1, name = $2 WHERE id = $1",
+                    &[&id, &format!("w{i}")],
+                )
+                .await
+                .unwrap();
+                let new_id = USERS + 1 + i;
+                c.execute(
+                    "INSERT INTO users (id, name, balance) VALUES ($1, 'new', 0)",
+                    &[&new_id],
+                )
+                .await
+                .unwrap();
+                c.execute(
+                    "INSERT INTO orders (id, user_id, amount) VALUES (3, $1, 1)",
+                    &[&id],
+                )
+                .await
+                .unwrap();
+                if i % 3 == 0 {
+                    c.execute("DELETE FROM orders WHERE user_id = $1 AND id = 1", &[&id])
+                        .await
+                        .unwrap();
+                }
+                if i % 50 == 0 {
+                    c.execute(
+                        "UPDATE countries SET name = name || '.' WHERE code = 'fr'",
+                        &[],
+                    )
+                    .await
+                    .unwrap();
+                }
+                writes += 1;
+            }
+            writes
+        })
+    };
+    // Progress is readable while it runs.
+    let p = online::progress(&servers, &streams[0]).await.unwrap();
+    assert!(p.lag_bytes >= 0, "{p:?}");
+    assert_eq!(writer.await.unwrap(), 600);
+
+    // With the writes done, each target catches up to its source's
+    // position, and both sides agree on every table the stream moves.
+    for s in &streams {
+        let lsn = online::current_lsn(&servers, s.source).await.unwrap();
+        online::wait_applied(&servers, s, &lsn, Duration::from_secs(60))
+            .await
+            .expect("caught up");
+        assert_eq!(online::progress(&servers, s).await.unwrap().copying, 0);
+        for (table, _) in &s.tables {
+            let (source, target) = both_sides(&servers, s, table).await;
+            assert_eq!(
+                source, target,
+                "{table} from s{} to s{}",
+                s.source, s.target
+            );
+            assert!(source.0 > 0, "{table} from s{} moves rows", s.source);
+        }
+    }
+    // Nothing else arrived: the target holds exactly what the streams moved.
+    let on_target = |table: &str| {
+        env.sql_shard(2, &format!("SELECT count(*) FROM {table}"))
+            .parse::<i64>()
+            .unwrap()
+    };
+    let mut streamed = 0;
+    for s in &streams {
+        streamed += both_sides(&servers, s, "users").await.0 .0;
+    }
+    assert_eq!(on_target("users"), streamed);
+    assert_eq!(
+        env.sql_shard(2, "SELECT name FROM countries WHERE code = 'fr'"),
+        env.sql_shard(0, "SELECT name FROM countries WHERE code = 'fr'")
+    );
+
+    // Stopped, a stream applies nothing more.
+    let moving = env.sql_shard(
+        2,
+        "SELECT id FROM users WHERE id <= 3000 ORDER BY id LIMIT 1",
+    );
+    let source = (0..2)
+        .find(|&s| {
+            env.sql_shard(
+                s,
+                &format!("SELECT count(*) FROM users WHERE id = {moving}"),
+            ) == "1"
+        })
+        .expect("the moving row's source");
+    let stream = streams.iter().find(|s| s.source == source).unwrap();
+    online::stop(&servers, stream, Duration::from_secs(30))
+        .await
+        .expect("stops");
+    env.sql_shard(
+        source,
+        &format!("UPDATE users SET name = 'after stop' WHERE id = {moving}"),
+    );
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_ne!(
+        env.sql_shard(2, &format!("SELECT name FROM users WHERE id = {moving}")),
+        "after stop"
+    );
+
+    // Removed, nothing is left on any server.
+    for s in &streams {
+        online::remove(&servers, s).await.expect("removed");
+        online::remove(&servers, s)
+            .await
+            .expect("removing again is harmless");
+    }
+    assert_eq!(
+        online::leftovers(&servers, &[0, 1, 2]).await.unwrap(),
+        Vec::<String>::new()
+    );
+    assert_eq!(
+        (slots(&env, 0), slots(&env, 1), slots(&env, 2)),
+        ("0".into(), "0".into(), "0".into())
+    );
+
+    // A run that died while copying: everything it left is found and swept.
+    let again = online::streams(&r, "run-2");
+    assert_ne!(again[0].name, streams[0].name);
+    for s in &again {
+        online::start(&servers, s, &login(), &r.primaries[s.source])
+            .await
+            .unwrap();
+    }
+    let left = online::leftovers(&servers, &[0, 1, 2]).await.unwrap();
+    assert!(left.len() >= 6, "{left:?}");
+    online::remove_leftovers(&servers, &[0, 1, 2])
+        .await
+        .expect("swept");
+    let started = Instant::now();
+    loop {
+        let left = online::leftovers(&servers, &[0, 1, 2]).await.unwrap();
+        if left.is_empty() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "left behind: {left:?}"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(
+        (slots(&env, 0), slots(&env, 1), slots(&env, 2)),
+        ("0".into(), "0".into(), "0".into())
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requirements_name_what_an_online_move_lacks() {
+    let env = Env::start_with(EnvOptions {
+        shards: 3,
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("the servers start");
+    let tables = format!(
+        "{TABLES}\n[[sharding.tables]]\nname = \"events\"\ncolumn = \"user_id\"\n[[sharding.tables]]\nname = \"visits\"\ncolumn = \"user_id\"\n"
+    );
+    for s in 0..3 {
+        env.sql_shard(
+            s,
+            &format!(
+                "{SCHEMA} CREATE TABLE events (user_id bigint, what text);
+                 CREATE TABLE visits (id bigint PRIMARY KEY, user_id bigint NOT NULL);
+                 CREATE ROLE mover LOGIN PASSWORD 'mover'; GRANT ALL ON ALL TABLES IN SCHEMA public TO mover;"
+            ),
+        );
+    }
+    let r = rebalance(
+        &env.shards_config(&[0, 1], &tables),
+        &env.shards_config(&[0, 1, 2], &tables),
+    );
+    let streams = online::streams(&r, "run");
+    let err = online::requirements(&servers(&r).await, &r, &streams)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("table events on shard s0") && err.contains("no replica identity"),
+        "{err}"
+    );
+    assert!(
+        err.contains("table visits on shard s0")
+            && err.contains("does not include the sharding key user_id"),
+        "{err}"
+    );
+    assert!(err.contains("Nothing was changed"), "{err}");
+
+    // A role that is neither superuser nor replicating is told so.
+    let mover = Login {
+        user: "mover".into(),
+        password: Some("mover".into()),
+        database: "app".into(),
+    };
+    let ids: Vec<usize> = (0..3).collect();
+    let as_mover = Servers::connect(&r.names, &r.primaries, &ids, &mover)
+        .await
+        .unwrap();
+    let err = online::requirements(&as_mover, &r, &streams)
+        .await
+        .expect_err("refused")
+        .to_string();
+    assert!(
+        err.contains("may not replicate") && err.contains("not a superuser"),
+        "{err}"
+    );
+
+    // With identities fixed and the superuser, the same move may start.
+    env.sql_shard(
+        0,
+        "ALTER TABLE events REPLICA IDENTITY FULL; ALTER TABLE visits REPLICA IDENTITY FULL",
+    );
+    env.sql_shard(
+        1,
+        "ALTER TABLE events REPLICA IDENTITY FULL; ALTER TABLE visits REPLICA IDENTITY FULL",
+    );
+    online::requirements(&servers(&r).await, &r, &streams)
+        .await
+        .expect("allowed");
+}
