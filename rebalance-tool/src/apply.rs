@@ -24,11 +24,14 @@
 use crate::copy::{self, CopyError, Format};
 use crate::db::{self, Column, Login, OnShard as _, Servers};
 use crate::layout::{chunk_bounds, quote_ident, quote_table, Rebalance};
+use crate::online::{self, Stream};
+use crate::proxies::Proxies;
 use anyhow::{bail, Context as _, Result};
+use futures_util::future::join_all;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
-use std::time::Instant;
+use std::time::{Duration, Instant};
 
 pub struct ApplyOptions {
     /// The operator says writes are stopped (required).
@@ -50,6 +53,9 @@ pub struct ApplyOptions {
     pub placement: String,
     /// Test hook: stop (sleep until killed) at `copy:N`, `verify` or `delete:N`.
     pub stop_at: Option<String>,
+    /// Move online (`apply_online`): the largest replication lag, in bytes
+    /// of the sources' WAL, at which the proxies are paused for the cutover.
+    pub max_lag: u64,
 }
 
 const STATE_DDL: &str = "
@@ -190,14 +196,41 @@ struct Run<'a> {
     deletes_done: u32,
     /// Tables `--create-tables` made ("users on s2").
     created: Vec<String>,
+    /// The tool's login, which online moves' subscriptions use too.
+    login: Login,
+    /// When an online move paused the proxies (`cutover_mark`).
+    paused: Option<Instant>,
     /// A connection per shard holding the tool's advisory lock: one run at
     /// a time on these servers.
     _locks: Vec<deadpool_postgres::Object>,
 }
 
 pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<Summary> {
+    run_apply(r, login, opts, None).await
+}
+
+/// `apply --online`: the moving rows are copied and kept current by logical
+/// replication while clients write ([`online`]); the proxies are paused
+/// only for the cutover (catch up, verify, delete from the sources). They
+/// are left paused on success, for the caller to RELOAD and RESUME, as
+/// `apply` expects them paused from the start.
+pub async fn apply_online(
+    r: &Rebalance,
+    login: &Login,
+    opts: &ApplyOptions,
+    proxies: &mut Proxies,
+) -> Result<Summary> {
+    run_apply(r, login, opts, Some(proxies)).await
+}
+
+async fn run_apply(
+    r: &Rebalance,
+    login: &Login,
+    opts: &ApplyOptions,
+    proxies: Option<&mut Proxies>,
+) -> Result<Summary> {
     let started = Instant::now();
-    if !opts.writes_stopped {
+    if proxies.is_none() && !opts.writes_stopped {
         bail!(
             "writes must be stopped while rows move: stop the applications (or the proxy) writing to these shards, then run again with --writes-stopped. Nothing was changed."
         );
@@ -253,11 +286,17 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
                     .count()
             ));
             let t = Instant::now();
-            run.copy_all(&mut steps).await?;
+            if let Some(proxies) = proxies {
+                run.stream_and_pause(&mut steps, resumed, proxies).await?;
+            } else {
+                run.refuse_streams().await?;
+                run.copy_all(&mut steps).await?;
+            }
             summary.copy_seconds = t.elapsed().as_secs_f64();
             run.stop_point("verify");
             let t = Instant::now();
             run.verify_all(&mut steps).await?;
+            run.cutover_mark("moved rows verified");
             summary.verify_seconds = t.elapsed().as_secs_f64();
             // From the first delete on, a proxy still on the old placement
             // misses rows: the shards say which placement is current, and
@@ -265,6 +304,7 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
             run.record_placement().await?;
             let t = Instant::now();
             run.delete_all(&mut steps).await?;
+            run.cutover_mark("moved rows deleted from their old shards");
             summary.delete_seconds = t.elapsed().as_secs_f64();
         }
     }
@@ -273,12 +313,14 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
         run.set_state(RunState::Finishing).await?;
         run.stop_point("finish");
         run.forget().await?;
+        run.cutover_mark("run records removed");
     }
     summary.nothing_to_move = !resumed && steps.is_empty();
     // Rows written after their range moved (writes were not stopped) are on
     // the wrong shard: lost with a removed shard, not found by key on a kept
     // one. The config is installed only when there are none.
     let left = run.left_behind().await?;
+    run.cutover_mark("checked that no row is left behind");
     if !left.is_empty() {
         bail!(
             "{}: written after their rows moved (writes were not stopped), they are not where the new config looks for them (on a removed shard they would be lost with it). Every other row is moved and verified; the new config was not installed. Stop the writes, move those rows to the shards the new config gives them (INSERT them through a proxy running the new config, then DELETE them from the shard named), and run apply again: it moves nothing more and installs the config.",
@@ -295,6 +337,7 @@ pub async fn apply(r: &Rebalance, login: &Login, opts: &ApplyOptions) -> Result<
     }
     summary.steps = steps.len();
     run.record_placement().await?;
+    run.cutover_mark("placement recorded");
     write_config(&opts.config_out, &opts.new_text).with_context(|| {
         format!(
             "every row is moved and verified, but the new config could not be written to {}; fix that and run apply again with the same configs (it moves nothing more and writes the config)",
@@ -415,6 +458,7 @@ fn inspecting(stop_at: Option<String>) -> ApplyOptions {
         new_text: String::new(),
         placement: String::new(),
         stop_at,
+        max_lag: 0,
     }
 }
 
@@ -485,6 +529,10 @@ pub async fn abort(
     }
     // From here apply refuses until abort has finished (rerun abort).
     run.set_state(RunState::Aborting).await?;
+    // An online run's streams stop before their copies are removed (an
+    // apply worker would fail on rows gone from under it).
+    let all: Vec<usize> = (0..r.names.len()).collect();
+    online::remove_leftovers(&run.servers, &all).await?;
     let steps = run.load_steps().await?;
     run.order = run.table_order().await?;
     let mut removed = 0;
@@ -557,6 +605,8 @@ impl<'a> Run<'a> {
             copies_started: 0,
             deletes_done: 0,
             created: Vec::new(),
+            login: login.clone(),
+            paused: None,
             _locks: locks,
         })
     }
@@ -1624,7 +1674,8 @@ impl Run<'_> {
             );
             let (a, b) = self.checksums(s, &what).await?;
             bar.inc(1);
-            if a != b || Some(a.0) != s.rows {
+            // (Rows a stream copied were not counted.)
+            if a != b || s.rows.is_some_and(|n| n != a.0) {
                 if again {
                     changed.push(i);
                     continue;
@@ -1650,6 +1701,7 @@ impl Run<'_> {
                 self.mark_verified(s, &a, &what).await?;
             }
             steps[i].state = State::Verified;
+            steps[i].rows = Some(a.0);
             steps[i].checksum = Some(a.1);
         }
         bar.finish_with_message("verified");
@@ -2094,3 +2146,252 @@ impl Run<'_> {
         Ok(None)
     }
 }
+
+/// Online moves (`apply_online`): the copy by logical replication, and the
+/// start of the cutover.
+impl Run<'_> {
+    /// An offline move must not run over an online one's replication: its
+    /// deletes on the sources would reach the copies.
+    async fn refuse_streams(&self) -> Result<()> {
+        let all: Vec<usize> = (0..self.r.names.len()).collect();
+        let left = online::leftovers(&self.servers, &all).await?;
+        if !left.is_empty() {
+            bail!(
+                "an online move's replication is on the servers ({}): finish it with apply --online (with the same configs and --admin options), or undo it with abort. Nothing was changed.",
+                left.join(", ")
+            );
+        }
+        Ok(())
+    }
+
+    /// Starts (or continues) the streams, waits until they have copied
+    /// every table and lag at most `max_lag`, compares the ranges once
+    /// online, then PAUSEs every proxy, lets each stream apply everything up
+    /// to its source's position, stops and removes it. The steps are left
+    /// `copied`, for `verify_all` and `delete_all` to finish with traffic
+    /// held. A run whose deletes had begun only pauses (its streams were
+    /// removed before them).
+    async fn stream_and_pause(
+        &mut self,
+        steps: &mut [Step],
+        resumed: bool,
+        proxies: &mut Proxies,
+    ) -> Result<()> {
+        let r = self.r;
+        let all: Vec<usize> = (0..r.names.len()).collect();
+        if self.first_deletes().await?.is_some() {
+            online::remove_leftovers(&self.servers, &all).await?;
+            proxies.pause().await?;
+            self.log(&format!(
+                "paused {} proxies: this run's cutover had begun deleting moved rows; it finishes now",
+                proxies.len()
+            ));
+            return Ok(());
+        }
+        let streams = online::streams(r, &self.id);
+        let mut found = Vec::new();
+        for s in &streams {
+            found.push(online::enabled(&self.servers, s).await?);
+        }
+        let copied = steps
+            .iter()
+            .any(|s| matches!(s.state, State::Copied | State::Verified));
+        if found.contains(&Some(false)) || (resumed && copied && found.iter().all(Option::is_none))
+        {
+            bail!(
+                "rows of this run were copied before, but no replication keeps them current (an interrupted cutover, or an offline run): run `shardline-rebalance abort` with the same configs (it removes the copies), then apply --online again. Nothing was changed."
+            );
+        }
+        online::requirements(&self.servers, r, &streams).await?;
+        for s in &streams {
+            online::start(&self.servers, s, &self.login, &r.primaries[s.source]).await?;
+        }
+        self.mark_streamed(steps).await?;
+        self.log(&format!(
+            "replicating the moving rows: {} streams ({})",
+            streams.len(),
+            streams
+                .iter()
+                .map(|s| format!("{} -> {}", r.names[s.source], r.names[s.target]))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ));
+        self.stop_point("stream");
+        self.catch_up(&streams).await?;
+        self.compare_online(&streams, steps).await?;
+        // The lag at the pause is what clients wait for: close it again.
+        for s in &streams {
+            online::flush_each_commit(&self.servers, s).await?;
+        }
+        self.catch_up(&streams).await?;
+        self.stop_point("pause");
+        proxies.pause().await?;
+        self.paused = Some(Instant::now());
+        self.log(&format!(
+            "paused {} proxies for the cutover: their clients wait",
+            proxies.len()
+        ));
+        self.stop_point("paused");
+        let t = Instant::now();
+        let servers = &self.servers;
+        join_all(streams.iter().map(|s| async move {
+            let lsn = online::current_lsn(servers, s.source).await?;
+            online::wait_applied(servers, s, &lsn, CUTOVER_WAIT).await
+        }))
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()?;
+        let applied = t.elapsed();
+        join_all(
+            streams
+                .iter()
+                .map(|s| online::stop(servers, s, CUTOVER_WAIT)),
+        )
+        .await
+        .into_iter()
+        .collect::<Result<Vec<()>>>()?;
+        let stopped = t.elapsed();
+        for s in &streams {
+            online::remove(&self.servers, s).await?;
+        }
+        self.log(&format!(
+            "cutover: the targets applied everything in {} ms, replication stopped in {} ms and removed in {} ms",
+            applied.as_millis(),
+            (stopped - applied).as_millis(),
+            (t.elapsed() - stopped).as_millis()
+        ));
+        Ok(())
+    }
+
+    /// During an online cutover, says what was done how long after the
+    /// pause (what the clients wait for).
+    fn cutover_mark(&self, what: &str) {
+        if let Some(t) = self.paused {
+            self.log(&format!(
+                "cutover: {what} at {} ms",
+                t.elapsed().as_millis()
+            ));
+        }
+    }
+
+    /// Records the steps a stream copies as `copied` (rows not counted), so
+    /// that abort removes them and the cutover verifies them.
+    async fn mark_streamed(&self, steps: &mut [Step]) -> Result<()> {
+        let mut targets: Vec<usize> = steps
+            .iter()
+            .filter(|s| s.state == State::Pending)
+            .map(|s| s.target)
+            .collect();
+        targets.sort_unstable();
+        targets.dedup();
+        for id in targets {
+            let c = self.servers.get(id).await?;
+            c.execute(
+                "UPDATE shardline.rebalance_steps SET state = 'copied', updated = now() WHERE run = $1 AND state = 'pending'",
+                &[&self.id],
+            )
+            .await
+            .on(&self.servers, id, "recording progress")?;
+        }
+        for s in steps.iter_mut().filter(|s| s.state == State::Pending) {
+            s.state = State::Copied;
+        }
+        Ok(())
+    }
+
+    /// Waits until every stream has copied its tables and lags at most
+    /// `max_lag` bytes, saying where they are about once a second.
+    async fn catch_up(&self, streams: &[Stream]) -> Result<()> {
+        let started = Instant::now();
+        let mut said = Instant::now();
+        loop {
+            let (mut copying, mut lag) = (0, 0);
+            for s in streams {
+                let p = online::progress(&self.servers, s).await?;
+                copying += p.copying;
+                lag = lag.max(p.lag_bytes);
+            }
+            if copying == 0 && lag.max(0) as u64 <= self.opts.max_lag {
+                self.log(&format!(
+                    "replication caught up in {:.1} s (lag {} bytes)",
+                    started.elapsed().as_secs_f64(),
+                    lag
+                ));
+                return Ok(());
+            }
+            if said.elapsed() >= Duration::from_secs(1) {
+                said = Instant::now();
+                self.log(&format!(
+                    "replicating: {copying} tables still copying, lag {lag} bytes (cutover at {} or less)",
+                    self.opts.max_lag
+                ));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+    }
+
+    /// Compares every range while traffic flows: the source's count and
+    /// checksum, then the target's once it applied the source's changes up
+    /// to a position read after them. A range written meanwhile may differ
+    /// for that reason alone, so it is compared again (up to three times);
+    /// one that still differs is verified once more during the cutover,
+    /// where the run stops before deleting anything if it differs then.
+    async fn compare_online(&self, streams: &[Stream], steps: &[Step]) -> Result<()> {
+        let started = Instant::now();
+        let (mut equal, mut moving) = (0, 0);
+        for step in steps.iter().filter(|s| s.state == State::Copied) {
+            let Some(stream) = streams
+                .iter()
+                .find(|s| s.source == step.source && s.target == step.target)
+            else {
+                continue;
+            };
+            let cols = &self.columns[&step.table];
+            let filter = self.filter(step);
+            let what = format!(
+                "comparing {} {} -> {} chunk {}",
+                step.table, self.r.names[step.source], self.r.names[step.target], step.chunk
+            );
+            let mut same = false;
+            for _ in 0..3 {
+                let source = self.servers.get(step.source).await?;
+                let a = db::checksum(&source, &step.table, cols, &filter).await.on(
+                    &self.servers,
+                    step.source,
+                    &what,
+                )?;
+                let lsn = online::current_lsn(&self.servers, step.source).await?;
+                online::wait_applied(&self.servers, stream, &lsn, CUTOVER_WAIT).await?;
+                let target = self.servers.get(step.target).await?;
+                let b = db::checksum(&target, &step.table, cols, &filter).await.on(
+                    &self.servers,
+                    step.target,
+                    &what,
+                )?;
+                if a == b {
+                    same = true;
+                    break;
+                }
+            }
+            if same {
+                equal += 1;
+            } else {
+                moving += 1;
+            }
+        }
+        self.log(&format!(
+            "compared online in {:.1} s: {equal} ranges equal{}",
+            started.elapsed().as_secs_f64(),
+            if moving > 0 {
+                format!(", {moving} changing while compared (verified again in the cutover)")
+            } else {
+                String::new()
+            }
+        ));
+        Ok(())
+    }
+}
+
+/// How long a stream may take to apply what is left, or to stop, once the
+/// proxies are paused.
+const CUTOVER_WAIT: Duration = Duration::from_secs(30);

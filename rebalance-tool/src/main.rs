@@ -58,6 +58,16 @@ enum Command {
         /// --writes-stopped.
         #[arg(long, value_name = "URL")]
         admin: Vec<String>,
+        /// Move while clients read and write: the moving rows are copied
+        /// and kept current by logical replication, and the proxies (every
+        /// one, with --admin) are paused only for the cutover. Needs
+        /// wal_level = logical on the sources and a superuser login.
+        #[arg(long, requires = "admin")]
+        online: bool,
+        /// With --online: the replication lag (bytes of WAL) at or under
+        /// which the cutover starts.
+        #[arg(long, default_value_t = 256 << 10, value_name = "BYTES")]
+        max_lag: u64,
         /// Create tables missing on new shards from the default shard's definition.
         #[arg(long)]
         create_tables: bool,
@@ -202,6 +212,8 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             config_out,
             login,
             admin,
+            online,
+            max_lag,
         } => {
             let (r, old, new_text) = compare(&from, &to)?;
             let placement = Config::from_toml(&new_text, &to.display().to_string())
@@ -210,7 +222,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let config_out = config_out.unwrap_or_else(|| from.clone());
             let login = login.resolve(&old)?;
             let mut proxies = Proxies::connect(&admin).await?;
-            if !proxies.is_empty() {
+            if !proxies.is_empty() && !online {
                 proxies.pause().await?;
                 println!(
                     "paused {} proxies: their clients wait while rows move",
@@ -227,10 +239,16 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 new_text,
                 placement: placement.clone(),
                 stop_at: crash_hook(),
+                max_lag,
             };
-            let s = match apply::apply(&r, &login, &opts).await {
+            let moved = if online {
+                apply::apply_online(&r, &login, &opts, &mut proxies).await
+            } else {
+                apply::apply(&r, &login, &opts).await
+            };
+            let s = match moved {
                 Ok(s) => s,
-                Err(e) if proxies.is_empty() => return Err(e),
+                Err(e) if !proxies.paused() => return Err(e),
                 Err(e) => {
                     return Err(match apply::deletes_started(&r, &login, &placement).await {
                         Ok(false) => match proxies.resume().await {

@@ -319,6 +319,36 @@ pub async fn start(servers: &Servers, s: &Stream, login: &Login, source: &Node) 
     Ok(())
 }
 
+/// Makes the target flush each change it applies at its commit, as the
+/// cutover nears. A subscription commits asynchronously by default (fast,
+/// and safe: the source sends again what was not flushed), so its
+/// confirmed position trails what it applied by the target's WAL writer,
+/// and waiting for it would hold the paused clients longer.
+pub async fn flush_each_commit(servers: &Servers, s: &Stream) -> Result<()> {
+    let tgt = servers.get(s.target).await?;
+    tgt.batch_execute(&format!(
+        "ALTER SUBSCRIPTION {} SET (synchronous_commit = 'on')",
+        quote_ident(&s.name)
+    ))
+    .await
+    .on(servers, s.target, "changing the subscription")?;
+    Ok(())
+}
+
+/// Whether a stream's subscription exists on its target, and if so
+/// whether it is enabled (a disabled one was stopped for a cutover).
+pub async fn enabled(servers: &Servers, s: &Stream) -> Result<Option<bool>> {
+    let tgt = servers.get(s.target).await?;
+    Ok(tgt
+        .query_opt(
+            "SELECT subenabled FROM pg_subscription WHERE subname = $1",
+            &[&s.name],
+        )
+        .await
+        .on(servers, s.target, "looking for the subscription")?
+        .map(|r| r.get(0)))
+}
+
 /// Where a stream stands.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Progress {
@@ -359,10 +389,19 @@ pub async fn progress(servers: &Servers, s: &Stream) -> Result<Progress> {
     Ok(Progress { copying, lag_bytes })
 }
 
-/// The source's current WAL position.
+/// A position of the source's WAL at or after every transaction committed
+/// so far, and flushed: a walsender streams only flushed WAL, so waiting
+/// for an unflushed position would wait for the WAL writer (up to
+/// `wal_writer_delay`), and an asynchronous commit's record may lie past
+/// the flush position. A transaction with an xid, committed synchronously
+/// (the tool's sessions use `synchronous_commit = on`), flushes everything
+/// before its commit.
 pub async fn current_lsn(servers: &Servers, source: usize) -> Result<String> {
     let c = servers.get(source).await?;
-    Ok(c.query_one("SELECT pg_current_wal_lsn()::text", &[])
+    c.batch_execute("BEGIN; SELECT txid_current(); COMMIT")
+        .await
+        .on(servers, source, "reading the WAL position")?;
+    Ok(c.query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
         .await
         .on(servers, source, "reading the WAL position")?
         .get(0))
@@ -403,8 +442,10 @@ pub async fn wait_applied(
     }
 }
 
-/// Stops applying: the subscription is disabled and its worker gone, so
-/// nothing the source does from now on reaches the target.
+/// Stops applying: the subscription is disabled and its workers gone, so
+/// nothing the source does from now on reaches the target. A worker
+/// notices a disabled subscription within a second; it is ended at once
+/// instead (the launcher starts no other for a disabled subscription).
 pub async fn stop(servers: &Servers, s: &Stream, timeout: Duration) -> Result<()> {
     let tgt = servers.get(s.target).await?;
     tgt.batch_execute(&format!(
@@ -417,7 +458,7 @@ pub async fn stop(servers: &Servers, s: &Stream, timeout: Duration) -> Result<()
     loop {
         let running: i64 = tgt
             .query_one(
-                "SELECT count(*) FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL",
+                "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_subscription WHERE subname = $1 AND pid IS NOT NULL",
                 &[&s.name],
             )
             .await

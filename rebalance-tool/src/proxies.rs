@@ -47,6 +47,11 @@ impl Proxies {
         })
     }
 
+    /// Whether PAUSE was sent (and not yet answered by RESUME).
+    pub fn paused(&self) -> bool {
+        self.paused_at.is_some()
+    }
+
     pub fn is_empty(&self) -> bool {
         self.consoles.is_empty()
     }
@@ -64,6 +69,7 @@ impl Proxies {
                 for done in &self.consoles[..i] {
                     let _ = done.client.simple_query("RESUME").await;
                 }
+                self.paused_at = None;
                 bail!(
                     "proxy {} could not pause: {why}. Nothing was moved; the proxies paused before it were resumed",
                     c.label
@@ -73,8 +79,12 @@ impl Proxies {
         Ok(())
     }
 
-    /// RESUME on every proxy (each is tried); returns how long traffic was held.
+    /// RESUME on every proxy (each is tried); returns how long traffic was
+    /// held. Nothing to do when they were not paused.
     pub async fn resume(&self) -> Result<f64> {
+        if self.paused_at.is_none() {
+            return Ok(0.0);
+        }
         let mut failed = Vec::new();
         for c in &self.consoles {
             if let Err(e) = c.client.simple_query("RESUME").await {

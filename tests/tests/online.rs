@@ -370,3 +370,235 @@ async fn requirements_name_what_an_online_move_lacks() {
         .await
         .expect("allowed");
 }
+
+/// What one load client saw.
+#[derive(Default)]
+struct ClientLog {
+    /// Increments acknowledged, by key.
+    increments: std::collections::BTreeMap<i64, i64>,
+    /// Keys whose INSERT was acknowledged.
+    inserted: Vec<i64>,
+    failed: Vec<String>,
+    /// Every transaction's time, for the pause each client saw.
+    longest: Duration,
+}
+
+/// A client on `port` until `stop`: transactions incrementing random keys
+/// of `rows`, and inserts of keys of its own (above `rows`), both on keys
+/// that move and keys that stay.
+fn client(
+    port: u16,
+    rows: i64,
+    id: i64,
+    stop: std::sync::Arc<std::sync::atomic::AtomicBool>,
+) -> tokio::task::JoinHandle<ClientLog> {
+    tokio::spawn(async move {
+        let mut log = ClientLog::default();
+        let conn = format!("host=127.0.0.1 port={port} user=app password=app dbname=app");
+        let (c, connection) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
+            .await
+            .expect("a load client");
+        tokio::spawn(connection);
+        let mut n: i64 = 0;
+        while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+            n += 1;
+            let started = Instant::now();
+            let (sql, key, insert) = if n % 4 == 0 {
+                let key = rows + 1 + id * 1_000_000 + n;
+                (
+                    format!("INSERT INTO accts (id, n) VALUES ({key}, 0)"),
+                    key,
+                    true,
+                )
+            } else {
+                let key = 1 + (n * 7_919 + id * 104_729) % rows;
+                (
+                    format!("BEGIN; UPDATE accts SET n = n + 1 WHERE id = {key}; COMMIT"),
+                    key,
+                    false,
+                )
+            };
+            match c.batch_execute(&sql).await {
+                Ok(()) if insert => log.inserted.push(key),
+                Ok(()) => *log.increments.entry(key).or_default() += 1,
+                Err(e) => log.failed.push(format!("{sql}: {e}")),
+            }
+            log.longest = log.longest.max(started.elapsed());
+        }
+        log
+    })
+}
+
+/// `apply --online` through two proxies' consoles while 16 clients write
+/// to moving and staying keys: no client transaction fails, every
+/// acknowledged write is there exactly once on the shard the new config
+/// gives it, the proxies run the new placement, and no replication object
+/// or record of the run is left on any server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_online_moves_rows_while_two_proxies_clients_write() {
+    const ROWS: i64 = 20_000;
+    let env = Env::start_with(EnvOptions {
+        shards: 3,
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("the servers start");
+    let files = shardline_tests::TempDir::new("online-apply");
+    let tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"accts\"\ncolumn = \"id\"\n\n[admin]\nusers = [\"app\"]\n";
+    let two = env.shards_config(&[0, 1], tables);
+    let three = env.shards_config(&[0, 1, 2], tables);
+    let config = files.write("shardline.toml", &two);
+    let new = files.write("new.toml", &three);
+    for s in 0..3 {
+        env.sql_shard(
+            s,
+            "CREATE TABLE accts (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0); GRANT ALL ON accts TO app;",
+        );
+    }
+    let (a, loader) = shardline_tests::ProxyProcess::start_file(&config).await;
+    let (b, _) = shardline_tests::ProxyProcess::start_file(&config).await;
+    for chunk in (1..=ROWS).collect::<Vec<_>>().chunks(2_000) {
+        let values: Vec<String> = chunk.iter().map(|k| format!("({k})")).collect();
+        loader
+            .batch_execute(&format!(
+                "INSERT INTO accts (id) VALUES {}",
+                values.join(",")
+            ))
+            .await
+            .expect("rows on both shards");
+    }
+
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..16)
+        .map(|i| {
+            client(
+                if i % 2 == 0 { a.port } else { b.port },
+                ROWS,
+                i,
+                stop.clone(),
+            )
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let admin = |p: u16| format!("postgres://app:app@127.0.0.1:{p}/shardline");
+    let args = vec![
+        "apply".to_string(),
+        "--online".into(),
+        "--from".into(),
+        config.display().to_string(),
+        "--to".into(),
+        new.display().to_string(),
+        "--admin".into(),
+        admin(a.port),
+        "--admin".into(),
+        admin(b.port),
+        "--user".into(),
+        "postgres".into(),
+    ];
+    let out = tokio::task::spawn_blocking(move || {
+        std::process::Command::new(shardline_tests::rebalance_binary().expect("the tool"))
+            .args(&args)
+            .output()
+            .expect("the tool runs")
+    })
+    .await
+    .unwrap();
+    let (stdout, stderr) = (
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr),
+    );
+    assert!(out.status.success(), "{stdout}{stderr}");
+    assert!(stderr.contains("replication caught up"), "{stderr}");
+    assert!(
+        stderr.contains("paused 2 proxies for the cutover"),
+        "{stderr}"
+    );
+    assert!(
+        stdout.contains("2 proxies reloaded with the new placement"),
+        "{stdout}"
+    );
+    // Clients go on through the new placement, then stop.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut increments: std::collections::BTreeMap<i64, i64> = Default::default();
+    let mut inserted = Vec::new();
+    let mut longest = Vec::new();
+    for task in load {
+        let log = task.await.unwrap();
+        assert!(
+            log.failed.is_empty(),
+            "a client saw errors: {:?}",
+            log.failed
+        );
+        for (k, n) in log.increments {
+            *increments.entry(k).or_default() += n;
+        }
+        inserted.extend(log.inserted);
+        longest.push(log.longest);
+    }
+
+    // Every row once, where the new config places it, with every
+    // acknowledged increment and insert.
+    let sharding = shardline_router::sharding::Sharding::from_config(
+        &Config::from_toml(&three, "new.toml").unwrap(),
+    );
+    let group = &sharding.groups[sharding.tables["accts"].group];
+    let mut stored: std::collections::BTreeMap<i64, i64> = Default::default();
+    let mut on_new = 0;
+    for s in 0..3 {
+        for line in env
+            .sql_shard(s, "SELECT id || ':' || n FROM accts")
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
+            let (id, n) = line.split_once(':').unwrap();
+            let id: i64 = id.parse().unwrap();
+            assert!(
+                stored.insert(id, n.parse().unwrap()).is_none(),
+                "row {id} is on two shards"
+            );
+            let owner = group
+                .shard_of(Some(&shardline_router::hash::KeyValue::Int(id)))
+                .unwrap();
+            assert_eq!(sharding.shard_names[owner], format!("s{s}"), "row {id}");
+            on_new += usize::from(s == 2);
+        }
+    }
+    assert!(on_new > 0, "rows moved to the new shard");
+    assert_eq!(stored.len() as i64, ROWS + inserted.len() as i64);
+    for k in &inserted {
+        assert!(stored.contains_key(k), "acknowledged insert {k} is missing");
+    }
+    for (k, n) in stored.iter().filter(|(k, _)| **k <= ROWS) {
+        assert_eq!(*n, increments.get(k).copied().unwrap_or(0), "key {k}");
+    }
+    // Nothing of the move is left on any server.
+    for s in 0..3 {
+        assert_eq!(
+            env.sql_shard(
+                s,
+                "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication) + (SELECT count(*) FROM pg_subscription)"
+            ),
+            "0",
+            "replication objects left on s{s}"
+        );
+        assert_eq!(
+            env.sql_shard(
+                s,
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'shardline'"
+            ),
+            "0",
+            "the run's records are left on s{s}"
+        );
+    }
+    longest.sort();
+    eprintln!("{stderr}");
+    let writes = increments.values().sum::<i64>() + inserted.len() as i64;
+    eprintln!(
+        "apply --online under load: {writes} writes acknowledged, none failed; longest transaction per client: median {:?}, max {:?}; {}",
+        longest[longest.len() / 2],
+        longest[longest.len() - 1],
+        stdout.lines().last().unwrap_or("")
+    );
+}
