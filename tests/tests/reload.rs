@@ -279,3 +279,82 @@ async fn a_smaller_pool_closes_connections_down_to_its_size() {
     }
     assert_eq!(env.server_backends(None), 3);
 }
+
+/// PAUSE, a client held on shard s1, a RELOAD that removes s1, RESUME: the
+/// held client runs at once (on s0, where the new config places its key),
+/// instead of waiting `max_hold` on the removed shard's pause. Then a
+/// PAUSE and RELOAD that add s1 back hold the new shard too.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn resume_releases_clients_held_on_a_shard_a_reload_removed() {
+    let env = Env::primaries(2).await;
+    let tables = "[sharding]\nfunction = \"consistent\"\n[[sharding.tables]]\nname = \"t\"\ncolumn = \"id\"\n\n[admin]\nusers = [\"app\"]\nmax_hold = \"5s\"\n";
+    let two = env.shards_config(&[0, 1], tables);
+    let one = env.shards_config(&[0], tables);
+    for s in 0..2 {
+        env.sql_shard(
+            s,
+            "CREATE TABLE t (id bigint PRIMARY KEY); GRANT ALL ON t TO app;",
+        );
+    }
+    let sharding = shardline_router::sharding::Sharding::from_config(
+        &shardline_config::Config::from_toml(&two, "t").unwrap(),
+    );
+    let group = &sharding.groups[0];
+    let key = (1i64..)
+        .find(|&k| {
+            group
+                .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
+                .ok()
+                == Some(1)
+        })
+        .unwrap();
+    let (proxy, _c) = ProxyProcess::start(&two, &[]).await;
+    let admin = format!("postgres://app:app@127.0.0.1:{}/shardline", proxy.port);
+    let console = |sql: &'static str| {
+        let admin = admin.clone();
+        async move {
+            let (ok, out) =
+                tokio::task::spawn_blocking(move || shardline_tests::psql(&admin, &["-c", sql]))
+                    .await
+                    .unwrap();
+            assert!(ok, "{sql}: {out}");
+        }
+    };
+    console("PAUSE").await;
+    let port = proxy.port;
+    let held = tokio::spawn(async move {
+        let c = shardline_tests::connect_app(port).await.expect("a client");
+        let started = std::time::Instant::now();
+        let r = c
+            .simple_query(&format!("SELECT count(*) FROM t WHERE id = {key}"))
+            .await
+            .map(|_| ());
+        (r, started.elapsed())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "a paused proxy answered");
+    proxy.rewrite_config(&one);
+    console("RELOAD").await;
+    console("RESUME").await;
+    let (r, waited) = held.await.unwrap();
+    r.expect("the held client runs once resumed");
+    assert!(
+        waited < std::time::Duration::from_secs(5),
+        "held {waited:?}"
+    );
+
+    // Paused with one shard, reloaded with two: the added shard is held too.
+    console("PAUSE").await;
+    proxy.rewrite_config(&two);
+    console("RELOAD").await;
+    let held = tokio::spawn(async move {
+        let c = shardline_tests::connect_app(port).await.expect("a client");
+        c.simple_query(&format!("SELECT count(*) FROM t WHERE id = {key}"))
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    assert!(!held.is_finished(), "the added shard was not paused");
+    console("RESUME").await;
+    held.await.unwrap().expect("runs once resumed");
+}

@@ -256,15 +256,12 @@ fn what(shard: Option<&str>) -> String {
     }
 }
 
-/// The shards a command names: one by name, or all.
+/// The shards a command names; without a name every shard, also one a
+/// RELOAD adds while paused, and one it removes (a RESUME then still
+/// releases the units held on it).
 fn shards(shared: &Shared, name: Option<&str>) -> Result<ShardMask, Failure> {
-    let all = shared.topology.shards.len();
     match name {
-        None => Ok(if all >= 64 {
-            u64::MAX
-        } else {
-            (1u64 << all) - 1
-        }),
+        None => Ok(u64::MAX),
         Some(name) => shared
             .topology
             .shards
