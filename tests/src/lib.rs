@@ -869,6 +869,60 @@ fn walk(dir: &std::path::Path) -> Vec<std::path::PathBuf> {
     out
 }
 
+/// How a run under a kill point ended.
+pub enum Killed {
+    /// It reached the point and was killed there (SIGKILL).
+    There,
+    /// It ended by itself first, with this exit code and stderr.
+    Ended(i32, String),
+}
+
+/// Runs the tool until it prints that it stopped at `point` and kills it;
+/// unlike `apply_killed_at`, a run that ends before the point (fewer steps
+/// than the point's number) is a result, not a failure.
+pub fn killed_at_if_reached(point: &str, args: &[&str]) -> Killed {
+    use std::io::BufRead as _;
+    let mut child = std::process::Command::new(rebalance_binary().unwrap())
+        .args(args)
+        .env("SHARDLINE_REBALANCE_STOP_AT", point)
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("spawn shardline-rebalance");
+    let stderr = child.stderr.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr)
+            .lines()
+            .map_while(Result::ok)
+        {
+            let _ = tx.send(line);
+        }
+    });
+    let deadline = std::time::Instant::now() + Duration::from_secs(180);
+    let mut seen = Vec::new();
+    loop {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(line) if line.contains(&format!("stopped at {point}")) => {
+                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
+                let _ = child.wait();
+                return Killed::There;
+            }
+            Ok(line) => seen.push(line),
+            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
+                let status = child.wait().unwrap();
+                return Killed::Ended(status.code().unwrap_or(-1), seen.join("\n"));
+            }
+            Err(_) => {}
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the tool never reached {point}:\n{}",
+            seen.join("\n")
+        );
+    }
+}
+
 /// A fresh directory under the system temp dir, removed with everything in
 /// it when dropped (also when a test fails).
 pub struct TempDir {

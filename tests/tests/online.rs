@@ -496,19 +496,8 @@ async fn apply_online_moves_rows_while_two_proxies_clients_write() {
         "--user".into(),
         "postgres".into(),
     ];
-    let out = tokio::task::spawn_blocking(move || {
-        std::process::Command::new(shardline_tests::rebalance_binary().expect("the tool"))
-            .args(&args)
-            .output()
-            .expect("the tool runs")
-    })
-    .await
-    .unwrap();
-    let (stdout, stderr) = (
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr),
-    );
-    assert!(out.status.success(), "{stdout}{stderr}");
+    let (ok, stdout, stderr) = tool(args).await;
+    assert!(ok, "{stdout}{stderr}");
     assert!(stderr.contains("replication caught up"), "{stderr}");
     assert!(
         stderr.contains("paused 2 proxies for the cutover"),
@@ -540,37 +529,14 @@ async fn apply_online_moves_rows_while_two_proxies_clients_write() {
 
     // Every row once, where the new config places it, with every
     // acknowledged increment and insert.
-    let sharding = shardline_router::sharding::Sharding::from_config(
-        &Config::from_toml(&three, "new.toml").unwrap(),
-    );
-    let group = &sharding.groups[sharding.tables["accts"].group];
-    let mut stored: std::collections::BTreeMap<i64, i64> = Default::default();
-    let mut on_new = 0;
-    for s in 0..3 {
-        for line in env
-            .sql_shard(s, "SELECT id || ':' || n FROM accts")
-            .lines()
-            .filter(|l| !l.is_empty())
-        {
-            let (id, n) = line.split_once(':').unwrap();
-            let id: i64 = id.parse().unwrap();
-            assert!(
-                stored.insert(id, n.parse().unwrap()).is_none(),
-                "row {id} is on two shards"
-            );
-            let owner = group
-                .shard_of(Some(&shardline_router::hash::KeyValue::Int(id)))
-                .unwrap();
-            assert_eq!(sharding.shard_names[owner], format!("s{s}"), "row {id}");
-            on_new += usize::from(s == 2);
-        }
-    }
+    let stored = placed_rows(&env, &three);
+    let on_new = stored.values().filter(|(_, s)| *s == 2).count();
     assert!(on_new > 0, "rows moved to the new shard");
     assert_eq!(stored.len() as i64, ROWS + inserted.len() as i64);
     for k in &inserted {
         assert!(stored.contains_key(k), "acknowledged insert {k} is missing");
     }
-    for (k, n) in stored.iter().filter(|(k, _)| **k <= ROWS) {
+    for (k, (n, _)) in stored.iter().filter(|(k, _)| **k <= ROWS) {
         assert_eq!(*n, increments.get(k).copied().unwrap_or(0), "key {k}");
     }
     // Nothing of the move is left on any server.
@@ -601,4 +567,233 @@ async fn apply_online_moves_rows_while_two_proxies_clients_write() {
         longest[longest.len() - 1],
         stdout.lines().last().unwrap_or("")
     );
+}
+
+/// Runs the tool to its end: (success, stdout, stderr).
+async fn tool(args: Vec<String>) -> (bool, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let out =
+            std::process::Command::new(shardline_tests::rebalance_binary().expect("the tool"))
+                .args(&args)
+                .output()
+                .expect("the tool runs");
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// Every row of `accts` on the three shards, `id → (n, shard)`: each is on
+/// one shard only, the one `config` places it on.
+fn placed_rows(env: &Env, config: &str) -> std::collections::BTreeMap<i64, (i64, usize)> {
+    let sharding = shardline_router::sharding::Sharding::from_config(
+        &Config::from_toml(config, "config.toml").unwrap(),
+    );
+    let group = &sharding.groups[sharding.tables["accts"].group];
+    let mut stored = std::collections::BTreeMap::new();
+    for s in 0..3 {
+        for line in env
+            .sql_shard(s, "SELECT id || ':' || n FROM accts")
+            .lines()
+            .filter(|l| !l.is_empty())
+        {
+            let (id, n) = line.split_once(':').unwrap();
+            let id: i64 = id.parse().unwrap();
+            assert!(
+                stored.insert(id, (n.parse().unwrap(), s)).is_none(),
+                "row {id} is on two shards"
+            );
+            let owner = group
+                .shard_of(Some(&shardline_router::hash::KeyValue::Int(id)))
+                .unwrap();
+            assert_eq!(sharding.shard_names[owner], format!("s{s}"), "row {id}");
+        }
+    }
+    stored
+}
+
+/// No replication object, and no record of a run, on any of the three shards.
+fn nothing_left(env: &Env) {
+    for s in 0..3 {
+        assert_eq!(
+            env.sql_shard(
+                s,
+                "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication) + (SELECT count(*) FROM pg_subscription)"
+            ),
+            "0",
+            "replication objects left on s{s}"
+        );
+        assert_eq!(
+            env.sql_shard(
+                s,
+                "SELECT count(*) FROM pg_namespace WHERE nspname = 'shardline'"
+            ),
+            "0",
+            "the run's records are left on s{s}"
+        );
+    }
+}
+
+/// `apply --online` killed while it streams (a rerun continues the same
+/// streams), killed with the proxies paused (their clients wait, and the
+/// rerun finishes the cutover and resumes them), and killed while it
+/// streams then undone by `abort`: clients writing throughout see no
+/// error, every acknowledged write is where the final config places it,
+/// and nothing of the moves is left on any server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_online_killed_anywhere_is_finished_by_a_rerun_or_undone_by_abort() {
+    const ROWS: i64 = 5_000;
+    let env = Env::start_with(EnvOptions {
+        shards: 3,
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("the servers start");
+    let files = shardline_tests::TempDir::new("online-killed");
+    let tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"accts\"\ncolumn = \"id\"\n\n[admin]\nusers = [\"app\"]\n";
+    let two = env.shards_config(&[0, 1], tables);
+    let three = env.shards_config(&[0, 1, 2], tables);
+    let config = files.write("shardline.toml", &two);
+    let grow = files.write("three.toml", &three);
+    let shrink = files.write("two.toml", &two);
+    for s in 0..3 {
+        env.sql_shard(
+            s,
+            "CREATE TABLE accts (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0); GRANT ALL ON accts TO app;",
+        );
+    }
+    let (a, loader) = shardline_tests::ProxyProcess::start_file(&config).await;
+    let (b, _) = shardline_tests::ProxyProcess::start_file(&config).await;
+    let values: Vec<String> = (1..=ROWS).map(|k| format!("({k})")).collect();
+    loader
+        .batch_execute(&format!(
+            "INSERT INTO accts (id) VALUES {}",
+            values.join(",")
+        ))
+        .await
+        .expect("rows on both shards");
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let load: Vec<_> = (0..4)
+        .map(|i| {
+            client(
+                if i % 2 == 0 { a.port } else { b.port },
+                ROWS,
+                i,
+                stop.clone(),
+            )
+        })
+        .collect();
+    let admin = |p: u16| format!("postgres://app:app@127.0.0.1:{p}/shardline");
+    let online = |to: &std::path::Path| -> Vec<String> {
+        vec![
+            "apply".into(),
+            "--online".into(),
+            "--from".into(),
+            config.display().to_string(),
+            "--to".into(),
+            to.display().to_string(),
+            "--admin".into(),
+            admin(a.port),
+            "--admin".into(),
+            admin(b.port),
+            "--user".into(),
+            "postgres".into(),
+        ]
+    };
+    let slots = |s: usize| env.sql_shard(s, "SELECT count(*) FROM pg_replication_slots");
+    let killed = |args: Vec<String>, point: &'static str| async move {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            matches!(
+                shardline_tests::killed_at_if_reached(point, &args),
+                shardline_tests::Killed::There
+            )
+        })
+        .await
+        .unwrap()
+    };
+
+    // 1. Killed while streaming: the rerun goes on with the same streams.
+    assert!(killed(online(&grow), "stream").await);
+    assert_ne!(
+        (slots(0), slots(1)),
+        ("0".into(), "0".into()),
+        "the streams run on"
+    );
+    let (ok, out, err) = tool(online(&grow)).await;
+    assert!(ok && out.contains("2 proxies reloaded"), "{out}{err}");
+    nothing_left(&env);
+    assert!(placed_rows(&env, &three).values().any(|(_, s)| *s == 2));
+
+    // 2. Shrinking back, killed with the proxies paused: a new client waits
+    // (it gets no error), and the rerun finishes and resumes it.
+    assert!(killed(online(&shrink), "paused").await);
+    let probe = tokio::spawn(async move {
+        let c = shardline_tests::connect_app(a.port)
+            .await
+            .expect("a client");
+        c.simple_query("SELECT n FROM accts WHERE id = 1")
+            .await
+            .map(|_| ())
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(!probe.is_finished(), "a paused proxy answered");
+    let (ok, out, err) = tool(online(&shrink)).await;
+    assert!(ok && out.contains("2 proxies reloaded"), "{out}{err}");
+    probe
+        .await
+        .unwrap()
+        .expect("the held query runs after the cutover");
+    nothing_left(&env);
+    assert!(placed_rows(&env, &two).values().all(|(_, s)| *s != 2));
+
+    // 3. Growing again, killed while streaming, then undone: the copies on
+    // s2 and the streams are gone, the proxies were never paused.
+    assert!(killed(online(&grow), "stream").await);
+    assert_ne!(
+        env.sql_shard(2, "SELECT count(*) FROM pg_subscription"),
+        "0"
+    );
+    let (ok, out, err) = tool(vec![
+        "abort".into(),
+        "--from".into(),
+        config.display().to_string(),
+        "--to".into(),
+        grow.display().to_string(),
+        "--user".into(),
+        "postgres".into(),
+    ])
+    .await;
+    assert!(ok, "{out}{err}");
+    nothing_left(&env);
+    assert_eq!(env.sql_shard(2, "SELECT count(*) FROM accts"), "0");
+
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut increments: std::collections::BTreeMap<i64, i64> = Default::default();
+    let mut inserted = Vec::new();
+    for task in load {
+        let log = task.await.unwrap();
+        assert!(
+            log.failed.is_empty(),
+            "a client saw errors: {:?}",
+            log.failed
+        );
+        for (k, n) in log.increments {
+            *increments.entry(k).or_default() += n;
+        }
+        inserted.extend(log.inserted);
+    }
+    let stored = placed_rows(&env, &two);
+    assert_eq!(stored.len() as i64, ROWS + inserted.len() as i64);
+    for k in &inserted {
+        assert!(stored.contains_key(k), "acknowledged insert {k} is missing");
+    }
+    for (k, (n, _)) in stored.iter().filter(|(k, _)| **k <= ROWS) {
+        assert_eq!(*n, increments.get(k).copied().unwrap_or(0), "key {k}");
+    }
 }

@@ -9,7 +9,9 @@ use shardline::fuzz::Rng;
 use shardline_config::Config;
 use shardline_router::hash::KeyValue;
 use shardline_router::sharding::Sharding;
-use shardline_tests::{rebalance_binary, start_proxy, Env, EnvOptions, TempDir};
+use shardline_tests::{
+    killed_at_if_reached, rebalance_binary, start_proxy, Env, EnvOptions, Killed, TempDir,
+};
 use std::collections::BTreeMap;
 use std::io::{BufRead as _, BufReader};
 use std::path::Path;
@@ -1361,56 +1363,6 @@ async fn a_function_change_swaps_rows_between_shards() {
     ]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("misplaced rows"), "{out}");
-}
-
-/// How a run under a kill point ended.
-enum Killed {
-    /// It reached the point and was killed there (SIGKILL).
-    There,
-    /// It ended by itself first, with this exit code and stderr.
-    Ended(i32, String),
-}
-
-/// Runs the tool until it prints that it stopped at `point` and kills it;
-/// unlike `apply_killed_at`, a run that ends before the point (fewer steps
-/// than the point's number) is a result, not a failure.
-fn killed_at_if_reached(point: &str, args: &[&str]) -> Killed {
-    let mut child = Command::new(rebalance_binary().unwrap())
-        .args(args)
-        .env("SHARDLINE_REBALANCE_STOP_AT", point)
-        .stdout(Stdio::null())
-        .stderr(Stdio::piped())
-        .spawn()
-        .expect("spawn shardline-rebalance");
-    let stderr = child.stderr.take().unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    std::thread::spawn(move || {
-        for line in BufReader::new(stderr).lines().map_while(Result::ok) {
-            let _ = tx.send(line);
-        }
-    });
-    let deadline = Instant::now() + Duration::from_secs(180);
-    let mut seen = Vec::new();
-    loop {
-        match rx.recv_timeout(Duration::from_millis(100)) {
-            Ok(line) if line.contains(&format!("stopped at {point}")) => {
-                unsafe { libc::kill(child.id() as i32, libc::SIGKILL) };
-                let _ = child.wait();
-                return Killed::There;
-            }
-            Ok(line) => seen.push(line),
-            Err(std::sync::mpsc::RecvTimeoutError::Disconnected) => {
-                let status = child.wait().unwrap();
-                return Killed::Ended(status.code().unwrap_or(-1), seen.join("\n"));
-            }
-            Err(_) => {}
-        }
-        assert!(
-            Instant::now() < deadline,
-            "the tool never reached {point}:\n{}",
-            seen.join("\n")
-        );
-    }
 }
 
 /// A seeded sequence of moves between four placements (two shards; three;
