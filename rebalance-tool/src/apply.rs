@@ -305,6 +305,7 @@ async fn run_apply(
             let t = Instant::now();
             run.delete_all(&mut steps).await?;
             run.cutover_mark("moved rows deleted from their old shards");
+            run.advance_sequences(&steps).await?;
             summary.delete_seconds = t.elapsed().as_secs_f64();
         }
     }
@@ -2388,6 +2389,50 @@ impl Run<'_> {
                 String::new()
             }
         ));
+        Ok(())
+    }
+}
+
+impl Run<'_> {
+    /// Sets the sequences of serial and identity columns of the tables rows
+    /// moved to past the highest value there: the new shard's sequence
+    /// started at 1, and a row inserted there with the column's default
+    /// would collide with a moved one. A sequence already past it is left.
+    async fn advance_sequences(&self, steps: &[Step]) -> Result<()> {
+        let mut moved: Vec<(usize, &str)> = steps
+            .iter()
+            .filter(|s| !s.reference)
+            .map(|s| (s.target, s.table.as_str()))
+            .collect();
+        moved.sort_unstable();
+        moved.dedup();
+        for (id, table) in moved {
+            let what = format!("advancing the sequences of {table}");
+            let c = self.servers.get(id).await?;
+            let serials = c
+                .query(
+                    "SELECT quote_ident(a.attname), pg_get_serial_sequence($1, a.attname)
+                       FROM pg_attribute a
+                      WHERE a.attrelid = to_regclass($1) AND a.attnum > 0 AND NOT a.attisdropped
+                        AND pg_get_serial_sequence($1, a.attname) IS NOT NULL",
+                    &[&quote_table(table)],
+                )
+                .await
+                .on(&self.servers, id, &what)?;
+            for row in serials {
+                let (column, sequence): (String, String) = (row.get(0), row.get(1));
+                c.execute(
+                    &format!(
+                        "SELECT setval($1::text::regclass, m) FROM (SELECT max({column})::int8 AS m FROM {}) x
+                          WHERE m > coalesce(pg_sequence_last_value($1::text::regclass), 0)",
+                        quote_table(table)
+                    ),
+                    &[&sequence],
+                )
+                .await
+                .on(&self.servers, id, &what)?;
+            }
+        }
         Ok(())
     }
 }

@@ -568,19 +568,23 @@ impl Rebalance {
             .collect()
     }
 
+    /// The new config's owner of the old config's group `g` (matched by
+    /// name), if the new config has that group.
+    fn new_owner_of_group(&self, g: usize) -> Option<&Owner> {
+        let name = &self.old.group_names[g];
+        self.new
+            .group_names
+            .iter()
+            .position(|n| n == name)
+            .map(|i| &self.new.owners[i])
+    }
+
     /// Whether [`Rebalance::moving_ranges`] names every pair of shards rows
     /// move between: every group is on the ring in both configs, with the
     /// same pinned keys.
     pub fn ranges_name_every_move(&self) -> bool {
         self.old.owners.iter().enumerate().all(|(g, old)| {
-            let name = &self.old.group_names[g];
-            let Some(new) = self
-                .new
-                .group_names
-                .iter()
-                .position(|n| n == name)
-                .map(|i| &self.new.owners[i])
-            else {
+            let Some(new) = self.new_owner_of_group(g) else {
                 return false;
             };
             matches!(
@@ -596,14 +600,7 @@ impl Rebalance {
     pub fn moving_ranges(&self) -> Vec<(usize, i64, i64, usize, usize)> {
         let mut out: Vec<(usize, i64, i64, usize, usize)> = Vec::new();
         for (g, old) in self.old.owners.iter().enumerate() {
-            let name = &self.old.group_names[g];
-            let Some(new) = self
-                .new
-                .group_names
-                .iter()
-                .position(|n| n == name)
-                .map(|i| &self.new.owners[i])
-            else {
+            let Some(new) = self.new_owner_of_group(g) else {
                 continue;
             };
             let (OwnerFn::Ring(a), OwnerFn::Ring(b)) = (&old.function, &new.function) else {

@@ -286,35 +286,45 @@ pub async fn requirements(servers: &Servers, r: &Rebalance, streams: &[Stream]) 
 /// Creates a stream's publication and subscription (what exists already is
 /// kept: a rerun continues a stream).
 pub async fn start(servers: &Servers, s: &Stream, login: &Login, source: &Node) -> Result<()> {
-    let src = servers.get(s.source).await?;
-    let exists = src
-        .query_opt(
-            "SELECT 1 FROM pg_publication WHERE pubname = $1",
-            &[&s.name],
-        )
+    create_once(
+        servers,
+        s.source,
+        "SELECT 1 FROM pg_publication WHERE pubname = $1",
+        &s.name,
+        &publication_sql(s),
+        "the publication",
+    )
+    .await?;
+    create_once(
+        servers,
+        s.target,
+        "SELECT 1 FROM pg_subscription WHERE subname = $1",
+        &s.name,
+        &subscription_sql(s, &conninfo(source, login)),
+        "the subscription",
+    )
+    .await
+}
+
+/// Runs `create` on `id` unless `exists` (a query on `name`) finds a row.
+async fn create_once(
+    servers: &Servers,
+    id: usize,
+    exists: &str,
+    name: &str,
+    create: &str,
+    what: &str,
+) -> Result<()> {
+    let c = servers.get(id).await?;
+    let found = c
+        .query_opt(exists, &[&name])
         .await
-        .on(servers, s.source, "looking for the publication")?
+        .on(servers, id, &format!("looking for {what}"))?
         .is_some();
-    if !exists {
-        src.batch_execute(&publication_sql(s)).await.on(
-            servers,
-            s.source,
-            "creating the publication",
-        )?;
-    }
-    let tgt = servers.get(s.target).await?;
-    let exists = tgt
-        .query_opt(
-            "SELECT 1 FROM pg_subscription WHERE subname = $1",
-            &[&s.name],
-        )
-        .await
-        .on(servers, s.target, "looking for the subscription")?
-        .is_some();
-    if !exists {
-        tgt.batch_execute(&subscription_sql(s, &conninfo(source, login)))
+    if !found {
+        c.batch_execute(create)
             .await
-            .on(servers, s.target, "creating the subscription")?;
+            .on(servers, id, &format!("creating {what}"))?;
     }
     Ok(())
 }
@@ -523,16 +533,7 @@ pub async fn remove(servers: &Servers, s: &Stream) -> Result<()> {
         .map(|r| r.get(0));
     let src = servers.get(s.source).await?;
     if let Some(oid) = sub {
-        let name = quote_ident(&s.name);
-        for sql in [
-            format!("ALTER SUBSCRIPTION {name} DISABLE"),
-            format!("ALTER SUBSCRIPTION {name} SET (slot_name = NONE)"),
-            format!("DROP SUBSCRIPTION {name}"),
-        ] {
-            tgt.batch_execute(&sql)
-                .await
-                .on(servers, s.target, "removing the subscription")?;
-        }
+        drop_subscription(servers, s.target, &s.name).await?;
         drop_slots(servers, s.source, &format!("pg\\_{oid}\\_sync\\_%")).await?;
     }
     drop_slots(servers, s.source, &s.name.replace('_', "\\_")).await?;
@@ -542,6 +543,23 @@ pub async fn remove(servers: &Servers, s: &Stream) -> Result<()> {
     ))
     .await
     .on(servers, s.source, "removing the publication")?;
+    Ok(())
+}
+
+/// Drops subscription `name` on `id` without reaching its source (its
+/// slot is detached first; the caller drops the slots on the source).
+async fn drop_subscription(servers: &Servers, id: usize, name: &str) -> Result<()> {
+    let c = servers.get(id).await?;
+    let q = quote_ident(name);
+    for sql in [
+        format!("ALTER SUBSCRIPTION {q} DISABLE"),
+        format!("ALTER SUBSCRIPTION {q} SET (slot_name = NONE)"),
+        format!("DROP SUBSCRIPTION {q}"),
+    ] {
+        c.batch_execute(&sql)
+            .await
+            .on(servers, id, "removing a subscription")?;
+    }
     Ok(())
 }
 
@@ -598,16 +616,7 @@ pub async fn remove_leftovers(servers: &Servers, ids: &[usize]) -> Result<()> {
             .map(|r| (r.get(0), r.get(1)))
             .collect();
         for (name, _) in &subs {
-            let q = quote_ident(name);
-            for sql in [
-                format!("ALTER SUBSCRIPTION {q} DISABLE"),
-                format!("ALTER SUBSCRIPTION {q} SET (slot_name = NONE)"),
-                format!("DROP SUBSCRIPTION {q}"),
-            ] {
-                c.batch_execute(&sql)
-                    .await
-                    .on(servers, id, "removing a subscription")?;
-            }
+            drop_subscription(servers, id, name).await?;
         }
         for &other in ids {
             for (_, oid) in &subs {

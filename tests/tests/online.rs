@@ -42,6 +42,17 @@ fn rebalance(old: &str, new: &str) -> Rebalance {
     .expect("a move")
 }
 
+/// Three primaries without replicas (moves work on primaries).
+async fn three_primaries() -> Env {
+    Env::start_with(EnvOptions {
+        shards: 3,
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .expect("the servers start")
+}
+
 /// The superuser: Postgres 15 lets only superusers create subscriptions.
 fn login() -> Login {
     Login {
@@ -77,13 +88,7 @@ fn slots(env: &Env, shard: usize) -> String {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn streams_copy_the_moving_rows_follow_writes_and_leave_nothing() {
-    let env = Env::start_with(EnvOptions {
-        shards: 3,
-        replicas_per_shard: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("the servers start");
+    let env = three_primaries().await;
     let old = env.shards_config(&[0, 1], TABLES);
     let new = env.shards_config(&[0, 1, 2], TABLES);
     for s in 0..3 {
@@ -298,13 +303,7 @@ async fn streams_copy_the_moving_rows_follow_writes_and_leave_nothing() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn requirements_name_what_an_online_move_lacks() {
-    let env = Env::start_with(EnvOptions {
-        shards: 3,
-        replicas_per_shard: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("the servers start");
+    let env = three_primaries().await;
     let tables = format!(
         "{TABLES}\n[[sharding.tables]]\nname = \"events\"\ncolumn = \"user_id\"\n[[sharding.tables]]\nname = \"visits\"\ncolumn = \"user_id\"\n"
     );
@@ -429,74 +428,174 @@ fn client(
     })
 }
 
+/// Three primaries; two proxies on one config file with the first two
+/// shards; `accts` with `rows` rows and `serials` (a bigserial key) with
+/// 1,000 on every shard, loaded through the proxies.
+struct TwoProxies {
+    env: Env,
+    _files: shardline_tests::TempDir,
+    two: String,
+    three: String,
+    /// The proxies' config file (the tool writes the new config over it).
+    config: std::path::PathBuf,
+    a: shardline_tests::ProxyProcess,
+    b: shardline_tests::ProxyProcess,
+}
+
+impl TwoProxies {
+    async fn start(name: &str, rows: i64) -> TwoProxies {
+        let env = three_primaries().await;
+        let files = shardline_tests::TempDir::new(name);
+        let tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"accts\"\ncolumn = \"id\"\n[[sharding.tables]]\nname = \"serials\"\ncolumn = \"id\"\n\n[admin]\nusers = [\"app\"]\n";
+        let two = env.shards_config(&[0, 1], tables);
+        let three = env.shards_config(&[0, 1, 2], tables);
+        let config = files.write("shardline.toml", &two);
+        for s in 0..3 {
+            env.sql_shard(
+                s,
+                "SET ROLE app; CREATE TABLE accts (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0);
+                 CREATE TABLE serials (id bigserial PRIMARY KEY, v int4);",
+            );
+        }
+        let (a, loader) = shardline_tests::ProxyProcess::start_file(&config).await;
+        let (b, _) = shardline_tests::ProxyProcess::start_file(&config).await;
+        let mut inserts = vec![format!(
+            "INSERT INTO serials (id, v) VALUES {}",
+            (1..=1_000)
+                .map(|k| format!("({k}, {k})"))
+                .collect::<Vec<_>>()
+                .join(",")
+        )];
+        for chunk in (1..=rows).collect::<Vec<_>>().chunks(2_000) {
+            let values: Vec<String> = chunk.iter().map(|k| format!("({k})")).collect();
+            inserts.push(format!(
+                "INSERT INTO accts (id) VALUES {}",
+                values.join(",")
+            ));
+        }
+        for sql in inserts {
+            loader
+                .batch_execute(&sql)
+                .await
+                .expect("rows on both shards");
+        }
+        TwoProxies {
+            env,
+            _files: files,
+            two,
+            three,
+            config,
+            a,
+            b,
+        }
+    }
+
+    /// A config file beside the proxies' one.
+    fn write(&self, name: &str, text: &str) -> std::path::PathBuf {
+        self._files.write(name, text)
+    }
+
+    /// `apply --online` from the proxies' config to `to`, through both
+    /// consoles, as the superuser.
+    fn online(&self, to: &std::path::Path) -> Vec<String> {
+        let admin = |p: u16| format!("postgres://app:app@127.0.0.1:{p}/shardline");
+        [
+            "apply",
+            "--online",
+            "--from",
+            &self.config.display().to_string(),
+            "--to",
+            &to.display().to_string(),
+            "--admin",
+            &admin(self.a.port),
+            "--admin",
+            &admin(self.b.port),
+            "--user",
+            "postgres",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    /// `clients` load clients, alternating between the proxies, until the
+    /// returned guard is dropped or `Load::finish`.
+    fn load(&self, clients: i64, rows: i64) -> Load {
+        let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let tasks = (0..clients)
+            .map(|i| {
+                let port = if i % 2 == 0 { self.a.port } else { self.b.port };
+                client(port, rows, i, stop.clone())
+            })
+            .collect();
+        Load {
+            tasks,
+            _stop: StopOnDrop(stop),
+            rows,
+        }
+    }
+}
+
+/// Running load clients.
+struct Load {
+    tasks: Vec<tokio::task::JoinHandle<ClientLog>>,
+    _stop: StopOnDrop,
+    rows: i64,
+}
+
+impl Load {
+    /// Stops the clients and checks that none saw an error and that every
+    /// acknowledged write is in `accts` once, where `config` places it;
+    /// returns the writes and each client's longest transaction, sorted.
+    async fn finish(self, env: &Env, config: &str) -> (i64, Vec<Duration>) {
+        self._stop
+            .0
+            .store(true, std::sync::atomic::Ordering::Relaxed);
+        let mut increments: std::collections::BTreeMap<i64, i64> = Default::default();
+        let mut inserted = Vec::new();
+        let mut longest = Vec::new();
+        for task in self.tasks {
+            let log = task.await.unwrap();
+            assert!(
+                log.failed.is_empty(),
+                "a client saw errors: {:?}",
+                log.failed
+            );
+            for (k, n) in log.increments {
+                *increments.entry(k).or_default() += n;
+            }
+            inserted.extend(log.inserted);
+            longest.push(log.longest);
+        }
+        let stored = placed_rows(env, config);
+        assert_eq!(stored.len() as i64, self.rows + inserted.len() as i64);
+        for k in &inserted {
+            assert!(stored.contains_key(k), "acknowledged insert {k} is missing");
+        }
+        for (k, (n, _)) in stored.iter().filter(|(k, _)| **k <= self.rows) {
+            assert_eq!(*n, increments.get(k).copied().unwrap_or(0), "key {k}");
+        }
+        longest.sort();
+        (
+            increments.values().sum::<i64>() + inserted.len() as i64,
+            longest,
+        )
+    }
+}
+
 /// `apply --online` through two proxies' consoles while 16 clients write
 /// to moving and staying keys: no client transaction fails, every
 /// acknowledged write is there exactly once on the shard the new config
-/// gives it, the proxies run the new placement, and no replication object
-/// or record of the run is left on any server.
+/// gives it, the new shard's sequence is past the ids moved there, the
+/// proxies run the new placement, and no replication object or record of
+/// the run is left on any server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_online_moves_rows_while_two_proxies_clients_write() {
     const ROWS: i64 = 20_000;
-    let env = Env::start_with(EnvOptions {
-        shards: 3,
-        replicas_per_shard: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("the servers start");
-    let files = shardline_tests::TempDir::new("online-apply");
-    let tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"accts\"\ncolumn = \"id\"\n\n[admin]\nusers = [\"app\"]\n";
-    let two = env.shards_config(&[0, 1], tables);
-    let three = env.shards_config(&[0, 1, 2], tables);
-    let config = files.write("shardline.toml", &two);
-    let new = files.write("new.toml", &three);
-    for s in 0..3 {
-        env.sql_shard(
-            s,
-            "CREATE TABLE accts (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0); GRANT ALL ON accts TO app;",
-        );
-    }
-    let (a, loader) = shardline_tests::ProxyProcess::start_file(&config).await;
-    let (b, _) = shardline_tests::ProxyProcess::start_file(&config).await;
-    for chunk in (1..=ROWS).collect::<Vec<_>>().chunks(2_000) {
-        let values: Vec<String> = chunk.iter().map(|k| format!("({k})")).collect();
-        loader
-            .batch_execute(&format!(
-                "INSERT INTO accts (id) VALUES {}",
-                values.join(",")
-            ))
-            .await
-            .expect("rows on both shards");
-    }
-
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load: Vec<_> = (0..16)
-        .map(|i| {
-            client(
-                if i % 2 == 0 { a.port } else { b.port },
-                ROWS,
-                i,
-                stop.clone(),
-            )
-        })
-        .collect();
+    let t = TwoProxies::start("online-apply", ROWS).await;
+    let new = t.write("new.toml", &t.three);
+    let load = t.load(16, ROWS);
     tokio::time::sleep(Duration::from_millis(300)).await;
-    let admin = |p: u16| format!("postgres://app:app@127.0.0.1:{p}/shardline");
-    let args = vec![
-        "apply".to_string(),
-        "--online".into(),
-        "--from".into(),
-        config.display().to_string(),
-        "--to".into(),
-        new.display().to_string(),
-        "--admin".into(),
-        admin(a.port),
-        "--admin".into(),
-        admin(b.port),
-        "--user".into(),
-        "postgres".into(),
-    ];
-    let (ok, stdout, stderr) = tool(args).await;
+    let (ok, stdout, stderr) = tool(t.online(&new)).await;
     assert!(ok, "{stdout}{stderr}");
     assert!(stderr.contains("replication caught up"), "{stderr}");
     assert!(
@@ -509,58 +608,21 @@ async fn apply_online_moves_rows_while_two_proxies_clients_write() {
     );
     // Clients go on through the new placement, then stop.
     tokio::time::sleep(Duration::from_millis(300)).await;
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut increments: std::collections::BTreeMap<i64, i64> = Default::default();
-    let mut inserted = Vec::new();
-    let mut longest = Vec::new();
-    for task in load {
-        let log = task.await.unwrap();
-        assert!(
-            log.failed.is_empty(),
-            "a client saw errors: {:?}",
-            log.failed
-        );
-        for (k, n) in log.increments {
-            *increments.entry(k).or_default() += n;
-        }
-        inserted.extend(log.inserted);
-        longest.push(log.longest);
-    }
-
-    // Every row once, where the new config places it, with every
-    // acknowledged increment and insert.
-    let stored = placed_rows(&env, &three);
-    let on_new = stored.values().filter(|(_, s)| *s == 2).count();
-    assert!(on_new > 0, "rows moved to the new shard");
-    assert_eq!(stored.len() as i64, ROWS + inserted.len() as i64);
-    for k in &inserted {
-        assert!(stored.contains_key(k), "acknowledged insert {k} is missing");
-    }
-    for (k, (n, _)) in stored.iter().filter(|(k, _)| **k <= ROWS) {
-        assert_eq!(*n, increments.get(k).copied().unwrap_or(0), "key {k}");
-    }
-    // Nothing of the move is left on any server.
-    for s in 0..3 {
-        assert_eq!(
-            env.sql_shard(
-                s,
-                "SELECT (SELECT count(*) FROM pg_replication_slots) + (SELECT count(*) FROM pg_publication) + (SELECT count(*) FROM pg_subscription)"
-            ),
-            "0",
-            "replication objects left on s{s}"
-        );
-        assert_eq!(
-            env.sql_shard(
-                s,
-                "SELECT count(*) FROM pg_namespace WHERE nspname = 'shardline'"
-            ),
-            "0",
-            "the run's records are left on s{s}"
-        );
-    }
-    longest.sort();
+    let (writes, longest) = load.finish(&t.env, &t.three).await;
+    assert!(
+        placed_rows(&t.env, &t.three).values().any(|(_, s)| *s == 2),
+        "rows moved to the new shard"
+    );
+    assert_eq!(
+        t.env.sql_shard(
+            2,
+            "SELECT pg_sequence_last_value('serials_id_seq') >= max(id) AND count(*) > 0 FROM serials"
+        ),
+        "t",
+        "the new shard's sequence is past the ids moved there"
+    );
+    nothing_left(&t.env);
     eprintln!("{stderr}");
-    let writes = increments.values().sum::<i64>() + inserted.len() as i64;
     eprintln!(
         "apply --online under load: {writes} writes acknowledged, none failed; longest transaction per client: median {:?}, max {:?}; {}",
         longest[longest.len() / 2],
@@ -647,64 +709,11 @@ fn nothing_left(env: &Env) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_online_killed_anywhere_is_finished_by_a_rerun_or_undone_by_abort() {
     const ROWS: i64 = 5_000;
-    let env = Env::start_with(EnvOptions {
-        shards: 3,
-        replicas_per_shard: 0,
-        ..Default::default()
-    })
-    .await
-    .expect("the servers start");
-    let files = shardline_tests::TempDir::new("online-killed");
-    let tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"accts\"\ncolumn = \"id\"\n\n[admin]\nusers = [\"app\"]\n";
-    let two = env.shards_config(&[0, 1], tables);
-    let three = env.shards_config(&[0, 1, 2], tables);
-    let config = files.write("shardline.toml", &two);
-    let grow = files.write("three.toml", &three);
-    let shrink = files.write("two.toml", &two);
-    for s in 0..3 {
-        env.sql_shard(
-            s,
-            "CREATE TABLE accts (id bigint PRIMARY KEY, n bigint NOT NULL DEFAULT 0); GRANT ALL ON accts TO app;",
-        );
-    }
-    let (a, loader) = shardline_tests::ProxyProcess::start_file(&config).await;
-    let (b, _) = shardline_tests::ProxyProcess::start_file(&config).await;
-    let values: Vec<String> = (1..=ROWS).map(|k| format!("({k})")).collect();
-    loader
-        .batch_execute(&format!(
-            "INSERT INTO accts (id) VALUES {}",
-            values.join(",")
-        ))
-        .await
-        .expect("rows on both shards");
-    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
-    let load: Vec<_> = (0..4)
-        .map(|i| {
-            client(
-                if i % 2 == 0 { a.port } else { b.port },
-                ROWS,
-                i,
-                stop.clone(),
-            )
-        })
-        .collect();
-    let admin = |p: u16| format!("postgres://app:app@127.0.0.1:{p}/shardline");
-    let online = |to: &std::path::Path| -> Vec<String> {
-        vec![
-            "apply".into(),
-            "--online".into(),
-            "--from".into(),
-            config.display().to_string(),
-            "--to".into(),
-            to.display().to_string(),
-            "--admin".into(),
-            admin(a.port),
-            "--admin".into(),
-            admin(b.port),
-            "--user".into(),
-            "postgres".into(),
-        ]
-    };
+    let t = TwoProxies::start("online-killed", ROWS).await;
+    let grow = t.write("three.toml", &t.three);
+    let shrink = t.write("two.toml", &t.two);
+    let load = t.load(4, ROWS);
+    let env = &t.env;
     let slots = |s: usize| env.sql_shard(s, "SELECT count(*) FROM pg_replication_slots");
     let killed = |args: Vec<String>, point: &'static str| async move {
         tokio::task::spawn_blocking(move || {
@@ -719,81 +728,71 @@ async fn apply_online_killed_anywhere_is_finished_by_a_rerun_or_undone_by_abort(
     };
 
     // 1. Killed while streaming: the rerun goes on with the same streams.
-    assert!(killed(online(&grow), "stream").await);
+    assert!(killed(t.online(&grow), "stream").await);
     assert_ne!(
         (slots(0), slots(1)),
         ("0".into(), "0".into()),
         "the streams run on"
     );
-    let (ok, out, err) = tool(online(&grow)).await;
+    let (ok, out, err) = tool(t.online(&grow)).await;
     assert!(ok && out.contains("2 proxies reloaded"), "{out}{err}");
-    nothing_left(&env);
-    assert!(placed_rows(&env, &three).values().any(|(_, s)| *s == 2));
+    nothing_left(env);
+    assert!(placed_rows(env, &t.three).values().any(|(_, s)| *s == 2));
 
     // 2. Shrinking back, killed with the proxies paused: a new client waits
     // (it gets no error), and the rerun finishes and resumes it.
-    assert!(killed(online(&shrink), "paused").await);
+    assert!(killed(t.online(&shrink), "paused").await);
+    let port = t.a.port;
     let probe = tokio::spawn(async move {
-        let c = shardline_tests::connect_app(a.port)
-            .await
-            .expect("a client");
+        let c = shardline_tests::connect_app(port).await.expect("a client");
         c.simple_query("SELECT n FROM accts WHERE id = 1")
             .await
             .map(|_| ())
     });
     tokio::time::sleep(Duration::from_millis(500)).await;
     assert!(!probe.is_finished(), "a paused proxy answered");
-    let (ok, out, err) = tool(online(&shrink)).await;
+    let (ok, out, err) = tool(t.online(&shrink)).await;
     assert!(ok && out.contains("2 proxies reloaded"), "{out}{err}");
     probe
         .await
         .unwrap()
         .expect("the held query runs after the cutover");
-    nothing_left(&env);
-    assert!(placed_rows(&env, &two).values().all(|(_, s)| *s != 2));
+    nothing_left(env);
+    assert!(placed_rows(env, &t.two).values().all(|(_, s)| *s != 2));
 
     // 3. Growing again, killed while streaming, then undone: the copies on
     // s2 and the streams are gone, the proxies were never paused.
-    assert!(killed(online(&grow), "stream").await);
+    assert!(killed(t.online(&grow), "stream").await);
     assert_ne!(
         env.sql_shard(2, "SELECT count(*) FROM pg_subscription"),
         "0"
     );
-    let (ok, out, err) = tool(vec![
-        "abort".into(),
-        "--from".into(),
-        config.display().to_string(),
-        "--to".into(),
-        grow.display().to_string(),
-        "--user".into(),
-        "postgres".into(),
-    ])
+    let (ok, out, err) = tool(
+        [
+            "abort",
+            "--from",
+            &t.config.display().to_string(),
+            "--to",
+            &grow.display().to_string(),
+            "--user",
+            "postgres",
+        ]
+        .map(String::from)
+        .to_vec(),
+    )
     .await;
     assert!(ok, "{out}{err}");
-    nothing_left(&env);
+    nothing_left(env);
     assert_eq!(env.sql_shard(2, "SELECT count(*) FROM accts"), "0");
+    load.finish(env, &t.two).await;
+}
 
-    stop.store(true, std::sync::atomic::Ordering::Relaxed);
-    let mut increments: std::collections::BTreeMap<i64, i64> = Default::default();
-    let mut inserted = Vec::new();
-    for task in load {
-        let log = task.await.unwrap();
-        assert!(
-            log.failed.is_empty(),
-            "a client saw errors: {:?}",
-            log.failed
-        );
-        for (k, n) in log.increments {
-            *increments.entry(k).or_default() += n;
-        }
-        inserted.extend(log.inserted);
-    }
-    let stored = placed_rows(&env, &two);
-    assert_eq!(stored.len() as i64, ROWS + inserted.len() as i64);
-    for k in &inserted {
-        assert!(stored.contains_key(k), "acknowledged insert {k} is missing");
-    }
-    for (k, (n, _)) in stored.iter().filter(|(k, _)| **k <= ROWS) {
-        assert_eq!(*n, increments.get(k).copied().unwrap_or(0), "key {k}");
+/// Stops the load clients when the test ends, also by a failed assertion
+/// (they would run on and keep the test process alive).
+struct StopOnDrop(std::sync::Arc<std::sync::atomic::AtomicBool>);
+
+impl Drop for StopOnDrop {
+    fn drop(&mut self) {
+        self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
