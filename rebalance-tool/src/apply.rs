@@ -2302,16 +2302,41 @@ impl Run<'_> {
 
     /// Waits until every stream has copied its tables and lags at most
     /// `max_lag` bytes, saying where they are about once a second.
+    /// A server that stops answering meanwhile (restarted, failed over)
+    /// is waited for up to `UNREACHABLE_WAIT`: the replication resumes by
+    /// itself when it is back.
     async fn catch_up(&self, streams: &[Stream]) -> Result<()> {
         let started = Instant::now();
         let mut said = Instant::now();
+        let mut failing: Option<Instant> = None;
         loop {
             let (mut copying, mut lag) = (0, 0);
+            let mut trouble = None;
             for s in streams {
-                let p = online::progress(&self.servers, s).await?;
-                copying += p.copying;
-                lag = lag.max(p.lag_bytes);
+                match online::progress(&self.servers, s).await {
+                    Ok(p) => {
+                        copying += p.copying;
+                        lag = lag.max(p.lag_bytes);
+                    }
+                    Err(e) => trouble = Some(e),
+                }
             }
+            if let Some(e) = trouble {
+                let since = *failing.get_or_insert_with(Instant::now);
+                if since.elapsed() > UNREACHABLE_WAIT {
+                    return Err(e.context(format!(
+                        "the replication's progress could not be read for {} s; nothing was cut over: run the same command again once the servers answer (it goes on with the same streams), or abort",
+                        UNREACHABLE_WAIT.as_secs()
+                    )));
+                }
+                if said.elapsed() >= Duration::from_secs(1) {
+                    said = Instant::now();
+                    self.log(&format!("waiting for the servers: {e:#}"));
+                }
+                tokio::time::sleep(Duration::from_millis(200)).await;
+                continue;
+            }
+            failing = None;
             if copying == 0 && lag.max(0) as u64 <= self.opts.max_lag {
                 self.log(&format!(
                     "replication caught up in {:.1} s (lag {} bytes)",
@@ -2436,6 +2461,9 @@ impl Run<'_> {
         Ok(())
     }
 }
+
+/// How long the copy waits for a server that stopped answering.
+const UNREACHABLE_WAIT: Duration = Duration::from_secs(60);
 
 /// How long a stream may take to apply what is left, or to stop, once the
 /// proxies are paused.

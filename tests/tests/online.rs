@@ -796,3 +796,58 @@ impl Drop for StopOnDrop {
         self.0.store(true, std::sync::atomic::Ordering::Relaxed);
     }
 }
+
+/// The new shard restarted while the rows copy under 8 clients: the tool
+/// waits for it, the replication resumes by itself, and the move finishes
+/// as if nothing happened (no client fails, every write there once).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_online_outlives_a_restart_of_the_new_shard() {
+    const ROWS: i64 = 20_000;
+    let t = TwoProxies::start("online-restart", ROWS).await;
+    let new = t.write("new.toml", &t.three);
+    let load = t.load(8, ROWS);
+    let args = t.online(&new);
+    let (reached_tx, reached) = std::sync::mpsc::channel();
+    let run = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(shardline_tests::rebalance_binary().unwrap())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the tool runs");
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(child.stderr.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("replicating the moving rows") {
+                let _ = reached_tx.send(());
+            }
+            lines.push(line);
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            lines.join("\n"),
+        )
+    });
+    tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(120)))
+        .await
+        .unwrap()
+        .expect("the tool started replicating");
+    // Down for 2 s: long enough for the copy's progress checks to find it
+    // gone (the subscription lives there).
+    let node = t.env.shard_primary(2);
+    t.env.backend.stop_node(node, "fast").unwrap();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    t.env.backend.start_node(node).unwrap();
+    let (ok, stdout, stderr) = run.await.unwrap();
+    assert!(ok, "{stdout}{stderr}");
+    assert!(stdout.contains("2 proxies reloaded"), "{stdout}");
+    assert!(stderr.contains("waiting for the servers"), "{stderr}");
+    load.finish(&t.env, &t.three).await;
+    assert!(placed_rows(&t.env, &t.three).values().any(|(_, s)| *s == 2));
+    nothing_left(&t.env);
+}
