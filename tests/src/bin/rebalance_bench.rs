@@ -242,6 +242,15 @@ fn online(
         rows,
         &placement.owner_sql(&placement.tables[0]),
     )?;
+    // The offline moves above recorded their placement on the shards;
+    // proxies of this table's config would refuse to run against it.
+    for s in 0..3 {
+        cluster.psql(
+            cluster.primary(s),
+            "app",
+            "DROP SCHEMA IF EXISTS shardline_placement CASCADE",
+        )?;
+    }
     let old_path = dir.join("online.toml");
     let new_path = dir.join("online-new.toml");
     std::fs::write(&old_path, &old)?;
@@ -296,7 +305,11 @@ fn online(
                         match c.batch_execute(&sql).await {
                             Ok(()) if insert => log.inserted += 1,
                             Ok(()) => log.increments += 1,
-                            Err(e) => log.failed.push(format!("{sql}: {e}")),
+                            Err(e) => log.failed.push(format!(
+                                "{sql}: {}",
+                                e.as_db_error()
+                                    .map_or(e.to_string(), |d| d.message().to_string())
+                            )),
                         }
                         log.longest = log.longest.max(t.elapsed());
                     }
