@@ -715,18 +715,6 @@ async fn apply_online_killed_anywhere_is_finished_by_a_rerun_or_undone_by_abort(
     let load = t.load(4, ROWS);
     let env = &t.env;
     let slots = |s: usize| env.sql_shard(s, "SELECT count(*) FROM pg_replication_slots");
-    let killed = |args: Vec<String>, point: &'static str| async move {
-        tokio::task::spawn_blocking(move || {
-            let args: Vec<&str> = args.iter().map(String::as_str).collect();
-            matches!(
-                shardline_tests::killed_at_if_reached(point, &args),
-                shardline_tests::Killed::There
-            )
-        })
-        .await
-        .unwrap()
-    };
-
     // 1. Killed while streaming: the rerun goes on with the same streams.
     assert!(killed(t.online(&grow), "stream").await);
     assert_ne!(
@@ -767,24 +755,119 @@ async fn apply_online_killed_anywhere_is_finished_by_a_rerun_or_undone_by_abort(
         env.sql_shard(2, "SELECT count(*) FROM pg_subscription"),
         "0"
     );
-    let (ok, out, err) = tool(
-        [
-            "abort",
-            "--from",
-            &t.config.display().to_string(),
-            "--to",
-            &grow.display().to_string(),
-            "--user",
-            "postgres",
-        ]
-        .map(String::from)
-        .to_vec(),
-    )
-    .await;
+    let (ok, out, err) = tool(abort_args(&t, &grow)).await;
     assert!(ok, "{out}{err}");
     nothing_left(env);
     assert_eq!(env.sql_shard(2, "SELECT count(*) FROM accts"), "0");
     load.finish(env, &t.two).await;
+}
+
+/// Runs the tool until it reaches the stop point `point` and kills it
+/// there; false when it ended before reaching it.
+async fn killed(args: Vec<String>, point: &'static str) -> bool {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        matches!(
+            shardline_tests::killed_at_if_reached(point, &args),
+            shardline_tests::Killed::There
+        )
+    })
+    .await
+    .unwrap()
+}
+
+/// `abort` of the move from the proxies' config to `to`.
+fn abort_args(t: &TwoProxies, to: &std::path::Path) -> Vec<String> {
+    [
+        "abort",
+        "--from",
+        &t.config.display().to_string(),
+        "--to",
+        &to.display().to_string(),
+        "--user",
+        "postgres",
+    ]
+    .map(String::from)
+    .to_vec()
+}
+
+/// A copy that differs from its source when the proxies are paused (a row
+/// written straight to the new shard while the tool was down after the
+/// catch-up): the cutover deletes nothing, the proxies resume on the old
+/// placement, and `abort` removes the copies. Then killed after the
+/// catch-up again, a rerun finishes the move. Clients write throughout and
+/// see no error; every acknowledged write is in place.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_online_deletes_nothing_when_a_copy_differs_at_the_cutover() {
+    const ROWS: i64 = 5_000;
+    let t = TwoProxies::start("online-differs", ROWS).await;
+    let grow = t.write("three.toml", &t.three);
+    let load = t.load(4, ROWS);
+    let env = &t.env;
+
+    // A key the new config gives s2: beyond the clients' keys.
+    let sharding = shardline_router::sharding::Sharding::from_config(
+        &Config::from_toml(&t.three, "config.toml").unwrap(),
+    );
+    let group = &sharding.groups[sharding.tables["accts"].group];
+    let stray = (900_000_000i64..)
+        .find(|&k| {
+            let s = group
+                .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
+                .unwrap();
+            sharding.shard_names[s] == "s2"
+        })
+        .unwrap();
+
+    assert!(killed(t.online(&grow), "caught-up").await);
+    assert_eq!(
+        env.sql_shard(
+            2,
+            "SELECT count(*) FROM pg_subscription_rel WHERE srsubstate <> 'r'"
+        ),
+        "0",
+        "caught up: every table copied"
+    );
+    env.sql_shard(2, &format!("INSERT INTO accts (id, n) VALUES ({stray}, 0)"));
+    let before: Vec<String> = (0..2)
+        .map(|s| env.sql_shard(s, "SELECT count(*) FROM accts"))
+        .collect();
+    let (ok, out, err) = tool(t.online(&grow)).await;
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("verification failed during the cutover")
+            && err.contains("the proxies are resumed on the old config"),
+        "{err}"
+    );
+    assert!(err.contains("paused 2 proxies for the cutover"), "{err}");
+    // The sources kept every row (the clients only update them; their
+    // inserts add rows).
+    for (s, before) in before.iter().enumerate() {
+        let now: i64 = env
+            .sql_shard(s, "SELECT count(*) FROM accts")
+            .parse()
+            .unwrap();
+        assert!(now >= before.parse::<i64>().unwrap(), "s{s} lost rows");
+    }
+    // The proxies answer again.
+    let c = shardline_tests::connect_app(t.a.port).await.unwrap();
+    c.simple_query("SELECT n FROM accts WHERE id = 1")
+        .await
+        .expect("resumed");
+    env.sql_shard(2, &format!("DELETE FROM accts WHERE id = {stray}"));
+    let (ok, out, err) = tool(abort_args(&t, &grow)).await;
+    assert!(ok, "{out}{err}");
+    nothing_left(env);
+    assert_eq!(env.sql_shard(2, "SELECT count(*) FROM accts"), "0");
+    placed_rows(env, &t.two);
+
+    // Killed after the catch-up, the rerun finishes the move.
+    assert!(killed(t.online(&grow), "caught-up").await);
+    let (ok, out, err) = tool(t.online(&grow)).await;
+    assert!(ok && out.contains("2 proxies reloaded"), "{out}{err}");
+    load.finish(env, &t.three).await;
+    assert!(placed_rows(env, &t.three).values().any(|(_, s)| *s == 2));
+    nothing_left(env);
 }
 
 /// Stops the load clients when the test ends, also by a failed assertion
