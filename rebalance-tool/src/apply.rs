@@ -300,18 +300,24 @@ async fn run_apply(
             if online {
                 run.settle_online(&mut steps).await?;
             }
-            run.verify_all(&mut steps).await?;
-            run.cutover_mark("moved rows verified");
-            summary.verify_seconds = t.elapsed().as_secs_f64();
-            // From the first delete on, a proxy still on the old placement
-            // misses rows: the shards say which placement is current, and
-            // such a proxy refuses statements until it is reloaded.
-            run.record_placement().await?;
-            let t = Instant::now();
-            run.delete_all(&mut steps).await?;
-            run.cutover_mark("moved rows deleted from their old shards");
+            // Offline, and what an interrupted online cutover left.
+            if steps.iter().any(|s| s.state != State::Done) {
+                run.verify_all(&mut steps).await?;
+                run.cutover_mark("moved rows verified");
+                summary.verify_seconds = t.elapsed().as_secs_f64();
+                // From the first delete on, a proxy still on the old
+                // placement misses rows: the shards say which placement is
+                // current, and such a proxy refuses statements until it is
+                // reloaded.
+                run.record_placement().await?;
+                let t = Instant::now();
+                run.delete_all(&mut steps).await?;
+                run.cutover_mark("moved rows deleted from their old shards");
+                summary.delete_seconds = t.elapsed().as_secs_f64();
+            } else {
+                summary.verify_seconds = t.elapsed().as_secs_f64();
+            }
             run.advance_sequences(&steps).await?;
-            summary.delete_seconds = t.elapsed().as_secs_f64();
         }
     }
     if resumed || !steps.is_empty() {
@@ -1693,19 +1699,8 @@ impl Run<'_> {
                     continue;
                 }
                 bail!(
-                    "verification failed for {} {} -> {} chunk {} (hashes {}..={}):\n  source {}: {} rows, checksum {}\n  target {}: {} rows, checksum {}\n  copied: {} rows\nNothing was deleted; the copied rows stay on the target. Find what changed (were writes stopped?). Once writes are stopped, run again with --recopy-changed to copy the rows that differ again from the source, verify and go on; or undo the whole run with `shardline-rebalance abort` and the same configs (it removes the copies), then apply again.",
-                    s.table,
-                    self.r.names[s.source],
-                    self.r.names[s.target],
-                    s.chunk,
-                    s.first,
-                    s.last,
-                    self.servers.label(s.source),
-                    a.0,
-                    a.1,
-                    self.servers.label(s.target),
-                    b.0,
-                    b.1,
+                    "verification failed for {}\n  copied: {} rows\nNothing was deleted; the copied rows stay on the target. Find what changed (were writes stopped?). Once writes are stopped, run again with --recopy-changed to copy the rows that differ again from the source, verify and go on; or undo the whole run with `shardline-rebalance abort` and the same configs (it removes the copies), then apply again.",
+                    self.differs(s, &a, &b),
                     s.rows.unwrap_or(0)
                 );
             }
@@ -1731,6 +1726,26 @@ impl Run<'_> {
             self.sum_on(s.target, s, what.to_string())
         );
         Ok((a?, b?))
+    }
+
+    /// A step whose sums differ on its source (`a`) and target (`b`), for
+    /// messages.
+    fn differs(&self, s: &Step, a: &(i64, String), b: &(i64, String)) -> String {
+        format!(
+            "{} {} -> {} chunk {} (hashes {}..={}):\n  source {}: {} rows, checksum {}\n  target {}: {} rows, checksum {}",
+            s.table,
+            self.r.names[s.source],
+            self.r.names[s.target],
+            s.chunk,
+            s.first,
+            s.last,
+            self.servers.label(s.source),
+            a.0,
+            a.1,
+            self.servers.label(s.target),
+            b.0,
+            b.1
+        )
     }
 
     /// `(rows, checksum)` of a step's rows on shard `id`.
@@ -2325,7 +2340,11 @@ impl Run<'_> {
         // Reference tables stay on their source: both sides are summed.
         let todo = &todo;
         let sum = |id: usize, i: usize| this.sum_on(id, &all[i], what(&all[i]));
-        let copies = join_all(todo.iter().map(|&i| sum(all[i].target, i)));
+        let started = Instant::now();
+        let copies = async {
+            let sums = join_all(todo.iter().map(|&i| sum(all[i].target, i))).await;
+            (sums, started.elapsed())
+        };
         let kept = join_all(
             todo.iter()
                 .filter(|&&i| all[i].reference)
@@ -2351,9 +2370,9 @@ impl Run<'_> {
                         .on(&this.servers, id, &what)?;
                 }
             }
-            Ok::<_, anyhow::Error>((c, sums))
+            Ok::<_, anyhow::Error>((c, sums, (id, started.elapsed())))
         }));
-        let (copies, kept, deletes) = tokio::join!(copies, kept, deletes);
+        let ((copies, summed), kept, deletes) = tokio::join!(copies, kept, deletes);
         let copies: HashMap<usize, (i64, String)> = todo
             .iter()
             .copied()
@@ -2361,31 +2380,23 @@ impl Run<'_> {
             .collect();
         let mut open = Vec::new();
         let mut sources_sums = kept.into_iter().collect::<Result<Vec<_>>>()?;
+        let mut took = Vec::new();
         for d in deletes {
-            let (c, sums) = d?;
+            let (c, sums, (id, t)) = d?;
             open.push(c);
             sources_sums.extend(sums);
+            took.push(format!("{} {} ms", self.r.names[id], t.as_millis()));
         }
-        self.cutover_mark("moved rows deleted (not yet committed) and copies summed");
+        self.cutover_mark(&format!(
+            "copies summed in {} ms, moved rows deleted (not yet committed) in {}; both",
+            summed.as_millis(),
+            took.join(", ")
+        ));
         let mut differ = Vec::new();
         for (i, a) in &sources_sums {
             let (s, b) = (&steps[*i], &copies[i]);
             if a != b {
-                differ.push(format!(
-                    "{} {} -> {} chunk {} (hashes {}..={}): source {}: {} rows, checksum {}; target {}: {} rows, checksum {}",
-                    s.table,
-                    self.r.names[s.source],
-                    self.r.names[s.target],
-                    s.chunk,
-                    s.first,
-                    s.last,
-                    self.servers.label(s.source),
-                    a.0,
-                    a.1,
-                    self.servers.label(s.target),
-                    b.0,
-                    b.1
-                ));
+                differ.push(self.differs(s, a, b));
             }
         }
         if !differ.is_empty() {

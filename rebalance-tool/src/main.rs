@@ -266,6 +266,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!(
                     "This rebalance had already moved every row: its records are removed now."
                 );
+            } else if online {
+                println!(
+                    "Moved {} rows in {:.1} s: copy and catch-up {:.1} s, then with the proxies paused verify and delete {:.1} s.",
+                    count(rows),
+                    s.total_seconds,
+                    s.copy_seconds,
+                    s.verify_seconds + s.delete_seconds
+                );
             } else {
                 println!(
                     "Moved {} rows in {:.1} s ({} rows/s): copy {:.1} s, verify {:.1} s, delete {:.1} s.",
