@@ -201,6 +201,9 @@ struct Run<'a> {
     login: Login,
     /// When an online move paused the proxies (`cutover_mark`).
     paused: Option<Instant>,
+    /// Shards whose rows the online cutover checked for rows left behind
+    /// before committing their deletes (`settle_online`).
+    checked: Vec<usize>,
     /// A connection per shard holding the tool's advisory lock: one run at
     /// a time on these servers.
     _locks: Vec<deadpool_postgres::Object>,
@@ -619,6 +622,7 @@ impl<'a> Run<'a> {
             created: Vec::new(),
             login: login.clone(),
             paused: None,
+            checked: Vec::new(),
             _locks: locks,
         })
     }
@@ -1389,6 +1393,8 @@ impl Run<'_> {
     /// holding them (named, by table): every row of a shard it removes, and
     /// rows of a kept shard whose key it places elsewhere. After a move,
     /// only rows written during it (writes were not stopped) can be there.
+    /// Shards an online cutover checked inside their delete transactions
+    /// are not read again.
     async fn left_behind(&self) -> Result<Vec<String>> {
         let removed = self.r.removed();
         let shards = join_all(
@@ -1396,15 +1402,24 @@ impl Run<'_> {
                 .iter()
                 .copied()
                 .chain(self.r.new_ids.iter().copied())
-                .map(|id| self.left_on(id, removed.contains(&id))),
+                .filter(|id| !self.checked.contains(id))
+                .map(|id| {
+                    let gone = removed.contains(&id);
+                    async move { self.left_on(&self.servers.get(id).await?, id, gone).await }
+                }),
         )
         .await;
         Ok(shards.into_iter().collect::<Result<Vec<_>>>()?.concat())
     }
 
-    /// `left_behind` on one shard (`gone`: one the new config removes).
-    async fn left_on(&self, id: usize, gone: bool) -> Result<Vec<String>> {
-        let c = self.servers.get(id).await?;
+    /// `left_behind` on one shard (`gone`: one the new config removes),
+    /// through `c` (a transaction sees its own deletes).
+    async fn left_on<C: deadpool_postgres::GenericClient + Sync>(
+        &self,
+        c: &C,
+        id: usize,
+        gone: bool,
+    ) -> Result<Vec<String>> {
         let mut left = Vec::new();
         for t in self.r.tables() {
             let filter = if gone {
@@ -2330,7 +2345,8 @@ impl Run<'_> {
             .collect();
         sources.sort_unstable();
         sources.dedup();
-        let (all, this) = (&*steps, &*self);
+        let removed = self.r.removed();
+        let (all, this, removed) = (&*steps, &*self, &removed);
         let what = |s: &Step| {
             format!(
                 "verifying {} {} -> {} chunk {}",
@@ -2370,7 +2386,10 @@ impl Run<'_> {
                         .on(&this.servers, id, &what)?;
                 }
             }
-            Ok::<_, anyhow::Error>((c, sums, (id, started.elapsed())))
+            // What the new placement would miss after these deletes,
+            // seen before they commit.
+            let left = this.left_on(c.client(), id, removed.contains(&id)).await?;
+            Ok::<_, anyhow::Error>((c, sums, left, (id, started.elapsed())))
         }));
         let ((copies, summed), kept, deletes) = tokio::join!(copies, kept, deletes);
         let copies: HashMap<usize, (i64, String)> = todo
@@ -2381,10 +2400,12 @@ impl Run<'_> {
         let mut open = Vec::new();
         let mut sources_sums = kept.into_iter().collect::<Result<Vec<_>>>()?;
         let mut took = Vec::new();
+        let mut left = Vec::new();
         for d in deletes {
-            let (c, sums, (id, t)) = d?;
+            let (c, sums, behind, (id, t)) = d?;
             open.push(c);
             sources_sums.extend(sums);
+            left.extend(behind);
             took.push(format!("{} {} ms", self.r.names[id], t.as_millis()));
         }
         self.cutover_mark(&format!(
@@ -2406,6 +2427,13 @@ impl Run<'_> {
                 differ.join("\n  ")
             );
         }
+        if !left.is_empty() {
+            drop(open);
+            bail!(
+                "{}: rows no range of this move covers (written to the shard directly rather than through a proxy, or misplaced before), which the new placement would not find. Every delete was rolled back and the placement is unchanged. Undo the copies with `shardline-rebalance abort` and the same configs, put those rows on the shards the old config gives them, then apply --online again.",
+                left.join("; ")
+            );
+        }
         for (i, a) in &sources_sums {
             let s = &steps[*i];
             self.mark_verified(s, a, &what(s)).await?;
@@ -2422,6 +2450,7 @@ impl Run<'_> {
             .await
             .into_iter()
             .collect::<Result<Vec<()>>>()?;
+        self.checked = sources;
         self.cutover_mark("moved rows deleted from their old shards");
         self.delete_all(steps).await
     }

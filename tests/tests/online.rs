@@ -776,6 +776,42 @@ async fn killed(args: Vec<String>, point: &'static str) -> bool {
     .unwrap()
 }
 
+/// Starts the tool and returns once it says it replicates the moving rows;
+/// the handle gives (success, stdout, stderr) when it ends.
+async fn replicating(args: Vec<String>) -> tokio::task::JoinHandle<(bool, String, String)> {
+    let (reached_tx, reached) = std::sync::mpsc::channel();
+    let run = tokio::task::spawn_blocking(move || {
+        use std::io::BufRead as _;
+        let mut child = std::process::Command::new(shardline_tests::rebalance_binary().unwrap())
+            .args(&args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("the tool runs");
+        let mut lines = Vec::new();
+        for line in std::io::BufReader::new(child.stderr.take().unwrap())
+            .lines()
+            .map_while(Result::ok)
+        {
+            if line.starts_with("replicating the moving rows") {
+                let _ = reached_tx.send(());
+            }
+            lines.push(line);
+        }
+        let out = child.wait_with_output().unwrap();
+        (
+            out.status.success(),
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            lines.join("\n"),
+        )
+    });
+    tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(120)))
+        .await
+        .unwrap()
+        .expect("the tool started replicating");
+    run
+}
+
 /// `abort` of the move from the proxies' config to `to`.
 fn abort_args(t: &TwoProxies, to: &std::path::Path) -> Vec<String> {
     [
@@ -793,9 +829,10 @@ fn abort_args(t: &TwoProxies, to: &std::path::Path) -> Vec<String> {
 
 /// A copy that differs from its source when the proxies are paused (a row
 /// written straight to the new shard while the tool was down after the
-/// catch-up): the cutover deletes nothing, the proxies resume on the old
-/// placement, and `abort` removes the copies. Then killed after the
-/// catch-up again, a rerun finishes the move. Clients write throughout and
+/// catch-up), or a row written straight to an old shard that no range
+/// moves and the new placement would miss: the cutover deletes nothing, the
+/// proxies resume on the old placement, and `abort` removes the copies.
+/// Then killed after the catch-up again, a rerun finishes the move. Clients write throughout and
 /// see no error; every acknowledged write is in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_online_deletes_nothing_when_a_copy_differs_at_the_cutover() {
@@ -805,18 +842,23 @@ async fn apply_online_deletes_nothing_when_a_copy_differs_at_the_cutover() {
     let load = t.load(4, ROWS);
     let env = &t.env;
 
-    // A key the new config gives s2: beyond the clients' keys.
-    let sharding = shardline_router::sharding::Sharding::from_config(
-        &Config::from_toml(&t.three, "config.toml").unwrap(),
-    );
-    let group = &sharding.groups[sharding.tables["accts"].group];
+    // Keys beyond the clients' ones: `stray` the new config gives s2,
+    // `misplaced` both configs give s1.
+    let shard_of = |config: &str, k: i64| {
+        let sharding = shardline_router::sharding::Sharding::from_config(
+            &Config::from_toml(config, "config.toml").unwrap(),
+        );
+        let group = &sharding.groups[sharding.tables["accts"].group];
+        let s = group
+            .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
+            .unwrap();
+        sharding.shard_names[s].clone()
+    };
     let stray = (900_000_000i64..)
-        .find(|&k| {
-            let s = group
-                .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
-                .unwrap();
-            sharding.shard_names[s] == "s2"
-        })
+        .find(|&k| shard_of(&t.three, k) == "s2")
+        .unwrap();
+    let misplaced = (900_000_000i64..)
+        .find(|&k| shard_of(&t.two, k) == "s1" && shard_of(&t.three, k) == "s1")
         .unwrap();
 
     assert!(killed(t.online(&grow), "caught-up").await);
@@ -861,6 +903,39 @@ async fn apply_online_deletes_nothing_when_a_copy_differs_at_the_cutover() {
     assert_eq!(env.sql_shard(2, "SELECT count(*) FROM accts"), "0");
     placed_rows(env, &t.two);
 
+    // A row written straight to s0 while the rows copy, one both configs
+    // place on s1: no range moves it, and after the deletes the new
+    // placement would miss it. Seen inside the delete transactions:
+    // nothing is deleted. (Written before the run, the plan refuses it.)
+    let run = replicating(t.online(&grow)).await;
+    env.sql_shard(
+        0,
+        &format!("INSERT INTO accts (id, n) VALUES ({misplaced}, 0)"),
+    );
+    let before: Vec<String> = (0..2)
+        .map(|s| env.sql_shard(s, "SELECT count(*) FROM accts"))
+        .collect();
+    let (ok, out, err) = run.await.unwrap();
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("rows no range of this move covers")
+            && err.contains("shard s0 holds 1 rows of accts")
+            && err.contains("the proxies are resumed on the old config"),
+        "{err}"
+    );
+    for (s, before) in before.iter().enumerate() {
+        let now: i64 = env
+            .sql_shard(s, "SELECT count(*) FROM accts")
+            .parse()
+            .unwrap();
+        assert!(now >= before.parse::<i64>().unwrap(), "s{s} lost rows");
+    }
+    env.sql_shard(0, &format!("DELETE FROM accts WHERE id = {misplaced}"));
+    let (ok, out, err) = tool(abort_args(&t, &grow)).await;
+    assert!(ok, "{out}{err}");
+    nothing_left(env);
+    placed_rows(env, &t.two);
+
     // Killed after the catch-up, the rerun finishes the move.
     assert!(killed(t.online(&grow), "caught-up").await);
     let (ok, out, err) = tool(t.online(&grow)).await;
@@ -889,37 +964,7 @@ async fn apply_online_outlives_a_restart_of_the_new_shard() {
     let t = TwoProxies::start("online-restart", ROWS).await;
     let new = t.write("new.toml", &t.three);
     let load = t.load(8, ROWS);
-    let args = t.online(&new);
-    let (reached_tx, reached) = std::sync::mpsc::channel();
-    let run = tokio::task::spawn_blocking(move || {
-        use std::io::BufRead as _;
-        let mut child = std::process::Command::new(shardline_tests::rebalance_binary().unwrap())
-            .args(&args)
-            .stdout(std::process::Stdio::piped())
-            .stderr(std::process::Stdio::piped())
-            .spawn()
-            .expect("the tool runs");
-        let mut lines = Vec::new();
-        for line in std::io::BufReader::new(child.stderr.take().unwrap())
-            .lines()
-            .map_while(Result::ok)
-        {
-            if line.starts_with("replicating the moving rows") {
-                let _ = reached_tx.send(());
-            }
-            lines.push(line);
-        }
-        let out = child.wait_with_output().unwrap();
-        (
-            out.status.success(),
-            String::from_utf8_lossy(&out.stdout).into_owned(),
-            lines.join("\n"),
-        )
-    });
-    tokio::task::spawn_blocking(move || reached.recv_timeout(Duration::from_secs(120)))
-        .await
-        .unwrap()
-        .expect("the tool started replicating");
+    let run = replicating(t.online(&new)).await;
     // Down for 2 s: long enough for the copy's progress checks to find it
     // gone (the subscription lives there).
     let node = t.env.shard_primary(2);
