@@ -635,6 +635,62 @@ async fn kill_client_ends_a_client_waiting_for_a_server_connection() {
     b.simple_query("COMMIT").await.unwrap();
 }
 
+/// KILL_CLIENT ends a client held by PAUSE at once (57P01 or closed), not
+/// at RESUME or `max_hold`; another held client stays held and runs after
+/// RESUME.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kill_client_ends_a_client_held_by_pause() {
+    let env = two_shards("").await;
+    let admin = console(&env).await;
+    let k0 = key_on(&env, 0);
+    admin.simple_query("PAUSE").await.unwrap();
+    /// A client named `name` reading the row of `key` in a task.
+    async fn held(
+        env: &Env,
+        name: &str,
+        key: i64,
+    ) -> tokio::task::JoinHandle<Result<(), tokio_postgres::Error>> {
+        let c = connect_named(env, name).await;
+        tokio::spawn(async move {
+            c.simple_query(&format!("SELECT name FROM users WHERE id = {key}"))
+                .await
+                .map(|_| ())
+        })
+    }
+    let doomed = held(&env, "doomed", k0).await;
+    let kept = held(&env, "kept", k0).await;
+    wait_until_waiting(&admin, "doomed", "the client to be held").await;
+    wait_until_waiting(&admin, "kept", "the other client to be held").await;
+    let id = client_id(&admin, "doomed").await;
+    admin
+        .simple_query(&format!("KILL_CLIENT {id}"))
+        .await
+        .unwrap();
+    let e = tokio::time::timeout(Duration::from_secs(5), doomed)
+        .await
+        .expect("the held client ended at once")
+        .unwrap()
+        .unwrap_err();
+    assert!(
+        e.is_closed() || sqlstate(&e).as_deref() == Some("57P01"),
+        "{e}"
+    );
+    let (_, clients) = show(&admin, "SHOW CLIENTS").await;
+    assert!(
+        !clients
+            .iter()
+            .any(|r| get(r, "application_name") == "doomed"),
+        "{clients:?}"
+    );
+    assert!(!kept.is_finished(), "the other client ran during the pause");
+    admin.simple_query("RESUME").await.unwrap();
+    tokio::time::timeout(Duration::from_secs(10), kept)
+        .await
+        .expect("the other client ran after RESUME")
+        .unwrap()
+        .expect("without error");
+}
+
 async fn backend_pid(c: &Client) -> i32 {
     c.query_one("SELECT pg_backend_pid()", &[])
         .await
