@@ -23,6 +23,7 @@
 
 use crate::copy::{self, CopyError, Format};
 use crate::db::{self, Column, Login, OnShard as _, Servers};
+use crate::hide;
 use crate::layout::{chunk_bounds, quote_ident, quote_table, Rebalance};
 use crate::online::{self, Stream};
 use crate::proxies::Proxies;
@@ -165,6 +166,10 @@ pub struct Summary {
     /// Every row was already where the new config places it.
     pub nothing_to_move: bool,
     pub config_written: Option<PathBuf>,
+    /// Set when the move reloaded and resumed the proxies itself (its
+    /// moved rows were hidden, then deleted with traffic flowing): how
+    /// long they held their clients, in seconds.
+    pub held: Option<f64>,
 }
 
 impl Summary {
@@ -231,7 +236,7 @@ async fn run_apply(
     r: &Rebalance,
     login: &Login,
     opts: &ApplyOptions,
-    proxies: Option<&mut Proxies>,
+    mut proxies: Option<&mut Proxies>,
 ) -> Result<Summary> {
     let started = Instant::now();
     if proxies.is_none() && !opts.writes_stopped {
@@ -255,6 +260,9 @@ async fn run_apply(
     };
     let resumed = recorded.is_some();
     let mut steps: Vec<Step> = Vec::new();
+    // Moved rows hidden on their old shards, to delete once the proxies
+    // run the new config.
+    let mut deferred = false;
     let finishing = match recorded.take() {
         Some((id, state)) => {
             run.log(&format!(
@@ -291,7 +299,7 @@ async fn run_apply(
             ));
             let t = Instant::now();
             let online = proxies.is_some();
-            if let Some(proxies) = proxies {
+            if let Some(proxies) = proxies.as_deref_mut() {
                 run.stream_and_pause(&mut steps, resumed, proxies).await?;
             } else {
                 run.refuse_streams().await?;
@@ -301,10 +309,12 @@ async fn run_apply(
             run.stop_point("verify");
             let t = Instant::now();
             if online {
-                run.settle_online(&mut steps).await?;
+                deferred = run.settle_online(&mut steps).await?;
             }
             // Offline, and what an interrupted online cutover left.
-            if steps.iter().any(|s| s.state != State::Done) {
+            if deferred {
+                summary.verify_seconds = t.elapsed().as_secs_f64();
+            } else if steps.iter().any(|s| s.state != State::Done) {
                 run.verify_all(&mut steps).await?;
                 run.cutover_mark("moved rows verified");
                 summary.verify_seconds = t.elapsed().as_secs_f64();
@@ -323,12 +333,8 @@ async fn run_apply(
             run.advance_sequences(&steps).await?;
         }
     }
-    if resumed || !steps.is_empty() {
-        // Every row of the run is moved: only its records remain.
-        run.set_state(RunState::Finishing).await?;
-        run.stop_point("finish");
-        run.forget().await?;
-        run.cutover_mark("run records removed");
+    if (resumed || !steps.is_empty()) && !deferred {
+        run.finish().await?;
     }
     summary.nothing_to_move = !resumed && steps.is_empty();
     // Rows written after their range moved (writes were not stopped) are on
@@ -360,6 +366,16 @@ async fn run_apply(
         )
     })?;
     summary.config_written = Some(opts.config_out.clone());
+    if deferred {
+        let proxies = proxies.expect("only an online move defers deletes");
+        summary.held = Some(run.switch(proxies).await?);
+        run.stop_point("resumed");
+        let t = Instant::now();
+        run.delete_deferred(&mut steps).await.context(
+            "the proxies run the new config; the moved rows they no longer see are still on their old shards. Run the same apply --online again (with its --admin options) to delete them: it pauses the proxies while it does",
+        )?;
+        summary.delete_seconds = t.elapsed().as_secs_f64();
+    }
     summary.total_seconds = started.elapsed().as_secs_f64();
     Ok(summary)
 }
@@ -514,6 +530,13 @@ pub async fn deletes_started(r: &Rebalance, login: &Login, placement: &str) -> R
     Ok(run.first_deletes().await?.is_some())
 }
 
+/// Whether the servers record an unfinished run of this rebalance.
+pub async fn unfinished(r: &Rebalance, login: &Login) -> Result<bool> {
+    let opts = inspecting(None);
+    let run = Run::open(r, login, &opts).await?;
+    Ok(run.recorded().await?.is_some())
+}
+
 /// Undoes an unfinished run before any row was deleted from its old shard:
 /// the rows it copied are deleted from the new shards and its steps
 /// forgotten, leaving the old placement as it was. Returns the rows removed.
@@ -539,7 +562,7 @@ pub async fn abort(
     run.id = id;
     if let Some((shard, deleted)) = run.first_deletes().await? {
         bail!(
-            "rows of this rebalance were already deleted from shard {shard} ({deleted} steps): it cannot be undone, only finished. Run apply again with the same configs."
+            "rows of this rebalance were already deleted from (or hidden on) shard {shard} ({deleted} steps or tables): it cannot be undone, only finished. Run apply again with the same configs."
         );
     }
     // From here apply refuses until abort has finished (rerun abort).
@@ -702,10 +725,18 @@ impl Run<'_> {
     }
 
     /// The first shard (label, and its count) holding delete receipts of
-    /// this run, if any.
+    /// this run, or moved rows hidden by its cutover, if any.
     async fn first_deletes(&mut self) -> Result<Option<(String, i64)>> {
         for id in 0..self.r.names.len() {
             let c = self.servers.get(id).await?;
+            let hidden = c
+                .query(hide::HIDDEN_SQL, &[])
+                .await
+                .on(&self.servers, id, "reading recorded progress")?
+                .len();
+            if hidden > 0 {
+                return Ok(Some((self.servers.label(id), hidden as i64)));
+            }
             if !has_state_tables(&c)
                 .await
                 .on(&self.servers, id, "reading recorded progress")?
@@ -1405,7 +1436,10 @@ impl Run<'_> {
                 .filter(|id| !self.checked.contains(id))
                 .map(|id| {
                     let gone = removed.contains(&id);
-                    async move { self.left_on(&self.servers.get(id).await?, id, gone).await }
+                    async move {
+                        self.left_on(&self.servers.get(id).await?, id, gone, &HashMap::new())
+                            .await
+                    }
                 }),
         )
         .await;
@@ -1413,12 +1447,14 @@ impl Run<'_> {
     }
 
     /// `left_behind` on one shard (`gone`: one the new config removes),
-    /// through `c` (a transaction sees its own deletes).
+    /// through `c` (a transaction sees its own deletes), less the rows per
+    /// table verified as moved and not yet deleted (`moved`).
     async fn left_on<C: deadpool_postgres::GenericClient + Sync>(
         &self,
         c: &C,
         id: usize,
         gone: bool,
+        moved: &HashMap<String, i64>,
     ) -> Result<Vec<String>> {
         let mut left = Vec::new();
         for t in self.r.tables() {
@@ -1437,7 +1473,8 @@ impl Run<'_> {
                 )
                 .await
                 .on(&self.servers, id, &format!("counting rows of {}", t.name))?
-                .get(0);
+                .get::<_, i64>(0)
+                - moved.get(&t.name).copied().unwrap_or(0);
             if n > 0 {
                 left.push(if gone {
                     format!(
@@ -2321,22 +2358,25 @@ impl Run<'_> {
         Ok(())
     }
 
-    /// The online cutover's verify and delete, in one pass with the
-    /// proxies paused. Each source deletes its moved rows in one open
-    /// transaction (children first, a receipt per range) and sums what it
-    /// deleted, while the targets sum their copies, every shard at once.
-    /// Only when every range agrees (rows and checksum, the sums the
-    /// offline path compares) are the ranges recorded as verified, the
-    /// placement recorded and the deletes committed; a mismatch rolls every
-    /// delete back and stops the run with nothing deleted. Each source's
-    /// moved rows are read once instead of twice (a check, then the delete),
-    /// which is most of what clients wait for.
-    async fn settle_online(&mut self, steps: &mut [Step]) -> Result<()> {
+    /// The online cutover's verify, with the proxies paused, every shard
+    /// at once: the targets sum their copies while each source, in one
+    /// open transaction, either sums its moved rows and hides them from the
+    /// proxies ([`hide`]; a removed shard only sums them), or deletes them
+    /// (children first, a receipt per range) and sums what it deleted.
+    /// Each also counts the rows the new placement would miss. Only when
+    /// every range agrees (rows and checksum, the sums the offline path
+    /// compares) and nothing is missed are the ranges recorded as
+    /// verified, the placement recorded and the transactions committed; a
+    /// mismatch rolls every one back and stops the run with nothing hidden
+    /// or deleted. Returns whether rows were left for `delete_all` to
+    /// delete once the proxies resume (hiding takes a fraction of the time
+    /// deleting does, and clients wait for this).
+    async fn settle_online(&mut self, steps: &mut [Step]) -> Result<bool> {
         let todo: Vec<usize> = (0..steps.len())
             .filter(|&i| steps[i].state == State::Copied)
             .collect();
         if todo.is_empty() {
-            return Ok(());
+            return Ok(false);
         }
         let mut sources: Vec<usize> = todo
             .iter()
@@ -2366,30 +2406,94 @@ impl Run<'_> {
                 .filter(|&&i| all[i].reference)
                 .map(|&i| async move { Ok::<_, anyhow::Error>((i, sum(all[i].source, i).await?)) }),
         );
+        let roles = self.r.proxy_roles();
+        let roles = &roles;
         let deletes = join_all(sources.iter().map(|&id| async move {
             let c = OpenTxn::begin(this.servers.get(id).await?, &this.servers, id).await?;
+            let mine: Vec<usize> = this
+                .order
+                .iter()
+                .rev()
+                .flat_map(|table| {
+                    todo.iter().copied().filter(move |&i| {
+                        let s = &all[i];
+                        s.source == id && !s.reference && s.table == *table
+                    })
+                })
+                .collect();
+            let mut tables: Vec<String> = mine.iter().map(|&i| quote_table(&all[i].table)).collect();
+            tables.dedup();
+            // A removed shard's rows are not read through a proxy running
+            // the new config: they need no hiding to be deleted later.
+            let gone = removed.contains(&id);
+            let hide = !gone
+                && c.client()
+                    .query_one(hide::CAN_HIDE_SQL, &[roles, &tables])
+                    .await
+                    .on(&this.servers, id, "reading roles and row security")?
+                    .get::<_, bool>(0);
+            let defer = gone || hide;
             let mut sums = Vec::new();
-            for table in this.order.iter().rev() {
-                for &i in todo {
-                    let s = &all[i];
-                    if s.source != id || s.reference || s.table != *table {
-                        continue;
-                    }
-                    let what = what(s);
-                    sums.push((i, this.delete_counted(c.client(), s, &what).await?));
-                    c.client()
-                        .execute(
-                            "INSERT INTO shardline.rebalance_deletes (run, table_name, source, target, chunk, rows) VALUES ($1, $2, $3, $4, $5, $6)",
-                            &this.step_params(s, &[&sums.last().expect("pushed").1 .0]),
+            let mut moved: HashMap<String, i64> = HashMap::new();
+            if hide {
+                // Nothing else changes these tables until the hiding
+                // commits: the rows summed are the rows hidden. An
+                // autovacuum in the way is cancelled at once.
+                c.client()
+                    .batch_execute(&format!(
+                        "SET LOCAL lock_timeout = '{}ms'; SET LOCAL deadlock_timeout = '20ms'; LOCK TABLE {} IN ACCESS EXCLUSIVE MODE",
+                        CUTOVER_LOCK_WAIT.as_millis(),
+                        tables.join(", ")
+                    ))
+                    .await
+                    .on(&this.servers, id, "locking the moving tables")?;
+            }
+            for &i in &mine {
+                let s = &all[i];
+                let what = what(s);
+                let sum = if defer {
+                    let row = c
+                        .client()
+                        .query_one(
+                            &db::checksum_sql(&s.table, &this.columns[&s.table], &this.filter(s)),
+                            &[],
                         )
                         .await
                         .on(&this.servers, id, &what)?;
+                    (row.get::<_, i64>(0), row.get::<_, String>(1))
+                } else {
+                    let sum = this.delete_counted(c.client(), s, &what).await?;
+                    c.client()
+                        .execute(
+                            "INSERT INTO shardline.rebalance_deletes (run, table_name, source, target, chunk, rows) VALUES ($1, $2, $3, $4, $5, $6)",
+                            &this.step_params(s, &[&sum.0]),
+                        )
+                        .await
+                        .on(&this.servers, id, &what)?;
+                    sum
+                };
+                *moved.entry(s.table.clone()).or_default() += sum.0;
+                sums.push((i, sum));
+            }
+            if hide {
+                let mut done = Vec::new();
+                for &i in &mine {
+                    let s = &all[i];
+                    if done.contains(&&s.table) {
+                        continue;
+                    }
+                    done.push(&s.table);
+                    let t = this.r.tables().iter().find(|t| t.name == s.table).expect("steps name configured tables");
+                    c.client()
+                        .batch_execute(&hide::hide_sql(&quote_table(&s.table), &this.r.new_owner_is_sql(t, id)))
+                        .await
+                        .on(&this.servers, id, &format!("hiding the moved rows of {}", s.table))?;
                 }
             }
-            // What the new placement would miss after these deletes,
-            // seen before they commit.
-            let left = this.left_on(c.client(), id, removed.contains(&id)).await?;
-            Ok::<_, anyhow::Error>((c, sums, left, (id, started.elapsed())))
+            // What the new placement would miss once the moved rows are
+            // gone, seen before anything commits.
+            let left = this.left_on(c.client(), id, gone, &moved).await?;
+            Ok::<_, anyhow::Error>((c, sums, left, (id, started.elapsed(), defer)))
         }));
         let ((copies, summed), kept, deletes) = tokio::join!(copies, kept, deletes);
         let copies: HashMap<usize, (i64, String)> = todo
@@ -2401,15 +2505,22 @@ impl Run<'_> {
         let mut sources_sums = kept.into_iter().collect::<Result<Vec<_>>>()?;
         let mut took = Vec::new();
         let mut left = Vec::new();
+        let mut deferred = false;
         for d in deletes {
-            let (c, sums, behind, (id, t)) = d?;
+            let (c, sums, behind, (id, t, later)) = d?;
             open.push(c);
             sources_sums.extend(sums);
             left.extend(behind);
-            took.push(format!("{} {} ms", self.r.names[id], t.as_millis()));
+            deferred |= later;
+            took.push(format!(
+                "{} {} ms ({})",
+                self.r.names[id],
+                t.as_millis(),
+                if later { "summed" } else { "deleted" }
+            ));
         }
         self.cutover_mark(&format!(
-            "copies summed in {} ms, moved rows deleted (not yet committed) in {}; both",
+            "copies summed in {} ms, moved rows summed or deleted (not yet committed) in {}; both",
             summed.as_millis(),
             took.join(", ")
         ));
@@ -2451,8 +2562,13 @@ impl Run<'_> {
             .into_iter()
             .collect::<Result<Vec<()>>>()?;
         self.checked = sources;
+        if deferred {
+            self.cutover_mark("moved rows hidden from the proxies on their old shards");
+            return Ok(true);
+        }
         self.cutover_mark("moved rows deleted from their old shards");
-        self.delete_all(steps).await
+        self.delete_all(steps).await?;
+        Ok(false)
     }
 
     /// During an online cutover, says what was done how long after the
@@ -2653,12 +2769,112 @@ impl Run<'_> {
     }
 }
 
+/// The end of an online move whose moved rows were hidden (`settle_online`).
+impl Run<'_> {
+    /// RELOADs every proxy with the new config and RESUMEs them; returns
+    /// how long they held their clients.
+    async fn switch(&mut self, proxies: &mut Proxies) -> Result<f64> {
+        proxies.reload(&self.opts.placement).await.map_err(|e| {
+            e.context(format!(
+                "every row is moved and verified and the new config is in {}; the proxies stay paused. Make each proxy read that file, then run RELOAD and RESUME in each console, then run the same apply --online again to delete the moved rows from their old shards",
+                self.opts.config_out.display()
+            ))
+        })?;
+        let held = proxies.resume().await?;
+        self.cutover_mark("proxies reloaded and resumed");
+        self.paused = None;
+        self.log(&format!(
+            "{} proxies run the new placement and were resumed after {held:.2} s; deleting the moved rows they no longer see",
+            proxies.len()
+        ));
+        Ok(held)
+    }
+
+    /// Deletes the hidden rows (verified, with receipts, as offline), then
+    /// removes the hiding and the run's records, and checks that no row is
+    /// left where the new config would miss it.
+    async fn delete_deferred(&mut self, steps: &mut [Step]) -> Result<()> {
+        self.delete_all(steps).await?;
+        self.finish().await?;
+        self.checked.clear();
+        let left = self.left_behind().await?;
+        if !left.is_empty() {
+            bail!(
+                "{}: rows written straight to the shard (not through a proxy) after the cutover, which the new placement does not find. Move them to the shards the new config gives them (INSERT through a proxy, then DELETE them from the shard named)",
+                left.join("; ")
+            );
+        }
+        Ok(())
+    }
+
+    /// Every row of the run is moved: the hiding and the run's records go.
+    async fn finish(&mut self) -> Result<()> {
+        self.unhide_all().await?;
+        self.set_state(RunState::Finishing).await?;
+        self.stop_point("finish");
+        self.forget().await?;
+        self.cutover_mark("run records removed");
+        Ok(())
+    }
+
+    /// Removes the hiding of moved rows from every table of every shard
+    /// once they are deleted. Turning row security off needs a moment
+    /// alone with the table, which clients' transactions may hold: it waits
+    /// at most `UNHIDE_LOCK_WAIT` each time (clients queue behind it only
+    /// that long) and tries again until `UNHIDE_WAIT` has passed.
+    async fn unhide_all(&self) -> Result<()> {
+        for id in 0..self.r.names.len() {
+            let what = "removing the hiding of moved rows";
+            let c = self.servers.get(id).await?;
+            let hidden: Vec<String> = c
+                .query(hide::HIDDEN_SQL, &[])
+                .await
+                .on(&self.servers, id, what)?
+                .iter()
+                .map(|r| r.get(0))
+                .collect();
+            for table in hidden {
+                let sql = format!(
+                    "SELECT set_config('lock_timeout', '{}ms', true), set_config('deadlock_timeout', '20ms', true); {}",
+                    UNHIDE_LOCK_WAIT.as_millis(),
+                    hide::unhide_sql(&table)
+                );
+                let started = Instant::now();
+                loop {
+                    match c.batch_execute(&sql).await {
+                        Ok(()) => break,
+                        Err(e)
+                            if e.code()
+                                == Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+                                && started.elapsed() < UNHIDE_WAIT =>
+                        {
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                        Err(e) => {
+                            return Err(e).on(&self.servers, id, &format!("{what} of {table}"))
+                        }
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
+/// How long removing the hiding waits for a table at a time, and in all.
+const UNHIDE_LOCK_WAIT: Duration = Duration::from_millis(100);
+const UNHIDE_WAIT: Duration = Duration::from_secs(300);
+
 /// How long the copy waits for a server that stopped answering.
 const UNREACHABLE_WAIT: Duration = Duration::from_secs(60);
 
 /// How long a stream may take to apply what is left, or to stop, once the
 /// proxies are paused.
 const CUTOVER_WAIT: Duration = Duration::from_secs(30);
+
+/// How long the cutover waits for a lock on a moving table held by a
+/// session other than a paused proxy's.
+const CUTOVER_LOCK_WAIT: Duration = Duration::from_secs(5);
 
 /// A source transaction the online cutover holds open until every range is
 /// verified. Dropped without `commit`, its connection is closed rather than

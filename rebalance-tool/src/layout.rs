@@ -310,6 +310,9 @@ pub struct Placement {
     pub group_names: Vec<String>,
     pub reference: Vec<String>,
     pub default_shard: String,
+    /// The roles the proxies log in to the servers as (`server_user` of
+    /// every user).
+    pub roles: Vec<String>,
 }
 
 impl Placement {
@@ -343,6 +346,11 @@ impl Placement {
                 .map(|t| t.name.to_ascii_lowercase())
                 .collect(),
             default_shard: sharding.shard_names[sharding.default_shard].clone(),
+            roles: config
+                .users
+                .iter()
+                .map(|u| u.server_user().to_string())
+                .collect(),
         }
     }
 
@@ -534,6 +542,26 @@ impl Rebalance {
             self.old.owners[t.group].is_sql(t, &self.old_ids, source),
             self.new.owners[spec.group].is_sql(spec, &self.new_ids, target)
         )
+    }
+
+    /// A condition: the new config places the row of `t` on `id`.
+    pub fn new_owner_is_sql(&self, t: &TableSpec, id: usize) -> String {
+        let spec = self.new_spec(t);
+        self.new.owners[spec.group].is_sql(spec, &self.new_ids, id)
+    }
+
+    /// The roles proxies of either config log in to the servers as.
+    pub fn proxy_roles(&self) -> Vec<String> {
+        let mut roles: Vec<String> = self
+            .old
+            .roles
+            .iter()
+            .chain(&self.new.roles)
+            .cloned()
+            .collect();
+        roles.sort();
+        roles.dedup();
+        roles
     }
 
     /// The new config's owner of a key, as an id into `names`.

@@ -6,11 +6,13 @@
 //! - [`copy`]: streaming rows from one server to another;
 //! - [`apply`], [`plan`], [`verify`]: the three commands;
 //! - [`online`]: moving rows with logical replication while traffic flows;
+//! - [`hide`]: hiding moved rows on their old shards until they are deleted;
 //! - [`proxies`]: the proxies' admin consoles around a move (`--admin`).
 
 pub mod apply;
 pub mod copy;
 pub mod db;
+pub mod hide;
 pub mod layout;
 pub mod online;
 pub mod plan;

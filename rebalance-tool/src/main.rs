@@ -158,6 +158,35 @@ fn compare(from: &Path, to: &Path) -> Result<(Rebalance, Config, String)> {
     Ok((r, old, text))
 }
 
+/// An online move installs the new config in FROM (keeping the old one
+/// as FROM.before-rebalance) before it deletes the rows it hid: when it is
+/// interrupted then, the same command finds FROM already new. Returns the
+/// move from the kept config when the servers record it unfinished.
+async fn interrupted(
+    from: &Path,
+    to: &Path,
+    old: &Config,
+    placement: &str,
+    login: &Login,
+) -> Result<Option<Rebalance>> {
+    let mut before = from.as_os_str().to_owned();
+    before.push(".before-rebalance");
+    let before = PathBuf::from(before);
+    if old.placement_fingerprint() != placement || !before.exists() {
+        return Ok(None);
+    }
+    let (r, _, _) = compare(&before, to)?;
+    if !apply::unfinished(&r, login).await? {
+        return Ok(None);
+    }
+    println!(
+        "{} is already the new config: going on with the move from {} recorded on the servers",
+        from.display(),
+        before.display()
+    );
+    Ok(Some(r))
+}
+
 fn main() -> ExitCode {
     // Read (or refused) before anything else, so that even `--version`
     // says whether this build has the crash tests' stop points.
@@ -216,11 +245,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             max_lag,
         } => {
             let (r, old, new_text) = compare(&from, &to)?;
+            let mut r = r;
             let placement = Config::from_toml(&new_text, &to.display().to_string())
                 .map_err(|e| anyhow::anyhow!("{e}"))?
                 .placement_fingerprint();
             let config_out = config_out.unwrap_or_else(|| from.clone());
             let login = login.resolve(&old)?;
+            if let Some(earlier) = interrupted(&from, &to, &old, &placement, &login).await? {
+                r = earlier;
+            }
             let mut proxies = Proxies::connect(&admin).await?;
             if !proxies.is_empty() && !online {
                 proxies.pause().await?;
@@ -266,6 +299,15 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 println!(
                     "This rebalance had already moved every row: its records are removed now."
                 );
+            } else if online && s.held.is_some() {
+                println!(
+                    "Moved {} rows in {:.1} s: copy and catch-up {:.1} s, then with the proxies paused verify and hide the moved rows {:.1} s; deleted from their old shards after the proxies resumed in {:.1} s.",
+                    count(rows),
+                    s.total_seconds,
+                    s.copy_seconds,
+                    s.verify_seconds,
+                    s.delete_seconds
+                );
             } else if online {
                 println!(
                     "Moved {} rows in {:.1} s: copy and catch-up {:.1} s, then with the proxies paused verify and delete {:.1} s.",
@@ -304,6 +346,13 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
+            if let Some(held) = s.held {
+                println!(
+                    "{} proxies reloaded with the new placement ({placement}) and resumed; their clients were held for {held:.2} s.",
+                    proxies.len()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
             if s.config_written.is_none() {
                 let held = proxies.resume().await?;
                 println!("No config was written: the proxies are resumed as they were (held {held:.2} s).");
@@ -326,13 +375,12 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let (r, old, _) = compare(&from, &to)?;
             let (new, _) = load(&to)?;
             let fingerprints = (old.placement_fingerprint(), new.placement_fingerprint());
-            let removed = apply::abort(
-                &r,
-                &login.resolve(&old)?,
-                crash_hook(),
-                (&fingerprints.0, &fingerprints.1),
-            )
-            .await?;
+            let login = login.resolve(&old)?;
+            let r = interrupted(&from, &to, &old, &fingerprints.1, &login)
+                .await?
+                .unwrap_or(r);
+            let removed =
+                apply::abort(&r, &login, crash_hook(), (&fingerprints.0, &fingerprints.1)).await?;
             println!(
                 "Aborted rebalance {}: removed {} copied rows from their new shards. Every row is where {} places it.",
                 r.run,

@@ -708,15 +708,26 @@ fn nothing_left(env: &Env) {
             "0",
             "the run's records are left on s{s}"
         );
+        assert_eq!(
+            env.sql_shard(
+                s,
+                "SELECT (SELECT count(*) FROM pg_policy) + (SELECT count(*) FROM pg_class WHERE relname = 'accts' AND (relrowsecurity OR relforcerowsecurity))"
+            ),
+            "0",
+            "the hiding of moved rows is left on s{s}"
+        );
     }
 }
 
 /// `apply --online` killed while it streams (a rerun continues the same
 /// streams), killed with the proxies paused (their clients wait, and the
 /// rerun finishes the cutover and resumes them), and killed while it
-/// streams then undone by `abort`: clients writing throughout see no
-/// error, every acknowledged write is where the final config places it,
-/// and nothing of the moves is left on any server.
+/// streams then undone by `abort`, and killed after the proxies resumed on
+/// the new config but before the moved rows hidden on the old shards are
+/// deleted (clients see each row once, abort refuses, a rerun finishes):
+/// clients writing throughout see no error, every acknowledged write is
+/// where the final config places it, and nothing of the moves (nor the
+/// hiding) is left on any server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn apply_online_killed_anywhere_is_finished_by_a_rerun_or_undone_by_abort() {
     const ROWS: i64 = 5_000;
@@ -770,7 +781,48 @@ async fn apply_online_killed_anywhere_is_finished_by_a_rerun_or_undone_by_abort(
     assert!(ok, "{out}{err}");
     nothing_left(env);
     assert_eq!(env.sql_shard(2, "SELECT count(*) FROM accts"), "0");
-    load.finish(env, &t.two).await;
+
+    // 4. Growing, killed once the proxies run the new config but before the
+    // moved rows, hidden on s0 and s1, are deleted: clients see each row
+    // once, abort refuses, and the rerun deletes them and the hiding.
+    assert!(killed(t.online(&grow), "resumed").await);
+    let c = shardline_tests::connect_app(t.a.port).await.unwrap();
+    let ids: Vec<i64> = c
+        .query("SELECT id FROM accts", &[])
+        .await
+        .unwrap()
+        .iter()
+        .map(|r| r.get(0))
+        .collect();
+    let distinct: std::collections::BTreeSet<i64> = ids.iter().copied().collect();
+    assert_eq!(
+        ids.len(),
+        distinct.len(),
+        "a keyless read saw moved rows twice"
+    );
+    assert!(ids.len() as i64 >= ROWS);
+    let hidden = |s: usize| {
+        env.sql_shard(s, "SELECT count(*) FROM accts")
+            .parse::<i64>()
+            .unwrap()
+            - env
+                .sql_shard(s, "SET ROLE app; SELECT count(*) FROM accts")
+                .lines()
+                .last()
+                .unwrap()
+                .parse::<i64>()
+                .unwrap()
+    };
+    assert!(
+        hidden(0) > 0 && hidden(1) > 0,
+        "the moved rows wait on their old shards, hidden"
+    );
+    let (ok, out, err) = tool(t.abort(&grow)).await;
+    assert!(!ok && err.contains("cannot be undone"), "{out}{err}");
+    let (ok, out, err) = tool(t.online(&grow)).await;
+    assert!(ok && out.contains("2 proxies reloaded"), "{out}{err}");
+    nothing_left(env);
+    load.finish(env, &t.three).await;
 }
 
 /// Runs the tool until it reaches the stop point `point` and kills it
