@@ -31,6 +31,7 @@ use anyhow::{bail, Context as _, Result};
 use futures_util::future::join_all;
 use indicatif::{MultiProgress, ProgressBar, ProgressDrawTarget, ProgressStyle};
 use std::collections::{BTreeMap, HashMap};
+use std::fmt::Write as _;
 use std::path::PathBuf;
 use std::time::{Duration, Instant};
 
@@ -1503,16 +1504,26 @@ impl Run<'_> {
             .iter()
             .find(|t| t.name == s.table)
             .expect("steps name configured tables");
-        format!(
-            "{} BETWEEN {} AND {} AND {} = {} AND {} = {}",
-            t.position_sql(),
-            s.first,
-            s.last,
-            r.old_owner_sql(t),
-            s.source,
+        // Cheapest first (Postgres evaluates them in this order, and stops
+        // at the first false): on a source most rows stay, so the new owner
+        // rules most out; a range over the whole hash space is no condition.
+        let mut filter = format!(
+            "{} = {} AND {} = {}",
             r.new_owner_sql(t),
-            s.target
-        )
+            s.target,
+            r.old_owner_sql(t),
+            s.source
+        );
+        if (s.first, s.last) != (i64::MIN, i64::MAX) {
+            let _ = write!(
+                filter,
+                " AND {} BETWEEN {} AND {}",
+                t.position_sql(),
+                s.first,
+                s.last
+            );
+        }
+        filter
     }
 
     /// Deletes a step's rows (from its source, or from its target on abort).
@@ -2156,7 +2167,15 @@ impl Run<'_> {
         );
         let gone = c
             .query_one(
-                &db::delete_checksum_sql(&s.table, cols, &self.filter(s)),
+                &db::delete_checksum_sql(
+                    &s.table,
+                    cols,
+                    &self.filter(s),
+                    // As the checksum it is compared with was made.
+                    s.checksum
+                        .as_deref()
+                        .map_or_else(|| db::RowHash::for_columns(cols), db::RowHash::of_checksum),
+                ),
                 &[],
             )
             .await
@@ -2346,9 +2365,10 @@ impl Run<'_> {
         .into_iter()
         .collect::<Result<Vec<()>>>()?;
         let stopped = t.elapsed();
-        for s in &streams {
-            online::remove(&self.servers, s).await?;
-        }
+        join_all(streams.iter().map(|s| online::remove(servers, s)))
+            .await
+            .into_iter()
+            .collect::<Result<Vec<()>>>()?;
         self.log(&format!(
             "cutover: the targets applied everything in {} ms, replication stopped in {} ms and removed in {} ms",
             applied.as_millis(),
@@ -2492,10 +2512,25 @@ impl Run<'_> {
             }
             // What the new placement would miss once the moved rows are
             // gone, seen before anything commits.
+            let counted = started.elapsed();
             let left = this.left_on(c.client(), id, gone, &moved).await?;
-            Ok::<_, anyhow::Error>((c, sums, left, (id, started.elapsed(), defer)))
+            Ok::<_, anyhow::Error>((c, sums, left, (id, counted, started.elapsed(), defer)))
         }));
-        let ((copies, summed), kept, deletes) = tokio::join!(copies, kept, deletes);
+        // The other shards' check for rows left behind, meanwhile: nothing
+        // changes them until the proxies resume.
+        let others: Vec<usize> = removed
+            .iter()
+            .copied()
+            .chain(this.r.new_ids.iter().copied())
+            .filter(|id| !sources.contains(id) && !this.checked.contains(id))
+            .collect();
+        let elsewhere = join_all(others.iter().map(|&id| async move {
+            let c = this.servers.get(id).await?;
+            this.left_on(&c, id, removed.contains(&id), &HashMap::new())
+                .await
+        }));
+        let ((copies, summed), kept, deletes, elsewhere) =
+            tokio::join!(copies, kept, deletes, elsewhere);
         let copies: HashMap<usize, (i64, String)> = todo
             .iter()
             .copied()
@@ -2504,23 +2539,28 @@ impl Run<'_> {
         let mut open = Vec::new();
         let mut sources_sums = kept.into_iter().collect::<Result<Vec<_>>>()?;
         let mut took = Vec::new();
-        let mut left = Vec::new();
+        let mut left = elsewhere.into_iter().collect::<Result<Vec<_>>>()?.concat();
         let mut deferred = false;
         for d in deletes {
-            let (c, sums, behind, (id, t, later)) = d?;
+            let (c, sums, behind, (id, counted, t, later)) = d?;
             open.push(c);
             sources_sums.extend(sums);
             left.extend(behind);
             deferred |= later;
             took.push(format!(
-                "{} {} ms ({})",
+                "{} {} ms ({} by {} ms)",
                 self.r.names[id],
                 t.as_millis(),
-                if later { "summed" } else { "deleted" }
+                if later {
+                    "summed and hidden"
+                } else {
+                    "deleted"
+                },
+                counted.as_millis()
             ));
         }
         self.cutover_mark(&format!(
-            "copies summed in {} ms, moved rows summed or deleted (not yet committed) in {}; both",
+            "copies summed in {} ms, moved rows summed or deleted (not yet committed) and the rows left behind counted in {}; all",
             summed.as_millis(),
             took.join(", ")
         ));
@@ -2562,6 +2602,7 @@ impl Run<'_> {
             .into_iter()
             .collect::<Result<Vec<()>>>()?;
         self.checked = sources;
+        self.checked.extend(others);
         if deferred {
             self.cutover_mark("moved rows hidden from the proxies on their old shards");
             return Ok(true);
@@ -2888,7 +2929,7 @@ impl OpenTxn {
     async fn begin(c: deadpool_postgres::Object, servers: &Servers, id: usize) -> Result<Self> {
         let t = OpenTxn { c: Some(c), id };
         t.client()
-            .batch_execute("BEGIN")
+            .batch_execute("BEGIN; SET LOCAL max_parallel_workers_per_gather = 0")
             .await
             .on(servers, id, "deleting moved rows")?;
         Ok(t)

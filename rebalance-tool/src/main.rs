@@ -168,23 +168,27 @@ async fn interrupted(
     old: &Config,
     placement: &str,
     login: &Login,
-) -> Result<Option<Rebalance>> {
+) -> Option<Rebalance> {
     let mut before = from.as_os_str().to_owned();
     before.push(".before-rebalance");
     let before = PathBuf::from(before);
     if old.placement_fingerprint() != placement || !before.exists() {
-        return Ok(None);
+        return None;
     }
-    let (r, _, _) = compare(&before, to)?;
-    if !apply::unfinished(&r, login).await? {
-        return Ok(None);
+    // A kept file of an earlier, finished move (whose removed shards may be
+    // gone) is no reason to fail: the move FROM -> TO then runs as asked.
+    let Ok((r, _, _)) = compare(&before, to) else {
+        return None;
+    };
+    if !apply::unfinished(&r, login).await.unwrap_or(false) {
+        return None;
     }
     println!(
         "{} is already the new config: going on with the move from {} recorded on the servers",
         from.display(),
         before.display()
     );
-    Ok(Some(r))
+    Some(r)
 }
 
 fn main() -> ExitCode {
@@ -251,7 +255,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 .placement_fingerprint();
             let config_out = config_out.unwrap_or_else(|| from.clone());
             let login = login.resolve(&old)?;
-            if let Some(earlier) = interrupted(&from, &to, &old, &placement, &login).await? {
+            if let Some(earlier) = interrupted(&from, &to, &old, &placement, &login).await {
                 r = earlier;
             }
             let mut proxies = Proxies::connect(&admin).await?;
@@ -377,7 +381,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
             let fingerprints = (old.placement_fingerprint(), new.placement_fingerprint());
             let login = login.resolve(&old)?;
             let r = interrupted(&from, &to, &old, &fingerprints.1, &login)
-                .await?
+                .await
                 .unwrap_or(r);
             let removed =
                 apply::abort(&r, &login, crash_hook(), (&fingerprints.0, &fingerprints.1)).await?;

@@ -416,7 +416,11 @@ fn online(
         longest[longest.len() / 2],
         longest[longest.len() - 1],
         cutover.join("\n  "),
-        stdout.lines().last().unwrap_or_default()
+        stdout
+            .lines()
+            .filter(|l| l.starts_with("Moved") || l.contains("proxies reloaded"))
+            .collect::<Vec<_>>()
+            .join("\n  ")
     ))
 }
 
