@@ -2673,17 +2673,33 @@ impl Run<'_> {
         let started = Instant::now();
         let mut said = Instant::now();
         let mut failing: Option<Instant> = None;
+        let mut stuck_since: Option<Instant> = None;
         loop {
             let (mut copying, mut lag) = (0, 0);
             let mut trouble = None;
+            let mut stuck = Vec::new();
             for s in streams {
                 match online::progress(&self.servers, s).await {
                     Ok(p) => {
                         copying += p.copying;
                         lag = lag.max(p.lag_bytes);
+                        stuck.extend(p.stuck.iter().map(|t| {
+                            format!(
+                                "{t} ({} -> {})",
+                                self.r.names[s.source], self.r.names[s.target]
+                            )
+                        }));
                     }
                     Err(e) => trouble = Some(e),
                 }
+            }
+            if stuck.is_empty() {
+                stuck_since = None;
+            } else if stuck_since.get_or_insert_with(Instant::now).elapsed() > STUCK_WAIT {
+                bail!(
+                    "the initial copy of {} can never finish: its table-sync slot is gone from the source while the new shard still needs it (Postgres 15 can leave a copy so when the new shard restarts as the copy ends; its log repeats \"replication slot ... does not exist\"). Nothing was cut over and nothing deleted: run `shardline-rebalance abort` with the same configs (it removes the streams and the copies), then apply --online again.",
+                    stuck.join(", ")
+                );
             }
             if let Some(e) = trouble {
                 let since = *failing.get_or_insert_with(Instant::now);
@@ -2959,6 +2975,10 @@ impl Run<'_> {
 /// How long removing the hiding waits for a table at a time, and in all.
 const UNHIDE_LOCK_WAIT: Duration = Duration::from_millis(100);
 const UNHIDE_WAIT: Duration = Duration::from_secs(300);
+
+/// How long a table's copy may lack its table-sync slot before the move
+/// stops (it is never that long while the copy is well).
+const STUCK_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the copy waits for a server that stopped answering.
 const UNREACHABLE_WAIT: Duration = Duration::from_secs(60);

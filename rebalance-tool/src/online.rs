@@ -366,6 +366,11 @@ pub struct Progress {
     pub copying: i64,
     /// Bytes of the source's WAL the target has not confirmed applying.
     pub lag_bytes: i64,
+    /// Tables whose copy finished but whose table-sync slot is gone from
+    /// the source: on Postgres 15 a restart of the target at the wrong
+    /// moment leaves a table so, and its sync worker then fails for good
+    /// ("replication slot pg_<sub>_sync_<rel>_<id> does not exist").
+    pub stuck: Vec<String>,
 }
 
 /// A stream's progress, from the target's subscription and the source's slot.
@@ -396,7 +401,38 @@ pub async fn progress(servers: &Servers, s: &Stream) -> Result<Progress> {
             servers.label(s.source)
         );
     };
-    Ok(Progress { copying, lag_bytes })
+    let mut stuck = Vec::new();
+    if copying > 0 {
+        // A table whose copy is finished ('f') catches up on its own slot
+        // until it is synchronized: without that slot it never is.
+        for row in tgt
+            .query(
+                "SELECT r.srrelid::regclass::text, s.oid, r.srrelid FROM pg_subscription_rel r JOIN pg_subscription s ON s.oid = r.srsubid
+                 WHERE s.subname = $1 AND r.srsubstate = 'f'",
+                &[&s.name],
+            )
+            .await
+            .on(servers, s.target, "reading the subscription's state")?
+        {
+            let (table, sub, rel): (String, u32, u32) = (row.get(0), row.get(1), row.get(2));
+            let slots: i64 = src
+                .query_one(
+                    "SELECT count(*) FROM pg_replication_slots WHERE slot_name LIKE $1",
+                    &[&format!("pg\\_{sub}\\_sync\\_{rel}\\_%")],
+                )
+                .await
+                .on(servers, s.source, "reading the replication slots")?
+                .get(0);
+            if slots == 0 {
+                stuck.push(table);
+            }
+        }
+    }
+    Ok(Progress {
+        copying,
+        lag_bytes,
+        stuck,
+    })
 }
 
 /// A position of the source's WAL at or after every transaction committed

@@ -908,6 +908,47 @@ fn no_rows_lost(env: &Env, before: &[i64]) {
     }
 }
 
+/// A table's copy on the new shard that can never finish (its state says
+/// copied but its table-sync slot is gone from the source, as Postgres 15
+/// can leave it when the new shard restarts as the copy ends, made here by
+/// hand): the tool stops within seconds with abort's advice instead of
+/// waiting for ever, the proxies are never paused, and abort leaves
+/// nothing behind. Clients write throughout and see no error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_table_copy_left_without_its_sync_slot_stops_the_move_with_abort_advice() {
+    const ROWS: i64 = 5_000;
+    let t = TwoProxies::start("online-stuck", ROWS).await;
+    let new = t.write("new.toml", &t.three);
+    let load = t.load(4, ROWS);
+    let env = &t.env;
+    assert!(killed(t.online(&new), "caught-up").await);
+    let sub = env.sql_shard(2, "SELECT subname FROM pg_subscription ORDER BY 1 LIMIT 1");
+    env.sql_shard(
+        2,
+        &format!(
+            "ALTER SUBSCRIPTION {sub} DISABLE; UPDATE pg_subscription_rel SET srsubstate = 'f' WHERE srrelid = 'accts'::regclass AND srsubid = (SELECT oid FROM pg_subscription WHERE subname = '{sub}'); ALTER SUBSCRIPTION {sub} ENABLE"
+        ),
+    );
+    let started = std::time::Instant::now();
+    let (ok, out, err) = tool(t.online(&new)).await;
+    assert!(
+        !ok && err.contains("can never finish") && err.contains("accts") && err.contains("abort"),
+        "{out}{err}"
+    );
+    assert!(!err.contains("paused"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(60));
+    assert_eq!(
+        env.sql_shard(2, "SELECT string_agg(srsubstate::text, '') FROM pg_subscription_rel WHERE srrelid = 'accts'::regclass AND srsubstate <> 'r'"),
+        "f",
+        "the copy made no progress while the tool waited"
+    );
+    let (ok, out, err) = tool(t.abort(&new)).await;
+    assert!(ok, "{out}{err}");
+    nothing_left(env);
+    assert_eq!(env.sql_shard(2, "SELECT count(*) FROM accts"), "0");
+    load.finish(env, &t.two).await;
+}
+
 /// A copy that differs from its source when the proxies are paused (a row
 /// written straight to the new shard while the tool was down after the
 /// catch-up), or a row written straight to an old shard that no range
