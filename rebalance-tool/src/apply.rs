@@ -2488,15 +2488,9 @@ impl Run<'_> {
                 let s = &all[i];
                 let what = what(s);
                 let sum = if defer {
-                    let row = c
-                        .client()
-                        .query_one(
-                            &db::checksum_sql(&s.table, &this.columns[&s.table], &this.filter(s)),
-                            &[],
-                        )
+                    db::checksum(c.client(), &s.table, &this.columns[&s.table], &this.filter(s))
                         .await
-                        .on(&this.servers, id, &what)?;
-                    (row.get::<_, i64>(0), row.get::<_, String>(1))
+                        .on(&this.servers, id, &what)?
                 } else {
                     let sum = this.delete_counted(c.client(), s, &what).await?;
                     c.client()
@@ -2512,18 +2506,11 @@ impl Run<'_> {
                 sums.push((i, sum));
             }
             if hide {
-                let mut done = Vec::new();
-                for &i in &mine {
-                    let s = &all[i];
-                    if done.contains(&&s.table) {
-                        continue;
-                    }
-                    done.push(&s.table);
-                    let t = this.r.tables().iter().find(|t| t.name == s.table).expect("steps name configured tables");
+                for t in this.r.tables().iter().filter(|t| tables.contains(&quote_table(&t.name))) {
                     c.client()
-                        .batch_execute(&hide::hide_sql(&quote_table(&s.table), &this.r.new_owner_is_sql(t, id)))
+                        .batch_execute(&hide::hide_sql(&quote_table(&t.name), &this.r.new_owner_is_sql(t, id)))
                         .await
-                        .on(&this.servers, id, &format!("hiding the moved rows of {}", s.table))?;
+                        .on(&this.servers, id, &format!("hiding the moved rows of {}", t.name))?;
                 }
             }
             // What the new placement would miss once the moved rows are
