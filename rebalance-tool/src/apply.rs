@@ -2347,12 +2347,15 @@ impl Run<'_> {
         self.stop_point("stream");
         self.catch_up(&streams).await?;
         self.stop_point("caught-up");
-        self.compare_online(&streams, steps).await?;
+        // From here on the targets confirm each change at its commit:
+        // the comparison's held writes and the pause wait for that.
         self.reachable().await?;
-        // The lag at the pause is what clients wait for: close it again.
         for s in &streams {
             online::flush_each_commit(&self.servers, s).await?;
         }
+        self.compare_online(&streams, steps).await?;
+        self.reachable().await?;
+        // The lag at the pause is what clients wait for: close it again.
         self.catch_up(&streams).await?;
         self.stop_point("pause");
         proxies.pause().await?;
@@ -2723,56 +2726,71 @@ impl Run<'_> {
         }
     }
 
-    /// Compares every range while traffic flows: the source's count and
-    /// checksum, then the target's once it applied the source's changes up
-    /// to a position read after them. A range written meanwhile may differ
-    /// for that reason alone, so it is compared again (up to three times);
-    /// one that still differs is verified once more during the cutover,
-    /// where the run stops before deleting anything if it differs then.
+    /// Compares every range while traffic flows, each stream's ranges at
+    /// one position of its source: with writes to the stream's tables on
+    /// the source held (a SHARE lock: reads go on), the source's snapshot
+    /// is exported and the target's taken once it applied everything up to
+    /// the source's current position; the lock is released and both sides
+    /// are summed at those snapshots, so a range written meanwhile compares
+    /// equal all the same. A range that differs stops the run before any
+    /// pause. A stream whose position could not be held (a writer held its
+    /// tables past `COMPARE_LOCK_WAIT` every time, or a server stopped
+    /// answering) is left to the cutover's verification.
     async fn compare_online(&self, streams: &[Stream], steps: &[Step]) -> Result<()> {
         self.reachable().await?;
         let started = Instant::now();
-        let (mut equal, mut moving, mut failed) = (0, 0, 0);
-        for step in steps.iter().filter(|s| s.state == State::Copied) {
-            let Some(stream) = streams
+        let (mut equal, mut failed, mut differ, mut held) = (0, 0, Vec::new(), Vec::new());
+        for stream in streams {
+            let mine: Vec<&Step> = steps
                 .iter()
-                .find(|s| s.source == step.source && s.target == step.target)
-            else {
+                .filter(|s| {
+                    s.state == State::Copied
+                        && s.source == stream.source
+                        && s.target == stream.target
+                })
+                .collect();
+            if mine.is_empty() {
                 continue;
-            };
-            let what = format!(
-                "comparing {} {} -> {} chunk {}",
-                step.table, self.r.names[step.source], self.r.names[step.target], step.chunk
-            );
-            let compared = async {
-                for _ in 0..3 {
-                    let a = self.sum_on(step.source, step, what.clone()).await?;
-                    let lsn = online::current_lsn(&self.servers, step.source).await?;
-                    online::wait_applied(&self.servers, stream, &lsn, CUTOVER_WAIT).await?;
-                    let b = self.sum_on(step.target, step, what.clone()).await?;
-                    if a == b {
-                        return Ok::<_, anyhow::Error>(true);
+            }
+            match self.compare_stream(stream, &mine).await {
+                Ok((sums, writes_held)) => {
+                    held.push(format!(
+                        "{} {} ms",
+                        self.r.names[stream.source],
+                        writes_held.as_millis()
+                    ));
+                    for (s, (a, b)) in mine.iter().zip(sums) {
+                        if a == b {
+                            equal += 1;
+                        } else {
+                            differ.push(self.differs(s, &a, &b));
+                        }
                     }
                 }
-                Ok(false)
-            };
-            match compared.await {
-                Ok(true) => equal += 1,
-                Ok(false) => moving += 1,
-                // A server restarted meanwhile: the cutover verifies it.
                 Err(e) => {
-                    self.log(&format!("{what}: {e:#}; it is verified in the cutover"));
-                    failed += 1;
+                    self.log(&format!(
+                        "comparing {} -> {}: {e:#}; its {} ranges are verified in the cutover",
+                        self.r.names[stream.source],
+                        self.r.names[stream.target],
+                        mine.len()
+                    ));
+                    failed += mine.len();
                 }
             }
         }
+        if !differ.is_empty() {
+            bail!(
+                "verification failed before the cutover: these ranges differ between source and target at the same position of the source:\n  {}\nNothing was cut over or deleted, and the proxies were not paused. Find what wrote to the target directly, undo the copies with `shardline-rebalance abort` and the same configs, then apply --online again.",
+                differ.join("\n  ")
+            );
+        }
         self.log(&format!(
-            "compared online in {:.1} s: {equal} ranges equal{}{}",
+            "compared online in {:.1} s: {equal} ranges equal at one position of their source (writes to its moving tables held {}){}",
             started.elapsed().as_secs_f64(),
-            if moving > 0 {
-                format!(", {moving} changing while compared (verified again in the cutover)")
+            if held.is_empty() {
+                "on no shard".to_string()
             } else {
-                String::new()
+                held.join(", ")
             },
             if failed > 0 {
                 format!(", {failed} not compared (verified in the cutover)")
@@ -2781,6 +2799,119 @@ impl Run<'_> {
             }
         ));
         Ok(())
+    }
+
+    /// The sums of `steps` (one stream's) on its source and target at one
+    /// position of the source, and how long writes to their tables were
+    /// held on the source for it.
+    async fn compare_stream(
+        &self,
+        stream: &Stream,
+        steps: &[&Step],
+    ) -> Result<(Vec<((i64, String), (i64, String))>, Duration)> {
+        let (source, target) = (stream.source, stream.target);
+        let servers = &self.servers;
+        let mut tables: Vec<String> = steps.iter().map(|s| quote_table(&s.table)).collect();
+        tables.sort_unstable();
+        tables.dedup();
+        let lock_sql = format!(
+            "BEGIN ISOLATION LEVEL REPEATABLE READ; SET LOCAL lock_timeout = '{}ms'; SET LOCAL deadlock_timeout = '20ms'; LOCK TABLE {} IN SHARE MODE",
+            COMPARE_LOCK_WAIT.as_millis(),
+            tables.join(", ")
+        );
+        let what = "holding writes for a comparison";
+        let mut tries = 0;
+        let (lock, locked) = loop {
+            let c = servers.get(source).await?;
+            let locked = Instant::now();
+            match c.batch_execute(&lock_sql).await {
+                Ok(()) => {
+                    break (
+                        OpenTxn {
+                            c: Some(c),
+                            id: source,
+                        },
+                        locked,
+                    )
+                }
+                Err(e)
+                    if tries < COMPARE_LOCK_TRIES
+                        && matches!(
+                            e.code(),
+                            Some(&tokio_postgres::error::SqlState::LOCK_NOT_AVAILABLE)
+                                | Some(&tokio_postgres::error::SqlState::T_R_DEADLOCK_DETECTED)
+                        ) =>
+                {
+                    // Not back to the pool inside a failed transaction.
+                    drop(OpenTxn {
+                        c: Some(c),
+                        id: source,
+                    });
+                    tries += 1;
+                    tokio::time::sleep(COMPARE_LOCK_WAIT).await;
+                }
+                Err(e) => return Err(e).on(servers, source, what),
+            }
+        };
+        // The source's snapshot: after the lock, so every write to these
+        // tables it misses is one that cannot happen until the lock goes.
+        let snapshot: String = lock
+            .client()
+            .query_one("SELECT pg_export_snapshot()", &[])
+            .await
+            .on(servers, source, what)?
+            .get(0);
+        let lsn = online::current_lsn(servers, source).await?;
+        online::wait_applied(servers, stream, &lsn, COMPARE_APPLY_WAIT).await?;
+        let read_only = "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY; SET LOCAL max_parallel_workers_per_gather = 0";
+        let there = OpenTxn::open(
+            servers.get(target).await?,
+            servers,
+            target,
+            &format!("{read_only}; SELECT 1"),
+            what,
+        )
+        .await?;
+        let here = OpenTxn::open(
+            servers.get(source).await?,
+            servers,
+            source,
+            &format!(
+                "{read_only}; SET TRANSACTION SNAPSHOT '{}'",
+                snapshot.replace('\'', "''")
+            ),
+            what,
+        )
+        .await?;
+        lock.end(servers, "COMMIT", what).await?;
+        let writes_held = locked.elapsed();
+        let (a, b) = tokio::join!(
+            self.sums_in(here.client(), source, steps),
+            self.sums_in(there.client(), target, steps)
+        );
+        let (a, b) = (a?, b?);
+        here.end(servers, "ROLLBACK", what).await?;
+        there.end(servers, "ROLLBACK", what).await?;
+        Ok((a.into_iter().zip(b).collect(), writes_held))
+    }
+
+    /// `(rows, checksum)` of each of `steps` on shard `id`, on connection
+    /// `c` (in the transaction it has open).
+    async fn sums_in(
+        &self,
+        c: &deadpool_postgres::Object,
+        id: usize,
+        steps: &[&Step],
+    ) -> Result<Vec<(i64, String)>> {
+        let mut sums = Vec::new();
+        for s in steps {
+            sums.push(
+                db::checksum(c, &s.table, &self.columns[&s.table], &self.filter(s))
+                    .await
+                    .on(&self.servers, id, "comparing online")?,
+            );
+        }
+        Ok(sums)
     }
 
     /// Waits until every shard answers, up to `UNREACHABLE_WAIT` (a
@@ -2974,6 +3105,14 @@ const UNREACHABLE_WAIT: Duration = Duration::from_secs(60);
 /// proxies are paused.
 const CUTOVER_WAIT: Duration = Duration::from_secs(30);
 
+/// How long the online comparison waits for the lock that holds writes to
+/// a stream's tables on its source (writers queue behind it meanwhile), how
+/// often it tries, and how long it then holds them at most while the target
+/// applies what is left.
+const COMPARE_LOCK_WAIT: Duration = Duration::from_millis(200);
+const COMPARE_LOCK_TRIES: u32 = 25;
+const COMPARE_APPLY_WAIT: Duration = Duration::from_secs(5);
+
 /// How long the cutover waits for a lock on a moving table held by a
 /// session other than a paused proxy's.
 const CUTOVER_LOCK_WAIT: Duration = Duration::from_secs(5);
@@ -2988,11 +3127,29 @@ struct OpenTxn {
 
 impl OpenTxn {
     async fn begin(c: deadpool_postgres::Object, servers: &Servers, id: usize) -> Result<Self> {
+        Self::open(
+            c,
+            servers,
+            id,
+            "BEGIN; SET LOCAL max_parallel_workers_per_gather = 0",
+            "deleting moved rows",
+        )
+        .await
+    }
+
+    /// Runs `begin` (which opens a transaction) on `c`.
+    async fn open(
+        c: deadpool_postgres::Object,
+        servers: &Servers,
+        id: usize,
+        begin: &str,
+        what: &str,
+    ) -> Result<Self> {
         let t = OpenTxn { c: Some(c), id };
         t.client()
-            .batch_execute("BEGIN; SET LOCAL max_parallel_workers_per_gather = 0")
+            .batch_execute(begin)
             .await
-            .on(servers, id, "deleting moved rows")?;
+            .on(servers, id, what)?;
         Ok(t)
     }
 
@@ -3000,13 +3157,18 @@ impl OpenTxn {
         self.c.as_ref().expect("open until committed or dropped")
     }
 
-    async fn commit(mut self, servers: &Servers) -> Result<()> {
-        self.client().batch_execute("COMMIT").await.on(
-            servers,
-            self.id,
-            "committing the deletes of moved rows",
-        )?;
-        // Committed: the connection goes back to the pool.
+    async fn commit(self, servers: &Servers) -> Result<()> {
+        self.end(servers, "COMMIT", "committing the deletes of moved rows")
+            .await
+    }
+
+    /// Ends the transaction with `sql` (COMMIT or ROLLBACK); the connection
+    /// goes back to the pool.
+    async fn end(mut self, servers: &Servers, sql: &str, what: &str) -> Result<()> {
+        self.client()
+            .batch_execute(sql)
+            .await
+            .on(servers, self.id, what)?;
         drop(self.c.take());
         Ok(())
     }

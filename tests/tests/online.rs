@@ -609,6 +609,14 @@ async fn apply_online_moves_rows_while_two_proxies_clients_write() {
     let (ok, stdout, stderr) = tool(t.online(&new)).await;
     assert!(ok, "{stdout}{stderr}");
     assert!(stderr.contains("replication caught up"), "{stderr}");
+    // Compared while the clients write to the moving rows: at one
+    // position of each source, so every range is equal (a difference
+    // would have stopped the run).
+    assert!(
+        stderr.contains("ranges equal at one position of their source")
+            && !stderr.contains("not compared"),
+        "{stderr}"
+    );
     assert!(
         stderr.contains("paused 2 proxies for the cutover"),
         "{stderr}"
@@ -949,15 +957,17 @@ async fn a_table_copy_left_without_its_sync_slot_stops_the_move_with_abort_advic
     load.finish(env, &t.two).await;
 }
 
-/// A copy that differs from its source when the proxies are paused (a row
-/// written straight to the new shard while the tool was down after the
-/// catch-up), or a row written straight to an old shard that no range
-/// moves and the new placement would miss: the cutover deletes nothing, the
-/// proxies resume on the old placement, and `abort` removes the copies.
-/// Then killed after the catch-up again, a rerun finishes the move. Clients write throughout and
-/// see no error; every acknowledged write is in place.
+/// A copy that differs from its source: written straight to the new shard
+/// while the tool was down after the catch-up, the online comparison stops
+/// the run before any pause; written after the comparison, the cutover's
+/// verification deletes nothing and the proxies resume on the old
+/// placement. A row written straight to an old shard that no range moves
+/// and the new placement would miss: the cutover deletes nothing either.
+/// `abort` removes the copies each time. Then killed after the catch-up
+/// again, a rerun finishes the move. Clients write throughout and see no
+/// error; every acknowledged write is in place.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn apply_online_deletes_nothing_when_a_copy_differs_at_the_cutover() {
+async fn apply_online_deletes_nothing_when_a_copy_differs_online_or_at_the_cutover() {
     const ROWS: i64 = 5_000;
     let t = TwoProxies::start("online-differs", ROWS).await;
     let grow = t.write("three.toml", &t.three);
@@ -992,9 +1002,31 @@ async fn apply_online_deletes_nothing_when_a_copy_differs_at_the_cutover() {
         "0",
         "caught up: every table copied"
     );
+    // Written to the copy before the online comparison: the run stops
+    // there, before any pause.
     env.sql_shard(2, &format!("INSERT INTO accts (id, n) VALUES ({stray}, 0)"));
     let before = source_rows(env);
     let (ok, out, err) = tool(t.online(&grow)).await;
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("verification failed before the cutover")
+            && err.contains("the proxies were not paused")
+            && err.contains("1 rows, checksum"),
+        "{err}"
+    );
+    assert!(!err.contains("paused 2 proxies"), "{err}");
+    no_rows_lost(env, &before);
+    env.sql_shard(2, &format!("DELETE FROM accts WHERE id = {stray}"));
+    let (ok, out, err) = tool(t.abort(&grow)).await;
+    assert!(ok, "{out}{err}");
+    nothing_left(env);
+
+    // Written after it, before the pause (the tool held there): the
+    // cutover's verification finds it and rolls back.
+    let run = run_until(t.online(&grow), Some("hold:3000:pause"), "compared online").await;
+    env.sql_shard(2, &format!("INSERT INTO accts (id, n) VALUES ({stray}, 0)"));
+    let before = source_rows(env);
+    let (ok, out, err) = run.await.unwrap();
     assert!(!ok, "{out}{err}");
     assert!(
         err.contains("verification failed during the cutover")
