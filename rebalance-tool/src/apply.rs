@@ -360,6 +360,9 @@ async fn run_apply(
     summary.steps = steps.len();
     run.record_placement().await?;
     run.cutover_mark("placement recorded");
+    if proxies.is_some() {
+        run.replicas_replayed(&steps).await;
+    }
     write_config(&opts.config_out, &opts.new_text).with_context(|| {
         format!(
             "every row is moved and verified, but the new config could not be written to {}; fix that and run apply again with the same configs (it moves nothing more and writes the config)",
@@ -2895,6 +2898,80 @@ impl Run<'_> {
         Ok((a.into_iter().zip(b).collect(), writes_held))
     }
 
+    /// Before the proxies run the new config: waits until every replica the
+    /// new config lists for a shard rows moved from or to has replayed its
+    /// primary's WAL up to now (the hiding or deletes on an old shard, the
+    /// last changes applied on a new one), so that a read a proxy sends to a
+    /// replica once resumed neither sees a moved row on its old shard nor
+    /// misses it on the new one. A replica that does not answer, or has not
+    /// replayed that far within `REPLICA_WAIT` (far past the proxies'
+    /// default `max_replica_lag`, beyond which they send it no reads), is
+    /// named in a warning and not waited for.
+    async fn replicas_replayed(&self, steps: &[Step]) {
+        let mut ids: Vec<usize> = steps.iter().flat_map(|s| [s.source, s.target]).collect();
+        ids.sort_unstable();
+        ids.dedup();
+        let mut waits = Vec::new();
+        for id in ids {
+            let Some(k) = self
+                .r
+                .new
+                .shards
+                .iter()
+                .position(|n| *n == self.r.names[id])
+            else {
+                continue;
+            };
+            let replicas = &self.r.new.replicas[k];
+            if replicas.is_empty() {
+                continue;
+            }
+            let lsn = async {
+                let c = self.servers.get(id).await?;
+                let row = c
+                    .query_one("SELECT pg_current_wal_flush_lsn()::text", &[])
+                    .await
+                    .on(&self.servers, id, "reading the WAL position")?;
+                Ok::<String, anyhow::Error>(row.get(0))
+            };
+            let lsn = match lsn.await {
+                Ok(lsn) => lsn,
+                Err(e) => {
+                    self.log(&format!("warning: {e:#}; its replicas are not waited for"));
+                    continue;
+                }
+            };
+            for node in replicas {
+                let lsn = lsn.clone();
+                waits.push(async move {
+                    (
+                        id,
+                        node,
+                        db::replayed(node, &self.login, &lsn, REPLICA_WAIT).await,
+                    )
+                });
+            }
+        }
+        let count = waits.len();
+        let mut behind = 0;
+        for (id, node, result) in join_all(waits).await {
+            if let Err(why) = result {
+                behind += 1;
+                self.log(&format!(
+                    "warning: replica {} of shard {}: {why}; until it replays the cutover, a read a proxy sends it may see moved rows on their old shard or miss them on the new one",
+                    node.address(),
+                    self.r.names[id]
+                ));
+            }
+        }
+        if count > 0 {
+            self.cutover_mark(&format!(
+                "{} of {count} replicas replayed the cutover",
+                count - behind
+            ));
+        }
+    }
+
     /// `(rows, checksum)` of each of `steps` on shard `id`, on connection
     /// `c` (in the transaction it has open).
     async fn sums_in(
@@ -3112,6 +3189,9 @@ const CUTOVER_WAIT: Duration = Duration::from_secs(30);
 const COMPARE_LOCK_WAIT: Duration = Duration::from_millis(200);
 const COMPARE_LOCK_TRIES: u32 = 25;
 const COMPARE_APPLY_WAIT: Duration = Duration::from_secs(5);
+
+/// How long the cutover waits for a replica to replay it.
+const REPLICA_WAIT: Duration = Duration::from_secs(10);
 
 /// How long the cutover waits for a lock on a moving table held by a
 /// session other than a paused proxy's.

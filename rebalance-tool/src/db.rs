@@ -183,6 +183,47 @@ pub async fn unreachable_replicas(
     out
 }
 
+/// Waits at most `timeout` until the replica at `node` has replayed its
+/// primary's WAL up to `lsn` (a server no longer in recovery counts as
+/// done); the error says why not: it does not answer, or how far it got.
+pub async fn replayed(
+    node: &Node,
+    login: &Login,
+    lsn: &str,
+    timeout: Duration,
+) -> std::result::Result<(), String> {
+    let started = std::time::Instant::now();
+    let (c, conn) = login
+        .config(node, Duration::from_secs(2))
+        .connect(NoTls)
+        .await
+        .map_err(|e| describe(&e))?;
+    let conn = tokio::spawn(conn);
+    let result = loop {
+        match c
+            .query_one(
+                "SELECT coalesce(pg_last_wal_replay_lsn() >= $1::text::pg_lsn, true), coalesce(pg_last_wal_replay_lsn()::text, '')",
+                &[&lsn],
+            )
+            .await
+        {
+            Ok(row) if row.get::<_, bool>(0) => break Ok(()),
+            Ok(row) if started.elapsed() > timeout => {
+                break Err(format!(
+                    "it replayed up to {} of {lsn} in {:.0} s",
+                    row.get::<_, String>(1),
+                    timeout.as_secs_f64()
+                ))
+            }
+            Ok(_) => tokio::time::sleep(Duration::from_millis(2)).await,
+            Err(e) => break Err(describe(&e)),
+        }
+    };
+    drop(c);
+    conn.abort();
+    result
+}
+
 /// A server error with its SQLSTATE and detail, or the client error.
 pub fn describe(e: &tokio_postgres::Error) -> String {
     match e.as_db_error() {

@@ -444,11 +444,41 @@ struct TwoProxies {
 
 impl TwoProxies {
     async fn start(name: &str, rows: i64) -> TwoProxies {
-        let env = three_primaries().await;
+        TwoProxies::start_with(name, rows, 0).await
+    }
+
+    /// As `start`, with `replicas` streaming replicas per shard in the
+    /// configs, which the proxies read from up to 60 s behind.
+    async fn start_with(name: &str, rows: i64, replicas: usize) -> TwoProxies {
+        let env = Env::start_with(EnvOptions {
+            shards: 3,
+            replicas_per_shard: replicas,
+            ..Default::default()
+        })
+        .await
+        .expect("the servers start");
         let files = shardline_tests::TempDir::new(name);
-        let tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"accts\"\ncolumn = \"id\"\n[[sharding.tables]]\nname = \"serials\"\ncolumn = \"id\"\n\n[admin]\nusers = [\"app\"]\n";
-        let two = env.shards_config(&[0, 1], tables);
-        let three = env.shards_config(&[0, 1, 2], tables);
+        let mut tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"accts\"\ncolumn = \"id\"\n[[sharding.tables]]\nname = \"serials\"\ncolumn = \"id\"\n\n[admin]\nusers = [\"app\"]\n".to_string();
+        if replicas > 0 {
+            tables.push_str("\n[health]\nmax_replica_lag = \"60s\"\n");
+        }
+        let with_replicas = |mut text: String| {
+            if replicas > 0 {
+                for s in 0..3 {
+                    let primary = format!("port = {} }}\n", env.node_port(env.shard_primary(s)));
+                    text = text.replace(
+                        &primary,
+                        &format!(
+                            "{primary}replicas = [{{ host = \"127.0.0.1\", port = {} }}]\n",
+                            env.node_port(env.shard_replica(s))
+                        ),
+                    );
+                }
+            }
+            text
+        };
+        let two = with_replicas(env.shards_config(&[0, 1], &tables));
+        let three = with_replicas(env.shards_config(&[0, 1, 2], &tables));
         let config = files.write("shardline.toml", &two);
         for s in 0..3 {
             env.sql_shard(
@@ -1133,4 +1163,60 @@ async fn apply_online_outlives_a_restart_of_the_new_shard_during_the_catch_up() 
     load.finish(&t.env, &t.three).await;
     assert!(placed_rows(&t.env, &t.three).values().any(|(_, s)| *s == 2));
     nothing_left(&t.env);
+}
+
+/// Every shard has a replica that replays 1 s behind its primary
+/// (`recovery_min_apply_delay`), which the proxies read from. The cutover
+/// waits for the replicas to replay the hiding of the moved rows (and the
+/// new shard's last applied changes) before the proxies resume, so a
+/// keyless read through each proxy right after the resume, which the
+/// replicas answer, sees every row exactly once. The same command then
+/// finishes the move.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn apply_online_resumes_the_proxies_once_the_replicas_replayed_the_cutover() {
+    const ROWS: i64 = 5_000;
+    let t = TwoProxies::start_with("online-replicas", ROWS, 1).await;
+    let env = &t.env;
+    let grow = t.write("three.toml", &t.three);
+    for s in 0..3 {
+        let replica = env.shard_replica(s);
+        env.sql_on(replica, "ALTER SYSTEM SET recovery_min_apply_delay = '1s'");
+        env.sql_on(replica, "SELECT pg_reload_conf()");
+    }
+    let every_row_once = |ids: Vec<i64>, what: &str| {
+        let mut ids = ids;
+        ids.sort_unstable();
+        let n = ids.len();
+        ids.dedup();
+        assert_eq!(n, ids.len(), "{what}: a keyless read saw moved rows twice");
+        assert_eq!(ids, (1..=ROWS).collect::<Vec<_>>(), "{what}: every row");
+    };
+    let read = |port: u16| async move {
+        let c = shardline_tests::connect_app(port).await.unwrap();
+        c.query("SELECT id FROM accts", &[])
+            .await
+            .expect("a keyless read")
+            .iter()
+            .map(|r| r.get::<_, i64>(0))
+            .collect::<Vec<_>>()
+    };
+    // The replicas answer the proxies' reads once they have the rows.
+    shardline_tests::wait_for("the replicas to have every row", || async {
+        read(t.a.port).await.len() == ROWS as usize
+    })
+    .await;
+
+    assert!(killed(t.online(&grow), "resumed").await);
+    every_row_once(read(t.a.port).await, "proxy a right after the resume");
+    every_row_once(read(t.b.port).await, "proxy b right after the resume");
+    assert!(
+        env.sql_shard(0, "SELECT count(*) FROM pg_policy") != "0",
+        "the moved rows are only hidden on their old shards yet"
+    );
+
+    let (ok, out, err) = tool(t.online(&grow)).await;
+    assert!(ok, "{out}{err}");
+    every_row_once(read(t.a.port).await, "proxy a after the move");
+    assert!(placed_rows(env, &t.three).values().any(|(_, s)| *s == 2));
+    nothing_left(env);
 }
