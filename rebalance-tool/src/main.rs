@@ -277,6 +277,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 placement: placement.clone(),
                 stop_at: crash_hook(),
                 max_lag,
+                proxies_paused: !online && proxies.paused(),
             };
             let moved = if online {
                 apply::apply_online(&r, &login, &opts, &mut proxies).await
