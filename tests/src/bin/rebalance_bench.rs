@@ -405,7 +405,7 @@ fn online(
     longest.sort_by(f64::total_cmp);
     let cutover: Vec<&str> = stderr
         .lines()
-        .filter(|l| l.starts_with("cutover:"))
+        .filter(|l| l.starts_with("cutover:") || l.starts_with("compared online"))
         .collect();
     Ok(format!(
         "apply --online, {rows} narrow rows, {clients} clients through 2 proxies: {} writes acknowledged, 0 failed, every one there; from the tool's start to replication caught up {:.1} s for the {moved} rows that moved to s2 = {:.0} rows/s{}; longest transaction per client (the pause): median {:.3} s, max {:.3} s\n  {}\n  apply said: {}",
