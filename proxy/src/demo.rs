@@ -187,7 +187,9 @@ pub async fn run(port: u16, metrics_port: u16) -> Result<()> {
     let path = cluster.root.join("shardline.toml");
     std::fs::write(&path, &text)?;
     let config = Config::from_toml(&text, &path.display().to_string())?;
-    let proxy = Proxy::start(config).await.with_context(|| {
+    // Started from its file, so RELOAD and SIGHUP reread it (as
+    // `shardline-rebalance apply --admin` needs).
+    let proxy = Proxy::start_from(config, Some(path.clone()), false).await.with_context(|| {
         format!("starting the proxy on port {port} (use --port to pick another, and --metrics-port for its metrics)")
     })?;
     println!();

@@ -14,6 +14,25 @@ struct Console {
     client: Client,
 }
 
+impl Console {
+    /// A setting's value in the proxy's SHOW CONFIG; `None` when it lists
+    /// no such key.
+    async fn setting(&self, key: &str) -> Result<Option<String>> {
+        Ok(self
+            .client
+            .simple_query("SHOW CONFIG")
+            .await
+            .map_err(|e| anyhow!("proxy {}: SHOW CONFIG: {}", self.label, db_message(&e)))?
+            .into_iter()
+            .find_map(|m| match m {
+                SimpleQueryMessage::Row(r) if r.get(0) == Some(key) => {
+                    Some(r.get(1).unwrap_or_default().to_string())
+                }
+                _ => None,
+            }))
+    }
+}
+
 /// The consoles of the proxies named by `--admin`.
 pub struct Proxies {
     consoles: Vec<Console>,
@@ -39,7 +58,17 @@ impl Proxies {
                 .await
                 .with_context(|| format!("the admin console of proxy {label}"))?;
             tokio::spawn(connection);
-            consoles.push(Console { label, client });
+            let console = Console { label, client };
+            // RELOAD must be able to give it the new config: checked
+            // before anything changes (a proxy that says nothing of its
+            // file, an older one, is trusted).
+            if console.setting("config_file").await?.as_deref() == Some("") {
+                bail!(
+                    "proxy {} was started without a config file, so RELOAD cannot give it the new config: start it with `shardline --config FILE`, FILE being the one this tool writes (--config-out, by default the --from file). Nothing was changed.",
+                    console.label
+                );
+            }
+            consoles.push(console);
         }
         Ok(Proxies {
             consoles,
@@ -108,19 +137,7 @@ impl Proxies {
                     db_message(&e)
                 )
             })?;
-            let running = c
-                .client
-                .simple_query("SHOW CONFIG")
-                .await
-                .map_err(|e| anyhow!("proxy {}: SHOW CONFIG: {}", c.label, db_message(&e)))?
-                .into_iter()
-                .find_map(|m| match m {
-                    SimpleQueryMessage::Row(r) if r.get(0) == Some("sharding.placement") => {
-                        r.get(1).map(str::to_string)
-                    }
-                    _ => None,
-                })
-                .unwrap_or_default();
+            let running = c.setting("sharding.placement").await?.unwrap_or_default();
             if running != placement {
                 bail!(
                     "proxy {} reloaded but runs placement {running}, not the new config's {placement}: does it read the file the new config was written to?",

@@ -163,6 +163,10 @@ fn demo_starts_serves_and_cleans_up() {
     );
     assert!(ok, "{out}");
     assert!(out.contains("countries|60000|0|0|1|1|"), "{out}");
+    // Started from its file: RELOAD rereads it (`shardline-rebalance
+    // apply --admin` gives it a new config that way).
+    let (ok, out) = psql(&console, &["-A", "-t", "-c", "RELOAD"]);
+    assert!(ok, "RELOAD: {out}");
     // So does the metrics URL it prints.
     let (addr, path) = metrics.split_once('/').expect("host:port/path");
     assert_eq!(path, "metrics");

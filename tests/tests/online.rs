@@ -1245,3 +1245,54 @@ async fn apply_online_resumes_the_proxies_once_the_replicas_replayed_the_cutover
     every_row_once(read(t.b.port).await, "proxy b right after the offline move");
     placed_rows(env, &t.two);
 }
+
+/// A proxy started without a config file cannot be RELOADed with the new
+/// config (the demo's was, once): `apply --online --admin` refuses it
+/// before it pauses or changes anything, naming it; the proxies started
+/// from the file say which file they reread.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_proxy_without_a_config_file_is_refused_before_anything_changes() {
+    let t = TwoProxies::start("online-no-file", 100).await;
+    let grow = t.write("three.toml", &t.three);
+    let (no_file, client) = start_proxy(&t.two).await;
+    let console = |p: u16| format!("postgres://app:app@127.0.0.1:{p}/shardline");
+    let file_of = |p: u16| async move {
+        let (c, conn) = tokio_postgres::connect(&console(p), tokio_postgres::NoTls)
+            .await
+            .expect("the console");
+        tokio::spawn(conn);
+        c.simple_query("SHOW CONFIG")
+            .await
+            .unwrap()
+            .into_iter()
+            .find_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) if r.get(0) == Some("config_file") => {
+                    r.get(1).map(str::to_string)
+                }
+                _ => None,
+            })
+            .expect("SHOW CONFIG lists config_file")
+    };
+    assert_eq!(file_of(no_file.local_addr.port()).await, "");
+    assert_eq!(file_of(t.a.port).await, t.config.display().to_string());
+
+    let mut args = t.online(&grow);
+    args.extend(["--admin".into(), console(no_file.local_addr.port())]);
+    let (ok, out, err) = tool(args).await;
+    assert!(!ok, "{out}{err}");
+    let port = no_file.local_addr.port();
+    assert!(
+        err.contains(&format!(
+            "proxy 127.0.0.1:{port} was started without a config file"
+        )) && err.contains("Nothing was changed"),
+        "{err}"
+    );
+    assert!(!err.contains("paused"), "{err}");
+    // Nothing paused, nothing on the servers.
+    client
+        .simple_query("SELECT n FROM accts WHERE id = 1")
+        .await
+        .expect("not paused");
+    nothing_left(&t.env);
+    assert_eq!(t.env.sql_shard(2, "SELECT count(*) FROM accts"), "0");
+}

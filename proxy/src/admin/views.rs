@@ -186,6 +186,14 @@ fn config(shared: &Shared) -> Table {
             t(if changeable { "no" } else { "yes" }),
         ]);
     }
+    // The file RELOAD rereads (empty when the proxy was started without
+    // one: RELOAD then refuses), fixed until a restart.
+    let file = shared
+        .admin
+        .live()
+        .and_then(|l| l.path.as_ref().map(|p| p.display().to_string()))
+        .unwrap_or_default();
+    table.push(vec![t("config_file"), t(&file), t(""), t("no")]);
     table
 }
 
