@@ -63,6 +63,10 @@ pub struct ApplyOptions {
     /// and resume on the new config once it returns: the replicas of the
     /// shards rows moved between are waited for first, as online.
     pub proxies_paused: bool,
+    /// The move is online (`apply_online`): reference tables stream to an
+    /// added shard even where it holds the same rows already (it would
+    /// miss the writes made to them while the rows copy).
+    pub online: bool,
 }
 
 const STATE_DDL: &str = "
@@ -499,6 +503,7 @@ fn inspecting(stop_at: Option<String>) -> ApplyOptions {
         stop_at,
         max_lag: 0,
         proxies_paused: false,
+        online: false,
     }
 }
 
@@ -1226,10 +1231,10 @@ impl Run<'_> {
                     target,
                     &format!("checksumming {table}"),
                 )?;
-                if have == want && want.0 > 0 {
+                if have == want && want.0 > 0 && !self.opts.online {
                     continue;
                 }
-                if have.0 > 0 {
+                if have.0 > 0 && have != want {
                     problems.push(format!(
                         "reference table {table} on new shard {} already holds {} rows that differ from the default shard's {}; empty it first",
                         self.servers.label(target),
@@ -2339,7 +2344,10 @@ impl Run<'_> {
             );
         }
         online::requirements(&self.servers, r, &streams).await?;
-        for s in &streams {
+        for (s, found) in streams.iter().zip(&found) {
+            if found.is_none() {
+                self.empty_reference_copies(s, steps).await?;
+            }
             online::start(&self.servers, s, &self.login, &r.primaries[s.source]).await?;
         }
         self.mark_streamed(steps).await?;
@@ -2637,6 +2645,37 @@ impl Run<'_> {
         }
     }
 
+    /// Before a stream's subscription copies its tables: a reference table
+    /// the added shard already holds (the planner found it equal to the
+    /// default shard's, as a shard removed earlier leaves it) is emptied
+    /// there, or the copy would fail on its first row for good. No proxy
+    /// reads an added shard yet, and the stream copies the rows back.
+    async fn empty_reference_copies(&self, stream: &Stream, steps: &[Step]) -> Result<()> {
+        for s in steps.iter().filter(|s| {
+            s.reference
+                && s.state == State::Pending
+                && s.source == stream.source
+                && s.target == stream.target
+        }) {
+            let c = self.servers.get(s.target).await?;
+            let n = c
+                .execute(&format!("DELETE FROM {}", quote_table(&s.table)), &[])
+                .await
+                .on(
+                    &self.servers,
+                    s.target,
+                    &format!("emptying reference table {} before its copy", s.table),
+                )?;
+            if n > 0 {
+                self.log(&format!(
+                    "reference table {} on {}: its {n} rows (equal to the default shard's) are copied again by the stream, which keeps them current",
+                    s.table, self.r.names[s.target]
+                ));
+            }
+        }
+        Ok(())
+    }
+
     /// Records the steps a stream copies as `copied` (rows not counted), so
     /// that abort removes them and the cutover verifies them.
     async fn mark_streamed(&self, steps: &mut [Step]) -> Result<()> {
@@ -2672,15 +2711,25 @@ impl Run<'_> {
         let mut said = Instant::now();
         let mut failing: Option<Instant> = None;
         let mut stuck_since: Option<Instant> = None;
+        // Each stream's worker errors when first seen, and how many since.
+        let mut errors_at: Vec<Option<i64>> = vec![None; streams.len()];
         loop {
             let (mut copying, mut lag) = (0, 0);
             let mut trouble = None;
             let mut stuck = Vec::new();
-            for s in streams {
+            let mut failing_streams = Vec::new();
+            for (i, s) in streams.iter().enumerate() {
                 match online::progress(&self.servers, s).await {
                     Ok(p) => {
                         copying += p.copying;
                         lag = lag.max(p.lag_bytes);
+                        let since = p.errors - *errors_at[i].get_or_insert(p.errors);
+                        if since >= STREAM_ERRORS {
+                            failing_streams.push(format!(
+                                "{} -> {} ({since} errors)",
+                                self.r.names[s.source], self.r.names[s.target]
+                            ));
+                        }
                         stuck.extend(p.stuck.iter().map(|t| {
                             format!(
                                 "{t} ({} -> {})",
@@ -2697,6 +2746,12 @@ impl Run<'_> {
                 bail!(
                     "the initial copy of {} can never finish: its table-sync slot is gone from the source while the new shard still needs it (Postgres 15 can leave a copy so when the new shard restarts as the copy ends; its log repeats \"replication slot ... does not exist\"). Nothing was cut over and nothing deleted: run `shardline-rebalance abort` with the same configs (it removes the streams and the copies), then apply --online again.",
                     stuck.join(", ")
+                );
+            }
+            if !failing_streams.is_empty() {
+                bail!(
+                    "the replication of {} fails again and again: each error stops the new shard's copy or apply worker, which starts over and fails the same way. The new shard's log says why (often a row already there, or a constraint or type the source's table does not have). Nothing was cut over and nothing deleted: fix the cause and run the same command again, or undo the move with `shardline-rebalance abort` and the same configs.",
+                    failing_streams.join(", ")
                 );
             }
             if let Some(e) = trouble {
@@ -3184,6 +3239,11 @@ const UNHIDE_WAIT: Duration = Duration::from_secs(300);
 /// How long a table's copy may lack its table-sync slot before the move
 /// stops (it is never that long while the copy is well).
 const STUCK_WAIT: Duration = Duration::from_secs(10);
+
+/// How many errors a stream's workers may raise during one catch-up before
+/// the run stops (a worker retries about every 5 s,
+/// `wal_retrieve_retry_interval`; a restarted server costs one or two).
+const STREAM_ERRORS: i64 = 5;
 
 /// How long the copy waits for a server that stopped answering.
 const UNREACHABLE_WAIT: Duration = Duration::from_secs(60);

@@ -278,6 +278,7 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 stop_at: crash_hook(),
                 max_lag,
                 proxies_paused: !online && proxies.paused(),
+                online,
             };
             let moved = if online {
                 apply::apply_online(&r, &login, &opts, &mut proxies).await

@@ -371,6 +371,11 @@ pub struct Progress {
     /// moment leaves a table so, and its sync worker then fails for good
     /// ("replication slot pg_<sub>_sync_<rel>_<id> does not exist").
     pub stuck: Vec<String>,
+    /// Errors the subscription's workers raised so far (initial copies and
+    /// apply, `pg_stat_subscription_stats`): each makes a worker exit and
+    /// start again, so a cause that stays (a row already on the target, a
+    /// constraint the source lacks) repeats forever.
+    pub errors: i64,
 }
 
 /// A stream's progress, from the target's subscription and the source's slot.
@@ -428,10 +433,19 @@ pub async fn progress(servers: &Servers, s: &Stream) -> Result<Progress> {
             }
         }
     }
+    let errors: i64 = tgt
+        .query_opt(
+            "SELECT sync_error_count + apply_error_count FROM pg_stat_subscription_stats WHERE subname = $1",
+            &[&s.name],
+        )
+        .await
+        .on(servers, s.target, "reading the subscription's errors")?
+        .map_or(0, |r| r.get(0));
     Ok(Progress {
         copying,
         lag_bytes,
         stuck,
+        errors,
     })
 }
 

@@ -1041,7 +1041,8 @@ async fn apply_online_deletes_nothing_when_a_copy_differs_online_or_at_the_cutov
     assert!(
         err.contains("verification failed before the cutover")
             && err.contains("the proxies were not paused")
-            && err.contains("1 rows, checksum"),
+            && err.contains(" -> s2 chunk ")
+            && err.contains("target s2 ("),
         "{err}"
     );
     assert!(!err.contains("paused 2 proxies"), "{err}");
@@ -1295,4 +1296,66 @@ async fn a_proxy_without_a_config_file_is_refused_before_anything_changes() {
         .expect("not paused");
     nothing_left(&t.env);
     assert_eq!(t.env.sql_shard(2, "SELECT count(*) FROM accts"), "0");
+}
+
+/// A reference table the added shard already holds (equal to the default
+/// shard's, as a shard removed earlier leaves it) is streamed again: the
+/// copy does not fail on its first row, and a row written to it through a
+/// proxy while the rows copy reaches the new shard. Then a move whose copy
+/// can never succeed (the target's table has a constraint the moving rows
+/// break) stops with the cause after a few of the workers' retries instead
+/// of waiting forever, and `abort` leaves nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reference_tables_stream_to_a_shard_that_had_them_and_a_copy_that_always_fails_stops() {
+    let t = TwoProxies::start("online-reference", 2_000).await;
+    let env = &t.env;
+    for s in 0..3 {
+        env.sql_shard(
+            s,
+            "SET ROLE app; CREATE TABLE countries (code text PRIMARY KEY, name text NOT NULL);
+             INSERT INTO countries VALUES ('fr', 'France'), ('de', 'Germany'), ('br', 'Brazil');",
+        );
+    }
+    let reference = "\n[[reference_tables]]\nname = \"countries\"\n";
+    let (two, three) = (
+        format!("{}{reference}", t.two),
+        format!("{}{reference}", t.three),
+    );
+    std::fs::write(&t.config, &two).unwrap();
+    for p in [&t.a, &t.b] {
+        p.console().await.simple_query("RELOAD").await.unwrap();
+    }
+    let grow = t.write("three.toml", &three);
+    let run = replicating(t.online(&grow)).await;
+    let c = shardline_tests::connect_app(t.a.port).await.unwrap();
+    c.batch_execute("INSERT INTO countries VALUES ('zz', 'Zed')")
+        .await
+        .unwrap();
+    let (ok, out, err) = run.await.unwrap();
+    assert!(ok && out.contains("2 proxies reloaded"), "{out}{err}");
+    let countries = "SELECT string_agg(code, ',' ORDER BY code) FROM countries";
+    assert_eq!(env.sql_shard(2, countries), "br,de,fr,zz");
+    assert_eq!(env.sql_shard(0, countries), "br,de,fr,zz");
+    nothing_left(env);
+
+    // Back to two shards, with s0 refusing every row it would take.
+    env.sql_shard(
+        0,
+        "ALTER TABLE accts ADD CONSTRAINT only_old CHECK (id <= 0) NOT VALID",
+    );
+    let shrink = t.write("two.toml", &two);
+    let started = Instant::now();
+    let (ok, out, err) = tool(t.online(&shrink)).await;
+    assert!(!ok, "{out}{err}");
+    assert!(
+        err.contains("s2 -> s0") && err.contains("fails again and again"),
+        "{err}"
+    );
+    assert!(!err.contains("paused"), "{err}");
+    assert!(started.elapsed() < Duration::from_secs(120));
+    let (ok, out, err) = tool(t.abort(&shrink)).await;
+    assert!(ok, "{out}{err}");
+    env.sql_shard(0, "ALTER TABLE accts DROP CONSTRAINT only_old");
+    nothing_left(env);
+    placed_rows(env, &three);
 }
