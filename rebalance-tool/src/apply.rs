@@ -2798,9 +2798,9 @@ impl Run<'_> {
     /// equal all the same. A range that differs stops the run before any
     /// pause. A stream whose position could not be held (a writer held its
     /// tables past `COMPARE_LOCK_WAIT` every time, or a server stopped
-    /// answering) is left to the cutover's verification.
+    /// answering) is left to the cutover's verification. The caller has
+    /// waited for every shard to answer (`reachable`).
     async fn compare_online(&self, streams: &[Stream], steps: &[Step]) -> Result<()> {
-        self.reachable().await?;
         let started = Instant::now();
         let (mut equal, mut failed, mut differ, mut held) = (0, 0, Vec::new(), Vec::new());
         for stream in streams {
