@@ -679,21 +679,28 @@ impl Scan {
                 }
                 continue;
             }
-            let k = (5 - self.got).min(bytes.len());
-            self.header[self.got..self.got + k].copy_from_slice(&bytes[..k]);
-            self.got += k;
-            bytes = &bytes[k..];
-            if self.got == 5 {
-                self.got = 0;
-                let len = u32::from_be_bytes([
-                    self.header[1],
-                    self.header[2],
-                    self.header[3],
-                    self.header[4],
-                ]) as usize;
-                self.left = len.saturating_sub(4);
-                self.ready = self.header[0] == b'Z' && self.left == 1;
-                if self.header[0] == b'E' {
+            let header = match bytes {
+                // A whole header, read in place (the usual case).
+                [tag, a, b, c, d, rest @ ..] if self.got == 0 => {
+                    bytes = rest;
+                    Some((*tag, u32::from_be_bytes([*a, *b, *c, *d])))
+                }
+                _ => {
+                    let k = (5 - self.got).min(bytes.len());
+                    self.header[self.got..self.got + k].copy_from_slice(&bytes[..k]);
+                    self.got += k;
+                    bytes = &bytes[k..];
+                    (self.got == 5).then(|| {
+                        self.got = 0;
+                        let [tag, a, b, c, d] = self.header;
+                        (tag, u32::from_be_bytes([a, b, c, d]))
+                    })
+                }
+            };
+            if let Some((tag, len)) = header {
+                self.left = (len as usize).saturating_sub(4);
+                self.ready = tag == b'Z' && self.left == 1;
+                if tag == b'E' {
                     if self.left == 0 {
                         errors.count(b"");
                     } else {

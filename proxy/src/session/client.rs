@@ -910,11 +910,14 @@ impl Session {
 /// A cheap check first: most queries are not about it.
 fn proxy_setting(text: &[u8]) -> Option<shardline_router::hint::SessionSetting> {
     let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
-    let word = text[start..].split(|b| b.is_ascii_whitespace()).next()?;
-    if !word.eq_ignore_ascii_case(b"set")
-        && !word.eq_ignore_ascii_case(b"reset")
-        && !word.eq_ignore_ascii_case(b"show")
-    {
+    let rest = &text[start..];
+    // The first word, compared in place (most texts differ within it).
+    let first_word = |w: &[u8]| {
+        rest.get(..w.len())
+            .is_some_and(|h| h.eq_ignore_ascii_case(w))
+            && rest.get(w.len()).is_some_and(u8::is_ascii_whitespace)
+    };
+    if !first_word(b"set") && !first_word(b"reset") && !first_word(b"show") {
         return None;
     }
     let text = std::str::from_utf8(text).ok()?;
@@ -922,4 +925,39 @@ fn proxy_setting(text: &[u8]) -> Option<shardline_router::hint::SessionSetting> 
         return None;
     }
     shardline_router::hint::session_setting(text)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::proxy_setting;
+    use shardline_router::hint::SessionSetting;
+
+    #[test]
+    fn proxy_settings_are_found_by_their_first_word_only() {
+        assert!(matches!(
+            proxy_setting(b"SET shardline.role = primary"),
+            Some(SessionSetting::Role(Some(_)))
+        ));
+        assert!(matches!(
+            proxy_setting(b" \n reset\tshardline.shard"),
+            Some(SessionSetting::Shard(None))
+        ));
+        assert!(matches!(
+            proxy_setting(b"Show shardline.sharding_key"),
+            Some(SessionSetting::Show(_))
+        ));
+        for text in [
+            &b"SELECT shardline.role"[..],
+            b"SET",
+            b"SETshardline.role = primary",
+            b"settings shardline.role",
+            b"SET search_path = a",
+            b"SET shardline.role = primary; SELECT 1",
+            b"",
+            b"   ",
+            b"\xff\xfe",
+        ] {
+            assert!(proxy_setting(text).is_none(), "{text:?}");
+        }
+    }
 }
