@@ -834,11 +834,13 @@ fn workspace_binary(name: &str, package: &str, sources: &[&str]) -> Result<std::
     }
     let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
     let mut cmd = std::process::Command::new(cargo);
-    cmd.args(["build", "-q", "-p", package, "--bin", name])
-        .current_dir(&root);
+    cmd.args(["build", "-q", "--bin", name]).current_dir(&root);
     if debug {
-        cmd.args(["--features", "crash-hooks"]);
+        cmd.args(["-p", package, "--features", "crash-hooks"]);
     } else {
+        // Built as the README and the image build it (features unified
+        // over the workspace), so its functions have the names
+        // proxy/hot-code.txt lists (proxy/build.rs).
         cmd.arg("--release");
     }
     let (ok, out) = run(&mut cmd);
@@ -1336,6 +1338,31 @@ pub fn memory_split_kib(pid: u32) -> (u64, u64, u64) {
         }
     }
     (anon, program, libs)
+}
+
+/// How many of the functions `proxy/hot-code.txt` lists (the release
+/// link's code order, `proxy/build.rs`) `binary` has: (found, listed). A
+/// list gone stale (functions renamed, a new toolchain or dependency)
+/// orders less of the code; `scripts/hot-code.sh` writes it again.
+pub fn hot_code_found(binary: &std::path::Path) -> Option<(usize, usize)> {
+    let list = std::fs::read_to_string(concat!(
+        env!("CARGO_MANIFEST_DIR"),
+        "/../proxy/hot-code.txt"
+    ))
+    .ok()?;
+    let out = std::process::Command::new("nm")
+        .arg("--defined-only")
+        .arg(binary)
+        .output()
+        .ok()?;
+    let symbols = String::from_utf8_lossy(&out.stdout);
+    let have: std::collections::HashSet<&str> = symbols
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(2))
+        .collect();
+    let listed: Vec<&str> = list.lines().filter(|l| !l.is_empty()).collect();
+    let found = listed.iter().filter(|s| have.contains(**s)).count();
+    Some((found, listed.len()))
 }
 
 pub fn memory_kib(pid: u32) -> (u64, u64) {

@@ -427,6 +427,18 @@ fn main() -> Result<()> {
             );
         }
     }
+    if let Some((found, listed)) = shardline_tests::hot_code_found(&shardline) {
+        // The code order behind the program file pages (proxy/build.rs).
+        println!();
+        println!(
+            "code order: {found} of the {listed} functions proxy/hot-code.txt lists are in this build{}",
+            if found * 10 < listed * 9 {
+                " (stale: scripts/hot-code.sh writes it again)"
+            } else {
+                ""
+            }
+        );
+    }
 
     // Where the reads went: transactions committed per node during one more
     // select-only run through Shardline with replicas.
