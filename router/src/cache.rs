@@ -25,6 +25,12 @@ pub struct Route {
     /// transaction (`classify::session_state`), which pooling must keep
     /// from other clients.
     pub session_state: Option<&'static str>,
+    /// The text may change the session (SET, RESET, DISCARD, DEALLOCATE,
+    /// LISTEN, DECLARE) or holds several statements
+    /// (`effect::may_have_effects`): only then does the proxy look for
+    /// its effects. Texts of one shape share their keywords and the
+    /// semicolons between their statements, so the first one decides.
+    pub effects: bool,
     /// What the statements mean to the result cache (`cacheable.rs`),
     /// read with [`Route::cache_use`]; `None` while it is off or when they
     /// mean nothing to it (one word: every statement's route carries it).
@@ -377,6 +383,7 @@ pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>)
         role_hint: hint.and_then(|h| h.role),
         shards,
         session_state: crate::classify::session_state(sql),
+        effects: crate::effect::may_have_effects(sql),
         cache,
     }
 }

@@ -45,14 +45,21 @@ impl Effect {
 /// Effects of each statement of a simple query, in order, or `None` when no
 /// statement has one (the common case, decided without allocating).
 pub fn effects(sql: &str) -> Option<Vec<Option<Effect>>> {
-    let first = first_keyword(sql);
-    let single = !has_inner_semicolon(sql);
-    if single && !is_effect_keyword(first) {
+    if !may_have_effects(sql) {
         return None;
     }
     let stmts = split_statements(sql);
     let out: Vec<Option<Effect>> = stmts.iter().map(|s| statement_effect(s)).collect();
     out.iter().any(Option::is_some).then_some(out)
+}
+
+/// Whether [`effects`] (or [`statement_effect`]) can find an effect in
+/// `sql`: it starts with a keyword of one, or holds several statements.
+/// Decided by the keywords and semicolons alone, so one text decides it
+/// for every text of the same shape (the router keeps it with the route,
+/// `Route::effects`, and the proxy lexes only the texts it names).
+pub fn may_have_effects(sql: &str) -> bool {
+    has_inner_semicolon(sql) || is_effect_keyword(first_keyword(sql))
 }
 
 fn is_effect_keyword(k: &str) -> bool {

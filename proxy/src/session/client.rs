@@ -11,6 +11,7 @@ use shardline_config::PoolMode;
 use shardline_router::cacheable::CacheUse;
 use shardline_router::effect::{self, Effect};
 use shardline_router::shards::Construct;
+use shardline_router::Route;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -212,6 +213,10 @@ impl Session {
             return Ok(false);
         };
         if self.client_in.len() < len {
+            return Ok(false);
+        }
+        // The first word before the text is read whole (most are not one).
+        if !may_be_proxy_setting(&self.client_in[5..len]) {
             return Ok(false);
         }
         let text = frontend::query(&self.client_in[5..len])?;
@@ -525,11 +530,11 @@ impl Session {
     /// the client keeps this connection until it leaves or runs DISCARD ALL
     /// (it is reset before anyone else gets it), or the statement is
     /// refused with 0A000 naming it.
-    fn keep_session_state(&mut self, sql: &[u8]) -> Result<(), PgError> {
+    fn keep_session_state(&mut self, route: &Route) -> Result<(), PgError> {
         if self.mode() != PoolMode::Transaction || self.pinned.is_some() {
             return Ok(());
         }
-        let Some(what) = self.route_text(sql).session_state else {
+        let Some(what) = route.session_state else {
             return Ok(());
         };
         match self.shared.session_state {
@@ -553,7 +558,7 @@ impl Session {
     /// under transaction pooling, nothing else in flight): a COMMIT/END of
     /// a transaction that wrote, or one writing statement outside a
     /// transaction.
-    fn position_query_with(&mut self, text: &str) -> Option<crate::PositionPending> {
+    fn position_query_with(&mut self, text: &[u8]) -> Option<crate::PositionPending> {
         // The session's state first: reads and units with others in flight
         // never look at the text.
         let eligible = self.wrote
@@ -562,6 +567,8 @@ impl Session {
             && !self.txn.has_begin()
             && self.mode() == PoolMode::Transaction;
         let server = self.server.as_ref().filter(|_| eligible)?;
+        // A text that is not UTF-8 commits nothing the proxy knows of.
+        let text = std::str::from_utf8(text).unwrap_or("");
         let commits = match shardline_router::lone_transaction_end(text) {
             Some("COMMIT") => server.tx_status == b'T',
             Some(_) => false,
@@ -598,10 +605,16 @@ impl Session {
             }
             return Ok(());
         }
-        // Validated once here for the steps below (a text that is not
-        // UTF-8 has no effects and is no COMMIT).
-        let utf8 = std::str::from_utf8(text).ok();
-        let effects = utf8.and_then(effect::effects);
+        // Routed once for the steps below (the unit's plan routed it
+        // already: found by content). Its effects are looked for only in
+        // a text whose shape may have some (a text that is not UTF-8 has
+        // none).
+        let route = self.route_text(text);
+        let effects = if route.effects {
+            std::str::from_utf8(text).ok().and_then(effect::effects)
+        } else {
+            None
+        };
         if let Some(effects) = &effects {
             if let [Some(Effect::Deallocate(name))] = effects.as_slice() {
                 // Client statement names exist only in the proxy.
@@ -623,15 +636,14 @@ impl Session {
                 return Ok(());
             }
         }
-        if let Err(e) = self.keep_session_state(text) {
+        if let Err(e) = self.keep_session_state(&route) {
             self.fail_request(e, true);
             return Ok(());
         }
         if self.shared.caching {
-            let route = self.route_text(text);
             self.note_cache_use(route.cache_use());
         }
-        let probe = self.position_query_with(utf8.unwrap_or(""));
+        let probe = self.position_query_with(text);
         self.send_query_frame(&f.bytes);
         let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
         self.pending
@@ -671,19 +683,23 @@ impl Session {
 
     fn on_parse(&mut self, f: Frame) -> Result<(), End> {
         let p = frontend::parse(f.body())?;
-        let effect = std::str::from_utf8(p.query)
-            .ok()
-            .and_then(effect::statement_effect);
+        let route = self.route_text(p.query);
+        let effect = if route.effects {
+            std::str::from_utf8(p.query)
+                .ok()
+                .and_then(effect::statement_effect)
+        } else {
+            None
+        };
         let refusal = effect.as_ref().and_then(Effect::pooling_refusal);
         if self.refused_under_pooling(refusal, false) {
             // The same over the extended protocol.
             return Ok(());
         }
-        if let Err(e) = self.keep_session_state(p.query) {
+        if let Err(e) = self.keep_session_state(&route) {
             self.fail_request(e, false);
             return Ok(());
         }
-        let route = self.route_text(p.query);
         if p.name.is_empty() {
             let token = self.remember_unnamed(&f, p.definition.len(), effect, route);
             if let Some(server) = self.server.as_mut() {
@@ -909,15 +925,7 @@ impl Session {
 /// `SET [SESSION] shardline.<name> ...` or `RESET shardline.<name>` alone.
 /// A cheap check first: most queries are not about it.
 fn proxy_setting(text: &[u8]) -> Option<shardline_router::hint::SessionSetting> {
-    let start = text.iter().position(|b| !b.is_ascii_whitespace())?;
-    let rest = &text[start..];
-    // The first word, compared in place (most texts differ within it).
-    let first_word = |w: &[u8]| {
-        rest.get(..w.len())
-            .is_some_and(|h| h.eq_ignore_ascii_case(w))
-            && rest.get(w.len()).is_some_and(u8::is_ascii_whitespace)
-    };
-    if !first_word(b"set") && !first_word(b"reset") && !first_word(b"show") {
+    if !may_be_proxy_setting(text) {
         return None;
     }
     let text = std::str::from_utf8(text).ok()?;
@@ -925,6 +933,29 @@ fn proxy_setting(text: &[u8]) -> Option<shardline_router::hint::SessionSetting> 
         return None;
     }
     shardline_router::hint::session_setting(text)
+}
+
+/// Whether `text` (a Query's body will do: its first word comes before
+/// the NUL) starts with SET, RESET or SHOW, compared in place: most texts
+/// differ within the first word.
+fn may_be_proxy_setting(text: &[u8]) -> bool {
+    let Some(start) = text.iter().position(|b| !b.is_ascii_whitespace()) else {
+        return false;
+    };
+    let rest = &text[start..];
+    // Letter by letter: a SELECT is turned away at its third.
+    let is = |i: usize, c: u8| rest.get(i).is_some_and(|b| b.to_ascii_lowercase() == c);
+    let ends = |i: usize| rest.get(i).is_some_and(u8::is_ascii_whitespace);
+    match rest.first().map(u8::to_ascii_lowercase) {
+        Some(b's') if is(1, b'e') => is(2, b't') && ends(3),
+        Some(b's') => is(1, b'h') && is(2, b'o') && is(3, b'w') && ends(4),
+        Some(b'r') => {
+            rest.get(..5)
+                .is_some_and(|w| w.eq_ignore_ascii_case(b"reset"))
+                && ends(5)
+        }
+        _ => false,
+    }
 }
 
 #[cfg(test)]
@@ -958,6 +989,41 @@ mod tests {
             b"\xff\xfe",
         ] {
             assert!(proxy_setting(text).is_none(), "{text:?}");
+        }
+    }
+
+    /// The first-word test ahead of reading a Query's text: a Query body
+    /// (text and its NUL) passes it as its text does.
+    #[test]
+    fn the_first_word_test_passes_set_reset_and_show_only() {
+        use super::may_be_proxy_setting as may;
+        for text in [
+            &b"SET x"[..],
+            b"set\tx",
+            b"  Show x",
+            b"RESET x",
+            b"\nreset\nx",
+            b"SET shardline.role = primary\0",
+        ] {
+            assert!(may(text), "{text:?}");
+        }
+        for text in [
+            &b"SELECT 1\0"[..],
+            b"SETX",
+            b"SET",
+            b"SET\0",
+            b"SE",
+            b"S",
+            b"SHOWx",
+            b"sho x",
+            b"reset",
+            b"resets x",
+            b"rest x",
+            b"",
+            b"  ",
+            b"\xff",
+        ] {
+            assert!(!may(text), "{text:?}");
         }
     }
 }

@@ -24,6 +24,8 @@ const FUNCTION_CALL: Route = Route {
     role_hint: None,
     shards: None,
     session_state: None,
+    // Not known (a non-UTF-8 text has no effect the proxy reads anyway).
+    effects: true,
     cache: None,
 };
 
