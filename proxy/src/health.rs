@@ -310,7 +310,8 @@ impl ShardHealth {
 
     /// A node for a read: an eligible replica by the strategy, else `None`.
     pub fn reader(&self, req: &ReadRequest) -> Option<usize> {
-        let mut cands: Vec<Candidate> = Vec::with_capacity(self.nodes.len());
+        // A shard's few nodes on the stack: choosing allocates nothing.
+        let mut cands: smallvec::SmallVec<[Candidate; 8]> = smallvec::SmallVec::new();
         let writer = self.writer.load(Relaxed);
         for (i, n) in self.nodes.iter().enumerate() {
             let role_ok = match n.role() {

@@ -564,10 +564,8 @@ impl Meter {
             }
         };
         for &status in &ended[..n.min(ended.len())] {
-            let us = self
-                .unit_since
-                .take()
-                .map_or(0, |t| now.saturating_duration_since(t).as_micros() as u64);
+            let since = self.unit_since.take();
+            let us = since.map_or(0, |t| now.saturating_duration_since(t).as_micros() as u64);
             query_us += us;
             observe_unit(us);
             if us >= to.slow_us {
@@ -575,10 +573,11 @@ impl Meter {
             }
             if status == b'I' {
                 xacts += 1;
-                let us = self
-                    .xact_since
-                    .take()
-                    .map_or(0, |t| now.saturating_duration_since(t).as_micros() as u64);
+                let us = match self.xact_since.take() {
+                    // A transaction of one unit: its time is the unit's.
+                    t if t == since => us,
+                    t => t.map_or(0, |t| now.saturating_duration_since(t).as_micros() as u64),
+                };
                 xact_us += us;
                 stats.xact_time.observe(us);
             }

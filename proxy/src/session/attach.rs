@@ -81,17 +81,30 @@ pub(super) struct Rerun {
     /// Client statement names the kept messages prepared: a re-run
     /// prepares them again, so they are forgotten first.
     pub prepared: Vec<Box<[u8]>>,
+    /// The last unit's buffer, emptied, for the next to keep its messages
+    /// in: a read allocates nothing for its copy.
+    spare: BytesMut,
 }
 
 impl Rerun {
+    /// A buffer grown past this is not kept for the next unit.
+    const SPARE_MAX: usize = 4096;
+
     /// Starts keeping the unit's messages (a read on an idle connection).
     pub(super) fn keep(&mut self) {
-        self.sent = Some(BytesMut::with_capacity(256));
+        let mut buf = std::mem::take(&mut self.spare);
+        buf.reserve(256);
+        self.sent = Some(buf);
     }
 
     /// Something reached the client: running the unit elsewhere would answer twice.
     pub(super) fn answered(&mut self) {
-        self.sent = None;
+        if let Some(mut buf) = self.sent.take() {
+            if buf.capacity() <= Self::SPARE_MAX {
+                buf.clear();
+                self.spare = buf;
+            }
+        }
         self.prepared.clear();
     }
 
@@ -109,7 +122,8 @@ impl Rerun {
 
     /// The unit is over: the next starts with every node untried.
     pub(super) fn reset(&mut self) {
-        *self = Rerun::default();
+        self.answered();
+        self.tried = 0;
     }
 
     /// Marks `node` failed for this unit.
@@ -152,5 +166,30 @@ mod tests {
         assert_eq!(r.tried, (1 << 2) | (1 << 63));
         r.reset();
         assert_eq!(r.tried, 0);
+    }
+
+    /// The copy of one read's messages is kept in the last one's buffer,
+    /// empty; a buffer grown large is let go.
+    #[test]
+    fn rerun_keeps_each_unit_in_the_last_ones_buffer() {
+        let mut r = Rerun::default();
+        r.keep();
+        r.sent.as_mut().unwrap().extend_from_slice(b"Q\0\0\0\x05x");
+        let at = r.sent.as_ref().unwrap().as_ptr();
+        r.answered();
+        r.keep();
+        let buf = r.sent.as_ref().unwrap();
+        assert!(buf.is_empty(), "a unit starts with an empty copy");
+        assert_eq!(buf.as_ptr(), at, "the same buffer");
+        r.reset();
+        assert!(r.sent.is_none() && r.prepared.is_empty());
+        r.keep();
+        r.sent
+            .as_mut()
+            .unwrap()
+            .extend_from_slice(&[0; 2 * Rerun::SPARE_MAX]);
+        r.answered();
+        r.keep();
+        assert!(r.sent.as_ref().unwrap().capacity() < Rerun::SPARE_MAX);
     }
 }

@@ -42,9 +42,12 @@ pub(super) const WAL_POSITION_SQL: &str =
 /// driver may send Parse and its Bind together), then the session's.
 #[derive(Default)]
 pub(super) struct UnitStatements<'a> {
-    /// Name, route and Parse definition of each statement parsed so far.
-    parsed: Vec<(&'a [u8], Route, &'a [u8])>,
+    /// Each statement parsed so far (a unit's few on the stack).
+    parsed: smallvec::SmallVec<[UnitStatement<'a>; 2]>,
 }
+
+/// A Parse of the unit: name, route and definition.
+type UnitStatement<'a> = (&'a [u8], Route, &'a [u8]);
 
 impl<'a> UnitStatements<'a> {
     /// Records a Parse of the unit, routed `route`.
@@ -497,7 +500,8 @@ impl Session {
         }
         let max = self.shared.max_message_size;
         let buf = &self.client_in[..];
-        let mut routes: Vec<Route> = Vec::with_capacity(4);
+        // A unit's few routes on the stack: planning allocates nothing.
+        let mut routes: smallvec::SmallVec<[Route; 4]> = smallvec::SmallVec::new();
         let mut place = Placement::Anywhere;
         let (mut complete, mut simple_single, mut lone_end) = (false, false, None);
         let mut statements = UnitStatements::default();
