@@ -93,7 +93,14 @@ impl<'a> Reader<'a> {
         Reader { buf }
     }
 
+    #[inline]
     pub fn cstr(&mut self) -> Option<&'a [u8]> {
+        // The unnamed statement and portal, most drivers' usual names:
+        // no search.
+        if let [0, rest @ ..] = self.buf {
+            self.buf = rest;
+            return Some(&[]);
+        }
         let end = memchr::memchr(0, self.buf)?;
         let s = &self.buf[..end];
         self.buf = &self.buf[end + 1..];
@@ -173,5 +180,16 @@ mod tests {
         assert_eq!(r.i32(), None);
         assert_eq!(r.cstr(), None);
         assert_eq!(r.u8(), None);
+    }
+
+    #[test]
+    fn empty_strings_are_read_as_any_other() {
+        let mut r = Reader::new(b"\0\0name\0\0");
+        assert_eq!(r.cstr(), Some(&b""[..]));
+        assert_eq!(r.cstr(), Some(&b""[..]));
+        assert_eq!(r.cstr(), Some(&b"name"[..]));
+        assert_eq!(r.rest(), b"\0");
+        assert_eq!(r.cstr(), Some(&b""[..]));
+        assert_eq!(r.cstr(), None);
     }
 }
