@@ -531,7 +531,7 @@ impl Session {
     /// (it is reset before anyone else gets it), or the statement is
     /// refused with 0A000 naming it.
     fn keep_session_state(&mut self, route: &Route) -> Result<(), PgError> {
-        if self.mode() != PoolMode::Transaction || self.pinned.is_some() {
+        if !self.may_keep_session_state() {
             return Ok(());
         }
         let Some(what) = route.session_state else {
@@ -551,6 +551,12 @@ impl Session {
                 Ok(())
             }
         }
+    }
+
+    /// Whether a statement's session state matters: under transaction
+    /// pooling, to a client not yet pinned to its connection.
+    fn may_keep_session_state(&self) -> bool {
+        self.mode() == PoolMode::Transaction && self.pinned.is_none()
     }
 
     /// The WAL position query to send right behind this simple query,
@@ -605,12 +611,14 @@ impl Session {
             }
             return Ok(());
         }
-        // Routed once for the steps below (the unit's plan routed it
-        // already: found by content). Its effects are looked for only in
+        // Routed once for the steps below that need it (a unit's plan
+        // routed it already: found by content); a session that keeps its
+        // connection routes nothing here. Effects are looked for only in
         // a text whose shape may have some (a text that is not UTF-8 has
         // none).
-        let route = self.route_text(text);
-        let effects = if route.effects {
+        let route =
+            (self.shared.caching || self.may_keep_session_state()).then(|| self.route_text(text));
+        let effects = if route.as_ref().is_none_or(|r| r.effects) {
             std::str::from_utf8(text).ok().and_then(effect::effects)
         } else {
             None
@@ -636,12 +644,14 @@ impl Session {
                 return Ok(());
             }
         }
-        if let Err(e) = self.keep_session_state(&route) {
-            self.fail_request(e, true);
-            return Ok(());
-        }
-        if self.shared.caching {
-            self.note_cache_use(route.cache_use());
+        if let Some(route) = &route {
+            if let Err(e) = self.keep_session_state(route) {
+                self.fail_request(e, true);
+                return Ok(());
+            }
+            if self.shared.caching {
+                self.note_cache_use(route.cache_use());
+            }
         }
         let probe = self.position_query_with(text);
         self.send_query_frame(&f.bytes);
