@@ -2,9 +2,9 @@
 //! together at the start of its code, hottest first, in the order of
 //! `hot-code.txt` (written by `scripts/hot-code.sh` from callgrind runs).
 //! A proxy's resident code is then the pages those functions fill, not
-//! every page that a function it ran shares with code it never runs: after
-//! a benchmark about 1.7 MiB instead of 5.4 MiB (ARCHITECTURE.md,
-//! "Resident memory").
+//! every page that a function it ran shares with code it never runs
+//! (ARCHITECTURE.md, "Resident memory"; the figures are in the README's
+//! benchmark section).
 //!
 //! The order is given to the linker with `--symbol-ordering-file`, an LLD
 //! option: used only where LLD is rustc's own linker (x86_64 Linux, GNU,

@@ -568,11 +568,7 @@ impl Session {
     pub(super) fn record_parse(&mut self, f: &crate::protocol::Frame) -> Result<Parsed, End> {
         let p = frontend::parse(f.body())?;
         let route = self.route_text(p.query);
-        let effect = route
-            .effects
-            .then(|| std::str::from_utf8(p.query).ok())
-            .flatten()
-            .and_then(shardline_router::effect::statement_effect);
+        let effect = super::route::parse_effect(&route, p.query);
         if p.name.is_empty() {
             let token = self.remember_unnamed(f, p.definition.len(), effect, route);
             return Ok(Parsed::Unnamed(token));

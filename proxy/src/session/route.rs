@@ -169,6 +169,21 @@ pub(super) struct PlanKey {
     begin: bool,
 }
 
+/// The session effect of a Parse's statement text, looked for only when
+/// its route says the shape may have one (a text that is not UTF-8 has
+/// none).
+pub(super) fn parse_effect(
+    route: &Route,
+    query: &[u8],
+) -> Option<shardline_router::effect::Effect> {
+    if !route.effects {
+        return None;
+    }
+    std::str::from_utf8(query)
+        .ok()
+        .and_then(shardline_router::effect::statement_effect)
+}
+
 /// The query text of a Parse definition (`query\0` then parameter types).
 pub(super) fn definition_query(definition: &[u8]) -> &[u8] {
     let end = memchr::memchr(0, definition).unwrap_or(definition.len());
