@@ -232,7 +232,7 @@ impl Session {
             && self.pinned.is_none()
             && self.mode() == shardline_config::PoolMode::Transaction
             && matches!(self.cache_writes, Written::Nothing)
-            && !self.skip_until_sync
+            && self.inflow != super::unit::Inflow::SkipToSync
             && planned.complete
             && planned.reads_only
             && planned.executes

@@ -3,6 +3,7 @@
 
 use super::attach::Purpose;
 use super::pending::{Answer, Kind, Pending, Synthetic};
+use super::unit::Inflow;
 use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::protocol::frontend::{self, Malformed};
@@ -60,13 +61,13 @@ impl Session {
     /// a server connection that is not attached, stops before it and says so.
     pub(super) fn on_client_data(&mut self) -> Result<Flow, End> {
         loop {
-            if self.segment_pending && !self.client_in.is_empty() {
+            if self.inflow == Inflow::AfterSegment && !self.client_in.is_empty() {
                 // Whether the rest of the unit is skipped (a failed Parse)
                 // is known once the proxy's Sync is answered.
                 return Ok(Flow::Wait);
             }
             match peek_header(&self.client_in, self.shared.max_message_size) {
-                Ok(Some((tag, _))) if needs_server(tag) && !self.skip_until_sync => {
+                Ok(Some((tag, _))) if needs_server(tag) && self.inflow != Inflow::SkipToSync => {
                     if self.txn.failed() && !self.unit.is_open() {
                         // In a failed transaction, a unit is judged whole,
                         // and once the server owes nothing: a ROLLBACK the
@@ -412,7 +413,7 @@ impl Session {
     }
 
     fn on_client_frame(&mut self, f: Frame) -> Result<(), End> {
-        if self.skip_until_sync && f.tag != frontend::SYNC && f.tag != frontend::TERMINATE {
+        if self.inflow.drops(f.tag) {
             return Ok(());
         }
         if let Some(sent) = self.rerun.sent.as_mut() {
@@ -445,13 +446,12 @@ impl Session {
                 Ok(())
             }
             frontend::CLOSE => self.on_close(f),
-            frontend::SYNC if self.copy_ignores_syncs => {
-                // The server ignores Sync during COPY FROM STDIN; so do we.
-                self.server_out.extend_from_slice(&f.bytes);
-                Ok(())
-            }
             frontend::SYNC => {
-                self.skip_until_sync = false;
+                if !self.inflow.sync() {
+                    // The server ignores Sync during COPY FROM STDIN; so do we.
+                    self.server_out.extend_from_slice(&f.bytes);
+                    return Ok(());
+                }
                 self.unit.close();
                 if self.server.is_none() {
                     self.synthetic(Synthetic::ReadyForQuery);
@@ -468,7 +468,7 @@ impl Session {
                 frontend::write_sync(&mut self.server_out);
                 self.pending.push_back(Pending::swallow(Kind::Sync));
                 self.unit.close();
-                self.segment_pending = true;
+                self.inflow = Inflow::AfterSegment;
                 Ok(())
             }
             frontend::FLUSH => {
@@ -490,14 +490,13 @@ impl Session {
                 // Only meaningful during COPY FROM STDIN; a server ignores strays too.
                 if self.server.is_some() {
                     self.server_out.extend_from_slice(&f.bytes);
-                    if f.tag != frontend::COPY_DATA {
-                        if self.copy_ignores_syncs {
-                            self.copy_ignores_syncs = false;
-                        } else if !self.pending.is_empty() {
-                            // Marks where the copy data ended for a CopyInResponse
-                            // still on its way; with nothing pending, none can come.
-                            self.pending.push_back(Pending::forward(Kind::CopyEnd));
-                        }
+                    if f.tag != frontend::COPY_DATA
+                        && !self.inflow.copy_ended()
+                        && !self.pending.is_empty()
+                    {
+                        // Marks where the copy data ended for a CopyInResponse
+                        // still on its way; with nothing pending, none can come.
+                        self.pending.push_back(Pending::forward(Kind::CopyEnd));
                     }
                 }
                 Ok(())
@@ -515,7 +514,7 @@ impl Session {
     /// under transaction pooling: where the Binds run is not known yet.
     fn prepare_only_segment(&self) -> bool {
         self.unit == super::unit::Unit::Preparing
-            && !self.copy_ignores_syncs
+            && self.inflow != Inflow::CopyIn
             && self.server.is_some()
             && self.mode() == PoolMode::Transaction
             && self

@@ -46,6 +46,7 @@ use std::collections::{HashMap, VecDeque};
 use std::sync::Arc;
 use std::time::Duration;
 use txn::Txn;
+use unit::Inflow;
 
 pub use startup::LoggedIn;
 
@@ -225,14 +226,9 @@ pub struct Session {
     waiting: bool,
     /// How far the client's extended-protocol unit has reached (`unit.rs`).
     unit: unit::Unit,
-    /// The proxy ended a prepare-only part of the client's unit with a Sync
-    /// of its own, not answered yet.
-    segment_pending: bool,
-    /// A proxy-raised error: drop client messages until Sync, as a server would.
-    skip_until_sync: bool,
-    /// The server is in COPY FROM STDIN mode and ignores the client's Syncs
-    /// until its CopyDone/CopyFail.
-    copy_ignores_syncs: bool,
+    /// How the client's next messages are taken: as they come, waiting for
+    /// the proxy's own Sync, skipped to Sync, or in COPY (`unit.rs`).
+    inflow: unit::Inflow,
     /// The server sent a FATAL error and is closing the connection.
     server_fatal: Option<String>,
     /// The client's entry in the registry: where its cancel goes, what the
@@ -306,9 +302,7 @@ impl Session {
             large_routes: Vec::new(),
             unnamed: None,
             unit: unit::Unit::Closed,
-            segment_pending: false,
-            skip_until_sync: false,
-            copy_ignores_syncs: false,
+            inflow: unit::Inflow::Open,
             server_fatal: None,
             client,
             stopping: false,
@@ -938,7 +932,7 @@ impl Session {
         if simple {
             self.synthetic(Synthetic::ReadyForQuery);
         } else {
-            self.skip_until_sync = true;
+            self.inflow = Inflow::SkipToSync;
         }
     }
 
@@ -990,11 +984,9 @@ impl Session {
             self.pending.clear();
             self.server_out.clear();
             self.txn_effects.clear();
-            self.segment_pending = false;
-            self.copy_ignores_syncs = false;
+            self.inflow = Inflow::Open;
             self.unit_failed = false;
             self.unit.close();
-            self.skip_until_sync = false;
             self.wrote = false;
             let mut again = sent;
             again.extend_from_slice(&self.client_in);
@@ -1017,8 +1009,7 @@ impl Session {
         self.pending.clear();
         self.server_out.clear();
         self.txn_effects.clear();
-        self.segment_pending = false;
-        self.copy_ignores_syncs = false;
+        self.inflow = Inflow::Open;
         let err = PgError::error(sqlstate::CONNECTION_FAILURE, msg);
         // The server may have said why before closing (e.g. FATAL 57P01); one error per unit.
         let mut reported = self.unit_failed;
@@ -1029,7 +1020,7 @@ impl Session {
             if !reported {
                 err.encode(&mut self.client_out);
             }
-            self.skip_until_sync = true;
+            self.inflow = Inflow::SkipToSync;
         }
         for _ in 0..sync_points {
             if !std::mem::replace(&mut reported, false) {

@@ -3,6 +3,7 @@
 //! session variables and the prepared statements true.
 
 use super::pending::{skip_to_sync, Answer, Kind, Pending};
+use super::unit::Inflow;
 use super::{End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::peek_header;
@@ -146,7 +147,7 @@ impl Session {
                     self.server_fatal = Some(reason);
                 }
                 // An error ends COPY FROM STDIN mode on the server.
-                self.copy_ignores_syncs = false;
+                self.inflow.copy_ended();
                 if let Kind::Query { effects } = &mut front.kind {
                     effects.clear();
                 }
@@ -173,7 +174,7 @@ impl Session {
                 let extended = matches!(front.kind, Kind::Execute { .. });
                 let ended = super::pending::enter_copy_in(&mut self.pending);
                 if !ended {
-                    self.copy_ignores_syncs = true;
+                    self.inflow = Inflow::CopyIn;
                     if extended {
                         // The unit (its Execute runs the COPY) now ends at
                         // the Sync the client sends after CopyDone.
@@ -187,10 +188,9 @@ impl Session {
                     server.tx_status = status;
                 }
                 if matches!(front.kind, Kind::Sync) && front.answer == Answer::Swallow {
-                    self.segment_pending = false;
                     // The proxy's Sync after a Parse that failed: the client
                     // is still in its unit, whose rest a server would skip.
-                    self.skip_until_sync |= self.unit_failed;
+                    self.inflow.segment_answered(self.unit_failed);
                 }
                 if status == b'I'
                     && self.wrote

@@ -41,9 +41,103 @@ impl Unit {
     }
 }
 
+/// How the client's next messages are taken: as they come, or held back
+/// by something between them and their Sync. One state at a time: each
+/// ends at a Sync (the client's or the proxy's own) or a COPY's end.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum Inflow {
+    /// Each message is handled as it comes.
+    #[default]
+    Open,
+    /// The proxy closed a prepare-only part of the unit with a Sync of its
+    /// own (`client.rs::prepare_only_segment`): the client's next messages
+    /// wait for its answer, which says whether they are skipped.
+    AfterSegment,
+    /// An error ended the unit (the server's, or one the proxy raised the
+    /// way a server would): messages are dropped up to the client's Sync.
+    SkipToSync,
+    /// The server is in COPY FROM STDIN and ignores the client's Syncs
+    /// until its CopyDone or CopyFail (or an error ends the COPY).
+    CopyIn,
+}
+
+impl Inflow {
+    /// Whether a client message with `tag` is dropped (skipping to Sync).
+    pub(super) fn drops(self, tag: u8) -> bool {
+        self == Inflow::SkipToSync
+            && tag != crate::protocol::frontend::SYNC
+            && tag != crate::protocol::frontend::TERMINATE
+    }
+
+    /// The answer to the proxy's own Sync after a prepare-only part came:
+    /// a unit that failed there is skipped to the client's Sync.
+    pub(super) fn segment_answered(&mut self, failed: bool) {
+        if *self == Inflow::AfterSegment {
+            *self = if failed {
+                Inflow::SkipToSync
+            } else {
+                Inflow::Open
+            };
+        }
+    }
+
+    /// The client's Sync: whether it ends the unit (not while the server
+    /// ignores Syncs in COPY FROM STDIN).
+    pub(super) fn sync(&mut self) -> bool {
+        match self {
+            Inflow::CopyIn => false,
+            _ => {
+                *self = Inflow::Open;
+                true
+            }
+        }
+    }
+
+    /// The COPY ended on the server (the client's CopyDone or CopyFail,
+    /// or an error): Syncs count again. Whether it was in COPY.
+    pub(super) fn copy_ended(&mut self) -> bool {
+        let was = *self == Inflow::CopyIn;
+        if was {
+            *self = Inflow::Open;
+        }
+        was
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::Unit;
+    use super::{Inflow, Unit};
+    use crate::protocol::frontend::{PARSE, SYNC, TERMINATE};
+
+    #[test]
+    fn a_failed_segment_skips_to_the_clients_sync() {
+        let mut f = Inflow::AfterSegment;
+        f.segment_answered(false);
+        assert_eq!(f, Inflow::Open);
+        assert!(!f.drops(PARSE));
+        let mut f = Inflow::AfterSegment;
+        f.segment_answered(true);
+        assert_eq!(f, Inflow::SkipToSync);
+        assert!(f.drops(PARSE));
+        assert!(!f.drops(SYNC) && !f.drops(TERMINATE));
+        assert!(f.sync(), "the client's Sync ends the skipped unit");
+        assert_eq!(f, Inflow::Open);
+        let mut f = Inflow::SkipToSync;
+        f.segment_answered(false);
+        assert_eq!(f, Inflow::SkipToSync, "only a pending segment is answered");
+    }
+
+    #[test]
+    fn syncs_do_not_count_during_copy_in() {
+        let mut f = Inflow::CopyIn;
+        assert!(!f.drops(PARSE));
+        assert!(!f.sync(), "the server ignores Sync during COPY FROM STDIN");
+        assert_eq!(f, Inflow::CopyIn);
+        assert!(f.copy_ended());
+        assert_eq!(f, Inflow::Open);
+        assert!(f.sync());
+        assert!(!f.copy_ended(), "not in COPY: nothing ends");
+    }
 
     #[test]
     fn a_unit_prepares_then_binds_then_closes() {
