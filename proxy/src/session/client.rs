@@ -437,7 +437,7 @@ impl Session {
                 let effect = if self.portal_effects.is_empty() {
                     None
                 } else {
-                    self.portal_effects.get(portal).cloned()
+                    self.portal_effects.get(portal).cloned().map(Box::new)
                 };
                 self.unit.bind();
                 self.server_out.extend_from_slice(&f.bytes);

@@ -928,7 +928,7 @@ impl Session {
 
     /// Reports a proxy-side error for the current request, the way a server would.
     fn fail_request(&mut self, e: PgError, simple: bool) {
-        self.synthetic(Synthetic::Error(e));
+        self.synthetic(Synthetic::Error(Box::new(e)));
         if simple {
             self.synthetic(Synthetic::ReadyForQuery);
         } else {

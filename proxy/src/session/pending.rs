@@ -29,8 +29,10 @@ pub enum Kind {
     /// A Describe of the client's statement of this name ("" unnamed).
     DescribeStatement(Box<[u8]>),
     DescribePortal,
+    /// (Boxed, as in `Synthetic::Error`: rare and large, they would make
+    /// every entry as large.)
     Execute {
-        effect: Option<Effect>,
+        effect: Option<Box<Effect>>,
     },
     Sync,
     /// A simple query; one effect slot per statement, in order.
@@ -57,7 +59,7 @@ pub enum Synthetic {
     Rows(bytes::Bytes),
     /// ReadyForQuery with the transaction status current when it is written.
     ReadyForQuery,
-    Error(crate::protocol::backend::PgError),
+    Error(Box<crate::protocol::backend::PgError>),
 }
 
 #[derive(Debug)]
@@ -196,6 +198,17 @@ pub fn skip_to_sync(queue: &mut VecDeque<Pending>) -> Vec<Pending> {
 mod tests {
     use super::*;
     use crate::protocol::backend::*;
+
+    #[test]
+    fn an_entry_is_small() {
+        // Five or so entries are queued and taken per unit: each move
+        // copies the whole entry, so the rare large payloads are boxed.
+        assert!(
+            std::mem::size_of::<Pending>() <= 56,
+            "{} bytes",
+            std::mem::size_of::<Pending>()
+        );
+    }
 
     #[test]
     fn endings() {

@@ -162,7 +162,7 @@ impl Session {
             COMMAND_COMPLETE | EMPTY_QUERY => {
                 let effect = match &mut front.kind {
                     Kind::Query { effects } => effects.pop_front().flatten(),
-                    Kind::Execute { effect } => effect.take(),
+                    Kind::Execute { effect } => effect.take().map(|e| *e),
                     _ => None,
                 };
                 if tag == COMMAND_COMPLETE {
