@@ -909,8 +909,24 @@ impl Session {
         }
     }
 
-    /// Emits synthetic answers that have reached the front of the queue.
+    /// Emits synthetic answers that have reached the front of the queue
+    /// (checked after every server message: the check is inlined, the
+    /// emitting is not).
+    #[inline]
     fn drain_synthetic(&mut self) {
+        if matches!(
+            self.pending.front(),
+            Some(Pending {
+                kind: Kind::Synthetic(_),
+                ..
+            })
+        ) {
+            self.emit_front_synthetic();
+        }
+    }
+
+    #[inline(never)]
+    fn emit_front_synthetic(&mut self) {
         while let Some(Pending {
             kind: Kind::Synthetic(_),
             ..
