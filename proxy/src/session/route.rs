@@ -93,7 +93,10 @@ type Span = (usize, usize);
 
 #[derive(Default)]
 pub(super) struct UnitRoutes {
-    texts: Vec<u8>,
+    /// The texts, one after the other: only texts that are UTF-8 (the
+    /// others have no route of their own to keep), so a text found here
+    /// is read as a string without checking it again.
+    texts: String,
     constants: Vec<Span>,
     /// Text, route, constants (none: not known).
     routes: Vec<(
@@ -124,14 +127,14 @@ impl UnitRoutes {
         self.keys.clear();
     }
 
-    fn push(&mut self, text: &[u8], route: &Route, constants: Option<&[Span]>) {
+    fn push(&mut self, text: &str, route: &Route, constants: Option<&[Span]>) {
         let fits = self.texts.len() + text.len() <= Self::MAX_BYTES
             && self.constants.len() + constants.map_or(0, <[_]>::len) <= Self::MAX_BYTES / 8;
         if self.routes.len() < Self::MAX && fits {
             let start = self.texts.len();
             // Exact: the buffers never hold more than their bounds.
             self.texts.reserve_exact(text.len());
-            self.texts.extend_from_slice(text);
+            self.texts.push_str(text);
             let constants = constants.map(|c| {
                 let first = self.constants.len();
                 self.constants.reserve_exact(c.len());
@@ -143,20 +146,27 @@ impl UnitRoutes {
         }
     }
 
-    /// The route of `text` and where its constants are (when known).
-    fn entry(&self, text: &[u8]) -> Option<(&Route, Option<&[Span]>)> {
+    /// `text` as kept (a string), its route and where its constants are
+    /// (when known).
+    fn entry(&self, text: &[u8]) -> Option<(&str, &Route, Option<&[Span]>)> {
         self.routes
             .iter()
-            .find(|(r, ..)| r.len() == text.len() && self.texts[r.clone()] == *text)
-            .map(|(_, route, c)| (route, c.clone().map(|c| &self.constants[c])))
+            .find(|(r, ..)| r.len() == text.len() && self.texts.as_bytes()[r.clone()] == *text)
+            .map(|(r, route, c)| {
+                (
+                    &self.texts[r.clone()],
+                    route,
+                    c.clone().map(|c| &self.constants[c]),
+                )
+            })
     }
 
     fn get(&self, text: &[u8]) -> Option<&Route> {
-        self.entry(text).map(|(route, _)| route)
+        self.entry(text).map(|(_, route, _)| route)
     }
 
     /// The statement texts kept, in order.
-    pub(super) fn texts(&self) -> impl Iterator<Item = &[u8]> {
+    pub(super) fn texts(&self) -> impl Iterator<Item = &str> {
         self.routes.iter().map(|(r, ..)| &self.texts[r.clone()])
     }
 }
@@ -273,20 +283,27 @@ impl Session {
     /// planned).
     fn route_into(&self, routed: &mut UnitRoutes, sql: &[u8]) -> Route {
         let mut scratch = std::mem::take(&mut routed.scratch);
-        let (route, known) = match self.unit_routes.entry(sql) {
-            Some((route, Some(c))) => {
+        let (route, text, known) = match self.unit_routes.entry(sql) {
+            Some((text, route, Some(c))) => {
                 scratch.clear();
                 scratch.extend_from_slice(c);
-                (route.clone(), true)
+                (route.clone(), Some(text), true)
             }
-            Some((route, None)) => (route.clone(), false),
-            None if sql.len() >= LARGE_STATEMENT => (self.route_text(sql), false),
+            Some((text, route, None)) => (route.clone(), Some(text), false),
+            // Never kept (longer than the buffer).
+            None if sql.len() >= LARGE_STATEMENT => (self.route_text(sql), None, false),
             None => match std::str::from_utf8(sql) {
-                Ok(text) => (route_timed(&self.shared, text, Some(&mut scratch)), true),
-                Err(_) => (FUNCTION_CALL, false),
+                Ok(text) => (
+                    route_timed(&self.shared, text, Some(&mut scratch)),
+                    Some(text),
+                    true,
+                ),
+                Err(_) => (FUNCTION_CALL, None, false),
             },
         };
-        routed.push(sql, &route, known.then_some(&scratch[..]));
+        if let Some(text) = text {
+            routed.push(text, &route, known.then_some(&scratch[..]));
+        }
         routed.scratch = scratch;
         route
     }
@@ -410,15 +427,19 @@ impl Session {
             return Vec::new();
         };
         let (query, param_types) = frontend::definition_parts(definition);
-        let sql = std::str::from_utf8(query).unwrap_or("");
+        // The unit's plan routed this text: kept as a string, with where
+        // the shape found its constants.
+        let (sql, constants) = match routes.entry(query) {
+            Some((text, _, constants)) => (text, constants),
+            None => (std::str::from_utf8(query).unwrap_or(""), None),
+        };
         let input = KeyInput {
             sql,
             params,
             param_types: &param_types,
             session_shard: self.session_shard.as_deref(),
             session_key: self.session_key.as_deref(),
-            // Found by the shape when the unit's plan routed this text.
-            constants: routes.entry(query).and_then(|(_, c)| c),
+            constants,
         };
         match seen {
             Some(seen) => templates
@@ -1101,8 +1122,12 @@ mod tests {
     #[test]
     fn unit_routes_answer_by_text() {
         let mut u = UnitRoutes::default();
-        u.push(b"SELECT 1", &route(Class::Read), Some(&[(7, 8)]));
-        u.push(b"UPDATE t SET a = 1", &route(Class::Write), None);
+        u.push("SELECT 1", &route(Class::Read), Some(&[(7, 8)]));
+        u.push("UPDATE t SET a = 1", &route(Class::Write), None);
+        assert_eq!(
+            u.entry(b"SELECT 1").map(|(text, _, c)| (text, c)),
+            Some(("SELECT 1", Some(&[(7, 8)][..])))
+        );
         let copy = b"SELECT 1".to_vec();
         assert_eq!(u.get(&copy).map(|r| r.class), Some(Class::Read));
         assert_eq!(
@@ -1114,7 +1139,7 @@ mod tests {
         u.clear();
         assert!(u.get(b"SELECT 1").is_none());
         for i in 0..UnitRoutes::MAX + 5 {
-            u.push(format!("SELECT {i}").as_bytes(), &route(Class::Read), None);
+            u.push(&format!("SELECT {i}"), &route(Class::Read), None);
         }
         assert!(u
             .get(format!("SELECT {}", UnitRoutes::MAX - 1).as_bytes())
@@ -1124,9 +1149,9 @@ mod tests {
             .is_none());
         // Long texts are not kept: the buffer stays small for the session.
         u.clear();
-        let long = vec![b'x'; UnitRoutes::MAX_BYTES + 1];
+        let long = "x".repeat(UnitRoutes::MAX_BYTES + 1);
         u.push(&long, &route(Class::Read), None);
-        assert!(u.get(&long).is_none());
+        assert!(u.get(long.as_bytes()).is_none());
         assert!(u.texts.capacity() <= UnitRoutes::MAX_BYTES);
     }
 }

@@ -16,9 +16,6 @@ impl Session {
         let mut shapes = String::new();
         let mut shape = String::new();
         for text in self.unit_routes.texts() {
-            let Ok(text) = std::str::from_utf8(text) else {
-                continue;
-            };
             shardline_router::cache::shape(text, &mut shape);
             if !shapes.is_empty() {
                 shapes.push_str("; ");
@@ -78,9 +75,8 @@ impl Session {
     /// for only when a line is written: the data path never scans for it.
     #[cold]
     pub(super) fn unit_trace(&self) -> Option<String> {
-        self.unit_routes.texts().find_map(|text| {
-            let text = std::str::from_utf8(text).ok()?;
-            shardline_router::hint::traceparent(text).map(str::to_string)
-        })
+        self.unit_routes
+            .texts()
+            .find_map(|text| shardline_router::hint::traceparent(text).map(str::to_string))
     }
 }
