@@ -123,6 +123,27 @@ static MAY_START_TOKEN: [bool; 256] = {
     t
 };
 
+/// Eight bytes at once: a word with a 0x80 bit in each byte that may
+/// start a token (`"`, `$`, `'` and their neighbours 0x22..=0x27; `-`, `/`,
+/// the digits and `.` between them, 0x2D..=0x39). A superset of
+/// `MAY_START_TOKEN` in ASCII (the byte loop decides), and no byte of
+/// 0x80 or more, which none starts. Each byte is computed within its own
+/// eight bits (its low seven plus at most 127 never carry out), so the
+/// lowest flag is the first such byte.
+#[inline]
+fn may_start_in(w: u64) -> u64 {
+    const ONES: u64 = u64::MAX / 255;
+    const HIGH: u64 = ONES * 0x80;
+    const LOW7: u64 = ONES * 0x7f;
+    // Bytes strictly between `m` and `n` (m, n at most 127 and 128), from
+    // the bit-twiddling "hasbetween".
+    let between = |m: u64, n: u64| {
+        let low = w & LOW7;
+        (ONES * (127 + n) - low) & !w & (low + ONES * (127 - m)) & HIGH
+    };
+    between(0x21, 0x28) | between(0x2c, 0x3a)
+}
+
 /// What [`scan_tokens`] reports: a constant (number, string, dollar
 /// string) or a block comment, with its start and end offsets.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -147,7 +168,17 @@ pub fn scan_tokens(sql: &str, mut f: impl FnMut(Spot)) {
     let b = sql.as_bytes();
     let mut i = 0;
     while i < b.len() {
-        let c = b[i];
+        // Runs of letters, spaces and punctuation, eight bytes at a time.
+        while let Some(chunk) = b.get(i..i + 8) {
+            let w = u64::from_le_bytes(chunk.try_into().unwrap_or_default());
+            let flags = may_start_in(w);
+            if flags != 0 {
+                i += flags.trailing_zeros() as usize / 8;
+                break;
+            }
+            i += 8;
+        }
+        let Some(&c) = b.get(i) else { break };
         if !MAY_START_TOKEN[c as usize] {
             // Most bytes of a statement: letters, spaces, punctuation.
             i += 1;
@@ -310,6 +341,58 @@ pub fn refuses_transaction_block(sql: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn eight_bytes_at_once_flag_every_byte_that_may_start_a_token() {
+        for v in 0..=255u8 {
+            let flagged = matches!(v, 0x22..=0x27 | 0x2d..=0x39);
+            assert!(flagged || !MAY_START_TOKEN[v as usize], "{v:#x}");
+            for k in 0..8 {
+                let mut bytes = [b'a'; 8];
+                bytes[k] = v;
+                let flags = may_start_in(u64::from_le_bytes(bytes));
+                if flagged {
+                    assert_eq!(flags.trailing_zeros() as usize / 8, k, "{v:#x} at {k}");
+                } else {
+                    assert_eq!(flags, 0, "{v:#x} at {k}");
+                }
+            }
+        }
+        // Bytes of 0x80 and more around a flagged one change nothing.
+        let flags = may_start_in(u64::from_le_bytes([
+            0xc3, 0xa9, 0xff, b'\'', 0x80, b'9', 0, 0x7f,
+        ]));
+        assert_eq!(flags.trailing_zeros() / 8, 3);
+        assert_eq!(flags.count_ones(), 2);
+    }
+
+    #[test]
+    fn tokens_are_found_at_every_offset() {
+        let tail =
+            "x = 'a''b' AND y=12.5e-3 /* c */ AND z = $1 -- d\n AND w = $q$ e $q$ AND \"9\" = 7";
+        let spots = |sql: &str| {
+            let mut v = Vec::new();
+            scan_tokens(sql, |s| v.push(s));
+            v
+        };
+        let want = spots(tail);
+        assert_eq!(want.len(), 5, "{want:?}");
+        for pad in ["", " ", "é", "abcdefg", "\u{1F600}"] {
+            for n in 0..17 {
+                let prefix = pad.repeat(n);
+                let shift = |s: &Spot| match *s {
+                    Spot::Constant(a, b) => Spot::Constant(a + prefix.len(), b + prefix.len()),
+                    Spot::Comment(a, b) => Spot::Comment(a + prefix.len(), b + prefix.len()),
+                };
+                let got = spots(&format!("{prefix}{tail}"));
+                assert_eq!(
+                    got,
+                    want.iter().map(shift).collect::<Vec<_>>(),
+                    "{pad:?} x {n}"
+                );
+            }
+        }
+    }
 
     #[test]
     fn splitting_respects_quotes_and_comments() {
