@@ -157,11 +157,19 @@ pub fn self_signed_cert_command(cert: &Path, key: &Path) -> Command {
 /// below the OS's ephemeral range (32768 and up on Linux), where the ports
 /// of outgoing connections and of listeners on port 0 come from: a port
 /// released there can be taken by any connection before the server binds
-/// it, which made node starts fail under load.
+/// it, which made node starts fail under load. A port is handed out once
+/// per process: a port picked but not bound yet (the next node of the
+/// same cluster, or another test's, started at the same time) would
+/// otherwise pass the bind test again and be given twice.
 pub fn free_port() -> Result<u16> {
+    static GIVEN: std::sync::Mutex<Vec<u16>> = std::sync::Mutex::new(Vec::new());
+    let mut given = GIVEN
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
     for _ in 0..100 {
         let port = 20_000 + rand::random::<u16>() % 12_000;
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+        if !given.contains(&port) && std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            given.push(port);
             return Ok(port);
         }
     }
@@ -576,4 +584,18 @@ fn template(bin: &PgBin, run_as: Option<RunAs>) -> Result<PathBuf> {
         );
     }
     Ok(dir)
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn a_port_is_handed_out_once() {
+        // 300 random picks of 12,000 ports repeat one almost surely
+        // (about 98%) unless the ports given are remembered.
+        let ports: Vec<u16> = (0..300)
+            .map(|_| super::free_port().expect("a free port"))
+            .collect();
+        let distinct: std::collections::HashSet<_> = ports.iter().collect();
+        assert_eq!(distinct.len(), ports.len());
+    }
 }
