@@ -678,6 +678,20 @@ impl Scan {
                 }
                 continue;
             }
+            if self.got == 0 {
+                // Whole messages that are neither a ReadyForQuery nor an
+                // error (rows, mostly) are passed over at once.
+                while let [tag, a, b, c, d, ..] = *bytes {
+                    let len = u32::from_be_bytes([a, b, c, d]) as usize;
+                    if tag == b'Z' || tag == b'E' || len < 4 || bytes.len() <= len {
+                        break;
+                    }
+                    bytes = &bytes[len + 1..];
+                }
+                if bytes.is_empty() {
+                    break;
+                }
+            }
             let header = match bytes {
                 // A whole header, read in place (the usual case).
                 [tag, a, b, c, d, rest @ ..] if self.got == 0 => {
@@ -731,9 +745,16 @@ mod tests {
         stream.extend(message(b'D', b"ZZZZZ"));
         stream.extend(message(b'C', b"SELECT 1\0"));
         stream.extend(message(b'Z', b"I"));
-        let errors = ErrorClasses::default();
+        // Rows in a run (passed over whole), an error between them, an
+        // empty row and a message too short to have a length.
+        stream.extend(message(b'D', b"Z"));
+        stream.extend(message(b'D', b""));
+        stream.extend(message(b'E', b"SERROR\0C42P01\0Mno\0\0"));
+        stream.extend(message(b'd', b"EEEE"));
+        stream.extend(message(b'Z', b"E"));
         for cut in 0..stream.len() {
             for cut2 in cut..stream.len() {
+                let errors = ErrorClasses::default();
                 let mut scan = Scan::default();
                 let mut seen = Vec::new();
                 for part in [&stream[..cut], &stream[cut..cut2], &stream[cut2..]] {
@@ -741,7 +762,12 @@ mod tests {
                     let n = scan.ready_statuses(part, &mut out, &errors);
                     seen.extend_from_slice(&out[..n]);
                 }
-                assert_eq!(seen, b"TI", "cut at {cut} and {cut2}");
+                assert_eq!(seen, b"TIE", "cut at {cut} and {cut2}");
+                assert_eq!(
+                    errors.read(),
+                    [("42".to_string(), 1)],
+                    "cut at {cut} and {cut2}"
+                );
             }
         }
     }

@@ -1254,6 +1254,14 @@ pub mod wire {
         message(b'E', &[0, 0, 0, 0, 0])
     }
 
+    /// Execute of the unnamed portal, at most `rows` rows (PortalSuspended
+    /// when more are left).
+    pub fn execute_rows(rows: i32) -> Vec<u8> {
+        let mut b = vec![0];
+        b.extend_from_slice(&rows.to_be_bytes());
+        message(b'E', &b)
+    }
+
     /// One statement as a unit of its own, the unnamed way drivers send
     /// it: Parse, Bind (no parameters), Describe of the portal, Execute, Sync.
     pub fn unit(sql: &str) -> Vec<Vec<u8>> {

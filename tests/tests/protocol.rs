@@ -53,6 +53,63 @@ async fn simple_and_extended_queries() {
     );
 }
 
+/// Rows go to the client in runs, one copy per run (`server.rs::rows_run`).
+/// What a client receives for many rows over several reads, rows then an
+/// error, notices between rows, COPY TO STDOUT, a portal read in parts and
+/// a query string of several statements is, message for message, what the
+/// server sends a client connected to it directly.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn rows_reach_the_client_as_the_server_sent_them() {
+    use shardline_tests::wire::{bind, execute_rows, parse, query, sync};
+    use shardline_tests::RawClient;
+    let env = Env::start().await.unwrap();
+    env.sql(
+        "CREATE FUNCTION noisy(g int) RETURNS int LANGUAGE plpgsql AS \
+         $$ BEGIN IF g % 97 = 0 THEN RAISE NOTICE 'row %', g; END IF; RETURN g; END $$",
+    );
+    let units: Vec<Vec<Vec<u8>>> = vec![
+        vec![query(
+            "SELECT g, repeat('x', g % 300) FROM generate_series(1, 3000) g",
+        )],
+        vec![query(
+            "SELECT 10 / (700 - g) FROM generate_series(1, 1000) g",
+        )],
+        vec![query("SELECT noisy(g) FROM generate_series(1, 1000) g")],
+        vec![query(
+            "COPY (SELECT g, g * 2 FROM generate_series(1, 2000) g) TO STDOUT",
+        )],
+        vec![
+            parse("", "SELECT g FROM generate_series(1, 250) g", &[]),
+            bind("", &[], 0),
+            execute_rows(100),
+            execute_rows(100),
+            execute_rows(100),
+            sync(),
+        ],
+        vec![query(
+            "SELECT 1; SELECT g FROM generate_series(1, 500) g; SELECT 1 / 0",
+        )],
+    ];
+    let mut direct = RawClient::login_as(env.primary().port, "sl_trust")
+        .await
+        .unwrap();
+    let mut proxied = RawClient::login_as(env.port, "sl_trust").await.unwrap();
+    for unit in &units {
+        let want = direct.exchange(unit).await.unwrap();
+        let got = proxied.exchange(unit).await.unwrap();
+        let first_difference = want.iter().zip(&got).position(|(w, g)| w != g);
+        assert!(
+            got.len() == want.len() && first_difference.is_none(),
+            "{:?}: {} messages through the proxy, {} direct; first difference at {:?}",
+            String::from_utf8_lossy(&unit[0]),
+            got.len(),
+            want.len(),
+            first_difference
+        );
+        assert!(want.len() > 100, "{:?}", want.len());
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn prepared_statements_survive_transaction_pooling() {
     let env = Env::start().await.unwrap();

@@ -10,6 +10,7 @@ pub const CLOSE_COMPLETE: u8 = b'3';
 pub const NOTIFICATION: u8 = b'A';
 pub const COMMAND_COMPLETE: u8 = b'C';
 pub const DATA_ROW: u8 = b'D';
+pub const COPY_DATA: u8 = b'd';
 pub const ERROR_RESPONSE: u8 = b'E';
 pub const COPY_IN_RESPONSE: u8 = b'G';
 pub const COPY_OUT_RESPONSE: u8 = b'H';

@@ -28,6 +28,16 @@ impl Session {
             if buf.len() - pos < len {
                 break Ok(());
             }
+            if matches!(tag, backend::DATA_ROW | backend::COPY_DATA) && self.forwards_rows() {
+                // Rows go to the client in runs: one copy for the run and
+                // none of the per-message bookkeeping, which rows never
+                // touch (they end no pending entry).
+                let end = pos + len + rows_run(&buf[pos + len..]);
+                self.client_out.extend_from_slice(&buf[pos..end]);
+                self.rerun.answered();
+                pos = end;
+                continue;
+            }
             let msg = &buf[pos..pos + len];
             pos += len;
             if let Err(e) = self.on_server_message(tag, msg) {
@@ -54,6 +64,18 @@ impl Session {
         }
         self.maybe_release();
         Ok(())
+    }
+
+    /// Whether the server's rows go to the client as they are: the front
+    /// entry (once the proxy's own answers ahead of it are out) is a
+    /// question of the client's. (The proxy's own questions, the
+    /// read-your-writes position query among them, are swallowed.)
+    #[inline]
+    fn forwards_rows(&mut self) -> bool {
+        self.drain_synthetic();
+        self.pending
+            .front()
+            .is_some_and(|p| p.answer == Answer::Forward)
     }
 
     pub(super) fn on_server_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), String> {
@@ -473,8 +495,55 @@ fn downgrade_fatal(msg: &mut [u8]) {
     }
 }
 
+/// How many bytes at the front of `buf` are whole DataRow and CopyData
+/// messages: a run of rows, ended by any other message or by one not all
+/// here (or malformed: the caller's framing reports it).
+fn rows_run(buf: &[u8]) -> usize {
+    let mut pos = 0;
+    while let [backend::DATA_ROW | backend::COPY_DATA, a, b, c, d, ..] = buf[pos..] {
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if len < 4 || buf.len() - pos <= len {
+            break;
+        }
+        pos += len + 1;
+    }
+    pos
+}
+
 #[cfg(test)]
 mod tests {
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn a_run_of_rows_ends_at_another_message_or_a_partial_row() {
+        use crate::protocol::backend::{COMMAND_COMPLETE, COPY_DATA, DATA_ROW};
+        let rows: Vec<u8> = [
+            message(DATA_ROW, b"\0\x01\0\0\0\x01x"),
+            message(COPY_DATA, b"1\tx\n"),
+            message(DATA_ROW, b""),
+        ]
+        .concat();
+        let end = message(COMMAND_COMPLETE, b"SELECT 2\0");
+        let whole = [rows.clone(), end.clone()].concat();
+        assert_eq!(super::rows_run(&whole), rows.len());
+        assert_eq!(super::rows_run(&end), 0);
+        assert_eq!(super::rows_run(&[]), 0);
+        // Cut anywhere inside the rows: only the whole ones before the cut.
+        let starts = [0, 12, 21, rows.len()];
+        for cut in 0..=rows.len() {
+            let whole_before = starts.iter().copied().filter(|&s| s <= cut).max().unwrap();
+            assert_eq!(super::rows_run(&rows[..cut]), whole_before, "cut at {cut}");
+        }
+        // A length under 4 is not a message: the run stops before it.
+        let bad = [message(DATA_ROW, b"ab"), vec![DATA_ROW, 0, 0, 0, 2]].concat();
+        assert_eq!(super::rows_run(&bad), 7);
+    }
+
     #[test]
     fn fatal_becomes_error() {
         let mut buf = bytes::BytesMut::new();
