@@ -107,7 +107,7 @@ impl ClientSlot {
             info,
             connected: SystemTime::now(),
             wait_since: AtomicU64::new(0),
-            requested: AtomicU64::new(unix_secs(SystemTime::now())),
+            requested: AtomicU64::new(crate::health::now_ms()),
             spanning: AtomicU64::new(0),
             ending,
         }
@@ -123,13 +123,17 @@ impl ClientSlot {
             .collect()
     }
 
-    /// The client sent a request now.
-    pub fn request(&self) {
-        self.requested.store(unix_secs(SystemTime::now()), Relaxed);
+    /// The client sent a request at `at` (the session's own clock read:
+    /// none is taken here).
+    pub fn request(&self, at: std::time::Instant) {
+        self.requested.store(crate::health::ms_at(at), Relaxed);
     }
 
+    /// When the client last sent a request (on the wall clock, for the
+    /// console: the time kept is the proxy's monotonic one).
     pub fn requested(&self) -> SystemTime {
-        SystemTime::UNIX_EPOCH + std::time::Duration::from_secs(self.requested.load(Relaxed))
+        let ago = crate::health::now_ms().saturating_sub(self.requested.load(Relaxed));
+        SystemTime::now() - std::time::Duration::from_millis(ago)
     }
 
     /// The shards of the client's transaction on several shards (0 when it has none).
@@ -180,11 +184,6 @@ impl ClientSlot {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
     }
-}
-
-fn unix_secs(t: SystemTime) -> u64 {
-    t.duration_since(SystemTime::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// Every client logged in, by the key the proxy gave it (its id in the

@@ -17,10 +17,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, AtomicU8, AtomicUsize, Ordering::
 use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
+/// The start of the proxy's monotonic clock (its first reading).
+fn clock_base() -> Instant {
+    static BASE: OnceLock<Instant> = OnceLock::new();
+    *BASE.get_or_init(Instant::now)
+}
+
 /// Milliseconds on the proxy's monotonic clock.
 pub fn now_ms() -> u64 {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    BASE.get_or_init(Instant::now).elapsed().as_millis() as u64 + 1
+    ms_at(Instant::now())
+}
+
+/// `at` in milliseconds on the proxy's monotonic clock (0 is never one).
+pub fn ms_at(at: Instant) -> u64 {
+    at.saturating_duration_since(clock_base()).as_millis() as u64 + 1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -490,18 +490,18 @@ impl Meter {
         self.slow.take()
     }
 
-    /// The client sent `n` bytes; returns true when they begin a request
+    /// The client sent `n` bytes; returns when, if they begin a request
     /// (nothing was being answered).
     #[inline]
-    pub fn received(&mut self, n: usize) -> bool {
+    pub fn received(&mut self, n: usize) -> Option<Instant> {
         self.received += n as u64;
         if self.unit_since.is_some() {
-            return false;
+            return None;
         }
         let now = Instant::now();
         self.unit_since = Some(now);
         self.xact_since.get_or_insert(now);
-        true
+        Some(now)
     }
 
     /// The client's output buffer is about to be written: counts what was

@@ -71,8 +71,8 @@ impl Session {
                     return Poll::Ready(Event::ClientClosed)
                 }
                 Poll::Ready(Ok(n)) => {
-                    if self.meter.received(n) {
-                        self.client.request();
+                    if let Some(at) = self.meter.received(n) {
+                        self.client.request(at);
                     }
                     return Poll::Ready(Event::ClientData);
                 }
