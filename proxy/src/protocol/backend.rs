@@ -268,9 +268,57 @@ pub fn command_tag(body: &[u8]) -> &[u8] {
     body.split(|&b| b == 0).next().unwrap_or_default()
 }
 
+/// How many bytes at the front of `buf` are whole DataRow and CopyData
+/// messages: a run of rows, ended by any other message or by one not all
+/// here (or malformed: the caller's framing reports it). Executors copy a
+/// run to the client at once: rows end no pending entry and change no
+/// state.
+pub fn rows_run(buf: &[u8]) -> usize {
+    let mut pos = 0;
+    while let [DATA_ROW | COPY_DATA, a, b, c, d, ..] = buf[pos..] {
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if len < 4 || buf.len() - pos <= len {
+            break;
+        }
+        pos += len + 1;
+    }
+    pos
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
+        let mut m = vec![tag];
+        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+        m.extend_from_slice(body);
+        m
+    }
+
+    #[test]
+    fn a_run_of_rows_ends_at_another_message_or_a_partial_row() {
+        let rows: Vec<u8> = [
+            message(DATA_ROW, b"\0\x01\0\0\0\x01x"),
+            message(COPY_DATA, b"1\tx\n"),
+            message(DATA_ROW, b""),
+        ]
+        .concat();
+        let end = message(COMMAND_COMPLETE, b"SELECT 2\0");
+        let whole = [rows.clone(), end.clone()].concat();
+        assert_eq!(rows_run(&whole), rows.len());
+        assert_eq!(rows_run(&end), 0);
+        assert_eq!(rows_run(&[]), 0);
+        // Cut anywhere inside the rows: only the whole ones before the cut.
+        let starts = [0, 12, 21, rows.len()];
+        for cut in 0..=rows.len() {
+            let whole_before = starts.iter().copied().filter(|&s| s <= cut).max().unwrap();
+            assert_eq!(rows_run(&rows[..cut]), whole_before, "cut at {cut}");
+        }
+        // A length under 4 is not a message: the run stops before it.
+        let bad = [message(DATA_ROW, b"ab"), vec![DATA_ROW, 0, 0, 0, 2]].concat();
+        assert_eq!(rows_run(&bad), 7);
+    }
 
     #[test]
     fn error_response_layout() {

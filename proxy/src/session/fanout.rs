@@ -672,7 +672,17 @@ impl Session {
             // One step: each shard's rows, then its next other message.
             let mut ends: Vec<BytesMut> = Vec::with_capacity(legs.len());
             for (i, leg) in legs.iter_mut().enumerate() {
+                // Rows go to the client as they came, in runs.
+                let plain = held.is_empty() && !(replicated && i > 0);
                 loop {
+                    // Written out as it fills, within a shard's rows too: a
+                    // shard's whole result is not held for a slow client.
+                    if self.client_out.len() >= FLUSH_AT {
+                        self.write_client().await.map_err(|e| e.to_string())?;
+                    }
+                    if plain && leg.take_rows(&mut self.client_out) {
+                        continue;
+                    }
                     let msg = leg.next().await?;
                     match msg[0] {
                         backend::DATA_ROW if replicated && i > 0 => {}
@@ -692,9 +702,6 @@ impl Session {
                             break;
                         }
                     }
-                }
-                if self.client_out.len() >= FLUSH_AT {
-                    self.write_client().await.map_err(|e| e.to_string())?;
                 }
             }
             if let Some(order) = row_order {

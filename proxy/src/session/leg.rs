@@ -179,6 +179,27 @@ impl Leg {
         .await
     }
 
+    /// Copies the run of rows at the front of what the shard has sent
+    /// (already read, `backend::rows_run`) to `out`, when they are answers
+    /// the unit sees (not the proxy's own): what `next` would return one by
+    /// one, in one copy. Whether there was one.
+    pub(super) fn take_rows(&mut self, out: &mut BytesMut) -> bool {
+        if self
+            .owed
+            .front()
+            .is_some_and(|p| p.answer == Answer::Swallow)
+        {
+            return false;
+        }
+        let run = backend::rows_run(&self.conn.read_buf);
+        if run == 0 {
+            return false;
+        }
+        out.extend_from_slice(&self.conn.read_buf[..run]);
+        bytes::Buf::advance(&mut self.conn.read_buf, run);
+        true
+    }
+
     /// The next message from this shard that the client's unit should see:
     /// the answers to the proxy's own messages are swallowed, by position
     /// (`owed`), as a session swallows them on one connection. An error

@@ -32,7 +32,7 @@ impl Session {
                 // Rows go to the client in runs: one copy for the run and
                 // none of the per-message bookkeeping, which rows never
                 // touch (they end no pending entry).
-                let end = pos + len + rows_run(&buf[pos + len..]);
+                let end = pos + len + backend::rows_run(&buf[pos + len..]);
                 self.client_out.extend_from_slice(&buf[pos..end]);
                 self.rerun.answered();
                 pos = end;
@@ -495,55 +495,8 @@ fn downgrade_fatal(msg: &mut [u8]) {
     }
 }
 
-/// How many bytes at the front of `buf` are whole DataRow and CopyData
-/// messages: a run of rows, ended by any other message or by one not all
-/// here (or malformed: the caller's framing reports it).
-fn rows_run(buf: &[u8]) -> usize {
-    let mut pos = 0;
-    while let [backend::DATA_ROW | backend::COPY_DATA, a, b, c, d, ..] = buf[pos..] {
-        let len = u32::from_be_bytes([a, b, c, d]) as usize;
-        if len < 4 || buf.len() - pos <= len {
-            break;
-        }
-        pos += len + 1;
-    }
-    pos
-}
-
 #[cfg(test)]
 mod tests {
-    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![tag];
-        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
-
-    #[test]
-    fn a_run_of_rows_ends_at_another_message_or_a_partial_row() {
-        use crate::protocol::backend::{COMMAND_COMPLETE, COPY_DATA, DATA_ROW};
-        let rows: Vec<u8> = [
-            message(DATA_ROW, b"\0\x01\0\0\0\x01x"),
-            message(COPY_DATA, b"1\tx\n"),
-            message(DATA_ROW, b""),
-        ]
-        .concat();
-        let end = message(COMMAND_COMPLETE, b"SELECT 2\0");
-        let whole = [rows.clone(), end.clone()].concat();
-        assert_eq!(super::rows_run(&whole), rows.len());
-        assert_eq!(super::rows_run(&end), 0);
-        assert_eq!(super::rows_run(&[]), 0);
-        // Cut anywhere inside the rows: only the whole ones before the cut.
-        let starts = [0, 12, 21, rows.len()];
-        for cut in 0..=rows.len() {
-            let whole_before = starts.iter().copied().filter(|&s| s <= cut).max().unwrap();
-            assert_eq!(super::rows_run(&rows[..cut]), whole_before, "cut at {cut}");
-        }
-        // A length under 4 is not a message: the run stops before it.
-        let bad = [message(DATA_ROW, b"ab"), vec![DATA_ROW, 0, 0, 0, 2]].concat();
-        assert_eq!(super::rows_run(&bad), 7);
-    }
-
     #[test]
     fn fatal_becomes_error() {
         let mut buf = bytes::BytesMut::new();
