@@ -293,3 +293,50 @@ async fn copy_rejected_mid_stream_over_extended_protocol() {
         .unwrap();
     assert_eq!(tags(&msgs), b"TDCZ", "{msgs:?}");
 }
+
+/// COPY FROM STDIN's data, forwarded in runs (`client.rs`), is still held
+/// to `max_message_size`: a CopyData past it behind 1,000 good ones ends
+/// the client (08P01, or a reset when the proxy closes with the client's
+/// bytes unread), and the COPY, cut short, leaves no row behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_data_past_the_message_limit_ends_the_copy() {
+    let env = Env::start_with(EnvOptions {
+        proxy_toml: "max_message_size = 1048576\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.sql("CREATE TABLE cut (n int); GRANT ALL ON cut TO app;");
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(&message(b'Q', b"COPY cut FROM STDIN\0"))
+        .await
+        .unwrap();
+    let (tag, _) = c.recv(Duration::from_secs(10)).await.unwrap().unwrap();
+    assert_eq!(tag, b'G', "CopyInResponse");
+    let mut data: Vec<u8> = (0..1000)
+        .flat_map(|i| message(b'd', format!("{i}\n").as_bytes()))
+        .collect();
+    // A whole CopyData of 2 MiB, in the same write as the rows.
+    data.extend(message(b'd', &vec![b'1'; 2 << 20]));
+    // The proxy closes the connection with the client's bytes unread: the
+    // client may see a reset before (or instead of) the FATAL.
+    let _ = c.send(&data).await;
+    loop {
+        match c.recv(Duration::from_secs(10)).await {
+            Ok(Some((b'E', body))) => assert_eq!(error_code(&body), "08P01"),
+            Ok(Some(other)) => panic!("unexpected {other:?}"),
+            Ok(None) => break,
+            Err(e) => {
+                let reset = e.downcast_ref::<std::io::Error>().map(|e| e.kind())
+                    == Some(std::io::ErrorKind::ConnectionReset);
+                assert!(reset, "the connection was not closed: {e}");
+                break;
+            }
+        }
+    }
+    shardline_tests::wait_for("the cut COPY's server session to end", || async {
+        env.sql("SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'COPY cut%' AND pid <> pg_backend_pid()") == "0"
+    })
+    .await;
+    assert_eq!(env.sql("SELECT count(*) FROM cut"), "0");
+}

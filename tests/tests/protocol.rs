@@ -248,6 +248,35 @@ async fn copy_in_and_out() {
     );
 }
 
+/// COPY FROM STDIN the way psql sends it, one CopyData per row (forwarded
+/// in runs, `client.rs`): 50,000 rows sent in one write arrive whole and in
+/// order, and the session goes on after.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn copy_in_one_message_per_row() {
+    use shardline_tests::{message, RawClient};
+    let env = Env::start().await.unwrap();
+    env.sql("CREATE TABLE rows_in (n int, t text); GRANT ALL ON rows_in TO app;");
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(&message(b'Q', b"COPY rows_in FROM STDIN\0"))
+        .await
+        .unwrap();
+    let (tag, _) = c.recv(Duration::from_secs(10)).await.unwrap().unwrap();
+    assert_eq!(tag, b'G', "CopyInResponse");
+    let mut data: Vec<u8> = (0..50_000)
+        .flat_map(|i| message(b'd', format!("{i}\trow {i}\n").as_bytes()))
+        .collect();
+    data.extend(message(b'c', b""));
+    c.send(&data).await.unwrap();
+    let answer = c.until_ready().await.unwrap();
+    assert_eq!(shardline_tests::tags(&answer), b"CZ", "{answer:?}");
+    assert_eq!(
+        env.sql("SELECT count(*), sum(n), count(*) FILTER (WHERE t = 'row ' || n) FROM rows_in"),
+        "50000|1249975000|50000"
+    );
+    let answer = c.exchange(&[message(b'Q', b"SELECT 1\0")]).await.unwrap();
+    assert_eq!(shardline_tests::tags(&answer), b"TDCZ", "{answer:?}");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn cancel_reaches_the_right_query() {
     let env = Env::start().await.unwrap();

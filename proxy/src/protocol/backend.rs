@@ -273,16 +273,9 @@ pub fn command_tag(body: &[u8]) -> &[u8] {
 /// here (or malformed: the caller's framing reports it). Executors copy a
 /// run to the client at once: rows end no pending entry and change no
 /// state.
+#[inline]
 pub fn rows_run(buf: &[u8]) -> usize {
-    let mut pos = 0;
-    while let [DATA_ROW | COPY_DATA, a, b, c, d, ..] = buf[pos..] {
-        let len = u32::from_be_bytes([a, b, c, d]) as usize;
-        if len < 4 || buf.len() - pos <= len {
-            break;
-        }
-        pos += len + 1;
-    }
-    pos
+    super::run_of(buf, usize::MAX, |tag| matches!(tag, DATA_ROW | COPY_DATA))
 }
 
 #[cfg(test)]

@@ -52,6 +52,23 @@ pub fn peek_header(buf: &[u8], max: usize) -> Result<Option<(u8, usize)>, FrameE
     Ok(Some((buf[0], total)))
 }
 
+/// How many bytes at the front of `buf` are whole messages whose tags
+/// `is_run` takes, none longer than `max`: the run ends at any other
+/// message, at one not all here, or at a malformed or oversized one (the
+/// caller's framing reports it). Copied whole by whoever forwards them.
+#[inline]
+pub fn run_of(buf: &[u8], max: usize, is_run: impl Fn(u8) -> bool) -> usize {
+    let mut pos = 0;
+    while let [tag, a, b, c, d, ..] = buf[pos..] {
+        let len = u32::from_be_bytes([a, b, c, d]) as usize;
+        if !is_run(tag) || len < 4 || len >= max || buf.len() - pos <= len {
+            break;
+        }
+        pos += len + 1;
+    }
+    pos
+}
+
 /// The complete frames at the front of `buf`, as `(tag, body)`, without
 /// consuming them; stops at a partial or malformed one.
 pub fn complete_frames(buf: &[u8], max: usize) -> impl Iterator<Item = (u8, &[u8])> {
@@ -145,6 +162,24 @@ impl<'a> Reader<'a> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_run_takes_whole_messages_of_its_tags_within_the_limit() {
+        let m = |tag: u8, body: &[u8]| {
+            let mut v = vec![tag];
+            v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+            v.extend_from_slice(body);
+            v
+        };
+        let copy = |t: u8| t == b'd';
+        let buf = [m(b'd', b"12"), m(b'd', &[b'x'; 100]), m(b'c', b"")].concat();
+        assert_eq!(run_of(&buf, usize::MAX, copy), 7 + 105);
+        // A message of 105 bytes is past a limit of 100: the run stops before it.
+        assert_eq!(run_of(&buf, 100, copy), 7);
+        assert_eq!(run_of(&buf, 105, copy), 7 + 105);
+        assert_eq!(run_of(&buf[..50], usize::MAX, copy), 7);
+        assert_eq!(run_of(&buf[7..], 10, copy), 0);
+    }
 
     #[test]
     fn frames_split_and_wait_for_more() {

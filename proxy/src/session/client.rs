@@ -66,6 +66,23 @@ impl Session {
                 // is known once the proxy's Sync is answered.
                 return Ok(Flow::Wait);
             }
+            if self.inflow == Inflow::CopyIn && self.server.is_some() {
+                // COPY FROM STDIN's data goes to the server in runs, one
+                // copy per run: it is forwarded with no bookkeeping.
+                let run =
+                    crate::protocol::run_of(&self.client_in, self.shared.max_message_size, |tag| {
+                        tag == frontend::COPY_DATA
+                    });
+                if run > 0 {
+                    let data = &self.client_in[..run];
+                    if let Some(sent) = self.rerun.sent.as_mut() {
+                        sent.extend_from_slice(data);
+                    }
+                    self.server_out.extend_from_slice(data);
+                    bytes::Buf::advance(&mut self.client_in, run);
+                    continue;
+                }
+            }
             match peek_header(&self.client_in, self.shared.max_message_size) {
                 Ok(Some((tag, _))) if needs_server(tag) && self.inflow != Inflow::SkipToSync => {
                     if self.txn.failed() && !self.unit.is_open() {
