@@ -730,12 +730,7 @@ impl Scan {
 mod tests {
     use super::*;
 
-    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![tag];
-        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
+    use crate::protocol::test_message as message;
 
     #[test]
     fn ready_for_query_is_found_however_the_writes_split() {

@@ -1073,6 +1073,18 @@ impl RawClient {
         }
     }
 
+    /// Starts `COPY ... FROM STDIN` (`sql`) with a simple query; returns
+    /// once the CopyInResponse is in.
+    pub async fn start_copy_in(&mut self, sql: &str) -> Result<()> {
+        let mut q = sql.as_bytes().to_vec();
+        q.push(0);
+        self.send(&message(b'Q', &q)).await?;
+        match self.recv(Duration::from_secs(10)).await? {
+            Some((b'G', _)) => Ok(()),
+            other => anyhow::bail!("no CopyInResponse: {other:?}"),
+        }
+    }
+
     /// Sends the messages in one write and returns the answers up to ReadyForQuery.
     pub async fn exchange(&mut self, messages: &[Vec<u8>]) -> Result<Vec<RawMessage>> {
         self.send(&messages.concat()).await?;

@@ -308,11 +308,7 @@ async fn copy_data_past_the_message_limit_ends_the_copy() {
     .unwrap();
     env.sql("CREATE TABLE cut (n int); GRANT ALL ON cut TO app;");
     let mut c = RawClient::login(env.port).await.unwrap();
-    c.send(&message(b'Q', b"COPY cut FROM STDIN\0"))
-        .await
-        .unwrap();
-    let (tag, _) = c.recv(Duration::from_secs(10)).await.unwrap().unwrap();
-    assert_eq!(tag, b'G', "CopyInResponse");
+    c.start_copy_in("COPY cut FROM STDIN").await.unwrap();
     let mut data: Vec<u8> = (0..1000)
         .flat_map(|i| message(b'd', format!("{i}\n").as_bytes()))
         .collect();

@@ -282,12 +282,7 @@ pub fn rows_run(buf: &[u8]) -> usize {
 mod tests {
     use super::*;
 
-    fn message(tag: u8, body: &[u8]) -> Vec<u8> {
-        let mut m = vec![tag];
-        m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-        m.extend_from_slice(body);
-        m
-    }
+    use crate::protocol::test_message as message;
 
     #[test]
     fn a_run_of_rows_ends_at_another_message_or_a_partial_row() {

@@ -159,18 +159,22 @@ impl<'a> Reader<'a> {
     }
 }
 
+/// A message of `tag` with `body` (for tests).
+#[cfg(test)]
+pub(crate) fn test_message(tag: u8, body: &[u8]) -> Vec<u8> {
+    let mut m = vec![tag];
+    m.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+    m.extend_from_slice(body);
+    m
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
 
     #[test]
     fn a_run_takes_whole_messages_of_its_tags_within_the_limit() {
-        let m = |tag: u8, body: &[u8]| {
-            let mut v = vec![tag];
-            v.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
-            v.extend_from_slice(body);
-            v
-        };
+        let m = test_message;
         let copy = |t: u8| t == b'd';
         let buf = [m(b'd', b"12"), m(b'd', &[b'x'; 100]), m(b'c', b"")].concat();
         assert_eq!(run_of(&buf, usize::MAX, copy), 7 + 105);
