@@ -4,7 +4,8 @@
 //! The session forwards the client's raw frames and the server's raw replies.
 //! It reads only what it must: message tags to know where units end, statement
 //! names to map prepared statements, and the few commands that change session
-//! state. It never decodes rows.
+//! state. Rows pass through whole, in runs (a merged read on several
+//! shards is the one place rows are decoded: `gather.rs`).
 //!
 //! Where the server connection comes from is decided in [`Session::attach_server`]:
 //! the one place a per-statement or per-transaction routing decision plugs in.
