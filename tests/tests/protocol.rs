@@ -57,10 +57,11 @@ async fn simple_and_extended_queries() {
 /// What a client receives for many rows over several reads, rows then an
 /// error, notices between rows, COPY TO STDOUT, a portal read in parts and
 /// a query string of several statements is, message for message, what the
-/// server sends a client connected to it directly.
+/// server sends a client connected to it directly; and after them the
+/// connection is free for another client.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rows_reach_the_client_as_the_server_sent_them() {
-    use shardline_tests::wire::{bind, execute_rows, parse, query, sync};
+    use shardline_tests::wire::{bind, describe, execute_rows, parse, query, sync, unit};
     use shardline_tests::RawClient;
     let env = Env::start().await.unwrap();
     env.sql(
@@ -89,11 +90,31 @@ async fn rows_reach_the_client_as_the_server_sent_them() {
         vec![query(
             "SELECT 1; SELECT g FROM generate_series(1, 500) g; SELECT 1 / 0",
         )],
+        // Describe answered by a RowDescription (it ends the Describe's
+        // entry), then the rows.
+        unit("SELECT g, 'x' FROM generate_series(1, 300) g"),
+        vec![
+            parse(
+                "d",
+                "SELECT $1::int + g FROM generate_series(1, 300) g",
+                &[],
+            ),
+            describe(b'S', "d"),
+            bind("d", &[(0, Some(b"5"))], 0),
+            execute_rows(0),
+            sync(),
+        ],
+        // The connection's queue is right after them: the next units are
+        // answered as they should be.
+        vec![query("SELECT 2")],
+        unit("SELECT 3"),
     ];
     let mut direct = RawClient::login_as(env.primary().port, "sl_trust")
         .await
         .unwrap();
-    let mut proxied = RawClient::login_as(env.port, "sl_trust").await.unwrap();
+    // A pool of one connection: another client gets it only if this one's
+    // queue ends empty after each unit (the connection is released).
+    let mut proxied = RawClient::login_as(env.port, "trustsingle").await.unwrap();
     for unit in &units {
         let want = direct.exchange(unit).await.unwrap();
         let got = proxied.exchange(unit).await.unwrap();
@@ -106,8 +127,14 @@ async fn rows_reach_the_client_as_the_server_sent_them() {
             want.len(),
             first_difference
         );
-        assert!(want.len() > 100, "{:?}", want.len());
     }
+    let mut other = RawClient::login_as(env.port, "trustsingle").await.unwrap();
+    let answer = other.exchange(&[query("SELECT 1")]).await.unwrap();
+    assert_eq!(
+        shardline_tests::tags(&answer),
+        b"TDCZ",
+        "the pool's one connection was not released: {answer:?}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

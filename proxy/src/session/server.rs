@@ -28,15 +28,33 @@ impl Session {
             if buf.len() - pos < len {
                 break Ok(());
             }
-            if matches!(tag, backend::DATA_ROW | backend::COPY_DATA) && self.forwards_rows() {
-                // Rows go to the client in runs: one copy for the run and
-                // none of the per-message bookkeeping, which rows never
-                // touch (they end no pending entry).
-                let end = pos + len + backend::rows_run(&buf[pos + len..]);
-                self.client_out.extend_from_slice(&buf[pos..end]);
-                self.rerun.answered();
-                pos = end;
-                continue;
+            if matches!(
+                tag,
+                backend::DATA_ROW | backend::COPY_DATA | backend::ROW_DESCRIPTION
+            ) {
+                let describes = self.forwarded_front();
+                if describes.is_some_and(|d| !d || tag != backend::ROW_DESCRIPTION) {
+                    // Rows (and a result's RowDescription) go to the client
+                    // in runs: one copy for the run and none of the
+                    // per-message bookkeeping, which they never touch (they
+                    // end no pending entry).
+                    let rest = &buf[pos + len..];
+                    let run = if describes == Some(true) {
+                        backend::rows_run(rest)
+                    } else {
+                        crate::protocol::run_of(rest, usize::MAX, |t| {
+                            matches!(
+                                t,
+                                backend::DATA_ROW | backend::COPY_DATA | backend::ROW_DESCRIPTION
+                            )
+                        })
+                    };
+                    let end = pos + len + run;
+                    self.client_out.extend_from_slice(&buf[pos..end]);
+                    self.rerun.answered();
+                    pos = end;
+                    continue;
+                }
             }
             let msg = &buf[pos..pos + len];
             pos += len;
@@ -66,16 +84,20 @@ impl Session {
         Ok(())
     }
 
-    /// Whether the server's rows go to the client as they are: the front
-    /// entry (once the proxy's own answers ahead of it are out) is a
-    /// question of the client's. (The proxy's own questions, the
-    /// read-your-writes position query among them, are swallowed.)
+    /// Whether the server's rows go to the client as they are, in a run:
+    /// the front entry (once the proxy's own answers ahead of it are out)
+    /// is a question of the client's (the proxy's own, the read-your-writes
+    /// position query among them, are swallowed). `Some(true)` when a
+    /// RowDescription ends that entry (a Describe): it is not part of the
+    /// run; otherwise RowDescriptions go in runs too.
     #[inline]
-    fn forwards_rows(&mut self) -> bool {
+    fn forwarded_front(&mut self) -> Option<bool> {
         self.drain_synthetic();
-        self.pending
+        let front = self
+            .pending
             .front()
-            .is_some_and(|p| p.answer == Answer::Forward)
+            .filter(|p| p.answer == Answer::Forward)?;
+        Some(front.ends_with(backend::ROW_DESCRIPTION))
     }
 
     pub(super) fn on_server_message(&mut self, tag: u8, msg: &[u8]) -> Result<(), String> {
