@@ -32,28 +32,24 @@ impl Session {
                 tag,
                 backend::DATA_ROW | backend::COPY_DATA | backend::ROW_DESCRIPTION
             ) {
-                let describes = self.forwarded_front();
-                if describes.is_some_and(|d| !d || tag != backend::ROW_DESCRIPTION) {
-                    // Rows (and a result's RowDescription) go to the client
-                    // in runs: one copy for the run and none of the
-                    // per-message bookkeeping, which they never touch (they
-                    // end no pending entry).
-                    let rest = &buf[pos + len..];
-                    let run = if describes == Some(true) {
-                        backend::rows_run(rest)
-                    } else {
-                        crate::protocol::run_of(rest, usize::MAX, |t| {
-                            matches!(
-                                t,
-                                backend::DATA_ROW | backend::COPY_DATA | backend::ROW_DESCRIPTION
-                            )
-                        })
+                if let Some(describes) = self.forwarded_front() {
+                    // Rows, and a RowDescription that ends no entry (not
+                    // a Describe's answer), go to the client in runs: one
+                    // copy for the run and none of the per-message
+                    // bookkeeping, which they never touch.
+                    let joins = |t: u8| {
+                        matches!(t, backend::DATA_ROW | backend::COPY_DATA)
+                            || (t == backend::ROW_DESCRIPTION && !describes)
                     };
-                    let end = pos + len + run;
-                    self.client_out.extend_from_slice(&buf[pos..end]);
-                    self.rerun.answered();
-                    pos = end;
-                    continue;
+                    if joins(tag) {
+                        let end = pos
+                            + len
+                            + crate::protocol::run_of(&buf[pos + len..], usize::MAX, joins);
+                        self.client_out.extend_from_slice(&buf[pos..end]);
+                        self.rerun.answered();
+                        pos = end;
+                        continue;
+                    }
                 }
             }
             let msg = &buf[pos..pos + len];
@@ -88,8 +84,7 @@ impl Session {
     /// the front entry (once the proxy's own answers ahead of it are out)
     /// is a question of the client's (the proxy's own, the read-your-writes
     /// position query among them, are swallowed). `Some(true)` when a
-    /// RowDescription ends that entry (a Describe): it is not part of the
-    /// run; otherwise RowDescriptions go in runs too.
+    /// RowDescription ends that entry (a Describe).
     #[inline]
     fn forwarded_front(&mut self) -> Option<bool> {
         self.drain_synthetic();
