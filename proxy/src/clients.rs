@@ -125,7 +125,7 @@ impl ClientSlot {
 
     /// The client sent a request at `at` (the session's own clock read:
     /// none is taken here).
-    pub fn request(&self, at: std::time::Instant) {
+    pub fn request(&self, at: crate::clock::Mono) {
         self.requested.store(crate::health::ms_at(at), Relaxed);
     }
 

@@ -8,6 +8,7 @@
 //! A replica that has replayed everything the primary wrote has no lag, however
 //! long the primary has been idle.
 
+use crate::clock::Mono;
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::server::conn::{Connections, Listed};
 use crate::server::conn::{ServerConnection, ServerTarget};
@@ -18,19 +19,19 @@ use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 /// The start of the proxy's monotonic clock (its first reading).
-fn clock_base() -> Instant {
-    static BASE: OnceLock<Instant> = OnceLock::new();
-    *BASE.get_or_init(Instant::now)
+fn clock_base() -> Mono {
+    static BASE: OnceLock<Mono> = OnceLock::new();
+    *BASE.get_or_init(Mono::now)
 }
 
 /// Milliseconds on the proxy's monotonic clock.
 pub fn now_ms() -> u64 {
-    ms_at(Instant::now())
+    ms_at(Mono::now())
 }
 
 /// `at` in milliseconds on the proxy's monotonic clock (0 is never one).
-pub fn ms_at(at: Instant) -> u64 {
-    at.saturating_duration_since(clock_base()).as_millis() as u64 + 1
+pub fn ms_at(at: Mono) -> u64 {
+    at.nanos_since(clock_base()) / 1_000_000 + 1
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -20,11 +20,12 @@
 //! slices of every stripe, counter by counter, and estimates every
 //! candidate from the sum.
 
+use crate::clock::Mono;
 use shardline_router::hash::KeyValue;
 use shardline_router::shards::KeySeen;
 use std::collections::HashMap;
 use std::sync::Mutex;
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// Counters per row.
 pub const WIDTH: usize = 1024;
@@ -188,7 +189,7 @@ impl Slice {
 /// The sharding keys routed by, counted per table group over a sliding
 /// window.
 pub struct HotKeys {
-    start: Instant,
+    start: Mono,
     slice: Duration,
     slice_ns: u64,
     groups: usize,
@@ -239,7 +240,7 @@ impl HotKeys {
             .next_power_of_two();
         let slice = (window / SLICES as u32).max(Duration::from_millis(1));
         Some(HotKeys {
-            start: Instant::now(),
+            start: Mono::now(),
             slice,
             slice_ns: slice.as_nanos() as u64,
             groups,
@@ -256,13 +257,12 @@ impl HotKeys {
         self.groups == groups && self.shards == shards
     }
 
-    fn epoch(&self, at: Instant) -> u64 {
-        let d = at.saturating_duration_since(self.start);
-        (d.as_secs() * 1_000_000_000 + u64::from(d.subsec_nanos())) / self.slice_ns
+    fn epoch(&self, at: Mono) -> u64 {
+        at.nanos_since(self.start) / self.slice_ns
     }
 
     /// Counts `keys`, noted at `at` by a session of client `client`.
-    pub fn record(&self, at: Instant, client: u64, keys: &[KeySeen]) {
+    pub fn record(&self, at: Mono, client: u64, keys: &[KeySeen]) {
         if keys.is_empty() {
             return;
         }
@@ -291,15 +291,15 @@ impl HotKeys {
 
     /// The window's counts, merged over stripes and slices.
     pub fn report(&self) -> Report {
-        self.report_at(Instant::now())
+        self.report_at(Mono::now())
     }
 
-    fn report_at(&self, now: Instant) -> Report {
+    fn report_at(&self, now: Mono) -> Report {
         let epoch = self.epoch(now);
         let oldest = epoch.saturating_sub(SLICES - 1);
-        let since = self.start + self.slice * oldest as u32;
+        let since = self.start.after(self.slice * oldest as u32);
         let mut report = Report {
-            covered: now.saturating_duration_since(since),
+            covered: now.since(since),
             groups: vec![(0, Vec::new()); self.groups],
             shards: vec![0; self.shards],
         };
@@ -452,9 +452,9 @@ mod tests {
             let mut keys = vec![seen(0, 42, 1); 3];
             keys.push(seen(0, client as i64 + 1000, 0));
             keys.push(seen(1, 5, 2));
-            hk.record(Instant::now(), client, &keys);
+            hk.record(Mono::now(), client, &keys);
         }
-        hk.record(Instant::now(), 0, &[seen(9, 1, 0), seen(0, 1, 9)]);
+        hk.record(Mono::now(), 0, &[seen(9, 1, 0), seen(0, 1, 9)]);
         let r = hk.report();
         assert_eq!(r.groups[0].0, 160);
         assert_eq!(r.groups[1].0, 40);
@@ -474,7 +474,7 @@ mod tests {
     #[test]
     fn counts_leave_the_window() {
         let hk = HotKeys::new(Duration::from_secs(60), 1, 1).unwrap();
-        let at = |s: u64| hk.start + Duration::from_millis(s * 1000 + 1);
+        let at = |s: u64| hk.start.after(Duration::from_millis(s * 1000 + 1));
         hk.record(at(0), 0, &[seen(0, 1, 0)]);
         hk.record(at(30), 0, &[seen(0, 2, 0)]);
         let r = hk.report_at(at(45));

@@ -7,6 +7,7 @@ pub mod auth;
 pub mod cache;
 pub mod check;
 pub mod clients;
+pub mod clock;
 pub mod cluster;
 pub mod demo;
 pub mod fuzz;

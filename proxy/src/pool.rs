@@ -9,12 +9,13 @@
 //! same, which a general-purpose pool's hooks, metrics and timeout layers
 //! made several times dearer on every transaction.
 
+use crate::clock::Mono;
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::server::conn::{ServerConnection, ServerError, ServerTarget};
 use shardline_config::PoolConfig;
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering::Relaxed};
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 pub struct Manager {
     target: ServerTarget,
@@ -64,7 +65,7 @@ impl Manager {
     }
 
     /// Whether an idle connection may be lent again (why not, else).
-    fn recycle(&self, idle: &Idle, now: Instant) -> Result<(), &'static str> {
+    fn recycle(&self, idle: &Idle, now: Mono) -> Result<(), &'static str> {
         let conn = &idle.conn;
         if !conn.is_clean() {
             return Err("connection is not clean");
@@ -72,12 +73,10 @@ impl Manager {
         if conn.generation < self.generation.load(Relaxed) {
             return Err("closed by RECONNECT");
         }
-        if now.saturating_duration_since(idle.created) > self.max_lifetime {
+        if now.since(idle.created) > self.max_lifetime {
             return Err("connection exceeded max_lifetime");
         }
-        if now.saturating_duration_since(idle.last_used) > self.check_delay
-            && conn.stream.has_closed_or_unread()
-        {
+        if now.since(idle.last_used) > self.check_delay && conn.stream.has_closed_or_unread() {
             return Err("server closed the connection while idle");
         }
         Ok(())
@@ -90,8 +89,8 @@ struct Idle {
     /// Boxed: a lent connection moves several times per checkout, and a
     /// pointer moves cheaply where its few hundred bytes would be copied.
     conn: Box<ServerConnection>,
-    created: Instant,
-    last_used: Instant,
+    created: Mono,
+    last_used: Mono,
 }
 
 /// What the pool's lock guards.
@@ -213,7 +212,7 @@ impl Pool {
             pool: self,
             opening: false,
         };
-        let now = Instant::now();
+        let now = Mono::now();
         loop {
             let popped = {
                 let mut s = self.slots();
@@ -246,7 +245,7 @@ impl Pool {
                 std::mem::forget(slot);
                 Ok(PooledConnection {
                     conn: Some(conn),
-                    created: Instant::now(),
+                    created: Mono::now(),
                     pool: self.clone(),
                 })
             }
@@ -267,7 +266,7 @@ impl Pool {
 
     /// A lent connection comes back: kept idle, or closed when the pool
     /// is over its size.
-    fn put(&self, conn: Box<ServerConnection>, created: Instant) {
+    fn put(&self, conn: Box<ServerConnection>, created: Mono) {
         let mut s = self.slots();
         let closed = if s.size > s.max_size {
             s.size -= 1;
@@ -276,7 +275,7 @@ impl Pool {
             s.idle.push(Idle {
                 conn,
                 created,
-                last_used: Instant::now(),
+                last_used: Mono::now(),
             });
             None
         };
@@ -327,15 +326,15 @@ impl Pool {
         &self,
         mut keep: impl FnMut(&ServerConnection, Duration, Duration) -> bool,
     ) -> usize {
-        let now = Instant::now();
+        let now = Mono::now();
         let mut closed = Vec::new();
         {
             let mut s = self.slots();
             let mut i = 0;
             while i < s.idle.len() {
                 let idle = &s.idle[i];
-                let age = now.saturating_duration_since(idle.created);
-                let unused = now.saturating_duration_since(idle.last_used);
+                let age = now.since(idle.created);
+                let unused = now.since(idle.last_used);
                 if keep(&idle.conn, age, unused) {
                     i += 1;
                 } else {
@@ -370,7 +369,7 @@ impl Drop for Slot<'_> {
 /// made sure it is clean), `discard` closes it.
 pub struct PooledConnection {
     conn: Option<Box<ServerConnection>>,
-    created: Instant,
+    created: Mono,
     pool: Pool,
 }
 

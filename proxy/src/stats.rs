@@ -9,6 +9,7 @@
 //! (`pool::NodePool::checkout`). A background task turns the totals into
 //! per-second averages every `admin.stats_period` ([`Averages`]).
 
+use crate::clock::Mono;
 use crate::protocol::backend::{sqlstate, PgError};
 use shardline_router::shards::{Construct, Refusal};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
@@ -94,8 +95,22 @@ impl Histogram {
     /// Records `value`, in the histogram's unit (µs for latencies).
     #[inline]
     pub fn observe(&self, value: u64) {
-        let i = self.bounds.partition_point(|&bound| bound < value);
-        self.counts[i].fetch_add(1, Relaxed);
+        self.observe_in(self.bucket(value), value);
+    }
+
+    /// The bucket `value` falls in: found once for several histograms
+    /// with the same bounds (`observe_in`).
+    #[inline]
+    pub fn bucket(&self, value: u64) -> usize {
+        self.bounds.partition_point(|&bound| bound < value)
+    }
+
+    /// Records `value`, which falls in `bucket` (`bucket` of a histogram
+    /// with the same bounds).
+    #[inline]
+    pub fn observe_in(&self, bucket: usize, value: u64) {
+        debug_assert_eq!(bucket, self.bucket(value));
+        self.counts[bucket].fetch_add(1, Relaxed);
         if value > 0 {
             self.sum.fetch_add(value, Relaxed);
         }
@@ -453,9 +468,9 @@ pub struct Meter {
     /// Bytes at the front of the client's output buffer already counted.
     counted: usize,
     /// When the unit being answered began (the client's bytes arrived).
-    unit_since: Option<Instant>,
+    unit_since: Option<Mono>,
     /// When the client's transaction began.
-    xact_since: Option<Instant>,
+    xact_since: Option<Mono>,
     received: u64,
     sent: u64,
     /// Where the unit being answered runs.
@@ -474,7 +489,7 @@ impl Meter {
 
     /// When the unit being answered began (its first bytes arrived).
     #[inline]
-    pub fn unit_started(&self) -> Option<Instant> {
+    pub fn unit_started(&self) -> Option<Mono> {
         self.unit_since
     }
 
@@ -493,12 +508,12 @@ impl Meter {
     /// The client sent `n` bytes; returns when, if they begin a request
     /// (nothing was being answered).
     #[inline]
-    pub fn received(&mut self, n: usize) -> Option<Instant> {
+    pub fn received(&mut self, n: usize) -> Option<Mono> {
         self.received += n as u64;
         if self.unit_since.is_some() {
             return None;
         }
-        let now = Instant::now();
+        let now = Mono::now();
         self.unit_since = Some(now);
         self.xact_since.get_or_insert(now);
         Some(now)
@@ -540,7 +555,7 @@ impl Meter {
         if n == 0 {
             return None;
         }
-        let now = Instant::now();
+        let now = Mono::now();
         let by_kind = self.place.index().map(|i| &to.events.by_kind[i]);
         let by_shard = match self.place {
             Kind::One { shard, replica, .. } => to
@@ -554,18 +569,20 @@ impl Meter {
         // counters: one whose start was not seen apart (it arrived while
         // another was answered, or is past the few statuses read from one
         // write) counts as answered at once.
+        // The unit's histograms share their bounds: one bucket search.
         let observe_unit = |us: u64| {
-            stats.query_time.observe(us);
+            let bucket = stats.query_time.bucket(us);
+            stats.query_time.observe_in(bucket, us);
             if let Some(h) = by_kind {
-                h.observe(us);
+                h.observe_in(bucket, us);
             }
             if let Some(h) = by_shard {
-                h.observe(us);
+                h.observe_in(bucket, us);
             }
         };
         for &status in &ended[..n.min(ended.len())] {
             let since = self.unit_since.take();
-            let us = since.map_or(0, |t| now.saturating_duration_since(t).as_micros() as u64);
+            let us = since.map_or(0, |t| now.micros_since(t));
             query_us += us;
             observe_unit(us);
             if us >= to.slow_us {
@@ -576,7 +593,7 @@ impl Meter {
                 let us = match self.xact_since.take() {
                     // A transaction of one unit: its time is the unit's.
                     t if t == since => us,
-                    t => t.map_or(0, |t| now.saturating_duration_since(t).as_micros() as u64),
+                    t => t.map_or(0, |t| now.micros_since(t)),
                 };
                 xact_us += us;
                 stats.xact_time.observe(us);

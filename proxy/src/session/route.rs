@@ -405,7 +405,7 @@ impl Session {
                 let at = self
                     .meter
                     .unit_started()
-                    .unwrap_or_else(std::time::Instant::now);
+                    .unwrap_or_else(crate::clock::Mono::now);
                 let client = u64::from(self.client.info.peer.port());
                 hot.record(at, client, &self.unit_routes.keys);
                 self.unit_routes.keys.clear();
