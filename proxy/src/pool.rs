@@ -206,8 +206,42 @@ impl Pool {
                 }
             }
         }
-        // The permit is this checkout's until the connection comes back
-        // (`PooledConnection::drop`) or the checkout fails (`Slot::drop`).
+        let slot = match self.idle_or_opening() {
+            Ok(conn) => return Ok(conn),
+            Err(slot) => slot,
+        };
+        // Counted in `size` (and uncounted by `slot` if it fails).
+        match tokio::time::timeout(connect_timeout, self.0.manager.create()).await {
+            Ok(Ok(conn)) => {
+                std::mem::forget(slot);
+                Ok(PooledConnection {
+                    conn: Some(conn),
+                    created: Mono::now(),
+                    pool: self.clone(),
+                })
+            }
+            Ok(Err(e)) => Err(CheckoutError::Backend(e)),
+            Err(_) => Err(CheckoutError::Connect),
+        }
+    }
+
+    /// A connection at once, without waiting: a permit is free and an
+    /// idle connection passes `recycle` (the checkout of nearly every
+    /// unit, run without the asynchronous path's futures). `None` leaves
+    /// the pool as it was.
+    pub fn try_idle(&self) -> Option<PooledConnection> {
+        self.0.permits.try_acquire().ok()?.forget();
+        // No idle one: the slot reserved for opening one is given back
+        // with the permit when dropped.
+        self.idle_or_opening().ok()
+    }
+
+    /// With a permit taken: an idle connection that passes `recycle`
+    /// (those that fail are closed), else the slot for opening a new one,
+    /// counted in `size`. The permit is the checkout's until the
+    /// connection comes back (`PooledConnection::drop`) or the slot is
+    /// dropped (`Slot::drop`).
+    fn idle_or_opening(&self) -> Result<PooledConnection, Slot<'_>> {
         let mut slot = Slot {
             pool: self,
             opening: false,
@@ -223,7 +257,9 @@ impl Pool {
                 }
                 idle
             };
-            let Some(idle) = popped else { break };
+            let Some(idle) = popped else {
+                return Err(slot);
+            };
             match self.0.manager.recycle(&idle, now) {
                 Ok(()) => {
                     std::mem::forget(slot);
@@ -238,19 +274,6 @@ impl Pool {
                     self.slots().size -= 1;
                 }
             }
-        }
-        // Counted in `size` above (and uncounted by `slot` if it fails).
-        match tokio::time::timeout(connect_timeout, self.0.manager.create()).await {
-            Ok(Ok(conn)) => {
-                std::mem::forget(slot);
-                Ok(PooledConnection {
-                    conn: Some(conn),
-                    created: Mono::now(),
-                    pool: self.clone(),
-                })
-            }
-            Ok(Err(e)) => Err(CheckoutError::Backend(e)),
-            Err(_) => Err(CheckoutError::Connect),
         }
     }
 
@@ -520,6 +543,16 @@ impl NodePool {
         Some(node)
     }
 
+    /// Borrows an idle clean connection if one is free now, without
+    /// waiting or opening one (`checkout` does both): the common case,
+    /// tried before the asynchronous path is entered at all.
+    pub fn try_checkout(&self) -> Option<PooledConnection> {
+        let conn = self.pool.try_idle()?;
+        self.counters.assignments.fetch_add(1, Relaxed);
+        self.counters.wait.observe(0);
+        Some(conn)
+    }
+
     /// Borrows a clean connection, opening one if the pool has room, else
     /// waiting up to `checkout_timeout` (`waiter`, the client, is shown
     /// waiting meanwhile).
@@ -527,8 +560,11 @@ impl NodePool {
         &self,
         waiter: Option<&crate::clients::ClientSlot>,
     ) -> Result<PooledConnection, PgError> {
+        if let Some(conn) = self.try_checkout() {
+            return Ok(conn);
+        }
         self.counters.assignments.fetch_add(1, Relaxed);
-        // Most checkouts find a free connection: try without arming a timer.
+        // A free slot to open a connection in: try without arming a timer.
         match self.pool.get(Duration::ZERO, self.connect_timeout).await {
             Err(CheckoutError::Wait) => {}
             other => {

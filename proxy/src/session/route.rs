@@ -825,7 +825,13 @@ impl Session {
                     }
                 }
             };
-            match pools.nodes[node].checkout(Some(&self.client)).await {
+            // An idle connection at once (nearly every unit), else the
+            // checkout that opens one or waits.
+            let got = match pools.nodes[node].try_checkout() {
+                Some(conn) => Ok(conn),
+                None => pools.nodes[node].checkout(Some(&self.client)).await,
+            };
+            match got {
                 Ok(conn) => return Ok((conn, node, target)),
                 Err(e) if unreachable(&e) => {
                     *tried |= bit(node);
