@@ -387,6 +387,13 @@ async fn session_settings_survive_transaction_pooling() {
     a.simple_query("BEGIN; SET work_mem = '7MB'; ROLLBACK")
         .await
         .unwrap();
+    // The same with each statement a query of its own: the ROLLBACK's
+    // completion is what drops the SET (a completion the session may
+    // otherwise forward without looking at it).
+    for sql in ["BEGIN", "SET work_mem = '7MB'", "ROLLBACK"] {
+        a.simple_query(sql).await.unwrap();
+    }
+    expect_settings(&a, &b, &["work_mem"], &["4MB"]).await;
     // A SET in a failed implicit transaction does not stick either.
     assert!(a
         .simple_query("SET work_mem = '9MB'; SELECT 1/0")

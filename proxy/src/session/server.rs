@@ -9,6 +9,17 @@ use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::peek_header;
 use bytes::Buf;
 
+/// The command tags whose completion changes what the session keeps
+/// (`Session::on_command_complete`): a COMMIT makes the transaction's
+/// effects hold, a ROLLBACK drops them, DISCARD ALL and DEALLOCATE ALL
+/// empty the server's prepared statements.
+fn changes_session_state(tag: &[u8]) -> bool {
+    matches!(
+        tag,
+        b"COMMIT" | b"ROLLBACK" | b"DISCARD ALL" | b"DEALLOCATE ALL"
+    )
+}
+
 impl Session {
     pub(super) fn on_server_data(&mut self) -> Result<(), End> {
         // Answers change what a unit's plan reads (a failed Parse's
@@ -54,6 +65,13 @@ impl Session {
             }
             let msg = &buf[pos..pos + len];
             pos += len;
+            if tag == backend::COMMAND_COMPLETE && self.completes_plainly(&msg[5..]) {
+                // The statement's end, with nothing to keep: forwarded as
+                // the rows before it were.
+                self.client_out.extend_from_slice(msg);
+                self.rerun.answered();
+                continue;
+            }
             if let Err(e) = self.on_server_message(tag, msg) {
                 break Err(e);
             }
@@ -78,6 +96,26 @@ impl Session {
         }
         self.maybe_release();
         Ok(())
+    }
+
+    /// Whether a CommandComplete (`body`) needs none of the per-message
+    /// bookkeeping: it answers a client's simple query that has no session
+    /// effects to track (`Kind::Query` with none queued), and its tag is
+    /// not one that changes what the session keeps
+    /// (`changes_session_state`). Such a completion changes nothing
+    /// `on_server_message` would (the entry ends at ReadyForQuery), so it
+    /// is forwarded as rows are: a simple SELECT's whole reply but its
+    /// ReadyForQuery then takes no per-message step.
+    #[inline]
+    fn completes_plainly(&mut self, body: &[u8]) -> bool {
+        self.drain_synthetic();
+        matches!(
+            self.pending.front(),
+            Some(Pending {
+                answer: Answer::Forward,
+                kind: Kind::Query { effects },
+            }) if effects.is_empty()
+        ) && !changes_session_state(backend::command_tag(body))
     }
 
     /// Whether the server's rows go to the client as they are, in a run:
@@ -419,7 +457,10 @@ impl Session {
         tag: &[u8],
         effect: Option<shardline_router::effect::Effect>,
     ) {
+        // (The tags matched below are those `changes_session_state`
+        // names: a completion without one may skip this, `completes_plainly`.)
         match tag {
+            _ if !changes_session_state(tag) => {}
             b"COMMIT" => {
                 for e in std::mem::take(&mut self.txn_effects) {
                     self.commit_effect(&e);
