@@ -65,11 +65,15 @@ impl Session {
             }
             let msg = &buf[pos..pos + len];
             pos += len;
-            if tag == backend::COMMAND_COMPLETE && self.completes_plainly(&msg[5..]) {
-                // The statement's end, with nothing to keep: forwarded as
-                // the rows before it were.
+            if let Some(ends) = self.answers_plainly(tag, &msg[5..]) {
+                // An answer with nothing to keep: forwarded as the rows
+                // before it were, ending its entry when it is the end.
                 self.client_out.extend_from_slice(msg);
                 self.rerun.answered();
+                if ends {
+                    self.pending.pop_front();
+                    self.drain_synthetic();
+                }
                 continue;
             }
             if let Err(e) = self.on_server_message(tag, msg) {
@@ -98,24 +102,52 @@ impl Session {
         Ok(())
     }
 
-    /// Whether a CommandComplete (`body`) needs none of the per-message
-    /// bookkeeping: it answers a client's simple query that has no session
-    /// effects to track (`Kind::Query` with none queued), and its tag is
-    /// not one that changes what the session keeps
-    /// (`changes_session_state`). Such a completion changes nothing
-    /// `on_server_message` would (the entry ends at ReadyForQuery), so it
-    /// is forwarded as rows are: a simple SELECT's whole reply but its
-    /// ReadyForQuery then takes no per-message step.
+    /// Whether the answer `tag` (`body`) needs none of `on_server_message`'s
+    /// bookkeeping beyond forwarding it and, when it ends the front entry,
+    /// popping that (`Some(true)`): the front entry is the client's
+    /// (`Answer::Forward`), and the answer is
+    /// - ParseComplete, BindComplete, CloseComplete, NoData,
+    ///   PortalSuspended, or a Describe's RowDescription, ending its entry
+    ///   (those `on_server_message` only pops);
+    /// - a CommandComplete whose tag changes nothing the session keeps
+    ///   (`changes_session_state`), under a simple query with no session
+    ///   effects queued (`Some(false)`: the entry ends at ReadyForQuery) or
+    ///   ending an Execute that has none.
+    ///
+    /// Errors, ReadyForQuery, ParameterDescription and the COPY answers
+    /// always take the per-message step. An extended unit's answers then
+    /// take one such step in all, its ReadyForQuery's.
     #[inline]
-    fn completes_plainly(&mut self, body: &[u8]) -> bool {
+    fn answers_plainly(&mut self, tag: u8, body: &[u8]) -> Option<bool> {
+        use backend::*;
+        if !matches!(
+            tag,
+            COMMAND_COMPLETE
+                | PARSE_COMPLETE
+                | BIND_COMPLETE
+                | CLOSE_COMPLETE
+                | NO_DATA
+                | PORTAL_SUSPENDED
+                | ROW_DESCRIPTION
+        ) {
+            return None;
+        }
         self.drain_synthetic();
-        matches!(
-            self.pending.front(),
-            Some(Pending {
-                answer: Answer::Forward,
-                kind: Kind::Query { effects },
-            }) if effects.is_empty()
-        ) && !changes_session_state(backend::command_tag(body))
+        let front = self
+            .pending
+            .front()
+            .filter(|p| p.answer == Answer::Forward)?;
+        if tag != COMMAND_COMPLETE {
+            return front.ends_with(tag).then_some(true);
+        }
+        if changes_session_state(command_tag(body)) {
+            return None;
+        }
+        match &front.kind {
+            Kind::Query { effects } if effects.is_empty() => Some(false),
+            Kind::Execute { effect: None } => Some(true),
+            _ => None,
+        }
     }
 
     /// Whether the server's rows go to the client as they are, in a run:
@@ -458,7 +490,7 @@ impl Session {
         effect: Option<shardline_router::effect::Effect>,
     ) {
         // (The tags matched below are those `changes_session_state`
-        // names: a completion without one may skip this, `completes_plainly`.)
+        // names: a completion without one may skip this, `answers_plainly`.)
         match tag {
             _ if !changes_session_state(tag) => {}
             b"COMMIT" => {
