@@ -110,8 +110,16 @@ fn is_read(class: Class) -> bool {
 /// A statement that only ends a transaction (`COMMIT`, `END`, `ROLLBACK`,
 /// `ABORT`, optionally with `WORK` or `TRANSACTION`): its command tag.
 pub fn lone_transaction_end(sql: &str) -> Option<&'static str> {
-    // Asked of every statement a writing client sends: the first word
-    // decides most, without allocating.
+    // Asked of every statement a writing client sends. A text that begins
+    // with a letter begins with its first word (no comment, string or
+    // punctuation before it): unless that letter begins one of the four,
+    // the answer is known from it.
+    if let Some(&b) = sql.as_bytes().iter().find(|b| !b.is_ascii_whitespace()) {
+        if b.is_ascii_alphabetic() && !matches!(b.to_ascii_lowercase(), b'c' | b'e' | b'r' | b'a') {
+            return None;
+        }
+    }
+    // The first word decides most of the rest, without allocating.
     let mut words = words(sql.trim_end_matches([';', ' ', '\n', '\t', '\r']));
     let is = |w: &str, of: &[&str]| of.iter().any(|k| w.eq_ignore_ascii_case(k));
     let first = words.next()?;
@@ -279,5 +287,20 @@ mod tests {
         assert_eq!(lone_transaction_end("COMMIT PREPARED 'x'"), None);
         assert_eq!(lone_transaction_end("ROLLBACK TO SAVEPOINT a"), None);
         assert_eq!(lone_transaction_end("SELECT 1"), None);
+        // Answered from the first letter, or by the words when something
+        // comes before the first word or the letter may begin one.
+        assert_eq!(lone_transaction_end("\n\t UPDATE t SET a = 1"), None);
+        assert_eq!(lone_transaction_end("\n commit work;"), Some("COMMIT"));
+        assert_eq!(lone_transaction_end("Rollback"), Some("ROLLBACK"));
+        assert_eq!(lone_transaction_end("/* tag */ COMMIT"), Some("COMMIT"));
+        assert_eq!(
+            lone_transaction_end("-- c\nEND TRANSACTION"),
+            Some("COMMIT")
+        );
+        assert_eq!(lone_transaction_end("(commit)"), Some("COMMIT"));
+        assert_eq!(lone_transaction_end("analyze t"), None);
+        assert_eq!(lone_transaction_end("enda"), None);
+        assert_eq!(lone_transaction_end(" ; "), None);
+        assert_eq!(lone_transaction_end(""), None);
     }
 }

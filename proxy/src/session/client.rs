@@ -580,7 +580,10 @@ impl Session {
     /// under transaction pooling, nothing else in flight): a COMMIT/END of
     /// a transaction that wrote, or one writing statement outside a
     /// transaction.
-    fn position_query_with(&mut self, text: &[u8]) -> Option<crate::PositionPending> {
+    fn position_query_with<'t>(
+        &mut self,
+        utf8: &mut impl FnMut() -> Option<&'t str>,
+    ) -> Option<crate::PositionPending> {
         // The session's state first: reads and units with others in flight
         // never look at the text.
         let eligible = self.wrote
@@ -590,7 +593,7 @@ impl Session {
             && self.mode() == PoolMode::Transaction;
         let server = self.server.as_ref().filter(|_| eligible)?;
         // A text that is not UTF-8 commits nothing the proxy knows of.
-        let text = std::str::from_utf8(text).unwrap_or("");
+        let text = utf8().unwrap_or("");
         let commits = match shardline_router::lone_transaction_end(text) {
             Some("COMMIT") => server.tx_status == b'T',
             Some(_) => false,
@@ -632,10 +635,13 @@ impl Session {
         // connection routes nothing here. Effects are looked for only in
         // a text whose shape may have some (a text that is not UTF-8 has
         // none).
-        let route =
-            (self.shared.caching || self.may_keep_session_state()).then(|| self.route_text(text));
+        // The text as a string, checked once for all the steps that read it.
+        let mut checked: Option<Option<&str>> = None;
+        let mut utf8 = || *checked.get_or_insert_with(|| std::str::from_utf8(text).ok());
+        let route = (self.shared.caching || self.may_keep_session_state())
+            .then(|| self.route_checked(text, &mut utf8));
         let effects = if route.as_ref().is_none_or(|r| r.effects) {
-            std::str::from_utf8(text).ok().and_then(effect::effects)
+            utf8().and_then(effect::effects)
         } else {
             None
         };
@@ -669,7 +675,7 @@ impl Session {
                 self.note_cache_use(route.cache_use());
             }
         }
-        let probe = self.position_query_with(text);
+        let probe = self.position_query_with(&mut utf8);
         self.send_query_frame(&f.bytes);
         let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
         self.pending

@@ -267,15 +267,36 @@ impl Session {
     /// Routes one statement text through the shared cache (a large one
     /// from the routes `route_large_ahead` made).
     pub(super) fn route_text(&self, sql: &[u8]) -> Route {
+        self.route_kept(sql)
+            .unwrap_or_else(|| route_bytes(&self.shared, sql))
+    }
+
+    /// `route_text` for a text its caller may have checked already:
+    /// `utf8` gives it as a string when it is UTF-8, checking it at most
+    /// once for the caller's other uses.
+    pub(super) fn route_checked<'t>(
+        &self,
+        sql: &'t [u8],
+        utf8: &mut impl FnMut() -> Option<&'t str>,
+    ) -> Route {
+        self.route_kept(sql).unwrap_or_else(|| match utf8() {
+            Some(text) => route_timed(&self.shared, text, None),
+            None => FUNCTION_CALL,
+        })
+    }
+
+    /// The route kept for `sql`: routed with the unit's plan, or ahead of
+    /// it when large.
+    fn route_kept(&self, sql: &[u8]) -> Option<Route> {
         if let Some(route) = self.unit_routes.get(sql) {
-            return route.clone();
+            return Some(route.clone());
         }
         if sql.len() >= LARGE_STATEMENT {
             if let Some((_, route)) = self.large_routes.iter().find(|(t, _)| t[..] == *sql) {
-                return route.clone();
+                return Some(route.clone());
             }
         }
-        route_bytes(&self.shared, sql)
+        None
     }
 
     /// Routes `sql` as `route_text` does and records it, with where its
