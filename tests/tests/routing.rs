@@ -450,6 +450,11 @@ async fn preparing_a_write_runs_on_a_replica_and_asks_no_position() {
     let env = Env::start_with(EnvOptions {
         replicas_per_shard: 1,
         pool_toml: "size = 1".into(),
+        // The prepare after each write waits for the replica to replay it
+        // (read-your-writes holds for Parse too: a user's own DDL); on a
+        // loaded machine that can take longer than the default 20 ms,
+        // after which the prepare would go to the primary.
+        extra_toml: "[load_balancing]\nreplica_wait = \"10s\"\n".into(),
         ..Default::default()
     })
     .await
