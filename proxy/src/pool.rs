@@ -560,9 +560,18 @@ impl NodePool {
         &self,
         waiter: Option<&crate::clients::ClientSlot>,
     ) -> Result<PooledConnection, PgError> {
-        if let Some(conn) = self.try_checkout() {
-            return Ok(conn);
+        match self.try_checkout() {
+            Some(conn) => Ok(conn),
+            None => self.checkout_slow(waiter).await,
         }
+    }
+
+    /// `checkout` once `try_checkout` found no idle connection: opens one
+    /// if the pool has room, else waits (for a caller that tried first).
+    pub async fn checkout_slow(
+        &self,
+        waiter: Option<&crate::clients::ClientSlot>,
+    ) -> Result<PooledConnection, PgError> {
         self.counters.assignments.fetch_add(1, Relaxed);
         // A free slot to open a connection in: try without arming a timer.
         match self.pool.get(Duration::ZERO, self.connect_timeout).await {

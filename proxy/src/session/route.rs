@@ -226,9 +226,15 @@ const ROUTE_TIMING_SAMPLE: u32 = 64;
 /// Routes one statement text's bytes as `route_timed` does (a text that
 /// is not UTF-8 routes as a function call: to the primary, unparsed).
 fn route_bytes(shared: &crate::Shared, sql: &[u8]) -> Route {
-    match std::str::from_utf8(sql) {
-        Ok(text) => route_timed(shared, text, None),
-        Err(_) => FUNCTION_CALL,
+    route_utf8(shared, std::str::from_utf8(sql).ok())
+}
+
+/// Routes a statement text checked for UTF-8 (`None`: it is not, and
+/// routes as a function call).
+fn route_utf8(shared: &crate::Shared, text: Option<&str>) -> Route {
+    match text {
+        Some(text) => route_timed(shared, text, None),
+        None => FUNCTION_CALL,
     }
 }
 
@@ -267,8 +273,7 @@ impl Session {
     /// Routes one statement text through the shared cache (a large one
     /// from the routes `route_large_ahead` made).
     pub(super) fn route_text(&self, sql: &[u8]) -> Route {
-        self.route_kept(sql)
-            .unwrap_or_else(|| route_bytes(&self.shared, sql))
+        self.route_checked(sql, &mut || std::str::from_utf8(sql).ok())
     }
 
     /// `route_text` for a text its caller may have checked already:
@@ -279,10 +284,8 @@ impl Session {
         sql: &'t [u8],
         utf8: &mut impl FnMut() -> Option<&'t str>,
     ) -> Route {
-        self.route_kept(sql).unwrap_or_else(|| match utf8() {
-            Some(text) => route_timed(&self.shared, text, None),
-            None => FUNCTION_CALL,
-        })
+        self.route_kept(sql)
+            .unwrap_or_else(|| route_utf8(&self.shared, utf8()))
     }
 
     /// The route kept for `sql`: routed with the unit's plan, or ahead of
@@ -850,7 +853,7 @@ impl Session {
             // checkout that opens one or waits.
             let got = match pools.nodes[node].try_checkout() {
                 Some(conn) => Ok(conn),
-                None => pools.nodes[node].checkout(Some(&self.client)).await,
+                None => pools.nodes[node].checkout_slow(Some(&self.client)).await,
             };
             match got {
                 Ok(conn) => return Ok((conn, node, target)),
