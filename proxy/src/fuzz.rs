@@ -11,7 +11,7 @@ use crate::auth::{md5, scram};
 use crate::protocol::{frontend, next_frame, startup};
 use bytes::BytesMut;
 use shardline_router::sharding::Sharding;
-use shardline_router::shards::{resolve, split_insert, KeyInput, Param};
+use shardline_router::shards::{resolve, split_insert, KeyInput, Param, SqlText};
 use shardline_router::{Options, Router};
 use std::sync::{Arc, OnceLock};
 
@@ -110,7 +110,7 @@ pub fn route(data: &[u8]) {
     let route = router.route(&text);
     let params: &[Param] = &[(1, Some(b"\x00\x00\x00\x07")), (0, Some(b"42")), (0, None)];
     let input = KeyInput {
-        sql: &text,
+        sql: SqlText::Str(&text),
         params,
         param_types: &[20, 25],
         session_shard: None,

@@ -79,7 +79,7 @@ fn bench(c: &mut Criterion) {
             b.iter(|| {
                 let route = sharded.route(black_box(sql));
                 let input = KeyInput {
-                    sql,
+                    sql: sql.into(),
                     params: &[],
                     param_types: &[],
                     session_shard: None,
@@ -98,7 +98,7 @@ fn bench(c: &mut Criterion) {
         b.iter(|| {
             let params = [(1i16, Some(&param[..]))];
             let input = KeyInput {
-                sql: "SELECT name FROM users WHERE id = $1",
+                sql: "SELECT name FROM users WHERE id = $1".into(),
                 params: &params,
                 param_types: &[],
                 session_shard: None,

@@ -28,9 +28,19 @@ pub fn shards_in(mask: ShardMask) -> impl Iterator<Item = usize> {
 /// at `hash_bytes("<name>#<i>")`. A key belongs to the first point at or
 /// after its hash, wrapping around. Adding a shard only adds points, so keys
 /// move only to the new shard; removing one moves only its keys.
+///
+/// Finding a hash's point starts from a table over the hash's top bits
+/// (`starts`): the first point of each of a power-of-two number of equal
+/// slices of the hash space, about one point per slice, so a lookup
+/// compares a point or two instead of searching the whole ring.
 #[derive(Debug, Clone)]
 pub struct Ring {
     points: Vec<(u64, u16)>,
+    /// `starts[b]`: the index of the first point at or after slice `b`'s
+    /// first hash (`b << shift`); one more entry, `points.len()`, ends the
+    /// last slice.
+    starts: Vec<u32>,
+    shift: u32,
 }
 
 impl Ring {
@@ -49,11 +59,27 @@ impl Ring {
         }
         // Ties (vanishingly rare) resolve by shard index, deterministically.
         points.sort_unstable();
-        Ring { points }
+        // About one point per slice, at most 2^16 slices.
+        let bits = points.len().next_power_of_two().trailing_zeros().min(16);
+        let shift = 64 - bits;
+        let mut starts = Vec::with_capacity((1 << bits) + 1);
+        for b in 0..(1u64 << bits) {
+            let first = if bits == 0 { 0 } else { b << shift };
+            starts.push(points.partition_point(|&(p, _)| p < first) as u32);
+        }
+        starts.push(points.len() as u32);
+        Ring {
+            points,
+            starts,
+            shift,
+        }
     }
 
     pub fn shard_of_hash(&self, h: u64) -> usize {
-        let i = self.points.partition_point(|&(p, _)| p < h);
+        // (`shift` is 64 for a ring of at most one point: slice 0.)
+        let b = h.checked_shr(self.shift).unwrap_or(0) as usize;
+        let (lo, hi) = (self.starts[b] as usize, self.starts[b + 1] as usize);
+        let i = lo + self.points[lo..hi].partition_point(|&(p, _)| p < h);
         // (No points at all: every weight 0, which the config refuses.)
         self.points
             .get(i)
@@ -167,7 +193,7 @@ impl Group {
     /// parameter). `None` when the server would reject it anyway.
     pub fn key_from_text(&self, text: &str) -> Option<KeyValue> {
         match self.key_type {
-            KeyType::Bigint => text.trim().parse().ok().map(KeyValue::Int),
+            KeyType::Bigint => int8_from_text(text).map(KeyValue::Int),
             KeyType::Text => Some(KeyValue::Text(text.to_string())),
             KeyType::Uuid => hash::parse_uuid(text).map(KeyValue::Uuid),
         }
@@ -195,6 +221,36 @@ impl Group {
             KeyLiteral::Text(t) => self.key_from_text(t),
         }
     }
+}
+
+/// An integer key read from text as `str::parse` reads it, after
+/// trimming: plain digits with an optional minus sign (what constants and
+/// drivers' text parameters almost always are) are read in one pass, and
+/// anything else goes the general way.
+fn int8_from_text(text: &str) -> Option<i64> {
+    let b = text.as_bytes();
+    let plain = match b {
+        [b'-', digits @ ..] => plain_digits(digits).map(|v| -v),
+        _ => plain_digits(b),
+    };
+    plain.or_else(|| text.trim().parse().ok())
+}
+
+/// `digits` as a number when they are 1 to 18 ASCII digits (which cannot
+/// overflow an i64), in one pass; `None` for anything else.
+pub(crate) fn plain_digits(digits: &[u8]) -> Option<i64> {
+    if digits.is_empty() || digits.len() > 18 {
+        return None;
+    }
+    let mut v = 0i64;
+    for &d in digits {
+        let x = d.wrapping_sub(b'0');
+        if x > 9 {
+            return None;
+        }
+        v = v * 10 + i64::from(x);
+    }
+    Some(v)
 }
 
 /// A sharded table: its group and key column (lowercase).
@@ -338,6 +394,74 @@ mod tests {
     fn ring(n: usize, vnodes: u32) -> Ring {
         let names: Vec<String> = (0..n).map(|i| format!("s{i}")).collect();
         Ring::new(names.iter().map(|s| (s.as_str(), 1.0)), vnodes)
+    }
+
+    /// The ring's lookup table finds what a search of the whole ring
+    /// finds: at every point, beside it, at both ends, for rings of one
+    /// point to thousands.
+    #[test]
+    fn the_slice_table_finds_the_point_a_full_search_finds() {
+        let searched = |r: &Ring, h: u64| {
+            let i = r.points.partition_point(|&(p, _)| p < h);
+            r.points
+                .get(i)
+                .or(r.points.first())
+                .map_or(0, |p| p.1 as usize)
+        };
+        let rings = [
+            Ring::new([("only", 0.001)], 1),
+            Ring::new([("a", 1.0), ("b", 1.0)], 1),
+            Ring::new([("a", 1.0), ("b", 0.0), ("c", 2.0)], 3),
+            ring(2, 256),
+            ring(5, 100),
+            ring(16, 1000),
+        ];
+        for r in &rings {
+            let mut probes = vec![0, 1, u64::MAX, u64::MAX - 1, 1 << 63];
+            for &(p, _) in &r.points {
+                probes.extend([p, p.wrapping_sub(1), p.wrapping_add(1)]);
+            }
+            probes.extend(keys().take(20_000));
+            for h in probes {
+                assert_eq!(
+                    r.shard_of_hash(h),
+                    searched(r, h),
+                    "hash {h:#x}, {} points",
+                    r.points.len()
+                );
+            }
+        }
+    }
+
+    #[test]
+    fn an_integer_key_reads_as_str_parse_reads_it() {
+        let g = |t: &str| int8_from_text(t);
+        for t in [
+            "0",
+            "-0",
+            "7",
+            "007",
+            "-42",
+            "123456789012345678",
+            "-123456789012345678",
+            "9223372036854775807",
+            "-9223372036854775808",
+            "9223372036854775808",
+            "99999999999999999999",
+            " 12 ",
+            "+5",
+            "-",
+            "",
+            "1.5",
+            "1e3",
+            "12a",
+            "--1",
+            "٣",
+            "1_000",
+            "0x10",
+        ] {
+            assert_eq!(g(t), t.trim().parse::<i64>().ok(), "{t:?}");
+        }
     }
 
     fn keys() -> impl Iterator<Item = u64> {

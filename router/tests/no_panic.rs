@@ -67,7 +67,7 @@ proptest! {
         let (mut sharded, sh) = sharded_router();
         let route = sharded.route(&text);
         let params: &[(i16, Option<&[u8]>)] = &[(1, Some(b"\x01\x02")), (0, Some(b"{1,\"2"))];
-        let input = KeyInput { sql: &text, params, param_types: &[], session_shard: None, session_key: None, constants: None };
+        let input = KeyInput { sql: text.as_str().into(), params, param_types: &[], session_shard: None, session_key: None, constants: None };
         for t in route.shards.expect("sharded").iter() {
             let _ = resolve(t, &sh, &input);
         }

@@ -73,7 +73,7 @@ fn reads_needing_a_merge_are_placed_for_merging() {
     ] {
         let route = router.route(sql);
         let input = KeyInput {
-            sql,
+            sql: sql.into(),
             params: &[],
             param_types: &[],
             session_shard: None,

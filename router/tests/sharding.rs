@@ -82,7 +82,7 @@ impl T {
     ) -> Vec<Placement> {
         let route = self.router.route(sql);
         let input = KeyInput {
-            sql,
+            sql: sql.into(),
             params,
             param_types,
             session_shard: None,
@@ -180,6 +180,38 @@ fn point_statements_reach_the_key_owner() {
         ] {
             assert_eq!(t.place(&sql), want, "{sql}");
         }
+    }
+}
+
+/// An integer key written as a constant in any of the forms the server
+/// reads is placed by its value: plain digits (read in place), a minus
+/// sign, leading zeros, 19 digits, underscores, quoted, escaped and
+/// dollar-quoted strings; a value no bigint holds reaches every shard,
+/// where the server reports its own error.
+#[test]
+fn integer_key_constants_in_every_written_form() {
+    let mut t = T::new();
+    let all = Placement::Many(t.sh.all_shards());
+    for (constant, key) in [
+        ("42", Some(42i64)),
+        ("-42", Some(-42)),
+        ("007", Some(7)),
+        ("0", Some(0)),
+        ("-0", Some(0)),
+        ("123456789012345678", Some(123456789012345678)),
+        ("9223372036854775807", Some(i64::MAX)),
+        ("-9223372036854775808", Some(i64::MIN)),
+        ("1_000", Some(1000)),
+        ("'42'", Some(42)),
+        ("' 42 '", Some(42)),
+        ("E'42'", Some(42)),
+        ("$$42$$", Some(42)),
+        ("99999999999999999999", None),
+        ("'4x2'", None),
+    ] {
+        let sql = format!("SELECT * FROM users WHERE id = {constant}");
+        let want = key.map_or(all.clone(), |k| Placement::One(t.of(k)));
+        assert_eq!(t.place(&sql), want, "{sql}");
     }
 }
 
@@ -556,7 +588,7 @@ fn hints_override_parsing() {
     let p = t.place("/* shardline: shard=nope */ SELECT 1");
     assert!(matches!(p, Placement::Refused(ref r) if r.message.contains("no shard is named")));
     let input = KeyInput {
-        sql: "SELECT * FROM users",
+        sql: "SELECT * FROM users".into(),
         params: &[],
         param_types: &[],
         session_shard: None,

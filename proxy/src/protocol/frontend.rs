@@ -89,22 +89,29 @@ pub fn bind(body: &[u8]) -> Result<BindMsg<'_>, Malformed> {
     })
 }
 
+/// A Bind's parameters, on the stack for up to four (moved by value:
+/// a larger inline array costs a copy of it on every return).
+pub type Params<'a> = smallvec::SmallVec<[shardline_router::shards::Param<'a>; 4]>;
+
 /// A Bind's parameters as `(format, value)` (format 1 is binary; `None`
 /// is NULL), from `BindMsg::rest`. `None` when malformed.
-pub fn bind_params(rest: &[u8]) -> Option<Vec<shardline_router::shards::Param<'_>>> {
+pub fn bind_params(rest: &[u8]) -> Option<Params<'_>> {
     let mut r = Reader::new(rest);
     let nformats = r.i16()?.max(0) as usize;
-    let mut formats = Vec::with_capacity(nformats);
-    for _ in 0..nformats {
-        formats.push(r.i16()?);
-    }
+    let formats = r.bytes(2 * nformats)?;
+    let format_at = |i: usize| {
+        Some(i16::from_be_bytes([
+            *formats.get(2 * i)?,
+            formats[2 * i + 1],
+        ]))
+    };
     let n = r.i16()?.max(0) as usize;
-    let mut out = Vec::with_capacity(n);
+    let mut out = Params::with_capacity(n);
     for i in 0..n {
         let format = match nformats {
             0 => 0,
-            1 => formats[0],
-            _ => *formats.get(i)?,
+            1 => format_at(0)?,
+            _ => format_at(i)?,
         };
         let len = r.i32()?;
         let value = if len < 0 {
@@ -232,26 +239,29 @@ pub fn definition(query: &str, types: &[u32]) -> Vec<u8> {
 
 /// A Parse definition's query text and declared parameter types, in one
 /// scan. A simple query's text (no NUL) is all query and declares none.
-pub fn definition_parts(definition: &[u8]) -> (&[u8], Vec<u32>) {
+pub fn definition_parts(definition: &[u8]) -> (&[u8], ParamTypes) {
     let Some(end) = memchr::memchr(0, definition) else {
-        return (definition, Vec::new());
+        return (definition, ParamTypes::new());
     };
     let query = &definition[..end];
     let mut r = Reader::new(&definition[end + 1..]);
     let Some(n) = r.i16() else {
-        return (query, Vec::new());
+        return (query, ParamTypes::new());
     };
-    let mut types = Vec::with_capacity(n.max(0) as usize);
+    let mut types = ParamTypes::with_capacity(n.max(0) as usize);
     for _ in 0..n {
         match r.i32() {
             Some(oid) => types.push(oid as u32),
-            None => return (query, Vec::new()),
+            None => return (query, ParamTypes::new()),
         }
     }
     (query, types)
 }
 
-pub fn definition_param_types(definition: &[u8]) -> Vec<u32> {
+/// A Parse's declared parameter types, on the stack for up to eight.
+pub type ParamTypes = smallvec::SmallVec<[u32; 8]>;
+
+pub fn definition_param_types(definition: &[u8]) -> ParamTypes {
     definition_parts(definition).1
 }
 
@@ -296,11 +306,19 @@ pub fn write_query(buf: &mut BytesMut, sql: &str) {
 mod tests {
     use super::*;
 
+    fn definition_parts(d: &[u8]) -> (&[u8], Vec<u32>) {
+        let (query, types) = super::definition_parts(d);
+        (query, types.to_vec())
+    }
+
     #[test]
     fn a_definition_splits_into_its_query_and_declared_types() {
         let d = definition("SELECT $1, $2", &[20, 25]);
         assert_eq!(definition_parts(&d), (&b"SELECT $1, $2"[..], vec![20, 25]));
-        assert_eq!(definition_param_types(&d), vec![20, 25]);
+        assert_eq!(definition_param_types(&d).to_vec(), vec![20, 25]);
+        // More than fit on the stack.
+        let many: Vec<u32> = (1..=20).collect();
+        assert_eq!(definition_parts(&definition("SELECT 1", &many)).1, many);
         // A simple query's text: all query, no types.
         assert_eq!(definition_parts(b"SELECT 1"), (&b"SELECT 1"[..], vec![]));
         // Types cut short: none read.
@@ -321,14 +339,39 @@ mod tests {
         ];
         let out = bind_rest_subset(&rest, &[2, 1]).unwrap();
         assert_eq!(
-            bind_params(&out).unwrap(),
+            bind_params(&out).unwrap().to_vec(),
             vec![(0, None), (1, Some(&[1u8, 2][..]))]
         );
         assert_eq!(&out[out.len() - 4..], &[0, 1, 0, 1]);
         // One format code for all: each picked parameter keeps it.
         let rest = [0, 1, 0, 1, 0, 2, 0, 0, 0, 1, 7, 0, 0, 0, 1, 8, 0, 0];
         let out = bind_rest_subset(&rest, &[1]).unwrap();
-        assert_eq!(bind_params(&out).unwrap(), vec![(1, Some(&[8u8][..]))]);
+        assert_eq!(
+            bind_params(&out).unwrap().to_vec(),
+            vec![(1, Some(&[8u8][..]))]
+        );
+        // Twelve parameters, each with its own format: more than fit on
+        // the stack; a format list shorter than the parameters is refused.
+        let mut rest = vec![0, 12];
+        for i in 0..12 {
+            rest.extend([0, (i % 2) as u8]);
+        }
+        rest.extend([0, 12]);
+        for i in 0..12u8 {
+            rest.extend([0, 0, 0, 1, i]);
+        }
+        let want: Vec<(i16, Option<&[u8]>)> = (0..12u8)
+            .map(|i| {
+                (
+                    i16::from(i % 2),
+                    Some(&rest[rest.len() - 60 + 5 * i as usize + 4..][..1]),
+                )
+            })
+            .collect();
+        assert_eq!(bind_params(&rest).unwrap().to_vec(), want);
+        rest[1] = 11;
+        rest.drain(24..26);
+        assert!(bind_params(&rest).is_none());
         assert!(bind_rest_subset(&rest, &[2]).is_none());
         assert!(bind_rest_subset(&rest[..9], &[0]).is_none());
     }

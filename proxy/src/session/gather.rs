@@ -108,7 +108,7 @@ impl Session {
         let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);
         // The statement's definition (query, NUL, parameter types).
         let mut definition: Option<Bytes> = None;
-        let mut params = Vec::new();
+        let mut params = frontend::Params::new();
         let mut executes = 0;
         let mut max_rows = None;
         for f in frames {

@@ -10,7 +10,7 @@ use crate::health::{now_ms, ReadRequest};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::frontend;
 use shardline_config::{PoolMode, ReadYourWrites};
-use shardline_router::shards::{combine, resolve, resolve_noting, KeyInput, Placement};
+use shardline_router::shards::{combine, resolve, resolve_noting, KeyInput, Placement, SqlText};
 use shardline_router::{
     classify::{Class, Source},
     lone_transaction_end, plan_unit, Route, Target, UnitFacts, UnitPlan,
@@ -91,6 +91,13 @@ pub(super) struct Planned {
 /// Where a constant is in a statement text: start and end offsets.
 type Span = (usize, usize);
 
+/// A statement text to place: the text, the parameter types its Parse
+/// declared, and where the unit's routes keep it (`None`: look it up).
+type Statement<'a> = (&'a [u8], &'a [u32], Option<usize>);
+
+/// Each statement's placement, on the stack for a statement or two.
+pub(super) type Placements = smallvec::SmallVec<[Placement; 2]>;
+
 #[derive(Default)]
 pub(super) struct UnitRoutes {
     /// The texts, one after the other: only texts that are UTF-8 (the
@@ -127,7 +134,8 @@ impl UnitRoutes {
         self.keys.clear();
     }
 
-    fn push(&mut self, text: &str, route: &Route, constants: Option<&[Span]>) {
+    /// Keeps `text`'s route; its index, or `None` when it does not fit.
+    fn push(&mut self, text: &str, route: &Route, constants: Option<&[Span]>) -> Option<usize> {
         let fits = self.texts.len() + text.len() <= Self::MAX_BYTES
             && self.constants.len() + constants.map_or(0, <[_]>::len) <= Self::MAX_BYTES / 8;
         if self.routes.len() < Self::MAX && fits {
@@ -143,14 +151,27 @@ impl UnitRoutes {
             });
             self.routes
                 .push((start..self.texts.len(), route.clone(), constants));
+            return Some(self.routes.len() - 1);
         }
+        None
+    }
+
+    /// The text kept at `i` (as `push` said) and where its constants are.
+    fn at(&self, i: usize) -> Option<(&str, Option<&[Span]>)> {
+        let (r, _, c) = self.routes.get(i)?;
+        Some((
+            &self.texts[r.clone()],
+            c.clone().map(|c| &self.constants[c]),
+        ))
     }
 
     /// `text` as kept (a string), its route and where its constants are
     /// (when known).
     fn entry(&self, text: &[u8]) -> Option<(&str, &Route, Option<&[Span]>)> {
+        // (From the last: the text placed is most often the one just routed.)
         self.routes
             .iter()
+            .rev()
             .find(|(r, ..)| r.len() == text.len() && self.texts.as_bytes()[r.clone()] == *text)
             .map(|(r, route, c)| {
                 (
@@ -304,8 +325,8 @@ impl Session {
 
     /// Routes `sql` as `route_text` does and records it, with where its
     /// constants are when known, in `routed` (the unit's routes being
-    /// planned).
-    fn route_into(&self, routed: &mut UnitRoutes, sql: &[u8]) -> Route {
+    /// planned): the route, and where `routed` keeps it (`None`: not kept).
+    fn route_into(&self, routed: &mut UnitRoutes, sql: &[u8]) -> (Route, Option<usize>) {
         let mut scratch = std::mem::take(&mut routed.scratch);
         let (route, text, known) = match self.unit_routes.entry(sql) {
             Some((text, route, Some(c))) => {
@@ -325,11 +346,9 @@ impl Session {
                 Err(_) => (FUNCTION_CALL, None, false),
             },
         };
-        if let Some(text) = text {
-            routed.push(text, &route, known.then_some(&scratch[..]));
-        }
+        let kept = text.and_then(|text| routed.push(text, &route, known.then_some(&scratch[..])));
         routed.scratch = scratch;
-        route
+        (route, kept)
     }
 
     /// Routes the large statement texts (Query, Parse) of the unit at the
@@ -400,8 +419,10 @@ impl Session {
         route: &Route,
         definition: &[u8],
         params: &[shardline_router::shards::Param<'_>],
-    ) -> Vec<Placement> {
-        self.place_each_in(&self.unit_routes, route, definition, params, None)
+    ) -> Placements {
+        let (query, types) = frontend::definition_parts(definition);
+        let input = (query, &types[..], None);
+        self.place_each_in(&self.unit_routes, route, input, params, None)
     }
 
     /// `place_each`, reading constants `routes` noted for the text, and
@@ -410,11 +431,11 @@ impl Session {
         &self,
         routes: &mut UnitRoutes,
         route: &Route,
-        definition: &[u8],
+        query: Statement<'_>,
         params: &[shardline_router::shards::Param<'_>],
-    ) -> Vec<Placement> {
+    ) -> Placements {
         let mut keys = std::mem::take(&mut routes.keys);
-        let placed = self.place_each_in(routes, route, definition, params, Some(&mut keys));
+        let placed = self.place_each_in(routes, route, query, params, Some(&mut keys));
         routes.keys = keys;
         placed
     }
@@ -438,29 +459,36 @@ impl Session {
     }
 
     /// `place_each`, reading constants `routes` noted for the text (and
-    /// noting keys in `seen`).
+    /// noting keys in `seen`): the text, its declared parameter types, and
+    /// where `routes` keeps it when the caller knows (else looked up).
     fn place_each_in(
         &self,
         routes: &UnitRoutes,
         route: &Route,
-        definition: &[u8],
+        (query, param_types, kept): Statement<'_>,
         params: &[shardline_router::shards::Param<'_>],
         seen: Option<&mut Vec<shardline_router::shards::KeySeen>>,
-    ) -> Vec<Placement> {
+    ) -> Placements {
         let (Some(sh), Some(templates)) = (&self.shared.sharding, &route.shards) else {
-            return Vec::new();
+            return Placements::new();
         };
-        let (query, param_types) = frontend::definition_parts(definition);
         // The unit's plan routed this text: kept as a string, with where
         // the shape found its constants.
-        let (sql, constants) = match routes.entry(query) {
-            Some((text, _, constants)) => (text, constants),
-            None => (std::str::from_utf8(query).unwrap_or(""), None),
+        let found = match kept {
+            Some(i) => routes.at(i),
+            None => routes
+                .entry(query)
+                .map(|(text, _, constants)| (text, constants)),
+        };
+        // (Not kept: checked as UTF-8 only if a key is read from a constant.)
+        let (sql, constants) = match found {
+            Some((text, constants)) => (SqlText::Str(text), constants),
+            None => (SqlText::Bytes(query), None),
         };
         let input = KeyInput {
             sql,
             params,
-            param_types: &param_types,
+            param_types,
             session_shard: self.session_shard.as_deref(),
             session_key: self.session_key.as_deref(),
             constants,
@@ -567,7 +595,7 @@ impl Session {
         let mut statements = UnitStatements::default();
         let mut executes = false;
         // Each Bind's own placement, for a pipeline over several shards.
-        let mut binds: Vec<Placement> = Vec::new();
+        let mut binds = Placements::new();
         for (tag, body) in crate::protocol::complete_frames(buf, max) {
             executes |= matches!(
                 tag,
@@ -576,7 +604,7 @@ impl Session {
             match tag {
                 frontend::QUERY => {
                     let text = frontend::query(body).unwrap_or_default();
-                    let route = self.route_into(routed, text);
+                    let (route, kept) = self.route_into(routed, text);
                     if matches!(route.class, Class::Begin { .. }) {
                         let s = String::from_utf8_lossy(text);
                         simple_single = shardline_router::lexer::split_statements(&s).len() == 1;
@@ -587,7 +615,7 @@ impl Session {
                             .and_then(lone_transaction_end);
                     }
                     if sharded {
-                        let each = self.place_noting(routed, &route, text, &[]);
+                        let each = self.place_noting(routed, &route, (text, &[], kept), &[]);
                         place = each.iter().cloned().fold(place, combine);
                         // Statements of one query string on different
                         // shards, each on one.
@@ -599,7 +627,7 @@ impl Session {
                 }
                 frontend::PARSE => {
                     if let Ok(p) = frontend::parse(body) {
-                        let route = self.route_into(routed, p.query);
+                        let (route, _) = self.route_into(routed, p.query);
                         statements.parse(&p, route.clone());
                         routes.push(route);
                     }
@@ -610,8 +638,9 @@ impl Session {
                         if let Some((route, definition)) = statements.bound(self, b.statement) {
                             if sharded {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
+                                let (query, types) = frontend::definition_parts(definition);
                                 let here = self
-                                    .place_noting(routed, &route, definition, &params)
+                                    .place_noting(routed, &route, (query, &types, None), &params)
                                     .into_iter()
                                     .reduce(combine)
                                     .unwrap_or(Placement::Anywhere);

@@ -40,7 +40,7 @@ impl Session {
         let mut statements = super::route::UnitStatements::default();
         let mut parsed_here = false;
         let mut text: Option<Vec<u8>> = None;
-        let mut types: Vec<u32> = Vec::new();
+        let mut types = frontend::ParamTypes::new();
         let mut rest: &[u8] = &[];
         let mut describes_statement = false;
         for f in frames {

@@ -44,10 +44,35 @@ pub fn pipeline_shards(parts: &[Placement]) -> Option<ShardMask> {
 /// A bound parameter: format (1 is binary) and value (`None` is NULL).
 pub type Param<'a> = (i16, Option<&'a [u8]>);
 
+/// A statement's text as the caller has it: a string, or bytes checked
+/// for UTF-8 only when a key is read from one of its constants (a
+/// statement placed by its parameters never needs its text).
+#[derive(Debug, Clone, Copy)]
+pub enum SqlText<'a> {
+    Str(&'a str),
+    Bytes(&'a [u8]),
+}
+
+impl<'a> From<&'a str> for SqlText<'a> {
+    fn from(s: &'a str) -> Self {
+        SqlText::Str(s)
+    }
+}
+
+impl<'a> SqlText<'a> {
+    /// The text; empty when it is not UTF-8 (no constant is read from it).
+    pub fn text(self) -> &'a str {
+        match self {
+            SqlText::Str(s) => s,
+            SqlText::Bytes(b) => std::str::from_utf8(b).unwrap_or(""),
+        }
+    }
+}
+
 /// The values a statement's keys are read from.
 pub struct KeyInput<'a> {
     /// The statement text (for constants).
-    pub sql: &'a str,
+    pub sql: SqlText<'a>,
     /// Bound parameters: `(format, value)`; format 1 is binary.
     pub params: &'a [Param<'a>],
     /// The parameter type OIDs the statement's Parse declared (0: none).
@@ -278,6 +303,14 @@ pub(super) fn key_value(
                 .ok_or(())
         }
         KeySrc::Const { ordinal, negative } => {
+            // A plain number for an integer key, the usual case, is read in
+            // place: it is its own value (no quotes, `$` or `_`).
+            if g.key_type == shardline_config::KeyType::Bigint {
+                let raw = values.constant_raw(ordinal as usize).ok_or(())?;
+                if let Some(v) = crate::sharding::plain_digits(raw.as_bytes()) {
+                    return Ok(Some(KeyValue::Int(if negative { -v } else { v })));
+                }
+            }
             let text = values.constant(ordinal as usize).ok_or(())?;
             let key = if negative {
                 g.key_from_text(&format!("-{text}"))
@@ -298,9 +331,12 @@ pub(super) fn param_key(
     binary: bool,
     v: &[u8],
 ) -> Option<KeyValue> {
-    let integral = |f: f64| {
-        (f.fract() == 0.0 && f.abs() < 9.0e18).then(|| g.key_from_text(&(f as i64).to_string()))?
+    // An integer read from a parameter, as the key column reads it.
+    let int = |n: i64| match g.key_type {
+        shardline_config::KeyType::Bigint => Some(KeyValue::Int(n)),
+        _ => g.key_from_text(&n.to_string()),
     };
+    let integral = |f: f64| (f.fract() == 0.0 && f.abs() < 9.0e18).then(|| int(f as i64))?;
     match (ty, binary) {
         (ParamType::Column, true) => g.key_from_binary(v),
         (ParamType::Other, _) => None,
@@ -313,7 +349,7 @@ pub(super) fn param_key(
                 8 => i64::from_be_bytes(v.try_into().ok()?),
                 _ => return None,
             };
-            g.key_from_text(&n.to_string())
+            int(n)
         }
         (ParamType::Text, true) => g.key_from_text(std::str::from_utf8(v).ok()?),
         (ParamType::Uuid, true) => match g.key_type {
@@ -332,6 +368,8 @@ pub(super) fn param_key(
 /// a key needs one) and its parameters.
 pub(super) struct Values<'a, 'b, 'c> {
     input: &'b KeyInput<'a>,
+    /// The text, checked when first read.
+    sql: std::cell::OnceCell<&'a str>,
     spans: std::cell::OnceCell<Vec<(usize, usize)>>,
     /// Where the keys read are noted, when asked (`resolve_noting`).
     seen: Option<std::cell::RefCell<&'c mut Vec<KeySeen>>>,
@@ -351,9 +389,17 @@ impl<'a, 'b> Values<'a, 'b, '_> {
     pub(super) fn new(input: &'b KeyInput<'a>) -> Self {
         Values {
             input,
+            sql: match input.sql {
+                SqlText::Str(s) => std::cell::OnceCell::from(s),
+                SqlText::Bytes(_) => std::cell::OnceCell::new(),
+            },
             spans: std::cell::OnceCell::new(),
             seen: None,
         }
+    }
+
+    fn sql(&self) -> &'a str {
+        self.sql.get_or_init(|| self.input.sql.text())
     }
 
     /// `key` of group `g`, owned by `shard`, decided where a statement runs.
@@ -363,18 +409,31 @@ impl<'a, 'b> Values<'a, 'b, '_> {
         }
     }
 
+    /// The value of the statement's `n`-th constant.
     fn constant(&self, n: usize) -> Option<std::borrow::Cow<'a, str>> {
+        let (s, e) = self.span(n)?;
+        self.sql().get(s..e)?;
+        Some(constant_value(self.sql(), s, e))
+    }
+
+    /// The `n`-th constant as written (quotes and all).
+    fn constant_raw(&self, n: usize) -> Option<&'a str> {
+        let (s, e) = self.span(n)?;
+        self.sql().get(s..e)
+    }
+
+    /// Where the `n`-th constant is (as the caller gave, or scanned):
+    /// read with `str::get`, so a span a caller got wrong reads nothing.
+    fn span(&self, n: usize) -> Option<(usize, usize)> {
         if let Some(known) = self.input.constants {
-            let (s, e) = *known.get(n)?;
-            return Some(constant_value(self.input.sql, s, e));
+            return known.get(n).copied();
         }
         let spans = self.spans.get_or_init(|| {
             let mut v = Vec::new();
-            crate::lexer::scan_constants(self.input.sql, |s, e| v.push((s, e)));
+            crate::lexer::scan_constants(self.sql(), |s, e| v.push((s, e)));
             v
         });
-        let (s, e) = *spans.get(n)?;
-        Some(constant_value(self.input.sql, s, e))
+        spans.get(n).copied()
     }
 }
 

@@ -34,7 +34,7 @@ pub fn split_insert(
     param_types: &[u32],
 ) -> Result<Vec<InsertPart>, Refusal> {
     let input = KeyInput {
-        sql,
+        sql: sql.into(),
         params,
         param_types,
         session_shard: None,
@@ -68,7 +68,7 @@ pub(super) type SplitPart = (usize, String, Vec<usize>);
 
 /// The parse-and-print split.
 pub(super) fn split_by_parse(sh: &Sharding, input: &KeyInput) -> Result<Vec<SplitPart>, Refusal> {
-    let sql = input.sql;
+    let sql = input.sql.text();
     let cannot = || Refusal::unsupported(Construct::Insert, "this INSERT cannot be split by shard");
     let statements =
         sqlparser::parser::Parser::parse_sql(&sqlparser::dialect::PostgreSqlDialect {}, sql)
@@ -152,7 +152,7 @@ pub(super) fn split_by_text(
     t: &Template,
     input: &KeyInput,
 ) -> Option<Result<Vec<SplitPart>, Refusal>> {
-    let sql = input.sql;
+    let sql = input.sql.text();
     let Scope::Sharded {
         group,
         key: KeyExpr::Keys(srcs),
