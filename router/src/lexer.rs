@@ -194,8 +194,10 @@ pub fn scan_tokens(sql: &str, mut f: impl FnMut(Spot)) {
             b'0'..=b'9' if i == 0 || !word(b[i - 1]) => {
                 // A number: digits, '.', exponent (with sign), hex/underscores.
                 let mut j = i + 1;
+                // (Digits first: most of a number, and one comparison.)
                 while j < b.len()
-                    && (word(b[j])
+                    && (b[j].is_ascii_digit()
+                        || word(b[j])
                         || b[j] == b'.'
                         || ((b[j] == b'+' || b[j] == b'-') && matches!(b[j - 1], b'e' | b'E')))
                 {
