@@ -64,7 +64,7 @@ impl Ring {
         let shift = 64 - bits;
         let mut starts = Vec::with_capacity((1 << bits) + 1);
         for b in 0..(1u64 << bits) {
-            let first = if bits == 0 { 0 } else { b << shift };
+            let first = b.checked_shl(shift).unwrap_or(0);
             starts.push(points.partition_point(|&(p, _)| p < first) as u32);
         }
         starts.push(points.len() as u32);

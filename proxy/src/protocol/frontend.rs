@@ -187,8 +187,6 @@ pub fn query(body: &[u8]) -> Result<&[u8], Malformed> {
     Ok(q)
 }
 
-/// The parameter type OIDs a Parse definition (`query\0`, count, OIDs)
-/// declares; empty when it declares none or is cut short.
 /// A Bind's `rest` that binds only the parameters `picks` (0-based, in
 /// that order; each with its own format code), with the original result
 /// formats. `None` when `rest` is malformed or a pick is out of range.
@@ -261,6 +259,8 @@ pub fn definition_parts(definition: &[u8]) -> (&[u8], ParamTypes) {
 /// A Parse's declared parameter types, on the stack for up to eight.
 pub type ParamTypes = smallvec::SmallVec<[u32; 8]>;
 
+/// The parameter type OIDs a Parse definition (`query\0`, count, OIDs)
+/// declares; empty when it declares none or is cut short.
 pub fn definition_param_types(definition: &[u8]) -> ParamTypes {
     definition_parts(definition).1
 }

@@ -93,7 +93,7 @@ type Span = (usize, usize);
 
 /// A statement text to place: the text, the parameter types its Parse
 /// declared, and where the unit's routes keep it (`None`: look it up).
-type Statement<'a> = (&'a [u8], &'a [u32], Option<usize>);
+type ToPlace<'a> = (&'a [u8], &'a [u32], Option<usize>);
 
 /// Each statement's placement, on the stack for a statement or two.
 pub(super) type Placements = smallvec::SmallVec<[Placement; 2]>;
@@ -431,7 +431,7 @@ impl Session {
         &self,
         routes: &mut UnitRoutes,
         route: &Route,
-        query: Statement<'_>,
+        query: ToPlace<'_>,
         params: &[shardline_router::shards::Param<'_>],
     ) -> Placements {
         let mut keys = std::mem::take(&mut routes.keys);
@@ -465,7 +465,7 @@ impl Session {
         &self,
         routes: &UnitRoutes,
         route: &Route,
-        (query, param_types, kept): Statement<'_>,
+        (query, param_types, kept): ToPlace<'_>,
         params: &[shardline_router::shards::Param<'_>],
         seen: Option<&mut Vec<shardline_router::shards::KeySeen>>,
     ) -> Placements {
