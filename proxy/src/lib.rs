@@ -13,6 +13,7 @@ pub mod demo;
 pub mod fuzz;
 pub mod health;
 pub mod hotkeys;
+pub mod memory;
 pub mod metrics;
 pub mod pool;
 pub mod protocol;
@@ -810,6 +811,8 @@ pub struct Proxy {
     task: Option<tokio::task::JoinHandle<()>>,
     averages: Option<tokio::task::JoinHandle<()>>,
     metrics: Option<tokio::task::JoinHandle<()>>,
+    /// Freed heap back to the system when idle (`memory.rs`).
+    trim: Option<tokio::task::JoinHandle<()>>,
 }
 
 impl Drop for Proxy {
@@ -819,7 +822,10 @@ impl Drop for Proxy {
                 t.abort();
             }
         }
-        for t in [&self.averages, &self.metrics].into_iter().flatten() {
+        for t in [&self.averages, &self.metrics, &self.trim]
+            .into_iter()
+            .flatten()
+        {
             t.abort();
         }
     }
@@ -888,6 +894,9 @@ impl Proxy {
         });
         shared.admin.set_live(&live);
         let averages = Some(tokio::spawn(admin::run_averages(Arc::downgrade(&live))));
+        let trim = Some(tokio::spawn(memory::give_back_when_idle(Arc::downgrade(
+            &live,
+        ))));
         let metrics = metrics_listener.map(|l| {
             tracing::info!(address = %metrics_addr.expect("bound"), "metrics at /metrics, /health, /ready");
             tokio::spawn(metrics::http::serve(l, Arc::downgrade(&live)))
@@ -910,6 +919,7 @@ impl Proxy {
             shutdown: tx,
             task: Some(task),
             averages,
+            trim,
             metrics,
         })
     }

@@ -626,18 +626,28 @@ impl ProxyProcess {
     /// Waits until the process takes clients; returns it with a client
     /// logged in as `app`.
     async fn listening(self) -> (ProxyProcess, Client) {
-        let conn = format!(
-            "host=127.0.0.1 port={} user=app password=app dbname=app",
-            self.port
-        );
         for _ in 0..300 {
-            if let Ok((c, conn)) = tokio_postgres::connect(&conn, NoTls).await {
-                tokio::spawn(conn);
+            if let Ok(c) = self.try_client().await {
                 return (self, c);
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
         panic!("the proxy did not start listening on {}", self.port);
+    }
+
+    /// Another client logged in as `app`.
+    pub async fn client(&self) -> Client {
+        self.try_client().await.expect("a client of the proxy")
+    }
+
+    async fn try_client(&self) -> Result<Client, tokio_postgres::Error> {
+        let conn = format!(
+            "host=127.0.0.1 port={} user=app password=app dbname=app",
+            self.port
+        );
+        let (c, conn) = tokio_postgres::connect(&conn, NoTls).await?;
+        tokio::spawn(conn);
+        Ok(c)
     }
 
     pub fn pid(&self) -> u32 {

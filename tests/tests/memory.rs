@@ -1,7 +1,7 @@
 //! Bounded memory: what clients send cannot grow the proxy without bound.
 //! Each test measures the proxy process's resident memory.
 
-use shardline_tests::{memory_kib, Env, ProxyProcess};
+use shardline_tests::{memory_kib, memory_split_kib, wait_for, Env, ProxyProcess};
 use std::time::Duration;
 
 /// Prepared statements the clients closed (or left with) are forgotten:
@@ -215,4 +215,60 @@ async fn a_read_on_several_shards_is_written_out_as_it_comes() {
         peak < before + 24 * 1024,
         "peak RSS {peak} KiB, from {before} KiB"
     );
+}
+
+/// Heap memory freed after a burst goes back to the system once the proxy
+/// is idle (`proxy/src/memory.rs`): after 48 clients at once each read
+/// 2,000 rows of 100 bytes and leave, the proxy trims its heap within
+/// about two seconds, logging it, and its anonymous memory falls; it trims
+/// once per idle period, again after the next query.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn freed_memory_goes_back_to_the_system_when_idle() {
+    let env = Env::primaries(1).await;
+    let (proxy, c) = ProxyProcess::start(
+        &env.shards_config(&[0], ""),
+        &[("RUST_LOG", "info,shardline::memory=debug")],
+    )
+    .await;
+    let pid = proxy.pid();
+    const TRIMMED: &str = "freed heap memory returned to the system";
+    let trims = || proxy.log.text().matches(TRIMMED).count();
+    // Idle since it started: a trim.
+    wait_for("the first idle trim", || std::future::ready(trims() >= 1)).await;
+    let first = trims();
+
+    let clients = futures_util::future::join_all((0..48).map(|_| proxy.client())).await;
+    let reads = clients
+        .iter()
+        .map(|c| c.simple_query("SELECT repeat('x', 100) FROM generate_series(1, 2000)"));
+    for rows in futures_util::future::join_all(reads).await {
+        assert_eq!(
+            rows.unwrap().len(),
+            2002,
+            "2,000 rows, their description and tag"
+        );
+    }
+    drop(clients);
+    // Traffic moved within the last tick: no trim yet.
+    let (busy_anon, _, _) = memory_split_kib(pid);
+    assert_eq!(trims(), first, "a trim during the burst or right after it");
+    wait_for("the idle trim after the burst", || {
+        std::future::ready(trims() == first + 1)
+    })
+    .await;
+    let (idle_anon, _, _) = memory_split_kib(pid);
+    eprintln!("proxy anonymous memory {busy_anon} KiB after the burst, {idle_anon} KiB idle");
+    assert!(
+        idle_anon + 256 <= busy_anon,
+        "anonymous memory went from {busy_anon} to only {idle_anon} KiB"
+    );
+    // Still idle: no other trim over the next ticks.
+    tokio::time::sleep(shardline::memory::TICK * 3).await;
+    assert_eq!(trims(), first + 1, "trimmed again while idle");
+    // A new idle period after one query: one more.
+    c.simple_query("SELECT 1").await.unwrap();
+    wait_for("the idle trim after a query", || {
+        std::future::ready(trims() == first + 2)
+    })
+    .await;
 }
