@@ -79,15 +79,6 @@ pub(super) struct Planned {
     pub executes: bool,
 }
 
-/// The routes of the statement texts of the unit last planned, by text
-/// (a copy): the later steps of the same unit (`on_query`, `on_parse`, the
-/// fan-out) find a statement's route here instead of shaping its text
-/// again. Keyed by content, so a hit is right whatever happened to the
-/// buffer since; `plan_unit` refills it for each unit.
-///
-/// With each text, where its constants are when the shape found them
-/// (`SharedRouter::route_noting`): `place_each` reads a key from them
-/// instead of scanning the text again.
 /// Where a constant is in a statement text: start and end offsets.
 type Span = (usize, usize);
 
@@ -98,6 +89,15 @@ type ToPlace<'a> = (&'a [u8], &'a [u32], Option<usize>);
 /// Each statement's placement, on the stack for a statement or two.
 pub(super) type Placements = smallvec::SmallVec<[Placement; 2]>;
 
+/// The routes of the statement texts of the unit last planned, by text
+/// (a copy): the later steps of the same unit (`on_query`, `on_parse`, the
+/// fan-out) find a statement's route here instead of shaping its text
+/// again. Keyed by content, so a hit is right whatever happened to the
+/// buffer since; `plan_unit` refills it for each unit.
+///
+/// With each text, where its constants are when the shape found them
+/// (`SharedRouter::route_noting`): `place_each` reads a key from them
+/// instead of scanning the text again.
 #[derive(Default)]
 pub(super) struct UnitRoutes {
     /// The texts, one after the other: only texts that are UTF-8 (the
