@@ -1395,6 +1395,18 @@ pub fn hot_code_found(binary: &std::path::Path) -> Option<(usize, usize)> {
     Some((found, listed.len()))
 }
 
+/// Whether `binary`'s relative relocations are packed (a DT_RELR entry in
+/// its dynamic section, `proxy/build.rs`); `None` without `readelf`.
+pub fn relocations_packed(binary: &std::path::Path) -> Option<bool> {
+    let out = std::process::Command::new("readelf")
+        .arg("-d")
+        .arg(binary)
+        .output()
+        .ok()?;
+    out.status.success().then_some(())?;
+    Some(String::from_utf8_lossy(&out.stdout).contains("(RELR)"))
+}
+
 pub fn memory_kib(pid: u32) -> (u64, u64) {
     let status = std::fs::read_to_string(format!("/proc/{pid}/status")).expect("status");
     let field = |name: &str| {

@@ -449,6 +449,16 @@ fn main() -> Result<()> {
             }
         );
     }
+    if let Some(packed) = shardline_tests::relocations_packed(&shardline) {
+        println!(
+            "relocations: {}",
+            if packed {
+                "packed (DT_RELR)"
+            } else {
+                "not packed: the loader reads about 500 KB of them at start (proxy/build.rs: glibc before 2.36, or another linker)"
+            }
+        );
+    }
 
     // Where the reads went: transactions committed per node during one more
     // select-only run through Shardline with replicas.
