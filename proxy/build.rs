@@ -64,12 +64,15 @@ fn glibc_reads_packed_relocations() -> bool {
         return false;
     };
     let text = String::from_utf8_lossy(&out.stdout);
-    let Some(version) = text.trim().strip_prefix("glibc ") else {
-        return false;
-    };
+    text.trim()
+        .strip_prefix("glibc ")
+        .is_some_and(|version| major_minor(version) >= (2, 36))
+}
+
+/// "1.95.0" → (1, 95); what does not read as a number counts as 0.
+fn major_minor(version: &str) -> (u32, u32) {
     let mut parts = version.split('.').map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (2, 36)
+    (parts.next().unwrap_or(0), parts.next().unwrap_or(0))
 }
 
 /// Whether the binary is linked by rustc's own LLD: the default for
@@ -92,12 +95,5 @@ fn links_with_lld() -> bool {
     };
     // "rustc 1.95.0 (59807616e 2026-04-14)"
     let version = String::from_utf8_lossy(&out.stdout);
-    let mut parts = version
-        .split_whitespace()
-        .nth(1)
-        .unwrap_or_default()
-        .split('.')
-        .map(|p| p.parse::<u32>().unwrap_or(0));
-    let (major, minor) = (parts.next().unwrap_or(0), parts.next().unwrap_or(0));
-    (major, minor) >= (1, 90)
+    major_minor(version.split_whitespace().nth(1).unwrap_or_default()) >= (1, 90)
 }

@@ -78,7 +78,8 @@ fn trim_heap() {
         // The resident size is read only for the debug log: reading it
         // runs code the proxy otherwise never runs, resident once run.
         let logged = tracing::enabled!(tracing::Level::DEBUG);
-        let before = if logged { resident_kib() } else { 0 };
+        let kib = || resident_bytes().unwrap_or(0) / 1024;
+        let before = if logged { kib() } else { 0 };
         // SAFETY: malloc_trim takes the allocator's own locks and only
         // releases free pages; no memory in use is touched.
         let released = unsafe { libc::malloc_trim(0) } == 1;
@@ -86,26 +87,21 @@ fn trim_heap() {
             tracing::debug!(
                 released,
                 before_kib = before,
-                after_kib = resident_kib(),
+                after_kib = kib(),
                 "idle: freed heap memory returned to the system"
             );
         }
     }
 }
 
-/// The process's resident memory in KiB (0 where it cannot be read).
-pub fn resident_kib() -> u64 {
-    let Ok(statm) = std::fs::read_to_string("/proc/self/statm") else {
-        return 0;
-    };
-    let pages: u64 = statm
-        .split_whitespace()
-        .nth(1)
-        .and_then(|v| v.parse().ok())
-        .unwrap_or(0);
-    // SAFETY: sysconf only reads a constant of the system.
+/// The process's resident memory, bytes (Linux: /proc/self/statm): the
+/// trim's debug log, SHOW MEM and the `resident_memory_bytes` metric.
+pub fn resident_bytes() -> Option<u64> {
+    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
+    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
+    // SAFETY: sysconf has no preconditions.
     let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    pages * u64::try_from(page).unwrap_or(4096) / 1024
+    Some(pages * page.max(0) as u64)
 }
 
 #[cfg(test)]
@@ -136,6 +132,6 @@ mod tests {
     #[test]
     fn resident_memory_is_read() {
         #[cfg(target_os = "linux")]
-        assert!(resident_kib() > 0);
+        assert!(resident_bytes().is_some_and(|b| b > 0));
     }
 }

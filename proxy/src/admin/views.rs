@@ -718,15 +718,6 @@ fn lists(shared: &Shared) -> Table {
     table
 }
 
-/// The process's resident memory, bytes (Linux: /proc/self/statm).
-pub(crate) fn resident_bytes() -> Option<u64> {
-    let statm = std::fs::read_to_string("/proc/self/statm").ok()?;
-    let pages: u64 = statm.split_whitespace().nth(1)?.parse().ok()?;
-    // SAFETY: sysconf has no preconditions.
-    let page = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
-    Some(pages * page.max(0) as u64)
-}
-
 /// Where the proxy's memory goes: `size` is the bound, `used` what is
 /// taken, `free` what is left of the bound, `memtotal` bytes in all.
 fn mem(shared: &Shared) -> Table {
@@ -763,7 +754,7 @@ fn mem(shared: &Shared) -> Table {
         n(c.merge_memory_total.saturating_sub(merge) as u64),
         n(merge as u64),
     ]);
-    let rss = resident_bytes();
+    let rss = crate::memory::resident_bytes();
     table.push(vec![
         t("process_resident"),
         None,

@@ -12,7 +12,8 @@ use std::sync::atomic::Ordering::Relaxed;
 
 use prometheus::proto::{self, MetricFamily, MetricType};
 
-use crate::admin::views::{resident_bytes, snake, users_sorted};
+use crate::admin::views::{snake, users_sorted};
+use crate::memory::resident_bytes;
 use crate::stats::{HistogramReading, Kind};
 use crate::Shared;
 
