@@ -9,6 +9,19 @@ use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::peek_header;
 use bytes::Buf;
 
+/// The WAL position in the position query's DataRow (`body`): one text
+/// column, the position as a decimal number (`WAL_POSITION_SQL`).
+fn probe_position(body: &[u8]) -> Option<u64> {
+    let mut r = crate::protocol::Reader::new(body);
+    match (r.i16(), r.i32()) {
+        (Some(1), Some(len)) if len > 0 => r
+            .bytes(len as usize)
+            .and_then(|b| std::str::from_utf8(b).ok())
+            .and_then(|s| s.parse::<u64>().ok()),
+        _ => None,
+    }
+}
+
 /// The command tags whose completion changes what the session keeps
 /// (`Session::on_command_complete`): a COMMIT makes the transaction's
 /// effects hold, a ROLLBACK drops them, DISCARD ALL and DEALLOCATE ALL
@@ -38,6 +51,12 @@ impl Session {
             };
             if buf.len() - pos < len {
                 break Ok(());
+            }
+            if tag == backend::ROW_DESCRIPTION {
+                if let Some(taken) = self.take_probe_reply(&buf[pos..]) {
+                    pos += taken;
+                    continue;
+                }
             }
             if matches!(
                 tag,
@@ -407,23 +426,60 @@ impl Session {
             && self.server.as_ref().is_some_and(|s| s.tx_status == b'I')
     }
 
+    /// The whole answer to the read-your-writes position query at the
+    /// front of `buf` (RowDescription, one DataRow, CommandComplete,
+    /// ReadyForQuery), taken in one step when the probe is the front
+    /// entry and all four messages are here: settles the probe, ends its
+    /// entry and returns the bytes taken. Anything else (an error, a
+    /// partial answer, another front entry) is left to the per-message
+    /// step, `on_lsn_probe`.
+    fn take_probe_reply(&mut self, buf: &[u8]) -> Option<usize> {
+        use backend::*;
+        let Some(Pending {
+            kind: Kind::LsnProbe(probe),
+            ..
+        }) = self.pending.front_mut()
+        else {
+            return None;
+        };
+        let mut pos = 0;
+        let mut lsn = None;
+        let mut status = None;
+        for expected in [ROW_DESCRIPTION, DATA_ROW, COMMAND_COMPLETE, READY_FOR_QUERY] {
+            let (tag, len) = peek_header(&buf[pos..], usize::MAX).ok()??;
+            if tag != expected || buf.len() - pos < len {
+                return None;
+            }
+            let body = &buf[pos + 5..pos + len];
+            match tag {
+                DATA_ROW => lsn = Some(probe_position(body)?),
+                READY_FOR_QUERY => status = Some(*body.first()?),
+                _ => {}
+            }
+            pos += len;
+        }
+        if let Some(lsn) = lsn {
+            probe.settle(lsn);
+        }
+        if let (Some(status), Some(server)) = (status, self.server.as_mut()) {
+            server.tx_status = status;
+        }
+        self.pending.pop_front();
+        // Answers the proxy gave while the query ran come next.
+        self.drain_synthetic();
+        Some(pos)
+    }
+
     /// The answer to the read-your-writes position query: hidden from the client.
     fn on_lsn_probe(&mut self, tag: u8, msg: &[u8]) -> Result<(), String> {
         use backend::*;
         let body = &msg[5..];
         match tag {
             DATA_ROW => {
-                let mut r = crate::protocol::Reader::new(body);
-                let lsn = match (r.i16(), r.i32()) {
-                    (Some(1), Some(len)) if len > 0 => r
-                        .bytes(len as usize)
-                        .and_then(|b| std::str::from_utf8(b).ok())
-                        .and_then(|s| s.parse::<u64>().ok()),
-                    _ => None,
-                };
-                if let (Some(lsn), Some(Kind::LsnProbe(probe))) =
-                    (lsn, self.pending.front_mut().map(|p| &mut p.kind))
-                {
+                if let (Some(lsn), Some(Kind::LsnProbe(probe))) = (
+                    probe_position(body),
+                    self.pending.front_mut().map(|p| &mut p.kind),
+                ) {
                     probe.settle(lsn);
                 }
             }
@@ -587,6 +643,33 @@ fn downgrade_fatal(msg: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn the_position_is_read_from_one_text_column() {
+        let row = |value: Option<&[u8]>| {
+            let mut body = 1i16.to_be_bytes().to_vec();
+            match value {
+                Some(v) => {
+                    body.extend_from_slice(&(v.len() as i32).to_be_bytes());
+                    body.extend_from_slice(v);
+                }
+                None => body.extend_from_slice(&(-1i32).to_be_bytes()),
+            }
+            body
+        };
+        assert_eq!(
+            super::probe_position(&row(Some(b"50331816"))),
+            Some(50331816)
+        );
+        assert_eq!(super::probe_position(&row(None)), None, "NULL: no position");
+        assert_eq!(super::probe_position(&row(Some(b"0/3000"))), None);
+        assert_eq!(
+            super::probe_position(&row(Some(b"5033"))[..8]),
+            None,
+            "cut short"
+        );
+        assert_eq!(super::probe_position(&[0, 2]), None, "two columns");
+    }
+
     #[test]
     fn fatal_becomes_error() {
         let mut buf = bytes::BytesMut::new();
