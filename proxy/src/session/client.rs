@@ -7,7 +7,7 @@ use super::unit::Inflow;
 use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::protocol::frontend::{self, Malformed};
-use crate::protocol::{complete_frames, next_frame, peek_header, Frame};
+use crate::protocol::{next_frame, peek_header, Frame};
 use shardline_config::PoolMode;
 use shardline_router::cacheable::CacheUse;
 use shardline_router::effect::{self, Effect};
@@ -200,12 +200,8 @@ impl Session {
     /// simple query or function call, or extended messages up to Sync), or
     /// must be acted on anyway (`must_act`: a Flush, or more than is held).
     fn unit_arrived(&self) -> bool {
-        let mut frames = complete_frames(&self.client_in, self.shared.max_message_size);
-        match frames.next() {
-            None => false,
-            Some((frontend::QUERY | frontend::FUNCTION_CALL | frontend::SYNC, _)) => true,
-            Some(_) => frames.any(|(tag, _)| tag == frontend::SYNC) || self.must_act(),
-        }
+        let frames = self.unit_frames();
+        frames.first_tag().is_some() && (frames.ended() || self.must_act())
     }
 
     /// Whether the unit at the front of the buffer may follow the one in

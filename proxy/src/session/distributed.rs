@@ -18,7 +18,7 @@ use super::leg::Leg;
 use super::txn::Txn;
 use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{self, sqlstate, PgError};
-use crate::protocol::{complete_frames, frontend, next_frame};
+use crate::protocol::{frontend, next_frame};
 use crate::server::ServerError;
 use crate::twophase::literal;
 use bytes::{Bytes, BytesMut};
@@ -87,15 +87,13 @@ impl Session {
     /// Called before routing a unit while the transaction has parked
     /// participants.
     pub(super) fn distributed_next(&self) -> Result<Next, End> {
-        let buf = &self.client_in[..];
-        let max = self.shared.max_message_size;
         let refuse = || {
             Next::Refuse(self.shared.events.refusals.refuse(
                 Construct::Transaction,
                 "SAVEPOINT, RELEASE, ROLLBACK TO and PREPARE TRANSACTION are not supported in a transaction that spans shards, nor a COMMIT or ROLLBACK sent with other statements; the transaction is failed: send ROLLBACK",
             ))
         };
-        if let Some((frontend::QUERY, body)) = complete_frames(buf, max).next() {
+        if let Some((frontend::QUERY, body)) = self.unit_frames().of(&self.client_in).next() {
             let text = frontend::query(body)?;
             let sql = String::from_utf8_lossy(text);
             if let Some(tag) = shardline_router::lone_transaction_end(&sql) {
@@ -131,7 +129,7 @@ impl Session {
         let mut parsed: Vec<(&[u8], &[u8])> = Vec::new();
         let mut bound: Option<Vec<u8>> = None;
         let mut executed: Vec<Vec<u8>> = Vec::new();
-        for (tag, body) in complete_frames(&self.client_in, self.shared.max_message_size) {
+        for (tag, body) in self.unit_frames().of(&self.client_in) {
             match tag {
                 frontend::PARSE => {
                     let p = frontend::parse(body)?;
@@ -148,7 +146,6 @@ impl Session {
                     };
                 }
                 frontend::EXECUTE => executed.extend(bound.clone()),
-                frontend::SYNC | frontend::QUERY => break,
                 _ => {}
             }
         }
@@ -175,7 +172,7 @@ impl Session {
         let mut taken = 0;
         let mut parsed: Option<(&[u8], &[u8])> = None;
         let mut text: Option<Vec<u8>> = None;
-        for (tag, body) in complete_frames(&self.client_in, self.shared.max_message_size) {
+        for (tag, body) in self.unit_frames().of(&self.client_in) {
             taken += 1;
             match tag {
                 frontend::PARSE if taken == 1 => {
@@ -224,9 +221,7 @@ impl Session {
     /// The extended-protocol unit at the front (complete up to its Sync)
     /// executes one lone COMMIT, END, ROLLBACK or ABORT.
     pub(super) fn unit_ends_transaction(&self) -> Result<bool, End> {
-        let complete = complete_frames(&self.client_in, self.shared.max_message_size)
-            .any(|(tag, _)| tag == frontend::SYNC);
-        if !complete {
+        if self.unit_frames().first_tag() == Some(frontend::QUERY) || !self.unit_frames().ended() {
             return Ok(false);
         }
         Ok(match self.unit_executions()?.as_slice() {

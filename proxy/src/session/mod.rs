@@ -165,10 +165,11 @@ pub struct Session {
     shared: Arc<Shared>,
     login: LoggedIn,
     client_in: BytesMut,
-    /// The plan of the unit at the front of `client_in` (`plan_unit`);
-    /// cleared by `forget_plan` wherever the buffer or the session's
-    /// state changes other than by taking messages off its front.
-    plan_memo: Option<(route::PlanKey, route::Planned)>,
+    /// The unit at the front of `client_in`, framed and planned once
+    /// (`route::Analysed`); cleared by `forget_plan` wherever the buffer or
+    /// the session's state changes other than by taking messages off its
+    /// front.
+    analysed: Option<route::Analysed>,
     /// The routes of that unit's statement texts (`route_text` looks here first).
     unit_routes: route::UnitRoutes,
     /// The other buffer `plan_unit` fills, swapped with `unit_routes`.
@@ -291,7 +292,7 @@ impl Session {
             shared,
             login,
             client_in: BytesMut::with_capacity(8 * 1024),
-            plan_memo: None,
+            analysed: None,
             unit_routes: Default::default(),
             spare_routes: Default::default(),
             client_out: BytesMut::with_capacity(16 * 1024),
@@ -766,23 +767,14 @@ impl Session {
     }
 
     /// An incomplete unit must be routed now anyway: the client asked for
-    /// answers (Flush) or sent more than we hold back.
+    /// answers (Flush) or sent more than we hold back. (Asked of a unit
+    /// whose end has not come: its frames are every complete message.)
     fn must_act(&self) -> bool {
-        if self.client_in.len() > UNIT_HOLD {
-            return true;
-        }
-        let mut pos = 0;
-        let buf = &self.client_in[..];
-        while let Ok(Some((tag, len))) = crate::protocol::peek_header(&buf[pos..], usize::MAX) {
-            if buf.len() - pos < len {
-                return false;
-            }
-            if tag == crate::protocol::frontend::FLUSH {
-                return true;
-            }
-            pos += len;
-        }
-        false
+        self.client_in.len() > UNIT_HOLD
+            || self
+                .unit_frames()
+                .of(&self.client_in)
+                .any(|(tag, _)| tag == crate::protocol::frontend::FLUSH)
     }
 
     /// Nothing in flight: safe to close at shutdown.
@@ -958,7 +950,7 @@ impl Session {
 
     /// The unit's plan is made again when next asked (`plan_unit`).
     fn forget_plan(&mut self) {
-        self.plan_memo = None;
+        self.analysed = None;
     }
 
     /// Applies a committed session effect to the client and its server.

@@ -192,12 +192,35 @@ impl UnitRoutes {
     }
 }
 
-/// What `plan_unit`'s memo is valid for (`Session::plan_memo`).
-#[derive(Clone, Copy, PartialEq, Eq)]
-pub(super) struct PlanKey {
+/// The unit at the front of `client_in`, framed once (`UnitFrames`) and,
+/// once asked, planned (`plan_unit`): what the session's steps read about
+/// the unit (its messages, where it runs) instead of scanning the buffer
+/// again. Valid for the buffer's start and length it was made for: between
+/// the points that clear it (`Session::forget_plan`: every event, client
+/// bytes read or put back, a session effect) the buffer only loses
+/// messages from its front, so start and length name its content.
+pub(super) struct Analysed {
     start: usize,
     len: usize,
-    begin: bool,
+    pub frames: crate::protocol::UnitFrames,
+    /// The plan, and whether the client's BEGIN was held when it was made.
+    planned: Option<(bool, Planned)>,
+}
+
+impl Analysed {
+    fn of(buf: &[u8], max: usize) -> Analysed {
+        Analysed {
+            start: buf.as_ptr() as usize,
+            len: buf.len(),
+            frames: crate::protocol::UnitFrames::scan(buf, max),
+            planned: None,
+        }
+    }
+
+    /// Made for these bytes.
+    fn is_for(&self, buf: &[u8]) -> bool {
+        self.start == buf.as_ptr() as usize && self.len == buf.len()
+    }
 }
 
 /// The session effect of a Parse's statement text, looked for only when
@@ -360,9 +383,7 @@ impl Session {
         }
         let mut texts: Vec<(usize, usize)> = Vec::new();
         let base = self.client_in.as_ptr() as usize;
-        for (tag, body) in
-            crate::protocol::complete_frames(&self.client_in, self.shared.max_message_size)
-        {
+        for (tag, body) in self.unit_frames().of(&self.client_in) {
             let text = match tag {
                 frontend::QUERY => frontend::query(body).ok(),
                 frontend::PARSE => frontend::parse(body).ok().map(|p| p.query),
@@ -371,9 +392,6 @@ impl Session {
             if let Some(t) = text.filter(|t| t.len() >= LARGE_STATEMENT) {
                 let start = t.as_ptr() as usize - base;
                 texts.push((start, start + t.len()));
-            }
-            if matches!(tag, frontend::QUERY | frontend::SYNC) {
-                break;
             }
         }
         let buf = &self.client_in;
@@ -516,23 +534,33 @@ impl Session {
         }
     }
 
+    /// The unit at the front of `client_in`, framed: the session's
+    /// analysed unit when it is for the buffer as it is, else framed now.
+    pub(super) fn unit_frames(&self) -> std::borrow::Cow<'_, crate::protocol::UnitFrames> {
+        match &self.analysed {
+            Some(a) if a.is_for(&self.client_in) => std::borrow::Cow::Borrowed(&a.frames),
+            _ => std::borrow::Cow::Owned(crate::protocol::UnitFrames::scan(
+                &self.client_in,
+                self.shared.max_message_size,
+            )),
+        }
+    }
+
     /// Decides where the unit at the front of `client_in` runs, from the
     /// messages buffered so far (up to its Sync).
     pub(super) fn plan_unit(&mut self) -> Planned {
         // Asked several times per unit (before borrowing, then whether the
-        // unit fits the connection, ...): planned once. The buffer's start
-        // and length name its content between the points that clear the
-        // memo (every event, client bytes read or put back, a session
-        // effect): within them the buffer only shrinks from the front.
-        let key = PlanKey {
-            start: self.client_in.as_ptr() as usize,
-            len: self.client_in.len(),
-            begin: self.txn.has_begin(),
-        };
-        if let Some((k, planned)) = &self.plan_memo {
-            if *k == key {
-                return planned.clone();
+        // unit fits the connection, ...): framed and planned once.
+        let begin = self.txn.has_begin();
+        match &self.analysed {
+            Some(a) if a.is_for(&self.client_in) => {
+                if let Some((b, planned)) = &a.planned {
+                    if *b == begin {
+                        return planned.clone();
+                    }
+                }
             }
+            _ => self.analysed = Some(Analysed::of(&self.client_in, self.shared.max_message_size)),
         }
         // Filled while planning (the previous plan's routes still answer
         // meanwhile: a unit is planned again after each event), then kept
@@ -548,7 +576,9 @@ impl Session {
             self.plan_unit_now(&mut routed, None)
         };
         self.spare_routes = std::mem::replace(&mut self.unit_routes, routed);
-        self.plan_memo = Some((key, planned.clone()));
+        if let Some(a) = self.analysed.as_mut() {
+            a.planned = Some((begin, planned.clone()));
+        }
         planned
     }
 
@@ -586,8 +616,8 @@ impl Session {
                 executes: true,
             };
         }
-        let max = self.shared.max_message_size;
         let buf = &self.client_in[..];
+        let frames = self.unit_frames();
         // A unit's few routes on the stack: planning allocates nothing.
         let mut routes: smallvec::SmallVec<[Route; 4]> = smallvec::SmallVec::new();
         let mut place = Placement::Anywhere;
@@ -596,7 +626,7 @@ impl Session {
         let mut executes = false;
         // Each Bind's own placement, for a pipeline over several shards.
         let mut binds = Placements::new();
-        for (tag, body) in crate::protocol::complete_frames(buf, max) {
+        for (tag, body) in frames.of(buf) {
             executes |= matches!(
                 tag,
                 frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
