@@ -84,56 +84,28 @@ pub fn complete_frames(buf: &[u8], max: usize) -> impl Iterator<Item = (u8, &[u8
     })
 }
 
-/// The messages of the unit at the front of a buffer, framed in one pass:
-/// where each complete message is, up to and including the first that
-/// ends a unit (a simple Query, a FunctionCall or a Sync), or up to the
-/// last complete one. Offsets, not slices: the index is kept beside the
-/// buffer (`Session`'s analysed unit) while the buffer is read and
-/// changed, and is valid for the same bytes (`of` takes them).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
-pub struct UnitFrames {
-    /// Tag, and the body's start and end in the buffer.
-    at: smallvec::SmallVec<[(u8, usize, usize); 8]>,
-    /// The last message ends the unit.
-    ended: bool,
+/// The complete messages of the unit at the front of `buf`, as `(tag,
+/// body)`, without consuming them: up to and including the first that ends
+/// a unit (a simple Query, a FunctionCall or a Sync), or every complete one
+/// when that has not come. The one definition of a unit's extent that the
+/// steps reading the buffered unit share (planning, the arrival check, the
+/// spanning transaction's checks; `Session::take_unit` takes the same).
+pub fn unit_messages(buf: &[u8], max: usize) -> impl Iterator<Item = (u8, &[u8])> {
+    let mut ended = false;
+    complete_frames(buf, max).take_while(move |&(tag, _)| {
+        let more = !ended;
+        ended = ends_unit(tag);
+        more
+    })
 }
 
-impl UnitFrames {
-    /// Frames the unit at the front of `buf` (messages longer than `max`,
-    /// malformed or partly received, end the index before them).
-    pub fn scan(buf: &[u8], max: usize) -> UnitFrames {
-        let mut frames = UnitFrames::default();
-        let base = buf.as_ptr() as usize;
-        for (tag, body) in complete_frames(buf, max) {
-            let start = body.as_ptr() as usize - base;
-            frames.at.push((tag, start, start + body.len()));
-            if matches!(
-                tag,
-                frontend::QUERY | frontend::FUNCTION_CALL | frontend::SYNC
-            ) {
-                frames.ended = true;
-                break;
-            }
-        }
-        frames
-    }
-
-    /// The unit's messages as `(tag, body)`, read from `buf` (the bytes
-    /// it was scanned from).
-    pub fn of<'b>(&'b self, buf: &'b [u8]) -> impl Iterator<Item = (u8, &'b [u8])> + 'b {
-        self.at.iter().map(move |&(tag, s, e)| (tag, &buf[s..e]))
-    }
-
-    /// The first message's tag (none: no complete message).
-    pub fn first_tag(&self) -> Option<u8> {
-        self.at.first().map(|&(tag, ..)| tag)
-    }
-
-    /// Every message of the unit is here: its Query, FunctionCall or
-    /// Sync among them.
-    pub fn ended(&self) -> bool {
-        self.ended
-    }
+/// A message that ends a unit: a simple Query, a FunctionCall, a Sync.
+#[inline]
+pub fn ends_unit(tag: u8) -> bool {
+    matches!(
+        tag,
+        frontend::QUERY | frontend::FUNCTION_CALL | frontend::SYNC
+    )
 }
 
 /// Splits one complete frame off the front of `buf`, or returns `None` (and
@@ -240,6 +212,7 @@ mod tests {
     #[test]
     fn a_unit_is_framed_up_to_its_end() {
         let m = test_message;
+        let tags = |buf: &[u8], max| unit_messages(buf, max).map(|(t, _)| t).collect::<Vec<_>>();
         let extended = [
             m(b'P', b"\0SELECT 1\0\0\0"),
             m(b'B', b"\0\0\0\0\0\0\0\0"),
@@ -248,31 +221,31 @@ mod tests {
             m(b'Q', b"SELECT 2\0"),
         ]
         .concat();
-        let f = UnitFrames::scan(&extended, usize::MAX);
-        let tags: Vec<u8> = f.of(&extended).map(|(t, _)| t).collect();
-        assert_eq!(tags, b"PBES", "the next unit is not this one's");
-        assert!(f.ended());
-        assert_eq!(f.first_tag(), Some(b'P'));
-        assert_eq!(f.of(&extended).next().unwrap().1, b"\0SELECT 1\0\0\0");
+        assert_eq!(
+            tags(&extended, usize::MAX),
+            b"PBES",
+            "the next unit is not this one's"
+        );
+        let first = unit_messages(&extended, usize::MAX).next();
+        assert_eq!(first, Some((b'P', &b"\0SELECT 1\0\0\0"[..])));
         // A unit whose Sync has not come: every complete message so far.
         let cut = &extended[..extended.len() - 19];
-        let f = UnitFrames::scan(cut, usize::MAX);
-        assert_eq!(f.of(cut).map(|(t, _)| t).collect::<Vec<_>>(), b"PBE");
-        assert!(!f.ended());
+        assert_eq!(tags(cut, usize::MAX), b"PBE");
+        assert_eq!(tags(&cut[..cut.len() - 1], usize::MAX), b"PB");
         // A simple query is a unit alone; FunctionCall likewise.
         let simple = &extended[extended.len() - 14..];
-        let f = UnitFrames::scan(simple, usize::MAX);
-        assert_eq!((f.first_tag(), f.ended()), (Some(b'Q'), true));
-        assert_eq!(f.of(simple).next().unwrap().1, b"SELECT 2\0");
-        let f = UnitFrames::scan(&[m(b'F', b"x"), m(b'S', b"")].concat(), usize::MAX);
-        assert_eq!((f.at.len(), f.ended()), (1, true));
-        // Nothing framed past a message over the limit or malformed.
-        let f = UnitFrames::scan(&extended, 10);
-        assert_eq!((f.first_tag(), f.ended()), (None, false));
         assert_eq!(
-            UnitFrames::scan(b"Q\xff\xff\xff\xff", 99),
-            UnitFrames::default()
+            unit_messages(simple, usize::MAX).collect::<Vec<_>>(),
+            [(b'Q', &b"SELECT 2\0"[..])]
         );
+        assert_eq!(
+            tags(&[m(b'F', b"x"), m(b'S', b"")].concat(), usize::MAX),
+            b"F"
+        );
+        // Nothing framed past a message over the limit or malformed.
+        assert_eq!(tags(&extended, 10), b"");
+        assert_eq!(tags(b"Q\xff\xff\xff\xff", 99), b"");
+        assert!(ends_unit(b'Q') && ends_unit(b'F') && ends_unit(b'S') && !ends_unit(b'H'));
     }
 
     #[test]

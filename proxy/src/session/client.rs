@@ -200,8 +200,8 @@ impl Session {
     /// simple query or function call, or extended messages up to Sync), or
     /// must be acted on anyway (`must_act`: a Flush, or more than is held).
     fn unit_arrived(&self) -> bool {
-        let frames = self.unit_frames();
-        frames.first_tag().is_some() && (frames.ended() || self.must_act())
+        let mut tags = self.unit_messages().map(|(tag, _)| tag).peekable();
+        tags.peek().is_some() && (tags.any(crate::protocol::ends_unit) || self.must_act())
     }
 
     /// Whether the unit at the front of the buffer may follow the one in

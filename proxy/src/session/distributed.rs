@@ -93,7 +93,7 @@ impl Session {
                 "SAVEPOINT, RELEASE, ROLLBACK TO and PREPARE TRANSACTION are not supported in a transaction that spans shards, nor a COMMIT or ROLLBACK sent with other statements; the transaction is failed: send ROLLBACK",
             ))
         };
-        if let Some((frontend::QUERY, body)) = self.unit_frames().of(&self.client_in).next() {
+        if let Some((frontend::QUERY, body)) = self.unit_messages().next() {
             let text = frontend::query(body)?;
             let sql = String::from_utf8_lossy(text);
             if let Some(tag) = shardline_router::lone_transaction_end(&sql) {
@@ -129,7 +129,7 @@ impl Session {
         let mut parsed: Vec<(&[u8], &[u8])> = Vec::new();
         let mut bound: Option<Vec<u8>> = None;
         let mut executed: Vec<Vec<u8>> = Vec::new();
-        for (tag, body) in self.unit_frames().of(&self.client_in) {
+        for (tag, body) in self.unit_messages() {
             match tag {
                 frontend::PARSE => {
                     let p = frontend::parse(body)?;
@@ -172,7 +172,7 @@ impl Session {
         let mut taken = 0;
         let mut parsed: Option<(&[u8], &[u8])> = None;
         let mut text: Option<Vec<u8>> = None;
-        for (tag, body) in self.unit_frames().of(&self.client_in) {
+        for (tag, body) in self.unit_messages() {
             taken += 1;
             match tag {
                 frontend::PARSE if taken == 1 => {
@@ -221,7 +221,14 @@ impl Session {
     /// The extended-protocol unit at the front (complete up to its Sync)
     /// executes one lone COMMIT, END, ROLLBACK or ABORT.
     pub(super) fn unit_ends_transaction(&self) -> Result<bool, End> {
-        if self.unit_frames().first_tag() == Some(frontend::QUERY) || !self.unit_frames().ended() {
+        if self
+            .unit_messages()
+            .next()
+            .is_none_or(|(tag, _)| tag == frontend::QUERY)
+            || !self
+                .unit_messages()
+                .any(|(tag, _)| crate::protocol::ends_unit(tag))
+        {
             return Ok(false);
         }
         Ok(match self.unit_executions()?.as_slice() {

@@ -165,11 +165,10 @@ pub struct Session {
     shared: Arc<Shared>,
     login: LoggedIn,
     client_in: BytesMut,
-    /// The unit at the front of `client_in`, framed and planned once
-    /// (`route::Analysed`); cleared by `forget_plan` wherever the buffer or
-    /// the session's state changes other than by taking messages off its
-    /// front.
-    analysed: Option<route::Analysed>,
+    /// The plan of the unit at the front of `client_in` (`plan_unit`);
+    /// forgotten by `forget_plan` wherever the buffer or the session's
+    /// state changes other than by taking messages off its front.
+    plan_memo: route::PlanMemo,
     /// The routes of that unit's statement texts (`route_text` looks here first).
     unit_routes: route::UnitRoutes,
     /// The other buffer `plan_unit` fills, swapped with `unit_routes`.
@@ -292,7 +291,7 @@ impl Session {
             shared,
             login,
             client_in: BytesMut::with_capacity(8 * 1024),
-            analysed: None,
+            plan_memo: Default::default(),
             unit_routes: Default::default(),
             spare_routes: Default::default(),
             client_out: BytesMut::with_capacity(16 * 1024),
@@ -750,14 +749,13 @@ impl Session {
     /// Takes the unit at the front of `client_in` off the buffer: one
     /// simple query or function call, or extended messages up to Sync.
     fn take_unit(&mut self) -> Result<Vec<crate::protocol::Frame>, End> {
-        use crate::protocol::frontend::{FUNCTION_CALL, QUERY, SYNC};
         let mut frames = Vec::new();
         while let Some(f) =
             crate::protocol::next_frame(&mut self.client_in, self.shared.max_message_size).map_err(
                 |e| End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string())),
             )?
         {
-            let last = matches!(f.tag, QUERY | SYNC | FUNCTION_CALL);
+            let last = crate::protocol::ends_unit(f.tag);
             frames.push(f);
             if last {
                 break;
@@ -772,8 +770,7 @@ impl Session {
     fn must_act(&self) -> bool {
         self.client_in.len() > UNIT_HOLD
             || self
-                .unit_frames()
-                .of(&self.client_in)
+                .unit_messages()
                 .any(|(tag, _)| tag == crate::protocol::frontend::FLUSH)
     }
 
@@ -950,7 +947,7 @@ impl Session {
 
     /// The unit's plan is made again when next asked (`plan_unit`).
     fn forget_plan(&mut self) {
-        self.analysed = None;
+        self.plan_memo.forget();
     }
 
     /// Applies a committed session effect to the client and its server.

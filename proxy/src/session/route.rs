@@ -192,34 +192,33 @@ impl UnitRoutes {
     }
 }
 
-/// The unit at the front of `client_in`, framed once (`UnitFrames`) and,
-/// once asked, planned (`plan_unit`): what the session's steps read about
-/// the unit (its messages, where it runs) instead of scanning the buffer
-/// again. Valid for the buffer's start and length it was made for: between
-/// the points that clear it (`Session::forget_plan`: every event, client
-/// bytes read or put back, a session effect) the buffer only loses
-/// messages from its front, so start and length name its content.
-pub(super) struct Analysed {
-    start: usize,
-    len: usize,
-    pub frames: crate::protocol::UnitFrames,
-    /// The plan, and whether the client's BEGIN was held when it was made.
-    planned: Option<(bool, Planned)>,
+/// The plan of the unit at the front of `client_in` (`plan_unit`), kept
+/// for the buffer's start and length it was made for: between the points
+/// that forget it (`Session::forget_plan`: every event, client bytes read
+/// or put back, a session effect) the buffer only loses messages from its
+/// front, so start and length name its content.
+#[derive(Default)]
+pub(super) struct PlanMemo {
+    /// The buffer's start and length, and whether the client's BEGIN was
+    /// held, when the plan was made (`None`: forgotten).
+    made_for: Option<(usize, usize, bool)>,
+    planned: Option<Planned>,
 }
 
-impl Analysed {
-    fn of(buf: &[u8], max: usize) -> Analysed {
-        Analysed {
-            start: buf.as_ptr() as usize,
-            len: buf.len(),
-            frames: crate::protocol::UnitFrames::scan(buf, max),
-            planned: None,
-        }
+impl PlanMemo {
+    fn get(&self, buf: &[u8], begin: bool) -> Option<&Planned> {
+        let key = (buf.as_ptr() as usize, buf.len(), begin);
+        self.planned.as_ref().filter(|_| self.made_for == Some(key))
     }
 
-    /// Made for these bytes.
-    fn is_for(&self, buf: &[u8]) -> bool {
-        self.start == buf.as_ptr() as usize && self.len == buf.len()
+    fn keep(&mut self, buf: &[u8], begin: bool, planned: Planned) {
+        self.made_for = Some((buf.as_ptr() as usize, buf.len(), begin));
+        self.planned = Some(planned);
+    }
+
+    /// Forgotten: planned again when next asked.
+    pub fn forget(&mut self) {
+        self.made_for = None;
     }
 }
 
@@ -383,7 +382,7 @@ impl Session {
         }
         let mut texts: Vec<(usize, usize)> = Vec::new();
         let base = self.client_in.as_ptr() as usize;
-        for (tag, body) in self.unit_frames().of(&self.client_in) {
+        for (tag, body) in self.unit_messages() {
             let text = match tag {
                 frontend::QUERY => frontend::query(body).ok(),
                 frontend::PARSE => frontend::parse(body).ok().map(|p| p.query),
@@ -534,33 +533,20 @@ impl Session {
         }
     }
 
-    /// The unit at the front of `client_in`, framed: the session's
-    /// analysed unit when it is for the buffer as it is, else framed now.
-    pub(super) fn unit_frames(&self) -> std::borrow::Cow<'_, crate::protocol::UnitFrames> {
-        match &self.analysed {
-            Some(a) if a.is_for(&self.client_in) => std::borrow::Cow::Borrowed(&a.frames),
-            _ => std::borrow::Cow::Owned(crate::protocol::UnitFrames::scan(
-                &self.client_in,
-                self.shared.max_message_size,
-            )),
-        }
+    /// The complete messages of the unit at the front of `client_in`
+    /// (`protocol::unit_messages`).
+    pub(super) fn unit_messages(&self) -> impl Iterator<Item = (u8, &[u8])> {
+        crate::protocol::unit_messages(&self.client_in, self.shared.max_message_size)
     }
 
     /// Decides where the unit at the front of `client_in` runs, from the
     /// messages buffered so far (up to its Sync).
     pub(super) fn plan_unit(&mut self) -> Planned {
         // Asked several times per unit (before borrowing, then whether the
-        // unit fits the connection, ...): framed and planned once.
+        // unit fits the connection, ...): planned once.
         let begin = self.txn.has_begin();
-        match &self.analysed {
-            Some(a) if a.is_for(&self.client_in) => {
-                if let Some((b, planned)) = &a.planned {
-                    if *b == begin {
-                        return planned.clone();
-                    }
-                }
-            }
-            _ => self.analysed = Some(Analysed::of(&self.client_in, self.shared.max_message_size)),
+        if let Some(planned) = self.plan_memo.get(&self.client_in, begin) {
+            return planned.clone();
         }
         // Filled while planning (the previous plan's routes still answer
         // meanwhile: a unit is planned again after each event), then kept
@@ -576,9 +562,7 @@ impl Session {
             self.plan_unit_now(&mut routed, None)
         };
         self.spare_routes = std::mem::replace(&mut self.unit_routes, routed);
-        if let Some(a) = self.analysed.as_mut() {
-            a.planned = Some((begin, planned.clone()));
-        }
+        self.plan_memo.keep(&self.client_in, begin, planned.clone());
         planned
     }
 
@@ -616,8 +600,6 @@ impl Session {
                 executes: true,
             };
         }
-        let buf = &self.client_in[..];
-        let frames = self.unit_frames();
         // A unit's few routes on the stack: planning allocates nothing.
         let mut routes: smallvec::SmallVec<[Route; 4]> = smallvec::SmallVec::new();
         let mut place = Placement::Anywhere;
@@ -626,7 +608,7 @@ impl Session {
         let mut executes = false;
         // Each Bind's own placement, for a pipeline over several shards.
         let mut binds = Placements::new();
-        for (tag, body) in frames.of(buf) {
+        for (tag, body) in self.unit_messages() {
             executes |= matches!(
                 tag,
                 frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
