@@ -170,12 +170,34 @@ impl Session {
                 Ok(_) => {}
                 Err(e) => return Err(violation(e.to_string())),
             }
+            match peek_header(&self.client_in, self.shared.max_message_size) {
+                Ok(Some((tag, len))) if len <= self.client_in.len() && tag != frontend::PARSE => {
+                    // Read where it lies: the handlers never read the
+                    // client's buffer (it is empty to them meanwhile), so
+                    // the message is handed to them as a slice of it and
+                    // then dropped off its front, with no frame of its own.
+                    let input = std::mem::take(&mut self.client_in);
+                    let handled = self.on_client_message(tag, &input[..len], None);
+                    debug_assert!(
+                        self.client_in.is_empty(),
+                        "a handler filled the client's buffer"
+                    );
+                    self.client_in = input;
+                    bytes::Buf::advance(&mut self.client_in, len);
+                    handled?;
+                    continue;
+                }
+                Ok(_) => {}
+                Err(e) => return Err(violation(e.to_string())),
+            }
+            // A Parse is split off as a frame: the unnamed statement's
+            // definition is kept as a slice of it.
             let frame = match next_frame(&mut self.client_in, self.shared.max_message_size) {
                 Ok(Some(f)) => f,
                 Ok(None) => return Ok(Flow::Done),
                 Err(e) => return Err(violation(e.to_string())),
             };
-            self.on_client_frame(frame)?;
+            self.on_client_message(frame.tag, &frame.bytes, Some(&frame))?;
         }
     }
 
@@ -425,51 +447,67 @@ impl Session {
         Ok(true)
     }
 
-    fn on_client_frame(&mut self, f: Frame) -> Result<(), End> {
-        if self.inflow.drops(f.tag) {
+    /// Handles one client message: `tag`, and its `bytes` with the header.
+    /// `frame` is the message as a frame of its own, when it was split off
+    /// the buffer (a Parse always is: the unnamed statement's definition is
+    /// kept as a slice of it).
+    fn on_client_message(
+        &mut self,
+        tag: u8,
+        bytes: &[u8],
+        frame: Option<&Frame>,
+    ) -> Result<(), End> {
+        if self.inflow.drops(tag) {
             return Ok(());
         }
         if let Some(sent) = self.rerun.sent.as_mut() {
-            sent.extend_from_slice(&f.bytes);
+            sent.extend_from_slice(bytes);
         }
         if self.purpose == Purpose::Write
             && matches!(
-                f.tag,
+                tag,
                 frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
             )
         {
             self.wrote = true;
         }
-        match f.tag {
-            frontend::QUERY => self.on_query(f),
-            frontend::PARSE => self.on_parse(f),
-            frontend::BIND => self.on_bind(f),
-            frontend::DESCRIBE => self.on_describe(f),
+        let body = &bytes[5..];
+        match tag {
+            frontend::QUERY => self.on_query(bytes),
+            frontend::PARSE => match frame {
+                Some(f) => self.on_parse(f),
+                None => self.on_parse(&Frame {
+                    tag,
+                    bytes: bytes::Bytes::copy_from_slice(bytes),
+                }),
+            },
+            frontend::BIND => self.on_bind(bytes),
+            frontend::DESCRIBE => self.on_describe(bytes),
             frontend::EXECUTE => {
-                let portal = frontend::execute_portal(f.body())?;
+                let portal = frontend::execute_portal(body)?;
                 let effect = if self.portal_effects.is_empty() {
                     None
                 } else {
                     self.portal_effects.get(portal).cloned().map(Box::new)
                 };
                 self.unit.bind();
-                self.server_out.extend_from_slice(&f.bytes);
+                self.server_out.extend_from_slice(bytes);
                 self.pending
                     .push_back(Pending::forward(Kind::Execute { effect }));
                 Ok(())
             }
-            frontend::CLOSE => self.on_close(f),
+            frontend::CLOSE => self.on_close(bytes),
             frontend::SYNC => {
                 if !self.inflow.sync() {
                     // The server ignores Sync during COPY FROM STDIN; so do we.
-                    self.server_out.extend_from_slice(&f.bytes);
+                    self.server_out.extend_from_slice(bytes);
                     return Ok(());
                 }
                 self.unit.close();
                 if self.server.is_none() {
                     self.synthetic(Synthetic::ReadyForQuery);
                 } else {
-                    self.server_out.extend_from_slice(&f.bytes);
+                    self.server_out.extend_from_slice(bytes);
                     self.pending.push_back(Pending::forward(Kind::Sync));
                 }
                 Ok(())
@@ -486,7 +524,7 @@ impl Session {
             }
             frontend::FLUSH => {
                 if self.server.is_some() {
-                    self.server_out.extend_from_slice(&f.bytes);
+                    self.server_out.extend_from_slice(bytes);
                 }
                 Ok(())
             }
@@ -495,15 +533,15 @@ impl Session {
                     // A function may write any table.
                     self.note_cache_use(&CacheUse::WritesAny);
                 }
-                self.server_out.extend_from_slice(&f.bytes);
+                self.server_out.extend_from_slice(bytes);
                 self.pending.push_back(Pending::forward(Kind::FunctionCall));
                 Ok(())
             }
             frontend::COPY_DATA | frontend::COPY_DONE | frontend::COPY_FAIL => {
                 // Only meaningful during COPY FROM STDIN; a server ignores strays too.
                 if self.server.is_some() {
-                    self.server_out.extend_from_slice(&f.bytes);
-                    if f.tag != frontend::COPY_DATA
+                    self.server_out.extend_from_slice(bytes);
+                    if tag != frontend::COPY_DATA
                         && !self.inflow.copy_ended()
                         && !self.pending.is_empty()
                     {
@@ -607,8 +645,8 @@ impl Session {
         Some(guard.held())
     }
 
-    fn on_query(&mut self, f: Frame) -> Result<(), End> {
-        let text = frontend::query(f.body())?;
+    fn on_query(&mut self, bytes: &[u8]) -> Result<(), End> {
+        let text = frontend::query(&bytes[5..])?;
         if let Some(setting) = proxy_setting(text) {
             // With a connection attached: a session-pooled client's is
             // chosen for good; in a transaction the setting applies to the
@@ -672,7 +710,7 @@ impl Session {
             }
         }
         let probe = self.position_query_with(&mut utf8);
-        self.send_query_frame(&f.bytes);
+        self.send_query_frame(bytes);
         let effects: VecDeque<_> = effects.map(Into::into).unwrap_or_default();
         self.pending
             .push_back(Pending::forward(Kind::Query { effects }));
@@ -709,7 +747,7 @@ impl Session {
         true
     }
 
-    fn on_parse(&mut self, f: Frame) -> Result<(), End> {
+    fn on_parse(&mut self, f: &Frame) -> Result<(), End> {
         let p = frontend::parse(f.body())?;
         let route = self.route_text(p.query);
         let effect = super::route::parse_effect(&route, p.query);
@@ -723,7 +761,7 @@ impl Session {
             return Ok(());
         }
         if p.name.is_empty() {
-            let token = self.remember_unnamed(&f, p.definition.len(), effect, route);
+            let token = self.remember_unnamed(f, p.definition.len(), effect, route);
             if let Some(server) = self.server.as_mut() {
                 server.unnamed_token = token;
             }
@@ -835,8 +873,8 @@ impl Session {
         }
     }
 
-    fn on_bind(&mut self, f: Frame) -> Result<(), End> {
-        let b = frontend::bind(f.body())?;
+    fn on_bind(&mut self, bytes: &[u8]) -> Result<(), End> {
+        let b = frontend::bind(&bytes[5..])?;
         let stmt = if b.statement.is_empty() {
             None
         } else {
@@ -878,15 +916,15 @@ impl Session {
             }
             None => {
                 self.ensure_unnamed();
-                self.server_out.extend_from_slice(&f.bytes);
+                self.server_out.extend_from_slice(bytes);
             }
         }
         self.pending.push_back(Pending::forward(Kind::Bind));
         Ok(())
     }
 
-    fn on_describe(&mut self, f: Frame) -> Result<(), End> {
-        let (kind, name) = frontend::target(f.body(), "Describe")?;
+    fn on_describe(&mut self, bytes: &[u8]) -> Result<(), End> {
+        let (kind, name) = frontend::target(&bytes[5..], "Describe")?;
         let stmt = if kind == b'S' && !name.is_empty() {
             match self.client_statement(name) {
                 Some(s) => Some(s),
@@ -908,9 +946,9 @@ impl Session {
             }
             (b'S', None) => {
                 self.ensure_unnamed();
-                self.server_out.extend_from_slice(&f.bytes);
+                self.server_out.extend_from_slice(bytes);
             }
-            _ => self.server_out.extend_from_slice(&f.bytes),
+            _ => self.server_out.extend_from_slice(bytes),
         }
         let kind = if kind == b'S' {
             Kind::DescribeStatement(name.into())
@@ -921,8 +959,8 @@ impl Session {
         Ok(())
     }
 
-    fn on_close(&mut self, f: Frame) -> Result<(), End> {
-        let (kind, name) = frontend::target(f.body(), "Close")?;
+    fn on_close(&mut self, bytes: &[u8]) -> Result<(), End> {
+        let (kind, name) = frontend::target(&bytes[5..], "Close")?;
         if kind == b'S' && !name.is_empty() {
             // The server keeps the statement for other clients; only this client's name goes.
             self.statements.remove(name);
@@ -938,7 +976,7 @@ impl Session {
             return Ok(());
         }
         self.unit.prepare();
-        self.server_out.extend_from_slice(&f.bytes);
+        self.server_out.extend_from_slice(bytes);
         self.pending.push_back(Pending::forward(Kind::Close));
         Ok(())
     }
