@@ -443,7 +443,8 @@ impl Session {
             return None;
         };
         let mut pos = 0;
-        let (mut lsn, mut status) = (0, 0);
+        let mut lsn = None;
+        let mut status = None;
         for expected in [ROW_DESCRIPTION, DATA_ROW, COMMAND_COMPLETE, READY_FOR_QUERY] {
             let (tag, len) = peek_header(&buf[pos..], usize::MAX).ok()??;
             if tag != expected || buf.len() - pos < len {
@@ -451,25 +452,22 @@ impl Session {
             }
             let body = &buf[pos + 5..pos + len];
             match tag {
-                DATA_ROW => lsn = probe_position(body)?,
-                READY_FOR_QUERY => status = *body.first()?,
+                DATA_ROW => lsn = Some(probe_position(body)?),
+                READY_FOR_QUERY => status = Some(*body.first()?),
                 _ => {}
             }
             pos += len;
         }
-        probe.settle(lsn);
-        self.probe_ended(status);
-        Some(pos)
-    }
-
-    /// The position query's ReadyForQuery (`status`): its entry ends.
-    fn probe_ended(&mut self, status: u8) {
-        if let Some(server) = self.server.as_mut() {
+        if let Some(lsn) = lsn {
+            probe.settle(lsn);
+        }
+        if let (Some(status), Some(server)) = (status, self.server.as_mut()) {
             server.tx_status = status;
         }
         self.pending.pop_front();
         // Answers the proxy gave while the query ran come next.
         self.drain_synthetic();
+        Some(pos)
     }
 
     /// The answer to the read-your-writes position query: hidden from the client.
@@ -504,7 +502,12 @@ impl Session {
             }
             READY_FOR_QUERY => {
                 let status = *body.first().ok_or("empty ReadyForQuery")?;
-                self.probe_ended(status);
+                if let Some(server) = self.server.as_mut() {
+                    server.tx_status = status;
+                }
+                self.pending.pop_front();
+                // Answers the proxy gave while the query ran come next.
+                self.drain_synthetic();
             }
             _ => {}
         }
