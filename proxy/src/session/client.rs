@@ -83,8 +83,14 @@ impl Session {
                     continue;
                 }
             }
-            match peek_header(&self.client_in, self.shared.max_message_size) {
-                Ok(Some((tag, _))) if needs_server(tag) && self.inflow != Inflow::SkipToSync => {
+            // Read once: the steps below that fall through to handling
+            // the message leave the buffer as it is.
+            let header = match peek_header(&self.client_in, self.shared.max_message_size) {
+                Ok(header) => header,
+                Err(e) => return Err(violation(e.to_string())),
+            };
+            match header {
+                Some((tag, _)) if needs_server(tag) && self.inflow != Inflow::SkipToSync => {
                     if self.txn.failed() && !self.unit.is_open() {
                         // In a failed transaction, a unit is judged whole,
                         // and once the server owes nothing: a ROLLBACK the
@@ -167,11 +173,10 @@ impl Session {
                         }
                     }
                 }
-                Ok(_) => {}
-                Err(e) => return Err(violation(e.to_string())),
+                _ => {}
             }
-            match peek_header(&self.client_in, self.shared.max_message_size) {
-                Ok(Some((tag, len))) if len <= self.client_in.len() && tag != frontend::PARSE => {
+            match header {
+                Some((tag, len)) if len <= self.client_in.len() && tag != frontend::PARSE => {
                     // Read where it lies: the handlers never read the
                     // client's buffer (it is empty to them meanwhile), so
                     // the message is handed to them as a slice of it and
@@ -187,8 +192,7 @@ impl Session {
                     handled?;
                     continue;
                 }
-                Ok(_) => {}
-                Err(e) => return Err(violation(e.to_string())),
+                _ => {}
             }
             // A Parse is split off as a frame: the unnamed statement's
             // definition is kept as a slice of it.

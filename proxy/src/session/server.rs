@@ -443,8 +443,7 @@ impl Session {
             return None;
         };
         let mut pos = 0;
-        let mut lsn = None;
-        let mut status = None;
+        let (mut lsn, mut status) = (0, 0);
         for expected in [ROW_DESCRIPTION, DATA_ROW, COMMAND_COMPLETE, READY_FOR_QUERY] {
             let (tag, len) = peek_header(&buf[pos..], usize::MAX).ok()??;
             if tag != expected || buf.len() - pos < len {
@@ -452,22 +451,25 @@ impl Session {
             }
             let body = &buf[pos + 5..pos + len];
             match tag {
-                DATA_ROW => lsn = Some(probe_position(body)?),
-                READY_FOR_QUERY => status = Some(*body.first()?),
+                DATA_ROW => lsn = probe_position(body)?,
+                READY_FOR_QUERY => status = *body.first()?,
                 _ => {}
             }
             pos += len;
         }
-        if let Some(lsn) = lsn {
-            probe.settle(lsn);
-        }
-        if let (Some(status), Some(server)) = (status, self.server.as_mut()) {
+        probe.settle(lsn);
+        self.probe_ended(status);
+        Some(pos)
+    }
+
+    /// The position query's ReadyForQuery (`status`): its entry ends.
+    fn probe_ended(&mut self, status: u8) {
+        if let Some(server) = self.server.as_mut() {
             server.tx_status = status;
         }
         self.pending.pop_front();
         // Answers the proxy gave while the query ran come next.
         self.drain_synthetic();
-        Some(pos)
     }
 
     /// The answer to the read-your-writes position query: hidden from the client.
@@ -502,12 +504,7 @@ impl Session {
             }
             READY_FOR_QUERY => {
                 let status = *body.first().ok_or("empty ReadyForQuery")?;
-                if let Some(server) = self.server.as_mut() {
-                    server.tx_status = status;
-                }
-                self.pending.pop_front();
-                // Answers the proxy gave while the query ran come next.
-                self.drain_synthetic();
+                self.probe_ended(status);
             }
             _ => {}
         }
