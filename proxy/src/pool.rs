@@ -73,6 +73,9 @@ impl Manager {
         if conn.generation < self.generation.load(Relaxed) {
             return Err("closed by RECONNECT");
         }
+        if conn.listed.as_ref().is_some_and(|l| l.is_cut()) {
+            return Err("its node failed a health check");
+        }
         if now.since(idle.created) > self.max_lifetime {
             return Err("connection exceeded max_lifetime");
         }

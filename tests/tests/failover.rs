@@ -300,6 +300,53 @@ async fn reads_go_to_the_primary_when_every_replica_is_down() {
     }
 }
 
+/// A read that finds every node of its shard down waits for one; when the
+/// primary answers again first (no replica yet), the read runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_waiting_through_an_outage_takes_the_primary_when_it_returns() {
+    // Stopped nodes refuse at once; the long timeout only stretches the
+    // read's wait (interval + 2 x timeout) past the primary's restart.
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: 1,
+        extra_toml: "[health]\ninterval = \"200ms\"\ntimeout = \"4s\"\nban_time = \"30s\"\n\
+                     [load_balancing]\nread_your_writes = \"off\"\n"
+            .into(),
+        pool_toml: "connect_timeout = \"1s\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.wait_healthy().await;
+    let [r] = env.replicas()[..] else {
+        panic!("one replica")
+    };
+    let shard = env.proxy.as_ref().unwrap().shared.topology.shards[0].clone();
+    let c = env.connect().await;
+    env.backend.stop_node(r, "immediate").unwrap();
+    env.backend.stop_node(0, "immediate").unwrap();
+    let started = Instant::now();
+    while !(shard.nodes[0].is_down() && shard.nodes[r].is_down()) {
+        assert!(
+            started.elapsed() < Duration::from_secs(10),
+            "outage noticed"
+        );
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let read = tokio::spawn(async move {
+        c.query_one("SELECT inet_server_port()", &[])
+            .await
+            .map(|r| r.get::<_, i32>(0) as u16)
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(!read.is_finished(), "the read waits for a node");
+    env.backend.start_node(0).unwrap();
+    let port = read
+        .await
+        .unwrap()
+        .expect("the read runs on the returned primary");
+    assert_eq!(port, env.node_port(0));
+}
+
 /// What a writing user's readers saw while the primary was out.
 #[derive(Default, Debug)]
 struct OutageReads {

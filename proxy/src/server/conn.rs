@@ -459,6 +459,8 @@ async fn negotiate_tls(
 pub struct Connections {
     open: Mutex<HashMap<u64, (RawFd, Listing)>>,
     next: AtomicU64,
+    /// Cuts so far: a connection listed before the last one was cut.
+    cuts: AtomicU64,
 }
 
 /// What the console shows of a server connection (SHOW SERVERS).
@@ -476,7 +478,6 @@ pub struct Listing {
 impl Connections {
     /// Lists a connection until the returned entry is dropped.
     pub fn list(self: &Arc<Self>, conn: &ServerConnection, target: &ServerTarget) -> Listed {
-        let id = self.next.fetch_add(1, Relaxed);
         let tcp = conn.stream.tcp();
         let listing = Listing {
             pid: conn.pid,
@@ -486,12 +487,23 @@ impl Connections {
             connected: std::time::SystemTime::now(),
             application_name: target.application_name,
         };
-        if let Ok(mut m) = self.open.lock() {
-            m.insert(id, (tcp.as_raw_fd(), listing));
-        }
+        self.enter(tcp.as_raw_fd(), listing)
+    }
+
+    fn enter(self: &Arc<Self>, fd: RawFd, listing: Listing) -> Listed {
+        let id = self.next.fetch_add(1, Relaxed);
+        // Read under the lock a cut takes: listed before a cut or after it.
+        let epoch = match self.open.lock() {
+            Ok(mut m) => {
+                m.insert(id, (fd, listing));
+                self.cuts.load(Relaxed)
+            }
+            Err(_) => self.cuts.load(Relaxed),
+        };
         Listed {
             registry: self.clone(),
             id,
+            epoch,
         }
     }
 
@@ -520,6 +532,7 @@ impl Connections {
         }
         let cut = m.len();
         m.clear();
+        self.cuts.fetch_add(1, Relaxed);
         cut
     }
 }
@@ -528,6 +541,15 @@ impl Connections {
 pub struct Listed {
     registry: Arc<Connections>,
     id: u64,
+    /// The registry's cuts when listed.
+    epoch: u64,
+}
+
+impl Listed {
+    /// Whether the connection was cut (its socket shut down) since listed.
+    pub fn is_cut(&self) -> bool {
+        self.registry.cuts.load(Relaxed) != self.epoch
+    }
 }
 
 impl Drop for Listed {
@@ -557,12 +579,14 @@ mod tests {
             connected: std::time::SystemTime::now(),
             application_name: None,
         };
-        registry
-            .open
-            .lock()
-            .expect("lock")
-            .insert(1, (ours.as_raw_fd(), listing));
+        let listed = registry.enter(ours.as_raw_fd(), listing.clone());
+        assert!(!listed.is_cut());
         assert_eq!(registry.cut(), 1);
+        assert!(listed.is_cut(), "known to be cut, as a pool checks");
+        let (later, _peer) = std::os::unix::net::UnixStream::pair().expect("a socket pair");
+        let after = registry.enter(later.as_raw_fd(), listing);
+        assert!(!after.is_cut(), "listed after the cut");
+        drop(after);
         assert_eq!(registry.cut(), 0, "counted once");
         let mut buf = [0u8; 1];
         assert_eq!(

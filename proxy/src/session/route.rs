@@ -933,9 +933,11 @@ impl Session {
     /// shard. Replicas' positions as of the last health check may be stale,
     /// so each is asked its replay position directly; commits of the user's
     /// whose position is still being asked (`positions_pending`) are waited
-    /// for. Gives up after `health.interval + 2 × health.timeout` (the
-    /// time a lost primary takes to be noticed and its connections cut)
-    /// with `57P03`, a read error naming the shard.
+    /// for. The primary is taken instead as soon as one answers again (the
+    /// lost one back, or a promoted replica). Gives up after
+    /// `health.interval + 2 × health.timeout` (the time a lost primary
+    /// takes to be noticed and its connections cut) with `57P03`, a read
+    /// error naming the shard.
     async fn replica_past_writes(
         &self,
         shard_index: usize,
@@ -951,6 +953,18 @@ impl Session {
         let deadline = tokio::time::Instant::now() + wait;
         let mut why = "no replica is up";
         loop {
+            // The primary answers again, or a replica was promoted: it has
+            // every write, so the read goes there.
+            if let Some(w) = shard.writer().ok().filter(|&w| *tried & bit(w) == 0) {
+                match pools.nodes[w].checkout(Some(&self.client)).await {
+                    Ok(conn) => return Ok((conn, w, Target::Primary)),
+                    Err(e) if unreachable(&e) => {
+                        *tried |= bit(w);
+                        shard.nodes[w].ban(shared.ban_time, &e.message);
+                    }
+                    Err(e) => return Err(e),
+                }
+            }
             let pending = ryw
                 .positions_pending
                 .load(std::sync::atomic::Ordering::SeqCst)
