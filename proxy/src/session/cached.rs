@@ -11,7 +11,7 @@
 //! the user, database, session variables, placement and the unit's
 //! content with statement names replaced by their definitions.
 
-use super::route::Planned;
+use super::analysis::Planned;
 use super::{End, Session};
 use crate::cache::{Lookup, Ticket};
 use crate::protocol::frontend;

@@ -11,8 +11,8 @@
 //! the unit, and one ReadyForQuery closes it. Nothing is buffered beyond a
 //! message per shard, so memory stays bounded whatever the result size.
 
+use super::analysis::Planned;
 use super::leg::{drain_after, drain_to_ready, parse_on, Leg, Parsed};
-use super::route::Planned;
 use super::{End, Session, FLUSH_AT};
 use crate::pool::PooledConnection;
 use crate::protocol::backend::{self, sqlstate, PgError};

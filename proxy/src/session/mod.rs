@@ -13,6 +13,7 @@
 //! sent is unanswered and the client is not mid-unit (transaction pooling), or
 //! when the client leaves (session pooling).
 
+mod analysis;
 mod attach;
 mod cached;
 mod client;
@@ -165,14 +166,11 @@ pub struct Session {
     shared: Arc<Shared>,
     login: LoggedIn,
     client_in: BytesMut,
-    /// The plan of the unit at the front of `client_in` (`plan_unit`);
+    /// The unit at the front of `client_in` as `plan_unit` analysed it:
+    /// plan, placement, statements' routes, keys (`analysis.rs`);
     /// forgotten by `forget_plan` wherever the buffer or the session's
     /// state changes other than by taking messages off its front.
-    plan_memo: route::PlanMemo,
-    /// The routes of that unit's statement texts (`route_text` looks here first).
-    unit_routes: route::UnitRoutes,
-    /// The other buffer `plan_unit` fills, swapped with `unit_routes`.
-    spare_routes: route::UnitRoutes,
+    analysis: analysis::UnitAnalysis,
     client_out: BytesMut,
     /// The attached server connection and where it belongs (`attach.rs`).
     server: Option<Placed>,
@@ -195,9 +193,6 @@ pub struct Session {
     described: HashMap<Bytes, Vec<u32>>,
     /// Effects of portals bound to session-changing statements (rare).
     portal_effects: HashMap<Box<[u8]>, Effect>,
-    /// Routes of the very large statement texts of the client's next unit,
-    /// made on the blocking pool (`route_large_ahead`).
-    large_routes: Vec<(Bytes, shardline_router::Route)>,
     /// The client's unnamed statement.
     unnamed: Option<Unnamed>,
     /// What the proxy holds of the client's transaction: a BEGIN not sent
@@ -291,9 +286,7 @@ impl Session {
             shared,
             login,
             client_in: BytesMut::with_capacity(8 * 1024),
-            plan_memo: Default::default(),
-            unit_routes: Default::default(),
-            spare_routes: Default::default(),
+            analysis: Default::default(),
             client_out: BytesMut::with_capacity(16 * 1024),
             server: None,
             server_out: BytesMut::with_capacity(8 * 1024),
@@ -303,7 +296,6 @@ impl Session {
             statements: HashMap::default(),
             described: HashMap::new(),
             portal_effects: HashMap::new(),
-            large_routes: Vec::new(),
             unnamed: None,
             unit: unit::Unit::Closed,
             inflow: unit::Inflow::Open,
@@ -452,7 +444,7 @@ impl Session {
     /// or it outlasted `admin.max_hold` and was failed (57P03).
     async fn held_by_pause(
         &mut self,
-        planned: &route::Planned,
+        planned: &analysis::Planned,
     ) -> Result<Option<Option<crate::admin::pause::Entry>>, End> {
         if self.server.is_some() || self.spanning.spans() {
             return Ok(Some(None));
@@ -572,11 +564,8 @@ impl Session {
         self.shared = next;
         self.login.user = user;
         // Routes made by the old router are not looked at again.
-        self.forget_plan();
-        self.unit_routes.clear();
-        self.spare_routes.clear();
+        self.analysis.reset();
         self.rerun.reset();
-        self.large_routes.clear();
         let names: Vec<Box<[u8]>> = self.statements.keys().cloned().collect();
         for name in names {
             let Some(old) = self.statements.get(&name).cloned() else {
@@ -620,7 +609,7 @@ impl Session {
     }
 
     /// Runs the unit at the front of `client_in` where `planned` says.
-    async fn run_unit(&mut self, planned: route::Planned) -> Result<(), End> {
+    async fn run_unit(&mut self, planned: analysis::Planned) -> Result<(), End> {
         use shardline_router::shards::Placement;
         if let Placement::Refused(r) = &planned.place {
             self.shared.placements.count(&planned.place);
@@ -636,7 +625,7 @@ impl Session {
                 if self.read_ahead_of_transaction(&planned) {
                     // Before the transaction has touched a shard, a READ
                     // COMMITTED read sees what it would see inside it.
-                    let planned = route::Planned {
+                    let planned = analysis::Planned {
                         plan: shardline_router::UnitPlan::Run {
                             target: shardline_router::Target::Primary,
                             writes: false,
@@ -698,7 +687,7 @@ impl Session {
     /// statement takes a new snapshot there, so running it outside the
     /// transaction gives the same rows. Other isolation levels take the
     /// transaction's snapshot at its first statement: not this way.
-    fn read_ahead_of_transaction(&self, planned: &route::Planned) -> bool {
+    fn read_ahead_of_transaction(&self, planned: &analysis::Planned) -> bool {
         use shardline_router::shards::Placement;
         self.txn.has_begin()
             && planned.reads_only
@@ -947,7 +936,7 @@ impl Session {
 
     /// The unit's plan is made again when next asked (`plan_unit`).
     fn forget_plan(&mut self) {
-        self.plan_memo.forget();
+        self.analysis.forget();
     }
 
     /// Applies a committed session effect to the client and its server.

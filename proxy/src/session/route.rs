@@ -3,6 +3,7 @@
 //! file gathers the facts (the unit's statements, the session's hints and
 //! read-your-writes position, the nodes' health) and acts on the answer.
 
+use super::analysis::{Planned, UnitRoutes, LARGE_STATEMENT};
 use super::attach::{Placed, Purpose};
 use super::pending::{Kind, Pending};
 use super::Session;
@@ -65,162 +66,12 @@ impl<'a> UnitStatements<'a> {
     }
 }
 
-/// Where the next unit runs: primary or replica, and which shards.
-#[derive(Clone)]
-pub(super) struct Planned {
-    pub plan: UnitPlan,
-    pub place: Placement,
-    /// Every message of the unit has arrived.
-    pub complete: bool,
-    /// Every statement of the unit is a read.
-    pub reads_only: bool,
-    /// The unit runs something (a query, an Execute, a function call), not
-    /// only Parse/Describe/Close.
-    pub executes: bool,
-}
-
-/// Where a constant is in a statement text: start and end offsets.
-type Span = (usize, usize);
-
 /// A statement text to place: the text, the parameter types its Parse
 /// declared, and where the unit's routes keep it (`None`: look it up).
 type ToPlace<'a> = (&'a [u8], &'a [u32], Option<usize>);
 
 /// Each statement's placement, on the stack for a statement or two.
 pub(super) type Placements = smallvec::SmallVec<[Placement; 2]>;
-
-/// The routes of the statement texts of the unit last planned, by text
-/// (a copy): the later steps of the same unit (`on_query`, `on_parse`, the
-/// fan-out) find a statement's route here instead of shaping its text
-/// again. Keyed by content, so a hit is right whatever happened to the
-/// buffer since; `plan_unit` refills it for each unit.
-///
-/// With each text, where its constants are when the shape found them
-/// (`SharedRouter::route_noting`): `place_each` reads a key from them
-/// instead of scanning the text again.
-#[derive(Default)]
-pub(super) struct UnitRoutes {
-    /// The texts, one after the other: only texts that are UTF-8 (the
-    /// others have no route of their own to keep), so a text found here
-    /// is read as a string without checking it again.
-    texts: String,
-    constants: Vec<Span>,
-    /// Text, route, constants (none: not known).
-    routes: Vec<(
-        std::ops::Range<usize>,
-        Route,
-        Option<std::ops::Range<usize>>,
-    )>,
-    /// Where `Session::route_into` has the shape note a text's constants.
-    scratch: Vec<Span>,
-    /// The sharding keys the unit is placed by (at most
-    /// `MAX_KEYS_NOTED`), until the unit runs and they are counted.
-    pub(super) keys: Vec<shardline_router::shards::KeySeen>,
-}
-
-impl UnitRoutes {
-    /// Statements kept per unit; a longer unit's later statements are
-    /// routed again (through the shared cache) when looked up.
-    const MAX: usize = 32;
-    /// Bytes of text kept per unit: every session holds two of these
-    /// buffers for its lifetime, so a long statement (a 32 MB query) is
-    /// not copied here; it is routed again when looked up.
-    const MAX_BYTES: usize = 4096;
-
-    pub(super) fn clear(&mut self) {
-        self.texts.clear();
-        self.constants.clear();
-        self.routes.clear();
-        self.keys.clear();
-    }
-
-    /// Keeps `text`'s route; its index, or `None` when it does not fit.
-    fn push(&mut self, text: &str, route: &Route, constants: Option<&[Span]>) -> Option<usize> {
-        let fits = self.texts.len() + text.len() <= Self::MAX_BYTES
-            && self.constants.len() + constants.map_or(0, <[_]>::len) <= Self::MAX_BYTES / 8;
-        if self.routes.len() < Self::MAX && fits {
-            let start = self.texts.len();
-            // Exact: the buffers never hold more than their bounds.
-            self.texts.reserve_exact(text.len());
-            self.texts.push_str(text);
-            let constants = constants.map(|c| {
-                let first = self.constants.len();
-                self.constants.reserve_exact(c.len());
-                self.constants.extend_from_slice(c);
-                first..self.constants.len()
-            });
-            self.routes
-                .push((start..self.texts.len(), route.clone(), constants));
-            return Some(self.routes.len() - 1);
-        }
-        None
-    }
-
-    /// The text kept at `i` (as `push` said) and where its constants are.
-    fn at(&self, i: usize) -> Option<(&str, Option<&[Span]>)> {
-        let (r, _, c) = self.routes.get(i)?;
-        Some((
-            &self.texts[r.clone()],
-            c.clone().map(|c| &self.constants[c]),
-        ))
-    }
-
-    /// `text` as kept (a string), its route and where its constants are
-    /// (when known).
-    fn entry(&self, text: &[u8]) -> Option<(&str, &Route, Option<&[Span]>)> {
-        // (From the last: the text placed is most often the one just routed.)
-        self.routes
-            .iter()
-            .rev()
-            .find(|(r, ..)| r.len() == text.len() && self.texts.as_bytes()[r.clone()] == *text)
-            .map(|(r, route, c)| {
-                (
-                    &self.texts[r.clone()],
-                    route,
-                    c.clone().map(|c| &self.constants[c]),
-                )
-            })
-    }
-
-    fn get(&self, text: &[u8]) -> Option<&Route> {
-        self.entry(text).map(|(_, route, _)| route)
-    }
-
-    /// The statement texts kept, in order.
-    pub(super) fn texts(&self) -> impl Iterator<Item = &str> {
-        self.routes.iter().map(|(r, ..)| &self.texts[r.clone()])
-    }
-}
-
-/// The plan of the unit at the front of `client_in` (`plan_unit`), kept
-/// for the buffer's start and length it was made for: between the points
-/// that forget it (`Session::forget_plan`: every event, client bytes read
-/// or put back, a session effect) the buffer only loses messages from its
-/// front, so start and length name its content.
-#[derive(Default)]
-pub(super) struct PlanMemo {
-    /// The buffer's start and length, and whether the client's BEGIN was
-    /// held, when the plan was made (`None`: forgotten).
-    made_for: Option<(usize, usize, bool)>,
-    planned: Option<Planned>,
-}
-
-impl PlanMemo {
-    fn get(&self, buf: &[u8], begin: bool) -> Option<&Planned> {
-        let key = (buf.as_ptr() as usize, buf.len(), begin);
-        self.planned.as_ref().filter(|_| self.made_for == Some(key))
-    }
-
-    fn keep(&mut self, buf: &[u8], begin: bool, planned: Planned) {
-        self.made_for = Some((buf.as_ptr() as usize, buf.len(), begin));
-        self.planned = Some(planned);
-    }
-
-    /// Forgotten: planned again when next asked.
-    pub fn forget(&mut self) {
-        self.made_for = None;
-    }
-}
 
 /// The session effect of a Parse's statement text, looked for only when
 /// its route says the shape may have one (a text that is not UTF-8 has
@@ -255,11 +106,6 @@ fn unreachable(e: &PgError) -> bool {
 fn bit(node: usize) -> u64 {
     1u64 << node.min(63)
 }
-
-/// Statement texts at least this long are routed on the blocking pool
-/// before their unit is planned (`route_large_ahead`): lexing and parsing
-/// them would hold the worker thread, and every other session on it.
-pub(super) const LARGE_STATEMENT: usize = 64 * 1024;
 
 /// One route in this many is timed (`route_timed`): two clock reads per
 /// statement cost more (about 2% of the proxy's CPU on short reads) than an
@@ -327,22 +173,9 @@ impl Session {
         sql: &'t [u8],
         utf8: &mut impl FnMut() -> Option<&'t str>,
     ) -> Route {
-        self.route_kept(sql)
+        self.analysis
+            .route_kept(sql)
             .unwrap_or_else(|| route_utf8(&self.shared, utf8()))
-    }
-
-    /// The route kept for `sql`: routed with the unit's plan, or ahead of
-    /// it when large.
-    fn route_kept(&self, sql: &[u8]) -> Option<Route> {
-        if let Some(route) = self.unit_routes.get(sql) {
-            return Some(route.clone());
-        }
-        if sql.len() >= LARGE_STATEMENT {
-            if let Some((_, route)) = self.large_routes.iter().find(|(t, _)| t[..] == *sql) {
-                return Some(route.clone());
-            }
-        }
-        None
     }
 
     /// Routes `sql` as `route_text` does and records it, with where its
@@ -350,7 +183,7 @@ impl Session {
     /// planned): the route, and where `routed` keeps it (`None`: not kept).
     fn route_into(&self, routed: &mut UnitRoutes, sql: &[u8]) -> (Route, Option<usize>) {
         let mut scratch = std::mem::take(&mut routed.scratch);
-        let (route, text, known) = match self.unit_routes.entry(sql) {
+        let (route, text, known) = match self.analysis.routes.entry(sql) {
             Some((text, route, Some(c))) => {
                 scratch.clear();
                 scratch.extend_from_slice(c);
@@ -377,7 +210,7 @@ impl Session {
     /// front of `client_in` on the blocking pool, for `route_text` to find;
     /// routes made for texts no longer there are dropped.
     pub(super) async fn route_large_ahead(&mut self) {
-        if self.client_in.len() < LARGE_STATEMENT && self.large_routes.is_empty() {
+        if self.client_in.len() < LARGE_STATEMENT && self.analysis.large.is_empty() {
             return;
         }
         let mut texts: Vec<(usize, usize)> = Vec::new();
@@ -394,11 +227,13 @@ impl Session {
             }
         }
         let buf = &self.client_in;
-        self.large_routes
+        self.analysis
+            .large
             .retain(|(t, _)| texts.iter().any(|&(s, e)| buf[s..e] == t[..]));
         for (s, e) in texts {
             if self
-                .large_routes
+                .analysis
+                .large
                 .iter()
                 .any(|(t, _)| self.client_in[s..e] == t[..])
             {
@@ -409,7 +244,7 @@ impl Session {
             let routed = text.clone();
             let route = tokio::task::spawn_blocking(move || route_bytes(&shared, &routed)).await;
             if let Ok(route) = route {
-                self.large_routes.push((text, route));
+                self.analysis.large.push((text, route));
             }
         }
     }
@@ -439,7 +274,7 @@ impl Session {
     ) -> Placements {
         let (query, types) = frontend::definition_parts(definition);
         let input = (query, &types[..], None);
-        self.place_each_in(&self.unit_routes, route, input, params, None)
+        self.place_each_in(&self.analysis.routes, route, input, params, None)
     }
 
     /// `place_each`, reading constants `routes` noted for the text, and
@@ -461,7 +296,7 @@ impl Session {
     /// the hot-key report (once: they are let go).
     pub(super) fn count_keys(&mut self) {
         if let Some(hot) = &self.shared.hot_keys {
-            if !self.unit_routes.keys.is_empty() {
+            if !self.analysis.routes.keys.is_empty() {
                 // When the unit arrived (the meter's clock read, not
                 // another).
                 let at = self
@@ -469,8 +304,8 @@ impl Session {
                     .unit_started()
                     .unwrap_or_else(crate::clock::Mono::now);
                 let client = u64::from(self.client.info.peer.port());
-                hot.record(at, client, &self.unit_routes.keys);
-                self.unit_routes.keys.clear();
+                hot.record(at, client, &self.analysis.routes.keys);
+                self.analysis.routes.keys.clear();
             }
         }
     }
@@ -545,14 +380,13 @@ impl Session {
         // Asked several times per unit (before borrowing, then whether the
         // unit fits the connection, ...): planned once.
         let begin = self.txn.has_begin();
-        if let Some(planned) = self.plan_memo.get(&self.client_in, begin) {
+        if let Some(planned) = self.analysis.planned(&self.client_in, begin) {
             return planned.clone();
         }
         // Filled while planning (the previous plan's routes still answer
         // meanwhile: a unit is planned again after each event), then kept
         // for the unit's later steps; the two buffers swap.
-        let mut routed = std::mem::take(&mut self.spare_routes);
-        routed.clear();
+        let mut routed = self.analysis.start();
         let planned = if self.shared.caching {
             let mut written = std::mem::take(&mut self.cache_writes);
             let planned = self.plan_unit_now(&mut routed, Some(&mut written));
@@ -561,8 +395,8 @@ impl Session {
         } else {
             self.plan_unit_now(&mut routed, None)
         };
-        self.spare_routes = std::mem::replace(&mut self.unit_routes, routed);
-        self.plan_memo.keep(&self.client_in, begin, planned.clone());
+        self.analysis
+            .keep(&self.client_in, begin, routed, planned.clone());
         planned
     }
 
@@ -1187,56 +1021,5 @@ impl Session {
                 return;
             }
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn route(class: Class) -> Route {
-        Route {
-            class,
-            ..FUNCTION_CALL
-        }
-    }
-
-    /// A unit's routes are found by text (not by where the text was), a
-    /// text not routed in the unit is not found, and a long unit keeps its
-    /// first `MAX` statements only.
-    #[test]
-    fn unit_routes_answer_by_text() {
-        let mut u = UnitRoutes::default();
-        u.push("SELECT 1", &route(Class::Read), Some(&[(7, 8)]));
-        u.push("UPDATE t SET a = 1", &route(Class::Write), None);
-        assert_eq!(
-            u.entry(b"SELECT 1").map(|(text, _, c)| (text, c)),
-            Some(("SELECT 1", Some(&[(7, 8)][..])))
-        );
-        let copy = b"SELECT 1".to_vec();
-        assert_eq!(u.get(&copy).map(|r| r.class), Some(Class::Read));
-        assert_eq!(
-            u.get(b"UPDATE t SET a = 1").map(|r| r.class),
-            Some(Class::Write)
-        );
-        assert!(u.get(b"SELECT 2").is_none());
-        assert!(u.get(b"SELECT").is_none());
-        u.clear();
-        assert!(u.get(b"SELECT 1").is_none());
-        for i in 0..UnitRoutes::MAX + 5 {
-            u.push(&format!("SELECT {i}"), &route(Class::Read), None);
-        }
-        assert!(u
-            .get(format!("SELECT {}", UnitRoutes::MAX - 1).as_bytes())
-            .is_some());
-        assert!(u
-            .get(format!("SELECT {}", UnitRoutes::MAX).as_bytes())
-            .is_none());
-        // Long texts are not kept: the buffer stays small for the session.
-        u.clear();
-        let long = "x".repeat(UnitRoutes::MAX_BYTES + 1);
-        u.push(&long, &route(Class::Read), None);
-        assert!(u.get(long.as_bytes()).is_none());
-        assert!(u.texts.capacity() <= UnitRoutes::MAX_BYTES);
     }
 }

@@ -15,7 +15,7 @@ impl Session {
     pub(super) fn log_slow(&self, us: u64) {
         let mut shapes = String::new();
         let mut shape = String::new();
-        for text in self.unit_routes.texts() {
+        for text in self.analysis.routes.texts() {
             shardline_router::cache::shape(text, &mut shape);
             if !shapes.is_empty() {
                 shapes.push_str("; ");
@@ -75,7 +75,8 @@ impl Session {
     /// for only when a line is written: the data path never scans for it.
     #[cold]
     pub(super) fn unit_trace(&self) -> Option<String> {
-        self.unit_routes
+        self.analysis
+            .routes
             .texts()
             .find_map(|text| shardline_router::hint::traceparent(text).map(str::to_string))
     }
