@@ -3,6 +3,7 @@
 
 use super::attach::Purpose;
 use super::pending::{Answer, Kind, Pending, Synthetic};
+use super::rename;
 use super::unit::Inflow;
 use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{sqlstate, PgError};
@@ -810,24 +811,21 @@ impl Session {
         answer: Answer,
         client_name: Option<Box<[u8]>>,
     ) {
-        let Some(server) = self.server.as_mut() else {
-            return;
-        };
-        if let Some(evicted) = server.statements.insert(stmt) {
-            frontend::write_target(
-                &mut self.server_out,
-                frontend::CLOSE,
-                b'S',
-                &evicted.server_name,
-            );
-            self.pending.push_back(Pending::swallow(Kind::Close));
+        if let Some((mut to, out)) = self.attached() {
+            rename::prepare(&mut to, out, stmt, answer, client_name.unwrap_or_default());
         }
-        frontend::write_parse(&mut self.server_out, &stmt.server_name, &stmt.definition);
-        let statement = Some((stmt.clone(), client_name.unwrap_or_default()));
-        self.pending.push_back(Pending {
-            kind: Kind::Parse { statement },
-            answer,
-        });
+    }
+
+    /// The attached connection as the rename layer writes to it (what its
+    /// messages owe going to the session's pending queue), and the bytes
+    /// being written for it.
+    fn attached(&mut self) -> Option<(Attached<'_>, &mut bytes::BytesMut)> {
+        let server = self.server.as_mut()?;
+        let to = Attached {
+            conn: &mut server.conn,
+            pending: &mut self.pending,
+        };
+        Some((to, &mut self.server_out))
     }
 
     /// Looks up a client statement name, raising the server's error if unknown.
@@ -849,32 +847,23 @@ impl Session {
 
     /// Makes sure the attached server holds `stmt`, preparing it there if not.
     fn ensure_prepared(&mut self, stmt: &Arc<crate::server::statements::Statement>) {
-        let held = self
-            .server
-            .as_mut()
-            .is_some_and(|s| s.statements.contains(stmt.id));
-        if !held {
-            self.prepare_on_server(stmt, Answer::Swallow, None);
+        if let Some((mut to, out)) = self.attached() {
+            rename::ensure(&mut to, out, stmt);
         }
     }
 
     /// Makes sure the attached server's unnamed statement is this client's.
     fn ensure_unnamed(&mut self) {
-        let (
-            Some(super::Unnamed {
-                token, definition, ..
-            }),
-            Some(server),
-        ) = (&self.unnamed, self.server.as_mut())
-        else {
+        // (Fields borrowed apart: the definition is not copied.)
+        let (Some(unnamed), Some(server)) = (&self.unnamed, self.server.as_mut()) else {
             return;
         };
-        if server.unnamed_token != *token {
-            server.unnamed_token = *token;
-            frontend::write_parse(&mut self.server_out, b"", definition);
-            self.pending
-                .push_back(Pending::swallow(Kind::Parse { statement: None }));
-        }
+        let mut to = Attached {
+            conn: &mut server.conn,
+            pending: &mut self.pending,
+        };
+        let out = &mut self.server_out;
+        rename::ensure_unnamed(&mut to, out, unnamed.token, &unnamed.definition);
     }
 
     fn on_bind(&mut self, bytes: &[u8]) -> Result<(), End> {
@@ -983,6 +972,37 @@ impl Session {
         self.server_out.extend_from_slice(bytes);
         self.pending.push_back(Pending::forward(Kind::Close));
         Ok(())
+    }
+}
+
+/// The attached connection as the rename layer writes to it: what the
+/// proxy's messages owe goes to the session's pending queue.
+struct Attached<'a> {
+    conn: &'a mut crate::server::ServerConnection,
+    pending: &'a mut VecDeque<Pending>,
+}
+
+impl rename::Owes for Attached<'_> {
+    fn held(&mut self) -> (&mut crate::server::statements::ServerStatements, &mut u64) {
+        (&mut self.conn.statements, &mut self.conn.unnamed_token)
+    }
+
+    fn own(&mut self, _: &[u8], kind: Kind) {
+        self.pending.push_back(Pending::swallow(kind));
+    }
+
+    fn prepares(
+        &mut self,
+        _: &[u8],
+        stmt: &Arc<crate::server::statements::Statement>,
+        answer: Answer,
+        client_name: Box<[u8]>,
+    ) {
+        let statement = Some((stmt.clone(), client_name));
+        self.pending.push_back(Pending {
+            kind: Kind::Parse { statement },
+            answer,
+        });
     }
 }
 

@@ -21,7 +21,6 @@ use bytes::{Bytes, BytesMut};
 use shardline_router::sharding::{shards_in, Sharding};
 use shardline_router::shards::{Construct, CopyIn, Placement};
 use shardline_router::{Target, UnitPlan};
-use std::sync::Arc;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
 /// How far a merge went.
@@ -516,14 +515,14 @@ impl Session {
                         out.extend_from_slice(&f.bytes);
                         continue;
                     };
-                    self.prepared_on(leg, &stmt, out);
+                    super::rename::ensure(leg, out, &stmt);
                     frontend::write_bind(out, b.portal, &stmt.server_name, b.rest);
                 }
                 frontend::DESCRIBE => {
                     let (kind, name) = frontend::target(f.body(), "Describe")?;
                     match (kind, self.statements.get(name).cloned()) {
                         (b'S', Some(stmt)) if !name.is_empty() => {
-                            self.prepared_on(leg, &stmt, out);
+                            super::rename::ensure(leg, out, &stmt);
                             frontend::write_target(
                                 out,
                                 frontend::DESCRIBE,
@@ -578,33 +577,9 @@ impl Session {
         Ok(Parsed::Named(stmt))
     }
 
-    fn prepared_on(
-        &self,
-        leg: &mut Leg,
-        stmt: &Arc<crate::server::statements::Statement>,
-        out: &mut BytesMut,
-    ) {
-        if leg.conn.statements.contains(stmt.id) {
-            return;
-        }
-        if let Some(evicted) = leg.conn.statements.insert(stmt) {
-            frontend::write_target(out, frontend::CLOSE, b'S', &evicted.server_name);
-            leg.own(out);
-        }
-        frontend::write_parse(out, &stmt.server_name, &stmt.definition);
-        leg.prepares(out, stmt, true);
-    }
-
     fn unnamed_on(&self, leg: &mut Leg, out: &mut BytesMut) {
-        if let Some(super::Unnamed {
-            token, definition, ..
-        }) = &self.unnamed
-        {
-            if leg.conn.unnamed_token != *token {
-                leg.conn.unnamed_token = *token;
-                frontend::write_parse(out, b"", definition);
-                leg.own(out);
-            }
+        if let Some(u) = &self.unnamed {
+            super::rename::ensure_unnamed(leg, out, u.token, &u.definition);
         }
     }
 

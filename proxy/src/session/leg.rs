@@ -3,9 +3,9 @@
 //! what it owes back.
 //!
 //! The bytes for a leg are written by the unit's executor, the proxy's own
-//! messages among them marked where they are written (`Leg::own`, a
-//! re-Parse of a statement the connection lacks, the session's settings, a
-//! BEGIN). When sent, they become the connection's pending queue
+//! messages among them marked where they are written (`Leg::own`: the
+//! session's settings, a BEGIN; through `rename::Owes`, a Parse of a
+//! statement the connection lacks). When sent, they become the connection's pending queue
 //! (`Leg::owe`), with the same entries and rules as a session's on one
 //! connection (`pending.rs`), and `Leg::next` hides the answers to the
 //! proxy's own messages at their place in the stream.
@@ -83,17 +83,6 @@ impl Leg {
     /// its answer is hidden from the client.
     pub(super) fn own(&mut self, out: &[u8]) {
         self.mark(out.len(), true, None);
-    }
-
-    /// The Parse just written at the end of `out` prepares `statement`
-    /// (the proxy's own Parse when `own`).
-    pub(super) fn prepares(
-        &mut self,
-        out: &[u8],
-        statement: &Arc<crate::server::statements::Statement>,
-        own: bool,
-    ) {
-        self.mark(out.len(), own, Some(statement.clone()));
     }
 
     pub(super) fn mark(
@@ -346,15 +335,33 @@ pub(super) fn parse_on(
             out.extend_from_slice(&f.bytes);
         }
         Parsed::Named(stmt) => {
+            // Closed first: the connection may hold it under that name.
             frontend::write_target(out, frontend::CLOSE, b'S', &stmt.server_name);
             leg.own(out);
-            if let Some(evicted) = leg.conn.statements.insert(stmt) {
-                frontend::write_target(out, frontend::CLOSE, b'S', &evicted.server_name);
-                leg.own(out);
-            }
-            frontend::write_parse(out, &stmt.server_name, &stmt.definition);
-            leg.prepares(out, stmt, false);
+            super::rename::prepare(leg, out, stmt, Answer::Forward, Box::default());
         }
+    }
+}
+
+impl super::rename::Owes for Leg {
+    fn held(&mut self) -> (&mut crate::server::statements::ServerStatements, &mut u64) {
+        let conn: &mut crate::server::ServerConnection = &mut self.conn;
+        (&mut conn.statements, &mut conn.unnamed_token)
+    }
+
+    /// (The kind is read from the bytes when they are sent: `owe`.)
+    fn own(&mut self, out: &[u8], _: Kind) {
+        self.mark(out.len(), true, None);
+    }
+
+    fn prepares(
+        &mut self,
+        out: &[u8],
+        stmt: &Arc<crate::server::statements::Statement>,
+        answer: Answer,
+        _: Box<[u8]>,
+    ) {
+        self.mark(out.len(), answer == Answer::Swallow, Some(stmt.clone()));
     }
 }
 

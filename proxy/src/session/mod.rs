@@ -25,6 +25,7 @@ mod io;
 mod leg;
 pub mod pending;
 mod pipeline;
+mod rename;
 mod route;
 mod server;
 mod slow;
