@@ -154,10 +154,11 @@ pub(super) struct UnitAnalysis {
     made_for: Option<(usize, usize, bool)>,
     planned: Option<Planned>,
     /// The routes of the unit's statement texts and its keys.
-    pub(super) routes: UnitRoutes,
+    /// (Boxed, as `spare`: the two swap at every plan, by pointer.)
+    pub(super) routes: Box<UnitRoutes>,
     /// The buffer the next plan fills; it and `routes` swap, so the
     /// previous plan's routes answer while the next is made.
-    spare: UnitRoutes,
+    spare: Option<Box<UnitRoutes>>,
     /// Routes of the very large statement texts of the client's next unit,
     /// made on the blocking pool (`Session::route_large_ahead`).
     pub(super) large: Vec<(bytes::Bytes, Route)>,
@@ -171,15 +172,15 @@ impl UnitAnalysis {
     }
 
     /// An empty buffer for the next plan's routes (given back by `keep`).
-    pub(super) fn start(&mut self) -> UnitRoutes {
-        let mut routed = std::mem::take(&mut self.spare);
+    pub(super) fn start(&mut self) -> Box<UnitRoutes> {
+        let mut routed = self.spare.take().unwrap_or_default();
         routed.clear();
         routed
     }
 
     /// Keeps the plan made for `buf` and the routes it made.
-    pub(super) fn keep(&mut self, buf: &[u8], begin: bool, routed: UnitRoutes, planned: Planned) {
-        self.spare = std::mem::replace(&mut self.routes, routed);
+    pub(super) fn keep(&mut self, buf: &[u8], begin: bool, routed: Box<UnitRoutes>, planned: Planned) {
+        self.spare = Some(std::mem::replace(&mut self.routes, routed));
         self.made_for = Some((buf.as_ptr() as usize, buf.len(), begin));
         self.planned = Some(planned);
     }
@@ -193,7 +194,7 @@ impl UnitAnalysis {
     pub(super) fn reset(&mut self) {
         self.forget();
         self.routes.clear();
-        self.spare.clear();
+        self.spare = None;
         self.large.clear();
     }
 
