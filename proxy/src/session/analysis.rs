@@ -29,6 +29,9 @@ pub(super) struct Planned {
     pub executes: bool,
 }
 
+/// Each statement's placement, on the stack for a statement or two.
+pub(super) type Placements = smallvec::SmallVec<[Placement; 2]>;
+
 /// Where a constant is in a statement text: start and end offsets.
 type Span = (usize, usize);
 
@@ -59,6 +62,11 @@ pub(super) struct UnitRoutes {
     /// The sharding keys the unit is placed by (at most
     /// `MAX_KEYS_NOTED`), until the unit runs and they are counted.
     pub(super) keys: Vec<shardline_router::shards::KeySeen>,
+    /// When the unit is a pipeline over several shards
+    /// (`Placement::Pipeline`): each execution's placement, in order (a
+    /// Bind's whose statement is known, or a query string's statement's),
+    /// so its executor sends each where the plan put it.
+    pub(super) parts: Placements,
 }
 
 impl UnitRoutes {
@@ -75,6 +83,7 @@ impl UnitRoutes {
         self.constants.clear();
         self.routes.clear();
         self.keys.clear();
+        self.parts.clear();
     }
 
     /// Keeps `text`'s route; its index, or `None` when it does not fit.
@@ -179,7 +188,13 @@ impl UnitAnalysis {
     }
 
     /// Keeps the plan made for `buf` and the routes it made.
-    pub(super) fn keep(&mut self, buf: &[u8], begin: bool, routed: Box<UnitRoutes>, planned: Planned) {
+    pub(super) fn keep(
+        &mut self,
+        buf: &[u8],
+        begin: bool,
+        routed: Box<UnitRoutes>,
+        planned: Planned,
+    ) {
         self.spare = Some(std::mem::replace(&mut self.routes, routed));
         self.made_for = Some((buf.as_ptr() as usize, buf.len(), begin));
         self.planned = Some(planned);

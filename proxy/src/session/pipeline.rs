@@ -125,8 +125,11 @@ impl Session {
         let text = frontend::query(frame.body())?;
         let sql = String::from_utf8_lossy(text).into_owned();
         let statements = shardline_router::lexer::split_statements(&sql);
-        let route = self.route_text(text);
-        let placements = self.place_each(&route, text, &[]);
+        // Each statement where the unit's plan placed it.
+        let placements = match &self.analysis.routes.parts {
+            parts if !parts.is_empty() => parts.clone(),
+            _ => self.place_each(&self.route_text(text), text, &[]),
+        };
         let to = match self.statement_legs(&statements, &placements, shards) {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
@@ -223,6 +226,8 @@ impl Session {
         let mut statements = super::route::UnitStatements::default();
         let mut current = To::One(0);
         let mut to = Vec::with_capacity(frames.len());
+        // The unit's plan placed each Bind whose statement it knew, in order.
+        let (parts, mut bound) = (&self.analysis.routes.parts, 0);
         for f in frames {
             to.push(match f.tag {
                 frontend::PARSE => {
@@ -233,6 +238,8 @@ impl Session {
                 frontend::BIND => {
                     let b = frontend::bind(f.body()).map_err(malformed)?;
                     if let Some((route, definition)) = statements.bound(self, b.statement) {
+                        let placed = parts.get(bound).cloned();
+                        bound += 1;
                         match route.class {
                             Class::SetTransaction { .. } => current = To::All,
                             Class::Begin { .. } | Class::TransactionControl | Class::Session => {
@@ -242,8 +249,11 @@ impl Session {
                                 ))
                             }
                             _ => {
-                                let params = frontend::bind_params(b.rest).unwrap_or_default();
-                                if let Placement::One(s) = self.place(&route, definition, &params) {
+                                let placed = placed.unwrap_or_else(|| {
+                                    let params = frontend::bind_params(b.rest).unwrap_or_default();
+                                    self.place(&route, definition, &params)
+                                });
+                                if let Placement::One(s) = placed {
                                     if let Some(i) = shards.iter().position(|&x| x == s) {
                                         current = To::One(i);
                                     }

@@ -3,7 +3,7 @@
 //! file gathers the facts (the unit's statements, the session's hints and
 //! read-your-writes position, the nodes' health) and acts on the answer.
 
-use super::analysis::{Planned, UnitRoutes, LARGE_STATEMENT};
+use super::analysis::{Placements, Planned, UnitRoutes, LARGE_STATEMENT};
 use super::attach::{Placed, Purpose};
 use super::pending::{Kind, Pending};
 use super::Session;
@@ -69,9 +69,6 @@ impl<'a> UnitStatements<'a> {
 /// A statement text to place: the text, the parameter types its Parse
 /// declared, and where the unit's routes keep it (`None`: look it up).
 type ToPlace<'a> = (&'a [u8], &'a [u32], Option<usize>);
-
-/// Each statement's placement, on the stack for a statement or two.
-pub(super) type Placements = smallvec::SmallVec<[Placement; 2]>;
 
 /// The session effect of a Parse's statement text, looked for only when
 /// its route says the shape may have one (a text that is not UTF-8 has
@@ -522,6 +519,10 @@ impl Session {
                     ))
                 };
             }
+        }
+        if matches!(place, Placement::Pipeline(_)) {
+            // Its executor sends each execution where it was placed here.
+            routed.parts = binds;
         }
         if let Some(written) = written {
             for r in &routes {
