@@ -29,6 +29,14 @@ pub(super) struct Planned {
     pub executes: bool,
 }
 
+/// Whether two statement texts are the same. Texts of one shape, and of
+/// one length, differ mostly in their constants, toward the end: their
+/// last eight bytes are compared first.
+fn same_text(a: &[u8], b: &[u8]) -> bool {
+    let tail = |t: &[u8]| t.last_chunk::<8>().map(|c| u64::from_ne_bytes(*c));
+    a.len() == b.len() && tail(a) == tail(b) && a == b
+}
+
 /// Each statement's placement, on the stack for a statement or two.
 pub(super) type Placements = smallvec::SmallVec<[Placement; 2]>;
 
@@ -129,7 +137,7 @@ impl UnitRoutes {
         self.routes
             .iter()
             .rev()
-            .find(|(r, ..)| r.len() == text.len() && self.texts.as_bytes()[r.clone()] == *text)
+            .find(|(r, ..)| same_text(&self.texts.as_bytes()[r.clone()], text))
             .map(|(r, route, c)| {
                 (
                     &self.texts[r.clone()],
@@ -215,13 +223,13 @@ impl UnitAnalysis {
 
     /// The route kept for `sql`: routed with the unit's plan, or ahead of
     /// it when large.
-    pub(super) fn route_kept(&self, sql: &[u8]) -> Option<Route> {
+    pub(super) fn route_kept(&self, sql: &[u8]) -> Option<&Route> {
         if let Some(route) = self.routes.get(sql) {
-            return Some(route.clone());
+            return Some(route);
         }
         if sql.len() >= LARGE_STATEMENT {
             if let Some((_, route)) = self.large.iter().find(|(t, _)| t[..] == *sql) {
-                return Some(route.clone());
+                return Some(route);
             }
         }
         None
@@ -282,6 +290,28 @@ mod tests {
         u.push(&long, &route(Class::Read), None);
         assert!(u.get(long.as_bytes()).is_none());
         assert!(u.texts.capacity() <= UnitRoutes::MAX_BYTES);
+    }
+
+    /// Texts are the same only byte for byte, whatever their length
+    /// (under eight bytes there is no tail to compare first).
+    #[test]
+    fn texts_are_compared_whole() {
+        assert!(same_text(
+            b"SELECT 1 FROM t WHERE id = 42",
+            b"SELECT 1 FROM t WHERE id = 42"
+        ));
+        assert!(!same_text(
+            b"SELECT 1 FROM t WHERE id = 42",
+            b"SELECT 1 FROM t WHERE id = 43"
+        ));
+        assert!(!same_text(
+            b"SELECT 2 FROM t WHERE id = 42",
+            b"SELECT 1 FROM t WHERE id = 42"
+        ));
+        assert!(!same_text(b"SELECT 1", b"SELECT 10"));
+        assert!(same_text(b"BEGIN", b"BEGIN"));
+        assert!(!same_text(b"BEGIN", b"BEGIn"));
+        assert!(same_text(b"", b""));
     }
 
     /// A plan answers only for the buffer it was made for, and not once

@@ -13,7 +13,6 @@ use shardline_config::PoolMode;
 use shardline_router::cacheable::CacheUse;
 use shardline_router::effect::{self, Effect};
 use shardline_router::shards::Construct;
-use shardline_router::Route;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
@@ -585,11 +584,11 @@ impl Session {
     /// the client keeps this connection until it leaves or runs DISCARD ALL
     /// (it is reset before anyone else gets it), or the statement is
     /// refused with 0A000 naming it.
-    fn keep_session_state(&mut self, route: &Route) -> Result<(), PgError> {
+    fn keep_session_state(&mut self, state: Option<&'static str>) -> Result<(), PgError> {
         if !self.may_keep_session_state() {
             return Ok(());
         }
-        let Some(what) = route.session_state else {
+        let Some(what) = state else {
             return Ok(());
         };
         match self.shared.session_state {
@@ -678,7 +677,7 @@ impl Session {
         let mut checked: Option<Option<&str>> = None;
         let mut utf8 = || *checked.get_or_insert_with(|| std::str::from_utf8(text).ok());
         let route = (self.shared.caching || self.may_keep_session_state())
-            .then(|| self.route_checked(text, &mut utf8));
+            .then(|| self.query_facts(text, &mut utf8));
         let effects = if route.as_ref().is_none_or(|r| r.effects) {
             utf8().and_then(effect::effects)
         } else {
@@ -706,12 +705,12 @@ impl Session {
             }
         }
         if let Some(route) = &route {
-            if let Err(e) = self.keep_session_state(route) {
+            if let Err(e) = self.keep_session_state(route.session_state) {
                 self.fail_request(e, true);
                 return Ok(());
             }
             if self.shared.caching {
-                self.note_cache_use(route.cache_use());
+                self.note_cache_use(route.cache.as_deref().unwrap_or(&CacheUse::None));
             }
         }
         let probe = self.position_query_with(&mut utf8);
@@ -761,7 +760,7 @@ impl Session {
             // The same over the extended protocol.
             return Ok(());
         }
-        if let Err(e) = self.keep_session_state(&route) {
+        if let Err(e) = self.keep_session_state(route.session_state) {
             self.fail_request(e, false);
             return Ok(());
         }

@@ -18,6 +18,16 @@ use shardline_router::{
 };
 use std::sync::atomic::Ordering::Relaxed;
 
+/// What a simple query's own steps read of its route (`query_facts`).
+pub(super) struct QueryFacts {
+    /// The text may change the session (`Route::effects`).
+    pub effects: bool,
+    /// State it leaves on the connection (`Route::session_state`).
+    pub session_state: Option<&'static str>,
+    /// What it means to the result cache, when the cache is on.
+    pub cache: Option<std::sync::Arc<shardline_router::cacheable::CacheUse>>,
+}
+
 /// FunctionCall messages run arbitrary functions: writes.
 const FUNCTION_CALL: Route = Route {
     class: Class::Write,
@@ -159,20 +169,34 @@ impl Session {
     /// Routes one statement text through the shared cache (a large one
     /// from the routes `route_large_ahead` made).
     pub(super) fn route_text(&self, sql: &[u8]) -> Route {
-        self.route_checked(sql, &mut || std::str::from_utf8(sql).ok())
+        self.analysis
+            .route_kept(sql)
+            .cloned()
+            .unwrap_or_else(|| route_utf8(&self.shared, std::str::from_utf8(sql).ok()))
     }
 
-    /// `route_text` for a text its caller may have checked already:
-    /// `utf8` gives it as a string when it is UTF-8, checking it at most
-    /// once for the caller's other uses.
-    pub(super) fn route_checked<'t>(
+    /// What a simple query's own steps read of its text's route
+    /// (`on_query`), taken where the unit's plan kept the route, without
+    /// copying it; `utf8` gives the text as a string when it is UTF-8,
+    /// checked at most once for the caller's other uses.
+    pub(super) fn query_facts<'t>(
         &self,
         sql: &'t [u8],
         utf8: &mut impl FnMut() -> Option<&'t str>,
-    ) -> Route {
-        self.analysis
-            .route_kept(sql)
-            .unwrap_or_else(|| route_utf8(&self.shared, utf8()))
+    ) -> QueryFacts {
+        let of = |r: &Route| QueryFacts {
+            effects: r.effects,
+            session_state: r.session_state,
+            cache: if self.shared.caching {
+                r.cache.clone()
+            } else {
+                None
+            },
+        };
+        match self.analysis.route_kept(sql) {
+            Some(route) => of(route),
+            None => of(&route_utf8(&self.shared, utf8())),
+        }
     }
 
     /// Routes `sql` as `route_text` does and records it, with where its
