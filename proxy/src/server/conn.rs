@@ -493,13 +493,11 @@ impl Connections {
     fn enter(self: &Arc<Self>, fd: RawFd, listing: Listing) -> Listed {
         let id = self.next.fetch_add(1, Relaxed);
         // Read under the lock a cut takes: listed before a cut or after it.
-        let epoch = match self.open.lock() {
-            Ok(mut m) => {
-                m.insert(id, (fd, listing));
-                self.cuts.load(Relaxed)
-            }
-            Err(_) => self.cuts.load(Relaxed),
-        };
+        let open = self.open.lock();
+        let epoch = self.cuts.load(Relaxed);
+        if let Ok(mut m) = open {
+            m.insert(id, (fd, listing));
+        }
         Listed {
             registry: self.clone(),
             id,
