@@ -377,12 +377,17 @@ pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>)
         (Some(_), Err(_)) => crate::cacheable::unparsed_use(class),
     };
     let cache = (cache != crate::cacheable::CacheUse::None).then(|| Arc::new(cache));
+    // A statement the router refuses never runs, so it leaves nothing on
+    // a connection (preparing it pins no one).
+    let refused = shards
+        .as_deref()
+        .is_some_and(|t: &[crate::shards::Template]| t.iter().any(|t| t.refusal.is_some()));
     Route {
         class,
         source,
         role_hint: hint.and_then(|h| h.role),
         shards,
-        session_state: crate::classify::session_state(sql),
+        session_state: crate::classify::session_state(sql).filter(|_| !refused),
         effects: crate::effect::may_have_effects(sql),
         cache,
     }

@@ -464,6 +464,28 @@ fn what_cannot_be_answered_exactly_is_refused() {
             "CREATE TABLE ... AS",
             Construct::CreateTableAs,
         ),
+        // Its EXECUTE would run where it was prepared, whatever the key.
+        (
+            "PREPARE p AS SELECT * FROM users WHERE id = $1",
+            "SQL PREPARE",
+            Construct::SqlPrepare,
+        ),
+        (
+            "PREPARE p AS SELECT count(*) FROM users",
+            "SQL PREPARE",
+            Construct::SqlPrepare,
+        ),
+        (
+            "PREPARE p (text) AS INSERT INTO countries VALUES ($1)",
+            "SQL PREPARE",
+            Construct::SqlPrepare,
+        ),
+        // The prepared statement's own refusal comes first.
+        (
+            "PREPARE p AS SELECT id FROM users UNION SELECT user_id FROM orders",
+            "UNION",
+            Construct::SetOperation,
+        ),
     ] {
         let p = t.place(sql);
         let msg = refused(&p);
@@ -472,6 +494,14 @@ fn what_cannot_be_answered_exactly_is_refused() {
             unreachable!()
         };
         assert_eq!(r.construct, Some(construct), "{sql}");
+    }
+    // The same answer on every shard: SQL PREPARE runs anywhere.
+    for sql in [
+        "PREPARE p AS SELECT $1::int + 1",
+        "PREPARE p AS SELECT name FROM countries WHERE code = $1",
+        "EXECUTE p(1)",
+    ] {
+        assert_eq!(t.place(sql), Placement::Anywhere, "{sql}");
     }
     // Keys on one shard: the same constructs are fine.
     assert_eq!(

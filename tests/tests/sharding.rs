@@ -870,3 +870,117 @@ async fn reads_after_multi_shard_writes_see_them() {
         assert_eq!(name, "broadcast", "key {k} after the broadcast UPDATE");
     }
 }
+
+/// The first cell of a simple query's first row.
+fn first_cell(rows: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
+    rows.iter().find_map(|m| match m {
+        tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+        _ => None,
+    })
+}
+
+/// An SQL `PREPARE` keeps the statement on one server connection, so its
+/// `EXECUTE` would run on that connection's shard whatever its
+/// parameters. With several shards, a prepared statement that would need
+/// a key or every shard is refused (0A000, pointing to protocol-level
+/// prepared statements) over both protocols, and the refusal pins nothing;
+/// one that gives the same answer on any shard (no table, a reference
+/// table read) runs, and the statements that pinned client sends for
+/// another shard are refused naming the pin, never answered from the
+/// wrong shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sql_prepare_is_placed_or_refused_on_several_shards() {
+    let env = env().await;
+    schema(&env).await;
+    let sh = sharding(&env);
+    let c = env.connect().await;
+    let keys: Vec<i64> = (0..2)
+        .map(|s| (0..100).find(|&k| owner(&sh, k) == s).expect("a key"))
+        .collect();
+    for &k in &keys {
+        c.execute(
+            "INSERT INTO users (id, name) VALUES ($1, $2)",
+            &[&k, &format!("u{k}")],
+        )
+        .await
+        .expect("insert");
+    }
+    c.batch_execute("INSERT INTO countries VALUES ('fr', 'France')")
+        .await
+        .expect("reference insert");
+    for sql in [
+        "PREPARE p AS SELECT name FROM users WHERE id = $1",
+        "PREPARE n AS SELECT count(*) FROM users",
+        "PREPARE u (bigint) AS UPDATE users SET name = 'x' WHERE id = $1",
+        "PREPARE w AS INSERT INTO countries VALUES ($1, $2)",
+        "prepare j as select o.amount from users u join orders o on o.user_id = u.id where u.id = $1",
+    ] {
+        let e = c.simple_query(sql).await.expect_err(sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{sql}: {e}");
+        assert!(text(&e).contains("PREPARE"), "{sql}: {e}");
+        let e = c.query(sql, &[]).await.expect_err(sql);
+        assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "extended {sql}: {e}");
+    }
+    // Nothing was prepared or pinned: each key is read on its own shard.
+    for &k in &keys {
+        let rows = c
+            .simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
+            .await
+            .expect("read after the refusals");
+        assert_eq!(first_cell(&rows), Some(format!("u{k}")), "key {k}");
+        let e = c
+            .simple_query(&format!("EXECUTE p({k})"))
+            .await
+            .expect_err("never prepared");
+        assert_eq!(sqlstate(&e).as_deref(), Some("26000"), "{e}");
+    }
+
+    // The same answer on any shard: prepared and run.
+    let rows = c
+        .simple_query("PREPARE r AS SELECT name FROM countries WHERE code = $1; EXECUTE r('fr')")
+        .await
+        .expect("a reference read");
+    assert_eq!(first_cell(&rows).as_deref(), Some("France"));
+    let rows = c
+        .simple_query("PREPARE one (int) AS SELECT $1 + 1; EXECUTE one(41)")
+        .await
+        .expect("no table");
+    assert_eq!(first_cell(&rows).as_deref(), Some("42"));
+    // The client now keeps one shard's connection: its own shard's rows
+    // are read, the other shard's are refused naming why.
+    let mut answered = 0;
+    for &k in &keys {
+        match c
+            .simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
+            .await
+        {
+            Ok(rows) => {
+                assert_eq!(first_cell(&rows), Some(format!("u{k}")), "key {k}");
+                answered += 1;
+            }
+            Err(e) => {
+                assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+                let m = text(&e);
+                assert!(
+                    m.contains("SQL PREPARE") && !m.contains("session pooling"),
+                    "{m}"
+                );
+            }
+        }
+    }
+    assert_eq!(
+        answered, 1,
+        "one shard's key is read on the pinned connection"
+    );
+    let rows = c.simple_query("EXECUTE r('fr')").await.expect("again");
+    assert_eq!(first_cell(&rows).as_deref(), Some("France"));
+    // DISCARD ALL gives the connection back: every key is read again.
+    c.batch_execute("DISCARD ALL").await.expect("discard");
+    for &k in &keys {
+        let rows = c
+            .simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
+            .await
+            .expect("read after DISCARD ALL");
+        assert_eq!(first_cell(&rows), Some(format!("u{k}")), "key {k}");
+    }
+}

@@ -361,11 +361,19 @@ impl Session {
                 .as_ref()
                 .and_then(|sh| sh.shard_names.get(self.attached_shard()?).cloned())
                 .unwrap_or_default();
-            let e = self.shared.events.refusals.refuse(
-                Construct::SessionPooling,
-                format!("this session is bound to shard {name} (session pooling), and the statement needs another shard"),
-            )
-            .with_hint("use transaction pooling for sharded tables, or SET shardline.shard before the first statement");
+            let e = match self.pinned {
+                // Transaction pooling, the connection kept for its state.
+                Some(what) if self.mode() == PoolMode::Transaction => self.shared.events.refusals.refuse(
+                    Construct::SessionState,
+                    format!("this client keeps its connection to shard {name} because it holds {what} (pool.session_state = \"pin\"), and the statement needs another shard"),
+                )
+                .with_hint("run DISCARD ALL to give the connection back, or use protocol-level prepared statements, transaction-level locks and ON COMMIT DROP temporary tables, which pin nothing"),
+                _ => self.shared.events.refusals.refuse(
+                    Construct::SessionPooling,
+                    format!("this session is bound to shard {name} (session pooling), and the statement needs another shard"),
+                )
+                .with_hint("use transaction pooling for sharded tables, or SET shardline.shard before the first statement"),
+            };
             self.fail_next_message(e)?;
             return Ok(Fit::Refused);
         }

@@ -394,6 +394,7 @@ impl Analyzer<'_> {
                     "CREATE TABLE ... AS across shards: create the table, then fill it with INSERT",
                 ))
             }
+            Statement::Prepare { statement, .. } => self.sql_prepare(statement),
             Statement::StartTransaction { .. }
             | Statement::Commit { .. }
             | Statement::Rollback { .. }
@@ -405,7 +406,6 @@ impl Analyzer<'_> {
             | Statement::Deallocate { .. }
             | Statement::ShowVariable { .. }
             | Statement::ShowVariables { .. }
-            | Statement::Prepare { .. }
             | Statement::Execute { .. }
             | Statement::Call(_)
             | Statement::LISTEN { .. }
@@ -414,6 +414,31 @@ impl Analyzer<'_> {
             // Schema changes, utility statements: every shard's primary.
             _ => Template::new(Scope::AllShards, true),
         }
+    }
+
+    /// SQL `PREPARE`: the statement stays on the server connection that
+    /// prepared it, and every `EXECUTE` runs there whatever its
+    /// parameters. It runs anywhere when its answer is the same on every
+    /// shard (no table, or a read of reference tables); one that needs a
+    /// key, the default shard or every shard is refused (its refusal
+    /// first, when the statement itself is refused).
+    fn sql_prepare(&self, statement: &Statement) -> Template {
+        let inner = self.statement(statement);
+        if inner.refusal.is_some() {
+            return inner;
+        }
+        let same_everywhere = match inner.scope {
+            Scope::Anywhere => true,
+            Scope::Reference => !inner.write,
+            _ => false,
+        };
+        if same_everywhere && inner.pinned.is_empty() {
+            return Template::new(Scope::Anywhere, true);
+        }
+        Template::refused(Refusal::unsupported(
+            Construct::SqlPrepare,
+            "SQL PREPARE of a statement on sharded, unsharded or written reference tables: its EXECUTE would run on the one shard that prepared it, whatever its parameters; use protocol-level prepared statements (a driver's prepare), which are placed by their parameters at each execution",
+        ))
     }
 
     /// Adds a FROM item's tables (and joins) to `rels`.

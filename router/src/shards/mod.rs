@@ -173,6 +173,8 @@ pub enum Construct {
     Unparsed,
     /// CREATE TABLE ... AS across shards.
     CreateTableAs,
+    /// SQL PREPARE of a statement whose answer depends on the shard.
+    SqlPrepare,
     /// An unsharded table with a sharded one.
     MixedTables,
     /// A sharded table read in a subquery, CTE or set-operation branch
@@ -211,9 +213,10 @@ pub enum Construct {
 }
 
 impl Construct {
-    pub const ALL: [Construct; 18] = [
+    pub const ALL: [Construct; 19] = [
         Construct::Unparsed,
         Construct::CreateTableAs,
+        Construct::SqlPrepare,
         Construct::MixedTables,
         Construct::Subquery,
         Construct::CrossGroupJoin,
@@ -237,6 +240,7 @@ impl Construct {
         match self {
             Construct::Unparsed => "unparsed",
             Construct::CreateTableAs => "create_table_as",
+            Construct::SqlPrepare => "sql_prepare",
             Construct::MixedTables => "mixed_tables",
             Construct::Subquery => "subquery",
             Construct::CrossGroupJoin => "cross_group_join",
