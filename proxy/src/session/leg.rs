@@ -1,4 +1,4 @@
-//! One shard's connection in a unit on several shards (`fanout.rs`,
+//! One shard's connection in a unit on several shards (`fanout/`,
 //! `gather.rs`, `pipeline.rs`, `distributed.rs`): what is written to it and
 //! what it owes back.
 //!

@@ -1,0 +1,363 @@
+//! Units that run on several shards: broadcast writes and DDL, reads
+//! without a sharding key, multi-row INSERTs split by shard, COPY FROM
+//! split row by row.
+//!
+//! Each shard gets the unit on a connection of its own (writes inside a
+//! BEGIN the proxy adds, so they commit only when every shard succeeded).
+//! Answers are merged in lockstep: every message other than a row is a step
+//! all shards take together; rows stream through as each shard sends them.
+//! The first shard's RowDescription, ParseComplete ... reaches the client
+//! once, CommandComplete counts are summed, the first error wins and ends
+//! the unit, and one ReadyForQuery closes it. Nothing is buffered beyond a
+//! message per shard, so memory stays bounded whatever the result size.
+//!
+//! A unit goes through four steps, each in its own file: what each shard
+//! is sent is decided first, before any connection is taken
+//! (`fanout_unit`, here); the connections are taken (`legs.rs`); each leg
+//! is sent its part (`send.rs`) and the answers are merged in lockstep
+//! (`lockstep.rs`, and `copy_in.rs` for COPY FROM STDIN split by row);
+//! the legs end (`legs.rs`).
+
+use crate::protocol::backend::{self, PgError};
+use crate::protocol::{frontend, Frame};
+use crate::session::analysis::Planned;
+use crate::session::leg::Leg;
+use crate::session::{End, Session};
+use bytes::BytesMut;
+use shardline_router::sharding::{shards_in, Sharding};
+use shardline_router::shards::{Construct, CopyIn, Placement};
+use shardline_router::{Target, UnitPlan};
+
+mod copy_in;
+mod legs;
+mod lockstep;
+mod send;
+
+use lockstep::Merged;
+
+/// What a unit on several shards sends, decided before any connection is
+/// taken (`Session::fanout_unit`).
+struct FanoutUnit {
+    /// The client's messages of the unit.
+    frames: Vec<Frame>,
+    /// It may write (on the primaries).
+    writes: bool,
+    /// A write to reference tables only: every shard does the same.
+    replicated: bool,
+    /// Writes run inside a BEGIN the proxy commits when every shard succeeded.
+    wrap: bool,
+    /// Per shard, the unit's bytes; empty: the client's messages translated
+    /// for the leg's connection.
+    parts: Vec<(usize, BytesMut)>,
+    /// The proxy's own messages in `parts`: shard, and where the message
+    /// ends in that shard's part.
+    own_ends: Vec<(usize, usize)>,
+    /// A split INSERT's rows: the part (leg) holding each, in order.
+    row_order: Option<Vec<usize>>,
+    /// A COPY FROM STDIN split row by row.
+    copy_in: Option<CopyIn>,
+    /// A read whose rows are merged.
+    merge: Option<crate::session::gather::MergeUnit>,
+}
+
+/// A simple query Postgres refuses inside a transaction block (VACUUM,
+/// CREATE DATABASE, ...): not wrapped in the proxy's BEGIN.
+fn refuses_transaction_block(f: &Frame) -> bool {
+    f.tag == frontend::QUERY
+        && frontend::query(f.body())
+            .ok()
+            .and_then(|q| std::str::from_utf8(q).ok())
+            .is_some_and(shardline_router::lexer::refuses_transaction_block)
+}
+
+impl Session {
+    /// Runs the unit at the front of `client_in` on several shards; inside
+    /// the client's open transaction (two-phase commit) when `in_txn`:
+    /// what each shard is sent is built first (`fanout_unit`), then the
+    /// connections are taken (`take_legs`), the unit runs
+    /// (`execute_fanout`), and the legs end (`finish_legs`).
+    pub(super) async fn run_fanout(&mut self, planned: Planned, in_txn: bool) -> Result<(), End> {
+        let UnitPlan::Run { target, writes } = planned.plan else {
+            return Ok(());
+        };
+        if !planned.complete {
+            return self.fail_next_message(self.shared.events.refusals.refuse(
+                Construct::Batch,
+                "a statement reaching several shards must end its unit with Sync before the proxy can run it",
+            ));
+        }
+        let Some(sh) = self.shared.sharding.clone() else {
+            return Ok(());
+        };
+        self.shared.placements.count(&planned.place);
+        self.count_keys();
+        self.meter.place(crate::stats::Kind::of(&planned.place));
+        let frames = self.take_unit()?;
+        let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);
+        if let Some(e) = self.session_state_refusal(&frames) {
+            return self.fail_unit(e, simple);
+        }
+        let writes =
+            writes || matches!(planned.place, Placement::Split(_) | Placement::CopySplit(_));
+        let target = if writes { Target::Primary } else { target };
+        if let Placement::Pipeline(mask) = planned.place {
+            return self
+                .run_pipeline(frames, mask, target, writes, in_txn)
+                .await;
+        }
+        let mut unit = match self.fanout_unit(&planned.place, frames, &sh, writes, in_txn) {
+            Ok(Some(unit)) => unit,
+            Ok(None) => return Ok(()),
+            Err(e) => return self.fail_unit(e, simple),
+        };
+        if unit.merge.is_some() {
+            self.register_parses(&unit.frames)?;
+        }
+        let shards: Vec<usize> = unit.parts.iter().map(|(s, _)| *s).collect();
+        let (mut legs, begin) = match self.take_legs(&shards, target, in_txn).await {
+            Ok(x) => x,
+            Err(e) => return self.fail_unit(e, simple),
+        };
+        let result = self.execute_fanout(&mut legs, &mut unit, &sh).await?;
+        self.finish_legs(legs, begin, unit.wrap, unit.writes, result)
+            .await
+    }
+
+    /// Under transaction pooling, session state the unit would leave on
+    /// several shards' connections (each would keep it): refused.
+    fn session_state_refusal(&self, frames: &[Frame]) -> Option<PgError> {
+        if self.mode() != shardline_config::PoolMode::Transaction {
+            return None;
+        }
+        let what = frames.iter().find_map(|f| {
+            let text = match f.tag {
+                frontend::QUERY => frontend::query(f.body()).ok()?,
+                frontend::PARSE => frontend::parse(f.body()).ok()?.query,
+                _ => return None,
+            };
+            self.route_text(text).session_state
+        })?;
+        Some(
+            self.shared.events.refusals.refuse(
+                Construct::SessionState,
+                format!("{what} on several shards is not supported under transaction pooling: it would outlive the transaction on connections other clients share"),
+            )
+            .with_hint("name the shard (a key, or a /* shardline: shard=NAME */ comment), or connect as a user with pool_mode = \"session\""),
+        )
+    }
+
+    /// What each shard of `place` is sent for the unit, decided before any
+    /// connection is taken; `None` for a placement that is not a fan-out.
+    fn fanout_unit(
+        &self,
+        place: &Placement,
+        frames: Vec<Frame>,
+        sh: &Sharding,
+        writes: bool,
+        in_txn: bool,
+    ) -> Result<Option<FanoutUnit>, PgError> {
+        let simple = frames.first().is_some_and(|f| f.tag == frontend::QUERY);
+        let mut unit = FanoutUnit {
+            writes,
+            replicated: writes && self.writes_reference_tables(&frames),
+            // Writes run in a transaction the proxy commits when every
+            // shard succeeded, except statements Postgres refuses in one.
+            wrap: writes && !in_txn && !frames.iter().any(refuses_transaction_block),
+            parts: Vec::new(),
+            own_ends: Vec::new(),
+            row_order: None,
+            copy_in: None,
+            merge: None,
+            frames,
+        };
+        match place {
+            Placement::Split(_) => {
+                let split = self.split_unit(&unit.frames, sh, simple)?;
+                unit.parts = split.parts;
+                unit.own_ends = split.own_ends;
+                unit.row_order = split.row_order;
+            }
+            Placement::Many(mask) | Placement::CopySplit(mask) | Placement::Merge(mask) => {
+                if let Placement::Merge(_) = place {
+                    unit.merge = self.merge_unit(&unit.frames)?;
+                }
+                if let Placement::CopySplit(_) = place {
+                    unit.copy_in = Some(self.copy_template(&unit.frames).ok_or_else(|| {
+                        self.shared.events.refusals.refuse(
+                            Construct::Copy,
+                            "this COPY FROM STDIN cannot be split by shard",
+                        )
+                    })?);
+                }
+                unit.parts = shards_in(*mask).map(|s| (s, BytesMut::new())).collect();
+            }
+            _ => return Ok(None),
+        }
+        Ok(Some(unit))
+    }
+
+    /// Sends each leg its part of `unit` and merges the answers: whether
+    /// the unit failed, or what broke.
+    async fn execute_fanout(
+        &mut self,
+        legs: &mut [Leg],
+        unit: &mut FanoutUnit,
+        sh: &Sharding,
+    ) -> Result<Result<bool, String>, End> {
+        // What each shard is sent: the session's settings, BEGIN for
+        // writes, then the unit (named statements under their server names).
+        let mut sends = Vec::with_capacity(legs.len());
+        for (leg, (_, part)) in legs.iter_mut().zip(std::mem::take(&mut unit.parts)) {
+            let mut out = BytesMut::new();
+            self.leg_prelude(leg, unit.wrap, &mut out);
+            if let Some(merge) = unit.merge.as_mut() {
+                self.translate_merge(&unit.frames, leg, merge, &mut out)?;
+            } else if part.is_empty() {
+                self.translate(&unit.frames, leg, &mut out)?;
+            } else {
+                // The part's own messages (a Parse the client did not send).
+                let base = out.len();
+                for &(shard, end) in &unit.own_ends {
+                    if shard == leg.shard {
+                        leg.mark(base + end, true, None);
+                    }
+                }
+                out.extend_from_slice(&part);
+            }
+            sends.push(out);
+        }
+        let collation = match (&unit.merge, legs.first_mut()) {
+            (Some(_), Some(leg)) => match self.collation(leg).await {
+                Ok(c) => Some(c),
+                Err(e) => return Ok(Err(e)),
+            },
+            _ => None,
+        };
+        if unit.writes {
+            // A schema change may give a column another collation.
+            self.shared
+                .collations
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .clear();
+        }
+        for (leg, out) in legs.iter_mut().zip(sends.iter_mut()) {
+            if let Err(e) = leg.write(out).await {
+                return Ok(Err(e));
+            }
+        }
+        let merged = match (unit.merge.as_mut(), collation) {
+            (Some(merge), Some(c)) => self.gather(legs, merge, c).await.map(Merged::Done),
+            _ => {
+                self.merge(legs, unit.row_order.as_deref(), unit.replicated)
+                    .await
+            }
+        };
+        Ok(match merged {
+            Ok(Merged::CopyIn) => match unit.copy_in.take() {
+                Some(c) => {
+                    let simple = unit
+                        .frames
+                        .first()
+                        .is_some_and(|f| f.tag == frontend::QUERY);
+                    self.merge_copy(legs, sh, c, simple, unit.replicated).await
+                }
+                None => Err("COPY FROM STDIN reached several shards unexpectedly".into()),
+            },
+            Ok(Merged::Done(failed)) => Ok(failed),
+            Err(e) => Err(e),
+        })
+    }
+
+    /// The COPY options of the unit's single simple query.
+    fn copy_template(&self, frames: &[crate::protocol::Frame]) -> Option<CopyIn> {
+        let mut route = None;
+        for f in frames {
+            match f.tag {
+                frontend::QUERY => route = Some(self.route_text(frontend::query(f.body()).ok()?)),
+                frontend::PARSE => {
+                    route = Some(self.route_text(frontend::parse(f.body()).ok()?.query))
+                }
+                frontend::BIND => {
+                    let b = frontend::bind(f.body()).ok()?;
+                    if route.is_none() || !b.statement.is_empty() {
+                        if let Some((r, _)) = self.session_statement(b.statement) {
+                            route = Some(r);
+                        }
+                    }
+                }
+                _ => {}
+            }
+        }
+        route?.shards.as_ref()?.first()?.copy_in.clone()
+    }
+
+    /// Fails the unit that was taken off the buffer (or is at its front).
+    fn fail_unit(&mut self, e: PgError, simple: bool) -> Result<(), End> {
+        e.encode(&mut self.client_out);
+        if !simple {
+            // The rest of the unit, up to its Sync, was consumed already.
+        }
+        self.fanout_ready(true);
+        Ok(())
+    }
+
+    /// ReadyForQuery after a fan-out: idle, or in the client's transaction
+    /// (failed by an error, as Postgres fails one).
+    fn fanout_ready(&mut self, failed: bool) {
+        let in_txn = self.txn.has_begin()
+            || self.spanning.spans()
+            || self.server.as_ref().is_some_and(|s| s.tx_status != b'I');
+        let status = match (in_txn, failed) {
+            (false, _) => b'I',
+            (true, false) => b'T',
+            (true, true) => {
+                self.txn.fail();
+                b'E'
+            }
+        };
+        backend::ready_for_query(&mut self.client_out, status);
+    }
+
+    /// Whether the unit's statements write reference tables only (every
+    /// shard holds the same rows and does the same).
+    fn writes_reference_tables(&self, frames: &[crate::protocol::Frame]) -> bool {
+        use shardline_router::shards::Scope;
+        let replicated = |route: &shardline_router::Route| {
+            route.shards.as_ref().is_some_and(|t| {
+                !t.is_empty()
+                    && t.iter()
+                        .all(|t| t.write && matches!(t.scope, Scope::Reference))
+            })
+        };
+        let mut statements = crate::session::route::UnitStatements::default();
+        let mut any = false;
+        for f in frames {
+            let route = match f.tag {
+                frontend::QUERY => match frontend::query(f.body()) {
+                    Ok(q) => self.route_text(q),
+                    Err(_) => return false,
+                },
+                frontend::PARSE => {
+                    if let Ok(p) = frontend::parse(f.body()) {
+                        statements.parse(&p, self.route_text(p.query));
+                    }
+                    continue;
+                }
+                frontend::BIND => match frontend::bind(f.body())
+                    .ok()
+                    .and_then(|b| statements.bound(self, b.statement))
+                {
+                    Some((route, _)) => route,
+                    None => return false,
+                },
+                _ => continue,
+            };
+            if !replicated(&route) {
+                return false;
+            }
+            any = true;
+        }
+        any
+    }
+}
