@@ -101,7 +101,11 @@ pub enum SessionSetting {
 /// `SET [SESSION] shardline.role|shard|sharding_key = ...` or `RESET ...`:
 /// the setting, or `None` if the statement is not one of them.
 pub fn session_setting(stmt: &str) -> Option<SessionSetting> {
-    let tokens: Vec<_> = Lexer::new(stmt).take(10).collect();
+    let mut tokens: Vec<_> = Lexer::new(stmt).take(12).collect();
+    // psql and most tools end a statement with a semicolon.
+    while tokens.last().is_some_and(|t| t.text == ";") {
+        tokens.pop();
+    }
     let w = |i: usize| {
         tokens
             .get(i)
@@ -312,5 +316,19 @@ mod tests {
         assert_eq!(session_setting("show shardline.colour"), None);
         assert_eq!(session_setting("SHOW shardline.role extra"), None);
         assert_eq!(session_setting("SET shardline.shard = s1, s2"), None);
+        // As psql sends them: ended by a semicolon (or several).
+        assert_eq!(
+            session_setting("SET shardline.role = primary;"),
+            Some(Role(Some(RoleHint::Primary)))
+        );
+        assert_eq!(
+            session_setting("SHOW shardline.role ;"),
+            Some(SessionSetting::Show("role"))
+        );
+        assert_eq!(
+            session_setting("RESET shardline.shard;;"),
+            Some(Shard(None))
+        );
+        assert_eq!(session_setting("SHOW shardline.role extra;"), None);
     }
 }

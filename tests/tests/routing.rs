@@ -680,6 +680,35 @@ async fn proxy_settings_from_startup_options_and_show() {
         port_of(&t, "SELECT inet_server_port()").await,
         env.node_port(0)
     );
+    // Ended by a semicolon, as psql sends them: still the proxy's.
+    t.batch_execute("SET shardline.role = replica;")
+        .await
+        .unwrap();
+    assert_eq!(
+        show(t.simple_query("SHOW shardline.role;").await.unwrap()),
+        "replica"
+    );
+    assert!(replica_ports.contains(&port_of(&t, "SELECT inet_server_port()").await));
+    t.batch_execute("RESET shardline.role ;").await.unwrap();
+    assert_eq!(
+        show(t.simple_query("SHOW shardline.role ;").await.unwrap()),
+        "auto"
+    );
+    // With other statements in one query string: refused, not passed to
+    // the server (which would take any dotted name and change nothing).
+    let e = t
+        .simple_query("SET shardline.role = primary; SELECT 1")
+        .await
+        .expect_err("not alone");
+    assert_eq!(
+        shardline_tests::sqlstate(&e).as_deref(),
+        Some("0A000"),
+        "{e}"
+    );
+    assert_eq!(
+        show(t.simple_query("SHOW shardline.role").await.unwrap()),
+        "auto"
+    );
 }
 
 /// One user writing steadily on some connections and reading on others

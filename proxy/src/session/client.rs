@@ -269,8 +269,17 @@ impl Session {
     }
 
     /// Applies (or shows) a proxy setting of the session, answered here.
-    pub(super) fn apply_proxy_setting(&mut self, setting: shardline_router::hint::SessionSetting) {
+    fn apply_proxy_setting(&mut self, setting: ProxySetting) {
         use shardline_router::hint::SessionSetting;
+        let ProxySetting::Alone(setting) = setting else {
+            let e = PgError::error(
+                sqlstate::FEATURE_NOT_SUPPORTED,
+                "SET, RESET and SHOW of shardline.role, shardline.shard and shardline.sharding_key must be sent alone, not with other statements in one query string",
+            )
+            .with_hint("send it as a query of its own");
+            self.fail_request(e, true);
+            return;
+        };
         let set = match setting {
             SessionSetting::Role(role) => {
                 self.session_role = role;
@@ -663,8 +672,8 @@ impl Session {
             // With a connection attached: a session-pooled client's is
             // chosen for good; in a transaction the setting applies to the
             // statements routed after it ends.
-            let show = matches!(setting, shardline_router::hint::SessionSetting::Show(_));
-            if self.mode() == PoolMode::Session && !show {
+            let changes = matches!(setting, ProxySetting::Alone(ref s) if !matches!(s, shardline_router::hint::SessionSetting::Show(_)));
+            if self.mode() == PoolMode::Session && changes {
                 let e = self.shared.events.refusals.refuse(
                     Construct::SessionPooling,
                     "under session pooling the session's connection is chosen at its first statement: shardline.role, shardline.shard and shardline.sharding_key can be set only before it",
@@ -1015,15 +1024,31 @@ impl rename::Owes for Attached<'_> {
 
 /// `SET [SESSION] shardline.<name> ...` or `RESET shardline.<name>` alone.
 /// A cheap check first: most queries are not about it.
-fn proxy_setting(text: &[u8]) -> Option<shardline_router::hint::SessionSetting> {
+fn proxy_setting(text: &[u8]) -> Option<ProxySetting> {
+    use shardline_router::hint::session_setting;
     if !may_be_proxy_setting(text) {
         return None;
     }
     let text = std::str::from_utf8(text).ok()?;
-    if shardline_router::lexer::split_statements(text).len() != 1 {
-        return None;
+    let statements = shardline_router::lexer::split_statements(text);
+    if statements.len() == 1 {
+        return session_setting(text).map(ProxySetting::Alone);
     }
-    shardline_router::hint::session_setting(text)
+    // Among other statements it would reach the server, which takes any
+    // dotted name, and change nothing here.
+    statements
+        .iter()
+        .any(|s| session_setting(s).is_some())
+        .then_some(ProxySetting::NotAlone)
+}
+
+/// A statement about the proxy's own settings (`shardline.*`).
+#[derive(Debug)]
+enum ProxySetting {
+    /// Sent alone: applied (or shown) by the proxy.
+    Alone(shardline_router::hint::SessionSetting),
+    /// With other statements in one query string: refused.
+    NotAlone,
 }
 
 /// Whether `text` (a Query's body will do: its first word comes before
@@ -1051,30 +1076,44 @@ fn may_be_proxy_setting(text: &[u8]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    use super::proxy_setting;
+    use super::{proxy_setting, ProxySetting};
     use shardline_router::hint::SessionSetting;
 
     #[test]
     fn proxy_settings_are_found_by_their_first_word_only() {
         assert!(matches!(
             proxy_setting(b"SET shardline.role = primary"),
-            Some(SessionSetting::Role(Some(_)))
+            Some(ProxySetting::Alone(SessionSetting::Role(Some(_))))
         ));
         assert!(matches!(
             proxy_setting(b" \n reset\tshardline.shard"),
-            Some(SessionSetting::Shard(None))
+            Some(ProxySetting::Alone(SessionSetting::Shard(None)))
         ));
         assert!(matches!(
             proxy_setting(b"Show shardline.sharding_key"),
-            Some(SessionSetting::Show(_))
+            Some(ProxySetting::Alone(SessionSetting::Show(_)))
         ));
+        assert!(matches!(
+            proxy_setting(b"SET shardline.role = primary;"),
+            Some(ProxySetting::Alone(SessionSetting::Role(Some(_))))
+        ));
+        for text in [
+            &b"SET shardline.role = primary; SELECT 1"[..],
+            b"SET search_path = a; SET shardline.shard = s1;",
+            b"SHOW shardline.shard; SHOW shardline.role",
+        ] {
+            assert!(
+                matches!(proxy_setting(text), Some(ProxySetting::NotAlone)),
+                "{text:?}"
+            );
+        }
         for text in [
             &b"SELECT shardline.role"[..],
             b"SET",
             b"SETshardline.role = primary",
             b"settings shardline.role",
             b"SET search_path = a",
-            b"SET shardline.role = primary; SELECT 1",
+            b"SET search_path = a; SELECT 1",
             b"",
             b"   ",
             b"\xff\xfe",
