@@ -209,6 +209,35 @@ async def asyncpg_checks(url, base, keys):
         async with conn.transaction():
             rows = [r async for r in conn.cursor("SELECT id FROM users WHERE id = $1", start)]
         check(f"asyncpg cursor (cache {cache})", [r[0] for r in rows] == [start], rows)
+        # The cursor object: its Bind is a unit of its own, each fetch an
+        # Execute of the named portal with a row limit, in the transaction.
+        # On one key: every key's row, from its own shard.
+        for k in (start, start + 1, start + 2, start + 3):
+            async with conn.transaction():
+                cur = await conn.cursor("SELECT id, name FROM users WHERE id = $1", k)
+                got = [tuple(r) for r in await cur.fetch(5)]
+            check_quiet(got == [(k, f"asyncpg {k}")], f"asyncpg cursor.fetch of {k}: {got}")
+        check(f"asyncpg cursor.fetch on one key, each shard (cache {cache})", True)
+        # Over several shards a portal fetched in batches cannot be
+        # answered exactly: refused (0A000) however it is sent, never one
+        # shard's rows.
+        for sql, args in (
+            ("SELECT id FROM users WHERE id BETWEEN $1 AND $2 ORDER BY id", (start, start + 29)),
+            ("SELECT id FROM users WHERE id BETWEEN $1 AND $2", (start, start + 29)),
+        ):
+            for how in ("fetch", "iterate"):
+                try:
+                    async with conn.transaction():
+                        if how == "fetch":
+                            cur = await conn.cursor(sql, *args)
+                            got = await cur.fetch(3)
+                        else:
+                            got = [r async for r in conn.cursor(sql, *args, prefetch=4)]
+                    outcome = f"answered {[r[0] for r in got]}"
+                except asyncpg.PostgresError as e:
+                    outcome = e.sqlstate
+                check_quiet(outcome == "0A000", f"asyncpg cursor {how} of {sql!r}: {outcome}")
+        check(f"asyncpg cursors over several shards are refused (cache {cache})", True)
         await conn.close()
 
     conn = await asyncpg.connect(url)

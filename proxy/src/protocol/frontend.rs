@@ -172,11 +172,16 @@ pub fn target<'a>(body: &'a [u8], what: &'static str) -> Result<(u8, &'a [u8]), 
 
 /// Execute: portal name (the row limit is left in the raw frame).
 pub fn execute_portal(body: &[u8]) -> Result<&[u8], Malformed> {
+    execute(body).map(|(portal, _)| portal)
+}
+
+/// Execute: the portal, and the most rows to return (0: every row).
+pub fn execute(body: &[u8]) -> Result<(&[u8], i32), Malformed> {
     let m = Malformed("Execute");
     let mut r = Reader::new(body);
     let portal = r.cstr().ok_or(m)?;
-    r.i32().ok_or(m)?;
-    Ok(portal)
+    let max_rows = r.i32().ok_or(m)?;
+    Ok((portal, max_rows))
 }
 
 /// Query: the SQL text.

@@ -138,12 +138,8 @@ impl Session {
                 }
                 frontend::EXECUTE => {
                     executes += 1;
-                    let body = f.body();
-                    let row_limit = body.len().checked_sub(4).map(|i| {
-                        i32::from_be_bytes([body[i], body[i + 1], body[i + 2], body[i + 3]])
-                    });
-                    let limit = row_limit.filter(|&n| n > 0);
-                    let portal = frontend::execute_portal(body).map_err(malformed)?;
+                    let (portal, row_limit) = frontend::execute(f.body()).map_err(malformed)?;
+                    let limit = Some(row_limit).filter(|&n| n > 0);
                     if limit.is_some() && !portal.is_empty() {
                         // A cursor fetched in batches would need the merge
                         // kept open between units.

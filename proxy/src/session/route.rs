@@ -103,6 +103,16 @@ pub(super) fn definition_query(definition: &[u8]) -> &[u8] {
 
 /// Checkout failures that mean the node is unreachable (not a busy pool or
 /// a refused login): the node is banned and the read tried elsewhere.
+/// A named portal (a cursor) over rows of several shards, bound in one
+/// unit and fetched in the next or in batches: each shard's connection
+/// would hold a part of it, and a later Execute would read one of them.
+fn cursor_refusal() -> Placement {
+    Placement::Refused(shardline_router::shards::Refusal::unsupported(
+        shardline_router::shards::Construct::Cursor,
+        "a cursor (a named portal) over rows of several shards is not supported unless it is bound and executed to its last row in one unit: fetch the rows whole, or put the sharding key in its WHERE clause",
+    ))
+}
+
 fn unreachable(e: &PgError) -> bool {
     matches!(
         e.code.as_ref(),
@@ -463,10 +473,17 @@ impl Session {
         let mut executes = false;
         // Each Bind's own placement, for a pipeline over several shards.
         let mut binds = Placements::new();
+        // Named portals bound to a statement over several shards and not
+        // yet executed to their last row in this unit (`cursor_refusal`).
+        let mut spread_portals: smallvec::SmallVec<[&[u8]; 2]> = smallvec::SmallVec::new();
+        let mut fetched_in_batches = false;
         for (tag, body) in self.unit_messages() {
+            // A Bind starts running its statement: in a transaction it
+            // takes the deferred BEGIN, and it is placed by its parameters
+            // (a cursor's portal is bound in a unit of its own).
             executes |= matches!(
                 tag,
-                frontend::QUERY | frontend::EXECUTE | frontend::FUNCTION_CALL
+                frontend::QUERY | frontend::BIND | frontend::EXECUTE | frontend::FUNCTION_CALL
             );
             match tag {
                 frontend::QUERY => {
@@ -511,10 +528,24 @@ impl Session {
                                     .into_iter()
                                     .reduce(combine)
                                     .unwrap_or(Placement::Anywhere);
+                                if !b.portal.is_empty() && self.shard_for(&here).is_none() {
+                                    spread_portals.push(b.portal);
+                                }
                                 binds.push(here.clone());
                                 place = combine(place, here);
                             }
                             routes.push(route);
+                        }
+                    }
+                }
+                frontend::EXECUTE if !spread_portals.is_empty() => {
+                    if let Ok((portal, max_rows)) = frontend::execute(body) {
+                        if let Some(i) = spread_portals.iter().position(|p| *p == portal) {
+                            if max_rows > 0 {
+                                fetched_in_batches = true;
+                            } else {
+                                spread_portals.swap_remove(i);
+                            }
                         }
                     }
                 }
@@ -543,6 +574,11 @@ impl Session {
                     ))
                 };
             }
+        }
+        if fetched_in_batches || (complete && !spread_portals.is_empty()) {
+            // A portal left open on several shards' connections would be
+            // fetched from one of them later.
+            place = cursor_refusal();
         }
         if matches!(place, Placement::Pipeline(_)) {
             // Its executor sends each execution where it was placed here.
