@@ -528,7 +528,14 @@ impl Session {
                                     .into_iter()
                                     .reduce(combine)
                                     .unwrap_or(Placement::Anywhere);
-                                if !b.portal.is_empty() && self.shard_for(&here).is_none() {
+                                let several = matches!(
+                                    here,
+                                    Placement::Many(_)
+                                        | Placement::Merge(_)
+                                        | Placement::Split(_)
+                                        | Placement::CopySplit(_)
+                                );
+                                if several && !b.portal.is_empty() {
                                     spread_portals.push(b.portal);
                                 }
                                 binds.push(here.clone());
