@@ -67,6 +67,23 @@ public class JdbcDrivers {
             }
             c.commit();
             names.put(base + 200, "txn");
+            // A fetch-size cursor over several shards: refused, never one
+            // shard's rows fetched in batches.
+            for (String order : new String[] {"", " ORDER BY id"}) {
+                try (Statement st = c.createStatement()) {
+                    st.setFetchSize(3);
+                    try (ResultSet rs = st.executeQuery("SELECT id FROM users WHERE id BETWEEN " + base + " AND " + (base + 39) + order)) {
+                        int n = 0;
+                        while (rs.next()) {
+                            n++;
+                        }
+                        throw new AssertionError("expected a refusal, got " + n + " rows");
+                    } catch (SQLException e) {
+                        check("fetch-size cursor over several shards is refused (" + order + ")", "0A000".equals(e.getSQLState()), e.getSQLState() + " " + e.getMessage());
+                    }
+                }
+                c.rollback();
+            }
             // A statement refused inside the transaction: rollback() ends it.
             try (Statement st = c.createStatement()) {
                 st.executeUpdate("INSERT INTO users (id, name) VALUES (" + (base + 201) + ", 'gone')");
