@@ -582,9 +582,11 @@ impl Session {
                 };
             }
         }
-        if fetched_in_batches || (complete && !spread_portals.is_empty()) {
+        if fetched_in_batches || !spread_portals.is_empty() {
             // A portal left open on several shards' connections would be
-            // fetched from one of them later.
+            // fetched from one of them later. (A unit not complete yet is
+            // run only when it acts, on a Flush: a portal over several
+            // shards then waits for an Execute that cannot be merged.)
             place = cursor_refusal();
         }
         if matches!(place, Placement::Pipeline(_)) {

@@ -48,6 +48,13 @@ async function main() {
   await new Promise((res) => cursor.close(res));
   await c.query('COMMIT');
   check('pg-cursor in a transaction', first.length === 1 && Number(first[0].id) === base + 5, first);
+  // pg-cursor over several shards (Bind of a named portal, Execute with a
+  // row limit, Flush): refused as a cursor, never one shard's rows.
+  const spread = c.query(new Cursor('SELECT id FROM users WHERE id BETWEEN $1 AND $2', [base, base + 79]));
+  const refused = await new Promise((res) => spread.read(5, (e, rows) => res(e ? e : rows)));
+  check('pg-cursor over several shards is refused',
+    refused instanceof Error && refused.code === '0A000' && /cursor/.test(refused.message), refused);
+  await new Promise((res) => spread.close(res));
   // A transaction rolled back leaves nothing.
   await c.query('BEGIN');
   await c.query('INSERT INTO users (id, name) VALUES ($1, $2)', [base + 90, 'gone']);
