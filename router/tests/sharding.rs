@@ -1118,3 +1118,33 @@ fn union_all_of_sharded_reads_concatenates() {
         refused(&t.place(sql));
     }
 }
+
+#[test]
+fn cursors_are_named_as_postgres_folds_them() {
+    use shardline_router::shards::CursorName;
+    let mut t = T::new();
+    let mut name = |sql: &str| {
+        t.router.route(sql).shards.expect("sharded")[0]
+            .cursor_name
+            .clone()
+    };
+    assert_eq!(
+        name("DECLARE Cur CURSOR FOR SELECT * FROM users WHERE id = 1"),
+        Some(CursorName::Declares("cur".into()))
+    );
+    assert_eq!(
+        name("DECLARE \"Cur\" CURSOR FOR SELECT * FROM users WHERE id = 1"),
+        Some(CursorName::Declares("Cur".into()))
+    );
+    for (sql, cursor) in [
+        ("FETCH NEXT FROM Cur", "cur"),
+        ("FETCH 10 IN \"Cur\"", "Cur"),
+        ("CLOSE cur", "cur"),
+        ("MOVE FORWARD 5 IN cur;", "cur"),
+        ("MOVE cur", "cur"),
+    ] {
+        assert_eq!(name(sql), Some(CursorName::Reads(cursor.into())), "{sql}");
+    }
+    assert_eq!(name("CLOSE ALL"), None);
+    assert_eq!(name("SELECT 1"), None);
+}

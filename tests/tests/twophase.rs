@@ -492,3 +492,68 @@ async fn participants_prepare_only_after_the_decision_row_is_held() {
     assert_eq!(n, 2);
     assert_eq!((prepared(&env, 0), prepared(&env, 1)), (0, 0));
 }
+
+/// Cursors in a transaction on two shards: a FETCH, MOVE or CLOSE runs on
+/// the shard the cursor was declared on, not the one the transaction used
+/// last; declared over the simple and the extended protocol, quoted and
+/// unquoted names. Before, the FETCH went to the last shard used and found
+/// no cursor (34000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_are_read_where_they_were_declared() {
+    let env = Env::primaries(2).await;
+    let config = env.shards_config(&[0, 1], SHARDING);
+    let (_proxy, c) = start_proxy(&config).await;
+    c.batch_execute(SCHEMA).await.expect("schema");
+    let (a, b) = keys(&config, 1);
+    c.execute(
+        "INSERT INTO users (id, name) VALUES ($1, 'on s0'), ($2, 'on s1')",
+        &[&a, &b],
+    )
+    .await
+    .expect("rows on both shards");
+    let fetched = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<String> {
+        rows.iter()
+            .filter_map(|m| match m {
+                tokio_postgres::SimpleQueryMessage::Row(r) => r.get(0).map(str::to_owned),
+                _ => None,
+            })
+            .collect()
+    };
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute(&format!(
+        "DECLARE lower_c CURSOR FOR SELECT name FROM users WHERE id = {a}"
+    ))
+    .await
+    .expect("declared on s0");
+    // Over the extended protocol, with the key bound.
+    c.execute(
+        "DECLARE \"Quoted\" CURSOR FOR SELECT name FROM users WHERE id = $1",
+        &[&b],
+    )
+    .await
+    .expect("declared on s1");
+    // The transaction uses s0 last, then s1 last, between the reads.
+    c.execute("UPDATE users SET name = name WHERE id = $1", &[&a])
+        .await
+        .unwrap();
+    let rows = c.simple_query("FETCH NEXT FROM \"Quoted\"").await;
+    assert_eq!(fetched(rows.expect("fetch on s1")), ["on s1"]);
+    c.execute("UPDATE users SET name = name WHERE id = $1", &[&b])
+        .await
+        .unwrap();
+    c.batch_execute("MOVE ABSOLUTE 0 IN LOWER_C")
+        .await
+        .expect("move on s0");
+    let rows = c.simple_query("FETCH ALL FROM lower_c").await;
+    assert_eq!(fetched(rows.expect("fetch on s0")), ["on s0"]);
+    c.batch_execute("CLOSE lower_c; ")
+        .await
+        .expect("close on s0");
+    c.batch_execute("CLOSE \"Quoted\"")
+        .await
+        .expect("close on s1");
+    c.batch_execute("COMMIT").await.expect("commit");
+    // A name not declared in the transaction: the server's own error.
+    let e = c.simple_query("FETCH lower_c").await.unwrap_err();
+    assert_eq!(sqlstate(&e).as_deref(), Some("34000"), "{e}");
+}

@@ -726,6 +726,11 @@ impl Session {
                 self.fail_request(e, true);
                 return Ok(());
             }
+            if route.effects && self.shared.sharding.is_some() {
+                // A DECLARE is among the texts that may have effects.
+                let route = self.route_text(text);
+                self.note_cursor(&route);
+            }
             if self.shared.caching {
                 self.note_cache_use(route.cache.as_deref().unwrap_or(&CacheUse::None));
             }
@@ -893,6 +898,15 @@ impl Session {
             }
         };
         self.unit.bind();
+        let route = match &stmt {
+            Some(s) => Some(&s.route),
+            None => self.unnamed.as_ref().map(|u| &u.route),
+        };
+        if let Some(route) = route.filter(|r| r.effects && r.shards.is_some()) {
+            // A DECLARE is among the texts that may have effects.
+            let route = route.clone();
+            self.note_cursor(&route);
+        }
         if self.shared.caching {
             let cache = match &stmt {
                 Some(s) => s.route.cache.clone(),

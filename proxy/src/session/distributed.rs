@@ -39,6 +39,9 @@ pub(super) struct Spanning {
     /// A shard joins the transaction: its BEGIN is to be made
     /// (`prepare_join`).
     pub join_begin: bool,
+    /// The transaction's cursors, each with the shard it was declared on:
+    /// a FETCH, MOVE or CLOSE of one runs there (`Session::cursor_place`).
+    pub cursors: Vec<(String, usize)>,
 }
 
 impl Spanning {
@@ -329,6 +332,7 @@ impl Session {
         // The unit's messages: the one query, or everything up to Sync.
         let frames = self.take_unit()?;
         self.register_parses(&frames)?;
+        self.spanning.cursors.clear();
         let mut conns = std::mem::take(&mut self.spanning.parked);
         if let Some(attached) = self.server.take() {
             conns.push(attached);

@@ -788,6 +788,7 @@ impl Session {
         self.detach();
         self.txn.recover();
         self.spanning.coordinator = None;
+        self.spanning.cursors.clear();
         if let Some(Placed { mut conn, .. }) = self.server.take() {
             if !conn.is_clean() {
                 conn.discard();

@@ -379,9 +379,46 @@ impl Session {
         match seen {
             Some(seen) => templates
                 .iter()
-                .map(|t| resolve_noting(t, sh, &input, seen))
+                .map(|t| {
+                    self.cursor_place(t)
+                        .unwrap_or_else(|| resolve_noting(t, sh, &input, seen))
+                })
                 .collect(),
-            None => templates.iter().map(|t| resolve(t, sh, &input)).collect(),
+            None => templates
+                .iter()
+                .map(|t| {
+                    self.cursor_place(t)
+                        .unwrap_or_else(|| resolve(t, sh, &input))
+                })
+                .collect(),
+        }
+    }
+
+    /// A FETCH, MOVE or CLOSE of a cursor this transaction declared: the
+    /// shard it was declared on (in a transaction on several shards the
+    /// attached one may be another).
+    fn cursor_place(&self, t: &shardline_router::shards::Template) -> Option<Placement> {
+        let Some(shardline_router::shards::CursorName::Reads(name)) = &t.cursor_name else {
+            return None;
+        };
+        let (_, shard) = self.spanning.cursors.iter().find(|(c, _)| c == name)?;
+        Some(Placement::One(*shard))
+    }
+
+    /// A statement `route` ran on the attached server: a cursor it
+    /// declares is remembered with that server's shard.
+    pub(super) fn note_cursor(&mut self, route: &Route) {
+        let Some(templates) = &route.shards else {
+            return;
+        };
+        let Some(shard) = self.attached_shard() else {
+            return;
+        };
+        for t in templates.iter() {
+            if let Some(shardline_router::shards::CursorName::Declares(name)) = &t.cursor_name {
+                self.spanning.cursors.retain(|(c, _)| c != name);
+                self.spanning.cursors.push((name.clone(), shard));
+            }
         }
     }
 

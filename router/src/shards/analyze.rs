@@ -15,6 +15,18 @@ pub fn analyze(stmt: &Statement, consts: &Constants, sh: &Sharding) -> Template 
 /// can only run where a hint sends it.
 pub fn analyze_unparsed(sql: &str, error: &str, sh: &Sharding) -> Template {
     let first = crate::lexer::first_keyword(sql).to_ascii_lowercase();
+    if matches!(first.as_str(), "fetch" | "move" | "close") {
+        // The cursor is the statement's last word (`MOVE FORWARD 5 IN c`).
+        let last = crate::lexer::Lexer::new(sql)
+            .filter(|t| t.text != ";")
+            .last()
+            .map(|t| t.ident())
+            .filter(|n| n != "all" || first != "close");
+        return Template {
+            cursor_name: last.map(CursorName::Reads),
+            ..Template::new(Scope::Anywhere, true)
+        };
+    }
     if first == "copy" {
         // COPY with options sqlparser does not know (FREEZE ...): placed by
         // its table when that table lives on one shard.
@@ -33,7 +45,12 @@ pub fn analyze_unparsed(sql: &str, error: &str, sh: &Sharding) -> Template {
         | "import" | "security" => Template::new(Scope::AllShards, true),
         "begin" | "start" | "commit" | "end" | "rollback" | "abort" | "savepoint" | "release"
         | "set" | "reset" | "discard" | "deallocate" | "show" | "listen" | "unlisten"
-        | "notify" | "prepare" | "execute" | "fetch" | "move" | "close" => {
+        | "notify" | "execute" => Template::new(Scope::Anywhere, true),
+        "prepare"
+            if crate::lexer::leading_words(sql, 2)
+                .get(1)
+                .is_some_and(|w| w.eq_ignore_ascii_case("transaction")) =>
+        {
             Template::new(Scope::Anywhere, true)
         }
         // Postgres may read what the proxy's parser does not. Naming only
@@ -374,20 +391,35 @@ impl Analyzer<'_> {
             }
             Statement::Declare { stmts } => match stmts.as_slice() {
                 [sqlparser::ast::Declare {
-                    for_query: Some(q), ..
+                    for_query: Some(q),
+                    names,
+                    ..
                 }] => {
                     // Placed as its query, read where its rows are.
                     let mut t = self.query(q, &Statement::Query(q.clone()));
                     t.cursor = true;
+                    t.cursor_name = names.first().map(|n| CursorName::Declares(folded(n)));
                     t.needs_merge = None;
                     t
                 }
                 _ => Template::new(Scope::Anywhere, true),
             },
-            // On the connection that holds the cursor (its transaction's).
-            Statement::Fetch { .. } | Statement::Close { .. } => {
-                Template::new(Scope::Anywhere, true)
-            }
+            // On the connection that holds the cursor (its transaction's,
+            // or in a transaction on several shards the one it was
+            // declared on).
+            Statement::Fetch { name, .. } => Template {
+                cursor_name: Some(CursorName::Reads(folded(name))),
+                ..Template::new(Scope::Anywhere, true)
+            },
+            Statement::Close { cursor } => Template {
+                cursor_name: match cursor {
+                    sqlparser::ast::CloseCursor::Specific { name } => {
+                        Some(CursorName::Reads(folded(name)))
+                    }
+                    sqlparser::ast::CloseCursor::All => None,
+                },
+                ..Template::new(Scope::Anywhere, true)
+            },
             Statement::CreateTable(c) if c.query.is_some() => {
                 Template::refused(Refusal::unsupported(
                     Construct::CreateTableAs,
@@ -1522,5 +1554,13 @@ impl Analyzer<'_> {
         let mut t = Template::new(scope, true);
         t.copy_in = Some(c);
         t
+    }
+}
+
+/// An identifier as Postgres names it: unquoted ones are folded to lower case.
+fn folded(name: &sqlparser::ast::Ident) -> String {
+    match name.quote_style {
+        Some(_) => name.value.clone(),
+        None => name.value.to_lowercase(),
     }
 }

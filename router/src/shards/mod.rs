@@ -285,6 +285,10 @@ pub struct Template {
     /// `DECLARE ... CURSOR FOR` this query: the cursor lives on one
     /// connection, so its rows must come from one shard.
     pub cursor: bool,
+    /// The cursor the statement declares (DECLARE) or reads (FETCH, MOVE,
+    /// CLOSE): in a transaction on several shards the proxy runs a read of
+    /// it where it was declared.
+    pub cursor_name: Option<CursorName>,
     /// Exact on one shard, wrong on several: refused when it would run on
     /// more than one (an outer join keeping the rows of a reference table
     /// or VALUES list, which every shard would return).
@@ -293,6 +297,15 @@ pub struct Template {
     /// sharded tables below the top level, each with its group: every one
     /// must name one shard, the same one, and the statement runs there.
     pub pinned: Vec<(usize, KeyExpr)>,
+}
+
+/// A cursor named by a statement, case-folded as Postgres folds it.
+#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+pub enum CursorName {
+    /// `DECLARE name CURSOR ...`.
+    Declares(String),
+    /// `FETCH ... name`, `MOVE ... name`, `CLOSE name`.
+    Reads(String),
 }
 
 /// COPY FROM STDIN into a table spread over shards.
@@ -324,6 +337,7 @@ impl Template {
             copy_in: None,
             hint: None,
             cursor: false,
+            cursor_name: None,
             spread_refusal: None,
             pinned: Vec::new(),
         }
