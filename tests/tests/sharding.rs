@@ -946,10 +946,44 @@ async fn sql_prepare_is_placed_or_refused_on_several_shards() {
         .await
         .expect("no table");
     assert_eq!(first_cell(&rows).as_deref(), Some("42"));
-    // The client now keeps one shard's connection: its own shard's rows
-    // are read, the other shard's are refused naming why.
+    // The client now keeps one shard's connection for its prepared
+    // statements. Between transactions its statements for other shards
+    // run beside it, on connections borrowed for them: every key is read,
+    // a keyless count is merged, DDL reaches every shard.
+    for &k in &keys {
+        let rows = c
+            .simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
+            .await
+            .expect("read while pinned");
+        assert_eq!(first_cell(&rows), Some(format!("u{k}")), "key {k}");
+    }
+    let rows = c
+        .simple_query("SELECT count(*) FROM users")
+        .await
+        .expect("merged while pinned");
+    assert_eq!(first_cell(&rows).as_deref(), Some("2"));
+    c.batch_execute("CREATE TABLE pinned_ddl (id int)")
+        .await
+        .expect("DDL while pinned");
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(
+                shard,
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'pinned_ddl'"
+            ),
+            "1"
+        );
+    }
+    // Its transaction stays on the kept connection: another shard's key
+    // there is refused, as in any transaction on one shard.
     let mut answered = 0;
     for &k in &keys {
+        c.batch_execute("BEGIN").await.expect("begin");
+        let own = c
+            .simple_query("EXECUTE one(1)")
+            .await
+            .expect("the prepared statement, in the transaction");
+        assert_eq!(first_cell(&own).as_deref(), Some("2"));
         match c
             .simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
             .await
@@ -962,15 +996,16 @@ async fn sql_prepare_is_placed_or_refused_on_several_shards() {
                 assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
                 let m = text(&e);
                 assert!(
-                    m.contains("SQL PREPARE") && !m.contains("session pooling"),
+                    m.contains("one shard") && !m.contains("session pooling"),
                     "{m}"
                 );
             }
         }
+        c.batch_execute("ROLLBACK").await.expect("rollback");
     }
     assert_eq!(
         answered, 1,
-        "one shard's key is read on the pinned connection"
+        "one shard's key is read in the kept connection's transaction"
     );
     let rows = c.simple_query("EXECUTE r('fr')").await.expect("again");
     assert_eq!(first_cell(&rows).as_deref(), Some("France"));
@@ -983,4 +1018,60 @@ async fn sql_prepare_is_placed_or_refused_on_several_shards() {
             .expect("read after DISCARD ALL");
         assert_eq!(first_cell(&rows), Some(format!("u{k}")), "key {k}");
     }
+}
+
+/// A client kept on its connection by session state (here a session
+/// advisory lock, as schema migration tools take one) still reaches every
+/// shard between transactions: DDL for every shard and writes by key run
+/// on connections borrowed for them, while the kept connection keeps the
+/// lock, and the unlock runs there.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_client_reaches_every_shard_between_transactions() {
+    let env = env().await;
+    schema(&env).await;
+    let sh = sharding(&env);
+    let c = env.connect().await;
+    let keys: Vec<i64> = (0..2)
+        .map(|s| (0..100).find(|&k| owner(&sh, k) == s).expect("a key"))
+        .collect();
+    c.batch_execute("SELECT pg_advisory_lock(4242)")
+        .await
+        .expect("lock");
+    c.batch_execute("CREATE TABLE migrated (id bigint PRIMARY KEY)")
+        .await
+        .expect("DDL for every shard while pinned");
+    for &k in &keys {
+        c.execute("INSERT INTO users (id, name) VALUES ($1, 'm')", &[&k])
+            .await
+            .expect("a write by key while pinned");
+    }
+    let held = |shard: usize| {
+        env.sql_shard(
+            shard,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 4242",
+        )
+    };
+    let locked: Vec<String> = (0..2).map(held).collect();
+    assert_eq!(
+        locked.iter().filter(|n| n.as_str() == "1").count(),
+        1,
+        "the lock is held on one shard: {locked:?}"
+    );
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(
+                shard,
+                "SELECT count(*) FROM pg_tables WHERE tablename = 'migrated'"
+            ),
+            "1"
+        );
+        assert_eq!(
+            env.sql_shard(shard, "SELECT count(*) FROM users WHERE name = 'm'"),
+            "1"
+        );
+    }
+    c.batch_execute("SELECT pg_advisory_unlock(4242)")
+        .await
+        .expect("unlock on the kept connection");
+    assert_eq!((0..2).map(held).collect::<Vec<_>>(), ["0", "0"]);
 }

@@ -41,6 +41,9 @@ pub(super) enum Flow {
     /// server is (a write behind a read on a replica): wait for that server
     /// to finish, then route it.
     Wait,
+    /// The next unit is for other shards than the connection the client
+    /// keeps for its session state: it runs beside it (`run_beside`).
+    Beside,
 }
 
 /// Messages that must reach a server (when not answered by the proxy).
@@ -150,6 +153,7 @@ impl Session {
                                 Fit::Wait => return Ok(Flow::Wait),
                                 Fit::Refused => continue,
                                 Fit::Fanout => return Ok(Flow::Fanout),
+                                Fit::Beside => return Ok(Flow::Beside),
                             }
                         }
                     }
@@ -362,6 +366,18 @@ impl Session {
             // Not known yet whether a transaction is open: decide once the
             // server has answered.
             return Ok(Fit::Wait);
+        }
+        if self.pinned.is_some()
+            && self.mode() == PoolMode::Transaction
+            && !self.txn.has_begin()
+            && planned.complete
+            && matches!(planned.plan, shardline_router::UnitPlan::Run { .. })
+            && !matches!(planned.place, Placement::Refused(_))
+            && self.server.as_ref().is_some_and(|s| s.tx_status == b'I')
+        {
+            // Kept for its session state, between transactions: the unit
+            // runs on connections borrowed for it, as any client's would.
+            return Ok(Fit::Beside);
         }
         if session && self.server.as_ref().is_some_and(|s| s.tx_status == b'I') {
             let name = self

@@ -124,6 +124,10 @@ pub(super) enum Fit {
     Refused,
     /// Needs several shards: run on the transaction's connections there.
     Fanout,
+    /// The client keeps its connection for its session state and is
+    /// between transactions: the unit, for other shards, runs on
+    /// connections borrowed for it.
+    Beside,
 }
 
 /// What the front message means for a transaction on several shards.
@@ -385,6 +389,7 @@ impl Session {
                     let planned = self.plan_unit();
                     self.run_fanout(planned, true).await?
                 }
+                client::Flow::Beside => self.run_beside().await?,
                 client::Flow::NeedServer if self.take_proxy_setting()? => {}
                 client::Flow::NeedServer if matches!(self.txn, Txn::Failed { unsent: Some(_) }) => {
                     // A transaction refused before it reached any server.

@@ -123,6 +123,22 @@ impl Session {
             .await
     }
 
+    /// A unit for other shards from a client that keeps its connection
+    /// for its session state (`Fit::Beside`): run on connections borrowed
+    /// for it, outside any transaction (one shard is a fan-out of one);
+    /// the kept connection waits, and cancels go to it again after.
+    pub(super) async fn run_beside(&mut self) -> Result<(), End> {
+        let mut planned = self.plan_unit();
+        if let Placement::One(s) = planned.place {
+            planned.place = Placement::Many(shardline_router::sharding::mask_of(s));
+        }
+        let result = self.run_fanout(planned, false).await;
+        if let Some(s) = &self.server {
+            self.client.attach(s.addr.clone(), s.pid, s.secret);
+        }
+        result
+    }
+
     /// Under transaction pooling, session state the unit would leave on
     /// several shards' connections (each would keep it): refused.
     fn session_state_refusal(&self, frames: &[Frame]) -> Option<PgError> {
