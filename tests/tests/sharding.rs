@@ -879,6 +879,16 @@ fn first_cell(rows: &[tokio_postgres::SimpleQueryMessage]) -> Option<String> {
     })
 }
 
+/// The name of user `k`, read with a simple query.
+async fn name_of(
+    c: &tokio_postgres::Client,
+    k: i64,
+) -> Result<Option<String>, tokio_postgres::Error> {
+    c.simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
+        .await
+        .map(|rows| first_cell(&rows))
+}
+
 /// An SQL `PREPARE` keeps the statement on one server connection, so its
 /// `EXECUTE` would run on that connection's shard whatever its
 /// parameters. With several shards, a prepared statement that would need
@@ -923,11 +933,8 @@ async fn sql_prepare_is_placed_or_refused_on_several_shards() {
     }
     // Nothing was prepared or pinned: each key is read on its own shard.
     for &k in &keys {
-        let rows = c
-            .simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
-            .await
-            .expect("read after the refusals");
-        assert_eq!(first_cell(&rows), Some(format!("u{k}")), "key {k}");
+        let name = name_of(&c, k).await.expect("read after the refusals");
+        assert_eq!(name, Some(format!("u{k}")), "key {k}");
         let e = c
             .simple_query(&format!("EXECUTE p({k})"))
             .await
@@ -951,11 +958,8 @@ async fn sql_prepare_is_placed_or_refused_on_several_shards() {
     // run beside it, on connections borrowed for them: every key is read,
     // a keyless count is merged, DDL reaches every shard.
     for &k in &keys {
-        let rows = c
-            .simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
-            .await
-            .expect("read while pinned");
-        assert_eq!(first_cell(&rows), Some(format!("u{k}")), "key {k}");
+        let name = name_of(&c, k).await.expect("read while pinned");
+        assert_eq!(name, Some(format!("u{k}")), "key {k}");
     }
     let rows = c
         .simple_query("SELECT count(*) FROM users")
@@ -984,12 +988,9 @@ async fn sql_prepare_is_placed_or_refused_on_several_shards() {
             .await
             .expect("the prepared statement, in the transaction");
         assert_eq!(first_cell(&own).as_deref(), Some("2"));
-        match c
-            .simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
-            .await
-        {
-            Ok(rows) => {
-                assert_eq!(first_cell(&rows), Some(format!("u{k}")), "key {k}");
+        match name_of(&c, k).await {
+            Ok(name) => {
+                assert_eq!(name, Some(format!("u{k}")), "key {k}");
                 answered += 1;
             }
             Err(e) => {
@@ -1012,11 +1013,8 @@ async fn sql_prepare_is_placed_or_refused_on_several_shards() {
     // DISCARD ALL gives the connection back: every key is read again.
     c.batch_execute("DISCARD ALL").await.expect("discard");
     for &k in &keys {
-        let rows = c
-            .simple_query(&format!("SELECT name FROM users WHERE id = {k}"))
-            .await
-            .expect("read after DISCARD ALL");
-        assert_eq!(first_cell(&rows), Some(format!("u{k}")), "key {k}");
+        let name = name_of(&c, k).await.expect("read after DISCARD ALL");
+        assert_eq!(name, Some(format!("u{k}")), "key {k}");
     }
 }
 
