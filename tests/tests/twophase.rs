@@ -557,3 +557,59 @@ async fn cursors_are_read_where_they_were_declared() {
     let e = c.simple_query("FETCH lower_c").await.unwrap_err();
     assert_eq!(sqlstate(&e).as_deref(), Some("34000"), "{e}");
 }
+
+/// A client kept on its connection by session state (a session advisory
+/// lock) with two-phase commit on: its transaction stays on that
+/// connection. A statement for another shard inside it is refused naming
+/// the pin, and after the transaction the lock is still the client's.
+/// Before, the transaction moved to the other shard, the kept connection
+/// was parked and then given back to the pool with the lock held, and the
+/// client's unlock found no lock.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_transaction_does_not_leave_its_connection() {
+    let env = Env::primaries(2).await;
+    let config = env.shards_config(&[0, 1], SHARDING);
+    let (_proxy, c) = start_proxy(&config).await;
+    c.batch_execute(SCHEMA).await.expect("schema");
+    let (a, b) = keys(&config, 1);
+    c.execute(
+        "INSERT INTO users (id, name) VALUES ($1, 'on s0'), ($2, 'on s1')",
+        &[&a, &b],
+    )
+    .await
+    .expect("rows on both shards");
+    c.batch_execute("SELECT pg_advisory_lock(77)")
+        .await
+        .expect("lock");
+    let holder = |shard: usize| {
+        env.sql_shard(
+            shard,
+            "SELECT count(*) FROM pg_locks WHERE locktype = 'advisory' AND objid = 77",
+        )
+    };
+    let pinned = (0..2)
+        .find(|&s| holder(s) == "1")
+        .expect("the lock's shard");
+    let other = if pinned == 0 { b } else { a };
+    c.batch_execute("BEGIN").await.unwrap();
+    let e = c
+        .query("SELECT name FROM users WHERE id = $1", &[&other])
+        .await
+        .expect_err("another shard inside the kept connection's transaction");
+    assert_eq!(sqlstate(&e).as_deref(), Some("0A000"), "{e}");
+    let msg = e
+        .as_db_error()
+        .map(|d| d.message().to_string())
+        .unwrap_or_default();
+    assert!(msg.contains("advisory lock"), "{msg}");
+    c.batch_execute("ROLLBACK").await.unwrap();
+    // Still the client's, on the same shard; its unlock finds it.
+    assert_eq!(holder(pinned), "1");
+    let unlocked: bool = c
+        .query_one("SELECT pg_advisory_unlock(77)", &[])
+        .await
+        .expect("unlock")
+        .get(0);
+    assert!(unlocked, "the lock was the client's");
+    assert_eq!(holder(pinned), "0");
+}

@@ -386,14 +386,9 @@ impl Session {
                 .as_ref()
                 .and_then(|sh| sh.shard_names.get(self.attached_shard()?).cloned())
                 .unwrap_or_default();
-            let e = match self.pinned {
-                // Transaction pooling, the connection kept for its state.
-                Some(what) if self.mode() == PoolMode::Transaction => self.shared.events.refusals.refuse(
-                    Construct::SessionState,
-                    format!("this client keeps its connection to shard {name} because it holds {what} (pool.session_state = \"pin\"), and the statement needs another shard"),
-                )
-                .with_hint("run DISCARD ALL to give the connection back, or use protocol-level prepared statements, transaction-level locks and ON COMMIT DROP temporary tables, which pin nothing"),
-                _ => self.shared.events.refusals.refuse(
+            let e = match self.pinned_refusal(&name) {
+                Some(e) => e,
+                None => self.shared.events.refusals.refuse(
                     Construct::SessionPooling,
                     format!("this session is bound to shard {name} (session pooling), and the statement needs another shard"),
                 )
@@ -433,7 +428,10 @@ impl Session {
                     .sharding
                     .as_ref()
                     .and_then(|sh| sh.shard_names.get(self.attached_shard()?).cloned());
-                super::cross_shard_transaction(&self.shared, name.as_deref())
+                match self.pinned_refusal(name.as_deref().unwrap_or_default()) {
+                    Some(e) => e,
+                    None => super::cross_shard_transaction(&self.shared, name.as_deref()),
+                }
             }
             _ => super::cross_shard_transaction(&self.shared, None),
         };
@@ -610,6 +608,20 @@ impl Session {
                 .sharding
                 .as_ref()
                 .is_some_and(|sh| sh.shard_names.len() > 1)
+    }
+
+    /// Under transaction pooling, for a client kept on its connection by
+    /// session state: the refusal of a statement for another shard than
+    /// the kept connection's (`name`), naming what keeps it.
+    fn pinned_refusal(&self, name: &str) -> Option<PgError> {
+        let what = self
+            .pinned
+            .filter(|_| self.mode() == PoolMode::Transaction)?;
+        Some(self.shared.events.refusals.refuse(
+            Construct::SessionState,
+            format!("this client keeps its connection to shard {name} because it holds {what} (pool.session_state = \"pin\"), and the statement needs another shard"),
+        )
+        .with_hint("run DISCARD ALL to give the connection back, or use protocol-level prepared statements, transaction-level locks and ON COMMIT DROP temporary tables, which pin nothing"))
     }
 
     /// Under transaction pooling, a statement that leaves state on the

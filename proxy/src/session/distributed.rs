@@ -271,6 +271,10 @@ impl Session {
             && self.mode() == shardline_config::PoolMode::Transaction
             && self.purpose != Purpose::Read
             && self.pending.is_empty()
+            // A kept connection (session state) is never parked: ending
+            // the transaction elsewhere would give it back to the pool
+            // with the client's state on it.
+            && self.pinned.is_none()
     }
 
     /// The open transaction needs shard `shard`: park the attached
