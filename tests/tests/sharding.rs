@@ -969,6 +969,13 @@ async fn sql_prepare_is_placed_or_refused_on_several_shards() {
     c.batch_execute("CREATE TABLE pinned_ddl (id int)")
         .await
         .expect("DDL while pinned");
+    // A statement refused wherever it would run gets its own reason, not
+    // the pin's.
+    let e = c
+        .simple_query("PREPARE q AS SELECT name FROM users WHERE id = $1")
+        .await
+        .expect_err("refused while pinned");
+    assert!(text(&e).contains("SQL PREPARE of a statement"), "{e}");
     for shard in 0..2 {
         assert_eq!(
             env.sql_shard(

@@ -386,9 +386,11 @@ impl Session {
                 .as_ref()
                 .and_then(|sh| sh.shard_names.get(self.attached_shard()?).cloned())
                 .unwrap_or_default();
-            let e = match self.pinned_refusal(&name) {
-                Some(e) => e,
-                None => self.shared.events.refusals.refuse(
+            let e = match (&planned.place, self.pinned_refusal(&name)) {
+                // Refused wherever it would run: its own reason.
+                (Placement::Refused(r), _) => self.shared.events.refusals.error(r.clone()),
+                (_, Some(e)) => e,
+                (_, None) => self.shared.events.refusals.refuse(
                     Construct::SessionPooling,
                     format!("this session is bound to shard {name} (session pooling), and the statement needs another shard"),
                 )
