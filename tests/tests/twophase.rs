@@ -493,16 +493,12 @@ async fn participants_prepare_only_after_the_decision_row_is_held() {
     assert_eq!((prepared(&env, 0), prepared(&env, 1)), (0, 0));
 }
 
-/// Cursors in a transaction on two shards: a FETCH, MOVE or CLOSE runs on
-/// the shard the cursor was declared on, not the one the transaction used
-/// last; declared over the simple and the extended protocol, quoted and
-/// unquoted names. Before, the FETCH went to the last shard used and found
-/// no cursor (34000).
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn cursors_are_read_where_they_were_declared() {
+/// Two primaries behind a proxy with two-phase commit, the schema, and one
+/// user on each shard: ids `a` (on s0, named "on s0") and `b` (on s1).
+async fn one_user_per_shard() -> (Env, shardline::Proxy, Client, i64, i64) {
     let env = Env::primaries(2).await;
     let config = env.shards_config(&[0, 1], SHARDING);
-    let (_proxy, c) = start_proxy(&config).await;
+    let (proxy, c) = start_proxy(&config).await;
     c.batch_execute(SCHEMA).await.expect("schema");
     let (a, b) = keys(&config, 1);
     c.execute(
@@ -511,6 +507,17 @@ async fn cursors_are_read_where_they_were_declared() {
     )
     .await
     .expect("rows on both shards");
+    (env, proxy, c, a, b)
+}
+
+/// Cursors in a transaction on two shards: a FETCH, MOVE or CLOSE runs on
+/// the shard the cursor was declared on, not the one the transaction used
+/// last; declared over the simple and the extended protocol, quoted and
+/// unquoted names. Before, the FETCH went to the last shard used and found
+/// no cursor (34000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cursors_are_read_where_they_were_declared() {
+    let (_env, _proxy, c, a, b) = one_user_per_shard().await;
     let fetched = |rows: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<String> {
         rows.iter()
             .filter_map(|m| match m {
@@ -567,17 +574,7 @@ async fn cursors_are_read_where_they_were_declared() {
 /// client's unlock found no lock.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_transaction_does_not_leave_its_connection() {
-    let env = Env::primaries(2).await;
-    let config = env.shards_config(&[0, 1], SHARDING);
-    let (_proxy, c) = start_proxy(&config).await;
-    c.batch_execute(SCHEMA).await.expect("schema");
-    let (a, b) = keys(&config, 1);
-    c.execute(
-        "INSERT INTO users (id, name) VALUES ($1, 'on s0'), ($2, 'on s1')",
-        &[&a, &b],
-    )
-    .await
-    .expect("rows on both shards");
+    let (env, _proxy, c, a, b) = one_user_per_shard().await;
     c.batch_execute("SELECT pg_advisory_lock(77)")
         .await
         .expect("lock");
