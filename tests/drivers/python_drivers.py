@@ -194,6 +194,24 @@ async def asyncpg_checks(url, base, keys):
             "SELECT count(*) FROM users WHERE id BETWEEN $1 AND $2", start, start + 29
         )
         check(f"asyncpg statement_cache_size={cache}: writes, reads, merged count", n == 30, n)
+        # Lookups by another column than the key ask every shard, and
+        # fetchrow/fetchval ask for one row: the row on one shard, on none,
+        # on both.
+        got = []
+        for k in (start, start + 1, start + 2, start + 3):
+            row = await conn.fetchrow("SELECT id, name FROM users WHERE name = $1", f"asyncpg {k}")
+            got.append(tuple(row) if row else None)
+        none = await conn.fetchval("SELECT id FROM users WHERE name = $1", "nobody")
+        some = await conn.fetchval(
+            "SELECT id FROM users WHERE id BETWEEN $1 AND $2", start, start + 29
+        )
+        check(
+            f"asyncpg fetchrow/fetchval by a column other than the key (cache {cache})",
+            got == [(k, f"asyncpg {k}") for k in range(start, start + 4)]
+            and none is None
+            and start <= some < start + 30,
+            (got, none, some),
+        )
         # A merged GROUP BY with a parameter in HAVING, bound in binary.
         rows = await conn.fetch(
             "SELECT length(name) AS l, count(*) AS n FROM users WHERE id BETWEEN $1 AND $2 "

@@ -747,3 +747,94 @@ async fn a_very_large_statement_does_not_stall_other_clients() {
         "canary p99 {p99:?} (max {max:?})"
     );
 }
+
+/// An Execute with a row limit (asyncpg's `fetchrow` and `fetchval` ask for
+/// one row) over rows of several shards is answered as one server holding
+/// every row answers: at most that many rows of all shards together, then
+/// PortalSuspended once that many were returned, CommandComplete when fewer
+/// exist, wherever the rows are (one shard, both, none). Executing the
+/// portal again for the rest is refused: the rows past the limit are gone.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_limit_counts_the_rows_of_every_shard() {
+    use shardline_tests::wire::{bind, execute, execute_rows, parse, sync};
+    use shardline_tests::{error_code, tags, RawClient};
+    let env = Env::primaries(3).await;
+    let config = format!(
+        "{}\n[[users]]\nname = \"trustclient\"\nauth = \"trust\"\ndatabase = \"app\"\nserver_user = \"app\"\nserver_password = \"app\"\n",
+        env.shards_config(&[0, 1], SHARDING)
+    );
+    let (proxy, c) = start_proxy(&config).await;
+    load(&c).await;
+    load(&env.connect_shard(2).await).await;
+    env.sql_shard(2, "GRANT SELECT ON ALL TABLES IN SCHEMA public TO sl_trust");
+    for s in 0..2 {
+        let n = env.sql_shard(s, "SELECT count(*) FROM users WHERE age = 20");
+        assert_ne!(n, "0", "shard {s} holds rows of age 20");
+    }
+    let mut through = RawClient::login(proxy.local_addr.port()).await.unwrap();
+    let mut direct = RawClient::login_as(env.node_port(env.shard_primary(2)), "sl_trust")
+        .await
+        .unwrap();
+    for sql in [
+        // One row, on one shard: the other has none.
+        "SELECT id, name FROM users WHERE name = 'apple 40'",
+        // No row anywhere.
+        "SELECT id, name FROM users WHERE name = 'nobody'",
+        // Eight rows, on both shards.
+        "SELECT id, name FROM users WHERE age = 20",
+    ] {
+        for limit in [1, 3, 8, 9, 0] {
+            let unit = [
+                parse("", sql, &[]),
+                bind("", &[], 0),
+                execute_rows(limit),
+                sync(),
+            ];
+            let (p, o) = (
+                through.exchange(&unit).await.unwrap(),
+                direct.exchange(&unit).await.unwrap(),
+            );
+            assert_eq!(tags(&p), tags(&o), "{sql} with a limit of {limit}: {p:?}");
+            assert_eq!(
+                p.last_chunk::<2>().map(|m| m[0].clone()),
+                o.last_chunk::<2>().map(|m| m[0].clone()),
+                "{sql} with a limit of {limit}: the same end"
+            );
+            if !sql.contains("age") {
+                assert_eq!(
+                    data_rows(&p),
+                    data_rows(&o),
+                    "{sql} with a limit of {limit}"
+                );
+            }
+        }
+    }
+    // The rest of the rows cannot be had: the portal executed again is
+    // refused, with or without a limit.
+    for again in [execute(), execute_rows(2)] {
+        let msgs = through
+            .exchange(&[
+                parse("", "SELECT id FROM users WHERE age = 20", &[]),
+                bind("", &[], 0),
+                execute_rows(1),
+                again,
+                sync(),
+            ])
+            .await
+            .unwrap();
+        let err = msgs.iter().find(|m| m.0 == b'E').expect("an error");
+        assert_eq!(error_code(&err.1), "0A000", "{msgs:?}");
+    }
+    // On one shard's rows it is the server's portal, fetched in batches.
+    let msgs = through
+        .exchange(&[
+            parse("", "SELECT id FROM users WHERE id = $1", &[]),
+            bind("", &[(0, Some(b"40"))], 0),
+            execute_rows(1),
+            execute_rows(1),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tags(&msgs), b"12DsCZ", "{msgs:?}");
+}

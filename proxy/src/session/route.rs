@@ -101,8 +101,6 @@ pub(super) fn definition_query(definition: &[u8]) -> &[u8] {
     &definition[..end]
 }
 
-/// Checkout failures that mean the node is unreachable (not a busy pool or
-/// a refused login): the node is banned and the read tried elsewhere.
 /// A named portal (a cursor) over rows of several shards, bound in one
 /// unit and fetched in the next or in batches: each shard's connection
 /// would hold a part of it, and a later Execute would read one of them.
@@ -113,6 +111,28 @@ fn cursor_refusal() -> Placement {
     ))
 }
 
+/// The unnamed portal over rows of several shards, executed again after
+/// an Execute with a row limit: the rows past the limit are gone.
+fn refetch_refusal() -> Placement {
+    Placement::Refused(shardline_router::shards::Refusal::unsupported(
+        shardline_router::shards::Construct::Cursor,
+        "executing the unnamed portal again after an Execute with a row limit is not supported over rows of several shards: execute it without a limit, or put the sharding key in its WHERE clause",
+    ))
+}
+
+/// What the unit's unnamed portal is bound to, for its Executes.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Portal {
+    /// Rows of one shard (or not bound in this unit).
+    OneShard,
+    /// Rows of several shards.
+    Spread,
+    /// Rows of several shards, executed once with a row limit.
+    Fetched,
+}
+
+/// Checkout failures that mean the node is unreachable (not a busy pool or
+/// a refused login): the node is banned and the read tried elsewhere.
 fn unreachable(e: &PgError) -> bool {
     matches!(
         e.code.as_ref(),
@@ -514,6 +534,8 @@ impl Session {
         // yet executed to their last row in this unit (`cursor_refusal`).
         let mut spread_portals: smallvec::SmallVec<[&[u8]; 2]> = smallvec::SmallVec::new();
         let mut fetched_in_batches = false;
+        let mut unnamed = Portal::OneShard;
+        let mut refetched = false;
         for (tag, body) in self.unit_messages() {
             // A Bind starts running its statement: in a transaction it
             // takes the deferred BEGIN, and it is placed by its parameters
@@ -572,7 +594,13 @@ impl Session {
                                         | Placement::Split(_)
                                         | Placement::CopySplit(_)
                                 );
-                                if several && !b.portal.is_empty() {
+                                if b.portal.is_empty() {
+                                    unnamed = if several {
+                                        Portal::Spread
+                                    } else {
+                                        Portal::OneShard
+                                    };
+                                } else if several {
                                     spread_portals.push(b.portal);
                                 }
                                 binds.push(here.clone());
@@ -582,9 +610,18 @@ impl Session {
                         }
                     }
                 }
-                frontend::EXECUTE if !spread_portals.is_empty() => {
+                frontend::EXECUTE if !spread_portals.is_empty() || unnamed != Portal::OneShard => {
                     if let Ok((portal, max_rows)) = frontend::execute(body) {
-                        if let Some(i) = spread_portals.iter().position(|p| *p == portal) {
+                        if portal.is_empty() {
+                            // The shards' rows past a row limit are dropped
+                            // (`lockstep::RowLimits`): the portal cannot be
+                            // executed again for the rest.
+                            match unnamed {
+                                Portal::Fetched => refetched = true,
+                                Portal::Spread if max_rows > 0 => unnamed = Portal::Fetched,
+                                _ => {}
+                            }
+                        } else if let Some(i) = spread_portals.iter().position(|p| *p == portal) {
                             if max_rows > 0 {
                                 fetched_in_batches = true;
                             } else {
@@ -625,6 +662,9 @@ impl Session {
             // run only when it acts, on a Flush: a portal over several
             // shards then waits for an Execute that cannot be merged.)
             place = cursor_refusal();
+        }
+        if refetched {
+            place = refetch_refusal();
         }
         if matches!(place, Placement::Pipeline(_)) {
             // Its executor sends each execution where it was placed here.

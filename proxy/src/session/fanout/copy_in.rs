@@ -121,7 +121,10 @@ impl Session {
             e.encode(&mut self.client_out);
             return Ok(true);
         }
-        match self.merge(legs, None, replicated).await? {
+        match self
+            .merge(legs, None, replicated, &mut Default::default())
+            .await?
+        {
             Merged::Done(failed) => Ok(failed),
             Merged::CopyIn => Err("a second COPY in one unit".into()),
         }

@@ -43,6 +43,49 @@ fn release_in_order(
     }
 }
 
+/// The row limit of each Execute of a unit, in order (asyncpg's `fetchrow`
+/// and `fetchval` ask for 1): the client gets at most that many of the
+/// shards' rows together, then PortalSuspended, as one server answers.
+/// Empty when no Execute has one.
+#[derive(Default)]
+pub(super) struct RowLimits {
+    limits: Vec<u64>,
+    next: usize,
+}
+
+impl RowLimits {
+    pub(super) fn of(frames: &[crate::protocol::Frame]) -> RowLimits {
+        let limits: Vec<u64> = frames
+            .iter()
+            .filter(|f| f.tag == frontend::EXECUTE)
+            .map(|f| frontend::execute(f.body()).map_or(0, |(_, n)| n.max(0) as u64))
+            .collect();
+        RowLimits {
+            limits: if limits.iter().any(|&n| n > 0) {
+                limits
+            } else {
+                Vec::new()
+            },
+            next: 0,
+        }
+    }
+
+    /// The limit of the Execute being answered, if it has one.
+    fn current(&self) -> Option<u64> {
+        self.limits.get(self.next).copied().filter(|&n| n > 0)
+    }
+
+    /// A step ended with `end`: an Execute's answer moves to the next one.
+    fn ended(&mut self, end: u8) {
+        if matches!(
+            end,
+            backend::COMMAND_COMPLETE | backend::PORTAL_SUSPENDED | backend::EMPTY_QUERY
+        ) {
+            self.next += 1;
+        }
+    }
+}
+
 /// The number ending a command tag (`UPDATE 3`, `INSERT 0 3`, `SELECT 3`),
 /// with the tag before it.
 fn tag_count(tag: &[u8]) -> Option<(&[u8], u64)> {
@@ -70,6 +113,7 @@ impl Session {
         legs: &mut [Leg],
         row_order: Option<&[usize]>,
         replicated: bool,
+        limits: &mut RowLimits,
     ) -> Result<Merged, String> {
         let mut held: Vec<std::collections::VecDeque<BytesMut>> = match row_order {
             Some(_) => vec![Default::default(); legs.len()],
@@ -78,9 +122,12 @@ impl Session {
         loop {
             // One step: each shard's rows, then its next other message.
             let mut ends: Vec<BytesMut> = Vec::with_capacity(legs.len());
+            // An Execute's row limit counts the rows of every shard.
+            let cap = limits.current();
+            let mut sent = 0u64;
             for (i, leg) in legs.iter_mut().enumerate() {
                 // Rows go to the client as they came, in runs.
-                let plain = held.is_empty() && !(replicated && i > 0);
+                let plain = held.is_empty() && !(replicated && i > 0) && cap.is_none();
                 loop {
                     // Written out as it fills, within a shard's rows too: a
                     // shard's whole result is not held for a slow client.
@@ -94,6 +141,12 @@ impl Session {
                     match msg[0] {
                         backend::DATA_ROW if replicated && i > 0 => {}
                         backend::DATA_ROW if !held.is_empty() => held[i].push_back(msg),
+                        backend::DATA_ROW if cap.is_some() => {
+                            if cap.is_some_and(|c| sent < c) {
+                                self.client_out.extend_from_slice(&msg);
+                                sent += 1;
+                            }
+                        }
                         backend::DATA_ROW | frontend::COPY_DATA => {
                             self.client_out.extend_from_slice(&msg);
                         }
@@ -126,6 +179,17 @@ impl Session {
                 // Every shard skips to its ReadyForQuery.
                 drain_after(legs, &ends).await?;
                 return Ok(Merged::Done(true));
+            }
+            limits.ended(ends[0][0]);
+            if cap == Some(sent)
+                && ends
+                    .iter()
+                    .all(|m| matches!(m[0], backend::COMMAND_COMPLETE | backend::PORTAL_SUSPENDED))
+            {
+                // The limit reached, whichever shards had more: the portal
+                // is suspended, as a server says once it returned that many.
+                backend::empty_message(&mut self.client_out, backend::PORTAL_SUSPENDED);
+                continue;
             }
             if ends.iter().any(|m| m[0] != ends[0][0]) {
                 return Err("shards answered the same statement differently".into());
@@ -284,5 +348,44 @@ mod tests {
         assert_eq!(tag_count(b"INSERT 0 3"), Some((&b"INSERT 0"[..], 3)));
         assert_eq!(tag_count(b"UPDATE 7"), Some((&b"UPDATE"[..], 7)));
         assert_eq!(tag_count(b"CREATE TABLE"), None);
+    }
+
+    fn frames(messages: &[(u8, &[u8])]) -> Vec<crate::protocol::Frame> {
+        let mut buf = BytesMut::new();
+        for (tag, body) in messages {
+            buf.extend_from_slice(&[*tag]);
+            buf.extend_from_slice(&(body.len() as u32 + 4).to_be_bytes());
+            buf.extend_from_slice(body);
+        }
+        std::iter::from_fn(|| crate::protocol::next_frame(&mut buf, 1 << 20).unwrap()).collect()
+    }
+
+    #[test]
+    fn row_limits_follow_the_executes_in_order() {
+        let one = [0, 0, 0, 0, 1];
+        let all = [0, 0, 0, 0, 0];
+        // Parse, Bind, Execute(1), Bind, Execute(all), Sync.
+        let f = frames(&[
+            (b'P', b"\0SELECT 1\0\0\0"),
+            (b'B', b"\0\0\0\0\0\0\0\0"),
+            (b'E', &one),
+            (b'B', b"\0\0\0\0\0\0\0\0"),
+            (b'E', &all),
+            (b'S', b""),
+        ]);
+        let mut l = RowLimits::of(&f);
+        // ParseComplete and BindComplete leave the first Execute current.
+        assert_eq!(l.current(), Some(1));
+        l.ended(backend::PARSE_COMPLETE);
+        l.ended(backend::BIND_COMPLETE);
+        assert_eq!(l.current(), Some(1));
+        l.ended(backend::PORTAL_SUSPENDED);
+        l.ended(backend::BIND_COMPLETE);
+        assert_eq!(l.current(), None);
+        l.ended(backend::COMMAND_COMPLETE);
+        assert_eq!(l.current(), None);
+        // No limit anywhere: nothing to count.
+        let f = frames(&[(b'E', &all), (b'S', b"")]);
+        assert!(RowLimits::of(&f).limits.is_empty());
     }
 }

@@ -33,7 +33,7 @@ mod legs;
 mod lockstep;
 mod send;
 
-use lockstep::Merged;
+use lockstep::{Merged, RowLimits};
 
 /// What a unit on several shards sends, decided before any connection is
 /// taken (`Session::fanout_unit`).
@@ -265,8 +265,14 @@ impl Session {
         let merged = match (unit.merge.as_mut(), collation) {
             (Some(merge), Some(c)) => self.gather(legs, merge, c).await.map(Merged::Done),
             _ => {
-                self.merge(legs, unit.row_order.as_deref(), unit.replicated)
-                    .await
+                let mut limits = RowLimits::of(&unit.frames);
+                self.merge(
+                    legs,
+                    unit.row_order.as_deref(),
+                    unit.replicated,
+                    &mut limits,
+                )
+                .await
             }
         };
         Ok(match merged {
