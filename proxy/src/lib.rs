@@ -201,6 +201,13 @@ pub struct Shared {
     pub router: shardline_router::SharedRouter,
     /// Shard placement, when there are several shards.
     pub sharding: Option<Arc<shardline_router::sharding::Sharding>>,
+    /// More than one node could run a client's statement (several shards,
+    /// or replicas): a unit is planned once it has arrived (its Sync, or a
+    /// Flush), not from its first messages, and under transaction pooling
+    /// a Flush after statements are only prepared ends the server's unit
+    /// there, so that the rest is placed on its own
+    /// (`session/client.rs::prepare_only_segment`).
+    pub several_nodes: bool,
     /// Turns for reference-table reads spread over shards.
     pub spread: AtomicU64,
     /// Time spent routing the statements timed (lookup, parse, classify), in ns.
@@ -579,6 +586,8 @@ impl Shared {
             auth_timeout: config.proxy.auth_timeout,
             topology,
             router,
+            several_nodes: sharding.is_some()
+                || config.shards.iter().any(|s| !s.replicas.is_empty()),
             sharding,
             spread: AtomicU64::new(0),
             route_nanos: AtomicU64::new(0),

@@ -27,4 +27,4 @@ pub mod shards;
 pub use cache::{Route, Router, SharedRouter};
 pub use classify::{classify, Class, Options, Source};
 pub use hint::{Hint, RoleHint};
-pub use plan::{lone_transaction_end, plan_unit, Target, UnitFacts, UnitPlan};
+pub use plan::{lone_transaction_end, plan_unit, Access, Target, UnitFacts, UnitPlan};

@@ -21,12 +21,20 @@ pub enum UnitPlan {
     /// Run there. `writes` when the unit may write, so read-your-writes must
     /// learn where the primary's WAL was when it committed.
     Run { target: Target, writes: bool },
-    /// A lone `BEGIN` (not READ ONLY): answer it and decide at the next
-    /// statement, which may be `SET TRANSACTION READ ONLY`.
+    /// A lone `BEGIN` (READ ONLY only with several shards): answer it and
+    /// decide at the next statement, which may be `SET TRANSACTION READ
+    /// ONLY` or choose the shard.
     DeferBegin,
     /// `COMMIT` or `ROLLBACK` right after a deferred `BEGIN`: nothing ran, so
     /// answer with this tag.
     EndEmpty(&'static str),
+}
+
+/// What a transaction may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Access {
+    ReadWrite,
+    ReadOnly,
 }
 
 /// What the proxy knows about the unit it is about to send.
@@ -38,8 +46,12 @@ pub struct UnitFacts<'a> {
     pub simple_single: bool,
     /// Every message of the unit has arrived (a simple query, or up to Sync).
     pub complete: bool,
-    /// A `BEGIN` was answered by the proxy and not yet sent.
-    pub deferred_begin: bool,
+    /// A `BEGIN` was answered by the proxy and not yet sent, and whether
+    /// it was READ ONLY.
+    pub deferred_begin: Option<Access>,
+    /// Several shards: a transaction's shard is chosen by its first
+    /// statement that runs, so a lone `BEGIN READ ONLY` is deferred too.
+    pub sharded: bool,
     /// With `deferred_begin`: the statement is a lone COMMIT/ROLLBACK (its tag).
     pub lone_end: Option<&'static str>,
     /// `SET shardline.role` for the session.
@@ -69,12 +81,21 @@ pub fn plan_unit(f: &UnitFacts) -> UnitPlan {
             RoleHint::Replica => REPLICA,
         };
     }
-    if f.deferred_begin {
+    if f.complete && !f.executes && f.routes.iter().all(|r| r.session_state.is_none()) {
+        // Parse and Describe need only the schema, the same on every node:
+        // a driver preparing a write is not stopped by a primary that is
+        // down (the statement is prepared again where it runs), in a
+        // transaction not begun yet too (preparing does not begin it).
+        // Not a statement that leaves session state: preparing it pins
+        // the client to the connection it runs on.
+        return REPLICA;
+    }
+    if let Some(access) = f.deferred_begin {
         if let Some(tag) = f.lone_end {
             return UnitPlan::EndEmpty(tag);
         }
-        return match first.map(|r| r.class) {
-            Some(Class::SetTransaction { read_only: true }) => REPLICA,
+        return match (access, first.map(|r| r.class)) {
+            (Access::ReadOnly, _) | (_, Some(Class::SetTransaction { read_only: true })) => REPLICA,
             _ => PRIMARY,
         };
     }
@@ -82,15 +103,12 @@ pub fn plan_unit(f: &UnitFacts) -> UnitPlan {
         // The rest of the unit may write: only the primary is safe.
         return PRIMARY;
     }
-    if !f.executes && f.routes.iter().all(|r| r.session_state.is_none()) {
-        // Parse and Describe need only the schema, the same on every node:
-        // a driver preparing a write is not stopped by a primary that is
-        // down (the statement is prepared again where it runs). Not a
-        // statement that leaves session state: preparing it pins the client
-        // to the connection it runs on.
-        return REPLICA;
-    }
     match first.map(|r| r.class) {
+        // With several shards, the first statement chooses the shard (and
+        // with it the replica).
+        Some(Class::Begin { read_only: true }) if f.simple_single && f.sharded => {
+            UnitPlan::DeferBegin
+        }
         Some(Class::Begin { read_only: true }) => REPLICA,
         Some(Class::Begin { read_only: false }) if f.simple_single => UnitPlan::DeferBegin,
         Some(Class::Begin { read_only: false }) => match f.routes.get(1).map(|r| r.class) {
@@ -154,7 +172,8 @@ mod tests {
             routes: &routes(sqls),
             simple_single,
             complete: true,
-            deferred_begin: false,
+            deferred_begin: None,
+            sharded: false,
             lone_end: None,
             session_role: None,
             executes: true,
@@ -166,7 +185,8 @@ mod tests {
             routes: &routes(&[sql]),
             simple_single: true,
             complete: true,
-            deferred_begin: true,
+            deferred_begin: Some(Access::ReadWrite),
+            sharded: false,
             lone_end: lone_transaction_end(sql),
             session_role: None,
             executes: true,
@@ -184,6 +204,35 @@ mod tests {
         assert_eq!(plan(&["COMMIT"], true), PRIMARY);
         // Nothing but Describe/Close of existing objects: anywhere.
         assert_eq!(plan(&[], false), REPLICA);
+    }
+
+    #[test]
+    fn read_only_transactions_wait_for_their_shard() {
+        let r = routes(&["BEGIN READ ONLY"]);
+        let mut f = UnitFacts {
+            routes: &r,
+            simple_single: true,
+            complete: true,
+            deferred_begin: None,
+            sharded: true,
+            lone_end: None,
+            session_role: None,
+            executes: true,
+        };
+        assert_eq!(plan_unit(&f), UnitPlan::DeferBegin);
+        // With a statement behind it in the query string: where it is.
+        f.simple_single = false;
+        assert_eq!(plan_unit(&f), REPLICA);
+        // The first statement after it runs on a replica, writes too (the
+        // server refuses them in a read-only transaction).
+        let r = routes(&["UPDATE t SET a = 1"]);
+        f.routes = &r;
+        f.deferred_begin = Some(Access::ReadOnly);
+        assert_eq!(plan_unit(&f), REPLICA);
+        let r = routes(&["COMMIT"]);
+        f.routes = &r;
+        f.lone_end = Some("COMMIT");
+        assert_eq!(plan_unit(&f), UnitPlan::EndEmpty("COMMIT"));
     }
 
     #[test]
@@ -214,7 +263,8 @@ mod tests {
             routes: &r,
             simple_single: false,
             complete: false,
-            deferred_begin: false,
+            deferred_begin: None,
+            sharded: false,
             lone_end: None,
             session_role: None,
             executes: true,
@@ -229,7 +279,8 @@ mod tests {
             routes: &r,
             simple_single: false,
             complete: true,
-            deferred_begin: false,
+            deferred_begin: None,
+            sharded: false,
             lone_end: None,
             session_role: None,
             executes: false,
@@ -245,6 +296,14 @@ mod tests {
         let r = routes(&["SELECT pg_try_advisory_lock(7)"]);
         f.routes = &r;
         f.complete = true;
+        assert_eq!(plan_unit(&f), PRIMARY);
+        // In a transaction not begun yet (its BEGIN deferred), preparing
+        // does not begin it: any node; executing goes to the primary.
+        let r = routes(&["SELECT name FROM users WHERE id = $1"]);
+        f.routes = &r;
+        f.deferred_begin = Some(Access::ReadWrite);
+        assert_eq!(plan_unit(&f), REPLICA);
+        f.executes = true;
         assert_eq!(plan_unit(&f), PRIMARY);
     }
 
@@ -266,7 +325,8 @@ mod tests {
             routes: &r,
             simple_single: true,
             complete: true,
-            deferred_begin: false,
+            deferred_begin: None,
+            sharded: false,
             lone_end: None,
             session_role: Some(RoleHint::Primary),
             executes: true,

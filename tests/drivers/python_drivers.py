@@ -172,6 +172,15 @@ def psycopg_checks(url, base, keys):
         ).fetchone()[0]
         check("psycopg executemany in transactions: commit, rollback, failed row", n == 0, n)
         conn.commit()
+        # Read-only transactions (BEGIN READ ONLY): each on its first key's
+        # shard, whichever shard that is.
+        conn.read_only = True
+        for k in range(base + 100, base + 104):
+            row = conn.execute("SELECT name FROM users WHERE id = %s", (k,)).fetchone()
+            check_quiet(row == (f"txn {k}",), f"read-only transaction read of {k}: {row}")
+            conn.commit()
+        conn.read_only = False
+        check("psycopg read-only transactions on each shard", True)
 
 
 def check_quiet(cond, detail):
@@ -236,6 +245,12 @@ async def asyncpg_checks(url, base, keys):
                 got = [tuple(r) for r in await cur.fetch(5)]
             check_quiet(got == [(k, f"asyncpg {k}")], f"asyncpg cursor.fetch of {k}: {got}")
         check(f"asyncpg cursor.fetch on one key, each shard (cache {cache})", True)
+        # Read-only transactions (BEGIN READ ONLY): each on its key's shard.
+        for k in (start, start + 1, start + 2, start + 3):
+            async with conn.transaction(readonly=True):
+                name = await conn.fetchval("SELECT name FROM users WHERE id = $1", k)
+            check_quiet(name == f"asyncpg {k}", f"asyncpg read-only transaction of {k}: {name}")
+        check(f"asyncpg read-only transactions on each shard (cache {cache})", True)
         # Over several shards a portal fetched in batches cannot be
         # answered exactly: refused (0A000) however it is sent, never one
         # shard's rows.

@@ -685,3 +685,109 @@ async fn a_preparing_driver_writes_to_a_shard_whose_primary_is_up() {
         "{err:?}"
     );
 }
+
+/// asyncpg prepares each statement with Parse, Describe and Flush before it
+/// binds it. With the default shard's primary down, that prepare ran on the
+/// primary (the part before the Flush was planned as a unit that might still
+/// write), so every statement failed, reads of the other shard's keys too.
+/// Now reads of every key go on (from the replicas where the primary is
+/// down), in autocommit and in transactions; writes succeed where the
+/// primary is up and fail with a connection error where it is down. With
+/// two shards, and with one shard and its replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn asyncpg_reads_every_shard_while_the_default_primary_is_down() {
+    for shards in [2, 1] {
+        let env = Env::start_with(EnvOptions {
+            shards,
+            replicas_per_shard: 1,
+            // A stopped primary refuses connections at once; a replica's
+            // check on a busy machine gets time to answer (banned, the
+            // reads it serves would go to the primary that is down).
+            extra_toml: format!(
+                "[health]\ninterval = \"200ms\"\ntimeout = \"5s\"\nban_time = \"1s\"\n{}",
+                if shards > 1 {
+                    "[sharding]\nfunction = \"consistent\"\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n"
+                } else {
+                    ""
+                }
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let c = env.connect().await;
+        let rows: Vec<String> = (1..=8).map(|k| format!("({k}, 'user {k}')")).collect();
+        c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+            .await
+            .unwrap();
+        c.batch_execute(&format!(
+            "INSERT INTO users (id, name) VALUES {}",
+            rows.join(", ")
+        ))
+        .await
+        .unwrap();
+        env.wait_healthy().await;
+        let config = shardline_config::Config::from_toml(&env.config_text, "t").unwrap();
+        let (default, on): (usize, Box<dyn Fn(i64) -> usize>) = if shards > 1 {
+            let sh = shardline_router::sharding::Sharding::from_config(&config);
+            (
+                sh.default_shard,
+                Box::new(move |k| {
+                    sh.groups[0]
+                        .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
+                        .unwrap()
+                }),
+            )
+        } else {
+            (0, Box::new(|_| 0))
+        };
+        let list = |down: bool| {
+            (1i64..=8)
+                .filter(|&k| (on(k) == default) == down)
+                .map(|k| k.to_string())
+                .collect::<Vec<_>>()
+                .join(",")
+        };
+        let (up, down) = (list(false), list(true));
+        assert!(!down.is_empty() && (shards == 1 || !up.is_empty()));
+        env.backend
+            .stop_node(env.shard_primary(default), "immediate")
+            .unwrap();
+        let mut cmd = std::process::Command::new("python3");
+        cmd.arg(concat!(
+            env!("CARGO_MANIFEST_DIR"),
+            "/drivers/primary_down.py"
+        ))
+        .arg(env.url("app", "app"))
+        .arg(&up)
+        .arg(&down);
+        let (ok, out) = tokio::task::spawn_blocking(move || shardline_tests::run(&mut cmd))
+            .await
+            .unwrap();
+        assert!(
+            ok && out.contains("all checks passed"),
+            "{shards} shard(s), up {up:?}, down {down:?} (asyncpg is installed by scripts/setup-debian.sh):\n{out}"
+        );
+        // A Parse arriving alone (asyncpg without its statement cache
+        // writes it on its own, then Bind, Execute, Sync) is planned with
+        // the rest of its unit, once its Sync is here: it does not go to
+        // the primary because nothing after it has arrived yet.
+        use shardline_tests::wire::{bind, execute, parse, sync};
+        let mut raw = shardline_tests::RawClient::login(env.port).await.unwrap();
+        for key in down.split(',') {
+            raw.send(&parse("", "SELECT name FROM users WHERE id = $1", &[]))
+                .await
+                .unwrap();
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            let msgs = raw
+                .exchange(&[bind("", &[(0, Some(key.as_bytes()))], 0), execute(), sync()])
+                .await
+                .unwrap();
+            assert_eq!(
+                shardline_tests::tags(&msgs),
+                b"12DCZ",
+                "{shards} shard(s), key {key}: {msgs:?}"
+            );
+        }
+    }
+}

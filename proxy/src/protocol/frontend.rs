@@ -20,6 +20,21 @@ pub const QUERY: u8 = b'Q';
 pub const SYNC: u8 = b'S';
 pub const TERMINATE: u8 = b'X';
 
+/// Whether a client's message reads as its handler will read it: one that
+/// does not ends the client's session (08P01) when it is handled, so a
+/// unit is not held back for its Sync behind it.
+pub fn well_formed(tag: u8, body: &[u8]) -> bool {
+    match tag {
+        PARSE => parse(body).is_ok(),
+        BIND => bind(body).is_ok(),
+        DESCRIBE => target(body, "Describe").is_ok(),
+        CLOSE => target(body, "Close").is_ok(),
+        EXECUTE => execute(body).is_ok(),
+        QUERY => query(body).is_ok(),
+        _ => is_known_tag(tag),
+    }
+}
+
 /// Whether `tag` is a message a client may send after startup.
 pub fn is_known_tag(tag: u8) -> bool {
     matches!(
@@ -314,6 +329,18 @@ mod tests {
     fn definition_parts(d: &[u8]) -> (&[u8], Vec<u32>) {
         let (query, types) = super::definition_parts(d);
         (query, types.to_vec())
+    }
+
+    #[test]
+    fn malformed_messages_are_told_apart() {
+        assert!(well_formed(PARSE, b"s\0SELECT 1\0\0\0"));
+        // Five types announced, none sent.
+        assert!(!well_formed(PARSE, b"s\0SELECT 1\0\0\x05"));
+        assert!(well_formed(EXECUTE, b"\0\0\0\0\0"));
+        assert!(!well_formed(EXECUTE, b"\0\0"));
+        assert!(!well_formed(QUERY, b"SELECT 1"));
+        assert!(well_formed(SYNC, b""));
+        assert!(!well_formed(b'z', b"hello"));
     }
 
     #[test]

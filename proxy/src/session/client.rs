@@ -598,18 +598,23 @@ impl Session {
     }
 
     /// A Flush ends a part of the unit that only prepares statements
-    /// (Parse, Describe, Close; nothing bound yet), with several shards
-    /// under transaction pooling: where the Binds run is not known yet.
+    /// (Parse, Describe, Close; nothing bound yet), when more than one node
+    /// could run the rest (`splits_at_flush`): where the Binds run is not
+    /// known yet. The part was planned as a unit of its own.
     fn prepare_only_segment(&self) -> bool {
         self.unit == super::unit::Unit::Preparing
             && self.inflow != Inflow::CopyIn
             && self.server.is_some()
-            && self.mode() == PoolMode::Transaction
-            && self
-                .shared
-                .sharding
-                .as_ref()
-                .is_some_and(|sh| sh.shard_names.len() > 1)
+            && self.splits_at_flush()
+    }
+
+    /// Under transaction pooling with several shards or replicas, a Flush
+    /// after messages that only prepare ends the server's unit: the part
+    /// before it runs on any node that has the schema (a driver preparing
+    /// with Flush, as asyncpg does, is not stopped by the default shard's
+    /// primary being down), the Binds where their keys and writes say.
+    pub(super) fn splits_at_flush(&self) -> bool {
+        self.shared.several_nodes && self.mode() == PoolMode::Transaction
     }
 
     /// Under transaction pooling, for a client kept on its connection by

@@ -407,8 +407,17 @@ impl Session {
                         continue;
                     }
                     let planned = self.plan_unit();
-                    if !planned.complete && self.shared.sharding.is_some() && !self.must_act() {
-                        // The shards depend on the whole unit: wait for its Sync.
+                    if !planned.complete
+                        && self.shared.several_nodes
+                        && !self.must_act()
+                        && self
+                            .unit_messages()
+                            .all(|(tag, body)| crate::protocol::frontend::well_formed(tag, body))
+                    {
+                        // The shard and the node depend on the whole unit
+                        // (a Parse arriving alone would go to the primary):
+                        // wait for its Sync. Not behind a malformed message:
+                        // it is refused as it comes, as a server does.
                         break;
                     }
                     if self.shared.caching {

@@ -536,6 +536,7 @@ impl Session {
         let mut fetched_in_batches = false;
         let mut unnamed = Portal::OneShard;
         let mut refetched = false;
+        let mut prepared_to_flush = false;
         for (tag, body) in self.unit_messages() {
             // A Bind starts running its statement: in a transaction it
             // takes the deferred BEGIN, and it is placed by its parameters
@@ -639,6 +640,13 @@ impl Session {
                     complete = true;
                     break;
                 }
+                frontend::FLUSH if !executes && !routes.is_empty() && self.splits_at_flush() => {
+                    // The proxy ends the server's unit here
+                    // (`prepare_only_segment`): planned as a unit that
+                    // only prepares, whatever follows.
+                    prepared_to_flush = true;
+                    break;
+                }
                 _ => {}
             }
         }
@@ -696,8 +704,9 @@ impl Session {
         let plan = plan_unit(&UnitFacts {
             routes: &routes,
             simple_single,
-            complete,
-            deferred_begin: self.txn.has_begin(),
+            complete: complete || prepared_to_flush,
+            deferred_begin: self.txn.begin().map(|b| self.begin_access(b)),
+            sharded,
             lone_end,
             session_role: self.session_role,
             executes,
@@ -707,8 +716,19 @@ impl Session {
             place,
             complete,
             reads_only,
-            // Until its Sync, the rest of the unit may still execute.
-            executes: executes || !complete,
+            // Until its Sync, the rest of the unit may still execute
+            // (unless a Flush ends the part that prepares).
+            executes: executes || !(complete || prepared_to_flush),
+        }
+    }
+
+    /// Whether the BEGIN held (a Query message) opens a READ ONLY
+    /// transaction.
+    fn begin_access(&self, begin: &[u8]) -> shardline_router::Access {
+        let text = begin.get(5..).and_then(|b| frontend::query(b).ok());
+        match text.map(|t| self.route_text(t).class) {
+            Some(Class::Begin { read_only: true }) => shardline_router::Access::ReadOnly,
+            _ => shardline_router::Access::ReadWrite,
         }
     }
 

@@ -67,6 +67,21 @@ public class JdbcDrivers {
             }
             c.commit();
             names.put(base + 200, "txn");
+            // Read-only transactions (setReadOnly: BEGIN READ ONLY), each
+            // on its key's shard, whichever shard that is.
+            c.setReadOnly(true);
+            try (PreparedStatement sel = c.prepareStatement("SELECT name FROM users WHERE id = ?")) {
+                for (long k = base; k < base + 4; k++) {
+                    sel.setLong(1, k);
+                    try (ResultSet rs = sel.executeQuery()) {
+                        if (!rs.next() || !rs.getString(1).equals(names.get(k)))
+                            throw new AssertionError("read-only transaction read of " + k);
+                    }
+                    c.commit();
+                }
+            }
+            c.setReadOnly(false);
+            check("read-only transactions on each shard", true, "");
             // A fetch-size cursor over several shards: refused, never one
             // shard's rows fetched in batches.
             for (String order : new String[] {"", " ORDER BY id"}) {

@@ -1,0 +1,57 @@
+"""asyncpg while a shard's primary is down.
+
+    python3 primary_down.py URL UP_KEYS DOWN_KEYS
+
+Every key's row in `users` is named "user KEY". UP_KEYS live on shards whose
+primary is up, DOWN_KEYS on the shard whose primary is down (comma lists;
+either may be empty). asyncpg prepares each statement with Parse, Describe
+and Flush before binding it: reads of every key must be answered (by the
+replicas where the primary is down), in autocommit and in read-only
+transactions, and in read-write transactions on shards whose primary is up;
+writes must succeed where the primary is up and fail with a connection
+error (class 08 or 57) where it is down. Prints "all checks passed".
+"""
+
+import asyncio
+import sys
+
+import asyncpg
+
+
+def keys(arg):
+    return [int(k) for k in arg.split(",") if k]
+
+
+async def main(url, up, down):
+    for cache in (100, 0):
+        conn = await asyncpg.connect(url, statement_cache_size=cache)
+        for k in up + down:
+            name = await conn.fetchval("SELECT name FROM users WHERE id = $1", k)
+            assert name == f"user {k}", (cache, k, name)
+            row = await conn.fetchrow("SELECT id, name FROM users WHERE id = $1", k)
+            assert tuple(row) == (k, f"user {k}"), (cache, k, row)
+            async with conn.transaction(readonly=True):
+                name = await conn.fetchval("SELECT name FROM users WHERE id = $1", k)
+            assert name == f"user {k}", ("read-only transaction", cache, k, name)
+        print(f"ok reads of every key, autocommit and read-only transactions (cache {cache})")
+        for k in up:
+            async with conn.transaction():
+                name = await conn.fetchval("SELECT name FROM users WHERE id = $1", k)
+                await conn.execute("UPDATE users SET name = $2 WHERE id = $1", k, f"user {k}")
+            assert name == f"user {k}", ("read-write transaction", cache, k, name)
+            await conn.execute("UPDATE users SET name = $2 WHERE id = $1", k, f"user {k}")
+        print(f"ok writes where the primary is up (cache {cache})")
+        for k in down:
+            try:
+                await conn.execute("UPDATE users SET name = $2 WHERE id = $1", k, f"user {k}")
+                outcome = "written"
+            except asyncpg.PostgresError as e:
+                outcome = e.sqlstate
+            assert outcome[:2] in ("08", "57"), ("write where the primary is down", k, outcome)
+        print(f"ok writes where the primary is down fail with a connection error (cache {cache})")
+        await conn.close()
+    print("all checks passed")
+
+
+if __name__ == "__main__":
+    asyncio.run(main(sys.argv[1], keys(sys.argv[2]), keys(sys.argv[3])))
