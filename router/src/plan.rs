@@ -167,29 +167,33 @@ mod tests {
             .collect()
     }
 
-    fn plan(sqls: &[&str], simple_single: bool) -> UnitPlan {
-        plan_unit(&UnitFacts {
-            routes: &routes(sqls),
-            simple_single,
+    /// A whole unit of one simple query that executes, on one shard, no
+    /// BEGIN held, no hint.
+    fn facts(routes: &[Route]) -> UnitFacts<'_> {
+        UnitFacts {
+            routes,
+            simple_single: true,
             complete: true,
             deferred_begin: None,
             sharded: false,
             lone_end: None,
             session_role: None,
             executes: true,
+        }
+    }
+
+    fn plan(sqls: &[&str], simple_single: bool) -> UnitPlan {
+        plan_unit(&UnitFacts {
+            simple_single,
+            ..facts(&routes(sqls))
         })
     }
 
     fn after_begin(sql: &str) -> UnitPlan {
         plan_unit(&UnitFacts {
-            routes: &routes(&[sql]),
-            simple_single: true,
-            complete: true,
             deferred_begin: Some(Access::ReadWrite),
-            sharded: false,
             lone_end: lone_transaction_end(sql),
-            session_role: None,
-            executes: true,
+            ..facts(&routes(&[sql]))
         })
     }
 
@@ -210,14 +214,8 @@ mod tests {
     fn read_only_transactions_wait_for_their_shard() {
         let r = routes(&["BEGIN READ ONLY"]);
         let mut f = UnitFacts {
-            routes: &r,
-            simple_single: true,
-            complete: true,
-            deferred_begin: None,
             sharded: true,
-            lone_end: None,
-            session_role: None,
-            executes: true,
+            ..facts(&r)
         };
         assert_eq!(plan_unit(&f), UnitPlan::DeferBegin);
         // With a statement behind it in the query string: where it is.
@@ -260,14 +258,9 @@ mod tests {
     fn incomplete_units_go_to_the_primary() {
         let r = routes(&["SELECT 1"]);
         let f = UnitFacts {
-            routes: &r,
             simple_single: false,
             complete: false,
-            deferred_begin: None,
-            sharded: false,
-            lone_end: None,
-            session_role: None,
-            executes: true,
+            ..facts(&r)
         };
         assert_eq!(plan_unit(&f), PRIMARY);
     }
@@ -276,14 +269,9 @@ mod tests {
     fn preparing_a_write_runs_on_any_node() {
         let r = routes(&["INSERT INTO t VALUES ($1)"]);
         let mut f = UnitFacts {
-            routes: &r,
             simple_single: false,
-            complete: true,
-            deferred_begin: None,
-            sharded: false,
-            lone_end: None,
-            session_role: None,
             executes: false,
+            ..facts(&r)
         };
         assert_eq!(plan_unit(&f), REPLICA);
         f.executes = true;
@@ -322,14 +310,8 @@ mod tests {
         );
         let r = routes(&["SELECT 1"]);
         let f = UnitFacts {
-            routes: &r,
-            simple_single: true,
-            complete: true,
-            deferred_begin: None,
-            sharded: false,
-            lone_end: None,
             session_role: Some(RoleHint::Primary),
-            executes: true,
+            ..facts(&r)
         };
         assert_eq!(
             plan_unit(&f),

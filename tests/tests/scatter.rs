@@ -437,25 +437,37 @@ fn extended_unit(sql: &str, result_formats: &[i16]) -> [Vec<u8>; 5] {
     ]
 }
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn row_descriptions_are_the_unsharded_servers() {
-    use shardline_tests::{message, RawClient};
+/// Three primaries: s0 and s1 behind a proxy, s2 unsharded, each side
+/// loaded with the same rows; a raw client through the proxy and one
+/// straight to s2 (the oracle), with the proxy kept running.
+async fn through_and_direct() -> (
+    Env,
+    shardline::Proxy,
+    shardline_tests::RawClient,
+    shardline_tests::RawClient,
+) {
+    use shardline_tests::RawClient;
     let env = Env::primaries(3).await;
-    // s0 and s1 behind the proxy; s2 unsharded, holding the same rows.
     let config = format!(
         "{}\n[[users]]\nname = \"trustclient\"\nauth = \"trust\"\ndatabase = \"app\"\nserver_user = \"app\"\nserver_password = \"app\"\n",
         env.shards_config(&[0, 1], SHARDING)
     );
-    let (_proxy, c) = start_proxy(&config).await;
+    let (proxy, c) = start_proxy(&config).await;
     load(&c).await;
-    let oracle = env.connect_shard(2).await;
-    let rows = load(&oracle).await;
+    let rows = load(&env.connect_shard(2).await).await;
     assert_eq!(rows.len(), 400);
     env.sql_shard(2, "GRANT SELECT ON ALL TABLES IN SCHEMA public TO sl_trust");
-    let mut through = RawClient::login(_proxy.local_addr.port()).await.unwrap();
-    let mut direct = RawClient::login_as(env.node_port(env.shard_primary(2)), "sl_trust")
+    let through = RawClient::login(proxy.local_addr.port()).await.unwrap();
+    let direct = RawClient::login_as(env.node_port(env.shard_primary(2)), "sl_trust")
         .await
         .unwrap();
+    (env, proxy, through, direct)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn row_descriptions_are_the_unsharded_servers() {
+    use shardline_tests::message;
+    let (_env, _proxy, mut through, mut direct) = through_and_direct().await;
     let cstr = |s: &str| {
         let mut v = s.as_bytes().to_vec();
         v.push(0);
@@ -757,24 +769,12 @@ async fn a_very_large_statement_does_not_stall_other_clients() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_row_limit_counts_the_rows_of_every_shard() {
     use shardline_tests::wire::{bind, execute, execute_rows, parse, sync};
-    use shardline_tests::{error_code, tags, RawClient};
-    let env = Env::primaries(3).await;
-    let config = format!(
-        "{}\n[[users]]\nname = \"trustclient\"\nauth = \"trust\"\ndatabase = \"app\"\nserver_user = \"app\"\nserver_password = \"app\"\n",
-        env.shards_config(&[0, 1], SHARDING)
-    );
-    let (proxy, c) = start_proxy(&config).await;
-    load(&c).await;
-    load(&env.connect_shard(2).await).await;
-    env.sql_shard(2, "GRANT SELECT ON ALL TABLES IN SCHEMA public TO sl_trust");
+    use shardline_tests::{error_code, tags};
+    let (env, _proxy, mut through, mut direct) = through_and_direct().await;
     for s in 0..2 {
         let n = env.sql_shard(s, "SELECT count(*) FROM users WHERE age = 20");
         assert_ne!(n, "0", "shard {s} holds rows of age 20");
     }
-    let mut through = RawClient::login(proxy.local_addr.port()).await.unwrap();
-    let mut direct = RawClient::login_as(env.node_port(env.shard_primary(2)), "sl_trust")
-        .await
-        .unwrap();
     for sql in [
         // One row, on one shard: the other has none.
         "SELECT id, name FROM users WHERE name = 'apple 40'",
