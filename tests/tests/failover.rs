@@ -693,9 +693,10 @@ async fn a_preparing_driver_writes_to_a_shard_whose_primary_is_up() {
 /// Now reads of every key go on (from the replicas where the primary is
 /// down), in autocommit and in transactions; writes succeed where the
 /// primary is up and fail with a connection error where it is down. With
-/// two shards, and with one shard and its replica.
+/// two shards, and with one shard and its replica; also a Parse arriving
+/// alone, and a read acted on at a Flush (pg-cursor's batching).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn asyncpg_reads_every_shard_while_the_default_primary_is_down() {
+async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
     for shards in [2, 1] {
         let env = Env::start_with(EnvOptions {
             shards,
@@ -788,6 +789,29 @@ async fn asyncpg_reads_every_shard_while_the_default_primary_is_down() {
                 b"12DCZ",
                 "{shards} shard(s), key {key}: {msgs:?}"
             );
+            // A read acted on before its Sync (pg-cursor: Parse, Bind,
+            // Execute with a row limit, Flush) is meant for the primary,
+            // as the rest of its unit may write; with the primary down it
+            // is read from a replica.
+            raw.send(
+                &[
+                    parse("", "SELECT name FROM users WHERE id = $1", &[]),
+                    bind("", &[(0, Some(key.as_bytes()))], 0),
+                    shardline_tests::wire::execute_rows(1),
+                    shardline_tests::wire::flush(),
+                ]
+                .concat(),
+            )
+            .await
+            .unwrap();
+            let mut got = Vec::new();
+            while !matches!(got.last(), Some(b's' | b'C' | b'E')) {
+                let (tag, _) = raw.recv(Duration::from_secs(10)).await.unwrap().unwrap();
+                got.push(tag);
+            }
+            let msgs = raw.exchange(&[sync()]).await.unwrap();
+            got.extend(shardline_tests::tags(&msgs));
+            assert_eq!(got, b"12DsZ", "{shards} shard(s), key {key}, Flush");
         }
     }
 }

@@ -432,7 +432,7 @@ impl Session {
             }
             let mut tried = 0;
             match self
-                .borrow(shard, shardline_router::Target::Primary, &mut tried)
+                .borrow(shard, shardline_router::Target::Primary, false, &mut tried)
                 .await
             {
                 Ok((conn, node, _)) => {

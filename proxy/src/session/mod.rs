@@ -680,7 +680,19 @@ impl Session {
             shardline_router::UnitPlan::Run { target, writes } => {
                 self.shared.placements.count(&planned.place);
                 self.count_keys();
-                if let Err(e) = self.attach_server(target, writes, shard).await {
+                // A unit acted on before its Sync (a Flush after an
+                // Execute) goes to the primary, as its rest may write
+                // (`writes`; not a hint's primary read); while it holds
+                // only reads, a primary that is down sends it to a replica
+                // (a write that follows fails there, as it would have on
+                // the primary).
+                let read = target == shardline_router::Target::Replica
+                    || (writes
+                        && !planned.complete
+                        && planned.reads_only
+                        && !self.txn.has_begin()
+                        && self.mode() == PoolMode::Transaction);
+                if let Err(e) = self.attach_server(target, writes, read, shard).await {
                     if self.client.ending.has(crate::clients::Ending::KILL) {
                         // Ended while it waited for a connection.
                         return Err(End::Fatal(killed()));

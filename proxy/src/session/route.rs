@@ -748,16 +748,21 @@ impl Session {
 
     /// Borrows a server connection for the next unit, on the node `target`
     /// calls for. A read that cannot reach its node tries another.
+    /// `read`: the unit only reads (so far), so an unavailable primary
+    /// sends it to a replica.
     pub(super) async fn attach_server(
         &mut self,
         target: Target,
         writes: bool,
+        read: bool,
         shard_index: usize,
     ) -> Result<(), PgError> {
         let mut tried = self.rerun.tried;
-        let borrowed = self.borrow(shard_index, target, &mut tried).await;
+        let borrowed = self.borrow(shard_index, target, read, &mut tried).await;
         self.rerun.tried = tried;
         let (conn, node, placed) = borrowed?;
+        // A replica writes nothing (a write that comes fails there).
+        let writes = writes && placed == Target::Primary;
         self.fill_on(placed);
         self.meter.place(crate::stats::Kind::One {
             shard: shard_index as u16,
@@ -785,11 +790,14 @@ impl Session {
     /// Borrows a connection on shard `shard_index` for `target`, banning
     /// and skipping unreachable readers (`tried`: nodes that failed for
     /// this unit). Returns the connection, its node and the target it
-    /// serves (a read may fall back to the primary).
+    /// serves (a read may fall back to the primary). `read`: what is sent
+    /// only reads (a replica target, or the primary for a unit whose rest
+    /// may write): an unavailable primary sends it to a replica.
     pub(super) async fn borrow(
         &self,
         shard_index: usize,
         target: Target,
+        read: bool,
         tried: &mut u64,
     ) -> Result<(crate::pool::PooledConnection, usize, Target), PgError> {
         let shared = self.shared.clone();
@@ -797,7 +805,7 @@ impl Session {
         let shard = &shared.topology.shards[shard_index];
         let pools = &user.pools.shards[shard_index];
         let lb = &shared.balancing;
-        let read = target == Target::Replica;
+        let read = read || target == Target::Replica;
         let mut target = target;
         if read && self.fill.is_some() {
             // A result cache fill reads the primary; still a read, so an

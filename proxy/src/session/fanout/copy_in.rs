@@ -170,7 +170,7 @@ impl Session {
         let sh = self.shared.sharding.clone()?;
         let mut tried = 0;
         let (mut conn, _, _) = self
-            .borrow(sh.default_shard, Target::Primary, &mut tried)
+            .borrow(sh.default_shard, Target::Primary, false, &mut tried)
             .await
             .ok()?;
         let sql = format!(

@@ -68,7 +68,9 @@ impl Session {
         let mut legs: Vec<Leg> = Vec::with_capacity(shards.len());
         for &shard in shards {
             let mut tried = 0;
-            let (conn, node, placed) = self.borrow(shard, target, &mut tried).await?;
+            let (conn, node, placed) = self
+                .borrow(shard, target, target == Target::Replica, &mut tried)
+                .await?;
             self.fill_on(placed);
             let mut leg = Leg::parked(shard, node, conn);
             leg.done = false;
