@@ -39,6 +39,11 @@ pub enum Source {
 }
 
 /// Functions that write or take locks: a SELECT calling one is a write.
+/// Not the advisory unlocks: a session lock is held only on a connection
+/// kept for its client (a pinned client, session pooling), where the
+/// unlock runs whatever its class; anywhere else there is nothing to
+/// release, on any node (asyncpg's pool runs `pg_advisory_unlock_all()`
+/// each time a connection goes back to it).
 pub const WRITING_FUNCTIONS: &[&str] = &[
     "nextval",
     "setval",
@@ -52,9 +57,6 @@ pub const WRITING_FUNCTIONS: &[&str] = &[
     "pg_try_advisory_lock_shared",
     "pg_try_advisory_xact_lock",
     "pg_try_advisory_xact_lock_shared",
-    "pg_advisory_unlock",
-    "pg_advisory_unlock_shared",
-    "pg_advisory_unlock_all",
     "txid_current",
     "pg_current_xact_id",
     "pg_create_restore_point",
@@ -199,8 +201,14 @@ pub fn classify_statement(statement: &Statement, options: &Options) -> Class {
         | Statement::Reset(_)
         | Statement::Discard { .. }
         | Statement::Deallocate { .. } => Class::Session,
+        // Closing cursors and leaving channels: a cursor lives in its
+        // transaction (on the transaction's connection) and WITH HOLD and
+        // LISTEN need a kept connection, so outside one there is nothing
+        // to close, on any node (asyncpg's pool reset: CLOSE ALL;
+        // UNLISTEN *).
+        Statement::Close { .. } | Statement::UNLISTEN { .. } => Class::Read,
         // INSERT/UPDATE/DELETE/MERGE, DDL, COPY FROM, CALL, LOCK, PREPARE,
-        // EXECUTE, cursors, and anything else: the primary.
+        // EXECUTE, DECLARE and FETCH, and anything else: the primary.
         _ => Class::Write,
     }
 }

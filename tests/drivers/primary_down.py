@@ -9,7 +9,8 @@ and Flush before binding it: reads of every key must be answered (by the
 replicas where the primary is down), in autocommit and in read-only
 transactions, and in read-write transactions on shards whose primary is up;
 writes must succeed where the primary is up and fail with a connection
-error (class 08 or 57) where it is down. Prints "all checks passed".
+error (class 08 or 57) where it is down; a pool's connections must be reset
+and reused. Prints "all checks passed".
 """
 
 import asyncio
@@ -50,6 +51,17 @@ async def main(url, up, down):
             assert outcome[:2] in ("08", "57"), ("write where the primary is down", k, outcome)
         print(f"ok writes where the primary is down fail with a connection error (cache {cache})")
         await conn.close()
+    # A pool resets each connection it gets back (pg_advisory_unlock_all(),
+    # CLOSE ALL, UNLISTEN *, RESET ALL): nothing that needs a primary.
+    pool = await asyncpg.create_pool(url, min_size=1, max_size=2)
+    for k in up + down:
+        async with pool.acquire() as conn:
+            name = await conn.fetchval("SELECT name FROM users WHERE id = $1", k)
+        assert name == f"user {k}", ("pool", k, name)
+        name = await pool.fetchval("SELECT name FROM users WHERE id = $1", k)
+        assert name == f"user {k}", ("pool.fetchval", k, name)
+    await pool.close()
+    print("ok a pool's connections are reset and reused")
     print("all checks passed")
 
 
