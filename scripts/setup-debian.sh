@@ -100,9 +100,9 @@ if [ "$demo" = 1 ]; then
   exit 0
 fi
 # Python drivers for the driver matrix (tests/tests/drivers.rs).
-if ! python3 -c 'import psycopg, asyncpg, sqlalchemy, psycopg2' >/dev/null 2>&1; then
-  echo "setup: installing psycopg 3, asyncpg, SQLAlchemy, psycopg2"
-  py_drivers=('psycopg[binary]>=3.1' 'asyncpg>=0.29' 'sqlalchemy>=2.0' 'psycopg2-binary>=2.9')
+if ! python3 -c 'import psycopg, asyncpg, sqlalchemy, psycopg2, greenlet' >/dev/null 2>&1; then
+  echo "setup: installing psycopg 3, asyncpg, SQLAlchemy (with greenlet, for its asyncio API), psycopg2"
+  py_drivers=('psycopg[binary]>=3.1' 'asyncpg>=0.29' 'sqlalchemy>=2.0' 'greenlet>=3' 'psycopg2-binary>=2.9')
   python3 -m pip install --quiet --disable-pip-version-check "${py_drivers[@]}" ||
     python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "${py_drivers[@]}"
 fi

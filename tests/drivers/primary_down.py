@@ -10,7 +10,8 @@ replicas where the primary is down), in autocommit and in read-only
 transactions, and in read-write transactions on shards whose primary is up;
 writes must succeed where the primary is up and fail with a connection
 error (class 08 or 57) where it is down; a pool's connections must be reset
-and reused. Prints "all checks passed".
+and reused; SQLAlchemy's ORM on asyncpg must read the keys whose primary
+is up. Prints "all checks passed".
 """
 
 import asyncio
@@ -42,6 +43,15 @@ async def main(url, up, down):
             assert name == f"user {k}", ("read-write transaction", cache, k, name)
             await conn.execute("UPDATE users SET name = $2 WHERE id = $1", k, f"user {k}")
         print(f"ok writes where the primary is up (cache {cache})")
+        # A transaction beginning with a statement any shard answers (as
+        # SQLAlchemy begins each connection: SELECT version()) runs where a
+        # primary is up.
+        for k in up:
+            async with conn.transaction():
+                version = await conn.fetchval("SELECT pg_catalog.version()")
+                name = await conn.fetchval("SELECT name FROM users WHERE id = $1", k)
+            assert version.startswith("PostgreSQL") and name == f"user {k}", (k, version, name)
+        print(f"ok transactions beginning with a statement for any shard (cache {cache})")
         for k in down:
             try:
                 await conn.execute("UPDATE users SET name = $2 WHERE id = $1", k, f"user {k}")
@@ -62,7 +72,37 @@ async def main(url, up, down):
         assert name == f"user {k}", ("pool.fetchval", k, name)
     await pool.close()
     print("ok a pool's connections are reset and reused")
+    if up:
+        await sqlalchemy_orm(url, up)
     print("all checks passed")
+
+
+async def sqlalchemy_orm(url, up):
+    """SQLAlchemy's ORM on asyncpg: every connection it opens begins a
+    transaction and asks the server's version; each session is a
+    transaction (read-write: only keys whose primary is up)."""
+    from sqlalchemy import BigInteger, String, select
+    from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
+    from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+    class Base(DeclarativeBase):
+        pass
+
+    class User(Base):
+        __tablename__ = "users"
+        id: Mapped[int] = mapped_column(BigInteger, primary_key=True)
+        name: Mapped[str] = mapped_column(String)
+
+    engine = create_async_engine("postgresql+asyncpg://" + url.split("://", 1)[1])
+    sessions = async_sessionmaker(engine, expire_on_commit=False)
+    for k in up:
+        async with sessions() as session:
+            user = await session.get(User, k)
+            assert user is not None and user.name == f"user {k}", ("SQLAlchemy get", k, user)
+            name = await session.scalar(select(User.name).where(User.id == k))
+            assert name == f"user {k}", ("SQLAlchemy select", k, name)
+    await engine.dispose()
+    print("ok SQLAlchemy ORM on asyncpg where the primary is up")
 
 
 if __name__ == "__main__":

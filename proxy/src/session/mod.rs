@@ -630,7 +630,10 @@ impl Session {
             self.shared.placements.count(&planned.place);
             return self.fail_next_message(self.shared.events.refusals.error(r.clone()));
         }
-        let Some(shard) = self.shard_for(&planned.place) else {
+        let Some(shard) = self
+            .shard_for(&planned.place)
+            .map(|s| self.writable_for(&planned, s))
+        else {
             if self.shared.sharding.is_some() && planned.complete && self.peel_begin()? {
                 // The rest of the unit is placed as the transaction's first
                 // statement.
@@ -707,6 +710,35 @@ impl Session {
                 Ok(())
             }
         }
+    }
+
+    /// The shard for a unit that may run on any (no table, or reference
+    /// tables only) and only reads, but on a primary (a transaction's
+    /// first statement: SQLAlchemy begins each connection with `SELECT
+    /// version()` in a transaction): the default shard, or while its
+    /// primary is down another shard whose primary is up, as every shard
+    /// gives the same answer.
+    fn writable_for(&self, planned: &analysis::Planned, shard: usize) -> usize {
+        use shardline_router::shards::Placement;
+        let topology = &self.shared.topology;
+        let on_primary = matches!(
+            planned.plan,
+            shardline_router::UnitPlan::Run {
+                target: shardline_router::Target::Primary,
+                ..
+            }
+        );
+        if !on_primary
+            || !planned.reads_only
+            || !matches!(planned.place, Placement::Anywhere)
+            || topology.shards.len() < 2
+            || topology.shards[shard].writer().is_ok()
+        {
+            return shard;
+        }
+        (0..topology.shards.len())
+            .find(|&s| topology.shards[s].writer().is_ok())
+            .unwrap_or(shard)
     }
 
     /// A read on several shards while the transaction's BEGIN is still
