@@ -663,37 +663,36 @@ impl Shared {
         tasks
     }
 
-    /// ParameterStatus values for a new client: from the primary, or any
-    /// node that answers.
+    /// ParameterStatus values for a new client: from the first shard's
+    /// primary, or any node that answers, of that shard or, when none of
+    /// it does, of the others (a client logs in while a shard is down).
     pub async fn server_params(
         &self,
         user: &UserEntry,
     ) -> Result<Arc<Vec<(String, String)>>, protocol::backend::PgError> {
-        let shard = &self.topology.shards[0];
-        let pools = &user.pools.shards[0];
         let mut last = None;
-        for i in shard.writer().ok().into_iter().chain(0..pools.nodes.len()) {
-            if shard.nodes[i].is_down() {
-                continue;
-            }
-            match pools.nodes[i].server_params().await {
-                Ok(p) => return Ok(p),
-                Err(e) => last = Some(e),
+        for (shard, pools) in self.topology.shards.iter().zip(&user.pools.shards) {
+            for i in shard.writer().ok().into_iter().chain(0..pools.nodes.len()) {
+                if shard.nodes[i].is_down() {
+                    continue;
+                }
+                match pools.nodes[i].server_params().await {
+                    Ok(p) => return Ok(p),
+                    Err(e) => last = Some(e),
+                }
             }
         }
         Err(last.unwrap_or_else(|| {
-            let why: Vec<String> = shard
-                .nodes
+            let why: Vec<String> = self
+                .topology
+                .shards
                 .iter()
+                .flat_map(|s| &s.nodes)
                 .map(|n| format!("{}: {}", n.address, n.last_error()))
                 .collect();
             protocol::backend::PgError::error(
                 protocol::backend::sqlstate::CONNECTION_FAILURE,
-                format!(
-                    "shard {}: no node is reachable ({})",
-                    shard.name,
-                    why.join("; ")
-                ),
+                format!("no node is reachable ({})", why.join("; ")),
             )
         }))
     }

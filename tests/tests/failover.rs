@@ -813,5 +813,43 @@ async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
             got.extend(shardline_tests::tags(&msgs));
             assert_eq!(got, b"12DsZ", "{shards} shard(s), key {key}, Flush");
         }
+        if shards > 1 {
+            // The whole default shard down: what any shard answers (an
+            // application's health check, a transaction's first statement)
+            // is answered by the other, and its keys are read.
+            env.backend
+                .stop_node(env.shard_replica(default), "immediate")
+                .unwrap();
+            let replica = &env.proxy.as_ref().unwrap().shared.topology.shards[default].nodes[1];
+            let started = std::time::Instant::now();
+            while !replica.is_down() {
+                assert!(
+                    started.elapsed() < Duration::from_secs(30),
+                    "the replica's check"
+                );
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+            let c = env.connect().await;
+            for sql in ["SELECT 1", "SELECT pg_catalog.version()"] {
+                c.simple_query(sql)
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+                c.query(sql, &[])
+                    .await
+                    .unwrap_or_else(|e| panic!("{sql}: {e}"));
+            }
+            c.batch_execute("BEGIN").await.unwrap();
+            c.simple_query("SELECT pg_catalog.version()")
+                .await
+                .expect("a transaction's first statement for any shard");
+            let key: i64 = up.split(',').next().unwrap().parse().unwrap();
+            let name: String = c
+                .query_one("SELECT name FROM users WHERE id = $1", &[&key])
+                .await
+                .unwrap()
+                .get(0);
+            assert_eq!(name, format!("user {key}"));
+            c.batch_execute("COMMIT").await.unwrap();
+        }
     }
 }

@@ -632,7 +632,7 @@ impl Session {
         }
         let Some(shard) = self
             .shard_for(&planned.place)
-            .map(|s| self.writable_for(&planned, s))
+            .map(|s| self.serving_shard(&planned, s))
         else {
             if self.shared.sharding.is_some() && planned.complete && self.peel_begin()? {
                 // The rest of the unit is placed as the transaction's first
@@ -712,33 +712,32 @@ impl Session {
         }
     }
 
-    /// The shard for a unit that may run on any (no table, or reference
-    /// tables only) and only reads, but on a primary (a transaction's
-    /// first statement: SQLAlchemy begins each connection with `SELECT
-    /// version()` in a transaction): the default shard, or while its
-    /// primary is down another shard whose primary is up, as every shard
-    /// gives the same answer.
-    fn writable_for(&self, planned: &analysis::Planned, shard: usize) -> usize {
+    /// The shard for a unit that may run on any (no table) and only reads:
+    /// the default shard, unless it cannot serve it (its primary down, for
+    /// a unit that needs a primary: a transaction's first statement, as
+    /// SQLAlchemy begins each connection with `SELECT version()` in a
+    /// transaction; every node down, for one a replica may serve, as an
+    /// application's `SELECT 1` health check), then another shard that can,
+    /// as every shard gives the same answer.
+    fn serving_shard(&self, planned: &analysis::Planned, shard: usize) -> usize {
         use shardline_router::shards::Placement;
-        let topology = &self.shared.topology;
-        let on_primary = matches!(
-            planned.plan,
-            shardline_router::UnitPlan::Run {
-                target: shardline_router::Target::Primary,
-                ..
-            }
-        );
-        if !on_primary
-            || !planned.reads_only
-            || !matches!(planned.place, Placement::Anywhere)
-            || topology.shards.len() < 2
-            || topology.shards[shard].writer().is_ok()
+        use shardline_router::{Target, UnitPlan};
+        let shards = &self.shared.topology.shards;
+        if shards.len() < 2 || !planned.reads_only || !matches!(planned.place, Placement::Anywhere)
         {
             return shard;
         }
-        (0..topology.shards.len())
-            .find(|&s| topology.shards[s].writer().is_ok())
-            .unwrap_or(shard)
+        let UnitPlan::Run { target, .. } = planned.plan else {
+            return shard;
+        };
+        let serves = |s: usize| match target {
+            Target::Primary => shards[s].writer().is_ok(),
+            Target::Replica => shards[s].nodes.iter().any(|n| !n.is_down()),
+        };
+        if serves(shard) {
+            return shard;
+        }
+        (0..shards.len()).find(|&s| serves(s)).unwrap_or(shard)
     }
 
     /// A read on several shards while the transaction's BEGIN is still
