@@ -850,6 +850,26 @@ async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
                 .get(0);
             assert_eq!(name, format!("user {key}"));
             c.batch_execute("COMMIT").await.unwrap();
+            // The down shard's keys: a read error naming the outage, not
+            // the user's writes.
+            let key: i64 = down.split(',').next().unwrap().parse().unwrap();
+            let err = c
+                .query_one("SELECT name FROM users WHERE id = $1", &[&key])
+                .await
+                .expect_err("every node of the key's shard is down");
+            let message = err
+                .as_db_error()
+                .map(|d| d.message().to_string())
+                .unwrap_or_default();
+            assert_eq!(
+                shardline_tests::sqlstate(&err).as_deref(),
+                Some("57P03"),
+                "{err:?}"
+            );
+            assert!(
+                message.contains("no replica is up") && !message.contains("read-your-writes"),
+                "{message}"
+            );
         }
     }
 }

@@ -140,6 +140,21 @@ fn unreachable(e: &PgError) -> bool {
     ) || e.code == sqlstate::ADMIN_SHUTDOWN
 }
 
+/// Whether node `i` of `shard` is a replica a read may try: up, not
+/// banned, not tried for this unit.
+fn usable_replica(shard: &crate::health::ShardHealth, i: usize, tried: u64) -> bool {
+    let n = &shard.nodes[i];
+    n.role() == crate::health::Role::Replica
+        && tried & bit(i) == 0
+        && !n.is_down()
+        && !n.is_banned()
+}
+
+/// Whether `shard` has a replica a read may try.
+fn candidates_up(shard: &crate::health::ShardHealth, tried: u64) -> bool {
+    (0..shard.nodes.len()).any(|i| usable_replica(shard, i, tried))
+}
+
 fn bit(node: usize) -> u64 {
     1u64 << node.min(63)
 }
@@ -1007,14 +1022,10 @@ impl Session {
                     shard.reader(&req).into_iter().collect()
                 };
                 let chosen = candidates.first().copied();
-                candidates.extend((0..shard.nodes.len()).filter(|&i| {
-                    let n = &shard.nodes[i];
-                    Some(i) != chosen
-                        && n.role() == crate::health::Role::Replica
-                        && *tried & bit(i) == 0
-                        && !n.is_down()
-                        && !n.is_banned()
-                }));
+                candidates.extend(
+                    (0..shard.nodes.len())
+                        .filter(|&i| Some(i) != chosen && usable_replica(shard, i, *tried)),
+                );
                 if !candidates.is_empty() {
                     why = "no replica has replayed the user's last write yet";
                 }
@@ -1044,13 +1055,19 @@ impl Session {
                 }
             }
             if tokio::time::Instant::now() >= deadline {
-                return Err(PgError::error(
-                    sqlstate::CANNOT_CONNECT_NOW,
+                let message = if candidates_up(shard, *tried) {
                     format!(
                         "shard {}: the primary is unavailable and no replica can serve this read ({why}) after {wait:?}; read-your-writes keeps the user's reads on nodes that have their writes",
                         shard.name
-                    ),
-                ));
+                    )
+                } else {
+                    // Nothing to do with the user's writes: the shard is out.
+                    format!(
+                        "shard {}: the primary is unavailable and no replica is up (waited {wait:?} for one of them)",
+                        shard.name
+                    )
+                };
+                return Err(PgError::error(sqlstate::CANNOT_CONNECT_NOW, message));
             }
             tokio::time::sleep(std::time::Duration::from_millis(20)).await;
         }
