@@ -388,7 +388,7 @@ impl Session {
                 .unwrap_or_default();
             let e = match (&planned.place, self.pinned_refusal(&name)) {
                 // Refused wherever it would run: its own reason.
-                (Placement::Refused(r), _) => self.shared.events.refusals.error(r.clone()),
+                (Placement::Refused(r), _) => self.shared.events.refusals.error((**r).clone()),
                 (_, Some(e)) => e,
                 (_, None) => self.shared.events.refusals.refuse(
                     Construct::SessionPooling,
@@ -423,7 +423,7 @@ impl Session {
             return Ok(Fit::Fanout);
         }
         let e = match planned.place {
-            Placement::Refused(r) => self.shared.events.refusals.error(r),
+            Placement::Refused(r) => self.shared.events.refusals.error(*r),
             Placement::One(_) => {
                 let name = self
                     .shared

@@ -628,7 +628,7 @@ impl Session {
         use shardline_router::shards::Placement;
         if let Placement::Refused(r) = &planned.place {
             self.shared.placements.count(&planned.place);
-            return self.fail_next_message(self.shared.events.refusals.error(r.clone()));
+            return self.fail_next_message(self.shared.events.refusals.error((**r).clone()));
         }
         let Some(shard) = self
             .shard_for(&planned.place)

@@ -105,7 +105,7 @@ pub(super) fn definition_query(definition: &[u8]) -> &[u8] {
 /// unit and fetched in the next or in batches: each shard's connection
 /// would hold a part of it, and a later Execute would read one of them.
 fn cursor_refusal() -> Placement {
-    Placement::Refused(shardline_router::shards::Refusal::unsupported(
+    Placement::refused(shardline_router::shards::Refusal::unsupported(
         shardline_router::shards::Construct::Cursor,
         "a cursor (a named portal) over rows of several shards is not supported unless it is bound and executed to its last row in one unit: fetch the rows whole, or put the sharding key in its WHERE clause",
     ))
@@ -114,7 +114,7 @@ fn cursor_refusal() -> Placement {
 /// The unnamed portal over rows of several shards, executed again after
 /// an Execute with a row limit: the rows past the limit are gone.
 fn refetch_refusal() -> Placement {
-    Placement::Refused(shardline_router::shards::Refusal::unsupported(
+    Placement::refused(shardline_router::shards::Refusal::unsupported(
         shardline_router::shards::Construct::Cursor,
         "executing the unnamed portal again after an Execute with a row limit is not supported over rows of several shards: execute it without a limit, or put the sharding key in its WHERE clause",
     ))
@@ -672,7 +672,7 @@ impl Session {
                 place = if complete {
                     Placement::Pipeline(mask)
                 } else {
-                    Placement::Refused(shardline_router::shards::Refusal::unsupported(
+                    Placement::refused(shardline_router::shards::Refusal::unsupported(
                         shardline_router::shards::Construct::Batch,
                         "a pipeline whose executions need different shards runs once its Sync arrives: send the Sync before asking for results (Flush), within 1 MiB of messages",
                     ))

@@ -23,12 +23,19 @@ pub enum Placement {
     /// A pipeline (several executions before one Sync) whose executions
     /// each run on one shard, not all the same: each runs on its own.
     Pipeline(ShardMask),
-    Refused(Refusal),
+    Refused(Box<Refusal>),
 }
 
 /// The shards of a pipeline whose executions (`parts`, one placement per
 /// Bind) each need one shard, but not all the same one; `None` when they
 /// share a shard, or when one needs several shards or is refused.
+impl Placement {
+    /// A refusal (boxed: the placements a unit carries stay small).
+    pub fn refused(r: Refusal) -> Placement {
+        Placement::Refused(Box::new(r))
+    }
+}
+
 pub fn pipeline_shards(parts: &[Placement]) -> Option<ShardMask> {
     let mut mask: ShardMask = 0;
     for p in parts {
@@ -120,6 +127,25 @@ fn resolve_in(
     input: &KeyInput,
     seen: Option<std::cell::RefCell<&mut Vec<KeySeen>>>,
 ) -> Placement {
+    if let Some(placed) = by_one_key(t, sh, input, seen.as_ref()) {
+        debug_assert_eq!(
+            placed,
+            resolve_general(t, sh, input, None),
+            "the one-key shortcut places as the general path"
+        );
+        return placed;
+    }
+    resolve_general(t, sh, input, seen)
+}
+
+/// Every statement's placement: hints, the session's shard or key, the
+/// key expression, pinned parts, key changes, and the refusals.
+fn resolve_general(
+    t: &Template,
+    sh: &Sharding,
+    input: &KeyInput,
+    seen: Option<std::cell::RefCell<&mut Vec<KeySeen>>>,
+) -> Placement {
     let hint = t.hint.as_ref();
     let shard_hint = hint
         .and_then(|h| h.shard.as_deref())
@@ -127,7 +153,7 @@ fn resolve_in(
     if let Some(name) = shard_hint {
         return match sh.shard_index(name) {
             Some(i) => Placement::One(i),
-            None => Placement::Refused(Refusal::invalid(
+            None => Placement::refused(Refusal::invalid(
                 "22023",
                 format!(
                     "no shard is named \"{name}\" (shards: {})",
@@ -152,8 +178,8 @@ fn resolve_in(
                     }
                     Placement::One(s)
                 }
-                Some((_, Err(e))) => Placement::Refused(Refusal::invalid("22023", e)),
-                None => Placement::Refused(Refusal::invalid(
+                Some((_, Err(e))) => Placement::refused(Refusal::invalid("22023", e)),
+                None => Placement::refused(Refusal::invalid(
                     "22P02",
                     format!(
                         "sharding key hint \"{k}\" is not a valid {:?} key",
@@ -164,7 +190,7 @@ fn resolve_in(
         }
     }
     if let Some(r) = &t.refusal {
-        return Placement::Refused(r.clone());
+        return Placement::refused(r.clone());
     }
     let placement = match &t.scope {
         Scope::Anywhere => Placement::Anywhere,
@@ -185,11 +211,11 @@ fn resolve_in(
             };
             let mask = match key_mask(key, g, sh, &values) {
                 Ok(m) => m,
-                Err(e) => return Placement::Refused(Refusal::invalid("22023", e)),
+                Err(e) => return Placement::refused(Refusal::invalid("22023", e)),
             };
             let mask = match pinned_mask(t, mask, sh, &values) {
                 Ok(m) => m,
-                Err(r) => return Placement::Refused(r),
+                Err(r) => return Placement::refused(r),
             };
             if let Some(change) = key_change {
                 let refusal = match key_value(change, g, &values) {
@@ -205,7 +231,7 @@ fn resolve_in(
                     ),
                 };
                 if let Some(message) = refusal {
-                    return Placement::Refused(Refusal::unsupported(Construct::KeyChange, message));
+                    return Placement::refused(Refusal::unsupported(Construct::KeyChange, message));
                 }
             }
             if t.copy_in.is_some() {
@@ -221,9 +247,9 @@ fn resolve_in(
     };
     match placement {
         Placement::Many(_) | Placement::Split(_) if t.spread_refusal.is_some() => {
-            Placement::Refused(t.spread_refusal.clone().unwrap_or_else(|| Refusal::unsupported(Construct::OuterJoin, "")))
+            Placement::refused(t.spread_refusal.clone().unwrap_or_else(|| Refusal::unsupported(Construct::OuterJoin, "")))
         }
-        Placement::Many(_) | Placement::Split(_) if t.cursor => Placement::Refused(Refusal::unsupported(
+        Placement::Many(_) | Placement::Split(_) if t.cursor => Placement::refused(Refusal::unsupported(
             Construct::Cursor,
             "a cursor over rows of several shards is not supported: declare it with the sharding key in its WHERE clause (or a /* shardline: shard=NAME */ comment)",
         )),
@@ -234,13 +260,54 @@ fn resolve_in(
             if !sh.broadcast_writes
                 && matches!(t.scope, Scope::Sharded { .. }) =>
         {
-            Placement::Refused(Refusal::unsupported(
+            Placement::refused(Refusal::unsupported(
                 Construct::BroadcastWrite,
                 "UPDATE or DELETE without the sharding key would run on every shard, and sharding.broadcast_writes is off",
             ))
         }
         other => other,
     }
+}
+
+/// The usual statement, placed by one key and nothing else (`WHERE id =
+/// 42`, `WHERE id = $1`, a one-row INSERT): the shard that owns the key,
+/// as the general path below finds it, without its steps. `None` for
+/// anything else, and for a key the general path refuses or spreads (it
+/// then decides).
+fn by_one_key(
+    t: &Template,
+    sh: &Sharding,
+    input: &KeyInput,
+    seen: Option<&std::cell::RefCell<&mut Vec<KeySeen>>>,
+) -> Option<Placement> {
+    let Scope::Sharded {
+        group,
+        key: KeyExpr::Keys(srcs),
+        key_change: None,
+        ..
+    } = &t.scope
+    else {
+        return None;
+    };
+    let [src] = srcs.as_slice() else {
+        return None;
+    };
+    if t.hint.is_some()
+        || input.session_shard.is_some()
+        || input.session_key.is_some()
+        || t.refusal.is_some()
+        || t.copy_in.is_some()
+        || !t.pinned.is_empty()
+    {
+        return None;
+    }
+    let g = &sh.groups[*group];
+    let key = key_value(src, g, &Values::new(input)).ok()?;
+    let shard = g.shard_of(key.as_ref()).ok()?;
+    if let (Some(seen), Some(key)) = (seen, &key) {
+        note(&mut seen.borrow_mut(), g, key, shard);
+    }
+    Some(Placement::One(shard))
 }
 
 /// The one shard a statement with pinned subqueries, CTEs or branches
@@ -581,11 +648,11 @@ pub fn combine(a: Placement, b: Placement) -> Placement {
         (One(a), One(b)) if a == b => One(a),
         (Many(a), Many(b)) if a == b => Many(a),
         (Spread, Many(m)) | (Many(m), Spread) => Many(m),
-        (Merge(_), _) | (_, Merge(_)) => Refused(Refusal::unsupported(
+        (Merge(_), _) | (_, Merge(_)) => Placement::refused(Refusal::unsupported(
             Construct::Batch,
             "a statement whose rows are merged across shards (ORDER BY, LIMIT, aggregates, DISTINCT) must be sent alone, not with other statements in one query string or pipeline",
         )),
-        _ => Refused(Refusal::unsupported(
+        _ => Placement::refused(Refusal::unsupported(
             Construct::Batch,
             "statements sent together (in one query string, or in one pipeline up to Sync) reach different shards; send them separately",
         )),
