@@ -228,12 +228,17 @@ impl Group {
 /// drivers' text parameters almost always are) are read in one pass, and
 /// anything else goes the general way.
 fn int8_from_text(text: &str) -> Option<i64> {
-    let b = text.as_bytes();
-    let plain = match b {
+    plain_int(text.as_bytes()).or_else(|| text.trim().parse().ok())
+}
+
+/// An integer written plainly (`42`, `-42`: up to 18 digits, no sign but
+/// `-`, no spaces), read from its bytes; `None` for any other text, which
+/// the general parse then reads.
+pub(crate) fn plain_int(b: &[u8]) -> Option<i64> {
+    match b {
         [b'-', digits @ ..] => plain_digits(digits).map(|v| -v),
         _ => plain_digits(b),
-    };
-    plain.or_else(|| text.trim().parse().ok())
+    }
 }
 
 /// `digits` as a number when they are 1 to 18 ASCII digits (which cannot

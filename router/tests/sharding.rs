@@ -217,6 +217,37 @@ fn integer_key_constants_in_every_written_form() {
 
 /// The keys a placement was decided by are noted with their group and
 /// owner (the hot-key report counts them); NULL keys, reads without a key
+/// An integer key in a text parameter is read from its bytes when it is
+/// written plainly, and by the general parse otherwise: both give the
+/// key the binary parameter gives.
+#[test]
+fn integer_keys_in_text_parameters_read_as_binary_ones() {
+    let mut t = T::new();
+    let sql = "SELECT * FROM users WHERE id = $1";
+    for (text, key) in [
+        ("42", 42i64),
+        ("-42", -42),
+        ("0042", 42),
+        (" 42", 42),
+        ("42 ", 42),
+        ("+42", 42),
+        ("123456789012345678", 123456789012345678),
+        ("1234567890123456789", 1234567890123456789),
+        ("1000000", 1000000),
+    ] {
+        let binary = key.to_be_bytes();
+        let by_text = t.with_params(sql, &[(0, Some(text.as_bytes()))]);
+        let noted = t.seen();
+        let by_binary = t.with_params(sql, &[(1, Some(&binary[..]))]);
+        assert_eq!(by_text, by_binary, "{text:?}");
+        assert_eq!(noted, t.seen(), "{text:?}");
+        assert_eq!(noted[0].1, KeyValue::Int(key), "{text:?}");
+    }
+    // Not an integer: on every shard, as a server would fail it there.
+    let all = t.with_params(sql, &[(0, Some(b"4x2"))]);
+    assert!(matches!(all, Placement::Many(_)), "{all:?}");
+}
+
 /// and reference tables note none.
 #[test]
 fn the_keys_a_statement_is_placed_by_are_noted() {

@@ -598,11 +598,17 @@ impl Session {
                             if sharded {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
                                 let (query, types) = frontend::definition_parts(definition);
-                                let here = self
-                                    .place_noting(routed, &route, (query, &types, None), &params)
-                                    .into_iter()
-                                    .reduce(combine)
-                                    .unwrap_or(Placement::Anywhere);
+                                let mut each = self.place_noting(
+                                    routed,
+                                    &route,
+                                    (query, &types, None),
+                                    &params,
+                                );
+                                // (One statement, the usual case: its own.)
+                                let here = match each.len() {
+                                    0 | 1 => each.pop().unwrap_or(Placement::Anywhere),
+                                    _ => each.into_iter().fold(Placement::Anywhere, combine),
+                                };
                                 let several = matches!(
                                     here,
                                     Placement::Many(_)

@@ -408,7 +408,11 @@ pub(super) fn param_key(
         (ParamType::Column, true) => g.key_from_binary(v),
         (ParamType::Other, _) => None,
         (ParamType::Float, false) => integral(std::str::from_utf8(v).ok()?.trim().parse().ok()?),
-        (_, false) => g.key_from_text(std::str::from_utf8(v).ok()?),
+        (_, false) => match crate::sharding::plain_int(v) {
+            // The usual integer key, read from its bytes.
+            Some(n) if g.key_type == shardline_config::KeyType::Bigint => Some(KeyValue::Int(n)),
+            _ => g.key_from_text(std::str::from_utf8(v).ok()?),
+        },
         (ParamType::Int, true) => {
             let n = match v.len() {
                 2 => i16::from_be_bytes(v.try_into().ok()?) as i64,
