@@ -552,16 +552,14 @@ impl Session {
         let mut unnamed = Portal::OneShard;
         let mut refetched = false;
         let mut prepared_to_flush = false;
+        // A Query, Bind, Execute or FunctionCall runs something (set in
+        // their arms): a Bind starts running its statement, so in a
+        // transaction it takes the deferred BEGIN, and it is placed by its
+        // parameters (a cursor's portal is bound in a unit of its own).
         for (tag, body) in self.unit_messages() {
-            // A Bind starts running its statement: in a transaction it
-            // takes the deferred BEGIN, and it is placed by its parameters
-            // (a cursor's portal is bound in a unit of its own).
-            executes |= matches!(
-                tag,
-                frontend::QUERY | frontend::BIND | frontend::EXECUTE | frontend::FUNCTION_CALL
-            );
             match tag {
                 frontend::QUERY => {
+                    executes = true;
                     let text = frontend::query(body).unwrap_or_default();
                     let (route, kept) = self.route_into(routed, text);
                     if matches!(route.class, Class::Begin { .. }) {
@@ -592,6 +590,7 @@ impl Session {
                     }
                 }
                 frontend::BIND => {
+                    executes = true;
                     if let Ok(b) = frontend::bind(body) {
                         // An unknown statement fails on any node.
                         if let Some((route, definition)) = statements.bound(self, b.statement) {
@@ -633,6 +632,7 @@ impl Session {
                     }
                 }
                 frontend::EXECUTE if !spread_portals.is_empty() || unnamed != Portal::OneShard => {
+                    executes = true;
                     if let Ok((portal, max_rows)) = frontend::execute(body) {
                         if portal.is_empty() {
                             // The shards' rows past a row limit are dropped
@@ -652,7 +652,9 @@ impl Session {
                         }
                     }
                 }
+                frontend::EXECUTE => executes = true,
                 frontend::FUNCTION_CALL => {
+                    executes = true;
                     routes.push(FUNCTION_CALL);
                     complete = true;
                     break;
