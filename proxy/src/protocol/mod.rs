@@ -108,6 +108,19 @@ pub fn ends_unit(tag: u8) -> bool {
     )
 }
 
+/// A statement's bytes as text (`None`: not UTF-8). Statements are nearly
+/// always ASCII, which a word-at-a-time check confirms in a fraction of a
+/// full UTF-8 validation's instructions; anything else is validated.
+#[inline]
+pub fn text(b: &[u8]) -> Option<&str> {
+    if b.is_ascii() {
+        // SAFETY: ASCII bytes are UTF-8.
+        Some(unsafe { std::str::from_utf8_unchecked(b) })
+    } else {
+        std::str::from_utf8(b).ok()
+    }
+}
+
 /// Splits one complete frame off the front of `buf`, or returns `None` (and
 /// reserves room for the rest of a partly received frame).
 pub fn next_frame(buf: &mut BytesMut, max: usize) -> Result<Option<Frame>, FrameError> {
@@ -195,6 +208,24 @@ pub(crate) fn test_message(tag: u8, body: &[u8]) -> Vec<u8> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn statement_text_is_ascii_or_checked_utf8() {
+        assert_eq!(text(b"SELECT 1"), Some("SELECT 1"));
+        assert_eq!(text(b""), Some(""));
+        let utf8 = "SELECT 'h\u{e9}llo \u{1f600}'";
+        assert_eq!(text(utf8.as_bytes()), Some(utf8));
+        // Cut inside a character, a lone continuation byte, an overlong NUL.
+        assert_eq!(text(&utf8.as_bytes()[..utf8.len() - 2]), None);
+        assert_eq!(text(b"SELECT \x80"), None);
+        assert_eq!(text(b"SELECT \xc0\x80"), None);
+        // Long enough for the word-at-a-time check, non-ASCII at each end.
+        let long = format!("\u{e9}{}\u{e9}", "x".repeat(100));
+        assert_eq!(text(long.as_bytes()), Some(long.as_str()));
+        let mut bad = long.clone().into_bytes();
+        bad[101] = 0xff;
+        assert_eq!(text(&bad), None);
+    }
 
     #[test]
     fn a_run_takes_whole_messages_of_its_tags_within_the_limit() {

@@ -727,7 +727,7 @@ impl Session {
         // none).
         // The text as a string, checked once for all the steps that read it.
         let mut checked: Option<Option<&str>> = None;
-        let mut utf8 = || *checked.get_or_insert_with(|| std::str::from_utf8(text).ok());
+        let mut utf8 = || *checked.get_or_insert_with(|| crate::protocol::text(text));
         let route = (self.shared.caching || self.may_keep_session_state())
             .then(|| self.query_facts(text, &mut utf8));
         let effects = if route.as_ref().is_none_or(|r| r.effects) {
@@ -1078,7 +1078,7 @@ fn proxy_setting(text: &[u8]) -> Option<ProxySetting> {
     if !may_be_proxy_setting(text) {
         return None;
     }
-    let text = std::str::from_utf8(text).ok()?;
+    let text = crate::protocol::text(text)?;
     let statements = shardline_router::lexer::split_statements(text);
     if statements.len() == 1 {
         return session_setting(text).map(ProxySetting::Alone);

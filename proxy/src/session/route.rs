@@ -90,9 +90,7 @@ pub(super) fn parse_effect(
     if !route.effects {
         return None;
     }
-    std::str::from_utf8(query)
-        .ok()
-        .and_then(shardline_router::effect::statement_effect)
+    crate::protocol::text(query).and_then(shardline_router::effect::statement_effect)
 }
 
 /// The query text of a Parse definition (`query\0` then parameter types).
@@ -167,7 +165,7 @@ const ROUTE_TIMING_SAMPLE: u32 = 64;
 /// Routes one statement text's bytes as `route_timed` does (a text that
 /// is not UTF-8 routes as a function call: to the primary, unparsed).
 fn route_bytes(shared: &crate::Shared, sql: &[u8]) -> Route {
-    route_utf8(shared, std::str::from_utf8(sql).ok())
+    route_utf8(shared, crate::protocol::text(sql))
 }
 
 /// Routes a statement text checked for UTF-8 (`None`: it is not, and
@@ -217,7 +215,7 @@ impl Session {
         self.analysis
             .route_kept(sql)
             .cloned()
-            .unwrap_or_else(|| route_utf8(&self.shared, std::str::from_utf8(sql).ok()))
+            .unwrap_or_else(|| route_utf8(&self.shared, crate::protocol::text(sql)))
     }
 
     /// What a simple query's own steps read of its text's route
@@ -258,13 +256,13 @@ impl Session {
             Some((text, route, None)) => (route.clone(), Some(text), false),
             // Never kept (longer than the buffer).
             None if sql.len() >= LARGE_STATEMENT => (self.route_text(sql), None, false),
-            None => match std::str::from_utf8(sql) {
-                Ok(text) => (
+            None => match crate::protocol::text(sql) {
+                Some(text) => (
                     route_timed(&self.shared, text, Some(&mut scratch)),
                     Some(text),
                     true,
                 ),
-                Err(_) => (FUNCTION_CALL, None, false),
+                None => (FUNCTION_CALL, None, false),
             },
         };
         let kept = text.and_then(|text| routed.push(text, &route, known.then_some(&scratch[..])));
@@ -567,9 +565,7 @@ impl Session {
                         simple_single = shardline_router::lexer::split_statements(&s).len() == 1;
                     }
                     if self.txn.has_begin() {
-                        lone_end = std::str::from_utf8(text)
-                            .ok()
-                            .and_then(lone_transaction_end);
+                        lone_end = crate::protocol::text(text).and_then(lone_transaction_end);
                     }
                     if sharded {
                         let each = self.place_noting(routed, &route, (text, &[], kept), &[]);
