@@ -26,9 +26,6 @@ pub enum Placement {
     Refused(Box<Refusal>),
 }
 
-/// The shards of a pipeline whose executions (`parts`, one placement per
-/// Bind) each need one shard, but not all the same one; `None` when they
-/// share a shard, or when one needs several shards or is refused.
 impl Placement {
     /// A refusal (boxed: the placements a unit carries stay small).
     pub fn refused(r: Refusal) -> Placement {
@@ -36,6 +33,9 @@ impl Placement {
     }
 }
 
+/// The shards of a pipeline whose executions (`parts`, one placement per
+/// Bind) each need one shard, but not all the same one; `None` when they
+/// share a shard, or when one needs several shards or is refused.
 pub fn pipeline_shards(parts: &[Placement]) -> Option<ShardMask> {
     let mut mask: ShardMask = 0;
     for p in parts {
