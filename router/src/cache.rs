@@ -164,7 +164,9 @@ impl Router {
 pub struct SharedRouter {
     uncached: Uncached,
     segments: Box<[std::sync::Mutex<Segment>]>,
-    hits: AtomicU64,
+    /// (A session's [`ShapeMemo`](crate::memo::ShapeMemo) counts its hits
+    /// here too.)
+    pub(crate) hits: AtomicU64,
     misses: AtomicU64,
     fallbacks: AtomicU64,
 }

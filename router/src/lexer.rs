@@ -191,20 +191,7 @@ pub fn scan_tokens(sql: &str, mut f: impl FnMut(Spot)) {
                 j if j > i + 1 => (j, true),
                 _ => (i + 1, false),
             },
-            b'0'..=b'9' if i == 0 || !word(b[i - 1]) => {
-                // A number: digits, '.', exponent (with sign), hex/underscores.
-                let mut j = i + 1;
-                // (Digits first: most of a number, and one comparison.)
-                while j < b.len()
-                    && (b[j].is_ascii_digit()
-                        || word(b[j])
-                        || b[j] == b'.'
-                        || ((b[j] == b'+' || b[j] == b'-') && matches!(b[j - 1], b'e' | b'E')))
-                {
-                    j += 1;
-                }
-                (j, true)
-            }
+            b'0'..=b'9' if i == 0 || !word(b[i - 1]) => (number_end(b, i), true),
             b'"' | b'-' | b'/' => {
                 let end = skip_token(b, i);
                 if c == b'/' && end > i + 1 {
@@ -219,6 +206,24 @@ pub fn scan_tokens(sql: &str, mut f: impl FnMut(Spot)) {
         }
         i = end;
     }
+}
+
+/// Where the number starting at `i` (a digit not preceded by a word byte)
+/// ends: digits, '.', an exponent with its sign, hex digits, underscores.
+#[inline]
+pub fn number_end(b: &[u8], i: usize) -> usize {
+    let word = |x: u8| x.is_ascii_alphanumeric() || x == b'_' || x == b'$' || x >= 0x80;
+    let mut j = i + 1;
+    // (Digits first: most of a number, and one comparison.)
+    while j < b.len()
+        && (b[j].is_ascii_digit()
+            || word(b[j])
+            || b[j] == b'.'
+            || ((b[j] == b'+' || b[j] == b'-') && matches!(b[j - 1], b'e' | b'E')))
+    {
+        j += 1;
+    }
+    j
 }
 
 /// A token: a word, a quoted identifier/string, or one punctuation byte.

@@ -17,6 +17,7 @@ pub mod gather;
 pub mod hash;
 pub mod hint;
 pub mod lexer;
+pub mod memo;
 pub mod merge;
 pub mod numeric;
 pub mod plan;

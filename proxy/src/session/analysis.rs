@@ -179,6 +179,11 @@ pub(super) struct UnitAnalysis {
     /// Routes of the very large statement texts of the client's next unit,
     /// made on the blocking pool (`Session::route_large_ahead`).
     pub(super) large: Vec<(bytes::Bytes, Route)>,
+    /// The statement texts this session routed last (`ShapeMemo`): a text
+    /// that differs from one only in its constants takes its route
+    /// without being shaped or looked up. Lent to `plan_unit_now` while it
+    /// plans.
+    pub(super) memo: shardline_router::memo::ShapeMemo,
 }
 
 impl UnitAnalysis {
@@ -219,6 +224,7 @@ impl UnitAnalysis {
         self.routes.clear();
         self.spare = None;
         self.large.clear();
+        self.memo.forget();
     }
 
     /// The route kept for `sql`: routed with the unit's plan, or ahead of

@@ -11,6 +11,7 @@ use crate::health::{now_ms, ReadRequest};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::frontend;
 use shardline_config::{PoolMode, ReadYourWrites};
+use shardline_router::memo::ShapeMemo;
 use shardline_router::shards::{combine, resolve, resolve_noting, KeyInput, Placement, SqlText};
 use shardline_router::{
     classify::{Class, Source},
@@ -177,30 +178,34 @@ fn route_utf8(shared: &crate::Shared, text: Option<&str>) -> Route {
     }
 }
 
-/// Routes one statement text through the shared cache; one in
+/// The session's memory of the texts it routed (`ShapeMemo`), and where
+/// the constants of the text routed are noted.
+type Noting<'a> = (
+    &'a mut shardline_router::memo::ShapeMemo,
+    &'a mut Vec<(usize, usize)>,
+);
+
+/// Routes one statement text through the shared cache (with `noting`,
+/// through the session's memory of its texts first); one in
 /// `ROUTE_TIMING_SAMPLE` is timed into `route_nanos`/`routes_timed`. No
 /// lock is held while the text is shaped or parsed (`SharedRouter::route`).
 /// With `constants`, the shape notes where the text's constants are.
-fn route_timed(
-    shared: &crate::Shared,
-    text: &str,
-    constants: Option<&mut Vec<(usize, usize)>>,
-) -> Route {
+fn route_timed(shared: &crate::Shared, text: &str, noting: Option<Noting<'_>>) -> Route {
     thread_local!(static ROUTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) });
     let n = ROUTED.with(|c| {
         let n = c.get().wrapping_add(1);
         c.set(n);
         n
     });
-    let route = |constants: Option<&mut Vec<(usize, usize)>>| match constants {
-        Some(c) => shared.router.route_noting(text, c),
+    let route = |noting: Option<Noting<'_>>| match noting {
+        Some((memo, c)) => memo.route_noting(&shared.router, text, c),
         None => shared.router.route(text),
     };
     if !n.is_multiple_of(ROUTE_TIMING_SAMPLE) {
-        return route(constants);
+        return route(noting);
     }
     let started = std::time::Instant::now();
-    let route = route(constants);
+    let route = route(noting);
     let nanos = started.elapsed().as_nanos() as u64;
     shared.route_nanos.fetch_add(nanos, Relaxed);
     shared.routes_timed.fetch_add(1, Relaxed);
@@ -245,7 +250,12 @@ impl Session {
     /// Routes `sql` as `route_text` does and records it, with where its
     /// constants are when known, in `routed` (the unit's routes being
     /// planned): the route, and where `routed` keeps it (`None`: not kept).
-    fn route_into(&self, routed: &mut UnitRoutes, sql: &[u8]) -> (Route, Option<usize>) {
+    fn route_into(
+        &self,
+        routed: &mut UnitRoutes,
+        memo: &mut ShapeMemo,
+        sql: &[u8],
+    ) -> (Route, Option<usize>) {
         let mut scratch = std::mem::take(&mut routed.scratch);
         let (route, text, known) = match self.analysis.routes.entry(sql) {
             Some((text, route, Some(c))) => {
@@ -258,7 +268,7 @@ impl Session {
             None if sql.len() >= LARGE_STATEMENT => (self.route_text(sql), None, false),
             None => match crate::protocol::text(sql) {
                 Some(text) => (
-                    route_timed(&self.shared, text, Some(&mut scratch)),
+                    route_timed(&self.shared, text, Some((memo, &mut scratch))),
                     Some(text),
                     true,
                 ),
@@ -488,14 +498,16 @@ impl Session {
         // meanwhile: a unit is planned again after each event), then kept
         // for the unit's later steps; the two buffers swap.
         let mut routed = self.analysis.start();
+        let mut memo = std::mem::take(&mut self.analysis.memo);
         let planned = if self.shared.caching {
             let mut written = std::mem::take(&mut self.cache_writes);
-            let planned = self.plan_unit_now(&mut routed, Some(&mut written));
+            let planned = self.plan_unit_now(&mut routed, &mut memo, Some(&mut written));
             self.cache_writes = written;
             planned
         } else {
-            self.plan_unit_now(&mut routed, None)
+            self.plan_unit_now(&mut routed, &mut memo, None)
         };
+        self.analysis.memo = memo;
         self.analysis
             .keep(&self.client_in, begin, routed, planned.clone());
         planned
@@ -508,6 +520,7 @@ impl Session {
     fn plan_unit_now(
         &self,
         routed: &mut UnitRoutes,
+        memo: &mut ShapeMemo,
         written: Option<&mut super::cached::Written>,
     ) -> Planned {
         let sharded = self.shared.sharding.is_some();
@@ -559,7 +572,7 @@ impl Session {
                 frontend::QUERY => {
                     executes = true;
                     let text = frontend::query(body).unwrap_or_default();
-                    let (route, kept) = self.route_into(routed, text);
+                    let (route, kept) = self.route_into(routed, memo, text);
                     if matches!(route.class, Class::Begin { .. }) {
                         let s = String::from_utf8_lossy(text);
                         simple_single = shardline_router::lexer::split_statements(&s).len() == 1;
@@ -580,7 +593,7 @@ impl Session {
                 }
                 frontend::PARSE => {
                     if let Ok(p) = frontend::parse(body) {
-                        let (route, _) = self.route_into(routed, p.query);
+                        let (route, _) = self.route_into(routed, memo, p.query);
                         statements.parse(&p, route.clone());
                         routes.push(route);
                     }
