@@ -98,7 +98,10 @@ impl ShapeMemo {
     }
 
     fn remember(&mut self, sql: &str, constants: &[Span], route: &Route) {
-        if sql.len() > MAX_TEXT {
+        // A block comment is compared byte for byte, where the shape
+        // blanks it: a tracing tag (sqlcommenter's traceparent) differs on
+        // every statement, and each would evict a text that repeats.
+        if sql.len() > MAX_TEXT || sql.contains("/*") {
             return;
         }
         // A byte of the text between any two constants (the lexer reads
@@ -300,11 +303,24 @@ mod tests {
     }
 
     #[test]
+    fn texts_with_block_comments_are_not_remembered() {
+        let mut c = Check::new();
+        assert!(!c.routed("SELECT v FROM t WHERE k = 1"));
+        for i in 0..3 {
+            let tagged = format!("/*traceparent='00-{i}-01'*/ SELECT v FROM t WHERE k = {i}");
+            assert!(!c.routed(&tagged));
+        }
+        // The text that repeats is still there.
+        assert_eq!(c.memo.entries.len(), 1);
+        assert!(c.routed("SELECT v FROM t WHERE k = 2"));
+    }
+
+    #[test]
     fn a_loop_of_statements_finds_each_first_and_the_oldest_is_replaced() {
         let mut c = Check::new();
         let loop_of = |i: usize| {
             [
-                format!("BEGIN /* {i} */"),
+                "BEGIN".to_string(),
                 format!("UPDATE a SET v = v + {i} WHERE k = {i}"),
                 format!("SELECT v FROM a WHERE k = {i}"),
                 format!("INSERT INTO h VALUES ({i}, {i}, 'n{i}')"),
@@ -315,8 +331,7 @@ mod tests {
         for text in &first {
             c.routed(text);
         }
-        // (The BEGIN's comment differs each time: routed again.)
-        for (k, text) in loop_of(2).iter().enumerate().skip(1) {
+        for (k, text) in loop_of(2).iter().enumerate() {
             assert!(c.routed(text), "{text}");
             // The loop's next statement is the first one tried.
             let next = &c.memo.entries[c.memo.next].text;

@@ -180,16 +180,13 @@ fn route_utf8(shared: &crate::Shared, text: Option<&str>) -> Route {
 
 /// The session's memory of the texts it routed (`ShapeMemo`), and where
 /// the constants of the text routed are noted.
-type Noting<'a> = (
-    &'a mut shardline_router::memo::ShapeMemo,
-    &'a mut Vec<(usize, usize)>,
-);
+type Noting<'a> = (&'a mut ShapeMemo, &'a mut Vec<(usize, usize)>);
 
 /// Routes one statement text through the shared cache (with `noting`,
 /// through the session's memory of its texts first); one in
 /// `ROUTE_TIMING_SAMPLE` is timed into `route_nanos`/`routes_timed`. No
 /// lock is held while the text is shaped or parsed (`SharedRouter::route`).
-/// With `constants`, the shape notes where the text's constants are.
+/// With `noting`, where the text's constants are is noted.
 fn route_timed(shared: &crate::Shared, text: &str, noting: Option<Noting<'_>>) -> Route {
     thread_local!(static ROUTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) });
     let n = ROUTED.with(|c| {
