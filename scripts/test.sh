@@ -3,11 +3,13 @@
 # (scripts/setup-debian.sh --with-docker: Postgres, the drivers, a Docker
 # engine):
 #
-#   1. the process tier: `cargo test --workspace` (unit tests, and the
+#   1. the process tier: `cargo test --workspace --features
+#      shardline-tests/containers` (unit tests, and the
 #      integration tests against local Postgres processes);
-#   2. the container tier: `cargo test -p shardline-tests --features
-#      containers --test containers` (the project's images, built here, the
-#      compose cluster, faults only containers can make).
+#   2. the container tier: the same with `--test containers -- --ignored`
+#      (the project's images, built here, the compose cluster, faults only
+#      containers can make). Its tests are built by step 1, with the same
+#      features (one build for both tiers), and listed there as ignored.
 #
 # SHARDLINE_CONTAINERS=0 skips the container tier (e.g. where no Docker
 # engine can run); it is reported as skipped, never as passed.
@@ -27,8 +29,11 @@ echo "== $(cargo --version); postgres binaries: $(ls -d /usr/lib/postgresql/*/bi
 if [ -n "${CI:-}" ]; then
   export CARGO_INCREMENTAL=0
 fi
+# Both tiers build with the container tier's feature, so they share one
+# build (it changes tokio's features, and so every crate's build).
+features=(--features shardline-tests/containers)
 start=$SECONDS
-cargo test --workspace
+cargo test --workspace "${features[@]}"
 echo "== process tier passed in $((SECONDS - start)) s; the build uses $(du -sh target 2>/dev/null | cut -f1) of disk"
 
 if [ "$containers" = 0 ]; then
@@ -36,5 +41,5 @@ if [ "$containers" = 0 ]; then
   exit 0
 fi
 start=$SECONDS
-cargo test -p shardline-tests --features containers --test containers -- --nocapture
+cargo test --workspace "${features[@]}" --test containers -- --ignored --nocapture
 echo "== container tier passed in $((SECONDS - start)) s"

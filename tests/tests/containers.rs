@@ -3,10 +3,13 @@
 //! make: a node cut off from the network while it keeps running, a frozen
 //! node, a stopped container, `docker stop` of the proxy under load.
 //!
-//! Run with `cargo test -p shardline-tests --features containers --test
-//! containers` (`scripts/test.sh` does, after the process tier); needs a
-//! Docker engine. The images are built from this checkout on first use
-//! (`docker/build.sh --binary` with the tests' debug binary).
+//! Run with `cargo test --workspace --features shardline-tests/containers
+//! --test containers -- --ignored` (`scripts/test.sh` does, after the
+//! process tier); needs a Docker engine. The tests are `#[ignore]`d so that
+//! the process tier, built with the same features, builds them in the same
+//! build and lists them as ignored rather than running them. The images
+//! are built from this checkout on first use (`docker/build.sh --binary`
+//! with the tests' debug binary).
 
 use shardline_config::Config;
 use shardline_router::hash::KeyValue;
@@ -104,6 +107,7 @@ async fn reads_move(c: &Client, key: i64, on_replica: bool, limit: Duration) -> 
 /// a user does first: psql, a cross-shard merge, a transaction on both
 /// shards (two-phase commit), pgbench, and the driver matrix.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "container tier: needs a Docker engine; scripts/test.sh runs it with --ignored"]
 async fn compose_cluster_end_to_end() {
     let started = Instant::now();
     let env = ComposeCluster::start().await.expect("docker compose up");
@@ -243,6 +247,7 @@ async fn reading_a_replica(shard: usize) -> (Env, Client, i64, usize) {
 /// primary within the health timeout (a read waiting on it is cut and run
 /// again), and come back once it is reconnected.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "container tier: needs a Docker engine; scripts/test.sh runs it with --ignored"]
 async fn a_replica_cut_off_from_the_network() {
     let (env, reader, key, replica) = reading_a_replica(0).await;
     cluster(&env).disconnect(replica).unwrap();
@@ -255,6 +260,7 @@ async fn a_replica_cut_off_from_the_network() {
 /// A frozen replica (`docker pause`: its sockets open, nothing answering):
 /// reads move away within the timeouts, and come back when it thaws.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "container tier: needs a Docker engine; scripts/test.sh runs it with --ignored"]
 async fn a_frozen_replica() {
     let (env, reader, key, replica) = reading_a_replica(1).await;
     cluster(&env).pause(replica).unwrap();
@@ -277,6 +283,7 @@ async fn a_frozen_replica() {
 /// (no hang), the other shard keeps working, and with `auto_promote` the
 /// replica is promoted and takes the writes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "container tier: needs a Docker engine; scripts/test.sh runs it with --ignored"]
 async fn failover_with_the_primary_container_stopped() {
     let (env, sh) = topology(&format!(
         "{FAST_HEALTH}auto_promote = true\nauto_promote_after = \"2s\"\n[load_balancing]\nread_your_writes = \"off\"\n"
@@ -344,6 +351,7 @@ async fn failover_with_the_primary_container_stopped() {
 /// 0; every transaction a client saw commit is on both shards, and none is
 /// half there.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+#[ignore = "container tier: needs a Docker engine; scripts/test.sh runs it with --ignored"]
 async fn docker_stop_of_shardline_under_load() {
     let (env, _) = topology("").await;
     let mut clients = Vec::new();
