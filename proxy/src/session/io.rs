@@ -66,7 +66,18 @@ impl Session {
             }
         }
         if self.server_out.len() < super::BACKPRESSURE && self.reads_client() {
-            match poll_read_into(&mut self.login.stream, &mut self.client_in, cx) {
+            let (stream, buf) = (&mut self.login.stream, &mut self.client_in);
+            let read = if stream.is_tls() {
+                // rustls may read or write the socket on other paths of
+                // the stream: its reads are always polled.
+                poll_read_into(stream, buf, cx)
+            } else {
+                // Woken by the server, say: a client read already waiting
+                // for data is not polled again.
+                self.client_read
+                    .poll(cx, |cx| poll_read_into(stream, buf, cx))
+            };
+            match read {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
                     return Poll::Ready(Event::ClientClosed)
                 }

@@ -33,6 +33,7 @@ mod split;
 pub mod startup;
 mod txn;
 mod unit;
+mod wake;
 
 use crate::clients::ClientSlot;
 use crate::protocol::backend::{self, sqlstate, PgError};
@@ -248,6 +249,9 @@ pub struct Session {
     /// Tables the client wrote, dropped from the result cache at each
     /// ReadyForQuery it is sent until it is idle.
     cache_writes: cached::Written,
+    /// The client socket's read interest: not polled again while it waits
+    /// and nothing woke it (`wake.rs`).
+    client_read: wake::ReadWatch,
 }
 
 impl Session {
@@ -310,6 +314,7 @@ impl Session {
             meter: Default::default(),
             fill: None,
             cache_writes: Default::default(),
+            client_read: Default::default(),
         }
     }
 

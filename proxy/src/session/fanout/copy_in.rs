@@ -153,6 +153,8 @@ impl Session {
                 Err(e) => return Err(e.to_string()),
             }
             self.forget_plan();
+            // Read here, not through `poll_io`'s watch (`wake.rs`).
+            self.client_read.forget();
             let n = self
                 .login
                 .stream

@@ -1,0 +1,157 @@
+//! Which socket woke the session: a read whose last poll was pending is not
+//! polled again until its own wake-up comes.
+//!
+//! tokio keeps the waker a pending read registered until the socket becomes
+//! readable, and readiness alone wakes it. A session woken by its server's
+//! answer would otherwise poll its client's socket again on the way (about
+//! 200 instructions, the coop budget, the readiness check, the waker
+//! compare), only to be told what it already knows. The read is polled with
+//! a waker of its own that notes the wake-up and then wakes the task.
+
+use futures_util::task::AtomicWaker;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::task::{Context, Poll, Wake, Waker};
+
+/// What the read's waker notes: it fired, and the task to wake.
+#[derive(Default)]
+struct Fired {
+    fired: AtomicBool,
+    task: AtomicWaker,
+}
+
+impl Wake for Fired {
+    fn wake(self: Arc<Self>) {
+        self.wake_by_ref();
+    }
+
+    fn wake_by_ref(self: &Arc<Self>) {
+        self.fired.store(true, Ordering::Release);
+        self.task.wake();
+    }
+}
+
+/// One socket's read interest, polled through [`ReadWatch::poll`] only.
+pub(super) struct ReadWatch {
+    fired: Arc<Fired>,
+    /// The waker the read is polled with (made once: tokio compares it with
+    /// the one it holds and keeps that one when they are the same).
+    waker: Waker,
+    /// The last poll was pending, and the socket holds `waker` since.
+    parked: bool,
+}
+
+impl Default for ReadWatch {
+    fn default() -> Self {
+        let fired = Arc::new(Fired::default());
+        ReadWatch {
+            waker: Waker::from(fired.clone()),
+            fired,
+            parked: false,
+        }
+    }
+}
+
+impl ReadWatch {
+    /// Polls `read` with the watch's waker, unless its last poll was
+    /// pending and nothing woke it since: then it is pending still. A read
+    /// of the socket other than through this watch must be preceded by
+    /// [`Self::forget`], or a wake-up could be missed. The task woken is the one whose poll left the read pending
+    /// (a session is one task, polled with its own waker).
+    #[inline]
+    pub fn poll<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        read: impl FnOnce(&mut Context<'_>) -> Poll<T>,
+    ) -> Poll<T> {
+        let fired = self.fired.fired.swap(false, Ordering::AcqRel);
+        if self.parked && !fired {
+            return Poll::Pending;
+        }
+        let polled = read(&mut Context::from_waker(&self.waker));
+        self.parked = polled.is_pending();
+        if self.parked {
+            self.fired.task.register(cx.waker());
+            if self.fired.fired.load(Ordering::Acquire) {
+                // Woken before the task was registered: poll again.
+                cx.waker().wake_by_ref();
+            }
+        }
+        polled
+    }
+
+    /// The socket is about to be read otherwise (its reader may hold
+    /// another waker from then on): the next poll reads.
+    pub fn forget(&mut self) {
+        self.parked = false;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::AtomicUsize;
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Count(AtomicUsize);
+    impl Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Ordering::Relaxed);
+        }
+    }
+
+    #[test]
+    fn a_pending_read_is_polled_again_only_after_its_wake_up() {
+        let task = Arc::new(Count::default());
+        let task_waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&task_waker);
+        let mut watch = ReadWatch::default();
+        let polls = std::cell::Cell::new(0);
+        let held = std::cell::RefCell::new(None::<Waker>);
+        // A socket with nothing to read: it keeps the waker it is polled with.
+        let pending = |cx: &mut Context<'_>| {
+            polls.set(polls.get() + 1);
+            *held.borrow_mut() = Some(cx.waker().clone());
+            Poll::<()>::Pending
+        };
+        assert!(watch.poll(&mut cx, pending).is_pending());
+        // Woken by something else: the read is not polled again.
+        assert!(watch.poll(&mut cx, pending).is_pending());
+        assert!(watch.poll(&mut cx, pending).is_pending());
+        assert_eq!(polls.get(), 1);
+        // The socket's wake-up wakes the task and lets the next poll read.
+        held.take().unwrap().wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1);
+        let ready = |_: &mut Context<'_>| {
+            polls.set(polls.get() + 1);
+            Poll::Ready(())
+        };
+        assert!(watch.poll(&mut cx, ready).is_ready());
+        // After a read that was ready, the next poll reads again.
+        assert!(watch.poll(&mut cx, ready).is_ready());
+        assert_eq!(polls.get(), 3);
+        // Pending again, then woken before anything else: read again.
+        assert!(watch.poll(&mut cx, pending).is_pending());
+        held.take().unwrap().wake_by_ref();
+        assert!(watch.poll(&mut cx, pending).is_pending());
+        assert_eq!(polls.get(), 5);
+        assert_eq!(task.0.load(Ordering::Relaxed), 2);
+    }
+
+    #[test]
+    fn after_forget_the_next_poll_reads() {
+        let task = Arc::new(Count::default());
+        let task_waker = Waker::from(task.clone());
+        let mut cx = Context::from_waker(&task_waker);
+        let mut watch = ReadWatch::default();
+        assert!(watch.poll(&mut cx, |_| Poll::<()>::Pending).is_pending());
+        watch.forget();
+        let mut polled = false;
+        let _ = watch.poll(&mut cx, |_| {
+            polled = true;
+            Poll::<()>::Pending
+        });
+        assert!(polled);
+    }
+}
