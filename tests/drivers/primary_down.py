@@ -7,11 +7,13 @@ primary is up, DOWN_KEYS on the shard whose primary is down (comma lists;
 either may be empty). asyncpg prepares each statement with Parse, Describe
 and Flush before binding it: reads of every key must be answered (by the
 replicas where the primary is down), in autocommit and in read-only
-transactions, and in read-write transactions on shards whose primary is up;
-writes must succeed where the primary is up and fail with a connection
-error (class 08 or 57) where it is down; a pool's connections must be reset
-and reused; SQLAlchemy's ORM on asyncpg must read the keys whose primary
-is up. Prints "all checks passed".
+transactions, in read-write transactions on shards whose primary is up, and
+in transactions whose first statement reads where it is down (begun on a
+replica, read-only there: a write in one fails with 25006); writes must
+succeed where the primary is up and fail with a connection error (class 08
+or 57) where it is down; a pool's connections must be reset and reused;
+SQLAlchemy's ORM on asyncpg and psycopg2 (each opens a transaction before
+its first statement) must read every key. Prints "all checks passed".
 """
 
 import asyncio
@@ -60,6 +62,30 @@ async def main(url, up, down):
                 outcome = e.sqlstate
             assert outcome[:2] in ("08", "57"), ("write where the primary is down", k, outcome)
         print(f"ok writes where the primary is down fail with a connection error (cache {cache})")
+        # A transaction whose first statement reads, where the primary is
+        # down: it begins on a replica, read-only there.
+        for k in down:
+            async with conn.transaction():
+                name = await conn.fetchval("SELECT name FROM users WHERE id = $1", k)
+            assert name == f"user {k}", ("transaction where the primary is down", cache, k, name)
+            try:
+                async with conn.transaction():
+                    await conn.fetchval("SELECT name FROM users WHERE id = $1", k)
+                    await conn.execute("UPDATE users SET name = $2 WHERE id = $1", k, f"user {k}")
+                outcome = "written"
+            except asyncpg.PostgresError as e:
+                outcome = e.sqlstate
+            assert outcome == "25006", ("a write in a transaction begun on a replica", cache, k, outcome)
+            # SERIALIZABLE: a hot standby refuses it, so it waits for the
+            # primary and fails with a connection error meanwhile.
+            try:
+                async with conn.transaction(isolation="serializable"):
+                    await conn.fetchval("SELECT name FROM users WHERE id = $1", k)
+                outcome = "read"
+            except asyncpg.PostgresError as e:
+                outcome = f"{e.sqlstate} {e}"
+            assert outcome[:2] in ("08", "57") and "unavailable" in outcome, ("a serializable transaction where the primary is down", cache, k, outcome)
+        print(f"ok transactions beginning with a read where the primary is down run on a replica (cache {cache})")
         await conn.close()
     # A pool resets each connection it gets back (pg_advisory_unlock_all(),
     # CLOSE ALL, UNLISTEN *, RESET ALL): nothing that needs a primary.
@@ -72,15 +98,16 @@ async def main(url, up, down):
         assert name == f"user {k}", ("pool.fetchval", k, name)
     await pool.close()
     print("ok a pool's connections are reset and reused")
-    if up:
-        await sqlalchemy_orm(url, up)
+    await sqlalchemy_orm(url, up + down)
+    psycopg2_transactions(url, up + down)
     print("all checks passed")
 
 
-async def sqlalchemy_orm(url, up):
+async def sqlalchemy_orm(url, keys):
     """SQLAlchemy's ORM on asyncpg: every connection it opens begins a
     transaction and asks the server's version; each session is a
-    transaction (read-write: only keys whose primary is up)."""
+    transaction, whose first statement reads (on a replica where the
+    primary is down)."""
     from sqlalchemy import BigInteger, String, select
     from sqlalchemy.ext.asyncio import async_sessionmaker, create_async_engine
     from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
@@ -95,14 +122,30 @@ async def sqlalchemy_orm(url, up):
 
     engine = create_async_engine("postgresql+asyncpg://" + url.split("://", 1)[1])
     sessions = async_sessionmaker(engine, expire_on_commit=False)
-    for k in up:
+    for k in keys:
         async with sessions() as session:
             user = await session.get(User, k)
             assert user is not None and user.name == f"user {k}", ("SQLAlchemy get", k, user)
             name = await session.scalar(select(User.name).where(User.id == k))
             assert name == f"user {k}", ("SQLAlchemy select", k, name)
     await engine.dispose()
-    print("ok SQLAlchemy ORM on asyncpg where the primary is up")
+    print("ok SQLAlchemy ORM on asyncpg")
+
+
+def psycopg2_transactions(url, keys):
+    """psycopg2 (autocommit off, its default) opens a transaction before the
+    first statement after each commit: BEGIN, then the read."""
+    import psycopg2
+
+    conn = psycopg2.connect(url)
+    for k in keys:
+        with conn.cursor() as cur:
+            cur.execute("SELECT name FROM users WHERE id = %s", (k,))
+            row = cur.fetchone()
+        assert row == (f"user {k}",), ("psycopg2", k, row)
+        conn.commit()
+    conn.close()
+    print("ok psycopg2 reads in its transactions")
 
 
 if __name__ == "__main__":

@@ -691,8 +691,10 @@ async fn a_preparing_driver_writes_to_a_shard_whose_primary_is_up() {
 /// primary (the part before the Flush was planned as a unit that might still
 /// write), so every statement failed, reads of the other shard's keys too.
 /// Now reads of every key go on (from the replicas where the primary is
-/// down), in autocommit and in transactions; writes succeed where the
-/// primary is up and fail with a connection error where it is down. With
+/// down), in autocommit and in transactions (one whose first statement
+/// reads begins on a replica there, read-only: psycopg2 and SQLAlchemy open
+/// one before every read); writes succeed where the primary is up and fail
+/// with a connection error where it is down. With
 /// two shards, and with one shard and its replica; also a Parse arriving
 /// alone, and a read acted on at a Flush (pg-cursor's batching).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

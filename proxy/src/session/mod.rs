@@ -688,18 +688,23 @@ impl Session {
             shardline_router::UnitPlan::Run { target, writes } => {
                 self.shared.placements.count(&planned.place);
                 self.count_keys();
-                // A unit acted on before its Sync (a Flush after an
-                // Execute) goes to the primary, as its rest may write
-                // (`writes`; not a hint's primary read); while it holds
-                // only reads, a primary that is down sends it to a replica
-                // (a write that follows fails there, as it would have on
-                // the primary).
+                // Meant for the primary, though it only reads (`writes`;
+                // not a hint's primary read): while the primary is down a
+                // replica serves it, and a write that follows fails there,
+                // as it would have on the primary. So it goes for a unit
+                // acted on before its Sync (a Flush after an Execute),
+                // whose rest may write, and for the first statement of a
+                // transaction (BEGIN held), which then runs read-only on
+                // the replica (`begins_on_standby`).
                 let read = target == shardline_router::Target::Replica
                     || (writes
-                        && !planned.complete
                         && planned.reads_only
-                        && !self.txn.has_begin()
-                        && self.mode() == PoolMode::Transaction);
+                        && self.mode() == PoolMode::Transaction
+                        && if self.txn.has_begin() {
+                            planned.complete && self.begins_on_standby()
+                        } else {
+                            !planned.complete
+                        });
                 if let Err(e) = self.attach_server(target, writes, read, shard).await {
                     if self.client.ending.has(crate::clients::Ending::KILL) {
                         // Ended while it waited for a connection.
@@ -774,6 +779,27 @@ impl Session {
                 .vars
                 .get("default_transaction_isolation")
                 .is_some_and(strict)
+    }
+
+    /// Whether the transaction whose BEGIN is held may begin on a replica
+    /// when its shard's primary is down: it is the client's own (not a
+    /// shard joining a transaction on several), and neither its BEGIN nor
+    /// the session's default asks for what a hot standby refuses (READ
+    /// WRITE, SERIALIZABLE).
+    fn begins_on_standby(&self) -> bool {
+        let refused = |s: &str| {
+            let s = s.to_ascii_lowercase();
+            s.contains("write") || s.contains("serializable")
+        };
+        !self.spanning.spans()
+            && self
+                .txn
+                .begin()
+                .is_some_and(|b| !refused(&String::from_utf8_lossy(b.get(5..).unwrap_or_default())))
+            && !self
+                .vars
+                .get("default_transaction_isolation")
+                .is_some_and(refused)
     }
 
     /// In a transaction refused before its BEGIN reached a server: COMMIT,
