@@ -56,8 +56,9 @@ impl ReadWatch {
     /// Polls `read` with the watch's waker, unless its last poll was
     /// pending and nothing woke it since: then it is pending still. A read
     /// of the socket other than through this watch must be preceded by
-    /// [`Self::forget`], or a wake-up could be missed. The task woken is the one whose poll left the read pending
-    /// (a session is one task, polled with its own waker).
+    /// [`Self::forget`], or a wake-up could be missed. The task woken is
+    /// the one whose poll left the read pending (a session is one task,
+    /// polled with its own waker).
     #[inline]
     pub fn poll<T>(
         &mut self,
@@ -101,10 +102,15 @@ mod tests {
         }
     }
 
+    /// A task that counts its wake-ups, and its waker.
+    fn counted_task() -> (Arc<Count>, Waker) {
+        let task = Arc::new(Count::default());
+        (task.clone(), Waker::from(task))
+    }
+
     #[test]
     fn a_pending_read_is_polled_again_only_after_its_wake_up() {
-        let task = Arc::new(Count::default());
-        let task_waker = Waker::from(task.clone());
+        let (task, task_waker) = counted_task();
         let mut cx = Context::from_waker(&task_waker);
         let mut watch = ReadWatch::default();
         let polls = std::cell::Cell::new(0);
@@ -141,8 +147,7 @@ mod tests {
 
     #[test]
     fn after_forget_the_next_poll_reads() {
-        let task = Arc::new(Count::default());
-        let task_waker = Waker::from(task.clone());
+        let (_task, task_waker) = counted_task();
         let mut cx = Context::from_waker(&task_waker);
         let mut watch = ReadWatch::default();
         assert!(watch.poll(&mut cx, |_| Poll::<()>::Pending).is_pending());
