@@ -296,12 +296,12 @@ mod tests {
         });
         // A STOP does not end a wait for KILL.
         ending.fire(Ending::STOP);
-        tokio::time::sleep(Duration::from_millis(20)).await;
+        crate::timer::sleep(Duration::from_millis(20)).await;
         assert!(!waiting.is_finished());
         assert!(ending.has(Ending::STOP) && !ending.has(Ending::KILL));
         ending.fire(Ending::KILL);
         assert!(ending.has(Ending::KILL));
-        tokio::time::timeout(Duration::from_secs(5), waiting)
+        crate::timer::timeout(Duration::from_secs(5), waiting)
             .await
             .expect("woken by the kill")
             .unwrap();

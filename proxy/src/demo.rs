@@ -179,7 +179,7 @@ pub async fn run(port: u16, metrics_port: u16) -> Result<()> {
     })
     .await??;
     loader.shutdown();
-    let _ = tokio::time::timeout(Duration::from_secs(5), loader.wait()).await;
+    let _ = crate::timer::timeout(Duration::from_secs(5), loader.wait()).await;
     let text = format!(
         "{}\n[metrics]\nlisten = \"127.0.0.1:{metrics_port}\"\n",
         config_for(&cluster, port)
@@ -254,7 +254,7 @@ pub async fn run(port: u16, metrics_port: u16) -> Result<()> {
     wait_for_signal().await;
     println!("\nStopping...");
     proxy.shutdown();
-    let _ = tokio::time::timeout(Duration::from_secs(5), proxy.wait()).await;
+    let _ = crate::timer::timeout(Duration::from_secs(5), proxy.wait()).await;
     tokio::task::spawn_blocking(move || drop(cluster)).await?;
     println!("Stopped; removed the demo directory.");
     Ok(())

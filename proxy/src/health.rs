@@ -307,13 +307,13 @@ impl ShardHealth {
         self.waiting.fetch_add(1, Relaxed);
         let _waiting = Waiting(self);
         self.wanted.notify_one();
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = crate::timer::Instant::now() + wait;
         loop {
             let advanced = self.advanced.notified();
             if let Some(i) = self.reader(req) {
                 return Some(i);
             }
-            if tokio::time::timeout_at(deadline, advanced).await.is_err() {
+            if crate::timer::timeout_at(deadline, advanced).await.is_err() {
                 return self.reader(req);
             }
         }
@@ -515,7 +515,7 @@ impl PositionPoller {
             }
             self.poll().await;
             self.shard.advanced.notify_waiters();
-            tokio::time::sleep(self.interval).await;
+            crate::timer::sleep(self.interval).await;
         }
     }
 
@@ -532,7 +532,7 @@ impl PositionPoller {
                 n.role() == Role::Replica && !n.is_down()
             })
             .map(|(i, (conn, target))| async move {
-                let asked = tokio::time::timeout(timeout, async {
+                let asked = crate::timer::timeout(timeout, async {
                     ask(conn, target, POSITION_SQL)
                         .await?
                         .first()
@@ -634,7 +634,7 @@ impl Checker {
             .zip(&self.targets)
             .map(|(conn, target)| async move {
                 let started = std::time::Instant::now();
-                let r = match tokio::time::timeout(timeout, check(conn, target)).await {
+                let r = match crate::timer::timeout(timeout, check(conn, target)).await {
                     Ok(r) => r,
                     Err(_) => Err(format!("health check timed out after {timeout:?}")),
                 };
@@ -658,7 +658,7 @@ impl Checker {
         if let Some(i) = primary {
             let recorded = match &results[i] {
                 Ok(o) if o.placement_recorded => {
-                    let asked = tokio::time::timeout(
+                    let asked = crate::timer::timeout(
                         timeout,
                         ask(&mut self.conns[i], &self.targets[i], PLACEMENT_SQL),
                     )
@@ -847,7 +847,7 @@ impl Checker {
             } else {
                 (interval / 4).max(Duration::from_millis(10))
             };
-            tokio::time::sleep(pause).await;
+            crate::timer::sleep(pause).await;
             all_up = self.round().await;
         }
     }

@@ -21,6 +21,7 @@ pub mod server;
 pub mod session;
 pub mod stats;
 pub mod stream;
+pub mod timer;
 pub mod tls;
 pub mod twophase;
 
@@ -987,7 +988,7 @@ async fn accept_loop(
                 }
                 Err(e) => {
                     tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+                    crate::timer::sleep(Duration::from_millis(50)).await;
                 }
             },
             Some(_) = sessions.join_next(), if !sessions.is_empty() => {}
@@ -1010,7 +1011,7 @@ async fn accept_loop(
     if open > 0 {
         tracing::info!(open, ?grace, "shutting down: waiting for open transactions");
     }
-    let drained = tokio::time::timeout(grace, async {
+    let drained = crate::timer::timeout(grace, async {
         while sessions.join_next().await.is_some() {}
     })
     .await;
@@ -1029,7 +1030,7 @@ async fn serve_client(
     peer: SocketAddr,
     ending: Arc<clients::Ending>,
 ) {
-    let started = tokio::time::timeout(
+    let started = crate::timer::timeout(
         shared.auth_timeout,
         session::startup::accept(&shared, tcp, peer, ending),
     )

@@ -145,16 +145,18 @@ fn main() -> ExitCode {
 }
 
 /// One worker: a current-thread runtime (no work stealing, no cross-thread
-/// wakeups). More: the multi-threaded runtime.
+/// wakeups). More: the multi-threaded runtime. Either has no time driver,
+/// which would cost every park a look at the timer wheel: the proxy's
+/// timers are timerfds on the I/O driver (`shardline::timer`).
 fn build_runtime(workers: usize) -> std::io::Result<tokio::runtime::Runtime> {
     if workers <= 1 {
         tokio::runtime::Builder::new_current_thread()
-            .enable_all()
+            .enable_io()
             .build()
     } else {
         tokio::runtime::Builder::new_multi_thread()
             .worker_threads(workers)
-            .enable_all()
+            .enable_io()
             .build()
     }
 }

@@ -57,7 +57,7 @@ fn traffic(shared: &crate::Shared) -> u64 {
 pub async fn give_back_when_idle(live: Weak<crate::Live>) {
     let mut trim = IdleTrim::default();
     loop {
-        tokio::time::sleep(TICK).await;
+        crate::timer::sleep(TICK).await;
         let Some(shared) = live.upgrade().map(|l| l.current()) else {
             return;
         };

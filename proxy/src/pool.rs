@@ -201,7 +201,7 @@ impl Pool {
                 }
                 self.0.waiting.fetch_add(1, Relaxed);
                 let _waiting = Waiting(&self.0.waiting);
-                let got = tokio::time::timeout(wait, self.0.permits.acquire()).await;
+                let got = crate::timer::timeout(wait, self.0.permits.acquire()).await;
                 match got {
                     Ok(Ok(p)) => p.forget(),
                     // (The semaphore is never closed.)
@@ -214,7 +214,7 @@ impl Pool {
             Err(slot) => slot,
         };
         // Counted in `size` (and uncounted by `slot` if it fails).
-        match tokio::time::timeout(connect_timeout, self.0.manager.create()).await {
+        match crate::timer::timeout(connect_timeout, self.0.manager.create()).await {
             Ok(Ok(conn)) => {
                 std::mem::forget(slot);
                 Ok(PooledConnection {
@@ -735,8 +735,7 @@ fn spawn_reaper(node: &Arc<NodePool>, idle: Duration, lifetime: Duration) {
     let period =
         (idle.min(lifetime) / 4).clamp(Duration::from_millis(200), Duration::from_secs(30));
     tokio::spawn(async move {
-        let mut tick = tokio::time::interval(period);
-        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut tick = crate::timer::interval(period);
         loop {
             tick.tick().await;
             let Some(node) = weak.upgrade() else { return };

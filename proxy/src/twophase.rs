@@ -310,7 +310,7 @@ impl Coordinator {
     pub fn spawn(self: Arc<Self>) -> tokio::task::JoinHandle<()> {
         tokio::spawn(async move {
             loop {
-                tokio::time::sleep(self.interval).await;
+                crate::timer::sleep(self.interval).await;
                 self.resolve_once().await;
             }
         })

@@ -323,11 +323,11 @@ async fn pause(shared: &Arc<Shared>, mask: ShardMask) -> Result<(), Failure> {
         "paused by the admin console: waiting for open transactions"
     );
     let timeout = shared.admin.settings().pause_timeout;
-    let deadline = tokio::time::Instant::now() + timeout;
+    let deadline = crate::timer::Instant::now() + timeout;
     // Units that looked at the mask before it was set hold their
     // connection, or are held, once `entering` is back to 0.
     while shared.admin.pause.entering() > 0 || lent(shared, mask) > 0 {
-        if tokio::time::Instant::now() >= deadline {
+        if crate::timer::Instant::now() >= deadline {
             shared.admin.pause.resume(mask & !before);
             let holders = holders(shared, mask);
             return Err(Failure(
@@ -339,7 +339,7 @@ async fn pause(shared: &Arc<Shared>, mask: ShardMask) -> Result<(), Failure> {
                 ),
             ));
         }
-        tokio::time::sleep(Duration::from_millis(5)).await;
+        crate::timer::sleep(Duration::from_millis(5)).await;
     }
     tracing::info!("paused: no transaction open on the paused shards");
     Ok(())

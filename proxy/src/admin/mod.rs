@@ -219,7 +219,7 @@ pub async fn run_averages(live: std::sync::Weak<crate::Live>) {
         else {
             return;
         };
-        tokio::time::sleep(period).await;
+        crate::timer::sleep(period).await;
         let Some(shared) = live.upgrade().map(|l| l.current()) else {
             return;
         };

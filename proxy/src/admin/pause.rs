@@ -84,7 +84,7 @@ impl Pause {
     /// Waits until none of `shards` is paused, for at most `max_hold`.
     pub async fn hold(&self, shards: ShardMask, max_hold: Duration) -> Result<(), HoldExpired> {
         let mut rx = self.changed.subscribe();
-        let cleared = tokio::time::timeout(max_hold, rx.wait_for(|m| m & shards == 0)).await;
+        let cleared = crate::timer::timeout(max_hold, rx.wait_for(|m| m & shards == 0)).await;
         match cleared {
             Ok(_) => Ok(()),
             Err(_) => Err(HoldExpired),
@@ -106,7 +106,7 @@ mod tests {
             async move { p.hold(0b10, Duration::from_secs(10)).await }
         });
         p.resume(0b01);
-        tokio::time::sleep(Duration::from_millis(30)).await;
+        crate::timer::sleep(Duration::from_millis(30)).await;
         assert!(!held.is_finished(), "shard 1 is still paused");
         p.resume(0b10);
         assert_eq!(held.await.expect("task"), Ok(()));

@@ -27,7 +27,7 @@ pub async fn serve(listener: TcpListener, live: Weak<Live>) {
             Ok((tcp, _)) => tcp,
             Err(e) => {
                 tracing::warn!(error = %e, "metrics: accept failed");
-                tokio::time::sleep(Duration::from_millis(50)).await;
+                crate::timer::sleep(Duration::from_millis(50)).await;
                 continue;
             }
         };
@@ -39,7 +39,7 @@ pub async fn serve(listener: TcpListener, live: Weak<Live>) {
             });
             let conn = hyper::server::conn::http1::Builder::new()
                 .serve_connection(hyper_util::rt::TokioIo::new(tcp), service);
-            if let Ok(Err(e)) = tokio::time::timeout(CONNECTION_LIFETIME, conn).await {
+            if let Ok(Err(e)) = crate::timer::timeout(CONNECTION_LIFETIME, conn).await {
                 tracing::debug!(error = %e, "metrics: connection ended");
             }
         });

@@ -336,10 +336,10 @@ impl Session {
             tracing::debug!(user = %self.login.user.name, error = %e, "closing client");
             e.encode(&mut self.client_out);
         }
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.flush_client()).await;
+        let _ = crate::timer::timeout(Duration::from_secs(5), self.flush_client()).await;
         // A client that leaves right after its commit: the position is
         // still learned, for the user's other connections.
-        let _ = tokio::time::timeout(Duration::from_secs(5), self.finish_positions()).await;
+        let _ = crate::timer::timeout(Duration::from_secs(5), self.finish_positions()).await;
         self.finish_server().await;
         self.meter.finish(&self.login.user.stats);
     }
@@ -1141,7 +1141,8 @@ impl Session {
         if self.keeps_connection() {
             // Leave nothing of this client's session behind for the next one.
             let reset =
-                tokio::time::timeout(Duration::from_secs(5), io::reset_connection(&mut conn)).await;
+                crate::timer::timeout(Duration::from_secs(5), io::reset_connection(&mut conn))
+                    .await;
             if !matches!(reset, Ok(Ok(()))) {
                 conn.discard();
             }

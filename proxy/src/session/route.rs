@@ -988,7 +988,7 @@ impl Session {
         let lb = &shared.balancing;
         let ryw = &user.ryw[shard_index];
         let wait = shared.health.interval + 2 * shared.health.timeout;
-        let deadline = tokio::time::Instant::now() + wait;
+        let deadline = crate::timer::Instant::now() + wait;
         let mut why = "no replica is up";
         loop {
             // The primary answers again, or a replica was promoted: it has
@@ -1068,7 +1068,7 @@ impl Session {
                     }
                 }
             }
-            if tokio::time::Instant::now() >= deadline {
+            if crate::timer::Instant::now() >= deadline {
                 let message = if candidates_up(shard, *tried) {
                     format!(
                         "shard {}: the primary is unavailable and no replica can serve this read ({why}) after {wait:?}; read-your-writes keeps the user's reads on nodes that have their writes",
@@ -1083,7 +1083,7 @@ impl Session {
                 };
                 return Err(PgError::error(sqlstate::CANNOT_CONNECT_NOW, message));
             }
-            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            crate::timer::sleep(std::time::Duration::from_millis(20)).await;
         }
     }
 
