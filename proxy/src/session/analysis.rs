@@ -182,8 +182,19 @@ pub(super) struct UnitAnalysis {
     /// The statement texts this session routed last (`ShapeMemo`): a text
     /// that differs from one only in its constants takes its route
     /// without being shaped or looked up. Lent to `plan_unit_now` while it
-    /// plans.
-    pub(super) memo: shardline_router::memo::ShapeMemo,
+    /// plans; behind a lock (never contended: one session uses it) so
+    /// that routing one text through `&Session` (`Session::route_text`,
+    /// `query_facts`: a statement of an open transaction, which is not
+    /// planned) uses it too.
+    pub(super) memo: std::sync::Mutex<Memo>,
+}
+
+/// The session's memory of its texts, and where the constants of the text
+/// it last matched are (filled by the match, not read here).
+#[derive(Default)]
+pub(super) struct Memo {
+    pub(super) shapes: shardline_router::memo::ShapeMemo,
+    pub(super) constants: Vec<(usize, usize)>,
 }
 
 impl UnitAnalysis {
@@ -224,7 +235,13 @@ impl UnitAnalysis {
         self.routes.clear();
         self.spare = None;
         self.large.clear();
-        self.memo.forget();
+        self.memo_mut().shapes.forget();
+    }
+
+    /// The memory of texts, to change (a poisoned lock only means a panic
+    /// elsewhere: the memory is still whole).
+    pub(super) fn memo_mut(&mut self) -> &mut Memo {
+        self.memo.get_mut().unwrap_or_else(|e| e.into_inner())
     }
 
     /// The route kept for `sql`: routed with the unit's plan, or ahead of

@@ -211,13 +211,34 @@ fn route_timed(shared: &crate::Shared, text: &str, noting: Option<Noting<'_>>) -
 }
 
 impl Session {
-    /// Routes one statement text through the shared cache (a large one
-    /// from the routes `route_large_ahead` made).
+    /// Routes a statement text checked for UTF-8 as `route_utf8` does,
+    /// through the session's memory of its texts first. (A plan being
+    /// made borrows the memory; nothing routes through `&self` meanwhile.)
+    fn route_remembered(&self, text: Option<&str>) -> Route {
+        let Some(text) = text else {
+            return FUNCTION_CALL;
+        };
+        match self.analysis.memo.try_lock() {
+            Ok(mut memo) => {
+                let memo = &mut *memo;
+                route_timed(
+                    &self.shared,
+                    text,
+                    Some((&mut memo.shapes, &mut memo.constants)),
+                )
+            }
+            Err(_) => route_timed(&self.shared, text, None),
+        }
+    }
+
+    /// Routes one statement text through the session's memory of its
+    /// texts and the shared cache (a large one from the routes
+    /// `route_large_ahead` made).
     pub(super) fn route_text(&self, sql: &[u8]) -> Route {
         self.analysis
             .route_kept(sql)
             .cloned()
-            .unwrap_or_else(|| route_utf8(&self.shared, crate::protocol::text(sql)))
+            .unwrap_or_else(|| self.route_remembered(crate::protocol::text(sql)))
     }
 
     /// What a simple query's own steps read of its text's route
@@ -240,7 +261,7 @@ impl Session {
         };
         match self.analysis.route_kept(sql) {
             Some(route) => of(route),
-            None => of(&route_utf8(&self.shared, utf8())),
+            None => of(&self.route_remembered(utf8())),
         }
     }
 
@@ -495,7 +516,7 @@ impl Session {
         // meanwhile: a unit is planned again after each event), then kept
         // for the unit's later steps; the two buffers swap.
         let mut routed = self.analysis.start();
-        let mut memo = std::mem::take(&mut self.analysis.memo);
+        let mut memo = std::mem::take(&mut self.analysis.memo_mut().shapes);
         let planned = if self.shared.caching {
             let mut written = std::mem::take(&mut self.cache_writes);
             let planned = self.plan_unit_now(&mut routed, &mut memo, Some(&mut written));
@@ -504,7 +525,7 @@ impl Session {
         } else {
             self.plan_unit_now(&mut routed, &mut memo, None)
         };
-        self.analysis.memo = memo;
+        self.analysis.memo_mut().shapes = memo;
         self.analysis
             .keep(&self.client_in, begin, routed, planned.clone());
         planned
