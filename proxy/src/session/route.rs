@@ -862,6 +862,16 @@ impl Session {
             // unavailable primary sends it to a replica (and it is not kept).
             target = Target::Primary;
         }
+        if target == Target::Replica
+            && shard.nodes.len() == 1
+            && shard.nodes[0].role() == crate::health::Role::Primary
+            && !lb.primary_reads
+            && lb.fallback_to_primary
+        {
+            // No replica to choose (a shard of one node, its primary):
+            // where the reader's search would end, without it.
+            target = Target::Primary;
+        }
         let ryw = &user.ryw[shard_index];
         let primary_until = ryw.primary_until.load(Relaxed);
         if target == Target::Replica
