@@ -850,8 +850,8 @@ impl Session {
         read: bool,
         tried: &mut u64,
     ) -> Result<(crate::pool::PooledConnection, usize, Target), PgError> {
-        let shared = self.shared.clone();
-        let user = self.login.user.clone();
+        let shared = &self.shared;
+        let user = &self.login.user;
         let shard = &shared.topology.shards[shard_index];
         let pools = &user.pools.shards[shard_index];
         let lb = &shared.balancing;
