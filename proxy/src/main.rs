@@ -120,6 +120,7 @@ fn main() -> ExitCode {
     unsafe {
         libc::mallopt(libc::M_MMAP_THRESHOLD, 256 * 1024);
     }
+    raise_open_files_limit();
     // The proxy's config decides the thread count; other commands use the default.
     let workers = match (&cli.command, &cli.config) {
         (None, path) => Config::load(&config_path(path.clone())).map_or_else(
@@ -140,6 +141,36 @@ fn main() -> ExitCode {
         Err(e) => {
             eprintln!("shardline: {e:#}");
             ExitCode::FAILURE
+        }
+    }
+}
+
+/// Raises the soft limit on open files to the hard one, as Go programs and
+/// most servers do: every client holds a socket, every server connection
+/// one, and every timer waiting (a login's deadline, a wait in line for a
+/// pool slot) a timerfd, where the soft limit is often 1,024. Not an error
+/// if it cannot (the limit stays as it was).
+fn raise_open_files_limit() {
+    let mut lim = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `lim` is a valid, writable rlimit.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut lim) } != 0
+        || lim.rlim_cur >= lim.rlim_max
+    {
+        return;
+    }
+    // An unlimited hard limit is capped by the kernel's nr_open (1,048,576
+    // by default), above which setrlimit fails: try that next.
+    for soft in [lim.rlim_max, 1 << 20] {
+        let raised = libc::rlimit {
+            rlim_cur: soft.max(lim.rlim_cur),
+            rlim_max: lim.rlim_max,
+        };
+        // SAFETY: plain system call with a valid rlimit.
+        if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &raised) } == 0 {
+            return;
         }
     }
 }

@@ -24,14 +24,28 @@ async fn sigterm_lets_open_transactions_finish() {
     let tmp = shardline_tests::TempDir::new("shutdown");
     let cfg = tmp.write("shardline.toml", &text);
     let bin = shardline_tests::shardline_binary().unwrap();
-    let mut child = Command::new(&bin)
-        .arg("--config")
-        .arg(&cfg)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
+    // Started with a soft limit on open files below the hard one, as a
+    // shell's 1,024 often is: the proxy raises it to the hard limit.
+    let hard = open_files_limit(None).1;
+    let low = (hard / 2).min(512);
+    let mut command = Command::new(&bin);
+    command.arg("--config").arg(&cfg).stderr(Stdio::piped());
+    // SAFETY: setrlimit is async-signal-safe; the closure allocates nothing.
+    unsafe {
+        std::os::unix::process::CommandExt::pre_exec(&mut command, move || {
+            let lim = libc::rlimit {
+                rlim_cur: low,
+                rlim_max: hard,
+            };
+            if libc::setrlimit(libc::RLIMIT_NOFILE, &lim) != 0 {
+                return Err(std::io::Error::last_os_error());
+            }
+            Ok(())
+        });
+    }
+    let mut child = Reaped(command.spawn().unwrap());
     // Its log, line by line, for the waits below.
-    let log = shardline_tests::Log::capture(child.stderr.take().unwrap());
+    let log = shardline_tests::Log::capture(child.0.stderr.take().unwrap());
     let logged = |what: &'static str| {
         let log = log.clone();
         async move { log.wait_for(what).await }
@@ -47,6 +61,12 @@ async fn sigterm_lets_open_transactions_finish() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     let busy = client.expect("proxy started");
+    let (soft, hard_seen) = open_files_limit(Some(child.0.id()));
+    assert_eq!(hard_seen, hard);
+    assert!(
+        soft == hard || (hard == libc::RLIM_INFINITY && soft >= 1 << 20),
+        "the proxy's soft limit on open files stayed {soft} (started at {low}, hard {hard})"
+    );
     let (idle, c2) = tokio_postgres::connect(&conn, tokio_postgres::NoTls)
         .await
         .unwrap();
@@ -55,13 +75,13 @@ async fn sigterm_lets_open_transactions_finish() {
     // SIGHUP does not end the proxy: it rereads the (unchanged) config.
     assert!(Command::new("kill")
         .arg("-HUP")
-        .arg(child.id().to_string())
+        .arg(child.0.id().to_string())
         .status()
         .unwrap()
         .success());
     logged("configuration reloaded").await;
     assert!(
-        child.try_wait().unwrap().is_none(),
+        child.0.try_wait().unwrap().is_none(),
         "SIGHUP ended the proxy"
     );
     busy.simple_query("BEGIN; INSERT INTO t VALUES (1)")
@@ -70,7 +90,7 @@ async fn sigterm_lets_open_transactions_finish() {
     let signalled = Instant::now();
     assert!(Command::new("kill")
         .arg("-TERM")
-        .arg(child.id().to_string())
+        .arg(child.0.id().to_string())
         .status()
         .unwrap()
         .success());
@@ -99,7 +119,7 @@ async fn sigterm_lets_open_transactions_finish() {
 
     // Then the proxy exits on its own, well before the 20s timeout.
     let status = loop {
-        if let Some(s) = child.try_wait().unwrap() {
+        if let Some(s) = child.0.try_wait().unwrap() {
             break s;
         }
         assert!(
@@ -109,4 +129,35 @@ async fn sigterm_lets_open_transactions_finish() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     };
     assert!(status.success());
+}
+
+/// The proxy's process, killed if the test ends early (a failed assertion)
+/// so that it does not outlive the test holding its port and output.
+struct Reaped(std::process::Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The soft and hard limits on open files of process `pid` (`None`: this
+/// one), from /proc.
+fn open_files_limit(pid: Option<u32>) -> (libc::rlim_t, libc::rlim_t) {
+    let path = match pid {
+        Some(p) => format!("/proc/{p}/limits"),
+        None => "/proc/self/limits".into(),
+    };
+    let text = std::fs::read_to_string(&path).unwrap();
+    let line = text
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .unwrap_or_else(|| panic!("no open files line in {path}:\n{text}"));
+    let value = |w: &str| match w {
+        "unlimited" => libc::RLIM_INFINITY,
+        n => n.parse().unwrap(),
+    };
+    let words: Vec<&str> = line["Max open files".len()..].split_whitespace().collect();
+    (value(words[0]), value(words[1]))
 }
