@@ -7,6 +7,11 @@
 //! 200 instructions, the coop budget, the readiness check, the waker
 //! compare), only to be told what it already knows. The read is polled with
 //! a waker of its own that notes the wake-up and then wakes the task.
+//!
+//! The protocol is `AtomicWaker`'s: the waker sets the flag, then takes and
+//! wakes the registered task; a poll registers the task, then reads the
+//! flag, on every poll that relies on a wake-up to come (a skipped one
+//! too). The registration costs far less than the read it spares.
 
 use futures_util::task::AtomicWaker;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -57,17 +62,28 @@ impl ReadWatch {
     /// pending and nothing woke it since: then it is pending still. A read
     /// of the socket other than through this watch must be preceded by
     /// [`Self::forget`], or a wake-up could be missed. The task woken is
-    /// the one whose poll left the read pending (a session is one task,
-    /// polled with its own waker).
+    /// the one that polled last (a session is one task, polled with its
+    /// own waker).
     #[inline]
     pub fn poll<T>(
         &mut self,
         cx: &mut Context<'_>,
         read: impl FnOnce(&mut Context<'_>) -> Poll<T>,
     ) -> Poll<T> {
-        let fired = self.fired.fired.swap(false, Ordering::AcqRel);
-        if self.parked && !fired {
-            return Poll::Pending;
+        if self.parked {
+            // The task is registered on every skip, before the flag is
+            // read: a wake-up noted after the read then finds it. The
+            // registration made when the read went pending is not enough:
+            // a wake-up of an earlier read, whose flag this task has
+            // already consumed, may take that registration late (waking
+            // the task for nothing) and leave none for the next one.
+            self.fired.task.register(cx.waker());
+            if !self.fired.fired.swap(false, Ordering::AcqRel) {
+                return Poll::Pending;
+            }
+        } else {
+            // (A wake-up of a read already answered.)
+            self.fired.fired.store(false, Ordering::Relaxed);
         }
         let polled = read(&mut Context::from_waker(&self.waker));
         self.parked = polled.is_pending();
@@ -143,6 +159,42 @@ mod tests {
         assert!(watch.poll(&mut cx, pending).is_pending());
         assert_eq!(polls.get(), 5);
         assert_eq!(task.0.load(Ordering::Relaxed), 2);
+    }
+
+    /// A wake-up of an earlier read that takes the task's registration
+    /// late (after the task consumed its flag and registered again, for
+    /// the next read) wakes the task for nothing; the skip that follows
+    /// registers it again, so the next read's wake-up still wakes it. Seen
+    /// under load: a session that never read its client's next request.
+    #[test]
+    fn a_late_wake_up_taking_the_registration_loses_no_later_one() {
+        let (task, task_waker) = counted_task();
+        let mut cx = Context::from_waker(&task_waker);
+        let mut watch = ReadWatch::default();
+        let held = std::cell::RefCell::new(None::<Waker>);
+        let pending = |cx: &mut Context<'_>| {
+            *held.borrow_mut() = Some(cx.waker().clone());
+            Poll::<()>::Pending
+        };
+        // The read goes pending; the task is registered.
+        assert!(watch.poll(&mut cx, pending).is_pending());
+        // The late half of an earlier wake-up: the registration is taken
+        // (and the task woken), the flag long consumed.
+        watch.fired.task.take().unwrap().wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 1);
+        // Woken for nothing: the read is skipped.
+        let mut polled = false;
+        assert!(watch
+            .poll(&mut cx, |_| {
+                polled = true;
+                Poll::<()>::Pending
+            })
+            .is_pending());
+        assert!(!polled);
+        // The read's own wake-up (its data came) wakes the task.
+        held.take().unwrap().wake();
+        assert_eq!(task.0.load(Ordering::Relaxed), 2, "the task was woken");
+        assert!(watch.poll(&mut cx, |_| Poll::Ready(())).is_ready());
     }
 
     #[test]
