@@ -24,6 +24,7 @@ pub mod stream;
 pub mod timer;
 pub mod tls;
 pub mod twophase;
+pub(crate) mod wake;
 
 use anyhow::{Context as _, Result};
 use pool::{NodePool, PoolSet, ShardPools};

@@ -79,7 +79,7 @@ impl Manager {
         if now.since(idle.created) > self.max_lifetime {
             return Err("connection exceeded max_lifetime");
         }
-        if now.since(idle.last_used) > self.check_delay && conn.stream.has_closed_or_unread() {
+        if now.since(idle.last_used) > self.check_delay && conn.socket().has_closed_or_unread() {
             return Err("server closed the connection while idle");
         }
         Ok(())
@@ -292,7 +292,8 @@ impl Pool {
 
     /// A lent connection comes back: kept idle, or closed when the pool
     /// is over its size.
-    fn put(&self, conn: Box<ServerConnection>, created: Mono) {
+    fn put(&self, mut conn: Box<ServerConnection>, created: Mono) {
+        conn.idle();
         let mut s = self.slots();
         let closed = if s.size > s.max_size {
             s.size -= 1;

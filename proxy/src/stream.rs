@@ -25,6 +25,19 @@ impl Stream {
         !matches!(self, Stream::Plain(_))
     }
 
+    /// Reads into the spare capacity of `buf`, growing it when nearly full.
+    #[inline]
+    pub fn poll_read_into(
+        &mut self,
+        buf: &mut bytes::BytesMut,
+        cx: &mut Context<'_>,
+    ) -> Poll<io::Result<usize>> {
+        if buf.capacity() - buf.len() < 4096 {
+            buf.reserve(16 * 1024);
+        }
+        tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
+    }
+
     /// Whether the peer has closed the socket or sent bytes nobody asked for,
     /// checked without blocking. Only meaningful for a connection at rest.
     pub fn has_closed_or_unread(&self) -> bool {

@@ -14,9 +14,11 @@ use postgres_protocol::message::backend::{AuthenticationSaslBody, Message};
 use postgres_protocol::message::frontend;
 use shardline_config::ServerTlsMode;
 use std::collections::HashMap;
+use std::io;
 use std::os::fd::{AsRawFd, RawFd};
 use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
 use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
 use std::time::Instant;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::TcpStream;
@@ -87,7 +89,12 @@ pub struct ServerConnection {
     /// Listed in its node's registry so a failed node's connections can be
     /// cut at once. Declared first: dropped (unlisted) before the socket closes.
     pub listed: Option<Listed>,
-    pub stream: Stream,
+    /// Reached through `poll_fill` (the session's reads), `writer` (writes)
+    /// and `stream` (anything else), so no read escapes `read_watch`.
+    stream: Stream,
+    /// Whether the last read of `stream` through `poll_fill` went pending
+    /// with nothing since (`wake::ReadWatch`).
+    read_watch: crate::wake::ReadWatch,
     /// Bytes read from the server not yet processed.
     pub read_buf: BytesMut,
     pub addr: Arc<str>,
@@ -111,6 +118,50 @@ pub struct ServerConnection {
 }
 
 impl ServerConnection {
+    /// Reads what the server sent into `read_buf`. With `watch`, a plain
+    /// socket whose last read here went pending is not polled again until
+    /// it wakes the watch: a session woken by its client between the
+    /// statements of a transaction does not poll its server on the way.
+    /// Without it the socket is polled with the task's own waker, which
+    /// costs less when the session lets the connection go once answered
+    /// (the watch registers the task on every pending read). TLS reads are
+    /// always polled, as rustls may read on other paths of the stream.
+    #[inline]
+    pub fn poll_fill(&mut self, cx: &mut Context<'_>, watch: bool) -> Poll<io::Result<usize>> {
+        let (stream, buf) = (&mut self.stream, &mut self.read_buf);
+        if watch && !stream.is_tls() {
+            self.read_watch
+                .poll(cx, |cx| stream.poll_read_into(buf, cx))
+        } else {
+            self.read_watch.forget();
+            stream.poll_read_into(buf, cx)
+        }
+    }
+
+    /// The stream, to write to only: writing leaves the read's waker alone.
+    #[inline]
+    pub fn writer(&mut self) -> &mut Stream {
+        &mut self.stream
+    }
+
+    /// The stream, for any use: the next `poll_fill` polls it again.
+    pub fn stream(&mut self) -> &mut Stream {
+        self.read_watch.forget();
+        &mut self.stream
+    }
+
+    /// The stream, to look at (its socket's address, whether it is closed).
+    pub fn socket(&self) -> &Stream {
+        &self.stream
+    }
+
+    /// The connection goes back to its pool: the session that polled it
+    /// last is let go (`wake::ReadWatch::release`).
+    #[inline]
+    pub fn idle(&mut self) {
+        self.read_watch.release();
+    }
+
     /// Whether the connection may be handed to another client.
     pub fn is_clean(&self) -> bool {
         !self.broken && self.tx_status == b'I' && self.read_buf.is_empty()
@@ -149,11 +200,19 @@ impl ServerConnection {
             .await
             .map_err(io_err)?;
 
-        let mut conn = ServerConnection {
+        let mut conn = ServerConnection::over(stream, addr.into(), max_prepared);
+        conn.authenticate(target).await?;
+        Ok(conn)
+    }
+
+    /// A connection over `stream`, before its startup is answered.
+    fn over(stream: Stream, addr: Arc<str>, max_prepared: usize) -> ServerConnection {
+        ServerConnection {
             listed: None,
             stream,
+            read_watch: Default::default(),
             read_buf: BytesMut::with_capacity(16 * 1024),
-            addr: addr.clone().into(),
+            addr,
             pid: 0,
             secret: 0,
             params: Vec::new(),
@@ -164,9 +223,7 @@ impl ServerConnection {
             unnamed_token: 0,
             created: Instant::now(),
             generation: 0,
-        };
-        conn.authenticate(target).await?;
-        Ok(conn)
+        }
     }
 
     /// Runs one simple query and returns its rows as text (NULL as `None`)
@@ -222,6 +279,7 @@ impl ServerConnection {
 
     /// Reads more of the server's bytes into `read_buf`; end of stream is an error.
     async fn read_more(&mut self, during: &str) -> Result<(), ServerError> {
+        self.read_watch.forget();
         let n = self
             .stream
             .read_buf(&mut self.read_buf)
@@ -254,6 +312,7 @@ impl ServerConnection {
                     return Ok(msg);
                 }
             }
+            self.read_watch.forget();
             let n = self
                 .stream
                 .read_buf(&mut self.read_buf)
@@ -286,7 +345,7 @@ impl ServerConnection {
     }
 
     async fn send(&mut self, buf: &BytesMut) -> Result<(), ServerError> {
-        self.stream
+        self.writer()
             .write_all(buf)
             .await
             .map_err(|source| ServerError::Io {
@@ -478,7 +537,7 @@ pub struct Listing {
 impl Connections {
     /// Lists a connection until the returned entry is dropped.
     pub fn list(self: &Arc<Self>, conn: &ServerConnection, target: &ServerTarget) -> Listed {
-        let tcp = conn.stream.tcp();
+        let tcp = conn.socket().tcp();
         let listing = Listing {
             pid: conn.pid,
             user: target.user.clone(),
@@ -593,5 +652,98 @@ mod tests {
             "the peer sees the end"
         );
         drop(ours);
+    }
+
+    /// A connection over a local socket, and the socket's other end.
+    async fn local_pair() -> (ServerConnection, TcpStream) {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
+            .await
+            .expect("bind");
+        let ours = TcpStream::connect(listener.local_addr().expect("address"))
+            .await
+            .expect("connect");
+        let (theirs, _) = listener.accept().await.expect("accept");
+        let conn = ServerConnection::over(Stream::Plain(ours), "local".into(), 8);
+        (conn, theirs)
+    }
+
+    /// Counts its wake-ups.
+    #[derive(Default)]
+    struct Count(std::sync::atomic::AtomicUsize);
+    impl std::task::Wake for Count {
+        fn wake(self: Arc<Self>) {
+            self.0.fetch_add(1, Relaxed);
+        }
+    }
+
+    fn counted_task() -> (Arc<Count>, std::task::Waker) {
+        let task = Arc::new(Count::default());
+        (task.clone(), std::task::Waker::from(task))
+    }
+
+    /// A read of the socket other than `poll_fill` (the fan-out's, a
+    /// reset's) takes the socket's registration from the watch: the next
+    /// `poll_fill` must read, not wait for a wake-up that now goes
+    /// elsewhere.
+    #[tokio::test]
+    async fn a_read_through_the_stream_makes_the_next_fill_read() {
+        use tokio::io::{AsyncRead, ReadBuf};
+        let (mut conn, mut peer) = local_pair().await;
+        let (_task, waker) = counted_task();
+        let mut cx = Context::from_waker(&waker);
+        assert!(conn.poll_fill(&mut cx, true).is_pending());
+        let (_other, other_waker) = counted_task();
+        let mut byte = [0u8; 1];
+        let mut buf = ReadBuf::new(&mut byte);
+        assert!(std::pin::Pin::new(conn.stream())
+            .poll_read(&mut Context::from_waker(&other_waker), &mut buf)
+            .is_pending());
+        peer.write_all(b"x").await.expect("write");
+        conn.socket().tcp().readable().await.expect("readable");
+        assert!(
+            matches!(conn.poll_fill(&mut cx, true), Poll::Ready(Ok(1))),
+            "the byte is read"
+        );
+        assert_eq!(&conn.read_buf[..], b"x");
+    }
+
+    /// An unwatched read (a connection that was let go once answered) holds
+    /// the task's own waker: a watched read after it must read.
+    #[tokio::test]
+    async fn an_unwatched_read_makes_the_next_watched_one_read() {
+        let (mut conn, mut peer) = local_pair().await;
+        let (_task, waker) = counted_task();
+        let mut cx = Context::from_waker(&waker);
+        assert!(conn.poll_fill(&mut cx, true).is_pending());
+        assert!(conn.poll_fill(&mut cx, false).is_pending());
+        peer.write_all(b"x").await.expect("write");
+        conn.socket().tcp().readable().await.expect("readable");
+        assert!(
+            matches!(conn.poll_fill(&mut cx, true), Poll::Ready(Ok(1))),
+            "the byte is read"
+        );
+    }
+
+    /// A connection back in its pool lets its last session's task go; what
+    /// its server sends meanwhile is read by the next session's first poll.
+    #[tokio::test]
+    async fn an_idle_connection_wakes_no_one_and_keeps_its_wake_up() {
+        let (mut conn, mut peer) = local_pair().await;
+        let (first, first_waker) = counted_task();
+        assert!(conn
+            .poll_fill(&mut Context::from_waker(&first_waker), true)
+            .is_pending());
+        conn.idle();
+        peer.write_all(b"N").await.expect("write");
+        conn.socket().tcp().readable().await.expect("readable");
+        assert_eq!(first.0.load(Relaxed), 0, "the session let go is not woken");
+        let (_next, next_waker) = counted_task();
+        assert!(
+            matches!(
+                conn.poll_fill(&mut Context::from_waker(&next_waker), true),
+                Poll::Ready(Ok(1))
+            ),
+            "the next session reads what came meanwhile"
+        );
     }
 }

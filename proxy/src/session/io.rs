@@ -37,7 +37,7 @@ impl Session {
         }
         // Writes first: they free buffer space that gates the reads below.
         if let Some(server) = self.server.as_mut() {
-            if let Err(e) = poll_drain(&mut server.stream, &mut self.server_out, cx, |_| {}) {
+            if let Err(e) = poll_drain(server.writer(), &mut self.server_out, cx, |_| {}) {
                 return Poll::Ready(Event::ServerLost(e));
             }
         }
@@ -50,9 +50,13 @@ impl Session {
             return Poll::Ready(Event::ClientClosed);
         }
         if self.client_out.len() < super::BACKPRESSURE {
+            // A connection kept while the client is waited on (in a
+            // transaction, or kept between them) is read through its watch.
+            let keeps = self.keeps_connection();
             if let Some(server) = self.server.as_mut() {
                 let server: &mut ServerConnection = server;
-                match poll_read_into(&mut server.stream, &mut server.read_buf, cx) {
+                let watch = keeps || server.tx_status != b'I';
+                match server.poll_fill(cx, watch) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Event::ServerLost(io::Error::new(
                             io::ErrorKind::UnexpectedEof,
@@ -70,12 +74,12 @@ impl Session {
             let read = if stream.is_tls() {
                 // rustls may read or write the socket on other paths of
                 // the stream: its reads are always polled.
-                poll_read_into(stream, buf, cx)
+                stream.poll_read_into(buf, cx)
             } else {
                 // Woken by the server, say: a client read already waiting
                 // for data is not polled again.
                 self.client_read
-                    .poll(cx, |cx| poll_read_into(stream, buf, cx))
+                    .poll(cx, |cx| stream.poll_read_into(buf, cx))
             };
             match read {
                 Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
@@ -178,18 +182,6 @@ fn poll_drain(
         }
     }
     Ok(())
-}
-
-/// Reads into the spare capacity of `buf`, growing it when nearly full.
-fn poll_read_into(
-    stream: &mut Stream,
-    buf: &mut BytesMut,
-    cx: &mut Context<'_>,
-) -> Poll<io::Result<usize>> {
-    if buf.capacity() - buf.len() < 4096 {
-        buf.reserve(16 * 1024);
-    }
-    tokio_util::io::poll_read_buf(Pin::new(stream), cx, buf)
 }
 
 /// Buffers above this capacity are given back once mostly empty: one

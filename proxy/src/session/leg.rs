@@ -108,7 +108,7 @@ impl Leg {
     /// Writes `out` and empties it.
     pub(super) async fn write(&mut self, out: &mut BytesMut) -> Result<(), String> {
         self.owe(out);
-        if let Err(e) = self.conn.stream.write_all(out).await {
+        if let Err(e) = self.conn.writer().write_all(out).await {
             return Err(format!("server {}: {e}", self.conn.addr));
         }
         out.clear();
@@ -130,7 +130,7 @@ impl Leg {
         let mut chunk = [0u8; 16 * 1024];
         std::future::poll_fn(|cx| {
             while written < out.len() {
-                match Pin::new(&mut conn.stream).poll_write(cx, &out[written..]) {
+                match Pin::new(conn.writer()).poll_write(cx, &out[written..]) {
                     Poll::Ready(Ok(0)) => {
                         return Poll::Ready(Err(format!("server {addr} closed the connection")))
                     }
@@ -140,7 +140,7 @@ impl Leg {
                 }
             }
             if written == out.len() {
-                return match Pin::new(&mut conn.stream).poll_flush(cx) {
+                return match Pin::new(conn.writer()).poll_flush(cx) {
                     Poll::Ready(Ok(())) => Poll::Ready(Ok(())),
                     Poll::Ready(Err(e)) => Poll::Ready(Err(format!("server {addr}: {e}"))),
                     Poll::Pending => Poll::Pending,
@@ -155,7 +155,7 @@ impl Leg {
                     )));
                 }
                 let mut buf = ReadBuf::new(&mut chunk);
-                match Pin::new(&mut conn.stream).poll_read(cx, &mut buf) {
+                match Pin::new(conn.stream()).poll_read(cx, &mut buf) {
                     Poll::Ready(Ok(())) if buf.filled().is_empty() => {
                         return Poll::Ready(Err(format!("server {addr} closed the connection")))
                     }

@@ -33,7 +33,6 @@ mod split;
 pub mod startup;
 mod txn;
 mod unit;
-mod wake;
 
 use crate::clients::ClientSlot;
 use crate::protocol::backend::{self, sqlstate, PgError};
@@ -251,7 +250,7 @@ pub struct Session {
     cache_writes: cached::Written,
     /// The client socket's read interest: not polled again while it waits
     /// and nothing woke it (`wake.rs`).
-    client_read: wake::ReadWatch,
+    client_read: crate::wake::ReadWatch,
 }
 
 impl Session {

@@ -1246,7 +1246,7 @@ impl Session {
                 return;
             };
             if !self.server_out.is_empty() {
-                if conn.stream.write_all(&self.server_out).await.is_err() {
+                if conn.writer().write_all(&self.server_out).await.is_err() {
                     return;
                 }
                 self.server_out.clear();

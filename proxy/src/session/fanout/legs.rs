@@ -144,7 +144,7 @@ impl Session {
         tracing::warn!(error = %msg, traceparent = self.unit_trace().as_deref(), "multi-shard statement failed");
         for mut leg in legs {
             // Whatever state the connection is in, it is not reused.
-            let _ = leg.conn.stream.shutdown().await;
+            let _ = leg.conn.stream().shutdown().await;
             leg.conn.discard();
         }
         PgError::error(sqlstate::CONNECTION_FAILURE, msg).encode(&mut self.client_out);

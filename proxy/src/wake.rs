@@ -8,6 +8,11 @@
 //! compare), only to be told what it already knows. The read is polled with
 //! a waker of its own that notes the wake-up and then wakes the task.
 //!
+//! A session watches its client's socket and its server connection's (the
+//! watch of a server connection lives in it, `ServerConnection`, and goes
+//! with it through the pool: a connection lent again is not polled before
+//! its server has sent anything, whichever session last polled it).
+//!
 //! The protocol is `AtomicWaker`'s: the waker sets the flag, then takes and
 //! wakes the registered task; a poll registers the task, then reads the
 //! flag, on every poll that relies on a wake-up to come (a skipped one
@@ -37,13 +42,15 @@ impl Wake for Fired {
 }
 
 /// One socket's read interest, polled through [`ReadWatch::poll`] only.
-pub(super) struct ReadWatch {
+pub(crate) struct ReadWatch {
     fired: Arc<Fired>,
     /// The waker the read is polled with (made once: tokio compares it with
     /// the one it holds and keeps that one when they are the same).
     waker: Waker,
     /// The last poll was pending, and the socket holds `waker` since.
     parked: bool,
+    /// A task is registered (and not let go by `release`).
+    holds_task: bool,
 }
 
 impl Default for ReadWatch {
@@ -53,6 +60,7 @@ impl Default for ReadWatch {
             waker: Waker::from(fired.clone()),
             fired,
             parked: false,
+            holds_task: false,
         }
     }
 }
@@ -78,6 +86,7 @@ impl ReadWatch {
             // already consumed, may take that registration late (waking
             // the task for nothing) and leave none for the next one.
             self.fired.task.register(cx.waker());
+            self.holds_task = true;
             if !self.fired.fired.swap(false, Ordering::AcqRel) {
                 return Poll::Pending;
             }
@@ -89,6 +98,7 @@ impl ReadWatch {
         self.parked = polled.is_pending();
         if self.parked {
             self.fired.task.register(cx.waker());
+            self.holds_task = true;
             if self.fired.fired.load(Ordering::Acquire) {
                 // Woken before the task was registered: poll again.
                 cx.waker().wake_by_ref();
@@ -101,6 +111,18 @@ impl ReadWatch {
     /// another waker from then on): the next poll reads.
     pub fn forget(&mut self) {
         self.parked = false;
+    }
+
+    /// No task polls the socket for now (a connection back in its pool):
+    /// the task registered last is let go, so a finished session's task is
+    /// not kept alive by an idle connection. A wake-up meanwhile is still
+    /// noted, and the next poll reads.
+    #[inline]
+    pub fn release(&mut self) {
+        if self.holds_task {
+            self.holds_task = false;
+            drop(self.fired.task.take());
+        }
     }
 }
 
