@@ -681,23 +681,18 @@ mod tests {
         (task.clone(), std::task::Waker::from(task))
     }
 
-    /// A read of the socket other than `poll_fill` (the fan-out's, a
-    /// reset's) takes the socket's registration from the watch: the next
-    /// `poll_fill` must read, not wait for a wake-up that now goes
-    /// elsewhere.
-    #[tokio::test]
-    async fn a_read_through_the_stream_makes_the_next_fill_read() {
-        use tokio::io::{AsyncRead, ReadBuf};
+    /// A connection whose watched read went pending is read `elsewhere`
+    /// (with the task's waker at hand); then its peer sends a byte: once
+    /// the socket is readable, a watched `poll_fill` must read it, not wait
+    /// for a wake-up that now goes to another waker.
+    async fn assert_watched_fill_reads_after(
+        elsewhere: impl FnOnce(&mut ServerConnection, &mut Context<'_>),
+    ) {
         let (mut conn, mut peer) = local_pair().await;
         let (_task, waker) = counted_task();
         let mut cx = Context::from_waker(&waker);
         assert!(conn.poll_fill(&mut cx, true).is_pending());
-        let (_other, other_waker) = counted_task();
-        let mut byte = [0u8; 1];
-        let mut buf = ReadBuf::new(&mut byte);
-        assert!(std::pin::Pin::new(conn.stream())
-            .poll_read(&mut Context::from_waker(&other_waker), &mut buf)
-            .is_pending());
+        elsewhere(&mut conn, &mut cx);
         peer.write_all(b"x").await.expect("write");
         conn.socket().tcp().readable().await.expect("readable");
         assert!(
@@ -707,21 +702,30 @@ mod tests {
         assert_eq!(&conn.read_buf[..], b"x");
     }
 
+    /// A read of the socket other than `poll_fill` (the fan-out's, a
+    /// reset's) takes the socket's registration from the watch.
+    #[tokio::test]
+    async fn a_read_through_the_stream_makes_the_next_fill_read() {
+        use tokio::io::{AsyncRead, ReadBuf};
+        assert_watched_fill_reads_after(|conn, _| {
+            let (_other, other_waker) = counted_task();
+            let mut byte = [0u8; 1];
+            let mut buf = ReadBuf::new(&mut byte);
+            assert!(std::pin::Pin::new(conn.stream())
+                .poll_read(&mut Context::from_waker(&other_waker), &mut buf)
+                .is_pending());
+        })
+        .await;
+    }
+
     /// An unwatched read (a connection that was let go once answered) holds
-    /// the task's own waker: a watched read after it must read.
+    /// the task's own waker.
     #[tokio::test]
     async fn an_unwatched_read_makes_the_next_watched_one_read() {
-        let (mut conn, mut peer) = local_pair().await;
-        let (_task, waker) = counted_task();
-        let mut cx = Context::from_waker(&waker);
-        assert!(conn.poll_fill(&mut cx, true).is_pending());
-        assert!(conn.poll_fill(&mut cx, false).is_pending());
-        peer.write_all(b"x").await.expect("write");
-        conn.socket().tcp().readable().await.expect("readable");
-        assert!(
-            matches!(conn.poll_fill(&mut cx, true), Poll::Ready(Ok(1))),
-            "the byte is read"
-        );
+        assert_watched_fill_reads_after(|conn, cx| {
+            assert!(conn.poll_fill(cx, false).is_pending());
+        })
+        .await;
     }
 
     /// A connection back in its pool lets its last session's task go; what
