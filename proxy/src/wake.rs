@@ -127,13 +127,13 @@ impl ReadWatch {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use std::sync::atomic::AtomicUsize;
 
     /// Counts its wake-ups.
     #[derive(Default)]
-    struct Count(AtomicUsize);
+    pub(crate) struct Count(pub(crate) AtomicUsize);
     impl Wake for Count {
         fn wake(self: Arc<Self>) {
             self.0.fetch_add(1, Ordering::Relaxed);
@@ -141,7 +141,7 @@ mod tests {
     }
 
     /// A task that counts its wake-ups, and its waker.
-    fn counted_task() -> (Arc<Count>, Waker) {
+    pub(crate) fn counted_task() -> (Arc<Count>, Waker) {
         let task = Arc::new(Count::default());
         (task.clone(), Waker::from(task))
     }

@@ -620,6 +620,7 @@ impl Drop for Listed {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::wake::tests::counted_task;
     use std::io::Read;
 
     /// A cut shuts the listed sockets once: the next cut finds (and
@@ -665,20 +666,6 @@ mod tests {
         let (theirs, _) = listener.accept().await.expect("accept");
         let conn = ServerConnection::over(Stream::Plain(ours), "local".into(), 8);
         (conn, theirs)
-    }
-
-    /// Counts its wake-ups.
-    #[derive(Default)]
-    struct Count(std::sync::atomic::AtomicUsize);
-    impl std::task::Wake for Count {
-        fn wake(self: Arc<Self>) {
-            self.0.fetch_add(1, Relaxed);
-        }
-    }
-
-    fn counted_task() -> (Arc<Count>, std::task::Waker) {
-        let task = Arc::new(Count::default());
-        (task.clone(), std::task::Waker::from(task))
     }
 
     /// A connection whose watched read went pending is read `elsewhere`
