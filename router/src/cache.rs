@@ -21,6 +21,9 @@ pub struct Route {
     pub role_hint: Option<RoleHint>,
     /// Where each statement's rows live (when there are several shards).
     pub shards: Option<Arc<[Template]>>,
+    /// One statement placed by one key and nothing else
+    /// (`shards::one_key`): placed without the general path's steps.
+    pub one_key: Option<crate::shards::OneKey>,
     /// State the statements leave on their server connection after the
     /// transaction (`classify::session_state`), which pooling must keep
     /// from other clients.
@@ -388,6 +391,7 @@ pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>)
         class,
         source,
         role_hint: hint.and_then(|h| h.role),
+        one_key: shards.as_deref().and_then(crate::shards::one_key),
         shards,
         session_state: crate::classify::session_state(sql).filter(|_| !refused),
         effects: crate::effect::may_have_effects(sql),

@@ -3,7 +3,9 @@
 use shardline_config::Config;
 use shardline_router::hash::KeyValue;
 use shardline_router::sharding::{mask_of, Sharding};
-use shardline_router::shards::{resolve, resolve_noting, Construct, KeyInput, KeySeen, Placement};
+use shardline_router::shards::{
+    resolve, resolve_noting, shard_by_key, Construct, KeyInput, KeySeen, Placement,
+};
 use shardline_router::{classify::Options, Router};
 use std::sync::Arc;
 
@@ -81,6 +83,7 @@ impl T {
         param_types: &[u32],
     ) -> Vec<Placement> {
         let route = self.router.route(sql);
+        let one_key = route.one_key;
         let input = KeyInput {
             sql: sql.into(),
             params,
@@ -114,6 +117,15 @@ impl T {
             .map(|t| resolve_noting(t, &self.sh, &noted, &mut self.seen))
             .collect();
         assert_eq!(placed, noting, "noting keys: {sql}");
+        // The one-key shortcut, for a text that has one, places alike and
+        // notes the same keys (or leaves the statement to the general path).
+        if let Some(k) = &one_key {
+            let mut seen = Vec::new();
+            if let Some(s) = shard_by_key(k, &self.sh, &noted, Some(&mut seen)) {
+                assert_eq!(placed, vec![Placement::One(s)], "one key: {sql}");
+                assert_eq!(seen, self.seen, "one key's notes: {sql}");
+            }
+        }
         placed
     }
 
@@ -188,6 +200,35 @@ fn point_statements_reach_the_key_owner() {
 /// sign, leading zeros, 19 digits, underscores, quoted, escaped and
 /// dollar-quoted strings; a value no bigint holds reaches every shard,
 /// where the server reports its own error.
+/// The statements placed by one key and nothing else are known from
+/// their text (`Route::one_key`); anything that could place one elsewhere
+/// leaves it to the general path.
+#[test]
+fn one_key_statements_are_known_from_their_text() {
+    let mut t = T::new();
+    for sql in [
+        "SELECT * FROM users WHERE id = 42",
+        "SELECT * FROM users WHERE id = $1",
+        "UPDATE users SET name = 'x' WHERE id = -7",
+        "INSERT INTO users (id, name) VALUES (7, 'a')",
+        "DELETE FROM events WHERE device = $1",
+    ] {
+        assert!(t.router.route(sql).one_key.is_some(), "{sql}");
+    }
+    for sql in [
+        "SELECT * FROM users",
+        "SELECT * FROM users WHERE id IN (1, 2)",
+        "SELECT * FROM countries",
+        "/* shardline: shard=s1 */ SELECT * FROM users WHERE id = 1",
+        "SELECT * FROM users WHERE id = 1; SELECT * FROM users WHERE id = 2",
+        "UPDATE users SET id = 2 WHERE id = 1",
+        "DECLARE c CURSOR FOR SELECT * FROM users WHERE id = 1",
+        "INSERT INTO users (id, name) VALUES (1, 'a'), (2, 'b')",
+    ] {
+        assert_eq!(t.router.route(sql).one_key, None, "{sql}");
+    }
+}
+
 #[test]
 fn integer_key_constants_in_every_written_form() {
     let mut t = T::new();

@@ -270,6 +270,7 @@ mod tests {
             source: shardline_router::classify::Source::Parsed,
             role_hint: None,
             shards: None,
+            one_key: None,
             session_state: None,
             effects: false,
             cache: None,

@@ -12,7 +12,9 @@ use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::frontend;
 use shardline_config::{PoolMode, ReadYourWrites};
 use shardline_router::memo::ShapeMemo;
-use shardline_router::shards::{combine, resolve, resolve_noting, KeyInput, Placement, SqlText};
+use shardline_router::shards::{
+    combine, resolve, resolve_noting, shard_by_key, KeyInput, Placement, SqlText,
+};
 use shardline_router::{
     classify::{Class, Source},
     lone_transaction_end, plan_unit, Route, Target, UnitFacts, UnitPlan,
@@ -35,6 +37,7 @@ const FUNCTION_CALL: Route = Route {
     source: Source::Parsed,
     role_hint: None,
     shards: None,
+    one_key: None,
     session_state: None,
     // Not known (a non-UTF-8 text has no effect the proxy reads anyway).
     effects: true,
@@ -411,14 +414,23 @@ impl Session {
         route: &Route,
         (query, param_types, kept): ToPlace<'_>,
         params: &[shardline_router::shards::Param<'_>],
-        seen: Option<&mut Vec<shardline_router::shards::KeySeen>>,
+        mut seen: Option<&mut Vec<shardline_router::shards::KeySeen>>,
     ) -> Placements {
         let (Some(sh), Some(templates)) = (&self.shared.sharding, &route.shards) else {
             return Placements::new();
         };
-        // The unit's plan routed this text: kept as a string, with where
-        // the shape found its constants.
+        // A key read from a parameter needs no text. Else: the unit's plan
+        // routed this text, kept as a string with where the shape found its
+        // constants.
+        let from_params = matches!(
+            route.one_key,
+            Some(shardline_router::shards::OneKey {
+                src: shardline_router::shards::KeySrc::Param { .. },
+                ..
+            })
+        );
         let found = match kept {
+            _ if from_params => None,
             Some(i) => routes.at(i),
             None => routes
                 .entry(query)
@@ -437,6 +449,17 @@ impl Session {
             session_key: self.session_key.as_deref(),
             constants,
         };
+        if let Some(k) = &route.one_key {
+            // The usual statement: one key's shard.
+            if let Some(shard) = shard_by_key(k, sh, &input, seen.as_deref_mut()) {
+                debug_assert_eq!(
+                    Placement::One(shard),
+                    resolve(&templates[0], sh, &input),
+                    "one key places as the general path"
+                );
+                return smallvec::smallvec![Placement::One(shard)];
+            }
+        }
         match seen {
             Some(seen) => templates
                 .iter()

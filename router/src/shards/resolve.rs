@@ -270,16 +270,24 @@ fn resolve_general(
 }
 
 /// The usual statement, placed by one key and nothing else (`WHERE id =
-/// 42`, `WHERE id = $1`, a one-row INSERT): the shard that owns the key,
-/// as the general path below finds it, without its steps. `None` for
-/// anything else, and for a key the general path refuses or spreads (it
-/// then decides).
-fn by_one_key(
-    t: &Template,
-    sh: &Sharding,
-    input: &KeyInput,
-    seen: Option<&std::cell::RefCell<&mut Vec<KeySeen>>>,
-) -> Option<Placement> {
+/// 42`, `WHERE id = $1`, a one-row INSERT): its table group and where the
+/// key is read from. Found once per statement text (`Route::one_key`), so
+/// placing it costs reading the key and finding its shard
+/// ([`shard_by_key`]), not the general path's steps.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub struct OneKey {
+    pub group: usize,
+    pub src: KeySrc,
+}
+
+/// The [`OneKey`] of a text's statements: one statement, of one sharded
+/// group, restricted by one key and nothing that could place it elsewhere
+/// (a hint, a refusal, COPY, pinned parts, a key change, a cursor it
+/// declares or reads).
+pub fn one_key(templates: &[Template]) -> Option<OneKey> {
+    let [t] = templates else {
+        return None;
+    };
     let Scope::Sharded {
         group,
         key: KeyExpr::Keys(srcs),
@@ -292,21 +300,51 @@ fn by_one_key(
     let [src] = srcs.as_slice() else {
         return None;
     };
-    if t.hint.is_some()
-        || input.session_shard.is_some()
-        || input.session_key.is_some()
-        || t.refusal.is_some()
-        || t.copy_in.is_some()
-        || !t.pinned.is_empty()
-    {
+    let plain = t.hint.is_none()
+        && t.refusal.is_none()
+        && t.copy_in.is_none()
+        && t.pinned.is_empty()
+        && t.cursor_name.is_none();
+    plain.then_some(OneKey {
+        group: *group,
+        src: *src,
+    })
+}
+
+/// The shard that owns the key a [`OneKey`] statement reads, as the
+/// general path places it, noting the key (not NULL) in `seen`. `None`
+/// when the general path must decide: the session names a shard or key,
+/// or the key cannot be read or placed (it then refuses or spreads).
+pub fn shard_by_key(
+    k: &OneKey,
+    sh: &Sharding,
+    input: &KeyInput,
+    seen: Option<&mut Vec<KeySeen>>,
+) -> Option<usize> {
+    if input.session_shard.is_some() || input.session_key.is_some() {
         return None;
     }
-    let g = &sh.groups[*group];
-    let key = key_value(src, g, &Values::new(input)).ok()?;
+    let g = &sh.groups[k.group];
+    let key = key_value(&k.src, g, &Values::new(input)).ok()?;
     let shard = g.shard_of(key.as_ref()).ok()?;
     if let (Some(seen), Some(key)) = (seen, &key) {
-        note(&mut seen.borrow_mut(), g, key, shard);
+        note(seen, g, key, shard);
     }
+    Some(shard)
+}
+
+/// [`shard_by_key`] for a template that has a [`OneKey`].
+fn by_one_key(
+    t: &Template,
+    sh: &Sharding,
+    input: &KeyInput,
+    seen: Option<&std::cell::RefCell<&mut Vec<KeySeen>>>,
+) -> Option<Placement> {
+    let k = one_key(std::slice::from_ref(t))?;
+    let shard = match seen {
+        Some(seen) => shard_by_key(&k, sh, input, Some(&mut seen.borrow_mut())),
+        None => shard_by_key(&k, sh, input, None),
+    }?;
     Some(Placement::One(shard))
 }
 
