@@ -195,11 +195,6 @@ fn point_statements_reach_the_key_owner() {
     }
 }
 
-/// An integer key written as a constant in any of the forms the server
-/// reads is placed by its value: plain digits (read in place), a minus
-/// sign, leading zeros, 19 digits, underscores, quoted, escaped and
-/// dollar-quoted strings; a value no bigint holds reaches every shard,
-/// where the server reports its own error.
 /// The statements placed by one key and nothing else are known from
 /// their text (`Route::one_key`); anything that could place one elsewhere
 /// leaves it to the general path.
@@ -229,6 +224,11 @@ fn one_key_statements_are_known_from_their_text() {
     }
 }
 
+/// An integer key written as a constant in any of the forms the server
+/// reads is placed by its value: plain digits (read in place), a minus
+/// sign, leading zeros, 19 digits, underscores, quoted, escaped and
+/// dollar-quoted strings; a value no bigint holds reaches every shard,
+/// where the server reports its own error.
 #[test]
 fn integer_key_constants_in_every_written_form() {
     let mut t = T::new();
