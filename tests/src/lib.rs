@@ -9,6 +9,7 @@ pub mod callgrind;
 #[cfg(feature = "containers")]
 pub mod containers;
 pub mod drivers;
+pub mod relay;
 
 use anyhow::{Context as _, Result};
 use shardline::cluster::{ClusterSpec, LocalCluster, NodeInfo};

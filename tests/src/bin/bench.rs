@@ -10,6 +10,12 @@
 //! proxy on the same config as target `baseline`, interleaved with this
 //! one: what a change costs, in one run.
 //!
+//! Target `relay` is a bare relay on tokio (`shardline_tests::relay`, run
+//! by this program as `shardline-bench --relay CONFIG`): one server
+//! connection per client, bytes copied both ways, nothing parsed or
+//! pooled. Its CPU is the floor of any proxy that reads and writes through
+//! tokio, beside PgBouncer's.
+//!
 //! `--instructions N` also counts each proxy's user-space instructions per
 //! transaction under callgrind (valgrind), N transactions per client and
 //! mode: a count that does not move with the machine's load, where CPU
@@ -77,6 +83,12 @@ fn field(out: &str, prefix: &str) -> Option<f64> {
 }
 
 fn main() -> Result<()> {
+    let argv: Vec<std::ffi::OsString> = std::env::args_os().skip(1).collect();
+    if let [flag, config] = argv.as_slice() {
+        if flag == "--relay" {
+            return shardline_tests::relay::run(std::path::Path::new(config));
+        }
+    }
     let args = parse_args()?;
     let bin = PgBin::find()?;
     println!(
@@ -279,6 +291,34 @@ fn main() -> Result<()> {
         }
         None => println!("PgBouncer not installed (scripts/setup-debian.sh --with-pgbouncer); comparing with direct only"),
     }
+
+    // The floor of a proxy on tokio: this program as a bare relay.
+    let relay_port = free_port()?;
+    let relay_cfg = cluster.root.join("bench-relay.conf");
+    std::fs::write(
+        &relay_cfg,
+        shardline_tests::relay::config(relay_port, primary.port),
+    )?;
+    let this = std::env::current_exe()?;
+    let mut cmd = Command::new(&this);
+    cmd.arg("--relay").arg(&relay_cfg).stderr(Stdio::inherit());
+    shardline_tests::own_session(&mut cmd);
+    let child = cmd.spawn()?;
+    targets.push(Target {
+        name: "relay",
+        port: relay_port,
+        pid: Some(child.id()),
+        launch: Some(Launch {
+            program: this,
+            config_flag: Some("--relay"),
+            config: relay_cfg,
+            port_line: shardline_tests::relay::listen_line(relay_port),
+            port_text: shardline_tests::relay::listen_line,
+            ids: None,
+            connect_fn: None,
+        }),
+    });
+    children.push(Reaped(child));
     std::thread::sleep(Duration::from_millis(500));
     for t in &targets {
         pgbench(t.port, &["-n", "-S", "-T", "1", "-c", "2"])
