@@ -1118,6 +1118,30 @@ fn pipelines_of_single_shard_executions() {
     );
 }
 
+/// A query string may also hold statements on several shards (a migration's
+/// DDL beside its keyed INSERTs): each runs on every shard of its own.
+/// Merged reads and split INSERTs still cannot share a string.
+#[test]
+fn query_strings_of_single_and_several_shard_statements() {
+    use shardline_router::shards::statement_shards;
+    let one = |s| Placement::One(s);
+    assert_eq!(
+        statement_shards(&[Placement::Many(0b111), one(0), one(1)]),
+        Some(0b111)
+    );
+    assert_eq!(
+        statement_shards(&[one(2), Placement::Many(0b011)]),
+        Some(0b111)
+    );
+    assert_eq!(statement_shards(&[one(0), one(1)]), Some(0b11));
+    assert_eq!(statement_shards(&[one(1), Placement::Anywhere]), None);
+    assert_eq!(
+        statement_shards(&[Placement::Many(0b11), Placement::Merge(0b11)]),
+        None
+    );
+    assert_eq!(statement_shards(&[one(0), Placement::Split(0b11)]), None);
+}
+
 /// Subqueries, CTEs and set-operation branches whose every sharded read is
 /// pinned by its own WHERE to keys of one shard: the statement runs whole
 /// there. Keys of different shards, an unpinned part, or a top level

@@ -422,6 +422,113 @@ async fn query_strings_spanning_shards_run_each_statement_on_its_shard() {
     assert_eq!(audit(&env, &sh), 3);
 }
 
+/// A migration sent as one query string (golang-migrate runs each file so,
+/// Django's RunSQL and `psql -c` too): DDL runs on every shard beside the
+/// keyed INSERTs on theirs, answered once; a read without a key gets every
+/// shard's rows and one count; a failure anywhere rolls back the DDL on
+/// every shard with the rest.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn query_strings_with_ddl_run_it_on_every_shard() {
+    let (env, sh) = two_shards_with(&format!(
+        "{SHARDING}\n[[reference_tables]]\nname = \"countries\"\n"
+    ))
+    .await;
+    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let (a, b) = (on(0), on(1));
+    let tables = |name: &str| -> Vec<String> {
+        (0..2)
+            .map(|s| {
+                env.sql_shard(
+                    s,
+                    &format!("SELECT count(*) FROM pg_class WHERE relname = '{name}'"),
+                )
+                .trim()
+                .to_string()
+            })
+            .collect()
+    };
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let sql = format!(
+        "CREATE TABLE IF NOT EXISTS notes (id bigint PRIMARY KEY, body text); \
+         INSERT INTO users (id, name) VALUES ({}, 'm'); INSERT INTO users (id, name) VALUES ({}, 'm'); \
+         ALTER TABLE notes ADD COLUMN at int; CREATE TABLE IF NOT EXISTS notes (id int)",
+        a[0], b[0]
+    );
+    let r = c.exchange(&[query(&sql)]).await.unwrap();
+    // The second CREATE's notice ("already exists, skipping") comes once.
+    assert_eq!(tags(&r), b"CCCCNCZ", "{r:?}");
+    let tag = |m: &RawMessage| String::from_utf8_lossy(&m.1[..m.1.len() - 1]).into_owned();
+    assert_eq!(tag(&r[0]), "CREATE TABLE");
+    assert_eq!(tag(&r[1]), "INSERT 0 1");
+    assert_eq!(tag(&r[3]), "ALTER TABLE");
+    assert_eq!(tables("notes"), ["1", "1"]);
+    assert_eq!(
+        (0..2)
+            .map(|s| env.sql_shard(s, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'notes' AND column_name = 'at'").trim().to_string())
+            .collect::<Vec<_>>(),
+        ["1", "1"]
+    );
+    assert_eq!(audit(&env, &sh), 2);
+    // A reference table made and written with a keyed row: every shard
+    // holds its copy, and the write is answered as by one server
+    // (`INSERT 0 1`, not the shards' sum).
+    let sql = format!(
+        "CREATE TABLE countries (code text PRIMARY KEY); INSERT INTO countries VALUES ('fr') RETURNING code; \
+         INSERT INTO users (id, name) VALUES ({}, 'k')",
+        b[2]
+    );
+    let r = c.exchange(&[query(&sql)]).await.unwrap();
+    assert_eq!(tags(&r), b"CTDCCZ", "{r:?}");
+    assert_eq!(tag(&r[3]), "INSERT 0 1");
+    assert_eq!(
+        (0..2)
+            .map(|s| env
+                .sql_shard(s, "SELECT string_agg(code, ',') FROM countries")
+                .trim()
+                .to_string())
+            .collect::<Vec<_>>(),
+        ["fr", "fr"]
+    );
+    assert_eq!(audit(&env, &sh), 3);
+    // A read without a key among keyed writes: every shard's rows, one
+    // count.
+    let sql = format!(
+        "INSERT INTO users (id, name) VALUES ({}, 'm'); SELECT id FROM users WHERE name = 'm'; \
+         UPDATE users SET name = 'n' WHERE name = 'm'",
+        a[1]
+    );
+    let r = c.exchange(&[query(&sql)]).await.unwrap();
+    assert_eq!(tags(&r), b"CTDDDCCZ", "{r:?}");
+    let mut got = ids(&r);
+    got.sort();
+    let mut want = vec![a[0], a[1], b[0]];
+    want.sort();
+    assert_eq!(got, want);
+    assert_eq!(tag(&r[5]), "SELECT 3");
+    assert_eq!(tag(&r[6]), "UPDATE 3", "the shards' counts summed");
+    // A failing INSERT (a key taken) after DDL: the DDL is rolled back on
+    // both shards with the rows.
+    let sql = format!(
+        "CREATE TABLE tags (id int); INSERT INTO users (id, name) VALUES ({}, 'x'); \
+         INSERT INTO users (id, name) VALUES ({}, 'dup')",
+        b[1], a[0]
+    );
+    let r = c.exchange(&[query(&sql)]).await.unwrap();
+    assert_eq!(tags(&r), b"CCEZ", "{r:?}");
+    assert_eq!(error_code(&r[2].1), "23505");
+    assert_eq!(tables("tags"), ["0", "0"], "rolled back on every shard");
+    assert_eq!(audit(&env, &sh), 4);
+    // DDL failing on the shards (a table that is not there): nothing runs.
+    let sql = format!(
+        "INSERT INTO users (id, name) VALUES ({}, 'x'); DROP TABLE missing; INSERT INTO users (id, name) VALUES ({}, 'y')",
+        b[1], a[2]
+    );
+    let r = c.exchange(&[query(&sql)]).await.unwrap();
+    assert_eq!(tags(&r), b"CEZ", "{r:?}");
+    assert_eq!(error_code(&r[1].1), "42P01");
+    assert_eq!(audit(&env, &sh), 4);
+}
+
 /// The ReadyForQuery status of an answer's last message.
 fn status(r: &[RawMessage]) -> u8 {
     let z = r.last().expect("an answer");

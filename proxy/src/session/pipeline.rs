@@ -23,13 +23,20 @@ use super::{End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, Frame};
 use bytes::BytesMut;
-use shardline_router::sharding::{shards_in, ShardMask};
+use shardline_router::sharding::{mask_of, shards_in, ShardMask};
 use shardline_router::shards::{Construct, Placement};
 use shardline_router::Target;
 
 /// A shard's part of a pipeline is written whole before its answers are
 /// forwarded; what the server answers meanwhile is held, up to this.
 const MAX_DRAINED: usize = 16 << 20;
+
+/// The legs that run one statement of a split query string.
+struct StatementLegs {
+    legs: Vec<usize>,
+    /// A write of reference tables only.
+    replicated: bool,
+}
 
 /// Which legs a client message goes to.
 #[derive(Clone, Copy)]
@@ -146,7 +153,7 @@ impl Session {
             let mine: Vec<&str> = statements
                 .iter()
                 .zip(&to)
-                .filter(|(_, &l)| l == i)
+                .filter(|(_, runs)| runs.legs.contains(&i))
                 .map(|(s, _)| *s)
                 .collect();
             frontend::write_query(&mut out, &mine.join(";\n"));
@@ -160,16 +167,18 @@ impl Session {
         self.finish_legs(legs, begin, wrap, writes, answered).await
     }
 
-    /// The leg of each statement of a query string: its key's shard, or
-    /// the previous statement's (one without a key). Transaction control
-    /// and session settings cannot be split.
+    /// The legs of each statement of a query string: its key's shard, the
+    /// previous statement's (one without a key), or each of its shards (DDL,
+    /// a write or a read without a key). Transaction control and session
+    /// settings cannot be split.
     fn statement_legs(
         &self,
         statements: &[&str],
         placements: &[Placement],
         shards: &[usize],
-    ) -> Result<Vec<usize>, PgError> {
+    ) -> Result<Vec<StatementLegs>, PgError> {
         use shardline_router::classify::Class;
+        use shardline_router::shards::Scope;
         if statements.len() != placements.len() {
             return Err(self.shared.events.refusals.refuse(
                 Construct::Batch,
@@ -179,7 +188,8 @@ impl Session {
         let mut current = 0;
         let mut to = Vec::with_capacity(statements.len());
         for (sql, place) in statements.iter().zip(placements) {
-            match self.route_text(sql.as_bytes()).class {
+            let route = self.route_text(sql.as_bytes());
+            match route.class {
                 Class::Begin { .. } | Class::TransactionControl | Class::SetTransaction { .. } | Class::Session => {
                     return Err(self.shared.events.refusals.refuse(
                         Construct::Batch,
@@ -188,30 +198,103 @@ impl Session {
                 }
                 _ => {}
             }
-            if let Placement::One(s) = place {
-                if let Some(i) = shards.iter().position(|x| x == s) {
-                    current = i;
+            let legs = match place {
+                Placement::One(s) => {
+                    if let Some(i) = shards.iter().position(|x| x == s) {
+                        current = i;
+                    }
+                    vec![current]
                 }
-            }
-            to.push(current);
+                Placement::Many(m) => (0..shards.len())
+                    .filter(|&i| m & mask_of(shards[i]) != 0)
+                    .collect(),
+                _ => vec![current],
+            };
+            // A write of reference tables only: every shard holds the same
+            // rows and answers the same.
+            let replicated = route.shards.as_ref().is_some_and(|t| {
+                !t.is_empty()
+                    && t.iter()
+                        .all(|t| t.write && matches!(t.scope, Scope::Reference))
+            });
+            to.push(StatementLegs { legs, replicated });
         }
         Ok(to)
     }
 
     /// Reads the answers of a split query string statement by statement,
-    /// each from its leg, and every leg to its ReadyForQuery; returns
-    /// whether a statement failed.
-    async fn statement_answers(&mut self, to: &[usize], legs: &mut [Leg]) -> Result<bool, String> {
+    /// from the legs that run each, and every leg to its ReadyForQuery;
+    /// returns whether a statement failed.
+    async fn statement_answers(
+        &mut self,
+        to: &[StatementLegs],
+        legs: &mut [Leg],
+    ) -> Result<bool, String> {
         let mut failed = false;
-        for &i in to {
-            let ends = |t: u8| t == backend::COMMAND_COMPLETE || t == backend::EMPTY_QUERY;
-            if !self.relay_answer(&mut legs[i], ends, true).await? {
+        for runs in to {
+            let answered = match runs.legs.as_slice() {
+                &[i] => {
+                    let ends = |t: u8| t == backend::COMMAND_COMPLETE || t == backend::EMPTY_QUERY;
+                    self.relay_answer(&mut legs[i], ends, true).await?
+                }
+                several => self.relay_answers(legs, several, runs.replicated).await?,
+            };
+            if !answered {
                 failed = true;
                 break;
             }
         }
         drain_to_ready(legs).await?;
         Ok(failed)
+    }
+
+    /// Forwards the answers of `several` legs to one statement as one
+    /// server's: the first leg's, then the others' rows (none more for a
+    /// write of reference tables, whose copies answer alike), and one
+    /// command tag: their counts summed (`UPDATE 5`), or the tag they all
+    /// gave (`CREATE TABLE`). `Ok(false)` after an error, forwarded.
+    async fn relay_answers(
+        &mut self,
+        legs: &mut [Leg],
+        several: &[usize],
+        replicated: bool,
+    ) -> Result<bool, String> {
+        let mut ends: Vec<(usize, BytesMut)> = Vec::with_capacity(several.len());
+        for (n, &i) in several.iter().enumerate() {
+            loop {
+                let msg = legs[i].next().await?;
+                match msg[0] {
+                    backend::PARAMETER_STATUS => {}
+                    backend::ERROR_RESPONSE => {
+                        self.client_out.extend_from_slice(&msg);
+                        return Ok(false);
+                    }
+                    backend::READY_FOR_QUERY
+                    | backend::COPY_IN_RESPONSE
+                    | backend::COPY_OUT_RESPONSE => return Err(self.unexpected(&legs[i], msg[0])),
+                    backend::COMMAND_COMPLETE | backend::EMPTY_QUERY => {
+                        ends.push((legs[i].shard, msg));
+                        break;
+                    }
+                    _ if n == 0 => self.client_out.extend_from_slice(&msg),
+                    backend::DATA_ROW if !replicated => self.client_out.extend_from_slice(&msg),
+                    // Said once already: the rows' description, notices
+                    // ("... does not exist, skipping"), a copy's rows.
+                    _ => {}
+                }
+                if self.client_out.len() >= FLUSH_AT {
+                    self.write_client().await.map_err(|e| e.to_string())?;
+                }
+            }
+        }
+        let tagged: Vec<(usize, &[u8])> = ends.iter().map(|(s, m)| (*s, &m[..])).collect();
+        match self.one_tag(&tagged, replicated) {
+            Ok(()) => Ok(true),
+            Err(e) => {
+                e.encode(&mut self.client_out);
+                Ok(false)
+            }
+        }
     }
 
     /// Where each message of the unit goes: Parse, Close and Sync to every
@@ -335,13 +418,7 @@ impl Session {
                 }
                 backend::READY_FOR_QUERY
                 | backend::COPY_IN_RESPONSE
-                | backend::COPY_OUT_RESPONSE => {
-                    return Err(format!(
-                        "shard {} answered statements sent together unexpectedly ('{}'); COPY cannot run among statements spanning shards",
-                        self.shared.topology.shards[leg.shard].name,
-                        msg[0] as char
-                    ));
-                }
+                | backend::COPY_OUT_RESPONSE => return Err(self.unexpected(leg, msg[0])),
                 tag if ends(tag) => {
                     if forward_end {
                         self.client_out.extend_from_slice(&msg);
@@ -354,6 +431,16 @@ impl Session {
                 self.write_client().await.map_err(|e| e.to_string())?;
             }
         }
+    }
+
+    /// A leg answered what the proxy did not send it: ReadyForQuery or COPY
+    /// among statements spanning shards.
+    fn unexpected(&self, leg: &Leg, tag: u8) -> String {
+        format!(
+            "shard {} answered statements sent together unexpectedly ('{}'); COPY cannot run among statements spanning shards",
+            self.shared.topology.shards[leg.shard].name,
+            tag as char
+        )
     }
 
     /// The pipeline failed before anything was sent (inside the client's

@@ -37,10 +37,24 @@ impl Placement {
 /// Bind) each need one shard, but not all the same one; `None` when they
 /// share a shard, or when one needs several shards or is refused.
 pub fn pipeline_shards(parts: &[Placement]) -> Option<ShardMask> {
+    parts_shards(parts, false)
+}
+
+/// The shards of a query string whose statements (`parts`, one placement
+/// per statement) need different shards: as [`pipeline_shards`], and a
+/// statement on several shards (DDL, a write or a read without a key) runs
+/// on each of its own. `None` when one placement covers the string, or a
+/// statement must be merged or split, or is refused.
+pub fn statement_shards(parts: &[Placement]) -> Option<ShardMask> {
+    parts_shards(parts, true)
+}
+
+fn parts_shards(parts: &[Placement], several: bool) -> Option<ShardMask> {
     let mut mask: ShardMask = 0;
     for p in parts {
         match p {
             Placement::One(s) => mask |= mask_of(*s),
+            Placement::Many(m) if several => mask |= m,
             Placement::Anywhere | Placement::Spread => {}
             _ => return None,
         }

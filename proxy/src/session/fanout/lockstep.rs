@@ -196,45 +196,15 @@ impl Session {
             }
             let first = &ends[0];
             if first[0] == backend::COMMAND_COMPLETE {
-                let counts: Option<Vec<(&[u8], u64)>> = ends
+                let tagged: Vec<(usize, &[u8])> = legs
                     .iter()
-                    .map(|m| tag_count(backend::command_tag(&m[5..])))
+                    .map(|l| l.shard)
+                    .zip(ends.iter().map(|m| &m[..]))
                     .collect();
-                match counts {
-                    Some(c) if replicated => {
-                        if c.iter().any(|x| x.1 != c[0].1) {
-                            let tags: Vec<String> = legs
-                                .iter()
-                                .zip(&c)
-                                .map(|(l, x)| {
-                                    format!(
-                                        "{} {} on shard {}",
-                                        String::from_utf8_lossy(x.0),
-                                        x.1,
-                                        self.shared.topology.shards[l.shard].name
-                                    )
-                                })
-                                .collect();
-                            tracing::error!(tags = %tags.join(", "), traceparent = self.unit_trace().as_deref(), "a reference-table write did different things on different shards");
-                            PgError::error(
-                                "XX001",
-                                format!(
-                                    "the copies of a reference table differ between shards: the same write gave {}; it is rolled back",
-                                    tags.join(", ")
-                                ),
-                            )
-                            .encode(&mut self.client_out);
-                            drain_after(legs, &ends).await?;
-                            return Ok(Merged::Done(true));
-                        }
-                        self.client_out.extend_from_slice(first);
-                    }
-                    Some(c) => {
-                        let total: u64 = c.iter().map(|x| x.1).sum();
-                        let head = String::from_utf8_lossy(c[0].0);
-                        backend::command_complete(&mut self.client_out, &format!("{head} {total}"));
-                    }
-                    None => self.client_out.extend_from_slice(first),
+                if let Err(e) = self.one_tag(&tagged, replicated) {
+                    e.encode(&mut self.client_out);
+                    drain_after(legs, &ends).await?;
+                    return Ok(Merged::Done(true));
                 }
             } else if first[0] == backend::COPY_IN_RESPONSE {
                 self.client_out.extend_from_slice(first);
@@ -243,6 +213,69 @@ impl Session {
                 self.client_out.extend_from_slice(first);
             }
         }
+    }
+
+    /// Answers the shards' CommandCompletes to one statement (`ends`: each
+    /// shard's) with one: their counts summed (`UPDATE 5` for 2 and 3), or
+    /// the first shard's tag when it has no count (`CREATE TABLE`). A
+    /// `replicated` write (reference tables only) is answered with the
+    /// first shard's tag once every shard's count agrees; shards that
+    /// disagree are an error (the caller rolls the write back).
+    pub(in crate::session) fn one_tag(
+        &mut self,
+        ends: &[(usize, &[u8])],
+        replicated: bool,
+    ) -> Result<(), PgError> {
+        let Some(&(_, first)) = ends.first() else {
+            return Ok(());
+        };
+        if ends.iter().any(|(_, m)| m[0] != first[0]) {
+            return Err(PgError::error(
+                "XX000",
+                "shards answered the same statement differently",
+            ));
+        }
+        let counts: Option<Vec<(&[u8], u64)>> = match first[0] {
+            backend::COMMAND_COMPLETE => ends
+                .iter()
+                .map(|(_, m)| tag_count(backend::command_tag(&m[5..])))
+                .collect(),
+            _ => None,
+        };
+        match counts {
+            Some(c) if replicated => {
+                if c.iter().any(|x| x.1 != c[0].1) {
+                    let tags: Vec<String> = ends
+                        .iter()
+                        .zip(&c)
+                        .map(|((shard, _), x)| {
+                            format!(
+                                "{} {} on shard {}",
+                                String::from_utf8_lossy(x.0),
+                                x.1,
+                                self.shared.topology.shards[*shard].name
+                            )
+                        })
+                        .collect();
+                    tracing::error!(tags = %tags.join(", "), traceparent = self.unit_trace().as_deref(), "a reference-table write did different things on different shards");
+                    return Err(PgError::error(
+                        "XX001",
+                        format!(
+                            "the copies of a reference table differ between shards: the same write gave {}; it is rolled back",
+                            tags.join(", ")
+                        ),
+                    ));
+                }
+                self.client_out.extend_from_slice(first);
+            }
+            Some(c) => {
+                let total: u64 = c.iter().map(|x| x.1).sum();
+                let head = String::from_utf8_lossy(c[0].0);
+                backend::command_complete(&mut self.client_out, &format!("{head} {total}"));
+            }
+            None => self.client_out.extend_from_slice(first),
+        }
+        Ok(())
     }
 
     /// Ends the proxy's BEGIN on every shard: COMMIT when the unit succeeded
