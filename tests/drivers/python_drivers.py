@@ -474,6 +474,20 @@ def psycopg2_checks(url, base, keys):
     cur.execute("SELECT count(*) FROM users WHERE id BETWEEN %s AND %s", (base + 700, base + 759))
     n = cur.fetchone()[0]
     check("psycopg2 inserts, executemany, execute_values across shards", n == 60, n)
+    # A migration sent as one string (as Django's RunSQL does through
+    # psycopg2): its DDL runs on every shard, its seed rows on their keys'.
+    seed = range(base + 760, base + 766)
+    cur.execute(
+        "CREATE TABLE IF NOT EXISTS pg2_migration (id bigint PRIMARY KEY, note text); "
+        + " ".join(f"INSERT INTO users (id, name) VALUES ({k}, 'pg2 seed {k}');" for k in seed)
+        + " ALTER TABLE pg2_migration ADD COLUMN IF NOT EXISTS at int"
+    )
+    for k in seed:
+        keys.add(k, f"pg2 seed {k}")
+    cur.execute("SELECT count(*) FROM users WHERE id BETWEEN %s AND %s", (seed[0], seed[-1]))
+    n = cur.fetchone()[0]
+    cur.execute("SELECT count(at) FROM pg2_migration")
+    check("psycopg2 migration string: DDL and seed rows across shards", n == 6, n)
     # In a transaction (psycopg2's default): one key, then rollback.
     conn.autocommit = False
     cur.execute("UPDATE users SET name = 'changed' WHERE id = %s", (base + 700,))
