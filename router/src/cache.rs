@@ -41,6 +41,16 @@ pub struct Route {
 }
 
 impl Route {
+    /// The statements write reference tables only: every shard holds the
+    /// same rows and answers the same, so one shard's answer stands for all.
+    pub fn writes_reference_tables(&self) -> bool {
+        self.shards.as_ref().is_some_and(|t| {
+            !t.is_empty()
+                && t.iter()
+                    .all(|t| t.write && matches!(t.scope, crate::shards::Scope::Reference))
+        })
+    }
+
     /// What the statements mean to the result cache.
     pub fn cache_use(&self) -> &crate::cacheable::CacheUse {
         self.cache

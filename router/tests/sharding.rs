@@ -1099,10 +1099,12 @@ fn parameters_are_read_as_their_own_type() {
     assert_eq!(t.place("SELECT * FROM users WHERE id::float8 = 5"), all);
 }
 
-/// A pipeline whose executions each run on one shard, on several shards in
-/// all, is run execution by execution; anything else is not.
+/// A pipeline or query string whose statements each run on one shard (or on
+/// several: a migration's DDL beside its keyed INSERTs), on several shards
+/// in all, is run statement by statement, each where it belongs. Merged
+/// reads and split INSERTs cannot share a unit.
 #[test]
-fn pipelines_of_single_shard_executions() {
+fn pipelines_of_single_and_several_shard_statements() {
     use shardline_router::shards::pipeline_shards;
     let one = |s| Placement::One(s);
     assert_eq!(pipeline_shards(&[one(0), one(1), one(0)]), Some(0b11));
@@ -1111,35 +1113,24 @@ fn pipelines_of_single_shard_executions() {
         Some(0b101)
     );
     assert_eq!(pipeline_shards(&[one(1), one(1)]), None);
-    assert_eq!(pipeline_shards(&[one(0), Placement::Many(0b11)]), None);
+    assert_eq!(pipeline_shards(&[one(1), Placement::Anywhere]), None);
+    assert_eq!(
+        pipeline_shards(&[Placement::Many(0b111), one(0), one(1)]),
+        Some(0b111)
+    );
+    assert_eq!(
+        pipeline_shards(&[one(2), Placement::Many(0b011)]),
+        Some(0b111)
+    );
     assert_eq!(
         pipeline_shards(&[one(0), Placement::Merge(0b11), one(1)]),
         None
     );
-}
-
-/// A query string may also hold statements on several shards (a migration's
-/// DDL beside its keyed INSERTs): each runs on every shard of its own.
-/// Merged reads and split INSERTs still cannot share a string.
-#[test]
-fn query_strings_of_single_and_several_shard_statements() {
-    use shardline_router::shards::statement_shards;
-    let one = |s| Placement::One(s);
     assert_eq!(
-        statement_shards(&[Placement::Many(0b111), one(0), one(1)]),
-        Some(0b111)
-    );
-    assert_eq!(
-        statement_shards(&[one(2), Placement::Many(0b011)]),
-        Some(0b111)
-    );
-    assert_eq!(statement_shards(&[one(0), one(1)]), Some(0b11));
-    assert_eq!(statement_shards(&[one(1), Placement::Anywhere]), None);
-    assert_eq!(
-        statement_shards(&[Placement::Many(0b11), Placement::Merge(0b11)]),
+        pipeline_shards(&[Placement::Many(0b11), Placement::Merge(0b11)]),
         None
     );
-    assert_eq!(statement_shards(&[one(0), Placement::Split(0b11)]), None);
+    assert_eq!(pipeline_shards(&[one(0), Placement::Split(0b11)]), None);
 }
 
 /// Subqueries, CTEs and set-operation branches whose every sharded read is

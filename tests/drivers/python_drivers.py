@@ -73,6 +73,15 @@ def psycopg_checks(url, base, keys):
                 conn.execute("INSERT INTO users (id, name) VALUES (%s, %s)", (k, f"pipe {k}"))
                 keys.add(k, f"pipe {k}")
         check("psycopg pipeline spanning shards", True)
+        # DDL in the pipeline beside keyed rows: on every shard, up to one Sync.
+        with conn.pipeline():
+            conn.execute("CREATE TABLE IF NOT EXISTS pipe_migration (id bigint PRIMARY KEY)")
+            for k in range(base + 94, base + 98):
+                conn.execute("INSERT INTO users (id, name) VALUES (%s, %s)", (k, f"pipe ddl {k}"))
+                keys.add(k, f"pipe ddl {k}")
+            conn.execute("ALTER TABLE pipe_migration ADD COLUMN IF NOT EXISTS at int")
+        n = conn.execute("SELECT count(at) FROM pipe_migration").fetchone()[0]
+        check("psycopg pipeline with DDL spanning shards", n == 0, n)
         with conn.cursor() as cur:
             rows = [(k, f"many {k}") for k in range(base + 130, base + 150)]
             cur.executemany("INSERT INTO users (id, name) VALUES (%s, %s)", rows)

@@ -529,6 +529,98 @@ async fn query_strings_with_ddl_run_it_on_every_shard() {
     assert_eq!(audit(&env, &sh), 4);
 }
 
+/// A pipeline (PgJDBC's batch, psycopg's pipeline mode) holding DDL and a
+/// write without a key beside keyed INSERTs: the DDL and the broadcast
+/// write run on every shard, answered once (the write's count summed),
+/// each INSERT on its key's shard; an error rolls back every shard's part,
+/// DDL included. A row limit on a statement over several shards is refused.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pipelines_with_ddl_run_it_on_every_shard() {
+    let (env, sh) = two_shards().await;
+    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let (a, b) = (on(0), on(1));
+    let exists = |name: &str| -> Vec<String> {
+        (0..2)
+            .map(|s| {
+                env.sql_shard(
+                    s,
+                    &format!("SELECT count(*) FROM pg_class WHERE relname = '{name}'"),
+                )
+                .trim()
+                .to_string()
+            })
+            .collect()
+    };
+    let tag = |m: &RawMessage| String::from_utf8_lossy(&m.1[..m.1.len() - 1]).into_owned();
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let unit = |ddl: &str, keys: &[i64], name: &[u8]| {
+        let mut unit = vec![
+            parse("", ddl, &[]),
+            bind("", &[], 0),
+            execute(),
+            parse("ins", INSERT, &[]),
+        ];
+        for &k in keys {
+            unit.push(bind("ins", &[(0, Some(&text(k))), (0, Some(name))], 0));
+            unit.push(execute());
+        }
+        unit.push(parse(
+            "",
+            "UPDATE users SET name = 'all' WHERE name = $1",
+            &[],
+        ));
+        unit.push(bind("", &[(0, Some(name))], 0));
+        unit.push(execute());
+        unit.push(sync());
+        unit
+    };
+    let r = c
+        .exchange(&unit(
+            "CREATE TABLE events (id bigint)",
+            &[a[0], b[0], a[1]],
+            b"p",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"12C12C2C2C12CZ", "{r:?}");
+    assert_eq!(tag(&r[2]), "CREATE TABLE");
+    assert_eq!(tag(&r[12]), "UPDATE 3", "the shards' counts summed");
+    assert_eq!(exists("events"), ["1", "1"]);
+    assert_eq!(audit(&env, &sh), 3);
+    // A key taken: nothing of the unit stays, the DDL neither.
+    let r = c
+        .exchange(&unit(
+            "CREATE TABLE events2 (id bigint)",
+            &[b[1], a[0]],
+            b"q",
+        ))
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"12C12C2EZ", "{r:?}");
+    assert_eq!(error_code(&r[7].1), "23505");
+    assert_eq!(exists("events2"), ["0", "0"]);
+    assert_eq!(audit(&env, &sh), 3);
+    // A read without a key with a row limit cannot be fetched in part from
+    // several shards in a pipeline: refused, nothing runs.
+    let r = c
+        .exchange(&[
+            parse("ins", INSERT, &[]),
+            bind("ins", &[(0, Some(&text(a[2]))), (0, Some(b"r"))], 0),
+            execute(),
+            bind("ins", &[(0, Some(&text(b[2]))), (0, Some(b"r"))], 0),
+            execute(),
+            parse("", "SELECT id FROM users", &[]),
+            bind("", &[], 0),
+            wire::execute_rows(1),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"EZ", "{r:?}");
+    assert_eq!(error_code(&r[0].1), "0A000");
+    assert_eq!(audit(&env, &sh), 3);
+}
+
 /// The ReadyForQuery status of an answer's last message.
 fn status(r: &[RawMessage]) -> u8 {
     let z = r.last().expect("an answer");

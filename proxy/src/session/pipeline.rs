@@ -4,7 +4,8 @@
 //! shard its key names; the answers reach the client in the order it asked.
 //!
 //! Every shard gets the unit's Parses, Closes and the Sync, and only its
-//! own executions; writes run inside a BEGIN the proxy commits on every
+//! own executions (a statement on several shards, as a migration's DDL,
+//! is an execution of each of them); writes run inside a BEGIN the proxy commits on every
 //! shard only when nothing failed (as for other writes on several shards).
 //! The answers are read in the client's order, each from the shard that
 //! runs the message: a Parse is answered once, rows stream through. After
@@ -45,7 +46,27 @@ enum To {
     /// A Describe of a statement: answered by the first leg.
     First,
     One(usize),
+    /// A statement on several shards (DDL, a write or read without a key):
+    /// the legs of these bits, answered as one server (`relay_answers`).
+    Several {
+        legs: u64,
+        replicated: bool,
+    },
     Nowhere,
+}
+
+/// The legs (indexes into `shards`) of the shards in `mask`, as bits.
+fn legs_in(shards: &[usize], mask: ShardMask) -> u64 {
+    shards
+        .iter()
+        .enumerate()
+        .filter(|(_, &s)| mask & mask_of(s) != 0)
+        .fold(0, |bits, (i, _)| bits | 1 << i)
+}
+
+/// The legs of `bits`, in order.
+fn leg_list(bits: u64) -> Vec<usize> {
+    (0..64).filter(|i| bits & 1 << i != 0).collect()
 }
 
 impl Session {
@@ -102,6 +123,11 @@ impl Session {
                 }
                 (To::One(i), _) => {
                     self.translate(std::slice::from_ref(f), &mut legs[i], &mut outs[i])?
+                }
+                (To::Several { legs: bits, .. }, _) => {
+                    for i in leg_list(bits) {
+                        self.translate(std::slice::from_ref(f), &mut legs[i], &mut outs[i])?;
+                    }
                 }
                 (To::Nowhere, _) => {}
             }
@@ -178,7 +204,6 @@ impl Session {
         shards: &[usize],
     ) -> Result<Vec<StatementLegs>, PgError> {
         use shardline_router::classify::Class;
-        use shardline_router::shards::Scope;
         if statements.len() != placements.len() {
             return Err(self.shared.events.refusals.refuse(
                 Construct::Batch,
@@ -205,19 +230,13 @@ impl Session {
                     }
                     vec![current]
                 }
-                Placement::Many(m) => (0..shards.len())
-                    .filter(|&i| m & mask_of(shards[i]) != 0)
-                    .collect(),
+                Placement::Many(m) => leg_list(legs_in(shards, *m)),
                 _ => vec![current],
             };
-            // A write of reference tables only: every shard holds the same
-            // rows and answers the same.
-            let replicated = route.shards.as_ref().is_some_and(|t| {
-                !t.is_empty()
-                    && t.iter()
-                        .all(|t| t.write && matches!(t.scope, Scope::Reference))
+            to.push(StatementLegs {
+                legs,
+                replicated: route.writes_reference_tables(),
             });
-            to.push(StatementLegs { legs, replicated });
         }
         Ok(to)
     }
@@ -299,7 +318,9 @@ impl Session {
 
     /// Where each message of the unit goes: Parse, Close and Sync to every
     /// leg, a Describe of a statement to the first, a Bind and the Describe
-    /// and Execute after it to the leg of the Bind's key; SET TRANSACTION to
+    /// and Execute after it to the leg of the Bind's key (to each leg of its
+    /// shards for a statement on several, answered as by one server; a
+    /// Bind without a key to the last keyed one's); SET TRANSACTION to
     /// every leg, answered once. (A BEGIN opening the unit was taken off it
     /// before: `peel_begin`.) Other transaction control cannot be split.
     fn pipeline_legs(&self, frames: &[Frame], shards: &[usize]) -> Result<Vec<To>, PgError> {
@@ -308,6 +329,9 @@ impl Session {
             |m: frontend::Malformed| PgError::error(sqlstate::PROTOCOL_VIOLATION, m.to_string());
         let mut statements = super::route::UnitStatements::default();
         let mut current = To::One(0);
+        // The leg of the last Bind placed on one shard: a Bind without a
+        // key runs there.
+        let mut one = 0;
         let mut to = Vec::with_capacity(frames.len());
         // The unit's plan placed each Bind whose statement it knew, in order.
         let (parts, mut bound) = (&self.analysis.routes.parts, 0);
@@ -336,19 +360,34 @@ impl Session {
                                     let params = frontend::bind_params(b.rest).unwrap_or_default();
                                     self.place(&route, definition, &params)
                                 });
-                                if let Placement::One(s) = placed {
-                                    if let Some(i) = shards.iter().position(|&x| x == s) {
-                                        current = To::One(i);
+                                current = match placed {
+                                    Placement::One(s) => {
+                                        if let Some(i) = shards.iter().position(|&x| x == s) {
+                                            one = i;
+                                        }
+                                        To::One(one)
                                     }
-                                } else if matches!(current, To::All) {
-                                    current = To::One(0);
-                                }
+                                    Placement::Many(m) => To::Several {
+                                        legs: legs_in(shards, m),
+                                        replicated: route.writes_reference_tables(),
+                                    },
+                                    _ => To::One(one),
+                                };
                             }
                         }
                     }
                     current
                 }
                 frontend::DESCRIBE if f.body().first() == Some(&b'S') => To::First,
+                frontend::EXECUTE
+                    if matches!(current, To::Several { .. })
+                        && frontend::execute(f.body()).is_ok_and(|(_, rows)| rows > 0) =>
+                {
+                    return Err(self.shared.events.refusals.refuse(
+                        Construct::Batch,
+                        "a statement on several shards in a pipeline cannot be executed with a row limit; send it with a Sync of its own",
+                    ))
+                }
                 frontend::DESCRIBE | frontend::EXECUTE => current,
                 frontend::CLOSE | frontend::SYNC => To::All,
                 _ => To::Nowhere,
@@ -374,6 +413,20 @@ impl Session {
                 To::All => &all,
                 To::First => &all[..1],
                 To::One(i) => std::slice::from_ref(&all[*i]),
+                To::Several {
+                    legs: bits,
+                    replicated,
+                } if f.tag == frontend::EXECUTE => {
+                    if !self
+                        .relay_answers(legs, &leg_list(*bits), *replicated)
+                        .await?
+                    {
+                        failed = true;
+                        break 'frames;
+                    }
+                    continue;
+                }
+                To::Several { legs: bits, .. } => &leg_list(*bits),
                 To::Nowhere => continue,
             };
             for (n, &i) in from.iter().enumerate() {

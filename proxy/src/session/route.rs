@@ -604,8 +604,6 @@ impl Session {
         let mut unnamed = Portal::OneShard;
         let mut refetched = false;
         let mut prepared_to_flush = false;
-        // A simple query: its statements may also need several shards each.
-        let mut query_string = false;
         // A Query, Bind, Execute or FunctionCall runs something (set in
         // their arms): a Bind starts running its statement, so in a
         // transaction it takes the deferred BEGIN, and it is placed by its
@@ -614,7 +612,6 @@ impl Session {
             match tag {
                 frontend::QUERY => {
                     executes = true;
-                    query_string = true;
                     let text = frontend::query(body).unwrap_or_default();
                     let (route, kept) = self.route_into(routed, memo, text);
                     if matches!(route.class, Class::Begin { .. }) {
@@ -727,14 +724,9 @@ impl Session {
             }
         }
         if matches!(place, Placement::Refused(_)) {
-            // Executions of one pipeline on different shards, each on one
-            // (or, in a query string, on several): run once the Sync is here.
-            let spans = if query_string {
-                shardline_router::shards::statement_shards(&binds)
-            } else {
-                shardline_router::shards::pipeline_shards(&binds)
-            };
-            if let Some(mask) = spans {
+            // Executions of one pipeline (or statements of one query string)
+            // on different shards, each on its own: run once the Sync is here.
+            if let Some(mask) = shardline_router::shards::pipeline_shards(&binds) {
                 place = if complete {
                     Placement::Pipeline(mask)
                 } else {

@@ -33,28 +33,17 @@ impl Placement {
     }
 }
 
-/// The shards of a pipeline whose executions (`parts`, one placement per
-/// Bind) each need one shard, but not all the same one; `None` when they
-/// share a shard, or when one needs several shards or is refused.
+/// The shards of a pipeline (`parts`: one placement per Bind) or of a query
+/// string (one per statement) whose statements need different shards: each
+/// runs on its key's shard, and one on several shards (DDL, a write or a
+/// read without a key) on each of its own. `None` when one placement covers
+/// them all, or a statement must be merged or split, or is refused.
 pub fn pipeline_shards(parts: &[Placement]) -> Option<ShardMask> {
-    parts_shards(parts, false)
-}
-
-/// The shards of a query string whose statements (`parts`, one placement
-/// per statement) need different shards: as [`pipeline_shards`], and a
-/// statement on several shards (DDL, a write or a read without a key) runs
-/// on each of its own. `None` when one placement covers the string, or a
-/// statement must be merged or split, or is refused.
-pub fn statement_shards(parts: &[Placement]) -> Option<ShardMask> {
-    parts_shards(parts, true)
-}
-
-fn parts_shards(parts: &[Placement], several: bool) -> Option<ShardMask> {
     let mut mask: ShardMask = 0;
     for p in parts {
         match p {
             Placement::One(s) => mask |= mask_of(*s),
-            Placement::Many(m) if several => mask |= m,
+            Placement::Many(m) => mask |= m,
             Placement::Anywhere | Placement::Spread => {}
             _ => return None,
         }

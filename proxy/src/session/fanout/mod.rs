@@ -344,14 +344,6 @@ impl Session {
     /// Whether the unit's statements write reference tables only (every
     /// shard holds the same rows and does the same).
     fn writes_reference_tables(&self, frames: &[crate::protocol::Frame]) -> bool {
-        use shardline_router::shards::Scope;
-        let replicated = |route: &shardline_router::Route| {
-            route.shards.as_ref().is_some_and(|t| {
-                !t.is_empty()
-                    && t.iter()
-                        .all(|t| t.write && matches!(t.scope, Scope::Reference))
-            })
-        };
         let mut statements = crate::session::route::UnitStatements::default();
         let mut any = false;
         for f in frames {
@@ -375,7 +367,7 @@ impl Session {
                 },
                 _ => continue,
             };
-            if !replicated(&route) {
+            if !route.writes_reference_tables() {
                 return false;
             }
             any = true;
