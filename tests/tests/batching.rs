@@ -422,6 +422,25 @@ async fn query_strings_spanning_shards_run_each_statement_on_its_shard() {
     assert_eq!(audit(&env, &sh), 3);
 }
 
+/// How many tables named `name` each of the two shards has.
+fn on_shards(env: &Env, name: &str) -> Vec<String> {
+    (0..2)
+        .map(|s| {
+            env.sql_shard(
+                s,
+                &format!("SELECT count(*) FROM pg_class WHERE relname = '{name}'"),
+            )
+            .trim()
+            .to_string()
+        })
+        .collect()
+}
+
+/// A CommandComplete's tag.
+fn command_tag(m: &RawMessage) -> String {
+    String::from_utf8_lossy(&m.1[..m.1.len() - 1]).into_owned()
+}
+
 /// A migration sent as one query string (golang-migrate runs each file so,
 /// Django's RunSQL and `psql -c` too): DDL runs on every shard beside the
 /// keyed INSERTs on theirs, answered once; a read without a key gets every
@@ -435,18 +454,6 @@ async fn query_strings_with_ddl_run_it_on_every_shard() {
     .await;
     let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
     let (a, b) = (on(0), on(1));
-    let tables = |name: &str| -> Vec<String> {
-        (0..2)
-            .map(|s| {
-                env.sql_shard(
-                    s,
-                    &format!("SELECT count(*) FROM pg_class WHERE relname = '{name}'"),
-                )
-                .trim()
-                .to_string()
-            })
-            .collect()
-    };
     let mut c = RawClient::login(env.port).await.unwrap();
     let sql = format!(
         "CREATE TABLE IF NOT EXISTS notes (id bigint PRIMARY KEY, body text); \
@@ -457,11 +464,10 @@ async fn query_strings_with_ddl_run_it_on_every_shard() {
     let r = c.exchange(&[query(&sql)]).await.unwrap();
     // The second CREATE's notice ("already exists, skipping") comes once.
     assert_eq!(tags(&r), b"CCCCNCZ", "{r:?}");
-    let tag = |m: &RawMessage| String::from_utf8_lossy(&m.1[..m.1.len() - 1]).into_owned();
-    assert_eq!(tag(&r[0]), "CREATE TABLE");
-    assert_eq!(tag(&r[1]), "INSERT 0 1");
-    assert_eq!(tag(&r[3]), "ALTER TABLE");
-    assert_eq!(tables("notes"), ["1", "1"]);
+    assert_eq!(command_tag(&r[0]), "CREATE TABLE");
+    assert_eq!(command_tag(&r[1]), "INSERT 0 1");
+    assert_eq!(command_tag(&r[3]), "ALTER TABLE");
+    assert_eq!(on_shards(&env, "notes"), ["1", "1"]);
     assert_eq!(
         (0..2)
             .map(|s| env.sql_shard(s, "SELECT count(*) FROM information_schema.columns WHERE table_name = 'notes' AND column_name = 'at'").trim().to_string())
@@ -479,7 +485,7 @@ async fn query_strings_with_ddl_run_it_on_every_shard() {
     );
     let r = c.exchange(&[query(&sql)]).await.unwrap();
     assert_eq!(tags(&r), b"CTDCCZ", "{r:?}");
-    assert_eq!(tag(&r[3]), "INSERT 0 1");
+    assert_eq!(command_tag(&r[3]), "INSERT 0 1");
     assert_eq!(
         (0..2)
             .map(|s| env
@@ -504,8 +510,8 @@ async fn query_strings_with_ddl_run_it_on_every_shard() {
     let mut want = vec![a[0], a[1], b[0]];
     want.sort();
     assert_eq!(got, want);
-    assert_eq!(tag(&r[5]), "SELECT 3");
-    assert_eq!(tag(&r[6]), "UPDATE 3", "the shards' counts summed");
+    assert_eq!(command_tag(&r[5]), "SELECT 3");
+    assert_eq!(command_tag(&r[6]), "UPDATE 3", "the shards' counts summed");
     // A failing INSERT (a key taken) after DDL: the DDL is rolled back on
     // both shards with the rows.
     let sql = format!(
@@ -516,7 +522,11 @@ async fn query_strings_with_ddl_run_it_on_every_shard() {
     let r = c.exchange(&[query(&sql)]).await.unwrap();
     assert_eq!(tags(&r), b"CCEZ", "{r:?}");
     assert_eq!(error_code(&r[2].1), "23505");
-    assert_eq!(tables("tags"), ["0", "0"], "rolled back on every shard");
+    assert_eq!(
+        on_shards(&env, "tags"),
+        ["0", "0"],
+        "rolled back on every shard"
+    );
     assert_eq!(audit(&env, &sh), 4);
     // DDL failing on the shards (a table that is not there): nothing runs.
     let sql = format!(
@@ -539,19 +549,6 @@ async fn pipelines_with_ddl_run_it_on_every_shard() {
     let (env, sh) = two_shards().await;
     let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
     let (a, b) = (on(0), on(1));
-    let exists = |name: &str| -> Vec<String> {
-        (0..2)
-            .map(|s| {
-                env.sql_shard(
-                    s,
-                    &format!("SELECT count(*) FROM pg_class WHERE relname = '{name}'"),
-                )
-                .trim()
-                .to_string()
-            })
-            .collect()
-    };
-    let tag = |m: &RawMessage| String::from_utf8_lossy(&m.1[..m.1.len() - 1]).into_owned();
     let mut c = RawClient::login(env.port).await.unwrap();
     let unit = |ddl: &str, keys: &[i64], name: &[u8]| {
         let mut unit = vec![
@@ -583,9 +580,9 @@ async fn pipelines_with_ddl_run_it_on_every_shard() {
         .await
         .unwrap();
     assert_eq!(tags(&r), b"12C12C2C2C12CZ", "{r:?}");
-    assert_eq!(tag(&r[2]), "CREATE TABLE");
-    assert_eq!(tag(&r[12]), "UPDATE 3", "the shards' counts summed");
-    assert_eq!(exists("events"), ["1", "1"]);
+    assert_eq!(command_tag(&r[2]), "CREATE TABLE");
+    assert_eq!(command_tag(&r[12]), "UPDATE 3", "the shards' counts summed");
+    assert_eq!(on_shards(&env, "events"), ["1", "1"]);
     assert_eq!(audit(&env, &sh), 3);
     // A key taken: nothing of the unit stays, the DDL neither.
     let r = c
@@ -598,7 +595,7 @@ async fn pipelines_with_ddl_run_it_on_every_shard() {
         .unwrap();
     assert_eq!(tags(&r), b"12C12C2EZ", "{r:?}");
     assert_eq!(error_code(&r[7].1), "23505");
-    assert_eq!(exists("events2"), ["0", "0"]);
+    assert_eq!(on_shards(&env, "events2"), ["0", "0"]);
     assert_eq!(audit(&env, &sh), 3);
     // A read without a key with a row limit cannot be fetched in part from
     // several shards in a pipeline: refused, nothing runs.

@@ -55,6 +55,11 @@ enum To {
     Nowhere,
 }
 
+/// The end of a statement's answer in a query string or an Execute's.
+fn ends_statement(tag: u8) -> bool {
+    tag == backend::COMMAND_COMPLETE || tag == backend::EMPTY_QUERY
+}
+
 /// The legs (indexes into `shards`) of the shards in `mask`, as bits.
 fn legs_in(shards: &[usize], mask: ShardMask) -> u64 {
     shards
@@ -252,10 +257,16 @@ impl Session {
         let mut failed = false;
         for runs in to {
             let answered = match runs.legs.as_slice() {
-                &[i] => {
-                    let ends = |t: u8| t == backend::COMMAND_COMPLETE || t == backend::EMPTY_QUERY;
-                    self.relay_answer(&mut legs[i], ends, true).await?
-                }
+                &[i] => match self
+                    .relay_answer(&mut legs[i], ends_statement, |_| true)
+                    .await?
+                {
+                    Some(end) => {
+                        self.client_out.extend_from_slice(&end);
+                        true
+                    }
+                    None => false,
+                },
                 several => self.relay_answers(legs, several, runs.replicated).await?,
             };
             if !answered {
@@ -280,30 +291,15 @@ impl Session {
     ) -> Result<bool, String> {
         let mut ends: Vec<(usize, BytesMut)> = Vec::with_capacity(several.len());
         for (n, &i) in several.iter().enumerate() {
-            loop {
-                let msg = legs[i].next().await?;
-                match msg[0] {
-                    backend::PARAMETER_STATUS => {}
-                    backend::ERROR_RESPONSE => {
-                        self.client_out.extend_from_slice(&msg);
-                        return Ok(false);
-                    }
-                    backend::READY_FOR_QUERY
-                    | backend::COPY_IN_RESPONSE
-                    | backend::COPY_OUT_RESPONSE => return Err(self.unexpected(&legs[i], msg[0])),
-                    backend::COMMAND_COMPLETE | backend::EMPTY_QUERY => {
-                        ends.push((legs[i].shard, msg));
-                        break;
-                    }
-                    _ if n == 0 => self.client_out.extend_from_slice(&msg),
-                    backend::DATA_ROW if !replicated => self.client_out.extend_from_slice(&msg),
-                    // Said once already: the rows' description, notices
-                    // ("... does not exist, skipping"), a copy's rows.
-                    _ => {}
-                }
-                if self.client_out.len() >= FLUSH_AT {
-                    self.write_client().await.map_err(|e| e.to_string())?;
-                }
+            // Said once, by the first leg: the rows' description, notices
+            // ("... does not exist, skipping"), a copy's rows.
+            let forward = |t: u8| n == 0 || (t == backend::DATA_ROW && !replicated);
+            match self
+                .relay_answer(&mut legs[i], ends_statement, forward)
+                .await?
+            {
+                Some(end) => ends.push((legs[i].shard, end)),
+                None => return Ok(false),
             }
         }
         let tagged: Vec<(usize, &[u8])> = ends.iter().map(|(s, m)| (*s, &m[..])).collect();
@@ -440,9 +436,13 @@ impl Session {
                             | backend::NOTIFICATION
                     )
                 };
-                if !self.relay_answer(&mut legs[i], ends, n == 0).await? {
-                    failed = true;
-                    break 'frames;
+                match self.relay_answer(&mut legs[i], ends, |_| true).await? {
+                    Some(end) if n == 0 => self.client_out.extend_from_slice(&end),
+                    Some(_) => {}
+                    None => {
+                        failed = true;
+                        break 'frames;
+                    }
                 }
             }
         }
@@ -450,35 +450,31 @@ impl Session {
         Ok(failed)
     }
 
-    /// Forwards one leg's answer to one client message or statement: every
-    /// message but ParameterStatus, up to the one `ends` accepts (forwarded
-    /// when `forward_end`). An error is forwarded and ends the unit:
-    /// `Ok(false)`. ReadyForQuery or COPY here means the shard ran
+    /// Forwards one leg's answer to one client message or statement: the
+    /// messages `forward` accepts (never ParameterStatus), up to the one
+    /// `ends` accepts, returned unforwarded. An error is forwarded and ends
+    /// the unit: `Ok(None)`. ReadyForQuery or COPY here means the shard ran
     /// something the proxy did not split: an error.
     async fn relay_answer(
         &mut self,
         leg: &mut Leg,
         ends: impl Fn(u8) -> bool,
-        forward_end: bool,
-    ) -> Result<bool, String> {
+        forward: impl Fn(u8) -> bool,
+    ) -> Result<Option<BytesMut>, String> {
         loop {
             let msg = leg.next().await?;
             match msg[0] {
                 backend::PARAMETER_STATUS => {}
                 backend::ERROR_RESPONSE => {
                     self.client_out.extend_from_slice(&msg);
-                    return Ok(false);
+                    return Ok(None);
                 }
                 backend::READY_FOR_QUERY
                 | backend::COPY_IN_RESPONSE
                 | backend::COPY_OUT_RESPONSE => return Err(self.unexpected(leg, msg[0])),
-                tag if ends(tag) => {
-                    if forward_end {
-                        self.client_out.extend_from_slice(&msg);
-                    }
-                    return Ok(true);
-                }
-                _ => self.client_out.extend_from_slice(&msg),
+                tag if ends(tag) => return Ok(Some(msg)),
+                tag if forward(tag) => self.client_out.extend_from_slice(&msg),
+                _ => {}
             }
             if self.client_out.len() >= FLUSH_AT {
                 self.write_client().await.map_err(|e| e.to_string())?;
