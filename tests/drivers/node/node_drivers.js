@@ -1,6 +1,7 @@
 // node-postgres against a two-shard Shardline: named queries (a named Parse
 // and its Bind in one unit on first use), unnamed parameterized queries,
-// pg-cursor inside a transaction on one key, and a pool of 20 clients
+// pg-cursor inside a transaction on one key, a migration sent as one query
+// string (DDL and seed rows across shards), and a pool of 20 clients
 // running 200 queries each. Every key written is read back; the caller
 // audits each row's physical shard.
 //
@@ -61,6 +62,19 @@ async function main() {
   await c.query('ROLLBACK');
   const gone = await c.query('SELECT name FROM users WHERE id = $1', [base + 90]);
   check('rollback', gone.rows.length === 0, gone.rows);
+  // A migration as one query string (no parameters: the simple protocol):
+  // its DDL on every shard, its seed rows on their keys' shards.
+  const seed = [91, 92, 93, 94, 95, 96].map((i) => base + i);
+  const migrated = await c.query(
+    'CREATE TABLE IF NOT EXISTS node_migration (id bigint PRIMARY KEY); ' +
+      seed.map((k) => `INSERT INTO users (id, name) VALUES (${k}, 'seed ${k}');`).join(' ') +
+      ' ALTER TABLE node_migration ADD COLUMN IF NOT EXISTS at int'
+  );
+  for (const k of seed) names.set(k, `seed ${k}`);
+  const seeded = await c.query('SELECT count(*) AS n FROM users WHERE id BETWEEN $1 AND $2', [seed[0], seed[5]]);
+  check('migration string: DDL and seed rows across shards',
+    migrated.length === 8 && migrated[0].command === 'CREATE' && Number(seeded.rows[0].n) === 6,
+    [migrated.map((r) => r.command), seeded.rows]);
   await c.end();
 
   // A pool of 20 clients, 200 queries each: writes and reads by key.
