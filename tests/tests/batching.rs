@@ -537,6 +537,19 @@ async fn query_strings_with_ddl_run_it_on_every_shard() {
     assert_eq!(tags(&r), b"CEZ", "{r:?}");
     assert_eq!(error_code(&r[1].1), "42P01");
     assert_eq!(audit(&env, &sh), 4);
+    // COPY among them: refused before anything runs (its data would come
+    // amid the other statements' answers).
+    for copy in ["COPY users TO STDOUT", "COPY (SELECT 1) TO STDOUT"] {
+        let sql = format!(
+            "INSERT INTO users (id, name) VALUES ({}, 'x'); CREATE TABLE copied (id int); {copy}",
+            b[1]
+        );
+        let r = c.exchange(&[query(&sql)]).await.unwrap();
+        assert_eq!(tags(&r), b"EZ", "{copy}: {r:?}");
+        assert_eq!(error_code(&r[0].1), "0A000");
+        assert_eq!(on_shards(&env, "copied"), ["0", "0"]);
+        assert_eq!(audit(&env, &sh), 4);
+    }
 }
 
 /// A pipeline (PgJDBC's batch, psycopg's pipeline mode) holding DDL and a

@@ -200,8 +200,8 @@ impl Session {
 
     /// The legs of each statement of a query string: its key's shard, the
     /// previous statement's (one without a key), or each of its shards (DDL,
-    /// a write or a read without a key). Transaction control and session
-    /// settings cannot be split.
+    /// a write or a read without a key). Transaction control, session
+    /// settings and COPY cannot be split.
     fn statement_legs(
         &self,
         statements: &[&str],
@@ -225,6 +225,13 @@ impl Session {
                         Construct::Batch,
                         "a query string whose statements need different shards may not hold BEGIN, COMMIT, ROLLBACK, savepoints or SET; send those on their own",
                     ))
+                }
+                _ if shardline_router::lexer::first_keyword(sql).eq_ignore_ascii_case("copy") => {
+                    // Its data would come amid the other statements' answers.
+                    return Err(self.shared.events.refusals.refuse(
+                        Construct::Batch,
+                        "a query string whose statements need different shards may not hold COPY; send it on its own",
+                    ));
                 }
                 _ => {}
             }
