@@ -102,6 +102,35 @@ def psycopg_checks(url, base, keys):
             "SELECT count(*) FROM users WHERE id IN (%s, %s)", (base + 150, base + 151)
         ).fetchone()[0]
         check("psycopg executemany with a failing row leaves nothing", n == 0, n)
+        # Results fetched inside a pipeline, before its Sync (a Flush): the
+        # pipeline runs on its first execution's shard up to the Sync. An
+        # execution for another shard there is refused, never written to
+        # the wrong shard, and what ran before it is rolled back.
+        fetched = list(range(base + 900, base + 910))
+        try:
+            with conn.pipeline(), conn.cursor() as cur:
+                for k in fetched:
+                    cur.execute(
+                        "INSERT INTO users (id, name) VALUES (%s, 'fetched') RETURNING id", (k,)
+                    )
+                    check_quiet(cur.fetchall() == [(k,)], f"returned {k}")
+            raise AssertionError("expected a refusal: ten keys on one shard")
+        except errors.FeatureNotSupported:
+            pass
+        n = conn.execute(
+            "SELECT count(*) FROM users WHERE id BETWEEN %s AND %s", (fetched[0], fetched[-1])
+        ).fetchone()[0]
+        check("psycopg pipeline fetching for two shards before its Sync is refused, nothing kept",
+              n == 0, n)
+        # One shard's execution fetched before the Sync runs.
+        with conn.pipeline(), conn.cursor() as cur:
+            cur.execute(
+                "INSERT INTO users (id, name) VALUES (%s, %s) RETURNING name",
+                (base + 910, f"fetched {base + 910}"),
+            )
+            row = cur.fetchone()
+        keys.add(base + 910, f"fetched {base + 910}")
+        check("psycopg pipeline fetching before its Sync", row == (f"fetched {base + 910}",), row)
 
     # Settings from the startup packet reach the driver in ParameterStatus:
     # psycopg parses dates by the DateStyle the session reports.

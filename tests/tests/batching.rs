@@ -286,6 +286,123 @@ async fn parameters_are_read_as_their_own_type() {
     }
 }
 
+/// A pipeline that asks for results before its Sync (a Flush after an
+/// Execute: psycopg's pipeline mode when a result is fetched) runs on its
+/// first execution's shard up to that Sync. Executions behind the Flush
+/// on the same shard run there; one for the other shard is refused
+/// (0A000) instead of being written to the wrong shard, and what ran
+/// before it is rolled back, as after any error in a pipeline. After a
+/// server's error at a Flush, the messages up to the Sync are skipped, as
+/// the server skips them, and the session goes on.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
+    let (env, sh) = two_shards().await;
+    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let (a, b) = (on(0), on(1));
+    let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"p"))], 0);
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(&[parse("ins", INSERT, &[]), row(a[0]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"12C");
+    // The same shard behind the Flush: runs there, committed at the Sync.
+    c.send(&[row(a[1]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "{r:?}");
+    assert_eq!(audit(&env, &sh), 2, "both rows, on their shard");
+    // The other shard behind the Flush: refused, and the row before it
+    // rolled back; the rest up to the Sync skipped.
+    c.send(&[row(a[2]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+    c.send(&[row(b[0]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    let r = until_tag(&mut c, b'E').await;
+    assert_eq!(error_code(&r[0].1), "0A000", "{r:?}");
+    let r = c.exchange(&[row(b[1]), execute(), sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "skipped to the Sync: {r:?}");
+    assert_eq!(status(&r), b'I');
+    assert_eq!(audit(&env, &sh), 2, "nothing of the refused pipeline stays");
+    // A server's error at a Flush, then more messages before the Sync:
+    // skipped (nothing of them is answered), one error, the session goes on.
+    c.send(&[row(a[2]), execute(), row(a[0]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    let r = until_tag(&mut c, b'E').await;
+    assert_eq!(tags(&r), b"2C2E", "{r:?}");
+    assert_eq!(error_code(&r[3].1), "23505");
+    c.send(&[row(b[2]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "{r:?}");
+    let r = c
+        .exchange(&[query("SELECT count(*) FROM users")])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"TDCZ", "{r:?}");
+    assert_eq!(audit(&env, &sh), 2, "the failed pipeline rolled back");
+    // More than the proxy holds (1 MiB) before the Sync, all for one shard:
+    // run there before the Sync arrives; an execution for the other shard
+    // after it is refused the same way, and nothing of the unit stays.
+    let on_a: Vec<i64> = (1..)
+        .filter(|&k| owner(&sh, k) == 0)
+        .skip(3)
+        .take(12)
+        .collect();
+    let big = vec![b'x'; 100 << 10];
+    let mut unit = Vec::new();
+    for &k in &on_a {
+        unit.push(bind("ins", &[(0, Some(&text(k))), (0, Some(&big))], 0));
+        unit.push(execute());
+    }
+    c.send(&unit.concat()).await.unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let r = c.exchange(&[row(b[1]), execute(), sync()]).await.unwrap();
+    let t = tags(&r);
+    assert_eq!(&t[t.len() - 2..], b"EZ", "{t:?}");
+    let e = r.iter().find(|m| m.0 == b'E').unwrap();
+    assert_eq!(error_code(&e.1), "0A000", "{r:?}");
+    assert_eq!(audit(&env, &sh), 2, "nothing of the unit stays");
+    // Inside a transaction, the part run at the Flush is the transaction's
+    // (its BEGIN, held until a statement runs, goes first): ROLLBACK
+    // takes it back.
+    let r = c.exchange(&[query("BEGIN")]).await.unwrap();
+    assert_eq!(tags(&r), b"CZ");
+    c.send(&[row(a[2]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(status(&r), b'T', "{r:?}");
+    let r = c.exchange(&[query("ROLLBACK")]).await.unwrap();
+    assert_eq!(status(&r), b'I');
+    assert_eq!(audit(&env, &sh), 2, "rolled back with its transaction");
+    // Inside a transaction: the refusal fails it, as an error would.
+    let r = c.exchange(&[query("BEGIN")]).await.unwrap();
+    assert_eq!(tags(&r), b"CZ");
+    c.send(&[row(a[2]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+    c.send(&[row(b[0]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    let r = until_tag(&mut c, b'E').await;
+    assert_eq!(error_code(&r[0].1), "0A000", "{r:?}");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(status(&r), b'E', "{r:?}");
+    let r = c.exchange(&[query("ROLLBACK")]).await.unwrap();
+    assert_eq!(tags(&r), b"CZ");
+    assert_eq!(status(&r), b'I');
+    assert_eq!(audit(&env, &sh), 2);
+}
+
 /// Executions for different shards in one pipeline (up to Sync), as
 /// executemany and JDBC batches send them: each runs on its key's shard,
 /// answers in the client's order; an error anywhere rolls back every

@@ -16,6 +16,11 @@ use shardline_router::shards::Construct;
 use std::collections::VecDeque;
 use std::sync::Arc;
 
+/// A portal no client can have bound (its name is not a statement's
+/// rename, `rename.rs`): the proxy's Execute of it fails the server's
+/// unit (`Kind::Abort`).
+const ABORT_PORTAL: &[u8] = b"shardline refused unit";
+
 fn violation(message: impl Into<String>) -> End {
     End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, message))
 }
@@ -82,6 +87,7 @@ impl Session {
                         sent.extend_from_slice(data);
                     }
                     self.server_out.extend_from_slice(data);
+                    self.unit.took(run);
                     bytes::Buf::advance(&mut self.client_in, run);
                     continue;
                 }
@@ -93,7 +99,18 @@ impl Session {
                 Err(e) => return Err(violation(e.to_string())),
             };
             match header {
-                Some((tag, _)) if needs_server(tag) && self.inflow != Inflow::SkipToSync => {
+                Some((tag, len)) if needs_server(tag) && self.inflow != Inflow::SkipToSync => {
+                    // The unit runs here before its end arrived.
+                    let mut early = false;
+                    if tag == frontend::BIND
+                        && self.unit.unplaced()
+                        && len <= self.client_in.len()
+                        && self.shared.sharding.is_some()
+                        && self.inflow == Inflow::Open
+                        && !self.continues_here()?
+                    {
+                        continue;
+                    }
                     if self.txn.failed() && !self.unit.is_open() {
                         // In a failed transaction, a unit is judged whole,
                         // and once the server owes nothing: a ROLLBACK the
@@ -148,6 +165,7 @@ impl Session {
                         } else {
                             match self.fits_attached()? {
                                 Fit::Yes => {}
+                                Fit::Early => early = true,
                                 Fit::Join => return Ok(Flow::NeedServer),
                                 Fit::NotYet => return Ok(Flow::Done),
                                 Fit::Wait => return Ok(Flow::Wait),
@@ -175,6 +193,11 @@ impl Session {
                                 effects: Default::default(),
                             }));
                         }
+                    }
+                    if early {
+                        // What follows what it was placed by is placed as
+                        // it comes (`continues_here`).
+                        self.unit.early(self.unit_bytes());
                     }
                 }
                 _ => {}
@@ -224,6 +247,54 @@ impl Session {
         let simple = matches!(frame.tag, frontend::QUERY | frontend::FUNCTION_CALL);
         self.fail_request(e, simple);
         Ok(())
+    }
+
+    /// Bytes of the complete messages of the unit at the front of
+    /// `client_in` (what its plan covers).
+    fn unit_bytes(&self) -> usize {
+        self.unit_messages().map(|(_, body)| 5 + body.len()).sum()
+    }
+
+    /// A Bind after the messages an early unit was placed by
+    /// (`Unit::Early`: the client asked for results before its Sync), placed
+    /// now with the messages buffered behind it. On the attached
+    /// connection's shard it runs there (`true`). For another shard it
+    /// cannot: the unit fails as a server's would, the client told why
+    /// (0A000) and its messages skipped to its Sync, and the server's unit
+    /// is made to fail too (`Kind::Abort`), so what ran of it is rolled
+    /// back rather than committed by that Sync.
+    fn continues_here(&mut self) -> Result<bool, End> {
+        use shardline_router::shards::Placement;
+        let planned = self.plan_unit();
+        let shard = self.attached_shard();
+        if match &planned.place {
+            Placement::Anywhere | Placement::Spread => true,
+            Placement::One(s) => Some(*s) == shard,
+            _ => false,
+        } {
+            self.count_keys();
+            self.unit.early(self.unit_bytes());
+            return Ok(true);
+        }
+        let e = match planned.place {
+            Placement::Refused(r) => self.shared.events.refusals.error(*r),
+            _ => {
+                let name = self
+                    .shared
+                    .sharding
+                    .as_ref()
+                    .and_then(|sh| sh.shard_names.get(shard?).cloned())
+                    .unwrap_or_default();
+                self.shared.events.refusals.refuse(
+                    Construct::Batch,
+                    format!("this pipeline runs on shard {name} up to its Sync, as it was sent there before the Sync arrived (it asked for results with a Flush, or held more than 1 MiB), and this execution needs another shard; send a Sync before it"),
+                )
+            }
+        };
+        self.fail_next_message(e)?;
+        frontend::write_execute(&mut self.server_out, ABORT_PORTAL, 0);
+        self.pending.push_back(Pending::swallow(Kind::Abort));
+        Ok(false)
     }
 
     /// Whether the unit at the front of `client_in` has arrived whole (a
@@ -346,6 +417,7 @@ impl Session {
         if !planned.complete && !self.must_act() {
             return Ok(Fit::NotYet);
         }
+        let early = !planned.complete && planned.executes;
         // A session-pooled client keeps its connection (as does one whose
         // connection holds its session state): like a transaction.
         let session = self.keeps_connection();
@@ -360,7 +432,7 @@ impl Session {
         if fits {
             // The unit runs on the attached server.
             self.count_keys();
-            return Ok(Fit::Yes);
+            return Ok(if early { Fit::Early } else { Fit::Yes });
         }
         if !self.pending.is_empty() {
             // Not known yet whether a transaction is open: decide once the
@@ -404,7 +476,10 @@ impl Session {
         }
         if let Placement::One(s) = planned.place {
             if let Some(fit) = self.join_shard(s)? {
-                return Ok(fit);
+                return Ok(match fit {
+                    Fit::Yes if early => Fit::Early,
+                    fit => fit,
+                });
             }
         }
         let several = matches!(
@@ -494,6 +569,7 @@ impl Session {
         bytes: &[u8],
         frame: Option<&Frame>,
     ) -> Result<(), End> {
+        self.unit.took(bytes.len());
         if self.inflow.drops(tag) {
             return Ok(());
         }

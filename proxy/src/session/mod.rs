@@ -114,6 +114,9 @@ const CLIENT_IN_LIMIT: usize = 2 * UNIT_HOLD;
 /// Whether a unit may run on the attached server.
 pub(super) enum Fit {
     Yes,
+    /// Yes, and before its end arrived (a Flush after a Bind, or more than
+    /// is held): it opens as `Unit::Early`.
+    Early,
     /// The transaction moves to another shard: a connection there joins it.
     Join,
     /// Its Sync has not arrived: wait for more of it.

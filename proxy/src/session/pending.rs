@@ -45,6 +45,11 @@ pub enum Kind {
     CopyEnd,
     /// Answered by the proxy.
     Synthetic(Synthetic),
+    /// The proxy's Execute of a portal that does not exist, failing the
+    /// server's unit so that its implicit transaction is rolled back at
+    /// the client's Sync, as the client was told (`client.rs::
+    /// continues_here`). Its error is the proxy's own: not forwarded.
+    Abort,
     /// The proxy's own query for the primary's WAL position after a write
     /// (read-your-writes); its row is kept, nothing reaches the client.
     LsnProbe(crate::PositionPending),
@@ -98,7 +103,7 @@ impl Pending {
             Kind::Sync | Kind::Query { .. } | Kind::FunctionCall | Kind::LsnProbe(_) => {
                 tag == READY_FOR_QUERY
             }
-            Kind::Synthetic(_) | Kind::CopyEnd => false,
+            Kind::Synthetic(_) | Kind::CopyEnd | Kind::Abort => false,
         }
     }
 

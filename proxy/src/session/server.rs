@@ -248,7 +248,9 @@ impl Session {
         let Some(front) = self.pending.front_mut() else {
             return Err("no pending request".into());
         };
-        if (front.answer == Answer::Forward && !hold) || tag == ERROR_RESPONSE {
+        if (front.answer == Answer::Forward && !hold)
+            || (tag == ERROR_RESPONSE && !matches!(front.kind, Kind::Abort))
+        {
             let start = self.client_out.len();
             self.client_out.extend_from_slice(msg);
             if let Some(status) = client_status {
@@ -284,6 +286,13 @@ impl Session {
                     undone.extend(skip_to_sync(&mut self.pending));
                     for p in undone {
                         self.forget_failed(p);
+                    }
+                    if self.pending.is_empty() && self.unit.is_open() {
+                        // The client's Sync is still to come (answers were
+                        // read at a Flush): the server skips everything
+                        // up to it, and so does the proxy, sending none of
+                        // it (nothing it sent would be answered).
+                        self.inflow = Inflow::SkipToSync;
                     }
                 }
             }

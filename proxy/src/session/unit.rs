@@ -15,6 +15,13 @@ pub(super) enum Unit {
     Preparing,
     /// A Bind or Execute was sent: the unit is placed.
     Bound,
+    /// The unit went to the server before its end arrived (a Flush after
+    /// a Bind, as a psycopg pipeline fetching results sends, or more than
+    /// the proxy holds): it was placed by its messages buffered then, of
+    /// which `planned` bytes are still to be taken. A Bind after them is
+    /// placed before it is sent (`client.rs::continues_here`): one for
+    /// another shard cannot run on this connection.
+    Early { planned: usize },
 }
 
 impl Unit {
@@ -31,7 +38,28 @@ impl Unit {
 
     /// A Bind or Execute went to the server.
     pub(super) fn bind(&mut self) {
-        *self = Unit::Bound;
+        if !matches!(self, Unit::Early { .. }) {
+            *self = Unit::Bound;
+        }
+    }
+
+    /// The unit runs before its end arrived; its first `planned` bytes of
+    /// messages were placed with it.
+    pub(super) fn early(&mut self, planned: usize) {
+        *self = Unit::Early { planned };
+    }
+
+    /// A client message of `len` bytes was taken.
+    #[inline]
+    pub(super) fn took(&mut self, len: usize) {
+        if let Unit::Early { planned } = self {
+            *planned = planned.saturating_sub(len);
+        }
+    }
+
+    /// Whether the client's next Bind was not placed with the unit.
+    pub(super) fn unplaced(self) -> bool {
+        self == Unit::Early { planned: 0 }
     }
 
     /// The unit ended (its Sync, the proxy's own Sync after a prepare-only
@@ -153,5 +181,29 @@ mod tests {
         assert_eq!(u, Unit::Closed);
         u.prepare();
         assert_eq!(u, Unit::Preparing, "a closed unit forgets its Binds");
+    }
+
+    #[test]
+    fn an_early_unit_counts_down_what_was_placed_with_it() {
+        let mut u = Unit::default();
+        u.early(30);
+        assert!(u.is_open() && !u.unplaced());
+        u.prepare();
+        u.bind();
+        u.took(20);
+        assert_eq!(
+            u,
+            Unit::Early { planned: 10 },
+            "Parse and Bind keep it early"
+        );
+        u.took(15);
+        assert!(
+            u.unplaced(),
+            "past what was placed: the next Bind is placed"
+        );
+        u.early(12);
+        assert!(!u.unplaced());
+        u.close();
+        assert!(!u.is_open() && !u.unplaced());
     }
 }
