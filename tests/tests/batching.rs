@@ -286,6 +286,12 @@ async fn parameters_are_read_as_their_own_type() {
     }
 }
 
+/// Sends `bind` with an Execute and a Flush; the answers up to `until`.
+async fn flushed(c: &mut RawClient, bind: Vec<u8>, until: u8) -> Vec<RawMessage> {
+    c.send(&[bind, execute(), flush()].concat()).await.unwrap();
+    until_tag(c, until).await
+}
+
 /// A pipeline that asks for results before its Sync (a Flush after an
 /// Execute: psycopg's pipeline mode when a result is fetched) runs on its
 /// first execution's shard up to that Sync. Executions behind the Flush
@@ -306,23 +312,14 @@ async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
         .unwrap();
     assert_eq!(tags(&until_tag(&mut c, b'C').await), b"12C");
     // The same shard behind the Flush: runs there, committed at the Sync.
-    c.send(&[row(a[1]), execute(), flush()].concat())
-        .await
-        .unwrap();
-    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+    assert_eq!(tags(&flushed(&mut c, row(a[1]), b'C').await), b"2C");
     let r = c.exchange(&[sync()]).await.unwrap();
     assert_eq!(tags(&r), b"Z", "{r:?}");
     assert_eq!(audit(&env, &sh), 2, "both rows, on their shard");
     // The other shard behind the Flush: refused, and the row before it
     // rolled back; the rest up to the Sync skipped.
-    c.send(&[row(a[2]), execute(), flush()].concat())
-        .await
-        .unwrap();
-    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
-    c.send(&[row(b[0]), execute(), flush()].concat())
-        .await
-        .unwrap();
-    let r = until_tag(&mut c, b'E').await;
+    assert_eq!(tags(&flushed(&mut c, row(a[2]), b'C').await), b"2C");
+    let r = flushed(&mut c, row(b[0]), b'E').await;
     assert_eq!(error_code(&r[0].1), "0A000", "{r:?}");
     let r = c.exchange(&[row(b[1]), execute(), sync()]).await.unwrap();
     assert_eq!(tags(&r), b"Z", "skipped to the Sync: {r:?}");
@@ -374,10 +371,7 @@ async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
     // takes it back.
     let r = c.exchange(&[query("BEGIN")]).await.unwrap();
     assert_eq!(tags(&r), b"CZ");
-    c.send(&[row(a[2]), execute(), flush()].concat())
-        .await
-        .unwrap();
-    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+    assert_eq!(tags(&flushed(&mut c, row(a[2]), b'C').await), b"2C");
     let r = c.exchange(&[sync()]).await.unwrap();
     assert_eq!(status(&r), b'T', "{r:?}");
     let r = c.exchange(&[query("ROLLBACK")]).await.unwrap();
@@ -386,14 +380,8 @@ async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
     // Inside a transaction: the refusal fails it, as an error would.
     let r = c.exchange(&[query("BEGIN")]).await.unwrap();
     assert_eq!(tags(&r), b"CZ");
-    c.send(&[row(a[2]), execute(), flush()].concat())
-        .await
-        .unwrap();
-    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
-    c.send(&[row(b[0]), execute(), flush()].concat())
-        .await
-        .unwrap();
-    let r = until_tag(&mut c, b'E').await;
+    assert_eq!(tags(&flushed(&mut c, row(a[2]), b'C').await), b"2C");
+    let r = flushed(&mut c, row(b[0]), b'E').await;
     assert_eq!(error_code(&r[0].1), "0A000", "{r:?}");
     let r = c.exchange(&[sync()]).await.unwrap();
     assert_eq!(status(&r), b'E', "{r:?}");
