@@ -102,6 +102,38 @@ def psycopg_checks(url, base, keys):
             "SELECT count(*) FROM users WHERE id IN (%s, %s)", (base + 150, base + 151)
         ).fetchone()[0]
         check("psycopg executemany with a failing row leaves nothing", n == 0, n)
+        # executemany(returning=True): every row sent, then a Flush for the
+        # results before the Sync. The pipeline runs on every shard it
+        # needs at that Flush; the rows come back in order.
+        with conn.cursor() as cur:
+            rows = [(k, f"returning {k}") for k in range(base + 920, base + 930)]
+            cur.executemany(
+                "INSERT INTO users (id, name) VALUES (%s, %s) RETURNING id, name",
+                rows,
+                returning=True,
+            )
+            got = []
+            while True:
+                got.extend(cur.fetchall())
+                if not cur.nextset():
+                    break
+            for k, name in rows:
+                keys.add(k, name)
+        check("psycopg executemany returning spanning shards", got == rows, got)
+        try:
+            with conn.cursor() as cur:
+                cur.executemany(
+                    "INSERT INTO users (id, name) VALUES (%s, 'dup') RETURNING id",
+                    [(base + 930,), (base + 931,), (base + 920,)],
+                    returning=True,
+                )
+            raise AssertionError("expected a unique violation")
+        except errors.UniqueViolation:
+            pass
+        n = conn.execute(
+            "SELECT count(*) FROM users WHERE id IN (%s, %s)", (base + 930, base + 931)
+        ).fetchone()[0]
+        check("psycopg executemany returning with a failing row leaves nothing", n == 0, n)
         # Results fetched inside a pipeline, before its Sync (a Flush): the
         # pipeline runs on its first execution's shard up to the Sync. An
         # execution for another shard there is refused, never written to

@@ -391,6 +391,139 @@ async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
     assert_eq!(audit(&env, &sh), 2);
 }
 
+/// A pipeline spanning shards that asks for results before its Sync (a
+/// Flush, as psycopg's `executemany(..., returning=True)` sends) runs
+/// then, part by part on the same shards: each part answered, the next
+/// read from the client, everything committed on every shard at the
+/// Sync. An error in any part rolls back every shard's part, the rest up
+/// to the Sync skipped. Run before its end, a pipeline may still write: a
+/// write after reads runs in the proxy's transaction on every shard, and
+/// is rolled back by a failure on another.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_spanning_shards_answers_at_each_flush() {
+    let (env, sh) = two_shards().await;
+    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(4).collect() };
+    let (a, b) = (on(0), on(1));
+    let row = |k: i64| bind("ret", &[(0, Some(&text(k))), (0, Some(b"f"))], 0);
+    let ret = "INSERT INTO users (id, name) VALUES ($1, $2) RETURNING id";
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(
+        &[
+            parse("ret", ret, &[]),
+            row(a[0]),
+            execute(),
+            row(b[0]),
+            execute(),
+            flush(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    let r = until_tag(&mut c, b'C').await;
+    assert_eq!(tags(&r), b"12DC", "{r:?}");
+    let r = until_tag(&mut c, b'C').await;
+    assert_eq!(tags(&r), b"2DC", "{r:?}");
+    assert_eq!(ids(&r), vec![b[0]]);
+    // The next parts, on the same shards.
+    let r = flushed(&mut c, row(b[1]), b'C').await;
+    assert_eq!(ids(&r), vec![b[1]]);
+    let r = c.exchange(&[row(a[1]), execute(), sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"2DCZ", "{r:?}");
+    assert_eq!(status(&r), b'I');
+    assert_eq!(audit(&env, &sh), 4, "every row, each on its shard");
+    // A failure in a later part rolls back every shard's part.
+    c.send(&[row(a[2]), execute(), row(b[2]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2DC");
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2DC");
+    let r = flushed(&mut c, row(a[0]), b'E').await;
+    assert_eq!(error_code(&r.last().unwrap().1), "23505", "{r:?}");
+    c.send(&[row(b[3]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "skipped to the Sync: {r:?}");
+    assert_eq!(audit(&env, &sh), 4, "nothing of the failed pipeline stays");
+    // Reads on both shards at the first Flush, then a write.
+    let select = "SELECT id FROM users WHERE id = $1";
+    c.send(
+        &[
+            parse("sel", select, &[]),
+            bind("sel", &[(0, Some(&text(a[0])))], 0),
+            execute(),
+            bind("sel", &[(0, Some(&text(b[0])))], 0),
+            execute(),
+            flush(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"12DC");
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2DC");
+    let r = flushed(&mut c, row(a[3]), b'C').await;
+    assert_eq!(ids(&r), vec![a[3]]);
+    // In the proxy's transaction on every shard: a failure on the other
+    // shard takes it back.
+    let r = flushed(&mut c, row(b[0]), b'E').await;
+    assert_eq!(error_code(&r.last().unwrap().1), "23505", "{r:?}");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "{r:?}");
+    assert_eq!(audit(&env, &sh), 4);
+    let r = c.exchange(&[query("SELECT 1")]).await.unwrap();
+    assert_eq!(tags(&r), b"TDCZ", "{r:?}");
+}
+
+/// Three shards: a pipeline that asked for results with rows for two of
+/// them runs on those two up to its Sync; a row for the third after that
+/// Flush is refused (0A000), never written on one of the two, and the
+/// pipeline's rows are rolled back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_run_at_a_flush_takes_no_new_shard() {
+    let env = Env::start_with(EnvOptions {
+        shards: 3,
+        replicas_per_shard: 0,
+        extra_toml: SHARDING.into(),
+        ..EnvOptions::default()
+    })
+    .await
+    .expect("three shards");
+    let client = env.connect().await;
+    client
+        .batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let sh = Sharding::from_config(&Config::from_toml(&env.config_text, "t").expect("config"));
+    let on = |s: usize| (1..).find(|&k| owner(&sh, k) == s).unwrap();
+    let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"t"))], 0);
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(
+        &[
+            parse("ins", INSERT, &[]),
+            row(on(0)),
+            execute(),
+            row(on(1)),
+            execute(),
+            flush(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"12C");
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+    let r = flushed(&mut c, row(on(2)), b'E').await;
+    assert_eq!(error_code(&r[0].1), "0A000", "{r:?}");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "{r:?}");
+    assert!(
+        shardline_tests::audit_users(&env, &sh, 3).is_empty(),
+        "nothing of the refused pipeline stays"
+    );
+}
+
 /// Executions for different shards in one pipeline (up to Sync), as
 /// executemany and JDBC batches send them: each runs on its key's shard,
 /// answers in the client's order; an error anywhere rolls back every

@@ -318,6 +318,10 @@ pub fn write_sync(buf: &mut BytesMut) {
     put_message(buf, SYNC, |_| {});
 }
 
+pub fn write_flush(buf: &mut BytesMut) {
+    put_message(buf, FLUSH, |_| {});
+}
+
 pub fn write_query(buf: &mut BytesMut, sql: &str) {
     put_message(buf, QUERY, |b| put_cstr(b, sql.as_bytes()));
 }

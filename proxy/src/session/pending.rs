@@ -286,4 +286,28 @@ mod tests {
         assert!(matches!(q.front().unwrap().kind, Kind::Sync));
         assert_eq!(q.len(), 2);
     }
+
+    #[test]
+    fn the_proxys_abort_is_answered_only_by_its_error() {
+        // No message but the error it provokes ends it; that error skips
+        // to the client's Sync, the proxy's refusal before it included
+        // when a server error came first (one error per unit).
+        let abort = Pending::swallow(Kind::Abort);
+        for tag in [COMMAND_COMPLETE, BIND_COMPLETE, READY_FOR_QUERY, NO_DATA] {
+            assert!(!abort.ends_with(tag));
+        }
+        assert!(abort.ends_with_error() && !abort.is_sync_point());
+        let mut q: VecDeque<Pending> = [
+            Pending::forward(Kind::Execute { effect: None }),
+            Pending::forward(Kind::Synthetic(Synthetic::Error(Box::new(PgError::error(
+                "0A000", "refused",
+            ))))),
+            abort,
+            Pending::forward(Kind::Sync),
+        ]
+        .into();
+        q.pop_front();
+        assert_eq!(skip_to_sync(&mut q).len(), 2);
+        assert!(matches!(q.front().unwrap().kind, Kind::Sync));
+    }
 }

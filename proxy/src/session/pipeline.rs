@@ -55,6 +55,27 @@ enum To {
     Nowhere,
 }
 
+/// Where placing a pipeline's messages left off (`pipeline_legs`): the
+/// legs of the last Bind (the Describe and Execute after it go there), the
+/// leg of the last one placed on one shard (a Bind without a key runs
+/// there), and how many Binds were placed.
+#[derive(Clone, Copy)]
+struct Placing {
+    current: To,
+    one: usize,
+    bound: usize,
+}
+
+impl Default for Placing {
+    fn default() -> Self {
+        Placing {
+            current: To::One(0),
+            one: 0,
+            bound: 0,
+        }
+    }
+}
+
 /// The end of a statement's answer in a query string or an Execute's.
 fn ends_statement(tag: u8) -> bool {
     tag == backend::COMMAND_COMPLETE || tag == backend::EMPTY_QUERY
@@ -92,7 +113,8 @@ impl Session {
                 .run_query_pipeline(&frames[0], &shards, target, writes, in_txn)
                 .await;
         }
-        let to = match self.pipeline_legs(&frames, &shards) {
+        let mut placing = Placing::default();
+        let to = match self.pipeline_legs(&frames, &shards, &mut placing) {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
@@ -105,7 +127,81 @@ impl Session {
         for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
             self.leg_prelude(leg, wrap, out);
         }
-        for (f, to) in frames.iter().zip(&to) {
+        let answered = self
+            .pipeline_parts(frames, to, &shards, (&mut legs, outs), placing)
+            .await;
+        self.finish_legs(legs, begin, wrap, writes, answered).await
+    }
+
+    /// Runs a pipeline's messages on its legs part by part, each part what
+    /// the client has sent so far (`frames`, placed as `to`): to its Sync,
+    /// or, when the client asked for results before it (a Flush, as
+    /// psycopg's `executemany(..., returning=True)` does), each part
+    /// answered and the next read from the client, placed on the same legs
+    /// (one for another shard fails the pipeline). Whether it failed; every
+    /// leg is read to its ReadyForQuery.
+    async fn pipeline_parts(
+        &mut self,
+        mut frames: Vec<Frame>,
+        mut to: Vec<To>,
+        shards: &[usize],
+        (legs, mut outs): (&mut [Leg], Vec<BytesMut>),
+        mut placing: Placing,
+    ) -> Result<bool, String> {
+        let mut failed = false;
+        loop {
+            let synced = frames.last().is_some_and(|f| f.tag == frontend::SYNC);
+            if !failed {
+                self.pipeline_part(&frames, &to, legs, &mut outs)
+                    .map_err(|_| "a pipeline message could not be read".to_string())?;
+                if !synced {
+                    // Everything sent is answered now: the client may be
+                    // waiting for any of it.
+                    outs.iter_mut().for_each(frontend::write_flush);
+                }
+                send_parts(legs, &outs).await?;
+                outs.iter_mut().for_each(BytesMut::clear);
+                failed = self.pipeline_answers(&frames, &to, legs).await?;
+                if synced {
+                    drain_to_ready(legs).await?;
+                    return Ok(failed);
+                }
+            } else if synced {
+                // Failed before its Sync, which every leg now gets: a leg
+                // that failed skipped to it, the others' parts are rolled
+                // back (`finish_legs`).
+                for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
+                    frontend::write_sync(out);
+                    leg.write(out).await?;
+                }
+                drain_to_ready(legs).await?;
+                return Ok(true);
+            }
+            self.write_client().await.map_err(|e| e.to_string())?;
+            frames = self.next_part().await?;
+            if !failed {
+                to = match self.pipeline_legs(&frames, shards, &mut placing) {
+                    Ok(to) => to,
+                    Err(e) => {
+                        e.encode(&mut self.client_out);
+                        failed = true;
+                        Vec::new()
+                    }
+                };
+            }
+        }
+    }
+
+    /// Writes one part of a pipeline to its legs' buffers, each message
+    /// where `to` places it.
+    fn pipeline_part(
+        &mut self,
+        frames: &[Frame],
+        to: &[To],
+        legs: &mut [Leg],
+        outs: &mut [BytesMut],
+    ) -> Result<(), End> {
+        for (f, to) in frames.iter().zip(to) {
             match (*to, f.tag) {
                 (To::All, frontend::PARSE) => {
                     let parsed = self.record_parse(f)?;
@@ -113,7 +209,7 @@ impl Session {
                         parse_on(leg, &parsed, f, out);
                     }
                 }
-                (To::All, frontend::SYNC) => {
+                (To::All, frontend::SYNC | frontend::FLUSH) => {
                     for out in outs.iter_mut() {
                         out.extend_from_slice(&f.bytes);
                     }
@@ -137,11 +233,31 @@ impl Session {
                 (To::Nowhere, _) => {}
             }
         }
-        let answered = match send_parts(&mut legs, &outs).await {
-            Ok(()) => self.pipeline_answers(&frames, &to, &mut legs).await,
-            Err(e) => Err(e),
-        };
-        self.finish_legs(legs, begin, wrap, writes, answered).await
+        Ok(())
+    }
+
+    /// The client's next messages in a pipeline it asked results of before
+    /// its Sync: at least one, up to its Sync. A simple query or a function
+    /// call cannot be among them.
+    async fn next_part(&mut self) -> Result<Vec<Frame>, String> {
+        let mut frames = vec![self.next_client_frame().await?];
+        loop {
+            let last = frames.last().map_or(frontend::SYNC, |f| f.tag);
+            if matches!(last, frontend::QUERY | frontend::FUNCTION_CALL) {
+                return Err(
+                    "a simple query or function call inside a pipeline spanning shards, before its Sync"
+                        .into(),
+                );
+            }
+            if last == frontend::SYNC {
+                return Ok(frames);
+            }
+            match crate::protocol::next_frame(&mut self.client_in, self.shared.max_message_size) {
+                Ok(Some(f)) => frames.push(f),
+                Ok(None) => return Ok(frames),
+                Err(e) => return Err(e.to_string()),
+            }
+        }
     }
 
     /// A query string whose statements need different shards (psql -c
@@ -319,25 +435,37 @@ impl Session {
         }
     }
 
-    /// Where each message of the unit goes: Parse, Close and Sync to every
-    /// leg, a Describe of a statement to the first, a Bind and the Describe
-    /// and Execute after it to the leg of the Bind's key (to each leg of its
-    /// shards for a statement on several, answered as by one server; a
-    /// Bind without a key to the last keyed one's); SET TRANSACTION to
-    /// every leg, answered once. (A BEGIN opening the unit was taken off it
-    /// before: `peel_begin`.) Other transaction control cannot be split.
-    fn pipeline_legs(&self, frames: &[Frame], shards: &[usize]) -> Result<Vec<To>, PgError> {
+    /// Where each message of the unit goes: Parse, Close, Flush and Sync to
+    /// every leg, a Describe of a statement to the first, a Bind and the
+    /// Describe and Execute after it to the leg of the Bind's key (to each
+    /// leg of its shards for a statement on several, answered as by one
+    /// server; a Bind without a key to the last keyed one's); SET
+    /// TRANSACTION to every leg, answered once. (A BEGIN opening the unit
+    /// was taken off it before: `peel_begin`.) Other transaction control
+    /// cannot be split. `placing` carries where the previous part left off
+    /// (a part read after the client asked for results): a Bind needing a
+    /// shard without a leg, or a placement the legs cannot run, fails it.
+    /// (A unit run before its Sync is planned as one that writes: the proxy
+    /// opened its transaction on every leg, so a later part may write.)
+    fn pipeline_legs(
+        &self,
+        frames: &[Frame],
+        shards: &[usize],
+        placing: &mut Placing,
+    ) -> Result<Vec<To>, PgError> {
         use shardline_router::classify::Class;
         let malformed =
             |m: frontend::Malformed| PgError::error(sqlstate::PROTOCOL_VIOLATION, m.to_string());
+        let beyond = |what: &str| {
+            self.shared.events.refusals.refuse(
+                Construct::Batch,
+                format!("a pipeline spanning shards that asked for results before its Sync runs on the shards of what it held then, up to that Sync, and this execution {what}; send a Sync before it"),
+            )
+        };
         let mut statements = super::route::UnitStatements::default();
-        let mut current = To::One(0);
-        // The leg of the last Bind placed on one shard: a Bind without a
-        // key runs there.
-        let mut one = 0;
         let mut to = Vec::with_capacity(frames.len());
         // The unit's plan placed each Bind whose statement it knew, in order.
-        let (parts, mut bound) = (&self.analysis.routes.parts, 0);
+        let parts = &self.analysis.routes.parts;
         for f in frames {
             to.push(match f.tag {
                 frontend::PARSE => {
@@ -348,42 +476,47 @@ impl Session {
                 frontend::BIND => {
                     let b = frontend::bind(f.body()).map_err(malformed)?;
                     if let Some((route, definition)) = statements.bound(self, b.statement) {
-                        let placed = parts.get(bound).cloned();
-                        bound += 1;
+                        let placed = parts.get(placing.bound).cloned();
+                        placing.bound += 1;
                         match route.class {
-                            Class::SetTransaction { .. } => current = To::All,
+                            Class::SetTransaction { .. } => placing.current = To::All,
                             Class::Begin { .. } | Class::TransactionControl | Class::Session => {
                                 return Err(self.shared.events.refusals.refuse(
                                     Construct::Batch,
                                     "a pipeline whose statements need different shards may not hold BEGIN, COMMIT, ROLLBACK, savepoints or SET; send those with a Sync of their own",
                                 ))
                             }
-                            _ => {
-                                let placed = placed.unwrap_or_else(|| {
-                                    let params = frontend::bind_params(b.rest).unwrap_or_default();
-                                    self.place(&route, definition, &params)
-                                });
-                                current = match placed {
-                                    Placement::One(s) => {
-                                        if let Some(i) = shards.iter().position(|&x| x == s) {
-                                            one = i;
-                                        }
-                                        To::One(one)
-                                    }
-                                    Placement::Many(m) => To::Several {
+                            _ => {}
+                        }
+                        if !matches!(route.class, Class::SetTransaction { .. }) {
+                            let placed = placed.unwrap_or_else(|| {
+                                let params = frontend::bind_params(b.rest).unwrap_or_default();
+                                self.place(&route, definition, &params)
+                            });
+                            placing.current = match placed {
+                                Placement::One(s) => {
+                                    placing.one = shards
+                                        .iter()
+                                        .position(|&x| x == s)
+                                        .ok_or_else(|| beyond("needs another shard"))?;
+                                    To::One(placing.one)
+                                }
+                                Placement::Many(m) if legs_in(shards, m).count_ones() == m.count_ones() => {
+                                    To::Several {
                                         legs: legs_in(shards, m),
                                         replicated: route.writes_reference_tables(),
-                                    },
-                                    _ => To::One(one),
-                                };
-                            }
+                                    }
+                                }
+                                Placement::Anywhere => To::One(placing.one),
+                                _ => return Err(beyond("needs other shards")),
+                            };
                         }
                     }
-                    current
+                    placing.current
                 }
                 frontend::DESCRIBE if f.body().first() == Some(&b'S') => To::First,
                 frontend::EXECUTE
-                    if matches!(current, To::Several { .. })
+                    if matches!(placing.current, To::Several { .. })
                         && frontend::execute(f.body()).is_ok_and(|(_, rows)| rows > 0) =>
                 {
                     return Err(self.shared.events.refusals.refuse(
@@ -391,17 +524,18 @@ impl Session {
                         "a statement on several shards in a pipeline cannot be executed with a row limit; send it with a Sync of its own",
                     ))
                 }
-                frontend::DESCRIBE | frontend::EXECUTE => current,
-                frontend::CLOSE | frontend::SYNC => To::All,
+                frontend::DESCRIBE | frontend::EXECUTE => placing.current,
+                frontend::CLOSE | frontend::SYNC | frontend::FLUSH => To::All,
                 _ => To::Nowhere,
             });
         }
         Ok(to)
     }
 
-    /// Reads the legs' answers in the order of the client's messages and
-    /// forwards them; returns whether the unit failed. Every leg is read
-    /// to its ReadyForQuery.
+    /// Reads the legs' answers in the order of the client's messages (up
+    /// to the Sync) and forwards them; returns whether the unit failed.
+    /// After an error nothing more is read here (`drain_to_ready` reads
+    /// every leg to its ReadyForQuery once the Sync is sent).
     async fn pipeline_answers(
         &mut self,
         frames: &[Frame],
@@ -413,6 +547,8 @@ impl Session {
         'frames: for (f, to) in frames.iter().zip(to) {
             let from: &[usize] = match to {
                 _ if f.tag == frontend::SYNC => break,
+                // (No answer.)
+                _ if f.tag == frontend::FLUSH => continue,
                 To::All => &all,
                 To::First => &all[..1],
                 To::One(i) => std::slice::from_ref(&all[*i]),
@@ -453,7 +589,6 @@ impl Session {
                 }
             }
         }
-        drain_to_ready(legs).await?;
         Ok(failed)
     }
 

@@ -604,6 +604,9 @@ impl Session {
         let mut unnamed = Portal::OneShard;
         let mut refetched = false;
         let mut prepared_to_flush = false;
+        // A Flush after something ran: the client asks for results before
+        // its Sync.
+        let mut flushed = false;
         // A Query, Bind, Execute or FunctionCall runs something (set in
         // their arms): a Bind starts running its statement, so in a
         // transaction it takes the deferred BEGIN, and it is placed by its
@@ -720,6 +723,7 @@ impl Session {
                     prepared_to_flush = true;
                     break;
                 }
+                frontend::FLUSH => flushed |= executes,
                 _ => {}
             }
         }
@@ -727,12 +731,14 @@ impl Session {
             // Executions of one pipeline (or statements of one query string)
             // on different shards, each on its own: run once the Sync is here.
             if let Some(mask) = shardline_router::shards::pipeline_shards(&binds) {
-                place = if complete {
+                // Asked for results (Flush) before its Sync: run now, its
+                // later messages on the same shards (`pipeline.rs`).
+                place = if complete || flushed {
                     Placement::Pipeline(mask)
                 } else {
                     Placement::refused(shardline_router::shards::Refusal::unsupported(
                         shardline_router::shards::Construct::Batch,
-                        "a pipeline whose executions need different shards runs once its Sync arrives: send the Sync before asking for results (Flush), within 1 MiB of messages",
+                        "a pipeline whose executions need different shards runs once its Sync or a Flush arrives: send them within 1 MiB of messages",
                     ))
                 };
             }

@@ -143,9 +143,12 @@ impl Session {
         }
     }
 
-    /// The client's next message, read from its socket here (during COPY
-    /// the fan-out owns the session).
-    pub(super) async fn next_client_frame(&mut self) -> Result<crate::protocol::Frame, String> {
+    /// The client's next message, read from its socket here (during COPY,
+    /// or a pipeline spanning shards read part by part, the fan-out owns
+    /// the session).
+    pub(in crate::session) async fn next_client_frame(
+        &mut self,
+    ) -> Result<crate::protocol::Frame, String> {
         loop {
             match next_frame(&mut self.client_in, self.shared.max_message_size) {
                 Ok(Some(f)) => return Ok(f),
@@ -162,7 +165,7 @@ impl Session {
                 .await
                 .map_err(|e| e.to_string())?;
             if n == 0 {
-                return Err("client closed the connection during COPY".into());
+                return Err("client closed the connection in a unit spanning shards".into());
             }
         }
     }

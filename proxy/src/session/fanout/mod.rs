@@ -80,7 +80,7 @@ impl Session {
         let UnitPlan::Run { target, writes } = planned.plan else {
             return Ok(());
         };
-        if !planned.complete {
+        if !planned.complete && !matches!(planned.place, Placement::Pipeline(_)) {
             return self.fail_next_message(self.shared.events.refusals.refuse(
                 Construct::Batch,
                 "a statement reaching several shards must end its unit with Sync before the proxy can run it",
