@@ -37,6 +37,25 @@ class Keys:
         self.names[k] = name
 
 
+def failing_executemany(conn, new, taken, returning):
+    """psycopg's executemany of rows `new` then `taken`, a key already
+    written: the unique violation rolls every row back, on every shard."""
+    try:
+        with conn.cursor() as cur:
+            cur.executemany(
+                "INSERT INTO users (id, name) VALUES (%s, 'dup')"
+                + (" RETURNING id" if returning else ""),
+                [(k,) for k in new + [taken]],
+                returning=returning,
+            )
+        raise AssertionError("expected a unique violation")
+    except errors.UniqueViolation:
+        pass
+    n = conn.execute("SELECT count(*) FROM users WHERE id = ANY(%s)", (new,)).fetchone()[0]
+    what = " returning" if returning else ""
+    check(f"psycopg executemany{what} with a failing row leaves nothing", n == 0, n)
+
+
 def psycopg_checks(url, base, keys):
     # Plain extended protocol in autocommit: unnamed Parse/Bind per statement.
     with psycopg.connect(url, autocommit=True) as conn:
@@ -89,19 +108,7 @@ def psycopg_checks(url, base, keys):
                 keys.add(k, name)
         check("psycopg executemany spanning shards", True)
         # A failing row rolls the whole executemany back, on every shard.
-        try:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO users (id, name) VALUES (%s, 'dup')",
-                    [(base + 150,), (base + 151,), (base + 130,)],
-                )
-            raise AssertionError("expected a unique violation")
-        except errors.UniqueViolation:
-            pass
-        n = conn.execute(
-            "SELECT count(*) FROM users WHERE id IN (%s, %s)", (base + 150, base + 151)
-        ).fetchone()[0]
-        check("psycopg executemany with a failing row leaves nothing", n == 0, n)
+        failing_executemany(conn, [base + 150, base + 151], base + 130, returning=False)
         # executemany(returning=True): every row sent, then a Flush for the
         # results before the Sync. The pipeline runs on every shard it
         # needs at that Flush; the rows come back in order.
@@ -120,20 +127,7 @@ def psycopg_checks(url, base, keys):
             for k, name in rows:
                 keys.add(k, name)
         check("psycopg executemany returning spanning shards", got == rows, got)
-        try:
-            with conn.cursor() as cur:
-                cur.executemany(
-                    "INSERT INTO users (id, name) VALUES (%s, 'dup') RETURNING id",
-                    [(base + 930,), (base + 931,), (base + 920,)],
-                    returning=True,
-                )
-            raise AssertionError("expected a unique violation")
-        except errors.UniqueViolation:
-            pass
-        n = conn.execute(
-            "SELECT count(*) FROM users WHERE id IN (%s, %s)", (base + 930, base + 931)
-        ).fetchone()[0]
-        check("psycopg executemany returning with a failing row leaves nothing", n == 0, n)
+        failing_executemany(conn, [base + 930, base + 931], base + 920, returning=True)
         # Results fetched inside a pipeline, before its Sync (a Flush): the
         # pipeline runs on its first execution's shard up to the Sync. An
         # execution for another shard there is refused, never written to
