@@ -472,6 +472,28 @@ async fn a_pipeline_spanning_shards_answers_at_each_flush() {
     let r = c.exchange(&[sync()]).await.unwrap();
     assert_eq!(tags(&r), b"Z", "{r:?}");
     assert_eq!(audit(&env, &sh), 4);
+    // Refused at its first Flush (it holds a SET): the error then, its
+    // ReadyForQuery at the client's Sync, as a server answers.
+    c.send(
+        &[
+            row(a[3]),
+            execute(),
+            row(b[3]),
+            execute(),
+            parse("", "SET application_name = 'x'", &[]),
+            bind("", &[], 0),
+            execute(),
+            flush(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    let r = until_tag(&mut c, b'E').await;
+    assert_eq!(error_code(&r.last().unwrap().1), "0A000", "{r:?}");
+    let r = c.exchange(&[row(a[3]), execute(), sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "one ReadyForQuery, at the Sync: {r:?}");
+    assert_eq!(audit(&env, &sh), 4);
     let r = c.exchange(&[query("SELECT 1")]).await.unwrap();
     assert_eq!(tags(&r), b"TDCZ", "{r:?}");
 }

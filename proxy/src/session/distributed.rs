@@ -539,7 +539,7 @@ impl Session {
         if failed {
             self.txn.fail();
         }
-        backend::ready_for_query(&mut self.client_out, if failed { b'E' } else { b'T' });
+        self.unit_ready(if failed { b'E' } else { b'T' });
     }
 
     fn shard_name(&self, shard: usize) -> String {

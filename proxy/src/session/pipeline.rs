@@ -19,6 +19,7 @@
 //! whole transaction, as one server would.
 
 use super::leg::{drain_to_ready, parse_on, Leg};
+use super::unit::Inflow;
 use super::FLUSH_AT;
 use super::{End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
@@ -113,6 +114,11 @@ impl Session {
                 .run_query_pipeline(&frames[0], &shards, target, writes, in_txn)
                 .await;
         }
+        if frames.last().is_none_or(|f| f.tag != frontend::SYNC) {
+            // Run at a Flush: until the pipeline has read the client's
+            // Sync, an error ending it is answered at that Sync.
+            self.inflow = Inflow::SkipToSync;
+        }
         let mut placing = Placing::default();
         let to = match self.pipeline_legs(&frames, &shards, &mut placing) {
             Ok(to) => to,
@@ -151,6 +157,10 @@ impl Session {
         let mut failed = false;
         loop {
             let synced = frames.last().is_some_and(|f| f.tag == frontend::SYNC);
+            if synced {
+                // (The unit's end is read: its ReadyForQuery is the proxy's.)
+                self.inflow = Inflow::Open;
+            }
             if !failed {
                 self.pipeline_part(&frames, &to, legs, &mut outs)
                     .map_err(|_| "a pipeline message could not be read".to_string())?;
@@ -641,7 +651,7 @@ impl Session {
         if in_txn {
             self.txn.fail();
         }
-        backend::ready_for_query(&mut self.client_out, if in_txn { b'E' } else { b'I' });
+        self.unit_ready(if in_txn { b'E' } else { b'I' });
         Ok(())
     }
 }

@@ -338,7 +338,16 @@ impl Session {
                 b'E'
             }
         };
-        backend::ready_for_query(&mut self.client_out, status);
+        self.unit_ready(status);
+    }
+
+    /// The ReadyForQuery ending a unit on several shards, with `status`;
+    /// none yet when the client's Sync is still to come (a pipeline run at
+    /// a Flush that failed before it: `Inflow::SkipToSync` answers it).
+    pub(in crate::session) fn unit_ready(&mut self, status: u8) {
+        if self.inflow != crate::session::unit::Inflow::SkipToSync {
+            backend::ready_for_query(&mut self.client_out, status);
+        }
     }
 
     /// Whether the unit's statements write reference tables only (every
