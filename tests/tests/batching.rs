@@ -31,14 +31,19 @@ async fn two_shards() -> (Env, Sharding) {
 }
 
 async fn two_shards_with(sharding: &str) -> (Env, Sharding) {
+    shards_with(2, sharding).await
+}
+
+/// `shards` shards with `sharding`, and the table `users` through the proxy.
+async fn shards_with(shards: usize, sharding: &str) -> (Env, Sharding) {
     let env = Env::start_with(EnvOptions {
-        shards: 2,
+        shards,
         replicas_per_shard: 0,
         extra_toml: sharding.into(),
         ..EnvOptions::default()
     })
     .await
-    .expect("two shards");
+    .expect("the shards");
     let c = env.connect().await;
     c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
         .await
@@ -504,20 +509,7 @@ async fn a_pipeline_spanning_shards_answers_at_each_flush() {
 /// pipeline's rows are rolled back.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_run_at_a_flush_takes_no_new_shard() {
-    let env = Env::start_with(EnvOptions {
-        shards: 3,
-        replicas_per_shard: 0,
-        extra_toml: SHARDING.into(),
-        ..EnvOptions::default()
-    })
-    .await
-    .expect("three shards");
-    let client = env.connect().await;
-    client
-        .batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
-        .await
-        .unwrap();
-    let sh = Sharding::from_config(&Config::from_toml(&env.config_text, "t").expect("config"));
+    let (env, sh) = shards_with(3, SHARDING).await;
     let on = |s: usize| (1..).find(|&k| owner(&sh, k) == s).unwrap();
     let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"t"))], 0);
     let mut c = RawClient::login(env.port).await.unwrap();

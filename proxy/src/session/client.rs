@@ -249,6 +249,22 @@ impl Session {
         Ok(())
     }
 
+    /// Whether a unit placed `place` runs on the attached connection.
+    fn runs_attached(&self, place: &shardline_router::shards::Placement) -> bool {
+        use shardline_router::shards::Placement;
+        match place {
+            Placement::Anywhere | Placement::Spread => true,
+            Placement::One(s) => Some(*s) == self.attached_shard(),
+            _ => false,
+        }
+    }
+
+    /// The name of the attached connection's shard.
+    fn attached_shard_name(&self) -> Option<String> {
+        let sh = self.shared.sharding.as_ref()?;
+        sh.shard_names.get(self.attached_shard()?).cloned()
+    }
+
     /// Bytes of the complete messages of the unit at the front of
     /// `client_in` (what its plan covers).
     fn unit_bytes(&self) -> usize {
@@ -266,12 +282,7 @@ impl Session {
     fn continues_here(&mut self) -> Result<bool, End> {
         use shardline_router::shards::Placement;
         let planned = self.plan_unit();
-        let shard = self.attached_shard();
-        if match &planned.place {
-            Placement::Anywhere | Placement::Spread => true,
-            Placement::One(s) => Some(*s) == shard,
-            _ => false,
-        } {
+        if self.runs_attached(&planned.place) {
             self.count_keys();
             self.unit.early(self.unit_bytes());
             return Ok(true);
@@ -279,12 +290,7 @@ impl Session {
         let e = match planned.place {
             Placement::Refused(r) => self.shared.events.refusals.error(*r),
             _ => {
-                let name = self
-                    .shared
-                    .sharding
-                    .as_ref()
-                    .and_then(|sh| sh.shard_names.get(shard?).cloned())
-                    .unwrap_or_default();
+                let name = self.attached_shard_name().unwrap_or_default();
                 self.shared.events.refusals.refuse(
                     Construct::Batch,
                     format!("this pipeline runs on shard {name} up to its Sync, as it was sent there before the Sync arrived (it asked for results with a Flush, or held more than 1 MiB), and this execution needs another shard; send a Sync before it"),
@@ -424,12 +430,7 @@ impl Session {
         let in_txn = session
             || (self.server.as_ref().is_some_and(|s| s.tx_status != b'I')
                 && self.pending.is_empty());
-        let fits = match &planned.place {
-            Placement::Anywhere | Placement::Spread => true,
-            Placement::One(s) => Some(*s) == self.attached_shard(),
-            _ => false,
-        };
-        if fits {
+        if self.runs_attached(&planned.place) {
             // The unit runs on the attached server.
             self.count_keys();
             return Ok(if early { Fit::Early } else { Fit::Yes });
@@ -452,12 +453,7 @@ impl Session {
             return Ok(Fit::Beside);
         }
         if session && self.server.as_ref().is_some_and(|s| s.tx_status == b'I') {
-            let name = self
-                .shared
-                .sharding
-                .as_ref()
-                .and_then(|sh| sh.shard_names.get(self.attached_shard()?).cloned())
-                .unwrap_or_default();
+            let name = self.attached_shard_name().unwrap_or_default();
             let e = match (&planned.place, self.pinned_refusal(&name)) {
                 // Refused wherever it would run: its own reason.
                 (Placement::Refused(r), _) => self.shared.events.refusals.error((**r).clone()),
@@ -500,11 +496,7 @@ impl Session {
         let e = match planned.place {
             Placement::Refused(r) => self.shared.events.refusals.error(*r),
             Placement::One(_) => {
-                let name = self
-                    .shared
-                    .sharding
-                    .as_ref()
-                    .and_then(|sh| sh.shard_names.get(self.attached_shard()?).cloned());
+                let name = self.attached_shard_name();
                 match self.pinned_refusal(name.as_deref().unwrap_or_default()) {
                     Some(e) => e,
                     None => super::cross_shard_transaction(&self.shared, name.as_deref()),

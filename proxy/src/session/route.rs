@@ -729,10 +729,11 @@ impl Session {
         }
         if matches!(place, Placement::Refused(_)) {
             // Executions of one pipeline (or statements of one query string)
-            // on different shards, each on its own: run once the Sync is here.
+            // on different shards, each on its own: run once the Sync is
+            // here, or a Flush asks for results before it.
             if let Some(mask) = shardline_router::shards::pipeline_shards(&binds) {
-                // Asked for results (Flush) before its Sync: run now, its
-                // later messages on the same shards (`pipeline.rs`).
+                // (At a Flush its later messages run on the same shards,
+                // `pipeline.rs`.)
                 place = if complete || flushed {
                     Placement::Pipeline(mask)
                 } else {
