@@ -77,6 +77,19 @@ impl Default for Placing {
     }
 }
 
+/// What broke a pipeline run part by part: a leg (the pipeline fails,
+/// the session goes on) or a client message (the session ends).
+enum Broke {
+    Legs(String),
+    Client(End),
+}
+
+impl From<String> for Broke {
+    fn from(e: String) -> Self {
+        Broke::Legs(e)
+    }
+}
+
 /// The end of a statement's answer in a query string or an Execute's.
 fn ends_statement(tag: u8) -> bool {
     tag == backend::COMMAND_COMPLETE || tag == backend::EMPTY_QUERY
@@ -133,9 +146,15 @@ impl Session {
         for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
             self.leg_prelude(leg, wrap, out);
         }
-        let answered = self
+        let answered = match self
             .pipeline_parts(frames, to, &shards, (&mut legs, outs), placing)
-            .await;
+            .await
+        {
+            Ok(failed) => Ok(failed),
+            Err(Broke::Legs(e)) => Err(e),
+            // A client message the proxy cannot read ends the session.
+            Err(Broke::Client(end)) => return Err(end),
+        };
         self.finish_legs(legs, begin, wrap, writes, answered).await
     }
 
@@ -153,7 +172,7 @@ impl Session {
         shards: &[usize],
         (legs, mut outs): (&mut [Leg], Vec<BytesMut>),
         mut placing: Placing,
-    ) -> Result<bool, String> {
+    ) -> Result<bool, Broke> {
         let mut failed = false;
         loop {
             let synced = frames.last().is_some_and(|f| f.tag == frontend::SYNC);
@@ -163,7 +182,7 @@ impl Session {
             }
             if !failed {
                 self.pipeline_part(&frames, &to, legs, &mut outs)
-                    .map_err(|_| "a pipeline message could not be read".to_string())?;
+                    .map_err(Broke::Client)?;
                 if !synced {
                     // Everything sent is answered now: the client may be
                     // waiting for any of it.
