@@ -128,26 +128,32 @@ def psycopg_checks(url, base, keys):
                 keys.add(k, name)
         check("psycopg executemany returning spanning shards", got == rows, got)
         failing_executemany(conn, [base + 930, base + 931], base + 920, returning=True)
-        # Results fetched inside a pipeline, before its Sync (a Flush): the
-        # pipeline runs on its first execution's shard up to the Sync. An
-        # execution for another shard there is refused, never written to
-        # the wrong shard, and what ran before it is rolled back.
+        # Results fetched inside a pipeline, before its Sync (a Flush), as
+        # psycopg's pipeline mode does for each fetch: each execution runs
+        # on its key's shard, a shard joining the pipeline when a row needs
+        # it, and the pipeline's Sync commits them all.
         fetched = list(range(base + 900, base + 910))
+        with conn.pipeline(), conn.cursor() as cur:
+            for k in fetched:
+                cur.execute(
+                    "INSERT INTO users (id, name) VALUES (%s, %s) RETURNING id", (k, f"fetched {k}")
+                )
+                check_quiet(cur.fetchall() == [(k,)], f"returned {k}")
+        for k in fetched:
+            keys.add(k, f"fetched {k}")
+        check("psycopg pipeline fetching each result across shards", True)
+        # A duplicate after rows for both shards: nothing of the pipeline stays.
+        failing = list(range(base + 940, base + 948))
         try:
             with conn.pipeline(), conn.cursor() as cur:
-                for k in fetched:
-                    cur.execute(
-                        "INSERT INTO users (id, name) VALUES (%s, 'fetched') RETURNING id", (k,)
-                    )
-                    check_quiet(cur.fetchall() == [(k,)], f"returned {k}")
-            raise AssertionError("expected a refusal: ten keys on one shard")
-        except errors.FeatureNotSupported:
+                for k in failing + [base + 900]:
+                    cur.execute("INSERT INTO users (id, name) VALUES (%s, 'dup') RETURNING id", (k,))
+                    cur.fetchall()
+            raise AssertionError("expected a unique violation")
+        except errors.UniqueViolation:
             pass
-        n = conn.execute(
-            "SELECT count(*) FROM users WHERE id BETWEEN %s AND %s", (fetched[0], fetched[-1])
-        ).fetchone()[0]
-        check("psycopg pipeline fetching for two shards before its Sync is refused, nothing kept",
-              n == 0, n)
+        n = conn.execute("SELECT count(*) FROM users WHERE id = ANY(%s)", (failing,)).fetchone()[0]
+        check("psycopg pipeline fetching across shards with a failing row leaves nothing", n == 0, n)
         # One shard's execution fetched before the Sync runs.
         with conn.pipeline(), conn.cursor() as cur:
             cur.execute(

@@ -298,17 +298,20 @@ async fn flushed(c: &mut RawClient, bind: Vec<u8>, until: u8) -> Vec<RawMessage>
 }
 
 /// A pipeline that asks for results before its Sync (a Flush after an
-/// Execute: psycopg's pipeline mode when a result is fetched) runs on its
-/// first execution's shard up to that Sync. Executions behind the Flush
-/// on the same shard run there; one for the other shard is refused
-/// (0A000) instead of being written to the wrong shard, and what ran
-/// before it is rolled back, as after any error in a pipeline. After a
+/// Execute: psycopg's pipeline mode when a result is fetched) runs at
+/// that Flush on its first execution's shard. Executions behind the Flush
+/// run each on its key's shard: the other shard joins the pipeline, and
+/// the Sync commits both; a failure on either rolls back both. After a
 /// server's error at a Flush, the messages up to the Sync are skipped, as
-/// the server skips them, and the session goes on.
+/// the server skips them, and the session goes on. Where the unit cannot
+/// take another shard (run on one connection: more than the proxy holds
+/// before its Sync, or inside a transaction), an execution for the other
+/// shard is refused (0A000) instead of being written to the wrong shard,
+/// and what ran before it is rolled back, as after any error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
+async fn a_pipeline_run_at_a_flush_places_each_later_row() {
     let (env, sh) = two_shards().await;
-    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(7).collect() };
     let (a, b) = (on(0), on(1));
     let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"p"))], 0);
     let mut c = RawClient::login(env.port).await.unwrap();
@@ -321,15 +324,24 @@ async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
     let r = c.exchange(&[sync()]).await.unwrap();
     assert_eq!(tags(&r), b"Z", "{r:?}");
     assert_eq!(audit(&env, &sh), 2, "both rows, on their shard");
-    // The other shard behind the Flush: refused, and the row before it
-    // rolled back; the rest up to the Sync skipped.
-    assert_eq!(tags(&flushed(&mut c, row(a[2]), b'C').await), b"2C");
-    let r = flushed(&mut c, row(b[0]), b'E').await;
-    assert_eq!(error_code(&r[0].1), "0A000", "{r:?}");
-    let r = c.exchange(&[row(b[1]), execute(), sync()]).await.unwrap();
+    // The other shard behind the Flush: it joins, and the Sync commits
+    // both shards' rows.
+    assert_eq!(tags(&flushed(&mut c, row(a[3]), b'C').await), b"2C");
+    assert_eq!(tags(&flushed(&mut c, row(b[3]), b'C').await), b"2C");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "{r:?}");
+    assert_eq!(status(&r), b'I');
+    assert_eq!(audit(&env, &sh), 4, "each row on its shard");
+    // A failure on the shard that joined rolls back the first one's part;
+    // the rest up to the Sync is skipped.
+    assert_eq!(tags(&flushed(&mut c, row(a[4]), b'C').await), b"2C");
+    let r = flushed(&mut c, row(b[3]), b'E').await;
+    assert_eq!(tags(&r), b"2E");
+    assert_eq!(error_code(&r[1].1), "23505", "{r:?}");
+    let r = c.exchange(&[row(b[4]), execute(), sync()]).await.unwrap();
     assert_eq!(tags(&r), b"Z", "skipped to the Sync: {r:?}");
     assert_eq!(status(&r), b'I');
-    assert_eq!(audit(&env, &sh), 2, "nothing of the refused pipeline stays");
+    assert_eq!(audit(&env, &sh), 4, "nothing of the failed pipeline stays");
     // A server's error at a Flush, then more messages before the Sync:
     // skipped (nothing of them is answered), one error, the session goes on.
     c.send(&[row(a[2]), execute(), row(a[0]), execute(), flush()].concat())
@@ -348,13 +360,13 @@ async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
         .await
         .unwrap();
     assert_eq!(tags(&r), b"TDCZ", "{r:?}");
-    assert_eq!(audit(&env, &sh), 2, "the failed pipeline rolled back");
+    assert_eq!(audit(&env, &sh), 4, "the failed pipeline rolled back");
     // More than the proxy holds (1 MiB) before the Sync, all for one shard:
     // run there before the Sync arrives; an execution for the other shard
     // after it is refused the same way, and nothing of the unit stays.
     let on_a: Vec<i64> = (1..)
         .filter(|&k| owner(&sh, k) == 0)
-        .skip(3)
+        .skip(7)
         .take(12)
         .collect();
     let big = vec![b'x'; 100 << 10];
@@ -370,7 +382,7 @@ async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
     assert_eq!(&t[t.len() - 2..], b"EZ", "{t:?}");
     let e = r.iter().find(|m| m.0 == b'E').unwrap();
     assert_eq!(error_code(&e.1), "0A000", "{r:?}");
-    assert_eq!(audit(&env, &sh), 2, "nothing of the unit stays");
+    assert_eq!(audit(&env, &sh), 4, "nothing of the unit stays");
     // Inside a transaction, the part run at the Flush is the transaction's
     // (its BEGIN, held until a statement runs, goes first): ROLLBACK
     // takes it back.
@@ -381,7 +393,7 @@ async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
     assert_eq!(status(&r), b'T', "{r:?}");
     let r = c.exchange(&[query("ROLLBACK")]).await.unwrap();
     assert_eq!(status(&r), b'I');
-    assert_eq!(audit(&env, &sh), 2, "rolled back with its transaction");
+    assert_eq!(audit(&env, &sh), 4, "rolled back with its transaction");
     // Inside a transaction: the refusal fails it, as an error would.
     let r = c.exchange(&[query("BEGIN")]).await.unwrap();
     assert_eq!(tags(&r), b"CZ");
@@ -393,7 +405,19 @@ async fn a_pipeline_read_at_a_flush_stays_on_its_shard() {
     let r = c.exchange(&[query("ROLLBACK")]).await.unwrap();
     assert_eq!(tags(&r), b"CZ");
     assert_eq!(status(&r), b'I');
-    assert_eq!(audit(&env, &sh), 2);
+    assert_eq!(audit(&env, &sh), 4);
+    // The unnamed statement of an earlier part, bound on the shard that
+    // joins: prepared there first.
+    let unnamed = |k: i64| bind("", &[(0, Some(&text(k))), (0, Some(b"u"))], 0);
+    c.send(&[parse("", INSERT, &[]), unnamed(a[5]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"12C");
+    assert_eq!(tags(&flushed(&mut c, unnamed(b[5]), b'C').await), b"2C");
+    assert_eq!(tags(&flushed(&mut c, unnamed(a[6]), b'C').await), b"2C");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "{r:?}");
+    assert_eq!(audit(&env, &sh), 7, "each row on its shard");
 }
 
 /// A pipeline spanning shards that asks for results before its Sync (a
@@ -504,38 +528,69 @@ async fn a_pipeline_spanning_shards_answers_at_each_flush() {
 }
 
 /// Three shards: a pipeline that asked for results with rows for two of
-/// them runs on those two up to its Sync; a row for the third after that
-/// Flush is refused (0A000), never written on one of the two, and the
-/// pipeline's rows are rolled back.
+/// them takes the third when a row after that Flush needs it, and the
+/// Sync commits all three; a failure on the third rolls back the other
+/// two's rows. A statement without a key in a later part runs on every
+/// shard, joining those the pipeline had not used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_pipeline_run_at_a_flush_takes_no_new_shard() {
+async fn a_pipeline_run_at_a_flush_takes_a_new_shard_when_a_row_needs_it() {
     let (env, sh) = shards_with(3, SHARDING).await;
-    let on = |s: usize| (1..).find(|&k| owner(&sh, k) == s).unwrap();
+    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let keys = [on(0), on(1), on(2)];
     let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"t"))], 0);
+    let audit3 = || shardline_tests::audit_users(&env, &sh, 3).len();
     let mut c = RawClient::login(env.port).await.unwrap();
-    c.send(
-        &[
-            parse("ins", INSERT, &[]),
-            row(on(0)),
-            execute(),
-            row(on(1)),
-            execute(),
-            flush(),
-        ]
-        .concat(),
-    )
-    .await
-    .unwrap();
+    let two_rows = |x: i64, y: i64| [row(x), execute(), row(y), execute(), flush()].concat();
+    c.send(&[parse("ins", INSERT, &[]), two_rows(keys[0][0], keys[1][0])].concat())
+        .await
+        .unwrap();
     assert_eq!(tags(&until_tag(&mut c, b'C').await), b"12C");
     assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
-    let r = flushed(&mut c, row(on(2)), b'E').await;
-    assert_eq!(error_code(&r[0].1), "0A000", "{r:?}");
+    assert_eq!(tags(&flushed(&mut c, row(keys[2][0]), b'C').await), b"2C");
     let r = c.exchange(&[sync()]).await.unwrap();
     assert_eq!(tags(&r), b"Z", "{r:?}");
-    assert!(
-        shardline_tests::audit_users(&env, &sh, 3).is_empty(),
-        "nothing of the refused pipeline stays"
+    assert_eq!(audit3(), 3, "each row on its shard");
+    // A duplicate on the third shard, joined after the Flush: the rows of
+    // the other two are rolled back.
+    c.send(&two_rows(keys[0][1], keys[1][1])).await.unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+    let r = flushed(&mut c, row(keys[2][0]), b'E').await;
+    assert_eq!(tags(&r), b"2E");
+    assert_eq!(error_code(&r[1].1), "23505", "{r:?}");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "{r:?}");
+    assert_eq!(audit3(), 3, "nothing of the failed pipeline stays");
+    // One shard's row, then an UPDATE without a key: on all three.
+    assert_eq!(
+        tags(
+            &flushed(
+                &mut c,
+                [
+                    parse("", INSERT, &[]),
+                    bind("", &[(0, Some(&text(keys[0][2]))), (0, Some(b"t"))], 0)
+                ]
+                .concat(),
+                b'C'
+            )
+            .await
+        ),
+        b"12C"
     );
+    let update = "UPDATE users SET name = $1";
+    let set = bind("", &[(0, Some(b"u"))], 0);
+    let r = flushed(&mut c, [parse("", update, &[]), set].concat(), b'C').await;
+    assert_eq!(tags(&r), b"12C", "{r:?}");
+    assert_eq!(command_tag(&r[2]), "UPDATE 4", "{r:?}");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(tags(&r), b"Z", "{r:?}");
+    assert_eq!(audit3(), 4);
+    let r = c
+        .exchange(&[query("SELECT count(*) FROM users WHERE name = 'u'")])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"TDCZ", "{r:?}");
+    assert_eq!(&r[1].1[r[1].1.len() - 1..], b"4", "{r:?}");
 }
 
 /// Executions for different shards in one pipeline (up to Sync), as

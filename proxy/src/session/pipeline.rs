@@ -12,6 +12,11 @@
 //! an error nothing more is forwarded (a server skips to Sync), every
 //! shard is read to its ReadyForQuery, and the writes are rolled back.
 //!
+//! A pipeline run at a Flush (its client asked for results before its
+//! Sync) takes the client's later messages part by part, and a shard it
+//! had no leg on joins when an execution needs it (outside a client's
+//! transaction).
+//!
 //! Inside a client's transaction (with two-phase commit) the shards'
 //! parts run on the transaction's own connections instead
 //! (`distributed.rs`: `transaction_legs`, `keep_in_transaction`), so the
@@ -104,6 +109,11 @@ fn legs_in(shards: &[usize], mask: ShardMask) -> u64 {
         .fold(0, |bits, (i, _)| bits | 1 << i)
 }
 
+/// The shards of `shards`, as a mask.
+fn legs_in_mask(shards: &[usize]) -> ShardMask {
+    shards.iter().fold(0, |m, &s| m | mask_of(s))
+}
+
 /// The legs of `bits`, in order.
 fn leg_list(bits: u64) -> Vec<usize> {
     (0..64).filter(|i| bits & 1 << i != 0).collect()
@@ -121,7 +131,7 @@ impl Session {
         writes: bool,
         in_txn: bool,
     ) -> Result<(), End> {
-        let shards: Vec<usize> = shards_in(mask).collect();
+        let mut shards: Vec<usize> = shards_in(mask).collect();
         if frames.first().is_some_and(|f| f.tag == frontend::QUERY) {
             return self
                 .run_query_pipeline(&frames[0], &shards, target, writes, in_txn)
@@ -133,7 +143,7 @@ impl Session {
             self.inflow = Inflow::SkipToSync;
         }
         let mut placing = Placing::default();
-        let to = match self.pipeline_legs(&frames, &shards, &mut placing) {
+        let to = match self.pipeline_legs(&frames, &mut shards, !in_txn, &mut placing) {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
@@ -146,8 +156,12 @@ impl Session {
         for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
             self.leg_prelude(leg, wrap, out);
         }
+        // Outside the client's transaction a shard joins a later part as
+        // the first part's shards began: borrowed for `target`, in the
+        // proxy's BEGIN when `wrap`.
+        let joins = (!in_txn).then_some((target, wrap));
         let answered = match self
-            .pipeline_parts(frames, to, &shards, (&mut legs, outs), placing)
+            .pipeline_parts(frames, to, &mut shards, (&mut legs, outs), placing, joins)
             .await
         {
             Ok(failed) => Ok(failed),
@@ -162,16 +176,19 @@ impl Session {
     /// the client has sent so far (`frames`, placed as `to`): to its Sync,
     /// or, when the client asked for results before it (a Flush, as
     /// psycopg's `executemany(..., returning=True)` does), each part
-    /// answered and the next read from the client, placed on the same legs
-    /// (one for another shard fails the pipeline). Whether it failed; every
-    /// leg is read to its ReadyForQuery.
+    /// answered and the next read from the client, placed by `placing`
+    /// (on the legs it has, or, with `joins`, on legs added for the shards
+    /// it needs: borrowed for that target, in the proxy's BEGIN when the
+    /// flag says; without, a shard it has no leg on fails the pipeline).
+    /// Whether it failed; every leg is read to its ReadyForQuery.
     async fn pipeline_parts(
         &mut self,
         mut frames: Vec<Frame>,
         mut to: Vec<To>,
-        shards: &[usize],
-        (legs, mut outs): (&mut [Leg], Vec<BytesMut>),
+        shards: &mut Vec<usize>,
+        (legs, mut outs): (&mut Vec<Leg>, Vec<BytesMut>),
         mut placing: Placing,
+        joins: Option<(Target, bool)>,
     ) -> Result<bool, Broke> {
         let mut failed = false;
         loop {
@@ -209,9 +226,17 @@ impl Session {
             self.write_client().await.map_err(|e| e.to_string())?;
             frames = self.next_part().await?;
             if !failed {
-                to = match self.pipeline_legs(&frames, shards, &mut placing) {
+                let placed = self.pipeline_legs(&frames, shards, joins.is_some(), &mut placing);
+                let joined = match (&placed, joins) {
+                    (Ok(_), Some((target, wrap))) if shards.len() > legs.len() => {
+                        self.add_legs(shards, legs, &mut outs, target, wrap).await
+                    }
+                    _ => Ok(()),
+                };
+                to = match joined.and(placed) {
                     Ok(to) => to,
                     Err(e) => {
+                        shards.truncate(legs.len());
                         e.encode(&mut self.client_out);
                         failed = true;
                         Vec::new()
@@ -219,6 +244,31 @@ impl Session {
                 };
             }
         }
+    }
+
+    /// Borrows a leg for each shard of `shards` past the legs a pipeline
+    /// has (shards its later part joined), sent first what the others
+    /// were (`leg_prelude`); statements reach it as they are bound there
+    /// (`translate`). Cancels reach every leg.
+    async fn add_legs(
+        &mut self,
+        shards: &[usize],
+        legs: &mut Vec<Leg>,
+        outs: &mut Vec<BytesMut>,
+        target: Target,
+        wrap: bool,
+    ) -> Result<(), PgError> {
+        for mut leg in self.borrow_legs(&shards[legs.len()..], target).await? {
+            let mut out = BytesMut::new();
+            self.leg_prelude(&mut leg, wrap, &mut out);
+            legs.push(leg);
+            outs.push(out);
+        }
+        self.client.attach_all(
+            legs.iter()
+                .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
+        );
+        Ok(())
     }
 
     /// Writes one part of a pipeline to its legs' buffers, each message
@@ -472,14 +522,18 @@ impl Session {
     /// TRANSACTION to every leg, answered once. (A BEGIN opening the unit
     /// was taken off it before: `peel_begin`.) Other transaction control
     /// cannot be split. `placing` carries where the previous part left off
-    /// (a part read after the client asked for results): a Bind needing a
-    /// shard without a leg, or a placement the legs cannot run, fails it.
+    /// (a part read after the client asked for results). A Bind needing
+    /// shards without a leg adds them to `shards` when `grow` (outside the
+    /// client's transaction: their legs are borrowed before the part is
+    /// sent, `add_legs`); otherwise it fails the pipeline, as does a
+    /// placement the legs cannot run.
     /// (A unit run before its Sync is planned as one that writes: the proxy
     /// opened its transaction on every leg, so a later part may write.)
     fn pipeline_legs(
         &self,
         frames: &[Frame],
-        shards: &[usize],
+        shards: &mut Vec<usize>,
+        grow: bool,
         placing: &mut Placing,
     ) -> Result<Vec<To>, PgError> {
         use shardline_router::classify::Class;
@@ -488,7 +542,7 @@ impl Session {
         let beyond = |what: &str| {
             self.shared.events.refusals.refuse(
                 Construct::Batch,
-                format!("a pipeline spanning shards that asked for results before its Sync runs on the shards of what it held then, up to that Sync, and this execution {what}; send a Sync before it"),
+                format!("this execution {what} in a pipeline that asked for results before its Sync: a later part of it runs on one shard or several, not merged or split, and inside a transaction only on the shards its first part held; send a Sync before it"),
             )
         };
         let mut statements = super::route::UnitStatements::default();
@@ -522,6 +576,16 @@ impl Session {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
                                 self.place(&route, definition, &params)
                             });
+                            if grow {
+                                // A shard without a leg joins the pipeline
+                                // (`add_legs`).
+                                let mask = match placed {
+                                    Placement::One(s) => mask_of(s),
+                                    Placement::Many(m) => m,
+                                    _ => 0,
+                                };
+                                shards.extend(shards_in(mask & !legs_in_mask(shards)));
+                            }
                             placing.current = match placed {
                                 Placement::One(s) => {
                                     placing.one = shards

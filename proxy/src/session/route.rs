@@ -97,6 +97,16 @@ pub(super) fn parse_effect(
     crate::protocol::text(query).and_then(shardline_router::effect::statement_effect)
 }
 
+/// Statements that write, and only read or write: no transaction
+/// control, settings or session state among them (what a pipeline run at
+/// a Flush may take to other shards, `Session::runs_as_pipeline`).
+fn writes_plainly(routes: &[Route]) -> bool {
+    routes.iter().any(|r| r.class == Class::Write)
+        && routes.iter().all(|r| {
+            matches!(r.class, Class::Read | Class::Write) && !r.effects && r.session_state.is_none()
+        })
+}
+
 /// The query text of a Parse definition (`query\0` then parameter types).
 pub(super) fn definition_query(definition: &[u8]) -> &[u8] {
     let end = memchr::memchr(0, definition).unwrap_or(definition.len());
@@ -526,6 +536,25 @@ impl Session {
         crate::protocol::unit_messages(&self.client_in, self.shared.max_message_size)
     }
 
+    /// Whether a unit on one shard that asked for results before its Sync
+    /// runs as a pipeline, which later parts may take to other shards:
+    /// with several shards, under transaction pooling, outside any
+    /// transaction and any kept connection, when it writes and holds only
+    /// reads and writes. Transaction control, settings and session state
+    /// stay on the connection they began on; so do reads alone (a cursor
+    /// read at a Flush, as pg-cursor sends, runs on a replica while the
+    /// primary is down, and needs no transaction of the proxy's).
+    fn runs_as_pipeline(&self, routes: &[Route]) -> bool {
+        self.shared
+            .sharding
+            .as_ref()
+            .is_some_and(|sh| sh.shard_count() > 1)
+            && self.mode() == PoolMode::Transaction
+            && self.server.is_none()
+            && !self.txn.has_begin()
+            && writes_plainly(routes)
+    }
+
     /// Decides where the unit at the front of `client_in` runs, from the
     /// messages buffered so far (up to its Sync).
     pub(super) fn plan_unit(&mut self) -> Planned {
@@ -742,6 +771,15 @@ impl Session {
                         "a pipeline whose executions need different shards runs once its Sync or a Flush arrives: send them within 1 MiB of messages",
                     ))
                 };
+            }
+        }
+        if flushed && !complete && self.runs_as_pipeline(&routes) {
+            if let Placement::One(s) = place {
+                // Asked for results before its Sync, outside a transaction:
+                // run as a pipeline (`pipeline.rs`), so that a later part
+                // may need another shard (psycopg's pipeline mode fetching
+                // each result), joining it then.
+                place = Placement::Pipeline(shardline_router::sharding::mask_of(s));
             }
         }
         if fetched_in_batches || !spread_portals.is_empty() {
@@ -1287,6 +1325,42 @@ impl Session {
             if self.on_server_message(msg[0], &msg).is_err() {
                 return;
             }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::writes_plainly;
+
+    #[test]
+    fn only_plain_writing_statements_run_as_a_pipeline_at_a_flush() {
+        let mut router = shardline_router::Router::new(Default::default(), 16, None);
+        let mut routes =
+            |texts: &[&str]| -> Vec<_> { texts.iter().map(|t| router.route(t)).collect() };
+        let insert = "INSERT INTO users (id, name) VALUES ($1, $2) RETURNING id";
+        let select = "SELECT name FROM users WHERE id = $1";
+        assert!(writes_plainly(&routes(&[insert])));
+        assert!(writes_plainly(&routes(&[select, insert])));
+        assert!(writes_plainly(&routes(&[
+            "UPDATE users SET name = $1",
+            select
+        ])));
+        // Reads alone stay on their connection (a cursor read at a Flush).
+        assert!(!writes_plainly(&routes(&[select])));
+        assert!(!writes_plainly(&routes(&[])));
+        // Transaction control, settings and session state too.
+        for other in [
+            "BEGIN",
+            "COMMIT",
+            "SAVEPOINT a",
+            "SET search_path = a",
+            "SET TRANSACTION ISOLATION LEVEL SERIALIZABLE",
+            "CREATE TEMP TABLE t (a int)",
+            "SELECT pg_advisory_lock(1)",
+            "PREPARE p AS SELECT 1",
+        ] {
+            assert!(!writes_plainly(&routes(&[insert, other])), "{other}");
         }
     }
 }
