@@ -623,6 +623,29 @@ async fn read_your_writes_holds_when_the_writer_leaves_at_once() {
             .unwrap();
         assert!(found.is_some(), "stale read of {k} on another connection");
     }
+    // Transactions by the extended protocol, as drivers send them (BEGIN,
+    // INSERT and COMMIT each prepared, then bound and executed up to a
+    // Sync): the commit's position query goes right behind its Sync. Each
+    // round first lets the replicas apply the last one; as they apply the
+    // INSERT's WAL at once and only the commit record late, a position
+    // taken before the commit would let the read on the other connection
+    // reach a replica without the row.
+    for k in 20_000..20_020 {
+        tokio::time::sleep(Duration::from_millis(450)).await;
+        a.execute("BEGIN", &[]).await.unwrap();
+        a.execute("INSERT INTO kv VALUES ($1, $1)", &[&k])
+            .await
+            .unwrap();
+        a.execute("COMMIT", &[]).await.unwrap();
+        let found = b
+            .query_opt("SELECT v FROM kv WHERE k = $1", &[&k])
+            .await
+            .unwrap();
+        assert!(
+            found.is_some(),
+            "stale read of {k} after an extended COMMIT"
+        );
+    }
 }
 
 /// The proxy's own settings: `shardline.role` from the startup options

@@ -595,7 +595,7 @@ impl Session {
                 } else {
                     self.portal_effects.get(portal).cloned().map(Box::new)
                 };
-                self.unit.bind();
+                self.unit.execute();
                 self.server_out.extend_from_slice(bytes);
                 self.pending
                     .push_back(Pending::forward(Kind::Execute { effect }));
@@ -608,12 +608,16 @@ impl Session {
                     self.server_out.extend_from_slice(bytes);
                     return Ok(());
                 }
+                let probe = self.position_query_at_sync();
                 self.unit.close();
                 if self.server.is_none() {
                     self.synthetic(Synthetic::ReadyForQuery);
                 } else {
                     self.server_out.extend_from_slice(bytes);
                     self.pending.push_back(Pending::forward(Kind::Sync));
+                    if let Some(probe) = probe {
+                        self.queue_position_query(probe);
+                    }
                 }
                 Ok(())
             }
@@ -744,29 +748,62 @@ impl Session {
     ) -> Option<crate::PositionPending> {
         // The session's state first: reads and units with others in flight
         // never look at the text.
-        let eligible = self.wrote
-            && self.pending.is_empty()
-            && self.pinned.is_none()
-            && !self.txn.has_begin()
-            && self.mode() == PoolMode::Transaction;
+        let eligible = self.wrote && self.pending.is_empty() && self.position_may_go_along();
         let server = self.server.as_ref().filter(|_| eligible)?;
         // A text that is not UTF-8 commits nothing the proxy knows of.
-        let text = utf8().unwrap_or("");
-        let commits = match shardline_router::lone_transaction_end(text) {
-            Some("COMMIT") => server.tx_status == b'T',
-            Some(_) => false,
-            None => server.tx_status == b'I' && effect::lone_autocommit_statement(text),
-        };
-        if !commits {
+        if !commits(utf8().unwrap_or(""), server.tx_status) {
             return None;
         }
-        // A guard taken earlier for this session's writes is the one.
+        self.position_guard_held()
+    }
+
+    /// At the client's Sync, before the unit closes: the guard of the
+    /// commit whose position query goes right behind the Sync, when the
+    /// unit's one execution commits (`Unit::Bound { commits }`, noted by
+    /// `on_bind`) and no earlier unit is in flight: an extended-protocol
+    /// COMMIT or autocommit write, as `position_query_with` for a query.
+    fn position_query_at_sync(&mut self) -> Option<crate::PositionPending> {
+        if !(self.wrote
+            && self.unit.commits()
+            && self.position_may_go_along()
+            && !self.pending.iter().any(|p| p.is_sync_point()))
+        {
+            return None;
+        }
+        self.position_guard_held()
+    }
+
+    /// What the session's state allows of a position query sent along
+    /// with a unit: transaction pooling, no connection kept, no BEGIN
+    /// held.
+    fn position_may_go_along(&self) -> bool {
+        self.pinned.is_none() && !self.txn.has_begin() && self.mode() == PoolMode::Transaction
+    }
+
+    /// The guard of the commit whose position query goes with its unit:
+    /// one taken earlier for this session's writes, or a new one when the
+    /// shard learns positions.
+    fn position_guard_held(&mut self) -> Option<crate::PositionPending> {
         let guard = match self.position_pending.take() {
             Some(earlier) => earlier,
             None => self.position_guard()?,
         };
         self.wrote = false;
         Some(guard.held())
+    }
+
+    /// Whether a Bind of `route`'s statement, the unit's first, commits:
+    /// only looked at on a connection taken for writing, where the
+    /// position of a commit may be learned.
+    fn bind_commits(&self, route: Option<&shardline_router::Route>, definition: &[u8]) -> bool {
+        use shardline_router::classify::Class;
+        self.purpose == Purpose::Write
+            && self.unit.unbound()
+            && route.is_some_and(|r| matches!(r.class, Class::Write | Class::TransactionControl))
+            && self.server.as_ref().is_some_and(|s| {
+                let query = super::route::definition_query(definition);
+                crate::protocol::text(query).is_some_and(|text| commits(text, s.tx_status))
+            })
     }
 
     fn on_query(&mut self, bytes: &[u8]) -> Result<(), End> {
@@ -844,16 +881,20 @@ impl Session {
         self.pending
             .push_back(Pending::forward(Kind::Query { effects }));
         if let Some(probe) = probe {
-            // Sent with the commit, answered with it: the client's
-            // ReadyForQuery waits for the position without a round trip
-            // of its own (see `server.rs::holds_reply`).
-            self.send_own_query(super::route::WAL_POSITION_SQL);
-            self.pending
-                .push_back(Pending::swallow(Kind::LsnProbe(probe)));
-            self.pending
-                .push_back(Pending::forward(Kind::Synthetic(Synthetic::ReadyForQuery)));
+            self.queue_position_query(probe);
         }
         Ok(())
+    }
+
+    /// Sends the position query right behind a unit that commits, answered
+    /// with it: the client's ReadyForQuery waits for the position without
+    /// a round trip of its own (see `server.rs::holds_reply`).
+    fn queue_position_query(&mut self, probe: crate::PositionPending) {
+        self.send_own_query(super::route::WAL_POSITION_SQL);
+        self.pending
+            .push_back(Pending::swallow(Kind::LsnProbe(probe)));
+        self.pending
+            .push_back(Pending::forward(Kind::Synthetic(Synthetic::ReadyForQuery)));
     }
 
     /// Under transaction pooling, fails the request a statement with
@@ -1000,11 +1041,15 @@ impl Session {
                 None => return Ok(()),
             }
         };
-        self.unit.bind();
         let route = match &stmt {
             Some(s) => Some(&s.route),
             None => self.unnamed.as_ref().map(|u| &u.route),
         };
+        let definition = match &stmt {
+            Some(s) => &s.definition[..],
+            None => self.unnamed.as_ref().map_or(&[][..], |u| &u.definition[..]),
+        };
+        self.unit.bind(self.bind_commits(route, definition));
         if let Some(route) = route.filter(|r| r.effects && r.shards.is_some()) {
             // A DECLARE is among the texts that may have effects.
             let route = route.clone();
@@ -1191,9 +1236,38 @@ fn may_be_proxy_setting(text: &[u8]) -> bool {
     }
 }
 
+/// Whether running `text` on a connection whose transaction status is
+/// `status` commits: COMMIT of an open transaction, or one statement that
+/// runs in a transaction of its own.
+fn commits(text: &str, status: u8) -> bool {
+    match shardline_router::lone_transaction_end(text) {
+        Some("COMMIT") => status == b'T',
+        Some(_) => false,
+        None => status == b'I' && effect::lone_autocommit_statement(text),
+    }
+}
+
 #[cfg(test)]
 mod tests {
-    use super::{proxy_setting, ProxySetting};
+    use super::{commits, proxy_setting, ProxySetting};
+
+    #[test]
+    fn a_commit_is_a_commit_of_an_open_transaction_or_one_autocommit_statement() {
+        assert!(commits("COMMIT", b'T'));
+        assert!(commits("end", b'T'));
+        assert!(!commits("COMMIT", b'I'), "nothing open: nothing committed");
+        assert!(!commits("COMMIT", b'E'), "a failed transaction rolls back");
+        assert!(!commits("ROLLBACK", b'T'));
+        assert!(!commits("PREPARE TRANSACTION 'x'", b'T'));
+        assert!(commits("INSERT INTO t VALUES ($1)", b'I'));
+        assert!(commits("UPDATE t SET a = 1", b'I'));
+        assert!(
+            !commits("INSERT INTO t VALUES ($1)", b'T'),
+            "inside a transaction a write commits nothing"
+        );
+        assert!(!commits("BEGIN", b'I'));
+        assert!(!commits("SET a = 1", b'I'));
+    }
     use shardline_router::hint::SessionSetting;
 
     #[test]

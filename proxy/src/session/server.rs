@@ -315,7 +315,7 @@ impl Session {
                     if extended {
                         // The unit (its Execute runs the COPY) now ends at
                         // the Sync the client sends after CopyDone.
-                        self.unit.bind();
+                        self.unit.execute();
                     }
                 }
             }

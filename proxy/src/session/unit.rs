@@ -13,8 +13,11 @@ pub(super) enum Unit {
     /// Messages sent since the last Sync, none a Bind or Execute: the
     /// unit only prepares so far.
     Preparing,
-    /// A Bind or Execute was sent: the unit is placed.
-    Bound,
+    /// A Bind or Execute was sent: the unit is placed. `commits`: its one
+    /// execution so far commits (COMMIT of the open transaction, or one
+    /// statement in autocommit), so the read-your-writes position query
+    /// may go with its Sync (`client.rs::position_query_at_sync`).
+    Bound { commits: bool },
     /// The unit went to the server before its end arrived (a Flush after
     /// a Bind, as a psycopg pipeline fetching results sends, or more than
     /// the proxy holds): it was placed by its messages buffered then, of
@@ -36,11 +39,33 @@ impl Unit {
         }
     }
 
-    /// A Bind or Execute went to the server.
-    pub(super) fn bind(&mut self) {
-        if !matches!(self, Unit::Early { .. }) {
-            *self = Unit::Bound;
+    /// A Bind went to the server; `commits` when it is the unit's first
+    /// and its statement commits (a second execution: the unit commits
+    /// only as its Sync may tell).
+    pub(super) fn bind(&mut self, commits: bool) {
+        match self {
+            Unit::Closed | Unit::Preparing => *self = Unit::Bound { commits },
+            Unit::Bound { commits } => *commits = false,
+            Unit::Early { .. } => {}
         }
+    }
+
+    /// An Execute went to the server (of a portal bound in this unit or
+    /// an earlier one), or a COPY it ran started.
+    pub(super) fn execute(&mut self) {
+        if matches!(self, Unit::Closed | Unit::Preparing) {
+            *self = Unit::Bound { commits: false };
+        }
+    }
+
+    /// Whether no Bind or Execute went to the server in this unit yet.
+    pub(super) fn unbound(self) -> bool {
+        matches!(self, Unit::Closed | Unit::Preparing)
+    }
+
+    /// Whether the unit's one execution commits.
+    pub(super) fn commits(self) -> bool {
+        self == Unit::Bound { commits: true }
     }
 
     /// The unit runs before its end arrived; its first `planned` bytes of
@@ -173,9 +198,13 @@ mod tests {
         assert!(!u.is_open());
         u.prepare();
         assert_eq!(u, Unit::Preparing);
-        u.bind();
+        u.bind(false);
         u.prepare();
-        assert_eq!(u, Unit::Bound, "a Parse after a Bind keeps the unit placed");
+        assert_eq!(
+            u,
+            Unit::Bound { commits: false },
+            "a Parse after a Bind keeps the unit placed"
+        );
         assert!(u.is_open());
         u.close();
         assert_eq!(u, Unit::Closed);
@@ -184,12 +213,34 @@ mod tests {
     }
 
     #[test]
+    fn a_unit_commits_only_through_its_one_execution() {
+        let mut u = Unit::default();
+        u.prepare();
+        assert!(u.unbound());
+        u.bind(true);
+        u.execute();
+        assert!(u.commits(), "its Execute keeps what its Bind said");
+        u.bind(true);
+        assert!(!u.commits(), "a second execution: not known to commit");
+        u.close();
+        u.execute();
+        assert!(!u.commits(), "an Execute of a portal bound before");
+        u.close();
+        u.bind(false);
+        assert!(!u.commits() && !u.unbound());
+        u.early(10);
+        u.bind(true);
+        assert!(!u.commits(), "an early unit is not one execution");
+    }
+
+    #[test]
     fn an_early_unit_counts_down_what_was_placed_with_it() {
         let mut u = Unit::default();
         u.early(30);
         assert!(u.is_open() && !u.unplaced());
         u.prepare();
-        u.bind();
+        u.bind(true);
+        u.execute();
         u.took(20);
         assert_eq!(
             u,
