@@ -42,7 +42,9 @@ pub enum Access {
 pub struct UnitFacts<'a> {
     /// Routes of the unit's statements, in order.
     pub routes: &'a [Route],
-    /// The unit is one simple query holding one statement.
+    /// The unit is one statement alone: a simple query holding one, or an
+    /// extended unit executing one (and nothing else but Parse, Describe
+    /// and Sync), so a lone BEGIN in it may be answered by the proxy.
     pub simple_single: bool,
     /// Every message of the unit has arrived (a simple query, or up to Sync).
     pub complete: bool,

@@ -291,6 +291,100 @@ async fn parameters_are_read_as_their_own_type() {
     }
 }
 
+/// A BEGIN sent by the extended protocol in a unit of its own (pgbench's
+/// extended and prepared modes): answered by the proxy as the server
+/// answers it and held, as a lone simple BEGIN is, so the transaction's
+/// first statement chooses its shard. Before, it went to the default
+/// shard at once, and a transaction whose key lives on the other shard was
+/// refused (without two-phase commit). Its text (the isolation level)
+/// reaches the server; a named BEGIN is bound again in the next
+/// transaction without its Parse; BEGIN then COMMIT commits nothing.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_extended_begin_alone_is_held_for_the_first_statement() {
+    let (env, sh) = two_shards().await;
+    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(2).collect() };
+    let (a, b) = (on(0), on(1));
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let row = |k: i64| {
+        [
+            parse("", INSERT, &[]),
+            bind("", &[(0, Some(&text(k))), (0, Some(b"x"))], 0),
+            execute(),
+            sync(),
+        ]
+        .concat()
+    };
+    let commit = || {
+        [
+            parse("", "COMMIT", &[]),
+            bind("", &[], 0),
+            execute(),
+            sync(),
+        ]
+        .concat()
+    };
+    for (i, k) in [b[0], a[0], b[1]].into_iter().enumerate() {
+        // Unnamed, as pgbench -M extended; named and then bound alone, as
+        // pgbench -M prepared (its Describe of the statement too).
+        let begin = match i {
+            0 => [
+                parse("", "BEGIN", &[]),
+                bind("", &[], 0),
+                describe(b'P', ""),
+                execute(),
+                sync(),
+            ]
+            .concat(),
+            1 => [
+                parse("b", "BEGIN ISOLATION LEVEL REPEATABLE READ", &[]),
+                describe(b'S', "b"),
+                bind("b", &[], 0),
+                execute(),
+                sync(),
+            ]
+            .concat(),
+            _ => [bind("b", &[], 0), describe(b'P', ""), execute(), sync()].concat(),
+        };
+        let r = c.exchange(&[begin]).await.unwrap();
+        let expected: &[u8] = match i {
+            0 => b"12nCZ",
+            1 => b"1tn2CZ",
+            _ => b"2nCZ",
+        };
+        assert_eq!(tags(&r), expected, "{r:?}");
+        assert_eq!(status(&r), b'T');
+        let r = c.exchange(&[row(k)]).await.unwrap();
+        assert_eq!(tags(&r), b"12CZ", "key {k}: {r:?}");
+        assert_eq!(status(&r), b'T');
+        // (After the key chose the shard.)
+        if i > 0 {
+            let r = c
+                .exchange(&[query("SHOW transaction_isolation")])
+                .await
+                .unwrap();
+            assert_eq!(tags(&r), b"TDCZ", "{r:?}");
+            assert!(
+                String::from_utf8_lossy(&r[1].1).contains("repeatable read"),
+                "the BEGIN's own text: {r:?}"
+            );
+        }
+        let r = c.exchange(&[commit()]).await.unwrap();
+        assert_eq!(tags(&r), b"12CZ", "{r:?}");
+        assert_eq!(status(&r), b'I');
+    }
+    assert_eq!(audit(&env, &sh), 3, "each row on its key's shard");
+    // BEGIN, then COMMIT: nothing ran, the session goes on.
+    let r = c
+        .exchange(&[[bind("b", &[], 0), execute(), sync()].concat()])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"2CZ", "{r:?}");
+    let r = c.exchange(&[commit()]).await.unwrap();
+    assert_eq!(status(&r), b'I', "{r:?}");
+    let r = c.exchange(&[query("SELECT 1")]).await.unwrap();
+    assert_eq!(tags(&r), b"TDCZ", "{r:?}");
+}
+
 /// Sends `bind` with an Execute and a Flush; the answers up to `until`.
 async fn flushed(c: &mut RawClient, bind: Vec<u8>, until: u8) -> Vec<RawMessage> {
     c.send(&[bind, execute(), flush()].concat()).await.unwrap();

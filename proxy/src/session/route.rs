@@ -633,6 +633,11 @@ impl Session {
         let mut unnamed = Portal::OneShard;
         let mut refetched = false;
         let mut prepared_to_flush = false;
+        // An extended unit that executes one BEGIN and nothing else
+        // (pgbench's extended and prepared modes send BEGIN so): the Binds
+        // and Executes seen, whether a Bind's statement is a BEGIN, and any
+        // message besides Parse, Bind, Describe, Execute and Sync.
+        let (mut bound, mut executed, mut binds_begin, mut other) = (0u8, 0u8, false, false);
         // A Flush after something ran: the client asks for results before
         // its Sync.
         let mut flushed = false;
@@ -673,9 +678,11 @@ impl Session {
                 }
                 frontend::BIND => {
                     executes = true;
+                    bound = bound.saturating_add(1);
                     if let Ok(b) = frontend::bind(body) {
                         // An unknown statement fails on any node.
                         if let Some((route, definition)) = statements.bound(self, b.statement) {
+                            binds_begin = matches!(route.class, Class::Begin { .. });
                             if sharded {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
                                 let (query, types) = frontend::definition_parts(definition);
@@ -715,6 +722,7 @@ impl Session {
                 }
                 frontend::EXECUTE if !spread_portals.is_empty() || unnamed != Portal::OneShard => {
                     executes = true;
+                    executed = executed.saturating_add(1);
                     if let Ok((portal, max_rows)) = frontend::execute(body) {
                         if portal.is_empty() {
                             // The shards' rows past a row limit are dropped
@@ -734,7 +742,10 @@ impl Session {
                         }
                     }
                 }
-                frontend::EXECUTE => executes = true,
+                frontend::EXECUTE => {
+                    executes = true;
+                    executed = executed.saturating_add(1);
+                }
                 frontend::FUNCTION_CALL => {
                     executes = true;
                     routes.push(FUNCTION_CALL);
@@ -752,9 +763,18 @@ impl Session {
                     prepared_to_flush = true;
                     break;
                 }
-                frontend::FLUSH => flushed |= executes,
-                _ => {}
+                frontend::FLUSH => {
+                    flushed |= executes;
+                    other = true;
+                }
+                frontend::DESCRIBE => {}
+                _ => other = true,
             }
+        }
+        if complete && !other && bound == 1 && executed == 1 && binds_begin {
+            // One BEGIN executed by the extended protocol: held as a
+            // simple query's would be (`defer_begin`).
+            simple_single = true;
         }
         if matches!(place, Placement::Refused(_)) {
             // Executions of one pipeline (or statements of one query string)
@@ -1216,6 +1236,9 @@ impl Session {
 
     /// A lone BEGIN: answered now, sent with the transaction's first statement.
     pub(super) fn defer_begin(&mut self) -> Result<(), super::End> {
+        if self.client_in.first() != Some(&frontend::QUERY) {
+            return self.defer_extended_begin();
+        }
         let Some(frame) =
             crate::protocol::next_frame(&mut self.client_in, usize::MAX).map_err(|e| {
                 super::End::Fatal(PgError::fatal(sqlstate::PROTOCOL_VIOLATION, e.to_string()))
@@ -1226,6 +1249,46 @@ impl Session {
         self.txn.set_begin(frame.bytes);
         backend::command_complete(&mut self.client_out, "BEGIN");
         backend::ready_for_query(&mut self.client_out, b'T');
+        Ok(())
+    }
+
+    /// A BEGIN by the extended protocol, alone in its unit (Parse, Bind,
+    /// Describe, Execute, Sync; the Parse left out for a statement
+    /// prepared before): answered as a server answers it, its statement
+    /// recorded for later Binds, and held as the simple query of its text.
+    fn defer_extended_begin(&mut self) -> Result<(), super::End> {
+        let mut text = Vec::new();
+        for f in self.take_unit()? {
+            let out = &mut self.client_out;
+            match f.tag {
+                frontend::PARSE => {
+                    self.record_parse(&f)?;
+                    backend::empty_message(&mut self.client_out, backend::PARSE_COMPLETE);
+                }
+                frontend::BIND => {
+                    let b = frontend::bind(f.body())?;
+                    if let Some((_, definition)) = self.session_statement(b.statement) {
+                        text = definition_query(definition).to_vec();
+                    }
+                    backend::empty_message(&mut self.client_out, backend::BIND_COMPLETE);
+                }
+                frontend::DESCRIBE => {
+                    if f.body().first() == Some(&b'S') {
+                        // No parameters.
+                        backend::put_message(out, backend::PARAMETER_DESCRIPTION, |b| {
+                            b.extend_from_slice(&0i16.to_be_bytes())
+                        });
+                    }
+                    backend::empty_message(out, backend::NO_DATA);
+                }
+                frontend::EXECUTE => backend::command_complete(out, "BEGIN"),
+                frontend::SYNC => backend::ready_for_query(out, b'T'),
+                _ => {}
+            }
+        }
+        let mut begin = bytes::BytesMut::new();
+        frontend::write_query(&mut begin, &String::from_utf8_lossy(&text));
+        self.txn.set_begin(begin.freeze());
         Ok(())
     }
 
