@@ -58,6 +58,11 @@ fn owner(sh: &Sharding, k: i64) -> usize {
         .expect("shard")
 }
 
+/// The first `n` keys that shard `s` owns.
+fn keys_on(sh: &Sharding, s: usize, n: usize) -> Vec<i64> {
+    (1..).filter(|&k| owner(sh, k) == s).take(n).collect()
+}
+
 /// Every row of `users` on the shard owning its key; how many there are.
 fn audit(env: &Env, sh: &Sharding) -> usize {
     shardline_tests::audit_users(env, sh, 2).len()
@@ -302,7 +307,7 @@ async fn parameters_are_read_as_their_own_type() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extended_begin_alone_is_held_for_the_first_statement() {
     let (env, sh) = two_shards().await;
-    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(2).collect() };
+    let on = |s: usize| keys_on(&sh, s, 2);
     let (a, b) = (on(0), on(1));
     let mut c = RawClient::login(env.port).await.unwrap();
     let row = |k: i64| {
@@ -405,7 +410,7 @@ async fn flushed(c: &mut RawClient, bind: Vec<u8>, until: u8) -> Vec<RawMessage>
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_run_at_a_flush_places_each_later_row() {
     let (env, sh) = two_shards().await;
-    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(7).collect() };
+    let on = |s: usize| keys_on(&sh, s, 7);
     let (a, b) = (on(0), on(1));
     let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"p"))], 0);
     let mut c = RawClient::login(env.port).await.unwrap();
@@ -525,7 +530,7 @@ async fn a_pipeline_run_at_a_flush_places_each_later_row() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_spanning_shards_answers_at_each_flush() {
     let (env, sh) = two_shards().await;
-    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(4).collect() };
+    let on = |s: usize| keys_on(&sh, s, 4);
     let (a, b) = (on(0), on(1));
     let row = |k: i64| bind("ret", &[(0, Some(&text(k))), (0, Some(b"f"))], 0);
     let ret = "INSERT INTO users (id, name) VALUES ($1, $2) RETURNING id";
@@ -629,7 +634,7 @@ async fn a_pipeline_spanning_shards_answers_at_each_flush() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_run_at_a_flush_takes_a_new_shard_when_a_row_needs_it() {
     let (env, sh) = shards_with(3, SHARDING).await;
-    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let on = |s: usize| keys_on(&sh, s, 3);
     let keys = [on(0), on(1), on(2)];
     let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"t"))], 0);
     let audit3 = || shardline_tests::audit_users(&env, &sh, 3).len();
@@ -695,7 +700,7 @@ async fn a_pipeline_run_at_a_flush_takes_a_new_shard_when_a_row_needs_it() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_spanning_shards_runs_each_execution_on_its_shard() {
     let (env, sh) = two_shards().await;
-    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let on = |s: usize| keys_on(&sh, s, 3);
     let (a, b) = (on(0), on(1));
     let mut c = RawClient::login(env.port).await.unwrap();
     let keys = [a[0], b[0], a[1], b[1]];
@@ -788,7 +793,7 @@ async fn a_pipeline_spanning_shards_runs_each_execution_on_its_shard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn query_strings_spanning_shards_run_each_statement_on_its_shard() {
     let (env, sh) = two_shards().await;
-    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let on = |s: usize| keys_on(&sh, s, 3);
     let (a, b) = (on(0), on(1));
     let mut c = RawClient::login(env.port).await.unwrap();
     let sql = format!(
@@ -853,7 +858,7 @@ async fn query_strings_with_ddl_run_it_on_every_shard() {
         "{SHARDING}\n[[reference_tables]]\nname = \"countries\"\n"
     ))
     .await;
-    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let on = |s: usize| keys_on(&sh, s, 3);
     let (a, b) = (on(0), on(1));
     let mut c = RawClient::login(env.port).await.unwrap();
     let sql = format!(
@@ -961,7 +966,7 @@ async fn query_strings_with_ddl_run_it_on_every_shard() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelines_with_ddl_run_it_on_every_shard() {
     let (env, sh) = two_shards().await;
-    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(3).collect() };
+    let on = |s: usize| keys_on(&sh, s, 3);
     let (a, b) = (on(0), on(1));
     let mut c = RawClient::login(env.port).await.unwrap();
     let unit = |ddl: &str, keys: &[i64], name: &[u8]| {
@@ -1052,7 +1057,7 @@ async fn pipelines_and_merged_reads_join_the_client_transaction() {
         "function = \"consistent\"\ntwo_phase_commit = true",
     ))
     .await;
-    let on = |s: usize| -> Vec<i64> { (1..).filter(|&k| owner(&sh, k) == s).take(4).collect() };
+    let on = |s: usize| keys_on(&sh, s, 4);
     let (a, b) = (on(0), on(1));
     let mut c = RawClient::login(env.port).await.unwrap();
     let batch = |keys: &[i64], name: &[u8]| {
