@@ -378,6 +378,21 @@ async fn an_extended_begin_alone_is_held_for_the_first_statement() {
         assert_eq!(status(&r), b'I');
     }
     assert_eq!(audit(&env, &sh), 3, "each row on its key's shard");
+    // A BEGIN whose Parse names a statement already prepared fails as the
+    // server fails it: 42P05, no transaction.
+    let r = c
+        .exchange(&[[
+            parse("b", "BEGIN", &[]),
+            bind("b", &[], 0),
+            execute(),
+            sync(),
+        ]
+        .concat()])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"EZ", "{r:?}");
+    assert_eq!(error_code(&r[0].1), "42P05");
+    assert_eq!(status(&r), b'I');
     // BEGIN, then COMMIT: nothing ran, the session goes on.
     let r = c
         .exchange(&[[bind("b", &[], 0), execute(), sync()].concat()])

@@ -671,6 +671,9 @@ impl Session {
                 }
                 frontend::PARSE => {
                     if let Ok(p) = frontend::parse(body) {
+                        // A name taken fails the Parse (42P05): not a
+                        // BEGIN the proxy may answer.
+                        other |= !p.name.is_empty() && self.statements.contains_key(p.name);
                         let (route, _) = self.route_into(routed, memo, p.query);
                         statements.parse(&p, route.clone());
                         routes.push(route);

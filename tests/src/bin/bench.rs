@@ -334,13 +334,23 @@ fn main() -> Result<()> {
          SELECT * FROM pgbench_accounts WHERE aid BETWEEN :a AND :a + 99;\n",
     )?;
     let range = range.to_string_lossy().into_owned();
-    let modes: [(&str, &[&str]); 5] = [
+    let all_modes: [(&str, &[&str]); 6] = [
         ("select-only simple", &["-S", "-M", "simple"]),
         ("select-only extended", &["-S", "-M", "extended"]),
         ("select-only prepared", &["-S", "-M", "prepared"]),
         ("read/write (tpcb-like)", &["-M", "simple"]),
+        // BEGIN, each statement and COMMIT as units of the extended
+        // protocol, as drivers send a transaction's statements.
+        ("read/write, extended", &["-M", "extended"]),
         ("range read, 100 rows", &["-f", &range, "-M", "extended"]),
     ];
+    // `SHARDLINE_BENCH_MODES=read/write,range` runs only the modes whose
+    // names contain one of these.
+    let only = std::env::var("SHARDLINE_BENCH_MODES").unwrap_or_default();
+    let modes: Vec<(&str, &[&str])> = all_modes
+        .into_iter()
+        .filter(|(m, _)| only.is_empty() || only.split(',').any(|o| m.contains(o.trim())))
+        .collect();
     let mut results: BTreeMap<(usize, usize), Sample> = BTreeMap::new();
     // Each proxy's resident memory before any run (KiB).
     let rss_start: Vec<Option<u64>> = targets
