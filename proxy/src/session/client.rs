@@ -797,13 +797,21 @@ impl Session {
     /// position of a commit may be learned.
     fn bind_commits(&self, route: Option<&shardline_router::Route>, definition: &[u8]) -> bool {
         use shardline_router::classify::Class;
-        self.purpose == Purpose::Write
-            && self.unit.unbound()
-            && route.is_some_and(|r| matches!(r.class, Class::Write | Class::TransactionControl))
-            && self.server.as_ref().is_some_and(|s| {
-                let query = super::route::definition_query(definition);
-                crate::protocol::text(query).is_some_and(|text| commits(text, s.tx_status))
-            })
+        if self.purpose != Purpose::Write || !self.unit.unbound() {
+            return false;
+        }
+        let (Some(route), Some(server)) = (route, self.server.as_ref()) else {
+            return false;
+        };
+        // Only the statements that may commit are read, and only where a
+        // commit's position is learned: not the writes inside a
+        // transaction, nor anything on a shard without replicas.
+        matches!(
+            (server.tx_status, route.class),
+            (b'T', Class::TransactionControl) | (b'I', Class::Write)
+        ) && self.learns_positions(server.shard)
+            && crate::protocol::text(super::route::definition_query(definition))
+                .is_some_and(|text| commits(text, server.tx_status))
     }
 
     fn on_query(&mut self, bytes: &[u8]) -> Result<(), End> {

@@ -341,7 +341,7 @@ fn main() -> Result<()> {
         ("read/write (tpcb-like)", &["-M", "simple"]),
         // BEGIN, each statement and COMMIT as units of the extended
         // protocol, as drivers send a transaction's statements.
-        ("read/write, extended", &["-M", "extended"]),
+        ("read/write extended", &["-M", "extended"]),
         ("range read, 100 rows", &["-f", &range, "-M", "extended"]),
     ];
     // `SHARDLINE_BENCH_MODES=read/write,range` runs only the modes whose
