@@ -209,16 +209,40 @@ impl Session {
             else {
                 break;
             };
-            if f.tag == frontend::PARSE {
-                self.record_parse(&f)?;
-            }
             frames.push(f);
         }
-        answer_frames(&mut self.client_out, &frames, Ok("BEGIN"));
+        self.hold_extended_begin(&frames)?;
+        Ok(true)
+    }
+
+    /// Holds a BEGIN sent by the extended protocol, its messages (`frames`)
+    /// taken off the buffer: its Parse recorded, the messages answered as
+    /// a server answers them, and the simple query of the text its Bind
+    /// names kept to go with the transaction's first statement.
+    pub(super) fn hold_extended_begin(
+        &mut self,
+        frames: &[crate::protocol::Frame],
+    ) -> Result<(), End> {
+        let mut text = Vec::new();
+        for f in frames {
+            match f.tag {
+                frontend::PARSE => {
+                    self.record_parse(f)?;
+                }
+                frontend::BIND => {
+                    let b = frontend::bind(f.body())?;
+                    if let Some((_, definition)) = self.session_statement(b.statement) {
+                        text = super::route::definition_query(definition).to_vec();
+                    }
+                }
+                _ => {}
+            }
+        }
+        answer_frames(&mut self.client_out, frames, Ok("BEGIN"));
         let mut begin = BytesMut::new();
         frontend::write_query(&mut begin, &String::from_utf8_lossy(&text));
         self.txn.set_begin(begin.freeze());
-        Ok(true)
+        Ok(())
     }
 
     /// The extended-protocol unit at the front (complete up to its Sync)
@@ -458,10 +482,7 @@ impl Session {
         for leg in &mut legs {
             leg.done = false;
         }
-        self.client.attach_all(
-            legs.iter()
-                .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
-        );
+        self.cancels_reach(&legs);
         Ok((legs, begin))
     }
 

@@ -110,7 +110,7 @@ fn legs_in(shards: &[usize], mask: ShardMask) -> u64 {
 }
 
 /// The shards of `shards`, as a mask.
-fn legs_in_mask(shards: &[usize]) -> ShardMask {
+fn mask_of_shards(shards: &[usize]) -> ShardMask {
     shards.iter().fold(0, |m, &s| m | mask_of(s))
 }
 
@@ -264,10 +264,7 @@ impl Session {
             legs.push(leg);
             outs.push(out);
         }
-        self.client.attach_all(
-            legs.iter()
-                .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
-        );
+        self.cancels_reach(legs);
         Ok(())
     }
 
@@ -584,7 +581,7 @@ impl Session {
                                     Placement::Many(m) => m,
                                     _ => 0,
                                 };
-                                shards.extend(shards_in(mask & !legs_in_mask(shards)));
+                                shards.extend(shards_in(mask & !mask_of_shards(shards)));
                             }
                             placing.current = match placed {
                                 Placement::One(s) => {

@@ -1257,41 +1257,12 @@ impl Session {
 
     /// A BEGIN by the extended protocol, alone in its unit (Parse, Bind,
     /// Describe, Execute, Sync; the Parse left out for a statement
-    /// prepared before): answered as a server answers it, its statement
-    /// recorded for later Binds, and held as the simple query of its text.
+    /// prepared before): held as the one opening a longer unit is
+    /// (`hold_extended_begin`), its Sync answered.
     fn defer_extended_begin(&mut self) -> Result<(), super::End> {
-        let mut text = Vec::new();
-        for f in self.take_unit()? {
-            let out = &mut self.client_out;
-            match f.tag {
-                frontend::PARSE => {
-                    self.record_parse(&f)?;
-                    backend::empty_message(&mut self.client_out, backend::PARSE_COMPLETE);
-                }
-                frontend::BIND => {
-                    let b = frontend::bind(f.body())?;
-                    if let Some((_, definition)) = self.session_statement(b.statement) {
-                        text = definition_query(definition).to_vec();
-                    }
-                    backend::empty_message(&mut self.client_out, backend::BIND_COMPLETE);
-                }
-                frontend::DESCRIBE => {
-                    if f.body().first() == Some(&b'S') {
-                        // No parameters.
-                        backend::put_message(out, backend::PARAMETER_DESCRIPTION, |b| {
-                            b.extend_from_slice(&0i16.to_be_bytes())
-                        });
-                    }
-                    backend::empty_message(out, backend::NO_DATA);
-                }
-                frontend::EXECUTE => backend::command_complete(out, "BEGIN"),
-                frontend::SYNC => backend::ready_for_query(out, b'T'),
-                _ => {}
-            }
-        }
-        let mut begin = bytes::BytesMut::new();
-        frontend::write_query(&mut begin, &String::from_utf8_lossy(&text));
-        self.txn.set_begin(begin.freeze());
+        let frames = self.take_unit()?;
+        self.hold_extended_begin(&frames)?;
+        backend::ready_for_query(&mut self.client_out, b'T');
         Ok(())
     }
 

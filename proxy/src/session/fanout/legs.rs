@@ -76,11 +76,16 @@ impl Session {
             leg.done = false;
             legs.push(leg);
         }
+        self.cancels_reach(&legs);
+        Ok(legs)
+    }
+
+    /// Routes the client's CancelRequest to every leg of `legs`.
+    pub(in crate::session) fn cancels_reach(&self, legs: &[Leg]) {
         self.client.attach_all(
             legs.iter()
                 .map(|l| (l.conn.addr.clone(), l.conn.pid, l.conn.secret)),
         );
-        Ok(legs)
     }
 
     /// What a leg is sent before the unit: the session's settings when the
