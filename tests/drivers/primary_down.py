@@ -13,7 +13,11 @@ replica, read-only there: a write in one fails with 25006); writes must
 succeed where the primary is up and fail with a connection error (class 08
 or 57) where it is down; a pool's connections must be reset and reused;
 SQLAlchemy's ORM on asyncpg and psycopg2 (each opens a transaction before
-its first statement) must read every key. Prints "all checks passed".
+its first statement) must read every key; psycopg 3's pipeline mode fetching
+each read must read every key in one pipeline (the shards it needs joining
+as it goes, a replica serving where the primary is down), and a write after
+those reads must succeed on an up shard and fail where the primary is down,
+leaving nothing. Prints "all checks passed".
 """
 
 import asyncio
@@ -100,6 +104,7 @@ async def main(url, up, down):
     print("ok a pool's connections are reset and reused")
     await sqlalchemy_orm(url, up + down)
     psycopg2_transactions(url, up + down)
+    psycopg_pipeline(url, up, down)
     print("all checks passed")
 
 
@@ -146,6 +151,46 @@ def psycopg2_transactions(url, keys):
         conn.commit()
     conn.close()
     print("ok psycopg2 reads in its transactions")
+
+
+def psycopg_pipeline(url, up, down):
+    """psycopg 3's pipeline mode fetching each result (a Flush after each
+    execution, one Sync at the end)."""
+    import psycopg
+
+    read = "SELECT name FROM users WHERE id = %s"
+    with psycopg.connect(url, autocommit=True) as conn:
+        with conn.pipeline(), conn.cursor() as cur:
+            for k in down + up:
+                cur.execute(read, (k,))
+                row = cur.fetchall()
+                assert row == [(f"user {k}",)], ("psycopg pipeline", k, row)
+        print("ok psycopg pipeline reads of every key, fetched one by one")
+        if up:
+            with conn.pipeline(), conn.cursor() as cur:
+                for k in down + up[:1]:
+                    cur.execute(read, (k,))
+                    cur.fetchall()
+                cur.execute("UPDATE users SET name = name WHERE id = %s RETURNING id", (up[0],))
+                assert cur.fetchall() == [(up[0],)]
+            print("ok psycopg pipeline reads, then a write where the primary is up")
+        try:
+            with conn.pipeline(), conn.cursor() as cur:
+                for k in up + down[:1]:
+                    cur.execute(read, (k,))
+                    cur.fetchall()
+                for k in up + down:
+                    cur.execute("UPDATE users SET name = 'changed' WHERE id = %s RETURNING id", (k,))
+                    cur.fetchall()
+            outcome = "committed"
+        except psycopg.Error as e:
+            outcome = f"{e.sqlstate} {e}"
+        # Where the primary is down: read-only there (25006) when the read
+        # ran on its replica, unavailable when a write needs it (08/57).
+        assert outcome[:2] in ("08", "57", "25"), ("a pipeline writing where the primary is down", outcome)
+        n = conn.execute("SELECT count(*) FROM users WHERE name = 'changed'").fetchone()[0]
+        assert n == 0, ("a failed pipeline left rows changed", n)
+    print("ok psycopg pipeline writing where the primary is down fails and leaves nothing")
 
 
 if __name__ == "__main__":

@@ -142,6 +142,19 @@ def psycopg_checks(url, base, keys):
         for k in fetched:
             keys.add(k, f"fetched {k}")
         check("psycopg pipeline fetching each result across shards", True)
+        # Reads fetched one by one in a pipeline: each key read on its
+        # shard (a read on another finds no row), then a write after them.
+        with conn.pipeline(), conn.cursor() as cur:
+            for k in fetched:
+                cur.execute("SELECT name FROM users WHERE id = %s", (k,))
+                check_quiet(cur.fetchall() == [(f"fetched {k}",)], f"read {k}")
+            cur.execute(
+                "INSERT INTO users (id, name) VALUES (%s, %s) RETURNING id",
+                (base + 911, f"fetched {base + 911}"),
+            )
+            check_quiet(cur.fetchall() == [(base + 911,)], f"returned {base + 911}")
+        keys.add(base + 911, f"fetched {base + 911}")
+        check("psycopg pipeline fetching each read across shards", True)
         # A duplicate after rows for both shards: nothing of the pipeline stays.
         failing = list(range(base + 940, base + 948))
         try:

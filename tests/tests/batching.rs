@@ -534,6 +534,109 @@ async fn a_pipeline_run_at_a_flush_places_each_later_row() {
     assert_eq!(audit(&env, &sh), 7, "each row on its shard");
 }
 
+/// Reads acted on at a Flush (psycopg's pipeline mode fetching each row by
+/// key) run each on its key's shard, the other shard joining the pipeline:
+/// a read there finds its row. A write after them opens the proxy's
+/// transaction on every leg (on the shard that only read so far too):
+/// a duplicate on one shard rolls back the other's row, and without the
+/// duplicate the Sync commits both. The unnamed statement of the reading
+/// part, gone from its connection with the proxy's BEGIN, is prepared
+/// there again when bound after it. Read with a row limit (pg-cursor),
+/// the rest is fetched from the same shard.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_of_reads_at_a_flush_reads_each_key_on_its_shard() {
+    let (env, sh) = two_shards().await;
+    let on = |s: usize| keys_on(&sh, s, 6);
+    let (a, b) = (on(0), on(1));
+    let proxy = env.connect().await;
+    for &k in &[a[0], a[1], b[0], b[1]] {
+        proxy
+            .execute("INSERT INTO users (id, name) VALUES ($1, 'r')", &[&k])
+            .await
+            .unwrap();
+    }
+    let select = "SELECT id FROM users WHERE id = $1";
+    let sel = |name: &str, k: i64| bind(name, &[(0, Some(&text(k)))], 0);
+    let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"w"))], 0);
+    let mut c = RawClient::login(env.port).await.unwrap();
+    c.send(
+        &[
+            parse("sel", select, &[]),
+            sel("sel", a[0]),
+            execute(),
+            flush(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    let r = until_tag(&mut c, b'C').await;
+    assert_eq!((tags(&r), ids(&r)), (b"12DC".to_vec(), vec![a[0]]));
+    for k in [b[0], a[1], b[1]] {
+        let r = flushed(&mut c, sel("sel", k), b'C').await;
+        assert_eq!((tags(&r), ids(&r)), (b"2DC".to_vec(), vec![k]), "key {k}");
+    }
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"Z".to_vec(), b'I'), "{r:?}");
+    // Reads, then writes on both shards, then a duplicate: nothing stays.
+    // (The INSERT prepared apart: a part that prepares a write is planned
+    // as a write.)
+    let r = c
+        .exchange(&[parse("ins", INSERT, &[]), sync()])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"1Z");
+    c.send(&[sel("sel", a[0]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2DC");
+    assert_eq!(tags(&flushed(&mut c, row(b[2]), b'C').await), b"2C");
+    assert_eq!(tags(&flushed(&mut c, row(a[2]), b'C').await), b"2C");
+    let r = flushed(&mut c, row(b[0]), b'E').await;
+    assert_eq!(error_code(&r.last().unwrap().1), "23505", "{r:?}");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"Z".to_vec(), b'I'), "{r:?}");
+    assert_eq!(audit(&env, &sh), 4, "nothing of the failed pipeline stays");
+    // A read of the other shard first, then a write on the first read's
+    // shard by the unnamed statement the reading part prepared.
+    c.send(&[parse("", select, &[]), sel("", b[0]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"12DC");
+    let r = flushed(&mut c, sel("", a[0]), b'C').await;
+    assert_eq!(ids(&r), vec![a[0]]);
+    c.send(&[row(a[3]), execute(), sel("", b[1]), execute(), flush()].concat())
+        .await
+        .unwrap();
+    let r = until_tag(&mut c, b'C').await;
+    assert_eq!(tags(&r), b"2C");
+    let r = until_tag(&mut c, b'C').await;
+    assert_eq!((tags(&r), ids(&r)), (b"2DC".to_vec(), vec![b[1]]), "{r:?}");
+    assert_eq!(tags(&flushed(&mut c, row(b[3]), b'C').await), b"2C");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"Z".to_vec(), b'I'), "{r:?}");
+    assert_eq!(audit(&env, &sh), 6, "both rows, each on its shard");
+    // A read with a row limit (suspended after its row), fetched to its
+    // end after the Flush: on the same shard.
+    for k in [b[1], a[1]] {
+        c.send(
+            &[
+                parse("", select, &[]),
+                sel("", k),
+                wire::execute_rows(1),
+                flush(),
+            ]
+            .concat(),
+        )
+        .await
+        .unwrap();
+        let r = until_tag(&mut c, b's').await;
+        assert_eq!((tags(&r), ids(&r)), (b"12Ds".to_vec(), vec![k]), "{r:?}");
+        let r = c.exchange(&[execute(), sync()]).await.unwrap();
+        assert_eq!(tags(&r), b"CZ", "key {k}: {r:?}");
+    }
+}
+
 /// A pipeline spanning shards that asks for results before its Sync (a
 /// Flush, as psycopg's `executemany(..., returning=True)` sends) runs
 /// then, part by part on the same shards: each part answered, the next

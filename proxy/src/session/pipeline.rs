@@ -15,7 +15,8 @@
 //! A pipeline run at a Flush (its client asked for results before its
 //! Sync) takes the client's later messages part by part, and a shard it
 //! had no leg on joins when an execution needs it (outside a client's
-//! transaction).
+//! transaction). One whose first part only read runs outside the proxy's
+//! transaction until a part writes.
 //!
 //! Inside a client's transaction (with two-phase commit) the shards'
 //! parts run on the transaction's own connections instead
@@ -23,6 +24,7 @@
 //! client's COMMIT commits them all in two phases. An error fails the
 //! whole transaction, as one server would.
 
+use super::fanout::begin_on;
 use super::leg::{drain_to_ready, parse_on, Leg};
 use super::unit::Inflow;
 use super::FLUSH_AT;
@@ -64,12 +66,13 @@ enum To {
 /// Where placing a pipeline's messages left off (`pipeline_legs`): the
 /// legs of the last Bind (the Describe and Execute after it go there), the
 /// leg of the last one placed on one shard (a Bind without a key runs
-/// there), and how many Binds were placed.
+/// there), how many Binds were placed, and whether one of them writes.
 #[derive(Clone, Copy)]
 struct Placing {
     current: To,
     one: usize,
     bound: usize,
+    writes: bool,
 }
 
 impl Default for Placing {
@@ -78,8 +81,20 @@ impl Default for Placing {
             current: To::One(0),
             one: 0,
             bound: 0,
+            writes: false,
         }
     }
+}
+
+/// How a shard joins a pipeline's later part (outside a client's
+/// transaction), as its first legs began: borrowed for `target` (a replica
+/// where the primary is down, for a `read`), in the proxy's BEGIN when
+/// `wrap`.
+#[derive(Clone, Copy)]
+struct Joins {
+    target: Target,
+    read: bool,
+    wrap: bool,
 }
 
 /// What broke a pipeline run part by part: a leg (the pipeline fails,
@@ -122,12 +137,14 @@ fn leg_list(bits: u64) -> Vec<usize> {
 impl Session {
     /// Runs a pipeline whose executions need the shards of `mask`; inside
     /// the client's transaction when `in_txn` (its connections are on the
-    /// primaries). `target` is the primary already when the unit writes.
+    /// primaries). `target` is the primary already when the unit writes;
+    /// `read`: a replica serves a leg whose primary is down (reads acted on
+    /// before their Sync).
     pub(super) async fn run_pipeline(
         &mut self,
         frames: Vec<Frame>,
         mask: ShardMask,
-        target: Target,
+        (target, read): (Target, bool),
         writes: bool,
         in_txn: bool,
     ) -> Result<(), End> {
@@ -147,7 +164,7 @@ impl Session {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
-        let (mut legs, begin) = match self.take_legs(&shards, target, in_txn).await {
+        let (mut legs, begin) = match self.take_legs(&shards, (target, read), in_txn).await {
             Ok(x) => x,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
@@ -157,11 +174,17 @@ impl Session {
             self.leg_prelude(leg, wrap, out);
         }
         // Outside the client's transaction a shard joins a later part as
-        // the first part's shards began: borrowed for `target`, in the
-        // proxy's BEGIN when `wrap`.
-        let joins = (!in_txn).then_some((target, wrap));
+        // the first part's shards began.
+        let mut joins = (!in_txn).then_some(Joins { target, read, wrap });
         let answered = match self
-            .pipeline_parts(frames, to, &mut shards, (&mut legs, outs), placing, joins)
+            .pipeline_parts(
+                frames,
+                to,
+                &mut shards,
+                (&mut legs, outs),
+                placing,
+                &mut joins,
+            )
             .await
         {
             Ok(failed) => Ok(failed),
@@ -169,7 +192,10 @@ impl Session {
             // A client message the proxy cannot read ends the session.
             Err(Broke::Client(end)) => return Err(end),
         };
-        self.finish_legs(legs, begin, wrap, writes, answered).await
+        // (A pipeline that began with reads is wrapped once a part writes.)
+        let wrap = joins.map_or(wrap, |j| j.wrap);
+        self.finish_legs(legs, begin, wrap, writes || wrap, answered)
+            .await
     }
 
     /// Runs a pipeline's messages on its legs part by part, each part what
@@ -178,8 +204,10 @@ impl Session {
     /// psycopg's `executemany(..., returning=True)` does), each part
     /// answered and the next read from the client, placed by `placing`
     /// (on the legs it has, or, with `joins`, on legs added for the shards
-    /// it needs: borrowed for that target, in the proxy's BEGIN when the
-    /// flag says; without, a shard it has no leg on fails the pipeline).
+    /// it needs, as `joins` says; without, a shard it has no leg on fails
+    /// the pipeline). A part that writes in a pipeline not wrapped yet
+    /// (its first part only read) opens the proxy's transaction on every
+    /// leg first: what the legs ran since the pipeline began is in it.
     /// Whether it failed; every leg is read to its ReadyForQuery.
     async fn pipeline_parts(
         &mut self,
@@ -188,7 +216,7 @@ impl Session {
         shards: &mut Vec<usize>,
         (legs, mut outs): (&mut Vec<Leg>, Vec<BytesMut>),
         mut placing: Placing,
-        joins: Option<(Target, bool)>,
+        joins: &mut Option<Joins>,
     ) -> Result<bool, Broke> {
         let mut failed = false;
         loop {
@@ -227,9 +255,22 @@ impl Session {
             frames = self.next_part().await?;
             if !failed {
                 let placed = self.pipeline_legs(&frames, shards, joins.is_some(), &mut placing);
-                let joined = match (&placed, joins) {
-                    (Ok(_), Some((target, wrap))) if shards.len() > legs.len() => {
-                        self.add_legs(shards, legs, &mut outs, target, wrap).await
+                let joined = match (&placed, joins.as_mut()) {
+                    (Ok(_), Some(j)) => {
+                        if placing.writes && !j.wrap {
+                            for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
+                                begin_on(leg, out);
+                            }
+                            j.wrap = true;
+                            // A shard joining from here may be written:
+                            // its primary, or the pipeline fails (08006).
+                            j.read = false;
+                        }
+                        if shards.len() > legs.len() {
+                            self.add_legs(shards, legs, &mut outs, *j).await
+                        } else {
+                            Ok(())
+                        }
                     }
                     _ => Ok(()),
                 };
@@ -255,10 +296,12 @@ impl Session {
         shards: &[usize],
         legs: &mut Vec<Leg>,
         outs: &mut Vec<BytesMut>,
-        target: Target,
-        wrap: bool,
+        Joins { target, read, wrap }: Joins,
     ) -> Result<(), PgError> {
-        for mut leg in self.borrow_legs(&shards[legs.len()..], target).await? {
+        for mut leg in self
+            .borrow_legs(&shards[legs.len()..], target, read)
+            .await?
+        {
             let mut out = BytesMut::new();
             self.leg_prelude(&mut leg, wrap, &mut out);
             legs.push(leg);
@@ -364,7 +407,7 @@ impl Session {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
-        let (mut legs, begin) = match self.take_legs(shards, target, in_txn).await {
+        let (mut legs, begin) = match self.take_legs(shards, (target, false), in_txn).await {
             Ok(x) => x,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
@@ -524,8 +567,9 @@ impl Session {
     /// client's transaction: their legs are borrowed before the part is
     /// sent, `add_legs`); otherwise it fails the pipeline, as does a
     /// placement the legs cannot run.
-    /// (A unit run before its Sync is planned as one that writes: the proxy
-    /// opened its transaction on every leg, so a later part may write.)
+    /// `placing` notes a Bind that writes: the proxy's transaction opens
+    /// on every leg before it (`pipeline_parts`) if its first part only
+    /// read.
     fn pipeline_legs(
         &self,
         frames: &[Frame],
@@ -558,6 +602,7 @@ impl Session {
                     if let Some((route, definition)) = statements.bound(self, b.statement) {
                         let placed = parts.get(placing.bound).cloned();
                         placing.bound += 1;
+                        placing.writes |= route.class == Class::Write;
                         match route.class {
                             Class::SetTransaction { .. } => placing.current = To::All,
                             Class::Begin { .. } | Class::TransactionControl | Class::Session => {

@@ -97,11 +97,11 @@ pub(super) fn parse_effect(
     crate::protocol::text(query).and_then(shardline_router::effect::statement_effect)
 }
 
-/// Statements that write, and only read or write: no transaction
-/// control, settings or session state among them (what a pipeline run at
-/// a Flush may take to other shards, `Session::runs_as_pipeline`).
-fn writes_plainly(routes: &[Route]) -> bool {
-    routes.iter().any(|r| r.class == Class::Write)
+/// Statements that only read or write: no transaction control, settings
+/// or session state among them (what a pipeline run at a Flush may take
+/// to other shards, `Session::runs_as_pipeline`).
+fn plain(routes: &[Route]) -> bool {
+    !routes.is_empty()
         && routes.iter().all(|r| {
             matches!(r.class, Class::Read | Class::Write) && !r.effects && r.session_state.is_none()
         })
@@ -539,11 +539,11 @@ impl Session {
     /// Whether a unit on one shard that asked for results before its Sync
     /// runs as a pipeline, which later parts may take to other shards:
     /// with several shards, under transaction pooling, outside any
-    /// transaction and any kept connection, when it writes and holds only
-    /// reads and writes. Transaction control, settings and session state
-    /// stay on the connection they began on; so do reads alone (a cursor
-    /// read at a Flush, as pg-cursor sends, runs on a replica while the
-    /// primary is down, and needs no transaction of the proxy's).
+    /// transaction and any kept connection, when it holds only reads and
+    /// writes. Transaction control, settings and session state stay on the
+    /// connection they began on. (Reads alone run outside the proxy's
+    /// transaction, each leg on a replica while its primary is down, as a
+    /// cursor read at a Flush on one connection does: `run_fanout`.)
     fn runs_as_pipeline(&self, routes: &[Route]) -> bool {
         self.shared
             .sharding
@@ -552,7 +552,7 @@ impl Session {
             && self.mode() == PoolMode::Transaction
             && self.server.is_none()
             && !self.txn.has_begin()
-            && writes_plainly(routes)
+            && plain(routes)
     }
 
     /// Decides where the unit at the front of `client_in` runs, from the
@@ -1368,24 +1368,21 @@ impl Session {
 
 #[cfg(test)]
 mod tests {
-    use super::writes_plainly;
+    use super::plain;
 
     #[test]
-    fn only_plain_writing_statements_run_as_a_pipeline_at_a_flush() {
+    fn only_plain_reads_and_writes_run_as_a_pipeline_at_a_flush() {
         let mut router = shardline_router::Router::new(Default::default(), 16, None);
         let mut routes =
             |texts: &[&str]| -> Vec<_> { texts.iter().map(|t| router.route(t)).collect() };
         let insert = "INSERT INTO users (id, name) VALUES ($1, $2) RETURNING id";
         let select = "SELECT name FROM users WHERE id = $1";
-        assert!(writes_plainly(&routes(&[insert])));
-        assert!(writes_plainly(&routes(&[select, insert])));
-        assert!(writes_plainly(&routes(&[
-            "UPDATE users SET name = $1",
-            select
-        ])));
-        // Reads alone stay on their connection (a cursor read at a Flush).
-        assert!(!writes_plainly(&routes(&[select])));
-        assert!(!writes_plainly(&routes(&[])));
+        assert!(plain(&routes(&[insert])));
+        assert!(plain(&routes(&[select, insert])));
+        assert!(plain(&routes(&["UPDATE users SET name = $1", select])));
+        // Reads alone too (psycopg's pipeline fetching each row by key).
+        assert!(plain(&routes(&[select])));
+        assert!(!plain(&routes(&[])));
         // Transaction control, settings and session state too.
         for other in [
             "BEGIN",
@@ -1397,7 +1394,8 @@ mod tests {
             "SELECT pg_advisory_lock(1)",
             "PREPARE p AS SELECT 1",
         ] {
-            assert!(!writes_plainly(&routes(&[insert, other])), "{other}");
+            assert!(!plain(&routes(&[insert, other])), "{other}");
+            assert!(!plain(&routes(&[select, other])), "{other}");
         }
     }
 }

@@ -9,21 +9,30 @@ use bytes::{Bytes, BytesMut};
 use shardline_router::Target;
 use tokio::io::AsyncWriteExt;
 
+/// The proxy's BEGIN for `leg`, its answer skipped. A simple query: the
+/// connection's unnamed statement and portal are gone after it.
+pub(in crate::session) fn begin_on(leg: &mut Leg, out: &mut BytesMut) {
+    frontend::write_query(out, "BEGIN");
+    leg.own(out);
+    leg.conn.unnamed_token = 0;
+}
+
 impl Session {
-    /// A connection on each of `shards`: borrowed for this unit, or (inside
-    /// the client's transaction) the transaction's own, with the BEGIN of
-    /// the transaction for the shards that join it.
+    /// A connection on each of `shards`: borrowed for this unit (for
+    /// `target`, a replica serving a `read` whose primary is down), or
+    /// (inside the client's transaction) the transaction's own, with the
+    /// BEGIN of the transaction for the shards that join it.
     pub(in crate::session) async fn take_legs(
         &mut self,
         shards: &[usize],
-        target: Target,
+        (target, read): (Target, bool),
         in_txn: bool,
     ) -> Result<(Vec<Leg>, Option<Bytes>), PgError> {
         if in_txn {
             let (legs, begin) = self.transaction_legs(shards).await?;
             Ok((legs, Some(begin)))
         } else {
-            Ok((self.borrow_legs(shards, target).await?, None))
+            Ok((self.borrow_legs(shards, target, read).await?, None))
         }
     }
 
@@ -58,18 +67,20 @@ impl Session {
         }
     }
 
-    /// A connection on each of `shards` for `target`, the CancelRequest
-    /// routed to all of them.
+    /// A connection on each of `shards` for `target` (a replica where the
+    /// primary is down, for a `read`), the CancelRequest routed to all of
+    /// them.
     pub(in crate::session) async fn borrow_legs(
         &mut self,
         shards: &[usize],
         target: Target,
+        read: bool,
     ) -> Result<Vec<Leg>, PgError> {
         let mut legs: Vec<Leg> = Vec::with_capacity(shards.len());
         for &shard in shards {
             let mut tried = 0;
             let (conn, node, placed) = self
-                .borrow(shard, target, target == Target::Replica, &mut tried)
+                .borrow(shard, target, read || target == Target::Replica, &mut tried)
                 .await?;
             self.fill_on(placed);
             let mut leg = Leg::parked(shard, node, conn);
@@ -103,9 +114,7 @@ impl Session {
             leg.conn.vars = self.vars.clone();
         }
         if wrap {
-            frontend::write_query(out, "BEGIN");
-            leg.own(out);
-            leg.conn.unnamed_token = 0;
+            begin_on(leg, out);
         }
         if let Some(begin) = leg.joins.take() {
             out.extend_from_slice(&begin);

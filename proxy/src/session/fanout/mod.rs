@@ -30,6 +30,7 @@ use shardline_router::{Target, UnitPlan};
 
 mod copy_in;
 mod legs;
+pub(super) use legs::begin_on;
 mod lockstep;
 mod send;
 
@@ -101,8 +102,13 @@ impl Session {
             writes || matches!(planned.place, Placement::Split(_) | Placement::CopySplit(_));
         let target = if writes { Target::Primary } else { target };
         if let Placement::Pipeline(mask) = planned.place {
+            // Reads acted on before their Sync, outside a transaction: meant
+            // for the primaries (the rest may write, and then the proxy
+            // opens its transaction on every leg), each served by a replica
+            // while its primary is down, as on one connection.
+            let reads = planned.reads_only && !planned.complete && !in_txn;
             return self
-                .run_pipeline(frames, mask, target, writes, in_txn)
+                .run_pipeline(frames, mask, (target, reads), writes && !reads, in_txn)
                 .await;
         }
         let mut unit = match self.fanout_unit(&planned.place, frames, &sh, writes, in_txn) {
@@ -114,7 +120,7 @@ impl Session {
             self.register_parses(&unit.frames)?;
         }
         let shards: Vec<usize> = unit.parts.iter().map(|(s, _)| *s).collect();
-        let (mut legs, begin) = match self.take_legs(&shards, target, in_txn).await {
+        let (mut legs, begin) = match self.take_legs(&shards, (target, false), in_txn).await {
             Ok(x) => x,
             Err(e) => return self.fail_unit(e, simple),
         };
