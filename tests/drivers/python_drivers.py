@@ -255,6 +255,38 @@ def psycopg_checks(url, base, keys):
         ).fetchone()[0]
         check("psycopg executemany in transactions: commit, rollback, failed row", n == 0, n)
         conn.commit()
+        # Pipeline mode fetching each result inside a transaction (BEGIN
+        # sent in the pipeline): the shards join the transaction as rows
+        # need them; committed, then rolled back, then failed by a row.
+        fetched_txn = list(range(base + 950, base + 958))
+        with conn.pipeline(), conn.cursor() as cur:
+            for k in fetched_txn:
+                cur.execute("INSERT INTO users (id, name) VALUES (%s, %s) RETURNING id", (k, f"txn fetched {k}"))
+                check_quiet(cur.fetchall() == [(k,)], f"returned {k} in a transaction")
+                cur.execute("SELECT name FROM users WHERE id = %s", (k,))
+                check_quiet(cur.fetchall() == [(f"txn fetched {k}",)], f"read {k} in a transaction")
+        conn.commit()
+        for k in fetched_txn:
+            keys.add(k, f"txn fetched {k}")
+        with conn.pipeline(), conn.cursor() as cur:
+            for k in range(base + 958, base + 964):
+                cur.execute("INSERT INTO users (id, name) VALUES (%s, 'rolled back') RETURNING id", (k,))
+                cur.fetchall()
+        conn.rollback()
+        try:
+            with conn.pipeline(), conn.cursor() as cur:
+                for k in list(range(base + 964, base + 970)) + [base + 950]:
+                    cur.execute("INSERT INTO users (id, name) VALUES (%s, 'dup') RETURNING id", (k,))
+                    cur.fetchall()
+            raise AssertionError("expected a unique violation")
+        except errors.UniqueViolation:
+            pass
+        conn.rollback()
+        n = conn.execute(
+            "SELECT count(*) FROM users WHERE id BETWEEN %s AND %s", (base + 958, base + 969)
+        ).fetchone()[0]
+        check("psycopg pipeline fetching each result in transactions: commit, rollback, failed row", n == 0, n)
+        conn.commit()
         # Read-only transactions (BEGIN READ ONLY): each on its first key's
         # shard, whichever shard that is.
         conn.read_only = True

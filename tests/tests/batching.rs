@@ -1162,6 +1162,102 @@ fn status(r: &[RawMessage]) -> u8 {
     z.1[0]
 }
 
+/// Inside a client's transaction (two-phase commit on), a pipeline that
+/// asks for results before its Sync (psycopg's pipeline mode fetching each
+/// result with autocommit off, its default) takes each later execution to
+/// its key's shard, which joins the transaction: with the BEGIN held, sent
+/// in the unit (psycopg's shape) or already run on a shard. Nothing is
+/// visible before COMMIT; COMMIT makes all of it visible, ROLLBACK none;
+/// an error on a shard that joined fails the whole transaction.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_at_a_flush_takes_other_shards_into_the_client_transaction() {
+    let (env, sh) = two_shards_with(&SHARDING.replace(
+        "function = \"consistent\"",
+        "function = \"consistent\"\ntwo_phase_commit = true",
+    ))
+    .await;
+    let on = |s: usize| keys_on(&sh, s, 6);
+    let (a, b) = (on(0), on(1));
+    let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"x"))], 0);
+    let sel = |k: i64| bind("sel", &[(0, Some(&text(k)))], 0);
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let r = c
+        .exchange(&[
+            parse("ins", INSERT, &[]),
+            parse("sel", "SELECT id FROM users WHERE id = $1", &[]),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"11Z");
+    // The BEGIN held, then rows for both shards, each read back.
+    let r = c.exchange(&[query("BEGIN")]).await.unwrap();
+    assert_eq!(status(&r), b'T');
+    for k in [a[0], b[0], a[1]] {
+        assert_eq!(tags(&flushed(&mut c, row(k), b'C').await), b"2C", "key {k}");
+        let r = flushed(&mut c, sel(k), b'C').await;
+        assert_eq!(ids(&r), vec![k], "read in the transaction: {r:?}");
+    }
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"Z".to_vec(), b'T'), "{r:?}");
+    assert_eq!(audit(&env, &sh), 0, "not visible before COMMIT");
+    let r = c.exchange(&[query("COMMIT")]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"CZ".to_vec(), b'I'), "{r:?}");
+    assert_eq!(audit(&env, &sh), 3, "each row on its shard");
+    // The BEGIN in the unit, by the extended protocol (psycopg's shape).
+    c.send(
+        &[
+            parse("", "BEGIN", &[]),
+            bind("", &[], 0),
+            execute(),
+            row(b[1]),
+            execute(),
+            flush(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"12C");
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+    assert_eq!(tags(&flushed(&mut c, row(a[2]), b'C').await), b"2C");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(status(&r), b'T', "{r:?}");
+    let r = c.exchange(&[query("ROLLBACK")]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"CZ".to_vec(), b'I'), "{r:?}");
+    assert_eq!(audit(&env, &sh), 3, "rolled back on both shards");
+    // The transaction already run on one shard, then a pipeline whose
+    // first row is on the other; COMMIT by two-phase commit.
+    let r = c.exchange(&[query("BEGIN")]).await.unwrap();
+    assert_eq!(status(&r), b'T');
+    let r = c
+        .exchange(&[query(&format!(
+            "INSERT INTO users (id, name) VALUES ({}, 's')",
+            a[3]
+        ))])
+        .await
+        .unwrap();
+    assert_eq!(status(&r), b'T', "{r:?}");
+    assert_eq!(tags(&flushed(&mut c, row(b[3]), b'C').await), b"2C");
+    assert_eq!(tags(&flushed(&mut c, row(a[4]), b'C').await), b"2C");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!(status(&r), b'T', "{r:?}");
+    let r = c.exchange(&[query("COMMIT")]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"CZ".to_vec(), b'I'), "{r:?}");
+    assert_eq!(audit(&env, &sh), 6);
+    // A duplicate on the shard that joined fails the transaction.
+    let r = c.exchange(&[query("BEGIN")]).await.unwrap();
+    assert_eq!(status(&r), b'T');
+    assert_eq!(tags(&flushed(&mut c, row(a[5]), b'C').await), b"2C");
+    let r = flushed(&mut c, row(b[0]), b'E').await;
+    assert_eq!(error_code(&r.last().unwrap().1), "23505", "{r:?}");
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"Z".to_vec(), b'E'), "{r:?}");
+    let r = c.exchange(&[query("COMMIT")]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"CZ".to_vec(), b'I'), "{r:?}");
+    assert_eq!(audit(&env, &sh), 6, "the failed transaction left nothing");
+}
+
 /// Inside a client's transaction (two-phase commit on), a pipeline whose
 /// executions need both shards runs each on its shard within the
 /// transaction: nothing is visible before COMMIT, COMMIT makes all of it

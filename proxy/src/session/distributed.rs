@@ -450,20 +450,8 @@ impl Session {
         }
         let mut legs = Vec::with_capacity(shards.len());
         for &shard in shards {
-            if let Some(i) = held.iter().position(|h| h.shard == shard) {
-                legs.push(held.swap_remove(i));
-                continue;
-            }
-            let mut tried = 0;
-            match self
-                .borrow(shard, shardline_router::Target::Primary, false, &mut tried)
-                .await
-            {
-                Ok((conn, node, _)) => {
-                    let mut leg = Leg::parked(shard, node, conn);
-                    leg.joins = Some(begin.clone());
-                    legs.push(leg);
-                }
+            match self.transaction_leg(shard, &mut held, &begin).await {
+                Ok(leg) => legs.push(leg),
                 Err(e) => {
                     // Nothing was sent: the transaction keeps what it had.
                     legs.extend(held);
@@ -484,6 +472,58 @@ impl Session {
         }
         self.cancels_reach(&legs);
         Ok((legs, begin))
+    }
+
+    /// The transaction's connection on `shard`: one of `held` (the
+    /// transaction's own), else a primary's, joining with `begin`.
+    async fn transaction_leg(
+        &mut self,
+        shard: usize,
+        held: &mut Vec<Leg>,
+        begin: &Bytes,
+    ) -> Result<Leg, PgError> {
+        if let Some(i) = held.iter().position(|h| h.shard == shard) {
+            return Ok(held.swap_remove(i));
+        }
+        let mut tried = 0;
+        let (conn, node, _) = self
+            .borrow(shard, shardline_router::Target::Primary, false, &mut tried)
+            .await?;
+        let mut leg = Leg::parked(shard, node, conn);
+        leg.joins = Some(begin.clone());
+        Ok(leg)
+    }
+
+    /// Connections on `shards` for a later part of a pipeline inside the
+    /// client's transaction (none of them its legs yet): a parked
+    /// participant's, else a primary's joining with `begin`. On an error
+    /// the participants taken are parked again.
+    pub(super) async fn more_transaction_legs(
+        &mut self,
+        shards: &[usize],
+        begin: &Bytes,
+    ) -> Result<Vec<Leg>, PgError> {
+        let mut held: Vec<Leg> = self
+            .spanning
+            .parked
+            .extract_if(.., |p| shards.contains(&p.shard))
+            .map(|p| Leg::parked(p.shard, p.node, p.conn))
+            .collect();
+        let mut legs = Vec::with_capacity(shards.len());
+        for &shard in shards {
+            match self.transaction_leg(shard, &mut held, begin).await {
+                Ok(mut leg) => {
+                    leg.done = false;
+                    legs.push(leg);
+                }
+                Err(e) => {
+                    let own = legs.into_iter().chain(held).filter(|l| l.joins.is_none());
+                    self.spanning.parked.extend(own.map(Leg::into_placed));
+                    return Err(e);
+                }
+            }
+        }
+        Ok(legs)
     }
 
     /// The transaction's isolation level, asked of its attached connection,

@@ -637,6 +637,17 @@ impl Session {
             self.shared.placements.count(&planned.place);
             return self.fail_next_message(self.shared.events.refusals.error((**r).clone()));
         }
+        if !planned.complete
+            && self.shared.sharding.is_some()
+            && self.may_join()
+            && self.peel_begin()?
+        {
+            // A BEGIN opening a unit acted on before its Sync (psycopg's
+            // pipeline mode with autocommit off): held, so the rest runs in
+            // the transaction as a pipeline that other shards may join
+            // (`runs_as_pipeline`).
+            return Ok(());
+        }
         let Some(shard) = self
             .shard_for(&planned.place)
             .map(|s| self.serving_shard(&planned, s))

@@ -14,9 +14,9 @@
 //!
 //! A pipeline run at a Flush (its client asked for results before its
 //! Sync) takes the client's later messages part by part, and a shard it
-//! had no leg on joins when an execution needs it (outside a client's
-//! transaction). One whose first part only read runs outside the proxy's
-//! transaction until a part writes.
+//! had no leg on joins when an execution needs it (inside a client's
+//! transaction, joining the transaction). One whose first part only read
+//! runs outside the proxy's transaction until a part writes.
 //!
 //! Inside a client's transaction (with two-phase commit) the shards'
 //! parts run on the transaction's own connections instead
@@ -31,7 +31,7 @@ use super::FLUSH_AT;
 use super::{End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::{frontend, Frame};
-use bytes::BytesMut;
+use bytes::{Bytes, BytesMut};
 use shardline_router::sharding::{mask_of, shards_in, ShardMask};
 use shardline_router::shards::{Construct, Placement};
 use shardline_router::Target;
@@ -86,15 +86,16 @@ impl Default for Placing {
     }
 }
 
-/// How a shard joins a pipeline's later part (outside a client's
-/// transaction), as its first legs began: borrowed for `target` (a replica
-/// where the primary is down, for a `read`), in the proxy's BEGIN when
-/// `wrap`.
-#[derive(Clone, Copy)]
+/// How a shard joins a pipeline's later part, as its first legs began:
+/// inside the client's transaction (`begin`, the BEGIN a shard joining it
+/// is sent), the transaction's connection there; outside, borrowed for
+/// `target` (a replica where the primary is down, for a `read`), in the
+/// proxy's BEGIN when `wrap`.
 struct Joins {
     target: Target,
     read: bool,
     wrap: bool,
+    begin: Option<Bytes>,
 }
 
 /// What broke a pipeline run part by part: a leg (the pipeline fails,
@@ -160,7 +161,7 @@ impl Session {
             self.inflow = Inflow::SkipToSync;
         }
         let mut placing = Placing::default();
-        let to = match self.pipeline_legs(&frames, &mut shards, !in_txn, &mut placing) {
+        let to = match self.pipeline_legs(&frames, &mut shards, &mut placing) {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
@@ -173,9 +174,13 @@ impl Session {
         for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
             self.leg_prelude(leg, wrap, out);
         }
-        // Outside the client's transaction a shard joins a later part as
-        // the first part's shards began.
-        let mut joins = (!in_txn).then_some(Joins { target, read, wrap });
+        // A shard joins a later part as the first part's shards began.
+        let mut joins = Joins {
+            target,
+            read,
+            wrap,
+            begin: begin.clone(),
+        };
         let answered = match self
             .pipeline_parts(
                 frames,
@@ -193,7 +198,7 @@ impl Session {
             Err(Broke::Client(end)) => return Err(end),
         };
         // (A pipeline that began with reads is wrapped once a part writes.)
-        let wrap = joins.map_or(wrap, |j| j.wrap);
+        let wrap = joins.wrap;
         self.finish_legs(legs, begin, wrap, writes || wrap, answered)
             .await
     }
@@ -216,7 +221,7 @@ impl Session {
         shards: &mut Vec<usize>,
         (legs, mut outs): (&mut Vec<Leg>, Vec<BytesMut>),
         mut placing: Placing,
-        joins: &mut Option<Joins>,
+        joins: &mut Joins,
     ) -> Result<bool, Broke> {
         let mut failed = false;
         loop {
@@ -254,25 +259,25 @@ impl Session {
             self.write_client().await.map_err(|e| e.to_string())?;
             frames = self.next_part().await?;
             if !failed {
-                let placed = self.pipeline_legs(&frames, shards, joins.is_some(), &mut placing);
-                let joined = match (&placed, joins.as_mut()) {
-                    (Ok(_), Some(j)) => {
-                        if placing.writes && !j.wrap {
+                let placed = self.pipeline_legs(&frames, shards, &mut placing);
+                let joined = match &placed {
+                    Ok(_) => {
+                        if placing.writes && !joins.wrap && joins.begin.is_none() {
                             for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
                                 begin_on(leg, out);
                             }
-                            j.wrap = true;
+                            joins.wrap = true;
                             // A shard joining from here may be written:
                             // its primary, or the pipeline fails (08006).
-                            j.read = false;
+                            joins.read = false;
                         }
                         if shards.len() > legs.len() {
-                            self.add_legs(shards, legs, &mut outs, *j).await
+                            self.add_legs(shards, legs, &mut outs, joins).await
                         } else {
                             Ok(())
                         }
                     }
-                    _ => Ok(()),
+                    Err(_) => Ok(()),
                 };
                 to = match joined.and(placed) {
                     Ok(to) => to,
@@ -296,14 +301,16 @@ impl Session {
         shards: &[usize],
         legs: &mut Vec<Leg>,
         outs: &mut Vec<BytesMut>,
-        Joins { target, read, wrap }: Joins,
+        joins: &Joins,
     ) -> Result<(), PgError> {
-        for mut leg in self
-            .borrow_legs(&shards[legs.len()..], target, read)
-            .await?
-        {
+        let more = &shards[legs.len()..];
+        let more = match &joins.begin {
+            Some(begin) => self.more_transaction_legs(more, begin).await?,
+            None => self.borrow_legs(more, joins.target, joins.read).await?,
+        };
+        for mut leg in more {
             let mut out = BytesMut::new();
-            self.leg_prelude(&mut leg, wrap, &mut out);
+            self.leg_prelude(&mut leg, joins.wrap, &mut out);
             legs.push(leg);
             outs.push(out);
         }
@@ -563,10 +570,9 @@ impl Session {
     /// was taken off it before: `peel_begin`.) Other transaction control
     /// cannot be split. `placing` carries where the previous part left off
     /// (a part read after the client asked for results). A Bind needing
-    /// shards without a leg adds them to `shards` when `grow` (outside the
-    /// client's transaction: their legs are borrowed before the part is
-    /// sent, `add_legs`); otherwise it fails the pipeline, as does a
-    /// placement the legs cannot run.
+    /// shards without a leg adds them to `shards` (their legs are taken
+    /// before the part is sent, `add_legs`); a placement the legs cannot
+    /// run (a merge, a split) fails the pipeline.
     /// `placing` notes a Bind that writes: the proxy's transaction opens
     /// on every leg before it (`pipeline_parts`) if its first part only
     /// read.
@@ -574,7 +580,6 @@ impl Session {
         &self,
         frames: &[Frame],
         shards: &mut Vec<usize>,
-        grow: bool,
         placing: &mut Placing,
     ) -> Result<Vec<To>, PgError> {
         use shardline_router::classify::Class;
@@ -583,7 +588,7 @@ impl Session {
         let beyond = |what: &str| {
             self.shared.events.refusals.refuse(
                 Construct::Batch,
-                format!("this execution {what} in a pipeline that asked for results before its Sync: a later part of it runs on one shard or several, not merged or split, and inside a transaction only on the shards its first part held; send a Sync before it"),
+                format!("this execution {what} in a pipeline that asked for results before its Sync: a later part of it runs on one shard or several, not merged or split; send a Sync before it"),
             )
         };
         let mut statements = super::route::UnitStatements::default();
@@ -618,16 +623,14 @@ impl Session {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
                                 self.place(&route, definition, &params)
                             });
-                            if grow {
-                                // A shard without a leg joins the pipeline
-                                // (`add_legs`).
-                                let mask = match placed {
-                                    Placement::One(s) => mask_of(s),
-                                    Placement::Many(m) => m,
-                                    _ => 0,
-                                };
-                                shards.extend(shards_in(mask & !mask_of_shards(shards)));
-                            }
+                            // A shard without a leg joins the pipeline
+                            // (`add_legs`).
+                            let mask = match placed {
+                                Placement::One(s) => mask_of(s),
+                                Placement::Many(m) => m,
+                                _ => 0,
+                            };
+                            shards.extend(shards_in(mask & !mask_of_shards(shards)));
                             placing.current = match placed {
                                 Placement::One(s) => {
                                     placing.one = shards

@@ -538,20 +538,27 @@ impl Session {
 
     /// Whether a unit on one shard that asked for results before its Sync
     /// runs as a pipeline, which later parts may take to other shards:
-    /// with several shards, under transaction pooling, outside any
-    /// transaction and any kept connection, when it holds only reads and
-    /// writes. Transaction control, settings and session state stay on the
-    /// connection they began on. (Reads alone run outside the proxy's
-    /// transaction, each leg on a replica while its primary is down, as a
-    /// cursor read at a Flush on one connection does: `run_fanout`.)
+    /// with several shards, under transaction pooling, when it holds only
+    /// reads and writes; outside a transaction, when no connection is kept
+    /// for the client; inside one, when other shards may join it (two-phase
+    /// commit: `may_join`). Transaction control, settings and session
+    /// state stay on the connection they began on. (Reads alone outside a
+    /// transaction run outside the proxy's, each leg on a replica while its
+    /// primary is down, as a cursor read at a Flush on one connection
+    /// does: `run_fanout`.)
     fn runs_as_pipeline(&self, routes: &[Route]) -> bool {
+        let in_txn =
+            self.txn.has_begin() || self.server.as_ref().is_some_and(|s| s.tx_status != b'I');
         self.shared
             .sharding
             .as_ref()
             .is_some_and(|sh| sh.shard_count() > 1)
             && self.mode() == PoolMode::Transaction
-            && self.server.is_none()
-            && !self.txn.has_begin()
+            && if in_txn {
+                self.may_join()
+            } else {
+                self.server.is_none()
+            }
             && plain(routes)
     }
 
