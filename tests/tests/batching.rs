@@ -542,7 +542,8 @@ async fn a_pipeline_run_at_a_flush_places_each_later_row() {
 /// duplicate the Sync commits both. The unnamed statement of the reading
 /// part, gone from its connection with the proxy's BEGIN, is prepared
 /// there again when bound after it. Read with a row limit (pg-cursor),
-/// the rest is fetched from the same shard.
+/// the rest is fetched from the same shard. A first part on no sharded
+/// table runs on the default shard, and the keys after it on theirs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_of_reads_at_a_flush_reads_each_key_on_its_shard() {
     let (env, sh) = two_shards().await;
@@ -635,6 +636,26 @@ async fn a_pipeline_of_reads_at_a_flush_reads_each_key_on_its_shard() {
         let r = c.exchange(&[execute(), sync()]).await.unwrap();
         assert_eq!(tags(&r), b"CZ", "key {k}: {r:?}");
     }
+    // A first part on no sharded table (a driver's `SELECT 1`), then a key
+    // of each shard.
+    c.send(
+        &[
+            parse("", "SELECT 1", &[]),
+            bind("", &[], 0),
+            execute(),
+            flush(),
+        ]
+        .concat(),
+    )
+    .await
+    .unwrap();
+    assert_eq!(tags(&until_tag(&mut c, b'C').await), b"12DC");
+    for k in [b[0], a[0]] {
+        let r = flushed(&mut c, sel("sel", k), b'C').await;
+        assert_eq!(ids(&r), vec![k], "key {k}: {r:?}");
+    }
+    let r = c.exchange(&[sync()]).await.unwrap();
+    assert_eq!((tags(&r), status(&r)), (b"Z".to_vec(), b'I'), "{r:?}");
 }
 
 /// A pipeline spanning shards that asks for results before its Sync (a

@@ -804,11 +804,23 @@ impl Session {
             }
         }
         if flushed && !complete && self.runs_as_pipeline(&routes) {
-            if let Placement::One(s) = place {
-                // Asked for results before its Sync, outside a transaction:
-                // run as a pipeline (`pipeline.rs`), so that a later part
-                // may need another shard (psycopg's pipeline mode fetching
-                // each result), joining it then.
+            // Asked for results before its Sync: run as a pipeline
+            // (`pipeline.rs`), so that a later part may need another shard
+            // (psycopg's pipeline mode fetching each result), joining it
+            // then. A first part that may run anywhere (no sharded table)
+            // runs where the transaction is, or on the default shard while
+            // a node of it is up (else on one connection wherever one can
+            // serve it: `serving_shard`).
+            let first = match place {
+                Placement::One(s) => Some(s),
+                Placement::Anywhere => self.attached_shard().or_else(|| {
+                    let d = self.shard_for(&place)?;
+                    let nodes = &self.shared.topology.shards[d].nodes;
+                    nodes.iter().any(|n| !n.is_down()).then_some(d)
+                }),
+                _ => None,
+            };
+            if let Some(s) = first {
                 place = Placement::Pipeline(shardline_router::sharding::mask_of(s));
             }
         }
