@@ -437,12 +437,7 @@ impl Session {
             },
         };
         self.client.detach();
-        let mut held: Vec<Leg> = self
-            .spanning
-            .parked
-            .extract_if(.., |p| shards.contains(&p.shard))
-            .map(|p| Leg::parked(p.shard, p.node, p.conn))
-            .collect();
+        let mut held = self.participants_on(shards);
         if let Some(attached) = self.server.take() {
             let mut leg = Leg::parked(attached.shard, attached.node, attached.conn);
             leg.attached = true;
@@ -474,6 +469,15 @@ impl Session {
         Ok((legs, begin))
     }
 
+    /// The transaction's parked participants on `shards`, taken as legs.
+    fn participants_on(&mut self, shards: &[usize]) -> Vec<Leg> {
+        self.spanning
+            .parked
+            .extract_if(.., |p| shards.contains(&p.shard))
+            .map(|p| Leg::parked(p.shard, p.node, p.conn))
+            .collect()
+    }
+
     /// The transaction's connection on `shard`: one of `held` (the
     /// transaction's own), else a primary's, joining with `begin`.
     async fn transaction_leg(
@@ -503,12 +507,7 @@ impl Session {
         shards: &[usize],
         begin: &Bytes,
     ) -> Result<Vec<Leg>, PgError> {
-        let mut held: Vec<Leg> = self
-            .spanning
-            .parked
-            .extract_if(.., |p| shards.contains(&p.shard))
-            .map(|p| Leg::parked(p.shard, p.node, p.conn))
-            .collect();
+        let mut held = self.participants_on(shards);
         let mut legs = Vec::with_capacity(shards.len());
         for &shard in shards {
             match self.transaction_leg(shard, &mut held, begin).await {
