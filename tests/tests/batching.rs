@@ -303,7 +303,8 @@ async fn parameters_are_read_as_their_own_type() {
 /// shard at once, and a transaction whose key lives on the other shard was
 /// refused (without two-phase commit). Its text (the isolation level)
 /// reaches the server; a named BEGIN is bound again in the next
-/// transaction without its Parse; BEGIN then COMMIT commits nothing.
+/// transaction without its Parse; BEGIN then COMMIT commits nothing, and
+/// the COMMIT, nothing having run, reaches no server.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_extended_begin_alone_is_held_for_the_first_statement() {
     let (env, sh) = two_shards().await;
@@ -403,6 +404,42 @@ async fn an_extended_begin_alone_is_held_for_the_first_statement() {
     assert_eq!(status(&r), b'I', "{r:?}");
     let r = c.exchange(&[query("SELECT 1")]).await.unwrap();
     assert_eq!(tags(&r), b"TDCZ", "{r:?}");
+    // The COMMIT (or ROLLBACK) of a transaction in which nothing ran is
+    // answered by the proxy, as a simple one is: it reaches no server, so
+    // it is answered with every primary down, its messages each answered
+    // as a server answers them (its named statement kept).
+    for s in 0..2 {
+        env.backend
+            .stop_node(env.shard_primary(s), "immediate")
+            .unwrap();
+    }
+    for end in ["COMMIT", "ROLLBACK"] {
+        let r = c
+            .exchange(&[[bind("b", &[], 0), execute(), sync()].concat()])
+            .await
+            .unwrap();
+        assert_eq!(tags(&r), b"2CZ", "{r:?}");
+        let r = c
+            .exchange(&[[
+                parse("e", end, &[]),
+                describe(b'S', "e"),
+                bind("e", &[], 0),
+                describe(b'P', ""),
+                execute(),
+                sync(),
+            ]
+            .concat()])
+            .await
+            .unwrap();
+        assert_eq!(tags(&r), b"1tn2nCZ", "{end}: {r:?}");
+        assert_eq!(String::from_utf8_lossy(&r[5].1), format!("{end}\0"));
+        assert_eq!(status(&r), b'I');
+        let r = c
+            .exchange(&[query("DEALLOCATE e")])
+            .await
+            .unwrap();
+        assert_eq!(tags(&r), b"CZ", "the Parse was recorded: {r:?}");
+    }
 }
 
 /// Sends `bind` with an Execute and a Flush; the answers up to `until`.

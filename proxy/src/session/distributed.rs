@@ -223,25 +223,33 @@ impl Session {
         &mut self,
         frames: &[crate::protocol::Frame],
     ) -> Result<(), End> {
+        self.answer_alone(frames, "BEGIN")?;
         let mut text = Vec::new();
-        for f in frames {
-            match f.tag {
-                frontend::PARSE => {
-                    self.record_parse(f)?;
-                }
-                frontend::BIND => {
-                    let b = frontend::bind(f.body())?;
-                    if let Some((_, definition)) = self.session_statement(b.statement) {
-                        text = super::route::definition_query(definition).to_vec();
-                    }
-                }
-                _ => {}
+        for f in frames.iter().filter(|f| f.tag == frontend::BIND) {
+            let b = frontend::bind(f.body())?;
+            if let Some((_, definition)) = self.session_statement(b.statement) {
+                text = super::route::definition_query(definition).to_vec();
             }
         }
-        answer_frames(&mut self.client_out, frames, Ok("BEGIN"));
         let mut begin = BytesMut::new();
         frontend::write_query(&mut begin, &String::from_utf8_lossy(&text));
         self.txn.set_begin(begin.freeze());
+        Ok(())
+    }
+
+    /// Answers a unit the proxy runs alone (`frames`, taken off the
+    /// buffer), as a server would, its statement completing with `tag`:
+    /// a simple query's CommandComplete, or the extended protocol's
+    /// answers to each message, its Parses recorded.
+    pub(super) fn answer_alone(
+        &mut self,
+        frames: &[crate::protocol::Frame],
+        tag: &str,
+    ) -> Result<(), End> {
+        for f in frames.iter().filter(|f| f.tag == frontend::PARSE) {
+            self.record_parse(f)?;
+        }
+        answer_frames(&mut self.client_out, frames, Ok(tag));
         Ok(())
     }
 

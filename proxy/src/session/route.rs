@@ -645,6 +645,9 @@ impl Session {
         // and Executes seen, whether a Bind's statement is a BEGIN, and any
         // message besides Parse, Bind, Describe, Execute and Sync.
         let (mut bound, mut executed, mut binds_begin, mut other) = (0u8, 0u8, false, false);
+        // With the BEGIN held: what a Bind of a lone COMMIT or ROLLBACK
+        // ends the transaction with (nothing ran: answered by the proxy).
+        let mut binds_end = None;
         // A Flush after something ran: the client asks for results before
         // its Sync.
         let mut flushed = false;
@@ -693,6 +696,10 @@ impl Session {
                         // An unknown statement fails on any node.
                         if let Some((route, definition)) = statements.bound(self, b.statement) {
                             binds_begin = matches!(route.class, Class::Begin { .. });
+                            if route.class == Class::TransactionControl && self.txn.has_begin() {
+                                binds_end = crate::protocol::text(definition_query(definition))
+                                    .and_then(lone_transaction_end);
+                            }
                             if sharded {
                                 let params = frontend::bind_params(b.rest).unwrap_or_default();
                                 let (query, types) = frontend::definition_parts(definition);
@@ -781,10 +788,13 @@ impl Session {
                 _ => other = true,
             }
         }
-        if complete && !other && bound == 1 && executed == 1 && binds_begin {
+        if complete && !other && bound == 1 && executed == 1 {
             // One BEGIN executed by the extended protocol: held as a
-            // simple query's would be (`defer_begin`).
-            simple_single = true;
+            // simple query's would be (`defer_begin`); one COMMIT or
+            // ROLLBACK of a transaction still held, answered as a simple
+            // one is (`end_empty`).
+            simple_single |= binds_begin;
+            lone_end = lone_end.or(binds_end);
         }
         if matches!(place, Placement::Refused(_)) {
             // Executions of one pipeline (or statements of one query string)
@@ -1287,9 +1297,9 @@ impl Session {
 
     /// COMMIT or ROLLBACK of a transaction that never reached a server.
     pub(super) fn end_empty(&mut self, tag: &'static str) -> Result<(), super::End> {
-        let _ = crate::protocol::next_frame(&mut self.client_in, usize::MAX);
+        let frames = self.take_unit()?;
         self.txn = super::txn::Txn::Plain;
-        backend::command_complete(&mut self.client_out, tag);
+        self.answer_alone(&frames, tag)?;
         backend::ready_for_query(&mut self.client_out, b'I');
         Ok(())
     }
