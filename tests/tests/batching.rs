@@ -434,10 +434,7 @@ async fn an_extended_begin_alone_is_held_for_the_first_statement() {
         assert_eq!(tags(&r), b"1tn2nCZ", "{end}: {r:?}");
         assert_eq!(String::from_utf8_lossy(&r[5].1), format!("{end}\0"));
         assert_eq!(status(&r), b'I');
-        let r = c
-            .exchange(&[query("DEALLOCATE e")])
-            .await
-            .unwrap();
+        let r = c.exchange(&[query("DEALLOCATE e")]).await.unwrap();
         assert_eq!(tags(&r), b"CZ", "the Parse was recorded: {r:?}");
     }
 }

@@ -769,3 +769,61 @@ async fn rollback_all(conns: &mut [Placed]) {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::answer_frames;
+    use crate::protocol::backend::{sqlstate, PgError};
+    use crate::protocol::{frontend, next_frame};
+    use bytes::BytesMut;
+
+    /// The tags of the messages in `out`, and each message's body.
+    fn messages(out: &[u8]) -> (Vec<u8>, Vec<Vec<u8>>) {
+        let (mut tags, mut bodies, mut rest) = (Vec::new(), Vec::new(), out);
+        while let [tag, a, b, c, d, ..] = *rest {
+            let len = u32::from_be_bytes([a, b, c, d]) as usize;
+            tags.push(tag);
+            bodies.push(rest[5..len + 1].to_vec());
+            rest = &rest[len + 1..];
+        }
+        (tags, bodies)
+    }
+
+    #[test]
+    fn a_unit_the_proxy_runs_alone_is_answered_as_a_server_answers_it() {
+        // A named COMMIT with Describes of its statement and portal, then
+        // its Sync (answered by the caller's ReadyForQuery).
+        let mut unit = BytesMut::new();
+        frontend::write_parse(&mut unit, b"e", b"COMMIT\0\0\0");
+        frontend::write_target(&mut unit, frontend::DESCRIBE, b'S', b"e");
+        frontend::write_bind(&mut unit, b"", b"e", &[0, 0, 0, 0, 0, 0]);
+        frontend::write_target(&mut unit, frontend::DESCRIBE, b'P', b"");
+        frontend::write_execute(&mut unit, b"", 0);
+        frontend::write_sync(&mut unit);
+        let mut frames = Vec::new();
+        while let Some(f) = next_frame(&mut unit, usize::MAX).unwrap() {
+            frames.push(f);
+        }
+        let mut out = BytesMut::new();
+        answer_frames(&mut out, &frames, Ok("COMMIT"));
+        let (tags, bodies) = messages(&out);
+        assert_eq!(tags, b"1tn2nC");
+        assert_eq!(bodies[1], [0, 0], "no parameters");
+        assert_eq!(bodies[5], b"COMMIT\0");
+        // A simple query: its CommandComplete.
+        let mut out = BytesMut::new();
+        let mut q = BytesMut::new();
+        frontend::write_query(&mut q, "ROLLBACK");
+        let q = next_frame(&mut q, usize::MAX).unwrap().unwrap();
+        answer_frames(&mut out, &[q], Ok("ROLLBACK"));
+        assert_eq!(
+            messages(&out),
+            (b"C".to_vec(), vec![b"ROLLBACK\0".to_vec()])
+        );
+        // An error at the Execute: nothing after it.
+        let mut out = BytesMut::new();
+        let e = PgError::error(sqlstate::CONNECTION_FAILURE, "gone");
+        answer_frames(&mut out, &frames, Err(e));
+        assert_eq!(messages(&out).0, b"1tn2nE");
+    }
+}
