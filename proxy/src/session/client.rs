@@ -430,6 +430,18 @@ impl Session {
         let in_txn = session
             || (self.server.as_ref().is_some_and(|s| s.tx_status != b'I')
                 && self.pending.is_empty());
+        if early
+            && !session
+            && !self.pending.is_empty()
+            && self.server.as_ref().is_some_and(|s| s.tx_status == b'I')
+        {
+            // Acted on before its Sync while the connection, between
+            // transactions, still waits for the proxy's own query (the
+            // read-your-writes position after a ROLLBACK): placed once it
+            // is released, as a pipeline that may take other shards
+            // (`runs_as_pipeline`), not begun on it.
+            return Ok(Fit::Wait);
+        }
         if self.runs_attached(&planned.place) {
             // The unit runs on the attached server.
             self.count_keys();
