@@ -1876,3 +1876,72 @@ async fn a_parse_that_failed_on_a_shard_is_prepared_again() {
     let r = c.exchange(&unit).await.unwrap();
     assert_eq!(tags(&r), b"2CZ", "{r:?}");
 }
+
+/// A unit acted on before its Sync that arrives while the connection of
+/// the transaction just ended (ROLLBACK) still waits for the proxy's own
+/// read-your-writes query is placed once that connection is released: a
+/// pipeline in a new transaction (two-phase commit on) then takes a row
+/// for the other shard into it instead of refusing it (0A000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pipeline_arriving_behind_a_rollback_takes_other_shards() {
+    let env = Env::start_with(EnvOptions {
+        shards: 2,
+        replicas_per_shard: 1,
+        extra_toml: SHARDING.replace(
+            "function = \"consistent\"",
+            "function = \"consistent\"\ntwo_phase_commit = true",
+        ),
+        ..EnvOptions::default()
+    })
+    .await
+    .unwrap();
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    drop(c);
+    let config = Config::from_toml(&env.config_text, "t").unwrap();
+    let sh = Sharding::from_config(&config);
+    let on = |s: usize| keys_on(&sh, s, 3);
+    let (a, b) = (on(0), on(1));
+    let mut c = RawClient::login(env.port).await.unwrap();
+    let r = c
+        .exchange(&[parse("ins", INSERT, &[]), sync()])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"1Z");
+    let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"x"))], 0);
+    for round in 0..2 {
+        let r = c.exchange(&[query("BEGIN")]).await.unwrap();
+        assert_eq!(status(&r), b'T');
+        let insert = format!("INSERT INTO users (id, name) VALUES ({}, 'r')", a[0]);
+        let r = c.exchange(&[query(&insert)]).await.unwrap();
+        assert_eq!(status(&r), b'T', "{r:?}");
+        // ROLLBACK and the next transaction's first part in one write.
+        c.send(
+            &[
+                query("ROLLBACK"),
+                parse("", "BEGIN", &[]),
+                bind("", &[], 0),
+                execute(),
+                row(a[1 + round]),
+                execute(),
+                flush(),
+            ]
+            .concat(),
+        )
+        .await
+        .unwrap();
+        let r = until_tag(&mut c, b'Z').await;
+        assert_eq!(status(&r), b'I', "{r:?}");
+        assert_eq!(tags(&until_tag(&mut c, b'C').await), b"12C");
+        assert_eq!(tags(&until_tag(&mut c, b'C').await), b"2C");
+        let r = flushed(&mut c, row(b[round]), b'C').await;
+        assert_eq!(tags(&r), b"2C", "round {round}: {r:?}");
+        let r = c.exchange(&[sync()]).await.unwrap();
+        assert_eq!(status(&r), b'T', "{r:?}");
+        let r = c.exchange(&[query("COMMIT")]).await.unwrap();
+        assert_eq!((tags(&r), status(&r)), (b"CZ".to_vec(), b'I'), "{r:?}");
+    }
+    assert_eq!(shardline_tests::audit_users(&env, &sh, 2).len(), 4);
+}

@@ -430,16 +430,13 @@ impl Session {
         let in_txn = session
             || (self.server.as_ref().is_some_and(|s| s.tx_status != b'I')
                 && self.pending.is_empty());
-        if early
-            && !session
-            && !self.pending.is_empty()
-            && self.server.as_ref().is_some_and(|s| s.tx_status == b'I')
-        {
-            // Acted on before its Sync while the connection, between
-            // transactions, still waits for the proxy's own query (the
-            // read-your-writes position after a ROLLBACK): placed once it
-            // is released, as a pipeline that may take other shards
-            // (`runs_as_pipeline`), not begun on it.
+        if early && !session && !self.pending.is_empty() {
+            // Acted on before its Sync while the connection still waits for
+            // answers (the client's last unit, or the proxy's own query:
+            // the read-your-writes position after a ROLLBACK): placed once
+            // they are in, by the transaction's state then; between
+            // transactions, on a connection released, as a pipeline that
+            // may take other shards (`runs_as_pipeline`), not begun here.
             return Ok(Fit::Wait);
         }
         if self.runs_attached(&planned.place) {
