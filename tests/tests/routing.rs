@@ -924,6 +924,89 @@ async fn positions_are_asked_only_where_replicas_read() {
     }
 }
 
+/// A transaction rolled back asks no WAL position: nothing it wrote
+/// remains for a read to wait for, so its ROLLBACK is answered at once.
+/// Before, any write in it made the proxy ask the primary's position
+/// behind the ROLLBACK and hold the reply for it (a round trip for the
+/// client, a query for the primary). By the simple and the extended
+/// protocol, and a COMMIT of a failed transaction (which rolls back);
+/// a committed one still asks. Seen on the server: the last query of the
+/// pool's one connection to the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_rolled_back_transaction_asks_no_position() {
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: 1,
+        pool_toml: "size = 1\ncheckout_timeout = \"3s\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.wait_healthy().await;
+    let last = || {
+        env.sql_on(
+            0,
+            "SELECT query FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend' \
+             AND usename = 'app' AND application_name <> 'shardline-health'",
+        )
+    };
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE IF NOT EXISTS undone (id int)")
+        .await
+        .unwrap();
+    // By the simple protocol.
+    for statement in ["BEGIN", "INSERT INTO undone VALUES (1)", "ROLLBACK"] {
+        c.batch_execute(statement).await.unwrap();
+    }
+    assert_eq!(last(), "ROLLBACK", "simple protocol");
+    // By the extended protocol (Parse/Describe/Sync, then Bind/Execute/Sync).
+    c.execute("BEGIN", &[]).await.unwrap();
+    c.execute("INSERT INTO undone VALUES ($1)", &[&2i32])
+        .await
+        .unwrap();
+    c.execute("ROLLBACK", &[]).await.unwrap();
+    assert_eq!(last(), "ROLLBACK", "extended protocol");
+    // A COMMIT of a failed transaction rolls it back.
+    c.batch_execute("BEGIN").await.unwrap();
+    c.batch_execute("INSERT INTO undone VALUES (3)")
+        .await
+        .unwrap();
+    c.batch_execute("SELECT 1/0").await.unwrap_err();
+    c.batch_execute("COMMIT").await.unwrap();
+    assert_eq!(last(), "COMMIT", "a failed transaction's COMMIT");
+    c.execute("BEGIN", &[]).await.unwrap();
+    c.execute("INSERT INTO undone VALUES ($1)", &[&4i32])
+        .await
+        .unwrap();
+    c.execute("SELECT 1/0", &[]).await.unwrap_err();
+    c.execute("COMMIT", &[]).await.unwrap();
+    assert_eq!(last(), "COMMIT", "the same by the extended protocol");
+    assert_eq!(env.sql("SELECT count(*) FROM undone"), "0");
+    // A committed transaction still asks, by either protocol.
+    for statement in ["BEGIN", "INSERT INTO undone VALUES (5)", "COMMIT"] {
+        c.batch_execute(statement).await.unwrap();
+    }
+    assert!(last().contains("pg_current_wal"), "simple: {}", last());
+    c.execute("BEGIN", &[]).await.unwrap();
+    c.execute("INSERT INTO undone VALUES ($1)", &[&6i32])
+        .await
+        .unwrap();
+    c.execute("COMMIT", &[]).await.unwrap();
+    assert!(last().contains("pg_current_wal"), "extended: {}", last());
+    // And the reads after a rollback are served (from the replica, once
+    // it has the commits).
+    c.execute("BEGIN", &[]).await.unwrap();
+    c.execute("INSERT INTO undone VALUES ($1)", &[&7i32])
+        .await
+        .unwrap();
+    c.execute("ROLLBACK", &[]).await.unwrap();
+    let rows = c
+        .query("SELECT id FROM undone ORDER BY id", &[])
+        .await
+        .unwrap();
+    let ids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
+    assert_eq!(ids, [5, 6]);
+}
+
 /// Each statement text is routed (shaped and looked up in the router's
 /// cache) once, however many steps of its unit read it: the router's
 /// counters grow by one per statement sent, by the simple protocol, by a

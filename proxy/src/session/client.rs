@@ -4,7 +4,7 @@
 use super::attach::Purpose;
 use super::pending::{Answer, Kind, Pending, Synthetic};
 use super::rename;
-use super::unit::Inflow;
+use super::unit::{Ends, Inflow};
 use super::{End, Fit, Next, Session, TxnEnd};
 use crate::protocol::backend::{sqlstate, PgError};
 use crate::protocol::frontend::{self, Malformed};
@@ -760,10 +760,14 @@ impl Session {
         let eligible = self.wrote && self.pending.is_empty() && self.position_may_go_along();
         let server = self.server.as_ref().filter(|_| eligible)?;
         // A text that is not UTF-8 commits nothing the proxy knows of.
-        if !commits(utf8().unwrap_or(""), server.tx_status) {
-            return None;
+        match ending(utf8().unwrap_or(""), server.tx_status) {
+            Ends::Commits => self.position_guard_held(),
+            Ends::Discards => {
+                self.forget_discarded_writes();
+                None
+            }
+            Ends::Nothing => None,
         }
-        self.position_guard_held()
     }
 
     /// At the client's Sync, before the unit closes: the guard of the
@@ -772,14 +776,31 @@ impl Session {
     /// `on_bind`) and no earlier unit is in flight: an extended-protocol
     /// COMMIT or autocommit write, as `position_query_with` for a query.
     fn position_query_at_sync(&mut self) -> Option<crate::PositionPending> {
+        let ends = self.unit.ends();
         if !(self.wrote
-            && self.unit.commits()
+            && ends != Ends::Nothing
             && self.position_may_go_along()
             && !self.pending.iter().any(|p| p.is_sync_point()))
         {
             return None;
         }
+        if ends == Ends::Discards {
+            self.forget_discarded_writes();
+            return None;
+        }
         self.position_guard_held()
+    }
+
+    /// A unit that discards its transaction's writes (a lone ROLLBACK, a
+    /// COMMIT of a failed transaction) with no earlier unit in flight:
+    /// the writes noted since the last position query were all in that
+    /// transaction (a commit's ReadyForQuery took the position, or a guard
+    /// for it, `server.rs`), so no position is asked at its end. A guard
+    /// taken earlier still needs its position: the writes stay noted.
+    fn forget_discarded_writes(&mut self) {
+        if self.position_pending.is_none() {
+            self.wrote = false;
+        }
     }
 
     /// What the session's state allows of a position query sent along
@@ -801,26 +822,30 @@ impl Session {
         Some(guard.held())
     }
 
-    /// Whether a Bind of `route`'s statement, the unit's first, commits:
+    /// What a Bind of `route`'s statement, the unit's first, does to the
+    /// transaction's writes (`Ends`):
     /// only looked at on a connection taken for writing, where the
     /// position of a commit may be learned.
-    fn bind_commits(&self, route: Option<&shardline_router::Route>, definition: &[u8]) -> bool {
+    fn bind_ends(&self, route: Option<&shardline_router::Route>, definition: &[u8]) -> Ends {
         use shardline_router::classify::Class;
         if self.purpose != Purpose::Write || !self.unit.unbound() {
-            return false;
+            return Ends::Nothing;
         }
         let (Some(route), Some(server)) = (route, self.server.as_ref()) else {
-            return false;
+            return Ends::Nothing;
         };
-        // Only the statements that may commit are read, and only where a
-        // commit's position is learned: not the writes inside a
-        // transaction, nor anything on a shard without replicas.
-        matches!(
+        // Only the statements that may end a transaction are read, and
+        // only where a commit's position is learned: not the writes inside
+        // a transaction, nor anything on a shard without replicas.
+        if !(matches!(
             (server.tx_status, route.class),
-            (b'T', Class::TransactionControl) | (b'I', Class::Write)
-        ) && self.learns_positions(server.shard)
-            && crate::protocol::text(super::route::definition_query(definition))
-                .is_some_and(|text| commits(text, server.tx_status))
+            (b'T' | b'E', Class::TransactionControl) | (b'I', Class::Write)
+        ) && self.learns_positions(server.shard))
+        {
+            return Ends::Nothing;
+        }
+        crate::protocol::text(super::route::definition_query(definition))
+            .map_or(Ends::Nothing, |text| ending(text, server.tx_status))
     }
 
     fn on_query(&mut self, bytes: &[u8]) -> Result<(), End> {
@@ -1066,7 +1091,7 @@ impl Session {
             Some(s) => &s.definition[..],
             None => self.unnamed.as_ref().map_or(&[][..], |u| &u.definition[..]),
         };
-        self.unit.bind(self.bind_commits(route, definition));
+        self.unit.bind(self.bind_ends(route, definition));
         if let Some(route) = route.filter(|r| r.effects && r.shards.is_some()) {
             // A DECLARE is among the texts that may have effects.
             let route = route.clone();
@@ -1253,23 +1278,27 @@ fn may_be_proxy_setting(text: &[u8]) -> bool {
     }
 }
 
-/// Whether running `text` on a connection whose transaction status is
-/// `status` commits: COMMIT of an open transaction, or one statement that
-/// runs in a transaction of its own.
-fn commits(text: &str, status: u8) -> bool {
+/// What running `text` on a connection whose transaction status is
+/// `status` does to the transaction's writes: a COMMIT of an open
+/// transaction, or one statement that runs in a transaction of its own,
+/// commits; a lone ROLLBACK/ABORT, or a COMMIT of a failed transaction
+/// (or of none), discards them.
+fn ending(text: &str, status: u8) -> Ends {
     match shardline_router::lone_transaction_end(text) {
-        Some("COMMIT") => status == b'T',
-        Some(_) => false,
-        None => status == b'I' && effect::lone_autocommit_statement(text),
+        Some("COMMIT") if status == b'T' => Ends::Commits,
+        Some(_) => Ends::Discards,
+        None if status == b'I' && effect::lone_autocommit_statement(text) => Ends::Commits,
+        None => Ends::Nothing,
     }
 }
 
 #[cfg(test)]
 mod tests {
-    use super::{commits, proxy_setting, ProxySetting};
+    use super::{ending, proxy_setting, Ends, ProxySetting};
 
     #[test]
     fn a_commit_is_a_commit_of_an_open_transaction_or_one_autocommit_statement() {
+        let commits = |text, status| ending(text, status) == Ends::Commits;
         assert!(commits("COMMIT", b'T'));
         assert!(commits("end", b'T'));
         assert!(!commits("COMMIT", b'I'), "nothing open: nothing committed");
@@ -1284,6 +1313,27 @@ mod tests {
         );
         assert!(!commits("BEGIN", b'I'));
         assert!(!commits("SET a = 1", b'I'));
+    }
+
+    #[test]
+    fn a_lone_rollback_or_a_failed_commit_discards_the_writes() {
+        for (text, status) in [
+            ("ROLLBACK", b'T'),
+            ("abort", b'T'),
+            ("ROLLBACK WORK;", b'E'),
+            ("COMMIT", b'E'),
+        ] {
+            assert_eq!(ending(text, status), Ends::Discards, "{text}");
+        }
+        for (text, status) in [
+            // Not a lone end: what the rest does is not read.
+            ("ROLLBACK; INSERT INTO t VALUES (1)", b'T'),
+            ("ROLLBACK TO SAVEPOINT a", b'T'),
+            ("PREPARE TRANSACTION 'x'", b'T'),
+            ("INSERT INTO t VALUES (1)", b'T'),
+        ] {
+            assert_eq!(ending(text, status), Ends::Nothing, "{text}");
+        }
     }
     use shardline_router::hint::SessionSetting;
 

@@ -13,11 +13,10 @@ pub(super) enum Unit {
     /// Messages sent since the last Sync, none a Bind or Execute: the
     /// unit only prepares so far.
     Preparing,
-    /// A Bind or Execute was sent: the unit is placed. `commits`: its one
-    /// execution so far commits (COMMIT of the open transaction, or one
-    /// statement in autocommit), so the read-your-writes position query
-    /// may go with its Sync (`client.rs::position_query_at_sync`).
-    Bound { commits: bool },
+    /// A Bind or Execute was sent: the unit is placed. `ends`: what its
+    /// one execution so far does to the writes sent before it (`Ends`),
+    /// read at its Sync (`client.rs::position_query_at_sync`).
+    Bound { ends: Ends },
     /// The unit went to the server before its end arrived (a Flush after
     /// a Bind, as a psycopg pipeline fetching results sends, or more than
     /// the proxy holds): it was placed by its messages buffered then, of
@@ -25,6 +24,21 @@ pub(super) enum Unit {
     /// placed before it is sent (`client.rs::continues_here`): one for
     /// another shard cannot run on this connection.
     Early { planned: usize },
+}
+
+/// What a statement does to the writes of the transaction it ends, as
+/// far as read-your-writes asks: a commit's position is learned (the
+/// position query goes with it), writes discarded need none.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub(super) enum Ends {
+    /// Anything else, or not known.
+    #[default]
+    Nothing,
+    /// A COMMIT of the open transaction, or one statement in autocommit.
+    Commits,
+    /// A lone ROLLBACK or ABORT, or a COMMIT of a failed transaction:
+    /// whatever the transaction wrote is gone.
+    Discards,
 }
 
 impl Unit {
@@ -39,13 +53,13 @@ impl Unit {
         }
     }
 
-    /// A Bind went to the server; `commits` when it is the unit's first
-    /// and its statement commits (a second execution: the unit commits
-    /// only as its Sync may tell).
-    pub(super) fn bind(&mut self, commits: bool) {
+    /// A Bind went to the server; `ends` is what its statement does when
+    /// it is the unit's first (a second execution: the unit's effect is
+    /// known only as its Sync may tell).
+    pub(super) fn bind(&mut self, ends: Ends) {
         match self {
-            Unit::Closed | Unit::Preparing => *self = Unit::Bound { commits },
-            Unit::Bound { commits } => *commits = false,
+            Unit::Closed | Unit::Preparing => *self = Unit::Bound { ends },
+            Unit::Bound { ends } => *ends = Ends::Nothing,
             Unit::Early { .. } => {}
         }
     }
@@ -54,7 +68,9 @@ impl Unit {
     /// an earlier one), or a COPY it ran started.
     pub(super) fn execute(&mut self) {
         if matches!(self, Unit::Closed | Unit::Preparing) {
-            *self = Unit::Bound { commits: false };
+            *self = Unit::Bound {
+                ends: Ends::Nothing,
+            };
         }
     }
 
@@ -63,9 +79,12 @@ impl Unit {
         matches!(self, Unit::Closed | Unit::Preparing)
     }
 
-    /// Whether the unit's one execution commits.
-    pub(super) fn commits(self) -> bool {
-        self == Unit::Bound { commits: true }
+    /// What the unit's one execution does to the transaction's writes.
+    pub(super) fn ends(self) -> Ends {
+        match self {
+            Unit::Bound { ends } => ends,
+            _ => Ends::Nothing,
+        }
     }
 
     /// The unit runs before its end arrived; its first `planned` bytes of
@@ -159,7 +178,7 @@ impl Inflow {
 
 #[cfg(test)]
 mod tests {
-    use super::{Inflow, Unit};
+    use super::{Ends, Inflow, Unit};
     use crate::protocol::frontend::{PARSE, SYNC, TERMINATE};
 
     #[test]
@@ -198,11 +217,13 @@ mod tests {
         assert!(!u.is_open());
         u.prepare();
         assert_eq!(u, Unit::Preparing);
-        u.bind(false);
+        u.bind(Ends::Nothing);
         u.prepare();
         assert_eq!(
             u,
-            Unit::Bound { commits: false },
+            Unit::Bound {
+                ends: Ends::Nothing
+            },
             "a Parse after a Bind keeps the unit placed"
         );
         assert!(u.is_open());
@@ -214,23 +235,33 @@ mod tests {
 
     #[test]
     fn a_unit_commits_only_through_its_one_execution() {
-        let mut u = Unit::default();
-        u.prepare();
-        assert!(u.unbound());
-        u.bind(true);
-        u.execute();
-        assert!(u.commits(), "its Execute keeps what its Bind said");
-        u.bind(true);
-        assert!(!u.commits(), "a second execution: not known to commit");
-        u.close();
-        u.execute();
-        assert!(!u.commits(), "an Execute of a portal bound before");
-        u.close();
-        u.bind(false);
-        assert!(!u.commits() && !u.unbound());
-        u.early(10);
-        u.bind(true);
-        assert!(!u.commits(), "an early unit is not one execution");
+        for ends in [Ends::Commits, Ends::Discards] {
+            let mut u = Unit::default();
+            u.prepare();
+            assert!(u.unbound());
+            u.bind(ends);
+            u.execute();
+            assert_eq!(u.ends(), ends, "its Execute keeps what its Bind said");
+            u.bind(ends);
+            assert_eq!(u.ends(), Ends::Nothing, "a second execution: not known");
+            u.close();
+            u.execute();
+            assert_eq!(
+                u.ends(),
+                Ends::Nothing,
+                "an Execute of a portal bound before"
+            );
+            u.close();
+            u.bind(Ends::Nothing);
+            assert!(u.ends() == Ends::Nothing && !u.unbound());
+            u.early(10);
+            u.bind(ends);
+            assert_eq!(
+                u.ends(),
+                Ends::Nothing,
+                "an early unit is not one execution"
+            );
+        }
     }
 
     #[test]
@@ -239,7 +270,7 @@ mod tests {
         u.early(30);
         assert!(u.is_open() && !u.unplaced());
         u.prepare();
-        u.bind(true);
+        u.bind(Ends::Commits);
         u.execute();
         u.took(20);
         assert_eq!(
