@@ -17,7 +17,10 @@ its first statement) must read every key; psycopg 3's pipeline mode fetching
 each read must read every key in one pipeline (the shards it needs joining
 as it goes, a replica serving where the primary is down), and a write after
 those reads must succeed on an up shard and fail where the primary is down,
-leaving nothing. Prints "all checks passed".
+leaving nothing; with autocommit off, such a pipeline's transaction whose
+first read is where the primary is down must begin on a replica (a write in
+it fails with 25006), and one on an up shard on its primary. Prints "all
+checks passed".
 """
 
 import asyncio
@@ -191,6 +194,41 @@ def psycopg_pipeline(url, up, down):
         n = conn.execute("SELECT count(*) FROM users WHERE name = 'changed'").fetchone()[0]
         assert n == 0, ("a failed pipeline left rows changed", n)
     print("ok psycopg pipeline writing where the primary is down fails and leaves nothing")
+    # With autocommit off (psycopg's default) each pipeline is a
+    # transaction, its BEGIN sent in the unit of its first read: one whose
+    # first read is where the primary is down begins on a replica,
+    # read-only there, as one begun by a simple BEGIN does.
+    with psycopg.connect(url) as conn:
+        for k in down:
+            with conn.pipeline(), conn.cursor() as cur:
+                cur.execute(read + " AND pg_is_in_recovery()", (k,))
+                row = cur.fetchall()
+            conn.commit()
+            assert row == [(f"user {k}",)], ("psycopg pipeline in a transaction, on a replica", k, row)
+            try:
+                with conn.pipeline(), conn.cursor() as cur:
+                    cur.execute(read, (k,))
+                    cur.fetchall()
+                    cur.execute("UPDATE users SET name = 'changed' WHERE id = %s RETURNING id", (k,))
+                    cur.fetchall()
+                conn.commit()
+                outcome = "committed"
+            except psycopg.Error as e:
+                outcome = e.sqlstate
+                conn.rollback()
+            assert outcome == "25006", ("a write in a pipeline's transaction begun on a replica", k, outcome)
+        for k in up:
+            with conn.pipeline(), conn.cursor() as cur:
+                cur.execute(read + " AND NOT pg_is_in_recovery()", (k,))
+                row = cur.fetchall()
+                cur.execute("UPDATE users SET name = name WHERE id = %s RETURNING id", (k,))
+                assert cur.fetchall() == [(k,)]
+            conn.commit()
+            assert row == [(f"user {k}",)], ("psycopg pipeline in a transaction, on the primary", k, row)
+        n = conn.execute("SELECT count(*) FROM users WHERE name = 'changed'").fetchone()[0]
+        conn.commit()
+        assert n == 0, ("a failed transaction left rows changed", n)
+    print("ok psycopg pipeline transactions: reads where the primary is down on a replica, writes where it is up")
 
 
 if __name__ == "__main__":

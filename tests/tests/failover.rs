@@ -699,7 +699,9 @@ async fn a_preparing_driver_writes_to_a_shard_whose_primary_is_up() {
 /// alone, and a read acted on at a Flush (pg-cursor's batching).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
-    for shards in [2, 1] {
+    // (With two-phase commit a transaction may span shards: a pipeline in
+    // one takes other shards as it goes, `runs_as_pipeline`.)
+    for (shards, two_phase) in [(2, false), (2, true), (1, false)] {
         let env = Env::start_with(EnvOptions {
             shards,
             replicas_per_shard: 1,
@@ -709,9 +711,9 @@ async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
             extra_toml: format!(
                 "[health]\ninterval = \"200ms\"\ntimeout = \"5s\"\nban_time = \"1s\"\n{}",
                 if shards > 1 {
-                    "[sharding]\nfunction = \"consistent\"\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n"
+                    format!("[sharding]\nfunction = \"consistent\"\ntwo_phase_commit = {two_phase}\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n")
                 } else {
-                    ""
+                    String::new()
                 }
             ),
             ..Default::default()
@@ -769,7 +771,7 @@ async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
             .unwrap();
         assert!(
             ok && out.contains("all checks passed"),
-            "{shards} shard(s), up {up:?}, down {down:?} (asyncpg is installed by scripts/setup-debian.sh):\n{out}"
+            "{shards} shard(s), two-phase commit {two_phase}, up {up:?}, down {down:?} (asyncpg is installed by scripts/setup-debian.sh):\n{out}"
         );
         // A Parse arriving alone (asyncpg without its statement cache
         // writes it on its own, then Bind, Execute, Sync) is planned with

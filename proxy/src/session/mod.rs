@@ -645,7 +645,8 @@ impl Session {
             // A BEGIN opening a unit acted on before its Sync (psycopg's
             // pipeline mode with autocommit off): held, so the rest runs in
             // the transaction as a pipeline that other shards may join
-            // (`runs_as_pipeline`).
+            // (`runs_as_pipeline`), or, when it only reads, on a replica
+            // while its shard's primary is down.
             return Ok(());
         }
         let Some(shard) = self
@@ -707,14 +708,16 @@ impl Session {
                 // as it would have on the primary. So it goes for a unit
                 // acted on before its Sync (a Flush after an Execute),
                 // whose rest may write, and for the first statement of a
-                // transaction (BEGIN held), which then runs read-only on
-                // the replica (`begins_on_standby`).
+                // transaction (BEGIN held; its unit complete or acted on at
+                // a Flush, as psycopg's pipeline with autocommit off sends
+                // it), which then runs read-only on the replica
+                // (`begins_on_standby`).
                 let read = target == shardline_router::Target::Replica
                     || (writes
                         && planned.reads_only
                         && self.mode() == PoolMode::Transaction
                         && if self.txn.has_begin() {
-                            planned.complete && self.begins_on_standby()
+                            self.begins_on_standby()
                         } else {
                             !planned.complete
                         });

@@ -830,7 +830,18 @@ impl Session {
                 }),
                 _ => None,
             };
-            if let Some(s) = first {
+            // A transaction whose first part only reads, on a shard whose
+            // primary is down, begins on a replica as on one connection
+            // (read-only there, `UnitFacts::deferred_begin`): the
+            // pipeline's legs would be the transaction's, on primaries.
+            let on_replica = |s: usize| {
+                self.server.is_none()
+                    && self.txn.has_begin()
+                    && !routes.is_empty()
+                    && routes.iter().all(|r| r.class == Class::Read)
+                    && self.shared.topology.shards[s].writer().is_err()
+            };
+            if let Some(s) = first.filter(|&s| !on_replica(s)) {
                 place = Placement::Pipeline(shardline_router::sharding::mask_of(s));
             }
         }

@@ -120,7 +120,16 @@ impl Session {
             self.register_parses(&unit.frames)?;
         }
         let shards: Vec<usize> = unit.parts.iter().map(|(s, _)| *s).collect();
-        let (mut legs, begin) = match self.take_legs(&shards, (target, false), in_txn).await {
+        // A read run ahead of a transaction whose BEGIN is held (`mod.rs::
+        // read_ahead_of_transaction`) is meant for the primaries, and
+        // served by a replica where one is down, as the transaction's
+        // first read on one shard would be (`begins_on_standby`).
+        let read = !writes
+            && !in_txn
+            && planned.reads_only
+            && self.txn.has_begin()
+            && self.begins_on_standby();
+        let (mut legs, begin) = match self.take_legs(&shards, (target, read), in_txn).await {
             Ok(x) => x,
             Err(e) => return self.fail_unit(e, simple),
         };
