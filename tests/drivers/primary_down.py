@@ -16,8 +16,9 @@ SQLAlchemy's ORM on asyncpg and psycopg2 (each opens a transaction before
 its first statement) must read every key; psycopg 3's pipeline mode fetching
 each read must read every key in one pipeline (the shards it needs joining
 as it goes, a replica serving where the primary is down), and a write after
-those reads must succeed on an up shard and fail where the primary is down,
-leaving nothing; with autocommit off, such a pipeline's transaction whose
+those reads must succeed on an up shard (sending none of the user's reads to
+a primary: the admin console's SHOW READ_YOUR_WRITES) and fail where the
+primary is down, leaving nothing; with autocommit off, such a pipeline's transaction whose
 first read is where the primary is down must begin on a replica (a write in
 it fails with 25006), and one on an up shard on its primary. Prints "all
 checks passed".
@@ -25,6 +26,7 @@ checks passed".
 
 import asyncio
 import sys
+import time
 
 import asyncpg
 
@@ -170,12 +172,31 @@ def psycopg_pipeline(url, up, down):
                 assert row == [(f"user {k}",)], ("psycopg pipeline", k, row)
         print("ok psycopg pipeline reads of every key, fetched one by one")
         if up:
+            # The user's reads of no shard are sent to a primary for a
+            # while (read-your-writes with a write's position unknown):
+            # asked of the admin console before and after.
+            console = url.rsplit("/", 1)[0] + "/shardline"
+
+            def primary_windows():
+                with psycopg.connect(console, autocommit=True) as admin:
+                    rows = admin.execute("SHOW READ_YOUR_WRITES").fetchall()
+                return [r for r in rows if int(r[4]) > 0]
+
+            for _ in range(100):
+                if not primary_windows():
+                    break
+                time.sleep(0.05)
             with conn.pipeline(), conn.cursor() as cur:
                 for k in down + up[:1]:
                     cur.execute(read, (k,))
                     cur.fetchall()
                 cur.execute("UPDATE users SET name = name WHERE id = %s RETURNING id", (up[0],))
                 assert cur.fetchall() == [(up[0],)]
+            # The reads' legs on the down shard's replica wrote nothing: no
+            # position is asked of them (it fails on a standby, and the
+            # user's reads of that shard would wait for its primary).
+            windows = primary_windows()
+            assert not windows, ("reads sent to a primary after a pipeline that read on a replica", windows)
             print("ok psycopg pipeline reads, then a write where the primary is up")
         try:
             with conn.pipeline(), conn.cursor() as cur:

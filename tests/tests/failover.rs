@@ -709,7 +709,7 @@ async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
             // check on a busy machine gets time to answer (banned, the
             // reads it serves would go to the primary that is down).
             extra_toml: format!(
-                "[health]\ninterval = \"200ms\"\ntimeout = \"5s\"\nban_time = \"1s\"\n{}",
+                "[health]\ninterval = \"200ms\"\ntimeout = \"5s\"\nban_time = \"1s\"\n[admin]\nusers = [\"app\"]\n{}",
                 if shards > 1 {
                     format!("[sharding]\nfunction = \"consistent\"\ntwo_phase_commit = {two_phase}\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n")
                 } else {

@@ -53,6 +53,11 @@ pub(super) struct Leg {
     /// The session's attached connection before the unit: attached again
     /// after it (`Session::park_legs`).
     pub(super) attached: bool,
+    /// Borrowed on a replica (a read served there while its primary is
+    /// down): nothing is written through it, so no WAL position is asked
+    /// of it (the query fails on a standby, and an unknown position sends
+    /// the user's reads of the shard to its primary for a while).
+    pub(super) replica: bool,
 }
 
 impl Leg {
@@ -67,6 +72,7 @@ impl Leg {
             done: true,
             joins: None,
             attached: false,
+            replica: false,
         }
     }
 

@@ -85,6 +85,7 @@ impl Session {
             self.fill_on(placed);
             let mut leg = Leg::parked(shard, node, conn);
             leg.done = false;
+            leg.replica = placed == Target::Replica;
             legs.push(leg);
         }
         self.cancels_reach(&legs);

@@ -323,9 +323,10 @@ impl Session {
 
     /// Read-your-writes after a unit that wrote on several shards: each
     /// shard's WAL position (or the primary window), before the client is
-    /// told the unit is done, so its next reads see the rows.
+    /// told the unit is done, so its next reads see the rows. Not of a leg
+    /// on a replica (`Leg::replica`): it only read.
     pub(super) async fn remember_writes(&mut self, legs: &mut [Leg]) {
-        for leg in legs.iter_mut().filter(|l| l.done) {
+        for leg in legs.iter_mut().filter(|l| l.done && !l.replica) {
             self.remember_write(leg.shard, &mut leg.conn).await;
         }
     }
