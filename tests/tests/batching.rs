@@ -34,11 +34,24 @@ async fn two_shards_with(sharding: &str) -> (Env, Sharding) {
     shards_with(2, sharding).await
 }
 
+/// `SHARDING` with two-phase commit: transactions may span shards.
+fn two_phase() -> String {
+    SHARDING.replace(
+        "function = \"consistent\"",
+        "function = \"consistent\"\ntwo_phase_commit = true",
+    )
+}
+
 /// `shards` shards with `sharding`, and the table `users` through the proxy.
 async fn shards_with(shards: usize, sharding: &str) -> (Env, Sharding) {
+    replicated_shards_with(shards, 0, sharding).await
+}
+
+/// As `shards_with`, each shard with `replicas` streaming replicas.
+async fn replicated_shards_with(shards: usize, replicas: usize, sharding: &str) -> (Env, Sharding) {
     let env = Env::start_with(EnvOptions {
         shards,
-        replicas_per_shard: 0,
+        replicas_per_shard: replicas,
         extra_toml: sharding.into(),
         ..EnvOptions::default()
     })
@@ -1226,11 +1239,7 @@ fn status(r: &[RawMessage]) -> u8 {
 /// an error on a shard that joined fails the whole transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_at_a_flush_takes_other_shards_into_the_client_transaction() {
-    let (env, sh) = two_shards_with(&SHARDING.replace(
-        "function = \"consistent\"",
-        "function = \"consistent\"\ntwo_phase_commit = true",
-    ))
-    .await;
+    let (env, sh) = two_shards_with(&two_phase()).await;
     let on = |s: usize| keys_on(&sh, s, 6);
     let (a, b) = (on(0), on(1));
     let row = |k: i64| bind("ins", &[(0, Some(&text(k))), (0, Some(b"x"))], 0);
@@ -1321,11 +1330,7 @@ async fn a_pipeline_at_a_flush_takes_other_shards_into_the_client_transaction() 
 /// read), begins the transaction on every shard the unit needs.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pipelines_and_merged_reads_join_the_client_transaction() {
-    let (env, sh) = two_shards_with(&SHARDING.replace(
-        "function = \"consistent\"",
-        "function = \"consistent\"\ntwo_phase_commit = true",
-    ))
-    .await;
+    let (env, sh) = two_shards_with(&two_phase()).await;
     let on = |s: usize| keys_on(&sh, s, 4);
     let (a, b) = (on(0), on(1));
     let mut c = RawClient::login(env.port).await.unwrap();
@@ -1512,11 +1517,7 @@ fn ids(r: &[RawMessage]) -> Vec<i64> {
 /// earlier and bound alone, in binary, and inside a transaction.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn multi_row_inserts_with_parameters_are_split_by_shard() {
-    let (env, sh) = two_shards_with(&SHARDING.replace(
-        "function = \"consistent\"",
-        "function = \"consistent\"\ntwo_phase_commit = true",
-    ))
-    .await;
+    let (env, sh) = two_shards_with(&two_phase()).await;
     let mut c = RawClient::login(env.port).await.unwrap();
     let statement = |n: usize| {
         let rows: Vec<String> = (0..n)
@@ -1884,24 +1885,7 @@ async fn a_parse_that_failed_on_a_shard_is_prepared_again() {
 /// for the other shard into it instead of refusing it (0A000).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pipeline_arriving_behind_a_rollback_takes_other_shards() {
-    let env = Env::start_with(EnvOptions {
-        shards: 2,
-        replicas_per_shard: 1,
-        extra_toml: SHARDING.replace(
-            "function = \"consistent\"",
-            "function = \"consistent\"\ntwo_phase_commit = true",
-        ),
-        ..EnvOptions::default()
-    })
-    .await
-    .unwrap();
-    let c = env.connect().await;
-    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
-        .await
-        .unwrap();
-    drop(c);
-    let config = Config::from_toml(&env.config_text, "t").unwrap();
-    let sh = Sharding::from_config(&config);
+    let (env, sh) = replicated_shards_with(2, 1, &two_phase()).await;
     let on = |s: usize| keys_on(&sh, s, 3);
     let (a, b) = (on(0), on(1));
     let mut c = RawClient::login(env.port).await.unwrap();

@@ -954,57 +954,62 @@ async fn a_rolled_back_transaction_asks_no_position() {
         .await
         .unwrap();
     // By the simple protocol.
-    for statement in ["BEGIN", "INSERT INTO undone VALUES (1)", "ROLLBACK"] {
-        c.batch_execute(statement).await.unwrap();
-    }
+    undone_transaction(&c, false, 1, false, "ROLLBACK").await;
     assert_eq!(last(), "ROLLBACK", "simple protocol");
     // By the extended protocol (Parse/Describe/Sync, then Bind/Execute/Sync).
-    c.execute("BEGIN", &[]).await.unwrap();
-    c.execute("INSERT INTO undone VALUES ($1)", &[&2i32])
-        .await
-        .unwrap();
-    c.execute("ROLLBACK", &[]).await.unwrap();
+    undone_transaction(&c, true, 2, false, "ROLLBACK").await;
     assert_eq!(last(), "ROLLBACK", "extended protocol");
     // A COMMIT of a failed transaction rolls it back.
-    c.batch_execute("BEGIN").await.unwrap();
-    c.batch_execute("INSERT INTO undone VALUES (3)")
-        .await
-        .unwrap();
-    c.batch_execute("SELECT 1/0").await.unwrap_err();
-    c.batch_execute("COMMIT").await.unwrap();
+    undone_transaction(&c, false, 3, true, "COMMIT").await;
     assert_eq!(last(), "COMMIT", "a failed transaction's COMMIT");
-    c.execute("BEGIN", &[]).await.unwrap();
-    c.execute("INSERT INTO undone VALUES ($1)", &[&4i32])
-        .await
-        .unwrap();
-    c.execute("SELECT 1/0", &[]).await.unwrap_err();
-    c.execute("COMMIT", &[]).await.unwrap();
+    undone_transaction(&c, true, 4, true, "COMMIT").await;
     assert_eq!(last(), "COMMIT", "the same by the extended protocol");
     assert_eq!(env.sql("SELECT count(*) FROM undone"), "0");
     // A committed transaction still asks, by either protocol.
-    for statement in ["BEGIN", "INSERT INTO undone VALUES (5)", "COMMIT"] {
-        c.batch_execute(statement).await.unwrap();
-    }
+    undone_transaction(&c, false, 5, false, "COMMIT").await;
     assert!(last().contains("pg_current_wal"), "simple: {}", last());
-    c.execute("BEGIN", &[]).await.unwrap();
-    c.execute("INSERT INTO undone VALUES ($1)", &[&6i32])
-        .await
-        .unwrap();
-    c.execute("COMMIT", &[]).await.unwrap();
+    undone_transaction(&c, true, 6, false, "COMMIT").await;
     assert!(last().contains("pg_current_wal"), "extended: {}", last());
     // And the reads after a rollback are served (from the replica, once
     // it has the commits).
-    c.execute("BEGIN", &[]).await.unwrap();
-    c.execute("INSERT INTO undone VALUES ($1)", &[&7i32])
-        .await
-        .unwrap();
-    c.execute("ROLLBACK", &[]).await.unwrap();
+    undone_transaction(&c, true, 7, false, "ROLLBACK").await;
     let rows = c
         .query("SELECT id FROM undone ORDER BY id", &[])
         .await
         .unwrap();
     let ids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(ids, [5, 6]);
+}
+
+/// BEGIN, a row `id` into `undone`, a failing statement when `fail`, then
+/// `end`: by the simple protocol, or the extended one (tokio-postgres:
+/// Parse/Describe/Sync, then Bind/Execute/Sync).
+async fn undone_transaction(
+    c: &tokio_postgres::Client,
+    extended: bool,
+    id: i32,
+    fail: bool,
+    end: &str,
+) {
+    if extended {
+        c.execute("BEGIN", &[]).await.unwrap();
+        c.execute("INSERT INTO undone VALUES ($1)", &[&id])
+            .await
+            .unwrap();
+        if fail {
+            c.execute("SELECT 1/0", &[]).await.unwrap_err();
+        }
+        c.execute(end, &[]).await.unwrap();
+    } else {
+        c.batch_execute("BEGIN").await.unwrap();
+        c.batch_execute(&format!("INSERT INTO undone VALUES ({id})"))
+            .await
+            .unwrap();
+        if fail {
+            c.batch_execute("SELECT 1/0").await.unwrap_err();
+        }
+        c.batch_execute(end).await.unwrap();
+    }
 }
 
 /// Each statement text is routed (shaped and looked up in the router's

@@ -813,6 +813,7 @@ impl Session {
                 };
             }
         }
+        let reads_only = !routes.is_empty() && routes.iter().all(|r| r.class == Class::Read);
         if flushed && !complete && self.runs_as_pipeline(&routes) {
             // Asked for results before its Sync: run as a pipeline
             // (`pipeline.rs`), so that a later part may need another shard
@@ -837,8 +838,7 @@ impl Session {
             let on_replica = |s: usize| {
                 self.server.is_none()
                     && self.txn.has_begin()
-                    && !routes.is_empty()
-                    && routes.iter().all(|r| r.class == Class::Read)
+                    && reads_only
                     && self.shared.topology.shards[s].writer().is_err()
             };
             if let Some(s) = first.filter(|&s| !on_replica(s)) {
@@ -881,7 +881,6 @@ impl Session {
                 executes: true,
             };
         }
-        let reads_only = !routes.is_empty() && routes.iter().all(|r| r.class == Class::Read);
         let plan = plan_unit(&UnitFacts {
             routes: &routes,
             simple_single,
