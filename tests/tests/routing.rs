@@ -930,8 +930,12 @@ async fn positions_are_asked_only_where_replicas_read() {
 /// behind the ROLLBACK and hold the reply for it (a round trip for the
 /// client, a query for the primary). By the simple and the extended
 /// protocol, and a COMMIT of a failed transaction (which rolls back);
-/// a committed one still asks. Seen on the server: the last query of the
-/// pool's one connection to the primary.
+/// a committed one still asks. Also when the client sends its statements
+/// in one write, the COMMIT before the failing statement's answer (as
+/// tokio-postgres may): the proxy then sends the COMMIT while the
+/// transaction still looks open, and decides at its answer, which the
+/// server gives as ROLLBACK. Seen on the server: the last query of the
+/// primary's connection last used.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_rolled_back_transaction_asks_no_position() {
     let env = Env::start_with(EnvOptions {
@@ -946,7 +950,8 @@ async fn a_rolled_back_transaction_asks_no_position() {
         env.sql_on(
             0,
             "SELECT query FROM pg_stat_activity WHERE datname = 'app' AND backend_type = 'client backend' \
-             AND usename = 'app' AND application_name <> 'shardline-health'",
+             AND usename = 'app' AND application_name <> 'shardline-health' \
+             ORDER BY state_change DESC LIMIT 1",
         )
     };
     let c = env.connect().await;
@@ -979,6 +984,43 @@ async fn a_rolled_back_transaction_asks_no_position() {
         .unwrap();
     let ids: Vec<i32> = rows.iter().map(|r| r.get(0)).collect();
     assert_eq!(ids, [5, 6]);
+    // Every statement in one write, by either protocol.
+    let mut raw = shardline_tests::RawClient::login(env.port).await.unwrap();
+    for (extended, id, fail, end, asks) in [
+        (false, 11, true, "COMMIT", false),
+        (true, 12, true, "COMMIT", false),
+        (false, 13, false, "ROLLBACK", false),
+        (true, 14, false, "ROLLBACK", false),
+        (false, 15, false, "COMMIT", true),
+        (true, 16, false, "COMMIT", true),
+    ] {
+        let insert = format!("INSERT INTO undone VALUES ({id})");
+        let mut statements = vec!["BEGIN", &insert];
+        if fail {
+            statements.push("SELECT 1/0");
+        }
+        statements.push(end);
+        let write: Vec<Vec<u8>> = statements
+            .iter()
+            .flat_map(|sql| match extended {
+                true => shardline_tests::wire::unit(sql),
+                false => vec![shardline_tests::wire::query(sql)],
+            })
+            .collect();
+        raw.send(&write.concat()).await.unwrap();
+        for _ in &statements {
+            raw.until_ready().await.unwrap();
+        }
+        let what = format!("{end} in one write (extended {extended}, failed {fail})");
+        match asks {
+            true => assert!(last().contains("pg_current_wal"), "{what}: {}", last()),
+            false => assert_eq!(last(), end, "{what}"),
+        }
+    }
+    assert_eq!(
+        env.sql("SELECT string_agg(id::text, ',' ORDER BY id) FROM undone"),
+        "5,6,15,16"
+    );
 }
 
 /// BEGIN, a row `id` into `undone`, a failing statement when `fail`, then

@@ -797,7 +797,7 @@ impl Session {
     /// transaction (a commit's ReadyForQuery took the position, or a guard
     /// for it, `server.rs`), so no position is asked at its end. A guard
     /// taken earlier still needs its position: the writes stay noted.
-    fn forget_discarded_writes(&mut self) {
+    pub(super) fn forget_discarded_writes(&mut self) {
         if self.position_pending.is_none() {
             self.wrote = false;
         }

@@ -111,6 +111,27 @@ const UNIT_HOLD: usize = 1024 * 1024;
 /// being gathered can always reach the point where it is acted on.
 const CLIENT_IN_LIMIT: usize = 2 * UNIT_HOLD;
 
+/// The commands the unit now answering completed, as its server reported
+/// them: a unit whose one completion is ROLLBACK (a lone ROLLBACK, or a
+/// COMMIT of a failed transaction, which the server answers so) committed
+/// nothing, whatever the client's text looked like when it was sent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(super) enum Completed {
+    Nothing,
+    Rollback,
+    Other,
+}
+
+impl Completed {
+    /// After one more completion, ROLLBACK or not.
+    fn then(self, rollback: bool) -> Completed {
+        match self {
+            Completed::Nothing if rollback => Completed::Rollback,
+            _ => Completed::Other,
+        }
+    }
+}
+
 /// Whether a unit may run on the attached server.
 pub(super) enum Fit {
     Yes,
@@ -190,6 +211,8 @@ pub struct Session {
     txn_effects: Vec<Effect>,
     /// An error occurred since the last ReadyForQuery.
     unit_failed: bool,
+    /// The commands completed since the last ReadyForQuery.
+    completed: Completed,
     /// The client's named statements. Looked up on every Bind, so hashed
     /// with foldhash (seeded per session) rather than SipHash, which cost
     /// about 200 instructions per look-up of a short name.
@@ -304,6 +327,7 @@ impl Session {
             pending: VecDeque::with_capacity(16),
             txn_effects: Vec::new(),
             unit_failed: false,
+            completed: Completed::Nothing,
             statements: HashMap::default(),
             described: HashMap::new(),
             portal_effects: HashMap::new(),
@@ -1090,6 +1114,7 @@ impl Session {
             self.txn_effects.clear();
             self.inflow = Inflow::Open;
             self.unit_failed = false;
+            self.completed = Completed::Nothing;
             self.unit.close();
             self.wrote = false;
             let mut again = sent;
@@ -1118,6 +1143,7 @@ impl Session {
         // The server may have said why before closing (e.g. FATAL 57P01); one error per unit.
         let mut reported = self.unit_failed;
         self.unit_failed = false;
+        self.completed = Completed::Nothing;
         if sync_points == 0 && self.unit.is_open() {
             // Mid-unit (answers read up to a Flush): the error ends the
             // unit, as the server's would; the rest is skipped to its Sync.

@@ -4,7 +4,7 @@
 
 use super::pending::{skip_to_sync, Answer, Kind, Pending};
 use super::unit::Inflow;
-use super::{End, Session};
+use super::{Completed, End, Session};
 use crate::protocol::backend::{self, sqlstate, PgError};
 use crate::protocol::peek_header;
 use bytes::Buf;
@@ -162,6 +162,7 @@ impl Session {
         if changes_session_state(command_tag(body)) {
             return None;
         }
+        self.completed = Completed::Other;
         match &front.kind {
             Kind::Query { effects } if effects.is_empty() => Some(false),
             Kind::Execute { effect: None } => Some(true),
@@ -240,6 +241,9 @@ impl Session {
             }
         }
         let survives = tag == ERROR_RESPONSE && self.client_session_survives();
+        if tag == READY_FOR_QUERY {
+            self.forget_rolled_back_writes(&msg[5..]);
+        }
         let hold = tag == READY_FOR_QUERY && self.holds_reply(&msg[5..]);
         let client_status = match msg.get(5) {
             Some(&status) if tag == READY_FOR_QUERY => Some(self.txn.client_status(status)),
@@ -393,6 +397,30 @@ impl Session {
             && self
                 .attached_shard()
                 .is_some_and(|shard| self.learns_positions(shard))
+    }
+
+    /// At the ReadyForQuery (`body`) of a unit whose one completion was
+    /// ROLLBACK (a lone ROLLBACK, or a COMMIT the server turned into one
+    /// because the transaction had failed): when no other unit of the
+    /// client's is in flight, the writes noted are those rolled back (every
+    /// earlier unit is answered, and a commit among them took a position
+    /// guard, which keeps them noted), so no position is asked for them.
+    /// Decided here, on the server's word, and not when the unit was sent:
+    /// a client that sends its COMMIT before the failed statement's
+    /// ReadyForQuery is read sends it while the transaction still looks
+    /// open (`client.rs::position_query_with` only sees an idle session).
+    fn forget_rolled_back_writes(&mut self, body: &[u8]) {
+        let completed = std::mem::replace(&mut self.completed, Completed::Nothing);
+        if completed == Completed::Rollback
+            && body.first() == Some(&b'I')
+            && self.pending.len() == 1
+            && self
+                .pending
+                .front()
+                .is_some_and(|p| p.answer == Answer::Forward && p.is_sync_point())
+        {
+            self.forget_discarded_writes();
+        }
     }
 
     /// Sends the position query for the commit just answered, with the
@@ -553,6 +581,7 @@ impl Session {
     ) {
         // (The tags matched below are those `changes_session_state`
         // names: a completion without one may skip this, `answers_plainly`.)
+        self.completed = self.completed.then(tag == b"ROLLBACK");
         match tag {
             _ if !changes_session_state(tag) => {}
             b"COMMIT" => {
@@ -649,6 +678,20 @@ fn downgrade_fatal(msg: &mut [u8]) {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn only_a_unit_whose_one_completion_is_rollback_rolled_back() {
+        use super::Completed;
+        let after =
+            |rollbacks: &[bool]| rollbacks.iter().fold(Completed::Nothing, |c, &r| c.then(r));
+        assert_eq!(after(&[]), Completed::Nothing);
+        assert_eq!(after(&[true]), Completed::Rollback);
+        // `INSERT; ROLLBACK`, `ROLLBACK; INSERT`, `COMMIT; ... ROLLBACK`:
+        // what else ran is not known to be undone.
+        assert_eq!(after(&[false, true]), Completed::Other);
+        assert_eq!(after(&[true, false]), Completed::Other);
+        assert_eq!(after(&[true, true]), Completed::Other);
+    }
+
     #[test]
     fn the_position_is_read_from_one_text_column() {
         let row = |value: Option<&[u8]>| {
