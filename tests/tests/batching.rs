@@ -1929,3 +1929,58 @@ async fn a_pipeline_arriving_behind_a_rollback_takes_other_shards() {
     }
     assert_eq!(shardline_tests::audit_users(&env, &sh, 2).len(), 4);
 }
+
+/// A Flush the client sends with the end of a transaction on several
+/// shards (psycopg sends Sync and Flush at the end of a pipeline, then its
+/// ROLLBACK) leaves nothing behind: it reached no connection, and the
+/// connection borrowed next (a replica, for a DEALLOCATE ALL the proxy
+/// answers itself, as psycopg sends after a failed pipeline) goes back to
+/// its pool. Before, the Flush stayed queued, went to that replica, and
+/// kept it attached (nothing answers a Flush): the next transaction began
+/// there, and its writes failed (25006) or were refused for another shard
+/// (0A000).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flush_at_the_end_of_a_transaction_keeps_no_connection() {
+    let (env, sh) = replicated_shards_with(2, 1, &two_phase()).await;
+    env.wait_healthy().await;
+    let on = |s: usize| keys_on(&sh, s, 3);
+    let (a, b) = (on(0), on(1));
+    let mut c = RawClient::login(env.port).await.unwrap();
+    for round in 0..2 {
+        let r = c.exchange(&[query("BEGIN")]).await.unwrap();
+        assert_eq!(status(&r), b'T');
+        for k in [a[0], b[0]] {
+            let insert = format!("INSERT INTO users (id, name) VALUES ({k}, 'undone')");
+            let r = c.exchange(&[query(&insert)]).await.unwrap();
+            assert_eq!(status(&r), b'T', "{r:?}");
+        }
+        let r = c.exchange(&[flush(), query("ROLLBACK")]).await.unwrap();
+        assert_eq!((tags(&r), status(&r)), (b"CZ".to_vec(), b'I'), "{r:?}");
+        let r = c.exchange(&[query("DEALLOCATE ALL")]).await.unwrap();
+        assert_eq!(tags(&r), b"CZ", "{r:?}");
+        // psycopg's BEGIN in a pipeline: a unit of its own.
+        let r = c
+            .exchange(&[
+                parse("", "BEGIN", &[]),
+                bind("", &[], 0),
+                describe(b'P', ""),
+                execute(),
+                sync(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(status(&r), b'T', "{r:?}");
+        for k in [a[1 + round], b[1 + round]] {
+            let insert = format!("INSERT INTO users (id, name) VALUES ({k}, 'kept')");
+            let r = c.exchange(&[query(&insert)]).await.unwrap();
+            assert_eq!(
+                (tags(&r), status(&r)),
+                (b"CZ".to_vec(), b'T'),
+                "round {round}, key {k}: {r:?}"
+            );
+        }
+        let r = c.exchange(&[query("COMMIT")]).await.unwrap();
+        assert_eq!((tags(&r), status(&r)), (b"CZ".to_vec(), b'I'), "{r:?}");
+    }
+    assert_eq!(audit(&env, &sh), 4);
+}

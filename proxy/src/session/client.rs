@@ -641,7 +641,12 @@ impl Session {
                 Ok(())
             }
             frontend::FLUSH => {
-                if self.server.is_some() {
+                // Only while the server owes answers: with none, it has
+                // nothing to flush, and a Flush queued then may outlive
+                // the connection it was meant for (taken by a transaction
+                // on several shards ending) and keep the next one attached
+                // (nothing answers it, so nothing releases it).
+                if self.server.is_some() && super::pending::awaits_server(&self.pending) {
                     self.server_out.extend_from_slice(bytes);
                 }
                 Ok(())

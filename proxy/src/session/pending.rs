@@ -161,6 +161,14 @@ pub fn owed_replies(queue: &VecDeque<Pending>) -> usize {
     owed(&roles)
 }
 
+/// Whether the server still owes an answer to an entry of `queue` (the
+/// proxy's own answers, `Synthetic`, are not the server's).
+pub fn awaits_server(queue: &VecDeque<Pending>) -> bool {
+    queue
+        .iter()
+        .any(|p| !matches!(p.kind, Kind::Synthetic(_) | Kind::CopyEnd))
+}
+
 /// What an entry means for the replies a client waits for.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 enum Role {
@@ -213,6 +221,17 @@ mod tests {
             "{} bytes",
             std::mem::size_of::<Pending>()
         );
+    }
+
+    #[test]
+    fn only_the_servers_answers_are_awaited() {
+        let mut q = VecDeque::new();
+        assert!(!awaits_server(&q));
+        q.push_back(Pending::forward(Kind::Synthetic(Synthetic::ReadyForQuery)));
+        q.push_back(Pending::forward(Kind::CopyEnd));
+        assert!(!awaits_server(&q), "the proxy's own answers");
+        q.push_back(Pending::swallow(Kind::Sync));
+        assert!(awaits_server(&q), "the proxy's own Sync is answered");
     }
 
     #[test]
