@@ -405,6 +405,31 @@ async fn read_your_writes_primary_window() {
     assert_eq!(read_after_write("primary_window").await, (10, 0));
 }
 
+/// Under `primary_window`, a write committed by a unit the client sent
+/// in one write with a ROLLBACK behind it (outside any transaction, so it
+/// undoes nothing) still sends the user's reads to the primary: the
+/// ROLLBACK's answer forgets the writes noted only where each commit took
+/// a position of its own (`lsn`).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_write_sent_with_a_rollback_keeps_its_primary_window() {
+    use shardline_tests::{wire::query, RawClient};
+    let toml = "[health]\ninterval = \"200ms\"\nmax_replica_lag = \"1h\"\nmax_replica_lag_bytes = 1000000000\n\
+         [load_balancing]\nread_your_writes = \"primary_window\"\nprimary_window = \"30s\"\n";
+    let env = delayed_replicas(toml, "5s").await;
+    let reader = env.connect_as("trustclient", "unused").await.unwrap();
+    let mut raw = RawClient::login(env.port).await.unwrap();
+    raw.send(&[query("INSERT INTO kv VALUES (1, 1)"), query("ROLLBACK")].concat())
+        .await
+        .unwrap();
+    raw.until_ready().await.unwrap();
+    raw.until_ready().await.unwrap();
+    let found = reader
+        .query_opt("SELECT v FROM kv WHERE k = 1", &[])
+        .await
+        .unwrap();
+    assert!(found.is_some(), "read by a replica behind the write");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn read_your_writes_off_reads_stale_data() {
     let (_, stale) = read_after_write("off").await;

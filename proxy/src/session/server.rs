@@ -405,6 +405,9 @@ impl Session {
     /// client's is in flight, the writes noted are those rolled back (every
     /// earlier unit is answered, and a commit among them took a position
     /// guard, which keeps them noted), so no position is asked for them.
+    /// Only where commits take that guard (`learns_positions`): elsewhere
+    /// a commit pipelined ahead of the ROLLBACK is noted by `wrote` alone
+    /// until the connection is released (`primary_window`).
     /// Decided here, on the server's word, and not when the unit was sent:
     /// a client that sends its COMMIT before the failed statement's
     /// ReadyForQuery is read sends it while the transaction still looks
@@ -414,6 +417,9 @@ impl Session {
         if completed == Completed::Rollback
             && body.first() == Some(&b'I')
             && self.pending.len() == 1
+            && self
+                .attached_shard()
+                .is_some_and(|shard| self.learns_positions(shard))
             && self
                 .pending
                 .front()
