@@ -1959,16 +1959,7 @@ async fn a_flush_at_the_end_of_a_transaction_keeps_no_connection() {
         let r = c.exchange(&[query("DEALLOCATE ALL")]).await.unwrap();
         assert_eq!(tags(&r), b"CZ", "{r:?}");
         // psycopg's BEGIN in a pipeline: a unit of its own.
-        let r = c
-            .exchange(&[
-                parse("", "BEGIN", &[]),
-                bind("", &[], 0),
-                describe(b'P', ""),
-                execute(),
-                sync(),
-            ])
-            .await
-            .unwrap();
+        let r = c.exchange(&wire::unit("BEGIN")).await.unwrap();
         assert_eq!(status(&r), b'T', "{r:?}");
         for k in [a[1 + round], b[1 + round]] {
             let insert = format!("INSERT INTO users (id, name) VALUES ({k}, 'kept')");
