@@ -1360,11 +1360,18 @@ impl Session {
             && self.shared.topology.shards[shard].nodes.len() > 1
     }
 
+    /// Whether a write on the attached connection's shard has its WAL
+    /// position learned (`learns_positions`); nothing attached: no.
+    pub(super) fn learns_positions_here(&self) -> bool {
+        self.attached_shard()
+            .is_some_and(|shard| self.learns_positions(shard))
+    }
+
     /// Marks a commit on the attached shard whose position is to be learned
     /// (`lsn` read-your-writes only).
     pub(super) fn position_guard(&self) -> Option<crate::PositionPending> {
         let shard = self.attached_shard()?;
-        self.learns_positions(shard).then(|| {
+        self.learns_positions_here().then(|| {
             crate::PositionPending::new(self.login.user.clone(), shard, self.shared.ban_time)
         })
     }

@@ -394,9 +394,7 @@ impl Session {
                 p.answer == Answer::Forward && matches!(p.kind, Kind::Sync | Kind::Query { .. })
             })
             && self.mode() == shardline_config::PoolMode::Transaction
-            && self
-                .attached_shard()
-                .is_some_and(|shard| self.learns_positions(shard))
+            && self.learns_positions_here()
     }
 
     /// At the ReadyForQuery (`body`) of a unit whose one completion was
@@ -417,9 +415,7 @@ impl Session {
         if completed == Completed::Rollback
             && body.first() == Some(&b'I')
             && self.pending.len() == 1
-            && self
-                .attached_shard()
-                .is_some_and(|shard| self.learns_positions(shard))
+            && self.learns_positions_here()
             && self
                 .pending
                 .front()
