@@ -460,6 +460,52 @@ async fn discard_all_and_deallocate() {
         .unwrap();
 }
 
+/// The client's prepared statements live in the proxy, so DEALLOCATE of
+/// them (psycopg sends DEALLOCATE ALL after every failed pipeline) is
+/// answered without a server: here with the only server stopped. A name
+/// the proxy does not know still goes to a server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn deallocating_client_statements_needs_no_server() {
+    use shardline_tests::wire::{parse, query, sync};
+    use shardline_tests::{error_code, tags, RawClient};
+    let env = Env::primaries(1).await;
+    let mut c = RawClient::login(env.port).await.unwrap();
+    for name in ["s1", "s2"] {
+        let r = c
+            .exchange(&[parse(name, "SELECT 1", &[]), sync()])
+            .await
+            .unwrap();
+        assert_eq!(tags(&r), b"1Z", "{r:?}");
+    }
+    env.backend.stop_node(0, "immediate").unwrap();
+    // What needs a server fails (the first time on the pooled connection
+    // the stop closed, which goes with it; then no connection opens).
+    let fails = |r: &mut Vec<shardline_tests::RawMessage>, sql: &str| {
+        // (The server's notice of its shutdown may come first.)
+        r.retain(|m| m.0 != b'N');
+        assert_eq!(tags(r), b"EZ", "{sql}: {r:?}");
+        let code = error_code(&r[0].1);
+        assert!(code.starts_with("08") || code == "57P03", "{sql}: {code}");
+    };
+    for sql in ["SELECT 1", "SELECT 2"] {
+        fails(&mut c.exchange(&[query(sql)]).await.unwrap(), sql);
+    }
+    for (sql, tag) in [
+        ("DEALLOCATE s1", "DEALLOCATE"),
+        ("  deallocate prepare s2;", "DEALLOCATE"),
+        ("DEALLOCATE ALL", "DEALLOCATE ALL"),
+    ] {
+        let r = c.exchange(&[query(sql)]).await.unwrap();
+        assert_eq!(tags(&r), b"CZ", "{sql}: {r:?}");
+        assert_eq!(r[0].1, format!("{tag}\0").as_bytes(), "{sql}");
+    }
+    // A name it does not know is a server's to answer.
+    fails(
+        &mut c.exchange(&[query("DEALLOCATE s1")]).await.unwrap(),
+        "again",
+    );
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn listen_needs_session_pooling() {
     let env = Env::start().await.unwrap();

@@ -324,10 +324,11 @@ impl Session {
         )
     }
 
-    /// `SET shardline.role|shard|sharding_key = ...` / `RESET ...` as a
-    /// query of its own: the proxy's settings, answered here. Returns
-    /// whether it was one.
-    pub(super) fn take_proxy_setting(&mut self) -> Result<bool, End> {
+    /// A query the proxy answers alone, taken before a connection is
+    /// borrowed for it: `SET shardline.role|shard|sharding_key = ...` /
+    /// `RESET ...` / `SHOW ...` (the proxy's settings), or a DEALLOCATE of
+    /// the client's statements. Returns whether it was one.
+    pub(super) fn take_local_answer(&mut self) -> Result<bool, End> {
         let Ok(Some((frontend::QUERY, len))) =
             peek_header(&self.client_in, self.shared.max_message_size)
         else {
@@ -337,16 +338,47 @@ impl Session {
             return Ok(false);
         }
         // The first word before the text is read whole (most are not one).
-        if !may_be_proxy_setting(&self.client_in[5..len]) {
+        let body = &self.client_in[5..len];
+        if may_be_proxy_setting(body) {
+            let Some(setting) = proxy_setting(frontend::query(body)?) else {
+                return Ok(false);
+            };
+            let _ = next_frame(&mut self.client_in, usize::MAX);
+            self.apply_proxy_setting(setting);
+            return Ok(true);
+        }
+        // A DEALLOCATE of the client's statements, which live only here,
+        // borrows nothing (a replica's read-your-writes wait, a shard
+        // that is down): psycopg sends DEALLOCATE ALL after every failed
+        // pipeline. Not in a failed transaction (the server refuses it
+        // there) nor one on several shards (its own path).
+        if !starts_with_word(body, b"deallocate") || self.txn.failed() || self.spanning.spans() {
             return Ok(false);
         }
-        let text = frontend::query(&self.client_in[5..len])?;
-        let Some(setting) = proxy_setting(text) else {
+        let effects = crate::protocol::text(frontend::query(body)?).and_then(effect::effects);
+        let Some([Some(Effect::Deallocate(name))]) = effects.as_deref() else {
+            return Ok(false);
+        };
+        let Some(tag) = self.deallocate_here(name.as_deref()) else {
             return Ok(false);
         };
         let _ = next_frame(&mut self.client_in, usize::MAX);
-        self.apply_proxy_setting(setting);
+        self.synthetic(Synthetic::CommandComplete(tag));
+        self.synthetic(Synthetic::ReadyForQuery);
         Ok(true)
+    }
+
+    /// Forgets the client's statement `name` (`None`: all of them), with
+    /// the tag of the answer; `None` when it is not one of the client's
+    /// (a server's to answer).
+    fn deallocate_here(&mut self, name: Option<&str>) -> Option<&'static str> {
+        match name {
+            None => {
+                self.statements.clear();
+                Some("DEALLOCATE ALL")
+            }
+            Some(n) => self.statements.remove(n.as_bytes()).map(|_| "DEALLOCATE"),
+        }
     }
 
     /// Applies (or shows) a proxy setting of the session, answered here.
@@ -890,14 +922,7 @@ impl Session {
         if let Some(effects) = &effects {
             if let [Some(Effect::Deallocate(name))] = effects.as_slice() {
                 // Client statement names exist only in the proxy.
-                let local = match name {
-                    None => {
-                        self.statements.clear();
-                        Some("DEALLOCATE ALL")
-                    }
-                    Some(n) => self.statements.remove(n.as_bytes()).map(|_| "DEALLOCATE"),
-                };
-                if let Some(tag) = local {
+                if let Some(tag) = self.deallocate_here(name.as_deref()) {
                     self.synthetic(Synthetic::CommandComplete(tag));
                     self.synthetic(Synthetic::ReadyForQuery);
                     return Ok(());
@@ -1283,6 +1308,20 @@ fn may_be_proxy_setting(text: &[u8]) -> bool {
     }
 }
 
+/// Whether `text` starts with the word `word` (lower case), after
+/// whitespace, compared in place.
+fn starts_with_word(text: &[u8], word: &[u8]) -> bool {
+    let Some(start) = text.iter().position(|b| !b.is_ascii_whitespace()) else {
+        return false;
+    };
+    let rest = &text[start..];
+    rest.get(..word.len())
+        .is_some_and(|w| w.eq_ignore_ascii_case(word))
+        && rest
+            .get(word.len())
+            .is_none_or(|b| !b.is_ascii_alphanumeric() && *b != b'_')
+}
+
 /// What running `text` on a connection whose transaction status is
 /// `status` does to the transaction's writes: a COMMIT of an open
 /// transaction, or one statement that runs in a transaction of its own,
@@ -1299,7 +1338,7 @@ fn ending(text: &str, status: u8) -> Ends {
 
 #[cfg(test)]
 mod tests {
-    use super::{ending, proxy_setting, Ends, ProxySetting};
+    use super::{ending, proxy_setting, starts_with_word, Ends, ProxySetting};
 
     #[test]
     fn a_commit_is_a_commit_of_an_open_transaction_or_one_autocommit_statement() {
@@ -1413,6 +1452,24 @@ mod tests {
             (b"\xff", false),
         ] {
             assert_eq!(may(text), expected, "{text:?}");
+        }
+    }
+
+    #[test]
+    fn a_first_word_ends_where_an_identifier_would() {
+        for (text, expected) in [
+            (&b"DEALLOCATE ALL\0"[..], true),
+            (b"  deallocate prepare s1", true),
+            (b"Deallocate\0", true),
+            (b"deallocate;", true),
+            (b"deallocate\tx", true),
+            (b"deallocated x", false),
+            (b"deallocate_x", false),
+            (b"dealloc x", false),
+            (b"/* c */ deallocate all", false),
+            (b"", false),
+        ] {
+            assert_eq!(starts_with_word(text, b"deallocate"), expected, "{text:?}");
         }
     }
 }

@@ -421,7 +421,7 @@ impl Session {
                     self.run_fanout(planned, true).await?
                 }
                 client::Flow::Beside => self.run_beside().await?,
-                client::Flow::NeedServer if self.take_proxy_setting()? => {}
+                client::Flow::NeedServer if self.take_local_answer()? => {}
                 client::Flow::NeedServer if matches!(self.txn, Txn::Failed { unsent: Some(_) }) => {
                     // A transaction refused before it reached any server.
                     self.in_unstarted_refused_transaction()?;
