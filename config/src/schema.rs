@@ -313,7 +313,8 @@ pub struct PoolConfig {
     /// A server connection older than this is closed when next idle.
     #[serde(default = "default_max_lifetime", with = "serde_duration")]
     pub max_lifetime: Duration,
-    /// A connection idle longer than this is checked for a closed socket before reuse.
+    /// A connection idle at least this long is checked for a closed socket
+    /// (or bytes nobody asked for) before reuse; 0 (the default): always.
     #[serde(default = "default_server_check_delay", with = "serde_duration")]
     pub server_check_delay: Duration,
     /// TLS towards servers.
@@ -905,9 +906,12 @@ fn default_max_lifetime() -> Duration {
     Duration::from_secs(3600)
 }
 fn default_server_check_delay() -> Duration {
-    // The check is a non-blocking read that tokio skips (no syscall) unless
-    // the socket saw an event, so a short delay is cheap.
-    Duration::from_secs(1)
+    // Every reuse: the check is a non-blocking read that tokio skips (no
+    // syscall) unless the socket saw an event since its last read, and a
+    // server that closed an idle connection (pg_terminate_backend,
+    // idle_session_timeout) must not answer the next client's statement
+    // with its FATAL.
+    Duration::ZERO
 }
 fn default_prepared_cache_size() -> usize {
     500

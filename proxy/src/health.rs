@@ -634,7 +634,19 @@ impl Checker {
             .zip(&self.targets)
             .map(|(conn, target)| async move {
                 let started = std::time::Instant::now();
-                let r = match crate::timer::timeout(timeout, check(conn, target)).await {
+                let kept = conn.is_some();
+                let mut r = crate::timer::timeout(timeout, check(conn, target)).await;
+                if kept && matches!(r, Ok(Err(_))) {
+                    // The kept connection failed, not the wait: a server
+                    // that closed it (pg_terminate_backend, its
+                    // idle_session_timeout) is asked again at once on a
+                    // new one, within what is left of the timeout, before
+                    // its node is taken for down.
+                    *conn = None;
+                    let left = timeout.saturating_sub(started.elapsed());
+                    r = crate::timer::timeout(left, check(conn, target)).await;
+                }
+                let r = match r {
                     Ok(r) => r,
                     Err(_) => Err(format!("health check timed out after {timeout:?}")),
                 };

@@ -79,7 +79,7 @@ impl Manager {
         if now.since(idle.created) > self.max_lifetime {
             return Err("connection exceeded max_lifetime");
         }
-        if now.since(idle.last_used) > self.check_delay && conn.socket().has_closed_or_unread() {
+        if now.since(idle.last_used) >= self.check_delay && conn.socket().has_closed_or_unread() {
             return Err("server closed the connection while idle");
         }
         Ok(())

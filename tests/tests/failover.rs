@@ -27,6 +27,42 @@ async fn cluster(replicas: usize, extra_toml: &str) -> Env {
     env
 }
 
+/// A server that closes the health check's own connection
+/// (pg_terminate_backend, its `idle_session_timeout`) has not failed: the
+/// check asks again at once on a new connection, and the node is neither
+/// marked down nor banned. Before, it was banned for `ban_time` and every
+/// pooled connection to it was cut: logins were refused ("no node is
+/// reachable") and writes failed.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_health_check_connection_the_server_closed_bans_nothing() {
+    let env = cluster(0, "").await;
+    let node = env.proxy.as_ref().unwrap().shared.topology.shards[0].nodes[0].clone();
+    let c = env.connect().await;
+    let checker = "SELECT pid FROM pg_stat_activity WHERE application_name = 'shardline-health'";
+    for round in 0..3 {
+        let pid = env.sql(checker);
+        assert!(!pid.is_empty(), "no health check connection");
+        let checks = node.check_time.read().count;
+        assert_eq!(env.sql(&format!("SELECT pg_terminate_backend({pid})")), "t");
+        // Two checks published after it: the one that found the
+        // connection closed, and one more.
+        shardline_tests::wait_for("two health checks after the kill", || {
+            let now = node.check_time.read().count;
+            async move { now >= checks + 2 }
+        })
+        .await;
+        assert!(
+            !node.is_down() && !node.is_banned(),
+            "round {round}: {}",
+            node.last_error()
+        );
+        assert_eq!(node.last_error(), "", "round {round}");
+        c.simple_query("INSERT INTO pgbench_history (tid, bid, aid, delta) VALUES (1, 1, 1, 1)")
+            .await
+            .unwrap();
+    }
+}
+
 /// Runs pgbench select-only for `secs` in the background, logging each
 /// transaction's latency under `dir`.
 fn pgbench_reads(
