@@ -184,6 +184,34 @@ impl ClientSlot {
             .unwrap_or_else(|p| p.into_inner())
             .clear();
     }
+
+    /// Cancels what the client's servers run now, and forgets them: the
+    /// client left in the middle of a statement, whose connection is to be
+    /// closed. A server notices a closed connection only when it next
+    /// reads or writes, so the statement (and the locks its transaction
+    /// holds) would run on to its end.
+    pub fn cancel_and_detach(&self) {
+        let targets = std::mem::take(&mut *self.targets.lock().unwrap_or_else(|p| p.into_inner()));
+        send_cancels(targets);
+    }
+}
+
+/// Sends each target its CancelRequest, each on a connection of its own, in
+/// the background.
+fn send_cancels(targets: Vec<Target>) {
+    for t in targets {
+        tokio::spawn(async move {
+            let sent = async {
+                let mut s = tokio::net::TcpStream::connect(&*t.addr).await?;
+                s.write_all(&code_packet(CANCEL_REQUEST, &[t.pid, t.secret]))
+                    .await?;
+                s.shutdown().await
+            };
+            if let Err(e) = sent.await {
+                tracing::warn!(server = %t.addr, error = %e, "could not forward cancel request");
+            }
+        });
+    }
 }
 
 /// Every client logged in, by the key the proxy gave it (its id in the
@@ -265,19 +293,7 @@ impl Clients {
             tracing::debug!(pid, "cancel request matches no running query");
             return;
         }
-        for t in targets {
-            tokio::spawn(async move {
-                let sent = async {
-                    let mut s = tokio::net::TcpStream::connect(&*t.addr).await?;
-                    s.write_all(&code_packet(CANCEL_REQUEST, &[t.pid, t.secret]))
-                        .await?;
-                    s.shutdown().await
-                };
-                if let Err(e) = sent.await {
-                    tracing::warn!(server = %t.addr, error = %e, "could not forward cancel request");
-                }
-            });
-        }
+        send_cancels(targets);
     }
 }
 

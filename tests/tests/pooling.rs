@@ -248,6 +248,42 @@ async fn connections_the_server_closed_while_idle_are_not_lent() {
     assert_eq!(env.sql("SELECT count(*) FROM closed_idle"), "10");
 }
 
+/// A client that leaves in the middle of a statement leaves nothing
+/// running: the proxy cancels the statement before closing its server
+/// connection, so the transaction rolls back and its locks go at once. A
+/// server notices a closed connection only when it next reads or writes:
+/// before, the statement ran to its end (here a minute) holding the row.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_statement_leaves_nothing_running() {
+    use shardline_tests::{tags, wire::query, RawClient};
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: 0,
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    env.sql("CREATE TABLE left_locked (id int PRIMARY KEY, v text); INSERT INTO left_locked VALUES (1, 'before'); GRANT ALL ON left_locked TO app;");
+    let sleeping = "SELECT count(*) FROM pg_stat_activity WHERE query = 'SELECT pg_sleep(60)'";
+    for round in 0..2 {
+        let mut a = RawClient::login(env.port).await.unwrap();
+        for sql in ["BEGIN", "UPDATE left_locked SET v = 'left' WHERE id = 1"] {
+            let r = a.exchange(&[query(sql)]).await.unwrap();
+            assert_eq!(tags(&r), b"CZ", "{sql}: {r:?}");
+        }
+        a.send(&query("SELECT pg_sleep(60)")).await.unwrap();
+        env.wait_sql(sleeping, "1").await;
+        drop(a);
+        env.wait_sql(sleeping, "0").await;
+        let b = env.connect().await;
+        let updated = b
+            .execute("UPDATE left_locked SET v = 'after' WHERE id = 1", &[])
+            .await
+            .unwrap();
+        assert_eq!(updated, 1, "round {round}");
+    }
+    assert_eq!(env.sql("SELECT v FROM left_locked"), "after");
+}
+
 /// The temp table, session advisory lock and SQL prepared statement a
 /// client leaves on its server connection under transaction pooling: that
 /// client keeps the connection (`pool.session_state = "pin"`, the default),

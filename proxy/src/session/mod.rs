@@ -1171,15 +1171,22 @@ impl Session {
         let Some(Placed { mut conn, .. }) = self.server.take() else {
             return;
         };
-        self.client.detach();
         let clean = conn.is_clean()
             && self.pending.is_empty()
             && !self.unit.is_open()
             && self.server_out.is_empty();
         if !clean {
+            if pending::awaits_server(&self.pending) {
+                // The client left mid-statement: the server would run it
+                // to its end (holding its locks) before it noticed.
+                self.client.cancel_and_detach();
+            } else {
+                self.client.detach();
+            }
             conn.discard();
             return;
         }
+        self.client.detach();
         if self.keeps_connection() {
             // Leave nothing of this client's session behind for the next one.
             let reset =
