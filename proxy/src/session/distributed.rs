@@ -329,7 +329,7 @@ impl Session {
             ))?;
             return Ok(Some(Fit::Refused));
         }
-        let Some(parked) = self.server.take() else {
+        let Some(parked) = self.take_attached() else {
             return Ok(None);
         };
         self.client.detach();
@@ -370,7 +370,7 @@ impl Session {
         self.register_parses(&frames)?;
         self.spanning.cursors.clear();
         let mut conns = std::mem::take(&mut self.spanning.parked);
-        if let Some(attached) = self.server.take() {
+        if let Some(attached) = self.take_attached() {
             conns.push(attached);
         }
         self.detach();
@@ -446,7 +446,7 @@ impl Session {
         };
         self.client.detach();
         let mut held = self.participants_on(shards);
-        if let Some(attached) = self.server.take() {
+        if let Some(attached) = self.take_attached() {
             let mut leg = Leg::parked(attached.shard, attached.node, attached.conn);
             leg.attached = true;
             held.push(leg);

@@ -934,6 +934,26 @@ impl Session {
         self.client.detach();
     }
 
+    /// The attached connection, taken for a transaction on several shards
+    /// (parked, or made a leg). Nothing may wait to be written to it but
+    /// stray COPY messages, which a server ignores outside COPY:
+    /// `server_out` holds only messages with a pending entry (a Flush only
+    /// while the server owes answers), all answered before a unit is
+    /// placed. Dropped with it: they would reach the next connection.
+    fn take_attached(&mut self) -> Option<Placed> {
+        use crate::protocol::frontend::{COPY_DATA, COPY_DONE, COPY_FAIL};
+        let placed = self.server.take()?;
+        debug_assert_eq!(
+            crate::protocol::run_of(&self.server_out, usize::MAX, |t| {
+                matches!(t, COPY_DATA | COPY_DONE | COPY_FAIL)
+            }),
+            self.server_out.len(),
+            "bytes left for a connection taken for several shards"
+        );
+        self.server_out.clear();
+        Some(placed)
+    }
+
     /// Queues a simple query of the proxy's own for the attached server.
     fn send_own_query(&mut self, sql: &str) {
         crate::protocol::frontend::write_query(&mut self.server_out, sql);
