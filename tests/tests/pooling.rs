@@ -157,36 +157,6 @@ async fn idle_timeout_and_max_lifetime() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn dead_idle_connection_is_not_handed_out() {
-    let env = Env::start_with(EnvOptions {
-        pool_toml: "server_check_delay = \"0ms\"\n".into(),
-        replicas_per_shard: 0,
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let c = env.connect().await;
-    let pid: i32 = c
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    // Kill the pooled (idle) server connection behind the proxy's back.
-    env.sql(&format!("SELECT pg_terminate_backend({pid})"));
-    env.wait_sql(
-        &format!("SELECT count(*) FROM pg_stat_activity WHERE pid = {pid}"),
-        "0",
-    )
-    .await;
-    let p2: i32 = c
-        .query_one("SELECT pg_backend_pid()", &[])
-        .await
-        .unwrap()
-        .get(0);
-    assert_ne!(p2, pid);
-}
-
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn server_restart_is_invisible() {
     // Default pool settings: idle connections are checked at every reuse.
     let env = Env::start_with(EnvOptions {
