@@ -468,7 +468,14 @@ async fn discard_all_and_deallocate() {
 async fn deallocating_client_statements_needs_no_server() {
     use shardline_tests::wire::{parse, query, sync};
     use shardline_tests::{error_code, tags, RawClient};
-    let env = Env::primaries(1).await;
+    // A read gives up on the stopped shard after interval + 2 × timeout.
+    let env = Env::start_with(EnvOptions {
+        replicas_per_shard: 0,
+        extra_toml: "[health]\ninterval = \"100ms\"\ntimeout = \"300ms\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
     let mut c = RawClient::login(env.port).await.unwrap();
     for name in ["s1", "s2"] {
         let r = c
