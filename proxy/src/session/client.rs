@@ -359,26 +359,29 @@ impl Session {
         let Some([Some(Effect::Deallocate(name))]) = effects.as_deref() else {
             return Ok(false);
         };
-        let Some(tag) = self.deallocate_here(name.as_deref()) else {
+        let name = name.clone();
+        if !self.deallocate_here(name.as_deref()) {
             return Ok(false);
-        };
+        }
         let _ = next_frame(&mut self.client_in, usize::MAX);
-        self.synthetic(Synthetic::CommandComplete(tag));
-        self.synthetic(Synthetic::ReadyForQuery);
         Ok(true)
     }
 
-    /// Forgets the client's statement `name` (`None`: all of them), with
-    /// the tag of the answer; `None` when it is not one of the client's
-    /// (a server's to answer).
-    fn deallocate_here(&mut self, name: Option<&str>) -> Option<&'static str> {
-        match name {
+    /// Forgets the client's statement `name` (`None`: all of them) and
+    /// answers the DEALLOCATE; false when it is not one of the client's
+    /// (a server's to answer), and nothing is done.
+    fn deallocate_here(&mut self, name: Option<&str>) -> bool {
+        let tag = match name {
             None => {
                 self.statements.clear();
-                Some("DEALLOCATE ALL")
+                "DEALLOCATE ALL"
             }
-            Some(n) => self.statements.remove(n.as_bytes()).map(|_| "DEALLOCATE"),
-        }
+            Some(n) if self.statements.remove(n.as_bytes()).is_some() => "DEALLOCATE",
+            Some(_) => return false,
+        };
+        self.synthetic(Synthetic::CommandComplete(tag));
+        self.synthetic(Synthetic::ReadyForQuery);
+        true
     }
 
     /// Applies (or shows) a proxy setting of the session, answered here.
@@ -922,9 +925,7 @@ impl Session {
         if let Some(effects) = &effects {
             if let [Some(Effect::Deallocate(name))] = effects.as_slice() {
                 // Client statement names exist only in the proxy.
-                if let Some(tag) = self.deallocate_here(name.as_deref()) {
-                    self.synthetic(Synthetic::CommandComplete(tag));
-                    self.synthetic(Synthetic::ReadyForQuery);
+                if self.deallocate_here(name.as_deref()) {
                     return Ok(());
                 }
             }
