@@ -558,6 +558,159 @@ async fn a_cross_shard_merge_can_be_cancelled() {
     }
 }
 
+/// A client that goes away while its statement runs on both shards (a
+/// merge, rows streamed in lockstep, a write the proxy wraps in its own
+/// transaction), its socket closed or killed from the console, leaves
+/// nothing running: each shard's statement is cancelled, the write rolled
+/// back, its row locks freed at once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_leaving_mid_statement_on_several_shards_leaves_nothing_running() {
+    let env = Env::primaries(2).await;
+    let config = format!(
+        "{}\n[admin]\nusers = [\"app\"]\n",
+        env.shards_config(&[0, 1], SHARDING).replacen(
+            "[[shards]]",
+            "[[users]]\nname = \"trustclient\"\nauth = \"trust\"\ndatabase = \"app\"\nserver_user = \"app\"\nserver_password = \"app\"\n\n[[shards]]",
+            1,
+        )
+    );
+    let (proxy, c) = start_proxy(&config).await;
+    load(&c).await;
+    let url = |db: &str, name: &str| {
+        format!(
+            "host=127.0.0.1 port={} user=app password=app dbname={db} application_name={name}",
+            proxy.local_addr.port()
+        )
+    };
+    let (admin, conn) = tokio_postgres::connect(&url("shardline", "admin"), tokio_postgres::NoTls)
+        .await
+        .expect("the console");
+    tokio::spawn(conn);
+    let active = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND state = 'active' AND pid <> pg_backend_pid()";
+    let statements = [
+        "SELECT city, count(*) FROM users WHERE pg_sleep(60) IS NOT NULL GROUP BY city",
+        "SELECT id FROM users WHERE pg_sleep(60) IS NOT NULL",
+        "UPDATE users SET age = age + 1 WHERE pg_sleep(60) IS NOT NULL",
+    ];
+    for (round, (sql, killed)) in statements
+        .into_iter()
+        .flat_map(|sql| [(sql, false), (sql, true)])
+        .enumerate()
+    {
+        let name = format!("leaving{round}");
+        let (leaving, conn) = tokio_postgres::connect(&url("app", &name), tokio_postgres::NoTls)
+            .await
+            .expect("connect");
+        let socket = tokio::spawn(conn);
+        let statement = tokio::spawn(async move { leaving.simple_query(sql).await });
+        let started = Instant::now();
+        while (0..2).any(|s| env.sql_shard(s, active) == "0") {
+            assert!(
+                started.elapsed() < Duration::from_secs(20),
+                "{sql}: never started"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        if killed {
+            let id = admin
+                .simple_query("SHOW CLIENTS")
+                .await
+                .unwrap()
+                .into_iter()
+                .find_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r)
+                        if r.get("application_name") == Some(name.as_str()) =>
+                    {
+                        r.get("id").map(str::to_string)
+                    }
+                    _ => None,
+                })
+                .expect("the client in SHOW CLIENTS");
+            admin
+                .simple_query(&format!("KILL_CLIENT {id}"))
+                .await
+                .unwrap();
+            let e = tokio::time::timeout(Duration::from_secs(20), statement)
+                .await
+                .expect("the killed client is answered")
+                .unwrap()
+                .expect_err("killed");
+            assert!(
+                e.is_closed() || sqlstate(&e).as_deref() == Some("57P01"),
+                "{sql}: {e}"
+            );
+        } else {
+            // The client's socket closes with its connection task.
+            socket.abort();
+            let _ = statement.await;
+        }
+        let left = Instant::now();
+        while (0..2).any(|s| env.sql_shard(s, active) != "0") {
+            assert!(
+                left.elapsed() < Duration::from_secs(20),
+                "{sql} (killed: {killed}): still running 20 s after its client left"
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+        // Nothing written, nothing locked: a write of every row goes through.
+        let updated = tokio::time::timeout(
+            Duration::from_secs(10),
+            c.execute("UPDATE users SET name = name", &[]),
+        )
+        .await
+        .expect("no row is locked")
+        .expect("update");
+        assert_eq!(updated, 400, "{sql}");
+    }
+    // A pipeline whose executions go to both shards (Parse once, a Bind
+    // and Execute per key, one Sync), its client gone while it runs.
+    let keys: Vec<String> = (0..2)
+        .map(|s| env.sql_shard(s, "SELECT min(id) FROM users"))
+        .collect();
+    let mut pipeline = shardline_tests::wire::parse(
+        "s",
+        "UPDATE users SET age = age + 1 WHERE id = $1 AND pg_sleep(60) IS NOT NULL",
+        &[20],
+    );
+    for key in &keys {
+        pipeline.extend(shardline_tests::wire::bind(
+            "s",
+            &[(0, Some(key.as_bytes()))],
+            0,
+        ));
+        pipeline.extend(shardline_tests::wire::execute());
+    }
+    pipeline.extend(shardline_tests::wire::sync());
+    let mut raw = shardline_tests::RawClient::login(proxy.local_addr.port())
+        .await
+        .expect("login");
+    raw.send(&pipeline).await.unwrap();
+    let started = Instant::now();
+    while (0..2).all(|s| env.sql_shard(s, active) == "0") {
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the pipeline never started"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    drop(raw);
+    let left = Instant::now();
+    while (0..2).any(|s| env.sql_shard(s, active) != "0") {
+        assert!(
+            left.elapsed() < Duration::from_secs(20),
+            "the pipeline still runs 20 s after its client left"
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let ages: i64 = c
+        .query_one("SELECT sum(age) FROM users", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let want: i64 = (1..=400i64).map(|i| 18 + i % 50).sum();
+    assert_eq!(ages, want, "the write that lost its client rolled back");
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_shard_failing_mid_merge_fails_the_statement_not_the_session() {
     let env = Env::primaries(2).await;

@@ -398,7 +398,7 @@ impl Session {
     /// notices reach the client once).
     async fn next_end(&mut self, leg: &mut Leg, first: bool) -> Result<BytesMut, String> {
         loop {
-            let msg = leg.next().await?;
+            let msg = self.leg_next(leg).await?;
             match msg[0] {
                 backend::NOTICE_RESPONSE | backend::NOTIFICATION => {
                     if first {

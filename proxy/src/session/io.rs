@@ -69,32 +69,63 @@ impl Session {
                 }
             }
         }
-        if self.server_out.len() < super::BACKPRESSURE && self.reads_client() {
-            let (stream, buf) = (&mut self.login.stream, &mut self.client_in);
-            let read = if stream.is_tls() {
-                // rustls may read or write the socket on other paths of
-                // the stream: its reads are always polled.
-                stream.poll_read_into(buf, cx)
-            } else {
-                // Woken by the server, say: a client read already waiting
-                // for data is not polled again.
-                self.client_read
-                    .poll(cx, |cx| stream.poll_read_into(buf, cx))
-            };
-            match read {
-                Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => {
-                    return Poll::Ready(Event::ClientClosed)
-                }
-                Poll::Ready(Ok(n)) => {
-                    if let Some(at) = self.meter.received(n) {
-                        self.client.request(at);
-                    }
-                    return Poll::Ready(Event::ClientData);
-                }
-                Poll::Pending => {}
+        if self.server_out.len() < super::BACKPRESSURE {
+            if let Poll::Ready(event) = self.poll_client_read(cx) {
+                return Poll::Ready(event);
             }
         }
         Poll::Pending
+    }
+
+    /// Reads what the client sent into `client_in`, within its bound:
+    /// `ClientData` or `ClientClosed`.
+    fn poll_client_read(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
+        if !self.reads_client() {
+            return Poll::Pending;
+        }
+        let (stream, buf) = (&mut self.login.stream, &mut self.client_in);
+        let read = if stream.is_tls() {
+            // rustls may read or write the socket on other paths of
+            // the stream: its reads are always polled.
+            stream.poll_read_into(buf, cx)
+        } else {
+            // Woken by the server, say: a client read already waiting
+            // for data is not polled again.
+            self.client_read
+                .poll(cx, |cx| stream.poll_read_into(buf, cx))
+        };
+        match read {
+            Poll::Ready(Ok(0)) | Poll::Ready(Err(_)) => Poll::Ready(Event::ClientClosed),
+            Poll::Ready(Ok(n)) => {
+                if let Some(at) = self.meter.received(n) {
+                    self.client.request(at);
+                }
+                Poll::Ready(Event::ClientData)
+            }
+            Poll::Pending => Poll::Pending,
+        }
+    }
+
+    /// While the session waits on a unit's shards (`Session::leg_next`):
+    /// ready when the client left (closed its socket) or was killed from
+    /// the console. What it sends meanwhile (the rest of a pipeline) is
+    /// read into `client_in` for after the unit, within its bound; a
+    /// shutdown is noted for the session's next idle moment.
+    pub(super) fn poll_client_left(&mut self, cx: &mut Context<'_>) -> Poll<super::End> {
+        let fired = self.client.ending.poll(cx);
+        if fired & crate::clients::Ending::KILL != 0 {
+            return Poll::Ready(super::End::Fatal(super::killed()));
+        }
+        if fired != 0 {
+            self.stopping = true;
+        }
+        loop {
+            match self.poll_client_read(cx) {
+                Poll::Ready(Event::ClientData) => continue,
+                Poll::Ready(_) => return Poll::Ready(super::End::ClientGone),
+                Poll::Pending => return Poll::Pending,
+            }
+        }
     }
 
     /// Whether to read more from the client: while what it sent waits

@@ -16,6 +16,7 @@ use crate::protocol::backend;
 use crate::protocol::frontend;
 use bytes::{Bytes, BytesMut};
 use std::collections::VecDeque;
+use std::future::Future;
 use std::sync::Arc;
 use tokio::io::AsyncWriteExt;
 
@@ -368,6 +369,32 @@ impl super::rename::Owes for Leg {
         _: Box<[u8]>,
     ) {
         self.mark(out.len(), answer == Answer::Swallow, Some(stmt.clone()));
+    }
+}
+
+impl super::Session {
+    /// `leg`'s next message for the client, as `Leg::next`, unless the
+    /// client leaves first (its socket closed, or killed from the
+    /// console): then an error that gives the unit up, the reason kept in
+    /// `left` for the executor (`run_fanout`) to cancel the unit's servers
+    /// and end the session. A statement on several shards would otherwise
+    /// run to its end, holding its locks, after its client is gone.
+    pub(super) async fn leg_next(&mut self, leg: &mut Leg) -> Result<BytesMut, String> {
+        let next = leg.next();
+        let mut next = std::pin::pin!(next);
+        std::future::poll_fn(|cx| {
+            if let std::task::Poll::Ready(msg) = next.as_mut().poll(cx) {
+                return std::task::Poll::Ready(msg);
+            }
+            if self.left.is_none() {
+                let std::task::Poll::Ready(end) = self.poll_client_left(cx) else {
+                    return std::task::Poll::Pending;
+                };
+                self.left = Some(end);
+            }
+            std::task::Poll::Ready(Err("the client left".into()))
+        })
+        .await
     }
 }
 

@@ -267,6 +267,10 @@ pub struct Session {
     /// The proxy is shutting down (`client.ending` fired STOP, seen in
     /// `poll_io`).
     stopping: bool,
+    /// The client left (or was killed) while a unit waited on its shards
+    /// (`Session::leg_next`): the unit's servers are cancelled, and the
+    /// session ends with this once the unit is given up.
+    left: Option<End>,
     /// The client's traffic, added to its user's stats per answered unit.
     meter: crate::stats::Meter,
     /// A cacheable unit read on a server: its reply, kept when it ends.
@@ -337,6 +341,7 @@ impl Session {
             server_fatal: None,
             client,
             stopping: false,
+            left: None,
             meter: Default::default(),
             fill: None,
             cache_writes: Default::default(),

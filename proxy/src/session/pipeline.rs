@@ -194,8 +194,12 @@ impl Session {
         {
             Ok(failed) => Ok(failed),
             Err(Broke::Legs(e)) => Err(e),
-            // A client message the proxy cannot read ends the session.
-            Err(Broke::Client(end)) => return Err(end),
+            // A client message the proxy cannot read ends the session:
+            // the legs are cancelled and closed as when it leaves.
+            Err(Broke::Client(end)) => {
+                self.left = Some(end);
+                Err(String::new())
+            }
         };
         // (A pipeline that began with reads is wrapped once a part writes.)
         let wrap = joins.wrap;
@@ -742,7 +746,7 @@ impl Session {
         forward: impl Fn(u8) -> bool,
     ) -> Result<Option<BytesMut>, String> {
         loop {
-            let msg = leg.next().await?;
+            let msg = self.leg_next(leg).await?;
             match msg[0] {
                 backend::PARAMETER_STATUS => {}
                 backend::ERROR_RESPONSE => {

@@ -47,6 +47,17 @@ impl Session {
         writes: bool,
         result: Result<bool, String>,
     ) -> Result<(), End> {
+        if let Some(end) = self.left.take() {
+            // The client is gone mid-unit (`Session::leg_next`): what its
+            // shards run is cancelled, then their connections closed (a
+            // wrapped write, or the client's transaction, rolls back with
+            // them), and the session ends.
+            self.client.cancel_and_detach();
+            for leg in legs {
+                leg.conn.discard();
+            }
+            return Err(end);
+        }
         match (result, begin) {
             (Ok(failed), None) => {
                 self.end_fanout(legs, wrap, writes, failed).await;

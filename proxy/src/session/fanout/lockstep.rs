@@ -137,7 +137,7 @@ impl Session {
                     if plain && leg.take_rows(&mut self.client_out) {
                         continue;
                     }
-                    let msg = leg.next().await?;
+                    let msg = self.leg_next(leg).await?;
                     match msg[0] {
                         backend::DATA_ROW if replicated && i > 0 => {}
                         backend::DATA_ROW if !held.is_empty() => held[i].push_back(msg),
