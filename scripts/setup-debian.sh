@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
 # Installs what running and testing Shardline needs on Debian/Ubuntu, skipping
 # what is already there: PostgreSQL server binaries (pg_ctl, initdb, postgres),
-# psql and pgbench, openssl (test certificates), Node.js, a JDK and Go, and the
-# Python, Node, Java (PgJDBC) and Go (pgx) drivers of the driver matrix.
+# psql and pgbench, openssl (test certificates), Node.js, a JDK and Go, the
+# Python, Node, Java (PgJDBC) and Go (pgx) drivers of the driver matrix, and
+# cargo-nextest (the tests' runner).
 # The benchmarks' comparison tools are optional: --with-pgbouncer installs
 # PgBouncer and valgrind (shardline-bench --instructions counts with callgrind).
 # --with-docker installs a Docker engine (Debian's docker.io), debootstrap
@@ -105,6 +106,11 @@ if ! python3 -c 'import psycopg, asyncpg, sqlalchemy, psycopg2, greenlet' >/dev/
   py_drivers=('psycopg[binary]>=3.1' 'asyncpg>=0.29' 'sqlalchemy>=2.0' 'greenlet>=3' 'psycopg2-binary>=2.9')
   python3 -m pip install --quiet --disable-pip-version-check "${py_drivers[@]}" ||
     python3 -m pip install --quiet --disable-pip-version-check --break-system-packages "${py_drivers[@]}"
+fi
+# cargo-nextest runs the process tier (scripts/test.sh), from crates.io.
+if ! cargo nextest --version >/dev/null 2>&1; then
+  echo "setup: installing cargo-nextest (cargo install, a few minutes)"
+  cargo install --locked --quiet cargo-nextest
 fi
 # node-postgres for the driver matrix, into tests/drivers/node/node_modules.
 node_dir="$(dirname "$0")/../tests/drivers/node"

@@ -3,13 +3,15 @@
 # (scripts/setup-debian.sh --with-docker: Postgres, the drivers, a Docker
 # engine):
 #
-#   1. the process tier: `cargo test --workspace --features
-#      shardline-tests/containers` (unit tests, and the
-#      integration tests against local Postgres processes);
-#   2. the container tier: the same with `--test containers -- --ignored`
-#      (the project's images, built here, the compose cluster, faults only
-#      containers can make). Its tests are built by step 1, with the same
-#      features (one build for both tiers), and listed there as ignored.
+#   1. the process tier: `cargo nextest run --workspace --features
+#      shardline-tests/containers` (unit tests, and the integration tests
+#      against local Postgres processes; each test in a process of its own,
+#      .config/nextest.toml);
+#   2. the container tier: `cargo test` of the same features with `--test
+#      containers -- --ignored` (the project's images, built here, the
+#      compose cluster, faults only containers can make). Its tests are
+#      built by step 1, with the same features (one build for both tiers),
+#      and listed there as skipped (ignored).
 #
 # SHARDLINE_CONTAINERS=0 skips the container tier (e.g. where no Docker
 # engine can run); it is reported as skipped, never as passed.
@@ -33,7 +35,7 @@ fi
 # build (it changes tokio's features, and so every crate's build).
 features=(--features shardline-tests/containers)
 start=$SECONDS
-cargo test --workspace "${features[@]}"
+cargo nextest run --workspace "${features[@]}"
 echo "== process tier passed in $((SECONDS - start)) s; the build uses $(du -sh target 2>/dev/null | cut -f1) of disk"
 
 if [ "$containers" = 0 ]; then
