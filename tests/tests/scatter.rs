@@ -558,6 +558,20 @@ async fn a_cross_shard_merge_can_be_cancelled() {
     }
 }
 
+/// Waits (20 s at most, else fails with `what`) until `until` holds of
+/// the two shards' answers to `sql`.
+async fn wait_shards(env: &Env, sql: &str, until: impl Fn(&[String]) -> bool, what: &str) {
+    let started = Instant::now();
+    loop {
+        let answers: Vec<String> = (0..2).map(|s| env.sql_shard(s, sql)).collect();
+        if until(&answers) {
+            return;
+        }
+        assert!(started.elapsed() < Duration::from_secs(20), "{what}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// A client that goes away while its statement runs on both shards (a
 /// merge, rows streamed in lockstep, a write the proxy wraps in its own
 /// transaction), its socket closed or killed from the console, leaves
@@ -587,6 +601,7 @@ async fn a_client_leaving_mid_statement_on_several_shards_leaves_nothing_running
         .expect("the console");
     tokio::spawn(conn);
     let active = "SELECT count(*) FROM pg_stat_activity WHERE query LIKE '%pg_sleep(60)%' AND state = 'active' AND pid <> pg_backend_pid()";
+    let on_neither = |n: &[String]| n.iter().all(|n| n == "0");
     let statements = [
         "SELECT city, count(*) FROM users WHERE pg_sleep(60) IS NOT NULL GROUP BY city",
         "SELECT id FROM users WHERE pg_sleep(60) IS NOT NULL",
@@ -603,14 +618,8 @@ async fn a_client_leaving_mid_statement_on_several_shards_leaves_nothing_running
             .expect("connect");
         let socket = tokio::spawn(conn);
         let statement = tokio::spawn(async move { leaving.simple_query(sql).await });
-        let started = Instant::now();
-        while (0..2).any(|s| env.sql_shard(s, active) == "0") {
-            assert!(
-                started.elapsed() < Duration::from_secs(20),
-                "{sql}: never started"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let on_both = |n: &[String]| n.iter().all(|n| n != "0");
+        wait_shards(&env, active, on_both, &format!("{sql}: never started")).await;
         if killed {
             let id = admin
                 .simple_query("SHOW CLIENTS")
@@ -644,14 +653,8 @@ async fn a_client_leaving_mid_statement_on_several_shards_leaves_nothing_running
             socket.abort();
             let _ = statement.await;
         }
-        let left = Instant::now();
-        while (0..2).any(|s| env.sql_shard(s, active) != "0") {
-            assert!(
-                left.elapsed() < Duration::from_secs(20),
-                "{sql} (killed: {killed}): still running 20 s after its client left"
-            );
-            tokio::time::sleep(Duration::from_millis(50)).await;
-        }
+        let what = format!("{sql} (killed: {killed}): still running 20 s after its client left");
+        wait_shards(&env, active, on_neither, &what).await;
         // Nothing written, nothing locked: a write of every row goes through.
         let updated = tokio::time::timeout(
             Duration::from_secs(10),
@@ -685,23 +688,11 @@ async fn a_client_leaving_mid_statement_on_several_shards_leaves_nothing_running
         .await
         .expect("login");
     raw.send(&pipeline).await.unwrap();
-    let started = Instant::now();
-    while (0..2).all(|s| env.sql_shard(s, active) == "0") {
-        assert!(
-            started.elapsed() < Duration::from_secs(20),
-            "the pipeline never started"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let on_one = |n: &[String]| n.iter().any(|n| n != "0");
+    wait_shards(&env, active, on_one, "the pipeline never started").await;
     drop(raw);
-    let left = Instant::now();
-    while (0..2).any(|s| env.sql_shard(s, active) != "0") {
-        assert!(
-            left.elapsed() < Duration::from_secs(20),
-            "the pipeline still runs 20 s after its client left"
-        );
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    let what = "the pipeline still runs 20 s after its client left";
+    wait_shards(&env, active, on_neither, what).await;
     let ages: i64 = c
         .query_one("SELECT sum(age) FROM users", &[])
         .await
