@@ -1133,6 +1133,35 @@ fn pipelines_of_single_and_several_shard_statements() {
     assert_eq!(pipeline_shards(&[one(0), Placement::Split(0b11)]), None);
 }
 
+/// Statements sent together that cannot run as a pipeline: a merged read
+/// among them is named as the reason (not their different shards, which
+/// the other statements' placements alone would give); a statement
+/// refused on its own account keeps its reason.
+#[test]
+fn a_merged_read_among_statements_for_several_shards_is_the_reason_given() {
+    use shardline_router::shards::{batch_refusal, combine, Construct, Refusal};
+    let message = |p: &Placement| match p {
+        Placement::Refused(r) => r.message.clone(),
+        other => panic!("not refused: {other:?}"),
+    };
+    let parts = [Placement::One(0), Placement::One(1), Placement::Merge(0b11)];
+    let combined = parts.iter().cloned().reduce(combine).unwrap();
+    assert!(message(&combined).contains("reach different shards"));
+    let given = message(&batch_refusal(&parts, combined));
+    assert!(given.contains("merged across shards"), "{given}");
+    // Without a merge, or with a statement refused on its own, as combined.
+    let parts = [Placement::One(0), Placement::One(1), Placement::Split(0b11)];
+    let combined = parts.iter().cloned().reduce(combine).unwrap();
+    assert_eq!(
+        message(&batch_refusal(&parts, combined.clone())),
+        message(&combined)
+    );
+    let own = Placement::refused(Refusal::unsupported(Construct::Batch, "its own reason"));
+    let parts = [Placement::One(0), own, Placement::Merge(0b11)];
+    let combined = parts.iter().cloned().reduce(combine).unwrap();
+    assert_eq!(message(&batch_refusal(&parts, combined)), "its own reason");
+}
+
 /// Subqueries, CTEs and set-operation branches whose every sharded read is
 /// pinned by its own WHERE to keys of one shard: the statement runs whole
 /// there. Keys of different shards, an unpinned part, or a top level

@@ -1012,6 +1012,17 @@ async fn query_strings_spanning_shards_run_each_statement_on_its_shard() {
     assert_eq!(tags(&r), b"EZ", "{r:?}");
     assert_eq!(error_code(&r[0].1), "0A000");
     assert_eq!(audit(&env, &sh), 3);
+    // Nor can a merged read share the string: refused, the merge named.
+    let sql = format!(
+        "INSERT INTO users (id, name) VALUES ({}, 'x'); INSERT INTO users (id, name) VALUES ({}, 'y'); SELECT count(*) FROM users",
+        a[2], b[2]
+    );
+    let r = c.exchange(&[query(&sql)]).await.unwrap();
+    assert_eq!(tags(&r), b"EZ", "{r:?}");
+    let e = shardline::protocol::backend::parse_error_fields(&r[0].1);
+    assert_eq!(e.code, "0A000");
+    assert!(e.message.contains("merged across shards"), "{}", e.message);
+    assert_eq!(audit(&env, &sh), 3);
 }
 
 /// How many tables named `name` each of the two shards has.
@@ -1220,6 +1231,27 @@ async fn pipelines_with_ddl_run_it_on_every_shard() {
         .unwrap();
     assert_eq!(tags(&r), b"EZ", "{r:?}");
     assert_eq!(error_code(&r[0].1), "0A000");
+    assert_eq!(audit(&env, &sh), 3);
+    // A merged read beside executions for both shards: refused, nothing
+    // runs, the merge named as the reason (it must be sent alone).
+    let r = c
+        .exchange(&[
+            parse("ins", INSERT, &[]),
+            bind("ins", &[(0, Some(&text(a[2]))), (0, Some(b"m"))], 0),
+            execute(),
+            bind("ins", &[(0, Some(&text(b[2]))), (0, Some(b"m"))], 0),
+            execute(),
+            parse("", "SELECT count(*) FROM users", &[]),
+            bind("", &[], 0),
+            execute(),
+            sync(),
+        ])
+        .await
+        .unwrap();
+    assert_eq!(tags(&r), b"EZ", "{r:?}");
+    let e = shardline::protocol::backend::parse_error_fields(&r[0].1);
+    assert_eq!(e.code, "0A000");
+    assert!(e.message.contains("merged across shards"), "{}", e.message);
     assert_eq!(audit(&env, &sh), 3);
 }
 

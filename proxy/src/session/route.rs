@@ -811,6 +811,8 @@ impl Session {
                         "a pipeline whose executions need different shards runs once its Sync or a Flush arrives: send them within 1 MiB of messages",
                     ))
                 };
+            } else {
+                place = shardline_router::shards::batch_refusal(&binds, place);
             }
         }
         let reads_only = !routes.is_empty() && routes.iter().all(|r| r.class == Class::Read);

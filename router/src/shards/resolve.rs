@@ -681,6 +681,31 @@ pub(super) fn array_elements(
     Some(out)
 }
 
+/// A read whose rows are merged across shards, sent with other statements
+/// (in one query string, or one pipeline up to Sync): refused, as the
+/// merge needs the unit to itself.
+pub fn merged_read_not_alone() -> Placement {
+    Placement::refused(Refusal::unsupported(
+        Construct::Batch,
+        "a statement whose rows are merged across shards (ORDER BY, LIMIT, aggregates, DISTINCT) must be sent alone, not with other statements in one query string or pipeline",
+    ))
+}
+
+/// Why statements sent together that do not run as a pipeline (see
+/// [`pipeline_shards`]) are refused, when `combined` (their placements
+/// combined) is the refusal: a merged read among them is named as the
+/// reason rather than their different shards, unless one of them is
+/// refused on its own account (that reason stands).
+pub fn batch_refusal(parts: &[Placement], combined: Placement) -> Placement {
+    let merges = parts.iter().any(|p| matches!(p, Placement::Merge(_)));
+    let refused = parts.iter().any(|p| matches!(p, Placement::Refused(_)));
+    if merges && !refused && matches!(combined, Placement::Refused(_)) {
+        merged_read_not_alone()
+    } else {
+        combined
+    }
+}
+
 /// The placement of statements sent together (one simple query, or one
 /// extended-protocol unit): they must agree on their shards.
 pub fn combine(a: Placement, b: Placement) -> Placement {
@@ -693,10 +718,7 @@ pub fn combine(a: Placement, b: Placement) -> Placement {
         (One(a), One(b)) if a == b => One(a),
         (Many(a), Many(b)) if a == b => Many(a),
         (Spread, Many(m)) | (Many(m), Spread) => Many(m),
-        (Merge(_), _) | (_, Merge(_)) => Placement::refused(Refusal::unsupported(
-            Construct::Batch,
-            "a statement whose rows are merged across shards (ORDER BY, LIMIT, aggregates, DISTINCT) must be sent alone, not with other statements in one query string or pipeline",
-        )),
+        (Merge(_), _) | (_, Merge(_)) => merged_read_not_alone(),
         _ => Placement::refused(Refusal::unsupported(
             Construct::Batch,
             "statements sent together (in one query string, or in one pipeline up to Sync) reach different shards; send them separately",
