@@ -376,8 +376,8 @@ impl super::Session {
     /// `leg`'s next message for the client, as `Leg::next`, unless the
     /// client leaves first (its socket closed, or killed from the
     /// console): then an error that gives the unit up, the reason kept in
-    /// `left` for the executor (`run_fanout`) to cancel the unit's servers
-    /// and end the session. A statement on several shards would otherwise
+    /// `left` for `finish_legs` to cancel the unit's servers and end the
+    /// session. A statement on several shards would otherwise
     /// run to its end, holding its locks, after its client is gone.
     pub(super) async fn leg_next(&mut self, leg: &mut Leg) -> Result<BytesMut, String> {
         let next = leg.next();
