@@ -1213,46 +1213,38 @@ async fn pipelines_with_ddl_run_it_on_every_shard() {
     assert_eq!(error_code(&r[7].1), "23505");
     assert_eq!(on_shards(&env, "events2"), ["0", "0"]);
     assert_eq!(audit(&env, &sh), 3);
-    // A read without a key with a row limit cannot be fetched in part from
-    // several shards in a pipeline: refused, nothing runs.
-    let r = c
-        .exchange(&[
-            parse("ins", INSERT, &[]),
-            bind("ins", &[(0, Some(&text(a[2]))), (0, Some(b"r"))], 0),
+    // Executions for both shards, then a read without a key, in one
+    // pipeline: refused when the read is fetched with a row limit (it
+    // cannot be fetched in part from several shards), or merged (it must
+    // be sent alone, and the refusal says so); nothing runs.
+    for (read, execute_read, why) in [
+        ("SELECT id FROM users", wire::execute_rows(1), ""),
+        (
+            "SELECT count(*) FROM users",
             execute(),
-            bind("ins", &[(0, Some(&text(b[2]))), (0, Some(b"r"))], 0),
-            execute(),
-            parse("", "SELECT id FROM users", &[]),
-            bind("", &[], 0),
-            wire::execute_rows(1),
-            sync(),
-        ])
-        .await
-        .unwrap();
-    assert_eq!(tags(&r), b"EZ", "{r:?}");
-    assert_eq!(error_code(&r[0].1), "0A000");
-    assert_eq!(audit(&env, &sh), 3);
-    // A merged read beside executions for both shards: refused, nothing
-    // runs, the merge named as the reason (it must be sent alone).
-    let r = c
-        .exchange(&[
-            parse("ins", INSERT, &[]),
-            bind("ins", &[(0, Some(&text(a[2]))), (0, Some(b"m"))], 0),
-            execute(),
-            bind("ins", &[(0, Some(&text(b[2]))), (0, Some(b"m"))], 0),
-            execute(),
-            parse("", "SELECT count(*) FROM users", &[]),
-            bind("", &[], 0),
-            execute(),
-            sync(),
-        ])
-        .await
-        .unwrap();
-    assert_eq!(tags(&r), b"EZ", "{r:?}");
-    let e = shardline::protocol::backend::parse_error_fields(&r[0].1);
-    assert_eq!(e.code, "0A000");
-    assert!(e.message.contains("merged across shards"), "{}", e.message);
-    assert_eq!(audit(&env, &sh), 3);
+            "merged across shards",
+        ),
+    ] {
+        let r = c
+            .exchange(&[
+                parse("ins", INSERT, &[]),
+                bind("ins", &[(0, Some(&text(a[2]))), (0, Some(b"r"))], 0),
+                execute(),
+                bind("ins", &[(0, Some(&text(b[2]))), (0, Some(b"r"))], 0),
+                execute(),
+                parse("", read, &[]),
+                bind("", &[], 0),
+                execute_read,
+                sync(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(tags(&r), b"EZ", "{read}: {r:?}");
+        let e = shardline::protocol::backend::parse_error_fields(&r[0].1);
+        assert_eq!(e.code, "0A000", "{read}");
+        assert!(e.message.contains(why), "{read}: {}", e.message);
+        assert_eq!(audit(&env, &sh), 3);
+    }
 }
 
 /// The ReadyForQuery status of an answer's last message.
