@@ -97,7 +97,7 @@ fn int(row: &Row, column: &str) -> i64 {
 }
 
 /// The id SHOW CLIENTS gives the client whose application_name is `name`.
-async fn client_id(admin: &Client, name: &str) -> String {
+pub(crate) async fn client_id(admin: &Client, name: &str) -> String {
     let (_, clients) = show(admin, "SHOW CLIENTS").await;
     clients
         .iter()

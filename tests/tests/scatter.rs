@@ -621,20 +621,7 @@ async fn a_client_leaving_mid_statement_on_several_shards_leaves_nothing_running
         let on_both = |n: &[String]| n.iter().all(|n| n != "0");
         wait_shards(&env, active, on_both, &format!("{sql}: never started")).await;
         if killed {
-            let id = admin
-                .simple_query("SHOW CLIENTS")
-                .await
-                .unwrap()
-                .into_iter()
-                .find_map(|m| match m {
-                    tokio_postgres::SimpleQueryMessage::Row(r)
-                        if r.get("application_name") == Some(name.as_str()) =>
-                    {
-                        r.get("id").map(str::to_string)
-                    }
-                    _ => None,
-                })
-                .expect("the client in SHOW CLIENTS");
+            let id = crate::admin::client_id(&admin, &name).await;
             admin
                 .simple_query(&format!("KILL_CLIENT {id}"))
                 .await
