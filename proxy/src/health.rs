@@ -65,7 +65,7 @@ pub struct NodeHealth {
 }
 
 impl NodeHealth {
-    fn new(address: String, zone: Option<String>, role: Role) -> NodeHealth {
+    pub(crate) fn new(address: String, zone: Option<String>, role: Role) -> NodeHealth {
         NodeHealth {
             address,
             zone,

@@ -1,7 +1,8 @@
 //! Pools of raw server connections, one per (node, user, database). A
 //! connection goes back to a pool only when clean: sessions check before
-//! returning it, `recycle` checks again before lending it, and a reaper
-//! closes idle and old connections.
+//! giving it back (`PooledConnection::give_back`, which checks again; a
+//! lent connection dropped on any other path is closed), `recycle` checks
+//! before lending it, and a reaper closes idle and old connections.
 //!
 //! The pool is this crate's own (a mutex over a stack of idle connections
 //! and a semaphore of lendable slots): a checkout that finds a connection
@@ -242,7 +243,7 @@ impl Pool {
     /// With a permit taken: an idle connection that passes `recycle`
     /// (those that fail are closed), else the slot for opening a new one,
     /// counted in `size`. The permit is the checkout's until the
-    /// connection comes back (`PooledConnection::drop`) or the slot is
+    /// connection comes back (`PooledConnection::give_back`) or is closed, or the slot is
     /// dropped (`Slot::drop`).
     fn idle_or_opening(&self) -> Result<PooledConnection, Slot<'_>> {
         let mut slot = Slot {
@@ -392,8 +393,11 @@ impl Drop for Slot<'_> {
     }
 }
 
-/// A connection lent by a pool; dropping it gives it back (the session has
-/// made sure it is clean), `discard` closes it.
+/// A connection lent by a pool. It goes back only through `give_back`,
+/// which checks it is clean; `discard`, and a drop on any other path (an
+/// early return, a cancelled future, a panic), close it. Whatever state a
+/// path that forgot it left the connection in (a statement in flight, a
+/// reply half read), the next client cannot meet it.
 pub struct PooledConnection {
     conn: Option<Box<ServerConnection>>,
     created: Mono,
@@ -404,6 +408,27 @@ impl PooledConnection {
     /// Closes the connection instead of returning it to its pool (it is
     /// not clean, or lost).
     pub fn discard(mut self) {
+        self.close();
+    }
+
+    /// Returns the connection to its pool when it is clean (idle, outside
+    /// a transaction, nothing unread: the caller has seen its last
+    /// ReadyForQuery), else closes it; whether it went back.
+    pub fn give_back(mut self) -> bool {
+        let Some(conn) = self.conn.take() else {
+            return false;
+        };
+        if conn.is_clean() {
+            self.pool.put(conn, self.created);
+            true
+        } else {
+            self.conn = Some(conn);
+            self.close();
+            false
+        }
+    }
+
+    fn close(&mut self) {
         if let Some(conn) = self.conn.take() {
             self.pool.discard();
             drop(conn);
@@ -430,9 +455,11 @@ impl std::ops::DerefMut for PooledConnection {
 }
 
 impl Drop for PooledConnection {
+    /// Neither given back nor discarded: closed (`give_back`).
     fn drop(&mut self) {
-        if let Some(conn) = self.conn.take() {
-            self.pool.put(conn, self.created);
+        if let Some(conn) = self.conn.as_ref() {
+            tracing::debug!(server = %conn.addr, pid = conn.pid, "a lent connection was dropped without being given back; closed");
+            self.close();
         }
     }
 }
@@ -702,8 +729,7 @@ impl NodePool {
         if let Some(p) = self.pool.manager().params.get() {
             return Ok(p.clone());
         }
-        let conn = self.checkout(None).await?;
-        drop(conn);
+        self.checkout(None).await?.give_back();
         Ok(self
             .pool
             .manager()
@@ -760,4 +786,99 @@ pub struct PoolSet {
 pub struct ShardPools {
     pub name: String,
     pub nodes: Vec<Arc<NodePool>>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::health::{NodeHealth, Role};
+    use crate::server::conn::tests::local_pair;
+    use tokio::io::AsyncReadExt;
+
+    fn node_pool() -> Arc<NodePool> {
+        let target = ServerTarget {
+            host: "127.0.0.1".into(),
+            port: 1,
+            user: "u".into(),
+            password: None,
+            database: "d".into(),
+            tls_mode: shardline_config::ServerTlsMode::Disable,
+            tls: None,
+            application_name: None,
+        };
+        let node = Arc::new(NodeHealth::new(target.address(), None, Role::Primary));
+        NodePool::new(target, node, 2, &PoolConfig::default())
+    }
+
+    impl Pool {
+        /// `conn` lent as if opened by a checkout.
+        fn lend(&self, conn: ServerConnection) -> PooledConnection {
+            self.0.permits.try_acquire().expect("a free slot").forget();
+            self.slots().size += 1;
+            PooledConnection {
+                conn: Some(Box::new(conn)),
+                created: Mono::now(),
+                pool: self.clone(),
+            }
+        }
+    }
+
+    /// (size, idle, lendable now)
+    fn sizes(pool: &Pool) -> (usize, usize, usize) {
+        let s = pool.status();
+        (s.size, s.available, pool.0.permits.available_permits())
+    }
+
+    async fn assert_closed(mut peer: tokio::net::TcpStream) {
+        let mut byte = [0u8; 1];
+        let n = crate::timer::timeout(Duration::from_secs(5), peer.read(&mut byte))
+            .await
+            .expect("the peer learns at once");
+        assert_eq!(n.expect("read"), 0, "the server sees the connection closed");
+    }
+
+    /// A clean connection given back is lent again; one dropped on a path
+    /// that did not give it back (an early return, a cancelled future) is
+    /// closed, whatever it looks like, and its slot freed.
+    #[tokio::test]
+    async fn only_a_connection_given_back_is_lent_again() {
+        let pool = node_pool().pool.clone();
+        let (conn, _peer) = local_pair().await;
+        let lent = pool.lend(conn);
+        assert_eq!(sizes(&pool), (1, 0, 1));
+        assert!(lent.give_back(), "a clean connection goes back");
+        assert_eq!(sizes(&pool), (1, 1, 2));
+        let again = pool.try_idle().expect("lent again");
+        assert_eq!(sizes(&pool), (1, 0, 1));
+        drop(again);
+        assert_eq!(sizes(&pool), (0, 0, 2), "dropped: closed, its slot free");
+        assert!(pool.try_idle().is_none(), "nothing idle to lend");
+        assert_eq!(sizes(&pool), (0, 0, 2));
+
+        // Looks clean (idle, nothing unread), as one whose statement is
+        // still running does: dropped, it is closed all the same.
+        let (conn, peer) = local_pair().await;
+        drop(pool.lend(conn));
+        assert_eq!(sizes(&pool), (0, 0, 2));
+        assert_closed(peer).await;
+    }
+
+    /// `give_back` checks: a connection in a transaction, broken, or with
+    /// bytes unread is closed instead.
+    #[tokio::test]
+    async fn a_connection_not_clean_is_closed_when_given_back() {
+        let pool = node_pool().pool.clone();
+        let dirty: [fn(&mut ServerConnection); 3] = [
+            |c| c.tx_status = b'T',
+            |c| c.broken = true,
+            |c| c.read_buf.extend_from_slice(b"Z"),
+        ];
+        for make_dirty in dirty {
+            let (mut conn, peer) = local_pair().await;
+            make_dirty(&mut conn);
+            assert!(!pool.lend(conn).give_back(), "not taken back");
+            assert_eq!(sizes(&pool), (0, 0, 2));
+            assert_closed(peer).await;
+        }
+    }
 }

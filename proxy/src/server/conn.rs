@@ -618,7 +618,7 @@ impl Drop for Listed {
 }
 
 #[cfg(test)]
-mod tests {
+pub(crate) mod tests {
     use super::*;
     use crate::wake::tests::counted_task;
     use std::io::Read;
@@ -656,7 +656,7 @@ mod tests {
     }
 
     /// A connection over a local socket, and the socket's other end.
-    async fn local_pair() -> (ServerConnection, TcpStream) {
+    pub(crate) async fn local_pair() -> (ServerConnection, TcpStream) {
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0")
             .await
             .expect("bind");

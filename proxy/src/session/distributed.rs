@@ -414,9 +414,7 @@ impl Session {
             Err(e) => answer_unit(&mut self.client_out, &frames, Err(e)),
         }
         for p in conns {
-            if !p.conn.is_clean() {
-                p.conn.discard();
-            }
+            p.conn.give_back();
         }
         self.wrote = false;
         Ok(())

@@ -923,11 +923,8 @@ impl Session {
         self.spanning.coordinator = None;
         self.spanning.cursors.clear();
         if let Some(Placed { mut conn, .. }) = self.server.take() {
-            if !conn.is_clean() {
-                conn.discard();
-            } else {
-                io::shrink(&mut conn.read_buf);
-            }
+            io::shrink(&mut conn.read_buf);
+            conn.give_back();
         }
     }
 
@@ -1219,7 +1216,9 @@ impl Session {
                     .await;
             if !matches!(reset, Ok(Ok(()))) {
                 conn.discard();
+                return;
             }
         }
+        conn.give_back();
     }
 }

@@ -1229,6 +1229,7 @@ impl Session {
                     if replayed.is_some_and(|lsn| lsn >= need) {
                         return Ok((conn, i, Target::Replica));
                     }
+                    conn.give_back();
                 }
             }
             if crate::timer::Instant::now() >= deadline {

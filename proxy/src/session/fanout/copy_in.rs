@@ -182,7 +182,9 @@ impl Session {
             "SELECT a.attname FROM pg_attribute a WHERE a.attrelid = '{}'::regclass AND a.attnum > 0 AND NOT a.attisdropped ORDER BY a.attnum",
             c.table.replace('\'', "''")
         );
-        let (rows, _) = conn.simple_query(&sql).await.ok()?;
+        let answer = conn.simple_query(&sql).await;
+        conn.give_back();
+        let (rows, _) = answer.ok()?;
         rows.iter()
             .position(|r| r.first().and_then(|x| x.as_deref()) == Some(c.column.as_str()))
     }

@@ -154,7 +154,9 @@ impl Session {
         }
         self.fanout_ready(failed);
         for leg in legs {
-            if !leg.conn.is_clean() || !leg.done {
+            if leg.done {
+                leg.conn.give_back();
+            } else {
                 leg.conn.discard();
             }
         }
