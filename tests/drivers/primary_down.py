@@ -18,7 +18,10 @@ each read must read every key in one pipeline (the shards it needs joining
 as it goes, a replica serving where the primary is down), and a write after
 those reads must succeed on an up shard (sending none of the user's reads to
 a primary: the admin console's SHOW READ_YOUR_WRITES) and fail where the
-primary is down, leaving nothing; with autocommit off, such a pipeline's transaction whose
+primary is down, leaving nothing; a pipeline sent whole to its Sync (psycopg
+3) and a query string (psycopg2) that read a key where the primary is down and
+write one where it is up must run the read on a replica and commit the write;
+with autocommit off, such a pipeline's transaction whose
 first read is where the primary is down must begin on a replica (a write in
 it fails with 25006), and one on an up shard on its primary. Prints "all
 checks passed".
@@ -109,6 +112,7 @@ async def main(url, up, down):
     print("ok a pool's connections are reset and reused")
     await sqlalchemy_orm(url, up + down)
     psycopg2_transactions(url, up + down)
+    psycopg2_query_string(url, up, down)
     psycopg_pipeline(url, up, down)
     print("all checks passed")
 
@@ -158,6 +162,30 @@ def psycopg2_transactions(url, keys):
     print("ok psycopg2 reads in its transactions")
 
 
+def psycopg2_query_string(url, up, down):
+    """psycopg2 in autocommit sends a query string as it is: one reading a
+    key where the primary is down and writing one where it is up runs the
+    read on a replica and commits the write."""
+    import psycopg2
+
+    if not up:
+        return
+    conn = psycopg2.connect(url)
+    conn.autocommit = True
+    with conn.cursor() as cur:
+        cur.execute(
+            "SELECT name FROM users WHERE id = %s; UPDATE users SET name = 'in one string' WHERE id = %s",
+            (down[0], up[0]),
+        )
+        assert cur.rowcount == 1, ("the write of the query string", cur.rowcount)
+        cur.execute("SELECT name FROM users WHERE id = %s", (up[0],))
+        name = cur.fetchone()[0]
+        assert name == "in one string", ("the query string's write was not committed", name)
+        cur.execute("UPDATE users SET name = %s WHERE id = %s", (f"user {up[0]}", up[0]))
+    conn.close()
+    print("ok psycopg2 query string: a read where the primary is down, a write where it is up")
+
+
 def psycopg_pipeline(url, up, down):
     """psycopg 3's pipeline mode fetching each result (a Flush after each
     execution, one Sync at the end)."""
@@ -198,6 +226,21 @@ def psycopg_pipeline(url, up, down):
             windows = primary_windows()
             assert not windows, ("reads sent to a primary after a pipeline that read on a replica", windows)
             print("ok psycopg pipeline reads, then a write where the primary is up")
+        if up:
+            # A pipeline sent whole to its Sync (nothing fetched before the
+            # block ends) reading a key where the primary is down and
+            # writing one where it is up: the read is served by a replica,
+            # the write commits.
+            with conn.cursor() as reading, conn.cursor() as writing:
+                with conn.pipeline():
+                    reading.execute(read, (down[0],))
+                    writing.execute("UPDATE users SET name = 'pipelined' WHERE id = %s RETURNING id", (up[0],))
+                assert reading.fetchall() == [(f"user {down[0]}",)], "the read where the primary is down"
+                assert writing.fetchall() == [(up[0],)], "the write where it is up"
+            name = conn.execute(read, (up[0],)).fetchone()[0]
+            assert name == "pipelined", ("the pipeline's write was not committed", name)
+            conn.execute("UPDATE users SET name = %s WHERE id = %s", (f"user {up[0]}", up[0]))
+            print("ok psycopg pipeline to its Sync: a read where the primary is down, a write where it is up")
         try:
             with conn.pipeline(), conn.cursor() as cur:
                 for k in up + down[:1]:

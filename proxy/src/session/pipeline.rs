@@ -45,6 +45,8 @@ struct StatementLegs {
     legs: Vec<usize>,
     /// A write of reference tables only.
     replicated: bool,
+    /// The statement may write.
+    writes: bool,
 }
 
 /// Which legs a client message goes to.
@@ -63,6 +65,19 @@ enum To {
     Nowhere,
 }
 
+impl To {
+    /// The legs a Bind placed here runs on, as bits (`All`, `First`:
+    /// every one).
+    fn bits(self) -> u64 {
+        match self {
+            To::One(i) => 1 << i,
+            To::Several { legs, .. } => legs,
+            To::Nowhere => 0,
+            To::All | To::First => u64::MAX,
+        }
+    }
+}
+
 /// Where placing a pipeline's messages left off (`pipeline_legs`): the
 /// legs of the last Bind (the Describe and Execute after it go there), the
 /// leg of the last one placed on one shard (a Bind without a key runs
@@ -73,6 +88,9 @@ struct Placing {
     one: usize,
     bound: usize,
     writes: bool,
+    /// The legs (bits) an execution that may write (or sets the
+    /// transaction, or whose statement is not known) runs on.
+    written: u64,
 }
 
 impl Default for Placing {
@@ -82,6 +100,7 @@ impl Default for Placing {
             one: 0,
             bound: 0,
             writes: false,
+            written: 0,
         }
     }
 }
@@ -130,6 +149,15 @@ fn mask_of_shards(shards: &[usize]) -> ShardMask {
     shards.iter().fold(0, |m, &s| m | mask_of(s))
 }
 
+/// The shards of `shards` whose legs are in `bits`, as a mask.
+fn shards_of_legs(shards: &[usize], bits: u64) -> ShardMask {
+    shards
+        .iter()
+        .enumerate()
+        .filter(|&(i, _)| bits & 1 << i != 0)
+        .fold(0, |m, (_, &s)| m | mask_of(s))
+}
+
 /// The legs of `bits`, in order.
 fn leg_list(bits: u64) -> Vec<usize> {
     (0..64).filter(|i| bits & 1 << i != 0).collect()
@@ -140,7 +168,10 @@ impl Session {
     /// the client's transaction when `in_txn` (its connections are on the
     /// primaries). `target` is the primary already when the unit writes;
     /// `read`: a replica serves a leg whose primary is down (reads acted on
-    /// before their Sync).
+    /// before their Sync). In a pipeline that writes, sent whole to its
+    /// Sync, so does the leg of a shard it only reads: its reads run on a
+    /// replica, in the proxy's transaction there, and the writes commit on
+    /// the other shards.
     pub(super) async fn run_pipeline(
         &mut self,
         frames: Vec<Frame>,
@@ -165,7 +196,17 @@ impl Session {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
-        let (mut legs, begin) = match self.take_legs(&shards, (target, read), in_txn).await {
+        // A replica serves the legs of shards a primary is down on: every
+        // one for reads acted on before their Sync; in a whole pipeline
+        // (to its Sync) that writes, those it only reads (a part sent
+        // after a Flush may write anywhere).
+        let synced = frames.last().is_some_and(|f| f.tag == frontend::SYNC);
+        let reads = match (read, synced) {
+            (true, _) => ShardMask::MAX,
+            (false, true) if writes => shards_of_legs(&shards, !placing.written),
+            _ => 0,
+        };
+        let (mut legs, begin) = match self.take_legs(&shards, (target, reads), in_txn).await {
             Ok(x) => x,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
@@ -310,7 +351,10 @@ impl Session {
         let more = &shards[legs.len()..];
         let more = match &joins.begin {
             Some(begin) => self.more_transaction_legs(more, begin).await?,
-            None => self.borrow_legs(more, joins.target, joins.read).await?,
+            None => {
+                let reads = if joins.read { ShardMask::MAX } else { 0 };
+                self.borrow_legs(more, joins.target, reads).await?
+            }
         };
         for mut leg in more {
             let mut out = BytesMut::new();
@@ -418,7 +462,16 @@ impl Session {
             Ok(to) => to,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
-        let (mut legs, begin) = match self.take_legs(shards, (target, false), in_txn).await {
+        // Shards the string only reads: a replica where the primary is down.
+        let written = to.iter().filter(|s| s.writes).fold(0, |bits, s| {
+            bits | s.legs.iter().fold(0, |b, &i| b | 1 << i)
+        });
+        let reads = if writes {
+            shards_of_legs(shards, !written)
+        } else {
+            0
+        };
+        let (mut legs, begin) = match self.take_legs(shards, (target, reads), in_txn).await {
             Ok(x) => x,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
@@ -494,6 +547,7 @@ impl Session {
             to.push(StatementLegs {
                 legs,
                 replicated: route.writes_reference_tables(),
+                writes: route.class == Class::Write,
             });
         }
         Ok(to)
@@ -608,7 +662,15 @@ impl Session {
                 }
                 frontend::BIND => {
                     let b = frontend::bind(f.body()).map_err(malformed)?;
-                    if let Some((route, definition)) = statements.bound(self, b.statement) {
+                    let known = statements.bound(self, b.statement);
+                    if known
+                        .as_ref()
+                        .is_none_or(|(route, _)| !matches!(route.class, Class::Read | Class::Write))
+                    {
+                        // Not known, or sets the transaction: every leg.
+                        placing.written = u64::MAX;
+                    }
+                    if let Some((route, definition)) = known {
                         let placed = parts.get(placing.bound).cloned();
                         placing.bound += 1;
                         placing.writes |= route.class == Class::Write;
@@ -652,6 +714,9 @@ impl Session {
                                 Placement::Anywhere => To::One(placing.one),
                                 _ => return Err(beyond("needs other shards")),
                             };
+                            if route.class == Class::Write {
+                                placing.written |= placing.current.bits();
+                            }
                         }
                     }
                     placing.current

@@ -6,6 +6,7 @@ use crate::protocol::frontend;
 use crate::session::leg::Leg;
 use crate::session::{End, Session};
 use bytes::{Bytes, BytesMut};
+use shardline_router::sharding::{mask_of, ShardMask};
 use shardline_router::Target;
 use tokio::io::AsyncWriteExt;
 
@@ -19,20 +20,21 @@ pub(in crate::session) fn begin_on(leg: &mut Leg, out: &mut BytesMut) {
 
 impl Session {
     /// A connection on each of `shards`: borrowed for this unit (for
-    /// `target`, a replica serving a `read` whose primary is down), or
-    /// (inside the client's transaction) the transaction's own, with the
-    /// BEGIN of the transaction for the shards that join it.
+    /// `target`; on the shards of `reads`, which the unit only reads, a
+    /// replica where the primary is down), or (inside the client's
+    /// transaction) the transaction's own, with the BEGIN of the
+    /// transaction for the shards that join it.
     pub(in crate::session) async fn take_legs(
         &mut self,
         shards: &[usize],
-        (target, read): (Target, bool),
+        (target, reads): (Target, ShardMask),
         in_txn: bool,
     ) -> Result<(Vec<Leg>, Option<Bytes>), PgError> {
         if in_txn {
             let (legs, begin) = self.transaction_legs(shards).await?;
             Ok((legs, Some(begin)))
         } else {
-            Ok((self.borrow_legs(shards, target, read).await?, None))
+            Ok((self.borrow_legs(shards, target, reads).await?, None))
         }
     }
 
@@ -78,21 +80,20 @@ impl Session {
         }
     }
 
-    /// A connection on each of `shards` for `target` (a replica where the
-    /// primary is down, for a `read`), the CancelRequest routed to all of
-    /// them.
+    /// A connection on each of `shards` for `target` (on the shards of
+    /// `reads`, a replica where the primary is down), the CancelRequest
+    /// routed to all of them.
     pub(in crate::session) async fn borrow_legs(
         &mut self,
         shards: &[usize],
         target: Target,
-        read: bool,
+        reads: ShardMask,
     ) -> Result<Vec<Leg>, PgError> {
         let mut legs: Vec<Leg> = Vec::with_capacity(shards.len());
         for &shard in shards {
             let mut tried = 0;
-            let (conn, node, placed) = self
-                .borrow(shard, target, read || target == Target::Replica, &mut tried)
-                .await?;
+            let read = reads & mask_of(shard) != 0 || target == Target::Replica;
+            let (conn, node, placed) = self.borrow(shard, target, read, &mut tried).await?;
             self.fill_on(placed);
             let mut leg = Leg::parked(shard, node, conn);
             leg.done = false;

@@ -24,7 +24,7 @@ use crate::session::analysis::Planned;
 use crate::session::leg::Leg;
 use crate::session::{End, Session};
 use bytes::BytesMut;
-use shardline_router::sharding::{shards_in, Sharding};
+use shardline_router::sharding::{shards_in, ShardMask, Sharding};
 use shardline_router::shards::{Construct, CopyIn, Placement};
 use shardline_router::{Target, UnitPlan};
 
@@ -129,7 +129,8 @@ impl Session {
             && planned.reads_only
             && self.txn.has_begin()
             && self.begins_on_standby();
-        let (mut legs, begin) = match self.take_legs(&shards, (target, read), in_txn).await {
+        let reads = if read { ShardMask::MAX } else { 0 };
+        let (mut legs, begin) = match self.take_legs(&shards, (target, reads), in_txn).await {
             Ok(x) => x,
             Err(e) => return self.fail_unit(e, simple),
         };
