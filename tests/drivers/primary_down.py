@@ -19,8 +19,9 @@ as it goes, a replica serving where the primary is down), and a write after
 those reads must succeed on an up shard (sending none of the user's reads to
 a primary: the admin console's SHOW READ_YOUR_WRITES) and fail where the
 primary is down, leaving nothing; a pipeline sent whole to its Sync (psycopg
-3) and a query string (psycopg2) that read a key where the primary is down and
-write one where it is up must run the read on a replica and commit the write;
+3), one fetched as it goes that writes first, and a query string (psycopg2)
+that read a key where the primary is down and write one where it is up must
+run the read on a replica and commit the write;
 with autocommit off, such a pipeline's transaction whose
 first read is where the primary is down must begin on a replica (a write in
 it fails with 25006), and one on an up shard on its primary. Prints "all
@@ -241,6 +242,18 @@ def psycopg_pipeline(url, up, down):
             assert name == "pipelined", ("the pipeline's write was not committed", name)
             conn.execute("UPDATE users SET name = %s WHERE id = %s", (f"user {up[0]}", up[0]))
             print("ok psycopg pipeline to its Sync: a read where the primary is down, a write where it is up")
+            # Fetched as it goes: a write where the primary is up, then a
+            # read where it is down (that shard joins the pipeline after
+            # the write, on a replica).
+            with conn.pipeline(), conn.cursor() as cur:
+                cur.execute("UPDATE users SET name = 'fetched' WHERE id = %s RETURNING id", (up[0],))
+                assert cur.fetchall() == [(up[0],)], "the write where the primary is up"
+                cur.execute(read, (down[0],))
+                assert cur.fetchall() == [(f"user {down[0]}",)], "the read where it is down, after a write"
+            name = conn.execute(read, (up[0],)).fetchone()[0]
+            assert name == "fetched", ("the fetched pipeline's write was not committed", name)
+            conn.execute("UPDATE users SET name = %s WHERE id = %s", (f"user {up[0]}", up[0]))
+            print("ok psycopg pipeline fetched as it goes: a write where the primary is up, then a read where it is down")
         try:
             with conn.pipeline(), conn.cursor() as cur:
                 for k in up + down[:1]:

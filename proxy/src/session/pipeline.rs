@@ -108,8 +108,9 @@ impl Default for Placing {
 /// How a shard joins a pipeline's later part, as its first legs began:
 /// inside the client's transaction (`begin`, the BEGIN a shard joining it
 /// is sent), the transaction's connection there; outside, borrowed for
-/// `target` (a replica where the primary is down, for a `read`), in the
-/// proxy's BEGIN when `wrap`.
+/// `target` (a replica where the primary is down, for a `read`, and once
+/// wrapped for a shard only read so far: `add_legs`), in the proxy's
+/// BEGIN when `wrap`.
 struct Joins {
     target: Target,
     read: bool,
@@ -312,12 +313,13 @@ impl Session {
                                 begin_on(leg, out);
                             }
                             joins.wrap = true;
-                            // A shard joining from here may be written:
-                            // its primary, or the pipeline fails (08006).
+                            // From here a shard joins on its primary
+                            // unless the pipeline has only read it so far.
                             joins.read = false;
                         }
                         if shards.len() > legs.len() {
-                            self.add_legs(shards, legs, &mut outs, joins).await
+                            self.add_legs(shards, legs, &mut outs, joins, placing.written)
+                                .await
                         } else {
                             Ok(())
                         }
@@ -340,19 +342,28 @@ impl Session {
     /// Borrows a leg for each shard of `shards` past the legs a pipeline
     /// has (shards its later part joined), sent first what the others
     /// were (`leg_prelude`); statements reach it as they are bound there
-    /// (`translate`). Cancels reach every leg.
+    /// (`translate`). Cancels reach every leg. Outside a transaction, a
+    /// shard the pipeline has only read so far (its leg not in
+    /// `written`) is read on a replica while its primary is down, as the
+    /// first part's reads are; a later write there fails (25006), as in a
+    /// transaction begun on a replica.
     async fn add_legs(
         &mut self,
         shards: &[usize],
         legs: &mut Vec<Leg>,
         outs: &mut Vec<BytesMut>,
         joins: &Joins,
+        written: u64,
     ) -> Result<(), PgError> {
         let more = &shards[legs.len()..];
         let more = match &joins.begin {
             Some(begin) => self.more_transaction_legs(more, begin).await?,
             None => {
-                let reads = if joins.read { ShardMask::MAX } else { 0 };
+                let reads = if joins.read {
+                    ShardMask::MAX
+                } else {
+                    shards_of_legs(shards, !written)
+                };
                 self.borrow_legs(more, joins.target, reads).await?
             }
         };
