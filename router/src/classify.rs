@@ -144,6 +144,26 @@ fn read_only(modes: &[TransactionMode]) -> bool {
     ro && !serializable
 }
 
+/// Whether an EXPLAIN runs its statement: `EXPLAIN ANALYZE`, or
+/// `EXPLAIN (ANALYZE [true|on|1])`.
+pub(crate) fn explain_analyzes(
+    analyze: bool,
+    utility: &Option<Vec<sqlparser::ast::UtilityOption>>,
+) -> bool {
+    analyze
+        || utility.as_ref().is_some_and(|opts| {
+            opts.iter().any(|o| {
+                o.name.value.eq_ignore_ascii_case("analyze")
+                    && o.arg.as_ref().is_none_or(|a| {
+                        !matches!(
+                            a.to_string().to_ascii_lowercase().as_str(),
+                            "false" | "off" | "0"
+                        )
+                    })
+            })
+        })
+}
+
 pub fn classify_statement(statement: &Statement, options: &Options) -> Class {
     match statement {
         Statement::Query(q) => query_class(q, options),
@@ -153,20 +173,11 @@ pub fn classify_statement(statement: &Statement, options: &Options) -> Class {
             options: utility,
             ..
         } => {
-            let analyze = *analyze
-                || utility.as_ref().is_some_and(|opts| {
-                    opts.iter().any(|o| {
-                        o.name.value.eq_ignore_ascii_case("analyze")
-                            && o.arg.as_ref().is_none_or(|a| {
-                                !matches!(
-                                    a.to_string().to_ascii_lowercase().as_str(),
-                                    "false" | "off" | "0"
-                                )
-                            })
-                    })
-                });
             // EXPLAIN alone does not run the statement; EXPLAIN ANALYZE does.
-            match (analyze, classify_statement(statement, options)) {
+            match (
+                explain_analyzes(*analyze, utility),
+                classify_statement(statement, options),
+            ) {
                 (true, Class::Write) => Class::Write,
                 _ => Class::Read,
             }

@@ -1264,3 +1264,52 @@ fn cursors_are_named_as_postgres_folds_them() {
     assert_eq!(name("CLOSE ALL"), None);
     assert_eq!(name("SELECT 1"), None);
 }
+
+/// EXPLAIN of a statement on several shards shows one shard's plan (the
+/// lowest-numbered one); EXPLAIN ANALYZE runs its statement, so one of a
+/// write on several shards is refused: it would write one shard's part
+/// only (an INSERT's rows for other shards on that shard). With a key, or
+/// without ANALYZE, it runs where the statement would.
+#[test]
+fn explain_analyze_of_a_write_on_several_shards_is_refused() {
+    let mut t = T::new();
+    let (a, b) = (1i64, (2..).find(|&k| t.of(k) != t.of(1)).unwrap());
+    let lowest = Placement::One(t.of(a).min(t.of(b)));
+    for sql in [
+        "EXPLAIN SELECT count(*) FROM users".to_string(),
+        "EXPLAIN ANALYZE SELECT count(*) FROM users".into(),
+        "EXPLAIN (ANALYZE, BUFFERS) SELECT * FROM users ORDER BY id LIMIT 3".into(),
+        "EXPLAIN UPDATE users SET name = 'x'".into(),
+        "EXPLAIN (ANALYZE false) DELETE FROM users".into(),
+        "EXPLAIN (ANALYZE off, COSTS off) DELETE FROM users".into(),
+    ] {
+        assert_eq!(t.place(&sql), Placement::One(0), "every shard's: {sql}");
+    }
+    let sql = format!("EXPLAIN INSERT INTO users (id, name) VALUES ({a}, 'a'), ({b}, 'b')");
+    assert_eq!(t.place(&sql), lowest, "{sql}");
+    for sql in [
+        "EXPLAIN ANALYZE UPDATE users SET name = 'x'".to_string(),
+        "EXPLAIN (ANALYZE) DELETE FROM users WHERE id > 10".into(),
+        "EXPLAIN (ANALYZE true, TIMING off) DELETE FROM users".into(),
+        "explain analyze verbose update users set name = name".into(),
+        format!("EXPLAIN ANALYZE INSERT INTO users (id, name) VALUES ({a}, 'a'), ({b}, 'b')"),
+        "EXPLAIN ANALYZE INSERT INTO countries (code) VALUES ('fr')".into(),
+    ] {
+        assert!(
+            refused(&t.place(&sql)).starts_with("EXPLAIN ANALYZE runs the write"),
+            "{sql}"
+        );
+        let Placement::Refused(r) = t.place(&sql) else {
+            unreachable!()
+        };
+        assert_eq!(r.construct, Some(Construct::Explain), "{sql}");
+    }
+    for k in [a, b] {
+        for sql in [
+            format!("EXPLAIN ANALYZE UPDATE users SET name = 'x' WHERE id = {k}"),
+            format!("EXPLAIN ANALYZE INSERT INTO users (id, name) VALUES ({k}, 'a')"),
+        ] {
+            assert_eq!(t.place(&sql), Placement::One(t.of(k)), "{sql}");
+        }
+    }
+}

@@ -1080,3 +1080,89 @@ async fn a_pinned_client_reaches_every_shard_between_transactions() {
         .expect("unlock on the kept connection");
     assert_eq!((0..2).map(held).collect::<Vec<_>>(), ["0", "0"]);
 }
+
+/// EXPLAIN ANALYZE runs the statement it explains. One of a write on
+/// several shards ran on one shard only: a DELETE without a key deleted
+/// that shard's rows and left the others', and an INSERT of rows for both
+/// shards wrote them all on one (the other's rows where no keyed read
+/// finds them). Refused now, writing nothing; with a key it runs on the
+/// key's shard, and EXPLAIN without ANALYZE shows one shard's plan.
+#[tokio::test]
+async fn explain_analyze_of_a_write_on_several_shards_writes_nothing() {
+    let env = env().await;
+    schema(&env).await;
+    let sh = sharding(&env);
+    let keys: Vec<i64> = (1..=20).collect();
+    let c = env.connect().await;
+    for k in &keys {
+        c.execute("INSERT INTO users (id, name) VALUES ($1, 'before')", &[k])
+            .await
+            .expect("insert");
+    }
+    let on = |shard: usize| keys.iter().filter(|&&k| owner(&sh, k) == shard).count();
+    assert!(on(0) > 0 && on(1) > 0, "rows on both shards");
+    let (a, b) = (
+        (100..).find(|&k| owner(&sh, k) == 0).expect("s0 key"),
+        (100..).find(|&k| owner(&sh, k) == 1).expect("s1 key"),
+    );
+    for sql in [
+        "EXPLAIN ANALYZE DELETE FROM users WHERE id <= 20".to_string(),
+        "EXPLAIN (ANALYZE, COSTS off) UPDATE users SET name = 'explained'".into(),
+        format!("EXPLAIN ANALYZE INSERT INTO users (id, name) VALUES ({a}, 'explained'), ({b}, 'explained')"),
+    ] {
+        for simple in [true, false] {
+            let err = if simple {
+                c.simple_query(&sql).await.map(|_| ())
+            } else {
+                c.query(&sql, &[]).await.map(|_| ())
+            }
+            .expect_err("refused");
+            assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{sql}: {err}");
+            assert!(text(&err).contains("EXPLAIN ANALYZE"), "{sql}: {err}");
+        }
+    }
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(shard, "SELECT count(*) FROM users WHERE name = 'before'"),
+            on(shard).to_string(),
+            "shard {shard}'s rows are all there, unchanged"
+        );
+        assert_eq!(
+            env.sql_shard(
+                shard,
+                &format!("SELECT count(*) FROM users WHERE id IN ({a}, {b})")
+            ),
+            "0",
+            "nothing inserted on shard {shard}"
+        );
+    }
+    // With a key: run on its shard.
+    for k in [a, b] {
+        let plan = c
+            .simple_query(&format!(
+                "EXPLAIN ANALYZE INSERT INTO users (id, name) VALUES ({k}, 'explained')"
+            ))
+            .await
+            .expect("a keyed write explained");
+        assert!(first_cell(&plan).is_some_and(|l| l.starts_with("Insert on users")));
+        assert_eq!(
+            env.sql_shard(
+                owner(&sh, k),
+                &format!("SELECT name FROM users WHERE id = {k}")
+            ),
+            "explained",
+            "on its key's shard"
+        );
+    }
+    // Without ANALYZE: a plan, nothing written.
+    let plan = c
+        .simple_query("EXPLAIN DELETE FROM users")
+        .await
+        .expect("a plan");
+    assert!(first_cell(&plan).is_some_and(|l| l.starts_with("Delete on users")));
+    let rows = c
+        .query_one("SELECT count(*) FROM users", &[])
+        .await
+        .expect("count");
+    assert_eq!(rows.get::<_, i64>(0), 22);
+}

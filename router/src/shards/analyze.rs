@@ -383,9 +383,18 @@ impl Analyzer<'_> {
                 legacy_options,
                 ..
             } => self.copy(stmt, source, *to, options, legacy_options),
-            Statement::Explain { statement, .. } => {
+            Statement::Explain {
+                statement,
+                analyze,
+                options,
+                ..
+            } => {
                 let mut t = self.statement(statement);
-                t.explain = true;
+                t.explain = if crate::classify::explain_analyzes(*analyze, options) {
+                    Explain::Analyze
+                } else {
+                    Explain::Plan
+                };
                 t.needs_merge = None;
                 t
             }

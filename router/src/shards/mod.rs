@@ -210,10 +210,12 @@ pub enum Construct {
     SessionState,
     /// A session-pooled client's connection is already chosen.
     SessionPooling,
+    /// EXPLAIN ANALYZE of a write on several shards.
+    Explain,
 }
 
 impl Construct {
-    pub const ALL: [Construct; 19] = [
+    pub const ALL: [Construct; 20] = [
         Construct::Unparsed,
         Construct::CreateTableAs,
         Construct::SqlPrepare,
@@ -233,6 +235,7 @@ impl Construct {
         Construct::Transaction,
         Construct::SessionState,
         Construct::SessionPooling,
+        Construct::Explain,
     ];
 
     /// The metric's label.
@@ -257,6 +260,7 @@ impl Construct {
             Construct::Transaction => "transaction",
             Construct::SessionState => "session_state",
             Construct::SessionPooling => "session_pooling",
+            Construct::Explain => "explain",
         }
     }
 
@@ -264,6 +268,17 @@ impl Construct {
     pub fn index(self) -> usize {
         self as usize
     }
+}
+
+/// What an EXPLAIN does with the statement it names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
+pub enum Explain {
+    /// Not an EXPLAIN.
+    No,
+    /// Plans it.
+    Plan,
+    /// EXPLAIN ANALYZE: runs it.
+    Analyze,
 }
 
 /// What a statement's shape says about its shards.
@@ -277,7 +292,7 @@ pub struct Template {
     /// Refused wherever it would run.
     pub refusal: Option<Refusal>,
     /// EXPLAIN: shows one shard's plan rather than running everywhere.
-    pub explain: bool,
+    pub explain: Explain,
     /// COPY ... FROM STDIN into a sharded or reference table.
     pub copy_in: Option<CopyIn>,
     /// A leading `/* shardline: shard=... key=... */` comment.
@@ -333,7 +348,7 @@ impl Template {
             write,
             needs_merge: None,
             refusal: None,
-            explain: false,
+            explain: Explain::No,
             copy_in: None,
             hint: None,
             cursor: false,

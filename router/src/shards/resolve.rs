@@ -256,7 +256,15 @@ fn resolve_general(
             Construct::Cursor,
             "a cursor over rows of several shards is not supported: declare it with the sharding key in its WHERE clause (or a /* shardline: shard=NAME */ comment)",
         )),
-        Placement::Many(mask) if t.explain => Placement::One(mask.trailing_zeros() as usize),
+        Placement::Many(_) | Placement::Split(_) if t.explain == Explain::Analyze && t.write => {
+            Placement::refused(Refusal::unsupported(
+                Construct::Explain,
+                "EXPLAIN ANALYZE runs the write it explains, and its plan would come from one shard while the write needs several: run the statement itself, EXPLAIN it without ANALYZE, or name one shard (its key, or a /* shardline: shard=NAME */ comment)",
+            ))
+        }
+        Placement::Many(mask) | Placement::Split(mask) if t.explain != Explain::No => {
+            Placement::One(mask.trailing_zeros() as usize)
+        }
         Placement::Many(_) if t.copy_in.is_some() => Placement::CopySplit(sh.all_shards()),
         Placement::Many(mask) if !t.write && t.needs_merge.is_some() => Placement::Merge(mask),
         Placement::Many(_)
