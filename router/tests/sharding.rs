@@ -1313,3 +1313,40 @@ fn explain_analyze_of_a_write_on_several_shards_is_refused() {
         }
     }
 }
+
+/// MERGE with a sharded table does not say which shard each row belongs
+/// to: run on every shard, a WHEN NOT MATCHED ... INSERT inserted its row
+/// on each. Refused unless a hint names the shard; into a reference table
+/// it is a write of every shard, into an unsharded one the default's.
+#[test]
+fn merge_with_a_sharded_table_runs_only_where_a_hint_says() {
+    let mut t = T::new();
+    let into_users =
+        "MERGE INTO users u USING (VALUES (7::bigint, 'x')) v(id, name) ON u.id = v.id \
+                      WHEN MATCHED THEN UPDATE SET name = v.name \
+                      WHEN NOT MATCHED THEN INSERT (id, name) VALUES (v.id, v.name)";
+    for sql in [
+        into_users.to_string(),
+        "MERGE INTO users u USING countries c ON u.country = c.code WHEN MATCHED THEN DELETE".into(),
+        "MERGE INTO countries c USING users u ON u.country = c.code WHEN NOT MATCHED THEN INSERT (code) VALUES (u.country)".into(),
+    ] {
+        let p = t.place(&sql);
+        assert!(refused(&p).starts_with("MERGE with a sharded table"), "{sql}");
+        let Placement::Refused(r) = p else { unreachable!() };
+        assert_eq!(r.construct, Some(Construct::MergeInto), "{sql}");
+    }
+    assert_eq!(
+        t.place(&format!("/* shardline: shard=s1 */ {into_users}")),
+        Placement::One(1)
+    );
+    assert_eq!(
+        t.place("MERGE INTO countries c USING (VALUES ('fr', 'France')) v(code, name) ON c.code = v.code WHEN NOT MATCHED THEN INSERT VALUES (v.code, v.name)"),
+        t.place("INSERT INTO countries (code, name) VALUES ('fr', 'France')"),
+        "a reference table: every shard's copy, as its other writes"
+    );
+    assert_eq!(
+        t.place("MERGE INTO settings s USING (VALUES ('a', 1)) v(k, n) ON s.k = v.k WHEN NOT MATCHED THEN INSERT VALUES (v.k, v.n)"),
+        Placement::One(t.sh.default_shard),
+        "an unsharded table: the default shard"
+    );
+}

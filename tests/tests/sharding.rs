@@ -1166,3 +1166,76 @@ async fn explain_analyze_of_a_write_on_several_shards_writes_nothing() {
         .expect("count");
     assert_eq!(rows.get::<_, i64>(0), 22);
 }
+
+/// MERGE into a sharded table ran on every shard: its WHEN NOT MATCHED
+/// INSERT put the row on each (MERGE 2, one row on a shard that does not
+/// own its key). Refused now, writing nothing; with a shard hint it runs
+/// there; into a reference table every shard's copy gets the row, and
+/// the client one tag.
+#[tokio::test]
+async fn merge_into_a_sharded_table_writes_nothing_unless_a_shard_is_named() {
+    let env = env().await;
+    schema(&env).await;
+    let sh = sharding(&env);
+    let c = env.connect().await;
+    let merge = |k: i64| {
+        format!(
+            "MERGE INTO users u USING (VALUES ({k}::bigint, 'merged')) v(id, name) ON u.id = v.id \
+             WHEN MATCHED THEN UPDATE SET name = v.name \
+             WHEN NOT MATCHED THEN INSERT (id, name) VALUES (v.id, v.name)"
+        )
+    };
+    let k = 7001;
+    for simple in [true, false] {
+        let err = if simple {
+            c.simple_query(&merge(k)).await.map(|_| ())
+        } else {
+            c.execute(&merge(k), &[]).await.map(|_| ())
+        }
+        .expect_err("refused");
+        assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+        assert!(
+            text(&err).starts_with("MERGE with a sharded table"),
+            "{err}"
+        );
+    }
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(shard, &format!("SELECT count(*) FROM users WHERE id = {k}")),
+            "0",
+            "nothing merged on shard {shard}"
+        );
+    }
+    let owner_name = format!("s{}", owner(&sh, k));
+    let n = c
+        .execute(
+            &format!("/* shardline: shard={owner_name} */ {}", merge(k)),
+            &[],
+        )
+        .await
+        .expect("MERGE on the shard a hint names");
+    assert_eq!(n, 1);
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(shard, &format!("SELECT count(*) FROM users WHERE id = {k}")),
+            if shard == owner(&sh, k) { "1" } else { "0" },
+            "shard {shard}"
+        );
+    }
+    let n = c
+        .execute(
+            "MERGE INTO countries c USING (VALUES ('fr', 'France')) v(code, name) ON c.code = v.code \
+             WHEN NOT MATCHED THEN INSERT VALUES (v.code, v.name)",
+            &[],
+        )
+        .await
+        .expect("MERGE into a reference table");
+    assert_eq!(n, 1, "one tag, as one server's");
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(shard, "SELECT name FROM countries WHERE code = 'fr'"),
+            "France",
+            "shard {shard}'s copy"
+        );
+    }
+}

@@ -364,6 +364,7 @@ impl Analyzer<'_> {
                 }
                 self.dml(stmt, &rels, d.selection.as_ref(), &[])
             }
+            Statement::Merge { .. } => self.merge(stmt),
             Statement::Truncate(t) => {
                 let all_unsharded = t
                     .table_names
@@ -455,6 +456,37 @@ impl Analyzer<'_> {
             // Schema changes, utility statements: every shard's primary.
             _ => Template::new(Scope::AllShards, true),
         }
+    }
+
+    /// MERGE: where its tables are. Into (or from) a sharded table it
+    /// runs only on one shard a hint names: the statement does not say
+    /// which shard each of its rows belongs to, and run on every shard a
+    /// WHEN NOT MATCHED ... INSERT would insert a row on each. Into a
+    /// reference table, on every shard (as its other writes); else on the
+    /// default shard.
+    fn merge(&self, whole: &Statement) -> Template {
+        let kinds: Vec<TableKind> = relations(whole)
+            .iter()
+            .filter(|n| !is_catalog(n))
+            .map(|n| self.sh.table(n))
+            .collect();
+        if kinds.iter().any(|k| matches!(k, TableKind::Sharded(_))) {
+            return Template {
+                spread_refusal: Some(Refusal::unsupported(
+                    Construct::MergeInto,
+                    "MERGE with a sharded table: the statement does not say which shard each row belongs to, and run on every shard it would insert a row on each; use INSERT ... ON CONFLICT, UPDATE or DELETE (placed by their keys), or name the shard (a /* shardline: shard=NAME */ comment)",
+                )),
+                ..Template::new(Scope::AllShards, true)
+            };
+        }
+        let scope = if kinds.contains(&TableKind::Unsharded) {
+            Scope::Default
+        } else if kinds.is_empty() {
+            Scope::Anywhere
+        } else {
+            Scope::Reference
+        };
+        Template::new(scope, true)
     }
 
     /// SQL `PREPARE`: the statement stays on the server connection that

@@ -212,10 +212,12 @@ pub enum Construct {
     SessionPooling,
     /// EXPLAIN ANALYZE of a write on several shards.
     Explain,
+    /// MERGE into a sharded table on several shards.
+    MergeInto,
 }
 
 impl Construct {
-    pub const ALL: [Construct; 20] = [
+    pub const ALL: [Construct; 21] = [
         Construct::Unparsed,
         Construct::CreateTableAs,
         Construct::SqlPrepare,
@@ -236,6 +238,7 @@ impl Construct {
         Construct::SessionState,
         Construct::SessionPooling,
         Construct::Explain,
+        Construct::MergeInto,
     ];
 
     /// The metric's label.
@@ -261,6 +264,7 @@ impl Construct {
             Construct::SessionState => "session_state",
             Construct::SessionPooling => "session_pooling",
             Construct::Explain => "explain",
+            Construct::MergeInto => "merge_into",
         }
     }
 
