@@ -536,6 +536,23 @@ fn what_cannot_be_answered_exactly_is_refused() {
             "CREATE TABLE ... AS",
             Construct::CreateTableAs,
         ),
+        // CREATE TABLE ... AS by another name: each shard made its own
+        // table of its own rows.
+        (
+            "SELECT id, name INTO users_copy FROM users WHERE id < 50",
+            "SELECT ... INTO",
+            Construct::CreateTableAs,
+        ),
+        (
+            "SELECT * INTO TEMP t FROM users WHERE id = 7",
+            "SELECT ... INTO",
+            Construct::CreateTableAs,
+        ),
+        (
+            "(SELECT id INTO t FROM users) UNION ALL SELECT user_id FROM orders",
+            "SELECT ... INTO",
+            Construct::CreateTableAs,
+        ),
         // Its EXECUTE would run where it was prepared, whatever the key.
         (
             "PREPARE p AS SELECT * FROM users WHERE id = $1",

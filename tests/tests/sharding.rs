@@ -592,6 +592,25 @@ async fn refusals_leave_nothing_half_done() {
         env.sql_shard(0, &format!("SELECT name FROM users WHERE id = {a}")),
         "a"
     );
+    // SELECT ... INTO is CREATE TABLE ... AS: run on every shard it made
+    // a table of each shard's rows there (read later from the default
+    // shard alone). Refused as that is, creating nothing.
+    let err = c
+        .batch_execute("SELECT id, name INTO users_copy FROM users")
+        .await
+        .expect_err("SELECT INTO across shards");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    assert!(text(&err).contains("SELECT ... INTO"), "{err}");
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(
+                shard,
+                "SELECT count(*) FROM pg_class WHERE relname = 'users_copy'"
+            ),
+            "0",
+            "no table on shard {shard}"
+        );
+    }
 }
 
 /// DDL reaches every shard; reference tables stay identical everywhere;

@@ -324,9 +324,25 @@ pub(crate) fn relations<V: Visit>(node: &V) -> Vec<String> {
         .collect()
 }
 
+/// Whether a query creates a table (`SELECT ... INTO t`), in any branch.
+fn selects_into(body: &SetExpr) -> bool {
+    match body {
+        SetExpr::Select(s) => s.into.is_some(),
+        SetExpr::SetOperation { left, right, .. } => selects_into(left) || selects_into(right),
+        SetExpr::Query(q) => selects_into(&q.body),
+        _ => false,
+    }
+}
+
 impl Analyzer<'_> {
     fn statement(&self, stmt: &Statement) -> Template {
         match stmt {
+            Statement::Query(q) if selects_into(&q.body) => {
+                Template::refused(Refusal::unsupported(
+                    Construct::CreateTableAs,
+                    "SELECT ... INTO (CREATE TABLE ... AS) across shards: create the table, then fill it with INSERT",
+                ))
+            }
             Statement::Query(q) => self.query(q, stmt),
             Statement::Insert(ins) => self.insert(ins, stmt),
             Statement::Update(u) => {
