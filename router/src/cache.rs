@@ -359,7 +359,10 @@ pub fn shape_noting(sql: &str, out: &mut String, constants: &mut Vec<(usize, usi
 /// Classifies (and, with `sharding`, analyses) without the cache: one parse.
 pub fn route_uncached(sql: &str, options: &Options, sharding: Option<&Sharding>) -> Route {
     let hint = leading_hint(sql);
-    let parsed = Parser::parse_sql(&PostgreSqlDialect {}, sql);
+    let mut parsed = Parser::parse_sql(&PostgreSqlDialect {}, sql);
+    if let Ok(statements) = parsed.as_mut() {
+        crate::shards::unwrap_only(statements);
+    }
     let (class, source) = match &parsed {
         Ok(statements) => (classify_parsed(statements, options), Source::Parsed),
         Err(_) => (fallback(sql), Source::Fallback),

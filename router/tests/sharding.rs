@@ -1367,3 +1367,50 @@ fn merge_with_a_sharded_table_runs_only_where_a_hint_says() {
         "an unsharded table: the default shard"
     );
 }
+
+/// `ONLY` (no inheritance children) was read by the parser as a table
+/// named "ONLY" aliased by the real one, so `SELECT ... FROM ONLY users`
+/// went to the default shard (one shard's rows) and a keyed `DELETE FROM
+/// ONLY users` there too, whatever its key. Placed as without ONLY now.
+#[test]
+fn only_is_placed_as_its_table() {
+    let mut t = T::new();
+    for k in [1i64, 2, 3, 42, 600] {
+        for (with_only, without) in [
+            (
+                format!("SELECT * FROM ONLY users WHERE id = {k}"),
+                format!("SELECT * FROM users WHERE id = {k}"),
+            ),
+            (
+                format!("DELETE FROM ONLY users WHERE id = {k}"),
+                format!("DELETE FROM users WHERE id = {k}"),
+            ),
+            (
+                format!("UPDATE only users SET name = 'x' WHERE id = {k}"),
+                format!("UPDATE users SET name = 'x' WHERE id = {k}"),
+            ),
+            (
+                format!("SELECT * FROM orders o JOIN ONLY users ON users.id = o.user_id WHERE o.user_id = {k}"),
+                format!("SELECT * FROM orders o JOIN users ON users.id = o.user_id WHERE o.user_id = {k}"),
+            ),
+        ] {
+            assert_eq!(t.place(&with_only), Placement::One(t.of(k)), "{with_only}");
+            assert_eq!(t.place(&with_only), t.place(&without), "{with_only}");
+        }
+    }
+    for (with_only, without) in [
+        (
+            "SELECT count(*) FROM ONLY users",
+            "SELECT count(*) FROM users",
+        ),
+        ("DELETE FROM ONLY users", "DELETE FROM users"),
+        ("SELECT * FROM ONLY countries", "SELECT * FROM countries"),
+    ] {
+        assert_eq!(t.place(with_only), t.place(without), "{with_only}");
+    }
+    // A table really named "only" (quoted) is that table.
+    assert_eq!(
+        t.place("SELECT * FROM \"only\" users"),
+        t.place("SELECT * FROM settings users")
+    );
+}

@@ -1258,3 +1258,66 @@ async fn merge_into_a_sharded_table_writes_nothing_unless_a_shard_is_named() {
         );
     }
 }
+
+/// `ONLY` in FROM, UPDATE and DELETE: each statement reaches the shards
+/// it would without it. The parser had read ONLY as a table name, so
+/// these went to the default shard: a count saw its rows alone, and a
+/// keyed UPDATE or DELETE of the other shard's row changed nothing.
+#[tokio::test]
+async fn only_reaches_the_shards_of_its_table() {
+    let env = env().await;
+    schema(&env).await;
+    let sh = sharding(&env);
+    let c = env.connect().await;
+    let keys: Vec<i64> = (1..=20).collect();
+    for k in &keys {
+        c.execute("INSERT INTO users (id, name) VALUES ($1, 'n')", &[k])
+            .await
+            .expect("insert");
+    }
+    let count = |rows: Vec<tokio_postgres::Row>| rows[0].get::<_, i64>(0);
+    assert_eq!(
+        count(
+            c.query("SELECT count(*) FROM ONLY users", &[])
+                .await
+                .unwrap()
+        ),
+        20
+    );
+    let default = sh.default_shard;
+    for k in keys.iter().filter(|&&k| owner(&sh, k) != default).take(3) {
+        let n = c
+            .execute(
+                &format!("UPDATE ONLY users SET name = 'only' WHERE id = {k}"),
+                &[],
+            )
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "UPDATE ONLY of key {k}");
+        let got = c
+            .query_one("SELECT name FROM ONLY users WHERE id = $1", &[k])
+            .await
+            .unwrap();
+        assert_eq!(got.get::<_, String>(0), "only");
+        let n = c
+            .execute("DELETE FROM ONLY users WHERE id = $1", &[k])
+            .await
+            .unwrap();
+        assert_eq!(n, 1, "DELETE FROM ONLY of key {k}");
+        assert_eq!(
+            env.sql_shard(
+                owner(&sh, *k),
+                &format!("SELECT count(*) FROM users WHERE id = {k}")
+            ),
+            "0"
+        );
+    }
+    assert_eq!(
+        count(
+            c.query("SELECT count(*) FROM ONLY users", &[])
+                .await
+                .unwrap()
+        ),
+        17
+    );
+}

@@ -303,6 +303,41 @@ impl Visitor for Relations {
     }
 }
 
+/// `FROM ONLY t` (and `JOIN ONLY t`, `UPDATE ONLY t`, `DELETE FROM ONLY
+/// t`): the parser reads `ONLY` as a table of that name aliased `t`, so
+/// `t` went unseen and the statement to the default shard. Made table `t`
+/// again before the statements are analysed; ONLY leaves out inheritance
+/// children, which no placement depends on, and the servers get the text
+/// as it was written.
+pub(crate) fn unwrap_only(statements: &mut [Statement]) {
+    struct OnlyTables;
+    impl sqlparser::ast::VisitorMut for OnlyTables {
+        type Break = ();
+        fn pre_visit_table_factor(&mut self, f: &mut TableFactor) -> ControlFlow<()> {
+            if let TableFactor::Table {
+                name,
+                alias,
+                args: None,
+                ..
+            } = f
+            {
+                let only = matches!(name.0.as_slice(), [part] if part
+                    .as_ident()
+                    .is_some_and(|i| i.quote_style.is_none() && i.value.eq_ignore_ascii_case("only")));
+                if only && alias.as_ref().is_some_and(|a| a.columns.is_empty()) {
+                    if let Some(a) = alias.take() {
+                        *name = sqlparser::ast::ObjectName::from(vec![a.name]);
+                    }
+                }
+            }
+            ControlFlow::Continue(())
+        }
+    }
+    for s in statements {
+        let _ = sqlparser::ast::VisitMut::visit(s, &mut OnlyTables);
+    }
+}
+
 pub(crate) fn relations<V: Visit>(node: &V) -> Vec<String> {
     let mut r = Relations {
         names: Vec::new(),
