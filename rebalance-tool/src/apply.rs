@@ -105,6 +105,8 @@ CREATE TABLE IF NOT EXISTS shardline.rebalance_deletes (
 
 /// The advisory lock key every run holds on every shard it touches.
 const RUN_LOCK: i64 = 0x5368_6172_646c_696e; // "Shardlin"
+/// How long a run waits for the tool's lock before saying another holds it.
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(3);
 
 const STEP_KEY: &str =
     "run = $1 AND table_name = $2 AND source = $3 AND target = $4 AND chunk = $5";
@@ -631,16 +633,27 @@ impl<'a> Run<'a> {
         let mut locks = Vec::new();
         for &id in &all {
             let c = servers.get(id).await?;
-            let held: bool = c
-                .query_one("SELECT pg_try_advisory_lock($1)", &[&RUN_LOCK])
-                .await
-                .on(&servers, id, "taking the tool's lock")?
-                .get(0);
-            if !held {
-                bail!(
-                    "another shardline-rebalance is running against shard {} (it holds the tool's advisory lock): wait for it to end. Nothing was changed.",
-                    servers.label(id)
-                );
+            // The lock is a session's: a run that just ended (this
+            // process's own, before it reads what that run left) frees it
+            // once the server has seen its connections close, a moment
+            // after they are dropped. Asked again for up to LOCK_WAIT.
+            let waited = std::time::Instant::now();
+            loop {
+                let held: bool = c
+                    .query_one("SELECT pg_try_advisory_lock($1)", &[&RUN_LOCK])
+                    .await
+                    .on(&servers, id, "taking the tool's lock")?
+                    .get(0);
+                if held {
+                    break;
+                }
+                if waited.elapsed() >= LOCK_WAIT {
+                    bail!(
+                        "another shardline-rebalance is running against shard {} (it holds the tool's advisory lock): wait for it to end. Nothing was changed.",
+                        servers.label(id)
+                    );
+                }
+                tokio::time::sleep(std::time::Duration::from_millis(50)).await;
             }
             locks.push(c);
         }

@@ -289,12 +289,14 @@ async fn run(cli: Cli) -> Result<ExitCode> {
                 Ok(s) => s,
                 Err(e) if !proxies.paused() => return Err(e),
                 Err(e) => {
+                    const STAY_PAUSED: &str = "so the proxies stay paused (the old placement would miss them). Run the same apply again (with its --admin options) to finish: it reloads and resumes them";
                     return Err(match apply::deletes_started(&r, &login, &placement).await {
                         Ok(false) => match proxies.resume().await {
                             Ok(_) => e.context("nothing was deleted: the proxies are resumed on the old config"),
                             Err(r) => e.context(format!("nothing was deleted, but resuming failed ({r:#}): run RESUME in each proxy's console")),
                         },
-                        _ => e.context("rows may already be deleted from their old shards, so the proxies stay paused (the old placement would miss them). Run the same apply again (with its --admin options) to finish: it reloads and resumes them"),
+                        Ok(true) => e.context(format!("rows may already be deleted from their old shards, {STAY_PAUSED}")),
+                        Err(d) => e.context(format!("whether rows were deleted from their old shards could not be read ({d:#}), {STAY_PAUSED}")),
                     });
                 }
             };

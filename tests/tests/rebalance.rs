@@ -2077,3 +2077,89 @@ async fn a_hot_key_the_report_names_moves_to_a_shard_of_its_own() {
         "{report:?}"
     );
 }
+
+/// The tool's lock is a server session's: a run that has just failed
+/// frees it only once the server has seen its connections close, a moment
+/// after the tool dropped them. The tool then reads what that run left
+/// (whether deletes began, to resume the proxies or keep them paused) with
+/// a run of its own: taking the lock failed at once, which kept the
+/// proxies paused after a failure that deleted nothing. A lock freed
+/// within the wait (3 s) is taken; one held longer is another run's.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_tools_lock_is_awaited_briefly_before_another_run_is_named() {
+    /// `apply.rs::RUN_LOCK`.
+    const RUN_LOCK: i64 = 0x5368_6172_646c_696e;
+    let env = start(2).await;
+    let files = TempDir::new("rebalance-lock");
+    let tables = "[sharding]\nfunction = \"consistent\"\n\n[[sharding.tables]]\nname = \"accts\"\ncolumn = \"id\"\n";
+    for s in 0..2 {
+        env.sql_shard(
+            s,
+            "CREATE TABLE accts (id bigint PRIMARY KEY); GRANT ALL ON accts TO app;",
+        );
+    }
+    let old = files.write("old.toml", &env.shards_config(&[0], tables));
+    let new = files.write("new.toml", &env.shards_config(&[0, 1], tables));
+    let args: Vec<String> = ["abort", "--from", path(&old), "--to", path(&new)]
+        .map(String::from)
+        .to_vec();
+    let run = |args: Vec<String>| {
+        tokio::task::spawn_blocking(move || {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            tool(&args)
+        })
+    };
+    let hold = || async {
+        let c = env.connect_shard(0).await;
+        let held: bool = c
+            .query_one("SELECT pg_try_advisory_lock($1)", &[&RUN_LOCK])
+            .await
+            .unwrap()
+            .get(0);
+        assert!(held);
+        c
+    };
+    // Freed once the run has asked for it: taken, and the run goes on
+    // (nothing is recorded, so abort says there is nothing to undo).
+    let holder = hold().await;
+    let holder_pid: i32 = holder
+        .query_one("SELECT pg_backend_pid()", &[])
+        .await
+        .unwrap()
+        .get(0);
+    let watcher = env.connect_shard(0).await;
+    let aborting = run(args.clone());
+    let started = Instant::now();
+    loop {
+        let asked: i64 = watcher
+            .query_one(
+                "SELECT count(*) FROM pg_stat_activity WHERE query LIKE 'SELECT pg_try_advisory_lock%' AND pid NOT IN ($1, pg_backend_pid())",
+                &[&holder_pid],
+            )
+            .await
+            .unwrap()
+            .get(0);
+        // (A run that does not wait is over before it is seen.)
+        if asked > 0 || aborting.is_finished() {
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(20),
+            "the run never asked for the lock"
+        );
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    drop(holder);
+    let (code, out, err) = aborting.await.unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(err.contains("nothing to abort"), "{err}");
+    // Held throughout: another run's.
+    let holder = hold().await;
+    let (code, out, err) = run(args).await.unwrap();
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        err.contains("another shardline-rebalance is running"),
+        "{err}"
+    );
+    drop(holder);
+}
