@@ -1361,6 +1361,18 @@ fn merge_with_a_sharded_table_runs_only_where_a_hint_says() {
         t.place("INSERT INTO countries (code, name) VALUES ('fr', 'France')"),
         "a reference table: every shard's copy, as its other writes"
     );
+    // Into a reference table from a table only the default shard holds:
+    // run on every shard, the others' copies would miss its rows.
+    let p = t.place("MERGE INTO countries c USING settings s ON c.code = s.k WHEN NOT MATCHED THEN INSERT (code) VALUES (s.k)");
+    assert!(
+        refused(&p).starts_with("MERGE into a reference table"),
+        "{p:?}"
+    );
+    assert_eq!(
+        t.place("MERGE INTO settings s USING countries c ON s.k = c.code WHEN NOT MATCHED THEN INSERT (k) VALUES (c.code)"),
+        Placement::One(t.sh.default_shard),
+        "an unsharded table from a reference table: the default shard"
+    );
     assert_eq!(
         t.place("MERGE INTO settings s USING (VALUES ('a', 1)) v(k, n) ON s.k = v.k WHEN NOT MATCHED THEN INSERT VALUES (v.k, v.n)"),
         Placement::One(t.sh.default_shard),

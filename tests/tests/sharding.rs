@@ -1257,6 +1257,29 @@ async fn merge_into_a_sharded_table_writes_nothing_unless_a_shard_is_named() {
             "shard {shard}'s copy"
         );
     }
+    // From a table only the default shard holds: refused, no copy changed.
+    c.batch_execute("CREATE TABLE plain (code text, name text)")
+        .await
+        .unwrap();
+    c.batch_execute("INSERT INTO plain VALUES ('de', 'Germany')")
+        .await
+        .unwrap();
+    let err = c
+        .execute(
+            "MERGE INTO countries c USING plain p ON c.code = p.code \
+             WHEN NOT MATCHED THEN INSERT VALUES (p.code, p.name)",
+            &[],
+        )
+        .await
+        .expect_err("refused");
+    assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(shard, "SELECT count(*) FROM countries WHERE code = 'de'"),
+            "0",
+            "shard {shard}'s copy"
+        );
+    }
 }
 
 /// `ONLY` in FROM, UPDATE and DELETE: each statement reaches the shards

@@ -415,7 +415,7 @@ impl Analyzer<'_> {
                 }
                 self.dml(stmt, &rels, d.selection.as_ref(), &[])
             }
-            Statement::Merge { .. } => self.merge(stmt),
+            Statement::Merge(m) => self.merge(stmt, &m.table),
             Statement::Truncate(t) => {
                 let all_unsharded = t
                     .table_names
@@ -513,14 +513,23 @@ impl Analyzer<'_> {
     /// runs only on one shard a hint names: the statement does not say
     /// which shard each of its rows belongs to, and run on every shard a
     /// WHEN NOT MATCHED ... INSERT would insert a row on each. Into a
-    /// reference table, on every shard (as its other writes); else on the
-    /// default shard.
-    fn merge(&self, whole: &Statement) -> Template {
+    /// reference table, on every shard (as its other writes), refused when
+    /// it reads a table only the default shard holds (the other shards'
+    /// copies would not get its rows); else on the default shard.
+    fn merge(&self, whole: &Statement, target: &TableFactor) -> Template {
         let kinds: Vec<TableKind> = relations(whole)
             .iter()
             .filter(|n| !is_catalog(n))
             .map(|n| self.sh.table(n))
             .collect();
+        let into_reference = matches!(target, TableFactor::Table { name, .. }
+            if self.sh.table(&lower_name(name)) == TableKind::Reference);
+        if into_reference && kinds.contains(&TableKind::Unsharded) {
+            return Template::refused(Refusal::unsupported(
+                Construct::MergeInto,
+                "MERGE into a reference table reads a table that is only on the default shard: the other shards' copies would not get its rows",
+            ));
+        }
         if kinds.iter().any(|k| matches!(k, TableKind::Sharded(_))) {
             return Template {
                 spread_refusal: Some(Refusal::unsupported(
