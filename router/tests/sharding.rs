@@ -1380,6 +1380,100 @@ fn merge_with_a_sharded_table_runs_only_where_a_hint_says() {
     );
 }
 
+/// A view is read as an unsharded table (the default shard alone): made
+/// on every shard over a sharded table, it would answer one shard's rows.
+#[test]
+fn a_view_over_a_sharded_table_is_made_only_where_a_hint_says() {
+    let mut t = T::new();
+    let all = Placement::Many(t.sh.all_shards());
+    for sql in [
+        "CREATE VIEW active_users AS SELECT * FROM users WHERE name <> ''",
+        "CREATE OR REPLACE VIEW user5 AS SELECT * FROM users WHERE id = 5",
+        "CREATE MATERIALIZED VIEW order_totals AS SELECT user_id, sum(amount) FROM orders GROUP BY user_id",
+        "CREATE VIEW v AS SELECT c.name FROM countries c JOIN users u ON u.country = c.code",
+        "CREATE VIEW v AS SELECT * FROM countries WHERE code IN (SELECT country FROM public.users)",
+    ] {
+        let p = t.place(sql);
+        assert!(refused(&p).starts_with("a view over sharded table"), "{sql}: {p:?}");
+        let Placement::Refused(r) = p else { unreachable!() };
+        assert_eq!(r.construct, Some(Construct::View), "{sql}");
+    }
+    assert_eq!(
+        t.place("/* shardline: shard=s1 */ CREATE VIEW active_users AS SELECT * FROM users"),
+        Placement::One(1)
+    );
+    // The same rows on every shard: made on each, as other schema changes.
+    assert_eq!(
+        t.place("CREATE VIEW french AS SELECT * FROM countries WHERE code = 'fr'"),
+        all
+    );
+    assert_eq!(t.place("CREATE VIEW one AS SELECT 1 AS n"), all);
+    assert_eq!(
+        t.place("CREATE VIEW rels AS SELECT relname FROM pg_catalog.pg_class"),
+        all
+    );
+    assert_eq!(t.place("REFRESH MATERIALIZED VIEW order_totals"), all);
+    assert_eq!(t.place("DROP VIEW active_users"), all);
+}
+
+/// A DO block runs as it is on every shard: one naming a sharded table,
+/// in its code or in the text it EXECUTEs, is refused unless a hint names
+/// the shard.
+#[test]
+fn a_do_block_naming_a_sharded_table_runs_only_where_a_hint_says() {
+    let mut t = T::new();
+    let all = Placement::Many(t.sh.all_shards());
+    for (sql, table) in [
+        (
+            "DO $$ BEGIN INSERT INTO users (id, name) VALUES (5, 'x'); END $$",
+            "users",
+        ),
+        (
+            "DO $body$ BEGIN UPDATE public.orders SET amount = 0; END $body$",
+            "orders",
+        ),
+        (
+            "do LANGUAGE plpgsql $$BEGIN DELETE FROM \"users\"; END$$",
+            "users",
+        ),
+        ("DO 'BEGIN EXECUTE ''DELETE FROM users''; END'", "users"),
+        (
+            "DO $$ BEGIN EXECUTE 'INSERT INTO orders VALUES (1)'; END $$",
+            "orders",
+        ),
+        ("DO $$ BEGIN PERFORM count(*) FROM users$$", "users"),
+    ] {
+        let p = t.place(sql);
+        assert!(
+            refused(&p).starts_with("a DO block runs as it is on every shard")
+                && refused(&p).contains(&format!("\"{table}\"")),
+            "{sql}: {p:?}"
+        );
+        let Placement::Refused(r) = p else {
+            unreachable!()
+        };
+        assert_eq!(r.construct, Some(Construct::DoBlock), "{sql}");
+    }
+    assert_eq!(
+        t.place("/* shardline: shard=s1 */ DO $$ BEGIN DELETE FROM users WHERE id = 5; END $$"),
+        Placement::One(1)
+    );
+    // No sharded table: every shard, as before (a reference table's copies
+    // all take the same writes).
+    assert_eq!(t.place("DO $$ BEGIN PERFORM 1; END $$"), all);
+    assert_eq!(
+        t.place("DO $$ BEGIN INSERT INTO countries VALUES ('fr', 'France'); END $$"),
+        all
+    );
+    // Text the block builds its statements from may name the table in any
+    // string (`format('DELETE FROM %I', 'users')`): every string is read,
+    // a message's words too.
+    let p = t.place("DO $$ BEGIN EXECUTE format('DELETE FROM %I', 'users'); END $$");
+    assert!(refused(&p).contains("\"users\""), "{p:?}");
+    let p = t.place("DO $$ BEGIN RAISE NOTICE 'users: %', 1; END $$");
+    assert!(refused(&p).contains("\"users\""), "{p:?}");
+}
+
 /// `ONLY` (no inheritance children) was read by the parser as a table
 /// named "ONLY" aliased by the real one, so `SELECT ... FROM ONLY users`
 /// went to the default shard (one shard's rows) and a keyed `DELETE FROM

@@ -46,6 +46,24 @@ fn text(e: &tokio_postgres::Error) -> String {
         .map_or_else(|| e.to_string(), |d| d.message().to_string())
 }
 
+/// `sql` refused with 0A000 over the simple and the extended protocol
+/// alike: the refusal's message.
+async fn refused_both_ways(c: &tokio_postgres::Client, sql: &str) -> String {
+    let mut messages = Vec::new();
+    for simple in [true, false] {
+        let err = if simple {
+            c.simple_query(sql).await.map(|_| ())
+        } else {
+            c.query(sql, &[]).await.map(|_| ())
+        }
+        .expect_err("refused");
+        assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{sql}: {err}");
+        messages.push(text(&err));
+    }
+    assert_eq!(messages[0], messages[1], "{sql}");
+    messages.swap_remove(0)
+}
+
 async fn env() -> Env {
     Env::start_with(EnvOptions {
         shards: 2,
@@ -1129,16 +1147,8 @@ async fn explain_analyze_of_a_write_on_several_shards_writes_nothing() {
         "EXPLAIN (ANALYZE, COSTS off) UPDATE users SET name = 'explained'".into(),
         format!("EXPLAIN ANALYZE INSERT INTO users (id, name) VALUES ({a}, 'explained'), ({b}, 'explained')"),
     ] {
-        for simple in [true, false] {
-            let err = if simple {
-                c.simple_query(&sql).await.map(|_| ())
-            } else {
-                c.query(&sql, &[]).await.map(|_| ())
-            }
-            .expect_err("refused");
-            assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{sql}: {err}");
-            assert!(text(&err).contains("EXPLAIN ANALYZE"), "{sql}: {err}");
-        }
+        let message = refused_both_ways(&c, &sql).await;
+        assert!(message.contains("EXPLAIN ANALYZE"), "{sql}: {message}");
     }
     for shard in 0..2 {
         assert_eq!(
@@ -1205,19 +1215,11 @@ async fn merge_into_a_sharded_table_writes_nothing_unless_a_shard_is_named() {
         )
     };
     let k = 7001;
-    for simple in [true, false] {
-        let err = if simple {
-            c.simple_query(&merge(k)).await.map(|_| ())
-        } else {
-            c.execute(&merge(k), &[]).await.map(|_| ())
-        }
-        .expect_err("refused");
-        assert_eq!(sqlstate(&err).as_deref(), Some("0A000"), "{err}");
-        assert!(
-            text(&err).starts_with("MERGE with a sharded table"),
-            "{err}"
-        );
-    }
+    let message = refused_both_ways(&c, &merge(k)).await;
+    assert!(
+        message.starts_with("MERGE with a sharded table"),
+        "{message}"
+    );
     for shard in 0..2 {
         assert_eq!(
             env.sql_shard(shard, &format!("SELECT count(*) FROM users WHERE id = {k}")),
@@ -1343,4 +1345,93 @@ async fn only_reaches_the_shards_of_its_table() {
         ),
         17
     );
+}
+
+/// A view over a sharded table is read on the default shard alone, and a
+/// DO block runs as it is on every shard: made or run on every shard, the
+/// view would answer one shard's rows and the block write its rows on
+/// each. Both are refused unless a hint names the shard, creating and
+/// writing nothing; over reference tables alone they run on every shard.
+#[tokio::test]
+async fn views_and_do_blocks_over_sharded_tables_run_only_where_a_shard_is_named() {
+    let env = env().await;
+    schema(&env).await;
+    let sh = sharding(&env);
+    let c = env.connect().await;
+    for k in 1..=20i64 {
+        c.execute("INSERT INTO users (id, name) VALUES ($1, 'u')", &[&k])
+            .await
+            .expect("insert");
+    }
+    let relations = |shard: usize, names: &str| {
+        env.sql_shard(
+            shard,
+            &format!("SELECT count(*) FROM pg_class WHERE relname IN ({names})"),
+        )
+    };
+    for sql in [
+        "CREATE VIEW named AS SELECT * FROM users WHERE name = 'u'",
+        "CREATE MATERIALIZED VIEW totals AS SELECT count(*) FROM users",
+    ] {
+        let message = refused_both_ways(&c, sql).await;
+        assert!(
+            message.starts_with("a view over sharded table \"users\""),
+            "{sql}: {message}"
+        );
+    }
+    for shard in 0..2 {
+        assert_eq!(relations(shard, "'named', 'totals'"), "0", "shard {shard}");
+    }
+    c.batch_execute("/* shardline: shard=s1 */ CREATE VIEW named AS SELECT * FROM users")
+        .await
+        .expect("a view on the shard a hint names");
+    assert_eq!(relations(0, "'named'"), "0");
+    assert_eq!(relations(1, "'named'"), "1");
+    // Over a reference table: on every shard, each the same rows.
+    c.batch_execute(
+        "INSERT INTO countries VALUES ('fr', 'France');
+         CREATE VIEW french AS SELECT name FROM countries WHERE code = 'fr'",
+    )
+    .await
+    .expect("a view over a reference table");
+    for shard in 0..2 {
+        assert_eq!(relations(shard, "'french'"), "1", "shard {shard}");
+    }
+    let row = c.query_one("SELECT name FROM french", &[]).await.unwrap();
+    assert_eq!(row.get::<_, String>(0), "France");
+
+    // A DO block inserting a row: refused, no row on any shard.
+    let k = (100..)
+        .find(|&k| owner(&sh, k) != sh.default_shard)
+        .expect("a key off the default shard");
+    let block = format!("DO $$ BEGIN INSERT INTO users (id, name) VALUES ({k}, 'do'); END $$");
+    let message = refused_both_ways(&c, &block).await;
+    assert!(
+        message.starts_with("a DO block runs as it is on every shard"),
+        "{message}"
+    );
+    let written =
+        |shard: usize| env.sql_shard(shard, "SELECT count(*) FROM users WHERE name = 'do'");
+    for shard in 0..2 {
+        assert_eq!(written(shard), "0", "nothing written on shard {shard}");
+    }
+    let o = owner(&sh, k);
+    c.batch_execute(&format!("/* shardline: shard=s{o} */ {block}"))
+        .await
+        .expect("the block on the shard a hint names");
+    for shard in 0..2 {
+        let expected = if shard == o { "1" } else { "0" };
+        assert_eq!(written(shard), expected, "shard {shard}");
+    }
+    // No sharded table named: every shard's copy of the reference table.
+    c.batch_execute("DO $$ BEGIN INSERT INTO countries VALUES ('de', 'Germany'); END $$")
+        .await
+        .expect("a block over a reference table");
+    for shard in 0..2 {
+        assert_eq!(
+            env.sql_shard(shard, "SELECT name FROM countries WHERE code = 'de'"),
+            "Germany",
+            "shard {shard}'s copy"
+        );
+    }
 }

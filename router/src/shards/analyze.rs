@@ -39,10 +39,20 @@ pub fn analyze_unparsed(sql: &str, error: &str, sh: &Sharding) -> Template {
             return Template::new(Scope::Default, true);
         }
     }
+    if first == "do" {
+        // Run as it is on every shard: one naming a sharded table would
+        // write (or read) that table on each, whatever its rows' keys
+        // (`resolve` reads the text: `do_block_refusal`).
+        return Template {
+            do_block: true,
+            ..Template::new(Scope::AllShards, true)
+        };
+    }
     match first.as_str() {
-        "do" | "vacuum" | "analyze" | "analyse" | "reindex" | "cluster" | "refresh"
-        | "checkpoint" | "create" | "alter" | "drop" | "comment" | "grant" | "revoke"
-        | "import" | "security" => Template::new(Scope::AllShards, true),
+        "vacuum" | "analyze" | "analyse" | "reindex" | "cluster" | "refresh" | "checkpoint"
+        | "create" | "alter" | "drop" | "comment" | "grant" | "revoke" | "import" | "security" => {
+            Template::new(Scope::AllShards, true)
+        }
         "begin" | "start" | "commit" | "end" | "rollback" | "abort" | "savepoint" | "release"
         | "set" | "reset" | "discard" | "deallocate" | "show" | "listen" | "unlisten"
         | "notify" | "execute" => Template::new(Scope::Anywhere, true),
@@ -73,6 +83,41 @@ pub fn analyze_unparsed(sql: &str, error: &str, sh: &Sharding) -> Template {
             }
         }
     }
+}
+
+/// A DO block (`sql`) on several shards: refused when it names a sharded
+/// table.
+pub(super) fn do_block_refusal(sql: &str, sh: &Sharding) -> Option<Refusal> {
+    names_sharded_table(sql, sh, 2).map(|table| {
+        Refusal::unsupported(Construct::DoBlock, format!(
+            "a DO block runs as it is on every shard, and this one names sharded table \"{table}\": the rows it writes would be written on each shard, whatever their keys; send its statements themselves (placed by their keys), or name the shard (a /* shardline: shard=NAME */ comment)"
+        ))
+    })
+}
+
+/// The first sharded table `sql` names, looking inside its string
+/// constants too (a DO block's body, the text its EXECUTE runs) down to
+/// `depth` levels of quoting. Words are also cut at `$` (a dollar-quoted
+/// body's delimiters stick to the words beside them).
+fn names_sharded_table(sql: &str, sh: &Sharding, depth: usize) -> Option<String> {
+    crate::lexer::Lexer::new(sql).find_map(|t| {
+        if let Some(inner) = t.text.strip_prefix('\'') {
+            let inner = inner.strip_suffix('\'').unwrap_or(inner).replace("''", "'");
+            return (depth > 0)
+                .then(|| names_sharded_table(&inner, sh, depth - 1))
+                .flatten();
+        }
+        let name = t.ident();
+        let parts = if t.quoted {
+            vec![name.as_str()]
+        } else {
+            name.split('$').collect()
+        };
+        parts
+            .into_iter()
+            .find(|n| !n.is_empty() && matches!(sh.table(n), TableKind::Sharded(_)))
+            .map(str::to_string)
+    })
 }
 
 pub(super) struct Analyzer<'a> {
@@ -487,6 +532,7 @@ impl Analyzer<'_> {
                     "CREATE TABLE ... AS across shards: create the table, then fill it with INSERT",
                 ))
             }
+            Statement::CreateView(v) => self.create_view(&v.query),
             Statement::Prepare { statement, .. } => self.sql_prepare(statement),
             Statement::StartTransaction { .. }
             | Statement::Commit { .. }
@@ -547,6 +593,26 @@ impl Analyzer<'_> {
             Scope::Reference
         };
         Template::new(scope, true)
+    }
+
+    /// CREATE [MATERIALIZED] VIEW: on every shard, as other schema
+    /// changes. The proxy reads a view as an unsharded table, on the
+    /// default shard alone: one over a sharded table would answer that
+    /// shard's rows only, so it is refused unless a hint names the shard.
+    fn create_view(&self, query: &Query) -> Template {
+        let over_sharded = relations(query)
+            .iter()
+            .filter(|n| !is_catalog(n))
+            .find(|n| matches!(self.sh.table(n), TableKind::Sharded(_)))
+            .cloned();
+        Template {
+            spread_refusal: over_sharded.map(|table| {
+                Refusal::unsupported(Construct::View, format!(
+                    "a view over sharded table \"{table}\" would be read on the default shard alone (the proxy places a view as an unsharded table), answering that shard's rows only; query the table itself (reads are merged across shards), or name the shard (a /* shardline: shard=NAME */ comment) to create the view there"
+                ))
+            }),
+            ..Template::new(Scope::AllShards, true)
+        }
     }
 
     /// SQL `PREPARE`: the statement stays on the server connection that

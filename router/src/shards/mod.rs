@@ -214,10 +214,14 @@ pub enum Construct {
     Explain,
     /// MERGE into a sharded table on several shards.
     MergeInto,
+    /// CREATE VIEW over a sharded table on several shards.
+    View,
+    /// A DO block naming a sharded table, on several shards.
+    DoBlock,
 }
 
 impl Construct {
-    pub const ALL: [Construct; 21] = [
+    pub const ALL: [Construct; 23] = [
         Construct::Unparsed,
         Construct::CreateTableAs,
         Construct::SqlPrepare,
@@ -239,6 +243,8 @@ impl Construct {
         Construct::SessionPooling,
         Construct::Explain,
         Construct::MergeInto,
+        Construct::View,
+        Construct::DoBlock,
     ];
 
     /// The metric's label.
@@ -265,6 +271,8 @@ impl Construct {
             Construct::SessionPooling => "session_pooling",
             Construct::Explain => "explain",
             Construct::MergeInto => "merge_into",
+            Construct::View => "view",
+            Construct::DoBlock => "do_block",
         }
     }
 
@@ -316,6 +324,11 @@ pub struct Template {
     /// sharded tables below the top level, each with its group: every one
     /// must name one shard, the same one, and the statement runs there.
     pub pinned: Vec<(usize, KeyExpr)>,
+    /// A DO block: run as it is on every shard, refused on several when
+    /// its text names a sharded table. Read from the text at each
+    /// placement (`resolve`): the shape the template is cached under
+    /// blanks the block's body, a string constant.
+    pub do_block: bool,
 }
 
 /// A cursor named by a statement, case-folded as Postgres folds it.
@@ -359,6 +372,7 @@ impl Template {
             cursor_name: None,
             spread_refusal: None,
             pinned: Vec::new(),
+            do_block: false,
         }
     }
 

@@ -248,6 +248,11 @@ fn resolve_general(
             }
         }
     };
+    if t.do_block && matches!(placement, Placement::Many(_)) {
+        if let Some(refusal) = analyze::do_block_refusal(input.sql.text(), sh) {
+            return Placement::refused(refusal);
+        }
+    }
     match placement {
         Placement::Many(_) | Placement::Split(_) if t.spread_refusal.is_some() => {
             Placement::refused(t.spread_refusal.clone().unwrap_or_else(|| Refusal::unsupported(Construct::OuterJoin, "")))
