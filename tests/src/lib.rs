@@ -1315,12 +1315,19 @@ pub mod wire {
 
 /// CPU seconds (user + system) process `pid` has used so far.
 pub fn cpu_seconds(pid: u32) -> Option<f64> {
+    cpu_split(pid).map(|(user, system)| user + system)
+}
+
+/// CPU seconds process `pid` has used so far, in user space and in the
+/// kernel (its system calls: for a proxy, mostly the sockets' sends and
+/// receives).
+pub fn cpu_split(pid: u32) -> Option<(f64, f64)> {
     let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // Fields after the ")" of the command name; utime and stime are 14 and 15.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    let ticks: f64 = f.get(11)?.parse::<f64>().ok()? + f.get(12)?.parse::<f64>().ok()?;
-    Some(ticks / 100.0)
+    let ticks = |i: usize| -> Option<f64> { f.get(i)?.parse::<f64>().ok() };
+    Some((ticks(11)? / 100.0, ticks(12)? / 100.0))
 }
 
 /// The median of a benchmark's rounds (the mean of the middle two when

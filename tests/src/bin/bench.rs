@@ -72,6 +72,8 @@ struct Sample {
     tps: Vec<f64>,
     latency_ms: Vec<f64>,
     cpu_per_10k: Vec<f64>,
+    /// The user-space part of `cpu_per_10k` (the rest is the kernel's).
+    user_per_10k: Vec<f64>,
     failed: bool,
     note: String,
 }
@@ -364,9 +366,9 @@ fn main() -> Result<()> {
             for (ti, t) in targets.iter().enumerate() {
                 let mut a = vec!["-n", "-T", secs.as_str(), "-c", clients.as_str(), "-j", "2"];
                 a.extend_from_slice(flags);
-                let cpu0 = t.pid.and_then(shardline_tests::cpu_seconds);
+                let cpu0 = t.pid.and_then(shardline_tests::cpu_split);
                 let run = pgbench(t.port, &a);
-                let cpu1 = t.pid.and_then(shardline_tests::cpu_seconds);
+                let cpu1 = t.pid.and_then(shardline_tests::cpu_split);
                 let s = results.entry((mi, ti)).or_default();
                 match run {
                     Ok(out) => {
@@ -376,9 +378,11 @@ fn main() -> Result<()> {
                             .unwrap_or(0.0);
                         s.tps.push(tps);
                         s.latency_ms.push(lat);
-                        if let (Some(a), Some(b)) = (cpu0, cpu1) {
+                        if let (Some((ua, sa)), Some((ub, sb))) = (cpu0, cpu1) {
                             if txns > 0.0 {
-                                s.cpu_per_10k.push((b - a) / (txns / 10_000.0));
+                                let per_10k = |s: f64| s / (txns / 10_000.0);
+                                s.cpu_per_10k.push(per_10k(ub + sb - ua - sa));
+                                s.user_per_10k.push(per_10k(ub - ua));
                             }
                         }
                         println!("round {round} {mode:<24} {:<10} {tps:>10.0} tps", t.name);
@@ -422,9 +426,9 @@ fn main() -> Result<()> {
     println!("Medians of the rounds.");
     println!();
     println!(
-        "| mode | target | TPS | avg latency (ms) | ratio to direct | proxy CPU s / 10k txn |"
+        "| mode | target | TPS | avg latency (ms) | ratio to direct | proxy CPU s / 10k txn | of which user space |"
     );
-    println!("|---|---|---:|---:|---:|---:|");
+    println!("|---|---|---:|---:|---:|---:|---:|");
     for (mi, (mode, _)) in modes.iter().enumerate() {
         let direct = results
             .get(&(mi, 0))
@@ -434,20 +438,23 @@ fn main() -> Result<()> {
             let s = results.get(&(mi, ti)).cloned().unwrap_or_default();
             if s.failed {
                 println!(
-                    "| {mode} | {} | fails | | | ({}) |",
+                    "| {mode} | {} | fails | | | ({}) | |",
                     t.name,
                     s.note.replace('|', "/")
                 );
                 continue;
             }
             let tps = median(&s.tps);
-            let cpu = if t.pid.is_some() {
-                format!("{:.3}", median(&s.cpu_per_10k))
+            let (cpu, user) = if t.pid.is_some() {
+                (
+                    format!("{:.3}", median(&s.cpu_per_10k)),
+                    format!("{:.3}", median(&s.user_per_10k)),
+                )
             } else {
-                "-".into()
+                ("-".into(), "-".into())
             };
             println!(
-                "| {mode} | {} | {tps:.0} | {:.3} | {:.2} | {cpu} |",
+                "| {mode} | {} | {tps:.0} | {:.3} | {:.2} | {cpu} | {user} |",
                 t.name,
                 median(&s.latency_ms),
                 tps / direct
