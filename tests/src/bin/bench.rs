@@ -6,6 +6,10 @@
 //! Prints TPS, average latency, the ratio to direct Postgres, and each proxy's
 //! CPU seconds per 10k transactions (from /proc, user + system).
 //!
+//! `SHARDLINE_BENCH_BINARY=path/to/shardline` benchmarks that build of the
+//! proxy (e.g. `target/pgo/release/shardline`, from `scripts/pgo-build.sh`)
+//! in place of the workspace's release build.
+//!
 //! `SHARDLINE_BENCH_BASELINE=path/to/shardline` adds another build of the
 //! proxy on the same config as target `baseline`, interleaved with this
 //! one: what a change costs, in one run.
@@ -78,6 +82,15 @@ struct Sample {
     note: String,
 }
 
+/// The Shardline build benchmarked: `SHARDLINE_BENCH_BINARY`, else the
+/// workspace's release build.
+fn proxy_binary() -> Result<std::path::PathBuf> {
+    match std::env::var_os("SHARDLINE_BENCH_BINARY") {
+        Some(path) => Ok(path.into()),
+        None => shardline_tests::shardline_binary(),
+    }
+}
+
 fn field(out: &str, prefix: &str) -> Option<f64> {
     out.lines()
         .find_map(|l| l.strip_prefix(prefix))
@@ -143,7 +156,7 @@ fn main() -> Result<()> {
     let mut children: Vec<Reaped> = Vec::new();
 
     // Shardline, release build, as a separate process.
-    let shardline = shardline_tests::shardline_binary()?;
+    let shardline = proxy_binary()?;
     let sl_port = free_port()?;
     let sl_cfg = cluster.root.join("bench-shardline.toml");
     std::fs::write(
@@ -635,7 +648,7 @@ fn read_your_writes_mix(
         &cfg,
         text.replace(listen, &format!("listen = \"127.0.0.1:{port}\"")),
     )?;
-    let mut cmd = Command::new(shardline_tests::shardline_binary()?);
+    let mut cmd = Command::new(proxy_binary()?);
     cmd.arg("--config")
         .arg(&cfg)
         .env(
