@@ -32,21 +32,11 @@ trap cleanup EXIT
 
 source scripts/lib/workload.sh
 
-# Runs the proxy under callgrind on config $1 (its file), then the workload
-# function $2 against it.
-profile() {
-    local config=$1 workload=$2 port mport
-    port=$(free_port)
-    mport=$(free_port)
-    sed -i -e "s/@PORT@/$port/" -e "s/@MPORT@/$mport/" "$config"
-    valgrind --tool=callgrind --dump-instr=yes \
-        --callgrind-out-file="$work/callgrind.$(basename "$config" .toml)" \
-        "$bin" --config "$config" >"$work/$(basename "$config" .toml).log" 2>&1 &
-    local vg=$!
-    wait_port "$port"
-    "$workload" "$port" "$mport"
-    kill -INT "$vg"
-    wait "$vg" || true
+# The proxy under callgrind, its counts in the work directory by config.
+launch() {
+    exec valgrind --tool=callgrind --dump-instr=yes \
+        --callgrind-out-file="$work/callgrind.$(basename "$1" .toml)" \
+        "$bin" --config "$1"
 }
 
 run_workloads

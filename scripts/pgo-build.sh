@@ -48,8 +48,9 @@ trap cleanup EXIT
 
 echo "== instrumented build (target/pgo-generate)"
 # Build scripts are instrumented too; their counts go to a directory of
-# their own, never merged.
-RUSTFLAGS="-Cprofile-generate=$work/build-scripts" \
+# their own, never merged. (A path that does not change between runs: the
+# flags are part of what cargo compares to decide what to rebuild.)
+RUSTFLAGS="-Cprofile-generate=$root/target/pgo-generate/build-scripts" \
     cargo build --release --bin shardline --target-dir target/pgo-generate
 bin=$root/target/pgo-generate/release/shardline
 export LLVM_PROFILE_FILE=$work/counts/shardline-%m.profraw
@@ -57,19 +58,9 @@ export LLVM_PROFILE_FILE=$work/counts/shardline-%m.profraw
 echo "== workload"
 source scripts/lib/workload.sh
 
-# Runs the instrumented proxy on config $1 (its file), then the workload
-# function $2 against it; the proxy writes its counts when it stops.
-profile() {
-    local config=$1 workload=$2 port mport
-    port=$(free_port)
-    mport=$(free_port)
-    sed -i -e "s/@PORT@/$port/" -e "s/@MPORT@/$mport/" "$config"
-    "$bin" --config "$config" >"$work/$(basename "$config" .toml).log" 2>&1 &
-    local proxy=$!
-    wait_port "$port"
-    "$workload" "$port" "$mport"
-    kill -INT "$proxy"
-    wait "$proxy" || true
+# The instrumented proxy: it writes its counts when it stops.
+launch() {
+    exec "$bin" --config "$1"
 }
 
 run_workloads
@@ -78,8 +69,11 @@ run_workloads
 "$profdata" merge -o "$work/shardline.profdata" "$work"/counts/*.profraw
 
 echo "== optimized build (target/pgo)"
+# Named by its content: cargo rebuilds when the flags change, not when a
+# file they name does, so a new profile gets a new name.
 mkdir -p target/pgo
-cp "$work/shardline.profdata" target/pgo/shardline.profdata
-RUSTFLAGS="-Cprofile-use=$root/target/pgo/shardline.profdata" \
+profile_file=$root/target/pgo/shardline-$(sha256sum "$work/shardline.profdata" | cut -c1-16).profdata
+cp "$work/shardline.profdata" "$profile_file"
+RUSTFLAGS="-Cprofile-use=$profile_file" \
     cargo build --release --bin shardline --target-dir target/pgo
 echo "built target/pgo/release/shardline"

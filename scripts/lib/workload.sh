@@ -3,8 +3,9 @@
 # scripts/pgo-build.sh (profile-guided optimization), so both learn from
 # the same traffic. The caller sets `bin` (a shardline binary with the
 # `demo` command), `work` (a scratch directory) and `pids` (processes to
-# stop on exit), and defines `profile CONFIG WORKLOAD`, which starts a
-# proxy on the config file and runs the workload function against it.
+# stop on exit), and defines `launch CONFIG`, which runs a proxy on the
+# config file in its place (`exec`: stopped by SIGINT, it ends as the
+# proxy does).
 # Starts `shardline demo` for its servers and writes two configs over
 # them: `$sharded` (the demo's: two shards with replicas, sharding, the
 # result cache and metrics) and `$single` (one shard, no sharding), with
@@ -105,6 +106,21 @@ single_load() {
     bench "$1" -M simple
     bench "$1" -M extended
     console "$1"
+}
+
+# Runs the caller's `launch` on config $1 (its file, its ports filled in),
+# then the workload function $2 against it, and stops the proxy.
+profile() {
+    local config=$1 workload=$2 port mport
+    port=$(free_port)
+    mport=$(free_port)
+    sed -i -e "s/@PORT@/$port/" -e "s/@MPORT@/$mport/" "$config"
+    launch "$config" >"$work/$(basename "$config" .toml).log" 2>&1 &
+    local proxy=$!
+    wait_port "$port"
+    "$workload" "$port" "$mport"
+    kill -INT "$proxy"
+    wait "$proxy" || true
 }
 
 run_workloads() {
