@@ -20,16 +20,6 @@ root=$PWD
 
 cargo build --release --bin shardline
 bin=$root/target/release/shardline
-work=$(mktemp -d /tmp/shardline-hot-code.XXXXXX)
-chmod 755 "$work"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
 source scripts/lib/workload.sh
 
 # The proxy under callgrind, its counts in the work directory by config.

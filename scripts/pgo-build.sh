@@ -36,16 +36,6 @@ if [ -z "$profdata" ]; then
     exit 1
 fi
 
-work=$(mktemp -d /tmp/shardline-pgo.XXXXXX)
-chmod 755 "$work"
-pids=()
-cleanup() {
-    for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
-    wait 2>/dev/null || true
-    rm -rf "$work"
-}
-trap cleanup EXIT
-
 echo "== instrumented build (target/pgo-generate)"
 # Build scripts are instrumented too; their counts go to a directory of
 # their own, never merged. (A path that does not change between runs: the
@@ -53,10 +43,12 @@ echo "== instrumented build (target/pgo-generate)"
 RUSTFLAGS="-Cprofile-generate=$root/target/pgo-generate/build-scripts" \
     cargo build --release --bin shardline --target-dir target/pgo-generate
 bin=$root/target/pgo-generate/release/shardline
-export LLVM_PROFILE_FILE=$work/counts/shardline-%m.profraw
 
 echo "== workload"
 source scripts/lib/workload.sh
+# The proxies' counts (the demo's, started meanwhile, go with the build
+# scripts').
+export LLVM_PROFILE_FILE=$work/counts/shardline-%m.profraw
 
 # The instrumented proxy: it writes its counts when it stops.
 launch() {

@@ -2,8 +2,7 @@
 # scripts/hot-code.sh (functions run, for the code order) and
 # scripts/pgo-build.sh (profile-guided optimization), so both learn from
 # the same traffic. The caller sets `bin` (a shardline binary with the
-# `demo` command), `work` (a scratch directory) and `pids` (processes to
-# stop on exit), and defines `launch CONFIG`, which runs a proxy on the
+# `demo` command) and defines `launch CONFIG`, which runs a proxy on the
 # config file in its place (`exec`: stopped by SIGINT, it ends as the
 # proxy does).
 # Starts `shardline demo` for its servers and writes two configs over
@@ -12,7 +11,18 @@
 # @PORT@ and @MPORT@ for the listen and metrics ports; `run_workloads`
 # profiles both under pgbench (simple, extended, prepared; reads, writes,
 # keyless and merged reads, two-phase commits), the admin console and a
-# metrics scrape.
+# metrics scrape. Files go to `$work`, a scratch directory removed on
+# exit, with the processes in `pids` stopped.
+
+work=$(mktemp -d /tmp/shardline-workload.XXXXXX)
+chmod 755 "$work"
+pids=()
+cleanup() {
+    for p in "${pids[@]}"; do kill -INT "$p" 2>/dev/null || true; done
+    wait 2>/dev/null || true
+    rm -rf "$work"
+}
+trap cleanup EXIT
 
 free_port() {
     python3 -c 'import socket; s = socket.socket(); s.bind(("127.0.0.1", 0)); print(s.getsockname()[1])'
