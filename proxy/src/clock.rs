@@ -29,6 +29,14 @@ impl Mono {
         Mono((ts.tv_sec as u64) * 1_000_000_000 + ts.tv_nsec as u64)
     }
 
+    /// Now, as read first in the current poll of a session
+    /// (`turn::Turn`): the unit's meter and its pool checkout and return
+    /// share one reading. Outside a session's poll, [`Mono::now`].
+    #[inline]
+    pub fn recent() -> Mono {
+        Mono(crate::turn::now(|| Mono::now().0))
+    }
+
     /// Nanoseconds from `earlier` to `self` (0 when `earlier` is later).
     #[inline]
     pub fn nanos_since(self, earlier: Mono) -> u64 {

@@ -23,6 +23,7 @@ pub mod stats;
 pub mod stream;
 pub mod timer;
 pub mod tls;
+pub mod turn;
 pub mod twophase;
 pub(crate) mod wake;
 
@@ -1039,7 +1040,8 @@ async fn serve_client(
     match started {
         Ok(session::startup::Outcome::LoggedIn(login, registration)) => {
             let s = session::Session::new(shared.clone(), login, registration.slot.clone());
-            s.run().await;
+            // Each poll of the session is a turn (`turn.rs`).
+            turn::Turn(s.run()).await;
             drop(registration);
         }
         Ok(session::startup::Outcome::Console(stream, registration)) => {

@@ -250,7 +250,7 @@ impl Pool {
             pool: self,
             opening: false,
         };
-        let now = Mono::now();
+        let now = Mono::recent();
         loop {
             let popped = {
                 let mut s = self.slots();
@@ -303,7 +303,7 @@ impl Pool {
             s.idle.push(Idle {
                 conn,
                 created,
-                last_used: Mono::now(),
+                last_used: Mono::recent(),
             });
             None
         };

@@ -513,7 +513,7 @@ impl Meter {
         if self.unit_since.is_some() {
             return None;
         }
-        let now = Mono::now();
+        let now = Mono::recent();
         self.unit_since = Some(now);
         self.xact_since.get_or_insert(now);
         Some(now)
@@ -555,7 +555,7 @@ impl Meter {
         if n == 0 {
             return None;
         }
-        let now = Mono::now();
+        let now = Mono::recent();
         let by_kind = self.place.index().map(|i| &to.events.by_kind[i]);
         let by_shard = match self.place {
             Kind::One { shard, replica, .. } => to

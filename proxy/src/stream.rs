@@ -3,8 +3,18 @@
 use std::io;
 use std::pin::Pin;
 use std::task::{Context, Poll};
-use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
+
+/// Marks `s` not ready for `interest`, as tokio does itself after an
+/// operation that would block: its next poll registers the task for the
+/// socket's wake-up, without a system call. Called once the socket is
+/// known drained (a read that did not fill its buffer: data arriving later
+/// wakes it again, epoll being edge-triggered) or full (a short write), as
+/// tokio's own `poll_read` and `poll_write` do. A closed state stays set.
+fn clear_readiness(s: &TcpStream, interest: Interest) {
+    let _ = s.try_io(interest, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+}
 
 pub enum Stream {
     Plain(TcpStream),
@@ -34,6 +44,32 @@ impl Stream {
     ) -> Poll<io::Result<usize>> {
         if buf.capacity() - buf.len() < 4096 {
             buf.reserve(16 * 1024);
+        }
+        if let Stream::Plain(s) = self {
+            if crate::turn::direct() {
+                let room = buf.capacity() - buf.len();
+                loop {
+                    match s.try_read_buf(buf) {
+                        Ok(n) => {
+                            if n > 0 && n < room {
+                                // Drained: its next read waits for the
+                                // socket's wake-up instead of asking it
+                                // again (edge-triggered epoll), as tokio's
+                                // own read does.
+                                clear_readiness(s, Interest::READABLE);
+                            }
+                            return Poll::Ready(Ok(n));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                    // Not known readable: the task is registered for the
+                    // socket's wake-up, unless it woke since.
+                    if let Err(e) = std::task::ready!(s.poll_read_ready(cx)) {
+                        return Poll::Ready(Err(e));
+                    }
+                }
+            }
         }
         tokio_util::io::poll_read_buf(Pin::new(self), cx, buf)
     }
@@ -69,7 +105,23 @@ impl AsyncWrite for Stream {
         buf: &[u8],
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
-            Stream::Plain(s) => Pin::new(s).poll_write(cx, buf),
+            Stream::Plain(s) => {
+                if crate::turn::direct() {
+                    match s.try_write(buf) {
+                        Ok(n) => {
+                            if n < buf.len() {
+                                // The socket's buffer is full: the next
+                                // write waits for it to drain.
+                                clear_readiness(s, Interest::WRITABLE);
+                            }
+                            return Poll::Ready(Ok(n));
+                        }
+                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
+                        Err(e) => return Poll::Ready(Err(e)),
+                    }
+                }
+                Pin::new(s).poll_write(cx, buf)
+            }
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_write(cx, buf),
         }
@@ -90,5 +142,91 @@ impl AsyncWrite for Stream {
             Stream::ServerTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
             Stream::ClientTls(s) => Pin::new(s.as_mut()).poll_shutdown(cx),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::turn::Turn;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    use tokio::io::AsyncWriteExt;
+
+    async fn pair() -> (Stream, TcpStream) {
+        let l = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let peer = TcpStream::connect(l.local_addr().unwrap()).await.unwrap();
+        (Stream::Plain(l.accept().await.unwrap().0), peer)
+    }
+
+    /// Whether tokio still takes `s` as readable: it tries an operation
+    /// only then.
+    fn known_readable(s: &Stream) -> bool {
+        let tried = AtomicBool::new(false);
+        let _ = s.tcp().try_io(Interest::READABLE, || {
+            tried.store(true, Ordering::Relaxed);
+            Err::<(), _>(io::ErrorKind::WouldBlock.into())
+        });
+        tried.load(Ordering::Relaxed)
+    }
+
+    /// Polls a read into `buf` in a turn of its own, as a session does.
+    async fn read_in_turn(s: &mut Stream, buf: &mut bytes::BytesMut) -> usize {
+        Turn(std::future::poll_fn(|cx| s.poll_read_into(buf, cx)))
+            .await
+            .unwrap()
+    }
+
+    #[tokio::test]
+    async fn a_direct_read_that_drains_the_socket_waits_for_the_next_wake_up() {
+        let (mut s, mut peer) = pair().await;
+        let mut buf = bytes::BytesMut::new();
+        peer.write_all(b"first").await.unwrap();
+        assert_eq!(read_in_turn(&mut s, &mut buf).await, 5);
+        // Drained: the next poll would not ask the socket again (which
+        // would cost a system call that finds nothing).
+        assert!(!known_readable(&s));
+        // And data sent later wakes the reader.
+        let reader = tokio::spawn(async move {
+            let mut buf = bytes::BytesMut::new();
+            let n = read_in_turn(&mut s, &mut buf).await;
+            (n, buf)
+        });
+        crate::timer::sleep(std::time::Duration::from_millis(20)).await;
+        peer.write_all(b"second").await.unwrap();
+        let (n, buf) = crate::timer::timeout(std::time::Duration::from_secs(5), reader)
+            .await
+            .expect("the read was woken")
+            .unwrap();
+        assert_eq!((n, &buf[..]), (6, &b"second"[..]));
+    }
+
+    #[tokio::test]
+    async fn direct_writes_reach_the_peer_and_a_full_socket_waits() {
+        let (mut s, mut peer) = pair().await;
+        let chunk = vec![7u8; 64 * 1024];
+        // Written in a turn until the socket's buffers are full (the peer
+        // reads nothing meanwhile).
+        let mut written = 0;
+        loop {
+            let w = Turn(std::future::poll_fn(|cx| {
+                Poll::Ready(Pin::new(&mut s).poll_write(cx, &chunk))
+            }))
+            .await;
+            match w {
+                Poll::Ready(Ok(n)) => written += n,
+                Poll::Pending => break,
+                Poll::Ready(Err(e)) => panic!("{e}"),
+            }
+        }
+        assert!(written > 0);
+        // What was written arrives whole.
+        let reader = tokio::spawn(async move {
+            let mut got = vec![0u8; written];
+            tokio::io::AsyncReadExt::read_exact(&mut peer, &mut got)
+                .await
+                .unwrap();
+            got.iter().all(|&b| b == 7)
+        });
+        assert!(reader.await.unwrap());
     }
 }
