@@ -82,6 +82,27 @@ impl Ending {
         self.fired.load(Ordering::Acquire)
     }
 
+    /// [`Ending::poll`] for a poller that keeps the waker it registered
+    /// last in `registered`: while nothing has fired, the same waker is not
+    /// registered again (a registration is two atomic exchanges, and a
+    /// session polls at every wake-up). Nothing fired means no `fire` has
+    /// taken the registered waker yet: one that comes wakes it.
+    #[inline]
+    pub fn poll_from(
+        &self,
+        cx: &mut std::task::Context<'_>,
+        registered: &mut Option<std::task::Waker>,
+    ) -> u8 {
+        let fired = self.fired.load(Ordering::Acquire);
+        if fired == 0 && registered.as_ref().is_some_and(|w| w.will_wake(cx.waker())) {
+            return 0;
+        }
+        let fired = self.poll(cx);
+        // (After a fire the waker was taken: registered again each time.)
+        *registered = (fired == 0).then(|| cx.waker().clone());
+        fired
+    }
+
     /// Whether `what` has fired.
     pub fn has(&self, what: u8) -> bool {
         self.fired.load(Ordering::Acquire) & what != 0
@@ -302,6 +323,30 @@ mod tests {
     use super::Ending;
     use std::sync::Arc;
     use std::time::Duration;
+
+    #[test]
+    fn a_poller_registers_its_waker_once_until_something_fires() {
+        use crate::wake::tests::Count;
+        use std::sync::atomic::Ordering::Relaxed;
+        use std::task::{Context, Waker};
+        let ending = Ending::default();
+        let (a, b) = (Arc::new(Count::default()), Arc::new(Count::default()));
+        let (wa, wb) = (Waker::from(a.clone()), Waker::from(b.clone()));
+        let mut registered = None;
+        let mut poll = |w: &Waker| ending.poll_from(&mut Context::from_waker(w), &mut registered);
+        assert_eq!(poll(&wa), 0);
+        assert_eq!(poll(&wa), 0);
+        // Another waker takes the registration.
+        assert_eq!(poll(&wb), 0);
+        ending.fire(Ending::STOP);
+        assert_eq!((a.0.load(Relaxed), b.0.load(Relaxed)), (0, 1));
+        // The fire took the waker: polled again, it is registered again,
+        // and the next fire wakes it too.
+        assert_eq!(poll(&wb), Ending::STOP);
+        assert_eq!(poll(&wb), Ending::STOP);
+        ending.fire(Ending::KILL);
+        assert_eq!(b.0.load(Relaxed), 2);
+    }
 
     #[tokio::test]
     async fn a_fired_ending_wakes_its_waiting_session_and_stays_fired() {

@@ -6,14 +6,46 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Marks `s` not ready for `interest`, as tokio does itself after an
-/// operation that would block: its next poll registers the task for the
-/// socket's wake-up, without a system call. Called once the socket is
-/// known drained (a read that did not fill its buffer: data arriving later
-/// wakes it again, epoll being edge-triggered) or full (a short write), as
-/// tokio's own `poll_read` and `poll_write` do. A closed state stays set.
-fn clear_readiness(s: &TcpStream, interest: Interest) {
-    let _ = s.try_io(interest, || Err::<(), _>(io::ErrorKind::WouldBlock.into()));
+/// Reads into the spare capacity of `buf` straight from the socket, when
+/// tokio takes it as readable (else `WouldBlock`, without a system call).
+/// A read that does not fill the spare capacity drained the socket: it is
+/// marked not ready, as tokio's own `poll_read` does, so that the next
+/// poll waits for its wake-up instead of asking it again. The read runs
+/// inside `try_io`, which clears readiness as of before the read: a
+/// wake-up noted meanwhile (by the I/O driver on another thread) is kept.
+fn read_direct(s: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<usize> {
+    let room = buf.capacity() - buf.len();
+    let mut got = 0;
+    let read = s.try_io(Interest::READABLE, || {
+        got = s.try_read_buf(buf)?;
+        if got > 0 && got < room {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(got)
+        }
+    });
+    match read {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
+        read => read,
+    }
+}
+
+/// Writes `buf` straight to the socket, as [`read_direct`] reads: a short
+/// write (the socket's buffer is full) marks it not ready for writing.
+fn write_direct(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
+    let mut wrote = 0;
+    let write = s.try_io(Interest::WRITABLE, || {
+        wrote = s.try_write(buf)?;
+        if wrote < buf.len() {
+            Err(io::ErrorKind::WouldBlock.into())
+        } else {
+            Ok(wrote)
+        }
+    });
+    match write {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && wrote > 0 => Ok(wrote),
+        write => write,
+    }
 }
 
 pub enum Stream {
@@ -47,21 +79,10 @@ impl Stream {
         }
         if let Stream::Plain(s) = self {
             if crate::turn::direct() {
-                let room = buf.capacity() - buf.len();
                 loop {
-                    match s.try_read_buf(buf) {
-                        Ok(n) => {
-                            if n > 0 && n < room {
-                                // Drained: its next read waits for the
-                                // socket's wake-up instead of asking it
-                                // again (edge-triggered epoll), as tokio's
-                                // own read does.
-                                clear_readiness(s, Interest::READABLE);
-                            }
-                            return Poll::Ready(Ok(n));
-                        }
+                    match read_direct(s, buf) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Poll::Ready(Err(e)),
+                        read => return Poll::Ready(read),
                     }
                     // Not known readable: the task is registered for the
                     // socket's wake-up, unless it woke since.
@@ -107,17 +128,9 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => {
                 if crate::turn::direct() {
-                    match s.try_write(buf) {
-                        Ok(n) => {
-                            if n < buf.len() {
-                                // The socket's buffer is full: the next
-                                // write waits for it to drain.
-                                clear_readiness(s, Interest::WRITABLE);
-                            }
-                            return Poll::Ready(Ok(n));
-                        }
+                    match write_direct(s, buf) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        Err(e) => return Poll::Ready(Err(e)),
+                        write => return Poll::Ready(write),
                     }
                 }
                 Pin::new(s).poll_write(cx, buf)

@@ -24,7 +24,7 @@ pub(super) enum Event {
 
 impl Session {
     pub(super) fn poll_io(&mut self, cx: &mut Context<'_>) -> Poll<Event> {
-        let fired = self.client.ending.poll(cx);
+        let fired = self.client.ending.poll_from(cx, &mut self.ending_waker);
         if fired != 0 {
             use crate::clients::Ending;
             if fired & Ending::KILL != 0 {
@@ -112,7 +112,7 @@ impl Session {
     /// read into `client_in` for after the unit, within its bound; a
     /// shutdown is noted for the session's next idle moment.
     pub(super) fn poll_client_left(&mut self, cx: &mut Context<'_>) -> Poll<super::End> {
-        let fired = self.client.ending.poll(cx);
+        let fired = self.client.ending.poll_from(cx, &mut self.ending_waker);
         if fired & crate::clients::Ending::KILL != 0 {
             return Poll::Ready(super::End::Fatal(super::killed()));
         }

@@ -281,6 +281,8 @@ pub struct Session {
     /// The client socket's read interest: not polled again while it waits
     /// and nothing woke it (`wake.rs`).
     client_read: crate::wake::ReadWatch,
+    /// The waker registered last on `client.ending` (`Ending::poll_from`).
+    ending_waker: Option<std::task::Waker>,
 }
 
 impl Session {
@@ -346,6 +348,7 @@ impl Session {
             fill: None,
             cache_writes: Default::default(),
             client_read: Default::default(),
+            ending_waker: None,
         }
     }
 
@@ -518,6 +521,8 @@ impl Session {
             () = kill => None,
         };
         self.client.waiting(false);
+        // `fired` registered its own waker.
+        self.ending_waker = None;
         match held {
             None => Err(End::Fatal(killed())),
             Some(Ok(())) => {
