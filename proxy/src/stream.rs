@@ -6,45 +6,33 @@ use std::task::{Context, Poll};
 use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
-/// Reads into the spare capacity of `buf` straight from the socket, when
-/// tokio takes it as readable (else `WouldBlock`, without a system call).
-/// A read that does not fill the spare capacity drained the socket: it is
-/// marked not ready, as tokio's own `poll_read` does, so that the next
-/// poll waits for its wake-up instead of asking it again. The read runs
-/// inside `try_io`, which clears readiness as of before the read: a
-/// wake-up noted meanwhile (by the I/O driver on another thread) is kept.
-fn read_direct(s: &TcpStream, buf: &mut bytes::BytesMut) -> io::Result<usize> {
-    let room = buf.capacity() - buf.len();
-    let mut got = 0;
-    let read = s.try_io(Interest::READABLE, || {
-        got = s.try_read_buf(buf)?;
-        if got > 0 && got < room {
+/// One read or write (`op`, which moves up to `whole` bytes) straight on
+/// the socket, when tokio takes it as ready for `interest` (else
+/// `WouldBlock`, without a system call). One that moves less than `whole`
+/// drained the socket (a read) or filled its buffer (a write): it is
+/// marked not ready, as tokio's own `poll_read` and `poll_write` do, so
+/// that the next poll waits for its wake-up instead of asking it again.
+/// The operation runs inside `try_io`, which clears readiness as of before
+/// it: a wake-up noted meanwhile (by the I/O driver on another thread) is
+/// kept.
+fn direct(
+    s: &TcpStream,
+    interest: Interest,
+    whole: usize,
+    op: impl FnOnce() -> io::Result<usize>,
+) -> io::Result<usize> {
+    let mut done = 0;
+    let result = s.try_io(interest, || {
+        done = op()?;
+        if done > 0 && done < whole {
             Err(io::ErrorKind::WouldBlock.into())
         } else {
-            Ok(got)
+            Ok(done)
         }
     });
-    match read {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && got > 0 => Ok(got),
-        read => read,
-    }
-}
-
-/// Writes `buf` straight to the socket, as [`read_direct`] reads: a short
-/// write (the socket's buffer is full) marks it not ready for writing.
-fn write_direct(s: &TcpStream, buf: &[u8]) -> io::Result<usize> {
-    let mut wrote = 0;
-    let write = s.try_io(Interest::WRITABLE, || {
-        wrote = s.try_write(buf)?;
-        if wrote < buf.len() {
-            Err(io::ErrorKind::WouldBlock.into())
-        } else {
-            Ok(wrote)
-        }
-    });
-    match write {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && wrote > 0 => Ok(wrote),
-        write => write,
+    match result {
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock && done > 0 => Ok(done),
+        result => result,
     }
 }
 
@@ -80,7 +68,8 @@ impl Stream {
         if let Stream::Plain(s) = self {
             if crate::turn::direct() {
                 loop {
-                    match read_direct(s, buf) {
+                    let room = buf.capacity() - buf.len();
+                    match direct(s, Interest::READABLE, room, || s.try_read_buf(buf)) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         read => return Poll::Ready(read),
                     }
@@ -128,7 +117,7 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => {
                 if crate::turn::direct() {
-                    match write_direct(s, buf) {
+                    match direct(s, Interest::WRITABLE, buf.len(), || s.try_write(buf)) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         write => return Poll::Ready(write),
                     }
