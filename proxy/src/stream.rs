@@ -66,7 +66,7 @@ impl Stream {
             buf.reserve(16 * 1024);
         }
         if let Stream::Plain(s) = self {
-            if crate::turn::direct() {
+            if crate::turn::take_direct() {
                 loop {
                     let room = buf.capacity() - buf.len();
                     match direct(s, Interest::READABLE, room, || s.try_read_buf(buf)) {
@@ -116,7 +116,7 @@ impl AsyncWrite for Stream {
     ) -> Poll<io::Result<usize>> {
         match self.get_mut() {
             Stream::Plain(s) => {
-                if crate::turn::direct() {
+                if crate::turn::take_direct() {
                     match direct(s, Interest::WRITABLE, buf.len(), || s.try_write(buf)) {
                         Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
                         write => return Poll::Ready(write),

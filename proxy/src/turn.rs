@@ -9,7 +9,7 @@
 //!   a virtual machine's TSC clock; a poll lasts microseconds, below what
 //!   they measure.
 //! - The first [`DIRECT_OPS`] reads and writes of plain sockets are tried on
-//!   the socket at once ([`direct`], `stream.rs`), past tokio's cooperative
+//!   the socket at once ([`take_direct`], `stream.rs::direct`), past tokio's cooperative
 //!   budget and readiness poll (about 60 to 100 instructions each). A read
 //!   or write that would block then registers the task as before. Past
 //!   them, the operations take tokio's budgeted path again: a session
@@ -78,7 +78,7 @@ impl Drop for Open {
 /// Whether the next socket operation may be tried straight on the socket
 /// (counted against the turn's allowance).
 #[inline]
-pub fn direct() -> bool {
+pub fn take_direct() -> bool {
     DIRECT.with(|d| {
         let left = d.get();
         d.set(left.saturating_sub(1));
@@ -138,10 +138,10 @@ mod tests {
 
     #[test]
     fn a_turn_allows_a_few_direct_operations_and_none_outside() {
-        assert!(!direct());
-        let allowed = poll_in_turn(|| (0..DIRECT_OPS + 4).filter(|_| direct()).count());
+        assert!(!take_direct());
+        let allowed = poll_in_turn(|| (0..DIRECT_OPS + 4).filter(|_| take_direct()).count());
         assert_eq!(allowed, usize::from(DIRECT_OPS));
-        assert!(!direct(), "the allowance ends with the turn");
-        assert!(poll_in_turn(direct), "and starts again in the next");
+        assert!(!take_direct(), "the allowance ends with the turn");
+        assert!(poll_in_turn(take_direct), "and starts again in the next");
     }
 }
