@@ -7,8 +7,8 @@ use tokio::io::{AsyncRead, AsyncWrite, Interest, ReadBuf};
 use tokio::net::TcpStream;
 
 /// One read or write (`op`, which moves up to `whole` bytes) straight on
-/// the socket, when tokio takes it as ready for `interest` (else
-/// `WouldBlock`, without a system call). One that moves less than `whole`
+/// the socket, when tokio takes it as ready for `interest` (else `None`,
+/// without a system call: the caller waits for readiness). One that moves less than `whole`
 /// drained the socket (a read) or filled its buffer (a write): it is
 /// marked not ready, as tokio's own `poll_read` and `poll_write` do, so
 /// that the next poll waits for its wake-up instead of asking it again.
@@ -20,7 +20,7 @@ fn direct(
     interest: Interest,
     whole: usize,
     op: impl FnOnce() -> io::Result<usize>,
-) -> io::Result<usize> {
+) -> Option<io::Result<usize>> {
     let mut done = 0;
     let result = s.try_io(interest, || {
         done = op()?;
@@ -31,8 +31,8 @@ fn direct(
         }
     });
     match result {
-        Err(e) if e.kind() == io::ErrorKind::WouldBlock && done > 0 => Ok(done),
-        result => result,
+        Err(e) if e.kind() == io::ErrorKind::WouldBlock => (done > 0).then_some(Ok(done)),
+        result => Some(result),
     }
 }
 
@@ -69,9 +69,9 @@ impl Stream {
             if crate::turn::take_direct() {
                 loop {
                     let room = buf.capacity() - buf.len();
-                    match direct(s, Interest::READABLE, room, || s.try_read_buf(buf)) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        read => return Poll::Ready(read),
+                    if let Some(read) = direct(s, Interest::READABLE, room, || s.try_read_buf(buf))
+                    {
+                        return Poll::Ready(read);
                     }
                     // Not known readable: the task is registered for the
                     // socket's wake-up, unless it woke since.
@@ -117,9 +117,10 @@ impl AsyncWrite for Stream {
         match self.get_mut() {
             Stream::Plain(s) => {
                 if crate::turn::take_direct() {
-                    match direct(s, Interest::WRITABLE, buf.len(), || s.try_write(buf)) {
-                        Err(e) if e.kind() == io::ErrorKind::WouldBlock => {}
-                        write => return Poll::Ready(write),
+                    if let Some(write) =
+                        direct(s, Interest::WRITABLE, buf.len(), || s.try_write(buf))
+                    {
+                        return Poll::Ready(write);
                     }
                 }
                 Pin::new(s).poll_write(cx, buf)

@@ -139,8 +139,21 @@ pub fn lone_transaction_end(sql: &str) -> Option<&'static str> {
             return None;
         }
     }
+    let text = sql.trim_end_matches([';', ' ', '\n', '\t', '\r']);
+    // Letters and spaces only, as drivers send it: no comment, string or
+    // punctuation to lex.
+    if text
+        .bytes()
+        .all(|b| b.is_ascii_alphabetic() || b.is_ascii_whitespace())
+    {
+        return transaction_end_tag(text.split_ascii_whitespace());
+    }
+    transaction_end_tag(words(text))
+}
+
+/// `lone_transaction_end` of a statement's words.
+fn transaction_end_tag<'a>(mut words: impl Iterator<Item = &'a str>) -> Option<&'static str> {
     // The first word decides most of the rest, without allocating.
-    let mut words = words(sql.trim_end_matches([';', ' ', '\n', '\t', '\r']));
     let is = |w: &str, of: &[&str]| of.iter().any(|k| w.eq_ignore_ascii_case(k));
     let first = words.next()?;
     let tag = if is(first, &["commit", "end"]) {
@@ -334,6 +347,14 @@ mod tests {
         // Answered from the first letter, or by the words when something
         // comes before the first word or the letter may begin one.
         assert_eq!(lone_transaction_end("\n\t UPDATE t SET a = 1"), None);
+        // Letters and spaces alone, and with what needs the lexer.
+        assert_eq!(lone_transaction_end(" commit\n work ;\n"), Some("COMMIT"));
+        assert_eq!(lone_transaction_end("end transaction"), Some("COMMIT"));
+        assert_eq!(lone_transaction_end("ROLLBACK TRANSACTION now"), None);
+        assert_eq!(lone_transaction_end("end /* done */"), Some("COMMIT"));
+        assert_eq!(lone_transaction_end("-- bye\nROLLBACK"), Some("ROLLBACK"));
+        assert_eq!(lone_transaction_end("commit; commit"), None);
+        assert_eq!(lone_transaction_end("end work; select 1"), None);
         assert_eq!(lone_transaction_end("\n commit work;"), Some("COMMIT"));
         assert_eq!(lone_transaction_end("Rollback"), Some("ROLLBACK"));
         assert_eq!(lone_transaction_end("/* tag */ COMMIT"), Some("COMMIT"));

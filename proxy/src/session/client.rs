@@ -817,11 +817,7 @@ impl Session {
     /// COMMIT or autocommit write, as `position_query_with` for a query.
     fn position_query_at_sync(&mut self) -> Option<crate::PositionPending> {
         let ends = self.unit.ends();
-        if !(self.wrote
-            && ends != Ends::Nothing
-            && self.position_may_go_along()
-            && !self.pending.iter().any(|p| p.is_sync_point()))
-        {
+        if !(self.wrote && ends != Ends::Nothing && self.position_may_follow()) {
             return None;
         }
         if ends == Ends::Discards {
@@ -850,6 +846,14 @@ impl Session {
         self.pinned.is_none() && !self.txn.has_begin() && self.mode() == PoolMode::Transaction
     }
 
+    /// What the session's state allows of a position query sent right
+    /// behind the unit being sent: as `position_may_go_along`, and no
+    /// earlier unit in flight (after a BEGIN just sent for it, the
+    /// connection's status says nothing of the transaction it runs in).
+    fn position_may_follow(&self) -> bool {
+        self.position_may_go_along() && !self.pending.iter().any(|p| p.is_sync_point())
+    }
+
     /// The guard of the commit whose position query goes with its unit:
     /// one taken earlier for this session's writes, or a new one when the
     /// shard learns positions.
@@ -875,12 +879,15 @@ impl Session {
             return Ends::Nothing;
         };
         // Only the statements that may end a transaction are read, and
-        // only where a commit's position is learned: not the writes inside
-        // a transaction, nor anything on a shard without replicas.
+        // only where a commit's position is learned and may be asked at
+        // the unit's Sync (`position_query_at_sync`): not the writes inside
+        // a transaction (one whose BEGIN was just sent ahead of them among
+        // them), nor anything on a shard without replicas.
         if !(matches!(
             (server.tx_status, route.class),
             (b'T' | b'E', Class::TransactionControl) | (b'I', Class::Write)
-        ) && self.learns_positions(server.shard))
+        ) && self.learns_positions(server.shard)
+            && self.position_may_follow())
         {
             return Ends::Nothing;
         }

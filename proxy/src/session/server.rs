@@ -14,12 +14,25 @@ use bytes::Buf;
 fn probe_position(body: &[u8]) -> Option<u64> {
     let mut r = crate::protocol::Reader::new(body);
     match (r.i16(), r.i32()) {
-        (Some(1), Some(len)) if len > 0 => r
-            .bytes(len as usize)
-            .and_then(|b| std::str::from_utf8(b).ok())
-            .and_then(|s| s.parse::<u64>().ok()),
+        (Some(1), Some(len)) if len > 0 => r.bytes(len as usize).and_then(decimal),
         _ => None,
     }
+}
+
+/// An unsigned decimal number of ASCII digits only (no sign or space),
+/// read without a string check; `None` past `u64::MAX`. (After each commit
+/// that read-your-writes follows.)
+fn decimal(digits: &[u8]) -> Option<u64> {
+    if digits.is_empty() {
+        return None;
+    }
+    digits.iter().try_fold(0u64, |n, &d| {
+        let d = d.wrapping_sub(b'0');
+        if d > 9 {
+            return None;
+        }
+        n.checked_mul(10)?.checked_add(u64::from(d))
+    })
 }
 
 /// The command tags whose completion changes what the session keeps
@@ -719,6 +732,20 @@ mod tests {
             "cut short"
         );
         assert_eq!(super::probe_position(&[0, 2]), None, "two columns");
+        assert_eq!(super::probe_position(&row(Some(b""))), None, "empty");
+        assert_eq!(super::probe_position(&row(Some(b"-5"))), None);
+        assert_eq!(super::probe_position(&row(Some(b" 5"))), None);
+        assert_eq!(super::probe_position(&row(Some(b"5:"))), None);
+        let max = u64::MAX.to_string();
+        assert_eq!(
+            super::probe_position(&row(Some(max.as_bytes()))),
+            Some(u64::MAX)
+        );
+        assert_eq!(
+            super::probe_position(&row(Some(b"18446744073709551616"))),
+            None,
+            "past u64"
+        );
     }
 
     #[test]
