@@ -439,6 +439,104 @@ async fn read_your_writes_off_reads_stale_data() {
     );
 }
 
+/// A unit that commits takes its WAL position query to the primary in
+/// the same write (the client's reply then waits for no round trip of its
+/// own): a COMMIT by the simple and by the extended protocol, and one
+/// write outside a transaction by the extended protocol. The first write
+/// of a transaction, sent behind the BEGIN the proxy held, commits
+/// nothing and takes none. Seen by a relay in front of the primary that
+/// keeps each piece the proxy writes to it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_commits_position_query_goes_in_the_commits_write() {
+    let env = Env::start().await.unwrap();
+    env.sql("CREATE TABLE carried (n int); GRANT ALL ON carried TO app;");
+    let primary = env.primary().port;
+    let relay = shardline_tests::relay::Recording::start(primary)
+        .await
+        .unwrap();
+    let text = env.config_text.replace(
+        &format!("port = {primary} }}"),
+        &format!("port = {} }}", relay.port),
+    );
+    assert_ne!(text, env.config_text, "the primary is behind the relay");
+    let (_proxy, c) = shardline_tests::start_proxy(&text).await;
+    // What the proxy wrote to the primary while `run` ran: the piece that
+    // begins with `first` (a message tag) and holds `marker` (empty: any),
+    // and whether the position query is in it, for each such piece.
+    async fn carried<F: std::future::Future<Output = ()>>(
+        relay: &shardline_tests::relay::Recording,
+        run: F,
+        first: u8,
+        marker: &[u8],
+    ) -> Vec<bool> {
+        relay.take();
+        run.await;
+        let position = b"pg_current_wal";
+        let has = |piece: &[u8], what: &[u8]| {
+            what.is_empty() || piece.windows(what.len()).any(|w| w == what)
+        };
+        relay
+            .take()
+            .iter()
+            .filter(|p| p.first() == Some(&first) && has(p, marker))
+            .map(|p| has(p, position))
+            .collect()
+    }
+
+    // By the simple protocol: the COMMIT's Query and the position query.
+    c.batch_execute("BEGIN; INSERT INTO carried VALUES (1)")
+        .await
+        .unwrap();
+    let commit = carried(
+        &relay,
+        async { c.batch_execute("COMMIT").await.unwrap() },
+        b'Q',
+        b"COMMIT\0",
+    )
+    .await;
+    assert_eq!(commit, [true], "simple COMMIT");
+
+    // By the extended protocol (tokio-postgres: Parse/Describe/Sync, then
+    // Bind/Execute/Sync). The BEGIN is held and goes ahead of the INSERT's
+    // Bind, which commits nothing.
+    c.execute("BEGIN", &[]).await.unwrap();
+    let first = carried(
+        &relay,
+        async {
+            c.execute("INSERT INTO carried VALUES ($1)", &[&2])
+                .await
+                .unwrap();
+        },
+        b'Q',
+        b"BEGIN",
+    )
+    .await;
+    assert_eq!(first, [false], "the BEGIN sent with the first write");
+    let commit = carried(
+        &relay,
+        async { c.execute("COMMIT", &[]).await.map(drop).unwrap() },
+        b'B',
+        b"",
+    )
+    .await;
+    assert_eq!(commit, [true], "extended COMMIT");
+
+    // One write outside a transaction, by the extended protocol.
+    let autocommit = carried(
+        &relay,
+        async {
+            c.execute("INSERT INTO carried VALUES ($1)", &[&3])
+                .await
+                .unwrap();
+        },
+        b'B',
+        b"",
+    )
+    .await;
+    assert_eq!(autocommit, [true], "extended write outside a transaction");
+    assert_eq!(env.sql("SELECT count(*) FROM carried"), "3");
+}
+
 /// After a write the proxy asks the primary for its WAL position before
 /// releasing the connection; answers the proxy gives itself meanwhile
 /// (DEALLOCATE ALL of client-side statements) must still reach the client.
