@@ -8,13 +8,13 @@ use tokio::net::TcpStream;
 
 /// One read or write (`op`, which moves up to `whole` bytes) straight on
 /// the socket, when tokio takes it as ready for `interest` (else `None`,
-/// without a system call: the caller waits for readiness). One that moves less than `whole`
-/// drained the socket (a read) or filled its buffer (a write): it is
-/// marked not ready, as tokio's own `poll_read` and `poll_write` do, so
-/// that the next poll waits for its wake-up instead of asking it again.
-/// The operation runs inside `try_io`, which clears readiness as of before
-/// it: a wake-up noted meanwhile (by the I/O driver on another thread) is
-/// kept.
+/// without a system call: the caller waits for readiness). One that moves
+/// less than `whole` drained the socket (a read) or filled its buffer (a
+/// write): it is marked not ready, as tokio's own `poll_read` and
+/// `poll_write` do, so that the next poll waits for its wake-up instead of
+/// asking it again. The operation runs inside `try_io`, which clears
+/// readiness as of before it: a wake-up noted meanwhile (by the I/O driver
+/// on another thread) is kept.
 fn direct(
     s: &TcpStream,
     interest: Interest,

@@ -881,8 +881,9 @@ impl Session {
         // Only the statements that may end a transaction are read, and
         // only where a commit's position is learned and may be asked at
         // the unit's Sync (`position_query_at_sync`): not the writes inside
-        // a transaction (one whose BEGIN was just sent ahead of them among
-        // them), nor anything on a shard without replicas.
+        // a transaction (nor its first, sent behind the BEGIN the proxy
+        // held, while the status still says idle), nor anything on a
+        // shard without replicas.
         if !(matches!(
             (server.tx_status, route.class),
             (b'T' | b'E', Class::TransactionControl) | (b'I', Class::Write)
