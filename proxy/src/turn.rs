@@ -9,12 +9,12 @@
 //!   a virtual machine's TSC clock; a poll lasts microseconds, below what
 //!   they measure.
 //! - The first [`DIRECT_OPS`] reads and writes of plain sockets are tried on
-//!   the socket at once ([`take_direct`], `stream.rs::direct`), past tokio's cooperative
-//!   budget and readiness poll (about 60 to 100 instructions each). A read
-//!   or write that would block then registers the task as before. Past
-//!   them, the operations take tokio's budgeted path again: a session
-//!   relaying a long stream in one poll still yields to the other sessions
-//!   of its thread when the budget runs out.
+//!   the socket at once ([`take_direct`], `stream.rs::direct`), past tokio's
+//!   cooperative budget and readiness poll (about 60 to 100 instructions
+//!   each). A read or write that would block then registers the task as
+//!   before. Past them, the operations take tokio's budgeted path again: a
+//!   session relaying a long stream in one poll still yields to the other
+//!   sessions of its thread when the budget runs out.
 //!
 //! Outside a turn (startup, health checks, the console) the clock is read
 //! each time and sockets take tokio's path.

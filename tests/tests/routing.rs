@@ -483,6 +483,17 @@ async fn a_commits_position_query_goes_in_the_commits_write() {
             .collect()
     }
 
+    // A row by the extended protocol (tokio-postgres: Parse/Describe/Sync,
+    // then Bind/Execute/Sync).
+    let insert = |n: i32| {
+        let c = &c;
+        async move {
+            c.execute("INSERT INTO carried VALUES ($1)", &[&n])
+                .await
+                .unwrap();
+        }
+    };
+
     // By the simple protocol: the COMMIT's Query and the position query.
     c.batch_execute("BEGIN; INSERT INTO carried VALUES (1)")
         .await
@@ -496,21 +507,10 @@ async fn a_commits_position_query_goes_in_the_commits_write() {
     .await;
     assert_eq!(commit, [true], "simple COMMIT");
 
-    // By the extended protocol (tokio-postgres: Parse/Describe/Sync, then
-    // Bind/Execute/Sync). The BEGIN is held and goes ahead of the INSERT's
-    // Bind, which commits nothing.
+    // By the extended protocol. The BEGIN is held and goes ahead of the
+    // INSERT's Bind, which commits nothing.
     c.execute("BEGIN", &[]).await.unwrap();
-    let first = carried(
-        &relay,
-        async {
-            c.execute("INSERT INTO carried VALUES ($1)", &[&2])
-                .await
-                .unwrap();
-        },
-        b'Q',
-        b"BEGIN",
-    )
-    .await;
+    let first = carried(&relay, insert(2), b'Q', b"BEGIN").await;
     assert_eq!(first, [false], "the BEGIN sent with the first write");
     let commit = carried(
         &relay,
@@ -522,17 +522,7 @@ async fn a_commits_position_query_goes_in_the_commits_write() {
     assert_eq!(commit, [true], "extended COMMIT");
 
     // One write outside a transaction, by the extended protocol.
-    let autocommit = carried(
-        &relay,
-        async {
-            c.execute("INSERT INTO carried VALUES ($1)", &[&3])
-                .await
-                .unwrap();
-        },
-        b'B',
-        b"",
-    )
-    .await;
+    let autocommit = carried(&relay, insert(3), b'B', b"").await;
     assert_eq!(autocommit, [true], "extended write outside a transaction");
     assert_eq!(env.sql("SELECT count(*) FROM carried"), "3");
 }
