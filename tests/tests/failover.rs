@@ -124,11 +124,21 @@ async fn signal_replica_under_reads(
     signal: i32,
     mode: &'static str,
 ) -> (bool, String, TempDir) {
+    fault_replica_under_reads(env, mode, |env, victim| env.signal_node(victim, signal)).await
+}
+
+/// Runs 5 s of pgbench reads and applies `fault` to the first replica 1.5 s
+/// in; returns pgbench's (success, output) and its log directory.
+async fn fault_replica_under_reads(
+    env: &Env,
+    mode: &'static str,
+    fault: impl FnOnce(&Env, usize),
+) -> (bool, String, TempDir) {
     let victim = env.replicas()[0];
     let dir = TempDir::new("signal");
     let bench = pgbench_reads(env, 5, &dir.dir, mode);
     tokio::time::sleep(Duration::from_millis(1500)).await;
-    env.signal_node(victim, signal);
+    fault(env, victim);
     let (ok, out) = tokio::task::spawn_blocking(move || bench.join().unwrap())
         .await
         .unwrap();
@@ -145,6 +155,27 @@ async fn replica_killed_under_read_load() {
     eprintln!("killed replica: {} reads, none failed", processed(&out));
     let shard = &env.proxy.as_ref().unwrap().shared.topology.shards[0];
     assert!(shard.nodes[1].is_down(), "the checker noticed");
+}
+
+/// A replica shut down at once (`pg_ctl -m immediate`: each backend is sent
+/// SIGQUIT and may close its socket before or after saying FATAL) under
+/// reads by every protocol: the reads in flight run again on the other
+/// replica, and no client sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn replica_stopped_at_once_under_read_load() {
+    for mode in ["simple", "extended", "prepared"] {
+        let env = cluster(2, "").await;
+        let (ok, out, _logs) = fault_replica_under_reads(&env, mode, |env, victim| {
+            env.backend.stop_node(victim, "immediate").unwrap()
+        })
+        .await;
+        assert!(ok && !out.contains("aborted"), "{mode}: {out}");
+        assert!(processed(&out) > 500, "{mode}: {out}");
+        eprintln!(
+            "stopped replica ({mode}): {} reads, none failed",
+            processed(&out)
+        );
+    }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
