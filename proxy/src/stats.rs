@@ -493,6 +493,13 @@ impl Meter {
         self.unit_since
     }
 
+    /// Bytes counted as sent to the client so far: unchanged while nothing
+    /// of the client's output buffer was counted (written, or about to be).
+    #[inline]
+    pub fn sent_total(&self) -> u64 {
+        self.sent
+    }
+
     /// Where the units answered last ran.
     pub fn placed(&self) -> Kind {
         self.place

@@ -178,6 +178,75 @@ async fn replica_stopped_at_once_under_read_load() {
     }
 }
 
+/// Reads on several shards (a count without a key, concatenated; an ORDER
+/// BY with LIMIT, merged) by every protocol, with two shards of two
+/// replicas each, and a replica of the second shard stopped at once 1.5 s
+/// in: a read that lost its shard's connection before anything of it
+/// reached the client runs again, and no client sees an error.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_on_several_shards_runs_again_when_a_replica_stops() {
+    let env = Env::start_with(EnvOptions {
+        shards: 2,
+        replicas_per_shard: 2,
+        extra_toml: format!(
+            "{FAST_HEALTH}[sharding]\nfunction = \"consistent\"\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n"
+        ),
+        pool_toml: "checkout_timeout = \"3s\"\nconnect_timeout = \"1s\"\n".into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = env.connect().await;
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    let rows: Vec<String> = (1..=200).map(|k| format!("({k}, 'user {k}')")).collect();
+    c.batch_execute(&format!(
+        "INSERT INTO users (id, name) VALUES {}",
+        rows.join(", ")
+    ))
+    .await
+    .unwrap();
+    env.wait_healthy().await;
+    let script = TempDir::new("spread-script");
+    let path = script.dir.join("reads.sql");
+    std::fs::write(
+        &path,
+        "SELECT count(*) FROM users;\nSELECT id FROM users ORDER BY id DESC LIMIT 3;\n",
+    )
+    .unwrap();
+    // Both shards' replicas, stopped one per protocol.
+    let victims: Vec<usize> = (0..env.backend.nodes().len())
+        .filter(|&i| !env.backend.nodes()[i].is_primary)
+        .collect();
+    for (mode, victim) in ["simple", "extended", "prepared"].into_iter().zip(victims) {
+        let port = env.port;
+        let file = path.display().to_string();
+        let bench = std::thread::spawn(move || {
+            shardline_tests::run(
+                std::process::Command::new("pgbench")
+                    .env("PGPASSWORD", "app")
+                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
+                    .args([
+                        "-n", "-M", mode, "-c", "8", "-j", "2", "-T", "4", "-f", &file,
+                    ])
+                    .arg("app"),
+            )
+        });
+        tokio::time::sleep(Duration::from_millis(1500)).await;
+        env.backend.stop_node(victim, "immediate").unwrap();
+        let (ok, out) = tokio::task::spawn_blocking(move || bench.join().unwrap())
+            .await
+            .unwrap();
+        assert!(ok && !out.contains("aborted"), "{mode}: {out}");
+        assert!(processed(&out) > 100, "{mode}: {out}");
+        eprintln!(
+            "replica stopped under reads on two shards ({mode}): {} transactions, none failed",
+            processed(&out)
+        );
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn frozen_replica_delays_no_read_beyond_the_timeouts() {
     frozen_replica_under("simple").await;

@@ -263,6 +263,16 @@ pub fn parse_error_fields(body: &[u8]) -> ErrorFields {
     f
 }
 
+/// Why the server is about to close the connection, from a notice's body:
+/// a WARNING in class 57P (operator intervention), which Postgres sends
+/// only as a backend exits (57P01 in an immediate shutdown, 57P02 after
+/// another backend crashed).
+pub fn farewell_reason(body: &[u8]) -> Option<String> {
+    let fields = parse_error_fields(body);
+    (fields.severity == "WARNING" && fields.code.starts_with("57P"))
+        .then(|| format!("{} {}", fields.code, fields.message))
+}
+
 /// The command tag of a CommandComplete body, e.g. `"SELECT 1"`.
 pub fn command_tag(body: &[u8]) -> &[u8] {
     body.split(|&b| b == 0).next().unwrap_or_default()
@@ -280,6 +290,43 @@ pub fn rows_run(buf: &[u8]) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_warning_of_class_57p_says_the_server_closes() {
+        let body = |fields: &[(u8, &str)]| {
+            let mut b = Vec::new();
+            for (kind, value) in fields {
+                b.push(*kind);
+                b.extend_from_slice(value.as_bytes());
+                b.push(0);
+            }
+            b.push(0);
+            b
+        };
+        let shutdown = "terminating connection due to immediate shutdown command";
+        let farewell = |sev: &str, code: &str| {
+            super::farewell_reason(&body(&[
+                (b'S', sev),
+                (b'V', sev),
+                (b'C', code),
+                (b'M', shutdown),
+            ]))
+        };
+        assert_eq!(
+            farewell("WARNING", "57P01").as_deref(),
+            Some("57P01 terminating connection due to immediate shutdown command")
+        );
+        assert!(
+            farewell("WARNING", "57P02").is_some(),
+            "crash of another backend"
+        );
+        assert_eq!(farewell("WARNING", "01000"), None, "a plain warning");
+        assert_eq!(farewell("NOTICE", "57P01"), None);
+        // The localized severity is not read when the unlocalized one is there.
+        let localized = body(&[(b'S', "WARNUNG"), (b'V', "WARNING"), (b'C', "57P01")]);
+        assert!(super::farewell_reason(&localized).is_some());
+        assert_eq!(super::farewell_reason(&[]), None, "empty");
+    }
+
     use super::*;
 
     use crate::protocol::test_message as message;

@@ -84,6 +84,9 @@ pub(super) struct Rerun {
     /// The last unit's buffer, emptied, for the next to keep its messages
     /// in: a read allocates nothing for its copy.
     spare: BytesMut,
+    /// Times the current read on several shards ran again after a shard's
+    /// connection failed (`fanout::run_read_again`).
+    pub spread_again: u8,
 }
 
 impl Rerun {

@@ -59,6 +59,9 @@ pub(super) struct Leg {
     /// of it (the query fails on a standby, and an unknown position sends
     /// the user's reads of the shard to its primary for a while).
     pub(super) replica: bool,
+    /// Its connection failed (a read or write error, or the server's
+    /// warning that it exits): the node is banned if the unit runs again.
+    pub(super) lost: bool,
 }
 
 impl Leg {
@@ -74,6 +77,7 @@ impl Leg {
             joins: None,
             attached: false,
             replica: false,
+            lost: false,
         }
     }
 
@@ -116,6 +120,7 @@ impl Leg {
     pub(super) async fn write(&mut self, out: &mut BytesMut) -> Result<(), String> {
         self.owe(out);
         if let Err(e) = self.conn.writer().write_all(out).await {
+            self.lost = true;
             return Err(format!("server {}: {e}", self.conn.addr));
         }
         out.clear();
@@ -133,6 +138,7 @@ impl Leg {
         self.owe(out);
         let conn: &mut crate::server::ServerConnection = &mut self.conn;
         let addr = conn.addr.clone();
+        let lost = &mut self.lost;
         let mut written = 0;
         let mut chunk = [0u8; 16 * 1024];
         std::future::poll_fn(|cx| {
@@ -173,6 +179,7 @@ impl Leg {
             }
         })
         .await
+        .inspect_err(|_| *lost = true)
     }
 
     /// Copies the run of rows at the front of what the shard has sent
@@ -203,7 +210,19 @@ impl Leg {
     /// fails with it.
     pub(super) async fn next(&mut self) -> Result<BytesMut, String> {
         loop {
-            let msg = self.conn.raw_message().await?;
+            let msg = self
+                .conn
+                .raw_message()
+                .await
+                .inspect_err(|_| self.lost = true)?;
+            if msg[0] == backend::NOTICE_RESPONSE {
+                if let Some(reason) = backend::farewell_reason(&msg[5..]) {
+                    // The server exits now (an immediate shutdown, a crash):
+                    // the unit fails here, the warning kept from the client.
+                    self.lost = true;
+                    return Err(format!("server {}: {reason}", self.conn.addr));
+                }
+            }
             let (deliver, failed) = answer(&mut self.owed, msg[0]);
             if let Some(Pending {
                 kind:

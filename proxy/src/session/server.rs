@@ -482,7 +482,7 @@ impl Session {
     /// client: the unit runs elsewhere (nothing of it was answered), or
     /// the client is idle and its session outlives the connection.
     fn note_farewell(&mut self, body: &[u8]) -> bool {
-        let Some(reason) = farewell_reason(body) else {
+        let Some(reason) = backend::farewell_reason(body) else {
             return false;
         };
         self.server_fatal = Some(reason);
@@ -694,15 +694,6 @@ fn fatal_reason(body: &[u8]) -> Option<String> {
         .then(|| format!("{} {}", fields.code, fields.message))
 }
 
-/// Why the server is about to close the connection, from a notice: a
-/// WARNING in class 57P (operator intervention), which Postgres sends only
-/// as a backend exits (an immediate shutdown, a crash elsewhere).
-fn farewell_reason(body: &[u8]) -> Option<String> {
-    let fields = backend::parse_error_fields(body);
-    (fields.severity == "WARNING" && fields.code.starts_with("57P"))
-        .then(|| format!("{} {}", fields.code, fields.message))
-}
-
 /// Rewrites an ErrorResponse's FATAL or PANIC severity to ERROR, in place
 /// (the words have the same length).
 fn downgrade_fatal(msg: &mut [u8]) {
@@ -776,43 +767,6 @@ mod tests {
             None,
             "past u64"
         );
-    }
-
-    #[test]
-    fn a_warning_of_class_57p_says_the_server_closes() {
-        let body = |fields: &[(u8, &str)]| {
-            let mut b = Vec::new();
-            for (kind, value) in fields {
-                b.push(*kind);
-                b.extend_from_slice(value.as_bytes());
-                b.push(0);
-            }
-            b.push(0);
-            b
-        };
-        let shutdown = "terminating connection due to immediate shutdown command";
-        let farewell = |sev: &str, code: &str| {
-            super::farewell_reason(&body(&[
-                (b'S', sev),
-                (b'V', sev),
-                (b'C', code),
-                (b'M', shutdown),
-            ]))
-        };
-        assert_eq!(
-            farewell("WARNING", "57P01").as_deref(),
-            Some("57P01 terminating connection due to immediate shutdown command")
-        );
-        assert!(
-            farewell("WARNING", "57P02").is_some(),
-            "crash of another backend"
-        );
-        assert_eq!(farewell("WARNING", "01000"), None, "a plain warning");
-        assert_eq!(farewell("NOTICE", "57P01"), None);
-        // The localized severity is not read when the unlocalized one is there.
-        let localized = body(&[(b'S', "WARNUNG"), (b'V', "WARNING"), (b'C', "57P01")]);
-        assert!(super::farewell_reason(&localized).is_some());
-        assert_eq!(super::farewell_reason(&[]), None, "empty");
     }
 
     #[test]

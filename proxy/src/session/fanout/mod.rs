@@ -61,6 +61,22 @@ struct FanoutUnit {
     merge: Option<crate::session::gather::MergeUnit>,
 }
 
+/// Whether a unit's messages may be sent again elsewhere: a query string,
+/// or the extended protocol's messages without a named Parse or a Close
+/// (which change what the client has prepared).
+fn may_run_again(frames: &[Frame]) -> bool {
+    frames.iter().all(|f| match f.tag {
+        frontend::PARSE => f.body().first() == Some(&0),
+        frontend::QUERY
+        | frontend::BIND
+        | frontend::DESCRIBE
+        | frontend::EXECUTE
+        | frontend::SYNC
+        | frontend::FLUSH => true,
+        _ => false,
+    })
+}
+
 /// A simple query Postgres refuses inside a transaction block (VACUUM,
 /// CREATE DATABASE, ...): not wrapped in the proxy's BEGIN.
 fn refuses_transaction_block(f: &Frame) -> bool {
@@ -134,9 +150,62 @@ impl Session {
             Ok(x) => x,
             Err(e) => return self.fail_unit(e, simple),
         };
+        // A read may run again while nothing of it reached the client.
+        let before = (!writes && !in_txn && unit.copy_in.is_none() && may_run_again(&unit.frames))
+            .then(|| (self.meter.sent_total(), self.client_out.len()));
         let result = self.execute_fanout(&mut legs, &mut unit, &sh).await?;
+        if let (Err(e), Some(before)) = (&result, before) {
+            if self.run_read_again(&mut legs, &unit.frames, before, e) {
+                return Ok(());
+            }
+        }
+        self.rerun.spread_again = 0;
         self.finish_legs(legs, begin, unit.wrap, unit.writes, result)
             .await
+    }
+
+    /// A read on several shards that failed because a shard's connection
+    /// was lost (a replica stopped or killed under it) runs again, as a
+    /// read on one shard does (`on_server_lost`), when nothing of it was
+    /// sent to the client: what it queued is taken back, the failed legs'
+    /// nodes are banned, every leg's connection is closed, and the unit
+    /// goes back in front of the client's buffer to be placed again.
+    /// At most twice per unit. Whether it will.
+    fn run_read_again(
+        &mut self,
+        legs: &mut Vec<Leg>,
+        frames: &[Frame],
+        (sent, queued): (u64, usize),
+        e: &str,
+    ) -> bool {
+        if self.left.is_some()
+            || self.meter.sent_total() != sent
+            || self.client_out.len() < queued
+            || self.rerun.spread_again >= 2
+            || !legs.iter().any(|l| l.lost)
+        {
+            return false;
+        }
+        self.rerun.spread_again += 1;
+        self.client_out.truncate(queued);
+        self.client.detach();
+        for leg in legs.drain(..) {
+            if leg.lost {
+                self.shared.topology.shards[leg.shard].nodes[leg.node].ban(self.shared.ban_time, e);
+            }
+            leg.conn.discard();
+        }
+        let mut again = BytesMut::with_capacity(
+            frames.iter().map(|f| f.bytes.len()).sum::<usize>() + self.client_in.len(),
+        );
+        for f in frames {
+            again.extend_from_slice(&f.bytes);
+        }
+        again.extend_from_slice(&self.client_in);
+        self.client_in = again;
+        self.forget_plan();
+        tracing::info!(error = %e, traceparent = self.unit_trace().as_deref(), "re-running the read on several shards");
+        true
     }
 
     /// A unit for other shards from a client that keeps its connection
@@ -398,5 +467,41 @@ impl Session {
             any = true;
         }
         any
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn frame(tag: u8, body: &[u8]) -> Frame {
+        let mut bytes = BytesMut::new();
+        backend::put_message(&mut bytes, tag, |b| b.extend_from_slice(body));
+        Frame {
+            tag,
+            bytes: bytes.freeze(),
+        }
+    }
+
+    #[test]
+    fn what_may_be_sent_again() {
+        let unnamed = frame(frontend::PARSE, b"\0SELECT 1\0\0\0");
+        let named = frame(frontend::PARSE, b"s1\0SELECT 1\0\0\0");
+        let rest = [
+            frame(frontend::BIND, b"\0s1\0\0\0\0\0\0\0"),
+            frame(frontend::DESCRIBE, b"P\0"),
+            frame(frontend::EXECUTE, b"\0\0\0\0\0"),
+            frame(frontend::SYNC, b""),
+        ];
+        let unit = |first: &Frame| {
+            let mut v = vec![first.clone()];
+            v.extend(rest.iter().cloned());
+            v
+        };
+        assert!(may_run_again(&[frame(frontend::QUERY, b"SELECT 1\0")]));
+        assert!(may_run_again(&unit(&unnamed)));
+        assert!(may_run_again(&rest), "a prepared statement bound");
+        assert!(!may_run_again(&unit(&named)), "prepares a name");
+        assert!(!may_run_again(&unit(&frame(frontend::CLOSE, b"Ss1\0"))));
     }
 }
