@@ -72,29 +72,47 @@ fn pgbench_reads(
     mode: &'static str,
 ) -> std::thread::JoinHandle<(bool, String)> {
     std::fs::create_dir_all(dir).unwrap();
-    let port = env.port;
     let prefix = dir.join("tx").display().to_string();
-    std::thread::spawn(move || {
-        shardline_tests::run(
-            std::process::Command::new("pgbench")
-                .env("PGPASSWORD", "app")
-                .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
-                .args([
-                    "-n",
-                    "-S",
-                    "-M",
-                    mode,
-                    "-c",
-                    "8",
-                    "-j",
-                    "2",
-                    "-T",
-                    &secs.to_string(),
-                ])
-                .args(["-l", &format!("--log-prefix={prefix}")])
-                .arg("app"),
-        )
-    })
+    pgbench_in_background(
+        env,
+        mode,
+        secs,
+        &["-S", "-l", &format!("--log-prefix={prefix}")],
+    )
+}
+
+/// Runs pgbench (8 clients, `mode`, `secs`, then `args`) in the background.
+fn pgbench_in_background(
+    env: &Env,
+    mode: &'static str,
+    secs: u32,
+    args: &[&str],
+) -> std::thread::JoinHandle<(bool, String)> {
+    let mut cmd = std::process::Command::new("pgbench");
+    cmd.env("PGPASSWORD", "app")
+        .args(["-h", "127.0.0.1", "-p", &env.port.to_string(), "-U", "app"])
+        .args([
+            "-n",
+            "-M",
+            mode,
+            "-c",
+            "8",
+            "-j",
+            "2",
+            "-T",
+            &secs.to_string(),
+        ])
+        .args(args)
+        .arg("app");
+    std::thread::spawn(move || shardline_tests::run(&mut cmd))
+}
+
+/// pgbench ran more than `least` transactions by `mode` and no client failed.
+fn none_failed(mode: &str, (ok, out): (bool, String), least: u64) -> u64 {
+    assert!(ok && !out.contains("aborted"), "{mode}: {out}");
+    let n = processed(&out);
+    assert!(n > least, "{mode}: {out}");
+    n
 }
 
 /// The slowest transaction pgbench logged (the log's third field, in µs).
@@ -169,13 +187,49 @@ async fn replica_stopped_at_once_under_read_load() {
             env.backend.stop_node(victim, "immediate").unwrap()
         })
         .await;
-        assert!(ok && !out.contains("aborted"), "{mode}: {out}");
-        assert!(processed(&out) > 500, "{mode}: {out}");
-        eprintln!(
-            "stopped replica ({mode}): {} reads, none failed",
-            processed(&out)
-        );
+        let n = none_failed(mode, (ok, out), 500);
+        eprintln!("stopped replica ({mode}): {n} reads, none failed");
     }
+}
+
+/// Two shards of `replicas` replicas each (fast health checks, `pool`
+/// settings), table `users` sharded by `id` and created, and a client.
+async fn users_on_two_shards(replicas: usize, pool: &str) -> (Env, Client) {
+    let env = Env::start_with(EnvOptions {
+        shards: 2,
+        replicas_per_shard: replicas,
+        extra_toml: format!(
+            "{FAST_HEALTH}[sharding]\nfunction = \"consistent\"\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n"
+        ),
+        pool_toml: pool.into(),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = env.connect().await;
+    create_users(&c, 0).await;
+    (env, c)
+}
+
+/// Table `users`, with users 1 to `n` (named `user <id>`).
+async fn create_users(c: &Client, n: i64) {
+    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
+        .await
+        .unwrap();
+    if n > 0 {
+        insert_users(c, n).await;
+    }
+}
+
+/// Users 1 to `n` (named `user <id>`) into table `users`.
+async fn insert_users(c: &Client, n: i64) {
+    let rows: Vec<String> = (1..=n).map(|k| format!("({k}, 'user {k}')")).collect();
+    c.batch_execute(&format!(
+        "INSERT INTO users (id, name) VALUES {}",
+        rows.join(", ")
+    ))
+    .await
+    .unwrap();
 }
 
 /// Reads on several shards (a count without a key, concatenated; an ORDER
@@ -185,28 +239,9 @@ async fn replica_stopped_at_once_under_read_load() {
 /// reached the client runs again, and no client sees an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_on_several_shards_runs_again_when_a_replica_stops() {
-    let env = Env::start_with(EnvOptions {
-        shards: 2,
-        replicas_per_shard: 2,
-        extra_toml: format!(
-            "{FAST_HEALTH}[sharding]\nfunction = \"consistent\"\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n"
-        ),
-        pool_toml: "checkout_timeout = \"3s\"\nconnect_timeout = \"1s\"\n".into(),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let c = env.connect().await;
-    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
-        .await
-        .unwrap();
-    let rows: Vec<String> = (1..=200).map(|k| format!("({k}, 'user {k}')")).collect();
-    c.batch_execute(&format!(
-        "INSERT INTO users (id, name) VALUES {}",
-        rows.join(", ")
-    ))
-    .await
-    .unwrap();
+    let (env, c) =
+        users_on_two_shards(2, "checkout_timeout = \"3s\"\nconnect_timeout = \"1s\"\n").await;
+    insert_users(&c, 200).await;
     env.wait_healthy().await;
     let script = TempDir::new("spread-script");
     let path = script.dir.join("reads.sql");
@@ -220,29 +255,15 @@ async fn a_read_on_several_shards_runs_again_when_a_replica_stops() {
         .filter(|&i| !env.backend.nodes()[i].is_primary)
         .collect();
     for (mode, victim) in ["simple", "extended", "prepared"].into_iter().zip(victims) {
-        let port = env.port;
-        let file = path.display().to_string();
-        let bench = std::thread::spawn(move || {
-            shardline_tests::run(
-                std::process::Command::new("pgbench")
-                    .env("PGPASSWORD", "app")
-                    .args(["-h", "127.0.0.1", "-p", &port.to_string(), "-U", "app"])
-                    .args([
-                        "-n", "-M", mode, "-c", "8", "-j", "2", "-T", "4", "-f", &file,
-                    ])
-                    .arg("app"),
-            )
-        });
+        let bench = pgbench_in_background(&env, mode, 4, &["-f", &path.display().to_string()]);
         tokio::time::sleep(Duration::from_millis(1500)).await;
         env.backend.stop_node(victim, "immediate").unwrap();
-        let (ok, out) = tokio::task::spawn_blocking(move || bench.join().unwrap())
+        let result = tokio::task::spawn_blocking(move || bench.join().unwrap())
             .await
             .unwrap();
-        assert!(ok && !out.contains("aborted"), "{mode}: {out}");
-        assert!(processed(&out) > 100, "{mode}: {out}");
+        let n = none_failed(mode, result, 100);
         eprintln!(
-            "replica stopped under reads on two shards ({mode}): {} transactions, none failed",
-            processed(&out)
+            "replica stopped under reads on two shards ({mode}): {n} transactions, none failed"
         );
     }
 }
@@ -772,20 +793,7 @@ async fn frozen_replica_loses_no_read_of_a_preparing_driver() {
 /// only prepares runs on any node, not on the default shard's primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_preparing_driver_writes_to_a_shard_whose_primary_is_up() {
-    let env = Env::start_with(EnvOptions {
-        shards: 2,
-        replicas_per_shard: 1,
-        extra_toml: format!(
-            "{FAST_HEALTH}[sharding]\nfunction = \"consistent\"\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n"
-        ),
-        ..Default::default()
-    })
-    .await
-    .unwrap();
-    let c = env.connect().await;
-    c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
-        .await
-        .unwrap();
+    let (env, c) = users_on_two_shards(1, "checkout_timeout = \"3s\"\n").await;
     env.wait_healthy().await;
     let sh = shardline_router::sharding::Sharding::from_config(
         &shardline_config::Config::from_toml(&env.config_text, "t").unwrap(),
@@ -857,16 +865,7 @@ async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
         .await
         .unwrap();
         let c = env.connect().await;
-        let rows: Vec<String> = (1..=8).map(|k| format!("({k}, 'user {k}')")).collect();
-        c.batch_execute("CREATE TABLE users (id bigint PRIMARY KEY, name text)")
-            .await
-            .unwrap();
-        c.batch_execute(&format!(
-            "INSERT INTO users (id, name) VALUES {}",
-            rows.join(", ")
-        ))
-        .await
-        .unwrap();
+        create_users(&c, 8).await;
         env.wait_healthy().await;
         let config = shardline_config::Config::from_toml(&env.config_text, "t").unwrap();
         let (default, on): (usize, Box<dyn Fn(i64) -> usize>) = if shards > 1 {
