@@ -232,11 +232,13 @@ async fn insert_users(c: &Client, n: i64) {
     .unwrap();
 }
 
-/// Reads on several shards (a count without a key, concatenated; an ORDER
-/// BY with LIMIT, merged) by every protocol, with two shards of two
-/// replicas each, and a replica of the second shard stopped at once 1.5 s
-/// in: a read that lost its shard's connection before anything of it
-/// reached the client runs again, and no client sees an error.
+/// Reads on several shards by every protocol (a count without a key,
+/// concatenated; an ORDER BY with LIMIT, merged; reads by two keys sent
+/// together, as a query string or a pipeline), with two shards of two
+/// replicas each: three replicas stopped at once (`pg_ctl -m immediate`)
+/// and the last one frozen, each 1.5 s into a run. A read that lost its
+/// shard's connection before anything of it reached the client runs
+/// again, and no client sees an error.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_read_on_several_shards_runs_again_when_a_replica_stops() {
     let (env, c) =
@@ -244,26 +246,56 @@ async fn a_read_on_several_shards_runs_again_when_a_replica_stops() {
     insert_users(&c, 200).await;
     env.wait_healthy().await;
     let script = TempDir::new("spread-script");
-    let path = script.dir.join("reads.sql");
-    std::fs::write(
-        &path,
-        "SELECT count(*) FROM users;\nSELECT id FROM users ORDER BY id DESC LIMIT 3;\n",
-    )
-    .unwrap();
+    // Keyless reads (concatenated, merged), then reads by two keys sent
+    // together: a query string in the simple protocol, a pipeline in the
+    // extended ones.
+    let keyless = "\\set a random(1, 200)\n\\set b random(1, 200)\n\
+                   SELECT count(*) FROM users;\n\
+                   SELECT id FROM users ORDER BY id DESC LIMIT 3;\n";
+    let by_keys = |mode: &str| {
+        let path = script.dir.join(format!("{mode}.sql"));
+        let together = if mode == "simple" {
+            "SELECT name FROM users WHERE id = :a \\; SELECT name FROM users WHERE id = :b;\n"
+        } else {
+            "\\startpipeline\nSELECT name FROM users WHERE id = :a;\n\
+             SELECT name FROM users WHERE id = :b;\n\\endpipeline\n"
+        };
+        // Repeated: most reads in flight when the replica stops are these
+        // (a query string's two statements answer faster than a pipeline).
+        let together = together.repeat(if mode == "simple" { 8 } else { 3 });
+        std::fs::write(&path, format!("{keyless}{together}")).unwrap();
+        path.display().to_string()
+    };
     // Both shards' replicas, stopped one per protocol.
     let victims: Vec<usize> = (0..env.backend.nodes().len())
         .filter(|&i| !env.backend.nodes()[i].is_primary)
         .collect();
-    for (mode, victim) in ["simple", "extended", "prepared"].into_iter().zip(victims) {
-        let bench = pgbench_in_background(&env, mode, 4, &["-f", &path.display().to_string()]);
+    // The last replica frozen instead, under the query strings: every read
+    // that reaches it waits until the checker cuts its connections.
+    let faults = [
+        ("simple", false),
+        ("extended", false),
+        ("prepared", false),
+        ("simple", true),
+    ];
+    for ((mode, frozen), victim) in faults.into_iter().zip(victims) {
+        let bench = pgbench_in_background(&env, mode, 4, &["-f", &by_keys(mode)]);
         tokio::time::sleep(Duration::from_millis(1500)).await;
-        env.backend.stop_node(victim, "immediate").unwrap();
+        if frozen {
+            env.signal_node(victim, libc::SIGSTOP);
+        } else {
+            env.backend.stop_node(victim, "immediate").unwrap();
+        }
         let result = tokio::task::spawn_blocking(move || bench.join().unwrap())
             .await
             .unwrap();
+        if frozen {
+            env.signal_node(victim, libc::SIGCONT);
+        }
         let n = none_failed(mode, result, 100);
         eprintln!(
-            "replica stopped under reads on two shards ({mode}): {n} transactions, none failed"
+            "replica {} under reads on two shards ({mode}): {n} transactions, none failed",
+            if frozen { "frozen" } else { "stopped" }
         );
     }
 }

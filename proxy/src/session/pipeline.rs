@@ -24,7 +24,7 @@
 //! client's COMMIT commits them all in two phases. An error fails the
 //! whole transaction, as one server would.
 
-use super::fanout::begin_on;
+use super::fanout::{begin_on, may_run_again};
 use super::leg::{drain_to_ready, parse_on, Leg};
 use super::unit::Inflow;
 use super::FLUSH_AT;
@@ -211,6 +211,10 @@ impl Session {
             Ok(x) => x,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
+        // A whole pipeline (to its Sync) that only reads may run again.
+        let again = self
+            .before_read(!writes && !in_txn && synced && may_run_again(&frames))
+            .map(|before| (frames.clone(), before));
         let wrap = writes && !in_txn;
         let mut outs: Vec<BytesMut> = vec![BytesMut::new(); legs.len()];
         for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
@@ -245,6 +249,12 @@ impl Session {
         };
         // (A pipeline that began with reads is wrapped once a part writes.)
         let wrap = joins.wrap;
+        if let (Err(e), Some((frames, before)), false) = (&answered, &again, wrap) {
+            if self.run_read_again(&mut legs, frames, *before, e) {
+                return Ok(());
+            }
+        }
+        self.rerun.spread_again = 0;
         self.finish_legs(legs, begin, wrap, writes || wrap, answered)
             .await
     }
@@ -486,6 +496,7 @@ impl Session {
             Ok(x) => x,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
+        let before = self.before_read(!writes && !in_txn);
         let wrap = writes && !in_txn;
         let mut outs = Vec::with_capacity(legs.len());
         for (i, leg) in legs.iter_mut().enumerate() {
@@ -505,6 +516,12 @@ impl Session {
             Ok(()) => self.statement_answers(&to, &mut legs).await,
             Err(e) => Err(e),
         };
+        if let (Err(e), Some(before)) = (&answered, before) {
+            if self.run_read_again(&mut legs, std::slice::from_ref(frame), before, e) {
+                return Ok(());
+            }
+        }
+        self.rerun.spread_again = 0;
         self.finish_legs(legs, begin, wrap, writes, answered).await
     }
 

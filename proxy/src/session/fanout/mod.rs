@@ -64,7 +64,7 @@ struct FanoutUnit {
 /// Whether a unit's messages may be sent again elsewhere: a query string,
 /// or the extended protocol's messages without a named Parse or a Close
 /// (which change what the client has prepared).
-fn may_run_again(frames: &[Frame]) -> bool {
+pub(in crate::session) fn may_run_again(frames: &[Frame]) -> bool {
     frames.iter().all(|f| match f.tag {
         frontend::PARSE => f.body().first() == Some(&0),
         frontend::QUERY
@@ -151,8 +151,9 @@ impl Session {
             Err(e) => return self.fail_unit(e, simple),
         };
         // A read may run again while nothing of it reached the client.
-        let before = (!writes && !in_txn && unit.copy_in.is_none() && may_run_again(&unit.frames))
-            .then(|| (self.meter.sent_total(), self.client_out.len()));
+        let before = self.before_read(
+            !writes && !in_txn && unit.copy_in.is_none() && may_run_again(&unit.frames),
+        );
         let result = self.execute_fanout(&mut legs, &mut unit, &sh).await?;
         if let (Err(e), Some(before)) = (&result, before) {
             if self.run_read_again(&mut legs, &unit.frames, before, e) {
@@ -164,6 +165,12 @@ impl Session {
             .await
     }
 
+    /// Where the client's output stands before a unit that may run again
+    /// (`may`): what the meter counted sent and what is queued.
+    pub(in crate::session) fn before_read(&self, may: bool) -> Option<(u64, usize)> {
+        may.then(|| (self.meter.sent_total(), self.client_out.len()))
+    }
+
     /// A read on several shards that failed because a shard's connection
     /// was lost (a replica stopped or killed under it) runs again, as a
     /// read on one shard does (`on_server_lost`), when nothing of it was
@@ -171,7 +178,7 @@ impl Session {
     /// nodes are banned, every leg's connection is closed, and the unit
     /// goes back in front of the client's buffer to be placed again.
     /// At most twice per unit. Whether it will.
-    fn run_read_again(
+    pub(in crate::session) fn run_read_again(
         &mut self,
         legs: &mut Vec<Leg>,
         frames: &[Frame],
