@@ -84,8 +84,9 @@ pub(super) struct Rerun {
     /// The last unit's buffer, emptied, for the next to keep its messages
     /// in: a read allocates nothing for its copy.
     spare: BytesMut,
-    /// Times the current read on several shards ran again after a shard's
-    /// connection failed (`fanout::run_read_again`).
+    /// Times the read on several shards put back in front of the client's
+    /// buffer ran already (`fanout::run_read_again`), taken by the next
+    /// unit on several shards as it begins (`before_read`).
     pub spread_again: u8,
 }
 
@@ -127,6 +128,7 @@ impl Rerun {
     pub(super) fn reset(&mut self) {
         self.answered();
         self.tried = 0;
+        self.spread_again = 0;
     }
 
     /// Marks `node` failed for this unit.

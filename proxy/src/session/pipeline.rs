@@ -207,14 +207,14 @@ impl Session {
             (false, true) if writes => shards_of_legs(&shards, !placing.written),
             _ => 0,
         };
-        let (mut legs, begin) = match self.take_legs(&shards, (target, reads), in_txn).await {
-            Ok(x) => x,
-            Err(e) => return self.fail_pipeline(e, in_txn),
-        };
         // A whole pipeline (to its Sync) that only reads may run again.
         let again = self
             .before_read(!writes && !in_txn && synced && may_run_again(&frames))
             .map(|before| (frames.clone(), before));
+        let (mut legs, begin) = match self.take_legs(&shards, (target, reads), in_txn).await {
+            Ok(x) => x,
+            Err(e) => return self.fail_pipeline(e, in_txn),
+        };
         let wrap = writes && !in_txn;
         let mut outs: Vec<BytesMut> = vec![BytesMut::new(); legs.len()];
         for (leg, out) in legs.iter_mut().zip(outs.iter_mut()) {
@@ -254,7 +254,6 @@ impl Session {
                 return Ok(());
             }
         }
-        self.rerun.spread_again = 0;
         self.finish_legs(legs, begin, wrap, writes || wrap, answered)
             .await
     }
@@ -492,11 +491,11 @@ impl Session {
         } else {
             0
         };
+        let before = self.before_read(!writes && !in_txn);
         let (mut legs, begin) = match self.take_legs(shards, (target, reads), in_txn).await {
             Ok(x) => x,
             Err(e) => return self.fail_pipeline(e, in_txn),
         };
-        let before = self.before_read(!writes && !in_txn);
         let wrap = writes && !in_txn;
         let mut outs = Vec::with_capacity(legs.len());
         for (i, leg) in legs.iter_mut().enumerate() {
@@ -521,7 +520,6 @@ impl Session {
                 return Ok(());
             }
         }
-        self.rerun.spread_again = 0;
         self.finish_legs(legs, begin, wrap, writes, answered).await
     }
 

@@ -61,6 +61,18 @@ struct FanoutUnit {
     merge: Option<crate::session::gather::MergeUnit>,
 }
 
+/// A unit on several shards that may run again, as it began
+/// (`Session::before_read`).
+#[derive(Clone, Copy)]
+pub(in crate::session) struct BeforeRead {
+    /// What the meter had counted sent to the client.
+    sent: u64,
+    /// Bytes queued for the client.
+    queued: usize,
+    /// Times the unit ran already.
+    tries: u8,
+}
+
 /// Whether a unit's messages may be sent again elsewhere: a query string,
 /// or the extended protocol's messages without a named Parse or a Close
 /// (which change what the client has prepared).
@@ -146,29 +158,34 @@ impl Session {
             && self.txn.has_begin()
             && self.begins_on_standby();
         let reads = if read { ShardMask::MAX } else { 0 };
-        let (mut legs, begin) = match self.take_legs(&shards, (target, reads), in_txn).await {
-            Ok(x) => x,
-            Err(e) => return self.fail_unit(e, simple),
-        };
         // A read may run again while nothing of it reached the client.
         let before = self.before_read(
             !writes && !in_txn && unit.copy_in.is_none() && may_run_again(&unit.frames),
         );
+        let (mut legs, begin) = match self.take_legs(&shards, (target, reads), in_txn).await {
+            Ok(x) => x,
+            Err(e) => return self.fail_unit(e, simple),
+        };
         let result = self.execute_fanout(&mut legs, &mut unit, &sh).await?;
         if let (Err(e), Some(before)) = (&result, before) {
             if self.run_read_again(&mut legs, &unit.frames, before, e) {
                 return Ok(());
             }
         }
-        self.rerun.spread_again = 0;
         self.finish_legs(legs, begin, unit.wrap, unit.writes, result)
             .await
     }
 
-    /// Where the client's output stands before a unit that may run again
-    /// (`may`): what the meter counted sent and what is queued.
-    pub(in crate::session) fn before_read(&self, may: bool) -> Option<(u64, usize)> {
-        may.then(|| (self.meter.sent_total(), self.client_out.len()))
+    /// Where the client's output stands before a unit on several shards
+    /// that may run again (`may`), and how many times it ran already
+    /// (taken: a unit that is not run again leaves none for the next).
+    pub(in crate::session) fn before_read(&mut self, may: bool) -> Option<BeforeRead> {
+        let tries = std::mem::take(&mut self.rerun.spread_again);
+        may.then(|| BeforeRead {
+            sent: self.meter.sent_total(),
+            queued: self.client_out.len(),
+            tries,
+        })
     }
 
     /// A read on several shards that failed because a shard's connection
@@ -182,19 +199,19 @@ impl Session {
         &mut self,
         legs: &mut Vec<Leg>,
         frames: &[Frame],
-        (sent, queued): (u64, usize),
+        before: BeforeRead,
         e: &str,
     ) -> bool {
         if self.left.is_some()
-            || self.meter.sent_total() != sent
-            || self.client_out.len() < queued
-            || self.rerun.spread_again >= 2
+            || self.meter.sent_total() != before.sent
+            || self.client_out.len() < before.queued
+            || before.tries >= 2
             || !legs.iter().any(|l| l.lost)
         {
             return false;
         }
-        self.rerun.spread_again += 1;
-        self.client_out.truncate(queued);
+        self.rerun.spread_again = before.tries + 1;
+        self.client_out.truncate(before.queued);
         self.client.detach();
         for leg in legs.drain(..) {
             if leg.lost {
