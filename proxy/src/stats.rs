@@ -457,6 +457,14 @@ impl Placements {
     }
 }
 
+/// A point in the client's output (`Meter::mark`), to take back what was
+/// queued after it while none of it was written (`Meter::take_back`).
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct OutputMark {
+    sent: u64,
+    uncounted: usize,
+}
+
 /// One session's count of its client's traffic, added to its user's
 /// [`Stats`] when a unit is answered (a ReadyForQuery about to be written
 /// to the client: the one place every executor's answers pass). Counted
@@ -493,11 +501,29 @@ impl Meter {
         self.unit_since
     }
 
-    /// Bytes counted as sent to the client so far: unchanged while nothing
-    /// of the client's output buffer was counted (written, or about to be).
+    /// Where the client's output buffer `out` stands: what was counted
+    /// (written, or about to be) and what is queued after it, uncounted.
     #[inline]
-    pub fn sent_total(&self) -> u64 {
-        self.sent
+    pub fn mark(&self, out: &[u8]) -> OutputMark {
+        OutputMark {
+            sent: self.sent,
+            uncounted: out.len() - self.counted(out),
+        }
+    }
+
+    /// Takes back what was queued in `out` since `mark`, when none of it
+    /// was counted (a byte is counted before it is written, so none of it
+    /// reached the client). Whether it could.
+    pub fn take_back(&self, out: &mut bytes::BytesMut, mark: OutputMark) -> bool {
+        if self.sent != mark.sent {
+            return false;
+        }
+        let uncounted = out.len() - self.counted(out);
+        let Some(added) = uncounted.checked_sub(mark.uncounted) else {
+            return false;
+        };
+        out.truncate(out.len() - added);
+        true
     }
 
     /// Where the units answered last ran.
@@ -752,6 +778,30 @@ impl Scan {
 
 #[cfg(test)]
 mod tests {
+    /// What was queued after a mark is taken back only while none of it
+    /// was counted; bytes written from before the mark do not move it.
+    #[test]
+    fn output_is_taken_back_to_a_mark_until_counted() {
+        let mut m = Meter::default();
+        let mut out = bytes::BytesMut::new();
+        out.extend_from_slice(b"older");
+        // The older bytes counted, then half of them written.
+        m.counted = out.len();
+        m.sent = 5;
+        let mark = m.mark(&out);
+        bytes::Buf::advance(&mut out, 3);
+        m.drained(3);
+        out.extend_from_slice(b"answer");
+        assert!(m.take_back(&mut out, mark));
+        assert_eq!(&out[..], b"er");
+        // Counted (about to be written): not taken back.
+        out.extend_from_slice(b"answer");
+        m.counted = out.len();
+        m.sent += 6;
+        assert!(!m.take_back(&mut out, mark));
+        assert_eq!(&out[..], b"eranswer");
+    }
+
     use super::*;
 
     use crate::protocol::test_message as message;

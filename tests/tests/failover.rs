@@ -192,6 +192,63 @@ async fn replica_stopped_at_once_under_read_load() {
     }
 }
 
+/// A read whose replica is shut down at once while it runs: the server
+/// flushes what it had buffered of the answer (ParseComplete, BindComplete,
+/// RowDescription by the extended protocol; RowDescription by the simple
+/// one), warns 57P01 and exits. None of it had been written to the client,
+/// so it is taken back and the read runs again on the other replica: the
+/// client gets one whole answer, as from one server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_answered_in_part_when_its_replica_stops_runs_again_whole() {
+    use shardline_tests::{tags, wire, RawClient};
+    let env = cluster(2, "").await;
+    let sql = "SELECT pg_sleep(1.5), 'whole' AS answer";
+    let extended = wire::unit(sql);
+    let simple = vec![shardline_tests::message(
+        b'Q',
+        format!("{sql}\0").as_bytes(),
+    )];
+    for (mode, unit) in [("extended", extended), ("simple", simple)] {
+        let mut raw = RawClient::login(env.port).await.unwrap();
+        raw.send(&unit.concat()).await.unwrap();
+        // The replica running it (seen in its own pg_stat_activity).
+        let running = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = '{}'",
+            sql.replace('\'', "''")
+        );
+        let started = Instant::now();
+        let victim = loop {
+            if let Some(r) = env
+                .replicas()
+                .into_iter()
+                .find(|&r| env.sql_on(r, &running) == "1")
+            {
+                break r;
+            }
+            assert!(
+                started.elapsed() < Duration::from_secs(1),
+                "{mode}: not seen running"
+            );
+        };
+        env.backend.stop_node(victim, "immediate").unwrap();
+        let answer = raw.until_ready().await.unwrap();
+        let expected: &[u8] = if mode == "extended" {
+            b"12TDCZ"
+        } else {
+            b"TDCZ"
+        };
+        assert_eq!(tags(&answer), expected, "{mode}: {answer:?}");
+        assert!(
+            answer
+                .iter()
+                .any(|m| m.0 == b'D' && m.1.ends_with(b"whole")),
+            "{mode}: {answer:?}"
+        );
+        env.backend.start_node(victim).unwrap();
+        env.wait_healthy().await;
+    }
+}
+
 /// Two shards of `replicas` replicas each (fast health checks, `pool`
 /// settings), table `users` sharded by `id` and created, and a client.
 async fn users_on_two_shards(replicas: usize, pool: &str) -> (Env, Client) {

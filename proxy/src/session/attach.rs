@@ -70,12 +70,27 @@ impl Purpose {
     }
 }
 
+/// A unit's messages as sent, and the client statements they prepared.
+#[derive(Debug)]
+pub(super) struct Kept {
+    pub sent: BytesMut,
+    pub prepared: Vec<Box<[u8]>>,
+}
+
 /// A read that may run again on another node while nothing of it has
 /// reached the client.
 #[derive(Debug, Default)]
 pub(super) struct Rerun {
     /// The unit's client messages as sent, while it can still run elsewhere.
     pub sent: Option<BytesMut>,
+    /// Once answers were queued for the client: the unit's messages, while
+    /// nothing more was sent on the connection and its answer is not
+    /// complete. It may still run elsewhere if none of those answers was
+    /// written (`take_late`): a server exiting at once (an immediate
+    /// shutdown) first flushes what it had buffered of the answer.
+    late: Option<Kept>,
+    /// The client's output when the unit's messages began to be kept.
+    from: crate::stats::OutputMark,
     /// Nodes that failed for the current unit (bit per node index).
     pub tried: u64,
     /// Client statement names the kept messages prepared: a re-run
@@ -94,22 +109,54 @@ impl Rerun {
     /// A buffer grown past this is not kept for the next unit.
     const SPARE_MAX: usize = 4096;
 
-    /// Starts keeping the unit's messages (a read on an idle connection).
-    pub(super) fn keep(&mut self) {
+    /// Starts keeping the unit's messages (a read on an idle connection),
+    /// the client's output standing at `from`.
+    pub(super) fn keep(&mut self, from: crate::stats::OutputMark) {
+        self.settled();
         let mut buf = std::mem::take(&mut self.spare);
         buf.reserve(256);
         self.sent = Some(buf);
+        self.from = from;
     }
 
-    /// Something reached the client: running the unit elsewhere would answer twice.
+    /// Something was queued for the client: running the unit elsewhere
+    /// would answer twice, unless that is taken back unwritten (`late`).
     pub(super) fn answered(&mut self) {
-        if let Some(mut buf) = self.sent.take() {
+        if let Some(sent) = self.sent.take() {
+            self.late = Some(Kept {
+                sent,
+                prepared: std::mem::take(&mut self.prepared),
+            });
+        }
+    }
+
+    /// The unit's answer is complete, or more was sent behind it: it can
+    /// no longer run elsewhere.
+    pub(super) fn settled(&mut self) {
+        self.answered();
+        if let Some(Kept { sent: mut buf, .. }) = self.late.take() {
             if buf.capacity() <= Self::SPARE_MAX {
                 buf.clear();
                 self.spare = buf;
             }
         }
-        self.prepared.clear();
+    }
+
+    /// Client bytes sent on the connection: kept with the unit's while it
+    /// may run elsewhere; after an answer, they end that.
+    #[inline]
+    pub(super) fn record(&mut self, bytes: &[u8]) {
+        if let Some(sent) = self.sent.as_mut() {
+            sent.extend_from_slice(bytes);
+        } else if self.late.is_some() {
+            self.settled();
+        }
+    }
+
+    /// The unit's messages and the statements they prepared, answered but
+    /// not settled, with where the client's output stood before them.
+    pub(super) fn take_late(&mut self) -> Option<(Kept, crate::stats::OutputMark)> {
+        Some((self.late.take()?, self.from))
     }
 
     /// Whether the unit may still run elsewhere.
@@ -126,7 +173,7 @@ impl Rerun {
 
     /// The unit is over: the next starts with every node untried.
     pub(super) fn reset(&mut self) {
-        self.answered();
+        self.settled();
         self.tried = 0;
         self.spread_again = 0;
     }
@@ -161,7 +208,7 @@ mod tests {
     #[test]
     fn rerun_forgets_on_answer_and_reset() {
         let mut r = Rerun::default();
-        r.keep();
+        r.keep(Default::default());
         r.tried_node(2);
         r.tried_node(200);
         assert!(r.sent.is_some());
@@ -173,28 +220,53 @@ mod tests {
         assert_eq!(r.tried, 0);
     }
 
+    /// Answered, a unit's messages are kept aside until its answer is
+    /// complete or more is sent behind it.
+    #[test]
+    fn an_answered_unit_is_kept_aside_until_settled() {
+        let mut r = Rerun::default();
+        r.keep(Default::default());
+        r.record(b"Q\0\0\0\x05x");
+        r.prepares(b"s1");
+        r.answered();
+        assert!(!r.possible());
+        let (kept, _) = r.take_late().expect("kept aside");
+        assert_eq!(&kept.sent[..], b"Q\0\0\0\x05x");
+        assert_eq!(kept.prepared, vec![Box::from(&b"s1"[..])]);
+        // More sent behind the answered unit: it cannot run alone again.
+        r.keep(Default::default());
+        r.answered();
+        r.record(b"S\0\0\0\x04");
+        assert!(r.take_late().is_none());
+        // Its answer complete.
+        r.keep(Default::default());
+        r.answered();
+        r.settled();
+        assert!(r.take_late().is_none());
+    }
+
     /// The copy of one read's messages is kept in the last one's buffer,
     /// empty; a buffer grown large is let go.
     #[test]
     fn rerun_keeps_each_unit_in_the_last_ones_buffer() {
         let mut r = Rerun::default();
-        r.keep();
+        r.keep(Default::default());
         r.sent.as_mut().unwrap().extend_from_slice(b"Q\0\0\0\x05x");
         let at = r.sent.as_ref().unwrap().as_ptr();
         r.answered();
-        r.keep();
+        r.keep(Default::default());
         let buf = r.sent.as_ref().unwrap();
         assert!(buf.is_empty(), "a unit starts with an empty copy");
         assert_eq!(buf.as_ptr(), at, "the same buffer");
         r.reset();
         assert!(r.sent.is_none() && r.prepared.is_empty());
-        r.keep();
+        r.keep(Default::default());
         r.sent
             .as_mut()
             .unwrap()
             .extend_from_slice(&[0; 2 * Rerun::SPARE_MAX]);
         r.answered();
-        r.keep();
+        r.keep(Default::default());
         assert!(r.sent.as_ref().unwrap().capacity() < Rerun::SPARE_MAX);
     }
 }

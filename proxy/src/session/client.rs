@@ -83,9 +83,7 @@ impl Session {
                     });
                 if run > 0 {
                     let data = &self.client_in[..run];
-                    if let Some(sent) = self.rerun.sent.as_mut() {
-                        sent.extend_from_slice(data);
-                    }
+                    self.rerun.record(data);
                     self.server_out.extend_from_slice(data);
                     self.unit.took(run);
                     bytes::Buf::advance(&mut self.client_in, run);
@@ -609,9 +607,7 @@ impl Session {
         if self.inflow.drops(tag) {
             return Ok(());
         }
-        if let Some(sent) = self.rerun.sent.as_mut() {
-            sent.extend_from_slice(bytes);
-        }
+        self.rerun.record(bytes);
         if self.purpose == Purpose::Write
             && matches!(
                 tag,

@@ -1122,13 +1122,25 @@ impl Session {
         };
         // The unit's messages and the nodes it tried outlive the
         // connection: the read may run again elsewhere.
-        let rerun = std::mem::take(&mut self.rerun);
+        let mut rerun = std::mem::take(&mut self.rerun);
         self.detach();
         let addr = conn.addr.clone();
         let in_txn = conn.tx_status != b'I';
         conn.discard();
         tracing::warn!(server = %addr, error = %e, traceparent = self.unit_trace().as_deref(), "server connection lost");
-        if let Some(sent) = rerun.sent.filter(|_| !in_txn) {
+        let sent = match rerun.sent.take() {
+            Some(sent) => Some(sent),
+            // Answers were queued, none written (the server flushed
+            // part of one as it exited): they are taken back.
+            None if !in_txn => rerun.take_late().and_then(|(kept, from)| {
+                rerun.prepared = kept.prepared;
+                self.meter
+                    .take_back(&mut self.client_out, from)
+                    .then_some(kept.sent)
+            }),
+            None => None,
+        };
+        if let Some(sent) = sent.filter(|_| !in_txn) {
             let nodes = &self.shared.topology.shards[shard].nodes;
             nodes[node].ban(self.shared.ban_time, &e.to_string());
             self.rerun.tried = rerun.tried;

@@ -955,7 +955,7 @@ impl Session {
         // client; so may one that read-your-writes placed on the primary
         // (a replica that has the user's writes can serve it).
         if target == Target::Replica && conn.tx_status == b'I' {
-            self.rerun.keep();
+            self.rerun.keep(self.meter.mark(&self.client_out));
         }
         self.finish_attach(
             placed,

@@ -340,6 +340,8 @@ impl Session {
                 }
             }
             READY_FOR_QUERY => {
+                // A unit's answer is complete: it no longer runs elsewhere.
+                self.rerun.settled();
                 let status = *body.first().ok_or("empty ReadyForQuery")?;
                 if let Some(server) = self.server.as_mut() {
                     server.tx_status = status;
@@ -576,6 +578,8 @@ impl Session {
                 }
             }
             READY_FOR_QUERY => {
+                // A unit's answer is complete: it no longer runs elsewhere.
+                self.rerun.settled();
                 let status = *body.first().ok_or("empty ReadyForQuery")?;
                 self.probe_ended(status);
             }

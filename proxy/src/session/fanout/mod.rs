@@ -65,10 +65,8 @@ struct FanoutUnit {
 /// (`Session::before_read`).
 #[derive(Clone, Copy)]
 pub(in crate::session) struct BeforeRead {
-    /// What the meter had counted sent to the client.
-    sent: u64,
-    /// Bytes queued for the client.
-    queued: usize,
+    /// The client's output as the unit began.
+    output: crate::stats::OutputMark,
     /// Times the unit ran already.
     tries: u8,
 }
@@ -182,8 +180,7 @@ impl Session {
     pub(in crate::session) fn before_read(&mut self, may: bool) -> Option<BeforeRead> {
         let tries = std::mem::take(&mut self.rerun.spread_again);
         may.then(|| BeforeRead {
-            sent: self.meter.sent_total(),
-            queued: self.client_out.len(),
+            output: self.meter.mark(&self.client_out),
             tries,
         })
     }
@@ -203,15 +200,13 @@ impl Session {
         e: &str,
     ) -> bool {
         if self.left.is_some()
-            || self.meter.sent_total() != before.sent
-            || self.client_out.len() < before.queued
             || before.tries >= 2
             || !legs.iter().any(|l| l.lost)
+            || !self.meter.take_back(&mut self.client_out, before.output)
         {
             return false;
         }
         self.rerun.spread_again = before.tries + 1;
-        self.client_out.truncate(before.queued);
         self.client.detach();
         for leg in legs.drain(..) {
             if leg.lost {
