@@ -481,6 +481,9 @@ pub struct Meter {
     xact_since: Option<Mono>,
     received: u64,
     sent: u64,
+    /// Bytes counted since the session began (`sent` is added to the
+    /// user's stats and starts again at each answer): a mark's position.
+    counted_total: u64,
     /// Where the unit being answered runs.
     place: Kind,
     /// The slowest unit answered since the last look that was at least
@@ -506,7 +509,7 @@ impl Meter {
     #[inline]
     pub fn mark(&self, out: &[u8]) -> OutputMark {
         OutputMark {
-            sent: self.sent,
+            sent: self.counted_total,
             uncounted: out.len() - self.counted(out),
         }
     }
@@ -515,7 +518,7 @@ impl Meter {
     /// was counted (a byte is counted before it is written, so none of it
     /// reached the client). Whether it could.
     pub fn take_back(&self, out: &mut bytes::BytesMut, mark: OutputMark) -> bool {
-        if self.sent != mark.sent {
+        if self.counted_total != mark.sent {
             return false;
         }
         let uncounted = out.len() - self.counted(out);
@@ -581,6 +584,7 @@ impl Meter {
     fn sent(&mut self, written: &[u8], more: bool, to: Sinks<'_>) -> Option<u8> {
         let stats = to.user;
         self.sent += written.len() as u64;
+        self.counted_total += written.len() as u64;
         let mut ended = [0u8; 8];
         let n = self
             .scan
@@ -787,7 +791,7 @@ mod tests {
         out.extend_from_slice(b"older");
         // The older bytes counted, then half of them written.
         m.counted = out.len();
-        m.sent = 5;
+        m.counted_total = 5;
         let mark = m.mark(&out);
         bytes::Buf::advance(&mut out, 3);
         m.drained(3);
@@ -797,7 +801,7 @@ mod tests {
         // Counted (about to be written): not taken back.
         out.extend_from_slice(b"answer");
         m.counted = out.len();
-        m.sent += 6;
+        m.counted_total += 6;
         assert!(!m.take_back(&mut out, mark));
         assert_eq!(&out[..], b"eranswer");
     }
@@ -839,6 +843,32 @@ mod tests {
                 );
             }
         }
+    }
+
+    /// An answer counted and written after a mark (a ReadyForQuery, which
+    /// hands the unit's bytes to the user's stats) keeps it from being
+    /// taken back, whatever is queued after it.
+    #[test]
+    fn an_answer_written_after_a_mark_is_never_taken_back() {
+        let stats = Stats::default();
+        let events = Events::default();
+        let sinks = Sinks {
+            user: &stats,
+            events: &events,
+            shards: &[],
+            slow_us: 1_000_000,
+        };
+        let mut m = Meter::default();
+        let mut out = bytes::BytesMut::new();
+        m.received(10);
+        out.extend_from_slice(&message(b'Z', b"I"));
+        let mark = m.mark(&out);
+        m.queued(&out, false, sinks);
+        m.drained(out.len());
+        out.clear();
+        out.extend_from_slice(&message(b'T', b"\0\0"));
+        assert!(!m.take_back(&mut out, mark));
+        assert_eq!(out.len(), 7);
     }
 
     #[test]

@@ -121,7 +121,15 @@ impl Rerun {
 
     /// Something was queued for the client: running the unit elsewhere
     /// would answer twice, unless that is taken back unwritten (`late`).
+    #[inline]
     pub(super) fn answered(&mut self) {
+        if self.sent.is_some() {
+            self.set_aside();
+        }
+    }
+
+    #[cold]
+    fn set_aside(&mut self) {
         if let Some(sent) = self.sent.take() {
             self.late = Some(Kept {
                 sent,
@@ -132,13 +140,24 @@ impl Rerun {
 
     /// The unit's answer is complete, or more was sent behind it: it can
     /// no longer run elsewhere.
+    #[inline]
     pub(super) fn settled(&mut self) {
-        self.answered();
-        if let Some(Kept { sent: mut buf, .. }) = self.late.take() {
-            if buf.capacity() <= Self::SPARE_MAX {
-                buf.clear();
-                self.spare = buf;
-            }
+        if self.sent.is_some() || self.late.is_some() {
+            self.let_go();
+        }
+    }
+
+    /// Ends the unit's copy, its buffer kept for the next unit's.
+    fn let_go(&mut self) {
+        let buf = match (self.sent.take(), self.late.take()) {
+            (Some(buf), _) | (None, Some(Kept { sent: buf, .. })) => buf,
+            (None, None) => return,
+        };
+        self.prepared.clear();
+        if buf.capacity() <= Self::SPARE_MAX {
+            let mut buf = buf;
+            buf.clear();
+            self.spare = buf;
         }
     }
 

@@ -1131,8 +1131,9 @@ impl Session {
         let sent = match rerun.sent.take() {
             Some(sent) => Some(sent),
             // Answers were queued, none written (the server flushed
-            // part of one as it exited): they are taken back.
-            None if !in_txn => rerun.take_late().and_then(|(kept, from)| {
+            // part of one as it exited): they are taken back. Not after
+            // an error (a FATAL ends the unit as the server answered it).
+            None if !in_txn && !self.unit_failed => rerun.take_late().and_then(|(kept, from)| {
                 rerun.prepared = kept.prepared;
                 self.meter
                     .take_back(&mut self.client_out, from)
