@@ -845,6 +845,16 @@ mod tests {
         }
     }
 
+    /// The stats a test's meter counts into, with no shards.
+    fn sinks<'a>(user: &'a Stats, events: &'a Events, slow_us: u64) -> Sinks<'a> {
+        Sinks {
+            user,
+            events,
+            shards: &[],
+            slow_us,
+        }
+    }
+
     /// An answer counted and written after a mark (a ReadyForQuery, which
     /// hands the unit's bytes to the user's stats) keeps it from being
     /// taken back, whatever is queued after it.
@@ -852,12 +862,7 @@ mod tests {
     fn an_answer_written_after_a_mark_is_never_taken_back() {
         let stats = Stats::default();
         let events = Events::default();
-        let sinks = Sinks {
-            user: &stats,
-            events: &events,
-            shards: &[],
-            slow_us: 1_000_000,
-        };
+        let sinks = sinks(&stats, &events, 1_000_000);
         let mut m = Meter::default();
         let mut out = bytes::BytesMut::new();
         m.received(10);
@@ -875,12 +880,7 @@ mod tests {
     fn a_session_counts_queries_transactions_and_bytes() {
         let stats = Stats::default();
         let events = Events::default();
-        let sinks = Sinks {
-            user: &stats,
-            events: &events,
-            shards: &[],
-            slow_us: 1_000_000,
-        };
+        let sinks = sinks(&stats, &events, 1_000_000);
         let mut m = Meter::default();
         m.place(Kind::FanOut);
         m.received(20);
@@ -911,12 +911,7 @@ mod tests {
     fn every_unit_counted_is_in_the_histograms() {
         let stats = Stats::default();
         let events = Events::default();
-        let sinks = Sinks {
-            user: &stats,
-            events: &events,
-            shards: &[],
-            slow_us: u64::MAX,
-        };
+        let sinks = sinks(&stats, &events, u64::MAX);
         let mut m = Meter::default();
         m.place(Kind::Merge);
         // Two units sent together, and a long pipeline, each answered in
