@@ -109,11 +109,54 @@ pub fn classify(sql: &str, options: &Options) -> (Class, Source) {
 
 /// The class of parsed statements sent together.
 pub fn classify_parsed(statements: &[Statement], options: &Options) -> Class {
+    if let Some(begin) = reading_transaction(statements, options) {
+        return begin;
+    }
     statements
         .iter()
         .map(|s| classify_statement(s, options))
         .reduce(combine)
         .unwrap_or(Class::Read)
+}
+
+/// Statements sent together that begin a transaction and otherwise only
+/// read (`BEGIN; SELECT ...; COMMIT`, the end optional): the class of
+/// their BEGIN, as the same statements sent one by one are placed by it
+/// (a READ ONLY one on a replica; a plain one on the primary, or while it
+/// is down on a replica, read-only there). Not when the BEGIN asks for
+/// what a hot standby refuses (READ WRITE, SERIALIZABLE): those stay a
+/// write, for the primary alone.
+fn reading_transaction(statements: &[Statement], options: &Options) -> Option<Class> {
+    let (Statement::StartTransaction { modes, .. }, rest) = statements.split_first()? else {
+        return None;
+    };
+    let refused = modes.iter().any(|m| {
+        matches!(
+            m,
+            TransactionMode::AccessMode(TransactionAccessMode::ReadWrite)
+                | TransactionMode::IsolationLevel(
+                    sqlparser::ast::TransactionIsolationLevel::Serializable
+                )
+        )
+    });
+    let reads = match rest.split_last() {
+        Some((
+            Statement::Commit { .. }
+            | Statement::Rollback {
+                savepoint: None, ..
+            },
+            reads,
+        )) => reads,
+        _ => rest,
+    };
+    (!refused
+        && !reads.is_empty()
+        && reads
+            .iter()
+            .all(|s| classify_statement(s, options) == Class::Read))
+    .then(|| Class::Begin {
+        read_only: read_only(modes),
+    })
 }
 
 /// Several statements sent together run together: any write makes the whole a write.
@@ -442,6 +485,46 @@ mod tests {
     }
 
     use super::*;
+
+    #[test]
+    fn a_transaction_sent_with_its_reads_is_classed_by_its_begin() {
+        let o = Options::default();
+        let begin = |read_only| Class::Begin { read_only };
+        for (sql, class) in [
+            ("BEGIN; SELECT 1; COMMIT", begin(false)),
+            (
+                "BEGIN READ ONLY; SELECT * FROM t WHERE id = 1; END",
+                begin(true),
+            ),
+            ("begin; select 1; rollback", begin(false)),
+            (
+                "START TRANSACTION ISOLATION LEVEL REPEATABLE READ; SELECT 1; SELECT 2",
+                begin(false),
+            ),
+            ("BEGIN READ ONLY; SHOW TimeZone", begin(true)),
+            // A write, a writing function, or a setting among them.
+            ("BEGIN; UPDATE t SET x = 1; COMMIT", Class::Write),
+            ("BEGIN READ ONLY; SELECT nextval('s')", Class::Write),
+            ("BEGIN; SET x = 1; SELECT 1", Class::Write),
+            // What a hot standby refuses.
+            ("BEGIN READ WRITE; SELECT 1; COMMIT", Class::Write),
+            ("BEGIN ISOLATION LEVEL SERIALIZABLE; SELECT 1", Class::Write),
+            (
+                "BEGIN READ ONLY, ISOLATION LEVEL SERIALIZABLE; SELECT 1",
+                Class::Write,
+            ),
+            // Nothing read, a statement after the end, or not a BEGIN first.
+            ("BEGIN; COMMIT", Class::Write),
+            ("BEGIN; SELECT 1; COMMIT; SELECT 2", Class::Write),
+            ("BEGIN; SELECT 1; ROLLBACK TO SAVEPOINT a", Class::Write),
+            ("SELECT 1; BEGIN", Class::Write),
+            // Alone, as before.
+            ("BEGIN", begin(false)),
+            ("BEGIN READ ONLY", begin(true)),
+        ] {
+            assert_eq!(classify(sql, &o).0, class, "{sql}");
+        }
+    }
 
     #[test]
     fn unparseable_statements_fall_back_to_keywords() {

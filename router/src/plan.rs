@@ -257,6 +257,15 @@ mod tests {
             REPLICA
         );
         assert_eq!(plan(&["BEGIN", "SELECT 1"], false), PRIMARY);
+        // A query string holding the transaction's reads, as those sent
+        // after a lone BEGIN READ ONLY are placed; a plain BEGIN's on the
+        // primary (the proxy's to move to a replica while it is down).
+        assert_eq!(plan(&["BEGIN READ ONLY; SELECT 1; COMMIT"], false), REPLICA);
+        assert_eq!(plan(&["BEGIN; SELECT 1; COMMIT"], false), PRIMARY);
+        assert_eq!(
+            plan(&["BEGIN READ ONLY; UPDATE t SET a = 1"], false),
+            PRIMARY
+        );
         assert_eq!(
             plan(&["BEGIN ISOLATION LEVEL SERIALIZABLE READ ONLY"], true),
             UnitPlan::DeferBegin

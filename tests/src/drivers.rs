@@ -27,20 +27,11 @@ pub struct Driver {
 pub async fn run_driver(
     env: &Env,
     sh: &Sharding,
-    mut driver: Driver,
+    driver: Driver,
     first_key: i64,
     before: &[i64],
 ) -> String {
-    driver.cmd.arg(first_key.to_string());
-    let mut cmd = driver.cmd;
-    let (ok, out) = tokio::task::spawn_blocking(move || crate::run(&mut cmd))
-        .await
-        .unwrap();
-    assert!(
-        ok && out.contains("all checks passed"),
-        "{} (drivers are installed by scripts/setup-debian.sh):\n{out}",
-        driver.name
-    );
+    let out = run_checks(driver, &[first_key.to_string()]).await;
     let mut expected: Vec<i64> = out
         .lines()
         .find_map(|l| l.strip_prefix("keys "))
@@ -51,6 +42,22 @@ pub async fn run_driver(
         .collect();
     expected.sort();
     assert_eq!(crate::audit_users(env, sh, 2), expected, "{out}");
+    out
+}
+
+/// Runs `driver` with `args` after its own and checks that it passed all
+/// its checks; its output.
+pub async fn run_checks(mut driver: Driver, args: &[String]) -> String {
+    driver.cmd.args(args);
+    let mut cmd = driver.cmd;
+    let (ok, out) = tokio::task::spawn_blocking(move || crate::run(&mut cmd))
+        .await
+        .unwrap();
+    assert!(
+        ok && out.contains("all checks passed"),
+        "{} (drivers are installed by scripts/setup-debian.sh):\n{out}",
+        driver.name
+    );
     out
 }
 
@@ -96,25 +103,38 @@ pub fn node(env: &Env) -> Driver {
 /// a batch across shards in autocommit, a transaction with a fetch-size
 /// cursor, rollback() after a refused statement, CopyManager.
 pub fn jdbc(env: &Env) -> Driver {
+    java(env, "PgJDBC", "JdbcDrivers")
+}
+
+/// PgJDBC with autocommit off while a shard's primary is down
+/// (`tests/drivers/jdbc/JdbcPrimaryDown.java`): its BEGIN goes in one unit
+/// with each transaction's first statement.
+pub fn jdbc_primary_down(env: &Env) -> Driver {
+    java(env, "PgJDBC, a primary down", "JdbcPrimaryDown")
+}
+
+/// `tests/drivers/jdbc/CLASS.java` compiled against Debian's PgJDBC, run
+/// with the proxy's URL.
+fn java(env: &Env, name: &'static str, class: &str) -> Driver {
     let jar = "/usr/share/java/postgresql.jar";
     let classes = TempDir::new("jdbc");
     let (ok, out) = crate::run(
         Command::new("javac")
             .args(["-cp", jar, "-d"])
             .arg(classes.path(""))
-            .arg(source("drivers/jdbc/JdbcDrivers.java")),
+            .arg(source(&format!("drivers/jdbc/{class}.java"))),
     );
     assert!(ok, "javac (installed by scripts/setup-debian.sh):\n{out}");
     let mut cmd = Command::new("java");
     cmd.arg("-cp")
         .arg(format!("{}:{jar}", classes.path("").display()))
-        .arg("JdbcDrivers")
+        .arg(class)
         .arg(format!(
             "jdbc:postgresql://127.0.0.1:{}/app?user=app&password=app",
             env.port
         ));
     Driver {
-        name: "PgJDBC",
+        name,
         cmd,
         _build: Some(classes),
     }

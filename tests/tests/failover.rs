@@ -1101,3 +1101,144 @@ async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
         }
     }
 }
+
+/// A transaction sent with its reads (a query string `BEGIN; SELECT ...;
+/// COMMIT`, or an extended unit of BEGIN and a read, as PgJDBC sends with
+/// autocommit off: by hand and by PgJDBC itself) reads on as the same statements sent one by one do:
+/// `BEGIN READ ONLY` in such a string runs on a replica, and while the
+/// shard's primary is down a plain BEGIN with reads begins on a replica
+/// too (read-only there: a write in it fails with 25006). What a hot
+/// standby refuses (READ WRITE, SERIALIZABLE) waits for the primary.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_transaction_sent_with_its_reads_reads_on_while_the_primary_is_down() {
+    use shardline_tests::wire::{bind, execute, parse, query, sync};
+    for shards in [1, 2] {
+        let env = Env::start_with(EnvOptions {
+            shards,
+            replicas_per_shard: 1,
+            extra_toml: format!(
+                "[health]\ninterval = \"200ms\"\ntimeout = \"5s\"\nban_time = \"1s\"\n{}",
+                if shards > 1 {
+                    "[sharding]\nfunction = \"consistent\"\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n"
+                } else {
+                    ""
+                }
+            ),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+        let c = env.connect().await;
+        create_users(&c, 8).await;
+        env.wait_healthy().await;
+        let sharding = (shards > 1).then(|| {
+            let config = shardline_config::Config::from_toml(&env.config_text, "t").unwrap();
+            shardline_router::sharding::Sharding::from_config(&config)
+        });
+        let default = sharding.as_ref().map_or(0, |s| s.default_shard);
+        // Keys of the default shard (the one whose primary stops).
+        let keys: Vec<i64> = (1i64..=8)
+            .filter(|&k| {
+                sharding.as_ref().is_none_or(|s| {
+                    s.groups[0]
+                        .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
+                        .unwrap()
+                        == default
+                })
+            })
+            .collect();
+        let key = keys[0];
+        let read = format!("SELECT name, pg_is_in_recovery() FROM users WHERE id = {key}");
+        let rows = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<(String, String)> {
+            msgs.into_iter()
+                .filter_map(|m| match m {
+                    tokio_postgres::SimpleQueryMessage::Row(r) => {
+                        Some((r.get(0).unwrap().to_string(), r.get(1).unwrap().to_string()))
+                    }
+                    _ => None,
+                })
+                .collect()
+        };
+        let name = format!("user {key}");
+        let on_replica = vec![(name.clone(), "t".to_string())];
+        // With the primary up, a READ ONLY transaction sent whole goes to
+        // a replica once it has the user's writes (read-your-writes).
+        shardline_tests::wait_for("a READ ONLY transaction string on a replica", || {
+            let (c, sql, on_replica) =
+                (&c, format!("BEGIN READ ONLY; {read}; COMMIT"), &on_replica);
+            async move { rows(c.simple_query(&sql).await.unwrap()) == *on_replica }
+        })
+        .await;
+        env.backend
+            .stop_node(env.shard_primary(default), "immediate")
+            .unwrap();
+        let c = env.connect().await;
+        for begin in [
+            "BEGIN",
+            "BEGIN READ ONLY",
+            "START TRANSACTION ISOLATION LEVEL REPEATABLE READ",
+        ] {
+            let got = c
+                .simple_query(&format!("{begin}; {read}; COMMIT"))
+                .await
+                .unwrap_or_else(|e| panic!("{shards} shard(s), {begin}: {e}"));
+            assert_eq!(rows(got), on_replica, "{begin}");
+        }
+        // Left open: it goes on on the replica, where a write fails.
+        let got = c.simple_query(&format!("BEGIN; {read}")).await.unwrap();
+        assert_eq!(rows(got), on_replica);
+        let e = c
+            .simple_query(&format!("UPDATE users SET name = 'x' WHERE id = {key}"))
+            .await
+            .expect_err("a write in a transaction begun on a replica");
+        assert_eq!(
+            shardline_tests::sqlstate(&e).as_deref(),
+            Some("25006"),
+            "{e}"
+        );
+        c.simple_query("ROLLBACK").await.unwrap();
+        // What a hot standby refuses waits for the primary: 08006.
+        for begin in ["BEGIN READ WRITE", "BEGIN ISOLATION LEVEL SERIALIZABLE"] {
+            let e = c
+                .simple_query(&format!("{begin}; {read}; COMMIT"))
+                .await
+                .expect_err(begin);
+            assert_eq!(
+                shardline_tests::sqlstate(&e).as_deref(),
+                Some("08006"),
+                "{begin}: {e}"
+            );
+        }
+        // By the extended protocol, BEGIN and the first read in one unit.
+        let mut raw = shardline_tests::RawClient::login(env.port).await.unwrap();
+        let k = key.to_string();
+        let msgs = raw
+            .exchange(&[
+                parse("", "BEGIN", &[]),
+                bind("", &[], 0),
+                execute(),
+                parse(
+                    "",
+                    "SELECT name, pg_is_in_recovery() FROM users WHERE id = $1",
+                    &[],
+                ),
+                bind("", &[(0, Some(k.as_bytes()))], 0),
+                execute(),
+                sync(),
+            ])
+            .await
+            .unwrap();
+        assert_eq!(
+            shardline_tests::tags(&msgs),
+            b"12C12DCZ",
+            "{shards} shard(s): {msgs:?}"
+        );
+        assert_eq!(msgs.last().unwrap().1, b"T", "in the transaction");
+        let msgs = raw.exchange(&[query("COMMIT")]).await.unwrap();
+        assert_eq!(shardline_tests::tags(&msgs), b"CZ", "{msgs:?}");
+        // PgJDBC itself, autocommit off.
+        let keys: Vec<String> = keys.iter().map(|k| k.to_string()).collect();
+        let driver = shardline_tests::drivers::jdbc_primary_down(&env);
+        shardline_tests::drivers::run_checks(driver, &keys).await;
+    }
+}

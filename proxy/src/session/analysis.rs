@@ -24,6 +24,12 @@ pub(super) struct Planned {
     pub complete: bool,
     /// Every statement of the unit is a read.
     pub reads_only: bool,
+    /// The unit begins a transaction and its other statements only read
+    /// (a query string `BEGIN; SELECT ...; COMMIT`, an extended unit of a
+    /// BEGIN and reads), and its BEGIN asks for nothing a hot standby
+    /// refuses: while the primary is down it begins on a replica, as the
+    /// same statements sent one by one do.
+    pub begins_reading: bool,
     /// The unit runs something (a query, an Execute, a function call), not
     /// only Parse/Describe/Close.
     pub executes: bool,
@@ -352,6 +358,7 @@ mod tests {
             place: Placement::Anywhere,
             complete: true,
             reads_only: true,
+            begins_reading: false,
             executes: true,
         };
         let mut routed = a.start();

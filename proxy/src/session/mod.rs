@@ -746,14 +746,20 @@ impl Session {
                 // a Flush, as psycopg's pipeline with autocommit off sends
                 // it), which then runs read-only on the replica
                 // (`begins_on_standby`).
+                // A transaction sent with its reads (`begins_reading`: a
+                // query string, PgJDBC's BEGIN with its first read) does
+                // the same.
                 let read = target == shardline_router::Target::Replica
                     || (writes
-                        && planned.reads_only
                         && self.mode() == PoolMode::Transaction
-                        && if self.txn.has_begin() {
-                            self.begins_on_standby()
+                        && if planned.reads_only {
+                            if self.txn.has_begin() {
+                                self.begins_on_standby()
+                            } else {
+                                !planned.complete
+                            }
                         } else {
-                            !planned.complete
+                            planned.begins_reading && !self.txn.has_begin() && self.standby_allows()
                         });
                 if let Err(e) = self.attach_server(target, writes, read, shard).await {
                     if self.client.ending.has(crate::clients::Ending::KILL) {
@@ -837,19 +843,21 @@ impl Session {
     /// the session's default asks for what a hot standby refuses (READ
     /// WRITE, SERIALIZABLE).
     fn begins_on_standby(&self) -> bool {
-        let refused = |s: &str| {
-            let s = s.to_ascii_lowercase();
-            s.contains("write") || s.contains("serializable")
-        };
+        self.txn
+            .begin()
+            .is_some_and(|b| !route::standby_refuses(b.get(5..).unwrap_or_default()))
+            && self.standby_allows()
+    }
+
+    /// What the session adds to a BEGIN that may run on a hot standby: no
+    /// transaction on several shards, and no default isolation the
+    /// standby refuses (SERIALIZABLE).
+    fn standby_allows(&self) -> bool {
         !self.spanning.spans()
-            && self
-                .txn
-                .begin()
-                .is_some_and(|b| !refused(&String::from_utf8_lossy(b.get(5..).unwrap_or_default())))
             && !self
                 .vars
                 .get("default_transaction_isolation")
-                .is_some_and(refused)
+                .is_some_and(|s| route::standby_refuses(s.as_bytes()))
     }
 
     /// In a transaction refused before its BEGIN reached a server: COMMIT,

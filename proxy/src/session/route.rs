@@ -108,6 +108,14 @@ fn plain(routes: &[Route]) -> bool {
 }
 
 /// The query text of a Parse definition (`query\0` then parameter types).
+/// A BEGIN (or the text holding it) asks for what a hot standby refuses:
+/// READ WRITE or SERIALIZABLE. (Read as words anywhere in the text: a
+/// name holding them keeps the transaction on the primary, as before.)
+pub(super) fn standby_refuses(begin: &[u8]) -> bool {
+    let text = String::from_utf8_lossy(begin).to_ascii_lowercase();
+    text.contains("write") || text.contains("serializable")
+}
+
 pub(super) fn definition_query(definition: &[u8]) -> &[u8] {
     let end = memchr::memchr(0, definition).unwrap_or(definition.len());
     &definition[..end]
@@ -622,6 +630,7 @@ impl Session {
                 },
                 complete: true,
                 reads_only: false,
+                begins_reading: false,
                 executes: true,
             };
         }
@@ -651,6 +660,13 @@ impl Session {
         // A Flush after something ran: the client asks for results before
         // its Sync.
         let mut flushed = false;
+        // The unit begins a transaction that, so far, only reads: a query
+        // string `BEGIN; SELECT ...`, or Binds of a BEGIN, then of reads
+        // (PgJDBC with autocommit off sends its BEGIN so, with the first
+        // statement). While the primary is down it may begin on a replica,
+        // as a held BEGIN's first read does (`Planned::begins_reading`).
+        let mut begins_reading = false;
+        let mut begin_then_reads: Option<bool> = None;
         // A Query, Bind, Execute or FunctionCall runs something (set in
         // their arms): a Bind starts running its statement, so in a
         // transaction it takes the deferred BEGIN, and it is placed by its
@@ -664,6 +680,12 @@ impl Session {
                     if matches!(route.class, Class::Begin { .. }) {
                         let s = String::from_utf8_lossy(text);
                         simple_single = shardline_router::lexer::split_statements(&s).len() == 1;
+                        // A BEGIN with the statements of its transaction,
+                        // which only read (`classify::reading_transaction`;
+                        // or set).
+                        begins_reading = route.class == (Class::Begin { read_only: false })
+                            && !simple_single
+                            && !standby_refuses(text);
                     }
                     if self.txn.has_begin() {
                         lone_end = crate::protocol::text(text).and_then(lone_transaction_end);
@@ -696,6 +718,13 @@ impl Session {
                         // An unknown statement fails on any node.
                         if let Some((route, definition)) = statements.bound(self, b.statement) {
                             binds_begin = matches!(route.class, Class::Begin { .. });
+                            begin_then_reads = Some(match begin_then_reads {
+                                None => {
+                                    route.class == (Class::Begin { read_only: false })
+                                        && !standby_refuses(definition_query(definition))
+                                }
+                                Some(so_far) => so_far && route.class == Class::Read,
+                            });
                             if route.class == Class::TransactionControl && self.txn.has_begin() {
                                 binds_end = crate::protocol::text(definition_query(definition))
                                     .and_then(lone_transaction_end);
@@ -816,6 +845,7 @@ impl Session {
             }
         }
         let reads_only = !routes.is_empty() && routes.iter().all(|r| r.class == Class::Read);
+        begins_reading |= begin_then_reads == Some(true) && bound > 1;
         if flushed && !complete && self.runs_as_pipeline(&routes) {
             // Asked for results before its Sync: run as a pipeline
             // (`pipeline.rs`), so that a later part may need another shard
@@ -880,6 +910,7 @@ impl Session {
                 place,
                 complete,
                 reads_only: false,
+                begins_reading: false,
                 executes: true,
             };
         }
@@ -898,6 +929,7 @@ impl Session {
             place,
             complete,
             reads_only,
+            begins_reading,
             // Until its Sync, the rest of the unit may still execute
             // (unless a Flush ends the part that prepares).
             executes: executes || !(complete || prepared_to_flush),
