@@ -839,7 +839,9 @@ fn routing(shared: &Shared) -> Table {
         ("placed_refused", p.refused.load(Relaxed)),
     ];
     for (name, value) in rows {
-        table.push(vec![t(name), n(value)]);
+        // No average before a statement was timed: NULL, not 0.
+        let known = name != "avg_route_ns" || timed > 0;
+        table.push(vec![t(name), n(value).filter(|_| known)]);
     }
     table
 }
