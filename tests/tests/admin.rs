@@ -267,7 +267,7 @@ async fn the_console_answers_in_pgbouncer_layouts_with_live_figures() {
         value("cache_hits") + value("cache_misses"),
         "{routing:?}"
     );
-    // Routing is timed from the first statement on (one in 64 after it).
+    // Routing is timed from the proxy's first statement on (then one in 64).
     assert!(value("avg_route_ns") > 0, "{routing:?}");
 
     let (_, version) = show(&admin, "SHOW VERSION").await;

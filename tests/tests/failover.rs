@@ -1107,8 +1107,9 @@ async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
 /// autocommit off: by hand and by PgJDBC itself) reads on as the same statements sent one by one do:
 /// `BEGIN READ ONLY` in such a string runs on a replica, and while the
 /// shard's primary is down a plain BEGIN with reads begins on a replica
-/// too (read-only there: a write in it fails with 25006). What a hot
-/// standby refuses (READ WRITE, SERIALIZABLE) waits for the primary.
+/// too (read-only there: a write in it fails with 25006); one running on
+/// the primary as it stops runs again there, whole. What a hot standby
+/// refuses (READ WRITE, SERIALIZABLE) waits for the primary.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_transaction_sent_with_its_reads_reads_on_while_the_primary_is_down() {
     use shardline_tests::wire::{bind, execute, parse, query, sync};
@@ -1169,9 +1170,34 @@ async fn a_transaction_sent_with_its_reads_reads_on_while_the_primary_is_down() 
             async move { rows(c.simple_query(&sql).await.unwrap()) == *on_replica }
         })
         .await;
-        env.backend
-            .stop_node(env.shard_primary(default), "immediate")
-            .unwrap();
+        // The primary stops in the middle of such a transaction: nothing
+        // of it reached the client, so it runs again, whole, on a replica.
+        let primary = env.shard_primary(default);
+        let slow = format!("BEGIN; SELECT pg_sleep(1.5), name FROM users WHERE id = {key}; COMMIT");
+        let mut raw = shardline_tests::RawClient::login(env.port).await.unwrap();
+        raw.send(&query(&slow)).await.unwrap();
+        let running = format!(
+            "SELECT count(*) FROM pg_stat_activity WHERE query = '{}'",
+            slow.replace('\'', "''")
+        );
+        shardline_tests::wait_for("the transaction running on the primary", || {
+            let seen = env.sql_on(primary, &running) == "1";
+            async move { seen }
+        })
+        .await;
+        env.backend.stop_node(primary, "immediate").unwrap();
+        let answer = raw.until_ready().await.unwrap();
+        assert_eq!(
+            shardline_tests::tags(&answer),
+            b"CTDCCZ",
+            "{shards} shard(s): {answer:?}"
+        );
+        assert!(
+            answer
+                .iter()
+                .any(|m| m.0 == b'D' && m.1.ends_with(name.as_bytes())),
+            "{answer:?}"
+        );
         let c = env.connect().await;
         for begin in [
             "BEGIN",
@@ -1210,7 +1236,6 @@ async fn a_transaction_sent_with_its_reads_reads_on_while_the_primary_is_down() 
             );
         }
         // By the extended protocol, BEGIN and the first read in one unit.
-        let mut raw = shardline_tests::RawClient::login(env.port).await.unwrap();
         let k = key.to_string();
         let msgs = raw
             .exchange(&[

@@ -761,7 +761,10 @@ impl Session {
                         } else {
                             planned.begins_reading && !self.txn.has_begin() && self.standby_allows()
                         });
-                if let Err(e) = self.attach_server(target, writes, read, shard).await {
+                if let Err(e) = self
+                    .attach_server(target, writes, (read, planned.begins_reading), shard)
+                    .await
+                {
                     if self.client.ending.has(crate::clients::Ending::KILL) {
                         // Ended while it waited for a connection.
                         return Err(End::Fatal(killed()));

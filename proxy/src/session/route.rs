@@ -179,10 +179,10 @@ fn bit(node: usize) -> u64 {
     1u64 << node.min(63)
 }
 
-/// One route in this many is timed (`route_timed`), beginning with each
-/// thread's first (so `avg_route_ns` has a figure from the first
-/// statement on): two clock reads per statement cost more (about 2% of
-/// the proxy's CPU on short reads) than an average needs.
+/// One route in this many is timed (`route_timed`), and the proxy's first
+/// (so `avg_route_ns` has a figure from the first statement on): two
+/// clock reads per statement cost more (about 2% of the proxy's CPU on
+/// short reads) than an average needs.
 const ROUTE_TIMING_SAMPLE: u32 = 64;
 
 /// Routes one statement text's bytes as `route_timed` does (a text that
@@ -206,8 +206,9 @@ type Noting<'a> = (&'a mut ShapeMemo, &'a mut Vec<(usize, usize)>);
 
 /// Routes one statement text through the shared cache (with `noting`,
 /// through the session's memory of its texts first); one in
-/// `ROUTE_TIMING_SAMPLE` (the first, then every so many) is timed into `route_nanos`/`routes_timed`. No
-/// lock is held while the text is shaped or parsed (`SharedRouter::route`).
+/// `ROUTE_TIMING_SAMPLE` (and the proxy's first) is timed into
+/// `route_nanos`/`routes_timed`. No lock is held while the text is shaped
+/// or parsed (`SharedRouter::route`).
 /// With `noting`, where the text's constants are is noted.
 fn route_timed(shared: &crate::Shared, text: &str, noting: Option<Noting<'_>>) -> Route {
     thread_local!(static ROUTED: std::cell::Cell<u32> = const { std::cell::Cell::new(0) });
@@ -220,7 +221,8 @@ fn route_timed(shared: &crate::Shared, text: &str, noting: Option<Noting<'_>>) -
         Some((memo, c)) => memo.route_noting(&shared.router, text, c),
         None => shared.router.route(text),
     };
-    if n % ROUTE_TIMING_SAMPLE != 1 {
+    // (The load is of a line written only when a route is timed.)
+    if !n.is_multiple_of(ROUTE_TIMING_SAMPLE) && shared.routes_timed.load(Relaxed) > 0 {
         return route(noting);
     }
     let started = std::time::Instant::now();
@@ -964,12 +966,14 @@ impl Session {
     /// Borrows a server connection for the next unit, on the node `target`
     /// calls for. A read that cannot reach its node tries another.
     /// `read`: the unit only reads (so far), so an unavailable primary
-    /// sends it to a replica.
+    /// sends it to a replica. `again`: the unit only reads whatever its
+    /// target (a transaction sent with its reads), so it may run again
+    /// elsewhere as a replica's read may.
     pub(super) async fn attach_server(
         &mut self,
         target: Target,
         writes: bool,
-        read: bool,
+        (read, again): (bool, bool),
         shard_index: usize,
     ) -> Result<(), PgError> {
         let mut tried = self.rerun.tried;
@@ -986,8 +990,9 @@ impl Session {
         });
         // A read may be sent again elsewhere until an answer reaches the
         // client; so may one that read-your-writes placed on the primary
-        // (a replica that has the user's writes can serve it).
-        if target == Target::Replica && conn.tx_status == b'I' {
+        // (a replica that has the user's writes can serve it), and a
+        // transaction sent with its reads (its primary lost, a replica).
+        if (target == Target::Replica || again) && conn.tx_status == b'I' {
             self.rerun.keep(self.meter.mark(&self.client_out));
         }
         self.finish_attach(
