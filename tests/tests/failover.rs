@@ -919,6 +919,49 @@ async fn a_preparing_driver_writes_to_a_shard_whose_primary_is_up() {
     );
 }
 
+/// `shards` shards of one replica each, checked every 200 ms (a stopped
+/// primary refuses connections at once; a replica's check on a busy
+/// machine gets time to answer: banned, the reads it serves would go to
+/// the primary that is down), the console for `app`; with several,
+/// `users` sharded by `id` (two-phase commit as `two_phase`). Users 1 to
+/// 8 created, a client, the default shard, and the keys on it and on the
+/// others.
+async fn users_by_default_shard(
+    shards: usize,
+    two_phase: bool,
+) -> (Env, Client, usize, Vec<i64>, Vec<i64>) {
+    let env = Env::start_with(EnvOptions {
+        shards,
+        replicas_per_shard: 1,
+        extra_toml: format!(
+            "[health]\ninterval = \"200ms\"\ntimeout = \"5s\"\nban_time = \"1s\"\n[admin]\nusers = [\"app\"]\n{}",
+            if shards > 1 {
+                format!("[sharding]\nfunction = \"consistent\"\ntwo_phase_commit = {two_phase}\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n")
+            } else {
+                String::new()
+            }
+        ),
+        ..Default::default()
+    })
+    .await
+    .unwrap();
+    let c = env.connect().await;
+    create_users(&c, 8).await;
+    env.wait_healthy().await;
+    let config = shardline_config::Config::from_toml(&env.config_text, "t").unwrap();
+    let sharding = (shards > 1).then(|| shardline_router::sharding::Sharding::from_config(&config));
+    let default = sharding.as_ref().map_or(0, |s| s.default_shard);
+    let on = |k: i64| {
+        sharding.as_ref().map_or(0, |s| {
+            s.groups[0]
+                .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
+                .unwrap()
+        })
+    };
+    let (on_default, elsewhere) = (1i64..=8).partition(|&k| on(k) == default);
+    (env, c, default, on_default, elsewhere)
+}
+
 /// asyncpg prepares each statement with Parse, Describe and Flush before it
 /// binds it. With the default shard's primary down, that prepare ran on the
 /// primary (the part before the Flush was planned as a unit that might still
@@ -935,49 +978,15 @@ async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
     // (With two-phase commit a transaction may span shards: a pipeline in
     // one takes other shards as it goes, `runs_as_pipeline`.)
     for (shards, two_phase) in [(2, false), (2, true), (1, false)] {
-        let env = Env::start_with(EnvOptions {
-            shards,
-            replicas_per_shard: 1,
-            // A stopped primary refuses connections at once; a replica's
-            // check on a busy machine gets time to answer (banned, the
-            // reads it serves would go to the primary that is down).
-            extra_toml: format!(
-                "[health]\ninterval = \"200ms\"\ntimeout = \"5s\"\nban_time = \"1s\"\n[admin]\nusers = [\"app\"]\n{}",
-                if shards > 1 {
-                    format!("[sharding]\nfunction = \"consistent\"\ntwo_phase_commit = {two_phase}\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n")
-                } else {
-                    String::new()
-                }
-            ),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let c = env.connect().await;
-        create_users(&c, 8).await;
-        env.wait_healthy().await;
-        let config = shardline_config::Config::from_toml(&env.config_text, "t").unwrap();
-        let (default, on): (usize, Box<dyn Fn(i64) -> usize>) = if shards > 1 {
-            let sh = shardline_router::sharding::Sharding::from_config(&config);
-            (
-                sh.default_shard,
-                Box::new(move |k| {
-                    sh.groups[0]
-                        .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
-                        .unwrap()
-                }),
-            )
-        } else {
-            (0, Box::new(|_| 0))
-        };
-        let list = |down: bool| {
-            (1i64..=8)
-                .filter(|&k| (on(k) == default) == down)
+        let (env, _, default, on_default, elsewhere) =
+            users_by_default_shard(shards, two_phase).await;
+        let list = |keys: &[i64]| {
+            keys.iter()
                 .map(|k| k.to_string())
                 .collect::<Vec<_>>()
                 .join(",")
         };
-        let (up, down) = (list(false), list(true));
+        let (up, down) = (list(&elsewhere), list(&on_default));
         assert!(!down.is_empty() && (shards == 1 || !up.is_empty()));
         env.backend
             .stop_node(env.shard_primary(default), "immediate")
@@ -1114,40 +1123,7 @@ async fn reads_of_every_shard_go_on_while_the_default_primary_is_down() {
 async fn a_transaction_sent_with_its_reads_reads_on_while_the_primary_is_down() {
     use shardline_tests::wire::{bind, execute, parse, query, sync};
     for shards in [1, 2] {
-        let env = Env::start_with(EnvOptions {
-            shards,
-            replicas_per_shard: 1,
-            extra_toml: format!(
-                "[health]\ninterval = \"200ms\"\ntimeout = \"5s\"\nban_time = \"1s\"\n{}",
-                if shards > 1 {
-                    "[sharding]\nfunction = \"consistent\"\n[[sharding.tables]]\nname = \"users\"\ncolumn = \"id\"\n"
-                } else {
-                    ""
-                }
-            ),
-            ..Default::default()
-        })
-        .await
-        .unwrap();
-        let c = env.connect().await;
-        create_users(&c, 8).await;
-        env.wait_healthy().await;
-        let sharding = (shards > 1).then(|| {
-            let config = shardline_config::Config::from_toml(&env.config_text, "t").unwrap();
-            shardline_router::sharding::Sharding::from_config(&config)
-        });
-        let default = sharding.as_ref().map_or(0, |s| s.default_shard);
-        // Keys of the default shard (the one whose primary stops).
-        let keys: Vec<i64> = (1i64..=8)
-            .filter(|&k| {
-                sharding.as_ref().is_none_or(|s| {
-                    s.groups[0]
-                        .shard_of(Some(&shardline_router::hash::KeyValue::Int(k)))
-                        .unwrap()
-                        == default
-                })
-            })
-            .collect();
+        let (env, c, default, keys, _) = users_by_default_shard(shards, false).await;
         let key = keys[0];
         let read = format!("SELECT name, pg_is_in_recovery() FROM users WHERE id = {key}");
         let rows = |msgs: Vec<tokio_postgres::SimpleQueryMessage>| -> Vec<(String, String)> {
