@@ -107,7 +107,6 @@ fn plain(routes: &[Route]) -> bool {
         })
 }
 
-/// The query text of a Parse definition (`query\0` then parameter types).
 /// A BEGIN (or the text holding it) asks for what a hot standby refuses:
 /// READ WRITE or SERIALIZABLE. (Read as words anywhere in the text: a
 /// name holding them keeps the transaction on the primary, as before.)
@@ -116,6 +115,7 @@ pub(super) fn standby_refuses(begin: &[u8]) -> bool {
     text.contains("write") || text.contains("serializable")
 }
 
+/// The query text of a Parse definition (`query\0` then parameter types).
 pub(super) fn definition_query(definition: &[u8]) -> &[u8] {
     let end = memchr::memchr(0, definition).unwrap_or(definition.len());
     &definition[..end]
