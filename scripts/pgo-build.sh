@@ -35,6 +35,13 @@ if [ -z "$profdata" ]; then
     echo "no llvm-profdata found: apt-get install llvm-19 (or set LLVM_PROFDATA)" >&2
     exit 1
 fi
+# An older one (Debian's default `llvm-profdata` is LLVM 14) cannot read
+# the profiles of rustc's LLVM: said now, not after the instrumented build.
+major=$("$profdata" merge --version 2>/dev/null | sed -n 's/.*LLVM version \([0-9]*\).*/\1/p' | head -1)
+if [ -n "$major" ] && [ "$major" -lt 19 ]; then
+    echo "$profdata is LLVM $major, too old for rustc's profiles: apt-get install llvm-19 (or set LLVM_PROFDATA)" >&2
+    exit 1
+fi
 
 echo "== instrumented build (target/pgo-generate)"
 # Build scripts are instrumented too; their counts go to a directory of
