@@ -110,9 +110,14 @@ fn plain(routes: &[Route]) -> bool {
 /// A BEGIN (or the text holding it) asks for what a hot standby refuses:
 /// READ WRITE or SERIALIZABLE. (Read as words anywhere in the text: a
 /// name holding them keeps the transaction on the primary, as before.)
+/// Asked of each BEGIN an extended unit binds: it allocates nothing.
 pub(super) fn standby_refuses(begin: &[u8]) -> bool {
-    let text = String::from_utf8_lossy(begin).to_ascii_lowercase();
-    text.contains("write") || text.contains("serializable")
+    let holds = |word: &[u8]| {
+        begin
+            .windows(word.len())
+            .any(|w| w.eq_ignore_ascii_case(word))
+    };
+    holds(b"write") || holds(b"serializable")
 }
 
 /// The query text of a Parse definition (`query\0` then parameter types).
@@ -1483,6 +1488,25 @@ mod tests {
         ] {
             assert!(!plain(&routes(&[insert, other])), "{other}");
             assert!(!plain(&routes(&[select, other])), "{other}");
+        }
+    }
+
+    #[test]
+    fn a_standby_refuses_read_write_and_serializable() {
+        for begin in [
+            "BEGIN READ WRITE",
+            "begin isolation level Serializable",
+            "START TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY",
+        ] {
+            assert!(super::standby_refuses(begin.as_bytes()), "{begin}");
+        }
+        for begin in [
+            "BEGIN",
+            "BEGIN READ ONLY",
+            "begin isolation level repeatable read",
+            "",
+        ] {
+            assert!(!super::standby_refuses(begin.as_bytes()), "{begin}");
         }
     }
 }
